@@ -1,0 +1,165 @@
+//! The agent that runs on each vehicle: it dials out to the coordinator, reports the node's hardware,
+//! model and vehicle state, runs the generations it is assigned on the local engine and streams their
+//! tokens back.
+//!
+//! [`run`] is the whole agent: start the engine once, then keep one bidirectional gRPC stream to the
+//! coordinator open ([`connection`]), reconnecting with jittered exponential backoff ([`backoff`])
+//! until shut down or refused for good. Assignments are executed by [`runner`]; vehicle state comes
+//! from an adapter in [`vehicle`].
+//!
+//! **Architecture invariant:** generations never outlive the stream they were assigned on. When the
+//! stream breaks, every running generation is cancelled: the coordinator hands them to other nodes,
+//! and running on would only burn the owner's energy.
+
+pub mod backoff;
+mod connection;
+mod runner;
+pub mod vehicle;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use engine::{Engine, EngineConfig, EngineError, SpeedReport};
+use models::VerifiedModel;
+use tokio_util::sync::CancellationToken;
+
+pub use backoff::{Backoff, BackoffConfig};
+pub use vehicle::{StateOfCharge, VehicleState, VehicleStateAdapter, VehicleStateSource};
+
+/// The heartbeat interval used until the coordinator's `Welcome` says otherwise.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Everything one agent needs.
+#[derive(Clone)]
+pub struct AgentConfig {
+    /// The coordinator's gRPC address, e.g. `http://127.0.0.1:7070`.
+    pub coordinator_url: String,
+    pub node_id: String,
+    /// The node's secret, as issued by `fleetgrid nodes add`; never logged.
+    pub credential: String,
+    pub vehicle_state: VehicleStateSource,
+    /// The one model this node serves.
+    pub model: VerifiedModel,
+    /// The engine's settings; `model_path` is replaced by the model's path.
+    pub engine: EngineConfig,
+    /// Used until the coordinator's `Welcome` sets its own.
+    pub heartbeat_interval: Duration,
+    pub reconnect: BackoffConfig,
+}
+
+impl AgentConfig {
+    /// A configuration with default engine settings, heartbeat and reconnect backoff.
+    pub fn new(
+        coordinator_url: impl Into<String>,
+        node_id: impl Into<String>,
+        credential: impl Into<String>,
+        vehicle_state: VehicleStateSource,
+        model: VerifiedModel,
+    ) -> AgentConfig {
+        AgentConfig {
+            coordinator_url: coordinator_url.into(),
+            node_id: node_id.into(),
+            credential: credential.into(),
+            vehicle_state,
+            engine: EngineConfig::new(model.path.clone()),
+            model,
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            reconnect: BackoffConfig::default(),
+        }
+    }
+}
+
+impl fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The credential is a secret; it must not end up in logs through a `{:?}`.
+        f.debug_struct("AgentConfig")
+            .field("coordinator_url", &self.coordinator_url)
+            .field("node_id", &self.node_id)
+            .field("credential", &"<redacted>")
+            .field("vehicle_state", &self.vehicle_state)
+            .field("model", &self.model.name)
+            .field("model_digest", &self.model.digest.to_string())
+            .field("engine", &self.engine)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("reconnect", &self.reconnect)
+            .finish()
+    }
+}
+
+/// Why the agent stopped (or could not start).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The coordinator refused the node for a reason that retrying cannot fix.
+    #[error("coordinator refused the node ({}): {reason}", .code.as_str_name())]
+    Refused {
+        code: proto::RefusalCode,
+        reason: String,
+    },
+    #[error("invalid coordinator url {url:?}: {reason}")]
+    InvalidCoordinatorUrl { url: String, reason: String },
+    #[error("invalid vehicle state source {input:?}: {reason}")]
+    InvalidVehicleStateSource { input: String, reason: String },
+    #[error("cannot read vehicle state from {}: {cause}", .path.display())]
+    ReadVehicleState {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("invalid vehicle state in {}: {reason}", .path.display())]
+    InvalidVehicleState { path: PathBuf, reason: String },
+    #[error("start the engine: {0}")]
+    Engine(#[from] EngineError),
+    #[error("the engine's start-up thread failed: {0}")]
+    EngineThread(String),
+}
+
+/// Runs the agent until `shutdown` is cancelled (then `Ok`) or the coordinator refuses the node for
+/// good (bad credential, unknown node, protocol mismatch: `Err(AgentError::Refused)`, logged).
+///
+/// Connection failures and broken streams are not errors: the agent reconnects with backoff.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let endpoint = connection::endpoint(&config.coordinator_url)?;
+    let vehicle = config.vehicle_state.open(SystemTime::now())?;
+    let engine_config = EngineConfig {
+        model_path: config.model.path.clone(),
+        ..config.engine.clone()
+    };
+    tracing::info!(
+        node_id = %config.node_id,
+        model = %config.model.name,
+        path = %config.model.path.display(),
+        "starting the engine"
+    );
+    let Some((engine, speed)) = start_engine(engine_config, &shutdown).await? else {
+        return Ok(());
+    };
+    tracing::info!(
+        node_id = %config.node_id,
+        prefill_tokens_per_second = speed.prefill_tokens_per_second,
+        decode_tokens_per_second = speed.decode_tokens_per_second,
+        "engine ready"
+    );
+    let node = connection::Node::new(&config, engine, &speed, vehicle);
+    connection::connect_loop(&node, endpoint, config.reconnect.clone(), &shutdown).await
+}
+
+/// Loads the model and measures its speed on a blocking thread; `None` when shut down meanwhile.
+async fn start_engine(
+    config: EngineConfig,
+    shutdown: &CancellationToken,
+) -> Result<Option<(Engine, SpeedReport)>, AgentError> {
+    let start = tokio::task::spawn_blocking(move || {
+        let engine = Engine::start(config)?;
+        let speed = engine.measure_speed()?;
+        Ok::<_, EngineError>((engine, speed))
+    });
+    tokio::select! {
+        // The blocking start-up finishes on its own and drops the engine it built.
+        () = shutdown.cancelled() => Ok(None),
+        joined = start => match joined {
+            Ok(Ok(ready)) => Ok(Some(ready)),
+            Ok(Err(error)) => Err(AgentError::Engine(error)),
+            Err(join_error) => Err(AgentError::EngineThread(join_error.to_string())),
+        },
+    }
+}

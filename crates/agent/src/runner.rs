@@ -1,0 +1,452 @@
+//! Runs the coordinator's assignments on the engine and streams their results back.
+//!
+//! Each assignment gets a task that submits it to the engine and forwards its events as wire
+//! messages: tokens that are ready together go out as one `TokenBatch` (a token is never held back
+//! waiting for company), then one `GenerationDone` or `GenerationFailed`. A `Cancel` stops the
+//! engine's sequence and answers `GenerationDone { CANCELLED }` at once.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use engine::{
+    Engine, EngineError, FinishReason, Generation, GenerationEvent, GenerationStream,
+    SamplingParams, TokenEvent,
+};
+use proto::agent_message::Kind as AgentKind;
+use proto::AgentMessage;
+use tokio::sync::mpsc;
+use tokio::task::{JoinError, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+/// The most tokens put into one `TokenBatch`; more that are ready go into the next one.
+pub const TOKENS_PER_BATCH_MAX: usize = 64;
+
+/// The coordinator's id of one generation.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct GenerationId(String);
+
+impl fmt::Display for GenerationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The generations running in one session.
+///
+/// Their number is bounded by the engine, which refuses submissions beyond its slots and queue
+/// (`Busy`), so the maps here cannot grow past that bound plus the failures being reported.
+pub(crate) struct Runner {
+    engine: Engine,
+    outbound: mpsc::Sender<AgentMessage>,
+    /// The digest of the model this node serves, lowercase hex.
+    model_digest: String,
+    running: HashMap<GenerationId, CancellationToken>,
+    tasks: JoinSet<()>,
+    task_generations: HashMap<tokio::task::Id, GenerationId>,
+}
+
+impl Runner {
+    pub(crate) fn new(
+        engine: Engine,
+        outbound: mpsc::Sender<AgentMessage>,
+        model_digest: String,
+    ) -> Runner {
+        Runner {
+            engine,
+            outbound,
+            model_digest,
+            running: HashMap::new(),
+            tasks: JoinSet::new(),
+            task_generations: HashMap::new(),
+        }
+    }
+
+    pub(crate) fn active_generations(&self) -> u32 {
+        u32::try_from(self.running.len()).unwrap_or(u32::MAX)
+    }
+
+    pub(crate) fn assign(&mut self, assign: proto::Assign) {
+        let id = GenerationId(assign.generation_id.clone());
+        if id.0.is_empty() {
+            tracing::warn!("ignoring an assignment without a generation id");
+            return;
+        }
+        if self.running.contains_key(&id) {
+            // The first copy is running and will answer; a second answer would confuse the books.
+            tracing::warn!(generation_id = %id, "ignoring a duplicate assignment");
+            return;
+        }
+        tracing::info!(
+            generation_id = %id,
+            prompt_tokens = assign.prompt_tokens.len(),
+            committed_tokens = assign.committed_tokens.len(),
+            max_tokens = assign.max_tokens,
+            "assignment received"
+        );
+        let cancelled = CancellationToken::new();
+        let generation = GenerationTask {
+            id: id.clone(),
+            outbound: self.outbound.clone(),
+            cancelled: cancelled.clone(),
+        };
+        let engine = self.engine.clone();
+        let checked = check_assignment(&assign, &self.model_digest, engine.info().vocab_size);
+        let handle = self.tasks.spawn(async move {
+            match checked {
+                Ok(request) => generation.run(&engine, request).await,
+                Err(refusal) => generation.fail(refusal.message, refusal.retryable).await,
+            }
+        });
+        self.task_generations.insert(handle.id(), id.clone());
+        self.running.insert(id, cancelled);
+    }
+
+    pub(crate) fn cancel(&mut self, cancel: &proto::Cancel) {
+        let id = GenerationId(cancel.generation_id.clone());
+        match self.running.get(&id) {
+            Some(cancelled) => {
+                tracing::info!(generation_id = %id, reason = %cancel.reason, "cancelling");
+                cancelled.cancel();
+            }
+            // It finished while the cancellation was on its way; its result has been sent.
+            None => tracing::debug!(generation_id = %id, "cancel for a generation not running"),
+        }
+    }
+
+    /// The next finished task; `None` (at once) when none is running.
+    pub(crate) async fn join_next(&mut self) -> Option<Result<tokio::task::Id, JoinError>> {
+        self.tasks
+            .join_next_with_id()
+            .await
+            .map(|joined| joined.map(|(task, ())| task))
+    }
+
+    /// Forgets a finished task; a task that panicked has its generation reported as failed.
+    pub(crate) fn finished(&mut self, joined: Result<tokio::task::Id, JoinError>) {
+        let task = match &joined {
+            Ok(task) => *task,
+            Err(join_error) => join_error.id(),
+        };
+        let Some(id) = self.task_generations.remove(&task) else {
+            return;
+        };
+        self.running.remove(&id);
+        if let Err(join_error) = joined {
+            tracing::error!(generation_id = %id, error = %join_error, "generation task failed");
+            let failed = failed_message(&id, "the node's generation task failed".to_owned(), true);
+            if self.outbound.try_send(failed).is_err() {
+                tracing::warn!(generation_id = %id, "could not report the failed generation");
+            }
+        }
+    }
+
+    /// Cancels every running generation and waits until their tasks are gone.
+    ///
+    /// Nothing is reported for them: the end of the stream tells the coordinator to move them, and
+    /// a `GenerationDone { CANCELLED }` would wrongly say that someone asked for it.
+    pub(crate) async fn shutdown(mut self) {
+        // Aborting drops each task's engine stream, which cancels its sequence in the engine.
+        self.tasks.shutdown().await;
+    }
+}
+
+/// Why an assignment was not even submitted.
+#[derive(Debug)]
+struct Refusal {
+    message: String,
+    retryable: bool,
+}
+
+/// Turns an assignment into an engine request, refusing one this node cannot or must not run.
+fn check_assignment(
+    assign: &proto::Assign,
+    model_digest: &str,
+    vocab_size: u32,
+) -> Result<Generation, Refusal> {
+    if !assign.model_sha256.eq_ignore_ascii_case(model_digest) {
+        // Retryable: another node may hold the model; this one never will during this session.
+        return Err(Refusal {
+            message: format!(
+                "this node does not have model {}; it serves only {model_digest}, try another node",
+                assign.model_sha256
+            ),
+            retryable: true,
+        });
+    }
+    let tokens = assign.prompt_tokens.iter().chain(&assign.committed_tokens);
+    // llama.cpp aborts the whole process on an out-of-range token, so check before submitting.
+    if let Some(bad) = tokens
+        .copied()
+        .find(|&t| u32::try_from(t).map_or(true, |t| t >= vocab_size))
+    {
+        return Err(Refusal {
+            message: format!("token id {bad} is outside the model's vocabulary of {vocab_size}"),
+            retryable: false,
+        });
+    }
+    let sampling = assign.sampling.unwrap_or_default();
+    Ok(Generation {
+        prompt: assign.prompt_tokens.clone(),
+        committed: assign.committed_tokens.clone(),
+        sampling: SamplingParams {
+            temperature: sampling.temperature.max(0.0),
+            // Protocol buffers cannot tell "unset" from 0, and a top-p of 0 would keep nothing, so
+            // anything outside (0, 1] means "no cut".
+            top_p: if sampling.top_p > 0.0 && sampling.top_p <= 1.0 {
+                sampling.top_p
+            } else {
+                1.0
+            },
+            top_k: sampling.top_k,
+            seed: sampling.seed,
+        },
+        max_tokens: assign.max_tokens,
+        stop: assign.stop.clone(),
+        top_logprobs: assign.top_logprobs,
+    })
+}
+
+/// One assignment's forwarding task.
+struct GenerationTask {
+    id: GenerationId,
+    outbound: mpsc::Sender<AgentMessage>,
+    cancelled: CancellationToken,
+}
+
+impl GenerationTask {
+    async fn run(self, engine: &Engine, generation: Generation) {
+        let started = Instant::now();
+        // Counted like the engine counts: committed tokens are completion, not prompt.
+        let prompt_tokens = u32::try_from(generation.prompt.len()).unwrap_or(u32::MAX);
+        let mut completion_tokens = u32::try_from(generation.committed.len()).unwrap_or(u32::MAX);
+        let mut stream = match engine.submit(generation) {
+            Ok(stream) => stream,
+            Err(error) => return self.fail(error.to_string(), is_retryable(&error)).await,
+        };
+        loop {
+            let event = tokio::select! {
+                biased;
+                () = self.cancelled.cancelled() => None,
+                event = stream.events.recv() => Some(event),
+            };
+            let Some(event) = event else {
+                stream.cancel_handle().cancel();
+                let cancelled = proto::GenerationDone {
+                    generation_id: self.id.0.clone(),
+                    reason: proto::FinishReason::Cancelled.into(),
+                    prompt_tokens,
+                    completion_tokens,
+                    compute_ms: millis(started.elapsed()),
+                };
+                return self.send_done(cancelled).await;
+            };
+            let (tokens, last) = match event {
+                Some(GenerationEvent::Token(token)) => collect_ready(token, &mut stream),
+                Some(other) => (Vec::new(), Some(other)),
+                None => {
+                    let message = "the engine ended the generation without a result".to_owned();
+                    return self.fail(message, true).await;
+                }
+            };
+            if !tokens.is_empty() {
+                completion_tokens = completion_tokens
+                    .saturating_add(u32::try_from(tokens.len()).unwrap_or(u32::MAX));
+                if !self.send(tokens_message(&self.id, tokens)).await {
+                    return;
+                }
+            }
+            match last {
+                None | Some(GenerationEvent::Token(_)) => {}
+                Some(GenerationEvent::Done(done)) => return self.finish(done).await,
+                Some(GenerationEvent::Failed(error)) => {
+                    return self.fail(error.to_string(), is_retryable(&error)).await;
+                }
+            }
+        }
+    }
+
+    async fn finish(self, done: engine::GenerationDone) {
+        let reason = match done.reason {
+            FinishReason::Stop => proto::FinishReason::Stop,
+            FinishReason::Length => proto::FinishReason::Length,
+            FinishReason::Cancelled if self.cancelled.is_cancelled() => {
+                proto::FinishReason::Cancelled
+            }
+            FinishReason::Cancelled => {
+                // Nobody here asked for it: the engine gave up on the sequence (its consumer fell
+                // behind). The coordinator must move it, not treat it as a client's cancellation.
+                let message = "the engine cancelled the generation".to_owned();
+                return self.fail(message, true).await;
+            }
+        };
+        tracing::info!(
+            generation_id = %self.id,
+            reason = reason.as_str_name(),
+            completion_tokens = done.completion_tokens,
+            "generation done"
+        );
+        let done = proto::GenerationDone {
+            generation_id: self.id.0.clone(),
+            reason: reason.into(),
+            prompt_tokens: done.prompt_tokens,
+            completion_tokens: done.completion_tokens,
+            compute_ms: millis(done.compute),
+        };
+        self.send_done(done).await;
+    }
+
+    async fn send_done(self, done: proto::GenerationDone) {
+        let message = AgentMessage {
+            kind: Some(AgentKind::Done(done)),
+        };
+        self.send(message).await;
+    }
+
+    async fn fail(self, message: String, retryable: bool) {
+        tracing::warn!(generation_id = %self.id, %message, retryable, "generation failed");
+        self.send(failed_message(&self.id, message, retryable))
+            .await;
+    }
+
+    /// Queues one message; `false` when the session is gone (nobody to tell any more).
+    async fn send(&self, message: AgentMessage) -> bool {
+        self.outbound.send(message).await.is_ok()
+    }
+}
+
+/// The token just received plus every event already waiting behind it, up to the first non-token
+/// event (returned separately) or the batch limit. Never waits.
+fn collect_ready(
+    first: TokenEvent,
+    stream: &mut GenerationStream,
+) -> (Vec<TokenEvent>, Option<GenerationEvent>) {
+    let mut tokens = vec![first];
+    while tokens.len() < TOKENS_PER_BATCH_MAX {
+        match stream.events.try_recv() {
+            Ok(GenerationEvent::Token(token)) => tokens.push(token),
+            Ok(other) => return (tokens, Some(other)),
+            Err(_) => break,
+        }
+    }
+    (tokens, None)
+}
+
+fn tokens_message(id: &GenerationId, tokens: Vec<TokenEvent>) -> AgentMessage {
+    let tokens = tokens
+        .into_iter()
+        .map(|token| proto::Token {
+            position: token.position,
+            token_id: token.token,
+            piece: token.piece,
+            logprob: token.logprob,
+            top_logprobs: token
+                .top_logprobs
+                .into_iter()
+                .map(|top| proto::TokenLogprob {
+                    token_id: top.token,
+                    piece: top.piece,
+                    logprob: top.logprob,
+                })
+                .collect(),
+        })
+        .collect();
+    AgentMessage {
+        kind: Some(AgentKind::Tokens(proto::TokenBatch {
+            generation_id: id.0.clone(),
+            tokens,
+        })),
+    }
+}
+
+fn failed_message(id: &GenerationId, message: String, retryable: bool) -> AgentMessage {
+    AgentMessage {
+        kind: Some(AgentKind::Failed(proto::GenerationFailed {
+            generation_id: id.0.clone(),
+            message,
+            retryable,
+        })),
+    }
+}
+
+/// Whether another node might succeed where this one failed. A prompt that is too long or invalid
+/// fails the same way everywhere; everything else (busy, decode errors, a stopped engine) is this
+/// node's problem.
+fn is_retryable(error: &EngineError) -> bool {
+    !matches!(
+        error,
+        EngineError::PromptTooLong { .. }
+            | EngineError::InvalidGeneration(_)
+            | EngineError::Tokenize(_)
+    )
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIGEST: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+    fn assign() -> proto::Assign {
+        proto::Assign {
+            generation_id: "g1".to_owned(),
+            model_sha256: DIGEST.to_owned(),
+            prompt_tokens: vec![1, 2, 3],
+            committed_tokens: vec![4],
+            sampling: None,
+            max_tokens: 16,
+            stop: vec!["\n".to_owned()],
+            top_logprobs: 2,
+        }
+    }
+
+    #[test]
+    fn accepts_an_assignment_for_our_model() {
+        let upper = proto::Assign {
+            model_sha256: DIGEST.to_uppercase(),
+            ..assign()
+        };
+        let generation = check_assignment(&upper, DIGEST, 1000).expect("accepted");
+        assert_eq!(generation.prompt, [1, 2, 3]);
+        assert_eq!(generation.committed, [4]);
+        assert_eq!(generation.max_tokens, 16);
+        assert_eq!(generation.top_logprobs, 2);
+        assert_eq!(
+            generation.sampling.temperature, 0.0,
+            "unset sampling is greedy"
+        );
+        assert_eq!(generation.sampling.top_p, 1.0, "unset top_p is no cut");
+    }
+
+    #[test]
+    fn refuses_another_model_as_retryable_elsewhere() {
+        let other = proto::Assign {
+            model_sha256: "00".repeat(32),
+            ..assign()
+        };
+        let refusal = check_assignment(&other, DIGEST, 1000).expect_err("refused");
+        assert!(refusal.retryable);
+        assert!(
+            refusal.message.contains("another node"),
+            "{}",
+            refusal.message
+        );
+    }
+
+    #[test]
+    fn refuses_tokens_outside_the_vocabulary() {
+        for bad in [-1, 1000] {
+            let bad_prompt = proto::Assign {
+                committed_tokens: vec![bad],
+                ..assign()
+            };
+            let refusal = check_assignment(&bad_prompt, DIGEST, 1000).expect_err("refused");
+            assert!(!refusal.retryable);
+            assert!(refusal.message.contains(&bad.to_string()));
+        }
+    }
+}

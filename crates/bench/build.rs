@@ -1,0 +1,19 @@
+//! Records how this crate is being compiled for the CPU, so that the llama.cpp reference build can
+//! use the same instruction set that `llama-cpp-sys-2` chose for the engine.
+//!
+//! `llama-cpp-sys-2` reads `target-cpu` from `CARGO_ENCODED_RUSTFLAGS` and the enabled target
+//! features from `CARGO_CFG_TARGET_FEATURE`; cargo hands every crate of one build the same values, so
+//! what this script sees is what the engine's llama.cpp was configured with.
+
+fn main() {
+    let rustflags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
+    let target_cpu = rustflags
+        .split('\x1f')
+        .find_map(|flag| flag.split("target-cpu=").nth(1))
+        .unwrap_or_default()
+        .to_owned();
+    let target_features = std::env::var("CARGO_CFG_TARGET_FEATURE").unwrap_or_default();
+    println!("cargo:rustc-env=BENCH_ENGINE_TARGET_CPU={target_cpu}");
+    println!("cargo:rustc-env=BENCH_ENGINE_TARGET_FEATURES={target_features}");
+    println!("cargo:rerun-if-env-changed=CARGO_ENCODED_RUSTFLAGS");
+}

@@ -1,0 +1,311 @@
+//! The serving benchmark: one node's aggregate completion tokens/s at several concurrent streams,
+//! through our whole gateway → agent path and through `llama-server` with the same slot count.
+//!
+//! The two targets run one after the other, never together: on a small machine they would share
+//! the same cores and measure each other.
+
+mod stack;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::loadgen::{run_load, LoadResult, LoadSpec};
+use crate::reference::ReferenceBinaries;
+use crate::report::Comparison;
+use crate::BenchError;
+
+/// Concurrent streams measured by default.
+pub const DEFAULT_CONCURRENCY_LEVELS: [u32; 3] = [1, 4, 8];
+/// Requests per stream at each level: each stream runs this many requests back to back, so that
+/// a level with N streams sends this × N requests.
+pub const DEFAULT_REQUESTS_PER_STREAM: u32 = 2;
+/// Completion tokens each request asks for.
+pub const DEFAULT_MAX_TOKENS: u32 = 128;
+/// Sequences decoded together on each side (`llama-server -np`, `fleetgrid agent --parallel`).
+pub const DEFAULT_SLOTS: u32 = 8;
+/// Context window per slot on each side; llama-server gets slots × this in total (`-c`).
+pub const CONTEXT_TOKENS_PER_SLOT: u32 = 2048;
+/// At the highest concurrency our stack must deliver at least this fraction of llama-server's
+/// aggregate tokens/s.
+pub const SERVING_TARGET_RATIO: f64 = 1.0;
+/// Completion tokens of the untimed warm-up request sent before each target is measured.
+const WARM_UP_MAX_TOKENS: u32 = 8;
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct ServingConfig {
+    pub model_path: PathBuf,
+    pub threads: u32,
+    /// Scratch space: logs, the fleetgrid data directory, the model store.
+    pub work_dir: PathBuf,
+    pub concurrency_levels: Vec<u32>,
+    pub requests_per_stream: u32,
+    pub max_tokens: u32,
+    pub slots: u32,
+}
+
+impl ServingConfig {
+    /// The defaults above for one model file, thread count and scratch directory.
+    pub fn new(model_path: impl Into<PathBuf>, threads: u32, work_dir: impl Into<PathBuf>) -> Self {
+        ServingConfig {
+            model_path: model_path.into(),
+            threads,
+            work_dir: work_dir.into(),
+            concurrency_levels: DEFAULT_CONCURRENCY_LEVELS.to_vec(),
+            requests_per_stream: DEFAULT_REQUESTS_PER_STREAM,
+            max_tokens: DEFAULT_MAX_TOKENS,
+            slots: DEFAULT_SLOTS,
+        }
+    }
+}
+
+/// One concurrency level, measured on both targets.
+#[derive(Clone, Debug)]
+pub struct ServingRow {
+    pub concurrency: u32,
+    pub reference: LoadResult,
+    /// `None` when our stack could not be measured; see [`ServingBenchReport::ours_error`].
+    pub ours: Option<LoadResult>,
+}
+
+/// The outcome of [`serving()`].
+#[derive(Clone, Debug)]
+pub struct ServingBenchReport {
+    pub config: ServingConfig,
+    pub reference_version: String,
+    /// Whether llama-server honoured `ignore_eos` (every request then produced `max_tokens`).
+    pub reference_ignore_eos: bool,
+    /// Whether our gateway accepted `ignore_eos`.
+    pub ours_ignore_eos: bool,
+    pub rows: Vec<ServingRow>,
+    /// Why our stack has no figures, when it has none. The reference figures are still reported,
+    /// so that a failing stack does not cost the reference run.
+    pub ours_error: Option<String>,
+}
+
+impl ServingBenchReport {
+    /// Our aggregate tokens/s against llama-server's at the highest concurrency, the target.
+    pub fn comparison(&self) -> Option<Comparison> {
+        let row = self.rows.iter().max_by_key(|row| row.concurrency)?;
+        Some(Comparison {
+            metric: format!("aggregate at {} streams (tokens/s)", row.concurrency),
+            ours: row.ours.as_ref()?.aggregate_tokens_per_second(),
+            reference: row.reference.aggregate_tokens_per_second(),
+            target_ratio: SERVING_TARGET_RATIO,
+        })
+    }
+}
+
+/// Measures `llama-server` (from `refs`) and then our stack (`fleetgrid serve` + one `fleetgrid
+/// agent`, from `fleetgrid_binary`) at each concurrency level of `config`.
+///
+/// Runs on a thread of its own with its own async runtime, so it may be called from anywhere,
+/// including from inside another runtime.
+pub fn serving(
+    fleetgrid_binary: &Path,
+    refs: &ReferenceBinaries,
+    config: &ServingConfig,
+) -> Result<ServingBenchReport, BenchError> {
+    validate(config)?;
+    let fleetgrid_binary = fleetgrid_binary.to_owned();
+    let refs = refs.clone();
+    let config = config.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| BenchError::io("start runtime for", "serving benchmark", e))?;
+        runtime.block_on(serving_on_runtime(&fleetgrid_binary, &refs, &config))
+    })
+    .join()
+    .map_err(|_| BenchError::Panicked("serving benchmark thread"))?
+}
+
+fn validate(config: &ServingConfig) -> Result<(), BenchError> {
+    let invalid = |reason: &str| Err(BenchError::InvalidSetting(reason.to_owned()));
+    if config.threads == 0 || config.slots == 0 || config.max_tokens == 0 {
+        return invalid("threads, slots and max_tokens must be at least 1");
+    }
+    if config.requests_per_stream == 0 || config.concurrency_levels.contains(&0) {
+        return invalid("requests per stream and every concurrency level must be at least 1");
+    }
+    if config.concurrency_levels.is_empty() {
+        return invalid("no concurrency level to measure");
+    }
+    Ok(())
+}
+
+async fn serving_on_runtime(
+    fleetgrid_binary: &Path,
+    refs: &ReferenceBinaries,
+    config: &ServingConfig,
+) -> Result<ServingBenchReport, BenchError> {
+    std::fs::create_dir_all(&config.work_dir)
+        .map_err(|e| BenchError::io("create", &config.work_dir, e))?;
+    let (reference_results, reference_ignore_eos) = {
+        let target = stack::start_llama_server(refs, config).await?;
+        measure_levels(&target.spec, config).await?
+    };
+    let ours = match stack::start_fleetgrid(fleetgrid_binary, config).await {
+        Ok(target) => measure_levels(&target.spec, config).await,
+        Err(error) => Err(error),
+    };
+    let (ours_results, ours_ignore_eos, ours_error) = match ours {
+        Ok((results, ignore_eos)) => (results.into_iter().map(Some).collect(), ignore_eos, None),
+        Err(error) => (
+            vec![None; reference_results.len()],
+            false,
+            Some(error.to_string()),
+        ),
+    };
+    let rows = config
+        .concurrency_levels
+        .iter()
+        .zip(reference_results)
+        .zip(ours_results)
+        .map(|((&concurrency, reference), ours)| ServingRow {
+            concurrency,
+            reference,
+            ours,
+        })
+        .collect();
+    Ok(ServingBenchReport {
+        config: config.clone(),
+        reference_version: refs.llama_cpp_version.clone(),
+        reference_ignore_eos,
+        ours_ignore_eos,
+        rows,
+        ours_error,
+    })
+}
+
+/// Warms `spec`'s target up and runs every concurrency level. Returns whether the target took
+/// `ignore_eos`: a server that refuses the field is measured without it.
+async fn measure_levels(
+    spec: &LoadSpec,
+    config: &ServingConfig,
+) -> Result<(Vec<LoadResult>, bool), BenchError> {
+    let mut spec = spec.clone();
+    spec.ignore_eos = true;
+    if warm_up(&spec).await.is_err() {
+        spec.ignore_eos = false;
+        warm_up(&spec).await?;
+    }
+    let mut results = Vec::new();
+    for &concurrency in &config.concurrency_levels {
+        let level = LoadSpec {
+            concurrency,
+            requests: concurrency.saturating_mul(config.requests_per_stream),
+            max_tokens: config.max_tokens,
+            ..spec.clone()
+        };
+        results.push(run_load(&level).await?);
+    }
+    Ok((results, spec.ignore_eos))
+}
+
+async fn warm_up(spec: &LoadSpec) -> Result<LoadResult, BenchError> {
+    let warm_up = LoadSpec {
+        concurrency: 1,
+        requests: 1,
+        max_tokens: WARM_UP_MAX_TOKENS,
+        ..spec.clone()
+    };
+    run_load(&warm_up).await
+}
+
+impl std::fmt::Display for ServingBenchReport {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let config = &self.config;
+        writeln!(formatter, "model:     {}", config.model_path.display())?;
+        writeln!(
+            formatter,
+            "threads:   {}, slots: {}, max_tokens: {}, requests per stream: {}",
+            config.threads, config.slots, config.max_tokens, config.requests_per_stream
+        )?;
+        writeln!(
+            formatter,
+            "reference: llama-server, {}",
+            self.reference_version
+        )?;
+        writeln!(
+            formatter,
+            "ignore_eos honoured: llama-server {}, fleetgrid {}",
+            self.reference_ignore_eos, self.ours_ignore_eos
+        )?;
+        writeln!(formatter)?;
+        formatter.write_str(&rows_table(&self.rows))?;
+        if let Some(comparison) = self.comparison() {
+            let ratio = comparison.ratio().unwrap_or(0.0);
+            writeln!(
+                formatter,
+                "\n{}: ratio {ratio:.3}, target ≥{:.2}: {}",
+                comparison.metric,
+                comparison.target_ratio,
+                comparison.verdict()
+            )?;
+        }
+        if let Some(error) = &self.ours_error {
+            writeln!(formatter, "\nfleetgrid not measured: {error}")?;
+        }
+        Ok(())
+    }
+}
+
+fn rows_table(rows: &[ServingRow]) -> String {
+    let mut table = String::new();
+    // Writing into a String cannot fail, hence the ignored results.
+    let _ = writeln!(
+        table,
+        "{:>7}  {:>8}  {:>14}  {:>11}  {:>9}  {:>17}  {:>11}  {:>9}  {:>6}",
+        "streams",
+        "requests",
+        "fleetgrid t/s",
+        "tokens/req",
+        "ttft ms",
+        "llama-server t/s",
+        "tokens/req",
+        "ttft ms",
+        "ratio"
+    );
+    for row in rows {
+        let (ours_rate, ours_tokens, ours_ttft, ratio) = match &row.ours {
+            Some(ours) => (
+                format!("{:.1}", ours.aggregate_tokens_per_second()),
+                format!("{:.1}", ours.completion_tokens_per_request_mean()),
+                milliseconds(ours.time_to_first_token_mean),
+                format!(
+                    "{:.3}",
+                    ours.aggregate_tokens_per_second()
+                        / row
+                            .reference
+                            .aggregate_tokens_per_second()
+                            .max(f64::MIN_POSITIVE)
+                ),
+            ),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        let _ = writeln!(
+            table,
+            "{:>7}  {:>8}  {:>14}  {:>11}  {:>9}  {:>17.1}  {:>11.1}  {:>9}  {:>6}",
+            row.concurrency,
+            row.reference.requests,
+            ours_rate,
+            ours_tokens,
+            ours_ttft,
+            row.reference.aggregate_tokens_per_second(),
+            row.reference.completion_tokens_per_request_mean(),
+            milliseconds(row.reference.time_to_first_token_mean),
+            ratio
+        );
+    }
+    table
+}
+
+fn milliseconds(duration: Duration) -> String {
+    format!("{:.0}", duration.as_secs_f64() * 1000.0)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,137 @@
+//! The one error type of the HTTP API, shaped like OpenAI's.
+//!
+//! `{"error": {"message", "type", "param", "code"}}` with the matching status;
+//! 429 and 503 carry `Retry-After`. A 5xx never shows internals: the details
+//! are logged where the error is made, the client gets a generic message.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+    pub retry_after_seconds: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorFields<'a>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct ErrorFields<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+impl ApiError {
+    /// 400 for a request that is wrong as written.
+    pub fn invalid(message: impl Into<String>, param: Option<&str>, code: &'static str) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: param.map(str::to_string),
+            code: Some(code),
+            retry_after_seconds: None,
+        }
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("invalid_api_key"),
+            retry_after_seconds: None,
+        }
+    }
+
+    /// 429: the caller should slow down and retry.
+    pub fn too_many(message: impl Into<String>, retry_after_seconds: u64) -> Self {
+        ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: message.into(),
+            kind: "rate_limit_error",
+            param: None,
+            code: Some("rate_limit_exceeded"),
+            retry_after_seconds: Some(retry_after_seconds),
+        }
+    }
+
+    /// 503: no capacity can serve this now.
+    pub fn unavailable(message: impl Into<String>, retry_after_seconds: u64) -> Self {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: Some("no_capacity"),
+            retry_after_seconds: Some(retry_after_seconds),
+        }
+    }
+
+    /// 500 with a generic message; the cause must be logged by the caller.
+    pub fn internal() -> Self {
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: "the server had an error while processing your request".into(),
+            kind: "server_error",
+            param: None,
+            code: None,
+            retry_after_seconds: None,
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("not_found"),
+            retry_after_seconds: None,
+        }
+    }
+
+    /// The JSON body alone, for an error sent inside an event stream.
+    pub fn body_json(&self) -> String {
+        serde_json::to_string(&ErrorBody { error: self.fields() })
+            .unwrap_or_else(|_| String::from("{\"error\":{}}"))
+    }
+
+    fn fields(&self) -> ErrorFields<'_> {
+        ErrorFields {
+            message: &self.message,
+            kind: self.kind,
+            param: self.param.as_deref(),
+            code: self.code,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status,
+            [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            self.body_json(),
+        )
+            .into_response();
+        if let Some(seconds) = self.retry_after_seconds {
+            if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+        }
+        response
+    }
+}

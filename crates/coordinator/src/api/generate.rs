@@ -1,0 +1,178 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions`: from a request
+//! body to an admitted generation.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use rand::Rng;
+
+use super::error::ApiError;
+use super::respond::{self, CancelGuard, ResponseMeta};
+use super::validate::{self, Endpoint, PromptSource, ValidatedRequest};
+use super::{authenticate, AppState};
+use crate::core::{NewGeneration, Rejection};
+use crate::limits;
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    run(&state, &headers, body, Endpoint::Chat)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    run(&state, &headers, body, Endpoint::Completion)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn run(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    endpoint: Endpoint,
+) -> Result<Response, ApiError> {
+    let tenant = authenticate(state, headers).await?;
+    let permit = Arc::clone(&state.inflight).try_acquire_owned().map_err(|_| {
+        ApiError::too_many(
+            "the gateway is holding as many requests as it can; retry shortly",
+            limits::RETRY_AFTER_DEFAULT_SECONDS,
+        )
+    })?;
+    let body = body.map_err(|_| body_too_large())?;
+    if body.len() > limits::REQUEST_BODY_BYTES_MAX {
+        return Err(body_too_large());
+    }
+    let request = match endpoint {
+        Endpoint::Chat => validate::chat(validate::parse_json(&body)?, &state.models)?,
+        Endpoint::Completion => validate::completion(validate::parse_json(&body)?, &state.models)?,
+    };
+    let (prompt, prompt_text) = tokenize(&request).await?;
+    let max_tokens = completion_budget(&request, prompt.len())?;
+    let public_id = match endpoint {
+        Endpoint::Chat => format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+        Endpoint::Completion => format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
+    };
+    // Without a client seed the coordinator picks one, so that a generation
+    // moved to another node continues exactly as it would have.
+    let seed = request.seed.unwrap_or_else(|| rand::thread_rng().gen());
+    let admitted = state
+        .core
+        .submit(NewGeneration {
+            public_id: public_id.clone(),
+            tenant: tenant.clone(),
+            model: Arc::clone(&request.model),
+            prompt,
+            sampling: proto::Sampling {
+                temperature: request.temperature,
+                top_p: request.top_p,
+                top_k: request.top_k,
+                seed,
+            },
+            max_tokens,
+            stop: request.stop.clone(),
+            top_logprobs: if request.logprobs { request.top_logprobs } else { 0 },
+        })
+        .map_err(rejection_error)?;
+    tracing::info!(request_id = %public_id, tenant_id = tenant.id, model = %request.model.name, "admitted");
+    let meta = ResponseMeta::new(public_id, &request, prompt_text);
+    let guard = CancelGuard::new(Arc::clone(&state.core), admitted.request, permit);
+    if request.stream {
+        Ok(respond::stream(meta, admitted.updates, guard))
+    } else {
+        respond::collect(meta, admitted.updates, guard).await
+    }
+}
+
+fn body_too_large() -> ApiError {
+    ApiError::invalid(
+        format!("the request body is larger than {} bytes", limits::REQUEST_BODY_BYTES_MAX),
+        None,
+        "request_too_large",
+    )
+}
+
+/// Renders (chat) and tokenizes the prompt off the async threads. Returns the
+/// tokens and, for `echo`, the prompt text.
+async fn tokenize(request: &ValidatedRequest) -> Result<(Vec<i32>, String), ApiError> {
+    let model = Arc::clone(&request.model);
+    let source = match &request.prompt {
+        PromptSource::Chat(messages) => PromptSource::Chat(messages.clone()),
+        PromptSource::Text(text) => PromptSource::Text(text.clone()),
+    };
+    let joined = tokio::task::spawn_blocking(move || {
+        let (text, add_special) = match source {
+            PromptSource::Chat(messages) => (model.tokenizer.apply_chat_template(&messages, true)?, false),
+            PromptSource::Text(text) => (text, true),
+        };
+        let tokens = model.tokenizer.tokenize(&text, add_special)?;
+        Ok::<_, engine::EngineError>((tokens, text))
+    })
+    .await;
+    match joined {
+        Ok(Ok(result)) => Ok(result),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "render or tokenize prompt");
+            Err(ApiError::invalid(
+                format!("the prompt could not be prepared: {error}"),
+                Some("messages"),
+                "invalid_prompt",
+            ))
+        }
+        Err(error) => {
+            tracing::error!(%error, "tokenizer task");
+            Err(ApiError::internal())
+        }
+    }
+}
+
+/// The completion tokens this request may have, given its prompt.
+fn completion_budget(request: &ValidatedRequest, prompt_tokens: usize) -> Result<u32, ApiError> {
+    let context = request.model.context_tokens as usize;
+    let param = match request.endpoint {
+        Endpoint::Chat => "messages",
+        Endpoint::Completion => "prompt",
+    };
+    if prompt_tokens + 1 > context {
+        return Err(ApiError::invalid(
+            format!("this model's maximum context length is {context} tokens, but the prompt has {prompt_tokens} tokens"),
+            Some(param),
+            "context_length_exceeded",
+        ));
+    }
+    let room = context - prompt_tokens;
+    match request.max_tokens {
+        Some(asked) if asked as usize > room => Err(ApiError::invalid(
+            format!("this model's maximum context length is {context} tokens; the prompt has {prompt_tokens} and max_tokens asks for {asked} more"),
+            Some("max_tokens"),
+            "context_length_exceeded",
+        )),
+        Some(asked) => Ok(asked),
+        None => Ok(limits::COMPLETION_TOKENS_DEFAULT.min(room as u32)),
+    }
+}
+
+fn rejection_error(rejection: Rejection) -> ApiError {
+    match rejection {
+        Rejection::NoEligibleNode { retry_after_seconds } => ApiError::unavailable(
+            "no vehicle that can serve this model is available right now",
+            retry_after_seconds,
+        ),
+        Rejection::QueueFull { retry_after_seconds } => {
+            ApiError::too_many("the queue for this model is full; retry shortly", retry_after_seconds)
+        }
+        Rejection::OverQuota { message, retry_after_seconds } => ApiError::too_many(message, retry_after_seconds),
+        Rejection::Other { message } => ApiError::unavailable(message, limits::RETRY_AFTER_DEFAULT_SECONDS),
+    }
+}

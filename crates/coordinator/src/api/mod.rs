@@ -1,0 +1,129 @@
+//! The OpenAI-compatible HTTP gateway: routes, authentication, admission.
+//!
+//! `router` builds the whole app so tests can drive it with `oneshot` as
+//! well as over a socket.
+
+mod error;
+mod generate;
+mod respond;
+mod types;
+mod validate;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::sync::Semaphore;
+
+pub use error::ApiError;
+
+use crate::core::Core;
+use crate::limits;
+use crate::served::ServedModels;
+use crate::store::{Store, TenantRecord};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub core: Arc<Core>,
+    pub store: Store,
+    pub models: Arc<ServedModels>,
+    /// Caps requests held at once; `try_acquire` failing becomes 429.
+    pub inflight: Arc<Semaphore>,
+}
+
+impl AppState {
+    pub fn new(core: Arc<Core>, store: Store, models: Arc<ServedModels>) -> AppState {
+        AppState {
+            core,
+            store,
+            models,
+            inflight: Arc::new(Semaphore::new(limits::INFLIGHT_REQUESTS_MAX)),
+        }
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(generate::chat_completions))
+        .route("/v1/completions", post(generate::completions))
+        .route("/v1/models", get(list_models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        // One byte more than the limit so that an over-limit body is seen
+        // as such by our own check and answered with an OpenAI-shaped 400.
+        .layer(DefaultBodyLimit::max(limits::REQUEST_BODY_BYTES_MAX + 1))
+        .with_state(state)
+}
+
+/// The tenant behind the request's bearer token, or 401.
+pub(crate) async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<TenantRecord, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(ApiError::unauthorized(
+            "you didn't provide an API key; send it as 'Authorization: Bearer YOUR_KEY'",
+        ));
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .and_then(|text| text.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|key| !key.is_empty())
+        .ok_or_else(|| ApiError::unauthorized("the Authorization header must be 'Bearer YOUR_KEY'"))?;
+    match state.store.tenant_for_api_key(key).await {
+        Ok(Some(tenant)) => Ok(tenant),
+        Ok(None) => Err(ApiError::unauthorized("incorrect API key provided")),
+        Err(error) => {
+            tracing::error!(%error, "look up API key");
+            Err(ApiError::internal())
+        }
+    }
+}
+
+async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(error) = authenticate(&state, &headers).await {
+        return error.into_response();
+    }
+    let data: Vec<serde_json::Value> = state
+        .models
+        .all()
+        .iter()
+        .map(|model| {
+            serde_json::json!({
+                "id": model.name,
+                "object": "model",
+                "created": model.created_unix_s,
+                "owned_by": "fleetgrid",
+                "tier": "fleet",
+                "sha256": model.digest,
+                "context_length": model.context_tokens,
+            })
+        })
+        .collect();
+    Json(serde_json::json!({ "object": "list", "data": data })).into_response()
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    let nodes = state.core.connected_nodes();
+    Json(serde_json::json!({
+        "status": "ok",
+        "nodes_connected": nodes.len(),
+        "nodes": nodes,
+    }))
+    .into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.core.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    ApiError::not_found("no such endpoint").into_response()
+}

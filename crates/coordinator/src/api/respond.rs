@@ -1,0 +1,321 @@
+//! Turning a generation's updates into an OpenAI response: one JSON body, or
+//! a server-sent event stream whose text is exactly the JSON body's text.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use engine::TextAssembler;
+use scheduler::RequestId;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use super::error::ApiError;
+use super::validate::{Endpoint, ValidatedRequest};
+use crate::core::{CommittedToken, Core, FinishReason, GenerationError, Update, Usage};
+use crate::limits;
+
+/// Cancels the generation when the client's response is dropped before the
+/// generation finished (the client disconnected), and holds the gateway
+/// permit for as long as the response lives.
+pub struct CancelGuard {
+    core: Arc<Core>,
+    request: RequestId,
+    armed: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl CancelGuard {
+    pub fn new(core: Arc<Core>, request: RequestId, permit: OwnedSemaphorePermit) -> CancelGuard {
+        CancelGuard { core, request, armed: true, _permit: permit }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            tracing::info!(request_id = self.request.0, "client went away; cancelling");
+            self.core.cancel(self.request);
+        }
+    }
+}
+
+/// What every response chunk repeats.
+pub struct ResponseMeta {
+    id: String,
+    created: u64,
+    model: String,
+    endpoint: Endpoint,
+    include_usage: bool,
+    logprobs: bool,
+    echo_prompt: Option<String>,
+    stop: Vec<String>,
+}
+
+impl ResponseMeta {
+    pub fn new(id: String, request: &ValidatedRequest, prompt_text: String) -> ResponseMeta {
+        ResponseMeta {
+            id,
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|elapsed| elapsed.as_secs())
+                .unwrap_or_default(),
+            model: request.model.name.clone(),
+            endpoint: request.endpoint,
+            include_usage: request.include_usage,
+            logprobs: request.logprobs,
+            echo_prompt: request.echo.then_some(prompt_text),
+            stop: request.stop.clone(),
+        }
+    }
+
+    fn object(&self, streaming: bool) -> &'static str {
+        match (self.endpoint, streaming) {
+            (Endpoint::Chat, false) => "chat.completion",
+            (Endpoint::Chat, true) => "chat.completion.chunk",
+            (Endpoint::Completion, _) => "text_completion",
+        }
+    }
+
+    fn envelope(&self, streaming: bool, choices: Value) -> Value {
+        json!({
+            "id": self.id,
+            "object": self.object(streaming),
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": Value::Null,
+            "choices": choices,
+        })
+    }
+}
+
+fn headers(meta: &ResponseMeta) -> [(HeaderName, HeaderValue); 2] {
+    [
+        (
+            HeaderName::from_static("x-request-id"),
+            HeaderValue::from_str(&meta.id).unwrap_or(HeaderValue::from_static("unknown")),
+        ),
+        (HeaderName::from_static("x-fleetgrid-tier"), HeaderValue::from_static("fleet")),
+    ]
+}
+
+/// Waits for the next update, bounded by the request timeout.
+async fn next_update(updates: &mut mpsc::Receiver<Update>) -> Result<Update, ApiError> {
+    match tokio::time::timeout(limits::REQUEST_TIMEOUT, updates.recv()).await {
+        Ok(Some(update)) => Ok(update),
+        Ok(None) => {
+            tracing::error!("generation ended without an answer");
+            Err(ApiError::internal())
+        }
+        Err(_) => Err(ApiError {
+            status: StatusCode::GATEWAY_TIMEOUT,
+            message: "the generation took longer than the request timeout".into(),
+            kind: "server_error",
+            param: None,
+            code: Some("timeout"),
+            retry_after_seconds: None,
+        }),
+    }
+}
+
+fn generation_error(error: GenerationError) -> ApiError {
+    match error {
+        GenerationError::Rejected { reason, retry_after_seconds } => ApiError::unavailable(reason, retry_after_seconds),
+        GenerationError::TooManyAttempts => ApiError::unavailable(
+            "the generation was interrupted too many times; retry",
+            limits::RETRY_AFTER_DEFAULT_SECONDS,
+        ),
+        GenerationError::Failed(message) => ApiError {
+            status: StatusCode::BAD_GATEWAY,
+            message: format!("the generation failed: {message}"),
+            kind: "server_error",
+            param: None,
+            code: Some("generation_failed"),
+            retry_after_seconds: None,
+        },
+    }
+}
+
+/// Logprob entries of the tokens committed since the last chunk.
+#[derive(Default)]
+struct LogprobEntries {
+    chat: Vec<Value>,
+    tokens: Vec<String>,
+    token_logprobs: Vec<f32>,
+    top: Vec<Value>,
+}
+
+impl LogprobEntries {
+    fn push(&mut self, token: &CommittedToken) {
+        let text = String::from_utf8_lossy(&token.piece).into_owned();
+        let top_chat: Vec<Value> = token
+            .top_logprobs
+            .iter()
+            .map(|(_, piece, logprob)| json!({"token": String::from_utf8_lossy(piece), "logprob": logprob, "bytes": piece}))
+            .collect();
+        self.chat.push(json!({"token": text, "logprob": token.logprob, "bytes": token.piece, "top_logprobs": top_chat}));
+        let top_map: serde_json::Map<String, Value> = token
+            .top_logprobs
+            .iter()
+            .map(|(_, piece, logprob)| (String::from_utf8_lossy(piece).into_owned(), json!(logprob)))
+            .collect();
+        self.tokens.push(text);
+        self.token_logprobs.push(token.logprob);
+        self.top.push(Value::Object(top_map));
+    }
+
+    fn take(&mut self, meta: &ResponseMeta) -> Value {
+        if !meta.logprobs {
+            return Value::Null;
+        }
+        let taken = std::mem::take(self);
+        match meta.endpoint {
+            Endpoint::Chat => json!({ "content": taken.chat }),
+            Endpoint::Completion => json!({
+                "tokens": taken.tokens,
+                "token_logprobs": taken.token_logprobs,
+                "top_logprobs": taken.top,
+            }),
+        }
+    }
+}
+
+fn finish_reason(reason: FinishReason, assembler: &TextAssembler) -> &'static str {
+    if assembler.stopped() {
+        return "stop";
+    }
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn usage_json(usage: Usage) -> Value {
+    json!({
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    })
+}
+
+/// Non-streaming: waits for the whole generation.
+pub async fn collect(
+    meta: ResponseMeta,
+    mut updates: mpsc::Receiver<Update>,
+    mut guard: CancelGuard,
+) -> Result<Response, ApiError> {
+    let mut assembler = TextAssembler::new(meta.stop.clone());
+    let mut text = meta.echo_prompt.clone().unwrap_or_default();
+    let mut logprobs = LogprobEntries::default();
+    let (reason, usage) = loop {
+        match next_update(&mut updates).await? {
+            Update::Token(token) => {
+                logprobs.push(&token);
+                text.push_str(&assembler.push(&token.piece));
+            }
+            Update::Finished { reason, usage } => break (reason, usage),
+            Update::Failed(error) => {
+                guard.disarm();
+                return Err(generation_error(error));
+            }
+        }
+    };
+    guard.disarm();
+    text.push_str(&assembler.finish());
+    let finish = finish_reason(reason, &assembler);
+    let choice = match meta.endpoint {
+        Endpoint::Chat => json!({
+            "index": 0,
+            "message": { "role": "assistant", "content": text },
+            "logprobs": logprobs.take(&meta),
+            "finish_reason": finish,
+        }),
+        Endpoint::Completion => json!({
+            "index": 0,
+            "text": text,
+            "logprobs": logprobs.take(&meta),
+            "finish_reason": finish,
+        }),
+    };
+    let mut body = meta.envelope(false, json!([choice]));
+    body["usage"] = usage_json(usage);
+    Ok((headers(&meta), Json(body)).into_response())
+}
+
+fn chunk(meta: &ResponseMeta, text: &str, logprobs: Value, finish: Option<&str>, first: bool) -> Event {
+    let choice = match meta.endpoint {
+        Endpoint::Chat => {
+            let delta = match (first, finish) {
+                (true, _) => json!({"role": "assistant", "content": text}),
+                (false, Some(_)) if text.is_empty() => json!({}),
+                _ => json!({"content": text}),
+            };
+            json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+        }
+        Endpoint::Completion => json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}),
+    };
+    Event::default().data(meta.envelope(true, json!([choice])).to_string())
+}
+
+/// Streaming: server-sent events, ending with `data: [DONE]`.
+pub fn stream(meta: ResponseMeta, mut updates: mpsc::Receiver<Update>, mut guard: CancelGuard) -> Response {
+    let response_headers = headers(&meta);
+    let events = async_stream::stream! {
+        let mut assembler = TextAssembler::new(meta.stop.clone());
+        let mut logprobs = LogprobEntries::default();
+        let opening = match meta.endpoint {
+            Endpoint::Chat => String::new(),
+            Endpoint::Completion => meta.echo_prompt.clone().unwrap_or_default(),
+        };
+        if meta.endpoint == Endpoint::Chat || !opening.is_empty() {
+            yield Ok::<Event, Infallible>(chunk(&meta, &opening, Value::Null, None, true));
+        }
+        loop {
+            match next_update(&mut updates).await {
+                Ok(Update::Token(token)) => {
+                    logprobs.push(&token);
+                    let text = assembler.push(&token.piece);
+                    if !text.is_empty() {
+                        yield Ok(chunk(&meta, &text, logprobs.take(&meta), None, false));
+                    }
+                }
+                Ok(Update::Finished { reason, usage }) => {
+                    guard.disarm();
+                    let rest = assembler.finish();
+                    let finish = finish_reason(reason, &assembler);
+                    if !rest.is_empty() {
+                        yield Ok(chunk(&meta, &rest, logprobs.take(&meta), None, false));
+                    }
+                    yield Ok(chunk(&meta, "", logprobs.take(&meta), Some(finish), false));
+                    if meta.include_usage {
+                        let mut last = meta.envelope(true, json!([]));
+                        last["usage"] = usage_json(usage);
+                        yield Ok(Event::default().data(last.to_string()));
+                    }
+                    break;
+                }
+                Ok(Update::Failed(error)) => {
+                    guard.disarm();
+                    yield Ok(Event::default().data(generation_error(error).body_json()));
+                    break;
+                }
+                Err(error) => {
+                    // The guard stays armed: the generation is cancelled
+                    // when this stream ends.
+                    yield Ok(Event::default().data(error.body_json()));
+                    break;
+                }
+            }
+        }
+        yield Ok(Event::default().data("[DONE]"));
+    };
+    (response_headers, Sse::new(events).keep_alive(KeepAlive::default())).into_response()
+}

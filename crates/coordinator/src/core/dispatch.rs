@@ -1,0 +1,421 @@
+//! Carrying out the scheduler's commands, and turning what nodes send into
+//! scheduler events and client updates.
+
+use scheduler::{Command, Event, Millis, NodeId, RejectReason, RequestId};
+
+use super::{
+    CommittedToken, Core, CoreState, FinishReason, GenerationError, Rejection, Update, Usage,
+    ORDER,
+};
+use crate::limits;
+use crate::nodes::NodeSession;
+use crate::store::RequestRecord;
+
+/// How far a node's own token count may differ from ours before it is flagged.
+const NODE_REPORT_TOLERANCE_TOKENS: u32 = 0;
+
+impl Core {
+    /// Feeds one event to the scheduler and carries out the commands, then
+    /// any follow-up events those caused. Returns the rejections issued, so
+    /// that `submit` can answer its caller directly.
+    pub(super) fn handle(
+        &self,
+        state: &mut CoreState,
+        now: Millis,
+        event: Event,
+    ) -> Vec<(RequestId, Rejection)> {
+        let mut rejections = Vec::new();
+        let mut next = Some(event);
+        while let Some(event) = next.take() {
+            let mut commands = std::mem::take(&mut state.commands);
+            commands.clear();
+            state.scheduler.handle(now, event, &mut commands);
+            for command in commands.drain(..) {
+                self.execute(state, command, &mut rejections);
+            }
+            state.commands = commands;
+            next = state.follow_up.pop();
+        }
+        rejections
+    }
+
+    fn execute(
+        &self,
+        state: &mut CoreState,
+        command: Command,
+        rejections: &mut Vec<(RequestId, Rejection)>,
+    ) {
+        match command {
+            Command::Assign { request, node, resume_from } => {
+                self.assign(state, request, node, resume_from)
+            }
+            Command::Stop { request, node, reason } => {
+                tracing::info!(request_id = request.0, ?reason, "stopping generation on node");
+                if let Some(inflight) = state.requests.get_mut(&request) {
+                    if inflight.node == Some(node) {
+                        inflight.node = None;
+                    }
+                }
+                self.send_cancel(state, request, node, &format!("{reason:?}"));
+            }
+            Command::Cancel { request, node } => {
+                self.send_cancel(state, request, node, "cancelled by client");
+                state.requests.remove(&request);
+                self.metrics.generations_active.fetch_sub(1, ORDER);
+            }
+            Command::Reject { request, reason, retry_after_ms } => {
+                let rejection = rejection_of(reason, retry_after_ms);
+                if let Some(inflight) = state.requests.get(&request) {
+                    if inflight.attempt == 0 && inflight.committed.is_empty() {
+                        // Never started: the caller of `submit` may still be
+                        // waiting for its answer.
+                        rejections.push((request, rejection.clone()));
+                    }
+                }
+                self.count_rejection(&rejection);
+                self.fail(state, request, generation_error_of(rejection));
+            }
+        }
+    }
+
+    fn assign(&self, state: &mut CoreState, request: RequestId, node: NodeId, resume_from: u32) {
+        let Some(inflight) = state.requests.get_mut(&request) else {
+            tracing::error!(request_id = request.0, "scheduler assigned an unknown request");
+            return;
+        };
+        debug_assert_eq!(resume_from as usize, inflight.committed.len());
+        if inflight.attempt >= limits::ATTEMPTS_PER_REQUEST_MAX {
+            self.fail(state, request, GenerationError::TooManyAttempts);
+            return;
+        }
+        if inflight.attempt > 0 {
+            self.metrics.reassignments.fetch_add(1, ORDER);
+        }
+        inflight.attempt += 1;
+        inflight.node = Some(node);
+        let message = proto::CoordinatorMessage {
+            kind: Some(proto::coordinator_message::Kind::Assign(proto::Assign {
+                generation_id: generation_id(request, inflight.attempt),
+                model_sha256: inflight.model.digest.clone(),
+                prompt_tokens: inflight.prompt.as_ref().clone(),
+                committed_tokens: inflight.committed.clone(),
+                sampling: Some(inflight.sampling),
+                max_tokens: inflight.max_tokens,
+                stop: inflight.stop.clone(),
+                top_logprobs: inflight.top_logprobs,
+            })),
+        };
+        let Some(target) = state.nodes.get(&node) else {
+            tracing::error!(request_id = request.0, "scheduler assigned to a node that is gone");
+            state.follow_up.push(Event::AttemptFailed { request, node });
+            return;
+        };
+        let name = target.name.clone();
+        if target.outbound.try_send(message).is_err() {
+            tracing::warn!(node_id = %name, "node not draining its stream; treating it as lost");
+            state.follow_up.push(Event::AttemptFailed { request, node });
+            return;
+        }
+        tracing::info!(request_id = request.0, node_id = %name, resume_from, "assigned");
+        if let Some(inflight) = state.requests.get_mut(&request) {
+            inflight.segments.push((name, 0));
+        }
+    }
+
+    fn send_cancel(&self, state: &CoreState, request: RequestId, node: NodeId, reason: &str) {
+        let (Some(target), Some(attempt)) = (
+            state.nodes.get(&node),
+            state.requests.get(&request).map(|inflight| inflight.attempt),
+        ) else {
+            return;
+        };
+        let message = proto::CoordinatorMessage {
+            kind: Some(proto::coordinator_message::Kind::Cancel(proto::Cancel {
+                generation_id: generation_id(request, attempt),
+                reason: reason.to_string(),
+            })),
+        };
+        // A node that cannot take a cancel is stuck; the heartbeat reaper
+        // will mark it lost, and its work is already elsewhere.
+        let _ = target.outbound.try_send(message);
+    }
+
+    /// Ends a request with an error, telling the client and the scheduler.
+    fn fail(&self, state: &mut CoreState, request: RequestId, error: GenerationError) {
+        let Some(inflight) = state.requests.get(&request) else {
+            return;
+        };
+        let admitted = inflight.attempt > 0 || !inflight.committed.is_empty();
+        let _ = inflight.updates.try_send(Update::Failed(error.clone()));
+        if let Some(node) = inflight.node {
+            self.send_cancel(state, request, node, "request failed");
+        }
+        self.record(state, request, "failed", Some(format!("{error:?}")));
+        state.requests.remove(&request);
+        if admitted {
+            self.metrics.requests_failed.fetch_add(1, ORDER);
+        }
+        self.metrics.generations_active.fetch_sub(1, ORDER);
+        state.follow_up.push(Event::RequestCancelled { request });
+    }
+
+    fn count_rejection(&self, rejection: &Rejection) {
+        let counter = match rejection {
+            Rejection::QueueFull { .. } | Rejection::OverQuota { .. } => {
+                &self.metrics.requests_rejected_queue_full
+            }
+            Rejection::NoEligibleNode { .. } => &self.metrics.requests_rejected_no_node,
+            Rejection::Other { .. } => &self.metrics.requests_rejected_other,
+        };
+        counter.fetch_add(1, ORDER);
+    }
+
+    /// Tokens from a node. Only the current attempt's tokens, in order, count.
+    pub fn node_tokens(&self, session: NodeSession, batch: proto::TokenBatch) {
+        let now = super::now_ms();
+        let mut state = self.lock();
+        let Some(request) = self.current_attempt(&state, session, &batch.generation_id) else {
+            return;
+        };
+        let Some(inflight) = state.requests.get_mut(&request) else {
+            return;
+        };
+        let mut violation = false;
+        for token in batch.tokens {
+            let expected = inflight.committed.len();
+            if token.position as usize != expected || expected >= inflight.max_tokens as usize {
+                violation = true;
+                break;
+            }
+            inflight.committed.push(token.token_id);
+            if let Some(segment) = inflight.segments.last_mut() {
+                segment.1 += 1;
+            }
+            if inflight.first_token_at.is_none() {
+                inflight.first_token_at = Some(std::time::Instant::now());
+                let waited = inflight.admitted_at.elapsed().as_millis();
+                self.metrics
+                    .observe_time_to_first_token_ms(u64::try_from(waited).unwrap_or(u64::MAX));
+            }
+            self.metrics.completion_tokens.fetch_add(1, ORDER);
+            let committed = CommittedToken {
+                token_id: token.token_id,
+                piece: token.piece,
+                logprob: token.logprob,
+                top_logprobs: token
+                    .top_logprobs
+                    .into_iter()
+                    .map(|top| (top.token_id, top.piece, top.logprob))
+                    .collect(),
+            };
+            // The channel holds a whole generation; a failed send means the
+            // client is gone, which its drop guard reports separately.
+            let _ = inflight.updates.try_send(Update::Token(committed));
+        }
+        let committed_total = u32::try_from(inflight.committed.len()).unwrap_or(u32::MAX);
+        let node = session.node;
+        if violation {
+            self.metrics.node_protocol_violations.fetch_add(1, ORDER);
+            tracing::warn!(request_id = request.0, "node sent tokens out of order; moving the generation");
+            inflight.node = None;
+            self.send_cancel(&state, request, node, "protocol violation");
+            self.handle(&mut state, now, Event::AttemptFailed { request, node });
+            return;
+        }
+        self.handle(&mut state, now, Event::TokensCommitted { request, committed_total });
+    }
+
+    /// A node finished (or confirmed cancelling) a generation.
+    pub fn node_done(&self, session: NodeSession, done: proto::GenerationDone) {
+        let now = super::now_ms();
+        let mut state = self.lock();
+        let reason = proto::FinishReason::try_from(done.reason).unwrap_or_default();
+        if reason == proto::FinishReason::Cancelled {
+            self.metrics.generations_cancelled_on_node.fetch_add(1, ORDER);
+        }
+        let Some(request) = self.current_attempt(&state, session, &done.generation_id) else {
+            return;
+        };
+        let Some(inflight) = state.requests.get_mut(&request) else {
+            return;
+        };
+        let finish = match reason {
+            proto::FinishReason::Stop => FinishReason::Stop,
+            proto::FinishReason::Length => FinishReason::Length,
+            proto::FinishReason::Cancelled | proto::FinishReason::Unspecified => {
+                // The node gave up on its own (its owner needs the car):
+                // the generation continues elsewhere.
+                inflight.node = None;
+                self.handle(&mut state, now, Event::AttemptFailed { request, node: session.node });
+                return;
+            }
+        };
+        let ours = u32::try_from(inflight.committed.len()).unwrap_or(u32::MAX);
+        let theirs_this_segment = inflight.segments.last().map_or(0, |segment| segment.1);
+        if done.completion_tokens.abs_diff(ours) > NODE_REPORT_TOLERANCE_TOKENS
+            && done.completion_tokens.abs_diff(theirs_this_segment) > NODE_REPORT_TOLERANCE_TOKENS
+        {
+            self.metrics.node_report_mismatches.fetch_add(1, ORDER);
+            tracing::warn!(
+                request_id = request.0,
+                node_reported = done.completion_tokens,
+                coordinator_counted = ours,
+                "node usage report disagrees with the coordinator's count"
+            );
+        }
+        let usage = Usage {
+            prompt_tokens: u32::try_from(inflight.prompt.len()).unwrap_or(u32::MAX),
+            completion_tokens: ours,
+        };
+        let _ = inflight.updates.try_send(Update::Finished { reason: finish, usage });
+        self.record(&mut state, request, "completed", None);
+        state.requests.remove(&request);
+        self.metrics.requests_completed.fetch_add(1, ORDER);
+        self.metrics.generations_active.fetch_sub(1, ORDER);
+        self.handle(&mut state, now, Event::RequestFinished { request });
+    }
+
+    /// A node could not run (or finish) a generation.
+    pub fn node_failed(&self, session: NodeSession, failed: proto::GenerationFailed) {
+        let now = super::now_ms();
+        let mut state = self.lock();
+        let Some(request) = self.current_attempt(&state, session, &failed.generation_id) else {
+            return;
+        };
+        tracing::warn!(request_id = request.0, message = %failed.message, retryable = failed.retryable, "node failed a generation");
+        if let Some(inflight) = state.requests.get_mut(&request) {
+            inflight.node = None;
+        }
+        if failed.retryable {
+            self.handle(&mut state, now, Event::AttemptFailed { request, node: session.node });
+        } else {
+            self.fail(&mut state, request, GenerationError::Failed(failed.message));
+            while let Some(event) = state.follow_up.pop() {
+                self.handle(&mut state, now, event);
+            }
+        }
+    }
+
+    /// The request a generation id names, if it is the current attempt on
+    /// this node's current session.
+    fn current_attempt(
+        &self,
+        state: &CoreState,
+        session: NodeSession,
+        generation_id: &str,
+    ) -> Option<RequestId> {
+        let (request, attempt) = parse_generation_id(generation_id)?;
+        let node = state.nodes.get(&session.node)?;
+        let inflight = state.requests.get(&request)?;
+        let current = node.session == session.session
+            && inflight.node == Some(session.node)
+            && inflight.attempt == attempt;
+        current.then_some(request)
+    }
+
+    /// Queues the request's record for the request log.
+    pub(super) fn record(
+        &self,
+        state: &mut CoreState,
+        request: RequestId,
+        status: &'static str,
+        error: Option<String>,
+    ) {
+        let Some(inflight) = state.requests.get(&request) else {
+            return;
+        };
+        let record = RequestRecord {
+            id: inflight.public_id.clone(),
+            tenant_id: inflight.tenant.id,
+            model: inflight.model.name.clone(),
+            status,
+            prompt_tokens: u32::try_from(inflight.prompt.len()).unwrap_or(u32::MAX),
+            completion_tokens: u32::try_from(inflight.committed.len()).unwrap_or(u32::MAX),
+            nodes: inflight
+                .segments
+                .iter()
+                .map(|(name, tokens)| format!("{name}:{tokens}"))
+                .collect(),
+            created_ms: inflight.created_ms,
+            finished_ms: super::now_ms().0 as i64,
+            error,
+        };
+        if self.request_log.try_send(record).is_err() {
+            self.metrics.request_log_dropped.fetch_add(1, ORDER);
+        }
+    }
+}
+
+fn generation_id(request: RequestId, attempt: u32) -> String {
+    format!("{}.{attempt}", request.0)
+}
+
+fn parse_generation_id(text: &str) -> Option<(RequestId, u32)> {
+    let (request, attempt) = text.split_once('.')?;
+    Some((RequestId(request.parse().ok()?), attempt.parse().ok()?))
+}
+
+fn retry_seconds(retry_after_ms: Option<u64>) -> u64 {
+    retry_after_ms
+        .map(|ms| ms.div_ceil(1000).max(1))
+        .unwrap_or(limits::RETRY_AFTER_DEFAULT_SECONDS)
+}
+
+fn rejection_of(reason: RejectReason, retry_after_ms: Option<u64>) -> Rejection {
+    let retry_after_seconds = retry_seconds(retry_after_ms);
+    match reason {
+        RejectReason::NoEligibleNode => Rejection::NoEligibleNode { retry_after_seconds },
+        RejectReason::QueueFull => Rejection::QueueFull { retry_after_seconds },
+        RejectReason::OverConcurrency => Rejection::OverQuota {
+            message: "too many concurrent requests for this tenant".into(),
+            retry_after_seconds,
+        },
+        RejectReason::OverTokensPerMinute => Rejection::OverQuota {
+            message: "tokens-per-minute quota of this tenant reached".into(),
+            retry_after_seconds,
+        },
+        RejectReason::DeadlineExpired => Rejection::Other {
+            message: "the request's deadline passed before it could run".into(),
+        },
+        RejectReason::UnknownTenant => Rejection::Other {
+            message: "tenant unknown to the scheduler".into(),
+        },
+        RejectReason::AttemptsExhausted => Rejection::Other {
+            message: "the generation was interrupted too many times".into(),
+        },
+    }
+}
+
+fn generation_error_of(rejection: Rejection) -> GenerationError {
+    match rejection {
+        Rejection::NoEligibleNode { retry_after_seconds } => GenerationError::Rejected {
+            reason: "no eligible node is available".into(),
+            retry_after_seconds,
+        },
+        Rejection::QueueFull { retry_after_seconds } => GenerationError::Rejected {
+            reason: "the queue is full".into(),
+            retry_after_seconds,
+        },
+        Rejection::OverQuota { message, retry_after_seconds } => GenerationError::Rejected {
+            reason: message,
+            retry_after_seconds,
+        },
+        Rejection::Other { message } => GenerationError::Rejected {
+            reason: message,
+            retry_after_seconds: limits::RETRY_AFTER_DEFAULT_SECONDS,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_ids_round_trip() {
+        let id = generation_id(RequestId(42), 3);
+        assert_eq!(parse_generation_id(&id), Some((RequestId(42), 3)));
+        assert_eq!(parse_generation_id("42"), None);
+        assert_eq!(parse_generation_id("x.1"), None);
+    }
+}

@@ -1,0 +1,365 @@
+//! The coordinator's core: the scheduler plus what the scheduler does not
+//! know — the prompt and committed tokens of every in-flight generation, the
+//! channel to each connected node, and the channel to each waiting client.
+//!
+//! Everything here runs under one `std::sync::Mutex`: no `.await` happens
+//! while it is held (sending uses `try_send` on bounded channels), so holding
+//! it is always short. The scheduler decides; this module carries its
+//! commands out and feeds it the events that nodes and clients cause.
+//!
+//! **Invariant:** a token reaches a client only once it is committed here, in
+//! order, from the node that currently runs the generation. Tokens from a
+//! stale attempt (a node that was stopped or lost) are dropped, so a migrated
+//! generation shows the client no gap and no duplicate.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use scheduler::{Command, Event, Millis, NodeId, RequestId, Scheduler, TenantId};
+use tokio::sync::mpsc;
+
+use crate::limits;
+use crate::metrics::Metrics;
+use crate::nodes::{ConnectedNode, NodeSession};
+use crate::served::ServedModel;
+use crate::store::{RequestRecord, TenantClass, TenantRecord};
+
+/// One token the coordinator has committed for a generation.
+#[derive(Clone, Debug)]
+pub struct CommittedToken {
+    pub token_id: i32,
+    pub piece: Vec<u8>,
+    pub logprob: f32,
+    pub top_logprobs: Vec<(i32, Vec<u8>, f32)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+/// Why an admitted generation failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GenerationError {
+    /// The scheduler refused it after admission (e.g. a deadline passed).
+    Rejected { reason: String, retry_after_seconds: u64 },
+    /// A node failed it in a way that no other node would fix.
+    Failed(String),
+    /// It was moved too many times.
+    TooManyAttempts,
+}
+
+/// What the client's handler receives.
+#[derive(Debug)]
+pub enum Update {
+    Token(CommittedToken),
+    Finished { reason: FinishReason, usage: Usage },
+    Failed(GenerationError),
+}
+
+/// Why a request was refused at admission.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    NoEligibleNode { retry_after_seconds: u64 },
+    QueueFull { retry_after_seconds: u64 },
+    OverQuota { message: String, retry_after_seconds: u64 },
+    Other { message: String },
+}
+
+/// A validated generation, ready for the scheduler.
+pub struct NewGeneration {
+    pub public_id: String,
+    pub tenant: TenantRecord,
+    pub model: Arc<ServedModel>,
+    pub prompt: Vec<i32>,
+    pub sampling: proto::Sampling,
+    pub max_tokens: u32,
+    pub stop: Vec<String>,
+    pub top_logprobs: u32,
+}
+
+pub struct Admitted {
+    pub request: RequestId,
+    pub updates: mpsc::Receiver<Update>,
+}
+
+struct InFlight {
+    public_id: String,
+    tenant: TenantRecord,
+    model: Arc<ServedModel>,
+    prompt: Arc<Vec<i32>>,
+    sampling: proto::Sampling,
+    max_tokens: u32,
+    stop: Vec<String>,
+    top_logprobs: u32,
+    committed: Vec<i32>,
+    node: Option<NodeId>,
+    attempt: u32,
+    /// Tokens produced per node name, in order of the segments.
+    segments: Vec<(String, u32)>,
+    updates: mpsc::Sender<Update>,
+    admitted_at: Instant,
+    first_token_at: Option<Instant>,
+    created_ms: i64,
+}
+
+struct CoreState {
+    scheduler: Scheduler,
+    nodes: HashMap<NodeId, ConnectedNode>,
+    node_ids_by_name: HashMap<String, NodeId>,
+    requests: HashMap<RequestId, InFlight>,
+    configured_tenants: HashSet<i64>,
+    next_request: u64,
+    next_session: u64,
+    /// Reused between calls so that steady-state handling does not allocate.
+    commands: Vec<Command>,
+    /// Events caused while carrying out commands (e.g. a node whose channel
+    /// is closed), handled before the lock is released.
+    follow_up: Vec<Event>,
+}
+
+pub struct Core {
+    state: Mutex<CoreState>,
+    pub metrics: Arc<Metrics>,
+    request_log: mpsc::Sender<RequestRecord>,
+}
+
+pub fn now_ms() -> Millis {
+    let elapsed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Millis(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Core {
+    pub fn new(
+        scheduler: Scheduler,
+        metrics: Arc<Metrics>,
+        request_log: mpsc::Sender<RequestRecord>,
+    ) -> Core {
+        Core {
+            state: Mutex::new(CoreState {
+                scheduler,
+                nodes: HashMap::new(),
+                node_ids_by_name: HashMap::new(),
+                requests: HashMap::new(),
+                configured_tenants: HashSet::new(),
+                next_request: 1,
+                next_session: 1,
+                commands: Vec::new(),
+                follow_up: Vec::new(),
+            }),
+            metrics,
+            request_log,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, CoreState> {
+        // A panic while holding the lock is a bug that already aborted one
+        // task; the state itself stays consistent between events, so carry on.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Admits a generation: the scheduler either places it, queues it, or
+    /// refuses it (returned as a `Rejection`, nothing kept).
+    pub fn submit(&self, generation: NewGeneration) -> Result<Admitted, Rejection> {
+        let now = now_ms();
+        let mut state = self.lock();
+        let request = RequestId(state.next_request);
+        state.next_request += 1;
+        let tenant = TenantId(u32::try_from(generation.tenant.id).unwrap_or(u32::MAX));
+        if state.configured_tenants.insert(generation.tenant.id) {
+            let config = tenant_config(generation.tenant.class);
+            self.handle(&mut state, now, Event::TenantConfigured { tenant, config });
+        }
+        let (sender, updates) = mpsc::channel(limits::CLIENT_UPDATES_CAPACITY);
+        let prompt_tokens = u32::try_from(generation.prompt.len()).unwrap_or(u32::MAX);
+        state.requests.insert(
+            request,
+            InFlight {
+                public_id: generation.public_id,
+                tenant: generation.tenant,
+                model: Arc::clone(&generation.model),
+                prompt: Arc::new(generation.prompt),
+                sampling: generation.sampling,
+                max_tokens: generation.max_tokens,
+                stop: generation.stop,
+                top_logprobs: generation.top_logprobs,
+                committed: Vec::new(),
+                node: None,
+                attempt: 0,
+                segments: Vec::new(),
+                updates: sender,
+                admitted_at: Instant::now(),
+                first_token_at: None,
+                created_ms: now.0 as i64,
+            },
+        );
+        let arrived = Event::RequestArrived {
+            request,
+            tenant,
+            model: generation.model.id,
+            prompt_tokens,
+            max_tokens: generation.max_tokens,
+            deadline: None,
+        };
+        let rejection = self.handle(&mut state, now, arrived);
+        match rejection.into_iter().find(|(id, _)| *id == request) {
+            Some((_, rejection)) => {
+                state.requests.remove(&request);
+                Err(rejection)
+            }
+            None => {
+                self.metrics.requests_accepted.fetch_add(1, ORDER);
+                self.metrics.prompt_tokens.fetch_add(u64::from(prompt_tokens), ORDER);
+                self.metrics.generations_active.fetch_add(1, ORDER);
+                Ok(Admitted { request, updates })
+            }
+        }
+    }
+
+    /// The client went away: stop the generation wherever it runs.
+    pub fn cancel(&self, request: RequestId) {
+        let now = now_ms();
+        let mut state = self.lock();
+        if !state.requests.contains_key(&request) {
+            return;
+        }
+        self.record(&mut state, request, "cancelled", None);
+        self.metrics.requests_cancelled.fetch_add(1, ORDER);
+        self.handle(&mut state, now, Event::RequestCancelled { request });
+        // A running generation was removed by the scheduler's `Cancel`; a
+        // queued one has nothing to cancel on a node.
+        if state.requests.remove(&request).is_some() {
+            self.metrics.generations_active.fetch_sub(1, ORDER);
+        }
+    }
+
+    /// A node passed the handshake. Returns its session, whose receiver feeds
+    /// the node's outbound stream.
+    pub fn node_connected(
+        &self,
+        name: &str,
+        hello: &proto::Hello,
+        outbound: mpsc::Sender<proto::CoordinatorMessage>,
+        served: &crate::served::ServedModels,
+    ) -> NodeSession {
+        let now = now_ms();
+        let mut state = self.lock();
+        let next_id = NodeId(u32::try_from(state.node_ids_by_name.len()).unwrap_or(u32::MAX));
+        let node = *state.node_ids_by_name.entry(name.to_string()).or_insert(next_id);
+        if state.nodes.contains_key(&node) {
+            // The same vehicle connected again before its old stream was
+            // noticed dead: the old session's work moves first.
+            self.drop_node(&mut state, now, node);
+        }
+        let session = state.next_session;
+        state.next_session += 1;
+        let connected = ConnectedNode::new(name, session, outbound, hello);
+        let registered = connected.registration(node, served);
+        state.nodes.insert(node, connected);
+        self.metrics.nodes_connected.fetch_add(1, ORDER);
+        self.handle(&mut state, now, registered);
+        NodeSession { node, session }
+    }
+
+    /// The node's stream ended or it stopped heartbeating.
+    pub fn node_lost(&self, session: NodeSession) {
+        let now = now_ms();
+        let mut state = self.lock();
+        let current = state
+            .nodes
+            .get(&session.node)
+            .is_some_and(|node| node.session == session.session);
+        if current {
+            self.drop_node(&mut state, now, session.node);
+        }
+    }
+
+    fn drop_node(&self, state: &mut CoreState, now: Millis, node: NodeId) {
+        if let Some(removed) = state.nodes.remove(&node) {
+            tracing::warn!(node_id = %removed.name, "node gone");
+            self.metrics.nodes_connected.fetch_sub(1, ORDER);
+            self.metrics.nodes_lost.fetch_add(1, ORDER);
+            self.handle(state, now, Event::NodeLost { node });
+        }
+    }
+
+    pub fn heartbeat(&self, session: NodeSession, heartbeat: &proto::Heartbeat) {
+        let now = now_ms();
+        let mut state = self.lock();
+        let Some(node) = state.nodes.get_mut(&session.node) else {
+            return;
+        };
+        if node.session != session.session {
+            return;
+        }
+        if let Some(changed) = node.observe_heartbeat(heartbeat) {
+            self.handle(
+                &mut state,
+                now,
+                Event::NodeStateChanged { node: session.node, state: changed },
+            );
+        }
+    }
+
+    /// Marks nodes gone whose heartbeats stopped and ticks the scheduler.
+    pub fn tick(&self, heartbeat_timeout: std::time::Duration) {
+        let now = now_ms();
+        let mut state = self.lock();
+        let silent: Vec<NodeId> = state
+            .nodes
+            .iter()
+            .filter(|(_, node)| node.last_heard.elapsed() > heartbeat_timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for node in silent {
+            tracing::warn!(node_id = %state.nodes[&node].name, "heartbeat timeout");
+            self.drop_node(&mut state, now, node);
+        }
+        self.handle(&mut state, now, Event::Tick);
+    }
+
+    /// Names of connected nodes (for `/health` and tests).
+    pub fn connected_nodes(&self) -> Vec<String> {
+        let state = self.lock();
+        let mut names: Vec<String> = state.nodes.values().map(|node| node.name.clone()).collect();
+        names.sort();
+        names
+    }
+
+    /// Which node runs a request now, by name.
+    pub fn node_of(&self, request: RequestId) -> Option<String> {
+        let state = self.lock();
+        let node = state.requests.get(&request)?.node?;
+        state.nodes.get(&node).map(|node| node.name.clone())
+    }
+}
+
+pub(crate) const ORDER: std::sync::atomic::Ordering = std::sync::atomic::Ordering::Relaxed;
+
+/// Scheduler settings for a tenant of a class until tenant contracts exist.
+fn tenant_config(class: TenantClass) -> scheduler::TenantConfig {
+    let class = match class {
+        TenantClass::Fleet => scheduler::TenantClass::Fleet,
+        TenantClass::Reserved => scheduler::TenantClass::Reserved,
+        TenantClass::Spot => scheduler::TenantClass::Spot,
+    };
+    scheduler::TenantConfig {
+        class,
+        weight: 1,
+        max_concurrency: u32::try_from(limits::INFLIGHT_REQUESTS_MAX).unwrap_or(u32::MAX),
+        tokens_per_minute: None,
+        reserved_min_share_permille: 0,
+    }
+}
+
+mod dispatch;

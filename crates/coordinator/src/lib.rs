@@ -1,0 +1,198 @@
+//! The fleetgrid coordinator: the OpenAI-compatible gateway, the agent-facing
+//! gRPC service, the scheduler's driver and the embedded SQLite store, in one
+//! process.
+//!
+//! `serve` binds both listeners, loads a tokenizer per served model and runs
+//! until its shutdown token is cancelled.
+
+pub mod api;
+pub mod core;
+pub mod grpc;
+pub mod limits;
+pub mod metrics;
+pub mod nodes;
+pub mod secrets;
+pub mod served;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::core::Core;
+use crate::metrics::Metrics;
+use crate::served::ServedModels;
+use crate::store::{RequestRecord, Store};
+
+/// How long in-flight HTTP responses get to finish after shutdown is asked.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A model file the coordinator serves, already verified by the model store.
+#[derive(Clone, Debug)]
+pub struct ModelToServe {
+    pub name: String,
+    pub path: PathBuf,
+    pub digest: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    pub http_listen: SocketAddr,
+    pub grpc_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub models: Vec<ModelToServe>,
+    pub context_tokens: u32,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub scheduler: scheduler::SchedulerConfig,
+}
+
+impl CoordinatorConfig {
+    pub fn new(data_dir: PathBuf, models: Vec<ModelToServe>) -> CoordinatorConfig {
+        CoordinatorConfig {
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            data_dir,
+            models,
+            context_tokens: limits::CONTEXT_TOKENS_DEFAULT,
+            heartbeat_interval: limits::HEARTBEAT_INTERVAL_DEFAULT,
+            heartbeat_timeout: limits::HEARTBEAT_TIMEOUT_DEFAULT,
+            scheduler: scheduler::SchedulerConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("open store: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("bind {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("load tokenizer of {model}: {source}")]
+    Tokenizer { model: String, source: engine::EngineError },
+    #[error("serve gRPC: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("serve HTTP: {0}")]
+    Http(std::io::Error),
+    #[error("no model to serve")]
+    NoModels,
+}
+
+/// The addresses the coordinator actually listens on.
+#[derive(Clone, Copy, Debug)]
+pub struct Bound {
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+}
+
+/// Runs the coordinator until `shutdown` is cancelled. `ready` is called once
+/// both listeners are bound.
+pub async fn serve(
+    config: CoordinatorConfig,
+    shutdown: CancellationToken,
+    ready: impl FnOnce(Bound),
+) -> Result<(), CoordinatorError> {
+    let store = Store::open(&config.data_dir).await?;
+    let models = Arc::new(load_models(&config).await?);
+    let metrics = Arc::new(Metrics::default());
+    let (log_sender, log_receiver) = mpsc::channel(limits::REQUEST_LOG_CAPACITY);
+    let scheduler = scheduler::Scheduler::new(config.scheduler.clone());
+    let core = Arc::new(Core::new(scheduler, Arc::clone(&metrics), log_sender));
+
+    let http_listener = TcpListener::bind(config.http_listen)
+        .await
+        .map_err(|source| CoordinatorError::Bind { addr: config.http_listen, source })?;
+    let grpc_listener = TcpListener::bind(config.grpc_listen)
+        .await
+        .map_err(|source| CoordinatorError::Bind { addr: config.grpc_listen, source })?;
+    let bound = Bound {
+        http: http_listener.local_addr().map_err(CoordinatorError::Http)?,
+        grpc: grpc_listener.local_addr().map_err(CoordinatorError::Http)?,
+    };
+
+    tokio::spawn(write_request_log(store.clone(), log_receiver));
+    tokio::spawn(tick(Arc::clone(&core), config.heartbeat_timeout, shutdown.clone()));
+
+    let service = grpc::AgentService {
+        core: Arc::clone(&core),
+        store: store.clone(),
+        models: Arc::clone(&models),
+        heartbeat_interval: config.heartbeat_interval,
+        heartbeat_timeout: config.heartbeat_timeout,
+    };
+    let grpc_shutdown = shutdown.clone();
+    let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(config.heartbeat_interval))
+        .add_service(proto::coordinator_server::CoordinatorServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
+            grpc_shutdown.cancelled().await
+        });
+
+    let app = api::router(api::AppState::new(Arc::clone(&core), store, models));
+    let http_shutdown = shutdown.clone();
+    let http = axum::serve(http_listener, app).with_graceful_shutdown(async move {
+        http_shutdown.cancelled().await
+    });
+    ready(bound);
+    tracing::info!(http = %bound.http, grpc = %bound.grpc, "coordinator listening");
+
+    let grpc = tokio::spawn(grpc);
+    let http = tokio::spawn(async move { http.await });
+    shutdown.cancelled().await;
+    // Streams to agents and clients may stay open; give them a moment, then go.
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        let _ = grpc.await;
+        let _ = http.await;
+    })
+    .await;
+    Ok(())
+}
+
+async fn load_models(config: &CoordinatorConfig) -> Result<ServedModels, CoordinatorError> {
+    if config.models.is_empty() {
+        return Err(CoordinatorError::NoModels);
+    }
+    let mut served = ServedModels::default();
+    let created = core::now_ms().0 as i64 / 1000;
+    for model in &config.models {
+        let path = model.path.clone();
+        let loaded = tokio::task::spawn_blocking(move || engine::Tokenizer::load(&path))
+            .await
+            .map_err(|error| CoordinatorError::Tokenizer {
+                model: model.name.clone(),
+                source: engine::EngineError::ModelLoad(error.to_string()),
+            })?;
+        let tokenizer = loaded.map_err(|source| CoordinatorError::Tokenizer {
+            model: model.name.clone(),
+            source,
+        })?;
+        let context = config.context_tokens.min(tokenizer.context_train().max(1));
+        served.add(model.name.clone(), model.digest.clone(), tokenizer, context, created);
+    }
+    Ok(served)
+}
+
+async fn write_request_log(store: Store, mut records: mpsc::Receiver<RequestRecord>) {
+    while let Some(record) = records.recv().await {
+        if let Err(error) = store.log_request(&record).await {
+            tracing::warn!(%error, request_id = %record.id, "write request log");
+        }
+    }
+}
+
+async fn tick(core: Arc<Core>, heartbeat_timeout: Duration, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(limits::TICK_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = interval.tick() => core.tick(heartbeat_timeout),
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! Every bound the coordinator enforces, in one place.
+//!
+//! A limit that is not here does not exist: queues, channels, bodies, token
+//! counts and retry loops all take their bound from these constants (or from
+//! `CoordinatorConfig`, whose defaults come from here).
+
+use std::time::Duration;
+
+/// Largest request body the gateway reads; larger bodies are refused with 400.
+pub const REQUEST_BODY_BYTES_MAX: usize = 1024 * 1024;
+
+/// Most messages in one chat request.
+pub const CHAT_MESSAGES_MAX: usize = 256;
+
+/// Most stop sequences in one request (OpenAI's limit).
+pub const STOP_SEQUENCES_MAX: usize = 4;
+
+/// Longest stop sequence, in bytes.
+pub const STOP_SEQUENCE_BYTES_MAX: usize = 256;
+
+/// Largest `max_tokens` a client may ask for.
+pub const COMPLETION_TOKENS_MAX: u32 = 4096;
+
+/// `max_tokens` when the client gives none (further capped by the context left).
+pub const COMPLETION_TOKENS_DEFAULT: u32 = 512;
+
+/// Most `top_logprobs` alternatives per token (OpenAI's limit).
+pub const TOP_LOGPROBS_MAX: u32 = 20;
+
+/// Context window of one sequence on a node, in tokens, unless configured.
+pub const CONTEXT_TOKENS_DEFAULT: u32 = 2048;
+
+/// Requests the gateway holds at once (queued or running); beyond it, 429.
+pub const INFLIGHT_REQUESTS_MAX: usize = 1024;
+
+/// Updates buffered between the core and one client's handler. A generation
+/// never produces more tokens than `COMPLETION_TOKENS_MAX`, so the core's
+/// `try_send` only fails for a client that went away.
+pub const CLIENT_UPDATES_CAPACITY: usize = COMPLETION_TOKENS_MAX as usize + 16;
+
+/// Messages buffered towards one node; a node that does not drain them is
+/// treated as lost.
+pub const NODE_OUTBOUND_CAPACITY: usize = 256;
+
+/// How long a new agent stream may take to send its `Hello`.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often agents heartbeat, unless configured.
+pub const HEARTBEAT_INTERVAL_DEFAULT: Duration = Duration::from_secs(1);
+
+/// A node silent for this long is marked gone, unless configured.
+pub const HEARTBEAT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
+
+/// How often the scheduler gets a `Tick` (deadlines, drains, reaping).
+pub const TICK_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Attempts (first run plus re-assignments) one request may take before it
+/// fails with an error instead of being tried again.
+pub const ATTEMPTS_PER_REQUEST_MAX: u32 = 16;
+
+/// `Retry-After` sent with 429 and 503 when the scheduler gives none, seconds.
+pub const RETRY_AFTER_DEFAULT_SECONDS: u64 = 1;
+
+/// Longest a request may wait in total before it fails with a timeout.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Writes waiting for the request-log writer; beyond it, records are counted
+/// as dropped in the metrics rather than holding up a response.
+pub const REQUEST_LOG_CAPACITY: usize = 4096;

@@ -1,0 +1,103 @@
+//! Engine configuration, the facts reported about a started engine, and speed reports.
+
+use std::path::PathBuf;
+
+/// Default context window of one sequence, in tokens.
+pub const DEFAULT_CONTEXT_TOKENS_PER_SEQUENCE: u32 = 2048;
+/// Default number of sequences decoded together.
+pub const DEFAULT_PARALLEL_SEQUENCES: u32 = 4;
+/// Default llama.cpp logical batch size (`n_batch`), also the prefill chunk size.
+pub const DEFAULT_BATCH_TOKENS: u32 = 512;
+/// Default memory budget: half of a 16 GiB vehicle computer.
+pub const DEFAULT_MEMORY_BUDGET_BYTES: u64 = 8 << 30;
+/// Default bound of the submission queue (generations waiting for a free sequence slot).
+pub const DEFAULT_QUEUE_CAPACITY: usize = 64;
+/// Upper bound on parallel sequences; llama.cpp's own limit (`LLAMA_MAX_SEQ`) is 256, and a
+/// vehicle computer has no use for more than this.
+pub const PARALLEL_SEQUENCES_MAX: u32 = 64;
+
+/// How to run one model. Construct with [`EngineConfig::new`] and adjust fields.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub model_path: PathBuf,
+    /// Context window of each sequence: prompt, committed and new tokens together.
+    pub context_tokens_per_sequence: u32,
+    /// Sequences decoded together (continuous batching); each has its own KV cache stream.
+    pub parallel_sequences: u32,
+    /// CPU threads for both decode and prefill.
+    pub threads: u32,
+    /// llama.cpp `n_batch` and `n_ubatch`: most tokens per decode call, and the prefill chunk.
+    pub batch_tokens: u32,
+    /// Weights + KV cache + compute buffers must fit in this, or start-up is refused.
+    pub memory_budget_bytes: u64,
+    /// Generations that may wait for a free slot before `submit` answers `Busy`.
+    pub queue_capacity: usize,
+}
+
+impl EngineConfig {
+    /// A configuration with the defaults above and all available CPU threads.
+    pub fn new(model_path: impl Into<PathBuf>) -> Self {
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
+        Self {
+            model_path: model_path.into(),
+            context_tokens_per_sequence: DEFAULT_CONTEXT_TOKENS_PER_SEQUENCE,
+            parallel_sequences: DEFAULT_PARALLEL_SEQUENCES,
+            threads,
+            batch_tokens: DEFAULT_BATCH_TOKENS,
+            memory_budget_bytes: DEFAULT_MEMORY_BUDGET_BYTES,
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+        }
+    }
+
+    /// Reject settings llama.cpp would crash on or that cannot do any work.
+    pub(crate) fn validate(&self) -> Result<(), crate::EngineError> {
+        let invalid = |reason: &str| Err(crate::EngineError::InvalidConfig(reason.to_owned()));
+        if self.context_tokens_per_sequence < 2 {
+            return invalid("context_tokens_per_sequence must be at least 2");
+        }
+        if self.parallel_sequences == 0 || self.parallel_sequences > PARALLEL_SEQUENCES_MAX {
+            return invalid("parallel_sequences must be between 1 and 64");
+        }
+        if self.threads == 0 || i32::try_from(self.threads).is_err() {
+            return invalid("threads must be at least 1");
+        }
+        if self.batch_tokens == 0 || i32::try_from(self.batch_tokens).is_err() {
+            return invalid("batch_tokens must be at least 1");
+        }
+        if self.queue_capacity == 0 {
+            return invalid("queue_capacity must be at least 1");
+        }
+        if self
+            .context_tokens_per_sequence
+            .checked_mul(self.parallel_sequences)
+            .is_none_or(|total| i32::try_from(total).is_err())
+        {
+            return invalid("context_tokens_per_sequence × parallel_sequences is too large");
+        }
+        Ok(())
+    }
+}
+
+/// What a started engine runs, as reported to the coordinator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineInfo {
+    pub model_path: PathBuf,
+    pub context_tokens_per_sequence: u32,
+    pub parallel_sequences: u32,
+    pub threads: u32,
+    /// Size of the model's tensors.
+    pub weights_bytes: u64,
+    /// Estimated KV cache size over all sequences (f16 keys and values).
+    pub kv_cache_bytes: u64,
+    pub vocab_size: u32,
+    /// The inference library, e.g. "llama.cpp (ggml) via llama-cpp-2 0.1.160".
+    pub engine_version: String,
+}
+
+/// A quick self-measurement of the engine's speed, in tokens per second.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SpeedReport {
+    pub prefill_tokens_per_second: f64,
+    pub decode_tokens_per_second: f64,
+}

@@ -1,0 +1,120 @@
+//! What a caller submits (a [`Generation`]) and what it gets back (a [`GenerationStream`] of
+//! [`GenerationEvent`]s).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::{EngineError, SamplingParams, TokenId};
+
+/// Bound of each generation's event channel. A consumer that lets it stay full for
+/// [`CONSUMER_STALL_TIMEOUT`] gets its sequence cancelled; until then the sequence pauses, so a
+/// slow consumer costs one slot, never memory.
+pub const EVENT_CHANNEL_CAPACITY: usize = 64;
+
+/// How long a generation's event channel may stay full before its sequence is cancelled.
+pub const CONSUMER_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One generation request: a tokenized prompt, optionally resumed after `committed` tokens.
+#[derive(Clone, Debug)]
+pub struct Generation {
+    /// Already tokenized by the caller, special tokens included.
+    pub prompt: Vec<TokenId>,
+    /// Completion tokens already produced elsewhere (a resumed generation); may be empty.
+    /// They are prefilled with the prompt and never emitted again.
+    pub committed: Vec<TokenId>,
+    pub sampling: SamplingParams,
+    /// Total completion tokens, committed ones included.
+    pub max_tokens: u32,
+    /// Stop sequences (text); the token completing one is emitted, then the generation stops.
+    pub stop: Vec<String>,
+    /// Alternatives reported per token; 0 = none, capped at [`crate::sampler::TOP_LOGPROBS_MAX`].
+    pub top_logprobs: u32,
+}
+
+/// One new completion token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenEvent {
+    /// Index in the completion (0-based, committed tokens counted).
+    pub position: u32,
+    pub token: TokenId,
+    /// The token's raw bytes; may be part of a UTF-8 character.
+    pub piece: Vec<u8>,
+    /// Log-probability of the token under the model's raw distribution; <= 0.
+    pub logprob: f32,
+    /// The most likely tokens at this position, most likely first.
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// One alternative at a position.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TopLogprob {
+    pub token: TokenId,
+    pub piece: Vec<u8>,
+    pub logprob: f32,
+}
+
+/// Why a generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-generation token or stop sequence.
+    Stop,
+    /// `max_tokens` reached, or the sequence's context is full.
+    Length,
+    /// Cancelled by the caller (or by the engine for a stalled consumer).
+    Cancelled,
+}
+
+/// The last event of a successful generation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationDone {
+    pub reason: FinishReason,
+    /// Prompt tokens of the request (committed tokens not included).
+    pub prompt_tokens: u32,
+    /// Completion tokens, committed ones included (end-of-generation tokens are not counted).
+    pub completion_tokens: u32,
+    /// Wall time from admission into a sequence slot to the end.
+    pub compute: Duration,
+}
+
+/// Everything a generation reports, in order: tokens, then exactly one `Done` or `Failed`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GenerationEvent {
+    Token(TokenEvent),
+    Done(GenerationDone),
+    Failed(EngineError),
+}
+
+/// Cancels one generation; cheap to clone and send anywhere.
+#[derive(Clone, Debug, Default)]
+pub struct CancelHandle {
+    cancelled: Arc<AtomicBool>,
+}
+
+impl CancelHandle {
+    /// Ask the engine to stop the generation. It ends with `FinishReason::Cancelled` (if the
+    /// stream is still read) and its sequence slot is freed before the next decode step.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+    }
+
+    #[must_use]
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+}
+
+/// The receiving end of a submitted generation. Dropping it (its receiver) cancels the
+/// generation promptly, like [`CancelHandle::cancel`].
+#[derive(Debug)]
+pub struct GenerationStream {
+    pub events: tokio::sync::mpsc::Receiver<GenerationEvent>,
+    pub(crate) cancel: CancelHandle,
+}
+
+impl GenerationStream {
+    #[must_use]
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.cancel.clone()
+    }
+}

@@ -1,0 +1,45 @@
+//! The inference engine of a vehicle node: llama.cpp through `llama-cpp-2`.
+//!
+//! One OS thread owns the llama.cpp context and decodes up to `parallel_sequences` generations
+//! together (continuous batching). Callers talk to it through a bounded submission queue
+//! ([`Engine::submit`]) and read each generation's tokens, with log-probabilities, from a bounded
+//! event channel ([`GenerationStream`]).
+//!
+//! Sampling is plain Rust ([`sampler`]) keyed by `(seed, position)`, so a generation resumed on
+//! another node from its committed tokens continues exactly as it would have. [`text`] turns
+//! token pieces into client text with stop sequences; the coordinator reuses it.
+//!
+//! **Architecture invariant:** this is the only crate with `unsafe`-adjacent FFI; nothing here
+//! blocks an async runtime except the documented blocking calls (`start`, `measure_speed`,
+//! `bench_prefill_decode`).
+
+mod bench;
+mod budget;
+mod config;
+mod engine;
+mod error;
+mod generation;
+pub mod sampler;
+mod slot;
+pub mod text;
+mod tokenizer;
+mod worker;
+
+/// A token id of the model's vocabulary.
+pub type TokenId = i32;
+
+pub use budget::{estimate_memory, MemoryEstimate};
+pub use config::{
+    EngineConfig, EngineInfo, SpeedReport, DEFAULT_BATCH_TOKENS,
+    DEFAULT_CONTEXT_TOKENS_PER_SEQUENCE, DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_PARALLEL_SEQUENCES,
+    DEFAULT_QUEUE_CAPACITY, PARALLEL_SEQUENCES_MAX,
+};
+pub use engine::{Engine, ENGINE_VERSION};
+pub use error::EngineError;
+pub use generation::{
+    CancelHandle, FinishReason, Generation, GenerationDone, GenerationEvent, GenerationStream,
+    TokenEvent, TopLogprob, CONSUMER_STALL_TIMEOUT, EVENT_CHANNEL_CAPACITY,
+};
+pub use sampler::SamplingParams;
+pub use text::TextAssembler;
+pub use tokenizer::{ChatMessage, Tokenizer, LLAMA_LOG_ENV, TOKENIZE_TEXT_BYTES_MAX};

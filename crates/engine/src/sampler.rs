@@ -1,0 +1,335 @@
+//! Token sampling from raw logits, in plain Rust with no llama.cpp state.
+//!
+//! **Invariant:** the token chosen at completion position `p` depends only on the logits, the
+//! sampling parameters and `(seed, p)`. There is no sequential RNG state, so a generation that is
+//! restarted on another node from its first `p` tokens draws exactly what it would have drawn.
+//!
+//! Order of operations: temperature, then top-k, then top-p (nucleus), then one uniform draw.
+//! Reported log-probabilities are the log-softmax of the *raw* logits (temperature does not
+//! change them), as the OpenAI API reports them.
+
+use crate::TokenId;
+
+/// Most alternatives reported per token; OpenAI's API caps `top_logprobs` at 20 too.
+pub const TOP_LOGPROBS_MAX: usize = 20;
+
+/// Smallest candidate set the nucleus search sorts first; it doubles until the mass is reached.
+/// Most top-p masses sit within the first few hundred tokens, so this avoids sorting the vocabulary.
+const NUCLEUS_FIRST_ROUND_CANDIDATES: usize = 256;
+
+/// How a token is chosen from the logits.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// 0 (or below) means greedy: the most likely token, ties broken by the lowest token id.
+    pub temperature: f32,
+    /// Nucleus mass in (0, 1]; 1.0 means no cut.
+    pub top_p: f32,
+    /// Keep only the k most likely tokens; 0 means no cut.
+    pub top_k: u32,
+    /// Seed of the per-position draw.
+    pub seed: u64,
+}
+
+impl SamplingParams {
+    /// Greedy decoding: deterministic, seed irrelevant.
+    #[must_use]
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+        }
+    }
+
+    /// Whether these parameters pick the argmax without drawing.
+    #[must_use]
+    pub fn is_greedy(&self) -> bool {
+        // `!(x > 0)` also treats NaN as greedy rather than poisoning every probability.
+        !(self.temperature > 0.0) || self.top_k == 1
+    }
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+        }
+    }
+}
+
+/// One alternative token with its log-probability.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Candidate {
+    pub token: TokenId,
+    pub logprob: f32,
+}
+
+/// The outcome of sampling one position.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampled {
+    pub token: TokenId,
+    /// Log-softmax of the raw logits at the chosen token; always <= 0.
+    pub logprob: f32,
+    /// The most likely tokens by the raw distribution, most likely first (ties: lowest id first).
+    pub top: Vec<Candidate>,
+}
+
+/// A reusable sampler: owns scratch buffers so that sampling allocates nothing proportional to
+/// the vocabulary after the first call.
+#[derive(Debug, Default)]
+pub struct Sampler {
+    /// (scaled logit, token) pairs for the cut stages; reused across calls.
+    candidates: Vec<(f32, TokenId)>,
+}
+
+impl Sampler {
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Choose the token for completion position `position` from `logits` (one per vocabulary
+    /// entry, indexed by token id), and report `top_logprobs` alternatives (capped at
+    /// [`TOP_LOGPROBS_MAX`]).
+    ///
+    /// # Panics
+    ///
+    /// If `logits` is empty (a model always has a vocabulary).
+    pub fn sample(
+        &mut self,
+        logits: &[f32],
+        params: &SamplingParams,
+        position: u32,
+        top_logprobs: u32,
+    ) -> Sampled {
+        assert!(!logits.is_empty(), "sampling needs at least one logit");
+        let (max_logit, argmax) = max_and_argmax(logits);
+        let log_normalizer = log_sum_exp(logits, max_logit);
+        let token = if params.is_greedy() {
+            argmax
+        } else {
+            self.draw(logits, max_logit, params, position)
+        };
+        let top_count = (top_logprobs as usize).min(TOP_LOGPROBS_MAX).min(logits.len());
+        let top = top_tokens(logits, top_count)
+            .into_iter()
+            .map(|token| Candidate {
+                token,
+                logprob: logit_at(logits, token) - log_normalizer,
+            })
+            .collect();
+        Sampled {
+            token,
+            logprob: (logit_at(logits, token) - log_normalizer).min(0.0),
+            top,
+        }
+    }
+
+    /// The non-greedy path: temperature, top-k, top-p, then one draw keyed by `(seed, position)`.
+    fn draw(
+        &mut self,
+        logits: &[f32],
+        max_logit: f32,
+        params: &SamplingParams,
+        position: u32,
+    ) -> TokenId {
+        let inverse_temperature = 1.0 / params.temperature;
+        let uniform = uniform_for_position(params.seed, position);
+        let vocab_size = logits.len();
+        let top_k = params.top_k as usize;
+        let cut_by_k = top_k > 0 && top_k < vocab_size;
+        let cut_by_p = params.top_p > 0.0 && params.top_p < 1.0;
+        if !cut_by_k && !cut_by_p {
+            return draw_from_full_vocabulary(logits, max_logit, inverse_temperature, uniform);
+        }
+        self.candidates.clear();
+        self.candidates.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(index, &logit)| ((logit - max_logit) * inverse_temperature, token_id(index))),
+        );
+        let limit = if cut_by_k { top_k } else { vocab_size };
+        let kept = if cut_by_p {
+            nucleus_prefix(&mut self.candidates, limit, params.top_p)
+        } else {
+            sort_prefix(&mut self.candidates, limit);
+            limit
+        };
+        draw_from_sorted_prefix(&self.candidates[..kept], uniform)
+    }
+}
+
+/// The uniform number in [0, 1) used at completion position `position` of a generation seeded
+/// with `seed`: a pure function, so any node computes the same draw.
+#[must_use]
+pub fn uniform_for_position(seed: u64, position: u32) -> f64 {
+    let mixed = splitmix64(seed ^ splitmix64(u64::from(position).wrapping_add(0xA076_1D64_78BD_642F)));
+    // The top 53 bits fill an f64 mantissa exactly; the result is strictly below 1.
+    (mixed >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// SplitMix64's finaliser: a bijective mix with good avalanche, enough for one draw per key.
+fn splitmix64(value: u64) -> u64 {
+    let mut z = value.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn token_id(index: usize) -> TokenId {
+    // Vocabularies are far below i32::MAX entries; llama.cpp itself stores ids as i32.
+    TokenId::try_from(index).unwrap_or(TokenId::MAX)
+}
+
+fn logit_at(logits: &[f32], token: TokenId) -> f32 {
+    usize::try_from(token)
+        .ok()
+        .and_then(|index| logits.get(index))
+        .copied()
+        .unwrap_or(f32::NEG_INFINITY)
+}
+
+/// The largest logit and the lowest token id holding it. NaN logits never win.
+fn max_and_argmax(logits: &[f32]) -> (f32, TokenId) {
+    let mut best_index = 0;
+    let mut best = f32::NEG_INFINITY;
+    for (index, &logit) in logits.iter().enumerate() {
+        // Strictly greater keeps the lowest id on ties.
+        if logit > best {
+            best = logit;
+            best_index = index;
+        }
+    }
+    (best, token_id(best_index))
+}
+
+/// `ln(sum(exp(logits)))`, computed around the maximum for stability.
+fn log_sum_exp(logits: &[f32], max_logit: f32) -> f32 {
+    if max_logit == f32::NEG_INFINITY {
+        return f32::NEG_INFINITY;
+    }
+    let sum: f32 = logits.iter().map(|&logit| (logit - max_logit).exp()).sum();
+    max_logit + sum.ln()
+}
+
+/// Ordering used by every cut: more likely first, then lower token id first.
+fn more_likely_first(a: &(f32, TokenId), b: &(f32, TokenId)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+/// Sort the `count` most likely candidates to the front (in order); the rest is unordered.
+fn sort_prefix(candidates: &mut [(f32, TokenId)], count: usize) {
+    let count = count.min(candidates.len());
+    if count == 0 {
+        return;
+    }
+    if count < candidates.len() {
+        candidates.select_nth_unstable_by(count - 1, more_likely_first);
+    }
+    candidates[..count].sort_unstable_by(more_likely_first);
+}
+
+/// The length (at least 1) of the smallest most-likely-first prefix of the `limit` most likely
+/// candidates whose probability mass reaches `top_p` of theirs; that prefix is left sorted at the
+/// front.
+///
+/// Sorting grows in rounds so that a typical nucleus costs a selection, not a vocabulary sort.
+/// The result does not depend on the round sizes because the candidate order is total.
+fn nucleus_prefix(candidates: &mut [(f32, TokenId)], limit: usize, top_p: f32) -> usize {
+    let limit = limit.min(candidates.len());
+    if limit == 0 {
+        return 0;
+    }
+    if limit < candidates.len() {
+        candidates.select_nth_unstable_by(limit - 1, more_likely_first);
+    }
+    let pool = &mut candidates[..limit];
+    let total: f64 = pool.iter().map(|&(scaled, _)| f64::from(scaled.exp())).sum();
+    let target = f64::from(top_p) * total;
+    let mut round = NUCLEUS_FIRST_ROUND_CANDIDATES.min(limit);
+    loop {
+        sort_prefix(pool, round);
+        let mut cumulative = 0.0;
+        for (index, &(scaled, _)) in pool[..round].iter().enumerate() {
+            cumulative += f64::from(scaled.exp());
+            if cumulative >= target {
+                return index + 1;
+            }
+        }
+        if round == limit {
+            return limit;
+        }
+        round = round.saturating_mul(2).min(limit);
+    }
+}
+
+/// Draw from tokens in id order, weights `exp((logit - max) / T)`, without sorting anything.
+fn draw_from_full_vocabulary(
+    logits: &[f32],
+    max_logit: f32,
+    inverse_temperature: f32,
+    uniform: f64,
+) -> TokenId {
+    let weight = |logit: f32| f64::from(((logit - max_logit) * inverse_temperature).exp());
+    let total: f64 = logits.iter().map(|&logit| weight(logit)).sum();
+    let threshold = uniform * total;
+    let mut cumulative = 0.0;
+    let mut last_positive = 0;
+    for (index, &logit) in logits.iter().enumerate() {
+        let w = weight(logit);
+        if w > 0.0 {
+            last_positive = index;
+        }
+        cumulative += w;
+        if cumulative > threshold {
+            return token_id(index);
+        }
+    }
+    // Rounding left the threshold at the very end: the last token with any weight wins.
+    token_id(last_positive)
+}
+
+/// Draw from a most-likely-first prefix of (scaled logit, token) pairs.
+fn draw_from_sorted_prefix(prefix: &[(f32, TokenId)], uniform: f64) -> TokenId {
+    let total: f64 = prefix.iter().map(|&(scaled, _)| f64::from(scaled.exp())).sum();
+    let threshold = uniform * total;
+    let mut cumulative = 0.0;
+    for &(scaled, token) in prefix {
+        cumulative += f64::from(scaled.exp());
+        if cumulative > threshold {
+            return token;
+        }
+    }
+    prefix.first().map_or(0, |&(_, token)| token)
+}
+
+/// The `count` most likely tokens by raw logit, most likely first, ties by lowest id.
+/// One pass with a small sorted window: `count` is at most [`TOP_LOGPROBS_MAX`].
+fn top_tokens(logits: &[f32], count: usize) -> Vec<TokenId> {
+    if count == 0 {
+        return Vec::new();
+    }
+    let mut window: Vec<(f32, TokenId)> = Vec::with_capacity(count + 1);
+    for (index, &logit) in logits.iter().enumerate() {
+        if logit.is_nan() {
+            continue;
+        }
+        if window.len() == count && window.last().is_some_and(|&(worst, _)| logit <= worst) {
+            continue;
+        }
+        let entry = (logit, token_id(index));
+        let at = window.partition_point(|probe| more_likely_first(probe, &entry).is_lt());
+        window.insert(at, entry);
+        window.truncate(count);
+    }
+    window.into_iter().map(|(_, token)| token).collect()
+}
+
+#[cfg(test)]
+#[path = "sampler_tests.rs"]
+mod tests;

@@ -1,0 +1,234 @@
+//! Unit tests of the sampler: greedy ties, log-probabilities, cuts, and position-keyed draws.
+
+use super::*;
+
+fn seeded(temperature: f32, top_p: f32, top_k: u32, seed: u64) -> SamplingParams {
+    SamplingParams {
+        temperature,
+        top_p,
+        top_k,
+        seed,
+    }
+}
+
+/// Deterministic pseudo-random logits spread over roughly [-8, 8).
+fn synthetic_logits(count: usize, salt: u64) -> Vec<f32> {
+    (0..count)
+        .map(|index| {
+            let unit = uniform_for_position(salt, u32::try_from(index).unwrap());
+            (unit as f32) * 16.0 - 8.0
+        })
+        .collect()
+}
+
+/// The nucleus computed the slow, obvious way: sort everything, walk until the mass is reached.
+fn reference_nucleus(logits: &[f32], temperature: f32, top_k: usize, top_p: f32) -> Vec<TokenId> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut all: Vec<(f32, TokenId)> = logits
+        .iter()
+        .enumerate()
+        .map(|(index, &logit)| ((logit - max) / temperature, index as TokenId))
+        .collect();
+    all.sort_by(more_likely_first);
+    let limit = if top_k == 0 { all.len() } else { top_k };
+    let kept = &all[..limit];
+    let total: f64 = kept.iter().map(|&(s, _)| f64::from(s.exp())).sum();
+    let mut cumulative = 0.0;
+    let mut out = Vec::new();
+    for &(scaled, token) in kept {
+        out.push(token);
+        cumulative += f64::from(scaled.exp());
+        if cumulative >= f64::from(top_p) * total {
+            break;
+        }
+    }
+    out
+}
+
+#[test]
+fn greedy_picks_the_largest_logit_and_breaks_ties_by_lowest_id() {
+    let mut sampler = Sampler::new();
+    let logits = [0.5, 2.0, -1.0, 2.0, 1.9];
+    let sampled = sampler.sample(&logits, &SamplingParams::greedy(), 0, 0);
+    assert_eq!(sampled.token, 1);
+}
+
+#[test]
+fn logprob_is_log_softmax_of_raw_logits_whatever_the_temperature() {
+    let logits = [1.0_f32, 2.0, 3.0];
+    let normalizer = (1.0_f32.exp() + 2.0_f32.exp() + 3.0_f32.exp()).ln();
+    let mut sampler = Sampler::new();
+    for temperature in [0.0, 0.3, 1.0, 2.5] {
+        for position in 0..50 {
+            let sampled = sampler.sample(&logits, &seeded(temperature, 1.0, 0, 7), position, 3);
+            let expected = logits[sampled.token as usize] - normalizer;
+            assert!((sampled.logprob - expected).abs() < 1e-5, "{sampled:?}");
+            assert!(sampled.logprob <= 0.0);
+            let reported: Vec<f32> = sampled.top.iter().map(|c| c.logprob).collect();
+            let expected_top: Vec<f32> = [2, 1, 0].iter().map(|&i| logits[i] - normalizer).collect();
+            for (got, want) in reported.iter().zip(&expected_top) {
+                assert!((got - want).abs() < 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn top_logprobs_are_sorted_capped_and_start_with_the_greedy_choice() {
+    let logits = synthetic_logits(5000, 3);
+    let mut sampler = Sampler::new();
+    let sampled = sampler.sample(&logits, &SamplingParams::greedy(), 0, 50);
+    assert_eq!(sampled.top.len(), TOP_LOGPROBS_MAX);
+    assert_eq!(sampled.top[0].token, sampled.token);
+    assert!(sampled.top.windows(2).all(|pair| pair[0].logprob >= pair[1].logprob));
+    let mut sorted: Vec<(f32, TokenId)> =
+        logits.iter().enumerate().map(|(i, &l)| (l, i as TokenId)).collect();
+    sorted.sort_by(more_likely_first);
+    let expected: Vec<TokenId> = sorted[..TOP_LOGPROBS_MAX].iter().map(|&(_, t)| t).collect();
+    let got: Vec<TokenId> = sampled.top.iter().map(|c| c.token).collect();
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn top_logprobs_ties_list_lower_ids_first() {
+    let logits = [1.0, 3.0, 3.0, 0.0, 3.0];
+    let sampled = Sampler::new().sample(&logits, &SamplingParams::greedy(), 0, 4);
+    let tokens: Vec<TokenId> = sampled.top.iter().map(|c| c.token).collect();
+    assert_eq!(tokens, vec![1, 2, 4, 0]);
+}
+
+#[test]
+fn zero_top_logprobs_reports_no_alternatives() {
+    let sampled = Sampler::new().sample(&[0.0, 1.0], &SamplingParams::greedy(), 0, 0);
+    assert!(sampled.top.is_empty());
+}
+
+#[test]
+fn a_draw_depends_only_on_seed_and_position_not_on_history() {
+    let logits = synthetic_logits(1000, 11);
+    let params = seeded(0.8, 0.95, 40, 1234);
+    let mut long_lived = Sampler::new();
+    let in_order: Vec<TokenId> = (0..64)
+        .map(|position| long_lived.sample(&logits, &params, position, 0).token)
+        .collect();
+    // A fresh sampler starting at position 30 (a resumed generation) draws the same tokens.
+    let mut resumed = Sampler::new();
+    for position in 30..64 {
+        let token = resumed.sample(&logits, &params, position, 0).token;
+        assert_eq!(token, in_order[position as usize], "position {position}");
+    }
+    // And the draws actually vary with the position, or the test above proves nothing.
+    let distinct: std::collections::BTreeSet<_> = in_order.iter().collect();
+    assert!(distinct.len() > 5, "{in_order:?}");
+}
+
+#[test]
+fn different_seeds_give_different_draws() {
+    let logits = synthetic_logits(1000, 5);
+    let mut sampler = Sampler::new();
+    let run = |sampler: &mut Sampler, seed| -> Vec<TokenId> {
+        (0..32)
+            .map(|p| sampler.sample(&logits, &seeded(1.0, 1.0, 0, seed), p, 0).token)
+            .collect()
+    };
+    assert_ne!(run(&mut sampler, 1), run(&mut sampler, 2));
+    assert_eq!(run(&mut sampler, 3), run(&mut sampler, 3));
+}
+
+#[test]
+fn draws_follow_the_softmax_distribution() {
+    // Probabilities 1/4 and 3/4 at temperature 1.
+    let logits = [0.0_f32, 3.0_f32.ln()];
+    let mut sampler = Sampler::new();
+    let draws = 20_000;
+    let ones = (0..draws)
+        .filter(|&p| sampler.sample(&logits, &seeded(1.0, 1.0, 0, 99), p, 0).token == 1)
+        .count();
+    let frequency = ones as f64 / f64::from(draws);
+    assert!((frequency - 0.75).abs() < 0.02, "frequency {frequency}");
+}
+
+#[test]
+fn low_temperature_concentrates_on_the_most_likely_token() {
+    let logits = [0.0_f32, 1.0];
+    let mut sampler = Sampler::new();
+    let count_ones = |sampler: &mut Sampler, temperature| {
+        (0..2000)
+            .filter(|&p| sampler.sample(&logits, &seeded(temperature, 1.0, 0, 5), p, 0).token == 1)
+            .count()
+    };
+    let cold = count_ones(&mut sampler, 0.1);
+    let warm = count_ones(&mut sampler, 1.0);
+    assert!(cold > 1990, "cold {cold}");
+    assert!(warm < 1600, "warm {warm}");
+}
+
+#[test]
+fn top_k_limits_draws_to_the_k_most_likely_tokens() {
+    let logits = synthetic_logits(3000, 17);
+    let allowed = reference_nucleus(&logits, 1.0, 5, 1.0);
+    let mut sampler = Sampler::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for position in 0..500 {
+        let token = sampler.sample(&logits, &seeded(5.0, 1.0, 5, 8), position, 0).token;
+        assert!(allowed.contains(&token), "token {token} outside top-5");
+        seen.insert(token);
+    }
+    assert_eq!(seen.len(), 5, "a hot temperature should reach all five");
+}
+
+#[test]
+fn top_k_of_one_is_greedy() {
+    let logits = synthetic_logits(300, 23);
+    let greedy = Sampler::new().sample(&logits, &SamplingParams::greedy(), 0, 0).token;
+    let mut sampler = Sampler::new();
+    for position in 0..50 {
+        let token = sampler.sample(&logits, &seeded(3.0, 1.0, 1, 4), position, 0).token;
+        assert_eq!(token, greedy);
+    }
+}
+
+#[test]
+fn top_p_keeps_exactly_the_reference_nucleus() {
+    // Temperature 3 flattens the distribution so the nucleus spans several sorting rounds.
+    let logits = synthetic_logits(20_000, 31);
+    for (top_k, top_p) in [(0, 0.5), (0, 0.9), (2000, 0.7), (10, 0.99)] {
+        let allowed = reference_nucleus(&logits, 3.0, top_k, top_p);
+        let mut candidates: Vec<(f32, TokenId)> = Vec::new();
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        candidates.extend(logits.iter().enumerate().map(|(i, &l)| ((l - max) / 3.0, i as TokenId)));
+        let limit = if top_k == 0 { logits.len() } else { top_k };
+        let kept = nucleus_prefix(&mut candidates, limit, top_p);
+        let got: Vec<TokenId> = candidates[..kept].iter().map(|&(_, t)| t).collect();
+        assert_eq!(got, allowed, "top_k {top_k} top_p {top_p}");
+    }
+}
+
+#[test]
+fn tiny_top_p_is_greedy() {
+    let logits = synthetic_logits(500, 41);
+    let greedy = Sampler::new().sample(&logits, &SamplingParams::greedy(), 0, 0).token;
+    let mut sampler = Sampler::new();
+    for position in 0..50 {
+        assert_eq!(sampler.sample(&logits, &seeded(1.0, 1e-6, 0, 3), position, 0).token, greedy);
+    }
+}
+
+#[test]
+fn uniform_draws_stay_in_the_unit_interval_and_look_uniform() {
+    let draws: Vec<f64> = (0..10_000).map(|p| uniform_for_position(42, p)).collect();
+    assert!(draws.iter().all(|&u| (0.0..1.0).contains(&u)));
+    let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+    assert!((mean - 0.5).abs() < 0.02, "mean {mean}");
+    assert_ne!(uniform_for_position(1, 0), uniform_for_position(2, 0));
+}
+
+#[test]
+fn negative_infinity_logits_are_never_drawn() {
+    let logits = [f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY, 0.0];
+    let mut sampler = Sampler::new();
+    for position in 0..200 {
+        let sampled = sampler.sample(&logits, &seeded(1.0, 1.0, 0, 6), position, 0);
+        assert!(sampled.token == 1 || sampled.token == 3, "{sampled:?}");
+    }
+}

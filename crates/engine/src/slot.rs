@@ -1,0 +1,292 @@
+//! One live sequence on the engine thread: its tokens, its place in the KV cache, its stop
+//! conditions and its outgoing events.
+//!
+//! A slot's tokens reach the model in two ways. The prompt is prefilled in chunks of at least
+//! two tokens. Every completion token, sampled here or committed elsewhere and replayed on
+//! resumption, is fed alone, one per decode step. llama.cpp computes attention for a single query
+//! differently from a chunk of queries (different kernels, different rounding), so this is what
+//! makes a resumed generation's KV cache, and so its continuation, identical to the original's.
+//!
+//! A slot never blocks on its consumer. Events that do not fit the consumer's bounded channel
+//! wait in a tiny outbox, and while the outbox is not empty the slot is not decoded (it pauses).
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::Sender;
+
+use crate::generation::CONSUMER_STALL_TIMEOUT;
+use crate::sampler::Sampled;
+use crate::text::TextAssembler;
+use crate::{
+    CancelHandle, FinishReason, Generation, GenerationDone, GenerationEvent, SamplingParams,
+    TokenEvent, TokenId, Tokenizer, TopLogprob,
+};
+
+/// Most events a slot ever holds back: one token and the final event of the same step (a slot
+/// with a non-empty outbox is not decoded, so nothing more can pile up).
+const OUTBOX_CAPACITY: usize = 2;
+
+/// A generation admitted to the engine thread, waiting for (or occupying) a slot.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    pub generation: Generation,
+    pub events: Sender<GenerationEvent>,
+    pub cancel: CancelHandle,
+}
+
+/// What the scheduler should do with a slot after looking at its consumer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SlotFate {
+    /// Keep it: it is decoding, or still delivering its last events.
+    Keep,
+    /// Free it: its events are all delivered (or nobody will ever read them).
+    Free,
+}
+
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pub seq_id: i32,
+    /// Admission order, so prompts are prefilled first come, first served.
+    pub admitted: u64,
+    prompt: Vec<TokenId>,
+    /// How many prompt tokens are in the KV cache.
+    prefilled: usize,
+    /// Completion tokens produced elsewhere, replayed one per step after the prompt.
+    committed: Vec<TokenId>,
+    /// How many committed tokens are in the KV cache.
+    replayed: usize,
+    /// Tokens in this sequence's KV cache; also the position of the next token fed.
+    pub kv_tokens: u32,
+    /// Sampled and emitted, not yet fed back into the model.
+    pending_token: Option<TokenId>,
+    /// Completion position of the next sampled token.
+    position: u32,
+    prompt_tokens: u32,
+    max_tokens: u32,
+    sampling: SamplingParams,
+    top_logprobs: u32,
+    text: TextAssembler,
+    events: Sender<GenerationEvent>,
+    cancel: CancelHandle,
+    outbox: VecDeque<GenerationEvent>,
+    /// When the outbox last went from empty to non-empty.
+    stalled_since: Option<Instant>,
+    /// The final event has been produced; the KV cells are already released.
+    finished: bool,
+    admitted_at: Instant,
+}
+
+impl Slot {
+    /// Start `admission` in sequence `seq_id`. Returns the slot, and the finish reason when the
+    /// generation is already over before any decoding (`max_tokens` reached by committed tokens,
+    /// or a stop sequence inside them).
+    pub fn start(
+        seq_id: i32,
+        admitted: u64,
+        admission: Admission,
+        tokenizer: &Tokenizer,
+    ) -> (Self, Option<FinishReason>) {
+        let Admission {
+            generation,
+            events,
+            cancel,
+        } = admission;
+        let mut text = TextAssembler::new(generation.stop);
+        for &token in &generation.committed {
+            text.push(&tokenizer.piece(token));
+        }
+        let position = saturating_u32(generation.committed.len());
+        let already_over = if text.stopped() {
+            Some(FinishReason::Stop)
+        } else if position >= generation.max_tokens {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        let slot = Self {
+            seq_id,
+            admitted,
+            prompt_tokens: saturating_u32(generation.prompt.len()),
+            prompt: generation.prompt,
+            prefilled: 0,
+            committed: generation.committed,
+            replayed: 0,
+            kv_tokens: 0,
+            pending_token: None,
+            position,
+            max_tokens: generation.max_tokens,
+            sampling: generation.sampling,
+            top_logprobs: generation.top_logprobs,
+            text,
+            events,
+            cancel,
+            outbox: VecDeque::with_capacity(OUTBOX_CAPACITY),
+            stalled_since: None,
+            finished: false,
+            admitted_at: Instant::now(),
+        };
+        (slot, already_over)
+    }
+
+    /// Whether the slot can take part in the next decode step.
+    pub fn is_runnable(&self) -> bool {
+        !self.finished && self.outbox.is_empty()
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// The token to feed alone in the next decode step, and whether its logits are needed:
+    /// the next committed token to replay (logits only after the last one), else the token
+    /// sampled last. None while the prompt is not fully prefilled.
+    pub fn decode_token(&self) -> Option<(TokenId, bool)> {
+        if self.prefilled < self.prompt.len() {
+            return None;
+        }
+        if let Some(&token) = self.committed.get(self.replayed) {
+            return Some((token, self.replayed + 1 == self.committed.len()));
+        }
+        self.pending_token.map(|token| (token, true))
+    }
+
+    /// The prompt tokens not yet prefilled.
+    pub fn prefill_remaining(&self) -> &[TokenId] {
+        &self.prompt[self.prefilled..]
+    }
+
+    /// Whether the last prompt token's logits give the first completion token (nothing to replay).
+    pub fn samples_after_prompt(&self) -> bool {
+        self.committed.is_empty()
+    }
+
+    pub fn sampling(&self) -> (&SamplingParams, u32, u32) {
+        (&self.sampling, self.position, self.top_logprobs)
+    }
+
+    /// Record that `count` prompt tokens were decoded.
+    pub fn advance_prefill(&mut self, count: usize) {
+        self.prefilled += count;
+        self.kv_tokens += saturating_u32(count);
+    }
+
+    /// Record that the token from [`Slot::decode_token`] was decoded.
+    pub fn advance_decode(&mut self) {
+        if self.replayed < self.committed.len() {
+            self.replayed += 1;
+        } else {
+            self.pending_token = None;
+        }
+        self.kv_tokens += 1;
+    }
+
+    /// Handle the token sampled for this slot. Returns the finish reason if the generation ends.
+    pub fn accept(
+        &mut self,
+        sampled: &Sampled,
+        tokenizer: &Tokenizer,
+        context_tokens: u32,
+    ) -> Option<FinishReason> {
+        if tokenizer.is_end_of_generation(sampled.token) {
+            return Some(FinishReason::Stop);
+        }
+        let piece = tokenizer.piece(sampled.token);
+        self.text.push(&piece);
+        let event = TokenEvent {
+            position: self.position,
+            token: sampled.token,
+            piece,
+            logprob: sampled.logprob,
+            top_logprobs: sampled
+                .top
+                .iter()
+                .map(|candidate| TopLogprob {
+                    token: candidate.token,
+                    piece: tokenizer.piece(candidate.token),
+                    logprob: candidate.logprob,
+                })
+                .collect(),
+        };
+        self.send(GenerationEvent::Token(event));
+        self.position += 1;
+        if self.text.stopped() {
+            return Some(FinishReason::Stop);
+        }
+        if self.position >= self.max_tokens {
+            return Some(FinishReason::Length);
+        }
+        // Feeding the token takes one more cell of this sequence's context.
+        if self.kv_tokens + 1 > context_tokens {
+            return Some(FinishReason::Length);
+        }
+        self.pending_token = Some(sampled.token);
+        None
+    }
+
+    /// Produce the final `Done` event. The caller releases the KV cells.
+    pub fn finish(&mut self, reason: FinishReason) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        self.pending_token = None;
+        let done = GenerationDone {
+            reason,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.position,
+            compute: self.admitted_at.elapsed(),
+        };
+        self.send(GenerationEvent::Done(done));
+    }
+
+    /// End the generation with an error event. The caller releases the KV cells.
+    pub fn fail(&mut self, error: crate::EngineError) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        self.pending_token = None;
+        self.send(GenerationEvent::Failed(error));
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Deliver held-back events and decide whether the slot can be freed.
+    pub fn flush(&mut self, now: Instant) -> SlotFate {
+        while let Some(event) = self.outbox.pop_front() {
+            match self.events.try_send(event) {
+                Ok(()) => {}
+                Err(TrySendError::Full(event)) => {
+                    self.outbox.push_front(event);
+                    let since = *self.stalled_since.get_or_insert(now);
+                    if now.duration_since(since) >= CONSUMER_STALL_TIMEOUT {
+                        tracing::warn!(seq_id = self.seq_id, "consumer stalled; cancelling its generation");
+                        return SlotFate::Free;
+                    }
+                    return SlotFate::Keep;
+                }
+                Err(TrySendError::Closed(_)) => return SlotFate::Free,
+            }
+        }
+        self.stalled_since = None;
+        if self.finished || self.events.is_closed() {
+            SlotFate::Free
+        } else {
+            SlotFate::Keep
+        }
+    }
+
+    /// Queue an event behind any held-back ones, so that order is kept.
+    fn send(&mut self, event: GenerationEvent) {
+        debug_assert!(self.outbox.len() < OUTBOX_CAPACITY, "outbox grows only while paused");
+        self.outbox.push_back(event);
+    }
+}
+
+fn saturating_u32(value: usize) -> u32 {
+    u32::try_from(value).unwrap_or(u32::MAX)
+}

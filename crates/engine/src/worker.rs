@@ -1,0 +1,421 @@
+//! The engine thread: the only owner of the llama.cpp context, running continuous batching.
+//!
+//! **Architecture invariant:** nothing outside this thread touches the context. The world talks
+//! to it through the bounded submission channel, and it answers through each generation's
+//! bounded event channel without ever blocking on a consumer.
+//!
+//! Each step, like llama-server's slots: free slots admit queued generations; one `llama_decode`
+//! feeds every decoding sequence its one next token, and a second one prefills a chunk (up to
+//! `batch_tokens`) of the oldest waiting prompt; logits are requested only where a token will be
+//! sampled. Sequence ids are the slot indices, and each has its own KV cache stream (non-unified
+//! cache), so a sequence's numbers do not depend on where its neighbours' cells are.
+//!
+//! Why two calls rather than one mixed batch: llama.cpp splits a batch over separate KV streams
+//! into equal per-sequence shares, which would hand a prefilling sequence a single-token share
+//! next to the decoding ones, and a single query is computed by different kernels than a chunk
+//! of queries. Keeping prompts in chunks of two or more and completion tokens alone makes every
+//! token's numbers independent of what else runs (see `slot.rs`).
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::token::LlamaToken;
+
+use crate::sampler::Sampler;
+use crate::slot::{Admission, Slot, SlotFate};
+use crate::{EngineConfig, EngineError, FinishReason, GenerationEvent, Tokenizer};
+
+/// How long the thread sleeps when every live sequence is paused on a full consumer channel.
+const PAUSED_POLL_INTERVAL: Duration = Duration::from_millis(2);
+
+/// Work sent to the engine thread through the bounded submission channel.
+pub(crate) enum Command {
+    Generate(Box<Admission>),
+    /// Measure speed like llama-bench; runs when no sequence is live.
+    Bench {
+        prefill_tokens: u32,
+        decode_tokens: u32,
+        reply: SyncSender<Result<(f64, f64), EngineError>>,
+    },
+}
+
+/// Where the worker stands on new work.
+enum Intake {
+    Open,
+    /// Every `Engine` handle is gone: finish what is live, then exit.
+    Closed,
+}
+
+pub(crate) struct Worker<'model> {
+    pub(crate) context: LlamaContext<'model>,
+    pub(crate) batch: LlamaBatch<'static>,
+    pub(crate) tokenizer: Tokenizer,
+    pub(crate) sampler: Sampler,
+    pub(crate) config: EngineConfig,
+    /// Indexed by sequence id.
+    slots: Vec<Option<Slot>>,
+    submissions: Receiver<Command>,
+    shutdown: Arc<AtomicBool>,
+    /// Live sequence count, published for [`crate::Engine::live_sequences`].
+    live: Arc<AtomicU32>,
+    /// A bench waiting for the live sequences to finish; no new work is admitted meanwhile.
+    pending_bench: Option<(u32, u32, SyncSender<Result<(f64, f64), EngineError>>)>,
+    intake: Intake,
+    /// Generations admitted so far; numbers them in arrival order.
+    admissions: u64,
+}
+
+impl<'model> Worker<'model> {
+    pub fn new(
+        context: LlamaContext<'model>,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+        submissions: Receiver<Command>,
+        shutdown: Arc<AtomicBool>,
+        live: Arc<AtomicU32>,
+    ) -> Self {
+        let batch_capacity = config.batch_tokens as usize;
+        Self {
+            context,
+            batch: LlamaBatch::new(batch_capacity, 1),
+            tokenizer,
+            sampler: Sampler::new(),
+            slots: (0..config.parallel_sequences).map(|_| None).collect(),
+            config,
+            submissions,
+            shutdown,
+            live,
+            pending_bench: None,
+            intake: Intake::Open,
+            admissions: 0,
+        }
+    }
+
+    /// Serve until every `Engine` handle is dropped and the live sequences are done.
+    pub fn run(mut self) {
+        loop {
+            if self.shutdown.load(Ordering::Acquire) {
+                self.cancel_everything();
+                return;
+            }
+            self.tend_slots();
+            self.publish_live();
+            self.run_pending_bench();
+            if !self.admit() {
+                return;
+            }
+            self.publish_live();
+            if !self.step() && self.live_count() > 0 {
+                // Every live sequence is paused on its consumer (or just finished).
+                std::thread::sleep(PAUSED_POLL_INTERVAL);
+            }
+        }
+    }
+
+    fn live_count(&self) -> usize {
+        self.slots.iter().flatten().count()
+    }
+
+    fn publish_live(&self) {
+        let live = u32::try_from(self.live_count()).unwrap_or(u32::MAX);
+        self.live.store(live, Ordering::Release);
+    }
+
+    /// Deliver held-back events, apply cancellations and free finished slots.
+    fn tend_slots(&mut self) {
+        let now = Instant::now();
+        for index in 0..self.slots.len() {
+            let Some(slot) = self.slots[index].as_mut() else {
+                continue;
+            };
+            if slot.is_cancelled() && !slot.is_finished() {
+                slot.finish(FinishReason::Cancelled);
+                release_sequence(&mut self.context, slot.seq_id);
+            }
+            if slot.flush(now) == SlotFate::Free {
+                if !slot.is_finished() {
+                    release_sequence(&mut self.context, slot.seq_id);
+                }
+                self.slots[index] = None;
+            }
+        }
+    }
+
+    /// Admit queued work into free slots. Returns false when the thread should exit.
+    fn admit(&mut self) -> bool {
+        while self.pending_bench.is_none() {
+            let Some(free) = self.slots.iter().position(Option::is_none) else {
+                return true;
+            };
+            let command = match self.next_command() {
+                Some(command) => command,
+                None if matches!(self.intake, Intake::Closed) && self.live_count() == 0 => {
+                    return false;
+                }
+                None => return true,
+            };
+            match command {
+                Command::Generate(admission) => self.start_slot(free, *admission),
+                Command::Bench {
+                    prefill_tokens,
+                    decode_tokens,
+                    reply,
+                } => self.pending_bench = Some((prefill_tokens, decode_tokens, reply)),
+            }
+        }
+        true
+    }
+
+    /// The next command: waits when nothing is live, otherwise only takes what is queued.
+    fn next_command(&mut self) -> Option<Command> {
+        if matches!(self.intake, Intake::Closed) {
+            return None;
+        }
+        let received = if self.live_count() == 0 {
+            // Wake up now and then to notice a shutdown even without a message.
+            match self.submissions.recv_timeout(Duration::from_millis(100)) {
+                Ok(command) => Ok(command),
+                Err(RecvTimeoutError::Timeout) => Err(TryRecvError::Empty),
+                Err(RecvTimeoutError::Disconnected) => Err(TryRecvError::Disconnected),
+            }
+        } else {
+            self.submissions.try_recv()
+        };
+        match received {
+            Ok(command) => Some(command),
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Disconnected) => {
+                self.intake = Intake::Closed;
+                None
+            }
+        }
+    }
+
+    fn start_slot(&mut self, index: usize, admission: Admission) {
+        if admission.cancel.is_cancelled() || admission.events.is_closed() {
+            // Cancelled while queued: it never ran, so there is nothing to report but that.
+            let _ = admission.events.try_send(GenerationEvent::Done(crate::GenerationDone {
+                reason: FinishReason::Cancelled,
+                prompt_tokens: u32::try_from(admission.generation.prompt.len()).unwrap_or(u32::MAX),
+                completion_tokens: u32::try_from(admission.generation.committed.len())
+                    .unwrap_or(u32::MAX),
+                compute: Duration::ZERO,
+            }));
+            return;
+        }
+        let seq_id = i32::try_from(index).unwrap_or(i32::MAX);
+        // A previous occupant released its cells already; this makes the stream certainly empty.
+        release_sequence(&mut self.context, seq_id);
+        self.admissions += 1;
+        let (mut slot, already_over) = Slot::start(seq_id, self.admissions, admission, &self.tokenizer);
+        if let Some(reason) = already_over {
+            slot.finish(reason);
+        }
+        self.slots[index] = Some(slot);
+    }
+
+    /// One step: a decode call for every sequence's next token, then a prefill call for one
+    /// prompt chunk. Returns false if there was nothing to do.
+    fn step(&mut self) -> bool {
+        let decoded = self.fill_decode_batch();
+        let did_decode = !decoded.is_empty();
+        self.run_batch(&decoded);
+        let prefilled = self.fill_prefill_batch();
+        let did_prefill = !prefilled.is_empty();
+        self.run_batch(&prefilled);
+        did_decode || did_prefill
+    }
+
+    /// Decode the current batch, advance its sequences and sample where logits were asked for.
+    fn run_batch(&mut self, entries: &[BatchEntry]) {
+        if entries.is_empty() {
+            return;
+        }
+        if let Err(error) = self.context.decode(&mut self.batch) {
+            self.fail_batch(entries, &EngineError::Decode(error.to_string()));
+            return;
+        }
+        let context_tokens = self.config.context_tokens_per_sequence;
+        for entry in entries {
+            let Some(slot) = self.slots[entry.slot].as_mut() else {
+                continue;
+            };
+            match entry.kind {
+                Fed::Prefill(count) => slot.advance_prefill(count),
+                Fed::Decode => slot.advance_decode(),
+            }
+            let Some(batch_index) = entry.logits_at else {
+                continue;
+            };
+            let logits = self.context.get_logits_ith(batch_index);
+            let (params, position, top_logprobs) = slot.sampling();
+            let sampled = self.sampler.sample(logits, params, position, top_logprobs);
+            if let Some(reason) = slot.accept(&sampled, &self.tokenizer, context_tokens) {
+                slot.finish(reason);
+                release_sequence(&mut self.context, slot.seq_id);
+            }
+        }
+    }
+
+    /// Every runnable sequence past its prompt contributes its one next token, in sequence id
+    /// order (llama.cpp groups runs of consecutive ids into one micro-batch).
+    fn fill_decode_batch(&mut self) -> Vec<BatchEntry> {
+        let batch = &mut self.batch;
+        batch.clear();
+        let mut entries = Vec::with_capacity(self.slots.len());
+        for (index, slot) in self.slots.iter().enumerate() {
+            let Some(slot) = slot.as_ref().filter(|slot| slot.is_runnable()) else {
+                continue;
+            };
+            let Some((token, wants_logits)) = slot.decode_token() else {
+                continue;
+            };
+            let logits_at = batch.n_tokens();
+            // With more sequences than batch room, the last ones wait a step (and keep their token).
+            if add_token(batch, token, slot.kv_tokens, slot.seq_id, wants_logits) {
+                let logits_at = wants_logits.then_some(logits_at);
+                entries.push(BatchEntry { slot: index, kind: Fed::Decode, logits_at });
+            }
+        }
+        entries
+    }
+
+    /// A chunk of the oldest unfinished prompt.
+    fn fill_prefill_batch(&mut self) -> Vec<BatchEntry> {
+        let batch = &mut self.batch;
+        batch.clear();
+        let oldest = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(index, slot)| Some((index, slot.as_ref()?)))
+            .filter(|(_, slot)| slot.is_runnable() && !slot.prefill_remaining().is_empty())
+            .min_by_key(|(_, slot)| slot.admitted);
+        let Some((index, slot)) = oldest else {
+            return Vec::new();
+        };
+        let remaining = slot.prefill_remaining();
+        let chunk = prefill_chunk_len(remaining.len(), self.config.batch_tokens as usize);
+        let completes_prompt = chunk == remaining.len();
+        for (offset, &token) in remaining[..chunk].iter().enumerate() {
+            let wants_logits = completes_prompt && offset + 1 == chunk && slot.samples_after_prompt();
+            let position = slot.kv_tokens.saturating_add(u32::try_from(offset).unwrap_or(u32::MAX));
+            if !add_token(batch, token, position, slot.seq_id, wants_logits) {
+                // Cannot happen: the chunk is at most the batch capacity. Feed nothing rather
+                // than a partial chunk whose bookkeeping would be wrong.
+                batch.clear();
+                return Vec::new();
+            }
+        }
+        let logits_at = (completes_prompt && slot.samples_after_prompt()).then(|| batch.n_tokens() - 1);
+        vec![BatchEntry { slot: index, kind: Fed::Prefill(chunk), logits_at }]
+    }
+
+    /// A failed decode leaves the affected sequences in an unknown state: end them all.
+    fn fail_batch(&mut self, entries: &[BatchEntry], error: &EngineError) {
+        tracing::error!(%error, "decode failed; failing the sequences in the batch");
+        for entry in entries {
+            if let Some(slot) = self.slots[entry.slot].as_mut() {
+                slot.fail(error.clone());
+                release_sequence(&mut self.context, slot.seq_id);
+            }
+        }
+    }
+
+    fn run_pending_bench(&mut self) {
+        if self.live_count() > 0 {
+            return;
+        }
+        if let Some((prefill_tokens, decode_tokens, reply)) = self.pending_bench.take() {
+            let result = crate::bench::run(self, prefill_tokens, decode_tokens);
+            // The caller may have given up waiting; nothing to do then.
+            let _ = reply.send(result);
+        }
+    }
+
+    /// The engine is being dropped: end every live and queued generation.
+    fn cancel_everything(&mut self) {
+        for slot in self.slots.iter_mut().flatten() {
+            slot.finish(FinishReason::Cancelled);
+            let _ = slot.flush(Instant::now());
+        }
+        self.slots.iter_mut().for_each(|slot| *slot = None);
+        self.publish_live();
+        self.context.clear_kv_cache();
+        while let Ok(command) = self.submissions.try_recv() {
+            match command {
+                Command::Generate(admission) => {
+                    let _ = admission.events.try_send(GenerationEvent::Failed(EngineError::Stopped));
+                }
+                Command::Bench { reply, .. } => {
+                    let _ = reply.send(Err(EngineError::Stopped));
+                }
+            }
+        }
+    }
+}
+
+/// Which work of a slot went into the batch.
+#[derive(Clone, Copy, Debug)]
+enum Fed {
+    Prefill(usize),
+    Decode,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct BatchEntry {
+    slot: usize,
+    kind: Fed,
+    /// Index in the batch whose logits are this slot's next token distribution.
+    logits_at: Option<i32>,
+}
+
+/// How many of `remaining` prompt tokens to prefill now, with `capacity` room: as many as fit,
+/// but never leaving a single token for the next chunk, because a one-token chunk is computed
+/// like a decode and would round differently from the same prompt chunked otherwise.
+fn prefill_chunk_len(remaining: usize, capacity: usize) -> usize {
+    if remaining <= capacity {
+        return remaining;
+    }
+    if remaining - capacity == 1 && capacity > 2 {
+        return capacity - 1;
+    }
+    capacity
+}
+
+/// Add one token to `batch`; false when the batch is full (or the position is out of range).
+pub(crate) fn add_token(batch: &mut LlamaBatch<'_>, token: i32, position: u32, seq_id: i32, logits: bool) -> bool {
+    let Ok(position) = i32::try_from(position) else {
+        return false;
+    };
+    batch.add(LlamaToken(token), position, &[seq_id], logits).is_ok()
+}
+
+/// Free a sequence's KV cells so the next occupant of the slot starts empty.
+pub(crate) fn release_sequence(context: &mut LlamaContext<'_>, seq_id: i32) {
+    let Ok(seq) = u32::try_from(seq_id) else {
+        return;
+    };
+    if let Err(error) = context.clear_kv_cache_seq(Some(seq), None, None) {
+        tracing::error!(%error, seq_id, "could not clear a sequence's kv cache");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefill_chunk_len;
+
+    #[test]
+    fn prefill_chunks_never_leave_a_single_token_behind() {
+        assert_eq!(prefill_chunk_len(10, 512), 10);
+        assert_eq!(prefill_chunk_len(512, 512), 512);
+        assert_eq!(prefill_chunk_len(513, 512), 511);
+        assert_eq!(prefill_chunk_len(514, 512), 512);
+        assert_eq!(prefill_chunk_len(1, 512), 1);
+        assert_eq!(prefill_chunk_len(3, 2), 2);
+    }
+}

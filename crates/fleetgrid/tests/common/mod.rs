@@ -1,0 +1,261 @@
+//! A real fleetgrid stack for end-to-end tests: the `fleetgrid` binary run as
+//! a coordinator and agent processes on loopback, with a fresh database.
+//!
+//! Needs the SmolLM2 model in the model store (`cargo xtask test` fetches it).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const MODEL: &str = "smollm2-135m-instruct";
+
+/// How long a test waits for processes to start or a condition to hold.
+pub const WAIT: Duration = Duration::from_secs(120);
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_fleetgrid")
+}
+
+/// The model file, for tokenizer checks in tests.
+pub fn model_path() -> PathBuf {
+    let store = models::ModelStore::open(models::ModelStore::default_root()).expect("open model store");
+    store
+        .resolve(MODEL)
+        .unwrap_or_else(|error| panic!("model {MODEL} missing ({error}); run `cargo xtask test`"))
+        .path
+}
+
+/// A child process killed when dropped.
+pub struct Process {
+    pub name: String,
+    pub child: Child,
+}
+
+impl Process {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    pub api_key: String,
+    pub coordinator: Process,
+    pub agents: Vec<Process>,
+}
+
+/// Options for the coordinator.
+#[derive(Clone, Default)]
+pub struct StackOptions {
+    pub extra_serve_args: Vec<String>,
+}
+
+pub fn run_cli(args: &[&str], data_dir: &Path) -> String {
+    let output = Command::new(binary())
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .expect("run fleetgrid");
+    assert!(output.status.success(), "fleetgrid {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8(output.stdout).expect("utf-8 output");
+    stdout.lines().last().expect("one line of output").trim().to_string()
+}
+
+impl Stack {
+    pub fn start(options: StackOptions) -> Stack {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let api_key = run_cli(&["tenants", "create", "test-tenant", "--class", "fleet"], dir.path());
+        let log = std::fs::File::create(dir.path().join("coordinator.log")).expect("log file");
+        let mut child = Command::new(binary())
+            .args(["serve", "--http-listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"])
+            .args(["--heartbeat-interval-ms", "500", "--heartbeat-timeout-ms", "2000", "--exit-with-parent"])
+            .args(&options.extra_serve_args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start coordinator");
+        let stdout = child.stdout.take().expect("stdout");
+        let coordinator = Process { name: "coordinator".into(), child };
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read coordinator output");
+        let (http, grpc) = parse_listening(&line).unwrap_or_else(|| {
+            panic!("coordinator did not start: {line:?}; log: {}", std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap_or_default())
+        });
+        Stack { dir, http, grpc, api_key, coordinator, agents: Vec::new() }
+    }
+
+    /// Enrols and starts an agent with a plugged-in simulated vehicle.
+    pub fn add_agent(&mut self, name: &str, parallel: u32) -> usize {
+        let credential = run_cli(&["nodes", "add", name], self.dir.path());
+        let trace = self.dir.path().join(format!("{name}.json"));
+        std::fs::write(&trace, PLUGGED_IN_TRACE).expect("write trace");
+        self.spawn_agent(name, &credential, &format!("sim:{}", trace.display()), parallel)
+    }
+
+    pub fn spawn_agent(&mut self, name: &str, credential: &str, vehicle_state: &str, parallel: u32) -> usize {
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).expect("log file");
+        let child = Command::new(binary())
+            .args(["agent", "--coordinator", &format!("http://{}", self.grpc), "--node-id", name])
+            .args(["--vehicle-state", vehicle_state, "--model", MODEL, "--threads", "1"])
+            .args(["--parallel", &parallel.to_string(), "--exit-with-parent"])
+            .env("FLEETGRID_NODE_CREDENTIAL", credential)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start agent");
+        self.agents.push(Process { name: name.to_string(), child });
+        self.agents.len() - 1
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    pub async fn health(&self) -> serde_json::Value {
+        reqwest::get(self.url("/health")).await.expect("health").json().await.expect("health json")
+    }
+
+    /// Waits until exactly these nodes are connected.
+    pub async fn wait_for_nodes(&self, names: &[&str]) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let health = self.health().await;
+            let mut connected: Vec<String> = health["nodes"]
+                .as_array()
+                .map(|nodes| nodes.iter().filter_map(|node| node.as_str().map(str::to_string)).collect())
+                .unwrap_or_default();
+            connected.sort();
+            let mut wanted: Vec<String> = names.iter().map(|name| name.to_string()).collect();
+            wanted.sort();
+            if connected == wanted {
+                return;
+            }
+            assert!(Instant::now() < deadline, "nodes {wanted:?} not connected, have {connected:?}; coordinator log:\n{}", self.log("coordinator"));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(self.url("/metrics")).await.expect("metrics").text().await.expect("metrics text");
+        text.lines()
+            .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} missing"))
+    }
+
+    pub fn client(&self) -> reqwest::Client {
+        reqwest::Client::new()
+    }
+
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
+        self.client()
+            .post(self.url(path))
+            .bearer_auth(&self.api_key)
+            .json(body)
+            .send()
+            .await
+            .expect("send request")
+    }
+
+    /// A non-streaming chat completion; panics unless it is 200.
+    pub async fn chat(&self, body: &serde_json::Value) -> serde_json::Value {
+        let response = self.post("/v1/chat/completions", body).await;
+        let status = response.status();
+        let text = response.text().await.expect("body");
+        assert_eq!(status, 200, "chat failed: {text}");
+        serde_json::from_str(&text).expect("json body")
+    }
+
+    /// A streamed chat completion: the concatenated content, the finish
+    /// reason and the usage chunk (when asked for).
+    pub async fn chat_stream(&self, body: &serde_json::Value) -> Streamed {
+        let mut body = body.clone();
+        body["stream"] = serde_json::json!(true);
+        let response = self.post("/v1/chat/completions", &body).await;
+        assert_eq!(response.status(), 200);
+        let text = response.text().await.expect("stream body");
+        parse_sse(&text)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Streamed {
+    pub content: String,
+    pub finish_reason: Option<String>,
+    pub usage: Option<serde_json::Value>,
+    pub chunks: usize,
+    pub done: bool,
+    pub errors: Vec<serde_json::Value>,
+}
+
+pub fn parse_sse(text: &str) -> Streamed {
+    let mut streamed = Streamed::default();
+    for line in text.lines() {
+        let Some(data) = line.strip_prefix("data: ") else { continue };
+        if data == "[DONE]" {
+            streamed.done = true;
+            continue;
+        }
+        let chunk: serde_json::Value = serde_json::from_str(data).expect("chunk json");
+        if chunk.get("error").is_some() {
+            streamed.errors.push(chunk);
+            continue;
+        }
+        streamed.chunks += 1;
+        if let Some(choice) = chunk["choices"].get(0) {
+            if let Some(content) = choice["delta"]["content"].as_str() {
+                streamed.content.push_str(content);
+            }
+            if let Some(reason) = choice["finish_reason"].as_str() {
+                streamed.finish_reason = Some(reason.to_string());
+            }
+        }
+        if chunk.get("usage").is_some_and(|usage| !usage.is_null()) {
+            streamed.usage = Some(chunk["usage"].clone());
+        }
+    }
+    streamed
+}
+
+pub fn parse_listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let rest = line.trim().strip_prefix("fleetgrid listening ")?;
+    let mut http = None;
+    let mut grpc = None;
+    for field in rest.split_whitespace() {
+        match field.split_once('=')? {
+            ("http", addr) => http = addr.parse().ok(),
+            ("grpc", addr) => grpc = addr.parse().ok(),
+            _ => {}
+        }
+    }
+    Some((http?, grpc?))
+}
+
+/// A vehicle plugged in and charging for the next ten hours.
+pub const PLUGGED_IN_TRACE: &str = r#"{"start_soc": 0.6, "events": [
+  {"at_s": 0, "plugged_in": true, "charging": true, "soc": 0.6, "departure_in_s": 36000, "temperature_c": 30.0}
+]}"#;

@@ -1,0 +1,130 @@
+//! Losing a vehicle: the coordinator notices within the heartbeat timeout,
+//! new work goes to the remaining node, and a generation interrupted by a
+//! SIGKILLed agent continues on another node with the client seeing one
+//! unbroken stream — the same text as an uninterrupted run.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Stack, MODEL};
+use futures::StreamExt;
+use serde_json::json;
+
+/// The heartbeat timeout the test stack runs with (see `Stack::start`).
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_agent_is_marked_gone_and_requests_go_to_the_other_node() {
+    let mut stack = Stack::start(Default::default());
+    stack.add_agent("car-1", 2);
+    stack.add_agent("car-2", 2);
+    stack.wait_for_nodes(&["car-1", "car-2"]).await;
+
+    let killed_at = Instant::now();
+    stack.agents[0].kill();
+    stack.wait_for_nodes(&["car-2"]).await;
+    assert!(killed_at.elapsed() <= HEARTBEAT_TIMEOUT, "node marked gone after {:?}", killed_at.elapsed());
+
+    for _ in 0..3 {
+        let answer = stack
+            .chat(&json!({"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 6}))
+            .await;
+        assert!(answer["choices"][0]["message"]["content"].is_string());
+    }
+}
+
+/// The node that runs the most recent assignment, from the coordinator's log.
+fn last_assigned_node(stack: &Stack) -> Option<String> {
+    let log = stack.log("coordinator");
+    log.lines()
+        .filter(|line| line.contains("assigned"))
+        .filter_map(|line| line.split_whitespace().find_map(|field| field.strip_prefix("node_id=")))
+        .last()
+        .map(str::to_string)
+}
+
+async fn stream_with_kill(stack: &mut Stack, body: &serde_json::Value, kill_after_chunks: usize) -> String {
+    let mut body = body.clone();
+    body["stream"] = json!(true);
+    let response = stack.post("/v1/chat/completions", &body).await;
+    assert_eq!(response.status(), 200);
+    let mut bytes = response.bytes_stream();
+    let mut raw = String::new();
+    let mut killed = false;
+    while let Some(chunk) = bytes.next().await {
+        raw.push_str(&String::from_utf8_lossy(&chunk.expect("stream chunk")));
+        let chunks = raw.matches("data: ").count();
+        if !killed && chunks >= kill_after_chunks {
+            let node = last_assigned_node(stack).expect("an assignment in the log");
+            let agent = stack.agents.iter_mut().find(|agent| agent.name == node).expect("agent process");
+            agent.kill();
+            killed = true;
+        }
+    }
+    assert!(killed, "the generation finished before the kill");
+    let streamed = common::parse_sse(&raw);
+    assert!(streamed.errors.is_empty(), "errors in the stream: {:?}", streamed.errors);
+    assert!(streamed.done);
+    streamed.content
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_generation_survives_its_node_being_killed_mid_stream() {
+    let mut stack = Stack::start(Default::default());
+    for (temperature, seed) in [(0.0, 1), (0.8, 1234)] {
+        let names = [format!("a-{seed}"), format!("b-{seed}")];
+        for name in &names {
+            stack.add_agent(name, 1);
+        }
+        let wanted: Vec<&str> = names.iter().map(String::as_str).collect();
+        stack.wait_for_nodes(&wanted).await;
+        let body = json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Explain how a battery stores energy."}],
+            "max_tokens": 120, "temperature": temperature, "seed": seed,
+        });
+        let uninterrupted = stack.chat(&body).await;
+        let expected = uninterrupted["choices"][0]["message"]["content"].as_str().expect("content").to_string();
+        let reassigned_before = stack.metric("fleetgrid_reassignments_total").await;
+        let text = stream_with_kill(&mut stack, &body, 20).await;
+        assert_eq!(text, expected, "temperature {temperature}: the resumed stream differs from an uninterrupted run");
+        assert_eq!(stack.metric("fleetgrid_reassignments_total").await, reassigned_before + 1.0);
+        // Leave no node of this round behind for the next one.
+        for agent in stack.agents.iter_mut() {
+            agent.kill();
+        }
+        stack.wait_for_nodes(&[]).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_disconnects_mid_stream_has_its_generation_cancelled_within_a_second() {
+    let mut stack = Stack::start(Default::default());
+    stack.add_agent("car-1", 2);
+    stack.wait_for_nodes(&["car-1"]).await;
+    let body = json!({
+        "model": MODEL, "stream": true, "max_tokens": 1000, "temperature": 0.7, "seed": 3,
+        "messages": [{"role": "user", "content": "Write a very long story about a road trip."}],
+    });
+    let response = stack.post("/v1/chat/completions", &body).await;
+    let mut bytes = response.bytes_stream();
+    let mut seen = 0;
+    while seen < 5 {
+        let chunk = bytes.next().await.expect("chunk").expect("bytes");
+        seen += String::from_utf8_lossy(&chunk).matches("data: ").count();
+    }
+    assert_eq!(stack.metric("fleetgrid_generations_active").await, 1.0);
+    drop(bytes);
+    let dropped_at = Instant::now();
+    loop {
+        let cancelled = stack.metric("fleetgrid_generations_cancelled_on_node_total").await;
+        if cancelled >= 1.0 {
+            break;
+        }
+        assert!(dropped_at.elapsed() < Duration::from_secs(1), "not cancelled on the node within a second");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stack.metric("fleetgrid_generations_active").await, 0.0);
+    assert_eq!(stack.metric("fleetgrid_requests_cancelled_total").await, 1.0);
+}

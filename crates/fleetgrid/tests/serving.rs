@@ -1,0 +1,110 @@
+//! End to end: a coordinator and two agents serving SmolLM2 through the real
+//! gateway, plain and streamed.
+
+mod common;
+
+use common::{Stack, MODEL};
+use serde_json::json;
+
+fn messages() -> serde_json::Value {
+    json!([
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Write two sentences about electric cars."}
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_and_streamed_completions_agree_and_usage_matches_the_tokenizer() {
+    let mut stack = Stack::start(Default::default());
+    stack.add_agent("car-1", 2);
+    stack.add_agent("car-2", 2);
+    stack.wait_for_nodes(&["car-1", "car-2"]).await;
+    let tokenizer = engine::Tokenizer::load(&common::model_path()).expect("tokenizer");
+    let chat: Vec<engine::ChatMessage> = messages()
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|message| engine::ChatMessage {
+            role: message["role"].as_str().expect("role").into(),
+            content: message["content"].as_str().expect("content").into(),
+        })
+        .collect();
+    let rendered = tokenizer.apply_chat_template(&chat, true).expect("template");
+    let prompt_tokens = tokenizer.tokenize(&rendered, false).expect("tokenize").len();
+
+    let mut seeded_texts = Vec::new();
+    for (temperature, seed) in [(0.0, 7), (0.8, 42), (0.8, 43)] {
+        let body = json!({
+            "model": MODEL, "messages": messages(), "max_tokens": 40,
+            "temperature": temperature, "seed": seed, "logprobs": true, "top_logprobs": 2,
+            "stream_options": null,
+        });
+        let plain = stack.chat(&body).await;
+        let text = plain["choices"][0]["message"]["content"].as_str().expect("content").to_string();
+        assert!(!text.trim().is_empty(), "empty answer: {plain}");
+        assert_eq!(plain["object"], "chat.completion");
+        assert_eq!(plain["model"], MODEL);
+
+        let mut streamed_body = body.clone();
+        streamed_body["stream_options"] = json!({"include_usage": true});
+        let streamed = stack.chat_stream(&streamed_body).await;
+        assert!(streamed.done, "stream did not end with [DONE]");
+        assert!(streamed.errors.is_empty(), "stream errors: {:?}", streamed.errors);
+        assert_eq!(streamed.content, text, "streamed text differs at temperature {temperature}");
+        assert_eq!(streamed.finish_reason.as_deref(), plain["choices"][0]["finish_reason"].as_str());
+
+        let usage = &plain["usage"];
+        assert_eq!(usage["prompt_tokens"], prompt_tokens, "prompt tokens: {usage}");
+        let logprobs = plain["choices"][0]["logprobs"]["content"].as_array().expect("logprobs");
+        assert_eq!(usage["completion_tokens"], logprobs.len(), "one logprob entry per completion token");
+        let pieces: String = logprobs.iter().map(|entry| entry["token"].as_str().unwrap_or_default()).collect();
+        assert_eq!(pieces, text, "the tokens' text is the answer");
+        assert_eq!(usage["total_tokens"], prompt_tokens + logprobs.len());
+        assert_eq!(streamed.usage.as_ref(), Some(usage), "streamed usage equals plain usage");
+        for entry in logprobs {
+            let logprob = entry["logprob"].as_f64().expect("logprob");
+            assert!(logprob <= 0.0, "logprob {logprob} > 0");
+            assert_eq!(entry["top_logprobs"].as_array().map(Vec::len), Some(2));
+        }
+        if temperature > 0.0 {
+            seeded_texts.push(text);
+        }
+    }
+    assert_ne!(seeded_texts[0], seeded_texts[1], "different seeds gave the same sample");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn text_completions_and_models_listing() {
+    let mut stack = Stack::start(Default::default());
+    stack.add_agent("car-1", 2);
+    stack.wait_for_nodes(&["car-1"]).await;
+
+    let models: serde_json::Value = stack
+        .client()
+        .get(stack.url("/v1/models"))
+        .bearer_auth(&stack.api_key)
+        .send()
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("models json");
+    assert_eq!(models["data"][0]["id"], MODEL);
+
+    let body = json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "stop": ["\n"]});
+    let response = stack.post("/v1/completions", &body).await;
+    assert_eq!(response.status(), 200);
+    let completion: serde_json::Value = response.json().await.expect("json");
+    let text = completion["choices"][0]["text"].as_str().expect("text");
+    assert!(!text.contains('\n'), "stop sequence leaked into {text:?}");
+    assert!(text.contains("Paris"), "expected Paris in {text:?}");
+    assert_eq!(completion["object"], "text_completion");
+
+    // `fleet/NAME` pins the edge tier and answers the same.
+    let mut pinned = body.clone();
+    pinned["model"] = json!(format!("fleet/{MODEL}"));
+    let response = stack.post("/v1/completions", &pinned).await;
+    assert_eq!(response.headers()["x-fleetgrid-tier"], "fleet");
+    let again: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(again["choices"][0]["text"], completion["choices"][0]["text"]);
+}

@@ -1,0 +1,368 @@
+//! Persistent ledger: the core's operations on SQLite (the embedded default)
+//! or PostgreSQL, through sqlx, with one set of portable migrations.
+//!
+//! What is stored: accounts with their posted totals (a derived table, updated
+//! in the same transaction as the transfers that change it), the immutable
+//! transfers, and the usage segments that settlements paid for (statements
+//! join the two). Nothing is kept in memory between calls, so several
+//! coordinator processes may share one PostgreSQL ledger.
+//!
+//! A batch commits in one transaction and follows the core's rules exactly:
+//! each backend loads the accounts and existing transfers a batch names,
+//! decides it with [`plan_batch`](crate::core::plan_batch), then writes the
+//! result. Durability: SQLite runs in WAL mode with `synchronous=FULL`;
+//! PostgreSQL sessions run with `synchronous_commit=on`. A commit returns only
+//! once the transaction is on disk.
+
+mod postgres;
+mod rows;
+mod sqlite;
+
+use std::path::Path;
+
+use futures::TryStreamExt;
+use sqlx::postgres::{PgConnectOptions, PgPool};
+use sqlx::sqlite::SqlitePool;
+
+use crate::core::{
+    AccountId, AccountState, LedgerError, MicroUsd, NodeId, Outcome, TenantId, Transfer,
+    TransferId, TransferKind, Verifier, VerifyReport,
+};
+use crate::metering::UsageSegment;
+use crate::payout::{self, PayoutError, PayoutOrder, PayoutRates, PayoutReceipt};
+use crate::pricing::PriceBook;
+use crate::settlement::{self, CompletedRequest, SettlementError};
+use crate::statement::{self, Period, Statement};
+use rows::{AccountRow, TransferRow, UsageRow, ACCOUNT_COLUMNS, TRANSFER_COLUMNS, USAGE_COLUMNS};
+
+/// How often a commit is retried when a concurrent commit inserted the same
+/// transfer id between our check and our insert (PostgreSQL only; SQLite
+/// commits are serialised by `BEGIN IMMEDIATE`).
+pub const COMMIT_ATTEMPTS_MAX: usize = 3;
+
+/// Migrations shared by both backends.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migrate ledger database: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Settlement(#[from] SettlementError),
+    #[error(transparent)]
+    Payout(#[from] PayoutError),
+    #[error(transparent)]
+    Transfer(#[from] crate::core::TransferError),
+    #[error(transparent)]
+    Id(#[from] crate::core::IdError),
+    #[error("account {0} does not exist")]
+    AccountNotFound(AccountId),
+    #[error("stored {what} is invalid: {reason}")]
+    Corrupt { what: &'static str, reason: String },
+    #[error("{what} of {value} does not fit a signed 64-bit column")]
+    OutOfRange { what: &'static str, value: u64 },
+    #[error("commit collided with concurrent commits {0} times")]
+    Contention(usize),
+}
+
+enum Backend {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs the same code against whichever pool the store holds; the body is
+/// compiled once per backend, so it may use any SQL both accept.
+macro_rules! on_pool {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.backend {
+            Backend::Sqlite($pool) => $body,
+            Backend::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// A ledger in SQLite or PostgreSQL.
+pub struct Store {
+    backend: Backend,
+}
+
+/// What a settled request produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettleReceipt {
+    pub charge: MicroUsd,
+    pub transfers: Vec<Transfer>,
+    pub outcomes: Vec<Outcome>,
+}
+
+impl Store {
+    /// Opens (creating if needed) a SQLite ledger file and migrates it.
+    pub async fn open_sqlite(path: &Path) -> Result<Store, StoreError> {
+        let pool = sqlite::open(path).await?;
+        Store::ready(Backend::Sqlite(pool)).await
+    }
+
+    /// Connects to PostgreSQL (`postgres://user@host/db`) and migrates.
+    pub async fn connect_postgres(url: &str) -> Result<Store, StoreError> {
+        let options: PgConnectOptions = url.parse()?;
+        Store::connect_postgres_with(options).await
+    }
+
+    /// Connects with explicit options (for example a `search_path`).
+    pub async fn connect_postgres_with(options: PgConnectOptions) -> Result<Store, StoreError> {
+        let pool = postgres::connect(options).await?;
+        Store::ready(Backend::Postgres(pool)).await
+    }
+
+    async fn ready(backend: Backend) -> Result<Store, StoreError> {
+        let store = Store { backend };
+        on_pool!(store, pool => MIGRATOR.run(pool).await?);
+        for account in AccountId::system_accounts() {
+            store.open_account(&account).await?;
+        }
+        Ok(store)
+    }
+
+    /// `"sqlite"` or `"postgres"`.
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    pub async fn close(self) {
+        on_pool!(self, pool => pool.close().await);
+    }
+
+    /// Opens an account with its kind's default floor (zero for tenants and
+    /// owners); opening an existing account changes nothing.
+    pub async fn open_account(&self, account: &AccountId) -> Result<(), StoreError> {
+        let floor = AccountState::opened(account).floor.map(|floor| floor.0);
+        let sql = "INSERT INTO ledger_accounts (id, balance_floor) VALUES ($1, $2) \
+                   ON CONFLICT (id) DO NOTHING";
+        on_pool!(self, pool => {
+            sqlx::query(sql).bind(account.to_string()).bind(floor).execute(pool).await?;
+        });
+        Ok(())
+    }
+
+    /// Lets a tenant's balance go down to `-limit`; zero makes it prepaid.
+    pub async fn set_credit_limit(
+        &self,
+        tenant: &TenantId,
+        limit: MicroUsd,
+    ) -> Result<(), StoreError> {
+        let account = AccountId::Tenant(tenant.clone());
+        let sql = "UPDATE ledger_accounts SET balance_floor = $1 WHERE id = $2";
+        let updated = on_pool!(self, pool => sqlx::query(sql)
+            .bind(-limit.0.abs())
+            .bind(account.to_string())
+            .execute(pool)
+            .await?
+            .rows_affected());
+        if updated == 0 {
+            return Err(StoreError::AccountNotFound(account));
+        }
+        Ok(())
+    }
+
+    pub async fn account(&self, account: &AccountId) -> Result<Option<AccountState>, StoreError> {
+        let sql = format!("SELECT {ACCOUNT_COLUMNS} FROM ledger_accounts WHERE id = $1");
+        let row: Option<AccountRow> = on_pool!(self, pool => sqlx::query_as(&sql)
+            .bind(account.to_string())
+            .fetch_optional(pool)
+            .await?);
+        row.map(|row| rows::account_from_row(row).map(|(_, state)| state))
+            .transpose()
+    }
+
+    /// Every account, ordered by id.
+    pub async fn accounts(&self) -> Result<Vec<(AccountId, AccountState)>, StoreError> {
+        let sql = format!("SELECT {ACCOUNT_COLUMNS} FROM ledger_accounts ORDER BY id");
+        let rows: Vec<AccountRow> =
+            on_pool!(self, pool => sqlx::query_as(&sql).fetch_all(pool).await?);
+        rows.into_iter().map(rows::account_from_row).collect()
+    }
+
+    pub async fn transfer(&self, id: TransferId) -> Result<Option<Transfer>, StoreError> {
+        let sql = format!("SELECT {TRANSFER_COLUMNS} FROM ledger_transfers WHERE id = $1");
+        let row: Option<TransferRow> = on_pool!(self, pool => sqlx::query_as(&sql)
+            .bind(id.to_hex())
+            .fetch_optional(pool)
+            .await?);
+        row.map(rows::transfer_from_row).transpose()
+    }
+
+    /// Commits a batch atomically (see `core::ledger` for the rules).
+    pub async fn commit(&self, batch: &[Transfer]) -> Result<Vec<Outcome>, StoreError> {
+        self.commit_with_usage(batch, &[]).await
+    }
+
+    async fn commit_with_usage(
+        &self,
+        batch: &[Transfer],
+        usage: &[UsageSegment],
+    ) -> Result<Vec<Outcome>, StoreError> {
+        if batch.len() > crate::core::ledger::BATCH_TRANSFERS_MAX {
+            return Err(LedgerError::BatchTooLarge { len: batch.len() }.into());
+        }
+        for _ in 0..COMMIT_ATTEMPTS_MAX {
+            let result = match &self.backend {
+                Backend::Sqlite(pool) => sqlite::commit(pool, batch, usage).await,
+                Backend::Postgres(pool) => postgres::commit(pool, batch, usage).await,
+            };
+            match result {
+                Err(StoreError::Database(error)) if is_unique_violation(&error) => continue,
+                other => return other,
+            }
+        }
+        Err(StoreError::Contention(COMMIT_ATTEMPTS_MAX))
+    }
+
+    /// Settles a completed request: its transfers and usage segments commit
+    /// together. A retry returns `Exists` outcomes and changes nothing.
+    pub async fn settle(
+        &self,
+        request: &CompletedRequest,
+        book: &PriceBook,
+    ) -> Result<SettleReceipt, StoreError> {
+        let settlement = settlement::settle(request, book)?;
+        let outcomes = self
+            .commit_with_usage(&settlement.transfers, &request.segments)
+            .await?;
+        Ok(SettleReceipt {
+            charge: settlement.charge,
+            transfers: settlement.transfers,
+            outcomes,
+        })
+    }
+
+    /// Pays out an owner's balance; a retried order is paid once.
+    pub async fn pay_out(
+        &self,
+        order: &PayoutOrder,
+        rates: &PayoutRates,
+    ) -> Result<PayoutReceipt, StoreError> {
+        if let Some(existing) = self.transfer(order.transfer_id()).await? {
+            return Ok(payout::receipt_for_existing(order, &existing)?);
+        }
+        let owner = AccountId::Owner(order.owner.clone());
+        let balance = self
+            .account(&owner)
+            .await?
+            .ok_or(StoreError::AccountNotFound(owner))?
+            .balance();
+        let planned = payout::plan(order, balance, rates)?;
+        match self.commit(std::slice::from_ref(&planned.transfer)).await {
+            Ok(outcomes) => Ok(PayoutReceipt {
+                units: planned.units,
+                amount: planned.transfer.amount(),
+                outcome: outcomes.first().copied().unwrap_or(Outcome::Created),
+            }),
+            // The same order committed concurrently with another balance.
+            Err(StoreError::Ledger(LedgerError::Conflict { .. })) => {
+                match self.transfer(order.transfer_id()).await? {
+                    Some(existing) => Ok(payout::receipt_for_existing(order, &existing)?),
+                    None => Err(StoreError::Contention(1)),
+                }
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// What a tenant was charged for tokens in a period (for daily caps).
+    pub async fn tenant_spent(
+        &self,
+        tenant: &TenantId,
+        period: Period,
+    ) -> Result<MicroUsd, StoreError> {
+        // The kind is a literal so that both databases can use the partial
+        // index on token charges.
+        let sql = "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM ledger_transfers \
+                   WHERE debit_account = $1 AND kind = 'token-charge' AND at_ms >= $2 AND at_ms < $3";
+        let (spent,): (i64,) = on_pool!(self, pool => sqlx::query_as(sql)
+            .bind(AccountId::Tenant(tenant.clone()).to_string())
+            .bind(period.from.0)
+            .bind(period.until.0)
+            .fetch_one(pool)
+            .await?);
+        Ok(MicroUsd(spent))
+    }
+
+    /// A vehicle's statement for a period. Its earnings are found by the
+    /// ids the usage segments' transfers must have, not by a scan.
+    pub async fn statement(&self, node: &NodeId, period: Period) -> Result<Statement, StoreError> {
+        let sql = format!(
+            "SELECT {USAGE_COLUMNS} FROM ledger_usage \
+             WHERE node_id = $1 AND started_at_ms >= $2 AND started_at_ms < $3"
+        );
+        let rows: Vec<UsageRow> = on_pool!(self, pool => sqlx::query_as(&sql)
+            .bind(node.to_string())
+            .bind(period.from.0)
+            .bind(period.until.0)
+            .fetch_all(pool)
+            .await?);
+        let usage = rows
+            .into_iter()
+            .map(rows::usage_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let ids: Vec<TransferId> = usage
+            .iter()
+            .flat_map(|segment| {
+                [
+                    TransferKind::RevenueShare,
+                    TransferKind::EnergyReimbursement,
+                ]
+                .map(|kind| TransferId::derive(&segment.request_id, segment.segment, kind))
+            })
+            .collect();
+        let transfers = match &self.backend {
+            Backend::Sqlite(pool) => sqlite::transfers_by_id(pool, &ids).await?,
+            Backend::Postgres(pool) => postgres::transfers_by_id(pool, &ids).await?,
+        };
+        let transfers: Vec<Transfer> = transfers.into_values().collect();
+        Ok(statement::build(node, period, &usage, &transfers))
+    }
+
+    /// How many transfers the ledger holds.
+    pub async fn transfer_count(&self) -> Result<u64, StoreError> {
+        let sql = "SELECT COUNT(*) FROM ledger_transfers";
+        let (count,): (i64,) = on_pool!(self, pool => sqlx::query_as(sql).fetch_one(pool).await?);
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+}
+
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .is_some_and(|database| database.is_unique_violation())
+}
+
+/// Checks the ledger's invariant from scratch: debits equal credits overall,
+/// every account's posted totals equal the sum of its transfers, no owner
+/// balance is negative, and every stored transfer carries the id its fields
+/// derive. Streams the transfers, so memory grows with accounts only.
+pub async fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
+    let mut verifier = Verifier::default();
+    let sql = format!("SELECT {TRANSFER_COLUMNS} FROM ledger_transfers");
+    on_pool!(store, pool => {
+        let mut rows = sqlx::query_as::<_, TransferRow>(&sql).fetch(pool);
+        while let Some(row) = rows.try_next().await? {
+            let stored_id = row.0.clone();
+            match rows::transfer_from_row(row) {
+                Ok(transfer) => verifier.add_transfer(&transfer),
+                Err(error) => verifier.add_problem(crate::core::Problem::BadTransfer {
+                    stored_id,
+                    reason: error.to_string(),
+                }),
+            }
+        }
+    });
+    let accounts = store.accounts().await?;
+    Ok(verifier.finish(accounts.iter().map(|(id, state)| (id, state))))
+}

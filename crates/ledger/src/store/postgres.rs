@@ -1,0 +1,270 @@
+//! The PostgreSQL backend, for a ledger shared by several coordinator cells.
+//!
+//! A commit locks the accounts its batch names (`FOR UPDATE`, in id order so
+//! two batches cannot deadlock), inserts the transfers whose ids are free
+//! (`ON CONFLICT DO NOTHING`, which waits for a concurrent insert of the same
+//! id to commit or abort), and reads back only the skipped ones to decide
+//! "exists" or "conflict"; under READ COMMITTED each statement sees every
+//! commit before it.
+//!
+//! Rows travel as arrays through `UNNEST`, so a batch costs a handful of
+//! round trips however large it is. Lookups join against `UNNEST` rather than
+//! `= ANY($1)`: with a prepared statement's generic plan, `= ANY` over a large
+//! array may be planned as a sequential scan of the whole transfer table.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{PgConnection, Postgres, Transaction};
+
+use crate::core::{plan_batch, AccountId, AccountState, Outcome, Transfer, TransferId};
+use crate::metering::UsageSegment;
+
+use super::rows::{
+    self, AccountRow, TransferRow, ACCOUNT_COLUMNS, TRANSFER_COLUMNS, USAGE_COLUMNS,
+};
+use super::StoreError;
+
+/// Connections per pool.
+const CONNECTIONS_MAX: u32 = 8;
+
+/// How long to wait for a connection before failing.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(super) async fn connect(options: PgConnectOptions) -> Result<PgPool, StoreError> {
+    // Durable commits whatever the server's default: a usage record counts
+    // once it is committed, so the commit must mean "on disk".
+    let options = options.options([("synchronous_commit", "on")]);
+    let pool = PgPoolOptions::new()
+        .max_connections(CONNECTIONS_MAX)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(options)
+        .await?;
+    Ok(pool)
+}
+
+pub(super) async fn commit(
+    pool: &PgPool,
+    batch: &[Transfer],
+    usage: &[UsageSegment],
+) -> Result<Vec<Outcome>, StoreError> {
+    let mut tx = pool.begin().await?;
+    let accounts = lock_accounts(&mut tx, batch).await?;
+    // Insert first and let the primary key skip what is already committed:
+    // only the skipped transfers need reading back, which in the common case
+    // (no retries) is none. On refusal below, the transaction is dropped and
+    // rolls the inserts back.
+    let inserted = insert_new_transfers(&mut tx, batch).await?;
+    let skipped: BTreeSet<TransferId> = batch
+        .iter()
+        .map(Transfer::id)
+        .filter(|id| !inserted.contains(id))
+        .collect();
+    let skipped: Vec<TransferId> = skipped.into_iter().collect();
+    let existing = find_transfers(&mut tx, &skipped).await?;
+    let plan = plan_batch(batch, &existing, &accounts)?;
+    let planned: HashSet<TransferId> = plan
+        .created
+        .iter()
+        .map(|index| batch[*index].id())
+        .collect();
+    if planned != inserted {
+        // A transfer was skipped yet is not visible: a concurrent commit
+        // raced us in a way READ COMMITTED should exclude. Start over.
+        return Err(StoreError::Contention(1));
+    }
+    update_accounts(&mut tx, &plan.accounts).await?;
+    insert_usage(&mut tx, usage).await?;
+    tx.commit().await?;
+    Ok(plan.outcomes)
+}
+
+async fn lock_accounts(
+    tx: &mut Transaction<'static, Postgres>,
+    batch: &[Transfer],
+) -> Result<BTreeMap<AccountId, AccountState>, StoreError> {
+    let named: BTreeSet<String> = batch
+        .iter()
+        .flat_map(|transfer| [transfer.debit().to_string(), transfer.credit().to_string()])
+        .collect();
+    let named: Vec<String> = named.into_iter().collect();
+    let columns = prefixed("a", ACCOUNT_COLUMNS);
+    let sql = format!(
+        "SELECT {columns} FROM UNNEST($1::text[]) AS k(id) JOIN ledger_accounts a ON a.id = k.id \
+         ORDER BY a.id FOR UPDATE OF a"
+    );
+    let found: Vec<AccountRow> = sqlx::query_as(&sql)
+        .bind(&named)
+        .fetch_all(&mut **tx)
+        .await?;
+    found.into_iter().map(rows::account_from_row).collect()
+}
+
+/// `a, b` as `t.a, t.b`.
+fn prefixed(table: &str, columns: &str) -> String {
+    columns
+        .split(", ")
+        .map(|column| format!("{table}.{column}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The committed transfers among `ids`.
+pub(super) async fn transfers_by_id(
+    pool: &PgPool,
+    ids: &[TransferId],
+) -> Result<HashMap<TransferId, Transfer>, StoreError> {
+    let mut connection = pool.acquire().await?;
+    find_transfers(&mut connection, ids).await
+}
+
+async fn find_transfers(
+    connection: &mut PgConnection,
+    ids: &[TransferId],
+) -> Result<HashMap<TransferId, Transfer>, StoreError> {
+    let ids: Vec<String> = ids.iter().map(|id| id.to_hex()).collect();
+    let columns = prefixed("t", TRANSFER_COLUMNS);
+    let sql = format!(
+        "SELECT {columns} FROM UNNEST($1::text[]) AS k(id) JOIN ledger_transfers t ON t.id = k.id"
+    );
+    let found: Vec<TransferRow> = sqlx::query_as(&sql)
+        .bind(&ids)
+        .fetch_all(&mut *connection)
+        .await?;
+    let mut existing = HashMap::with_capacity(found.len());
+    for row in found {
+        let transfer = rows::transfer_from_row(row)?;
+        existing.insert(transfer.id(), transfer);
+    }
+    Ok(existing)
+}
+
+/// Inserts the batch's transfers whose ids are not yet taken; returns the
+/// ids it inserted.
+async fn insert_new_transfers(
+    tx: &mut Transaction<'static, Postgres>,
+    batch: &[Transfer],
+) -> Result<HashSet<TransferId>, StoreError> {
+    if batch.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let mut columns = TransferColumns::default();
+    for transfer in batch {
+        columns.push(transfer)?;
+    }
+    let sql = format!(
+        "INSERT INTO ledger_transfers ({TRANSFER_COLUMNS}) SELECT * FROM UNNEST(\
+         $1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], \
+         $7::int8[], $8::int8[], $9::int8[]) ON CONFLICT (id) DO NOTHING RETURNING id"
+    );
+    let inserted: Vec<(String,)> = sqlx::query_as(&sql)
+        .bind(columns.id)
+        .bind(columns.debit)
+        .bind(columns.credit)
+        .bind(columns.amount)
+        .bind(columns.kind)
+        .bind(columns.request_id)
+        .bind(columns.segment)
+        .bind(columns.quantity)
+        .bind(columns.at_ms)
+        .fetch_all(&mut **tx)
+        .await?;
+    inserted
+        .into_iter()
+        .map(|(hex,)| {
+            TransferId::from_hex(&hex).ok_or_else(|| StoreError::Corrupt {
+                what: "transfer id",
+                reason: format!("{hex:?} is not 32 hex digits"),
+            })
+        })
+        .collect()
+}
+
+/// Transfers as column arrays, the shape `UNNEST` takes.
+#[derive(Default)]
+struct TransferColumns {
+    id: Vec<String>,
+    debit: Vec<String>,
+    credit: Vec<String>,
+    amount: Vec<i64>,
+    kind: Vec<&'static str>,
+    request_id: Vec<String>,
+    segment: Vec<i64>,
+    quantity: Vec<i64>,
+    at_ms: Vec<i64>,
+}
+
+impl TransferColumns {
+    fn push(&mut self, transfer: &Transfer) -> Result<(), StoreError> {
+        self.quantity
+            .push(rows::to_sql("transfer quantity", transfer.quantity())?);
+        self.id.push(transfer.id().to_hex());
+        self.debit.push(transfer.debit().to_string());
+        self.credit.push(transfer.credit().to_string());
+        self.amount.push(transfer.amount().0);
+        self.kind.push(transfer.kind().as_str());
+        self.request_id.push(transfer.request_id().to_string());
+        self.segment.push(i64::from(transfer.segment().0));
+        self.at_ms.push(transfer.at().0);
+        Ok(())
+    }
+}
+
+async fn update_accounts(
+    tx: &mut Transaction<'static, Postgres>,
+    accounts: &BTreeMap<AccountId, AccountState>,
+) -> Result<(), StoreError> {
+    if accounts.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<String> = accounts.keys().map(ToString::to_string).collect();
+    let debits: Vec<i64> = accounts
+        .values()
+        .map(|state| state.debits_posted.0)
+        .collect();
+    let credits: Vec<i64> = accounts
+        .values()
+        .map(|state| state.credits_posted.0)
+        .collect();
+    sqlx::query(
+        "UPDATE ledger_accounts AS a SET debits_posted = u.debits, credits_posted = u.credits \
+         FROM UNNEST($1::text[], $2::int8[], $3::int8[]) AS u(id, debits, credits) \
+         WHERE a.id = u.id",
+    )
+    .bind(ids)
+    .bind(debits)
+    .bind(credits)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn insert_usage(
+    tx: &mut Transaction<'static, Postgres>,
+    usage: &[UsageSegment],
+) -> Result<(), StoreError> {
+    let sql = format!(
+        "INSERT INTO ledger_usage ({USAGE_COLUMNS}) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+         ON CONFLICT (request_id, segment) DO NOTHING"
+    );
+    for segment in usage {
+        let row = rows::usage_to_row(segment)?;
+        sqlx::query(&sql)
+            .bind(row.0)
+            .bind(row.1)
+            .bind(row.2)
+            .bind(row.3)
+            .bind(row.4)
+            .bind(row.5)
+            .bind(row.6)
+            .bind(row.7)
+            .bind(row.8)
+            .bind(row.9)
+            .bind(row.10)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,205 @@
+//! The SQLite backend: the embedded default.
+//!
+//! Write transactions start with `BEGIN IMMEDIATE`, which takes SQLite's one
+//! write lock up front; a deferred transaction that read first could fail to
+//! upgrade when another connection had written meanwhile. Readers are not
+//! blocked (WAL).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection, Transaction};
+
+use crate::core::{plan_batch, AccountId, AccountState, Outcome, Transfer, TransferId};
+use crate::metering::UsageSegment;
+
+use super::rows::{
+    self, AccountRow, TransferRow, ACCOUNT_COLUMNS, TRANSFER_COLUMNS, USAGE_COLUMNS,
+};
+use super::StoreError;
+
+/// Connections in the pool: one writer at a time, a few concurrent readers.
+const CONNECTIONS_MAX: u32 = 4;
+
+/// How long a writer waits for the write lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Rows per multi-row statement: 9 bound values each stays far below
+/// SQLite's limit of 32,766 parameters.
+const ROWS_PER_STATEMENT: usize = 500;
+
+pub(super) async fn open(path: &Path) -> Result<SqlitePool, StoreError> {
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // FULL syncs the WAL on every commit: a committed transfer survives
+        // power loss, which NORMAL does not promise in WAL mode.
+        .synchronous(SqliteSynchronous::Full)
+        .foreign_keys(true)
+        .busy_timeout(BUSY_TIMEOUT);
+    let pool = SqlitePoolOptions::new()
+        .max_connections(CONNECTIONS_MAX)
+        .connect_with(options)
+        .await?;
+    Ok(pool)
+}
+
+pub(super) async fn commit(
+    pool: &SqlitePool,
+    batch: &[Transfer],
+    usage: &[UsageSegment],
+) -> Result<Vec<Outcome>, StoreError> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let ids: Vec<TransferId> = batch.iter().map(Transfer::id).collect();
+    let existing = find_transfers(&mut tx, &ids).await?;
+    let accounts = load_accounts(&mut tx, batch).await?;
+    // On refusal the transaction is dropped, which rolls it back.
+    let plan = plan_batch(batch, &existing, &accounts)?;
+    let created: Vec<&Transfer> = plan.created.iter().map(|index| &batch[*index]).collect();
+    insert_transfers(&mut tx, &created).await?;
+    update_accounts(&mut tx, &plan.accounts).await?;
+    insert_usage(&mut tx, usage).await?;
+    tx.commit().await?;
+    Ok(plan.outcomes)
+}
+
+/// The committed transfers among `ids`.
+pub(super) async fn transfers_by_id(
+    pool: &SqlitePool,
+    ids: &[TransferId],
+) -> Result<HashMap<TransferId, Transfer>, StoreError> {
+    let mut connection = pool.acquire().await?;
+    find_transfers(&mut connection, ids).await
+}
+
+async fn find_transfers(
+    connection: &mut SqliteConnection,
+    ids: &[TransferId],
+) -> Result<HashMap<TransferId, Transfer>, StoreError> {
+    let mut existing = HashMap::new();
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {TRANSFER_COLUMNS} FROM ledger_transfers WHERE id IN ("
+        ));
+        let mut separated = query.separated(", ");
+        for id in chunk {
+            separated.push_bind(id.to_hex());
+        }
+        query.push(")");
+        let found: Vec<TransferRow> = query.build_query_as().fetch_all(&mut *connection).await?;
+        for row in found {
+            let transfer = rows::transfer_from_row(row)?;
+            existing.insert(transfer.id(), transfer);
+        }
+    }
+    Ok(existing)
+}
+
+async fn load_accounts(
+    tx: &mut Transaction<'static, Sqlite>,
+    batch: &[Transfer],
+) -> Result<BTreeMap<AccountId, AccountState>, StoreError> {
+    let named: BTreeSet<String> = batch
+        .iter()
+        .flat_map(|transfer| [transfer.debit().to_string(), transfer.credit().to_string()])
+        .collect();
+    let named: Vec<String> = named.into_iter().collect();
+    let mut accounts = BTreeMap::new();
+    for chunk in named.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM ledger_accounts WHERE id IN ("
+        ));
+        let mut ids = query.separated(", ");
+        for id in chunk {
+            ids.push_bind(id.as_str());
+        }
+        query.push(")");
+        let found: Vec<AccountRow> = query.build_query_as().fetch_all(&mut **tx).await?;
+        for row in found {
+            let (id, state) = rows::account_from_row(row)?;
+            accounts.insert(id, state);
+        }
+    }
+    Ok(accounts)
+}
+
+async fn insert_transfers(
+    tx: &mut Transaction<'static, Sqlite>,
+    created: &[&Transfer],
+) -> Result<(), StoreError> {
+    for chunk in created.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Sqlite>::new(format!(
+            "INSERT INTO ledger_transfers ({TRANSFER_COLUMNS}) "
+        ));
+        let quantities = chunk
+            .iter()
+            .map(|transfer| rows::to_sql("transfer quantity", transfer.quantity()))
+            .collect::<Result<Vec<i64>, StoreError>>()?;
+        query.push_values(
+            chunk.iter().zip(quantities),
+            |mut row, (transfer, quantity)| {
+                row.push_bind(transfer.id().to_hex())
+                    .push_bind(transfer.debit().to_string())
+                    .push_bind(transfer.credit().to_string())
+                    .push_bind(transfer.amount().0)
+                    .push_bind(transfer.kind().as_str())
+                    .push_bind(transfer.request_id().to_string())
+                    .push_bind(i64::from(transfer.segment().0))
+                    .push_bind(quantity)
+                    .push_bind(transfer.at().0);
+            },
+        );
+        query.build().execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+async fn update_accounts(
+    tx: &mut Transaction<'static, Sqlite>,
+    accounts: &BTreeMap<AccountId, AccountState>,
+) -> Result<(), StoreError> {
+    let sql = "UPDATE ledger_accounts SET debits_posted = $1, credits_posted = $2 WHERE id = $3";
+    for (id, state) in accounts {
+        sqlx::query(sql)
+            .bind(state.debits_posted.0)
+            .bind(state.credits_posted.0)
+            .bind(id.to_string())
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn insert_usage(
+    tx: &mut Transaction<'static, Sqlite>,
+    usage: &[UsageSegment],
+) -> Result<(), StoreError> {
+    let sql = format!(
+        "INSERT INTO ledger_usage ({USAGE_COLUMNS}) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+         ON CONFLICT (request_id, segment) DO NOTHING"
+    );
+    for segment in usage {
+        let row = rows::usage_to_row(segment)?;
+        sqlx::query(&sql)
+            .bind(row.0)
+            .bind(row.1)
+            .bind(row.2)
+            .bind(row.3)
+            .bind(row.4)
+            .bind(row.5)
+            .bind(row.6)
+            .bind(row.7)
+            .bind(row.8)
+            .bind(row.9)
+            .bind(row.10)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,303 @@
+//! The node table: every connected vehicle, indexed by its dense `NodeId`, with the timers that
+//! re-check nodes when time alone changes their eligibility, and the fleet-wide counts derived
+//! from nodes (available slots, which models each class can be served).
+//!
+//! Derived counts are kept exact by routing every change to a node through
+//! [`NodeTable::update`], which takes the node out of the counts, applies the change, and puts it
+//! back.
+
+use std::collections::BTreeSet;
+
+use crate::fxhash::FxHashMap;
+
+use crate::index::{FreeEntry, FreeIndex, VictimGroup, VictimIndex};
+use crate::policy::{Blocker, EnergyToday};
+use crate::types::{
+    Millis, ModelId, NodeCapacity, NodeId, OwnerPolicy, RequestId, TenantClass, VehicleState,
+};
+
+/// A connected node.
+#[derive(Debug, Clone)]
+pub(crate) struct Node {
+    pub(crate) capacity: NodeCapacity,
+    pub(crate) state: VehicleState,
+    pub(crate) policy: OwnerPolicy,
+    /// Unplugged-work hysteresis (see `policy::battery_allows`).
+    pub(crate) battery_ok: bool,
+    pub(crate) energy: EnergyToday,
+    /// Requests running here, at most `capacity.slots`.
+    pub(crate) running: Vec<Running>,
+    /// Why the node takes no new work, as of the last evaluation.
+    pub(crate) blocker: Option<Blocker>,
+    /// When the node is next re-evaluated because of time alone.
+    pub(crate) timer: Option<Millis>,
+    /// Time left before the node must stop work, as a free-index bucket (see `index`).
+    pub(crate) availability_bucket: u8,
+}
+
+/// A generation running on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Running {
+    pub(crate) request: RequestId,
+    pub(crate) group: VictimGroup,
+}
+
+impl Node {
+    pub(crate) fn has_loaded(&self, model: ModelId) -> bool {
+        self.capacity.loaded.contains(&model)
+    }
+
+    pub(crate) fn free_slots(&self) -> u16 {
+        self.capacity
+            .slots
+            .saturating_sub(self.running.len() as u16)
+    }
+}
+
+/// All connected nodes.
+#[derive(Debug, Default)]
+pub(crate) struct NodeTable {
+    nodes: Vec<Option<Node>>,
+    count: usize,
+    timers: BTreeSet<(Millis, NodeId)>,
+    /// Sum of `slots` over nodes without a blocker: the fleet's capacity right now, which the
+    /// reserved minimum shares are fractions of.
+    available_slots: u64,
+    /// Per model, per class: connected nodes that have the model and whose owner accepts the
+    /// class, whatever their state. Zero means nothing could serve such a request.
+    servable: FxHashMap<ModelId, [u32; 3]>,
+    pub(crate) free: FreeIndex,
+    pub(crate) victims: VictimIndex,
+    /// Reused buffers for a node's victim groups before and after a change.
+    groups_before: Vec<VictimGroup>,
+    groups_after: Vec<VictimGroup>,
+}
+
+impl NodeTable {
+    pub(crate) fn get(&self, id: NodeId) -> Option<&Node> {
+        self.nodes.get(id.0 as usize).and_then(Option::as_ref)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.count
+    }
+
+    pub(crate) fn available_slots(&self) -> u64 {
+        self.available_slots
+    }
+
+    /// Connected nodes that have `model` and accept `class`.
+    pub(crate) fn servable(&self, model: ModelId, class: TenantClass) -> u32 {
+        self.servable
+            .get(&model)
+            .map_or(0, |counts| counts[class.index()])
+    }
+
+    /// Every connected node, in id order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (NodeId, &Node)> + '_ {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(index, node)| node.as_ref().map(|node| (NodeId(index as u32), node)))
+    }
+
+    /// Add a node that is not present.
+    pub(crate) fn insert(&mut self, id: NodeId, node: Node) {
+        let index = id.0 as usize;
+        if index >= self.nodes.len() {
+            self.nodes.resize_with(index + 1, || None);
+        }
+        debug_assert!(self.nodes[index].is_none(), "insert over a connected node");
+        self.account(&node, 1);
+        self.account_servable(&node, 1);
+        self.set_timer_entry(id, None, node.timer);
+        self.index(id, &node, true);
+        self.nodes[index] = Some(node);
+        self.count += 1;
+    }
+
+    /// Remove a node, returning it.
+    pub(crate) fn remove(&mut self, id: NodeId) -> Option<Node> {
+        let node = self.nodes.get_mut(id.0 as usize)?.take()?;
+        self.account(&node, -1);
+        self.account_servable(&node, -1);
+        self.set_timer_entry(id, node.timer, None);
+        self.index(id, &node, false);
+        self.count -= 1;
+        Some(node)
+    }
+
+    /// Change a node, keeping the derived counts and timers exact.
+    pub(crate) fn update<R>(
+        &mut self,
+        id: NodeId,
+        change: impl FnOnce(&mut Node) -> R,
+    ) -> Option<R> {
+        let mut node = self.nodes.get_mut(id.0 as usize)?.take()?;
+        self.account(&node, -1);
+        let timer_before = node.timer;
+        let free_before = FreeEntry::of(&node);
+        let victim_classes_before = victim_classes(&node);
+        let mut groups_before = std::mem::take(&mut self.groups_before);
+        groups_of(&node, &mut groups_before);
+
+        let classes_before = node.policy.allowed_classes;
+        let result = change(&mut node);
+
+        if node.policy.allowed_classes != classes_before {
+            let mut previous = node.policy;
+            previous.allowed_classes = classes_before;
+            let as_before = Node {
+                policy: previous,
+                ..node.clone()
+            };
+            self.account_servable(&as_before, -1);
+            self.account_servable(&node, 1);
+        }
+        self.account(&node, 1);
+        self.set_timer_entry(id, timer_before, node.timer);
+        let free_after = FreeEntry::of(&node);
+        if free_before != free_after {
+            if let Some(entry) = free_before {
+                self.free.remove(id, &node, entry);
+            }
+            if let Some(entry) = free_after {
+                self.free.insert(id, &node, entry);
+            }
+        }
+        let victim_classes_after = victim_classes(&node);
+        let mut groups_after = std::mem::take(&mut self.groups_after);
+        groups_of(&node, &mut groups_after);
+        if victim_classes_before != victim_classes_after || groups_before != groups_after {
+            if let Some(classes) = victim_classes_before {
+                self.victims
+                    .apply(id, &node, classes, &groups_before, false);
+            }
+            if let Some(classes) = victim_classes_after {
+                self.victims.apply(id, &node, classes, &groups_after, true);
+            }
+        }
+        self.groups_before = groups_before;
+        self.groups_after = groups_after;
+        self.nodes[id.0 as usize] = Some(node);
+        Some(result)
+    }
+
+    /// Add (`insert == true`) or remove all of a node's index entries.
+    fn index(&mut self, id: NodeId, node: &Node, insert: bool) {
+        if let Some(entry) = FreeEntry::of(node) {
+            if insert {
+                self.free.insert(id, node, entry);
+            } else {
+                self.free.remove(id, node, entry);
+            }
+        }
+        if let Some(classes) = victim_classes(node) {
+            let mut groups = std::mem::take(&mut self.groups_before);
+            groups_of(node, &mut groups);
+            self.victims.apply(id, node, classes, &groups, insert);
+            self.groups_before = groups;
+        }
+    }
+
+    /// A node whose timer is due at `now`, with its timer cleared.
+    pub(crate) fn pop_due_timer(&mut self, now: Millis) -> Option<NodeId> {
+        let (at, id) = *self.timers.first()?;
+        if at > now {
+            return None;
+        }
+        self.timers.remove(&(at, id));
+        // The timer is not part of any index or count, so no full update is needed.
+        if let Some(node) = self.nodes.get_mut(id.0 as usize).and_then(Option::as_mut) {
+            node.timer = None;
+        }
+        Some(id)
+    }
+
+    fn set_timer_entry(&mut self, id: NodeId, before: Option<Millis>, after: Option<Millis>) {
+        if before == after {
+            return;
+        }
+        if let Some(at) = before {
+            self.timers.remove(&(at, id));
+        }
+        if let Some(at) = after {
+            self.timers.insert((at, id));
+        }
+    }
+
+    fn account(&mut self, node: &Node, sign: i64) {
+        if node.blocker.is_none() {
+            let slots = u64::from(node.capacity.slots);
+            self.available_slots = if sign > 0 {
+                self.available_slots + slots
+            } else {
+                self.available_slots - slots
+            };
+        }
+    }
+
+    /// Count a node's (model, class) pairs in or out of `servable`; only registration, loss and
+    /// policy changes alter them.
+    fn account_servable(&mut self, node: &Node, sign: i64) {
+        for model in &node.capacity.models {
+            let counts = self.servable.entry(*model).or_default();
+            for class in TenantClass::ALL {
+                if node.policy.allowed_classes.contains(class) {
+                    let count = &mut counts[class.index()];
+                    *count = if sign > 0 { *count + 1 } else { *count - 1 };
+                }
+            }
+        }
+    }
+}
+
+/// The classes a node's victim-index entries are filed under, or `None` if it has none (takes no
+/// new work, so nothing there can be preempted in favour of a newcomer).
+fn victim_classes(node: &Node) -> Option<u8> {
+    let classes = node.policy.allowed_classes.bits();
+    (node.blocker.is_none() && classes != 0 && !node.running.is_empty()).then_some(classes)
+}
+
+/// The distinct victim groups of a node's running work, sorted.
+fn groups_of(node: &Node, groups: &mut Vec<VictimGroup>) {
+    groups.clear();
+    groups.extend(node.running.iter().map(|running| running.group));
+    groups.sort_unstable();
+    groups.dedup();
+}
+
+/// Bytes a B-tree set spends per entry beyond the key: std's B-tree nodes hold up to 11 keys
+/// and are about two-thirds full, plus child pointers and headers; this is an estimate.
+const BTREE_OVERHEAD_PERCENT: u64 = 60;
+/// Bytes the allocator adds to each heap block (header and rounding), an estimate for glibc.
+const HEAP_BLOCK_OVERHEAD_BYTES: u64 = 16;
+
+impl NodeTable {
+    /// Estimated bytes held by the node table and its indexes.
+    pub(crate) fn memory_estimate_bytes(&self) -> u64 {
+        use std::mem::size_of;
+        let btree = |entries: usize, key_bytes: usize| {
+            entries as u64 * key_bytes as u64 * (100 + BTREE_OVERHEAD_PERCENT) / 100
+        };
+        let heap = |bytes: usize| {
+            if bytes == 0 {
+                0
+            } else {
+                bytes as u64 + HEAP_BLOCK_OVERHEAD_BYTES
+            }
+        };
+        let mut bytes = (self.nodes.capacity() * size_of::<Option<Node>>()) as u64;
+        for (_, node) in self.iter() {
+            bytes += heap(node.capacity.models.capacity() * size_of::<ModelId>());
+            bytes += heap(node.capacity.loaded.capacity() * size_of::<ModelId>());
+            bytes += heap(node.running.capacity() * size_of::<Running>());
+        }
+        bytes += btree(self.timers.len(), size_of::<(Millis, NodeId)>());
+        let (_, free_entries) = self.free.entries();
+        bytes += btree(free_entries, size_of::<u128>());
+        let (_, victim_entries) = self.victims.entries();
+        bytes += btree(victim_entries, size_of::<NodeId>());
+        bytes
+    }
+}

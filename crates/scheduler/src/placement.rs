@@ -1,0 +1,279 @@
+//! Placement: choosing a node for a request, preempting lower-ranked work when none is free,
+//! queueing when neither works, and starting waiting requests when capacity appears.
+
+use crate::event::{Command, StopReason};
+use crate::index::VictimGroup;
+use crate::nodes::Running;
+use crate::policy::expected_generation_ms;
+use crate::queues::Waiter;
+use crate::requests::{Placement, Request};
+use crate::scheduler::Scheduler;
+use crate::types::{Millis, ModelId, NodeId, RequestId, TenantClass};
+
+/// Preemption chains (a displaced request preempting one of lower rank in turn) are at most this
+/// long. Ranks strictly increase along a chain and there are four, so this is never reached; it
+/// bounds the recursion should that reasoning ever break.
+const PREEMPTION_CHAIN_MAX: u8 = 4;
+
+impl Scheduler {
+    /// Try to start `request` now (free slot, else preemption); queue it if neither works.
+    pub(crate) fn place_or_wait(
+        &mut self,
+        now: Millis,
+        request: RequestId,
+        parked: bool,
+        out: &mut Vec<Command>,
+    ) {
+        self.place_or_wait_chained(now, request, parked, 0, out);
+    }
+
+    fn place_or_wait_chained(
+        &mut self,
+        now: Millis,
+        request: RequestId,
+        parked: bool,
+        depth: u8,
+        out: &mut Vec<Command>,
+    ) {
+        if !self.try_start(now, request, depth, out) {
+            self.enqueue(request, parked);
+        }
+    }
+
+    /// Put an admitted request (not running, not waiting) in its queue.
+    pub(crate) fn enqueue(&mut self, request: RequestId, parked: bool) {
+        let Some(entry) = self.requests.get(&request) else {
+            return;
+        };
+        let waiter = Waiter {
+            request,
+            class: entry.class,
+            model: entry.model,
+            tenant: entry.tenant,
+            parked,
+            seq: 0,
+            deadline: entry.deadline,
+        };
+        let seq = self.waiting.push(waiter);
+        if let Some(entry) = self.requests.get_mut(&request) {
+            entry.placement = Placement::Waiting { parked, seq };
+        }
+    }
+
+    /// Start `request` on the best free node, else on a slot taken from lower-ranked work.
+    /// The request must not be running or waiting.
+    pub(crate) fn try_start(
+        &mut self,
+        now: Millis,
+        request: RequestId,
+        depth: u8,
+        out: &mut Vec<Command>,
+    ) -> bool {
+        let Some(entry) = self.requests.get(&request) else {
+            return false;
+        };
+        if let Some(node) = self.best_free_node(now, entry) {
+            self.assign(request, node, out);
+            return true;
+        }
+        if depth >= PREEMPTION_CHAIN_MAX {
+            return false;
+        }
+        let Some((node, victim)) = self.find_victim(entry) else {
+            return false;
+        };
+        self.detach(victim, node);
+        out.push(Command::Stop {
+            request: victim,
+            node,
+            reason: StopReason::Preempted,
+        });
+        self.assign(request, node, out);
+        self.place_or_wait_chained(now, victim, true, depth + 1, out);
+        true
+    }
+
+    /// Record `request` as running on `node` and tell the driver.
+    pub(crate) fn assign(&mut self, request: RequestId, node: NodeId, out: &mut Vec<Command>) {
+        let Some(entry) = self.requests.get_mut(&request) else {
+            return;
+        };
+        entry.placement = Placement::Running { node };
+        let resume_from = entry.committed;
+        let tenant = entry.tenant;
+        let group = VictimGroup::of(entry.class, tenant);
+        self.nodes
+            .update(node, |node| node.running.push(Running { request, group }));
+        if let Some(tenant) = self.tenants.get_mut(tenant) {
+            tenant.running += 1;
+        }
+        out.push(Command::Assign {
+            request,
+            node,
+            resume_from,
+        });
+    }
+
+    /// Take a running request off its node (no command); the caller decides what happens next.
+    pub(crate) fn detach(&mut self, request: RequestId, node: NodeId) {
+        let Some(entry) = self.requests.get_mut(&request) else {
+            return;
+        };
+        debug_assert_eq!(
+            entry.node(),
+            Some(node),
+            "detach from a node the request is not on"
+        );
+        // Not waiting either until the caller queues or forgets it; seq 0 is never a real place.
+        entry.placement = Placement::Waiting {
+            parked: true,
+            seq: 0,
+        };
+        let tenant = entry.tenant;
+        self.nodes.update(node, |node| {
+            node.running.retain(|running| running.request != request)
+        });
+        if let Some(tenant) = self.tenants.get_mut(tenant) {
+            tenant.running = tenant.running.saturating_sub(1);
+        }
+    }
+
+    /// Start waiting requests for every model `node` has, highest class first.
+    pub(crate) fn dispatch_node(&mut self, now: Millis, node: NodeId, out: &mut Vec<Command>) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let Some(entry) = self.nodes.get(node) else {
+            return;
+        };
+        // A full node still matters: waiting higher-ranked work may preempt what runs there.
+        if entry.blocker.is_some() {
+            return;
+        }
+        let models = entry.capacity.models.clone();
+        for model in models {
+            self.dispatch_model(now, model, out);
+        }
+    }
+
+    /// Start waiting requests for `model` while they fit, highest class first.
+    pub(crate) fn dispatch_model(&mut self, now: Millis, model: ModelId, out: &mut Vec<Command>) {
+        for class in TenantClass::ALL {
+            while let Some(request) = self.head_of(class, model) {
+                let Some(waiter) = self.waiter_of(request) else {
+                    break;
+                };
+                self.waiting.remove(&waiter);
+                if !self.try_start(now, request, 0, out) {
+                    // Back where it was: re-pushing would lose its place in line.
+                    self.requeue(waiter);
+                    break;
+                }
+            }
+        }
+    }
+
+    fn head_of(&self, class: TenantClass, model: ModelId) -> Option<RequestId> {
+        let tenants = &self.tenants;
+        let available_slots = self.nodes.available_slots();
+        self.waiting.head(class, model, |tenant| {
+            let Some(tenant) = tenants.get(tenant) else {
+                return u64::MAX;
+            };
+            // A reserved tenant below its guarantee goes first: it may take slots that others
+            // of its class may not.
+            let below_guarantee =
+                u64::from(tenant.running) < tenant.guaranteed_slots(available_slots);
+            let penalty = if below_guarantee { 0 } else { 1 << 62 };
+            penalty | tenant.fair_share_key().min((1 << 62) - 1)
+        })
+    }
+
+    /// Retry every waiting request: after changes that may let waiting work preempt running work
+    /// without freeing a slot (a reserved guarantee shrinking, a tenant contract changing).
+    pub(crate) fn dispatch_all(&mut self, now: Millis, out: &mut Vec<Command>) {
+        let mut keys = std::mem::take(&mut self.scratch_keys);
+        keys.clear();
+        keys.extend(self.waiting.keys().map(|(_, model)| model));
+        keys.sort_unstable();
+        keys.dedup();
+        for model in &keys {
+            self.dispatch_model(now, *model, out);
+        }
+        self.scratch_keys = keys;
+    }
+
+    /// The queue position of a waiting request.
+    pub(crate) fn waiter_of(&self, request: RequestId) -> Option<Waiter> {
+        let entry = self.requests.get(&request)?;
+        let Placement::Waiting { parked, seq } = entry.placement else {
+            return None;
+        };
+        Some(Waiter {
+            request,
+            class: entry.class,
+            model: entry.model,
+            tenant: entry.tenant,
+            parked,
+            seq,
+            deadline: entry.deadline,
+        })
+    }
+
+    fn requeue(&mut self, waiter: Waiter) {
+        self.waiting.push_at(waiter);
+    }
+
+    /// Preference rank of a request asking for a slot: 0 = reserved tenant below its guaranteed
+    /// share, 1 = fleet, 2 = reserved, 3 = spot. Lower is served first.
+    pub(crate) fn requester_rank(&self, request: &Request) -> u8 {
+        self.rank(request, false)
+    }
+
+    /// Rank of running work as a preemption victim; a reserved tenant at or below its guaranteed
+    /// share is protected (rank 0).
+    pub(crate) fn victim_rank(&self, request: &Request) -> u8 {
+        self.rank(request, true)
+    }
+
+    fn rank(&self, request: &Request, running: bool) -> u8 {
+        match request.class {
+            TenantClass::Fleet => 1,
+            TenantClass::Spot => 3,
+            TenantClass::Reserved => {
+                let Some(tenant) = self.tenants.get(request.tenant) else {
+                    return 2;
+                };
+                let guaranteed = tenant.guaranteed_slots(self.nodes.available_slots());
+                let count = u64::from(tenant.running);
+                let protected = if running {
+                    count <= guaranteed
+                } else {
+                    count < guaranteed
+                };
+                if protected {
+                    0
+                } else {
+                    2
+                }
+            }
+        }
+    }
+
+    /// Whether `request`'s expected generation on `node` ends before the node must stop work.
+    pub(crate) fn covers(&self, now: Millis, request: &Request, node: NodeId) -> bool {
+        let Some(entry) = self.nodes.get(node) else {
+            return false;
+        };
+        let Some(departure) = entry.state.departure_at else {
+            return true;
+        };
+        let expected = expected_generation_ms(
+            request.prompt_tokens,
+            request.remaining_tokens(),
+            &entry.capacity,
+            self.config.generation_time_margin_permille,
+        );
+        now.plus(expected) <= departure.minus(self.config.departure_hard_stop_ms)
+    }
+}

@@ -1,0 +1,104 @@
+//! Finding a node: the best free slot for a request, or the running work to preempt for it,
+//! through the indexes in `index`.
+
+use crate::index::{node_of_key, VictimGroup, BUCKET_UNBOUNDED};
+use crate::requests::Request;
+use crate::scheduler::Scheduler;
+use crate::types::{Millis, NodeId, RequestId, TenantClass};
+
+/// Nodes of one availability bucket checked for covering a request's expected generation time,
+/// best first. Within a bucket, nodes differ in availability by less than a factor of two, so
+/// only differences in speed make a better-ranked node fail where a worse one passes; a fleet of
+/// a few hardware kinds needs a few probes. Past this, the bucket counts as not covering, which
+/// can only make the choice more conservative, never unsafe.
+const COVER_PROBES_PER_BUCKET: usize = 8;
+
+impl Scheduler {
+    /// The best node with a free slot that may start `request` now. Preference, in order: the
+    /// expected generation ends before the node must stop; the model is already loaded; fewer
+    /// slots in use (as a fraction); cheaper electricity; lower node id.
+    pub(crate) fn best_free_node(&self, now: Millis, request: &Request) -> Option<NodeId> {
+        let mut best_covering: Option<u128> = None;
+        let mut best_any: Option<u128> = None;
+        for (bucket, set) in self.nodes.free.sets(request.model, request.class) {
+            let Some(first) = set.first().copied() else {
+                continue;
+            };
+            best_any = Some(best_any.map_or(first, |best| best.min(first)));
+            if bucket == BUCKET_UNBOUNDED {
+                best_covering = Some(best_covering.map_or(first, |best| best.min(first)));
+                continue;
+            }
+            for key in set.iter().take(COVER_PROBES_PER_BUCKET).copied() {
+                if best_covering.is_some_and(|best| best <= key) {
+                    break;
+                }
+                if self.covers(now, request, node_of_key(key)) {
+                    best_covering = Some(key);
+                    break;
+                }
+            }
+        }
+        best_covering.or(best_any).map(node_of_key)
+    }
+
+    /// Running work that `request` may take the slot of: on a node that accepts the request's
+    /// class and has its model, of strictly higher rank (lower priority) than the request. The
+    /// highest rank is taken first (spot, then reserved work above its tenant's guarantee, then
+    /// fleet work for a reserved tenant below its guarantee), then the lowest node id, then the
+    /// latest request.
+    pub(crate) fn find_victim(&self, request: &Request) -> Option<(NodeId, RequestId)> {
+        let requester = self.requester_rank(request);
+        let (model, class) = (request.model, request.class);
+        let victims = &self.nodes.victims;
+        if requester < 3 {
+            if let Some(node) = victims.first(model, VictimGroup::Spot, class) {
+                return self.victim_on(node, requester);
+            }
+        }
+        if requester < 2 {
+            let node = victims
+                .reserved_tenants(model)
+                .filter(|tenant| !self.reserved_protected(*tenant))
+                .filter_map(|tenant| victims.first(model, VictimGroup::Reserved(tenant), class))
+                .min();
+            if let Some(node) = node {
+                return self.victim_on(node, requester);
+            }
+        }
+        if requester < 1 {
+            if let Some(node) = victims.first(model, VictimGroup::Fleet, class) {
+                return self.victim_on(node, requester);
+            }
+        }
+        None
+    }
+
+    /// The highest-ranked, then latest, running request on `node` ranked above `requester`.
+    fn victim_on(&self, node: NodeId, requester: u8) -> Option<(NodeId, RequestId)> {
+        let entry = self.nodes.get(node)?;
+        entry
+            .running
+            .iter()
+            .filter_map(|running| {
+                let victim = self.requests.get(&running.request)?;
+                let rank = self.victim_rank(victim);
+                (rank > requester).then_some((rank, running.request))
+            })
+            .max()
+            .map(|(_, request)| (node, request))
+    }
+
+    /// Whether a reserved tenant's running work is within its guarantee (not preemptable).
+    fn reserved_protected(&self, tenant: crate::types::TenantId) -> bool {
+        self.tenants.get(tenant).is_none_or(|entry| {
+            entry.config.class == TenantClass::Reserved
+                && u64::from(entry.running) <= entry.guaranteed_slots(self.nodes.available_slots())
+        })
+    }
+}
+
+/// Slots in use per thousand slots.
+pub(crate) fn load_permille(running: usize, slots: u16) -> u32 {
+    (running as u64 * 1000 / u64::from(slots.max(1))) as u32
+}

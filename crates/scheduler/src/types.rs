@@ -1,0 +1,217 @@
+//! Domain types shared by every part of the scheduler: ids, time, tenant classes, and what the
+//! coordinator knows about a vehicle (its capacity, its state, its owner's policy).
+
+/// A point in time: Unix epoch milliseconds. The scheduler never reads a clock; every event
+/// carries the time at which it is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Millis(pub u64);
+
+impl Millis {
+    /// `self + ms`, saturating at the end of time rather than wrapping.
+    pub fn plus(self, ms: u64) -> Millis {
+        Millis(self.0.saturating_add(ms))
+    }
+
+    /// `self - ms`, saturating at the epoch.
+    pub fn minus(self, ms: u64) -> Millis {
+        Millis(self.0.saturating_sub(ms))
+    }
+
+    /// Milliseconds from `earlier` to `self`, zero if `earlier` is later.
+    pub fn since(self, earlier: Millis) -> u64 {
+        self.0.saturating_sub(earlier.0)
+    }
+}
+
+/// A vehicle (node). Ids are dense, assigned by the coordinator, and index the node table
+/// directly, so they should stay small (the table grows to the largest id seen).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId(pub u32);
+
+/// One client request (one generation), unique for the coordinator's lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId(pub u64);
+
+/// An API customer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TenantId(pub u32);
+
+/// A model, as a small id the coordinator maps to a model digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ModelId(pub u16);
+
+/// Priority class of a tenant. Declaration order is priority order: `Fleet > Reserved > Spot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TenantClass {
+    /// The operator's own workloads; served first.
+    Fleet,
+    /// Contracted capacity; may carry a guaranteed minimum share of the fleet's slots.
+    Reserved,
+    /// Best effort on idle capacity; preempted first.
+    Spot,
+}
+
+impl TenantClass {
+    /// Every class, highest priority first.
+    pub const ALL: [TenantClass; 3] =
+        [TenantClass::Fleet, TenantClass::Reserved, TenantClass::Spot];
+
+    /// Dense index (0 = highest priority), for per-class arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// True when `self` is served before `other`.
+    pub fn outranks(self, other: TenantClass) -> bool {
+        self < other
+    }
+}
+
+/// A set of tenant classes (a 3-bit mask).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClassSet(u8);
+
+impl ClassSet {
+    /// No class.
+    pub const NONE: ClassSet = ClassSet(0);
+    /// Every class.
+    pub const ALL: ClassSet = ClassSet(0b111);
+
+    /// The set holding only `class`.
+    pub fn only(class: TenantClass) -> ClassSet {
+        ClassSet(1 << class.index())
+    }
+
+    /// The set with `class` added.
+    pub fn with(self, class: TenantClass) -> ClassSet {
+        ClassSet(self.0 | (1 << class.index()))
+    }
+
+    /// The set with `class` removed.
+    pub fn without(self, class: TenantClass) -> ClassSet {
+        ClassSet(self.0 & !(1 << class.index()))
+    }
+
+    /// Whether `class` is in the set.
+    pub fn contains(self, class: TenantClass) -> bool {
+        self.0 & (1 << class.index()) != 0
+    }
+
+    /// The raw mask (bit i = `TenantClass::ALL[i]`).
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+}
+
+impl Default for ClassSet {
+    fn default() -> Self {
+        ClassSet::ALL
+    }
+}
+
+/// What the vehicle reports about itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VehicleState {
+    /// Connected to a charger.
+    pub plugged_in: bool,
+    /// Energy is flowing in right now.
+    pub charging: bool,
+    /// Battery state of charge, 0..=1000.
+    pub state_of_charge_permille: u16,
+    /// When the owner plans to drive off, if a departure is scheduled.
+    pub departure_at: Option<Millis>,
+    /// AI computer temperature in tenths of a degree Celsius.
+    pub chip_temperature_decicelsius: i16,
+}
+
+impl Default for VehicleState {
+    /// A parked, plugged-in, full, cool car with no departure scheduled.
+    fn default() -> Self {
+        VehicleState {
+            plugged_in: true,
+            charging: false,
+            state_of_charge_permille: 1000,
+            departure_at: None,
+            chip_temperature_decicelsius: 400,
+        }
+    }
+}
+
+/// The owner's limits on what the car may be used for. `Default` is the safe setting: only while
+/// plugged in, any hour, no energy cap, at most 85.0 °C, stop 15 minutes before departure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnerPolicy {
+    /// Allow work while unplugged, as long as the battery stays above the thresholds below.
+    pub allow_unplugged: bool,
+    /// Unplugged: stop working when the state of charge falls to this (permille).
+    pub unplugged_stop_soc_permille: u16,
+    /// Unplugged: start again only once the state of charge is back at this (permille). Keeping
+    /// it above the stop threshold stops the node flapping in and out of service.
+    pub unplugged_resume_soc_permille: u16,
+    /// Bit `i` set = work allowed during hour `i` (0..24) of the owner's local day, where local
+    /// time is UTC shifted by `utc_offset_minutes`.
+    pub allowed_hours_utc: u32,
+    /// Offset of the owner's local time from UTC, minutes; used for allowed hours and for the
+    /// day on which the energy cap resets.
+    pub utc_offset_minutes: i16,
+    /// Energy the compute may use per local day, watt-hours; `None` = no cap.
+    pub max_energy_per_day_wh: Option<u32>,
+    /// Above this chip temperature (tenths of °C) the node takes and keeps no work.
+    pub max_chip_temperature_decicelsius: i16,
+    /// Take no new work this long before a scheduled departure, milliseconds.
+    pub stop_before_departure_ms: u64,
+    /// Tenant classes whose work the owner accepts.
+    pub allowed_classes: ClassSet,
+}
+
+/// Every hour of the day allowed.
+pub const ALL_HOURS: u32 = (1 << 24) - 1;
+
+impl Default for OwnerPolicy {
+    fn default() -> Self {
+        OwnerPolicy {
+            allow_unplugged: false,
+            unplugged_stop_soc_permille: 500,
+            unplugged_resume_soc_permille: 600,
+            allowed_hours_utc: ALL_HOURS,
+            utc_offset_minutes: 0,
+            max_energy_per_day_wh: None,
+            max_chip_temperature_decicelsius: 850,
+            stop_before_departure_ms: 15 * 60 * 1000,
+            allowed_classes: ClassSet::ALL,
+        }
+    }
+}
+
+/// What a node can do, reported at registration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeCapacity {
+    /// Generations the node runs at once (continuous-batching slots).
+    pub slots: u16,
+    /// Decode speed of one generation, tokens per second.
+    pub decode_tokens_per_second: f32,
+    /// Prompt processing speed, tokens per second.
+    pub prefill_tokens_per_second: f32,
+    /// Models on the node's disk; it can serve only these.
+    pub models: Vec<ModelId>,
+    /// Models already loaded in memory (a subset of `models`); no load delay.
+    pub loaded: Vec<ModelId>,
+    /// The owner's electricity tariff, micro-USD per kWh.
+    pub energy_price_micro_usd_per_kwh: u32,
+}
+
+/// A tenant's contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantConfig {
+    /// Priority class.
+    pub class: TenantClass,
+    /// Weight for fair sharing among tenants of the same class (0 is treated as 1).
+    pub weight: u32,
+    /// Requests admitted and not yet finished (running, queued or parked) at most.
+    pub max_concurrency: u32,
+    /// Prompt plus maximum completion tokens admitted per minute; `None` = no limit.
+    pub tokens_per_minute: Option<u32>,
+    /// Reserved class only: share of the fleet's available slots (permille) this tenant is
+    /// guaranteed; higher classes do not preempt it below this share.
+    pub reserved_min_share_permille: u16,
+}

@@ -1,0 +1,84 @@
+//! Running external commands: each is printed before it runs, and a failure names the command.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+/// Prints a step heading so a long run reads as a list of what happened.
+pub fn step(description: &str) {
+    println!("\n==> {description}");
+}
+
+/// Prints a note under the current step.
+pub fn note(message: &str) {
+    println!("    {message}");
+}
+
+/// Runs `command` with inherited stdio and fails unless it exits successfully.
+pub fn run(command: &mut Command) -> Result<()> {
+    println!("    $ {}", describe(command));
+    let status = command
+        .status()
+        .with_context(|| format!("start `{}`", describe(command)))?;
+    if !status.success() {
+        bail!("`{}` failed with {status}", describe(command));
+    }
+    Ok(())
+}
+
+/// Whether `command` runs and exits successfully; its output is discarded.
+pub fn succeeds(command: &mut Command) -> bool {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// The cargo that runs xtask (so the same toolchain builds everything), in the repository root.
+pub fn cargo_command(root: &Path) -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command.current_dir(root);
+    command
+}
+
+/// Runs `cargo <arguments>` in the repository root with extra environment variables.
+pub fn cargo(root: &Path, arguments: &[&str], env: &[(&str, &OsStr)]) -> Result<()> {
+    let mut command = cargo_command(root);
+    command.args(arguments);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    run(&mut command)
+}
+
+/// Replaces this process with `cargo <arguments>`, so that Ctrl-C reaches the program directly
+/// (cargo itself execs the binary for `cargo run`) and its exit status becomes ours.
+#[cfg(unix)]
+pub fn exec_cargo(root: &Path, arguments: &[&str]) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let mut command = cargo_command(root);
+    command.args(arguments);
+    println!("    $ {}", describe(&command));
+    let error = command.exec();
+    Err(error).with_context(|| format!("start `{}`", describe(&command)))
+}
+
+#[cfg(not(unix))]
+pub fn exec_cargo(root: &Path, arguments: &[&str]) -> Result<()> {
+    let mut command = cargo_command(root);
+    command.args(arguments);
+    run(&mut command)
+}
+
+fn describe(command: &Command) -> String {
+    std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|part| part.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}

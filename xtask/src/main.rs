@@ -1,0 +1,97 @@
+//! Project automation: `cargo xtask demo` and `cargo xtask test`, the two commands of the README.
+//!
+//! Both prepare a fresh Debian machine that has only the Rust toolchain (Debian packages, a Python
+//! virtual environment, the models) and are safe to run again: every step checks first and is
+//! skipped when already satisfied. xtask deliberately depends on nothing heavy; it shells out to
+//! `apt-get`, `python3`, `cargo` and the `fleetgrid` binary.
+
+mod command;
+mod services;
+mod setup;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  demo    install what is missing, fetch the models, run `fleetgrid demo` (Ctrl-C stops it)
+  test    install what is missing, fetch the models, start PostgreSQL and NATS, then run
+          cargo fmt --check, cargo clippy -D warnings and the whole test suite";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let arguments: Vec<String> = std::env::args().skip(1).collect();
+    match arguments.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["demo"] => demo(),
+        ["test"] => test(),
+        ["help" | "--help" | "-h"] => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => bail!("unknown arguments {arguments:?}\n\n{USAGE}"),
+    }
+}
+
+/// The repository root: xtask's manifest lives one level below it.
+fn repo_root() -> PathBuf {
+    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .map_or_else(|| manifest_dir.clone(), PathBuf::from)
+}
+
+fn demo() -> Result<()> {
+    let root = repo_root();
+    setup::debian_packages(setup::BUILD_PACKAGES)?;
+    let python = setup::python_venv(&root)?;
+    setup::models(&root, &python, setup::DEMO_MODELS)?;
+    command::step("run the demo (Ctrl-C stops it)");
+    command::exec_cargo(&root, &["run", "-p", "fleetgrid", "--", "demo"])
+}
+
+fn test() -> Result<()> {
+    let root = repo_root();
+    setup::debian_packages(setup::BUILD_PACKAGES)?;
+    let python = setup::python_venv(&root)?;
+    setup::models(&root, &python, setup::TEST_MODELS)?;
+    services::postgres()?;
+    services::nats(&root);
+
+    let python_env = [("FLEETGRID_TEST_PYTHON", python.as_os_str())];
+    command::step("check formatting");
+    command::cargo(&root, &["fmt", "--all", "--", "--check"], &[])?;
+    command::step("lint");
+    command::cargo(
+        &root,
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    )?;
+    if command::succeeds(command::cargo_command(&root).args(["nextest", "--version"])) {
+        command::step("run the tests with nextest");
+        command::cargo(&root, &["nextest", "run", "--workspace"], &python_env)?;
+    } else {
+        command::step("run the tests (cargo-nextest not installed)");
+        command::cargo(&root, &["test", "--workspace"], &python_env)?;
+    }
+    command::step("all checks passed");
+    Ok(())
+}
