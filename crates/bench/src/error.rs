@@ -40,6 +40,9 @@ pub enum BenchError {
     /// Our engine failed to start or to measure itself.
     #[error("engine: {0}")]
     Engine(#[from] engine::EngineError),
+    /// The model could not be put into the scratch model store of the serving benchmark.
+    #[error("model store: {0}")]
+    ModelStore(#[from] models::ModelError),
     /// A server did not become ready in time.
     #[error("{what} not ready after {waited_seconds} s")]
     NotReady { what: String, waited_seconds: u64 },

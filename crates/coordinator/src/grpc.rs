@@ -60,17 +60,26 @@ impl AgentService {
             Ok(stored) => stored,
             Err(error) => {
                 tracing::error!(%error, node_id = %hello.node_id, "look up node credential");
-                return Err((proto::RefusalCode::Unspecified, "coordinator storage error; retry later".into()));
+                return Err((
+                    proto::RefusalCode::Unspecified,
+                    "coordinator storage error; retry later".into(),
+                ));
             }
         };
         let Some(stored) = stored else {
             return Err((
                 proto::RefusalCode::UnknownNode,
-                format!("node {:?} is not enrolled; enrol it with 'fleetgrid nodes add'", hello.node_id),
+                format!(
+                    "node {:?} is not enrolled; enrol it with 'fleetgrid nodes add'",
+                    hello.node_id
+                ),
             ));
         };
         if !secrets::hashes_equal(&stored, &secrets::hash(&hello.credential)) {
-            return Err((proto::RefusalCode::BadCredential, "the node's credential is wrong".into()));
+            return Err((
+                proto::RefusalCode::BadCredential,
+                "the node's credential is wrong".into(),
+            ));
         }
         Ok(())
     }
@@ -87,9 +96,14 @@ impl proto::coordinator_server::Coordinator for AgentService {
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(limits::HELLO_TIMEOUT, inbound.message()).await;
         let hello = match first {
-            Ok(Ok(Some(proto::AgentMessage { kind: Some(AgentKind::Hello(hello)) }))) => hello,
+            Ok(Ok(Some(proto::AgentMessage {
+                kind: Some(AgentKind::Hello(hello)),
+            }))) => hello,
             Ok(Ok(_)) => {
-                self.core.metrics.nodes_refused.fetch_add(1, crate::core::ORDER);
+                self.core
+                    .metrics
+                    .nodes_refused
+                    .fetch_add(1, crate::core::ORDER);
                 return Ok(Response::new(refusal(
                     proto::RefusalCode::BadHello,
                     "the first message must be Hello".into(),
@@ -100,7 +114,10 @@ impl proto::coordinator_server::Coordinator for AgentService {
         };
         if let Err((code, reason)) = self.check_hello(&hello).await {
             tracing::warn!(node_id = %hello.node_id, ?code, %reason, "refusing agent");
-            self.core.metrics.nodes_refused.fetch_add(1, crate::core::ORDER);
+            self.core
+                .metrics
+                .nodes_refused
+                .fetch_add(1, crate::core::ORDER);
             return Ok(Response::new(refusal(code, reason)));
         }
         let (outbound, receiver) = mpsc::channel(limits::NODE_OUTBOUND_CAPACITY);
@@ -114,16 +131,26 @@ impl proto::coordinator_server::Coordinator for AgentService {
         if outbound.try_send(welcome).is_err() {
             return Err(Status::internal("could not queue welcome"));
         }
-        let session = self.core.node_connected(&hello.node_id, &hello, outbound, &self.models);
+        let session = self
+            .core
+            .node_connected(&hello.node_id, &hello, outbound, &self.models);
         tracing::info!(node_id = %hello.node_id, models = hello.models.len(), "node connected");
         let store = self.store.clone();
         let name = hello.node_id.clone();
         tokio::spawn(async move {
-            if let Err(error) = store.touch_node(&name, crate::core::now_ms().0 as i64).await {
+            if let Err(error) = store
+                .touch_node(&name, crate::core::now_ms().0 as i64)
+                .await
+            {
                 tracing::warn!(%error, node_id = %name, "record node last seen");
             }
         });
-        tokio::spawn(read_agent(Arc::clone(&self.core), session, inbound, hello.node_id));
+        tokio::spawn(read_agent(
+            Arc::clone(&self.core),
+            session,
+            inbound,
+            hello.node_id,
+        ));
         let stream = ReceiverStream::new(receiver).map(Ok);
         Ok(Response::new(Box::pin(stream)))
     }
@@ -134,7 +161,12 @@ fn duration_ms(duration: Duration) -> u32 {
 }
 
 /// Reads one agent's messages until its stream ends, then reports it lost.
-async fn read_agent(core: Arc<Core>, session: NodeSession, mut inbound: Streaming<proto::AgentMessage>, name: String) {
+async fn read_agent(
+    core: Arc<Core>,
+    session: NodeSession,
+    mut inbound: Streaming<proto::AgentMessage>,
+    name: String,
+) {
     loop {
         match inbound.message().await {
             Ok(Some(message)) => match message.kind {
@@ -143,7 +175,9 @@ async fn read_agent(core: Arc<Core>, session: NodeSession, mut inbound: Streamin
                 Some(AgentKind::Done(done)) => core.node_done(session, done),
                 Some(AgentKind::Failed(failed)) => core.node_failed(session, failed),
                 Some(AgentKind::Hello(_)) | None => {
-                    core.metrics.node_protocol_violations.fetch_add(1, crate::core::ORDER);
+                    core.metrics
+                        .node_protocol_violations
+                        .fetch_add(1, crate::core::ORDER);
                     tracing::warn!(node_id = %name, "unexpected message from agent");
                 }
             },

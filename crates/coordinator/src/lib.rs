@@ -73,9 +73,15 @@ pub enum CoordinatorError {
     #[error("open store: {0}")]
     Store(#[from] store::StoreError),
     #[error("bind {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("load tokenizer of {model}: {source}")]
-    Tokenizer { model: String, source: engine::EngineError },
+    Tokenizer {
+        model: String,
+        source: engine::EngineError,
+    },
     #[error("serve gRPC: {0}")]
     Grpc(#[from] tonic::transport::Error),
     #[error("serve HTTP: {0}")]
@@ -107,17 +113,27 @@ pub async fn serve(
 
     let http_listener = TcpListener::bind(config.http_listen)
         .await
-        .map_err(|source| CoordinatorError::Bind { addr: config.http_listen, source })?;
+        .map_err(|source| CoordinatorError::Bind {
+            addr: config.http_listen,
+            source,
+        })?;
     let grpc_listener = TcpListener::bind(config.grpc_listen)
         .await
-        .map_err(|source| CoordinatorError::Bind { addr: config.grpc_listen, source })?;
+        .map_err(|source| CoordinatorError::Bind {
+            addr: config.grpc_listen,
+            source,
+        })?;
     let bound = Bound {
         http: http_listener.local_addr().map_err(CoordinatorError::Http)?,
         grpc: grpc_listener.local_addr().map_err(CoordinatorError::Http)?,
     };
 
     tokio::spawn(write_request_log(store.clone(), log_receiver));
-    tokio::spawn(tick(Arc::clone(&core), config.heartbeat_timeout, shutdown.clone()));
+    tokio::spawn(tick(
+        Arc::clone(&core),
+        config.heartbeat_timeout,
+        shutdown.clone(),
+    ));
 
     let service = grpc::AgentService {
         core: Arc::clone(&core),
@@ -136,9 +152,8 @@ pub async fn serve(
 
     let app = api::router(api::AppState::new(Arc::clone(&core), store, models));
     let http_shutdown = shutdown.clone();
-    let http = axum::serve(http_listener, app).with_graceful_shutdown(async move {
-        http_shutdown.cancelled().await
-    });
+    let http = axum::serve(http_listener, app)
+        .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
     ready(bound);
     tracing::info!(http = %bound.http, grpc = %bound.grpc, "coordinator listening");
 
@@ -173,7 +188,13 @@ async fn load_models(config: &CoordinatorConfig) -> Result<ServedModels, Coordin
             source,
         })?;
         let context = config.context_tokens.min(tokenizer.context_train().max(1));
-        served.add(model.name.clone(), model.digest.clone(), tokenizer, context, created);
+        served.add(
+            model.name.clone(),
+            model.digest.clone(),
+            tokenizer,
+            context,
+            created,
+        );
     }
     Ok(served)
 }

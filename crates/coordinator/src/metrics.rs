@@ -49,30 +49,102 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let counters: [(&str, &str, &AtomicU64); 16] = [
-            ("fleetgrid_requests_accepted_total", "Requests admitted by the gateway.", &self.requests_accepted),
-            ("fleetgrid_requests_completed_total", "Requests answered in full.", &self.requests_completed),
-            ("fleetgrid_requests_failed_total", "Accepted requests that ended in an error.", &self.requests_failed),
-            ("fleetgrid_requests_rejected_queue_full_total", "Requests refused with 429.", &self.requests_rejected_queue_full),
-            ("fleetgrid_requests_rejected_no_node_total", "Requests refused with 503 (no eligible node).", &self.requests_rejected_no_node),
-            ("fleetgrid_requests_rejected_other_total", "Requests refused by the scheduler for other reasons.", &self.requests_rejected_other),
-            ("fleetgrid_requests_cancelled_total", "Requests whose client went away.", &self.requests_cancelled),
-            ("fleetgrid_generations_cancelled_on_node_total", "Generations a node confirmed cancelled.", &self.generations_cancelled_on_node),
-            ("fleetgrid_completion_tokens_total", "Completion tokens committed.", &self.completion_tokens),
-            ("fleetgrid_prompt_tokens_total", "Prompt tokens of admitted requests.", &self.prompt_tokens),
-            ("fleetgrid_reassignments_total", "Generations moved to another node.", &self.reassignments),
-            ("fleetgrid_nodes_lost_total", "Node sessions that ended or timed out.", &self.nodes_lost),
-            ("fleetgrid_nodes_refused_total", "Agent connections refused.", &self.nodes_refused),
-            ("fleetgrid_node_report_mismatches_total", "Node usage reports that disagree with the coordinator's count.", &self.node_report_mismatches),
-            ("fleetgrid_node_protocol_violations_total", "Messages from nodes that broke the protocol.", &self.node_protocol_violations),
-            ("fleetgrid_request_log_dropped_total", "Request-log records dropped because the writer was behind.", &self.request_log_dropped),
+            (
+                "fleetgrid_requests_accepted_total",
+                "Requests admitted by the gateway.",
+                &self.requests_accepted,
+            ),
+            (
+                "fleetgrid_requests_completed_total",
+                "Requests answered in full.",
+                &self.requests_completed,
+            ),
+            (
+                "fleetgrid_requests_failed_total",
+                "Accepted requests that ended in an error.",
+                &self.requests_failed,
+            ),
+            (
+                "fleetgrid_requests_rejected_queue_full_total",
+                "Requests refused with 429.",
+                &self.requests_rejected_queue_full,
+            ),
+            (
+                "fleetgrid_requests_rejected_no_node_total",
+                "Requests refused with 503 (no eligible node).",
+                &self.requests_rejected_no_node,
+            ),
+            (
+                "fleetgrid_requests_rejected_other_total",
+                "Requests refused by the scheduler for other reasons.",
+                &self.requests_rejected_other,
+            ),
+            (
+                "fleetgrid_requests_cancelled_total",
+                "Requests whose client went away.",
+                &self.requests_cancelled,
+            ),
+            (
+                "fleetgrid_generations_cancelled_on_node_total",
+                "Generations a node confirmed cancelled.",
+                &self.generations_cancelled_on_node,
+            ),
+            (
+                "fleetgrid_completion_tokens_total",
+                "Completion tokens committed.",
+                &self.completion_tokens,
+            ),
+            (
+                "fleetgrid_prompt_tokens_total",
+                "Prompt tokens of admitted requests.",
+                &self.prompt_tokens,
+            ),
+            (
+                "fleetgrid_reassignments_total",
+                "Generations moved to another node.",
+                &self.reassignments,
+            ),
+            (
+                "fleetgrid_nodes_lost_total",
+                "Node sessions that ended or timed out.",
+                &self.nodes_lost,
+            ),
+            (
+                "fleetgrid_nodes_refused_total",
+                "Agent connections refused.",
+                &self.nodes_refused,
+            ),
+            (
+                "fleetgrid_node_report_mismatches_total",
+                "Node usage reports that disagree with the coordinator's count.",
+                &self.node_report_mismatches,
+            ),
+            (
+                "fleetgrid_node_protocol_violations_total",
+                "Messages from nodes that broke the protocol.",
+                &self.node_protocol_violations,
+            ),
+            (
+                "fleetgrid_request_log_dropped_total",
+                "Request-log records dropped because the writer was behind.",
+                &self.request_log_dropped,
+            ),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
         }
         let gauges: [(&str, &str, &AtomicI64); 2] = [
-            ("fleetgrid_generations_active", "Generations admitted and not yet finished.", &self.generations_active),
-            ("fleetgrid_nodes_connected", "Agents connected now.", &self.nodes_connected),
+            (
+                "fleetgrid_generations_active",
+                "Generations admitted and not yet finished.",
+                &self.generations_active,
+            ),
+            (
+                "fleetgrid_nodes_connected",
+                "Agents connected now.",
+                &self.nodes_connected,
+            ),
         ];
         for (name, help, value) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
@@ -84,14 +156,25 @@ impl Metrics {
 
     fn render_ttft(&self, out: &mut String) {
         let name = "fleetgrid_time_to_first_token_milliseconds";
-        let _ = writeln!(out, "# HELP {name} Time from admission to the first committed token.");
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time from admission to the first committed token."
+        );
         let _ = writeln!(out, "# TYPE {name} histogram");
         for (bound, bucket) in TTFT_BUCKETS_MS.iter().zip(&self.ttft_buckets) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", bucket.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                bucket.load(Ordering::Relaxed)
+            );
         }
         let count = self.ttft_count.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum {}", self.ttft_sum_ms.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.ttft_sum_ms.load(Ordering::Relaxed)
+        );
         let _ = writeln!(out, "{name}_count {count}");
     }
 }

@@ -24,7 +24,10 @@ pub const DATABASE_FILE: &str = "fleetgrid.db";
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("create data directory {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     #[error("migrate database: {0}")]
@@ -154,7 +157,11 @@ impl Store {
     }
 
     /// Issues another API key for an existing tenant.
-    pub async fn create_api_key(&self, tenant_name: &str, now_ms: i64) -> Result<String, StoreError> {
+    pub async fn create_api_key(
+        &self,
+        tenant_name: &str,
+        now_ms: i64,
+    ) -> Result<String, StoreError> {
         let tenant = self
             .tenant_by_name(tenant_name)
             .await?
@@ -204,7 +211,12 @@ impl Store {
     }
 
     /// Enrols a node; its credential is returned once.
-    pub async fn add_node(&self, name: &str, owner: &str, now_ms: i64) -> Result<String, StoreError> {
+    pub async fn add_node(
+        &self,
+        name: &str,
+        owner: &str,
+        now_ms: i64,
+    ) -> Result<String, StoreError> {
         let credential = secrets::generate(secrets::NODE_CREDENTIAL_PREFIX);
         let inserted = sqlx::query(
             "INSERT INTO nodes (name, credential_hash, owner, created_ms) VALUES (?, ?, ?, ?) \
@@ -322,7 +334,10 @@ mod tests {
             store.tenant_for_api_key(&key).await.expect("lookup"),
             Some(tenant.clone())
         );
-        assert_eq!(store.tenant_for_api_key("fg-nope").await.expect("lookup"), None);
+        assert_eq!(
+            store.tenant_for_api_key("fg-nope").await.expect("lookup"),
+            None
+        );
         assert!(matches!(
             store.create_tenant("acme", TenantClass::Fleet, 2).await,
             Err(StoreError::TenantExists(_))

@@ -27,7 +27,10 @@ pub(crate) fn run(
     let vocab_size = worker.tokenizer.vocab_size().max(1);
     // Deterministic "random" tokens, as llama-bench feeds random ids.
     let tokens: Vec<TokenId> = (0..prefill_tokens)
-        .map(|index| TokenId::try_from((u64::from(index) * 2_654_435_761) % u64::from(vocab_size)).unwrap_or(0))
+        .map(|index| {
+            TokenId::try_from((u64::from(index) * 2_654_435_761) % u64::from(vocab_size))
+                .unwrap_or(0)
+        })
         .collect();
     let warmup = &tokens[..tokens.len().min(WARMUP_PREFILL_TOKENS as usize)];
     prefill(worker, warmup)?;
@@ -60,7 +63,13 @@ fn prefill(worker: &mut Worker<'_>, tokens: &[TokenId]) -> Result<(), EngineErro
         worker.batch.clear();
         for (offset, &token) in chunk.iter().enumerate() {
             let wants_logits = is_last_chunk && offset + 1 == chunk.len();
-            if !add_token(&mut worker.batch, token, position, BENCH_SEQ_ID, wants_logits) {
+            if !add_token(
+                &mut worker.batch,
+                token,
+                position,
+                BENCH_SEQ_ID,
+                wants_logits,
+            ) {
                 return Err(EngineError::Decode("bench batch overflow".to_owned()));
             }
             position += 1;

@@ -98,9 +98,8 @@ fn file_size(path: &Path) -> Result<u64, EngineError> {
 /// llama.cpp hyper-parameters are never filled in), which is what the estimate runs on.
 fn read_shape(model: &LlamaModel) -> Result<ModelShape, EngineError> {
     let required = |key: &str| {
-        architecture_value(model, key).ok_or_else(|| {
-            EngineError::ModelLoad(format!("gguf metadata has no usable {key}"))
-        })
+        architecture_value(model, key)
+            .ok_or_else(|| EngineError::ModelLoad(format!("gguf metadata has no usable {key}")))
     };
     let embedding = required("embedding_length")?;
     let heads = required("attention.head_count")?.max(1);
@@ -128,7 +127,10 @@ pub(crate) fn architecture_value(model: &LlamaModel, key: &str) -> Option<u64> {
 }
 
 /// Refuse `estimate` if it exceeds the budget.
-pub(crate) fn check_budget(estimate: &MemoryEstimate, budget_bytes: u64) -> Result<(), EngineError> {
+pub(crate) fn check_budget(
+    estimate: &MemoryEstimate,
+    budget_bytes: u64,
+) -> Result<(), EngineError> {
     let needed_bytes = estimate.total_bytes();
     if needed_bytes > budget_bytes {
         return Err(EngineError::OverBudget {

@@ -14,12 +14,13 @@ use crate::slot::Admission;
 use crate::tokenizer::{backend, load_model};
 use crate::worker::{Command, Worker};
 use crate::{
-    CancelHandle, EngineConfig, EngineError, EngineInfo, Generation, GenerationStream,
-    SpeedReport, Tokenizer,
+    CancelHandle, EngineConfig, EngineError, EngineInfo, Generation, GenerationStream, SpeedReport,
+    Tokenizer,
 };
 
 /// The engine's own description in [`EngineInfo::engine_version`].
-pub const ENGINE_VERSION: &str = "llama.cpp (vendored by llama-cpp-sys-2 0.1.161) via llama-cpp-2 0.1.160";
+pub const ENGINE_VERSION: &str =
+    "llama.cpp (vendored by llama-cpp-sys-2 0.1.161) via llama-cpp-2 0.1.160";
 
 /// Stack of the engine thread; llama.cpp's graph building recurses more than Rust's 2 MiB default
 /// is comfortable with.
@@ -54,7 +55,9 @@ impl Drop for Shared {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("info", &self.shared.info).finish_non_exhaustive()
+        f.debug_struct("Engine")
+            .field("info", &self.shared.info)
+            .finish_non_exhaustive()
     }
 }
 
@@ -133,7 +136,11 @@ impl Engine {
             events: events_tx,
             cancel: cancel.clone(),
         };
-        match self.shared.submissions.try_send(Command::Generate(Box::new(admission))) {
+        match self
+            .shared
+            .submissions
+            .try_send(Command::Generate(Box::new(admission)))
+        {
             Ok(()) => Ok(GenerationStream {
                 events: events_rx,
                 cancel,
@@ -149,7 +156,10 @@ impl Engine {
         }
         let tokenizer = &self.shared.tokenizer;
         let all_tokens = generation.prompt.iter().chain(&generation.committed);
-        if let Some(bad) = all_tokens.clone().find(|&&token| !tokenizer.is_valid(token)) {
+        if let Some(bad) = all_tokens
+            .clone()
+            .find(|&&token| !tokenizer.is_valid(token))
+        {
             return Err(EngineError::InvalidGeneration(format!(
                 "token id {bad} is outside the vocabulary of {} tokens",
                 tokenizer.vocab_size()

@@ -16,7 +16,10 @@ pub enum EngineError {
         "model needs {needed_bytes} bytes (weights + kv cache + compute buffers) but the memory \
          budget is {budget_bytes} bytes; lower context_tokens_per_sequence or parallel_sequences"
     )]
-    OverBudget { needed_bytes: u64, budget_bytes: u64 },
+    OverBudget {
+        needed_bytes: u64,
+        budget_bytes: u64,
+    },
     /// Prompt plus committed tokens leave no room for a single new token in a sequence's context.
     #[error(
         "prompt of {prompt_tokens} tokens (committed included) leaves no room for a new token \

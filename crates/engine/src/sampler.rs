@@ -45,8 +45,8 @@ impl SamplingParams {
     /// Whether these parameters pick the argmax without drawing.
     #[must_use]
     pub fn is_greedy(&self) -> bool {
-        // `!(x > 0)` also treats NaN as greedy rather than poisoning every probability.
-        !(self.temperature > 0.0) || self.top_k == 1
+        // NaN counts as greedy too, rather than poisoning every probability.
+        self.temperature.is_nan() || self.temperature <= 0.0 || self.top_k == 1
     }
 }
 
@@ -114,7 +114,9 @@ impl Sampler {
         } else {
             self.draw(logits, max_logit, params, position)
         };
-        let top_count = (top_logprobs as usize).min(TOP_LOGPROBS_MAX).min(logits.len());
+        let top_count = (top_logprobs as usize)
+            .min(TOP_LOGPROBS_MAX)
+            .min(logits.len());
         let top = top_tokens(logits, top_count)
             .into_iter()
             .map(|token| Candidate {
@@ -148,10 +150,9 @@ impl Sampler {
         }
         self.candidates.clear();
         self.candidates.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(index, &logit)| ((logit - max_logit) * inverse_temperature, token_id(index))),
+            logits.iter().enumerate().map(|(index, &logit)| {
+                ((logit - max_logit) * inverse_temperature, token_id(index))
+            }),
         );
         let limit = if cut_by_k { top_k } else { vocab_size };
         let kept = if cut_by_p {
@@ -168,7 +169,8 @@ impl Sampler {
 /// with `seed`: a pure function, so any node computes the same draw.
 #[must_use]
 pub fn uniform_for_position(seed: u64, position: u32) -> f64 {
-    let mixed = splitmix64(seed ^ splitmix64(u64::from(position).wrapping_add(0xA076_1D64_78BD_642F)));
+    let mixed =
+        splitmix64(seed ^ splitmix64(u64::from(position).wrapping_add(0xA076_1D64_78BD_642F)));
     // The top 53 bits fill an f64 mantissa exactly; the result is strictly below 1.
     (mixed >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
@@ -249,7 +251,10 @@ fn nucleus_prefix(candidates: &mut [(f32, TokenId)], limit: usize, top_p: f32) -
         candidates.select_nth_unstable_by(limit - 1, more_likely_first);
     }
     let pool = &mut candidates[..limit];
-    let total: f64 = pool.iter().map(|&(scaled, _)| f64::from(scaled.exp())).sum();
+    let total: f64 = pool
+        .iter()
+        .map(|&(scaled, _)| f64::from(scaled.exp()))
+        .sum();
     let target = f64::from(top_p) * total;
     let mut round = NUCLEUS_FIRST_ROUND_CANDIDATES.min(limit);
     loop {
@@ -296,7 +301,10 @@ fn draw_from_full_vocabulary(
 
 /// Draw from a most-likely-first prefix of (scaled logit, token) pairs.
 fn draw_from_sorted_prefix(prefix: &[(f32, TokenId)], uniform: f64) -> TokenId {
-    let total: f64 = prefix.iter().map(|&(scaled, _)| f64::from(scaled.exp())).sum();
+    let total: f64 = prefix
+        .iter()
+        .map(|&(scaled, _)| f64::from(scaled.exp()))
+        .sum();
     let threshold = uniform * total;
     let mut cumulative = 0.0;
     for &(scaled, token) in prefix {

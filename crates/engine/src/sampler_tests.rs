@@ -65,7 +65,8 @@ fn logprob_is_log_softmax_of_raw_logits_whatever_the_temperature() {
             assert!((sampled.logprob - expected).abs() < 1e-5, "{sampled:?}");
             assert!(sampled.logprob <= 0.0);
             let reported: Vec<f32> = sampled.top.iter().map(|c| c.logprob).collect();
-            let expected_top: Vec<f32> = [2, 1, 0].iter().map(|&i| logits[i] - normalizer).collect();
+            let expected_top: Vec<f32> =
+                [2, 1, 0].iter().map(|&i| logits[i] - normalizer).collect();
             for (got, want) in reported.iter().zip(&expected_top) {
                 assert!((got - want).abs() < 1e-5);
             }
@@ -80,9 +81,15 @@ fn top_logprobs_are_sorted_capped_and_start_with_the_greedy_choice() {
     let sampled = sampler.sample(&logits, &SamplingParams::greedy(), 0, 50);
     assert_eq!(sampled.top.len(), TOP_LOGPROBS_MAX);
     assert_eq!(sampled.top[0].token, sampled.token);
-    assert!(sampled.top.windows(2).all(|pair| pair[0].logprob >= pair[1].logprob));
-    let mut sorted: Vec<(f32, TokenId)> =
-        logits.iter().enumerate().map(|(i, &l)| (l, i as TokenId)).collect();
+    assert!(sampled
+        .top
+        .windows(2)
+        .all(|pair| pair[0].logprob >= pair[1].logprob));
+    let mut sorted: Vec<(f32, TokenId)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (l, i as TokenId))
+        .collect();
     sorted.sort_by(more_likely_first);
     let expected: Vec<TokenId> = sorted[..TOP_LOGPROBS_MAX].iter().map(|&(_, t)| t).collect();
     let got: Vec<TokenId> = sampled.top.iter().map(|c| c.token).collect();
@@ -128,7 +135,11 @@ fn different_seeds_give_different_draws() {
     let mut sampler = Sampler::new();
     let run = |sampler: &mut Sampler, seed| -> Vec<TokenId> {
         (0..32)
-            .map(|p| sampler.sample(&logits, &seeded(1.0, 1.0, 0, seed), p, 0).token)
+            .map(|p| {
+                sampler
+                    .sample(&logits, &seeded(1.0, 1.0, 0, seed), p, 0)
+                    .token
+            })
             .collect()
     };
     assert_ne!(run(&mut sampler, 1), run(&mut sampler, 2));
@@ -142,7 +153,12 @@ fn draws_follow_the_softmax_distribution() {
     let mut sampler = Sampler::new();
     let draws = 20_000;
     let ones = (0..draws)
-        .filter(|&p| sampler.sample(&logits, &seeded(1.0, 1.0, 0, 99), p, 0).token == 1)
+        .filter(|&p| {
+            sampler
+                .sample(&logits, &seeded(1.0, 1.0, 0, 99), p, 0)
+                .token
+                == 1
+        })
         .count();
     let frequency = ones as f64 / f64::from(draws);
     assert!((frequency - 0.75).abs() < 0.02, "frequency {frequency}");
@@ -154,7 +170,12 @@ fn low_temperature_concentrates_on_the_most_likely_token() {
     let mut sampler = Sampler::new();
     let count_ones = |sampler: &mut Sampler, temperature| {
         (0..2000)
-            .filter(|&p| sampler.sample(&logits, &seeded(temperature, 1.0, 0, 5), p, 0).token == 1)
+            .filter(|&p| {
+                sampler
+                    .sample(&logits, &seeded(temperature, 1.0, 0, 5), p, 0)
+                    .token
+                    == 1
+            })
             .count()
     };
     let cold = count_ones(&mut sampler, 0.1);
@@ -170,7 +191,9 @@ fn top_k_limits_draws_to_the_k_most_likely_tokens() {
     let mut sampler = Sampler::new();
     let mut seen = std::collections::BTreeSet::new();
     for position in 0..500 {
-        let token = sampler.sample(&logits, &seeded(5.0, 1.0, 5, 8), position, 0).token;
+        let token = sampler
+            .sample(&logits, &seeded(5.0, 1.0, 5, 8), position, 0)
+            .token;
         assert!(allowed.contains(&token), "token {token} outside top-5");
         seen.insert(token);
     }
@@ -180,10 +203,14 @@ fn top_k_limits_draws_to_the_k_most_likely_tokens() {
 #[test]
 fn top_k_of_one_is_greedy() {
     let logits = synthetic_logits(300, 23);
-    let greedy = Sampler::new().sample(&logits, &SamplingParams::greedy(), 0, 0).token;
+    let greedy = Sampler::new()
+        .sample(&logits, &SamplingParams::greedy(), 0, 0)
+        .token;
     let mut sampler = Sampler::new();
     for position in 0..50 {
-        let token = sampler.sample(&logits, &seeded(3.0, 1.0, 1, 4), position, 0).token;
+        let token = sampler
+            .sample(&logits, &seeded(3.0, 1.0, 1, 4), position, 0)
+            .token;
         assert_eq!(token, greedy);
     }
 }
@@ -196,7 +223,12 @@ fn top_p_keeps_exactly_the_reference_nucleus() {
         let allowed = reference_nucleus(&logits, 3.0, top_k, top_p);
         let mut candidates: Vec<(f32, TokenId)> = Vec::new();
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        candidates.extend(logits.iter().enumerate().map(|(i, &l)| ((l - max) / 3.0, i as TokenId)));
+        candidates.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| ((l - max) / 3.0, i as TokenId)),
+        );
         let limit = if top_k == 0 { logits.len() } else { top_k };
         let kept = nucleus_prefix(&mut candidates, limit, top_p);
         let got: Vec<TokenId> = candidates[..kept].iter().map(|&(_, t)| t).collect();
@@ -207,10 +239,17 @@ fn top_p_keeps_exactly_the_reference_nucleus() {
 #[test]
 fn tiny_top_p_is_greedy() {
     let logits = synthetic_logits(500, 41);
-    let greedy = Sampler::new().sample(&logits, &SamplingParams::greedy(), 0, 0).token;
+    let greedy = Sampler::new()
+        .sample(&logits, &SamplingParams::greedy(), 0, 0)
+        .token;
     let mut sampler = Sampler::new();
     for position in 0..50 {
-        assert_eq!(sampler.sample(&logits, &seeded(1.0, 1e-6, 0, 3), position, 0).token, greedy);
+        assert_eq!(
+            sampler
+                .sample(&logits, &seeded(1.0, 1e-6, 0, 3), position, 0)
+                .token,
+            greedy
+        );
     }
 }
 

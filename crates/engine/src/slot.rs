@@ -264,7 +264,10 @@ impl Slot {
                     self.outbox.push_front(event);
                     let since = *self.stalled_since.get_or_insert(now);
                     if now.duration_since(since) >= CONSUMER_STALL_TIMEOUT {
-                        tracing::warn!(seq_id = self.seq_id, "consumer stalled; cancelling its generation");
+                        tracing::warn!(
+                            seq_id = self.seq_id,
+                            "consumer stalled; cancelling its generation"
+                        );
                         return SlotFate::Free;
                     }
                     return SlotFate::Keep;
@@ -282,7 +285,10 @@ impl Slot {
 
     /// Queue an event behind any held-back ones, so that order is kept.
     fn send(&mut self, event: GenerationEvent) {
-        debug_assert!(self.outbox.len() < OUTBOX_CAPACITY, "outbox grows only while paused");
+        debug_assert!(
+            self.outbox.len() < OUTBOX_CAPACITY,
+            "outbox grows only while paused"
+        );
         self.outbox.push_back(event);
     }
 }

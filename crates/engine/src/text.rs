@@ -68,7 +68,10 @@ impl TextAssembler {
 
     /// Byte offset in `held` of the earliest complete stop sequence, if any.
     fn earliest_stop(&self) -> Option<usize> {
-        self.stops.iter().filter_map(|stop| self.held.find(stop.as_str())).min()
+        self.stops
+            .iter()
+            .filter_map(|stop| self.held.find(stop.as_str()))
+            .min()
     }
 
     /// Length of the longest suffix of `held` that is a proper prefix of some stop sequence.
@@ -79,7 +82,9 @@ impl TextAssembler {
             let max_len = (stop.len() - 1).min(self.held.len());
             for len in (longest + 1..=max_len).rev() {
                 let start = self.held.len() - len;
-                if self.held.is_char_boundary(start) && stop.as_bytes().starts_with(&self.held.as_bytes()[start..]) {
+                if self.held.is_char_boundary(start)
+                    && stop.as_bytes().starts_with(&self.held.as_bytes()[start..])
+                {
                     longest = len;
                     break;
                 }

@@ -52,7 +52,10 @@ pub(crate) fn backend() -> Result<&'static LlamaBackend, EngineError> {
 }
 
 /// Load a GGUF model from `path` with `params`, with a clear error for a missing file.
-pub(crate) fn load_model(path: &Path, params: &LlamaModelParams) -> Result<LlamaModel, EngineError> {
+pub(crate) fn load_model(
+    path: &Path,
+    params: &LlamaModelParams,
+) -> Result<LlamaModel, EngineError> {
     let backend = backend()?;
     if !path.is_file() {
         return Err(EngineError::ModelLoad(format!(
@@ -61,7 +64,10 @@ pub(crate) fn load_model(path: &Path, params: &LlamaModelParams) -> Result<Llama
         )));
     }
     LlamaModel::load_from_file(backend, path, params).map_err(|error| {
-        EngineError::ModelLoad(format!("{}: {error} (not a supported GGUF model?)", path.display()))
+        EngineError::ModelLoad(format!(
+            "{}: {error} (not a supported GGUF model?)",
+            path.display()
+        ))
     })
 }
 
@@ -141,7 +147,10 @@ impl Tokenizer {
                 text.len()
             )));
         }
-        let tokens = self.model.vocab().tokenize(text.as_bytes(), add_special, true);
+        let tokens = self
+            .model
+            .vocab()
+            .tokenize(text.as_bytes(), add_special, true);
         Ok(tokens.into_iter().map(|token| token.0).collect())
     }
 
@@ -152,7 +161,9 @@ impl Tokenizer {
         if !self.is_valid(token) {
             return Vec::new();
         }
-        self.model.vocab().token_to_piece(LlamaToken(token), false, None)
+        self.model
+            .vocab()
+            .token_to_piece(LlamaToken(token), false, None)
     }
 
     /// Text of a token sequence, lossy for broken UTF-8. Ids outside the vocabulary are skipped.
@@ -182,7 +193,10 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_assistant_turn: bool,
     ) -> Result<String, EngineError> {
-        let template = self.chat_template.as_ref().ok_or(EngineError::NoChatTemplate)?;
+        let template = self
+            .chat_template
+            .as_ref()
+            .ok_or(EngineError::NoChatTemplate)?;
         let messages = messages
             .iter()
             .map(|message| LlamaChatMessage::new(message.role.clone(), message.content.clone()))

@@ -39,9 +39,15 @@ pub(crate) enum Command {
     Bench {
         prefill_tokens: u32,
         decode_tokens: u32,
-        reply: SyncSender<Result<(f64, f64), EngineError>>,
+        reply: BenchReply,
     },
 }
+
+/// Where a bench's (prefill tokens/s, decode tokens/s) result goes.
+pub(crate) type BenchReply = SyncSender<Result<(f64, f64), EngineError>>;
+
+/// A bench request: prefill tokens, decode tokens, reply.
+type PendingBench = (u32, u32, BenchReply);
 
 /// Where the worker stands on new work.
 enum Intake {
@@ -63,7 +69,7 @@ pub(crate) struct Worker<'model> {
     /// Live sequence count, published for [`crate::Engine::live_sequences`].
     live: Arc<AtomicU32>,
     /// A bench waiting for the live sequences to finish; no new work is admitted meanwhile.
-    pending_bench: Option<(u32, u32, SyncSender<Result<(f64, f64), EngineError>>)>,
+    pending_bench: Option<PendingBench>,
     intake: Intake,
     /// Generations admitted so far; numbers them in arrival order.
     admissions: u64,
@@ -198,20 +204,24 @@ impl<'model> Worker<'model> {
     fn start_slot(&mut self, index: usize, admission: Admission) {
         if admission.cancel.is_cancelled() || admission.events.is_closed() {
             // Cancelled while queued: it never ran, so there is nothing to report but that.
-            let _ = admission.events.try_send(GenerationEvent::Done(crate::GenerationDone {
-                reason: FinishReason::Cancelled,
-                prompt_tokens: u32::try_from(admission.generation.prompt.len()).unwrap_or(u32::MAX),
-                completion_tokens: u32::try_from(admission.generation.committed.len())
-                    .unwrap_or(u32::MAX),
-                compute: Duration::ZERO,
-            }));
+            let _ = admission
+                .events
+                .try_send(GenerationEvent::Done(crate::GenerationDone {
+                    reason: FinishReason::Cancelled,
+                    prompt_tokens: u32::try_from(admission.generation.prompt.len())
+                        .unwrap_or(u32::MAX),
+                    completion_tokens: u32::try_from(admission.generation.committed.len())
+                        .unwrap_or(u32::MAX),
+                    compute: Duration::ZERO,
+                }));
             return;
         }
         let seq_id = i32::try_from(index).unwrap_or(i32::MAX);
         // A previous occupant released its cells already; this makes the stream certainly empty.
         release_sequence(&mut self.context, seq_id);
         self.admissions += 1;
-        let (mut slot, already_over) = Slot::start(seq_id, self.admissions, admission, &self.tokenizer);
+        let (mut slot, already_over) =
+            Slot::start(seq_id, self.admissions, admission, &self.tokenizer);
         if let Some(reason) = already_over {
             slot.finish(reason);
         }
@@ -278,7 +288,11 @@ impl<'model> Worker<'model> {
             // With more sequences than batch room, the last ones wait a step (and keep their token).
             if add_token(batch, token, slot.kv_tokens, slot.seq_id, wants_logits) {
                 let logits_at = wants_logits.then_some(logits_at);
-                entries.push(BatchEntry { slot: index, kind: Fed::Decode, logits_at });
+                entries.push(BatchEntry {
+                    slot: index,
+                    kind: Fed::Decode,
+                    logits_at,
+                });
             }
         }
         entries
@@ -302,8 +316,11 @@ impl<'model> Worker<'model> {
         let chunk = prefill_chunk_len(remaining.len(), self.config.batch_tokens as usize);
         let completes_prompt = chunk == remaining.len();
         for (offset, &token) in remaining[..chunk].iter().enumerate() {
-            let wants_logits = completes_prompt && offset + 1 == chunk && slot.samples_after_prompt();
-            let position = slot.kv_tokens.saturating_add(u32::try_from(offset).unwrap_or(u32::MAX));
+            let wants_logits =
+                completes_prompt && offset + 1 == chunk && slot.samples_after_prompt();
+            let position = slot
+                .kv_tokens
+                .saturating_add(u32::try_from(offset).unwrap_or(u32::MAX));
             if !add_token(batch, token, position, slot.seq_id, wants_logits) {
                 // Cannot happen: the chunk is at most the batch capacity. Feed nothing rather
                 // than a partial chunk whose bookkeeping would be wrong.
@@ -311,8 +328,13 @@ impl<'model> Worker<'model> {
                 return Vec::new();
             }
         }
-        let logits_at = (completes_prompt && slot.samples_after_prompt()).then(|| batch.n_tokens() - 1);
-        vec![BatchEntry { slot: index, kind: Fed::Prefill(chunk), logits_at }]
+        let logits_at =
+            (completes_prompt && slot.samples_after_prompt()).then(|| batch.n_tokens() - 1);
+        vec![BatchEntry {
+            slot: index,
+            kind: Fed::Prefill(chunk),
+            logits_at,
+        }]
     }
 
     /// A failed decode leaves the affected sequences in an unknown state: end them all.
@@ -349,7 +371,9 @@ impl<'model> Worker<'model> {
         while let Ok(command) = self.submissions.try_recv() {
             match command {
                 Command::Generate(admission) => {
-                    let _ = admission.events.try_send(GenerationEvent::Failed(EngineError::Stopped));
+                    let _ = admission
+                        .events
+                        .try_send(GenerationEvent::Failed(EngineError::Stopped));
                 }
                 Command::Bench { reply, .. } => {
                     let _ = reply.send(Err(EngineError::Stopped));
@@ -388,11 +412,19 @@ fn prefill_chunk_len(remaining: usize, capacity: usize) -> usize {
 }
 
 /// Add one token to `batch`; false when the batch is full (or the position is out of range).
-pub(crate) fn add_token(batch: &mut LlamaBatch<'_>, token: i32, position: u32, seq_id: i32, logits: bool) -> bool {
+pub(crate) fn add_token(
+    batch: &mut LlamaBatch<'_>,
+    token: i32,
+    position: u32,
+    seq_id: i32,
+    logits: bool,
+) -> bool {
     let Ok(position) = i32::try_from(position) else {
         return false;
     };
-    batch.add(LlamaToken(token), position, &[seq_id], logits).is_ok()
+    batch
+        .add(LlamaToken(token), position, &[seq_id], logits)
+        .is_ok()
 }
 
 /// Free a sequence's KV cells so the next occupant of the slot starts empty.

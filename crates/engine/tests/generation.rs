@@ -10,14 +10,20 @@ use engine::{FinishReason, SamplingParams};
 fn greedy_chat_answer_is_sensible_and_identical_across_runs() {
     let engine = start(1, 512);
     let prompt = chat_prompt(&engine, "What is the capital of France?");
-    let first = run(&engine, generation(prompt.clone(), SamplingParams::greedy(), 48));
+    let first = run(
+        &engine,
+        generation(prompt.clone(), SamplingParams::greedy(), 48),
+    );
     let second = run(&engine, generation(prompt, SamplingParams::greedy(), 48));
     let text = first.text();
     assert!(text.contains("Paris"), "unexpected answer: {text:?}");
     assert_eq!(first.token_ids(), second.token_ids());
     assert_eq!(first.done.completion_tokens as usize, first.tokens.len());
     let positions: Vec<u32> = first.tokens.iter().map(|event| event.position).collect();
-    assert_eq!(positions, (0..first.tokens.len() as u32).collect::<Vec<_>>());
+    assert_eq!(
+        positions,
+        (0..first.tokens.len() as u32).collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -30,17 +36,31 @@ fn concurrent_sequences_produce_what_each_produces_alone() {
     ];
     let alone: Vec<Vec<i32>> = prompts
         .iter()
-        .map(|prompt| run(&engine, generation(prompt.clone(), SamplingParams::greedy(), 40)).token_ids())
+        .map(|prompt| {
+            run(
+                &engine,
+                generation(prompt.clone(), SamplingParams::greedy(), 40),
+            )
+            .token_ids()
+        })
         .collect();
     // Start the first sequence alone, then let the others join while it decodes, so their
     // prompt chunks share decode batches with its tokens.
-    let mut first = engine.submit(generation(prompts[0].clone(), SamplingParams::greedy(), 40)).unwrap();
+    let mut first = engine
+        .submit(generation(prompts[0].clone(), SamplingParams::greedy(), 40))
+        .unwrap();
     let head = first_token(&mut first);
     let others: Vec<_> = prompts[1..]
         .iter()
-        .map(|prompt| engine.submit(generation(prompt.clone(), SamplingParams::greedy(), 40)).unwrap())
+        .map(|prompt| {
+            engine
+                .submit(generation(prompt.clone(), SamplingParams::greedy(), 40))
+                .unwrap()
+        })
         .collect();
-    let mut together = vec![std::iter::once(head.token).chain(collect(first).token_ids()).collect::<Vec<_>>()];
+    let mut together = vec![std::iter::once(head.token)
+        .chain(collect(first).token_ids())
+        .collect::<Vec<_>>()];
     together.extend(others.into_iter().map(|stream| collect(stream).token_ids()));
     assert_eq!(together, alone);
 }
@@ -48,11 +68,19 @@ fn concurrent_sequences_produce_what_each_produces_alone() {
 /// Generate 40 tokens in one go, then 15 and resume from them: the continuation must match.
 fn check_resume_equivalence(sampling: SamplingParams) {
     let engine = start(2, 512);
-    let prompt = chat_prompt(&engine, "Tell me a story about a robot who learns to paint.");
+    let prompt = chat_prompt(
+        &engine,
+        "Tell me a story about a robot who learns to paint.",
+    );
     let mut whole = generation(prompt, sampling, 40);
     whole.top_logprobs = 3;
     let full = run(&engine, whole.clone());
-    assert_eq!(full.tokens.len(), 40, "the story should not end this early: {:?}", full.text());
+    assert_eq!(
+        full.tokens.len(),
+        40,
+        "the story should not end this early: {:?}",
+        full.text()
+    );
 
     let mut head = whole.clone();
     head.max_tokens = 15;
@@ -67,7 +95,10 @@ fn check_resume_equivalence(sampling: SamplingParams) {
     assert_eq!(tail.done.completion_tokens, 40);
     // Same numbers too, not only the same choices.
     for (resumed, original) in tail.tokens.iter().zip(&full.tokens[15..]) {
-        assert!((resumed.logprob - original.logprob).abs() < 1e-3, "{resumed:?} vs {original:?}");
+        assert!(
+            (resumed.logprob - original.logprob).abs() < 1e-4,
+            "{resumed:?} vs {original:?}"
+        );
     }
 }
 
@@ -85,25 +116,42 @@ fn resumed_generation_continues_exactly_with_seeded_sampling() {
 fn a_seed_replays_and_different_seeds_differ() {
     let engine = start(1, 512);
     let prompt = chat_prompt(&engine, "Invent a name for a cat.");
-    let with_seed = |seed| run(&engine, generation(prompt.clone(), sampled(0.8, seed), 32)).token_ids();
+    let with_seed =
+        |seed| run(&engine, generation(prompt.clone(), sampled(0.8, seed), 32)).token_ids();
     let a = with_seed(7);
     assert_eq!(a, with_seed(7));
     let others: Vec<_> = [8, 9, 10].into_iter().map(with_seed).collect();
-    assert!(others.iter().any(|other| *other != a), "three other seeds all matched seed 7");
+    assert!(
+        others.iter().any(|other| *other != a),
+        "three other seeds all matched seed 7"
+    );
 }
 
 #[test]
 fn logprobs_are_probabilities_and_top_logprobs_are_sorted_and_contain_the_greedy_choice() {
     let engine = start(1, 512);
-    let mut request = generation(chat_prompt(&engine, "Say hello."), SamplingParams::greedy(), 16);
+    let mut request = generation(
+        chat_prompt(&engine, "Say hello."),
+        SamplingParams::greedy(),
+        16,
+    );
     request.top_logprobs = 5;
     let outcome = run(&engine, request);
     assert!(!outcome.tokens.is_empty());
     for event in &outcome.tokens {
-        assert!(event.logprob <= 0.0 && event.logprob.is_finite(), "{event:?}");
+        assert!(
+            event.logprob <= 0.0 && event.logprob.is_finite(),
+            "{event:?}"
+        );
         assert_eq!(event.top_logprobs.len(), 5);
-        assert!(event.top_logprobs.windows(2).all(|pair| pair[0].logprob >= pair[1].logprob));
-        assert_eq!(event.top_logprobs[0].token, event.token, "greedy picks the most likely");
+        assert!(event
+            .top_logprobs
+            .windows(2)
+            .all(|pair| pair[0].logprob >= pair[1].logprob));
+        assert_eq!(
+            event.top_logprobs[0].token, event.token,
+            "greedy picks the most likely"
+        );
         assert_eq!(event.top_logprobs[0].logprob, event.logprob);
         assert_eq!(event.top_logprobs[0].piece, event.piece);
     }
@@ -112,7 +160,10 @@ fn logprobs_are_probabilities_and_top_logprobs_are_sorted_and_contain_the_greedy
 #[test]
 fn max_tokens_ends_with_length() {
     let engine = start(1, 512);
-    let outcome = run(&engine, generation(counting_prompt(&engine, 40), SamplingParams::greedy(), 7));
+    let outcome = run(
+        &engine,
+        generation(counting_prompt(&engine, 40), SamplingParams::greedy(), 7),
+    );
     assert_finished(&outcome, FinishReason::Length);
     assert_eq!(outcome.tokens.len(), 7);
     assert_eq!(outcome.done.completion_tokens, 7);
@@ -122,7 +173,11 @@ fn max_tokens_ends_with_length() {
 fn a_full_context_ends_with_length() {
     let engine = start(1, 64);
     let prompt = counting_prompt(&engine, 12);
-    assert!(prompt.len() < 48, "prompt of {} tokens leaves too little room", prompt.len());
+    assert!(
+        prompt.len() < 48,
+        "prompt of {} tokens leaves too little room",
+        prompt.len()
+    );
     let room = 64 - prompt.len();
     let outcome = run(&engine, generation(prompt, SamplingParams::greedy(), 1000));
     assert_finished(&outcome, FinishReason::Length);
@@ -134,9 +189,15 @@ fn a_full_context_ends_with_length() {
 fn a_stop_sequence_ends_the_generation_after_the_token_that_completes_it() {
     let engine = start(1, 512);
     let prompt = counting_prompt(&engine, 40);
-    let free = run(&engine, generation(prompt.clone(), SamplingParams::greedy(), 30));
+    let free = run(
+        &engine,
+        generation(prompt.clone(), SamplingParams::greedy(), 30),
+    );
     let text = free.text();
-    assert!(text.contains("45"), "expected the model to keep counting: {text:?}");
+    assert!(
+        text.contains("45"),
+        "expected the model to keep counting: {text:?}"
+    );
 
     let mut stopped = generation(prompt, SamplingParams::greedy(), 30);
     stopped.stop = vec!["45".to_owned()];
@@ -147,17 +208,33 @@ fn a_stop_sequence_ends_the_generation_after_the_token_that_completes_it() {
     assert!(free.token_ids().starts_with(&outcome.token_ids()));
     // The last emitted token completed the stop: without it the text has no "45" yet.
     let without_last = &outcome.tokens[..outcome.tokens.len() - 1];
-    let bytes: Vec<u8> = without_last.iter().flat_map(|event| event.piece.clone()).collect();
+    let bytes: Vec<u8> = without_last
+        .iter()
+        .flat_map(|event| event.piece.clone())
+        .collect();
     assert!(!String::from_utf8_lossy(&bytes).contains("45"));
 }
 
 #[test]
 fn end_of_turn_is_not_emitted_and_finishes_with_stop() {
     let engine = start(1, 512);
-    let outcome = run(&engine, generation(chat_prompt(&engine, "Reply with just: OK"), SamplingParams::greedy(), 200));
+    let outcome = run(
+        &engine,
+        generation(
+            chat_prompt(&engine, "What is 2+2?"),
+            SamplingParams::greedy(),
+            200,
+        ),
+    );
     assert_finished(&outcome, FinishReason::Stop);
-    assert!(outcome.tokens.iter().all(|event| !engine.tokenizer().is_end_of_generation(event.token)));
-    assert_eq!(outcome.done.completion_tokens as usize, outcome.tokens.len());
+    assert!(outcome
+        .tokens
+        .iter()
+        .all(|event| !engine.tokenizer().is_end_of_generation(event.token)));
+    assert_eq!(
+        outcome.done.completion_tokens as usize,
+        outcome.tokens.len()
+    );
 }
 
 #[test]
@@ -168,6 +245,9 @@ fn speed_measurements_are_positive() {
     let (prefill, decode) = engine.bench_prefill_decode(128, 16).expect("bench");
     assert!(prefill > 0.0 && decode > 0.0);
     // Generation still works after a bench borrowed the context.
-    let outcome = run(&engine, generation(counting_prompt(&engine, 40), SamplingParams::greedy(), 5));
+    let outcome = run(
+        &engine,
+        generation(counting_prompt(&engine, 40), SamplingParams::greedy(), 5),
+    );
     assert_eq!(outcome.tokens.len(), 5);
 }

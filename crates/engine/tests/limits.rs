@@ -14,11 +14,17 @@ const LONG_GENERATION_TOKENS: u32 = 1500;
 #[test]
 fn a_prompt_that_leaves_no_room_is_refused_at_submit() {
     let engine = start(1, 64);
-    let prompt: Vec<i32> = engine.tokenizer().tokenize(&"word ".repeat(200), false).unwrap();
+    let prompt: Vec<i32> = engine
+        .tokenizer()
+        .tokenize(&"word ".repeat(200), false)
+        .unwrap();
     let fits = generation(prompt[..63].to_vec(), SamplingParams::greedy(), 1);
     let too_long = generation(prompt[..64].to_vec(), SamplingParams::greedy(), 1);
     match engine.submit(too_long) {
-        Err(EngineError::PromptTooLong { prompt_tokens, context_tokens }) => {
+        Err(EngineError::PromptTooLong {
+            prompt_tokens,
+            context_tokens,
+        }) => {
             assert_eq!((prompt_tokens, context_tokens), (64, 64));
         }
         other => panic!("expected PromptTooLong, got {other:?}"),
@@ -26,7 +32,10 @@ fn a_prompt_that_leaves_no_room_is_refused_at_submit() {
     // Committed tokens count against the context too.
     let mut resumed = generation(prompt[..40].to_vec(), SamplingParams::greedy(), 100);
     resumed.committed = prompt[40..64].to_vec();
-    assert!(matches!(engine.submit(resumed), Err(EngineError::PromptTooLong { .. })));
+    assert!(matches!(
+        engine.submit(resumed),
+        Err(EngineError::PromptTooLong { .. })
+    ));
     let outcome = run(&engine, fits);
     assert_eq!(outcome.tokens.len(), 1);
 }
@@ -37,7 +46,10 @@ fn unknown_token_ids_and_empty_prompts_are_refused() {
     let vocab = engine.tokenizer().vocab_size() as i32;
     for prompt in [vec![], vec![1, vocab], vec![-1]] {
         let result = engine.submit(generation(prompt.clone(), SamplingParams::greedy(), 4));
-        assert!(matches!(result, Err(EngineError::InvalidGeneration(_))), "{prompt:?}: {result:?}");
+        assert!(
+            matches!(result, Err(EngineError::InvalidGeneration(_))),
+            "{prompt:?}: {result:?}"
+        );
     }
 }
 
@@ -46,7 +58,10 @@ fn a_model_that_does_not_fit_the_budget_is_refused_before_loading() {
     let mut config = config(4, 2048);
     config.memory_budget_bytes = 64 << 20;
     match Engine::start(config.clone()) {
-        Err(EngineError::OverBudget { needed_bytes, budget_bytes }) => {
+        Err(EngineError::OverBudget {
+            needed_bytes,
+            budget_bytes,
+        }) => {
             assert_eq!(budget_bytes, 64 << 20);
             // At least the weights file.
             assert!(needed_bytes > std::fs::metadata(&config.model_path).unwrap().len());
@@ -65,7 +80,10 @@ fn a_model_that_does_not_fit_the_budget_is_refused_before_loading() {
 fn a_missing_model_file_is_a_load_error() {
     let missing = std::env::temp_dir().join("fleetgrid-engine-no-such-model.gguf");
     let result = Engine::start(engine::EngineConfig::new(missing));
-    assert!(matches!(result, Err(EngineError::ModelLoad(_))), "{result:?}");
+    assert!(
+        matches!(result, Err(EngineError::ModelLoad(_))),
+        "{result:?}"
+    );
 }
 
 #[test]
@@ -73,7 +91,13 @@ fn submit_answers_busy_when_the_queue_is_full() {
     let mut config = config(1, 2048);
     config.queue_capacity = 1;
     let engine = Engine::start(config).unwrap();
-    let long = || generation(counting_prompt(&engine, 40), SamplingParams::greedy(), LONG_GENERATION_TOKENS);
+    let long = || {
+        generation(
+            counting_prompt(&engine, 40),
+            SamplingParams::greedy(),
+            LONG_GENERATION_TOKENS,
+        )
+    };
     let mut running = engine.submit(long()).unwrap();
     first_token(&mut running); // it holds the only slot now
     let queued = engine.submit(long()).unwrap();
@@ -86,35 +110,58 @@ fn submit_answers_busy_when_the_queue_is_full() {
 fn cancel_ends_the_generation_and_frees_its_slot_for_the_queue() {
     let engine = start(1, 2048);
     let mut running = engine
-        .submit(generation(counting_prompt(&engine, 40), SamplingParams::greedy(), LONG_GENERATION_TOKENS))
+        .submit(generation(
+            counting_prompt(&engine, 40),
+            SamplingParams::greedy(),
+            LONG_GENERATION_TOKENS,
+        ))
         .unwrap();
     for _ in 0..10 {
         first_token(&mut running);
     }
-    let queued = engine.submit(generation(chat_prompt(&engine, "Hi"), SamplingParams::greedy(), 8)).unwrap();
+    let queued = engine
+        .submit(generation(
+            chat_prompt(&engine, "Hi"),
+            SamplingParams::greedy(),
+            8,
+        ))
+        .unwrap();
     running.cancel_handle().cancel();
     let cancelled = collect(running);
     assert_finished(&cancelled, FinishReason::Cancelled);
     assert!(cancelled.done.completion_tokens < LONG_GENERATION_TOKENS);
     let next = collect(queued);
-    assert!(matches!(next.done.reason, FinishReason::Stop | FinishReason::Length));
+    assert!(matches!(
+        next.done.reason,
+        FinishReason::Stop | FinishReason::Length
+    ));
 }
 
 #[test]
 fn dropping_the_stream_cancels_the_generation_promptly() {
     let engine = start(1, 2048);
     let mut running = engine
-        .submit(generation(counting_prompt(&engine, 40), SamplingParams::greedy(), LONG_GENERATION_TOKENS))
+        .submit(generation(
+            counting_prompt(&engine, 40),
+            SamplingParams::greedy(),
+            LONG_GENERATION_TOKENS,
+        ))
         .unwrap();
     first_token(&mut running);
     let dropped_at = Instant::now();
     drop(running);
     while engine.live_sequences() > 0 {
-        assert!(dropped_at.elapsed() < Duration::from_secs(5), "the dropped generation kept running");
+        assert!(
+            dropped_at.elapsed() < Duration::from_secs(5),
+            "the dropped generation kept running"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     // The slot is usable again right away.
-    let outcome = run(&engine, generation(chat_prompt(&engine, "Hi"), SamplingParams::greedy(), 4));
+    let outcome = run(
+        &engine,
+        generation(chat_prompt(&engine, "Hi"), SamplingParams::greedy(), 4),
+    );
     assert!(!outcome.tokens.is_empty());
 }
 
@@ -122,10 +169,20 @@ fn dropping_the_stream_cancels_the_generation_promptly() {
 fn a_generation_cancelled_while_queued_never_runs() {
     let engine = start(1, 2048);
     let mut running = engine
-        .submit(generation(counting_prompt(&engine, 40), SamplingParams::greedy(), LONG_GENERATION_TOKENS))
+        .submit(generation(
+            counting_prompt(&engine, 40),
+            SamplingParams::greedy(),
+            LONG_GENERATION_TOKENS,
+        ))
         .unwrap();
     first_token(&mut running);
-    let mut queued = engine.submit(generation(chat_prompt(&engine, "Hi"), SamplingParams::greedy(), 8)).unwrap();
+    let mut queued = engine
+        .submit(generation(
+            chat_prompt(&engine, "Hi"),
+            SamplingParams::greedy(),
+            8,
+        ))
+        .unwrap();
     queued.cancel_handle().cancel();
     running.cancel_handle().cancel();
     match next_event(&mut queued) {

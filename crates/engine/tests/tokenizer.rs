@@ -14,7 +14,10 @@ fn tokenizer() -> Tokenizer {
 fn the_chat_template_renders_chatml() {
     let rendered = tokenizer()
         .apply_chat_template(
-            &[ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi!")],
+            &[
+                ChatMessage::new("system", "Be brief."),
+                ChatMessage::new("user", "Hi!"),
+            ],
             true,
         )
         .unwrap();
@@ -22,16 +25,23 @@ fn the_chat_template_renders_chatml() {
         rendered,
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"
     );
-    let without_turn = tokenizer().apply_chat_template(&[ChatMessage::new("user", "Hi!")], false).unwrap();
+    let without_turn = tokenizer()
+        .apply_chat_template(&[ChatMessage::new("user", "Hi!")], false)
+        .unwrap();
     assert_eq!(without_turn, "<|im_start|>user\nHi!<|im_end|>\n");
 }
 
 #[test]
 fn special_tokens_in_rendered_prompts_become_single_tokens() {
     let tokenizer = tokenizer();
-    let tokens = tokenizer.tokenize("<|im_start|>user\nHi<|im_end|>", false).unwrap();
+    let tokens = tokenizer
+        .tokenize("<|im_start|>user\nHi<|im_end|>", false)
+        .unwrap();
     let im_end = *tokens.last().unwrap();
-    assert!(tokenizer.is_end_of_generation(im_end), "<|im_end|> ends a turn");
+    assert!(
+        tokenizer.is_end_of_generation(im_end),
+        "<|im_end|> ends a turn"
+    );
     assert!(!tokenizer.is_end_of_generation(tokens[1]));
     assert!(tokens.len() <= 6, "{tokens:?}");
 }
@@ -43,7 +53,10 @@ fn text_round_trips_through_tokens_and_pieces() {
     let tokens = tokenizer.tokenize(text, false).unwrap();
     assert!(tokens.len() > 10);
     assert_eq!(tokenizer.detokenize(&tokens), text);
-    let bytes: Vec<u8> = tokens.iter().flat_map(|&token| tokenizer.piece(token)).collect();
+    let bytes: Vec<u8> = tokens
+        .iter()
+        .flat_map(|&token| tokenizer.piece(token))
+        .collect();
     assert_eq!(String::from_utf8(bytes).unwrap(), text);
 }
 
@@ -68,7 +81,10 @@ fn the_trained_context_length_is_read_from_metadata() {
 #[test]
 fn a_missing_file_is_a_load_error() {
     let missing = std::env::temp_dir().join("fleetgrid-engine-missing-tokenizer.gguf");
-    assert!(matches!(Tokenizer::load(&missing), Err(EngineError::ModelLoad(_))));
+    assert!(matches!(
+        Tokenizer::load(&missing),
+        Err(EngineError::ModelLoad(_))
+    ));
 }
 
 #[test]
@@ -79,5 +95,8 @@ fn a_file_that_is_not_gguf_is_a_load_error() {
     std::fs::write(&bogus, b"definitely not a model").unwrap();
     let result = Tokenizer::load(&bogus);
     std::fs::remove_dir_all(&dir).unwrap();
-    assert!(matches!(result, Err(EngineError::ModelLoad(_))), "{result:?}");
+    assert!(
+        matches!(result, Err(EngineError::ModelLoad(_))),
+        "{result:?}"
+    );
 }

@@ -45,41 +45,81 @@ pub async fn models(command: ModelsCommand) -> anyhow::Result<()> {
     match command {
         ModelsCommand::List => {
             let stored = store.list().context("list the model store")?;
-            println!("{:<30} {:<6} {:>10}  {:<8} sha256", "name", "role", "size", "local");
+            println!(
+                "{:<30} {:<6} {:>10}  {:<8} sha256",
+                "name", "role", "size", "local"
+            );
             for entry in models::catalog() {
-                let local = stored.iter().find(|model| model.digest.to_string() == entry.sha256);
+                let local = stored
+                    .iter()
+                    .find(|model| model.digest.to_string() == entry.sha256);
                 let state = match local {
                     Some(model) if model.verified => "verified",
                     Some(_) => "present",
                     None => "-",
                 };
                 let role = format!("{:?}", entry.role).to_lowercase();
-                println!("{:<30} {:<6} {:>10}  {:<8} {}", entry.name, role, mib(entry.size_bytes), state, entry.sha256);
+                println!(
+                    "{:<30} {:<6} {:>10}  {:<8} {}",
+                    entry.name,
+                    role,
+                    mib(entry.size_bytes),
+                    state,
+                    entry.sha256
+                );
             }
-            for model in stored.iter().filter(|model| models::catalog().iter().all(|entry| entry.sha256 != model.digest.to_string())) {
-                println!("{:<30} {:<6} {:>10}  {:<8} {}", model.names.join(","), "-", mib(model.size_bytes), if model.verified { "verified" } else { "present" }, model.digest);
+            for model in stored.iter().filter(|model| {
+                models::catalog()
+                    .iter()
+                    .all(|entry| entry.sha256 != model.digest.to_string())
+            }) {
+                println!(
+                    "{:<30} {:<6} {:>10}  {:<8} {}",
+                    model.names.join(","),
+                    "-",
+                    mib(model.size_bytes),
+                    if model.verified {
+                        "verified"
+                    } else {
+                        "present"
+                    },
+                    model.digest
+                );
             }
         }
         ModelsCommand::Fetch { names } => {
             for name in names {
-                let entry = models::find(&name).with_context(|| format!("{name:?} is not in the catalog (see 'fleetgrid models list')"))?;
+                let entry = models::find(&name).with_context(|| {
+                    format!("{name:?} is not in the catalog (see 'fleetgrid models list')")
+                })?;
                 let fetch_store = store.clone();
                 let verified = tokio::task::spawn_blocking(move || fetch_store.fetch(entry))
                     .await
                     .context("fetch task")?
                     .with_context(|| format!("fetch {name}"))?;
-                println!("{} {} {}", verified.name, verified.digest, verified.path.display());
+                println!(
+                    "{} {} {}",
+                    verified.name,
+                    verified.digest,
+                    verified.path.display()
+                );
             }
         }
         ModelsCommand::Verify => {
-            let results = tokio::task::spawn_blocking(move || store.verify_all()).await.context("verify task")??;
+            let results = tokio::task::spawn_blocking(move || store.verify_all())
+                .await
+                .context("verify task")??;
             let mut failed = 0;
             for (model, result) in results {
                 match result {
                     Ok(()) => println!("ok       {} {}", model.digest, model.names.join(",")),
                     Err(error) => {
                         failed += 1;
-                        println!("CORRUPT  {} {}: {error}", model.digest, model.names.join(","));
+                        println!(
+                            "CORRUPT  {} {}: {error}",
+                            model.digest,
+                            model.names.join(",")
+                        );
                     }
                 }
             }
@@ -87,15 +127,30 @@ pub async fn models(command: ModelsCommand) -> anyhow::Result<()> {
                 bail!("{failed} model file(s) failed verification");
             }
         }
-        ModelsCommand::Pull { name, url, hf_repo, file, revision, sha256 } => {
+        ModelsCommand::Pull {
+            name,
+            url,
+            hf_repo,
+            file,
+            revision,
+            sha256,
+        } => {
             let url = match (url, hf_repo, file) {
                 (Some(url), _, _) => url,
                 (None, Some(repo), Some(file)) => models::huggingface_url(&repo, &revision, &file),
                 _ => bail!("give --url, or --hf-repo with --file"),
             };
             let expected: models::Sha256Digest = sha256.parse().context("parse --sha256")?;
-            let verified = store.pull(&name, &url, &expected).await.with_context(|| format!("pull {url}"))?;
-            println!("{} {} {}", verified.name, verified.digest, verified.path.display());
+            let verified = store
+                .pull(&name, &url, &expected)
+                .await
+                .with_context(|| format!("pull {url}"))?;
+            println!(
+                "{} {} {}",
+                verified.name,
+                verified.digest,
+                verified.path.display()
+            );
         }
     }
     Ok(())
@@ -130,7 +185,9 @@ pub enum TenantsCommand {
 
 async fn open_store(data_dir: Option<PathBuf>) -> anyhow::Result<Store> {
     let dir = home::coordinator_dir(data_dir);
-    Store::open(&dir).await.with_context(|| format!("open the coordinator database in {}", dir.display()))
+    Store::open(&dir)
+        .await
+        .with_context(|| format!("open the coordinator database in {}", dir.display()))
 }
 
 fn now_ms() -> i64 {
@@ -139,11 +196,19 @@ fn now_ms() -> i64 {
 
 pub async fn tenants(command: TenantsCommand) -> anyhow::Result<()> {
     match command {
-        TenantsCommand::Create { name, class, data_dir } => {
+        TenantsCommand::Create {
+            name,
+            class,
+            data_dir,
+        } => {
             let class: TenantClass = class.parse()?;
             let store = open_store(data_dir).await?;
             let (tenant, key) = store.create_tenant(&name, class, now_ms()).await?;
-            eprintln!("created tenant {} (class {}); its API key, shown once:", tenant.name, tenant.class.as_str());
+            eprintln!(
+                "created tenant {} (class {}); its API key, shown once:",
+                tenant.name,
+                tenant.class.as_str()
+            );
             println!("{key}");
         }
         TenantsCommand::Key { name, data_dir } => {
@@ -155,7 +220,12 @@ pub async fn tenants(command: TenantsCommand) -> anyhow::Result<()> {
             let store = open_store(data_dir).await?;
             println!("{:<6} {:<24} class", "id", "name");
             for tenant in store.list_tenants().await? {
-                println!("{:<6} {:<24} {}", tenant.id, tenant.name, tenant.class.as_str());
+                println!(
+                    "{:<6} {:<24} {}",
+                    tenant.id,
+                    tenant.name,
+                    tenant.class.as_str()
+                );
             }
         }
     }
@@ -186,7 +256,11 @@ pub enum NodesCommand {
 
 pub async fn nodes(command: NodesCommand) -> anyhow::Result<()> {
     match command {
-        NodesCommand::Add { name, owner, data_dir } => {
+        NodesCommand::Add {
+            name,
+            owner,
+            data_dir,
+        } => {
             let store = open_store(data_dir).await?;
             let credential = store.add_node(&name, &owner, now_ms()).await?;
             eprintln!("enrolled node {name}; its credential, shown once:");
@@ -194,14 +268,19 @@ pub async fn nodes(command: NodesCommand) -> anyhow::Result<()> {
         }
         NodesCommand::Rotate { name, data_dir } => {
             let store = open_store(data_dir).await?;
-            let credential = store.rotate_node_credential(&name).await?.with_context(|| format!("no node named {name:?}"))?;
+            let credential = store
+                .rotate_node_credential(&name)
+                .await?
+                .with_context(|| format!("no node named {name:?}"))?;
             println!("{credential}");
         }
         NodesCommand::List { data_dir } => {
             let store = open_store(data_dir).await?;
             println!("{:<24} {:<16} last seen (unix ms)", "name", "owner");
             for node in store.list_nodes().await? {
-                let seen = node.last_seen_ms.map_or_else(|| "never".to_string(), |ms| ms.to_string());
+                let seen = node
+                    .last_seen_ms
+                    .map_or_else(|| "never".to_string(), |ms| ms.to_string());
                 println!("{:<24} {:<16} {seen}", node.name, node.owner);
             }
         }

@@ -52,7 +52,9 @@ fn reference_dir() -> PathBuf {
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Engine { threads, model } => {
-            let model = home::model_store()?.resolve(&model).context("resolve the model")?;
+            let model = home::model_store()?
+                .resolve(&model)
+                .context("resolve the model")?;
             let threads = threads_or_all(threads);
             let report = tokio::task::spawn_blocking(move || {
                 let refs = bench::reference::ensure_built(&reference_dir())?;
@@ -64,7 +66,9 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             println!("{report}");
         }
         BenchCommand::Serving { threads, model } => {
-            let model = home::model_store()?.resolve(&model).context("resolve the model")?;
+            let model = home::model_store()?
+                .resolve(&model)
+                .context("resolve the model")?;
             let threads = threads_or_all(threads);
             let exe = std::env::current_exe().context("find the fleetgrid executable")?;
             let work_dir = home::root().join("bench-serving");

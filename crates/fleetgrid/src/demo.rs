@@ -63,7 +63,10 @@ impl Drop for Children {
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let data_dir = args.data_dir.clone().unwrap_or_else(|| home::root().join("demo"));
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| home::root().join("demo"));
     let logs = data_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("create {}", logs.display()))?;
     eprintln!("fleetgrid demo: fetching and verifying {DEMO_MODEL}");
@@ -74,22 +77,44 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .context("fetch task")?
         .context("fetch the demo model")?;
 
-    let database = Store::open(&data_dir).await.context("open the demo database")?;
+    let database = Store::open(&data_dir)
+        .await
+        .context("open the demo database")?;
     let api_key = demo_key(&database).await?;
     let mut children = Children(Vec::new());
     let exe = std::env::current_exe().context("find the fleetgrid executable")?;
     let (http, grpc) = start_coordinator(&exe, &args, &data_dir, &logs, &mut children).await?;
     for index in 0..args.vehicles as usize {
         let (trace_name, trace) = TRACES[index % TRACES.len()];
-        let name = if index < TRACES.len() { trace_name.to_string() } else { format!("car-{}", index + 1) };
+        let name = if index < TRACES.len() {
+            trace_name.to_string()
+        } else {
+            format!("car-{}", index + 1)
+        };
         let credential = node_credential(&database, &name).await?;
         let trace_path = data_dir.join(format!("{trace_name}.json"));
-        std::fs::write(&trace_path, trace).with_context(|| format!("write {}", trace_path.display()))?;
+        std::fs::write(&trace_path, trace)
+            .with_context(|| format!("write {}", trace_path.display()))?;
         let child = Command::new(&exe)
-            .args(["agent", "--coordinator", &format!("http://{grpc}"), "--node-id", &name])
+            .args([
+                "agent",
+                "--coordinator",
+                &format!("http://{grpc}"),
+                "--node-id",
+                &name,
+            ])
             .args(["--vehicle-state", &format!("sim:{}", trace_path.display())])
-            .args(["--model", DEMO_MODEL, "--parallel", &args.parallel.to_string()])
-            .args(["--threads", &args.threads_per_vehicle.to_string(), "--exit-with-parent"])
+            .args([
+                "--model",
+                DEMO_MODEL,
+                "--parallel",
+                &args.parallel.to_string(),
+            ])
+            .args([
+                "--threads",
+                &args.threads_per_vehicle.to_string(),
+                "--exit-with-parent",
+            ])
             .env("FLEETGRID_NODE_CREDENTIAL", credential)
             .stdout(Stdio::null())
             .stderr(log_file(&logs, &name)?)
@@ -114,7 +139,10 @@ fn log_file(logs: &Path, name: &str) -> anyhow::Result<std::fs::File> {
 /// The demo tenant's API key: a fresh key on every run (keys are stored hashed).
 async fn demo_key(database: &Store) -> anyhow::Result<String> {
     let now = coordinator::core::now_ms().0 as i64;
-    match database.create_tenant("demo", TenantClass::Fleet, now).await {
+    match database
+        .create_tenant("demo", TenantClass::Fleet, now)
+        .await
+    {
         Ok((_, key)) => Ok(key),
         Err(StoreError::TenantExists(_)) => Ok(database.create_api_key("demo", now).await?),
         Err(error) => Err(error.into()),
@@ -141,7 +169,13 @@ async fn start_coordinator(
     children: &mut Children,
 ) -> anyhow::Result<(SocketAddr, SocketAddr)> {
     let mut child = Command::new(exe)
-        .args(["serve", "--http-listen", &args.http_listen.to_string(), "--grpc-listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--http-listen",
+            &args.http_listen.to_string(),
+            "--grpc-listen",
+            "127.0.0.1:0",
+        ])
         .args(["--model", DEMO_MODEL, "--exit-with-parent", "--data-dir"])
         .arg(data_dir)
         .stdout(Stdio::piped())
@@ -155,7 +189,12 @@ async fn start_coordinator(
     let line = tokio::time::timeout(STARTUP_TIMEOUT, lines.next_line())
         .await
         .context("the coordinator did not start in time")??
-        .with_context(|| format!("the coordinator exited; see {}", logs.join("coordinator.log").display()))?;
+        .with_context(|| {
+            format!(
+                "the coordinator exited; see {}",
+                logs.join("coordinator.log").display()
+            )
+        })?;
     parse_listening(&line).with_context(|| format!("unexpected coordinator output {line:?}"))
 }
 
@@ -174,7 +213,11 @@ pub fn parse_listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
     Some((http?, grpc?))
 }
 
-async fn wait_for_vehicles(http: SocketAddr, expected: usize, children: &mut Children) -> anyhow::Result<()> {
+async fn wait_for_vehicles(
+    http: SocketAddr,
+    expected: usize,
+    children: &mut Children,
+) -> anyhow::Result<()> {
     eprintln!("fleetgrid demo: waiting for {expected} vehicles to connect (loading the model)");
     let client = reqwest::Client::new();
     let deadline = tokio::time::Instant::now() + STARTUP_TIMEOUT;
@@ -184,11 +227,15 @@ async fn wait_for_vehicles(http: SocketAddr, expected: usize, children: &mut Chi
                 bail!("{name} exited ({status}) during start-up; see its log");
             }
         }
-        let health: Option<serde_json::Value> = match client.get(format!("http://{http}/health")).send().await {
-            Ok(response) => response.json().await.ok(),
-            Err(_) => None,
-        };
-        let connected = health.as_ref().and_then(|health| health["nodes_connected"].as_u64()).unwrap_or(0);
+        let health: Option<serde_json::Value> =
+            match client.get(format!("http://{http}/health")).send().await {
+                Ok(response) => response.json().await.ok(),
+                Err(_) => None,
+            };
+        let connected = health
+            .as_ref()
+            .and_then(|health| health["nodes_connected"].as_u64())
+            .unwrap_or(0);
         if connected as usize >= expected {
             return Ok(());
         }
@@ -201,7 +248,9 @@ async fn wait_for_vehicles(http: SocketAddr, expected: usize, children: &mut Chi
 
 fn print_instructions(http: SocketAddr, api_key: &str, logs: &Path) {
     println!();
-    println!("fleetgrid demo is running: a coordinator and simulated vehicles serving {DEMO_MODEL}.");
+    println!(
+        "fleetgrid demo is running: a coordinator and simulated vehicles serving {DEMO_MODEL}."
+    );
     println!();
     println!("API key (tenant 'demo'): {api_key}");
     println!();
@@ -217,7 +266,10 @@ fn print_instructions(http: SocketAddr, api_key: &str, logs: &Path) {
     println!("      messages=[{{\"role\": \"user\", \"content\": \"Write a haiku about electric cars.\"}}])");
     println!("  for chunk in stream: print(chunk.choices[0].delta.content or \"\", end=\"\", flush=True)");
     println!();
-    println!("Health: http://{http}/health   Metrics: http://{http}/metrics   Logs: {}", logs.display());
+    println!(
+        "Health: http://{http}/health   Metrics: http://{http}/metrics   Logs: {}",
+        logs.display()
+    );
     println!("Press Ctrl-C to stop.");
 }
 
@@ -247,11 +299,16 @@ async fn wait_for_stop(children: &mut Children) {
 async fn stop(children: &mut Children) {
     for (_, child) in &children.0 {
         if let Some(pid) = child.id() {
-            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
         }
     }
     for (name, child) in &mut children.0 {
-        if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+        if tokio::time::timeout(STOP_GRACE, child.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(child = %name, "did not stop in time; killing");
             let _ = child.kill().await;
         }

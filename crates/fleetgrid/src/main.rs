@@ -13,7 +13,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "fleetgrid", version, about = "An LLM inference cloud made of parked, charging vehicles")]
+#[command(
+    name = "fleetgrid",
+    version,
+    about = "An LLM inference cloud made of parked, charging vehicles"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -116,7 +120,10 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: start the async runtime: {error}");

@@ -47,16 +47,17 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let store = home::model_store()?;
     let mut models = Vec::new();
     for name in &args.models {
-        let verified = store
-            .resolve(name)
-            .with_context(|| format!("resolve model {name:?} (fetch it with 'fleetgrid models fetch {name}')"))?;
+        let verified = store.resolve(name).with_context(|| {
+            format!("resolve model {name:?} (fetch it with 'fleetgrid models fetch {name}')")
+        })?;
         models.push(coordinator::ModelToServe {
             name: verified.name.clone(),
             path: verified.path.clone(),
             digest: verified.digest.to_string(),
         });
     }
-    let mut config = coordinator::CoordinatorConfig::new(home::coordinator_dir(args.data_dir), models);
+    let mut config =
+        coordinator::CoordinatorConfig::new(home::coordinator_dir(args.data_dir), models);
     config.http_listen = args.http_listen;
     config.grpc_listen = args.grpc_listen;
     config.context_tokens = args.context_tokens;
@@ -68,7 +69,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_token(args.exit_with_parent)?;
     coordinator::serve(config, shutdown, |bound| {
         // Parsed by `demo`, the benchmarks and the tests: keep the format.
-        println!("fleetgrid listening http={} grpc={}", bound.http, bound.grpc);
+        println!(
+            "fleetgrid listening http={} grpc={}",
+            bound.http, bound.grpc
+        );
     })
     .await
     .context("run the coordinator")
@@ -76,14 +80,23 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let store = home::model_store()?;
-    let model = store
-        .resolve(&args.model)
-        .with_context(|| format!("resolve model {:?} (fetch it with 'fleetgrid models fetch {}')", args.model, args.model))?;
+    let model = store.resolve(&args.model).with_context(|| {
+        format!(
+            "resolve model {:?} (fetch it with 'fleetgrid models fetch {}')",
+            args.model, args.model
+        )
+    })?;
     let vehicle_state = args
         .vehicle_state
         .parse::<agent::VehicleStateSource>()
         .context("parse --vehicle-state")?;
-    let mut config = agent::AgentConfig::new(args.coordinator, args.node_id, args.credential, vehicle_state, model);
+    let mut config = agent::AgentConfig::new(
+        args.coordinator,
+        args.node_id,
+        args.credential,
+        vehicle_state,
+        model,
+    );
     config.engine.parallel_sequences = args.parallel;
     config.engine.context_tokens_per_sequence = args.context_tokens;
     config.engine.memory_budget_bytes = args.memory_budget_mib * 1024 * 1024;

@@ -14,8 +14,19 @@ struct Case {
     code: &'static str,
 }
 
-fn case(name: &'static str, body: serde_json::Value, param: Option<&'static str>, code: &'static str) -> Case {
-    Case { name, body: body.to_string(), status: 400, param, code }
+fn case(
+    name: &'static str,
+    body: serde_json::Value,
+    param: Option<&'static str>,
+    code: &'static str,
+) -> Case {
+    Case {
+        name,
+        body: body.to_string(),
+        status: 400,
+        param,
+        code,
+    }
 }
 
 fn cases() -> Vec<Case> {
@@ -72,10 +83,25 @@ async fn bad_requests_get_openai_shaped_errors_and_the_server_keeps_serving() {
         assert_eq!(response.status().as_u16(), case.status, "{}", case.name);
         let error: serde_json::Value = response.json().await.expect("error json");
         let fields = &error["error"];
-        assert!(fields["message"].as_str().is_some_and(|message| !message.is_empty()), "{}: {error}", case.name);
-        assert_eq!(fields["type"], "invalid_request_error", "{}: {error}", case.name);
+        assert!(
+            fields["message"]
+                .as_str()
+                .is_some_and(|message| !message.is_empty()),
+            "{}: {error}",
+            case.name
+        );
+        assert_eq!(
+            fields["type"], "invalid_request_error",
+            "{}: {error}",
+            case.name
+        );
         assert_eq!(fields["code"], case.code, "{}: {error}", case.name);
-        assert_eq!(fields["param"].as_str(), case.param, "{}: {error}", case.name);
+        assert_eq!(
+            fields["param"].as_str(),
+            case.param,
+            "{}: {error}",
+            case.name
+        );
     }
     assert_serves(&stack).await;
 
@@ -91,7 +117,9 @@ async fn bad_requests_get_openai_shaped_errors_and_the_server_keeps_serving() {
     assert_eq!(error["error"]["param"], "prompt");
 
     for key in [None, Some("fg-not-a-real-key")] {
-        let mut request = client.post(stack.url("/v1/chat/completions")).json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}));
+        let mut request = client
+            .post(stack.url("/v1/chat/completions"))
+            .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}));
         if let Some(key) = key {
             request = request.bearer_auth(key);
         }
@@ -105,25 +133,46 @@ async fn bad_requests_get_openai_shaped_errors_and_the_server_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn no_eligible_node_is_503_and_a_full_queue_is_429_both_with_retry_after() {
-    let mut stack = Stack::start(StackOptions { extra_serve_args: vec!["--queue-max-per-class".into(), "1".into()] });
+    let mut stack = Stack::start(StackOptions {
+        extra_serve_args: vec!["--queue-max-per-class".into(), "1".into()],
+    });
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 300, "temperature": 0});
 
     let response = stack.post("/v1/chat/completions", &body).await;
     assert_eq!(response.status(), 503);
-    assert!(response.headers().get("retry-after").is_some(), "503 without Retry-After");
+    assert!(
+        response.headers().get("retry-after").is_some(),
+        "503 without Retry-After"
+    );
     let error: serde_json::Value = response.json().await.expect("json");
     assert_eq!(error["error"]["type"], "server_error");
 
     stack.add_agent("car-1", 1);
     stack.wait_for_nodes(&["car-1"]).await;
     // One runs, one waits in the queue of one, the rest are refused.
-    let requests: Vec<_> = (0..4).map(|_| stack.post("/v1/chat/completions", &body)).collect();
+    let requests: Vec<_> = (0..4)
+        .map(|_| stack.post("/v1/chat/completions", &body))
+        .collect();
     let responses = futures::future::join_all(requests).await;
-    let statuses: Vec<u16> = responses.iter().map(|response| response.status().as_u16()).collect();
-    assert_eq!(statuses.iter().filter(|status| **status == 200).count(), 2, "{statuses:?}");
-    assert_eq!(statuses.iter().filter(|status| **status == 429).count(), 2, "{statuses:?}");
+    let statuses: Vec<u16> = responses
+        .iter()
+        .map(|response| response.status().as_u16())
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|status| **status == 200).count(),
+        2,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|status| **status == 429).count(),
+        2,
+        "{statuses:?}"
+    );
     for response in responses.iter().filter(|response| response.status() == 429) {
-        assert!(response.headers().get("retry-after").is_some(), "429 without Retry-After");
+        assert!(
+            response.headers().get("retry-after").is_some(),
+            "429 without Retry-After"
+        );
     }
     assert_serves(&stack).await;
 }

@@ -24,7 +24,11 @@ async fn a_killed_agent_is_marked_gone_and_requests_go_to_the_other_node() {
     let killed_at = Instant::now();
     stack.agents[0].kill();
     stack.wait_for_nodes(&["car-2"]).await;
-    assert!(killed_at.elapsed() <= HEARTBEAT_TIMEOUT, "node marked gone after {:?}", killed_at.elapsed());
+    assert!(
+        killed_at.elapsed() <= HEARTBEAT_TIMEOUT,
+        "node marked gone after {:?}",
+        killed_at.elapsed()
+    );
 
     for _ in 0..3 {
         let answer = stack
@@ -39,12 +43,19 @@ fn last_assigned_node(stack: &Stack) -> Option<String> {
     let log = stack.log("coordinator");
     log.lines()
         .filter(|line| line.contains("assigned"))
-        .filter_map(|line| line.split_whitespace().find_map(|field| field.strip_prefix("node_id=")))
+        .filter_map(|line| {
+            line.split_whitespace()
+                .find_map(|field| field.strip_prefix("node_id="))
+        })
         .last()
         .map(str::to_string)
 }
 
-async fn stream_with_kill(stack: &mut Stack, body: &serde_json::Value, kill_after_chunks: usize) -> String {
+async fn stream_with_kill(
+    stack: &mut Stack,
+    body: &serde_json::Value,
+    kill_after_chunks: usize,
+) -> String {
     let mut body = body.clone();
     body["stream"] = json!(true);
     let response = stack.post("/v1/chat/completions", &body).await;
@@ -57,14 +68,22 @@ async fn stream_with_kill(stack: &mut Stack, body: &serde_json::Value, kill_afte
         let chunks = raw.matches("data: ").count();
         if !killed && chunks >= kill_after_chunks {
             let node = last_assigned_node(stack).expect("an assignment in the log");
-            let agent = stack.agents.iter_mut().find(|agent| agent.name == node).expect("agent process");
+            let agent = stack
+                .agents
+                .iter_mut()
+                .find(|agent| agent.name == node)
+                .expect("agent process");
             agent.kill();
             killed = true;
         }
     }
     assert!(killed, "the generation finished before the kill");
     let streamed = common::parse_sse(&raw);
-    assert!(streamed.errors.is_empty(), "errors in the stream: {:?}", streamed.errors);
+    assert!(
+        streamed.errors.is_empty(),
+        "errors in the stream: {:?}",
+        streamed.errors
+    );
     assert!(streamed.done);
     streamed.content
 }
@@ -85,11 +104,20 @@ async fn a_generation_survives_its_node_being_killed_mid_stream() {
             "max_tokens": 120, "temperature": temperature, "seed": seed,
         });
         let uninterrupted = stack.chat(&body).await;
-        let expected = uninterrupted["choices"][0]["message"]["content"].as_str().expect("content").to_string();
+        let expected = uninterrupted["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("content")
+            .to_string();
         let reassigned_before = stack.metric("fleetgrid_reassignments_total").await;
         let text = stream_with_kill(&mut stack, &body, 20).await;
-        assert_eq!(text, expected, "temperature {temperature}: the resumed stream differs from an uninterrupted run");
-        assert_eq!(stack.metric("fleetgrid_reassignments_total").await, reassigned_before + 1.0);
+        assert_eq!(
+            text, expected,
+            "temperature {temperature}: the resumed stream differs from an uninterrupted run"
+        );
+        assert_eq!(
+            stack.metric("fleetgrid_reassignments_total").await,
+            reassigned_before + 1.0
+        );
         // Leave no node of this round behind for the next one.
         for agent in stack.agents.iter_mut() {
             agent.kill();
@@ -118,13 +146,21 @@ async fn a_client_that_disconnects_mid_stream_has_its_generation_cancelled_withi
     drop(bytes);
     let dropped_at = Instant::now();
     loop {
-        let cancelled = stack.metric("fleetgrid_generations_cancelled_on_node_total").await;
+        let cancelled = stack
+            .metric("fleetgrid_generations_cancelled_on_node_total")
+            .await;
         if cancelled >= 1.0 {
             break;
         }
-        assert!(dropped_at.elapsed() < Duration::from_secs(1), "not cancelled on the node within a second");
+        assert!(
+            dropped_at.elapsed() < Duration::from_secs(1),
+            "not cancelled on the node within a second"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(stack.metric("fleetgrid_generations_active").await, 0.0);
-    assert_eq!(stack.metric("fleetgrid_requests_cancelled_total").await, 1.0);
+    assert_eq!(
+        stack.metric("fleetgrid_requests_cancelled_total").await,
+        1.0
+    );
 }

@@ -29,8 +29,13 @@ async fn plain_and_streamed_completions_agree_and_usage_matches_the_tokenizer() 
             content: message["content"].as_str().expect("content").into(),
         })
         .collect();
-    let rendered = tokenizer.apply_chat_template(&chat, true).expect("template");
-    let prompt_tokens = tokenizer.tokenize(&rendered, false).expect("tokenize").len();
+    let rendered = tokenizer
+        .apply_chat_template(&chat, true)
+        .expect("template");
+    let prompt_tokens = tokenizer
+        .tokenize(&rendered, false)
+        .expect("tokenize")
+        .len();
 
     let mut seeded_texts = Vec::new();
     for (temperature, seed) in [(0.0, 7), (0.8, 42), (0.8, 43)] {
@@ -40,7 +45,10 @@ async fn plain_and_streamed_completions_agree_and_usage_matches_the_tokenizer() 
             "stream_options": null,
         });
         let plain = stack.chat(&body).await;
-        let text = plain["choices"][0]["message"]["content"].as_str().expect("content").to_string();
+        let text = plain["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("content")
+            .to_string();
         assert!(!text.trim().is_empty(), "empty answer: {plain}");
         assert_eq!(plain["object"], "chat.completion");
         assert_eq!(plain["model"], MODEL);
@@ -49,18 +57,44 @@ async fn plain_and_streamed_completions_agree_and_usage_matches_the_tokenizer() 
         streamed_body["stream_options"] = json!({"include_usage": true});
         let streamed = stack.chat_stream(&streamed_body).await;
         assert!(streamed.done, "stream did not end with [DONE]");
-        assert!(streamed.errors.is_empty(), "stream errors: {:?}", streamed.errors);
-        assert_eq!(streamed.content, text, "streamed text differs at temperature {temperature}");
-        assert_eq!(streamed.finish_reason.as_deref(), plain["choices"][0]["finish_reason"].as_str());
+        assert!(
+            streamed.errors.is_empty(),
+            "stream errors: {:?}",
+            streamed.errors
+        );
+        assert_eq!(
+            streamed.content, text,
+            "streamed text differs at temperature {temperature}"
+        );
+        assert_eq!(
+            streamed.finish_reason.as_deref(),
+            plain["choices"][0]["finish_reason"].as_str()
+        );
 
         let usage = &plain["usage"];
-        assert_eq!(usage["prompt_tokens"], prompt_tokens, "prompt tokens: {usage}");
-        let logprobs = plain["choices"][0]["logprobs"]["content"].as_array().expect("logprobs");
-        assert_eq!(usage["completion_tokens"], logprobs.len(), "one logprob entry per completion token");
-        let pieces: String = logprobs.iter().map(|entry| entry["token"].as_str().unwrap_or_default()).collect();
+        assert_eq!(
+            usage["prompt_tokens"], prompt_tokens,
+            "prompt tokens: {usage}"
+        );
+        let logprobs = plain["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .expect("logprobs");
+        assert_eq!(
+            usage["completion_tokens"],
+            logprobs.len(),
+            "one logprob entry per completion token"
+        );
+        let pieces: String = logprobs
+            .iter()
+            .map(|entry| entry["token"].as_str().unwrap_or_default())
+            .collect();
         assert_eq!(pieces, text, "the tokens' text is the answer");
         assert_eq!(usage["total_tokens"], prompt_tokens + logprobs.len());
-        assert_eq!(streamed.usage.as_ref(), Some(usage), "streamed usage equals plain usage");
+        assert_eq!(
+            streamed.usage.as_ref(),
+            Some(usage),
+            "streamed usage equals plain usage"
+        );
         for entry in logprobs {
             let logprob = entry["logprob"].as_f64().expect("logprob");
             assert!(logprob <= 0.0, "logprob {logprob} > 0");
@@ -70,7 +104,10 @@ async fn plain_and_streamed_completions_agree_and_usage_matches_the_tokenizer() 
             seeded_texts.push(text);
         }
     }
-    assert_ne!(seeded_texts[0], seeded_texts[1], "different seeds gave the same sample");
+    assert_ne!(
+        seeded_texts[0], seeded_texts[1],
+        "different seeds gave the same sample"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -106,5 +143,8 @@ async fn text_completions_and_models_listing() {
     let response = stack.post("/v1/completions", &pinned).await;
     assert_eq!(response.headers()["x-fleetgrid-tier"], "fleet");
     let again: serde_json::Value = response.json().await.expect("json");
-    assert_eq!(again["choices"][0]["text"], completion["choices"][0]["text"]);
+    assert_eq!(
+        again["choices"][0]["text"],
+        completion["choices"][0]["text"]
+    );
 }

@@ -11,6 +11,7 @@ use crate::loadgen::{run_load, LoadSpec};
 use crate::process::{free_local_port, remove_dir_if_present, run_logged, ChildGuard};
 use crate::reference::{sha256_hex, ReferenceBinaries};
 use crate::BenchError;
+use models::{ModelStore, Sha256Digest};
 
 /// llama-server loads a small model in seconds; this only catches one that never comes up.
 const LLAMA_SERVER_READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -182,17 +183,26 @@ fn secret_from(command: &mut Command, program: &str, log_dir: &Path) -> Result<S
         })
 }
 
-/// Puts the model file where the model store looks for it, `models/blobs/sha256/<hex>` under
-/// `FLEETGRID_HOME`: a hard link where possible, since the file is large, a copy otherwise.
+/// Puts the model file into the model store under `FLEETGRID_HOME` as [`MODEL_NAME`]: the blob
+/// as a hard link where possible, since the file is large (a copy otherwise), then the store's
+/// own import, which verifies it and records the name the agent resolves.
 fn place_model_in_store(model_path: &Path, home_dir: &Path) -> Result<PathBuf, BenchError> {
-    let digest = sha256_hex(model_path)?;
-    let blobs = home_dir.join("models").join("blobs").join("sha256");
-    std::fs::create_dir_all(&blobs).map_err(|e| BenchError::io("create", &blobs, e))?;
-    let blob = blobs.join(digest);
-    if std::fs::hard_link(model_path, &blob).is_err() {
-        std::fs::copy(model_path, &blob).map_err(|e| BenchError::io("copy", model_path, e))?;
+    let digest_hex = sha256_hex(model_path)?;
+    let digest: Sha256Digest = digest_hex.parse().map_err(|_| BenchError::Parse {
+        what: "model digest",
+        reason: digest_hex.clone(),
+    })?;
+    let store = ModelStore::open(home_dir.join("models"))?;
+    let blob = store.blob_path(&digest);
+    if let Some(blobs) = blob.parent() {
+        std::fs::create_dir_all(blobs).map_err(|e| BenchError::io("create", blobs, e))?;
     }
-    Ok(blob)
+    if !blob.exists() {
+        // A failed link leaves nothing behind; the import below then copies the file.
+        let _ = std::fs::hard_link(model_path, &blob);
+    }
+    let model = store.import(MODEL_NAME, &[model_path.to_owned()], &digest)?;
+    Ok(model.path)
 }
 
 #[cfg(test)]
@@ -200,14 +210,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn model_lands_under_its_digest() {
+    fn model_is_resolvable_by_name() {
         let dir = tempfile::tempdir().expect("tempdir");
         let model = dir.path().join("model.gguf");
         std::fs::write(&model, b"abc").expect("write");
-        let blob = place_model_in_store(&model, &dir.path().join("home")).expect("place");
+        let home = dir.path().join("home");
+        let blob = place_model_in_store(&model, &home).expect("place");
         assert!(blob.ends_with(
             "models/blobs/sha256/ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         ));
         assert_eq!(std::fs::read(&blob).expect("read blob"), b"abc");
+        // The agent finds the model by its catalog name, as `--model` names it.
+        let store = ModelStore::open(home.join("models")).expect("open store");
+        let resolved = store.resolve(MODEL_NAME).expect("resolve by name");
+        assert_eq!(resolved.path, blob);
     }
 }

@@ -105,8 +105,10 @@ impl ApiError {
 
     /// The JSON body alone, for an error sent inside an event stream.
     pub fn body_json(&self) -> String {
-        serde_json::to_string(&ErrorBody { error: self.fields() })
-            .unwrap_or_else(|_| String::from("{\"error\":{}}"))
+        serde_json::to_string(&ErrorBody {
+            error: self.fields(),
+        })
+        .unwrap_or_else(|_| String::from("{\"error\":{}}"))
     }
 
     fn fields(&self) -> ErrorFields<'_> {
@@ -123,7 +125,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (
             self.status,
-            [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
             self.body_json(),
         )
             .into_response();

@@ -44,12 +44,14 @@ async fn run(
     endpoint: Endpoint,
 ) -> Result<Response, ApiError> {
     let tenant = authenticate(state, headers).await?;
-    let permit = Arc::clone(&state.inflight).try_acquire_owned().map_err(|_| {
-        ApiError::too_many(
-            "the gateway is holding as many requests as it can; retry shortly",
-            limits::RETRY_AFTER_DEFAULT_SECONDS,
-        )
-    })?;
+    let permit = Arc::clone(&state.inflight)
+        .try_acquire_owned()
+        .map_err(|_| {
+            ApiError::too_many(
+                "the gateway is holding as many requests as it can; retry shortly",
+                limits::RETRY_AFTER_DEFAULT_SECONDS,
+            )
+        })?;
     let body = body.map_err(|_| body_too_large())?;
     if body.len() > limits::REQUEST_BODY_BYTES_MAX {
         return Err(body_too_large());
@@ -82,7 +84,11 @@ async fn run(
             },
             max_tokens,
             stop: request.stop.clone(),
-            top_logprobs: if request.logprobs { request.top_logprobs } else { 0 },
+            top_logprobs: if request.logprobs {
+                request.top_logprobs
+            } else {
+                0
+            },
         })
         .map_err(rejection_error)?;
     tracing::info!(request_id = %public_id, tenant_id = tenant.id, model = %request.model.name, "admitted");
@@ -97,7 +103,10 @@ async fn run(
 
 fn body_too_large() -> ApiError {
     ApiError::invalid(
-        format!("the request body is larger than {} bytes", limits::REQUEST_BODY_BYTES_MAX),
+        format!(
+            "the request body is larger than {} bytes",
+            limits::REQUEST_BODY_BYTES_MAX
+        ),
         None,
         "request_too_large",
     )
@@ -113,7 +122,9 @@ async fn tokenize(request: &ValidatedRequest) -> Result<(Vec<i32>, String), ApiE
     };
     let joined = tokio::task::spawn_blocking(move || {
         let (text, add_special) = match source {
-            PromptSource::Chat(messages) => (model.tokenizer.apply_chat_template(&messages, true)?, false),
+            PromptSource::Chat(messages) => {
+                (model.tokenizer.apply_chat_template(&messages, true)?, false)
+            }
             PromptSource::Text(text) => (text, true),
         };
         let tokens = model.tokenizer.tokenize(&text, add_special)?;
@@ -165,14 +176,24 @@ fn completion_budget(request: &ValidatedRequest, prompt_tokens: usize) -> Result
 
 fn rejection_error(rejection: Rejection) -> ApiError {
     match rejection {
-        Rejection::NoEligibleNode { retry_after_seconds } => ApiError::unavailable(
+        Rejection::NoEligibleNode {
+            retry_after_seconds,
+        } => ApiError::unavailable(
             "no vehicle that can serve this model is available right now",
             retry_after_seconds,
         ),
-        Rejection::QueueFull { retry_after_seconds } => {
-            ApiError::too_many("the queue for this model is full; retry shortly", retry_after_seconds)
+        Rejection::QueueFull {
+            retry_after_seconds,
+        } => ApiError::too_many(
+            "the queue for this model is full; retry shortly",
+            retry_after_seconds,
+        ),
+        Rejection::OverQuota {
+            message,
+            retry_after_seconds,
+        } => ApiError::too_many(message, retry_after_seconds),
+        Rejection::Other { message } => {
+            ApiError::unavailable(message, limits::RETRY_AFTER_DEFAULT_SECONDS)
         }
-        Rejection::OverQuota { message, retry_after_seconds } => ApiError::too_many(message, retry_after_seconds),
-        Rejection::Other { message } => ApiError::unavailable(message, limits::RETRY_AFTER_DEFAULT_SECONDS),
     }
 }

@@ -60,7 +60,10 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// The tenant behind the request's bearer token, or 401.
-pub(crate) async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<TenantRecord, ApiError> {
+pub(crate) async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<TenantRecord, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(ApiError::unauthorized(
             "you didn't provide an API key; send it as 'Authorization: Bearer YOUR_KEY'",
@@ -72,7 +75,9 @@ pub(crate) async fn authenticate(state: &AppState, headers: &HeaderMap) -> Resul
         .and_then(|text| text.strip_prefix("Bearer "))
         .map(str::trim)
         .filter(|key| !key.is_empty())
-        .ok_or_else(|| ApiError::unauthorized("the Authorization header must be 'Bearer YOUR_KEY'"))?;
+        .ok_or_else(|| {
+            ApiError::unauthorized("the Authorization header must be 'Bearer YOUR_KEY'")
+        })?;
     match state.store.tenant_for_api_key(key).await {
         Ok(Some(tenant)) => Ok(tenant),
         Ok(None) => Err(ApiError::unauthorized("incorrect API key provided")),

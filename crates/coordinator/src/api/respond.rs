@@ -31,7 +31,12 @@ pub struct CancelGuard {
 
 impl CancelGuard {
     pub fn new(core: Arc<Core>, request: RequestId, permit: OwnedSemaphorePermit) -> CancelGuard {
-        CancelGuard { core, request, armed: true, _permit: permit }
+        CancelGuard {
+            core,
+            request,
+            armed: true,
+            _permit: permit,
+        }
     }
 
     fn disarm(&mut self) {
@@ -103,7 +108,10 @@ fn headers(meta: &ResponseMeta) -> [(HeaderName, HeaderValue); 2] {
             HeaderName::from_static("x-request-id"),
             HeaderValue::from_str(&meta.id).unwrap_or(HeaderValue::from_static("unknown")),
         ),
-        (HeaderName::from_static("x-fleetgrid-tier"), HeaderValue::from_static("fleet")),
+        (
+            HeaderName::from_static("x-fleetgrid-tier"),
+            HeaderValue::from_static("fleet"),
+        ),
     ]
 }
 
@@ -128,7 +136,10 @@ async fn next_update(updates: &mut mpsc::Receiver<Update>) -> Result<Update, Api
 
 fn generation_error(error: GenerationError) -> ApiError {
     match error {
-        GenerationError::Rejected { reason, retry_after_seconds } => ApiError::unavailable(reason, retry_after_seconds),
+        GenerationError::Rejected {
+            reason,
+            retry_after_seconds,
+        } => ApiError::unavailable(reason, retry_after_seconds),
         GenerationError::TooManyAttempts => ApiError::unavailable(
             "the generation was interrupted too many times; retry",
             limits::RETRY_AFTER_DEFAULT_SECONDS,
@@ -165,7 +176,9 @@ impl LogprobEntries {
         let top_map: serde_json::Map<String, Value> = token
             .top_logprobs
             .iter()
-            .map(|(_, piece, logprob)| (String::from_utf8_lossy(piece).into_owned(), json!(logprob)))
+            .map(|(_, piece, logprob)| {
+                (String::from_utf8_lossy(piece).into_owned(), json!(logprob))
+            })
             .collect();
         self.tokens.push(text);
         self.token_logprobs.push(token.logprob);
@@ -250,7 +263,13 @@ pub async fn collect(
     Ok((headers(&meta), Json(body)).into_response())
 }
 
-fn chunk(meta: &ResponseMeta, text: &str, logprobs: Value, finish: Option<&str>, first: bool) -> Event {
+fn chunk(
+    meta: &ResponseMeta,
+    text: &str,
+    logprobs: Value,
+    finish: Option<&str>,
+    first: bool,
+) -> Event {
     let choice = match meta.endpoint {
         Endpoint::Chat => {
             let delta = match (first, finish) {
@@ -260,13 +279,19 @@ fn chunk(meta: &ResponseMeta, text: &str, logprobs: Value, finish: Option<&str>,
             };
             json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
         }
-        Endpoint::Completion => json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}),
+        Endpoint::Completion => {
+            json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish})
+        }
     };
     Event::default().data(meta.envelope(true, json!([choice])).to_string())
 }
 
 /// Streaming: server-sent events, ending with `data: [DONE]`.
-pub fn stream(meta: ResponseMeta, mut updates: mpsc::Receiver<Update>, mut guard: CancelGuard) -> Response {
+pub fn stream(
+    meta: ResponseMeta,
+    mut updates: mpsc::Receiver<Update>,
+    mut guard: CancelGuard,
+) -> Response {
     let response_headers = headers(&meta);
     let events = async_stream::stream! {
         let mut assembler = TextAssembler::new(meta.stop.clone());
@@ -317,5 +342,9 @@ pub fn stream(meta: ResponseMeta, mut updates: mpsc::Receiver<Update>, mut guard
         }
         yield Ok(Event::default().data("[DONE]"));
     };
-    (response_headers, Sse::new(events).keep_alive(KeepAlive::default())).into_response()
+    (
+        response_headers,
+        Sse::new(events).keep_alive(KeepAlive::default()),
+    )
+        .into_response()
 }

@@ -70,26 +70,44 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
     })
 }
 
-pub fn chat(request: ChatCompletionRequest, models: &ServedModels) -> Result<ValidatedRequest, ApiError> {
+pub fn chat(
+    request: ChatCompletionRequest,
+    models: &ServedModels,
+) -> Result<ValidatedRequest, ApiError> {
     let model = model(request.model.as_deref(), models)?;
-    let messages = request
-        .messages
-        .ok_or_else(|| ApiError::invalid("'messages' is a required property", Some("messages"), "missing_required_parameter"))?;
+    let messages = request.messages.ok_or_else(|| {
+        ApiError::invalid(
+            "'messages' is a required property",
+            Some("messages"),
+            "missing_required_parameter",
+        )
+    })?;
     if messages.is_empty() {
-        return Err(invalid("'messages' must contain at least one message", "messages"));
+        return Err(invalid(
+            "'messages' must contain at least one message",
+            "messages",
+        ));
     }
     if messages.len() > limits::CHAT_MESSAGES_MAX {
         return Err(invalid(
-            format!("'messages' has {} entries; the limit is {}", messages.len(), limits::CHAT_MESSAGES_MAX),
+            format!(
+                "'messages' has {} entries; the limit is {}",
+                messages.len(),
+                limits::CHAT_MESSAGES_MAX
+            ),
             "messages",
         ));
     }
     let mut rendered = Vec::with_capacity(messages.len());
     for (index, message) in messages.into_iter().enumerate() {
         let param = format!("messages[{index}].role");
-        let role = message
-            .role
-            .ok_or_else(|| ApiError::invalid("each message needs a 'role'", Some(&param), "missing_required_parameter"))?;
+        let role = message.role.ok_or_else(|| {
+            ApiError::invalid(
+                "each message needs a 'role'",
+                Some(&param),
+                "missing_required_parameter",
+            )
+        })?;
         if !CHAT_ROLES.contains(&role.as_str()) {
             return Err(invalid(
                 format!("'{role}' is not one of {CHAT_ROLES:?}"),
@@ -97,7 +115,11 @@ pub fn chat(request: ChatCompletionRequest, models: &ServedModels) -> Result<Val
             ));
         }
         let content = content_text(message.content, index)?;
-        let role = if role == "developer" { "system".to_string() } else { role };
+        let role = if role == "developer" {
+            "system".to_string()
+        } else {
+            role
+        };
         rendered.push(engine::ChatMessage { role, content });
     }
     let logprobs = match request.sampling.logprobs.as_ref() {
@@ -108,24 +130,53 @@ pub fn chat(request: ChatCompletionRequest, models: &ServedModels) -> Result<Val
     let top_logprobs = match request.sampling.top_logprobs {
         None => 0,
         Some(count) if !(0..=i64::from(limits::TOP_LOGPROBS_MAX)).contains(&count) => {
-            return Err(invalid(format!("'top_logprobs' must be between 0 and {}", limits::TOP_LOGPROBS_MAX), "top_logprobs"))
+            return Err(invalid(
+                format!(
+                    "'top_logprobs' must be between 0 and {}",
+                    limits::TOP_LOGPROBS_MAX
+                ),
+                "top_logprobs",
+            ))
         }
         Some(_) if !logprobs => {
-            return Err(invalid("'top_logprobs' needs 'logprobs' set to true", "top_logprobs"))
+            return Err(invalid(
+                "'top_logprobs' needs 'logprobs' set to true",
+                "top_logprobs",
+            ))
         }
         Some(count) => count as u32,
     };
-    finish(Endpoint::Chat, model, PromptSource::Chat(rendered), request.sampling, logprobs, top_logprobs, false)
+    finish(
+        Endpoint::Chat,
+        model,
+        PromptSource::Chat(rendered),
+        request.sampling,
+        logprobs,
+        top_logprobs,
+        false,
+    )
 }
 
-pub fn completion(request: CompletionRequest, models: &ServedModels) -> Result<ValidatedRequest, ApiError> {
+pub fn completion(
+    request: CompletionRequest,
+    models: &ServedModels,
+) -> Result<ValidatedRequest, ApiError> {
     let model = model(request.model.as_deref(), models)?;
     let prompt = match request.prompt {
-        None => return Err(ApiError::invalid("'prompt' is a required property", Some("prompt"), "missing_required_parameter")),
+        None => {
+            return Err(ApiError::invalid(
+                "'prompt' is a required property",
+                Some("prompt"),
+                "missing_required_parameter",
+            ))
+        }
         Some(PromptField::One(text)) => text,
         Some(PromptField::Many(mut texts)) if texts.len() == 1 => texts.remove(0),
         Some(PromptField::Many(_)) => {
-            return Err(invalid("only one prompt per request is supported", "prompt"))
+            return Err(invalid(
+                "only one prompt per request is supported",
+                "prompt",
+            ))
         }
     };
     if prompt.is_empty() {
@@ -138,7 +189,15 @@ pub fn completion(request: CompletionRequest, models: &ServedModels) -> Result<V
         None | Some(serde_json::Value::Null) => None,
         Some(value) => match value.as_u64() {
             Some(count) if count <= u64::from(limits::TOP_LOGPROBS_MAX) => Some(count as u32),
-            _ => return Err(invalid(format!("'logprobs' must be an integer between 0 and {}", limits::TOP_LOGPROBS_MAX), "logprobs")),
+            _ => {
+                return Err(invalid(
+                    format!(
+                        "'logprobs' must be an integer between 0 and {}",
+                        limits::TOP_LOGPROBS_MAX
+                    ),
+                    "logprobs",
+                ))
+            }
         },
     };
     finish(
@@ -153,8 +212,13 @@ pub fn completion(request: CompletionRequest, models: &ServedModels) -> Result<V
 }
 
 fn model(requested: Option<&str>, models: &ServedModels) -> Result<Arc<ServedModel>, ApiError> {
-    let requested = requested
-        .ok_or_else(|| ApiError::invalid("'model' is a required property", Some("model"), "missing_required_parameter"))?;
+    let requested = requested.ok_or_else(|| {
+        ApiError::invalid(
+            "'model' is a required property",
+            Some("model"),
+            "missing_required_parameter",
+        )
+    })?;
     models.lookup(requested).ok_or_else(|| {
         ApiError::invalid(
             format!("the model '{requested}' does not exist; GET /v1/models lists the models served here"),
@@ -167,7 +231,11 @@ fn model(requested: Option<&str>, models: &ServedModels) -> Result<Arc<ServedMod
 fn content_text(content: Option<MessageContent>, index: usize) -> Result<String, ApiError> {
     let param = format!("messages[{index}].content");
     match content {
-        None => Err(ApiError::invalid("each message needs 'content'", Some(&param), "missing_required_parameter")),
+        None => Err(ApiError::invalid(
+            "each message needs 'content'",
+            Some(&param),
+            "missing_required_parameter",
+        )),
         Some(MessageContent::Text(text)) => Ok(text),
         Some(MessageContent::Parts(parts)) => {
             let mut text = String::new();
@@ -175,7 +243,12 @@ fn content_text(content: Option<MessageContent>, index: usize) -> Result<String,
                 match (part.kind.as_str(), part.text) {
                     ("text", Some(piece)) => text.push_str(&piece),
                     (kind, _) => {
-                        return Err(invalid(format!("content parts of type '{kind}' are not supported; only 'text'"), &param))
+                        return Err(invalid(
+                            format!(
+                                "content parts of type '{kind}' are not supported; only 'text'"
+                            ),
+                            &param,
+                        ))
                     }
                 }
             }
@@ -194,7 +267,10 @@ fn finish(
     echo: bool,
 ) -> Result<ValidatedRequest, ApiError> {
     if sampling.max_tokens.is_some() && sampling.max_completion_tokens.is_some() {
-        return Err(invalid("give 'max_tokens' or 'max_completion_tokens', not both", "max_tokens"));
+        return Err(invalid(
+            "give 'max_tokens' or 'max_completion_tokens', not both",
+            "max_tokens",
+        ));
     }
     let (max_param, max_value) = match (sampling.max_tokens, sampling.max_completion_tokens) {
         (Some(value), _) => ("max_tokens", Some(value)),
@@ -203,9 +279,20 @@ fn finish(
     };
     let max_tokens = match max_value {
         None => None,
-        Some(value) if value < 1 => return Err(invalid(format!("'{max_param}' must be at least 1, got {value}"), max_param)),
+        Some(value) if value < 1 => {
+            return Err(invalid(
+                format!("'{max_param}' must be at least 1, got {value}"),
+                max_param,
+            ))
+        }
         Some(value) if value > i64::from(limits::COMPLETION_TOKENS_MAX) => {
-            return Err(invalid(format!("'{max_param}' is {value}; the limit is {}", limits::COMPLETION_TOKENS_MAX), max_param))
+            return Err(invalid(
+                format!(
+                    "'{max_param}' is {value}; the limit is {}",
+                    limits::COMPLETION_TOKENS_MAX
+                ),
+                max_param,
+            ))
         }
         Some(value) => Some(value as u32),
     };
@@ -213,7 +300,9 @@ fn finish(
     let top_p = range(sampling.top_p, 1.0, 0.0, 1.0, "top_p", false)?;
     let top_k = match sampling.top_k {
         None => 0,
-        Some(value) if !(0..=100_000).contains(&value) => return Err(invalid("'top_k' must be between 0 and 100000", "top_k")),
+        Some(value) if !(0..=100_000).contains(&value) => {
+            return Err(invalid("'top_k' must be between 0 and 100000", "top_k"))
+        }
         Some(value) => value as u32,
     };
     if let Some(n) = sampling.n {
@@ -221,14 +310,31 @@ fn finish(
             return Err(invalid(format!("'n' is {n}; only 1 is supported"), "n"));
         }
     }
-    for (value, param) in [(sampling.presence_penalty, "presence_penalty"), (sampling.frequency_penalty, "frequency_penalty")] {
+    for (value, param) in [
+        (sampling.presence_penalty, "presence_penalty"),
+        (sampling.frequency_penalty, "frequency_penalty"),
+    ] {
         match value {
-            Some(value) if !(-2.0..=2.0).contains(&value) => return Err(invalid(format!("'{param}' must be between -2 and 2"), param)),
-            Some(value) if value != 0.0 => return Err(invalid(format!("'{param}' is not supported (only 0)"), param)),
+            Some(value) if !(-2.0..=2.0).contains(&value) => {
+                return Err(invalid(
+                    format!("'{param}' must be between -2 and 2"),
+                    param,
+                ))
+            }
+            Some(value) if value != 0.0 => {
+                return Err(invalid(
+                    format!("'{param}' is not supported (only 0)"),
+                    param,
+                ))
+            }
             _ => {}
         }
     }
-    if sampling.tools.as_ref().is_some_and(|tools| !tools.is_null()) {
+    if sampling
+        .tools
+        .as_ref()
+        .is_some_and(|tools| !tools.is_null())
+    {
         return Err(invalid("'tools' is not supported", "tools"));
     }
     let stop = stop_sequences(sampling.stop)?;
@@ -239,7 +345,10 @@ fn finish(
         .and_then(|options| options.include_usage)
         .unwrap_or(false);
     if sampling.stream_options.is_some() && !stream {
-        return Err(invalid("'stream_options' is only allowed when 'stream' is true", "stream_options"));
+        return Err(invalid(
+            "'stream_options' is only allowed when 'stream' is true",
+            "stream_options",
+        ));
     }
     Ok(ValidatedRequest {
         endpoint,
@@ -260,14 +369,28 @@ fn finish(
     })
 }
 
-fn range(value: Option<f64>, default: f32, low: f64, high: f64, param: &str, low_inclusive: bool) -> Result<f32, ApiError> {
+fn range(
+    value: Option<f64>,
+    default: f32,
+    low: f64,
+    high: f64,
+    param: &str,
+    low_inclusive: bool,
+) -> Result<f32, ApiError> {
     let Some(value) = value else {
         return Ok(default);
     };
-    let above_low = if low_inclusive { value >= low } else { value > low };
+    let above_low = if low_inclusive {
+        value >= low
+    } else {
+        value > low
+    };
     if !value.is_finite() || !above_low || value > high {
         let bracket = if low_inclusive { "[" } else { "(" };
-        return Err(invalid(format!("'{param}' is {value}; it must be in {bracket}{low}, {high}]"), param));
+        return Err(invalid(
+            format!("'{param}' is {value}; it must be in {bracket}{low}, {high}]"),
+            param,
+        ));
     }
     Ok(value as f32)
 }
@@ -279,10 +402,25 @@ fn stop_sequences(stop: Option<StopField>) -> Result<Vec<String>, ApiError> {
         Some(StopField::Many(many)) => many,
     };
     if stop.len() > limits::STOP_SEQUENCES_MAX {
-        return Err(invalid(format!("at most {} stop sequences are allowed", limits::STOP_SEQUENCES_MAX), "stop"));
+        return Err(invalid(
+            format!(
+                "at most {} stop sequences are allowed",
+                limits::STOP_SEQUENCES_MAX
+            ),
+            "stop",
+        ));
     }
-    if stop.iter().any(|sequence| sequence.is_empty() || sequence.len() > limits::STOP_SEQUENCE_BYTES_MAX) {
-        return Err(invalid(format!("stop sequences must be 1 to {} bytes long", limits::STOP_SEQUENCE_BYTES_MAX), "stop"));
+    if stop
+        .iter()
+        .any(|sequence| sequence.is_empty() || sequence.len() > limits::STOP_SEQUENCE_BYTES_MAX)
+    {
+        return Err(invalid(
+            format!(
+                "stop sequences must be 1 to {} bytes long",
+                limits::STOP_SEQUENCE_BYTES_MAX
+            ),
+            "stop",
+        ));
     }
     Ok(stop)
 }

@@ -4,8 +4,7 @@
 use scheduler::{Command, Event, Millis, NodeId, RejectReason, RequestId};
 
 use super::{
-    CommittedToken, Core, CoreState, FinishReason, GenerationError, Rejection, Update, Usage,
-    ORDER,
+    CommittedToken, Core, CoreState, FinishReason, GenerationError, Rejection, Update, Usage, ORDER,
 };
 use crate::limits;
 use crate::nodes::NodeSession;
@@ -46,11 +45,21 @@ impl Core {
         rejections: &mut Vec<(RequestId, Rejection)>,
     ) {
         match command {
-            Command::Assign { request, node, resume_from } => {
-                self.assign(state, request, node, resume_from)
-            }
-            Command::Stop { request, node, reason } => {
-                tracing::info!(request_id = request.0, ?reason, "stopping generation on node");
+            Command::Assign {
+                request,
+                node,
+                resume_from,
+            } => self.assign(state, request, node, resume_from),
+            Command::Stop {
+                request,
+                node,
+                reason,
+            } => {
+                tracing::info!(
+                    request_id = request.0,
+                    ?reason,
+                    "stopping generation on node"
+                );
                 if let Some(inflight) = state.requests.get_mut(&request) {
                     if inflight.node == Some(node) {
                         inflight.node = None;
@@ -63,7 +72,11 @@ impl Core {
                 state.requests.remove(&request);
                 self.metrics.generations_active.fetch_sub(1, ORDER);
             }
-            Command::Reject { request, reason, retry_after_ms } => {
+            Command::Reject {
+                request,
+                reason,
+                retry_after_ms,
+            } => {
                 let rejection = rejection_of(reason, retry_after_ms);
                 if let Some(inflight) = state.requests.get(&request) {
                     if inflight.attempt == 0 && inflight.committed.is_empty() {
@@ -80,7 +93,10 @@ impl Core {
 
     fn assign(&self, state: &mut CoreState, request: RequestId, node: NodeId, resume_from: u32) {
         let Some(inflight) = state.requests.get_mut(&request) else {
-            tracing::error!(request_id = request.0, "scheduler assigned an unknown request");
+            tracing::error!(
+                request_id = request.0,
+                "scheduler assigned an unknown request"
+            );
             return;
         };
         debug_assert_eq!(resume_from as usize, inflight.committed.len());
@@ -106,7 +122,10 @@ impl Core {
             })),
         };
         let Some(target) = state.nodes.get(&node) else {
-            tracing::error!(request_id = request.0, "scheduler assigned to a node that is gone");
+            tracing::error!(
+                request_id = request.0,
+                "scheduler assigned to a node that is gone"
+            );
             state.follow_up.push(Event::AttemptFailed { request, node });
             return;
         };
@@ -125,7 +144,10 @@ impl Core {
     fn send_cancel(&self, state: &CoreState, request: RequestId, node: NodeId, reason: &str) {
         let (Some(target), Some(attempt)) = (
             state.nodes.get(&node),
-            state.requests.get(&request).map(|inflight| inflight.attempt),
+            state
+                .requests
+                .get(&request)
+                .map(|inflight| inflight.attempt),
         ) else {
             return;
         };
@@ -216,13 +238,23 @@ impl Core {
         let node = session.node;
         if violation {
             self.metrics.node_protocol_violations.fetch_add(1, ORDER);
-            tracing::warn!(request_id = request.0, "node sent tokens out of order; moving the generation");
+            tracing::warn!(
+                request_id = request.0,
+                "node sent tokens out of order; moving the generation"
+            );
             inflight.node = None;
             self.send_cancel(&state, request, node, "protocol violation");
             self.handle(&mut state, now, Event::AttemptFailed { request, node });
             return;
         }
-        self.handle(&mut state, now, Event::TokensCommitted { request, committed_total });
+        self.handle(
+            &mut state,
+            now,
+            Event::TokensCommitted {
+                request,
+                committed_total,
+            },
+        );
     }
 
     /// A node finished (or confirmed cancelling) a generation.
@@ -231,7 +263,9 @@ impl Core {
         let mut state = self.lock();
         let reason = proto::FinishReason::try_from(done.reason).unwrap_or_default();
         if reason == proto::FinishReason::Cancelled {
-            self.metrics.generations_cancelled_on_node.fetch_add(1, ORDER);
+            self.metrics
+                .generations_cancelled_on_node
+                .fetch_add(1, ORDER);
         }
         let Some(request) = self.current_attempt(&state, session, &done.generation_id) else {
             return;
@@ -246,7 +280,14 @@ impl Core {
                 // The node gave up on its own (its owner needs the car):
                 // the generation continues elsewhere.
                 inflight.node = None;
-                self.handle(&mut state, now, Event::AttemptFailed { request, node: session.node });
+                self.handle(
+                    &mut state,
+                    now,
+                    Event::AttemptFailed {
+                        request,
+                        node: session.node,
+                    },
+                );
                 return;
             }
         };
@@ -267,7 +308,10 @@ impl Core {
             prompt_tokens: u32::try_from(inflight.prompt.len()).unwrap_or(u32::MAX),
             completion_tokens: ours,
         };
-        let _ = inflight.updates.try_send(Update::Finished { reason: finish, usage });
+        let _ = inflight.updates.try_send(Update::Finished {
+            reason: finish,
+            usage,
+        });
         self.record(&mut state, request, "completed", None);
         state.requests.remove(&request);
         self.metrics.requests_completed.fetch_add(1, ORDER);
@@ -287,7 +331,14 @@ impl Core {
             inflight.node = None;
         }
         if failed.retryable {
-            self.handle(&mut state, now, Event::AttemptFailed { request, node: session.node });
+            self.handle(
+                &mut state,
+                now,
+                Event::AttemptFailed {
+                    request,
+                    node: session.node,
+                },
+            );
         } else {
             self.fail(&mut state, request, GenerationError::Failed(failed.message));
             while let Some(event) = state.follow_up.pop() {
@@ -364,8 +415,12 @@ fn retry_seconds(retry_after_ms: Option<u64>) -> u64 {
 fn rejection_of(reason: RejectReason, retry_after_ms: Option<u64>) -> Rejection {
     let retry_after_seconds = retry_seconds(retry_after_ms);
     match reason {
-        RejectReason::NoEligibleNode => Rejection::NoEligibleNode { retry_after_seconds },
-        RejectReason::QueueFull => Rejection::QueueFull { retry_after_seconds },
+        RejectReason::NoEligibleNode => Rejection::NoEligibleNode {
+            retry_after_seconds,
+        },
+        RejectReason::QueueFull => Rejection::QueueFull {
+            retry_after_seconds,
+        },
         RejectReason::OverConcurrency => Rejection::OverQuota {
             message: "too many concurrent requests for this tenant".into(),
             retry_after_seconds,
@@ -388,15 +443,22 @@ fn rejection_of(reason: RejectReason, retry_after_ms: Option<u64>) -> Rejection 
 
 fn generation_error_of(rejection: Rejection) -> GenerationError {
     match rejection {
-        Rejection::NoEligibleNode { retry_after_seconds } => GenerationError::Rejected {
+        Rejection::NoEligibleNode {
+            retry_after_seconds,
+        } => GenerationError::Rejected {
             reason: "no eligible node is available".into(),
             retry_after_seconds,
         },
-        Rejection::QueueFull { retry_after_seconds } => GenerationError::Rejected {
+        Rejection::QueueFull {
+            retry_after_seconds,
+        } => GenerationError::Rejected {
             reason: "the queue is full".into(),
             retry_after_seconds,
         },
-        Rejection::OverQuota { message, retry_after_seconds } => GenerationError::Rejected {
+        Rejection::OverQuota {
+            message,
+            retry_after_seconds,
+        } => GenerationError::Rejected {
             reason: message,
             retry_after_seconds,
         },

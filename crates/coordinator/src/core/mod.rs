@@ -50,7 +50,10 @@ pub struct Usage {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GenerationError {
     /// The scheduler refused it after admission (e.g. a deadline passed).
-    Rejected { reason: String, retry_after_seconds: u64 },
+    Rejected {
+        reason: String,
+        retry_after_seconds: u64,
+    },
     /// A node failed it in a way that no other node would fix.
     Failed(String),
     /// It was moved too many times.
@@ -68,10 +71,19 @@ pub enum Update {
 /// Why a request was refused at admission.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Rejection {
-    NoEligibleNode { retry_after_seconds: u64 },
-    QueueFull { retry_after_seconds: u64 },
-    OverQuota { message: String, retry_after_seconds: u64 },
-    Other { message: String },
+    NoEligibleNode {
+        retry_after_seconds: u64,
+    },
+    QueueFull {
+        retry_after_seconds: u64,
+    },
+    OverQuota {
+        message: String,
+        retry_after_seconds: u64,
+    },
+    Other {
+        message: String,
+    },
 }
 
 /// A validated generation, ready for the scheduler.
@@ -165,7 +177,9 @@ impl Core {
     fn lock(&self) -> MutexGuard<'_, CoreState> {
         // A panic while holding the lock is a bug that already aborted one
         // task; the state itself stays consistent between events, so carry on.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Admits a generation: the scheduler either places it, queues it, or
@@ -219,7 +233,9 @@ impl Core {
             }
             None => {
                 self.metrics.requests_accepted.fetch_add(1, ORDER);
-                self.metrics.prompt_tokens.fetch_add(u64::from(prompt_tokens), ORDER);
+                self.metrics
+                    .prompt_tokens
+                    .fetch_add(u64::from(prompt_tokens), ORDER);
                 self.metrics.generations_active.fetch_add(1, ORDER);
                 Ok(Admitted { request, updates })
             }
@@ -255,7 +271,10 @@ impl Core {
         let now = now_ms();
         let mut state = self.lock();
         let next_id = NodeId(u32::try_from(state.node_ids_by_name.len()).unwrap_or(u32::MAX));
-        let node = *state.node_ids_by_name.entry(name.to_string()).or_insert(next_id);
+        let node = *state
+            .node_ids_by_name
+            .entry(name.to_string())
+            .or_insert(next_id);
         if state.nodes.contains_key(&node) {
             // The same vehicle connected again before its old stream was
             // noticed dead: the old session's work moves first.
@@ -306,7 +325,10 @@ impl Core {
             self.handle(
                 &mut state,
                 now,
-                Event::NodeStateChanged { node: session.node, state: changed },
+                Event::NodeStateChanged {
+                    node: session.node,
+                    state: changed,
+                },
             );
         }
     }

@@ -32,14 +32,21 @@ pub fn test_model_path() -> PathBuf {
         candidates.push(PathBuf::from(home).join(&blob));
     }
     if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(PathBuf::from(home).join(".local/share/fleetgrid").join(&blob));
+        candidates.push(
+            PathBuf::from(home)
+                .join(".local/share/fleetgrid")
+                .join(&blob),
+        );
     }
-    candidates.into_iter().find(|path| path.is_file()).unwrap_or_else(|| {
-        panic!(
+    candidates
+        .into_iter()
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| {
+            panic!(
             "the engine tests need the SmolLM2-135M-Instruct Q4_1 model: run `cargo xtask test` \
              (or set FLEETGRID_TEST_MODEL to the .gguf file)"
         )
-    })
+        })
 }
 
 pub fn config(parallel_sequences: u32, context_tokens_per_sequence: u32) -> EngineConfig {
@@ -65,7 +72,11 @@ pub fn chat_prompt(engine: &Engine, user: &str) -> Vec<TokenId> {
 /// A raw-text prompt ("1, 2, ..., up_to,") that the model continues for a long time: it keeps
 /// counting and has no reason to end its turn.
 pub fn counting_prompt(engine: &Engine, up_to: u32) -> Vec<TokenId> {
-    let text = (1..=up_to).map(|n| n.to_string()).collect::<Vec<_>>().join(", ") + ",";
+    let text = (1..=up_to)
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+        + ",";
     engine.tokenizer().tokenize(&text, true).expect("tokenize")
 }
 
@@ -102,7 +113,11 @@ impl Outcome {
     }
 
     pub fn text(&self) -> String {
-        let bytes: Vec<u8> = self.tokens.iter().flat_map(|event| event.piece.clone()).collect();
+        let bytes: Vec<u8> = self
+            .tokens
+            .iter()
+            .flat_map(|event| event.piece.clone())
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 }
@@ -115,7 +130,10 @@ pub fn next_event(stream: &mut GenerationStream) -> Option<GenerationEvent> {
             Ok(event) => return Some(event),
             Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => return None,
             Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
-                assert!(Instant::now() < deadline, "no event within {EVENT_TIMEOUT:?}");
+                assert!(
+                    Instant::now() < deadline,
+                    "no event within {EVENT_TIMEOUT:?}"
+                );
                 std::thread::sleep(Duration::from_millis(1));
             }
         }

@@ -22,7 +22,8 @@ pub fn binary() -> &'static str {
 
 /// The model file, for tokenizer checks in tests.
 pub fn model_path() -> PathBuf {
-    let store = models::ModelStore::open(models::ModelStore::default_root()).expect("open model store");
+    let store =
+        models::ModelStore::open(models::ModelStore::default_root()).expect("open model store");
     store
         .resolve(MODEL)
         .unwrap_or_else(|error| panic!("model {MODEL} missing ({error}); run `cargo xtask test`"))
@@ -74,19 +75,43 @@ pub fn run_cli(args: &[&str], data_dir: &Path) -> String {
         .arg(data_dir)
         .output()
         .expect("run fleetgrid");
-    assert!(output.status.success(), "fleetgrid {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "fleetgrid {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let stdout = String::from_utf8(output.stdout).expect("utf-8 output");
-    stdout.lines().last().expect("one line of output").trim().to_string()
+    stdout
+        .lines()
+        .last()
+        .expect("one line of output")
+        .trim()
+        .to_string()
 }
 
 impl Stack {
     pub fn start(options: StackOptions) -> Stack {
         let dir = tempfile::tempdir().expect("tempdir");
-        let api_key = run_cli(&["tenants", "create", "test-tenant", "--class", "fleet"], dir.path());
+        let api_key = run_cli(
+            &["tenants", "create", "test-tenant", "--class", "fleet"],
+            dir.path(),
+        );
         let log = std::fs::File::create(dir.path().join("coordinator.log")).expect("log file");
         let mut child = Command::new(binary())
-            .args(["serve", "--http-listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"])
-            .args(["--heartbeat-interval-ms", "500", "--heartbeat-timeout-ms", "2000", "--exit-with-parent"])
+            .args([
+                "serve",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--grpc-listen",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--heartbeat-interval-ms",
+                "500",
+                "--heartbeat-timeout-ms",
+                "2000",
+                "--exit-with-parent",
+            ])
             .args(&options.extra_serve_args)
             .arg("--data-dir")
             .arg(dir.path())
@@ -95,13 +120,28 @@ impl Stack {
             .spawn()
             .expect("start coordinator");
         let stdout = child.stdout.take().expect("stdout");
-        let coordinator = Process { name: "coordinator".into(), child };
+        let coordinator = Process {
+            name: "coordinator".into(),
+            child,
+        };
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read coordinator output");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read coordinator output");
         let (http, grpc) = parse_listening(&line).unwrap_or_else(|| {
-            panic!("coordinator did not start: {line:?}; log: {}", std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap_or_default())
+            panic!(
+                "coordinator did not start: {line:?}; log: {}",
+                std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap_or_default()
+            )
         });
-        Stack { dir, http, grpc, api_key, coordinator, agents: Vec::new() }
+        Stack {
+            dir,
+            http,
+            grpc,
+            api_key,
+            coordinator,
+            agents: Vec::new(),
+        }
     }
 
     /// Enrols and starts an agent with a plugged-in simulated vehicle.
@@ -109,21 +149,49 @@ impl Stack {
         let credential = run_cli(&["nodes", "add", name], self.dir.path());
         let trace = self.dir.path().join(format!("{name}.json"));
         std::fs::write(&trace, PLUGGED_IN_TRACE).expect("write trace");
-        self.spawn_agent(name, &credential, &format!("sim:{}", trace.display()), parallel)
+        self.spawn_agent(
+            name,
+            &credential,
+            &format!("sim:{}", trace.display()),
+            parallel,
+        )
     }
 
-    pub fn spawn_agent(&mut self, name: &str, credential: &str, vehicle_state: &str, parallel: u32) -> usize {
-        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).expect("log file");
+    pub fn spawn_agent(
+        &mut self,
+        name: &str,
+        credential: &str,
+        vehicle_state: &str,
+        parallel: u32,
+    ) -> usize {
+        let log =
+            std::fs::File::create(self.dir.path().join(format!("{name}.log"))).expect("log file");
         let child = Command::new(binary())
-            .args(["agent", "--coordinator", &format!("http://{}", self.grpc), "--node-id", name])
-            .args(["--vehicle-state", vehicle_state, "--model", MODEL, "--threads", "1"])
+            .args([
+                "agent",
+                "--coordinator",
+                &format!("http://{}", self.grpc),
+                "--node-id",
+                name,
+            ])
+            .args([
+                "--vehicle-state",
+                vehicle_state,
+                "--model",
+                MODEL,
+                "--threads",
+                "1",
+            ])
             .args(["--parallel", &parallel.to_string(), "--exit-with-parent"])
             .env("FLEETGRID_NODE_CREDENTIAL", credential)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start agent");
-        self.agents.push(Process { name: name.to_string(), child });
+        self.agents.push(Process {
+            name: name.to_string(),
+            child,
+        });
         self.agents.len() - 1
     }
 
@@ -136,7 +204,12 @@ impl Stack {
     }
 
     pub async fn health(&self) -> serde_json::Value {
-        reqwest::get(self.url("/health")).await.expect("health").json().await.expect("health json")
+        reqwest::get(self.url("/health"))
+            .await
+            .expect("health")
+            .json()
+            .await
+            .expect("health json")
     }
 
     /// Waits until exactly these nodes are connected.
@@ -146,7 +219,12 @@ impl Stack {
             let health = self.health().await;
             let mut connected: Vec<String> = health["nodes"]
                 .as_array()
-                .map(|nodes| nodes.iter().filter_map(|node| node.as_str().map(str::to_string)).collect())
+                .map(|nodes| {
+                    nodes
+                        .iter()
+                        .filter_map(|node| node.as_str().map(str::to_string))
+                        .collect()
+                })
                 .unwrap_or_default();
             connected.sort();
             let mut wanted: Vec<String> = names.iter().map(|name| name.to_string()).collect();
@@ -154,15 +232,27 @@ impl Stack {
             if connected == wanted {
                 return;
             }
-            assert!(Instant::now() < deadline, "nodes {wanted:?} not connected, have {connected:?}; coordinator log:\n{}", self.log("coordinator"));
+            assert!(
+                Instant::now() < deadline,
+                "nodes {wanted:?} not connected, have {connected:?}; coordinator log:\n{}",
+                self.log("coordinator")
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(self.url("/metrics")).await.expect("metrics").text().await.expect("metrics text");
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
         text.lines()
-            .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .find_map(|line| {
+                line.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
             .and_then(|value| value.trim().parse().ok())
             .unwrap_or_else(|| panic!("metric {name} missing"))
     }
@@ -215,7 +305,9 @@ pub struct Streamed {
 pub fn parse_sse(text: &str) -> Streamed {
     let mut streamed = Streamed::default();
     for line in text.lines() {
-        let Some(data) = line.strip_prefix("data: ") else { continue };
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
         if data == "[DONE]" {
             streamed.done = true;
             continue;
