@@ -56,23 +56,18 @@ pub fn cargo(root: &Path, arguments: &[&str], env: &[(&str, &OsStr)]) -> Result<
     run(&mut command)
 }
 
-/// Replaces this process with `cargo <arguments>`, so that Ctrl-C reaches the program directly
-/// (cargo itself execs the binary for `cargo run`) and its exit status becomes ours.
+/// Replaces this process with `command`, so that Ctrl-C reaches it directly.
 #[cfg(unix)]
-pub fn exec_cargo(root: &Path, arguments: &[&str]) -> Result<()> {
+pub fn exec(command: &mut Command) -> Result<()> {
     use std::os::unix::process::CommandExt;
-    let mut command = cargo_command(root);
-    command.args(arguments);
-    println!("    $ {}", describe(&command));
+    println!("    $ {}", describe(command));
     let error = command.exec();
-    Err(error).with_context(|| format!("start `{}`", describe(&command)))
+    Err(error).with_context(|| format!("start `{}`", describe(command)))
 }
 
 #[cfg(not(unix))]
-pub fn exec_cargo(root: &Path, arguments: &[&str]) -> Result<()> {
-    let mut command = cargo_command(root);
-    command.args(arguments);
-    run(&mut command)
+pub fn exec(command: &mut Command) -> Result<()> {
+    run(command)
 }
 
 fn describe(command: &Command) -> String {

@@ -56,22 +56,38 @@ fn demo() -> Result<()> {
     let root = repo_root();
     setup::debian_packages(setup::BUILD_PACKAGES)?;
     let python = setup::python_venv(&root)?;
-    setup::models(&root, &python, setup::DEMO_MODELS)?;
+    let fleetgrid = build_workspace(&root)?;
+    setup::models(&fleetgrid, &python, setup::DEMO_MODELS)?;
     command::step("run the demo (Ctrl-C stops it)");
-    command::exec_cargo(&root, &["run", "-p", "fleetgrid", "--", "demo"])
+    command::exec(std::process::Command::new(&fleetgrid).arg("demo"))
+}
+
+/// Builds every crate and test of the workspace once, and returns the
+/// `fleetgrid` binary. Every later cargo step of `demo` and `test` selects
+/// the same packages and targets, so that feature unification is the same
+/// and llama.cpp (built by a dependency's build script) is compiled once.
+fn build_workspace(root: &std::path::Path) -> Result<PathBuf> {
+    command::step("build the workspace (the first build compiles llama.cpp: several minutes)");
+    command::cargo(root, &["test", "--workspace", "--no-run"], &[])?;
+    let binary = root.join("target").join("debug").join("fleetgrid");
+    if !binary.is_file() {
+        bail!("the build did not produce {}", binary.display());
+    }
+    Ok(binary)
 }
 
 fn test() -> Result<()> {
     let root = repo_root();
     setup::debian_packages(setup::BUILD_PACKAGES)?;
     let python = setup::python_venv(&root)?;
-    setup::models(&root, &python, setup::TEST_MODELS)?;
+    command::step("check formatting");
+    command::cargo(&root, &["fmt", "--all", "--", "--check"], &[])?;
+    let fleetgrid = build_workspace(&root)?;
+    setup::models(&fleetgrid, &python, setup::TEST_MODELS)?;
     services::postgres()?;
     services::nats(&root);
 
     let python_env = [("FLEETGRID_TEST_PYTHON", python.as_os_str())];
-    command::step("check formatting");
-    command::cargo(&root, &["fmt", "--all", "--", "--check"], &[])?;
     command::step("lint");
     command::cargo(
         &root,

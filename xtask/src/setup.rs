@@ -120,12 +120,12 @@ pub fn python_venv(root: &Path) -> Result<PathBuf> {
 
 /// Fetches each model into the default store with `fleetgrid models fetch`, which verifies the
 /// sha256 and returns at once when the model is already there.
-pub fn models(root: &Path, python: &Path, names: &[&str]) -> Result<()> {
+pub fn models(fleetgrid: &Path, python: &Path, names: &[&str]) -> Result<()> {
     step(&format!("models: {}", names.join(" ")));
     for name in names {
-        let mut fetch = command::cargo_command(root);
+        let mut fetch = std::process::Command::new(fleetgrid);
         fetch
-            .args(["run", "-p", "fleetgrid", "--", "models", "fetch", name])
+            .args(["models", "fetch", name])
             // The venv always has pip, unlike a bare Debian python3.
             .env("FLEETGRID_PYTHON", python);
         command::run(&mut fetch)?;

@@ -234,6 +234,8 @@ impl<'model> Worker<'model> {
         let decoded = self.fill_decode_batch();
         let did_decode = !decoded.is_empty();
         self.run_batch(&decoded);
+        // Hand the new tokens to their consumers before a possibly long prefill.
+        self.tend_slots();
         let prefilled = self.fill_prefill_batch();
         let did_prefill = !prefilled.is_empty();
         self.run_batch(&prefilled);

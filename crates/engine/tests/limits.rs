@@ -193,3 +193,65 @@ fn a_generation_cancelled_while_queued_never_runs() {
         other => panic!("expected a cancelled done, got {other:?}"),
     }
 }
+
+#[test]
+fn a_consumer_that_stops_reading_pauses_its_sequence_without_losing_tokens() {
+    let engine = start(2, 512);
+    let slow_tokens = 2 * engine::EVENT_CHANNEL_CAPACITY as u32 + 20;
+    let mut slow = engine
+        .submit(generation(
+            counting_prompt(&engine, 40),
+            SamplingParams::greedy(),
+            slow_tokens,
+        ))
+        .unwrap();
+    first_token(&mut slow);
+    // While the slow stream is not read, its channel fills and its sequence pauses; the other
+    // sequence is served meanwhile.
+    let other = run(
+        &engine,
+        generation(
+            chat_prompt(&engine, "What is 2+2?"),
+            SamplingParams::greedy(),
+            16,
+        ),
+    );
+    assert!(!other.tokens.is_empty());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(slow.events.len() <= engine::EVENT_CHANNEL_CAPACITY);
+    assert_eq!(
+        engine.live_sequences(),
+        1,
+        "the paused sequence keeps its slot"
+    );
+    let rest = collect(slow);
+    assert_finished(&rest, FinishReason::Length);
+    let positions: Vec<u32> = rest.tokens.iter().map(|event| event.position).collect();
+    assert_eq!(
+        positions,
+        (1..slow_tokens).collect::<Vec<_>>(),
+        "no gap, no duplicate"
+    );
+}
+
+#[test]
+fn dropping_the_engine_ends_its_generations() {
+    let engine = start(1, 2048);
+    let mut running = engine
+        .submit(generation(
+            counting_prompt(&engine, 40),
+            SamplingParams::greedy(),
+            LONG_GENERATION_TOKENS,
+        ))
+        .unwrap();
+    first_token(&mut running);
+    drop(engine);
+    let mut last = None;
+    while let Some(event) = next_event(&mut running) {
+        last = Some(event);
+    }
+    match last {
+        Some(GenerationEvent::Done(done)) => assert_eq!(done.reason, FinishReason::Cancelled),
+        other => panic!("expected a cancelled done, got {other:?}"),
+    }
+}

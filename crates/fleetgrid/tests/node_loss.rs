@@ -42,12 +42,13 @@ async fn a_killed_agent_is_marked_gone_and_requests_go_to_the_other_node() {
 fn last_assigned_node(stack: &Stack) -> Option<String> {
     let log = stack.log("coordinator");
     log.lines()
+        .rev()
         .filter(|line| line.contains("assigned"))
         .filter_map(|line| {
             line.split_whitespace()
                 .find_map(|field| field.strip_prefix("node_id="))
         })
-        .last()
+        .next()
         .map(str::to_string)
 }
 
