@@ -32,6 +32,10 @@ pub struct EngineConfig {
     pub memory_budget_bytes: u64,
     /// Generations that may wait for a free slot before `submit` answers `Busy`.
     pub queue_capacity: usize,
+    /// Use llama.cpp's flash attention (off by default). It prefills faster on CPU, but it
+    /// computes a query with kernels chosen by batch shape, context length and thread count, so
+    /// a generation resumed on a node with other threads would no longer continue bit for bit.
+    pub flash_attention: bool,
 }
 
 impl EngineConfig {
@@ -47,6 +51,7 @@ impl EngineConfig {
             batch_tokens: DEFAULT_BATCH_TOKENS,
             memory_budget_bytes: DEFAULT_MEMORY_BUDGET_BYTES,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            flash_attention: false,
         }
     }
 

@@ -291,10 +291,9 @@ fn context_params(config: &EngineConfig) -> LlamaContextParams {
         // One KV stream per sequence: a sequence's cells sit at the same places whatever its
         // neighbours do, which keeps its logits independent of them (and of resumption).
         .with_kv_unified(false)
-        // Flash attention on CPU picks different kernels for one query, many queries and long
-        // contexts, so the same token would get slightly different logits in a prefill than in
-        // a decode; the plain path computes each query the same way (and llama-bench's default).
-        .with_flash_attention_policy(0)
+        // Flash attention on CPU picks its kernels by query count, context length and thread
+        // count; without it, a token's numbers depend on none of these (see `slot.rs`).
+        .with_flash_attention_policy(i32::from(config.flash_attention))
         .with_no_perf(true)
 }
 

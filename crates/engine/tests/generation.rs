@@ -251,3 +251,13 @@ fn speed_measurements_are_positive() {
     );
     assert_eq!(outcome.tokens.len(), 5);
 }
+
+#[test]
+fn flash_attention_can_be_switched_on() {
+    let mut config = config(1, 512);
+    config.flash_attention = true;
+    let engine = engine::Engine::start(config).expect("start with flash attention");
+    let prompt = chat_prompt(&engine, "What is the capital of France?");
+    let outcome = run(&engine, generation(prompt, SamplingParams::greedy(), 24));
+    assert!(outcome.text().contains("Paris"), "{:?}", outcome.text());
+}
