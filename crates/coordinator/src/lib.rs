@@ -91,10 +91,42 @@ pub enum CoordinatorError {
 }
 
 /// The addresses the coordinator actually listens on.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Bound {
     pub http: SocketAddr,
     pub grpc: SocketAddr,
+}
+
+impl Bound {
+    const ANNOUNCEMENT_PREFIX: &'static str = "fleetgrid listening ";
+
+    /// The line `fleetgrid serve` prints once it listens; `demo`, the
+    /// benchmarks and the tests read it back with `parse_announcement`.
+    pub fn announcement(&self) -> String {
+        format!(
+            "{}http={} grpc={}",
+            Self::ANNOUNCEMENT_PREFIX,
+            self.http,
+            self.grpc
+        )
+    }
+
+    pub fn parse_announcement(line: &str) -> Option<Bound> {
+        let rest = line.trim().strip_prefix(Self::ANNOUNCEMENT_PREFIX)?;
+        let mut http = None;
+        let mut grpc = None;
+        for field in rest.split_whitespace() {
+            match field.split_once('=')? {
+                ("http", addr) => http = addr.parse().ok(),
+                ("grpc", addr) => grpc = addr.parse().ok(),
+                _ => {}
+            }
+        }
+        Some(Bound {
+            http: http?,
+            grpc: grpc?,
+        })
+    }
 }
 
 /// Runs the coordinator until `shutdown` is cancelled. `ready` is called once
@@ -215,5 +247,27 @@ async fn tick(core: Arc<Core>, heartbeat_timeout: Duration, shutdown: Cancellati
             _ = shutdown.cancelled() => return,
             _ = interval.tick() => core.tick(heartbeat_timeout),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Bound;
+
+    #[test]
+    fn the_listening_announcement_round_trips() {
+        let bound = Bound {
+            http: "127.0.0.1:8080".parse().expect("addr"),
+            grpc: "[::1]:7070".parse().expect("addr"),
+        };
+        assert_eq!(
+            Bound::parse_announcement(&bound.announcement()),
+            Some(bound)
+        );
+        assert_eq!(
+            Bound::parse_announcement("fleetgrid listening http=x grpc=y"),
+            None
+        );
+        assert_eq!(Bound::parse_announcement("something else"), None);
     }
 }

@@ -195,22 +195,9 @@ async fn start_coordinator(
                 logs.join("coordinator.log").display()
             )
         })?;
-    parse_listening(&line).with_context(|| format!("unexpected coordinator output {line:?}"))
-}
-
-/// Parses `fleetgrid listening http=ADDR grpc=ADDR`.
-pub fn parse_listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
-    let rest = line.strip_prefix("fleetgrid listening ")?;
-    let mut http = None;
-    let mut grpc = None;
-    for field in rest.split_whitespace() {
-        match field.split_once('=')? {
-            ("http", addr) => http = addr.parse().ok(),
-            ("grpc", addr) => grpc = addr.parse().ok(),
-            _ => {}
-        }
-    }
-    Some((http?, grpc?))
+    let bound = coordinator::Bound::parse_announcement(&line)
+        .with_context(|| format!("unexpected coordinator output {line:?}"))?;
+    Ok((bound.http, bound.grpc))
 }
 
 async fn wait_for_vehicles(

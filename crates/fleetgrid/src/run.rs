@@ -68,11 +68,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let shutdown = shutdown_token(args.exit_with_parent)?;
     coordinator::serve(config, shutdown, |bound| {
-        // Parsed by `demo`, the benchmarks and the tests: keep the format.
-        println!(
-            "fleetgrid listening http={} grpc={}",
-            bound.http, bound.grpc
-        );
+        // Parsed by `demo`, the benchmarks and the tests: keep it on stdout.
+        println!("{}", bound.announcement());
     })
     .await
     .context("run the coordinator")

@@ -128,12 +128,13 @@ impl Stack {
         BufReader::new(stdout)
             .read_line(&mut line)
             .expect("read coordinator output");
-        let (http, grpc) = parse_listening(&line).unwrap_or_else(|| {
-            panic!(
-                "coordinator did not start: {line:?}; log: {}",
-                std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap_or_default()
-            )
-        });
+        let coordinator::Bound { http, grpc } = coordinator::Bound::parse_announcement(&line)
+            .unwrap_or_else(|| {
+                panic!(
+                    "coordinator did not start: {line:?}; log: {}",
+                    std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap_or_default()
+                )
+            });
         Stack {
             dir,
             http,
@@ -331,20 +332,6 @@ pub fn parse_sse(text: &str) -> Streamed {
         }
     }
     streamed
-}
-
-pub fn parse_listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
-    let rest = line.trim().strip_prefix("fleetgrid listening ")?;
-    let mut http = None;
-    let mut grpc = None;
-    for field in rest.split_whitespace() {
-        match field.split_once('=')? {
-            ("http", addr) => http = addr.parse().ok(),
-            ("grpc", addr) => grpc = addr.parse().ok(),
-            _ => {}
-        }
-    }
-    Some((http?, grpc?))
 }
 
 /// A vehicle plugged in and charging for the next ten hours.
