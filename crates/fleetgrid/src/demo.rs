@@ -244,12 +244,12 @@ fn print_instructions(http: SocketAddr, api_key: &str, logs: &Path) {
     println!("curl:");
     println!("  curl -s http://{http}/v1/chat/completions \\");
     println!("    -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' \\");
-    println!("    -d '{{\"model\": \"{DEMO_MODEL}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'");
+    println!("    -d '{{\"model\": \"{DEMO_MODEL}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}], \"temperature\": 0.2}}'");
     println!();
     println!("Python (pip install openai):");
     println!("  from openai import OpenAI");
     println!("  client = OpenAI(base_url=\"http://{http}/v1\", api_key=\"{api_key}\")");
-    println!("  stream = client.chat.completions.create(model=\"{DEMO_MODEL}\", stream=True,");
+    println!("  stream = client.chat.completions.create(model=\"{DEMO_MODEL}\", stream=True, temperature=0.3,");
     println!("      messages=[{{\"role\": \"user\", \"content\": \"Write a haiku about electric cars.\"}}])");
     println!("  for chunk in stream: print(chunk.choices[0].delta.content or \"\", end=\"\", flush=True)");
     println!();
