@@ -1,4 +1,4 @@
-//! Runs the scheduler benchmark: `cargo run --release -p scheduler --example bench -- [nodes] [seed]`.
+//! Runs the scheduler benchmark: `cargo run --release -p scheduler --example scheduler_bench -- [nodes] [seed]`.
 
 fn main() {
     let mut args = std::env::args().skip(1);
