@@ -63,7 +63,7 @@ impl FleetgridCli {
     pub fn serve(&self, http_port: u16, grpc_port: u16) -> Command {
         let mut command = self.command();
         command
-            .args(["serve", "--listen", &format!("127.0.0.1:{http_port}")])
+            .args(["serve", "--http-listen", &format!("127.0.0.1:{http_port}")])
             .args(["--grpc-listen", &format!("127.0.0.1:{grpc_port}")])
             .arg("--data-dir")
             .arg(&self.data_dir);
