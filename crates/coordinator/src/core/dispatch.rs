@@ -196,6 +196,13 @@ impl Core {
     pub fn node_tokens(&self, session: NodeSession, batch: proto::TokenBatch) {
         let now = super::now_ms();
         let mut state = self.lock();
+        // Tokens are a sign of life too: a busy agent may skip a heartbeat
+        // while its outbound queue is full, and must not be reaped for it.
+        if let Some(node) = state.nodes.get_mut(&session.node) {
+            if node.session == session.session {
+                node.last_heard = std::time::Instant::now();
+            }
+        }
         let Some(request) = self.current_attempt(&state, session, &batch.generation_id) else {
             return;
         };
