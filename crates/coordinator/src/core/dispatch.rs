@@ -249,9 +249,8 @@ impl Core {
                 request_id = request.0,
                 "node sent tokens out of order; moving the generation"
             );
-            inflight.node = None;
             self.send_cancel(&state, request, node, "protocol violation");
-            self.handle(&mut state, now, Event::AttemptFailed { request, node });
+            self.retry_elsewhere(&mut state, now, request, node);
             return;
         }
         self.handle(
@@ -286,15 +285,7 @@ impl Core {
             proto::FinishReason::Cancelled | proto::FinishReason::Unspecified => {
                 // The node gave up on its own (its owner needs the car):
                 // the generation continues elsewhere.
-                inflight.node = None;
-                self.handle(
-                    &mut state,
-                    now,
-                    Event::AttemptFailed {
-                        request,
-                        node: session.node,
-                    },
-                );
+                self.retry_elsewhere(&mut state, now, request, session.node);
                 return;
             }
         };
@@ -334,24 +325,32 @@ impl Core {
             return;
         };
         tracing::warn!(request_id = request.0, message = %failed.message, retryable = failed.retryable, "node failed a generation");
-        if let Some(inflight) = state.requests.get_mut(&request) {
-            inflight.node = None;
-        }
         if failed.retryable {
-            self.handle(
-                &mut state,
-                now,
-                Event::AttemptFailed {
-                    request,
-                    node: session.node,
-                },
-            );
+            self.retry_elsewhere(&mut state, now, request, session.node);
         } else {
+            if let Some(inflight) = state.requests.get_mut(&request) {
+                inflight.node = None;
+            }
             self.fail(&mut state, request, GenerationError::Failed(failed.message));
             while let Some(event) = state.follow_up.pop() {
                 self.handle(&mut state, now, event);
             }
         }
+    }
+
+    /// Detaches the current attempt from `node` and lets the scheduler place
+    /// the generation again; it resumes from its committed tokens.
+    fn retry_elsewhere(
+        &self,
+        state: &mut CoreState,
+        now: Millis,
+        request: RequestId,
+        node: NodeId,
+    ) {
+        if let Some(inflight) = state.requests.get_mut(&request) {
+            inflight.node = None;
+        }
+        self.handle(state, now, Event::AttemptFailed { request, node });
     }
 
     /// The request a generation id names, if it is the current attempt on
