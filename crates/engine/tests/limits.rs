@@ -6,10 +6,30 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use engine::{Engine, EngineError, FinishReason, GenerationEvent, SamplingParams};
+use engine::{
+    Engine, EngineError, FinishReason, Generation, GenerationEvent, GenerationStream,
+    SamplingParams,
+};
 
 /// A generation long enough that only cancellation ends it within the tests' deadlines.
 const LONG_GENERATION_TOKENS: u32 = 1500;
+
+/// A greedy generation long enough to still run while a test acts on it.
+fn long_generation(engine: &Engine) -> Generation {
+    generation(
+        counting_prompt(engine, 40),
+        SamplingParams::greedy(),
+        LONG_GENERATION_TOKENS,
+    )
+}
+
+/// Submits a long generation and waits until it produced its first token,
+/// so that it holds a slot.
+fn start_long_generation(engine: &Engine) -> GenerationStream {
+    let mut running = engine.submit(long_generation(engine)).unwrap();
+    first_token(&mut running);
+    running
+}
 
 #[test]
 fn a_prompt_that_leaves_no_room_is_refused_at_submit() {
@@ -91,17 +111,13 @@ fn submit_answers_busy_when_the_queue_is_full() {
     let mut config = config(1, 2048);
     config.queue_capacity = 1;
     let engine = Engine::start(config).unwrap();
-    let long = || {
-        generation(
-            counting_prompt(&engine, 40),
-            SamplingParams::greedy(),
-            LONG_GENERATION_TOKENS,
-        )
-    };
-    let mut running = engine.submit(long()).unwrap();
-    first_token(&mut running); // it holds the only slot now
-    let queued = engine.submit(long()).unwrap();
-    assert!(matches!(engine.submit(long()), Err(EngineError::Busy)));
+    // Once it has produced a token, it holds the only slot.
+    let running = start_long_generation(&engine);
+    let queued = engine.submit(long_generation(&engine)).unwrap();
+    assert!(matches!(
+        engine.submit(long_generation(&engine)),
+        Err(EngineError::Busy)
+    ));
     running.cancel_handle().cancel();
     queued.cancel_handle().cancel();
 }
@@ -109,14 +125,8 @@ fn submit_answers_busy_when_the_queue_is_full() {
 #[test]
 fn cancel_ends_the_generation_and_frees_its_slot_for_the_queue() {
     let engine = start(1, 2048);
-    let mut running = engine
-        .submit(generation(
-            counting_prompt(&engine, 40),
-            SamplingParams::greedy(),
-            LONG_GENERATION_TOKENS,
-        ))
-        .unwrap();
-    for _ in 0..10 {
+    let mut running = start_long_generation(&engine);
+    for _ in 0..9 {
         first_token(&mut running);
     }
     let queued = engine
@@ -140,14 +150,7 @@ fn cancel_ends_the_generation_and_frees_its_slot_for_the_queue() {
 #[test]
 fn dropping_the_stream_cancels_the_generation_promptly() {
     let engine = start(1, 2048);
-    let mut running = engine
-        .submit(generation(
-            counting_prompt(&engine, 40),
-            SamplingParams::greedy(),
-            LONG_GENERATION_TOKENS,
-        ))
-        .unwrap();
-    first_token(&mut running);
+    let running = start_long_generation(&engine);
     let dropped_at = Instant::now();
     drop(running);
     while engine.live_sequences() > 0 {
@@ -168,14 +171,7 @@ fn dropping_the_stream_cancels_the_generation_promptly() {
 #[test]
 fn a_generation_cancelled_while_queued_never_runs() {
     let engine = start(1, 2048);
-    let mut running = engine
-        .submit(generation(
-            counting_prompt(&engine, 40),
-            SamplingParams::greedy(),
-            LONG_GENERATION_TOKENS,
-        ))
-        .unwrap();
-    first_token(&mut running);
+    let running = start_long_generation(&engine);
     let mut queued = engine
         .submit(generation(
             chat_prompt(&engine, "Hi"),
@@ -237,14 +233,7 @@ fn a_consumer_that_stops_reading_pauses_its_sequence_without_losing_tokens() {
 #[test]
 fn dropping_the_engine_ends_its_generations() {
     let engine = start(1, 2048);
-    let mut running = engine
-        .submit(generation(
-            counting_prompt(&engine, 40),
-            SamplingParams::greedy(),
-            LONG_GENERATION_TOKENS,
-        ))
-        .unwrap();
-    first_token(&mut running);
+    let mut running = start_long_generation(&engine);
     drop(engine);
     let mut last = None;
     while let Some(event) = next_event(&mut running) {
