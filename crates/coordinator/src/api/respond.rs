@@ -165,24 +165,35 @@ struct LogprobEntries {
 }
 
 impl LogprobEntries {
-    fn push(&mut self, token: &CommittedToken) {
+    /// Records a token's logprobs in the endpoint's format; nothing at all
+    /// when the client did not ask for logprobs, the common case.
+    fn push(&mut self, meta: &ResponseMeta, token: &CommittedToken) {
+        if !meta.logprobs {
+            return;
+        }
         let text = String::from_utf8_lossy(&token.piece).into_owned();
-        let top_chat: Vec<Value> = token
-            .top_logprobs
-            .iter()
-            .map(|(_, piece, logprob)| json!({"token": String::from_utf8_lossy(piece), "logprob": logprob, "bytes": piece}))
-            .collect();
-        self.chat.push(json!({"token": text, "logprob": token.logprob, "bytes": token.piece, "top_logprobs": top_chat}));
-        let top_map: serde_json::Map<String, Value> = token
-            .top_logprobs
-            .iter()
-            .map(|(_, piece, logprob)| {
-                (String::from_utf8_lossy(piece).into_owned(), json!(logprob))
-            })
-            .collect();
-        self.tokens.push(text);
-        self.token_logprobs.push(token.logprob);
-        self.top.push(Value::Object(top_map));
+        match meta.endpoint {
+            Endpoint::Chat => {
+                let top: Vec<Value> = token
+                    .top_logprobs
+                    .iter()
+                    .map(|(_, piece, logprob)| json!({"token": String::from_utf8_lossy(piece), "logprob": logprob, "bytes": piece}))
+                    .collect();
+                self.chat.push(json!({"token": text, "logprob": token.logprob, "bytes": token.piece, "top_logprobs": top}));
+            }
+            Endpoint::Completion => {
+                let top: serde_json::Map<String, Value> = token
+                    .top_logprobs
+                    .iter()
+                    .map(|(_, piece, logprob)| {
+                        (String::from_utf8_lossy(piece).into_owned(), json!(logprob))
+                    })
+                    .collect();
+                self.tokens.push(text);
+                self.token_logprobs.push(token.logprob);
+                self.top.push(Value::Object(top));
+            }
+        }
     }
 
     fn take(&mut self, meta: &ResponseMeta) -> Value {
@@ -231,7 +242,7 @@ pub async fn collect(
     let (reason, usage) = loop {
         match next_update(&mut updates).await? {
             Update::Token(token) => {
-                logprobs.push(&token);
+                logprobs.push(&meta, &token);
                 text.push_str(&assembler.push(&token.piece));
             }
             Update::Finished { reason, usage } => break (reason, usage),
@@ -306,7 +317,7 @@ pub fn stream(
         loop {
             match next_update(&mut updates).await {
                 Ok(Update::Token(token)) => {
-                    logprobs.push(&token);
+                    logprobs.push(&meta, &token);
                     let text = assembler.push(&token.piece);
                     if !text.is_empty() {
                         yield Ok(chunk(&meta, &text, logprobs.take(&meta), None, false));
