@@ -20,6 +20,9 @@ const PLACEMENTS: u64 = 300_000;
 const RUNNING_WINDOW: u64 = 100_000;
 /// Node state events in the state phase.
 const STATE_EVENTS: u64 = 2_000_000;
+/// Of the state events, those (per mille) that also change the vehicle's scheduled departure: a
+/// heartbeat repeats the departure the car has, and the owner's plan changes rarely.
+const DEPARTURE_CHANGE_PERMILLE: u64 = 10;
 /// Models in the fleet; each node holds two of them.
 const MODELS: u16 = 4;
 
@@ -97,8 +100,10 @@ pub fn run(nodes: usize, seed: u64) -> BenchReport {
     configure_tenants(&mut scheduler, now, &mut out);
 
     let started = Instant::now();
+    let mut departures = Vec::with_capacity(nodes);
     for id in 0..nodes {
         let (capacity, state) = random_node(&mut rng, now);
+        departures.push(state.departure_at);
         let node = NodeId(id as u32);
         scheduler.handle(
             now,
@@ -116,7 +121,7 @@ pub fn run(nodes: usize, seed: u64) -> BenchReport {
 
     let (placements_per_second, placement_p50_us, placement_p99_us) =
         placements(&mut scheduler, &mut rng, now, &mut out);
-    let state_events_per_second = state_events(&mut scheduler, &mut rng, nodes, now, &mut out);
+    let state_events_per_second = state_events(&mut scheduler, &mut rng, &departures, now, &mut out);
     let bytes_per_node = scheduler.memory_estimate_bytes() / nodes.max(1) as u64;
     BenchReport {
         nodes,
@@ -222,22 +227,31 @@ fn placements(
     (per_second, percentile(50), percentile(99))
 }
 
-/// Handle `STATE_EVENTS` state changes on random nodes; returns events per second.
+/// Handle `STATE_EVENTS` state changes on random nodes, each node keeping the departure it
+/// registered with except for [`DEPARTURE_CHANGE_PERMILLE`] of the events; returns events per
+/// second.
 fn state_events(
     scheduler: &mut Scheduler,
     rng: &mut SimRng,
-    nodes: usize,
+    departures: &[Option<Millis>],
     now: Millis,
     out: &mut Vec<Command>,
 ) -> f64 {
     let mut events: Vec<Event> = Vec::with_capacity(STATE_EVENTS as usize);
     for _ in 0..STATE_EVENTS {
-        let node = NodeId(rng.below(nodes as u64) as u32);
+        let index = rng.below(departures.len() as u64) as usize;
+        let node = NodeId(index as u32);
+        let departure_at = if rng.chance(DEPARTURE_CHANGE_PERMILLE) {
+            rng.chance(500)
+                .then(|| now.plus(rng.between(30 * 60_000, 24 * 3_600_000)))
+        } else {
+            departures[index]
+        };
         let state = VehicleState {
             plugged_in: rng.chance(990),
             charging: rng.chance(500),
             state_of_charge_permille: rng.between(300, 1000) as u16,
-            departure_at: None,
+            departure_at,
             chip_temperature_decicelsius: rng.between(300, 800) as i16,
         };
         events.push(Event::NodeStateChanged { node, state });

@@ -13,7 +13,8 @@ use crate::fxhash::FxHashMap;
 use crate::index::{FreeEntry, FreeIndex, VictimGroup, VictimIndex};
 use crate::policy::{Blocker, EnergyToday};
 use crate::types::{
-    Millis, ModelId, NodeCapacity, NodeId, OwnerPolicy, RequestId, TenantClass, VehicleState,
+    ClassSet, Millis, ModelId, NodeCapacity, NodeId, OwnerPolicy, RequestId, TenantClass,
+    VehicleState,
 };
 
 /// A connected node.
@@ -128,58 +129,67 @@ impl NodeTable {
     }
 
     /// Change a node, keeping the derived counts and timers exact.
+    ///
+    /// The node is changed where it lies: this runs for every state event of every vehicle, and
+    /// with a million nodes each call is a cache miss on the node; moving it out and back in
+    /// would double the memory traffic. Indexes are touched only when the node's entry in them
+    /// changes.
     pub(crate) fn update<R>(
         &mut self,
         id: NodeId,
         change: impl FnOnce(&mut Node) -> R,
     ) -> Option<R> {
-        let mut node = self.nodes.get_mut(id.0 as usize)?.take()?;
-        self.account(&node, -1);
+        let NodeTable {
+            nodes,
+            timers,
+            available_slots,
+            servable,
+            free,
+            victims,
+            groups_before,
+            groups_after,
+            ..
+        } = self;
+        let node = nodes.get_mut(id.0 as usize)?.as_mut()?;
+        let available_before = node.blocker.is_none().then_some(node.capacity.slots);
         let timer_before = node.timer;
-        let free_before = FreeEntry::of(&node);
-        let victim_classes_before = victim_classes(&node);
-        let mut groups_before = std::mem::take(&mut self.groups_before);
-        groups_of(&node, &mut groups_before);
-
+        let free_before = FreeEntry::of(node);
+        let victim_classes_before = victim_classes(node);
         let classes_before = node.policy.allowed_classes;
-        let result = change(&mut node);
+        groups_of(node, groups_before);
 
-        if node.policy.allowed_classes != classes_before {
-            let mut previous = node.policy;
-            previous.allowed_classes = classes_before;
-            let as_before = Node {
-                policy: previous,
-                ..node.clone()
-            };
-            self.account_servable(&as_before, -1);
-            self.account_servable(&node, 1);
+        let result = change(node);
+
+        if let Some(slots) = available_before {
+            *available_slots -= u64::from(slots);
         }
-        self.account(&node, 1);
-        self.set_timer_entry(id, timer_before, node.timer);
-        let free_after = FreeEntry::of(&node);
+        if node.blocker.is_none() {
+            *available_slots += u64::from(node.capacity.slots);
+        }
+        if node.policy.allowed_classes != classes_before {
+            count_servable(servable, &node.capacity.models, classes_before, -1);
+            count_servable(servable, &node.capacity.models, node.policy.allowed_classes, 1);
+        }
+        set_timer_entry(timers, id, timer_before, node.timer);
+        let free_after = FreeEntry::of(node);
         if free_before != free_after {
             if let Some(entry) = free_before {
-                self.free.remove(id, &node, entry);
+                free.remove(id, node, entry);
             }
             if let Some(entry) = free_after {
-                self.free.insert(id, &node, entry);
+                free.insert(id, node, entry);
             }
         }
-        let victim_classes_after = victim_classes(&node);
-        let mut groups_after = std::mem::take(&mut self.groups_after);
-        groups_of(&node, &mut groups_after);
+        let victim_classes_after = victim_classes(node);
+        groups_of(node, groups_after);
         if victim_classes_before != victim_classes_after || groups_before != groups_after {
             if let Some(classes) = victim_classes_before {
-                self.victims
-                    .apply(id, &node, classes, &groups_before, false);
+                victims.apply(id, node, classes, groups_before, false);
             }
             if let Some(classes) = victim_classes_after {
-                self.victims.apply(id, &node, classes, &groups_after, true);
+                victims.apply(id, node, classes, groups_after, true);
             }
         }
-        self.groups_before = groups_before;
-        self.groups_after = groups_after;
-        self.nodes[id.0 as usize] = Some(node);
         Some(result)
     }
 
@@ -215,15 +225,7 @@ impl NodeTable {
     }
 
     fn set_timer_entry(&mut self, id: NodeId, before: Option<Millis>, after: Option<Millis>) {
-        if before == after {
-            return;
-        }
-        if let Some(at) = before {
-            self.timers.remove(&(at, id));
-        }
-        if let Some(at) = after {
-            self.timers.insert((at, id));
-        }
+        set_timer_entry(&mut self.timers, id, before, after);
     }
 
     fn account(&mut self, node: &Node, sign: i64) {
@@ -240,13 +242,45 @@ impl NodeTable {
     /// Count a node's (model, class) pairs in or out of `servable`; only registration, loss and
     /// policy changes alter them.
     fn account_servable(&mut self, node: &Node, sign: i64) {
-        for model in &node.capacity.models {
-            let counts = self.servable.entry(*model).or_default();
-            for class in TenantClass::ALL {
-                if node.policy.allowed_classes.contains(class) {
-                    let count = &mut counts[class.index()];
-                    *count = if sign > 0 { *count + 1 } else { *count - 1 };
-                }
+        count_servable(
+            &mut self.servable,
+            &node.capacity.models,
+            node.policy.allowed_classes,
+            sign,
+        );
+    }
+}
+
+fn set_timer_entry(
+    timers: &mut BTreeSet<(Millis, NodeId)>,
+    id: NodeId,
+    before: Option<Millis>,
+    after: Option<Millis>,
+) {
+    if before == after {
+        return;
+    }
+    if let Some(at) = before {
+        timers.remove(&(at, id));
+    }
+    if let Some(at) = after {
+        timers.insert((at, id));
+    }
+}
+
+/// Count (model, class) pairs in or out of `servable`.
+fn count_servable(
+    servable: &mut FxHashMap<ModelId, [u32; 3]>,
+    models: &[ModelId],
+    classes: ClassSet,
+    sign: i64,
+) {
+    for model in models {
+        let counts = servable.entry(*model).or_default();
+        for class in TenantClass::ALL {
+            if classes.contains(class) {
+                let count = &mut counts[class.index()];
+                *count = if sign > 0 { *count + 1 } else { *count - 1 };
             }
         }
     }
