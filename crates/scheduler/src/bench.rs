@@ -121,7 +121,8 @@ pub fn run(nodes: usize, seed: u64) -> BenchReport {
 
     let (placements_per_second, placement_p50_us, placement_p99_us) =
         placements(&mut scheduler, &mut rng, now, &mut out);
-    let state_events_per_second = state_events(&mut scheduler, &mut rng, &departures, now, &mut out);
+    let state_events_per_second =
+        state_events(&mut scheduler, &mut rng, &departures, now, &mut out);
     let bytes_per_node = scheduler.memory_estimate_bytes() / nodes.max(1) as u64;
     BenchReport {
         nodes,

@@ -168,7 +168,12 @@ impl NodeTable {
         }
         if node.policy.allowed_classes != classes_before {
             count_servable(servable, &node.capacity.models, classes_before, -1);
-            count_servable(servable, &node.capacity.models, node.policy.allowed_classes, 1);
+            count_servable(
+                servable,
+                &node.capacity.models,
+                node.policy.allowed_classes,
+                1,
+            );
         }
         set_timer_entry(timers, id, timer_before, node.timer);
         let free_after = FreeEntry::of(node);
