@@ -6,6 +6,10 @@
 //! until its shutdown token is cancelled.
 
 pub mod api;
+pub mod billing;
+pub mod billing_finish;
+pub mod billing_idempotency;
+pub mod billing_meter;
 pub mod core;
 pub mod grpc;
 pub mod limits;
@@ -51,6 +55,8 @@ pub struct CoordinatorConfig {
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
     pub scheduler: scheduler::SchedulerConfig,
+    /// The ledger and the prices it charges.
+    pub billing: billing::BillingConfig,
 }
 
 impl CoordinatorConfig {
@@ -64,6 +70,7 @@ impl CoordinatorConfig {
             heartbeat_interval: limits::HEARTBEAT_INTERVAL_DEFAULT,
             heartbeat_timeout: limits::HEARTBEAT_TIMEOUT_DEFAULT,
             scheduler: scheduler::SchedulerConfig::default(),
+            billing: billing::BillingConfig::embedded(),
         }
     }
 }
@@ -88,6 +95,10 @@ pub enum CoordinatorError {
     Http(std::io::Error),
     #[error("no model to serve")]
     NoModels,
+    #[error("billing: {0}")]
+    Billing(#[from] billing::BillingError),
+    #[error("open the idempotency store: {0}")]
+    Idempotency(sqlx::Error),
 }
 
 /// The addresses the coordinator actually listens on.
@@ -139,6 +150,18 @@ pub async fn serve(
     let store = Store::open(&config.data_dir).await?;
     let models = Arc::new(load_models(&config).await?);
     let metrics = Arc::new(Metrics::default());
+    let model_names: Vec<String> = config.models.iter().map(|m| m.name.clone()).collect();
+    let billing = billing::Billing::open(
+        &config.billing,
+        &config.data_dir,
+        &model_names,
+        store.clone(),
+        Arc::clone(&metrics),
+    )
+    .await?;
+    let idempotency = billing_idempotency::IdempotencyStore::open(&config.data_dir)
+        .await
+        .map_err(CoordinatorError::Idempotency)?;
     let (log_sender, log_receiver) = mpsc::channel(limits::REQUEST_LOG_CAPACITY);
     let scheduler = scheduler::Scheduler::new(config.scheduler.clone());
     let core = Arc::new(Core::new(scheduler, Arc::clone(&metrics), log_sender));
@@ -182,7 +205,13 @@ pub async fn serve(
             grpc_shutdown.cancelled().await
         });
 
-    let app = api::router(api::AppState::new(Arc::clone(&core), store, models));
+    let app = api::router(api::AppState::new(
+        Arc::clone(&core),
+        store,
+        models,
+        Arc::new(billing),
+        Arc::new(idempotency),
+    ));
     let http_shutdown = shutdown.clone();
     let http = axum::serve(http_listener, app)
         .with_graceful_shutdown(async move { http_shutdown.cancelled().await });

@@ -5,6 +5,7 @@ mod admin;
 mod bench;
 mod demo;
 mod home;
+mod ledger_cmd;
 mod run;
 
 use std::net::SocketAddr;
@@ -40,6 +41,12 @@ enum Command {
     /// Enrol and list vehicle nodes.
     #[command(subcommand)]
     Nodes(admin::NodesCommand),
+    /// Tenants' money: prepaid top-ups, credit limits, daily spend caps.
+    #[command(subcommand)]
+    Billing(ledger_cmd::BillingCommand),
+    /// The ledger: verify, balances, owner statements, payouts, invoices.
+    #[command(subcommand)]
+    Ledger(ledger_cmd::LedgerCommand),
     /// Benchmarks against reference implementations measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -71,6 +78,15 @@ pub struct ServeArgs {
     /// Requests that may wait per tenant class before new ones get 429.
     #[arg(long)]
     queue_max_per_class: Option<u32>,
+    /// The ledger: a SQLite file or postgres://USER@HOST/DB [default: ledger.db in the data directory].
+    #[arg(long, env = "FLEETGRID_LEDGER_URL")]
+    ledger_url: Option<String>,
+    /// The price sheet, JSON [default: the shipped sheet; see crates/ledger/prices/default.json].
+    #[arg(long)]
+    prices: Option<PathBuf>,
+    /// Owners' share of the token revenue, in basis points (7000 = 70 %), overriding the sheet.
+    #[arg(long)]
+    owner_share_bps: Option<u32>,
     /// Exit when the parent process goes away (used by `demo` and tests).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -138,6 +154,8 @@ fn main() -> std::process::ExitCode {
             Command::Models(command) => admin::models(command).await,
             Command::Tenants(command) => admin::tenants(command).await,
             Command::Nodes(command) => admin::nodes(command).await,
+            Command::Billing(command) => ledger_cmd::billing(command).await,
+            Command::Ledger(command) => ledger_cmd::ledger(command).await,
             Command::Bench(command) => bench::run(command).await,
         }
     });

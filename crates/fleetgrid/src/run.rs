@@ -66,6 +66,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(queue_max) = args.queue_max_per_class {
         config.scheduler.queue_max_per_class = [queue_max; 3];
     }
+    config.billing = crate::ledger_cmd::billing_config(
+        args.ledger_url.clone(),
+        args.prices.as_deref(),
+        args.owner_share_bps,
+    )?;
     let shutdown = shutdown_token(args.exit_with_parent)?;
     coordinator::serve(config, shutdown, |bound| {
         // Parsed by `demo`, the benchmarks and the tests: keep it on stdout.

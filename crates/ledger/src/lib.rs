@@ -15,8 +15,10 @@
 pub mod admission;
 pub mod bench;
 pub mod core;
+pub mod invoice;
 pub mod metering;
 pub mod payout;
+pub mod price_file;
 pub mod pricing;
 pub mod settlement;
 pub mod statement;

@@ -144,6 +144,9 @@ pub struct MeterTolerance {
     /// Compute time may differ by this fraction of the coordinator's count
     /// (clocks on two machines never agree exactly).
     pub compute: BasisPoints,
+    /// ...and always by this many milliseconds, so that a segment of a few
+    /// milliseconds is not flagged for scheduling jitter.
+    pub compute_ms_min: u64,
 }
 
 /// A field on which node and coordinator disagree beyond tolerance.
@@ -161,8 +164,9 @@ pub fn compare_report(
     report: &NodeReport,
     tolerance: MeterTolerance,
 ) -> Vec<MeterMismatch> {
-    let compute_slack =
-        counted.compute.0 * u64::from(tolerance.compute.0) / u64::from(BasisPoints::WHOLE);
+    let compute_slack = (counted.compute.0 * u64::from(tolerance.compute.0)
+        / u64::from(BasisPoints::WHOLE))
+    .max(tolerance.compute_ms_min);
     let checks = [
         (
             "prompt_tokens",
@@ -246,6 +250,7 @@ mod tests {
         let tolerance = MeterTolerance {
             tokens: 1,
             compute: BasisPoints(500),
+            compute_ms_min: 10,
         };
         let honest = NodeReport {
             prompt_tokens: TokenCount(100),

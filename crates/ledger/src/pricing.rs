@@ -45,6 +45,18 @@ impl TenantClass {
     }
 }
 
+impl std::str::FromStr for TenantClass {
+    type Err = PricingError;
+    fn from_str(s: &str) -> Result<Self, PricingError> {
+        match s {
+            "fleet" => Ok(TenantClass::Fleet),
+            "reserved" => Ok(TenantClass::Reserved),
+            "spot" => Ok(TenantClass::Spot),
+            other => Err(PricingError::UnknownClass(other.to_owned())),
+        }
+    }
+}
+
 impl fmt::Display for TenantClass {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -119,6 +131,8 @@ pub enum PricingError {
     NegativePrice { model: ModelId },
     #[error("owner share of {0} bps exceeds 10000")]
     ShareTooLarge(u32),
+    #[error("unknown tenant class {0:?} (expected fleet, reserved or spot)")]
+    UnknownClass(String),
     #[error("price sheets must take effect in order: {new} is not after {last}")]
     OutOfOrder { new: i64, last: i64 },
 }

@@ -11,9 +11,11 @@ use axum::response::{IntoResponse, Response};
 use rand::Rng;
 
 use super::error::ApiError;
+use super::idempotency;
 use super::respond::{self, CancelGuard, ResponseMeta};
 use super::validate::{self, Endpoint, PromptSource, ValidatedRequest};
 use super::{authenticate, AppState};
+use crate::billing_finish::Finisher;
 use crate::core::{NewGeneration, Rejection};
 use crate::limits;
 
@@ -56,6 +58,10 @@ async fn run(
     if body.len() > limits::REQUEST_BODY_BYTES_MAX {
         return Err(body_too_large());
     }
+    let idempotency = match idempotency::start(state, &tenant, headers, &body, endpoint).await? {
+        idempotency::Start::Answer(response) => return Ok(response),
+        idempotency::Start::Run(slot) => slot,
+    };
     let request = match endpoint {
         Endpoint::Chat => validate::chat(validate::parse_json(&body)?, &state.models)?,
         Endpoint::Completion => validate::completion(validate::parse_json(&body)?, &state.models)?,
@@ -69,6 +75,17 @@ async fn run(
     // Without a client seed the coordinator picks one, so that a generation
     // moved to another node continues exactly as it would have.
     let seed = request.seed.unwrap_or_else(|| rand::thread_rng().gen());
+    // Refused with 402 here, before anything is queued, if the tenant
+    // cannot pay for the worst case.
+    let charge = (state.billing)
+        .admit(
+            &tenant,
+            &request.model.name,
+            prompt.len(),
+            max_tokens,
+            &public_id,
+        )
+        .await?;
     let admitted = state
         .core
         .submit(NewGeneration {
@@ -94,10 +111,11 @@ async fn run(
     tracing::info!(request_id = %public_id, tenant_id = tenant.id, model = %request.model.name, "admitted");
     let meta = ResponseMeta::new(public_id, &request, prompt_text);
     let guard = CancelGuard::new(Arc::clone(&state.core), admitted.request, permit);
+    let finisher = Finisher::new(Arc::clone(&state.billing), charge, idempotency);
     if request.stream {
-        Ok(respond::stream(meta, admitted.updates, guard))
+        Ok(respond::stream(meta, admitted.updates, guard, finisher))
     } else {
-        respond::collect(meta, admitted.updates, guard).await
+        respond::collect(meta, admitted.updates, guard, finisher).await
     }
 }
 

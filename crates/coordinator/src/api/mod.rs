@@ -5,8 +5,10 @@
 
 mod error;
 mod generate;
+mod idempotency;
 mod respond;
 mod types;
+mod usage;
 mod validate;
 
 use std::sync::Arc;
@@ -32,15 +34,26 @@ pub struct AppState {
     pub models: Arc<ServedModels>,
     /// Caps requests held at once; `try_acquire` failing becomes 429.
     pub inflight: Arc<Semaphore>,
+    /// Admission against the tenant's money, settlement in the ledger.
+    pub billing: Arc<crate::billing::Billing>,
+    pub idempotency: Arc<crate::billing_idempotency::IdempotencyStore>,
 }
 
 impl AppState {
-    pub fn new(core: Arc<Core>, store: Store, models: Arc<ServedModels>) -> AppState {
+    pub fn new(
+        core: Arc<Core>,
+        store: Store,
+        models: Arc<ServedModels>,
+        billing: Arc<crate::billing::Billing>,
+        idempotency: Arc<crate::billing_idempotency::IdempotencyStore>,
+    ) -> AppState {
         AppState {
             core,
             store,
             models,
             inflight: Arc::new(Semaphore::new(limits::INFLIGHT_REQUESTS_MAX)),
+            billing,
+            idempotency,
         }
     }
 }
@@ -52,6 +65,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(list_models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/v1/usage", get(usage::usage))
+        .route("/v1/invoices/{month}", get(usage::invoice))
         .fallback(not_found)
         // One byte more than the limit so that an over-limit body is seen
         // as such by our own check and answered with an OpenAI-shaped 400.

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use super::error::ApiError;
 use super::validate::{Endpoint, ValidatedRequest};
+use crate::billing_finish::Finisher;
 use crate::core::{CommittedToken, Core, FinishReason, GenerationError, Update, Usage};
 use crate::limits;
 
@@ -230,22 +231,28 @@ fn usage_json(usage: Usage) -> Value {
     })
 }
 
-/// Non-streaming: waits for the whole generation.
+/// Non-streaming: waits for the whole generation, and settles it before
+/// answering.
 pub async fn collect(
     meta: ResponseMeta,
     mut updates: mpsc::Receiver<Update>,
     mut guard: CancelGuard,
+    mut finisher: Finisher,
 ) -> Result<Response, ApiError> {
     let mut assembler = TextAssembler::new(meta.stop.clone());
     let mut text = meta.echo_prompt.clone().unwrap_or_default();
     let mut logprobs = LogprobEntries::default();
-    let (reason, usage) = loop {
+    let (reason, usage, metering) = loop {
         match next_update(&mut updates).await? {
             Update::Token(token) => {
                 logprobs.push(&meta, &token);
                 text.push_str(&assembler.push(&token.piece));
             }
-            Update::Finished { reason, usage } => break (reason, usage),
+            Update::Finished {
+                reason,
+                usage,
+                metering,
+            } => break (reason, usage, metering),
             Update::Failed(error) => {
                 guard.disarm();
                 return Err(generation_error(error));
@@ -271,7 +278,29 @@ pub async fn collect(
     };
     let mut body = meta.envelope(false, json!([choice]));
     body["usage"] = usage_json(usage);
+    finisher.finish(&metering, Some(&body)).await?;
     Ok((headers(&meta), Json(body)).into_response())
+}
+
+/// The non-streaming body of a streamed response, kept for idempotent replay.
+fn stored_body(meta: &ResponseMeta, text: &str, finish: &str, usage: Usage) -> Value {
+    let choice = match meta.endpoint {
+        Endpoint::Chat => json!({
+            "index": 0,
+            "message": { "role": "assistant", "content": text },
+            "logprobs": Value::Null,
+            "finish_reason": finish,
+        }),
+        Endpoint::Completion => json!({
+            "index": 0,
+            "text": text,
+            "logprobs": Value::Null,
+            "finish_reason": finish,
+        }),
+    };
+    let mut body = meta.envelope(false, json!([choice]));
+    body["usage"] = usage_json(usage);
+    body
 }
 
 fn chunk(
@@ -297,11 +326,13 @@ fn chunk(
     Event::default().data(meta.envelope(true, json!([choice])).to_string())
 }
 
-/// Streaming: server-sent events, ending with `data: [DONE]`.
+/// Streaming: server-sent events, ending with `data: [DONE]`. The request is
+/// settled before its finishing chunk.
 pub fn stream(
     meta: ResponseMeta,
     mut updates: mpsc::Receiver<Update>,
     mut guard: CancelGuard,
+    mut finisher: Finisher,
 ) -> Response {
     let response_headers = headers(&meta);
     let events = async_stream::stream! {
@@ -311,6 +342,11 @@ pub fn stream(
             Endpoint::Chat => String::new(),
             Endpoint::Completion => meta.echo_prompt.clone().unwrap_or_default(),
         };
+        // The whole text, kept only when an idempotent replay needs it.
+        let mut whole_text = String::new();
+        if finisher.wants_body() {
+            whole_text.push_str(&opening);
+        }
         if meta.endpoint == Endpoint::Chat || !opening.is_empty() {
             yield Ok::<Event, Infallible>(chunk(&meta, &opening, Value::Null, None, true));
         }
@@ -319,14 +355,25 @@ pub fn stream(
                 Ok(Update::Token(token)) => {
                     logprobs.push(&meta, &token);
                     let text = assembler.push(&token.piece);
+                    if finisher.wants_body() {
+                        whole_text.push_str(&text);
+                    }
                     if !text.is_empty() {
                         yield Ok(chunk(&meta, &text, logprobs.take(&meta), None, false));
                     }
                 }
-                Ok(Update::Finished { reason, usage }) => {
+                Ok(Update::Finished { reason, usage, metering }) => {
                     guard.disarm();
                     let rest = assembler.finish();
                     let finish = finish_reason(reason, &assembler);
+                    let body = finisher.wants_body().then(|| {
+                        whole_text.push_str(&rest);
+                        stored_body(&meta, &whole_text, finish, usage)
+                    });
+                    if let Err(error) = finisher.finish(&metering, body.as_ref()).await {
+                        yield Ok(Event::default().data(error.body_json()));
+                        break;
+                    }
                     if !rest.is_empty() {
                         yield Ok(chunk(&meta, &rest, logprobs.take(&meta), None, false));
                     }

@@ -6,12 +6,10 @@ use scheduler::{Command, Event, Millis, NodeId, RejectReason, RequestId};
 use super::{
     CommittedToken, Core, CoreState, FinishReason, GenerationError, Rejection, Update, Usage, ORDER,
 };
+use crate::billing_meter::{Metering, NodeReport, SegmentTrack};
 use crate::limits;
 use crate::nodes::NodeSession;
 use crate::store::RequestRecord;
-
-/// How far a node's own token count may differ from ours before it is flagged.
-const NODE_REPORT_TOLERANCE_TOKENS: u32 = 0;
 
 impl Core {
     /// Feeds one event to the scheduler and carries out the commands, then
@@ -137,7 +135,12 @@ impl Core {
         }
         tracing::info!(request_id = request.0, node_id = %name, resume_from, "assigned");
         if let Some(inflight) = state.requests.get_mut(&request) {
-            inflight.segments.push((name, 0));
+            let prefilled = inflight.prompt.len() + inflight.committed.len();
+            let prefilled = u32::try_from(prefilled).unwrap_or(u32::MAX);
+            let now_ms = super::now_ms().0 as i64;
+            inflight
+                .segments
+                .push(SegmentTrack::started(name, prefilled, now_ms));
         }
     }
 
@@ -218,7 +221,8 @@ impl Core {
             }
             inflight.committed.push(token.token_id);
             if let Some(segment) = inflight.segments.last_mut() {
-                segment.1 += 1;
+                segment.completion_tokens += 1;
+                segment.last_active_ms = now.0 as i64;
             }
             if inflight.first_token_at.is_none() {
                 inflight.first_token_at = Some(std::time::Instant::now());
@@ -290,18 +294,21 @@ impl Core {
             }
         };
         let ours = u32::try_from(inflight.committed.len()).unwrap_or(u32::MAX);
-        let theirs_this_segment = inflight.segments.last().map_or(0, |segment| segment.1);
-        if done.completion_tokens.abs_diff(ours) > NODE_REPORT_TOLERANCE_TOKENS
-            && done.completion_tokens.abs_diff(theirs_this_segment) > NODE_REPORT_TOLERANCE_TOKENS
-        {
-            self.metrics.node_report_mismatches.fetch_add(1, ORDER);
-            tracing::warn!(
-                request_id = request.0,
-                node_reported = done.completion_tokens,
-                coordinator_counted = ours,
-                "node usage report disagrees with the coordinator's count"
-            );
+        if let Some(segment) = inflight.segments.last_mut() {
+            segment.last_active_ms = now.0 as i64;
         }
+        // The node's own counts go to billing, which checks them against
+        // ours and flags the node; settlement always uses our counts.
+        let metering = Metering {
+            prompt_tokens: u32::try_from(inflight.prompt.len()).unwrap_or(u32::MAX),
+            segments: inflight.segments.clone(),
+            node_report: Some(NodeReport {
+                prompt_tokens: done.prompt_tokens,
+                completion_tokens: done.completion_tokens,
+                compute_ms: done.compute_ms,
+            }),
+            finished_ms: now.0 as i64,
+        };
         let usage = Usage {
             prompt_tokens: u32::try_from(inflight.prompt.len()).unwrap_or(u32::MAX),
             completion_tokens: ours,
@@ -309,6 +316,7 @@ impl Core {
         let _ = inflight.updates.try_send(Update::Finished {
             reason: finish,
             usage,
+            metering,
         });
         self.record(&mut state, request, "completed", None);
         state.requests.remove(&request);
@@ -391,7 +399,7 @@ impl Core {
             nodes: inflight
                 .segments
                 .iter()
-                .map(|(name, tokens)| format!("{name}:{tokens}"))
+                .map(|segment| format!("{}:{}", segment.node, segment.completion_tokens))
                 .collect(),
             created_ms: inflight.created_ms,
             finished_ms: super::now_ms().0 as i64,

@@ -64,7 +64,11 @@ pub enum GenerationError {
 #[derive(Debug)]
 pub enum Update {
     Token(CommittedToken),
-    Finished { reason: FinishReason, usage: Usage },
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+        metering: crate::billing_meter::Metering,
+    },
     Failed(GenerationError),
 }
 
@@ -115,8 +119,8 @@ struct InFlight {
     committed: Vec<i32>,
     node: Option<NodeId>,
     attempt: u32,
-    /// Tokens produced per node name, in order of the segments.
-    segments: Vec<(String, u32)>,
+    /// One entry per attempt, in order: what billing meters.
+    segments: Vec<crate::billing_meter::SegmentTrack>,
     updates: mpsc::Sender<Update>,
     admitted_at: Instant,
     first_token_at: Option<Instant>,

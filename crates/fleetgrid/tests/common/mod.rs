@@ -89,6 +89,59 @@ pub fn run_cli(args: &[&str], data_dir: &Path) -> String {
         .to_string()
 }
 
+/// Starts `fleetgrid serve` on a data directory and waits for it to listen.
+/// Its log is appended to `coordinator.log` there, so restarts keep one log.
+pub fn spawn_coordinator(
+    dir: &Path,
+    http_listen: &str,
+    grpc_listen: &str,
+    options: &StackOptions,
+) -> (Process, coordinator::Bound) {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("coordinator.log"))
+        .expect("log file");
+    let mut child = Command::new(binary())
+        .args([
+            "serve",
+            "--http-listen",
+            http_listen,
+            "--grpc-listen",
+            grpc_listen,
+        ])
+        .args([
+            "--heartbeat-interval-ms",
+            "500",
+            "--heartbeat-timeout-ms",
+            "2000",
+            "--exit-with-parent",
+        ])
+        .args(&options.extra_serve_args)
+        .arg("--data-dir")
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("start coordinator");
+    let stdout = child.stdout.take().expect("stdout");
+    let coordinator = Process {
+        name: "coordinator".into(),
+        child,
+    };
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read coordinator output");
+    let bound = coordinator::Bound::parse_announcement(&line).unwrap_or_else(|| {
+        panic!(
+            "coordinator did not start: {line:?}; log: {}",
+            std::fs::read_to_string(dir.join("coordinator.log")).unwrap_or_default()
+        )
+    });
+    (coordinator, bound)
+}
+
 impl Stack {
     pub fn start(options: StackOptions) -> Stack {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -96,45 +149,8 @@ impl Stack {
             &["tenants", "create", "test-tenant", "--class", "fleet"],
             dir.path(),
         );
-        let log = std::fs::File::create(dir.path().join("coordinator.log")).expect("log file");
-        let mut child = Command::new(binary())
-            .args([
-                "serve",
-                "--http-listen",
-                "127.0.0.1:0",
-                "--grpc-listen",
-                "127.0.0.1:0",
-            ])
-            .args([
-                "--heartbeat-interval-ms",
-                "500",
-                "--heartbeat-timeout-ms",
-                "2000",
-                "--exit-with-parent",
-            ])
-            .args(&options.extra_serve_args)
-            .arg("--data-dir")
-            .arg(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("start coordinator");
-        let stdout = child.stdout.take().expect("stdout");
-        let coordinator = Process {
-            name: "coordinator".into(),
-            child,
-        };
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read coordinator output");
-        let coordinator::Bound { http, grpc } = coordinator::Bound::parse_announcement(&line)
-            .unwrap_or_else(|| {
-                panic!(
-                    "coordinator did not start: {line:?}; log: {}",
-                    std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap_or_default()
-                )
-            });
+        let (coordinator, coordinator::Bound { http, grpc }) =
+            spawn_coordinator(dir.path(), "127.0.0.1:0", "127.0.0.1:0", &options);
         Stack {
             dir,
             http,
@@ -143,6 +159,21 @@ impl Stack {
             coordinator,
             agents: Vec::new(),
         }
+    }
+
+    /// Kills the coordinator with SIGKILL (no shutdown of any kind) and
+    /// starts a new one on the same data directory and addresses; agents
+    /// reconnect by themselves.
+    pub fn restart_coordinator(&mut self, options: &StackOptions) {
+        self.coordinator.kill();
+        let (http, grpc) = (self.http.to_string(), self.grpc.to_string());
+        let (coordinator, _) = spawn_coordinator(self.dir.path(), &http, &grpc, options);
+        self.coordinator = coordinator;
+    }
+
+    /// Runs the CLI on this stack's data directory; returns its last line.
+    pub fn cli(&self, args: &[&str]) -> String {
+        run_cli(args, self.dir.path())
     }
 
     /// Enrols and starts an agent with a plugged-in simulated vehicle.

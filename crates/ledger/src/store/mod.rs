@@ -28,6 +28,7 @@ use crate::core::{
     AccountId, AccountState, LedgerError, MicroUsd, NodeId, Outcome, TenantId, Transfer,
     TransferId, TransferKind, Verifier, VerifyReport,
 };
+use crate::invoice::RequestSummary;
 use crate::metering::UsageSegment;
 use crate::payout::{self, PayoutError, PayoutOrder, PayoutRates, PayoutReceipt};
 use crate::pricing::PriceBook;
@@ -85,6 +86,10 @@ macro_rules! on_pool {
         }
     };
 }
+
+mod billing;
+
+pub use billing::{MeterFlag, METER_FLAGS_LISTED_MAX, REQUEST_LINES_MAX};
 
 /// A ledger in SQLite or PostgreSQL.
 pub struct Store {
@@ -200,21 +205,22 @@ impl Store {
 
     /// Commits a batch atomically (see `core::ledger` for the rules).
     pub async fn commit(&self, batch: &[Transfer]) -> Result<Vec<Outcome>, StoreError> {
-        self.commit_with_usage(batch, &[]).await
+        self.commit_with_usage(batch, &[], None).await
     }
 
     async fn commit_with_usage(
         &self,
         batch: &[Transfer],
         usage: &[UsageSegment],
+        request: Option<&RequestSummary>,
     ) -> Result<Vec<Outcome>, StoreError> {
         if batch.len() > crate::core::ledger::BATCH_TRANSFERS_MAX {
             return Err(LedgerError::BatchTooLarge { len: batch.len() }.into());
         }
         for _ in 0..COMMIT_ATTEMPTS_MAX {
             let result = match &self.backend {
-                Backend::Sqlite(pool) => sqlite::commit(pool, batch, usage).await,
-                Backend::Postgres(pool) => postgres::commit(pool, batch, usage).await,
+                Backend::Sqlite(pool) => sqlite::commit(pool, batch, usage, request).await,
+                Backend::Postgres(pool) => postgres::commit(pool, batch, usage, request).await,
             };
             match result {
                 Err(StoreError::Database(error)) if is_unique_violation(&error) => continue,
@@ -224,16 +230,17 @@ impl Store {
         Err(StoreError::Contention(COMMIT_ATTEMPTS_MAX))
     }
 
-    /// Settles a completed request: its transfers and usage segments commit
-    /// together. A retry returns `Exists` outcomes and changes nothing.
+    /// Settles a completed request: its transfers, usage segments and the
+    /// request's summary (for usage reports and invoices) commit together. A retry returns `Exists` outcomes and changes nothing.
     pub async fn settle(
         &self,
         request: &CompletedRequest,
         book: &PriceBook,
     ) -> Result<SettleReceipt, StoreError> {
         let settlement = settlement::settle(request, book)?;
+        let summary = RequestSummary::of(request, &settlement);
         let outcomes = self
-            .commit_with_usage(&settlement.transfers, &request.segments)
+            .commit_with_usage(&settlement.transfers, &request.segments, summary.as_ref())
             .await?;
         Ok(SettleReceipt {
             charge: settlement.charge,

@@ -5,8 +5,9 @@
 
 use crate::core::{
     AccountId, AccountState, DurationMs, MicroUsd, MicroWh, ModelId, NodeId, OwnerId, RequestId,
-    Segment, TimestampMs, TokenCount, Transfer, TransferId, TransferSpec,
+    Segment, TenantId, TimestampMs, TokenCount, Transfer, TransferId, TransferSpec,
 };
+use crate::invoice::RequestSummary;
 use crate::metering::{Server, UsageSegment};
 
 use super::StoreError;
@@ -152,5 +153,43 @@ pub fn usage_from_row(row: UsageRow) -> Result<UsageSegment, StoreError> {
         completion_tokens: TokenCount(from_sql("usage completion tokens", completion)?),
         compute: DurationMs(from_sql("usage compute ms", compute)?),
         started_at: TimestampMs(at),
+    })
+}
+
+/// Request columns in `REQUEST_COLUMNS` order.
+pub type RequestRow = (String, String, String, String, i64, i64, i64, i64, i64, i64);
+
+pub const REQUEST_COLUMNS: &str = "request_id, tenant_id, class, model, prompt_tokens, \
+     completion_tokens, charge, segments, admitted_at_ms, completed_at_ms";
+
+pub fn request_to_row(request: &RequestSummary) -> Result<RequestRow, StoreError> {
+    Ok((
+        request.request_id.to_string(),
+        request.tenant.to_string(),
+        request.class.as_str().to_owned(),
+        request.model.to_string(),
+        to_sql("prompt tokens", request.prompt_tokens.0)?,
+        to_sql("completion tokens", request.completion_tokens.0)?,
+        request.charge.0,
+        to_sql("segments", u64::from(request.segments))?,
+        request.admitted_at.0,
+        request.completed_at.0,
+    ))
+}
+
+pub fn request_from_row(row: RequestRow) -> Result<RequestSummary, StoreError> {
+    let (request_id, tenant, class, model, prompt, completion, charge, segments, admitted, done) =
+        row;
+    Ok(RequestSummary {
+        request_id: RequestId::new(request_id).map_err(|e| corrupt("request id", e))?,
+        tenant: TenantId::new(tenant).map_err(|e| corrupt("request tenant", e))?,
+        class: class.parse().map_err(|e| corrupt("request class", e))?,
+        model: ModelId::new(model).map_err(|e| corrupt("request model", e))?,
+        prompt_tokens: TokenCount(from_sql("request prompt tokens", prompt)?),
+        completion_tokens: TokenCount(from_sql("request completion tokens", completion)?),
+        charge: MicroUsd(charge),
+        segments: u32::try_from(segments).map_err(|_| corrupt("request segments", segments))?,
+        admitted_at: TimestampMs(admitted),
+        completed_at: TimestampMs(done),
     })
 }

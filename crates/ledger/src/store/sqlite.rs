@@ -15,10 +15,12 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection, Transaction};
 
 use crate::core::{plan_batch, AccountId, AccountState, Outcome, Transfer, TransferId};
+use crate::invoice::RequestSummary;
 use crate::metering::UsageSegment;
 
 use super::rows::{
-    self, AccountRow, TransferRow, ACCOUNT_COLUMNS, TRANSFER_COLUMNS, USAGE_COLUMNS,
+    self, AccountRow, TransferRow, ACCOUNT_COLUMNS, REQUEST_COLUMNS, TRANSFER_COLUMNS,
+    USAGE_COLUMNS,
 };
 use super::StoreError;
 
@@ -53,6 +55,7 @@ pub(super) async fn commit(
     pool: &SqlitePool,
     batch: &[Transfer],
     usage: &[UsageSegment],
+    request: Option<&RequestSummary>,
 ) -> Result<Vec<Outcome>, StoreError> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     let ids: Vec<TransferId> = batch.iter().map(Transfer::id).collect();
@@ -64,6 +67,9 @@ pub(super) async fn commit(
     insert_transfers(&mut tx, &created).await?;
     update_accounts(&mut tx, &plan.accounts).await?;
     insert_usage(&mut tx, usage).await?;
+    if let Some(request) = request {
+        insert_request(&mut tx, request).await?;
+    }
     tx.commit().await?;
     Ok(plan.outcomes)
 }
@@ -201,5 +207,32 @@ async fn insert_usage(
             .execute(&mut **tx)
             .await?;
     }
+    Ok(())
+}
+
+/// The request's summary; a retried settlement finds it already there.
+async fn insert_request(
+    tx: &mut Transaction<'static, Sqlite>,
+    request: &RequestSummary,
+) -> Result<(), StoreError> {
+    let sql = format!(
+        "INSERT INTO ledger_requests ({REQUEST_COLUMNS}) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+         ON CONFLICT (request_id) DO NOTHING"
+    );
+    let row = rows::request_to_row(request)?;
+    sqlx::query(&sql)
+        .bind(row.0)
+        .bind(row.1)
+        .bind(row.2)
+        .bind(row.3)
+        .bind(row.4)
+        .bind(row.5)
+        .bind(row.6)
+        .bind(row.7)
+        .bind(row.8)
+        .bind(row.9)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }

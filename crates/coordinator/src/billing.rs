@@ -1,0 +1,581 @@
+//! Billing on the request path: admission against the tenant's money before
+//! any work starts, and settlement in the ledger before the response ends.
+//!
+//! **Admission.** A request's worst case (its whole prompt plus `max_tokens`
+//! completion tokens at the tenant's price) must fit what the tenant's account
+//! has available *after* the worst cases of its other in-flight requests,
+//! which are held here in memory, and what is left of its daily spend cap.
+//! Otherwise the gateway answers 402 and nothing is queued. Holds are
+//! per-process: coordinators sharing one PostgreSQL ledger each hold their own.
+//!
+//! **Settlement.** When a generation finishes, the core's own counts (see
+//! `billing_meter`) become the ledger's `CompletedRequest`: the prompt once,
+//! every completion token once, one segment per node attempt with its compute
+//! time and energy (from the node's power profile and the owner's tariff).
+//! The gateway commits it, durably, before the final response or the final
+//! SSE chunk and `[DONE]` leave; if the commit fails the client gets an error
+//! instead of a success it was not charged for. Re-prefill after a migration
+//! is never charged to the tenant (the ledger's settlement rules).
+//!
+//! **Failed and cancelled generations are not charged**, whatever they
+//! produced before failing: the customer pays only for a response it received
+//! in full, and the work is the platform's cost (owners are not credited for
+//! it either, so every transfer traces back to a delivered response).
+//!
+//! **Tenants without settings.** A tenant's ledger account is opened at its
+//! first request: `fleet` tenants (the operator's own workloads) without a
+//! floor, so they are metered and invoiced but never refused for money;
+//! `reserved` and `spot` tenants prepaid with a zero balance, so they need a
+//! top-up or a credit limit (`fleetgrid billing`) first.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use ledger::admission::{self, AdmissionRequest};
+use ledger::core::{
+    AccountState, BasisPoints, DurationMs, MicroUsd, ModelId, NodeId, OwnerId, RequestId, Segment,
+    TenantId, TimestampMs, TokenCount,
+};
+use ledger::metering::{
+    compare_report, meter_node_segment, MeterTolerance, NodeObservation, UsageSegment,
+};
+use ledger::price_file::PriceConfig;
+use ledger::pricing::{PriceBook, TenantClass};
+use ledger::settlement::CompletedRequest;
+use ledger::statement::Period;
+use ledger::store::{MeterFlag, Store as Ledger, StoreError as LedgerStoreError};
+
+use crate::api::ApiError;
+use crate::billing_meter::Metering;
+use crate::core::ORDER;
+use crate::metrics::Metrics;
+use crate::store::{Store, TenantClass as StoreClass, TenantRecord};
+
+/// File name of the SQLite ledger inside the data directory.
+pub const LEDGER_FILE: &str = "ledger.db";
+
+/// Attempts to admit a request while settlements of the same tenant keep
+/// changing its balance between our read and our check.
+pub const ADMISSION_ATTEMPTS_MAX: usize = 8;
+
+/// How long a node's owner is remembered before it is looked up again.
+pub const OWNER_CACHE_TTL: Duration = Duration::from_secs(30);
+
+/// Node owners remembered at most; beyond it the cache starts over.
+pub const OWNER_CACHE_ENTRIES_MAX: usize = 100_000;
+
+/// How far a node's report may stray from the coordinator's count: tokens
+/// must agree exactly (both sides count the same committed tokens); compute
+/// time may be up to twice ours, and always a second, because our count runs
+/// from assignment to last token and theirs only while the engine works.
+pub const METER_TOLERANCE: MeterTolerance = MeterTolerance {
+    tokens: 0,
+    compute: BasisPoints(10_000),
+    compute_ms_min: 1_000,
+};
+
+/// Where the ledger lives and what it charges.
+#[derive(Clone, Debug)]
+pub struct BillingConfig {
+    /// `postgres://…` for PostgreSQL, a path or `sqlite://PATH` for SQLite;
+    /// `None` for `ledger.db` in the data directory.
+    pub ledger_url: Option<String>,
+    pub prices: Arc<PriceConfig>,
+}
+
+impl BillingConfig {
+    /// The embedded default: SQLite in the data directory, the shipped prices.
+    pub fn embedded() -> BillingConfig {
+        let prices = PriceConfig::default_sheet()
+            // The default sheet is a file of this crate, tested to parse.
+            .unwrap_or_else(|error| panic!("the shipped price sheet is invalid: {error}"));
+        BillingConfig {
+            ledger_url: None,
+            prices: Arc::new(prices),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BillingError {
+    #[error("open the ledger at {place}: {source}")]
+    Open {
+        place: String,
+        source: LedgerStoreError,
+    },
+    #[error("create the ledger's directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("served model {model} has no price for class {class} in the price sheet")]
+    Unpriced { model: String, class: TenantClass },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Opens the ledger a URL names (see `BillingConfig::ledger_url`).
+pub async fn open_ledger(url: Option<&str>, data_dir: &Path) -> Result<Ledger, BillingError> {
+    let open_error = |place: &str| {
+        let place = place.to_string();
+        move |source| BillingError::Open { place, source }
+    };
+    match url {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            // The URL may hold a password: name only the host part.
+            let place = url.rsplit('@').next().unwrap_or("postgresql").to_string();
+            Ledger::connect_postgres(url)
+                .await
+                .map_err(open_error(&place))
+        }
+        other => {
+            let path = match other {
+                Some(url) => PathBuf::from(url.strip_prefix("sqlite://").unwrap_or(url)),
+                None => data_dir.join(LEDGER_FILE),
+            };
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(|source| BillingError::Dir {
+                    path: parent.to_path_buf(),
+                    source,
+                })?;
+            }
+            Ledger::open_sqlite(&path)
+                .await
+                .map_err(open_error(&path.display().to_string()))
+        }
+    }
+}
+
+/// The ledger's name for a tenant: its name when the ledger accepts it,
+/// otherwise `tenant-ID`.
+pub fn ledger_tenant(tenant: &TenantRecord) -> TenantId {
+    TenantId::new(tenant.name.as_str()).unwrap_or_else(|_| {
+        TenantId::new(format!("tenant-{}", tenant.id))
+            .unwrap_or_else(|_| unreachable!("tenant-<digits> is always a valid ledger name"))
+    })
+}
+
+pub fn ledger_class(class: StoreClass) -> TenantClass {
+    match class {
+        StoreClass::Fleet => TenantClass::Fleet,
+        StoreClass::Reserved => TenantClass::Reserved,
+        StoreClass::Spot => TenantClass::Spot,
+    }
+}
+
+/// The owner account a node's earnings go to: its enrolled owner, or for a
+/// node enrolled without one, an account named after the node.
+pub fn owner_account(node: &str, owner: &str) -> Result<OwnerId, ledger::core::IdError> {
+    if owner.is_empty() {
+        OwnerId::new(node)
+    } else {
+        OwnerId::new(owner)
+    }
+}
+
+/// Worst cases held for a tenant's in-flight requests.
+#[derive(Debug, Default)]
+struct TenantHolds {
+    held: MicroUsd,
+    /// Bumped whenever a hold is released, so an admission that read the
+    /// balance before a settlement can tell and read again.
+    epoch: u64,
+}
+
+#[derive(Debug, Default)]
+struct HoldBook {
+    tenants: Mutex<HashMap<TenantId, TenantHolds>>,
+}
+
+impl HoldBook {
+    fn lock(&self) -> MutexGuard<'_, HashMap<TenantId, TenantHolds>> {
+        // The map stays consistent between statements; a panic elsewhere
+        // while holding it must not stop billing.
+        self.tenants
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn epoch(&self, tenant: &TenantId) -> u64 {
+        self.lock().get(tenant).map_or(0, |holds| holds.epoch)
+    }
+
+    fn release(&self, tenant: &TenantId, amount: MicroUsd) {
+        let mut tenants = self.lock();
+        if let Some(holds) = tenants.get_mut(tenant) {
+            holds.held = MicroUsd(holds.held.0.saturating_sub(amount.0).max(0));
+            holds.epoch += 1;
+        }
+    }
+}
+
+/// A request's worst case, held until the request is settled or abandoned.
+#[derive(Debug)]
+struct Hold {
+    book: Arc<HoldBook>,
+    tenant: TenantId,
+    amount: MicroUsd,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.book.release(&self.tenant, self.amount);
+    }
+}
+
+/// An admitted request: what settlement will need, and its hold.
+#[derive(Debug)]
+pub struct PendingCharge {
+    pub request_id: RequestId,
+    pub tenant: TenantId,
+    pub class: TenantClass,
+    pub model: ModelId,
+    pub admitted_at: TimestampMs,
+    pub worst_case: MicroUsd,
+    _hold: Hold,
+}
+
+/// A finished request ready to settle, and the node reports that disagreed.
+#[derive(Debug)]
+pub struct Completion {
+    pub request: CompletedRequest,
+    pub flags: Vec<MeterFlag>,
+}
+
+pub struct Billing {
+    ledger: Ledger,
+    book: PriceBook,
+    prices: Arc<PriceConfig>,
+    holds: Arc<HoldBook>,
+    owners: Mutex<HashMap<String, (OwnerId, Instant)>>,
+    store: Store,
+    metrics: Arc<Metrics>,
+}
+
+impl Billing {
+    /// Opens the ledger and checks that every served model has a price for
+    /// every tenant class.
+    pub async fn open(
+        config: &BillingConfig,
+        data_dir: &Path,
+        models: &[String],
+        store: Store,
+        metrics: Arc<Metrics>,
+    ) -> Result<Billing, BillingError> {
+        for model in models {
+            let id = ModelId::new(model.as_str())
+                .map_err(|error| BillingError::Invalid(format!("model {model}: {error}")))?;
+            for class in [TenantClass::Fleet, TenantClass::Reserved, TenantClass::Spot] {
+                if config.prices.sheet.rate(&id, class).is_err() {
+                    return Err(BillingError::Unpriced {
+                        model: model.clone(),
+                        class,
+                    });
+                }
+            }
+        }
+        let book = PriceBook::new(config.prices.sheet.clone())
+            .map_err(|error| BillingError::Invalid(error.to_string()))?;
+        let ledger = open_ledger(config.ledger_url.as_deref(), data_dir).await?;
+        tracing::info!(backend = ledger.backend_name(), "ledger open");
+        Ok(Billing {
+            ledger,
+            book,
+            prices: Arc::clone(&config.prices),
+            holds: Arc::new(HoldBook::default()),
+            owners: Mutex::new(HashMap::new()),
+            store,
+            metrics,
+        })
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Admits a request the tenant can pay for in the worst case, or refuses
+    /// it with 402 before any work starts.
+    pub async fn admit(
+        &self,
+        tenant: &TenantRecord,
+        model: &str,
+        prompt_tokens: usize,
+        max_tokens: u32,
+        request_id: &str,
+    ) -> Result<PendingCharge, ApiError> {
+        let now = now();
+        let tenant_id = ledger_tenant(tenant);
+        let class = ledger_class(tenant.class);
+        let model = ModelId::new(model).map_err(|error| internal("model name", &error))?;
+        let request_id =
+            RequestId::new(request_id).map_err(|error| internal("request id", &error))?;
+        let models = [model.clone()];
+        let worst_case = admission::worst_case_cost(
+            self.book.sheet_at(now),
+            &AdmissionRequest {
+                models: &models,
+                class,
+                prompt_tokens: TokenCount(prompt_tokens as u64),
+                max_completion_tokens: TokenCount(u64::from(max_tokens)),
+            },
+        )
+        .map_err(|error| internal("price the request", &error))?;
+        let today = Period {
+            from: now.utc_day_start(),
+            until: TimestampMs(now.utc_day_start().0 + TimestampMs::PER_DAY),
+        };
+        for _ in 0..ADMISSION_ATTEMPTS_MAX {
+            let epoch = self.holds.epoch(&tenant_id);
+            let account = self
+                .ledger
+                .ensure_tenant(&tenant_id, class == TenantClass::Fleet)
+                .await
+                .map_err(|error| internal("read the tenant's account", &error))?;
+            let cap = self
+                .ledger
+                .daily_cap(&tenant_id)
+                .await
+                .map_err(|error| internal("read the daily cap", &error))?;
+            let spent = match cap {
+                Some(_) => self
+                    .ledger
+                    .tenant_spent(&tenant_id, today)
+                    .await
+                    .map_err(|error| internal("read today's spend", &error))?,
+                None => MicroUsd::ZERO,
+            };
+            let mut tenants = self.holds.lock();
+            let holds = tenants.entry(tenant_id.clone()).or_default();
+            if holds.epoch != epoch {
+                // A settlement released a hold since we read the balance:
+                // the balance we read may not show its charge yet.
+                continue;
+            }
+            let held_view = AccountState {
+                debits_posted: MicroUsd(account.debits_posted.0.saturating_add(holds.held.0)),
+                ..account
+            };
+            let spent_view = MicroUsd(spent.0.saturating_add(holds.held.0));
+            if let Err(refusal) = admission::check(worst_case, &held_view, cap, spent_view) {
+                tracing::info!(request_id = %request_id, tenant_id = %tenant_id, %refusal, "payment required");
+                return Err(payment_required(refusal.to_string()));
+            }
+            holds.held = MicroUsd(holds.held.0.saturating_add(worst_case.0));
+            return Ok(PendingCharge {
+                request_id,
+                tenant: tenant_id.clone(),
+                class,
+                model,
+                admitted_at: now,
+                worst_case,
+                _hold: Hold {
+                    book: Arc::clone(&self.holds),
+                    tenant: tenant_id,
+                    amount: worst_case,
+                },
+            });
+        }
+        Err(ApiError::unavailable(
+            "this tenant's balance is changing too fast to admit the request; retry",
+            crate::limits::RETRY_AFTER_DEFAULT_SECONDS,
+        ))
+    }
+
+    /// Builds the ledger's record of a finished request from the core's
+    /// counts, and checks the finishing node's own report against them.
+    pub async fn complete(
+        &self,
+        pending: &PendingCharge,
+        metering: &Metering,
+    ) -> Result<Completion, ApiError> {
+        let mut segments = Vec::with_capacity(metering.segments.len());
+        for (position, track) in metering.segments.iter().enumerate() {
+            let node =
+                NodeId::new(track.node.as_str()).map_err(|error| internal("node name", &error))?;
+            let owner = self.owner_of(&track.node).await?;
+            let observation = NodeObservation {
+                request_id: pending.request_id.clone(),
+                segment: Segment(u32::try_from(position).unwrap_or(u32::MAX)),
+                node: node.clone(),
+                owner,
+                model: pending.model.clone(),
+                prompt_tokens: TokenCount(u64::from(track.prefilled_tokens)),
+                completion_tokens: TokenCount(u64::from(track.completion_tokens)),
+                compute: DurationMs(track.compute_ms()),
+                started_at: TimestampMs(track.started_ms),
+            };
+            segments.push(meter_node_segment(
+                observation,
+                &self.prices.power_of(&node),
+                self.prices.tariff_of(&node),
+            ));
+        }
+        let flags = self.check_node_report(metering, segments.last());
+        Ok(Completion {
+            request: CompletedRequest {
+                request_id: pending.request_id.clone(),
+                tenant: pending.tenant.clone(),
+                class: pending.class,
+                admitted_at: pending.admitted_at,
+                completed_at: TimestampMs(metering.finished_ms),
+                segments,
+            },
+            flags,
+        })
+    }
+
+    /// Commits a finished request's transfers durably. Settling the same
+    /// request again changes nothing (the transfers exist).
+    pub async fn settle(&self, completion: &Completion) -> Result<(), ApiError> {
+        let request = &completion.request;
+        match self.ledger.settle(request, &self.book).await {
+            Ok(receipt) => {
+                tracing::info!(
+                    request_id = %request.request_id,
+                    tenant_id = %request.tenant,
+                    charge = %receipt.charge,
+                    transfers = receipt.transfers.len(),
+                    "settled"
+                );
+            }
+            Err(error) => {
+                tracing::error!(request_id = %request.request_id, %error, "settle request");
+                return Err(ApiError {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    message: "the usage of this request could not be recorded, so its result \
+                              is withheld and it was not charged; retry"
+                        .into(),
+                    kind: "server_error",
+                    param: None,
+                    code: Some("billing_unavailable"),
+                    retry_after_seconds: Some(crate::limits::RETRY_AFTER_DEFAULT_SECONDS),
+                });
+            }
+        }
+        if !completion.flags.is_empty() {
+            // The flags are for review; a failure to store them must not
+            // fail a request that is already settled.
+            if let Err(error) = self.ledger.record_meter_flags(&completion.flags).await {
+                tracing::error!(request_id = %request.request_id, %error, "store meter flags");
+            }
+        }
+        Ok(())
+    }
+
+    fn check_node_report(
+        &self,
+        metering: &Metering,
+        last: Option<&UsageSegment>,
+    ) -> Vec<MeterFlag> {
+        let (Some(report), Some(last)) = (metering.node_report, last) else {
+            return Vec::new();
+        };
+        // The node counts the prompt it was sent and every committed token
+        // (those it was given plus its own), so compare like with like.
+        let total_completion: u64 = metering
+            .segments
+            .iter()
+            .map(|segment| u64::from(segment.completion_tokens))
+            .sum();
+        let counted = UsageSegment {
+            prompt_tokens: TokenCount(u64::from(metering.prompt_tokens)),
+            completion_tokens: TokenCount(total_completion),
+            ..last.clone()
+        };
+        let node_report = ledger::metering::NodeReport {
+            prompt_tokens: TokenCount(u64::from(report.prompt_tokens)),
+            completion_tokens: TokenCount(u64::from(report.completion_tokens)),
+            compute: DurationMs(report.compute_ms),
+        };
+        let node = match &last.server {
+            ledger::metering::Server::Node { node, .. } => node.clone(),
+            ledger::metering::Server::Cloud => return Vec::new(),
+        };
+        compare_report(&counted, &node_report, METER_TOLERANCE)
+            .into_iter()
+            .map(|mismatch| {
+                self.metrics.node_report_mismatches.fetch_add(1, ORDER);
+                tracing::warn!(
+                    request_id = %last.request_id,
+                    node_id = %node,
+                    field = mismatch.field,
+                    coordinator_counted = mismatch.coordinator,
+                    node_reported = mismatch.node,
+                    "node usage report disagrees with the coordinator's count"
+                );
+                MeterFlag {
+                    request_id: last.request_id.clone(),
+                    segment: last.segment,
+                    node: node.clone(),
+                    field: mismatch.field.to_string(),
+                    coordinator: mismatch.coordinator,
+                    node_value: mismatch.node,
+                    at: TimestampMs(metering.finished_ms),
+                }
+            })
+            .collect()
+    }
+
+    async fn owner_of(&self, node: &str) -> Result<OwnerId, ApiError> {
+        {
+            let owners = self.lock_owners();
+            if let Some((owner, fetched)) = owners.get(node) {
+                if fetched.elapsed() < OWNER_CACHE_TTL {
+                    return Ok(owner.clone());
+                }
+            }
+        }
+        let nodes = self
+            .store
+            .list_nodes()
+            .await
+            .map_err(|error| internal("look up node owners", &error))?;
+        let mut owners = self.lock_owners();
+        if owners.len() + nodes.len() > OWNER_CACHE_ENTRIES_MAX {
+            owners.clear();
+        }
+        let fetched = Instant::now();
+        for record in nodes {
+            if let Ok(owner) = owner_account(&record.name, &record.owner) {
+                owners.insert(record.name, (owner, fetched));
+            }
+        }
+        match owners.get(node) {
+            Some((owner, _)) => Ok(owner.clone()),
+            // A node that connected was enrolled; one deleted since is
+            // still paid, into an account named after it.
+            None => owner_account(node, "").map_err(|error| internal("owner of node", &error)),
+        }
+    }
+
+    fn lock_owners(&self) -> MutexGuard<'_, HashMap<String, (OwnerId, Instant)>> {
+        // A plain cache: whatever a panicking holder left is still usable.
+        self.owners
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn now() -> TimestampMs {
+    TimestampMs(crate::core::now_ms().0 as i64)
+}
+
+fn payment_required(message: String) -> ApiError {
+    ApiError {
+        status: StatusCode::PAYMENT_REQUIRED,
+        message,
+        kind: "insufficient_quota",
+        param: None,
+        code: Some("insufficient_quota"),
+        retry_after_seconds: None,
+    }
+}
+
+/// A 500 whose details go to the log only.
+fn internal(what: &str, error: &dyn std::fmt::Display) -> ApiError {
+    tracing::error!(%error, "billing: {what}");
+    ApiError::internal()
+}

@@ -1,0 +1,490 @@
+//! End to end: money on the request path. A real coordinator, a real agent
+//! running SmolLM2, the SQLite ledger (and once PostgreSQL), real HTTP.
+//!
+//! Prices here are high enough ($2 to $10 per million tokens) that every
+//! token is worth whole micro-dollars, so expected charges are exact.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{Stack, StackOptions, MODEL};
+use serde_json::{json, Value};
+
+/// Spot $2 / $4, reserved $3 / $6, fleet $5 / $10 per million prompt /
+/// completion tokens, in micro-dollars per token.
+const SPOT_PROMPT_MICRO: u64 = 2;
+const SPOT_COMPLETION_MICRO: u64 = 4;
+const RESERVED_PROMPT_MICRO: u64 = 3;
+const RESERVED_COMPLETION_MICRO: u64 = 6;
+
+fn prices_json() -> String {
+    json!({
+        "owner_share_bps": 7000,
+        "cloud_margin_bps": 2000,
+        "fleet": { MODEL: {
+            "fleet": {"prompt": "5.00", "completion": "10.00"},
+            "reserved": {"prompt": "3.00", "completion": "6.00"},
+            "spot": {"prompt": "2.00", "completion": "4.00"}
+        }},
+        "payout_per_unit": {"cash": "0.01", "charging-credit": "0.0003",
+                            "subscription-credit": "0.009", "ride-credit": "0.009"},
+        "power": {"watts_idle": 15, "watts_busy": 60},
+        "tariff": {"per_kwh": "0.30"}
+    })
+    .to_string()
+}
+
+/// Options that point the coordinator at the test price sheet (written to a
+/// directory kept alive by the returned guard), plus `extra` arguments.
+pub fn billed_options(extra: &[&str]) -> (StackOptions, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path: PathBuf = dir.path().join("prices.json");
+    std::fs::write(&path, prices_json()).expect("write prices");
+    let mut args = vec!["--prices".to_string(), path.display().to_string()];
+    args.extend(extra.iter().map(|arg| arg.to_string()));
+    (
+        StackOptions {
+            extra_serve_args: args,
+        },
+        dir,
+    )
+}
+
+fn chat_body(max_tokens: u32) -> Value {
+    json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Name a colour."}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+    })
+}
+
+async fn post_as(stack: &Stack, key: &str, path: &str, body: &Value) -> reqwest::Response {
+    stack
+        .client()
+        .post(stack.url(path))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .expect("send")
+}
+
+async fn get_as(stack: &Stack, key: &str, path: &str) -> (u16, Value) {
+    let response = stack
+        .client()
+        .get(stack.url(path))
+        .bearer_auth(key)
+        .send()
+        .await
+        .expect("send");
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn month_now() -> String {
+    let ms = coordinator::core::now_ms().0 as i64;
+    ledger::invoice::month_containing(ledger::core::TimestampMs(ms))
+}
+
+fn u64_of(value: &Value) -> u64 {
+    value
+        .as_u64()
+        .unwrap_or_else(|| panic!("not a count: {value}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_that_cannot_pay_is_refused_402_before_any_work_starts() {
+    let (options, _prices) = billed_options(&[]);
+    let mut stack = Stack::start(options);
+    stack.add_agent("car-1", 2);
+    stack.wait_for_nodes(&["car-1"]).await;
+    let key = stack.cli(&["tenants", "create", "broke", "--class", "spot"]);
+
+    let accepted_before = stack.metric("fleetgrid_requests_accepted_total").await;
+    let response = post_as(&stack, &key, "/v1/chat/completions", &chat_body(8)).await;
+    assert_eq!(response.status(), 402);
+    let error: Value = response.json().await.expect("json");
+    assert_eq!(error["error"]["type"], "insufficient_quota");
+    let message = error["error"]["message"].as_str().expect("message");
+    assert!(message.starts_with("insufficient balance"), "{message}");
+    // Nothing was queued or assigned: the scheduler never saw the request.
+    assert_eq!(
+        stack.metric("fleetgrid_requests_accepted_total").await,
+        accepted_before
+    );
+    assert!(!stack.log("coordinator").contains("assigned"));
+
+    // The refusal names the worst case: the whole prompt plus max_tokens.
+    // Exactly that much admits the request; one token more is refused.
+    let worst_case = message
+        .split("up to $")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .expect("worst case in the message")
+        .to_string();
+    stack.cli(&[
+        "billing",
+        "topup",
+        "--tenant",
+        "broke",
+        "--amount",
+        &worst_case,
+        "--reference",
+        "r1",
+    ]);
+    let response = post_as(&stack, &key, "/v1/chat/completions", &chat_body(9)).await;
+    assert_eq!(response.status(), 402, "one more token costs 4 µUSD more");
+    let response = post_as(&stack, &key, "/v1/chat/completions", &chat_body(8)).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json");
+    let prompt = u64_of(&body["usage"]["prompt_tokens"]);
+    let completion = u64_of(&body["usage"]["completion_tokens"]);
+    let charged = prompt * SPOT_PROMPT_MICRO + completion * SPOT_COMPLETION_MICRO;
+    let worst_micro = ledger::price_file::parse_usd(&worst_case)
+        .expect("amount")
+        .0;
+    assert_eq!(
+        worst_micro as u64,
+        prompt * SPOT_PROMPT_MICRO + 8 * SPOT_COMPLETION_MICRO
+    );
+    let (status, usage) = get_as(&stack, &key, "/v1/usage").await;
+    assert_eq!(status, 200, "{usage}");
+    assert_eq!(u64_of(&usage["charged_micro_usd"]), charged);
+    assert_eq!(
+        usage["balance_usd"],
+        ledger::core::MicroUsd(worst_micro - charged as i64).to_string()
+    );
+
+    // A daily cap refuses even with money left, with its own message.
+    stack.cli(&[
+        "billing",
+        "topup",
+        "--tenant",
+        "broke",
+        "--amount",
+        "1",
+        "--reference",
+        "r2",
+    ]);
+    stack.cli(&["billing", "cap", "--tenant", "broke", "--daily", "0.000150"]);
+    let response = post_as(&stack, &key, "/v1/chat/completions", &chat_body(8)).await;
+    assert_eq!(response.status(), 402);
+    let error: Value = response.json().await.expect("json");
+    let message = error["error"]["message"].as_str().expect("message");
+    assert!(message.starts_with("daily spend cap reached"), "{message}");
+    stack.cli(&["billing", "cap", "--tenant", "broke", "--none"]);
+
+    // A credit limit counts as available money for a tenant with none.
+    let debtor = stack.cli(&["tenants", "create", "debtor", "--class", "reserved"]);
+    stack.cli(&["billing", "credit", "--tenant", "debtor", "--limit", "0.01"]);
+    let response = post_as(&stack, &debtor, "/v1/chat/completions", &chat_body(8)).await;
+    assert_eq!(response.status(), 200);
+    let (_, usage) = get_as(&stack, &debtor, "/v1/usage").await;
+    let owed = usage["balance_usd"].as_str().expect("balance");
+    assert!(
+        owed.starts_with("-0.0000"),
+        "a tenant on credit owes: {owed}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_and_invoices_match_the_ledger_and_no_tenant_reads_another() {
+    let (options, _prices) = billed_options(&[]);
+    let mut stack = Stack::start(options);
+    stack.add_agent("car-1", 2);
+    stack.wait_for_nodes(&["car-1"]).await;
+    let alpha = stack.cli(&["tenants", "create", "alpha", "--class", "spot"]);
+    let beta = stack.cli(&["tenants", "create", "beta", "--class", "reserved"]);
+    for (tenant, reference) in [("alpha", "a1"), ("beta", "b1")] {
+        stack.cli(&[
+            "billing",
+            "topup",
+            "--tenant",
+            tenant,
+            "--amount",
+            "5",
+            "--reference",
+            reference,
+        ]);
+    }
+
+    let mut alpha_expected = (0_u64, 0_u64, 0_u64);
+    for max_tokens in [6, 9] {
+        let response = post_as(
+            &stack,
+            &alpha,
+            "/v1/chat/completions",
+            &chat_body(max_tokens),
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.expect("json");
+        let prompt = u64_of(&body["usage"]["prompt_tokens"]);
+        let completion = u64_of(&body["usage"]["completion_tokens"]);
+        alpha_expected.0 += prompt;
+        alpha_expected.1 += completion;
+        alpha_expected.2 += prompt * SPOT_PROMPT_MICRO + completion * SPOT_COMPLETION_MICRO;
+    }
+    // A streamed request is billed the same way, before its [DONE].
+    let mut streamed = chat_body(7);
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let response = post_as(&stack, &alpha, "/v1/chat/completions", &streamed).await;
+    let sse = common::parse_sse(&response.text().await.expect("stream"));
+    assert!(sse.done && sse.errors.is_empty(), "{sse:?}");
+    let usage = sse.usage.expect("usage chunk");
+    let (prompt, completion) = (
+        u64_of(&usage["prompt_tokens"]),
+        u64_of(&usage["completion_tokens"]),
+    );
+    alpha_expected.0 += prompt;
+    alpha_expected.1 += completion;
+    alpha_expected.2 += prompt * SPOT_PROMPT_MICRO + completion * SPOT_COMPLETION_MICRO;
+
+    let response = post_as(&stack, &beta, "/v1/chat/completions", &chat_body(5)).await;
+    let body: Value = response.json().await.expect("json");
+    let beta_charged = u64_of(&body["usage"]["prompt_tokens"]) * RESERVED_PROMPT_MICRO
+        + u64_of(&body["usage"]["completion_tokens"]) * RESERVED_COMPLETION_MICRO;
+
+    let (status, usage) = get_as(&stack, &alpha, "/v1/usage").await;
+    assert_eq!(status, 200, "{usage}");
+    assert_eq!(usage["tenant"], "alpha");
+    assert_eq!(u64_of(&usage["requests"]), 3);
+    assert_eq!(u64_of(&usage["prompt_tokens"]), alpha_expected.0);
+    assert_eq!(u64_of(&usage["completion_tokens"]), alpha_expected.1);
+    assert_eq!(u64_of(&usage["charged_micro_usd"]), alpha_expected.2);
+    assert_eq!(usage["by_model"][0]["model"], MODEL);
+
+    let month = month_now();
+    let (status, invoice) = get_as(&stack, &alpha, &format!("/v1/invoices/{month}")).await;
+    assert_eq!(status, 200, "{invoice}");
+    assert_eq!(u64_of(&invoice["total_micro_usd"]), alpha_expected.2);
+    assert_eq!(invoice["top_ups_usd"], "5.000000");
+    // The CLI's CSV invoice has one line per request and the same total,
+    // to the micro-dollar, as the tenant's token-charge transfers.
+    let total_line = stack.cli(&[
+        "ledger", "invoice", "--tenant", "alpha", "--month", &month, "--csv",
+    ]);
+    let expected_total = ledger::core::MicroUsd(alpha_expected.2 as i64).to_string();
+    assert!(
+        total_line.ends_with(&format!(",{expected_total}")),
+        "{total_line}"
+    );
+    let balances = std::process::Command::new(common::binary())
+        .args(["ledger", "balances", "--data-dir"])
+        .arg(stack.dir.path())
+        .output()
+        .expect("balances");
+    let balances = String::from_utf8_lossy(&balances.stdout);
+    let alpha_balance = ledger::core::MicroUsd(5_000_000 - alpha_expected.2 as i64).to_string();
+    assert!(
+        balances
+            .lines()
+            .any(|line| line.starts_with("tenant:alpha") && line.contains(&alpha_balance)),
+        "{balances}"
+    );
+
+    // Beta sees only its own request; naming alpha is forbidden.
+    let (_, beta_usage) = get_as(&stack, &beta, "/v1/usage").await;
+    assert_eq!(u64_of(&beta_usage["requests"]), 1);
+    assert_eq!(u64_of(&beta_usage["charged_micro_usd"]), beta_charged);
+    let (status, forbidden) = get_as(&stack, &beta, "/v1/usage?tenant=alpha").await;
+    assert_eq!(status, 403, "{forbidden}");
+    assert_eq!(forbidden["error"]["type"], "permission_error");
+    let (status, _) = get_as(&stack, &beta, &format!("/v1/invoices/{month}?tenant=alpha")).await;
+    assert_eq!(status, 403);
+    let (_, beta_invoice) = get_as(&stack, &beta, &format!("/v1/invoices/{month}")).await;
+    assert_eq!(u64_of(&beta_invoice["total_micro_usd"]), beta_charged);
+    let (status, _) = get_as(&stack, "fg-not-a-key", "/v1/usage").await;
+    assert_eq!(status, 401);
+    let (status, bad) = get_as(&stack, &alpha, "/v1/invoices/2026-13").await;
+    assert_eq!(status, 400, "{bad}");
+
+    stack.cli(&["ledger", "verify"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idempotency_key_replays_the_result_without_charging_again() {
+    let (options, _prices) = billed_options(&[]);
+    let mut stack = Stack::start(options);
+    stack.add_agent("car-1", 2);
+    stack.wait_for_nodes(&["car-1"]).await;
+    let key = stack.api_key.clone();
+    let send = |idempotency: &'static str, body: Value| {
+        let request = stack
+            .client()
+            .post(stack.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .header("Idempotency-Key", idempotency)
+            .json(&body);
+        async move { request.send().await.expect("send") }
+    };
+    let mut body = chat_body(12);
+    body["temperature"] = json!(0.9);
+
+    let first = send("order-1", body.clone()).await;
+    assert_eq!(first.status(), 200);
+    let first: Value = first.json().await.expect("json");
+    let again = send("order-1", body.clone()).await;
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let again: Value = again.json().await.expect("json");
+    // The very same response, even with sampling at temperature 0.9.
+    assert_eq!(again, first);
+    let (_, usage) = get_as(&stack, &key, "/v1/usage").await;
+    assert_eq!(
+        u64_of(&usage["requests"]),
+        1,
+        "a replay is not charged: {usage}"
+    );
+
+    let mut other = body.clone();
+    other["max_tokens"] = json!(13);
+    let reused = send("order-1", other).await;
+    assert_eq!(reused.status(), 422);
+    let reused: Value = reused.json().await.expect("json");
+    assert_eq!(reused["error"]["code"], "idempotency_key_reused");
+
+    // A streamed request is replayed as a stream with the same text.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let live = common::parse_sse(
+        &send("order-2", streamed.clone())
+            .await
+            .text()
+            .await
+            .expect("sse"),
+    );
+    let replayed = common::parse_sse(&send("order-2", streamed).await.text().await.expect("sse"));
+    assert!(live.done && replayed.done);
+    assert_eq!(replayed.content, live.content);
+    assert_eq!(replayed.finish_reason, live.finish_reason);
+
+    // While the first request with a key runs, a repeat is told to retry.
+    let mut long = chat_body(120);
+    long["messages"] = json!([{"role": "user", "content": "Write a long story about a car."}]);
+    let running = tokio::spawn(send("order-3", long.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let repeat = send("order-3", long).await;
+    assert_eq!(repeat.status(), 409);
+    assert!(repeat.headers().contains_key("retry-after"));
+    assert_eq!(running.await.expect("first").status(), 200);
+
+    let (_, usage) = get_as(&stack, &key, "/v1/usage").await;
+    assert_eq!(u64_of(&usage["requests"]), 3, "{usage}");
+    stack.cli(&["ledger", "verify"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_the_client_abandons_is_not_charged() {
+    let (options, _prices) = billed_options(&[]);
+    let mut stack = Stack::start(options);
+    stack.add_agent("car-1", 2);
+    stack.wait_for_nodes(&["car-1"]).await;
+    let key = stack.cli(&["tenants", "create", "quitter", "--class", "spot"]);
+    stack.cli(&[
+        "billing",
+        "topup",
+        "--tenant",
+        "quitter",
+        "--amount",
+        "0.01",
+        "--reference",
+        "q1",
+    ]);
+    let mut body = chat_body(200);
+    body["messages"] = json!([{"role": "user", "content": "Write a long story about a car."}]);
+    body["stream"] = json!(true);
+    let mut response = post_as(&stack, &key, "/v1/chat/completions", &body).await;
+    assert_eq!(response.status(), 200);
+    // Read the first chunks, then hang up.
+    let _ = response.chunk().await.expect("chunk");
+    let _ = response.chunk().await.expect("chunk");
+    drop(response);
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while stack.metric("fleetgrid_requests_cancelled_total").await < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cancellation not seen"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, usage) = get_as(&stack, &key, "/v1/usage").await;
+    assert_eq!(u64_of(&usage["requests"]), 0, "{usage}");
+    assert_eq!(usage["balance_usd"], "0.010000");
+    // Its hold is gone too: the whole balance is available again.
+    assert_eq!(usage["available_usd"], "0.010000");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_coordinator_settles_into_postgresql() {
+    // Needs PostgreSQL on 127.0.0.1:5432 (`cargo xtask test` starts it);
+    // fails, never skips, when it is not there.
+    let base = std::env::var("LEDGER_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let schema = format!(
+        "fleetgrid_e2e_{}_{}",
+        std::process::id(),
+        coordinator::core::now_ms().0
+    );
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&base)
+        .await
+        .unwrap_or_else(|error| panic!("this test needs PostgreSQL at {base}: {error}"));
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut admin)
+        .await
+        .expect("create schema");
+    let url = format!("{base}?options[search_path]={schema}");
+    let (options, _prices) = billed_options(&["--ledger-url", &url]);
+    let mut stack = Stack::start(options);
+    stack.add_agent("car-1", 2);
+    stack.wait_for_nodes(&["car-1"]).await;
+    let key = stack.cli(&["tenants", "create", "pg-tenant", "--class", "spot"]);
+    let ledger_args = ["--ledger-url", url.as_str()];
+    let mut topup = vec![
+        "billing",
+        "topup",
+        "--tenant",
+        "pg-tenant",
+        "--amount",
+        "1",
+        "--reference",
+        "p1",
+    ];
+    topup.extend(ledger_args);
+    stack.cli(&topup);
+    let response = post_as(&stack, &key, "/v1/chat/completions", &chat_body(6)).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json");
+    let charged = u64_of(&body["usage"]["prompt_tokens"]) * SPOT_PROMPT_MICRO
+        + u64_of(&body["usage"]["completion_tokens"]) * SPOT_COMPLETION_MICRO;
+
+    // The charge is in PostgreSQL, committed before the response came back.
+    let (sum,): (i64,) = sqlx::query_as(&format!(
+        "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM {schema}.ledger_transfers \
+         WHERE kind = 'token-charge' AND debit_account = 'tenant:pg-tenant'"
+    ))
+    .fetch_one(&mut admin)
+    .await
+    .expect("sum charges");
+    assert_eq!(sum as u64, charged);
+    let (_, usage) = get_as(&stack, &key, "/v1/usage").await;
+    assert_eq!(u64_of(&usage["charged_micro_usd"]), charged);
+    let mut verify = vec!["ledger", "verify"];
+    verify.extend(ledger_args);
+    stack.cli(&verify);
+    assert!(!std::path::Path::new(&stack.dir.path().join("ledger.db")).exists());
+
+    drop(stack);
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&mut admin)
+        .await
+        .expect("drop schema");
+}
