@@ -1,0 +1,303 @@
+//! Calibration: choose, per task class, Edge, Cloud or Cascade with a
+//! confidence threshold, so that the routed answers keep at least a target
+//! share of cloud-only quality at the lowest cost.
+//!
+//! Inputs are per-item records: was the edge answer correct, was the cloud
+//! answer correct, the edge answer's confidence scores, and what each tier
+//! cost. A cascade pays for the edge answer always and for the cloud answer
+//! when it escalates.
+//!
+//! The search is exact over its candidates. Per class, the candidates are
+//! Edge, Cloud, and a cascade on each [`ConfidenceFeature`] with a threshold
+//! half-way between each pair of adjacent distinct scores seen. A dynamic
+//! programme over classes (a multiple-choice knapsack on the number of
+//! correct answers) then finds the cheapest combination reaching the target.
+//! Ties go, in order, to: lower cost, more correct answers, more answers
+//! served at the edge, then the candidate listed first (Edge, cascades by
+//! feature then threshold, Cloud). The result does not depend on the order
+//! of the items.
+
+use serde::{Deserialize, Serialize};
+
+use crate::confidence::{ConfidenceFeature, ConfidenceScores};
+use crate::config::{AcceptRule, ClassPolicies, ClassPolicy};
+use crate::cost::MicroUsd;
+use crate::features::TaskClass;
+
+/// The most items one calibration takes (its memory is linear in them).
+pub const CALIBRATION_ITEMS_MAX: usize = 100_000;
+
+/// One graded item.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationItem {
+    pub class: TaskClass,
+    pub edge_correct: bool,
+    pub cloud_correct: bool,
+    pub edge_confidence: ConfidenceScores,
+    pub edge_cost: MicroUsd,
+    pub cloud_cost: MicroUsd,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CalibrationError {
+    #[error("no items to calibrate on")]
+    NoItems,
+    #[error("at most {CALIBRATION_ITEMS_MAX} items can be calibrated on, got {0}")]
+    TooManyItems(usize),
+    #[error("the target quality must be in (0, 1], got {0}")]
+    Target(f64),
+}
+
+/// Totals of a policy applied to items.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub items: u32,
+    pub correct: u32,
+    /// Answers served by the edge model (not escalated).
+    pub edge_served: u32,
+    pub cost: MicroUsd,
+}
+
+impl Totals {
+    fn add(self, other: Totals) -> Totals {
+        Totals {
+            items: self.items + other.items,
+            correct: self.correct + other.correct,
+            edge_served: self.edge_served + other.edge_served,
+            cost: self.cost.saturating_add(other.cost),
+        }
+    }
+
+    pub fn accuracy(&self) -> f64 {
+        ratio(self.correct, self.items)
+    }
+
+    pub fn edge_share(&self) -> f64 {
+        ratio(self.edge_served, self.items)
+    }
+}
+
+fn ratio(part: u32, whole: u32) -> f64 {
+    if whole == 0 {
+        return 0.0;
+    }
+    f64::from(part) / f64::from(whole)
+}
+
+/// What a calibration achieved on its own items; saved in the configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationSummary {
+    /// Which data the thresholds were chosen on, e.g. `"gsm8k calibrate half (even items)"`.
+    pub source: String,
+    pub target_quality: f64,
+    pub routed: Totals,
+    pub edge_only: Totals,
+    pub cloud_only: Totals,
+    /// `routed.correct / cloud_only.correct`.
+    pub quality_vs_cloud: f64,
+    /// `1 - routed.cost / cloud_only.cost`.
+    pub cost_saving_vs_cloud: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CalibrationOutcome {
+    pub policies: ClassPolicies,
+    pub summary: CalibrationSummary,
+}
+
+/// One policy applied to one item.
+fn apply(policy: &ClassPolicy, item: &CalibrationItem) -> Totals {
+    let edge = Totals {
+        items: 1,
+        correct: u32::from(item.edge_correct),
+        edge_served: 1,
+        cost: item.edge_cost,
+    };
+    let cloud = Totals {
+        items: 1,
+        correct: u32::from(item.cloud_correct),
+        edge_served: 0,
+        cost: item.cloud_cost,
+    };
+    match policy {
+        ClassPolicy::Edge => edge,
+        ClassPolicy::Cloud => cloud,
+        ClassPolicy::Cascade(rule) => {
+            if item.edge_confidence.get(rule.feature) >= rule.threshold {
+                edge
+            } else {
+                Totals {
+                    cost: item.edge_cost.saturating_add(item.cloud_cost),
+                    ..cloud
+                }
+            }
+        }
+    }
+}
+
+/// The totals of `policies` on `items`.
+pub fn evaluate(policies: &ClassPolicies, items: &[CalibrationItem]) -> Totals {
+    items
+        .iter()
+        .map(|item| apply(policies.get(item.class), item))
+        .fold(Totals::default(), Totals::add)
+}
+
+/// Every candidate policy of one class with its totals, in tie-break order.
+fn candidates(items: &[&CalibrationItem]) -> Vec<(ClassPolicy, Totals)> {
+    let totals_of = |policy: &ClassPolicy| {
+        items
+            .iter()
+            .map(|item| apply(policy, item))
+            .fold(Totals::default(), Totals::add)
+    };
+    let mut candidates = vec![(ClassPolicy::Edge, totals_of(&ClassPolicy::Edge))];
+    let edge_cost: MicroUsd = items.iter().map(|item| item.edge_cost).sum();
+    for feature in ConfidenceFeature::ALL {
+        let mut sorted: Vec<&CalibrationItem> = items.to_vec();
+        sorted.sort_by(|a, b| {
+            a.edge_confidence
+                .get(feature)
+                .total_cmp(&b.edge_confidence.get(feature))
+        });
+        // Prefix sums over the escalated (lowest-scoring) items; suffix over the accepted.
+        let edge_correct_total: u32 = sorted.iter().map(|item| u32::from(item.edge_correct)).sum();
+        let (mut escalated_cloud_cost, mut escalated_cloud_correct, mut escalated_edge_correct) =
+            (MicroUsd::ZERO, 0u32, 0u32);
+        for split in 1..sorted.len() {
+            let previous = sorted[split - 1];
+            escalated_cloud_cost = escalated_cloud_cost.saturating_add(previous.cloud_cost);
+            escalated_cloud_correct += u32::from(previous.cloud_correct);
+            escalated_edge_correct += u32::from(previous.edge_correct);
+            let low = previous.edge_confidence.get(feature);
+            let high = sorted[split].edge_confidence.get(feature);
+            if low >= high {
+                continue;
+            }
+            let middle = low + (high - low) / 2.0;
+            let threshold = if middle > low { middle } else { high };
+            let totals = Totals {
+                items: sorted.len() as u32,
+                correct: escalated_cloud_correct + edge_correct_total - escalated_edge_correct,
+                edge_served: (sorted.len() - split) as u32,
+                cost: edge_cost.saturating_add(escalated_cloud_cost),
+            };
+            let rule = AcceptRule { feature, threshold };
+            candidates.push((ClassPolicy::Cascade(rule), totals));
+        }
+    }
+    candidates.push((ClassPolicy::Cloud, totals_of(&ClassPolicy::Cloud)));
+    candidates
+}
+
+/// Is `a` a better way than `b` to reach the same number of correct answers?
+fn cheaper(a: &Totals, b: &Totals) -> bool {
+    (a.cost, std::cmp::Reverse(a.edge_served)) < (b.cost, std::cmp::Reverse(b.edge_served))
+}
+
+/// Chooses per-class policies on `items` keeping at least `target_quality`
+/// of cloud-only correctness at the lowest cost. Classes without items keep
+/// their policy from `base`. `source` names the data for the summary.
+pub fn calibrate(
+    items: &[CalibrationItem],
+    target_quality: f64,
+    base: &ClassPolicies,
+    source: &str,
+) -> Result<CalibrationOutcome, CalibrationError> {
+    if items.is_empty() {
+        return Err(CalibrationError::NoItems);
+    }
+    if items.len() > CALIBRATION_ITEMS_MAX {
+        return Err(CalibrationError::TooManyItems(items.len()));
+    }
+    if !(target_quality > 0.0 && target_quality <= 1.0) {
+        return Err(CalibrationError::Target(target_quality));
+    }
+    let cloud_only = evaluate(&all(ClassPolicy::Cloud), items);
+    let edge_only = evaluate(&all(ClassPolicy::Edge), items);
+    let required = (target_quality * f64::from(cloud_only.correct) - 1e-9)
+        .ceil()
+        .max(0.0) as u32;
+
+    // best[k]: the cheapest (totals, choice per class so far) with exactly k correct.
+    let mut best: Vec<Option<(Totals, Vec<ClassPolicy>)>> = vec![None; items.len() + 1];
+    best[0] = Some((Totals::default(), Vec::new()));
+    let mut classes = Vec::new();
+    for class in TaskClass::ALL {
+        let members: Vec<&CalibrationItem> =
+            items.iter().filter(|item| item.class == class).collect();
+        if members.is_empty() {
+            continue;
+        }
+        classes.push(class);
+        let options = candidates(&members);
+        let mut next: Vec<Option<(Totals, Vec<ClassPolicy>)>> = vec![None; items.len() + 1];
+        for (totals, choices) in best.iter().flatten() {
+            for (policy, option) in &options {
+                let combined = totals.add(*option);
+                let slot = &mut next[combined.correct as usize];
+                if slot
+                    .as_ref()
+                    .is_none_or(|(existing, _)| cheaper(&combined, existing))
+                {
+                    let mut chosen = choices.clone();
+                    chosen.push(*policy);
+                    *slot = Some((combined, chosen));
+                }
+            }
+        }
+        best = next;
+    }
+    let (routed, choices) = best
+        .into_iter()
+        .flatten()
+        .filter(|(totals, _)| totals.correct >= required)
+        .min_by(|(a, _), (b, _)| {
+            (
+                a.cost,
+                std::cmp::Reverse(a.correct),
+                std::cmp::Reverse(a.edge_served),
+            )
+                .cmp(&(
+                    b.cost,
+                    std::cmp::Reverse(b.correct),
+                    std::cmp::Reverse(b.edge_served),
+                ))
+        })
+        .expect("sending every class to the cloud always reaches the target");
+    let mut policies = base.clone();
+    for (class, policy) in classes.iter().zip(choices) {
+        *policies.get_mut(*class) = policy;
+    }
+    let summary = CalibrationSummary {
+        source: source.to_string(),
+        target_quality,
+        routed,
+        edge_only,
+        cloud_only,
+        quality_vs_cloud: ratio(routed.correct, cloud_only.correct),
+        cost_saving_vs_cloud: saving(routed.cost, cloud_only.cost),
+    };
+    Ok(CalibrationOutcome { policies, summary })
+}
+
+/// `1 - cost / reference`, or 0 when the reference is free.
+pub fn saving(cost: MicroUsd, reference: MicroUsd) -> f64 {
+    if reference.0 == 0 {
+        return 0.0;
+    }
+    1.0 - cost.0 as f64 / reference.0 as f64
+}
+
+/// The same policy for every class.
+pub fn all(policy: ClassPolicy) -> ClassPolicies {
+    ClassPolicies {
+        multiple_choice: policy,
+        math: policy,
+        code: policy,
+        open: policy,
+    }
+}
+
+#[cfg(test)]
+mod tests;

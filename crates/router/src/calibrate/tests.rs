@@ -1,0 +1,190 @@
+use proptest::prelude::*;
+
+use super::*;
+
+fn item(class: TaskClass, edge: bool, cloud: bool, mean_logprob: f32) -> CalibrationItem {
+    CalibrationItem {
+        class,
+        edge_correct: edge,
+        cloud_correct: cloud,
+        edge_confidence: ConfidenceScores {
+            tokens: 4,
+            mean_logprob,
+            min_window_mean: mean_logprob,
+            confident_share: 1.0,
+            mean_margin: 1.0,
+        },
+        edge_cost: MicroUsd(1),
+        cloud_cost: MicroUsd(10),
+    }
+}
+
+fn base() -> ClassPolicies {
+    all(ClassPolicy::Cloud)
+}
+
+#[test]
+fn confident_edge_answers_stay_and_unsure_ones_escalate() {
+    // The edge is right exactly when it is confident; the cloud is always right.
+    let items = [
+        item(TaskClass::Math, true, true, -0.1),
+        item(TaskClass::Math, true, true, -0.2),
+        item(TaskClass::Math, false, true, -1.5),
+        item(TaskClass::Math, false, true, -2.0),
+    ];
+    let outcome = calibrate(&items, 1.0, &base(), "test").expect("calibrate");
+    let ClassPolicy::Cascade(rule) = outcome.policies.math else {
+        panic!("expected a cascade, got {:?}", outcome.policies.math);
+    };
+    assert!(rule.threshold > -1.5 && rule.threshold <= -0.2, "{rule:?}");
+    assert_eq!(outcome.summary.routed.correct, 4);
+    assert_eq!(outcome.summary.routed.edge_served, 2);
+    // 4 edge answers + 2 escalations = 4 + 20, against 40 cloud-only.
+    assert_eq!(outcome.summary.routed.cost, MicroUsd(24));
+    assert!((outcome.summary.cost_saving_vs_cloud - 0.4).abs() < 1e-9);
+    // Classes without items keep the base policy.
+    assert_eq!(outcome.policies.code, ClassPolicy::Cloud);
+}
+
+#[test]
+fn a_low_target_keeps_everything_at_the_edge() {
+    let items = [
+        item(TaskClass::Open, true, true, -0.1),
+        item(TaskClass::Open, false, true, -3.0),
+    ];
+    let outcome = calibrate(&items, 0.5, &base(), "test").expect("calibrate");
+    assert_eq!(outcome.policies.open, ClassPolicy::Edge);
+    assert_eq!(outcome.summary.routed.cost, MicroUsd(2));
+}
+
+#[test]
+fn an_edge_that_is_never_right_sends_the_class_to_the_cloud() {
+    let items = [
+        item(TaskClass::Math, false, true, -0.1),
+        item(TaskClass::Math, false, true, -0.3),
+        item(TaskClass::MultipleChoice, true, true, -0.1),
+    ];
+    let outcome = calibrate(&items, 0.95, &base(), "test").expect("calibrate");
+    assert_eq!(outcome.policies.math, ClassPolicy::Cloud);
+    assert_eq!(outcome.policies.multiple_choice, ClassPolicy::Edge);
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    assert_eq!(
+        calibrate(&[], 0.9, &base(), "test"),
+        Err(CalibrationError::NoItems)
+    );
+    let items = [item(TaskClass::Open, true, true, -0.1)];
+    assert_eq!(
+        calibrate(&items, 0.0, &base(), "test"),
+        Err(CalibrationError::Target(0.0))
+    );
+    assert!(calibrate(&items, f64::NAN, &base(), "test").is_err());
+    assert!(calibrate(&items, 1.5, &base(), "test").is_err());
+}
+
+fn arbitrary_item() -> impl Strategy<Value = CalibrationItem> {
+    (
+        prop::sample::select(vec![
+            TaskClass::Math,
+            TaskClass::MultipleChoice,
+            TaskClass::Open,
+        ]),
+        any::<bool>(),
+        any::<bool>(),
+        // Few distinct scores, so ties between items are common.
+        (0u8..12, 0u8..12, 0u8..5),
+        (1u64..20, 1u64..200),
+    )
+        .prop_map(|(class, edge_correct, cloud_correct, scores, costs)| {
+            let (mean, window, share) = scores;
+            CalibrationItem {
+                class,
+                edge_correct,
+                cloud_correct,
+                edge_confidence: ConfidenceScores {
+                    tokens: 10,
+                    mean_logprob: -f32::from(mean) / 4.0,
+                    min_window_mean: -f32::from(window) / 2.0,
+                    confident_share: f32::from(share) / 4.0,
+                    mean_margin: f32::from(mean + window) / 3.0,
+                },
+                edge_cost: MicroUsd(costs.0),
+                cloud_cost: MicroUsd(costs.1),
+            }
+        })
+}
+
+/// Every combination of the per-class candidates, the slow way.
+fn brute_force_cost(items: &[CalibrationItem], required: u32) -> MicroUsd {
+    let mut classes: Vec<Vec<(ClassPolicy, Totals)>> = Vec::new();
+    for class in TaskClass::ALL {
+        let members: Vec<&CalibrationItem> =
+            items.iter().filter(|item| item.class == class).collect();
+        if !members.is_empty() {
+            classes.push(candidates(&members));
+        }
+    }
+    let mut best = MicroUsd(u64::MAX);
+    let mut index = vec![0usize; classes.len()];
+    loop {
+        let totals = classes
+            .iter()
+            .zip(&index)
+            .map(|(options, &i)| options[i].1)
+            .fold(Totals::default(), Totals::add);
+        if totals.correct >= required && totals.cost < best {
+            best = totals.cost;
+        }
+        let mut position = 0;
+        loop {
+            if position == classes.len() {
+                return best;
+            }
+            index[position] += 1;
+            if index[position] < classes[position].len() {
+                break;
+            }
+            index[position] = 0;
+            position += 1;
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn the_chosen_policies_meet_the_target_at_no_more_than_cloud_cost(
+        items in prop::collection::vec(arbitrary_item(), 1..40),
+        target in 0.5f64..=1.0,
+    ) {
+        let outcome = calibrate(&items, target, &base(), "prop").expect("calibrate");
+        // Re-applying the saved policies gives the totals the summary claims.
+        let applied = evaluate(&outcome.policies, &items);
+        prop_assert_eq!(applied, outcome.summary.routed);
+        let cloud = outcome.summary.cloud_only;
+        prop_assert!(f64::from(applied.correct) >= target * f64::from(cloud.correct) - 1e-9);
+        prop_assert!(applied.cost <= cloud.cost);
+    }
+
+    #[test]
+    fn the_choice_is_the_cheapest_and_does_not_depend_on_item_order(
+        items in prop::collection::vec(arbitrary_item(), 1..14),
+        target in 0.5f64..=1.0,
+        rotation in 0usize..14,
+    ) {
+        let outcome = calibrate(&items, target, &base(), "prop").expect("calibrate");
+        let required =
+            (target * f64::from(outcome.summary.cloud_only.correct) - 1e-9).ceil() as u32;
+        prop_assert_eq!(outcome.summary.routed.cost, brute_force_cost(&items, required));
+
+        let mut reordered = items.clone();
+        reordered.reverse();
+        let rotation = rotation % reordered.len();
+        reordered.rotate_left(rotation);
+        let again = calibrate(&reordered, target, &base(), "prop").expect("calibrate");
+        prop_assert_eq!(again, outcome);
+    }
+}

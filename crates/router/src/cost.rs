@@ -1,0 +1,103 @@
+//! What a generation costs on each tier, in integer micro-dollars.
+//!
+//! These are the router's *estimates* for choosing between tiers and for the
+//! evaluation report; the ledger books the real charges with its own price
+//! book. Money is never a float here either.
+
+use serde::{Deserialize, Serialize};
+
+/// An amount of money in millionths of a US dollar.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct MicroUsd(pub u64);
+
+impl MicroUsd {
+    pub const ZERO: MicroUsd = MicroUsd(0);
+
+    pub fn saturating_add(self, other: MicroUsd) -> MicroUsd {
+        MicroUsd(self.0.saturating_add(other.0))
+    }
+
+    /// The amount in dollars, for display only.
+    pub fn as_usd(self) -> f64 {
+        self.0 as f64 / 1_000_000.0
+    }
+}
+
+impl std::iter::Sum for MicroUsd {
+    fn sum<I: Iterator<Item = MicroUsd>>(iter: I) -> MicroUsd {
+        iter.fold(MicroUsd::ZERO, MicroUsd::saturating_add)
+    }
+}
+
+/// A price per million tokens, prompt and completion separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Price {
+    pub prompt_per_million: MicroUsd,
+    pub completion_per_million: MicroUsd,
+}
+
+impl Price {
+    /// The cost of one generation, rounded up to the micro-dollar so that an
+    /// estimate is never below the exact price.
+    pub fn cost(&self, prompt_tokens: u32, completion_tokens: u32) -> MicroUsd {
+        let exact = u128::from(prompt_tokens) * u128::from(self.prompt_per_million.0)
+            + u128::from(completion_tokens) * u128::from(self.completion_per_million.0);
+        let rounded_up = exact.div_ceil(1_000_000);
+        MicroUsd(u64::try_from(rounded_up).unwrap_or(u64::MAX))
+    }
+}
+
+/// The prices of both tiers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prices {
+    pub edge: Price,
+    pub cloud: Price,
+}
+
+impl Default for Prices {
+    /// Edge: $0.02 per million tokens either way (a fleet node's electricity
+    /// and owner share for a 135M model). Cloud: $0.15 per million prompt and
+    /// $0.60 per million completion tokens, a small hosted model's list price.
+    fn default() -> Prices {
+        Prices {
+            edge: Price {
+                prompt_per_million: MicroUsd(20_000),
+                completion_per_million: MicroUsd(20_000),
+            },
+            cloud: Price {
+                prompt_per_million: MicroUsd(150_000),
+                completion_per_million: MicroUsd(600_000),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_rounds_up_to_the_micro_dollar() {
+        let price = Price {
+            prompt_per_million: MicroUsd(150_000),
+            completion_per_million: MicroUsd(600_000),
+        };
+        // 100 × 0.15 + 10 × 0.6 = 21 µUSD exactly.
+        assert_eq!(price.cost(100, 10), MicroUsd(21));
+        // 1 × 0.15 = 0.15 µUSD, rounded up to 1.
+        assert_eq!(price.cost(1, 0), MicroUsd(1));
+        assert_eq!(price.cost(0, 0), MicroUsd::ZERO);
+    }
+
+    #[test]
+    fn cost_of_huge_counts_does_not_overflow() {
+        let price = Price {
+            prompt_per_million: MicroUsd(u64::MAX),
+            completion_per_million: MicroUsd(u64::MAX),
+        };
+        assert_eq!(price.cost(u32::MAX, u32::MAX), MicroUsd(u64::MAX));
+    }
+}
