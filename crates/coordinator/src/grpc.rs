@@ -120,6 +120,18 @@ impl proto::coordinator_server::Coordinator for AgentService {
                 .fetch_add(1, crate::core::ORDER);
             return Ok(Response::new(refusal(code, reason)));
         }
+        // The owner's stored policy applies from the first moment; a change
+        // made while this loads reaches the scheduler through the change feed.
+        let policy = match self.store.node_policy(&hello.node_id).await {
+            Ok(policy) => policy,
+            Err(error) => {
+                tracing::error!(%error, node_id = %hello.node_id, "load owner policy");
+                return Ok(Response::new(refusal(
+                    proto::RefusalCode::Unspecified,
+                    "coordinator storage error; retry later".into(),
+                )));
+            }
+        };
         let (outbound, receiver) = mpsc::channel(limits::NODE_OUTBOUND_CAPACITY);
         let welcome = proto::CoordinatorMessage {
             kind: Some(CoordinatorKind::Welcome(proto::Welcome {
@@ -133,7 +145,7 @@ impl proto::coordinator_server::Coordinator for AgentService {
         }
         let session = self
             .core
-            .node_connected(&hello.node_id, &hello, outbound, &self.models);
+            .node_connected(&hello.node_id, &hello, outbound, &self.models, policy);
         tracing::info!(node_id = %hello.node_id, models = hello.models.len(), "node connected");
         let store = self.store.clone();
         let name = hello.node_id.clone();

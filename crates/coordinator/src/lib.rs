@@ -10,14 +10,18 @@ pub mod billing;
 pub mod billing_finish;
 pub mod billing_idempotency;
 pub mod billing_meter;
+pub mod changes;
 pub mod core;
 pub mod grpc;
 pub mod limits;
 pub mod metrics;
 pub mod nodes;
+pub mod owner_policy;
 pub mod secrets;
 pub mod served;
 pub mod store;
+pub mod store_contracts;
+pub mod store_owners;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -183,6 +187,15 @@ pub async fn serve(
         grpc: grpc_listener.local_addr().map_err(CoordinatorError::Http)?,
     };
 
+    // Contracts and policies stored before start apply from the first request.
+    let mut changes_cursor = changes::Cursor::default();
+    changes::apply_changes(&store, &core, &mut changes_cursor).await?;
+    tokio::spawn(changes::follow(
+        store.clone(),
+        Arc::clone(&core),
+        changes_cursor,
+        shutdown.clone(),
+    ));
     tokio::spawn(write_request_log(store.clone(), log_receiver));
     tokio::spawn(tick(
         Arc::clone(&core),

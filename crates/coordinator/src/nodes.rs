@@ -43,8 +43,8 @@ impl ConnectedNode {
         }
     }
 
-    /// The scheduler event that registers this node.
-    pub fn registration(&self, node: NodeId, served: &ServedModels) -> Event {
+    /// The scheduler event that registers this node under its owner's policy.
+    pub fn registration(&self, node: NodeId, served: &ServedModels, policy: OwnerPolicy) -> Event {
         let on_disk = || {
             self.models
                 .iter()
@@ -69,7 +69,7 @@ impl ConnectedNode {
                 energy_price_micro_usd_per_kwh: 0,
             },
             state: self.state,
-            policy: OwnerPolicy::default(),
+            policy,
         }
     }
 

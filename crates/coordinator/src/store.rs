@@ -40,6 +40,14 @@ pub enum StoreError {
     NodeExists(String),
     #[error("unknown tenant class {0:?} (expected fleet, reserved or spot)")]
     BadClass(String),
+    #[error("owner {0:?} already exists")]
+    OwnerExists(String),
+    #[error("no owner named {0:?}; create it with 'fleetgrid owners create'")]
+    NoSuchOwner(String),
+    #[error("no node named {0:?}")]
+    NoSuchNode(String),
+    #[error("invalid tenant contract: {0}")]
+    BadContract(String),
 }
 
 /// A tenant's priority class.
@@ -103,7 +111,7 @@ pub struct RequestRecord {
 
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pub(crate) pool: SqlitePool,
 }
 
 impl Store {
@@ -210,21 +218,32 @@ impl Store {
         rows.iter().map(tenant_from_row).collect()
     }
 
-    /// Enrols a node; its credential is returned once.
+    /// Enrols a node owned by `owner` (an existing owner, or "" for none);
+    /// its credential is returned once.
     pub async fn add_node(
         &self,
         name: &str,
         owner: &str,
         now_ms: i64,
     ) -> Result<String, StoreError> {
+        let owner_id = match owner {
+            "" => None,
+            name => Some(
+                self.owner_by_name(name)
+                    .await?
+                    .ok_or_else(|| StoreError::NoSuchOwner(name.to_string()))?
+                    .id,
+            ),
+        };
         let credential = secrets::generate(secrets::NODE_CREDENTIAL_PREFIX);
         let inserted = sqlx::query(
-            "INSERT INTO nodes (name, credential_hash, owner, created_ms) VALUES (?, ?, ?, ?) \
-             ON CONFLICT (name) DO NOTHING",
+            "INSERT INTO nodes (name, credential_hash, owner, owner_id, created_ms) \
+             VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
         )
         .bind(name)
         .bind(secrets::hash(&credential))
         .bind(owner)
+        .bind(owner_id)
         .bind(now_ms)
         .execute(&self.pool)
         .await?;
@@ -349,11 +368,12 @@ mod tests {
             Some(tenant)
         );
 
+        store.ensure_owner("alice", 4).await.expect("owner");
         let credential = store.add_node("car-1", "alice", 4).await.expect("add node");
         let stored = store.node_credential_hash("car-1").await.expect("hash");
         assert_eq!(stored, Some(secrets::hash(&credential)));
         assert!(matches!(
-            store.add_node("car-1", "bob", 5).await,
+            store.add_node("car-1", "alice", 5).await,
             Err(StoreError::NodeExists(_))
         ));
 

@@ -149,9 +149,13 @@ async fn demo_key(database: &Store) -> anyhow::Result<String> {
     }
 }
 
+/// The owner of the demo's simulated vehicles.
+const DEMO_OWNER: &str = "demo-owner";
+
 async fn node_credential(database: &Store, name: &str) -> anyhow::Result<String> {
     let now = coordinator::core::now_ms().0 as i64;
-    match database.add_node(name, "demo-owner", now).await {
+    database.ensure_owner(DEMO_OWNER, now).await?;
+    match database.add_node(name, DEMO_OWNER, now).await {
         Ok(credential) => Ok(credential),
         Err(StoreError::NodeExists(_)) => database
             .rotate_node_credential(name)

@@ -46,6 +46,7 @@ async fn run(
     endpoint: Endpoint,
 ) -> Result<Response, ApiError> {
     let tenant = authenticate(state, headers).await?;
+    let deadline_ms = super::deadline::from_headers(headers)?;
     let permit = Arc::clone(&state.inflight)
         .try_acquire_owned()
         .map_err(|_| {
@@ -88,25 +89,28 @@ async fn run(
         .await?;
     let admitted = state
         .core
-        .submit(NewGeneration {
-            public_id: public_id.clone(),
-            tenant: tenant.clone(),
-            model: Arc::clone(&request.model),
-            prompt,
-            sampling: proto::Sampling {
-                temperature: request.temperature,
-                top_p: request.top_p,
-                top_k: request.top_k,
-                seed,
+        .submit_with_deadline(
+            NewGeneration {
+                public_id: public_id.clone(),
+                tenant: tenant.clone(),
+                model: Arc::clone(&request.model),
+                prompt,
+                sampling: proto::Sampling {
+                    temperature: request.temperature,
+                    top_p: request.top_p,
+                    top_k: request.top_k,
+                    seed,
+                },
+                max_tokens,
+                stop: request.stop.clone(),
+                top_logprobs: if request.logprobs {
+                    request.top_logprobs
+                } else {
+                    0
+                },
             },
-            max_tokens,
-            stop: request.stop.clone(),
-            top_logprobs: if request.logprobs {
-                request.top_logprobs
-            } else {
-                0
-            },
-        })
+            deadline_ms,
+        )
         .map_err(rejection_error)?;
     tracing::info!(request_id = %public_id, tenant_id = tenant.id, model = %request.model.name, "admitted");
     let meta = ResponseMeta::new(public_id, &request, prompt_text);

@@ -3,9 +3,11 @@
 //! `router` builds the whole app so tests can drive it with `oneshot` as
 //! well as over a socket.
 
+pub mod deadline;
 mod error;
 mod generate;
 mod idempotency;
+pub mod owner;
 mod respond;
 mod types;
 mod usage;
@@ -67,6 +69,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/usage", get(usage::usage))
         .route("/v1/invoices/{month}", get(usage::invoice))
+        .merge(owner::routes())
         .fallback(not_found)
         // One byte more than the limit so that an over-limit body is seen
         // as such by our own check and answered with an OpenAI-shaped 400.

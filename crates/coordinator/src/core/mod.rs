@@ -189,6 +189,16 @@ impl Core {
     /// Admits a generation: the scheduler either places it, queues it, or
     /// refuses it (returned as a `Rejection`, nothing kept).
     pub fn submit(&self, generation: NewGeneration) -> Result<Admitted, Rejection> {
+        self.submit_with_deadline(generation, None)
+    }
+
+    /// `submit` for a generation that must start within `deadline_ms`, or
+    /// fail with `DeadlineExpired`.
+    pub fn submit_with_deadline(
+        &self,
+        generation: NewGeneration,
+        deadline_ms: Option<u64>,
+    ) -> Result<Admitted, Rejection> {
         let now = now_ms();
         let mut state = self.lock();
         let request = RequestId(state.next_request);
@@ -227,7 +237,7 @@ impl Core {
             model: generation.model.id,
             prompt_tokens,
             max_tokens: generation.max_tokens,
-            deadline: None,
+            deadline: deadline_ms.map(|ms| now.plus(ms)),
         };
         let rejection = self.handle(&mut state, now, arrived);
         match rejection.into_iter().find(|(id, _)| *id == request) {
@@ -271,6 +281,7 @@ impl Core {
         hello: &proto::Hello,
         outbound: mpsc::Sender<proto::CoordinatorMessage>,
         served: &crate::served::ServedModels,
+        policy: scheduler::OwnerPolicy,
     ) -> NodeSession {
         let now = now_ms();
         let mut state = self.lock();
@@ -287,7 +298,7 @@ impl Core {
         let session = state.next_session;
         state.next_session += 1;
         let connected = ConnectedNode::new(name, session, outbound, hello);
-        let registered = connected.registration(node, served);
+        let registered = connected.registration(node, served, policy);
         state.nodes.insert(node, connected);
         self.metrics.nodes_connected.fetch_add(1, ORDER);
         self.handle(&mut state, now, registered);
@@ -388,4 +399,5 @@ fn tenant_config(class: TenantClass) -> scheduler::TenantConfig {
     }
 }
 
+mod contracts;
 mod dispatch;
