@@ -4,8 +4,15 @@
 mod admin;
 mod bench;
 mod demo;
+mod eval;
+mod eval_client;
+mod eval_data;
+mod eval_records;
+mod eval_report;
+mod eval_stack;
 mod home;
 mod ledger_cmd;
+mod router_cmd;
 mod run;
 
 use std::net::SocketAddr;
@@ -47,6 +54,11 @@ enum Command {
     /// The ledger: verify, balances, owner statements, payouts, invoices.
     #[command(subcommand)]
     Ledger(ledger_cmd::LedgerCommand),
+    /// Answer quality, cost and latency of the edge, the cloud or the router on a data set.
+    Eval(eval::EvalArgs),
+    /// Calibrate the router and inspect its decisions.
+    #[command(subcommand)]
+    Router(router_cmd::RouterCommand),
     /// Benchmarks against reference implementations measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -156,6 +168,8 @@ fn main() -> std::process::ExitCode {
             Command::Nodes(command) => admin::nodes(command).await,
             Command::Billing(command) => ledger_cmd::billing(command).await,
             Command::Ledger(command) => ledger_cmd::ledger(command).await,
+            Command::Eval(args) => eval::run(args).await,
+            Command::Router(command) => router_cmd::run(command).await,
             Command::Bench(command) => bench::run(command).await,
         }
     });

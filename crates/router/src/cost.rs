@@ -58,18 +58,19 @@ pub struct Prices {
 }
 
 impl Default for Prices {
-    /// Edge: $0.02 per million tokens either way (a fleet node's electricity
-    /// and owner share for a 135M model). Cloud: $0.15 per million prompt and
-    /// $0.60 per million completion tokens, a small hosted model's list price.
+    /// The shipped price sheet's figures for a `fleet` tenant: the edge is
+    /// SmolLM2-135M at $0.08 / $0.16 per million prompt / completion tokens;
+    /// the cloud is the upstream gpt-4o-mini at $0.15 / $0.60 plus the
+    /// sheet's 20% cloud margin, $0.18 / $0.72.
     fn default() -> Prices {
         Prices {
             edge: Price {
-                prompt_per_million: MicroUsd(20_000),
-                completion_per_million: MicroUsd(20_000),
+                prompt_per_million: MicroUsd(80_000),
+                completion_per_million: MicroUsd(160_000),
             },
             cloud: Price {
-                prompt_per_million: MicroUsd(150_000),
-                completion_per_million: MicroUsd(600_000),
+                prompt_per_million: MicroUsd(180_000),
+                completion_per_million: MicroUsd(720_000),
             },
         }
     }

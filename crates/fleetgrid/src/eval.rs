@@ -1,0 +1,517 @@
+//! `fleetgrid eval`: answer quality, cost and latency of the edge model, the
+//! cloud model, or the router between them, on a data set with known answers.
+//!
+//! Against a running gateway (`--gateway URL --api-key K`), or a stack of its
+//! own when none is given (a coordinator and one vehicle per model). The edge
+//! and cloud tiers may be different endpoints (`--cloud-gateway`), so a real
+//! provider works as the cloud. `--policy auto` runs the router here, in the
+//! client (`--auto-via client`, the default: pre-route, edge answer with
+//! log-probabilities, judge, escalate), or asks the gateway for model `auto`
+//! (`--auto-via gateway`). `--replay` computes `auto` from recorded answers
+//! without calling any model.
+//!
+//! Every answer a tier gives is appended to the records file (JSONL), which
+//! `fleetgrid router calibrate` and the cost–quality curve read.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use router::{judge_scores, ConfidenceScores, Route, Router, RouterConfig};
+
+use crate::eval_client::{Client, Completion, Endpoint};
+use crate::eval_data::{Dataset, Half, Item};
+use crate::eval_records::{self, Record, Tier};
+use crate::eval_report::{self, ItemResult, Served};
+use crate::eval_stack::EvalStack;
+
+/// The model name that asks the gateway to route.
+const AUTO_MODEL: &str = "auto";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Policy {
+    /// Every item on the edge model.
+    Edge,
+    /// Every item on the cloud model.
+    Cloud,
+    /// The router decides per item.
+    Auto,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Edge => "edge",
+            Policy::Cloud => "cloud",
+            Policy::Auto => "auto",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AutoVia {
+    /// This command runs the router between the two endpoints.
+    Client,
+    /// The gateway routes requests for model `auto`.
+    Gateway,
+}
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// The data set: CommonsenseQA, GSM8K or generic JSONL (see data/eval/README.md).
+    #[arg(long)]
+    dataset: PathBuf,
+    #[arg(long, value_enum)]
+    policy: Policy,
+    /// Which half: calibrate (even items), report (odd items) or all.
+    #[arg(long, value_enum, default_value = "report")]
+    half: Half,
+    /// Only the first N items of the half.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// The gateway's URL (the edge tier); without it the command starts its own stack.
+    #[arg(long)]
+    gateway: Option<String>,
+    /// API key for the gateway.
+    #[arg(long, env = "FLEETGRID_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// The edge model's name at the gateway.
+    #[arg(long, default_value = "smollm2-135m-instruct")]
+    edge_model: String,
+    /// The cloud tier's URL [default: the gateway].
+    #[arg(long)]
+    cloud_gateway: Option<String>,
+    /// API key for the cloud tier [default: --api-key].
+    #[arg(long, env = "FLEETGRID_CLOUD_API_KEY", hide_env_values = true)]
+    cloud_api_key: Option<String>,
+    /// The cloud model's name at the cloud tier.
+    #[arg(long, default_value = "qwen2.5-coder-0.5b-instruct")]
+    cloud_model: String,
+    /// Where `auto` is decided.
+    #[arg(long, value_enum, default_value = "client")]
+    auto_via: AutoVia,
+    /// Router configuration (JSON, from `fleetgrid router calibrate`) [default: built-in].
+    #[arg(long)]
+    router_config: Option<PathBuf>,
+    /// `auto` from the records file, without calling any model.
+    #[arg(long)]
+    replay: bool,
+    /// Folder for the report, the curve and (by default) the records.
+    #[arg(long, default_value = "eval-results")]
+    out: PathBuf,
+    /// The records file [default: OUT/records.jsonl].
+    #[arg(long)]
+    records: Option<PathBuf>,
+    /// Where an own stack keeps its database and logs [default: $FLEETGRID_HOME/eval].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Engine threads per vehicle of an own stack.
+    #[arg(long, default_value_t = 2)]
+    threads_per_vehicle: u32,
+}
+
+/// Both tiers' endpoints, and the router.
+struct Tiers {
+    edge: Endpoint,
+    cloud: Endpoint,
+    router: Router,
+    via: AutoVia,
+}
+
+pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
+    let dataset = Dataset::load(&args.dataset)?;
+    let items = dataset.select(args.half, args.limit);
+    if items.is_empty() {
+        bail!(
+            "the {} of {} holds no items",
+            args.half.describe(),
+            dataset.name
+        );
+    }
+    let config = load_router_config(args.router_config.as_deref())?;
+    let router = Router::new(config.clone()).context("build the router")?;
+    let records_path = args
+        .records
+        .clone()
+        .unwrap_or_else(|| args.out.join("records.jsonl"));
+    eprintln!(
+        "fleetgrid eval: {} items of {}, {}, policy {}",
+        items.len(),
+        dataset.name,
+        args.half.describe(),
+        args.policy.as_str()
+    );
+    let results = if args.replay {
+        if args.policy != Policy::Auto {
+            bail!("--replay computes --policy auto from records; run edge and cloud for real");
+        }
+        replay(&dataset.name, &items, &router, &records_path)?
+    } else {
+        let (tiers, _stack) = connect(&args, router).await?;
+        evaluate(&dataset.name, &items, args.policy, &tiers, &records_path).await?
+    };
+    let records = eval_records::load(&records_path, &dataset.name)?;
+    let subset = args
+        .limit
+        .map(|_| items.iter().map(|item| item.index).collect());
+    eval_report::finish(eval_report::ReportInput {
+        dataset: &dataset.name,
+        half: args.half,
+        policy: args.policy,
+        replayed: args.replay,
+        config: &config,
+        results: &results,
+        records: &records,
+        subset,
+        out: &args.out,
+    })
+}
+
+fn load_router_config(path: Option<&std::path::Path>) -> anyhow::Result<RouterConfig> {
+    let Some(path) = path else {
+        return Ok(RouterConfig::default());
+    };
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    RouterConfig::from_json(&text).with_context(|| format!("load {}", path.display()))
+}
+
+async fn connect(args: &EvalArgs, router: Router) -> anyhow::Result<(Tiers, Option<EvalStack>)> {
+    let (gateway, api_key, stack) = match &args.gateway {
+        Some(gateway) => {
+            let api_key = args
+                .api_key
+                .clone()
+                .context("--gateway needs --api-key (or FLEETGRID_API_KEY)")?;
+            (gateway.clone(), api_key, None)
+        }
+        None => {
+            let mut models = Vec::new();
+            if args.policy != Policy::Cloud {
+                models.push(args.edge_model.clone());
+            }
+            if args.policy != Policy::Edge && !models.contains(&args.cloud_model) {
+                models.push(args.cloud_model.clone());
+            }
+            let data_dir = args
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| crate::home::root().join("eval"));
+            eprintln!("fleetgrid eval: starting a stack serving {models:?}");
+            let stack = EvalStack::start(&models, &data_dir, args.threads_per_vehicle).await?;
+            let gateway = format!("http://{}", stack.http);
+            let key = stack.api_key.clone();
+            (gateway, key, Some(stack))
+        }
+    };
+    let cloud_url = args
+        .cloud_gateway
+        .clone()
+        .unwrap_or_else(|| gateway.clone());
+    let cloud_key = args
+        .cloud_api_key
+        .clone()
+        .unwrap_or_else(|| api_key.clone());
+    let tiers = Tiers {
+        edge: Endpoint::new(&gateway, &api_key, &args.edge_model),
+        cloud: Endpoint::new(&cloud_url, &cloud_key, &args.cloud_model),
+        router,
+        via: args.auto_via,
+    };
+    Ok((tiers, stack))
+}
+
+async fn evaluate(
+    dataset: &str,
+    items: &[Item],
+    policy: Policy,
+    tiers: &Tiers,
+    records_path: &std::path::Path,
+) -> anyhow::Result<Vec<ItemResult>> {
+    let client = Client::new()?;
+    let mut results = Vec::with_capacity(items.len());
+    for (number, item) in items.iter().enumerate() {
+        let (result, records) = match policy {
+            Policy::Edge => run_tier(&client, dataset, item, Tier::Edge, tiers).await,
+            Policy::Cloud => run_tier(&client, dataset, item, Tier::Cloud, tiers).await,
+            Policy::Auto if tiers.via == AutoVia::Gateway => {
+                run_gateway_auto(&client, item, tiers).await
+            }
+            Policy::Auto => run_client_auto(&client, dataset, item, tiers).await,
+        }
+        .with_context(|| format!("item {} ({})", item.index, item.id))?;
+        eval_records::append(records_path, &records)?;
+        eprintln!(
+            "  [{}/{}] item {:>3} {:<11} {} {:>6} ms  {}",
+            number + 1,
+            items.len(),
+            item.index,
+            result.served.as_str(),
+            if result.correct { "✓" } else { "✗" },
+            result.latency_ms,
+            result.reason
+        );
+        results.push(result);
+    }
+    Ok(results)
+}
+
+fn record(dataset: &str, item: &Item, tier: Tier, model: &str, completion: &Completion) -> Record {
+    let graded = item.grader.grade(&completion.text);
+    Record {
+        dataset: dataset.to_string(),
+        item: item.id.clone(),
+        index: item.index,
+        half: Half::of_index(item.index),
+        class: router::PromptFeatures::of(&item.prompt).class,
+        tier,
+        model: model.to_string(),
+        answer: completion.text.clone(),
+        extracted: graded.extracted,
+        correct: graded.correct,
+        prompt_tokens: completion.prompt_tokens,
+        completion_tokens: completion.completion_tokens,
+        latency_ms: completion.latency_ms,
+        confidence: (!completion.tokens.is_empty())
+            .then(|| ConfidenceScores::of(&completion.tokens)),
+    }
+}
+
+async fn call(
+    client: &Client,
+    dataset: &str,
+    item: &Item,
+    tier: Tier,
+    tiers: &Tiers,
+) -> anyhow::Result<Record> {
+    let endpoint = match tier {
+        Tier::Edge => &tiers.edge,
+        Tier::Cloud => &tiers.cloud,
+    };
+    // Log-probabilities from the edge model are the router's input; the
+    // cloud's are not needed, and not every provider returns them.
+    let completion = client
+        .complete(endpoint, &item.prompt, item.max_tokens, tier == Tier::Edge)
+        .await?;
+    Ok(record(dataset, item, tier, &endpoint.model, &completion))
+}
+
+async fn run_tier(
+    client: &Client,
+    dataset: &str,
+    item: &Item,
+    tier: Tier,
+    tiers: &Tiers,
+) -> anyhow::Result<(ItemResult, Vec<Record>)> {
+    let answer = call(client, dataset, item, tier, tiers).await?;
+    let prices = &tiers.router.config().prices;
+    let (price, served) = match tier {
+        Tier::Edge => (prices.edge, Served::Edge),
+        Tier::Cloud => (prices.cloud, Served::Cloud),
+    };
+    let result = ItemResult {
+        index: item.index,
+        served,
+        correct: answer.correct,
+        cost: price.cost(answer.prompt_tokens, answer.completion_tokens),
+        latency_ms: answer.latency_ms,
+        router_us: None,
+        reason: format!("{} tier", tier_name(tier)),
+    };
+    Ok((result, vec![answer]))
+}
+
+fn tier_name(tier: Tier) -> &'static str {
+    match tier {
+        Tier::Edge => "edge",
+        Tier::Cloud => "cloud",
+    }
+}
+
+/// The router in the client: pre-route, then the edge and/or the cloud.
+async fn run_client_auto(
+    client: &Client,
+    dataset: &str,
+    item: &Item,
+    tiers: &Tiers,
+) -> anyhow::Result<(ItemResult, Vec<Record>)> {
+    let router = &tiers.router;
+    let prices = &router.config().prices;
+    let started = Instant::now();
+    let decision = router.pre_route(&item.prompt);
+    let mut router_time = started.elapsed();
+    let mut records = Vec::new();
+    let (served, reason) = match (decision.route, decision.rule) {
+        (Route::Cloud, _) => (Served::Cloud, decision.reason.clone()),
+        (Route::Cascade, Some(rule)) => {
+            let edge = call(client, dataset, item, Tier::Edge, tiers).await?;
+            let judged_at = Instant::now();
+            let scores = edge.confidence.unwrap_or(ConfidenceScores::EMPTY);
+            let judgement = judge_scores(&rule, &scores);
+            router_time += judged_at.elapsed();
+            records.push(edge);
+            if judgement.is_accept() {
+                (Served::Edge, format!("accepted: {}", judgement.reason()))
+            } else {
+                (
+                    Served::Escalated,
+                    format!("escalated: {}", judgement.reason()),
+                )
+            }
+        }
+        _ => (Served::Edge, decision.reason.clone()),
+    };
+    if served == Served::Edge && records.is_empty() {
+        records.push(call(client, dataset, item, Tier::Edge, tiers).await?);
+    }
+    if served != Served::Edge {
+        records.push(call(client, dataset, item, Tier::Cloud, tiers).await?);
+    }
+    let cost = records
+        .iter()
+        .map(|record| {
+            let price = match record.tier {
+                Tier::Edge => prices.edge,
+                Tier::Cloud => prices.cloud,
+            };
+            price.cost(record.prompt_tokens, record.completion_tokens)
+        })
+        .sum();
+    let final_answer = records.last().context("no answer")?;
+    let result = ItemResult {
+        index: item.index,
+        served,
+        correct: final_answer.correct,
+        cost,
+        latency_ms: records.iter().map(|record| record.latency_ms).sum::<u64>()
+            + router_time.as_millis() as u64,
+        router_us: Some(router_time.as_secs_f64() * 1e6),
+        reason,
+    };
+    Ok((result, records))
+}
+
+/// The gateway routes: model `auto`.
+async fn run_gateway_auto(
+    client: &Client,
+    item: &Item,
+    tiers: &Tiers,
+) -> anyhow::Result<(ItemResult, Vec<Record>)> {
+    let endpoint = Endpoint {
+        model: AUTO_MODEL.to_string(),
+        ..tiers.edge.clone()
+    };
+    let completion = client
+        .complete(&endpoint, &item.prompt, item.max_tokens, false)
+        .await?;
+    let prices = &tiers.router.config().prices;
+    let tier = completion.tier.clone().unwrap_or_default();
+    let served = match tier.as_str() {
+        "fleet" => Served::Edge,
+        "cloud" if completion.edge_usage.is_some() => Served::Escalated,
+        "cloud" => Served::Cloud,
+        _ => Served::Handoff,
+    };
+    let (edge_usage, cloud_usage) = match (completion.edge_usage, completion.cloud_usage) {
+        (None, None) if served == Served::Edge => (
+            Some((completion.prompt_tokens, completion.completion_tokens)),
+            None,
+        ),
+        (None, None) => (
+            None,
+            Some((completion.prompt_tokens, completion.completion_tokens)),
+        ),
+        usages => usages,
+    };
+    let cost = edge_usage
+        .map(|(prompt, completion)| prices.edge.cost(prompt, completion))
+        .unwrap_or_default()
+        .saturating_add(
+            cloud_usage
+                .map(|(prompt, completion)| prices.cloud.cost(prompt, completion))
+                .unwrap_or_default(),
+        );
+    let result = ItemResult {
+        index: item.index,
+        served,
+        correct: item.grader.grade(&completion.text).correct,
+        cost,
+        latency_ms: completion.latency_ms,
+        router_us: None,
+        reason: completion.route_reason.unwrap_or(tier),
+    };
+    Ok((result, Vec::new()))
+}
+
+/// `auto` computed from recorded answers: the same decisions as
+/// `run_client_auto` (temperature 0 answers do not change), no model calls.
+fn replay(
+    dataset: &str,
+    items: &[Item],
+    router: &Router,
+    records_path: &std::path::Path,
+) -> anyhow::Result<Vec<ItemResult>> {
+    let records = eval_records::load(records_path, dataset)?;
+    let prices = &router.config().prices;
+    let mut results = Vec::with_capacity(items.len());
+    for item in items {
+        let recorded = records.get(&item.index);
+        let edge = recorded.and_then(|records| records.edge.as_ref());
+        let cloud = recorded.and_then(|records| records.cloud.as_ref());
+        let missing = || {
+            format!(
+                "item {} lacks recorded answers in {}; run --policy edge and --policy cloud on it first",
+                item.index,
+                records_path.display()
+            )
+        };
+        let started = Instant::now();
+        let decision = router.pre_route(&item.prompt);
+        let (served, reason) = match (decision.route, decision.rule) {
+            (Route::Cloud, _) => (Served::Cloud, decision.reason.clone()),
+            (Route::Cascade, Some(rule)) => {
+                let scores = edge
+                    .and_then(|edge| edge.confidence)
+                    .with_context(missing)?;
+                let judgement = judge_scores(&rule, &scores);
+                if judgement.is_accept() {
+                    (Served::Edge, format!("accepted: {}", judgement.reason()))
+                } else {
+                    (
+                        Served::Escalated,
+                        format!("escalated: {}", judgement.reason()),
+                    )
+                }
+            }
+            _ => (Served::Edge, decision.reason.clone()),
+        };
+        let router_time = started.elapsed();
+        let mut used = Vec::new();
+        if served != Served::Cloud {
+            used.push((edge.with_context(missing)?, prices.edge));
+        }
+        if served != Served::Edge {
+            used.push((cloud.with_context(missing)?, prices.cloud));
+        }
+        let final_answer = used
+            .last()
+            .map(|(record, _)| *record)
+            .context("no answer")?;
+        results.push(ItemResult {
+            index: item.index,
+            served,
+            correct: final_answer.correct,
+            cost: used
+                .iter()
+                .map(|(record, price)| price.cost(record.prompt_tokens, record.completion_tokens))
+                .sum(),
+            latency_ms: used
+                .iter()
+                .map(|(record, _)| record.latency_ms)
+                .sum::<u64>()
+                + router_time.as_millis() as u64,
+            router_us: Some(router_time.as_secs_f64() * 1e6),
+            reason,
+        });
+    }
+    Ok(results)
+}

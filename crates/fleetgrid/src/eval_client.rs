@@ -1,0 +1,257 @@
+//! The evaluation's OpenAI-compatible client: one chat completion at
+//! temperature 0, with token log-probabilities when the router needs them.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use router::TokenLogprob;
+use serde_json::json;
+
+/// How long one completion may take before the item counts as failed.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Alternatives asked for per token, for the margin score.
+pub const TOP_LOGPROBS: u32 = 5;
+
+/// Attempts per request when the gateway answers 429 or 503 (overload).
+const OVERLOAD_ATTEMPTS_MAX: u32 = 20;
+
+/// One OpenAI-compatible endpoint and the model to ask for there.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// Ends in `/v1`.
+    pub base_url: String,
+    pub api_key: String,
+    pub model: String,
+}
+
+impl Endpoint {
+    pub fn new(url: &str, api_key: &str, model: &str) -> Endpoint {
+        let trimmed = url.trim_end_matches('/');
+        let base_url = if trimmed.ends_with("/v1") {
+            trimmed.to_string()
+        } else {
+            format!("{trimmed}/v1")
+        };
+        Endpoint {
+            base_url,
+            api_key: api_key.to_string(),
+            model: model.to_string(),
+        }
+    }
+}
+
+/// A finished completion.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub text: String,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub latency_ms: u64,
+    /// Empty unless log-probabilities were asked for and returned.
+    pub tokens: Vec<TokenLogprob>,
+    /// The gateway's `x-fleetgrid-tier` header, when it sent one.
+    pub tier: Option<String>,
+    /// The gateway's route reason (`fleetgrid.reason` / `.detail`), when it sent one.
+    pub route_reason: Option<String>,
+    /// Each tier's (prompt, completion) tokens of a routed answer
+    /// (`fleetgrid.usage`), discarded edge tokens included: work that was done.
+    pub edge_usage: Option<(u32, u32)>,
+    pub cloud_usage: Option<(u32, u32)>,
+}
+
+pub struct Client {
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new() -> anyhow::Result<Client> {
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .context("build the HTTP client")?;
+        Ok(Client { http })
+    }
+
+    /// Asks `endpoint` for a completion of one user message.
+    pub async fn complete(
+        &self,
+        endpoint: &Endpoint,
+        prompt: &str,
+        max_tokens: u32,
+        logprobs: bool,
+    ) -> anyhow::Result<Completion> {
+        let mut body = json!({
+            "model": endpoint.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0,
+            "seed": 0,
+            "max_tokens": max_tokens,
+        });
+        if logprobs {
+            body["logprobs"] = json!(true);
+            body["top_logprobs"] = json!(TOP_LOGPROBS);
+        }
+        let url = format!("{}/chat/completions", endpoint.base_url);
+        let start = Instant::now();
+        let mut attempt = 0;
+        let response = loop {
+            attempt += 1;
+            let response = self
+                .http
+                .post(&url)
+                .bearer_auth(&endpoint.api_key)
+                .json(&body)
+                .send()
+                .await
+                .with_context(|| format!("POST {url}"))?;
+            let status = response.status().as_u16();
+            if (status == 429 || status == 503) && attempt < OVERLOAD_ATTEMPTS_MAX {
+                let wait_s = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|value| value.to_str().ok())
+                    .and_then(|value| value.parse::<u64>().ok())
+                    .unwrap_or(1)
+                    .clamp(1, 10);
+                tokio::time::sleep(Duration::from_secs(wait_s)).await;
+                continue;
+            }
+            break response;
+        };
+        let status = response.status();
+        let tier = response
+            .headers()
+            .get("x-fleetgrid-tier")
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_string);
+        let text = response.text().await.context("read the response body")?;
+        let latency_ms = start.elapsed().as_millis() as u64;
+        if !status.is_success() {
+            bail!(
+                "{url} answered {status}: {}",
+                text.chars().take(500).collect::<String>()
+            );
+        }
+        let value: serde_json::Value =
+            serde_json::from_str(&text).context("the response is not JSON")?;
+        let mut completion = parse_completion(&value)?;
+        completion.latency_ms = latency_ms;
+        completion.tier = tier.or(completion.tier);
+        Ok(completion)
+    }
+}
+
+fn parse_completion(value: &serde_json::Value) -> anyhow::Result<Completion> {
+    let choice = value["choices"]
+        .get(0)
+        .context("the response has no choices")?;
+    let text = choice["message"]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let usage = &value["usage"];
+    let count = |field: &str| usage[field].as_u64().unwrap_or(0).min(u64::from(u32::MAX)) as u32;
+    let tokens = choice["logprobs"]["content"]
+        .as_array()
+        .map(|entries| entries.iter().map(token_of).collect())
+        .unwrap_or_default();
+    let fleetgrid = &value["fleetgrid"];
+    let route_reason =
+        fleetgrid["reason"]
+            .as_str()
+            .map(|code| match fleetgrid["detail"].as_str() {
+                Some(detail) if !detail.is_empty() => format!("{code}: {detail}"),
+                _ => code.to_string(),
+            });
+    let part_usage = |part: &serde_json::Value| -> Option<(u32, u32)> {
+        let tokens =
+            |field: &str| part[field].as_u64().unwrap_or(0).min(u64::from(u32::MAX)) as u32;
+        part.is_object().then(|| {
+            (
+                tokens("prompt_tokens"),
+                tokens("completion_tokens").saturating_add(tokens("discarded_tokens")),
+            )
+        })
+    };
+    Ok(Completion {
+        edge_usage: part_usage(&fleetgrid["usage"]["edge"]),
+        cloud_usage: part_usage(&fleetgrid["usage"]["cloud"]),
+        text,
+        prompt_tokens: count("prompt_tokens"),
+        completion_tokens: count("completion_tokens"),
+        latency_ms: 0,
+        tokens,
+        tier: fleetgrid["tier"].as_str().map(str::to_string),
+        route_reason,
+    })
+}
+
+fn token_of(entry: &serde_json::Value) -> TokenLogprob {
+    let token = entry["token"].as_str().unwrap_or_default();
+    // A missing log-probability counts as the least likely token.
+    let logprob = entry["logprob"]
+        .as_f64()
+        .unwrap_or(f64::from(router::confidence::LOGPROB_FLOOR)) as f32;
+    let top: Vec<(&str, f32)> = entry["top_logprobs"]
+        .as_array()
+        .map(|alternatives| {
+            alternatives
+                .iter()
+                .filter_map(|alternative| {
+                    Some((
+                        alternative["token"].as_str()?,
+                        alternative["logprob"].as_f64()? as f32,
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    TokenLogprob::from_top(token, logprob, top)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_take_urls_with_or_without_v1() {
+        assert_eq!(
+            Endpoint::new("http://h:1", "k", "m").base_url,
+            "http://h:1/v1"
+        );
+        assert_eq!(
+            Endpoint::new("http://h:1/v1/", "k", "m").base_url,
+            "http://h:1/v1"
+        );
+    }
+
+    #[test]
+    fn completions_parse_with_logprobs_usage_and_route() {
+        let body = json!({
+            "choices": [{"message": {"content": "B"}, "logprobs": {"content": [
+                {"token": "B", "logprob": -0.2, "top_logprobs": [
+                    {"token": "B", "logprob": -0.2}, {"token": "C", "logprob": -1.9}]}
+            ]}}],
+            "usage": {"prompt_tokens": 40, "completion_tokens": 1},
+            "fleetgrid": {"tier": "fleet", "reason": "cascade_accepted", "detail": "mean_logprob ok",
+                "usage": {"edge": {"prompt_tokens": 40, "completion_tokens": 1, "discarded_tokens": 2}, "cloud": null}}
+        });
+        let completion = parse_completion(&body).expect("parse");
+        assert_eq!(completion.text, "B");
+        assert_eq!(
+            (completion.prompt_tokens, completion.completion_tokens),
+            (40, 1)
+        );
+        assert_eq!(completion.tokens.len(), 1);
+        assert_eq!(completion.tokens[0].best_alternative, Some(-1.9));
+        assert_eq!(completion.tier.as_deref(), Some("fleet"));
+        assert_eq!(
+            completion.route_reason.as_deref(),
+            Some("cascade_accepted: mean_logprob ok")
+        );
+        assert_eq!(completion.edge_usage, Some((40, 3)));
+        assert_eq!(completion.cloud_usage, None);
+        assert!(parse_completion(&json!({"choices": []})).is_err());
+    }
+}
