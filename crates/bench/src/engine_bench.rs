@@ -15,12 +15,25 @@ use crate::BenchError;
 pub const PREFILL_TOKENS: u32 = 512;
 /// Generated tokens of the decode test (llama-bench's `tg128`).
 pub const DECODE_TOKENS: u32 = 128;
-/// Measured repetitions on each side (llama-bench `-r`); both also run one untimed warm-up.
-pub const ENGINE_BENCH_REPETITIONS: u32 = 3;
+/// Rounds of the comparison. Each round runs llama-bench once and our engine once, one right
+/// after the other, so that both sides see the same machine; the report takes the median over
+/// rounds. A small shared machine drifts by more than the difference being measured, so a single
+/// run of each side, minutes apart, decides nothing.
+pub const ENGINE_BENCH_ROUNDS: u32 = 5;
 /// Our decode speed must reach this fraction of llama-bench's.
 pub const DECODE_TARGET_RATIO: f64 = 0.95;
 /// Our prefill speed must reach this fraction of llama-bench's.
 pub const PREFILL_TARGET_RATIO: f64 = 0.90;
+
+/// One round: (prefill, decode) tokens/s of each side.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EngineRound {
+    pub ours: (f64, f64),
+    /// llama-bench with flash attention set as our engine runs it (off).
+    pub reference: (f64, f64),
+    /// llama-bench with flash attention on, for information.
+    pub reference_flash_attention: (f64, f64),
+}
 
 /// The outcome of [`engine()`].
 #[derive(Clone, Debug)]
@@ -33,10 +46,14 @@ pub struct EngineBenchReport {
     pub reference_version: String,
     /// The CPU flags both llama.cpp builds were configured with.
     pub cpu_flags: String,
+    /// Medians over the rounds, flash attention off on both sides (our engine's setting).
     pub prefill: Comparison,
     pub decode: Comparison,
-    /// Our (prefill, decode) tokens/s of each measured repetition.
-    pub ours_runs: Vec<(f64, f64)>,
+    /// Medians against llama-bench with flash attention on (not a target: our engine keeps it
+    /// off so that a moved generation resumes bit-exactly).
+    pub prefill_vs_flash_attention: Comparison,
+    pub decode_vs_flash_attention: Comparison,
+    pub rounds: Vec<EngineRound>,
 }
 
 impl std::fmt::Display for EngineBenchReport {
@@ -50,14 +67,64 @@ impl std::fmt::Display for EngineBenchReport {
             self.reference_version
         )?;
         writeln!(formatter, "cpu flags: {}", self.cpu_flags)?;
+        writeln!(
+            formatter,
+            "rounds:    {} (each: llama-bench, then ours; medians below)",
+            self.rounds.len()
+        )?;
         writeln!(formatter)?;
+        writeln!(formatter, "flash attention off on both sides (the target):")?;
         let rows = [self.prefill.clone(), self.decode.clone()];
-        formatter.write_str(&comparison_table("llama-bench", &rows))
+        formatter.write_str(&comparison_table("llama-bench", &rows))?;
+        writeln!(formatter)?;
+        writeln!(
+            formatter,
+            "against llama-bench with flash attention on (information only):"
+        )?;
+        let rows = [
+            self.prefill_vs_flash_attention.clone(),
+            self.decode_vs_flash_attention.clone(),
+        ];
+        formatter.write_str(&comparison_table("llama-bench -fa 1", &rows))?;
+        writeln!(formatter)?;
+        writeln!(
+            formatter,
+            "round  ours pp  ours tg  ref pp  ref tg  ref-fa pp  ref-fa tg"
+        )?;
+        for (index, round) in self.rounds.iter().enumerate() {
+            writeln!(
+                formatter,
+                "{:>5}  {:>7.1}  {:>7.1}  {:>6.1}  {:>6.1}  {:>9.1}  {:>9.1}",
+                index + 1,
+                round.ours.0,
+                round.ours.1,
+                round.reference.0,
+                round.reference.1,
+                round.reference_flash_attention.0,
+                round.reference_flash_attention.1
+            )?;
+        }
+        Ok(())
     }
 }
 
-/// Measures prefill (512 tokens) and decode (128 tokens) with `llama-bench` and with our engine,
-/// each [`ENGINE_BENCH_REPETITIONS`] times, and compares the means.
+/// Median of a non-empty list (mean of the middle two for an even count); 0 when empty.
+pub(crate) fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.into_iter().collect();
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[middle]
+    } else {
+        (values[middle - 1] + values[middle]) / 2.0
+    }
+}
+
+/// Measures prefill (512 tokens) and decode (128 tokens) in [`ENGINE_BENCH_ROUNDS`] interleaved
+/// rounds of llama-bench and our engine, and compares the medians.
 pub fn engine(
     model_path: &Path,
     threads: u32,
@@ -68,77 +135,117 @@ pub fn engine(
             "threads must be at least 1".to_owned(),
         ));
     }
-    let reference = run_llama_bench(model_path, threads, refs)?;
-    let (engine_version, ours_runs) = run_our_engine(model_path, threads)?;
-    let mean = |select: fn(&(f64, f64)) -> f64| {
-        ours_runs.iter().map(select).sum::<f64>() / ours_runs.len().max(1) as f64
+    let model = model_path.to_owned();
+    let thread_refs = refs.clone();
+    // The engine's blocking calls run on a thread of their own, so that this may be called from
+    // inside an async runtime too.
+    let (engine_version, rounds) =
+        std::thread::spawn(move || measure_rounds(&model, threads, &thread_refs))
+            .join()
+            .map_err(|_| BenchError::Panicked("engine benchmark thread"))??;
+    let comparison = |metric: String,
+                      ours: fn(&EngineRound) -> f64,
+                      reference: fn(&EngineRound) -> f64,
+                      target_ratio: f64| Comparison {
+        metric,
+        ours: median(rounds.iter().map(ours)),
+        reference: median(rounds.iter().map(reference)),
+        target_ratio,
     };
+    let prefill_metric = format!("prefill pp{PREFILL_TOKENS} (tokens/s)");
+    let decode_metric = format!("decode tg{DECODE_TOKENS} (tokens/s)");
     Ok(EngineBenchReport {
         model_path: model_path.to_owned(),
         threads,
         engine_version: format!("{engine_version} [{ENGINE_LLAMA_CPP_DESCRIPTION}]"),
         reference_version: refs.llama_cpp_version.clone(),
         cpu_flags: refs.cpu_flags.to_string(),
-        prefill: Comparison {
-            metric: format!("prefill pp{PREFILL_TOKENS} (tokens/s)"),
-            ours: mean(|run| run.0),
-            reference: reference.prefill_tokens_per_second,
-            target_ratio: PREFILL_TARGET_RATIO,
-        },
-        decode: Comparison {
-            metric: format!("decode tg{DECODE_TOKENS} (tokens/s)"),
-            ours: mean(|run| run.1),
-            reference: reference.decode_tokens_per_second,
-            target_ratio: DECODE_TARGET_RATIO,
-        },
-        ours_runs,
+        prefill: comparison(
+            prefill_metric.clone(),
+            |round| round.ours.0,
+            |round| round.reference.0,
+            PREFILL_TARGET_RATIO,
+        ),
+        decode: comparison(
+            decode_metric.clone(),
+            |round| round.ours.1,
+            |round| round.reference.1,
+            DECODE_TARGET_RATIO,
+        ),
+        prefill_vs_flash_attention: comparison(
+            prefill_metric,
+            |round| round.ours.0,
+            |round| round.reference_flash_attention.0,
+            PREFILL_TARGET_RATIO,
+        ),
+        decode_vs_flash_attention: comparison(
+            decode_metric,
+            |round| round.ours.1,
+            |round| round.reference_flash_attention.1,
+            DECODE_TARGET_RATIO,
+        ),
+        rounds,
     })
 }
 
-/// Starts our engine with one sequence, as llama-bench runs one, and measures it. The engine's
-/// blocking calls run on a thread of their own, so that this may be called from inside an async
-/// runtime too.
-fn run_our_engine(
+/// Starts our engine with one sequence, as llama-bench runs one, and alternates: llama-bench,
+/// then one measured run of ours, [`ENGINE_BENCH_ROUNDS`] times.
+fn measure_rounds(
     model_path: &Path,
     threads: u32,
-) -> Result<(String, Vec<(f64, f64)>), BenchError> {
-    let model_path = model_path.to_owned();
-    std::thread::spawn(move || measure_our_engine(&model_path, threads))
-        .join()
-        .map_err(|_| BenchError::Panicked("engine benchmark thread"))?
-}
-
-fn measure_our_engine(
-    model_path: &Path,
-    threads: u32,
-) -> Result<(String, Vec<(f64, f64)>), BenchError> {
+    refs: &ReferenceBinaries,
+) -> Result<(String, Vec<EngineRound>), BenchError> {
     let config = EngineConfig {
         threads,
         parallel_sequences: 1,
         ..EngineConfig::new(model_path)
     };
+    let flash_attention = config.flash_attention;
     let engine = Engine::start(config)?;
     // Untimed warm-up, as llama-bench does: it faults in the mapped weights and sizes buffers.
     engine.bench_prefill_decode(PREFILL_TOKENS, DECODE_TOKENS)?;
-    let mut runs = Vec::new();
-    for _ in 0..ENGINE_BENCH_REPETITIONS {
-        runs.push(engine.bench_prefill_decode(PREFILL_TOKENS, DECODE_TOKENS)?);
+    let mut rounds = Vec::new();
+    for _ in 0..ENGINE_BENCH_ROUNDS {
+        let reference = run_llama_bench(model_path, threads, refs)?;
+        let ours = engine.bench_prefill_decode(PREFILL_TOKENS, DECODE_TOKENS)?;
+        let pick = |on: bool| {
+            reference
+                .iter()
+                .find(|result| result.flash_attention == on)
+                .map(|result| {
+                    (
+                        result.prefill_tokens_per_second,
+                        result.decode_tokens_per_second,
+                    )
+                })
+                .ok_or(BenchError::Parse {
+                    what: "llama-bench json",
+                    reason: format!("no results with flash attention {on}"),
+                })
+        };
+        rounds.push(EngineRound {
+            ours,
+            reference: pick(flash_attention)?,
+            reference_flash_attention: pick(true)?,
+        });
     }
-    Ok((engine.info().engine_version.clone(), runs))
+    Ok((engine.info().engine_version.clone(), rounds))
 }
 
-/// The reference's mean speeds, from llama-bench's JSON output.
+/// The reference's speeds for one flash-attention setting, from llama-bench's JSON output.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct LlamaBenchResult {
+    flash_attention: bool,
     prefill_tokens_per_second: f64,
     decode_tokens_per_second: f64,
 }
 
+/// One llama-bench run: one repetition of each test, flash attention off and on.
 fn run_llama_bench(
     model_path: &Path,
     threads: u32,
     refs: &ReferenceBinaries,
-) -> Result<LlamaBenchResult, BenchError> {
+) -> Result<Vec<LlamaBenchResult>, BenchError> {
     let log_path = refs
         .llama_bench
         .parent()
@@ -151,15 +258,16 @@ fn run_llama_bench(
         .args(["-t", &threads.to_string()])
         .args(["-p", &PREFILL_TOKENS.to_string()])
         .args(["-n", &DECODE_TOKENS.to_string()])
-        .args(["-r", &ENGINE_BENCH_REPETITIONS.to_string()])
+        .args(["-fa", "0,1"])
+        .args(["-r", "1"])
         .args(["-o", "json"]);
     let stdout = run_logged(&mut command, "llama-bench", &log_path)?;
     parse_llama_bench_json(&stdout)
 }
 
 /// Picks `avg_ts` of the pp512 test (`n_prompt` 512, `n_gen` 0) and the tg128 test (`n_prompt` 0,
-/// `n_gen` 128) out of llama-bench's `-o json` array.
-fn parse_llama_bench_json(text: &str) -> Result<LlamaBenchResult, BenchError> {
+/// `n_gen` 128) for each flash-attention setting out of llama-bench's `-o json` array.
+fn parse_llama_bench_json(text: &str) -> Result<Vec<LlamaBenchResult>, BenchError> {
     let parse_error = |reason: String| BenchError::Parse {
         what: "llama-bench json",
         reason,
@@ -169,20 +277,41 @@ fn parse_llama_bench_json(text: &str) -> Result<LlamaBenchResult, BenchError> {
     let tests = value
         .as_array()
         .ok_or_else(|| parse_error("expected an array of tests".to_owned()))?;
-    let find = |n_prompt: u32, n_gen: u32| {
+    // Older builds write `flash_attn` as a boolean, newer ones as a number or "on"/"off".
+    let flash_attention = |test: &serde_json::Value| match &test["flash_attn"] {
+        serde_json::Value::Bool(on) => *on,
+        serde_json::Value::Number(number) => number.as_i64() == Some(1),
+        serde_json::Value::String(text) => text == "on" || text == "1" || text == "true",
+        _ => false,
+    };
+    let mut settings: Vec<bool> = tests.iter().map(flash_attention).collect();
+    settings.sort_unstable();
+    settings.dedup();
+    let find = |on: bool, n_prompt: u32, n_gen: u32| {
         tests
             .iter()
             .find(|test| {
-                test["n_prompt"].as_u64() == Some(u64::from(n_prompt))
+                flash_attention(test) == on
+                    && test["n_prompt"].as_u64() == Some(u64::from(n_prompt))
                     && test["n_gen"].as_u64() == Some(u64::from(n_gen))
             })
             .and_then(|test| test["avg_ts"].as_f64())
-            .ok_or_else(|| parse_error(format!("no avg_ts for n_prompt {n_prompt} n_gen {n_gen}")))
+            .ok_or_else(|| {
+                parse_error(format!(
+                    "no avg_ts for n_prompt {n_prompt} n_gen {n_gen} flash attention {on}"
+                ))
+            })
     };
-    Ok(LlamaBenchResult {
-        prefill_tokens_per_second: find(PREFILL_TOKENS, 0)?,
-        decode_tokens_per_second: find(0, DECODE_TOKENS)?,
-    })
+    settings
+        .into_iter()
+        .map(|on| {
+            Ok(LlamaBenchResult {
+                flash_attention: on,
+                prefill_tokens_per_second: find(on, PREFILL_TOKENS, 0)?,
+                decode_tokens_per_second: find(on, 0, DECODE_TOKENS)?,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -199,9 +328,39 @@ mod tests {
           {"build_commit": "0c1e570", "n_prompt": 0, "n_gen": 128, "n_threads": 2,
            "avg_ts": 98.25, "stddev_ts": 1.0, "samples_ts": [98.0, 98.5]}
         ]"#;
-        let result = parse_llama_bench_json(text).expect("parse");
-        assert_eq!(result.prefill_tokens_per_second, 1234.5);
-        assert_eq!(result.decode_tokens_per_second, 98.25);
+        let results = parse_llama_bench_json(text).expect("parse");
+        assert_eq!(results.len(), 1);
+        assert!(!results[0].flash_attention);
+        assert_eq!(results[0].prefill_tokens_per_second, 1234.5);
+        assert_eq!(results[0].decode_tokens_per_second, 98.25);
+    }
+
+    #[test]
+    fn llama_bench_json_is_split_by_flash_attention() {
+        let text = r#"[
+          {"n_prompt": 512, "n_gen": 0, "flash_attn": false, "avg_ts": 300.0},
+          {"n_prompt": 0, "n_gen": 128, "flash_attn": false, "avg_ts": 90.0},
+          {"n_prompt": 512, "n_gen": 0, "flash_attn": true, "avg_ts": 330.0},
+          {"n_prompt": 0, "n_gen": 128, "flash_attn": true, "avg_ts": 99.0}
+        ]"#;
+        let results = parse_llama_bench_json(text).expect("parse");
+        let off = results.iter().find(|r| !r.flash_attention).expect("off");
+        let on = results.iter().find(|r| r.flash_attention).expect("on");
+        assert_eq!(
+            (off.prefill_tokens_per_second, off.decode_tokens_per_second),
+            (300.0, 90.0)
+        );
+        assert_eq!(
+            (on.prefill_tokens_per_second, on.decode_tokens_per_second),
+            (330.0, 99.0)
+        );
+    }
+
+    #[test]
+    fn median_is_robust_to_one_outlier() {
+        assert_eq!(median([100.0, 101.0, 30.0, 99.0, 102.0]), 100.0);
+        assert_eq!(median([1.0, 3.0]), 2.0);
+        assert_eq!(median(Vec::<f64>::new()), 0.0);
     }
 
     #[test]

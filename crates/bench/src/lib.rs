@@ -20,7 +20,7 @@ pub mod reference;
 mod report;
 mod serving;
 
-pub use engine_bench::{engine, EngineBenchReport, ENGINE_BENCH_REPETITIONS};
+pub use engine_bench::{engine, EngineBenchReport, EngineRound, ENGINE_BENCH_ROUNDS};
 pub use error::BenchError;
 pub use loadgen::{LoadResult, LoadSpec};
 pub use reference::{ensure_built, ReferenceBinaries};

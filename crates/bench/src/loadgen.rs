@@ -35,7 +35,7 @@ pub struct LoadSpec {
 }
 
 /// The outcome of one load run.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct LoadResult {
     pub requests: u32,
     pub completion_tokens: u64,
@@ -151,7 +151,7 @@ async fn one_request(
     let response = request
         .send()
         .await
-        .map_err(|e| request_error(spec, &e.to_string()))?;
+        .map_err(|e| request_error(spec, &error_chain(&e)))?;
     let status = response.status();
     if !status.is_success() {
         let body = response.text().await.unwrap_or_default();
@@ -162,7 +162,7 @@ async fn one_request(
     let mut pending = Vec::new();
     let mut body = response.bytes_stream();
     while let Some(bytes) = body.next().await {
-        let bytes = bytes.map_err(|e| request_error(spec, &e.to_string()))?;
+        let bytes = bytes.map_err(|e| request_error(spec, &error_chain(&e)))?;
         pending.extend_from_slice(&bytes);
         while let Some(newline) = pending.iter().position(|&byte| byte == b'\n') {
             let line: Vec<u8> = pending.drain(..=newline).collect();
@@ -207,6 +207,19 @@ fn apply_sse_line(line: &str, count: &mut StreamCount, elapsed: Duration) -> Res
         count.usage_completion_tokens = Some(tokens);
     }
     Ok(false)
+}
+
+/// An error with every cause it carries: reqwest's own message alone ("error sending request")
+/// does not say what went wrong.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn request_error(spec: &LoadSpec, reason: &str) -> BenchError {

@@ -1,8 +1,11 @@
 //! The serving benchmark: one node's aggregate completion tokens/s at several concurrent streams,
 //! through our whole gateway → agent path and through `llama-server` with the same slot count.
 //!
-//! The two targets run one after the other, never together: on a small machine they would share
-//! the same cores and measure each other.
+//! Both targets are started first and stay up; the load then alternates between them, one
+//! concurrency level at a time, for [`SERVING_ROUNDS`] rounds, and each level reports the median
+//! round. Load never reaches both at once: on a small machine they would share the same cores and
+//! measure each other. An idle server costs nothing, and alternating means a drift of the machine
+//! (another process, thermal state) hits both sides alike.
 
 mod stack;
 
@@ -29,6 +32,8 @@ pub const CONTEXT_TOKENS_PER_SLOT: u32 = 2048;
 /// At the highest concurrency our stack must deliver at least this fraction of llama-server's
 /// aggregate tokens/s.
 pub const SERVING_TARGET_RATIO: f64 = 1.0;
+/// Rounds of alternating measurements; each level reports its median round.
+pub const SERVING_ROUNDS: u32 = 3;
 /// Completion tokens of the untimed warm-up request sent before each target is measured.
 const WARM_UP_MAX_TOKENS: u32 = 8;
 
@@ -143,66 +148,99 @@ async fn serving_on_runtime(
 ) -> Result<ServingBenchReport, BenchError> {
     std::fs::create_dir_all(&config.work_dir)
         .map_err(|e| BenchError::io("create", &config.work_dir, e))?;
-    let (reference_results, reference_ignore_eos) = {
-        let target = stack::start_llama_server(refs, config).await?;
-        measure_levels(&target.spec, config).await?
-    };
+    let reference = stack::start_llama_server(refs, config).await?;
+    let reference_spec = warmed_up(&reference.spec).await?;
+    // Our stack failing must not cost the reference figures: it is then measured alone.
     let ours = match stack::start_fleetgrid(fleetgrid_binary, config).await {
-        Ok(target) => measure_levels(&target.spec, config).await,
+        Ok(target) => match warmed_up(&target.spec).await {
+            Ok(spec) => Ok((target, spec)),
+            Err(error) => Err(error),
+        },
         Err(error) => Err(error),
     };
-    let (ours_results, ours_ignore_eos, ours_error) = match ours {
-        Ok((results, ignore_eos)) => (results.into_iter().map(Some).collect(), ignore_eos, None),
-        Err(error) => (
-            vec![None; reference_results.len()],
-            false,
-            Some(error.to_string()),
-        ),
+    let (ours_spec, mut ours_error) = match &ours {
+        Ok((_, spec)) => (Some(spec.clone()), None),
+        Err(error) => (None, Some(error.to_string())),
     };
-    let rows = config
-        .concurrency_levels
+
+    let levels = &config.concurrency_levels;
+    let mut reference_rounds: Vec<Vec<LoadResult>> = vec![Vec::new(); levels.len()];
+    let mut ours_rounds: Vec<Vec<LoadResult>> = vec![Vec::new(); levels.len()];
+    for _ in 0..SERVING_ROUNDS {
+        for (index, &concurrency) in levels.iter().enumerate() {
+            reference_rounds[index]
+                .push(run_load(&level(&reference_spec, concurrency, config)).await?);
+            if ours_error.is_some() {
+                continue;
+            }
+            if let Some(spec) = &ours_spec {
+                match run_load(&level(spec, concurrency, config)).await {
+                    Ok(result) => ours_rounds[index].push(result),
+                    Err(error) => ours_error = Some(error.to_string()),
+                }
+            }
+        }
+    }
+    drop(ours);
+    drop(reference);
+
+    let rows = levels
         .iter()
-        .zip(reference_results)
-        .zip(ours_results)
+        .zip(reference_rounds)
+        .zip(ours_rounds)
         .map(|((&concurrency, reference), ours)| ServingRow {
             concurrency,
-            reference,
-            ours,
+            reference: median_round(reference).unwrap_or_default(),
+            ours: if ours_error.is_some() {
+                None
+            } else {
+                median_round(ours)
+            },
         })
         .collect();
     Ok(ServingBenchReport {
         config: config.clone(),
         reference_version: refs.llama_cpp_version.clone(),
-        reference_ignore_eos,
-        ours_ignore_eos,
+        reference_ignore_eos: reference_spec.ignore_eos,
+        ours_ignore_eos: ours_spec.is_some_and(|spec| spec.ignore_eos),
         rows,
         ours_error,
     })
 }
 
-/// Warms `spec`'s target up and runs every concurrency level. Returns whether the target took
-/// `ignore_eos`: a server that refuses the field is measured without it.
-async fn measure_levels(
-    spec: &LoadSpec,
-    config: &ServingConfig,
-) -> Result<(Vec<LoadResult>, bool), BenchError> {
+/// The load of one concurrency level: `requests_per_stream` requests per stream.
+fn level(spec: &LoadSpec, concurrency: u32, config: &ServingConfig) -> LoadSpec {
+    LoadSpec {
+        concurrency,
+        requests: concurrency.saturating_mul(config.requests_per_stream),
+        max_tokens: config.max_tokens,
+        ..spec.clone()
+    }
+}
+
+/// The round with the median aggregate tokens/s (the lower middle one for an even count).
+pub(crate) fn median_round(mut rounds: Vec<LoadResult>) -> Option<LoadResult> {
+    if rounds.is_empty() {
+        return None;
+    }
+    rounds.sort_by(|a, b| {
+        a.aggregate_tokens_per_second()
+            .total_cmp(&b.aggregate_tokens_per_second())
+    });
+    let middle = (rounds.len() - 1) / 2;
+    Some(rounds.swap_remove(middle))
+}
+
+/// Warms `spec`'s target up and returns the spec to measure it with: with `ignore_eos` if the
+/// target takes the field, without it if it refuses it.
+async fn warmed_up(spec: &LoadSpec) -> Result<LoadSpec, BenchError> {
     let mut spec = spec.clone();
     spec.ignore_eos = true;
     if warm_up(&spec).await.is_err() {
         spec.ignore_eos = false;
         warm_up(&spec).await?;
     }
-    let mut results = Vec::new();
-    for &concurrency in &config.concurrency_levels {
-        let level = LoadSpec {
-            concurrency,
-            requests: concurrency.saturating_mul(config.requests_per_stream),
-            max_tokens: config.max_tokens,
-            ..spec.clone()
-        };
-        results.push(run_load(&level).await?);
-    }
-    Ok((results, spec.ignore_eos))
+    Ok(spec)
 }
 
 async fn warm_up(spec: &LoadSpec) -> Result<LoadResult, BenchError> {

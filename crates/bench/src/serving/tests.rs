@@ -72,3 +72,12 @@ fn nonsense_settings_are_refused_before_anything_starts() {
     assert!(validate(&config).is_err());
     assert!(validate(&ServingConfig::new("model.gguf", 2, "work")).is_ok());
 }
+
+#[test]
+fn each_level_reports_its_median_round() {
+    // Three rounds at 100, 20 (a disturbed round) and 90 tokens/s: the median is 90, not the mean.
+    let rounds = vec![load(1000, 10), load(200, 10), load(900, 10)];
+    let median = median_round(rounds).expect("a round");
+    assert_eq!(median.completion_tokens, 900);
+    assert_eq!(median_round(Vec::new()), None);
+}
