@@ -1,10 +1,11 @@
-//! The operator's tools: `models`, `tenants`, `nodes`.
+//! The operator's tools: `models`, `tenants` (with their contracts), `nodes`.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use coordinator::store::{Store, TenantClass};
+use coordinator::store_contracts::{ContractChange, TenantContract};
 
 use crate::home;
 
@@ -177,20 +178,39 @@ pub enum TenantsCommand {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Set a tenant's contract; options left out keep their value.
+    Set {
+        #[arg(long)]
+        name: String,
+        /// Weight in the fair share among tenants of the same class.
+        #[arg(long)]
+        weight: Option<u32>,
+        /// Requests in flight (running or waiting) at most; beyond it, 429.
+        #[arg(long)]
+        max_concurrency: Option<u32>,
+        /// Prompt plus max_tokens admitted per minute; beyond it, 429.
+        #[arg(long)]
+        tpm: Option<u32>,
+        /// Reserved tenants only: guaranteed share of the fleet's slots, percent.
+        #[arg(long)]
+        min_share: Option<f64>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     List {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
 }
 
-async fn open_store(data_dir: Option<PathBuf>) -> anyhow::Result<Store> {
+pub(crate) async fn open_store(data_dir: Option<PathBuf>) -> anyhow::Result<Store> {
     let dir = home::coordinator_dir(data_dir);
     Store::open(&dir)
         .await
         .with_context(|| format!("open the coordinator database in {}", dir.display()))
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     coordinator::core::now_ms().0 as i64
 }
 
@@ -216,20 +236,71 @@ pub async fn tenants(command: TenantsCommand) -> anyhow::Result<()> {
             let key = store.create_api_key(&name, now_ms()).await?;
             println!("{key}");
         }
+        TenantsCommand::Set {
+            name,
+            weight,
+            max_concurrency,
+            tpm,
+            min_share,
+            data_dir,
+        } => {
+            let min_share_permille = min_share
+                .map(|percent| {
+                    if (0.0..=100.0).contains(&percent) {
+                        Ok((percent * 10.0).round() as u16)
+                    } else {
+                        Err(anyhow::anyhow!(
+                            "--min-share {percent} is not a percentage between 0 and 100"
+                        ))
+                    }
+                })
+                .transpose()?;
+            let update = TenantContract {
+                weight,
+                max_concurrency,
+                tokens_per_minute: tpm,
+                min_share_permille,
+            };
+            if update == TenantContract::default() {
+                bail!("nothing to change; see 'fleetgrid tenants set --help'");
+            }
+            let store = open_store(data_dir).await?;
+            let change = store.set_tenant_contract(&name, &update).await?;
+            eprintln!("contract of {name} changed:");
+            print_contract(&change);
+        }
         TenantsCommand::List { data_dir } => {
             let store = open_store(data_dir).await?;
-            println!("{:<6} {:<24} class", "id", "name");
+            println!(
+                "{:<6} {:<24} {:<9} {:>6} {:>15} {:>10} {:>9}",
+                "id", "name", "class", "weight", "max_concurrency", "tpm", "min_share"
+            );
             for tenant in store.list_tenants().await? {
-                println!(
-                    "{:<6} {:<24} {}",
-                    tenant.id,
-                    tenant.name,
-                    tenant.class.as_str()
-                );
+                if let Some(change) = store.tenant_contract(&tenant.name).await? {
+                    print_contract(&change);
+                }
             }
         }
     }
     Ok(())
+}
+
+/// One line of `tenants list`: the contract as the scheduler will apply it.
+fn print_contract(change: &ContractChange) {
+    let config = change.contract.config(change.tenant.class);
+    let tpm = config
+        .tokens_per_minute
+        .map_or_else(|| "-".to_string(), |tpm| tpm.to_string());
+    println!(
+        "{:<6} {:<24} {:<9} {:>6} {:>15} {:>10} {:>8.1}%",
+        change.tenant.id,
+        change.tenant.name,
+        change.tenant.class.as_str(),
+        config.weight,
+        config.max_concurrency,
+        tpm,
+        f64::from(config.reserved_min_share_permille) / 10.0
+    );
 }
 
 #[derive(Subcommand)]
@@ -237,6 +308,7 @@ pub enum NodesCommand {
     /// Enrol a node; prints its credential (shown once) on the last line.
     Add {
         name: String,
+        /// The vehicle's owner (see 'fleetgrid owners create'); none if left out.
         #[arg(long, default_value = "")]
         owner: String,
         #[arg(long)]

@@ -34,6 +34,9 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Node loss to the next token at the client, with a long context: p50/p95
+    /// over repeated SIGKILLs, against a fresh request's time to first token.
+    Handover(crate::bench_handover::HandoverArgs),
 }
 
 fn threads_or_all(threads: Option<u32>) -> u32 {
@@ -88,6 +91,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
                 .context("bench task")?;
             println!("{report}");
         }
+        BenchCommand::Handover(args) => crate::bench_handover::run(args).await?,
     }
     Ok(())
 }

@@ -2,7 +2,9 @@
 //! and the operator's tools for models, tenants, nodes and benchmarks.
 
 mod admin;
+mod admin_owners;
 mod bench;
+mod bench_handover;
 mod demo;
 mod eval;
 mod eval_client;
@@ -48,6 +50,12 @@ enum Command {
     /// Enrol and list vehicle nodes.
     #[command(subcommand)]
     Nodes(admin::NodesCommand),
+    /// Create and list vehicle owners and their owner API keys.
+    #[command(subcommand)]
+    Owners(admin_owners::OwnersCommand),
+    /// Show or change a vehicle's owner policy.
+    #[command(subcommand)]
+    Policy(admin_owners::PolicyCommand),
     /// Tenants' money: prepaid top-ups, credit limits, daily spend caps.
     #[command(subcommand)]
     Billing(ledger_cmd::BillingCommand),
@@ -166,6 +174,8 @@ fn main() -> std::process::ExitCode {
             Command::Models(command) => admin::models(command).await,
             Command::Tenants(command) => admin::tenants(command).await,
             Command::Nodes(command) => admin::nodes(command).await,
+            Command::Owners(command) => admin_owners::owners(command).await,
+            Command::Policy(command) => admin_owners::policy(command).await,
             Command::Billing(command) => ledger_cmd::billing(command).await,
             Command::Ledger(command) => ledger_cmd::ledger(command).await,
             Command::Eval(args) => eval::run(args).await,
