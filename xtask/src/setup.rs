@@ -21,8 +21,8 @@ pub const BUILD_PACKAGES: &[&str] = &[
     "python3-pip",
 ];
 
-/// Models the demo serves.
-pub const DEMO_MODELS: &[&str] = &["smollm2-135m-instruct"];
+/// Models the demo serves: the edge model and the local "cloud" model it escalates to.
+pub const DEMO_MODELS: &[&str] = &["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"];
 
 /// Models the test suite uses: the edge model and the local system-2 stand-in for the router.
 pub const TEST_MODELS: &[&str] = &["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"];

@@ -11,6 +11,7 @@ pub mod billing_finish;
 pub mod billing_idempotency;
 pub mod billing_meter;
 pub mod changes;
+pub mod cloud;
 pub mod core;
 pub mod grpc;
 pub mod limits;
@@ -61,6 +62,8 @@ pub struct CoordinatorConfig {
     pub scheduler: scheduler::SchedulerConfig,
     /// The ledger and the prices it charges.
     pub billing: billing::BillingConfig,
+    /// The cloud (system-2) upstream; without one, `auto` and `cloud/...` do not exist.
+    pub cloud: Option<cloud::CloudConfig>,
 }
 
 impl CoordinatorConfig {
@@ -75,6 +78,7 @@ impl CoordinatorConfig {
             heartbeat_timeout: limits::HEARTBEAT_TIMEOUT_DEFAULT,
             scheduler: scheduler::SchedulerConfig::default(),
             billing: billing::BillingConfig::embedded(),
+            cloud: None,
         }
     }
 }
@@ -99,6 +103,8 @@ pub enum CoordinatorError {
     Http(std::io::Error),
     #[error("no model to serve")]
     NoModels,
+    #[error("cloud upstream: {0}")]
+    Cloud(String),
     #[error("billing: {0}")]
     Billing(#[from] billing::BillingError),
     #[error("open the idempotency store: {0}")]
@@ -218,13 +224,24 @@ pub async fn serve(
             grpc_shutdown.cancelled().await
         });
 
-    let app = api::router(api::AppState::new(
-        Arc::clone(&core),
-        store,
-        models,
-        Arc::new(billing),
-        Arc::new(idempotency),
-    ));
+    let cloud = match config.cloud.clone() {
+        Some(cloud) => Some(Arc::new(
+            cloud::CloudTier::load(cloud, store.clone())
+                .await
+                .map_err(CoordinatorError::Cloud)?,
+        )),
+        None => None,
+    };
+    let app = api::router(
+        api::AppState::new(
+            Arc::clone(&core),
+            store,
+            models,
+            Arc::new(billing),
+            Arc::new(idempotency),
+        )
+        .with_cloud(cloud),
+    );
     let http_shutdown = shutdown.clone();
     let http = axum::serve(http_listener, app)
         .with_graceful_shutdown(async move { http_shutdown.cancelled().await });

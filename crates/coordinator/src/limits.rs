@@ -67,3 +67,17 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 /// Writes waiting for the request-log writer; beyond it, records are counted
 /// as dropped in the metrics rather than holding up a response.
 pub const REQUEST_LOG_CAPACITY: usize = 4096;
+
+/// How long the cloud upstream may take to answer, and between two chunks
+/// of its stream, unless configured.
+pub const CLOUD_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+
+/// Cloud upstream calls in flight at once, unless configured.
+pub const CLOUD_CONCURRENCY_DEFAULT: usize = 16;
+
+/// Longest line (or event) accepted from the cloud upstream's event stream.
+pub const SSE_LINE_BYTES_MAX: usize = 1024 * 1024;
+
+/// Events buffered between a routed request's driver and its response; the
+/// driver waits when the client reads slowly.
+pub const ROUTED_EVENTS_CAPACITY: usize = 64;

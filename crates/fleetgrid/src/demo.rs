@@ -19,6 +19,9 @@ use crate::home;
 /// The model the demo serves.
 const DEMO_MODEL: &str = "smollm2-135m-instruct";
 
+/// The variable that hands the local cloud's API key to the coordinator.
+const DEMO_CLOUD_KEY_ENV: &str = "FLEETGRID_CLOUD_KEY";
+
 /// Simulated vehicle traces, one per demo car (cycled if more cars are asked for).
 const TRACES: [(&str, &str); 3] = [
     ("car-a", include_str!("../../agent/traces/car-a.json")),
@@ -69,13 +72,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| home::root().join("demo"));
     let logs = data_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("create {}", logs.display()))?;
-    eprintln!("fleetgrid demo: fetching and verifying {DEMO_MODEL}");
-    let store = home::model_store()?;
-    let entry = models::find(DEMO_MODEL).context("demo model missing from the catalog")?;
-    tokio::task::spawn_blocking(move || store.fetch(entry))
-        .await
-        .context("fetch task")?
-        .context("fetch the demo model")?;
+    for model in [DEMO_MODEL, crate::cloud::LOCAL_CLOUD_MODEL] {
+        eprintln!("fleetgrid demo: fetching and verifying {model}");
+        let store = home::model_store()?;
+        let entry = models::find(model).context("demo model missing from the catalog")?;
+        tokio::task::spawn_blocking(move || store.fetch(entry))
+            .await
+            .context("fetch task")?
+            .with_context(|| format!("fetch {model}"))?;
+    }
 
     let database = Store::open(&data_dir)
         .await
@@ -83,7 +88,29 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let api_key = demo_key(&database).await?;
     let mut children = Children(Vec::new());
     let exe = std::env::current_exe().context("find the fleetgrid executable")?;
-    let (http, grpc) = start_coordinator(&exe, &args, &data_dir, &logs, &mut children).await?;
+    // The local "cloud" (system-2) the coordinator escalates to, over HTTP.
+    eprintln!(
+        "fleetgrid demo: starting the local cloud ({})",
+        crate::cloud::LOCAL_CLOUD_MODEL
+    );
+    let cloud = crate::cloud::start_local_cloud(
+        &exe,
+        &data_dir.join("cloud"),
+        log_file(&logs, "cloud")?,
+        args.threads_per_vehicle,
+    )
+    .await?;
+    let cloud_upstream = (cloud.http, cloud.api_key.clone());
+    children.0.push(("cloud".into(), cloud.child));
+    let (http, grpc) = start_coordinator(
+        &exe,
+        &args,
+        &data_dir,
+        &logs,
+        &mut children,
+        &cloud_upstream,
+    )
+    .await?;
     for index in 0..args.vehicles as usize {
         let (trace_name, trace) = TRACES[index % TRACES.len()];
         let name = if index < TRACES.len() {
@@ -171,6 +198,7 @@ async fn start_coordinator(
     data_dir: &Path,
     logs: &Path,
     children: &mut Children,
+    cloud: &(SocketAddr, String),
 ) -> anyhow::Result<(SocketAddr, SocketAddr)> {
     let mut child = Command::new(exe)
         .args([
@@ -182,6 +210,9 @@ async fn start_coordinator(
         ])
         .args(["--model", DEMO_MODEL, "--exit-with-parent", "--data-dir"])
         .arg(data_dir)
+        .args(["--cloud-url", &format!("http://{}/v1", cloud.0)])
+        .args(["--cloud-key-env", DEMO_CLOUD_KEY_ENV])
+        .env(DEMO_CLOUD_KEY_ENV, &cloud.1)
         .stdout(Stdio::piped())
         .stderr(log_file(logs, "coordinator")?)
         .kill_on_drop(true)
@@ -256,6 +287,12 @@ fn print_instructions(http: SocketAddr, api_key: &str, logs: &Path) {
     println!("  stream = client.chat.completions.create(model=\"{DEMO_MODEL}\", stream=True, temperature=0.3,");
     println!("      messages=[{{\"role\": \"user\", \"content\": \"Write a haiku about electric cars.\"}}])");
     println!("  for chunk in stream: print(chunk.choices[0].delta.content or \"\", end=\"\", flush=True)");
+    println!();
+    println!(
+        "Models: '{DEMO_MODEL}' (the fleet), 'cloud/{}' (the local cloud) or 'auto' (the router decides;",
+        crate::cloud::LOCAL_CLOUD_MODEL
+    );
+    println!("the x-fleetgrid-tier and x-fleetgrid-route-reason headers say which tier answered and why).");
     println!();
     println!(
         "Health: http://{http}/health   Metrics: http://{http}/metrics   Logs: {}",

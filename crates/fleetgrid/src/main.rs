@@ -5,6 +5,7 @@ mod admin;
 mod admin_owners;
 mod bench;
 mod bench_handover;
+mod cloud;
 mod demo;
 mod eval;
 mod eval_client;
@@ -62,6 +63,9 @@ enum Command {
     /// The ledger: verify, balances, owner statements, payouts, invoices.
     #[command(subcommand)]
     Ledger(ledger_cmd::LedgerCommand),
+    /// The cloud tier: a local OpenAI-compatible cloud model, per-tenant cloud budgets.
+    #[command(subcommand)]
+    Cloud(cloud::CloudCommand),
     /// Answer quality, cost and latency of the edge, the cloud or the router on a data set.
     Eval(eval::EvalArgs),
     /// Calibrate the router and inspect its decisions.
@@ -107,6 +111,9 @@ pub struct ServeArgs {
     /// Owners' share of the token revenue, in basis points (7000 = 70 %), overriding the sheet.
     #[arg(long)]
     owner_share_bps: Option<u32>,
+    /// The cloud upstream and the router (`auto`, `cloud/<model>`).
+    #[command(flatten)]
+    cloud: cloud::CloudArgs,
     /// Exit when the parent process goes away (used by `demo` and tests).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -178,6 +185,7 @@ fn main() -> std::process::ExitCode {
             Command::Policy(command) => admin_owners::policy(command).await,
             Command::Billing(command) => ledger_cmd::billing(command).await,
             Command::Ledger(command) => ledger_cmd::ledger(command).await,
+            Command::Cloud(command) => cloud::run(command).await,
             Command::Eval(args) => eval::run(args).await,
             Command::Router(command) => router_cmd::run(command).await,
             Command::Bench(command) => bench::run(command).await,

@@ -71,6 +71,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.prices.as_deref(),
         args.owner_share_bps,
     )?;
+    config.cloud = args.cloud.config()?;
     let shutdown = shutdown_token(args.exit_with_parent)?;
     coordinator::serve(config, shutdown, |bound| {
         // Parsed by `demo`, the benchmarks and the tests: keep it on stdout.

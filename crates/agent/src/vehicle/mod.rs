@@ -109,6 +109,9 @@ pub enum VehicleStateSource {
     LinuxPower(PathBuf),
     /// `file:PATH` — a JSON object kept up to date by an external feed.
     File(PathBuf),
+    /// `datacenter` — a machine that is always on mains power with no departure: the local
+    /// stand-in for a cloud model's server.
+    Datacenter,
 }
 
 impl VehicleStateSource {
@@ -120,6 +123,7 @@ impl VehicleStateSource {
                 Box::new(linux_power::LinuxPowerAdapter::open(root.clone())?)
             }
             VehicleStateSource::File(path) => Box::new(file::FileAdapter::new(path.clone())),
+            VehicleStateSource::Datacenter => Box::new(AlwaysOn),
         })
     }
 }
@@ -145,13 +149,30 @@ impl FromStr for VehicleStateSource {
             ("linux-power", path) => Ok(VehicleStateSource::LinuxPower(
                 path.unwrap_or(LINUX_POWER_SUPPLY_ROOT).into(),
             )),
+            ("datacenter", None) => Ok(VehicleStateSource::Datacenter),
             ("sim" | "file", None) => {
                 Err(invalid("a path is required, as in sim:PATH or file:PATH"))
             }
             _ => Err(invalid(
-                "expected sim:TRACE, linux-power, linux-power:ROOT or file:PATH",
+                "expected sim:TRACE, linux-power, linux-power:ROOT, file:PATH or datacenter",
             )),
         }
+    }
+}
+
+/// The `datacenter` source: plugged in, full, never leaving.
+struct AlwaysOn;
+
+impl VehicleStateAdapter for AlwaysOn {
+    fn current(&mut self, now: SystemTime) -> Result<VehicleState, AgentError> {
+        Ok(VehicleState {
+            plugged_in: true,
+            charging: false,
+            state_of_charge: StateOfCharge::FULL,
+            departure: None,
+            temperature_c: None,
+            observed_at: now,
+        })
     }
 }
 
@@ -245,6 +266,7 @@ mod tests {
                 "linux-power:/x/ps",
                 VehicleStateSource::LinuxPower("/x/ps".into()),
             ),
+            ("datacenter", VehicleStateSource::Datacenter),
         ];
         for (input, expected) in cases {
             assert_eq!(

@@ -59,6 +59,10 @@ async fn run(
     if body.len() > limits::REQUEST_BODY_BYTES_MAX {
         return Err(body_too_large());
     }
+    // `auto` and `cloud/...` are routed between the fleet and the cloud.
+    if super::route::is_routed(&body) {
+        return super::route::serve(state, tenant, permit, &body, endpoint).await;
+    }
     let idempotency = match idempotency::start(state, &tenant, headers, &body, endpoint).await? {
         idempotency::Start::Answer(response) => return Ok(response),
         idempotency::Start::Run(slot) => slot,
@@ -136,7 +140,7 @@ fn body_too_large() -> ApiError {
 
 /// Renders (chat) and tokenizes the prompt off the async threads. Returns the
 /// tokens and, for `echo`, the prompt text.
-async fn tokenize(request: &ValidatedRequest) -> Result<(Vec<i32>, String), ApiError> {
+pub(super) async fn tokenize(request: &ValidatedRequest) -> Result<(Vec<i32>, String), ApiError> {
     let model = Arc::clone(&request.model);
     let source = match &request.prompt {
         PromptSource::Chat(messages) => PromptSource::Chat(messages.clone()),
@@ -171,7 +175,10 @@ async fn tokenize(request: &ValidatedRequest) -> Result<(Vec<i32>, String), ApiE
 }
 
 /// The completion tokens this request may have, given its prompt.
-fn completion_budget(request: &ValidatedRequest, prompt_tokens: usize) -> Result<u32, ApiError> {
+pub(super) fn completion_budget(
+    request: &ValidatedRequest,
+    prompt_tokens: usize,
+) -> Result<u32, ApiError> {
     let context = request.model.context_tokens as usize;
     let param = match request.endpoint {
         Endpoint::Chat => "messages",
@@ -196,7 +203,7 @@ fn completion_budget(request: &ValidatedRequest, prompt_tokens: usize) -> Result
     }
 }
 
-fn rejection_error(rejection: Rejection) -> ApiError {
+pub(super) fn rejection_error(rejection: Rejection) -> ApiError {
     match rejection {
         Rejection::NoEligibleNode {
             retry_after_seconds,

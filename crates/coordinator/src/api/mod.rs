@@ -9,6 +9,9 @@ mod generate;
 mod idempotency;
 pub mod owner;
 mod respond;
+mod route;
+mod route_drive;
+mod route_respond;
 mod types;
 mod usage;
 mod validate;
@@ -39,6 +42,8 @@ pub struct AppState {
     /// Admission against the tenant's money, settlement in the ledger.
     pub billing: Arc<crate::billing::Billing>,
     pub idempotency: Arc<crate::billing_idempotency::IdempotencyStore>,
+    /// The cloud tier, when configured: `auto` and `cloud/...` need it.
+    pub cloud: Option<Arc<crate::cloud::CloudTier>>,
 }
 
 impl AppState {
@@ -56,7 +61,13 @@ impl AppState {
             inflight: Arc::new(Semaphore::new(limits::INFLIGHT_REQUESTS_MAX)),
             billing,
             idempotency,
+            cloud: None,
         }
+    }
+
+    pub fn with_cloud(mut self, cloud: Option<Arc<crate::cloud::CloudTier>>) -> AppState {
+        self.cloud = cloud;
+        self
     }
 }
 
@@ -125,6 +136,7 @@ async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Respo
                 "context_length": model.context_tokens,
             })
         })
+        .chain(route::model_entries(&state))
         .collect();
     Json(serde_json::json!({ "object": "list", "data": data })).into_response()
 }

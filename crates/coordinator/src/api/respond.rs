@@ -135,7 +135,7 @@ async fn next_update(updates: &mut mpsc::Receiver<Update>) -> Result<Update, Api
     }
 }
 
-fn generation_error(error: GenerationError) -> ApiError {
+pub(super) fn generation_error(error: GenerationError) -> ApiError {
     match error {
         GenerationError::Rejected {
             reason,

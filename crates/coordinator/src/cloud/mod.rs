@@ -1,0 +1,254 @@
+//! The cloud (system-2) tier: an OpenAI-compatible upstream the gateway sends
+//! what the fleet should not answer, the price it charges, and the per-tenant
+//! caps on what a tenant may spend there.
+//!
+//! `upstream` is the HTTP client (bounded concurrency, timeouts, streaming
+//! parsed from server-sent events), `sse` the event parser, `budget` the caps
+//! and spend kept in the coordinator's database. Which tier serves a request
+//! is decided in `api::route` with the `router` crate's pure functions and
+//! the thresholds that `fleetgrid router calibrate` writes.
+
+pub mod budget;
+pub mod sse;
+pub mod upstream;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::store::Store;
+
+pub use budget::{BudgetStatus, CloudBudgets};
+pub use upstream::{Upstream, UpstreamError, UpstreamEvent, UpstreamRequest};
+
+/// Prefix that pins a request to the cloud tier.
+pub const CLOUD_PREFIX: &str = "cloud/";
+
+/// The model name that lets the router pick the tier.
+pub const AUTO_MODEL: &str = "auto";
+
+/// Money in micro-dollars (10⁻⁶ USD); never a float.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MicroUsd(pub i64);
+
+impl MicroUsd {
+    /// Parses a decimal dollar amount such as `1.25` or `0.000002`
+    /// (at most six decimals), as given on the command line.
+    pub fn parse_usd(text: &str) -> Option<MicroUsd> {
+        let text = text.trim();
+        let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+        if whole.is_empty() && fraction.is_empty() {
+            return None;
+        }
+        if fraction.len() > 6 || !fraction.bytes().all(|byte| byte.is_ascii_digit()) {
+            return None;
+        }
+        let whole: i64 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().ok().filter(|value: &i64| *value >= 0)?
+        };
+        let fraction_micro: i64 = format!("{fraction:0<6}").parse().ok()?;
+        whole
+            .checked_mul(1_000_000)?
+            .checked_add(fraction_micro)
+            .map(MicroUsd)
+    }
+}
+
+impl std::fmt::Display for MicroUsd {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sign = if self.0 < 0 { "-" } else { "" };
+        let magnitude = self.0.unsigned_abs();
+        write!(
+            formatter,
+            "{sign}${}.{:06}",
+            magnitude / 1_000_000,
+            magnitude % 1_000_000
+        )
+    }
+}
+
+/// What the upstream charges, per million tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CloudPrice {
+    pub prompt_per_million: MicroUsd,
+    pub completion_per_million: MicroUsd,
+}
+
+/// Basis points in a whole (100%).
+const BASIS_POINTS_WHOLE: i128 = 10_000;
+
+impl CloudPrice {
+    /// What `prompt` and `completion` tokens cost upstream, rounded up to the
+    /// micro-dollar so that the platform never books less than it owes.
+    pub fn upstream_cost(&self, prompt: u32, completion: u32) -> MicroUsd {
+        let exact = i128::from(prompt) * i128::from(self.prompt_per_million.0)
+            + i128::from(completion) * i128::from(self.completion_per_million.0);
+        MicroUsd(saturate(ceil_div(exact, 1_000_000)))
+    }
+
+    /// What the tenant pays: upstream cost plus `margin_bps`, rounded up.
+    pub fn customer_cost(&self, prompt: u32, completion: u32, margin_bps: u32) -> MicroUsd {
+        let exact = i128::from(prompt) * i128::from(self.prompt_per_million.0)
+            + i128::from(completion) * i128::from(self.completion_per_million.0);
+        let marked_up = exact * (BASIS_POINTS_WHOLE + i128::from(margin_bps));
+        MicroUsd(saturate(ceil_div(
+            marked_up,
+            1_000_000 * BASIS_POINTS_WHOLE,
+        )))
+    }
+}
+
+fn ceil_div(numerator: i128, denominator: i128) -> i128 {
+    -((-numerator).div_euclid(denominator))
+}
+
+fn saturate(value: i128) -> i64 {
+    i64::try_from(value).unwrap_or(if value < 0 { i64::MIN } else { i64::MAX })
+}
+
+/// What `cloud/...` does when the upstream fails or is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallback {
+    /// Answer with a clear error (502, 503 or 504).
+    Error,
+    /// Serve the request on the fleet instead, and say so in the response.
+    Edge,
+}
+
+/// How to reach the cloud model and what it costs.
+#[derive(Clone, Debug)]
+pub struct CloudConfig {
+    /// The OpenAI-compatible API root, e.g. `https://api.example.com/v1`.
+    pub base_url: String,
+    /// The upstream's name for its model; clients ask for `cloud/<model>`.
+    pub model: String,
+    /// Environment variable holding the upstream API key, if it needs one.
+    pub api_key_env: Option<String>,
+    pub price: CloudPrice,
+    /// Added on top of the upstream price for the tenant, in basis points.
+    pub margin_bps: u32,
+    /// Longest wait for the upstream's response headers, and for each chunk after.
+    pub timeout: Duration,
+    /// Upstream requests in flight at once; beyond it `cloud/...` gets 429
+    /// (or the fallback) and `auto` stays on the fleet.
+    pub concurrency_max: usize,
+    pub fallback: Fallback,
+    /// A GGUF file whose chat template renders the prompt for a mid-generation
+    /// handoff (the cloud continues the answer through `/v1/completions`).
+    /// Without one, a handoff is not possible and the fleet finishes.
+    pub chat_template_model: Option<PathBuf>,
+    /// The router's configuration file (thresholds; `fleetgrid router
+    /// calibrate` writes it); the router's defaults without one.
+    pub router_config_file: Option<PathBuf>,
+}
+
+impl CloudConfig {
+    pub fn new(base_url: impl Into<String>, model: impl Into<String>) -> CloudConfig {
+        CloudConfig {
+            base_url: base_url.into(),
+            model: model.into(),
+            api_key_env: None,
+            price: CloudPrice::default(),
+            margin_bps: 0,
+            timeout: crate::limits::CLOUD_TIMEOUT_DEFAULT,
+            concurrency_max: crate::limits::CLOUD_CONCURRENCY_DEFAULT,
+            fallback: Fallback::Error,
+            chat_template_model: None,
+            router_config_file: None,
+        }
+    }
+
+    /// The public name clients use, `cloud/<model>`.
+    pub fn public_name(&self) -> String {
+        format!("{CLOUD_PREFIX}{}", self.model)
+    }
+}
+
+/// Everything the gateway needs to route between the fleet and the cloud.
+pub struct CloudTier {
+    pub upstream: Upstream,
+    pub router: router::Router,
+    pub budgets: CloudBudgets,
+    /// The cloud model's chat template, for handoff prompts.
+    pub chat_template: Option<engine::Tokenizer>,
+}
+
+impl CloudTier {
+    /// Builds the client, reads the router's configuration and loads the
+    /// handoff template; every problem is reported as a sentence.
+    pub async fn load(config: CloudConfig, store: Store) -> Result<CloudTier, String> {
+        let router_config = match &config.router_config_file {
+            None => router::RouterConfig::default(),
+            Some(path) => {
+                let text = tokio::fs::read_to_string(path)
+                    .await
+                    .map_err(|error| format!("read {}: {error}", path.display()))?;
+                router::RouterConfig::from_json(&text)
+                    .map_err(|error| format!("{}: {error}", path.display()))?
+            }
+        };
+        let router = router::Router::new(router_config).map_err(|error| error.to_string())?;
+        let chat_template = match config.chat_template_model.clone() {
+            None => {
+                tracing::warn!(
+                    model = %config.model,
+                    "no chat template for the cloud model: a collapsing edge answer is finished by the fleet instead of handed off"
+                );
+                None
+            }
+            Some(path) => {
+                let loaded = tokio::task::spawn_blocking(move || engine::Tokenizer::load(&path))
+                    .await
+                    .map_err(|error| format!("load the cloud chat template: {error}"))?;
+                Some(loaded.map_err(|error| format!("load the cloud chat template: {error}"))?)
+            }
+        };
+        let upstream = Upstream::new(config)?;
+        Ok(CloudTier {
+            upstream,
+            router,
+            budgets: CloudBudgets::new(store),
+            chat_template,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dollar_amounts_parse_exactly() {
+        assert_eq!(MicroUsd::parse_usd("1.25"), Some(MicroUsd(1_250_000)));
+        assert_eq!(MicroUsd::parse_usd("0.000002"), Some(MicroUsd(2)));
+        assert_eq!(MicroUsd::parse_usd("3"), Some(MicroUsd(3_000_000)));
+        assert_eq!(MicroUsd::parse_usd(".5"), Some(MicroUsd(500_000)));
+        assert_eq!(MicroUsd::parse_usd("0.0000001"), None);
+        assert_eq!(MicroUsd::parse_usd("-1"), None);
+        assert_eq!(MicroUsd::parse_usd("abc"), None);
+        assert_eq!(MicroUsd::parse_usd("."), None);
+        assert_eq!(MicroUsd(1_250_000).to_string(), "$1.250000");
+    }
+
+    #[test]
+    fn cloud_costs_round_up_and_carry_the_margin() {
+        let price = CloudPrice {
+            prompt_per_million: MicroUsd(1_000_000),
+            completion_per_million: MicroUsd(2_000_000),
+        };
+        // 3 prompt tokens at $1 per million: 3 µUSD exactly.
+        assert_eq!(price.upstream_cost(3, 0), MicroUsd(3));
+        // 1 completion token at $2 per million: 2 µUSD; one more prompt token: 3.
+        assert_eq!(price.upstream_cost(1, 1), MicroUsd(3));
+        // 20% margin on 5 µUSD is 6 µUSD; on 1 µUSD it is 1.2, rounded up to 2.
+        assert_eq!(price.customer_cost(1, 2, 2_000), MicroUsd(6));
+        assert_eq!(price.customer_cost(1, 0, 2_000), MicroUsd(2));
+        let cheap = CloudPrice {
+            prompt_per_million: MicroUsd(100_000),
+            completion_per_million: MicroUsd(0),
+        };
+        assert_eq!(cheap.upstream_cost(3, 0), MicroUsd(1));
+        assert_eq!(cheap.upstream_cost(0, 0), MicroUsd(0));
+    }
+}

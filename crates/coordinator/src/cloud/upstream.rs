@@ -1,0 +1,382 @@
+//! The HTTP client for the cloud model: any OpenAI-compatible endpoint.
+//!
+//! Every upstream call streams (`stream: true` with usage in the last chunk),
+//! whether or not the client streams, so that one parser and one set of
+//! timeouts serve both. The number of calls in flight is capped by a
+//! semaphore whose permit the caller takes first (`try_permit`); a call that
+//! finds none is refused at once, never queued.
+//!
+//! Timeouts: the response headers must arrive within `timeout`, and after
+//! them every chunk within `timeout` of the one before; the whole call ends
+//! at `limits::REQUEST_TIMEOUT` whatever the upstream does.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use super::sse::SseParser;
+use super::CloudConfig;
+use crate::limits;
+
+/// What the prompt of an upstream call is.
+#[derive(Clone, Debug)]
+pub enum UpstreamPrompt {
+    /// `POST /chat/completions` with these messages.
+    Chat(Vec<engine::ChatMessage>),
+    /// `POST /completions` with this text (a rendered chat plus the answer
+    /// so far, for a handoff).
+    Text(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct UpstreamRequest {
+    pub prompt: UpstreamPrompt,
+    pub max_tokens: u32,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+}
+
+/// Token counts as the upstream reports them (it bills by them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UpstreamUsage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+/// One parsed chunk of the upstream's stream.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UpstreamEvent {
+    pub text: String,
+    pub finish_reason: Option<String>,
+    pub usage: Option<UpstreamUsage>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("the cloud model has as many requests in flight as allowed")]
+    Busy,
+    #[error("the cloud model could not be reached: {0}")]
+    Unreachable(String),
+    #[error("the cloud model did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the cloud model answered {status}: {message}")]
+    Status {
+        status: u16,
+        message: String,
+        retry_after_seconds: Option<u64>,
+    },
+    #[error("the cloud model's answer could not be read: {0}")]
+    Protocol(String),
+}
+
+impl UpstreamError {
+    /// Whether serving the request on the fleet instead could help.
+    pub fn edge_could_serve(&self) -> bool {
+        match self {
+            UpstreamError::Status { status, .. } => *status >= 500 || *status == 429,
+            _ => true,
+        }
+    }
+}
+
+/// Largest error body read from the upstream, for its message.
+const ERROR_BODY_BYTES_MAX: usize = 64 * 1024;
+
+pub struct Upstream {
+    config: CloudConfig,
+    http: reqwest::Client,
+    api_key: Option<String>,
+    permits: Arc<Semaphore>,
+}
+
+impl Upstream {
+    /// Builds the client; fails when the key's environment variable is named
+    /// but not set, so that a misconfiguration shows at start-up.
+    pub fn new(config: CloudConfig) -> Result<Upstream, String> {
+        let api_key = match &config.api_key_env {
+            None => None,
+            Some(variable) => Some(
+                std::env::var(variable)
+                    .map_err(|_| format!("the cloud API key variable {variable} is not set"))?,
+            ),
+        };
+        if !(config.base_url.starts_with("http://") || config.base_url.starts_with("https://")) {
+            return Err(format!(
+                "the cloud URL {:?} must start with http:// or https://",
+                config.base_url
+            ));
+        }
+        if config.concurrency_max == 0 {
+            return Err("the cloud concurrency limit must be at least 1".into());
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.timeout)
+            .build()
+            .map_err(|error| format!("build the cloud HTTP client: {error}"))?;
+        Ok(Upstream {
+            permits: Arc::new(Semaphore::new(config.concurrency_max)),
+            config,
+            http,
+            api_key,
+        })
+    }
+
+    pub fn config(&self) -> &CloudConfig {
+        &self.config
+    }
+
+    /// A slot for one upstream call, or `None` when all are taken.
+    pub fn try_permit(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.permits).try_acquire_owned().ok()
+    }
+
+    /// Starts a call: returns once the upstream accepted it (status 2xx).
+    pub async fn start(
+        &self,
+        request: &UpstreamRequest,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<UpstreamStream, UpstreamError> {
+        let started = Instant::now();
+        let (path, mut body) = match &request.prompt {
+            UpstreamPrompt::Chat(messages) => {
+                let messages: Vec<Value> = messages
+                    .iter()
+                    .map(|message| json!({"role": message.role, "content": message.content}))
+                    .collect();
+                ("chat/completions", json!({ "messages": messages }))
+            }
+            UpstreamPrompt::Text(prompt) => ("completions", json!({ "prompt": prompt })),
+        };
+        body["model"] = json!(self.config.model);
+        body["max_tokens"] = json!(request.max_tokens);
+        body["temperature"] = json!(request.temperature);
+        body["top_p"] = json!(request.top_p);
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+        if let Some(seed) = request.seed {
+            // OpenAI takes a signed 64-bit seed.
+            body["seed"] = json!(seed as i64);
+        }
+        if !request.stop.is_empty() {
+            body["stop"] = json!(request.stop);
+        }
+        let url = format!("{}/{path}", self.config.base_url.trim_end_matches('/'));
+        let mut call = self.http.post(&url).json(&body);
+        if let Some(key) = &self.api_key {
+            call = call.bearer_auth(key);
+        }
+        let timeout = self.config.timeout;
+        let response = match tokio::time::timeout(timeout, call.send()).await {
+            Err(_) => return Err(UpstreamError::Timeout(timeout)),
+            Ok(Err(error)) if error.is_timeout() => return Err(UpstreamError::Timeout(timeout)),
+            Ok(Err(error)) => return Err(UpstreamError::Unreachable(describe(&error))),
+            Ok(Ok(response)) => response,
+        };
+        if !response.status().is_success() {
+            return Err(status_error(response, timeout).await);
+        }
+        Ok(UpstreamStream {
+            response,
+            parser: SseParser::default(),
+            pending: VecDeque::new(),
+            ended: false,
+            chunk_timeout: timeout,
+            deadline: started + limits::REQUEST_TIMEOUT,
+            _permit: permit,
+        })
+    }
+}
+
+/// The error's chain of causes, which is where reqwest says "connection refused".
+fn describe(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+async fn status_error(mut response: reqwest::Response, timeout: Duration) -> UpstreamError {
+    let status = response.status().as_u16();
+    let retry_after_seconds = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse().ok());
+    let mut body = Vec::new();
+    let read = tokio::time::timeout(timeout, async {
+        while let Ok(Some(chunk)) = response.chunk().await {
+            body.extend_from_slice(&chunk);
+            if body.len() >= ERROR_BODY_BYTES_MAX {
+                break;
+            }
+        }
+    })
+    .await;
+    let message = if read.is_err() {
+        String::from("(no error message in time)")
+    } else {
+        error_message(&body)
+    };
+    UpstreamError::Status {
+        status,
+        message,
+        retry_after_seconds,
+    }
+}
+
+/// `error.message` of an OpenAI-shaped error body, else the body's start.
+fn error_message(body: &[u8]) -> String {
+    if let Ok(value) = serde_json::from_slice::<Value>(body) {
+        if let Some(message) = value["error"]["message"].as_str() {
+            return message.to_string();
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    text.chars().take(200).collect()
+}
+
+/// An accepted upstream call; dropping it closes the connection, which stops
+/// the upstream's generation, and frees the concurrency slot.
+pub struct UpstreamStream {
+    response: reqwest::Response,
+    parser: SseParser,
+    /// Event payloads received but not yet returned.
+    pending: VecDeque<String>,
+    ended: bool,
+    chunk_timeout: Duration,
+    deadline: Instant,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl UpstreamStream {
+    /// The next chunk, or `None` once the upstream said `[DONE]` or closed.
+    pub async fn next(&mut self) -> Result<Option<UpstreamEvent>, UpstreamError> {
+        loop {
+            if let Some(payload) = self.pending.pop_front() {
+                if payload.trim() == "[DONE]" {
+                    self.ended = true;
+                    self.pending.clear();
+                    return Ok(None);
+                }
+                return parse_event(&payload).map(Some);
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            let wait = self
+                .chunk_timeout
+                .min(self.deadline.saturating_duration_since(Instant::now()));
+            let chunk = match tokio::time::timeout(wait, self.response.chunk()).await {
+                Err(_) => return Err(UpstreamError::Timeout(self.chunk_timeout)),
+                Ok(Err(error)) => return Err(UpstreamError::Unreachable(describe(&error))),
+                Ok(Ok(chunk)) => chunk,
+            };
+            let mut events = Vec::new();
+            let parsed = match chunk {
+                Some(bytes) => self.parser.push(&bytes, &mut events),
+                None => {
+                    self.ended = true;
+                    self.parser.finish(&mut events)
+                }
+            };
+            parsed.map_err(|error| UpstreamError::Protocol(error.to_string()))?;
+            self.pending.extend(events);
+        }
+    }
+}
+
+/// One event's JSON: text from a chat delta or a completion, the finish
+/// reason, usage, or an error sent in the stream.
+fn parse_event(payload: &str) -> Result<UpstreamEvent, UpstreamError> {
+    let value: Value = serde_json::from_str(payload)
+        .map_err(|error| UpstreamError::Protocol(format!("an event is not JSON: {error}")))?;
+    if let Some(error) = value.get("error").filter(|error| !error.is_null()) {
+        let message = error["message"]
+            .as_str()
+            .unwrap_or("an error without a message")
+            .to_string();
+        return Err(UpstreamError::Status {
+            status: 502,
+            message,
+            retry_after_seconds: None,
+        });
+    }
+    let mut event = UpstreamEvent::default();
+    if let Some(choice) = value["choices"].get(0) {
+        let text = choice["delta"]["content"]
+            .as_str()
+            .or_else(|| choice["text"].as_str())
+            .unwrap_or_default();
+        event.text = text.to_string();
+        event.finish_reason = choice["finish_reason"].as_str().map(str::to_string);
+    }
+    if let Some(usage) = value.get("usage").filter(|usage| !usage.is_null()) {
+        let count = |field: &str| {
+            usage[field]
+                .as_u64()
+                .and_then(|count| u32::try_from(count).ok())
+                .unwrap_or(0)
+        };
+        event.usage = Some(UpstreamUsage {
+            prompt_tokens: count("prompt_tokens"),
+            completion_tokens: count("completion_tokens"),
+        });
+    }
+    Ok(event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_and_completion_chunks_parse() {
+        let chat = parse_event(
+            r#"{"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#,
+        )
+        .unwrap();
+        assert_eq!(chat.text, "Hi");
+        assert_eq!(chat.finish_reason, None);
+        let text =
+            parse_event(r#"{"choices":[{"text":" there","finish_reason":"length"}]}"#).unwrap();
+        assert_eq!(text.text, " there");
+        assert_eq!(text.finish_reason.as_deref(), Some("length"));
+        let usage =
+            parse_event(r#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}"#)
+                .unwrap();
+        assert_eq!(
+            usage.usage,
+            Some(UpstreamUsage {
+                prompt_tokens: 7,
+                completion_tokens: 3
+            })
+        );
+    }
+
+    #[test]
+    fn an_error_in_the_stream_is_an_error() {
+        let error =
+            parse_event(r#"{"error":{"message":"overloaded","type":"server_error"}}"#).unwrap_err();
+        assert!(error.to_string().contains("overloaded"), "{error}");
+        assert!(parse_event("not json").is_err());
+    }
+
+    #[test]
+    fn error_bodies_give_their_message() {
+        assert_eq!(
+            error_message(br#"{"error":{"message":"bad key"}}"#),
+            "bad key"
+        );
+        assert_eq!(error_message(b"plain text"), "plain text");
+    }
+}

@@ -1,0 +1,124 @@
+//! The cloud upstream failing: down (a closed port) or slow (a server that
+//! accepts and never answers). `cloud/...` gets a clear error within the
+//! timeout, or the configured fallback to the fleet; `auto` stays on the
+//! fleet and says why. Nothing hangs.
+//!
+//! Needs the SmolLM2 model (the fleet); the upstreams here are deliberately
+//! broken, so no cloud model runs.
+
+mod cloud_common;
+mod common;
+
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use cloud_common::{chat, gateway, post_chat, stream_chat, upstream_args, CLOUD_MODEL};
+
+/// A port on which nothing listens.
+fn closed_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+/// A server that accepts connections and never answers; its thread ends
+/// when the test process does.
+fn stalling_server() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().take(64) {
+            held.push(stream);
+        }
+    });
+    port
+}
+
+fn cloud_name() -> String {
+    format!("cloud/{CLOUD_MODEL}")
+}
+
+/// A prompt the default router configuration sends straight to the cloud.
+const CODE_PROMPT: &str = "Write a Python function that returns the sum of a list.";
+
+#[tokio::test]
+async fn a_cloud_that_is_down_is_a_clear_502_and_auto_stays_on_the_fleet() {
+    let url = format!("http://127.0.0.1:{}/v1", closed_port());
+    let stack = gateway(upstream_args(&url)).await;
+
+    let started = Instant::now();
+    let refused = post_chat(&stack, &chat(&cloud_name(), "Hi", 8)).await;
+    assert_eq!(refused.status, 502, "{}", refused.body);
+    assert_eq!(refused.body["error"]["code"], "upstream_unreachable");
+    assert!(
+        refused.body["error"]["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("could not be reached")),
+        "{}",
+        refused.body
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // Streaming fails the same way: before any event, with the HTTP status.
+    let mut body = chat(&cloud_name(), "Hi", 8);
+    body["stream"] = serde_json::json!(true);
+    let response = stack.post("/v1/chat/completions", &body).await;
+    assert_eq!(response.status(), 502);
+
+    let served = post_chat(&stack, &chat("auto", CODE_PROMPT, 12)).await;
+    assert_eq!(served.status, 200, "{}", served.body);
+    assert_eq!(served.tier, "fleet");
+    assert_eq!(served.reason, "cloud_unavailable");
+    assert_eq!(served.body["fleetgrid"]["tier"], "fleet");
+    let detail = served.body["fleetgrid"]["detail"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(detail.contains("could not be reached"), "{detail}");
+    assert!(!served.content().is_empty());
+    assert!(served.body["fleetgrid"]["usage"]["cloud"].is_null());
+}
+
+#[tokio::test]
+async fn a_stalling_cloud_times_out_with_504_or_falls_back_to_the_fleet() {
+    let url = format!("http://127.0.0.1:{}/v1", stalling_server());
+    let mut error_args = upstream_args(&url);
+    error_args.extend(["--cloud-timeout-ms".to_string(), "1500".to_string()]);
+    let strict = common::Stack::start(common::StackOptions {
+        extra_serve_args: error_args,
+    });
+    let started = Instant::now();
+    let timed_out = post_chat(&strict, &chat(&cloud_name(), "Hi", 8)).await;
+    let waited = started.elapsed();
+    assert_eq!(timed_out.status, 504, "{}", timed_out.body);
+    assert_eq!(timed_out.body["error"]["code"], "upstream_timeout");
+    assert!(waited >= Duration::from_millis(1400), "{waited:?}");
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+
+    let mut fallback_args = upstream_args(&url);
+    fallback_args.extend(
+        ["--cloud-timeout-ms", "1500", "--cloud-fallback", "edge"]
+            .iter()
+            .map(|arg| arg.to_string()),
+    );
+    let lenient = gateway(fallback_args).await;
+    let started = Instant::now();
+    let streamed = stream_chat(&lenient, &chat(&cloud_name(), "Say hello.", 8)).await;
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert_eq!(streamed.tier, "fleet");
+    assert_eq!(streamed.reason, "cloud_fallback");
+    assert!(
+        streamed.streamed.errors.is_empty(),
+        "{:?}",
+        streamed.streamed.errors
+    );
+    assert!(streamed.streamed.done);
+    assert!(!streamed.streamed.content.is_empty());
+    let last = streamed.route_fields.last().expect("a final route field");
+    assert_eq!(last["reason"], "cloud_fallback");
+    assert!(
+        last["detail"]
+            .as_str()
+            .is_some_and(|detail| detail.contains("did not answer within")),
+        "{last}"
+    );
+}

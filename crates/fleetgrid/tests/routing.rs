@@ -1,0 +1,262 @@
+//! `auto` and `cloud/...` with both real models: SmolLM2-135M on a simulated
+//! vehicle (the fleet) and Qwen2.5-Coder-0.5B behind `fleetgrid cloud serve`
+//! (the cloud), reached over HTTP like a hosted provider.
+//!
+//! Answers are greedy (temperature 0) so that what each tier says is
+//! repeatable: a routed answer is compared with the same request sent to
+//! that tier directly.
+
+mod cloud_common;
+mod common;
+
+use cloud_common::{chat, gateway, post_chat, router_config, stream_chat, LocalCloud, CLOUD_MODEL};
+use serde_json::json;
+
+/// A question SmolLM2 answers fluently.
+const EASY: &str = "What is the capital of France?";
+
+/// A question SmolLM2 can only guess at.
+const HARD: &str = "What is 7384 multiplied by 2917? Reply with the number only.";
+
+/// Accept the fleet's answer when its mean token logprob is at least this;
+/// the easy question scores about -0.13, the hard one about -0.69.
+const THRESHOLD: f32 = -0.4;
+
+fn cloud_name() -> String {
+    format!("cloud/{CLOUD_MODEL}")
+}
+
+#[tokio::test]
+async fn auto_keeps_confident_answers_on_the_fleet_and_escalates_unsure_ones() {
+    let cloud = LocalCloud::shared();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A hold-back longer than any answer here: each answer is judged whole.
+    let config = router_config(dir.path(), THRESHOLD, 32, 8, -50.0);
+    let mut args = cloud.serve_args();
+    args.extend(["--router-config".into(), config.display().to_string()]);
+    let stack = gateway(args).await;
+
+    // What each tier says on its own.
+    let mut edge_easy = chat("fleet/smollm2-135m-instruct", EASY, 24);
+    edge_easy["logprobs"] = json!(true);
+    let edge_easy = stack.chat(&edge_easy).await;
+    let edge_hard = stack.chat(&chat("smollm2-135m-instruct", HARD, 24)).await;
+    let cloud_hard = post_chat(&stack, &chat(&cloud_name(), HARD, 24)).await;
+    assert_eq!(cloud_hard.status, 200, "{}", cloud_hard.body);
+    assert_eq!(cloud_hard.tier, "cloud");
+    assert_eq!(cloud_hard.reason, "explicit_cloud");
+    let edge_hard_text = edge_hard["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("edge answer");
+    assert_ne!(
+        edge_hard_text,
+        cloud_hard.content(),
+        "the tiers must differ"
+    );
+
+    // Confident: served on the fleet, the same answer, with the reason.
+    let easy = post_chat(&stack, &chat("auto", EASY, 24)).await;
+    assert_eq!(easy.status, 200, "{}", easy.body);
+    assert_eq!(
+        (easy.tier.as_str(), easy.reason.as_str()),
+        ("fleet", "cascade_accepted")
+    );
+    assert_eq!(
+        easy.content(),
+        edge_easy["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("edge answer")
+    );
+    let detail = easy.body["fleetgrid"]["detail"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(detail.contains("mean_logprob"), "{detail}");
+    assert!(easy.body["fleetgrid"]["usage"]["cloud"].is_null());
+    assert_eq!(
+        easy.body["fleetgrid"]["usage"]["edge"]["completion_tokens"],
+        easy.body["usage"]["completion_tokens"]
+    );
+
+    // Unsure: escalated to the cloud, whose answer is served whole.
+    let hard = post_chat(&stack, &chat("auto", HARD, 24)).await;
+    assert_eq!(hard.status, 200, "{}", hard.body);
+    assert_eq!(
+        (hard.tier.as_str(), hard.reason.as_str()),
+        ("cloud", "cascade_escalated")
+    );
+    assert_eq!(hard.content(), cloud_hard.content());
+    let usage = &hard.body["fleetgrid"]["usage"];
+    assert_eq!(usage["edge"]["completion_tokens"], 0);
+    assert!(
+        usage["edge"]["discarded_tokens"].as_u64() > Some(0),
+        "{usage}"
+    );
+    assert!(
+        usage["cloud"]["cost_micro_usd"].as_u64() > Some(0),
+        "{usage}"
+    );
+
+    // Streaming: the client sees only the final tier's text, never the
+    // fleet's discarded guess, and the first chunk already names the cloud.
+    let streamed = stream_chat(&stack, &chat("auto", HARD, 24)).await;
+    assert_eq!(streamed.tier, "cloud");
+    assert_eq!(streamed.streamed.content, cloud_hard.content());
+    assert!(!streamed.streamed.content.contains(edge_hard_text.trim()));
+    assert_eq!(streamed.route_fields[0]["tier"], "cloud");
+    assert!(streamed
+        .route_fields
+        .iter()
+        .all(|field| field["tier"] == "cloud"));
+    assert!(streamed.streamed.done && streamed.streamed.errors.is_empty());
+
+    let streamed = stream_chat(&stack, &chat("auto", EASY, 24)).await;
+    assert_eq!(streamed.tier, "fleet");
+    assert_eq!(streamed.streamed.content, easy.content());
+    assert!(streamed
+        .route_fields
+        .iter()
+        .all(|field| field["tier"] == "fleet"));
+
+    // /v1/models lists the routed names.
+    let models: serde_json::Value = stack
+        .client()
+        .get(stack.url("/v1/models"))
+        .bearer_auth(&stack.api_key)
+        .send()
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("models json");
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|model| model["id"].as_str())
+        .collect();
+    assert!(
+        ids.contains(&"auto") && ids.contains(&cloud_name().as_str()),
+        "{ids:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_collapse_mid_answer_hands_off_to_the_cloud_in_one_stream_metered_in_two_parts() {
+    let cloud = LocalCloud::shared();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Accept every start, release with a lag of two tokens after a hold-back
+    // of four, and call any window of eight tokens a collapse: the handoff
+    // comes at token 8, keeping the six tokens already sent.
+    let config = router_config(dir.path(), -100.0, 4, 2, 0.0);
+    let mut args = cloud.serve_args();
+    args.extend(["--router-config".into(), config.display().to_string()]);
+    let stack = gateway(args).await;
+    let question = "Write one sentence about the sea.";
+
+    let mut edge = chat("smollm2-135m-instruct", question, 24);
+    edge["logprobs"] = json!(true);
+    let edge = stack.chat(&edge).await;
+    let kept: String = edge["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("logprobs")
+        .iter()
+        .take(6)
+        .filter_map(|entry| entry["token"].as_str())
+        .collect();
+
+    let streamed = stream_chat(&stack, &chat("auto", question, 24)).await;
+    assert_eq!(streamed.tier, "fleet");
+    let text = &streamed.streamed.content;
+    assert!(streamed.streamed.done && streamed.streamed.errors.is_empty());
+    assert!(
+        text.starts_with(&kept),
+        "{text:?} does not start with {kept:?}"
+    );
+    assert!(text.len() > kept.len(), "the cloud added nothing: {text:?}");
+    let handoff = streamed
+        .route_fields
+        .iter()
+        .find(|field| field["reason"] == "handoff")
+        .expect("a handoff chunk");
+    assert_eq!(handoff["tier"], "fleet+cloud");
+    let last = streamed.route_fields.last().expect("final route field");
+    assert_eq!(last["tier"], "fleet+cloud");
+    let usage = &last["usage"];
+    assert_eq!(usage["edge"]["completion_tokens"], 6, "{usage}");
+    assert_eq!(usage["edge"]["discarded_tokens"], 2, "{usage}");
+    assert!(
+        usage["cloud"]["completion_tokens"].as_u64() > Some(0),
+        "{usage}"
+    );
+    assert!(
+        usage["cloud"]["cost_micro_usd"].as_u64() > Some(0),
+        "{usage}"
+    );
+    let total = streamed.streamed.usage.expect("usage chunk");
+    assert_eq!(
+        total["completion_tokens"].as_u64(),
+        Some(6 + usage["cloud"]["completion_tokens"].as_u64().unwrap_or(0))
+    );
+
+    // The same without streaming: one answer, the same split.
+    let whole = post_chat(&stack, &chat("auto", question, 24)).await;
+    assert_eq!(
+        (whole.tier.as_str(), whole.reason.as_str()),
+        ("fleet+cloud", "handoff")
+    );
+    assert_eq!(whole.content(), text.as_str());
+}
+
+#[tokio::test]
+async fn a_spent_cloud_budget_keeps_auto_on_the_fleet_and_refuses_cloud_with_402() {
+    let cloud = LocalCloud::shared();
+    let stack = gateway(cloud.serve_args()).await;
+    // The default configuration sends code questions straight to the cloud.
+    let code = "Write a Python function that returns the sum of a list.";
+    common::run_cli(
+        &[
+            "cloud",
+            "budget",
+            "set",
+            "test-tenant",
+            "--cap-usd",
+            "0.000001",
+        ],
+        stack.dir.path(),
+    );
+
+    // Under the cap: served in the cloud, and the spend passes the cap.
+    let first = post_chat(&stack, &chat(&cloud_name(), "Say hi.", 6)).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let spent = first.body["fleetgrid"]["usage"]["cloud"]["cost_micro_usd"]
+        .as_u64()
+        .expect("cost");
+    assert!(spent >= 1, "{}", first.body);
+
+    let refused = post_chat(&stack, &chat(&cloud_name(), "Say hi.", 6)).await;
+    assert_eq!(refused.status, 402, "{}", refused.body);
+    assert_eq!(refused.body["error"]["code"], "cloud_budget_exceeded");
+    let message = refused.body["error"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(message.contains("cloud budget is spent"), "{message}");
+
+    let stayed = post_chat(&stack, &chat("auto", code, 8)).await;
+    assert_eq!(stayed.status, 200, "{}", stayed.body);
+    assert_eq!(
+        (stayed.tier.as_str(), stayed.reason.as_str()),
+        ("fleet", "budget_exhausted")
+    );
+    assert!(!stayed.content().is_empty());
+
+    // Raising the cap lets the cloud answer again.
+    common::run_cli(
+        &["cloud", "budget", "set", "test-tenant", "--cap-usd", "1"],
+        stack.dir.path(),
+    );
+    let again = post_chat(&stack, &chat("auto", code, 8)).await;
+    assert_eq!(
+        (again.tier.as_str(), again.reason.as_str()),
+        ("cloud", "pre_route_cloud")
+    );
+}
