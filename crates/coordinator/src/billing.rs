@@ -28,7 +28,7 @@
 //! `reserved` and `spot` tenants prepaid with a zero balance, so they need a
 //! top-up or a credit limit (`fleetgrid billing`) first.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -251,6 +251,8 @@ pub struct Billing {
     prices: Arc<PriceConfig>,
     holds: Arc<HoldBook>,
     owners: Mutex<HashMap<String, (OwnerId, Instant)>>,
+    /// Owners whose ledger account is known to exist.
+    opened_owners: Mutex<HashSet<OwnerId>>,
     store: Store,
     metrics: Arc<Metrics>,
 }
@@ -287,6 +289,7 @@ impl Billing {
             prices: Arc::clone(&config.prices),
             holds: Arc::new(HoldBook::default()),
             owners: Mutex::new(HashMap::new()),
+            opened_owners: Mutex::new(HashSet::new()),
             store,
             metrics,
         })
@@ -431,6 +434,7 @@ impl Billing {
     /// request again changes nothing (the transfers exist).
     pub async fn settle(&self, completion: &Completion) -> Result<(), ApiError> {
         let request = &completion.request;
+        self.open_owner_accounts(request).await?;
         match self.ledger.settle(request, &self.book).await {
             Ok(receipt) => {
                 tracing::info!(
@@ -463,6 +467,36 @@ impl Billing {
             }
         }
         Ok(())
+    }
+
+    /// Opens the account of every owner the request pays that has none yet
+    /// (an owner's first earning); remembered so that it is done once.
+    async fn open_owner_accounts(&self, request: &CompletedRequest) -> Result<(), ApiError> {
+        for segment in &request.segments {
+            let ledger::metering::Server::Node { owner, .. } = &segment.server else {
+                continue;
+            };
+            if self.lock_opened().contains(owner) {
+                continue;
+            }
+            self.ledger
+                .open_account(&ledger::core::AccountId::Owner(owner.clone()))
+                .await
+                .map_err(|error| internal("open an owner's account", &error))?;
+            let mut opened = self.lock_opened();
+            if opened.len() >= OWNER_CACHE_ENTRIES_MAX {
+                opened.clear();
+            }
+            opened.insert(owner.clone());
+        }
+        Ok(())
+    }
+
+    fn lock_opened(&self) -> MutexGuard<'_, HashSet<OwnerId>> {
+        // A plain cache: whatever a panicking holder left is still usable.
+        self.opened_owners
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn check_node_report(

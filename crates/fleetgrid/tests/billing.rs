@@ -88,6 +88,14 @@ async fn get_as(stack: &Stack, key: &str, path: &str) -> (u16, Value) {
     )
 }
 
+/// The JSON body of a response that must be 200, or a panic showing it.
+async fn ok_json(response: reqwest::Response) -> Value {
+    let status = response.status();
+    let text = response.text().await.expect("body");
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str(&text).expect("json body")
+}
+
 fn month_now() -> String {
     let ms = coordinator::core::now_ms().0 as i64;
     ledger::invoice::month_containing(ledger::core::TimestampMs(ms))
@@ -142,8 +150,7 @@ async fn a_tenant_that_cannot_pay_is_refused_402_before_any_work_starts() {
     let response = post_as(&stack, &key, "/v1/chat/completions", &chat_body(9)).await;
     assert_eq!(response.status(), 402, "one more token costs 4 µUSD more");
     let response = post_as(&stack, &key, "/v1/chat/completions", &chat_body(8)).await;
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.expect("json");
+    let body = ok_json(response).await;
     let prompt = u64_of(&body["usage"]["prompt_tokens"]);
     let completion = u64_of(&body["usage"]["completion_tokens"]);
     let charged = prompt * SPOT_PROMPT_MICRO + completion * SPOT_COMPLETION_MICRO;
@@ -173,12 +180,18 @@ async fn a_tenant_that_cannot_pay_is_refused_402_before_any_work_starts() {
         "--reference",
         "r2",
     ]);
-    stack.cli(&["billing", "cap", "--tenant", "broke", "--daily", "0.000150"]);
+    // Spent today plus this request's worst case is one micro-dollar over.
+    let cap = ledger::core::MicroUsd(charged as i64 + worst_micro - 1).to_string();
+    stack.cli(&["billing", "cap", "--tenant", "broke", "--daily", &cap]);
     let response = post_as(&stack, &key, "/v1/chat/completions", &chat_body(8)).await;
     assert_eq!(response.status(), 402);
     let error: Value = response.json().await.expect("json");
     let message = error["error"]["message"].as_str().expect("message");
     assert!(message.starts_with("daily spend cap reached"), "{message}");
+    let cap = ledger::core::MicroUsd(charged as i64 + worst_micro).to_string();
+    stack.cli(&["billing", "cap", "--tenant", "broke", "--daily", &cap]);
+    let response = post_as(&stack, &key, "/v1/chat/completions", &chat_body(8)).await;
+    ok_json(response).await;
     stack.cli(&["billing", "cap", "--tenant", "broke", "--none"]);
 
     // A credit limit counts as available money for a tenant with none.
@@ -224,8 +237,7 @@ async fn usage_and_invoices_match_the_ledger_and_no_tenant_reads_another() {
             &chat_body(max_tokens),
         )
         .await;
-        assert_eq!(response.status(), 200);
-        let body: Value = response.json().await.expect("json");
+        let body = ok_json(response).await;
         let prompt = u64_of(&body["usage"]["prompt_tokens"]);
         let completion = u64_of(&body["usage"]["completion_tokens"]);
         alpha_expected.0 += prompt;
@@ -249,7 +261,7 @@ async fn usage_and_invoices_match_the_ledger_and_no_tenant_reads_another() {
     alpha_expected.2 += prompt * SPOT_PROMPT_MICRO + completion * SPOT_COMPLETION_MICRO;
 
     let response = post_as(&stack, &beta, "/v1/chat/completions", &chat_body(5)).await;
-    let body: Value = response.json().await.expect("json");
+    let body = ok_json(response).await;
     let beta_charged = u64_of(&body["usage"]["prompt_tokens"]) * RESERVED_PROMPT_MICRO
         + u64_of(&body["usage"]["completion_tokens"]) * RESERVED_COMPLETION_MICRO;
 
@@ -329,9 +341,7 @@ async fn an_idempotency_key_replays_the_result_without_charging_again() {
     let mut body = chat_body(12);
     body["temperature"] = json!(0.9);
 
-    let first = send("order-1", body.clone()).await;
-    assert_eq!(first.status(), 200);
-    let first: Value = first.json().await.expect("json");
+    let first = ok_json(send("order-1", body.clone()).await).await;
     let again = send("order-1", body.clone()).await;
     assert_eq!(again.status(), 200);
     assert_eq!(again.headers()["idempotent-replayed"], "true");
@@ -461,8 +471,7 @@ async fn the_coordinator_settles_into_postgresql() {
     topup.extend(ledger_args);
     stack.cli(&topup);
     let response = post_as(&stack, &key, "/v1/chat/completions", &chat_body(6)).await;
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.expect("json");
+    let body = ok_json(response).await;
     let charged = u64_of(&body["usage"]["prompt_tokens"]) * SPOT_PROMPT_MICRO
         + u64_of(&body["usage"]["completion_tokens"]) * SPOT_COMPLETION_MICRO;
 
@@ -487,4 +496,129 @@ async fn the_coordinator_settles_into_postgresql() {
         .execute(&mut admin)
         .await
         .expect("drop schema");
+}
+
+/// The node that runs the most recent assignment, from the coordinator's log.
+fn last_assigned_node(stack: &Stack) -> Option<String> {
+    stack
+        .log("coordinator")
+        .lines()
+        .rev()
+        .filter(|line| line.contains("assigned"))
+        .find_map(|line| {
+            line.split_whitespace()
+                .find_map(|field| field.strip_prefix("node_id="))
+                .map(str::to_string)
+        })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_migrated_generation_charges_the_prompt_once_and_pays_each_owner_for_its_tokens() {
+    use futures::StreamExt;
+    let (options, _prices) = billed_options(&[]);
+    let mut stack = Stack::start(options);
+    for (node, owner) in [("car-1", "alice"), ("car-2", "bob")] {
+        let credential = stack.cli(&["nodes", "add", node, "--owner", owner]);
+        let trace = stack.dir.path().join(format!("{node}.json"));
+        std::fs::write(&trace, common::PLUGGED_IN_TRACE).expect("trace");
+        stack.spawn_agent(node, &credential, &format!("sim:{}", trace.display()), 2);
+    }
+    stack.wait_for_nodes(&["car-1", "car-2"]).await;
+    let key = stack.cli(&["tenants", "create", "mover", "--class", "spot"]);
+    stack.cli(&[
+        "billing",
+        "topup",
+        "--tenant",
+        "mover",
+        "--amount",
+        "1",
+        "--reference",
+        "m1",
+    ]);
+    let mut body = chat_body(60);
+    body["messages"] = json!([{"role": "user", "content": "Write a long story about a car."}]);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    body["seed"] = json!(7);
+    let response = post_as(&stack, &key, "/v1/chat/completions", &body).await;
+    assert_eq!(response.status(), 200);
+    let mut bytes = response.bytes_stream();
+    let mut raw = String::new();
+    let mut killed = None;
+    while let Some(chunk) = bytes.next().await {
+        raw.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
+        if killed.is_none() && raw.matches("data: ").count() >= 6 {
+            let node = last_assigned_node(&stack).expect("an assignment");
+            let agent = stack
+                .agents
+                .iter_mut()
+                .find(|agent| agent.name == node)
+                .expect("agent");
+            agent.kill();
+            killed = Some(node);
+        }
+    }
+    let streamed = common::parse_sse(&raw);
+    assert!(streamed.done && streamed.errors.is_empty(), "{raw}");
+    let usage = streamed.usage.expect("usage");
+    let (prompt, completion) = (
+        u64_of(&usage["prompt_tokens"]),
+        u64_of(&usage["completion_tokens"]),
+    );
+    let id = raw
+        .lines()
+        .find_map(|line| line.strip_prefix("data: "))
+        .and_then(|data| serde_json::from_str::<Value>(data).ok())
+        .and_then(|chunk| chunk["id"].as_str().map(str::to_string))
+        .expect("id");
+
+    let ledger = ledger::store::Store::open_sqlite(&stack.dir.path().join("ledger.db"))
+        .await
+        .expect("ledger");
+    let request = ledger::core::RequestId::new(id.as_str()).expect("id");
+    let segments = ledger.request_usage(&request).await.expect("usage");
+    assert_eq!(segments.len(), 2, "the generation ran on two nodes");
+    // The second node prefilled the prompt and the tokens so far again.
+    assert!(segments[1].prompt_tokens.0 > prompt);
+    let produced: u64 = segments.iter().map(|s| s.completion_tokens.0).sum();
+    assert_eq!(produced, completion);
+    let transfers = ledger.request_transfers(&request).await.expect("transfers");
+    let charge: Vec<_> = transfers
+        .iter()
+        .filter(|t| t.kind() == ledger::core::TransferKind::TokenCharge)
+        .collect();
+    assert_eq!(charge.len(), 1);
+    // The prompt once, every token once: the re-prefill is not charged.
+    assert_eq!(
+        charge[0].amount().0 as u64,
+        prompt * SPOT_PROMPT_MICRO + completion * SPOT_COMPLETION_MICRO
+    );
+    let owner_of = |node: &str| if node == "car-1" { "alice" } else { "bob" };
+    let killed = killed.expect("a node was killed");
+    let survivor = if killed == "car-1" { "car-2" } else { "car-1" };
+    for (position, node) in [(0_u32, killed.as_str()), (1, survivor)] {
+        let shares: Vec<_> = transfers
+            .iter()
+            .filter(|t| {
+                t.kind() == ledger::core::TransferKind::RevenueShare && t.segment().0 == position
+            })
+            .collect();
+        assert_eq!(shares.len(), 1, "segment {position}");
+        assert_eq!(
+            shares[0].credit().to_string(),
+            format!("owner:{}", owner_of(node))
+        );
+    }
+    // Each vehicle's statement shows the request and what it earned.
+    let today = ledger::invoice::month_containing(ledger::core::TimestampMs(
+        coordinator::core::now_ms().0 as i64,
+    ));
+    let period = ledger::invoice::month_period(&today).expect("month");
+    let statement = ledger
+        .statement(&ledger::core::NodeId::new(survivor).expect("node"), period)
+        .await
+        .expect("statement");
+    assert_eq!(statement.totals.requests, 1);
+    assert!(statement.totals.revenue_share.0 > 0);
+    stack.cli(&["ledger", "verify"]);
 }
