@@ -146,7 +146,8 @@ async fn a_collapse_mid_answer_hands_off_to_the_cloud_in_one_stream_metered_in_t
     let dir = tempfile::tempdir().expect("tempdir");
     // Accept every start, release with a lag of two tokens after a hold-back
     // of four, and call any window of eight tokens a collapse: the handoff
-    // comes at token 8, keeping the six tokens already sent.
+    // comes at token 8, keeping the five tokens sent by then (token 7 was
+    // the last to release one) and dropping tokens 6 to 8.
     let config = router_config(dir.path(), -100.0, 4, 2, 0.0);
     let mut args = cloud.serve_args();
     args.extend(["--router-config".into(), config.display().to_string()]);
@@ -160,7 +161,7 @@ async fn a_collapse_mid_answer_hands_off_to_the_cloud_in_one_stream_metered_in_t
         .as_array()
         .expect("logprobs")
         .iter()
-        .take(6)
+        .take(5)
         .filter_map(|entry| entry["token"].as_str())
         .collect();
 
@@ -182,8 +183,8 @@ async fn a_collapse_mid_answer_hands_off_to_the_cloud_in_one_stream_metered_in_t
     let last = streamed.route_fields.last().expect("final route field");
     assert_eq!(last["tier"], "fleet+cloud");
     let usage = &last["usage"];
-    assert_eq!(usage["edge"]["completion_tokens"], 6, "{usage}");
-    assert_eq!(usage["edge"]["discarded_tokens"], 2, "{usage}");
+    assert_eq!(usage["edge"]["completion_tokens"], 5, "{usage}");
+    assert_eq!(usage["edge"]["discarded_tokens"], 3, "{usage}");
     assert!(
         usage["cloud"]["completion_tokens"].as_u64() > Some(0),
         "{usage}"
@@ -195,7 +196,7 @@ async fn a_collapse_mid_answer_hands_off_to_the_cloud_in_one_stream_metered_in_t
     let total = streamed.streamed.usage.expect("usage chunk");
     assert_eq!(
         total["completion_tokens"].as_u64(),
-        Some(6 + usage["cloud"]["completion_tokens"].as_u64().unwrap_or(0))
+        Some(5 + usage["cloud"]["completion_tokens"].as_u64().unwrap_or(0))
     );
 
     // The same without streaming: one answer, the same split.

@@ -91,23 +91,18 @@ impl LocalCloud {
 
     /// `fleetgrid serve` flags that make this the gateway's cloud upstream.
     pub fn serve_args(&self) -> Vec<String> {
-        upstream_args(&self.base_url())
+        let mut args = upstream_args(&self.base_url());
+        args.extend(["--cloud-key-env".to_string(), CLOUD_KEY_ENV.to_string()]);
+        args
     }
 }
 
-/// `fleetgrid serve` flags for a cloud upstream at `base_url`.
+/// `fleetgrid serve` flags for a cloud upstream at `base_url` (no API key).
 pub fn upstream_args(base_url: &str) -> Vec<String> {
-    [
-        "--cloud-url",
-        base_url,
-        "--cloud-model",
-        CLOUD_MODEL,
-        "--cloud-key-env",
-        CLOUD_KEY_ENV,
-    ]
-    .iter()
-    .map(|arg| arg.to_string())
-    .collect()
+    ["--cloud-url", base_url, "--cloud-model", CLOUD_MODEL]
+        .iter()
+        .map(|arg| arg.to_string())
+        .collect()
 }
 
 /// A gateway with `extra` flags and one plugged-in SmolLM2 vehicle.
