@@ -513,11 +513,14 @@ fn last_assigned_node(stack: &Stack) -> Option<String> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_migrated_generation_charges_the_prompt_once_and_pays_each_owner_for_its_tokens() {
+async fn a_migrated_generation_charges_the_prompt_once_and_pays_each_owner_who_sees_only_their_own()
+{
     use futures::StreamExt;
     let (options, _prices) = billed_options(&[]);
     let mut stack = Stack::start(options);
+    let mut owner_keys = std::collections::BTreeMap::new();
     for (node, owner) in [("car-1", "alice"), ("car-2", "bob")] {
+        owner_keys.insert(node, stack.cli(&["owners", "create", owner]));
         let credential = stack.cli(&["nodes", "add", node, "--owner", owner]);
         let trace = stack.dir.path().join(format!("{node}.json"));
         std::fs::write(&trace, common::PLUGGED_IN_TRACE).expect("trace");
@@ -620,5 +623,46 @@ async fn a_migrated_generation_charges_the_prompt_once_and_pays_each_owner_for_i
         .expect("statement");
     assert_eq!(statement.totals.requests, 1);
     assert!(statement.totals.revenue_share.0 > 0);
+
+    // Over the owner API each owner reads their own vehicle's statement,
+    // the same figures as the ledger's; another owner's vehicle is a 404.
+    let path = format!("/owner/v1/vehicles/{survivor}/statement");
+    let (status, own) = get_as(&stack, &owner_keys[survivor], &path).await;
+    assert_eq!(status, 200, "{own}");
+    assert_eq!(own["vehicle"], survivor);
+    assert_eq!(u64_of(&own["requests"]), 1);
+    assert_eq!(
+        own["earnings_micro_usd"].as_i64(),
+        Some(statement.totals.earnings.0)
+    );
+    assert_eq!(own["lines"][0]["request_id"], id.as_str());
+    let (status, other) = get_as(&stack, &owner_keys[killed.as_str()], &path).await;
+    assert_eq!(status, 404, "{other}");
+    let (status, _) = get_as(
+        &stack,
+        &owner_keys[survivor],
+        "/owner/v1/vehicles/car-9/statement",
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _) = get_as(&stack, &key, &path).await;
+    assert_eq!(status, 401, "a tenant key opens no owner route");
+    let (status, csv) = get_as(&stack, &owner_keys[survivor], &format!("{path}?format=csv")).await;
+    assert_eq!(status, 200);
+    let cli_csv = stack.cli(&[
+        "ledger",
+        "statement",
+        "--node",
+        survivor,
+        "--from",
+        "1970-01-01",
+        "--to",
+        "2100-01-01",
+        "--csv",
+    ]);
+    assert_eq!(
+        csv.as_str().and_then(|text| text.lines().last()),
+        Some(cli_csv.as_str())
+    );
     stack.cli(&["ledger", "verify"]);
 }

@@ -110,6 +110,7 @@ async fn sigkilled_coordinators_leave_every_success_charged_once_and_the_ledger_
     let mut stack = Stack::start(options.clone());
     let owners = BTreeMap::from([("car-1", "alice"), ("car-2", "bob")]);
     for (node, owner) in &owners {
+        stack.cli(&["owners", "create", *owner]);
         let credential = stack.cli(&["nodes", "add", *node, "--owner", *owner]);
         let trace = stack.dir.path().join(format!("{node}.json"));
         std::fs::write(&trace, PLUGGED_IN_TRACE).expect("trace");

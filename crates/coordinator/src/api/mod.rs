@@ -8,6 +8,7 @@ mod error;
 mod generate;
 mod idempotency;
 pub mod owner;
+mod owner_statement;
 mod respond;
 mod route;
 mod route_drive;
@@ -81,6 +82,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/usage", get(usage::usage))
         .route("/v1/invoices/{month}", get(usage::invoice))
         .merge(owner::routes())
+        .merge(owner_statement::routes())
         .fallback(not_found)
         // One byte more than the limit so that an over-limit body is seen
         // as such by our own check and answered with an OpenAI-shaped 400.
