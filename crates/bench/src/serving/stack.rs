@@ -63,6 +63,9 @@ pub(super) async fn start_llama_server(
         .args(["-np", &config.slots.to_string()])
         .args(["-c", &context_tokens.to_string()])
         .arg("-cb")
+        // Flash attention as our engine runs it (off: it keeps a moved generation bit-exact), so
+        // that the two serving paths are compared on the same kernels.
+        .args(["-fa", "off"])
         .args(["--host", "127.0.0.1", "--port", &port.to_string()]);
     let log_path = config.work_dir.join("llama-server.log");
     let child = ChildGuard::spawn("llama-server", &mut command, &log_path)?;
