@@ -249,6 +249,23 @@ async fn a_spent_cloud_budget_keeps_auto_on_the_fleet_and_refuses_cloud_with_402
         ("fleet", "budget_exhausted")
     );
     assert!(!stayed.content().is_empty());
+    // The fleet's answer is booked in the ledger like any fleet request.
+    let usage: serde_json::Value = stack
+        .client()
+        .get(stack.url("/v1/usage"))
+        .bearer_auth(&stack.api_key)
+        .send()
+        .await
+        .expect("usage")
+        .json()
+        .await
+        .expect("usage json");
+    assert_eq!(usage["requests"], 1, "{usage}");
+    assert_eq!(
+        usage["completion_tokens"],
+        stayed.body["usage"]["completion_tokens"],
+        "{usage}"
+    );
 
     // Raising the cap lets the cloud answer again.
     common::run_cli(

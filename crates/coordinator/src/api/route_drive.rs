@@ -32,6 +32,8 @@ use super::route::{
 };
 use super::validate::{PromptSource, ValidatedRequest};
 use super::AppState;
+use crate::billing_finish::Finisher;
+use crate::billing_meter::Metering;
 use crate::cloud::upstream::{UpstreamPrompt, UpstreamRequest, UpstreamUsage};
 use crate::cloud::{BudgetStatus, CloudTier, Fallback, UpstreamError};
 use crate::core::{CommittedToken, Core, FinishReason, NewGeneration, Update};
@@ -88,6 +90,17 @@ struct EdgeRun {
     guard: EdgeGuard,
     prompt: Vec<i32>,
     max_tokens: u32,
+    /// Its admitted charge; settled only if its answer is served (dropped,
+    /// it releases the hold: discarded edge work is not charged).
+    finisher: Option<Finisher>,
+}
+
+/// A finished edge answer held back in full, kept to serve if the cloud fails.
+struct HeldAnswer {
+    text: String,
+    finish: FinishReason,
+    metering: Metering,
+    finisher: Option<Finisher>,
 }
 
 /// Edge tokens generated but not yet sent, and what was sent.
@@ -120,7 +133,7 @@ enum CascadeEnd {
     Escalate {
         why: String,
         permit: OwnedSemaphorePermit,
-        finished_text: Option<(String, FinishReason)>,
+        finished_text: Option<(String, FinishReason, Metering)>,
     },
     /// The cloud should continue from what was sent.
     Handoff {
@@ -286,7 +299,7 @@ impl Routing {
     async fn edge_plain(&mut self, why: RouteReason, cloud_if_unavailable: bool) -> Flow<()> {
         let mut edge = match self.start_edge(&[], None).await {
             Ok(edge) => edge,
-            Err(error) if cloud_if_unavailable => {
+            Err(error) if cloud_if_unavailable && error.status != StatusCode::PAYMENT_REQUIRED => {
                 let detail = format!("{}; but {}", why.detail, error.message);
                 let budget = self.budget().await?;
                 if !budget.allows_cloud() {
@@ -311,11 +324,14 @@ impl Routing {
                         .push_back((token.token_id, assembler.push(&token.piece)));
                     self.release(&mut held, u32::MAX, Tier::Fleet, &why).await?;
                 }
-                Update::Finished { reason, .. } => {
+                Update::Finished {
+                    reason, metering, ..
+                } => {
                     edge.guard.armed = false;
                     push_rest(&mut held, assembler.finish());
                     self.release(&mut held, u32::MAX, Tier::Fleet, &why).await?;
                     self.announce(Tier::Fleet, &why).await?;
+                    settle(edge.finisher.take(), &metering).await?;
                     let summary = RouteSummary {
                         tier: Tier::Fleet,
                         reason: why,
@@ -338,6 +354,9 @@ impl Routing {
     async fn cascade(&mut self, rule: AcceptRule, pre_route: String) -> Flow<()> {
         let mut edge = match self.start_edge(&[], None).await {
             Ok(edge) => edge,
+            Err(error) if error.status == StatusCode::PAYMENT_REQUIRED => {
+                return Err(Stop::Failed(error));
+            }
             Err(error) => {
                 let detail = format!("{pre_route}; but {}", error.message);
                 return self
@@ -362,10 +381,17 @@ impl Routing {
                 permit,
                 finished_text,
             } => {
+                let finisher = edge.finisher.take();
                 drop(edge);
                 let why = RouteReason::new(reason::CASCADE_ESCALATED, escalated);
                 let part = held.edge_part(prompt_tokens);
-                self.escalate(why, permit, part, finished_text).await
+                let held_answer = finished_text.map(|(text, finish, metering)| HeldAnswer {
+                    text,
+                    finish,
+                    metering,
+                    finisher,
+                });
+                self.escalate(why, permit, part, held_answer).await
             }
             CascadeEnd::Handoff {
                 why: collapsed,
@@ -411,7 +437,9 @@ impl Routing {
                     };
                     (step, None)
                 }
-                Update::Finished { reason, .. } => {
+                Update::Finished {
+                    reason, metering, ..
+                } => {
                     edge.guard.armed = false;
                     push_rest(held, assembler.finish());
                     let step = if judging {
@@ -419,7 +447,7 @@ impl Routing {
                     } else {
                         Step::Continue
                     };
-                    (step, Some(reason))
+                    (step, Some((reason, metering)))
                 }
                 Update::Failed(error) => {
                     edge.guard.armed = false;
@@ -440,10 +468,10 @@ impl Routing {
                 Step::Continue => {}
                 Step::Escalate { reason: escalated } => match self.cloud.upstream.try_permit() {
                     Some(permit) => {
-                        let finished_text = finished.map(|reason| {
+                        let finished_text = finished.map(|(reason, metering)| {
                             let text: String =
                                 held.pending.iter().map(|(_, text)| text.as_str()).collect();
-                            (text, reason)
+                            (text, reason, metering)
                         });
                         return Ok(CascadeEnd::Escalate {
                             why: escalated,
@@ -496,13 +524,14 @@ impl Routing {
                 u32::MAX
             };
             self.release(held, releasable, Tier::Fleet, why).await?;
-            if let Some(reason) = finished {
+            if let Some((reason, metering)) = finished {
                 if why.code == reason::CASCADE_ACCEPTED {
                     let judgement = self.cloud.router.judge(&rule, tokens);
                     why.detail = format!("{}; {}", why.detail, judgement.reason());
                 }
                 self.release(held, u32::MAX, Tier::Fleet, why).await?;
                 self.announce(Tier::Fleet, why).await?;
+                settle(edge.finisher.take(), &metering).await?;
                 let summary = RouteSummary {
                     tier: Tier::Fleet,
                     reason: why.clone(),
@@ -523,7 +552,7 @@ impl Routing {
         why: RouteReason,
         permit: OwnedSemaphorePermit,
         edge_part: EdgePart,
-        finished_text: Option<(String, FinishReason)>,
+        held_answer: Option<HeldAnswer>,
     ) -> Flow<()> {
         let request = self.upstream_request(self.cloud_prompt(), self.request_max_tokens());
         let discarded = EdgePart {
@@ -539,10 +568,8 @@ impl Routing {
             Err(CloudFailure::BeforeText(error)) => {
                 let detail = format!("{}; {error}, so the fleet answered", why.detail);
                 let fallback = RouteReason::new(reason::CLOUD_UNAVAILABLE, detail);
-                match finished_text {
-                    Some((text, finish)) => {
-                        self.serve_text(text, finish, fallback, edge_part).await
-                    }
+                match held_answer {
+                    Some(answer) => self.serve_text(answer, fallback, edge_part).await,
                     None => self.edge_plain(fallback, false).await,
                 }
             }
@@ -554,15 +581,16 @@ impl Routing {
     /// Sends a finished edge answer that was held back in full.
     async fn serve_text(
         &mut self,
-        text: String,
-        finish: FinishReason,
+        answer: HeldAnswer,
         why: RouteReason,
         edge_part: EdgePart,
     ) -> Flow<()> {
         self.announce(Tier::Fleet, &why).await?;
-        if !text.is_empty() {
-            self.emit(RoutedEvent::Text(text)).await?;
+        if !answer.text.is_empty() {
+            self.emit(RoutedEvent::Text(answer.text)).await?;
         }
+        settle(answer.finisher, &answer.metering).await?;
+        let finish = answer.finish;
         let summary = RouteSummary {
             tier: Tier::Fleet,
             reason: why,
@@ -643,10 +671,13 @@ impl Routing {
                         .push_back((token.token_id, assembler.push(&token.piece)));
                     self.release(&mut held, u32::MAX, Tier::Fleet, &why).await?;
                 }
-                Update::Finished { reason, .. } => {
+                Update::Finished {
+                    reason, metering, ..
+                } => {
                     edge.guard.armed = false;
                     push_rest(&mut held, assembler.finish());
                     self.release(&mut held, u32::MAX, Tier::Fleet, &why).await?;
+                    settle(edge.finisher.take(), &metering).await?;
                     let summary = RouteSummary {
                         tier: Tier::Fleet,
                         reason: why,
@@ -811,6 +842,25 @@ impl Routing {
             .request
             .seed
             .unwrap_or_else(|| rand::thread_rng().gen());
+        // Refused with 402 before anything is queued if the tenant cannot pay
+        // for the worst case. A continuation after a failed handoff is a
+        // second generation, booked under its own id.
+        let ledger_id = if prefix.is_empty() {
+            self.public_id.clone()
+        } else {
+            format!("{}-continued", self.public_id)
+        };
+        let charge = self
+            .state
+            .billing
+            .admit(
+                &self.tenant,
+                &self.request.model.name,
+                prompt.len(),
+                max_tokens,
+                &ledger_id,
+            )
+            .await?;
         let admitted = self
             .state
             .core
@@ -839,6 +889,7 @@ impl Routing {
             },
             prompt,
             max_tokens,
+            finisher: Some(Finisher::new(Arc::clone(&self.state.billing), charge, None)),
         })
     }
 
@@ -993,6 +1044,15 @@ impl Routing {
                 .map(|message| message.content.clone())
                 .unwrap_or_default(),
         }
+    }
+}
+
+/// Books a served edge answer in the ledger; a failure withholds the
+/// successful end from the client (it was not charged).
+async fn settle(finisher: Option<Finisher>, metering: &Metering) -> Flow<()> {
+    match finisher {
+        Some(mut finisher) => finisher.finish(metering, None).await.map_err(Stop::Failed),
+        None => Ok(()),
     }
 }
 
