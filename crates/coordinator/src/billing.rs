@@ -49,6 +49,7 @@ use ledger::statement::Period;
 use ledger::store::{MeterFlag, Store as Ledger, StoreError as LedgerStoreError};
 
 use crate::api::ApiError;
+use crate::billing_holds::{Hold, HoldBook};
 use crate::billing_meter::Metering;
 use crate::core::ORDER;
 use crate::metrics::Metrics;
@@ -173,56 +174,6 @@ pub fn owner_account(node: &str, owner: &str) -> Result<OwnerId, ledger::core::I
         OwnerId::new(node)
     } else {
         OwnerId::new(owner)
-    }
-}
-
-/// Worst cases held for a tenant's in-flight requests.
-#[derive(Debug, Default)]
-struct TenantHolds {
-    held: MicroUsd,
-    /// Bumped whenever a hold is released, so an admission that read the
-    /// balance before a settlement can tell and read again.
-    epoch: u64,
-}
-
-#[derive(Debug, Default)]
-struct HoldBook {
-    tenants: Mutex<HashMap<TenantId, TenantHolds>>,
-}
-
-impl HoldBook {
-    fn lock(&self) -> MutexGuard<'_, HashMap<TenantId, TenantHolds>> {
-        // The map stays consistent between statements; a panic elsewhere
-        // while holding it must not stop billing.
-        self.tenants
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn epoch(&self, tenant: &TenantId) -> u64 {
-        self.lock().get(tenant).map_or(0, |holds| holds.epoch)
-    }
-
-    fn release(&self, tenant: &TenantId, amount: MicroUsd) {
-        let mut tenants = self.lock();
-        if let Some(holds) = tenants.get_mut(tenant) {
-            holds.held = MicroUsd(holds.held.0.saturating_sub(amount.0).max(0));
-            holds.epoch += 1;
-        }
-    }
-}
-
-/// A request's worst case, held until the request is settled or abandoned.
-#[derive(Debug)]
-struct Hold {
-    book: Arc<HoldBook>,
-    tenant: TenantId,
-    amount: MicroUsd,
-}
-
-impl Drop for Hold {
-    fn drop(&mut self) {
-        self.book.release(&self.tenant, self.amount);
     }
 }
 

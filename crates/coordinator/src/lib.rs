@@ -8,6 +8,7 @@
 pub mod api;
 pub mod billing;
 pub mod billing_finish;
+pub mod billing_holds;
 pub mod billing_idempotency;
 pub mod billing_meter;
 pub mod changes;
