@@ -13,7 +13,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// Alternatives asked for per token, for the margin score.
 pub const TOP_LOGPROBS: u32 = 5;
 
-/// Attempts per request when the gateway answers 429 or 503 (overload).
+/// Attempts per request while the gateway answers that it is overloaded.
 const OVERLOAD_ATTEMPTS_MAX: u32 = 20;
 
 /// One OpenAI-compatible endpoint and the model to ask for there.
@@ -105,15 +105,17 @@ impl Client {
                 .send()
                 .await
                 .with_context(|| format!("POST {url}"))?;
+            // Overload (429, or 503 with Retry-After) is waited out; other
+            // errors, such as a 503 without Retry-After, are not retried.
             let status = response.status().as_u16();
-            if (status == 429 || status == 503) && attempt < OVERLOAD_ATTEMPTS_MAX {
-                let wait_s = response
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|value| value.to_str().ok())
-                    .and_then(|value| value.parse::<u64>().ok())
-                    .unwrap_or(1)
-                    .clamp(1, 10);
+            let retry_after_s = response
+                .headers()
+                .get("retry-after")
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.parse::<u64>().ok());
+            let overloaded = status == 429 || (status == 503 && retry_after_s.is_some());
+            if overloaded && attempt < OVERLOAD_ATTEMPTS_MAX {
+                let wait_s = retry_after_s.unwrap_or(1).clamp(1, 10);
                 tokio::time::sleep(Duration::from_secs(wait_s)).await;
                 continue;
             }

@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 /// The most items a data set file may hold.
 pub const DATASET_ITEMS_MAX: usize = 100_000;
 
-/// Completion tokens for a multiple-choice answer: a letter and a little slack.
-pub const MULTIPLE_CHOICE_MAX_TOKENS: u32 = 8;
+/// Completion tokens for a multiple-choice answer: "The correct option is
+/// B. text" and a little slack.
+pub const MULTIPLE_CHOICE_MAX_TOKENS: u32 = 16;
 
 /// Completion tokens for a worked math answer.
 pub const MATH_MAX_TOKENS: u32 = 256;
@@ -137,9 +138,11 @@ fn parse_item(index: usize, value: &serde_json::Value) -> anyhow::Result<Item> {
         return Ok(Item {
             index,
             id: index.to_string(),
+            // The local cloud stand-in is a code model: unless told not to,
+            // it answers word problems with Python that runs past max_tokens.
             prompt: format!(
-                "Solve this math problem. Reason step by step, then end with a line \
-                 \"The answer is N.\" where N is the final number.\n\n{question}"
+                "{question}\n\nWork it out step by step in a few short sentences, without \
+                 code. Then end with \"The answer is N.\" where N is the final number."
             ),
             grader: Grader::FinalNumber { reference },
             max_tokens: MATH_MAX_TOKENS,
@@ -182,9 +185,11 @@ fn commonsense_item(
         id: value["id"]
             .as_str()
             .map_or_else(|| index.to_string(), str::to_string),
+        // Tried on the calibrate half: asking for "the letter only" made both
+        // small models answer "A" or "B" whatever the question; letting them
+        // name the option gives answers that carry their knowledge.
         prompt: format!(
-            "Answer the multiple-choice question with the letter of the correct choice only.\n\n\
-             Question: {stem}\n{}\nAnswer:",
+            "{stem}\n\nOptions:\n{}\n\nThe correct option is",
             listed.join("\n")
         ),
         grader: Grader::MultipleChoice { key, choices },
@@ -211,7 +216,7 @@ mod tests {
             "stem": "Where?", "choices": [{"label": "A", "text": "here"}, {"label": "B", "text": "there"}]}});
         let item = parse_item(4, &commonsense).expect("commonsense");
         assert_eq!(item.id, "x1");
-        assert!(item.prompt.contains("A. here\nB. there"), "{}", item.prompt);
+        assert!(item.prompt.contains("Options:\nA. here\nB. there"), "{}", item.prompt);
         assert!(item.grader.grade("B").correct);
         assert_eq!(item.max_tokens, MULTIPLE_CHOICE_MAX_TOKENS);
 

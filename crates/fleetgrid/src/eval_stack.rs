@@ -24,6 +24,9 @@ const HEALTH_POLL_INTERVAL: Duration = Duration::from_millis(300);
 /// The tenant the evaluation authenticates as (class `fleet`: metered, never refused for money).
 const EVAL_TENANT: &str = "eval";
 
+/// The owner of the evaluation's simulated vehicles (settlement credits an owner).
+const EVAL_OWNER: &str = "eval-owner";
+
 /// A vehicle plugged in and charging for a whole day.
 const PLUGGED_IN_TRACE: &str = r#"{"start_soc": 0.8, "events": [
   {"at_s": 0, "plugged_in": true, "charging": true, "soc": 0.8, "departure_in_s": 86400, "temperature_c": 20.0}
@@ -201,7 +204,8 @@ async fn tenant_key(database: &Store) -> anyhow::Result<String> {
 
 async fn node_credential(database: &Store, name: &str) -> anyhow::Result<String> {
     let now = coordinator::core::now_ms().0 as i64;
-    match database.add_node(name, "", now).await {
+    database.ensure_owner(EVAL_OWNER, now).await?;
+    match database.add_node(name, EVAL_OWNER, now).await {
         Ok(credential) => Ok(credential),
         Err(StoreError::NodeExists(_)) => database
             .rotate_node_credential(name)

@@ -1,0 +1,177 @@
+//! End to end: `fleetgrid eval` starts its own stack with the real SmolLM2
+//! model, runs the router in the client on CommonsenseQA items, records both
+//! tiers' answers; `fleetgrid router calibrate` chooses thresholds from those
+//! records; `eval --replay` reports the calibrated router with its curve.
+//!
+//! The "cloud" here is the same small model, so the test checks the
+//! plumbing and the calibration's logic, not answer quality: with identical
+//! answers on both tiers, calibration must keep everything at the edge.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::MODEL;
+use router::{ClassPolicy, RouterConfig};
+
+fn dataset() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/eval/commonsenseqa_200.jsonl")
+}
+
+fn fleetgrid(args: &[&str]) -> String {
+    let output = Command::new(common::binary())
+        .args(args)
+        .output()
+        .expect("run fleetgrid");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "fleetgrid {args:?} failed:\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|error| panic!("read {}: {error}", path.display()));
+    serde_json::from_str(&text).expect("json")
+}
+
+#[test]
+fn eval_records_both_tiers_then_calibration_keeps_identical_answers_at_the_edge() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("out");
+    let records = out.join("records.jsonl");
+    let dataset = dataset();
+    let dataset = dataset.to_str().expect("utf-8 path");
+    let out_arg = out.to_str().expect("utf-8 path");
+
+    // A router that escalates every answer: no answer reaches a mean
+    // log-probability of 0.5, so each item gets an edge and a cloud answer.
+    let mut escalate_all = RouterConfig::default();
+    escalate_all.policies.multiple_choice = ClassPolicy::Cascade(router::AcceptRule {
+        feature: router::ConfidenceFeature::MeanLogprob,
+        threshold: 0.5,
+    });
+    let escalate_all_path = dir.path().join("escalate-all.json");
+    std::fs::write(&escalate_all_path, escalate_all.to_json()).expect("write config");
+    let stack_dir = dir.path().join("stack");
+    let stdout = fleetgrid(&[
+        "eval",
+        "--dataset",
+        dataset,
+        "--policy",
+        "auto",
+        "--half",
+        "calibrate",
+        "--limit",
+        "2",
+        "--edge-model",
+        MODEL,
+        "--cloud-model",
+        MODEL,
+        "--router-config",
+        escalate_all_path.to_str().expect("path"),
+        "--threads-per-vehicle",
+        "1",
+        "--out",
+        out_arg,
+        "--data-dir",
+        stack_dir.to_str().expect("path"),
+    ]);
+    assert!(
+        stdout.contains("served at the edge    0.0% (0/2)"),
+        "{stdout}"
+    );
+    let report = read_json(&out.join("commonsenseqa_200-calibrate-auto.json"));
+    assert_eq!(report["items"], 2);
+    for result in report["results"].as_array().expect("results") {
+        assert_eq!(result["served"], "escalated", "{result}");
+        assert!(
+            result["reason"]
+                .as_str()
+                .expect("reason")
+                .contains("mean_logprob"),
+            "{result}"
+        );
+    }
+    // The router's own time is measured and tiny next to a generation.
+    assert!(report["router_us"]["p50"].as_f64().expect("router time") < 50_000.0);
+
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&records)
+        .expect("records")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("record"))
+        .collect();
+    assert_eq!(lines.len(), 4, "an edge and a cloud answer per item");
+    for line in &lines {
+        // Calibrate half: even line numbers of the file.
+        assert_eq!(line["index"].as_u64().expect("index") % 2, 0);
+        assert_eq!(line["class"], "multiple_choice");
+        if line["tier"] == "edge" {
+            assert!(
+                line["confidence"]["tokens"].as_u64().expect("scores") > 0,
+                "{line}"
+            );
+        }
+    }
+
+    // Calibrate on those records: both tiers gave the same answers, so the
+    // cheapest policy with full cloud quality serves everything at the edge.
+    let config_path = dir.path().join("router.json");
+    fleetgrid(&[
+        "router",
+        "calibrate",
+        "--dataset",
+        dataset,
+        "--records",
+        records.to_str().expect("path"),
+        "--target-quality",
+        "0.95",
+        "--out",
+        config_path.to_str().expect("path"),
+    ]);
+    let calibrated =
+        RouterConfig::from_json(&std::fs::read_to_string(&config_path).expect("config"))
+            .expect("the calibrated configuration loads");
+    assert_eq!(calibrated.policies.multiple_choice, ClassPolicy::Edge);
+    let summary = calibrated.calibration.expect("calibration summary");
+    assert_eq!(summary.routed.items, 2);
+    assert!(
+        summary.source.contains("calibrate half"),
+        "{}",
+        summary.source
+    );
+
+    // Replay the calibrated router on the same items: all at the edge, the
+    // same accuracy as cloud-only, cheaper, and a curve naming the half.
+    fleetgrid(&[
+        "eval",
+        "--dataset",
+        dataset,
+        "--policy",
+        "auto",
+        "--half",
+        "calibrate",
+        "--limit",
+        "2",
+        "--replay",
+        "--router-config",
+        config_path.to_str().expect("path"),
+        "--out",
+        out_arg,
+    ]);
+    let replayed = read_json(&out.join("commonsenseqa_200-calibrate-auto-replay.json"));
+    assert_eq!(replayed["edge_share"], 1.0);
+    let comparison = &replayed["comparison"];
+    assert_eq!(replayed["correct"], comparison["cloud_only"]["correct"]);
+    assert!(comparison["cost_saving_vs_cloud"].as_f64().expect("saving") > 0.0);
+    let svg =
+        std::fs::read_to_string(out.join("commonsenseqa_200-calibrate-curve.svg")).expect("curve");
+    assert!(
+        svg.contains("calibrate half (even items), first 2 items"),
+        "{svg}"
+    );
+}
