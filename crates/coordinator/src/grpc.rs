@@ -143,9 +143,9 @@ impl proto::coordinator_server::Coordinator for AgentService {
         if outbound.try_send(welcome).is_err() {
             return Err(Status::internal("could not queue welcome"));
         }
-        let session = self
-            .core
-            .node_connected(&hello.node_id, &hello, outbound, &self.models, policy);
+        let session =
+            self.core
+                .node_connected(&hello.node_id, &hello, outbound, &self.models, policy);
         tracing::info!(node_id = %hello.node_id, models = hello.models.len(), "node connected");
         let store = self.store.clone();
         let name = hello.node_id.clone();
