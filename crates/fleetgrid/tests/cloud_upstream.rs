@@ -76,6 +76,34 @@ async fn a_cloud_that_is_down_is_a_clear_502_and_auto_stays_on_the_fleet() {
     assert!(detail.contains("could not be reached"), "{detail}");
     assert!(!served.content().is_empty());
     assert!(served.body["fleetgrid"]["usage"]["cloud"].is_null());
+
+    // Text completions are routed the same way.
+    let response = stack
+        .post(
+            "/v1/completions",
+            &serde_json::json!({"model": "auto", "prompt": CODE_PROMPT, "max_tokens": 8}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-fleetgrid-tier"], "fleet");
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(body["object"], "text_completion");
+    assert!(body["choices"][0]["text"]
+        .as_str()
+        .is_some_and(|text| !text.is_empty()));
+
+    // Bad requests for routed names are OpenAI-shaped 400s.
+    let unknown = post_chat(&stack, &chat("cloud/no-such-model", "Hi", 8)).await;
+    assert_eq!(unknown.status, 400, "{}", unknown.body);
+    assert_eq!(unknown.body["error"]["code"], "model_not_found");
+    let mut with_logprobs = chat("auto", "Hi", 8);
+    with_logprobs["logprobs"] = serde_json::json!(true);
+    let refused = post_chat(&stack, &with_logprobs).await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert_eq!(refused.body["error"]["param"], "logprobs");
+    let invalid = post_chat(&stack, &chat("auto", "Hi", 0)).await;
+    assert_eq!(invalid.status, 400, "{}", invalid.body);
+    assert_eq!(invalid.body["error"]["param"], "max_tokens");
 }
 
 #[tokio::test]
