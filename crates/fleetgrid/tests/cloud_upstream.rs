@@ -110,13 +110,33 @@ async fn a_cloud_that_is_down_is_a_clear_502_and_auto_stays_on_the_fleet() {
 async fn a_stalling_cloud_times_out_with_504_or_falls_back_to_the_fleet() {
     let url = format!("http://127.0.0.1:{}/v1", stalling_server());
     let mut error_args = upstream_args(&url);
-    error_args.extend(["--cloud-timeout-ms".to_string(), "1500".to_string()]);
+    error_args.extend(
+        ["--cloud-timeout-ms", "1500", "--cloud-concurrency", "1"]
+            .iter()
+            .map(|arg| arg.to_string()),
+    );
     let strict = common::Stack::start(common::StackOptions {
         extra_serve_args: error_args,
     });
     let started = Instant::now();
-    let timed_out = post_chat(&strict, &chat(&cloud_name(), "Hi", 8)).await;
+    let first = chat(&cloud_name(), "Hi", 8);
+    let stalled = post_chat(&strict, &first);
+    let second = async {
+        // While the first call holds the only upstream slot, another is
+        // refused at once with 429 and Retry-After, not queued.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let response = strict
+            .post("/v1/chat/completions", &chat(&cloud_name(), "Hi", 8))
+            .await;
+        (
+            response.status(),
+            response.headers().get("retry-after").cloned(),
+        )
+    };
+    let (timed_out, (second_status, retry_after)) = tokio::join!(stalled, second);
     let waited = started.elapsed();
+    assert_eq!(second_status, 429);
+    assert!(retry_after.is_some());
     assert_eq!(timed_out.status, 504, "{}", timed_out.body);
     assert_eq!(timed_out.body["error"]["code"], "upstream_timeout");
     assert!(waited >= Duration::from_millis(1400), "{waited:?}");
