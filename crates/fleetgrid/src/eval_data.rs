@@ -216,7 +216,11 @@ mod tests {
             "stem": "Where?", "choices": [{"label": "A", "text": "here"}, {"label": "B", "text": "there"}]}});
         let item = parse_item(4, &commonsense).expect("commonsense");
         assert_eq!(item.id, "x1");
-        assert!(item.prompt.contains("Options:\nA. here\nB. there"), "{}", item.prompt);
+        assert!(
+            item.prompt.contains("Options:\nA. here\nB. there"),
+            "{}",
+            item.prompt
+        );
         assert!(item.grader.grade("B").correct);
         assert_eq!(item.max_tokens, MULTIPLE_CHOICE_MAX_TOKENS);
 

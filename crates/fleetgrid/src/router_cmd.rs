@@ -124,7 +124,14 @@ fn run_calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
         args.target_quality * 100.0
     );
     for class in router::TaskClass::ALL {
-        println!("  {class:<16} {:?}", config.policies.get(class));
+        let policy = match config.policies.get(class) {
+            router::ClassPolicy::Edge => "edge".to_string(),
+            router::ClassPolicy::Cloud => "cloud".to_string(),
+            router::ClassPolicy::Cascade(rule) => {
+                format!("cascade: accept if {} >= {}", rule.feature, rule.threshold)
+            }
+        };
+        println!("  {class:<16} {policy}");
     }
     println!(
         "  routed: {}/{} correct ({:.1}% of cloud-only {}), {:.1}% at the edge, cost saving vs cloud-only {:.1}%",
