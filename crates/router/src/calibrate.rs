@@ -12,6 +12,13 @@
 //! half-way between each pair of adjacent distinct scores seen. A dynamic
 //! programme over classes (a multiple-choice knapsack on the number of
 //! correct answers) then finds the cheapest combination reaching the target.
+//! **No evidence, no edge.** A candidate that keeps items at the edge is
+//! considered only if the edge answered at least one of those kept items
+//! correctly. Without that rule, on a small sample where the edge is never
+//! right (the 135M model on grade-school math), a cascade would keep at the
+//! edge exactly the items the cloud also got wrong: free on the calibration
+//! data, and a pure loss on new data.
+//!
 //! Ties go, in order, to: lower cost, more correct answers, more answers
 //! served at the edge, then the candidate listed first (Edge, cascades by
 //! feature then threshold, Cloud). The result does not depend on the order
@@ -151,7 +158,11 @@ fn candidates(items: &[&CalibrationItem]) -> Vec<(ClassPolicy, Totals)> {
             .map(|item| apply(policy, item))
             .fold(Totals::default(), Totals::add)
     };
-    let mut candidates = vec![(ClassPolicy::Edge, totals_of(&ClassPolicy::Edge))];
+    let edge_correct_total: u32 = items.iter().map(|item| u32::from(item.edge_correct)).sum();
+    let mut candidates = Vec::new();
+    if edge_correct_total > 0 {
+        candidates.push((ClassPolicy::Edge, totals_of(&ClassPolicy::Edge)));
+    }
     let edge_cost: MicroUsd = items.iter().map(|item| item.edge_cost).sum();
     for feature in ConfidenceFeature::ALL {
         let mut sorted: Vec<&CalibrationItem> = items.to_vec();
@@ -161,7 +172,6 @@ fn candidates(items: &[&CalibrationItem]) -> Vec<(ClassPolicy, Totals)> {
                 .total_cmp(&b.edge_confidence.get(feature))
         });
         // Prefix sums over the escalated (lowest-scoring) items; suffix over the accepted.
-        let edge_correct_total: u32 = sorted.iter().map(|item| u32::from(item.edge_correct)).sum();
         let (mut escalated_cloud_cost, mut escalated_cloud_correct, mut escalated_edge_correct) =
             (MicroUsd::ZERO, 0u32, 0u32);
         for split in 1..sorted.len() {
@@ -171,14 +181,15 @@ fn candidates(items: &[&CalibrationItem]) -> Vec<(ClassPolicy, Totals)> {
             escalated_edge_correct += u32::from(previous.edge_correct);
             let low = previous.edge_confidence.get(feature);
             let high = sorted[split].edge_confidence.get(feature);
-            if low >= high {
+            let kept_edge_correct = edge_correct_total - escalated_edge_correct;
+            if low >= high || kept_edge_correct == 0 {
                 continue;
             }
             let middle = low + (high - low) / 2.0;
             let threshold = if middle > low { middle } else { high };
             let totals = Totals {
                 items: sorted.len() as u32,
-                correct: escalated_cloud_correct + edge_correct_total - escalated_edge_correct,
+                correct: escalated_cloud_correct + kept_edge_correct,
                 edge_served: (sorted.len() - split) as u32,
                 cost: edge_cost.saturating_add(escalated_cloud_cost),
             };

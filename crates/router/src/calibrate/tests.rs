@@ -70,6 +70,22 @@ fn an_edge_that_is_never_right_sends_the_class_to_the_cloud() {
 }
 
 #[test]
+fn no_edge_answer_is_kept_without_a_correct_one_to_show_for_it() {
+    // The confident edge answers are wrong, and so are the cloud's on them:
+    // keeping them at the edge costs nothing here, but there is no evidence
+    // that the edge can answer this class at all.
+    let items = [
+        item(TaskClass::Math, false, false, -0.1),
+        item(TaskClass::Math, false, false, -0.2),
+        item(TaskClass::Math, false, true, -1.5),
+        item(TaskClass::Math, false, true, -2.0),
+    ];
+    let outcome = calibrate(&items, 0.95, &all(ClassPolicy::Edge), "test").expect("calibrate");
+    assert_eq!(outcome.policies.math, ClassPolicy::Cloud);
+    assert_eq!(outcome.summary.routed.edge_served, 0);
+}
+
+#[test]
 fn bad_inputs_are_errors() {
     assert_eq!(
         calibrate(&[], 0.9, &base(), "test"),
