@@ -41,11 +41,20 @@ impl FleetgridCli {
         command
     }
 
-    /// `fleetgrid tenants create NAME --data-dir DIR`; prints the API key on its last line.
+    /// `fleetgrid tenants create NAME --class fleet --data-dir DIR`; prints the API key on its
+    /// last line. A fleet tenant is metered but never refused for money, so the benchmark needs
+    /// no top-up.
     pub fn create_tenant(&self) -> Command {
         let mut command = self.command();
         command
-            .args(["tenants", "create", TENANT_NAME, "--data-dir"])
+            .args([
+                "tenants",
+                "create",
+                TENANT_NAME,
+                "--class",
+                "fleet",
+                "--data-dir",
+            ])
             .arg(&self.data_dir);
         command
     }
