@@ -40,6 +40,7 @@ async fn auto_keeps_confident_answers_on_the_fleet_and_escalates_unsure_ones() {
     let mut edge_easy = chat("fleet/smollm2-135m-instruct", EASY, 24);
     edge_easy["logprobs"] = json!(true);
     let edge_easy = stack.chat(&edge_easy).await;
+    assert_eq!(edge_easy["fleetgrid"]["reason"], "explicit_fleet");
     let edge_hard = stack.chat(&chat("smollm2-135m-instruct", HARD, 24)).await;
     let cloud_hard = post_chat(&stack, &chat(&cloud_name(), HARD, 24)).await;
     assert_eq!(cloud_hard.status, 200, "{}", cloud_hard.body);

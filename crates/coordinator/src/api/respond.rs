@@ -92,18 +92,26 @@ impl ResponseMeta {
     }
 
     fn envelope(&self, streaming: bool, choices: Value) -> Value {
-        json!({
+        let mut envelope = json!({
             "id": self.id,
             "object": self.object(streaming),
             "created": self.created,
             "model": self.model,
             "system_fingerprint": Value::Null,
             "choices": choices,
-        })
+        });
+        if !streaming {
+            // Which tier served and why, as routed responses say it too.
+            envelope["fleetgrid"] = json!({"tier": "fleet", "reason": EXPLICIT_FLEET});
+        }
+        envelope
     }
 }
 
-fn headers(meta: &ResponseMeta) -> [(HeaderName, HeaderValue); 2] {
+/// The route reason of a request that named a fleet model.
+const EXPLICIT_FLEET: &str = "explicit_fleet";
+
+fn headers(meta: &ResponseMeta) -> [(HeaderName, HeaderValue); 3] {
     [
         (
             HeaderName::from_static("x-request-id"),
@@ -112,6 +120,10 @@ fn headers(meta: &ResponseMeta) -> [(HeaderName, HeaderValue); 2] {
         (
             HeaderName::from_static("x-fleetgrid-tier"),
             HeaderValue::from_static("fleet"),
+        ),
+        (
+            HeaderName::from_static("x-fleetgrid-route-reason"),
+            HeaderValue::from_static(EXPLICIT_FLEET),
         ),
     ]
 }
