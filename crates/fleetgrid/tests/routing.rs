@@ -263,8 +263,7 @@ async fn a_spent_cloud_budget_keeps_auto_on_the_fleet_and_refuses_cloud_with_402
         .expect("usage json");
     assert_eq!(usage["requests"], 1, "{usage}");
     assert_eq!(
-        usage["completion_tokens"],
-        stayed.body["usage"]["completion_tokens"],
+        usage["completion_tokens"], stayed.body["usage"]["completion_tokens"],
         "{usage}"
     );
 
