@@ -119,7 +119,17 @@ fn eval_records_both_tiers_then_calibration_keeps_identical_answers_at_the_edge(
     }
 
     // Calibrate on those records: both tiers gave the same answers, so the
-    // cheapest policy with full cloud quality serves everything at the edge.
+    // cheapest policy with full cloud quality serves everything at the edge,
+    // as long as the edge got one of them right (with none right there is no
+    // evidence for the edge, and calibration sends the class to the cloud).
+    let edge_right = lines
+        .iter()
+        .any(|line| line["tier"] == "edge" && line["correct"] == true);
+    let expected = if edge_right {
+        ClassPolicy::Edge
+    } else {
+        ClassPolicy::Cloud
+    };
     let config_path = dir.path().join("router.json");
     fleetgrid(&[
         "router",
@@ -136,7 +146,7 @@ fn eval_records_both_tiers_then_calibration_keeps_identical_answers_at_the_edge(
     let calibrated =
         RouterConfig::from_json(&std::fs::read_to_string(&config_path).expect("config"))
             .expect("the calibrated configuration loads");
-    assert_eq!(calibrated.policies.multiple_choice, ClassPolicy::Edge);
+    assert_eq!(calibrated.policies.multiple_choice, expected);
     let summary = calibrated.calibration.expect("calibration summary");
     assert_eq!(summary.routed.items, 2);
     assert!(
@@ -145,8 +155,9 @@ fn eval_records_both_tiers_then_calibration_keeps_identical_answers_at_the_edge(
         summary.source
     );
 
-    // Replay the calibrated router on the same items: all at the edge, the
-    // same accuracy as cloud-only, cheaper, and a curve naming the half.
+    // Replay the calibrated router on the same items: all at the edge (or
+    // all in the cloud), the same accuracy as cloud-only, cheaper when at the
+    // edge, and a curve naming the half.
     fleetgrid(&[
         "eval",
         "--dataset",
@@ -164,10 +175,16 @@ fn eval_records_both_tiers_then_calibration_keeps_identical_answers_at_the_edge(
         out_arg,
     ]);
     let replayed = read_json(&out.join("commonsenseqa_200-calibrate-auto-replay.json"));
-    assert_eq!(replayed["edge_share"], 1.0);
     let comparison = &replayed["comparison"];
     assert_eq!(replayed["correct"], comparison["cloud_only"]["correct"]);
-    assert!(comparison["cost_saving_vs_cloud"].as_f64().expect("saving") > 0.0);
+    let saving = comparison["cost_saving_vs_cloud"].as_f64().expect("saving");
+    if edge_right {
+        assert_eq!(replayed["edge_share"], 1.0);
+        assert!(saving > 0.0, "{comparison}");
+    } else {
+        assert_eq!(replayed["edge_share"], 0.0);
+        assert_eq!(saving, 0.0, "{comparison}");
+    }
     let svg =
         std::fs::read_to_string(out.join("commonsenseqa_200-calibrate-curve.svg")).expect("curve");
     assert!(
