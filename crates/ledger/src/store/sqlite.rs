@@ -169,14 +169,22 @@ async fn update_accounts(
     tx: &mut Transaction<'static, Sqlite>,
     accounts: &BTreeMap<AccountId, AccountState>,
 ) -> Result<(), StoreError> {
-    let sql = "UPDATE ledger_accounts SET debits_posted = $1, credits_posted = $2 WHERE id = $3";
-    for (id, state) in accounts {
-        sqlx::query(sql)
-            .bind(state.debits_posted.0)
-            .bind(state.credits_posted.0)
-            .bind(id.to_string())
-            .execute(&mut **tx)
-            .await?;
+    // One statement per chunk of accounts rather than one per account: a batch of settlements
+    // touches about a thousand accounts, and each statement is a round trip to sqlx's SQLite
+    // worker thread.
+    let accounts: Vec<(&AccountId, &AccountState)> = accounts.iter().collect();
+    for chunk in accounts.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Sqlite>::new("WITH u (id, debits, credits) AS (");
+        query.push_values(chunk, |mut row, (id, state)| {
+            row.push_bind(id.to_string())
+                .push_bind(state.debits_posted.0)
+                .push_bind(state.credits_posted.0);
+        });
+        query.push(
+            ") UPDATE ledger_accounts SET debits_posted = u.debits, credits_posted = u.credits \
+             FROM u WHERE ledger_accounts.id = u.id",
+        );
+        query.build().execute(&mut **tx).await?;
     }
     Ok(())
 }
