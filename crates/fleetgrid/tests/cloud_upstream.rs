@@ -104,6 +104,29 @@ async fn a_cloud_that_is_down_is_a_clear_502_and_auto_stays_on_the_fleet() {
     let invalid = post_chat(&stack, &chat("auto", "Hi", 0)).await;
     assert_eq!(invalid.status, 400, "{}", invalid.body);
     assert_eq!(invalid.body["error"]["param"], "max_tokens");
+
+    // Headers whose promise a routed request cannot keep are refused, not ignored.
+    for (header, value) in [
+        ("idempotency-key", "k-1"),
+        ("x-fleetgrid-deadline-ms", "500"),
+    ] {
+        let response = stack
+            .client()
+            .post(stack.url("/v1/chat/completions"))
+            .bearer_auth(&stack.api_key)
+            .header(header, value)
+            .json(&chat("auto", "Hi", 8))
+            .send()
+            .await
+            .expect("send request");
+        assert_eq!(response.status(), 400, "{header}");
+        let body: serde_json::Value = response.json().await.expect("json");
+        assert_eq!(
+            body["error"]["code"], "unsupported_header",
+            "{header}: {body}"
+        );
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    }
 }
 
 #[tokio::test]

@@ -61,6 +61,22 @@ async fn run(
     }
     // `auto` and `cloud/...` are routed between the fleet and the cloud.
     if super::route::is_routed(&body) {
+        // A routed request is not kept for replay and has no start deadline:
+        // refuse the headers rather than silently ignore what they promise.
+        if headers.contains_key(idempotency::HEADER) {
+            return Err(ApiError::invalid(
+                "Idempotency-Key is supported for fleet models only, not for `auto` or `cloud/...`",
+                None,
+                "unsupported_header",
+            ));
+        }
+        if deadline_ms.is_some() {
+            return Err(ApiError::invalid(
+                "x-fleetgrid-deadline-ms is supported for fleet models only, not for `auto` or `cloud/...`",
+                None,
+                "unsupported_header",
+            ));
+        }
         return super::route::serve(state, tenant, permit, &body, endpoint).await;
     }
     let idempotency = match idempotency::start(state, &tenant, headers, &body, endpoint).await? {
