@@ -235,6 +235,20 @@ async fn start_coordinator(
     Ok((bound.http, bound.grpc))
 }
 
+/// How many nodes the coordinator at `http` reports connected on `/health`; 0 while it does
+/// not answer.
+pub(crate) async fn nodes_connected(client: &reqwest::Client, http: SocketAddr) -> u64 {
+    let health: Option<serde_json::Value> =
+        match client.get(format!("http://{http}/health")).send().await {
+            Ok(response) => response.json().await.ok(),
+            Err(_) => None,
+        };
+    health
+        .as_ref()
+        .and_then(|health| health["nodes_connected"].as_u64())
+        .unwrap_or(0)
+}
+
 async fn wait_for_vehicles(
     http: SocketAddr,
     expected: usize,
@@ -249,15 +263,7 @@ async fn wait_for_vehicles(
                 bail!("{name} exited ({status}) during start-up; see its log");
             }
         }
-        let health: Option<serde_json::Value> =
-            match client.get(format!("http://{http}/health")).send().await {
-                Ok(response) => response.json().await.ok(),
-                Err(_) => None,
-            };
-        let connected = health
-            .as_ref()
-            .and_then(|health| health["nodes_connected"].as_u64())
-            .unwrap_or(0);
+        let connected = nodes_connected(&client, http).await;
         if connected as usize >= expected {
             return Ok(());
         }

@@ -161,18 +161,7 @@ impl EvalStack {
                     );
                 }
             }
-            let health: Option<serde_json::Value> = match client
-                .get(format!("http://{}/health", self.http))
-                .send()
-                .await
-            {
-                Ok(response) => response.json().await.ok(),
-                Err(_) => None,
-            };
-            let connected = health
-                .as_ref()
-                .and_then(|health| health["nodes_connected"].as_u64())
-                .unwrap_or(0);
+            let connected = crate::demo::nodes_connected(&client, self.http).await;
             if connected as usize >= expected {
                 return Ok(());
             }
