@@ -16,27 +16,6 @@ use serde_json::{json, Value};
 /// change-feed interval (1 s) plus slack for a loaded machine.
 const CLI_CHANGE_WAIT: Duration = Duration::from_secs(10);
 
-/// Lets a tenant owe without limit, so that billing admits its requests.
-fn unlimited_credit(stack: &Stack, tenant: &str) {
-    let output = std::process::Command::new(common::binary())
-        .args([
-            "billing",
-            "credit",
-            "--tenant",
-            tenant,
-            "--unlimited",
-            "--data-dir",
-        ])
-        .arg(stack.dir.path())
-        .output()
-        .expect("run fleetgrid");
-    assert!(
-        output.status.success(),
-        "billing credit failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 fn long_body() -> Value {
     json!({
         "model": MODEL, "max_tokens": 300, "temperature": 0.8, "seed": 5, "stream": true,
@@ -88,7 +67,7 @@ async fn a_tenant_over_its_contract_quotas_gets_429_with_retry_after() {
     stack.add_agent("car-1", 2);
     stack.wait_for_nodes(&["car-1"]).await;
     let key = stack.cli(&["tenants", "create", "metered", "--class", "reserved"]);
-    unlimited_credit(&stack, "metered");
+    stack.unlimited_credit("metered");
     stack.cli(&[
         "tenants",
         "set",
@@ -173,7 +152,7 @@ async fn a_spot_request_whose_start_deadline_passes_fails_with_a_clear_error() {
     stack.add_agent("car-1", 1);
     stack.wait_for_nodes(&["car-1"]).await;
     let spot = stack.cli(&["tenants", "create", "cheap", "--class", "spot"]);
-    unlimited_credit(&stack, "cheap");
+    stack.unlimited_credit("cheap");
 
     let header = "x-fleetgrid-deadline-ms";
     let response = post_as(&stack, &spot, &short_body(2), &[(header, "soon")]).await;

@@ -15,27 +15,6 @@ use serde_json::{json, Value};
 /// change-feed interval (1 s) plus slack for a loaded machine.
 const CLI_CHANGE_WAIT: Duration = Duration::from_secs(10);
 
-/// Lets a tenant owe without limit, so that billing admits its requests.
-fn unlimited_credit(stack: &Stack, tenant: &str) {
-    let output = std::process::Command::new(common::binary())
-        .args([
-            "billing",
-            "credit",
-            "--tenant",
-            tenant,
-            "--unlimited",
-            "--data-dir",
-        ])
-        .arg(stack.dir.path())
-        .output()
-        .expect("run fleetgrid");
-    assert!(
-        output.status.success(),
-        "billing credit failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 async fn owner_get(stack: &Stack, key: &str, path: &str) -> (u16, Value) {
     let response = stack
         .client()
@@ -205,7 +184,7 @@ async fn a_policy_without_the_spot_class_keeps_spot_work_off_the_car() {
     stack.spawn_agent("car-a", &credential, &format!("sim:{}", trace.display()), 1);
     stack.wait_for_nodes(&["car-a"]).await;
     let spot = stack.cli(&["tenants", "create", "cheap", "--class", "spot"]);
-    unlimited_credit(&stack, "cheap");
+    stack.unlimited_credit("cheap");
     let (status, body) = chat_as(&stack, &spot).await;
     assert_eq!(
         status,

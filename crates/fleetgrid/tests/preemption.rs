@@ -14,27 +14,6 @@ use common::{Stack, MODEL};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-/// Lets a tenant owe without limit, so that billing admits its requests.
-fn unlimited_credit(stack: &Stack, tenant: &str) {
-    let output = std::process::Command::new(common::binary())
-        .args([
-            "billing",
-            "credit",
-            "--tenant",
-            tenant,
-            "--unlimited",
-            "--data-dir",
-        ])
-        .arg(stack.dir.path())
-        .output()
-        .expect("run fleetgrid");
-    assert!(
-        output.status.success(),
-        "billing credit failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 fn spot_body(seed: u64, topic: &str) -> Value {
     json!({
         "model": MODEL, "max_tokens": 200, "temperature": 0.8, "seed": seed,
@@ -98,7 +77,7 @@ async fn a_fleet_request_reclaims_a_slot_from_spot_work_which_resumes_unchanged(
     stack.add_agent("car-2", 1);
     stack.wait_for_nodes(&["car-1", "car-2"]).await;
     let spot = stack.cli(&["tenants", "create", "cheap", "--class", "spot"]);
-    unlimited_credit(&stack, "cheap");
+    stack.unlimited_credit("cheap");
     let bodies = [
         spot_body(21, "a lighthouse keeper"),
         spot_body(22, "a river that changed course"),

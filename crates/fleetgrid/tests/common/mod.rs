@@ -143,6 +143,27 @@ pub fn spawn_coordinator(
 }
 
 impl Stack {
+    /// Lets a tenant owe without limit, so that billing admits its requests.
+    pub fn unlimited_credit(&self, tenant: &str) {
+        let output = std::process::Command::new(binary())
+            .args([
+                "billing",
+                "credit",
+                "--tenant",
+                tenant,
+                "--unlimited",
+                "--data-dir",
+            ])
+            .arg(self.dir.path())
+            .output()
+            .expect("run fleetgrid");
+        assert!(
+            output.status.success(),
+            "billing credit failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
     pub fn start(options: StackOptions) -> Stack {
         let dir = tempfile::tempdir().expect("tempdir");
         let api_key = run_cli(
