@@ -90,25 +90,37 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The tenant behind the request's bearer token, or 401.
-pub(crate) async fn authenticate(
-    state: &AppState,
-    headers: &HeaderMap,
-) -> Result<TenantRecord, ApiError> {
+/// The key of an `Authorization: Bearer KEY` header, or 401 naming `what`
+/// is missing and how to send it (`placeholder` stands for the key).
+pub(crate) fn bearer_key<'h>(
+    headers: &'h HeaderMap,
+    what: &str,
+    placeholder: &str,
+) -> Result<&'h str, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return Err(ApiError::unauthorized(
-            "you didn't provide an API key; send it as 'Authorization: Bearer YOUR_KEY'",
-        ));
+        return Err(ApiError::unauthorized(format!(
+            "you didn't provide {what}; send it as 'Authorization: Bearer {placeholder}'"
+        )));
     };
-    let key = value
+    value
         .to_str()
         .ok()
         .and_then(|text| text.strip_prefix("Bearer "))
         .map(str::trim)
         .filter(|key| !key.is_empty())
         .ok_or_else(|| {
-            ApiError::unauthorized("the Authorization header must be 'Bearer YOUR_KEY'")
-        })?;
+            ApiError::unauthorized(format!(
+                "the Authorization header must be 'Bearer {placeholder}'"
+            ))
+        })
+}
+
+/// The tenant behind the request's bearer token, or 401.
+pub(crate) async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<TenantRecord, ApiError> {
+    let key = bearer_key(headers, "an API key", "YOUR_KEY")?;
     match state.store.tenant_for_api_key(key).await {
         Ok(Some(tenant)) => Ok(tenant),
         Ok(None) => Err(ApiError::unauthorized("incorrect API key provided")),

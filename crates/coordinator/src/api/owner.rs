@@ -16,7 +16,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -64,20 +64,7 @@ async fn authenticate_owner(
     state: &AppState,
     headers: &HeaderMap,
 ) -> Result<OwnerRecord, ApiError> {
-    let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return Err(ApiError::unauthorized(
-            "you didn't provide an owner key; send it as 'Authorization: Bearer YOUR_OWNER_KEY'",
-        ));
-    };
-    let key = value
-        .to_str()
-        .ok()
-        .and_then(|text| text.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|key| !key.is_empty())
-        .ok_or_else(|| {
-            ApiError::unauthorized("the Authorization header must be 'Bearer YOUR_OWNER_KEY'")
-        })?;
+    let key = super::bearer_key(headers, "an owner key", "YOUR_OWNER_KEY")?;
     if key.starts_with(secrets::API_KEY_PREFIX) {
         return Err(ApiError::unauthorized(
             "a tenant API key cannot be used on the owner API; use an owner key",
