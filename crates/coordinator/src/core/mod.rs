@@ -258,11 +258,22 @@ impl Core {
 
     /// The client went away: stop the generation wherever it runs.
     pub fn cancel(&self, request: RequestId) {
+        let _ = self.cancel_metered(request);
+    }
+
+    /// Stops the generation like `cancel` and returns what was metered of
+    /// it so far (no node report), or `None` if it had already ended. A
+    /// routed request books the edge work it hands off or discards with it.
+    pub fn cancel_metered(&self, request: RequestId) -> Option<crate::billing_meter::Metering> {
         let now = now_ms();
         let mut state = self.lock();
-        if !state.requests.contains_key(&request) {
-            return;
-        }
+        let inflight = state.requests.get(&request)?;
+        let metering = crate::billing_meter::Metering {
+            prompt_tokens: u32::try_from(inflight.prompt.len()).unwrap_or(u32::MAX),
+            segments: inflight.segments.clone(),
+            node_report: None,
+            finished_ms: now.0 as i64,
+        };
         self.record(&mut state, request, "cancelled", None);
         self.metrics.requests_cancelled.fetch_add(1, ORDER);
         self.handle(&mut state, now, Event::RequestCancelled { request });
@@ -271,6 +282,7 @@ impl Core {
         if state.requests.remove(&request).is_some() {
             self.metrics.generations_active.fetch_sub(1, ORDER);
         }
+        Some(metering)
     }
 
     /// A node passed the handshake. Returns its session, whose receiver feeds
