@@ -17,6 +17,13 @@
 //! instead of a success it was not charged for. Re-prefill after a migration
 //! is never charged to the tenant (the ledger's settlement rules).
 //!
+//! **Routed requests** (`auto`, `cloud/<model>`) are admitted once, with
+//! `admit_any`, for every model that may serve them (the dearest assumed),
+//! and settled once through `billing_finish::RoutedBooking`: the cloud's part
+//! is a cloud segment priced by the sheet's `upstream` section under
+//! `cloud/<model>` plus its cloud margin; the customer pays the marked-up
+//! price, the platform owes the upstream its cost.
+//!
 //! **Failed and cancelled generations are not charged**, whatever they
 //! produced before failing: the customer pays only for a response it received
 //! in full, and the work is the platform's cost (owners are not credited for
@@ -43,7 +50,7 @@ use ledger::metering::{
     compare_report, meter_node_segment, MeterTolerance, NodeObservation, UsageSegment,
 };
 use ledger::price_file::PriceConfig;
-use ledger::pricing::{PriceBook, TenantClass};
+use ledger::pricing::{PriceBook, Rate, TenantClass};
 use ledger::settlement::CompletedRequest;
 use ledger::statement::Period;
 use ledger::store::{MeterFlag, Store as Ledger, StoreError as LedgerStoreError};
@@ -250,6 +257,36 @@ impl Billing {
         &self.ledger
     }
 
+    /// Refuses a cloud model the price sheet has no upstream price for,
+    /// with a sentence for the operator (checked when the server starts).
+    pub fn check_cloud_priced(&self, model: &str) -> Result<(), String> {
+        let sheet = self.book.sheet_at(now());
+        let priced = ModelId::new(model)
+            .ok()
+            .is_some_and(|id| sheet.upstream.contains_key(&id));
+        if priced {
+            return Ok(());
+        }
+        Err(format!(
+            "the price sheet has no upstream price for the cloud model {model}: add \"{model}\" \
+             with its prompt and completion price per million tokens to the sheet's \"upstream\" \
+             section (--prices)"
+        ))
+    }
+
+    /// How a model is priced for a class by the sheet in force at `at`.
+    pub fn rate_at(
+        &self,
+        model: &ModelId,
+        class: TenantClass,
+        at: TimestampMs,
+    ) -> Result<Rate, ApiError> {
+        self.book
+            .sheet_at(at)
+            .rate(model, class)
+            .map_err(|error| internal("price a model", &error))
+    }
+
     /// Admits a request the tenant can pay for in the worst case, or refuses
     /// it with 402 before any work starts.
     pub async fn admit(
@@ -260,13 +297,35 @@ impl Billing {
         max_tokens: u32,
         request_id: &str,
     ) -> Result<PendingCharge, ApiError> {
+        self.admit_any(tenant, &[model], prompt_tokens, max_tokens, request_id)
+            .await
+    }
+
+    /// Admits a request that any of `models` may serve (a routed request:
+    /// the edge model, the cloud model or both), assuming the dearest for
+    /// its whole prompt and `max_tokens`. The charge's `model` is the first.
+    pub async fn admit_any(
+        &self,
+        tenant: &TenantRecord,
+        models: &[&str],
+        prompt_tokens: usize,
+        max_tokens: u32,
+        request_id: &str,
+    ) -> Result<PendingCharge, ApiError> {
         let now = now();
         let tenant_id = ledger_tenant(tenant);
         let class = ledger_class(tenant.class);
-        let model = ModelId::new(model).map_err(|error| internal("model name", &error))?;
+        let models = models
+            .iter()
+            .map(|model| ModelId::new(*model))
+            .collect::<Result<Vec<ModelId>, _>>()
+            .map_err(|error| internal("model name", &error))?;
+        let Some(model) = models.first().cloned() else {
+            tracing::error!("billing: a request admitted for no model");
+            return Err(ApiError::internal());
+        };
         let request_id =
             RequestId::new(request_id).map_err(|error| internal("request id", &error))?;
-        let models = [model.clone()];
         let worst_case = admission::worst_case_cost(
             self.book.sheet_at(now),
             &AdmissionRequest {
@@ -345,28 +404,9 @@ impl Billing {
         pending: &PendingCharge,
         metering: &Metering,
     ) -> Result<Completion, ApiError> {
-        let mut segments = Vec::with_capacity(metering.segments.len());
-        for (position, track) in metering.segments.iter().enumerate() {
-            let node =
-                NodeId::new(track.node.as_str()).map_err(|error| internal("node name", &error))?;
-            let owner = self.owner_of(&track.node).await?;
-            let observation = NodeObservation {
-                request_id: pending.request_id.clone(),
-                segment: Segment(u32::try_from(position).unwrap_or(u32::MAX)),
-                node: node.clone(),
-                owner,
-                model: pending.model.clone(),
-                prompt_tokens: TokenCount(u64::from(track.prefilled_tokens)),
-                completion_tokens: TokenCount(u64::from(track.completion_tokens)),
-                compute: DurationMs(track.compute_ms()),
-                started_at: TimestampMs(track.started_ms),
-            };
-            segments.push(meter_node_segment(
-                observation,
-                &self.prices.power_of(&node),
-                self.prices.tariff_of(&node),
-            ));
-        }
+        let segments = self
+            .node_segments(&pending.request_id, &pending.model, metering, 0)
+            .await?;
         let flags = self.check_node_report(metering, segments.last());
         Ok(Completion {
             request: CompletedRequest {
@@ -381,12 +421,49 @@ impl Billing {
         })
     }
 
-    /// Commits a finished request's transfers durably. Settling the same
-    /// request again changes nothing (the transfers exist).
-    pub async fn settle(&self, completion: &Completion) -> Result<(), ApiError> {
+    /// The ledger's segments of the node attempts in `metering`, numbered
+    /// from `first_segment`, each priced for energy at its node's power
+    /// profile and its owner's tariff.
+    pub async fn node_segments(
+        &self,
+        request_id: &RequestId,
+        model: &ModelId,
+        metering: &Metering,
+        first_segment: u32,
+    ) -> Result<Vec<UsageSegment>, ApiError> {
+        let mut segments = Vec::with_capacity(metering.segments.len());
+        for (position, track) in metering.segments.iter().enumerate() {
+            let node =
+                NodeId::new(track.node.as_str()).map_err(|error| internal("node name", &error))?;
+            let owner = self.owner_of(&track.node).await?;
+            let position = u32::try_from(position).unwrap_or(u32::MAX);
+            let observation = NodeObservation {
+                request_id: request_id.clone(),
+                segment: Segment(first_segment.saturating_add(position)),
+                node: node.clone(),
+                owner,
+                model: model.clone(),
+                prompt_tokens: TokenCount(u64::from(track.prefilled_tokens)),
+                completion_tokens: TokenCount(u64::from(track.completion_tokens)),
+                compute: DurationMs(track.compute_ms()),
+                started_at: TimestampMs(track.started_ms),
+            };
+            segments.push(meter_node_segment(
+                observation,
+                &self.prices.power_of(&node),
+                self.prices.tariff_of(&node),
+            ));
+        }
+        Ok(segments)
+    }
+
+    /// Commits a finished request's transfers durably and returns what the
+    /// tenant was charged. Settling the same request again changes nothing
+    /// (the transfers exist).
+    pub async fn settle(&self, completion: &Completion) -> Result<MicroUsd, ApiError> {
         let request = &completion.request;
         self.open_owner_accounts(request).await?;
-        match self.ledger.settle(request, &self.book).await {
+        let charge = match self.ledger.settle(request, &self.book).await {
             Ok(receipt) => {
                 tracing::info!(
                     request_id = %request.request_id,
@@ -395,6 +472,7 @@ impl Billing {
                     transfers = receipt.transfers.len(),
                     "settled"
                 );
+                receipt.charge
             }
             Err(error) => {
                 tracing::error!(request_id = %request.request_id, %error, "settle request");
@@ -409,7 +487,7 @@ impl Billing {
                     retry_after_seconds: Some(crate::limits::RETRY_AFTER_DEFAULT_SECONDS),
                 });
             }
-        }
+        };
         if !completion.flags.is_empty() {
             // The flags are for review; a failure to store them must not
             // fail a request that is already settled.
@@ -417,7 +495,7 @@ impl Billing {
                 tracing::error!(request_id = %request.request_id, %error, "store meter flags");
             }
         }
-        Ok(())
+        Ok(charge)
     }
 
     /// Opens the account of every owner the request pays that has none yet
@@ -452,7 +530,7 @@ impl Billing {
 
     /// Flags, counts and logs where the finishing node's report disagrees
     /// with our count.
-    fn check_node_report(
+    pub fn check_node_report(
         &self,
         metering: &Metering,
         last: Option<&UsageSegment>,
@@ -587,6 +665,8 @@ mod tests {
             completion_tokens: tokens,
             started_ms: started,
             last_active_ms: started + 2_000,
+            share_started_us: 0,
+            share_last_active_us: 2_000_000,
         };
         let metering = Metering {
             prompt_tokens: 10,

@@ -2,6 +2,10 @@
 //! counts, keep the response for idempotent replay, settle durably — in that
 //! order, before the client sees the end of the response.
 //!
+//! A routed request (`auto`, `cloud/<model>`) ends through `RoutedBooking`
+//! instead: the parts of every tier that worked on it become the segments of
+//! one `CompletedRequest`, settled once.
+//!
 //! Keeping the response before settling makes a crash between the two
 //! harmless: a retry with the same Idempotency-Key replays the response and
 //! settles the stored record again, which the ledger either creates or finds
@@ -15,7 +19,9 @@ use ledger::core::{
     TimestampMs, TokenCount,
 };
 use ledger::metering::{Server, UsageSegment};
-use ledger::settlement::CompletedRequest;
+use ledger::pricing::{round_up, Rate};
+use ledger::settlement::{CompletedRequest, SEGMENTS_MAX};
+use ledger::store::MeterFlag;
 use serde_json::{json, Value};
 
 use crate::api::ApiError;
@@ -59,7 +65,7 @@ impl Finisher {
             slot.store_done(&body, &completed_to_json(&completion.request))
                 .await?;
         }
-        self.billing.settle(&completion).await
+        self.billing.settle(&completion).await.map(|_charge| ())
     }
 }
 
@@ -73,7 +79,194 @@ pub async fn settle_again(billing: &Billing, stored: &Value) -> Result<(), ApiEr
         request,
         flags: Vec::new(),
     };
-    billing.settle(&completion).await
+    billing.settle(&completion).await.map(|_charge| ())
+}
+
+/// What one cloud segment costs, rounded as settlement rounds: the tenant's
+/// part of the charge (the upstream price plus the sheet's margin; the
+/// prompt only when the cloud segment comes first) and what the upstream is
+/// owed for every token it processed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CloudCharge {
+    pub customer: MicroUsd,
+    pub upstream: MicroUsd,
+}
+
+/// The booking of one routed request: admitted once for every model that
+/// may serve it, then each tier's work added as it ends, and settled once as
+/// one `CompletedRequest` before the response ends.
+///
+/// Segments come in the order their text reached the client: the first one's
+/// prompt is what the tenant pays for the prompt; a later segment's prompt (a
+/// handoff's re-prefill, on a node or upstream) is the platform's cost. Edge
+/// attempts whose text was discarded come last, with no completion tokens:
+/// their owners are reimbursed the energy, the tenant pays nothing for them.
+/// Dropped without `settle`, the booking releases its hold: a request that
+/// failed or was abandoned is not charged.
+pub struct RoutedBooking {
+    billing: Arc<Billing>,
+    pending: PendingCharge,
+    /// Segments whose work reached the client, numbered in order.
+    served: Vec<UsageSegment>,
+    /// Edge attempts whose text was discarded, numbered when settled.
+    discarded: Vec<UsageSegment>,
+    flags: Vec<MeterFlag>,
+}
+
+impl RoutedBooking {
+    pub fn new(billing: Arc<Billing>, pending: PendingCharge) -> RoutedBooking {
+        RoutedBooking {
+            billing,
+            pending,
+            served: Vec::new(),
+            discarded: Vec::new(),
+            flags: Vec::new(),
+        }
+    }
+
+    /// An edge generation whose text reached the client. With
+    /// `released_tokens`, only that many of its tokens did (a handoff dropped
+    /// the rest, which were never sent): the attempts are trimmed to them,
+    /// first tokens first.
+    pub async fn add_edge(
+        &mut self,
+        model: &str,
+        metering: &Metering,
+        released_tokens: Option<u32>,
+    ) -> Result<(), ApiError> {
+        let model = model_id(model)?;
+        let first = segment_number(self.served.len());
+        let mut segments = self
+            .billing
+            .node_segments(&self.pending.request_id, &model, metering, first)
+            .await?;
+        match released_tokens {
+            Some(released) => {
+                let mut left = u64::from(released);
+                for segment in &mut segments {
+                    let kept = segment.completion_tokens.0.min(left);
+                    segment.completion_tokens = TokenCount(kept);
+                    left -= kept;
+                }
+            }
+            None => {
+                let flags = self.billing.check_node_report(metering, segments.last());
+                self.flags.extend(flags);
+            }
+        }
+        self.served.extend(segments);
+        Ok(())
+    }
+
+    /// An edge generation whose text was discarded (an escalation).
+    pub async fn add_discarded_edge(
+        &mut self,
+        model: &str,
+        metering: &Metering,
+    ) -> Result<(), ApiError> {
+        let model = model_id(model)?;
+        let segments = self
+            .billing
+            .node_segments(&self.pending.request_id, &model, metering, 0)
+            .await?;
+        self.discarded
+            .extend(segments.into_iter().map(|segment| UsageSegment {
+                completion_tokens: TokenCount(0),
+                ..segment
+            }));
+        Ok(())
+    }
+
+    /// The cloud's part, with the token counts the upstream reported, and
+    /// what it costs.
+    pub fn add_cloud(
+        &mut self,
+        model: &str,
+        prompt_tokens: u32,
+        completion_tokens: u32,
+        started_ms: i64,
+        finished_ms: i64,
+    ) -> Result<CloudCharge, ApiError> {
+        let model = model_id(model)?;
+        let rate = self
+            .billing
+            .rate_at(&model, self.pending.class, self.pending.admitted_at)?;
+        let Rate::Cloud { customer, upstream } = rate else {
+            tracing::error!(%model, "a cloud model is priced as a fleet model");
+            return Err(ApiError::internal());
+        };
+        let prompt = TokenCount(u64::from(prompt_tokens));
+        let completion = TokenCount(u64::from(completion_tokens));
+        let billed_prompt = if self.served.is_empty() {
+            prompt
+        } else {
+            TokenCount(0)
+        };
+        let charge = CloudCharge {
+            customer: round_up(customer.exact_cost(billed_prompt, completion)),
+            upstream: round_up(upstream.exact_cost(prompt, completion)),
+        };
+        self.served.push(UsageSegment {
+            request_id: self.pending.request_id.clone(),
+            segment: Segment(segment_number(self.served.len())),
+            server: Server::Cloud,
+            model,
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            compute: DurationMs(u64::try_from(finished_ms - started_ms).unwrap_or(0)),
+            started_at: TimestampMs(started_ms),
+        });
+        Ok(charge)
+    }
+
+    /// Commits the request durably and returns what the tenant was charged;
+    /// on error the client must get the error instead of a successful end.
+    pub async fn settle(self, completed_ms: i64) -> Result<MicroUsd, ApiError> {
+        let RoutedBooking {
+            billing,
+            pending,
+            mut served,
+            discarded,
+            flags,
+        } = self;
+        // Discarded work is reimbursed only while there is room for it; the
+        // served segments always fit (a request that migrated more often
+        // than the ledger allows is a scheduler bug, refused by settlement).
+        let room = SEGMENTS_MAX.saturating_sub(served.len());
+        for segment in discarded.into_iter().take(room) {
+            let number = segment_number(served.len());
+            served.push(UsageSegment {
+                segment: Segment(number),
+                ..segment
+            });
+        }
+        let completion = Completion {
+            request: CompletedRequest {
+                request_id: pending.request_id.clone(),
+                tenant: pending.tenant.clone(),
+                class: pending.class,
+                admitted_at: pending.admitted_at,
+                completed_at: TimestampMs(completed_ms),
+                segments: served,
+            },
+            flags,
+        };
+        // The hold (in `pending`) is released once the charge is posted.
+        let charged = billing.settle(&completion).await;
+        drop(pending);
+        charged
+    }
+}
+
+fn segment_number(position: usize) -> u32 {
+    u32::try_from(position).unwrap_or(u32::MAX)
+}
+
+fn model_id(model: &str) -> Result<ModelId, ApiError> {
+    ModelId::new(model).map_err(|error| {
+        tracing::error!(%error, model, "billing: model name");
+        ApiError::internal()
+    })
 }
 
 /// The JSON a settled request is kept as.

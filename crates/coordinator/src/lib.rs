@@ -227,7 +227,7 @@ pub async fn serve(
 
     let cloud = match config.cloud.clone() {
         Some(cloud) => Some(Arc::new(
-            cloud::CloudTier::load(cloud, store.clone())
+            cloud::CloudTier::load(cloud, store.clone(), &billing)
                 .await
                 .map_err(CoordinatorError::Cloud)?,
         )),

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use coordinator::cloud::{CloudBudgets, CloudConfig, CloudPrice, Fallback, MicroUsd};
+use coordinator::cloud::{CloudBudgets, CloudConfig, Fallback, MicroUsd};
 use coordinator::store::{Store, StoreError, TenantClass};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -44,7 +44,8 @@ pub struct CloudArgs {
     /// enables the models `auto` and `cloud/<model>`.
     #[arg(long)]
     cloud_url: Option<String>,
-    /// The upstream's name for its model.
+    /// The upstream's name for its model; clients ask for `cloud/<model>`, and the price
+    /// sheet's `upstream` section must price it under that name.
     #[arg(long, default_value = LOCAL_CLOUD_MODEL)]
     cloud_model: String,
     /// Environment variable that holds the upstream's API key.
@@ -56,15 +57,6 @@ pub struct CloudArgs {
     /// Upstream calls in flight at once; beyond it `cloud/...` gets 429 and `auto` stays on the fleet.
     #[arg(long, default_value_t = coordinator::limits::CLOUD_CONCURRENCY_DEFAULT)]
     cloud_concurrency: usize,
-    /// What the upstream charges per million prompt tokens, in USD.
-    #[arg(long, default_value = "0.15")]
-    cloud_price_prompt: String,
-    /// What the upstream charges per million completion tokens, in USD.
-    #[arg(long, default_value = "0.60")]
-    cloud_price_completion: String,
-    /// Margin on top of the upstream price, in basis points (2000 = 20%).
-    #[arg(long, default_value_t = 2_000)]
-    cloud_margin_bps: u32,
     /// What `cloud/...` does when the upstream fails: answer with an error, or let the fleet answer.
     #[arg(long, value_parser = ["error", "edge"], default_value = "error")]
     cloud_fallback: String,
@@ -83,20 +75,10 @@ impl CloudArgs {
         let Some(url) = &self.cloud_url else {
             return Ok(None);
         };
-        let price = |text: &str, flag: &str| {
-            MicroUsd::parse_usd(text).with_context(|| {
-                format!("--{flag} {text:?} is not a dollar amount with at most six decimals")
-            })
-        };
         let mut config = CloudConfig::new(url.clone(), self.cloud_model.clone());
         config.api_key_env = self.cloud_key_env.clone();
         config.timeout = Duration::from_millis(self.cloud_timeout_ms);
         config.concurrency_max = self.cloud_concurrency;
-        config.price = CloudPrice {
-            prompt_per_million: price(&self.cloud_price_prompt, "cloud-price-prompt")?,
-            completion_per_million: price(&self.cloud_price_completion, "cloud-price-completion")?,
-        };
-        config.margin_bps = self.cloud_margin_bps;
         config.fallback = match self.cloud_fallback.as_str() {
             "edge" => Fallback::Edge,
             _ => Fallback::Error,

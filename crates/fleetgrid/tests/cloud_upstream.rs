@@ -10,6 +10,8 @@ mod cloud_common;
 mod common;
 
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cloud_common::{chat, gateway, post_chat, stream_chat, upstream_args, CLOUD_MODEL};
@@ -32,6 +34,22 @@ fn stalling_server() -> u16 {
         }
     });
     port
+}
+
+/// A server that counts the connections it accepts and closes them; its
+/// thread ends when the test process does.
+fn counting_server() -> (u16, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(64) {
+            counter.fetch_add(1, Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    (port, accepted)
 }
 
 fn cloud_name() -> String {
@@ -191,5 +209,67 @@ async fn a_stalling_cloud_times_out_with_504_or_falls_back_to_the_fleet() {
             .as_str()
             .is_some_and(|detail| detail.contains("did not answer within")),
         "{last}"
+    );
+}
+
+#[tokio::test]
+async fn a_routed_request_the_tenant_cannot_pay_for_is_refused_402_before_any_work() {
+    let (port, accepted) = counting_server();
+    let url = format!("http://127.0.0.1:{port}/v1");
+    let stack = common::Stack::start(common::StackOptions {
+        extra_serve_args: upstream_args(&url),
+    });
+    let key = stack.cli(&["tenants", "create", "broke", "--class", "spot"]);
+    let queued_before = stack.metric("fleetgrid_requests_accepted_total").await;
+
+    // `cloud/...`, and `auto` both for a prompt the router sends to the cloud
+    // and for one it would keep on the fleet: each is priced at the dearest
+    // model that may serve it and refused before anything starts.
+    for (model, prompt) in [
+        (cloud_name(), "Hi"),
+        ("auto".to_string(), CODE_PROMPT),
+        ("auto".to_string(), "What is the capital of France?"),
+    ] {
+        let response = stack
+            .client()
+            .post(stack.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&chat(&model, prompt, 8))
+            .send()
+            .await
+            .expect("send request");
+        assert_eq!(response.status(), 402, "{model}");
+        let body: serde_json::Value = response.json().await.expect("json");
+        assert_eq!(body["error"]["type"], "insufficient_quota", "{body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with("insufficient balance"), "{message}");
+    }
+    // Nothing reached the upstream, nor the scheduler.
+    assert_eq!(accepted.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        stack.metric("fleetgrid_requests_accepted_total").await,
+        queued_before
+    );
+}
+
+#[test]
+fn a_gateway_whose_price_sheet_does_not_price_its_cloud_model_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = std::process::Command::new(common::binary())
+        .args(["serve", "--http-listen", "127.0.0.1:0"])
+        .args(["--grpc-listen", "127.0.0.1:0"])
+        .args(["--cloud-url", "http://127.0.0.1:9/v1"])
+        .args(["--cloud-model", "unpriced-model"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .expect("run fleetgrid serve");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(
+            "the price sheet has no upstream price for the cloud model cloud/unpriced-model"
+        ),
+        "{stderr}"
     );
 }

@@ -112,11 +112,15 @@ pub(super) struct EdgePart {
 /// Token counts (as the upstream reports them) and price of the cloud's part.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct CloudPart {
+    /// What the upstream prefilled: the prompt, or after a handoff the
+    /// prompt plus the answer so far (a re-prefill the tenant does not pay).
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
-    /// What the tenant is charged: upstream cost plus margin.
+    /// The tenant's charge for this part: the price sheet's upstream price
+    /// plus its cloud margin, for the prompt only when the cloud answered
+    /// from the start; rounded up as the ledger rounds.
     pub cost: crate::cloud::MicroUsd,
-    /// What the upstream charges the platform.
+    /// What the upstream charges the platform for everything it processed.
     pub upstream_cost: crate::cloud::MicroUsd,
 }
 
@@ -128,6 +132,8 @@ pub(super) struct RouteSummary {
     pub finish_reason: &'static str,
     pub edge: Option<EdgePart>,
     pub cloud: Option<CloudPart>,
+    /// What the ledger charged the tenant for the whole request.
+    pub charged: crate::cloud::MicroUsd,
 }
 
 /// What the driver tells the response, in order: `Start` once (before any

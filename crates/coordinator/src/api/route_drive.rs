@@ -13,6 +13,13 @@
 //! When the cloud cannot take over (budget spent, at its concurrency limit,
 //! failing), `auto` stays on the fleet and says so; nothing that was sent is
 //! ever taken back.
+//!
+//! Money: the request is admitted once, before any work, for every model
+//! that may serve it (`cloud/...`: the cloud model, and the edge model when
+//! the fallback is the fleet; `auto`: both), so a tenant that cannot pay gets
+//! 402 and nothing reaches a vehicle or the upstream. Each tier's work is
+//! added to one `RoutedBooking` as it ends, and the whole request is settled
+//! once, before `Finished` (the final body, or the last chunk and `[DONE]`).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -32,7 +39,7 @@ use super::route::{
 };
 use super::validate::{PromptSource, ValidatedRequest};
 use super::AppState;
-use crate::billing_finish::Finisher;
+use crate::billing_finish::RoutedBooking;
 use crate::billing_meter::Metering;
 use crate::cloud::upstream::{UpstreamPrompt, UpstreamRequest, UpstreamUsage};
 use crate::cloud::{BudgetStatus, CloudTier, Fallback, UpstreamError};
@@ -90,9 +97,27 @@ struct EdgeRun {
     guard: EdgeGuard,
     prompt: Vec<i32>,
     max_tokens: u32,
-    /// Its admitted charge; settled only if its answer is served (dropped,
-    /// it releases the hold: discarded edge work is not charged).
-    finisher: Option<Finisher>,
+}
+
+impl EdgeRun {
+    /// Stops a generation whose text is handed off or discarded and returns
+    /// what the core metered of it; `None` if it failed, or finished and
+    /// its metering was read already.
+    fn stop(&mut self) -> Option<Metering> {
+        if self.guard.armed {
+            self.guard.armed = false;
+            if let Some(metering) = self.guard.core.cancel_metered(self.guard.request) {
+                return Some(metering);
+            }
+        }
+        // It ended before the cancel: its metering may still be queued.
+        while let Ok(update) = self.updates.try_recv() {
+            if let Update::Finished { metering, .. } = update {
+                return Some(metering);
+            }
+        }
+        None
+    }
 }
 
 /// A finished edge answer held back in full, kept to serve if the cloud fails.
@@ -100,7 +125,6 @@ struct HeldAnswer {
     text: String,
     finish: FinishReason,
     metering: Metering,
-    finisher: Option<Finisher>,
 }
 
 /// Edge tokens generated but not yet sent, and what was sent.
@@ -154,6 +178,14 @@ pub(super) struct Routing {
     /// The tier announced to the client, once `Start` was sent.
     started: Option<Tier>,
     created_ms: i64,
+    /// The prompt as the edge model tokenizes it (the coordinator's count).
+    prompt: Vec<i32>,
+    /// The request's one admission and the parts booked so far; `None`
+    /// before admission and once settled.
+    booking: Option<RoutedBooking>,
+    /// Edge attempts discarded by an escalation, booked when the request
+    /// settles.
+    discarded_edge: Vec<Metering>,
 }
 
 impl Routing {
@@ -176,13 +208,19 @@ impl Routing {
             _permit: permit,
             started: None,
             created_ms: crate::core::now_ms().0 as i64,
+            prompt: Vec::new(),
+            booking: None,
+            discarded_edge: Vec::new(),
         }
     }
 
     pub(super) async fn run(mut self, target: Target) {
-        let flow = match target {
-            Target::Cloud => self.cloud_only().await,
-            Target::Auto => self.auto().await,
+        let flow = match self.admit(target).await {
+            Ok(()) => match target {
+                Target::Cloud => self.cloud_only().await,
+                Target::Auto => self.auto().await,
+            },
+            Err(error) => Err(Stop::Failed(error)),
         };
         match flow {
             Ok(()) | Err(Stop::ClientGone) => {}
@@ -191,6 +229,42 @@ impl Routing {
                 let _ = self.out.send(RoutedEvent::Failed(error)).await;
             }
         }
+    }
+
+    /// Admits the request once, before any work, for every model that may
+    /// serve it, assuming the dearest for the whole prompt and `max_tokens`:
+    /// 402 if the tenant cannot pay (fleet-class tenants never get it).
+    ///
+    /// The prompt is counted by the edge model's tokenizer, the coordinator's
+    /// own count; an upstream bills by its own tokenizer, which may count a
+    /// few tokens more.
+    async fn admit(&mut self, target: Target) -> Result<(), ApiError> {
+        let (prompt, _) = generate::tokenize(&self.request).await?;
+        let config = self.cloud.upstream.config();
+        let cloud_model = config.public_name();
+        let edge_model = self.request.model.name.as_str();
+        let edge_may_serve = match target {
+            Target::Cloud => config.fallback == Fallback::Edge,
+            Target::Auto => true,
+        };
+        let mut models = vec![cloud_model.as_str()];
+        if edge_may_serve {
+            models.insert(0, edge_model);
+        }
+        let charge = self
+            .state
+            .billing
+            .admit_any(
+                &self.tenant,
+                &models,
+                prompt.len(),
+                self.request_max_tokens(),
+                &self.public_id,
+            )
+            .await?;
+        self.prompt = prompt;
+        self.booking = Some(RoutedBooking::new(Arc::clone(&self.state.billing), charge));
+        Ok(())
     }
 
     // ---- `cloud/<model>` -------------------------------------------------
@@ -299,7 +373,7 @@ impl Routing {
     async fn edge_plain(&mut self, why: RouteReason, cloud_if_unavailable: bool) -> Flow<()> {
         let mut edge = match self.start_edge(&[], None).await {
             Ok(edge) => edge,
-            Err(error) if cloud_if_unavailable && error.status != StatusCode::PAYMENT_REQUIRED => {
+            Err(error) if cloud_if_unavailable => {
                 let detail = format!("{}; but {}", why.detail, error.message);
                 let budget = self.budget().await?;
                 if !budget.allows_cloud() {
@@ -331,13 +405,15 @@ impl Routing {
                     push_rest(&mut held, assembler.finish());
                     self.release(&mut held, u32::MAX, Tier::Fleet, &why).await?;
                     self.announce(Tier::Fleet, &why).await?;
-                    settle(edge.finisher.take(), &metering).await?;
+                    self.book_edge(&metering, None).await?;
+                    let charged = self.settle().await?;
                     let summary = RouteSummary {
                         tier: Tier::Fleet,
                         reason: why,
                         finish_reason: finish_reason(reason, &assembler),
                         edge: Some(held.edge_part(prompt_tokens)),
                         cloud: None,
+                        charged,
                     };
                     return self.emit(RoutedEvent::Finished(Box::new(summary))).await;
                 }
@@ -354,9 +430,6 @@ impl Routing {
     async fn cascade(&mut self, rule: AcceptRule, pre_route: String) -> Flow<()> {
         let mut edge = match self.start_edge(&[], None).await {
             Ok(edge) => edge,
-            Err(error) if error.status == StatusCode::PAYMENT_REQUIRED => {
-                return Err(Stop::Failed(error));
-            }
             Err(error) => {
                 let detail = format!("{pre_route}; but {}", error.message);
                 return self
@@ -381,16 +454,22 @@ impl Routing {
                 permit,
                 finished_text,
             } => {
-                let finisher = edge.finisher.take();
+                let cancelled = edge.stop();
                 drop(edge);
                 let why = RouteReason::new(reason::CASCADE_ESCALATED, escalated);
                 let part = held.edge_part(prompt_tokens);
-                let held_answer = finished_text.map(|(text, finish, metering)| HeldAnswer {
-                    text,
-                    finish,
-                    metering,
-                    finisher,
-                });
+                let held_answer = match finished_text {
+                    Some((text, finish, metering)) => Some(HeldAnswer {
+                        text,
+                        finish,
+                        metering,
+                    }),
+                    None => {
+                        // The discarded attempt, booked if the cloud answers.
+                        self.discarded_edge.extend(cancelled);
+                        None
+                    }
+                };
                 self.escalate(why, permit, part, held_answer).await
             }
             CascadeEnd::Handoff {
@@ -399,7 +478,19 @@ impl Routing {
             } => {
                 let prompt = edge.prompt.clone();
                 let max_tokens = edge.max_tokens;
+                let metering = edge.stop();
                 drop(edge);
+                // The sent text is served whatever follows: book exactly it.
+                match metering {
+                    Some(metering) => {
+                        self.book_edge(&metering, Some(held.released_tokens))
+                            .await?;
+                    }
+                    None => {
+                        tracing::error!(request_id = %self.public_id, "a handed-off edge generation has no metering");
+                        return Err(Stop::Failed(ApiError::internal()));
+                    }
+                }
                 let why = RouteReason::new(reason::HANDOFF, collapsed);
                 self.handoff(why, permit, &held, prompt, max_tokens).await
             }
@@ -531,13 +622,15 @@ impl Routing {
                 }
                 self.release(held, u32::MAX, Tier::Fleet, why).await?;
                 self.announce(Tier::Fleet, why).await?;
-                settle(edge.finisher.take(), &metering).await?;
+                self.book_edge(&metering, None).await?;
+                let charged = self.settle().await?;
                 let summary = RouteSummary {
                     tier: Tier::Fleet,
                     reason: why.clone(),
                     finish_reason: finish_reason(reason, &assembler),
                     edge: Some(held.edge_part(prompt_tokens)),
                     cloud: None,
+                    charged,
                 };
                 self.emit(RoutedEvent::Finished(Box::new(summary))).await?;
                 return Ok(CascadeEnd::Done);
@@ -560,6 +653,10 @@ impl Routing {
             discarded_tokens: edge_part.discarded_tokens + edge_part.completion_tokens,
             prompt_tokens: 0,
         };
+        // A finished edge answer is discarded if the cloud answers.
+        let held_metering = held_answer.as_ref().map(|answer| answer.metering.clone());
+        let discards_before = self.discarded_edge.len();
+        self.discarded_edge.extend(held_metering);
         match self
             .cloud_part(request, permit, Tier::Cloud, why.clone(), Some(discarded))
             .await
@@ -569,7 +666,11 @@ impl Routing {
                 let detail = format!("{}; {error}, so the fleet answered", why.detail);
                 let fallback = RouteReason::new(reason::CLOUD_UNAVAILABLE, detail);
                 match held_answer {
-                    Some(answer) => self.serve_text(answer, fallback, edge_part).await,
+                    Some(answer) => {
+                        // Served after all: not discarded.
+                        self.discarded_edge.truncate(discards_before);
+                        self.serve_text(answer, fallback, edge_part).await
+                    }
                     None => self.edge_plain(fallback, false).await,
                 }
             }
@@ -589,7 +690,8 @@ impl Routing {
         if !answer.text.is_empty() {
             self.emit(RoutedEvent::Text(answer.text)).await?;
         }
-        settle(answer.finisher, &answer.metering).await?;
+        self.book_edge(&answer.metering, None).await?;
+        let charged = self.settle().await?;
         let finish = answer.finish;
         let summary = RouteSummary {
             tier: Tier::Fleet,
@@ -604,6 +706,7 @@ impl Routing {
                 ..edge_part
             }),
             cloud: None,
+            charged,
         };
         self.emit(RoutedEvent::Finished(Box::new(summary))).await
     }
@@ -677,13 +780,15 @@ impl Routing {
                     edge.guard.armed = false;
                     push_rest(&mut held, assembler.finish());
                     self.release(&mut held, u32::MAX, Tier::Fleet, &why).await?;
-                    settle(edge.finisher.take(), &metering).await?;
+                    self.book_edge(&metering, None).await?;
+                    let charged = self.settle().await?;
                     let summary = RouteSummary {
                         tier: Tier::Fleet,
                         reason: why,
                         finish_reason: finish_reason(reason, &assembler),
                         edge: Some(held.edge_part(len_u32(&prompt))),
                         cloud: None,
+                        charged,
                     };
                     return self.emit(RoutedEvent::Finished(Box::new(summary))).await;
                 }
@@ -708,6 +813,7 @@ impl Routing {
         why: RouteReason,
         edge: Option<EdgePart>,
     ) -> Result<(), CloudFailure> {
+        let started_ms = crate::core::now_ms().0 as i64;
         let mut stream = self
             .cloud
             .upstream
@@ -747,13 +853,34 @@ impl Routing {
         if !announced {
             self.announce(tier, &why).await?;
         }
-        // An upstream that reports no usage is metered by its text chunks
-        // (about a token each) and nothing for the prompt.
+        // An upstream that reports no usage is metered by our own counts:
+        // the prompt as the edge model tokenizes it, plus any edge text it
+        // continued, and its text chunks (about a token each).
+        let sent_before = edge.map_or(0, |part| part.completion_tokens);
         let usage = usage.unwrap_or(UpstreamUsage {
-            prompt_tokens: 0,
+            prompt_tokens: len_u32(&self.prompt).saturating_add(sent_before),
             completion_tokens: text_chunks,
         });
-        let part = self.meter_cloud(usage).await;
+        let finished_ms = crate::core::now_ms().0 as i64;
+        let public_name = self.cloud.upstream.config().public_name();
+        let charge = self
+            .booking()?
+            .add_cloud(
+                &public_name,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                started_ms,
+                finished_ms,
+            )
+            .map_err(Stop::Failed)?;
+        let charged = self.settle().await?;
+        let part = CloudPart {
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            cost: crate::cloud::MicroUsd(charge.customer.0),
+            upstream_cost: crate::cloud::MicroUsd(charge.upstream.0),
+        };
+        self.record_cloud(part).await;
         let summary = RouteSummary {
             tier,
             reason: why,
@@ -764,30 +891,16 @@ impl Routing {
             },
             edge,
             cloud: Some(part),
+            charged,
         };
         self.emit(RoutedEvent::Finished(Box::new(summary))).await?;
         Ok(())
     }
 
-    /// Prices a cloud call, adds it to the tenant's cloud spend and logs it.
-    ///
-    /// This is the accounting seam for the cloud part: the ledger books it
-    /// from the request log entry `<request id>/cloud` (upstream cost and the
-    /// tenant's price are both computed here from the configured price).
-    async fn meter_cloud(&self, usage: UpstreamUsage) -> CloudPart {
+    /// Adds a settled cloud part to the tenant's cloud spend (what the
+    /// ledger charged for it) and logs it as `<request id>/cloud`.
+    async fn record_cloud(&self, part: CloudPart) {
         let config = self.cloud.upstream.config();
-        let part = CloudPart {
-            prompt_tokens: usage.prompt_tokens,
-            completion_tokens: usage.completion_tokens,
-            cost: config.price.customer_cost(
-                usage.prompt_tokens,
-                usage.completion_tokens,
-                config.margin_bps,
-            ),
-            upstream_cost: config
-                .price
-                .upstream_cost(usage.prompt_tokens, usage.completion_tokens),
-        };
         let now_ms = crate::core::now_ms().0 as i64;
         if let Err(error) = self
             .cloud
@@ -812,7 +925,45 @@ impl Routing {
         if let Err(error) = self.state.store.log_request(&record).await {
             tracing::error!(%error, request_id = %self.public_id, "log cloud request");
         }
-        part
+    }
+
+    // ---- booking ---------------------------------------------------------
+
+    fn booking(&mut self) -> Flow<&mut RoutedBooking> {
+        self.booking.as_mut().ok_or_else(|| {
+            tracing::error!("a routed request is booked before admission or after settling");
+            Stop::Failed(ApiError::internal())
+        })
+    }
+
+    /// Books an edge generation whose text reached the client: all of it,
+    /// or only `released_tokens` (a handoff).
+    async fn book_edge(&mut self, metering: &Metering, released_tokens: Option<u32>) -> Flow<()> {
+        let model = self.request.model.name.clone();
+        self.booking()?
+            .add_edge(&model, metering, released_tokens)
+            .await
+            .map_err(Stop::Failed)
+    }
+
+    /// Settles the request once, with every discarded edge attempt; a
+    /// failure withholds the successful end from the client (it was not
+    /// charged). Returns what the tenant was charged.
+    async fn settle(&mut self) -> Flow<crate::cloud::MicroUsd> {
+        let model = self.request.model.name.clone();
+        let mut booking = self.booking.take().ok_or_else(|| {
+            tracing::error!("a routed request is settled twice");
+            Stop::Failed(ApiError::internal())
+        })?;
+        for metering in std::mem::take(&mut self.discarded_edge) {
+            booking
+                .add_discarded_edge(&model, &metering)
+                .await
+                .map_err(Stop::Failed)?;
+        }
+        let completed_ms = crate::core::now_ms().0 as i64;
+        let charged = booking.settle(completed_ms).await.map_err(Stop::Failed)?;
+        Ok(crate::cloud::MicroUsd(charged.0))
     }
 
     // ---- helpers ---------------------------------------------------------
@@ -834,7 +985,7 @@ impl Routing {
         prefix: &[i32],
         max_tokens: Option<u32>,
     ) -> Result<EdgeRun, ApiError> {
-        let (mut prompt, _) = generate::tokenize(&self.request).await?;
+        let mut prompt = self.prompt.clone();
         prompt.extend_from_slice(prefix);
         let budget = generate::completion_budget(&self.request, prompt.len())?;
         let max_tokens = max_tokens.map_or(budget, |asked| asked.min(budget));
@@ -842,25 +993,7 @@ impl Routing {
             .request
             .seed
             .unwrap_or_else(|| rand::thread_rng().gen());
-        // Refused with 402 before anything is queued if the tenant cannot pay
-        // for the worst case. A continuation after a failed handoff is a
-        // second generation, booked under its own id.
-        let ledger_id = if prefix.is_empty() {
-            self.public_id.clone()
-        } else {
-            format!("{}-continued", self.public_id)
-        };
-        let charge = self
-            .state
-            .billing
-            .admit(
-                &self.tenant,
-                &self.request.model.name,
-                prompt.len(),
-                max_tokens,
-                &ledger_id,
-            )
-            .await?;
+        // The request was admitted (`admit`) before any of its work started.
         let admitted = self
             .state
             .core
@@ -889,7 +1022,6 @@ impl Routing {
             },
             prompt,
             max_tokens,
-            finisher: Some(Finisher::new(Arc::clone(&self.state.billing), charge, None)),
         })
     }
 
@@ -1044,15 +1176,6 @@ impl Routing {
                 .map(|message| message.content.clone())
                 .unwrap_or_default(),
         }
-    }
-}
-
-/// Books a served edge answer in the ledger; a failure withholds the
-/// successful end from the client (it was not charged).
-async fn settle(finisher: Option<Finisher>, metering: &Metering) -> Flow<()> {
-    match finisher {
-        Some(mut finisher) => finisher.finish(metering, None).await.map_err(Stop::Failed),
-        None => Ok(()),
     }
 }
 

@@ -115,6 +115,7 @@ fn route_json(tier: Tier, reason: &RouteReason) -> Value {
 /// The `fleetgrid` field of a finished answer: tier, reason, each part's usage.
 fn summary_json(summary: &RouteSummary) -> Value {
     let mut value = route_json(summary.tier, &summary.reason);
+    value["cost_micro_usd"] = json!(summary.charged.0);
     value["usage"] = json!({
         "edge": summary.edge.map(|edge| json!({
             "prompt_tokens": edge.prompt_tokens,
@@ -131,9 +132,11 @@ fn summary_json(summary: &RouteSummary) -> Value {
     value
 }
 
-/// The usage the tenant is charged for: the prompt and sent tokens of each
-/// tier that contributed to the answer. Edge tokens that were discarded are
-/// not in it (they are in `fleetgrid.usage.edge.discarded_tokens`).
+/// The usage the tenant is charged for: the prompt once, as the tier that
+/// started the answer counted it, and the sent tokens of each tier that
+/// contributed. Edge tokens that were discarded are not in it (they are in
+/// `fleetgrid.usage.edge.discarded_tokens`), nor is the cloud's re-prefill
+/// after a handoff (in `fleetgrid.usage.cloud.prompt_tokens`).
 fn usage_json(summary: &RouteSummary) -> Value {
     let edge_counts = matches!(summary.tier, Tier::Fleet | Tier::FleetThenCloud);
     let (edge_prompt, edge_completion) = match summary.edge {
@@ -143,7 +146,11 @@ fn usage_json(summary: &RouteSummary) -> Value {
     let (cloud_prompt, cloud_completion) = summary.cloud.map_or((0, 0), |cloud| {
         (cloud.prompt_tokens, cloud.completion_tokens)
     });
-    let prompt = edge_prompt + cloud_prompt;
+    let prompt = if summary.tier == Tier::Cloud {
+        cloud_prompt
+    } else {
+        edge_prompt
+    };
     let completion = edge_completion + cloud_completion;
     json!({
         "prompt_tokens": prompt,

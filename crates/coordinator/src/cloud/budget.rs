@@ -2,8 +2,9 @@
 //! (`cloud_budgets`, migration 0004) so that the CLI can set them while the
 //! server runs.
 //!
-//! The spend is what the tenant is charged for cloud calls (upstream cost
-//! plus margin), added after each call. The cap is checked before a call
+//! The spend is what the tenant is charged for cloud calls (the price
+//! sheet's upstream price plus its cloud margin, as the ledger charges it),
+//! added once each call's request is settled. The cap is checked before a call
 //! starts: calls already in flight when it is reached finish, so the spend
 //! may pass the cap by at most what those calls cost. Once spend ≥ cap,
 //! `auto` stays on the fleet and `cloud/...` is refused with 402.

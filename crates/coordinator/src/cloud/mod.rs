@@ -1,6 +1,11 @@
 //! The cloud (system-2) tier: an OpenAI-compatible upstream the gateway sends
-//! what the fleet should not answer, the price it charges, and the per-tenant
-//! caps on what a tenant may spend there.
+//! what the fleet should not answer, and the per-tenant caps on what a
+//! tenant may spend there.
+//!
+//! The cloud model is priced by the price sheet like every model: its
+//! `upstream` section, keyed by the public name `cloud/<model>`, says what
+//! the upstream charges, and `cloud_margin_bps` what the tenant pays on top.
+//! A gateway whose sheet has no such price refuses to start.
 //!
 //! `upstream` is the HTTP client (bounded concurrency, timeouts, streaming
 //! parsed from server-sent events), `sse` the event parser, `budget` the caps
@@ -68,45 +73,6 @@ impl std::fmt::Display for MicroUsd {
     }
 }
 
-/// What the upstream charges, per million tokens.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CloudPrice {
-    pub prompt_per_million: MicroUsd,
-    pub completion_per_million: MicroUsd,
-}
-
-/// Basis points in a whole (100%).
-const BASIS_POINTS_WHOLE: i128 = 10_000;
-
-impl CloudPrice {
-    /// What `prompt` and `completion` tokens cost upstream, rounded up to the
-    /// micro-dollar so that the platform never books less than it owes.
-    pub fn upstream_cost(&self, prompt: u32, completion: u32) -> MicroUsd {
-        let exact = i128::from(prompt) * i128::from(self.prompt_per_million.0)
-            + i128::from(completion) * i128::from(self.completion_per_million.0);
-        MicroUsd(saturate(ceil_div(exact, 1_000_000)))
-    }
-
-    /// What the tenant pays: upstream cost plus `margin_bps`, rounded up.
-    pub fn customer_cost(&self, prompt: u32, completion: u32, margin_bps: u32) -> MicroUsd {
-        let exact = i128::from(prompt) * i128::from(self.prompt_per_million.0)
-            + i128::from(completion) * i128::from(self.completion_per_million.0);
-        let marked_up = exact * (BASIS_POINTS_WHOLE + i128::from(margin_bps));
-        MicroUsd(saturate(ceil_div(
-            marked_up,
-            1_000_000 * BASIS_POINTS_WHOLE,
-        )))
-    }
-}
-
-fn ceil_div(numerator: i128, denominator: i128) -> i128 {
-    -((-numerator).div_euclid(denominator))
-}
-
-fn saturate(value: i128) -> i64 {
-    i64::try_from(value).unwrap_or(if value < 0 { i64::MIN } else { i64::MAX })
-}
-
 /// What `cloud/...` does when the upstream fails or is full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fallback {
@@ -125,9 +91,6 @@ pub struct CloudConfig {
     pub model: String,
     /// Environment variable holding the upstream API key, if it needs one.
     pub api_key_env: Option<String>,
-    pub price: CloudPrice,
-    /// Added on top of the upstream price for the tenant, in basis points.
-    pub margin_bps: u32,
     /// Longest wait for the upstream's response headers, and for each chunk after.
     pub timeout: Duration,
     /// Upstream requests in flight at once; beyond it `cloud/...` gets 429
@@ -149,8 +112,6 @@ impl CloudConfig {
             base_url: base_url.into(),
             model: model.into(),
             api_key_env: None,
-            price: CloudPrice::default(),
-            margin_bps: 0,
             timeout: crate::limits::CLOUD_TIMEOUT_DEFAULT,
             concurrency_max: crate::limits::CLOUD_CONCURRENCY_DEFAULT,
             fallback: Fallback::Error,
@@ -159,7 +120,8 @@ impl CloudConfig {
         }
     }
 
-    /// The public name clients use, `cloud/<model>`.
+    /// The public name clients use, `cloud/<model>`; the price sheet's
+    /// `upstream` section prices the model under this name.
     pub fn public_name(&self) -> String {
         format!("{CLOUD_PREFIX}{}", self.model)
     }
@@ -175,9 +137,15 @@ pub struct CloudTier {
 }
 
 impl CloudTier {
-    /// Builds the client, reads the router's configuration and loads the
-    /// handoff template; every problem is reported as a sentence.
-    pub async fn load(config: CloudConfig, store: Store) -> Result<CloudTier, String> {
+    /// Checks that the price sheet prices the cloud model, builds the client,
+    /// reads the router's configuration and loads the handoff template;
+    /// every problem is reported as a sentence.
+    pub async fn load(
+        config: CloudConfig,
+        store: Store,
+        billing: &crate::billing::Billing,
+    ) -> Result<CloudTier, String> {
+        billing.check_cloud_priced(&config.public_name())?;
         let router_config = match &config.router_config_file {
             None => router::RouterConfig::default(),
             Some(path) => {
@@ -229,26 +197,5 @@ mod tests {
         assert_eq!(MicroUsd::parse_usd("abc"), None);
         assert_eq!(MicroUsd::parse_usd("."), None);
         assert_eq!(MicroUsd(1_250_000).to_string(), "$1.250000");
-    }
-
-    #[test]
-    fn cloud_costs_round_up_and_carry_the_margin() {
-        let price = CloudPrice {
-            prompt_per_million: MicroUsd(1_000_000),
-            completion_per_million: MicroUsd(2_000_000),
-        };
-        // 3 prompt tokens at $1 per million: 3 µUSD exactly.
-        assert_eq!(price.upstream_cost(3, 0), MicroUsd(3));
-        // 1 completion token at $2 per million: 2 µUSD; one more prompt token: 3.
-        assert_eq!(price.upstream_cost(1, 1), MicroUsd(3));
-        // 20% margin on 5 µUSD is 6 µUSD; on 1 µUSD it is 1.2, rounded up to 2.
-        assert_eq!(price.customer_cost(1, 2, 2_000), MicroUsd(6));
-        assert_eq!(price.customer_cost(1, 0, 2_000), MicroUsd(2));
-        let cheap = CloudPrice {
-            prompt_per_million: MicroUsd(100_000),
-            completion_per_million: MicroUsd(0),
-        };
-        assert_eq!(cheap.upstream_cost(3, 0), MicroUsd(1));
-        assert_eq!(cheap.upstream_cost(0, 0), MicroUsd(0));
     }
 }
