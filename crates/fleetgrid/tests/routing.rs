@@ -10,7 +10,10 @@ mod cloud_common;
 mod common;
 
 use cloud_common::{chat, gateway, post_chat, router_config, stream_chat, LocalCloud, CLOUD_MODEL};
-use serde_json::json;
+use common::Stack;
+use ledger::core::{AccountId, Transfer, TransferKind};
+use ledger::metering::{Server, UsageSegment};
+use serde_json::{json, Value};
 
 /// A question SmolLM2 answers fluently.
 const EASY: &str = "What is the capital of France?";
@@ -24,6 +27,74 @@ const THRESHOLD: f32 = -0.4;
 
 fn cloud_name() -> String {
     format!("cloud/{CLOUD_MODEL}")
+}
+
+/// The shipped price sheet in micro-dollars per million tokens: the cloud
+/// model's upstream price plus the 20 % cloud margin, and SmolLM2's price
+/// for the fleet class (the test tenant's).
+const CLOUD_PROMPT_PER_MILLION: u64 = 180_000;
+const CLOUD_COMPLETION_PER_MILLION: u64 = 720_000;
+const UPSTREAM_PROMPT_PER_MILLION: u64 = 150_000;
+const UPSTREAM_COMPLETION_PER_MILLION: u64 = 600_000;
+const EDGE_PROMPT_PER_MILLION: u64 = 80_000;
+const EDGE_COMPLETION_PER_MILLION: u64 = 160_000;
+
+/// Micro-dollars for an exact amount in millionths of one, rounded up as the
+/// ledger rounds a charge or an upstream cost.
+fn round_up(millionths: u64) -> u64 {
+    millionths.div_ceil(1_000_000)
+}
+
+fn count(value: &Value) -> u64 {
+    value
+        .as_u64()
+        .unwrap_or_else(|| panic!("not a count: {value}"))
+}
+
+/// A routed request as the gateway's ledger holds it.
+struct Booked {
+    segments: Vec<UsageSegment>,
+    transfers: Vec<Transfer>,
+}
+
+impl Booked {
+    /// Reads the request whose response `body` is from the stack's ledger.
+    async fn read(stack: &Stack, body: &Value) -> Booked {
+        let id = body["id"].as_str().expect("response id");
+        let ledger = ledger::store::Store::open_sqlite(&stack.dir.path().join("ledger.db"))
+            .await
+            .expect("ledger");
+        let request = ledger::core::RequestId::new(id).expect("request id");
+        let segments = ledger.request_usage(&request).await.expect("usage");
+        let transfers = ledger.request_transfers(&request).await.expect("transfers");
+        ledger.close().await;
+        Booked {
+            segments,
+            transfers,
+        }
+    }
+
+    /// (segment, amount, credited account) of every transfer of a kind.
+    fn of_kind(&self, kind: TransferKind) -> Vec<(u32, u64, AccountId)> {
+        let mut found: Vec<_> = self
+            .transfers
+            .iter()
+            .filter(|transfer| transfer.kind() == kind)
+            .map(|transfer| {
+                let amount = u64::try_from(transfer.amount().0).expect("positive amount");
+                (transfer.segment().0, amount, transfer.credit().clone())
+            })
+            .collect();
+        found.sort_by_key(|(segment, _, _)| *segment);
+        found
+    }
+
+    /// The tenant's one charge for the request.
+    fn charge(&self) -> u64 {
+        let charges = self.of_kind(TransferKind::TokenCharge);
+        assert_eq!(charges.len(), 1, "{:?}", self.transfers);
+        charges[0].1
+    }
 }
 
 #[tokio::test]
@@ -96,6 +167,48 @@ async fn auto_keeps_confident_answers_on_the_fleet_and_escalates_unsure_ones() {
         usage["cloud"]["cost_micro_usd"].as_u64() > Some(0),
         "{usage}"
     );
+    // One charge, the cloud's answer at the cloud price; the discarded edge
+    // attempt comes after it with no completion tokens: its owner is
+    // reimbursed the energy, the tenant pays nothing for it.
+    let booked = Booked::read(&stack, &hard.body).await;
+    assert_eq!(
+        booked.charge(),
+        count(&usage["cloud"]["cost_micro_usd"]),
+        "{usage}"
+    );
+    assert_eq!(
+        booked.charge(),
+        count(&hard.body["fleetgrid"]["cost_micro_usd"])
+    );
+    assert_eq!(booked.segments[0].server, Server::Cloud);
+    assert!(booked.segments.len() >= 2, "{:?}", booked.segments);
+    assert!(booked.segments[1..]
+        .iter()
+        .all(|segment| matches!(segment.server, Server::Node { .. })
+            && segment.completion_tokens.0 == 0));
+    assert!(booked
+        .of_kind(TransferKind::RevenueShare)
+        .iter()
+        .all(|(segment, _, _)| *segment == 0));
+    let reimbursed = booked.of_kind(TransferKind::EnergyReimbursement);
+    for discarded in &booked.segments[1..] {
+        let Server::Node {
+            energy,
+            tariff_per_kwh,
+            ..
+        } = &discarded.server
+        else {
+            unreachable!("checked above");
+        };
+        assert!(energy.0 > 0, "{discarded:?}");
+        let owed = ledger::settlement::energy_cost(*energy, *tariff_per_kwh).0;
+        let paid: i64 = reimbursed
+            .iter()
+            .filter(|(segment, _, _)| *segment == discarded.segment.0)
+            .map(|(_, amount, _)| *amount as i64)
+            .sum();
+        assert_eq!(paid, owed, "{:?}", booked.transfers);
+    }
 
     // Streaming: the client sees only the final tier's text, never the
     // fleet's discarded guess, and the first chunk already names the cloud.
@@ -207,6 +320,52 @@ async fn a_collapse_mid_answer_hands_off_to_the_cloud_in_one_stream_metered_in_t
         ("fleet+cloud", "handoff")
     );
     assert_eq!(whole.content(), text.as_str());
+
+    // Charged once for both parts: the prompt and the five sent tokens at
+    // the fleet price, the cloud's tokens at the cloud price; the cloud's
+    // re-prefill of prompt and sent text is the platform's cost only.
+    let usage = &whole.body["fleetgrid"]["usage"];
+    let edge_prompt = count(&usage["edge"]["prompt_tokens"]);
+    let cloud_prompt = count(&usage["cloud"]["prompt_tokens"]);
+    let cloud_completion = count(&usage["cloud"]["completion_tokens"]);
+    assert_eq!(count(&whole.body["usage"]["prompt_tokens"]), edge_prompt);
+    let booked = Booked::read(&stack, &whole.body).await;
+    let expected = round_up(
+        edge_prompt * EDGE_PROMPT_PER_MILLION
+            + 5 * EDGE_COMPLETION_PER_MILLION
+            + cloud_completion * CLOUD_COMPLETION_PER_MILLION,
+    );
+    assert_eq!(booked.charge(), expected, "{usage}");
+    assert_eq!(count(&whole.body["fleetgrid"]["cost_micro_usd"]), expected);
+    let (cloud, edge) = booked.segments.split_last().expect("segments");
+    assert!(
+        edge.iter()
+            .all(|segment| matches!(segment.server, Server::Node { .. })),
+        "{:?}",
+        booked.segments
+    );
+    assert_eq!(edge[0].prompt_tokens.0, edge_prompt);
+    let sent: u64 = edge.iter().map(|segment| segment.completion_tokens.0).sum();
+    assert_eq!(sent, 5);
+    assert_eq!(cloud.server, Server::Cloud);
+    assert_eq!(
+        (cloud.prompt_tokens.0, cloud.completion_tokens.0),
+        (cloud_prompt, cloud_completion)
+    );
+    let upstream = booked.of_kind(TransferKind::CloudCost);
+    assert_eq!(upstream.len(), 1);
+    assert_eq!(
+        upstream[0].1,
+        round_up(
+            cloud_prompt * UPSTREAM_PROMPT_PER_MILLION
+                + cloud_completion * UPSTREAM_COMPLETION_PER_MILLION
+        )
+    );
+    assert_eq!(
+        upstream[0].1,
+        count(&usage["cloud"]["upstream_cost_micro_usd"])
+    );
+    stack.cli(&["ledger", "verify"]);
 }
 
 #[tokio::test]
@@ -235,6 +394,38 @@ async fn a_spent_cloud_budget_keeps_auto_on_the_fleet_and_refuses_cloud_with_402
         .expect("cost");
     assert!(spent >= 1, "{}", first.body);
 
+    // Booked once in the ledger at the price sheet's cloud price: the tenant
+    // pays what the response reports, the upstream is owed its cost.
+    let usage = &first.body["usage"];
+    let (prompt, completion) = (
+        count(&usage["prompt_tokens"]),
+        count(&usage["completion_tokens"]),
+    );
+    let booked = Booked::read(&stack, &first.body).await;
+    assert_eq!(
+        booked.charge(),
+        round_up(prompt * CLOUD_PROMPT_PER_MILLION + completion * CLOUD_COMPLETION_PER_MILLION)
+    );
+    assert_eq!(booked.charge(), spent);
+    assert_eq!(
+        booked.charge(),
+        count(&first.body["fleetgrid"]["cost_micro_usd"])
+    );
+    assert_eq!(booked.segments.len(), 1, "{:?}", booked.segments);
+    assert_eq!(booked.segments[0].server, Server::Cloud);
+    assert_eq!(booked.segments[0].model.as_str(), cloud_name());
+    let upstream_cost = round_up(
+        prompt * UPSTREAM_PROMPT_PER_MILLION + completion * UPSTREAM_COMPLETION_PER_MILLION,
+    );
+    assert_eq!(
+        booked.of_kind(TransferKind::CloudCost),
+        [(0, upstream_cost, AccountId::CloudProvider)]
+    );
+    assert_eq!(
+        count(&first.body["fleetgrid"]["usage"]["cloud"]["upstream_cost_micro_usd"]),
+        upstream_cost
+    );
+
     let refused = post_chat(&stack, &chat(&cloud_name(), "Say hi.", 6)).await;
     assert_eq!(refused.status, 402, "{}", refused.body);
     assert_eq!(refused.body["error"]["code"], "cloud_budget_exceeded");
@@ -250,7 +441,8 @@ async fn a_spent_cloud_budget_keeps_auto_on_the_fleet_and_refuses_cloud_with_402
         ("fleet", "budget_exhausted")
     );
     assert!(!stayed.content().is_empty());
-    // The fleet's answer is booked in the ledger like any fleet request.
+    // Both answers are in the tenant's usage, each under its model; the
+    // refused request is not.
     let usage: serde_json::Value = stack
         .client()
         .get(stack.url("/v1/usage"))
@@ -261,11 +453,25 @@ async fn a_spent_cloud_budget_keeps_auto_on_the_fleet_and_refuses_cloud_with_402
         .json()
         .await
         .expect("usage json");
-    assert_eq!(usage["requests"], 1, "{usage}");
+    assert_eq!(usage["requests"], 2, "{usage}");
+    let line = |model: &str| {
+        usage["by_model"]
+            .as_array()
+            .and_then(|lines| lines.iter().find(|line| line["model"] == model))
+            .cloned()
+            .unwrap_or_else(|| panic!("no usage of {model}: {usage}"))
+    };
     assert_eq!(
-        usage["completion_tokens"], stayed.body["usage"]["completion_tokens"],
+        line("smollm2-135m-instruct")["completion_tokens"],
+        stayed.body["usage"]["completion_tokens"],
         "{usage}"
     );
+    assert_eq!(
+        count(&line(&cloud_name())["charged_micro_usd"]),
+        spent,
+        "{usage}"
+    );
+    stack.cli(&["ledger", "verify"]);
 
     // Raising the cap lets the cloud answer again.
     common::run_cli(
