@@ -4,7 +4,8 @@
 use scheduler::{Command, Event, Millis, NodeId, RejectReason, RequestId};
 
 use super::{
-    CommittedToken, Core, CoreState, FinishReason, GenerationError, Rejection, Update, Usage, ORDER,
+    CommittedToken, Core, CoreState, FinishReason, GenerationError, InFlight, Rejection, Update,
+    Usage, ORDER,
 };
 use crate::billing_meter::{Metering, NodeReport, SegmentTrack};
 use crate::limits;
@@ -28,7 +29,7 @@ impl Core {
             commands.clear();
             state.scheduler.handle(now, event, &mut commands);
             for command in commands.drain(..) {
-                self.execute(state, command, &mut rejections);
+                self.execute(state, now, command, &mut rejections);
             }
             state.commands = commands;
             next = state.follow_up.pop();
@@ -39,6 +40,7 @@ impl Core {
     fn execute(
         &self,
         state: &mut CoreState,
+        now: Millis,
         command: Command,
         rejections: &mut Vec<(RequestId, Rejection)>,
     ) {
@@ -47,7 +49,7 @@ impl Core {
                 request,
                 node,
                 resume_from,
-            } => self.assign(state, request, node, resume_from),
+            } => self.assign(state, now, request, node, resume_from),
             Command::Stop {
                 request,
                 node,
@@ -61,13 +63,14 @@ impl Core {
                 if let Some(inflight) = state.requests.get_mut(&request) {
                     if inflight.node == Some(node) {
                         inflight.node = None;
+                        state.shares.stop(request, epoch_ms(now));
                     }
                 }
                 self.send_cancel(state, request, node, &format!("{reason:?}"));
             }
             Command::Cancel { request, node } => {
                 self.send_cancel(state, request, node, "cancelled by client");
-                state.requests.remove(&request);
+                state.remove_request(request, now);
                 self.metrics.generations_active.fetch_sub(1, ORDER);
             }
             Command::Reject {
@@ -84,12 +87,19 @@ impl Core {
                     }
                 }
                 self.count_rejection(&rejection);
-                self.fail(state, request, generation_error_of(rejection));
+                self.fail(state, now, request, generation_error_of(rejection));
             }
         }
     }
 
-    fn assign(&self, state: &mut CoreState, request: RequestId, node: NodeId, resume_from: u32) {
+    fn assign(
+        &self,
+        state: &mut CoreState,
+        now: Millis,
+        request: RequestId,
+        node: NodeId,
+        resume_from: u32,
+    ) {
         let Some(inflight) = state.requests.get_mut(&request) else {
             tracing::error!(
                 request_id = request.0,
@@ -99,7 +109,7 @@ impl Core {
         };
         debug_assert_eq!(resume_from as usize, inflight.committed.len());
         if inflight.attempt >= limits::ATTEMPTS_PER_REQUEST_MAX {
-            self.fail(state, request, GenerationError::TooManyAttempts);
+            self.fail(state, now, request, GenerationError::TooManyAttempts);
             return;
         }
         if inflight.attempt > 0 {
@@ -134,13 +144,18 @@ impl Core {
             return;
         }
         tracing::info!(request_id = request.0, node_id = %name, resume_from, "assigned");
+        // The attempt runs on the node from now: it takes its share of the
+        // node's time, and the others running there give up some of theirs.
+        let share_us = state.shares.start(request, node, epoch_ms(now));
         if let Some(inflight) = state.requests.get_mut(&request) {
             let prefilled = inflight.prompt.len() + inflight.committed.len();
             let prefilled = u32::try_from(prefilled).unwrap_or(u32::MAX);
-            let now_ms = super::now_ms().0 as i64;
-            inflight
-                .segments
-                .push(SegmentTrack::started(name, prefilled, now_ms));
+            inflight.segments.push(SegmentTrack::started(
+                name,
+                prefilled,
+                epoch_ms(now),
+                share_us,
+            ));
         }
     }
 
@@ -166,7 +181,7 @@ impl Core {
     }
 
     /// Ends a request with an error, telling the client and the scheduler.
-    fn fail(&self, state: &mut CoreState, request: RequestId, error: GenerationError) {
+    fn fail(&self, state: &mut CoreState, now: Millis, request: RequestId, error: GenerationError) {
         let Some(inflight) = state.requests.get(&request) else {
             return;
         };
@@ -176,7 +191,7 @@ impl Core {
             self.send_cancel(state, request, node, "request failed");
         }
         self.record(state, request, "failed", Some(format!("{error:?}")));
-        state.requests.remove(&request);
+        state.remove_request(request, now);
         if admitted {
             self.metrics.requests_failed.fetch_add(1, ORDER);
         }
@@ -209,6 +224,7 @@ impl Core {
         let Some(request) = self.current_attempt(&state, session, &batch.generation_id) else {
             return;
         };
+        let share_us = state.shares.read(request, epoch_ms(now));
         let Some(inflight) = state.requests.get_mut(&request) else {
             return;
         };
@@ -222,7 +238,8 @@ impl Core {
             inflight.committed.push(token.token_id);
             if let Some(segment) = inflight.segments.last_mut() {
                 segment.completion_tokens += 1;
-                segment.last_active_ms = now.0 as i64;
+                let share_us = share_us.unwrap_or(segment.share_last_active_us);
+                segment.active(epoch_ms(now), share_us);
             }
             if inflight.first_token_at.is_none() {
                 inflight.first_token_at = Some(std::time::Instant::now());
@@ -280,6 +297,7 @@ impl Core {
         let Some(request) = self.current_attempt(&state, session, &done.generation_id) else {
             return;
         };
+        let share_us = state.shares.read(request, epoch_ms(now));
         let Some(inflight) = state.requests.get_mut(&request) else {
             return;
         };
@@ -295,7 +313,8 @@ impl Core {
         };
         let ours = u32::try_from(inflight.committed.len()).unwrap_or(u32::MAX);
         if let Some(segment) = inflight.segments.last_mut() {
-            segment.last_active_ms = now.0 as i64;
+            let share_us = share_us.unwrap_or(segment.share_last_active_us);
+            segment.active(epoch_ms(now), share_us);
         }
         // The node's own counts go to billing, which checks them against
         // ours and flags the node; settlement always uses our counts.
@@ -319,7 +338,7 @@ impl Core {
             metering,
         });
         self.record(&mut state, request, "completed", None);
-        state.requests.remove(&request);
+        state.remove_request(request, now);
         self.metrics.requests_completed.fetch_add(1, ORDER);
         self.metrics.generations_active.fetch_sub(1, ORDER);
         self.handle(&mut state, now, Event::RequestFinished { request });
@@ -339,7 +358,12 @@ impl Core {
             if let Some(inflight) = state.requests.get_mut(&request) {
                 inflight.node = None;
             }
-            self.fail(&mut state, request, GenerationError::Failed(failed.message));
+            self.fail(
+                &mut state,
+                now,
+                request,
+                GenerationError::Failed(failed.message),
+            );
             while let Some(event) = state.follow_up.pop() {
                 self.handle(&mut state, now, event);
             }
@@ -358,6 +382,7 @@ impl Core {
         if let Some(inflight) = state.requests.get_mut(&request) {
             inflight.node = None;
         }
+        state.shares.stop(request, epoch_ms(now));
         self.handle(state, now, Event::AttemptFailed { request, node });
     }
 
@@ -409,6 +434,21 @@ impl Core {
             self.metrics.request_log_dropped.fetch_add(1, ORDER);
         }
     }
+}
+
+impl CoreState {
+    /// Forgets a request that ended (finished, failed or cancelled), after
+    /// stopping its attempt on its node's share clock. Every removal goes
+    /// through here, so no ended attempt keeps a share of a node's time.
+    pub(super) fn remove_request(&mut self, request: RequestId, now: Millis) -> Option<InFlight> {
+        self.shares.stop(request, epoch_ms(now));
+        self.requests.remove(&request)
+    }
+}
+
+/// The core's time as segments record it: ms since the Unix epoch.
+fn epoch_ms(now: Millis) -> i64 {
+    i64::try_from(now.0).unwrap_or(i64::MAX)
 }
 
 fn generation_id(request: RequestId, attempt: u32) -> String {

@@ -140,6 +140,11 @@ struct CoreState {
     /// Events caused while carrying out commands (e.g. a node whose channel
     /// is closed), handled before the lock is released.
     follow_up: Vec<Event>,
+    /// Each node's share clock, which a segment's compute time is measured
+    /// with: every attempt that starts running on a node is started here and
+    /// every one that ends is stopped (`CoreState::remove_request` stops the
+    /// attempts that end with their request).
+    shares: crate::billing_meter::NodeShares,
 }
 
 pub struct Core {
@@ -172,6 +177,7 @@ impl Core {
                 next_session: 1,
                 commands: Vec::new(),
                 follow_up: Vec::new(),
+                shares: crate::billing_meter::NodeShares::default(),
             }),
             metrics,
             request_log,
@@ -242,7 +248,7 @@ impl Core {
         let rejection = self.handle(&mut state, now, arrived);
         match rejection.into_iter().find(|(id, _)| *id == request) {
             Some((_, rejection)) => {
-                state.requests.remove(&request);
+                state.remove_request(request, now);
                 Err(rejection)
             }
             None => {
@@ -279,7 +285,7 @@ impl Core {
         self.handle(&mut state, now, Event::RequestCancelled { request });
         // A running generation was removed by the scheduler's `Cancel`; a
         // queued one has nothing to cancel on a node.
-        if state.requests.remove(&request).is_some() {
+        if state.remove_request(request, now).is_some() {
             self.metrics.generations_active.fetch_sub(1, ORDER);
         }
         Some(metering)
