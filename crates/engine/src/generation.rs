@@ -73,7 +73,9 @@ pub struct GenerationDone {
     pub prompt_tokens: u32,
     /// Completion tokens, committed ones included (end-of-generation tokens are not counted).
     pub completion_tokens: u32,
-    /// Wall time from admission into a sequence slot to the end.
+    /// This generation's share of the engine's time: each decode call's duration divided
+    /// equally among the sequences running then, from admission into a slot to the end. The
+    /// coordinator divides a node's time among its generations the same way, so the two agree.
     pub compute: Duration,
 }
 

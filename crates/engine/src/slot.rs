@@ -11,7 +11,7 @@
 //! wait in a tiny outbox, and while the outbox is not empty the slot is not decoded (it pauses).
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::Sender;
@@ -75,7 +75,9 @@ pub(crate) struct Slot {
     stalled_since: Option<Instant>,
     /// The final event has been produced; the KV cells are already released.
     finished: bool,
-    admitted_at: Instant,
+    /// This sequence's share of the decode calls since it was admitted (see
+    /// `Worker::share_compute`).
+    compute: Duration,
 }
 
 impl Slot {
@@ -125,7 +127,7 @@ impl Slot {
             outbox: VecDeque::with_capacity(OUTBOX_CAPACITY),
             stalled_since: None,
             finished: false,
-            admitted_at: Instant::now(),
+            compute: Duration::ZERO,
         };
         (slot, already_over)
     }
@@ -164,6 +166,11 @@ impl Slot {
 
     pub fn sampling(&self) -> (&SamplingParams, u32, u32) {
         (&self.sampling, self.position, self.top_logprobs)
+    }
+
+    /// Add this sequence's share of a decode call's time.
+    pub fn add_compute(&mut self, share: Duration) {
+        self.compute += share;
     }
 
     /// Record that `count` prompt tokens were decoded.
@@ -236,7 +243,7 @@ impl Slot {
             reason,
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.position,
-            compute: self.admitted_at.elapsed(),
+            compute: self.compute,
         };
         self.send(GenerationEvent::Done(done));
     }

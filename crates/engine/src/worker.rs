@@ -247,10 +247,12 @@ impl<'model> Worker<'model> {
         if entries.is_empty() {
             return;
         }
+        let decode_started = Instant::now();
         if let Err(error) = self.context.decode(&mut self.batch) {
             self.fail_batch(entries, &EngineError::Decode(error.to_string()));
             return;
         }
+        self.share_compute(decode_started.elapsed());
         let context_tokens = self.config.context_tokens_per_sequence;
         for entry in entries {
             let Some(slot) = self.slots[entry.slot].as_mut() else {
@@ -269,6 +271,23 @@ impl<'model> Worker<'model> {
             if let Some(reason) = slot.accept(&sampled, &self.tokenizer, context_tokens) {
                 slot.finish(reason);
                 release_sequence(&mut self.context, slot.seq_id);
+            }
+        }
+    }
+
+    /// Divides one decode call's time equally among the sequences running now (not finished,
+    /// whether in this call or not), as the coordinator divides a node's time among the
+    /// generations it runs, so that each reports its share and a batch's time is counted once.
+    fn share_compute(&mut self, elapsed: Duration) {
+        let running = self.slots.iter().flatten();
+        let running = running.filter(|slot| !slot.is_finished()).count();
+        let Ok(running @ 1..) = u32::try_from(running) else {
+            return;
+        };
+        let share = elapsed / running;
+        for slot in self.slots.iter_mut().flatten() {
+            if !slot.is_finished() {
+                slot.add_compute(share);
             }
         }
     }
