@@ -235,11 +235,15 @@ impl Routing {
     /// serve it, assuming the dearest for the whole prompt and `max_tokens`:
     /// 402 if the tenant cannot pay (fleet-class tenants never get it).
     ///
-    /// The prompt is counted by the edge model's tokenizer, the coordinator's
-    /// own count; an upstream bills by its own tokenizer, which may count a
-    /// few tokens more.
+    /// The prompt is counted by the edge model's tokenizer (the coordinator's
+    /// own count) and, where the cloud model's chat template is loaded, by
+    /// the cloud model's too, which bills by its own; the larger count is
+    /// admitted.
     async fn admit(&mut self, target: Target) -> Result<(), ApiError> {
         let (prompt, _) = generate::tokenize(&self.request).await?;
+        let prompt_tokens = prompt
+            .len()
+            .max(self.cloud_prompt_tokens().await.unwrap_or(0));
         let config = self.cloud.upstream.config();
         let cloud_model = config.public_name();
         let edge_model = self.request.model.name.as_str();
@@ -257,7 +261,7 @@ impl Routing {
             .admit_any(
                 &self.tenant,
                 &models,
-                prompt.len(),
+                prompt_tokens,
                 self.request_max_tokens(),
                 &self.public_id,
             )
@@ -1124,6 +1128,32 @@ impl Routing {
             PromptSource::Chat(messages) => UpstreamPrompt::Chat(messages.clone()),
             PromptSource::Text(text) => UpstreamPrompt::Text(text.clone()),
         }
+    }
+
+    /// The prompt as the cloud model counts it, where its tokenizer is
+    /// loaded (for handoffs): the chat rendered by its own template.
+    async fn cloud_prompt_tokens(&self) -> Option<usize> {
+        let cloud = Arc::clone(&self.cloud);
+        cloud.chat_template.as_ref()?;
+        let prompt = self.cloud_prompt();
+        let counted = tokio::task::spawn_blocking(move || {
+            let tokenizer = cloud.chat_template.as_ref()?;
+            let (text, add_special) = match prompt {
+                UpstreamPrompt::Chat(messages) => {
+                    (tokenizer.apply_chat_template(&messages, true).ok()?, false)
+                }
+                UpstreamPrompt::Text(text) => (text, true),
+            };
+            tokenizer
+                .tokenize(&text, add_special)
+                .ok()
+                .map(|tokens| tokens.len())
+        })
+        .await;
+        counted.unwrap_or_else(|error| {
+            tracing::error!(%error, request_id = %self.public_id, "count the cloud prompt");
+            None
+        })
     }
 
     /// Whether the cloud can continue a started answer of this request.
