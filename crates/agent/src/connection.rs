@@ -206,7 +206,9 @@ async fn session(node: &Node, endpoint: &Endpoint, shutdown: &CancellationToken)
         // Cannot happen: the queue is new and empty; but a lost hello must not hang the handshake.
         return lost("hello could not be queued".to_owned());
     }
-    let mut client = CoordinatorClient::new(channel);
+    let mut client = CoordinatorClient::new(channel)
+        .max_decoding_message_size(proto::MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(proto::MESSAGE_BYTES_MAX);
     let handshake = async {
         let response = client
             .session(ReceiverStream::new(outbound_queue))

@@ -7,11 +7,12 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use engine::{
     Engine, EngineError, FinishReason, Generation, GenerationEvent, GenerationStream,
-    SamplingParams, TokenEvent,
+    SamplingParams, SequenceCheckpoint, TokenEvent,
 };
 use proto::agent_message::Kind as AgentKind;
 use proto::AgentMessage;
@@ -66,7 +67,7 @@ impl Runner {
         u32::try_from(self.running.len()).unwrap_or(u32::MAX)
     }
 
-    pub(crate) fn assign(&mut self, assign: proto::Assign) {
+    pub(crate) fn assign(&mut self, mut assign: proto::Assign) {
         let id = GenerationId(assign.generation_id.clone());
         if id.0.is_empty() {
             tracing::warn!("ignoring an assignment without a generation id");
@@ -91,7 +92,19 @@ impl Runner {
             cancelled: cancelled.clone(),
         };
         let engine = self.engine.clone();
-        let checked = check_assignment(&assign, &self.model_digest, engine.info().vocab_size);
+        let restore_state = std::mem::take(&mut assign.restore_state);
+        let checked = check_assignment(&assign, &self.model_digest, engine.info().vocab_size).map(
+            |mut generation| {
+                // The engine checks that it fits the prompt and loads; otherwise it prefills.
+                generation.restore = (!restore_state.is_empty()).then(|| {
+                    Arc::new(SequenceCheckpoint {
+                        tokens: assign.restore_tokens,
+                        data: restore_state.to_vec(),
+                    })
+                });
+                generation
+            },
+        );
         let handle = self.tasks.spawn(async move {
             match checked {
                 Ok(request) => generation.run(&engine, request).await,
@@ -204,6 +217,8 @@ fn check_assignment(
         max_tokens: assign.max_tokens,
         stop: assign.stop.clone(),
         top_logprobs: assign.top_logprobs,
+        restore: None,
+        export_checkpoint: assign.report_checkpoint,
     })
 }
 
@@ -242,6 +257,12 @@ impl GenerationTask {
                 return self.send_done(cancelled).await;
             };
             let (tokens, last) = match event {
+                Some(GenerationEvent::Checkpoint(checkpoint)) => {
+                    if !self.send_checkpoint(checkpoint).await {
+                        return;
+                    }
+                    continue;
+                }
                 Some(GenerationEvent::Token(token)) => collect_ready(token, &mut stream),
                 Some(other) => (Vec::new(), Some(other)),
                 None => {
@@ -258,6 +279,11 @@ impl GenerationTask {
             }
             match last {
                 None | Some(GenerationEvent::Token(_)) => {}
+                Some(GenerationEvent::Checkpoint(checkpoint)) => {
+                    if !self.send_checkpoint(checkpoint).await {
+                        return;
+                    }
+                }
                 Some(GenerationEvent::Done(done)) => return self.finish(done).await,
                 Some(GenerationEvent::Failed(error)) => {
                     return self.fail(error.to_string(), is_retryable(&error)).await;
@@ -284,6 +310,7 @@ impl GenerationTask {
             generation_id = %self.id,
             reason = reason.as_str_name(),
             completion_tokens = done.completion_tokens,
+            prompt_restored = done.prompt_restored,
             "generation done"
         );
         let done = proto::GenerationDone {
@@ -307,6 +334,35 @@ impl GenerationTask {
         tracing::warn!(generation_id = %self.id, %message, retryable, "generation failed");
         self.send(failed_message(&self.id, message, retryable))
             .await;
+    }
+
+    /// Sends a checkpoint in pieces, so that other generations' tokens go out between them.
+    /// `false` when the session is gone.
+    async fn send_checkpoint(&self, checkpoint: SequenceCheckpoint) -> bool {
+        let total_bytes = checkpoint.data.len() as u64;
+        tracing::info!(
+            generation_id = %self.id,
+            tokens = checkpoint.tokens,
+            bytes = total_bytes,
+            "sending the prompt's kv checkpoint"
+        );
+        let mut offset = 0_u64;
+        for piece in checkpoint.data.chunks(proto::KV_CHECKPOINT_CHUNK_BYTES_MAX) {
+            let message = AgentMessage {
+                kind: Some(AgentKind::Checkpoint(proto::KvCheckpoint {
+                    generation_id: self.id.0.clone(),
+                    tokens: checkpoint.tokens,
+                    total_bytes,
+                    offset,
+                    data: piece.to_vec(),
+                })),
+            };
+            if !self.send(message).await {
+                return false;
+            }
+            offset += piece.len() as u64;
+        }
+        true
     }
 
     /// Queues one message; `false` when the session is gone (nobody to tell any more).
@@ -401,6 +457,7 @@ mod tests {
             max_tokens: 16,
             stop: vec!["\n".to_owned()],
             top_logprobs: 2,
+            ..proto::Assign::default()
         }
     }
 

@@ -227,6 +227,7 @@ impl Harness {
             max_tokens,
             stop: Vec::new(),
             top_logprobs: 2,
+            ..proto::Assign::default()
         })
     }
 }

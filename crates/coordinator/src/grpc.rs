@@ -186,6 +186,7 @@ async fn read_agent(
                 Some(AgentKind::Tokens(batch)) => core.node_tokens(session, batch),
                 Some(AgentKind::Done(done)) => core.node_done(session, done),
                 Some(AgentKind::Failed(failed)) => core.node_failed(session, failed),
+                Some(AgentKind::Checkpoint(piece)) => core.node_checkpoint(session, piece),
                 Some(AgentKind::Hello(_)) | None => {
                     core.metrics
                         .node_protocol_violations

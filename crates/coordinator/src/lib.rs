@@ -65,6 +65,8 @@ pub struct CoordinatorConfig {
     pub billing: billing::BillingConfig,
     /// The cloud (system-2) upstream; without one, `auto` and `cloud/...` do not exist.
     pub cloud: Option<cloud::CloudConfig>,
+    /// Bytes of prompt KV caches kept for handovers (0: re-prefill always).
+    pub kv_checkpoint_budget_bytes: usize,
 }
 
 impl CoordinatorConfig {
@@ -80,6 +82,7 @@ impl CoordinatorConfig {
             scheduler: scheduler::SchedulerConfig::default(),
             billing: billing::BillingConfig::embedded(),
             cloud: None,
+            kv_checkpoint_budget_bytes: limits::KV_CHECKPOINT_BYTES_BUDGET,
         }
     }
 }
@@ -176,6 +179,7 @@ pub async fn serve(
     let (log_sender, log_receiver) = mpsc::channel(limits::REQUEST_LOG_CAPACITY);
     let scheduler = scheduler::Scheduler::new(config.scheduler.clone());
     let core = Arc::new(Core::new(scheduler, Arc::clone(&metrics), log_sender));
+    core.set_kv_checkpoint_budget(config.kv_checkpoint_budget_bytes);
 
     let http_listener = TcpListener::bind(config.http_listen)
         .await
@@ -220,7 +224,11 @@ pub async fn serve(
     let grpc_shutdown = shutdown.clone();
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.heartbeat_interval))
-        .add_service(proto::coordinator_server::CoordinatorServer::new(service))
+        .add_service(
+            proto::coordinator_server::CoordinatorServer::new(service)
+                .max_decoding_message_size(proto::MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(proto::MESSAGE_BYTES_MAX),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
             grpc_shutdown.cancelled().await
         });

@@ -54,6 +54,17 @@ pub const HEARTBEAT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
 /// How often the scheduler gets a `Tick` (deadlines, drains, reaping).
 pub const TICK_INTERVAL: Duration = Duration::from_millis(250);
 
+/// Prompts at least this long have their KV cache kept at the coordinator
+/// (sent once by the node that prefilled them), so that a handover loads it
+/// instead of prefilling again; shorter ones are cheap to re-prefill.
+pub const KV_CHECKPOINT_PROMPT_TOKENS_MIN: usize = 256;
+
+/// Bytes of KV checkpoints kept (and being received) at once, over all
+/// in-flight generations. Beyond it a generation is handed over by
+/// re-prefilling, as without checkpoints. At about 23 KB per token for the
+/// smallest fleet model, 1 GiB keeps some forty 1,000-token prompts.
+pub const KV_CHECKPOINT_BYTES_BUDGET: usize = 1 << 30;
+
 /// Attempts (first run plus re-assignments) one request may take before it
 /// fails with an error instead of being tried again.
 pub const ATTEMPTS_PER_REQUEST_MAX: u32 = 16;

@@ -23,6 +23,9 @@ pub struct Metrics {
     pub completion_tokens: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub reassignments: AtomicU64,
+    pub kv_checkpoints_kept: AtomicU64,
+    pub kv_checkpoints_refused: AtomicU64,
+    pub kv_checkpoint_handovers: AtomicU64,
     pub nodes_connected: AtomicI64,
     pub nodes_lost: AtomicU64,
     pub nodes_refused: AtomicU64,
@@ -48,7 +51,7 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64); 16] = [
+        let counters: [(&str, &str, &AtomicU64); 19] = [
             (
                 "fleetgrid_requests_accepted_total",
                 "Requests admitted by the gateway.",
@@ -103,6 +106,21 @@ impl Metrics {
                 "fleetgrid_reassignments_total",
                 "Generations moved to another node.",
                 &self.reassignments,
+            ),
+            (
+                "fleetgrid_kv_checkpoints_kept_total",
+                "Prompt KV caches received from nodes and kept for a handover.",
+                &self.kv_checkpoints_kept,
+            ),
+            (
+                "fleetgrid_kv_checkpoints_refused_total",
+                "Prompt KV caches refused: malformed, stale, or over the memory budget.",
+                &self.kv_checkpoints_refused,
+            ),
+            (
+                "fleetgrid_kv_checkpoint_handovers_total",
+                "Generations handed over with their prompt's KV cache instead of a re-prefill.",
+                &self.kv_checkpoint_handovers,
             ),
             (
                 "fleetgrid_nodes_lost_total",

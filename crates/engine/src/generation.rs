@@ -30,6 +30,31 @@ pub struct Generation {
     pub stop: Vec<String>,
     /// Alternatives reported per token; 0 = none, capped at [`crate::sampler::TOP_LOGPROBS_MAX`].
     pub top_logprobs: u32,
+    /// The prompt's KV cache as another node computed it (a handover). Used instead of
+    /// prefilling when it covers exactly the prompt, committed tokens follow, and it loads into
+    /// a sequence holding exactly the prompt's positions; otherwise the prompt is prefilled.
+    pub restore: Option<Arc<SequenceCheckpoint>>,
+    /// Report the sequence's KV cache once the prompt is in it, as a
+    /// [`GenerationEvent::Checkpoint`] before the first token.
+    pub export_checkpoint: bool,
+}
+
+/// A sequence's KV cache covering its first `tokens` tokens: the sequence's own stream section
+/// of llama.cpp's sequence state, so that engines with different numbers of parallel sequences
+/// exchange it. Only an engine of the same build, model and attention settings can load it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SequenceCheckpoint {
+    pub tokens: u32,
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for SequenceCheckpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SequenceCheckpoint")
+            .field("tokens", &self.tokens)
+            .field("bytes", &self.data.len())
+            .finish()
+    }
 }
 
 /// One new completion token.
@@ -77,11 +102,15 @@ pub struct GenerationDone {
     /// equally among the sequences running then, from admission into a slot to the end. The
     /// coordinator divides a node's time among its generations the same way, so the two agree.
     pub compute: Duration,
+    /// The prompt's KV cache was loaded from a checkpoint instead of prefilled.
+    pub prompt_restored: bool,
 }
 
-/// Everything a generation reports, in order: tokens, then exactly one `Done` or `Failed`.
+/// Everything a generation reports, in order: at most one `Checkpoint` (when asked for), tokens,
+/// then exactly one `Done` or `Failed`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum GenerationEvent {
+    Checkpoint(SequenceCheckpoint),
     Token(TokenEvent),
     Done(GenerationDone),
     Failed(EngineError),

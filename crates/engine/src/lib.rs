@@ -38,8 +38,9 @@ pub use engine::{Engine, ENGINE_VERSION};
 pub use error::EngineError;
 pub use generation::{
     CancelHandle, FinishReason, Generation, GenerationDone, GenerationEvent, GenerationStream,
-    TokenEvent, TopLogprob, CONSUMER_STALL_TIMEOUT, EVENT_CHANNEL_CAPACITY,
+    SequenceCheckpoint, TokenEvent, TopLogprob, CONSUMER_STALL_TIMEOUT, EVENT_CHANNEL_CAPACITY,
 };
 pub use sampler::SamplingParams;
 pub use text::TextAssembler;
 pub use tokenizer::{ChatMessage, Tokenizer, LLAMA_LOG_ENV, TOKENIZE_TEXT_BYTES_MAX};
+pub use worker::CHECKPOINT_BYTES_MAX;

@@ -21,12 +21,12 @@ use crate::sampler::Sampled;
 use crate::text::TextAssembler;
 use crate::{
     CancelHandle, FinishReason, Generation, GenerationDone, GenerationEvent, SamplingParams,
-    TokenEvent, TokenId, Tokenizer, TopLogprob,
+    SequenceCheckpoint, TokenEvent, TokenId, Tokenizer, TopLogprob,
 };
 
-/// Most events a slot ever holds back: one token and the final event of the same step (a slot
-/// with a non-empty outbox is not decoded, so nothing more can pile up).
-const OUTBOX_CAPACITY: usize = 2;
+/// Most events a slot ever holds back: a checkpoint, one token and the final event of the same
+/// step (a slot with a non-empty outbox is not decoded, so nothing more can pile up).
+const OUTBOX_CAPACITY: usize = 3;
 
 /// A generation admitted to the engine thread, waiting for (or occupying) a slot.
 #[derive(Debug)]
@@ -78,6 +78,10 @@ pub(crate) struct Slot {
     /// This sequence's share of the decode calls since it was admitted (see
     /// `Worker::share_compute`).
     compute: Duration,
+    /// A checkpoint of the prompt's KV cache is still to be reported.
+    export_checkpoint: bool,
+    /// The prompt's KV cache was loaded from a checkpoint.
+    prompt_restored: bool,
 }
 
 impl Slot {
@@ -128,6 +132,8 @@ impl Slot {
             stalled_since: None,
             finished: false,
             compute: Duration::ZERO,
+            export_checkpoint: generation.export_checkpoint,
+            prompt_restored: false,
         };
         (slot, already_over)
     }
@@ -166,6 +172,43 @@ impl Slot {
 
     pub fn sampling(&self) -> (&SamplingParams, u32, u32) {
         (&self.sampling, self.position, self.top_logprobs)
+    }
+
+    /// Whether a checkpoint of `tokens` tokens can stand in for prefilling: it covers exactly the
+    /// prompt, nothing is prefilled yet, and a committed token follows (its decode gives the
+    /// logits of the next position; a checkpoint carries no logits).
+    pub fn can_restore(&self, tokens: u32) -> bool {
+        self.prefilled == 0
+            && !self.prompt.is_empty()
+            && tokens as usize == self.prompt.len()
+            && !self.committed.is_empty()
+    }
+
+    /// Record that the prompt's KV cache was loaded from a checkpoint.
+    pub fn restored_prompt(&mut self) {
+        // That checkpoint exists already.
+        self.export_checkpoint = false;
+        self.prompt_restored = true;
+        self.prefilled = self.prompt.len();
+        self.kv_tokens = saturating_u32(self.prompt.len());
+    }
+
+    /// True once, when the prompt is fully in the KV cache and a checkpoint was asked for.
+    pub fn take_checkpoint_request(&mut self) -> bool {
+        let due = self.export_checkpoint && self.prefilled == self.prompt.len() && !self.finished;
+        if due {
+            self.export_checkpoint = false;
+        }
+        due
+    }
+
+    /// Report a checkpoint of the prompt's KV cache, ahead of the first token.
+    pub fn report_checkpoint(&mut self, data: Vec<u8>) {
+        let tokens = saturating_u32(self.prompt.len());
+        self.send(GenerationEvent::Checkpoint(SequenceCheckpoint {
+            tokens,
+            data,
+        }));
     }
 
     /// Add this sequence's share of a decode call's time.
@@ -244,6 +287,7 @@ impl Slot {
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.position,
             compute: self.compute,
+            prompt_restored: self.prompt_restored,
         };
         self.send(GenerationEvent::Done(done));
     }

@@ -24,10 +24,13 @@ use std::time::{Duration, Instant};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::LlamaStateSeqFlags;
 
 use crate::sampler::Sampler;
 use crate::slot::{Admission, Slot, SlotFate};
-use crate::{EngineConfig, EngineError, FinishReason, GenerationEvent, Tokenizer};
+use crate::{
+    EngineConfig, EngineError, FinishReason, GenerationEvent, SequenceCheckpoint, Tokenizer,
+};
 
 /// How long the thread sleeps when every live sequence is paused on a full consumer channel.
 const PAUSED_POLL_INTERVAL: Duration = Duration::from_millis(2);
@@ -201,7 +204,7 @@ impl<'model> Worker<'model> {
         }
     }
 
-    fn start_slot(&mut self, index: usize, admission: Admission) {
+    fn start_slot(&mut self, index: usize, mut admission: Admission) {
         if admission.cancel.is_cancelled() || admission.events.is_closed() {
             // Cancelled while queued: it never ran, so there is nothing to report but that.
             let _ = admission
@@ -213,6 +216,7 @@ impl<'model> Worker<'model> {
                     completion_tokens: u32::try_from(admission.generation.committed.len())
                         .unwrap_or(u32::MAX),
                     compute: Duration::ZERO,
+                    prompt_restored: false,
                 }));
             return;
         }
@@ -220,10 +224,19 @@ impl<'model> Worker<'model> {
         // A previous occupant released its cells already; this makes the stream certainly empty.
         release_sequence(&mut self.context, seq_id);
         self.admissions += 1;
+        let restore = admission.generation.restore.take();
         let (mut slot, already_over) =
             Slot::start(seq_id, self.admissions, admission, &self.tokenizer);
         if let Some(reason) = already_over {
             slot.finish(reason);
+        } else if let Some(checkpoint) = restore.filter(|c| slot.can_restore(c.tokens)) {
+            let streams = self.config.parallel_sequences;
+            if restore_sequence(&mut self.context, seq_id, streams, &checkpoint) {
+                slot.restored_prompt();
+            } else {
+                // Prefilling gives the same cells, only later.
+                release_sequence(&mut self.context, seq_id);
+            }
         }
         self.slots[index] = Some(slot);
     }
@@ -261,6 +274,13 @@ impl<'model> Worker<'model> {
             match entry.kind {
                 Fed::Prefill(count) => slot.advance_prefill(count),
                 Fed::Decode => slot.advance_decode(),
+            }
+            // Right after the prompt's last chunk, the cache holds the prompt and nothing else.
+            if matches!(entry.kind, Fed::Prefill(_)) && slot.take_checkpoint_request() {
+                let streams = self.config.parallel_sequences;
+                if let Some(data) = export_sequence(&self.context, slot.seq_id, streams) {
+                    slot.report_checkpoint(data);
+                }
             }
             let Some(batch_index) = entry.logits_at else {
                 continue;
@@ -448,6 +468,118 @@ pub(crate) fn add_token(
         .is_ok()
 }
 
+/// The largest sequence checkpoint exported or loaded; a longer context is re-prefilled instead.
+pub const CHECKPOINT_BYTES_MAX: usize = 64 << 20;
+
+/// A copy of a sequence's KV cells in the portable form of [`SequenceCheckpoint`], or `None`
+/// (logged) when it is empty, too large or not shaped as expected.
+fn export_sequence(context: &LlamaContext<'_>, seq_id: i32, streams: u32) -> Option<Vec<u8>> {
+    let flags = LlamaStateSeqFlags::empty();
+    let size = context.state_seq_get_size_ext(seq_id, flags);
+    if size == 0 || size > CHECKPOINT_BYTES_MAX {
+        tracing::warn!(
+            seq_id,
+            size,
+            "sequence checkpoint not exported: empty or too large"
+        );
+        return None;
+    }
+    let mut data = vec![0_u8; size];
+    // SAFETY: `data` holds the `size` bytes llama.cpp just said this sequence's state needs, and
+    // nothing else touches the context meanwhile (this thread owns it).
+    let written = unsafe { context.state_seq_get_data_ext(data.as_mut_ptr(), seq_id, flags) };
+    if written == 0 || written > size {
+        tracing::warn!(seq_id, written, "sequence checkpoint export failed");
+        return None;
+    }
+    data.truncate(written);
+    let stream = usize::try_from(seq_id).ok()?;
+    let section = own_stream_section(&data, stream, streams as usize);
+    if section.is_none() {
+        tracing::warn!(
+            seq_id,
+            "sequence checkpoint not exported: unexpected layout"
+        );
+    }
+    section
+}
+
+/// Loads `checkpoint` into the (empty) sequence `seq_id`. True only when llama.cpp accepted it
+/// and the sequence then holds exactly positions `0..checkpoint.tokens`.
+fn restore_sequence(
+    context: &mut LlamaContext<'_>,
+    seq_id: i32,
+    streams: u32,
+    checkpoint: &SequenceCheckpoint,
+) -> bool {
+    if checkpoint.data.is_empty() || checkpoint.data.len() > CHECKPOINT_BYTES_MAX {
+        return false;
+    }
+    let state = with_streams(&checkpoint.data, streams as usize);
+    // SAFETY: llama.cpp reads at most `state.len()` bytes and checks the format as it goes
+    // (stream and cell counts against this context, tensor types and sizes against the model),
+    // failing with 0 rather than reading past the buffer.
+    let loaded =
+        unsafe { context.state_seq_set_data_ext(&state, seq_id, LlamaStateSeqFlags::empty()) };
+    let last = i64::from(checkpoint.tokens) - 1;
+    let shaped = context.kv_cache_seq_pos_min(seq_id) == 0
+        && i64::from(context.kv_cache_seq_pos_max(seq_id)) == last;
+    if !(loaded && shaped) {
+        tracing::warn!(
+            seq_id,
+            tokens = checkpoint.tokens,
+            loaded,
+            "a sequence checkpoint did not load; prefilling the prompt instead"
+        );
+        return false;
+    }
+    true
+}
+
+/// The magic number llama.cpp puts at the head of a sequence state.
+const SEQUENCE_STATE_MAGIC: u32 = 0xaf14_3cd8;
+
+/// The bytes of one stream's section in llama.cpp's sequence state, which is laid out as
+/// `u32 magic`, `i32 seq_id`, `u32 n_stream`, then per stream `u32 cell_count` and, when it is
+/// not 0, the cells. With one KV stream per sequence only the sequence's own stream has cells;
+/// keeping just its section makes a checkpoint loadable by an engine with another number of
+/// sequences, into any sequence.
+fn own_stream_section(state: &[u8], stream: usize, streams: usize) -> Option<Vec<u8>> {
+    const WORD: usize = std::mem::size_of::<u32>();
+    if stream >= streams {
+        return None;
+    }
+    let before = WORD * (3 + stream);
+    let after = WORD * (streams - stream - 1);
+    if state.len() < before + WORD + after {
+        return None;
+    }
+    let word = |at: usize| state[at..at + WORD].try_into().ok().map(u32::from_ne_bytes);
+    let empty = |bytes: &[u8]| bytes.iter().all(|&byte| byte == 0);
+    let section = &state[before..state.len() - after];
+    let shaped = word(0)? == SEQUENCE_STATE_MAGIC
+        && word(2 * WORD)? as usize == streams
+        && empty(&state[3 * WORD..before])
+        && empty(&state[state.len() - after..])
+        && !empty(&section[..WORD]);
+    shaped.then(|| section.to_vec())
+}
+
+/// A section from [`own_stream_section`] as the sequence state of a context with `streams`
+/// streams: llama.cpp loads a non-empty section into the destination sequence's own stream,
+/// whichever place it has, so the others follow as empty.
+fn with_streams(section: &[u8], streams: usize) -> Vec<u8> {
+    const WORD: usize = std::mem::size_of::<u32>();
+    let mut state = Vec::with_capacity(section.len() + WORD * (streams + 2));
+    state.extend_from_slice(&SEQUENCE_STATE_MAGIC.to_ne_bytes());
+    // The sequence it was saved from; llama.cpp reads and ignores it.
+    state.extend_from_slice(&0_u32.to_ne_bytes());
+    state.extend_from_slice(&u32::try_from(streams).unwrap_or(u32::MAX).to_ne_bytes());
+    state.extend_from_slice(section);
+    state.resize(state.len() + WORD * streams.saturating_sub(1), 0);
+    state
+}
+
 /// Free a sequence's KV cells so the next occupant of the slot starts empty.
 pub(crate) fn release_sequence(context: &mut LlamaContext<'_>, seq_id: i32) {
     let Ok(seq) = u32::try_from(seq_id) else {
@@ -460,7 +592,48 @@ pub(crate) fn release_sequence(context: &mut LlamaContext<'_>, seq_id: i32) {
 
 #[cfg(test)]
 mod tests {
-    use super::prefill_chunk_len;
+    use super::{own_stream_section, prefill_chunk_len, with_streams};
+
+    fn words(values: &[u32]) -> Vec<u8> {
+        values
+            .iter()
+            .flat_map(|value| value.to_ne_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn a_sequence_state_moves_between_contexts_with_different_stream_counts() {
+        const MAGIC: u32 = super::SEQUENCE_STATE_MAGIC;
+        // Sequence 1 of three streams: its own stream holds 2 cells and their data.
+        let exported = words(&[MAGIC, 1, 3, 0, 2, 0xAAAA, 0xBBBB, 0]);
+        let section = own_stream_section(&exported, 1, 3).unwrap();
+        assert_eq!(section, words(&[2, 0xAAAA, 0xBBBB]));
+        assert_eq!(
+            with_streams(&section, 1),
+            words(&[MAGIC, 0, 1, 2, 0xAAAA, 0xBBBB])
+        );
+        assert_eq!(
+            with_streams(&section, 2),
+            words(&[MAGIC, 0, 2, 2, 0xAAAA, 0xBBBB, 0])
+        );
+        // Anything else is not what this engine exports.
+        assert!(
+            own_stream_section(&exported, 0, 3).is_none(),
+            "another stream's cells"
+        );
+        assert!(
+            own_stream_section(&exported, 1, 2).is_none(),
+            "stream count"
+        );
+        let no_magic = words(&[7, 1, 3, 0, 2, 0xAAAA, 0xBBBB, 0]);
+        assert!(own_stream_section(&no_magic, 1, 3).is_none(), "magic");
+        let no_cells = words(&[MAGIC, 1, 3, 0, 0, 0]);
+        assert!(own_stream_section(&no_cells, 1, 3).is_none(), "no cells");
+        assert!(
+            own_stream_section(&words(&[MAGIC]), 0, 1).is_none(),
+            "too short"
+        );
+    }
 
     #[test]
     fn prefill_chunks_never_leave_a_single_token_behind() {

@@ -102,6 +102,57 @@ fn check_resume_equivalence(sampling: SamplingParams) {
     }
 }
 
+/// Generate 30 tokens on one engine, reporting the prompt's KV cache; then on another engine
+/// (another node) resume from that checkpoint and the first 10 tokens: the continuation matches,
+/// number for number, without prefilling the prompt again.
+#[test]
+fn a_generation_resumed_from_another_engines_checkpoint_continues_exactly() {
+    let first_node = start(2, 512);
+    let prompt = chat_prompt(
+        &first_node,
+        "Tell me a story about a robot who learns to paint.",
+    );
+    let mut whole = generation(prompt.clone(), sampled(0.8, 42), 30);
+    whole.top_logprobs = 2;
+    let mut reported = whole.clone();
+    reported.export_checkpoint = true;
+    let full = run(&first_node, reported);
+    assert_eq!(full.tokens.len(), 30, "{:?}", full.text());
+    let checkpoint = full.checkpoint.clone().expect("a checkpoint was asked for");
+    assert_eq!(checkpoint.tokens as usize, prompt.len());
+    assert!(
+        checkpoint.data.len() > prompt.len() * 1_000,
+        "a prompt's KV cache is kilobytes per token, got {} bytes",
+        checkpoint.data.len()
+    );
+    assert!(run(&first_node, whole.clone()).checkpoint.is_none());
+    drop(first_node);
+
+    let second_node = start(1, 512);
+    let mut resumed = whole.clone();
+    resumed.committed = full.token_ids()[..10].to_vec();
+    resumed.restore = Some(std::sync::Arc::new(checkpoint.clone()));
+    let tail = run(&second_node, resumed);
+    assert!(tail.done.prompt_restored, "the checkpoint was not used");
+    assert_eq!(tail.token_ids(), full.token_ids()[10..]);
+    for (resumed, original) in tail.tokens.iter().zip(&full.tokens[10..]) {
+        assert!(
+            (resumed.logprob - original.logprob).abs() < 1e-4,
+            "{resumed:?} vs {original:?}"
+        );
+    }
+
+    // A damaged checkpoint is refused and the prompt prefilled: same answer, nothing lost.
+    let mut damaged = whole;
+    damaged.committed = full.token_ids()[..10].to_vec();
+    let mut truncated = checkpoint;
+    truncated.data.truncate(truncated.data.len() / 2);
+    damaged.restore = Some(std::sync::Arc::new(truncated));
+    let refilled = run(&second_node, damaged);
+    assert!(!refilled.done.prompt_restored);
+    assert_eq!(refilled.token_ids(), full.token_ids()[10..]);
+}
+
 #[test]
 fn resumed_generation_continues_exactly_greedy() {
     check_resume_equivalence(SamplingParams::greedy());

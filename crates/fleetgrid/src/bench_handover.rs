@@ -9,9 +9,11 @@
 //! killed agent is then restarted for the next round.
 //!
 //! The reference, measured in the same run on the same stack, is the time to
-//! first token of a fresh request with the same prompt on an idle node: a
-//! handover re-prefills the prompt and the committed tokens, so it cannot be
-//! much faster than that, and should not be much slower.
+//! first token of a fresh request with the same prompt on an idle node. A
+//! handover that re-prefills the prompt (`--kv-checkpoint-budget-mib 0`)
+//! cannot be much faster than that; one that loads the prompt's KV cache kept
+//! by the coordinator only replays the few committed tokens, and should be a
+//! small fraction of it.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -45,6 +47,9 @@ pub struct HandoverArgs {
     threads: u32,
     #[arg(long, default_value = "smollm2-135m-instruct")]
     model: String,
+    /// The coordinator's memory for prompt KV caches, in MiB; 0 measures handover by re-prefill.
+    #[arg(long, default_value_t = coordinator::limits::KV_CHECKPOINT_BYTES_BUDGET >> 20)]
+    kv_checkpoint_budget_mib: usize,
 }
 
 /// A child process killed when dropped.
@@ -110,7 +115,10 @@ impl Bench {
                 "--grpc-listen",
                 "127.0.0.1:0",
             ])
-            .args(["--model", &args.model, "--exit-with-parent", "--data-dir"])
+            .args(["--model", &args.model, "--exit-with-parent"])
+            .arg("--kv-checkpoint-budget-mib")
+            .arg(args.kv_checkpoint_budget_mib.to_string())
+            .arg("--data-dir")
             .arg(&root)
             .stdout(Stdio::piped())
             .stderr(log)
@@ -415,9 +423,15 @@ fn print_report(args: &HandoverArgs, prompt_tokens: &u32, handover: &[f64], refe
     let (h50, h95, hmax) = summary(handover);
     let (r50, r95, rmax) = summary(reference);
     println!(
-        "handover after SIGKILL: {} kills, prompt {prompt_tokens} tokens, {} threads per agent",
+        "handover after SIGKILL: {} kills, prompt {prompt_tokens} tokens, {} threads per agent, \
+         kv checkpoints {}",
         handover.len(),
-        args.threads
+        args.threads,
+        if args.kv_checkpoint_budget_mib > 0 {
+            "on"
+        } else {
+            "off (re-prefill)"
+        }
     );
     println!("{:<44} {:>8} {:>8} {:>8}", "", "p50 ms", "p95 ms", "max ms");
     println!(

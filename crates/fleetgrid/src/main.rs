@@ -111,6 +111,10 @@ pub struct ServeArgs {
     /// Owners' share of the token revenue, in basis points (7000 = 70 %), overriding the sheet.
     #[arg(long)]
     owner_share_bps: Option<u32>,
+    /// Memory for the prompt KV caches of long prompts, kept so that a generation handed over to
+    /// another node loads its prompt instead of prefilling it again, in MiB (0: always re-prefill).
+    #[arg(long, default_value_t = coordinator::limits::KV_CHECKPOINT_BYTES_BUDGET >> 20)]
+    kv_checkpoint_budget_mib: usize,
     /// The cloud upstream and the router (`auto`, `cloud/<model>`).
     #[command(flatten)]
     cloud: cloud::CloudArgs,

@@ -89,10 +89,25 @@ async fn stream_with_kill(
     streamed.content
 }
 
+/// A question behind a long preamble: its prompt is long enough (over 256
+/// tokens) for the coordinator to keep its KV cache for a handover.
+fn long_question() -> String {
+    let preamble = "A parked electric car charges overnight in a garage while its computer \
+                    lends spare cycles to a fleet that answers questions for strangers. "
+        .repeat(12);
+    format!("{preamble}\nNow explain how a battery stores energy.")
+}
+
+/// Round one: a short prompt, greedy — the next node re-prefills it.
+/// Round two: a long prompt, sampled — the next node loads the prompt's KV
+/// cache that the first node reported, and only replays the committed tokens.
+/// Both continue exactly as an uninterrupted run.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_generation_survives_its_node_being_killed_mid_stream() {
     let mut stack = Stack::start(Default::default());
-    for (temperature, seed) in [(0.0, 1), (0.8, 1234)] {
+    let short = "Explain how a battery stores energy.".to_string();
+    for (temperature, seed, question) in [(0.0, 1, short), (0.8, 1234, long_question())] {
+        let with_checkpoint = question.len() > 1_000;
         let names = [format!("a-{seed}"), format!("b-{seed}")];
         for name in &names {
             stack.add_agent(name, 1);
@@ -101,7 +116,7 @@ async fn a_generation_survives_its_node_being_killed_mid_stream() {
         stack.wait_for_nodes(&wanted).await;
         let body = json!({
             "model": MODEL,
-            "messages": [{"role": "user", "content": "Explain how a battery stores energy."}],
+            "messages": [{"role": "user", "content": question}],
             "max_tokens": 120, "temperature": temperature, "seed": seed,
         });
         let uninterrupted = stack.chat(&body).await;
@@ -110,6 +125,9 @@ async fn a_generation_survives_its_node_being_killed_mid_stream() {
             .expect("content")
             .to_string();
         let reassigned_before = stack.metric("fleetgrid_reassignments_total").await;
+        let handovers_before = stack
+            .metric("fleetgrid_kv_checkpoint_handovers_total")
+            .await;
         let text = stream_with_kill(&mut stack, &body, 20).await;
         assert_eq!(
             text, expected,
@@ -119,6 +137,23 @@ async fn a_generation_survives_its_node_being_killed_mid_stream() {
             stack.metric("fleetgrid_reassignments_total").await,
             reassigned_before + 1.0
         );
+        let handovers = stack
+            .metric("fleetgrid_kv_checkpoint_handovers_total")
+            .await
+            - handovers_before;
+        let restored = names
+            .iter()
+            .any(|name| stack.log(name).contains("prompt_restored=true"));
+        if with_checkpoint {
+            assert_eq!(handovers, 1.0, "handed over without the KV checkpoint");
+            assert!(
+                restored,
+                "the next node prefilled instead of loading the checkpoint"
+            );
+        } else {
+            assert_eq!(handovers, 0.0, "a short prompt is re-prefilled");
+            assert!(!restored);
+        }
         // Leave no node of this round behind for the next one.
         for agent in stack.agents.iter_mut() {
             agent.kill();

@@ -5,7 +5,14 @@
 #![allow(clippy::all, clippy::pedantic)]
 
 /// Bumped on every change that an older peer could misread.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Largest piece of a `KvCheckpoint` an agent sends.
+pub const KV_CHECKPOINT_CHUNK_BYTES_MAX: usize = 1 << 20;
+
+/// Largest message either side accepts: an `Assign` with the biggest KV checkpoint the engine
+/// exports, plus room for its prompt.
+pub const MESSAGE_BYTES_MAX: usize = (64 << 20) + (4 << 20);
 
 pub mod v1 {
     tonic::include_proto!("fleetgrid.v1");

@@ -117,6 +117,18 @@ impl Core {
         }
         inflight.attempt += 1;
         inflight.node = Some(node);
+        // A checkpoint the previous attempt did not finish sending never will.
+        state.checkpoints.abandon(request);
+        let restore = state
+            .checkpoints
+            .for_resume(request, inflight.committed.len());
+        let report_checkpoint = restore.is_none()
+            && inflight.committed.is_empty()
+            && state.checkpoints.wanted(request, inflight.prompt.len());
+        if restore.is_some() {
+            self.metrics.kv_checkpoint_handovers.fetch_add(1, ORDER);
+        }
+        let (restore_tokens, restore_state) = restore.unwrap_or_default();
         let message = proto::CoordinatorMessage {
             kind: Some(proto::coordinator_message::Kind::Assign(proto::Assign {
                 generation_id: generation_id(request, inflight.attempt),
@@ -127,6 +139,9 @@ impl Core {
                 max_tokens: inflight.max_tokens,
                 stop: inflight.stop.clone(),
                 top_logprobs: inflight.top_logprobs,
+                report_checkpoint,
+                restore_tokens,
+                restore_state,
             })),
         };
         let Some(target) = state.nodes.get(&node) else {
@@ -388,7 +403,7 @@ impl Core {
 
     /// The request a generation id names, if it is the current attempt on
     /// this node's current session.
-    fn current_attempt(
+    pub(super) fn current_attempt(
         &self,
         state: &CoreState,
         session: NodeSession,

