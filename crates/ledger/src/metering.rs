@@ -21,9 +21,9 @@ pub struct PowerProfile {
 
 impl PowerProfile {
     /// Energy of `compute` time of work: the busy draw for that time, rounded
-    /// down. `compute` is the segment's share of the node's busy time (a
-    /// batched step's time is divided among its sequences by the engine), so
-    /// concurrent segments are not charged the same watts twice. The idle
+    /// down. `compute` is the segment's share of the node's busy time (the
+    /// coordinator divides each moment among the generations running on the
+    /// node), so concurrent segments are not charged the same watts twice. The idle
     /// draw is the vehicle's baseline while awake and is not billed per request.
     pub fn segment_energy(&self, compute: DurationMs) -> MicroWh {
         // W × ms = mJ; 1 µWh = 3.6 mJ.
