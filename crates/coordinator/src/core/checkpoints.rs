@@ -204,14 +204,9 @@ impl Core {
     /// Bytes of prompt KV caches kept at once; 0 turns checkpoints off.
     pub fn set_kv_checkpoint_budget(&self, bytes: usize) {
         let mut state = self.lock();
-        let CoreState {
-            requests,
-            checkpoints,
-            ..
-        } = &mut *state;
-        checkpoints.budget = bytes;
+        state.checkpoints.budget = bytes;
         // What is kept beyond a lowered budget goes as its generations end.
-        checkpoints.retain(|request| requests.contains_key(&request));
+        state.drop_finished_checkpoints();
     }
 
     /// A piece of the prompt's KV cache from the node running a generation.
@@ -252,7 +247,16 @@ impl Core {
             }
         }
         // Also the moment to let go of checkpoints of finished generations.
-        checkpoints.retain(|request| requests.contains_key(&request));
+        state.drop_finished_checkpoints();
+    }
+}
+
+impl CoreState {
+    /// Lets go of the checkpoints of generations no longer in flight.
+    pub(super) fn drop_finished_checkpoints(&mut self) {
+        let requests = &self.requests;
+        self.checkpoints
+            .retain(|request| requests.contains_key(&request));
     }
 }
 

@@ -384,12 +384,7 @@ impl Core {
             self.drop_node(&mut state, now, node);
         }
         self.handle(&mut state, now, Event::Tick);
-        let CoreState {
-            requests,
-            checkpoints,
-            ..
-        } = &mut *state;
-        checkpoints.retain(|request| requests.contains_key(&request));
+        state.drop_finished_checkpoints();
     }
 
     /// Names of connected nodes (for `/health` and tests).
