@@ -4,6 +4,7 @@ use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::model::params::LlamaModelParams;
@@ -31,8 +32,9 @@ const MEASURE_PREFILL_TOKENS: u32 = 64;
 /// Tokens of [`Engine::measure_speed`]'s decode.
 const MEASURE_DECODE_TOKENS: u32 = 32;
 
-/// A running engine; cheap to clone (`Arc` inside), `Send + Sync`. Dropping the last clone stops
-/// the engine thread and cancels what is still running.
+/// A running engine; cheap to clone (`Arc` inside), `Send + Sync`. Dropping the last clone
+/// cancels what is still running and waits until the engine thread has stopped (the llama.cpp
+/// call under way finishes first).
 #[derive(Clone)]
 pub struct Engine {
     shared: Arc<Shared>,
@@ -45,11 +47,21 @@ struct Shared {
     shutdown: Arc<AtomicBool>,
     /// Sequences occupying a slot, as last published by the engine thread.
     live: Arc<AtomicU32>,
+    /// Joined when the last handle goes: llama.cpp must not be mid-call on the engine thread
+    /// while the process exits and its C++ statics are torn down (that crashes the process).
+    thread: Option<JoinHandle<()>>,
 }
 
 impl Drop for Shared {
+    /// Stops the engine thread and waits for it: at most the decode call under way plus one
+    /// poll interval (the thread checks the flag between calls).
     fn drop(&mut self) {
         self.shutdown.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
+        }
     }
 }
 
@@ -91,6 +103,7 @@ impl Engine {
                     submissions: submit_tx,
                     shutdown,
                     live,
+                    thread: Some(thread),
                 }),
             }),
             Ok(Err(error)) => {
