@@ -65,6 +65,51 @@ fn concurrent_sequences_produce_what_each_produces_alone() {
     assert_eq!(together, alone);
 }
 
+/// Prompts that arrive together are prefilled together (one llama.cpp call, equal chunks); each
+/// answer is still the one it gets alone, token for token and number for number.
+#[test]
+fn prompts_arriving_together_are_answered_as_each_would_be_alone() {
+    let engine = start(4, 512);
+    let questions = [
+        "Name three colours.",
+        "Write a short poem about the sea.",
+        "What is the capital of France? Answer in one sentence.",
+        "Describe a bicycle to a child.",
+    ];
+    let generations: Vec<_> = questions
+        .iter()
+        .zip(7_u64..)
+        .map(|(question, seed)| {
+            let mut generation = generation(chat_prompt(&engine, question), sampled(0.8, seed), 24);
+            generation.top_logprobs = 2;
+            generation
+        })
+        .collect();
+    let alone: Vec<_> = generations
+        .iter()
+        .map(|generation| run(&engine, generation.clone()))
+        .collect();
+    let streams: Vec<_> = generations
+        .iter()
+        .map(|generation| engine.submit(generation.clone()).unwrap())
+        .collect();
+    let together: Vec<_> = streams.into_iter().map(collect).collect();
+    for (together, alone) in together.iter().zip(&alone) {
+        assert_eq!(
+            together.token_ids(),
+            alone.token_ids(),
+            "{:?}",
+            alone.text()
+        );
+        for (with_others, by_itself) in together.tokens.iter().zip(&alone.tokens) {
+            assert!(
+                (with_others.logprob - by_itself.logprob).abs() < 1e-4,
+                "{with_others:?} vs {by_itself:?}"
+            );
+        }
+    }
+}
+
 /// Generate 40 tokens in one go, then 15 and resume from them: the continuation must match.
 fn check_resume_equivalence(sampling: SamplingParams) {
     let engine = start(2, 512);
