@@ -28,6 +28,9 @@ pub struct LoadSpec {
     pub concurrency: u32,
     /// Requests in total; each stream picks up the next one when its request ends.
     pub requests: u32,
+    /// The number of the first request; the others follow. A run that gives every load its own
+    /// numbers sends no prompt twice, so no server answers from a cached copy of a whole prompt.
+    pub first_request: u32,
     pub max_tokens: u32,
     /// Ask the server to keep going past end-of-generation (llama-server's `ignore_eos`), so that
     /// each request produces exactly `max_tokens`.
@@ -84,7 +87,8 @@ pub async fn run_load(spec: &LoadSpec) -> Result<LoadResult, BenchError> {
         .map_err(|e| request_error(spec, &e.to_string()))?;
     let started = Instant::now();
     let concurrency = usize::try_from(spec.concurrency).unwrap_or(usize::MAX);
-    let counts: Vec<Result<StreamCount, BenchError>> = futures::stream::iter(0..spec.requests)
+    let numbers = spec.first_request..spec.first_request.saturating_add(spec.requests);
+    let counts: Vec<Result<StreamCount, BenchError>> = futures::stream::iter(numbers)
         .map(|index| one_request(&client, spec, index))
         .buffer_unordered(concurrency)
         .collect()
@@ -110,9 +114,9 @@ pub async fn run_load(spec: &LoadSpec) -> Result<LoadResult, BenchError> {
     })
 }
 
-/// The chat request of stream `index`. Each starts with its own number so that no server can
-/// serve a later request's prompt from a cached earlier one; each asks for a long answer so that
-/// a server without `ignore_eos` still tends to run to `max_tokens`.
+/// The chat request number `index`. Each starts with its own number, so that what a server can
+/// reuse of an earlier prompt is the chat template's head and nothing after the number; each asks
+/// for a long answer so that a server without `ignore_eos` still tends to run to `max_tokens`.
 pub(crate) fn request_body(spec: &LoadSpec, index: u32) -> serde_json::Value {
     let prompt = format!(
         "Request {index}. Write a long, detailed story about a lighthouse keeper who has to guide \

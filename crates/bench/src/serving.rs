@@ -166,15 +166,23 @@ async fn serving_on_runtime(
     let levels = &config.concurrency_levels;
     let mut reference_rounds: Vec<Vec<LoadResult>> = vec![Vec::new(); levels.len()];
     let mut ours_rounds: Vec<Vec<LoadResult>> = vec![Vec::new(); levels.len()];
+    // Request 0 is the warm-up's; every load after it gets numbers of its own, the same on both
+    // sides, so that neither side ever sees a prompt it has served before.
+    let mut first_request = 1;
     for _ in 0..SERVING_ROUNDS {
         for (index, &concurrency) in levels.iter().enumerate() {
-            reference_rounds[index]
-                .push(run_load(&level(&reference_spec, concurrency, config)).await?);
+            let reference_load = level(&reference_spec, concurrency, config, first_request);
+            first_request = first_request.saturating_add(reference_load.requests);
+            reference_rounds[index].push(run_load(&reference_load).await?);
             if ours_error.is_some() {
                 continue;
             }
             if let Some(spec) = &ours_spec {
-                match run_load(&level(spec, concurrency, config)).await {
+                let ours_load = LoadSpec {
+                    first_request: reference_load.first_request,
+                    ..level(spec, concurrency, config, 0)
+                };
+                match run_load(&ours_load).await {
                     Ok(result) => ours_rounds[index].push(result),
                     Err(error) => ours_error = Some(error.to_string()),
                 }
@@ -208,11 +216,18 @@ async fn serving_on_runtime(
     })
 }
 
-/// The load of one concurrency level: `requests_per_stream` requests per stream.
-fn level(spec: &LoadSpec, concurrency: u32, config: &ServingConfig) -> LoadSpec {
+/// The load of one concurrency level: `requests_per_stream` requests per stream, numbered from
+/// `first_request`.
+fn level(
+    spec: &LoadSpec,
+    concurrency: u32,
+    config: &ServingConfig,
+    first_request: u32,
+) -> LoadSpec {
     LoadSpec {
         concurrency,
         requests: concurrency.saturating_mul(config.requests_per_stream),
+        first_request,
         max_tokens: config.max_tokens,
         ..spec.clone()
     }
@@ -247,6 +262,7 @@ async fn warm_up(spec: &LoadSpec) -> Result<LoadResult, BenchError> {
     let warm_up = LoadSpec {
         concurrency: 1,
         requests: 1,
+        first_request: 0,
         max_tokens: WARM_UP_MAX_TOKENS,
         ..spec.clone()
     };

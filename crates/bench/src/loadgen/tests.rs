@@ -10,6 +10,7 @@ fn spec(ignore_eos: bool) -> LoadSpec {
         model: "smollm2-135m-instruct".to_owned(),
         concurrency: 2,
         requests: 4,
+        first_request: 0,
         max_tokens: 128,
         ignore_eos,
     }

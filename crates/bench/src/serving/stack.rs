@@ -43,6 +43,7 @@ fn base_spec(target_name: &str, port: u16, api_key: Option<String>) -> LoadSpec 
         model: MODEL_NAME.to_owned(),
         concurrency: 1,
         requests: 1,
+        first_request: 0,
         max_tokens: 1,
         ignore_eos: false,
     }
