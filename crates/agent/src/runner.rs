@@ -311,6 +311,7 @@ impl GenerationTask {
             reason = reason.as_str_name(),
             completion_tokens = done.completion_tokens,
             prompt_restored = done.prompt_restored,
+            prompt_reused = done.prompt_reused,
             "generation done"
         );
         let done = proto::GenerationDone {

@@ -13,7 +13,7 @@ use crate::worker::{add_token, release_sequence, Worker};
 use crate::{EngineError, TokenId};
 
 /// The sequence the bench runs in; it only runs when no sequence is live.
-const BENCH_SEQ_ID: i32 = 0;
+pub(crate) const BENCH_SEQ_ID: i32 = 0;
 
 /// Tokens of the warm-up prefill that pages the weights in before timing, as llama-bench warms up.
 const WARMUP_PREFILL_TOKENS: u32 = 16;

@@ -104,6 +104,9 @@ pub struct GenerationDone {
     pub compute: Duration,
     /// The prompt's KV cache was loaded from a checkpoint instead of prefilled.
     pub prompt_restored: bool,
+    /// Leading prompt tokens whose KV cells were still in the sequence from its previous
+    /// occupant's identical prompt head, and so were not prefilled again.
+    pub prompt_reused: u32,
 }
 
 /// Everything a generation reports, in order: at most one `Checkpoint` (when asked for), tokens,

@@ -82,6 +82,8 @@ pub(crate) struct Slot {
     export_checkpoint: bool,
     /// The prompt's KV cache was loaded from a checkpoint.
     prompt_restored: bool,
+    /// Leading prompt tokens found in the sequence's cells from its previous occupant.
+    prompt_reused: u32,
 }
 
 impl Slot {
@@ -134,6 +136,7 @@ impl Slot {
             compute: Duration::ZERO,
             export_checkpoint: generation.export_checkpoint,
             prompt_restored: false,
+            prompt_reused: 0,
         };
         (slot, already_over)
     }
@@ -191,6 +194,21 @@ impl Slot {
         self.prompt_restored = true;
         self.prefilled = self.prompt.len();
         self.kv_tokens = saturating_u32(self.prompt.len());
+    }
+
+    /// The first `tokens` prompt tokens are in the sequence's cells already (its previous
+    /// occupant prefilled the same head): prefilling starts after them.
+    pub fn reused_prompt_head(&mut self, tokens: usize) {
+        debug_assert!(self.prefilled == 0 && tokens < self.prompt.len());
+        self.prefilled = tokens;
+        self.kv_tokens = saturating_u32(tokens);
+        self.prompt_reused = saturating_u32(tokens);
+    }
+
+    /// The prompt tokens in the sequence's cells, all computed by prefilling (or loaded from a
+    /// checkpoint of a prefill): what a next occupant of the sequence may reuse.
+    pub fn prefilled_prompt(&self) -> &[TokenId] {
+        &self.prompt[..self.prefilled]
     }
 
     /// True once, when the prompt is fully in the KV cache and a checkpoint was asked for.
@@ -288,6 +306,7 @@ impl Slot {
             completion_tokens: self.position,
             compute: self.compute,
             prompt_restored: self.prompt_restored,
+            prompt_reused: self.prompt_reused,
         };
         self.send(GenerationEvent::Done(done));
     }

@@ -29,7 +29,8 @@ use llama_cpp_2::LlamaStateSeqFlags;
 use crate::sampler::Sampler;
 use crate::slot::{Admission, Slot, SlotFate};
 use crate::{
-    EngineConfig, EngineError, FinishReason, GenerationEvent, SequenceCheckpoint, Tokenizer,
+    EngineConfig, EngineError, FinishReason, GenerationEvent, SequenceCheckpoint, TokenId,
+    Tokenizer,
 };
 
 /// How long the thread sleeps when every live sequence is paused on a full consumer channel.
@@ -67,6 +68,10 @@ pub(crate) struct Worker<'model> {
     pub(crate) config: EngineConfig,
     /// Indexed by sequence id.
     slots: Vec<Option<Slot>>,
+    /// Indexed by sequence id: the prompt head whose KV cells a free sequence still holds from
+    /// its last occupant (all computed by prefilling), for a next prompt that starts the same
+    /// way. Empty while the sequence is occupied.
+    cached: Vec<Vec<TokenId>>,
     submissions: Receiver<Command>,
     shutdown: Arc<AtomicBool>,
     /// Live sequence count, published for [`crate::Engine::live_sequences`].
@@ -94,6 +99,7 @@ impl<'model> Worker<'model> {
             tokenizer,
             sampler: Sampler::new(),
             slots: (0..config.parallel_sequences).map(|_| None).collect(),
+            cached: (0..config.parallel_sequences).map(|_| Vec::new()).collect(),
             config,
             submissions,
             shutdown,
@@ -143,11 +149,11 @@ impl<'model> Worker<'model> {
             };
             if slot.is_cancelled() && !slot.is_finished() {
                 slot.finish(FinishReason::Cancelled);
-                release_sequence(&mut self.context, slot.seq_id);
+                retire_sequence(&mut self.context, &mut self.cached[index], slot);
             }
             if slot.flush(now) == SlotFate::Free {
                 if !slot.is_finished() {
-                    release_sequence(&mut self.context, slot.seq_id);
+                    retire_sequence(&mut self.context, &mut self.cached[index], slot);
                 }
                 self.slots[index] = None;
             }
@@ -157,9 +163,9 @@ impl<'model> Worker<'model> {
     /// Admit queued work into free slots. Returns false when the thread should exit.
     fn admit(&mut self) -> bool {
         while self.pending_bench.is_none() {
-            let Some(free) = self.slots.iter().position(Option::is_none) else {
+            if self.slots.iter().all(Option::is_some) {
                 return true;
-            };
+            }
             let command = match self.next_command() {
                 Some(command) => command,
                 None if matches!(self.intake, Intake::Closed) && self.live_count() == 0 => {
@@ -168,7 +174,10 @@ impl<'model> Worker<'model> {
                 None => return true,
             };
             match command {
-                Command::Generate(admission) => self.start_slot(free, *admission),
+                Command::Generate(admission) => {
+                    let (free, reusable) = self.best_free_slot(&admission.generation.prompt);
+                    self.start_slot(free, reusable, *admission);
+                }
                 Command::Bench {
                     prefill_tokens,
                     decode_tokens,
@@ -204,7 +213,18 @@ impl<'model> Worker<'model> {
         }
     }
 
-    fn start_slot(&mut self, index: usize, mut admission: Admission) {
+    /// The free sequence to start `prompt` in, and how many of its leading tokens that sequence
+    /// holds already: the longest cached head shared with `prompt`, the lowest id among equals
+    /// (llama.cpp batches runs of consecutive ids together). Only called with a free sequence.
+    fn best_free_slot(&self, prompt: &[TokenId]) -> (usize, usize) {
+        let free = (0..self.slots.len()).filter(|&index| self.slots[index].is_none());
+        let reusable = |index: usize| reusable_head(&self.cached[index], prompt);
+        free.map(|index| (index, reusable(index)))
+            .min_by_key(|&(index, reusable)| (std::cmp::Reverse(reusable), index))
+            .unwrap_or((0, 0))
+    }
+
+    fn start_slot(&mut self, index: usize, reusable: usize, mut admission: Admission) {
         if admission.cancel.is_cancelled() || admission.events.is_closed() {
             // Cancelled while queued: it never ran, so there is nothing to report but that.
             let _ = admission
@@ -217,19 +237,32 @@ impl<'model> Worker<'model> {
                         .unwrap_or(u32::MAX),
                     compute: Duration::ZERO,
                     prompt_restored: false,
+                    prompt_reused: 0,
                 }));
             return;
         }
         let seq_id = i32::try_from(index).unwrap_or(i32::MAX);
-        // A previous occupant released its cells already; this makes the stream certainly empty.
-        release_sequence(&mut self.context, seq_id);
+        self.cached[index].clear();
         self.admissions += 1;
         let restore = admission.generation.restore.take();
         let (mut slot, already_over) =
             Slot::start(seq_id, self.admissions, admission, &self.tokenizer);
+        let restore = restore.filter(|checkpoint| slot.can_restore(checkpoint.tokens));
+        // Keep the cells of the prompt's head the previous occupant left, if that is all there
+        // is to load: they are the cells prefilling would compute again.
+        let keep = if already_over.is_none() && restore.is_none() {
+            reusable
+        } else {
+            0
+        };
+        if keep > 0 && keep_sequence_head(&mut self.context, seq_id, keep) {
+            slot.reused_prompt_head(keep);
+        } else {
+            release_sequence(&mut self.context, seq_id);
+        }
         if let Some(reason) = already_over {
             slot.finish(reason);
-        } else if let Some(checkpoint) = restore.filter(|c| slot.can_restore(c.tokens)) {
+        } else if let Some(checkpoint) = restore {
             let streams = self.config.parallel_sequences;
             if restore_sequence(&mut self.context, seq_id, streams, &checkpoint) {
                 slot.restored_prompt();
@@ -290,7 +323,7 @@ impl<'model> Worker<'model> {
             let sampled = self.sampler.sample(logits, params, position, top_logprobs);
             if let Some(reason) = slot.accept(&sampled, &self.tokenizer, context_tokens) {
                 slot.finish(reason);
-                release_sequence(&mut self.context, slot.seq_id);
+                retire_sequence(&mut self.context, &mut self.cached[entry.slot], slot);
             }
         }
     }
@@ -402,6 +435,15 @@ impl<'model> Worker<'model> {
             return;
         }
         if let Some((prefill_tokens, decode_tokens, reply)) = self.pending_bench.take() {
+            // The bench uses a sequence of its own and leaves it empty.
+            let bench_seq = crate::bench::BENCH_SEQ_ID;
+            release_sequence(&mut self.context, bench_seq);
+            if let Some(cached) = usize::try_from(bench_seq)
+                .ok()
+                .and_then(|i| self.cached.get_mut(i))
+            {
+                cached.clear();
+            }
             let result = crate::bench::run(self, prefill_tokens, decode_tokens);
             // The caller may have given up waiting; nothing to do then.
             let _ = reply.send(result);
@@ -417,6 +459,7 @@ impl<'model> Worker<'model> {
         self.slots.iter_mut().for_each(|slot| *slot = None);
         self.publish_live();
         self.context.clear_kv_cache();
+        self.cached.iter_mut().for_each(Vec::clear);
         while let Ok(command) = self.submissions.try_recv() {
             match command {
                 Command::Generate(admission) => {
@@ -619,6 +662,51 @@ fn with_streams(section: &[u8], streams: usize) -> Vec<u8> {
     state
 }
 
+/// How many leading tokens of `prompt` a sequence holding the cells of `cached` can keep: their
+/// common head, but leaving at least two prompt tokens to prefill (the last one's logits are
+/// needed, and a one-token chunk is computed like a decode; see [`prefill_chunk_len`]).
+fn reusable_head(cached: &[TokenId], prompt: &[TokenId]) -> usize {
+    let common = cached
+        .iter()
+        .zip(prompt)
+        .take_while(|(cached, prompt)| cached == prompt)
+        .count();
+    common.min(prompt.len().saturating_sub(2))
+}
+
+/// Frees a sequence's cells from position `keep` on, leaving its first `keep` tokens. False
+/// (the sequence is then emptied) when llama.cpp cannot cut the sequence there.
+fn keep_sequence_head(context: &mut LlamaContext<'_>, seq_id: i32, keep: usize) -> bool {
+    let (Ok(seq), Ok(keep)) = (u32::try_from(seq_id), u32::try_from(keep)) else {
+        return false;
+    };
+    let kept = matches!(
+        context.clear_kv_cache_seq(Some(seq), Some(keep), None),
+        Ok(true)
+    ) && context.kv_cache_seq_pos_min(seq_id) == 0
+        && i64::from(context.kv_cache_seq_pos_max(seq_id)) == i64::from(keep) - 1;
+    if !kept {
+        tracing::warn!(
+            seq_id,
+            keep,
+            "could not keep a sequence's prompt head; prefilling it"
+        );
+    }
+    kept
+}
+
+/// The occupant of `slot`'s sequence is done: keep the cells of its prefilled prompt for a
+/// next prompt with the same head (remembered in `cached`), free the rest.
+fn retire_sequence(context: &mut LlamaContext<'_>, cached: &mut Vec<TokenId>, slot: &Slot) {
+    cached.clear();
+    let head = slot.prefilled_prompt();
+    if !head.is_empty() && keep_sequence_head(context, slot.seq_id, head.len()) {
+        cached.extend_from_slice(head);
+    } else {
+        release_sequence(context, slot.seq_id);
+    }
+}
+
 /// Free a sequence's KV cells so the next occupant of the slot starts empty.
 pub(crate) fn release_sequence(context: &mut LlamaContext<'_>, seq_id: i32) {
     let Ok(seq) = u32::try_from(seq_id) else {
@@ -631,7 +719,7 @@ pub(crate) fn release_sequence(context: &mut LlamaContext<'_>, seq_id: i32) {
 
 #[cfg(test)]
 mod tests {
-    use super::{own_stream_section, plan_prefill, prefill_chunk_len, with_streams};
+    use super::{own_stream_section, plan_prefill, prefill_chunk_len, reusable_head, with_streams};
 
     fn words(values: &[u32]) -> Vec<u8> {
         values
@@ -742,5 +830,16 @@ mod tests {
                 assert_eq!(chunk, alone);
             }
         }
+    }
+
+    #[test]
+    fn a_cached_head_is_reused_up_to_two_tokens_before_the_prompt_ends() {
+        assert_eq!(reusable_head(&[], &[1, 2, 3, 4]), 0);
+        assert_eq!(reusable_head(&[1, 2, 9, 9], &[1, 2, 3, 4, 5]), 2);
+        // The same prompt, or one that the cache covers: the last two tokens are prefilled.
+        assert_eq!(reusable_head(&[1, 2, 3, 4, 5], &[1, 2, 3, 4, 5]), 3);
+        assert_eq!(reusable_head(&[1, 2, 3, 4, 5, 6], &[1, 2, 3, 4]), 2);
+        assert_eq!(reusable_head(&[1, 2], &[1, 2]), 0);
+        assert_eq!(reusable_head(&[7, 2, 3], &[1, 2, 3, 4]), 0);
     }
 }

@@ -101,11 +101,54 @@ fn prompts_arriving_together_are_answered_as_each_would_be_alone() {
             "{:?}",
             alone.text()
         );
+        // Bit for bit: each sequence's rows are computed as when it is alone.
         for (with_others, by_itself) in together.tokens.iter().zip(&alone.tokens) {
-            assert!(
-                (with_others.logprob - by_itself.logprob).abs() < 1e-4,
-                "{with_others:?} vs {by_itself:?}"
-            );
+            assert_eq!(with_others.logprob.to_bits(), by_itself.logprob.to_bits());
+        }
+    }
+}
+
+/// A sequence keeps the prompt cells its last occupant prefilled; a next prompt with the same
+/// head (the chat template's system part, or the very same prompt) prefills only the rest and
+/// still gets exactly the answer a fresh engine gives.
+#[test]
+fn a_prompt_sharing_its_head_with_the_previous_one_reuses_its_cells_with_the_same_answer() {
+    let warm = start(1, 512);
+    let fresh = start(1, 512);
+    let first = chat_prompt(&warm, "Name three colours.");
+    let second = chat_prompt(&warm, "Write a short poem about the sea.");
+    let shared = first
+        .iter()
+        .zip(&second)
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(shared >= 3, "chat prompts share the template's head");
+    let mut asked = generation(second.clone(), sampled(0.8, 3), 24);
+    asked.top_logprobs = 2;
+
+    let before = run(&warm, generation(first, SamplingParams::greedy(), 8));
+    assert_eq!(before.done.prompt_reused, 0, "the engine started empty");
+    let reusing = run(&warm, asked.clone());
+    assert_eq!(reusing.done.prompt_reused as usize, shared);
+    let again = run(&warm, asked.clone());
+    assert_eq!(
+        again.done.prompt_reused as usize,
+        second.len() - 2,
+        "the same prompt again: all but the two tokens that give the first token's logits"
+    );
+    let reference = run(&fresh, asked);
+    assert_eq!(reference.done.prompt_reused, 0);
+    assert_eq!(reference.done.prompt_tokens, reusing.done.prompt_tokens);
+    for outcome in [&reusing, &again] {
+        assert_eq!(
+            outcome.token_ids(),
+            reference.token_ids(),
+            "{:?}",
+            reference.text()
+        );
+        // Bit for bit: the kept cells are the ones prefilling computes.
+        for (reused, computed) in outcome.tokens.iter().zip(&reference.tokens) {
+            assert_eq!(reused.logprob.to_bits(), computed.logprob.to_bits());
         }
     }
 }
