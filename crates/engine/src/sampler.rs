@@ -13,6 +13,10 @@ use crate::TokenId;
 /// Most alternatives reported per token; OpenAI's API caps `top_logprobs` at 20 too.
 pub const TOP_LOGPROBS_MAX: usize = 20;
 
+/// Largest `top_k` whose candidates are picked in one streaming pass over the vocabulary into a
+/// small sorted window; larger ones go through a selection over every candidate.
+const STREAMED_TOP_K_MAX: usize = 256;
+
 /// Smallest candidate set the nucleus search sorts first; it doubles until the mass is reached.
 /// Most top-p masses sit within the first few hundred tokens, so this avoids sorting the vocabulary.
 const NUCLEUS_FIRST_ROUND_CANDIDATES: usize = 256;
@@ -148,6 +152,16 @@ impl Sampler {
         if !cut_by_k && !cut_by_p {
             return draw_from_full_vocabulary(logits, max_logit, inverse_temperature, uniform);
         }
+        if cut_by_k && top_k <= STREAMED_TOP_K_MAX {
+            let scale = |logit: f32| (logit - max_logit) * inverse_temperature;
+            most_likely_window(&mut self.candidates, logits, scale, top_k);
+            let kept = if cut_by_p {
+                nucleus_of_sorted(&self.candidates, params.top_p)
+            } else {
+                self.candidates.len()
+            };
+            return draw_from_sorted_prefix(&self.candidates[..kept], uniform);
+        }
         self.candidates.clear();
         self.candidates.extend(
             logits.iter().enumerate().map(|(index, &logit)| {
@@ -271,6 +285,53 @@ fn nucleus_prefix(candidates: &mut [(f32, TokenId)], limit: usize, top_p: f32) -
         }
         round = round.saturating_mul(2).min(limit);
     }
+}
+
+/// Fills `window` with the `count` most likely (scaled logit, token) pairs, most likely first,
+/// in one pass over `logits`: the same set and order as sorting every candidate with
+/// [`more_likely_first`], without writing the vocabulary out. NaN logits are never taken.
+fn most_likely_window(
+    window: &mut Vec<(f32, TokenId)>,
+    logits: &[f32],
+    scale: impl Fn(f32) -> f32,
+    count: usize,
+) {
+    window.clear();
+    if count == 0 {
+        return;
+    }
+    for (index, &logit) in logits.iter().enumerate() {
+        let scaled = scale(logit);
+        // Ids only grow, so a later token that merely ties the worst kept one stays out.
+        let full = window.len() == count;
+        if scaled.is_nan() || (full && window.last().is_some_and(|&(worst, _)| scaled <= worst)) {
+            continue;
+        }
+        let entry = (scaled, token_id(index));
+        let at = window.partition_point(|kept| more_likely_first(kept, &entry).is_lt());
+        if full {
+            window.pop();
+        }
+        window.insert(at, entry);
+    }
+}
+
+/// The length (at least 1) of the shortest prefix of most-likely-first `sorted` candidates whose
+/// probability mass reaches `top_p` of theirs.
+fn nucleus_of_sorted(sorted: &[(f32, TokenId)], top_p: f32) -> usize {
+    let total: f64 = sorted
+        .iter()
+        .map(|&(scaled, _)| f64::from(scaled.exp()))
+        .sum();
+    let target = f64::from(top_p) * total;
+    let mut cumulative = 0.0;
+    for (index, &(scaled, _)) in sorted.iter().enumerate() {
+        cumulative += f64::from(scaled.exp());
+        if cumulative >= target {
+            return index + 1;
+        }
+    }
+    sorted.len()
 }
 
 /// Draw from tokens in id order, weights `exp((logit - max) / T)`, without sorting anything.

@@ -237,6 +237,41 @@ fn top_p_keeps_exactly_the_reference_nucleus() {
 }
 
 #[test]
+fn the_streamed_top_k_window_matches_sorting_the_whole_vocabulary() {
+    let mut logits = synthetic_logits(20_000, 41);
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    // Ties at the top and around the cut, and NaNs, which are never candidates.
+    for index in [3, 900, 15_000] {
+        logits[index] = max;
+    }
+    logits[7] = f32::NAN;
+    logits[19_999] = f32::NAN;
+    let temperature = 3.0;
+    let mut window = Vec::new();
+    for top_k in [1, 5, 40, 256] {
+        most_likely_window(&mut window, &logits, |l| (l - max) / temperature, top_k);
+        let mut all: Vec<(f32, TokenId)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.is_nan())
+            .map(|(index, &l)| ((l - max) / temperature, index as TokenId))
+            .collect();
+        all.sort_by(more_likely_first);
+        assert_eq!(window, all[..top_k], "top_k {top_k}");
+        for top_p in [0.3, 0.9, 0.99, 1.0] {
+            let kept = nucleus_of_sorted(&window, top_p);
+            let got: Vec<TokenId> = window[..kept].iter().map(|&(_, t)| t).collect();
+            let clean: Vec<f32> = logits
+                .iter()
+                .map(|l| if l.is_nan() { f32::NEG_INFINITY } else { *l })
+                .collect();
+            let expected = reference_nucleus(&clean, temperature, top_k, top_p);
+            assert_eq!(got, expected, "top_k {top_k} top_p {top_p}");
+        }
+    }
+}
+
+#[test]
 fn tiny_top_p_is_greedy() {
     let logits = synthetic_logits(500, 41);
     let greedy = Sampler::new()
