@@ -80,9 +80,12 @@ pub async fn run_load(spec: &LoadSpec) -> Result<LoadResult, BenchError> {
             "concurrency and requests must be at least 1".to_owned(),
         ));
     }
+    // A new connection per request: a kept-alive one may be closed by the server (llama-server
+    // limits requests per connection) just as the next request goes out, which fails that
+    // request. Connecting costs the same little on both sides.
     let client = reqwest::Client::builder()
         .timeout(REQUEST_TIMEOUT)
-        .pool_max_idle_per_host(usize::try_from(spec.concurrency).unwrap_or(usize::MAX))
+        .pool_max_idle_per_host(0)
         .build()
         .map_err(|e| request_error(spec, &e.to_string()))?;
     let started = Instant::now();
