@@ -94,17 +94,9 @@ fn prompts_arriving_together_are_answered_as_each_would_be_alone() {
         .map(|generation| engine.submit(generation.clone()).unwrap())
         .collect();
     let together: Vec<_> = streams.into_iter().map(collect).collect();
+    // Bit for bit: each sequence's rows are computed as when it is alone.
     for (together, alone) in together.iter().zip(&alone) {
-        assert_eq!(
-            together.token_ids(),
-            alone.token_ids(),
-            "{:?}",
-            alone.text()
-        );
-        // Bit for bit: each sequence's rows are computed as when it is alone.
-        for (with_others, by_itself) in together.tokens.iter().zip(&alone.tokens) {
-            assert_eq!(with_others.logprob.to_bits(), by_itself.logprob.to_bits());
-        }
+        assert_bit_identical(together, alone);
     }
 }
 
@@ -139,18 +131,9 @@ fn a_prompt_sharing_its_head_with_the_previous_one_reuses_its_cells_with_the_sam
     let reference = run(&fresh, asked);
     assert_eq!(reference.done.prompt_reused, 0);
     assert_eq!(reference.done.prompt_tokens, reusing.done.prompt_tokens);
-    for outcome in [&reusing, &again] {
-        assert_eq!(
-            outcome.token_ids(),
-            reference.token_ids(),
-            "{:?}",
-            reference.text()
-        );
-        // Bit for bit: the kept cells are the ones prefilling computes.
-        for (reused, computed) in outcome.tokens.iter().zip(&reference.tokens) {
-            assert_eq!(reused.logprob.to_bits(), computed.logprob.to_bits());
-        }
-    }
+    // Bit for bit: the kept cells are the ones prefilling computes.
+    assert_bit_identical(&reusing, &reference);
+    assert_bit_identical(&again, &reference);
 }
 
 /// Generate 40 tokens in one go, then 15 and resume from them: the continuation must match.
@@ -399,4 +382,21 @@ fn flash_attention_can_be_switched_on() {
     let prompt = chat_prompt(&engine, "What is the capital of France?");
     let outcome = run(&engine, generation(prompt, SamplingParams::greedy(), 24));
     assert!(outcome.text().contains("Paris"), "{:?}", outcome.text());
+}
+
+/// The same tokens with the same log-probabilities, bit for bit.
+fn assert_bit_identical(got: &Outcome, expected: &Outcome) {
+    assert_eq!(
+        got.token_ids(),
+        expected.token_ids(),
+        "{:?}",
+        expected.text()
+    );
+    for (got, expected) in got.tokens.iter().zip(&expected.tokens) {
+        assert_eq!(
+            got.logprob.to_bits(),
+            expected.logprob.to_bits(),
+            "{got:?} vs {expected:?}"
+        );
+    }
 }
