@@ -674,8 +674,8 @@ fn reusable_head(cached: &[TokenId], prompt: &[TokenId]) -> usize {
     common.min(prompt.len().saturating_sub(2))
 }
 
-/// Frees a sequence's cells from position `keep` on, leaving its first `keep` tokens. False
-/// (the sequence is then emptied) when llama.cpp cannot cut the sequence there.
+/// Frees a sequence's cells from position `keep` on, leaving its first `keep` tokens. False when
+/// llama.cpp cannot cut the sequence there; the caller then empties it.
 fn keep_sequence_head(context: &mut LlamaContext<'_>, seq_id: i32, keep: usize) -> bool {
     let (Ok(seq), Ok(keep)) = (u32::try_from(seq_id), u32::try_from(keep)) else {
         return false;
