@@ -17,6 +17,10 @@ pub const TOP_LOGPROBS_MAX: usize = 20;
 /// small sorted window; larger ones go through a selection over every candidate.
 const STREAMED_TOP_K_MAX: usize = 256;
 
+/// Logits per chunk in the loops over the whole vocabulary. Sums are added chunk by chunk in a
+/// fixed order, so results never depend on the vector width the compiler picks for a machine.
+const CHUNK: usize = 8;
+
 /// Smallest candidate set the nucleus search sorts first; it doubles until the mass is reached.
 /// Most top-p masses sit within the first few hundred tokens, so this avoids sorting the vocabulary.
 const NUCLEUS_FIRST_ROUND_CANDIDATES: usize = 256;
@@ -88,6 +92,8 @@ pub struct Sampled {
 pub struct Sampler {
     /// (scaled logit, token) pairs for the cut stages; reused across calls.
     candidates: Vec<(f32, TokenId)>,
+    /// One weight `e^((logit - max) / T)` per vocabulary entry, and their sums per [`CHUNK`].
+    terms: ExpTerms,
 }
 
 impl Sampler {
@@ -112,11 +118,17 @@ impl Sampler {
     ) -> Sampled {
         assert!(!logits.is_empty(), "sampling needs at least one logit");
         let (max_logit, argmax) = max_and_argmax(logits);
-        let log_normalizer = log_sum_exp(logits, max_logit);
+        let log_normalizer = if max_logit == f32::NEG_INFINITY {
+            f32::NEG_INFINITY
+        } else {
+            // Narrowing: the sum of at most a vocabulary of terms <= 1 fits an f32 easily.
+            max_logit + (self.terms.fill(logits, max_logit, 1.0) as f32).ln()
+        };
         let token = if params.is_greedy() {
             argmax
         } else {
             self.draw(logits, max_logit, params, position)
+                .unwrap_or(argmax)
         };
         let top_count = (top_logprobs as usize)
             .min(TOP_LOGPROBS_MAX)
@@ -136,13 +148,14 @@ impl Sampler {
     }
 
     /// The non-greedy path: temperature, top-k, top-p, then one draw keyed by `(seed, position)`.
+    /// `None` when no token has any weight (every logit infinite or NaN).
     fn draw(
         &mut self,
         logits: &[f32],
         max_logit: f32,
         params: &SamplingParams,
         position: u32,
-    ) -> TokenId {
+    ) -> Option<TokenId> {
         let inverse_temperature = 1.0 / params.temperature;
         let uniform = uniform_for_position(params.seed, position);
         let vocab_size = logits.len();
@@ -150,7 +163,11 @@ impl Sampler {
         let cut_by_k = top_k > 0 && top_k < vocab_size;
         let cut_by_p = params.top_p > 0.0 && params.top_p < 1.0;
         if !cut_by_k && !cut_by_p {
-            return draw_from_full_vocabulary(logits, max_logit, inverse_temperature, uniform);
+            // The normaliser left the terms of temperature 1 behind.
+            if inverse_temperature != 1.0 {
+                self.terms.fill(logits, max_logit, inverse_temperature);
+            }
+            return self.terms.draw(uniform);
         }
         if cut_by_k && top_k <= STREAMED_TOP_K_MAX {
             let scale = |logit: f32| (logit - max_logit) * inverse_temperature;
@@ -160,7 +177,7 @@ impl Sampler {
             } else {
                 self.candidates.len()
             };
-            return draw_from_sorted_prefix(&self.candidates[..kept], uniform);
+            return Some(draw_from_sorted_prefix(&self.candidates[..kept], uniform));
         }
         self.candidates.clear();
         self.candidates.extend(
@@ -175,7 +192,103 @@ impl Sampler {
             sort_prefix(&mut self.candidates, limit);
             limit
         };
-        draw_from_sorted_prefix(&self.candidates[..kept], uniform)
+        Some(draw_from_sorted_prefix(&self.candidates[..kept], uniform))
+    }
+}
+
+/// The weights of a draw over the whole vocabulary, kept for reuse across calls.
+#[derive(Debug, Default)]
+struct ExpTerms {
+    /// `e^((logit - max) · scale)` per token id.
+    terms: Vec<f32>,
+    /// The sum of each [`CHUNK`] of `terms`, added in order in f64.
+    chunk_sums: Vec<f64>,
+}
+
+impl ExpTerms {
+    /// Computes the terms of `logits` for `scale` (the inverse temperature) and returns their sum:
+    /// the chunk sums added in order. NaN and infinite logits weigh nothing.
+    fn fill(&mut self, logits: &[f32], max_logit: f32, scale: f32) -> f64 {
+        self.terms.clear();
+        self.terms.extend(
+            logits
+                .iter()
+                .map(|&logit| exp_f32((logit - max_logit) * scale)),
+        );
+        self.chunk_sums.clear();
+        self.chunk_sums
+            .extend(self.terms.chunks(CHUNK).map(|chunk| {
+                chunk
+                    .iter()
+                    .fold(0.0, |sum: f64, &term| sum + f64::from(term))
+            }));
+        self.chunk_sums.iter().sum()
+    }
+
+    /// The first token (in id order) at which the running sum of the terms passes
+    /// `uniform` × their total, the running sum going chunk by chunk and then term by term inside
+    /// the chunk that passes. `None` when every term is zero.
+    fn draw(&self, uniform: f64) -> Option<TokenId> {
+        let total: f64 = self.chunk_sums.iter().sum();
+        if total.is_nan() || total <= 0.0 {
+            return None;
+        }
+        let threshold = uniform * total;
+        let mut before = 0.0;
+        for (index, &chunk_sum) in self.chunk_sums.iter().enumerate() {
+            if before + chunk_sum > threshold {
+                let start = index * CHUNK;
+                let mut cumulative = before;
+                for (offset, &term) in self.terms[start..].iter().take(CHUNK).enumerate() {
+                    cumulative += f64::from(term);
+                    if cumulative > threshold {
+                        return Some(token_id(start + offset));
+                    }
+                }
+            }
+            before += chunk_sum;
+        }
+        // Rounding left the threshold at the very end: the last token with any weight wins.
+        self.terms
+            .iter()
+            .rposition(|&term| term > 0.0)
+            .map(token_id)
+    }
+}
+
+/// `e^x` in plain f32 arithmetic: Cephes' `expf` polynomial (within a few ulp of `f32::exp`),
+/// 0 below -87 and for NaN, capped at `e^88`. No calls and no branches, so the loops over the
+/// vocabulary vectorise; no fused operations, so every machine computes the same bits.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    /// 1.5 × 2^23: adding it rounds an f32 of magnitude below 2^22 to an integer.
+    const ROUND: f32 = 12_582_912.0;
+    let in_range = x >= -87.0;
+    let x = if !in_range {
+        0.0
+    } else if x < 88.0 {
+        x
+    } else {
+        88.0
+    };
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    // x - n·ln 2, with ln 2 split in two so that the first product is exact.
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let mantissa = p * r * r + r + 1.0;
+    // The low bits of `shifted` hold n; 2^n is n + 127 in the exponent field (n >= -126 here).
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    let power = f32::from_bits(n_bits.wrapping_add(127) << 23);
+    if in_range {
+        mantissa * power
+    } else {
+        0.0
     }
 }
 
@@ -210,27 +323,43 @@ fn logit_at(logits: &[f32], token: TokenId) -> f32 {
         .unwrap_or(f32::NEG_INFINITY)
 }
 
-/// The largest logit and the lowest token id holding it. NaN logits never win.
+/// The largest logit and the lowest token id holding it. NaN logits never win; with no finite
+/// or positive-infinite logit, `(-inf, 0)`.
 fn max_and_argmax(logits: &[f32]) -> (f32, TokenId) {
-    let mut best_index = 0;
-    let mut best = f32::NEG_INFINITY;
-    for (index, &logit) in logits.iter().enumerate() {
-        // Strictly greater keeps the lowest id on ties.
-        if logit > best {
-            best = logit;
-            best_index = index;
+    let mut lanes = [f32::NEG_INFINITY; CHUNK];
+    let mut chunks = logits.chunks_exact(CHUNK);
+    for chunk in &mut chunks {
+        for (lane, &logit) in lanes.iter_mut().zip(chunk) {
+            // `max` ignores a NaN operand.
+            *lane = lane.max(logit);
         }
     }
-    (best, token_id(best_index))
-}
-
-/// `ln(sum(exp(logits)))`, computed around the maximum for stability.
-fn log_sum_exp(logits: &[f32], max_logit: f32) -> f32 {
-    if max_logit == f32::NEG_INFINITY {
-        return f32::NEG_INFINITY;
+    let rest = chunks.remainder();
+    let best =
+        lanes.iter().chain(rest).fold(
+            f32::NEG_INFINITY,
+            |best, &logit| if logit > best { logit } else { best },
+        );
+    if best == f32::NEG_INFINITY {
+        return (best, 0);
     }
-    let sum: f32 = logits.iter().map(|&logit| (logit - max_logit).exp()).sum();
-    max_logit + sum.ln()
+    // The first chunk holding it, then the place in that chunk: a chunk is tested whole, which
+    // vectorises, where a scan stopping at the first match would not.
+    let holds_best = |chunk: &[f32]| {
+        chunk
+            .iter()
+            .fold(false, |found, &logit| found | (logit == best))
+    };
+    let index = logits
+        .chunks(CHUNK)
+        .position(holds_best)
+        .and_then(|chunk| {
+            let start = chunk * CHUNK;
+            let offset = logits[start..].iter().position(|&logit| logit == best)?;
+            Some(start + offset)
+        })
+        .unwrap_or(0);
+    (best, token_id(index))
 }
 
 /// Ordering used by every cut: more likely first, then lower token id first.
@@ -332,32 +461,6 @@ fn nucleus_of_sorted(sorted: &[(f32, TokenId)], top_p: f32) -> usize {
         }
     }
     sorted.len()
-}
-
-/// Draw from tokens in id order, weights `exp((logit - max) / T)`, without sorting anything.
-fn draw_from_full_vocabulary(
-    logits: &[f32],
-    max_logit: f32,
-    inverse_temperature: f32,
-    uniform: f64,
-) -> TokenId {
-    let weight = |logit: f32| f64::from(((logit - max_logit) * inverse_temperature).exp());
-    let total: f64 = logits.iter().map(|&logit| weight(logit)).sum();
-    let threshold = uniform * total;
-    let mut cumulative = 0.0;
-    let mut last_positive = 0;
-    for (index, &logit) in logits.iter().enumerate() {
-        let w = weight(logit);
-        if w > 0.0 {
-            last_positive = index;
-        }
-        cumulative += w;
-        if cumulative > threshold {
-            return token_id(index);
-        }
-    }
-    // Rounding left the threshold at the very end: the last token with any weight wins.
-    token_id(last_positive)
 }
 
 /// Draw from a most-likely-first prefix of (scaled logit, token) pairs.

@@ -306,3 +306,73 @@ fn negative_infinity_logits_are_never_drawn() {
         assert!(sampled.token == 1 || sampled.token == 3, "{sampled:?}");
     }
 }
+
+#[test]
+fn the_vectorised_exp_stays_within_a_millionth_of_the_true_value() {
+    let mut worst: f64 = 0.0;
+    for step in 0..=175_000 {
+        let x = -87.0 + f64::from(step) * 0.000_999_9;
+        let x = x as f32;
+        let got = f64::from(exp_f32(x));
+        let want = f64::from(x).exp();
+        worst = worst.max(((got - want) / want).abs());
+    }
+    assert!(worst < 1e-6, "worst relative error {worst:e}");
+    assert_eq!(exp_f32(0.0), 1.0);
+    assert_eq!(exp_f32(-87.5), 0.0);
+    assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+    assert_eq!(exp_f32(f32::NAN), 0.0);
+}
+
+#[test]
+fn a_draw_over_the_whole_vocabulary_is_the_first_token_whose_running_weight_passes_the_uniform() {
+    // The obvious way: weights in id order, one running sum, no chunks.
+    let reference = |logits: &[f32], temperature: f32, uniform: f64| -> TokenId {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let weights: Vec<f64> = logits
+            .iter()
+            .map(|&logit| f64::from(exp_f32((logit - max) * (1.0 / temperature))))
+            .collect();
+        let threshold = uniform * weights.iter().sum::<f64>();
+        let mut cumulative = 0.0;
+        for (index, weight) in weights.iter().enumerate() {
+            cumulative += weight;
+            if cumulative > threshold {
+                return index as TokenId;
+            }
+        }
+        unreachable!("the threshold is below the total")
+    };
+    let mut sampler = Sampler::new();
+    // 49,152 is SmolLM2's vocabulary; 1,003 leaves a partial last chunk.
+    for (count, salt) in [(49_152, 1), (1_003, 2)] {
+        let logits = synthetic_logits(count, salt);
+        for temperature in [0.3_f32, 0.8, 1.0, 1.7] {
+            for position in 0..300 {
+                let params = seeded(temperature, 1.0, 0, 11);
+                let got = sampler.sample(&logits, &params, position, 0).token;
+                let uniform = uniform_for_position(11, position);
+                assert_eq!(
+                    got,
+                    reference(&logits, temperature, uniform),
+                    "T {temperature}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn logits_that_are_all_infinite_or_nan_give_the_greedy_choice_without_panicking() {
+    let mut sampler = Sampler::new();
+    let cases: [&[f32]; 3] = [
+        &[f32::NEG_INFINITY, f32::NEG_INFINITY],
+        &[f32::NAN, f32::NAN, f32::NAN],
+        &[0.0, f32::INFINITY, f32::INFINITY],
+    ];
+    for logits in cases {
+        let sampled = sampler.sample(logits, &seeded(0.8, 1.0, 0, 3), 0, 0);
+        let greedy = sampler.sample(logits, &SamplingParams::greedy(), 0, 0);
+        assert_eq!(sampled.token, greedy.token, "{logits:?}");
+    }
+}
