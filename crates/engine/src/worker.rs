@@ -5,9 +5,9 @@
 //! bounded event channel without ever blocking on a consumer.
 //!
 //! Each step, like llama-server's slots: free slots admit queued generations; one `llama_decode`
-//! feeds every decoding sequence its one next token, and a second one prefills a chunk (up to
-//! `batch_tokens`) of the oldest waiting prompt; logits are requested only where a token will be
-//! sampled. Sequence ids are the slot indices, and each has its own KV cache stream (non-unified
+//! prefills chunks (up to `batch_tokens` in all) of the waiting prompts, and a second one feeds
+//! every decoding sequence, a prompt finished just before included, its one next token; logits
+//! are requested only where a token will be sampled. Sequence ids are the slot indices, and each has its own KV cache stream (non-unified
 //! cache), so a sequence's numbers do not depend on where its neighbours' cells are.
 //!
 //! Why two calls rather than one mixed batch: llama.cpp splits a batch over separate KV streams
@@ -274,17 +274,23 @@ impl<'model> Worker<'model> {
         self.slots[index] = Some(slot);
     }
 
-    /// One step: a decode call for every sequence's next token, then a prefill call for chunks
-    /// of the waiting prompts. Returns false if there was nothing to do.
+    /// One step: a prefill call for chunks of the waiting prompts, then a decode call for every
+    /// sequence's next token. Returns false if there was nothing to do.
+    ///
+    /// Prefill goes first so that a prompt finished in this step decodes in this step's decode
+    /// call: a sequence id missing from the middle of a decode batch makes llama.cpp cut it into
+    /// two micro-batches (it only groups consecutive ids), each reading every weight.
     fn step(&mut self) -> bool {
-        let decoded = self.fill_decode_batch();
-        let did_decode = !decoded.is_empty();
-        self.run_batch(&decoded);
-        // Hand the new tokens to their consumers before a possibly long prefill.
-        self.tend_slots();
         let prefilled = self.fill_prefill_batch();
         let did_prefill = !prefilled.is_empty();
         self.run_batch(&prefilled);
+        // Hand a finished prompt's first token to its consumer before the decode call.
+        if did_prefill {
+            self.tend_slots();
+        }
+        let decoded = self.fill_decode_batch();
+        let did_decode = !decoded.is_empty();
+        self.run_batch(&decoded);
         did_decode || did_prefill
     }
 
