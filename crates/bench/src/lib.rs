@@ -25,4 +25,7 @@ pub use error::BenchError;
 pub use loadgen::{LoadResult, LoadSpec};
 pub use reference::{ensure_built, ReferenceBinaries};
 pub use report::{Comparison, Verdict};
-pub use serving::{serving, ServingBenchReport, ServingConfig, ServingRow};
+pub use serving::{
+    serving, ServingBenchReport, ServingConfig, ServingRow, DEFAULT_CONCURRENCY_LEVELS,
+    SERVING_ROUNDS,
+};

@@ -2,10 +2,11 @@
 //! through our whole gateway → agent path and through `llama-server` with the same slot count.
 //!
 //! Both targets are started first and stay up; the load then alternates between them, one
-//! concurrency level at a time, for [`SERVING_ROUNDS`] rounds, and each level reports the median
-//! round. Load never reaches both at once: on a small machine they would share the same cores and
-//! measure each other. An idle server costs nothing, and alternating means a drift of the machine
-//! (another process, thermal state) hits both sides alike.
+//! concurrency level at a time, for [`SERVING_ROUNDS`] rounds (or `rounds`), and each level
+//! reports the median round and the ratio of each round. Load never reaches both at once: on a
+//! small machine they would share the same cores and measure each other. An idle server costs
+//! nothing; alternating, and swapping which side goes first every round, means a drift of the
+//! machine (another process, thermal state) hits both sides alike.
 
 mod stack;
 
@@ -32,7 +33,7 @@ pub const CONTEXT_TOKENS_PER_SLOT: u32 = 2048;
 /// At the highest concurrency our stack must deliver at least this fraction of llama-server's
 /// aggregate tokens/s.
 pub const SERVING_TARGET_RATIO: f64 = 1.0;
-/// Rounds of alternating measurements; each level reports its median round.
+/// Rounds of alternating measurements by default; each level reports its median round.
 pub const SERVING_ROUNDS: u32 = 3;
 /// Completion tokens of the untimed warm-up request sent before each target is measured.
 const WARM_UP_MAX_TOKENS: u32 = 8;
@@ -48,6 +49,8 @@ pub struct ServingConfig {
     pub requests_per_stream: u32,
     pub max_tokens: u32,
     pub slots: u32,
+    /// Rounds of alternating measurements.
+    pub rounds: u32,
 }
 
 impl ServingConfig {
@@ -61,6 +64,7 @@ impl ServingConfig {
             requests_per_stream: DEFAULT_REQUESTS_PER_STREAM,
             max_tokens: DEFAULT_MAX_TOKENS,
             slots: DEFAULT_SLOTS,
+            rounds: SERVING_ROUNDS,
         }
     }
 }
@@ -72,6 +76,9 @@ pub struct ServingRow {
     pub reference: LoadResult,
     /// `None` when our stack could not be measured; see [`ServingBenchReport::ours_error`].
     pub ours: Option<LoadResult>,
+    /// Our aggregate tokens/s over the reference's in each round, in round order: each pair ran
+    /// back to back, so these show how far the run-to-run noise reaches.
+    pub round_ratios: Vec<f64>,
 }
 
 /// The outcome of [`serving()`].
@@ -132,7 +139,10 @@ fn validate(config: &ServingConfig) -> Result<(), BenchError> {
     if config.threads == 0 || config.slots == 0 || config.max_tokens == 0 {
         return invalid("threads, slots and max_tokens must be at least 1");
     }
-    if config.requests_per_stream == 0 || config.concurrency_levels.contains(&0) {
+    if config.requests_per_stream == 0
+        || config.rounds == 0
+        || config.concurrency_levels.contains(&0)
+    {
         return invalid("requests per stream and every concurrency level must be at least 1");
     }
     if config.concurrency_levels.is_empty() {
@@ -169,23 +179,27 @@ async fn serving_on_runtime(
     // Request 0 is the warm-up's; every load after it gets numbers of its own, the same on both
     // sides, so that neither side ever sees a prompt it has served before.
     let mut first_request = 1;
-    for _ in 0..SERVING_ROUNDS {
+    for round in 0..config.rounds {
         for (index, &concurrency) in levels.iter().enumerate() {
             let reference_load = level(&reference_spec, concurrency, config, first_request);
             first_request = first_request.saturating_add(reference_load.requests);
-            reference_rounds[index].push(run_load(&reference_load).await?);
-            if ours_error.is_some() {
-                continue;
+            let ours_load = ours_spec.as_ref().map(|spec| LoadSpec {
+                first_request: reference_load.first_request,
+                ..level(spec, concurrency, config, 0)
+            });
+            // Odd rounds measure our stack first.
+            let ours_first = round % 2 == 1;
+            if !ours_first {
+                reference_rounds[index].push(run_load(&reference_load).await?);
             }
-            if let Some(spec) = &ours_spec {
-                let ours_load = LoadSpec {
-                    first_request: reference_load.first_request,
-                    ..level(spec, concurrency, config, 0)
-                };
-                match run_load(&ours_load).await {
+            if let (Some(load), None) = (&ours_load, &ours_error) {
+                match run_load(load).await {
                     Ok(result) => ours_rounds[index].push(result),
                     Err(error) => ours_error = Some(error.to_string()),
                 }
+            }
+            if ours_first {
+                reference_rounds[index].push(run_load(&reference_load).await?);
             }
         }
     }
@@ -196,14 +210,26 @@ async fn serving_on_runtime(
         .iter()
         .zip(reference_rounds)
         .zip(ours_rounds)
-        .map(|((&concurrency, reference), ours)| ServingRow {
-            concurrency,
-            reference: median_round(reference).unwrap_or_default(),
-            ours: if ours_error.is_some() {
-                None
+        .map(|((&concurrency, reference), ours)| {
+            let round_ratios = if ours_error.is_some() {
+                Vec::new()
             } else {
-                median_round(ours)
-            },
+                reference
+                    .iter()
+                    .zip(&ours)
+                    .map(|(reference, ours)| ratio(ours, reference))
+                    .collect()
+            };
+            ServingRow {
+                concurrency,
+                reference: median_round(reference).unwrap_or_default(),
+                ours: if ours_error.is_some() {
+                    None
+                } else {
+                    median_round(ours)
+                },
+                round_ratios,
+            }
         })
         .collect();
     Ok(ServingBenchReport {
@@ -230,6 +256,26 @@ fn level(
         first_request,
         max_tokens: config.max_tokens,
         ..spec.clone()
+    }
+}
+
+/// Our aggregate tokens/s over the reference's (0 when the reference measured nothing).
+fn ratio(ours: &LoadResult, reference: &LoadResult) -> f64 {
+    ours.aggregate_tokens_per_second()
+        / reference
+            .aggregate_tokens_per_second()
+            .max(f64::MIN_POSITIVE)
+}
+
+/// The median of `values` (the mean of the middle two for an even count), `None` when empty.
+pub(crate) fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let middle = sorted.len() / 2;
+    match sorted.len() {
+        0 => None,
+        count if count % 2 == 1 => Some(sorted[middle]),
+        _ => Some((sorted[middle - 1] + sorted[middle]) / 2.0),
     }
 }
 
@@ -275,8 +321,12 @@ impl std::fmt::Display for ServingBenchReport {
         writeln!(formatter, "model:     {}", config.model_path.display())?;
         writeln!(
             formatter,
-            "threads:   {}, slots: {}, max_tokens: {}, requests per stream: {}",
-            config.threads, config.slots, config.max_tokens, config.requests_per_stream
+            "threads:   {}, slots: {}, max_tokens: {}, requests per stream: {}, rounds: {}",
+            config.threads,
+            config.slots,
+            config.max_tokens,
+            config.requests_per_stream,
+            config.rounds
         )?;
         writeln!(
             formatter,
@@ -290,6 +340,21 @@ impl std::fmt::Display for ServingBenchReport {
         )?;
         writeln!(formatter)?;
         formatter.write_str(&rows_table(&self.rows))?;
+        writeln!(formatter)?;
+        for row in self.rows.iter().filter(|row| !row.round_ratios.is_empty()) {
+            let rounds: Vec<String> = row
+                .round_ratios
+                .iter()
+                .map(|ratio| format!("{ratio:.3}"))
+                .collect();
+            writeln!(
+                formatter,
+                "{} streams, ratio per round: {} (median {:.3})",
+                row.concurrency,
+                rounds.join(" "),
+                median(&row.round_ratios).unwrap_or(0.0)
+            )?;
+        }
         if let Some(comparison) = self.comparison() {
             let ratio = comparison.ratio().unwrap_or(0.0);
             writeln!(
@@ -329,14 +394,7 @@ fn rows_table(rows: &[ServingRow]) -> String {
                 format!("{:.1}", ours.aggregate_tokens_per_second()),
                 format!("{:.1}", ours.completion_tokens_per_request_mean()),
                 milliseconds(ours.time_to_first_token_mean),
-                format!(
-                    "{:.3}",
-                    ours.aggregate_tokens_per_second()
-                        / row
-                            .reference
-                            .aggregate_tokens_per_second()
-                            .max(f64::MIN_POSITIVE)
-                ),
+                format!("{:.3}", ratio(ours, &row.reference)),
             ),
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };

@@ -25,6 +25,13 @@ pub enum BenchCommand {
         threads: Option<u32>,
         #[arg(long, default_value = "smollm2-135m-instruct")]
         model: String,
+        /// Rounds of alternating measurements; each level reports its median round.
+        #[arg(long, default_value_t = bench::SERVING_ROUNDS)]
+        rounds: u32,
+        /// Concurrency levels to measure, e.g. `--streams 8` or `--streams 1,4,8`; the target
+        /// is judged at the highest.
+        #[arg(long, value_delimiter = ',', default_values_t = bench::DEFAULT_CONCURRENCY_LEVELS)]
+        streams: Vec<u32>,
     },
     /// The scheduler with many registered nodes: placements/s, p99 latency,
     /// state events/s, bytes per node.
@@ -68,7 +75,12 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             .context("run the engine benchmark")?;
             println!("{report}");
         }
-        BenchCommand::Serving { threads, model } => {
+        BenchCommand::Serving {
+            threads,
+            model,
+            rounds,
+            streams,
+        } => {
             let model = home::model_store()?
                 .resolve(&model)
                 .context("resolve the model")?;
@@ -77,7 +89,9 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             let work_dir = home::root().join("bench-serving");
             let report = tokio::task::spawn_blocking(move || {
                 let refs = bench::reference::ensure_built(&reference_dir())?;
-                let config = bench::ServingConfig::new(&model.path, threads, work_dir);
+                let mut config = bench::ServingConfig::new(&model.path, threads, work_dir);
+                config.rounds = rounds;
+                config.concurrency_levels = streams;
                 bench::serving(&exe, &refs, &config)
             })
             .await

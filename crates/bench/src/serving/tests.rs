@@ -24,11 +24,13 @@ fn report(ours: [Option<LoadResult>; 2], ours_error: Option<String>) -> ServingB
                 concurrency: 1,
                 reference: load(256, 4),
                 ours: ours_low,
+                round_ratios: Vec::new(),
             },
             ServingRow {
                 concurrency: 8,
                 reference: load(2048, 16),
                 ours: ours_high,
+                round_ratios: vec![0.5, 0.25, 0.75],
             },
         ],
         ours_error,
@@ -45,6 +47,10 @@ fn target_is_judged_at_the_highest_concurrency() {
     assert_eq!(comparison.verdict(), crate::Verdict::Fail);
     let text = report.to_string();
     assert!(text.contains("ratio 0.500"), "{text}");
+    assert!(
+        text.contains("8 streams, ratio per round: 0.500 0.250 0.750 (median 0.500)"),
+        "{text}"
+    );
     assert!(text.contains("FAIL"), "{text}");
 }
 
@@ -70,6 +76,9 @@ fn nonsense_settings_are_refused_before_anything_starts() {
     ));
     config.concurrency_levels = Vec::new();
     assert!(validate(&config).is_err());
+    let mut config = ServingConfig::new("model.gguf", 2, "work");
+    config.rounds = 0;
+    assert!(validate(&config).is_err());
     assert!(validate(&ServingConfig::new("model.gguf", 2, "work")).is_ok());
 }
 
@@ -80,4 +89,11 @@ fn each_level_reports_its_median_round() {
     let median = median_round(rounds).expect("a round");
     assert_eq!(median.completion_tokens, 900);
     assert_eq!(median_round(Vec::new()), None);
+}
+
+#[test]
+fn the_median_of_round_ratios_takes_the_middle_or_the_mean_of_the_middle_two() {
+    assert_eq!(median(&[1.2, 0.9, 1.0]), Some(1.0));
+    assert_eq!(median(&[1.2, 0.9, 1.0, 0.7]), Some(0.95));
+    assert_eq!(median(&[]), None);
 }
