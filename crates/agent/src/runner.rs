@@ -253,6 +253,7 @@ impl GenerationTask {
                     prompt_tokens,
                     completion_tokens,
                     compute_ms: millis(started.elapsed()),
+                    prompt_reused_tokens: 0,
                 };
                 return self.send_done(cancelled).await;
             };
@@ -320,6 +321,7 @@ impl GenerationTask {
             prompt_tokens: done.prompt_tokens,
             completion_tokens: done.completion_tokens,
             compute_ms: millis(done.compute),
+            prompt_reused_tokens: done.prompt_reused,
         };
         self.send_done(done).await;
     }

@@ -15,6 +15,7 @@ base_url, api_key, model = sys.argv[1], sys.argv[2], sys.argv[3]
 client = OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
 messages = [{"role": "user", "content": "What is the capital of France?"}]
 plain = client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=0)
+again = client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=0)
 parts = []
 for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=0, stream=True):
     if chunk.choices and chunk.choices[0].delta.content:
@@ -28,6 +29,8 @@ print(json.dumps({
     "plain": plain.choices[0].message.content,
     "finish_reason": plain.choices[0].finish_reason,
     "usage": plain.usage.total_tokens,
+    "prompt_tokens": again.usage.prompt_tokens,
+    "cached_tokens": again.usage.prompt_tokens_details.cached_tokens,
     "streamed": "".join(parts),
     "error": error,
 }))
@@ -62,5 +65,10 @@ async fn the_official_openai_sdk_completes_a_chat_plain_and_streamed() {
     assert!(plain.contains("Paris"), "unexpected answer {plain:?}");
     assert_eq!(result["streamed"].as_str(), Some(plain));
     assert!(result["usage"].as_u64().is_some_and(|total| total > 0));
+    // The SDK reads the prompt head the node kept for the repeated request (it prefills at
+    // least the last 2 tokens again).
+    let prompt_tokens = result["prompt_tokens"].as_u64().expect("prompt tokens");
+    let cached = result["cached_tokens"].as_u64().expect("cached tokens");
+    assert!(cached > 0 && cached <= prompt_tokens - 2, "{result}");
     assert_eq!(result["error"], "BadRequestError");
 }

@@ -90,11 +90,20 @@ async fn plain_and_streamed_completions_agree_and_usage_matches_the_tokenizer() 
             .collect();
         assert_eq!(pieces, text, "the tokens' text is the answer");
         assert_eq!(usage["total_tokens"], prompt_tokens + logprobs.len());
-        assert_eq!(
-            streamed.usage.as_ref(),
-            Some(usage),
-            "streamed usage equals plain usage"
-        );
+        let streamed_usage = streamed.usage.as_ref().expect("streamed usage");
+        for count in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+            assert_eq!(
+                streamed_usage[count], usage[count],
+                "streamed usage equals plain usage: {streamed_usage} {usage}"
+            );
+        }
+        // How much of the prompt a node still held depends on what it served before.
+        for reported in [usage, streamed_usage] {
+            let cached = reported["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .expect("cached tokens");
+            assert!(cached <= prompt_tokens as u64, "{reported}");
+        }
         for entry in logprobs {
             let logprob = entry["logprob"].as_f64().expect("logprob");
             assert!(logprob <= 0.0, "logprob {logprob} > 0");
@@ -107,6 +116,36 @@ async fn plain_and_streamed_completions_agree_and_usage_matches_the_tokenizer() 
     assert_ne!(
         seeded_texts[0], seeded_texts[1],
         "different seeds gave the same sample"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repeated_prompt_reports_the_head_the_node_kept_as_cached_tokens() {
+    let mut stack = Stack::start(Default::default());
+    stack.add_agent("car-1", 1);
+    stack.wait_for_nodes(&["car-1"]).await;
+    let body = json!({
+        "model": MODEL, "messages": messages(), "max_tokens": 12, "temperature": 0,
+    });
+    let first = stack.chat(&body).await;
+    let second = stack.chat(&body).await;
+    let prompt_tokens = first["usage"]["prompt_tokens"]
+        .as_u64()
+        .expect("prompt tokens");
+    assert_eq!(
+        first["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+        "a fresh node holds nothing: {first}"
+    );
+    // The node keeps the first prompt's cells and prefills only the last two tokens again.
+    assert_eq!(
+        second["usage"]["prompt_tokens_details"]["cached_tokens"],
+        prompt_tokens - 2,
+        "{second}"
+    );
+    assert_eq!(second["usage"]["prompt_tokens"], prompt_tokens);
+    assert_eq!(
+        first["choices"][0]["message"]["content"], second["choices"][0]["message"]["content"],
+        "reused cells give the same answer"
     );
 }
 

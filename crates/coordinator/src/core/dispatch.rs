@@ -343,9 +343,11 @@ impl Core {
             }),
             finished_ms: now.0 as i64,
         };
+        let prompt_tokens = u32::try_from(inflight.prompt.len()).unwrap_or(u32::MAX);
         let usage = Usage {
-            prompt_tokens: u32::try_from(inflight.prompt.len()).unwrap_or(u32::MAX),
+            prompt_tokens,
             completion_tokens: ours,
+            cached_prompt_tokens: done.prompt_reused_tokens.min(prompt_tokens),
         };
         let _ = inflight.updates.try_send(Update::Finished {
             reason: finish,

@@ -44,6 +44,10 @@ pub enum FinishReason {
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Prompt tokens the node that finished the generation did not prefill because it still
+    /// held their KV cells (OpenAI's `prompt_tokens_details.cached_tokens`); the node's claim,
+    /// capped at `prompt_tokens`, shown to the client and never billed differently.
+    pub cached_prompt_tokens: u32,
 }
 
 /// Why an admitted generation failed.
