@@ -217,6 +217,7 @@ fn check_assignment(
         max_tokens: assign.max_tokens,
         stop: assign.stop.clone(),
         top_logprobs: assign.top_logprobs,
+        ignore_eos: sampling.ignore_eos,
         restore: None,
         export_checkpoint: assign.report_checkpoint,
     })

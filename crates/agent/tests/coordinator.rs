@@ -223,6 +223,7 @@ impl Harness {
                 top_p: 1.0,
                 top_k: 0,
                 seed: 7,
+                ignore_eos: false,
             }),
             max_tokens,
             stop: Vec::new(),

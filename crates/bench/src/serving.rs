@@ -335,8 +335,7 @@ impl std::fmt::Display for ServingBenchReport {
         )?;
         writeln!(
             formatter,
-            "ignore_eos accepted: llama-server {} (honoured), fleetgrid {} (accepted but not \
-             implemented: an answer may end at end-of-turn, see tokens/req)",
+            "ignore_eos honoured: llama-server {}, fleetgrid {}",
             self.reference_ignore_eos, self.ours_ignore_eos
         )?;
         writeln!(formatter)?;

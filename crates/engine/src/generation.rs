@@ -30,6 +30,9 @@ pub struct Generation {
     pub stop: Vec<String>,
     /// Alternatives reported per token; 0 = none, capped at [`crate::sampler::TOP_LOGPROBS_MAX`].
     pub top_logprobs: u32,
+    /// Never sample an end-of-generation token (their logits count as -inf, in the reported
+    /// log-probabilities too), so that only `max_tokens`, a stop sequence or the context ends it.
+    pub ignore_eos: bool,
     /// The prompt's KV cache as another node computed it (a handover). Used instead of
     /// prefilling when it covers exactly the prompt, committed tokens follow, and it loads into
     /// a sequence holding exactly the prompt's positions; otherwise the prompt is prefilled.

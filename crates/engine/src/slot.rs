@@ -67,6 +67,7 @@ pub(crate) struct Slot {
     max_tokens: u32,
     sampling: SamplingParams,
     top_logprobs: u32,
+    ignore_eos: bool,
     text: TextAssembler,
     events: Sender<GenerationEvent>,
     cancel: CancelHandle,
@@ -127,6 +128,7 @@ impl Slot {
             max_tokens: generation.max_tokens,
             sampling: generation.sampling,
             top_logprobs: generation.top_logprobs,
+            ignore_eos: generation.ignore_eos,
             text,
             events,
             cancel,
@@ -175,6 +177,11 @@ impl Slot {
 
     pub fn sampling(&self) -> (&SamplingParams, u32, u32) {
         (&self.sampling, self.position, self.top_logprobs)
+    }
+
+    /// Whether end-of-generation tokens are kept from being sampled.
+    pub fn ignores_eos(&self) -> bool {
+        self.ignore_eos
     }
 
     /// Whether a checkpoint of `tokens` tokens can stand in for prefilling: it covers exactly the

@@ -81,6 +81,10 @@ pub(crate) struct Worker<'model> {
     intake: Intake,
     /// Generations admitted so far; numbers them in arrival order.
     admissions: u64,
+    /// The vocabulary's end-of-generation tokens, masked for generations that ignore them.
+    end_of_generation: Vec<TokenId>,
+    /// Scratch copy of one position's logits with those tokens masked.
+    masked_logits: Vec<f32>,
 }
 
 impl<'model> Worker<'model> {
@@ -93,6 +97,10 @@ impl<'model> Worker<'model> {
         live: Arc<AtomicU32>,
     ) -> Self {
         let batch_capacity = config.batch_tokens as usize;
+        let vocabulary = TokenId::try_from(tokenizer.vocab_size()).unwrap_or(TokenId::MAX);
+        let end_of_generation = (0..vocabulary)
+            .filter(|&token| tokenizer.is_end_of_generation(token))
+            .collect();
         Self {
             context,
             batch: LlamaBatch::new(batch_capacity, 1),
@@ -107,6 +115,8 @@ impl<'model> Worker<'model> {
             pending_bench: None,
             intake: Intake::Open,
             admissions: 0,
+            end_of_generation,
+            masked_logits: Vec::new(),
         }
     }
 
@@ -324,7 +334,19 @@ impl<'model> Worker<'model> {
             let Some(batch_index) = entry.logits_at else {
                 continue;
             };
-            let logits = self.context.get_logits_ith(batch_index);
+            let mut logits = self.context.get_logits_ith(batch_index);
+            if slot.ignores_eos() {
+                let masked = &mut self.masked_logits;
+                masked.clear();
+                masked.extend_from_slice(logits);
+                for &token in &self.end_of_generation {
+                    if let Some(logit) = usize::try_from(token).ok().and_then(|i| masked.get_mut(i))
+                    {
+                        *logit = f32::NEG_INFINITY;
+                    }
+                }
+                logits = masked;
+            }
             let (params, position, top_logprobs) = slot.sampling();
             let sampled = self.sampler.sample(logits, params, position, top_logprobs);
             if let Some(reason) = slot.accept(&sampled, &self.tokenizer, context_tokens) {

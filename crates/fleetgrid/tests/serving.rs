@@ -150,6 +150,49 @@ async fn a_repeated_prompt_reports_the_head_the_node_kept_as_cached_tokens() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn ignore_eos_runs_an_answer_that_would_end_to_max_tokens() {
+    let mut stack = Stack::start(Default::default());
+    stack.add_agent("car-1", 2);
+    stack.wait_for_nodes(&["car-1"]).await;
+    let body = json!({
+        "model": MODEL, "max_tokens": 64, "temperature": 0,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    });
+    let natural = stack.chat(&body).await;
+    assert_eq!(
+        natural["choices"][0]["finish_reason"], "stop",
+        "the short answer ends on its own: {natural}"
+    );
+    let natural_tokens = natural["usage"]["completion_tokens"]
+        .as_u64()
+        .expect("count");
+    assert!(natural_tokens < 64, "{natural}");
+
+    let mut ignoring = body.clone();
+    ignoring["ignore_eos"] = json!(true);
+    let forced = stack.chat(&ignoring).await;
+    assert_eq!(forced["choices"][0]["finish_reason"], "length", "{forced}");
+    assert_eq!(forced["usage"]["completion_tokens"], 64, "{forced}");
+    let natural_text = natural["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("text");
+    let forced_text = forced["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("text");
+    assert!(
+        forced_text.starts_with(natural_text) && forced_text.len() > natural_text.len(),
+        "greedy picks the same tokens up to where the answer ended: {natural_text:?} / {forced_text:?}"
+    );
+
+    let mut wrong = body.clone();
+    wrong["ignore_eos"] = json!("yes");
+    let response = stack.post("/v1/chat/completions", &wrong).await;
+    assert_eq!(response.status(), 400);
+    let error: serde_json::Value = response.json().await.expect("error body");
+    assert_eq!(error["error"]["type"], "invalid_request_error", "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn text_completions_and_models_listing() {
     let mut stack = Stack::start(Default::default());
     stack.add_agent("car-1", 2);

@@ -120,6 +120,7 @@ async fn run(
                     top_p: request.top_p,
                     top_k: request.top_k,
                     seed,
+                    ignore_eos: request.ignore_eos,
                 },
                 max_tokens,
                 stop: request.stop.clone(),

@@ -1011,6 +1011,7 @@ impl Routing {
                     top_p: self.request.top_p,
                     top_k: self.request.top_k,
                     seed,
+                    ignore_eos: self.request.ignore_eos,
                 },
                 max_tokens,
                 stop: self.request.stop.clone(),

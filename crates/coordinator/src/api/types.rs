@@ -33,6 +33,8 @@ pub struct SamplingFields {
     pub top_k: Option<i64>,
     pub seed: Option<i64>,
     pub stop: Option<StopField>,
+    /// llama-server's and vLLM's extension: never end at an end-of-generation token.
+    pub ignore_eos: Option<bool>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     /// Chat: a boolean. Completions: a number of alternatives.

@@ -40,6 +40,8 @@ pub struct ValidatedRequest {
     pub top_k: u32,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
+    /// Run to `max_tokens` (or a stop sequence) past end-of-generation tokens.
+    pub ignore_eos: bool,
     pub stream: bool,
     pub include_usage: bool,
     pub logprobs: bool,
@@ -360,6 +362,7 @@ fn finish(
         top_k,
         seed: sampling.seed.map(|seed| seed as u64),
         stop,
+        ignore_eos: sampling.ignore_eos.unwrap_or(false),
         stream,
         include_usage,
         logprobs,

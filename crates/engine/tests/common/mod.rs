@@ -88,6 +88,7 @@ pub fn generation(prompt: Vec<TokenId>, sampling: SamplingParams, max_tokens: u3
         max_tokens,
         stop: Vec::new(),
         top_logprobs: 0,
+        ignore_eos: false,
         restore: None,
         export_checkpoint: false,
     }
