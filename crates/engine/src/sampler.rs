@@ -227,7 +227,7 @@ impl ExpTerms {
 
     /// The first token (in id order) at which the running sum of the terms passes
     /// `uniform` × their total, the running sum going chunk by chunk and then term by term inside
-    /// the chunk that passes. `None` when every term is zero.
+    /// the chunk that passes. Never a token of zero weight; `None` when every term is zero.
     fn draw(&self, uniform: f64) -> Option<TokenId> {
         let total: f64 = self.chunk_sums.iter().sum();
         if total.is_nan() || total <= 0.0 {
@@ -235,16 +235,19 @@ impl ExpTerms {
         }
         let threshold = uniform * total;
         let mut before = 0.0;
-        for (index, &chunk_sum) in self.chunk_sums.iter().enumerate() {
+        for (chunk, (terms, &chunk_sum)) in
+            self.terms.chunks(CHUNK).zip(&self.chunk_sums).enumerate()
+        {
             if before + chunk_sum > threshold {
-                let start = index * CHUNK;
                 let mut cumulative = before;
-                for (offset, &term) in self.terms[start..].iter().take(CHUNK).enumerate() {
+                let passes = terms.iter().position(|&term| {
                     cumulative += f64::from(term);
-                    if cumulative > threshold {
-                        return Some(token_id(start + offset));
-                    }
-                }
+                    cumulative > threshold
+                });
+                // Adding term by term may round differently from the chunk's own sum; the chunk
+                // holds weight all the same, so its last weighted term takes the draw then.
+                let offset = passes.or_else(|| terms.iter().rposition(|&term| term > 0.0))?;
+                return Some(token_id(chunk * CHUNK + offset));
             }
             before += chunk_sum;
         }

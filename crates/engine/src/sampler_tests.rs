@@ -376,3 +376,21 @@ fn logits_that_are_all_infinite_or_nan_give_the_greedy_choice_without_panicking(
         assert_eq!(sampled.token, greedy.token, "{logits:?}");
     }
 }
+
+#[test]
+fn a_chunk_whose_sum_rounds_past_the_draw_gives_its_own_last_weighted_token() {
+    // The first chunk's sum came out a little above what its terms add up to one by one (as
+    // rounding may have it); the draw lands in between. A token of zero weight must not win.
+    let mut weights = vec![0.25, 0.25];
+    weights.extend([0.0; 13]);
+    weights.push(0.5);
+    let terms = ExpTerms {
+        terms: weights,
+        chunk_sums: vec![0.500_000_1, 0.5],
+    };
+    let total = 1.000_000_1;
+    let uniform = 0.500_000_05 / total;
+    assert_eq!(terms.draw(uniform), Some(1));
+    assert_eq!(terms.draw(0.2), Some(0));
+    assert_eq!(terms.draw(0.9), Some(15));
+}

@@ -7,8 +7,9 @@
 //! Each step, like llama-server's slots: free slots admit queued generations; one `llama_decode`
 //! prefills chunks (up to `batch_tokens` in all) of the waiting prompts, and a second one feeds
 //! every decoding sequence, a prompt finished just before included, its one next token; logits
-//! are requested only where a token will be sampled. Sequence ids are the slot indices, and each has its own KV cache stream (non-unified
-//! cache), so a sequence's numbers do not depend on where its neighbours' cells are.
+//! are requested only where a token will be sampled. Sequence ids are the slot indices, and each
+//! has its own KV cache stream (non-unified cache), so a sequence's numbers do not depend on
+//! where its neighbours' cells are.
 //!
 //! Why two calls rather than one mixed batch: llama.cpp splits a batch over separate KV streams
 //! into equal per-sequence shares, which would hand a prefilling sequence a single-token share
