@@ -333,8 +333,9 @@ impl Core {
         }
         // The node's own counts go to billing, which checks them against
         // ours and flags the node; settlement always uses our counts.
+        let prompt_tokens = u32::try_from(inflight.prompt.len()).unwrap_or(u32::MAX);
         let metering = Metering {
-            prompt_tokens: u32::try_from(inflight.prompt.len()).unwrap_or(u32::MAX),
+            prompt_tokens,
             segments: inflight.segments.clone(),
             node_report: Some(NodeReport {
                 prompt_tokens: done.prompt_tokens,
@@ -343,7 +344,6 @@ impl Core {
             }),
             finished_ms: now.0 as i64,
         };
-        let prompt_tokens = u32::try_from(inflight.prompt.len()).unwrap_or(u32::MAX);
         let usage = Usage {
             prompt_tokens,
             completion_tokens: ours,
