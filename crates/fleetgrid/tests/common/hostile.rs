@@ -1,0 +1,247 @@
+//! A hostile agent for the regression tests of hostile input: it speaks the
+//! real protocol (`proto`'s generated tonic client over a real HTTP/2
+//! connection) but sends whatever the test tells it to, in any order, with
+//! any sizes — forged tokens, foreign checkpoints, lies about its speed.
+//!
+//! It does nothing by itself: no heartbeats, no engine. A test drives it
+//! message by message and reads what the coordinator sends back.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use proto::agent_message::Kind as AgentKind;
+use proto::coordinator_client::CoordinatorClient;
+use proto::coordinator_message::Kind as CoordinatorKind;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+/// Messages the hostile agent may have queued towards the coordinator.
+const OUTBOUND_MESSAGES_MAX: usize = 64;
+
+/// How long the hostile agent waits for the coordinator's next message.
+pub const RECEIVE_WAIT: Duration = Duration::from_secs(60);
+
+/// The SmolLM2 model as an honest agent would announce it.
+pub fn smollm2_model() -> proto::CachedModel {
+    let path = super::model_path();
+    let size_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    proto::CachedModel {
+        name: super::MODEL.to_string(),
+        sha256: SMOLLM2_SHA256.to_string(),
+        size_bytes,
+        loaded: true,
+    }
+}
+
+/// The digest of the packaged SmolLM2 file (the catalog's and the models table's).
+pub const SMOLLM2_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// Hardware as an honest one-slot agent on this machine reports it.
+pub fn modest_hardware() -> proto::Hardware {
+    proto::Hardware {
+        memory_budget_bytes: 2 << 30,
+        threads: 1,
+        decode_tokens_per_second: 40.0,
+        prefill_tokens_per_second: 200.0,
+        parallel_sequences: 1,
+        engine_version: "hostile".into(),
+    }
+}
+
+/// A vehicle plugged in and charging for the next ten hours.
+pub fn plugged_in_state() -> proto::VehicleState {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or(0);
+    proto::VehicleState {
+        plugged_in: true,
+        charging: true,
+        state_of_charge: 0.6,
+        departure_unix_ms: now_ms + 10 * 3600 * 1000,
+        temperature_c: 30.0,
+        observed_unix_ms: now_ms,
+    }
+}
+
+/// A `Hello` an honest agent with `hardware` would send.
+pub fn hello(node_id: &str, credential: &str, hardware: proto::Hardware) -> proto::Hello {
+    proto::Hello {
+        protocol_version: proto::PROTOCOL_VERSION,
+        node_id: node_id.to_string(),
+        credential: credential.to_string(),
+        hardware: Some(hardware),
+        models: vec![smollm2_model()],
+        state: Some(plugged_in_state()),
+    }
+}
+
+/// One session of a hostile agent: a sender of raw `AgentMessage`s and the
+/// coordinator's stream of answers.
+pub struct HostileAgent {
+    outbound: mpsc::Sender<proto::AgentMessage>,
+    inbound: Streaming<proto::CoordinatorMessage>,
+}
+
+/// How a session's opening went.
+pub enum Opened {
+    Welcomed(HostileAgent),
+    Refused(proto::Refusal),
+    /// The coordinator ended the stream or the call with this status.
+    Closed(tonic::Status),
+}
+
+impl Opened {
+    pub fn welcomed(self) -> HostileAgent {
+        match self {
+            Opened::Welcomed(agent) => agent,
+            Opened::Refused(refusal) => panic!("hostile agent refused: {refusal:?}"),
+            Opened::Closed(status) => panic!("hostile agent's session closed: {status}"),
+        }
+    }
+
+    pub fn refusal(self) -> proto::Refusal {
+        match self {
+            Opened::Refused(refusal) => refusal,
+            Opened::Welcomed(_) => panic!("expected a refusal, the agent was welcomed"),
+            Opened::Closed(status) => panic!("expected a refusal, the session closed: {status}"),
+        }
+    }
+}
+
+/// Dials the coordinator's gRPC address without the agent's size limits, so
+/// that the coordinator's own limits are what is tested.
+pub async fn client(grpc: SocketAddr) -> CoordinatorClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .expect("connect to the coordinator");
+    CoordinatorClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX)
+}
+
+/// Opens a session whose first message is `first` (normally a `Hello`).
+pub async fn open(grpc: SocketAddr, first: proto::AgentMessage) -> Opened {
+    let mut client = client(grpc).await;
+    let (outbound, receiver) = mpsc::channel(OUTBOUND_MESSAGES_MAX);
+    outbound.send(first).await.expect("queue first message");
+    let response = match client.session(ReceiverStream::new(receiver)).await {
+        Ok(response) => response,
+        Err(status) => return Opened::Closed(status),
+    };
+    let mut inbound = response.into_inner();
+    match tokio::time::timeout(RECEIVE_WAIT, inbound.message()).await {
+        Ok(Ok(Some(proto::CoordinatorMessage {
+            kind: Some(CoordinatorKind::Welcome(_)),
+        }))) => Opened::Welcomed(HostileAgent { outbound, inbound }),
+        Ok(Ok(Some(proto::CoordinatorMessage {
+            kind: Some(CoordinatorKind::Refusal(refusal)),
+        }))) => Opened::Refused(refusal),
+        Ok(Ok(other)) => panic!("unexpected first answer {other:?}"),
+        Ok(Err(status)) => Opened::Closed(status),
+        Err(_) => panic!("no answer to the first message within {RECEIVE_WAIT:?}"),
+    }
+}
+
+/// Opens a session with a `Hello`.
+pub async fn connect(grpc: SocketAddr, hello: proto::Hello) -> Opened {
+    open(
+        grpc,
+        proto::AgentMessage {
+            kind: Some(AgentKind::Hello(hello)),
+        },
+    )
+    .await
+}
+
+impl HostileAgent {
+    /// Sends one raw message; false once the coordinator closed the stream.
+    pub async fn send(&self, kind: AgentKind) -> bool {
+        self.outbound
+            .send(proto::AgentMessage { kind: Some(kind) })
+            .await
+            .is_ok()
+    }
+
+    pub async fn heartbeat(&self, active_generations: u32) -> bool {
+        self.send(AgentKind::Heartbeat(proto::Heartbeat {
+            state: Some(plugged_in_state()),
+            active_generations,
+        }))
+        .await
+    }
+
+    /// The coordinator's next message; `None` when its stream ended (or
+    /// broke, as when it disconnects the agent).
+    pub async fn next(&mut self) -> Option<CoordinatorKind> {
+        match tokio::time::timeout(RECEIVE_WAIT, self.inbound.message()).await {
+            Ok(Ok(Some(message))) => message.kind,
+            Ok(Ok(None)) | Ok(Err(_)) => None,
+            Err(_) => panic!("the coordinator sent nothing within {RECEIVE_WAIT:?}"),
+        }
+    }
+
+    /// Waits for the next assignment, answering nothing else; `None` when
+    /// the stream ended first.
+    pub async fn next_assignment(&mut self) -> Option<proto::Assign> {
+        loop {
+            match self.next().await? {
+                CoordinatorKind::Assign(assign) => return Some(assign),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Waits until the coordinator ends the stream (it disconnected the
+    /// agent), skipping whatever else it sends. Panics if it does not within
+    /// `RECEIVE_WAIT`.
+    pub async fn expect_disconnected(&mut self) {
+        while self.next().await.is_some() {}
+    }
+
+    /// Sends `tokens` for `generation_id`, each at the position after the last.
+    pub async fn tokens(&self, generation_id: &str, first_position: u32, ids: &[i32]) -> bool {
+        let tokens = ids
+            .iter()
+            .enumerate()
+            .map(|(index, &token_id)| proto::Token {
+                position: first_position + index as u32,
+                token_id,
+                piece: Vec::new(),
+                logprob: -0.5,
+                top_logprobs: Vec::new(),
+            })
+            .collect();
+        self.send(AgentKind::Tokens(proto::TokenBatch {
+            generation_id: generation_id.to_string(),
+            tokens,
+        }))
+        .await
+    }
+
+    /// Reports `generation_id` finished with the counts an honest node would.
+    pub async fn done(
+        &self,
+        generation_id: &str,
+        reason: proto::FinishReason,
+        prompt_tokens: u32,
+        completion_tokens: u32,
+        compute_ms: u64,
+    ) -> bool {
+        self.send(AgentKind::Done(proto::GenerationDone {
+            generation_id: generation_id.to_string(),
+            reason: reason as i32,
+            prompt_tokens,
+            completion_tokens,
+            compute_ms,
+            prompt_reused_tokens: 0,
+        }))
+        .await
+    }
+}
