@@ -67,6 +67,8 @@ struct Bench {
     root: PathBuf,
     args: HandoverArgs,
     http: String,
+    /// The coordinator's HTTP address, for `demo::nodes_connected`.
+    http_address: std::net::SocketAddr,
     grpc: String,
     api_key: String,
     client: reqwest::Client,
@@ -138,6 +140,7 @@ impl Bench {
             root,
             args,
             http: format!("http://{}", bound.http),
+            http_address: bound.http,
             grpc: format!("http://{}", bound.grpc),
             api_key,
             client: reqwest::Client::new(),
@@ -180,14 +183,7 @@ impl Bench {
     async fn wait_for_nodes(&self, count: usize) -> anyhow::Result<()> {
         let started = Instant::now();
         loop {
-            let health: Value = self
-                .client
-                .get(format!("{}/health", self.http))
-                .send()
-                .await?
-                .json()
-                .await?;
-            if health["nodes_connected"].as_u64() == Some(count as u64) {
+            if crate::demo::nodes_connected(&self.client, self.http_address).await == count as u64 {
                 return Ok(());
             }
             if started.elapsed() > STEP_TIMEOUT {

@@ -235,17 +235,21 @@ async fn start_coordinator(
     Ok((bound.http, bound.grpc))
 }
 
-/// How many nodes the coordinator at `http` reports connected on `/health`; 0 while it does
-/// not answer.
+/// How many nodes the coordinator at `http` reports connected (the `fleetgrid_nodes_connected`
+/// gauge of `/metrics`; `/health` says only whether it is healthy); 0 while it does not answer.
 pub(crate) async fn nodes_connected(client: &reqwest::Client, http: SocketAddr) -> u64 {
-    let health: Option<serde_json::Value> =
-        match client.get(format!("http://{http}/health")).send().await {
-            Ok(response) => response.json().await.ok(),
-            Err(_) => None,
-        };
-    health
-        .as_ref()
-        .and_then(|health| health["nodes_connected"].as_u64())
+    let metrics = match client.get(format!("http://{http}/metrics")).send().await {
+        Ok(response) => response.text().await.ok(),
+        Err(_) => None,
+    };
+    metrics
+        .as_deref()
+        .and_then(|text| {
+            text.lines().find_map(|line| {
+                line.strip_prefix("fleetgrid_nodes_connected ")
+                    .and_then(|value| value.trim().parse::<u64>().ok())
+            })
+        })
         .unwrap_or(0)
 }
 
