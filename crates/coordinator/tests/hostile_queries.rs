@@ -197,6 +197,27 @@ fn tenant_endpoints_answer_any_query() {
 }
 
 #[test]
+fn usage_answers_any_period() {
+    let gateway = Gateway::start();
+    // Mostly Unix seconds whose milliseconds still fit in an i64, so that
+    // both ends far apart (the probe that panicked) come up often.
+    let bound = prop_oneof![
+        3 => (i64::MIN / 1000..=i64::MAX / 1000).prop_map(|n| n.to_string().into_bytes()),
+        1 => value(),
+    ];
+    let names = prop::sample::select(vec![
+        ("start_time", "end_time"),
+        ("start_time", "end_time"),
+        ("from", "to"),
+        ("from", "end_time"),
+    ]);
+    proptest!(ProptestConfig::with_cases(CASES), |(start in bound.clone(), end in bound, (first, second) in names)| {
+        let uri = format!("/v1/usage?{first}={}&{second}={}", encode(&start), encode(&end));
+        gateway.assert_well_formed(&uri, Some(&gateway.tenant_key));
+    });
+}
+
+#[test]
 fn invoices_answer_any_month() {
     let gateway = Gateway::start();
     proptest!(ProptestConfig::with_cases(CASES), |(month in value(), query in query())| {
