@@ -88,7 +88,7 @@ pub struct HostileAgent {
 
 /// How a session's opening went.
 pub enum Opened {
-    Welcomed(HostileAgent),
+    Welcomed(Box<HostileAgent>),
     Refused(proto::Refusal),
     /// The coordinator ended the stream or the call with this status.
     Closed(tonic::Status),
@@ -97,7 +97,7 @@ pub enum Opened {
 impl Opened {
     pub fn welcomed(self) -> HostileAgent {
         match self {
-            Opened::Welcomed(agent) => agent,
+            Opened::Welcomed(agent) => *agent,
             Opened::Refused(refusal) => panic!("hostile agent refused: {refusal:?}"),
             Opened::Closed(status) => panic!("hostile agent's session closed: {status}"),
         }
@@ -139,7 +139,7 @@ pub async fn open(grpc: SocketAddr, first: proto::AgentMessage) -> Opened {
     match tokio::time::timeout(RECEIVE_WAIT, inbound.message()).await {
         Ok(Ok(Some(proto::CoordinatorMessage {
             kind: Some(CoordinatorKind::Welcome(_)),
-        }))) => Opened::Welcomed(HostileAgent { outbound, inbound }),
+        }))) => Opened::Welcomed(Box::new(HostileAgent { outbound, inbound })),
         Ok(Ok(Some(proto::CoordinatorMessage {
             kind: Some(CoordinatorKind::Refusal(refusal)),
         }))) => Opened::Refused(refusal),
