@@ -30,9 +30,9 @@ pub(super) fn admit(state: &AppState, tenant: &TenantRecord) -> Result<RequestSl
                 .fetch_add(1, Ordering::Relaxed);
             let mut error = ApiError::too_many(
                 format!(
-                    "this tenant already has {limit} requests in flight, its limit of concurrent \
-                 requests (max_concurrency {limit}); retry when one of them has finished",
-                    limit = over.limit
+                    "this tenant already has its limit of concurrent requests in flight \
+                     (max_concurrency {}); retry when one of them has finished",
+                    over.limit
                 ),
                 limits::RETRY_AFTER_DEFAULT_SECONDS,
             );
