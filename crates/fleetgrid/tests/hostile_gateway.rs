@@ -492,7 +492,14 @@ async fn trickle_until<T>(
 
 #[tokio::test]
 async fn a_node_that_trickles_tokens_cannot_hold_a_request_past_its_time() {
-    let stack = Stack::start(options(&["--request-timeout-ms", "3000"]));
+    // A header timeout shorter than the request: it bounds only the wait
+    // for a request's headers, never an answer being generated.
+    let stack = Stack::start(options(&[
+        "--request-timeout-ms",
+        "3000",
+        "--header-read-timeout-ms",
+        "1000",
+    ]));
     let (mut agent, heartbeats) = hostile_node(&stack, "evil", 2).await;
     let body = json!({
         "model": common::MODEL,
