@@ -179,8 +179,8 @@ pub(super) struct Routing {
     /// The tier announced to the client, once `Start` was sent.
     started: Option<Tier>,
     created_ms: i64,
-    /// When the whole request times out, however the edge's tokens trickle
-    /// in (the cloud call has its own bound of the same length).
+    /// When the whole request times out, however the edge's tokens or the
+    /// cloud's chunks trickle in.
     deadline: tokio::time::Instant,
     /// The prompt as the edge model tokenizes it (the coordinator's count).
     prompt: Vec<i32>,
@@ -835,8 +835,13 @@ impl Routing {
         let mut finish: Option<String> = None;
         let mut text_chunks = 0u32;
         loop {
+            // The cloud call has its own bounds; the whole request's time
+            // (edge part included) is bounded here.
             let next = tokio::select! {
                 () = self.out.closed() => return Err(CloudFailure::Stop(Stop::ClientGone)),
+                () = tokio::time::sleep_until(self.deadline) => {
+                    return Err(CloudFailure::Stop(Stop::Failed(respond::request_timed_out())));
+                }
                 next = stream.next() => next,
             };
             let event = match next {
