@@ -549,3 +549,69 @@ async fn a_node_that_trickles_tokens_cannot_hold_a_request_past_its_time() {
     agent.expect_cancel(&assign.generation_id).await;
     heartbeats.abort();
 }
+
+/// A router configuration that keeps every prompt on the edge.
+fn edge_only_router_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let edge = json!({"route": "edge"});
+    let config = json!({
+        "version": 1,
+        "policies": {"multiple_choice": edge, "math": edge, "code": edge, "open": edge},
+        "cloud_prompt_chars_min": null,
+        "incremental": {"holdback_tokens": 16, "release_lag_tokens": 8, "collapse_window_mean": -5.0},
+        "prices": {
+            "edge": {"prompt_per_million": 20000, "completion_per_million": 20000},
+            "cloud": {"prompt_per_million": 150000, "completion_per_million": 600000},
+        },
+    });
+    let path = dir.join("router.json");
+    std::fs::write(&path, config.to_string()).expect("write router config");
+    path
+}
+
+#[tokio::test]
+async fn a_routed_request_is_bounded_as_a_whole_too() {
+    // The cloud is never reached here: `auto` keeps the prompt on the edge.
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let config_dir = tempfile::tempdir().expect("tempdir");
+    let router_config = edge_only_router_config(config_dir.path());
+    let stack = Stack::start(StackOptions {
+        extra_serve_args: vec![
+            "--cloud-url".into(),
+            format!("http://127.0.0.1:{closed_port}/v1"),
+            "--cloud-model".into(),
+            "qwen2.5-coder-0.5b-instruct".into(),
+            "--router-config".into(),
+            router_config.display().to_string(),
+            "--request-timeout-ms".into(),
+            "3000".into(),
+        ],
+    });
+    let (mut agent, heartbeats) = hostile_node(&stack, "evil", 2).await;
+    let body = json!({
+        "model": "auto",
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 64,
+        "ignore_eos": true,
+    });
+    let request = stack
+        .client()
+        .post(stack.url("/v1/chat/completions"))
+        .bearer_auth(&stack.api_key)
+        .json(&body)
+        .send();
+    let answer = tokio::spawn(request);
+    let assign = agent.next_assignment().await.expect("assignment");
+    let token = long_tokens(1)[0].0;
+    let response = trickle_until(&agent, &assign.generation_id, token, answer)
+        .await
+        .expect("response");
+    assert_eq!(response.status(), 504);
+    let error: Value = response.json().await.expect("error body");
+    assert_eq!(error["error"]["code"], "timeout", "{error}");
+    agent.expect_cancel(&assign.generation_id).await;
+    heartbeats.abort();
+}
