@@ -1,6 +1,7 @@
 //! Follows the store's change feed of owner policies and tenant contracts,
 //! so that a change written by another process (`fleetgrid policy set`,
-//! `fleetgrid tenants set`) reaches the running scheduler within
+//! `fleetgrid tenants set`) reaches the running scheduler (and a contract's
+//! `max_concurrency` the gateway's `TenantRequests`) within
 //! `CHANGES_POLL_INTERVAL`. Changes made through the owner API are applied
 //! at once by the API itself; seeing them again here is harmless, because
 //! applying the same policy or contract twice changes nothing.
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::Core;
 use crate::store::{Store, StoreError};
+use crate::tenant_requests::TenantRequests;
 
 /// How often the store is asked for changes made by other processes.
 pub const CHANGES_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -31,6 +33,7 @@ pub struct Cursor {
 pub async fn apply_changes(
     store: &Store,
     core: &Core,
+    tenant_requests: &TenantRequests,
     cursor: &mut Cursor,
 ) -> Result<(), StoreError> {
     for change in store
@@ -41,6 +44,7 @@ pub async fn apply_changes(
             change.tenant.id,
             change.contract.config(change.tenant.class),
         );
+        tenant_requests.set_limit(change.tenant.id, change.contract.max_concurrency);
         cursor.contracts = change.revision;
     }
     for change in store
@@ -57,6 +61,7 @@ pub async fn apply_changes(
 pub async fn follow(
     store: Store,
     core: Arc<Core>,
+    tenant_requests: Arc<TenantRequests>,
     mut cursor: Cursor,
     shutdown: CancellationToken,
 ) {
@@ -66,7 +71,7 @@ pub async fn follow(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = interval.tick() => {
-                if let Err(error) = apply_changes(&store, &core, &mut cursor).await {
+                if let Err(error) = apply_changes(&store, &core, &tenant_requests, &mut cursor).await {
                     tracing::warn!(%error, "read policy and contract changes");
                 }
             }

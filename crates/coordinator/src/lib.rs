@@ -15,6 +15,7 @@ pub mod changes;
 pub mod cloud;
 pub mod core;
 pub mod grpc;
+pub mod http_serve;
 pub mod limits;
 pub mod metrics;
 pub mod nodes;
@@ -24,6 +25,7 @@ pub mod served;
 pub mod store;
 pub mod store_contracts;
 pub mod store_owners;
+pub mod tenant_requests;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -67,6 +69,8 @@ pub struct CoordinatorConfig {
     pub cloud: Option<cloud::CloudConfig>,
     /// Bytes of prompt KV caches kept for handovers (0: re-prefill always).
     pub kv_checkpoint_budget_bytes: usize,
+    /// The gateway's bounds on connections, header, body and request times.
+    pub http: limits::HttpLimits,
 }
 
 impl CoordinatorConfig {
@@ -83,6 +87,7 @@ impl CoordinatorConfig {
             billing: billing::BillingConfig::embedded(),
             cloud: None,
             kv_checkpoint_budget_bytes: limits::KV_CHECKPOINT_BYTES_BUDGET,
+            http: limits::HttpLimits::default(),
         }
     }
 }
@@ -199,11 +204,13 @@ pub async fn serve(
     };
 
     // Contracts and policies stored before start apply from the first request.
+    let tenant_requests = Arc::new(tenant_requests::TenantRequests::default());
     let mut changes_cursor = changes::Cursor::default();
-    changes::apply_changes(&store, &core, &mut changes_cursor).await?;
+    changes::apply_changes(&store, &core, &tenant_requests, &mut changes_cursor).await?;
     tokio::spawn(changes::follow(
         store.clone(),
         Arc::clone(&core),
+        Arc::clone(&tenant_requests),
         changes_cursor,
         shutdown.clone(),
     ));
@@ -244,21 +251,28 @@ pub async fn serve(
     let app = api::router(
         api::AppState::new(
             Arc::clone(&core),
-            store,
+            store.clone(),
             models,
             Arc::new(billing),
             Arc::new(idempotency),
         )
-        .with_cloud(cloud),
+        .with_cloud(cloud)
+        .with_tenant_requests(tenant_requests)
+        .with_request_timeout(config.http.request_timeout),
     );
-    let http_shutdown = shutdown.clone();
-    let http = axum::serve(http_listener, app)
-        .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
+    let http = http_serve::serve(
+        http_listener,
+        app,
+        store,
+        config.http,
+        Arc::clone(&metrics),
+        shutdown.clone(),
+    );
     ready(bound);
     tracing::info!(http = %bound.http, grpc = %bound.grpc, "coordinator listening");
 
     let grpc = tokio::spawn(grpc);
-    let http = tokio::spawn(async move { http.await });
+    let http = tokio::spawn(http);
     shutdown.cancelled().await;
     // Streams to agents and clients may stay open; give them a moment, then go.
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {

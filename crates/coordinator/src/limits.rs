@@ -72,7 +72,11 @@ pub const ATTEMPTS_PER_REQUEST_MAX: u32 = 16;
 /// `Retry-After` sent with 429 and 503 when the scheduler gives none, seconds.
 pub const RETRY_AFTER_DEFAULT_SECONDS: u64 = 1;
 
-/// Longest a request may wait in total before it fails with a timeout.
+/// Longest a request may take in total, from admission to its last token,
+/// before it fails with a timeout (504, or an error event in a stream) and
+/// its generation is cancelled, unless configured. The whole generation is
+/// bounded, not the wait between two tokens: a node that sends a token
+/// every few minutes cannot hold a request for hours.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Writes waiting for the request-log writer; beyond it, records are counted
@@ -92,3 +96,71 @@ pub const SSE_LINE_BYTES_MAX: usize = 1024 * 1024;
 /// Events buffered between a routed request's driver and its response; the
 /// driver waits when the client reads slowly.
 pub const ROUTED_EVENTS_CAPACITY: usize = 64;
+
+/// Requests one tenant may hold at the gateway at once (queued, running, or
+/// a response still being sent), unless its contract says otherwise
+/// (`fleetgrid tenants set --max-concurrency N`); beyond it, 429. An eighth
+/// of `INFLIGHT_REQUESTS_MAX`, so that one tenant cannot take the gateway.
+pub const TENANT_CONCURRENT_REQUESTS_DEFAULT: u32 = (INFLIGHT_REQUESTS_MAX / 8) as u32;
+
+/// How long a client may take to send a request's headers (and how long an
+/// idle kept-alive connection waits for the next request) before the
+/// connection is closed, unless configured.
+pub const HEADER_READ_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+
+/// How long a client may take to send a whole request body, from the end of
+/// its headers, before it is answered 408 and the connection closed, unless
+/// configured. A 1 MiB body at a modest 100 KB/s takes about 10 s.
+pub const BODY_READ_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+
+/// How long the gateway waits to write to a client that reads nothing of
+/// its response (a stream it does not consume) before it closes the
+/// connection, which cancels the generation and frees its node, unless
+/// configured.
+pub const CLIENT_STALL_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+
+/// Open HTTP connections from one client address; beyond it, new ones are
+/// answered 429 with `Retry-After` and closed, unless configured.
+pub const CONNECTIONS_PER_ADDRESS_MAX_DEFAULT: usize = 256;
+
+/// Open HTTP connections that have not yet made an authenticated request
+/// (a valid tenant or owner key); beyond it, new connections are answered
+/// 503 with `Retry-After` and closed, unless configured.
+pub const UNAUTHENTICATED_CONNECTIONS_MAX_DEFAULT: usize = 512;
+
+/// Open HTTP connections in all; beyond it, new ones are answered 503 with
+/// `Retry-After` and closed.
+pub const CONNECTIONS_MAX: usize = 8192;
+
+/// How long the accept loop pauses after the listener fails to accept
+/// (out of file descriptors, for instance) before it tries again.
+pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The gateway's bounds on connections and request times, as configured.
+/// `Default` takes every constant above.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpLimits {
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub client_stall_timeout: Duration,
+    pub connections_per_address_max: usize,
+    pub unauthenticated_connections_max: usize,
+    pub connections_max: usize,
+    /// Longest one request may take in all, from admission to its last
+    /// token (`REQUEST_TIMEOUT`).
+    pub request_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> HttpLimits {
+        HttpLimits {
+            header_read_timeout: HEADER_READ_TIMEOUT_DEFAULT,
+            body_read_timeout: BODY_READ_TIMEOUT_DEFAULT,
+            client_stall_timeout: CLIENT_STALL_TIMEOUT_DEFAULT,
+            connections_per_address_max: CONNECTIONS_PER_ADDRESS_MAX_DEFAULT,
+            unauthenticated_connections_max: UNAUTHENTICATED_CONNECTIONS_MAX_DEFAULT,
+            connections_max: CONNECTIONS_MAX,
+            request_timeout: REQUEST_TIMEOUT,
+        }
+    }
+}

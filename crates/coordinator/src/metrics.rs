@@ -32,6 +32,8 @@ pub struct Metrics {
     pub node_report_mismatches: AtomicU64,
     pub node_protocol_violations: AtomicU64,
     pub request_log_dropped: AtomicU64,
+    /// The gateway's connections and what its bounds refused or closed.
+    pub http: HttpMetrics,
     ttft_buckets: [AtomicU64; TTFT_BUCKETS_MS.len()],
     ttft_count: AtomicU64,
     ttft_sum_ms: AtomicU64,
@@ -169,6 +171,7 @@ impl Metrics {
             let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
         }
         self.render_ttft(&mut out);
+        self.http.render(&mut out);
         out
     }
 
@@ -194,5 +197,50 @@ impl Metrics {
             self.ttft_sum_ms.load(Ordering::Relaxed)
         );
         let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+/// The gateway's connection counts (`http_serve`) and the per-tenant bound.
+#[derive(Default)]
+pub struct HttpMetrics {
+    pub connections_open: AtomicI64,
+    pub connections_refused: AtomicU64,
+    pub connections_closed_slow: AtomicU64,
+    pub requests_rejected_tenant_limit: AtomicU64,
+}
+
+impl HttpMetrics {
+    fn render(&self, out: &mut String) {
+        let counters: [(&str, &str, &AtomicU64); 3] = [
+            (
+                "fleetgrid_http_connections_refused_total",
+                "Connections refused on arrival: too many in all, from one address, or unauthenticated.",
+                &self.connections_refused,
+            ),
+            (
+                "fleetgrid_http_connections_closed_slow_total",
+                "Connections closed because the client did not send its headers (or its next request) in time, or read nothing of its response.",
+                &self.connections_closed_slow,
+            ),
+            (
+                "fleetgrid_requests_rejected_tenant_limit_total",
+                "Requests refused with 429 because their tenant was at its limit of concurrent requests.",
+                &self.requests_rejected_tenant_limit,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
+        let name = "fleetgrid_http_connections_open";
+        let _ = writeln!(
+            out,
+            "# HELP {name} HTTP connections open now.\n# TYPE {name} gauge"
+        );
+        let _ = writeln!(
+            out,
+            "{name} {}",
+            self.connections_open.load(Ordering::Relaxed)
+        );
     }
 }

@@ -3,7 +3,9 @@
 //! scheduler's `TenantConfig`.
 //!
 //! A tenant without a contract gets its class's defaults (weight 1, no
-//! tokens-per-minute limit, concurrency bounded only by the gateway). Every
+//! tokens-per-minute limit, `TENANT_CONCURRENT_REQUESTS_DEFAULT` requests at
+//! once). `max_concurrency` bounds both the requests the gateway holds for
+//! the tenant (`tenant_requests`) and its generations in the scheduler. Every
 //! contract write takes the next `contract_revision`, so a running
 //! coordinator picks up changes made by the CLI with `contracts_since`.
 
@@ -40,11 +42,12 @@ impl TenantContract {
             TenantClass::Reserved => scheduler::TenantClass::Reserved,
             TenantClass::Spot => scheduler::TenantClass::Spot,
         };
-        let gateway_max = u32::try_from(limits::INFLIGHT_REQUESTS_MAX).unwrap_or(u32::MAX);
         scheduler::TenantConfig {
             class,
             weight: self.weight.unwrap_or(1),
-            max_concurrency: self.max_concurrency.unwrap_or(gateway_max),
+            max_concurrency: self
+                .max_concurrency
+                .unwrap_or(limits::TENANT_CONCURRENT_REQUESTS_DEFAULT),
             tokens_per_minute: self.tokens_per_minute,
             reserved_min_share_permille: self.min_share_permille.unwrap_or(0),
         }

@@ -185,8 +185,9 @@ pub enum TenantsCommand {
         /// Weight in the fair share among tenants of the same class.
         #[arg(long)]
         weight: Option<u32>,
-        /// Requests in flight (running or waiting) at most; beyond it, 429.
-        #[arg(long)]
+        /// Requests in flight at once at most (waiting, running, or a response still being
+        /// sent); beyond it, 429 with Retry-After [default: 128].
+        #[arg(long, alias = "max-concurrent-requests")]
         max_concurrency: Option<u32>,
         /// Prompt plus max_tokens admitted per minute; beyond it, 429.
         #[arg(long)]

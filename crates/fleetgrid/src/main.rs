@@ -14,6 +14,7 @@ mod eval_records;
 mod eval_report;
 mod eval_stack;
 mod home;
+mod http_limits;
 mod ledger_cmd;
 mod router_cmd;
 mod run;
@@ -118,6 +119,9 @@ pub struct ServeArgs {
     /// The cloud upstream and the router (`auto`, `cloud/<model>`).
     #[command(flatten)]
     cloud: cloud::CloudArgs,
+    /// The gateway's bounds on slow and numerous clients.
+    #[command(flatten)]
+    http_limits: http_limits::HttpLimitArgs,
     /// Exit when the parent process goes away (used by `demo` and tests).
     #[arg(long, hide = true)]
     exit_with_parent: bool,

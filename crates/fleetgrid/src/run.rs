@@ -73,6 +73,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     )?;
     config.cloud = args.cloud.config()?;
     config.kv_checkpoint_budget_bytes = args.kv_checkpoint_budget_mib.saturating_mul(1 << 20);
+    config.http = args.http_limits.limits()?;
     let shutdown = shutdown_token(args.exit_with_parent)?;
     coordinator::serve(config, shutdown, |bound| {
         // Parsed by `demo`, the benchmarks and the tests: keep it on stdout.

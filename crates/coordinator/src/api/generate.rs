@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::HeaderMap;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use rand::Rng;
 
@@ -22,7 +22,7 @@ use crate::limits;
 pub async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     run(&state, &headers, body, Endpoint::Chat)
         .await
@@ -32,7 +32,7 @@ pub async fn chat_completions(
 pub async fn completions(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     run(&state, &headers, body, Endpoint::Completion)
         .await
@@ -42,23 +42,14 @@ pub async fn completions(
 async fn run(
     state: &AppState,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
     endpoint: Endpoint,
 ) -> Result<Response, ApiError> {
     let tenant = authenticate(state, headers).await?;
     let deadline_ms = super::deadline::from_headers(headers)?;
-    let permit = Arc::clone(&state.inflight)
-        .try_acquire_owned()
-        .map_err(|_| {
-            ApiError::too_many(
-                "the gateway is holding as many requests as it can; retry shortly",
-                limits::RETRY_AFTER_DEFAULT_SECONDS,
-            )
-        })?;
-    let body = body.map_err(|_| body_too_large())?;
-    if body.len() > limits::REQUEST_BODY_BYTES_MAX {
-        return Err(body_too_large());
-    }
+    let permit = super::admission::admit(state, &tenant)?;
+    // The body is read only once the caller is known and has a slot.
+    let body = read_body(body).await?;
     // `auto` and `cloud/...` are routed between the fleet and the cloud.
     if super::route::is_routed(&body) {
         // A routed request is not kept for replay and has no start deadline:
@@ -134,13 +125,36 @@ async fn run(
         )
         .map_err(rejection_error)?;
     tracing::info!(request_id = %public_id, tenant_id = tenant.id, model = %request.model.name, "admitted");
-    let meta = ResponseMeta::new(public_id, &request, prompt_text);
+    let meta = ResponseMeta::new(public_id, &request, prompt_text, state.request_timeout);
     let guard = CancelGuard::new(Arc::clone(&state.core), admitted.request, permit);
     let finisher = Finisher::new(Arc::clone(&state.billing), charge, idempotency);
     if request.stream {
         Ok(respond::stream(meta, admitted.updates, guard, finisher))
     } else {
         respond::collect(meta, admitted.updates, guard, finisher).await
+    }
+}
+
+/// The whole request body, within `REQUEST_BODY_BYTES_MAX`; 408 when the
+/// client took longer than the body read timeout to send it.
+async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+    match axum::body::to_bytes(body, limits::REQUEST_BODY_BYTES_MAX + 1).await {
+        Ok(bytes) if bytes.len() > limits::REQUEST_BODY_BYTES_MAX => Err(body_too_large()),
+        Ok(bytes) => Ok(bytes),
+        Err(error) if crate::http_serve::is_body_read_timeout(&error) => Err(ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: "the request body was not received in time".into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_timeout"),
+            retry_after_seconds: None,
+        }),
+        Err(error) if crate::http_serve::is_length_limit(&error) => Err(body_too_large()),
+        Err(_) => Err(ApiError::invalid(
+            "the request body could not be read",
+            None,
+            "invalid_body",
+        )),
     }
 }
 

@@ -3,8 +3,10 @@
 //! `router` builds the whole app so tests can drive it with `oneshot` as
 //! well as over a socket.
 
+mod admission;
 pub mod deadline;
 mod error;
+mod extract;
 mod generate;
 mod idempotency;
 pub mod owner;
@@ -18,6 +20,7 @@ mod usage;
 mod validate;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap};
@@ -32,6 +35,7 @@ use crate::core::Core;
 use crate::limits;
 use crate::served::ServedModels;
 use crate::store::{Store, TenantRecord};
+use crate::tenant_requests::TenantRequests;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -45,6 +49,10 @@ pub struct AppState {
     pub idempotency: Arc<crate::billing_idempotency::IdempotencyStore>,
     /// The cloud tier, when configured: `auto` and `cloud/...` need it.
     pub cloud: Option<Arc<crate::cloud::CloudTier>>,
+    /// Each tenant's requests held at once, against its limit.
+    pub tenant_requests: Arc<TenantRequests>,
+    /// Longest one request may take in all (`limits::REQUEST_TIMEOUT`).
+    pub request_timeout: Duration,
 }
 
 impl AppState {
@@ -63,7 +71,20 @@ impl AppState {
             billing,
             idempotency,
             cloud: None,
+            tenant_requests: Arc::new(TenantRequests::default()),
+            request_timeout: limits::REQUEST_TIMEOUT,
         }
+    }
+
+    /// Shares the per-tenant request counts the contract follower updates.
+    pub fn with_tenant_requests(mut self, tenant_requests: Arc<TenantRequests>) -> AppState {
+        self.tenant_requests = tenant_requests;
+        self
+    }
+
+    pub fn with_request_timeout(mut self, request_timeout: Duration) -> AppState {
+        self.request_timeout = request_timeout;
+        self
     }
 
     pub fn with_cloud(mut self, cloud: Option<Arc<crate::cloud::CloudTier>>) -> AppState {

@@ -14,13 +14,14 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 
+use super::extract::ApiPath;
 use super::{ApiError, AppState};
 use crate::owner_policy::{self, PolicyUpdate, PolicyView};
 use crate::secrets;
@@ -152,7 +153,7 @@ fn policy_body(node: &str, policy: &scheduler::OwnerPolicy) -> Response {
 async fn get_policy(
     State(state): State<AppState>,
     OwnerAuth(owner): OwnerAuth,
-    Path(node): Path<String>,
+    ApiPath(node): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     owned(&state, &owner, &node).await?;
     let policy = stored_policy(&state, &node).await?;
@@ -162,7 +163,7 @@ async fn get_policy(
 async fn put_policy(
     State(state): State<AppState>,
     OwnerAuth(owner): OwnerAuth,
-    Path(node): Path<String>,
+    ApiPath(node): ApiPath<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     owned(&state, &owner, &node).await?;

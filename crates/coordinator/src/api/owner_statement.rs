@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -19,6 +19,7 @@ use ledger::invoice;
 use ledger::statement::{Period, Statement};
 use serde_json::{json, Value};
 
+use super::extract::{ApiPath, ApiQuery};
 use super::owner::{owned, OwnerAuth};
 use super::{ApiError, AppState};
 
@@ -36,8 +37,8 @@ pub fn routes() -> Router<AppState> {
 async fn statement(
     OwnerAuth(owner): OwnerAuth,
     State(state): State<AppState>,
-    Path(node): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
+    ApiPath(node): ApiPath<String>,
+    ApiQuery(query): ApiQuery<HashMap<String, String>>,
 ) -> Response {
     vehicle_statement(&state, &owner, &node, &query)
         .await
@@ -86,7 +87,7 @@ async fn vehicle_statement(
 }
 
 fn period(query: &HashMap<String, String>) -> Result<Period, ApiError> {
-    let now = TimestampMs(crate::core::now_ms().0 as i64);
+    let now = TimestampMs(i64::try_from(crate::core::now_ms().0).unwrap_or(i64::MAX));
     let this_month = invoice::month_period(&invoice::month_containing(now)).map_err(|error| {
         tracing::error!(%error, "current month");
         ApiError::internal()
@@ -105,8 +106,13 @@ fn period(query: &HashMap<String, String>) -> Result<Period, ApiError> {
         from: date("from", this_month.from)?,
         until: date("to", this_month.until)?,
     };
-    let days = (period.until.0 - period.from.0) / TimestampMs::PER_DAY;
-    if period.until <= period.from || days > STATEMENT_PERIOD_DAYS_MAX {
+    // Both ends come from the client: never subtract them unchecked.
+    let days = period
+        .until
+        .0
+        .checked_sub(period.from.0)
+        .map(|span| span / TimestampMs::PER_DAY);
+    if period.until <= period.from || days.is_none_or(|days| days > STATEMENT_PERIOD_DAYS_MAX) {
         return Err(ApiError::invalid(
             format!("to must be after from, by at most {STATEMENT_PERIOD_DAYS_MAX} days"),
             Some("to"),

@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -12,8 +12,10 @@ use axum::Json;
 use engine::TextAssembler;
 use scheduler::RequestId;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 
+use super::admission::RequestSlot;
 use super::error::ApiError;
 use super::validate::{Endpoint, ValidatedRequest};
 use crate::billing_finish::Finisher;
@@ -27,11 +29,11 @@ pub struct CancelGuard {
     core: Arc<Core>,
     request: RequestId,
     armed: bool,
-    _permit: OwnedSemaphorePermit,
+    _permit: RequestSlot,
 }
 
 impl CancelGuard {
-    pub fn new(core: Arc<Core>, request: RequestId, permit: OwnedSemaphorePermit) -> CancelGuard {
+    pub fn new(core: Arc<Core>, request: RequestId, permit: RequestSlot) -> CancelGuard {
         CancelGuard {
             core,
             request,
@@ -64,11 +66,20 @@ pub struct ResponseMeta {
     logprobs: bool,
     echo_prompt: Option<String>,
     stop: Vec<String>,
+    /// When the whole request times out, however its tokens trickle in.
+    deadline: Instant,
 }
 
 impl ResponseMeta {
-    pub fn new(id: String, request: &ValidatedRequest, prompt_text: String) -> ResponseMeta {
+    /// `request_timeout` bounds the whole request from now.
+    pub fn new(
+        id: String,
+        request: &ValidatedRequest,
+        prompt_text: String,
+        request_timeout: Duration,
+    ) -> ResponseMeta {
         ResponseMeta {
+            deadline: Instant::now() + request_timeout,
             id,
             created: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -128,22 +139,30 @@ fn headers(meta: &ResponseMeta) -> [(HeaderName, HeaderValue); 3] {
     ]
 }
 
-/// Waits for the next update, bounded by the request timeout.
-async fn next_update(updates: &mut mpsc::Receiver<Update>) -> Result<Update, ApiError> {
-    match tokio::time::timeout(limits::REQUEST_TIMEOUT, updates.recv()).await {
+/// Waits for the next update, until the whole request's deadline.
+async fn next_update(
+    updates: &mut mpsc::Receiver<Update>,
+    deadline: Instant,
+) -> Result<Update, ApiError> {
+    match tokio::time::timeout_at(deadline, updates.recv()).await {
         Ok(Some(update)) => Ok(update),
         Ok(None) => {
             tracing::error!("generation ended without an answer");
             Err(ApiError::internal())
         }
-        Err(_) => Err(ApiError {
-            status: StatusCode::GATEWAY_TIMEOUT,
-            message: "the generation took longer than the request timeout".into(),
-            kind: "server_error",
-            param: None,
-            code: Some("timeout"),
-            retry_after_seconds: None,
-        }),
+        Err(_) => Err(request_timed_out()),
+    }
+}
+
+/// 504: the request passed its whole-request time bound.
+pub(super) fn request_timed_out() -> ApiError {
+    ApiError {
+        status: StatusCode::GATEWAY_TIMEOUT,
+        message: "the generation took longer than the request timeout".into(),
+        kind: "server_error",
+        param: None,
+        code: Some("timeout"),
+        retry_after_seconds: None,
     }
 }
 
@@ -256,7 +275,7 @@ pub async fn collect(
     let mut text = meta.echo_prompt.clone().unwrap_or_default();
     let mut logprobs = LogprobEntries::default();
     let (reason, usage, metering) = loop {
-        match next_update(&mut updates).await? {
+        match next_update(&mut updates, meta.deadline).await? {
             Update::Token(token) => {
                 logprobs.push(&meta, &token);
                 text.push_str(&assembler.push(&token.piece));
@@ -364,7 +383,7 @@ pub fn stream(
             yield Ok::<Event, Infallible>(chunk(&meta, &opening, Value::Null, None, true));
         }
         loop {
-            match next_update(&mut updates).await {
+            match next_update(&mut updates, meta.deadline).await {
                 Ok(Update::Token(token)) => {
                     logprobs.push(&meta, &token);
                     let text = assembler.push(&token.piece);

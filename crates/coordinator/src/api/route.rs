@@ -18,8 +18,9 @@ use std::sync::Arc;
 
 use axum::response::Response;
 use serde_json::Value;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::mpsc;
 
+use super::admission::RequestSlot;
 use super::error::ApiError;
 use super::route_drive::Routing;
 use super::route_respond::{self, RoutedMeta};
@@ -173,7 +174,7 @@ pub(super) fn is_routed(body: &[u8]) -> bool {
 pub(super) async fn serve(
     state: &AppState,
     tenant: TenantRecord,
-    permit: OwnedSemaphorePermit,
+    permit: RequestSlot,
     body: &[u8],
     endpoint: Endpoint,
 ) -> Result<Response, ApiError> {

@@ -31,6 +31,7 @@ use router::{AcceptRule, Route, Step, TokenLogprob};
 use scheduler::RequestId;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
+use super::admission::RequestSlot;
 use super::error::ApiError;
 use super::generate;
 use super::respond;
@@ -173,11 +174,14 @@ pub(super) struct Routing {
     request: ValidatedRequest,
     public_id: String,
     out: mpsc::Sender<RoutedEvent>,
-    /// The gateway's slot, held for as long as the request runs.
-    _permit: OwnedSemaphorePermit,
+    /// The gateway's slots, held for as long as the request runs.
+    _permit: RequestSlot,
     /// The tier announced to the client, once `Start` was sent.
     started: Option<Tier>,
     created_ms: i64,
+    /// When the whole request times out, however the edge's tokens or the
+    /// cloud's chunks trickle in.
+    deadline: tokio::time::Instant,
     /// The prompt as the edge model tokenizes it (the coordinator's count).
     prompt: Vec<i32>,
     /// The request's one admission and the parts booked so far; `None`
@@ -196,8 +200,9 @@ impl Routing {
         request: ValidatedRequest,
         public_id: String,
         out: mpsc::Sender<RoutedEvent>,
-        permit: OwnedSemaphorePermit,
+        permit: RequestSlot,
     ) -> Routing {
+        let deadline = tokio::time::Instant::now() + state.request_timeout;
         Routing {
             state,
             cloud,
@@ -208,6 +213,7 @@ impl Routing {
             _permit: permit,
             started: None,
             created_ms: crate::core::now_ms().0 as i64,
+            deadline,
             prompt: Vec::new(),
             booking: None,
             discarded_edge: Vec::new(),
@@ -829,8 +835,13 @@ impl Routing {
         let mut finish: Option<String> = None;
         let mut text_chunks = 0u32;
         loop {
+            // The cloud call has its own bounds; the whole request's time
+            // (edge part included) is bounded here.
             let next = tokio::select! {
                 () = self.out.closed() => return Err(CloudFailure::Stop(Stop::ClientGone)),
+                () = tokio::time::sleep_until(self.deadline) => {
+                    return Err(CloudFailure::Stop(Stop::Failed(respond::request_timed_out())));
+                }
                 next = stream.next() => next,
             };
             let event = match next {
@@ -1033,20 +1044,13 @@ impl Routing {
     async fn next_edge(&self, updates: &mut mpsc::Receiver<Update>) -> Flow<Update> {
         tokio::select! {
             () = self.out.closed() => Err(Stop::ClientGone),
-            received = tokio::time::timeout(limits::REQUEST_TIMEOUT, updates.recv()) => match received {
+            received = tokio::time::timeout_at(self.deadline, updates.recv()) => match received {
                 Ok(Some(update)) => Ok(update),
                 Ok(None) => {
                     tracing::error!(request_id = %self.public_id, "edge generation ended without an answer");
                     Err(Stop::Failed(ApiError::internal()))
                 }
-                Err(_) => Err(Stop::Failed(ApiError {
-                    status: StatusCode::GATEWAY_TIMEOUT,
-                    message: "the generation took longer than the request timeout".into(),
-                    kind: "server_error",
-                    param: None,
-                    code: Some("timeout"),
-                    retry_after_seconds: None,
-                })),
+                Err(_) => Err(Stop::Failed(respond::request_timed_out())),
             },
         }
     }

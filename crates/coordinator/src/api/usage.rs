@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -20,6 +20,7 @@ use ledger::statement::Period;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::extract::{ApiPath, ApiQuery};
 use super::{authenticate, AppState};
 use crate::billing::ledger_tenant;
 use crate::store::TenantRecord;
@@ -30,7 +31,7 @@ pub const USAGE_PERIOD_DAYS_MAX: i64 = 366;
 pub async fn usage(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Query(query): Query<HashMap<String, String>>,
+    ApiQuery(query): ApiQuery<HashMap<String, String>>,
 ) -> Response {
     usage_report(&state, &headers, &query)
         .await
@@ -74,8 +75,8 @@ async fn usage_report(
 pub async fn invoice(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(month): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
+    ApiPath(month): ApiPath<String>,
+    ApiQuery(query): ApiQuery<HashMap<String, String>>,
 ) -> Response {
     monthly_invoice(&state, &headers, &month, &query)
         .await
@@ -175,22 +176,30 @@ fn usage_period(query: &HashMap<String, String>) -> Result<Period, ApiError> {
             })
             .transpose()
     };
-    let now = TimestampMs(crate::core::now_ms().0 as i64);
-    let from = match (date("from")?, unix("start_time")?) {
-        (Some(from), _) | (None, Some(from)) => from,
-        (None, None) => month_start(now),
+    let now = TimestampMs(i64::try_from(crate::core::now_ms().0).unwrap_or(i64::MAX));
+    let (from, from_param) = match (date("from")?, unix("start_time")?) {
+        (Some(from), _) => (from, "from"),
+        (None, Some(from)) => (from, "start_time"),
+        (None, None) => (month_start(now), "from"),
     };
-    let until = match (date("to")?, unix("end_time")?) {
-        (Some(until), _) | (None, Some(until)) => until,
-        (None, None) => TimestampMs(now.0 + 1),
+    let (until, until_param) = match (date("to")?, unix("end_time")?) {
+        (Some(until), _) => (until, "to"),
+        (None, Some(until)) => (until, "end_time"),
+        (None, None) => (TimestampMs(now.0.saturating_add(1)), "to"),
     };
     if until <= from {
-        return Err(bad("to", "after from"));
+        return Err(bad(until_param, &format!("after {from_param}")));
     }
-    if until.0 - from.0 > USAGE_PERIOD_DAYS_MAX * TimestampMs::PER_DAY {
+    // Both ends come from the client: the span may not fit in an i64.
+    let span_max = USAGE_PERIOD_DAYS_MAX * TimestampMs::PER_DAY;
+    if until
+        .0
+        .checked_sub(from.0)
+        .is_none_or(|span| span > span_max)
+    {
         return Err(bad(
-            "to",
-            &format!("at most {USAGE_PERIOD_DAYS_MAX} days after from"),
+            until_param,
+            &format!("at most {USAGE_PERIOD_DAYS_MAX} days after {from_param}"),
         ));
     }
     Ok(Period { from, until })

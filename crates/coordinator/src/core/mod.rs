@@ -419,7 +419,7 @@ fn tenant_config(class: TenantClass) -> scheduler::TenantConfig {
     scheduler::TenantConfig {
         class,
         weight: 1,
-        max_concurrency: u32::try_from(limits::INFLIGHT_REQUESTS_MAX).unwrap_or(u32::MAX),
+        max_concurrency: limits::TENANT_CONCURRENT_REQUESTS_DEFAULT,
         tokens_per_minute: None,
         reserved_min_share_permille: 0,
     }

@@ -245,3 +245,41 @@ impl HostileAgent {
         .await
     }
 }
+
+impl HostileAgent {
+    /// Heartbeats every `interval` in the background until the session ends
+    /// or the returned task is aborted, so that a test can wait on other
+    /// things without the node being marked gone.
+    pub fn keep_alive(&self, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let outbound = self.outbound.clone();
+        tokio::spawn(async move {
+            loop {
+                let heartbeat = proto::AgentMessage {
+                    kind: Some(AgentKind::Heartbeat(proto::Heartbeat {
+                        state: Some(plugged_in_state()),
+                        active_generations: 0,
+                    })),
+                };
+                if outbound.send(heartbeat).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(interval).await;
+            }
+        })
+    }
+
+    /// Waits for the coordinator to cancel `generation_id`, skipping other
+    /// messages; panics if the stream ends first (or nothing comes within
+    /// `RECEIVE_WAIT`).
+    pub async fn expect_cancel(&mut self, generation_id: &str) {
+        loop {
+            match self.next().await {
+                Some(CoordinatorKind::Cancel(cancel)) if cancel.generation_id == generation_id => {
+                    return
+                }
+                Some(_) => continue,
+                None => panic!("the session ended before {generation_id} was cancelled"),
+            }
+        }
+    }
+}
