@@ -87,6 +87,8 @@ pub struct HostileAgent {
 }
 
 /// How a session's opening went.
+// One value per session opened in a test: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Opened {
     Welcomed(HostileAgent),
     Refused(proto::Refusal),
