@@ -255,6 +255,7 @@ impl GenerationTask {
                     completion_tokens,
                     compute_ms: millis(started.elapsed()),
                     prompt_reused_tokens: 0,
+                    checkpoint_rejected: false,
                 };
                 return self.send_done(cancelled).await;
             };
@@ -313,6 +314,7 @@ impl GenerationTask {
             reason = reason.as_str_name(),
             completion_tokens = done.completion_tokens,
             prompt_restored = done.prompt_restored,
+            checkpoint_rejected = done.checkpoint_rejected,
             prompt_reused = done.prompt_reused,
             "generation done"
         );
@@ -323,6 +325,7 @@ impl GenerationTask {
             completion_tokens: done.completion_tokens,
             compute_ms: millis(done.compute),
             prompt_reused_tokens: done.prompt_reused,
+            checkpoint_rejected: done.checkpoint_rejected,
         };
         self.send_done(done).await;
     }

@@ -65,6 +65,26 @@ pub const KV_CHECKPOINT_PROMPT_TOKENS_MIN: usize = 256;
 /// smallest fleet model, 1 GiB keeps some forty 1,000-token prompts.
 pub const KV_CHECKPOINT_BYTES_BUDGET: usize = 1 << 30;
 
+/// Largest KV checkpoint a node may send, per prompt token: the f16 keys and
+/// values of one token of a Llama-3-8B-class model (32 layers × 8 KV heads ×
+/// 128 × 2 × 2 bytes = 128 KiB), with room for llama.cpp's per-cell metadata.
+/// The smallest fleet model needs about 23 KB.
+pub const KV_CHECKPOINT_BYTES_PER_TOKEN_MAX: usize = 144 * 1024;
+
+/// Bytes of a KV checkpoint beyond its per-token part: llama.cpp's stream and
+/// per-layer headers (a few hundred bytes for the fleet's models).
+pub const KV_CHECKPOINT_HEADER_BYTES_MAX: usize = 64 * 1024;
+
+/// Largest `total_bytes` a KV checkpoint of a `prompt_tokens`-token prompt may
+/// announce: the per-token bound, and never more than the engine ever exports
+/// (`engine::CHECKPOINT_BYTES_MAX`). A larger one is a protocol violation.
+pub fn kv_checkpoint_bytes_max(prompt_tokens: usize) -> usize {
+    prompt_tokens
+        .saturating_mul(KV_CHECKPOINT_BYTES_PER_TOKEN_MAX)
+        .saturating_add(KV_CHECKPOINT_HEADER_BYTES_MAX)
+        .min(engine::CHECKPOINT_BYTES_MAX)
+}
+
 /// Attempts (first run plus re-assignments) one request may take before it
 /// fails with an error instead of being tried again.
 pub const ATTEMPTS_PER_REQUEST_MAX: u32 = 16;

@@ -26,6 +26,7 @@ pub struct Metrics {
     pub kv_checkpoints_kept: AtomicU64,
     pub kv_checkpoints_refused: AtomicU64,
     pub kv_checkpoint_handovers: AtomicU64,
+    pub kv_checkpoints_rejected_by_nodes: AtomicU64,
     pub nodes_connected: AtomicI64,
     pub nodes_lost: AtomicU64,
     pub nodes_refused: AtomicU64,
@@ -53,7 +54,7 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64); 19] = [
+        let counters: [(&str, &str, &AtomicU64); 20] = [
             (
                 "fleetgrid_requests_accepted_total",
                 "Requests admitted by the gateway.",
@@ -116,13 +117,18 @@ impl Metrics {
             ),
             (
                 "fleetgrid_kv_checkpoints_refused_total",
-                "Prompt KV caches refused: malformed, stale, or over the memory budget.",
+                "Prompt KV cache pieces refused: unasked, malformed, out of order, too large, or over the memory budget.",
                 &self.kv_checkpoints_refused,
             ),
             (
                 "fleetgrid_kv_checkpoint_handovers_total",
                 "Generations handed over with their prompt's KV cache instead of a re-prefill.",
                 &self.kv_checkpoint_handovers,
+            ),
+            (
+                "fleetgrid_kv_checkpoints_rejected_by_nodes_total",
+                "Prompt KV caches a node was handed and refused: malformed, or not the prompt's.",
+                &self.kv_checkpoints_rejected_by_nodes,
             ),
             (
                 "fleetgrid_nodes_lost_total",

@@ -33,9 +33,12 @@ pub struct Generation {
     /// Never sample an end-of-generation token (their logits count as -inf, in the reported
     /// log-probabilities too), so that only `max_tokens`, a stop sequence or the context ends it.
     pub ignore_eos: bool,
-    /// The prompt's KV cache as another node computed it (a handover). Used instead of
-    /// prefilling when it covers exactly the prompt, committed tokens follow, and it loads into
-    /// a sequence holding exactly the prompt's positions; otherwise the prompt is prefilled.
+    /// The prompt's KV cache as another node computed it (a handover). It must cover exactly the
+    /// prompt, and its cell metadata and sizes are checked before llama.cpp sees any of it; then
+    /// all but the prompt's last [`crate::RESTORE_CHECKED_TOKENS`] cells are loaded, those last
+    /// tokens prefilled here, and the cells computed for them compared with the checkpoint's.
+    /// Anything wrong means the whole prompt is prefilled: slower, never different. Cells loaded
+    /// from a checkpoint are never reused by another generation.
     pub restore: Option<Arc<SequenceCheckpoint>>,
     /// Report the sequence's KV cache once the prompt is in it, as a
     /// [`GenerationEvent::Checkpoint`] before the first token.
@@ -105,8 +108,14 @@ pub struct GenerationDone {
     /// equally among the sequences running then, from admission into a slot to the end. The
     /// coordinator divides a node's time among its generations the same way, so the two agree.
     pub compute: Duration,
-    /// The prompt's KV cache was loaded from a checkpoint instead of prefilled.
+    /// The prompt's KV cache was loaded from a checkpoint (all but its last
+    /// [`crate::RESTORE_CHECKED_TOKENS`] cells) instead of prefilled, and passed the check.
     pub prompt_restored: bool,
+    /// A checkpoint was offered and refused: its metadata or sizes were wrong, llama.cpp would
+    /// not load it, or the cells this engine computed for the prompt's last tokens disagreed
+    /// with it. The prompt was prefilled instead. (A checkpoint merely unusable here, say for a
+    /// prompt too short to check, is not counted.)
+    pub checkpoint_rejected: bool,
     /// Leading prompt tokens whose KV cells were still in the sequence from its previous
     /// occupant's identical prompt head, and so were not prefilled again.
     pub prompt_reused: u32,

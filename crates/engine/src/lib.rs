@@ -15,6 +15,7 @@
 
 mod bench;
 mod budget;
+mod checkpoint;
 mod config;
 mod engine;
 mod error;
@@ -43,4 +44,4 @@ pub use generation::{
 pub use sampler::SamplingParams;
 pub use text::TextAssembler;
 pub use tokenizer::{ChatMessage, Tokenizer, LLAMA_LOG_ENV, TOKENIZE_TEXT_BYTES_MAX};
-pub use worker::CHECKPOINT_BYTES_MAX;
+pub use worker::{CHECKPOINT_BYTES_MAX, RESTORE_CHECKED_TOKENS};

@@ -11,6 +11,7 @@
 //! wait in a tiny outbox, and while the outbox is not empty the slot is not decoded (it pauses).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::error::TrySendError;
@@ -81,8 +82,15 @@ pub(crate) struct Slot {
     compute: Duration,
     /// A checkpoint of the prompt's KV cache is still to be reported.
     export_checkpoint: bool,
-    /// The prompt's KV cache was loaded from a checkpoint.
+    /// The prompt's KV cache was loaded from a checkpoint and its check passed.
     prompt_restored: bool,
+    /// The sequence holds cells loaded from a checkpoint (checked or not): never kept for reuse.
+    restored_cells: bool,
+    /// The checkpoint whose head was loaded and how many cells that head has: once this engine
+    /// has prefilled the rest of the prompt, its cells are compared with the checkpoint's.
+    restore_check: Option<(Arc<SequenceCheckpoint>, usize)>,
+    /// A checkpoint was offered and refused: malformed, or its cells were not this prompt's.
+    checkpoint_rejected: bool,
     /// Leading prompt tokens found in the sequence's cells from its previous occupant.
     prompt_reused: u32,
 }
@@ -138,6 +146,9 @@ impl Slot {
             compute: Duration::ZERO,
             export_checkpoint: generation.export_checkpoint,
             prompt_restored: false,
+            restored_cells: false,
+            restore_check: None,
+            checkpoint_rejected: false,
             prompt_reused: 0,
         };
         (slot, already_over)
@@ -184,23 +195,51 @@ impl Slot {
         self.ignore_eos
     }
 
-    /// Whether a checkpoint of `tokens` tokens can stand in for prefilling: it covers exactly the
-    /// prompt, nothing is prefilled yet, and a committed token follows (its decode gives the
-    /// logits of the next position; a checkpoint carries no logits).
-    pub fn can_restore(&self, tokens: u32) -> bool {
-        self.prefilled == 0
-            && !self.prompt.is_empty()
-            && tokens as usize == self.prompt.len()
-            && !self.committed.is_empty()
+    /// The prompt's length in tokens.
+    pub fn prompt_len(&self) -> usize {
+        self.prompt.len()
     }
 
-    /// Record that the prompt's KV cache was loaded from a checkpoint.
-    pub fn restored_prompt(&mut self) {
+    /// The first `head` prompt tokens' cells were loaded from `checkpoint`; the rest of the
+    /// prompt is prefilled here, and then its cells are compared with the checkpoint's
+    /// ([`Slot::take_restore_check`]).
+    pub fn restored_head(&mut self, head: usize, checkpoint: Arc<SequenceCheckpoint>) {
+        debug_assert!(self.prefilled == 0 && head + 2 <= self.prompt.len());
         // That checkpoint exists already.
         self.export_checkpoint = false;
+        self.restored_cells = true;
+        self.prefilled = head;
+        self.kv_tokens = saturating_u32(head);
+        self.restore_check = Some((checkpoint, head));
+    }
+
+    /// Once the whole prompt is in the cells: the checkpoint to compare them with, and where
+    /// the cells this engine computed start.
+    pub fn take_restore_check(&mut self) -> Option<(Arc<SequenceCheckpoint>, usize)> {
+        if self.prefilled < self.prompt.len() {
+            return None;
+        }
+        self.restore_check.take()
+    }
+
+    /// The cells this engine computed agree with the checkpoint's: the prompt counts as restored.
+    pub fn restore_confirmed(&mut self) {
         self.prompt_restored = true;
-        self.prefilled = self.prompt.len();
-        self.kv_tokens = saturating_u32(self.prompt.len());
+    }
+
+    /// The checkpoint's cells are not this prompt's: the caller emptied the sequence, and the
+    /// whole prompt is prefilled again.
+    pub fn restore_refuted(&mut self) {
+        self.restored_cells = false;
+        self.restore_check = None;
+        self.prefilled = 0;
+        self.kv_tokens = 0;
+        self.checkpoint_rejected = true;
+    }
+
+    /// The checkpoint offered was refused before anything was loaded.
+    pub fn checkpoint_rejected(&mut self) {
+        self.checkpoint_rejected = true;
     }
 
     /// The first `tokens` prompt tokens are in the sequence's cells already (its previous
@@ -212,9 +251,13 @@ impl Slot {
         self.prompt_reused = saturating_u32(tokens);
     }
 
-    /// The prompt tokens in the sequence's cells, all computed by prefilling (or loaded from a
-    /// checkpoint of a prefill): what a next occupant of the sequence may reuse.
+    /// The prompt tokens in the sequence's cells, all computed by prefilling here: what a next
+    /// occupant of the sequence may reuse. Nothing when some cells came from a checkpoint, whose
+    /// content another node chose: those never reach another generation.
     pub fn prefilled_prompt(&self) -> &[TokenId] {
+        if self.restored_cells {
+            return &[];
+        }
         &self.prompt[..self.prefilled]
     }
 
@@ -313,6 +356,7 @@ impl Slot {
             completion_tokens: self.position,
             compute: self.compute,
             prompt_restored: self.prompt_restored,
+            checkpoint_rejected: self.checkpoint_rejected,
             prompt_reused: self.prompt_reused,
         };
         self.send(GenerationEvent::Done(done));

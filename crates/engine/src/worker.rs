@@ -27,6 +27,7 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::LlamaStateSeqFlags;
 
+use crate::checkpoint::{Section, Shape, TAIL_DISTANCE_MAX};
 use crate::sampler::Sampler;
 use crate::slot::{Admission, Slot, SlotFate};
 use crate::{
@@ -86,6 +87,9 @@ pub(crate) struct Worker<'model> {
     end_of_generation: Vec<TokenId>,
     /// Scratch copy of one position's logits with those tokens masked.
     masked_logits: Vec<f32>,
+    /// The shape of this context's sequence state, learnt from a probe at the first restore;
+    /// `Some(None)` when the probe failed (this model never restores, it prefills).
+    state_shape: Option<Option<Shape>>,
 }
 
 impl<'model> Worker<'model> {
@@ -118,6 +122,7 @@ impl<'model> Worker<'model> {
             admissions: 0,
             end_of_generation,
             masked_logits: Vec::new(),
+            state_shape: None,
         }
     }
 
@@ -248,6 +253,7 @@ impl<'model> Worker<'model> {
                         .unwrap_or(u32::MAX),
                     compute: Duration::ZERO,
                     prompt_restored: false,
+                    checkpoint_rejected: false,
                     prompt_reused: 0,
                 }));
             return;
@@ -258,7 +264,6 @@ impl<'model> Worker<'model> {
         let restore = admission.generation.restore.take();
         let (mut slot, already_over) =
             Slot::start(seq_id, self.admissions, admission, &self.tokenizer);
-        let restore = restore.filter(|checkpoint| slot.can_restore(checkpoint.tokens));
         // Keep the cells of the prompt's head the previous occupant left, if that is all there
         // is to load: they are the cells prefilling would compute again.
         let keep = if already_over.is_none() && restore.is_none() {
@@ -274,15 +279,118 @@ impl<'model> Worker<'model> {
         if let Some(reason) = already_over {
             slot.finish(reason);
         } else if let Some(checkpoint) = restore {
-            let streams = self.config.parallel_sequences;
-            if restore_sequence(&mut self.context, seq_id, streams, &checkpoint) {
-                slot.restored_prompt();
-            } else {
-                // Prefilling gives the same cells, only later.
-                release_sequence(&mut self.context, seq_id);
-            }
+            self.restore_prompt_head(&mut slot, checkpoint);
         }
         self.slots[index] = Some(slot);
+    }
+
+    /// Loads the head of `checkpoint` into `slot`'s (empty) sequence: every cell but the
+    /// prompt's last [`RESTORE_CHECKED_TOKENS`], which the slot then prefills itself and compares
+    /// (see [`Worker::check_restored_tail`]). The checkpoint is parsed and checked here first
+    /// (cell count, positions `0..tokens`, one sequence per cell, this context's layers, types
+    /// and sizes), and llama.cpp only sees metadata written here; anything wrong leaves the
+    /// sequence empty and the prompt to be prefilled.
+    fn restore_prompt_head(&mut self, slot: &mut Slot, checkpoint: Arc<SequenceCheckpoint>) {
+        let prompt_len = slot.prompt_len();
+        if prompt_len < RESTORE_PROMPT_TOKENS_MIN || checkpoint.data.len() > CHECKPOINT_BYTES_MAX {
+            // Too short to be worth checking, or more than this engine ever exports: prefill.
+            return;
+        }
+        let Some(shape) = self.state_shape(slot.seq_id) else {
+            return;
+        };
+        if checkpoint.tokens as usize != prompt_len {
+            tracing::warn!(
+                seq_id = slot.seq_id,
+                tokens = checkpoint.tokens,
+                prompt_len,
+                "a checkpoint does not cover the prompt; prefilling it"
+            );
+            slot.checkpoint_rejected();
+            return;
+        }
+        let section = match Section::parse(&checkpoint.data, prompt_len, Some(&shape)) {
+            Ok(section) => section,
+            Err(malformed) => {
+                tracing::warn!(
+                    seq_id = slot.seq_id,
+                    ?malformed,
+                    "a malformed checkpoint was refused; prefilling the prompt"
+                );
+                slot.checkpoint_rejected();
+                return;
+            }
+        };
+        let head = prompt_len - RESTORE_CHECKED_TOKENS;
+        let streams = self.config.parallel_sequences;
+        let state = with_streams(&section.head(head), streams as usize);
+        if load_sequence(&mut self.context, slot.seq_id, &state, head) {
+            slot.restored_head(head, checkpoint);
+        } else {
+            // Metadata written here, shape checked: llama.cpp should not refuse it.
+            release_sequence(&mut self.context, slot.seq_id);
+            slot.checkpoint_rejected();
+        }
+    }
+
+    /// The shape of this context's sequence sections, probed once: two tokens decoded into the
+    /// (empty) sequence `seq_id`, exported, parsed, and removed again.
+    fn state_shape(&mut self, seq_id: i32) -> Option<Shape> {
+        if let Some(shape) = &self.state_shape {
+            return shape.clone();
+        }
+        let streams = self.config.parallel_sequences;
+        self.batch.clear();
+        let fed = add_token(&mut self.batch, 0, 0, seq_id, false)
+            && add_token(&mut self.batch, 0, 1, seq_id, true);
+        let probed = (fed && self.context.decode(&mut self.batch).is_ok())
+            .then(|| export_sequence(&self.context, seq_id, streams))
+            .flatten();
+        self.batch.clear();
+        release_sequence(&mut self.context, seq_id);
+        let shape = probed
+            .as_deref()
+            .and_then(|section| Section::parse(section, 2, None).ok())
+            .map(|section| section.shape());
+        if shape.is_none() {
+            tracing::warn!("this model's kv cells are not in the layout checkpoints are checked in; prompts are always prefilled");
+        }
+        self.state_shape = Some(shape.clone());
+        shape
+    }
+
+    /// The prompt of `slot` is all in its cells, the head loaded from a checkpoint and the rest
+    /// prefilled here: true when the cells computed here for the rest agree with the
+    /// checkpoint's for the same positions (computed on top of the same head, they differ by
+    /// rounding at most, unless the checkpoint was made for other tokens).
+    fn check_restored_tail(
+        context: &LlamaContext<'_>,
+        shape: Option<&Shape>,
+        seq_id: i32,
+        streams: u32,
+        checkpoint: &SequenceCheckpoint,
+        head: usize,
+    ) -> bool {
+        let tokens = checkpoint.tokens as usize;
+        let Some(ours) = export_sequence(context, seq_id, streams) else {
+            return false;
+        };
+        let (Ok(ours), Ok(theirs)) = (
+            Section::parse(&ours, tokens, shape),
+            Section::parse(&checkpoint.data, tokens, shape),
+        ) else {
+            return false;
+        };
+        let distance = ours.tail_distance(&theirs, head);
+        let agrees = distance <= TAIL_DISTANCE_MAX;
+        if !agrees {
+            tracing::warn!(
+                seq_id,
+                distance,
+                "a checkpoint's cells are not this prompt's; prefilling it instead"
+            );
+        }
+        agrees
     }
 
     /// One step: a prefill call for chunks of the waiting prompts, then a decode call for every
@@ -324,6 +432,25 @@ impl<'model> Worker<'model> {
             match entry.kind {
                 Fed::Prefill(count) => slot.advance_prefill(count),
                 Fed::Decode => slot.advance_decode(),
+            }
+            // The prompt is complete over a checkpoint's head: check it before any logits count.
+            if let Some((checkpoint, head)) = slot.take_restore_check() {
+                let streams = self.config.parallel_sequences;
+                let shape = self.state_shape.as_ref().and_then(Option::as_ref);
+                if Self::check_restored_tail(
+                    &self.context,
+                    shape,
+                    slot.seq_id,
+                    streams,
+                    &checkpoint,
+                    head,
+                ) {
+                    slot.restore_confirmed();
+                } else {
+                    release_sequence(&mut self.context, slot.seq_id);
+                    slot.restore_refuted();
+                    continue;
+                }
             }
             // Right after the prompt's last chunk, the cache holds the prompt and nothing else.
             if matches!(entry.kind, Fed::Prefill(_)) && slot.take_checkpoint_request() {
@@ -615,30 +742,33 @@ fn export_sequence(context: &LlamaContext<'_>, seq_id: i32, streams: u32) -> Opt
     section
 }
 
-/// Loads `checkpoint` into the (empty) sequence `seq_id`. True only when llama.cpp accepted it
-/// and the sequence then holds exactly positions `0..checkpoint.tokens`.
-fn restore_sequence(
-    context: &mut LlamaContext<'_>,
-    seq_id: i32,
-    streams: u32,
-    checkpoint: &SequenceCheckpoint,
-) -> bool {
-    if checkpoint.data.is_empty() || checkpoint.data.len() > CHECKPOINT_BYTES_MAX {
-        return false;
-    }
-    let state = with_streams(&checkpoint.data, streams as usize);
+/// Prompt tokens a restoring engine prefills itself, after a checkpoint's other cells, and
+/// compares with the checkpoint's cells for them. Two would keep the invariant that a prompt's
+/// last two tokens are always prefilled; sixteen also reach past a chat template's closing
+/// tokens (the same in every chat prompt) into the tokens that tell prompts apart.
+pub const RESTORE_CHECKED_TOKENS: usize = 16;
+
+/// Shortest prompt restored from a checkpoint (a head of at least two cells is loaded); shorter
+/// ones are prefilled whole.
+const RESTORE_PROMPT_TOKENS_MIN: usize = RESTORE_CHECKED_TOKENS + 2;
+
+/// Loads `state` (a sequence state whose metadata this engine wrote: positions `0..cells`) into
+/// the empty sequence `seq_id`. True only when llama.cpp accepted it and the sequence then holds
+/// exactly positions `0..cells`.
+fn load_sequence(context: &mut LlamaContext<'_>, seq_id: i32, state: &[u8], cells: usize) -> bool {
     // SAFETY: llama.cpp reads at most `state.len()` bytes and checks the format as it goes
     // (stream and cell counts against this context, tensor types and sizes against the model),
-    // failing with 0 rather than reading past the buffer.
+    // failing with 0 rather than reading past the buffer. The cell metadata in `state` was
+    // written by this engine, so a failed load leaves no cell that `seq_rm` cannot remove.
     let loaded =
-        unsafe { context.state_seq_set_data_ext(&state, seq_id, LlamaStateSeqFlags::empty()) };
-    let last = i64::from(checkpoint.tokens) - 1;
+        unsafe { context.state_seq_set_data_ext(state, seq_id, LlamaStateSeqFlags::empty()) };
+    let last = i64::try_from(cells).unwrap_or(i64::MAX) - 1;
     let shaped = context.kv_cache_seq_pos_min(seq_id) == 0
         && i64::from(context.kv_cache_seq_pos_max(seq_id)) == last;
     if !(loaded && shaped) {
         tracing::warn!(
             seq_id,
-            tokens = checkpoint.tokens,
+            cells,
             loaded,
             "a sequence checkpoint did not load; prefilling the prompt instead"
         );

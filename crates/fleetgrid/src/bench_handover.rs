@@ -12,8 +12,9 @@
 //! first token of a fresh request with the same prompt on an idle node. A
 //! handover that re-prefills the prompt (`--kv-checkpoint-budget-mib 0`)
 //! cannot be much faster than that; one that loads the prompt's KV cache kept
-//! by the coordinator only replays the few committed tokens, and should be a
-//! small fraction of it.
+//! by the coordinator only prefills the prompt's last few tokens (which check
+//! the checkpoint) and replays the committed ones, and should be a small
+//! fraction of it.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -119,12 +119,13 @@ impl Core {
         inflight.node = Some(node);
         // A checkpoint the previous attempt did not finish sending never will.
         state.checkpoints.abandon(request);
-        let restore = state
-            .checkpoints
-            .for_resume(request, inflight.committed.len());
+        let restore = state.checkpoints.for_resume(request);
         let report_checkpoint = restore.is_none()
             && inflight.committed.is_empty()
             && state.checkpoints.wanted(request, inflight.prompt.len());
+        if report_checkpoint {
+            state.checkpoints.ask(request, inflight.attempt);
+        }
         if restore.is_some() {
             self.metrics.kv_checkpoint_handovers.fetch_add(1, ORDER);
         }
@@ -312,6 +313,9 @@ impl Core {
         let Some(request) = self.current_attempt(&state, session, &done.generation_id) else {
             return;
         };
+        if done.checkpoint_rejected {
+            self.checkpoint_rejected_by_node(&mut state, request);
+        }
         let share_us = state.shares.read(request, epoch_ms(now));
         let Some(inflight) = state.requests.get_mut(&request) else {
             return;

@@ -87,6 +87,8 @@ pub struct HostileAgent {
 }
 
 /// How a session's opening went.
+// One value per session opened in a test: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Opened {
     Welcomed(Box<HostileAgent>),
     Refused(proto::Refusal),
@@ -241,6 +243,84 @@ impl HostileAgent {
             completion_tokens,
             compute_ms,
             prompt_reused_tokens: 0,
+            checkpoint_rejected: false,
+        }))
+        .await
+    }
+}
+
+impl HostileAgent {
+    /// Heartbeats every `every` from a task of its own, so that the session
+    /// stays alive while the test does something else; ends when the
+    /// session does. Abort it (and await it) before dropping the agent to
+    /// disconnect.
+    pub fn keep_alive(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let outbound = self.outbound.clone();
+        tokio::spawn(async move {
+            loop {
+                let heartbeat = proto::AgentMessage {
+                    kind: Some(AgentKind::Heartbeat(proto::Heartbeat {
+                        state: Some(plugged_in_state()),
+                        active_generations: 1,
+                    })),
+                };
+                if outbound.send(heartbeat).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(every).await;
+            }
+        })
+    }
+
+    /// Sends `data` as a KV checkpoint of `tokens` tokens for
+    /// `generation_id`, announcing `total_bytes`, in pieces of at most
+    /// `proto::KV_CHECKPOINT_CHUNK_BYTES_MAX` at consecutive offsets, as an
+    /// honest agent does. False once the coordinator closed the stream.
+    pub async fn checkpoint(
+        &self,
+        generation_id: &str,
+        tokens: u32,
+        total_bytes: u64,
+        data: &[u8],
+    ) -> bool {
+        let mut offset = 0_u64;
+        for piece in data.chunks(proto::KV_CHECKPOINT_CHUNK_BYTES_MAX) {
+            let sent = self
+                .send(AgentKind::Checkpoint(proto::KvCheckpoint {
+                    generation_id: generation_id.to_string(),
+                    tokens,
+                    total_bytes,
+                    offset,
+                    data: piece.to_vec(),
+                }))
+                .await;
+            if !sent {
+                return false;
+            }
+            offset += piece.len() as u64;
+        }
+        true
+    }
+}
+
+impl HostileAgent {
+    /// Sends one token with its piece, as an honest agent would.
+    pub async fn token_with_piece(
+        &self,
+        generation_id: &str,
+        position: u32,
+        token_id: i32,
+        piece: Vec<u8>,
+    ) -> bool {
+        self.send(AgentKind::Tokens(proto::TokenBatch {
+            generation_id: generation_id.to_string(),
+            tokens: vec![proto::Token {
+                position,
+                token_id,
+                piece,
+                logprob: -0.5,
+                top_logprobs: Vec::new(),
+            }],
         }))
         .await
     }
