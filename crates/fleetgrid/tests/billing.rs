@@ -475,11 +475,22 @@ async fn the_coordinator_settles_into_postgresql() {
     let charged = u64_of(&body["usage"]["prompt_tokens"]) * SPOT_PROMPT_MICRO
         + u64_of(&body["usage"]["completion_tokens"]) * SPOT_COMPLETION_MICRO;
 
-    // The charge is in PostgreSQL, committed before the response came back.
+    // The charge is in PostgreSQL, committed before the response came back,
+    // on the account keyed by the tenant's id.
+    let store = coordinator::store::Store::open(stack.dir.path())
+        .await
+        .expect("open the coordinator's database");
+    let tenant = store
+        .tenant_by_name("pg-tenant")
+        .await
+        .expect("tenant")
+        .expect("tenant");
+    let account = ledger::core::AccountId::Tenant(coordinator::billing::ledger_tenant(&tenant));
     let (sum,): (i64,) = sqlx::query_as(&format!(
         "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM {schema}.ledger_transfers \
-         WHERE kind = 'token-charge' AND debit_account = 'tenant:pg-tenant'"
+         WHERE kind = 'token-charge' AND debit_account = $1"
     ))
+    .bind(account.to_string())
     .fetch_one(&mut admin)
     .await
     .expect("sum charges");
@@ -596,7 +607,19 @@ async fn a_migrated_generation_charges_the_prompt_once_and_pays_each_owner_who_s
         charge[0].amount().0 as u64,
         prompt * SPOT_PROMPT_MICRO + completion * SPOT_COMPLETION_MICRO
     );
-    let owner_of = |node: &str| if node == "car-1" { "alice" } else { "bob" };
+    let store = coordinator::store::Store::open(stack.dir.path())
+        .await
+        .expect("open the coordinator's database");
+    let mut owner_accounts = std::collections::BTreeMap::new();
+    for (node, owner) in [("car-1", "alice"), ("car-2", "bob")] {
+        let record = store
+            .owner_by_name(owner)
+            .await
+            .expect("owner")
+            .expect("owner");
+        let key = coordinator::billing_accounts::owner_key(record.id);
+        owner_accounts.insert(node, ledger::core::AccountId::Owner(key).to_string());
+    }
     let killed = killed.expect("a node was killed");
     let survivor = if killed == "car-1" { "car-2" } else { "car-1" };
     for (position, node) in [(0_u32, killed.as_str()), (1, survivor)] {
@@ -607,10 +630,7 @@ async fn a_migrated_generation_charges_the_prompt_once_and_pays_each_owner_who_s
             })
             .collect();
         assert_eq!(shares.len(), 1, "segment {position}");
-        assert_eq!(
-            shares[0].credit().to_string(),
-            format!("owner:{}", owner_of(node))
-        );
+        assert_eq!(shares[0].credit().to_string(), owner_accounts[node]);
     }
     // Each vehicle's statement shows the request and what it earned.
     let today = ledger::invoice::month_containing(ledger::core::TimestampMs(

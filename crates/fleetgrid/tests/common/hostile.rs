@@ -245,3 +245,91 @@ impl HostileAgent {
         .await
     }
 }
+
+/// Heartbeats sent in the background until dropped, so that a hostile agent
+/// that holds a generation is not taken for lost while it does.
+pub struct Heartbeats(tokio::task::JoinHandle<()>);
+
+impl Drop for Heartbeats {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl HostileAgent {
+    /// Heartbeats every `interval` (with one active generation) until the
+    /// returned guard is dropped or the coordinator closes the stream.
+    pub fn heartbeat_every(&self, interval: Duration) -> Heartbeats {
+        let outbound = self.outbound.clone();
+        Heartbeats(tokio::spawn(async move {
+            loop {
+                let beat = proto::AgentMessage {
+                    kind: Some(AgentKind::Heartbeat(proto::Heartbeat {
+                        state: Some(plugged_in_state()),
+                        active_generations: 1,
+                    })),
+                };
+                if outbound.send(beat).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(interval).await;
+            }
+        }))
+    }
+
+    /// Sends `tokens` (id and the text an honest node gives it) for
+    /// `generation_id`, each at the position after the last.
+    pub async fn pieces(
+        &self,
+        generation_id: &str,
+        first_position: u32,
+        tokens: &[(i32, Vec<u8>)],
+    ) -> bool {
+        let tokens = tokens
+            .iter()
+            .enumerate()
+            .map(|(index, (token_id, piece))| proto::Token {
+                position: first_position + index as u32,
+                token_id: *token_id,
+                piece: piece.clone(),
+                logprob: -0.5,
+                top_logprobs: Vec::new(),
+            })
+            .collect();
+        self.send(AgentKind::Tokens(proto::TokenBatch {
+            generation_id: generation_id.to_string(),
+            tokens,
+        }))
+        .await
+    }
+
+    /// Answers `assign` as an honest node would: `tokens`, then a `Done`
+    /// with the counts the coordinator also has.
+    pub async fn answer(&self, assign: &proto::Assign, tokens: &[(i32, Vec<u8>)]) -> bool {
+        let first = assign.committed_tokens.len() as u32;
+        self.pieces(&assign.generation_id, first, tokens).await
+            && self
+                .done(
+                    &assign.generation_id,
+                    proto::FinishReason::Stop,
+                    assign.prompt_tokens.len() as u32,
+                    first + tokens.len() as u32,
+                    1,
+                )
+                .await
+    }
+
+    /// Waits for the coordinator to cancel `generation_id`, skipping
+    /// anything else; false if the stream ended first.
+    pub async fn expect_cancel(&mut self, generation_id: &str) -> bool {
+        loop {
+            match self.next().await {
+                Some(CoordinatorKind::Cancel(cancel)) if cancel.generation_id == generation_id => {
+                    return true
+                }
+                Some(_) => continue,
+                None => return false,
+            }
+        }
+    }
+}
