@@ -87,6 +87,8 @@ pub struct HostileAgent {
 }
 
 /// How a session's opening went.
+// A test opens a handful of sessions: boxing the agent would only add noise.
+#[allow(clippy::large_enum_variant)]
 pub enum Opened {
     Welcomed(HostileAgent),
     Refused(proto::Refusal),
