@@ -393,7 +393,7 @@ async fn an_idempotency_key_replays_the_result_without_charging_again() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_request_the_client_abandons_is_not_charged() {
+async fn a_request_the_client_abandons_is_charged_for_what_was_made() {
     let (options, _prices) = billed_options(&[]);
     let mut stack = Stack::start(options);
     stack.add_agent("car-1", 2);
@@ -418,19 +418,31 @@ async fn a_request_the_client_abandons_is_not_charged() {
     let _ = response.chunk().await.expect("chunk");
     let _ = response.chunk().await.expect("chunk");
     drop(response);
+    // The tokens made until the hang-up are charged (issue 11): poll the
+    // usage until the cancelled request's settlement shows.
     let deadline = std::time::Instant::now() + common::WAIT;
-    while stack.metric("fleetgrid_requests_cancelled_total").await < 1.0 {
+    let usage = loop {
+        let (_, usage) = get_as(&stack, &key, "/v1/usage").await;
+        if u64_of(&usage["requests"]) > 0 {
+            break usage;
+        }
         assert!(
             std::time::Instant::now() < deadline,
-            "cancellation not seen"
+            "never charged: {usage}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let (_, usage) = get_as(&stack, &key, "/v1/usage").await;
-    assert_eq!(u64_of(&usage["requests"]), 0, "{usage}");
-    assert_eq!(usage["balance_usd"], "0.010000");
+    };
+    assert_eq!(u64_of(&usage["requests"]), 1, "{usage}");
+    let completion = u64_of(&usage["completion_tokens"]);
+    assert!(completion < 200, "the generation was cut short: {usage}");
+    let charged =
+        u64_of(&usage["prompt_tokens"]) * SPOT_PROMPT_MICRO + completion * SPOT_COMPLETION_MICRO;
+    assert_eq!(u64_of(&usage["charged_micro_usd"]), charged, "{usage}");
+    let left = ledger::core::MicroUsd(10_000 - charged as i64).to_string();
+    assert_eq!(usage["balance_usd"], left.as_str());
     // Its hold is gone too: the whole balance is available again.
-    assert_eq!(usage["available_usd"], "0.010000");
+    assert_eq!(usage["available_usd"], left.as_str());
+    stack.cli(&["ledger", "verify"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
