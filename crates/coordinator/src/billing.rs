@@ -24,10 +24,16 @@
 //! `cloud/<model>` plus its cloud margin; the customer pays the marked-up
 //! price, the platform owes the upstream its cost.
 //!
-//! **Failed and cancelled generations are not charged**, whatever they
-//! produced before failing: the customer pays only for a response it received
-//! in full, and the work is the platform's cost (owners are not credited for
-//! it either, so every transfer traces back to a delivered response).
+//! **Failed generations are not charged**, whatever they produced before
+//! failing (a timeout included): the work is the platform's cost, and owners
+//! are not credited for it either. **A generation the client cancels** (it
+//! hung up) is charged for the prompt and the tokens committed until then,
+//! and its nodes are credited for them (`billing_finish::CancelCharge`), so
+//! hanging up early never makes the fleet's work free.
+//!
+//! **Accounts are keyed by ids** (`billing_accounts`): a tenant's by its
+//! tenant id, an owner's by its owner id, a node enrolled without owner by
+//! its node name in a namespace of its own. Names are for people only.
 //!
 //! **Tenants without settings.** A tenant's ledger account is opened at its
 //! first request: `fleet` tenants (the operator's own workloads) without a
@@ -157,13 +163,10 @@ pub async fn open_ledger(url: Option<&str>, data_dir: &Path) -> Result<Ledger, B
     }
 }
 
-/// The ledger's name for a tenant: its name when the ledger accepts it,
-/// otherwise `tenant-ID`.
+/// The ledger's key of a tenant: its immutable id, never its name (see
+/// `billing_accounts`).
 pub fn ledger_tenant(tenant: &TenantRecord) -> TenantId {
-    TenantId::new(tenant.name.as_str()).unwrap_or_else(|_| {
-        TenantId::new(format!("tenant-{}", tenant.id))
-            .unwrap_or_else(|_| unreachable!("tenant-<digits> is always a valid ledger name"))
-    })
+    crate::billing_accounts::tenant_key(tenant.id)
 }
 
 pub fn ledger_class(class: StoreClass) -> TenantClass {
@@ -171,16 +174,6 @@ pub fn ledger_class(class: StoreClass) -> TenantClass {
         StoreClass::Fleet => TenantClass::Fleet,
         StoreClass::Reserved => TenantClass::Reserved,
         StoreClass::Spot => TenantClass::Spot,
-    }
-}
-
-/// The owner account a node's earnings go to: its enrolled owner, or for a
-/// node enrolled without one, an account named after the node.
-pub fn owner_account(node: &str, owner: &str) -> Result<OwnerId, ledger::core::IdError> {
-    if owner.is_empty() {
-        OwnerId::new(node)
-    } else {
-        OwnerId::new(owner)
     }
 }
 
@@ -240,6 +233,9 @@ impl Billing {
         let book = PriceBook::new(config.prices.sheet.clone())
             .map_err(|error| BillingError::Invalid(error.to_string()))?;
         let ledger = open_ledger(config.ledger_url.as_deref(), data_dir).await?;
+        crate::billing_accounts::migrate_ledger(&store, &ledger, now())
+            .await
+            .map_err(|error| BillingError::Invalid(error.to_string()))?;
         tracing::info!(backend = ledger.backend_name(), "ledger open");
         Ok(Billing {
             ledger,
@@ -570,15 +566,16 @@ impl Billing {
         }
         let fetched = Instant::now();
         for record in nodes {
-            if let Ok(owner) = owner_account(&record.name, &record.owner) {
+            if let Ok(owner) = crate::billing_accounts::node_owner_key(&record) {
                 owners.insert(record.name, (owner, fetched));
             }
         }
         match owners.get(node) {
             Some((owner, _)) => Ok(owner.clone()),
             // A node that connected was enrolled; one deleted since is
-            // still paid, into an account named after it.
-            None => owner_account(node, "").map_err(|error| internal("owner of node", &error)),
+            // still paid, into the account of a node without owner.
+            None => crate::billing_accounts::ownerless_node_key(node)
+                .map_err(|error| internal("owner of node", &error)),
         }
     }
 
@@ -667,6 +664,7 @@ mod tests {
             last_active_ms: started + 2_000,
             share_started_us: 0,
             share_last_active_us: 2_000_000,
+            speed: crate::billing_meter::PaidSpeed::declared(1_000.0, 100.0),
         };
         let metering = Metering {
             prompt_tokens: 10,

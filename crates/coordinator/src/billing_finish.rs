@@ -6,13 +6,19 @@
 //! instead: the parts of every tier that worked on it become the segments of
 //! one `CompletedRequest`, settled once.
 //!
+//! A request the client cancels (it disconnected, or dropped its stream)
+//! ends through [`CancelCharge`]: the prompt and the tokens committed until
+//! then are charged, and the nodes that made them are credited, like a
+//! completed request of that length (same transfer ids, so once). Otherwise
+//! a tenant could make nodes work for free by hanging up before the end.
+//!
 //! Keeping the response before settling makes a crash between the two
 //! harmless: a retry with the same Idempotency-Key replays the response and
 //! settles the stored record again, which the ledger either creates or finds
 //! already there. A crash before the response was kept leaves nothing
 //! settled, so the retry runs the request afresh.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ledger::core::{
     DurationMs, MicroUsd, MicroWh, ModelId, NodeId, OwnerId, RequestId, Segment, TenantId,
@@ -29,12 +35,26 @@ use crate::billing::{Billing, Completion, PendingCharge};
 use crate::billing_idempotency::Slot;
 use crate::billing_meter::Metering;
 
+/// An admitted request's charge, shared by its `Finisher` and its
+/// `CancelCharge`: whichever ends the request takes it, so it is settled by
+/// one of them at most.
+type SharedCharge = Arc<Mutex<Option<PendingCharge>>>;
+
+fn take_charge(shared: &SharedCharge) -> Option<PendingCharge> {
+    // Plain data: whatever a panicking holder left is still usable.
+    shared
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .take()
+}
+
 /// Carries an admitted request's charge (and idempotency slot) to its end.
-/// Dropped without `finish`, it releases the hold and the slot: the request
-/// failed or was cancelled and is not charged.
+/// Dropped without `finish`, it releases the slot; the hold goes with the
+/// charge, released when the request failed (not charged) or once its
+/// `CancelCharge` settled a cancelled one.
 pub struct Finisher {
     billing: Arc<Billing>,
-    pending: PendingCharge,
+    pending: SharedCharge,
     idempotency: Option<Slot>,
 }
 
@@ -42,8 +62,16 @@ impl Finisher {
     pub fn new(billing: Arc<Billing>, pending: PendingCharge, idempotency: Option<Slot>) -> Self {
         Finisher {
             billing,
-            pending,
+            pending: Arc::new(Mutex::new(Some(pending))),
             idempotency,
+        }
+    }
+
+    /// What settles the request if the client cancels it before `finish`.
+    pub fn cancel_charge(&self) -> CancelCharge {
+        CancelCharge {
+            billing: Arc::clone(&self.billing),
+            pending: Arc::clone(&self.pending),
         }
     }
 
@@ -59,13 +87,60 @@ impl Finisher {
         metering: &Metering,
         body: Option<&Value>,
     ) -> Result<(), ApiError> {
-        let completion = self.billing.complete(&self.pending, metering).await?;
+        let Some(pending) = take_charge(&self.pending) else {
+            tracing::error!("a request finished after it was settled as cancelled");
+            return Err(ApiError::internal());
+        };
+        let completion = self.billing.complete(&pending, metering).await?;
         if let Some(slot) = self.idempotency.as_mut() {
             let body = body.cloned().unwrap_or(Value::Null);
             slot.store_done(&body, &completed_to_json(&completion.request))
                 .await?;
         }
-        self.billing.settle(&completion).await.map(|_charge| ())
+        // The hold (in `pending`) is released once the charge is posted.
+        let settled = self.billing.settle(&completion).await.map(|_charge| ());
+        drop(pending);
+        settled
+    }
+}
+
+/// Settles a request the client cancelled, for what the coordinator
+/// counted until the cancel: the prompt (once it reached a node) and every
+/// committed token, each node credited for its part, exactly like a
+/// completed request with those tokens. A request cancelled while still
+/// queued made no node work and is not charged.
+pub struct CancelCharge {
+    billing: Arc<Billing>,
+    pending: SharedCharge,
+}
+
+impl CancelCharge {
+    /// Settles in a task of its own, since a cancel is noticed where the
+    /// response is dropped (no `.await` there). The hold stays until the
+    /// charge is posted. A failure is logged: the client is gone.
+    pub fn settle_in_background(self, metering: Metering) {
+        if metering.segments.is_empty() {
+            return;
+        }
+        let Some(pending) = take_charge(&self.pending) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(request_id = %pending.request_id, "no runtime to settle a cancelled request");
+            return;
+        };
+        let billing = self.billing;
+        runtime.spawn(async move {
+            match billing.complete(&pending, &metering).await {
+                Ok(completion) => {
+                    if let Ok(charge) = billing.settle(&completion).await {
+                        tracing::info!(request_id = %pending.request_id, %charge, "cancelled request settled");
+                    }
+                }
+                Err(_) => tracing::error!(request_id = %pending.request_id, "meter a cancelled request"),
+            }
+            drop(pending);
+        });
     }
 }
 

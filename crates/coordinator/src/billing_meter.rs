@@ -12,10 +12,18 @@
 //! activity; the difference is its share. With one generation the share is
 //! the wall time; with k generations running together for T, each gets T/k,
 //! so the owner is paid for the node's busy time once, not k times.
+//!
+//! A share is also bounded by the work the segment delivered: the tokens it
+//! prefilled and produced at the speeds its node declared when it connected
+//! (never below the floors in `limits`), times `limits::PAID_COMPUTE_SLACK`
+//! (see [`PaidSpeed`]). A node that holds a generation without producing is
+//! not paid energy for waiting.
 
 use std::collections::HashMap;
 
 use scheduler::{NodeId, RequestId};
+
+use crate::limits;
 
 /// Microseconds in a millisecond: share clocks count in microseconds so that
 /// dividing a millisecond among a batch loses next to nothing.
@@ -155,6 +163,40 @@ impl NodeShares {
     }
 }
 
+/// The speeds a segment's compute time is bounded by: those its node
+/// declared in its `Hello`, raised to `limits::PAID_*_TOKENS_PER_SECOND_MIN`,
+/// so that declaring itself slow cannot raise a node's bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PaidSpeed {
+    pub prefill_tokens_per_second: u64,
+    pub decode_tokens_per_second: u64,
+}
+
+impl PaidSpeed {
+    /// From the speeds a node declared (floats on the wire: a NaN, a
+    /// negative or a tiny value becomes the floor; a huge one saturates).
+    pub fn declared(prefill_tokens_per_second: f64, decode_tokens_per_second: f64) -> PaidSpeed {
+        // A float-to-integer cast saturates, and NaN becomes 0.
+        PaidSpeed {
+            prefill_tokens_per_second: (prefill_tokens_per_second as u64)
+                .max(limits::PAID_PREFILL_TOKENS_PER_SECOND_MIN),
+            decode_tokens_per_second: (decode_tokens_per_second as u64)
+                .max(limits::PAID_DECODE_TOKENS_PER_SECOND_MIN),
+        }
+    }
+
+    /// The most compute time a segment that prefilled `prefilled_tokens`
+    /// and produced `completion_tokens` is paid for, in ms: each phase
+    /// rounded up, times the slack.
+    pub fn compute_ms_max(&self, prefilled_tokens: u32, completion_tokens: u32) -> u64 {
+        let phase_ms =
+            |tokens: u32, per_second: u64| (u64::from(tokens) * 1_000).div_ceil(per_second.max(1));
+        let expected_ms = phase_ms(prefilled_tokens, self.prefill_tokens_per_second)
+            + phase_ms(completion_tokens, self.decode_tokens_per_second);
+        expected_ms.saturating_mul(limits::PAID_COMPUTE_SLACK)
+    }
+}
+
 /// One attempt of a generation on one node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SegmentTrack {
@@ -174,6 +216,8 @@ pub struct SegmentTrack {
     /// The node's share clock when the attempt last produced a token or
     /// finished (µs).
     pub share_last_active_us: u64,
+    /// What bounds the attempt's compute time by its tokens.
+    pub speed: PaidSpeed,
 }
 
 impl SegmentTrack {
@@ -184,6 +228,7 @@ impl SegmentTrack {
         prefilled_tokens: u32,
         now_ms: i64,
         share_us: u64,
+        speed: PaidSpeed,
     ) -> SegmentTrack {
         SegmentTrack {
             node,
@@ -193,6 +238,7 @@ impl SegmentTrack {
             last_active_ms: now_ms,
             share_started_us: share_us,
             share_last_active_us: share_us,
+            speed,
         }
     }
 
@@ -211,12 +257,20 @@ impl SegmentTrack {
     /// The node's time this attempt is paid for: its share of the node from
     /// assignment to its last token, where every moment is divided equally
     /// among the generations running on the node then. Never more than the
-    /// wall time.
+    /// wall time, nor than its tokens take at its node's paid speed.
     pub fn compute_ms(&self) -> u64 {
         let shared_us = self
             .share_last_active_us
             .saturating_sub(self.share_started_us);
-        (shared_us / MICROS_PER_MS).min(self.wall_ms())
+        (shared_us / MICROS_PER_MS)
+            .min(self.wall_ms())
+            .min(self.compute_ms_max())
+    }
+
+    /// What this attempt's tokens take at its node's paid speed.
+    pub fn compute_ms_max(&self) -> u64 {
+        self.speed
+            .compute_ms_max(self.prefilled_tokens, self.completion_tokens)
     }
 }
 
@@ -244,6 +298,13 @@ pub struct Metering {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// So slow that the token bound never binds in the timelines below,
+    /// which are about shares.
+    const UNBINDING: PaidSpeed = PaidSpeed {
+        prefill_tokens_per_second: 1,
+        decode_tokens_per_second: 1,
+    };
 
     /// What happens to an attempt at a moment, as the core reports it.
     #[derive(Clone, Copy, Debug)]
@@ -290,7 +351,8 @@ mod tests {
                         nodes.push(node);
                     }
                     let share_us = shares.start(RequestId(request), NodeId(node), at);
-                    let track = SegmentTrack::started(format!("car-{node}"), 10, at, share_us);
+                    let track =
+                        SegmentTrack::started(format!("car-{node}"), 10, at, share_us, UNBINDING);
                     tracks.push((request, node, track));
                 }
                 Step::Token(request) | Step::Finish(request) => {
@@ -407,7 +469,7 @@ mod tests {
         assert_eq!(clock.read(4_000), started);
         assert_eq!(clock.read(5_000), started);
         assert_eq!(clock.read(5_010) - started, 10_000);
-        let mut track = SegmentTrack::started("car-0".into(), 1, 5_000, started);
+        let mut track = SegmentTrack::started("car-0".into(), 1, 5_000, started, UNBINDING);
         track.active(4_000, started);
         assert_eq!((track.wall_ms(), track.compute_ms()), (0, 0));
     }
@@ -462,5 +524,41 @@ mod tests {
             // but the shares still account for most of the node's time.
             assert!(paid * 10 >= *busy * 5, "car-{node}: paid {paid} of {busy}");
         }
+    }
+
+    #[test]
+    fn a_segment_is_paid_no_more_than_its_tokens_take_at_the_declared_speed() {
+        // A node that declared 40 tokens/s decode and 200 prefill holds a
+        // 30-token prompt for 25 s before its only token.
+        let speed = PaidSpeed::declared(200.0, 40.0);
+        let mut track = SegmentTrack::started("car-0".into(), 30, 0, 0, speed);
+        track.completion_tokens = 1;
+        track.active(25_000, 25_000_000);
+        // (150 ms + 25 ms) times the slack.
+        let bound = 175 * limits::PAID_COMPUTE_SLACK;
+        assert_eq!(track.compute_ms_max(), bound);
+        assert_eq!(track.compute_ms(), bound);
+        assert_eq!(track.wall_ms(), 25_000);
+    }
+
+    #[test]
+    fn declaring_itself_slow_does_not_raise_a_nodes_bound() {
+        let floors = PaidSpeed {
+            prefill_tokens_per_second: limits::PAID_PREFILL_TOKENS_PER_SECOND_MIN,
+            decode_tokens_per_second: limits::PAID_DECODE_TOKENS_PER_SECOND_MIN,
+        };
+        for (prefill, decode) in [(0.0, 0.0), (0.001, 0.001), (-5.0, f64::NAN)] {
+            assert_eq!(PaidSpeed::declared(prefill, decode), floors);
+        }
+        assert_eq!(
+            PaidSpeed::declared(f64::INFINITY, 1e300).compute_ms_max(1_000, 1_000),
+            2 * limits::PAID_COMPUTE_SLACK,
+            "an infinitely fast node is bounded to the rounding of each phase"
+        );
+        // An honest node's time within the bound is paid in full.
+        let mut track = SegmentTrack::started("car-0".into(), 100, 0, 0, floors);
+        track.completion_tokens = 20;
+        track.active(1_500, 1_500_000);
+        assert_eq!(track.compute_ms(), 1_500);
     }
 }

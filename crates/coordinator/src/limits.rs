@@ -89,6 +89,21 @@ pub fn kv_checkpoint_bytes_max(prompt_tokens: usize) -> usize {
 /// fails with an error instead of being tried again.
 pub const ATTEMPTS_PER_REQUEST_MAX: u32 = 16;
 
+/// How many times the time its tokens take at its node's declared speed a
+/// segment's compute time (and so its owner's energy reimbursement) may
+/// be: room for batching, a busy moment and the network, but a node that
+/// sits on a generation is paid for its tokens, not for the wait.
+pub const PAID_COMPUTE_SLACK: u64 = 2;
+
+/// Slowest prefill speed a segment's compute time is bounded by, tokens/s:
+/// a node declaring itself slower is bounded as if this fast, so that it
+/// cannot raise its bound by lying (far below any supported vehicle).
+pub const PAID_PREFILL_TOKENS_PER_SECOND_MIN: u64 = 50;
+
+/// Slowest decode speed a segment's compute time is bounded by, tokens/s
+/// (see `PAID_PREFILL_TOKENS_PER_SECOND_MIN`).
+pub const PAID_DECODE_TOKENS_PER_SECOND_MIN: u64 = 5;
+
 /// `Retry-After` sent with 429 and 503 when the scheduler gives none, seconds.
 pub const RETRY_AFTER_DEFAULT_SECONDS: u64 = 1;
 

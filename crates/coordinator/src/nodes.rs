@@ -5,6 +5,7 @@ use std::time::Instant;
 use scheduler::{Event, Millis, NodeCapacity, NodeId, OwnerPolicy, VehicleState};
 use tokio::sync::mpsc;
 
+use crate::billing_meter::PaidSpeed;
 use crate::served::ServedModels;
 
 /// Identifies one connection of a node: a reconnecting vehicle gets a new
@@ -71,6 +72,15 @@ impl ConnectedNode {
             state: self.state,
             policy,
         }
+    }
+
+    /// The speeds its segments' paid compute time is bounded by: those it
+    /// declared when it connected, never below the floors.
+    pub fn paid_speed(&self) -> PaidSpeed {
+        PaidSpeed::declared(
+            self.hardware.prefill_tokens_per_second,
+            self.hardware.decode_tokens_per_second,
+        )
     }
 
     /// Records a heartbeat; returns the new vehicle state when it changed.

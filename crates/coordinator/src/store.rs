@@ -91,6 +91,8 @@ pub struct TenantRecord {
 pub struct NodeRecord {
     pub name: String,
     pub owner: String,
+    /// The owner's immutable id; `None` for a node enrolled without owner.
+    pub owner_id: Option<i64>,
     pub last_seen_ms: Option<i64>,
 }
 
@@ -274,14 +276,16 @@ impl Store {
     }
 
     pub async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
-        let rows = sqlx::query("SELECT name, owner, last_seen_ms FROM nodes ORDER BY name")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT name, owner, owner_id, last_seen_ms FROM nodes ORDER BY name")
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter()
             .map(|row| {
                 Ok(NodeRecord {
                     name: row.try_get("name")?,
                     owner: row.try_get("owner")?,
+                    owner_id: row.try_get("owner_id")?,
                     last_seen_ms: row.try_get("last_seen_ms")?,
                 })
             })

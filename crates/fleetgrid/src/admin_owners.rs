@@ -9,9 +9,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use coordinator::billing;
 use coordinator::owner_policy::{self, PolicyUpdate, PolicyView};
-use ledger::core::{AccountId, OwnerId};
+use coordinator::{billing, billing_accounts};
+use ledger::core::AccountId;
 
 use crate::admin::{now_ms, open_store};
 use crate::home;
@@ -48,16 +48,17 @@ pub async fn owners(command: OwnersCommand) -> anyhow::Result<()> {
             data_dir,
             ledger_url,
         } => {
-            let ledger_owner = OwnerId::new(name.as_str())
-                .with_context(|| format!("{name:?} cannot name an owner in the ledger"))?;
             let store = open_store(data_dir.clone()).await?;
             let (owner, key) = store.create_owner(&name, now_ms()).await?;
-            // The owner's vehicles' earnings are credited to this account.
+            // The owner's vehicles' earnings are credited to this account,
+            // keyed by the owner's id (the name may change, the id not).
             let ledger =
                 billing::open_ledger(ledger_url.as_deref(), &home::coordinator_dir(data_dir))
                     .await?;
+            let now = ledger::core::TimestampMs(now_ms());
+            billing_accounts::migrate_ledger(&store, &ledger, now).await?;
             ledger
-                .open_account(&AccountId::Owner(ledger_owner))
+                .open_account(&AccountId::Owner(billing_accounts::owner_key(owner.id)))
                 .await
                 .context("open the owner's ledger account")?;
             eprintln!(

@@ -3,7 +3,9 @@
 //! balances, owner statements, payouts, invoices, meter flags).
 //!
 //! Both open the same ledger as `fleetgrid serve` (`--ledger-url`, default
-//! `ledger.db` in the data directory) and may run while it serves.
+//! `ledger.db` in the data directory) and may run while it serves. The
+//! ledger keys accounts by tenant, owner and node ids; these commands take
+//! and show the names the coordinator's database gives them.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use coordinator::billing::{self, BillingConfig};
+use coordinator::billing_accounts::{self, AccountNames};
 use coordinator::store::Store;
 use ledger::core::{
     AccountId, Instrument, MicroUsd, NodeId, Outcome, RequestId, TenantId, TimestampMs,
@@ -35,9 +38,20 @@ pub struct LedgerArgs {
 }
 
 impl LedgerArgs {
+    /// Opens the ledger, first moving a ledger keyed by names to id keys
+    /// (once; see `billing_accounts`).
     async fn open(&self) -> anyhow::Result<Ledger> {
         let dir = home::coordinator_dir(self.data_dir.clone());
-        Ok(billing::open_ledger(self.ledger_url.as_deref(), &dir).await?)
+        let ledger = billing::open_ledger(self.ledger_url.as_deref(), &dir).await?;
+        let store = self.coordinator_store().await?;
+        billing_accounts::migrate_ledger(&store, &ledger, now()).await?;
+        Ok(ledger)
+    }
+
+    /// The names of the ledger's accounts, from the coordinator's database.
+    async fn names(&self) -> anyhow::Result<AccountNames> {
+        let store = self.coordinator_store().await?;
+        Ok(AccountNames::load(&store).await?)
     }
 
     async fn coordinator_store(&self) -> anyhow::Result<Store> {
@@ -145,10 +159,7 @@ pub async fn billing(command: BillingCommand) -> anyhow::Result<()> {
                 Outcome::Created => "credited",
                 Outcome::Exists => "already credited (same reference)",
             };
-            println!(
-                "{what} ${amount} to {tenant_id}; balance ${}",
-                state.balance()
-            );
+            println!("{what} ${amount} to {tenant}; balance ${}", state.balance());
         }
         BillingCommand::Credit {
             tenant,
@@ -163,11 +174,11 @@ pub async fn billing(command: BillingCommand) -> anyhow::Result<()> {
                 .await?;
             if unlimited {
                 store.set_unlimited_credit(&tenant_id).await?;
-                println!("{tenant_id} may now owe without limit");
+                println!("{tenant} may now owe without limit");
             } else {
                 let limit = dollars(limit.as_deref().unwrap_or_default(), "--limit")?;
                 store.set_credit_limit(&tenant_id, limit).await?;
-                println!("{tenant_id} may now owe up to ${limit}");
+                println!("{tenant} may now owe up to ${limit}");
             }
         }
         BillingCommand::Cap {
@@ -185,8 +196,8 @@ pub async fn billing(command: BillingCommand) -> anyhow::Result<()> {
             };
             store.set_daily_cap(&tenant_id, cap).await?;
             match cap {
-                Some(cap) => println!("{tenant_id} may spend up to ${cap} per UTC day"),
-                None => println!("{tenant_id} has no daily cap"),
+                Some(cap) => println!("{tenant} may spend up to ${cap} per UTC day"),
+                None => println!("{tenant} has no daily cap"),
             }
         }
         BillingCommand::Show { tenant, ledger } => {
@@ -199,7 +210,7 @@ pub async fn billing(command: BillingCommand) -> anyhow::Result<()> {
                 from: now().utc_day_start(),
                 until: TimestampMs(now().utc_day_start().0 + TimestampMs::PER_DAY),
             };
-            println!("tenant      {tenant_id} (class {class})");
+            println!("tenant      {tenant} (class {class})");
             println!("balance     ${}", state.balance());
             match state.floor {
                 Some(floor) => println!("credit      ${}", MicroUsd(-floor.0)),
@@ -315,6 +326,7 @@ pub async fn ledger(command: LedgerCommand) -> anyhow::Result<()> {
         }
         LedgerCommand::Balances { ledger } => {
             let store = ledger.open().await?;
+            let names = ledger.names().await?;
             println!(
                 "{:<48} {:>18} {:>18}",
                 "account", "balance usd", "floor usd"
@@ -325,7 +337,7 @@ pub async fn ledger(command: LedgerCommand) -> anyhow::Result<()> {
                     .map_or_else(|| "none".to_string(), |floor| floor.to_string());
                 println!(
                     "{:<48} {:>18} {:>18}",
-                    account.to_string(),
+                    names.label(&account),
                     state.balance().to_string(),
                     floor
                 );
@@ -344,7 +356,8 @@ pub async fn ledger(command: LedgerCommand) -> anyhow::Result<()> {
             let statement = store.statement(&node, period).await?;
             let mut out = std::io::stdout().lock();
             if csv {
-                statement.write_csv(&mut out)?;
+                let names = ledger.names().await?;
+                statement.write_csv_named(&mut out, &|owner| names.owner(owner))?;
             } else {
                 let t = &statement.totals;
                 println!("statement of {node} from {from} until {to}");
@@ -382,7 +395,7 @@ pub async fn ledger(command: LedgerCommand) -> anyhow::Result<()> {
                 let requests = store.tenant_requests(&tenant_id, period).await?;
                 ledger::invoice::write_csv(&mut out, &invoice, &requests)?;
             } else {
-                ledger::invoice::write_text(&mut out, &invoice)?;
+                ledger::invoice::write_text(&mut out, &invoice, &tenant)?;
             }
         }
         LedgerCommand::Flags { node, ledger } => {
@@ -450,20 +463,26 @@ async fn payout(
     ledger: &LedgerArgs,
 ) -> anyhow::Result<()> {
     let instrument = instrument(instrument_name)?;
+    let store = ledger.coordinator_store().await?;
     let owner = match (owner, node) {
-        (Some(owner), _) => ledger::core::OwnerId::new(owner).context("--owner")?,
+        (Some(owner), _) => {
+            let record = store.owner_by_name(&owner).await?.with_context(|| {
+                format!("no owner named {owner:?} (see 'fleetgrid owners list')")
+            })?;
+            billing_accounts::owner_key(record.id)
+        }
         (None, Some(node)) => {
-            let store = ledger.coordinator_store().await?;
             let record = store
                 .list_nodes()
                 .await?
                 .into_iter()
                 .find(|record| record.name == node)
                 .with_context(|| format!("no node named {node:?}"))?;
-            billing::owner_account(&record.name, &record.owner)?
+            billing_accounts::node_owner_key(&record)?
         }
         (None, None) => bail!("give --owner or --node"),
     };
+    let owner_name = AccountNames::load(&store).await?.owner(&owner);
     let amount = match amount {
         "all" => PayoutAmount::All,
         dollars_text => PayoutAmount::UpTo(dollars(dollars_text, "--amount")?),
@@ -498,7 +517,7 @@ async fn payout(
         .await?
         .map_or(MicroUsd::ZERO, |state| state.balance());
     println!(
-        "{what} {delivered} to {owner} for ${}; balance ${balance}",
+        "{what} {delivered} to {owner_name} for ${}; balance ${balance}",
         receipt.amount
     );
     Ok(())

@@ -393,7 +393,7 @@ async fn an_idempotency_key_replays_the_result_without_charging_again() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_request_the_client_abandons_is_not_charged() {
+async fn a_request_the_client_abandons_is_charged_for_what_was_made() {
     let (options, _prices) = billed_options(&[]);
     let mut stack = Stack::start(options);
     stack.add_agent("car-1", 2);
@@ -418,19 +418,31 @@ async fn a_request_the_client_abandons_is_not_charged() {
     let _ = response.chunk().await.expect("chunk");
     let _ = response.chunk().await.expect("chunk");
     drop(response);
+    // The tokens made until the hang-up are charged (issue 11): poll the
+    // usage until the cancelled request's settlement shows.
     let deadline = std::time::Instant::now() + common::WAIT;
-    while stack.metric("fleetgrid_requests_cancelled_total").await < 1.0 {
+    let usage = loop {
+        let (_, usage) = get_as(&stack, &key, "/v1/usage").await;
+        if u64_of(&usage["requests"]) > 0 {
+            break usage;
+        }
         assert!(
             std::time::Instant::now() < deadline,
-            "cancellation not seen"
+            "never charged: {usage}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let (_, usage) = get_as(&stack, &key, "/v1/usage").await;
-    assert_eq!(u64_of(&usage["requests"]), 0, "{usage}");
-    assert_eq!(usage["balance_usd"], "0.010000");
+    };
+    assert_eq!(u64_of(&usage["requests"]), 1, "{usage}");
+    let completion = u64_of(&usage["completion_tokens"]);
+    assert!(completion < 200, "the generation was cut short: {usage}");
+    let charged =
+        u64_of(&usage["prompt_tokens"]) * SPOT_PROMPT_MICRO + completion * SPOT_COMPLETION_MICRO;
+    assert_eq!(u64_of(&usage["charged_micro_usd"]), charged, "{usage}");
+    let left = ledger::core::MicroUsd(10_000 - charged as i64).to_string();
+    assert_eq!(usage["balance_usd"], left.as_str());
     // Its hold is gone too: the whole balance is available again.
-    assert_eq!(usage["available_usd"], "0.010000");
+    assert_eq!(usage["available_usd"], left.as_str());
+    stack.cli(&["ledger", "verify"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -475,11 +487,22 @@ async fn the_coordinator_settles_into_postgresql() {
     let charged = u64_of(&body["usage"]["prompt_tokens"]) * SPOT_PROMPT_MICRO
         + u64_of(&body["usage"]["completion_tokens"]) * SPOT_COMPLETION_MICRO;
 
-    // The charge is in PostgreSQL, committed before the response came back.
+    // The charge is in PostgreSQL, committed before the response came back,
+    // on the account keyed by the tenant's id.
+    let store = coordinator::store::Store::open(stack.dir.path())
+        .await
+        .expect("open the coordinator's database");
+    let tenant = store
+        .tenant_by_name("pg-tenant")
+        .await
+        .expect("tenant")
+        .expect("tenant");
+    let account = ledger::core::AccountId::Tenant(coordinator::billing::ledger_tenant(&tenant));
     let (sum,): (i64,) = sqlx::query_as(&format!(
         "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM {schema}.ledger_transfers \
-         WHERE kind = 'token-charge' AND debit_account = 'tenant:pg-tenant'"
+         WHERE kind = 'token-charge' AND debit_account = $1"
     ))
+    .bind(account.to_string())
     .fetch_one(&mut admin)
     .await
     .expect("sum charges");
@@ -596,7 +619,19 @@ async fn a_migrated_generation_charges_the_prompt_once_and_pays_each_owner_who_s
         charge[0].amount().0 as u64,
         prompt * SPOT_PROMPT_MICRO + completion * SPOT_COMPLETION_MICRO
     );
-    let owner_of = |node: &str| if node == "car-1" { "alice" } else { "bob" };
+    let store = coordinator::store::Store::open(stack.dir.path())
+        .await
+        .expect("open the coordinator's database");
+    let mut owner_accounts = std::collections::BTreeMap::new();
+    for (node, owner) in [("car-1", "alice"), ("car-2", "bob")] {
+        let record = store
+            .owner_by_name(owner)
+            .await
+            .expect("owner")
+            .expect("owner");
+        let key = coordinator::billing_accounts::owner_key(record.id);
+        owner_accounts.insert(node, ledger::core::AccountId::Owner(key).to_string());
+    }
     let killed = killed.expect("a node was killed");
     let survivor = if killed == "car-1" { "car-2" } else { "car-1" };
     for (position, node) in [(0_u32, killed.as_str()), (1, survivor)] {
@@ -607,10 +642,7 @@ async fn a_migrated_generation_charges_the_prompt_once_and_pays_each_owner_who_s
             })
             .collect();
         assert_eq!(shares.len(), 1, "segment {position}");
-        assert_eq!(
-            shares[0].credit().to_string(),
-            format!("owner:{}", owner_of(node))
-        );
+        assert_eq!(shares[0].credit().to_string(), owner_accounts[node]);
     }
     // Each vehicle's statement shows the request and what it earned.
     let today = ledger::invoice::month_containing(ledger::core::TimestampMs(

@@ -169,6 +169,20 @@ async fn sigkilled_coordinators_leave_every_success_charged_once_and_the_ledger_
     let ledger = ledger::store::Store::open_sqlite(&stack.dir.path().join("ledger.db"))
         .await
         .expect("open ledger");
+    // The ledger keys accounts by ids; the coordinator's database has them.
+    let store = coordinator::store::Store::open(stack.dir.path())
+        .await
+        .expect("open the coordinator's database");
+    let mut owner_accounts = BTreeMap::new();
+    for (node, owner) in &owners {
+        let record = store
+            .owner_by_name(owner)
+            .await
+            .expect("owner")
+            .expect("owner");
+        let key = coordinator::billing_accounts::owner_key(record.id);
+        owner_accounts.insert(*node, ledger::core::AccountId::Owner(key).to_string());
+    }
     let successes = successes.lock().expect("lock").clone();
     assert!(
         successes.len() >= ROUNDS,
@@ -214,8 +228,7 @@ async fn sigkilled_coordinators_leave_every_success_charged_once_and_the_ledger_
             if let (Some(share), ledger::metering::Server::Node { node, .. }) =
                 (shares.first(), &segment.server)
             {
-                let owner = owners[node.as_str()];
-                assert_eq!(share.credit().to_string(), format!("owner:{owner}"));
+                assert_eq!(share.credit().to_string(), owner_accounts[node.as_str()]);
             }
         }
     }
@@ -225,7 +238,12 @@ async fn sigkilled_coordinators_leave_every_success_charged_once_and_the_ledger_
         from: ledger::core::TimestampMs(0),
         until: ledger::core::TimestampMs(i64::MAX),
     };
-    let tenant = ledger::core::TenantId::new("crash").expect("tenant");
+    let tenant = store
+        .tenant_by_name("crash")
+        .await
+        .expect("tenant")
+        .expect("tenant");
+    let tenant = coordinator::billing::ledger_tenant(&tenant);
     let settled = ledger
         .tenant_requests(&tenant, everything)
         .await

@@ -446,7 +446,7 @@ async fn a_client_that_does_not_read_its_stream_is_disconnected() {
 
     // The gateway gives up on the client: the node is told to stop, and the
     // connection is closed before the answer ended.
-    agent.expect_cancel(&assign.generation_id).await;
+    assert!(agent.expect_cancel(&assign.generation_id).await);
     let received = read_until_closed(&mut stream, Instant::now() + PROMPT_WAIT).await;
     assert!(!String::from_utf8_lossy(&received).contains("[DONE]"));
     assert!(
@@ -527,7 +527,7 @@ async fn a_node_that_trickles_tokens_cannot_hold_a_request_past_its_time() {
     let error: Value = response.json().await.expect("error body");
     assert_eq!(error["error"]["code"], "timeout", "{error}");
     assert!(started.elapsed() < Duration::from_secs(10));
-    agent.expect_cancel(&assign.generation_id).await;
+    assert!(agent.expect_cancel(&assign.generation_id).await);
 
     // Streamed: an error event, then the end of the stream.
     let mut streamed = body.clone();
@@ -546,7 +546,7 @@ async fn a_node_that_trickles_tokens_cannot_hold_a_request_past_its_time() {
     assert!(parsed.done, "{text}");
     assert_eq!(parsed.errors.len(), 1, "{text}");
     assert_eq!(parsed.errors[0]["error"]["code"], "timeout", "{text}");
-    agent.expect_cancel(&assign.generation_id).await;
+    assert!(agent.expect_cancel(&assign.generation_id).await);
     heartbeats.abort();
 }
 
@@ -612,6 +612,6 @@ async fn a_routed_request_is_bounded_as_a_whole_too() {
     assert_eq!(response.status(), 504);
     let error: Value = response.json().await.expect("error body");
     assert_eq!(error["error"]["code"], "timeout", "{error}");
-    agent.expect_cancel(&assign.generation_id).await;
+    assert!(agent.expect_cancel(&assign.generation_id).await);
     heartbeats.abort();
 }

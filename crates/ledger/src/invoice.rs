@@ -240,10 +240,11 @@ pub fn write_csv(
     )
 }
 
-/// Writes an invoice as text for the terminal.
-pub fn write_text(out: &mut impl Write, invoice: &Invoice) -> io::Result<()> {
+/// Writes an invoice as text for the terminal, naming the tenant as
+/// `tenant_name` (the ledger keys the tenant by an id, people by a name).
+pub fn write_text(out: &mut impl Write, invoice: &Invoice, tenant_name: &str) -> io::Result<()> {
     let usage = &invoice.usage;
-    writeln!(out, "invoice {} for tenant {}", invoice.month, usage.tenant)?;
+    writeln!(out, "invoice {} for tenant {tenant_name}", invoice.month)?;
     writeln!(
         out,
         "{:<32} {:>9} {:>14} {:>14} {:>16}",

@@ -138,6 +138,15 @@ fn totals(lines: &[StatementLine]) -> StatementTotals {
     totals
 }
 
+/// A CSV field, quoted when it holds a separator, a quote or a line break.
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_owned()
+    }
+}
+
 const LINES_HEADER: &str = "request_id,segment,owner,started_at_ms,prompt_tokens,\
 completion_tokens,compute_hours,energy_kwh,revenue_share_usd,energy_reimbursement_usd,earnings_usd";
 
@@ -148,6 +157,17 @@ impl Statement {
     /// One row per segment and a final `total` row. Ids are restricted to
     /// characters that need no CSV quoting (see `core::ids`).
     pub fn write_csv(&self, out: &mut impl Write) -> io::Result<()> {
+        self.write_csv_named(out, &|owner: &OwnerId| owner.to_string())
+    }
+
+    /// Like `write_csv`, with each line's owner shown as `owner_name` names
+    /// it (the ledger keys owners by ids, people know them by names). A name
+    /// that needs it is quoted.
+    pub fn write_csv_named(
+        &self,
+        out: &mut impl Write,
+        owner_name: &dyn Fn(&OwnerId) -> String,
+    ) -> io::Result<()> {
         writeln!(out, "{LINES_HEADER}")?;
         for line in &self.lines {
             writeln!(
@@ -155,7 +175,7 @@ impl Statement {
                 "{},{},{},{},{},{},{},{},{},{},{}",
                 line.request_id,
                 line.segment,
-                line.owner,
+                csv_field(&owner_name(&line.owner)),
                 line.started_at.0,
                 line.prompt_tokens,
                 line.completion_tokens,

@@ -67,10 +67,21 @@ async fn vehicle_statement(
         None | Some("json") => Ok(Json(statement_json(&statement)).into_response()),
         Some("csv") => {
             let mut csv = Vec::new();
-            statement.write_csv(&mut csv).map_err(|error| {
-                tracing::error!(%error, "write statement csv");
-                ApiError::internal()
-            })?;
+            // The ledger keys owners by id; the caller knows itself by name.
+            let own_key = crate::billing_accounts::owner_key(owner.id);
+            let owner_name = |key: &ledger::core::OwnerId| {
+                if *key == own_key {
+                    owner.name.clone()
+                } else {
+                    key.to_string()
+                }
+            };
+            statement
+                .write_csv_named(&mut csv, &owner_name)
+                .map_err(|error| {
+                    tracing::error!(%error, "write statement csv");
+                    ApiError::internal()
+                })?;
             Ok((
                 StatusCode::OK,
                 [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],

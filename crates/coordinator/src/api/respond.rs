@@ -18,17 +18,19 @@ use tokio::time::Instant;
 use super::admission::RequestSlot;
 use super::error::ApiError;
 use super::validate::{Endpoint, ValidatedRequest};
-use crate::billing_finish::Finisher;
+use crate::billing_finish::{CancelCharge, Finisher};
 use crate::core::{CommittedToken, Core, FinishReason, GenerationError, Update, Usage};
 use crate::limits;
 
 /// Cancels the generation when the client's response is dropped before the
-/// generation finished (the client disconnected), and holds the gateway
-/// permit for as long as the response lives.
+/// generation finished (the client disconnected), charging what was made
+/// until then (`CancelCharge`), and holds the gateway permit for as long as
+/// the response lives.
 pub struct CancelGuard {
     core: Arc<Core>,
     request: RequestId,
     armed: bool,
+    charge: Option<CancelCharge>,
     _permit: RequestSlot,
 }
 
@@ -38,12 +40,24 @@ impl CancelGuard {
             core,
             request,
             armed: true,
+            charge: None,
             _permit: permit,
         }
     }
 
+    /// Charges the client for what the generation made if it cancels.
+    pub fn charge_on_cancel(&mut self, charge: CancelCharge) {
+        self.charge = Some(charge);
+    }
+
     fn disarm(&mut self) {
         self.armed = false;
+    }
+
+    /// The generation is cancelled because the platform failed it (a
+    /// timeout), not the client: nothing is charged.
+    fn forgo_charge(&mut self) {
+        self.charge = None;
     }
 }
 
@@ -51,7 +65,10 @@ impl Drop for CancelGuard {
     fn drop(&mut self) {
         if self.armed {
             tracing::info!(request_id = self.request.0, "client went away; cancelling");
-            self.core.cancel(self.request);
+            let metering = self.core.cancel_metered(self.request);
+            if let (Some(metering), Some(charge)) = (metering, self.charge.take()) {
+                charge.settle_in_background(metering);
+            }
         }
     }
 }
@@ -275,7 +292,10 @@ pub async fn collect(
     let mut text = meta.echo_prompt.clone().unwrap_or_default();
     let mut logprobs = LogprobEntries::default();
     let (reason, usage, metering) = loop {
-        match next_update(&mut updates, meta.deadline).await? {
+        match next_update(&mut updates, meta.deadline)
+            .await
+            .inspect_err(|_| guard.forgo_charge())?
+        {
             Update::Token(token) => {
                 logprobs.push(&meta, &token);
                 text.push_str(&assembler.push(&token.piece));
@@ -424,7 +444,8 @@ pub fn stream(
                 }
                 Err(error) => {
                     // The guard stays armed: the generation is cancelled
-                    // when this stream ends.
+                    // when this stream ends, uncharged (our timeout).
+                    guard.forgo_charge();
                     yield Ok(Event::default().data(error.body_json()));
                     break;
                 }

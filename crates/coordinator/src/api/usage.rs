@@ -60,7 +60,7 @@ async fn usage_report(
         .daily_cap(&tenant_id)
         .await
         .map_err(|error| internal("daily cap", &error))?;
-    let mut body = report_json(&report);
+    let mut body = report_json(&report, &tenant);
     body["object"] = json!("usage");
     body["balance_usd"] = json!(account.map_or(MicroUsd::ZERO, |a| a.balance()).to_string());
     body["available_usd"] = match account.and_then(|a| a.available()) {
@@ -101,7 +101,7 @@ async fn monthly_invoice(
         .map_err(|error| internal("invoice", &error))?;
     match query.get("format").map(String::as_str) {
         None | Some("json") => {
-            let mut body = report_json(&bill.usage);
+            let mut body = report_json(&bill.usage, &tenant);
             body["object"] = json!("invoice");
             body["month"] = json!(bill.month);
             body["total_usd"] = json!(bill.usage.totals.charged.to_string());
@@ -221,7 +221,9 @@ fn totals_json(totals: &UsageTotals) -> Value {
     })
 }
 
-fn report_json(report: &UsageReport) -> Value {
+/// The report as JSON; `tenant` names the tenant by its name, not by the
+/// id its ledger account is keyed by.
+fn report_json(report: &UsageReport, tenant: &TenantRecord) -> Value {
     let by_model: Vec<Value> = report
         .by_model
         .iter()
@@ -232,7 +234,7 @@ fn report_json(report: &UsageReport) -> Value {
         })
         .collect();
     let mut body = totals_json(&report.totals);
-    body["tenant"] = json!(report.tenant.as_str());
+    body["tenant"] = json!(tenant.name);
     body["from_ms"] = json!(report.period.from.0);
     body["to_ms"] = json!(report.period.until.0);
     body["by_model"] = json!(by_model);

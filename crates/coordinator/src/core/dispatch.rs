@@ -154,6 +154,7 @@ impl Core {
             return;
         };
         let name = target.name.clone();
+        let speed = target.paid_speed();
         if target.outbound.try_send(message).is_err() {
             tracing::warn!(node_id = %name, "node not draining its stream; treating it as lost");
             state.follow_up.push(Event::AttemptFailed { request, node });
@@ -171,6 +172,7 @@ impl Core {
                 prefilled,
                 epoch_ms(now),
                 share_us,
+                speed,
             ));
         }
     }

@@ -87,8 +87,6 @@ pub struct HostileAgent {
 }
 
 /// How a session's opening went.
-// One value per session opened in a test: its size does not matter.
-#[allow(clippy::large_enum_variant)]
 pub enum Opened {
     Welcomed(Box<HostileAgent>),
     Refused(proto::Refusal),
@@ -248,30 +246,7 @@ impl HostileAgent {
         .await
     }
 }
-
 impl HostileAgent {
-    /// Heartbeats every `every` from a task of its own, so that the session
-    /// stays alive while the test does something else; ends when the
-    /// session does. Abort it (and await it) before dropping the agent to
-    /// disconnect.
-    pub fn keep_alive(&self, every: Duration) -> tokio::task::JoinHandle<()> {
-        let outbound = self.outbound.clone();
-        tokio::spawn(async move {
-            loop {
-                let heartbeat = proto::AgentMessage {
-                    kind: Some(AgentKind::Heartbeat(proto::Heartbeat {
-                        state: Some(plugged_in_state()),
-                        active_generations: 1,
-                    })),
-                };
-                if outbound.send(heartbeat).await.is_err() {
-                    return;
-                }
-                tokio::time::sleep(every).await;
-            }
-        })
-    }
-
     /// Sends `data` as a KV checkpoint of `tokens` tokens for
     /// `generation_id`, announcing `total_bytes`, in pieces of at most
     /// `proto::KV_CHECKPOINT_CHUNK_BYTES_MAX` at consecutive offsets, as an
@@ -327,9 +302,9 @@ impl HostileAgent {
 }
 
 impl HostileAgent {
-    /// Heartbeats every `interval` in the background until the session ends
-    /// or the returned task is aborted, so that a test can wait on other
-    /// things without the node being marked gone.
+    /// Heartbeats every `interval` in the background (one active generation)
+    /// until the session ends or the returned task is aborted, so that a test
+    /// can wait on other things without the node being marked gone.
     pub fn keep_alive(&self, interval: Duration) -> tokio::task::JoinHandle<()> {
         let outbound = self.outbound.clone();
         tokio::spawn(async move {
@@ -337,7 +312,7 @@ impl HostileAgent {
                 let heartbeat = proto::AgentMessage {
                     kind: Some(AgentKind::Heartbeat(proto::Heartbeat {
                         state: Some(plugged_in_state()),
-                        active_generations: 0,
+                        active_generations: 1,
                     })),
                 };
                 if outbound.send(heartbeat).await.is_err() {
@@ -348,18 +323,75 @@ impl HostileAgent {
         })
     }
 
-    /// Waits for the coordinator to cancel `generation_id`, skipping other
-    /// messages; panics if the stream ends first (or nothing comes within
-    /// `RECEIVE_WAIT`).
-    pub async fn expect_cancel(&mut self, generation_id: &str) {
+    /// Heartbeats as [`HostileAgent::keep_alive`] does, until the returned
+    /// guard is dropped.
+    pub fn heartbeat_every(&self, interval: Duration) -> Heartbeats {
+        Heartbeats(self.keep_alive(interval))
+    }
+
+    /// Sends `tokens` (id and the text an honest node gives it) for
+    /// `generation_id`, each at the position after the last.
+    pub async fn pieces(
+        &self,
+        generation_id: &str,
+        first_position: u32,
+        tokens: &[(i32, Vec<u8>)],
+    ) -> bool {
+        let tokens = tokens
+            .iter()
+            .enumerate()
+            .map(|(index, (token_id, piece))| proto::Token {
+                position: first_position + index as u32,
+                token_id: *token_id,
+                piece: piece.clone(),
+                logprob: -0.5,
+                top_logprobs: Vec::new(),
+            })
+            .collect();
+        self.send(AgentKind::Tokens(proto::TokenBatch {
+            generation_id: generation_id.to_string(),
+            tokens,
+        }))
+        .await
+    }
+
+    /// Answers `assign` as an honest node would: `tokens`, then a `Done`
+    /// with the counts the coordinator also has.
+    pub async fn answer(&self, assign: &proto::Assign, tokens: &[(i32, Vec<u8>)]) -> bool {
+        let first = assign.committed_tokens.len() as u32;
+        self.pieces(&assign.generation_id, first, tokens).await
+            && self
+                .done(
+                    &assign.generation_id,
+                    proto::FinishReason::Stop,
+                    assign.prompt_tokens.len() as u32,
+                    first + tokens.len() as u32,
+                    1,
+                )
+                .await
+    }
+
+    /// Waits for the coordinator to cancel `generation_id`, skipping
+    /// anything else; false if the stream ended first.
+    pub async fn expect_cancel(&mut self, generation_id: &str) -> bool {
         loop {
             match self.next().await {
                 Some(CoordinatorKind::Cancel(cancel)) if cancel.generation_id == generation_id => {
-                    return
+                    return true
                 }
                 Some(_) => continue,
-                None => panic!("the session ended before {generation_id} was cancelled"),
+                None => return false,
             }
         }
+    }
+}
+
+/// Heartbeats sent in the background until dropped, so that a hostile agent
+/// that holds a generation is not taken for lost while it does.
+pub struct Heartbeats(tokio::task::JoinHandle<()>);
+
+impl Drop for Heartbeats {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

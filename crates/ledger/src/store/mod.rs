@@ -67,6 +67,8 @@ pub enum StoreError {
     Corrupt { what: &'static str, reason: String },
     #[error("{what} of {value} does not fit a signed 64-bit column")]
     OutOfRange { what: &'static str, value: u64 },
+    #[error("re-key accounts: {0}")]
+    Rekey(String),
     #[error("commit collided with concurrent commits {0} times")]
     Contention(usize),
 }
@@ -88,8 +90,10 @@ macro_rules! on_pool {
 }
 
 mod billing;
+mod rekey;
 
 pub use billing::{MeterFlag, METER_FLAGS_LISTED_MAX, REQUEST_LINES_MAX};
+pub use rekey::{Rekey, RekeyOutcome};
 
 /// A ledger in SQLite or PostgreSQL.
 pub struct Store {

@@ -1,0 +1,396 @@
+//! Hostile input, the money side (issue 11, items 1, 7 and 11): one tenant
+//! must never be billed on another's account, an ownerless node never paid
+//! into an owner's, a node that sits on a generation is paid for its tokens
+//! and not for the wait, and a client that hangs up pays for what was made.
+//!
+//! A real coordinator with the SQLite ledger and a test price sheet; the
+//! nodes are hostile agents (`common::hostile`) speaking the real protocol,
+//! so that what they send and when is exact.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::hostile::{self, HostileAgent};
+use common::{Stack, StackOptions, MODEL, WAIT};
+use coordinator::limits;
+use serde_json::{json, Value};
+
+/// Spot $2 / $4 and fleet $5 / $10 per million prompt / completion tokens:
+/// every token is worth whole micro-dollars, so charges are exact.
+const SPOT_PROMPT_MICRO: u64 = 2;
+const SPOT_COMPLETION_MICRO: u64 = 4;
+
+const HEARTBEAT: Duration = Duration::from_millis(300);
+
+fn prices_json() -> String {
+    json!({
+        "owner_share_bps": 7000,
+        "cloud_margin_bps": 2000,
+        "fleet": { MODEL: {
+            "fleet": {"prompt": "5.00", "completion": "10.00"},
+            "reserved": {"prompt": "3.00", "completion": "6.00"},
+            "spot": {"prompt": "2.00", "completion": "4.00"}
+        }},
+        "payout_per_unit": {"cash": "0.01", "charging-credit": "0.0003",
+                            "subscription-credit": "0.009", "ride-credit": "0.009"},
+        "power": {"watts_idle": 15, "watts_busy": 60},
+        "tariff": {"per_kwh": "0.30"}
+    })
+    .to_string()
+}
+
+/// A stack on the test price sheet (kept in the returned directory).
+fn priced_stack() -> (Stack, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path: PathBuf = dir.path().join("prices.json");
+    std::fs::write(&path, prices_json()).expect("write prices");
+    let stack = Stack::start(StackOptions {
+        extra_serve_args: vec!["--prices".into(), path.display().to_string()],
+    });
+    (stack, dir)
+}
+
+/// Real token ids of the served model with the text an honest node sends.
+fn honest_tokens() -> Vec<(i32, Vec<u8>)> {
+    let tokenizer = engine::Tokenizer::load(&common::model_path()).expect("tokenizer");
+    let ids = tokenizer
+        .tokenize(" red green blue yellow", false)
+        .expect("tokenize");
+    ids.into_iter()
+        .map(|id| (id, tokenizer.piece(id)))
+        .collect()
+}
+
+/// Enrols `name` (under `owner`, or none) and connects it as a hostile
+/// agent declaring `hardware`.
+async fn hostile_node(
+    stack: &Stack,
+    name: &str,
+    owner: Option<&str>,
+    hardware: proto::Hardware,
+) -> HostileAgent {
+    let mut args = vec!["nodes", "add", name];
+    if let Some(owner) = owner {
+        args.extend(["--owner", owner]);
+    }
+    let credential = stack.cli(&args);
+    hostile::connect(stack.grpc, hostile::hello(name, &credential, hardware))
+        .await
+        .welcomed()
+}
+
+/// Answers every assignment honestly with `tokens[..count]`, until aborted.
+fn serve_honestly(mut agent: HostileAgent, count: usize) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let tokens = honest_tokens();
+        let _beats = agent.heartbeat_every(HEARTBEAT);
+        while let Some(assign) = agent.next_assignment().await {
+            agent.answer(&assign, &tokens[..count]).await;
+        }
+    })
+}
+
+fn chat_body(max_tokens: u32) -> Value {
+    json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Name a colour."}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+    })
+}
+
+async fn post_as(stack: &Stack, key: &str, body: &Value) -> reqwest::Response {
+    stack
+        .client()
+        .post(stack.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .expect("send request")
+}
+
+async fn get_as(stack: &Stack, key: &str, path: &str) -> (u16, Value) {
+    let response = stack
+        .client()
+        .get(stack.url(path))
+        .bearer_auth(key)
+        .send()
+        .await
+        .expect("send");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("json"))
+}
+
+fn u64_of(value: &Value) -> u64 {
+    value
+        .as_u64()
+        .unwrap_or_else(|| panic!("not a number: {value}"))
+}
+
+/// A fixed-point decimal string as an integer of its smallest unit.
+fn fixed(text: &str) -> u64 {
+    text.replace('.', "").parse().expect("a fixed-point number")
+}
+
+fn balances(stack: &Stack) -> String {
+    let output = std::process::Command::new(common::binary())
+        .args(["ledger", "balances", "--data-dir"])
+        .arg(stack.dir.path())
+        .output()
+        .expect("run fleetgrid");
+    assert!(output.status.success(), "ledger balances failed");
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
+/// The balance `ledger balances` shows on the line of `label`, in µUSD.
+fn balance_of(balances: &str, label: &str) -> Option<u64> {
+    balances.lines().find_map(|line| {
+        let rest = line.strip_prefix(label)?.strip_prefix(' ')?;
+        rest.split_whitespace().next().map(fixed)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_is_never_billed_on_the_account_of_a_tenant_named_after_its_id() {
+    let (stack, _prices) = priced_stack();
+    let node = hostile_node(&stack, "car-h", None, hostile::modest_hardware()).await;
+    let server = serve_honestly(node, 3);
+    stack.wait_for_nodes(&["car-h"]).await;
+
+    // "probe corp" is left unfunded; a tenant named after its id is funded.
+    let probe_key = stack.cli(&["tenants", "create", "probe corp", "--class", "spot"]);
+    let store = coordinator::store::Store::open(stack.dir.path())
+        .await
+        .expect("open the coordinator's database");
+    let probe = store.tenant_by_name("probe corp").await.expect("lookup");
+    let lookalike = format!("tenant-{}", probe.expect("probe corp exists").id);
+    let lookalike_key = stack.cli(&["tenants", "create", &lookalike, "--class", "spot"]);
+    stack.cli(&[
+        "billing",
+        "topup",
+        "--tenant",
+        &lookalike,
+        "--amount",
+        "0.01",
+        "--reference",
+        "lookalike-1",
+    ]);
+
+    let refused = post_as(&stack, &probe_key, &chat_body(3)).await;
+    assert_eq!(
+        refused.status(),
+        402,
+        "{}",
+        refused.text().await.unwrap_or_default()
+    );
+    let (_, lookalike_usage) = get_as(&stack, &lookalike_key, "/v1/usage").await;
+    assert_eq!(
+        lookalike_usage["balance_usd"], "0.010000",
+        "{lookalike_usage}"
+    );
+    assert_eq!(u64_of(&lookalike_usage["requests"]), 0);
+    assert_eq!(lookalike_usage["tenant"], lookalike.as_str());
+    let (_, probe_usage) = get_as(&stack, &probe_key, "/v1/usage").await;
+    assert_eq!(probe_usage["tenant"], "probe corp", "{probe_usage}");
+    assert_eq!(probe_usage["balance_usd"], "0.000000");
+
+    // The funded tenant's own request is charged to it, and only to it.
+    let served = post_as(&stack, &lookalike_key, &chat_body(3)).await;
+    assert_eq!(served.status(), 200);
+    let (_, lookalike_usage) = get_as(&stack, &lookalike_key, "/v1/usage").await;
+    assert_eq!(u64_of(&lookalike_usage["requests"]), 1);
+    let charged = u64_of(&lookalike_usage["charged_micro_usd"]);
+    assert!(charged > 0);
+    assert_eq!(
+        fixed(lookalike_usage["balance_usd"].as_str().expect("balance")),
+        10_000 - charged
+    );
+    let (_, probe_usage) = get_as(&stack, &probe_key, "/v1/usage").await;
+    assert_eq!(u64_of(&probe_usage["requests"]), 0, "{probe_usage}");
+    assert_eq!(probe_usage["balance_usd"], "0.000000");
+    stack.cli(&["ledger", "verify"]);
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ownerless_node_named_like_an_owner_does_not_pay_that_owner() {
+    let (stack, _prices) = priced_stack();
+    stack.cli(&["owners", "create", "alice"]);
+    let node = hostile_node(&stack, "alice", None, hostile::modest_hardware()).await;
+    let server = serve_honestly(node, 3);
+    stack.wait_for_nodes(&["alice"]).await;
+
+    let body = stack.chat(&chat_body(3)).await;
+    assert_eq!(u64_of(&body["usage"]["completion_tokens"]), 3);
+    let balances = balances(&stack);
+    assert_eq!(balance_of(&balances, "owner:alice"), Some(0), "{balances}");
+    let vehicle = balance_of(&balances, "vehicle:alice");
+    assert!(vehicle.is_some_and(|earned| earned > 0), "{balances}");
+    stack.cli(&["ledger", "verify"]);
+    server.abort();
+}
+
+/// Hardware declaring itself absurdly slow, to raise its paid bound.
+fn sluggish_hardware() -> proto::Hardware {
+    proto::Hardware {
+        decode_tokens_per_second: 0.001,
+        prefill_tokens_per_second: 0.001,
+        ..hostile::modest_hardware()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_waits_before_its_only_token_is_paid_for_the_token_not_the_wait() {
+    // How long the hostile node sits on the generation before answering.
+    const HOLD: Duration = Duration::from_secs(6);
+    let (stack, _prices) = priced_stack();
+    let owner_key = stack.cli(&["owners", "create", "mallory"]);
+    let tokens = honest_tokens();
+    let power = ledger::price_file::PriceConfig::parse_json(&prices_json())
+        .expect("prices")
+        .power_of(&ledger::core::NodeId::new("any").expect("node"));
+    for (name, hardware) in [
+        ("slowpoke", hostile::modest_hardware()),
+        ("liar", sluggish_hardware()),
+    ] {
+        let mut agent = hostile_node(&stack, name, Some("mallory"), hardware.clone()).await;
+        let beats = agent.heartbeat_every(HEARTBEAT);
+        stack.wait_for_nodes(&[name]).await;
+        let client = {
+            let (url, key) = (stack.url("/v1/chat/completions"), stack.api_key.clone());
+            tokio::spawn(async move {
+                let response = reqwest::Client::new()
+                    .post(url)
+                    .bearer_auth(key)
+                    .json(&chat_body(1))
+                    .send()
+                    .await
+                    .expect("send");
+                response.status().as_u16()
+            })
+        };
+        let assign = agent.next_assignment().await.expect("an assignment");
+        // The hostile behaviour under test: nothing for a while, then one token.
+        tokio::time::sleep(HOLD).await;
+        assert!(agent.answer(&assign, &tokens[..1]).await);
+        assert_eq!(client.await.expect("client"), 200);
+        drop(beats);
+        drop(agent);
+        stack.wait_for_nodes(&[]).await;
+
+        // The bound: its tokens at the speed it declared, never below the
+        // floors, times the slack.
+        let prompt = assign.prompt_tokens.len() as u64;
+        let prefill = (hardware.prefill_tokens_per_second as u64)
+            .max(limits::PAID_PREFILL_TOKENS_PER_SECOND_MIN);
+        let decode = (hardware.decode_tokens_per_second as u64)
+            .max(limits::PAID_DECODE_TOKENS_PER_SECOND_MIN);
+        let bound_ms = limits::PAID_COMPUTE_SLACK
+            * ((prompt * 1_000).div_ceil(prefill) + 1_000_u64.div_ceil(decode));
+        assert!(
+            bound_ms * 2 < HOLD.as_millis() as u64,
+            "the test must tell them apart"
+        );
+
+        let path = format!("/owner/v1/vehicles/{name}/statement");
+        let (status, statement) = get_as(&stack, &owner_key, &path).await;
+        assert_eq!(status, 200, "{statement}");
+        assert_eq!(u64_of(&statement["requests"]), 1, "{statement}");
+        let micro_hours = fixed(statement["compute_hours"].as_str().expect("hours"));
+        assert!(
+            micro_hours * 36 <= bound_ms * 10,
+            "{name} was paid {micro_hours} µh of compute, more than its tokens' {bound_ms} ms"
+        );
+        let energy_uwh = fixed(statement["energy_kwh"].as_str().expect("energy"));
+        let bound_energy = power.segment_energy(ledger::core::DurationMs(bound_ms));
+        assert!(
+            energy_uwh <= bound_energy.0,
+            "{name} was paid for {energy_uwh} µWh, more than {bound_energy:?}"
+        );
+    }
+    stack.cli(&["ledger", "verify"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_hangs_up_pays_for_the_prompt_and_the_tokens_made() {
+    use futures::StreamExt;
+    let (stack, _prices) = priced_stack();
+    let owner_key = stack.cli(&["owners", "create", "olga"]);
+    let mut agent = hostile_node(&stack, "car-c", Some("olga"), hostile::modest_hardware()).await;
+    let _beats = agent.heartbeat_every(HEARTBEAT);
+    stack.wait_for_nodes(&["car-c"]).await;
+    let key = stack.cli(&["tenants", "create", "hangs-up", "--class", "spot"]);
+    stack.cli(&[
+        "billing",
+        "topup",
+        "--tenant",
+        "hangs-up",
+        "--amount",
+        "1",
+        "--reference",
+        "h1",
+    ]);
+
+    let mut body = chat_body(50);
+    body["stream"] = json!(true);
+    let response = post_as(&stack, &key, &body).await;
+    assert_eq!(response.status(), 200);
+    let assign = agent.next_assignment().await.expect("an assignment");
+    let tokens = honest_tokens();
+    let made = 3;
+    assert!(
+        agent
+            .pieces(&assign.generation_id, 0, &tokens[..made])
+            .await
+    );
+    // Read until the tokens' text arrived, then hang up.
+    let mut stream = response.bytes_stream();
+    let mut raw = String::new();
+    let expected: String = tokens[..made]
+        .iter()
+        .map(|(_, piece)| String::from_utf8_lossy(piece).into_owned())
+        .collect();
+    let whole_lines = |raw: &str| raw[..raw.rfind('\n').map_or(0, |end| end + 1)].to_string();
+    while !common::parse_sse(&whole_lines(&raw))
+        .content
+        .contains(expected.trim())
+    {
+        let chunk = stream.next().await.expect("a chunk").expect("chunk bytes");
+        raw.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(stream);
+    assert!(agent.expect_cancel(&assign.generation_id).await);
+
+    // The charge lands once the cancel is settled: poll, never sleep.
+    let deadline = Instant::now() + WAIT;
+    let usage = loop {
+        let (_, usage) = get_as(&stack, &key, "/v1/usage").await;
+        if u64_of(&usage["requests"]) > 0 {
+            break usage;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cancelled request was never charged: {usage}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let prompt = assign.prompt_tokens.len() as u64;
+    assert_eq!(u64_of(&usage["requests"]), 1, "{usage}");
+    assert_eq!(u64_of(&usage["prompt_tokens"]), prompt, "{usage}");
+    assert_eq!(u64_of(&usage["completion_tokens"]), made as u64, "{usage}");
+    assert_eq!(
+        u64_of(&usage["charged_micro_usd"]),
+        prompt * SPOT_PROMPT_MICRO + made as u64 * SPOT_COMPLETION_MICRO
+    );
+    // The node that made them is credited for them.
+    let (status, statement) =
+        get_as(&stack, &owner_key, "/owner/v1/vehicles/car-c/statement").await;
+    assert_eq!(status, 200, "{statement}");
+    assert_eq!(u64_of(&statement["requests"]), 1, "{statement}");
+    assert_eq!(u64_of(&statement["completion_tokens"]), made as u64);
+    assert!(u64_of(&statement["earnings_micro_usd"]) > 0, "{statement}");
+    stack.cli(&["ledger", "verify"]);
+}
