@@ -92,3 +92,28 @@ pub const SSE_LINE_BYTES_MAX: usize = 1024 * 1024;
 /// Events buffered between a routed request's driver and its response; the
 /// driver waits when the client reads slowly.
 pub const ROUTED_EVENTS_CAPACITY: usize = 64;
+
+/// Largest first message (the `Hello`) a new agent stream may send, before
+/// it has authenticated. A gRPC length prefix above it ends the stream
+/// before the message is read (`grpc::HelloLimit`). An honest `Hello` is a
+/// few hundred bytes per cached model.
+pub const HELLO_BYTES_MAX: usize = 16 * 1024;
+
+/// Agent streams that have not yet passed the handshake, at once; more are
+/// refused with `RESOURCE_EXHAUSTED` before anything of theirs is read.
+pub const UNAUTHENTICATED_SESSIONS_MAX: usize = 64;
+
+/// HTTP/2 streams one agent connection may open at once (an agent uses one).
+pub const AGENT_STREAMS_PER_CONNECTION_MAX: u32 = 4;
+
+/// Longest generation id a node may send back; ours are `REQUEST.ATTEMPT`,
+/// two decimal integers. Longer is a protocol violation.
+pub const GENERATION_ID_BYTES_MAX: usize = 48;
+
+/// Bytes of a node's failure message kept (logged and, for a failure no
+/// other node would fix, shown to the client); the rest is cut off.
+pub const NODE_FAILURE_MESSAGE_BYTES_MAX: usize = 512;
+
+/// How far above zero a node's logprob may lie (float rounding in a
+/// log-softmax) before it is a protocol violation.
+pub const LOGPROB_ABOVE_ZERO_TOLERANCE: f32 = 1e-3;
