@@ -180,14 +180,8 @@ impl Bench {
     async fn wait_for_nodes(&self, count: usize) -> anyhow::Result<()> {
         let started = Instant::now();
         loop {
-            let health: Value = self
-                .client
-                .get(format!("{}/health", self.http))
-                .send()
-                .await?
-                .json()
-                .await?;
-            if health["nodes_connected"].as_u64() == Some(count as u64) {
+            let http: std::net::SocketAddr = self.http.trim_start_matches("http://").parse()?;
+            if crate::demo::nodes_connected(&self.client, http).await == count as u64 {
                 return Ok(());
             }
             if started.elapsed() > STEP_TIMEOUT {

@@ -312,15 +312,7 @@ async fn wait_for_node(
             outcome.context("start the cloud's node")?;
             bail!("the cloud's node stopped during start-up");
         }
-        let health: Option<serde_json::Value> =
-            match client.get(format!("http://{http}/health")).send().await {
-                Ok(response) => response.json().await.ok(),
-                Err(_) => None,
-            };
-        let connected = health
-            .as_ref()
-            .and_then(|health| health["nodes_connected"].as_u64())
-            .unwrap_or(0);
+        let connected = crate::demo::nodes_connected(&client, http).await;
         if connected >= 1 {
             return Ok(());
         }

@@ -235,17 +235,16 @@ async fn start_coordinator(
     Ok((bound.http, bound.grpc))
 }
 
-/// How many nodes the coordinator at `http` reports connected on `/health`; 0 while it does
-/// not answer.
+/// How many nodes the coordinator at `http` reports connected (its `fleetgrid_nodes_connected`
+/// gauge: `/health` without a key says only whether it is healthy); 0 while it does not answer.
 pub(crate) async fn nodes_connected(client: &reqwest::Client, http: SocketAddr) -> u64 {
-    let health: Option<serde_json::Value> =
-        match client.get(format!("http://{http}/health")).send().await {
-            Ok(response) => response.json().await.ok(),
-            Err(_) => None,
-        };
-    health
-        .as_ref()
-        .and_then(|health| health["nodes_connected"].as_u64())
+    let text = match client.get(format!("http://{http}/metrics")).send().await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    text.lines()
+        .find_map(|line| line.strip_prefix("fleetgrid_nodes_connected "))
+        .and_then(|value| value.trim().parse().ok())
         .unwrap_or(0)
 }
 

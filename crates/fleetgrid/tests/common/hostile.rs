@@ -87,6 +87,8 @@ pub struct HostileAgent {
 }
 
 /// How a session's opening went.
+// Built once per connection attempt and unpacked at once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Opened {
     Welcomed(HostileAgent),
     Refused(proto::Refusal),
@@ -243,5 +245,27 @@ impl HostileAgent {
             prompt_reused_tokens: 0,
         }))
         .await
+    }
+}
+
+impl HostileAgent {
+    /// Heartbeats every `every` from a task of its own, so that the node stays alive while the
+    /// test reads what the coordinator sends; abort the task to stop.
+    pub fn heartbeat_in_background(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let outbound = self.outbound.clone();
+        tokio::spawn(async move {
+            loop {
+                let heartbeat = proto::AgentMessage {
+                    kind: Some(AgentKind::Heartbeat(proto::Heartbeat {
+                        state: Some(plugged_in_state()),
+                        active_generations: 0,
+                    })),
+                };
+                if outbound.send(heartbeat).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(every).await;
+            }
+        })
     }
 }
