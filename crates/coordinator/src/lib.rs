@@ -234,6 +234,7 @@ pub async fn serve(
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.heartbeat_interval))
         .max_concurrent_streams(Some(limits::AGENT_STREAMS_PER_CONNECTION_MAX))
+        .initial_stream_window_size(Some(limits::AGENT_STREAM_WINDOW_BYTES))
         .add_service(grpc::HelloLimit {
             // Agents send small messages; only `Assign`s going out carry
             // whole KV checkpoints.

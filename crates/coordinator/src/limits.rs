@@ -106,6 +106,12 @@ pub const UNAUTHENTICATED_SESSIONS_MAX: usize = 64;
 /// HTTP/2 streams one agent connection may open at once (an agent uses one).
 pub const AGENT_STREAMS_PER_CONNECTION_MAX: u32 = 4;
 
+/// HTTP/2 flow-control window of one agent stream: what HTTP/2 buffers for a
+/// stream before the coordinator reads it, so also what a stream waiting to
+/// authenticate can make it hold. Large enough for a KV checkpoint piece to
+/// flow at several MB/s over a 50 ms round trip.
+pub const AGENT_STREAM_WINDOW_BYTES: u32 = 256 * 1024;
+
 /// Longest generation id a node may send back; ours are `REQUEST.ATTEMPT`,
 /// two decimal integers. Longer is a protocol violation.
 pub const GENERATION_ID_BYTES_MAX: usize = 48;

@@ -21,7 +21,8 @@ pub struct TrustConfig {
     /// Stalls after which a node gets no slot at all (it keeps its connection, and its running
     /// work moves as it stalls).
     pub stalls_max: u32,
-    /// A generation is never declared stalled sooner than this after its last progress.
+    /// A generation is never declared stalled sooner than this after its last progress. An honest
+    /// node's decode may wait behind another prompt's prefill chunk for seconds on a slow CPU.
     pub stall_floor_ms: u64,
     /// Nor later than this; also the bound for a node with no measured pace, and for an
     /// attempt's first token (its prefill is not measured).
@@ -37,7 +38,7 @@ impl Default for TrustConfig {
             unproven_slots_max: 4,
             completed_per_slot: 1,
             stalls_max: 3,
-            stall_floor_ms: 5_000,
+            stall_floor_ms: 10_000,
             stall_ceiling_ms: 30_000,
             stall_interval_multiple: 20,
         }
