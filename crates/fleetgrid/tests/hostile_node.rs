@@ -109,6 +109,13 @@ fn forgeries() -> Vec<(&'static str, Vec<proto::Token>)> {
             )],
         ),
         ("negative id", vec![token(0, -5, b"", -0.5)]),
+        ("out of order", vec![token(1, 1000, b"", -0.5)]),
+        (
+            "more tokens than max_tokens",
+            (0..7)
+                .map(|position| token(position, 1000, b"", -0.5))
+                .collect(),
+        ),
         (
             "id past the vocabulary",
             vec![token(0, 1_000_000_000, b"", -0.5)],
