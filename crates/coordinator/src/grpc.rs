@@ -373,3 +373,89 @@ impl http_body::Body for FirstMessageLimit {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use http_body::Body as _;
+
+    use super::*;
+
+    /// A request body that yields the given chunks as data frames.
+    struct Chunks(VecDeque<bytes::Bytes>);
+
+    impl http_body::Body for Chunks {
+        type Data = bytes::Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Status>>> {
+            Poll::Ready(
+                self.0
+                    .pop_front()
+                    .map(|chunk| Ok(http_body::Frame::data(chunk))),
+            )
+        }
+    }
+
+    /// What the limited body yields for these chunks: the data passed on, and
+    /// whether it ended with an error.
+    async fn read(chunks: Vec<Vec<u8>>) -> (Vec<u8>, bool, u64) {
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let chunks = chunks.into_iter().map(bytes::Bytes::from).collect();
+        let mut body = FirstMessageLimit {
+            inner: tonic::body::Body::new(Chunks(chunks)),
+            header: Vec::new(),
+            state: LimitState::ReadingHeader,
+            metrics: Arc::clone(&metrics),
+        };
+        let mut passed = Vec::new();
+        let mut refused = false;
+        while let Some(frame) =
+            std::future::poll_fn(|context| Pin::new(&mut body).poll_frame(context)).await
+        {
+            match frame {
+                Ok(frame) => passed.extend_from_slice(frame.data_ref().expect("data")),
+                Err(_) => refused = true,
+            }
+        }
+        let counted = metrics.node_hellos_oversized.load(crate::core::ORDER);
+        (passed, refused, counted)
+    }
+
+    fn header(length: usize) -> Vec<u8> {
+        let mut header = vec![0];
+        header.extend_from_slice(&(length as u32).to_be_bytes());
+        header
+    }
+
+    #[tokio::test]
+    async fn a_first_message_within_the_limit_passes_whole_and_later_ones_are_not_looked_at() {
+        let mut first = header(limits::HELLO_BYTES_MAX);
+        first.extend(vec![7; limits::HELLO_BYTES_MAX]);
+        let mut second = header(10 * limits::HELLO_BYTES_MAX);
+        second.extend(vec![8; 100]);
+        let (passed, refused, counted) = read(vec![first.clone(), second.clone()]).await;
+        assert_eq!(passed, [first, second].concat());
+        assert!(!refused);
+        assert_eq!(counted, 0);
+    }
+
+    #[tokio::test]
+    async fn a_larger_first_message_is_refused_from_its_prefix_even_split_across_frames() {
+        let header = header(limits::HELLO_BYTES_MAX + 1);
+        let (passed, refused, counted) = read(vec![
+            header[..2].to_vec(),
+            [&header[2..], &[1u8; 100][..]].concat(),
+            vec![2; 1000],
+        ])
+        .await;
+        assert!(refused);
+        assert_eq!(counted, 1);
+        // Only the frame that completed nothing: the two header bytes; the rest is never passed.
+        assert_eq!(passed, header[..2].to_vec());
+    }
+}
