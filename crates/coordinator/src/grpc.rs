@@ -3,20 +3,30 @@
 //!
 //! The handshake is checked here (protocol version, enrolled node, matching
 //! credential); everything after it is handed to the core.
+//!
+//! Every byte from a node is bounded: before authentication, a stream's
+//! first message by `HELLO_BYTES_MAX` (`HelloLimit`) and the streams waiting
+//! by `UNAUTHENTICATED_SESSIONS_MAX`; after it, every message by
+//! `proto::AGENT_MESSAGE_BYTES_MAX` and its contents by what was asked
+//! (`node_input`).
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use proto::agent_message::Kind as AgentKind;
 use proto::coordinator_message::Kind as CoordinatorKind;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::codegen::{http, Service};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::core::Core;
 use crate::limits;
+use crate::node_input;
 use crate::nodes::NodeSession;
 use crate::secrets;
 use crate::served::ServedModels;
@@ -28,7 +38,18 @@ pub struct AgentService {
     pub models: Arc<ServedModels>,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
+    /// Places for streams that have not yet authenticated
+    /// (`UNAUTHENTICATED_SESSIONS_MAX`).
+    pub unauthenticated: Arc<Semaphore>,
 }
+
+/// The one reason given for an unknown node and for a wrong credential.
+pub const NOT_AUTHENTICATED_REASON: &str =
+    "unknown node or wrong credential; enrol the node with 'fleetgrid nodes add' and use the credential it printed";
+
+/// Compared against when the node is not enrolled, so that the answer takes
+/// as long as for a wrong credential. No issued credential has this form.
+const UNENROLLED_CREDENTIAL: &str = "not-enrolled";
 
 type OutboundStream = Pin<Box<dyn Stream<Item = Result<proto::CoordinatorMessage, Status>> + Send>>;
 
@@ -66,19 +87,18 @@ impl AgentService {
                 ));
             }
         };
-        let Some(stored) = stored else {
-            return Err((
-                proto::RefusalCode::UnknownNode,
-                format!(
-                    "node {:?} is not enrolled; enrol it with 'fleetgrid nodes add'",
-                    hello.node_id
-                ),
-            ));
+        // An unknown node and a wrong credential get the same answer after
+        // the same work (a hash and a comparison), so that nobody can tell
+        // from outside which nodes are enrolled.
+        let offered = secrets::hash(&hello.credential);
+        let (stored, enrolled) = match stored {
+            Some(stored) => (stored, true),
+            None => (secrets::hash(UNENROLLED_CREDENTIAL), false),
         };
-        if !secrets::hashes_equal(&stored, &secrets::hash(&hello.credential)) {
+        if !(secrets::hashes_equal(&stored, &offered) && enrolled) {
             return Err((
                 proto::RefusalCode::BadCredential,
-                "the node's credential is wrong".into(),
+                NOT_AUTHENTICATED_REASON.into(),
             ));
         }
         Ok(())
@@ -93,6 +113,17 @@ impl proto::coordinator_server::Coordinator for AgentService {
         &self,
         request: Request<Streaming<proto::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        // Nothing of a stream is read before it holds one of the few places
+        // for streams that have not yet authenticated.
+        let Ok(unauthenticated) = Arc::clone(&self.unauthenticated).try_acquire_owned() else {
+            self.core
+                .metrics
+                .node_sessions_refused_busy
+                .fetch_add(1, crate::core::ORDER);
+            return Err(Status::resource_exhausted(
+                "too many agents are connecting; retry later",
+            ));
+        };
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(limits::HELLO_TIMEOUT, inbound.message()).await;
         let hello = match first {
@@ -112,7 +143,9 @@ impl proto::coordinator_server::Coordinator for AgentService {
             Ok(Err(status)) => return Err(status),
             Err(_) => return Err(Status::deadline_exceeded("no Hello within the time limit")),
         };
-        if let Err((code, reason)) = self.check_hello(&hello).await {
+        let checked = self.check_hello(&hello).await;
+        drop(unauthenticated);
+        if let Err((code, reason)) = checked {
             tracing::warn!(node_id = %hello.node_id, ?code, %reason, "refusing agent");
             self.core
                 .metrics
@@ -143,7 +176,7 @@ impl proto::coordinator_server::Coordinator for AgentService {
         if outbound.try_send(welcome).is_err() {
             return Err(Status::internal("could not queue welcome"));
         }
-        let session =
+        let (session, disconnect) =
             self.core
                 .node_connected(&hello.node_id, &hello, outbound, &self.models, policy);
         tracing::info!(node_id = %hello.node_id, models = hello.models.len(), "node connected");
@@ -160,6 +193,7 @@ impl proto::coordinator_server::Coordinator for AgentService {
         tokio::spawn(read_agent(
             Arc::clone(&self.core),
             session,
+            disconnect,
             inbound,
             hello.node_id,
         ));
@@ -172,37 +206,256 @@ fn duration_ms(duration: Duration) -> u32 {
     u32::try_from(duration.as_millis()).unwrap_or(u32::MAX)
 }
 
-/// Reads one agent's messages until its stream ends, then reports it lost.
+/// Reads one agent's messages until its stream ends or the core drops the
+/// session (`disconnect`), then reports it lost. A message that breaks the
+/// protocol disconnects the node.
 async fn read_agent(
     core: Arc<Core>,
     session: NodeSession,
+    disconnect: CancellationToken,
     mut inbound: Streaming<proto::AgentMessage>,
     name: String,
 ) {
     loop {
-        match inbound.message().await {
-            Ok(Some(message)) => match message.kind {
-                Some(AgentKind::Heartbeat(heartbeat)) => core.heartbeat(session, &heartbeat),
-                Some(AgentKind::Tokens(batch)) => core.node_tokens(session, batch),
-                Some(AgentKind::Done(done)) => core.node_done(session, done),
-                Some(AgentKind::Failed(failed)) => core.node_failed(session, failed),
-                Some(AgentKind::Checkpoint(piece)) => core.node_checkpoint(session, piece),
-                Some(AgentKind::Hello(_)) | None => {
-                    core.metrics
-                        .node_protocol_violations
-                        .fetch_add(1, crate::core::ORDER);
-                    tracing::warn!(node_id = %name, "unexpected message from agent");
-                }
-            },
+        let received = tokio::select! {
+            _ = disconnect.cancelled() => {
+                tracing::info!(node_id = %name, "stopped reading a dropped session");
+                break;
+            }
+            received = inbound.message() => received,
+        };
+        let message = match received {
+            Ok(Some(message)) => message,
             Ok(None) => {
                 tracing::info!(node_id = %name, "agent closed its stream");
+                break;
+            }
+            Err(status) if status.code() == tonic::Code::OutOfRange => {
+                // A message over `AGENT_MESSAGE_BYTES_MAX`, refused from its length prefix.
+                core.node_protocol_violation(session, status.message());
                 break;
             }
             Err(status) => {
                 tracing::warn!(node_id = %name, %status, "agent stream broke");
                 break;
             }
+        };
+        if let Err(violation) = node_input::check_shape(&message) {
+            core.node_protocol_violation(session, &violation.to_string());
+            break;
+        }
+        match message.kind {
+            Some(AgentKind::Heartbeat(heartbeat)) => core.heartbeat(session, &heartbeat),
+            Some(AgentKind::Tokens(batch)) => core.node_tokens(session, batch),
+            Some(AgentKind::Done(done)) => core.node_done(session, done),
+            Some(AgentKind::Failed(failed)) => core.node_failed(session, failed),
+            Some(AgentKind::Checkpoint(piece)) => core.node_checkpoint(session, piece),
+            // `check_shape` refused these.
+            Some(AgentKind::Hello(_)) | None => break,
         }
     }
     core.node_lost(session);
+}
+
+/// Wraps the agent service so that the first message of every stream — the
+/// `Hello`, sent before authentication — may be at most `HELLO_BYTES_MAX`:
+/// its gRPC length prefix is read as it passes, and a larger one ends the
+/// stream before the message is buffered. Later messages are bounded by the
+/// service's decoding limit (`proto::AGENT_MESSAGE_BYTES_MAX`).
+#[derive(Clone)]
+pub struct HelloLimit<S> {
+    pub inner: S,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for HelloLimit<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> Service<http::Request<tonic::body::Body>> for HelloLimit<S>
+where
+    S: Service<http::Request<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(context)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let metrics = Arc::clone(&self.metrics);
+        let request = request.map(|body| {
+            tonic::body::Body::new(FirstMessageLimit {
+                inner: body,
+                header: Vec::with_capacity(GRPC_HEADER_BYTES),
+                state: LimitState::ReadingHeader,
+                metrics,
+            })
+        });
+        self.inner.call(request)
+    }
+}
+
+/// A gRPC message starts with a 1-byte compression flag and a 4-byte
+/// big-endian length.
+const GRPC_HEADER_BYTES: usize = 5;
+
+enum LimitState {
+    ReadingHeader,
+    Passed,
+    Refused,
+}
+
+/// A request body that ends with an error when the length prefix of its
+/// first gRPC message exceeds `HELLO_BYTES_MAX`. It holds no more than the
+/// five header bytes; the data frames themselves pass through unchanged.
+struct FirstMessageLimit {
+    inner: tonic::body::Body,
+    header: Vec<u8>,
+    state: LimitState,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl http_body::Body for FirstMessageLimit {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Status>>> {
+        let this = &mut *self;
+        if let LimitState::Refused = this.state {
+            return Poll::Ready(None);
+        }
+        let frame = match Pin::new(&mut this.inner).poll_frame(context) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            other => return other,
+        };
+        if let (LimitState::ReadingHeader, Some(data)) = (&this.state, frame.data_ref()) {
+            let wanted = GRPC_HEADER_BYTES - this.header.len();
+            this.header
+                .extend_from_slice(&data[..wanted.min(data.len())]);
+            if this.header.len() == GRPC_HEADER_BYTES {
+                let length = u32::from_be_bytes([
+                    this.header[1],
+                    this.header[2],
+                    this.header[3],
+                    this.header[4],
+                ]) as usize;
+                if length > limits::HELLO_BYTES_MAX {
+                    this.state = LimitState::Refused;
+                    this.metrics
+                        .node_hellos_oversized
+                        .fetch_add(1, crate::core::ORDER);
+                    tracing::warn!(
+                        bytes = length,
+                        "refusing an agent stream whose first message is too large"
+                    );
+                    return Poll::Ready(Some(Err(Status::out_of_range(format!(
+                        "the first message may be at most {} bytes before authentication",
+                        limits::HELLO_BYTES_MAX
+                    )))));
+                }
+                this.state = LimitState::Passed;
+            }
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, LimitState::Refused) || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use http_body::Body as _;
+
+    use super::*;
+
+    /// A request body that yields the given chunks as data frames.
+    struct Chunks(VecDeque<bytes::Bytes>);
+
+    impl http_body::Body for Chunks {
+        type Data = bytes::Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Status>>> {
+            Poll::Ready(
+                self.0
+                    .pop_front()
+                    .map(|chunk| Ok(http_body::Frame::data(chunk))),
+            )
+        }
+    }
+
+    /// What the limited body yields for these chunks: the data passed on, and
+    /// whether it ended with an error.
+    async fn read(chunks: Vec<Vec<u8>>) -> (Vec<u8>, bool, u64) {
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let chunks = chunks.into_iter().map(bytes::Bytes::from).collect();
+        let mut body = FirstMessageLimit {
+            inner: tonic::body::Body::new(Chunks(chunks)),
+            header: Vec::new(),
+            state: LimitState::ReadingHeader,
+            metrics: Arc::clone(&metrics),
+        };
+        let mut passed = Vec::new();
+        let mut refused = false;
+        while let Some(frame) =
+            std::future::poll_fn(|context| Pin::new(&mut body).poll_frame(context)).await
+        {
+            match frame {
+                Ok(frame) => passed.extend_from_slice(frame.data_ref().expect("data")),
+                Err(_) => refused = true,
+            }
+        }
+        let counted = metrics.node_hellos_oversized.load(crate::core::ORDER);
+        (passed, refused, counted)
+    }
+
+    fn header(length: usize) -> Vec<u8> {
+        let mut header = vec![0];
+        header.extend_from_slice(&(length as u32).to_be_bytes());
+        header
+    }
+
+    #[tokio::test]
+    async fn a_first_message_within_the_limit_passes_whole_and_later_ones_are_not_looked_at() {
+        let mut first = header(limits::HELLO_BYTES_MAX);
+        first.extend(vec![7; limits::HELLO_BYTES_MAX]);
+        let mut second = header(10 * limits::HELLO_BYTES_MAX);
+        second.extend(vec![8; 100]);
+        let (passed, refused, counted) = read(vec![first.clone(), second.clone()]).await;
+        assert_eq!(passed, [first, second].concat());
+        assert!(!refused);
+        assert_eq!(counted, 0);
+    }
+
+    #[tokio::test]
+    async fn a_larger_first_message_is_refused_from_its_prefix_even_split_across_frames() {
+        let header = header(limits::HELLO_BYTES_MAX + 1);
+        let (passed, refused, counted) = read(vec![
+            header[..2].to_vec(),
+            [&header[2..], &[1u8; 100][..]].concat(),
+            vec![2; 1000],
+        ])
+        .await;
+        assert!(refused);
+        assert_eq!(counted, 1);
+        // Only the frame that completed nothing: the two header bytes; the rest is never passed.
+        assert_eq!(passed, header[..2].to_vec());
+    }
 }

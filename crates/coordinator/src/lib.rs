@@ -19,6 +19,7 @@ pub mod grpc;
 pub mod http_serve;
 pub mod limits;
 pub mod metrics;
+pub mod node_input;
 pub mod nodes;
 pub mod owner_policy;
 pub mod secrets;
@@ -84,7 +85,12 @@ impl CoordinatorConfig {
             context_tokens: limits::CONTEXT_TOKENS_DEFAULT,
             heartbeat_interval: limits::HEARTBEAT_INTERVAL_DEFAULT,
             heartbeat_timeout: limits::HEARTBEAT_TIMEOUT_DEFAULT,
-            scheduler: scheduler::SchedulerConfig::default(),
+            // Nodes are not trusted: their claimed slots are capped by their work, and
+            // generations that stall on them move.
+            scheduler: scheduler::SchedulerConfig {
+                trust: Some(scheduler::TrustConfig::default()),
+                ..scheduler::SchedulerConfig::default()
+            },
             billing: billing::BillingConfig::embedded(),
             cloud: None,
             kv_checkpoint_budget_bytes: limits::KV_CHECKPOINT_BYTES_BUDGET,
@@ -228,15 +234,23 @@ pub async fn serve(
         models: Arc::clone(&models),
         heartbeat_interval: config.heartbeat_interval,
         heartbeat_timeout: config.heartbeat_timeout,
+        unauthenticated: Arc::new(tokio::sync::Semaphore::new(
+            limits::UNAUTHENTICATED_SESSIONS_MAX,
+        )),
     };
     let grpc_shutdown = shutdown.clone();
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.heartbeat_interval))
-        .add_service(
-            proto::coordinator_server::CoordinatorServer::new(service)
-                .max_decoding_message_size(proto::MESSAGE_BYTES_MAX)
+        .max_concurrent_streams(Some(limits::AGENT_STREAMS_PER_CONNECTION_MAX))
+        .initial_stream_window_size(Some(limits::AGENT_STREAM_WINDOW_BYTES))
+        .add_service(grpc::HelloLimit {
+            // Agents send small messages; only `Assign`s going out carry
+            // whole KV checkpoints.
+            inner: proto::coordinator_server::CoordinatorServer::new(service)
+                .max_decoding_message_size(proto::AGENT_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(proto::MESSAGE_BYTES_MAX),
-        )
+            metrics: Arc::clone(&metrics),
+        })
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
             grpc_shutdown.cancelled().await
         });
@@ -292,13 +306,18 @@ async fn load_models(config: &CoordinatorConfig) -> Result<ServedModels, Coordin
     let created = core::now_ms().0 as i64 / 1000;
     for model in &config.models {
         let path = model.path.clone();
-        let loaded = tokio::task::spawn_blocking(move || engine::Tokenizer::load(&path))
-            .await
-            .map_err(|error| CoordinatorError::Tokenizer {
-                model: model.name.clone(),
-                source: engine::EngineError::ModelLoad(error.to_string()),
-            })?;
-        let tokenizer = loaded.map_err(|source| CoordinatorError::Tokenizer {
+        let loaded = tokio::task::spawn_blocking(move || {
+            engine::Tokenizer::load(&path).map(|tokenizer| {
+                let pieces = served::PieceTable::build(&tokenizer);
+                (tokenizer, pieces)
+            })
+        })
+        .await
+        .map_err(|error| CoordinatorError::Tokenizer {
+            model: model.name.clone(),
+            source: engine::EngineError::ModelLoad(error.to_string()),
+        })?;
+        let (tokenizer, pieces) = loaded.map_err(|source| CoordinatorError::Tokenizer {
             model: model.name.clone(),
             source,
         })?;
@@ -307,6 +326,7 @@ async fn load_models(config: &CoordinatorConfig) -> Result<ServedModels, Coordin
             model.name.clone(),
             model.digest.clone(),
             tokenizer,
+            pieces,
             context,
             created,
         );

@@ -199,3 +199,34 @@ impl Default for HttpLimits {
         }
     }
 }
+
+/// Largest first message (the `Hello`) a new agent stream may send, before
+/// it has authenticated. A gRPC length prefix above it ends the stream
+/// before the message is read (`grpc::HelloLimit`). An honest `Hello` is a
+/// few hundred bytes per cached model.
+pub const HELLO_BYTES_MAX: usize = 16 * 1024;
+
+/// Agent streams that have not yet passed the handshake, at once; more are
+/// refused with `RESOURCE_EXHAUSTED` before anything of theirs is read.
+pub const UNAUTHENTICATED_SESSIONS_MAX: usize = 64;
+
+/// HTTP/2 streams one agent connection may open at once (an agent uses one).
+pub const AGENT_STREAMS_PER_CONNECTION_MAX: u32 = 4;
+
+/// HTTP/2 flow-control window of one agent stream: what HTTP/2 buffers for a
+/// stream before the coordinator reads it, so also what a stream waiting to
+/// authenticate can make it hold. Large enough for a KV checkpoint piece to
+/// flow at several MB/s over a 50 ms round trip.
+pub const AGENT_STREAM_WINDOW_BYTES: u32 = 256 * 1024;
+
+/// Longest generation id a node may send back; ours are `REQUEST.ATTEMPT`,
+/// two decimal integers. Longer is a protocol violation.
+pub const GENERATION_ID_BYTES_MAX: usize = 48;
+
+/// Bytes of a node's failure message kept (logged and, for a failure no
+/// other node would fix, shown to the client); the rest is cut off.
+pub const NODE_FAILURE_MESSAGE_BYTES_MAX: usize = 512;
+
+/// How far above zero a node's logprob may lie (float rounding in a
+/// log-softmax) before it is a protocol violation.
+pub const LOGPROB_ABOVE_ZERO_TOLERANCE: f32 = 1e-3;

@@ -32,6 +32,12 @@ pub struct Metrics {
     pub nodes_refused: AtomicU64,
     pub node_report_mismatches: AtomicU64,
     pub node_protocol_violations: AtomicU64,
+    /// Agent streams whose first message was longer than `HELLO_BYTES_MAX`.
+    pub node_hellos_oversized: AtomicU64,
+    /// Agent streams refused because `UNAUTHENTICATED_SESSIONS_MAX` were waiting.
+    pub node_sessions_refused_busy: AtomicU64,
+    /// Generations moved off a node that sent no token within its stall bound.
+    pub generations_stalled: AtomicU64,
     pub request_log_dropped: AtomicU64,
     /// The gateway's connections and what its bounds refused or closed.
     pub http: HttpMetrics,
@@ -54,7 +60,7 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64); 20] = [
+        let counters: [(&str, &str, &AtomicU64); 23] = [
             (
                 "fleetgrid_requests_accepted_total",
                 "Requests admitted by the gateway.",
@@ -149,6 +155,21 @@ impl Metrics {
                 "fleetgrid_node_protocol_violations_total",
                 "Messages from nodes that broke the protocol.",
                 &self.node_protocol_violations,
+            ),
+            (
+                "fleetgrid_node_hellos_oversized_total",
+                "Agent streams ended because their first message was over the size allowed before authentication.",
+                &self.node_hellos_oversized,
+            ),
+            (
+                "fleetgrid_node_sessions_refused_busy_total",
+                "Agent streams refused because too many were waiting to authenticate.",
+                &self.node_sessions_refused_busy,
+            ),
+            (
+                "fleetgrid_generations_stalled_total",
+                "Generations moved off a node that sent no token within its stall bound.",
+                &self.generations_stalled,
             ),
             (
                 "fleetgrid_request_log_dropped_total",

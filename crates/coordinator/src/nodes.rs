@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use scheduler::{Event, Millis, NodeCapacity, NodeId, OwnerPolicy, VehicleState};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::billing_meter::PaidSpeed;
 use crate::served::ServedModels;
@@ -21,6 +22,10 @@ pub struct ConnectedNode {
     pub session: u64,
     pub outbound: mpsc::Sender<proto::CoordinatorMessage>,
     pub last_heard: Instant,
+    /// Cancelled when the core drops this session (lost, replaced or
+    /// disconnected for a protocol violation): its gRPC read loop stops
+    /// reading at once.
+    pub disconnect: CancellationToken,
     state: VehicleState,
     hardware: proto::Hardware,
     models: Vec<proto::CachedModel>,
@@ -38,6 +43,7 @@ impl ConnectedNode {
             session,
             outbound,
             last_heard: Instant::now(),
+            disconnect: CancellationToken::new(),
             state: vehicle_state(hello.state.as_ref()),
             hardware: hello.hardware.clone().unwrap_or_default(),
             models: hello.models.clone(),

@@ -100,6 +100,18 @@ pub struct ServeArgs {
     /// A node silent for this long is marked gone, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     heartbeat_timeout_ms: u64,
+    /// Slots a node gets before it has completed any generation, whatever it claims; it earns
+    /// one more per completed generation, up to its claim.
+    #[arg(long, default_value_t = scheduler::TrustConfig::default().unproven_slots_max)]
+    unproven_node_slots: u16,
+    /// A running generation is never moved for making no progress sooner than this, in
+    /// milliseconds (its bound follows its node's measured pace between floor and ceiling).
+    #[arg(long, default_value_t = scheduler::TrustConfig::default().stall_floor_ms)]
+    stall_floor_ms: u64,
+    /// A running generation with no token for this long is moved to another node, in
+    /// milliseconds; also the bound for a node with no measured pace and for a first token.
+    #[arg(long, default_value_t = scheduler::TrustConfig::default().stall_ceiling_ms)]
+    stall_ceiling_ms: u64,
     /// Requests that may wait per tenant class before new ones get 429.
     #[arg(long)]
     queue_max_per_class: Option<u32>,

@@ -66,6 +66,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(queue_max) = args.queue_max_per_class {
         config.scheduler.queue_max_per_class = [queue_max; 3];
     }
+    if let Some(trust) = config.scheduler.trust.as_mut() {
+        trust.unproven_slots_max = args.unproven_node_slots;
+        trust.stall_floor_ms = args.stall_floor_ms;
+        trust.stall_ceiling_ms = args.stall_ceiling_ms.max(args.stall_floor_ms);
+    }
     config.billing = crate::ledger_cmd::billing_config(
         args.ledger_url.clone(),
         args.prices.as_deref(),

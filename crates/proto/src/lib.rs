@@ -19,3 +19,9 @@ pub mod v1 {
 }
 
 pub use v1::*;
+
+/// Largest message an agent sends once it is authenticated: a `KvCheckpoint` piece of
+/// `KV_CHECKPOINT_CHUNK_BYTES_MAX` plus room for its other fields. A `TokenBatch` of the agent's
+/// largest batch with 20 alternatives per token is well below it. The coordinator decodes no
+/// larger agent message.
+pub const AGENT_MESSAGE_BYTES_MAX: usize = KV_CHECKPOINT_CHUNK_BYTES_MAX + (64 << 10);

@@ -1,5 +1,6 @@
 //! Every bound and margin of the scheduler, in one place.
 
+use crate::trust::TrustConfig;
 use crate::types::TenantClass;
 
 /// Tunables. `Default` gives values fit for a production coordinator; every field is a bound or
@@ -35,6 +36,9 @@ pub struct SchedulerConfig {
     /// Nodes the scheduler keeps, at most; the node table is indexed by `NodeId`, so a
     /// registration with an id at or above this is ignored.
     pub nodes_max: u32,
+    /// How far nodes' claims are believed: slots capped by completed work, stalled generations
+    /// moved (see `trust`). `None` believes every node, as the simulator's honest fleet is.
+    pub trust: Option<TrustConfig>,
 }
 
 impl Default for SchedulerConfig {
@@ -50,6 +54,7 @@ impl Default for SchedulerConfig {
             attempts_max: 5,
             tenants_max: 100_000,
             nodes_max: 4_000_000,
+            trust: None,
         }
     }
 }

@@ -103,6 +103,8 @@ pub enum StopReason {
     Departed,
     /// The node's connection was lost.
     NodeLost,
+    /// The generation made no progress within the node's stall bound (see `TrustConfig`).
+    Stalled,
 }
 
 /// Why a request is refused or failed.

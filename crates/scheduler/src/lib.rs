@@ -59,11 +59,13 @@ mod scheduler;
 mod search;
 pub mod sim;
 mod tenants;
+mod trust;
 mod types;
 
 pub use config::{ConfigError, SchedulerConfig};
 pub use event::{Command, Event, RejectReason, StopReason};
 pub use scheduler::Scheduler;
+pub use trust::TrustConfig;
 pub use types::{
     ClassSet, Millis, ModelId, NodeCapacity, NodeId, OwnerPolicy, RequestId, TenantClass,
     TenantConfig, TenantId, VehicleState, ALL_HOURS,

@@ -35,8 +35,14 @@ impl Scheduler {
         // A fresh node starts on the safe side of the hysteresis: battery work only once charged
         // to the resume threshold.
         let battery_ok = state.state_of_charge_permille >= policy.unplugged_resume_soc_permille;
+        let claimed_slots = capacity.slots;
+        if let Some(trust) = &self.config.trust {
+            let earned = self.trust.get(&id).copied().unwrap_or_default();
+            capacity.slots = trust.slots_allowed(claimed_slots, &earned);
+        }
         let node = Node {
             running: Vec::with_capacity(usize::from(capacity.slots)),
+            claimed_slots,
             capacity,
             state,
             policy,

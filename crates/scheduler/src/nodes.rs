@@ -20,7 +20,10 @@ use crate::types::{
 /// A connected node.
 #[derive(Debug, Clone)]
 pub(crate) struct Node {
+    /// What the node claims, except `slots`: those it is given (`trust`), at most its claim.
     pub(crate) capacity: NodeCapacity,
+    /// The slots the node claims.
+    pub(crate) claimed_slots: u16,
     pub(crate) state: VehicleState,
     pub(crate) policy: OwnerPolicy,
     /// Unplugged-work hysteresis (see `policy::battery_allows`).

@@ -73,7 +73,7 @@ impl Scheduler {
             return false;
         };
         if let Some(node) = self.best_free_node(now, entry) {
-            self.assign(request, node, out);
+            self.assign(now, request, node, out);
             return true;
         }
         if depth >= PREEMPTION_CHAIN_MAX {
@@ -88,17 +88,25 @@ impl Scheduler {
             node,
             reason: StopReason::Preempted,
         });
-        self.assign(request, node, out);
+        self.assign(now, request, node, out);
         self.place_or_wait_chained(now, victim, true, depth + 1, out);
         true
     }
 
     /// Record `request` as running on `node` and tell the driver.
-    pub(crate) fn assign(&mut self, request: RequestId, node: NodeId, out: &mut Vec<Command>) {
+    pub(crate) fn assign(
+        &mut self,
+        now: Millis,
+        request: RequestId,
+        node: NodeId,
+        out: &mut Vec<Command>,
+    ) {
         let Some(entry) = self.requests.get_mut(&request) else {
             return;
         };
         entry.placement = Placement::Running { node };
+        entry.progress_at = now;
+        entry.attempt_tokens = 0;
         let resume_from = entry.committed;
         let tenant = entry.tenant;
         let group = VictimGroup::of(entry.class, tenant);

@@ -1,7 +1,7 @@
 //! Handling request events: admission, progress, completion, cancellation, failures, and the
 //! deadline sweep on `Tick`.
 
-use crate::event::{Command, RejectReason};
+use crate::event::{Command, RejectReason, StopReason};
 use crate::requests::{Placement, Request};
 use crate::scheduler::Scheduler;
 use crate::types::{Millis, ModelId, NodeId, RequestId, TenantId};
@@ -86,6 +86,8 @@ impl Scheduler {
                 parked: false,
                 seq: 0,
             },
+            progress_at: now,
+            attempt_tokens: 0,
         };
         self.requests.insert(request, entry);
         if must_wait {
@@ -109,11 +111,30 @@ impl Scheduler {
 
     /// Tokens reported after a `Stop` (the node was still streaming) count too: the coordinator
     /// kept them, so the next attempt resumes after them.
-    pub(crate) fn on_tokens(&mut self, request: RequestId, committed_total: u32) {
-        match self.requests.get_mut(&request) {
-            Some(entry) => entry.committed = entry.committed.max(committed_total),
-            None => self.stale_events += 1,
+    /// Progress of a running attempt restarts its stall clock and, after its first token,
+    /// measures its node's pace.
+    pub(crate) fn on_tokens(&mut self, now: Millis, request: RequestId, committed_total: u32) {
+        let Some(entry) = self.requests.get_mut(&request) else {
+            self.stale_events += 1;
+            return;
+        };
+        let delivered = committed_total.saturating_sub(entry.committed);
+        entry.committed = entry.committed.max(committed_total);
+        let Placement::Running { node } = entry.placement else {
+            return;
+        };
+        if delivered == 0 || self.config.trust.is_none() {
+            return;
         }
+        if entry.attempt_tokens > 0 {
+            let elapsed_ms = now.since(entry.progress_at);
+            self.trust
+                .entry(node)
+                .or_default()
+                .observe_tokens(delivered, elapsed_ms);
+        }
+        entry.attempt_tokens = entry.attempt_tokens.saturating_add(delivered);
+        entry.progress_at = now;
     }
 
     /// Finished (`cancelled == false`) or cancelled by the client.
@@ -133,6 +154,9 @@ impl Scheduler {
                 self.detach(request, node);
                 if cancelled {
                     out.push(Command::Cancel { request, node });
+                } else if self.config.trust.is_some() {
+                    self.trust.entry(node).or_default().completed();
+                    self.refresh_slots(node);
                 }
                 self.forget(request);
                 self.dispatch_node(now, node, out);
@@ -161,9 +185,34 @@ impl Scheduler {
             self.stale_events += 1;
             return;
         }
+        self.fail_attempt(now, request, node, false, out);
+        self.dispatch_node(now, node, out);
+    }
+
+    /// Ends a running attempt that failed (`stalled`: the scheduler stops it; otherwise the
+    /// node reported it) and places the request again, or rejects it once it has failed
+    /// `attempts_max` times.
+    fn fail_attempt(
+        &mut self,
+        now: Millis,
+        request: RequestId,
+        node: NodeId,
+        stalled: bool,
+        out: &mut Vec<Command>,
+    ) {
+        let Some(entry) = self.requests.get_mut(&request) else {
+            return;
+        };
         entry.attempts_failed = entry.attempts_failed.saturating_add(1);
         let exhausted = entry.attempts_failed >= self.config.attempts_max;
         self.detach(request, node);
+        if stalled {
+            out.push(Command::Stop {
+                request,
+                node,
+                reason: StopReason::Stalled,
+            });
+        }
         if exhausted {
             self.forget(request);
             out.push(Command::Reject {
@@ -174,12 +223,58 @@ impl Scheduler {
         } else {
             self.place_or_wait(now, request, true, out);
         }
-        self.dispatch_node(now, node, out);
     }
 
     pub(crate) fn on_tick(&mut self, now: Millis, out: &mut Vec<Command>) {
         self.expire_deadlines(now, out);
         self.reject_stranded(now, out);
+        self.move_stalled(now, out);
+    }
+
+    /// Move every running generation that made no progress within its node's stall bound, as
+    /// a failed attempt. Each stall counts against its node, and the moved work is placed while
+    /// the node has no free slot, so that it goes elsewhere when anywhere else can take it.
+    fn move_stalled(&mut self, now: Millis, out: &mut Vec<Command>) {
+        let Some(config) = &self.config.trust else {
+            return;
+        };
+        let mut stalled = std::mem::take(&mut self.scratch_stalled);
+        stalled.clear();
+        for (id, entry) in &self.requests {
+            let Placement::Running { node } = entry.placement else {
+                continue;
+            };
+            let trust = self.trust.get(&node).copied().unwrap_or_default();
+            let first_token = entry.attempt_tokens == 0;
+            if config.has_stalled(now, entry.progress_at, &trust, first_token) {
+                stalled.push((*id, node));
+            }
+        }
+        // Map order is not part of the contract; move in a fixed order.
+        stalled.sort_unstable();
+        for (_, node) in &stalled {
+            self.trust.entry(*node).or_default().stalled();
+            self.nodes.update(*node, |entry| entry.capacity.slots = 0);
+        }
+        for (request, node) in &stalled {
+            self.fail_attempt(now, *request, *node, true, out);
+        }
+        for (_, node) in &stalled {
+            self.refresh_slots(*node);
+            self.dispatch_node(now, *node, out);
+        }
+        self.scratch_stalled = stalled;
+    }
+
+    /// Gives a node the slots its record allows (`TrustConfig::slots_allowed`).
+    pub(crate) fn refresh_slots(&mut self, node: NodeId) {
+        let Some(config) = &self.config.trust else {
+            return;
+        };
+        let trust = self.trust.get(&node).copied().unwrap_or_default();
+        self.nodes.update(node, |entry| {
+            entry.capacity.slots = config.slots_allowed(entry.claimed_slots, &trust);
+        });
     }
 
     /// Reject waiting requests that no connected node could serve for `no_node_grace_ms`.

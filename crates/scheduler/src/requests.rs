@@ -28,6 +28,10 @@ pub(crate) struct Request {
     /// Failed attempts so far, bounded by `SchedulerConfig::attempts_max`.
     pub(crate) attempts_failed: u16,
     pub(crate) placement: Placement,
+    /// When the current attempt started or last delivered tokens (stall detection).
+    pub(crate) progress_at: Millis,
+    /// Tokens the current attempt has delivered.
+    pub(crate) attempt_tokens: u32,
 }
 
 impl Request {

@@ -31,6 +31,10 @@ pub struct Scheduler {
     /// The reserved guarantees (in slots) as last seen; when they change, waiting work may be
     /// able to preempt work that was protected before.
     pub(crate) guarantee_signature: u64,
+    /// What each node has shown of itself (`SchedulerConfig::trust`); kept across
+    /// reconnections, at most one entry per node id.
+    pub(crate) trust: FxHashMap<NodeId, crate::trust::NodeTrust>,
+    pub(crate) scratch_stalled: Vec<(RequestId, NodeId)>,
 }
 
 impl Scheduler {
@@ -49,6 +53,8 @@ impl Scheduler {
             scratch_stranded: Vec::new(),
             stranded_since: FxHashMap::default(),
             guarantee_signature: 0,
+            trust: FxHashMap::default(),
+            scratch_stalled: Vec::new(),
         }
     }
 
@@ -107,7 +113,7 @@ impl Scheduler {
             Event::TokensCommitted {
                 request,
                 committed_total,
-            } => self.on_tokens(request, committed_total),
+            } => self.on_tokens(now, request, committed_total),
             Event::RequestFinished { request } => self.on_request_done(now, request, false, out),
             Event::RequestCancelled { request } => self.on_request_done(now, request, true, out),
             Event::AttemptFailed { request, node } => {

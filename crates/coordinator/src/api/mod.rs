@@ -176,7 +176,21 @@ async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Respo
     Json(serde_json::json!({ "object": "list", "data": data })).into_response()
 }
 
-async fn health(State(state): State<AppState>) -> Response {
+/// Says whether the coordinator is healthy, and nothing more to anyone
+/// without a key: node names would let anyone list the enrolled vehicles.
+/// The operator's own (fleet-class) tenants also see the connected nodes; a
+/// key that is sent must be valid.
+async fn health(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if !headers.contains_key(header::AUTHORIZATION) {
+        return Json(serde_json::json!({ "status": "ok" })).into_response();
+    }
+    let tenant = match authenticate(&state, &headers).await {
+        Ok(tenant) => tenant,
+        Err(error) => return error.into_response(),
+    };
+    if tenant.class != crate::store::TenantClass::Fleet {
+        return Json(serde_json::json!({ "status": "ok" })).into_response();
+    }
     let nodes = state.core.connected_nodes();
     Json(serde_json::json!({
         "status": "ok",

@@ -323,8 +323,8 @@ impl Core {
     }
 
     /// A node broke the checkpoint protocol for `request` (its current
-    /// attempt): counted as a protocol violation, and the generation's
-    /// checkpoint, arriving or kept, is dropped. Every such case comes
+    /// attempt): the generation's checkpoint, arriving or kept, is dropped
+    /// and the node is disconnected as for any protocol violation. Every such case comes
     /// through here.
     pub(super) fn checkpoint_violation(
         &self,
@@ -333,20 +333,16 @@ impl Core {
         request: RequestId,
         violation: Violation,
     ) {
-        self.metrics.node_protocol_violations.fetch_add(1, ORDER);
         self.metrics.kv_checkpoints_refused.fetch_add(1, ORDER);
         state.checkpoints.drop_all(request);
-        let node = state
-            .nodes
-            .get(&session.node)
-            .map(|node| node.name.clone())
-            .unwrap_or_default();
         tracing::warn!(
             request_id = request.0,
-            node_id = %node,
             ?violation,
             "kv checkpoint piece broke the protocol; checkpoint dropped"
         );
+        // Counted, logged and disconnected like every other violation; the
+        // generation moves on from its committed tokens.
+        self.protocol_violation(state, session, "kv checkpoint out of bounds");
     }
 
     /// The node running `request` refused the checkpoint it was handed: it

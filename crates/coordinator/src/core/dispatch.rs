@@ -9,6 +9,7 @@ use super::{
 };
 use crate::billing_meter::{Metering, NodeReport, SegmentTrack};
 use crate::limits;
+use crate::node_input::{self, BatchBounds};
 use crate::nodes::NodeSession;
 use crate::store::RequestRecord;
 
@@ -55,6 +56,15 @@ impl Core {
                 node,
                 reason,
             } => {
+                if reason == scheduler::StopReason::Stalled {
+                    self.metrics.generations_stalled.fetch_add(1, ORDER);
+                    let node_id = state.nodes.get(&node).map(|node| node.name.as_str());
+                    tracing::warn!(
+                        request_id = request.0,
+                        node_id = node_id.unwrap_or("?"),
+                        "no token within the node's stall bound; moving the generation"
+                    );
+                }
                 tracing::info!(
                     request_id = request.0,
                     ?reason,
@@ -242,17 +252,29 @@ impl Core {
         let Some(request) = self.current_attempt(&state, session, &batch.generation_id) else {
             return;
         };
+        let Some(inflight) = state.requests.get(&request) else {
+            return;
+        };
+        let committed = u32::try_from(inflight.committed.len()).unwrap_or(u32::MAX);
+        let bounds = BatchBounds {
+            next_position: committed,
+            tokens_left: inflight.max_tokens.saturating_sub(committed),
+            top_logprobs: inflight.top_logprobs,
+        };
+        let checked = node_input::check_batch(&batch.tokens, &bounds, &inflight.model.pieces);
+        if let Err(violation) = checked {
+            tracing::warn!(
+                request_id = request.0,
+                "a node's tokens broke the protocol; moving the generation"
+            );
+            self.protocol_violation(&mut state, session, &violation.to_string());
+            return;
+        }
         let share_us = state.shares.read(request, epoch_ms(now));
         let Some(inflight) = state.requests.get_mut(&request) else {
             return;
         };
-        let mut violation = false;
         for token in batch.tokens {
-            let expected = inflight.committed.len();
-            if token.position as usize != expected || expected >= inflight.max_tokens as usize {
-                violation = true;
-                break;
-            }
             inflight.committed.push(token.token_id);
             if let Some(segment) = inflight.segments.last_mut() {
                 segment.completion_tokens += 1;
@@ -266,14 +288,17 @@ impl Core {
                     .observe_time_to_first_token_ms(u64::try_from(waited).unwrap_or(u64::MAX));
             }
             self.metrics.completion_tokens.fetch_add(1, ORDER);
+            // The text is ours: the node's `piece` bytes are never used.
+            let pieces = &inflight.model.pieces;
+            let piece_of = |id: i32| pieces.piece(id).unwrap_or_default().to_vec();
             let committed = CommittedToken {
                 token_id: token.token_id,
-                piece: token.piece,
+                piece: piece_of(token.token_id),
                 logprob: token.logprob,
                 top_logprobs: token
                     .top_logprobs
                     .into_iter()
-                    .map(|top| (top.token_id, top.piece, top.logprob))
+                    .map(|top| (top.token_id, piece_of(top.token_id), top.logprob))
                     .collect(),
             };
             // The channel holds a whole generation; a failed send means the
@@ -281,17 +306,6 @@ impl Core {
             let _ = inflight.updates.try_send(Update::Token(committed));
         }
         let committed_total = u32::try_from(inflight.committed.len()).unwrap_or(u32::MAX);
-        let node = session.node;
-        if violation {
-            self.metrics.node_protocol_violations.fetch_add(1, ORDER);
-            tracing::warn!(
-                request_id = request.0,
-                "node sent tokens out of order; moving the generation"
-            );
-            self.send_cancel(&state, request, node, "protocol violation");
-            self.retry_elsewhere(&mut state, now, request, node);
-            return;
-        }
         self.handle(
             &mut state,
             now,
@@ -374,19 +388,15 @@ impl Core {
         let Some(request) = self.current_attempt(&state, session, &failed.generation_id) else {
             return;
         };
-        tracing::warn!(request_id = request.0, message = %failed.message, retryable = failed.retryable, "node failed a generation");
+        let message = node_input::bounded_failure_message(failed.message);
+        tracing::warn!(request_id = request.0, %message, retryable = failed.retryable, "node failed a generation");
         if failed.retryable {
             self.retry_elsewhere(&mut state, now, request, session.node);
         } else {
             if let Some(inflight) = state.requests.get_mut(&request) {
                 inflight.node = None;
             }
-            self.fail(
-                &mut state,
-                now,
-                request,
-                GenerationError::Failed(failed.message),
-            );
+            self.fail(&mut state, now, request, GenerationError::Failed(message));
             while let Some(event) = state.follow_up.pop() {
                 self.handle(&mut state, now, event);
             }

@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use scheduler::{Command, Event, Millis, NodeId, RequestId, Scheduler, TenantId};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::limits;
 use crate::metrics::Metrics;
@@ -299,7 +300,8 @@ impl Core {
     }
 
     /// A node passed the handshake. Returns its session, whose receiver feeds
-    /// the node's outbound stream.
+    /// the node's outbound stream, and the token cancelled when the core
+    /// drops the session (the read loop stops on it).
     pub fn node_connected(
         &self,
         name: &str,
@@ -307,7 +309,7 @@ impl Core {
         outbound: mpsc::Sender<proto::CoordinatorMessage>,
         served: &crate::served::ServedModels,
         policy: scheduler::OwnerPolicy,
-    ) -> NodeSession {
+    ) -> (NodeSession, CancellationToken) {
         let now = now_ms();
         let mut state = self.lock();
         let next_id = NodeId(u32::try_from(state.node_ids_by_name.len()).unwrap_or(u32::MAX));
@@ -323,11 +325,12 @@ impl Core {
         let session = state.next_session;
         state.next_session += 1;
         let connected = ConnectedNode::new(name, session, outbound, hello);
+        let disconnect = connected.disconnect.clone();
         let registered = connected.registration(node, served, policy);
         state.nodes.insert(node, connected);
         self.metrics.nodes_connected.fetch_add(1, ORDER);
         self.handle(&mut state, now, registered);
-        NodeSession { node, session }
+        (NodeSession { node, session }, disconnect)
     }
 
     /// The node's stream ended or it stopped heartbeating.
@@ -343,8 +346,32 @@ impl Core {
         }
     }
 
+    /// A node broke the protocol (`node_input::Violation`, a bad KV
+    /// checkpoint): it is counted, logged and disconnected — marked lost, so
+    /// that its generations continue elsewhere from their committed tokens,
+    /// and its read loop stops reading. A session that is no longer current
+    /// was already dropped and is left alone.
+    fn protocol_violation(&self, state: &mut CoreState, session: NodeSession, what: &str) {
+        let Some(node) = state.nodes.get(&session.node) else {
+            return;
+        };
+        if node.session != session.session {
+            return;
+        }
+        self.metrics.node_protocol_violations.fetch_add(1, ORDER);
+        tracing::warn!(node_id = %node.name, violation = %what, "node broke the protocol; disconnecting it");
+        self.drop_node(state, now_ms(), session.node);
+    }
+
+    /// `protocol_violation` for a caller that does not hold the lock.
+    pub fn node_protocol_violation(&self, session: NodeSession, what: &str) {
+        let mut state = self.lock();
+        self.protocol_violation(&mut state, session, what);
+    }
+
     fn drop_node(&self, state: &mut CoreState, now: Millis, node: NodeId) {
         if let Some(removed) = state.nodes.remove(&node) {
+            removed.disconnect.cancel();
             tracing::warn!(node_id = %removed.name, "node gone");
             self.metrics.nodes_connected.fetch_sub(1, ORDER);
             self.metrics.nodes_lost.fetch_add(1, ORDER);

@@ -258,8 +258,23 @@ impl Stack {
         std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }
 
+    /// `/health` as anyone sees it: healthy or not, nothing more.
     pub async fn health(&self) -> serde_json::Value {
         reqwest::get(self.url("/health"))
+            .await
+            .expect("health")
+            .json()
+            .await
+            .expect("health json")
+    }
+
+    /// `/health` as the operator sees it (the stack's tenant is fleet-class):
+    /// with the connected nodes.
+    pub async fn operator_health(&self) -> serde_json::Value {
+        self.client()
+            .get(self.url("/health"))
+            .bearer_auth(&self.api_key)
+            .send()
             .await
             .expect("health")
             .json()
@@ -271,7 +286,7 @@ impl Stack {
     pub async fn wait_for_nodes(&self, names: &[&str]) {
         let deadline = Instant::now() + WAIT;
         loop {
-            let health = self.health().await;
+            let health = self.operator_health().await;
             let mut connected: Vec<String> = health["nodes"]
                 .as_array()
                 .map(|nodes| {

@@ -1,0 +1,162 @@
+//! Nodes are not believed: claimed slots are capped by completed work, and a generation that
+//! makes no progress within its node's stall bound moves, counting against the node.
+
+mod common;
+
+use common::*;
+use scheduler::{
+    Command, Event, NodeId, RequestId, SchedulerConfig, StopReason, TenantClass, TrustConfig,
+};
+
+const FLOOR_MS: u64 = 1_000;
+const CEILING_MS: u64 = 5_000;
+
+fn trusting_little() -> Harness {
+    Harness::with_config(SchedulerConfig {
+        trust: Some(TrustConfig {
+            unproven_slots_max: 2,
+            completed_per_slot: 1,
+            stalls_max: 2,
+            stall_floor_ms: FLOOR_MS,
+            stall_ceiling_ms: CEILING_MS,
+            stall_interval_multiple: 10,
+        }),
+        ..Default::default()
+    })
+}
+
+fn stop(request: u64, node: u32, reason: StopReason) -> Command {
+    Command::Stop {
+        request: RequestId(request),
+        node: NodeId(node),
+        reason,
+    }
+}
+
+fn tokens(h: &mut Harness, request: u64, committed_total: u32) -> Vec<Command> {
+    h.send(Event::TokensCommitted {
+        request: RequestId(request),
+        committed_total,
+    })
+}
+
+#[test]
+fn a_new_node_gets_few_slots_whatever_it_claims_and_earns_more_by_finishing() {
+    let mut h = trusting_little();
+    h.plain_node(0, 64);
+    assert_eq!(h.request(1, FLEET, 100), vec![assign(1, 0, 0)]);
+    assert_eq!(h.request(2, FLEET, 100), vec![assign(2, 0, 0)]);
+    assert_eq!(h.request(3, FLEET, 100), vec![]);
+    assert_eq!(h.request(4, FLEET, 100), vec![]);
+    assert_eq!(h.scheduler.queued(TenantClass::Fleet), 2);
+    // One completed generation earns one slot: two free now.
+    let finished = h.send(Event::RequestFinished {
+        request: RequestId(1),
+    });
+    assert_eq!(finished, vec![assign(3, 0, 0), assign(4, 0, 0)]);
+}
+
+#[test]
+fn a_node_claiming_many_slots_gets_only_its_capped_share() {
+    let mut h = trusting_little();
+    h.plain_node(0, 64);
+    h.plain_node(1, 1);
+    let mut placed = Vec::new();
+    for request in 1..=8 {
+        for command in h.request(request, FLEET, 100) {
+            if let Command::Assign { node, .. } = command {
+                placed.push(node);
+            }
+        }
+    }
+    let on_claimer = placed.iter().filter(|node| **node == NodeId(0)).count();
+    assert_eq!(on_claimer, 2, "placed: {placed:?}");
+    assert_eq!(placed.len(), 3);
+}
+
+#[test]
+fn the_simulator_default_believes_claims() {
+    let mut h = Harness::new();
+    h.plain_node(0, 64);
+    for request in 1..=8 {
+        assert_eq!(h.request(request, FLEET, 100), vec![assign(request, 0, 0)]);
+    }
+    assert!(h.advance(10 * 60_000).is_empty(), "no stall detection");
+}
+
+#[test]
+fn a_generation_without_tokens_moves_after_the_conservative_bound() {
+    let mut h = trusting_little();
+    h.plain_node(0, 4);
+    assert_eq!(h.request(1, FLEET, 100), vec![assign(1, 0, 0)]);
+    h.plain_node(1, 1);
+    // The first token of an attempt may take the ceiling (its prefill is not measured).
+    assert_eq!(h.advance(CEILING_MS), vec![]);
+    assert_eq!(
+        h.advance(1),
+        vec![stop(1, 0, StopReason::Stalled), assign(1, 1, 0)]
+    );
+}
+
+#[test]
+fn the_bound_between_tokens_follows_the_measured_pace() {
+    let mut h = trusting_little();
+    h.plain_node(0, 4);
+    h.request(1, FLEET, 1_000);
+    h.plain_node(1, 1);
+    h.advance(500);
+    tokens(&mut h, 1, 1);
+    // 100 ms per token measured: 10 x 100 ms = 1 s, the floor.
+    for step in 1..=5 {
+        h.advance(500);
+        assert_eq!(tokens(&mut h, 1, 1 + 5 * step), vec![]);
+    }
+    assert_eq!(h.advance(FLOOR_MS), vec![]);
+    assert_eq!(
+        h.advance(1),
+        vec![stop(1, 0, StopReason::Stalled), assign(1, 1, 26)]
+    );
+}
+
+#[test]
+fn a_stall_counts_against_the_node_and_repeated_stalls_take_it_out_of_placement() {
+    let mut h = trusting_little();
+    h.plain_node(0, 4);
+    h.request(1, FLEET, 100);
+    h.request(2, FLEET, 100);
+    assert_eq!(h.scheduler.placement_of(RequestId(2)), Some(NodeId(0)));
+    h.plain_node(1, 1);
+    // Both stall at once: two stalls, the node's limit. One moves to the free node, the other
+    // waits rather than going back to the node that stalled it.
+    let moved = h.advance(CEILING_MS + 1);
+    assert_eq!(
+        moved,
+        vec![
+            stop(1, 0, StopReason::Stalled),
+            assign(1, 1, 0),
+            stop(2, 0, StopReason::Stalled),
+        ]
+    );
+    assert_eq!(h.scheduler.queued(TenantClass::Fleet), 1);
+    // The node that stalled twice gets nothing new, though it has free slots.
+    assert_eq!(h.request(3, FLEET, 100), vec![]);
+    assert_eq!(
+        h.send(Event::RequestFinished {
+            request: RequestId(1)
+        }),
+        vec![assign(2, 1, 0)]
+    );
+}
+
+#[test]
+fn a_stall_record_survives_reconnecting() {
+    let mut h = trusting_little();
+    h.plain_node(0, 4);
+    h.request(1, FLEET, 100);
+    h.request(2, FLEET, 100);
+    h.advance(CEILING_MS + 1);
+    h.send(Event::NodeLost { node: NodeId(0) });
+    h.plain_node(0, 4);
+    assert_eq!(h.scheduler.placement_of(RequestId(1)), None);
+    assert_eq!(h.request(3, FLEET, 100), vec![]);
+}
