@@ -61,33 +61,6 @@ fn chat_body(max_tokens: u32) -> Value {
     })
 }
 
-async fn post_as(stack: &Stack, key: &str, path: &str, body: &Value) -> reqwest::Response {
-    stack
-        .client()
-        .post(stack.url(path))
-        .bearer_auth(key)
-        .json(body)
-        .send()
-        .await
-        .expect("send")
-}
-
-async fn get_as(stack: &Stack, key: &str, path: &str) -> (u16, Value) {
-    let response = stack
-        .client()
-        .get(stack.url(path))
-        .bearer_auth(key)
-        .send()
-        .await
-        .expect("send");
-    let status = response.status().as_u16();
-    let text = response.text().await.expect("body");
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
 /// The JSON body of a response that must be 200, or a panic showing it.
 async fn ok_json(response: reqwest::Response) -> Value {
     let status = response.status();
@@ -116,7 +89,9 @@ async fn a_tenant_that_cannot_pay_is_refused_402_before_any_work_starts() {
     let key = stack.cli(&["tenants", "create", "broke", "--class", "spot"]);
 
     let accepted_before = stack.metric("fleetgrid_requests_accepted_total").await;
-    let response = post_as(&stack, &key, "/v1/chat/completions", &chat_body(8)).await;
+    let response = stack
+        .post_as(&key, "/v1/chat/completions", &chat_body(8))
+        .await;
     assert_eq!(response.status(), 402);
     let error: Value = response.json().await.expect("json");
     assert_eq!(error["error"]["type"], "insufficient_quota");
@@ -147,9 +122,13 @@ async fn a_tenant_that_cannot_pay_is_refused_402_before_any_work_starts() {
         "--reference",
         "r1",
     ]);
-    let response = post_as(&stack, &key, "/v1/chat/completions", &chat_body(9)).await;
+    let response = stack
+        .post_as(&key, "/v1/chat/completions", &chat_body(9))
+        .await;
     assert_eq!(response.status(), 402, "one more token costs 4 µUSD more");
-    let response = post_as(&stack, &key, "/v1/chat/completions", &chat_body(8)).await;
+    let response = stack
+        .post_as(&key, "/v1/chat/completions", &chat_body(8))
+        .await;
     let body = ok_json(response).await;
     let prompt = u64_of(&body["usage"]["prompt_tokens"]);
     let completion = u64_of(&body["usage"]["completion_tokens"]);
@@ -161,7 +140,7 @@ async fn a_tenant_that_cannot_pay_is_refused_402_before_any_work_starts() {
         worst_micro as u64,
         prompt * SPOT_PROMPT_MICRO + 8 * SPOT_COMPLETION_MICRO
     );
-    let (status, usage) = get_as(&stack, &key, "/v1/usage").await;
+    let (status, usage) = stack.get_as(&key, "/v1/usage").await;
     assert_eq!(status, 200, "{usage}");
     assert_eq!(u64_of(&usage["charged_micro_usd"]), charged);
     assert_eq!(
@@ -183,23 +162,29 @@ async fn a_tenant_that_cannot_pay_is_refused_402_before_any_work_starts() {
     // Spent today plus this request's worst case is one micro-dollar over.
     let cap = ledger::core::MicroUsd(charged as i64 + worst_micro - 1).to_string();
     stack.cli(&["billing", "cap", "--tenant", "broke", "--daily", &cap]);
-    let response = post_as(&stack, &key, "/v1/chat/completions", &chat_body(8)).await;
+    let response = stack
+        .post_as(&key, "/v1/chat/completions", &chat_body(8))
+        .await;
     assert_eq!(response.status(), 402);
     let error: Value = response.json().await.expect("json");
     let message = error["error"]["message"].as_str().expect("message");
     assert!(message.starts_with("daily spend cap reached"), "{message}");
     let cap = ledger::core::MicroUsd(charged as i64 + worst_micro).to_string();
     stack.cli(&["billing", "cap", "--tenant", "broke", "--daily", &cap]);
-    let response = post_as(&stack, &key, "/v1/chat/completions", &chat_body(8)).await;
+    let response = stack
+        .post_as(&key, "/v1/chat/completions", &chat_body(8))
+        .await;
     ok_json(response).await;
     stack.cli(&["billing", "cap", "--tenant", "broke", "--none"]);
 
     // A credit limit counts as available money for a tenant with none.
     let debtor = stack.cli(&["tenants", "create", "debtor", "--class", "reserved"]);
     stack.cli(&["billing", "credit", "--tenant", "debtor", "--limit", "0.01"]);
-    let response = post_as(&stack, &debtor, "/v1/chat/completions", &chat_body(8)).await;
+    let response = stack
+        .post_as(&debtor, "/v1/chat/completions", &chat_body(8))
+        .await;
     assert_eq!(response.status(), 200);
-    let (_, usage) = get_as(&stack, &debtor, "/v1/usage").await;
+    let (_, usage) = stack.get_as(&debtor, "/v1/usage").await;
     let owed = usage["balance_usd"].as_str().expect("balance");
     assert!(
         owed.starts_with("-0.0000"),
@@ -230,13 +215,9 @@ async fn usage_and_invoices_match_the_ledger_and_no_tenant_reads_another() {
 
     let mut alpha_expected = (0_u64, 0_u64, 0_u64);
     for max_tokens in [6, 9] {
-        let response = post_as(
-            &stack,
-            &alpha,
-            "/v1/chat/completions",
-            &chat_body(max_tokens),
-        )
-        .await;
+        let response = stack
+            .post_as(&alpha, "/v1/chat/completions", &chat_body(max_tokens))
+            .await;
         let body = ok_json(response).await;
         let prompt = u64_of(&body["usage"]["prompt_tokens"]);
         let completion = u64_of(&body["usage"]["completion_tokens"]);
@@ -248,7 +229,9 @@ async fn usage_and_invoices_match_the_ledger_and_no_tenant_reads_another() {
     let mut streamed = chat_body(7);
     streamed["stream"] = json!(true);
     streamed["stream_options"] = json!({"include_usage": true});
-    let response = post_as(&stack, &alpha, "/v1/chat/completions", &streamed).await;
+    let response = stack
+        .post_as(&alpha, "/v1/chat/completions", &streamed)
+        .await;
     let sse = common::parse_sse(&response.text().await.expect("stream"));
     assert!(sse.done && sse.errors.is_empty(), "{sse:?}");
     let usage = sse.usage.expect("usage chunk");
@@ -260,12 +243,14 @@ async fn usage_and_invoices_match_the_ledger_and_no_tenant_reads_another() {
     alpha_expected.1 += completion;
     alpha_expected.2 += prompt * SPOT_PROMPT_MICRO + completion * SPOT_COMPLETION_MICRO;
 
-    let response = post_as(&stack, &beta, "/v1/chat/completions", &chat_body(5)).await;
+    let response = stack
+        .post_as(&beta, "/v1/chat/completions", &chat_body(5))
+        .await;
     let body = ok_json(response).await;
     let beta_charged = u64_of(&body["usage"]["prompt_tokens"]) * RESERVED_PROMPT_MICRO
         + u64_of(&body["usage"]["completion_tokens"]) * RESERVED_COMPLETION_MICRO;
 
-    let (status, usage) = get_as(&stack, &alpha, "/v1/usage").await;
+    let (status, usage) = stack.get_as(&alpha, "/v1/usage").await;
     assert_eq!(status, 200, "{usage}");
     assert_eq!(usage["tenant"], "alpha");
     assert_eq!(u64_of(&usage["requests"]), 3);
@@ -275,7 +260,7 @@ async fn usage_and_invoices_match_the_ledger_and_no_tenant_reads_another() {
     assert_eq!(usage["by_model"][0]["model"], MODEL);
 
     let month = month_now();
-    let (status, invoice) = get_as(&stack, &alpha, &format!("/v1/invoices/{month}")).await;
+    let (status, invoice) = stack.get_as(&alpha, &format!("/v1/invoices/{month}")).await;
     assert_eq!(status, 200, "{invoice}");
     assert_eq!(u64_of(&invoice["total_micro_usd"]), alpha_expected.2);
     assert_eq!(invoice["top_ups_usd"], "5.000000");
@@ -304,19 +289,21 @@ async fn usage_and_invoices_match_the_ledger_and_no_tenant_reads_another() {
     );
 
     // Beta sees only its own request; naming alpha is forbidden.
-    let (_, beta_usage) = get_as(&stack, &beta, "/v1/usage").await;
+    let (_, beta_usage) = stack.get_as(&beta, "/v1/usage").await;
     assert_eq!(u64_of(&beta_usage["requests"]), 1);
     assert_eq!(u64_of(&beta_usage["charged_micro_usd"]), beta_charged);
-    let (status, forbidden) = get_as(&stack, &beta, "/v1/usage?tenant=alpha").await;
+    let (status, forbidden) = stack.get_as(&beta, "/v1/usage?tenant=alpha").await;
     assert_eq!(status, 403, "{forbidden}");
     assert_eq!(forbidden["error"]["type"], "permission_error");
-    let (status, _) = get_as(&stack, &beta, &format!("/v1/invoices/{month}?tenant=alpha")).await;
+    let (status, _) = stack
+        .get_as(&beta, &format!("/v1/invoices/{month}?tenant=alpha"))
+        .await;
     assert_eq!(status, 403);
-    let (_, beta_invoice) = get_as(&stack, &beta, &format!("/v1/invoices/{month}")).await;
+    let (_, beta_invoice) = stack.get_as(&beta, &format!("/v1/invoices/{month}")).await;
     assert_eq!(u64_of(&beta_invoice["total_micro_usd"]), beta_charged);
-    let (status, _) = get_as(&stack, "fg-not-a-key", "/v1/usage").await;
+    let (status, _) = stack.get_as("fg-not-a-key", "/v1/usage").await;
     assert_eq!(status, 401);
-    let (status, bad) = get_as(&stack, &alpha, "/v1/invoices/2026-13").await;
+    let (status, bad) = stack.get_as(&alpha, "/v1/invoices/2026-13").await;
     assert_eq!(status, 400, "{bad}");
 
     stack.cli(&["ledger", "verify"]);
@@ -348,7 +335,7 @@ async fn an_idempotency_key_replays_the_result_without_charging_again() {
     let again: Value = again.json().await.expect("json");
     // The very same response, even with sampling at temperature 0.9.
     assert_eq!(again, first);
-    let (_, usage) = get_as(&stack, &key, "/v1/usage").await;
+    let (_, usage) = stack.get_as(&key, "/v1/usage").await;
     assert_eq!(
         u64_of(&usage["requests"]),
         1,
@@ -387,7 +374,7 @@ async fn an_idempotency_key_replays_the_result_without_charging_again() {
     assert!(repeat.headers().contains_key("retry-after"));
     assert_eq!(running.await.expect("first").status(), 200);
 
-    let (_, usage) = get_as(&stack, &key, "/v1/usage").await;
+    let (_, usage) = stack.get_as(&key, "/v1/usage").await;
     assert_eq!(u64_of(&usage["requests"]), 3, "{usage}");
     stack.cli(&["ledger", "verify"]);
 }
@@ -412,7 +399,7 @@ async fn a_request_the_client_abandons_is_charged_for_what_was_made() {
     let mut body = chat_body(200);
     body["messages"] = json!([{"role": "user", "content": "Write a long story about a car."}]);
     body["stream"] = json!(true);
-    let mut response = post_as(&stack, &key, "/v1/chat/completions", &body).await;
+    let mut response = stack.post_as(&key, "/v1/chat/completions", &body).await;
     assert_eq!(response.status(), 200);
     // Read the first chunks, then hang up.
     let _ = response.chunk().await.expect("chunk");
@@ -422,7 +409,7 @@ async fn a_request_the_client_abandons_is_charged_for_what_was_made() {
     // usage until the cancelled request's settlement shows.
     let deadline = std::time::Instant::now() + common::WAIT;
     let usage = loop {
-        let (_, usage) = get_as(&stack, &key, "/v1/usage").await;
+        let (_, usage) = stack.get_as(&key, "/v1/usage").await;
         if u64_of(&usage["requests"]) > 0 {
             break usage;
         }
@@ -482,7 +469,9 @@ async fn the_coordinator_settles_into_postgresql() {
     ];
     topup.extend(ledger_args);
     stack.cli(&topup);
-    let response = post_as(&stack, &key, "/v1/chat/completions", &chat_body(6)).await;
+    let response = stack
+        .post_as(&key, "/v1/chat/completions", &chat_body(6))
+        .await;
     let body = ok_json(response).await;
     let charged = u64_of(&body["usage"]["prompt_tokens"]) * SPOT_PROMPT_MICRO
         + u64_of(&body["usage"]["completion_tokens"]) * SPOT_COMPLETION_MICRO;
@@ -507,7 +496,7 @@ async fn the_coordinator_settles_into_postgresql() {
     .await
     .expect("sum charges");
     assert_eq!(sum as u64, charged);
-    let (_, usage) = get_as(&stack, &key, "/v1/usage").await;
+    let (_, usage) = stack.get_as(&key, "/v1/usage").await;
     assert_eq!(u64_of(&usage["charged_micro_usd"]), charged);
     let mut verify = vec!["ledger", "verify"];
     verify.extend(ledger_args);
@@ -566,7 +555,7 @@ async fn a_migrated_generation_charges_the_prompt_once_and_pays_each_owner_who_s
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
     body["seed"] = json!(7);
-    let response = post_as(&stack, &key, "/v1/chat/completions", &body).await;
+    let response = stack.post_as(&key, "/v1/chat/completions", &body).await;
     assert_eq!(response.status(), 200);
     let mut bytes = response.bytes_stream();
     let mut raw = String::new();
@@ -659,7 +648,7 @@ async fn a_migrated_generation_charges_the_prompt_once_and_pays_each_owner_who_s
     // Over the owner API each owner reads their own vehicle's statement,
     // the same figures as the ledger's; another owner's vehicle is a 404.
     let path = format!("/owner/v1/vehicles/{survivor}/statement");
-    let (status, own) = get_as(&stack, &owner_keys[survivor], &path).await;
+    let (status, own) = stack.get_as(&owner_keys[survivor], &path).await;
     assert_eq!(status, 200, "{own}");
     assert_eq!(own["vehicle"], survivor);
     assert_eq!(u64_of(&own["requests"]), 1);
@@ -668,18 +657,17 @@ async fn a_migrated_generation_charges_the_prompt_once_and_pays_each_owner_who_s
         Some(statement.totals.earnings.0)
     );
     assert_eq!(own["lines"][0]["request_id"], id.as_str());
-    let (status, other) = get_as(&stack, &owner_keys[killed.as_str()], &path).await;
+    let (status, other) = stack.get_as(&owner_keys[killed.as_str()], &path).await;
     assert_eq!(status, 404, "{other}");
-    let (status, _) = get_as(
-        &stack,
-        &owner_keys[survivor],
-        "/owner/v1/vehicles/car-9/statement",
-    )
-    .await;
+    let (status, _) = stack
+        .get_as(&owner_keys[survivor], "/owner/v1/vehicles/car-9/statement")
+        .await;
     assert_eq!(status, 404);
-    let (status, _) = get_as(&stack, &key, &path).await;
+    let (status, _) = stack.get_as(&key, &path).await;
     assert_eq!(status, 401, "a tenant key opens no owner route");
-    let (status, csv) = get_as(&stack, &owner_keys[survivor], &format!("{path}?format=csv")).await;
+    let (status, csv) = stack
+        .get_as(&owner_keys[survivor], &format!("{path}?format=csv"))
+        .await;
     assert_eq!(status, 200);
     let cli_csv = stack.cli(&[
         "ledger",

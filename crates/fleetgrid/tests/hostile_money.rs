@@ -101,29 +101,6 @@ fn chat_body(max_tokens: u32) -> Value {
     })
 }
 
-async fn post_as(stack: &Stack, key: &str, body: &Value) -> reqwest::Response {
-    stack
-        .client()
-        .post(stack.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(body)
-        .send()
-        .await
-        .expect("send request")
-}
-
-async fn get_as(stack: &Stack, key: &str, path: &str) -> (u16, Value) {
-    let response = stack
-        .client()
-        .get(stack.url(path))
-        .bearer_auth(key)
-        .send()
-        .await
-        .expect("send");
-    let status = response.status().as_u16();
-    (status, response.json().await.expect("json"))
-}
-
 fn u64_of(value: &Value) -> u64 {
     value
         .as_u64()
@@ -179,28 +156,32 @@ async fn a_tenant_is_never_billed_on_the_account_of_a_tenant_named_after_its_id(
         "lookalike-1",
     ]);
 
-    let refused = post_as(&stack, &probe_key, &chat_body(3)).await;
+    let refused = stack
+        .post_as(&probe_key, "/v1/chat/completions", &chat_body(3))
+        .await;
     assert_eq!(
         refused.status(),
         402,
         "{}",
         refused.text().await.unwrap_or_default()
     );
-    let (_, lookalike_usage) = get_as(&stack, &lookalike_key, "/v1/usage").await;
+    let (_, lookalike_usage) = stack.get_as(&lookalike_key, "/v1/usage").await;
     assert_eq!(
         lookalike_usage["balance_usd"], "0.010000",
         "{lookalike_usage}"
     );
     assert_eq!(u64_of(&lookalike_usage["requests"]), 0);
     assert_eq!(lookalike_usage["tenant"], lookalike.as_str());
-    let (_, probe_usage) = get_as(&stack, &probe_key, "/v1/usage").await;
+    let (_, probe_usage) = stack.get_as(&probe_key, "/v1/usage").await;
     assert_eq!(probe_usage["tenant"], "probe corp", "{probe_usage}");
     assert_eq!(probe_usage["balance_usd"], "0.000000");
 
     // The funded tenant's own request is charged to it, and only to it.
-    let served = post_as(&stack, &lookalike_key, &chat_body(3)).await;
+    let served = stack
+        .post_as(&lookalike_key, "/v1/chat/completions", &chat_body(3))
+        .await;
     assert_eq!(served.status(), 200);
-    let (_, lookalike_usage) = get_as(&stack, &lookalike_key, "/v1/usage").await;
+    let (_, lookalike_usage) = stack.get_as(&lookalike_key, "/v1/usage").await;
     assert_eq!(u64_of(&lookalike_usage["requests"]), 1);
     let charged = u64_of(&lookalike_usage["charged_micro_usd"]);
     assert!(charged > 0);
@@ -208,7 +189,7 @@ async fn a_tenant_is_never_billed_on_the_account_of_a_tenant_named_after_its_id(
         fixed(lookalike_usage["balance_usd"].as_str().expect("balance")),
         10_000 - charged
     );
-    let (_, probe_usage) = get_as(&stack, &probe_key, "/v1/usage").await;
+    let (_, probe_usage) = stack.get_as(&probe_key, "/v1/usage").await;
     assert_eq!(u64_of(&probe_usage["requests"]), 0, "{probe_usage}");
     assert_eq!(probe_usage["balance_usd"], "0.000000");
     stack.cli(&["ledger", "verify"]);
@@ -296,7 +277,7 @@ async fn a_node_that_waits_before_its_only_token_is_paid_for_the_token_not_the_w
         );
 
         let path = format!("/owner/v1/vehicles/{name}/statement");
-        let (status, statement) = get_as(&stack, &owner_key, &path).await;
+        let (status, statement) = stack.get_as(&owner_key, &path).await;
         assert_eq!(status, 200, "{statement}");
         assert_eq!(u64_of(&statement["requests"]), 1, "{statement}");
         let micro_hours = fixed(statement["compute_hours"].as_str().expect("hours"));
@@ -336,7 +317,7 @@ async fn a_client_that_hangs_up_pays_for_the_prompt_and_the_tokens_made() {
 
     let mut body = chat_body(50);
     body["stream"] = json!(true);
-    let response = post_as(&stack, &key, &body).await;
+    let response = stack.post_as(&key, "/v1/chat/completions", &body).await;
     assert_eq!(response.status(), 200);
     let assign = agent.next_assignment().await.expect("an assignment");
     let tokens = honest_tokens();
@@ -367,7 +348,7 @@ async fn a_client_that_hangs_up_pays_for_the_prompt_and_the_tokens_made() {
     // The charge lands once the cancel is settled: poll, never sleep.
     let deadline = Instant::now() + WAIT;
     let usage = loop {
-        let (_, usage) = get_as(&stack, &key, "/v1/usage").await;
+        let (_, usage) = stack.get_as(&key, "/v1/usage").await;
         if u64_of(&usage["requests"]) > 0 {
             break usage;
         }
@@ -386,8 +367,9 @@ async fn a_client_that_hangs_up_pays_for_the_prompt_and_the_tokens_made() {
         prompt * SPOT_PROMPT_MICRO + made as u64 * SPOT_COMPLETION_MICRO
     );
     // The node that made them is credited for them.
-    let (status, statement) =
-        get_as(&stack, &owner_key, "/owner/v1/vehicles/car-c/statement").await;
+    let (status, statement) = stack
+        .get_as(&owner_key, "/owner/v1/vehicles/car-c/statement")
+        .await;
     assert_eq!(status, 200, "{statement}");
     assert_eq!(u64_of(&statement["requests"]), 1, "{statement}");
     assert_eq!(u64_of(&statement["completion_tokens"]), made as u64);

@@ -205,24 +205,11 @@ impl HostileAgent {
         while self.next().await.is_some() {}
     }
 
-    /// Sends `tokens` for `generation_id`, each at the position after the last.
+    /// Sends `tokens` for `generation_id`, each at the position after the
+    /// last, with no text of their own (the coordinator detokenizes).
     pub async fn tokens(&self, generation_id: &str, first_position: u32, ids: &[i32]) -> bool {
-        let tokens = ids
-            .iter()
-            .enumerate()
-            .map(|(index, &token_id)| proto::Token {
-                position: first_position + index as u32,
-                token_id,
-                piece: Vec::new(),
-                logprob: -0.5,
-                top_logprobs: Vec::new(),
-            })
-            .collect();
-        self.send(AgentKind::Tokens(proto::TokenBatch {
-            generation_id: generation_id.to_string(),
-            tokens,
-        }))
-        .await
+        let tokens: Vec<(i32, Vec<u8>)> = ids.iter().map(|&id| (id, Vec::new())).collect();
+        self.pieces(generation_id, first_position, &tokens).await
     }
 
     /// Reports `generation_id` finished with the counts an honest node would.
@@ -287,17 +274,8 @@ impl HostileAgent {
         token_id: i32,
         piece: Vec<u8>,
     ) -> bool {
-        self.send(AgentKind::Tokens(proto::TokenBatch {
-            generation_id: generation_id.to_string(),
-            tokens: vec![proto::Token {
-                position,
-                token_id,
-                piece,
-                logprob: -0.5,
-                top_logprobs: Vec::new(),
-            }],
-        }))
-        .await
+        self.pieces(generation_id, position, &[(token_id, piece)])
+            .await
     }
 }
 

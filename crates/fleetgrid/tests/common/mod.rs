@@ -341,6 +341,38 @@ impl Stack {
             .expect("send request")
     }
 
+    /// A POST of `body` to `path` with another key than the stack's.
+    pub async fn post_as(
+        &self,
+        key: &str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> reqwest::Response {
+        self.client()
+            .post(self.url(path))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .expect("send request")
+    }
+
+    /// A GET of `path` with `key`: the status and the body as JSON (or as a
+    /// JSON string when it is not JSON).
+    pub async fn get_as(&self, key: &str, path: &str) -> (u16, serde_json::Value) {
+        let response = self
+            .client()
+            .get(self.url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("send request");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        (status, body)
+    }
+
     /// A non-streaming chat completion; panics unless it is 200.
     pub async fn chat(&self, body: &serde_json::Value) -> serde_json::Value {
         let response = self.post("/v1/chat/completions", body).await;
