@@ -19,29 +19,12 @@ const SPOT_COMPLETION_MICRO: u64 = 4;
 const RESERVED_PROMPT_MICRO: u64 = 3;
 const RESERVED_COMPLETION_MICRO: u64 = 6;
 
-fn prices_json() -> String {
-    json!({
-        "owner_share_bps": 7000,
-        "cloud_margin_bps": 2000,
-        "fleet": { MODEL: {
-            "fleet": {"prompt": "5.00", "completion": "10.00"},
-            "reserved": {"prompt": "3.00", "completion": "6.00"},
-            "spot": {"prompt": "2.00", "completion": "4.00"}
-        }},
-        "payout_per_unit": {"cash": "0.01", "charging-credit": "0.0003",
-                            "subscription-credit": "0.009", "ride-credit": "0.009"},
-        "power": {"watts_idle": 15, "watts_busy": 60},
-        "tariff": {"per_kwh": "0.30"}
-    })
-    .to_string()
-}
-
 /// Options that point the coordinator at the test price sheet (written to a
 /// directory kept alive by the returned guard), plus `extra` arguments.
 pub fn billed_options(extra: &[&str]) -> (StackOptions, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path: PathBuf = dir.path().join("prices.json");
-    std::fs::write(&path, prices_json()).expect("write prices");
+    std::fs::write(&path, common::test_prices_json()).expect("write prices");
     let mut args = vec!["--prices".to_string(), path.display().to_string()];
     args.extend(extra.iter().map(|arg| arg.to_string()));
     (
@@ -608,18 +591,9 @@ async fn a_migrated_generation_charges_the_prompt_once_and_pays_each_owner_who_s
         charge[0].amount().0 as u64,
         prompt * SPOT_PROMPT_MICRO + completion * SPOT_COMPLETION_MICRO
     );
-    let store = coordinator::store::Store::open(stack.dir.path())
-        .await
-        .expect("open the coordinator's database");
     let mut owner_accounts = std::collections::BTreeMap::new();
     for (node, owner) in [("car-1", "alice"), ("car-2", "bob")] {
-        let record = store
-            .owner_by_name(owner)
-            .await
-            .expect("owner")
-            .expect("owner");
-        let key = coordinator::billing_accounts::owner_key(record.id);
-        owner_accounts.insert(node, ledger::core::AccountId::Owner(key).to_string());
+        owner_accounts.insert(node, stack.owner_account(owner).await);
     }
     let killed = killed.expect("a node was killed");
     let survivor = if killed == "car-1" { "car-2" } else { "car-1" };

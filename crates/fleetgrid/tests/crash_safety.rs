@@ -170,18 +170,9 @@ async fn sigkilled_coordinators_leave_every_success_charged_once_and_the_ledger_
         .await
         .expect("open ledger");
     // The ledger keys accounts by ids; the coordinator's database has them.
-    let store = coordinator::store::Store::open(stack.dir.path())
-        .await
-        .expect("open the coordinator's database");
     let mut owner_accounts = BTreeMap::new();
     for (node, owner) in &owners {
-        let record = store
-            .owner_by_name(owner)
-            .await
-            .expect("owner")
-            .expect("owner");
-        let key = coordinator::billing_accounts::owner_key(record.id);
-        owner_accounts.insert(*node, ledger::core::AccountId::Owner(key).to_string());
+        owner_accounts.insert(*node, stack.owner_account(owner).await);
     }
     let successes = successes.lock().expect("lock").clone();
     assert!(
@@ -238,6 +229,9 @@ async fn sigkilled_coordinators_leave_every_success_charged_once_and_the_ledger_
         from: ledger::core::TimestampMs(0),
         until: ledger::core::TimestampMs(i64::MAX),
     };
+    let store = coordinator::store::Store::open(stack.dir.path())
+        .await
+        .expect("open the coordinator's database");
     let tenant = store
         .tenant_by_name("crash")
         .await

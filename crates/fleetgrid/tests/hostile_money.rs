@@ -24,28 +24,11 @@ const SPOT_COMPLETION_MICRO: u64 = 4;
 
 const HEARTBEAT: Duration = Duration::from_millis(300);
 
-fn prices_json() -> String {
-    json!({
-        "owner_share_bps": 7000,
-        "cloud_margin_bps": 2000,
-        "fleet": { MODEL: {
-            "fleet": {"prompt": "5.00", "completion": "10.00"},
-            "reserved": {"prompt": "3.00", "completion": "6.00"},
-            "spot": {"prompt": "2.00", "completion": "4.00"}
-        }},
-        "payout_per_unit": {"cash": "0.01", "charging-credit": "0.0003",
-                            "subscription-credit": "0.009", "ride-credit": "0.009"},
-        "power": {"watts_idle": 15, "watts_busy": 60},
-        "tariff": {"per_kwh": "0.30"}
-    })
-    .to_string()
-}
-
 /// A stack on the test price sheet (kept in the returned directory).
 fn priced_stack() -> (Stack, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path: PathBuf = dir.path().join("prices.json");
-    std::fs::write(&path, prices_json()).expect("write prices");
+    std::fs::write(&path, common::test_prices_json()).expect("write prices");
     let stack = Stack::start(StackOptions {
         extra_serve_args: vec!["--prices".into(), path.display().to_string()],
     });
@@ -230,7 +213,7 @@ async fn a_node_that_waits_before_its_only_token_is_paid_for_the_token_not_the_w
     let (stack, _prices) = priced_stack();
     let owner_key = stack.cli(&["owners", "create", "mallory"]);
     let tokens = honest_tokens();
-    let power = ledger::price_file::PriceConfig::parse_json(&prices_json())
+    let power = ledger::price_file::PriceConfig::parse_json(&common::test_prices_json())
         .expect("prices")
         .power_of(&ledger::core::NodeId::new("any").expect("node"));
     for (name, hardware) in [

@@ -435,6 +435,44 @@ pub fn parse_sse(text: &str) -> Streamed {
     streamed
 }
 
+/// The billing tests' price sheet: spot $2 / $4, reserved $3 / $6 and fleet
+/// $5 / $10 per million prompt / completion tokens, so that every token is
+/// worth whole micro-dollars and charges are exact.
+pub fn test_prices_json() -> String {
+    serde_json::json!({
+        "owner_share_bps": 7000,
+        "cloud_margin_bps": 2000,
+        "fleet": { MODEL: {
+            "fleet": {"prompt": "5.00", "completion": "10.00"},
+            "reserved": {"prompt": "3.00", "completion": "6.00"},
+            "spot": {"prompt": "2.00", "completion": "4.00"}
+        }},
+        "payout_per_unit": {"cash": "0.01", "charging-credit": "0.0003",
+                            "subscription-credit": "0.009", "ride-credit": "0.009"},
+        "power": {"watts_idle": 15, "watts_busy": 60},
+        "tariff": {"per_kwh": "0.30"}
+    })
+    .to_string()
+}
+
+impl Stack {
+    /// The ledger account (as `ledger balances` names it by key) of the
+    /// owner called `owner`: the ledger keys accounts by the ids in the
+    /// coordinator's database.
+    pub async fn owner_account(&self, owner: &str) -> String {
+        let store = coordinator::store::Store::open(self.dir.path())
+            .await
+            .expect("open the coordinator's database");
+        let record = store
+            .owner_by_name(owner)
+            .await
+            .expect("owner")
+            .expect("owner");
+        let key = coordinator::billing_accounts::owner_key(record.id);
+        ledger::core::AccountId::Owner(key).to_string()
+    }
+}
+
 /// A vehicle plugged in and charging for the next ten hours.
 pub const PLUGGED_IN_TRACE: &str = r#"{"start_soc": 0.6, "events": [
   {"at_s": 0, "plugged_in": true, "charging": true, "soc": 0.6, "departure_in_s": 36000, "temperature_c": 30.0}
