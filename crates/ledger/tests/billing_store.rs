@@ -3,6 +3,7 @@
 //! agree with the transfers, request lookups and meter flags. The PostgreSQL
 //! half needs a server (see `common`); it fails, never skips, without one.
 
+#[macro_use]
 mod common;
 
 use common::node_segment;
@@ -207,30 +208,6 @@ async fn verify_ok(store: &Store) {
 fn the_test_month_is_november_2026() {
     let period = invoice::month_period("2026-11").unwrap();
     assert!(Period::contains(&period, TimestampMs(MID_NOVEMBER_MS)));
-}
-
-macro_rules! on_both_backends {
-    ($($scenario:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $scenario() {
-                    let (store, _dir) = crate::common::sqlite_store().await;
-                    super::$scenario(&store).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $scenario() {
-                    let ledger = crate::common::postgres_store().await;
-                    super::$scenario(&ledger.store).await;
-                    ledger.drop_schema().await;
-                }
-            )*
-        }
-    };
 }
 
 on_both_backends!(

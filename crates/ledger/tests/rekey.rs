@@ -2,6 +2,7 @@
 //! PostgreSQL: balances, usage, invoices and statements follow the account,
 //! ids may be swapped, and a second run changes nothing.
 
+#[macro_use]
 mod common;
 
 use common::node_segment;
@@ -191,30 +192,6 @@ async fn a_move_onto_an_existing_account_merges(store: &Store) {
     assert_eq!(balance(store, &owner("7")).await, Some(alice));
     assert_eq!(balance(store, &owner("alice")).await, None);
     assert!(verify(store).await.unwrap().is_ok());
-}
-
-macro_rules! on_both_backends {
-    ($($scenario:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $scenario() {
-                    let (store, _dir) = crate::common::sqlite_store().await;
-                    super::$scenario(&store).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $scenario() {
-                    let ledger = crate::common::postgres_store().await;
-                    super::$scenario(&ledger.store).await;
-                    ledger.drop_schema().await;
-                }
-            )*
-        }
-    };
 }
 
 on_both_backends!(

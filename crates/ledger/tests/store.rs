@@ -1,6 +1,7 @@
 //! The persistent ledger on SQLite and on PostgreSQL: every scenario runs on
 //! both backends. The PostgreSQL half needs a server (see `common`).
 
+#[macro_use]
 mod common;
 
 use common::{cloud_segment, node_segment, CLOUD_MODEL, FLEET_MODEL};
@@ -329,30 +330,6 @@ async fn concurrent_retries_create_one_set_of_transfers(store: &Store) {
         10_000_000 - 300
     );
     assert_verified(store).await;
-}
-
-macro_rules! on_both_backends {
-    ($($scenario:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $scenario() {
-                    let (store, _dir) = crate::common::sqlite_store().await;
-                    super::$scenario(&store).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $scenario() {
-                    let ledger = crate::common::postgres_store().await;
-                    super::$scenario(&ledger.store).await;
-                    ledger.drop_schema().await;
-                }
-            )*
-        }
-    };
 }
 
 on_both_backends!(

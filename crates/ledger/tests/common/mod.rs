@@ -187,3 +187,30 @@ impl PgLedger {
             .unwrap();
     }
 }
+
+/// Runs each named `async fn scenario(&Store)` of the test file on a fresh
+/// SQLite store and on a fresh PostgreSQL schema (not every test file uses it).
+#[allow(unused_macros)]
+macro_rules! on_both_backends {
+    ($($scenario:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    let (store, _dir) = crate::common::sqlite_store().await;
+                    super::$scenario(&store).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    let ledger = crate::common::postgres_store().await;
+                    super::$scenario(&ledger.store).await;
+                    ledger.drop_schema().await;
+                }
+            )*
+        }
+    };
+}
