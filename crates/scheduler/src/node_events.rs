@@ -251,6 +251,7 @@ impl Scheduler {
             0,
             request.remaining_tokens(),
             &entry.capacity,
+            self.decode_believed(node, entry),
             self.config.generation_time_margin_permille,
         );
         now.plus(expected) <= departure.minus(self.config.departure_hard_stop_ms)

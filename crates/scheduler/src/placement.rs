@@ -268,6 +268,19 @@ impl Scheduler {
         }
     }
 
+    /// The decode speed believed of `node` (`TrustConfig::decode_believed`); its claim where
+    /// nodes are trusted.
+    pub(crate) fn decode_believed(&self, node: NodeId, entry: &crate::nodes::Node) -> f32 {
+        let claimed = entry.capacity.decode_tokens_per_second;
+        match &self.config.trust {
+            Some(config) => {
+                let trust = self.trust.get(&node).copied().unwrap_or_default();
+                config.decode_believed(claimed, &trust)
+            }
+            None => claimed,
+        }
+    }
+
     /// Whether `request`'s expected generation on `node` ends before the node must stop work.
     pub(crate) fn covers(&self, now: Millis, request: &Request, node: NodeId) -> bool {
         let Some(entry) = self.nodes.get(node) else {
@@ -280,6 +293,7 @@ impl Scheduler {
             request.prompt_tokens,
             request.remaining_tokens(),
             &entry.capacity,
+            self.decode_believed(node, entry),
             self.config.generation_time_margin_permille,
         );
         now.plus(expected) <= departure.minus(self.config.departure_hard_stop_ms)

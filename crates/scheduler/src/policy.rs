@@ -152,15 +152,17 @@ pub(crate) fn next_time_change(
     next
 }
 
-/// Milliseconds a generation is expected to take on a node with `capacity`, margin included.
+/// Milliseconds a generation is expected to take on a node with `capacity` decoding at
+/// `decode_tokens_per_second` (what the scheduler believes of it), margin included.
 pub(crate) fn expected_generation_ms(
     prompt_tokens: u32,
     remaining_tokens: u32,
     capacity: &NodeCapacity,
+    decode_tokens_per_second: f32,
     margin_permille: u32,
 ) -> u64 {
     let prefill = f64::from(capacity.prefill_tokens_per_second).max(SPEED_MIN_TOKENS_PER_SECOND);
-    let decode = f64::from(capacity.decode_tokens_per_second).max(SPEED_MIN_TOKENS_PER_SECOND);
+    let decode = f64::from(decode_tokens_per_second).max(SPEED_MIN_TOKENS_PER_SECOND);
     let seconds = f64::from(prompt_tokens) / prefill + f64::from(remaining_tokens) / decode;
     let ms = seconds * 1000.0 * f64::from(margin_permille) / 1000.0;
     // A float-to-int cast saturates, so an absurd estimate becomes "forever", not garbage.

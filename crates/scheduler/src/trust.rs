@@ -1,6 +1,8 @@
 //! How far a node is believed. A node's claims (its slots, its speed) come from the node, which
 //! is not trusted: a new node gets at most a few slots whatever it claims, and earns more by
-//! completing generations. A running generation that makes no progress within a bound derived
+//! completing generations; its decode speed, which decides whether a generation can finish
+//! before the car leaves, is believed only up to the pace it has delivered (a modest default
+//! until it delivered any). A running generation that makes no progress within a bound derived
 //! from the pace the node has actually delivered is moved (`StopReason::Stalled`); a stall
 //! costs the node what it had earned and halves its slots for good, and repeated stalls take it
 //! out of placement.
@@ -30,6 +32,9 @@ pub struct TrustConfig {
     /// Between tokens, a generation stalls after this many times the node's measured interval
     /// between tokens (then clamped to floor and ceiling).
     pub stall_interval_multiple: u32,
+    /// The decode speed (tokens per second, per generation) believed of a node that has not
+    /// delivered a measured pace yet, whatever it claims.
+    pub unproven_decode_tokens_per_second: u32,
 }
 
 impl Default for TrustConfig {
@@ -41,6 +46,7 @@ impl Default for TrustConfig {
             stall_floor_ms: 10_000,
             stall_ceiling_ms: 30_000,
             stall_interval_multiple: 20,
+            unproven_decode_tokens_per_second: 20,
         }
     }
 }
@@ -95,6 +101,17 @@ impl TrustConfig {
         claimed.min(u16::try_from(earned).unwrap_or(u16::MAX))
     }
 
+    /// The decode speed believed of a node that claims `claimed`: at most the pace it has
+    /// delivered (one generation's tokens per second, batching included), and at most
+    /// `unproven_decode_tokens_per_second` before it delivered any.
+    pub(crate) fn decode_believed(&self, claimed: f32, trust: &NodeTrust) -> f32 {
+        let shown = match trust.token_interval_ms {
+            Some(interval) => 1000.0 / interval.max(1) as f32,
+            None => self.unproven_decode_tokens_per_second as f32,
+        };
+        claimed.min(shown)
+    }
+
     /// How long a generation on a node may go without progress; `first_token` when the current
     /// attempt has delivered none yet.
     pub(crate) fn stall_after_ms(&self, trust: &NodeTrust, first_token: bool) -> u64 {
@@ -133,6 +150,7 @@ mod tests {
             stall_floor_ms: 1_000,
             stall_ceiling_ms: 10_000,
             stall_interval_multiple: 10,
+            unproven_decode_tokens_per_second: 20,
         }
     }
 

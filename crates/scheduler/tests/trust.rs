@@ -1,11 +1,13 @@
-//! Nodes are not believed: claimed slots are capped by completed work, and a generation that
-//! makes no progress within its node's stall bound moves, counting against the node.
+//! Nodes are not believed: claimed slots are capped by completed work, a claimed decode speed
+//! by the pace delivered, and a generation that makes no progress within its node's stall bound
+//! moves, counting against the node.
 
 mod common;
 
 use common::*;
 use scheduler::{
-    Command, Event, NodeId, RequestId, SchedulerConfig, StopReason, TenantClass, TrustConfig,
+    Command, Event, NodeId, OwnerPolicy, RequestId, SchedulerConfig, StopReason, TenantClass,
+    TrustConfig, VehicleState,
 };
 
 const FLOOR_MS: u64 = 1_000;
@@ -20,6 +22,7 @@ fn trusting_little() -> Harness {
             stall_floor_ms: FLOOR_MS,
             stall_ceiling_ms: CEILING_MS,
             stall_interval_multiple: 10,
+            unproven_decode_tokens_per_second: 20,
         }),
         ..Default::default()
     })
@@ -159,4 +162,35 @@ fn a_stall_record_survives_reconnecting() {
     h.plain_node(0, 4);
     assert_eq!(h.scheduler.placement_of(RequestId(1)), None);
     assert_eq!(h.request(3, FLEET, 100), vec![]);
+}
+
+#[test]
+fn a_car_about_to_leave_is_believed_only_as_fast_as_it_has_delivered() {
+    let mut h = trusting_little();
+    // Node 0 claims 5,000 tokens/s and is otherwise preferred (cheaper, model loaded), but
+    // leaves in 17 minutes: new work for 2 more minutes, all of it done a minute before.
+    let mut claims = capacity(4);
+    claims.decode_tokens_per_second = 5_000.0;
+    claims.energy_price_micro_usd_per_kwh = 1;
+    let leaving = VehicleState {
+        departure_at: Some(h.now.plus(17 * MINUTE_MS)),
+        ..Default::default()
+    };
+    h.node(0, claims, leaving, OwnerPolicy::default());
+    let mut staying = capacity(4);
+    staying.loaded.clear();
+    h.node(1, staying, VehicleState::default(), OwnerPolicy::default());
+    assert_eq!(h.request(2, FLEET, 20), vec![assign(2, 0, 0)]);
+    // 30,000 tokens take 9 s at the 5,000 tokens/s it claims, but 37.5 minutes at the 20
+    // believed of a node that has delivered nothing: they go to the car that stays.
+    assert_eq!(h.request(1, FLEET, 30_000), vec![assign(1, 1, 0)]);
+    // It delivers 5 tokens in 10 ms after the first (500 tokens/s): 30,000 take 90 s.
+    h.advance(100);
+    tokens(&mut h, 2, 1);
+    h.advance(10);
+    tokens(&mut h, 2, 6);
+    h.send(Event::RequestFinished {
+        request: RequestId(2),
+    });
+    assert_eq!(h.request(3, FLEET, 30_000), vec![assign(3, 0, 0)]);
 }
