@@ -82,6 +82,10 @@ impl Finisher {
 
     /// Records the finished request; on error the client must get the error
     /// instead of a successful end.
+    ///
+    /// The work runs in a task of its own: a client that hangs up while its
+    /// finished request is being settled (the response future is dropped)
+    /// still pays for the answer it was given.
     pub async fn finish(
         &mut self,
         metering: &Metering,
@@ -91,17 +95,38 @@ impl Finisher {
             tracing::error!("a request finished after it was settled as cancelled");
             return Err(ApiError::internal());
         };
-        let completion = self.billing.complete(&pending, metering).await?;
-        if let Some(slot) = self.idempotency.as_mut() {
-            let body = body.cloned().unwrap_or(Value::Null);
-            slot.store_done(&body, &completed_to_json(&completion.request))
-                .await?;
-        }
-        // The hold (in `pending`) is released once the charge is posted.
-        let settled = self.billing.settle(&completion).await.map(|_charge| ());
-        drop(pending);
-        settled
+        let settling = tokio::spawn(finish_settled(
+            Arc::clone(&self.billing),
+            pending,
+            self.idempotency.take(),
+            metering.clone(),
+            body.cloned(),
+        ));
+        settling.await.unwrap_or_else(|error| {
+            tracing::error!(%error, "settling a finished request panicked");
+            Err(ApiError::internal())
+        })
     }
+}
+
+/// Meters, keeps (for idempotent replay) and settles a finished request.
+async fn finish_settled(
+    billing: Arc<Billing>,
+    pending: PendingCharge,
+    idempotency: Option<Slot>,
+    metering: Metering,
+    body: Option<Value>,
+) -> Result<(), ApiError> {
+    let completion = billing.complete(&pending, &metering).await?;
+    if let Some(mut slot) = idempotency {
+        let body = body.unwrap_or(Value::Null);
+        slot.store_done(&body, &completed_to_json(&completion.request))
+            .await?;
+    }
+    // The hold (in `pending`) is released once the charge is posted.
+    let settled = billing.settle(&completion).await.map(|_charge| ());
+    drop(pending);
+    settled
 }
 
 /// Settles a request the client cancelled, for what the coordinator
@@ -197,6 +222,11 @@ impl RoutedBooking {
             discarded: Vec::new(),
             flags: Vec::new(),
         }
+    }
+
+    /// Whether no work was booked yet: no segment would be settled.
+    pub fn is_empty(&self) -> bool {
+        self.served.is_empty() && self.discarded.is_empty()
     }
 
     /// An edge generation whose text reached the client. With

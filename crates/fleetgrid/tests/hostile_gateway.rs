@@ -14,10 +14,9 @@ use std::time::{Duration, Instant};
 
 use common::hostile::{self, HostileAgent};
 use common::{Stack, StackOptions};
-use proto::agent_message::Kind as AgentKind;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 /// How long a test waits for something the gateway must do within a bound
 /// of a second or two.
@@ -26,24 +25,6 @@ const PROMPT_WAIT: Duration = Duration::from_secs(20);
 fn options(args: &[&str]) -> StackOptions {
     StackOptions {
         extra_serve_args: args.iter().map(|arg| arg.to_string()).collect(),
-    }
-}
-
-/// Reads until the server closes the connection (EOF or reset); returns what
-/// was read. Panics if it is still open at `deadline`.
-async fn read_until_closed(stream: &mut TcpStream, deadline: Instant) -> Vec<u8> {
-    let mut received = Vec::new();
-    let mut buffer = [0_u8; 16 * 1024];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, stream.read(&mut buffer)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return received,
-            Ok(Ok(read)) => received.extend_from_slice(&buffer[..read]),
-            Err(_) => panic!(
-                "the connection is still open; received so far: {:?}",
-                String::from_utf8_lossy(&received[received.len().saturating_sub(300)..])
-            ),
-        }
     }
 }
 
@@ -138,7 +119,7 @@ async fn slow_headers_and_trickled_bodies_are_cut_off() {
     trickle.await;
     let deadline = started + PROMPT_WAIT;
     for stream in &mut lorises {
-        read_until_closed(stream, deadline).await;
+        hostile::read_until_closed(stream, deadline).await;
     }
 
     // An authenticated body trickled one byte at a time: 408, then closed.
@@ -159,7 +140,7 @@ async fn slow_headers_and_trickled_bodies_are_cut_off() {
     };
     let started = Instant::now();
     writing.await;
-    let answer = read_until_closed(&mut stream, started + PROMPT_WAIT).await;
+    let answer = hostile::read_until_closed(&mut stream, started + PROMPT_WAIT).await;
     let answer = String::from_utf8_lossy(&answer);
     assert_eq!(status_of(&answer), 408, "{answer}");
     assert!(answer.contains("request_timeout"), "{answer}");
@@ -173,7 +154,7 @@ async fn slow_headers_and_trickled_bodies_are_cut_off() {
         )
         .await
         .expect("send head");
-    let answer = read_until_closed(&mut stream, Instant::now() + PROMPT_WAIT).await;
+    let answer = hostile::read_until_closed(&mut stream, Instant::now() + PROMPT_WAIT).await;
     let answer = String::from_utf8_lossy(&answer);
     assert_eq!(status_of(&answer), 401, "{answer}");
 
@@ -212,7 +193,7 @@ async fn connections_are_bounded_per_address_and_until_authenticated() {
         idle.push(connect(stack.http).await);
     }
     let mut refused = connect(stack.http).await;
-    let answer = read_until_closed(&mut refused, Instant::now() + PROMPT_WAIT).await;
+    let answer = hostile::read_until_closed(&mut refused, Instant::now() + PROMPT_WAIT).await;
     let answer = String::from_utf8_lossy(&answer);
     assert_eq!(status_of(&answer), 503, "{answer}");
     assert!(has_retry_after(&answer), "{answer}");
@@ -236,7 +217,7 @@ async fn connections_are_bounded_per_address_and_until_authenticated() {
         }
     }
     let mut refused = connect(stack.http).await;
-    let answer = read_until_closed(&mut refused, Instant::now() + PROMPT_WAIT).await;
+    let answer = hostile::read_until_closed(&mut refused, Instant::now() + PROMPT_WAIT).await;
     let answer = String::from_utf8_lossy(&answer);
     assert_eq!(status_of(&answer), 429, "{answer}");
     assert!(has_retry_after(&answer), "{answer}");
@@ -364,18 +345,6 @@ async fn one_tenant_cannot_take_the_gateway() {
     heartbeats.abort();
 }
 
-/// Token ids with the longest pieces of the vocabulary, and their pieces.
-fn long_tokens(count: usize) -> Vec<(i32, Vec<u8>)> {
-    let tokenizer = engine::Tokenizer::load(&common::model_path()).expect("tokenizer");
-    let mut tokens: Vec<(i32, Vec<u8>)> = (0..tokenizer.vocab_size() as i32)
-        .map(|id| (id, tokenizer.piece(id)))
-        .filter(|(_, piece)| std::str::from_utf8(piece).is_ok())
-        .collect();
-    tokens.sort_by_key(|(_, piece)| std::cmp::Reverse(piece.len()));
-    tokens.truncate(count);
-    tokens
-}
-
 #[tokio::test]
 async fn a_client_that_does_not_read_its_stream_is_disconnected() {
     let stack = Stack::start(options(&[
@@ -388,66 +357,18 @@ async fn a_client_that_does_not_read_its_stream_is_disconnected() {
 
     // A client with a tiny receive window that reads the response's head and
     // then nothing more.
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("receive buffer");
-    let mut stream = socket.connect(stack.http).await.expect("connect");
-    let body = json!({
-        "model": common::MODEL,
-        "messages": [{"role": "user", "content": "hello"}],
-        "max_tokens": 4096,
-        "logprobs": true,
-        "top_logprobs": 20,
-        "stream": true,
-    })
-    .to_string();
-    let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {}\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        stack.api_key,
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut stream =
+        hostile::non_reading_client(stack.http, &stack.api_key, &hostile::flood_body()).await;
     let assign = agent.next_assignment().await.expect("assignment");
 
     // The node streams thousands of large tokens (every alternative asked
     // for), megabytes more than the socket buffers hold, but not all.
-    let tokens = long_tokens(21);
-    let mut position = 0_u32;
-    while position < 4000 {
-        let batch: Vec<proto::Token> = (0..200)
-            .map(|offset| {
-                let (id, piece) = &tokens[(offset % 21) as usize];
-                proto::Token {
-                    position: position + offset,
-                    token_id: *id,
-                    piece: piece.clone(),
-                    logprob: -0.5,
-                    top_logprobs: tokens[..20]
-                        .iter()
-                        .map(|(id, piece)| proto::TokenLogprob {
-                            token_id: *id,
-                            piece: piece.clone(),
-                            logprob: -1.0,
-                        })
-                        .collect(),
-                }
-            })
-            .collect();
-        assert!(
-            agent
-                .send(AgentKind::Tokens(proto::TokenBatch {
-                    generation_id: assign.generation_id.clone(),
-                    tokens: batch,
-                }))
-                .await
-        );
-        position += 200;
-    }
+    assert!(agent.flood(&assign.generation_id, 4000).await);
 
     // The gateway gives up on the client: the node is told to stop, and the
     // connection is closed before the answer ended.
     assert!(agent.expect_cancel(&assign.generation_id).await);
-    let received = read_until_closed(&mut stream, Instant::now() + PROMPT_WAIT).await;
+    let received = hostile::read_until_closed(&mut stream, Instant::now() + PROMPT_WAIT).await;
     assert!(!String::from_utf8_lossy(&received).contains("[DONE]"));
     assert!(
         stack
@@ -507,7 +428,7 @@ async fn a_node_that_trickles_tokens_cannot_hold_a_request_past_its_time() {
         "max_tokens": 64,
         "ignore_eos": true,
     });
-    let token = long_tokens(1)[0].0;
+    let token = hostile::long_tokens(1)[0].0;
 
     // Not streamed: a token every 0.7 s never lets the wait between two
     // tokens reach the timeout, but the whole request passes it: 504.
@@ -605,7 +526,7 @@ async fn a_routed_request_is_bounded_as_a_whole_too() {
         .send();
     let answer = tokio::spawn(request);
     let assign = agent.next_assignment().await.expect("assignment");
-    let token = long_tokens(1)[0].0;
+    let token = hostile::long_tokens(1)[0].0;
     let response = trickle_until(&agent, &assign.generation_id, token, answer)
         .await
         .expect("response");

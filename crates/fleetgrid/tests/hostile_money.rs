@@ -1,12 +1,15 @@
 //! Hostile input, the money side (issue 11, items 1, 7 and 11): one tenant
 //! must never be billed on another's account, an ownerless node never paid
 //! into an owner's, a node that sits on a generation is paid for its tokens
-//! and not for the wait, and a client that hangs up pays for what was made.
+//! and not for the wait, and a client that hangs up pays for what was made:
+//! on the fleet, on a routed request's fleet or cloud part, and after its
+//! answer ended but before it read the end.
 //!
 //! A real coordinator with the SQLite ledger and a test price sheet; the
 //! nodes are hostile agents (`common::hostile`) speaking the real protocol,
 //! so that what they send and when is exact.
 
+mod cloud_common;
 mod common;
 
 use std::path::PathBuf;
@@ -22,16 +25,25 @@ use serde_json::{json, Value};
 const SPOT_PROMPT_MICRO: u64 = 2;
 const SPOT_COMPLETION_MICRO: u64 = 4;
 
+/// The cloud model's $5 / $10 upstream price plus the sheet's 20 % margin.
+const CLOUD_PROMPT_MICRO: u64 = 6;
+const CLOUD_COMPLETION_MICRO: u64 = 12;
+
 const HEARTBEAT: Duration = Duration::from_millis(300);
 
 /// A stack on the test price sheet (kept in the returned directory).
 fn priced_stack() -> (Stack, tempfile::TempDir) {
+    priced_stack_with(&[])
+}
+
+/// A stack on the test price sheet with more `serve` flags.
+fn priced_stack_with(args: &[&str]) -> (Stack, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path: PathBuf = dir.path().join("prices.json");
     std::fs::write(&path, common::test_prices_json()).expect("write prices");
-    let stack = Stack::start(StackOptions {
-        extra_serve_args: vec!["--prices".into(), path.display().to_string()],
-    });
+    let mut extra_serve_args = vec!["--prices".to_string(), path.display().to_string()];
+    extra_serve_args.extend(args.iter().map(|arg| arg.to_string()));
+    let stack = Stack::start(StackOptions { extra_serve_args });
     (stack, dir)
 }
 
@@ -278,25 +290,71 @@ async fn a_node_that_waits_before_its_only_token_is_paid_for_the_token_not_the_w
     stack.cli(&["ledger", "verify"]);
 }
 
+/// A spot tenant funded with $1; returns its API key.
+fn funded_spot_tenant(stack: &Stack, name: &str) -> String {
+    let key = stack.cli(&["tenants", "create", name, "--class", "spot"]);
+    stack.cli(&[
+        "billing",
+        "topup",
+        "--tenant",
+        name,
+        "--amount",
+        "1",
+        "--reference",
+        &format!("{name}-1"),
+    ]);
+    key
+}
+
+/// Reads a streamed response until its text holds `expected`, then hangs up.
+async fn hang_up_after(response: reqwest::Response, expected: &str) {
+    use futures::StreamExt;
+    let mut stream = response.bytes_stream();
+    let mut raw = String::new();
+    let whole_lines = |raw: &str| raw[..raw.rfind('\n').map_or(0, |end| end + 1)].to_string();
+    while !common::parse_sse(&whole_lines(&raw))
+        .content
+        .contains(expected.trim())
+    {
+        let chunk = stream.next().await.expect("a chunk").expect("chunk bytes");
+        raw.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+/// The tenant's `/v1/usage` once its one request was charged: charges of
+/// cancelled requests land in the background, so this polls (never sleeps).
+async fn usage_once_charged(stack: &Stack, key: &str) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, usage) = stack.get_as(key, "/v1/usage").await;
+        if u64_of(&usage["requests"]) > 0 {
+            assert_eq!(u64_of(&usage["requests"]), 1, "{usage}");
+            return usage;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cancelled request was never charged: {usage}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The text of `tokens`.
+fn text_of(tokens: &[(i32, Vec<u8>)]) -> String {
+    tokens
+        .iter()
+        .map(|(_, piece)| String::from_utf8_lossy(piece).into_owned())
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_hangs_up_pays_for_the_prompt_and_the_tokens_made() {
-    use futures::StreamExt;
     let (stack, _prices) = priced_stack();
     let owner_key = stack.cli(&["owners", "create", "olga"]);
     let mut agent = hostile_node(&stack, "car-c", Some("olga"), hostile::modest_hardware()).await;
     let _beats = agent.heartbeat_every(HEARTBEAT);
     stack.wait_for_nodes(&["car-c"]).await;
-    let key = stack.cli(&["tenants", "create", "hangs-up", "--class", "spot"]);
-    stack.cli(&[
-        "billing",
-        "topup",
-        "--tenant",
-        "hangs-up",
-        "--amount",
-        "1",
-        "--reference",
-        "h1",
-    ]);
+    let key = funded_spot_tenant(&stack, "hangs-up");
 
     let mut body = chat_body(50);
     body["stream"] = json!(true);
@@ -310,39 +368,11 @@ async fn a_client_that_hangs_up_pays_for_the_prompt_and_the_tokens_made() {
             .pieces(&assign.generation_id, 0, &tokens[..made])
             .await
     );
-    // Read until the tokens' text arrived, then hang up.
-    let mut stream = response.bytes_stream();
-    let mut raw = String::new();
-    let expected: String = tokens[..made]
-        .iter()
-        .map(|(_, piece)| String::from_utf8_lossy(piece).into_owned())
-        .collect();
-    let whole_lines = |raw: &str| raw[..raw.rfind('\n').map_or(0, |end| end + 1)].to_string();
-    while !common::parse_sse(&whole_lines(&raw))
-        .content
-        .contains(expected.trim())
-    {
-        let chunk = stream.next().await.expect("a chunk").expect("chunk bytes");
-        raw.push_str(&String::from_utf8_lossy(&chunk));
-    }
-    drop(stream);
+    hang_up_after(response, &text_of(&tokens[..made])).await;
     assert!(agent.expect_cancel(&assign.generation_id).await);
 
-    // The charge lands once the cancel is settled: poll, never sleep.
-    let deadline = Instant::now() + WAIT;
-    let usage = loop {
-        let (_, usage) = stack.get_as(&key, "/v1/usage").await;
-        if u64_of(&usage["requests"]) > 0 {
-            break usage;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the cancelled request was never charged: {usage}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let usage = usage_once_charged(&stack, &key).await;
     let prompt = assign.prompt_tokens.len() as u64;
-    assert_eq!(u64_of(&usage["requests"]), 1, "{usage}");
     assert_eq!(u64_of(&usage["prompt_tokens"]), prompt, "{usage}");
     assert_eq!(u64_of(&usage["completion_tokens"]), made as u64, "{usage}");
     assert_eq!(
@@ -358,4 +388,180 @@ async fn a_client_that_hangs_up_pays_for_the_prompt_and_the_tokens_made() {
     assert_eq!(u64_of(&statement["completion_tokens"]), made as u64);
     assert!(u64_of(&statement["earnings_micro_usd"]) > 0, "{statement}");
     stack.cli(&["ledger", "verify"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_cut_off_after_its_answer_ended_pays_for_all_of_it() {
+    // The client reads nothing, so the gateway cannot write the answer; the
+    // node finishes it meanwhile, and the stall timeout then closes the
+    // connection with the answer's end still unread.
+    let (stack, _prices) = priced_stack_with(&[
+        "--client-stall-timeout-ms",
+        "3000",
+        "--context-tokens",
+        "8192",
+    ]);
+    stack.cli(&["owners", "create", "ola"]);
+    let mut agent = hostile_node(&stack, "car-e", Some("ola"), hostile::modest_hardware()).await;
+    let _beats = agent.heartbeat_every(HEARTBEAT);
+    stack.wait_for_nodes(&["car-e"]).await;
+    let key = funded_spot_tenant(&stack, "never-reads");
+
+    let mut stream = hostile::non_reading_client(stack.http, &key, &hostile::flood_body()).await;
+    let assign = agent.next_assignment().await.expect("an assignment");
+    let made = 4000;
+    assert!(agent.flood(&assign.generation_id, made).await);
+    let prompt = assign.prompt_tokens.len() as u32;
+    assert!(
+        agent
+            .done(
+                &assign.generation_id,
+                proto::FinishReason::Length,
+                prompt,
+                made,
+                1
+            )
+            .await
+    );
+    let received = hostile::read_until_closed(&mut stream, Instant::now() + WAIT).await;
+    assert!(!String::from_utf8_lossy(&received).contains("[DONE]"));
+
+    let usage = usage_once_charged(&stack, &key).await;
+    assert_eq!(
+        u64_of(&usage["prompt_tokens"]),
+        u64::from(prompt),
+        "{usage}"
+    );
+    assert_eq!(
+        u64_of(&usage["completion_tokens"]),
+        u64::from(made),
+        "{usage}"
+    );
+    assert_eq!(
+        u64_of(&usage["charged_micro_usd"]),
+        u64::from(prompt) * SPOT_PROMPT_MICRO + u64::from(made) * SPOT_COMPLETION_MICRO
+    );
+    stack.cli(&["ledger", "verify"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_routed_client_that_hangs_up_pays_for_the_fleet_tokens_made() {
+    // `cloud/...` with the cloud down falls back to the fleet.
+    let mut args = cloud_common::upstream_args(&format!("http://127.0.0.1:{}/v1", closed_port()));
+    args.extend(["--cloud-fallback".to_string(), "edge".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (stack, _prices) = priced_stack_with(&args);
+    stack.cli(&["owners", "create", "oda"]);
+    let mut agent = hostile_node(&stack, "car-r", Some("oda"), hostile::modest_hardware()).await;
+    let _beats = agent.heartbeat_every(HEARTBEAT);
+    stack.wait_for_nodes(&["car-r"]).await;
+    let key = funded_spot_tenant(&stack, "routed-hangs-up");
+
+    let mut body = chat_body(50);
+    body["model"] = json!(format!("cloud/{}", cloud_common::CLOUD_MODEL));
+    body["stream"] = json!(true);
+    let response = stack.post_as(&key, "/v1/chat/completions", &body).await;
+    assert_eq!(response.status(), 200);
+    let assign = agent.next_assignment().await.expect("an assignment");
+    let tokens = honest_tokens();
+    let made = 3;
+    assert!(
+        agent
+            .pieces(&assign.generation_id, 0, &tokens[..made])
+            .await
+    );
+    hang_up_after(response, &text_of(&tokens[..made])).await;
+    assert!(agent.expect_cancel(&assign.generation_id).await);
+
+    let usage = usage_once_charged(&stack, &key).await;
+    let prompt = assign.prompt_tokens.len() as u64;
+    assert_eq!(u64_of(&usage["prompt_tokens"]), prompt, "{usage}");
+    assert_eq!(u64_of(&usage["completion_tokens"]), made as u64, "{usage}");
+    assert_eq!(
+        u64_of(&usage["charged_micro_usd"]),
+        prompt * SPOT_PROMPT_MICRO + made as u64 * SPOT_COMPLETION_MICRO
+    );
+    stack.cli(&["ledger", "verify"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_hangs_up_on_the_cloud_pays_for_the_prompt_and_the_text_streamed() {
+    let chunks = ["Red", " green", " blue"];
+    let upstream = trickling_upstream(&chunks);
+    let args = cloud_common::upstream_args(&format!("http://127.0.0.1:{upstream}/v1"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (stack, _prices) = priced_stack_with(&args);
+    let key = funded_spot_tenant(&stack, "cloud-hangs-up");
+
+    let mut body = chat_body(50);
+    body["model"] = json!(format!("cloud/{}", cloud_common::CLOUD_MODEL));
+    body["stream"] = json!(true);
+    let response = stack.post_as(&key, "/v1/chat/completions", &body).await;
+    assert_eq!(response.status(), 200);
+    hang_up_after(response, &chunks.concat()).await;
+
+    // The upstream never said how many tokens it counted: the gateway's own
+    // count of the prompt, and a token per text chunk, at the cloud price.
+    let usage = usage_once_charged(&stack, &key).await;
+    let prompt = u64_of(&usage["prompt_tokens"]);
+    assert!(prompt > 0, "{usage}");
+    assert_eq!(
+        u64_of(&usage["completion_tokens"]),
+        chunks.len() as u64,
+        "{usage}"
+    );
+    assert_eq!(
+        u64_of(&usage["charged_micro_usd"]),
+        prompt * CLOUD_PROMPT_MICRO + chunks.len() as u64 * CLOUD_COMPLETION_MICRO
+    );
+    stack.cli(&["ledger", "verify"]);
+}
+
+/// A port on which nothing listens.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+/// An OpenAI-compatible upstream that answers every call with a stream of
+/// `chunks` and then neither sends more nor closes; its thread ends when the
+/// test process does.
+fn trickling_upstream(chunks: &[&str]) -> u16 {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let events: String = chunks
+        .iter()
+        .map(|text| {
+            let event = json!({"choices": [{"index": 0, "delta": {"content": text}}]});
+            format!("data: {event}\n\n")
+        })
+        .collect();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().take(16) {
+            let Ok(stream) = stream else { continue };
+            let mut reader = BufReader::new(stream);
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let mut stream = reader.into_inner();
+            let head =
+                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(events.as_bytes());
+            let _ = stream.flush();
+            held.push(stream);
+        }
+    });
+    port
 }

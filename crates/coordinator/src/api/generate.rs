@@ -126,13 +126,18 @@ async fn run(
         .map_err(rejection_error)?;
     tracing::info!(request_id = %public_id, tenant_id = tenant.id, model = %request.model.name, "admitted");
     let meta = ResponseMeta::new(public_id, &request, prompt_text, state.request_timeout);
-    let mut guard = CancelGuard::new(Arc::clone(&state.core), admitted.request, permit);
+    let mut guard = CancelGuard::new(
+        Arc::clone(&state.core),
+        admitted.request,
+        admitted.updates,
+        permit,
+    );
     let finisher = Finisher::new(Arc::clone(&state.billing), charge, idempotency);
     guard.charge_on_cancel(finisher.cancel_charge());
     if request.stream {
-        Ok(respond::stream(meta, admitted.updates, guard, finisher))
+        Ok(respond::stream(meta, guard, finisher))
     } else {
-        respond::collect(meta, admitted.updates, guard, finisher).await
+        respond::collect(meta, guard, finisher).await
     }
 }
 

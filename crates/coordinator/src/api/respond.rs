@@ -22,23 +22,31 @@ use crate::billing_finish::{CancelCharge, Finisher};
 use crate::core::{CommittedToken, Core, FinishReason, GenerationError, Update, Usage};
 use crate::limits;
 
-/// Cancels the generation when the client's response is dropped before the
-/// generation finished (the client disconnected), charging what was made
-/// until then (`CancelCharge`), and holds the gateway permit for as long as
-/// the response lives.
+/// Owns a generation's updates. Cancels the generation when the client's
+/// response is dropped before the generation's end was read (the client
+/// disconnected), charging what was made until then (`CancelCharge`): all
+/// of it when the generation had finished and its end was still queued.
+/// Holds the gateway permit for as long as the response lives.
 pub struct CancelGuard {
     core: Arc<Core>,
     request: RequestId,
+    updates: mpsc::Receiver<Update>,
     armed: bool,
     charge: Option<CancelCharge>,
     _permit: RequestSlot,
 }
 
 impl CancelGuard {
-    pub fn new(core: Arc<Core>, request: RequestId, permit: RequestSlot) -> CancelGuard {
+    pub fn new(
+        core: Arc<Core>,
+        request: RequestId,
+        updates: mpsc::Receiver<Update>,
+        permit: RequestSlot,
+    ) -> CancelGuard {
         CancelGuard {
             core,
             request,
+            updates,
             armed: true,
             charge: None,
             _permit: permit,
@@ -54,6 +62,22 @@ impl CancelGuard {
         self.armed = false;
     }
 
+    /// Waits for the next update, until the whole request's deadline.
+    async fn next(&mut self, deadline: Instant) -> Result<Update, ApiError> {
+        next_update(&mut self.updates, deadline).await
+    }
+
+    /// The metering of a generation that finished before the cancel,
+    /// whose end was never read.
+    fn queued_end(&mut self) -> Option<crate::billing_meter::Metering> {
+        while let Ok(update) = self.updates.try_recv() {
+            if let Update::Finished { metering, .. } = update {
+                return Some(metering);
+            }
+        }
+        None
+    }
+
     /// The generation is cancelled because the platform failed it (a
     /// timeout), not the client: nothing is charged.
     fn forgo_charge(&mut self) {
@@ -65,7 +89,10 @@ impl Drop for CancelGuard {
     fn drop(&mut self) {
         if self.armed {
             tracing::info!(request_id = self.request.0, "client went away; cancelling");
-            let metering = self.core.cancel_metered(self.request);
+            let metering = self
+                .core
+                .cancel_metered(self.request)
+                .or_else(|| self.queued_end());
             if let (Some(metering), Some(charge)) = (metering, self.charge.take()) {
                 charge.settle_in_background(metering);
             }
@@ -284,7 +311,6 @@ fn usage_json(usage: Usage) -> Value {
 /// answering.
 pub async fn collect(
     meta: ResponseMeta,
-    mut updates: mpsc::Receiver<Update>,
     mut guard: CancelGuard,
     mut finisher: Finisher,
 ) -> Result<Response, ApiError> {
@@ -292,7 +318,8 @@ pub async fn collect(
     let mut text = meta.echo_prompt.clone().unwrap_or_default();
     let mut logprobs = LogprobEntries::default();
     let (reason, usage, metering) = loop {
-        match next_update(&mut updates, meta.deadline)
+        match guard
+            .next(meta.deadline)
             .await
             .inspect_err(|_| guard.forgo_charge())?
         {
@@ -380,12 +407,7 @@ fn chunk(
 
 /// Streaming: server-sent events, ending with `data: [DONE]`. The request is
 /// settled before its finishing chunk.
-pub fn stream(
-    meta: ResponseMeta,
-    mut updates: mpsc::Receiver<Update>,
-    mut guard: CancelGuard,
-    mut finisher: Finisher,
-) -> Response {
+pub fn stream(meta: ResponseMeta, mut guard: CancelGuard, mut finisher: Finisher) -> Response {
     let response_headers = headers(&meta);
     let events = async_stream::stream! {
         let mut assembler = TextAssembler::new(meta.stop.clone());
@@ -403,7 +425,7 @@ pub fn stream(
             yield Ok::<Event, Infallible>(chunk(&meta, &opening, Value::Null, None, true));
         }
         loop {
-            match next_update(&mut updates, meta.deadline).await {
+            match guard.next(meta.deadline).await {
                 Ok(Update::Token(token)) => {
                     logprobs.push(&meta, &token);
                     let text = assembler.push(&token.piece);

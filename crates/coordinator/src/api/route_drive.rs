@@ -77,25 +77,21 @@ impl From<Stop> for CloudFailure {
     }
 }
 
-/// Cancels an edge generation that is dropped before it finished.
-struct EdgeGuard {
-    core: Arc<Core>,
-    request: RequestId,
-    armed: bool,
-}
+/// Edge work the client's hang-up cut short, metered when its generation
+/// was cancelled: the request is settled with it (`settle_cancelled`).
+type CutEdge = Arc<std::sync::Mutex<Vec<Metering>>>;
 
-impl Drop for EdgeGuard {
-    fn drop(&mut self) {
-        if self.armed {
-            self.core.cancel(self.request);
-        }
-    }
-}
-
-/// A running edge generation.
+/// A running edge generation. Dropped before it finished (the driver
+/// stopped: the client went away, or the request failed), it is cancelled
+/// and what it made is kept in `cut`.
 struct EdgeRun {
     updates: mpsc::Receiver<Update>,
-    guard: EdgeGuard,
+    core: Arc<Core>,
+    request: RequestId,
+    /// Whether the generation may still be running here (not finished,
+    /// failed or stopped).
+    armed: bool,
+    cut: CutEdge,
     prompt: Vec<i32>,
     max_tokens: u32,
 }
@@ -105,9 +101,9 @@ impl EdgeRun {
     /// what the core metered of it; `None` if it failed, or finished and
     /// its metering was read already.
     fn stop(&mut self) -> Option<Metering> {
-        if self.guard.armed {
-            self.guard.armed = false;
-            if let Some(metering) = self.guard.core.cancel_metered(self.guard.request) {
+        if self.armed {
+            self.armed = false;
+            if let Some(metering) = self.core.cancel_metered(self.request) {
                 return Some(metering);
             }
         }
@@ -119,6 +115,30 @@ impl EdgeRun {
         }
         None
     }
+}
+
+impl Drop for EdgeRun {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Some(metering) = self.stop() {
+                // Plain data: whatever a panicking holder left is usable.
+                self.cut
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .push(metering);
+            }
+        }
+    }
+}
+
+/// How far a cloud call's stream got.
+#[derive(Default)]
+struct CloudProgress {
+    /// Whether its tier was announced to the client.
+    announced: bool,
+    usage: Option<UpstreamUsage>,
+    finish: Option<String>,
+    text_chunks: u32,
 }
 
 /// A finished edge answer held back in full, kept to serve if the cloud fails.
@@ -190,6 +210,10 @@ pub(super) struct Routing {
     /// Edge attempts discarded by an escalation, booked when the request
     /// settles.
     discarded_edge: Vec<Metering>,
+    /// Edge generations cut short when the driver stopped early.
+    cut_edge: CutEdge,
+    /// The cloud call the client's hang-up cut short, booked already.
+    cut_cloud: Option<CloudPart>,
 }
 
 impl Routing {
@@ -217,6 +241,8 @@ impl Routing {
             prompt: Vec::new(),
             booking: None,
             discarded_edge: Vec::new(),
+            cut_edge: CutEdge::default(),
+            cut_cloud: None,
         }
     }
 
@@ -229,7 +255,8 @@ impl Routing {
             Err(error) => Err(Stop::Failed(error)),
         };
         match flow {
-            Ok(()) | Err(Stop::ClientGone) => {}
+            Ok(()) => {}
+            Err(Stop::ClientGone) => self.settle_cancelled().await,
             Err(Stop::Failed(error)) => {
                 tracing::warn!(request_id = %self.public_id, error = %error.message, "routed request failed");
                 let _ = self.out.send(RoutedEvent::Failed(error)).await;
@@ -411,7 +438,7 @@ impl Routing {
                 Update::Finished {
                     reason, metering, ..
                 } => {
-                    edge.guard.armed = false;
+                    edge.armed = false;
                     push_rest(&mut held, assembler.finish());
                     self.release(&mut held, u32::MAX, Tier::Fleet, &why).await?;
                     self.announce(Tier::Fleet, &why).await?;
@@ -428,7 +455,7 @@ impl Routing {
                     return self.emit(RoutedEvent::Finished(Box::new(summary))).await;
                 }
                 Update::Failed(error) => {
-                    edge.guard.armed = false;
+                    edge.armed = false;
                     return Err(Stop::Failed(respond::generation_error(error)));
                 }
             }
@@ -541,7 +568,7 @@ impl Routing {
                 Update::Finished {
                     reason, metering, ..
                 } => {
-                    edge.guard.armed = false;
+                    edge.armed = false;
                     push_rest(held, assembler.finish());
                     let step = if judging {
                         scorer.finish()
@@ -551,7 +578,7 @@ impl Routing {
                     (step, Some((reason, metering)))
                 }
                 Update::Failed(error) => {
-                    edge.guard.armed = false;
+                    edge.armed = false;
                     if held.released_tokens == 0 {
                         if let Some(permit) = self.cloud.upstream.try_permit() {
                             let why = format!("the fleet failed: {error:?}");
@@ -787,7 +814,7 @@ impl Routing {
                 Update::Finished {
                     reason, metering, ..
                 } => {
-                    edge.guard.armed = false;
+                    edge.armed = false;
                     push_rest(&mut held, assembler.finish());
                     self.release(&mut held, u32::MAX, Tier::Fleet, &why).await?;
                     self.book_edge(&metering, None).await?;
@@ -803,7 +830,7 @@ impl Routing {
                     return self.emit(RoutedEvent::Finished(Box::new(summary))).await;
                 }
                 Update::Failed(error) => {
-                    edge.guard.armed = false;
+                    edge.armed = false;
                     return Err(Stop::Failed(respond::generation_error(error)));
                 }
             }
@@ -830,10 +857,53 @@ impl Routing {
             .start(&request, permit)
             .await
             .map_err(CloudFailure::BeforeText)?;
-        let mut announced = false;
-        let mut usage: Option<UpstreamUsage> = None;
-        let mut finish: Option<String> = None;
-        let mut text_chunks = 0u32;
+        let mut progress = CloudProgress::default();
+        match self
+            .pump_cloud(&mut stream, tier, &why, &mut progress)
+            .await
+        {
+            Ok(()) => {}
+            Err(CloudFailure::Stop(Stop::ClientGone)) => {
+                // The upstream worked on the prompt and what it streamed.
+                let usage = self.own_cloud_usage(edge, progress.text_chunks);
+                self.cut_cloud = self.book_cloud(usage, started_ms).ok();
+                return Err(CloudFailure::Stop(Stop::ClientGone));
+            }
+            Err(failure) => return Err(failure),
+        }
+        if !progress.announced {
+            self.announce(tier, &why).await?;
+        }
+        let usage = progress
+            .usage
+            .unwrap_or_else(|| self.own_cloud_usage(edge, progress.text_chunks));
+        let part = self.book_cloud(usage, started_ms)?;
+        let charged = self.settle().await?;
+        self.record_cloud(part).await;
+        let summary = RouteSummary {
+            tier,
+            reason: why,
+            finish_reason: if progress.finish.as_deref() == Some("length") {
+                "length"
+            } else {
+                "stop"
+            },
+            edge,
+            cloud: Some(part),
+            charged,
+        };
+        self.emit(RoutedEvent::Finished(Box::new(summary))).await?;
+        Ok(())
+    }
+
+    /// Streams the cloud's text to the client until the upstream ends.
+    async fn pump_cloud(
+        &mut self,
+        stream: &mut crate::cloud::upstream::UpstreamStream,
+        tier: Tier,
+        why: &RouteReason,
+        progress: &mut CloudProgress,
+    ) -> Result<(), CloudFailure> {
         loop {
             // The cloud call has its own bounds; the whole request's time
             // (edge part included) is bounded here.
@@ -846,36 +916,41 @@ impl Routing {
             };
             let event = match next {
                 Ok(Some(event)) => event,
-                Ok(None) => break,
-                Err(error) if announced => return Err(CloudFailure::AfterText(error)),
+                Ok(None) => return Ok(()),
+                Err(error) if progress.announced => return Err(CloudFailure::AfterText(error)),
                 Err(error) => return Err(CloudFailure::BeforeText(error)),
             };
-            if !announced {
-                self.announce(tier, &why).await?;
-                announced = true;
+            if !progress.announced {
+                self.announce(tier, why).await?;
+                progress.announced = true;
             }
             if !event.text.is_empty() {
-                text_chunks += 1;
+                progress.text_chunks += 1;
                 self.emit(RoutedEvent::Text(event.text)).await?;
             }
             if event.finish_reason.is_some() {
-                finish = event.finish_reason;
+                progress.finish = event.finish_reason;
             }
             if event.usage.is_some() {
-                usage = event.usage;
+                progress.usage = event.usage;
             }
         }
-        if !announced {
-            self.announce(tier, &why).await?;
-        }
-        // An upstream that reports no usage is metered by our own counts:
-        // the prompt as the edge model tokenizes it, plus any edge text it
-        // continued, and its text chunks (about a token each).
+    }
+
+    /// The cloud's usage by our own counts, for an upstream that reports
+    /// none (or was cut off): the prompt as the edge model tokenizes it,
+    /// plus any edge text it continued, and its text chunks (about a token
+    /// each).
+    fn own_cloud_usage(&self, edge: Option<EdgePart>, text_chunks: u32) -> UpstreamUsage {
         let sent_before = edge.map_or(0, |part| part.completion_tokens);
-        let usage = usage.unwrap_or(UpstreamUsage {
+        UpstreamUsage {
             prompt_tokens: len_u32(&self.prompt).saturating_add(sent_before),
             completion_tokens: text_chunks,
-        });
+        }
+    }
+
+    /// Books the cloud's part of the request and returns it with its cost.
+    fn book_cloud(&mut self, usage: UpstreamUsage, started_ms: i64) -> Flow<CloudPart> {
         let finished_ms = crate::core::now_ms().0 as i64;
         let public_name = self.cloud.upstream.config().public_name();
         let charge = self
@@ -888,28 +963,12 @@ impl Routing {
                 finished_ms,
             )
             .map_err(Stop::Failed)?;
-        let charged = self.settle().await?;
-        let part = CloudPart {
+        Ok(CloudPart {
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
             cost: crate::cloud::MicroUsd(charge.customer.0),
             upstream_cost: crate::cloud::MicroUsd(charge.upstream.0),
-        };
-        self.record_cloud(part).await;
-        let summary = RouteSummary {
-            tier,
-            reason: why,
-            finish_reason: if finish.as_deref() == Some("length") {
-                "length"
-            } else {
-                "stop"
-            },
-            edge,
-            cloud: Some(part),
-            charged,
-        };
-        self.emit(RoutedEvent::Finished(Box::new(summary))).await?;
-        Ok(())
+        })
     }
 
     /// Adds a settled cloud part to the tenant's cloud spend (what the
@@ -959,6 +1018,50 @@ impl Routing {
             .add_edge(&model, metering, released_tokens)
             .await
             .map_err(Stop::Failed)
+    }
+
+    /// Settles a request the client went away from, for the work done
+    /// until then, like a cancelled fleet request (`CancelCharge`): every
+    /// edge generation cut short with all its tokens (the client asked for
+    /// them), the cloud's prompt and streamed text, discarded attempts
+    /// reimbursed. A request that made no vehicle or upstream work yet is
+    /// not charged. A failure is logged: the client is gone.
+    async fn settle_cancelled(&mut self) {
+        if self.booking.is_none() {
+            // Never admitted, or settled before the client left.
+            return;
+        }
+        let cut = std::mem::take(
+            &mut *self
+                .cut_edge
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        for metering in cut {
+            if self.book_edge(&metering, None).await.is_err() {
+                return;
+            }
+        }
+        let worked = self
+            .booking
+            .as_ref()
+            .is_some_and(|booking| !booking.is_empty());
+        if !worked && self.discarded_edge.is_empty() {
+            // Dropping the booking releases its hold.
+            self.booking = None;
+            return;
+        }
+        match self.settle().await {
+            Ok(charged) => {
+                tracing::info!(request_id = %self.public_id, %charged, "cancelled routed request settled");
+                if let Some(part) = self.cut_cloud.take() {
+                    self.record_cloud(part).await;
+                }
+            }
+            Err(_) => {
+                tracing::error!(request_id = %self.public_id, "settle a cancelled routed request");
+            }
+        }
     }
 
     /// Settles the request once, with every discarded edge attempt; a
@@ -1031,11 +1134,10 @@ impl Routing {
             .map_err(generate::rejection_error)?;
         Ok(EdgeRun {
             updates: admitted.updates,
-            guard: EdgeGuard {
-                core: Arc::clone(&self.state.core),
-                request: admitted.request,
-                armed: true,
-            },
+            core: Arc::clone(&self.state.core),
+            request: admitted.request,
+            armed: true,
+            cut: Arc::clone(&self.cut_edge),
             prompt,
             max_tokens,
         })

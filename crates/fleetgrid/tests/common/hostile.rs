@@ -9,11 +9,13 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use proto::agent_message::Kind as AgentKind;
 use proto::coordinator_client::CoordinatorClient;
 use proto::coordinator_message::Kind as CoordinatorKind;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -333,6 +335,45 @@ impl HostileAgent {
         .await
     }
 
+    /// Sends `count` tokens for `generation_id` from position 0, each as
+    /// large as a token gets: the longest pieces of the vocabulary, with 20
+    /// alternatives each (every alternative a client may ask for). Their
+    /// stream is megabytes, more than socket buffers hold.
+    pub async fn flood(&self, generation_id: &str, count: u32) -> bool {
+        const BATCH: u32 = 200;
+        let tokens = long_tokens(21);
+        let token = |position: u32| {
+            let (id, piece) = &tokens[(position % 21) as usize];
+            proto::Token {
+                position,
+                token_id: *id,
+                piece: piece.clone(),
+                logprob: -0.5,
+                top_logprobs: tokens[..20]
+                    .iter()
+                    .map(|(id, piece)| proto::TokenLogprob {
+                        token_id: *id,
+                        piece: piece.clone(),
+                        logprob: -1.0,
+                    })
+                    .collect(),
+            }
+        };
+        let mut position = 0;
+        while position < count {
+            let end = (position + BATCH).min(count);
+            let batch = proto::TokenBatch {
+                generation_id: generation_id.to_string(),
+                tokens: (position..end).map(token).collect(),
+            };
+            if !self.send(AgentKind::Tokens(batch)).await {
+                return false;
+            }
+            position = end;
+        }
+        true
+    }
+
     /// Answers `assign` as an honest node would: `tokens`, then a `Done`
     /// with the counts the coordinator also has.
     pub async fn answer(&self, assign: &proto::Assign, tokens: &[(i32, Vec<u8>)]) -> bool {
@@ -360,6 +401,71 @@ impl HostileAgent {
                 Some(_) => continue,
                 None => return false,
             }
+        }
+    }
+}
+
+/// Token ids with the longest pieces of the served model's vocabulary, and
+/// their pieces.
+pub fn long_tokens(count: usize) -> Vec<(i32, Vec<u8>)> {
+    let tokenizer = engine::Tokenizer::load(&super::model_path()).expect("tokenizer");
+    let mut tokens: Vec<(i32, Vec<u8>)> = (0..tokenizer.vocab_size() as i32)
+        .map(|id| (id, tokenizer.piece(id)))
+        .filter(|(_, piece)| std::str::from_utf8(piece).is_ok())
+        .collect();
+    tokens.sort_by_key(|(_, piece)| std::cmp::Reverse(piece.len()));
+    tokens.truncate(count);
+    tokens
+}
+
+/// The body of a streamed chat request whose answer [`HostileAgent::flood`]
+/// can fill: up to 4,096 tokens, every alternative of each asked for.
+pub fn flood_body() -> serde_json::Value {
+    serde_json::json!({
+        "model": super::MODEL,
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 4096,
+        "logprobs": true,
+        "top_logprobs": 20,
+        "stream": true,
+    })
+}
+
+/// A client with a tiny receive window that sends `body` to the chat
+/// endpoint with `key` and then reads nothing: once the socket buffers are
+/// full, the gateway cannot write to it.
+pub async fn non_reading_client(
+    http: SocketAddr,
+    key: &str,
+    body: &serde_json::Value,
+) -> TcpStream {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("receive buffer");
+    let mut stream = socket.connect(http).await.expect("connect");
+    let body = body.to_string();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {key}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("send");
+    stream
+}
+
+/// Reads until the server closes the connection (EOF or reset); returns what
+/// was read. Panics if it is still open at `deadline`.
+pub async fn read_until_closed(stream: &mut TcpStream, deadline: Instant) -> Vec<u8> {
+    let mut received = Vec::new();
+    let mut buffer = [0_u8; 16 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return received,
+            Ok(Ok(read)) => received.extend_from_slice(&buffer[..read]),
+            Err(_) => panic!(
+                "the connection is still open; received so far: {:?}",
+                String::from_utf8_lossy(&received[received.len().saturating_sub(300)..])
+            ),
         }
     }
 }

@@ -436,8 +436,9 @@ pub fn parse_sse(text: &str) -> Streamed {
 }
 
 /// The billing tests' price sheet: spot $2 / $4, reserved $3 / $6 and fleet
-/// $5 / $10 per million prompt / completion tokens, so that every token is
-/// worth whole micro-dollars and charges are exact.
+/// $5 / $10 per million prompt / completion tokens, and the local cloud model
+/// at $5 / $10 upstream ($6 / $12 with the 20 % margin), so that every token
+/// is worth whole micro-dollars and charges are exact.
 pub fn test_prices_json() -> String {
     serde_json::json!({
         "owner_share_bps": 7000,
@@ -447,6 +448,7 @@ pub fn test_prices_json() -> String {
             "reserved": {"prompt": "3.00", "completion": "6.00"},
             "spot": {"prompt": "2.00", "completion": "4.00"}
         }},
+        "upstream": {"cloud/qwen2.5-coder-0.5b-instruct": {"prompt": "5.00", "completion": "10.00"}},
         "payout_per_unit": {"cash": "0.01", "charging-credit": "0.0003",
                             "subscription-credit": "0.009", "ride-credit": "0.009"},
         "power": {"watts_idle": 15, "watts_busy": 60},
