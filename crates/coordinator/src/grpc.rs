@@ -6,19 +6,22 @@
 //!
 //! Every byte from a node is bounded: before authentication, a stream's
 //! first message by `HELLO_BYTES_MAX` (`HelloLimit`) and the streams waiting
-//! by `UNAUTHENTICATED_SESSIONS_MAX`; after it, every message by
+//! by `UNAUTHENTICATED_SESSIONS_MAX`, of which one address holds at most
+//! `UNAUTHENTICATED_SESSIONS_PER_ADDRESS_MAX` (`Handshakes`); after it, every message by
 //! `proto::AGENT_MESSAGE_BYTES_MAX` and its contents by what was asked
 //! (`node_input`).
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use proto::agent_message::Kind as AgentKind;
 use proto::coordinator_message::Kind as CoordinatorKind;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::{http, Service};
@@ -38,9 +41,76 @@ pub struct AgentService {
     pub models: Arc<ServedModels>,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
-    /// Places for streams that have not yet authenticated
-    /// (`UNAUTHENTICATED_SESSIONS_MAX`).
-    pub unauthenticated: Arc<Semaphore>,
+    /// Places for streams that have not yet authenticated.
+    pub handshakes: Arc<Handshakes>,
+}
+
+/// Places for agent streams that have not yet authenticated:
+/// `UNAUTHENTICATED_SESSIONS_MAX` in all, and at most
+/// `UNAUTHENTICATED_SESSIONS_PER_ADDRESS_MAX` from one client address, so
+/// that one address opening streams without a `Hello` cannot keep every
+/// other vehicle out.
+#[derive(Debug, Default)]
+pub struct Handshakes {
+    held: Mutex<HandshakeCounts>,
+}
+
+#[derive(Debug, Default)]
+struct HandshakeCounts {
+    in_all: usize,
+    per_address: HashMap<IpAddr, usize>,
+}
+
+impl Handshakes {
+    /// A place for a stream from `address` (unknown: counted in all only),
+    /// or `None` when the stream must be refused.
+    pub fn try_take(self: &Arc<Self>, address: Option<IpAddr>) -> Option<HandshakePlace> {
+        let mut counts = self
+            .held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if counts.in_all >= limits::UNAUTHENTICATED_SESSIONS_MAX {
+            return None;
+        }
+        if let Some(address) = address {
+            let from_address = counts.per_address.entry(address).or_insert(0);
+            if *from_address >= limits::UNAUTHENTICATED_SESSIONS_PER_ADDRESS_MAX {
+                return None;
+            }
+            *from_address += 1;
+        }
+        counts.in_all += 1;
+        Some(HandshakePlace {
+            book: Arc::clone(self),
+            address,
+        })
+    }
+}
+
+/// A stream's place until it authenticated or ended.
+#[derive(Debug)]
+pub struct HandshakePlace {
+    book: Arc<Handshakes>,
+    address: Option<IpAddr>,
+}
+
+impl Drop for HandshakePlace {
+    fn drop(&mut self) {
+        let mut counts = self
+            .book
+            .held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        counts.in_all = counts.in_all.saturating_sub(1);
+        if let Some(address) = self.address {
+            if let Some(count) = counts.per_address.get_mut(&address) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    counts.per_address.remove(&address);
+                }
+            }
+        }
+    }
 }
 
 /// The one reason given for an unknown node and for a wrong credential.
@@ -115,7 +185,8 @@ impl proto::coordinator_server::Coordinator for AgentService {
     ) -> Result<Response<Self::SessionStream>, Status> {
         // Nothing of a stream is read before it holds one of the few places
         // for streams that have not yet authenticated.
-        let Ok(unauthenticated) = Arc::clone(&self.unauthenticated).try_acquire_owned() else {
+        let address = request.remote_addr().map(|address| address.ip());
+        let Some(unauthenticated) = self.handshakes.try_take(address) else {
             self.core
                 .metrics
                 .node_sessions_refused_busy
@@ -381,6 +452,34 @@ mod tests {
     use http_body::Body as _;
 
     use super::*;
+
+    #[test]
+    fn one_address_cannot_take_every_handshake_place() {
+        let handshakes = Arc::new(Handshakes::default());
+        let greedy = Some(IpAddr::from([10, 0, 0, 1]));
+        let held: Vec<HandshakePlace> = (0..limits::UNAUTHENTICATED_SESSIONS_PER_ADDRESS_MAX)
+            .map(|_| handshakes.try_take(greedy).expect("a place"))
+            .collect();
+        assert!(handshakes.try_take(greedy).is_none());
+        // Everyone else still gets in, up to the bound in all.
+        let others: Vec<HandshakePlace> = (0..limits::UNAUTHENTICATED_SESSIONS_MAX - held.len())
+            .map(|index| {
+                let address = IpAddr::from([10, 0, 1, u8::try_from(index % 8).unwrap_or(0)]);
+                handshakes.try_take(Some(address)).expect("a place")
+            })
+            .collect();
+        assert!(handshakes.try_take(None).is_none());
+        assert!(handshakes
+            .try_take(Some(IpAddr::from([10, 0, 2, 1])))
+            .is_none());
+        // Places come back when their streams end.
+        drop(held);
+        assert!(handshakes.try_take(greedy).is_some());
+        drop(others);
+        let counts = handshakes.held.lock().expect("counts");
+        assert_eq!(counts.in_all, 0);
+        assert!(counts.per_address.is_empty());
+    }
 
     /// A request body that yields the given chunks as data frames.
     struct Chunks(VecDeque<bytes::Bytes>);

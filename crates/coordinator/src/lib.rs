@@ -234,9 +234,7 @@ pub async fn serve(
         models: Arc::clone(&models),
         heartbeat_interval: config.heartbeat_interval,
         heartbeat_timeout: config.heartbeat_timeout,
-        unauthenticated: Arc::new(tokio::sync::Semaphore::new(
-            limits::UNAUTHENTICATED_SESSIONS_MAX,
-        )),
+        handshakes: Arc::default(),
     };
     let grpc_shutdown = shutdown.clone();
     let grpc = tonic::transport::Server::builder()

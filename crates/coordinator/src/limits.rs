@@ -210,6 +210,11 @@ pub const HELLO_BYTES_MAX: usize = 16 * 1024;
 /// refused with `RESOURCE_EXHAUSTED` before anything of theirs is read.
 pub const UNAUTHENTICATED_SESSIONS_MAX: usize = 64;
 
+/// Of those, streams from one client address. Cars behind one carrier NAT
+/// share an address, but a handshake lasts a round trip (at most
+/// `HELLO_TIMEOUT`) and a refused agent retries with back-off.
+pub const UNAUTHENTICATED_SESSIONS_PER_ADDRESS_MAX: usize = 16;
+
 /// HTTP/2 streams one agent connection may open at once (an agent uses one).
 pub const AGENT_STREAMS_PER_CONNECTION_MAX: u32 = 4;
 

@@ -423,10 +423,11 @@ async fn a_client_cut_off_after_its_answer_ended_pays_for_all_of_it() {
             )
             .await
     );
+    // Read nothing until the gateway gave up on the client: reading would
+    // let it write the end.
+    let usage = usage_once_charged(&stack, &key).await;
     let received = hostile::read_until_closed(&mut stream, Instant::now() + WAIT).await;
     assert!(!String::from_utf8_lossy(&received).contains("[DONE]"));
-
-    let usage = usage_once_charged(&stack, &key).await;
     assert_eq!(
         u64_of(&usage["prompt_tokens"]),
         u64::from(prompt),
@@ -456,20 +457,24 @@ async fn a_routed_client_that_hangs_up_pays_for_the_fleet_tokens_made() {
     let _beats = agent.heartbeat_every(HEARTBEAT);
     stack.wait_for_nodes(&["car-r"]).await;
     let key = funded_spot_tenant(&stack, "routed-hangs-up");
+    let tokens = honest_tokens();
+    let made = 3;
 
     let mut body = chat_body(50);
     body["model"] = json!(format!("cloud/{}", cloud_common::CLOUD_MODEL));
     body["stream"] = json!(true);
-    let response = stack.post_as(&key, "/v1/chat/completions", &body).await;
+    // A routed response starts once its tier is known: with the first text.
+    let response = stack.post_as(&key, "/v1/chat/completions", &body);
+    let (response, assign) = tokio::join!(response, async {
+        let assign = agent.next_assignment().await.expect("an assignment");
+        assert!(
+            agent
+                .pieces(&assign.generation_id, 0, &tokens[..made])
+                .await
+        );
+        assign
+    });
     assert_eq!(response.status(), 200);
-    let assign = agent.next_assignment().await.expect("an assignment");
-    let tokens = honest_tokens();
-    let made = 3;
-    assert!(
-        agent
-            .pieces(&assign.generation_id, 0, &tokens[..made])
-            .await
-    );
     hang_up_after(response, &text_of(&tokens[..made])).await;
     assert!(agent.expect_cancel(&assign.generation_id).await);
 

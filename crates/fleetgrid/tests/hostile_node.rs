@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::hostile::{self, HostileAgent};
 use common::{Stack, StackOptions, MODEL, WAIT};
+use coordinator::limits;
 use proto::agent_message::Kind as AgentKind;
 use proto::coordinator_message::Kind as CoordinatorKind;
 use serde_json::json;
@@ -232,6 +233,54 @@ async fn streams_waiting_to_authenticate_are_bounded() {
         .metric("fleetgrid_node_sessions_refused_busy_total")
         .await;
     assert!(counted >= f64::from(refused), "{counted} < {refused}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_waiting_to_authenticate_does_not_keep_other_cars_out() {
+    let stack = Stack::start(StackOptions::default());
+    let credential = stack.cli(&["nodes", "add", "car-y"]);
+    // 80 streams from one address never send their Hello; each holds its
+    // place until the Hello timeout, or is refused at once.
+    let mut holding = tokio::task::JoinSet::new();
+    for _ in 0..80 {
+        let grpc = stack.grpc;
+        holding.spawn(async move {
+            let mut client = hostile::client(grpc).await;
+            let (outbound, receiver) = tokio::sync::mpsc::channel::<proto::AgentMessage>(1);
+            let opened = client
+                .session(tokio_stream::wrappers::ReceiverStream::new(receiver))
+                .await;
+            drop(outbound);
+            opened.err().map(|status| status.code())
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let refused = stack
+            .metric("fleetgrid_node_sessions_refused_busy_total")
+            .await;
+        if refused >= (80 - limits::UNAUTHENTICATED_SESSIONS_PER_ADDRESS_MAX) as f64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {refused} streams refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Meanwhile a car from another address is let in.
+    let other_address = Some(std::net::IpAddr::from([127, 0, 0, 2]));
+    let hello = hostile::hello("car-y", &credential, hostile::modest_hardware());
+    let opened = hostile::open_from(
+        stack.grpc,
+        other_address,
+        proto::AgentMessage {
+            kind: Some(AgentKind::Hello(hello)),
+        },
+    )
+    .await;
+    assert!(
+        matches!(opened, hostile::Opened::Welcomed(_)),
+        "the car was kept out"
+    );
+    holding.abort_all();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

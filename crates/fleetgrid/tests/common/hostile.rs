@@ -117,9 +117,19 @@ impl Opened {
 /// Dials the coordinator's gRPC address without the agent's size limits, so
 /// that the coordinator's own limits are what is tested.
 pub async fn client(grpc: SocketAddr) -> CoordinatorClient<tonic::transport::Channel> {
+    client_from(grpc, None).await
+}
+
+/// Dials like [`client`], from the local address `local` (any of loopback's
+/// 127.0.0.0/8 plays another client address).
+pub async fn client_from(
+    grpc: SocketAddr,
+    local: Option<std::net::IpAddr>,
+) -> CoordinatorClient<tonic::transport::Channel> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
         .expect("endpoint")
         .connect_timeout(Duration::from_secs(10))
+        .local_address(local)
         .connect()
         .await
         .expect("connect to the coordinator");
@@ -130,7 +140,16 @@ pub async fn client(grpc: SocketAddr) -> CoordinatorClient<tonic::transport::Cha
 
 /// Opens a session whose first message is `first` (normally a `Hello`).
 pub async fn open(grpc: SocketAddr, first: proto::AgentMessage) -> Opened {
-    let mut client = client(grpc).await;
+    open_from(grpc, None, first).await
+}
+
+/// Opens a session like [`open`], from the local address `local`.
+pub async fn open_from(
+    grpc: SocketAddr,
+    local: Option<std::net::IpAddr>,
+    first: proto::AgentMessage,
+) -> Opened {
+    let mut client = client_from(grpc, local).await;
     let (outbound, receiver) = mpsc::channel(OUTBOUND_MESSAGES_MAX);
     outbound.send(first).await.expect("queue first message");
     let response = match client.session(ReceiverStream::new(receiver)).await {
