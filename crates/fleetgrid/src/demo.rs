@@ -83,7 +83,6 @@ pub struct DemoArgs {
     chaos_seed: Option<u64>,
 }
 
-
 /// The coordinator and the local cloud: when either exits, the demo stops.
 /// They are killed when this is dropped, whatever the exit path.
 struct Core(Vec<(String, Child)>);
@@ -257,7 +256,10 @@ async fn supervise(
             if stop.is_cancelled() {
                 return Ok(());
             }
-            bail!("{exit}; stopping the demo (see the logs in {})", logs.display());
+            bail!(
+                "{exit}; stopping the demo (see the logs in {})",
+                logs.display()
+            );
         }
         let connected = connected_cars(&client, http, &keys.api).await;
         let now = Instant::now();
@@ -461,7 +463,10 @@ fn print_instructions(http: SocketAddr, keys: &Keys, logs: &Path, args: &DemoArg
         println!("the x-fleetgrid-tier and x-fleetgrid-route-reason headers say which tier answered and why).");
     }
     println!();
-    println!("Owner key (owner '{DEMO_OWNER}', whose cars these are): {}", keys.owner);
+    println!(
+        "Owner key (owner '{DEMO_OWNER}', whose cars these are): {}",
+        keys.owner
+    );
     println!(
         "  curl -s http://{http}/owner/v1/vehicles -H 'Authorization: Bearer {}'",
         keys.owner
@@ -496,6 +501,44 @@ async fn stop_all(children: Vec<(String, &mut Child)>) {
         {
             tracing::warn!(child = %name, "did not stop in time; killing");
             let _ = child.kill().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use crate::demo_chaos::{AWAY_MAX, AWAY_MIN, DEPARTURE_NOTICE, INTERVAL_MAX, INTERVAL_MIN};
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        demo: super::DemoArgs,
+    }
+
+    #[test]
+    fn the_help_of_chaos_states_the_bounds_in_force() {
+        let help = Cli::command().render_long_help().to_string();
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        let away = format!("{} to {} s", AWAY_MIN.as_secs(), AWAY_MAX.as_secs());
+        for stated in [
+            format!(
+                "every {} to {} s",
+                INTERVAL_MIN.as_secs(),
+                INTERVAL_MAX.as_secs()
+            ),
+            format!("unplug a car (for {away})"),
+            format!(
+                "({} s notice, back {away} after)",
+                DEPARTURE_NOTICE.as_secs()
+            ),
+            format!("(back {away} later)"),
+        ] {
+            assert!(
+                help.contains(&stated),
+                "--help does not say {stated:?}:\n{help}"
+            );
         }
     }
 }

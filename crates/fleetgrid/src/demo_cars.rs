@@ -165,11 +165,7 @@ impl Fleet {
         for car in &mut self.cars {
             car.step(now, connected, &self.launch, self.come_home)?;
         }
-        if self
-            .cars
-            .iter()
-            .all(|car| car.presence == Presence::GaveUp)
-        {
+        if self.cars.iter().all(|car| car.presence == Presence::GaveUp) {
             bail!(
                 "every car failed to start; see the logs in {}",
                 self.launch.logs.display()
@@ -278,7 +274,11 @@ impl Car {
             .args(["--vehicle-state", &format!("file:{}", feed.display())])
             .args(["--model", launch.model])
             .args(["--parallel", &launch.parallel.to_string()])
-            .args(["--threads", &launch.threads.to_string(), "--exit-with-parent"])
+            .args([
+                "--threads",
+                &launch.threads.to_string(),
+                "--exit-with-parent",
+            ])
             .env("FLEETGRID_NODE_CREDENTIAL", &self.credential)
             .stdout(Stdio::null())
             .stderr(log)
@@ -402,14 +402,12 @@ impl Car {
                 departure: Some(departure),
                 ..traced
             },
-            Presence::Unplugged { .. } | Presence::Away { .. } | Presence::GaveUp => {
-                VehicleState {
-                    plugged_in: false,
-                    charging: false,
-                    departure: None,
-                    ..traced
-                }
-            }
+            Presence::Unplugged { .. } | Presence::Away { .. } | Presence::GaveUp => VehicleState {
+                plugged_in: false,
+                charging: false,
+                departure: None,
+                ..traced
+            },
         }
     }
 
@@ -431,7 +429,8 @@ impl Car {
         let temporary = path.with_extension("tmp");
         std::fs::write(&temporary, &feed)
             .with_context(|| format!("write {}", temporary.display()))?;
-        std::fs::rename(&temporary, &path).with_context(|| format!("replace {}", path.display()))?;
+        std::fs::rename(&temporary, &path)
+            .with_context(|| format!("replace {}", path.display()))?;
         self.feed_written = feed;
         Ok(())
     }
@@ -532,7 +531,9 @@ mod tests {
         let now = Instant::now();
         let home = read_back(&mut car(Presence::Home));
         assert!(home.plugged_in && home.charging);
-        assert!(home.departure.is_some_and(|at| at > SystemTime::now() + Duration::from_secs(3600)));
+        assert!(home
+            .departure
+            .is_some_and(|at| at > SystemTime::now() + Duration::from_secs(3600)));
 
         let unplugged = read_back(&mut car(Presence::Unplugged { until: now }));
         assert!(!unplugged.plugged_in && !unplugged.charging);

@@ -132,7 +132,9 @@ mod tests {
         }
         for disruption in DISRUPTIONS {
             assert!(
-                events.iter().any(|(_, event)| event.disruption == disruption),
+                events
+                    .iter()
+                    .any(|(_, event)| event.disruption == disruption),
                 "{disruption:?} never drawn in an hour"
             );
         }

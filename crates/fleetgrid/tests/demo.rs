@@ -50,7 +50,13 @@ impl Demo {
         let log = std::fs::File::create(dir.path().join("demo.log")).expect("log file");
         let mut child = Command::new(common::binary())
             .args(["demo", "--http-listen", "127.0.0.1:0", "--vehicles", "2"])
-            .args(["--no-cloud", "--parallel", "1", "--threads-per-vehicle", "1"])
+            .args([
+                "--no-cloud",
+                "--parallel",
+                "1",
+                "--threads-per-vehicle",
+                "1",
+            ])
             .args(["--come-home-secs", COME_HOME_SECS, "--data-dir"])
             .arg(dir.path())
             .stdout(Stdio::piped())
@@ -175,7 +181,10 @@ impl Demo {
             .find(|process| {
                 process.parent == self.child.id()
                     && process.args.iter().any(|arg| arg == "agent")
-                    && process.args.windows(2).any(|pair| pair == ["--node-id", car])
+                    && process
+                        .args
+                        .windows(2)
+                        .any(|pair| pair == ["--node-id", car])
             })
             .map(|process| process.pid)
     }
@@ -341,7 +350,11 @@ async fn the_demo_hands_over_a_killed_cars_stream_brings_the_car_home_and_stops_
         assert!(Instant::now() < deadline, "the demo did not stop on Ctrl-C");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert!(status.success(), "the demo exited with {status}:\n{}", demo.log());
+    assert!(
+        status.success(),
+        "the demo exited with {status}:\n{}",
+        demo.log()
+    );
     assert_eq!(
         processes_using(demo.dir.path()),
         Vec::<u32>::new(),
