@@ -2,18 +2,25 @@
 //! machine, serving a real model, until Ctrl-C.
 //!
 //! Every process it starts is its child, started with `--exit-with-parent`,
-//! and killed on the way out, so nothing outlives the demo.
+//! and stopped on the way out, so nothing outlives the demo. A car that goes
+//! away is a handover, not the end of the demo (`demo_cars`); `--chaos` makes
+//! cars go away at random (`demo_chaos`). The coordinator or the local cloud
+//! exiting stops the demo.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use coordinator::store::{Store, StoreError, TenantClass};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
 
+use crate::demo_cars::{Fleet, Launch};
+use crate::demo_chaos::Chaos;
 use crate::home;
 
 /// The model the demo serves.
@@ -35,6 +42,12 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long children get to stop after SIGTERM before they are killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
+/// How often the demo looks at its processes, the connected cars and the chaos plan.
+const TICK: Duration = Duration::from_millis(250);
+
+/// The longest wait for the coordinator's list of connected cars.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
 #[derive(clap::Args)]
 pub struct DemoArgs {
     /// Address of the OpenAI-compatible API.
@@ -49,20 +62,53 @@ pub struct DemoArgs {
     /// Sequences each vehicle decodes together.
     #[arg(long, default_value_t = 2)]
     parallel: u32,
-    /// Where the demo keeps its database, traces and logs [default: $FLEETGRID_HOME/demo].
+    /// Where the demo keeps its database, vehicle feeds and logs [default: $FLEETGRID_HOME/demo].
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Run without the local cloud: no `auto` or `cloud/...` models, a faster start.
+    #[arg(long)]
+    no_cloud: bool,
+    /// How long a car that went away by itself (crashed, killed) stays away before it comes
+    /// home, in seconds.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    come_home_secs: u64,
+    /// Disrupt the fleet at random, every 15 to 45 s: unplug a car (for 10 to 30 s), make its
+    /// owner leave (20 s notice, back 10 to 30 s after), or kill its agent with SIGKILL (back
+    /// 10 to 30 s later). At least one car always stays serving. Watch the handovers in this
+    /// log and in fleetgrid_reassignments_total on /metrics.
+    #[arg(long)]
+    chaos: bool,
+    /// The seed of `--chaos`, to repeat a run's disruptions [default: drawn, and printed].
+    #[arg(long, requires = "chaos")]
+    chaos_seed: Option<u64>,
 }
 
-/// Children that are killed when this is dropped, whatever the exit path.
-struct Children(Vec<(String, Child)>);
+/// The coordinator and the local cloud: when either exits, the demo stops.
+/// They are killed when this is dropped, whatever the exit path.
+struct Core(Vec<(String, Child)>);
 
-impl Drop for Children {
+impl Drop for Core {
     fn drop(&mut self) {
         for (_, child) in &mut self.0 {
             let _ = child.start_kill();
         }
     }
+}
+
+impl Core {
+    /// Which process exited, and how, if one did.
+    fn exited(&mut self) -> Option<String> {
+        self.0.iter_mut().find_map(|(name, child)| {
+            let status = child.try_wait().ok().flatten()?;
+            Some(format!("the {name} exited ({status})"))
+        })
+    }
+}
+
+/// What the demo hands out to its user.
+struct Keys {
+    api: String,
+    owner: String,
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -71,8 +117,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| home::root().join("demo"));
     let logs = data_dir.join("logs");
-    std::fs::create_dir_all(&logs).with_context(|| format!("create {}", logs.display()))?;
-    for model in [DEMO_MODEL, crate::cloud::LOCAL_CLOUD_MODEL] {
+    let feeds = data_dir.join("feeds");
+    for dir in [&logs, &feeds] {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    if args.chaos && args.vehicles < 2 {
+        bail!("--chaos needs at least 2 vehicles, so that one always stays serving");
+    }
+    let mut wanted = vec![DEMO_MODEL];
+    if !args.no_cloud {
+        wanted.push(crate::cloud::LOCAL_CLOUD_MODEL);
+    }
+    for model in wanted {
         eprintln!("fleetgrid demo: fetching and verifying {model}");
         let store = home::model_store()?;
         let entry = models::find(model).context("demo model missing from the catalog")?;
@@ -85,32 +141,50 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let database = Store::open(&data_dir)
         .await
         .context("open the demo database")?;
-    let api_key = demo_key(&database).await?;
-    let mut children = Children(Vec::new());
+    let keys = Keys {
+        api: demo_key(&database).await?,
+        owner: owner_key(&database).await?,
+    };
+    let stop = stop_signal()?;
+    let mut core = Core(Vec::new());
     let exe = std::env::current_exe().context("find the fleetgrid executable")?;
-    // The local "cloud" (system-2) the coordinator escalates to, over HTTP.
-    eprintln!(
-        "fleetgrid demo: starting the local cloud ({})",
-        crate::cloud::LOCAL_CLOUD_MODEL
-    );
-    let cloud = crate::cloud::start_local_cloud(
-        &exe,
-        &data_dir.join("cloud"),
-        log_file(&logs, "cloud")?,
-        args.threads_per_vehicle,
-    )
-    .await?;
-    let cloud_upstream = (cloud.http, cloud.api_key.clone());
-    children.0.push(("cloud".into(), cloud.child));
+    let cloud_upstream = if args.no_cloud {
+        None
+    } else {
+        // The local "cloud" (system-2) the coordinator escalates to, over HTTP.
+        eprintln!(
+            "fleetgrid demo: starting the local cloud ({})",
+            crate::cloud::LOCAL_CLOUD_MODEL
+        );
+        let cloud = crate::cloud::start_local_cloud(
+            &exe,
+            &data_dir.join("cloud"),
+            log_file(&logs, "cloud")?,
+            args.threads_per_vehicle,
+        )
+        .await?;
+        core.0.push(("local cloud".into(), cloud.child));
+        Some((cloud.http, cloud.api_key))
+    };
     let (http, grpc) = start_coordinator(
         &exe,
         &args,
         &data_dir,
         &logs,
-        &mut children,
-        &cloud_upstream,
+        &mut core,
+        cloud_upstream.as_ref(),
     )
     .await?;
+    let launch = Launch {
+        exe,
+        grpc,
+        model: DEMO_MODEL,
+        parallel: args.parallel,
+        threads: args.threads_per_vehicle,
+        logs: logs.clone(),
+        feeds,
+    };
+    let mut fleet = Fleet::new(launch, Duration::from_secs(args.come_home_secs));
     for index in 0..args.vehicles as usize {
         let (trace_name, trace) = TRACES[index % TRACES.len()];
         let name = if index < TRACES.len() {
@@ -119,43 +193,133 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             format!("car-{}", index + 1)
         };
         let credential = node_credential(&database, &name).await?;
-        let trace_path = data_dir.join(format!("{trace_name}.json"));
-        std::fs::write(&trace_path, trace)
-            .with_context(|| format!("write {}", trace_path.display()))?;
-        let child = Command::new(&exe)
-            .args([
-                "agent",
-                "--coordinator",
-                &format!("http://{grpc}"),
-                "--node-id",
-                &name,
-            ])
-            .args(["--vehicle-state", &format!("sim:{}", trace_path.display())])
-            .args([
-                "--model",
-                DEMO_MODEL,
-                "--parallel",
-                &args.parallel.to_string(),
-            ])
-            .args([
-                "--threads",
-                &args.threads_per_vehicle.to_string(),
-                "--exit-with-parent",
-            ])
-            .env("FLEETGRID_NODE_CREDENTIAL", credential)
-            .stdout(Stdio::null())
-            .stderr(log_file(&logs, &name)?)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("start agent {name}"))?;
-        children.0.push((name, child));
+        fleet.add(name, trace, credential)?;
     }
-    wait_for_vehicles(http, args.vehicles as usize, &mut children).await?;
-    print_instructions(http, &api_key, &logs);
-    wait_for_stop(&mut children).await;
-    stop(&mut children).await;
+    let result = supervise(&args, http, &keys, &logs, &mut core, &mut fleet, &stop).await;
+    let mut children: Vec<(String, &mut Child)> = fleet
+        .children()
+        .map(|(name, child)| (name.to_string(), child))
+        .collect();
+    children.extend(core.0.iter_mut().map(|(name, child)| (name.clone(), child)));
+    stop_all(children).await;
     eprintln!("fleetgrid demo: stopped");
-    Ok(())
+    result
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM.
+fn stop_signal() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let token = CancellationToken::new();
+    let mut interrupt = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut terminate = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let on_signal = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        on_signal.cancel();
+    });
+    Ok(token)
+}
+
+/// Runs until Ctrl-C (`Ok`) or until the coordinator or the local cloud exits (`Err`): waits
+/// for the cars, prints the instructions, brings cars home, and carries out `--chaos`.
+async fn supervise(
+    args: &DemoArgs,
+    http: SocketAddr,
+    keys: &Keys,
+    logs: &Path,
+    core: &mut Core,
+    fleet: &mut Fleet,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    eprintln!(
+        "fleetgrid demo: waiting for {} vehicles to connect (loading the model)",
+        args.vehicles
+    );
+    let client = reqwest::Client::builder()
+        .timeout(HEALTH_TIMEOUT)
+        .build()
+        .context("build the HTTP client")?;
+    let started = Instant::now();
+    let mut ready = false;
+    let mut chaos: Option<Chaos> = None;
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        if let Some(exit) = core.exited() {
+            if stop.is_cancelled() {
+                return Ok(());
+            }
+            bail!(
+                "{exit}; stopping the demo (see the logs in {})",
+                logs.display()
+            );
+        }
+        let connected = connected_cars(&client, http, &keys.api).await;
+        let now = Instant::now();
+        fleet.step(now, &connected)?;
+        if !ready {
+            if fleet.all_connected() {
+                ready = true;
+                print_instructions(http, keys, logs, args);
+                if args.chaos {
+                    chaos = Some(start_chaos(args.chaos_seed, now));
+                }
+            } else if now.duration_since(started) > STARTUP_TIMEOUT {
+                bail!(
+                    "only {} of {} vehicles connected in time; see the logs in {}",
+                    fleet.connected_count(),
+                    args.vehicles,
+                    logs.display()
+                );
+            }
+            continue;
+        }
+        if let Some(chaos) = chaos.as_mut() {
+            if let Some(event) = chaos.poll(now, &fleet.serving(&connected)) {
+                fleet.disrupt(event, now)?;
+            }
+        }
+    }
+}
+
+fn start_chaos(seed: Option<u64>, now: Instant) -> Chaos {
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_nanos() as u64)
+    });
+    eprintln!("fleetgrid demo: chaos is on (seed {seed}; repeat it with --chaos-seed {seed})");
+    Chaos::new(seed, now)
+}
+
+/// The cars the coordinator has connected now, from `/health` as the demo tenant (fleet class)
+/// sees it; none while it does not answer.
+async fn connected_cars(client: &reqwest::Client, http: SocketAddr, key: &str) -> HashSet<String> {
+    let response = client
+        .get(format!("http://{http}/health"))
+        .bearer_auth(key)
+        .send()
+        .await;
+    let body: Option<serde_json::Value> = match response {
+        Ok(response) => response.json().await.ok(),
+        Err(_) => None,
+    };
+    body.as_ref()
+        .and_then(|body| body["nodes"].as_array())
+        .map(|nodes| {
+            nodes
+                .iter()
+                .filter_map(|node| node.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn log_file(logs: &Path, name: &str) -> anyhow::Result<std::fs::File> {
@@ -179,9 +343,16 @@ async fn demo_key(database: &Store) -> anyhow::Result<String> {
 /// The owner of the demo's simulated vehicles.
 const DEMO_OWNER: &str = "demo-owner";
 
-async fn node_credential(database: &Store, name: &str) -> anyhow::Result<String> {
+/// A fresh owner key for the owner of the demo's vehicles, who is created if need be.
+async fn owner_key(database: &Store) -> anyhow::Result<String> {
     let now = coordinator::core::now_ms().0 as i64;
     database.ensure_owner(DEMO_OWNER, now).await?;
+    Ok(database.create_owner_key(DEMO_OWNER, now).await?)
+}
+
+/// The vehicle's credential, enrolled for the demo's owner (who must exist) if need be.
+async fn node_credential(database: &Store, name: &str) -> anyhow::Result<String> {
+    let now = coordinator::core::now_ms().0 as i64;
     match database.add_node(name, DEMO_OWNER, now).await {
         Ok(credential) => Ok(credential),
         Err(StoreError::NodeExists(_)) => database
@@ -197,10 +368,11 @@ async fn start_coordinator(
     args: &DemoArgs,
     data_dir: &Path,
     logs: &Path,
-    children: &mut Children,
-    cloud: &(SocketAddr, String),
+    core: &mut Core,
+    cloud: Option<&(SocketAddr, String)>,
 ) -> anyhow::Result<(SocketAddr, SocketAddr)> {
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .args([
             "serve",
             "--http-listen",
@@ -209,17 +381,24 @@ async fn start_coordinator(
             "127.0.0.1:0",
         ])
         .args(["--model", DEMO_MODEL, "--exit-with-parent", "--data-dir"])
-        .arg(data_dir)
-        .args(["--cloud-url", &format!("http://{}/v1", cloud.0)])
-        .args(["--cloud-key-env", DEMO_CLOUD_KEY_ENV])
-        .env(DEMO_CLOUD_KEY_ENV, &cloud.1)
+        .arg(data_dir);
+    if let Some((cloud_http, cloud_key)) = cloud {
+        command
+            .args(["--cloud-url", &format!("http://{cloud_http}/v1")])
+            .args(["--cloud-key-env", DEMO_CLOUD_KEY_ENV])
+            .env(DEMO_CLOUD_KEY_ENV, cloud_key);
+    }
+    let mut child = command
         .stdout(Stdio::piped())
         .stderr(log_file(logs, "coordinator")?)
+        // Its own process group: a Ctrl-C in the terminal reaches only the demo, which then
+        // stops everything itself; a coordinator that stopped on its own would read as a crash.
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .context("start the coordinator")?;
     let stdout = child.stdout.take().context("coordinator stdout")?;
-    children.0.push(("coordinator".into(), child));
+    core.0.push(("coordinator".into(), child));
     let mut lines = BufReader::new(stdout).lines();
     let line = tokio::time::timeout(STARTUP_TIMEOUT, lines.next_line())
         .await
@@ -253,32 +432,8 @@ pub(crate) async fn nodes_connected(client: &reqwest::Client, http: SocketAddr) 
         .unwrap_or(0)
 }
 
-async fn wait_for_vehicles(
-    http: SocketAddr,
-    expected: usize,
-    children: &mut Children,
-) -> anyhow::Result<()> {
-    eprintln!("fleetgrid demo: waiting for {expected} vehicles to connect (loading the model)");
-    let client = reqwest::Client::new();
-    let deadline = tokio::time::Instant::now() + STARTUP_TIMEOUT;
-    loop {
-        for (name, child) in &mut children.0 {
-            if let Ok(Some(status)) = child.try_wait() {
-                bail!("{name} exited ({status}) during start-up; see its log");
-            }
-        }
-        let connected = nodes_connected(&client, http).await;
-        if connected as usize >= expected {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("only {connected} of {expected} vehicles connected in time");
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-fn print_instructions(http: SocketAddr, api_key: &str, logs: &Path) {
+fn print_instructions(http: SocketAddr, keys: &Keys, logs: &Path, args: &DemoArgs) {
+    let api_key = &keys.api;
     println!();
     println!(
         "fleetgrid demo is running: a coordinator and simulated vehicles serving {DEMO_MODEL}."
@@ -298,11 +453,32 @@ fn print_instructions(http: SocketAddr, api_key: &str, logs: &Path) {
     println!("      messages=[{{\"role\": \"user\", \"content\": \"Write a haiku about electric cars.\"}}])");
     println!("  for chunk in stream: print(chunk.choices[0].delta.content or \"\", end=\"\", flush=True)");
     println!();
+    if args.no_cloud {
+        println!("Models: '{DEMO_MODEL}' (the fleet; started with --no-cloud, so no 'auto' or 'cloud/...').");
+    } else {
+        println!(
+            "Models: '{DEMO_MODEL}' (the fleet), 'cloud/{}' (the local cloud) or 'auto' (the router decides;",
+            crate::cloud::LOCAL_CLOUD_MODEL
+        );
+        println!("the x-fleetgrid-tier and x-fleetgrid-route-reason headers say which tier answered and why).");
+    }
+    println!();
     println!(
-        "Models: '{DEMO_MODEL}' (the fleet), 'cloud/{}' (the local cloud) or 'auto' (the router decides;",
-        crate::cloud::LOCAL_CLOUD_MODEL
+        "Owner key (owner '{DEMO_OWNER}', whose cars these are): {}",
+        keys.owner
     );
-    println!("the x-fleetgrid-tier and x-fleetgrid-route-reason headers say which tier answered and why).");
+    println!(
+        "  curl -s http://{http}/owner/v1/vehicles -H 'Authorization: Bearer {}'",
+        keys.owner
+    );
+    println!();
+    println!(
+        "A car that goes away (try kill -9 on one of the agents) hands its work to the others and comes home after {} s.",
+        args.come_home_secs
+    );
+    if args.chaos {
+        println!("Chaos is on: cars are unplugged, leave and are killed at random; watch this log and fleetgrid_reassignments_total.");
+    }
     println!();
     println!(
         "Health: http://{http}/health   Metrics: http://{http}/metrics   Logs: {}",
@@ -311,44 +487,58 @@ fn print_instructions(http: SocketAddr, api_key: &str, logs: &Path) {
     println!("Press Ctrl-C to stop.");
 }
 
-/// Returns on Ctrl-C, SIGTERM, or when any child exits.
-async fn wait_for_stop(children: &mut Children) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate()).ok();
-    let child_exit = async {
-        loop {
-            for (name, child) in &mut children.0 {
-                if let Ok(Some(status)) = child.try_wait() {
-                    eprintln!("fleetgrid demo: {name} exited ({status}); stopping");
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async { match terminate.as_mut() { Some(signal) => { signal.recv().await; } None => std::future::pending().await } } => {}
-        _ = child_exit => {}
-    }
-}
-
 /// SIGTERM to every child, then SIGKILL to those still running after the grace.
-async fn stop(children: &mut Children) {
-    for (_, child) in &children.0 {
+async fn stop_all(children: Vec<(String, &mut Child)>) {
+    for (_, child) in &children {
         if let Some(pid) = child.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
+            crate::demo_cars::terminate(pid);
         }
     }
-    for (name, child) in &mut children.0 {
+    for (name, child) in children {
         if tokio::time::timeout(STOP_GRACE, child.wait())
             .await
             .is_err()
         {
             tracing::warn!(child = %name, "did not stop in time; killing");
             let _ = child.kill().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use crate::demo_chaos::{AWAY_MAX, AWAY_MIN, DEPARTURE_NOTICE, INTERVAL_MAX, INTERVAL_MIN};
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        demo: super::DemoArgs,
+    }
+
+    #[test]
+    fn the_help_of_chaos_states_the_bounds_in_force() {
+        let help = Cli::command().render_long_help().to_string();
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        let away = format!("{} to {} s", AWAY_MIN.as_secs(), AWAY_MAX.as_secs());
+        for stated in [
+            format!(
+                "every {} to {} s",
+                INTERVAL_MIN.as_secs(),
+                INTERVAL_MAX.as_secs()
+            ),
+            format!("unplug a car (for {away})"),
+            format!(
+                "({} s notice, back {away} after)",
+                DEPARTURE_NOTICE.as_secs()
+            ),
+            format!("(back {away} later)"),
+        ] {
+            assert!(
+                help.contains(&stated),
+                "--help does not say {stated:?}:\n{help}"
+            );
         }
     }
 }

@@ -7,6 +7,8 @@ mod bench;
 mod bench_handover;
 mod cloud;
 mod demo;
+mod demo_cars;
+mod demo_chaos;
 mod eval;
 mod eval_client;
 mod eval_data;

@@ -1,0 +1,367 @@
+//! `fleetgrid demo` survives what the product exists for: the car serving a
+//! streamed answer is killed with SIGKILL mid-stream, the client's text is
+//! the same as an uninterrupted run, the demo keeps serving, the killed car
+//! comes home, and Ctrl-C leaves no process behind.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{parse_sse, MODEL, WAIT};
+use futures::StreamExt;
+use serde_json::json;
+
+/// How long a killed car stays away in this test.
+const COME_HOME_SECS: &str = "2";
+
+/// A running `fleetgrid demo`, killed when dropped.
+struct Demo {
+    dir: tempfile::TempDir,
+    child: Child,
+    http: SocketAddr,
+    api_key: String,
+    owner_key: String,
+    client: reqwest::Client,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The rest of `line` after `prefix`, when it starts with it.
+fn after<'a>(line: &'a str, prefix: &str) -> Option<&'a str> {
+    line.strip_prefix(prefix).map(str::trim)
+}
+
+impl Demo {
+    /// Starts the smallest demo that still hands over: two cars, no local cloud. Returns once
+    /// it has printed its instructions (every car connected).
+    fn start() -> Demo {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = std::fs::File::create(dir.path().join("demo.log")).expect("log file");
+        let mut child = Command::new(common::binary())
+            .args(["demo", "--http-listen", "127.0.0.1:0", "--vehicles", "2"])
+            .args([
+                "--no-cloud",
+                "--parallel",
+                "1",
+                "--threads-per-vehicle",
+                "1",
+            ])
+            .args(["--come-home-secs", COME_HOME_SECS, "--data-dir"])
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start the demo");
+        let stdout = child.stdout.take().expect("stdout");
+        let (lines_tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if lines_tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let deadline = Instant::now() + WAIT;
+        let (mut api_key, mut owner_key, mut http) = (None, None, None);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = lines.recv_timeout(left).unwrap_or_else(|_| {
+                panic!(
+                    "the demo did not print its instructions; its log:\n{}",
+                    std::fs::read_to_string(dir.path().join("demo.log")).unwrap_or_default()
+                )
+            });
+            if let Some(key) = after(&line, "API key (tenant 'demo'):") {
+                api_key = Some(key.to_string());
+            }
+            if let Some(rest) = after(&line, "Owner key (owner 'demo-owner'") {
+                owner_key = rest.rsplit(' ').next().map(str::to_string);
+            }
+            if let Some(rest) = after(&line, "Health: http://") {
+                http = rest.split('/').next().and_then(|addr| addr.parse().ok());
+            }
+            if line.starts_with("Press Ctrl-C") {
+                break;
+            }
+        }
+        Demo {
+            dir,
+            child,
+            http: http.expect("the demo's address"),
+            api_key: api_key.expect("the demo's API key"),
+            owner_key: owner_key.expect("the demo's owner key"),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    async fn chat(&self, body: &serde_json::Value) -> serde_json::Value {
+        let response = self
+            .client
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(&self.api_key)
+            .json(body)
+            .send()
+            .await
+            .expect("send request");
+        let status = response.status();
+        let text = response.text().await.expect("body");
+        assert_eq!(status, 200, "chat failed: {text}");
+        serde_json::from_str(&text).expect("json body")
+    }
+
+    /// Sets which tenant classes a car works for, through the owner API.
+    async fn allow_classes(&self, car: &str, classes: &[&str]) {
+        let response = self
+            .client
+            .put(self.url(&format!("/owner/v1/vehicles/{car}/policy")))
+            .bearer_auth(&self.owner_key)
+            .json(&json!({ "allowed_classes": classes }))
+            .send()
+            .await
+            .expect("send policy");
+        assert_eq!(response.status(), 200, "{:?}", response.text().await);
+    }
+
+    /// The cars connected now, as the demo tenant (fleet class) sees them on `/health`.
+    async fn connected(&self) -> HashSet<String> {
+        let health: serde_json::Value = self
+            .client
+            .get(self.url("/health"))
+            .bearer_auth(&self.api_key)
+            .send()
+            .await
+            .expect("health")
+            .json()
+            .await
+            .expect("health json");
+        health["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .filter_map(|node| node.as_str().map(str::to_string))
+            .collect()
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} missing"))
+    }
+
+    /// The process id of `car`'s agent, a child of the demo, if it runs.
+    fn car_pid(&self, car: &str) -> Option<u32> {
+        processes()
+            .into_iter()
+            .find(|process| {
+                process.parent == self.child.id()
+                    && process.args.iter().any(|arg| arg == "agent")
+                    && process
+                        .args
+                        .windows(2)
+                        .any(|pair| pair == ["--node-id", car])
+            })
+            .map(|process| process.pid)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("demo.log")).unwrap_or_default()
+    }
+}
+
+struct Process {
+    pid: u32,
+    parent: u32,
+    args: Vec<String>,
+}
+
+/// Every process on this machine, from `/proc`.
+fn processes() -> Vec<Process> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // The command name in parentheses may hold spaces: the fields follow the last ')'.
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let parent = fields.get(1)?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args = cmdline
+                .split(|byte| *byte == 0)
+                .filter(|arg| !arg.is_empty())
+                .map(|arg| String::from_utf8_lossy(arg).into_owned())
+                .collect();
+            Some(Process { pid, parent, args })
+        })
+        .collect()
+}
+
+/// Processes whose command line names something under `dir`.
+fn processes_using(dir: &Path) -> Vec<u32> {
+    let dir = dir.display().to_string();
+    processes()
+        .into_iter()
+        .filter(|process| process.args.iter().any(|arg| arg.contains(&dir)))
+        .map(|process| process.pid)
+        .collect()
+}
+
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {signal} {pid} failed");
+}
+
+/// Polls `condition` every 100 ms until it holds; panics with `what` after [`WAIT`].
+async fn wait_until<F, Fut>(what: &str, demo: &Demo, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    while !condition().await {
+        assert!(
+            Instant::now() < deadline,
+            "{what} within {WAIT:?}; the demo's log:\n{}",
+            demo.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_hands_over_a_killed_cars_stream_brings_the_car_home_and_stops_cleanly() {
+    let began = Instant::now();
+    let mut demo = Demo::start();
+    let started_in = began.elapsed();
+    let body = json!({
+        "model": MODEL, "max_tokens": 300, "temperature": 0.0, "seed": 11,
+        "messages": [{"role": "user", "content": "Write a long story about a trip across the mountains."}],
+    });
+    let uninterrupted = demo.chat(&body).await;
+    let expected = uninterrupted["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_string();
+    let tokens = uninterrupted["usage"]["completion_tokens"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        tokens >= 150,
+        "the reference run is too short to interrupt: {tokens} tokens"
+    );
+
+    // car-b's owner takes it off the fleet's work for a moment, so the stream starts on car-a.
+    demo.allow_classes("car-b", &[]).await;
+    let reassigned_before = demo.metric("fleetgrid_reassignments_total").await;
+    let mut streamed_body = body.clone();
+    streamed_body["stream"] = json!(true);
+    let response = demo
+        .client
+        .post(demo.url("/v1/chat/completions"))
+        .bearer_auth(&demo.api_key)
+        .json(&streamed_body)
+        .send()
+        .await
+        .expect("send stream");
+    assert_eq!(response.status(), 200);
+    let mut bytes = response.bytes_stream();
+    let mut raw = String::new();
+    while raw.matches("data: ").count() < 10 {
+        let chunk = bytes.next().await.expect("stream open").expect("chunk");
+        raw.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    demo.allow_classes("car-b", &["fleet", "reserved", "spot"])
+        .await;
+    let killed = demo.car_pid("car-a").expect("car-a's agent runs");
+    signal(killed, "-KILL");
+
+    while let Some(chunk) = bytes.next().await {
+        raw.push_str(&String::from_utf8_lossy(&chunk.expect("stream chunk")));
+    }
+    let streamed = parse_sse(&raw);
+    assert!(streamed.errors.is_empty(), "errors: {:?}", streamed.errors);
+    assert!(streamed.done, "the stream did not end with [DONE]");
+    assert_eq!(
+        streamed.content, expected,
+        "the handed-over stream differs from an uninterrupted run"
+    );
+    assert_eq!(
+        demo.metric("fleetgrid_reassignments_total").await,
+        reassigned_before + 1.0,
+        "the stream was not handed over (did it finish before the kill?)"
+    );
+
+    // The demo is still serving, and car-a comes home as a new process.
+    assert!(
+        demo.child.try_wait().expect("demo status").is_none(),
+        "the demo stopped; its log:\n{}",
+        demo.log()
+    );
+    let answer = demo
+        .chat(&json!({"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "Name a colour."}]}))
+        .await;
+    assert!(answer["choices"][0]["message"]["content"].is_string());
+    wait_until("car-a did not come home", &demo, || async {
+        demo.car_pid("car-a").is_some_and(|pid| pid != killed)
+            && demo.connected().await.contains("car-a")
+    })
+    .await;
+    let both: HashSet<String> = ["car-a", "car-b"].map(String::from).into();
+    assert_eq!(demo.connected().await, both);
+
+    // Ctrl-C stops everything: the demo exits cleanly and leaves no process behind.
+    signal(demo.child.id(), "-INT");
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = demo.child.try_wait().expect("demo status") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the demo did not stop on Ctrl-C");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        status.success(),
+        "the demo exited with {status}:\n{}",
+        demo.log()
+    );
+    assert_eq!(
+        processes_using(demo.dir.path()),
+        Vec::<u32>::new(),
+        "processes outlived the demo"
+    );
+    eprintln!(
+        "demo started in {started_in:?}; the whole test took {:?}",
+        began.elapsed()
+    );
+}
