@@ -3,8 +3,12 @@
 //! A handful of atomics is all the coordinator needs; a metrics crate would add
 //! a registry and global state for no gain.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use scheduler::StopReason;
 
 /// Upper bounds of the time-to-first-token histogram buckets, milliseconds.
 const TTFT_BUCKETS_MS: [u64; 10] = [10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000];
@@ -41,12 +45,30 @@ pub struct Metrics {
     pub request_log_dropped: AtomicU64,
     /// The gateway's connections and what its bounds refused or closed.
     pub http: HttpMetrics,
+    /// Generations assigned to each node (first attempts and handovers alike).
+    pub node_assignments: LabelledCounter,
+    /// Vehicle states received from each node that differ from the one before.
+    pub node_state_changes: LabelledCounter,
+    /// Running generations stopped on their node, by the scheduler's reason.
+    generations_stopped: LabelledCounter,
     ttft_buckets: [AtomicU64; TTFT_BUCKETS_MS.len()],
     ttft_count: AtomicU64,
     ttft_sum_ms: AtomicU64,
 }
 
 impl Metrics {
+    /// Counts a running generation the scheduler stopped on its node.
+    pub fn count_stop(&self, reason: StopReason) {
+        let label = match reason {
+            StopReason::Preempted => "preempted",
+            StopReason::Draining => "draining",
+            StopReason::Departed => "departed",
+            StopReason::NodeLost => "node_lost",
+            StopReason::Stalled => "stalled",
+        };
+        self.generations_stopped.add(label);
+    }
+
     pub fn observe_time_to_first_token_ms(&self, value_ms: u64) {
         for (bound, bucket) in TTFT_BUCKETS_MS.iter().zip(&self.ttft_buckets) {
             if value_ms <= *bound {
@@ -199,6 +221,24 @@ impl Metrics {
         }
         self.render_ttft(&mut out);
         self.http.render(&mut out);
+        self.node_assignments.render(
+            &mut out,
+            "fleetgrid_node_assignments_total",
+            "Generations assigned to a node, by node.",
+            "node_id",
+        );
+        self.node_state_changes.render(
+            &mut out,
+            "fleetgrid_node_state_changes_total",
+            "Vehicle states received from a node that differ from its previous one, by node.",
+            "node_id",
+        );
+        self.generations_stopped.render(
+            &mut out,
+            "fleetgrid_generations_stopped_total",
+            "Running generations stopped on their node, by reason: preempted, draining, departed, node_lost or stalled.",
+            "reason",
+        );
         out
     }
 
@@ -269,5 +309,65 @@ impl HttpMetrics {
             "{name} {}",
             self.connections_open.load(Ordering::Relaxed)
         );
+    }
+}
+
+/// A counter per value of one label. Its values are few and known: node names
+/// (one per enrolled vehicle, so the map is bounded by the nodes table) or
+/// the scheduler's stop reasons. A value is rendered once it was counted.
+#[derive(Default)]
+pub struct LabelledCounter {
+    // A `std` mutex: it is held only to add or copy counts, never across an `.await`.
+    counts: Mutex<BTreeMap<String, u64>>,
+}
+
+impl LabelledCounter {
+    pub fn add(&self, label_value: &str) {
+        let mut counts = self
+            .counts
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        match counts.get_mut(label_value) {
+            Some(count) => *count += 1,
+            None => {
+                counts.insert(label_value.to_owned(), 1);
+            }
+        }
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str, label: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        let counts = self
+            .counts
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        for (value, count) in counts.iter() {
+            let value = value
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {count}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_labelled_counter_renders_one_series_per_value_counted() {
+        let metrics = Metrics::default();
+        metrics.node_assignments.add("car-1");
+        metrics.node_assignments.add("car-1");
+        metrics.node_assignments.add("car-\"2\"");
+        metrics.count_stop(StopReason::NodeLost);
+        let text = metrics.render();
+        assert!(text.contains("\nfleetgrid_node_assignments_total{node_id=\"car-1\"} 2\n"));
+        assert!(text.contains("\nfleetgrid_node_assignments_total{node_id=\"car-\\\"2\\\"\"} 1\n"));
+        assert!(text.contains("\nfleetgrid_generations_stopped_total{reason=\"node_lost\"} 1\n"));
+        // A family is declared before anything is counted in it.
+        assert!(text.contains("# TYPE fleetgrid_node_state_changes_total counter\n"));
+        assert!(!text.contains("fleetgrid_node_state_changes_total{"));
     }
 }

@@ -213,8 +213,18 @@ fn a_consumer_that_stops_reading_pauses_its_sequence_without_losing_tokens() {
         ),
     );
     assert!(!other.tokens.is_empty());
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(slow.events.len() <= engine::EVENT_CHANNEL_CAPACITY);
+    // The unread channel fills to its bound: the engine kept generating for
+    // the slow consumer until then, and then stopped sending.
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    while slow.events.len() < engine::EVENT_CHANNEL_CAPACITY {
+        assert!(
+            Instant::now() < deadline,
+            "the unread channel holds {} events, never filled to {}",
+            slow.events.len(),
+            engine::EVENT_CHANNEL_CAPACITY
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     assert_eq!(
         engine.live_sequences(),
         1,

@@ -85,7 +85,7 @@ async fn a_tenant_that_cannot_pay_is_refused_402_before_any_work_starts() {
         stack.metric("fleetgrid_requests_accepted_total").await,
         accepted_before
     );
-    assert!(!stack.log("coordinator").contains("assigned"));
+    assert_eq!(stack.metric(&common::node_assignments("car-1")).await, 0.0);
 
     // The refusal names the worst case: the whole prompt plus max_tokens.
     // Exactly that much admits the request; one token more is refused.
@@ -113,6 +113,7 @@ async fn a_tenant_that_cannot_pay_is_refused_402_before_any_work_starts() {
         .post_as(&key, "/v1/chat/completions", &chat_body(8))
         .await;
     let body = ok_json(response).await;
+    assert_eq!(stack.metric(&common::node_assignments("car-1")).await, 1.0);
     let prompt = u64_of(&body["usage"]["prompt_tokens"]);
     let completion = u64_of(&body["usage"]["completion_tokens"]);
     let charged = prompt * SPOT_PROMPT_MICRO + completion * SPOT_COMPLETION_MICRO;
@@ -350,8 +351,18 @@ async fn an_idempotency_key_replays_the_result_without_charging_again() {
     // While the first request with a key runs, a repeat is told to retry.
     let mut long = chat_body(120);
     long["messages"] = json!([{"role": "user", "content": "Write a long story about a car."}]);
+    let accepted = stack.metric("fleetgrid_requests_accepted_total").await;
     let running = tokio::spawn(send("order-3", long.clone()));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The key is claimed before the request is queued: once it is queued,
+    // the first request holds the key.
+    stack
+        .wait_for_metric(
+            "fleetgrid_requests_accepted_total",
+            common::WAIT,
+            "the first request with the key was queued",
+            |now| now > accepted,
+        )
+        .await;
     let repeat = send("order-3", long).await;
     assert_eq!(repeat.status(), 409);
     assert!(repeat.headers().contains_key("retry-after"));
@@ -493,20 +504,6 @@ async fn the_coordinator_settles_into_postgresql() {
         .expect("drop schema");
 }
 
-/// The node that runs the most recent assignment, from the coordinator's log.
-fn last_assigned_node(stack: &Stack) -> Option<String> {
-    stack
-        .log("coordinator")
-        .lines()
-        .rev()
-        .filter(|line| line.contains("assigned"))
-        .find_map(|line| {
-            line.split_whitespace()
-                .find_map(|field| field.strip_prefix("node_id="))
-                .map(str::to_string)
-        })
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_migrated_generation_charges_the_prompt_once_and_pays_each_owner_who_sees_only_their_own()
 {
@@ -538,6 +535,7 @@ async fn a_migrated_generation_charges_the_prompt_once_and_pays_each_owner_who_s
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
     body["seed"] = json!(7);
+    let assigned_before = stack.assignment_counts().await;
     let response = stack.post_as(&key, "/v1/chat/completions", &body).await;
     assert_eq!(response.status(), 200);
     let mut bytes = response.bytes_stream();
@@ -546,7 +544,7 @@ async fn a_migrated_generation_charges_the_prompt_once_and_pays_each_owner_who_s
     while let Some(chunk) = bytes.next().await {
         raw.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
         if killed.is_none() && raw.matches("data: ").count() >= 6 {
-            let node = last_assigned_node(&stack).expect("an assignment");
+            let node = stack.assigned_since(&assigned_before).await;
             let agent = stack
                 .agents
                 .iter_mut()

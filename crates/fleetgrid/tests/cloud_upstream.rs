@@ -22,18 +22,33 @@ fn closed_port() -> u16 {
     listener.local_addr().expect("addr").port()
 }
 
-/// A server that accepts connections and never answers; its thread ends
-/// when the test process does.
-fn stalling_server() -> u16 {
+/// A server that accepts connections, counts them and never answers; its
+/// thread ends when the test process does.
+fn stalling_server() -> (u16, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
     std::thread::spawn(move || {
         let mut held = Vec::new();
         for stream in listener.incoming().take(64) {
             held.push(stream);
+            counter.fetch_add(1, Ordering::SeqCst);
         }
     });
-    port
+    (port, accepted)
+}
+
+/// Waits until `accepted` counts more than `before` connections.
+async fn wait_for_connection(accepted: &AtomicUsize, before: usize) {
+    let deadline = Instant::now() + common::WAIT;
+    while accepted.load(Ordering::SeqCst) <= before {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never connected to the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A server that counts the connections it accepts and closes them; its
@@ -151,7 +166,8 @@ async fn a_cloud_that_is_down_is_a_clear_502_and_auto_stays_on_the_fleet() {
 
 #[tokio::test]
 async fn a_stalling_cloud_times_out_with_504_or_falls_back_to_the_fleet() {
-    let url = format!("http://127.0.0.1:{}/v1", stalling_server());
+    let (port, accepted) = stalling_server();
+    let url = format!("http://127.0.0.1:{port}/v1");
     let mut error_args = upstream_args(&url);
     error_args.extend(
         ["--cloud-timeout-ms", "1500", "--cloud-concurrency", "1"]
@@ -163,11 +179,14 @@ async fn a_stalling_cloud_times_out_with_504_or_falls_back_to_the_fleet() {
     });
     let started = Instant::now();
     let first = chat(&cloud_name(), "Hi", 8);
+    let connected_before = accepted.load(Ordering::SeqCst);
     let stalled = post_chat(&strict, &first);
     let second = async {
         // While the first call holds the only upstream slot, another is
-        // refused at once with 429 and Retry-After, not queued.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // refused at once with 429 and Retry-After, not queued. The slot is
+        // taken before the upstream is dialled: once the upstream accepted
+        // the first call's connection, the first call holds it.
+        wait_for_connection(&accepted, connected_before).await;
         let response = strict
             .post("/v1/chat/completions", &chat(&cloud_name(), "Hi", 8))
             .await;

@@ -11,7 +11,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{Stack, MODEL};
+use common::{generations_stopped, node_assignments, Stack, MODEL};
 use futures::StreamExt;
 use serde_json::json;
 
@@ -33,12 +33,6 @@ fn write_feed(path: &Path, plugged_in: bool, departure: SystemTime) {
     let temporary = path.with_extension("tmp");
     std::fs::write(&temporary, feed.to_string()).expect("write feed");
     std::fs::rename(&temporary, path).expect("replace feed");
-}
-
-fn count_lines(text: &str, needles: &[&str]) -> usize {
-    text.lines()
-        .filter(|line| needles.iter().all(|needle| line.contains(needle)))
-        .count()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -78,6 +72,9 @@ async fn a_car_that_unplugs_to_leave_hands_its_generation_over_before_departure(
     stack.add_agent("staying", 1);
     stack.wait_for_nodes(&["leaving", "staying"]).await;
     let reassigned_before = stack.metric("fleetgrid_reassignments_total").await;
+    let cancelled_before = stack
+        .metric("fleetgrid_generations_cancelled_on_node_total")
+        .await;
 
     let mut streamed_body = body.clone();
     streamed_body["stream"] = json!(true);
@@ -90,8 +87,11 @@ async fn a_car_that_unplugs_to_leave_hands_its_generation_over_before_departure(
         raw.push_str(&String::from_utf8_lossy(&chunk));
     }
     assert_eq!(
-        count_lines(&stack.log("coordinator"), &["assigned", "node_id=staying"]),
-        0,
+        (
+            stack.metric(&node_assignments("leaving")).await,
+            stack.metric(&node_assignments("staying")).await
+        ),
+        (2.0, 0.0),
         "the stream did not start on the car that is about to leave"
     );
 
@@ -99,22 +99,20 @@ async fn a_car_that_unplugs_to_leave_hands_its_generation_over_before_departure(
     let unplugged_at = Instant::now();
     let departure = SystemTime::now() + DEPARTURE_AFTER_UNPLUG;
     write_feed(&feed, false, departure);
-    loop {
-        if stack.metric("fleetgrid_reassignments_total").await > reassigned_before {
-            break;
-        }
-        assert!(
-            unplugged_at.elapsed() < DEPARTURE_AFTER_UNPLUG,
-            "the generation was not handed over before the departure"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    stack
+        .wait_for_metric(
+            "fleetgrid_reassignments_total",
+            DEPARTURE_AFTER_UNPLUG.saturating_sub(unplugged_at.elapsed()),
+            "the generation was handed over before the departure",
+            |reassigned| reassigned > reassigned_before,
+        )
+        .await;
     let handed_over_after = unplugged_at.elapsed();
 
     // Work that arrives now goes to the car that stays.
-    let answer = stack
-        .chat(&json!({"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi."}]}))
-        .await;
+    let short =
+        json!({"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi."}]});
+    let answer = stack.chat(&short).await;
     assert!(answer["choices"][0]["message"]["content"].is_string());
 
     while let Some(chunk) = bytes.next().await {
@@ -128,24 +126,35 @@ async fn a_car_that_unplugs_to_leave_hands_its_generation_over_before_departure(
         "the handed-over stream differs from an uninterrupted run"
     );
 
-    // The car leaves; until then and after, it was given nothing more.
-    let until_departure = departure
-        .duration_since(SystemTime::now())
-        .unwrap_or_default();
-    tokio::time::sleep(until_departure).await;
+    // The leaving car was told to stop its generation because it departs,
+    // and confirmed it stopped.
+    assert_eq!(stack.metric(&generations_stopped("departed")).await, 1.0);
+    stack
+        .wait_for_metric(
+            "fleetgrid_generations_cancelled_on_node_total",
+            common::WAIT,
+            "the leaving car confirmed it stopped its generation",
+            |cancelled| cancelled > cancelled_before,
+        )
+        .await;
+
+    // Until it leaves, work that arrives goes to the car that stays; then
+    // the car leaves. It was given nothing more after it unplugged.
+    let mut short_answers = 1.0;
+    while SystemTime::now() < departure {
+        stack.chat(&short).await;
+        short_answers += 1.0;
+    }
     stack.agents[0].kill();
-    let coordinator_log = stack.log("coordinator");
     assert_eq!(
-        count_lines(&coordinator_log, &["assigned", "node_id=leaving"]),
-        2,
-        "the leaving car got work after it unplugged:\n{coordinator_log}"
+        stack.metric(&node_assignments("leaving")).await,
+        2.0,
+        "the leaving car got work after it unplugged"
     );
-    let agent_log = stack.log("leaving");
-    assert_eq!(count_lines(&agent_log, &["assignment received"]), 2);
     assert_eq!(
-        count_lines(&agent_log, &["cancelling", "Departed"]),
-        1,
-        "the leaving car did not stop its generation:\n{agent_log}"
+        stack.metric(&node_assignments("staying")).await,
+        1.0 + short_answers,
+        "the car that stays took the handed-over generation and the new work"
     );
     assert_eq!(
         stack.metric("fleetgrid_reassignments_total").await,
@@ -183,6 +192,9 @@ async fn a_plugged_in_car_near_its_departure_takes_no_new_work_and_hands_over_at
     stack.add_agent("staying", 1);
     stack.wait_for_nodes(&["leaving", "staying"]).await;
     let reassigned_before = stack.metric("fleetgrid_reassignments_total").await;
+    let cancelled_before = stack
+        .metric("fleetgrid_generations_cancelled_on_node_total")
+        .await;
 
     let mut streamed_body = body.clone();
     streamed_body["stream"] = json!(true);
@@ -198,20 +210,32 @@ async fn a_plugged_in_car_near_its_departure_takes_no_new_work_and_hands_over_at
     // The owner schedules a departure in 14 minutes: inside the default
     // 15-minute window. The car takes no new work, but the generation it
     // runs would finish long before the hard stop, so it stays.
+    let leaving_states =
+        common::labelled("fleetgrid_node_state_changes_total", "node_id", "leaving");
+    let states_before = stack.metric(&leaving_states).await;
     write_feed(
         &feed,
         true,
         SystemTime::now() + Duration::from_secs(14 * 60),
     );
-    let heartbeats = Duration::from_millis(1500);
-    tokio::time::sleep(heartbeats).await;
+    stack
+        .wait_for_metric(
+            &leaving_states,
+            common::WAIT,
+            "the coordinator heard of the car's new departure",
+            |states| states > states_before,
+        )
+        .await;
     let answer = stack
         .chat(&json!({"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi."}]}))
         .await;
     assert!(answer["choices"][0]["message"]["content"].is_string());
     assert_eq!(
-        count_lines(&stack.log("coordinator"), &["assigned", "node_id=leaving"]),
-        2,
+        (
+            stack.metric(&node_assignments("leaving")).await,
+            stack.metric(&node_assignments("staying")).await
+        ),
+        (2.0, 1.0),
         "the car got new work inside its departure window"
     );
     assert_eq!(
@@ -219,18 +243,19 @@ async fn a_plugged_in_car_near_its_departure_takes_no_new_work_and_hands_over_at
         reassigned_before,
         "work that finishes in time was moved"
     );
+    assert_eq!(stack.metric(&generations_stopped("draining")).await, 0.0);
 
     // Now the departure is a minute away: at the hard stop everything moves.
     let departure = SystemTime::now() + Duration::from_secs(61);
     write_feed(&feed, true, departure);
-    let changed_at = Instant::now();
-    while stack.metric("fleetgrid_reassignments_total").await <= reassigned_before {
-        assert!(
-            changed_at.elapsed() < Duration::from_secs(30),
-            "the generation was not handed over at the hard stop"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    stack
+        .wait_for_metric(
+            "fleetgrid_reassignments_total",
+            Duration::from_secs(30),
+            "the generation was handed over at the hard stop",
+            |reassigned| reassigned > reassigned_before,
+        )
+        .await;
     assert!(SystemTime::now() < departure);
     while let Some(chunk) = bytes.next().await {
         raw.push_str(&String::from_utf8_lossy(&chunk.expect("stream chunk")));
@@ -241,7 +266,16 @@ async fn a_plugged_in_car_near_its_departure_takes_no_new_work_and_hands_over_at
         streamed.content, expected,
         "the handed-over stream differs from an uninterrupted run"
     );
-    let agent_log = stack.log("leaving");
-    assert_eq!(count_lines(&agent_log, &["assignment received"]), 2);
-    assert_eq!(count_lines(&agent_log, &["cancelling", "Draining"]), 1);
+    // The car was told to stop it because it drains for its departure, and
+    // confirmed it stopped; it was given nothing else.
+    assert_eq!(stack.metric(&generations_stopped("draining")).await, 1.0);
+    stack
+        .wait_for_metric(
+            "fleetgrid_generations_cancelled_on_node_total",
+            common::WAIT,
+            "the leaving car confirmed it stopped its generation",
+            |cancelled| cancelled > cancelled_before,
+        )
+        .await;
+    assert_eq!(stack.metric(&node_assignments("leaving")).await, 2.0);
 }

@@ -56,6 +56,7 @@ impl Core {
                 node,
                 reason,
             } => {
+                self.metrics.count_stop(reason);
                 if reason == scheduler::StopReason::Stalled {
                     self.metrics.generations_stalled.fetch_add(1, ORDER);
                     let node_id = state.nodes.get(&node).map(|node| node.name.as_str());
@@ -171,6 +172,7 @@ impl Core {
             return;
         }
         tracing::info!(request_id = request.0, node_id = %name, resume_from, "assigned");
+        self.metrics.node_assignments.add(&name);
         // The attempt runs on the node from now: it takes its share of the
         // node's time, and the others running there give up some of theirs.
         let share_us = state.shares.start(request, node, epoch_ms(now));

@@ -389,6 +389,7 @@ impl Core {
             return;
         }
         if let Some(changed) = node.observe_heartbeat(heartbeat) {
+            self.metrics.node_state_changes.add(&node.name);
             self.handle(
                 &mut state,
                 now,

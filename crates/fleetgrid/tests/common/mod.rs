@@ -7,6 +7,7 @@
 
 pub mod hostile;
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,26 @@ pub const MODEL: &str = "smollm2-135m-instruct";
 
 /// How long a test waits for processes to start or a condition to hold.
 pub const WAIT: Duration = Duration::from_secs(120);
+
+/// How often [`Stack::wait_for_metric`] reads `/metrics`.
+pub const METRIC_POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// The series of a labelled counter for one label value, as `/metrics`
+/// names it: `labelled("fleetgrid_node_assignments_total", "node_id", "car-1")`.
+pub fn labelled(name: &str, label: &str, value: &str) -> String {
+    format!("{name}{{{label}=\"{value}\"}}")
+}
+
+/// The series counting the generations assigned to node `node`.
+pub fn node_assignments(node: &str) -> String {
+    labelled("fleetgrid_node_assignments_total", "node_id", node)
+}
+
+/// The series counting running generations stopped for `reason`
+/// (`preempted`, `draining`, `departed`, `node_lost`, `stalled`).
+pub fn generations_stopped(reason: &str) -> String {
+    labelled("fleetgrid_generations_stopped_total", "reason", reason)
+}
 
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_fleetgrid")
@@ -311,20 +332,80 @@ impl Stack {
         }
     }
 
-    pub async fn metric(&self, name: &str) -> f64 {
+    /// The value of one series on `/metrics`: a plain metric
+    /// (`fleetgrid_reassignments_total`) or one value of a labelled counter
+    /// (see [`labelled`]), which is zero until it is first counted. Panics
+    /// when the coordinator has no such metric at all.
+    pub async fn metric(&self, series: &str) -> f64 {
         let text = reqwest::get(self.url("/metrics"))
             .await
             .expect("metrics")
             .text()
             .await
             .expect("metrics text");
-        text.lines()
-            .find_map(|line| {
-                line.strip_prefix(name)
-                    .and_then(|rest| rest.strip_prefix(' '))
-            })
-            .and_then(|value| value.trim().parse().ok())
-            .unwrap_or_else(|| panic!("metric {name} missing"))
+        let value = text.lines().find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|value| value.trim().parse().ok())
+        });
+        if let Some(value) = value {
+            return value;
+        }
+        let family = series.split('{').next().unwrap_or(series);
+        let declared = text.contains(&format!("# TYPE {family} counter\n"));
+        assert!(declared && family != series, "metric {series} missing");
+        0.0
+    }
+
+    /// Polls the metric `series` until `holds` is true of its value and
+    /// returns that value; panics after `within`, saying `what` did not
+    /// happen.
+    pub async fn wait_for_metric(
+        &self,
+        series: &str,
+        within: Duration,
+        what: &str,
+        holds: impl Fn(f64) -> bool,
+    ) -> f64 {
+        let deadline = Instant::now() + within;
+        loop {
+            let value = self.metric(series).await;
+            if holds(value) {
+                return value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} within {within:?} ({series} is {value})"
+            );
+            tokio::time::sleep(METRIC_POLL_INTERVAL).await;
+        }
+    }
+
+    /// How many generations each of the stack's agents has been assigned.
+    pub async fn assignment_counts(&self) -> BTreeMap<String, f64> {
+        let mut counts = BTreeMap::new();
+        for agent in &self.agents {
+            let count = self.metric(&node_assignments(&agent.name)).await;
+            counts.insert(agent.name.clone(), count);
+        }
+        counts
+    }
+
+    /// The one agent assigned a generation since `before` was taken (with
+    /// [`Stack::assignment_counts`]); panics unless exactly one was.
+    pub async fn assigned_since(&self, before: &BTreeMap<String, f64>) -> String {
+        let now = self.assignment_counts().await;
+        let assigned: Vec<&String> = now
+            .iter()
+            .filter(|(name, count)| **count > before.get(*name).copied().unwrap_or(0.0))
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(
+            assigned.len(),
+            1,
+            "expected one node given work since {before:?}, got {now:?}"
+        );
+        assigned[0].clone()
     }
 
     pub fn client(&self) -> reqwest::Client {
