@@ -344,6 +344,9 @@ pub async fn start_local_cloud(
         .arg(data_dir)
         .stdout(Stdio::piped())
         .stderr(log)
+        // Its own process group: a Ctrl-C in the terminal reaches only the
+        // parent, which stops it; it also exits with its parent.
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .context("start the local cloud")?;
