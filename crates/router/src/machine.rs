@@ -17,7 +17,7 @@
 //! * `auto`: the router's pre-route decides. `Edge` serves on the fleet
 //!   unjudged (and in the cloud when no vehicle can take it); `Cloud` serves
 //!   in the cloud (on the fleet when the cloud cannot); `Cascade` generates on
-//!   the edge and feeds every token to the [`IncrementalScorer`]: text is
+//!   the edge and feeds every token to the [`crate::IncrementalScorer`]: text is
 //!   released only up to its releasable count, an escalation (nothing
 //!   released) discards the edge answer and asks the cloud for the whole one,
 //!   and a handoff (confidence collapsed after text was released) keeps

@@ -129,7 +129,7 @@ pub enum EdgeEnd {
     Length,
 }
 
-/// What happened, fed to [`RouteMachine::handle`].
+/// What happened, fed to [`super::RouteMachine::handle`].
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     /// The answer to [`Action::PreRoute`].
