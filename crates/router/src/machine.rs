@@ -117,7 +117,8 @@ impl RouteMachine {
     }
 
     /// Whether the request has ended (finished, failed or settled as
-    /// cancelled): nothing more will happen.
+    /// cancelled): no more edge or cloud events are awaited. A client that
+    /// goes away while the end is sent still gets `SettleCancelled`.
     pub fn is_done(&self) -> bool {
         matches!(self.waiting, Waiting::Finished | Waiting::Done)
     }

@@ -130,6 +130,9 @@ impl Routing {
 
     pub(super) async fn run(mut self, target: Target) {
         if let Err(error) = self.drive(target).await {
+            // Whatever still runs is stopped before the client hears why.
+            self.edge = None;
+            self.cloud_call = None;
             tracing::warn!(request_id = %self.public_id, error = %error.message, "routed request failed");
             let _ = self.out.send(RoutedEvent::Failed(error)).await;
         }
