@@ -43,6 +43,11 @@
 //!    [`IncrementalScorer::finish`], which judges a short answer that never
 //!    left the hold-back (like [`Router::judge`]) and checks the held tail.
 //!
+//! 4. **The whole policy of a routed request.** [`RouteMachine`] runs the
+//!    above for one `auto` or `cloud/<model>` request: pre-route, cascade,
+//!    escalation, handoff and every fallback, as events in and actions out,
+//!    so the gateway's driver only carries the actions out.
+//!
 //! For an answer that ends inside the hold-back the scorer's verdict is
 //! exactly [`Router::judge`]'s on the same tokens; a longer answer is judged
 //! on its first `holdback_tokens` tokens, so an operator who wants streamed
@@ -65,6 +70,7 @@ pub mod features;
 pub mod grade;
 pub mod incremental;
 pub mod knn;
+pub mod machine;
 mod router;
 
 pub use calibrate::{calibrate, CalibrationItem, CalibrationOutcome};
@@ -75,4 +81,8 @@ pub use config::{
 pub use cost::{MicroUsd, Price, Prices};
 pub use features::{PromptFeatures, QuestionKind, TaskClass};
 pub use incremental::{IncrementalScorer, Step};
+pub use machine::{
+    Action, Budget, CloudPrompt, CloudUsage, EdgeEnd, EdgePart, EdgeText, Event, Failure, Outcome,
+    RouteMachine, RouteReason, Setup, Target, Tier,
+};
 pub use router::{judge_scores, Decision, Judgement, Route, Router};

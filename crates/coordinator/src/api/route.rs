@@ -39,76 +39,9 @@ pub(super) enum Target {
     Auto,
 }
 
-/// Which tier served a response.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Tier {
-    Fleet,
-    Cloud,
-    /// The fleet started the answer and the cloud model finished it.
-    FleetThenCloud,
-}
-
-impl Tier {
-    pub(super) fn as_str(self) -> &'static str {
-        match self {
-            Tier::Fleet => "fleet",
-            Tier::Cloud => "cloud",
-            Tier::FleetThenCloud => "fleet+cloud",
-        }
-    }
-}
-
-/// Why a tier served: a stable code (the `x-fleetgrid-route-reason` header)
-/// and a sentence for people.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct RouteReason {
-    pub code: &'static str,
-    pub detail: String,
-}
-
-impl RouteReason {
-    pub(super) fn new(code: &'static str, detail: impl Into<String>) -> RouteReason {
-        RouteReason {
-            code,
-            detail: detail.into(),
-        }
-    }
-}
-
-/// The reason codes a response may carry.
-pub(super) mod reason {
-    /// The client asked for `cloud/<model>`.
-    pub const EXPLICIT_CLOUD: &str = "explicit_cloud";
-    /// `auto`: the pre-route sent the prompt to the fleet, unjudged.
-    pub const PRE_ROUTE_EDGE: &str = "pre_route_edge";
-    /// `auto`: the pre-route sent the prompt straight to the cloud.
-    pub const PRE_ROUTE_CLOUD: &str = "pre_route_cloud";
-    /// `auto`: the fleet's answer was confident enough.
-    pub const CASCADE_ACCEPTED: &str = "cascade_accepted";
-    /// `auto`: the fleet's answer was unsure before any of it was sent.
-    pub const CASCADE_ESCALATED: &str = "cascade_escalated";
-    /// `auto`: confidence collapsed part-way; the cloud continued the answer.
-    pub const HANDOFF: &str = "handoff";
-    /// `auto`: the tenant's cloud budget is spent; the fleet answered.
-    pub const BUDGET_EXHAUSTED: &str = "budget_exhausted";
-    /// `auto`: the cloud could not take the request; the fleet answered.
-    pub const CLOUD_UNAVAILABLE: &str = "cloud_unavailable";
-    /// `cloud/...`: the upstream failed and the configured fallback is the fleet.
-    pub const CLOUD_FALLBACK: &str = "cloud_fallback";
-    /// `auto`: no vehicle could take the request; the cloud answered.
-    pub const EDGE_UNAVAILABLE: &str = "edge_unavailable";
-}
-
-/// Token counts of the fleet's part of an answer.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(super) struct EdgePart {
-    pub prompt_tokens: u32,
-    /// Tokens whose text reached the client.
-    pub completion_tokens: u32,
-    /// Tokens generated but never sent (an escalation or a handoff dropped
-    /// them); the platform's cost, not the tenant's.
-    pub discarded_tokens: u32,
-}
+// The tiers, route reasons and the fleet's counts are the router's words,
+// shared with its `RouteMachine`.
+pub(super) use router::machine::{EdgePart, RouteReason, Tier};
 
 /// Token counts (as the upstream reports them) and price of the cloud's part.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
