@@ -23,7 +23,8 @@ pub struct UnknownTenantClass(pub String);
 
 impl TenantClass {
     /// Every class, highest priority first.
-    pub const ALL: [TenantClass; 3] = [TenantClass::Fleet, TenantClass::Reserved, TenantClass::Spot];
+    pub const ALL: [TenantClass; 3] =
+        [TenantClass::Fleet, TenantClass::Reserved, TenantClass::Spot];
 
     /// The name used in configuration, storage and the API.
     pub fn as_str(self) -> &'static str {
