@@ -30,23 +30,23 @@ impl MicroUsd {
         usd.checked_mul(Self::PER_USD).map(MicroUsd)
     }
 
-    /// Parses a non-negative decimal dollar amount such as `1.25`, `.5` or
-    /// `0.000002`, with at most six decimals so that nothing is rounded.
+    /// Parses a non-negative decimal dollar amount such as `1.25`, `$12` or
+    /// `0.000002`: digits before the point, at most six after it, so that
+    /// nothing is rounded; anything else (a sign, an exponent, a comma) is
+    /// refused rather than guessed at.
     pub fn parse_usd(text: &str) -> Option<MicroUsd> {
         let text = text.trim();
+        let text = text.strip_prefix('$').unwrap_or(text);
         let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
-        if whole.is_empty() && fraction.is_empty() {
-            return None;
-        }
         let all_digits = |part: &str| part.bytes().all(|byte| byte.is_ascii_digit());
-        if fraction.len() > Self::DECIMALS || !all_digits(fraction) || !all_digits(whole) {
+        if whole.is_empty()
+            || fraction.len() > Self::DECIMALS
+            || !all_digits(whole)
+            || !all_digits(fraction)
+        {
             return None;
         }
-        let whole: i64 = if whole.is_empty() {
-            0
-        } else {
-            whole.parse().ok()?
-        };
+        let whole: i64 = whole.parse().ok()?;
         let fraction_micro: i64 = format!("{fraction:0<width$}", width = Self::DECIMALS)
             .parse()
             .ok()?;
@@ -122,14 +122,24 @@ mod tests {
         assert_eq!(MicroUsd::parse_usd("1.25"), Some(MicroUsd(1_250_000)));
         assert_eq!(MicroUsd::parse_usd("0.000002"), Some(MicroUsd(2)));
         assert_eq!(MicroUsd::parse_usd("3"), Some(MicroUsd(3_000_000)));
-        assert_eq!(MicroUsd::parse_usd(".5"), Some(MicroUsd(500_000)));
+        assert_eq!(MicroUsd::parse_usd("$12"), Some(MicroUsd(12_000_000)));
         assert_eq!(MicroUsd::parse_usd(" 2. "), Some(MicroUsd(2_000_000)));
-        assert_eq!(MicroUsd::parse_usd("0.0000001"), None);
-        assert_eq!(MicroUsd::parse_usd("-1"), None);
-        assert_eq!(MicroUsd::parse_usd("+1"), None);
-        assert_eq!(MicroUsd::parse_usd("abc"), None);
-        assert_eq!(MicroUsd::parse_usd("."), None);
-        assert_eq!(MicroUsd::parse_usd("9223372036855"), None);
+        for bad in [
+            "",
+            ".",
+            ".5",
+            "-1",
+            "+1",
+            "abc",
+            "0.0000001",
+            "1e3",
+            "0x10",
+            "1,5",
+            "$-1",
+            "9223372036855",
+        ] {
+            assert_eq!(MicroUsd::parse_usd(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -165,7 +165,7 @@ fn log_file(logs: &Path, name: &str) -> anyhow::Result<std::fs::File> {
 
 /// The demo tenant's API key: a fresh key on every run (keys are stored hashed).
 async fn demo_key(database: &Store) -> anyhow::Result<String> {
-    let now = coordinator::core::now_ms().0 as i64;
+    let now = coordinator::core::now_ms().0;
     match database
         .create_tenant("demo", TenantClass::Fleet, now)
         .await
@@ -180,7 +180,7 @@ async fn demo_key(database: &Store) -> anyhow::Result<String> {
 const DEMO_OWNER: &str = "demo-owner";
 
 async fn node_credential(database: &Store, name: &str) -> anyhow::Result<String> {
-    let now = coordinator::core::now_ms().0 as i64;
+    let now = coordinator::core::now_ms().0;
     database.ensure_owner(DEMO_OWNER, now).await?;
     match database.add_node(name, DEMO_OWNER, now).await {
         Ok(credential) => Ok(credential),
