@@ -122,6 +122,11 @@ impl PriceConfig {
     }
 }
 
+/// [`MicroUsd::parse_usd`] at the path callers of the price file know.
+pub fn parse_usd(text: &str) -> Option<MicroUsd> {
+    MicroUsd::parse_usd(text)
+}
+
 fn object<'a>(value: &'a Value, at: &str) -> Result<&'a Map<String, Value>, PriceFileError> {
     value
         .as_object()
