@@ -66,7 +66,7 @@ use crate::billing_holds::{Hold, HoldBook};
 use crate::billing_meter::Metering;
 use crate::core::ORDER;
 use crate::metrics::Metrics;
-use crate::store::{Store, TenantClass as StoreClass, TenantRecord};
+use crate::store::{Store, TenantRecord};
 
 /// File name of the SQLite ledger inside the data directory.
 pub const LEDGER_FILE: &str = "ledger.db";
@@ -167,14 +167,6 @@ pub async fn open_ledger(url: Option<&str>, data_dir: &Path) -> Result<Ledger, B
 /// `billing_accounts`).
 pub fn ledger_tenant(tenant: &TenantRecord) -> TenantId {
     crate::billing_accounts::tenant_key(tenant.id)
-}
-
-pub fn ledger_class(class: StoreClass) -> TenantClass {
-    match class {
-        StoreClass::Fleet => TenantClass::Fleet,
-        StoreClass::Reserved => TenantClass::Reserved,
-        StoreClass::Spot => TenantClass::Spot,
-    }
 }
 
 /// An admitted request: what settlement will need, and its hold.
@@ -310,7 +302,7 @@ impl Billing {
     ) -> Result<PendingCharge, ApiError> {
         let now = now();
         let tenant_id = ledger_tenant(tenant);
-        let class = ledger_class(tenant.class);
+        let class = tenant.class;
         let models = models
             .iter()
             .map(|model| ModelId::new(*model))
@@ -628,7 +620,7 @@ pub fn node_report_flags(metering: &Metering, last: Option<&UsageSegment>) -> Ve
 }
 
 fn now() -> TimestampMs {
-    TimestampMs(crate::core::now_ms().0 as i64)
+    crate::core::now_ms()
 }
 
 fn payment_required(message: String) -> ApiError {

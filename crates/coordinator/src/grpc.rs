@@ -254,10 +254,7 @@ impl proto::coordinator_server::Coordinator for AgentService {
         let store = self.store.clone();
         let name = hello.node_id.clone();
         tokio::spawn(async move {
-            if let Err(error) = store
-                .touch_node(&name, crate::core::now_ms().0 as i64)
-                .await
-            {
+            if let Err(error) = store.touch_node(&name, crate::core::now_ms().0).await {
                 tracing::warn!(%error, node_id = %name, "record node last seen");
             }
         });

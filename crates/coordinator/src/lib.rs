@@ -190,7 +190,12 @@ pub async fn serve(
         .map_err(CoordinatorError::Idempotency)?;
     let (log_sender, log_receiver) = mpsc::channel(limits::REQUEST_LOG_CAPACITY);
     let scheduler = scheduler::Scheduler::new(config.scheduler.clone());
-    let core = Arc::new(Core::new(scheduler, Arc::clone(&metrics), log_sender));
+    let core = Arc::new(Core::new(
+        scheduler,
+        Arc::clone(&metrics),
+        log_sender,
+        Arc::new(core::SystemClock),
+    ));
     core.set_kv_checkpoint_budget(config.kv_checkpoint_budget_bytes);
 
     let http_listener = TcpListener::bind(config.http_listen)
@@ -301,7 +306,7 @@ async fn load_models(config: &CoordinatorConfig) -> Result<ServedModels, Coordin
         return Err(CoordinatorError::NoModels);
     }
     let mut served = ServedModels::default();
-    let created = core::now_ms().0 as i64 / 1000;
+    let created = core::now_ms().0 / 1000;
     for model in &config.models {
         let path = model.path.clone();
         let loaded = tokio::task::spawn_blocking(move || {

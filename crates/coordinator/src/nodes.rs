@@ -126,7 +126,7 @@ pub fn vehicle_state(state: Option<&proto::VehicleState>) -> VehicleState {
         departure_at: u64::try_from(state.departure_unix_ms)
             .ok()
             .filter(|ms| *ms > 0)
-            .map(Millis),
+            .and_then(Millis::from_u64),
         chip_temperature_decicelsius: temperature,
     }
 }

@@ -110,24 +110,10 @@ impl PolicyView {
             allowed_classes: TenantClass::ALL
                 .iter()
                 .filter(|class| policy.allowed_classes.contains(**class))
-                .map(|class| class_name(*class).to_string())
+                .map(|class| class.as_str().to_string())
                 .collect(),
         }
     }
-}
-
-pub fn class_name(class: TenantClass) -> &'static str {
-    match class {
-        TenantClass::Fleet => "fleet",
-        TenantClass::Reserved => "reserved",
-        TenantClass::Spot => "spot",
-    }
-}
-
-fn parse_class(name: &str) -> Option<TenantClass> {
-    TenantClass::ALL
-        .into_iter()
-        .find(|class| class_name(*class) == name)
 }
 
 /// `current` with `update` applied, or the first field that is out of range.
@@ -186,7 +172,7 @@ pub fn apply(current: &OwnerPolicy, update: &PolicyUpdate) -> Result<OwnerPolicy
     if let Some(classes) = &update.allowed_classes {
         let mut set = ClassSet::NONE;
         for name in classes {
-            let class = parse_class(name).ok_or_else(|| {
+            let class = name.parse::<TenantClass>().map_err(|_| {
                 bad(
                     "allowed_classes",
                     format!("unknown class {name:?} (expected fleet, reserved or spot)"),

@@ -8,7 +8,6 @@
 //! same database while the server runs; WAL lets both proceed.
 
 use std::path::Path;
-use std::str::FromStr;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
@@ -38,8 +37,8 @@ pub enum StoreError {
     NoSuchTenant(String),
     #[error("node {0:?} already exists")]
     NodeExists(String),
-    #[error("unknown tenant class {0:?} (expected fleet, reserved or spot)")]
-    BadClass(String),
+    #[error(transparent)]
+    BadClass(#[from] domain::UnknownTenantClass),
     #[error("owner {0:?} already exists")]
     OwnerExists(String),
     #[error("no owner named {0:?}; create it with 'fleetgrid owners create'")]
@@ -50,35 +49,8 @@ pub enum StoreError {
     BadContract(String),
 }
 
-/// A tenant's priority class.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum TenantClass {
-    Fleet,
-    Reserved,
-    Spot,
-}
-
-impl TenantClass {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TenantClass::Fleet => "fleet",
-            TenantClass::Reserved => "reserved",
-            TenantClass::Spot => "spot",
-        }
-    }
-}
-
-impl FromStr for TenantClass {
-    type Err = StoreError;
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text {
-            "fleet" => Ok(TenantClass::Fleet),
-            "reserved" => Ok(TenantClass::Reserved),
-            "spot" => Ok(TenantClass::Spot),
-            other => Err(StoreError::BadClass(other.to_string())),
-        }
-    }
-}
+/// A tenant's priority class; the one definition is in `domain`.
+pub use domain::TenantClass;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TenantRecord {

@@ -37,11 +37,6 @@ pub struct ContractChange {
 impl TenantContract {
     /// The scheduler's view of a tenant of `class` under this contract.
     pub fn config(&self, class: TenantClass) -> scheduler::TenantConfig {
-        let class = match class {
-            TenantClass::Fleet => scheduler::TenantClass::Fleet,
-            TenantClass::Reserved => scheduler::TenantClass::Reserved,
-            TenantClass::Spot => scheduler::TenantClass::Spot,
-        };
         scheduler::TenantConfig {
             class,
             weight: self.weight.unwrap_or(1),

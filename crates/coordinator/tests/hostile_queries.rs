@@ -60,7 +60,12 @@ impl Gateway {
                 .expect("idempotency store");
             let (log_sender, _log_receiver) = tokio::sync::mpsc::channel(16);
             let scheduler = scheduler::Scheduler::new(scheduler::SchedulerConfig::default());
-            let core = Arc::new(Core::new(scheduler, metrics, log_sender));
+            let core = Arc::new(Core::new(
+                scheduler,
+                metrics,
+                log_sender,
+                Arc::new(coordinator::core::SystemClock),
+            ));
             let state = AppState::new(
                 core,
                 store,

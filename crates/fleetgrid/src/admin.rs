@@ -212,7 +212,7 @@ pub(crate) async fn open_store(data_dir: Option<PathBuf>) -> anyhow::Result<Stor
 }
 
 pub(crate) fn now_ms() -> i64 {
-    coordinator::core::now_ms().0 as i64
+    coordinator::core::now_ms().0
 }
 
 pub async fn tenants(command: TenantsCommand) -> anyhow::Result<()> {

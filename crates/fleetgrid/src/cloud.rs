@@ -173,7 +173,7 @@ pub async fn run(command: CloudCommand) -> anyhow::Result<()> {
 }
 
 async fn budget(command: BudgetCommand) -> anyhow::Result<()> {
-    let now = coordinator::core::now_ms().0 as i64;
+    let now = coordinator::core::now_ms().0;
     let open = |dir: Option<PathBuf>| async move {
         let store = Store::open(&home::coordinator_dir(dir))
             .await
@@ -193,7 +193,7 @@ async fn budget(command: BudgetCommand) -> anyhow::Result<()> {
                 .await?
                 .set_cap(&tenant, Some(cap), now)
                 .await?;
-            println!("cloud budget of {tenant}: {cap}");
+            println!("cloud budget of {tenant}: ${cap}");
         }
         BudgetCommand::Clear { tenant, data_dir } => {
             open(data_dir).await?.set_cap(&tenant, None, now).await?;
@@ -209,8 +209,9 @@ async fn budget(command: BudgetCommand) -> anyhow::Result<()> {
                 let cap = row
                     .status
                     .cap
-                    .map_or_else(|| "none".to_string(), |cap| cap.to_string());
-                println!("{:<24} {:>14} {:>14}", row.tenant, cap, row.status.spent);
+                    .map_or_else(|| "none".to_string(), |cap| format!("${cap}"));
+                let spent = format!("${}", row.status.spent);
+                println!("{:<24} {:>14} {:>14}", row.tenant, cap, spent);
             }
         }
     }
@@ -280,7 +281,7 @@ async fn credentials(data_dir: &Path) -> anyhow::Result<(String, String)> {
     let database = Store::open(data_dir)
         .await
         .context("open the cloud's database")?;
-    let now = coordinator::core::now_ms().0 as i64;
+    let now = coordinator::core::now_ms().0;
     let api_key = match database
         .create_tenant(CLOUD_TENANT, TenantClass::Fleet, now)
         .await

@@ -329,7 +329,7 @@ fn log_file(logs: &Path, name: &str) -> anyhow::Result<std::fs::File> {
 
 /// The demo tenant's API key: a fresh key on every run (keys are stored hashed).
 async fn demo_key(database: &Store) -> anyhow::Result<String> {
-    let now = coordinator::core::now_ms().0 as i64;
+    let now = coordinator::core::now_ms().0;
     match database
         .create_tenant("demo", TenantClass::Fleet, now)
         .await
@@ -345,14 +345,14 @@ const DEMO_OWNER: &str = "demo-owner";
 
 /// A fresh owner key for the owner of the demo's vehicles, who is created if need be.
 async fn owner_key(database: &Store) -> anyhow::Result<String> {
-    let now = coordinator::core::now_ms().0 as i64;
+    let now = coordinator::core::now_ms().0;
     database.ensure_owner(DEMO_OWNER, now).await?;
     Ok(database.create_owner_key(DEMO_OWNER, now).await?)
 }
 
 /// The vehicle's credential, enrolled for the demo's owner (who must exist) if need be.
 async fn node_credential(database: &Store, name: &str) -> anyhow::Result<String> {
-    let now = coordinator::core::now_ms().0 as i64;
+    let now = coordinator::core::now_ms().0;
     match database.add_node(name, DEMO_OWNER, now).await {
         Ok(credential) => Ok(credential),
         Err(StoreError::NodeExists(_)) => database

@@ -180,7 +180,7 @@ fn log_file(logs: &Path, name: &str) -> anyhow::Result<std::fs::File> {
 
 /// A fresh key for the evaluation tenant (keys are stored hashed).
 async fn tenant_key(database: &Store) -> anyhow::Result<String> {
-    let now = coordinator::core::now_ms().0 as i64;
+    let now = coordinator::core::now_ms().0;
     match database
         .create_tenant(EVAL_TENANT, TenantClass::Fleet, now)
         .await
@@ -192,7 +192,7 @@ async fn tenant_key(database: &Store) -> anyhow::Result<String> {
 }
 
 async fn node_credential(database: &Store, name: &str) -> anyhow::Result<String> {
-    let now = coordinator::core::now_ms().0 as i64;
+    let now = coordinator::core::now_ms().0;
     database.ensure_owner(EVAL_OWNER, now).await?;
     match database.add_node(name, EVAL_OWNER, now).await {
         Ok(credential) => Ok(credential),

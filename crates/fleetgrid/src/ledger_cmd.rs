@@ -19,7 +19,7 @@ use ledger::core::{
     AccountId, Instrument, MicroUsd, NodeId, Outcome, RequestId, TenantId, TimestampMs,
 };
 use ledger::payout::{PayoutAmount, PayoutOrder};
-use ledger::price_file::{parse_usd, PriceConfig, PRICE_FILE_BYTES_MAX};
+use ledger::price_file::{PriceConfig, PRICE_FILE_BYTES_MAX};
 use ledger::pricing::TenantClass;
 use ledger::statement::Period;
 use ledger::store::Store as Ledger;
@@ -68,10 +68,7 @@ impl LedgerArgs {
             .tenant_by_name(name)
             .await?
             .with_context(|| format!("no tenant named {name:?} (see 'fleetgrid tenants list')"))?;
-        Ok((
-            billing::ledger_tenant(&record),
-            billing::ledger_class(record.class),
-        ))
+        Ok((billing::ledger_tenant(&record), record.class))
     }
 }
 
@@ -124,14 +121,14 @@ pub enum BillingCommand {
 }
 
 fn dollars(text: &str, what: &str) -> anyhow::Result<MicroUsd> {
-    match parse_usd(text) {
-        Some(amount) if amount.0 >= 0 => Ok(amount),
-        _ => bail!("{what} must be dollars with at most six decimals, e.g. 12.50; got {text:?}"),
+    match MicroUsd::parse_usd(text) {
+        Some(amount) => Ok(amount),
+        None => bail!("{what} must be dollars with at most six decimals, e.g. 12.50; got {text:?}"),
     }
 }
 
 fn now() -> TimestampMs {
-    TimestampMs(coordinator::core::now_ms().0 as i64)
+    coordinator::core::now_ms()
 }
 
 pub async fn billing(command: BillingCommand) -> anyhow::Result<()> {

@@ -128,7 +128,7 @@ async fn sigkilled_coordinators_leave_every_success_charged_once_and_the_ledger_
         "c1",
     ]);
 
-    let seed = coordinator::core::now_ms().0;
+    let seed = coordinator::core::now_ms().0.unsigned_abs();
     println!("crash test seed {seed}");
     let mut rng = Lcg(seed);
     let successes: Arc<Mutex<Vec<Success>>> = Arc::default();

@@ -122,26 +122,9 @@ impl PriceConfig {
     }
 }
 
-/// Parses `"12.34"` dollars (at most six decimals, optional leading minus)
-/// into micro-dollars, exactly.
+/// [`MicroUsd::parse_usd`] at the path callers of the price file know.
 pub fn parse_usd(text: &str) -> Option<MicroUsd> {
-    let text = text.trim().trim_start_matches('$');
-    let (negative, digits) = match text.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, text),
-    };
-    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
-    let all_digits = |part: &str| part.bytes().all(|byte| byte.is_ascii_digit());
-    if whole.is_empty() || fraction.len() > 6 || !all_digits(whole) || !all_digits(fraction) {
-        return None;
-    }
-    let whole: i64 = whole.parse().ok()?;
-    let padded = format!("{fraction:0<6}");
-    let fraction: i64 = padded.parse().ok()?;
-    let micro = whole
-        .checked_mul(MicroUsd::PER_USD)?
-        .checked_add(fraction)?;
-    Some(MicroUsd(if negative { -micro } else { micro }))
+    MicroUsd::parse_usd(text)
 }
 
 fn object<'a>(value: &'a Value, at: &str) -> Result<&'a Map<String, Value>, PriceFileError> {
@@ -163,8 +146,8 @@ fn amount(value: &Value, at: &str) -> Result<MicroUsd, PriceFileError> {
     let text = value.as_str().ok_or_else(|| {
         PriceFileError::Shape(at.to_owned(), "dollars as a string, e.g. \"0.03\"")
     })?;
-    match parse_usd(text) {
-        Some(amount) if amount.0 >= 0 => Ok(amount),
+    match MicroUsd::parse_usd(text) {
+        Some(amount) => Ok(amount),
         _ => Err(PriceFileError::BadAmount {
             at: at.to_owned(),
             amount: text.to_owned(),
@@ -302,25 +285,6 @@ fn tariff(value: &Value, at: &str) -> Result<TimeOfUseTariff, PriceFileError> {
 mod tests {
     use super::*;
     use crate::core::TimestampMs;
-
-    #[test]
-    fn dollars_parse_exactly() {
-        assert_eq!(parse_usd("0.03"), Some(MicroUsd(30_000)));
-        assert_eq!(parse_usd("$12"), Some(MicroUsd(12_000_000)));
-        assert_eq!(parse_usd("1.000001"), Some(MicroUsd(1_000_001)));
-        assert_eq!(parse_usd("-0.5"), Some(MicroUsd(-500_000)));
-        for bad in [
-            "",
-            ".5",
-            "1.0000001",
-            "1e3",
-            "0x10",
-            "1,5",
-            "99999999999999999",
-        ] {
-            assert_eq!(parse_usd(bad), None, "{bad}");
-        }
-    }
 
     #[test]
     fn the_default_sheet_is_valid_and_spot_is_cheapest() {

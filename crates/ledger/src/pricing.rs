@@ -20,48 +20,11 @@
 //!    buy a whole unit stay in the owner's balance (see `crate::payout`).
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use crate::core::{BasisPoints, MicroUsd, ModelId, TimestampMs, TokenCount};
 
-/// Tenant priority classes; spot is preempted first and is the cheapest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum TenantClass {
-    /// The operator's own workloads.
-    Fleet,
-    /// Contracted capacity.
-    Reserved,
-    /// Whatever is idle, preempted first.
-    Spot,
-}
-
-impl TenantClass {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TenantClass::Fleet => "fleet",
-            TenantClass::Reserved => "reserved",
-            TenantClass::Spot => "spot",
-        }
-    }
-}
-
-impl std::str::FromStr for TenantClass {
-    type Err = PricingError;
-    fn from_str(s: &str) -> Result<Self, PricingError> {
-        match s {
-            "fleet" => Ok(TenantClass::Fleet),
-            "reserved" => Ok(TenantClass::Reserved),
-            "spot" => Ok(TenantClass::Spot),
-            other => Err(PricingError::UnknownClass(other.to_owned())),
-        }
-    }
-}
-
-impl fmt::Display for TenantClass {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// The tenant class prices are kept per; the one definition is in `domain`.
+pub use domain::TenantClass;
 
 /// A price per million tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,8 +94,6 @@ pub enum PricingError {
     NegativePrice { model: ModelId },
     #[error("owner share of {0} bps exceeds 10000")]
     ShareTooLarge(u32),
-    #[error("unknown tenant class {0:?} (expected fleet, reserved or spot)")]
-    UnknownClass(String),
     #[error("price sheets must take effect in order: {new} is not after {last}")]
     OutOfOrder { new: i64, last: i64 },
 }

@@ -6,31 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// An amount of money in millionths of a US dollar.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
-#[serde(transparent)]
-pub struct MicroUsd(pub u64);
-
-impl MicroUsd {
-    pub const ZERO: MicroUsd = MicroUsd(0);
-
-    pub fn saturating_add(self, other: MicroUsd) -> MicroUsd {
-        MicroUsd(self.0.saturating_add(other.0))
-    }
-
-    /// The amount in dollars, for display only.
-    pub fn as_usd(self) -> f64 {
-        self.0 as f64 / 1_000_000.0
-    }
-}
-
-impl std::iter::Sum for MicroUsd {
-    fn sum<I: Iterator<Item = MicroUsd>>(iter: I) -> MicroUsd {
-        iter.fold(MicroUsd::ZERO, MicroUsd::saturating_add)
-    }
-}
+pub use domain::MicroUsd;
 
 /// A price per million tokens, prompt and completion separately.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,10 +19,12 @@ impl Price {
     /// The cost of one generation, rounded up to the micro-dollar so that an
     /// estimate is never below the exact price.
     pub fn cost(&self, prompt_tokens: u32, completion_tokens: u32) -> MicroUsd {
-        let exact = u128::from(prompt_tokens) * u128::from(self.prompt_per_million.0)
-            + u128::from(completion_tokens) * u128::from(self.completion_per_million.0);
+        // A price is never negative; one that is counts as free.
+        let per_million = |price: MicroUsd| u128::try_from(price.0).unwrap_or(0);
+        let exact = u128::from(prompt_tokens) * per_million(self.prompt_per_million)
+            + u128::from(completion_tokens) * per_million(self.completion_per_million);
         let rounded_up = exact.div_ceil(1_000_000);
-        MicroUsd(u64::try_from(rounded_up).unwrap_or(u64::MAX))
+        MicroUsd(i64::try_from(rounded_up).unwrap_or(i64::MAX))
     }
 }
 
@@ -96,9 +74,9 @@ mod tests {
     #[test]
     fn cost_of_huge_counts_does_not_overflow() {
         let price = Price {
-            prompt_per_million: MicroUsd(u64::MAX),
-            completion_per_million: MicroUsd(u64::MAX),
+            prompt_per_million: MicroUsd(i64::MAX),
+            completion_per_million: MicroUsd(i64::MAX),
         };
-        assert_eq!(price.cost(u32::MAX, u32::MAX), MicroUsd(u64::MAX));
+        assert_eq!(price.cost(u32::MAX, u32::MAX), MicroUsd(i64::MAX));
     }
 }

@@ -170,8 +170,8 @@ pub(crate) fn expected_generation_ms(
 }
 
 fn local_ms(now: Millis, policy: &OwnerPolicy) -> i64 {
-    let now_ms = i64::try_from(now.0).unwrap_or(i64::MAX / 2);
-    now_ms + i64::from(policy.utc_offset_minutes) * MS_PER_MINUTE
+    now.0
+        .saturating_add(i64::from(policy.utc_offset_minutes) * MS_PER_MINUTE)
 }
 
 fn local_hour(now: Millis, policy: &OwnerPolicy) -> u32 {
@@ -185,9 +185,12 @@ fn local_day(now: Millis, policy: &OwnerPolicy) -> i64 {
 
 fn next_local_boundary(now: Millis, policy: &OwnerPolicy, period_ms: i64) -> Millis {
     let local = local_ms(now, policy);
-    let next_local = (local.div_euclid(period_ms) + 1) * period_ms;
-    let utc = next_local - i64::from(policy.utc_offset_minutes) * MS_PER_MINUTE;
-    Millis(u64::try_from(utc).unwrap_or(0))
+    // Saturating: a time at the end of the range has no next boundary to wrap to.
+    let next_local = local
+        .div_euclid(period_ms)
+        .saturating_add(1)
+        .saturating_mul(period_ms);
+    Millis(next_local.saturating_sub(i64::from(policy.utc_offset_minutes) * MS_PER_MINUTE))
 }
 
 #[cfg(test)]

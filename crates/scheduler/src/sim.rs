@@ -147,7 +147,7 @@ fn digest(previous: u64, command: &Command) -> u64 {
 pub struct Violation {
     pub seed: u64,
     pub step: u32,
-    pub now_ms: u64,
+    pub now_ms: i64,
     pub message: String,
     pub trace: String,
 }
@@ -242,7 +242,7 @@ impl Sim {
             rng: SimRng::new(seed),
             scheduler,
             // Somewhere in 2024, at a random time of day.
-            now: Millis(1_704_067_200_000 + (seed % 1_000) * 86_413),
+            now: Millis(1_704_067_200_000).plus((seed % 1_000) * 86_413),
             step: 0,
             vehicles: vec![None; config.vehicles_max as usize],
             tenants: BTreeMap::new(),

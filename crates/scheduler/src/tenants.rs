@@ -109,14 +109,16 @@ impl Tenants {
                 Some(concurrency_retry_after_ms),
             ));
         }
-        let minute = now.0 / MS_PER_MINUTE;
+        // Before the epoch there is no tenant traffic; count it as minute zero.
+        let now_ms = now.to_u64().unwrap_or(0);
+        let minute = now_ms / MS_PER_MINUTE;
         if minute != entry.minute {
             entry.minute = minute;
             entry.tokens_this_minute = 0;
         }
         if let Some(limit) = entry.config.tokens_per_minute {
             if entry.tokens_this_minute.saturating_add(tokens) > u64::from(limit) {
-                let next_minute_ms = (minute + 1) * MS_PER_MINUTE - now.0;
+                let next_minute_ms = (minute + 1) * MS_PER_MINUTE - now_ms;
                 return Err((RejectReason::OverTokensPerMinute, Some(next_minute_ms)));
             }
         }

@@ -1,27 +1,9 @@
 //! Domain types shared by every part of the scheduler: ids, time, tenant classes, and what the
 //! coordinator knows about a vehicle (its capacity, its state, its owner's policy).
 
-/// A point in time: Unix epoch milliseconds. The scheduler never reads a clock; every event
-/// carries the time at which it is applied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Millis(pub u64);
-
-impl Millis {
-    /// `self + ms`, saturating at the end of time rather than wrapping.
-    pub fn plus(self, ms: u64) -> Millis {
-        Millis(self.0.saturating_add(ms))
-    }
-
-    /// `self - ms`, saturating at the epoch.
-    pub fn minus(self, ms: u64) -> Millis {
-        Millis(self.0.saturating_sub(ms))
-    }
-
-    /// Milliseconds from `earlier` to `self`, zero if `earlier` is later.
-    pub fn since(self, earlier: Millis) -> u64 {
-        self.0.saturating_sub(earlier.0)
-    }
-}
+/// A point in time: Unix epoch milliseconds (the one definition is in `domain`). The scheduler
+/// never reads a clock; every event carries the time at which it is applied.
+pub use domain::TimestampMs as Millis;
 
 /// A vehicle (node). Ids are dense, assigned by the coordinator, and index the node table
 /// directly, so they should stay small (the table grows to the largest id seen).
@@ -41,31 +23,7 @@ pub struct TenantId(pub u32);
 pub struct ModelId(pub u16);
 
 /// Priority class of a tenant. Declaration order is priority order: `Fleet > Reserved > Spot`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum TenantClass {
-    /// The operator's own workloads; served first.
-    Fleet,
-    /// Contracted capacity; may carry a guaranteed minimum share of the fleet's slots.
-    Reserved,
-    /// Best effort on idle capacity; preempted first.
-    Spot,
-}
-
-impl TenantClass {
-    /// Every class, highest priority first.
-    pub const ALL: [TenantClass; 3] =
-        [TenantClass::Fleet, TenantClass::Reserved, TenantClass::Spot];
-
-    /// Dense index (0 = highest priority), for per-class arrays.
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    /// True when `self` is served before `other`.
-    pub fn outranks(self, other: TenantClass) -> bool {
-        self < other
-    }
-}
+pub use domain::TenantClass;
 
 /// A set of tenant classes (a 3-bit mask).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

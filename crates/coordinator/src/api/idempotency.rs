@@ -69,7 +69,7 @@ pub async fn start(
     hasher.update([0]);
     hasher.update(body);
     let hash = hex::encode(hasher.finalize());
-    let now_ms = crate::core::now_ms().0 as i64;
+    let now_ms = crate::core::now_ms().0;
     match state
         .idempotency
         .claim(tenant.id, key, &hash, now_ms)

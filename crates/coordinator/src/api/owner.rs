@@ -191,7 +191,7 @@ async fn put_policy(
     })?;
     if let Err(error) = state
         .store
-        .set_node_policy(&node, &policy, crate::core::now_ms().0 as i64)
+        .set_node_policy(&node, &policy, crate::core::now_ms().0)
         .await
     {
         tracing::error!(%error, node_id = %node, "store vehicle policy");

@@ -98,7 +98,7 @@ async fn vehicle_statement(
 }
 
 fn period(query: &HashMap<String, String>) -> Result<Period, ApiError> {
-    let now = TimestampMs(i64::try_from(crate::core::now_ms().0).unwrap_or(i64::MAX));
+    let now = crate::core::now_ms();
     let this_month = invoice::month_period(&invoice::month_containing(now)).map_err(|error| {
         tracing::error!(%error, "current month");
         ApiError::internal()

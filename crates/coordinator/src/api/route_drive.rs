@@ -112,7 +112,7 @@ impl Routing {
             public_id,
             out,
             _permit: permit,
-            created_ms: crate::core::now_ms().0 as i64,
+            created_ms: crate::core::now_ms().0,
             deadline,
             prompt: Vec::new(),
             booking: None,

@@ -176,7 +176,7 @@ fn usage_period(query: &HashMap<String, String>) -> Result<Period, ApiError> {
             })
             .transpose()
     };
-    let now = TimestampMs(i64::try_from(crate::core::now_ms().0).unwrap_or(i64::MAX));
+    let now = crate::core::now_ms();
     let (from, from_param) = match (date("from")?, unix("start_time")?) {
         (Some(from), _) => (from, "from"),
         (None, Some(from)) => (from, "start_time"),

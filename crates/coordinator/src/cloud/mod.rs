@@ -31,47 +31,8 @@ pub const CLOUD_PREFIX: &str = "cloud/";
 /// The model name that lets the router pick the tier.
 pub const AUTO_MODEL: &str = "auto";
 
-/// Money in micro-dollars (10⁻⁶ USD); never a float.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
-pub struct MicroUsd(pub i64);
-
-impl MicroUsd {
-    /// Parses a decimal dollar amount such as `1.25` or `0.000002`
-    /// (at most six decimals), as given on the command line.
-    pub fn parse_usd(text: &str) -> Option<MicroUsd> {
-        let text = text.trim();
-        let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
-        if whole.is_empty() && fraction.is_empty() {
-            return None;
-        }
-        if fraction.len() > 6 || !fraction.bytes().all(|byte| byte.is_ascii_digit()) {
-            return None;
-        }
-        let whole: i64 = if whole.is_empty() {
-            0
-        } else {
-            whole.parse().ok().filter(|value: &i64| *value >= 0)?
-        };
-        let fraction_micro: i64 = format!("{fraction:0<6}").parse().ok()?;
-        whole
-            .checked_mul(1_000_000)?
-            .checked_add(fraction_micro)
-            .map(MicroUsd)
-    }
-}
-
-impl std::fmt::Display for MicroUsd {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let sign = if self.0 < 0 { "-" } else { "" };
-        let magnitude = self.0.unsigned_abs();
-        write!(
-            formatter,
-            "{sign}${}.{:06}",
-            magnitude / 1_000_000,
-            magnitude % 1_000_000
-        )
-    }
-}
+/// Money in micro-dollars; the one definition is in `domain`.
+pub use domain::MicroUsd;
 
 /// What `cloud/...` does when the upstream fails or is full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,23 +140,5 @@ impl CloudTier {
             budgets: CloudBudgets::new(store),
             chat_template,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dollar_amounts_parse_exactly() {
-        assert_eq!(MicroUsd::parse_usd("1.25"), Some(MicroUsd(1_250_000)));
-        assert_eq!(MicroUsd::parse_usd("0.000002"), Some(MicroUsd(2)));
-        assert_eq!(MicroUsd::parse_usd("3"), Some(MicroUsd(3_000_000)));
-        assert_eq!(MicroUsd::parse_usd(".5"), Some(MicroUsd(500_000)));
-        assert_eq!(MicroUsd::parse_usd("0.0000001"), None);
-        assert_eq!(MicroUsd::parse_usd("-1"), None);
-        assert_eq!(MicroUsd::parse_usd("abc"), None);
-        assert_eq!(MicroUsd::parse_usd("."), None);
-        assert_eq!(MicroUsd(1_250_000).to_string(), "$1.250000");
     }
 }

@@ -11,7 +11,7 @@ impl Core {
     /// (work it may no longer run moves elsewhere); a vehicle that is not
     /// connected reads its stored policy when it connects.
     pub fn node_policy_changed(&self, name: &str, policy: OwnerPolicy) {
-        let now = super::now_ms();
+        let now = self.clock.now();
         let mut state = self.lock();
         let Some(node) = state.node_ids_by_name.get(name).copied() else {
             return;
@@ -26,7 +26,7 @@ impl Core {
     /// A tenant's contract was set or changed; requests arriving from now on
     /// are admitted under it.
     pub fn tenant_configured(&self, tenant_id: i64, config: TenantConfig) {
-        let now = super::now_ms();
+        let now = self.clock.now();
         let mut state = self.lock();
         let Ok(id) = u32::try_from(tenant_id) else {
             tracing::error!(tenant_id, "tenant id does not fit the scheduler's ids");

@@ -74,7 +74,7 @@ impl Core {
                 if let Some(inflight) = state.requests.get_mut(&request) {
                     if inflight.node == Some(node) {
                         inflight.node = None;
-                        state.shares.stop(request, epoch_ms(now));
+                        state.shares.stop(request, now.0);
                     }
                 }
                 self.send_cancel(state, request, node, &format!("{reason:?}"));
@@ -175,16 +175,12 @@ impl Core {
         self.metrics.node_assignments.add(&name);
         // The attempt runs on the node from now: it takes its share of the
         // node's time, and the others running there give up some of theirs.
-        let share_us = state.shares.start(request, node, epoch_ms(now));
+        let share_us = state.shares.start(request, node, now.0);
         if let Some(inflight) = state.requests.get_mut(&request) {
             let prefilled = inflight.prompt.len() + inflight.committed.len();
             let prefilled = u32::try_from(prefilled).unwrap_or(u32::MAX);
             inflight.segments.push(SegmentTrack::started(
-                name,
-                prefilled,
-                epoch_ms(now),
-                share_us,
-                speed,
+                name, prefilled, now.0, share_us, speed,
             ));
         }
     }
@@ -242,13 +238,13 @@ impl Core {
 
     /// Tokens from a node. Only the current attempt's tokens, in order, count.
     pub fn node_tokens(&self, session: NodeSession, batch: proto::TokenBatch) {
-        let now = super::now_ms();
+        let now = self.clock.now();
         let mut state = self.lock();
         // Tokens are a sign of life too: a busy agent may skip a heartbeat
         // while its outbound queue is full, and must not be reaped for it.
         if let Some(node) = state.nodes.get_mut(&session.node) {
             if node.session == session.session {
-                node.last_heard = std::time::Instant::now();
+                node.last_heard = self.clock.instant();
             }
         }
         let Some(request) = self.current_attempt(&state, session, &batch.generation_id) else {
@@ -272,7 +268,7 @@ impl Core {
             self.protocol_violation(&mut state, session, &violation.to_string());
             return;
         }
-        let share_us = state.shares.read(request, epoch_ms(now));
+        let share_us = state.shares.read(request, now.0);
         let Some(inflight) = state.requests.get_mut(&request) else {
             return;
         };
@@ -281,11 +277,14 @@ impl Core {
             if let Some(segment) = inflight.segments.last_mut() {
                 segment.completion_tokens += 1;
                 let share_us = share_us.unwrap_or(segment.share_last_active_us);
-                segment.active(epoch_ms(now), share_us);
+                segment.active(now.0, share_us);
             }
             if inflight.first_token_at.is_none() {
-                inflight.first_token_at = Some(std::time::Instant::now());
-                let waited = inflight.admitted_at.elapsed().as_millis();
+                let first_token_at = self.clock.instant();
+                inflight.first_token_at = Some(first_token_at);
+                let waited = first_token_at
+                    .saturating_duration_since(inflight.admitted_at)
+                    .as_millis();
                 self.metrics
                     .observe_time_to_first_token_ms(u64::try_from(waited).unwrap_or(u64::MAX));
             }
@@ -320,7 +319,7 @@ impl Core {
 
     /// A node finished (or confirmed cancelling) a generation.
     pub fn node_done(&self, session: NodeSession, done: proto::GenerationDone) {
-        let now = super::now_ms();
+        let now = self.clock.now();
         let mut state = self.lock();
         let reason = proto::FinishReason::try_from(done.reason).unwrap_or_default();
         if reason == proto::FinishReason::Cancelled {
@@ -334,7 +333,7 @@ impl Core {
         if done.checkpoint_rejected {
             self.checkpoint_rejected_by_node(&mut state, request);
         }
-        let share_us = state.shares.read(request, epoch_ms(now));
+        let share_us = state.shares.read(request, now.0);
         let Some(inflight) = state.requests.get_mut(&request) else {
             return;
         };
@@ -351,7 +350,7 @@ impl Core {
         let ours = u32::try_from(inflight.committed.len()).unwrap_or(u32::MAX);
         if let Some(segment) = inflight.segments.last_mut() {
             let share_us = share_us.unwrap_or(segment.share_last_active_us);
-            segment.active(epoch_ms(now), share_us);
+            segment.active(now.0, share_us);
         }
         // The node's own counts go to billing, which checks them against
         // ours and flags the node; settlement always uses our counts.
@@ -364,7 +363,7 @@ impl Core {
                 completion_tokens: done.completion_tokens,
                 compute_ms: done.compute_ms,
             }),
-            finished_ms: now.0 as i64,
+            finished_ms: now.0,
         };
         let usage = Usage {
             prompt_tokens,
@@ -385,7 +384,7 @@ impl Core {
 
     /// A node could not run (or finish) a generation.
     pub fn node_failed(&self, session: NodeSession, failed: proto::GenerationFailed) {
-        let now = super::now_ms();
+        let now = self.clock.now();
         let mut state = self.lock();
         let Some(request) = self.current_attempt(&state, session, &failed.generation_id) else {
             return;
@@ -417,7 +416,7 @@ impl Core {
         if let Some(inflight) = state.requests.get_mut(&request) {
             inflight.node = None;
         }
-        state.shares.stop(request, epoch_ms(now));
+        state.shares.stop(request, now.0);
         self.handle(state, now, Event::AttemptFailed { request, node });
     }
 
@@ -462,7 +461,7 @@ impl Core {
                 .map(|segment| format!("{}:{}", segment.node, segment.completion_tokens))
                 .collect(),
             created_ms: inflight.created_ms,
-            finished_ms: super::now_ms().0 as i64,
+            finished_ms: self.clock.now().0,
             error,
         };
         if self.request_log.try_send(record).is_err() {
@@ -476,14 +475,9 @@ impl CoreState {
     /// stopping its attempt on its node's share clock. Every removal goes
     /// through here, so no ended attempt keeps a share of a node's time.
     pub(super) fn remove_request(&mut self, request: RequestId, now: Millis) -> Option<InFlight> {
-        self.shares.stop(request, epoch_ms(now));
+        self.shares.stop(request, now.0);
         self.requests.remove(&request)
     }
-}
-
-/// The core's time as segments record it: ms since the Unix epoch.
-fn epoch_ms(now: Millis) -> i64 {
-    i64::try_from(now.0).unwrap_or(i64::MAX)
 }
 
 fn generation_id(request: RequestId, attempt: u32) -> String {

@@ -158,13 +158,14 @@ pub struct Core {
     state: Mutex<CoreState>,
     pub metrics: Arc<Metrics>,
     request_log: mpsc::Sender<RequestRecord>,
+    /// Every reading of the time in the core goes through here.
+    clock: Arc<dyn Clock>,
 }
 
+/// The system clock's wall time, for code outside the core that has no
+/// clock of its own (the gateway, the command line). The core never calls it.
 pub fn now_ms() -> Millis {
-    let elapsed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    Millis(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+    SystemClock.now()
 }
 
 impl Core {
@@ -172,6 +173,7 @@ impl Core {
         scheduler: Scheduler,
         metrics: Arc<Metrics>,
         request_log: mpsc::Sender<RequestRecord>,
+        clock: Arc<dyn Clock>,
     ) -> Core {
         Core {
             state: Mutex::new(CoreState {
@@ -189,6 +191,7 @@ impl Core {
             }),
             metrics,
             request_log,
+            clock,
         }
     }
 
@@ -213,7 +216,7 @@ impl Core {
         generation: NewGeneration,
         deadline_ms: Option<u64>,
     ) -> Result<Admitted, Rejection> {
-        let now = now_ms();
+        let now = self.clock.now();
         let mut state = self.lock();
         let request = RequestId(state.next_request);
         state.next_request += 1;
@@ -240,9 +243,9 @@ impl Core {
                 attempt: 0,
                 segments: Vec::new(),
                 updates: sender,
-                admitted_at: Instant::now(),
+                admitted_at: self.clock.instant(),
                 first_token_at: None,
-                created_ms: now.0 as i64,
+                created_ms: now.0,
             },
         );
         let arrived = Event::RequestArrived {
@@ -279,14 +282,14 @@ impl Core {
     /// it so far (no node report), or `None` if it had already ended. A
     /// routed request books the edge work it hands off or discards with it.
     pub fn cancel_metered(&self, request: RequestId) -> Option<crate::billing_meter::Metering> {
-        let now = now_ms();
+        let now = self.clock.now();
         let mut state = self.lock();
         let inflight = state.requests.get(&request)?;
         let metering = crate::billing_meter::Metering {
             prompt_tokens: u32::try_from(inflight.prompt.len()).unwrap_or(u32::MAX),
             segments: inflight.segments.clone(),
             node_report: None,
-            finished_ms: now.0 as i64,
+            finished_ms: now.0,
         };
         self.record(&mut state, request, "cancelled", None);
         self.metrics.requests_cancelled.fetch_add(1, ORDER);
@@ -310,7 +313,7 @@ impl Core {
         served: &crate::served::ServedModels,
         policy: scheduler::OwnerPolicy,
     ) -> (NodeSession, CancellationToken) {
-        let now = now_ms();
+        let now = self.clock.now();
         let mut state = self.lock();
         let next_id = NodeId(u32::try_from(state.node_ids_by_name.len()).unwrap_or(u32::MAX));
         let node = *state
@@ -324,7 +327,8 @@ impl Core {
         }
         let session = state.next_session;
         state.next_session += 1;
-        let connected = ConnectedNode::new(name, session, outbound, hello);
+        let mut connected = ConnectedNode::new(name, session, outbound, hello);
+        connected.last_heard = self.clock.instant();
         let disconnect = connected.disconnect.clone();
         let registered = connected.registration(node, served, policy);
         state.nodes.insert(node, connected);
@@ -335,7 +339,7 @@ impl Core {
 
     /// The node's stream ended or it stopped heartbeating.
     pub fn node_lost(&self, session: NodeSession) {
-        let now = now_ms();
+        let now = self.clock.now();
         let mut state = self.lock();
         let current = state
             .nodes
@@ -360,7 +364,7 @@ impl Core {
         }
         self.metrics.node_protocol_violations.fetch_add(1, ORDER);
         tracing::warn!(node_id = %node.name, violation = %what, "node broke the protocol; disconnecting it");
-        self.drop_node(state, now_ms(), session.node);
+        self.drop_node(state, self.clock.now(), session.node);
     }
 
     /// `protocol_violation` for a caller that does not hold the lock.
@@ -380,7 +384,7 @@ impl Core {
     }
 
     pub fn heartbeat(&self, session: NodeSession, heartbeat: &proto::Heartbeat) {
-        let now = now_ms();
+        let now = self.clock.now();
         let mut state = self.lock();
         let Some(node) = state.nodes.get_mut(&session.node) else {
             return;
@@ -388,7 +392,9 @@ impl Core {
         if node.session != session.session {
             return;
         }
-        if let Some(changed) = node.observe_heartbeat(heartbeat) {
+        let changed = node.observe_heartbeat(heartbeat);
+        node.last_heard = self.clock.instant();
+        if let Some(changed) = changed {
             self.metrics.node_state_changes.add(&node.name);
             self.handle(
                 &mut state,
@@ -403,12 +409,15 @@ impl Core {
 
     /// Marks nodes gone whose heartbeats stopped and ticks the scheduler.
     pub fn tick(&self, heartbeat_timeout: std::time::Duration) {
-        let now = now_ms();
+        let now = self.clock.now();
+        let now_instant = self.clock.instant();
         let mut state = self.lock();
         let silent: Vec<NodeId> = state
             .nodes
             .iter()
-            .filter(|(_, node)| node.last_heard.elapsed() > heartbeat_timeout)
+            .filter(|(_, node)| {
+                now_instant.saturating_duration_since(node.last_heard) > heartbeat_timeout
+            })
             .map(|(id, _)| *id)
             .collect();
         for node in silent {
@@ -439,11 +448,6 @@ pub(crate) const ORDER: std::sync::atomic::Ordering = std::sync::atomic::Orderin
 
 /// Scheduler settings for a tenant of a class until tenant contracts exist.
 fn tenant_config(class: TenantClass) -> scheduler::TenantConfig {
-    let class = match class {
-        TenantClass::Fleet => scheduler::TenantClass::Fleet,
-        TenantClass::Reserved => scheduler::TenantClass::Reserved,
-        TenantClass::Spot => scheduler::TenantClass::Spot,
-    };
     scheduler::TenantConfig {
         class,
         weight: 1,
@@ -454,5 +458,11 @@ fn tenant_config(class: TenantClass) -> scheduler::TenantConfig {
 }
 
 mod checkpoints;
+mod clock;
 mod contracts;
 mod dispatch;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+
+#[cfg(test)]
+mod tests;

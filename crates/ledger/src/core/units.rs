@@ -2,47 +2,12 @@
 //!
 //! Every quantity is an integer in a named minor unit so that no amount is ever
 //! a float and every rounding step is explicit (see `crate::pricing` for the
-//! rounding rules).
+//! rounding rules). Money and points in time are fleetgrid-wide types,
+//! defined once in `domain` and re-exported here.
 
 use std::fmt;
 
-/// One millionth of a US dollar; the ledger's only unit of money.
-///
-/// Signed because balances are signed (a tenant on credit owes the platform);
-/// transfer amounts are always positive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct MicroUsd(pub i64);
-
-impl MicroUsd {
-    pub const ZERO: MicroUsd = MicroUsd(0);
-
-    /// Micro-dollars in one dollar.
-    pub const PER_USD: i64 = 1_000_000;
-
-    pub fn from_usd(usd: i64) -> Option<MicroUsd> {
-        usd.checked_mul(Self::PER_USD).map(MicroUsd)
-    }
-
-    pub fn checked_add(self, other: MicroUsd) -> Option<MicroUsd> {
-        self.0.checked_add(other.0).map(MicroUsd)
-    }
-
-    pub fn checked_sub(self, other: MicroUsd) -> Option<MicroUsd> {
-        self.0.checked_sub(other.0).map(MicroUsd)
-    }
-
-    pub fn is_positive(self) -> bool {
-        self.0 > 0
-    }
-}
-
-impl fmt::Display for MicroUsd {
-    /// Dollars with all six decimals, e.g. `-1.250000`, so that a statement
-    /// shows exactly what the ledger holds.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", fixed_point(i128::from(self.0), 6))
-    }
-}
+pub use domain::MicroUsd;
 
 /// A number of tokens (prompt or completion).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -83,20 +48,7 @@ impl DurationMs {
     }
 }
 
-/// Milliseconds since the Unix epoch, always passed in by the caller: the core
-/// never reads a clock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct TimestampMs(pub i64);
-
-impl TimestampMs {
-    pub const PER_DAY: i64 = 86_400_000;
-    pub const PER_HOUR: i64 = 3_600_000;
-
-    /// Start of the UTC day containing this instant (daily spend caps reset here).
-    pub fn utc_day_start(self) -> TimestampMs {
-        TimestampMs(self.0.div_euclid(Self::PER_DAY) * Self::PER_DAY)
-    }
-}
+pub use domain::TimestampMs;
 
 /// A fraction in basis points: 10,000 bps is 100 %.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -121,25 +73,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn money_prints_exact_dollars() {
-        assert_eq!(MicroUsd(1_250_000).to_string(), "1.250000");
-        assert_eq!(MicroUsd(-5).to_string(), "-0.000005");
-        assert_eq!(MicroUsd(0).to_string(), "0.000000");
-    }
-
-    #[test]
     fn energy_and_hours_print_in_user_units() {
         assert_eq!(MicroWh(1_500_000_000).kwh_string(), "1.500000000");
         assert_eq!(MicroWh(833).kwh_string(), "0.000000833");
         assert_eq!(DurationMs(5_400_000).hours_string(), "1.500000");
-    }
-
-    #[test]
-    fn day_start_handles_times_before_the_epoch() {
-        assert_eq!(
-            TimestampMs(86_400_001).utc_day_start(),
-            TimestampMs(86_400_000)
-        );
-        assert_eq!(TimestampMs(-1).utc_day_start(), TimestampMs(-86_400_000));
     }
 }

@@ -111,7 +111,7 @@ fn arbitrary_item() -> impl Strategy<Value = CalibrationItem> {
         any::<bool>(),
         // Few distinct scores, so ties between items are common.
         (0u8..12, 0u8..12, 0u8..5),
-        (1u64..20, 1u64..200),
+        (1i64..20, 1i64..200),
     )
         .prop_map(|(class, edge_correct, cloud_correct, scores, costs)| {
             let (mean, window, share) = scores;
@@ -142,7 +142,7 @@ fn brute_force_cost(items: &[CalibrationItem], required: u32) -> MicroUsd {
             classes.push(candidates(&members));
         }
     }
-    let mut best = MicroUsd(u64::MAX);
+    let mut best = MicroUsd(i64::MAX);
     let mut index = vec![0usize; classes.len()];
     loop {
         let totals = classes

@@ -187,7 +187,7 @@ impl Sim {
                 config.max_concurrency
             ));
         }
-        let minute = self.now.0 / 60_000;
+        let minute = self.now.to_u64().unwrap_or(0) / 60_000;
         let used = self.tokens_per_minute.entry(tenant).or_insert((minute, 0));
         if used.0 != minute {
             *used = (minute, 0);
@@ -220,10 +220,10 @@ impl Sim {
             return Some("unplugged");
         }
         if let Some(departure) = state.departure_at {
-            if now.0 + self.config.scheduler.departure_hard_stop_ms >= departure.0 {
+            if now.plus(self.config.scheduler.departure_hard_stop_ms) >= departure {
                 return Some("about to depart");
             }
-            if new_work && now.0 + policy.stop_before_departure_ms >= departure.0 {
+            if new_work && now.plus(policy.stop_before_departure_ms) >= departure {
                 return Some("inside its departure window");
             }
         }
@@ -375,7 +375,7 @@ impl Sim {
 }
 
 fn local_ms(now: Millis, policy: &OwnerPolicy) -> i64 {
-    now.0 as i64 + i64::from(policy.utc_offset_minutes) * MS_PER_MINUTE
+    now.0 + i64::from(policy.utc_offset_minutes) * MS_PER_MINUTE
 }
 
 /// The owner's local day number at `now`.

@@ -150,7 +150,7 @@ impl Routing {
 
     /// Books the cloud's part of the request and returns it with its cost.
     pub(super) fn book_cloud(&mut self, usage: CloudUsage, started_ms: i64) -> Flow<CloudPart> {
-        let finished_ms = crate::core::now_ms().0 as i64;
+        let finished_ms = crate::core::now_ms().0;
         let public_name = self.cloud.upstream.config().public_name();
         let charge = self
             .booking()?
@@ -174,7 +174,7 @@ impl Routing {
     /// ledger charged for it) and logs it as `<request id>/cloud`.
     pub(super) async fn record_cloud(&self, part: CloudPart) {
         let config = self.cloud.upstream.config();
-        let now_ms = crate::core::now_ms().0 as i64;
+        let now_ms = crate::core::now_ms().0;
         if let Err(error) = self
             .cloud
             .budgets
@@ -245,7 +245,7 @@ impl Routing {
                 .await
                 .map_err(Stop::Failed)?;
         }
-        let completed_ms = crate::core::now_ms().0 as i64;
+        let completed_ms = crate::core::now_ms().0;
         let charged = booking.settle(completed_ms).await.map_err(Stop::Failed)?;
         Ok(crate::cloud::MicroUsd(charged.0))
     }

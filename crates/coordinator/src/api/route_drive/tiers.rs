@@ -203,7 +203,7 @@ impl Routing {
             },
         };
         let request = self.upstream_request(prompt, max_tokens);
-        let started_ms = crate::core::now_ms().0 as i64;
+        let started_ms = crate::core::now_ms().0;
         match self.cloud.upstream.start(&request, permit).await {
             Ok(stream) => {
                 self.cloud_call = Some(CloudCall { stream, started_ms });
@@ -227,7 +227,7 @@ impl Routing {
     pub(super) fn cloud_started_ms(&mut self) -> i64 {
         self.cloud_call
             .take()
-            .map_or_else(|| crate::core::now_ms().0 as i64, |call| call.started_ms)
+            .map_or_else(|| crate::core::now_ms().0, |call| call.started_ms)
     }
 
     pub(super) fn request_max_tokens(&self) -> u32 {

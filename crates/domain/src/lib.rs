@@ -1,0 +1,17 @@
+//! The quantities every part of fleetgrid speaks of, defined once: money in
+//! micro-dollars, the tenant's priority class and points in time.
+//!
+//! The ledger, the router, the scheduler and the coordinator all use these
+//! types; none of them keeps a copy or a converter. Every conversion between
+//! representations is a checked method here, never an `as` cast that could
+//! wrap.
+//!
+//! **Architecture invariant:** this crate does no I/O and reads no clock.
+
+mod money;
+mod tenant_class;
+mod time;
+
+pub use money::MicroUsd;
+pub use tenant_class::{TenantClass, UnknownTenantClass};
+pub use time::TimestampMs;
