@@ -264,22 +264,8 @@ async fn the_demo_hands_over_a_killed_cars_stream_brings_the_car_home_and_stops_
     let began = Instant::now();
     let mut demo = Demo::start();
     let started_in = began.elapsed();
-    let body = json!({
-        "model": MODEL, "max_tokens": 300, "temperature": 0.0, "seed": 11,
-        "messages": [{"role": "user", "content": "Write a long story about a trip across the mountains."}],
-    });
-    let uninterrupted = demo.chat(&body).await;
-    let expected = uninterrupted["choices"][0]["message"]["content"]
-        .as_str()
-        .expect("content")
-        .to_string();
-    let tokens = uninterrupted["usage"]["completion_tokens"]
-        .as_u64()
-        .unwrap_or(0);
-    assert!(
-        tokens >= 150,
-        "the reference run is too short to interrupt: {tokens} tokens"
-    );
+    let body = common::long_story(0.0);
+    let expected = common::long_reference_text(&demo.chat(&body).await);
 
     // car-b's owner takes it off the fleet's work for a moment, so the stream starts on car-a.
     demo.allow_classes("car-b", &[]).await;

@@ -50,22 +50,8 @@ async fn a_car_that_unplugs_to_leave_hands_its_generation_over_before_departure(
     );
     stack.wait_for_nodes(&["leaving"]).await;
 
-    let body = json!({
-        "model": MODEL, "max_tokens": 300, "temperature": 0.8, "seed": 11,
-        "messages": [{"role": "user", "content": "Write a long story about a trip across the mountains."}],
-    });
-    let uninterrupted = stack.chat(&body).await;
-    let expected = uninterrupted["choices"][0]["message"]["content"]
-        .as_str()
-        .expect("content")
-        .to_string();
-    let tokens = uninterrupted["usage"]["completion_tokens"]
-        .as_u64()
-        .unwrap_or(0);
-    assert!(
-        tokens >= 150,
-        "the reference run is too short to interrupt: {tokens} tokens"
-    );
+    let body = common::long_story(0.8);
+    let expected = common::long_reference_text(&stack.chat(&body).await);
 
     // The second car connects later, so the first (lower id, equally idle)
     // is where the stream starts.
@@ -128,15 +114,7 @@ async fn a_car_that_unplugs_to_leave_hands_its_generation_over_before_departure(
 
     // The leaving car was told to stop its generation because it departs,
     // and confirmed it stopped.
-    assert_eq!(stack.metric(&generations_stopped("departed")).await, 1.0);
-    stack
-        .wait_for_metric(
-            "fleetgrid_generations_cancelled_on_node_total",
-            common::WAIT,
-            "the leaving car confirmed it stopped its generation",
-            |cancelled| cancelled > cancelled_before,
-        )
-        .await;
+    stopped_and_confirmed(&stack, "departed", cancelled_before).await;
 
     // Until it leaves, work that arrives goes to the car that stays; then
     // the car leaves. It was given nothing more after it unplugged.
@@ -268,7 +246,14 @@ async fn a_plugged_in_car_near_its_departure_takes_no_new_work_and_hands_over_at
     );
     // The car was told to stop it because it drains for its departure, and
     // confirmed it stopped; it was given nothing else.
-    assert_eq!(stack.metric(&generations_stopped("draining")).await, 1.0);
+    stopped_and_confirmed(&stack, "draining", cancelled_before).await;
+    assert_eq!(stack.metric(&node_assignments("leaving")).await, 2.0);
+}
+
+/// Asserts that the leaving car was told to stop one generation for
+/// `reason`, and waits until it confirmed it stopped.
+async fn stopped_and_confirmed(stack: &Stack, reason: &str, cancelled_before: f64) {
+    assert_eq!(stack.metric(&generations_stopped(reason)).await, 1.0);
     stack
         .wait_for_metric(
             "fleetgrid_generations_cancelled_on_node_total",
@@ -277,5 +262,4 @@ async fn a_plugged_in_car_near_its_departure_takes_no_new_work_and_hands_over_at
             |cancelled| cancelled > cancelled_before,
         )
         .await;
-    assert_eq!(stack.metric(&node_assignments("leaving")).await, 2.0);
 }

@@ -339,6 +339,18 @@ async fn usage_once_charged(stack: &Stack, key: &str) -> Value {
     }
 }
 
+/// Asserts that `usage` shows one request charged at the spot price for
+/// `prompt` prompt tokens and `made` completion tokens.
+fn assert_spot_charge(usage: &Value, prompt: u64, made: u64) {
+    assert_eq!(u64_of(&usage["prompt_tokens"]), prompt, "{usage}");
+    assert_eq!(u64_of(&usage["completion_tokens"]), made, "{usage}");
+    assert_eq!(
+        u64_of(&usage["charged_micro_usd"]),
+        prompt * SPOT_PROMPT_MICRO + made * SPOT_COMPLETION_MICRO,
+        "{usage}"
+    );
+}
+
 /// The text of `tokens`.
 fn text_of(tokens: &[(i32, Vec<u8>)]) -> String {
     tokens
@@ -372,13 +384,7 @@ async fn a_client_that_hangs_up_pays_for_the_prompt_and_the_tokens_made() {
     assert!(agent.expect_cancel(&assign.generation_id).await);
 
     let usage = usage_once_charged(&stack, &key).await;
-    let prompt = assign.prompt_tokens.len() as u64;
-    assert_eq!(u64_of(&usage["prompt_tokens"]), prompt, "{usage}");
-    assert_eq!(u64_of(&usage["completion_tokens"]), made as u64, "{usage}");
-    assert_eq!(
-        u64_of(&usage["charged_micro_usd"]),
-        prompt * SPOT_PROMPT_MICRO + made as u64 * SPOT_COMPLETION_MICRO
-    );
+    assert_spot_charge(&usage, assign.prompt_tokens.len() as u64, made as u64);
     // The node that made them is credited for them.
     let (status, statement) = stack
         .get_as(&owner_key, "/owner/v1/vehicles/car-c/statement")
@@ -428,20 +434,7 @@ async fn a_client_cut_off_after_its_answer_ended_pays_for_all_of_it() {
     let usage = usage_once_charged(&stack, &key).await;
     let received = hostile::read_until_closed(&mut stream, Instant::now() + WAIT).await;
     assert!(!String::from_utf8_lossy(&received).contains("[DONE]"));
-    assert_eq!(
-        u64_of(&usage["prompt_tokens"]),
-        u64::from(prompt),
-        "{usage}"
-    );
-    assert_eq!(
-        u64_of(&usage["completion_tokens"]),
-        u64::from(made),
-        "{usage}"
-    );
-    assert_eq!(
-        u64_of(&usage["charged_micro_usd"]),
-        u64::from(prompt) * SPOT_PROMPT_MICRO + u64::from(made) * SPOT_COMPLETION_MICRO
-    );
+    assert_spot_charge(&usage, u64::from(prompt), u64::from(made));
     stack.cli(&["ledger", "verify"]);
 }
 
@@ -479,13 +472,7 @@ async fn a_routed_client_that_hangs_up_pays_for_the_fleet_tokens_made() {
     assert!(agent.expect_cancel(&assign.generation_id).await);
 
     let usage = usage_once_charged(&stack, &key).await;
-    let prompt = assign.prompt_tokens.len() as u64;
-    assert_eq!(u64_of(&usage["prompt_tokens"]), prompt, "{usage}");
-    assert_eq!(u64_of(&usage["completion_tokens"]), made as u64, "{usage}");
-    assert_eq!(
-        u64_of(&usage["charged_micro_usd"]),
-        prompt * SPOT_PROMPT_MICRO + made as u64 * SPOT_COMPLETION_MICRO
-    );
+    assert_spot_charge(&usage, assign.prompt_tokens.len() as u64, made as u64);
     stack.cli(&["ledger", "verify"]);
 }
 

@@ -204,13 +204,14 @@ async fn a_large_hello_is_refused_from_its_length_prefix() {
     reconnect(&stack, "car-x", &credential, hostile::modest_hardware()).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_waiting_to_authenticate_are_bounded() {
-    let stack = Stack::start(StackOptions::default());
-    // Streams that never send their Hello hold a place until the Hello timeout.
+/// Opens `count` agent streams that never send their Hello; each task ends
+/// with the code it was refused with, if it was.
+fn streams_without_hello(
+    grpc: std::net::SocketAddr,
+    count: usize,
+) -> tokio::task::JoinSet<Option<tonic::Code>> {
     let mut opening = tokio::task::JoinSet::new();
-    for _ in 0..80 {
-        let grpc = stack.grpc;
+    for _ in 0..count {
         opening.spawn(async move {
             let mut client = hostile::client(grpc).await;
             let (outbound, receiver) = tokio::sync::mpsc::channel::<proto::AgentMessage>(1);
@@ -221,6 +222,14 @@ async fn streams_waiting_to_authenticate_are_bounded() {
             opened.err().map(|status| status.code())
         });
     }
+    opening
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_waiting_to_authenticate_are_bounded() {
+    let stack = Stack::start(StackOptions::default());
+    // Streams that never send their Hello hold a place until the Hello timeout.
+    let mut opening = streams_without_hello(stack.grpc, 80);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let mut refused = 0;
     while let Ok(Some(joined)) = tokio::time::timeout_at(deadline, opening.join_next()).await {
@@ -241,19 +250,7 @@ async fn one_address_waiting_to_authenticate_does_not_keep_other_cars_out() {
     let credential = stack.cli(&["nodes", "add", "car-y"]);
     // 80 streams from one address never send their Hello; each holds its
     // place until the Hello timeout, or is refused at once.
-    let mut holding = tokio::task::JoinSet::new();
-    for _ in 0..80 {
-        let grpc = stack.grpc;
-        holding.spawn(async move {
-            let mut client = hostile::client(grpc).await;
-            let (outbound, receiver) = tokio::sync::mpsc::channel::<proto::AgentMessage>(1);
-            let opened = client
-                .session(tokio_stream::wrappers::ReceiverStream::new(receiver))
-                .await;
-            drop(outbound);
-            opened.err().map(|status| status.code())
-        });
-    }
+    let mut holding = streams_without_hello(stack.grpc, 80);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let refused = stack

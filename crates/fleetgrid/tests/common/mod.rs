@@ -516,6 +516,29 @@ pub fn parse_sse(text: &str) -> Streamed {
     streamed
 }
 
+/// A chat body whose answer runs long enough to interrupt mid-way: up to
+/// 300 tokens of a story, with a fixed seed.
+pub fn long_story(temperature: f64) -> serde_json::Value {
+    serde_json::json!({
+        "model": MODEL, "max_tokens": 300, "temperature": temperature, "seed": 11,
+        "messages": [{"role": "user", "content": "Write a long story about a trip across the mountains."}],
+    })
+}
+
+/// The text of an uninterrupted reference `answer`, asserted long enough
+/// (150 tokens at least) that a test can interrupt a run of it mid-way.
+pub fn long_reference_text(answer: &serde_json::Value) -> String {
+    let tokens = answer["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+    assert!(
+        tokens >= 150,
+        "the reference run is too short to interrupt: {tokens} tokens"
+    );
+    answer["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_string()
+}
+
 /// The billing tests' price sheet: spot $2 / $4, reserved $3 / $6 and fleet
 /// $5 / $10 per million prompt / completion tokens, and the local cloud model
 /// at $5 / $10 upstream ($6 / $12 with the 20 % margin), so that every token
