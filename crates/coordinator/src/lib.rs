@@ -9,6 +9,7 @@ pub mod api;
 pub mod billing;
 pub mod billing_accounts;
 pub mod billing_finish;
+pub mod billing_flags;
 pub mod billing_holds;
 pub mod billing_idempotency;
 pub mod billing_meter;
