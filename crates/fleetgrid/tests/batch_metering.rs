@@ -8,7 +8,7 @@ use common::{Stack, MODEL};
 use serde_json::json;
 
 fn now_ms() -> i64 {
-    coordinator::core::now_ms().0 as i64
+    coordinator::core::now_ms().0
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -6,10 +6,9 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{Stack, StackOptions, MODEL};
+use common::{billed_options, colour_chat, u64_of, Stack, MODEL};
 use serde_json::{json, Value};
 
 /// Spot $2 / $4, reserved $3 / $6, fleet $5 / $10 per million prompt /
@@ -18,31 +17,6 @@ const SPOT_PROMPT_MICRO: u64 = 2;
 const SPOT_COMPLETION_MICRO: u64 = 4;
 const RESERVED_PROMPT_MICRO: u64 = 3;
 const RESERVED_COMPLETION_MICRO: u64 = 6;
-
-/// Options that point the coordinator at the test price sheet (written to a
-/// directory kept alive by the returned guard), plus `extra` arguments.
-pub fn billed_options(extra: &[&str]) -> (StackOptions, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path: PathBuf = dir.path().join("prices.json");
-    std::fs::write(&path, common::test_prices_json()).expect("write prices");
-    let mut args = vec!["--prices".to_string(), path.display().to_string()];
-    args.extend(extra.iter().map(|arg| arg.to_string()));
-    (
-        StackOptions {
-            extra_serve_args: args,
-        },
-        dir,
-    )
-}
-
-fn chat_body(max_tokens: u32) -> Value {
-    json!({
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Name a colour."}],
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-    })
-}
 
 /// The JSON body of a response that must be 200, or a panic showing it.
 async fn ok_json(response: reqwest::Response) -> Value {
@@ -53,14 +27,7 @@ async fn ok_json(response: reqwest::Response) -> Value {
 }
 
 fn month_now() -> String {
-    let ms = coordinator::core::now_ms().0 as i64;
-    ledger::invoice::month_containing(ledger::core::TimestampMs(ms))
-}
-
-fn u64_of(value: &Value) -> u64 {
-    value
-        .as_u64()
-        .unwrap_or_else(|| panic!("not a count: {value}"))
+    ledger::invoice::month_containing(coordinator::core::now_ms())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -73,7 +40,7 @@ async fn a_tenant_that_cannot_pay_is_refused_402_before_any_work_starts() {
 
     let accepted_before = stack.metric("fleetgrid_requests_accepted_total").await;
     let response = stack
-        .post_as(&key, "/v1/chat/completions", &chat_body(8))
+        .post_as(&key, "/v1/chat/completions", &colour_chat(8))
         .await;
     assert_eq!(response.status(), 402);
     let error: Value = response.json().await.expect("json");
@@ -106,11 +73,11 @@ async fn a_tenant_that_cannot_pay_is_refused_402_before_any_work_starts() {
         "r1",
     ]);
     let response = stack
-        .post_as(&key, "/v1/chat/completions", &chat_body(9))
+        .post_as(&key, "/v1/chat/completions", &colour_chat(9))
         .await;
     assert_eq!(response.status(), 402, "one more token costs 4 µUSD more");
     let response = stack
-        .post_as(&key, "/v1/chat/completions", &chat_body(8))
+        .post_as(&key, "/v1/chat/completions", &colour_chat(8))
         .await;
     let body = ok_json(response).await;
     assert_eq!(stack.metric(&common::node_assignments("car-1")).await, 1.0);
@@ -147,7 +114,7 @@ async fn a_tenant_that_cannot_pay_is_refused_402_before_any_work_starts() {
     let cap = ledger::core::MicroUsd(charged as i64 + worst_micro - 1).to_string();
     stack.cli(&["billing", "cap", "--tenant", "broke", "--daily", &cap]);
     let response = stack
-        .post_as(&key, "/v1/chat/completions", &chat_body(8))
+        .post_as(&key, "/v1/chat/completions", &colour_chat(8))
         .await;
     assert_eq!(response.status(), 402);
     let error: Value = response.json().await.expect("json");
@@ -156,7 +123,7 @@ async fn a_tenant_that_cannot_pay_is_refused_402_before_any_work_starts() {
     let cap = ledger::core::MicroUsd(charged as i64 + worst_micro).to_string();
     stack.cli(&["billing", "cap", "--tenant", "broke", "--daily", &cap]);
     let response = stack
-        .post_as(&key, "/v1/chat/completions", &chat_body(8))
+        .post_as(&key, "/v1/chat/completions", &colour_chat(8))
         .await;
     ok_json(response).await;
     stack.cli(&["billing", "cap", "--tenant", "broke", "--none"]);
@@ -165,7 +132,7 @@ async fn a_tenant_that_cannot_pay_is_refused_402_before_any_work_starts() {
     let debtor = stack.cli(&["tenants", "create", "debtor", "--class", "reserved"]);
     stack.cli(&["billing", "credit", "--tenant", "debtor", "--limit", "0.01"]);
     let response = stack
-        .post_as(&debtor, "/v1/chat/completions", &chat_body(8))
+        .post_as(&debtor, "/v1/chat/completions", &colour_chat(8))
         .await;
     assert_eq!(response.status(), 200);
     let (_, usage) = stack.get_as(&debtor, "/v1/usage").await;
@@ -200,7 +167,7 @@ async fn usage_and_invoices_match_the_ledger_and_no_tenant_reads_another() {
     let mut alpha_expected = (0_u64, 0_u64, 0_u64);
     for max_tokens in [6, 9] {
         let response = stack
-            .post_as(&alpha, "/v1/chat/completions", &chat_body(max_tokens))
+            .post_as(&alpha, "/v1/chat/completions", &colour_chat(max_tokens))
             .await;
         let body = ok_json(response).await;
         let prompt = u64_of(&body["usage"]["prompt_tokens"]);
@@ -210,7 +177,7 @@ async fn usage_and_invoices_match_the_ledger_and_no_tenant_reads_another() {
         alpha_expected.2 += prompt * SPOT_PROMPT_MICRO + completion * SPOT_COMPLETION_MICRO;
     }
     // A streamed request is billed the same way, before its [DONE].
-    let mut streamed = chat_body(7);
+    let mut streamed = colour_chat(7);
     streamed["stream"] = json!(true);
     streamed["stream_options"] = json!({"include_usage": true});
     let response = stack
@@ -228,7 +195,7 @@ async fn usage_and_invoices_match_the_ledger_and_no_tenant_reads_another() {
     alpha_expected.2 += prompt * SPOT_PROMPT_MICRO + completion * SPOT_COMPLETION_MICRO;
 
     let response = stack
-        .post_as(&beta, "/v1/chat/completions", &chat_body(5))
+        .post_as(&beta, "/v1/chat/completions", &colour_chat(5))
         .await;
     let body = ok_json(response).await;
     let beta_charged = u64_of(&body["usage"]["prompt_tokens"]) * RESERVED_PROMPT_MICRO
@@ -309,7 +276,7 @@ async fn an_idempotency_key_replays_the_result_without_charging_again() {
             .json(&body);
         async move { request.send().await.expect("send") }
     };
-    let mut body = chat_body(12);
+    let mut body = colour_chat(12);
     body["temperature"] = json!(0.9);
 
     let first = ok_json(send("order-1", body.clone()).await).await;
@@ -349,7 +316,7 @@ async fn an_idempotency_key_replays_the_result_without_charging_again() {
     assert_eq!(replayed.finish_reason, live.finish_reason);
 
     // While the first request with a key runs, a repeat is told to retry.
-    let mut long = chat_body(120);
+    let mut long = colour_chat(120);
     long["messages"] = json!([{"role": "user", "content": "Write a long story about a car."}]);
     let accepted = stack.metric("fleetgrid_requests_accepted_total").await;
     let running = tokio::spawn(send("order-3", long.clone()));
@@ -390,7 +357,7 @@ async fn a_request_the_client_abandons_is_charged_for_what_was_made() {
         "--reference",
         "q1",
     ]);
-    let mut body = chat_body(200);
+    let mut body = colour_chat(200);
     body["messages"] = json!([{"role": "user", "content": "Write a long story about a car."}]);
     body["stream"] = json!(true);
     let mut response = stack.post_as(&key, "/v1/chat/completions", &body).await;
@@ -464,7 +431,7 @@ async fn the_coordinator_settles_into_postgresql() {
     topup.extend(ledger_args);
     stack.cli(&topup);
     let response = stack
-        .post_as(&key, "/v1/chat/completions", &chat_body(6))
+        .post_as(&key, "/v1/chat/completions", &colour_chat(6))
         .await;
     let body = ok_json(response).await;
     let charged = u64_of(&body["usage"]["prompt_tokens"]) * SPOT_PROMPT_MICRO
@@ -530,7 +497,7 @@ async fn a_migrated_generation_charges_the_prompt_once_and_pays_each_owner_who_s
         "--reference",
         "m1",
     ]);
-    let mut body = chat_body(60);
+    let mut body = colour_chat(60);
     body["messages"] = json!([{"role": "user", "content": "Write a long story about a car."}]);
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
@@ -606,9 +573,7 @@ async fn a_migrated_generation_charges_the_prompt_once_and_pays_each_owner_who_s
         assert_eq!(shares[0].credit().to_string(), owner_accounts[node]);
     }
     // Each vehicle's statement shows the request and what it earned.
-    let today = ledger::invoice::month_containing(ledger::core::TimestampMs(
-        coordinator::core::now_ms().0 as i64,
-    ));
+    let today = ledger::invoice::month_containing(coordinator::core::now_ms());
     let period = ledger::invoice::month_period(&today).expect("month");
     let statement = ledger
         .statement(&ledger::core::NodeId::new(survivor).expect("node"), period)

@@ -12,11 +12,10 @@
 mod cloud_common;
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::hostile::{self, HostileAgent};
-use common::{Stack, StackOptions, MODEL, WAIT};
+use common::{colour_chat, u64_of, Stack, WAIT};
 use coordinator::limits;
 use serde_json::{json, Value};
 
@@ -38,13 +37,8 @@ fn priced_stack() -> (Stack, tempfile::TempDir) {
 
 /// A stack on the test price sheet with more `serve` flags.
 fn priced_stack_with(args: &[&str]) -> (Stack, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path: PathBuf = dir.path().join("prices.json");
-    std::fs::write(&path, common::test_prices_json()).expect("write prices");
-    let mut extra_serve_args = vec!["--prices".to_string(), path.display().to_string()];
-    extra_serve_args.extend(args.iter().map(|arg| arg.to_string()));
-    let stack = Stack::start(StackOptions { extra_serve_args });
-    (stack, dir)
+    let (options, prices) = common::billed_options(args);
+    (Stack::start(options), prices)
 }
 
 /// Real token ids of the served model with the text an honest node sends.
@@ -85,21 +79,6 @@ fn serve_honestly(mut agent: HostileAgent, count: usize) -> tokio::task::JoinHan
             agent.answer(&assign, &tokens[..count]).await;
         }
     })
-}
-
-fn chat_body(max_tokens: u32) -> Value {
-    json!({
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Name a colour."}],
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-    })
-}
-
-fn u64_of(value: &Value) -> u64 {
-    value
-        .as_u64()
-        .unwrap_or_else(|| panic!("not a number: {value}"))
 }
 
 /// A fixed-point decimal string as an integer of its smallest unit.
@@ -152,7 +131,7 @@ async fn a_tenant_is_never_billed_on_the_account_of_a_tenant_named_after_its_id(
     ]);
 
     let refused = stack
-        .post_as(&probe_key, "/v1/chat/completions", &chat_body(3))
+        .post_as(&probe_key, "/v1/chat/completions", &colour_chat(3))
         .await;
     assert_eq!(
         refused.status(),
@@ -173,7 +152,7 @@ async fn a_tenant_is_never_billed_on_the_account_of_a_tenant_named_after_its_id(
 
     // The funded tenant's own request is charged to it, and only to it.
     let served = stack
-        .post_as(&lookalike_key, "/v1/chat/completions", &chat_body(3))
+        .post_as(&lookalike_key, "/v1/chat/completions", &colour_chat(3))
         .await;
     assert_eq!(served.status(), 200);
     let (_, lookalike_usage) = stack.get_as(&lookalike_key, "/v1/usage").await;
@@ -199,7 +178,7 @@ async fn an_ownerless_node_named_like_an_owner_does_not_pay_that_owner() {
     let server = serve_honestly(node, 3);
     stack.wait_for_nodes(&["alice"]).await;
 
-    let body = stack.chat(&chat_body(3)).await;
+    let body = stack.chat(&colour_chat(3)).await;
     assert_eq!(u64_of(&body["usage"]["completion_tokens"]), 3);
     let balances = balances(&stack);
     assert_eq!(balance_of(&balances, "owner:alice"), Some(0), "{balances}");
@@ -241,7 +220,7 @@ async fn a_node_that_waits_before_its_only_token_is_paid_for_the_token_not_the_w
                 let response = reqwest::Client::new()
                     .post(url)
                     .bearer_auth(key)
-                    .json(&chat_body(1))
+                    .json(&colour_chat(1))
                     .send()
                     .await
                     .expect("send");
@@ -368,7 +347,7 @@ async fn a_client_that_hangs_up_pays_for_the_prompt_and_the_tokens_made() {
     stack.wait_for_nodes(&["car-c"]).await;
     let key = funded_spot_tenant(&stack, "hangs-up");
 
-    let mut body = chat_body(50);
+    let mut body = colour_chat(50);
     body["stream"] = json!(true);
     let response = stack.post_as(&key, "/v1/chat/completions", &body).await;
     assert_eq!(response.status(), 200);
@@ -453,7 +432,7 @@ async fn a_routed_client_that_hangs_up_pays_for_the_fleet_tokens_made() {
     let tokens = honest_tokens();
     let made = 3;
 
-    let mut body = chat_body(50);
+    let mut body = colour_chat(50);
     body["model"] = json!(format!("cloud/{}", cloud_common::CLOUD_MODEL));
     body["stream"] = json!(true);
     // A routed response starts once its tier is known: with the first text.
@@ -485,7 +464,7 @@ async fn a_client_that_hangs_up_on_the_cloud_pays_for_the_prompt_and_the_text_st
     let (stack, _prices) = priced_stack_with(&args);
     let key = funded_spot_tenant(&stack, "cloud-hangs-up");
 
-    let mut body = chat_body(50);
+    let mut body = colour_chat(50);
     body["model"] = json!(format!("cloud/{}", cloud_common::CLOUD_MODEL));
     body["stream"] = json!(true);
     let response = stack.post_as(&key, "/v1/chat/completions", &body).await;

@@ -539,6 +539,39 @@ pub fn long_reference_text(answer: &serde_json::Value) -> String {
         .to_string()
 }
 
+/// Options that point the coordinator at the test price sheet (written to a
+/// directory kept alive by the returned guard), plus `extra` arguments.
+pub fn billed_options(extra: &[&str]) -> (StackOptions, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("prices.json");
+    std::fs::write(&path, test_prices_json()).expect("write prices");
+    let mut args = vec!["--prices".to_string(), path.display().to_string()];
+    args.extend(extra.iter().map(|arg| arg.to_string()));
+    (
+        StackOptions {
+            extra_serve_args: args,
+        },
+        dir,
+    )
+}
+
+/// A short greedy chat of `max_tokens` tokens at most.
+pub fn colour_chat(max_tokens: u32) -> serde_json::Value {
+    serde_json::json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Name a colour."}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+    })
+}
+
+/// A JSON count, or a panic showing the value.
+pub fn u64_of(value: &serde_json::Value) -> u64 {
+    value
+        .as_u64()
+        .unwrap_or_else(|| panic!("not a count: {value}"))
+}
+
 /// The billing tests' price sheet: spot $2 / $4, reserved $3 / $6 and fleet
 /// $5 / $10 per million prompt / completion tokens, and the local cloud model
 /// at $5 / $10 upstream ($6 / $12 with the 20 % margin), so that every token
