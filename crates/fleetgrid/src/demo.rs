@@ -145,7 +145,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         api: demo_key(&database).await?,
         owner: owner_key(&database).await?,
     };
-    let stop = stop_signal()?;
+    let stop = crate::run::shutdown_token(false)?;
     let mut core = Core(Vec::new());
     let exe = std::env::current_exe().context("find the fleetgrid executable")?;
     let cloud_upstream = if args.no_cloud {
@@ -204,23 +204,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     stop_all(children).await;
     eprintln!("fleetgrid demo: stopped");
     result
-}
-
-/// A token cancelled on Ctrl-C or SIGTERM.
-fn stop_signal() -> anyhow::Result<CancellationToken> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let token = CancellationToken::new();
-    let mut interrupt = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    let mut terminate = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let on_signal = token.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = interrupt.recv() => {}
-            _ = terminate.recv() => {}
-        }
-        on_signal.cancel();
-    });
-    Ok(token)
 }
 
 /// Runs until Ctrl-C (`Ok`) or until the coordinator or the local cloud exits (`Err`): waits
