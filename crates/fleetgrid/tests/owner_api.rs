@@ -15,6 +15,10 @@ use serde_json::{json, Value};
 /// change-feed interval (1 s) plus slack for a loaded machine.
 const CLI_CHANGE_WAIT: Duration = Duration::from_secs(10);
 
+/// How long one probe of the policy may take; an answer of a few tokens
+/// takes well under a second.
+const PROBE_WAIT: Duration = Duration::from_secs(3);
+
 async fn owner_get(stack: &Stack, key: &str, path: &str) -> (u16, Value) {
     let response = stack
         .client()
@@ -228,15 +232,21 @@ async fn a_policy_without_the_spot_class_keeps_spot_work_off_the_car() {
     stack.cli(&["policy", "set", "--node", "car-a", "--classes", "fleet"]);
     let changed_at = Instant::now();
     loop {
-        let (status, body) = chat_as(&stack, &spot).await;
-        if status == 503 {
-            break;
-        }
-        assert_eq!(status, 200, "{body}");
         assert!(
             changed_at.elapsed() < CLI_CHANGE_WAIT,
             "the CLI's policy change did not reach the coordinator"
         );
+        // A probe running when the change lands is taken off the car and
+        // waits for one that takes spot work: it is given up, and the next
+        // probe asks again.
+        let probe = tokio::time::timeout(PROBE_WAIT, chat_as(&stack, &spot)).await;
+        let Ok((status, body)) = probe else {
+            continue;
+        };
+        if status == 503 {
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // A vehicle that reconnects runs under its stored policy from the start.
