@@ -1,49 +1,39 @@
-//! The fleetgrid coordinator: the OpenAI-compatible gateway, the agent-facing
-//! gRPC service, the scheduler's driver and the embedded SQLite store, in one
-//! process.
+//! `fleetgrid serve`: a gateway and a cell in one process, on the embedded
+//! SQLite store.
 //!
-//! `serve` binds both listeners, loads a tokenizer per served model and runs
-//! until its shutdown token is cancelled.
+//! `serve` loads a tokenizer per served model, starts the cell (the agents'
+//! gRPC listener, the scheduler, the generations) and the gateway (the HTTP
+//! API) on the same store, hands the gateway the cell through the
+//! `cell_api::Cell` interface, and runs until its shutdown token is
+//! cancelled.
 
-pub mod api;
-pub mod billing;
-pub mod billing_accounts;
-pub mod billing_finish;
-pub mod billing_flags;
-pub mod billing_holds;
-pub mod billing_idempotency;
-pub mod billing_meter;
-pub mod changes;
-pub mod cloud;
-pub mod core;
-pub mod grpc;
-pub mod http_serve;
-pub mod limits;
-pub mod metrics;
-pub mod node_input;
-pub mod nodes;
-pub mod owner_policy;
-pub mod secrets;
-pub mod served;
-pub mod store;
-pub mod store_contracts;
-pub mod store_owners;
-pub mod tenant_requests;
+// The gateway's parts, the store and the seam, under the names the command
+// line and the tests use.
+pub use gateway::{
+    api, billing, billing_accounts, billing_finish, billing_flags, billing_holds,
+    billing_idempotency, billing_meter, cloud, core, http_serve, metrics, owner_policy, secrets,
+    served, store, store_contracts, store_owners, tenant_requests,
+};
+
+/// Every bound, the gateway's and the cell's.
+pub mod limits {
+    pub use cell::limits::*;
+    pub use gateway::limits::*;
+}
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cell_api::Cell;
+use store::changes::Change;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::core::Core;
 use crate::metrics::Metrics;
 use crate::served::ServedModels;
-use crate::store::{RequestRecord, Store};
+use crate::store::Store;
 
 /// How long in-flight HTTP responses get to finish after shutdown is asked.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -114,8 +104,8 @@ pub enum CoordinatorError {
         model: String,
         source: engine::EngineError,
     },
-    #[error("serve gRPC: {0}")]
-    Grpc(#[from] tonic::transport::Error),
+    #[error("cell: {0}")]
+    Cell(#[from] cell::CellError),
     #[error("serve HTTP: {0}")]
     Http(std::io::Error),
     #[error("no model to serve")]
@@ -189,75 +179,41 @@ pub async fn serve(
     let idempotency = billing_idempotency::IdempotencyStore::open(&config.data_dir)
         .await
         .map_err(CoordinatorError::Idempotency)?;
-    let (log_sender, log_receiver) = mpsc::channel(limits::REQUEST_LOG_CAPACITY);
-    let scheduler = scheduler::Scheduler::new(config.scheduler.clone());
-    let core = Arc::new(Core::new(
-        scheduler,
-        Arc::clone(&metrics),
-        log_sender,
-        Arc::new(core::SystemClock),
-    ));
-    core.set_kv_checkpoint_budget(config.kv_checkpoint_budget_bytes);
-
     let http_listener = TcpListener::bind(config.http_listen)
         .await
         .map_err(|source| CoordinatorError::Bind {
             addr: config.http_listen,
             source,
         })?;
-    let grpc_listener = TcpListener::bind(config.grpc_listen)
-        .await
-        .map_err(|source| CoordinatorError::Bind {
-            addr: config.grpc_listen,
-            source,
-        })?;
+
+    // The cell: the agents' sessions, the scheduler and the generations.
+    let cell = cell::start(
+        cell::CellConfig {
+            grpc_listen: config.grpc_listen,
+            heartbeat_interval: config.heartbeat_interval,
+            heartbeat_timeout: config.heartbeat_timeout,
+            scheduler: config.scheduler.clone(),
+            kv_checkpoint_budget_bytes: config.kv_checkpoint_budget_bytes,
+        },
+        store.clone(),
+        Arc::clone(&models),
+        shutdown.clone(),
+    )
+    .await?;
     let bound = Bound {
         http: http_listener.local_addr().map_err(CoordinatorError::Http)?,
-        grpc: grpc_listener.local_addr().map_err(CoordinatorError::Http)?,
+        grpc: cell.grpc,
     };
 
-    // Contracts and policies stored before start apply from the first request.
+    // The gateway follows contracts for its per-tenant request bound.
     let tenant_requests = Arc::new(tenant_requests::TenantRequests::default());
-    let mut changes_cursor = changes::Cursor::default();
-    changes::apply_changes(&store, &core, &tenant_requests, &mut changes_cursor).await?;
-    tokio::spawn(changes::follow(
-        store.clone(),
-        Arc::clone(&core),
-        Arc::clone(&tenant_requests),
-        changes_cursor,
-        shutdown.clone(),
-    ));
-    tokio::spawn(write_request_log(store.clone(), log_receiver));
-    tokio::spawn(tick(
-        Arc::clone(&core),
-        config.heartbeat_timeout,
-        shutdown.clone(),
-    ));
-
-    let service = grpc::AgentService {
-        core: Arc::clone(&core),
-        store: store.clone(),
-        models: Arc::clone(&models),
-        heartbeat_interval: config.heartbeat_interval,
-        heartbeat_timeout: config.heartbeat_timeout,
-        handshakes: Arc::default(),
-    };
-    let grpc_shutdown = shutdown.clone();
-    let grpc = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(config.heartbeat_interval))
-        .max_concurrent_streams(Some(limits::AGENT_STREAMS_PER_CONNECTION_MAX))
-        .initial_stream_window_size(Some(limits::AGENT_STREAM_WINDOW_BYTES))
-        .add_service(grpc::HelloLimit {
-            // Agents send small messages; only `Assign`s going out carry
-            // whole KV checkpoints.
-            inner: proto::coordinator_server::CoordinatorServer::new(service)
-                .max_decoding_message_size(proto::AGENT_MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(proto::MESSAGE_BYTES_MAX),
-            metrics: Arc::clone(&metrics),
-        })
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
-            grpc_shutdown.cancelled().await
-        });
+    let limits_of_tenants = Arc::clone(&tenant_requests);
+    store::changes::follow(store.clone(), shutdown.clone(), move |change| {
+        if let Change::Contract(change) = change {
+            limits_of_tenants.set_limit(change.tenant.id, change.contract.max_concurrency);
+        }
+    })
+    .await?;
 
     let cloud = match config.cloud.clone() {
         Some(cloud) => Some(Arc::new(
@@ -267,9 +223,11 @@ pub async fn serve(
         )),
         None => None,
     };
+    let cell_metrics = Arc::clone(&cell.metrics);
     let app = api::router(
         api::AppState::new(
-            Arc::clone(&core),
+            Arc::clone(&cell.core) as Arc<dyn Cell>,
+            Arc::clone(&metrics),
             store.clone(),
             models,
             Arc::new(billing),
@@ -277,7 +235,8 @@ pub async fn serve(
         )
         .with_cloud(cloud)
         .with_tenant_requests(tenant_requests)
-        .with_request_timeout(config.http.request_timeout),
+        .with_request_timeout(config.http.request_timeout)
+        .with_metrics_of(Arc::new(move || cell_metrics.render())),
     );
     let http = http_serve::serve(
         http_listener,
@@ -290,12 +249,11 @@ pub async fn serve(
     ready(bound);
     tracing::info!(http = %bound.http, grpc = %bound.grpc, "coordinator listening");
 
-    let grpc = tokio::spawn(grpc);
     let http = tokio::spawn(http);
     shutdown.cancelled().await;
     // Streams to agents and clients may stay open; give them a moment, then go.
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        let _ = grpc.await;
+        let _ = cell.task.await;
         let _ = http.await;
     })
     .await;
@@ -336,25 +294,6 @@ async fn load_models(config: &CoordinatorConfig) -> Result<ServedModels, Coordin
         );
     }
     Ok(served)
-}
-
-async fn write_request_log(store: Store, mut records: mpsc::Receiver<RequestRecord>) {
-    while let Some(record) = records.recv().await {
-        if let Err(error) = store.log_request(&record).await {
-            tracing::warn!(%error, request_id = %record.id, "write request log");
-        }
-    }
-}
-
-async fn tick(core: Arc<Core>, heartbeat_timeout: Duration, shutdown: CancellationToken) {
-    let mut interval = tokio::time::interval(limits::TICK_INTERVAL);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = interval.tick() => core.tick(heartbeat_timeout),
-        }
-    }
 }
 
 #[cfg(test)]

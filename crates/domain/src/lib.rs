@@ -1,5 +1,5 @@
 //! The quantities every part of fleetgrid speaks of, defined once: money in
-//! micro-dollars, the tenant's priority class and points in time.
+//! micro-dollars, the tenant's priority class, ids and points in time.
 //!
 //! The ledger, the router, the scheduler and the coordinator all use these
 //! types; none of them keeps a copy or a converter. Every conversion between
@@ -8,10 +8,12 @@
 //!
 //! **Architecture invariant:** this crate does no I/O and reads no clock.
 
+mod ids;
 mod money;
 mod tenant_class;
 mod time;
 
+pub use ids::{NodeId, RequestId, TenantId};
 pub use money::MicroUsd;
 pub use tenant_class::{TenantClass, UnknownTenantClass};
 pub use time::TimestampMs;

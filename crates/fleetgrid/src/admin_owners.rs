@@ -3,7 +3,7 @@
 //!
 //! Like `tenants` and `nodes`, these write the coordinator's database
 //! directly; a running coordinator picks policy changes up within a second
-//! (`coordinator::changes`).
+//! (`store::changes`).
 
 use std::path::PathBuf;
 

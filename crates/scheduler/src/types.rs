@@ -5,18 +5,8 @@
 /// never reads a clock; every event carries the time at which it is applied.
 pub use domain::TimestampMs as Millis;
 
-/// A vehicle (node). Ids are dense, assigned by the coordinator, and index the node table
-/// directly, so they should stay small (the table grows to the largest id seen).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct NodeId(pub u32);
-
-/// One client request (one generation), unique for the coordinator's lifetime.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RequestId(pub u64);
-
-/// An API customer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TenantId(pub u32);
+/// Vehicles, requests and tenants are named by the ids in `domain`.
+pub use domain::{NodeId, RequestId, TenantId};
 
 /// A model, as a small id the coordinator maps to a model digest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

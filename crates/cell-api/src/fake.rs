@@ -1,0 +1,217 @@
+//! A cell that runs no model: it answers each submitted generation from a
+//! script, so that a gateway's API shapes, refusals and billing decisions
+//! can be tested in-process, in milliseconds. Enabled by the `fake`
+//! feature; only tests use it.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use domain::RequestId;
+use tokio::sync::mpsc;
+
+use crate::metering::{Metering, NodeReport, PaidSpeed, SegmentTrack};
+use crate::{
+    Admitted, Capacity, Cell, CommittedToken, FinishReason, GenerationError, NewGeneration,
+    NodeSummary, Rejection, Update, Usage,
+};
+
+/// What the fake cell does with the next generation submitted to it.
+#[derive(Clone, Debug)]
+pub enum Script {
+    /// Refuses it at admission.
+    Refuse(Rejection),
+    /// Runs it on `node`: sends these pieces as tokens (ids from 1, each
+    /// with log-probability -0.5), then finishes with `reason`.
+    Answer {
+        node: String,
+        pieces: Vec<String>,
+        reason: FinishReason,
+    },
+    /// Sends these pieces, then fails it.
+    FailAfter {
+        pieces: Vec<String>,
+        error: GenerationError,
+    },
+    /// Admits it and sends nothing until it is cancelled.
+    Hang,
+}
+
+impl Script {
+    /// An answer of `pieces` from `car-1` that stops by itself.
+    pub fn answer(pieces: &[&str]) -> Script {
+        Script::Answer {
+            node: "car-1".to_string(),
+            pieces: pieces.iter().map(|piece| piece.to_string()).collect(),
+            reason: FinishReason::Stop,
+        }
+    }
+}
+
+/// Every submission and cancel it saw, for the test to read back.
+#[derive(Default)]
+struct Seen {
+    scripts: VecDeque<Script>,
+    submitted: Vec<NewGeneration>,
+    cancelled: Vec<RequestId>,
+    /// Generations admitted and not yet ended or cancelled, with the
+    /// metering a cancel hands back.
+    running: Vec<(RequestId, Metering, mpsc::Sender<Update>)>,
+    next: u64,
+}
+
+/// A scripted `Cell`: each submission takes the next script (an empty
+/// script list refuses with `NoEligibleNode`).
+#[derive(Default)]
+pub struct FakeCell {
+    seen: Mutex<Seen>,
+    capacity: Mutex<Capacity>,
+}
+
+impl FakeCell {
+    pub fn new() -> FakeCell {
+        FakeCell::default()
+    }
+
+    /// Queues what the next submissions get, in order.
+    pub fn script(&self, scripts: impl IntoIterator<Item = Script>) {
+        self.lock().scripts.extend(scripts);
+    }
+
+    /// Reports these vehicles as connected.
+    pub fn connect(&self, nodes: &[&str]) {
+        let mut capacity = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        capacity.nodes = nodes
+            .iter()
+            .map(|name| NodeSummary {
+                name: name.to_string(),
+                models: Vec::new(),
+                slots: 1,
+                running: 0,
+            })
+            .collect();
+    }
+
+    /// Every generation submitted so far, in order.
+    pub fn submitted(&self) -> Vec<NewGeneration> {
+        self.lock().submitted.clone()
+    }
+
+    /// Every generation cancelled so far, in order.
+    pub fn cancelled(&self) -> Vec<RequestId> {
+        self.lock().cancelled.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The metering of an attempt on `node` that produced `completion` tokens
+/// in 10 ms per token.
+fn metering(prompt_tokens: u32, node: &str, completion: u32, report: bool) -> Metering {
+    let mut segment = SegmentTrack::started(
+        node.to_string(),
+        prompt_tokens,
+        0,
+        0,
+        PaidSpeed::declared(1e3, 1e2),
+    );
+    segment.completion_tokens = completion;
+    let elapsed_ms = 10 * i64::from(completion);
+    segment.active(elapsed_ms, u64::try_from(elapsed_ms).unwrap_or(0) * 1_000);
+    Metering {
+        prompt_tokens,
+        node_report: report.then(|| NodeReport {
+            prompt_tokens,
+            completion_tokens: completion,
+            compute_ms: segment.compute_ms(),
+        }),
+        segments: vec![segment],
+        finished_ms: elapsed_ms,
+    }
+}
+
+fn tokens(pieces: &[String]) -> impl Iterator<Item = Update> + '_ {
+    pieces.iter().zip(1..).map(|(piece, id)| {
+        Update::Token(CommittedToken {
+            token_id: id,
+            piece: piece.as_bytes().to_vec(),
+            logprob: -0.5,
+            top_logprobs: Vec::new(),
+        })
+    })
+}
+
+impl Cell for FakeCell {
+    fn submit(&self, generation: NewGeneration) -> Result<Admitted, Rejection> {
+        let mut seen = self.lock();
+        let script =
+            seen.scripts
+                .pop_front()
+                .unwrap_or(Script::Refuse(Rejection::NoEligibleNode {
+                    retry_after_seconds: 1,
+                }));
+        seen.submitted.push(generation.clone());
+        seen.next += 1;
+        let request = RequestId(seen.next);
+        let prompt_tokens = u32::try_from(generation.prompt.len()).unwrap_or(u32::MAX);
+        let (sender, updates) = mpsc::channel(generation.max_tokens as usize + 16);
+        match script {
+            Script::Refuse(rejection) => return Err(rejection),
+            Script::Answer {
+                node,
+                pieces,
+                reason,
+            } => {
+                let pieces = &pieces[..pieces.len().min(generation.max_tokens as usize)];
+                let reason = if pieces.len() < generation.max_tokens as usize {
+                    reason
+                } else {
+                    FinishReason::Length
+                };
+                let completion = u32::try_from(pieces.len()).unwrap_or(u32::MAX);
+                for update in tokens(pieces) {
+                    let _ = sender.try_send(update);
+                }
+                let _ = sender.try_send(Update::Finished {
+                    reason,
+                    usage: Usage {
+                        prompt_tokens,
+                        completion_tokens: completion,
+                        cached_prompt_tokens: 0,
+                    },
+                    metering: metering(prompt_tokens, &node, completion, true),
+                });
+            }
+            Script::FailAfter { pieces, error } => {
+                for update in tokens(&pieces) {
+                    let _ = sender.try_send(update);
+                }
+                let _ = sender.try_send(Update::Failed(error));
+            }
+            Script::Hang => {
+                let running = metering(prompt_tokens, "car-1", 0, false);
+                seen.running.push((request, running, sender));
+            }
+        }
+        Ok(Admitted { request, updates })
+    }
+
+    fn cancel(&self, request: RequestId) -> Option<Metering> {
+        let mut seen = self.lock();
+        seen.cancelled.push(request);
+        let at = seen.running.iter().position(|(id, ..)| *id == request)?;
+        Some(seen.running.swap_remove(at).1)
+    }
+
+    fn capacity(&self) -> Capacity {
+        self.capacity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn owner_policy_changed(&self, _node: &str, _policy: scheduler::OwnerPolicy) {}
+}

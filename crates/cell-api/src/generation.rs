@@ -1,0 +1,110 @@
+//! A generation as the gateway submits it and as the cell reports on it.
+
+use domain::{RequestId, TenantClass};
+use tokio::sync::mpsc;
+
+use crate::metering::Metering;
+
+/// One token the cell has committed for a generation.
+#[derive(Clone, Debug)]
+pub struct CommittedToken {
+    pub token_id: i32,
+    pub piece: Vec<u8>,
+    pub logprob: f32,
+    pub top_logprobs: Vec<(i32, Vec<u8>, f32)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    /// Prompt tokens the node that finished the generation did not prefill because it still
+    /// held their KV cells (OpenAI's `prompt_tokens_details.cached_tokens`); the node's claim,
+    /// capped at `prompt_tokens`, shown to the client and never billed differently.
+    pub cached_prompt_tokens: u32,
+}
+
+/// Why an admitted generation failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GenerationError {
+    /// The scheduler refused it after admission (e.g. a deadline passed).
+    Rejected {
+        reason: String,
+        retry_after_seconds: u64,
+    },
+    /// A node failed it in a way that no other node would fix.
+    Failed(String),
+    /// It was moved too many times.
+    TooManyAttempts,
+}
+
+/// What the client's handler receives.
+#[derive(Debug)]
+pub enum Update {
+    Token(CommittedToken),
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+        metering: Metering,
+    },
+    Failed(GenerationError),
+}
+
+/// Why a request was refused at admission.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    NoEligibleNode {
+        retry_after_seconds: u64,
+    },
+    QueueFull {
+        retry_after_seconds: u64,
+    },
+    OverQuota {
+        message: String,
+        retry_after_seconds: u64,
+    },
+    Other {
+        message: String,
+    },
+}
+
+/// Who a generation is for, as far as a cell needs to know: the scheduler
+/// places by class, and the request log names the tenant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TenantRef {
+    pub id: i64,
+    pub class: TenantClass,
+}
+
+/// A validated, tokenized generation, ready for a cell.
+#[derive(Clone, Debug)]
+pub struct NewGeneration {
+    pub public_id: String,
+    pub tenant: TenantRef,
+    /// The served model's name; a cell that does not serve it refuses.
+    pub model: String,
+    pub prompt: Vec<i32>,
+    /// Tokens already committed for this generation elsewhere (a cell that
+    /// was lost): the cell continues after them, and sampling keyed by
+    /// (seed, position) makes the continuation the one the first cell would
+    /// have made. Their text is not sent again; usage counts them.
+    pub committed: Vec<i32>,
+    pub sampling: proto::Sampling,
+    pub max_tokens: u32,
+    pub stop: Vec<String>,
+    pub top_logprobs: u32,
+    /// The generation must start within this many ms, or fail with
+    /// `Rejected` (`x-fleetgrid-deadline-ms`).
+    pub deadline_ms: Option<u64>,
+}
+
+pub struct Admitted {
+    pub request: RequestId,
+    pub updates: mpsc::Receiver<Update>,
+}

@@ -1,0 +1,417 @@
+//! The coordinator's core: the scheduler plus what the scheduler does not
+//! know — the prompt and committed tokens of every in-flight generation, the
+//! channel to each connected node, and the channel to each waiting client.
+//!
+//! Everything here runs under one `std::sync::Mutex`: no `.await` happens
+//! while it is held (sending uses `try_send` on bounded channels), so holding
+//! it is always short. The scheduler decides; this module carries its
+//! commands out and feeds it the events that nodes and clients cause.
+//!
+//! **Invariant:** a token reaches a client only once it is committed here, in
+//! order, from the node that currently runs the generation. Tokens from a
+//! stale attempt (a node that was stopped or lost) are dropped, so a migrated
+//! generation shows the client no gap and no duplicate.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use scheduler::{Command, Event, Millis, NodeId, RequestId, Scheduler, TenantId};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::limits;
+use crate::metrics::Metrics;
+use crate::nodes::{ConnectedNode, NodeSession};
+use cell_api::metering::Metering;
+use cell_api::served::{ServedModel, ServedModels};
+use cell_api::{Capacity, Cell, NodeSummary};
+use store::{RequestRecord, TenantClass};
+
+// What the gateway and the core say to each other lives at the seam; the
+// core's callers keep naming it here.
+pub use cell_api::{
+    Admitted, CommittedToken, FinishReason, GenerationError, NewGeneration, Rejection, TenantRef,
+    Update, Usage,
+};
+
+struct InFlight {
+    public_id: String,
+    tenant: TenantRef,
+    model: Arc<ServedModel>,
+    prompt: Arc<Vec<i32>>,
+    sampling: proto::Sampling,
+    max_tokens: u32,
+    stop: Vec<String>,
+    top_logprobs: u32,
+    committed: Vec<i32>,
+    node: Option<NodeId>,
+    attempt: u32,
+    /// One entry per attempt, in order: what billing meters.
+    segments: Vec<cell_api::metering::SegmentTrack>,
+    updates: mpsc::Sender<Update>,
+    admitted_at: Instant,
+    first_token_at: Option<Instant>,
+    created_ms: i64,
+}
+
+struct CoreState {
+    scheduler: Scheduler,
+    nodes: HashMap<NodeId, ConnectedNode>,
+    node_ids_by_name: HashMap<String, NodeId>,
+    requests: HashMap<RequestId, InFlight>,
+    configured_tenants: HashSet<i64>,
+    next_request: u64,
+    next_session: u64,
+    /// Reused between calls so that steady-state handling does not allocate.
+    commands: Vec<Command>,
+    /// Events caused while carrying out commands (e.g. a node whose channel
+    /// is closed), handled before the lock is released.
+    follow_up: Vec<Event>,
+    /// Each node's share clock, which a segment's compute time is measured
+    /// with: every attempt that starts running on a node is started here and
+    /// every one that ends is stopped (`CoreState::remove_request` stops the
+    /// attempts that end with their request).
+    shares: cell_api::metering::NodeShares,
+    /// Prompt KV caches kept for handovers.
+    checkpoints: checkpoints::Checkpoints,
+}
+
+pub struct Core {
+    state: Mutex<CoreState>,
+    /// The models this cell serves; a generation names one of them.
+    models: Arc<ServedModels>,
+    pub metrics: Arc<Metrics>,
+    request_log: mpsc::Sender<RequestRecord>,
+    /// Every reading of the time in the core goes through here.
+    clock: Arc<dyn Clock>,
+}
+
+/// The system clock's wall time, for code outside the core that has no
+/// clock of its own (the gateway, the command line). The core never calls it.
+pub fn now_ms() -> Millis {
+    SystemClock.now()
+}
+
+impl Core {
+    pub fn new(
+        scheduler: Scheduler,
+        models: Arc<ServedModels>,
+        metrics: Arc<Metrics>,
+        request_log: mpsc::Sender<RequestRecord>,
+        clock: Arc<dyn Clock>,
+    ) -> Core {
+        Core {
+            state: Mutex::new(CoreState {
+                scheduler,
+                nodes: HashMap::new(),
+                node_ids_by_name: HashMap::new(),
+                requests: HashMap::new(),
+                configured_tenants: HashSet::new(),
+                next_request: 1,
+                next_session: 1,
+                commands: Vec::new(),
+                follow_up: Vec::new(),
+                shares: cell_api::metering::NodeShares::default(),
+                checkpoints: checkpoints::Checkpoints::default(),
+            }),
+            models,
+            metrics,
+            request_log,
+            clock,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, CoreState> {
+        // A panic while holding the lock is a bug that already aborted one
+        // task; the state itself stays consistent between events, so carry on.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Admits a generation: the scheduler either places it, queues it, or
+    /// refuses it (returned as a `Rejection`, nothing kept). A generation
+    /// with a deadline must start within it, or fail with `DeadlineExpired`.
+    pub fn submit(&self, generation: NewGeneration) -> Result<Admitted, Rejection> {
+        let Some(model) = self.models.lookup(&generation.model) else {
+            return Err(Rejection::Other {
+                message: format!("this cell does not serve the model `{}`", generation.model),
+            });
+        };
+        let now = self.clock.now();
+        let mut state = self.lock();
+        let request = RequestId(state.next_request);
+        state.next_request += 1;
+        let tenant = TenantId(u32::try_from(generation.tenant.id).unwrap_or(u32::MAX));
+        if state.configured_tenants.insert(generation.tenant.id) {
+            let config = tenant_config(generation.tenant.class);
+            self.handle(&mut state, now, Event::TenantConfigured { tenant, config });
+        }
+        let (sender, updates) = mpsc::channel(limits::CLIENT_UPDATES_CAPACITY);
+        let prompt_tokens = u32::try_from(generation.prompt.len()).unwrap_or(u32::MAX);
+        state.requests.insert(
+            request,
+            InFlight {
+                public_id: generation.public_id,
+                tenant: generation.tenant,
+                model: Arc::clone(&model),
+                prompt: Arc::new(generation.prompt),
+                sampling: generation.sampling,
+                max_tokens: generation.max_tokens,
+                stop: generation.stop,
+                top_logprobs: generation.top_logprobs,
+                committed: generation.committed,
+                node: None,
+                attempt: 0,
+                segments: Vec::new(),
+                updates: sender,
+                admitted_at: self.clock.instant(),
+                first_token_at: None,
+                created_ms: now.0,
+            },
+        );
+        let arrived = Event::RequestArrived {
+            request,
+            tenant,
+            model: model.id,
+            prompt_tokens,
+            max_tokens: generation.max_tokens,
+            deadline: generation.deadline_ms.map(|ms| now.plus(ms)),
+        };
+        let rejection = self.handle(&mut state, now, arrived);
+        match rejection.into_iter().find(|(id, _)| *id == request) {
+            Some((_, rejection)) => {
+                state.remove_request(request, now);
+                Err(rejection)
+            }
+            None => {
+                self.metrics.requests_accepted.fetch_add(1, ORDER);
+                self.metrics
+                    .prompt_tokens
+                    .fetch_add(u64::from(prompt_tokens), ORDER);
+                self.metrics.generations_active.fetch_add(1, ORDER);
+                Ok(Admitted { request, updates })
+            }
+        }
+    }
+
+    /// The client went away, or a routed request hands off or discards its
+    /// edge part: stops the generation wherever it runs and returns what was
+    /// metered of it so far (no node report), or `None` if it had already
+    /// ended.
+    pub fn cancel_metered(&self, request: RequestId) -> Option<Metering> {
+        let now = self.clock.now();
+        let mut state = self.lock();
+        let inflight = state.requests.get(&request)?;
+        let metering = Metering {
+            prompt_tokens: u32::try_from(inflight.prompt.len()).unwrap_or(u32::MAX),
+            segments: inflight.segments.clone(),
+            node_report: None,
+            finished_ms: now.0,
+        };
+        self.record(&mut state, request, "cancelled", None);
+        self.metrics.requests_cancelled.fetch_add(1, ORDER);
+        self.handle(&mut state, now, Event::RequestCancelled { request });
+        // A running generation was removed by the scheduler's `Cancel`; a
+        // queued one has nothing to cancel on a node.
+        if state.remove_request(request, now).is_some() {
+            self.metrics.generations_active.fetch_sub(1, ORDER);
+        }
+        Some(metering)
+    }
+
+    /// A node passed the handshake. Returns its session, whose receiver feeds
+    /// the node's outbound stream, and the token cancelled when the core
+    /// drops the session (the read loop stops on it).
+    pub fn node_connected(
+        &self,
+        name: &str,
+        hello: &proto::Hello,
+        outbound: mpsc::Sender<proto::CoordinatorMessage>,
+        policy: scheduler::OwnerPolicy,
+    ) -> (NodeSession, CancellationToken) {
+        let now = self.clock.now();
+        let mut state = self.lock();
+        let next_id = NodeId(u32::try_from(state.node_ids_by_name.len()).unwrap_or(u32::MAX));
+        let node = *state
+            .node_ids_by_name
+            .entry(name.to_string())
+            .or_insert(next_id);
+        if state.nodes.contains_key(&node) {
+            // The same vehicle connected again before its old stream was
+            // noticed dead: the old session's work moves first.
+            self.drop_node(&mut state, now, node);
+        }
+        let session = state.next_session;
+        state.next_session += 1;
+        let mut connected = ConnectedNode::new(name, session, outbound, hello);
+        connected.last_heard = self.clock.instant();
+        let disconnect = connected.disconnect.clone();
+        let registered = connected.registration(node, &self.models, policy);
+        state.nodes.insert(node, connected);
+        self.metrics.nodes_connected.fetch_add(1, ORDER);
+        self.handle(&mut state, now, registered);
+        (NodeSession { node, session }, disconnect)
+    }
+
+    /// The node's stream ended or it stopped heartbeating.
+    pub fn node_lost(&self, session: NodeSession) {
+        let now = self.clock.now();
+        let mut state = self.lock();
+        let current = state
+            .nodes
+            .get(&session.node)
+            .is_some_and(|node| node.session == session.session);
+        if current {
+            self.drop_node(&mut state, now, session.node);
+        }
+    }
+
+    /// A node broke the protocol (`node_input::Violation`, a bad KV
+    /// checkpoint): it is counted, logged and disconnected — marked lost, so
+    /// that its generations continue elsewhere from their committed tokens,
+    /// and its read loop stops reading. A session that is no longer current
+    /// was already dropped and is left alone.
+    fn protocol_violation(&self, state: &mut CoreState, session: NodeSession, what: &str) {
+        let Some(node) = state.nodes.get(&session.node) else {
+            return;
+        };
+        if node.session != session.session {
+            return;
+        }
+        self.metrics.node_protocol_violations.fetch_add(1, ORDER);
+        tracing::warn!(node_id = %node.name, violation = %what, "node broke the protocol; disconnecting it");
+        self.drop_node(state, self.clock.now(), session.node);
+    }
+
+    /// `protocol_violation` for a caller that does not hold the lock.
+    pub fn node_protocol_violation(&self, session: NodeSession, what: &str) {
+        let mut state = self.lock();
+        self.protocol_violation(&mut state, session, what);
+    }
+
+    fn drop_node(&self, state: &mut CoreState, now: Millis, node: NodeId) {
+        if let Some(removed) = state.nodes.remove(&node) {
+            removed.disconnect.cancel();
+            tracing::warn!(node_id = %removed.name, "node gone");
+            self.metrics.nodes_connected.fetch_sub(1, ORDER);
+            self.metrics.nodes_lost.fetch_add(1, ORDER);
+            self.handle(state, now, Event::NodeLost { node });
+        }
+    }
+
+    pub fn heartbeat(&self, session: NodeSession, heartbeat: &proto::Heartbeat) {
+        let now = self.clock.now();
+        let mut state = self.lock();
+        let Some(node) = state.nodes.get_mut(&session.node) else {
+            return;
+        };
+        if node.session != session.session {
+            return;
+        }
+        let changed = node.observe_heartbeat(heartbeat);
+        node.last_heard = self.clock.instant();
+        if let Some(changed) = changed {
+            self.metrics.node_state_changes.add(&node.name);
+            self.handle(
+                &mut state,
+                now,
+                Event::NodeStateChanged {
+                    node: session.node,
+                    state: changed,
+                },
+            );
+        }
+    }
+
+    /// Marks nodes gone whose heartbeats stopped and ticks the scheduler.
+    pub fn tick(&self, heartbeat_timeout: std::time::Duration) {
+        let now = self.clock.now();
+        let now_instant = self.clock.instant();
+        let mut state = self.lock();
+        let silent: Vec<NodeId> = state
+            .nodes
+            .iter()
+            .filter(|(_, node)| {
+                now_instant.saturating_duration_since(node.last_heard) > heartbeat_timeout
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for node in silent {
+            tracing::warn!(node_id = %state.nodes[&node].name, "heartbeat timeout");
+            self.drop_node(&mut state, now, node);
+        }
+        self.handle(&mut state, now, Event::Tick);
+        state.drop_finished_checkpoints();
+    }
+
+    /// Names of connected nodes, sorted.
+    pub fn connected_nodes(&self) -> Vec<String> {
+        self.capacity().node_names()
+    }
+
+    /// Every connected node: what it serves, its slots and what it runs.
+    pub fn capacity(&self) -> Capacity {
+        let state = self.lock();
+        let nodes = state
+            .nodes
+            .iter()
+            .map(|(id, node)| NodeSummary {
+                name: node.name.clone(),
+                models: node.served_models(&self.models),
+                slots: node.slots(),
+                running: state.shares.running(*id),
+            })
+            .collect();
+        Capacity { nodes }
+    }
+
+    /// Which node runs a request now, by name.
+    pub fn node_of(&self, request: RequestId) -> Option<String> {
+        let state = self.lock();
+        let node = state.requests.get(&request)?.node?;
+        state.nodes.get(&node).map(|node| node.name.clone())
+    }
+}
+
+impl Cell for Core {
+    fn submit(&self, generation: NewGeneration) -> Result<Admitted, Rejection> {
+        Core::submit(self, generation)
+    }
+
+    fn cancel(&self, request: RequestId) -> Option<Metering> {
+        self.cancel_metered(request)
+    }
+
+    fn capacity(&self) -> Capacity {
+        Core::capacity(self)
+    }
+
+    fn owner_policy_changed(&self, node: &str, policy: scheduler::OwnerPolicy) {
+        self.node_policy_changed(node, policy);
+    }
+}
+
+pub(crate) const ORDER: std::sync::atomic::Ordering = std::sync::atomic::Ordering::Relaxed;
+
+/// Scheduler settings for a tenant of a class until tenant contracts exist.
+fn tenant_config(class: TenantClass) -> scheduler::TenantConfig {
+    scheduler::TenantConfig {
+        class,
+        weight: 1,
+        max_concurrency: store::contracts::TENANT_CONCURRENT_REQUESTS_DEFAULT,
+        tokens_per_minute: None,
+        reserved_min_share_permille: 0,
+    }
+}
+
+mod checkpoints;
+mod clock;
+mod contracts;
+mod dispatch;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,89 @@
+//! The core driven by a manual clock: what depends on time happens when the
+//! clock says so, without a test waiting for it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use domain::TimestampMs;
+use scheduler::OwnerPolicy;
+use tokio::sync::mpsc;
+
+use super::{Core, ManualClock, ORDER};
+use crate::metrics::Metrics;
+use crate::nodes::NodeSession;
+use cell_api::served::ServedModels;
+
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Harness {
+    clock: Arc<ManualClock>,
+    core: Core,
+    /// Kept open so that what the core sends a node is not refused.
+    _to_nodes: Vec<mpsc::Receiver<proto::CoordinatorMessage>>,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let clock = Arc::new(ManualClock::new(TimestampMs(1_704_067_200_000)));
+        let scheduler = scheduler::Scheduler::new(scheduler::SchedulerConfig::default());
+        let (request_log, _) = mpsc::channel(16);
+        let core = Core::new(
+            scheduler,
+            Arc::new(ServedModels::default()),
+            Arc::new(Metrics::default()),
+            request_log,
+            Arc::clone(&clock) as Arc<dyn super::Clock>,
+        );
+        Harness {
+            clock,
+            core,
+            _to_nodes: Vec::new(),
+        }
+    }
+
+    fn connect(&mut self, name: &str) -> NodeSession {
+        let (outbound, to_node) = mpsc::channel(16);
+        self._to_nodes.push(to_node);
+        let (session, _disconnect) = self.core.node_connected(
+            name,
+            &proto::Hello::default(),
+            outbound,
+            OwnerPolicy::default(),
+        );
+        session
+    }
+
+    fn after(&self, elapsed: Duration) {
+        self.clock.advance(elapsed);
+        self.core.tick(HEARTBEAT_TIMEOUT);
+    }
+}
+
+#[test]
+fn a_silent_node_is_dropped_only_once_the_heartbeat_timeout_has_passed() {
+    let mut harness = Harness::new();
+    harness.connect("car-1");
+
+    harness.after(HEARTBEAT_TIMEOUT);
+    assert_eq!(harness.core.connected_nodes(), ["car-1"]);
+
+    harness.after(Duration::from_millis(1));
+    assert!(harness.core.connected_nodes().is_empty());
+    assert_eq!(harness.core.metrics.nodes_lost.load(ORDER), 1);
+}
+
+#[test]
+fn a_heartbeat_restarts_the_timeout() {
+    let mut harness = Harness::new();
+    let session = harness.connect("car-1");
+
+    harness.after(Duration::from_secs(8));
+    harness
+        .core
+        .heartbeat(session, &proto::Heartbeat::default());
+    harness.after(Duration::from_secs(8));
+    assert_eq!(harness.core.connected_nodes(), ["car-1"]);
+
+    harness.after(Duration::from_secs(3));
+    assert!(harness.core.connected_nodes().is_empty());
+}

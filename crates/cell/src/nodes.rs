@@ -1,0 +1,146 @@
+//! What the coordinator keeps about each connected node.
+
+use std::time::Instant;
+
+use scheduler::{Event, Millis, NodeCapacity, NodeId, OwnerPolicy, VehicleState};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use cell_api::metering::PaidSpeed;
+use cell_api::served::ServedModels;
+
+/// Identifies one connection of a node: a reconnecting vehicle gets a new
+/// session, so events from its old stream are recognised and ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeSession {
+    pub node: NodeId,
+    pub session: u64,
+}
+
+pub struct ConnectedNode {
+    pub name: String,
+    pub session: u64,
+    pub outbound: mpsc::Sender<proto::CoordinatorMessage>,
+    pub last_heard: Instant,
+    /// Cancelled when the core drops this session (lost, replaced or
+    /// disconnected for a protocol violation): its gRPC read loop stops
+    /// reading at once.
+    pub disconnect: CancellationToken,
+    state: VehicleState,
+    hardware: proto::Hardware,
+    models: Vec<proto::CachedModel>,
+}
+
+impl ConnectedNode {
+    pub fn new(
+        name: &str,
+        session: u64,
+        outbound: mpsc::Sender<proto::CoordinatorMessage>,
+        hello: &proto::Hello,
+    ) -> ConnectedNode {
+        ConnectedNode {
+            name: name.to_string(),
+            session,
+            outbound,
+            last_heard: Instant::now(),
+            disconnect: CancellationToken::new(),
+            state: vehicle_state(hello.state.as_ref()),
+            hardware: hello.hardware.clone().unwrap_or_default(),
+            models: hello.models.clone(),
+        }
+    }
+
+    /// The served models this node holds, by name.
+    pub fn served_models(&self, served: &ServedModels) -> Vec<String> {
+        self.models
+            .iter()
+            .filter_map(|model| served.by_digest(&model.sha256))
+            .map(|model| model.name.clone())
+            .collect()
+    }
+
+    /// The generations it declared it may run at once.
+    pub fn slots(&self) -> u32 {
+        self.hardware.parallel_sequences.max(1)
+    }
+
+    /// The scheduler event that registers this node under its owner's policy.
+    pub fn registration(&self, node: NodeId, served: &ServedModels, policy: OwnerPolicy) -> Event {
+        let on_disk = || {
+            self.models
+                .iter()
+                .filter_map(|model| served.by_digest(&model.sha256))
+                .map(|model| model.id)
+        };
+        let loaded = self
+            .models
+            .iter()
+            .filter(|model| model.loaded)
+            .filter_map(|model| served.by_digest(&model.sha256))
+            .map(|model| model.id)
+            .collect();
+        Event::NodeRegistered {
+            node,
+            capacity: NodeCapacity {
+                slots: u16::try_from(self.hardware.parallel_sequences.max(1)).unwrap_or(u16::MAX),
+                decode_tokens_per_second: self.hardware.decode_tokens_per_second as f32,
+                prefill_tokens_per_second: self.hardware.prefill_tokens_per_second as f32,
+                models: on_disk().collect(),
+                loaded,
+                energy_price_micro_usd_per_kwh: 0,
+            },
+            state: self.state,
+            policy,
+        }
+    }
+
+    /// The speeds its segments' paid compute time is bounded by: those it
+    /// declared when it connected, never below the floors.
+    pub fn paid_speed(&self) -> PaidSpeed {
+        PaidSpeed::declared(
+            self.hardware.prefill_tokens_per_second,
+            self.hardware.decode_tokens_per_second,
+        )
+    }
+
+    /// Records a heartbeat; returns the new vehicle state when it changed.
+    pub fn observe_heartbeat(&mut self, heartbeat: &proto::Heartbeat) -> Option<VehicleState> {
+        self.last_heard = Instant::now();
+        let state = vehicle_state(heartbeat.state.as_ref());
+        if state == self.state {
+            return None;
+        }
+        self.state = state;
+        Some(state)
+    }
+}
+
+/// Converts the wire form of a vehicle's state into the scheduler's.
+pub fn vehicle_state(state: Option<&proto::VehicleState>) -> VehicleState {
+    let Some(state) = state else {
+        // No state reported: the safe side is "not available".
+        return VehicleState {
+            plugged_in: false,
+            charging: false,
+            state_of_charge_permille: 0,
+            departure_at: None,
+            chip_temperature_decicelsius: 0,
+        };
+    };
+    let soc = (state.state_of_charge.clamp(0.0, 1.0) * 1000.0).round() as u16;
+    let temperature = if state.temperature_c.is_finite() {
+        (state.temperature_c * 10.0).clamp(-2000.0, 2000.0).round() as i16
+    } else {
+        0
+    };
+    VehicleState {
+        plugged_in: state.plugged_in,
+        charging: state.charging,
+        state_of_charge_permille: soc,
+        departure_at: u64::try_from(state.departure_unix_ms)
+            .ok()
+            .filter(|ms| *ms > 0)
+            .and_then(Millis::from_u64),
+        chip_temperature_decicelsius: temperature,
+    }
+}

@@ -1,0 +1,267 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions`: from a request
+//! body to an admitted generation.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use rand::Rng;
+
+use super::error::ApiError;
+use super::idempotency;
+use super::respond::{self, CancelGuard, ResponseMeta};
+use super::validate::{self, Endpoint, PromptSource, ValidatedRequest};
+use super::{authenticate, AppState};
+use crate::billing_finish::Finisher;
+use crate::limits;
+use cell_api::{NewGeneration, Rejection, TenantRef};
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    run(&state, &headers, body, Endpoint::Chat)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    run(&state, &headers, body, Endpoint::Completion)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn run(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    endpoint: Endpoint,
+) -> Result<Response, ApiError> {
+    let tenant = authenticate(state, headers).await?;
+    let deadline_ms = super::deadline::from_headers(headers)?;
+    let permit = super::admission::admit(state, &tenant)?;
+    // The body is read only once the caller is known and has a slot.
+    let body = read_body(body).await?;
+    // `auto` and `cloud/...` are routed between the fleet and the cloud.
+    if super::route::is_routed(&body) {
+        // A routed request is not kept for replay and has no start deadline:
+        // refuse the headers rather than silently ignore what they promise.
+        if headers.contains_key(idempotency::HEADER) {
+            return Err(ApiError::invalid(
+                "Idempotency-Key is supported for fleet models only, not for `auto` or `cloud/...`",
+                None,
+                "unsupported_header",
+            ));
+        }
+        if deadline_ms.is_some() {
+            return Err(ApiError::invalid(
+                "x-fleetgrid-deadline-ms is supported for fleet models only, not for `auto` or `cloud/...`",
+                None,
+                "unsupported_header",
+            ));
+        }
+        return super::route::serve(state, tenant, permit, &body, endpoint).await;
+    }
+    let idempotency = match idempotency::start(state, &tenant, headers, &body, endpoint).await? {
+        idempotency::Start::Answer(response) => return Ok(response),
+        idempotency::Start::Run(slot) => slot,
+    };
+    let request = match endpoint {
+        Endpoint::Chat => validate::chat(validate::parse_json(&body)?, &state.models)?,
+        Endpoint::Completion => validate::completion(validate::parse_json(&body)?, &state.models)?,
+    };
+    let (prompt, prompt_text) = tokenize(&request).await?;
+    let max_tokens = completion_budget(&request, prompt.len())?;
+    let public_id = match endpoint {
+        Endpoint::Chat => format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+        Endpoint::Completion => format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
+    };
+    // Without a client seed the coordinator picks one, so that a generation
+    // moved to another node continues exactly as it would have.
+    let seed = request.seed.unwrap_or_else(|| rand::thread_rng().gen());
+    // Refused with 402 here, before anything is queued, if the tenant
+    // cannot pay for the worst case.
+    let charge = (state.billing)
+        .admit(
+            &tenant,
+            &request.model.name,
+            prompt.len(),
+            max_tokens,
+            &public_id,
+        )
+        .await?;
+    let admitted = state
+        .cell
+        .submit(NewGeneration {
+            public_id: public_id.clone(),
+            tenant: TenantRef {
+                id: tenant.id,
+                class: tenant.class,
+            },
+            model: request.model.name.clone(),
+            prompt,
+            committed: Vec::new(),
+            sampling: proto::Sampling {
+                temperature: request.temperature,
+                top_p: request.top_p,
+                top_k: request.top_k,
+                seed,
+                ignore_eos: request.ignore_eos,
+            },
+            max_tokens,
+            stop: request.stop.clone(),
+            top_logprobs: if request.logprobs {
+                request.top_logprobs
+            } else {
+                0
+            },
+            deadline_ms,
+        })
+        .map_err(rejection_error)?;
+    tracing::info!(request_id = %public_id, tenant_id = tenant.id, model = %request.model.name, "admitted");
+    let meta = ResponseMeta::new(public_id, &request, prompt_text, state.request_timeout);
+    let mut guard = CancelGuard::new(
+        Arc::clone(&state.cell),
+        admitted.request,
+        admitted.updates,
+        permit,
+    );
+    let finisher = Finisher::new(Arc::clone(&state.billing), charge, idempotency);
+    guard.charge_on_cancel(finisher.cancel_charge());
+    if request.stream {
+        Ok(respond::stream(meta, guard, finisher))
+    } else {
+        respond::collect(meta, guard, finisher).await
+    }
+}
+
+/// The whole request body, within `REQUEST_BODY_BYTES_MAX`; 408 when the
+/// client took longer than the body read timeout to send it.
+async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+    match axum::body::to_bytes(body, limits::REQUEST_BODY_BYTES_MAX + 1).await {
+        Ok(bytes) if bytes.len() > limits::REQUEST_BODY_BYTES_MAX => Err(body_too_large()),
+        Ok(bytes) => Ok(bytes),
+        Err(error) if crate::http_serve::is_body_read_timeout(&error) => Err(ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: "the request body was not received in time".into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_timeout"),
+            retry_after_seconds: None,
+        }),
+        Err(error) if crate::http_serve::is_length_limit(&error) => Err(body_too_large()),
+        Err(_) => Err(ApiError::invalid(
+            "the request body could not be read",
+            None,
+            "invalid_body",
+        )),
+    }
+}
+
+fn body_too_large() -> ApiError {
+    ApiError::invalid(
+        format!(
+            "the request body is larger than {} bytes",
+            limits::REQUEST_BODY_BYTES_MAX
+        ),
+        None,
+        "request_too_large",
+    )
+}
+
+/// Renders (chat) and tokenizes the prompt off the async threads. Returns the
+/// tokens and, for `echo`, the prompt text.
+pub(super) async fn tokenize(request: &ValidatedRequest) -> Result<(Vec<i32>, String), ApiError> {
+    let model = Arc::clone(&request.model);
+    let source = match &request.prompt {
+        PromptSource::Chat(messages) => PromptSource::Chat(messages.clone()),
+        PromptSource::Text(text) => PromptSource::Text(text.clone()),
+    };
+    let joined = tokio::task::spawn_blocking(move || {
+        let (text, add_special) = match source {
+            PromptSource::Chat(messages) => {
+                (model.tokenizer.apply_chat_template(&messages, true)?, false)
+            }
+            PromptSource::Text(text) => (text, true),
+        };
+        let tokens = model.tokenizer.tokenize(&text, add_special)?;
+        Ok::<_, engine::EngineError>((tokens, text))
+    })
+    .await;
+    match joined {
+        Ok(Ok(result)) => Ok(result),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "render or tokenize prompt");
+            Err(ApiError::invalid(
+                format!("the prompt could not be prepared: {error}"),
+                Some("messages"),
+                "invalid_prompt",
+            ))
+        }
+        Err(error) => {
+            tracing::error!(%error, "tokenizer task");
+            Err(ApiError::internal())
+        }
+    }
+}
+
+/// The completion tokens this request may have, given its prompt.
+pub(super) fn completion_budget(
+    request: &ValidatedRequest,
+    prompt_tokens: usize,
+) -> Result<u32, ApiError> {
+    let context = request.model.context_tokens as usize;
+    let param = match request.endpoint {
+        Endpoint::Chat => "messages",
+        Endpoint::Completion => "prompt",
+    };
+    if prompt_tokens + 1 > context {
+        return Err(ApiError::invalid(
+            format!("this model's maximum context length is {context} tokens, but the prompt has {prompt_tokens} tokens"),
+            Some(param),
+            "context_length_exceeded",
+        ));
+    }
+    let room = context - prompt_tokens;
+    match request.max_tokens {
+        Some(asked) if asked as usize > room => Err(ApiError::invalid(
+            format!("this model's maximum context length is {context} tokens; the prompt has {prompt_tokens} and max_tokens asks for {asked} more"),
+            Some("max_tokens"),
+            "context_length_exceeded",
+        )),
+        Some(asked) => Ok(asked),
+        None => Ok(limits::COMPLETION_TOKENS_DEFAULT.min(room as u32)),
+    }
+}
+
+pub(super) fn rejection_error(rejection: Rejection) -> ApiError {
+    match rejection {
+        Rejection::NoEligibleNode {
+            retry_after_seconds,
+        } => ApiError::unavailable(
+            "no vehicle that can serve this model is available right now",
+            retry_after_seconds,
+        ),
+        Rejection::QueueFull {
+            retry_after_seconds,
+        } => ApiError::too_many(
+            "the queue for this model is full; retry shortly",
+            retry_after_seconds,
+        ),
+        Rejection::OverQuota {
+            message,
+            retry_after_seconds,
+        } => ApiError::too_many(message, retry_after_seconds),
+        Rejection::Other { message } => {
+            ApiError::unavailable(message, limits::RETRY_AFTER_DEFAULT_SECONDS)
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! The OpenAI-compatible HTTP gateway: routes, authentication, admission.
+//!
+//! `router` builds the whole app so tests can drive it with `oneshot` as
+//! well as over a socket.
+
+mod admission;
+pub mod deadline;
+mod error;
+mod extract;
+mod generate;
+mod idempotency;
+pub mod owner;
+mod owner_statement;
+mod respond;
+mod route;
+mod route_drive;
+mod route_respond;
+mod types;
+mod usage;
+mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::sync::Semaphore;
+
+pub use error::ApiError;
+
+use crate::limits;
+use crate::served::ServedModels;
+use crate::store::{Store, TenantRecord};
+use crate::tenant_requests::TenantRequests;
+use cell_api::Cell;
+
+#[derive(Clone)]
+pub struct AppState {
+    /// The cell that runs generations; the gateway knows it only through
+    /// the `Cell` interface.
+    pub cell: Arc<dyn Cell>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub store: Store,
+    pub models: Arc<ServedModels>,
+    /// Caps requests held at once; `try_acquire` failing becomes 429.
+    pub inflight: Arc<Semaphore>,
+    /// Admission against the tenant's money, settlement in the ledger.
+    pub billing: Arc<crate::billing::Billing>,
+    pub idempotency: Arc<crate::billing_idempotency::IdempotencyStore>,
+    /// The cloud tier, when configured: `auto` and `cloud/...` need it.
+    pub cloud: Option<Arc<crate::cloud::CloudTier>>,
+    /// Each tenant's requests held at once, against its limit.
+    pub tenant_requests: Arc<TenantRequests>,
+    /// Longest one request may take in all (`limits::REQUEST_TIMEOUT`).
+    pub request_timeout: Duration,
+    /// Other parts of this process whose metrics `/metrics` shows (a cell
+    /// run in the same process).
+    pub metrics_of: Vec<MetricsSource>,
+}
+
+/// Renders some part's metrics in the Prometheus text format.
+pub type MetricsSource = Arc<dyn Fn() -> String + Send + Sync>;
+
+impl AppState {
+    pub fn new(
+        cell: Arc<dyn Cell>,
+        metrics: Arc<crate::metrics::Metrics>,
+        store: Store,
+        models: Arc<ServedModels>,
+        billing: Arc<crate::billing::Billing>,
+        idempotency: Arc<crate::billing_idempotency::IdempotencyStore>,
+    ) -> AppState {
+        AppState {
+            cell,
+            metrics,
+            store,
+            models,
+            inflight: Arc::new(Semaphore::new(limits::INFLIGHT_REQUESTS_MAX)),
+            billing,
+            idempotency,
+            cloud: None,
+            tenant_requests: Arc::new(TenantRequests::default()),
+            request_timeout: limits::REQUEST_TIMEOUT,
+            metrics_of: Vec::new(),
+        }
+    }
+
+    /// Shares the per-tenant request counts the contract follower updates.
+    pub fn with_tenant_requests(mut self, tenant_requests: Arc<TenantRequests>) -> AppState {
+        self.tenant_requests = tenant_requests;
+        self
+    }
+
+    pub fn with_request_timeout(mut self, request_timeout: Duration) -> AppState {
+        self.request_timeout = request_timeout;
+        self
+    }
+
+    /// `/metrics` shows what `source` renders too.
+    pub fn with_metrics_of(mut self, source: MetricsSource) -> AppState {
+        self.metrics_of.push(source);
+        self
+    }
+
+    pub fn with_cloud(mut self, cloud: Option<Arc<crate::cloud::CloudTier>>) -> AppState {
+        self.cloud = cloud;
+        self
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(generate::chat_completions))
+        .route("/v1/completions", post(generate::completions))
+        .route("/v1/models", get(list_models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/usage", get(usage::usage))
+        .route("/v1/invoices/{month}", get(usage::invoice))
+        .merge(owner::routes())
+        .merge(owner_statement::routes())
+        .fallback(not_found)
+        // One byte more than the limit so that an over-limit body is seen
+        // as such by our own check and answered with an OpenAI-shaped 400.
+        .layer(DefaultBodyLimit::max(limits::REQUEST_BODY_BYTES_MAX + 1))
+        .with_state(state)
+}
+
+/// The key of an `Authorization: Bearer KEY` header, or 401 naming `what`
+/// is missing and how to send it (`placeholder` stands for the key).
+pub(crate) fn bearer_key<'h>(
+    headers: &'h HeaderMap,
+    what: &str,
+    placeholder: &str,
+) -> Result<&'h str, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(ApiError::unauthorized(format!(
+            "you didn't provide {what}; send it as 'Authorization: Bearer {placeholder}'"
+        )));
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|text| text.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|key| !key.is_empty())
+        .ok_or_else(|| {
+            ApiError::unauthorized(format!(
+                "the Authorization header must be 'Bearer {placeholder}'"
+            ))
+        })
+}
+
+/// The tenant behind the request's bearer token, or 401.
+pub(crate) async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<TenantRecord, ApiError> {
+    let key = bearer_key(headers, "an API key", "YOUR_KEY")?;
+    match state.store.tenant_for_api_key(key).await {
+        Ok(Some(tenant)) => Ok(tenant),
+        Ok(None) => Err(ApiError::unauthorized("incorrect API key provided")),
+        Err(error) => {
+            tracing::error!(%error, "look up API key");
+            Err(ApiError::internal())
+        }
+    }
+}
+
+async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(error) = authenticate(&state, &headers).await {
+        return error.into_response();
+    }
+    let data: Vec<serde_json::Value> = state
+        .models
+        .all()
+        .iter()
+        .map(|model| {
+            serde_json::json!({
+                "id": model.name,
+                "object": "model",
+                "created": model.created_unix_s,
+                "owned_by": "fleetgrid",
+                "tier": "fleet",
+                "sha256": model.digest,
+                "context_length": model.context_tokens,
+            })
+        })
+        .chain(route::model_entries(&state))
+        .collect();
+    Json(serde_json::json!({ "object": "list", "data": data })).into_response()
+}
+
+/// Says whether the coordinator is healthy, and nothing more to anyone
+/// without a key: node names would let anyone list the enrolled vehicles.
+/// The operator's own (fleet-class) tenants also see the connected nodes; a
+/// key that is sent must be valid.
+async fn health(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if !headers.contains_key(header::AUTHORIZATION) {
+        return Json(serde_json::json!({ "status": "ok" })).into_response();
+    }
+    let tenant = match authenticate(&state, &headers).await {
+        Ok(tenant) => tenant,
+        Err(error) => return error.into_response(),
+    };
+    if tenant.class != crate::store::TenantClass::Fleet {
+        return Json(serde_json::json!({ "status": "ok" })).into_response();
+    }
+    let nodes = state.cell.capacity().node_names();
+    Json(serde_json::json!({
+        "status": "ok",
+        "nodes_connected": nodes.len(),
+        "nodes": nodes,
+    }))
+    .into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut text = state.metrics.render();
+    for render in &state.metrics_of {
+        text.push_str(&render());
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn not_found() -> Response {
+    ApiError::not_found("no such endpoint").into_response()
+}

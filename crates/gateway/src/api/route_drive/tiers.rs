@@ -1,0 +1,324 @@
+//! The two tiers as the driver runs them: an edge generation through the
+//! core (its updates turned into the machine's events), and a cloud call
+//! through the upstream, with the prompts each is given.
+
+use std::sync::Arc;
+
+use engine::TextAssembler;
+use rand::Rng;
+use router::{CloudPrompt, EdgeEnd, Event, TokenLogprob};
+use scheduler::RequestId;
+use tokio::sync::mpsc;
+
+use super::{Flow, Routing, Stop};
+use crate::api::error::ApiError;
+use crate::api::generate;
+use crate::api::validate::PromptSource;
+use crate::billing_meter::Metering;
+use crate::cloud::upstream::{UpstreamPrompt, UpstreamRequest, UpstreamStream};
+use crate::cloud::UpstreamError;
+use crate::limits;
+use cell_api::{
+    Cell, CommittedToken, FinishReason, GenerationError, NewGeneration, TenantRef, Update,
+};
+
+/// Alternatives asked for each edge token, so the router can score margins.
+const ROUTING_TOP_LOGPROBS: u32 = 2;
+
+/// An edge generation. Dropped while it runs (the request failed, or the
+/// driver stopped), it is cancelled.
+pub(super) struct EdgeRun {
+    updates: mpsc::Receiver<Update>,
+    cell: Arc<dyn Cell>,
+    request: RequestId,
+    /// Whether the generation may still be running here (not finished,
+    /// failed or stopped).
+    armed: bool,
+    assembler: TextAssembler,
+    /// What the core metered of it, once it finished by itself.
+    finished: Option<Metering>,
+    /// Why it failed, once it did.
+    error: Option<GenerationError>,
+}
+
+impl EdgeRun {
+    pub(super) fn is_running(&self) -> bool {
+        self.armed
+    }
+
+    /// The next update of the generation, as the machine's event; `None`
+    /// when the core dropped it without an answer.
+    pub(super) async fn next(&mut self) -> Option<Event> {
+        let event = match self.updates.recv().await? {
+            Update::Token(token) => Event::EdgeToken {
+                id: token.token_id,
+                text: self.assembler.push(&token.piece),
+                logprob: token_logprob(&token),
+            },
+            Update::Finished {
+                reason, metering, ..
+            } => {
+                self.armed = false;
+                self.finished = Some(metering);
+                let rest = self.assembler.finish();
+                Event::EdgeFinished {
+                    end: match reason {
+                        FinishReason::Stop => EdgeEnd::Stop,
+                        FinishReason::Length => EdgeEnd::Length,
+                    },
+                    stop_sequence: self.assembler.stopped(),
+                    rest,
+                }
+            }
+            Update::Failed(error) => {
+                self.armed = false;
+                let detail = format!("{error:?}");
+                self.error = Some(error);
+                Event::EdgeFailed { detail }
+            }
+        };
+        Some(event)
+    }
+
+    pub(super) fn take_error(&mut self) -> Option<GenerationError> {
+        self.error.take()
+    }
+
+    /// Stops the generation if it still runs and returns what the core
+    /// metered of it; `None` if it failed.
+    pub(super) fn stop(&mut self) -> Option<Metering> {
+        if self.armed {
+            self.armed = false;
+            if let Some(metering) = self.cell.cancel(self.request) {
+                return Some(metering);
+            }
+        }
+        if let Some(metering) = self.finished.take() {
+            return Some(metering);
+        }
+        // It ended before the cancel: its metering may still be queued.
+        while let Ok(update) = self.updates.try_recv() {
+            if let Update::Finished { metering, .. } = update {
+                return Some(metering);
+            }
+        }
+        None
+    }
+}
+
+impl Drop for EdgeRun {
+    fn drop(&mut self) {
+        if self.armed {
+            // Nothing is booked for a request that stops this way: a client
+            // that went away had the generation stopped by the machine.
+            let _ = self.cell.cancel(self.request);
+        }
+    }
+}
+
+/// A cloud call whose upstream accepted it.
+pub(super) struct CloudCall {
+    pub(super) stream: UpstreamStream,
+    started_ms: i64,
+}
+
+impl Routing {
+    /// Starts an edge generation of the prompt followed by `prefix` tokens:
+    /// `EdgeStarted`, or `EdgeUnavailable` when the core refuses it.
+    pub(super) fn start_edge(&mut self, prefix: &[i32], max_tokens: Option<u32>) -> Event {
+        self.edge = None;
+        match self.submit_edge(prefix, max_tokens) {
+            Ok((run, max_tokens)) => {
+                self.edge = Some(run);
+                Event::EdgeStarted { max_tokens }
+            }
+            Err(error) => {
+                let detail = error.message.clone();
+                self.last_edge_refusal = Some(error);
+                Event::EdgeUnavailable { detail }
+            }
+        }
+    }
+
+    fn submit_edge(
+        &self,
+        prefix: &[i32],
+        max_tokens: Option<u32>,
+    ) -> Result<(EdgeRun, u32), ApiError> {
+        let mut prompt = self.prompt.clone();
+        prompt.extend_from_slice(prefix);
+        let budget = generate::completion_budget(&self.request, prompt.len())?;
+        let max_tokens = max_tokens.map_or(budget, |asked| asked.min(budget));
+        let seed = self
+            .request
+            .seed
+            .unwrap_or_else(|| rand::thread_rng().gen());
+        // The request was admitted (`admit`) before any of its work started.
+        let admitted = self
+            .state
+            .cell
+            .submit(NewGeneration {
+                public_id: self.public_id.clone(),
+                tenant: TenantRef {
+                    id: self.tenant.id,
+                    class: self.tenant.class,
+                },
+                model: self.request.model.name.clone(),
+                prompt,
+                committed: Vec::new(),
+                sampling: proto::Sampling {
+                    temperature: self.request.temperature,
+                    top_p: self.request.top_p,
+                    top_k: self.request.top_k,
+                    seed,
+                    ignore_eos: self.request.ignore_eos,
+                },
+                max_tokens,
+                stop: self.request.stop.clone(),
+                top_logprobs: ROUTING_TOP_LOGPROBS,
+                deadline_ms: None,
+            })
+            .map_err(generate::rejection_error)?;
+        let run = EdgeRun {
+            updates: admitted.updates,
+            cell: Arc::clone(&self.state.cell),
+            request: admitted.request,
+            armed: true,
+            assembler: TextAssembler::new(self.request.stop.clone()),
+            finished: None,
+            error: None,
+        };
+        Ok((run, max_tokens))
+    }
+
+    /// Calls the cloud with the reserved slot: `CloudStarted`, or
+    /// `CloudFailed` when the upstream did not accept the call.
+    pub(super) async fn start_cloud(
+        &mut self,
+        prompt: CloudPrompt,
+        max_tokens: u32,
+    ) -> Flow<Event> {
+        let Some(permit) = self.cloud_slot.take() else {
+            tracing::error!(request_id = %self.public_id, "a cloud call without a reserved slot");
+            return Err(Stop::Failed(ApiError::internal()));
+        };
+        let prompt = match prompt {
+            CloudPrompt::Whole => self.cloud_prompt(),
+            CloudPrompt::Continue { sent } => match self.handoff_prompt(&sent).await {
+                Some(prompt) => prompt,
+                None => return Err(Stop::Failed(ApiError::internal())),
+            },
+        };
+        let request = self.upstream_request(prompt, max_tokens);
+        let started_ms = crate::core::now_ms().0;
+        match self.cloud.upstream.start(&request, permit).await {
+            Ok(stream) => {
+                self.cloud_call = Some(CloudCall { stream, started_ms });
+                Ok(Event::CloudStarted)
+            }
+            Err(error) => Ok(self.cloud_failed(error)),
+        }
+    }
+
+    pub(super) fn cloud_failed(&mut self, error: UpstreamError) -> Event {
+        self.cloud_call = None;
+        let event = Event::CloudFailed {
+            detail: error.to_string(),
+            fleet_could_serve: error.edge_could_serve(),
+        };
+        self.last_cloud_error = Some(error);
+        event
+    }
+
+    /// When the current cloud call started (now, if there is none).
+    pub(super) fn cloud_started_ms(&mut self) -> i64 {
+        self.cloud_call
+            .take()
+            .map_or_else(|| crate::core::now_ms().0, |call| call.started_ms)
+    }
+
+    pub(super) fn request_max_tokens(&self) -> u32 {
+        self.request
+            .max_tokens
+            .unwrap_or(limits::COMPLETION_TOKENS_DEFAULT)
+    }
+
+    fn upstream_request(&self, prompt: UpstreamPrompt, max_tokens: u32) -> UpstreamRequest {
+        UpstreamRequest {
+            prompt,
+            max_tokens,
+            temperature: self.request.temperature,
+            top_p: self.request.top_p,
+            seed: self.request.seed,
+            stop: self.request.stop.clone(),
+        }
+    }
+
+    pub(super) fn cloud_prompt(&self) -> UpstreamPrompt {
+        match &self.request.prompt {
+            PromptSource::Chat(messages) => UpstreamPrompt::Chat(messages.clone()),
+            PromptSource::Text(text) => UpstreamPrompt::Text(text.clone()),
+        }
+    }
+
+    /// Whether the cloud can continue a started answer of this request.
+    pub(super) fn can_hand_off(&self) -> bool {
+        match &self.request.prompt {
+            PromptSource::Chat(_) => self.cloud.chat_template.is_some(),
+            PromptSource::Text(_) => true,
+        }
+    }
+
+    /// The prompt that makes the cloud model continue `sent`: the chat
+    /// rendered by its own template with the assistant turn open, then the
+    /// answer so far.
+    async fn handoff_prompt(&self, sent: &str) -> Option<UpstreamPrompt> {
+        let messages = match &self.request.prompt {
+            PromptSource::Text(text) => return Some(UpstreamPrompt::Text(format!("{text}{sent}"))),
+            PromptSource::Chat(messages) => messages.clone(),
+        };
+        let cloud = Arc::clone(&self.cloud);
+        let rendered = tokio::task::spawn_blocking(move || {
+            cloud
+                .chat_template
+                .as_ref()
+                .map(|template| template.apply_chat_template(&messages, true))
+        })
+        .await;
+        match rendered {
+            Ok(Some(Ok(text))) => Some(UpstreamPrompt::Text(format!("{text}{sent}"))),
+            Ok(Some(Err(error))) => {
+                tracing::error!(%error, request_id = %self.public_id, "render the handoff prompt");
+                None
+            }
+            Ok(None) => None,
+            Err(error) => {
+                tracing::error!(%error, request_id = %self.public_id, "handoff template task");
+                None
+            }
+        }
+    }
+
+    /// What the pre-route reads: the last user message of a chat, or the prompt.
+    pub(super) fn router_prompt(&self) -> String {
+        match &self.request.prompt {
+            PromptSource::Text(text) => text.clone(),
+            PromptSource::Chat(messages) => messages
+                .iter()
+                .rev()
+                .find(|message| message.role == "user")
+                .or(messages.last())
+                .map(|message| message.content.clone())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+fn token_logprob(token: &CommittedToken) -> TokenLogprob {
+    let alternatives = token
+        .top_logprobs
+        .iter()
+        .filter(|(id, _, _)| *id != token.token_id)
+        .map(|(_, _, logprob)| *logprob);
+    TokenLogprob::new(token.logprob, alternatives.collect::<Vec<_>>())
+}
