@@ -145,7 +145,7 @@ impl Routing {
         self.booking()?
             .add_edge(&model, metering, released_tokens)
             .await
-            .map_err(Stop::Failed)
+            .map_err(|error| Stop::Failed(error.into()))
     }
 
     /// Books the cloud's part of the request and returns it with its cost.
@@ -161,7 +161,7 @@ impl Routing {
                 started_ms,
                 finished_ms,
             )
-            .map_err(Stop::Failed)?;
+            .map_err(|error| Stop::Failed(error.into()))?;
         Ok(CloudPart {
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
@@ -243,10 +243,13 @@ impl Routing {
             booking
                 .add_discarded_edge(&model, &metering)
                 .await
-                .map_err(Stop::Failed)?;
+                .map_err(|error| Stop::Failed(error.into()))?;
         }
         let completed_ms = crate::core::now_ms().0;
-        let charged = booking.settle(completed_ms).await.map_err(Stop::Failed)?;
+        let charged = booking
+            .settle(completed_ms)
+            .await
+            .map_err(|error| Stop::Failed(error.into()))?;
         Ok(crate::cloud::MicroUsd(charged.0))
     }
 }
