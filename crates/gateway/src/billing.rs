@@ -35,6 +35,11 @@
 //! tenant id, an owner's by its owner id, a node enrolled without owner by
 //! its node name in a namespace of its own. Names are for people only.
 //!
+//! **Errors.** Billing speaks its own [`BillingError`]: a refusal with the
+//! ledger's amounts, a ledger that did not take a settlement, a missing
+//! price, an internal failure. The gateway maps it to its HTTP answer in
+//! one place, so nothing here knows a status code.
+//!
 //! **Tenants without settings.** A tenant's ledger account is opened at its
 //! first request: `fleet` tenants (the operator's own workloads) without a
 //! floor, so they are metered and invoiced but never refused for money;
@@ -46,7 +51,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
 use ledger::admission::{self, AdmissionRequest};
 use ledger::core::{
     AccountState, BasisPoints, DurationMs, MicroUsd, ModelId, NodeId, OwnerId, RequestId, Segment,
@@ -57,14 +61,17 @@ use ledger::price_file::PriceConfig;
 use ledger::pricing::{PriceBook, Rate, TenantClass};
 use ledger::settlement::CompletedRequest;
 use ledger::statement::Period;
-use ledger::store::{MeterFlag, Store as Ledger, StoreError as LedgerStoreError};
+use ledger::store::{MeterFlag, Store as Ledger};
 
-use crate::api::ApiError;
 use crate::billing_holds::{Hold, HoldBook};
 use crate::billing_meter::Metering;
 use crate::core::ORDER;
 use crate::metrics::Metrics;
 use crate::store::{Store, TenantRecord};
+
+mod error;
+
+pub use error::BillingError;
 
 /// File name of the SQLite ledger inside the data directory.
 pub const LEDGER_FILE: &str = "ledger.db";
@@ -109,24 +116,6 @@ impl BillingConfig {
             prices: Arc::new(prices),
         }
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum BillingError {
-    #[error("open the ledger at {place}: {source}")]
-    Open {
-        place: String,
-        source: LedgerStoreError,
-    },
-    #[error("create the ledger's directory {path}: {source}")]
-    Dir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("served model {model} has no price for class {class} in the price sheet")]
-    Unpriced { model: String, class: TenantClass },
-    #[error("{0}")]
-    Invalid(String),
 }
 
 /// Opens the ledger a URL names (see `BillingConfig::ledger_url`).
@@ -266,11 +255,13 @@ impl Billing {
         model: &ModelId,
         class: TenantClass,
         at: TimestampMs,
-    ) -> Result<Rate, ApiError> {
-        self.book
-            .sheet_at(at)
-            .rate(model, class)
-            .map_err(|error| internal("price a model", &error))
+    ) -> Result<Rate, BillingError> {
+        self.book.sheet_at(at).rate(model, class).map_err(|error| {
+            tracing::error!(%error, "billing: price a model");
+            BillingError::UnknownPrice {
+                model: model.to_string(),
+            }
+        })
     }
 
     /// Admits a request the tenant can pay for in the worst case, or refuses
@@ -282,7 +273,7 @@ impl Billing {
         prompt_tokens: usize,
         max_tokens: u32,
         request_id: &str,
-    ) -> Result<PendingCharge, ApiError> {
+    ) -> Result<PendingCharge, BillingError> {
         self.admit_any(tenant, &[model], prompt_tokens, max_tokens, request_id)
             .await
     }
@@ -297,7 +288,7 @@ impl Billing {
         prompt_tokens: usize,
         max_tokens: u32,
         request_id: &str,
-    ) -> Result<PendingCharge, ApiError> {
+    ) -> Result<PendingCharge, BillingError> {
         let now = now();
         let tenant_id = ledger_tenant(tenant);
         let class = tenant.class;
@@ -305,13 +296,15 @@ impl Billing {
             .iter()
             .map(|model| ModelId::new(*model))
             .collect::<Result<Vec<ModelId>, _>>()
-            .map_err(|error| internal("model name", &error))?;
+            .map_err(|error| BillingError::internal("model name", &error))?;
         let Some(model) = models.first().cloned() else {
-            tracing::error!("billing: a request admitted for no model");
-            return Err(ApiError::internal());
+            return Err(BillingError::internal(
+                "admit a request",
+                &"a request admitted for no model",
+            ));
         };
-        let request_id =
-            RequestId::new(request_id).map_err(|error| internal("request id", &error))?;
+        let request_id = RequestId::new(request_id)
+            .map_err(|error| BillingError::internal("request id", &error))?;
         let worst_case = admission::worst_case_cost(
             self.book.sheet_at(now),
             &AdmissionRequest {
@@ -321,7 +314,7 @@ impl Billing {
                 max_completion_tokens: TokenCount(u64::from(max_tokens)),
             },
         )
-        .map_err(|error| internal("price the request", &error))?;
+        .map_err(|error| BillingError::internal("price the request", &error))?;
         let today = Period {
             from: now.utc_day_start(),
             until: TimestampMs(now.utc_day_start().0 + TimestampMs::PER_DAY),
@@ -332,18 +325,18 @@ impl Billing {
                 .ledger
                 .ensure_tenant(&tenant_id, class == TenantClass::Fleet)
                 .await
-                .map_err(|error| internal("read the tenant's account", &error))?;
+                .map_err(|error| BillingError::internal("read the tenant's account", &error))?;
             let cap = self
                 .ledger
                 .daily_cap(&tenant_id)
                 .await
-                .map_err(|error| internal("read the daily cap", &error))?;
+                .map_err(|error| BillingError::internal("read the daily cap", &error))?;
             let spent = match cap {
                 Some(_) => self
                     .ledger
                     .tenant_spent(&tenant_id, today)
                     .await
-                    .map_err(|error| internal("read today's spend", &error))?,
+                    .map_err(|error| BillingError::internal("read today's spend", &error))?,
                 None => MicroUsd::ZERO,
             };
             let mut tenants = self.holds.lock();
@@ -360,7 +353,7 @@ impl Billing {
             let spent_view = MicroUsd(spent.0.saturating_add(holds.held.0));
             if let Err(refusal) = admission::check(worst_case, &held_view, cap, spent_view) {
                 tracing::info!(request_id = %request_id, tenant_id = %tenant_id, %refusal, "payment required");
-                return Err(payment_required(refusal.to_string()));
+                return Err(BillingError::Refused(refusal));
             }
             holds.held = MicroUsd(holds.held.0.saturating_add(worst_case.0));
             return Ok(PendingCharge {
@@ -377,10 +370,9 @@ impl Billing {
                 },
             });
         }
-        Err(ApiError::unavailable(
-            "this tenant's balance is changing too fast to admit the request; retry",
-            crate::limits::RETRY_AFTER_DEFAULT_SECONDS,
-        ))
+        Err(BillingError::Contended {
+            retry_after_seconds: crate::limits::RETRY_AFTER_DEFAULT_SECONDS,
+        })
     }
 
     /// Builds the ledger's record of a finished request from the core's
@@ -389,7 +381,7 @@ impl Billing {
         &self,
         pending: &PendingCharge,
         metering: &Metering,
-    ) -> Result<Completion, ApiError> {
+    ) -> Result<Completion, BillingError> {
         let segments = self
             .node_segments(&pending.request_id, &pending.model, metering, 0)
             .await?;
@@ -416,11 +408,11 @@ impl Billing {
         model: &ModelId,
         metering: &Metering,
         first_segment: u32,
-    ) -> Result<Vec<UsageSegment>, ApiError> {
+    ) -> Result<Vec<UsageSegment>, BillingError> {
         let mut segments = Vec::with_capacity(metering.segments.len());
         for (position, track) in metering.segments.iter().enumerate() {
-            let node =
-                NodeId::new(track.node.as_str()).map_err(|error| internal("node name", &error))?;
+            let node = NodeId::new(track.node.as_str())
+                .map_err(|error| BillingError::internal("node name", &error))?;
             let owner = self.owner_of(&track.node).await?;
             let position = u32::try_from(position).unwrap_or(u32::MAX);
             let observation = NodeObservation {
@@ -446,7 +438,7 @@ impl Billing {
     /// Commits a finished request's transfers durably and returns what the
     /// tenant was charged. Settling the same request again changes nothing
     /// (the transfers exist).
-    pub async fn settle(&self, completion: &Completion) -> Result<MicroUsd, ApiError> {
+    pub async fn settle(&self, completion: &Completion) -> Result<MicroUsd, BillingError> {
         let request = &completion.request;
         self.open_owner_accounts(request).await?;
         let charge = match self.ledger.settle(request, &self.book).await {
@@ -462,15 +454,8 @@ impl Billing {
             }
             Err(error) => {
                 tracing::error!(request_id = %request.request_id, %error, "settle request");
-                return Err(ApiError {
-                    status: StatusCode::SERVICE_UNAVAILABLE,
-                    message: "the usage of this request could not be recorded, so its result \
-                              is withheld and it was not charged; retry"
-                        .into(),
-                    kind: "server_error",
-                    param: None,
-                    code: Some("billing_unavailable"),
-                    retry_after_seconds: Some(crate::limits::RETRY_AFTER_DEFAULT_SECONDS),
+                return Err(BillingError::LedgerUnavailable {
+                    retry_after_seconds: crate::limits::RETRY_AFTER_DEFAULT_SECONDS,
                 });
             }
         };
@@ -486,7 +471,7 @@ impl Billing {
 
     /// Opens the account of every owner the request pays that has none yet
     /// (an owner's first earning); remembered so that it is done once.
-    async fn open_owner_accounts(&self, request: &CompletedRequest) -> Result<(), ApiError> {
+    async fn open_owner_accounts(&self, request: &CompletedRequest) -> Result<(), BillingError> {
         for segment in &request.segments {
             let ledger::metering::Server::Node { owner, .. } = &segment.server else {
                 continue;
@@ -497,7 +482,7 @@ impl Billing {
             self.ledger
                 .open_account(&ledger::core::AccountId::Owner(owner.clone()))
                 .await
-                .map_err(|error| internal("open an owner's account", &error))?;
+                .map_err(|error| BillingError::internal("open an owner's account", &error))?;
             let mut opened = self.lock_opened();
             if opened.len() >= OWNER_CACHE_ENTRIES_MAX {
                 opened.clear();
@@ -536,7 +521,7 @@ impl Billing {
         flags
     }
 
-    async fn owner_of(&self, node: &str) -> Result<OwnerId, ApiError> {
+    async fn owner_of(&self, node: &str) -> Result<OwnerId, BillingError> {
         {
             let owners = self.lock_owners();
             if let Some((owner, fetched)) = owners.get(node) {
@@ -549,7 +534,7 @@ impl Billing {
             .store
             .list_nodes()
             .await
-            .map_err(|error| internal("look up node owners", &error))?;
+            .map_err(|error| BillingError::internal("look up node owners", &error))?;
         let mut owners = self.lock_owners();
         if owners.len() + nodes.len() > OWNER_CACHE_ENTRIES_MAX {
             owners.clear();
@@ -565,7 +550,7 @@ impl Billing {
             // A node that connected was enrolled; one deleted since is
             // still paid, into the account of a node without owner.
             None => crate::billing_accounts::ownerless_node_key(node)
-                .map_err(|error| internal("owner of node", &error)),
+                .map_err(|error| BillingError::internal("owner of node", &error)),
         }
     }
 
@@ -579,21 +564,4 @@ impl Billing {
 
 fn now() -> TimestampMs {
     crate::core::now_ms()
-}
-
-fn payment_required(message: String) -> ApiError {
-    ApiError {
-        status: StatusCode::PAYMENT_REQUIRED,
-        message,
-        kind: "insufficient_quota",
-        param: None,
-        code: Some("insufficient_quota"),
-        retry_after_seconds: None,
-    }
-}
-
-/// A 500 whose details go to the log only.
-fn internal(what: &str, error: &dyn std::fmt::Display) -> ApiError {
-    tracing::error!(%error, "billing: {what}");
-    ApiError::internal()
 }

@@ -38,6 +38,12 @@ pub fn tenant_key(tenant_id: i64) -> TenantId {
         .unwrap_or_else(|_| unreachable!("an integer is always a valid ledger id"))
 }
 
+/// The store id of the tenant a ledger key names; `None` for a key that
+/// is not an id (a name key from before the move to ids).
+pub fn tenant_id_of(key: &TenantId) -> Option<i64> {
+    key.as_str().parse().ok()
+}
+
 /// The ledger's key of an owner: its store id.
 pub fn owner_key(owner_id: i64) -> OwnerId {
     OwnerId::new(owner_id.to_string())

@@ -20,18 +20,14 @@
 
 use std::sync::{Arc, Mutex};
 
-use ledger::core::{
-    DurationMs, MicroUsd, MicroWh, ModelId, NodeId, OwnerId, RequestId, Segment, TenantId,
-    TimestampMs, TokenCount,
-};
+use ledger::core::{DurationMs, MicroUsd, ModelId, Segment, TimestampMs, TokenCount};
 use ledger::metering::{Server, UsageSegment};
 use ledger::pricing::{round_up, Rate};
 use ledger::settlement::{CompletedRequest, SEGMENTS_MAX};
 use ledger::store::MeterFlag;
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::api::ApiError;
-use crate::billing::{Billing, Completion, PendingCharge};
+use crate::billing::{Billing, BillingError, Completion, PendingCharge};
 use crate::billing_idempotency::Slot;
 use crate::billing_meter::Metering;
 
@@ -90,10 +86,12 @@ impl Finisher {
         &mut self,
         metering: &Metering,
         body: Option<&Value>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), BillingError> {
         let Some(pending) = take_charge(&self.pending) else {
-            tracing::error!("a request finished after it was settled as cancelled");
-            return Err(ApiError::internal());
+            return Err(BillingError::internal(
+                "finish a request",
+                &"a request finished after it was settled as cancelled",
+            ));
         };
         let settling = tokio::spawn(finish_settled(
             Arc::clone(&self.billing),
@@ -103,8 +101,7 @@ impl Finisher {
             body.cloned(),
         ));
         settling.await.unwrap_or_else(|error| {
-            tracing::error!(%error, "settling a finished request panicked");
-            Err(ApiError::internal())
+            Err(BillingError::internal("settle a finished request", &error))
         })
     }
 }
@@ -116,12 +113,11 @@ async fn finish_settled(
     idempotency: Option<Slot>,
     metering: Metering,
     body: Option<Value>,
-) -> Result<(), ApiError> {
+) -> Result<(), BillingError> {
     let completion = billing.complete(&pending, &metering).await?;
     if let Some(mut slot) = idempotency {
         let body = body.unwrap_or(Value::Null);
-        slot.store_done(&body, &completed_to_json(&completion.request))
-            .await?;
+        slot.store_done(&body, &completion.request).await?;
     }
     // The hold (in `pending`) is released once the charge is posted.
     let settled = billing.settle(&completion).await.map(|_charge| ());
@@ -169,12 +165,14 @@ impl CancelCharge {
     }
 }
 
-/// Settles a request kept with an idempotent response again.
-pub async fn settle_again(billing: &Billing, stored: &Value) -> Result<(), ApiError> {
-    let Some(request) = completed_from_json(stored) else {
-        tracing::error!("a stored settlement cannot be read back");
-        return Err(ApiError::internal());
-    };
+/// Settles a request kept with an idempotent response again (`kept`: the
+/// settlement as read back, or why it could not be).
+pub async fn settle_again(
+    billing: &Billing,
+    kept: Result<CompletedRequest, String>,
+) -> Result<(), BillingError> {
+    let request =
+        kept.map_err(|reason| BillingError::internal("read back a kept settlement", &reason))?;
     let completion = Completion {
         request,
         flags: Vec::new(),
@@ -238,7 +236,7 @@ impl RoutedBooking {
         model: &str,
         metering: &Metering,
         released_tokens: Option<u32>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), BillingError> {
         let model = model_id(model)?;
         let first = segment_number(self.served.len());
         let mut segments = self
@@ -268,7 +266,7 @@ impl RoutedBooking {
         &mut self,
         model: &str,
         metering: &Metering,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), BillingError> {
         let model = model_id(model)?;
         let segments = self
             .billing
@@ -291,14 +289,16 @@ impl RoutedBooking {
         completion_tokens: u32,
         started_ms: i64,
         finished_ms: i64,
-    ) -> Result<CloudCharge, ApiError> {
+    ) -> Result<CloudCharge, BillingError> {
         let model = model_id(model)?;
         let rate = self
             .billing
             .rate_at(&model, self.pending.class, self.pending.admitted_at)?;
         let Rate::Cloud { customer, upstream } = rate else {
-            tracing::error!(%model, "a cloud model is priced as a fleet model");
-            return Err(ApiError::internal());
+            return Err(BillingError::internal(
+                "price a cloud part",
+                &format!("the cloud model {model} is priced as a fleet model"),
+            ));
         };
         let prompt = TokenCount(u64::from(prompt_tokens));
         let completion = TokenCount(u64::from(completion_tokens));
@@ -326,7 +326,7 @@ impl RoutedBooking {
 
     /// Commits the request durably and returns what the tenant was charged;
     /// on error the client must get the error instead of a successful end.
-    pub async fn settle(self, completed_ms: i64) -> Result<MicroUsd, ApiError> {
+    pub async fn settle(self, completed_ms: i64) -> Result<MicroUsd, BillingError> {
         let RoutedBooking {
             billing,
             pending,
@@ -367,136 +367,6 @@ fn segment_number(position: usize) -> u32 {
     u32::try_from(position).unwrap_or(u32::MAX)
 }
 
-fn model_id(model: &str) -> Result<ModelId, ApiError> {
-    ModelId::new(model).map_err(|error| {
-        tracing::error!(%error, model, "billing: model name");
-        ApiError::internal()
-    })
-}
-
-/// The JSON a settled request is kept as.
-pub fn completed_to_json(request: &CompletedRequest) -> Value {
-    let segments: Vec<Value> = request
-        .segments
-        .iter()
-        .map(|segment| {
-            let (node, owner, energy, tariff) = match &segment.server {
-                Server::Node {
-                    node,
-                    owner,
-                    energy,
-                    tariff_per_kwh,
-                } => (
-                    Some(node.to_string()),
-                    Some(owner.to_string()),
-                    energy.0,
-                    tariff_per_kwh.0,
-                ),
-                Server::Cloud => (None, None, 0, 0),
-            };
-            json!({
-                "segment": segment.segment.0,
-                "node": node,
-                "owner": owner,
-                "energy_uwh": energy,
-                "tariff_per_kwh": tariff,
-                "model": segment.model.as_str(),
-                "prompt_tokens": segment.prompt_tokens.0,
-                "completion_tokens": segment.completion_tokens.0,
-                "compute_ms": segment.compute.0,
-                "started_at_ms": segment.started_at.0,
-            })
-        })
-        .collect();
-    json!({
-        "request_id": request.request_id.as_str(),
-        "tenant": request.tenant.as_str(),
-        "class": request.class.as_str(),
-        "admitted_at_ms": request.admitted_at.0,
-        "completed_at_ms": request.completed_at.0,
-        "segments": segments,
-    })
-}
-
-/// Reads back what `completed_to_json` wrote.
-pub fn completed_from_json(value: &Value) -> Option<CompletedRequest> {
-    let text = |value: &Value, name: &str| value.get(name)?.as_str().map(str::to_string);
-    let number = |value: &Value, name: &str| value.get(name)?.as_u64();
-    let signed = |value: &Value, name: &str| value.get(name)?.as_i64();
-    let request_id = RequestId::new(text(value, "request_id")?).ok()?;
-    let mut segments = Vec::new();
-    for segment in value.get("segments")?.as_array()? {
-        let server = match (text(segment, "node"), text(segment, "owner")) {
-            (Some(node), Some(owner)) => Server::Node {
-                node: NodeId::new(node).ok()?,
-                owner: OwnerId::new(owner).ok()?,
-                energy: MicroWh(number(segment, "energy_uwh")?),
-                tariff_per_kwh: MicroUsd(signed(segment, "tariff_per_kwh")?),
-            },
-            _ => Server::Cloud,
-        };
-        segments.push(UsageSegment {
-            request_id: request_id.clone(),
-            segment: Segment(u32::try_from(number(segment, "segment")?).ok()?),
-            server,
-            model: ModelId::new(text(segment, "model")?).ok()?,
-            prompt_tokens: TokenCount(number(segment, "prompt_tokens")?),
-            completion_tokens: TokenCount(number(segment, "completion_tokens")?),
-            compute: DurationMs(number(segment, "compute_ms")?),
-            started_at: TimestampMs(signed(segment, "started_at_ms")?),
-        });
-    }
-    Some(CompletedRequest {
-        request_id,
-        tenant: TenantId::new(text(value, "tenant")?).ok()?,
-        class: text(value, "class")?.parse().ok()?,
-        admitted_at: TimestampMs(signed(value, "admitted_at_ms")?),
-        completed_at: TimestampMs(signed(value, "completed_at_ms")?),
-        segments,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use ledger::pricing::TenantClass;
-
-    #[test]
-    fn a_kept_settlement_reads_back_identically() {
-        let request_id = RequestId::new("chatcmpl-1").unwrap();
-        let segment = |position: u32, server: Server| UsageSegment {
-            request_id: request_id.clone(),
-            segment: Segment(position),
-            server,
-            model: ModelId::new("smollm2-135m-instruct").unwrap(),
-            prompt_tokens: TokenCount(12),
-            completion_tokens: TokenCount(7),
-            compute: DurationMs(345),
-            started_at: TimestampMs(1_700_000_000_000),
-        };
-        let request = CompletedRequest {
-            request_id: request_id.clone(),
-            tenant: TenantId::new("acme").unwrap(),
-            class: TenantClass::Spot,
-            admitted_at: TimestampMs(1_700_000_000_000),
-            completed_at: TimestampMs(1_700_000_000_500),
-            segments: vec![
-                segment(
-                    0,
-                    Server::Node {
-                        node: NodeId::new("car-1").unwrap(),
-                        owner: OwnerId::new("alice").unwrap(),
-                        energy: MicroWh(5_750),
-                        tariff_per_kwh: MicroUsd(300_000),
-                    },
-                ),
-                segment(1, Server::Cloud),
-            ],
-        };
-        assert_eq!(
-            completed_from_json(&completed_to_json(&request)),
-            Some(request)
-        );
-        assert_eq!(completed_from_json(&json!({"request_id": "x"})), None);
-    }
+fn model_id(model: &str) -> Result<ModelId, BillingError> {
+    ModelId::new(model).map_err(|error| BillingError::internal("read a model name", &error))
 }

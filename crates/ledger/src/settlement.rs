@@ -70,6 +70,9 @@ pub enum SettlementError {
 pub struct Settlement {
     /// What the customer pays.
     pub charge: MicroUsd,
+    /// The part of `charge` its cloud segments earned, each rounded up
+    /// (what the gateway counts against the tenant's cloud budget).
+    pub cloud_charge: MicroUsd,
     pub transfers: Vec<Transfer>,
 }
 
@@ -92,6 +95,14 @@ pub fn settle(request: &CompletedRequest, book: &PriceBook) -> Result<Settlement
         .collect::<Result<Vec<Rate>, SettlementError>>()?;
     let earned = earned_by_segment(request, &rates);
     let charge = round_up(earned.iter().sum());
+    let cloud_charge = request
+        .segments
+        .iter()
+        .zip(&earned)
+        .filter(|(segment, _)| segment.server == Server::Cloud)
+        .fold(MicroUsd::ZERO, |sum, (_, earned)| {
+            MicroUsd(sum.0.saturating_add(round_up(*earned).0))
+        });
     let billed_tokens = request.segments[0].prompt_tokens.0
         + request
             .segments
@@ -117,6 +128,7 @@ pub fn settle(request: &CompletedRequest, book: &PriceBook) -> Result<Settlement
     }
     Ok(Settlement {
         charge,
+        cloud_charge,
         transfers: builder.transfers,
     })
 }

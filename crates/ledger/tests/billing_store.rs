@@ -6,7 +6,7 @@
 #[macro_use]
 mod common;
 
-use common::node_segment;
+use common::{book, cloud_segment, node_segment};
 use ledger::core::{
     AccountId, LedgerError, MicroUsd, NodeId, Outcome, RequestId, Segment, TenantId, TimestampMs,
     TokenCount, TransferKind,
@@ -199,6 +199,57 @@ async fn meter_flags_are_kept_once_and_listed_by_node(store: &Store) {
     assert!(car_a.contains(&flags[0]));
 }
 
+async fn cloud_spend_is_kept_with_the_settlement_until_counted(store: &Store) {
+    let acme = tenant("acme");
+    store.ensure_tenant(&acme, true).await.unwrap();
+    let alice = AccountId::Owner(ledger::core::OwnerId::new("alice").unwrap());
+    store.open_account(&alice).await.unwrap();
+    let cloud_only = CompletedRequest {
+        segments: vec![cloud_segment("r-cloud", 0, 1_000, 500)],
+        ..request("r-cloud", "acme", MID_NOVEMBER_MS)
+    };
+    let mut mixed = request("r-mixed", "acme", MID_NOVEMBER_MS + 1_000);
+    mixed.segments.push(cloud_segment("r-mixed", 1, 1_500, 200));
+    let fleet_only = request("r-fleet", "acme", MID_NOVEMBER_MS + 2_000);
+    let charged = store.settle(&cloud_only, &book()).await.unwrap().charge;
+    store.settle(&mixed, &book()).await.unwrap();
+    store.settle(&fleet_only, &book()).await.unwrap();
+
+    // $1 / $2 per million upstream plus a 20 % margin: the whole charge of
+    // the cloud-only request, only the cloud's 200 completion tokens of the
+    // mixed one (its prompt was billed on the node's segment).
+    let uncounted = store.uncounted_cloud_spend(None, 10).await.unwrap();
+    let amounts: Vec<(&str, MicroUsd)> = uncounted
+        .iter()
+        .map(|spend| (spend.request_id.as_str(), spend.amount))
+        .collect();
+    assert_eq!(
+        amounts,
+        [("r-cloud", MicroUsd(2_400)), ("r-mixed", MicroUsd(480))]
+    );
+    assert_eq!(charged, MicroUsd(2_400));
+    assert!(uncounted.iter().all(|spend| spend.tenant == acme));
+
+    let cloud_id = RequestId::new("r-cloud").unwrap();
+    let one = store
+        .uncounted_cloud_spend(Some(&cloud_id), 10)
+        .await
+        .unwrap();
+    assert_eq!(one, uncounted[..1]);
+    let at = TimestampMs(MID_NOVEMBER_MS + 5_000);
+    assert!(store.mark_cloud_spend_counted(&cloud_id, at).await.unwrap());
+    assert!(!store.mark_cloud_spend_counted(&cloud_id, at).await.unwrap());
+    // Settling again changes nothing: the spend stays counted.
+    store.settle(&cloud_only, &book()).await.unwrap();
+    let left = store.uncounted_cloud_spend(None, 10).await.unwrap();
+    assert_eq!(left, uncounted[1..]);
+    let none = store
+        .uncounted_cloud_spend(Some(&cloud_id), 10)
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+}
+
 async fn verify_ok(store: &Store) {
     let report = verify(store).await.unwrap();
     assert!(report.is_ok(), "{:?}", report.problems);
@@ -214,4 +265,5 @@ on_both_backends!(
     top_ups_are_credited_once_per_reference,
     usage_and_invoices_agree_with_the_transfers,
     meter_flags_are_kept_once_and_listed_by_node,
+    cloud_spend_is_kept_with_the_settlement_until_counted,
 );

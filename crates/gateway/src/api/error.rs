@@ -3,10 +3,15 @@
 //! `{"error": {"message", "type", "param", "code"}}` with the matching status;
 //! 429 and 503 carry `Retry-After`. A 5xx never shows internals: the details
 //! are logged where the error is made, the client gets a generic message.
+//!
+//! Lower layers speak their own errors; the ones a handler passes on with `?`
+//! become an `ApiError` here, in one place (billing's below).
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+
+use crate::billing::BillingError;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApiError {
@@ -138,5 +143,74 @@ impl IntoResponse for ApiError {
             }
         }
         response
+    }
+}
+
+/// Billing's refusals and failures as the client sees them: 402 for a
+/// tenant that cannot pay (with the ledger's amounts in the message), 503 and
+/// `Retry-After` when the balance moves too fast to admit or the ledger does
+/// not take a settlement, and a generic 500 for the rest (logged by billing).
+impl From<BillingError> for ApiError {
+    fn from(error: BillingError) -> ApiError {
+        match error {
+            BillingError::Refused(refusal) => ApiError {
+                status: StatusCode::PAYMENT_REQUIRED,
+                message: refusal.to_string(),
+                kind: "insufficient_quota",
+                param: None,
+                code: Some("insufficient_quota"),
+                retry_after_seconds: None,
+            },
+            BillingError::Contended {
+                retry_after_seconds,
+            } => ApiError::unavailable(error.to_string(), retry_after_seconds),
+            BillingError::LedgerUnavailable {
+                retry_after_seconds,
+            } => ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: error.to_string(),
+                kind: "server_error",
+                param: None,
+                code: Some("billing_unavailable"),
+                retry_after_seconds: Some(retry_after_seconds),
+            },
+            BillingError::UnknownPrice { .. }
+            | BillingError::Internal(_)
+            | BillingError::Open { .. }
+            | BillingError::Dir { .. }
+            | BillingError::Unpriced { .. }
+            | BillingError::Invalid(_) => ApiError::internal(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ledger::admission::PaymentRequired;
+    use ledger::core::MicroUsd;
+
+    #[test]
+    fn billing_refusals_keep_their_status_code_and_figures() {
+        let refused = ApiError::from(BillingError::Refused(
+            PaymentRequired::InsufficientBalance {
+                worst_case: MicroUsd(1_000),
+                available: MicroUsd(999),
+            },
+        ));
+        assert_eq!(refused.status, StatusCode::PAYMENT_REQUIRED);
+        assert_eq!(refused.code, Some("insufficient_quota"));
+        assert!(refused.message.contains("$0.001000"), "{}", refused.message);
+        assert_eq!(refused.retry_after_seconds, None);
+
+        let unavailable = ApiError::from(BillingError::LedgerUnavailable {
+            retry_after_seconds: 3,
+        });
+        assert_eq!(unavailable.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(unavailable.code, Some("billing_unavailable"));
+        assert_eq!(unavailable.retry_after_seconds, Some(3));
+
+        let internal = ApiError::from(BillingError::Internal("read the daily cap"));
+        assert_eq!(internal, ApiError::internal());
     }
 }

@@ -100,7 +100,7 @@ pub async fn start(
             response,
             settlement,
         } => {
-            crate::billing_finish::settle_again(&state.billing, &settlement).await?;
+            crate::billing_finish::settle_again(&state.billing, settlement).await?;
             let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
             Ok(Start::Answer(replay(response, &request, endpoint)))
         }

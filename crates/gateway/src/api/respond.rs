@@ -442,7 +442,7 @@ pub fn stream(meta: ResponseMeta, mut guard: CancelGuard, mut finisher: Finisher
                         stored_body(&meta, &whole_text, finish, usage)
                     });
                     if let Err(error) = finisher.finish(&metering, body.as_ref()).await {
-                        yield Ok(Event::default().data(error.body_json()));
+                        yield Ok(Event::default().data(ApiError::from(error).body_json()));
                         break;
                     }
                     if !rest.is_empty() {

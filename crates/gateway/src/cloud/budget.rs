@@ -8,11 +8,36 @@
 //! starts: calls already in flight when it is reached finish, so the spend
 //! may pass the cap by at most what those calls cost. Once spend ≥ cap,
 //! `auto` stays on the fleet and `cloud/...` is refused with 402.
+//!
+//! **Counting spend across two databases.** The ledger writes a request's
+//! cloud spend in the settlement's own transaction, marked uncounted
+//! (`ledger::store::CloudSpend`). [`CloudBudgets::count_settled`] adds it
+//! here and then marks it counted; a write here that fails, or a crash
+//! between settling and counting, leaves it uncounted in the ledger, and
+//! [`CloudBudgets::count_uncounted`] counts it when the gateway next starts.
+//! So no settled cloud part is missing from a budget; one whose process died
+//! between adding and marking is counted twice, erring on the cap's side.
 
+use ledger::core::{RequestId, TimestampMs};
+use ledger::store::{
+    CloudSpend, Store as Ledger, StoreError as LedgerStoreError, UNCOUNTED_CLOUD_SPEND_LISTED_MAX,
+};
 use sqlx::Row;
 
 use super::MicroUsd;
 use crate::store::{Store, StoreError};
+
+/// Why settled cloud spend could not be counted; it stays uncounted in the
+/// ledger and is counted at the next start.
+#[derive(Debug, thiserror::Error)]
+pub enum CountError {
+    #[error("read or mark the ledger's cloud spend: {0}")]
+    Ledger(#[from] LedgerStoreError),
+    #[error("add to the cloud budget: {0}")]
+    Budget(#[from] StoreError),
+    #[error("the ledger's tenant {0} is not keyed by a tenant id")]
+    Tenant(String),
+}
 
 /// A tenant's cap and spend.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -118,6 +143,67 @@ impl CloudBudgets {
         Ok(())
     }
 
+    /// Counts a settled request's cloud spend, as the ledger recorded it in
+    /// the settlement, in its tenant's budget, and returns it; `None` when
+    /// there is nothing left to count (no cloud part, or counted already).
+    pub async fn count_settled(
+        &self,
+        ledger: &Ledger,
+        request: &RequestId,
+        now_ms: i64,
+    ) -> Result<Option<MicroUsd>, CountError> {
+        let uncounted = ledger.uncounted_cloud_spend(Some(request), 1).await?;
+        let Some(spend) = uncounted.first() else {
+            return Ok(None);
+        };
+        self.count(ledger, spend, now_ms).await?;
+        Ok(Some(spend.amount))
+    }
+
+    /// Counts every settled cloud spend a failed write or a crash left
+    /// uncounted, oldest first; run when the gateway starts, before it
+    /// serves. Returns how many requests' spend it counted. One that fails
+    /// is logged and left for the next start; the others are counted.
+    pub async fn count_uncounted(&self, ledger: &Ledger, now_ms: i64) -> Result<usize, CountError> {
+        let mut counted = 0;
+        loop {
+            let batch = ledger
+                .uncounted_cloud_spend(None, UNCOUNTED_CLOUD_SPEND_LISTED_MAX)
+                .await?;
+            let mut failed = 0;
+            for spend in &batch {
+                match self.count(ledger, spend, now_ms).await {
+                    Ok(()) => counted += 1,
+                    Err(error) => {
+                        failed += 1;
+                        tracing::error!(%error, request_id = %spend.request_id, "count settled cloud spend");
+                    }
+                }
+            }
+            // A batch with failures would be read again: stop until the
+            // next start rather than loop on them.
+            if failed > 0 || batch.len() < UNCOUNTED_CLOUD_SPEND_LISTED_MAX {
+                return Ok(counted);
+            }
+        }
+    }
+
+    /// Adds one request's spend here, then marks it counted in the ledger.
+    async fn count(
+        &self,
+        ledger: &Ledger,
+        spend: &CloudSpend,
+        now_ms: i64,
+    ) -> Result<(), CountError> {
+        let tenant_id = crate::billing_accounts::tenant_id_of(&spend.tenant)
+            .ok_or_else(|| CountError::Tenant(spend.tenant.to_string()))?;
+        self.add_spent(tenant_id, spend.amount, now_ms).await?;
+        ledger
+            .mark_cloud_spend_counted(&spend.request_id, TimestampMs(now_ms))
+            .await?;
+        Ok(())
+    }
+
     /// Every tenant with its cap and spend, by name.
     pub async fn list(&self) -> Result<Vec<TenantBudget>, StoreError> {
         let rows = sqlx::query(
@@ -206,5 +292,83 @@ mod tests {
             budgets.set_cap("nobody", None, 7).await,
             Err(StoreError::NoSuchTenant(_))
         ));
+    }
+
+    /// A settled request with a cloud segment, for a tenant keyed by id.
+    async fn settle_cloud_request(ledger: &Ledger, tenant_id: i64, request: &str) -> MicroUsd {
+        use ledger::core::{DurationMs, ModelId, Segment, TokenCount};
+        use ledger::metering::{Server, UsageSegment};
+        use ledger::settlement::CompletedRequest;
+
+        let prices = ledger::price_file::PriceConfig::default_sheet().expect("prices");
+        let book = ledger::pricing::PriceBook::new(prices.sheet).expect("book");
+        let tenant = crate::billing_accounts::tenant_key(tenant_id);
+        ledger.ensure_tenant(&tenant, true).await.expect("account");
+        let request_id = RequestId::new(request).expect("request id");
+        let completed = CompletedRequest {
+            request_id: request_id.clone(),
+            tenant,
+            class: ledger::pricing::TenantClass::Spot,
+            admitted_at: TimestampMs(1_700_000_000_000),
+            completed_at: TimestampMs(1_700_000_001_000),
+            segments: vec![UsageSegment {
+                request_id,
+                segment: Segment(0),
+                server: Server::Cloud,
+                model: ModelId::new("cloud/gpt-4o-mini").expect("model"),
+                prompt_tokens: TokenCount(40_000),
+                completion_tokens: TokenCount(20_000),
+                compute: DurationMs(900),
+                started_at: TimestampMs(1_700_000_000_100),
+            }],
+        };
+        let receipt = ledger.settle(&completed, &book).await.expect("settle");
+        assert!(receipt.charge.is_positive());
+        receipt.charge
+    }
+
+    #[tokio::test]
+    async fn cloud_spend_whose_budget_write_failed_is_counted_at_the_next_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open_sqlite(&dir.path().join("ledger.db"))
+            .await
+            .expect("ledger");
+        let store = Store::open(dir.path()).await.expect("open");
+        let (tenant, _) = store
+            .create_tenant("acme", TenantClass::Spot, 1)
+            .await
+            .expect("tenant");
+
+        // Counted as it settles: once, however often it is counted again.
+        let first = settle_cloud_request(&ledger, tenant.id, "chatcmpl-counted").await;
+        let budgets = CloudBudgets::new(store.clone());
+        let request = RequestId::new("chatcmpl-counted").expect("id");
+        let counted = budgets.count_settled(&ledger, &request, 2).await;
+        assert_eq!(counted.expect("count"), Some(first));
+        let again = budgets.count_settled(&ledger, &request, 3).await;
+        assert_eq!(again.expect("count"), None);
+
+        // Settled, but the coordinator's database fails before the spend
+        // reaches the budget.
+        let second = settle_cloud_request(&ledger, tenant.id, "chatcmpl-lost").await;
+        store.pool.close().await;
+        let request = RequestId::new("chatcmpl-lost").expect("id");
+        assert!(budgets.count_settled(&ledger, &request, 4).await.is_err());
+
+        // The next start counts what was settled and not counted, once.
+        let store = Store::open(dir.path()).await.expect("reopen");
+        let budgets = CloudBudgets::new(store);
+        assert_eq!(
+            budgets.status(tenant.id).await.expect("status").spent,
+            first
+        );
+        assert_eq!(budgets.count_uncounted(&ledger, 5).await.expect("count"), 1);
+        let spent = budgets.status(tenant.id).await.expect("status").spent;
+        assert_eq!(spent, MicroUsd(first.0 + second.0));
+        assert_eq!(budgets.count_uncounted(&ledger, 6).await.expect("count"), 0);
+        assert_eq!(
+            budgets.status(tenant.id).await.expect("status").spent,
+            spent
+        );
     }
 }

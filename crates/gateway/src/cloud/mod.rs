@@ -9,7 +9,8 @@
 //!
 //! `upstream` is the HTTP client (bounded concurrency, timeouts, streaming
 //! parsed from server-sent events), `sse` the event parser, `budget` the caps
-//! and spend kept in the coordinator's database. Which tier serves a request
+//! and spend kept in the coordinator's database; settled spend a failure or
+//! a crash kept from the budgets is counted when the tier loads. Which tier serves a request
 //! is decided in `api::route` with the `router` crate's pure functions and
 //! the thresholds that `fleetgrid router calibrate` writes.
 
@@ -22,7 +23,7 @@ use std::time::Duration;
 
 use crate::store::Store;
 
-pub use budget::{BudgetStatus, CloudBudgets};
+pub use budget::{BudgetStatus, CloudBudgets, CountError};
 pub use upstream::{Upstream, UpstreamError, UpstreamEvent, UpstreamRequest};
 
 /// Prefix that pins a request to the cloud tier.
@@ -99,8 +100,9 @@ pub struct CloudTier {
 
 impl CloudTier {
     /// Checks that the price sheet prices the cloud model, builds the client,
-    /// reads the router's configuration and loads the handoff template;
-    /// every problem is reported as a sentence.
+    /// reads the router's configuration, loads the handoff template and
+    /// counts settled cloud spend the budgets miss; every problem that stops
+    /// the tier is reported as a sentence.
     pub async fn load(
         config: CloudConfig,
         store: Store,
@@ -134,10 +136,19 @@ impl CloudTier {
             }
         };
         let upstream = Upstream::new(config)?;
+        let budgets = CloudBudgets::new(store);
+        let now_ms = crate::core::now_ms().0;
+        // Counting is retried at every start: a failure here must not keep
+        // the gateway from serving.
+        match budgets.count_uncounted(billing.ledger(), now_ms).await {
+            Ok(0) => {}
+            Ok(counted) => tracing::info!(counted, "counted settled cloud spend"),
+            Err(error) => tracing::error!(%error, "count settled cloud spend"),
+        }
         Ok(CloudTier {
             upstream,
             router,
-            budgets: CloudBudgets::new(store),
+            budgets,
             chat_template,
         })
     }

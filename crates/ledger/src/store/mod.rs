@@ -4,7 +4,8 @@
 //! What is stored: accounts with their posted totals (a derived table, updated
 //! in the same transaction as the transfers that change it), the immutable
 //! transfers, and the usage segments that settlements paid for (statements
-//! join the two). Nothing is kept in memory between calls, so several
+//! join the two), and each settled request's cloud spend until the gateway
+//! has counted it in its budgets (`cloud_spend`). Nothing is kept in memory between calls, so several
 //! coordinator processes may share one PostgreSQL ledger.
 //!
 //! A batch commits in one transaction and follows the core's rules exactly:
@@ -90,9 +91,11 @@ macro_rules! on_pool {
 }
 
 mod billing;
+mod cloud_spend;
 mod rekey;
 
 pub use billing::{MeterFlag, METER_FLAGS_LISTED_MAX, REQUEST_LINES_MAX};
+pub use cloud_spend::{CloudSpend, UNCOUNTED_CLOUD_SPEND_LISTED_MAX};
 pub use rekey::{Rekey, RekeyOutcome};
 
 /// A ledger in SQLite or PostgreSQL.
@@ -209,7 +212,7 @@ impl Store {
 
     /// Commits a batch atomically (see `core::ledger` for the rules).
     pub async fn commit(&self, batch: &[Transfer]) -> Result<Vec<Outcome>, StoreError> {
-        self.commit_with_usage(batch, &[], None).await
+        self.commit_with_usage(batch, &[], None, None).await
     }
 
     async fn commit_with_usage(
@@ -217,14 +220,17 @@ impl Store {
         batch: &[Transfer],
         usage: &[UsageSegment],
         request: Option<&RequestSummary>,
+        cloud: Option<&CloudSpend>,
     ) -> Result<Vec<Outcome>, StoreError> {
         if batch.len() > crate::core::ledger::BATCH_TRANSFERS_MAX {
             return Err(LedgerError::BatchTooLarge { len: batch.len() }.into());
         }
         for _ in 0..COMMIT_ATTEMPTS_MAX {
             let result = match &self.backend {
-                Backend::Sqlite(pool) => sqlite::commit(pool, batch, usage, request).await,
-                Backend::Postgres(pool) => postgres::commit(pool, batch, usage, request).await,
+                Backend::Sqlite(pool) => sqlite::commit(pool, batch, usage, request, cloud).await,
+                Backend::Postgres(pool) => {
+                    postgres::commit(pool, batch, usage, request, cloud).await
+                }
             };
             match result {
                 Err(StoreError::Database(error)) if is_unique_violation(&error) => continue,
@@ -234,8 +240,10 @@ impl Store {
         Err(StoreError::Contention(COMMIT_ATTEMPTS_MAX))
     }
 
-    /// Settles a completed request: its transfers, usage segments and the
-    /// request's summary (for usage reports and invoices) commit together. A retry returns `Exists` outcomes and changes nothing.
+    /// Settles a completed request: its transfers, usage segments, the
+    /// request's summary (for usage reports and invoices) and its cloud
+    /// spend, if it has a cloud segment (`cloud_spend`), commit together. A
+    /// retry returns `Exists` outcomes and changes nothing.
     pub async fn settle(
         &self,
         request: &CompletedRequest,
@@ -243,8 +251,14 @@ impl Store {
     ) -> Result<SettleReceipt, StoreError> {
         let settlement = settlement::settle(request, book)?;
         let summary = RequestSummary::of(request, &settlement);
+        let cloud = CloudSpend::of(request, &settlement);
         let outcomes = self
-            .commit_with_usage(&settlement.transfers, &request.segments, summary.as_ref())
+            .commit_with_usage(
+                &settlement.transfers,
+                &request.segments,
+                summary.as_ref(),
+                cloud.as_ref(),
+            )
             .await?;
         Ok(SettleReceipt {
             charge: settlement.charge,

@@ -22,6 +22,7 @@ use crate::core::{plan_batch, AccountId, AccountState, Outcome, Transfer, Transf
 use crate::invoice::RequestSummary;
 use crate::metering::UsageSegment;
 
+use super::cloud_spend::{CloudSpend, INSERT_CLOUD_SPEND};
 use super::rows::{
     self, AccountRow, TransferRow, ACCOUNT_COLUMNS, REQUEST_COLUMNS, TRANSFER_COLUMNS,
     USAGE_COLUMNS,
@@ -51,6 +52,7 @@ pub(super) async fn commit(
     batch: &[Transfer],
     usage: &[UsageSegment],
     request: Option<&RequestSummary>,
+    cloud: Option<&CloudSpend>,
 ) -> Result<Vec<Outcome>, StoreError> {
     let mut tx = pool.begin().await?;
     let accounts = lock_accounts(&mut tx, batch).await?;
@@ -81,6 +83,15 @@ pub(super) async fn commit(
     insert_usage(&mut tx, usage).await?;
     if let Some(request) = request {
         insert_request(&mut tx, request).await?;
+    }
+    if let Some(cloud) = cloud {
+        sqlx::query(INSERT_CLOUD_SPEND)
+            .bind(cloud.request_id.as_str())
+            .bind(cloud.tenant.as_str())
+            .bind(cloud.amount.0)
+            .bind(cloud.completed_at.0)
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
     Ok(plan.outcomes)

@@ -1,6 +1,11 @@
 //! The money of a routed request: its one admission, each tier's work
 //! booked as the machine ends it, the one settlement, the cloud budget, and
 //! the client's errors for a spent budget or a failed upstream.
+//!
+//! The cloud spend reaches the tenant's budget from the ledger: the
+//! settlement records it in its own transaction, and `record_cloud` counts
+//! it (`CloudBudgets::count_settled`). If counting fails, the spend stays
+//! uncounted in the ledger and the next start counts it.
 
 use std::sync::Arc;
 
@@ -145,7 +150,7 @@ impl Routing {
         self.booking()?
             .add_edge(&model, metering, released_tokens)
             .await
-            .map_err(Stop::Failed)
+            .map_err(|error| Stop::Failed(error.into()))
     }
 
     /// Books the cloud's part of the request and returns it with its cost.
@@ -161,7 +166,7 @@ impl Routing {
                 started_ms,
                 finished_ms,
             )
-            .map_err(Stop::Failed)?;
+            .map_err(|error| Stop::Failed(error.into()))?;
         Ok(CloudPart {
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
@@ -170,18 +175,24 @@ impl Routing {
         })
     }
 
-    /// Adds a settled cloud part to the tenant's cloud spend (what the
-    /// ledger charged for it) and logs it as `<request id>/cloud`.
+    /// Counts a settled cloud part in the tenant's cloud spend (what the
+    /// ledger charged for it, as the settlement recorded it) and logs it as
+    /// `<request id>/cloud`. A failure to count is logged: the spend stays
+    /// uncounted in the ledger, and the next start counts it.
     pub(super) async fn record_cloud(&self, part: CloudPart) {
         let config = self.cloud.upstream.config();
         let now_ms = crate::core::now_ms().0;
-        if let Err(error) = self
-            .cloud
-            .budgets
-            .add_spent(self.tenant.id, part.cost, now_ms)
-            .await
-        {
-            tracing::error!(%error, request_id = %self.public_id, tenant_id = self.tenant.id, "add cloud spend");
+        let counted = match ledger::core::RequestId::new(self.public_id.as_str()) {
+            Ok(request) => self
+                .cloud
+                .budgets
+                .count_settled(self.state.billing.ledger(), &request, now_ms)
+                .await
+                .map_err(|error| error.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        if let Err(error) = counted {
+            tracing::error!(%error, request_id = %self.public_id, tenant_id = self.tenant.id, "count cloud spend");
         }
         let record = RequestRecord {
             id: format!("{}/cloud", self.public_id),
@@ -243,10 +254,13 @@ impl Routing {
             booking
                 .add_discarded_edge(&model, &metering)
                 .await
-                .map_err(Stop::Failed)?;
+                .map_err(|error| Stop::Failed(error.into()))?;
         }
         let completed_ms = crate::core::now_ms().0;
-        let charged = booking.settle(completed_ms).await.map_err(Stop::Failed)?;
+        let charged = booking
+            .settle(completed_ms)
+            .await
+            .map_err(|error| Stop::Failed(error.into()))?;
         Ok(crate::cloud::MicroUsd(charged.0))
     }
 }
