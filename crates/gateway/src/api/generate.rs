@@ -12,8 +12,8 @@ use rand::Rng;
 
 use super::error::ApiError;
 use super::idempotency;
-use super::respond::{self, CancelGuard, ResponseMeta};
-use super::validate::{self, Endpoint, PromptSource, ValidatedRequest};
+use super::respond::{self, CancelGuard, FleetAnswer, ResponseMeta, Source};
+use super::validate::{self, Endpoint, PromptSource, ValidatedRequest, WireRequest};
 use super::{authenticate, AppState};
 use crate::billing_finish::Finisher;
 use crate::limits;
@@ -50,34 +50,40 @@ async fn run(
     let permit = super::admission::admit(state, &tenant)?;
     // The body is read only once the caller is known and has a slot.
     let body = read_body(body).await?;
-    // `auto` and `cloud/...` are routed between the fleet and the cloud.
-    if super::route::is_routed(&body) {
-        // A routed request is not kept for replay and has no start deadline:
-        // refuse the headers rather than silently ignore what they promise.
-        if headers.contains_key(idempotency::HEADER) {
-            return Err(ApiError::invalid(
-                "Idempotency-Key is supported for fleet models only, not for `auto` or `cloud/...`",
-                None,
-                "unsupported_header",
-            ));
+    // The body is parsed once. `auto` and `cloud/...` are routed between
+    // the fleet and the cloud; a body that does not parse is not routed:
+    // the fleet path answers it with its own 400, after the idempotency
+    // check as for any fleet request.
+    let wire = match WireRequest::parse(&body, endpoint) {
+        Ok(wire) if super::route::is_routed(&wire) => {
+            // A routed request is not kept for replay and has no start
+            // deadline: refuse the headers rather than silently ignore what
+            // they promise.
+            if headers.contains_key(idempotency::HEADER) {
+                return Err(ApiError::invalid(
+                    "Idempotency-Key is supported for fleet models only, not for `auto` or `cloud/...`",
+                    None,
+                    "unsupported_header",
+                ));
+            }
+            if deadline_ms.is_some() {
+                return Err(ApiError::invalid(
+                    "x-fleetgrid-deadline-ms is supported for fleet models only, not for `auto` or `cloud/...`",
+                    None,
+                    "unsupported_header",
+                ));
+            }
+            return super::route::serve(state, tenant, permit, wire).await;
         }
-        if deadline_ms.is_some() {
-            return Err(ApiError::invalid(
-                "x-fleetgrid-deadline-ms is supported for fleet models only, not for `auto` or `cloud/...`",
-                None,
-                "unsupported_header",
-            ));
-        }
-        return super::route::serve(state, tenant, permit, &body, endpoint).await;
-    }
+        parsed => parsed,
+    };
     let idempotency = match idempotency::start(state, &tenant, headers, &body, endpoint).await? {
         idempotency::Start::Answer(response) => return Ok(response),
         idempotency::Start::Run(slot) => slot,
     };
-    let request = match endpoint {
-        Endpoint::Chat => validate::chat(validate::parse_json(&body)?, &state.models)?,
-        Endpoint::Completion => validate::completion(validate::parse_json(&body)?, &state.models)?,
-    };
+    let request = validate::request(wire?, |requested| {
+        validate::fleet_model(&state.models, requested)
+    })?;
     let (prompt, prompt_text) = tokenize(&request).await?;
     let max_tokens = completion_budget(&request, prompt.len())?;
     let public_id = match endpoint {
@@ -127,20 +133,18 @@ async fn run(
         })
         .map_err(rejection_error)?;
     tracing::info!(request_id = %public_id, tenant_id = tenant.id, model = %request.model.name, "admitted");
-    let meta = ResponseMeta::new(public_id, &request, prompt_text, state.request_timeout);
-    let mut guard = CancelGuard::new(
+    // The whole request is bounded from here, however its tokens trickle in.
+    let deadline = tokio::time::Instant::now() + state.request_timeout;
+    let meta = ResponseMeta::new(public_id, &request, prompt_text);
+    let guard = CancelGuard::new(
         Arc::clone(&state.cell),
         admitted.request,
         admitted.updates,
         permit,
     );
     let finisher = Finisher::new(Arc::clone(&state.billing), charge, idempotency);
-    guard.charge_on_cancel(finisher.cancel_charge());
-    if request.stream {
-        Ok(respond::stream(meta, guard, finisher))
-    } else {
-        respond::collect(meta, guard, finisher).await
-    }
+    let fleet = FleetAnswer::new(guard, finisher, request.stop.clone(), deadline);
+    respond::answer(meta, Source::Fleet(Box::new(fleet))).await
 }
 
 /// The whole request body, within `REQUEST_BODY_BYTES_MAX`; 408 when the
@@ -181,36 +185,41 @@ fn body_too_large() -> ApiError {
 /// tokens and, for `echo`, the prompt text.
 pub(super) async fn tokenize(request: &ValidatedRequest) -> Result<(Vec<i32>, String), ApiError> {
     let model = Arc::clone(&request.model);
-    let source = match &request.prompt {
-        PromptSource::Chat(messages) => PromptSource::Chat(messages.clone()),
-        PromptSource::Text(text) => PromptSource::Text(text.clone()),
-    };
-    let joined = tokio::task::spawn_blocking(move || {
-        let (text, add_special) = match source {
-            PromptSource::Chat(messages) => {
-                (model.tokenizer.apply_chat_template(&messages, true)?, false)
-            }
-            PromptSource::Text(text) => (text, true),
-        };
-        let tokens = model.tokenizer.tokenize(&text, add_special)?;
-        Ok::<_, engine::EngineError>((tokens, text))
-    })
-    .await;
+    let source = request.prompt.clone();
+    let joined =
+        tokio::task::spawn_blocking(move || render_and_tokenize(&model.tokenizer, source)).await;
     match joined {
-        Ok(Ok(result)) => Ok(result),
-        Ok(Err(error)) => {
-            tracing::warn!(%error, "render or tokenize prompt");
-            Err(ApiError::invalid(
-                format!("the prompt could not be prepared: {error}"),
-                Some("messages"),
-                "invalid_prompt",
-            ))
-        }
+        Ok(prepared) => prepared.map_err(prompt_error),
         Err(error) => {
             tracing::error!(%error, "tokenizer task");
             Err(ApiError::internal())
         }
     }
+}
+
+/// The prompt as `tokenizer` sees it: a chat rendered by its template with
+/// the assistant's turn open, then tokenized. Blocks: call it off the async
+/// threads.
+pub(super) fn render_and_tokenize(
+    tokenizer: &engine::Tokenizer,
+    source: PromptSource,
+) -> Result<(Vec<i32>, String), engine::EngineError> {
+    let (text, add_special) = match source {
+        PromptSource::Chat(messages) => (tokenizer.apply_chat_template(&messages, true)?, false),
+        PromptSource::Text(text) => (text, true),
+    };
+    let tokens = tokenizer.tokenize(&text, add_special)?;
+    Ok((tokens, text))
+}
+
+/// 400 for a prompt the serving model cannot render or tokenize.
+pub(super) fn prompt_error(error: engine::EngineError) -> ApiError {
+    tracing::warn!(%error, "render or tokenize prompt");
+    ApiError::invalid(
+        format!("the prompt could not be prepared: {error}"),
+        Some("messages"),
+        "invalid_prompt",
+    )
 }
 
 /// The completion tokens this request may have, given its prompt.

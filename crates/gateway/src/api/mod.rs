@@ -14,7 +14,6 @@ mod owner_statement;
 mod respond;
 mod route;
 mod route_drive;
-mod route_respond;
 mod types;
 mod usage;
 mod validate;

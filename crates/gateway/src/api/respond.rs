@@ -1,480 +1,158 @@
-//! Turning a generation's updates into an OpenAI response: one JSON body, or
-//! a server-sent event stream whose text is exactly the JSON body's text.
+//! The one response path: fleet answers (a named fleet model) and routed
+//! answers (`auto`, `cloud/<model>`) become the same OpenAI shapes, one JSON
+//! body or a server-sent event stream whose text is exactly the body's text.
+//!
+//! Both feed the same [`Event`]s: a fleet answer's come from the core's
+//! updates (`source::FleetAnswer`: text assembled with stop sequences held
+//! back), a routed answer's from its driver (`route_drive`), which releases
+//! text only when the router allows it. `envelope` shapes bodies, chunks,
+//! usage, `finish_reason`, the `fleetgrid` field and the headers; `body` and
+//! `stream` are the two ways an answer is sent, and the one place where an
+//! error becomes the HTTP error or the stream's error event.
+//!
+//! **Invariant:** an answer is settled before its final body or finishing
+//! chunk and `[DONE]`. A fleet answer settles here (`Source::settle`); a
+//! routed one before its driver sends `Finished`. A client that hangs up is
+//! charged for what was made: for a fleet answer the `CancelGuard`, dropped
+//! with the response, cancels the generation and settles it; for a routed
+//! one the driver sees its channel close.
+//!
+//! Which tier served and why: the `x-fleetgrid-tier` and
+//! `x-fleetgrid-route-reason` headers and a `fleetgrid` field. A stream's
+//! headers go out when its first tier starts (for a routed answer after the
+//! cascade's hold-back), so they name that tier; a routed stream's first
+//! chunk repeats it, a handoff chunk announces the cloud taking over, and
+//! the finishing chunk carries the final tier, reason and each part's usage.
 
-use std::convert::Infallible;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+mod body;
+mod envelope;
+mod source;
+mod stream;
+#[cfg(test)]
+mod tests;
 
-use axum::http::{HeaderName, HeaderValue, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
-use engine::TextAssembler;
-use scheduler::RequestId;
-use serde_json::{json, Value};
+use axum::response::Response;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 
-use super::admission::RequestSlot;
 use super::error::ApiError;
-use super::validate::{Endpoint, ValidatedRequest};
-use crate::billing_finish::{CancelCharge, Finisher};
-use crate::limits;
-use cell_api::{Cell, CommittedToken, FinishReason, GenerationError, Update, Usage};
+use super::route::{RouteReason, RouteSummary, Tier};
+use crate::core::CommittedToken;
 
-/// Owns a generation's updates. Cancels the generation when the client's
-/// response is dropped before the generation's end was read (the client
-/// disconnected), charging what was made until then (`CancelCharge`): all
-/// of it when the generation had finished and its end was still queued.
-/// Holds the gateway permit for as long as the response lives.
-pub struct CancelGuard {
-    cell: Arc<dyn Cell>,
-    request: RequestId,
-    updates: mpsc::Receiver<Update>,
-    armed: bool,
-    charge: Option<CancelCharge>,
-    _permit: RequestSlot,
+pub use envelope::ResponseMeta;
+pub(super) use source::{generation_error, request_timed_out, Source};
+pub use source::{CancelGuard, FleetAnswer};
+
+/// What an answer says, in order: for a routed answer `Start` once (before
+/// any text); then `Text` and at most one `Handoff`; then `Finished` or
+/// `Failed`. A `Failed` before a routed answer's `Start` becomes the HTTP
+/// error itself.
+#[derive(Debug)]
+pub(super) enum Event {
+    Start {
+        tier: Tier,
+        reason: RouteReason,
+        model: String,
+    },
+    /// Text the client may see (possibly none yet, while a fleet answer
+    /// holds back a possible stop sequence) and the token it came from, for
+    /// logprobs.
+    Text {
+        text: String,
+        token: Option<CommittedToken>,
+    },
+    Handoff(RouteReason),
+    Finished(Box<Ending>),
+    Failed(ApiError),
 }
 
-impl CancelGuard {
-    pub fn new(
-        cell: Arc<dyn Cell>,
-        request: RequestId,
-        updates: mpsc::Receiver<Update>,
-        permit: RequestSlot,
-    ) -> CancelGuard {
-        CancelGuard {
-            cell,
-            request,
-            updates,
-            armed: true,
-            charge: None,
-            _permit: permit,
-        }
-    }
-
-    /// Charges the client for what the generation made if it cancels.
-    pub fn charge_on_cancel(&mut self, charge: CancelCharge) {
-        self.charge = Some(charge);
-    }
-
-    fn disarm(&mut self) {
-        self.armed = false;
-    }
-
-    /// Waits for the next update, until the whole request's deadline.
-    async fn next(&mut self, deadline: Instant) -> Result<Update, ApiError> {
-        next_update(&mut self.updates, deadline).await
-    }
-
-    /// The metering of a generation that finished before the cancel,
-    /// whose end was never read.
-    fn queued_end(&mut self) -> Option<crate::billing_meter::Metering> {
-        while let Ok(update) = self.updates.try_recv() {
-            if let Update::Finished { metering, .. } = update {
-                return Some(metering);
-            }
-        }
-        None
-    }
-
-    /// The generation is cancelled because the platform failed it (a
-    /// timeout), not the client: nothing is charged.
-    fn forgo_charge(&mut self) {
-        self.charge = None;
-    }
+/// How an answer ended.
+#[derive(Debug)]
+pub(super) struct Ending {
+    /// Text held back until the end (a fleet answer's undecided tail).
+    pub rest: String,
+    pub finish_reason: &'static str,
+    pub usage: AnswerUsage,
+    /// How a routed answer ended; `None` for a fleet model's.
+    pub route: Option<RouteSummary>,
 }
 
-impl Drop for CancelGuard {
-    fn drop(&mut self) {
-        if self.armed {
-            tracing::info!(request_id = self.request.0, "client went away; cancelling");
-            let metering = self.cell.cancel(self.request).or_else(|| self.queued_end());
-            if let (Some(metering), Some(charge)) = (metering, self.charge.take()) {
-                charge.settle_in_background(metering);
-            }
+impl Ending {
+    /// The end of a routed answer, settled by its driver.
+    pub(super) fn routed(summary: RouteSummary) -> Ending {
+        Ending {
+            rest: String::new(),
+            finish_reason: summary.finish_reason,
+            usage: routed_usage(&summary),
+            route: Some(summary),
         }
     }
 }
 
-/// What every response chunk repeats.
-pub struct ResponseMeta {
-    id: String,
-    created: u64,
-    model: String,
-    endpoint: Endpoint,
-    include_usage: bool,
-    logprobs: bool,
-    echo_prompt: Option<String>,
-    stop: Vec<String>,
-    /// When the whole request times out, however its tokens trickle in.
-    deadline: Instant,
+/// The usage the client reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct AnswerUsage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    /// `prompt_tokens_details.cached_tokens`: fleet answers only.
+    pub cached_prompt_tokens: Option<u32>,
 }
 
-impl ResponseMeta {
-    /// `request_timeout` bounds the whole request from now.
-    pub fn new(
-        id: String,
-        request: &ValidatedRequest,
-        prompt_text: String,
-        request_timeout: Duration,
-    ) -> ResponseMeta {
-        ResponseMeta {
-            deadline: Instant::now() + request_timeout,
-            id,
-            created: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|elapsed| elapsed.as_secs())
-                .unwrap_or_default(),
-            model: request.model.name.clone(),
-            endpoint: request.endpoint,
-            include_usage: request.include_usage,
-            logprobs: request.logprobs,
-            echo_prompt: request.echo.then_some(prompt_text),
-            stop: request.stop.clone(),
-        }
-    }
-
-    fn object(&self, streaming: bool) -> &'static str {
-        match (self.endpoint, streaming) {
-            (Endpoint::Chat, false) => "chat.completion",
-            (Endpoint::Chat, true) => "chat.completion.chunk",
-            (Endpoint::Completion, _) => "text_completion",
-        }
-    }
-
-    fn envelope(&self, streaming: bool, choices: Value) -> Value {
-        let mut envelope = json!({
-            "id": self.id,
-            "object": self.object(streaming),
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": Value::Null,
-            "choices": choices,
-        });
-        if !streaming {
-            // Which tier served and why, as routed responses say it too.
-            envelope["fleetgrid"] = json!({"tier": "fleet", "reason": EXPLICIT_FLEET});
-        }
-        envelope
+/// The usage the tenant is charged for: the prompt once, as the tier that
+/// started the answer counted it, and the sent tokens of each tier that
+/// contributed. Edge tokens that were discarded are not in it (they are in
+/// `fleetgrid.usage.edge.discarded_tokens`), nor is the cloud's re-prefill
+/// after a handoff (in `fleetgrid.usage.cloud.prompt_tokens`).
+fn routed_usage(summary: &RouteSummary) -> AnswerUsage {
+    let edge_counts = matches!(summary.tier, Tier::Fleet | Tier::FleetThenCloud);
+    let (edge_prompt, edge_completion) = match summary.edge {
+        Some(edge) if edge_counts => (edge.prompt_tokens, edge.completion_tokens),
+        _ => (0, 0),
+    };
+    let (cloud_prompt, cloud_completion) = summary.cloud.map_or((0, 0), |cloud| {
+        (cloud.prompt_tokens, cloud.completion_tokens)
+    });
+    let prompt_tokens = if summary.tier == Tier::Cloud {
+        cloud_prompt
+    } else {
+        edge_prompt
+    };
+    AnswerUsage {
+        prompt_tokens,
+        completion_tokens: edge_completion + cloud_completion,
+        cached_prompt_tokens: None,
     }
 }
 
-/// The route reason of a request that named a fleet model.
-const EXPLICIT_FLEET: &str = "explicit_fleet";
-
-fn headers(meta: &ResponseMeta) -> [(HeaderName, HeaderValue); 3] {
-    [
-        (
-            HeaderName::from_static("x-request-id"),
-            HeaderValue::from_str(&meta.id).unwrap_or(HeaderValue::from_static("unknown")),
-        ),
-        (
-            HeaderName::from_static("x-fleetgrid-tier"),
-            HeaderValue::from_static("fleet"),
-        ),
-        (
-            HeaderName::from_static("x-fleetgrid-route-reason"),
-            HeaderValue::from_static(EXPLICIT_FLEET),
-        ),
-    ]
-}
-
-/// Waits for the next update, until the whole request's deadline.
-async fn next_update(
-    updates: &mut mpsc::Receiver<Update>,
-    deadline: Instant,
-) -> Result<Update, ApiError> {
-    match tokio::time::timeout_at(deadline, updates.recv()).await {
-        Ok(Some(update)) => Ok(update),
-        Ok(None) => {
-            tracing::error!("generation ended without an answer");
-            Err(ApiError::internal())
-        }
-        Err(_) => Err(request_timed_out()),
+/// Answers from `source`: a stream or a whole body, as the request asked.
+pub(super) async fn answer(meta: ResponseMeta, source: Source) -> Result<Response, ApiError> {
+    if meta.stream {
+        Ok(stream::stream(meta, source))
+    } else {
+        body::collect(meta, source).await
     }
 }
 
-/// 504: the request passed its whole-request time bound.
-pub(super) fn request_timed_out() -> ApiError {
-    ApiError {
-        status: StatusCode::GATEWAY_TIMEOUT,
-        message: "the generation took longer than the request timeout".into(),
-        kind: "server_error",
-        param: None,
-        code: Some("timeout"),
-        retry_after_seconds: None,
-    }
-}
-
-pub(super) fn generation_error(error: GenerationError) -> ApiError {
-    match error {
-        GenerationError::Rejected {
-            reason,
-            retry_after_seconds,
-        } => ApiError::unavailable(reason, retry_after_seconds),
-        GenerationError::TooManyAttempts => ApiError::unavailable(
-            "the generation was interrupted too many times; retry",
-            limits::RETRY_AFTER_DEFAULT_SECONDS,
-        ),
-        GenerationError::Failed(message) => ApiError {
-            status: StatusCode::BAD_GATEWAY,
-            message: format!("the generation failed: {message}"),
-            kind: "server_error",
-            param: None,
-            code: Some("generation_failed"),
-            retry_after_seconds: None,
-        },
-    }
-}
-
-/// Logprob entries of the tokens committed since the last chunk.
-#[derive(Default)]
-struct LogprobEntries {
-    chat: Vec<Value>,
-    tokens: Vec<String>,
-    token_logprobs: Vec<f32>,
-    top: Vec<Value>,
-}
-
-impl LogprobEntries {
-    /// Records a token's logprobs in the endpoint's format; nothing at all
-    /// when the client did not ask for logprobs, the common case.
-    fn push(&mut self, meta: &ResponseMeta, token: &CommittedToken) {
-        if !meta.logprobs {
-            return;
-        }
-        let text = String::from_utf8_lossy(&token.piece).into_owned();
-        match meta.endpoint {
-            Endpoint::Chat => {
-                let top: Vec<Value> = token
-                    .top_logprobs
-                    .iter()
-                    .map(|(_, piece, logprob)| json!({"token": String::from_utf8_lossy(piece), "logprob": logprob, "bytes": piece}))
-                    .collect();
-                self.chat.push(json!({"token": text, "logprob": token.logprob, "bytes": token.piece, "top_logprobs": top}));
-            }
-            Endpoint::Completion => {
-                let top: serde_json::Map<String, Value> = token
-                    .top_logprobs
-                    .iter()
-                    .map(|(_, piece, logprob)| {
-                        (String::from_utf8_lossy(piece).into_owned(), json!(logprob))
-                    })
-                    .collect();
-                self.tokens.push(text);
-                self.token_logprobs.push(token.logprob);
-                self.top.push(Value::Object(top));
-            }
-        }
-    }
-
-    fn take(&mut self, meta: &ResponseMeta) -> Value {
-        if !meta.logprobs {
-            return Value::Null;
-        }
-        let taken = std::mem::take(self);
-        match meta.endpoint {
-            Endpoint::Chat => json!({ "content": taken.chat }),
-            Endpoint::Completion => json!({
-                "tokens": taken.tokens,
-                "token_logprobs": taken.token_logprobs,
-                "top_logprobs": taken.top,
-            }),
-        }
-    }
-}
-
-fn finish_reason(reason: FinishReason, assembler: &TextAssembler) -> &'static str {
-    if assembler.stopped() {
-        return "stop";
-    }
-    match reason {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-    }
-}
-
-fn usage_json(usage: Usage) -> Value {
-    json!({
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
-    })
-}
-
-/// Non-streaming: waits for the whole generation, and settles it before
-/// answering.
-pub async fn collect(
-    meta: ResponseMeta,
-    mut guard: CancelGuard,
-    mut finisher: Finisher,
+/// Waits for a routed answer's first tier to start (or the request to
+/// fail), then answers.
+pub(super) async fn routed(
+    mut meta: ResponseMeta,
+    mut events: mpsc::Receiver<Event>,
 ) -> Result<Response, ApiError> {
-    let mut assembler = TextAssembler::new(meta.stop.clone());
-    let mut text = meta.echo_prompt.clone().unwrap_or_default();
-    let mut logprobs = LogprobEntries::default();
-    let (reason, usage, metering) = loop {
-        match guard
-            .next(meta.deadline)
-            .await
-            .inspect_err(|_| guard.forgo_charge())?
-        {
-            Update::Token(token) => {
-                logprobs.push(&meta, &token);
-                text.push_str(&assembler.push(&token.piece));
-            }
-            Update::Finished {
-                reason,
-                usage,
-                metering,
-            } => break (reason, usage, metering),
-            Update::Failed(error) => {
-                guard.disarm();
-                return Err(generation_error(error));
-            }
+    match events.recv().await {
+        Some(Event::Start {
+            tier,
+            reason,
+            model,
+        }) => meta.start_routed(tier, reason, model),
+        Some(Event::Failed(error)) => return Err(error),
+        Some(other) => {
+            tracing::error!(request_id = %meta.id, event = ?other, "routed response did not start with its tier");
+            return Err(ApiError::internal());
         }
-    };
-    guard.disarm();
-    text.push_str(&assembler.finish());
-    let finish = finish_reason(reason, &assembler);
-    let choice = match meta.endpoint {
-        Endpoint::Chat => json!({
-            "index": 0,
-            "message": { "role": "assistant", "content": text },
-            "logprobs": logprobs.take(&meta),
-            "finish_reason": finish,
-        }),
-        Endpoint::Completion => json!({
-            "index": 0,
-            "text": text,
-            "logprobs": logprobs.take(&meta),
-            "finish_reason": finish,
-        }),
-    };
-    let mut body = meta.envelope(false, json!([choice]));
-    body["usage"] = usage_json(usage);
-    finisher.finish(&metering, Some(&body)).await?;
-    Ok((headers(&meta), Json(body)).into_response())
-}
-
-/// The non-streaming body of a streamed response, kept for idempotent replay.
-fn stored_body(meta: &ResponseMeta, text: &str, finish: &str, usage: Usage) -> Value {
-    let choice = match meta.endpoint {
-        Endpoint::Chat => json!({
-            "index": 0,
-            "message": { "role": "assistant", "content": text },
-            "logprobs": Value::Null,
-            "finish_reason": finish,
-        }),
-        Endpoint::Completion => json!({
-            "index": 0,
-            "text": text,
-            "logprobs": Value::Null,
-            "finish_reason": finish,
-        }),
-    };
-    let mut body = meta.envelope(false, json!([choice]));
-    body["usage"] = usage_json(usage);
-    body
-}
-
-fn chunk(
-    meta: &ResponseMeta,
-    text: &str,
-    logprobs: Value,
-    finish: Option<&str>,
-    first: bool,
-) -> Event {
-    let choice = match meta.endpoint {
-        Endpoint::Chat => {
-            let delta = match (first, finish) {
-                (true, _) => json!({"role": "assistant", "content": text}),
-                (false, Some(_)) if text.is_empty() => json!({}),
-                _ => json!({"content": text}),
-            };
-            json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+        None => {
+            tracing::error!(request_id = %meta.id, "routing ended without an answer");
+            return Err(ApiError::internal());
         }
-        Endpoint::Completion => {
-            json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish})
-        }
-    };
-    Event::default().data(meta.envelope(true, json!([choice])).to_string())
-}
-
-/// Streaming: server-sent events, ending with `data: [DONE]`. The request is
-/// settled before its finishing chunk.
-pub fn stream(meta: ResponseMeta, mut guard: CancelGuard, mut finisher: Finisher) -> Response {
-    let response_headers = headers(&meta);
-    let events = async_stream::stream! {
-        let mut assembler = TextAssembler::new(meta.stop.clone());
-        let mut logprobs = LogprobEntries::default();
-        let opening = match meta.endpoint {
-            Endpoint::Chat => String::new(),
-            Endpoint::Completion => meta.echo_prompt.clone().unwrap_or_default(),
-        };
-        // The whole text, kept only when an idempotent replay needs it.
-        let mut whole_text = String::new();
-        if finisher.wants_body() {
-            whole_text.push_str(&opening);
-        }
-        if meta.endpoint == Endpoint::Chat || !opening.is_empty() {
-            yield Ok::<Event, Infallible>(chunk(&meta, &opening, Value::Null, None, true));
-        }
-        loop {
-            match guard.next(meta.deadline).await {
-                Ok(Update::Token(token)) => {
-                    logprobs.push(&meta, &token);
-                    let text = assembler.push(&token.piece);
-                    if finisher.wants_body() {
-                        whole_text.push_str(&text);
-                    }
-                    if !text.is_empty() {
-                        yield Ok(chunk(&meta, &text, logprobs.take(&meta), None, false));
-                    }
-                }
-                Ok(Update::Finished { reason, usage, metering }) => {
-                    guard.disarm();
-                    let rest = assembler.finish();
-                    let finish = finish_reason(reason, &assembler);
-                    let body = finisher.wants_body().then(|| {
-                        whole_text.push_str(&rest);
-                        stored_body(&meta, &whole_text, finish, usage)
-                    });
-                    if let Err(error) = finisher.finish(&metering, body.as_ref()).await {
-                        yield Ok(Event::default().data(ApiError::from(error).body_json()));
-                        break;
-                    }
-                    if !rest.is_empty() {
-                        yield Ok(chunk(&meta, &rest, logprobs.take(&meta), None, false));
-                    }
-                    yield Ok(chunk(&meta, "", logprobs.take(&meta), Some(finish), false));
-                    if meta.include_usage {
-                        let mut last = meta.envelope(true, json!([]));
-                        last["usage"] = usage_json(usage);
-                        yield Ok(Event::default().data(last.to_string()));
-                    }
-                    break;
-                }
-                Ok(Update::Failed(error)) => {
-                    guard.disarm();
-                    yield Ok(Event::default().data(generation_error(error).body_json()));
-                    break;
-                }
-                Err(error) => {
-                    // The guard stays armed: the generation is cancelled
-                    // when this stream ends, uncharged (our timeout).
-                    guard.forgo_charge();
-                    yield Ok(Event::default().data(error.body_json()));
-                    break;
-                }
-            }
-        }
-        yield Ok(Event::default().data("[DONE]"));
-    };
-    (
-        response_headers,
-        Sse::new(events).keep_alive(KeepAlive::default()),
-    )
-        .into_response()
+    }
+    answer(meta, Source::Routed(events)).await
 }

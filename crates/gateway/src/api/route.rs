@@ -2,12 +2,15 @@
 //! answers, runs it, and says which tier served and why.
 //!
 //! `fleet/<model>` (or a bare model name) never comes here. A routed request
-//! is validated exactly like an edge request (its body is checked against the
-//! edge model), then a driver task (`route_drive`) runs the edge generation
-//! and/or the cloud call and sends `RoutedEvent`s over a bounded channel to
-//! the response (`route_respond`). The driver holds the gateway permit; when
-//! the client goes away the channel closes, the driver stops, and dropping
-//! its guards cancels the edge generation and closes the upstream call.
+//! is validated exactly like a fleet request, against the edge model, while
+//! keeping the name the client asked for and its routing target; its prompt
+//! is rendered and tokenized once (`route_drive::RoutedPrompt`), for the
+//! admission, the edge generation and a handoff alike. Then a driver task
+//! (`route_drive`) runs the edge generation and/or the cloud call and sends
+//! the response's `Event`s over a bounded channel to the one response path
+//! (`respond`). The driver holds the gateway permit; when the client goes
+//! away the channel closes, the driver stops, and dropping its guards
+//! cancels the edge generation and closes the upstream call.
 //!
 //! **Invariant:** the client never sees edge text that is later discarded.
 //! The driver releases edge text only when the router's scorer says it may;
@@ -22,22 +25,16 @@ use tokio::sync::mpsc;
 
 use super::admission::RequestSlot;
 use super::error::ApiError;
-use super::route_drive::Routing;
-use super::route_respond::{self, RoutedMeta};
-use super::validate::{self, Endpoint};
+use super::respond::{self, ResponseMeta};
+use super::route_drive::{RoutedPrompt, RoutedRequest, Routing};
+use super::validate::{self, Endpoint, ModelChoice, WireRequest};
 use super::AppState;
 use crate::cloud::{CloudTier, AUTO_MODEL, CLOUD_PREFIX};
 use crate::limits;
 use crate::store::TenantRecord;
 
 /// What a routed request asked for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Target {
-    /// `cloud/<model>`: the cloud only.
-    Cloud,
-    /// `auto`: the router decides.
-    Auto,
-}
+pub(super) use super::validate::RouteTarget as Target;
 
 // The tiers, route reasons and the fleet's counts are the router's words,
 // shared with its `RouteMachine`.
@@ -70,37 +67,14 @@ pub(super) struct RouteSummary {
     pub charged: crate::cloud::MicroUsd,
 }
 
-/// What the driver tells the response, in order: `Start` once (before any
-/// text), `Text` and at most one `Handoff`, then `Finished` or `Failed`.
-/// A `Failed` before `Start` becomes the HTTP error itself.
-#[derive(Debug)]
-pub(super) enum RoutedEvent {
-    Start {
-        tier: Tier,
-        reason: RouteReason,
-        model: String,
-    },
-    Text(String),
-    Handoff(RouteReason),
-    Finished(Box<RouteSummary>),
-    Failed(ApiError),
+/// Whether a model name asks for `auto` or `cloud/...`.
+fn is_routed_name(name: &str) -> bool {
+    name == AUTO_MODEL || name.starts_with(CLOUD_PREFIX)
 }
 
-/// Whether a body asks for `auto` or `cloud/...`. Bodies that do not parse
-/// are not routed: the edge path answers them with its own 400.
-pub(super) fn is_routed(body: &[u8]) -> bool {
-    #[derive(serde::Deserialize)]
-    struct ModelOnly {
-        model: Option<Value>,
-    }
-    let Ok(parsed) = serde_json::from_slice::<ModelOnly>(body) else {
-        return false;
-    };
-    parsed
-        .model
-        .as_ref()
-        .and_then(Value::as_str)
-        .is_some_and(|name| name == AUTO_MODEL || name.starts_with(CLOUD_PREFIX))
+/// Whether a parsed body asks for `auto` or `cloud/...`.
+pub(super) fn is_routed(wire: &WireRequest) -> bool {
+    wire.model().is_some_and(is_routed_name)
 }
 
 /// Serves a routed request; `permit` is the gateway's slot for it.
@@ -108,35 +82,18 @@ pub(super) async fn serve(
     state: &AppState,
     tenant: TenantRecord,
     permit: RequestSlot,
-    body: &[u8],
-    endpoint: Endpoint,
+    wire: WireRequest,
 ) -> Result<Response, ApiError> {
-    let mut value: Value = validate::parse_json(body)?;
-    let requested = value
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
     let Some(cloud) = state.cloud.clone() else {
         return Err(model_not_found(
-            &requested,
+            wire.model().unwrap_or_default(),
             "this gateway has no cloud model configured",
         ));
     };
-    let target = target(&requested, &cloud)?;
-    let Some(edge_model) = state.models.all().first().cloned() else {
-        tracing::error!("no edge model is served");
-        return Err(ApiError::internal());
-    };
     // The body is checked against the edge model: the same parameters, the
-    // same limits, the same errors as an edge request.
-    if let Some(object) = value.as_object_mut() {
-        object.insert("model".into(), Value::String(edge_model.name.clone()));
-    }
-    let request = match endpoint {
-        Endpoint::Chat => validate::chat(from_value(value)?, &state.models)?,
-        Endpoint::Completion => validate::completion(from_value(value)?, &state.models)?,
-    };
+    // same limits, the same errors as a fleet request.
+    let request = validate::request(wire, |requested| choose(state, &cloud, requested))?;
+    let requested = &request.requested_model;
     if request.logprobs {
         return Err(ApiError::invalid(
             format!("'logprobs' is not available with the model '{requested}'; ask for a fleet model by name"),
@@ -151,24 +108,45 @@ pub(super) async fn serve(
             "invalid_value",
         ));
     }
-    let public_id = match endpoint {
+    let Some(target) = request.route else {
+        tracing::error!(model = %requested, "a routed request without a routing target");
+        return Err(ApiError::internal());
+    };
+    let prompt = RoutedPrompt::prepare(&request, &cloud).await?;
+    let public_id = match request.endpoint {
         Endpoint::Chat => format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         Endpoint::Completion => format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
     };
-    let meta = RoutedMeta::new(public_id.clone(), &request);
+    // The model is the one the first tier names, once it starts.
+    let meta = ResponseMeta::new(public_id.clone(), &request, String::new());
     let (sender, receiver) = mpsc::channel(limits::ROUTED_EVENTS_CAPACITY);
     tracing::info!(request_id = %public_id, tenant_id = tenant.id, model = %requested, "routing");
-    let routing = Routing::new(
-        state.clone(),
-        cloud,
-        tenant,
+    let routed = RoutedRequest {
         request,
+        prompt,
         public_id,
-        sender,
-        permit,
-    );
+    };
+    let routing = Routing::new(state.clone(), cloud, tenant, routed, sender, permit);
     tokio::spawn(routing.run(target));
-    route_respond::respond(meta, receiver).await
+    respond::routed(meta, receiver).await
+}
+
+/// What a routed name resolves to: its target, and the edge model that
+/// may serve it.
+fn choose(
+    state: &AppState,
+    cloud: &Arc<CloudTier>,
+    requested: &str,
+) -> Result<ModelChoice, ApiError> {
+    let target = target(requested, cloud)?;
+    let Some(model) = state.models.all().first().cloned() else {
+        tracing::error!("no edge model is served");
+        return Err(ApiError::internal());
+    };
+    Ok(ModelChoice {
+        model,
+        route: Some(target),
+    })
 }
 
 fn target(requested: &str, cloud: &Arc<CloudTier>) -> Result<Target, ApiError> {
@@ -194,16 +172,6 @@ fn model_not_found(requested: &str, why: &str) -> ApiError {
         Some("model"),
         "model_not_found",
     )
-}
-
-fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
-    serde_json::from_value(value).map_err(|error| {
-        ApiError::invalid(
-            format!("we could not parse the JSON body of your request: {error}"),
-            None,
-            "invalid_json",
-        )
-    })
 }
 
 /// `/v1/models` entries for the routed names, when a cloud is configured.
@@ -238,14 +206,25 @@ pub(super) fn model_entries(state: &AppState) -> Vec<Value> {
 mod tests {
     use super::*;
 
+    /// Whether a body is routed: a body that does not parse never is.
+    fn routed(body: &[u8], endpoint: Endpoint) -> bool {
+        WireRequest::parse(body, endpoint).is_ok_and(|wire| is_routed(&wire))
+    }
+
     #[test]
     fn only_auto_and_cloud_names_are_routed() {
-        assert!(is_routed(br#"{"model": "auto", "messages": []}"#));
-        assert!(is_routed(br#"{"model": "cloud/big", "prompt": "x"}"#));
-        assert!(!is_routed(br#"{"model": "fleet/small"}"#));
-        assert!(!is_routed(br#"{"model": "small"}"#));
-        assert!(!is_routed(br#"{"model": 3}"#));
-        assert!(!is_routed(b"not json"));
-        assert!(!is_routed(b"[1, 2]"));
+        assert!(routed(
+            br#"{"model": "auto", "messages": []}"#,
+            Endpoint::Chat
+        ));
+        assert!(routed(
+            br#"{"model": "cloud/big", "prompt": "x"}"#,
+            Endpoint::Completion
+        ));
+        assert!(!routed(br#"{"model": "fleet/small"}"#, Endpoint::Chat));
+        assert!(!routed(br#"{"model": "small"}"#, Endpoint::Completion));
+        assert!(!routed(br#"{"model": 3}"#, Endpoint::Chat));
+        assert!(!routed(b"not json", Endpoint::Chat));
+        assert!(!routed(b"[1, 2]", Endpoint::Completion));
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! The machine holds the whole `auto` / `cloud/<model>` policy (pre-route,
 //! cascade, escalation, handoff, every fallback; see `router::machine`). The
-//! driver owns the I/O: the edge generation through `Core::submit`, the
+//! driver owns the I/O: the edge generation through `Cell::submit`, the
 //! `Upstream` cloud stream, the client's `out` channel, the request's
 //! deadline and the money. Its one loop waits for the next edge update or
 //! cloud chunk (or the client leaving, or the deadline), feeds it to the
@@ -34,8 +34,8 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use super::admission::RequestSlot;
 use super::error::ApiError;
-use super::respond;
-use super::route::{RouteSummary, RoutedEvent, Target, Tier};
+use super::respond::{self, Ending, Event as Reply};
+use super::route::{RouteSummary, Target, Tier};
 use super::validate::ValidatedRequest;
 use super::AppState;
 use crate::billing_finish::RoutedBooking;
@@ -45,6 +45,7 @@ use crate::store::TenantRecord;
 use cell_api::GenerationError;
 
 use money::upstream_error;
+pub(super) use tiers::RoutedPrompt;
 use tiers::{CloudCall, EdgeRun};
 
 /// Why the driver stopped carrying out actions.
@@ -56,21 +57,30 @@ enum Stop {
 
 type Flow<T> = Result<T, Stop>;
 
+/// A routed request as the gateway hands it to its driver.
+pub(super) struct RoutedRequest {
+    pub request: ValidatedRequest,
+    /// The prompt, rendered and tokenized once.
+    pub prompt: RoutedPrompt,
+    /// The response's id, also the request's id in the ledger.
+    pub public_id: String,
+}
+
 pub(super) struct Routing {
     state: AppState,
     cloud: Arc<CloudTier>,
     tenant: TenantRecord,
     request: ValidatedRequest,
     public_id: String,
-    out: mpsc::Sender<RoutedEvent>,
+    out: mpsc::Sender<Reply>,
     /// The gateway's slots, held for as long as the request runs.
     _permit: RequestSlot,
     created_ms: i64,
     /// When the whole request times out, however the edge's tokens or the
     /// cloud's chunks trickle in.
     deadline: tokio::time::Instant,
-    /// The prompt as the edge model tokenizes it (the coordinator's count).
-    prompt: Vec<i32>,
+    /// The prompt, rendered and tokenized once for every tier.
+    prompt: RoutedPrompt,
     /// The request's one admission and the parts booked so far; `None`
     /// before admission and once settled.
     booking: Option<RoutedBooking>,
@@ -98,12 +108,16 @@ impl Routing {
         state: AppState,
         cloud: Arc<CloudTier>,
         tenant: TenantRecord,
-        request: ValidatedRequest,
-        public_id: String,
-        out: mpsc::Sender<RoutedEvent>,
+        routed: RoutedRequest,
+        out: mpsc::Sender<Reply>,
         permit: RequestSlot,
     ) -> Routing {
         let deadline = tokio::time::Instant::now() + state.request_timeout;
+        let RoutedRequest {
+            request,
+            prompt,
+            public_id,
+        } = routed;
         Routing {
             state,
             cloud,
@@ -114,7 +128,7 @@ impl Routing {
             _permit: permit,
             created_ms: crate::core::now_ms().0,
             deadline,
-            prompt: Vec::new(),
+            prompt,
             booking: None,
             discarded_edge: Vec::new(),
             cut_cloud: None,
@@ -134,7 +148,7 @@ impl Routing {
             self.edge = None;
             self.cloud_call = None;
             tracing::warn!(request_id = %self.public_id, error = %error.message, "routed request failed");
-            let _ = self.out.send(RoutedEvent::Failed(error)).await;
+            let _ = self.out.send(Reply::Failed(error)).await;
         }
     }
 
@@ -179,7 +193,7 @@ impl Routing {
         router::Setup {
             target,
             cloud_model: config.public_name(),
-            prompt_tokens: len_u32(&self.prompt),
+            prompt_tokens: len_u32(&self.prompt.edge_tokens),
             max_tokens: self.request_max_tokens(),
             can_hand_off: self.can_hand_off(),
             incremental: self.cloud.router.config().incremental,
@@ -262,7 +276,7 @@ impl Routing {
                     Tier::Fleet | Tier::FleetThenCloud => self.request.model.name.clone(),
                     Tier::Cloud => self.cloud.upstream.config().public_name(),
                 };
-                self.emit(RoutedEvent::Start {
+                self.emit(Reply::Start {
                     tier,
                     reason,
                     model,
@@ -271,11 +285,11 @@ impl Routing {
                 Ok(None)
             }
             Action::AnnounceHandoff { reason } => {
-                self.emit(RoutedEvent::Handoff(reason)).await?;
+                self.emit(Reply::Handoff(reason)).await?;
                 Ok(None)
             }
             Action::Release { text } => {
-                self.emit(RoutedEvent::Text(text)).await?;
+                self.emit(Reply::Text { text, token: None }).await?;
                 Ok(None)
             }
             Action::CutCloud { usage } => {
@@ -316,7 +330,8 @@ impl Routing {
             cloud,
             charged,
         };
-        self.emit(RoutedEvent::Finished(Box::new(summary))).await
+        self.emit(Reply::Finished(Box::new(Ending::routed(summary))))
+            .await
     }
 
     /// The client's error for a failure the machine reported.
@@ -336,7 +351,7 @@ impl Routing {
         })
     }
 
-    async fn emit(&self, event: RoutedEvent) -> Flow<()> {
+    async fn emit(&self, event: Reply) -> Flow<()> {
         self.out.send(event).await.map_err(|_| Stop::ClientGone)
     }
 }

@@ -1,8 +1,10 @@
 //! Request validation: wire bodies in, `ValidatedRequest` out, or an
 //! OpenAI-shaped 400 naming the offending parameter.
 //!
-//! `ValidatedRequest` can only be built here, so every request that reaches
-//! the core has passed every check.
+//! A body is parsed once (`WireRequest::parse`); `ValidatedRequest` can only
+//! be built here, so every request that reaches the core has passed every
+//! check. It keeps the model the client named apart from what serves it: the
+//! fleet model, and for `auto` or `cloud/<model>` the routing target.
 
 use std::sync::Arc;
 
@@ -23,7 +25,62 @@ pub enum Endpoint {
     Completion,
 }
 
+/// A routed request's target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteTarget {
+    /// `cloud/<model>`: the cloud only.
+    Cloud,
+    /// `auto`: the router decides.
+    Auto,
+}
+
+/// What a model name resolves to.
+pub struct ModelChoice {
+    /// The fleet model that serves the request: the one named, or for a
+    /// routed request the edge model the router may use.
+    pub model: Arc<ServedModel>,
+    /// `None` for a fleet model named by the client.
+    pub route: Option<RouteTarget>,
+}
+
+/// A request body as it arrived, parsed once.
+pub enum WireRequest {
+    Chat(ChatCompletionRequest),
+    Completion(CompletionRequest),
+}
+
+impl WireRequest {
+    /// Parses the body of `endpoint`; syntax and type errors are a 400.
+    pub fn parse(body: &[u8], endpoint: Endpoint) -> Result<WireRequest, ApiError> {
+        Ok(match endpoint {
+            Endpoint::Chat => WireRequest::Chat(parse_json(body)?),
+            Endpoint::Completion => WireRequest::Completion(parse_json(body)?),
+        })
+    }
+
+    /// The model the client named, if it named one.
+    pub fn model(&self) -> Option<&str> {
+        match self {
+            WireRequest::Chat(request) => request.model.as_deref(),
+            WireRequest::Completion(request) => request.model.as_deref(),
+        }
+    }
+}
+
+/// Validates a parsed body; `resolve` says what the named model is, or why
+/// it is not served.
+pub fn request(
+    wire: WireRequest,
+    resolve: impl FnOnce(&str) -> Result<ModelChoice, ApiError>,
+) -> Result<ValidatedRequest, ApiError> {
+    match wire {
+        WireRequest::Chat(request) => chat(request, resolve),
+        WireRequest::Completion(request) => completion(request, resolve),
+    }
+}
+
 /// What the prompt is before it is rendered and tokenized.
+#[derive(Clone)]
 pub enum PromptSource {
     Chat(Vec<engine::ChatMessage>),
     Text(String),
@@ -31,7 +88,12 @@ pub enum PromptSource {
 
 pub struct ValidatedRequest {
     pub endpoint: Endpoint,
+    /// The model the client named, exactly as it named it.
+    pub requested_model: String,
+    /// The fleet model that serves it (for a routed request, the edge model).
     pub model: Arc<ServedModel>,
+    /// `auto` or `cloud/<model>`; `None` for a fleet model.
+    pub route: Option<RouteTarget>,
     pub prompt: PromptSource,
     /// `None` when the client gave none; capped later by the context left.
     pub max_tokens: Option<u32>,
@@ -72,11 +134,11 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
     })
 }
 
-pub fn chat(
+fn chat(
     request: ChatCompletionRequest,
-    models: &ServedModels,
+    resolve: impl FnOnce(&str) -> Result<ModelChoice, ApiError>,
 ) -> Result<ValidatedRequest, ApiError> {
-    let model = model(request.model.as_deref(), models)?;
+    let model = model(request.model, resolve)?;
     let messages = request.messages.ok_or_else(|| {
         ApiError::invalid(
             "'messages' is a required property",
@@ -159,11 +221,11 @@ pub fn chat(
     )
 }
 
-pub fn completion(
+fn completion(
     request: CompletionRequest,
-    models: &ServedModels,
+    resolve: impl FnOnce(&str) -> Result<ModelChoice, ApiError>,
 ) -> Result<ValidatedRequest, ApiError> {
-    let model = model(request.model.as_deref(), models)?;
+    let model = model(request.model, resolve)?;
     let prompt = match request.prompt {
         None => {
             return Err(ApiError::invalid(
@@ -213,7 +275,16 @@ pub fn completion(
     )
 }
 
-fn model(requested: Option<&str>, models: &ServedModels) -> Result<Arc<ServedModel>, ApiError> {
+/// The named model and what it resolves to.
+struct Named {
+    requested: String,
+    choice: ModelChoice,
+}
+
+fn model(
+    requested: Option<String>,
+    resolve: impl FnOnce(&str) -> Result<ModelChoice, ApiError>,
+) -> Result<Named, ApiError> {
     let requested = requested.ok_or_else(|| {
         ApiError::invalid(
             "'model' is a required property",
@@ -221,13 +292,20 @@ fn model(requested: Option<&str>, models: &ServedModels) -> Result<Arc<ServedMod
             "missing_required_parameter",
         )
     })?;
-    models.lookup(requested).ok_or_else(|| {
+    let choice = resolve(&requested)?;
+    Ok(Named { requested, choice })
+}
+
+/// Resolves a fleet model's name (`fleet/<model>` or a bare name).
+pub fn fleet_model(models: &ServedModels, requested: &str) -> Result<ModelChoice, ApiError> {
+    let model = models.lookup(requested).ok_or_else(|| {
         ApiError::invalid(
             format!("the model '{requested}' does not exist; GET /v1/models lists the models served here"),
             Some("model"),
             "model_not_found",
         )
-    })
+    })?;
+    Ok(ModelChoice { model, route: None })
 }
 
 fn content_text(content: Option<MessageContent>, index: usize) -> Result<String, ApiError> {
@@ -261,7 +339,7 @@ fn content_text(content: Option<MessageContent>, index: usize) -> Result<String,
 
 fn finish(
     endpoint: Endpoint,
-    model: Arc<ServedModel>,
+    model: Named,
     prompt: PromptSource,
     sampling: SamplingFields,
     logprobs: bool,
@@ -354,7 +432,9 @@ fn finish(
     }
     Ok(ValidatedRequest {
         endpoint,
-        model,
+        requested_model: model.requested,
+        model: model.choice.model,
+        route: model.choice.route,
         prompt,
         max_tokens,
         temperature,

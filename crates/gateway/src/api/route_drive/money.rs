@@ -14,11 +14,9 @@ use router::{Budget, CloudUsage, EdgeText};
 
 use super::{Flow, Routing, Stop};
 use crate::api::error::ApiError;
-use crate::api::generate;
 use crate::api::route::{CloudPart, Target};
 use crate::billing_finish::RoutedBooking;
 use crate::billing_meter::Metering;
-use crate::cloud::upstream::UpstreamPrompt;
 use crate::cloud::{BudgetStatus, Fallback, UpstreamError};
 use crate::limits;
 use crate::store::RequestRecord;
@@ -33,10 +31,7 @@ impl Routing {
     /// the cloud model's too, which bills by its own; the larger count is
     /// admitted.
     pub(super) async fn admit(&mut self, target: Target) -> Result<(), ApiError> {
-        let (prompt, _) = generate::tokenize(&self.request).await?;
-        let prompt_tokens = prompt
-            .len()
-            .max(self.cloud_prompt_tokens().await.unwrap_or(0));
+        let prompt_tokens = self.prompt.admitted_tokens();
         let config = self.cloud.upstream.config();
         let cloud_model = config.public_name();
         let edge_model = self.request.model.name.as_str();
@@ -59,35 +54,8 @@ impl Routing {
                 &self.public_id,
             )
             .await?;
-        self.prompt = prompt;
         self.booking = Some(RoutedBooking::new(Arc::clone(&self.state.billing), charge));
         Ok(())
-    }
-
-    /// The prompt as the cloud model counts it, where its tokenizer is
-    /// loaded (for handoffs): the chat rendered by its own template.
-    async fn cloud_prompt_tokens(&self) -> Option<usize> {
-        let cloud = Arc::clone(&self.cloud);
-        cloud.chat_template.as_ref()?;
-        let prompt = self.cloud_prompt();
-        let counted = tokio::task::spawn_blocking(move || {
-            let tokenizer = cloud.chat_template.as_ref()?;
-            let (text, add_special) = match prompt {
-                UpstreamPrompt::Chat(messages) => {
-                    (tokenizer.apply_chat_template(&messages, true).ok()?, false)
-                }
-                UpstreamPrompt::Text(text) => (text, true),
-            };
-            tokenizer
-                .tokenize(&text, add_special)
-                .ok()
-                .map(|tokens| tokens.len())
-        })
-        .await;
-        counted.unwrap_or_else(|error| {
-            tracing::error!(%error, request_id = %self.public_id, "count the cloud prompt");
-            None
-        })
     }
 
     /// Reads the tenant's cloud budget for the machine.

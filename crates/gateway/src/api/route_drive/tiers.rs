@@ -1,6 +1,7 @@
 //! The two tiers as the driver runs them: an edge generation through the
 //! core (its updates turned into the machine's events), and a cloud call
-//! through the upstream, with the prompts each is given.
+//! through the upstream, with the prompts each is given: rendered and
+//! tokenized once, before admission (`RoutedPrompt`).
 
 use std::sync::Arc;
 
@@ -13,10 +14,10 @@ use tokio::sync::mpsc;
 use super::{Flow, Routing, Stop};
 use crate::api::error::ApiError;
 use crate::api::generate;
-use crate::api::validate::PromptSource;
+use crate::api::validate::{PromptSource, ValidatedRequest};
 use crate::billing_meter::Metering;
 use crate::cloud::upstream::{UpstreamPrompt, UpstreamRequest, UpstreamStream};
-use crate::cloud::UpstreamError;
+use crate::cloud::{CloudTier, UpstreamError};
 use crate::limits;
 use cell_api::{
     Cell, CommittedToken, FinishReason, GenerationError, NewGeneration, TenantRef, Update,
@@ -24,6 +25,71 @@ use cell_api::{
 
 /// Alternatives asked for each edge token, so the router can score margins.
 const ROUTING_TOP_LOGPROBS: u32 = 2;
+
+/// A routed request's prompt, rendered and tokenized once by each model's
+/// tokenizer: counted for the admission, given to the edge generation, and
+/// continued by the cloud after a handoff.
+pub(in crate::api) struct RoutedPrompt {
+    /// The prompt as the edge model tokenizes it (the coordinator's count).
+    pub(super) edge_tokens: Vec<i32>,
+    /// The prompt as the cloud model's own tokenizer renders and counts it,
+    /// where that tokenizer is loaded (it bills by its own count) and the
+    /// prompt rendered.
+    cloud: Option<CloudRendering>,
+}
+
+/// A prompt rendered by the cloud model's chat template.
+struct CloudRendering {
+    /// A chat with the assistant's turn open, or the text prompt itself.
+    text: String,
+    tokens: usize,
+}
+
+impl RoutedPrompt {
+    /// Renders and tokenizes the prompt for the edge model and, where its
+    /// tokenizer is loaded, for the cloud model, in one task off the async
+    /// threads. A prompt the edge model cannot prepare is a 400; one the
+    /// cloud's template cannot render only leaves the cloud without its
+    /// count and the request without handoffs.
+    pub(in crate::api) async fn prepare(
+        request: &ValidatedRequest,
+        cloud: &Arc<CloudTier>,
+    ) -> Result<RoutedPrompt, ApiError> {
+        let model = Arc::clone(&request.model);
+        let cloud = Arc::clone(cloud);
+        let source = request.prompt.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let (edge_tokens, _) = generate::render_and_tokenize(&model.tokenizer, source.clone())?;
+            let cloud = cloud.chat_template.as_ref().and_then(|tokenizer| {
+                match generate::render_and_tokenize(tokenizer, source) {
+                    Ok((tokens, text)) => Some(CloudRendering {
+                        text,
+                        tokens: tokens.len(),
+                    }),
+                    Err(error) => {
+                        tracing::warn!(%error, "render the prompt with the cloud model's template");
+                        None
+                    }
+                }
+            });
+            Ok(RoutedPrompt { edge_tokens, cloud })
+        })
+        .await;
+        match joined {
+            Ok(prepared) => prepared.map_err(generate::prompt_error),
+            Err(error) => {
+                tracing::error!(%error, "prompt task");
+                Err(ApiError::internal())
+            }
+        }
+    }
+
+    /// The prompt tokens admitted: the larger of the two models' counts.
+    pub(super) fn admitted_tokens(&self) -> usize {
+        let cloud_tokens = self.cloud.as_ref().map_or(0, |cloud| cloud.tokens);
+        self.edge_tokens.len().max(cloud_tokens)
+    }
+}
 
 /// An edge generation. Dropped while it runs (the request failed, or the
 /// driver stopped), it is cancelled.
@@ -145,7 +211,7 @@ impl Routing {
         prefix: &[i32],
         max_tokens: Option<u32>,
     ) -> Result<(EdgeRun, u32), ApiError> {
-        let mut prompt = self.prompt.clone();
+        let mut prompt = self.prompt.edge_tokens.clone();
         prompt.extend_from_slice(prefix);
         let budget = generate::completion_budget(&self.request, prompt.len())?;
         let max_tokens = max_tokens.map_or(budget, |asked| asked.min(budget));
@@ -204,7 +270,7 @@ impl Routing {
         };
         let prompt = match prompt {
             CloudPrompt::Whole => self.cloud_prompt(),
-            CloudPrompt::Continue { sent } => match self.handoff_prompt(&sent).await {
+            CloudPrompt::Continue { sent } => match self.handoff_prompt(&sent) {
                 Some(prompt) => prompt,
                 None => return Err(Stop::Failed(ApiError::internal())),
             },
@@ -264,39 +330,26 @@ impl Routing {
     /// Whether the cloud can continue a started answer of this request.
     pub(super) fn can_hand_off(&self) -> bool {
         match &self.request.prompt {
-            PromptSource::Chat(_) => self.cloud.chat_template.is_some(),
+            PromptSource::Chat(_) => self.prompt.cloud.is_some(),
             PromptSource::Text(_) => true,
         }
     }
 
-    /// The prompt that makes the cloud model continue `sent`: the chat
-    /// rendered by its own template with the assistant turn open, then the
+    /// The prompt that makes the cloud model continue `sent`: the chat as
+    /// its own template rendered it, with the assistant turn open, then the
     /// answer so far.
-    async fn handoff_prompt(&self, sent: &str) -> Option<UpstreamPrompt> {
-        let messages = match &self.request.prompt {
-            PromptSource::Text(text) => return Some(UpstreamPrompt::Text(format!("{text}{sent}"))),
-            PromptSource::Chat(messages) => messages.clone(),
+    fn handoff_prompt(&self, sent: &str) -> Option<UpstreamPrompt> {
+        let opened = match &self.request.prompt {
+            PromptSource::Text(text) => text,
+            PromptSource::Chat(_) => match &self.prompt.cloud {
+                Some(rendered) => &rendered.text,
+                None => {
+                    tracing::error!(request_id = %self.public_id, "a handoff without the cloud's rendering of the chat");
+                    return None;
+                }
+            },
         };
-        let cloud = Arc::clone(&self.cloud);
-        let rendered = tokio::task::spawn_blocking(move || {
-            cloud
-                .chat_template
-                .as_ref()
-                .map(|template| template.apply_chat_template(&messages, true))
-        })
-        .await;
-        match rendered {
-            Ok(Some(Ok(text))) => Some(UpstreamPrompt::Text(format!("{text}{sent}"))),
-            Ok(Some(Err(error))) => {
-                tracing::error!(%error, request_id = %self.public_id, "render the handoff prompt");
-                None
-            }
-            Ok(None) => None,
-            Err(error) => {
-                tracing::error!(%error, request_id = %self.public_id, "handoff template task");
-                None
-            }
-        }
+        Some(UpstreamPrompt::Text(format!("{opened}{sent}")))
     }
 
     /// What the pre-route reads: the last user message of a chat, or the prompt.

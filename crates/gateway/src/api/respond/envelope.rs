@@ -1,0 +1,335 @@
+//! The OpenAI shapes of an answer, for fleet and routed answers alike: the
+//! envelope every body and chunk repeats, the choice, the usage, the
+//! `fleetgrid` field that says which tier served and why, and the headers.
+//!
+//! Everything here is a pure function of the response's metadata and what
+//! the answer said so far, so that the shapes clients read are unit-tested
+//! without a model (`respond/tests.rs`).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::http::{HeaderName, HeaderValue};
+use serde_json::{json, Value};
+
+use super::{AnswerUsage, Ending};
+use crate::api::route::{RouteReason, RouteSummary, Tier};
+use crate::api::validate::{Endpoint, ValidatedRequest};
+use crate::core::CommittedToken;
+
+/// The route reason of a request that named a fleet model.
+const EXPLICIT_FLEET: &str = "explicit_fleet";
+
+/// Which tier answers and why, as the headers and the `fleetgrid` field say it.
+#[derive(Clone, Debug)]
+pub(super) enum Route {
+    /// The client named a fleet model.
+    Fleet,
+    /// `auto` or `cloud/<model>`: the tier the router started with.
+    Routed { tier: Tier, reason: RouteReason },
+}
+
+impl Route {
+    fn tier(&self) -> &'static str {
+        match self {
+            Route::Fleet => "fleet",
+            Route::Routed { tier, .. } => tier.as_str(),
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Route::Fleet => EXPLICIT_FLEET,
+            Route::Routed { reason, .. } => reason.code,
+        }
+    }
+
+    fn json(&self) -> Value {
+        match self {
+            Route::Fleet => json!({"tier": "fleet", "reason": EXPLICIT_FLEET}),
+            Route::Routed { tier, reason } => route_json(*tier, reason),
+        }
+    }
+}
+
+/// What every body and chunk of one response repeats.
+pub struct ResponseMeta {
+    pub(super) id: String,
+    created: u64,
+    /// The model the response names: the fleet model that serves, or for a
+    /// routed request the model of the tier that started the answer.
+    model: String,
+    pub(super) endpoint: Endpoint,
+    pub(super) stream: bool,
+    pub(super) include_usage: bool,
+    pub(super) logprobs: bool,
+    /// The prompt text, when a completion asked for `echo`.
+    pub(super) echo_prompt: Option<String>,
+    pub(super) route: Route,
+}
+
+impl ResponseMeta {
+    /// The metadata of an answer by the request's fleet model; `prompt_text`
+    /// is the rendered prompt, shown only when the request asked for `echo`.
+    pub fn new(id: String, request: &ValidatedRequest, prompt_text: String) -> ResponseMeta {
+        ResponseMeta {
+            id,
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|elapsed| elapsed.as_secs())
+                .unwrap_or_default(),
+            model: request.model.name.clone(),
+            endpoint: request.endpoint,
+            stream: request.stream,
+            include_usage: request.include_usage,
+            logprobs: request.logprobs,
+            echo_prompt: request.echo.then_some(prompt_text),
+            route: Route::Fleet,
+        }
+    }
+
+    /// A routed answer started: its first tier, why, and the model named.
+    pub(super) fn start_routed(&mut self, tier: Tier, reason: RouteReason, model: String) {
+        self.route = Route::Routed { tier, reason };
+        self.model = model;
+    }
+
+    fn object(&self, streaming: bool) -> &'static str {
+        match (self.endpoint, streaming) {
+            (Endpoint::Chat, false) => "chat.completion",
+            (Endpoint::Chat, true) => "chat.completion.chunk",
+            (Endpoint::Completion, _) => "text_completion",
+        }
+    }
+
+    pub(super) fn envelope(&self, streaming: bool, choices: Value) -> Value {
+        json!({
+            "id": self.id,
+            "object": self.object(streaming),
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": Value::Null,
+            "choices": choices,
+        })
+    }
+}
+
+/// The headers of a response whose route is `route`.
+pub(super) fn headers(id: &str, route: &Route) -> [(HeaderName, HeaderValue); 3] {
+    [
+        (
+            HeaderName::from_static("x-request-id"),
+            HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("unknown")),
+        ),
+        (
+            HeaderName::from_static("x-fleetgrid-tier"),
+            HeaderValue::from_static(route.tier()),
+        ),
+        (
+            HeaderName::from_static("x-fleetgrid-route-reason"),
+            HeaderValue::from_static(route.reason()),
+        ),
+    ]
+}
+
+/// The headers of a whole body: a routed answer names the tier it ended on.
+pub(super) fn body_headers(meta: &ResponseMeta, ending: &Ending) -> [(HeaderName, HeaderValue); 3] {
+    match &ending.route {
+        Some(summary) => headers(
+            &meta.id,
+            &Route::Routed {
+                tier: summary.tier,
+                reason: summary.reason.clone(),
+            },
+        ),
+        None => headers(&meta.id, &meta.route),
+    }
+}
+
+/// The whole (non-streaming) body: the text, its logprobs, the usage and
+/// the `fleetgrid` field.
+pub(super) fn body(meta: &ResponseMeta, text: &str, logprobs: Value, ending: &Ending) -> Value {
+    let choice = match meta.endpoint {
+        Endpoint::Chat => json!({
+            "index": 0,
+            "message": { "role": "assistant", "content": text },
+            "logprobs": logprobs,
+            "finish_reason": ending.finish_reason,
+        }),
+        Endpoint::Completion => json!({
+            "index": 0,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": ending.finish_reason,
+        }),
+    };
+    let mut body = meta.envelope(false, json!([choice]));
+    body["usage"] = usage_json(&ending.usage);
+    body["fleetgrid"] = match &ending.route {
+        Some(summary) => summary_json(summary),
+        None => meta.route.json(),
+    };
+    body
+}
+
+/// One chunk of a stream; `first` opens the assistant's message, `fleetgrid`
+/// is the route the chunk announces, if any.
+pub(super) fn chunk(
+    meta: &ResponseMeta,
+    text: &str,
+    logprobs: Value,
+    finish: Option<&str>,
+    first: bool,
+    fleetgrid: Option<Value>,
+) -> String {
+    let choice = match meta.endpoint {
+        Endpoint::Chat => {
+            let delta = match (first, finish) {
+                (true, _) => json!({"role": "assistant", "content": text}),
+                (false, Some(_)) if text.is_empty() => json!({}),
+                _ => json!({"content": text}),
+            };
+            json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+        }
+        Endpoint::Completion => {
+            json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish})
+        }
+    };
+    let mut chunk = meta.envelope(true, json!([choice]));
+    if let Some(fleetgrid) = fleetgrid {
+        chunk["fleetgrid"] = fleetgrid;
+    }
+    chunk.to_string()
+}
+
+/// The route a stream's first chunk repeats: routed answers only.
+pub(super) fn opening_route(meta: &ResponseMeta) -> Option<Value> {
+    match meta.route {
+        Route::Fleet => None,
+        Route::Routed { .. } => Some(meta.route.json()),
+    }
+}
+
+/// The last chunk of a stream that asked for usage.
+pub(super) fn usage_chunk(meta: &ResponseMeta, usage: &AnswerUsage) -> String {
+    let mut last = meta.envelope(true, json!([]));
+    last["usage"] = usage_json(usage);
+    last.to_string()
+}
+
+fn usage_json(usage: &AnswerUsage) -> Value {
+    let mut value = json!({
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    });
+    if let Some(cached) = usage.cached_prompt_tokens {
+        value["prompt_tokens_details"] = json!({ "cached_tokens": cached });
+    }
+    value
+}
+
+pub(super) fn route_json(tier: Tier, reason: &RouteReason) -> Value {
+    json!({ "tier": tier.as_str(), "reason": reason.code, "detail": reason.detail })
+}
+
+/// The `fleetgrid` field of a finished routed answer: tier, reason, each
+/// part's usage and the charge.
+pub(super) fn summary_json(summary: &RouteSummary) -> Value {
+    let mut value = route_json(summary.tier, &summary.reason);
+    value["cost_micro_usd"] = json!(summary.charged.0);
+    value["usage"] = json!({
+        "edge": summary.edge.map(|edge| json!({
+            "prompt_tokens": edge.prompt_tokens,
+            "completion_tokens": edge.completion_tokens,
+            "discarded_tokens": edge.discarded_tokens,
+        })),
+        "cloud": summary.cloud.map(|cloud| json!({
+            "prompt_tokens": cloud.prompt_tokens,
+            "completion_tokens": cloud.completion_tokens,
+            "cost_micro_usd": cloud.cost.0,
+            "upstream_cost_micro_usd": cloud.upstream_cost.0,
+        })),
+    });
+    value
+}
+
+/// Logprob entries of the tokens committed since the last chunk.
+#[derive(Default)]
+pub(super) struct LogprobEntries {
+    chat: Vec<Value>,
+    tokens: Vec<String>,
+    token_logprobs: Vec<f32>,
+    top: Vec<Value>,
+}
+
+impl LogprobEntries {
+    /// Records a token's logprobs in the endpoint's format; nothing at all
+    /// when the client did not ask for logprobs, the common case.
+    pub(super) fn push(&mut self, meta: &ResponseMeta, token: Option<&CommittedToken>) {
+        let Some(token) = token.filter(|_| meta.logprobs) else {
+            return;
+        };
+        let text = String::from_utf8_lossy(&token.piece).into_owned();
+        match meta.endpoint {
+            Endpoint::Chat => {
+                let top: Vec<Value> = token
+                    .top_logprobs
+                    .iter()
+                    .map(|(_, piece, logprob)| json!({"token": String::from_utf8_lossy(piece), "logprob": logprob, "bytes": piece}))
+                    .collect();
+                self.chat.push(json!({"token": text, "logprob": token.logprob, "bytes": token.piece, "top_logprobs": top}));
+            }
+            Endpoint::Completion => {
+                let top: serde_json::Map<String, Value> = token
+                    .top_logprobs
+                    .iter()
+                    .map(|(_, piece, logprob)| {
+                        (String::from_utf8_lossy(piece).into_owned(), json!(logprob))
+                    })
+                    .collect();
+                self.tokens.push(text);
+                self.token_logprobs.push(token.logprob);
+                self.top.push(Value::Object(top));
+            }
+        }
+    }
+
+    pub(super) fn take(&mut self, meta: &ResponseMeta) -> Value {
+        if !meta.logprobs {
+            return Value::Null;
+        }
+        let taken = std::mem::take(self);
+        match meta.endpoint {
+            Endpoint::Chat => json!({ "content": taken.chat }),
+            Endpoint::Completion => json!({
+                "tokens": taken.tokens,
+                "token_logprobs": taken.token_logprobs,
+                "top_logprobs": taken.top,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+impl ResponseMeta {
+    /// A fleet answer's metadata for the model `small`, without a request.
+    pub(super) fn bare(
+        endpoint: Endpoint,
+        stream: bool,
+        include_usage: bool,
+        logprobs: bool,
+        echo_prompt: Option<String>,
+    ) -> ResponseMeta {
+        ResponseMeta {
+            id: "cmpl-test".into(),
+            created: 1_700_000_000,
+            model: "small".into(),
+            endpoint,
+            stream,
+            include_usage,
+            logprobs,
+            echo_prompt,
+            route: Route::Fleet,
+        }
+    }
+}
