@@ -1,44 +1,46 @@
 //! Starting the two serving targets as child processes and waiting until they answer:
-//! `llama-server`, and `fleetgrid serve` with one `fleetgrid agent`.
+//! `llama-server`, and `fleetgrid serve` with one `fleetgrid agent` (started with the `stack`
+//! crate, as every fleetgrid stack is), in a scratch data directory with a tenant and a node
+//! enrolled through the CLI.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use models::{ModelStore, Sha256Digest};
+use stack::{AgentSpec, Coordinator, CoordinatorSpec, Fleetgrid, LogFile, Process, Stack, Stdout};
 
 use super::{ServingConfig, CONTEXT_TOKENS_PER_SLOT};
-use crate::fleetgrid_cli::{last_line, FleetgridCli, ALWAYS_AVAILABLE_TRACE_JSON, MODEL_NAME};
-use crate::loadgen::{run_load, LoadSpec};
-use crate::process::{free_local_port, remove_dir_if_present, run_logged, ChildGuard};
+use crate::loadgen::LoadSpec;
+use crate::process::{free_local_port, remove_dir_if_present};
 use crate::reference::{sha256_hex, ReferenceBinaries};
 use crate::BenchError;
-use models::{ModelStore, Sha256Digest};
+
+/// The catalog name of the system-1 model the agent serves and the client asks for.
+pub(crate) const MODEL_NAME: &str = "smollm2-135m-instruct";
+/// The tenant the load generator authenticates as: fleet class, metered but never refused for
+/// money, so that the benchmark needs no top-up.
+const TENANT_NAME: &str = "bench";
+/// The node id of the single agent.
+const NODE_ID: &str = "bench-node-1";
 
 /// llama-server loads a small model in seconds; this only catches one that never comes up.
 const LLAMA_SERVER_READY_TIMEOUT: Duration = Duration::from_secs(120);
-/// Our stack must start the coordinator, connect the agent, load the model and measure it.
+/// Our stack must start the coordinator, connect the agent and load the model.
 const FLEETGRID_READY_TIMEOUT: Duration = Duration::from_secs(300);
-/// Pause between readiness probes.
-const READY_POLL_INTERVAL: Duration = Duration::from_millis(500);
 
-/// A started target: where to send load, and the processes behind it, killed when this is dropped
-/// (the last started first, so that an agent never outlives its coordinator).
+/// A started target: where to send load, and the processes behind it, stopped when this is
+/// dropped.
 pub(super) struct RunningTarget {
     pub(super) spec: LoadSpec,
-    children: Vec<ChildGuard>,
+    _llama_server: Option<Process>,
+    _fleetgrid: Option<Stack>,
 }
 
-impl Drop for RunningTarget {
-    fn drop(&mut self) {
-        while let Some(child) = self.children.pop() {
-            drop(child);
-        }
-    }
-}
-
-fn base_spec(target_name: &str, port: u16, api_key: Option<String>) -> LoadSpec {
+fn base_spec(target_name: &str, base_url: String, api_key: Option<String>) -> LoadSpec {
     LoadSpec {
         target_name: target_name.to_owned(),
-        base_url: format!("http://127.0.0.1:{port}"),
+        base_url,
         api_key,
         model: MODEL_NAME.to_owned(),
         concurrency: 1,
@@ -68,123 +70,73 @@ pub(super) async fn start_llama_server(
         // that the two serving paths are compared on the same kernels.
         .args(["-fa", "off"])
         .args(["--host", "127.0.0.1", "--port", &port.to_string()]);
-    let log_path = config.work_dir.join("llama-server.log");
-    let child = ChildGuard::spawn("llama-server", &mut command, &log_path)?;
-    let mut target = RunningTarget {
-        spec: base_spec("llama-server", port, None),
-        children: vec![child],
-    };
-    let health_url = format!("{}/health", target.spec.base_url);
-    let client = reqwest::Client::new();
-    wait_until(
-        &mut target,
-        "llama-server",
+    let log = LogFile::create(config.work_dir.join("llama-server.log"));
+    let process = Process::spawn("llama-server", command, &log, Stdout::Log)?;
+    let base_url = format!("http://127.0.0.1:{port}");
+    let health_url = format!("{base_url}/health");
+    let client = stack::probe::client();
+    stack::probe::wait_until(
+        &[&process],
+        "llama-server answered",
         LLAMA_SERVER_READY_TIMEOUT,
-        || async {
-            let response = client.get(&health_url).send().await;
-            response.is_ok_and(|response| response.status().is_success())
-        },
+        || stack::probe::answers(&client, &health_url),
     )
     .await?;
-    Ok(target)
+    Ok(RunningTarget {
+        spec: base_spec("llama-server", base_url, None),
+        _llama_server: Some(process),
+        _fleetgrid: None,
+    })
 }
 
 /// `fleetgrid serve` and one `fleetgrid agent` with `config.slots` parallel sequences, in a fresh
-/// data directory, ready to complete a chat request.
+/// data directory, ready once the agent is connected.
 pub(super) async fn start_fleetgrid(
     binary: &Path,
     config: &ServingConfig,
 ) -> Result<RunningTarget, BenchError> {
     let root = config.work_dir.join("fleetgrid");
     remove_dir_if_present(&root)?;
-    let cli = FleetgridCli {
-        binary: binary.to_owned(),
-        data_dir: root.join("data"),
-        home_dir: root.join("home"),
-    };
-    for dir in [&cli.data_dir, &cli.home_dir] {
+    let (data_dir, home_dir) = (root.join("data"), root.join("home"));
+    for dir in [&data_dir, &home_dir] {
         std::fs::create_dir_all(dir).map_err(|e| BenchError::io("create", dir, e))?;
     }
-    place_model_in_store(&config.model_path, &cli.home_dir)?;
+    place_model_in_store(&config.model_path, &home_dir)?;
     let trace_path = root.join("vehicle-trace.json");
-    std::fs::write(&trace_path, ALWAYS_AVAILABLE_TRACE_JSON)
+    std::fs::write(&trace_path, stack::ALWAYS_PLUGGED_IN_TRACE)
         .map_err(|e| BenchError::io("write", &trace_path, e))?;
-    let api_key = secret_from(&mut cli.create_tenant(), "fleetgrid tenants create", &root)?;
-    let credential = secret_from(&mut cli.add_node(), "fleetgrid nodes add", &root)?;
-    let (http_port, grpc_port) = (free_local_port()?, free_local_port()?);
-    let serve = ChildGuard::spawn(
-        "fleetgrid serve",
-        &mut cli.serve(http_port, grpc_port),
-        &root.join("serve.log"),
+    // Every command finds the model store under this home.
+    let fleetgrid = Fleetgrid::new(binary).env("FLEETGRID_HOME", &home_dir);
+    let api_key = fleetgrid.cli(
+        &["tenants", "create", TENANT_NAME, "--class", "fleet"],
+        &data_dir,
     )?;
-    let mut target = RunningTarget {
-        spec: base_spec("fleetgrid", http_port, Some(api_key)),
-        children: vec![serve],
-    };
-    let mut agent_command = cli.agent(
-        grpc_port,
-        &credential,
-        &trace_path,
-        config.slots,
-        config.threads,
-    );
-    let agent = ChildGuard::spawn(
-        "fleetgrid agent",
-        &mut agent_command,
-        &root.join("agent.log"),
-    )?;
-    target.children.push(agent);
-    // The stack is ready once a request goes all the way to the agent's engine and back.
-    let probe = target.spec.clone();
-    wait_until(
-        &mut target,
-        "fleetgrid",
-        FLEETGRID_READY_TIMEOUT,
-        || async { run_load(&probe).await.is_ok() },
-    )
-    .await?;
-    Ok(target)
-}
-
-/// Polls `ready` until it says yes, failing early with a child's own output if one exits.
-async fn wait_until<F, Fut>(
-    target: &mut RunningTarget,
-    what: &str,
-    timeout: Duration,
-    ready: F,
-) -> Result<(), BenchError>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    loop {
-        for child in &mut target.children {
-            child.check_running()?;
-        }
-        if ready().await {
-            return Ok(());
-        }
-        if started.elapsed() > timeout {
-            return Err(BenchError::NotReady {
-                what: what.to_owned(),
-                waited_seconds: timeout.as_secs(),
-            });
-        }
-        tokio::time::sleep(READY_POLL_INTERVAL).await;
-    }
-}
-
-/// Runs a CLI command that prints a secret on its last line, and returns that line.
-fn secret_from(command: &mut Command, program: &str, log_dir: &Path) -> Result<String, BenchError> {
-    let log_name = program.replace(' ', "-") + ".log";
-    let stdout = run_logged(command, program, &log_dir.join(log_name))?;
-    last_line(&stdout)
-        .map(str::to_owned)
-        .ok_or_else(|| BenchError::Parse {
-            what: "secret from the fleetgrid cli",
-            reason: format!("{program} printed nothing"),
-        })
+    let credential = fleetgrid.cli(&["nodes", "add", NODE_ID], &data_dir)?;
+    let mut serve = CoordinatorSpec::new(&data_dir, LogFile::create(root.join("serve.log")));
+    serve.models = vec![MODEL_NAME.to_owned()];
+    let coordinator = Coordinator::start(&fleetgrid, &serve, FLEETGRID_READY_TIMEOUT).await?;
+    let mut running = Stack::new(fleetgrid, coordinator);
+    running.add_agent(&AgentSpec {
+        node_id: NODE_ID.to_owned(),
+        credential,
+        vehicle_state: format!("sim:{}", trace_path.display()),
+        model: MODEL_NAME.to_owned(),
+        parallel: config.slots,
+        threads: config.threads,
+        log: LogFile::create(root.join("agent.log")),
+    })?;
+    running
+        .wait_for_vehicles(1, FLEETGRID_READY_TIMEOUT)
+        .await?;
+    Ok(RunningTarget {
+        spec: base_spec(
+            "fleetgrid",
+            format!("http://{}", running.http()),
+            Some(api_key),
+        ),
+        _llama_server: None,
+        _fleetgrid: Some(running),
+    })
 }
 
 /// Puts the model file into the model store under `FLEETGRID_HOME` as [`MODEL_NAME`]: the blob
