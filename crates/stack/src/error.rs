@@ -43,7 +43,7 @@ pub enum StackError {
     /// Something did not happen within its bound.
     #[error("{what} within {waited:?}")]
     Timeout { what: String, waited: Duration },
-    /// The blocking task reading a process's output was lost.
-    #[error("the reader of {name}'s output stopped")]
+    /// The output of a process, or the task waiting for it, was lost.
+    #[error("lost the output of {name}")]
     ReaderLost { name: String },
 }

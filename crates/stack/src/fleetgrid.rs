@@ -229,16 +229,18 @@ impl Coordinator {
         Ok(Coordinator { process, bound })
     }
 
-    /// [`Coordinator::start_blocking`] without blocking the runtime.
+    /// [`Coordinator::start_blocking`] on a blocking thread, for async callers.
     pub async fn start(
         fleetgrid: &Fleetgrid,
         spec: &CoordinatorSpec,
         timeout: Duration,
     ) -> Result<Coordinator, StackError> {
-        let (process, lines) =
-            spawn_announcing("coordinator", fleetgrid.serve_command(spec), &spec.log)?;
-        let bound = lines.first(timeout, Bound::parse_announcement).await?;
-        Ok(Coordinator { process, bound })
+        let (fleetgrid, spec) = (fleetgrid.clone(), spec.clone());
+        tokio::task::spawn_blocking(move || Coordinator::start_blocking(&fleetgrid, &spec, timeout))
+            .await
+            .map_err(|_| StackError::ReaderLost {
+                name: "coordinator".to_owned(),
+            })?
     }
 }
 

@@ -97,16 +97,4 @@ impl Lines {
             line,
         })
     }
-
-    /// [`Lines::first_blocking`] on a blocking thread, for async callers.
-    pub async fn first<T: Send + 'static>(
-        self,
-        timeout: Duration,
-        accept: impl FnOnce(&str) -> Option<T> + Send + 'static,
-    ) -> Result<T, StackError> {
-        let name = self.name.clone();
-        tokio::task::spawn_blocking(move || self.first_blocking(timeout, accept))
-            .await
-            .map_err(|_| StackError::ReaderLost { name })?
-    }
 }

@@ -29,6 +29,12 @@ fn gone_soon(pid: u32) -> bool {
     true
 }
 
+/// Starts `command` as `name`, logging to `name.log` in `dir`.
+fn start(dir: &Path, name: &str, command: Command, stdout: Stdout) -> Process {
+    let log = LogFile::create(dir.join(format!("{name}.log")));
+    Process::spawn(name, command, &log, stdout).expect("spawn")
+}
+
 fn sleep_long() -> Command {
     let mut command = Command::new("sleep");
     command.arg("600");
@@ -43,9 +49,7 @@ fn sh(script: &str) -> Command {
 
 /// A shell that starts a grandchild in its group and prints its pid.
 fn shell_with_grandchild(dir: &Path) -> (Process, u32) {
-    let log = LogFile::create(dir.join("sh.log"));
-    let mut process = Process::spawn("sh", sh("sleep 600 & echo $!; wait"), &log, Stdout::Lines)
-        .expect("spawn sh");
+    let mut process = start(dir, "sh", sh("sleep 600 & echo $!; wait"), Stdout::Lines);
     let lines = process.lines().expect("lines");
     let grandchild = lines
         .first_blocking(Duration::from_secs(10), |line| line.trim().parse().ok())
@@ -91,13 +95,8 @@ fn a_caller_that_panics_leaves_no_process_behind() {
 #[test]
 fn a_process_that_ignores_sigterm_is_killed_after_its_grace() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut process = Process::spawn(
-        "stubborn",
-        sh("trap '' TERM; echo ready; while :; do sleep 1; done"),
-        &LogFile::create(dir.path().join("stubborn.log")),
-        Stdout::Lines,
-    )
-    .expect("spawn");
+    let script = "trap '' TERM; echo ready; while :; do sleep 1; done";
+    let mut process = start(dir.path(), "stubborn", sh(script), Stdout::Lines);
     // Once it has printed, its trap is in place.
     let lines = process.lines().expect("lines");
     lines
@@ -114,60 +113,36 @@ fn a_process_that_ignores_sigterm_is_killed_after_its_grace() {
 #[test]
 fn a_process_that_stops_on_sigterm_is_not_killed() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut process = Process::spawn(
-        "sleep",
-        sleep_long(),
-        &LogFile::create(dir.path().join("sleep.log")),
-        Stdout::Null,
-    )
-    .expect("spawn");
+    let mut process = start(dir.path(), "sleep", sleep_long(), Stdout::Null);
     process.stop_blocking();
     let exit = process.exit().expect("stopped");
     assert_eq!(exit.status().and_then(|status| status.signal()), Some(15));
 }
 
+/// The coordinator's addresses as announced on the first line of `script`'s output.
+fn announcement_of(script: &str) -> Result<coordinator::Bound, StackError> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut process = start(dir.path(), "coordinator", sh(script), Stdout::Lines);
+    let lines = process.lines().expect("lines");
+    lines.first_blocking(
+        Duration::from_secs(10),
+        coordinator::Bound::parse_announcement,
+    )
+}
+
 #[test]
 fn the_first_line_is_the_announcement() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut process = Process::spawn(
-        "coordinator",
-        sh("echo 'fleetgrid listening http=127.0.0.1:1 grpc=127.0.0.1:2'; sleep 600"),
-        &LogFile::create(dir.path().join("coordinator.log")),
-        Stdout::Lines,
-    )
-    .expect("spawn");
-    let bound = process
-        .lines()
-        .expect("lines")
-        .first_blocking(
-            Duration::from_secs(10),
-            coordinator::Bound::parse_announcement,
-        )
-        .expect("announced");
+    let bound =
+        announcement_of("echo 'fleetgrid listening http=127.0.0.1:1 grpc=127.0.0.1:2'; sleep 600")
+            .expect("announced");
     assert_eq!(bound.http.port(), 1);
     assert_eq!(bound.grpc.port(), 2);
 }
 
 #[test]
 fn a_process_that_exits_before_announcing_says_why() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut process = Process::spawn(
-        "coordinator",
-        sh("echo broken-widget >&2; exit 3"),
-        &LogFile::create(dir.path().join("coordinator.log")),
-        Stdout::Lines,
-    )
-    .expect("spawn");
-    let error = process
-        .lines()
-        .expect("lines")
-        .first_blocking(
-            Duration::from_secs(10),
-            coordinator::Bound::parse_announcement,
-        )
-        .expect_err("no announcement");
-    match error {
-        StackError::Exited { exit, log_tail, .. } => {
+    match announcement_of("echo broken-widget >&2; exit 3") {
+        Err(StackError::Exited { exit, log_tail, .. }) => {
             assert!(exit.contains('3'), "{exit}");
             assert!(log_tail.contains("broken-widget"), "{log_tail}");
         }
@@ -177,22 +152,7 @@ fn a_process_that_exits_before_announcing_says_why() {
 
 #[test]
 fn another_first_line_is_no_announcement() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut process = Process::spawn(
-        "coordinator",
-        sh("echo hello; sleep 600"),
-        &LogFile::create(dir.path().join("coordinator.log")),
-        Stdout::Lines,
-    )
-    .expect("spawn");
-    let error = process
-        .lines()
-        .expect("lines")
-        .first_blocking(
-            Duration::from_secs(10),
-            coordinator::Bound::parse_announcement,
-        )
-        .expect_err("not an announcement");
+    let error = announcement_of("echo hello; sleep 600").expect_err("not an announcement");
     assert!(
         matches!(&error, StackError::Announcement { line, .. } if line == "hello"),
         "{error:?}"
@@ -207,8 +167,8 @@ fn an_appended_log_keeps_what_an_earlier_start_wrote() {
         ("first", LogFile::create(&path)),
         ("second", LogFile::append(&path)),
     ] {
-        let process = Process::spawn("agent", sh(&format!("echo {word} >&2")), &log, Stdout::Null)
-            .expect("spawn");
+        let script = format!("echo {word} >&2");
+        let process = Process::spawn("agent", sh(&script), &log, Stdout::Null).expect("spawn");
         process.exit.wait_blocking(Duration::from_secs(10));
     }
     let text = std::fs::read_to_string(&path).expect("log");
@@ -218,13 +178,12 @@ fn an_appended_log_keeps_what_an_earlier_start_wrote() {
 #[tokio::test]
 async fn waiting_for_readiness_ends_when_a_member_exits() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let process = Process::spawn(
+    let process = start(
+        dir.path(),
         "agent",
         sh("echo no-model >&2; exit 4"),
-        &LogFile::create(dir.path().join("agent.log")),
         Stdout::Null,
-    )
-    .expect("spawn");
+    );
     let error = probe::wait_until(
         &[&process],
         "never ready",
@@ -245,13 +204,12 @@ async fn stopping_together_stops_every_process() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut processes: Vec<Process> = (0..3)
         .map(|index| {
-            Process::spawn(
-                format!("sleep-{index}"),
+            start(
+                dir.path(),
+                &format!("sleep-{index}"),
                 sleep_long(),
-                &LogFile::create(dir.path().join(format!("{index}.log"))),
                 Stdout::Null,
             )
-            .expect("spawn")
         })
         .collect();
     stop_all(processes.iter_mut()).await;
