@@ -43,9 +43,9 @@ pub enum BenchError {
     /// The model could not be put into the scratch model store of the serving benchmark.
     #[error("model store: {0}")]
     ModelStore(#[from] models::ModelError),
-    /// A server did not become ready in time.
-    #[error("{what} not ready after {waited_seconds} s")]
-    NotReady { what: String, waited_seconds: u64 },
+    /// A server (llama-server, our stack) did not start or become ready.
+    #[error("{0}")]
+    Stack(#[from] stack::StackError),
     /// A load-generation request failed.
     #[error("request to {target} failed: {reason}")]
     Request { target: String, reason: String },

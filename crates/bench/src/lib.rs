@@ -13,7 +13,6 @@
 
 mod engine_bench;
 mod error;
-pub mod fleetgrid_cli;
 mod loadgen;
 mod process;
 pub mod reference;

@@ -1,11 +1,10 @@
-//! Child processes of the benchmarks: checked one-shot commands, long-running servers that are
-//! killed on every exit path, and free local ports for them.
+//! Child processes of the benchmarks: checked one-shot commands, and free local ports for the
+//! long-running servers (which the `stack` crate starts and stops).
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 use crate::BenchError;
 
@@ -40,23 +39,8 @@ pub(crate) fn run_logged(
     Err(BenchError::CommandFailed {
         program: program.to_owned(),
         status: output.status.to_string(),
-        output_tail: format!("{}{}", tail_of_file(log_path), tail_of_str(&stdout)),
+        output_tail: format!("{}{}", stack::log_tail(log_path), tail_of_str(&stdout)),
     })
-}
-
-/// The last [`OUTPUT_TAIL_BYTES_MAX`] bytes of a log file, or a note saying it cannot be read.
-pub(crate) fn tail_of_file(path: &Path) -> String {
-    let read_tail = || -> std::io::Result<String> {
-        let mut file = File::open(path)?;
-        let length = file.metadata()?.len();
-        file.seek(SeekFrom::Start(
-            length.saturating_sub(OUTPUT_TAIL_BYTES_MAX),
-        ))?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
-    };
-    read_tail().unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()))
 }
 
 fn tail_of_str(text: &str) -> String {
@@ -66,64 +50,6 @@ fn tail_of_str(text: &str) -> String {
         start += 1;
     }
     text[start..].to_owned()
-}
-
-/// A long-running child (a server, an agent) that is killed when the guard is dropped, so that no
-/// benchmark leaves processes behind, whether it finishes, fails or panics.
-pub(crate) struct ChildGuard {
-    name: String,
-    child: Child,
-    log_path: PathBuf,
-}
-
-impl ChildGuard {
-    /// Starts `command` with stdout and stderr going to `log_path`.
-    pub(crate) fn spawn(
-        name: &str,
-        command: &mut Command,
-        log_path: &Path,
-    ) -> Result<ChildGuard, BenchError> {
-        let log = File::create(log_path).map_err(|e| BenchError::io("create", log_path, e))?;
-        let log_for_stderr = log
-            .try_clone()
-            .map_err(|e| BenchError::io("open", log_path, e))?;
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log_for_stderr))
-            .spawn()
-            .map_err(|source| BenchError::Spawn {
-                program: name.to_owned(),
-                source,
-            })?;
-        Ok(ChildGuard {
-            name: name.to_owned(),
-            child,
-            log_path: log_path.to_owned(),
-        })
-    }
-
-    /// An error if the child has already exited: a server that died while we wait for it to become
-    /// ready should be reported with its own words, not as a timeout.
-    pub(crate) fn check_running(&mut self) -> Result<(), BenchError> {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(BenchError::CommandFailed {
-                program: self.name.clone(),
-                status: status.to_string(),
-                output_tail: tail_of_file(&self.log_path),
-            }),
-            Err(e) => Err(BenchError::io("wait for", &self.log_path, e)),
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        // Killing an already exited child fails harmlessly; waiting reaps it either way.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Removes a directory tree; one that does not exist is already removed.
@@ -165,18 +91,6 @@ mod tests {
             }
             other => panic!("expected CommandFailed, got {other:?}"),
         }
-    }
-
-    #[test]
-    fn dropping_the_guard_kills_the_child() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("sleep.log");
-        let guard = ChildGuard::spawn("sleep", Command::new("sleep").arg("600"), &log)
-            .expect("spawn sleep");
-        let pid = guard.child.id();
-        drop(guard);
-        // A killed and reaped child no longer has a /proc entry.
-        assert!(!Path::new(&format!("/proc/{pid}")).exists());
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! nothing; alternating, and swapping which side goes first every round, means a drift of the
 //! machine (another process, thermal state) hits both sides alike.
 
-mod stack;
+mod targets;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -158,10 +158,10 @@ async fn serving_on_runtime(
 ) -> Result<ServingBenchReport, BenchError> {
     std::fs::create_dir_all(&config.work_dir)
         .map_err(|e| BenchError::io("create", &config.work_dir, e))?;
-    let reference = stack::start_llama_server(refs, config).await?;
+    let reference = targets::start_llama_server(refs, config).await?;
     let reference_spec = warmed_up(&reference.spec).await?;
     // Our stack failing must not cost the reference figures: it is then measured alone.
-    let ours = match stack::start_fleetgrid(fleetgrid_binary, config).await {
+    let ours = match targets::start_fleetgrid(fleetgrid_binary, config).await {
         Ok(target) => match warmed_up(&target.spec).await {
             Ok(spec) => Ok((target, spec)),
             Err(error) => Err(error),

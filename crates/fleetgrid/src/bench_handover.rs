@@ -16,13 +16,12 @@
 //! the checkpoint) and replays the committed ones, and should be a small
 //! fraction of it.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
+use stack::{AgentSpec, Coordinator, CoordinatorSpec, Fleetgrid, LogFile, Stack};
 
 use crate::home;
 
@@ -53,28 +52,15 @@ pub struct HandoverArgs {
     kv_checkpoint_budget_mib: usize,
 }
 
-/// A child process killed when dropped.
-struct ChildProcess(Child);
-
-impl Drop for ChildProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 struct Bench {
-    exe: PathBuf,
     root: PathBuf,
     args: HandoverArgs,
     http: String,
-    /// The coordinator's HTTP address, for `demo::nodes_connected`.
-    http_address: std::net::SocketAddr,
-    grpc: String,
     api_key: String,
     client: reqwest::Client,
-    agents: Vec<(String, String, Option<ChildProcess>)>,
-    _coordinator: ChildProcess,
+    /// How each agent is started, in the order of the stack's agents.
+    agents: Vec<AgentSpec>,
+    stack: Stack,
 }
 
 pub async fn run(args: HandoverArgs) -> anyhow::Result<()> {
@@ -98,103 +84,61 @@ pub async fn run(args: HandoverArgs) -> anyhow::Result<()> {
 impl Bench {
     async fn start(args: HandoverArgs) -> anyhow::Result<Bench> {
         let exe = std::env::current_exe().context("find the fleetgrid executable")?;
+        let fleetgrid = Fleetgrid::new(exe);
         let root = home::root().join("bench-handover");
         if root.exists() {
             std::fs::remove_dir_all(&root).with_context(|| format!("clear {}", root.display()))?;
         }
         std::fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;
-        let cli = |args: &[&str]| last_line_of(&exe, args, &root);
-        let api_key = cli(&["tenants", "create", "bench", "--class", "fleet"])?;
+        let api_key = fleetgrid.cli(&["tenants", "create", "bench", "--class", "fleet"], &root)?;
+        let trace = root.join("trace.json");
+        std::fs::write(&trace, stack::ALWAYS_PLUGGED_IN_TRACE).context("write trace")?;
         let mut agents = Vec::new();
         for name in ["handover-1", "handover-2"] {
-            agents.push((name.to_string(), cli(&["nodes", "add", name])?, None));
+            agents.push(AgentSpec {
+                node_id: name.to_string(),
+                credential: fleetgrid.cli(&["nodes", "add", name], &root)?,
+                vehicle_state: format!("sim:{}", trace.display()),
+                model: args.model.clone(),
+                parallel: 1,
+                threads: args.threads,
+                // Appended: every restart of the agent keeps one log.
+                log: LogFile::append(root.join(format!("{name}.log"))),
+            });
         }
-        let log = std::fs::File::create(root.join("coordinator.log")).context("create log")?;
-        let mut child = Command::new(&exe)
-            .args([
-                "serve",
-                "--http-listen",
-                "127.0.0.1:0",
-                "--grpc-listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--model", &args.model, "--exit-with-parent"])
-            .arg("--kv-checkpoint-budget-mib")
-            .arg(args.kv_checkpoint_budget_mib.to_string())
-            .arg("--data-dir")
-            .arg(&root)
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .context("start the coordinator")?;
-        let stdout = child.stdout.take().context("coordinator stdout")?;
-        let coordinator = ChildProcess(child);
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .context("read the coordinator's announcement")?;
-        let bound = coordinator::Bound::parse_announcement(&line)
-            .with_context(|| format!("the coordinator did not start; see {}", root.display()))?;
-        std::fs::write(root.join("trace.json"), ALWAYS_PLUGGED_IN).context("write trace")?;
-        let mut bench = Bench {
-            exe,
+        let mut spec = CoordinatorSpec::new(&root, LogFile::create(root.join("coordinator.log")));
+        spec.models = vec![args.model.clone()];
+        spec.args = vec![
+            "--kv-checkpoint-budget-mib".into(),
+            args.kv_checkpoint_budget_mib.to_string().into(),
+        ];
+        let coordinator = Coordinator::start(&fleetgrid, &spec, STEP_TIMEOUT)
+            .await
+            .with_context(|| format!("start the coordinator; see {}", root.display()))?;
+        let mut stack = Stack::new(fleetgrid, coordinator);
+        for agent in &agents {
+            stack.add_agent(agent)?;
+        }
+        let bench = Bench {
             root,
             args,
-            http: format!("http://{}", bound.http),
-            http_address: bound.http,
-            grpc: format!("http://{}", bound.grpc),
+            http: format!("http://{}", stack.http()),
             api_key,
             client: reqwest::Client::new(),
             agents,
-            _coordinator: coordinator,
+            stack,
         };
-        for index in 0..bench.agents.len() {
-            bench.spawn_agent(index)?;
-        }
-        bench.wait_for_nodes(2).await?;
+        bench.wait_for_nodes().await?;
         Ok(bench)
     }
 
-    fn spawn_agent(&mut self, index: usize) -> anyhow::Result<()> {
-        let (name, credential, slot) = &mut self.agents[index];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.root.join(format!("{name}.log")))
-            .context("open agent log")?;
-        let child = Command::new(&self.exe)
-            .args(["agent", "--coordinator", &self.grpc, "--node-id", name])
-            .arg("--vehicle-state")
-            .arg(format!("sim:{}", self.root.join("trace.json").display()))
-            .args(["--model", &self.args.model, "--parallel", "1"])
-            .args([
-                "--threads",
-                &self.args.threads.to_string(),
-                "--exit-with-parent",
-            ])
-            .env("FLEETGRID_NODE_CREDENTIAL", credential.as_str())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("start an agent")?;
-        *slot = Some(ChildProcess(child));
-        Ok(())
-    }
-
-    async fn wait_for_nodes(&self, count: usize) -> anyhow::Result<()> {
-        let started = Instant::now();
-        loop {
-            if crate::demo::nodes_connected(&self.client, self.http_address).await == count as u64 {
-                return Ok(());
-            }
-            if started.elapsed() > STEP_TIMEOUT {
-                bail!(
-                    "{count} agents did not connect; see {}",
-                    self.root.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    /// Waits until both agents are connected.
+    async fn wait_for_nodes(&self) -> anyhow::Result<()> {
+        let count = u64::try_from(self.agents.len()).context("count the agents")?;
+        self.stack
+            .wait_for_vehicles(count, STEP_TIMEOUT)
+            .await
+            .with_context(|| format!("see {}", self.root.display()))
     }
 
     fn body(&self, prompt: &str, max_tokens: u32) -> Value {
@@ -291,13 +235,10 @@ impl Bench {
         let index = self
             .agents
             .iter()
-            .position(|(name, _, _)| *name == running)
+            .position(|agent| agent.node_id == running)
             .with_context(|| format!("unknown node {running}"))?;
         let killed_at = Instant::now();
-        if let Some(mut child) = self.agents[index].2.take() {
-            let _ = child.0.kill();
-            let _ = child.0.wait();
-        }
+        self.stack.agent_mut(index).kill();
         let deadline = Instant::now() + STEP_TIMEOUT;
         while stream.read_more().await? {
             if Instant::now() > deadline {
@@ -316,8 +257,8 @@ impl Bench {
             .find(|(_, tokens_so_far)| *tokens_so_far > resumed_from)
             .map(|(at, _)| *at)
             .context("no token after the handover reached the client")?;
-        self.spawn_agent(index)?;
-        self.wait_for_nodes(2).await?;
+        self.stack.restart_agent(index, &self.agents[index])?;
+        self.wait_for_nodes().await?;
         Ok(first_new.duration_since(killed_at).as_secs_f64() * 1000.0)
     }
 
@@ -382,26 +323,6 @@ fn assignments(log: &str) -> Vec<(String, usize)> {
         .collect()
 }
 
-fn last_line_of(exe: &Path, args: &[&str], data_dir: &Path) -> anyhow::Result<String> {
-    let output = Command::new(exe)
-        .args(args)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .output()
-        .with_context(|| format!("run fleetgrid {args:?}"))?;
-    if !output.status.success() {
-        bail!(
-            "fleetgrid {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .last()
-        .map(|line| line.trim().to_string())
-        .with_context(|| format!("fleetgrid {args:?} printed nothing"))
-}
-
 fn percentile(sorted: &[f64], fraction: f64) -> f64 {
     let rank = (fraction * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
@@ -445,11 +366,6 @@ fn print_report(args: &HandoverArgs, prompt_tokens: &u32, handover: &[f64], refe
         if h95 <= 1000.0 { "met" } else { "not met" }
     );
 }
-
-/// A vehicle plugged in for a whole day.
-const ALWAYS_PLUGGED_IN: &str = r#"{"start_soc": 0.8, "events": [
-  {"at_s": 0, "plugged_in": true, "charging": true, "soc": 0.8, "departure_in_s": 86400, "temperature_c": 20.0}
-]}"#;
 
 #[cfg(test)]
 mod tests {

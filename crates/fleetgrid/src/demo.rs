@@ -1,22 +1,21 @@
 //! `fleetgrid demo`: a coordinator and three simulated vehicles on this
 //! machine, serving a real model, until Ctrl-C.
 //!
-//! Every process it starts is its child, started with `--exit-with-parent`,
-//! and stopped on the way out, so nothing outlives the demo. A car that goes
+//! Every process it starts is its child, in a process group of its own (a
+//! Ctrl-C reaches only the demo), started with `--exit-with-parent`, and
+//! stopped on the way out (`stack`), so nothing outlives the demo. A car that goes
 //! away is a handover, not the end of the demo (`demo_cars`); `--chaos` makes
 //! cars go away at random (`demo_chaos`). The coordinator or the local cloud
 //! exiting stops the demo.
 
-use std::collections::HashSet;
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use coordinator::store::{Store, StoreError, TenantClass};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use stack::{Coordinator, CoordinatorSpec, Fleetgrid, LogFile, Process, Stack};
 use tokio_util::sync::CancellationToken;
 
 use crate::demo_cars::{Fleet, Launch};
@@ -39,14 +38,8 @@ const TRACES: [(&str, &str); 3] = [
 /// How long the demo waits for its vehicles to connect.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// How long children get to stop after SIGTERM before they are killed.
-const STOP_GRACE: Duration = Duration::from_secs(5);
-
 /// How often the demo looks at its processes, the connected cars and the chaos plan.
 const TICK: Duration = Duration::from_millis(250);
-
-/// The longest wait for the coordinator's list of connected cars.
-const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
@@ -81,28 +74,6 @@ pub struct DemoArgs {
     /// The seed of `--chaos`, to repeat a run's disruptions [default: drawn, and printed].
     #[arg(long, requires = "chaos")]
     chaos_seed: Option<u64>,
-}
-
-/// The coordinator and the local cloud: when either exits, the demo stops.
-/// They are killed when this is dropped, whatever the exit path.
-struct Core(Vec<(String, Child)>);
-
-impl Drop for Core {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.0 {
-            let _ = child.start_kill();
-        }
-    }
-}
-
-impl Core {
-    /// Which process exited, and how, if one did.
-    fn exited(&mut self) -> Option<String> {
-        self.0.iter_mut().find_map(|(name, child)| {
-            let status = child.try_wait().ok().flatten()?;
-            Some(format!("the {name} exited ({status})"))
-        })
-    }
 }
 
 /// What the demo hands out to its user.
@@ -146,8 +117,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         owner: owner_key(&database).await?,
     };
     let stop = crate::run::shutdown_token(false)?;
-    let mut core = Core(Vec::new());
     let exe = std::env::current_exe().context("find the fleetgrid executable")?;
+    let fleetgrid = Fleetgrid::new(&exe);
+    let mut cloud = None;
     let cloud_upstream = if args.no_cloud {
         None
     } else {
@@ -156,28 +128,26 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             "fleetgrid demo: starting the local cloud ({})",
             crate::cloud::LOCAL_CLOUD_MODEL
         );
-        let cloud = crate::cloud::start_local_cloud(
+        let log = logs.join("cloud.log");
+        let started = crate::cloud::start_local_cloud(
             &exe,
             &data_dir.join("cloud"),
-            log_file(&logs, "cloud")?,
+            log_file(&log)?,
             args.threads_per_vehicle,
         )
         .await?;
-        core.0.push(("local cloud".into(), cloud.child));
-        Some((cloud.http, cloud.api_key))
+        cloud = Some(Process::adopt("local cloud", started.child, &log));
+        Some((started.http, started.api_key))
     };
-    let (http, grpc) = start_coordinator(
-        &exe,
-        &args,
-        &data_dir,
-        &logs,
-        &mut core,
-        cloud_upstream.as_ref(),
-    )
-    .await?;
+    let coordinator =
+        start_coordinator(&fleetgrid, &args, &data_dir, &logs, cloud_upstream).await?;
+    let mut running = Stack::new(fleetgrid.clone(), coordinator);
+    if let Some(cloud) = cloud {
+        running.add_beside(cloud);
+    }
     let launch = Launch {
-        exe,
-        grpc,
+        fleetgrid,
+        grpc: running.grpc(),
         model: DEMO_MODEL,
         parallel: args.parallel,
         threads: args.threads_per_vehicle,
@@ -195,13 +165,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let credential = node_credential(&database, &name).await?;
         fleet.add(name, trace, credential)?;
     }
-    let result = supervise(&args, http, &keys, &logs, &mut core, &mut fleet, &stop).await;
-    let mut children: Vec<(String, &mut Child)> = fleet
-        .children()
-        .map(|(name, child)| (name.to_string(), child))
-        .collect();
-    children.extend(core.0.iter_mut().map(|(name, child)| (name.clone(), child)));
-    stop_all(children).await;
+    let result = supervise(&args, &keys, &logs, &running, &mut fleet, &stop).await;
+    stack::stop_all(fleet.processes_mut().chain(running.members_mut())).await;
     eprintln!("fleetgrid demo: stopped");
     result
 }
@@ -210,10 +175,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 /// for the cars, prints the instructions, brings cars home, and carries out `--chaos`.
 async fn supervise(
     args: &DemoArgs,
-    http: SocketAddr,
     keys: &Keys,
     logs: &Path,
-    core: &mut Core,
+    running: &Stack,
     fleet: &mut Fleet,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
@@ -221,10 +185,8 @@ async fn supervise(
         "fleetgrid demo: waiting for {} vehicles to connect (loading the model)",
         args.vehicles
     );
-    let client = reqwest::Client::builder()
-        .timeout(HEALTH_TIMEOUT)
-        .build()
-        .context("build the HTTP client")?;
+    let http = running.http();
+    let client = stack::probe::client();
     let started = Instant::now();
     let mut ready = false;
     let mut chaos: Option<Chaos> = None;
@@ -235,16 +197,19 @@ async fn supervise(
             _ = stop.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        if let Some(exit) = core.exited() {
+        if let Err(exited) = running.check_running() {
             if stop.is_cancelled() {
                 return Ok(());
             }
             bail!(
-                "{exit}; stopping the demo (see the logs in {})",
+                "{exited}\nstopping the demo (see the logs in {})",
                 logs.display()
             );
         }
-        let connected = connected_cars(&client, http, &keys.api).await;
+        // None while the coordinator does not answer: no car is connected then.
+        let connected = stack::probe::connected_nodes(&client, http, &keys.api)
+            .await
+            .unwrap_or_default();
         let now = Instant::now();
         fleet.step(now, &connected)?;
         if !ready {
@@ -282,32 +247,8 @@ fn start_chaos(seed: Option<u64>, now: Instant) -> Chaos {
     Chaos::new(seed, now)
 }
 
-/// The cars the coordinator has connected now, from `/health` as the demo tenant (fleet class)
-/// sees it; none while it does not answer.
-async fn connected_cars(client: &reqwest::Client, http: SocketAddr, key: &str) -> HashSet<String> {
-    let response = client
-        .get(format!("http://{http}/health"))
-        .bearer_auth(key)
-        .send()
-        .await;
-    let body: Option<serde_json::Value> = match response {
-        Ok(response) => response.json().await.ok(),
-        Err(_) => None,
-    };
-    body.as_ref()
-        .and_then(|body| body["nodes"].as_array())
-        .map(|nodes| {
-            nodes
-                .iter()
-                .filter_map(|node| node.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn log_file(logs: &Path, name: &str) -> anyhow::Result<std::fs::File> {
-    let path = logs.join(format!("{name}.log"));
-    std::fs::File::create(&path).with_context(|| format!("create {}", path.display()))
+fn log_file(path: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::File::create(path).with_context(|| format!("create {}", path.display()))
 }
 
 /// The demo tenant's API key: a fresh key on every run (keys are stored hashed).
@@ -346,74 +287,38 @@ async fn node_credential(database: &Store, name: &str) -> anyhow::Result<String>
     }
 }
 
+/// Starts the coordinator, pointed at the local cloud when there is one, and waits until it
+/// listens.
 async fn start_coordinator(
-    exe: &Path,
+    fleetgrid: &Fleetgrid,
     args: &DemoArgs,
     data_dir: &Path,
     logs: &Path,
-    core: &mut Core,
-    cloud: Option<&(SocketAddr, String)>,
-) -> anyhow::Result<(SocketAddr, SocketAddr)> {
-    let mut command = Command::new(exe);
-    command
-        .args([
-            "serve",
-            "--http-listen",
-            &args.http_listen.to_string(),
-            "--grpc-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--model", DEMO_MODEL, "--exit-with-parent", "--data-dir"])
-        .arg(data_dir);
+    cloud: Option<(SocketAddr, String)>,
+) -> anyhow::Result<Coordinator> {
+    let log = logs.join("coordinator.log");
+    let mut spec = CoordinatorSpec::new(data_dir, LogFile::create(&log));
+    spec.http_listen = args.http_listen;
+    spec.models = vec![DEMO_MODEL.to_string()];
     if let Some((cloud_http, cloud_key)) = cloud {
-        command
-            .args(["--cloud-url", &format!("http://{cloud_http}/v1")])
-            .args(["--cloud-key-env", DEMO_CLOUD_KEY_ENV])
-            .env(DEMO_CLOUD_KEY_ENV, cloud_key);
+        let cloud_url = format!("http://{cloud_http}/v1");
+        spec.args = [
+            "--cloud-url",
+            &cloud_url,
+            "--cloud-key-env",
+            DEMO_CLOUD_KEY_ENV,
+        ]
+        .map(OsString::from)
+        .into();
+        spec.env = vec![(DEMO_CLOUD_KEY_ENV.into(), cloud_key.into())];
     }
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(log_file(logs, "coordinator")?)
-        // Its own process group: a Ctrl-C in the terminal reaches only the demo, which then
-        // stops everything itself; a coordinator that stopped on its own would read as a crash.
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .context("start the coordinator")?;
-    let stdout = child.stdout.take().context("coordinator stdout")?;
-    core.0.push(("coordinator".into(), child));
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(STARTUP_TIMEOUT, lines.next_line())
+    Coordinator::start(fleetgrid, &spec, STARTUP_TIMEOUT)
         .await
-        .context("the coordinator did not start in time")??
-        .with_context(|| {
-            format!(
-                "the coordinator exited; see {}",
-                logs.join("coordinator.log").display()
-            )
-        })?;
-    let bound = coordinator::Bound::parse_announcement(&line)
-        .with_context(|| format!("unexpected coordinator output {line:?}"))?;
-    Ok((bound.http, bound.grpc))
+        .with_context(|| format!("start the coordinator; see {}", log.display()))
 }
 
-/// How many nodes the coordinator at `http` reports connected (the `fleetgrid_nodes_connected`
-/// gauge of `/metrics`; `/health` says only whether it is healthy); 0 while it does not answer.
-pub(crate) async fn nodes_connected(client: &reqwest::Client, http: SocketAddr) -> u64 {
-    let metrics = match client.get(format!("http://{http}/metrics")).send().await {
-        Ok(response) => response.text().await.ok(),
-        Err(_) => None,
-    };
-    metrics
-        .as_deref()
-        .and_then(|text| {
-            text.lines().find_map(|line| {
-                line.strip_prefix("fleetgrid_nodes_connected ")
-                    .and_then(|value| value.trim().parse::<u64>().ok())
-            })
-        })
-        .unwrap_or(0)
-}
+// The local cloud (`cloud`) waits for its node with this.
+pub(crate) use stack::probe::nodes_connected;
 
 fn print_instructions(http: SocketAddr, keys: &Keys, logs: &Path, args: &DemoArgs) {
     let api_key = &keys.api;
@@ -468,24 +373,6 @@ fn print_instructions(http: SocketAddr, keys: &Keys, logs: &Path, args: &DemoArg
         logs.display()
     );
     println!("Press Ctrl-C to stop.");
-}
-
-/// SIGTERM to every child, then SIGKILL to those still running after the grace.
-async fn stop_all(children: Vec<(String, &mut Child)>) {
-    for (_, child) in &children {
-        if let Some(pid) = child.id() {
-            crate::demo_cars::terminate(pid);
-        }
-    }
-    for (name, child) in children {
-        if tokio::time::timeout(STOP_GRACE, child.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(child = %name, "did not stop in time; killing");
-            let _ = child.kill().await;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -15,16 +15,15 @@
 //! each time, and given up after [`STARTUP_FAILURES_MAX`] tries in a row while
 //! the others keep serving.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use agent::vehicle::sim::Trace;
 use agent::VehicleState;
 use anyhow::{bail, Context};
-use tokio::process::{Child, Command};
+use stack::{AgentSpec, Exit, Fleetgrid, LogFile, Process};
 
 use crate::demo_chaos::{ChaosEvent, Disruption, DEPARTURE_NOTICE};
 
@@ -76,7 +75,7 @@ impl Restarts {
 
 /// How the demo starts an agent.
 pub struct Launch {
-    pub exe: PathBuf,
+    pub fleetgrid: Fleetgrid,
     pub grpc: SocketAddr,
     pub model: &'static str,
     pub parallel: u32,
@@ -108,7 +107,7 @@ struct Car {
     name: String,
     trace: Trace,
     credential: String,
-    child: Option<Child>,
+    process: Option<Process>,
     /// The start of the car's trace: its latest start.
     trace_start: SystemTime,
     presence: Presence,
@@ -146,7 +145,7 @@ impl Fleet {
             name,
             trace,
             credential,
-            child: None,
+            process: None,
             trace_start: SystemTime::now(),
             presence: Presence::Home,
             connected: false,
@@ -161,7 +160,7 @@ impl Fleet {
     }
 
     /// Notices exits, arrivals and the ends of pauses, and keeps every feed current.
-    pub fn step(&mut self, now: Instant, connected: &HashSet<String>) -> anyhow::Result<()> {
+    pub fn step(&mut self, now: Instant, connected: &BTreeSet<String>) -> anyhow::Result<()> {
         for car in &mut self.cars {
             car.step(now, connected, &self.launch, self.come_home)?;
         }
@@ -188,12 +187,12 @@ impl Fleet {
     }
 
     /// The cars at home, running and connected: those that may be disrupted.
-    pub fn serving(&self, connected: &HashSet<String>) -> Vec<usize> {
+    pub fn serving(&self, connected: &BTreeSet<String>) -> Vec<usize> {
         (0..self.cars.len())
             .filter(|&index| {
                 let car = &self.cars[index];
                 car.presence == Presence::Home
-                    && car.child.is_some()
+                    && car.process.is_some()
                     && car.connected
                     && connected.contains(&car.name)
             })
@@ -228,8 +227,8 @@ impl Fleet {
             }
             Disruption::Kill => {
                 car.exit_expected = true;
-                if let Some(child) = car.child.as_mut() {
-                    let _ = child.start_kill();
+                if let Some(process) = &car.process {
+                    process.start_kill();
                 }
                 car.presence = Presence::Away {
                     back_at: now + event.away,
@@ -244,11 +243,8 @@ impl Fleet {
     }
 
     /// Every running agent, to be stopped.
-    pub fn children(&mut self) -> impl Iterator<Item = (&str, &mut Child)> {
-        self.cars.iter_mut().filter_map(|car| {
-            let name = car.name.as_str();
-            car.child.as_mut().map(|child| (name, child))
-        })
+    pub fn processes_mut(&mut self) -> impl Iterator<Item = &mut Process> {
+        self.cars.iter_mut().filter_map(|car| car.process.as_mut())
     }
 }
 
@@ -260,35 +256,28 @@ impl Car {
         self.write_feed(&launch.feeds)?;
         let log_path = launch.logs.join(format!("{}.log", self.name));
         // Appended: the log of a car that crashed stays readable after it comes home.
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(self.starts > 0)
-            .write(true)
-            .truncate(self.starts == 0)
-            .open(&log_path)
-            .with_context(|| format!("open {}", log_path.display()))?;
+        let log = if self.starts == 0 {
+            LogFile::create(log_path)
+        } else {
+            LogFile::append(log_path)
+        };
         let feed = feed_path(&launch.feeds, &self.name);
-        let child = Command::new(&launch.exe)
-            .args(["agent", "--coordinator", &format!("http://{}", launch.grpc)])
-            .args(["--node-id", &self.name])
-            .args(["--vehicle-state", &format!("file:{}", feed.display())])
-            .args(["--model", launch.model])
-            .args(["--parallel", &launch.parallel.to_string()])
-            .args([
-                "--threads",
-                &launch.threads.to_string(),
-                "--exit-with-parent",
-            ])
-            .env("FLEETGRID_NODE_CREDENTIAL", &self.credential)
-            .stdout(Stdio::null())
-            .stderr(log)
-            // Its own process group: a Ctrl-C in the terminal reaches the demo, which stops
-            // the cars itself, rather than each car on its own.
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
+        let spec = AgentSpec {
+            node_id: self.name.clone(),
+            credential: self.credential.clone(),
+            vehicle_state: format!("file:{}", feed.display()),
+            model: launch.model.to_string(),
+            parallel: launch.parallel,
+            threads: launch.threads,
+            log,
+        };
+        // In its own process group: a Ctrl-C in the terminal reaches the demo, which stops
+        // the cars itself, rather than each car on its own.
+        let process = launch
+            .fleetgrid
+            .agent(launch.grpc, &spec)
             .with_context(|| format!("start the agent of {}", self.name))?;
-        self.child = Some(child);
+        self.process = Some(process);
         self.starts += 1;
         Ok(())
     }
@@ -296,19 +285,15 @@ impl Car {
     fn step(
         &mut self,
         now: Instant,
-        connected: &HashSet<String>,
+        connected: &BTreeSet<String>,
         launch: &Launch,
         come_home: Duration,
     ) -> anyhow::Result<()> {
-        let status = self
-            .child
-            .as_mut()
-            .and_then(|child| child.try_wait().ok().flatten());
-        if let Some(status) = status {
-            self.child = None;
-            self.exited(now, status, come_home, &launch.logs);
+        if let Some(exit) = self.process.as_ref().and_then(Process::exit) {
+            self.process = None;
+            self.exited(now, exit, come_home, &launch.logs);
         }
-        if self.child.is_some() && !self.connected && connected.contains(&self.name) {
+        if self.process.is_some() && !self.connected && connected.contains(&self.name) {
             self.connected = true;
             if self.starts > 1 {
                 say(&format!("{} is back home and serving", self.name));
@@ -321,8 +306,8 @@ impl Car {
             }
             Presence::Leaving { at, away, .. } if now >= at => {
                 self.exit_expected = true;
-                if let Some(pid) = self.child.as_ref().and_then(Child::id) {
-                    terminate(pid);
+                if let Some(process) = &self.process {
+                    process.terminate();
                 }
                 self.presence = Presence::Away {
                     back_at: now + away,
@@ -333,11 +318,9 @@ impl Car {
                     away.as_secs()
                 ));
             }
-            Presence::Away { back_at } if now >= back_at => match self.child.as_mut() {
+            Presence::Away { back_at } if now >= back_at => match &self.process {
                 // Still on its way out after its time away: it is not waited for any longer.
-                Some(child) => {
-                    let _ = child.start_kill();
-                }
+                Some(process) => process.start_kill(),
                 None => {
                     say(&format!("{} is coming home", self.name));
                     self.start(launch)?;
@@ -348,7 +331,7 @@ impl Car {
         self.write_feed(&launch.feeds)
     }
 
-    fn exited(&mut self, now: Instant, status: ExitStatus, come_home: Duration, logs: &Path) {
+    fn exited(&mut self, now: Instant, status: Exit, come_home: Duration, logs: &Path) {
         if std::mem::take(&mut self.exit_expected) {
             if !matches!(self.presence, Presence::Away { .. }) {
                 self.presence = Presence::Away {
@@ -440,13 +423,6 @@ fn feed_path(feeds: &Path, name: &str) -> PathBuf {
     feeds.join(format!("{name}.json"))
 }
 
-/// Asks a process to stop (SIGTERM).
-pub fn terminate(pid: u32) {
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-}
-
 fn say(message: &str) {
     eprintln!("fleetgrid demo: {message}");
 }
@@ -506,7 +482,7 @@ mod tests {
             name: "car-x".into(),
             trace: Trace::parse(include_str!("../../agent/traces/car-a.json")).expect("trace"),
             credential: String::new(),
-            child: None,
+            process: None,
             trace_start: SystemTime::now(),
             presence,
             connected: false,

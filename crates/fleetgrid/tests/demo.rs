@@ -5,36 +5,25 @@
 
 mod common;
 
-use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
-use common::{parse_sse, MODEL, WAIT};
+use common::{parse_sse, Gateway, MODEL, WAIT};
 use futures::StreamExt;
 use serde_json::json;
+use stack::{LogFile, Stdout};
 
 /// How long a killed car stays away in this test.
 const COME_HOME_SECS: &str = "2";
 
-/// A running `fleetgrid demo`, killed when dropped.
+/// A running `fleetgrid demo`, stopped when dropped (before its directory goes).
 struct Demo {
+    process: stack::Process,
     dir: tempfile::TempDir,
-    child: Child,
-    http: SocketAddr,
-    api_key: String,
+    gateway: Gateway,
     owner_key: String,
-    client: reqwest::Client,
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The rest of `line` after `prefix`, when it starts with it.
@@ -47,8 +36,8 @@ impl Demo {
     /// it has printed its instructions (every car connected).
     fn start() -> Demo {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = std::fs::File::create(dir.path().join("demo.log")).expect("log file");
-        let mut child = Command::new(common::binary())
+        let mut command = common::fleetgrid().command();
+        command
             .args(["demo", "--http-listen", "127.0.0.1:0", "--vehicles", "2"])
             .args([
                 "--no-cloud",
@@ -58,31 +47,22 @@ impl Demo {
                 "1",
             ])
             .args(["--come-home-secs", COME_HOME_SECS, "--data-dir"])
-            .arg(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("start the demo");
-        let stdout = child.stdout.take().expect("stdout");
-        let (lines_tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if lines_tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
+            .arg(dir.path());
+        let log = LogFile::create(dir.path().join("demo.log"));
+        let mut process =
+            stack::Process::spawn("demo", command, &log, Stdout::Lines).expect("start the demo");
+        let mut lines = process.lines().expect("the demo's output");
         let deadline = Instant::now() + WAIT;
         let (mut api_key, mut owner_key, mut http) = (None, None, None);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = lines.recv_timeout(left).unwrap_or_else(|_| {
-                panic!(
-                    "the demo did not print its instructions; its log:\n{}",
-                    std::fs::read_to_string(dir.path().join("demo.log")).unwrap_or_default()
-                )
-            });
+            let line = match lines.next_blocking(left) {
+                Ok(Some(line)) => line,
+                outcome => panic!(
+                    "the demo did not print its instructions ({outcome:?}); its log:\n{}",
+                    process.log_tail()
+                ),
+            };
             if let Some(key) = after(&line, "API key (tenant 'demo'):") {
                 api_key = Some(key.to_string());
             }
@@ -97,39 +77,25 @@ impl Demo {
             }
         }
         Demo {
+            process,
             dir,
-            child,
-            http: http.expect("the demo's address"),
-            api_key: api_key.expect("the demo's API key"),
+            gateway: Gateway {
+                http: http.expect("the demo's address"),
+                api_key: api_key.expect("the demo's API key"),
+            },
             owner_key: owner_key.expect("the demo's owner key"),
-            client: reqwest::Client::new(),
         }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.http)
-    }
-
-    async fn chat(&self, body: &serde_json::Value) -> serde_json::Value {
-        let response = self
-            .client
-            .post(self.url("/v1/chat/completions"))
-            .bearer_auth(&self.api_key)
-            .json(body)
-            .send()
-            .await
-            .expect("send request");
-        let status = response.status();
-        let text = response.text().await.expect("body");
-        assert_eq!(status, 200, "chat failed: {text}");
-        serde_json::from_str(&text).expect("json body")
     }
 
     /// Sets which tenant classes a car works for, through the owner API.
     async fn allow_classes(&self, car: &str, classes: &[&str]) {
         let response = self
-            .client
-            .put(self.url(&format!("/owner/v1/vehicles/{car}/policy")))
+            .gateway
+            .client()
+            .put(
+                self.gateway
+                    .url(&format!("/owner/v1/vehicles/{car}/policy")),
+            )
             .bearer_auth(&self.owner_key)
             .json(&json!({ "allowed_classes": classes }))
             .send()
@@ -138,48 +104,12 @@ impl Demo {
         assert_eq!(response.status(), 200, "{:?}", response.text().await);
     }
 
-    /// The cars connected now, as the demo tenant (fleet class) sees them on `/health`.
-    async fn connected(&self) -> HashSet<String> {
-        let health: serde_json::Value = self
-            .client
-            .get(self.url("/health"))
-            .bearer_auth(&self.api_key)
-            .send()
-            .await
-            .expect("health")
-            .json()
-            .await
-            .expect("health json");
-        health["nodes"]
-            .as_array()
-            .expect("nodes")
-            .iter()
-            .filter_map(|node| node.as_str().map(str::to_string))
-            .collect()
-    }
-
-    async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .client
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text");
-        text.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|value| value.trim().parse().ok())
-            .unwrap_or_else(|| panic!("metric {name} missing"))
-    }
-
     /// The process id of `car`'s agent, a child of the demo, if it runs.
     fn car_pid(&self, car: &str) -> Option<u32> {
         processes()
             .into_iter()
             .find(|process| {
-                process.parent == self.child.id()
+                process.parent == self.process.pid()
                     && process.args.iter().any(|arg| arg == "agent")
                     && process
                         .args
@@ -242,44 +172,34 @@ fn signal(pid: u32, signal: &str) {
     assert!(status.success(), "kill {signal} {pid} failed");
 }
 
-/// Polls `condition` every 100 ms until it holds; panics with `what` after [`WAIT`].
-async fn wait_until<F, Fut>(what: &str, demo: &Demo, mut condition: F)
+/// Waits until `condition` holds; panics with `what` after [`WAIT`], or as soon as the demo exits.
+async fn wait_until<F, Fut>(what: &str, demo: &Demo, condition: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + WAIT;
-    while !condition().await {
-        assert!(
-            Instant::now() < deadline,
-            "{what} within {WAIT:?}; the demo's log:\n{}",
-            demo.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    if let Err(error) = stack::probe::wait_until(&[&demo.process], what, WAIT, condition).await {
+        panic!("{error}; the demo's log:\n{}", demo.log());
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_demo_hands_over_a_killed_cars_stream_brings_the_car_home_and_stops_cleanly() {
     let began = Instant::now();
-    let mut demo = Demo::start();
+    let demo = Demo::start();
     let started_in = began.elapsed();
     let body = common::long_story(0.0);
-    let expected = common::long_reference_text(&demo.chat(&body).await);
+    let expected = common::long_reference_text(&demo.gateway.chat(&body).await);
 
     // car-b's owner takes it off the fleet's work for a moment, so the stream starts on car-a.
     demo.allow_classes("car-b", &[]).await;
-    let reassigned_before = demo.metric("fleetgrid_reassignments_total").await;
+    let reassigned_before = demo.gateway.metric("fleetgrid_reassignments_total").await;
     let mut streamed_body = body.clone();
     streamed_body["stream"] = json!(true);
     let response = demo
-        .client
-        .post(demo.url("/v1/chat/completions"))
-        .bearer_auth(&demo.api_key)
-        .json(&streamed_body)
-        .send()
-        .await
-        .expect("send stream");
+        .gateway
+        .post("/v1/chat/completions", &streamed_body)
+        .await;
     assert_eq!(response.status(), 200);
     let mut bytes = response.bytes_stream();
     let mut raw = String::new();
@@ -303,42 +223,38 @@ async fn the_demo_hands_over_a_killed_cars_stream_brings_the_car_home_and_stops_
         "the handed-over stream differs from an uninterrupted run"
     );
     assert_eq!(
-        demo.metric("fleetgrid_reassignments_total").await,
+        demo.gateway.metric("fleetgrid_reassignments_total").await,
         reassigned_before + 1.0,
         "the stream was not handed over (did it finish before the kill?)"
     );
 
     // The demo is still serving, and car-a comes home as a new process.
     assert!(
-        demo.child.try_wait().expect("demo status").is_none(),
+        demo.process.exit().is_none(),
         "the demo stopped; its log:\n{}",
         demo.log()
     );
     let answer = demo
+        .gateway
         .chat(&json!({"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "Name a colour."}]}))
         .await;
     assert!(answer["choices"][0]["message"]["content"].is_string());
-    wait_until("car-a did not come home", &demo, || async {
+    wait_until("car-a came home", &demo, || async {
         demo.car_pid("car-a").is_some_and(|pid| pid != killed)
-            && demo.connected().await.contains("car-a")
+            && demo.gateway.connected().await.contains("car-a")
     })
     .await;
-    let both: HashSet<String> = ["car-a", "car-b"].map(String::from).into();
-    assert_eq!(demo.connected().await, both);
+    let both: BTreeSet<String> = ["car-a", "car-b"].map(String::from).into();
+    assert_eq!(demo.gateway.connected().await, both);
 
     // Ctrl-C stops everything: the demo exits cleanly and leaves no process behind.
-    signal(demo.child.id(), "-INT");
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(status) = demo.child.try_wait().expect("demo status") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the demo did not stop on Ctrl-C");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    demo.process.interrupt();
+    let exit = tokio::time::timeout(WAIT, demo.process.exited())
+        .await
+        .expect("the demo did not stop on Ctrl-C");
     assert!(
-        status.success(),
-        "the demo exited with {status}:\n{}",
+        exit.success(),
+        "the demo exited with {exit}:\n{}",
         demo.log()
     );
     assert_eq!(

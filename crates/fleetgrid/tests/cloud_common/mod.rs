@@ -6,16 +6,22 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::common::{binary, parse_sse, Process, Stack, StackOptions, Streamed};
+use stack::{CloudSpec, LogFile};
+
+use crate::common::{fleetgrid, parse_sse, Process, Stack, StackOptions, Streamed};
 
 pub const CLOUD_MODEL: &str = "qwen2.5-coder-0.5b-instruct";
+
+/// How long the local cloud may take to load its model and connect its node
+/// (its own bound on that, so that it is the one to say what went wrong).
+const CLOUD_START_WAIT: Duration = Duration::from_secs(300);
 
 /// The variable through which gateways under test get the local cloud's key.
 pub const CLOUD_KEY_ENV: &str = "FLEETGRID_TEST_CLOUD_KEY";
@@ -30,51 +36,24 @@ impl LocalCloud {
     /// Starts `fleetgrid cloud serve` and waits until its node serves.
     pub fn start() -> LocalCloud {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = std::fs::File::create(dir.path().join("cloud.log")).expect("log file");
-        let mut child = Command::new(binary())
-            .args(["cloud", "serve", "--http-listen", "127.0.0.1:0"])
-            .args([
-                "--threads",
-                "1",
-                "--parallel",
-                "2",
-                "--context-tokens",
-                "512",
-            ])
-            .arg("--exit-with-parent")
-            .arg("--data-dir")
-            .arg(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("start the local cloud");
-        let stdout = child.stdout.take().expect("stdout");
-        let process = Process {
-            name: "cloud".into(),
-            child,
+        let spec = CloudSpec {
+            data_dir: dir.path().to_owned(),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            threads: 1,
+            args: ["--parallel", "2", "--context-tokens", "512"]
+                .map(OsString::from)
+                .into(),
+            log: LogFile::create(dir.path().join("cloud.log")),
         };
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read cloud output");
-        let bound = coordinator::Bound::parse_announcement(&line).unwrap_or_else(|| {
-            panic!(
-                "the local cloud did not start: {line:?}; log: {}",
-                std::fs::read_to_string(dir.path().join("cloud.log")).unwrap_or_default()
-            )
-        });
-        let key = line
-            .split_whitespace()
-            .find_map(|field| field.strip_prefix("api_key="))
-            .expect("the cloud prints its API key")
-            .to_string();
+        let cloud = stack::LocalCloud::start_blocking(&fleetgrid(), &spec, CLOUD_START_WAIT)
+            .unwrap_or_else(|error| panic!("the local cloud did not start: {error}"));
         // Every gateway under test reads the key from this variable, which
         // child processes inherit. It is set once, before any gateway starts.
-        std::env::set_var(CLOUD_KEY_ENV, key);
+        std::env::set_var(CLOUD_KEY_ENV, &cloud.api_key);
         LocalCloud {
             dir,
-            http: bound.http,
-            process,
+            http: cloud.http,
+            process: cloud.process,
         }
     }
 

@@ -7,20 +7,25 @@
 
 pub mod hostile;
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
+pub mod gateway;
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// Each test binary uses some of these.
+#[allow(unused_imports)]
+pub use gateway::{parse_sse, Gateway, Streamed};
+pub use stack::Process;
+use stack::{AgentSpec, Coordinator, CoordinatorSpec, Fleetgrid, LogFile};
 
 pub const MODEL: &str = "smollm2-135m-instruct";
 
 /// How long a test waits for processes to start or a condition to hold.
 pub const WAIT: Duration = Duration::from_secs(120);
-
-/// How often [`Stack::wait_for_metric`] reads `/metrics`.
-pub const METRIC_POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// The series of a labelled counter for one label value, as `/metrics`
 /// names it: `labelled("fleetgrid_node_assignments_total", "node_id", "car-1")`.
@@ -43,6 +48,11 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_fleetgrid")
 }
 
+/// The binary under test, to start processes and run commands with.
+pub fn fleetgrid() -> Fleetgrid {
+    Fleetgrid::new(binary())
+}
+
 /// The model file, for tokenizer checks in tests.
 pub fn model_path() -> PathBuf {
     let store =
@@ -53,36 +63,30 @@ pub fn model_path() -> PathBuf {
         .path
 }
 
-/// A child process killed when dropped.
-pub struct Process {
-    pub name: String,
-    pub child: Child,
-}
-
-impl Process {
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
+/// A coordinator on a fresh data directory, its tenant's key and its agents;
+/// every process is stopped when it is dropped. Requests go through its
+/// [`Gateway`], which it dereferences to (`stack.http`, `stack.chat(..)`).
 pub struct Stack {
     pub dir: tempfile::TempDir,
-    pub http: SocketAddr,
+    pub gateway: Gateway,
     pub grpc: SocketAddr,
-    pub api_key: String,
     pub coordinator: Process,
     pub agents: Vec<Process>,
+}
+
+impl std::ops::Deref for Stack {
+    type Target = Gateway;
+
+    fn deref(&self) -> &Gateway {
+        &self.gateway
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // All together, before the data directory goes.
+        stack::stop_all_blocking(std::iter::once(&mut self.coordinator).chain(&mut self.agents));
+    }
 }
 
 /// Options for the coordinator.
@@ -92,24 +96,9 @@ pub struct StackOptions {
 }
 
 pub fn run_cli(args: &[&str], data_dir: &Path) -> String {
-    let output = Command::new(binary())
-        .args(args)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .output()
-        .expect("run fleetgrid");
-    assert!(
-        output.status.success(),
-        "fleetgrid {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8(output.stdout).expect("utf-8 output");
-    stdout
-        .lines()
-        .last()
-        .expect("one line of output")
-        .trim()
-        .to_string()
+    fleetgrid()
+        .cli(args, data_dir)
+        .unwrap_or_else(|error| panic!("{error}"))
 }
 
 /// Starts `fleetgrid serve` on a data directory and waits for it to listen.
@@ -120,71 +109,29 @@ pub fn spawn_coordinator(
     grpc_listen: &str,
     options: &StackOptions,
 ) -> (Process, coordinator::Bound) {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("coordinator.log"))
-        .expect("log file");
-    let mut child = Command::new(binary())
-        .args([
-            "serve",
-            "--http-listen",
-            http_listen,
-            "--grpc-listen",
-            grpc_listen,
-        ])
-        .args([
-            "--heartbeat-interval-ms",
-            "500",
-            "--heartbeat-timeout-ms",
-            "2000",
-            "--exit-with-parent",
-        ])
-        .args(&options.extra_serve_args)
-        .arg("--data-dir")
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("start coordinator");
-    let stdout = child.stdout.take().expect("stdout");
-    let coordinator = Process {
-        name: "coordinator".into(),
-        child,
-    };
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read coordinator output");
-    let bound = coordinator::Bound::parse_announcement(&line).unwrap_or_else(|| {
-        panic!(
-            "coordinator did not start: {line:?}; log: {}",
-            std::fs::read_to_string(dir.join("coordinator.log")).unwrap_or_default()
-        )
-    });
-    (coordinator, bound)
+    let mut spec = CoordinatorSpec::new(dir, LogFile::append(dir.join("coordinator.log")));
+    spec.http_listen = http_listen.parse().expect("an HTTP address");
+    spec.grpc_listen = grpc_listen.parse().expect("a gRPC address");
+    let heartbeats = [
+        "--heartbeat-interval-ms",
+        "500",
+        "--heartbeat-timeout-ms",
+        "2000",
+    ];
+    spec.args = heartbeats
+        .iter()
+        .map(OsString::from)
+        .chain(options.extra_serve_args.iter().map(OsString::from))
+        .collect();
+    let coordinator = Coordinator::start_blocking(&fleetgrid(), &spec, WAIT)
+        .unwrap_or_else(|error| panic!("the coordinator did not start: {error}"));
+    (coordinator.process, coordinator.bound)
 }
 
 impl Stack {
     /// Lets a tenant owe without limit, so that billing admits its requests.
     pub fn unlimited_credit(&self, tenant: &str) {
-        let output = std::process::Command::new(binary())
-            .args([
-                "billing",
-                "credit",
-                "--tenant",
-                tenant,
-                "--unlimited",
-                "--data-dir",
-            ])
-            .arg(self.dir.path())
-            .output()
-            .expect("run fleetgrid");
-        assert!(
-            output.status.success(),
-            "billing credit failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        self.cli(&["billing", "credit", "--tenant", tenant, "--unlimited"]);
     }
 
     pub fn start(options: StackOptions) -> Stack {
@@ -197,9 +144,8 @@ impl Stack {
             spawn_coordinator(dir.path(), "127.0.0.1:0", "127.0.0.1:0", &options);
         Stack {
             dir,
-            http,
+            gateway: Gateway { http, api_key },
             grpc,
-            api_key,
             coordinator,
             agents: Vec::new(),
         }
@@ -240,144 +186,45 @@ impl Stack {
         vehicle_state: &str,
         parallel: u32,
     ) -> usize {
-        let log =
-            std::fs::File::create(self.dir.path().join(format!("{name}.log"))).expect("log file");
-        let child = Command::new(binary())
-            .args([
-                "agent",
-                "--coordinator",
-                &format!("http://{}", self.grpc),
-                "--node-id",
-                name,
-            ])
-            .args([
-                "--vehicle-state",
-                vehicle_state,
-                "--model",
-                MODEL,
-                "--threads",
-                "1",
-            ])
-            .args(["--parallel", &parallel.to_string(), "--exit-with-parent"])
-            .env("FLEETGRID_NODE_CREDENTIAL", credential)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start agent");
-        self.agents.push(Process {
-            name: name.to_string(),
-            child,
-        });
+        let spec = AgentSpec {
+            node_id: name.to_string(),
+            credential: credential.to_string(),
+            vehicle_state: vehicle_state.to_string(),
+            model: MODEL.to_string(),
+            parallel,
+            threads: 1,
+            log: LogFile::create(self.dir.path().join(format!("{name}.log"))),
+        };
+        let agent = fleetgrid()
+            .agent(self.grpc, &spec)
+            .unwrap_or_else(|error| panic!("{error}"));
+        self.agents.push(agent);
         self.agents.len() - 1
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.http)
     }
 
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }
 
-    /// `/health` as anyone sees it: healthy or not, nothing more.
-    pub async fn health(&self) -> serde_json::Value {
-        reqwest::get(self.url("/health"))
-            .await
-            .expect("health")
-            .json()
-            .await
-            .expect("health json")
-    }
-
-    /// `/health` as the operator sees it (the stack's tenant is fleet-class):
-    /// with the connected nodes.
-    pub async fn operator_health(&self) -> serde_json::Value {
-        self.client()
-            .get(self.url("/health"))
-            .bearer_auth(&self.api_key)
-            .send()
-            .await
-            .expect("health")
-            .json()
-            .await
-            .expect("health json")
-    }
-
     /// Waits until exactly these nodes are connected.
     pub async fn wait_for_nodes(&self, names: &[&str]) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let health = self.operator_health().await;
-            let mut connected: Vec<String> = health["nodes"]
-                .as_array()
-                .map(|nodes| {
-                    nodes
-                        .iter()
-                        .filter_map(|node| node.as_str().map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default();
-            connected.sort();
-            let mut wanted: Vec<String> = names.iter().map(|name| name.to_string()).collect();
-            wanted.sort();
-            if connected == wanted {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nodes {wanted:?} not connected, have {connected:?}; coordinator log:\n{}",
+        let wanted: BTreeSet<String> = names.iter().map(|name| name.to_string()).collect();
+        let client = self.client();
+        let connected = RefCell::new(None);
+        let what = format!("nodes {wanted:?} connected");
+        let waited = stack::probe::wait_until(&[&self.coordinator], &what, WAIT, || async {
+            let now = stack::probe::connected_nodes(&client, self.http, &self.api_key).await;
+            let done = now.as_ref() == Some(&wanted);
+            *connected.borrow_mut() = now;
+            done
+        })
+        .await;
+        if let Err(error) = waited {
+            panic!(
+                "nodes {wanted:?} not connected, have {:?} ({error}); coordinator log:\n{}",
+                connected.borrow(),
                 self.log("coordinator")
             );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// The value of one series on `/metrics`: a plain metric
-    /// (`fleetgrid_reassignments_total`) or one value of a labelled counter
-    /// (see [`labelled`]), which is zero until it is first counted. Panics
-    /// when the coordinator has no such metric at all.
-    pub async fn metric(&self, series: &str) -> f64 {
-        let text = reqwest::get(self.url("/metrics"))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text");
-        let value = text.lines().find_map(|line| {
-            line.strip_prefix(series)
-                .and_then(|rest| rest.strip_prefix(' '))
-                .and_then(|value| value.trim().parse().ok())
-        });
-        if let Some(value) = value {
-            return value;
-        }
-        let family = series.split('{').next().unwrap_or(series);
-        let declared = text.contains(&format!("# TYPE {family} counter\n"));
-        assert!(declared && family != series, "metric {series} missing");
-        0.0
-    }
-
-    /// Polls the metric `series` until `holds` is true of its value and
-    /// returns that value; panics after `within`, saying `what` did not
-    /// happen.
-    pub async fn wait_for_metric(
-        &self,
-        series: &str,
-        within: Duration,
-        what: &str,
-        holds: impl Fn(f64) -> bool,
-    ) -> f64 {
-        let deadline = Instant::now() + within;
-        loop {
-            let value = self.metric(series).await;
-            if holds(value) {
-                return value;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what} within {within:?} ({series} is {value})"
-            );
-            tokio::time::sleep(METRIC_POLL_INTERVAL).await;
         }
     }
 
@@ -407,113 +254,6 @@ impl Stack {
         );
         assigned[0].clone()
     }
-
-    pub fn client(&self) -> reqwest::Client {
-        reqwest::Client::new()
-    }
-
-    pub async fn post(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
-        self.client()
-            .post(self.url(path))
-            .bearer_auth(&self.api_key)
-            .json(body)
-            .send()
-            .await
-            .expect("send request")
-    }
-
-    /// A POST of `body` to `path` with another key than the stack's.
-    pub async fn post_as(
-        &self,
-        key: &str,
-        path: &str,
-        body: &serde_json::Value,
-    ) -> reqwest::Response {
-        self.client()
-            .post(self.url(path))
-            .bearer_auth(key)
-            .json(body)
-            .send()
-            .await
-            .expect("send request")
-    }
-
-    /// A GET of `path` with `key`: the status and the body as JSON (or as a
-    /// JSON string when it is not JSON).
-    pub async fn get_as(&self, key: &str, path: &str) -> (u16, serde_json::Value) {
-        let response = self
-            .client()
-            .get(self.url(path))
-            .bearer_auth(key)
-            .send()
-            .await
-            .expect("send request");
-        let status = response.status().as_u16();
-        let text = response.text().await.expect("body");
-        let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
-        (status, body)
-    }
-
-    /// A non-streaming chat completion; panics unless it is 200.
-    pub async fn chat(&self, body: &serde_json::Value) -> serde_json::Value {
-        let response = self.post("/v1/chat/completions", body).await;
-        let status = response.status();
-        let text = response.text().await.expect("body");
-        assert_eq!(status, 200, "chat failed: {text}");
-        serde_json::from_str(&text).expect("json body")
-    }
-
-    /// A streamed chat completion: the concatenated content, the finish
-    /// reason and the usage chunk (when asked for).
-    pub async fn chat_stream(&self, body: &serde_json::Value) -> Streamed {
-        let mut body = body.clone();
-        body["stream"] = serde_json::json!(true);
-        let response = self.post("/v1/chat/completions", &body).await;
-        assert_eq!(response.status(), 200);
-        let text = response.text().await.expect("stream body");
-        parse_sse(&text)
-    }
-}
-
-#[derive(Debug, Default)]
-pub struct Streamed {
-    pub content: String,
-    pub finish_reason: Option<String>,
-    pub usage: Option<serde_json::Value>,
-    pub chunks: usize,
-    pub done: bool,
-    pub errors: Vec<serde_json::Value>,
-}
-
-pub fn parse_sse(text: &str) -> Streamed {
-    let mut streamed = Streamed::default();
-    for line in text.lines() {
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            streamed.done = true;
-            continue;
-        }
-        let chunk: serde_json::Value = serde_json::from_str(data).expect("chunk json");
-        if chunk.get("error").is_some() {
-            streamed.errors.push(chunk);
-            continue;
-        }
-        streamed.chunks += 1;
-        if let Some(choice) = chunk["choices"].get(0) {
-            if let Some(content) = choice["delta"]["content"].as_str() {
-                streamed.content.push_str(content);
-            }
-            if let Some(reason) = choice["finish_reason"].as_str() {
-                streamed.finish_reason = Some(reason.to_string());
-            }
-        }
-        if chunk.get("usage").is_some_and(|usage| !usage.is_null()) {
-            streamed.usage = Some(chunk["usage"].clone());
-        }
-    }
-    streamed
 }
 
 /// A chat body whose answer runs long enough to interrupt mid-way: up to
