@@ -47,15 +47,20 @@ pub struct TierAnswer {
     pub latency_ms: u64,
 }
 
-/// The two tiers as the driver calls them.
+/// A tier's answer, or why the tier failed (the machine decides what that
+/// leads to).
+pub type TierCall = Result<TierAnswer, String>;
+
+/// The two tiers as the driver calls them. The outer error is the driver's
+/// own (a replay without the record it needs): the item cannot be routed.
 #[allow(async_fn_in_trait)] // Only this crate implements it, never across threads.
 pub trait RouteTiers {
     /// The edge model's answer with per-token log-probabilities, to the
     /// item (`sent` empty) or continuing `sent`, text the client already has.
-    async fn edge(&mut self, sent: &str, max_tokens: u32) -> anyhow::Result<TierAnswer>;
+    async fn edge(&mut self, sent: &str, max_tokens: u32) -> anyhow::Result<TierCall>;
     /// The cloud model's answer to the whole item, or its continuation of
     /// text the edge started.
-    async fn cloud(&mut self, prompt: &CloudPrompt, max_tokens: u32) -> anyhow::Result<TierAnswer>;
+    async fn cloud(&mut self, prompt: &CloudPrompt, max_tokens: u32) -> anyhow::Result<TierCall>;
 }
 
 /// What the machine made of one item.
@@ -217,7 +222,7 @@ impl<T: RouteTiers> Driver<'_, T> {
                 None
             }
             Action::StartCloud { prompt, max_tokens } => {
-                Some(self.start_cloud(&prompt, max_tokens).await)
+                Some(self.start_cloud(&prompt, max_tokens).await?)
             }
             Action::Release { text } => {
                 self.text.push_str(&text);
@@ -256,16 +261,13 @@ impl<T: RouteTiers> Driver<'_, T> {
         };
         // Without a limit of its own, an attempt has the item's.
         let max_tokens = max_tokens.unwrap_or(self.max_tokens);
-        let answer = match self.tiers.edge(&sent, max_tokens).await {
-            Ok(answer) => {
-                self.latency_ms += answer.latency_ms;
-                if answer.tokens.is_empty() && answer.completion_tokens > 0 {
-                    bail!("the edge answered without log-probabilities, which the router needs");
-                }
-                Ok(answer)
+        let answer = self.tiers.edge(&sent, max_tokens).await?;
+        if let Ok(answer) = &answer {
+            self.latency_ms += answer.latency_ms;
+            if answer.tokens.is_empty() && answer.completion_tokens > 0 {
+                bail!("the edge answered without log-probabilities, which the router needs");
             }
-            Err(error) => Err(format!("{error:#}")),
-        };
+        }
         self.edge = Some(EdgeFeed {
             answer,
             fed: 0,
@@ -275,8 +277,12 @@ impl<T: RouteTiers> Driver<'_, T> {
         Ok(Event::EdgeStarted { max_tokens })
     }
 
-    async fn start_cloud(&mut self, prompt: &CloudPrompt, max_tokens: u32) -> Event {
-        match self.tiers.cloud(prompt, max_tokens).await {
+    async fn start_cloud(
+        &mut self,
+        prompt: &CloudPrompt,
+        max_tokens: u32,
+    ) -> anyhow::Result<Event> {
+        Ok(match self.tiers.cloud(prompt, max_tokens).await? {
             Ok(answer) => {
                 self.latency_ms += answer.latency_ms;
                 let price = self.router.config().prices.cloud;
@@ -287,15 +293,14 @@ impl<T: RouteTiers> Driver<'_, T> {
                 });
                 Event::CloudStarted
             }
-            Err(error) => {
-                let detail = format!("{error:#}");
+            Err(detail) => {
                 self.last_error = Some(detail.clone());
                 Event::CloudFailed {
                     detail,
                     fleet_could_serve: true,
                 }
             }
-        }
+        })
     }
 
     /// What the running tier says next.

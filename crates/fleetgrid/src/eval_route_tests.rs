@@ -9,7 +9,7 @@ use router::{
     AcceptRule, ClassPolicy, CloudPrompt, ConfidenceFeature, Router, RouterConfig, TokenLogprob,
 };
 
-use super::{route, RouteItem, RouteTiers, Routed, TierAnswer};
+use super::{route, RouteItem, RouteTiers, Routed, TierAnswer, TierCall};
 use crate::eval_report::Served;
 
 const MAX_TOKENS: u32 = 64;
@@ -18,24 +18,27 @@ const MAX_TOKENS: u32 = 64;
 #[derive(Default)]
 struct Canned {
     edge: VecDeque<TierAnswer>,
-    cloud: VecDeque<anyhow::Result<TierAnswer>>,
+    cloud: VecDeque<TierCall>,
+    /// The edge cannot be reached at all (a replay without the record).
+    edge_missing: bool,
     edge_asked: Vec<(String, u32)>,
     cloud_asked: Vec<(CloudPrompt, u32)>,
 }
 
 impl RouteTiers for Canned {
-    async fn edge(&mut self, sent: &str, max_tokens: u32) -> anyhow::Result<TierAnswer> {
+    async fn edge(&mut self, sent: &str, max_tokens: u32) -> anyhow::Result<TierCall> {
         self.edge_asked.push((sent.to_string(), max_tokens));
-        self.edge
-            .pop_front()
-            .ok_or_else(|| anyhow::anyhow!("no edge answer"))
+        if self.edge_missing {
+            anyhow::bail!("no recorded edge answer");
+        }
+        let answer = self.edge.pop_front();
+        Ok(answer.ok_or_else(|| "no edge answer".to_string()))
     }
 
-    async fn cloud(&mut self, prompt: &CloudPrompt, max_tokens: u32) -> anyhow::Result<TierAnswer> {
+    async fn cloud(&mut self, prompt: &CloudPrompt, max_tokens: u32) -> anyhow::Result<TierCall> {
         self.cloud_asked.push((prompt.clone(), max_tokens));
-        self.cloud
-            .pop_front()
-            .unwrap_or_else(|| Err(anyhow::anyhow!("no cloud answer")))
+        let answer = self.cloud.pop_front();
+        Ok(answer.unwrap_or_else(|| Err("no cloud answer".to_string())))
     }
 }
 
@@ -232,7 +235,7 @@ async fn a_failed_handoff_is_continued_on_the_edge_from_the_released_text() {
     tiers.edge.push_back(collapsing_answer());
     tiers
         .cloud
-        .push_back(Err(anyhow::anyhow!("upstream answered 502")));
+        .push_back(Err("upstream answered 502".to_string()));
     let mut rest = cloud_answer("the edge's own end.");
     rest.tokens = vec![(rest.text.clone(), TokenLogprob::new(0.0, []))];
     tiers.edge.push_back(rest);
@@ -245,4 +248,28 @@ async fn a_failed_handoff_is_continued_on_the_edge_from_the_released_text() {
     assert_eq!(&tiers.edge_asked[1].0, sent);
     assert_eq!(routed.served(), Served::Edge);
     assert_eq!(routed.text, format!("{sent}the edge's own end."));
+}
+
+#[tokio::test]
+async fn an_edge_answer_the_driver_cannot_get_fails_the_item_instead_of_escalating() {
+    let router = router(cascade(-0.5));
+    let mut tiers = Canned {
+        edge_missing: true,
+        ..Canned::default()
+    };
+    tiers.cloud.push_back(Ok(cloud_answer("the same")));
+    let item = RouteItem {
+        prompt: "Which is heavier?",
+        max_tokens: MAX_TOKENS,
+        can_hand_off: true,
+        cloud_model: "big",
+    };
+    let error = route(&router, &item, &mut tiers)
+        .await
+        .expect_err("no edge answer, no route");
+    assert!(
+        error.to_string().contains("no recorded edge answer"),
+        "{error}"
+    );
+    assert!(tiers.cloud_asked.is_empty());
 }

@@ -14,7 +14,7 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use router::{CloudPrompt, ConfidenceScores};
 
-use super::route::{RouteTiers, TierAnswer};
+use super::route::{RouteTiers, TierAnswer, TierCall};
 use crate::eval_client::{Client, Completion, Endpoint};
 use crate::eval_data::{Half, Item};
 use crate::eval_records::{ItemRecords, Record, RecordedToken, Tier};
@@ -136,12 +136,16 @@ pub struct LiveTiers<'a> {
 }
 
 impl RouteTiers for LiveTiers<'_> {
-    async fn edge(&mut self, sent: &str, max_tokens: u32) -> anyhow::Result<TierAnswer> {
+    async fn edge(&mut self, sent: &str, max_tokens: u32) -> anyhow::Result<TierCall> {
         if sent.is_empty() {
-            let completion = self
+            let completion = match self
                 .client
                 .complete(self.edge, &self.item.prompt, max_tokens, true)
-                .await?;
+                .await
+            {
+                Ok(completion) => completion,
+                Err(error) => return Ok(Err(format!("{error:#}"))),
+            };
             let record = record(
                 self.dataset,
                 self.item,
@@ -150,27 +154,31 @@ impl RouteTiers for LiveTiers<'_> {
                 &completion,
             );
             self.records.push(record);
-            return Ok(answer_of(&completion));
+            return Ok(Ok(answer_of(&completion)));
         }
         // The fleet continues what the cloud could not: unjudged, so its
         // log-probabilities are not needed, and not the item's own answer.
         let text = continuation_prompt(self.templates.edge.as_ref(), &self.item.prompt, sent)?;
-        let completion = self
+        let completion = match self
             .client
             .continue_text(self.edge, &text, max_tokens)
-            .await?;
+            .await
+        {
+            Ok(completion) => completion,
+            Err(error) => return Ok(Err(format!("{error:#}"))),
+        };
         let mut answer = answer_of(&completion);
         answer.tokens = vec![(completion.text.clone(), router::TokenLogprob::new(0.0, []))];
-        Ok(answer)
+        Ok(Ok(answer))
     }
 
-    async fn cloud(&mut self, prompt: &CloudPrompt, max_tokens: u32) -> anyhow::Result<TierAnswer> {
+    async fn cloud(&mut self, prompt: &CloudPrompt, max_tokens: u32) -> anyhow::Result<TierCall> {
         let (completion, continued) = match prompt {
             CloudPrompt::Whole => {
                 let completion = self
                     .client
                     .complete(self.cloud, &self.item.prompt, max_tokens, false)
-                    .await?;
+                    .await;
                 (completion, None)
             }
             CloudPrompt::Continue { sent } => {
@@ -179,9 +187,13 @@ impl RouteTiers for LiveTiers<'_> {
                 let completion = self
                     .client
                     .continue_text(self.cloud, &text, max_tokens)
-                    .await?;
+                    .await;
                 (completion, Some(sent.clone()))
             }
+        };
+        let completion = match completion {
+            Ok(completion) => completion,
+            Err(error) => return Ok(Err(format!("{error:#}"))),
         };
         let tier = if continued.is_some() {
             Tier::Handoff
@@ -206,7 +218,7 @@ impl RouteTiers for LiveTiers<'_> {
             record.continued = Some(sent);
         }
         self.records.push(record);
-        Ok(answer_of(&completion))
+        Ok(Ok(answer_of(&completion)))
     }
 }
 
@@ -228,7 +240,7 @@ impl ReplayTiers<'_> {
 }
 
 impl RouteTiers for ReplayTiers<'_> {
-    async fn edge(&mut self, sent: &str, _max_tokens: u32) -> anyhow::Result<TierAnswer> {
+    async fn edge(&mut self, sent: &str, _max_tokens: u32) -> anyhow::Result<TierCall> {
         if !sent.is_empty() {
             // A replayed cloud never fails, so the fleet never continues.
             bail!(
@@ -248,7 +260,7 @@ impl RouteTiers for ReplayTiers<'_> {
                 self.path.display()
             );
         };
-        Ok(TierAnswer {
+        Ok(Ok(TierAnswer {
             text: edge.answer.clone(),
             tokens: tokens
                 .iter()
@@ -258,14 +270,10 @@ impl RouteTiers for ReplayTiers<'_> {
             prompt_tokens: edge.prompt_tokens,
             completion_tokens: edge.completion_tokens,
             latency_ms: edge.latency_ms,
-        })
+        }))
     }
 
-    async fn cloud(
-        &mut self,
-        prompt: &CloudPrompt,
-        _max_tokens: u32,
-    ) -> anyhow::Result<TierAnswer> {
+    async fn cloud(&mut self, prompt: &CloudPrompt, _max_tokens: u32) -> anyhow::Result<TierCall> {
         let record = match prompt {
             CloudPrompt::Whole => self
                 .records
@@ -285,13 +293,13 @@ impl RouteTiers for ReplayTiers<'_> {
                     )
                 })?,
         };
-        Ok(TierAnswer {
+        Ok(Ok(TierAnswer {
             text: record.answer.clone(),
             tokens: Vec::new(),
             finish_reason: record.finish_reason.clone(),
             prompt_tokens: record.prompt_tokens,
             completion_tokens: record.completion_tokens,
             latency_ms: record.latency_ms,
-        })
+        }))
     }
 }
