@@ -4,26 +4,35 @@
 //! Against a running gateway (`--gateway URL --api-key K`), or a stack of its
 //! own when none is given (a coordinator and one vehicle per model). The edge
 //! and cloud tiers may be different endpoints (`--cloud-gateway`), so a real
-//! provider works as the cloud. `--policy auto` runs the router here, in the
-//! client (`--auto-via client`, the default: pre-route, edge answer with
-//! log-probabilities, judge, escalate), or asks the gateway for model `auto`
-//! (`--auto-via gateway`). `--replay` computes `auto` from recorded answers
-//! without calling any model.
+//! provider works as the cloud. `--policy auto` runs the gateway's own routing
+//! policy, `router::RouteMachine`, here between the two endpoints
+//! (`--auto-via client`, the default; see [`route`]: pre-route,
+//! the streamed cascade with its hold-back, escalation and handoff), or asks
+//! the gateway for model `auto` (`--auto-via gateway`). `--replay` drives the
+//! same machine from recorded answers without calling any model.
 //!
 //! Every answer a tier gives is appended to the records file (JSONL), which
 //! `fleetgrid router calibrate` and the cost–quality curve read.
 
+// The route driver and its tiers are parts of `eval`, kept in files of their
+// own beside the others.
+#[path = "eval_route.rs"]
+mod route;
+#[path = "eval_tiers.rs"]
+mod route_tiers;
+
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{bail, Context};
-use router::{judge_scores, ConfidenceScores, Route, Router, RouterConfig};
+use router::{Router, RouterConfig};
 
-use crate::eval_client::{Client, Completion, Endpoint};
+use crate::eval_client::{Client, Endpoint};
 use crate::eval_data::{Dataset, Half, Item};
 use crate::eval_records::{self, Record, Tier};
 use crate::eval_report::{self, ItemResult, Served};
 use crate::eval_stack::EvalStack;
+use route::{RouteItem, RouteTiers, Routed};
+use route_tiers::{LiveTiers, ReplayTiers, Templates};
 
 /// The model name that asks the gateway to route.
 const AUTO_MODEL: &str = "auto";
@@ -50,7 +59,7 @@ impl Policy {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AutoVia {
-    /// This command runs the router between the two endpoints.
+    /// This command runs the gateway's routing machine between the two endpoints.
     Client,
     /// The gateway routes requests for model `auto`.
     Gateway,
@@ -116,6 +125,8 @@ struct Tiers {
     cloud: Endpoint,
     router: Router,
     via: AutoVia,
+    /// For a handoff; loaded only when this command routes.
+    templates: Templates,
 }
 
 pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
@@ -145,9 +156,19 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
         if args.policy != Policy::Auto {
             bail!("--replay computes --policy auto from records; run edge and cloud for real");
         }
-        replay(&dataset.name, &items, &router, &records_path)?
+        replay(&dataset.name, &items, &router, &records_path).await?
     } else {
-        let (tiers, _stack) = connect(&args, router).await?;
+        let (mut tiers, _stack) = connect(&args, router).await?;
+        if args.policy == Policy::Auto && args.auto_via == AutoVia::Client {
+            tiers.templates = Templates::load(&args.edge_model, &args.cloud_model).await?;
+            if tiers.templates.cloud.is_none() {
+                eprintln!(
+                    "fleetgrid eval: no chat template for {} in the local store: a collapsing edge \
+                     answer is finished by the edge instead of handed off, as the gateway does",
+                    args.cloud_model
+                );
+            }
+        }
         evaluate(&dataset.name, &items, args.policy, &tiers, &records_path).await?
     };
     let records = eval_records::load(&records_path, &dataset.name)?;
@@ -216,6 +237,7 @@ async fn connect(args: &EvalArgs, router: Router) -> anyhow::Result<(Tiers, Opti
         cloud: Endpoint::new(&cloud_url, &cloud_key, &args.cloud_model),
         router,
         via: args.auto_via,
+        templates: Templates::default(),
     };
     Ok((tiers, stack))
 }
@@ -236,7 +258,7 @@ async fn evaluate(
             Policy::Auto if tiers.via == AutoVia::Gateway => {
                 run_gateway_auto(&client, item, tiers).await
             }
-            Policy::Auto => run_client_auto(&client, dataset, item, tiers).await,
+            Policy::Auto => run_auto(&client, dataset, item, tiers).await,
         }
         .with_context(|| format!("item {} ({})", item.index, item.id))?;
         eval_records::append(records_path, &records)?;
@@ -255,46 +277,6 @@ async fn evaluate(
     Ok(results)
 }
 
-fn record(dataset: &str, item: &Item, tier: Tier, model: &str, completion: &Completion) -> Record {
-    let graded = item.grader.grade(&completion.text);
-    Record {
-        dataset: dataset.to_string(),
-        item: item.id.clone(),
-        index: item.index,
-        half: Half::of_index(item.index),
-        class: router::PromptFeatures::of(&item.prompt).class,
-        tier,
-        model: model.to_string(),
-        answer: completion.text.clone(),
-        extracted: graded.extracted,
-        correct: graded.correct,
-        prompt_tokens: completion.prompt_tokens,
-        completion_tokens: completion.completion_tokens,
-        latency_ms: completion.latency_ms,
-        confidence: (!completion.tokens.is_empty())
-            .then(|| ConfidenceScores::of(&completion.tokens)),
-    }
-}
-
-async fn call(
-    client: &Client,
-    dataset: &str,
-    item: &Item,
-    tier: Tier,
-    tiers: &Tiers,
-) -> anyhow::Result<Record> {
-    let endpoint = match tier {
-        Tier::Edge => &tiers.edge,
-        Tier::Cloud => &tiers.cloud,
-    };
-    // Log-probabilities from the edge model are the router's input; the
-    // cloud's are not needed, and not every provider returns them.
-    let completion = client
-        .complete(endpoint, &item.prompt, item.max_tokens, tier == Tier::Edge)
-        .await?;
-    Ok(record(dataset, item, tier, &endpoint.model, &completion))
-}
-
 async fn run_tier(
     client: &Client,
     dataset: &str,
@@ -302,11 +284,20 @@ async fn run_tier(
     tier: Tier,
     tiers: &Tiers,
 ) -> anyhow::Result<(ItemResult, Vec<Record>)> {
-    let answer = call(client, dataset, item, tier, tiers).await?;
+    let endpoint = match tier {
+        Tier::Edge => &tiers.edge,
+        _ => &tiers.cloud,
+    };
+    // Log-probabilities from the edge model are the router's input; the
+    // cloud's are not needed, and not every provider returns them.
+    let completion = client
+        .complete(endpoint, &item.prompt, item.max_tokens, tier == Tier::Edge)
+        .await?;
+    let answer = route_tiers::record(dataset, item, tier, &endpoint.model, &completion);
     let prices = &tiers.router.config().prices;
     let (price, served) = match tier {
         Tier::Edge => (prices.edge, Served::Edge),
-        Tier::Cloud => (prices.cloud, Served::Cloud),
+        _ => (prices.cloud, Served::Cloud),
     };
     let result = ItemResult {
         index: item.index,
@@ -323,71 +314,65 @@ async fn run_tier(
 fn tier_name(tier: Tier) -> &'static str {
     match tier {
         Tier::Edge => "edge",
-        Tier::Cloud => "cloud",
+        _ => "cloud",
     }
 }
 
-/// The router in the client: pre-route, then the edge and/or the cloud.
-async fn run_client_auto(
+/// The gateway's policy run here, between the two endpoints.
+async fn run_auto(
     client: &Client,
     dataset: &str,
     item: &Item,
     tiers: &Tiers,
 ) -> anyhow::Result<(ItemResult, Vec<Record>)> {
-    let router = &tiers.router;
-    let prices = &router.config().prices;
-    let started = Instant::now();
-    let decision = router.pre_route(&item.prompt);
-    let mut router_time = started.elapsed();
-    let mut records = Vec::new();
-    let (served, reason) = match (decision.route, decision.rule) {
-        (Route::Cloud, _) => (Served::Cloud, decision.reason.clone()),
-        (Route::Cascade, Some(rule)) => {
-            let edge = call(client, dataset, item, Tier::Edge, tiers).await?;
-            let judged_at = Instant::now();
-            let scores = edge.confidence.unwrap_or(ConfidenceScores::EMPTY);
-            let judgement = judge_scores(&rule, &scores);
-            router_time += judged_at.elapsed();
-            records.push(edge);
-            if judgement.is_accept() {
-                (Served::Edge, format!("accepted: {}", judgement.reason()))
-            } else {
-                (
-                    Served::Escalated,
-                    format!("escalated: {}", judgement.reason()),
-                )
-            }
-        }
-        _ => (Served::Edge, decision.reason.clone()),
+    let mut live = LiveTiers {
+        client,
+        dataset,
+        item,
+        edge: &tiers.edge,
+        cloud: &tiers.cloud,
+        templates: &tiers.templates,
+        records: Vec::new(),
     };
-    if served == Served::Edge && records.is_empty() {
-        records.push(call(client, dataset, item, Tier::Edge, tiers).await?);
-    }
-    if served != Served::Edge {
-        records.push(call(client, dataset, item, Tier::Cloud, tiers).await?);
-    }
-    let cost = records
-        .iter()
-        .map(|record| {
-            let price = match record.tier {
-                Tier::Edge => prices.edge,
-                Tier::Cloud => prices.cloud,
-            };
-            price.cost(record.prompt_tokens, record.completion_tokens)
-        })
-        .sum();
-    let final_answer = records.last().context("no answer")?;
-    let result = ItemResult {
+    let can_hand_off = tiers.templates.cloud.is_some();
+    let routed = route_item(
+        &tiers.router,
+        item,
+        &tiers.cloud.model,
+        can_hand_off,
+        &mut live,
+    )
+    .await?;
+    Ok((item_result(item, &routed), live.records))
+}
+
+async fn route_item<T: RouteTiers>(
+    router: &Router,
+    item: &Item,
+    cloud_model: &str,
+    can_hand_off: bool,
+    tiers: &mut T,
+) -> anyhow::Result<Routed> {
+    let route_item = RouteItem {
+        prompt: &item.prompt,
+        max_tokens: item.max_tokens,
+        can_hand_off,
+        cloud_model,
+    };
+    route::route(router, &route_item, tiers).await
+}
+
+fn item_result(item: &Item, routed: &Routed) -> ItemResult {
+    let router_ms = u64::try_from(routed.router_time.as_millis()).unwrap_or(u64::MAX);
+    ItemResult {
         index: item.index,
-        served,
-        correct: final_answer.correct,
-        cost,
-        latency_ms: records.iter().map(|record| record.latency_ms).sum::<u64>()
-            + router_time.as_millis() as u64,
-        router_us: Some(router_time.as_secs_f64() * 1e6),
-        reason,
-    };
-    Ok((result, records))
+        served: routed.served(),
+        correct: item.grader.grade(&routed.text).correct,
+        cost: routed.cost,
+        latency_ms: routed.latency_ms.saturating_add(router_ms),
+        router_us: Some(routed.router_time.as_secs_f64() * 1e6),
+        reason: routed.reason(),
+    }
 }
 
 /// The gateway routes: model `auto`.
@@ -442,76 +427,31 @@ async fn run_gateway_auto(
     Ok((result, Vec::new()))
 }
 
-/// `auto` computed from recorded answers: the same decisions as
-/// `run_client_auto` (temperature 0 answers do not change), no model calls.
-fn replay(
+/// `auto` from recorded answers: the same machine fed the recorded tokens
+/// and answers (temperature 0 answers do not change), no model calls. A
+/// handoff is replayed only where a live run recorded the cloud's
+/// continuation of the same text; the cloud's template is taken to exist.
+async fn replay(
     dataset: &str,
     items: &[Item],
     router: &Router,
     records_path: &std::path::Path,
 ) -> anyhow::Result<Vec<ItemResult>> {
     let records = eval_records::load(records_path, dataset)?;
-    let prices = &router.config().prices;
     let mut results = Vec::with_capacity(items.len());
     for item in items {
-        let recorded = records.get(&item.index);
-        let edge = recorded.and_then(|records| records.edge.as_ref());
-        let cloud = recorded.and_then(|records| records.cloud.as_ref());
-        let missing = || {
-            format!(
-                "item {} lacks recorded answers in {}; run --policy edge and --policy cloud on it first",
-                item.index,
-                records_path.display()
-            )
-        };
-        let started = Instant::now();
-        let decision = router.pre_route(&item.prompt);
-        let (served, reason) = match (decision.route, decision.rule) {
-            (Route::Cloud, _) => (Served::Cloud, decision.reason.clone()),
-            (Route::Cascade, Some(rule)) => {
-                let scores = edge
-                    .and_then(|edge| edge.confidence)
-                    .with_context(missing)?;
-                let judgement = judge_scores(&rule, &scores);
-                if judgement.is_accept() {
-                    (Served::Edge, format!("accepted: {}", judgement.reason()))
-                } else {
-                    (
-                        Served::Escalated,
-                        format!("escalated: {}", judgement.reason()),
-                    )
-                }
-            }
-            _ => (Served::Edge, decision.reason.clone()),
-        };
-        let router_time = started.elapsed();
-        let mut used = Vec::new();
-        if served != Served::Cloud {
-            used.push((edge.with_context(missing)?, prices.edge));
-        }
-        if served != Served::Edge {
-            used.push((cloud.with_context(missing)?, prices.cloud));
-        }
-        let final_answer = used
-            .last()
-            .map(|(record, _)| *record)
-            .context("no answer")?;
-        results.push(ItemResult {
+        let mut tiers = ReplayTiers {
+            records: records.get(&item.index),
             index: item.index,
-            served,
-            correct: final_answer.correct,
-            cost: used
-                .iter()
-                .map(|(record, price)| price.cost(record.prompt_tokens, record.completion_tokens))
-                .sum(),
-            latency_ms: used
-                .iter()
-                .map(|(record, _)| record.latency_ms)
-                .sum::<u64>()
-                + router_time.as_millis() as u64,
-            router_us: Some(router_time.as_secs_f64() * 1e6),
-            reason,
-        });
+            path: records_path,
+        };
+        let cloud_model = tiers
+            .records
+            .and_then(|records| records.cloud.as_ref())
+            .map_or("cloud", |record| record.model.as_str())
+            .to_string();
+        let routed = route_item(router, item, &cloud_model, true, &mut tiers).await?;
+        results.push(item_result(item, &routed));
     }
     Ok(results)
 }

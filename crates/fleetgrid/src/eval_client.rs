@@ -50,6 +50,11 @@ pub struct Completion {
     pub latency_ms: u64,
     /// Empty unless log-probabilities were asked for and returned.
     pub tokens: Vec<TokenLogprob>,
+    /// The text each of `tokens` adds, from its bytes (a character split
+    /// across tokens belongs to the token that completes it).
+    pub token_texts: Vec<String>,
+    /// `stop` or `length`, as the endpoint said.
+    pub finish_reason: Option<String>,
     /// The gateway's `x-fleetgrid-tier` header, when it sent one.
     pub tier: Option<String>,
     /// The gateway's route reason (`fleetgrid.reason` / `.detail`), when it sent one.
@@ -92,7 +97,35 @@ impl Client {
             body["logprobs"] = json!(true);
             body["top_logprobs"] = json!(TOP_LOGPROBS);
         }
-        let url = format!("{}/chat/completions", endpoint.base_url);
+        self.post(endpoint, "chat/completions", &body).await
+    }
+
+    /// Asks `endpoint` to continue a raw text prompt (`/completions`): how
+    /// an answer another model started is continued, as the gateway's
+    /// handoff does.
+    pub async fn continue_text(
+        &self,
+        endpoint: &Endpoint,
+        text: &str,
+        max_tokens: u32,
+    ) -> anyhow::Result<Completion> {
+        let body = json!({
+            "model": endpoint.model,
+            "prompt": text,
+            "temperature": 0,
+            "seed": 0,
+            "max_tokens": max_tokens,
+        });
+        self.post(endpoint, "completions", &body).await
+    }
+
+    async fn post(
+        &self,
+        endpoint: &Endpoint,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<Completion> {
+        let url = format!("{}/{path}", endpoint.base_url);
         let start = Instant::now();
         let mut attempt = 0;
         let response = loop {
@@ -101,7 +134,7 @@ impl Client {
                 .http
                 .post(&url)
                 .bearer_auth(&endpoint.api_key)
-                .json(&body)
+                .json(body)
                 .send()
                 .await
                 .with_context(|| format!("POST {url}"))?;
@@ -148,16 +181,20 @@ fn parse_completion(value: &serde_json::Value) -> anyhow::Result<Completion> {
     let choice = value["choices"]
         .get(0)
         .context("the response has no choices")?;
+    // A chat completion's message, or a text completion's text.
     let text = choice["message"]["content"]
         .as_str()
+        .or(choice["text"].as_str())
         .unwrap_or_default()
         .to_string();
     let usage = &value["usage"];
     let count = |field: &str| usage[field].as_u64().unwrap_or(0).min(u64::from(u32::MAX)) as u32;
-    let tokens = choice["logprobs"]["content"]
+    let entries = choice["logprobs"]["content"]
         .as_array()
-        .map(|entries| entries.iter().map(token_of).collect())
+        .map(Vec::as_slice)
         .unwrap_or_default();
+    let tokens = entries.iter().map(token_of).collect();
+    let token_texts = token_texts(entries);
     let fleetgrid = &value["fleetgrid"];
     let route_reason =
         fleetgrid["reason"]
@@ -184,9 +221,37 @@ fn parse_completion(value: &serde_json::Value) -> anyhow::Result<Completion> {
         completion_tokens: count("completion_tokens"),
         latency_ms: 0,
         tokens,
+        token_texts,
+        finish_reason: choice["finish_reason"].as_str().map(str::to_string),
         tier: fleetgrid["tier"].as_str().map(str::to_string),
         route_reason,
     })
+}
+
+/// Each token's text, assembled from its `bytes` (its `token` string when
+/// the endpoint sent no bytes), so that the texts add up to the answer.
+fn token_texts(entries: &[serde_json::Value]) -> Vec<String> {
+    let mut assembler = engine::TextAssembler::new(Vec::new());
+    let mut texts: Vec<String> = entries
+        .iter()
+        .map(|entry| {
+            let bytes: Option<Vec<u8>> = entry["bytes"].as_array().and_then(|bytes| {
+                bytes
+                    .iter()
+                    .map(|byte| byte.as_u64().and_then(|byte| u8::try_from(byte).ok()))
+                    .collect()
+            });
+            match bytes {
+                Some(bytes) => assembler.push(&bytes),
+                None => assembler.push(entry["token"].as_str().unwrap_or_default().as_bytes()),
+            }
+        })
+        .collect();
+    let rest = assembler.finish();
+    if let Some(last) = texts.last_mut() {
+        last.push_str(&rest);
+    }
+    texts
 }
 
 fn token_of(entry: &serde_json::Value) -> TokenLogprob {

@@ -4,6 +4,13 @@
 //!
 //! A later line for the same (data set, item, tier) replaces an earlier one
 //! when the file is read, so re-running an evaluation refreshes its records.
+//!
+//! An edge answer carries its tokens (text, log-probability, best
+//! alternative), so that `eval --replay` feeds the router's machine exactly
+//! what the live run fed it; a cloud continuation of a handed-off answer is
+//! recorded with the text it continued. Records written before the tokens
+//! were kept read as before (calibration needs only their scores), and a
+//! replay refuses them with a message to re-record.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -11,7 +18,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use router::calibrate::CalibrationItem;
-use router::{ConfidenceScores, Prices, TaskClass};
+use router::{ConfidenceScores, Prices, TaskClass, TokenLogprob};
 use serde::{Deserialize, Serialize};
 
 use crate::eval_data::Half;
@@ -24,6 +31,9 @@ pub const RECORD_LINES_MAX: usize = 1_000_000;
 pub enum Tier {
     Edge,
     Cloud,
+    /// The cloud's continuation of an answer the edge started (a handoff);
+    /// the record's `continued` is the text it continued.
+    Handoff,
 }
 
 /// One tier's answer to one item.
@@ -44,6 +54,33 @@ pub struct Record {
     pub latency_ms: u64,
     /// The answer's confidence scores, when log-probabilities came back.
     pub confidence: Option<ConfidenceScores>,
+    /// Each token of an edge answer, for a replay of the streamed cascade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<Vec<RecordedToken>>,
+    /// `stop` or `length`, as the endpoint said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
+    /// For [`Tier::Handoff`]: the edge text the cloud continued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continued: Option<String>,
+}
+
+/// One token of an edge answer: the text it adds and its log-probabilities.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordedToken {
+    pub text: String,
+    pub logprob: f32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_alternative: Option<f32>,
+}
+
+impl RecordedToken {
+    pub fn logprob(&self) -> TokenLogprob {
+        TokenLogprob {
+            logprob: self.logprob,
+            best_alternative: self.best_alternative,
+        }
+    }
 }
 
 /// Appends records to a JSONL file, creating it (and its folder) if needed.
@@ -73,6 +110,17 @@ pub fn append(path: &Path, records: &[Record]) -> anyhow::Result<()> {
 pub struct ItemRecords {
     pub edge: Option<Record>,
     pub cloud: Option<Record>,
+    /// Cloud continuations of handed-off answers, one per continued text.
+    pub handoffs: Vec<Record>,
+}
+
+impl ItemRecords {
+    /// The cloud's recorded continuation of `sent`.
+    pub fn handoff(&self, sent: &str) -> Option<&Record> {
+        self.handoffs
+            .iter()
+            .find(|record| record.continued.as_deref() == Some(sent))
+    }
 }
 
 /// The records of one data set, by item index (the last line for each tier wins).
@@ -95,6 +143,12 @@ pub fn load(path: &Path, dataset: &str) -> anyhow::Result<BTreeMap<usize, ItemRe
         match record.tier {
             Tier::Edge => entry.edge = Some(record),
             Tier::Cloud => entry.cloud = Some(record),
+            Tier::Handoff => {
+                entry
+                    .handoffs
+                    .retain(|earlier| earlier.continued != record.continued);
+                entry.handoffs.push(record);
+            }
         }
     }
     Ok(items)
@@ -155,6 +209,9 @@ mod tests {
             completion_tokens: 2,
             latency_ms: 5,
             confidence: (tier == Tier::Edge).then_some(ConfidenceScores::EMPTY),
+            tokens: None,
+            finish_reason: None,
+            continued: None,
         }
     }
 
@@ -188,5 +245,53 @@ mod tests {
         assert!(load(&dir.path().join("missing.jsonl"), "set")
             .expect("missing is empty")
             .is_empty());
+    }
+
+    #[test]
+    fn old_records_read_and_handoffs_are_kept_per_continued_text() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("records.jsonl");
+        // A line as written before tokens were recorded.
+        let old = r#"{"dataset":"set","item":"0","index":0,"half":"calibrate","class":"math","tier":"edge","model":"m","answer":"4","extracted":"4","correct":true,"prompt_tokens":10,"completion_tokens":2,"latency_ms":5,"confidence":null}"#;
+        std::fs::write(&path, format!("{old}\n")).expect("write");
+        let handoff = |continued: &str, answer: &str| Record {
+            tier: Tier::Handoff,
+            answer: answer.into(),
+            continued: Some(continued.into()),
+            ..record(0, Tier::Cloud, true)
+        };
+        let mut edge = record(0, Tier::Edge, true);
+        edge.tokens = Some(vec![RecordedToken {
+            text: "4".into(),
+            logprob: -0.5,
+            best_alternative: Some(-2.0),
+        }]);
+        append(
+            &path,
+            &[
+                handoff("2 + 2", " = 5"),
+                handoff("2 +", " 2 = 4"),
+                handoff("2 + 2", " = 4"),
+            ],
+        )
+        .expect("append");
+        let records = load(&path, "set").expect("load");
+        assert!(records[&0].edge.as_ref().expect("edge").tokens.is_none());
+        assert_eq!(records[&0].handoffs.len(), 2);
+        assert_eq!(records[&0].handoff("2 + 2").expect("kept").answer, " = 4");
+        assert!(records[&0].handoff("2").is_none());
+        // Handoffs are not answers to the item: calibration does not see them.
+        assert_eq!(
+            calibration_items(&records, Half::All, &Prices::default()),
+            (Vec::new(), 1)
+        );
+
+        append(&path, &[edge]).expect("append");
+        let records = load(&path, "set").expect("load");
+        let tokens = records[&0].edge.as_ref().expect("edge").tokens.clone();
+        assert_eq!(
+            tokens.expect("tokens")[0].logprob().best_alternative,
+            Some(-2.0)
+        );
     }
 }

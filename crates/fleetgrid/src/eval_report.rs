@@ -24,7 +24,7 @@ pub enum Served {
     Cloud,
     /// The edge answered, was judged unsure, and the cloud answered instead.
     Escalated,
-    /// The edge started and the cloud finished (gateway handoff).
+    /// The edge started and the cloud finished (a handoff).
     Handoff,
 }
 

@@ -1,6 +1,6 @@
 //! End to end: `fleetgrid eval` starts its own stack with the real SmolLM2
-//! model, runs the router in the client on CommonsenseQA items, records both
-//! tiers' answers; `fleetgrid router calibrate` chooses thresholds from those
+//! model, runs the gateway's routing machine in the client on CommonsenseQA
+//! items, records both tiers' answers (the edge's with its tokens); `fleetgrid router calibrate` chooses thresholds from those
 //! records; `eval --replay` reports the calibrated router with its curve.
 //!
 //! The "cloud" here is the same small model, so the test checks the
@@ -115,6 +115,14 @@ fn eval_records_both_tiers_then_calibration_keeps_identical_answers_at_the_edge(
                 line["confidence"]["tokens"].as_u64().expect("scores") > 0,
                 "{line}"
             );
+            // The tokens a replay feeds the machine add up to the answer.
+            let tokens: String = line["tokens"]
+                .as_array()
+                .expect("tokens")
+                .iter()
+                .map(|token| token["text"].as_str().expect("token text"))
+                .collect();
+            assert_eq!(tokens, line["answer"].as_str().expect("answer"), "{line}");
         }
     }
 
