@@ -9,7 +9,9 @@
 use std::time::Instant;
 
 use crate::sampler::SamplingParams;
-use crate::worker::{add_token, release_sequence, Worker};
+use crate::worker::batch::add_token;
+use crate::worker::sequence::release_sequence;
+use crate::worker::Worker;
 use crate::{EngineError, TokenId};
 
 /// The sequence the bench runs in; it only runs when no sequence is live.
