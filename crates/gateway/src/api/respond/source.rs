@@ -17,8 +17,8 @@ use crate::api::admission::RequestSlot;
 use crate::api::error::ApiError;
 use crate::billing_finish::{CancelCharge, Finisher};
 use crate::billing_meter::Metering;
-use cell_api::{Cell, FinishReason, GenerationError, Update};
 use crate::limits;
+use cell_api::{Cell, FinishReason, GenerationError, Update};
 
 /// Owns a generation's updates. Cancels the generation when the client's
 /// response is dropped before the generation's end was read (the client
@@ -82,10 +82,7 @@ impl Drop for CancelGuard {
     fn drop(&mut self) {
         if self.armed {
             tracing::info!(request_id = self.request.0, "client went away; cancelling");
-            let metering = self
-                .cell
-                .cancel(self.request)
-                .or_else(|| self.queued_end());
+            let metering = self.cell.cancel(self.request).or_else(|| self.queued_end());
             if let (Some(metering), Some(charge)) = (metering, self.charge.take()) {
                 charge.settle_in_background(metering);
             }
@@ -180,7 +177,10 @@ impl FleetAnswer {
             );
             return Err(ApiError::internal());
         };
-        self.finisher.finish(&metering, body).await.map_err(ApiError::from)
+        self.finisher
+            .finish(&metering, body)
+            .await
+            .map_err(ApiError::from)
     }
 }
 
