@@ -5,8 +5,9 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::time::SystemTime;
 
-use domain::RequestId;
+use domain::{RequestId, TimestampMs};
 use tokio::sync::mpsc;
 
 use crate::metering::{Metering, NodeReport, PaidSpeed, SegmentTrack};
@@ -109,18 +110,19 @@ impl FakeCell {
 }
 
 /// The metering of an attempt on `node` that produced `completion` tokens
-/// in 10 ms per token.
+/// in 10 ms per token, ending now.
 fn metering(prompt_tokens: u32, node: &str, completion: u32, report: bool) -> Metering {
+    let elapsed_ms = 10 * i64::from(completion);
+    let now_ms = TimestampMs::from_system_time(SystemTime::now()).0;
     let mut segment = SegmentTrack::started(
         node.to_string(),
         prompt_tokens,
-        0,
+        now_ms - elapsed_ms,
         0,
         PaidSpeed::declared(1e3, 1e2),
     );
     segment.completion_tokens = completion;
-    let elapsed_ms = 10 * i64::from(completion);
-    segment.active(elapsed_ms, u64::try_from(elapsed_ms).unwrap_or(0) * 1_000);
+    segment.active(now_ms, u64::try_from(elapsed_ms).unwrap_or(0) * 1_000);
     Metering {
         prompt_tokens,
         node_report: report.then(|| NodeReport {
@@ -129,7 +131,7 @@ fn metering(prompt_tokens: u32, node: &str, completion: u32, report: bool) -> Me
             compute_ms: segment.compute_ms(),
         }),
         segments: vec![segment],
-        finished_ms: elapsed_ms,
+        finished_ms: now_ms,
     }
 }
 

@@ -10,15 +10,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use coordinator::cloud::{CloudBudgets, CloudConfig, Fallback, MicroUsd};
 use coordinator::store::{Store, StoreError, TenantClass};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
 use crate::{home, run};
 
@@ -321,73 +318,5 @@ async fn wait_for_node(
             bail!("the cloud's node did not connect within {READY_TIMEOUT:?}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// A local cloud started by `demo`: its process, address and API key.
-pub struct LocalCloud {
-    pub child: Child,
-    pub http: SocketAddr,
-    pub api_key: String,
-}
-
-/// Starts `fleetgrid cloud serve` as a child and waits until it serves.
-pub async fn start_local_cloud(
-    exe: &Path,
-    data_dir: &Path,
-    log: std::fs::File,
-    threads: u32,
-) -> anyhow::Result<LocalCloud> {
-    let mut child = Command::new(exe)
-        .args(["cloud", "serve", "--http-listen", "127.0.0.1:0"])
-        .args(["--threads", &threads.to_string(), "--exit-with-parent"])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .stdout(Stdio::piped())
-        .stderr(log)
-        // Its own process group: a Ctrl-C in the terminal reaches only the
-        // parent, which stops it; it also exits with its parent.
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .context("start the local cloud")?;
-    let stdout = child.stdout.take().context("local cloud stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(READY_TIMEOUT, lines.next_line())
-        .await
-        .context("the local cloud did not start in time")??
-        .context("the local cloud exited during start-up; see its log")?;
-    let (http, api_key) = parse_cloud_announcement(&line)
-        .with_context(|| format!("unexpected local cloud output {line:?}"))?;
-    Ok(LocalCloud {
-        child,
-        http,
-        api_key,
-    })
-}
-
-/// The address and API key in the line `fleetgrid cloud serve` prints.
-pub fn parse_cloud_announcement(line: &str) -> Option<(SocketAddr, String)> {
-    let bound = coordinator::Bound::parse_announcement(line)?;
-    let key = line
-        .split_whitespace()
-        .find_map(|field| field.strip_prefix(API_KEY_FIELD))?;
-    Some((bound.http, key.to_string()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_cloud_announcement_gives_address_and_key() {
-        let line = "fleetgrid listening http=127.0.0.1:9 grpc=127.0.0.1:8 api_key=fg-abc";
-        let (http, key) = parse_cloud_announcement(line).expect("parse");
-        assert_eq!(http, "127.0.0.1:9".parse::<SocketAddr>().expect("addr"));
-        assert_eq!(key, "fg-abc");
-        assert!(
-            parse_cloud_announcement("fleetgrid listening http=127.0.0.1:9 grpc=127.0.0.1:8")
-                .is_none()
-        );
     }
 }

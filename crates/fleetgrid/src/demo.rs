@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use coordinator::store::{Store, StoreError, TenantClass};
-use stack::{Coordinator, CoordinatorSpec, Fleetgrid, LogFile, Process, Stack};
+use stack::{CloudSpec, Coordinator, CoordinatorSpec, Fleetgrid, LocalCloud, LogFile, Stack};
 use tokio_util::sync::CancellationToken;
 
 use crate::demo_cars::{Fleet, Launch};
@@ -37,6 +37,9 @@ const TRACES: [(&str, &str); 3] = [
 
 /// How long the demo waits for its vehicles to connect.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Longest the local cloud may take to load its model and connect its node.
+const CLOUD_READY_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// How often the demo looks at its processes, the connected cars and the chaos plan.
 const TICK: Duration = Duration::from_millis(250);
@@ -128,15 +131,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             "fleetgrid demo: starting the local cloud ({})",
             crate::cloud::LOCAL_CLOUD_MODEL
         );
-        let log = logs.join("cloud.log");
-        let started = crate::cloud::start_local_cloud(
-            &exe,
-            &data_dir.join("cloud"),
-            log_file(&log)?,
-            args.threads_per_vehicle,
-        )
-        .await?;
-        cloud = Some(Process::adopt("local cloud", started.child, &log));
+        let spec = CloudSpec {
+            data_dir: data_dir.join("cloud"),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            threads: args.threads_per_vehicle,
+            args: Vec::new(),
+            log: LogFile::create(logs.join("cloud.log")),
+        };
+        let starting = fleetgrid.clone();
+        let started = tokio::task::spawn_blocking(move || {
+            LocalCloud::start_blocking(&starting, &spec, CLOUD_READY_TIMEOUT)
+        })
+        .await
+        .context("start the local cloud")??;
+        cloud = Some(started.process);
         Some((started.http, started.api_key))
     };
     let coordinator =
@@ -245,10 +253,6 @@ fn start_chaos(seed: Option<u64>, now: Instant) -> Chaos {
     });
     eprintln!("fleetgrid demo: chaos is on (seed {seed}; repeat it with --chaos-seed {seed})");
     Chaos::new(seed, now)
-}
-
-fn log_file(path: &Path) -> anyhow::Result<std::fs::File> {
-    std::fs::File::create(path).with_context(|| format!("create {}", path.display()))
 }
 
 /// The demo tenant's API key: a fresh key on every run (keys are stored hashed).

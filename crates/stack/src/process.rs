@@ -223,25 +223,6 @@ impl Process {
         })
     }
 
-    /// Takes over a child started elsewhere with tokio, in a process group of
-    /// its own, whose stderr went to `log`. Must be called inside a runtime.
-    pub fn adopt(name: impl Into<String>, mut child: tokio::process::Child, log: &Path) -> Process {
-        let exit = Arc::new(ExitCell::default());
-        let pid = child.id().unwrap_or(0);
-        let waiter = Arc::clone(&exit);
-        tokio::spawn(
-            async move { waiter.set(Exit(child.wait().await.map_err(|e| e.to_string()))) },
-        );
-        Process {
-            name: name.into(),
-            pid,
-            exit,
-            lines: Mutex::new(None),
-            log: log.to_owned(),
-            grace: STOP_GRACE,
-        }
-    }
-
     /// Its process id, which is also its process group's.
     pub fn pid(&self) -> u32 {
         self.pid
