@@ -6,6 +6,8 @@
 //! No model is needed: a gateway without served models still answers every
 //! GET route.
 
+mod support;
+
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -19,7 +21,6 @@ use gateway::metrics::Metrics;
 use gateway::served::ServedModels;
 use gateway::store::{Store, TenantClass};
 use proptest::prelude::*;
-use tower::ServiceExt;
 
 struct Gateway {
     runtime: tokio::runtime::Runtime,
@@ -87,17 +88,8 @@ impl Gateway {
         }
         let request = request.body(Body::empty()).expect("request");
         self.runtime.block_on(async {
-            let response = self
-                .router
-                .clone()
-                .oneshot(request)
-                .await
-                .expect("infallible");
-            let status = response.status();
-            let body = axum::body::to_bytes(response.into_body(), 16 << 20)
-                .await
-                .expect("body");
-            (status, body.to_vec())
+            let answer = support::send(&self.router, request).await;
+            (answer.status, answer.body)
         })
     }
 

@@ -207,21 +207,21 @@ impl Gateway {
     }
 
     async fn send(&self, request: Request<Body>) -> Answer {
-        let response = self
-            .router
-            .clone()
-            .oneshot(request)
-            .await
-            .expect("infallible");
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = axum::body::to_bytes(response.into_body(), 16 << 20)
-            .await
-            .expect("body");
-        Answer {
-            status,
-            headers,
-            body: body.to_vec(),
-        }
+        send(&self.router, request).await
+    }
+}
+
+/// Runs one request through `router` in-process and reads its answer whole.
+pub async fn send(router: &Router, request: Request<Body>) -> Answer {
+    let response = router.clone().oneshot(request).await.expect("infallible");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = axum::body::to_bytes(response.into_body(), 16 << 20)
+        .await
+        .expect("body");
+    Answer {
+        status,
+        headers,
+        body: body.to_vec(),
     }
 }
