@@ -85,10 +85,12 @@ pub const UNAUTHENTICATED_SESSIONS_PER_ADDRESS_MAX: usize = 16;
 pub const AGENT_STREAMS_PER_CONNECTION_MAX: u32 = 4;
 
 /// HTTP/2 flow-control window of one agent stream: what HTTP/2 buffers for a
-/// stream before the coordinator reads it, so also what a stream waiting to
-/// authenticate can make it hold. Large enough for a KV checkpoint piece to
-/// flow at several MB/s over a 50 ms round trip.
-pub const AGENT_STREAM_WINDOW_BYTES: u32 = 256 * 1024;
+/// stream before the cell reads it, so also what a stream waiting to
+/// authenticate can make it hold. One whole message (a KV checkpoint piece)
+/// fits, so that a piece flows without waiting for the cell to read part of
+/// it: with a quarter of that, a 23 MB checkpoint took 3 s on loopback, and
+/// the generation's tokens, queued behind it, reached the client only then.
+pub const AGENT_STREAM_WINDOW_BYTES: u32 = proto::AGENT_MESSAGE_BYTES_MAX as u32;
 
 /// Longest generation id a node may send back; ours are `REQUEST.ATTEMPT`,
 /// two decimal integers. Longer is a protocol violation.

@@ -72,8 +72,12 @@ pub async fn run(args: HandoverArgs) -> anyhow::Result<()> {
     let mut reference_ms = Vec::new();
     let mut handover_ms = Vec::new();
     for round in 0..bench.args.kills {
-        reference_ms.push(bench.fresh_first_token_ms(&prompt).await?);
-        let latency = bench.handover_round(&prompt).await?;
+        // Each request starts differently, so that no node answers it from
+        // the prompt head it kept of the one before: both the reference and
+        // the handover prefill their whole prompt, as a fresh request does.
+        let fresh = |label: &str| (format!("{label} {}. {}", round + 1, prompt.0), prompt.1);
+        reference_ms.push(bench.fresh_first_token_ms(&fresh("Reference")).await?);
+        let latency = bench.handover_round(&fresh("Handover")).await?;
         eprintln!("round {}: handover {latency:.0} ms", round + 1);
         handover_ms.push(latency);
     }
