@@ -16,10 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ledger::core::{
-    DurationMs, MicroUsd, MicroWh, ModelId, NodeId, OwnerId, RequestId, Segment, TenantId,
-    TimestampMs, TokenCount,
-};
+use ledger::core::{DurationMs, ModelId, RequestId, Segment, TenantId, TimestampMs, TokenCount};
 use ledger::metering::{Server, UsageSegment};
 use ledger::settlement::CompletedRequest;
 use serde::{Deserialize, Serialize};
@@ -285,20 +282,7 @@ impl From<&CompletedRequest> for KeptSettlement {
             .segments
             .iter()
             .map(|segment| {
-                let (node, owner, energy_uwh, tariff_per_kwh) = match &segment.server {
-                    Server::Node {
-                        node,
-                        owner,
-                        energy,
-                        tariff_per_kwh,
-                    } => (
-                        Some(node.to_string()),
-                        Some(owner.to_string()),
-                        energy.0,
-                        tariff_per_kwh.0,
-                    ),
-                    Server::Cloud => (None, None, 0, 0),
-                };
+                let (node, owner, energy_uwh, tariff_per_kwh) = segment.server.columns();
                 KeptSegment {
                     segment: segment.segment.0,
                     node,
@@ -335,16 +319,12 @@ impl TryFrom<KeptSettlement> for CompletedRequest {
             .segments
             .into_iter()
             .map(|segment| {
-                let server = match (segment.node, segment.owner) {
-                    (Some(node), Some(owner)) => Server::Node {
-                        node: NodeId::new(node).map_err(|error| error.to_string())?,
-                        owner: OwnerId::new(owner).map_err(|error| error.to_string())?,
-                        energy: MicroWh(segment.energy_uwh),
-                        tariff_per_kwh: MicroUsd(segment.tariff_per_kwh),
-                    },
-                    (None, None) => Server::Cloud,
-                    _ => return Err("a segment with a node but no owner, or the reverse".into()),
-                };
+                let server = Server::from_columns((
+                    segment.node,
+                    segment.owner,
+                    segment.energy_uwh,
+                    segment.tariff_per_kwh,
+                ))?;
                 Ok(UsageSegment {
                     request_id: request_id.clone(),
                     segment: Segment(segment.segment),
@@ -385,6 +365,7 @@ fn settlement_from_json(text: &str) -> Result<CompletedRequest, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ledger::core::{MicroUsd, MicroWh, NodeId, OwnerId};
     use ledger::pricing::TenantClass;
 
     fn request() -> CompletedRequest {

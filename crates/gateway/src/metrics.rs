@@ -18,47 +18,26 @@ impl Metrics {
     /// The Prometheus text exposition of every gateway metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let name = "fleetgrid_node_report_mismatches_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Node usage reports that disagree with the cell's count.\n# TYPE {name} counter"
-        );
-        let _ = writeln!(
-            out,
-            "{name} {}",
-            self.node_report_mismatches.load(Ordering::Relaxed)
-        );
-        self.http.render(&mut out);
-        out
-    }
-}
-
-/// The gateway's connection counts (`http_serve`) and the per-tenant bound.
-#[derive(Default)]
-pub struct HttpMetrics {
-    pub connections_open: AtomicI64,
-    pub connections_refused: AtomicU64,
-    pub connections_closed_slow: AtomicU64,
-    pub requests_rejected_tenant_limit: AtomicU64,
-}
-
-impl HttpMetrics {
-    fn render(&self, out: &mut String) {
-        let counters: [(&str, &str, &AtomicU64); 3] = [
+        let counters: [(&str, &str, &AtomicU64); 4] = [
+            (
+                "fleetgrid_node_report_mismatches_total",
+                "Node usage reports that disagree with the cell's count.",
+                &self.node_report_mismatches,
+            ),
             (
                 "fleetgrid_http_connections_refused_total",
                 "Connections refused on arrival: too many in all, from one address, or unauthenticated.",
-                &self.connections_refused,
+                &self.http.connections_refused,
             ),
             (
                 "fleetgrid_http_connections_closed_slow_total",
                 "Connections closed because the client did not send its headers (or its next request) in time, or read nothing of its response.",
-                &self.connections_closed_slow,
+                &self.http.connections_closed_slow,
             ),
             (
                 "fleetgrid_requests_rejected_tenant_limit_total",
                 "Requests refused with 429 because their tenant was at its limit of concurrent requests.",
-                &self.requests_rejected_tenant_limit,
+                &self.http.requests_rejected_tenant_limit,
             ),
         ];
         for (name, help, value) in counters {
@@ -73,9 +52,19 @@ impl HttpMetrics {
         let _ = writeln!(
             out,
             "{name} {}",
-            self.connections_open.load(Ordering::Relaxed)
+            self.http.connections_open.load(Ordering::Relaxed)
         );
+        out
     }
+}
+
+/// The gateway's connection counts (`http_serve`) and the per-tenant bound.
+#[derive(Default)]
+pub struct HttpMetrics {
+    pub connections_open: AtomicI64,
+    pub connections_refused: AtomicU64,
+    pub connections_closed_slow: AtomicU64,
+    pub requests_rejected_tenant_limit: AtomicU64,
 }
 
 #[cfg(test)]

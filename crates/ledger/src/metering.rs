@@ -73,6 +73,48 @@ pub enum Server {
     Cloud,
 }
 
+/// Node id, owner id, energy in µWh and tariff in µUSD per kWh: a `Server`
+/// as the flat fields a stored row or a kept settlement holds (no ids and
+/// zeros for the cloud).
+pub type ServerColumns = (Option<String>, Option<String>, u64, i64);
+
+impl Server {
+    /// The flat fields this server is stored as.
+    pub fn columns(&self) -> ServerColumns {
+        match self {
+            Server::Node {
+                node,
+                owner,
+                energy,
+                tariff_per_kwh,
+            } => (
+                Some(node.to_string()),
+                Some(owner.to_string()),
+                energy.0,
+                tariff_per_kwh.0,
+            ),
+            Server::Cloud => (None, None, 0, 0),
+        }
+    }
+
+    /// Reads back what `columns` wrote, checking both ids; a node without
+    /// an owner, or the reverse, is refused.
+    pub fn from_columns(
+        (node, owner, energy_uwh, tariff_per_kwh): ServerColumns,
+    ) -> Result<Server, String> {
+        match (node, owner) {
+            (Some(node), Some(owner)) => Ok(Server::Node {
+                node: NodeId::new(node).map_err(|error| format!("node id: {error}"))?,
+                owner: OwnerId::new(owner).map_err(|error| format!("owner id: {error}"))?,
+                energy: MicroWh(energy_uwh),
+                tariff_per_kwh: MicroUsd(tariff_per_kwh),
+            }),
+            (None, None) => Ok(Server::Cloud),
+            _ => Err("a segment with a node but no owner, or the reverse".into()),
+        }
+    }
+}
+
 /// The coordinator's count of one segment of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageSegment {

@@ -4,8 +4,8 @@
 //! from disk is parsed and range-checked here, never unwrapped.
 
 use crate::core::{
-    AccountId, AccountState, DurationMs, MicroUsd, MicroWh, ModelId, NodeId, OwnerId, RequestId,
-    Segment, TenantId, TimestampMs, TokenCount, Transfer, TransferId, TransferSpec,
+    AccountId, AccountState, DurationMs, MicroUsd, ModelId, RequestId, Segment, TenantId,
+    TimestampMs, TokenCount, Transfer, TransferId, TransferSpec,
 };
 use crate::invoice::RequestSummary;
 use crate::metering::{Server, UsageSegment};
@@ -97,20 +97,7 @@ pub fn account_from_row(row: AccountRow) -> Result<(AccountId, AccountState), St
 
 /// The values of a usage segment in `USAGE_COLUMNS` order.
 pub fn usage_to_row(usage: &UsageSegment) -> Result<UsageRow, StoreError> {
-    let (node, owner, energy, tariff) = match &usage.server {
-        Server::Node {
-            node,
-            owner,
-            energy,
-            tariff_per_kwh,
-        } => (
-            Some(node.to_string()),
-            Some(owner.to_string()),
-            energy.0,
-            tariff_per_kwh.0,
-        ),
-        Server::Cloud => (None, None, 0, 0),
-    };
+    let (node, owner, energy, tariff) = usage.server.columns();
     Ok((
         usage.request_id.to_string(),
         i64::from(usage.segment.0),
@@ -129,21 +116,9 @@ pub fn usage_to_row(usage: &UsageSegment) -> Result<UsageRow, StoreError> {
 pub fn usage_from_row(row: UsageRow) -> Result<UsageSegment, StoreError> {
     let (request_id, segment, node, owner, model, prompt, completion, compute, energy, tariff, at) =
         row;
-    let server = match (node, owner) {
-        (Some(node), Some(owner)) => Server::Node {
-            node: NodeId::new(node).map_err(|e| corrupt("usage node id", e))?,
-            owner: OwnerId::new(owner).map_err(|e| corrupt("usage owner id", e))?,
-            energy: MicroWh(from_sql("usage energy", energy)?),
-            tariff_per_kwh: MicroUsd(tariff),
-        },
-        (None, None) => Server::Cloud,
-        _ => {
-            return Err(corrupt(
-                "usage server",
-                "node without owner or owner without node",
-            ))
-        }
-    };
+    let energy = from_sql("usage energy", energy)?;
+    let server = Server::from_columns((node, owner, energy, tariff))
+        .map_err(|error| corrupt("usage server", error))?;
     Ok(UsageSegment {
         request_id: RequestId::new(request_id).map_err(|e| corrupt("usage request id", e))?,
         segment: Segment(u32::try_from(segment).map_err(|_| corrupt("usage segment", segment))?),
