@@ -8,26 +8,15 @@
 
 mod support;
 
-use std::sync::Arc;
-
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use axum::Router;
-use cell_api::fake::FakeCell;
-use gateway::api::{self, AppState};
-use gateway::billing::{Billing, BillingConfig};
-use gateway::billing_idempotency::IdempotencyStore;
-use gateway::metrics::Metrics;
 use gateway::served::ServedModels;
-use gateway::store::{Store, TenantClass};
+use gateway::store::TenantClass;
 use proptest::prelude::*;
 
 struct Gateway {
     runtime: tokio::runtime::Runtime,
-    router: Router,
-    tenant_key: String,
-    owner_key: String,
-    _dir: tempfile::TempDir,
+    gateway: support::Gateway,
 }
 
 impl Gateway {
@@ -37,47 +26,11 @@ impl Gateway {
             .enable_all()
             .build()
             .expect("runtime");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (router, tenant_key, owner_key) = runtime.block_on(async {
-            let store = Store::open(dir.path()).await.expect("store");
-            let (_, tenant_key) = store
-                .create_tenant("acme", TenantClass::Spot, 1)
-                .await
-                .expect("tenant");
-            let (_, owner_key) = store.create_owner("alice", 1).await.expect("owner");
-            store.add_node("car-1", "alice", 1).await.expect("node");
-            let metrics = Arc::new(Metrics::default());
-            let billing = Billing::open(
-                &BillingConfig::embedded(),
-                dir.path(),
-                &[],
-                store.clone(),
-                Arc::clone(&metrics),
-            )
-            .await
-            .expect("billing");
-            let idempotency = IdempotencyStore::open(dir.path())
-                .await
-                .expect("idempotency store");
-            let cell = Arc::new(FakeCell::new());
-            cell.connect(&["car-1"]);
-            let state = AppState::new(
-                cell,
-                metrics,
-                store,
-                Arc::new(ServedModels::default()),
-                Arc::new(billing),
-                Arc::new(idempotency),
-            );
-            (api::router(state), tenant_key, owner_key)
-        });
-        Gateway {
-            runtime,
-            router,
-            tenant_key,
-            owner_key,
-            _dir: dir,
-        }
+        let gateway = runtime.block_on(support::Gateway::start_with(
+            TenantClass::Spot,
+            ServedModels::default(),
+        ));
+        Gateway { runtime, gateway }
     }
 
     /// GETs `uri` with `key` (if any) and returns the status and body.
@@ -88,7 +41,7 @@ impl Gateway {
         }
         let request = request.body(Body::empty()).expect("request");
         self.runtime.block_on(async {
-            let answer = support::send(&self.router, request).await;
+            let answer = support::send(self.gateway.router(), request).await;
             (answer.status, answer.body)
         })
     }
@@ -182,7 +135,7 @@ fn tenant_endpoints_answer_any_query() {
     proptest!(ProptestConfig::with_cases(CASES), |(query in query())| {
         for path in ["/v1/usage", "/v1/models", "/health", "/metrics", "/v1/invoices/2026-01"] {
             let uri = format!("{path}?{query}");
-            gateway.assert_well_formed(&uri, Some(&gateway.tenant_key));
+            gateway.assert_well_formed(&uri, Some(&gateway.gateway.key));
             gateway.assert_well_formed(&uri, None);
         }
     });
@@ -205,7 +158,7 @@ fn usage_answers_any_period() {
     ]);
     proptest!(ProptestConfig::with_cases(CASES), |(start in bound.clone(), end in bound, (first, second) in names)| {
         let uri = format!("/v1/usage?{first}={}&{second}={}", encode(&start), encode(&end));
-        gateway.assert_well_formed(&uri, Some(&gateway.tenant_key));
+        gateway.assert_well_formed(&uri, Some(&gateway.gateway.key));
     });
 }
 
@@ -214,7 +167,7 @@ fn invoices_answer_any_month() {
     let gateway = Gateway::start();
     proptest!(ProptestConfig::with_cases(CASES), |(month in value(), query in query())| {
         let uri = format!("/v1/invoices/{}?{query}", encode(&month));
-        gateway.assert_well_formed(&uri, Some(&gateway.tenant_key));
+        gateway.assert_well_formed(&uri, Some(&gateway.gateway.key));
     });
 }
 
@@ -229,8 +182,8 @@ fn owner_endpoints_answer_any_vehicle_and_query() {
             format!("/owner/v1/vehicles/{node}/statement?{query}"),
             format!("/owner/v1/vehicles/car-1/statement?{query}"),
         ] {
-            gateway.assert_well_formed(&uri, Some(&gateway.owner_key));
-            gateway.assert_well_formed(&uri, Some(&gateway.tenant_key));
+            gateway.assert_well_formed(&uri, Some(&gateway.gateway.owner_key));
+            gateway.assert_well_formed(&uri, Some(&gateway.gateway.key));
         }
     });
 }
@@ -241,7 +194,7 @@ fn a_usage_period_too_long_for_an_i64_is_a_400_naming_the_parameter() {
     let gateway = Gateway::start();
     let (status, body) = gateway.get(
         "/v1/usage?start_time=-9223372036854775&end_time=9223372036854775",
-        Some(&gateway.tenant_key),
+        Some(&gateway.gateway.key),
     );
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let error: serde_json::Value = serde_json::from_slice(&body).expect("json");
@@ -253,9 +206,11 @@ fn a_usage_period_too_long_for_an_i64_is_a_400_naming_the_parameter() {
 #[test]
 fn a_path_that_is_not_utf8_is_an_openai_shaped_400() {
     let gateway = Gateway::start();
-    let status = gateway.assert_well_formed("/v1/invoices/%FF%FE", Some(&gateway.tenant_key));
+    let status = gateway.assert_well_formed("/v1/invoices/%FF%FE", Some(&gateway.gateway.key));
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    let status =
-        gateway.assert_well_formed("/owner/v1/vehicles/%C3%28/policy", Some(&gateway.owner_key));
+    let status = gateway.assert_well_formed(
+        "/owner/v1/vehicles/%C3%28/policy",
+        Some(&gateway.gateway.owner_key),
+    );
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }

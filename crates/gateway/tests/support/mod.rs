@@ -69,6 +69,8 @@ pub struct Gateway {
     pub store: Store,
     pub tenant: TenantRecord,
     pub key: String,
+    /// The key of `alice`, who owns `car-1`.
+    pub owner_key: String,
     pub models: Arc<ServedModels>,
     router: Router,
     _dir: tempfile::TempDir,
@@ -105,18 +107,28 @@ impl Gateway {
     /// A gateway with one tenant of `class`, on a fake cell with `car-1`
     /// connected.
     pub async fn start(class: TenantClass) -> Gateway {
+        Gateway::start_with(class, served_models()).await
+    }
+
+    /// `start`, serving `models` (none: no tokenizer is loaded).
+    pub async fn start_with(class: TenantClass, models: ServedModels) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).await.expect("store");
         let (tenant, key) = store.create_tenant("acme", class, 1).await.expect("tenant");
-        store.create_owner("alice", 1).await.expect("owner");
+        let (_, owner_key) = store.create_owner("alice", 1).await.expect("owner");
         store.add_node("car-1", "alice", 1).await.expect("node");
-        let models = Arc::new(served_models());
+        let models = Arc::new(models);
+        let names: Vec<String> = models
+            .all()
+            .iter()
+            .map(|model| model.name.clone())
+            .collect();
         let metrics = Arc::new(Metrics::default());
         let billing = Arc::new(
             Billing::open(
                 &BillingConfig::embedded(),
                 dir.path(),
-                &[MODEL.to_string()],
+                &names,
                 store.clone(),
                 Arc::clone(&metrics),
             )
@@ -142,6 +154,7 @@ impl Gateway {
             store,
             tenant,
             key,
+            owner_key,
             models,
             router: api::router(state),
             _dir: dir,
@@ -194,6 +207,10 @@ impl Gateway {
             .body(Body::from(body.to_string()))
             .expect("request");
         self.send(request).await
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.router
     }
 
     pub async fn get(&self, path: &str) -> Answer {
