@@ -10,6 +10,11 @@ use std::time::Duration;
 
 use rand::Rng;
 
+/// The shortest delay after a failed attempt that followed another failure: at most this many
+/// attempts per second however unlucky the draws. Capped by the current cap, so every delay still
+/// lies within `[0, cap]`.
+pub const RETRY_DELAY_FLOOR: Duration = Duration::from_millis(10);
+
 /// How the delay between reconnect attempts grows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackoffConfig {
@@ -61,12 +66,20 @@ impl Backoff {
         cap
     }
 
-    /// Draws the delay before the next attempt and counts one more failure.
+    /// Draws the delay before the next attempt and counts one more failure: uniform in
+    /// `[0, cap]` for the first failure since a success, in `[min(RETRY_DELAY_FLOOR, cap), cap]`
+    /// after that.
     pub fn next_delay(&mut self, rng: &mut impl Rng) -> Duration {
         let cap = self.cap();
+        let floor = if self.failures == 0 {
+            Duration::ZERO
+        } else {
+            RETRY_DELAY_FLOOR.min(cap)
+        };
         self.failures = self.failures.saturating_add(1);
         let cap_nanos = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(rng.gen_range(0..=cap_nanos))
+        let floor_nanos = u64::try_from(floor.as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(rng.gen_range(floor_nanos..=cap_nanos))
     }
 
     /// Forgets past failures, after the coordinator welcomed the node.
@@ -144,6 +157,75 @@ mod tests {
         assert_eq!(backoff.cap(), config().max);
         backoff.reset();
         assert_eq!(backoff.cap(), config().initial);
+    }
+
+    /// A generator that always draws the smallest value: the worst case for spinning.
+    struct Zeros;
+
+    impl rand::RngCore for Zeros {
+        fn next_u32(&mut self) -> u32 {
+            0
+        }
+        fn next_u64(&mut self) -> u64 {
+            0
+        }
+        fn fill_bytes(&mut self, dest: &mut [u8]) {
+            dest.fill(0);
+        }
+        fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand::Error> {
+            dest.fill(0);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn seeded_delays_stay_within_zero_and_min_of_cap_and_base_times_two_to_the_n() {
+        let base = Duration::from_millis(50);
+        let max = Duration::from_secs(3);
+        for seed in 0..20 {
+            let mut backoff = Backoff::new(BackoffConfig {
+                initial: base,
+                max,
+                factor: 2,
+            });
+            let mut rng = StdRng::seed_from_u64(seed);
+            for n in 0..40_u32 {
+                let bound = base.saturating_mul(2_u32.saturating_pow(n)).min(max);
+                let delay = backoff.next_delay(&mut rng);
+                assert!(delay <= bound, "attempt {n}: {delay:?} above {bound:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_first_delay_after_a_success_may_be_zero() {
+        let mut backoff = Backoff::new(config());
+        let mut rng = Zeros;
+        assert_eq!(backoff.next_delay(&mut rng), Duration::ZERO);
+        for _ in 0..100 {
+            assert!(backoff.next_delay(&mut rng) >= RETRY_DELAY_FLOOR);
+        }
+        // A success (the cell welcomed the node) allows one immediate retry again.
+        backoff.reset();
+        assert_eq!(backoff.next_delay(&mut rng), Duration::ZERO);
+        assert!(backoff.next_delay(&mut rng) >= RETRY_DELAY_FLOOR);
+    }
+
+    #[test]
+    fn the_floor_never_lifts_a_delay_above_a_small_cap() {
+        let tiny = BackoffConfig {
+            initial: Duration::from_millis(1),
+            max: Duration::from_millis(2),
+            factor: 2,
+        };
+        let mut backoff = Backoff::new(tiny.clone());
+        let mut rng = Zeros;
+        for _ in 0..10 {
+            let cap = backoff.cap();
+            let delay = backoff.next_delay(&mut rng);
+            assert!(delay <= cap && delay <= tiny.max);
+        }
+        assert_eq!(backoff.next_delay(&mut rng), tiny.max);
     }
 
     #[test]
