@@ -41,6 +41,9 @@ pub struct AgentService {
     pub heartbeat_timeout: Duration,
     /// Places for streams that have not yet authenticated.
     pub handshakes: Arc<Handshakes>,
+    /// The cell's shutdown: it ends every agent session, so that vehicles fail over to another
+    /// cell at once instead of holding streams that graceful shutdown would wait for.
+    pub shutdown: CancellationToken,
 }
 
 /// Places for agent streams that have not yet authenticated:
@@ -260,6 +263,7 @@ impl proto::coordinator_server::Coordinator for AgentService {
             Arc::clone(&self.core),
             session,
             disconnect,
+            self.shutdown.clone(),
             inbound,
             hello.node_id,
         ));
@@ -272,13 +276,15 @@ fn duration_ms(duration: Duration) -> u32 {
     u32::try_from(duration.as_millis()).unwrap_or(u32::MAX)
 }
 
-/// Reads one agent's messages until its stream ends or the core drops the
-/// session (`disconnect`), then reports it lost. A message that breaks the
-/// protocol disconnects the node.
+/// Reads one agent's messages until its stream ends, the core drops the
+/// session (`disconnect`) or the cell shuts down, then reports it lost, which
+/// ends the agent's stream. A message that breaks the protocol disconnects
+/// the node.
 async fn read_agent(
     core: Arc<Core>,
     session: NodeSession,
     disconnect: CancellationToken,
+    shutdown: CancellationToken,
     mut inbound: Streaming<proto::AgentMessage>,
     name: String,
 ) {
@@ -286,6 +292,10 @@ async fn read_agent(
         let received = tokio::select! {
             _ = disconnect.cancelled() => {
                 tracing::info!(node_id = %name, "stopped reading a dropped session");
+                break;
+            }
+            _ = shutdown.cancelled() => {
+                tracing::info!(node_id = %name, "cell shutting down; ending the session");
                 break;
             }
             received = inbound.message() => received,

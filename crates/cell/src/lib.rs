@@ -134,6 +134,7 @@ pub async fn start(
         heartbeat_interval: config.heartbeat_interval,
         heartbeat_timeout: config.heartbeat_timeout,
         handshakes: Arc::default(),
+        shutdown: shutdown.clone(),
     };
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.heartbeat_interval))
