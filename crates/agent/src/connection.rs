@@ -1,10 +1,14 @@
-//! The agent's one long-lived stream to the coordinator (`Coordinator.Session`): dial, `Hello`, wait for `Welcome` or
-//! `Refusal`, then heartbeat and serve assignments until the stream breaks; reconnect with backoff.
+//! The agent's one long-lived stream to a cell (`Coordinator.Session`): dial, `Hello`, wait for
+//! `Welcome` or `Refusal`, then heartbeat and serve assignments until the stream breaks; reconnect
+//! with backoff, to the next cell of its list ([`serve_cells`]).
 //!
 //! Outgoing messages of a session (hello, heartbeats, tokens, results) all go through one bounded
 //! queue into the request stream, so a slow link pushes back on token forwarding instead of growing
 //! memory.
 
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use engine::{Engine, SpeedReport};
@@ -12,14 +16,15 @@ use proto::agent_message::Kind as AgentKind;
 use proto::coordinator_client::CoordinatorClient;
 use proto::coordinator_message::Kind as CoordinatorKind;
 use proto::{AgentMessage, RefusalCode};
+use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 use tonic::Streaming;
 
 use crate::backoff::{Backoff, BackoffConfig};
-use crate::runner::Runner;
+use crate::runner::{EngineExecutor, Executor, Runner};
 use crate::vehicle::{VehicleReader, VehicleStateAdapter};
 use crate::{AgentConfig, AgentError};
 
@@ -44,21 +49,87 @@ pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 pub const HEARTBEAT_INTERVAL_MIN: Duration = Duration::from_millis(100);
 pub const HEARTBEAT_INTERVAL_MAX: Duration = Duration::from_secs(60);
 
+/// What a node says about itself in its `Hello`, the same in every session.
+#[derive(Clone)]
+pub struct NodeIdentity {
+    pub node_id: String,
+    /// The node's secret, as issued by `fleetgrid nodes add`; never logged.
+    pub credential: String,
+    pub hardware: proto::Hardware,
+    pub models: Vec<proto::CachedModel>,
+}
+
+impl fmt::Debug for NodeIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeIdentity")
+            .field("node_id", &self.node_id)
+            .field("credential", &"<redacted>")
+            .field("hardware", &self.hardware)
+            .field("models", &self.models)
+            .finish()
+    }
+}
+
+/// Counts of what a node's sessions did, shared by any number of nodes (a load generator keeps
+/// one for all of its simulated vehicles).
+#[derive(Debug, Default)]
+pub struct SessionStats {
+    /// Sessions welcomed by a cell and not yet ended.
+    pub sessions_open: AtomicU64,
+    /// Every `Welcome` received.
+    pub welcomes: AtomicU64,
+    /// Sessions that ended other than by shutdown or refusal, after or before `Welcome`.
+    pub sessions_lost: AtomicU64,
+    /// Heartbeats queued for sending.
+    pub heartbeats_sent: AtomicU64,
+}
+
+/// Ordering for the statistics' counters: they order nothing else.
+const STATS_ORDER: Ordering = Ordering::Relaxed;
+
 /// What stays the same across the sessions of one agent.
-pub(crate) struct Node {
-    node_id: String,
-    credential: String,
-    url: String,
-    hardware: proto::Hardware,
-    models: Vec<proto::CachedModel>,
-    model_digest: String,
+pub struct Node {
+    identity: NodeIdentity,
     default_heartbeat: Duration,
-    engine: Engine,
+    executor: Arc<dyn Executor>,
     vehicle: VehicleReader,
+    stats: Arc<SessionStats>,
 }
 
 impl Node {
-    pub(crate) fn new(
+    /// A node that runs its assignments on `executor` and reads its vehicle from `vehicle`;
+    /// `default_heartbeat` applies until a cell's `Welcome` asks for another interval.
+    pub fn new(
+        identity: NodeIdentity,
+        executor: Arc<dyn Executor>,
+        vehicle: Box<dyn VehicleStateAdapter>,
+        default_heartbeat: Duration,
+    ) -> Node {
+        Node {
+            identity,
+            default_heartbeat,
+            executor,
+            vehicle: VehicleReader::new(vehicle),
+            stats: Arc::default(),
+        }
+    }
+
+    /// Counts this node's sessions into `stats` (shared with other nodes) instead of its own.
+    pub fn with_stats(mut self, stats: Arc<SessionStats>) -> Node {
+        self.stats = stats;
+        self
+    }
+
+    pub fn stats(&self) -> &Arc<SessionStats> {
+        &self.stats
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.identity.node_id
+    }
+
+    /// The vehicle's node: its hardware and model as the engine reports them.
+    pub(crate) fn on_engine(
         config: &AgentConfig,
         engine: Engine,
         speed: &SpeedReport,
@@ -80,17 +151,17 @@ impl Node {
             size_bytes: config.model.size_bytes,
             loaded: true,
         }];
-        Node {
+        let identity = NodeIdentity {
             node_id: config.node_id.clone(),
             credential: config.credential.clone(),
-            url: config.coordinator_url.clone(),
             hardware,
             models,
-            model_digest,
-            default_heartbeat: config.heartbeat_interval,
+        };
+        let executor = Arc::new(EngineExecutor {
             engine,
-            vehicle: VehicleReader::new(vehicle),
-        }
+            model_digest,
+        });
+        Node::new(identity, executor, vehicle, config.heartbeat_interval)
     }
 
     async fn hello(&self) -> AgentMessage {
@@ -98,10 +169,10 @@ impl Node {
         AgentMessage {
             kind: Some(AgentKind::Hello(proto::Hello {
                 protocol_version: proto::PROTOCOL_VERSION,
-                node_id: self.node_id.clone(),
-                credential: self.credential.clone(),
-                hardware: Some(self.hardware.clone()),
-                models: self.models.clone(),
+                node_id: self.identity.node_id.clone(),
+                credential: self.identity.credential.clone(),
+                hardware: Some(self.identity.hardware.clone()),
+                models: self.identity.models.clone(),
                 state: Some(state.to_proto()),
             })),
         }
@@ -117,8 +188,8 @@ impl Node {
     }
 }
 
-/// Checks the coordinator URL and sets the connection's timeouts.
-pub(crate) fn endpoint(url: &str) -> Result<Endpoint, AgentError> {
+/// Checks a cell's URL and sets the connection's timeouts and keep-alive.
+pub fn endpoint(url: &str) -> Result<Endpoint, AgentError> {
     let invalid = |reason: String| AgentError::InvalidCoordinatorUrl {
         url: url.to_owned(),
         reason,
@@ -138,6 +209,64 @@ pub(crate) fn endpoint(url: &str) -> Result<Endpoint, AgentError> {
         .keep_alive_while_idle(true))
 }
 
+/// One cell a node may hold its session with.
+#[derive(Clone, Debug)]
+pub struct CellLink {
+    url: String,
+    link: Link,
+}
+
+#[derive(Clone, Debug)]
+enum Link {
+    /// A new HTTP/2 connection for every session: a vehicle's own link.
+    Dial(Box<Endpoint>),
+    /// Sessions share one HTTP/2 connection (which reconnects by itself): many simulated vehicles
+    /// in one load-generator process.
+    Shared(Channel),
+}
+
+impl CellLink {
+    /// A cell dialled afresh for every session.
+    pub fn dial(url: &str) -> Result<CellLink, AgentError> {
+        Ok(CellLink {
+            url: url.to_owned(),
+            link: Link::Dial(Box::new(endpoint(url)?)),
+        })
+    }
+
+    /// A cell reached over `channel`, which other sessions may share; the cell bounds the
+    /// sessions one connection carries, and a session beyond that waits for a place.
+    pub fn shared(url: &str, channel: Channel) -> CellLink {
+        CellLink {
+            url: url.to_owned(),
+            link: Link::Shared(channel),
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn connect(&self) -> Result<Channel, String> {
+        match &self.link {
+            Link::Dial(endpoint) => endpoint
+                .connect()
+                .await
+                .map_err(|error| format!("connect: {}", error_chain(&error))),
+            Link::Shared(channel) => Ok(channel.clone()),
+        }
+    }
+}
+
+/// The cells a node may hold its session with, in order of preference: its own cell first, then
+/// those it fails over to.
+fn check_cells(cells: &[CellLink]) -> Result<(), AgentError> {
+    if cells.is_empty() {
+        return Err(AgentError::NoCells);
+    }
+    Ok(())
+}
+
 /// How one session ended.
 enum SessionEnd {
     Shutdown,
@@ -150,37 +279,54 @@ enum SessionEnd {
     },
 }
 
-/// Connects, serves and reconnects until shut down or refused.
-pub(crate) async fn connect_loop(
+/// Holds one session with one of `cells` until `shutdown` (then `Ok`) or a final refusal.
+///
+/// It starts with the first cell. A session that fails or breaks (connection refused, a stream
+/// error, a dead link found by HTTP/2 keep-alive, no answer to `Hello`) is retried after a
+/// jittered backoff drawn from `rng`, on the next cell in the list, round and round: a node stays
+/// with the cell that works rather than returning to its own. Whatever ran in a lost session is
+/// abandoned; the cell moves it.
+pub async fn serve_cells<R: Rng + Send>(
     node: &Node,
-    endpoint: Endpoint,
+    cells: &[CellLink],
     backoff: BackoffConfig,
+    rng: &mut R,
     shutdown: &CancellationToken,
 ) -> Result<(), AgentError> {
+    check_cells(cells)?;
     let mut backoff = Backoff::new(backoff);
+    let mut next = 0_usize;
     let mut attempt: u64 = 0;
     loop {
+        let cell = &cells[next % cells.len()];
         attempt += 1;
-        tracing::info!(node_id = %node.node_id, url = %node.url, attempt, "connecting to the coordinator");
-        match session(node, &endpoint, shutdown).await {
+        tracing::info!(node_id = %node.node_id(), url = %cell.url, attempt, "connecting to a cell");
+        match session(node, cell, shutdown).await {
             SessionEnd::Shutdown => {
-                tracing::info!(node_id = %node.node_id, "agent shut down");
+                tracing::info!(node_id = %node.node_id(), "agent shut down");
                 return Ok(());
             }
             SessionEnd::Refused(error) => {
-                tracing::error!(node_id = %node.node_id, %error, "giving up");
+                tracing::error!(node_id = %node.node_id(), %error, "giving up");
                 return Err(error);
             }
             SessionEnd::Lost { reason, welcomed } => {
+                node.stats.sessions_lost.fetch_add(1, STATS_ORDER);
                 if welcomed {
                     backoff.reset();
                     attempt = 0;
                 }
-                tracing::warn!(node_id = %node.node_id, url = %node.url, %reason, "connection to the coordinator lost");
+                tracing::warn!(node_id = %node.node_id(), url = %cell.url, %reason, "session with the cell lost");
             }
         }
-        let delay = backoff.next_delay(&mut rand::thread_rng());
-        tracing::info!(node_id = %node.node_id, delay_ms = delay.as_millis() as u64, "reconnecting after a pause");
+        next = (next + 1) % cells.len();
+        let delay = backoff.next_delay(rng);
+        tracing::info!(
+            node_id = %node.node_id(),
+            next = %cells[next].url,
+            delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            "reconnecting after a pause"
+        );
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(delay) => {}
@@ -189,16 +335,16 @@ pub(crate) async fn connect_loop(
 }
 
 /// One connection: handshake, then serve until it ends.
-async fn session(node: &Node, endpoint: &Endpoint, shutdown: &CancellationToken) -> SessionEnd {
+async fn session(node: &Node, cell: &CellLink, shutdown: &CancellationToken) -> SessionEnd {
     let lost = |reason: String| SessionEnd::Lost {
         reason,
         welcomed: false,
     };
     let channel = tokio::select! {
         () = shutdown.cancelled() => return SessionEnd::Shutdown,
-        connected = endpoint.connect() => match connected {
+        connected = cell.connect() => match connected {
             Ok(channel) => channel,
-            Err(error) => return lost(format!("connect: {}", error_chain(&error))),
+            Err(reason) => return lost(reason),
         },
     };
     let (outbound, outbound_queue) = mpsc::channel(OUTBOUND_MESSAGES_MAX);
@@ -237,7 +383,7 @@ async fn session(node: &Node, endpoint: &Endpoint, shutdown: &CancellationToken)
     };
     if welcome.protocol_version != proto::PROTOCOL_VERSION {
         tracing::warn!(
-            node_id = %node.node_id,
+            node_id = %node.node_id(),
             ours = proto::PROTOCOL_VERSION,
             theirs = welcome.protocol_version,
             "coordinator welcomed us with another protocol version"
@@ -245,11 +391,15 @@ async fn session(node: &Node, endpoint: &Endpoint, shutdown: &CancellationToken)
     }
     let heartbeat_interval = node.heartbeat_interval(&welcome);
     tracing::info!(
-        node_id = %node.node_id,
-        heartbeat_interval_ms = heartbeat_interval.as_millis() as u64,
-        "welcomed by the coordinator"
+        node_id = %node.node_id(),
+        url = %cell.url,
+        heartbeat_interval_ms = u64::try_from(heartbeat_interval.as_millis()).unwrap_or(u64::MAX),
+        "welcomed by the cell"
     );
+    node.stats.welcomes.fetch_add(1, STATS_ORDER);
+    node.stats.sessions_open.fetch_add(1, STATS_ORDER);
     let reason = serve(node, heartbeat_interval, inbound, outbound, shutdown).await;
+    node.stats.sessions_open.fetch_sub(1, STATS_ORDER);
     match reason {
         None => SessionEnd::Shutdown,
         Some(reason) => SessionEnd::Lost {
@@ -284,11 +434,7 @@ async fn serve(
     outbound: mpsc::Sender<AgentMessage>,
     shutdown: &CancellationToken,
 ) -> Option<String> {
-    let mut runner = Runner::new(
-        node.engine.clone(),
-        outbound.clone(),
-        node.model_digest.clone(),
-    );
+    let mut runner = Runner::new(Arc::clone(&node.executor), outbound.clone());
     let first_beat = tokio::time::Instant::now() + heartbeat_interval;
     let mut heartbeat = tokio::time::interval_at(first_beat, heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -307,7 +453,7 @@ async fn serve(
     let cancelled = runner.active_generations();
     runner.shutdown().await;
     if cancelled > 0 {
-        tracing::info!(node_id = %node.node_id, cancelled, "cancelled running generations");
+        tracing::info!(node_id = %node.node_id(), cancelled, "cancelled running generations");
     }
     end
 }
@@ -317,7 +463,7 @@ fn handle(node: &Node, runner: &mut Runner, message: proto::CoordinatorMessage) 
         Some(CoordinatorKind::Assign(assign)) => runner.assign(assign),
         Some(CoordinatorKind::Cancel(cancel)) => runner.cancel(&cancel),
         Some(CoordinatorKind::Welcome(_) | CoordinatorKind::Refusal(_)) | None => {
-            tracing::warn!(node_id = %node.node_id, "ignoring an unexpected message from the coordinator");
+            tracing::warn!(node_id = %node.node_id(), "ignoring an unexpected message from the coordinator");
         }
     }
 }
@@ -332,8 +478,10 @@ async fn send_heartbeat(node: &Node, runner: &Runner, outbound: &mpsc::Sender<Ag
     };
     // Never wait here: a full queue means tokens are flowing, which already shows the node is alive,
     // and the serve loop must stay free to act on cancellations.
-    if outbound.try_send(heartbeat).is_err() {
-        tracing::debug!(node_id = %node.node_id, "outbound queue full; heartbeat skipped");
+    if outbound.try_send(heartbeat).is_ok() {
+        node.stats.heartbeats_sent.fetch_add(1, STATS_ORDER);
+    } else {
+        tracing::debug!(node_id = %node.node_id(), "outbound queue full; heartbeat skipped");
     }
 }
 

@@ -1,18 +1,23 @@
-//! The agent that runs on each vehicle: it dials out to the coordinator, reports the node's hardware,
+//! The agent that runs on each vehicle: it dials out to its cell, reports the node's hardware,
 //! model and vehicle state, runs the generations it is assigned on the local engine and streams their
 //! tokens back.
 //!
-//! [`run`] is the whole agent: start the engine once, then keep one bidirectional gRPC stream to the
-//! coordinator open ([`connection`]), reconnecting with jittered exponential backoff ([`backoff`])
-//! until shut down or refused for good. Assignments are executed by [`runner`]; vehicle state comes
-//! from an adapter in [`vehicle`].
+//! [`run`] is the whole agent: start the engine once, then keep one bidirectional gRPC stream to a
+//! cell open ([`connection`]), reconnecting with jittered exponential backoff ([`backoff`]) until
+//! shut down or refused for good. The node knows a list of cells, its own first; a lost session is
+//! retried on the next one, so a vehicle whose cell went down serves from another. Assignments are
+//! executed by an [`Executor`] (the engine, through `runner`); vehicle state comes from an adapter
+//! in [`vehicle`].
+//!
+//! The session code does not need the engine: [`connection::serve_cells`] runs any [`Executor`], so
+//! a load generator can hold many model-free sessions that speak exactly this protocol.
 //!
 //! **Architecture invariant:** generations never outlive the stream they were assigned on. When the
 //! stream breaks, every running generation is cancelled: the coordinator hands them to other nodes,
 //! and running on would only burn the owner's energy.
 
 pub mod backoff;
-mod connection;
+pub mod connection;
 mod runner;
 pub mod vehicle;
 
@@ -22,9 +27,13 @@ use std::time::{Duration, SystemTime};
 
 use engine::{Engine, EngineConfig, EngineError, SpeedReport};
 use models::VerifiedModel;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 use tokio_util::sync::CancellationToken;
 
 pub use backoff::{Backoff, BackoffConfig};
+pub use connection::{serve_cells, CellLink, Node, NodeIdentity, SessionStats};
+pub use runner::{Execution, Executor, GenerationTask, TOKENS_PER_BATCH_MAX};
 pub use vehicle::{StateOfCharge, VehicleState, VehicleStateAdapter, VehicleStateSource};
 
 /// The heartbeat interval used until the coordinator's `Welcome` says otherwise.
@@ -33,8 +42,9 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// Everything one agent needs.
 #[derive(Clone)]
 pub struct AgentConfig {
-    /// The coordinator's gRPC address, e.g. `http://127.0.0.1:7070`.
-    pub coordinator_url: String,
+    /// The gRPC addresses of the cells this node may serve, e.g. `http://127.0.0.1:7070`, in
+    /// order of preference: its own cell first, then those it fails over to. Never empty.
+    pub cells: Vec<String>,
     pub node_id: String,
     /// The node's secret, as issued by `fleetgrid nodes add`; never logged.
     pub credential: String,
@@ -49,16 +59,17 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    /// A configuration with default engine settings, heartbeat and reconnect backoff.
+    /// A configuration with one cell and default engine settings, heartbeat and reconnect backoff;
+    /// set `cells` for a node that may fail over.
     pub fn new(
-        coordinator_url: impl Into<String>,
+        cell_url: impl Into<String>,
         node_id: impl Into<String>,
         credential: impl Into<String>,
         vehicle_state: VehicleStateSource,
         model: VerifiedModel,
     ) -> AgentConfig {
         AgentConfig {
-            coordinator_url: coordinator_url.into(),
+            cells: vec![cell_url.into()],
             node_id: node_id.into(),
             credential: credential.into(),
             vehicle_state,
@@ -74,7 +85,7 @@ impl fmt::Debug for AgentConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The credential is a secret; it must not end up in logs through a `{:?}`.
         f.debug_struct("AgentConfig")
-            .field("coordinator_url", &self.coordinator_url)
+            .field("cells", &self.cells)
             .field("node_id", &self.node_id)
             .field("credential", &"<redacted>")
             .field("vehicle_state", &self.vehicle_state)
@@ -98,6 +109,8 @@ pub enum AgentError {
     },
     #[error("invalid coordinator url {url:?}: {reason}")]
     InvalidCoordinatorUrl { url: String, reason: String },
+    #[error("no cell to connect to: give at least one cell url")]
+    NoCells,
     #[error("invalid vehicle state source {input:?}: {reason}")]
     InvalidVehicleStateSource { input: String, reason: String },
     #[error("cannot read vehicle state from {}: {cause}", .path.display())]
@@ -113,12 +126,20 @@ pub enum AgentError {
     EngineThread(String),
 }
 
-/// Runs the agent until `shutdown` is cancelled (then `Ok`) or the coordinator refuses the node for
-/// good (bad credential, unknown node, protocol mismatch: `Err(AgentError::Refused)`, logged).
+/// Runs the agent until `shutdown` is cancelled (then `Ok`) or a cell refuses the node for good
+/// (bad credential, unknown node, protocol mismatch: `Err(AgentError::Refused)`, logged).
 ///
-/// Connection failures and broken streams are not errors: the agent reconnects with backoff.
+/// Connection failures and broken streams are not errors: the agent reconnects with backoff, to
+/// the next of its cells.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
-    let endpoint = connection::endpoint(&config.coordinator_url)?;
+    let cells = config
+        .cells
+        .iter()
+        .map(|url| CellLink::dial(url))
+        .collect::<Result<Vec<_>, _>>()?;
+    if cells.is_empty() {
+        return Err(AgentError::NoCells);
+    }
     let vehicle = config.vehicle_state.open(SystemTime::now())?;
     let engine_config = EngineConfig {
         model_path: config.model.path.clone(),
@@ -139,8 +160,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         decode_tokens_per_second = speed.decode_tokens_per_second,
         "engine ready"
     );
-    let node = connection::Node::new(&config, engine, &speed, vehicle);
-    connection::connect_loop(&node, endpoint, config.reconnect.clone(), &shutdown).await
+    let node = Node::on_engine(&config, engine, &speed, vehicle);
+    let mut rng = StdRng::from_entropy();
+    serve_cells(&node, &cells, config.reconnect.clone(), &mut rng, &shutdown).await
 }
 
 /// Loads the model and measures its speed on a blocking thread; `None` when shut down meanwhile.

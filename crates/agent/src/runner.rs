@@ -1,12 +1,16 @@
-//! Runs the coordinator's assignments on the engine and streams their results back.
+//! Runs the coordinator's assignments and streams their results back.
 //!
-//! Each assignment gets a task that submits it to the engine and forwards its events as wire
-//! messages: tokens that are ready together go out as one `TokenBatch` (a token is never held back
-//! waiting for company), then one `GenerationDone` or `GenerationFailed`. A `Cancel` stops the
-//! engine's sequence and answers `GenerationDone { CANCELLED }` at once.
+//! [`Runner`] keeps a session's running generations (one task each, cancelled through a token);
+//! what a task does is its [`Executor`]'s business. On a vehicle that is [`EngineExecutor`]: it
+//! submits the assignment to the engine and forwards its events as wire messages: tokens that are
+//! ready together go out as one `TokenBatch` (a token is never held back waiting for company), then
+//! one `GenerationDone` or `GenerationFailed`. A `Cancel` stops the engine's sequence and answers
+//! `GenerationDone { CANCELLED }` at once.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,30 +37,37 @@ impl fmt::Display for GenerationId {
     }
 }
 
+/// The future that runs one assignment.
+pub type Execution = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// Where a session's assignments run: the engine on a vehicle ([`EngineExecutor`]), or a
+/// model-free token source in a load generator or a test. The session code around it (handshake,
+/// heartbeats, cancellation, reconnecting) is the same for all of them.
+pub trait Executor: Send + Sync + 'static {
+    /// The future that runs `assign` to its end: it sends the assignment's tokens and exactly one
+    /// `GenerationDone` or `GenerationFailed` through `task`, and answers `CANCELLED` soon after
+    /// `task.cancelled()` fires. It is dropped without a word when the session ends.
+    fn execute(&self, assign: proto::Assign, task: GenerationTask) -> Execution;
+}
+
 /// The generations running in one session.
 ///
-/// Their number is bounded by the engine, which refuses submissions beyond its slots and queue
-/// (`Busy`), so the maps here cannot grow past that bound plus the failures being reported.
+/// Their number is bounded by the executor (the engine refuses submissions beyond its slots and
+/// queue with `Busy`), so the maps here cannot grow past that bound plus the failures being
+/// reported.
 pub(crate) struct Runner {
-    engine: Engine,
+    executor: Arc<dyn Executor>,
     outbound: mpsc::Sender<AgentMessage>,
-    /// The digest of the model this node serves, lowercase hex.
-    model_digest: String,
     running: HashMap<GenerationId, CancellationToken>,
     tasks: JoinSet<()>,
     task_generations: HashMap<tokio::task::Id, GenerationId>,
 }
 
 impl Runner {
-    pub(crate) fn new(
-        engine: Engine,
-        outbound: mpsc::Sender<AgentMessage>,
-        model_digest: String,
-    ) -> Runner {
+    pub(crate) fn new(executor: Arc<dyn Executor>, outbound: mpsc::Sender<AgentMessage>) -> Runner {
         Runner {
-            engine,
+            executor,
             outbound,
-            model_digest,
             running: HashMap::new(),
             tasks: JoinSet::new(),
             task_generations: HashMap::new(),
@@ -67,7 +78,7 @@ impl Runner {
         u32::try_from(self.running.len()).unwrap_or(u32::MAX)
     }
 
-    pub(crate) fn assign(&mut self, mut assign: proto::Assign) {
+    pub(crate) fn assign(&mut self, assign: proto::Assign) {
         let id = GenerationId(assign.generation_id.clone());
         if id.0.is_empty() {
             tracing::warn!("ignoring an assignment without a generation id");
@@ -86,31 +97,12 @@ impl Runner {
             "assignment received"
         );
         let cancelled = CancellationToken::new();
-        let generation = GenerationTask {
+        let task = GenerationTask {
             id: id.clone(),
             outbound: self.outbound.clone(),
             cancelled: cancelled.clone(),
         };
-        let engine = self.engine.clone();
-        let restore_state = std::mem::take(&mut assign.restore_state);
-        let checked = check_assignment(&assign, &self.model_digest, engine.info().vocab_size).map(
-            |mut generation| {
-                // The engine checks that it fits the prompt and loads; otherwise it prefills.
-                generation.restore = (!restore_state.is_empty()).then(|| {
-                    Arc::new(SequenceCheckpoint {
-                        tokens: assign.restore_tokens,
-                        data: restore_state.to_vec(),
-                    })
-                });
-                generation
-            },
-        );
-        let handle = self.tasks.spawn(async move {
-            match checked {
-                Ok(request) => generation.run(&engine, request).await,
-                Err(refusal) => generation.fail(refusal.message, refusal.retryable).await,
-            }
-        });
+        let handle = self.tasks.spawn(self.executor.execute(assign, task));
         self.task_generations.insert(handle.id(), id.clone());
         self.running.insert(id, cancelled);
     }
@@ -161,6 +153,38 @@ impl Runner {
     pub(crate) async fn shutdown(mut self) {
         // Aborting drops each task's engine stream, which cancels its sequence in the engine.
         self.tasks.shutdown().await;
+    }
+}
+
+/// Runs assignments on the local engine: the vehicle's executor.
+pub(crate) struct EngineExecutor {
+    pub(crate) engine: Engine,
+    /// The digest of the model this node serves, lowercase hex.
+    pub(crate) model_digest: String,
+}
+
+impl Executor for EngineExecutor {
+    fn execute(&self, mut assign: proto::Assign, task: GenerationTask) -> Execution {
+        let engine = self.engine.clone();
+        let restore_state = std::mem::take(&mut assign.restore_state);
+        let checked = check_assignment(&assign, &self.model_digest, engine.info().vocab_size).map(
+            |mut generation| {
+                // The engine checks that it fits the prompt and loads; otherwise it prefills.
+                generation.restore = (!restore_state.is_empty()).then(|| {
+                    Arc::new(SequenceCheckpoint {
+                        tokens: assign.restore_tokens,
+                        data: restore_state.to_vec(),
+                    })
+                });
+                generation
+            },
+        );
+        Box::pin(async move {
+            match checked {
+                Ok(request) => task.run(&engine, request).await,
+                Err(refusal) => task.fail(refusal.message, refusal.retryable).await,
+            }
+        })
     }
 }
 
@@ -223,14 +247,24 @@ fn check_assignment(
     })
 }
 
-/// One assignment's forwarding task.
-struct GenerationTask {
+/// One assignment's task: its id, the session's outbound queue and its cancellation.
+pub struct GenerationTask {
     id: GenerationId,
     outbound: mpsc::Sender<AgentMessage>,
     cancelled: CancellationToken,
 }
 
 impl GenerationTask {
+    /// The coordinator's id of the generation.
+    pub fn id(&self) -> &str {
+        &self.id.0
+    }
+
+    /// Fires when the coordinator cancels the generation.
+    pub fn cancelled(&self) -> &CancellationToken {
+        &self.cancelled
+    }
+
     async fn run(self, engine: &Engine, generation: Generation) {
         let started = Instant::now();
         // Counted like the engine counts: committed tokens are completion, not prompt.
@@ -330,14 +364,16 @@ impl GenerationTask {
         self.send_done(done).await;
     }
 
-    async fn send_done(self, done: proto::GenerationDone) {
+    /// Sends the generation's `GenerationDone`, its last message.
+    pub async fn send_done(self, done: proto::GenerationDone) {
         let message = AgentMessage {
             kind: Some(AgentKind::Done(done)),
         };
         self.send(message).await;
     }
 
-    async fn fail(self, message: String, retryable: bool) {
+    /// Sends the generation's `GenerationFailed`, its last message.
+    pub async fn fail(self, message: String, retryable: bool) {
         tracing::warn!(generation_id = %self.id, %message, retryable, "generation failed");
         self.send(failed_message(&self.id, message, retryable))
             .await;
@@ -372,8 +408,9 @@ impl GenerationTask {
         true
     }
 
-    /// Queues one message; `false` when the session is gone (nobody to tell any more).
-    async fn send(&self, message: AgentMessage) -> bool {
+    /// Queues one message, waiting while the session's queue is full; `false` when the session is
+    /// gone (nobody to tell any more).
+    pub async fn send(&self, message: AgentMessage) -> bool {
         self.outbound.send(message).await.is_ok()
     }
 }
