@@ -143,9 +143,14 @@ pub struct ServeArgs {
 
 #[derive(clap::Args, Clone)]
 pub struct AgentArgs {
-    /// The coordinator's gRPC address.
-    #[arg(long, default_value = "http://127.0.0.1:7070")]
-    coordinator: String,
+    /// The coordinator's gRPC address: the one cell this node serves. Same as one `--cell`.
+    #[arg(long, conflicts_with = "cells")]
+    coordinator: Option<String>,
+    /// A cell's gRPC address; repeat it or separate with commas, in order of preference: the
+    /// node's own cell first, then those it fails over to when its session is lost.
+    /// [default: http://127.0.0.1:7070]
+    #[arg(long = "cell", value_delimiter = ',')]
+    cells: Vec<String>,
     /// This node's enrolled name.
     #[arg(long)]
     node_id: String,

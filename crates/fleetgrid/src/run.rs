@@ -88,6 +88,24 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     .context("run the coordinator")
 }
 
+/// The cell an agent dials when none is given: a coordinator on this machine.
+const AGENT_CELL_DEFAULT: &str = "http://127.0.0.1:7070";
+
+/// The agent's cells in order of preference: `--coordinator` is a list of one, and without
+/// either flag the local default.
+fn agent_cells(coordinator: Option<String>, cells: Vec<String>) -> Vec<String> {
+    let cells: Vec<String> = coordinator
+        .into_iter()
+        .chain(cells)
+        .map(|url| url.trim().to_owned())
+        .filter(|url| !url.is_empty())
+        .collect();
+    if cells.is_empty() {
+        return vec![AGENT_CELL_DEFAULT.to_owned()];
+    }
+    cells
+}
+
 pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let store = home::model_store()?;
     let model = store.resolve(&args.model).with_context(|| {
@@ -101,12 +119,13 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         .parse::<agent::VehicleStateSource>()
         .context("parse --vehicle-state")?;
     let mut config = agent::AgentConfig::new(
-        args.coordinator,
+        String::new(),
         args.node_id,
         args.credential,
         vehicle_state,
         model,
     );
+    config.cells = agent_cells(args.coordinator, args.cells);
     config.engine.parallel_sequences = args.parallel;
     config.engine.context_tokens_per_sequence = args.context_tokens;
     config.engine.memory_budget_bytes = args.memory_budget_mib * 1024 * 1024;
