@@ -124,6 +124,8 @@ pub enum LoadError {
     CredentialsLine { path: PathBuf, line: usize },
     #[error("start the load process: {0}")]
     Spawn(std::io::Error),
+    #[error("the load process ended before every session connected: {0}")]
+    LoadExited(String),
     #[error("read this process's usage: {0}")]
     Usage(String),
     #[error("only {held} of {wanted} sessions connected within {within:?}")]
@@ -134,7 +136,8 @@ pub enum LoadError {
     },
 }
 
-/// A running load: its counters, live, and its tasks.
+/// A running load: its counters, live, and its tasks. Dropping it does not stop the simulated
+/// vehicles; cancelling the `shutdown` given to [`start`] does.
 pub struct Load {
     stats: Arc<SessionStats>,
     ramp: tokio::task::JoinHandle<JoinSet<Result<(), AgentError>>>,

@@ -202,7 +202,7 @@ pub async fn measure(config: MeasureConfig) -> Result<Measurement, LoadError> {
     let started = Instant::now();
     let load_in_process = matches!(config.load, LoadSide::InProcess);
     // Held until the end: dropping them stops the load.
-    let (_load, _child) = match config.load {
+    let (_load, mut child) = match config.load {
         LoadSide::InProcess => {
             let tokens = TokenSource::new(MODEL_NAME, MODEL_DIGEST);
             let load = start(
@@ -225,6 +225,12 @@ pub async fn measure(config: MeasureConfig) -> Result<Measurement, LoadError> {
         }
     };
     while connected() < config.sessions {
+        if let Some(exited) = child
+            .as_mut()
+            .and_then(|child| child.try_wait().ok().flatten())
+        {
+            return Err(LoadError::LoadExited(exited.to_string()));
+        }
         if started.elapsed() >= config.connect_within {
             return Err(LoadError::NotConnected {
                 held: connected(),
