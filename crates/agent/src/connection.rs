@@ -82,6 +82,8 @@ pub struct SessionStats {
     pub sessions_lost: AtomicU64,
     /// Heartbeats queued for sending.
     pub heartbeats_sent: AtomicU64,
+    /// Nodes refused for good (unknown node, bad credential, protocol mismatch): they stopped.
+    pub refused: AtomicU64,
 }
 
 /// Ordering for the statistics' counters: they order nothing else.
@@ -307,6 +309,7 @@ pub async fn serve_cells<R: Rng + Send>(
                 return Ok(());
             }
             SessionEnd::Refused(error) => {
+                node.stats.refused.fetch_add(1, STATS_ORDER);
                 tracing::error!(node_id = %node.node_id(), %error, "giving up");
                 return Err(error);
             }

@@ -7,8 +7,8 @@
 //! as a vehicle) over a real gRPC stream. Instead of a model it has a [`TokenSource`]: tokens are a
 //! pure function of (seed, position), emitted at a set rate, so a generation that moves between
 //! simulated vehicles continues identically. Vehicles share HTTP/2 connections,
-//! `sessions_per_connection` at a time (a cell accepts a few streams per connection), and start in
-//! small batches so that a cell's bound on handshakes in flight is not hit.
+//! `sessions_per_connection` at a time (a cell accepts a few streams per connection), and start
+//! with a few handshakes in flight at most, so that a cell's bound on them is not hit.
 //!
 //! [`measure`] starts a cell in-process, enrols the simulated vehicles and reports the cell's
 //! memory per session and CPU per heartbeat rate.
@@ -46,12 +46,12 @@ pub const HEARTBEAT_INTERVAL_DEFAULT: Duration = Duration::from_secs(5);
 pub const HANDSHAKES_IN_FLIGHT_DEFAULT: usize =
     cell::limits::UNAUTHENTICATED_SESSIONS_PER_ADDRESS_MAX / 2;
 
-/// The longest a start batch waits for its handshakes before the next batch starts anyway (a
+/// The longest the ramp waits for earlier handshakes before it starts the next vehicle anyway (a
 /// session that gets no answer retries on its own backoff).
-pub const START_BATCH_WAIT_MAX: Duration = agent::connection::HANDSHAKE_TIMEOUT;
+pub const START_WAIT_MAX: Duration = agent::connection::HANDSHAKE_TIMEOUT;
 
-/// How often the ramp looks whether a start batch has been answered.
-const START_BATCH_POLL: Duration = Duration::from_millis(2);
+/// How often the ramp looks whether earlier handshakes have been answered.
+const START_POLL: Duration = Duration::from_millis(2);
 
 /// One enrolled simulated vehicle.
 #[derive(Clone, PartialEq, Eq)]
@@ -202,8 +202,8 @@ pub fn start(config: LoadConfig, shutdown: CancellationToken) -> Result<Load, Lo
     Ok(Load { stats, ramp })
 }
 
-/// Starts the vehicles a batch at a time: the next batch when this one's handshakes were answered
-/// (welcomed or lost), or after `START_BATCH_WAIT_MAX`.
+/// Starts the vehicles with at most `handshakes_in_flight` of them waiting for an answer to their
+/// `Hello` (welcomed or lost); a wait longer than `START_WAIT_MAX` starts the next anyway.
 async fn ramp(
     config: LoadConfig,
     endpoints: Vec<(String, tonic::transport::Endpoint)>,
@@ -226,9 +226,9 @@ async fn ramp(
                 .map(|(url, endpoint)| CellLink::shared(url, endpoint.connect_lazy()))
                 .collect();
         }
-        if index > 0 && index % batch == 0 {
-            wait_for_answers(&stats, index, &shutdown).await;
-        }
+        // At most `batch` handshakes in flight: this one starts once all but `batch - 1` of
+        // those started before it were answered.
+        wait_for_answers(&stats, (index + 1).saturating_sub(batch), &shutdown).await;
         let node = simulated_vehicle(vehicle, &config, &executor, &stats);
         let cells = links.clone();
         let reconnect = config.reconnect.clone();
@@ -242,18 +242,18 @@ async fn ramp(
     sessions
 }
 
-/// Waits until `started` sessions have had an answer to their `Hello`, at most
-/// `START_BATCH_WAIT_MAX`.
-async fn wait_for_answers(stats: &SessionStats, started: usize, shutdown: &CancellationToken) {
-    let deadline = tokio::time::Instant::now() + START_BATCH_WAIT_MAX;
-    let started = started as u64;
+/// Waits until `answered` sessions have had an answer to their `Hello`, at most
+/// `START_WAIT_MAX`.
+async fn wait_for_answers(stats: &SessionStats, answered: usize, shutdown: &CancellationToken) {
+    let deadline = tokio::time::Instant::now() + START_WAIT_MAX;
+    let answered = answered as u64;
     while stats.welcomes.load(Ordering::Relaxed) + stats.sessions_lost.load(Ordering::Relaxed)
-        < started
+        < answered
     {
         if tokio::time::Instant::now() >= deadline || shutdown.is_cancelled() {
             return;
         }
-        tokio::time::sleep(START_BATCH_POLL).await;
+        tokio::time::sleep(START_POLL).await;
     }
 }
 
