@@ -26,12 +26,21 @@ pub struct BackoffConfig {
     pub factor: u32,
 }
 
+/// The cap of the first delay after a lost session (the base of the exponential).
+pub const RECONNECT_DELAY_BASE: Duration = Duration::from_millis(200);
+
+/// The cap every delay stays under: the longest a vehicle waits between two attempts.
+pub const RECONNECT_DELAY_CAP: Duration = Duration::from_secs(10);
+
+/// Growth of the cap per failed attempt.
+pub const RECONNECT_DELAY_FACTOR: u32 = 2;
+
 impl Default for BackoffConfig {
     fn default() -> Self {
         BackoffConfig {
-            initial: Duration::from_millis(200),
-            max: Duration::from_secs(10),
-            factor: 2,
+            initial: RECONNECT_DELAY_BASE,
+            max: RECONNECT_DELAY_CAP,
+            factor: RECONNECT_DELAY_FACTOR,
         }
     }
 }
