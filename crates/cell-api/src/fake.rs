@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use domain::{RequestId, TimestampMs};
+use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use crate::metering::{Metering, NodeReport, PaidSpeed, SegmentTrack};
@@ -146,8 +147,9 @@ fn tokens(pieces: &[String]) -> impl Iterator<Item = Update> + '_ {
     })
 }
 
-impl Cell for FakeCell {
-    fn submit(&self, generation: NewGeneration) -> Result<Admitted, Rejection> {
+impl FakeCell {
+    /// Takes the next script for `generation` and carries it out at once.
+    fn admit(&self, generation: NewGeneration) -> Result<Admitted, Rejection> {
         let mut seen = self.lock();
         let script =
             seen.scripts
@@ -199,6 +201,12 @@ impl Cell for FakeCell {
             }
         }
         Ok(Admitted { request, updates })
+    }
+}
+
+impl Cell for FakeCell {
+    fn submit(&self, generation: NewGeneration) -> BoxFuture<'_, Result<Admitted, Rejection>> {
+        Box::pin(futures::future::ready(self.admit(generation)))
     }
 
     fn cancel(&self, request: RequestId) -> Option<Metering> {

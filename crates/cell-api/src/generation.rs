@@ -1,12 +1,13 @@
 //! A generation as the gateway submits it and as the cell reports on it.
 
 use domain::{RequestId, TenantClass};
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::metering::Metering;
 
 /// One token the cell has committed for a generation.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CommittedToken {
     pub token_id: i32,
     pub piece: Vec<u8>,
@@ -14,13 +15,13 @@ pub struct CommittedToken {
     pub top_logprobs: Vec<(i32, Vec<u8>, f32)>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FinishReason {
     Stop,
     Length,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
@@ -31,7 +32,7 @@ pub struct Usage {
 }
 
 /// Why an admitted generation failed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GenerationError {
     /// The scheduler refused it after admission (e.g. a deadline passed).
     Rejected {
@@ -57,7 +58,7 @@ pub enum Update {
 }
 
 /// Why a request was refused at admission.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Rejection {
     NoEligibleNode {
         retry_after_seconds: u64,

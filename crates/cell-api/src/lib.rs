@@ -7,9 +7,10 @@
 //! gateway reaches a cell only through the [`Cell`] trait: submit a
 //! generation (optionally continuing from committed tokens), cancel it,
 //! receive its token and finish events, read the cell's capacity, and tell
-//! it that an owner's policy changed. Today the cell is in the same process
-//! (the `cell` crate's `Core` implements the trait); the types here are plain data so
-//! that a broker can carry them between processes.
+//! it that an owner's policy changed. The cell may be in the same process
+//! (the `cell` crate's `Core` implements the trait) or behind NATS (the
+//! `bus` crate); the types here are plain data, serde-serializable, so that
+//! a broker can carry them between processes.
 //!
 //! **Invariant:** the gateway never names a cell's internals (its nodes'
 //! sessions, the scheduler, checkpoints), and a cell never reaches into the
@@ -23,6 +24,8 @@ pub mod metering;
 pub mod served;
 
 use domain::RequestId;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
 
 pub use generation::{
     Admitted, CommittedToken, FinishReason, GenerationError, NewGeneration, Rejection, TenantRef,
@@ -36,12 +39,24 @@ pub trait Cell: Send + Sync {
     /// Admits a generation: the cell places it on a vehicle, queues it, or
     /// refuses it (nothing is kept then). Its events arrive on
     /// `Admitted::updates`, in order, ending with `Finished` or `Failed`.
-    fn submit(&self, generation: NewGeneration) -> Result<Admitted, Rejection>;
+    ///
+    /// Asynchronous because a cell in another process needs a round trip to
+    /// admit; a cell in this process answers with a ready future.
+    fn submit(&self, generation: NewGeneration) -> BoxFuture<'_, Result<Admitted, Rejection>>;
 
     /// Stops a generation wherever it runs and hands back what was metered
     /// of it so far, or `None` if it had already ended. No further event
     /// arrives for it.
     fn cancel(&self, request: RequestId) -> Option<Metering>;
+
+    /// What was metered of a generation so far, as `cancel` would hand it
+    /// back, without stopping it; `None` if it ended or the cell cannot
+    /// tell. A cell served over a broker sends this along with the tokens,
+    /// so that the far side can answer a `cancel` (called from drop guards,
+    /// so never waiting on the network) from the latest one it holds.
+    fn metered(&self, _request: RequestId) -> Option<Metering> {
+        None
+    }
 
     /// The vehicles this cell holds now, for placement and health.
     fn capacity(&self) -> Capacity;
@@ -53,7 +68,7 @@ pub trait Cell: Send + Sync {
 }
 
 /// A cell's vehicles, as a gateway sees them.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capacity {
     /// Every connected vehicle, by name.
     pub nodes: Vec<NodeSummary>,
@@ -69,7 +84,7 @@ impl Capacity {
 }
 
 /// One connected vehicle.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeSummary {
     pub name: String,
     /// The served models it holds, by name.

@@ -22,6 +22,7 @@
 use std::collections::HashMap;
 
 use domain::{NodeId, RequestId};
+use serde::{Deserialize, Serialize};
 
 /// How many times its tokens' time at its node's declared speeds a
 /// segment's compute time (and so its owner's energy reimbursement) may
@@ -179,7 +180,7 @@ impl NodeShares {
 /// The speeds a segment's compute time is bounded by: those its node
 /// declared in its `Hello`, raised to `PAID_*_TOKENS_PER_SECOND_MIN`,
 /// so that declaring itself slow cannot raise a node's bound.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaidSpeed {
     pub prefill_tokens_per_second: u64,
     pub decode_tokens_per_second: u64,
@@ -211,7 +212,7 @@ impl PaidSpeed {
 }
 
 /// One attempt of a generation on one node.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentTrack {
     /// The node's enrolled name.
     pub node: String,
@@ -288,7 +289,7 @@ impl SegmentTrack {
 }
 
 /// The finishing node's own account of its attempt (from `GenerationDone`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeReport {
     /// The prompt as the node received it.
     pub prompt_tokens: u32,
@@ -298,7 +299,7 @@ pub struct NodeReport {
 }
 
 /// Everything billing needs of a finished generation.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Metering {
     /// The prompt, as the gateway tokenized it.
     pub prompt_tokens: u32,

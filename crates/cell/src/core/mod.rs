@@ -16,6 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use futures::future::BoxFuture;
 use scheduler::{Command, Event, Millis, NodeId, RequestId, Scheduler, TenantId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -203,13 +204,7 @@ impl Core {
     pub fn cancel_metered(&self, request: RequestId) -> Option<Metering> {
         let now = self.clock.now();
         let mut state = self.lock();
-        let inflight = state.requests.get(&request)?;
-        let metering = Metering {
-            prompt_tokens: u32::try_from(inflight.prompt.len()).unwrap_or(u32::MAX),
-            segments: inflight.segments.clone(),
-            node_report: None,
-            finished_ms: now.0,
-        };
+        let metering = metered_so_far(&state, request, now)?;
         self.record(&mut state, request, "cancelled", None);
         self.metrics.requests_cancelled.fetch_add(1, ORDER);
         self.handle(&mut state, now, Event::RequestCancelled { request });
@@ -376,12 +371,17 @@ impl Core {
 }
 
 impl Cell for Core {
-    fn submit(&self, generation: NewGeneration) -> Result<Admitted, Rejection> {
-        Core::submit(self, generation)
+    fn submit(&self, generation: NewGeneration) -> BoxFuture<'_, Result<Admitted, Rejection>> {
+        Box::pin(futures::future::ready(Core::submit(self, generation)))
     }
 
     fn cancel(&self, request: RequestId) -> Option<Metering> {
         self.cancel_metered(request)
+    }
+
+    fn metered(&self, request: RequestId) -> Option<Metering> {
+        let now = self.clock.now();
+        metered_so_far(&self.lock(), request, now)
     }
 
     fn capacity(&self) -> Capacity {
@@ -391,6 +391,18 @@ impl Cell for Core {
     fn owner_policy_changed(&self, node: &str, policy: scheduler::OwnerPolicy) {
         self.node_policy_changed(node, policy);
     }
+}
+
+/// What was metered of `request` by `now`, as a cancel hands it back, or
+/// `None` if it is not in flight.
+fn metered_so_far(state: &CoreState, request: RequestId, now: Millis) -> Option<Metering> {
+    let inflight = state.requests.get(&request)?;
+    Some(Metering {
+        prompt_tokens: u32::try_from(inflight.prompt.len()).unwrap_or(u32::MAX),
+        segments: inflight.segments.clone(),
+        node_report: None,
+        finished_ms: now.0,
+    })
 }
 
 pub(crate) const ORDER: std::sync::atomic::Ordering = std::sync::atomic::Ordering::Relaxed;

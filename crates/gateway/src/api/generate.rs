@@ -131,6 +131,7 @@ async fn run(
             },
             deadline_ms,
         })
+        .await
         .map_err(rejection_error)?;
     tracing::info!(request_id = %public_id, tenant_id = tenant.id, model = %request.model.name, "admitted");
     // The whole request is bounded from here, however its tokens trickle in.

@@ -263,7 +263,7 @@ impl Routing {
             Action::StartEdge {
                 continue_from,
                 max_tokens,
-            } => Ok(Some(self.start_edge(&continue_from, max_tokens))),
+            } => Ok(Some(self.start_edge(&continue_from, max_tokens).await)),
             Action::StopEdge(text) => {
                 self.stop_edge(text).await?;
                 Ok(None)

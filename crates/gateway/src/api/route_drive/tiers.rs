@@ -191,9 +191,9 @@ pub(super) struct CloudCall {
 impl Routing {
     /// Starts an edge generation of the prompt followed by `prefix` tokens:
     /// `EdgeStarted`, or `EdgeUnavailable` when the core refuses it.
-    pub(super) fn start_edge(&mut self, prefix: &[i32], max_tokens: Option<u32>) -> Event {
+    pub(super) async fn start_edge(&mut self, prefix: &[i32], max_tokens: Option<u32>) -> Event {
         self.edge = None;
-        match self.submit_edge(prefix, max_tokens) {
+        match self.submit_edge(prefix, max_tokens).await {
             Ok((run, max_tokens)) => {
                 self.edge = Some(run);
                 Event::EdgeStarted { max_tokens }
@@ -206,7 +206,7 @@ impl Routing {
         }
     }
 
-    fn submit_edge(
+    async fn submit_edge(
         &self,
         prefix: &[i32],
         max_tokens: Option<u32>,
@@ -244,6 +244,7 @@ impl Routing {
                 top_logprobs: ROUTING_TOP_LOGPROBS,
                 deadline_ms: None,
             })
+            .await
             .map_err(generate::rejection_error)?;
         let run = EdgeRun {
             updates: admitted.updates,

@@ -1,0 +1,415 @@
+//! Everything that crosses the bus, as JSON. The subjects carry the wire's
+//! version (`fleetgrid.v1.`); a change that an older peer could not read
+//! takes a new prefix.
+//!
+//! The seam's own types (`cell_api`'s tokens, usage, metering, refusals and
+//! capacity) cross as they are. Types that belong to other crates and carry
+//! no serde derives cross as mirrors converted field by field: the sampling
+//! settings (prost-generated), the tenant's class (by its name) and an
+//! owner's policy (its class set by names).
+//!
+//! A token batch of 8 tokens with 4-byte pieces and no top log-probabilities
+//! is about 450 bytes, the cell's metering of one attempt about 250 more.
+
+use std::str::FromStr;
+
+use bytes::Bytes;
+use cell_api::metering::Metering;
+use cell_api::{
+    Capacity, CommittedToken, FinishReason, GenerationError, NewGeneration, Rejection, TenantRef,
+    Usage,
+};
+use domain::TenantClass;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::limits::MESSAGE_BYTES_MAX;
+use crate::BusError;
+
+/// A gateway asks a cell to admit a generation (request/reply on the
+/// cell's submit subject; the reply is a [`SubmitReply`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SubmitRequest {
+    pub generation: WireGeneration,
+    /// Where the cell publishes the generation's [`Batch`]es.
+    pub batches_to: String,
+}
+
+/// A cell's answer to a [`SubmitRequest`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum SubmitReply {
+    /// Admitted under the cell's own request id, which cancels and batches
+    /// name.
+    Admitted {
+        request: u64,
+    },
+    Rejected(Rejection),
+}
+
+/// `cell_api::NewGeneration` on the wire.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WireGeneration {
+    pub public_id: String,
+    pub tenant_id: i64,
+    /// `TenantClass` by its name (`fleet`, `reserved`, `spot`).
+    pub tenant_class: String,
+    pub model: String,
+    pub prompt: Vec<i32>,
+    pub committed: Vec<i32>,
+    pub sampling: WireSampling,
+    pub max_tokens: u32,
+    pub stop: Vec<String>,
+    pub top_logprobs: u32,
+    pub deadline_ms: Option<u64>,
+}
+
+/// `proto::Sampling`, field by field.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WireSampling {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: u32,
+    pub seed: u64,
+    pub ignore_eos: bool,
+}
+
+impl From<&NewGeneration> for WireGeneration {
+    fn from(generation: &NewGeneration) -> WireGeneration {
+        let sampling = &generation.sampling;
+        WireGeneration {
+            public_id: generation.public_id.clone(),
+            tenant_id: generation.tenant.id,
+            tenant_class: generation.tenant.class.as_str().to_string(),
+            model: generation.model.clone(),
+            prompt: generation.prompt.clone(),
+            committed: generation.committed.clone(),
+            sampling: WireSampling {
+                temperature: sampling.temperature,
+                top_p: sampling.top_p,
+                top_k: sampling.top_k,
+                seed: sampling.seed,
+                ignore_eos: sampling.ignore_eos,
+            },
+            max_tokens: generation.max_tokens,
+            stop: generation.stop.clone(),
+            top_logprobs: generation.top_logprobs,
+            deadline_ms: generation.deadline_ms,
+        }
+    }
+}
+
+impl TryFrom<WireGeneration> for NewGeneration {
+    type Error = domain::UnknownTenantClass;
+
+    fn try_from(wire: WireGeneration) -> Result<NewGeneration, Self::Error> {
+        let sampling = wire.sampling;
+        Ok(NewGeneration {
+            public_id: wire.public_id,
+            tenant: TenantRef {
+                id: wire.tenant_id,
+                class: TenantClass::from_str(&wire.tenant_class)?,
+            },
+            model: wire.model,
+            prompt: wire.prompt,
+            committed: wire.committed,
+            sampling: proto::Sampling {
+                temperature: sampling.temperature,
+                top_p: sampling.top_p,
+                top_k: sampling.top_k,
+                seed: sampling.seed,
+                ignore_eos: sampling.ignore_eos,
+            },
+            max_tokens: wire.max_tokens,
+            stop: wire.stop,
+            top_logprobs: wire.top_logprobs,
+            deadline_ms: wire.deadline_ms,
+        })
+    }
+}
+
+/// Tokens of one generation that were ready together, published by the
+/// cell to the subject its [`SubmitRequest`] named. An empty batch with no
+/// end is a keepalive.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Batch {
+    /// The cell's request id (from `SubmitReply::Admitted`).
+    pub request: u64,
+    /// The position of the first token in the generation's completion,
+    /// counting the committed tokens it was submitted with: a receiver that
+    /// expected a smaller position lost a batch.
+    pub first_position: u32,
+    pub tokens: Vec<CommittedToken>,
+    /// What the cell has metered of the generation so far, if it can tell.
+    pub metering: Option<Metering>,
+    /// Set on the generation's last batch.
+    pub end: Option<End>,
+}
+
+/// How a generation ended.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum End {
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+        metering: Metering,
+    },
+    Failed(GenerationError),
+}
+
+/// A gateway stops a generation on the cell that runs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelMessage {
+    pub request: u64,
+}
+
+/// An owner changed a vehicle's policy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicyMessage {
+    pub node: String,
+    pub policy: WirePolicy,
+}
+
+/// `scheduler::OwnerPolicy`, field by field; the class set by names.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WirePolicy {
+    pub allow_unplugged: bool,
+    pub unplugged_stop_soc_permille: u16,
+    pub unplugged_resume_soc_permille: u16,
+    pub allowed_hours_utc: u32,
+    pub utc_offset_minutes: i16,
+    pub max_energy_per_day_wh: Option<u32>,
+    pub max_chip_temperature_decicelsius: i16,
+    pub stop_before_departure_ms: u64,
+    pub allowed_classes: Vec<String>,
+}
+
+impl From<&scheduler::OwnerPolicy> for WirePolicy {
+    fn from(policy: &scheduler::OwnerPolicy) -> WirePolicy {
+        WirePolicy {
+            allow_unplugged: policy.allow_unplugged,
+            unplugged_stop_soc_permille: policy.unplugged_stop_soc_permille,
+            unplugged_resume_soc_permille: policy.unplugged_resume_soc_permille,
+            allowed_hours_utc: policy.allowed_hours_utc,
+            utc_offset_minutes: policy.utc_offset_minutes,
+            max_energy_per_day_wh: policy.max_energy_per_day_wh,
+            max_chip_temperature_decicelsius: policy.max_chip_temperature_decicelsius,
+            stop_before_departure_ms: policy.stop_before_departure_ms,
+            allowed_classes: TenantClass::ALL
+                .into_iter()
+                .filter(|class| policy.allowed_classes.contains(*class))
+                .map(|class| class.as_str().to_string())
+                .collect(),
+        }
+    }
+}
+
+impl TryFrom<WirePolicy> for scheduler::OwnerPolicy {
+    type Error = domain::UnknownTenantClass;
+
+    fn try_from(wire: WirePolicy) -> Result<scheduler::OwnerPolicy, Self::Error> {
+        let mut allowed_classes = scheduler::ClassSet::NONE;
+        for name in &wire.allowed_classes {
+            allowed_classes = allowed_classes.with(TenantClass::from_str(name)?);
+        }
+        Ok(scheduler::OwnerPolicy {
+            allow_unplugged: wire.allow_unplugged,
+            unplugged_stop_soc_permille: wire.unplugged_stop_soc_permille,
+            unplugged_resume_soc_permille: wire.unplugged_resume_soc_permille,
+            allowed_hours_utc: wire.allowed_hours_utc,
+            utc_offset_minutes: wire.utc_offset_minutes,
+            max_energy_per_day_wh: wire.max_energy_per_day_wh,
+            max_chip_temperature_decicelsius: wire.max_chip_temperature_decicelsius,
+            stop_before_departure_ms: wire.stop_before_departure_ms,
+            allowed_classes,
+        })
+    }
+}
+
+/// A cell's capacity, published every `CAPACITY_INTERVAL`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CapacitySummary {
+    pub cell: String,
+    /// Per served model, what placement compares.
+    pub models: Vec<ModelCapacity>,
+    /// The cell's vehicles, as `Cell::capacity` reports them.
+    pub capacity: Capacity,
+    /// Generations the cell streams to gateways now (running or queued).
+    pub streaming: u32,
+}
+
+/// A cell's vehicles that serve one model.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelCapacity {
+    pub model: String,
+    pub nodes: u32,
+    pub slots: u32,
+    pub running: u32,
+    /// Slots not running anything (a vehicle running more than it declared
+    /// counts as none free).
+    pub free_slots: u32,
+}
+
+impl CapacitySummary {
+    /// The summary of `capacity`, per model its vehicles serve, sorted by
+    /// model name.
+    pub fn of(cell: &str, capacity: Capacity, streaming: u32) -> CapacitySummary {
+        let mut models: Vec<ModelCapacity> = Vec::new();
+        for node in &capacity.nodes {
+            for model in &node.models {
+                let at = match models.iter().position(|entry| &entry.model == model) {
+                    Some(at) => at,
+                    None => {
+                        models.push(ModelCapacity {
+                            model: model.clone(),
+                            nodes: 0,
+                            slots: 0,
+                            running: 0,
+                            free_slots: 0,
+                        });
+                        models.len() - 1
+                    }
+                };
+                let entry = &mut models[at];
+                entry.nodes = entry.nodes.saturating_add(1);
+                entry.slots = entry.slots.saturating_add(node.slots);
+                entry.running = entry.running.saturating_add(node.running);
+                entry.free_slots = entry
+                    .free_slots
+                    .saturating_add(node.slots.saturating_sub(node.running));
+            }
+        }
+        models.sort_by(|a, b| a.model.cmp(&b.model));
+        CapacitySummary {
+            cell: cell.to_string(),
+            models,
+            capacity,
+            streaming,
+        }
+    }
+
+    /// What this cell has for `model`, if it serves it.
+    pub fn model(&self, model: &str) -> Option<&ModelCapacity> {
+        self.models.iter().find(|entry| entry.model == model)
+    }
+}
+
+/// `message` as bus bytes, refused over `MESSAGE_BYTES_MAX`.
+pub fn encode<T: Serialize>(message: &T) -> Result<Bytes, BusError> {
+    let bytes = serde_json::to_vec(message).map_err(BusError::Encode)?;
+    if bytes.len() > MESSAGE_BYTES_MAX {
+        return Err(BusError::TooLarge {
+            bytes: bytes.len(),
+            max: MESSAGE_BYTES_MAX,
+        });
+    }
+    Ok(Bytes::from(bytes))
+}
+
+/// A bus message from `payload`, refused over `MESSAGE_BYTES_MAX` before
+/// it is parsed.
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, BusError> {
+    if payload.len() > MESSAGE_BYTES_MAX {
+        return Err(BusError::TooLarge {
+            bytes: payload.len(),
+            max: MESSAGE_BYTES_MAX,
+        });
+    }
+    serde_json::from_slice(payload).map_err(BusError::Decode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cell_api::NodeSummary;
+
+    fn generation() -> NewGeneration {
+        NewGeneration {
+            public_id: "chatcmpl-1".into(),
+            tenant: TenantRef {
+                id: 7,
+                class: TenantClass::Reserved,
+            },
+            model: "tiny".into(),
+            prompt: vec![1, 2, 3],
+            committed: vec![9],
+            sampling: proto::Sampling {
+                temperature: 0.7,
+                top_p: 0.9,
+                top_k: 40,
+                seed: u64::MAX,
+                ignore_eos: true,
+            },
+            max_tokens: 16,
+            stop: vec!["\n".into()],
+            top_logprobs: 2,
+            deadline_ms: Some(1_500),
+        }
+    }
+
+    #[test]
+    fn a_generation_crosses_unchanged() {
+        let sent = generation();
+        let wire: WireGeneration = decode(&encode(&WireGeneration::from(&sent)).unwrap()).unwrap();
+        let received = NewGeneration::try_from(wire).unwrap();
+        assert_eq!(WireGeneration::from(&received), WireGeneration::from(&sent));
+        assert_eq!(received.sampling, sent.sampling);
+        assert_eq!(received.tenant, sent.tenant);
+    }
+
+    #[test]
+    fn an_unknown_tenant_class_is_refused() {
+        let mut wire = WireGeneration::from(&generation());
+        wire.tenant_class = "gold".into();
+        assert!(NewGeneration::try_from(wire).is_err());
+    }
+
+    #[test]
+    fn an_owner_policy_crosses_unchanged() {
+        let policy = scheduler::OwnerPolicy {
+            allow_unplugged: true,
+            max_energy_per_day_wh: Some(900),
+            allowed_classes: scheduler::ClassSet::only(TenantClass::Fleet).with(TenantClass::Spot),
+            ..scheduler::OwnerPolicy::default()
+        };
+        let wire: WirePolicy = decode(&encode(&WirePolicy::from(&policy)).unwrap()).unwrap();
+        assert_eq!(scheduler::OwnerPolicy::try_from(wire).unwrap(), policy);
+    }
+
+    #[test]
+    fn a_summary_counts_each_models_free_slots() {
+        let node = |name: &str, models: &[&str], slots, running| NodeSummary {
+            name: name.into(),
+            models: models.iter().map(|m| m.to_string()).collect(),
+            slots,
+            running,
+        };
+        let capacity = Capacity {
+            nodes: vec![
+                node("car-1", &["b", "a"], 4, 1),
+                node("car-2", &["a"], 2, 3),
+            ],
+        };
+        let summary = CapacitySummary::of("eu", capacity, 2);
+        assert_eq!(
+            summary.model("a"),
+            Some(&ModelCapacity {
+                model: "a".into(),
+                nodes: 2,
+                slots: 6,
+                running: 4,
+                free_slots: 3,
+            })
+        );
+        assert_eq!(summary.model("b").map(|m| m.free_slots), Some(3));
+        assert_eq!(summary.model("c"), None);
+    }
+
+    #[test]
+    fn an_oversized_message_is_refused_unparsed() {
+        let payload = vec![b' '; MESSAGE_BYTES_MAX + 1];
+        assert!(matches!(
+            decode::<CancelMessage>(&payload),
+            Err(BusError::TooLarge { .. })
+        ));
+    }
+}
