@@ -611,6 +611,6 @@ mod tests {
         by_url.close().await;
         assert!(is_postgres_url("postgresql://db.example/fleet"));
         assert!(!is_postgres_url("sqlite://fleet.db"));
-        schema.drop().await;
+        schema.remove().await;
     }
 }

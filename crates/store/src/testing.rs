@@ -28,7 +28,7 @@ pub enum Backend {
     Postgres,
 }
 
-/// A PostgreSQL schema of its own, for one test; `drop` removes it.
+/// A PostgreSQL schema of its own, for one test; `remove` drops it.
 pub struct PgSchema {
     name: String,
     url: String,
@@ -85,7 +85,7 @@ impl PgSchema {
     }
 
     /// Drops the schema and everything in it.
-    pub async fn drop(self) {
+    pub async fn remove(self) {
         let mut admin = connect(&self.server, &self.name).await;
         sqlx::query(&format!("DROP SCHEMA {} CASCADE", self.name))
             .execute(&mut admin)
@@ -109,7 +109,7 @@ async fn connect(server: &PgConnectOptions, what: &str) -> PgConnection {
 /// Where a test store lives, kept until the test ends.
 enum Backing {
     Directory(tempfile::TempDir),
-    Schema(PgSchema),
+    Schema(Box<PgSchema>),
 }
 
 /// A fresh, empty store on one backend.
@@ -133,7 +133,7 @@ impl TestStore {
                 let schema = PgSchema::create().await;
                 TestStore {
                     store: schema.store().await,
-                    backing: Backing::Schema(schema),
+                    backing: Backing::Schema(Box::new(schema)),
                 }
             }
         }
@@ -169,7 +169,7 @@ impl TestStore {
         self.store.close().await;
         match self.backing {
             Backing::Directory(_) => {}
-            Backing::Schema(schema) => schema.drop().await,
+            Backing::Schema(schema) => schema.remove().await,
         }
     }
 }
