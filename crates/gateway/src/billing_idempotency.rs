@@ -1,5 +1,5 @@
 //! Storage of Idempotency-Key records in the coordinator's database (table
-//! `idempotency_keys`, migration 0003). See `api::idempotency` for the
+//! `idempotency_keys`, made by the store's migrations). See `api::idempotency` for the
 //! protocol; this module only keeps the rows.
 //!
 //! A finished request is kept with its response and its settlement, the
@@ -11,6 +11,11 @@
 //! process that is gone (it was killed mid-request, before it kept any
 //! response, so nothing of it was settled): the next request with that key
 //! takes it over and runs afresh.
+//!
+//! The rows live in the store's database, SQLite or PostgreSQL, through a
+//! pool of their own with durable commits (`synchronous=FULL` on SQLite,
+//! `synchronous_commit=on` on PostgreSQL, whatever the server's default):
+//! a kept response must survive a crash of the process or the machine.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,11 +26,11 @@ use ledger::metering::{Server, UsageSegment};
 use ledger::settlement::CompletedRequest;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::SqlitePool;
 
 use crate::billing::BillingError;
-use crate::store::DATABASE_FILE;
+use crate::store::{on_database, Database, Store, DATABASE_FILE};
 
 /// How long a key is remembered; a retry later than this runs afresh.
 pub const IDEMPOTENCY_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
@@ -33,8 +38,17 @@ pub const IDEMPOTENCY_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 /// Longest key accepted, in bytes.
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 255;
 
-/// Connections of the idempotency pool (one writer at a time in SQLite).
+/// Connections of the idempotency pool on SQLite (one writer at a time).
 const CONNECTIONS_MAX: u32 = 2;
+
+/// Connections of the idempotency pool on PostgreSQL, per process.
+const POSTGRES_CONNECTIONS_MAX: u32 = 4;
+
+/// How long a SQLite writer waits for the write lock.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a query waits for a PostgreSQL connection.
+const POSTGRES_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `request_hash, state, boot_id, response, settlement`.
 type KeyRow = (String, String, String, Option<String>, Option<String>);
@@ -56,27 +70,56 @@ pub enum Found {
 }
 
 pub struct IdempotencyStore {
-    pool: SqlitePool,
+    database: Database,
     boot_id: String,
 }
 
 impl IdempotencyStore {
-    /// Opens its own pool on the coordinator's database, with durable
+    /// Opens its own pool on the SQLite database in `data_dir`, with durable
     /// commits: a kept response must survive a crash of the process.
     pub async fn open(data_dir: &Path) -> Result<IdempotencyStore, sqlx::Error> {
-        let options = SqliteConnectOptions::new()
-            .filename(data_dir.join(DATABASE_FILE))
+        let options = SqliteConnectOptions::new().filename(data_dir.join(DATABASE_FILE));
+        IdempotencyStore::open_sqlite(options).await
+    }
+
+    /// Opens its own pool, with durable commits, on the database `store`
+    /// uses (SQLite or PostgreSQL), whose migrations made the table.
+    pub async fn for_store(store: &Store) -> Result<IdempotencyStore, sqlx::Error> {
+        match store.database() {
+            Database::Sqlite(pool) => {
+                IdempotencyStore::open_sqlite((*pool.connect_options()).clone()).await
+            }
+            Database::Postgres(pool) => {
+                let options = (*pool.connect_options())
+                    .clone()
+                    .options([("synchronous_commit", "on")]);
+                let pool = PgPoolOptions::new()
+                    .max_connections(POSTGRES_CONNECTIONS_MAX)
+                    .acquire_timeout(POSTGRES_ACQUIRE_TIMEOUT)
+                    .connect_with(options)
+                    .await?;
+                Ok(IdempotencyStore::with_database(Database::Postgres(pool)))
+            }
+        }
+    }
+
+    async fn open_sqlite(options: SqliteConnectOptions) -> Result<IdempotencyStore, sqlx::Error> {
+        let options = options
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(SQLITE_BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
             .max_connections(CONNECTIONS_MAX)
             .connect_with(options)
             .await?;
-        Ok(IdempotencyStore {
-            pool,
+        Ok(IdempotencyStore::with_database(Database::Sqlite(pool)))
+    }
+
+    fn with_database(database: Database) -> IdempotencyStore {
+        IdempotencyStore {
+            database,
             boot_id: uuid::Uuid::new_v4().simple().to_string(),
-        })
+        }
     }
 
     /// Claims `key` for a request with `hash`, or reports what holds it.
@@ -87,38 +130,13 @@ impl IdempotencyStore {
         hash: &str,
         now_ms: i64,
     ) -> Result<Found, BillingError> {
-        let retention_ms = i64::try_from(IDEMPOTENCY_RETENTION.as_millis()).unwrap_or(i64::MAX);
-        sqlx::query("DELETE FROM idempotency_keys WHERE created_ms < ?")
-            .bind(now_ms.saturating_sub(retention_ms))
-            .execute(&self.pool)
-            .await
-            .map_err(database)?;
-        let inserted = sqlx::query(
-            "INSERT INTO idempotency_keys (tenant_id, idempotency_key, request_hash, state, \
-             boot_id, created_ms) VALUES (?, ?, ?, 'running', ?, ?) \
-             ON CONFLICT (tenant_id, idempotency_key) DO NOTHING",
-        )
-        .bind(tenant_id)
-        .bind(key)
-        .bind(hash)
-        .bind(&self.boot_id)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await
-        .map_err(database)?;
-        if inserted.rows_affected() == 1 {
+        self.forget_expired(now_ms).await?;
+        if self.insert_running(tenant_id, key, hash, now_ms).await? {
             return Ok(Found::Run(self.slot(tenant_id, key)));
         }
-        let row: Option<KeyRow> = sqlx::query_as(
-            "SELECT request_hash, state, boot_id, response, settlement FROM idempotency_keys \
-                 WHERE tenant_id = ? AND idempotency_key = ?",
-        )
-        .bind(tenant_id)
-        .bind(key)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(database)?;
-        let Some((stored_hash, state, boot_id, response, settlement)) = row else {
+        let Some((stored_hash, state, boot_id, response, settlement)) =
+            self.row(tenant_id, key).await?
+        else {
             // Deleted between our insert and our read (retention): the
             // caller may simply try again.
             return Ok(Found::InProgress);
@@ -138,19 +156,7 @@ impl IdempotencyStore {
         if boot_id == self.boot_id {
             return Ok(Found::InProgress);
         }
-        let taken = sqlx::query(
-            "UPDATE idempotency_keys SET boot_id = ?, created_ms = ? \
-             WHERE tenant_id = ? AND idempotency_key = ? AND state = 'running' AND boot_id = ?",
-        )
-        .bind(&self.boot_id)
-        .bind(now_ms)
-        .bind(tenant_id)
-        .bind(key)
-        .bind(&boot_id)
-        .execute(&self.pool)
-        .await
-        .map_err(database)?;
-        if taken.rows_affected() == 1 {
+        if self.take_over(tenant_id, key, &boot_id, now_ms).await? {
             tracing::info!(
                 tenant_id,
                 "taking over an idempotency key left running by a previous process"
@@ -158,6 +164,119 @@ impl IdempotencyStore {
             return Ok(Found::Run(self.slot(tenant_id, key)));
         }
         Ok(Found::InProgress)
+    }
+
+    /// Deletes the keys older than the retention bound.
+    async fn forget_expired(&self, now_ms: i64) -> Result<(), BillingError> {
+        let retention_ms = i64::try_from(IDEMPOTENCY_RETENTION.as_millis()).unwrap_or(i64::MAX);
+        let sql = "DELETE FROM idempotency_keys WHERE created_ms < $1";
+        on_database!(&self.database, pool => {
+            sqlx::query(sql)
+            .bind(now_ms.saturating_sub(retention_ms))
+            .execute(pool)
+            .await
+            .map_err(database)?;
+        });
+        Ok(())
+    }
+
+    /// Inserts `key` as running in this boot; false if it is already held.
+    async fn insert_running(
+        &self,
+        tenant_id: i64,
+        key: &str,
+        hash: &str,
+        now_ms: i64,
+    ) -> Result<bool, BillingError> {
+        let sql = "INSERT INTO idempotency_keys (tenant_id, idempotency_key, request_hash, state, \
+                   boot_id, created_ms) VALUES ($1, $2, $3, 'running', $4, $5) \
+                   ON CONFLICT (tenant_id, idempotency_key) DO NOTHING";
+        let inserted = on_database!(&self.database, pool => sqlx::query(sql)
+            .bind(tenant_id)
+            .bind(key)
+            .bind(hash)
+            .bind(&self.boot_id)
+            .bind(now_ms)
+            .execute(pool)
+            .await
+            .map_err(database)?
+            .rows_affected());
+        Ok(inserted == 1)
+    }
+
+    async fn row(&self, tenant_id: i64, key: &str) -> Result<Option<KeyRow>, BillingError> {
+        let sql = "SELECT request_hash, state, boot_id, response, settlement \
+                   FROM idempotency_keys WHERE tenant_id = $1 AND idempotency_key = $2";
+        Ok(on_database!(&self.database, pool => sqlx::query_as(sql)
+            .bind(tenant_id)
+            .bind(key)
+            .fetch_optional(pool)
+            .await
+            .map_err(database)?))
+    }
+
+    /// Moves a key `boot_id` left running to this boot; false if it has
+    /// changed meanwhile (finished, released, or taken by another).
+    async fn take_over(
+        &self,
+        tenant_id: i64,
+        key: &str,
+        boot_id: &str,
+        now_ms: i64,
+    ) -> Result<bool, BillingError> {
+        let sql = "UPDATE idempotency_keys SET boot_id = $1, created_ms = $2 \
+                   WHERE tenant_id = $3 AND idempotency_key = $4 AND state = 'running' \
+                   AND boot_id = $5";
+        let taken = on_database!(&self.database, pool => sqlx::query(sql)
+            .bind(&self.boot_id)
+            .bind(now_ms)
+            .bind(tenant_id)
+            .bind(key)
+            .bind(boot_id)
+            .execute(pool)
+            .await
+            .map_err(database)?
+            .rows_affected());
+        Ok(taken == 1)
+    }
+
+    /// Keeps a finished request's response and settlement under a key this
+    /// boot holds; false if it holds it no more.
+    async fn keep_done(
+        &self,
+        tenant_id: i64,
+        key: &str,
+        response: String,
+        settlement: String,
+    ) -> Result<bool, BillingError> {
+        let sql = "UPDATE idempotency_keys SET state = 'done', response = $1, settlement = $2 \
+                   WHERE tenant_id = $3 AND idempotency_key = $4 AND boot_id = $5";
+        let updated = on_database!(&self.database, pool => sqlx::query(sql)
+            .bind(&response)
+            .bind(&settlement)
+            .bind(tenant_id)
+            .bind(key)
+            .bind(&self.boot_id)
+            .execute(pool)
+            .await
+            .map_err(database)?
+            .rows_affected());
+        Ok(updated == 1)
+    }
+
+    /// Deletes a key this boot holds and has not finished.
+    async fn release(&self, tenant_id: i64, key: &str) -> Result<(), sqlx::Error> {
+        let sql = "DELETE FROM idempotency_keys WHERE tenant_id = $1 AND idempotency_key = $2 \
+                   AND state = 'running' AND boot_id = $3";
+        on_database!(&self.database, pool => {
+            sqlx::query(sql)
+            .bind(tenant_id)
+            .bind(key)
+            .bind(&self.boot_id)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
     }
 
     fn slot(self: &Arc<Self>, tenant_id: i64, key: &str) -> Slot {
@@ -189,19 +308,11 @@ impl Slot {
         let settlement = settlement_to_json(settlement).map_err(|error| {
             BillingError::internal("keep a settlement for idempotent replay", &error)
         })?;
-        let updated = sqlx::query(
-            "UPDATE idempotency_keys SET state = 'done', response = ?, settlement = ? \
-             WHERE tenant_id = ? AND idempotency_key = ? AND boot_id = ?",
-        )
-        .bind(response.to_string())
-        .bind(settlement)
-        .bind(self.tenant_id)
-        .bind(&self.key)
-        .bind(&self.store.boot_id)
-        .execute(&self.store.pool)
-        .await
-        .map_err(database)?;
-        if updated.rows_affected() != 1 {
+        let kept = self
+            .store
+            .keep_done(self.tenant_id, &self.key, response.to_string(), settlement)
+            .await?;
+        if !kept {
             return Err(BillingError::internal(
                 "keep a response for idempotent replay",
                 &format!(
@@ -227,16 +338,7 @@ impl Drop for Slot {
         let tenant_id = self.tenant_id;
         let key = std::mem::take(&mut self.key);
         runtime.spawn(async move {
-            let released = sqlx::query(
-                "DELETE FROM idempotency_keys WHERE tenant_id = ? AND idempotency_key = ? \
-                 AND state = 'running' AND boot_id = ?",
-            )
-            .bind(tenant_id)
-            .bind(&key)
-            .bind(&store.boot_id)
-            .execute(&store.pool)
-            .await;
-            if let Err(error) = released {
+            if let Err(error) = store.release(tenant_id, &key).await {
                 tracing::warn!(%error, tenant_id, "release an idempotency key");
             }
         });
@@ -365,8 +467,144 @@ fn settlement_from_json(text: &str) -> Result<CompletedRequest, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::testing::TestStore;
     use ledger::core::{MicroUsd, MicroWh, NodeId, OwnerId};
     use ledger::pricing::TenantClass;
+
+    /// How long a test waits for a dropped slot's key to be released.
+    const RELEASE_DEADLINE: Duration = Duration::from_secs(30);
+
+    /// Pause between looks at whether a key was released.
+    const RELEASE_CHECK_INTERVAL: Duration = Duration::from_millis(20);
+
+    store::on_each_backend!(
+        keys_claimed_kept_replayed_and_released_across_two_gateways,
+        a_kept_response_is_committed_durably,
+    );
+
+    async fn gateway(store: &Store) -> Arc<IdempotencyStore> {
+        Arc::new(
+            IdempotencyStore::for_store(store)
+                .await
+                .expect("idempotency store"),
+        )
+    }
+
+    /// Claims `key` until it runs: a slot dropped just before is released
+    /// in a task of its own.
+    async fn claim_once_released(store: &Arc<IdempotencyStore>, key: &str) -> Slot {
+        let deadline = tokio::time::Instant::now() + RELEASE_DEADLINE;
+        loop {
+            match store.claim(1, key, "h", 20).await.expect("claim") {
+                Found::Run(slot) => return slot,
+                Found::InProgress if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(RELEASE_CHECK_INTERVAL).await;
+                }
+                Found::InProgress => panic!("the dropped slot's key was never released"),
+                _ => panic!("a released key is free"),
+            }
+        }
+    }
+
+    async fn keys_claimed_kept_replayed_and_released_across_two_gateways(test: &TestStore) {
+        let other_store = test.another_handle().await;
+        let first = gateway(&test.store).await;
+        let second = gateway(&other_store).await;
+
+        // Claimed, asked again while running, with another body, then kept
+        // and replayed by the other gateway.
+        let Found::Run(mut slot) = first.claim(1, "k1", "h", 10).await.expect("claim") else {
+            panic!("a new key runs");
+        };
+        assert!(matches!(
+            first.claim(1, "k1", "h", 11).await.expect("claim"),
+            Found::InProgress
+        ));
+        assert!(matches!(
+            second.claim(1, "k1", "other", 11).await.expect("claim"),
+            Found::Mismatch
+        ));
+        let response = serde_json::json!({"id": "chatcmpl-1", "choices": []});
+        slot.store_done(&response, &request()).await.expect("keep");
+        match second.claim(1, "k1", "h", 12).await.expect("claim") {
+            Found::Done {
+                response: kept,
+                settlement,
+            } => {
+                assert_eq!(kept, response);
+                assert_eq!(settlement, Ok(request()));
+            }
+            _ => panic!("a kept key replays"),
+        }
+        // Keys are per tenant.
+        let Found::Run(mut elsewhere) = second.claim(2, "k1", "h", 12).await.expect("claim") else {
+            panic!("another tenant's key is its own");
+        };
+        elsewhere
+            .store_done(&response, &request())
+            .await
+            .expect("keep");
+
+        // A slot dropped before it kept anything frees its key.
+        let Found::Run(dropped) = first.claim(1, "k2", "h", 13).await.expect("claim") else {
+            panic!("a new key runs");
+        };
+        drop(dropped);
+        let mut retried = claim_once_released(&first, "k2").await;
+        retried
+            .store_done(&response, &request())
+            .await
+            .expect("keep");
+
+        // A key another boot holds running is taken over (its process is
+        // taken to be gone); the first holder can no longer keep it.
+        let Found::Run(mut left) = first.claim(1, "k3", "h", 15).await.expect("claim") else {
+            panic!("a new key runs");
+        };
+        let Found::Run(mut taken) = second.claim(1, "k3", "h", 16).await.expect("claim") else {
+            panic!("a key another boot left running is taken over");
+        };
+        taken.store_done(&response, &request()).await.expect("keep");
+        assert!(left.store_done(&response, &request()).await.is_err());
+        drop(left);
+        assert!(matches!(
+            first.claim(1, "k3", "h", 17).await.expect("claim"),
+            Found::Done { .. }
+        ));
+        other_store.close().await;
+    }
+
+    /// A kept response survives a crash of the machine: its commit waits
+    /// for the disk on either backend, even where the store's own
+    /// connections do not (SQLite's `synchronous=NORMAL`, a PostgreSQL
+    /// server or URL with `synchronous_commit=off`).
+    async fn a_kept_response_is_committed_durably(test: &TestStore) {
+        let lax = match test.postgres_options() {
+            Some(options) => {
+                Store::connect_postgres_with(options.options([("synchronous_commit", "off")]))
+                    .await
+                    .expect("store")
+            }
+            None => test.store.clone(),
+        };
+        let store = gateway(&lax).await;
+        match &store.database {
+            Database::Sqlite(pool) => {
+                let (synchronous,): (i64,) = sqlx::query_as("PRAGMA synchronous")
+                    .fetch_one(pool)
+                    .await
+                    .expect("pragma");
+                assert_eq!(synchronous, 2, "synchronous=FULL");
+            }
+            Database::Postgres(pool) => {
+                let (commit,): (String,) = sqlx::query_as("SHOW synchronous_commit")
+                    .fetch_one(pool)
+                    .await
+                    .expect("show");
+                assert_eq!(commit, "on");
+            }
+        }
+    }
 
     fn request() -> CompletedRequest {
         let request_id = RequestId::new("chatcmpl-1").unwrap();

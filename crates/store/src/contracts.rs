@@ -9,9 +9,8 @@
 //! contract write takes the next `contract_revision`, so a running
 //! coordinator picks up changes made by the CLI with `contracts_since`.
 
-use sqlx::Row;
-
-use crate::{Store, StoreError, TenantClass, TenantRecord};
+use crate::database::{in_revision_transaction, RevisionKind};
+use crate::{on_database, Store, StoreError, TenantClass, TenantRecord};
 
 /// Requests one tenant may hold at the gateway at once (queued, running, or
 /// a response still being sent), unless its contract says otherwise
@@ -92,49 +91,71 @@ impl TenantContract {
 const CONTRACT_COLUMNS: &str = "id, name, class, weight, max_concurrency, tokens_per_minute, \
      min_share_permille, contract_revision";
 
+/// A row of `CONTRACT_COLUMNS`, in that order.
+type ContractRow = (
+    i64,
+    String,
+    String,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    i64,
+);
+
+/// Stores a contract at the next revision; run in a revision transaction,
+/// so that revisions commit in the order taken.
+const UPDATE_CONTRACT: &str = "UPDATE tenants SET weight = $1, max_concurrency = $2, \
+     tokens_per_minute = $3, min_share_permille = $4, \
+     contract_revision = (SELECT COALESCE(MAX(contract_revision), 0) + 1 FROM tenants) \
+     WHERE name = $5 RETURNING contract_revision";
+
 impl Store {
-    /// The tenant's contract merged with `update`, checked and stored.
+    /// The tenant's contract merged with `update`, checked and stored. The
+    /// read, merge and write are one transaction, so two processes setting
+    /// different fields at once both keep theirs.
     pub async fn set_tenant_contract(
         &self,
         name: &str,
         update: &TenantContract,
     ) -> Result<ContractChange, StoreError> {
-        let current = self
-            .tenant_contract(name)
-            .await?
-            .ok_or_else(|| StoreError::NoSuchTenant(name.to_string()))?;
-        let contract = current.contract.merged(update);
-        contract.check(current.tenant.class)?;
-        let row = sqlx::query(
-            "UPDATE tenants SET weight = ?, max_concurrency = ?, tokens_per_minute = ?, \
-             min_share_permille = ?, \
-             contract_revision = (SELECT COALESCE(MAX(contract_revision), 0) + 1 FROM tenants) \
-             WHERE name = ? RETURNING contract_revision",
-        )
-        .bind(contract.weight.map(i64::from))
-        .bind(contract.max_concurrency.map(i64::from))
-        .bind(contract.tokens_per_minute.map(i64::from))
-        .bind(contract.min_share_permille.map(i64::from))
-        .bind(name)
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or_else(|| StoreError::NoSuchTenant(name.to_string()))?;
-        Ok(ContractChange {
-            tenant: current.tenant,
-            contract,
-            revision: row.try_get("contract_revision")?,
-        })
+        let select = format!("SELECT {CONTRACT_COLUMNS} FROM tenants WHERE name = $1");
+        let change = in_revision_transaction!(self.database(), RevisionKind::Contracts, tx => {
+            let current: Option<ContractRow> = sqlx::query_as(&select)
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let current = current
+                .map(contract_from_row)
+                .transpose()?
+                .ok_or_else(|| StoreError::NoSuchTenant(name.to_string()))?;
+            let contract = current.contract.merged(update);
+            contract.check(current.tenant.class)?;
+            let (revision,): (i64,) = sqlx::query_as(UPDATE_CONTRACT)
+                .bind(contract.weight.map(i64::from))
+                .bind(contract.max_concurrency.map(i64::from))
+                .bind(contract.tokens_per_minute.map(i64::from))
+                .bind(contract.min_share_permille.map(i64::from))
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
+            ContractChange {
+                tenant: current.tenant,
+                contract,
+                revision,
+            }
+        });
+        Ok(change)
     }
 
     /// A tenant with its contract.
     pub async fn tenant_contract(&self, name: &str) -> Result<Option<ContractChange>, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {CONTRACT_COLUMNS} FROM tenants WHERE name = ?"
-        ))
-        .bind(name)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|row| contract_from_row(&row)).transpose()
+        let sql = format!("SELECT {CONTRACT_COLUMNS} FROM tenants WHERE name = $1");
+        let row: Option<ContractRow> = on_database!(self.database(), pool => sqlx::query_as(&sql)
+            .bind(name)
+            .fetch_optional(pool)
+            .await?);
+        row.map(contract_from_row).transpose()
     }
 
     /// Contracts written after `revision`, oldest first, at most `limit`.
@@ -143,22 +164,22 @@ impl Store {
         revision: i64,
         limit: u32,
     ) -> Result<Vec<ContractChange>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {CONTRACT_COLUMNS} FROM tenants WHERE contract_revision > ? \
-             ORDER BY contract_revision LIMIT ?"
-        ))
-        .bind(revision)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(contract_from_row).collect()
+        let sql = format!(
+            "SELECT {CONTRACT_COLUMNS} FROM tenants WHERE contract_revision > $1 \
+             ORDER BY contract_revision LIMIT $2"
+        );
+        let rows: Vec<ContractRow> = on_database!(self.database(), pool => sqlx::query_as(&sql)
+            .bind(revision)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?);
+        rows.into_iter().map(contract_from_row).collect()
     }
 }
 
-fn contract_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<ContractChange, StoreError> {
-    let class: String = row.try_get("class")?;
-    let narrow = |column: &str| -> Result<Option<u32>, StoreError> {
-        let value: Option<i64> = row.try_get(column)?;
+fn contract_from_row(row: ContractRow) -> Result<ContractChange, StoreError> {
+    let (id, name, class, weight, max_concurrency, tokens_per_minute, min_share, revision) = row;
+    let narrow = |column: &str, value: Option<i64>| -> Result<Option<u32>, StoreError> {
         value
             .map(|value| {
                 u32::try_from(value).map_err(|_| {
@@ -167,32 +188,78 @@ fn contract_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<ContractChange, St
             })
             .transpose()
     };
-    let share = narrow("min_share_permille")?
+    let share = narrow("min_share_permille", min_share)?
         .map(|share| u16::try_from(share).unwrap_or(MIN_SHARE_PERMILLE_MAX));
     Ok(ContractChange {
         tenant: TenantRecord {
-            id: row.try_get("id")?,
-            name: row.try_get("name")?,
+            id,
+            name,
             class: class.parse()?,
         },
         contract: TenantContract {
-            weight: narrow("weight")?,
-            max_concurrency: narrow("max_concurrency")?,
-            tokens_per_minute: narrow("tokens_per_minute")?,
+            weight: narrow("weight", weight)?,
+            max_concurrency: narrow("max_concurrency", max_concurrency)?,
+            tokens_per_minute: narrow("tokens_per_minute", tokens_per_minute)?,
             min_share_permille: share,
         },
-        revision: row.try_get("contract_revision")?,
+        revision,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::TestStore;
 
-    #[tokio::test]
-    async fn contracts_merge_check_and_feed_the_scheduler() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).await.expect("open");
+    /// Rounds of two processes changing one tenant's contract at once.
+    const RACES: usize = 10;
+
+    crate::on_each_backend!(
+        contracts_merge_check_and_feed_the_scheduler,
+        two_processes_changing_different_fields_at_once_both_keep_theirs,
+    );
+
+    async fn two_processes_changing_different_fields_at_once_both_keep_theirs(test: &TestStore) {
+        let other = test.another_handle().await;
+        for race in 0..RACES {
+            let name = format!("tenant-{race}");
+            test.store
+                .create_tenant(&name, TenantClass::Spot, 1)
+                .await
+                .expect("tenant");
+            let weight = TenantContract {
+                weight: Some(5),
+                ..TenantContract::default()
+            };
+            let quota = TenantContract {
+                tokens_per_minute: Some(9_000),
+                ..TenantContract::default()
+            };
+            let (left, right) = tokio::join!(
+                test.store.set_tenant_contract(&name, &weight),
+                other.set_tenant_contract(&name, &quota),
+            );
+            let (left, right) = (left.expect("set"), right.expect("set"));
+            assert_ne!(left.revision, right.revision);
+            let stored = test
+                .store
+                .tenant_contract(&name)
+                .await
+                .expect("read")
+                .expect("tenant");
+            assert_eq!(stored.contract.weight, Some(5), "race {race}");
+            assert_eq!(
+                stored.contract.tokens_per_minute,
+                Some(9_000),
+                "race {race}"
+            );
+            assert_eq!(stored.revision, left.revision.max(right.revision));
+        }
+        other.close().await;
+    }
+
+    async fn contracts_merge_check_and_feed_the_scheduler(test: &TestStore) {
+        let store = &test.store;
         store
             .create_tenant("sister", TenantClass::Reserved, 1)
             .await

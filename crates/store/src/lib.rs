@@ -1,28 +1,58 @@
-//! The store the gateway and the cell share: SQLite in WAL mode.
+//! The store the gateway and the cell share: tenants, hashed API keys,
+//! owners and their keys, enrolled nodes (hashed credentials), owner
+//! policies, tenant contracts, and a log of finished requests.
 //!
-//! What is stored: tenants, hashed API keys, enrolled nodes (hashed
-//! credentials) and a log of finished requests. What is rebuilt in memory at
-//! start-up and never stored: which nodes are connected, their vehicle state,
-//! and in-flight generations — those live as long as the connections that
-//! carry them. The CLI (`fleetgrid tenants`, `fleetgrid nodes`) writes to the
-//! same database while the server runs; WAL lets both proceed.
+//! What is rebuilt in memory at start-up and never stored: which nodes are
+//! connected, their vehicle state, and in-flight generations — those live as
+//! long as the connections that carry them.
+//!
+//! # Backends
+//!
+//! **SQLite** (the embedded default, [`Store::open`]): one file,
+//! [`DATABASE_FILE`], in the data directory, in WAL mode, so that the CLI
+//! (`fleetgrid tenants`, `fleetgrid nodes`) writes to it while the server
+//! runs. Nothing else to install; one machine.
+//!
+//! **PostgreSQL** ([`Store::connect`] with a `postgres://` URL): one database
+//! shared by gateways and cells on several machines and by the CLI, with its
+//! own migrations (`migrations_pg/`, recorded in `store_migrations`, so the
+//! ledger may share the database). Names are unique in the schema, so two
+//! processes creating the same tenant, owner or node get one winner and a
+//! clean `…Exists` error; ids are assigned by the database. Revisions of
+//! policies and contracts are taken under an advisory lock and so commit in
+//! order, which lets every process follow them by polling (`changes`); a
+//! commit also notifies followers, which then read at once.
+//!
+//! Every method gives the same results on both; the SQL is shared (`$1`
+//! placeholders, which SQLite accepts too) except for how a revision is
+//! taken (`database`). Other crates that keep tables in the store's
+//! database reach it through [`Store::database`] and [`on_database!`].
 
 use std::path::Path;
+use std::str::FromStr;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::sqlite::SqliteConnectOptions;
 
 pub mod changes;
 pub mod contracts;
+mod database;
 pub mod owner_policy;
 pub mod owners;
 pub mod secrets;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
-/// Connections in the pool; SQLite has one writer, so more would only wait.
-const POOL_CONNECTIONS_MAX: u32 = 4;
+pub use database::{Database, CHANGES_CHANNEL};
 
 /// File name of the database inside the data directory.
 pub const DATABASE_FILE: &str = "fleetgrid.db";
+
+/// URL schemes that select PostgreSQL in [`Store::connect`].
+const POSTGRES_SCHEMES: [&str; 2] = ["postgres://", "postgresql://"];
+
+/// URL scheme of a SQLite database file in [`Store::connect`].
+const SQLITE_SCHEME: &str = "sqlite:";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -35,6 +65,8 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("migrate database: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("migration {0} was changed after it was applied to this database")]
+    MigrationChanged(i64),
     #[error("tenant {0:?} already exists")]
     TenantExists(String),
     #[error("no tenant named {0:?}")]
@@ -87,56 +119,103 @@ pub struct RequestRecord {
     pub error: Option<String>,
 }
 
+/// `id, name, class` of a tenant.
+type TenantRow = (i64, String, String);
+
+/// `name, owner, owner_id, last_seen_ms` of a node.
+type NodeRow = (String, String, Option<i64>, Option<i64>);
+
 #[derive(Clone)]
 pub struct Store {
     /// The database; the gateway keeps its own tables (idempotency keys,
     /// cloud budgets) in it too.
-    pub pool: SqlitePool,
+    database: Database,
 }
 
 impl Store {
-    /// Opens (creating if needed) the database in `data_dir` and migrates it.
+    /// Opens (creating if needed) the SQLite database in `data_dir` and
+    /// migrates it.
     pub async fn open(data_dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
             path: data_dir.display().to_string(),
             source,
         })?;
-        let options = SqliteConnectOptions::new()
-            .filename(data_dir.join(DATABASE_FILE))
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(std::time::Duration::from_secs(5))
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(POOL_CONNECTIONS_MAX)
-            .connect_with(options)
-            .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Store { pool })
+        let options = SqliteConnectOptions::new().filename(data_dir.join(DATABASE_FILE));
+        Store::open_sqlite_with(options).await
+    }
+
+    /// Opens the store a URL names: `postgres://…` or `postgresql://…` is a
+    /// PostgreSQL database, `sqlite:…` a SQLite file, and anything else a
+    /// data directory, as in [`Store::open`].
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        if is_postgres_url(url) {
+            return Store::connect_postgres_with(url.parse()?).await;
+        }
+        if url.starts_with(SQLITE_SCHEME) {
+            return Store::open_sqlite_with(SqliteConnectOptions::from_str(url)?).await;
+        }
+        Store::open(Path::new(url)).await
+    }
+
+    /// Opens a SQLite database with explicit options; the store's own
+    /// settings (WAL, foreign keys, creating the file) are applied on top.
+    pub async fn open_sqlite_with(options: SqliteConnectOptions) -> Result<Store, StoreError> {
+        let pool = database::open_sqlite(options).await?;
+        Ok(Store {
+            database: Database::Sqlite(pool),
+        })
+    }
+
+    /// Connects to PostgreSQL with explicit options (for example a
+    /// `search_path` naming the schema) and migrates the schema.
+    pub async fn connect_postgres_with(options: PgConnectOptions) -> Result<Store, StoreError> {
+        let pool = database::connect_postgres(options).await?;
+        Ok(Store {
+            database: Database::Postgres(pool),
+        })
+    }
+
+    /// The pool, for tables other crates keep in the store's database.
+    pub fn database(&self) -> &Database {
+        &self.database
+    }
+
+    /// `"sqlite"` or `"postgres"`.
+    pub fn backend_name(&self) -> &'static str {
+        match self.database {
+            Database::Sqlite(_) => "sqlite",
+            Database::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Closes the pool, which every clone of this store shares; later
+    /// queries fail.
+    pub async fn close(&self) {
+        on_database!(&self.database, pool => pool.close().await);
     }
 
     /// Creates a tenant and its first API key; the key is returned once.
+    /// The tenant's name is unique: of two processes creating it at once,
+    /// one gets `TenantExists`.
     pub async fn create_tenant(
         &self,
         name: &str,
         class: TenantClass,
         now_ms: i64,
     ) -> Result<(TenantRecord, String), StoreError> {
-        let inserted = sqlx::query(
-            "INSERT INTO tenants (name, class, created_ms) VALUES (?, ?, ?) \
-             ON CONFLICT (name) DO NOTHING RETURNING id",
-        )
-        .bind(name)
-        .bind(class.as_str())
-        .bind(now_ms)
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = inserted else {
+        let sql = "INSERT INTO tenants (name, class, created_ms) VALUES ($1, $2, $3) \
+                   ON CONFLICT (name) DO NOTHING RETURNING id";
+        let inserted: Option<(i64,)> = on_database!(&self.database, pool => sqlx::query_as(sql)
+            .bind(name)
+            .bind(class.as_str())
+            .bind(now_ms)
+            .fetch_optional(pool)
+            .await?);
+        let Some((id,)) = inserted else {
             return Err(StoreError::TenantExists(name.to_string()));
         };
         let tenant = TenantRecord {
-            id: row.try_get("id")?,
+            id,
             name: name.to_string(),
             class,
         };
@@ -159,47 +238,51 @@ impl Store {
 
     async fn insert_api_key(&self, tenant_id: i64, now_ms: i64) -> Result<String, StoreError> {
         let key = secrets::generate(secrets::API_KEY_PREFIX);
-        sqlx::query(
-            "INSERT INTO api_keys (key_hash, key_prefix, tenant_id, created_ms) VALUES (?, ?, ?, ?)",
-        )
-        .bind(secrets::hash(&key))
-        .bind(&key[..secrets::API_KEY_PREFIX.len() + 6])
-        .bind(tenant_id)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
+        let sql = "INSERT INTO api_keys (key_hash, key_prefix, tenant_id, created_ms) \
+                   VALUES ($1, $2, $3, $4)";
+        on_database!(&self.database, pool => {
+            sqlx::query(sql)
+            .bind(secrets::hash(&key))
+            .bind(&key[..secrets::API_KEY_PREFIX.len() + 6])
+            .bind(tenant_id)
+            .bind(now_ms)
+            .execute(pool)
+            .await?;
+        });
         Ok(key)
     }
 
     pub async fn tenant_by_name(&self, name: &str) -> Result<Option<TenantRecord>, StoreError> {
-        let row = sqlx::query("SELECT id, name, class FROM tenants WHERE name = ?")
+        let sql = "SELECT id, name, class FROM tenants WHERE name = $1";
+        let row: Option<TenantRow> = on_database!(&self.database, pool => sqlx::query_as(sql)
             .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|row| tenant_from_row(&row)).transpose()
+            .fetch_optional(pool)
+            .await?);
+        row.map(tenant_from_row).transpose()
     }
 
     /// The tenant owning an unrevoked API key.
     pub async fn tenant_for_api_key(&self, key: &str) -> Result<Option<TenantRecord>, StoreError> {
-        let row = sqlx::query(
-            "SELECT t.id, t.name, t.class FROM api_keys k JOIN tenants t ON t.id = k.tenant_id \
-             WHERE k.key_hash = ? AND k.revoked_ms IS NULL",
-        )
-        .bind(secrets::hash(key))
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|row| tenant_from_row(&row)).transpose()
+        let sql = "SELECT t.id, t.name, t.class FROM api_keys k \
+                   JOIN tenants t ON t.id = k.tenant_id \
+                   WHERE k.key_hash = $1 AND k.revoked_ms IS NULL";
+        let row: Option<TenantRow> = on_database!(&self.database, pool => sqlx::query_as(sql)
+            .bind(secrets::hash(key))
+            .fetch_optional(pool)
+            .await?);
+        row.map(tenant_from_row).transpose()
     }
 
     pub async fn list_tenants(&self) -> Result<Vec<TenantRecord>, StoreError> {
-        let rows = sqlx::query("SELECT id, name, class FROM tenants ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(tenant_from_row).collect()
+        let sql = "SELECT id, name, class FROM tenants ORDER BY id";
+        let rows: Vec<TenantRow> =
+            on_database!(&self.database, pool => sqlx::query_as(sql).fetch_all(pool).await?);
+        rows.into_iter().map(tenant_from_row).collect()
     }
 
     /// Enrols a node owned by `owner` (an existing owner, or "" for none);
-    /// its credential is returned once.
+    /// its credential is returned once. The node's name is unique: of two
+    /// processes enrolling it at once, one gets `NodeExists`.
     pub async fn add_node(
         &self,
         name: &str,
@@ -216,18 +299,18 @@ impl Store {
             ),
         };
         let credential = secrets::generate(secrets::NODE_CREDENTIAL_PREFIX);
-        let inserted = sqlx::query(
-            "INSERT INTO nodes (name, credential_hash, owner, owner_id, created_ms) \
-             VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(name)
-        .bind(secrets::hash(&credential))
-        .bind(owner)
-        .bind(owner_id)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
-        if inserted.rows_affected() == 0 {
+        let sql = "INSERT INTO nodes (name, credential_hash, owner, owner_id, created_ms) \
+                   VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING";
+        let inserted = on_database!(&self.database, pool => sqlx::query(sql)
+            .bind(name)
+            .bind(secrets::hash(&credential))
+            .bind(owner)
+            .bind(owner_id)
+            .bind(now_ms)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        if inserted == 0 {
             return Err(StoreError::NodeExists(name.to_string()));
         }
         Ok(credential)
@@ -236,85 +319,97 @@ impl Store {
     /// Issues a new credential for an enrolled node; the old one stops working.
     pub async fn rotate_node_credential(&self, name: &str) -> Result<Option<String>, StoreError> {
         let credential = secrets::generate(secrets::NODE_CREDENTIAL_PREFIX);
-        let updated = sqlx::query("UPDATE nodes SET credential_hash = ? WHERE name = ?")
+        let sql = "UPDATE nodes SET credential_hash = $1 WHERE name = $2";
+        let updated = on_database!(&self.database, pool => sqlx::query(sql)
             .bind(secrets::hash(&credential))
             .bind(name)
-            .execute(&self.pool)
-            .await?;
-        Ok((updated.rows_affected() == 1).then_some(credential))
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok((updated == 1).then_some(credential))
     }
 
     /// The stored credential hash of a node, if it is enrolled.
     pub async fn node_credential_hash(&self, name: &str) -> Result<Option<String>, StoreError> {
-        let row = sqlx::query("SELECT credential_hash FROM nodes WHERE name = ?")
+        let sql = "SELECT credential_hash FROM nodes WHERE name = $1";
+        let row: Option<(String,)> = on_database!(&self.database, pool => sqlx::query_as(sql)
             .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(|row| row.try_get("credential_hash")).transpose()?)
+            .fetch_optional(pool)
+            .await?);
+        Ok(row.map(|(hash,)| hash))
     }
 
     pub async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
-        let rows =
-            sqlx::query("SELECT name, owner, owner_id, last_seen_ms FROM nodes ORDER BY name")
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(NodeRecord {
-                    name: row.try_get("name")?,
-                    owner: row.try_get("owner")?,
-                    owner_id: row.try_get("owner_id")?,
-                    last_seen_ms: row.try_get("last_seen_ms")?,
-                })
+        let sql = "SELECT name, owner, owner_id, last_seen_ms FROM nodes ORDER BY name";
+        let rows: Vec<NodeRow> =
+            on_database!(&self.database, pool => sqlx::query_as(sql).fetch_all(pool).await?);
+        Ok(rows
+            .into_iter()
+            .map(|(name, owner, owner_id, last_seen_ms)| NodeRecord {
+                name,
+                owner,
+                owner_id,
+                last_seen_ms,
             })
-            .collect()
+            .collect())
     }
 
     pub async fn touch_node(&self, name: &str, now_ms: i64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE nodes SET last_seen_ms = ? WHERE name = ?")
+        let sql = "UPDATE nodes SET last_seen_ms = $1 WHERE name = $2";
+        on_database!(&self.database, pool => {
+            sqlx::query(sql)
             .bind(now_ms)
             .bind(name)
-            .execute(&self.pool)
+            .execute(pool)
             .await?;
+        });
         Ok(())
     }
 
     pub async fn log_request(&self, record: &RequestRecord) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO requests (id, tenant_id, model, status, prompt_tokens, completion_tokens, \
-             nodes, created_ms, finished_ms, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&record.id)
-        .bind(record.tenant_id)
-        .bind(&record.model)
-        .bind(record.status)
-        .bind(record.prompt_tokens)
-        .bind(record.completion_tokens)
-        .bind(record.nodes.join(","))
-        .bind(record.created_ms)
-        .bind(record.finished_ms)
-        .bind(&record.error)
-        .execute(&self.pool)
-        .await?;
+        let sql = "INSERT INTO requests (id, tenant_id, model, status, prompt_tokens, \
+                   completion_tokens, nodes, created_ms, finished_ms, error) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING";
+        on_database!(&self.database, pool => {
+            sqlx::query(sql)
+            .bind(&record.id)
+            .bind(record.tenant_id)
+            .bind(&record.model)
+            .bind(record.status)
+            .bind(i64::from(record.prompt_tokens))
+            .bind(i64::from(record.completion_tokens))
+            .bind(record.nodes.join(","))
+            .bind(record.created_ms)
+            .bind(record.finished_ms)
+            .bind(&record.error)
+            .execute(pool)
+            .await?;
+        });
         Ok(())
     }
 
     /// Number of logged requests with the given status (for tests and the CLI).
     pub async fn count_requests(&self, status: &str) -> Result<i64, StoreError> {
-        let row = sqlx::query("SELECT COUNT(*) AS n FROM requests WHERE status = ?")
+        let sql = "SELECT COUNT(*) FROM requests WHERE status = $1";
+        let (count,): (i64,) = on_database!(&self.database, pool => sqlx::query_as(sql)
             .bind(status)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(row.try_get("n")?)
+            .fetch_one(pool)
+            .await?);
+        Ok(count)
     }
 }
 
-fn tenant_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<TenantRecord, StoreError> {
-    let class: String = row.try_get("class")?;
+/// Whether `url` names a PostgreSQL database.
+pub fn is_postgres_url(url: &str) -> bool {
+    POSTGRES_SCHEMES
+        .iter()
+        .any(|scheme| url.starts_with(scheme))
+}
+
+fn tenant_from_row((id, name, class): TenantRow) -> Result<TenantRecord, StoreError> {
     Ok(TenantRecord {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
+        id,
+        name,
         class: class.parse()?,
     })
 }
@@ -322,11 +417,19 @@ fn tenant_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<TenantRecord, StoreE
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{PgSchema, TestStore};
 
-    #[tokio::test]
-    async fn tenants_keys_and_nodes_round_trip() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).await.expect("open");
+    /// Attempts at a race between two processes creating the same name.
+    const RACES: usize = 20;
+
+    crate::on_each_backend!(
+        tenants_keys_and_nodes_round_trip,
+        two_handles_see_each_others_writes,
+        concurrent_creates_of_one_name_have_one_winner,
+    );
+
+    async fn tenants_keys_and_nodes_round_trip(test: &TestStore) {
+        let store = &test.store;
         let (tenant, key) = store
             .create_tenant("acme", TenantClass::Spot, 1)
             .await
@@ -358,9 +461,156 @@ mod tests {
             store.add_node("car-1", "alice", 5).await,
             Err(StoreError::NodeExists(_))
         ));
+        let rotated = store
+            .rotate_node_credential("car-1")
+            .await
+            .expect("rotate")
+            .expect("enrolled");
+        assert_eq!(
+            store.node_credential_hash("car-1").await.expect("hash"),
+            Some(secrets::hash(&rotated))
+        );
+        assert_eq!(
+            store.rotate_node_credential("car-9").await.expect("rotate"),
+            None
+        );
+        store.touch_node("car-1", 9).await.expect("touch");
+        let nodes = store.list_nodes().await.expect("nodes");
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].owner, "alice");
+        assert_eq!(nodes[0].last_seen_ms, Some(9));
+        assert!(nodes[0].owner_id.is_some());
 
-        // A second open of the same directory sees the same data (the CLI does this).
-        let again = Store::open(dir.path()).await.expect("reopen");
+        let record = RequestRecord {
+            id: "chatcmpl-1".to_string(),
+            tenant_id: 1,
+            model: "m".to_string(),
+            status: "ok",
+            prompt_tokens: 3,
+            completion_tokens: u32::MAX,
+            nodes: vec!["car-1".to_string()],
+            created_ms: 1,
+            finished_ms: 2,
+            error: None,
+        };
+        store.log_request(&record).await.expect("log");
+        store.log_request(&record).await.expect("log twice");
+        assert_eq!(store.count_requests("ok").await.expect("count"), 1);
+
+        // A second open of the same database sees the same data (the CLI does this).
+        let again = test.another_handle().await;
         assert_eq!(again.list_tenants().await.expect("list").len(), 1);
+        again.close().await;
+    }
+
+    /// Two handles with pools of their own, as two processes have.
+    async fn two_handles_see_each_others_writes(test: &TestStore) {
+        let first = &test.store;
+        let second = test.another_handle().await;
+        let (tenant, key) = first
+            .create_tenant("acme", TenantClass::Reserved, 1)
+            .await
+            .expect("tenant");
+        assert_eq!(
+            second.tenant_for_api_key(&key).await.expect("lookup"),
+            Some(tenant)
+        );
+        let (owner, owner_key) = second.create_owner("alice", 2).await.expect("owner");
+        assert_eq!(
+            first.owner_for_key(&owner_key).await.expect("lookup"),
+            Some(owner.clone())
+        );
+        first.add_node("car-1", "alice", 3).await.expect("node");
+        assert!(second.owns(owner.id, "car-1").await.expect("owns"));
+        assert!(matches!(
+            second.add_node("car-1", "", 4).await,
+            Err(StoreError::NodeExists(_))
+        ));
+        // Ids come from the database, whichever handle asks.
+        let (other, _) = second
+            .create_tenant("globex", TenantClass::Spot, 5)
+            .await
+            .expect("tenant");
+        let ids: Vec<i64> = first
+            .list_tenants()
+            .await
+            .expect("list")
+            .iter()
+            .map(|tenant| tenant.id)
+            .collect();
+        assert_eq!(ids.len(), 2);
+        assert!(ids.contains(&other.id));
+        second.close().await;
+    }
+
+    /// Two processes create the same tenant, owner and node at once: one
+    /// wins each, the other gets the name's `…Exists` error.
+    async fn concurrent_creates_of_one_name_have_one_winner(test: &TestStore) {
+        let first = &test.store;
+        let second = test.another_handle().await;
+        for race in 0..RACES {
+            let name = format!("tenant-{race}");
+            let (left, right) = tokio::join!(
+                first.create_tenant(&name, TenantClass::Spot, 1),
+                second.create_tenant(&name, TenantClass::Fleet, 1),
+            );
+            let exists = |result: &Result<_, StoreError>| matches!(result, Err(StoreError::TenantExists(taken)) if *taken == name);
+            assert!(
+                (left.is_ok() && exists(&right)) || (right.is_ok() && exists(&left)),
+                "race {race}: {:?} / {:?}",
+                left.map(|(tenant, _)| tenant),
+                right.map(|(tenant, _)| tenant)
+            );
+
+            let owner = format!("owner-{race}");
+            let (left, right) = tokio::join!(
+                first.create_owner(&owner, 1),
+                second.create_owner(&owner, 1)
+            );
+            let owner_exists = |result: &Result<_, StoreError>| matches!(result, Err(StoreError::OwnerExists(taken)) if *taken == owner);
+            assert!(
+                (left.is_ok() && owner_exists(&right)) || (right.is_ok() && owner_exists(&left))
+            );
+
+            let node = format!("car-{race}");
+            let (left, right) = tokio::join!(
+                first.add_node(&node, &owner, 1),
+                second.add_node(&node, "", 1)
+            );
+            let node_exists = |result: &Result<_, StoreError>| matches!(result, Err(StoreError::NodeExists(taken)) if *taken == node);
+            assert!((left.is_ok() && node_exists(&right)) || (right.is_ok() && node_exists(&left)));
+        }
+        assert_eq!(first.list_tenants().await.expect("list").len(), RACES);
+        assert_eq!(second.list_owners().await.expect("list").len(), RACES);
+        assert_eq!(first.list_nodes().await.expect("list").len(), RACES);
+        second.close().await;
+    }
+
+    #[tokio::test]
+    async fn connect_picks_the_backend_from_the_url() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let by_directory = Store::connect(&dir.path().display().to_string())
+            .await
+            .expect("directory");
+        assert_eq!(by_directory.backend_name(), "sqlite");
+        by_directory
+            .create_tenant("acme", TenantClass::Spot, 1)
+            .await
+            .expect("tenant");
+        let url = format!("sqlite://{}", dir.path().join(DATABASE_FILE).display());
+        let by_url = Store::connect(&url).await.expect("sqlite url");
+        assert_eq!(by_url.list_tenants().await.expect("list").len(), 1);
+
+        let schema = PgSchema::create().await;
+        let by_url = Store::connect(&schema.url()).await.expect("postgres url");
+        assert_eq!(by_url.backend_name(), "postgres");
+        by_url
+            .create_tenant("acme", TenantClass::Spot, 1)
+            .await
+            .expect("tenant in the schema");
+        by_url.close().await;
+        assert!(is_postgres_url("postgresql://db.example/fleet"));
+        assert!(!is_postgres_url("sqlite://fleet.db"));
+        schema.remove().await;
     }
 }

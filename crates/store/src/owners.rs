@@ -7,10 +7,10 @@
 //! up writes made by another process (the CLI) with `policies_since`.
 
 use scheduler::{ClassSet, OwnerPolicy};
-use sqlx::Row;
 
+use crate::database::{in_revision_transaction, RevisionKind};
 use crate::secrets;
-use crate::{Store, StoreError};
+use crate::{on_database, Store, StoreError};
 
 /// Prefix of owner API keys; distinct from tenant keys (`fg-`), so a key in
 /// the wrong place is recognisable.
@@ -44,26 +44,63 @@ const POLICY_COLUMNS: &str = "node_name, allow_unplugged, unplugged_stop_soc_per
      unplugged_resume_soc_permille, allowed_hours_mask, utc_offset_minutes, max_energy_per_day_wh, \
      max_chip_temperature_decicelsius, stop_before_departure_ms, allowed_classes_mask, revision";
 
+/// A row of `POLICY_COLUMNS`, in that order.
+type PolicyRow = (
+    String,
+    bool,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<i64>,
+    i64,
+    i64,
+    i64,
+    i64,
+);
+
+/// Stores a policy at the next revision, in one statement; run in a
+/// revision transaction, so that revisions commit in the order taken.
+const UPSERT_POLICY: &str = "INSERT INTO node_policies (node_name, allow_unplugged, \
+     unplugged_stop_soc_permille, unplugged_resume_soc_permille, allowed_hours_mask, \
+     utc_offset_minutes, max_energy_per_day_wh, max_chip_temperature_decicelsius, \
+     stop_before_departure_ms, allowed_classes_mask, revision, updated_ms) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
+       (SELECT COALESCE(MAX(revision), 0) + 1 FROM node_policies), $11) \
+     ON CONFLICT (node_name) DO UPDATE SET \
+       allow_unplugged = excluded.allow_unplugged, \
+       unplugged_stop_soc_permille = excluded.unplugged_stop_soc_permille, \
+       unplugged_resume_soc_permille = excluded.unplugged_resume_soc_permille, \
+       allowed_hours_mask = excluded.allowed_hours_mask, \
+       utc_offset_minutes = excluded.utc_offset_minutes, \
+       max_energy_per_day_wh = excluded.max_energy_per_day_wh, \
+       max_chip_temperature_decicelsius = excluded.max_chip_temperature_decicelsius, \
+       stop_before_departure_ms = excluded.stop_before_departure_ms, \
+       allowed_classes_mask = excluded.allowed_classes_mask, \
+       revision = excluded.revision, updated_ms = excluded.updated_ms \
+     RETURNING revision";
+
 impl Store {
-    /// Creates an owner and a first API key; the key is returned once.
+    /// Creates an owner and a first API key; the key is returned once. The
+    /// name is unique: of two processes creating it at once, one gets
+    /// `OwnerExists`.
     pub async fn create_owner(
         &self,
         name: &str,
         now_ms: i64,
     ) -> Result<(OwnerRecord, String), StoreError> {
-        let inserted = sqlx::query(
-            "INSERT INTO owners (name, created_ms) VALUES (?, ?) \
-             ON CONFLICT (name) DO NOTHING RETURNING id",
-        )
-        .bind(name)
-        .bind(now_ms)
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = inserted else {
+        let sql = "INSERT INTO owners (name, created_ms) VALUES ($1, $2) \
+                   ON CONFLICT (name) DO NOTHING RETURNING id";
+        let inserted: Option<(i64,)> = on_database!(self.database(), pool => sqlx::query_as(sql)
+            .bind(name)
+            .bind(now_ms)
+            .fetch_optional(pool)
+            .await?);
+        let Some((id,)) = inserted else {
             return Err(StoreError::OwnerExists(name.to_string()));
         };
         let owner = OwnerRecord {
-            id: row.try_get("id")?,
+            id,
             name: name.to_string(),
         };
         let key = self.insert_owner_key(owner.id, now_ms).await?;
@@ -72,13 +109,15 @@ impl Store {
 
     /// The owner of this name, created (without a key) if there is none.
     pub async fn ensure_owner(&self, name: &str, now_ms: i64) -> Result<OwnerRecord, StoreError> {
-        sqlx::query(
-            "INSERT INTO owners (name, created_ms) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(name)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
+        let sql =
+            "INSERT INTO owners (name, created_ms) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING";
+        on_database!(self.database(), pool => {
+            sqlx::query(sql)
+            .bind(name)
+            .bind(now_ms)
+            .execute(pool)
+            .await?;
+        });
         self.owner_by_name(name)
             .await?
             .ok_or_else(|| StoreError::NoSuchOwner(name.to_string()))
@@ -95,95 +134,101 @@ impl Store {
 
     async fn insert_owner_key(&self, owner_id: i64, now_ms: i64) -> Result<String, StoreError> {
         let key = secrets::generate(OWNER_KEY_PREFIX);
-        sqlx::query(
-            "INSERT INTO owner_keys (key_hash, key_prefix, owner_id, created_ms) VALUES (?, ?, ?, ?)",
-        )
-        .bind(secrets::hash(&key))
-        .bind(&key[..OWNER_KEY_PREFIX.len() + KEY_PREFIX_SHOWN_CHARS])
-        .bind(owner_id)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
+        let sql = "INSERT INTO owner_keys (key_hash, key_prefix, owner_id, created_ms) \
+                   VALUES ($1, $2, $3, $4)";
+        on_database!(self.database(), pool => {
+            sqlx::query(sql)
+            .bind(secrets::hash(&key))
+            .bind(&key[..OWNER_KEY_PREFIX.len() + KEY_PREFIX_SHOWN_CHARS])
+            .bind(owner_id)
+            .bind(now_ms)
+            .execute(pool)
+            .await?;
+        });
         Ok(key)
     }
 
     pub async fn owner_by_name(&self, name: &str) -> Result<Option<OwnerRecord>, StoreError> {
-        let row = sqlx::query("SELECT id, name FROM owners WHERE name = ?")
+        let sql = "SELECT id, name FROM owners WHERE name = $1";
+        let row: Option<(i64, String)> = on_database!(self.database(), pool => sqlx::query_as(sql)
             .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|row| owner_from_row(&row)).transpose()
+            .fetch_optional(pool)
+            .await?);
+        Ok(row.map(owner_from_row))
     }
 
     /// The owner holding an unrevoked owner key. Tenant keys never match.
     pub async fn owner_for_key(&self, key: &str) -> Result<Option<OwnerRecord>, StoreError> {
-        let row = sqlx::query(
-            "SELECT o.id, o.name FROM owner_keys k JOIN owners o ON o.id = k.owner_id \
-             WHERE k.key_hash = ? AND k.revoked_ms IS NULL",
-        )
-        .bind(secrets::hash(key))
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|row| owner_from_row(&row)).transpose()
+        let sql = "SELECT o.id, o.name FROM owner_keys k JOIN owners o ON o.id = k.owner_id \
+                   WHERE k.key_hash = $1 AND k.revoked_ms IS NULL";
+        let row: Option<(i64, String)> = on_database!(self.database(), pool => sqlx::query_as(sql)
+            .bind(secrets::hash(key))
+            .fetch_optional(pool)
+            .await?);
+        Ok(row.map(owner_from_row))
     }
 
     /// Every owner with the number of vehicles they own.
     pub async fn list_owners(&self) -> Result<Vec<(OwnerRecord, i64)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT o.id, o.name, (SELECT COUNT(*) FROM nodes n WHERE n.owner_id = o.id) AS vehicles \
-             FROM owners o ORDER BY o.id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| Ok((owner_from_row(row)?, row.try_get("vehicles")?)))
-            .collect()
+        let sql = "SELECT o.id, o.name, \
+                   (SELECT COUNT(*) FROM nodes n WHERE n.owner_id = o.id) AS vehicles \
+                   FROM owners o ORDER BY o.id";
+        let rows: Vec<(i64, String, i64)> =
+            on_database!(self.database(), pool => sqlx::query_as(sql).fetch_all(pool).await?);
+        Ok(rows
+            .into_iter()
+            .map(|(id, name, vehicles)| (owner_from_row((id, name)), vehicles))
+            .collect())
     }
 
     /// The vehicles an owner owns, by name.
     pub async fn owner_vehicles(&self, owner_id: i64) -> Result<Vec<OwnedVehicle>, StoreError> {
-        let rows =
-            sqlx::query("SELECT name, last_seen_ms FROM nodes WHERE owner_id = ? ORDER BY name")
+        let sql = "SELECT name, last_seen_ms FROM nodes WHERE owner_id = $1 ORDER BY name";
+        let rows: Vec<(String, Option<i64>)> = on_database!(self.database(), pool => sqlx::query_as(sql)
                 .bind(owner_id)
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(OwnedVehicle {
-                    name: row.try_get("name")?,
-                    last_seen_ms: row.try_get("last_seen_ms")?,
-                })
-            })
-            .collect()
+                .fetch_all(pool)
+                .await?);
+        Ok(rows
+            .into_iter()
+            .map(|(name, last_seen_ms)| OwnedVehicle { name, last_seen_ms })
+            .collect())
     }
 
     /// Whether `node` is enrolled and owned by `owner_id`.
     pub async fn owns(&self, owner_id: i64, node: &str) -> Result<bool, StoreError> {
-        let row = sqlx::query("SELECT 1 FROM nodes WHERE name = ? AND owner_id = ?")
+        let sql = "SELECT name FROM nodes WHERE name = $1 AND owner_id = $2";
+        let row: Option<(String,)> = on_database!(self.database(), pool => sqlx::query_as(sql)
             .bind(node)
             .bind(owner_id)
-            .fetch_optional(&self.pool)
-            .await?;
+            .fetch_optional(pool)
+            .await?);
+        Ok(row.is_some())
+    }
+
+    /// Whether a node of this name is enrolled.
+    async fn enrolled(&self, node: &str) -> Result<bool, StoreError> {
+        let sql = "SELECT name FROM nodes WHERE name = $1";
+        let row: Option<(String,)> = on_database!(self.database(), pool => sqlx::query_as(sql)
+            .bind(node)
+            .fetch_optional(pool)
+            .await?);
         Ok(row.is_some())
     }
 
     /// The policy a vehicle runs under: its stored one, or the default.
     /// `NoSuchNode` when no such vehicle is enrolled.
     pub async fn node_policy(&self, node: &str) -> Result<OwnerPolicy, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT n.name AS enrolled, {POLICY_COLUMNS} FROM nodes n \
-             LEFT JOIN node_policies p ON p.node_name = n.name WHERE n.name = ?"
-        ))
-        .bind(node)
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else {
-            return Err(StoreError::NoSuchNode(node.to_string()));
-        };
-        let stored: Option<String> = row.try_get("node_name")?;
-        match stored {
-            Some(_) => Ok(policy_from_row(&row)?.policy),
-            None => Ok(OwnerPolicy::default()),
+        let sql = format!("SELECT {POLICY_COLUMNS} FROM node_policies WHERE node_name = $1");
+        let row: Option<PolicyRow> = on_database!(self.database(), pool => sqlx::query_as(&sql)
+            .bind(node)
+            .fetch_optional(pool)
+            .await?);
+        match row {
+            Some(row) => Ok(policy_from_row(row)?.policy),
+            // Nodes are never removed, so one without a policy row now had
+            // none a moment ago either.
+            None if self.enrolled(node).await? => Ok(OwnerPolicy::default()),
+            None => Err(StoreError::NoSuchNode(node.to_string())),
         }
     }
 
@@ -194,49 +239,28 @@ impl Store {
         policy: &OwnerPolicy,
         now_ms: i64,
     ) -> Result<i64, StoreError> {
-        let enrolled = sqlx::query("SELECT 1 FROM nodes WHERE name = ?")
-            .bind(node)
-            .fetch_optional(&self.pool)
-            .await?;
-        if enrolled.is_none() {
+        if !self.enrolled(node).await? {
             return Err(StoreError::NoSuchNode(node.to_string()));
         }
-        // One statement, so the next revision is taken under SQLite's single
-        // writer lock and no two writes share one.
-        let row = sqlx::query(
-            "INSERT INTO node_policies (node_name, allow_unplugged, unplugged_stop_soc_permille, \
-             unplugged_resume_soc_permille, allowed_hours_mask, utc_offset_minutes, \
-             max_energy_per_day_wh, max_chip_temperature_decicelsius, stop_before_departure_ms, \
-             allowed_classes_mask, revision, updated_ms) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, \
-               (SELECT COALESCE(MAX(revision), 0) + 1 FROM node_policies), ?) \
-             ON CONFLICT (node_name) DO UPDATE SET \
-               allow_unplugged = excluded.allow_unplugged, \
-               unplugged_stop_soc_permille = excluded.unplugged_stop_soc_permille, \
-               unplugged_resume_soc_permille = excluded.unplugged_resume_soc_permille, \
-               allowed_hours_mask = excluded.allowed_hours_mask, \
-               utc_offset_minutes = excluded.utc_offset_minutes, \
-               max_energy_per_day_wh = excluded.max_energy_per_day_wh, \
-               max_chip_temperature_decicelsius = excluded.max_chip_temperature_decicelsius, \
-               stop_before_departure_ms = excluded.stop_before_departure_ms, \
-               allowed_classes_mask = excluded.allowed_classes_mask, \
-               revision = excluded.revision, updated_ms = excluded.updated_ms \
-             RETURNING revision",
-        )
-        .bind(node)
-        .bind(policy.allow_unplugged)
-        .bind(i64::from(policy.unplugged_stop_soc_permille))
-        .bind(i64::from(policy.unplugged_resume_soc_permille))
-        .bind(i64::from(policy.allowed_hours_utc))
-        .bind(i64::from(policy.utc_offset_minutes))
-        .bind(policy.max_energy_per_day_wh.map(i64::from))
-        .bind(i64::from(policy.max_chip_temperature_decicelsius))
-        .bind(i64::try_from(policy.stop_before_departure_ms).unwrap_or(i64::MAX))
-        .bind(i64::from(policy.allowed_classes.bits()))
-        .bind(now_ms)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(row.try_get("revision")?)
+        let stop_before_departure_ms =
+            i64::try_from(policy.stop_before_departure_ms).unwrap_or(i64::MAX);
+        let (revision,): (i64,) = in_revision_transaction!(self.database(), RevisionKind::Policies, tx => {
+            sqlx::query_as(UPSERT_POLICY)
+                .bind(node)
+                .bind(policy.allow_unplugged)
+                .bind(i64::from(policy.unplugged_stop_soc_permille))
+                .bind(i64::from(policy.unplugged_resume_soc_permille))
+                .bind(i64::from(policy.allowed_hours_utc))
+                .bind(i64::from(policy.utc_offset_minutes))
+                .bind(policy.max_energy_per_day_wh.map(i64::from))
+                .bind(i64::from(policy.max_chip_temperature_decicelsius))
+                .bind(stop_before_departure_ms)
+                .bind(i64::from(policy.allowed_classes.bits()))
+                .bind(now_ms)
+                .fetch_one(&mut *tx)
+                .await?
+        });
+        Ok(revision)
     }
 
     /// Policies written after `revision`, oldest first, at most `limit`.
@@ -245,25 +269,37 @@ impl Store {
         revision: i64,
         limit: u32,
     ) -> Result<Vec<PolicyChange>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {POLICY_COLUMNS} FROM node_policies WHERE revision > ? ORDER BY revision LIMIT ?"
-        ))
-        .bind(revision)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(policy_from_row).collect()
+        let sql = format!(
+            "SELECT {POLICY_COLUMNS} FROM node_policies WHERE revision > $1 \
+             ORDER BY revision LIMIT $2"
+        );
+        let rows: Vec<PolicyRow> = on_database!(self.database(), pool => sqlx::query_as(&sql)
+            .bind(revision)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?);
+        rows.into_iter().map(policy_from_row).collect()
     }
 }
 
-fn owner_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<OwnerRecord, StoreError> {
-    Ok(OwnerRecord {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-    })
+fn owner_from_row((id, name): (i64, String)) -> OwnerRecord {
+    OwnerRecord { id, name }
 }
 
-fn policy_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<PolicyChange, StoreError> {
+fn policy_from_row(row: PolicyRow) -> Result<PolicyChange, StoreError> {
+    let (
+        node,
+        allow_unplugged,
+        stop_soc,
+        resume_soc,
+        hours,
+        utc_offset,
+        energy,
+        chip_temperature,
+        stop_before_departure,
+        classes,
+        revision,
+    ) = row;
     // The table's CHECK constraints keep every column in range; a value that
     // still does not fit is a corrupt database, reported as such.
     let corrupt = |column: &str| {
@@ -272,10 +308,7 @@ fn policy_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<PolicyChange, StoreE
             source: "value out of range".into(),
         })
     };
-    let narrow = |column: &'static str| -> Result<i64, StoreError> { Ok(row.try_get(column)?) };
-    let energy: Option<i64> = row.try_get("max_energy_per_day_wh")?;
-    let classes = u8::try_from(narrow("allowed_classes_mask")?)
-        .map_err(|_| corrupt("allowed_classes_mask"))?;
+    let classes = u8::try_from(classes).map_err(|_| corrupt("allowed_classes_mask"))?;
     let mut allowed_classes = ClassSet::NONE;
     for class in scheduler::TenantClass::ALL {
         if classes & (1 << class.index()) != 0 {
@@ -283,42 +316,39 @@ fn policy_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<PolicyChange, StoreE
         }
     }
     let policy = OwnerPolicy {
-        allow_unplugged: row.try_get("allow_unplugged")?,
-        unplugged_stop_soc_permille: u16::try_from(narrow("unplugged_stop_soc_permille")?)
+        allow_unplugged,
+        unplugged_stop_soc_permille: u16::try_from(stop_soc)
             .map_err(|_| corrupt("unplugged_stop_soc_permille"))?,
-        unplugged_resume_soc_permille: u16::try_from(narrow("unplugged_resume_soc_permille")?)
+        unplugged_resume_soc_permille: u16::try_from(resume_soc)
             .map_err(|_| corrupt("unplugged_resume_soc_permille"))?,
-        allowed_hours_utc: u32::try_from(narrow("allowed_hours_mask")?)
-            .map_err(|_| corrupt("allowed_hours_mask"))?,
-        utc_offset_minutes: i16::try_from(narrow("utc_offset_minutes")?)
-            .map_err(|_| corrupt("utc_offset_minutes"))?,
+        allowed_hours_utc: u32::try_from(hours).map_err(|_| corrupt("allowed_hours_mask"))?,
+        utc_offset_minutes: i16::try_from(utc_offset).map_err(|_| corrupt("utc_offset_minutes"))?,
         max_energy_per_day_wh: energy
             .map(|wh| u32::try_from(wh).map_err(|_| corrupt("max_energy_per_day_wh")))
             .transpose()?,
-        max_chip_temperature_decicelsius: i16::try_from(narrow(
-            "max_chip_temperature_decicelsius",
-        )?)
-        .map_err(|_| corrupt("max_chip_temperature_decicelsius"))?,
-        stop_before_departure_ms: u64::try_from(narrow("stop_before_departure_ms")?)
+        max_chip_temperature_decicelsius: i16::try_from(chip_temperature)
+            .map_err(|_| corrupt("max_chip_temperature_decicelsius"))?,
+        stop_before_departure_ms: u64::try_from(stop_before_departure)
             .map_err(|_| corrupt("stop_before_departure_ms"))?,
         allowed_classes,
     };
     Ok(PolicyChange {
-        node: row.try_get("node_name")?,
+        node,
         policy,
-        revision: row.try_get("revision")?,
+        revision,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::TestStore;
     use scheduler::TenantClass;
 
-    #[tokio::test]
-    async fn owners_keys_vehicles_and_policies_round_trip() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).await.expect("open");
+    crate::on_each_backend!(owners_keys_vehicles_and_policies_round_trip);
+
+    async fn owners_keys_vehicles_and_policies_round_trip(test: &TestStore) {
+        let store = &test.store;
         let (alice, key) = store.create_owner("alice", 1).await.expect("create");
         assert!(key.starts_with(OWNER_KEY_PREFIX));
         assert!(matches!(

@@ -18,14 +18,12 @@
 //! So no settled cloud part is missing from a budget; one whose process died
 //! between adding and marking is counted twice, erring on the cap's side.
 
+use super::MicroUsd;
+use crate::store::{on_database, Store, StoreError};
 use ledger::core::{RequestId, TimestampMs};
 use ledger::store::{
     CloudSpend, Store as Ledger, StoreError as LedgerStoreError, UNCOUNTED_CLOUD_SPEND_LISTED_MAX,
 };
-use sqlx::Row;
-
-use super::MicroUsd;
-use crate::store::{Store, StoreError};
 
 /// Why settled cloud spend could not be counted; it stays uncounted in the
 /// ledger and is counted at the next start.
@@ -79,46 +77,48 @@ impl CloudBudgets {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         let tenant = self.tenant_id(tenant_name).await?;
-        sqlx::query(
-            "INSERT INTO cloud_budgets (tenant_id, cap_micro_usd, updated_ms) VALUES (?, ?, ?) \
-             ON CONFLICT (tenant_id) DO UPDATE SET cap_micro_usd = excluded.cap_micro_usd, \
-             updated_ms = excluded.updated_ms",
-        )
-        .bind(tenant)
-        .bind(cap.map(|cap| cap.0))
-        .bind(now_ms)
-        .execute(&self.store.pool)
-        .await?;
+        let sql = "INSERT INTO cloud_budgets (tenant_id, cap_micro_usd, updated_ms) \
+                   VALUES ($1, $2, $3) \
+                   ON CONFLICT (tenant_id) DO UPDATE SET cap_micro_usd = excluded.cap_micro_usd, \
+                   updated_ms = excluded.updated_ms";
+        on_database!(self.store.database(), pool => {
+            sqlx::query(sql)
+            .bind(tenant)
+            .bind(cap.map(|cap| cap.0))
+            .bind(now_ms)
+            .execute(pool)
+            .await?;
+        });
         Ok(())
     }
 
     /// Starts a tenant's spend from zero again (e.g. a new billing period).
     pub async fn reset_spent(&self, tenant_name: &str, now_ms: i64) -> Result<(), StoreError> {
         let tenant = self.tenant_id(tenant_name).await?;
-        sqlx::query(
-            "UPDATE cloud_budgets SET spent_micro_usd = 0, updated_ms = ? WHERE tenant_id = ?",
-        )
-        .bind(now_ms)
-        .bind(tenant)
-        .execute(&self.store.pool)
-        .await?;
+        let sql = "UPDATE cloud_budgets SET spent_micro_usd = 0, updated_ms = $1 \
+                   WHERE tenant_id = $2";
+        on_database!(self.store.database(), pool => {
+            sqlx::query(sql)
+            .bind(now_ms)
+            .bind(tenant)
+            .execute(pool)
+            .await?;
+        });
         Ok(())
     }
 
     pub async fn status(&self, tenant_id: i64) -> Result<BudgetStatus, StoreError> {
-        let row = sqlx::query(
-            "SELECT cap_micro_usd, spent_micro_usd FROM cloud_budgets WHERE tenant_id = ?",
-        )
-        .bind(tenant_id)
-        .fetch_optional(&self.store.pool)
-        .await?;
-        let Some(row) = row else {
+        let sql = "SELECT cap_micro_usd, spent_micro_usd FROM cloud_budgets WHERE tenant_id = $1";
+        let row: Option<(Option<i64>, i64)> = on_database!(self.store.database(), pool => sqlx::query_as(sql)
+                .bind(tenant_id)
+                .fetch_optional(pool)
+                .await?);
+        let Some((cap, spent)) = row else {
             return Ok(BudgetStatus::default());
         };
-        let cap: Option<i64> = row.try_get("cap_micro_usd")?;
         Ok(BudgetStatus {
             cap: cap.map(MicroUsd),
-            spent: MicroUsd(row.try_get("spent_micro_usd")?),
+            spent: MicroUsd(spent),
         })
     }
 
@@ -129,17 +129,20 @@ impl CloudBudgets {
         amount: MicroUsd,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO cloud_budgets (tenant_id, spent_micro_usd, updated_ms) VALUES (?, ?, ?) \
-             ON CONFLICT (tenant_id) DO UPDATE SET \
-             spent_micro_usd = cloud_budgets.spent_micro_usd + excluded.spent_micro_usd, \
-             updated_ms = excluded.updated_ms",
-        )
-        .bind(tenant_id)
-        .bind(amount.0.max(0))
-        .bind(now_ms)
-        .execute(&self.store.pool)
-        .await?;
+        // One statement, so that gateways adding at once both count.
+        let sql = "INSERT INTO cloud_budgets (tenant_id, spent_micro_usd, updated_ms) \
+                   VALUES ($1, $2, $3) \
+                   ON CONFLICT (tenant_id) DO UPDATE SET \
+                   spent_micro_usd = cloud_budgets.spent_micro_usd + excluded.spent_micro_usd, \
+                   updated_ms = excluded.updated_ms";
+        on_database!(self.store.database(), pool => {
+            sqlx::query(sql)
+            .bind(tenant_id)
+            .bind(amount.0.max(0))
+            .bind(now_ms)
+            .execute(pool)
+            .await?;
+        });
         Ok(())
     }
 
@@ -206,24 +209,21 @@ impl CloudBudgets {
 
     /// Every tenant with its cap and spend, by name.
     pub async fn list(&self) -> Result<Vec<TenantBudget>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT t.name, b.cap_micro_usd, COALESCE(b.spent_micro_usd, 0) AS spent \
-             FROM tenants t LEFT JOIN cloud_budgets b ON b.tenant_id = t.id ORDER BY t.name",
-        )
-        .fetch_all(&self.store.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let cap: Option<i64> = row.try_get("cap_micro_usd")?;
-                Ok(TenantBudget {
-                    tenant: row.try_get("name")?,
-                    status: BudgetStatus {
-                        cap: cap.map(MicroUsd),
-                        spent: MicroUsd(row.try_get("spent")?),
-                    },
-                })
+        let sql = "SELECT t.name, b.cap_micro_usd, COALESCE(b.spent_micro_usd, 0) AS spent \
+                   FROM tenants t LEFT JOIN cloud_budgets b ON b.tenant_id = t.id ORDER BY t.name";
+        let rows: Vec<(String, Option<i64>, i64)> = on_database!(self.store.database(), pool => sqlx::query_as(sql)
+                .fetch_all(pool)
+                .await?);
+        Ok(rows
+            .into_iter()
+            .map(|(tenant, cap, spent)| TenantBudget {
+                tenant,
+                status: BudgetStatus {
+                    cap: cap.map(MicroUsd),
+                    spent: MicroUsd(spent),
+                },
             })
-            .collect()
+            .collect())
     }
 
     async fn tenant_id(&self, tenant_name: &str) -> Result<i64, StoreError> {
@@ -239,12 +239,20 @@ impl CloudBudgets {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::testing::TestStore;
     use crate::store::TenantClass;
 
-    #[tokio::test]
-    async fn a_cap_stops_cloud_calls_once_the_spend_reaches_it() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).await.expect("open");
+    /// Spend added at once by each of two gateways.
+    const ADDS_PER_GATEWAY: i64 = 20;
+
+    store::on_each_backend!(
+        a_cap_stops_cloud_calls_once_the_spend_reaches_it,
+        cloud_spend_whose_budget_write_failed_is_counted_at_the_next_start,
+        spend_added_by_two_gateways_at_once_all_counts,
+    );
+
+    async fn a_cap_stops_cloud_calls_once_the_spend_reaches_it(test: &TestStore) {
+        let store = test.store.clone();
         let (tenant, _) = store
             .create_tenant("acme", TenantClass::Spot, 1)
             .await
@@ -327,13 +335,21 @@ mod tests {
         receipt.charge
     }
 
-    #[tokio::test]
-    async fn cloud_spend_whose_budget_write_failed_is_counted_at_the_next_start() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ledger = Ledger::open_sqlite(&dir.path().join("ledger.db"))
-            .await
-            .expect("ledger");
-        let store = Store::open(dir.path()).await.expect("open");
+    /// The ledger beside a test store: its own file next to the store's on
+    /// SQLite, the store's own schema on PostgreSQL (both keep their tables
+    /// and migrations apart in one database).
+    async fn ledger_beside(test: &TestStore) -> Ledger {
+        let ledger = match (test.directory(), test.postgres_options()) {
+            (Some(dir), _) => Ledger::open_sqlite(&dir.join("ledger.db")).await,
+            (None, Some(options)) => Ledger::connect_postgres_with(options).await,
+            (None, None) => panic!("a test store is on one backend or the other"),
+        };
+        ledger.expect("ledger")
+    }
+
+    async fn cloud_spend_whose_budget_write_failed_is_counted_at_the_next_start(test: &TestStore) {
+        let ledger = ledger_beside(test).await;
+        let store = test.another_handle().await;
         let (tenant, _) = store
             .create_tenant("acme", TenantClass::Spot, 1)
             .await
@@ -351,12 +367,12 @@ mod tests {
         // Settled, but the coordinator's database fails before the spend
         // reaches the budget.
         let second = settle_cloud_request(&ledger, tenant.id, "chatcmpl-lost").await;
-        store.pool.close().await;
+        store.close().await;
         let request = RequestId::new("chatcmpl-lost").expect("id");
         assert!(budgets.count_settled(&ledger, &request, 4).await.is_err());
 
         // The next start counts what was settled and not counted, once.
-        let store = Store::open(dir.path()).await.expect("reopen");
+        let store = test.another_handle().await;
         let budgets = CloudBudgets::new(store);
         assert_eq!(
             budgets.status(tenant.id).await.expect("status").spent,
@@ -370,5 +386,39 @@ mod tests {
             budgets.status(tenant.id).await.expect("status").spent,
             spent
         );
+        ledger.close().await;
+    }
+
+    /// Two gateways on one database add what their cloud calls cost at the
+    /// same moment: every amount counts.
+    async fn spend_added_by_two_gateways_at_once_all_counts(test: &TestStore) {
+        let (tenant, _) = test
+            .store
+            .create_tenant("acme", TenantClass::Spot, 1)
+            .await
+            .expect("tenant");
+        let other = test.another_handle().await;
+        let gateways = [
+            CloudBudgets::new(test.store.clone()),
+            CloudBudgets::new(other.clone()),
+        ];
+        let mut adds = tokio::task::JoinSet::new();
+        for add in 0..ADDS_PER_GATEWAY {
+            for budgets in &gateways {
+                let budgets = budgets.clone();
+                adds.spawn(
+                    async move { budgets.add_spent(tenant.id, MicroUsd(add + 1), add).await },
+                );
+            }
+        }
+        while let Some(added) = adds.join_next().await {
+            added.expect("task").expect("add");
+        }
+        let each = ADDS_PER_GATEWAY * (ADDS_PER_GATEWAY + 1) / 2;
+        assert_eq!(
+            gateways[0].status(tenant.id).await.expect("status").spent,
+            MicroUsd(2 * each)
+        );
+        other.close().await;
     }
 }
