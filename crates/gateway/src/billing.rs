@@ -3,10 +3,45 @@
 //!
 //! **Admission.** A request's worst case (its whole prompt plus `max_tokens`
 //! completion tokens at the tenant's price) must fit what the tenant's account
-//! has available *after* the worst cases of its other in-flight requests,
-//! which are held here in memory, and what is left of its daily spend cap.
-//! Otherwise the gateway answers 402 and nothing is queued. Holds are
-//! per-process: coordinators sharing one PostgreSQL ledger each hold their own.
+//! has available *after* the worst cases of its other in-flight requests (its
+//! holds, `billing_holds`), and what is left of its daily spend cap after
+//! them. Otherwise the gateway answers 402 and nothing is queued. With the
+//! embedded SQLite ledger one process holds, in memory. With a PostgreSQL
+//! ledger the holds are rows of the ledger that every gateway sharing it
+//! sees: admission is one transaction serialised per tenant (the tenant's
+//! account row locked), so gateways cannot together admit more than the
+//! tenant has; a ledger that does not answer within `HOLD_LEDGER_TIMEOUT`
+//! makes admission fail with 503 and `Retry-After`.
+//!
+//! **Holds end with the money they stand for.** A settlement deletes its
+//! request's hold in the transaction that posts the charge (in memory: just
+//! after the commit), so a charge counts as a hold or in the balance, never
+//! in neither. A request that fails or is abandoned releases its hold.
+//!
+//! **Leases, and what a tenant can overspend.** A shared hold counts for a
+//! lease (`HoldConfig::lease`, 30 s by default) that its gateway renews, for
+//! all its holds in one statement, three times per lease. The holds of a
+//! gateway that dies (`kill -9`) stop counting one lease after its last
+//! renewal, and other gateways admit against that money again. A gateway
+//! cut off from the ledger for longer than a lease, whose requests keep
+//! running, is the one way to admit more than a tenant has: for that
+//! tenant, at most the sum of the worst cases that gateway had in flight
+//! when its lease ran out (it admits nothing new while cut off). Even then
+//! the tenant's balance never goes below its floor (the ledger refuses a
+//! charge that would take it there, and the request ends withheld, as a
+//! failed settlement does): the overrun is the platform's cost, bounded by
+//! those worst cases. The daily spend cap, which settlement does not check,
+//! may be exceeded by as much. Holds whose release could not reach the
+//! ledger count until their lease ends: that errs on the side of refusing.
+//!
+//! **A ledger that is away at settlement.** A settlement that fails because
+//! the ledger is unreachable (not because it refused) is kept in memory
+//! with its hold (renewed all along) and retried until it commits
+//! (`billing/settle_retry.rs`, at most `SETTLEMENT_RETRIES_MAX` at a time):
+//! answers already running when the ledger went away are charged and paid
+//! once it is back, and no ledger entry is lost. The client is told its
+//! result is withheld and will be charged; a retry with the same
+//! Idempotency-Key replays it without a second charge.
 //!
 //! **Settlement.** When a generation finishes, the core's own counts (see
 //! `billing_meter`) become the ledger's `CompletedRequest`: the prompt once,
@@ -53,7 +88,7 @@ use std::time::{Duration, Instant};
 
 use ledger::admission::{self, AdmissionRequest};
 use ledger::core::{
-    AccountState, BasisPoints, DurationMs, MicroUsd, ModelId, NodeId, OwnerId, RequestId, Segment,
+    BasisPoints, DurationMs, GatewayId, MicroUsd, ModelId, NodeId, OwnerId, RequestId, Segment,
     TenantId, TimestampMs, TokenCount,
 };
 use ledger::metering::{meter_node_segment, MeterTolerance, NodeObservation, UsageSegment};
@@ -61,17 +96,22 @@ use ledger::price_file::PriceConfig;
 use ledger::pricing::{PriceBook, Rate, TenantClass};
 use ledger::settlement::CompletedRequest;
 use ledger::statement::Period;
-use ledger::store::{MeterFlag, Store as Ledger};
+use ledger::store::{MeterFlag, Store as Ledger, StoreError};
+use tokio_util::sync::DropGuard;
 
-use crate::billing_holds::{Hold, HoldBook};
+use crate::billing_holds::{Hold, HoldAsk, HoldConfig, Holds};
 use crate::billing_meter::Metering;
 use crate::core::ORDER;
 use crate::metrics::Metrics;
 use crate::store::{Store, TenantRecord};
 
 mod error;
+mod settle_retry;
 
 pub use error::BillingError;
+pub use settle_retry::{
+    SETTLEMENT_RETRIES_MAX, SETTLEMENT_RETRY_PAUSE_MAX, SETTLEMENT_RETRY_PAUSE_MIN,
+};
 
 /// File name of the SQLite ledger inside the data directory.
 pub const LEDGER_FILE: &str = "ledger.db";
@@ -79,6 +119,10 @@ pub const LEDGER_FILE: &str = "ledger.db";
 /// Attempts to admit a request while settlements of the same tenant keep
 /// changing its balance between our read and our check.
 pub const ADMISSION_ATTEMPTS_MAX: usize = 8;
+
+/// The most one try to settle waits for the ledger before the settlement is
+/// kept for retrying (the client waits for it).
+pub const SETTLE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a node's owner is remembered before it is looked up again.
 pub const OWNER_CACHE_TTL: Duration = Duration::from_secs(30);
@@ -165,21 +209,35 @@ pub struct PendingCharge {
     pub model: ModelId,
     pub admitted_at: TimestampMs,
     pub worst_case: MicroUsd,
-    _hold: Hold,
+    pub(crate) hold: Hold,
 }
 
 /// A finished request ready to settle, and the node reports that disagreed.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Completion {
     pub request: CompletedRequest,
     pub flags: Vec<MeterFlag>,
 }
 
+/// Why a settlement did not commit (logged where it happened).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SettleFailure {
+    /// The ledger was not there (unreachable, restarting, too slow): the
+    /// same settlement may commit later.
+    Unavailable,
+    /// The ledger refused it, or it could not be built: trying again will
+    /// not help.
+    Refused,
+}
+
 pub struct Billing {
-    ledger: Ledger,
+    ledger: Arc<Ledger>,
     book: PriceBook,
     prices: Arc<PriceConfig>,
-    holds: Arc<HoldBook>,
+    holds: Holds,
+    /// Stops the renewal of shared holds' leases when billing is dropped.
+    _renewal: Option<DropGuard>,
+    retries: Arc<settle_retry::SettlementRetries>,
     owners: Mutex<HashMap<String, (OwnerId, Instant)>>,
     /// Owners whose ledger account is known to exist.
     opened_owners: Mutex<HashSet<OwnerId>>,
@@ -189,13 +247,33 @@ pub struct Billing {
 
 impl Billing {
     /// Opens the ledger and checks that every served model has a price for
-    /// every tenant class.
+    /// every tenant class; shared holds get the default lease.
     pub async fn open(
         config: &BillingConfig,
         data_dir: &Path,
         models: &[String],
         store: Store,
         metrics: Arc<Metrics>,
+    ) -> Result<Billing, BillingError> {
+        Billing::open_with(
+            config,
+            data_dir,
+            models,
+            store,
+            metrics,
+            &HoldConfig::default(),
+        )
+        .await
+    }
+
+    /// `open`, with the holds of a shared (PostgreSQL) ledger configured.
+    pub async fn open_with(
+        config: &BillingConfig,
+        data_dir: &Path,
+        models: &[String],
+        store: Store,
+        metrics: Arc<Metrics>,
+        holds: &HoldConfig,
     ) -> Result<Billing, BillingError> {
         for model in models {
             let id = ModelId::new(model.as_str())
@@ -215,12 +293,20 @@ impl Billing {
         crate::billing_accounts::migrate_ledger(&store, &ledger, now())
             .await
             .map_err(|error| BillingError::Invalid(error.to_string()))?;
-        tracing::info!(backend = ledger.backend_name(), "ledger open");
+        let ledger = Arc::new(ledger);
+        let (holds, renewal) = Holds::for_ledger(&ledger, holds)?;
+        tracing::info!(
+            backend = ledger.backend_name(),
+            gateway_id = holds.gateway().map(|id| id.as_str()),
+            "ledger open"
+        );
         Ok(Billing {
             ledger,
             book,
             prices: Arc::clone(&config.prices),
-            holds: Arc::new(HoldBook::default()),
+            holds,
+            _renewal: renewal,
+            retries: Arc::default(),
             owners: Mutex::new(HashMap::new()),
             opened_owners: Mutex::new(HashSet::new()),
             store,
@@ -230,6 +316,17 @@ impl Billing {
 
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
+    }
+
+    /// The id under which this gateway holds money in a shared ledger;
+    /// `None` when it holds in memory.
+    pub fn gateway_id(&self) -> Option<&GatewayId> {
+        self.holds.gateway()
+    }
+
+    /// How many settlements wait for the ledger to come back.
+    pub fn settlements_waiting(&self) -> usize {
+        self.retries.waiting()
     }
 
     /// Refuses a cloud model the price sheet has no upstream price for,
@@ -319,59 +416,29 @@ impl Billing {
             from: now.utc_day_start(),
             until: TimestampMs(now.utc_day_start().0 + TimestampMs::PER_DAY),
         };
-        for _ in 0..ADMISSION_ATTEMPTS_MAX {
-            let epoch = self.holds.epoch(&tenant_id);
-            let account = self
-                .ledger
-                .ensure_tenant(&tenant_id, class == TenantClass::Fleet)
-                .await
-                .map_err(|error| BillingError::internal("read the tenant's account", &error))?;
-            let cap = self
-                .ledger
-                .daily_cap(&tenant_id)
-                .await
-                .map_err(|error| BillingError::internal("read the daily cap", &error))?;
-            let spent = match cap {
-                Some(_) => self
-                    .ledger
-                    .tenant_spent(&tenant_id, today)
-                    .await
-                    .map_err(|error| BillingError::internal("read today's spend", &error))?,
-                None => MicroUsd::ZERO,
-            };
-            let mut tenants = self.holds.lock();
-            let holds = tenants.entry(tenant_id.clone()).or_default();
-            if holds.epoch != epoch {
-                // A settlement released a hold since we read the balance:
-                // the balance we read may not show its charge yet.
-                continue;
-            }
-            let held_view = AccountState {
-                debits_posted: MicroUsd(account.debits_posted.0.saturating_add(holds.held.0)),
-                ..account
-            };
-            let spent_view = MicroUsd(spent.0.saturating_add(holds.held.0));
-            if let Err(refusal) = admission::check(worst_case, &held_view, cap, spent_view) {
+        let ask = HoldAsk {
+            request_id: &request_id,
+            tenant: &tenant_id,
+            unlimited: class == TenantClass::Fleet,
+            worst_case,
+            today,
+        };
+        let hold = match self.holds.admit(&self.ledger, &ask).await {
+            Ok(hold) => hold,
+            Err(BillingError::Refused(refusal)) => {
                 tracing::info!(request_id = %request_id, tenant_id = %tenant_id, %refusal, "payment required");
                 return Err(BillingError::Refused(refusal));
             }
-            holds.held = MicroUsd(holds.held.0.saturating_add(worst_case.0));
-            return Ok(PendingCharge {
-                request_id,
-                tenant: tenant_id.clone(),
-                class,
-                model,
-                admitted_at: now,
-                worst_case,
-                _hold: Hold {
-                    book: Arc::clone(&self.holds),
-                    tenant: tenant_id,
-                    amount: worst_case,
-                },
-            });
-        }
-        Err(BillingError::Contended {
-            retry_after_seconds: crate::limits::RETRY_AFTER_DEFAULT_SECONDS,
+            Err(error) => return Err(error),
+        };
+        Ok(PendingCharge {
+            request_id,
+            tenant: tenant_id,
+            class,
+            model,
+            admitted_at: now,
+            worst_case,
+            hold,
         })
     }
 
@@ -437,28 +504,88 @@ impl Billing {
 
     /// Commits a finished request's transfers durably and returns what the
     /// tenant was charged. Settling the same request again changes nothing
-    /// (the transfers exist).
+    /// (the transfers exist). For a request settled without its charge (an
+    /// idempotent replay settling a kept record again); an admitted request
+    /// settles with `settle_charge`.
     pub async fn settle(&self, completion: &Completion) -> Result<MicroUsd, BillingError> {
-        let request = &completion.request;
-        self.open_owner_accounts(request).await?;
-        let charge = match self.ledger.settle(request, &self.book).await {
-            Ok(receipt) => {
-                tracing::info!(
-                    request_id = %request.request_id,
-                    tenant_id = %request.tenant,
-                    charge = %receipt.charge,
-                    transfers = receipt.transfers.len(),
-                    "settled"
-                );
-                receipt.charge
+        self.commit_settlement(completion)
+            .await
+            .map_err(|_failure| BillingError::LedgerUnavailable {
+                retry_after_seconds: crate::limits::RETRY_AFTER_DEFAULT_SECONDS,
+            })
+    }
+
+    /// Settles an admitted request and ends its hold: released with the
+    /// commit, or with the request if the ledger refuses it. If the ledger
+    /// cannot be reached, the settlement is kept with its hold and retried
+    /// until it commits (`settle_retry`), and the client is told so with
+    /// `SettlementPending`.
+    pub async fn settle_charge(
+        self: &Arc<Self>,
+        pending: PendingCharge,
+        completion: Completion,
+    ) -> Result<MicroUsd, BillingError> {
+        let retry_after_seconds = crate::limits::RETRY_AFTER_DEFAULT_SECONDS;
+        match self.commit_settlement(&completion).await {
+            Ok(charge) => {
+                pending.hold.settled();
+                Ok(charge)
             }
-            Err(error) => {
+            Err(SettleFailure::Unavailable) => {
+                if settle_retry::keep(self, pending, completion) {
+                    Err(BillingError::SettlementPending {
+                        retry_after_seconds,
+                    })
+                } else {
+                    // Too many kept already: given up, its hold released.
+                    Err(BillingError::LedgerUnavailable {
+                        retry_after_seconds,
+                    })
+                }
+            }
+            // Refused: the hold goes with `pending`.
+            Err(SettleFailure::Refused) => Err(BillingError::LedgerUnavailable {
+                retry_after_seconds,
+            }),
+        }
+    }
+
+    /// One try to commit a settlement, within `SETTLE_ATTEMPT_TIMEOUT`; the
+    /// meter flags are stored after it, best effort.
+    pub(crate) async fn commit_settlement(
+        &self,
+        completion: &Completion,
+    ) -> Result<MicroUsd, SettleFailure> {
+        let request = &completion.request;
+        let attempt = async {
+            self.open_owner_accounts(request).await?;
+            self.ledger.settle(request, &self.book).await
+        };
+        let committed = tokio::time::timeout(SETTLE_ATTEMPT_TIMEOUT, attempt).await;
+        let receipt = match committed {
+            Ok(Ok(receipt)) => receipt,
+            Ok(Err(error)) => {
                 tracing::error!(request_id = %request.request_id, %error, "settle request");
-                return Err(BillingError::LedgerUnavailable {
-                    retry_after_seconds: crate::limits::RETRY_AFTER_DEFAULT_SECONDS,
+                return Err(if error.is_unavailable() {
+                    SettleFailure::Unavailable
+                } else {
+                    SettleFailure::Refused
                 });
             }
+            Err(_) => {
+                // It may have committed all the same: a retry finds the
+                // transfers there and changes nothing.
+                tracing::error!(request_id = %request.request_id, "settle request: the ledger did not answer in time");
+                return Err(SettleFailure::Unavailable);
+            }
         };
+        tracing::info!(
+            request_id = %request.request_id,
+            tenant_id = %request.tenant,
+            charge = %receipt.charge,
+            transfers = receipt.transfers.len(),
+            "settled"
+        );
         if !completion.flags.is_empty() {
             // The flags are for review; a failure to store them must not
             // fail a request that is already settled.
@@ -466,12 +593,12 @@ impl Billing {
                 tracing::error!(request_id = %request.request_id, %error, "store meter flags");
             }
         }
-        Ok(charge)
+        Ok(receipt.charge)
     }
 
     /// Opens the account of every owner the request pays that has none yet
     /// (an owner's first earning); remembered so that it is done once.
-    async fn open_owner_accounts(&self, request: &CompletedRequest) -> Result<(), BillingError> {
+    async fn open_owner_accounts(&self, request: &CompletedRequest) -> Result<(), StoreError> {
         for segment in &request.segments {
             let ledger::metering::Server::Node { owner, .. } = &segment.server else {
                 continue;
@@ -481,8 +608,7 @@ impl Billing {
             }
             self.ledger
                 .open_account(&ledger::core::AccountId::Owner(owner.clone()))
-                .await
-                .map_err(|error| BillingError::internal("open an owner's account", &error))?;
+                .await?;
             let mut opened = self.lock_opened();
             if opened.len() >= OWNER_CACHE_ENTRIES_MAX {
                 opened.clear();

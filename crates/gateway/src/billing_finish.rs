@@ -119,10 +119,11 @@ async fn finish_settled(
         let body = body.unwrap_or(Value::Null);
         slot.store_done(&body, &completion.request).await?;
     }
-    // The hold (in `pending`) is released once the charge is posted.
-    let settled = billing.settle(&completion).await.map(|_charge| ());
-    drop(pending);
-    settled
+    // The hold (in `pending`) ends with the charge's commit.
+    billing
+        .settle_charge(pending, completion)
+        .await
+        .map(|_charge| ())
 }
 
 /// Settles a request the client cancelled, for what the coordinator
@@ -152,15 +153,15 @@ impl CancelCharge {
         };
         let billing = self.billing;
         runtime.spawn(async move {
+            let request_id = pending.request_id.clone();
             match billing.complete(&pending, &metering).await {
                 Ok(completion) => {
-                    if let Ok(charge) = billing.settle(&completion).await {
-                        tracing::info!(request_id = %pending.request_id, %charge, "cancelled request settled");
+                    if let Ok(charge) = billing.settle_charge(pending, completion).await {
+                        tracing::info!(request_id = %request_id, %charge, "cancelled request settled");
                     }
                 }
-                Err(_) => tracing::error!(request_id = %pending.request_id, "meter a cancelled request"),
+                Err(_) => tracing::error!(request_id = %request_id, "meter a cancelled request"),
             }
-            drop(pending);
         });
     }
 }
@@ -356,10 +357,8 @@ impl RoutedBooking {
             },
             flags,
         };
-        // The hold (in `pending`) is released once the charge is posted.
-        let charged = billing.settle(&completion).await;
-        drop(pending);
-        charged
+        // The hold (in `pending`) ends with the charge's commit.
+        billing.settle_charge(pending, completion).await
     }
 }
 

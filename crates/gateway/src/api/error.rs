@@ -148,8 +148,9 @@ impl IntoResponse for ApiError {
 
 /// Billing's refusals and failures as the client sees them: 402 for a
 /// tenant that cannot pay (with the ledger's amounts in the message), 503 and
-/// `Retry-After` when the balance moves too fast to admit or the ledger does
-/// not take a settlement, and a generic 500 for the rest (logged by billing).
+/// `Retry-After` when the balance moves too fast to admit, the ledger cannot
+/// be reached or does not take a settlement, and a generic 500 for the rest
+/// (logged by billing).
 impl From<BillingError> for ApiError {
     fn from(error: BillingError) -> ApiError {
         match error {
@@ -165,6 +166,12 @@ impl From<BillingError> for ApiError {
                 retry_after_seconds,
             } => ApiError::unavailable(error.to_string(), retry_after_seconds),
             BillingError::LedgerUnavailable {
+                retry_after_seconds,
+            }
+            | BillingError::Unavailable {
+                retry_after_seconds,
+            }
+            | BillingError::SettlementPending {
                 retry_after_seconds,
             } => ApiError {
                 status: StatusCode::SERVICE_UNAVAILABLE,

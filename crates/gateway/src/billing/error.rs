@@ -38,6 +38,11 @@ pub enum BillingError {
     /// being admitted; a retry after `retry_after_seconds` will do.
     #[error("this tenant's balance is changing too fast to admit the request; retry")]
     Contended { retry_after_seconds: u64 },
+    /// The ledger cannot be reached to admit a request (a shared ledger that
+    /// does not answer): nothing was started or charged; a retry after
+    /// `retry_after_seconds` may find it back.
+    #[error("billing is unavailable, so the request was not started; retry")]
+    Unavailable { retry_after_seconds: u64 },
     /// The ledger did not take a finished request's settlement: the result
     /// is withheld and nothing was charged; a retry after
     /// `retry_after_seconds` may find it back.
@@ -46,6 +51,17 @@ pub enum BillingError {
          not charged; retry"
     )]
     LedgerUnavailable { retry_after_seconds: u64 },
+    /// The ledger could not be reached to settle a finished request: the
+    /// result is withheld, and the settlement is kept and retried until the
+    /// ledger takes it, so the work done is charged once. A retry with the
+    /// same Idempotency-Key after `retry_after_seconds` replays the result
+    /// without a second charge.
+    #[error(
+        "the usage of this request could not be recorded yet, so its result is withheld; it will \
+         be charged once the ledger records it; retry with the same Idempotency-Key to get the \
+         result without a second charge"
+    )]
+    SettlementPending { retry_after_seconds: u64 },
     /// The price sheet in force has no price for a model a request used.
     #[error("the price sheet has no price for model {model}")]
     UnknownPrice { model: String },

@@ -104,6 +104,12 @@ name_type!(
     RequestId,
     "request id"
 );
+name_type!(
+    /// A gateway process that holds money for the requests it has in flight
+    /// (`store::holds`); a fresh one each time a gateway starts.
+    GatewayId,
+    "gateway id"
+);
 
 /// The position of a segment in a request: a generation that migrates runs as
 /// segment 0 on the first node, segment 1 on the next, and so on.

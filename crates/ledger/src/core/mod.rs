@@ -14,8 +14,8 @@ pub mod verify;
 mod tests;
 
 pub use ids::{
-    AccountId, IdError, Instrument, ModelId, NodeId, OwnerId, RequestId, Segment, TenantId,
-    TransferId,
+    AccountId, GatewayId, IdError, Instrument, ModelId, NodeId, OwnerId, RequestId, Segment,
+    TenantId, TransferId,
 };
 pub use ledger::{
     plan_batch, AccountState, BatchPlan, Ledger, LedgerError, Outcome, BATCH_TRANSFERS_MAX,

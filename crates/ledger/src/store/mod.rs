@@ -6,7 +6,9 @@
 //! transfers, and the usage segments that settlements paid for (statements
 //! join the two), and each settled request's cloud spend until the gateway
 //! has counted it in its budgets (`cloud_spend`). Nothing is kept in memory between calls, so several
-//! coordinator processes may share one PostgreSQL ledger.
+//! coordinator processes may share one PostgreSQL ledger; on PostgreSQL the
+//! worst cases of their admitted, unsettled requests are kept here too
+//! (`holds`), so that they admit against the same money.
 //!
 //! A batch commits in one transaction and follows the core's rules exactly:
 //! each backend loads the accounts and existing transfers a batch names,
@@ -26,7 +28,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool};
 use sqlx::sqlite::SqlitePool;
 
 use crate::core::{
-    AccountId, AccountState, LedgerError, MicroUsd, NodeId, Outcome, TenantId, Transfer,
+    AccountId, AccountState, LedgerError, MicroUsd, NodeId, Outcome, RequestId, TenantId, Transfer,
     TransferId, TransferKind, Verifier, VerifyReport,
 };
 use crate::invoice::RequestSummary;
@@ -72,6 +74,41 @@ pub enum StoreError {
     Rekey(String),
     #[error("commit collided with concurrent commits {0} times")]
     Contention(usize),
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
+impl StoreError {
+    /// Whether the failure is the database's state rather than the request's:
+    /// unreachable, restarting, out of resources, or a transaction that lost
+    /// a race. The same call may succeed later; a settlement that failed so
+    /// is worth retrying, one the ledger refused (a floor, a conflict) is not.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Database(error) => is_unavailable_database(error),
+            StoreError::Contention(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// SQLSTATE classes of a database that is not there for now: `08`
+/// connection exceptions, `53` insufficient resources, `57P` operator
+/// intervention (a shutdown, a restart), and `40` transaction rollbacks
+/// (serialisation failures, deadlocks); SQLite's busy and locked errors; a
+/// connection that broke or could not be had in time.
+fn is_unavailable_database(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(database) => {
+            let code = database.code().unwrap_or_default();
+            ["08", "53", "57P", "40"]
+                .iter()
+                .any(|class| code.starts_with(class))
+                || matches!(code.as_ref(), "5" | "6" | "261" | "262" | "517")
+        }
+        _ => false,
+    }
 }
 
 enum Backend {
@@ -92,10 +129,12 @@ macro_rules! on_pool {
 
 mod billing;
 mod cloud_spend;
+mod holds;
 mod rekey;
 
 pub use billing::{MeterFlag, METER_FLAGS_LISTED_MAX, REQUEST_LINES_MAX};
 pub use cloud_spend::{CloudSpend, UNCOUNTED_CLOUD_SPEND_LISTED_MAX};
+pub use holds::{HoldAdmission, HoldRequest};
 pub use rekey::{Rekey, RekeyOutcome};
 
 /// A ledger in SQLite or PostgreSQL.
@@ -212,7 +251,7 @@ impl Store {
 
     /// Commits a batch atomically (see `core::ledger` for the rules).
     pub async fn commit(&self, batch: &[Transfer]) -> Result<Vec<Outcome>, StoreError> {
-        self.commit_with_usage(batch, &[], None, None).await
+        self.commit_with_usage(batch, &[], None, None, None).await
     }
 
     async fn commit_with_usage(
@@ -221,15 +260,18 @@ impl Store {
         usage: &[UsageSegment],
         request: Option<&RequestSummary>,
         cloud: Option<&CloudSpend>,
+        hold: Option<&RequestId>,
     ) -> Result<Vec<Outcome>, StoreError> {
         if batch.len() > crate::core::ledger::BATCH_TRANSFERS_MAX {
             return Err(LedgerError::BatchTooLarge { len: batch.len() }.into());
         }
         for _ in 0..COMMIT_ATTEMPTS_MAX {
             let result = match &self.backend {
-                Backend::Sqlite(pool) => sqlite::commit(pool, batch, usage, request, cloud).await,
+                Backend::Sqlite(pool) => {
+                    sqlite::commit(pool, batch, usage, request, cloud, hold).await
+                }
                 Backend::Postgres(pool) => {
-                    postgres::commit(pool, batch, usage, request, cloud).await
+                    postgres::commit(pool, batch, usage, request, cloud, hold).await
                 }
             };
             match result {
@@ -242,8 +284,10 @@ impl Store {
 
     /// Settles a completed request: its transfers, usage segments, the
     /// request's summary (for usage reports and invoices) and its cloud
-    /// spend, if it has a cloud segment (`cloud_spend`), commit together. A
-    /// retry returns `Exists` outcomes and changes nothing.
+    /// spend, if it has a cloud segment (`cloud_spend`), commit together,
+    /// and the request's hold, if it has one (`holds`), is deleted in the
+    /// same transaction. A retry returns `Exists` outcomes and changes
+    /// nothing.
     pub async fn settle(
         &self,
         request: &CompletedRequest,
@@ -258,6 +302,10 @@ impl Store {
                 &request.segments,
                 summary.as_ref(),
                 cloud.as_ref(),
+                // The request's hold (`holds`) goes in the transaction that
+                // posts its charge: counted as a hold until then, in the
+                // balance after.
+                Some(&request.request_id),
             )
             .await?;
         Ok(SettleReceipt {
@@ -306,11 +354,7 @@ impl Store {
         tenant: &TenantId,
         period: Period,
     ) -> Result<MicroUsd, StoreError> {
-        // The kind is a literal so that both databases can use the partial
-        // index on token charges.
-        let sql = "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM ledger_transfers \
-                   WHERE debit_account = $1 AND kind = 'token-charge' AND at_ms >= $2 AND at_ms < $3";
-        let (spent,): (i64,) = on_pool!(self, pool => sqlx::query_as(sql)
+        let (spent,): (i64,) = on_pool!(self, pool => sqlx::query_as(TENANT_SPENT_SQL)
             .bind(AccountId::Tenant(tenant.clone()).to_string())
             .bind(period.from.0)
             .bind(period.until.0)
@@ -361,6 +405,13 @@ impl Store {
         Ok(u64::try_from(count).unwrap_or(0))
     }
 }
+
+/// What a tenant was charged for tokens in a period: `$1` its account, `$2`
+/// and `$3` the period. The kind is a literal so that both databases can use
+/// the partial index on token charges.
+const TENANT_SPENT_SQL: &str = "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) \
+     FROM ledger_transfers WHERE debit_account = $1 AND kind = 'token-charge' \
+     AND at_ms >= $2 AND at_ms < $3";
 
 fn is_unique_violation(error: &sqlx::Error) -> bool {
     error

@@ -14,11 +14,12 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection, Transaction};
 
-use crate::core::{plan_batch, AccountId, AccountState, Outcome, Transfer, TransferId};
+use crate::core::{plan_batch, AccountId, AccountState, Outcome, RequestId, Transfer, TransferId};
 use crate::invoice::RequestSummary;
 use crate::metering::UsageSegment;
 
 use super::cloud_spend::{CloudSpend, INSERT_CLOUD_SPEND};
+use super::holds::DELETE_HOLD;
 use super::rows::{
     self, AccountRow, TransferRow, ACCOUNT_COLUMNS, REQUEST_COLUMNS, TRANSFER_COLUMNS,
     USAGE_COLUMNS,
@@ -58,6 +59,7 @@ pub(super) async fn commit(
     usage: &[UsageSegment],
     request: Option<&RequestSummary>,
     cloud: Option<&CloudSpend>,
+    hold: Option<&RequestId>,
 ) -> Result<Vec<Outcome>, StoreError> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     let ids: Vec<TransferId> = batch.iter().map(Transfer::id).collect();
@@ -78,6 +80,12 @@ pub(super) async fn commit(
             .bind(cloud.tenant.as_str())
             .bind(cloud.amount.0)
             .bind(cloud.completed_at.0)
+            .execute(&mut *tx)
+            .await?;
+    }
+    if let Some(hold) = hold {
+        sqlx::query(DELETE_HOLD)
+            .bind(hold.as_str())
             .execute(&mut *tx)
             .await?;
     }

@@ -176,6 +176,18 @@ pub async fn postgres_store() -> PgLedger {
 }
 
 impl PgLedger {
+    /// Another connection pool on the same schema: another process sharing
+    /// the ledger.
+    pub async fn connect_again(&self) -> Store {
+        Store::connect_postgres_with(
+            self.options
+                .clone()
+                .options([("search_path", self.schema.as_str())]),
+        )
+        .await
+        .unwrap()
+    }
+
     pub async fn drop_schema(self) {
         self.store.close().await;
         let mut admin = sqlx::PgConnection::connect_with(&self.options)
