@@ -18,6 +18,9 @@ const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
   demo    install what is missing, fetch the models, run `fleetgrid demo` (Ctrl-C stops it)
+  demo --cluster
+          the same, and PostgreSQL and nats-server: `fleetgrid demo --cluster` (gateways and
+          cells on a NATS cluster and PostgreSQL)
   test    install what is missing, fetch the models, start PostgreSQL and NATS, then run
           cargo fmt --check, cargo clippy -D warnings and the whole test suite";
 
@@ -34,7 +37,8 @@ fn main() -> ExitCode {
 fn run() -> Result<()> {
     let arguments: Vec<String> = std::env::args().skip(1).collect();
     match arguments.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-        ["demo"] => demo(),
+        ["demo"] => demo(false),
+        ["demo", "--cluster"] => demo(true),
         ["test"] => test(),
         ["help" | "--help" | "-h"] => {
             println!("{USAGE}");
@@ -52,14 +56,21 @@ fn repo_root() -> PathBuf {
         .map_or_else(|| manifest_dir.clone(), PathBuf::from)
 }
 
-fn demo() -> Result<()> {
+fn demo(cluster: bool) -> Result<()> {
     let root = repo_root();
     setup::debian_packages(setup::BUILD_PACKAGES)?;
     let python = setup::python_venv(&root)?;
     let fleetgrid = build_workspace(&root)?;
     setup::models(&fleetgrid, &python, setup::DEMO_MODELS)?;
+    let mut demo = std::process::Command::new(&fleetgrid);
+    demo.arg("demo");
+    if cluster {
+        services::postgres()?;
+        services::nats(&root)?;
+        demo.arg("--cluster");
+    }
     command::step("run the demo (Ctrl-C stops it)");
-    command::exec(std::process::Command::new(&fleetgrid).arg("demo"))
+    command::exec(&mut demo)
 }
 
 /// Builds every crate and test of the workspace once, and returns the
@@ -85,7 +96,7 @@ fn test() -> Result<()> {
     let fleetgrid = build_workspace(&root)?;
     setup::models(&fleetgrid, &python, setup::TEST_MODELS)?;
     services::postgres()?;
-    services::nats(&root);
+    services::nats(&root)?;
 
     let python_env = [("FLEETGRID_TEST_PYTHON", python.as_os_str())];
     command::step("lint");

@@ -56,23 +56,21 @@ pub fn postgres() -> Result<()> {
     Ok(())
 }
 
-/// Makes sure NATS with JetStream answers on its port. Only a warning when that fails: no test
-/// needs NATS yet, and a machine without the package must still be able to run the rest.
-pub fn nats(root: &Path) {
-    step(&format!("nats-server (JetStream) on 127.0.0.1:{NATS_PORT}"));
-    if port_open(NATS_PORT) {
-        note("running");
-        return;
-    }
-    if let Err(error) = start_nats(root) {
-        println!("    warning: nats is not available: {error:#}");
-    }
-}
-
-fn start_nats(root: &Path) -> Result<()> {
+/// Makes sure Debian's `nats-server` is installed (the cluster tests and `demo --cluster` start
+/// servers of their own on free ports) and that one with JetStream answers on its standard port.
+pub fn nats(root: &Path) -> Result<()> {
     if !command::succeeds(Command::new("nats-server").arg("--version")) {
         setup::debian_packages(&["nats-server"])?;
     }
+    step(&format!("nats-server (JetStream) on 127.0.0.1:{NATS_PORT}"));
+    if port_open(NATS_PORT) {
+        note("running");
+        return Ok(());
+    }
+    start_nats(root)
+}
+
+fn start_nats(root: &Path) -> Result<()> {
     let state_dir = root.join("target").join("nats");
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("create {}", state_dir.display()))?;

@@ -1,11 +1,14 @@
-//! `fleetgrid serve`: a gateway and a cell in one process, on the embedded
-//! SQLite store.
+//! The server roles, wired: `fleetgrid serve`, a gateway and a cell in one
+//! process on the embedded SQLite store, and `fleetgrid
+//! gateway` and `fleetgrid cell`, the same halves as processes of a cluster
+//! on NATS and PostgreSQL.
 //!
 //! `serve` loads a tokenizer per served model, starts the cell (the agents'
 //! gRPC listener, the scheduler, the generations) and the gateway (the HTTP
 //! API) on the same store, hands the gateway the cell through the
 //! `cell_api::Cell` interface, and runs until its shutdown token is
-//! cancelled.
+//! cancelled. A cluster's gateway gets the cells through the same interface,
+//! carried over NATS by the `bus` crate.
 
 // The gateway's parts, the store and the seam, under the names the command
 // line and the tests use.
@@ -14,6 +17,10 @@ pub use gateway::{
     billing_idempotency, billing_meter, cloud, core, http_serve, metrics, owner_policy, secrets,
     served, store, store_contracts, store_owners, tenant_requests,
 };
+
+mod cluster;
+
+pub use cluster::{serve_cell, serve_gateway, Cluster, Listening};
 
 /// Every bound, the gateway's and the cell's.
 pub mod limits {
@@ -116,6 +123,8 @@ pub enum CoordinatorError {
     Billing(#[from] billing::BillingError),
     #[error("open the idempotency store: {0}")]
     Idempotency(sqlx::Error),
+    #[error("nats: {0}")]
+    Nats(String),
 }
 
 /// The addresses the coordinator actually listens on.
@@ -166,35 +175,15 @@ pub async fn serve(
 ) -> Result<(), CoordinatorError> {
     let store = Store::open(&config.data_dir).await?;
     let models = Arc::new(load_models(&config).await?);
-    let metrics = Arc::new(Metrics::default());
-    let model_names: Vec<String> = config.models.iter().map(|m| m.name.clone()).collect();
-    let billing = billing::Billing::open(
-        &config.billing,
-        &config.data_dir,
-        &model_names,
-        store.clone(),
-        Arc::clone(&metrics),
-    )
-    .await?;
     let idempotency = billing_idempotency::IdempotencyStore::open(&config.data_dir)
         .await
         .map_err(CoordinatorError::Idempotency)?;
-    let http_listener = TcpListener::bind(config.http_listen)
-        .await
-        .map_err(|source| CoordinatorError::Bind {
-            addr: config.http_listen,
-            source,
-        })?;
+    let gateway = Gateway::open(&config, store.clone(), Arc::clone(&models), idempotency).await?;
+    let http_listener = bind_http(config.http_listen).await?;
 
     // The cell: the agents' sessions, the scheduler and the generations.
     let cell = cell::start(
-        cell::CellConfig {
-            grpc_listen: config.grpc_listen,
-            heartbeat_interval: config.heartbeat_interval,
-            heartbeat_timeout: config.heartbeat_timeout,
-            scheduler: config.scheduler.clone(),
-            kv_checkpoint_budget_bytes: config.kv_checkpoint_budget_bytes,
-        },
+        cell_config(&config),
         store.clone(),
         Arc::clone(&models),
         shutdown.clone(),
@@ -204,52 +193,19 @@ pub async fn serve(
         http: http_listener.local_addr().map_err(CoordinatorError::Http)?,
         grpc: cell.grpc,
     };
-
-    // The gateway follows contracts for its per-tenant request bound.
-    let tenant_requests = Arc::new(tenant_requests::TenantRequests::default());
-    let limits_of_tenants = Arc::clone(&tenant_requests);
-    store::changes::follow(store.clone(), shutdown.clone(), move |change| {
-        if let Change::Contract(change) = change {
-            limits_of_tenants.set_limit(change.tenant.id, change.contract.max_concurrency);
-        }
-    })
-    .await?;
-
-    let cloud = match config.cloud.clone() {
-        Some(cloud) => Some(Arc::new(
-            cloud::CloudTier::load(cloud, store.clone(), &billing)
-                .await
-                .map_err(CoordinatorError::Cloud)?,
-        )),
-        None => None,
-    };
     let cell_metrics = Arc::clone(&cell.metrics);
-    let app = api::router(
-        api::AppState::new(
+    let http = gateway
+        .serve(
+            http_listener,
             Arc::clone(&cell.core) as Arc<dyn Cell>,
-            Arc::clone(&metrics),
-            store.clone(),
-            models,
-            Arc::new(billing),
-            Arc::new(idempotency),
+            Some(Arc::new(move || cell_metrics.render())),
+            &config,
+            shutdown.clone(),
         )
-        .with_cloud(cloud)
-        .with_tenant_requests(tenant_requests)
-        .with_request_timeout(config.http.request_timeout)
-        .with_metrics_of(Arc::new(move || cell_metrics.render())),
-    );
-    let http = http_serve::serve(
-        http_listener,
-        app,
-        store,
-        config.http,
-        Arc::clone(&metrics),
-        shutdown.clone(),
-    );
+        .await?;
     ready(bound);
     tracing::info!(http = %bound.http, grpc = %bound.grpc, "coordinator listening");
 
-    let http = tokio::spawn(http);
     shutdown.cancelled().await;
     // Streams to agents and clients may stay open; give them a moment, then go.
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
@@ -258,6 +214,116 @@ pub async fn serve(
     })
     .await;
     Ok(())
+}
+
+/// The cell's part of a coordinator's configuration.
+fn cell_config(config: &CoordinatorConfig) -> cell::CellConfig {
+    cell::CellConfig {
+        grpc_listen: config.grpc_listen,
+        heartbeat_interval: config.heartbeat_interval,
+        heartbeat_timeout: config.heartbeat_timeout,
+        scheduler: config.scheduler.clone(),
+        kv_checkpoint_budget_bytes: config.kv_checkpoint_budget_bytes,
+    }
+}
+
+async fn bind_http(addr: SocketAddr) -> Result<TcpListener, CoordinatorError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| CoordinatorError::Bind { addr, source })
+}
+
+/// A gateway's own state: the store, billing, idempotency keys, the cloud
+/// tier and the per-tenant request bound. It reaches its cell (in this
+/// process or over the bus) only through `Arc<dyn Cell>`.
+pub(crate) struct Gateway {
+    store: Store,
+    models: Arc<ServedModels>,
+    metrics: Arc<Metrics>,
+    billing: Arc<billing::Billing>,
+    idempotency: Arc<billing_idempotency::IdempotencyStore>,
+    cloud: Option<Arc<cloud::CloudTier>>,
+    tenant_requests: Arc<tenant_requests::TenantRequests>,
+}
+
+impl Gateway {
+    pub(crate) async fn open(
+        config: &CoordinatorConfig,
+        store: Store,
+        models: Arc<ServedModels>,
+        idempotency: billing_idempotency::IdempotencyStore,
+    ) -> Result<Gateway, CoordinatorError> {
+        let metrics = Arc::new(Metrics::default());
+        let model_names: Vec<String> = config.models.iter().map(|m| m.name.clone()).collect();
+        let billing = billing::Billing::open(
+            &config.billing,
+            &config.data_dir,
+            &model_names,
+            store.clone(),
+            Arc::clone(&metrics),
+        )
+        .await?;
+        let cloud = match config.cloud.clone() {
+            Some(cloud) => Some(Arc::new(
+                cloud::CloudTier::load(cloud, store.clone(), &billing)
+                    .await
+                    .map_err(CoordinatorError::Cloud)?,
+            )),
+            None => None,
+        };
+        Ok(Gateway {
+            store,
+            models,
+            metrics,
+            billing: Arc::new(billing),
+            idempotency: Arc::new(idempotency),
+            cloud,
+            tenant_requests: Arc::new(tenant_requests::TenantRequests::default()),
+        })
+    }
+
+    /// Follows the contracts for the per-tenant request bound, then serves
+    /// the HTTP API on `listener` until `shutdown`; `cell_metrics` adds an
+    /// in-process cell's families to `/metrics`.
+    pub(crate) async fn serve(
+        self,
+        listener: TcpListener,
+        cell: Arc<dyn Cell>,
+        cell_metrics: Option<api::MetricsSource>,
+        config: &CoordinatorConfig,
+        shutdown: CancellationToken,
+    ) -> Result<tokio::task::JoinHandle<()>, CoordinatorError> {
+        let limits_of_tenants = Arc::clone(&self.tenant_requests);
+        store::changes::follow(self.store.clone(), shutdown.clone(), move |change| {
+            if let Change::Contract(change) = change {
+                limits_of_tenants.set_limit(change.tenant.id, change.contract.max_concurrency);
+            }
+        })
+        .await?;
+        let mut state = api::AppState::new(
+            cell,
+            Arc::clone(&self.metrics),
+            self.store.clone(),
+            self.models,
+            self.billing,
+            self.idempotency,
+        )
+        .with_cloud(self.cloud)
+        .with_tenant_requests(self.tenant_requests)
+        .with_request_timeout(config.http.request_timeout);
+        if let Some(cell_metrics) = cell_metrics {
+            state = state.with_metrics_of(cell_metrics);
+        }
+        let http = http_serve::serve(
+            listener,
+            api::router(state),
+            self.store,
+            config.http,
+            self.metrics,
+            shutdown,
+        );
+        Ok(tokio::spawn(http))
+    }
 }
 
 async fn load_models(config: &CoordinatorConfig) -> Result<ServedModels, CoordinatorError> {

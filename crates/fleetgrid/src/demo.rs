@@ -23,7 +23,7 @@ use crate::demo_chaos::Chaos;
 use crate::home;
 
 /// The model the demo serves.
-const DEMO_MODEL: &str = "smollm2-135m-instruct";
+pub(crate) const DEMO_MODEL: &str = "smollm2-135m-instruct";
 
 /// The variable that hands the local cloud's API key to the coordinator.
 const DEMO_CLOUD_KEY_ENV: &str = "FLEETGRID_CLOUD_KEY";
@@ -48,22 +48,23 @@ const TICK: Duration = Duration::from_millis(250);
 pub struct DemoArgs {
     /// Address of the OpenAI-compatible API.
     #[arg(long, default_value = "127.0.0.1:8080")]
-    http_listen: SocketAddr,
+    pub(crate) http_listen: SocketAddr,
     /// Number of simulated vehicles.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
-    vehicles: u32,
+    pub(crate) vehicles: u32,
     /// Engine threads per vehicle.
     #[arg(long, default_value_t = 1)]
-    threads_per_vehicle: u32,
+    pub(crate) threads_per_vehicle: u32,
     /// Sequences each vehicle decodes together.
     #[arg(long, default_value_t = 2)]
-    parallel: u32,
-    /// Where the demo keeps its database, vehicle feeds and logs [default: $FLEETGRID_HOME/demo].
+    pub(crate) parallel: u32,
+    /// Where the demo keeps its database, vehicle feeds and logs [default: $FLEETGRID_HOME/demo,
+    /// or $FLEETGRID_HOME/demo-cluster with --cluster].
     #[arg(long)]
-    data_dir: Option<PathBuf>,
+    pub(crate) data_dir: Option<PathBuf>,
     /// Run without the local cloud: no `auto` or `cloud/...` models, a faster start.
     #[arg(long)]
-    no_cloud: bool,
+    pub(crate) no_cloud: bool,
     /// How long a car that went away by itself (crashed, killed) stays away before it comes
     /// home, in seconds.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -77,6 +78,14 @@ pub struct DemoArgs {
     /// The seed of `--chaos`, to repeat a run's disruptions [default: drawn, and printed].
     #[arg(long, requires = "chaos")]
     chaos_seed: Option<u64>,
+    /// Run the scaled-out shape instead: a 3-server NATS cluster, PostgreSQL, 2 gateways, 2
+    /// cells and 2 vehicles per cell (`--vehicles`, `--chaos` and `--come-home-secs` do not
+    /// apply). The first gateway listens on --http-listen.
+    #[arg(long, conflicts_with_all = ["chaos", "vehicles"])]
+    pub(crate) cluster: bool,
+    /// The PostgreSQL database of `--cluster`, created if the server does not have it.
+    #[arg(long, requires = "cluster", default_value = "postgres://postgres@127.0.0.1:5432/fleetgrid_demo")]
+    pub(crate) database: String,
 }
 
 /// What the demo hands out to its user.
@@ -89,7 +98,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let data_dir = args
         .data_dir
         .clone()
-        .unwrap_or_else(|| home::root().join("demo"));
+        .unwrap_or_else(|| home::root().join(if args.cluster { "demo-cluster" } else { "demo" }));
     let logs = data_dir.join("logs");
     let feeds = data_dir.join("feeds");
     for dir in [&logs, &feeds] {
@@ -112,6 +121,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .with_context(|| format!("fetch {model}"))?;
     }
 
+    if args.cluster {
+        return crate::demo_cluster::run(&args, &data_dir, &logs).await;
+    }
     let database = Store::open(&data_dir)
         .await
         .context("open the demo database")?;
@@ -123,29 +135,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("find the fleetgrid executable")?;
     let fleetgrid = Fleetgrid::new(&exe);
     let mut cloud = None;
-    let cloud_upstream = if args.no_cloud {
-        None
-    } else {
-        // The local "cloud" (system-2) the coordinator escalates to, over HTTP.
-        eprintln!(
-            "fleetgrid demo: starting the local cloud ({})",
-            crate::cloud::LOCAL_CLOUD_MODEL
-        );
-        let spec = CloudSpec {
-            data_dir: data_dir.join("cloud"),
-            http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            threads: args.threads_per_vehicle,
-            args: Vec::new(),
-            log: LogFile::create(logs.join("cloud.log")),
-        };
-        let starting = fleetgrid.clone();
-        let started = tokio::task::spawn_blocking(move || {
-            LocalCloud::start_blocking(&starting, &spec, CLOUD_READY_TIMEOUT)
-        })
-        .await
-        .context("start the local cloud")??;
-        cloud = Some(started.process);
-        Some((started.http, started.api_key))
+    let cloud_upstream = match start_local_cloud(&fleetgrid, &args, &data_dir, &logs).await? {
+        Some(started) => {
+            cloud = Some(started.process);
+            Some((started.http, started.api_key))
+        }
+        None => None,
     };
     let coordinator =
         start_coordinator(&fleetgrid, &args, &data_dir, &logs, cloud_upstream).await?;
@@ -269,13 +264,20 @@ async fn demo_key(database: &Store) -> anyhow::Result<String> {
 }
 
 /// The owner of the demo's simulated vehicles.
-const DEMO_OWNER: &str = "demo-owner";
+pub(crate) const DEMO_OWNER: &str = "demo-owner";
 
 /// A fresh owner key for the owner of the demo's vehicles, who is created if need be.
 async fn owner_key(database: &Store) -> anyhow::Result<String> {
+    ensure_demo_owner(database).await?;
+    let now = coordinator::core::now_ms().0;
+    Ok(database.create_owner_key(DEMO_OWNER, now).await?)
+}
+
+/// Creates the owner of the demo's vehicles if need be.
+pub(crate) async fn ensure_demo_owner(database: &Store) -> anyhow::Result<()> {
     let now = coordinator::core::now_ms().0;
     database.ensure_owner(DEMO_OWNER, now).await?;
-    Ok(database.create_owner_key(DEMO_OWNER, now).await?)
+    Ok(())
 }
 
 /// The vehicle's credential, enrolled for the demo's owner (who must exist) if need be.
@@ -289,6 +291,45 @@ async fn node_credential(database: &Store, name: &str) -> anyhow::Result<String>
             .with_context(|| format!("node {name} vanished")),
         Err(error) => Err(error.into()),
     }
+}
+
+/// Starts the local cloud (system-2) the gateway escalates to over HTTP, unless `--no-cloud`.
+pub(crate) async fn start_local_cloud(
+    fleetgrid: &Fleetgrid,
+    args: &DemoArgs,
+    data_dir: &Path,
+    logs: &Path,
+) -> anyhow::Result<Option<LocalCloud>> {
+    if args.no_cloud {
+        return Ok(None);
+    }
+    eprintln!(
+        "fleetgrid demo: starting the local cloud ({})",
+        crate::cloud::LOCAL_CLOUD_MODEL
+    );
+    let spec = CloudSpec {
+        data_dir: data_dir.join("cloud"),
+        http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        threads: args.threads_per_vehicle,
+        args: Vec::new(),
+        log: LogFile::create(logs.join("cloud.log")),
+    };
+    let starting = fleetgrid.clone();
+    let started = tokio::task::spawn_blocking(move || {
+        LocalCloud::start_blocking(&starting, &spec, CLOUD_READY_TIMEOUT)
+    })
+    .await
+    .context("start the local cloud")??;
+    Ok(Some(started))
+}
+
+/// The gateway flags and environment that point it at the local cloud.
+pub(crate) fn cloud_flags(cloud_http: SocketAddr, cloud_key: &str) -> (Vec<OsString>, (OsString, OsString)) {
+    let cloud_url = format!("http://{cloud_http}/v1");
+    let flags = ["--cloud-url", &cloud_url, "--cloud-key-env", DEMO_CLOUD_KEY_ENV]
+        .map(OsString::from)
+        .into();
+    (flags, (DEMO_CLOUD_KEY_ENV.into(), cloud_key.into()))
 }
 
 /// Starts the coordinator, pointed at the local cloud when there is one, and waits until it
@@ -305,16 +346,9 @@ async fn start_coordinator(
     spec.http_listen = args.http_listen;
     spec.models = vec![DEMO_MODEL.to_string()];
     if let Some((cloud_http, cloud_key)) = cloud {
-        let cloud_url = format!("http://{cloud_http}/v1");
-        spec.args = [
-            "--cloud-url",
-            &cloud_url,
-            "--cloud-key-env",
-            DEMO_CLOUD_KEY_ENV,
-        ]
-        .map(OsString::from)
-        .into();
-        spec.env = vec![(DEMO_CLOUD_KEY_ENV.into(), cloud_key.into())];
+        let (flags, env) = cloud_flags(cloud_http, &cloud_key);
+        spec.args = flags;
+        spec.env = vec![env];
     }
     Coordinator::start(fleetgrid, &spec, STARTUP_TIMEOUT)
         .await

@@ -9,6 +9,7 @@ mod cloud;
 mod demo;
 mod demo_cars;
 mod demo_chaos;
+mod demo_cluster;
 mod eval;
 mod eval_client;
 mod eval_data;
@@ -20,8 +21,8 @@ mod http_limits;
 mod ledger_cmd;
 mod router_cmd;
 mod run;
+mod serve_args;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -40,7 +41,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the coordinator: OpenAI-compatible gateway, agent gRPC service, scheduler, store.
-    Serve(ServeArgs),
+    Serve(serve_args::ServeArgs),
+    /// Run a gateway of a cluster: the HTTP API, reaching its cells over NATS.
+    Gateway(serve_args::GatewayArgs),
+    /// Run a cell of a cluster: its vehicles' sessions and generations, served over NATS.
+    Cell(serve_args::CellArgs),
     /// Run a vehicle's agent: dial the coordinator and serve generations on this machine.
     Agent(AgentArgs),
     /// Start a coordinator with three simulated vehicles serving a real model.
@@ -77,68 +82,6 @@ enum Command {
     /// Benchmarks against reference implementations measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
-}
-
-#[derive(clap::Args, Clone)]
-pub struct ServeArgs {
-    /// Address of the OpenAI-compatible HTTP API.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    http_listen: SocketAddr,
-    /// Address agents dial (gRPC).
-    #[arg(long, default_value = "127.0.0.1:7070")]
-    grpc_listen: SocketAddr,
-    /// Where the coordinator keeps its database [default: $FLEETGRID_HOME/coordinator].
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// Models to serve, by catalog name or sha256 (repeatable).
-    #[arg(long = "model", default_value = "smollm2-135m-instruct")]
-    models: Vec<String>,
-    /// Context window of one sequence on a node, in tokens.
-    #[arg(long, default_value_t = coordinator::limits::CONTEXT_TOKENS_DEFAULT)]
-    context_tokens: u32,
-    /// How often agents heartbeat, in milliseconds.
-    #[arg(long, default_value_t = 1000)]
-    heartbeat_interval_ms: u64,
-    /// A node silent for this long is marked gone, in milliseconds.
-    #[arg(long, default_value_t = 5000)]
-    heartbeat_timeout_ms: u64,
-    /// Slots a node gets before it has completed any generation, whatever it claims; it earns
-    /// one more per completed generation, up to its claim.
-    #[arg(long, default_value_t = scheduler::TrustConfig::default().unproven_slots_max)]
-    unproven_node_slots: u16,
-    /// A running generation is never moved for making no progress sooner than this, in
-    /// milliseconds (its bound follows its node's measured pace between floor and ceiling).
-    #[arg(long, default_value_t = scheduler::TrustConfig::default().stall_floor_ms)]
-    stall_floor_ms: u64,
-    /// A running generation with no token for this long is moved to another node, in
-    /// milliseconds; also the bound for a node with no measured pace and for a first token.
-    #[arg(long, default_value_t = scheduler::TrustConfig::default().stall_ceiling_ms)]
-    stall_ceiling_ms: u64,
-    /// Requests that may wait per tenant class before new ones get 429.
-    #[arg(long)]
-    queue_max_per_class: Option<u32>,
-    /// The ledger: a SQLite file or postgres://USER@HOST/DB [default: ledger.db in the data directory].
-    #[arg(long, env = "FLEETGRID_LEDGER_URL")]
-    ledger_url: Option<String>,
-    /// The price sheet, JSON [default: the shipped sheet; see crates/ledger/prices/default.json].
-    #[arg(long)]
-    prices: Option<PathBuf>,
-    /// Owners' share of the token revenue, in basis points (7000 = 70 %), overriding the sheet.
-    #[arg(long)]
-    owner_share_bps: Option<u32>,
-    /// Memory for the prompt KV caches of long prompts, kept so that a generation handed over to
-    /// another node loads its prompt instead of prefilling it again, in MiB (0: always re-prefill).
-    #[arg(long, default_value_t = coordinator::limits::KV_CHECKPOINT_BYTES_BUDGET >> 20)]
-    kv_checkpoint_budget_mib: usize,
-    /// The cloud upstream and the router (`auto`, `cloud/<model>`).
-    #[command(flatten)]
-    cloud: cloud::CloudArgs,
-    /// The gateway's bounds on slow and numerous clients.
-    #[command(flatten)]
-    http_limits: http_limits::HttpLimitArgs,
-    /// Exit when the parent process goes away (used by `demo` and tests).
-    #[arg(long, hide = true)]
-    exit_with_parent: bool,
 }
 
 #[derive(clap::Args, Clone)]
@@ -203,6 +146,8 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => run::serve(args).await,
+            Command::Gateway(args) => run::gateway(args).await,
+            Command::Cell(args) => run::cell(args).await,
             Command::Agent(args) => run::agent(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Models(command) => admin::models(command).await,

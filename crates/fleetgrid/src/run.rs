@@ -1,11 +1,13 @@
-//! `fleetgrid serve` and `fleetgrid agent`: the two long-running roles.
+//! The long-running roles: `fleetgrid serve` (a gateway and a cell in one
+//! process), `gateway` and `cell` (the halves of a cluster) and `agent`.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use crate::{home, AgentArgs, ServeArgs};
+use crate::serve_args::{CellArgs, GatewayArgs, ServeArgs};
+use crate::{home, AgentArgs};
 
 /// How often a child started with `--exit-with-parent` checks its parent.
 const PARENT_CHECK_INTERVAL: Duration = Duration::from_millis(500);
@@ -44,48 +46,46 @@ pub fn shutdown_token(exit_with_parent: bool) -> anyhow::Result<CancellationToke
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let store = home::model_store()?;
-    let mut models = Vec::new();
-    for name in &args.models {
-        let verified = store.resolve(name).with_context(|| {
-            format!("resolve model {name:?} (fetch it with 'fleetgrid models fetch {name}')")
-        })?;
-        models.push(coordinator::ModelToServe {
-            name: verified.name.clone(),
-            path: verified.path.clone(),
-            digest: verified.digest.to_string(),
-        });
-    }
-    let mut config =
-        coordinator::CoordinatorConfig::new(home::coordinator_dir(args.data_dir), models);
-    config.http_listen = args.http_listen;
-    config.grpc_listen = args.grpc_listen;
-    config.context_tokens = args.context_tokens;
-    config.heartbeat_interval = Duration::from_millis(args.heartbeat_interval_ms);
-    config.heartbeat_timeout = Duration::from_millis(args.heartbeat_timeout_ms);
-    if let Some(queue_max) = args.queue_max_per_class {
-        config.scheduler.queue_max_per_class = [queue_max; 3];
-    }
-    if let Some(trust) = config.scheduler.trust.as_mut() {
-        trust.unproven_slots_max = args.unproven_node_slots;
-        trust.stall_floor_ms = args.stall_floor_ms;
-        trust.stall_ceiling_ms = args.stall_ceiling_ms.max(args.stall_floor_ms);
-    }
-    config.billing = crate::ledger_cmd::billing_config(
-        args.ledger_url.clone(),
-        args.prices.as_deref(),
-        args.owner_share_bps,
-    )?;
-    config.cloud = args.cloud.config()?;
-    config.kv_checkpoint_budget_bytes = args.kv_checkpoint_budget_mib.saturating_mul(1 << 20);
-    config.http = args.http_limits.limits()?;
-    let shutdown = shutdown_token(args.exit_with_parent)?;
+    let mut config = args.common.config()?;
+    args.gateway.apply(&mut config)?;
+    args.cell.apply(&mut config);
+    let shutdown = shutdown_token(args.common.exit_with_parent)?;
     coordinator::serve(config, shutdown, |bound| {
         // Parsed by `demo`, the benchmarks and the tests: keep it on stdout.
         println!("{}", bound.announcement());
     })
     .await
     .context("run the coordinator")
+}
+
+pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    let mut config = args.common.config()?;
+    args.gateway.apply(&mut config)?;
+    let shutdown = shutdown_token(args.common.exit_with_parent)?;
+    coordinator::serve_gateway(config, args.cluster.cluster(), shutdown, |listening| {
+        // Parsed by `demo --cluster` and the tests: keep it on stdout.
+        println!("{}", listening.announcement());
+    })
+    .await
+    .context("run the gateway")
+}
+
+pub async fn cell(args: CellArgs) -> anyhow::Result<()> {
+    let mut config = args.common.config()?;
+    args.cell.apply(&mut config);
+    let shutdown = shutdown_token(args.common.exit_with_parent)?;
+    coordinator::serve_cell(
+        config,
+        args.cluster.cluster(),
+        args.cell_id,
+        shutdown,
+        |listening| {
+            // Parsed by `demo --cluster` and the tests: keep it on stdout.
+            println!("{}", listening.announcement());
+        },
+    )
+    .await
+    .context("run the cell")
 }
 
 /// The cell an agent dials when none is given: a coordinator on this machine.

@@ -113,9 +113,15 @@ impl Fleetgrid {
 
     /// `fleetgrid agent` as `spec` says, dialling the coordinator at `grpc`.
     pub fn agent_command(&self, grpc: SocketAddr, spec: &AgentSpec) -> Command {
+        self.agent_command_dialling(&["--coordinator".to_owned(), format!("http://{grpc}")], spec)
+    }
+
+    /// `fleetgrid agent` as `spec` says, with `dial` naming where it connects.
+    pub(crate) fn agent_command_dialling(&self, dial: &[String], spec: &AgentSpec) -> Command {
         let mut command = self.command();
         command
-            .args(["agent", "--coordinator", &format!("http://{grpc}")])
+            .arg("agent")
+            .args(dial)
             .args(["--node-id", &spec.node_id])
             .args(["--vehicle-state", &spec.vehicle_state])
             .args(["--model", &spec.model])
@@ -157,7 +163,7 @@ impl Fleetgrid {
 }
 
 /// Starts a process that announces itself on its first line of stdout.
-fn spawn_announcing(
+pub(crate) fn spawn_announcing(
     name: &str,
     command: Command,
     log: &LogFile,

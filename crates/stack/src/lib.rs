@@ -27,13 +27,16 @@
 //! process beside it (a cell) is one more spec and one more member list, not
 //! a new way of starting or stopping processes.
 
+mod cluster;
 mod error;
 mod fleetgrid;
 mod lines;
+pub mod nats;
 pub mod probe;
 mod process;
 mod stack;
 
+pub use cluster::{ClusterCell, ClusterGateway, ClusterSpec, MemberSpec};
 pub use error::StackError;
 pub use fleetgrid::{
     AgentSpec, CloudSpec, Coordinator, CoordinatorSpec, Fleetgrid, LocalCloud,

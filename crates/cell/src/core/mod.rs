@@ -151,6 +151,7 @@ impl Core {
         }
         let (sender, updates) = mpsc::channel(limits::CLIENT_UPDATES_CAPACITY);
         let prompt_tokens = u32::try_from(generation.prompt.len()).unwrap_or(u32::MAX);
+        let committed_total = u32::try_from(generation.committed.len()).unwrap_or(u32::MAX);
         state.requests.insert(
             request,
             InFlight {
@@ -180,7 +181,16 @@ impl Core {
             max_tokens: generation.max_tokens,
             deadline: generation.deadline_ms.map(|ms| now.plus(ms)),
         };
-        let rejection = self.handle(&mut state, now, arrived);
+        let mut rejection = self.handle(&mut state, now, arrived);
+        if committed_total > 0 && rejection.iter().all(|(id, _)| *id != request) {
+            // Tokens committed on a cell that was lost: the scheduler counts
+            // them from now on, like tokens committed here.
+            let progress = Event::TokensCommitted {
+                request,
+                committed_total,
+            };
+            rejection.extend(self.handle(&mut state, now, progress));
+        }
         match rejection.into_iter().find(|(id, _)| *id == request) {
             Some((_, rejection)) => {
                 state.remove_request(request, now);

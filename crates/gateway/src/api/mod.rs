@@ -208,11 +208,19 @@ async fn health(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if tenant.class != crate::store::TenantClass::Fleet {
         return Json(serde_json::json!({ "status": "ok" })).into_response();
     }
-    let nodes = state.cell.capacity().node_names();
+    let capacity = state.cell.capacity();
+    let nodes = capacity.node_names();
+    // What each vehicle runs now, as its cell last reported it.
+    let running: serde_json::Map<String, serde_json::Value> = capacity
+        .nodes
+        .iter()
+        .map(|node| (node.name.clone(), node.running.into()))
+        .collect();
     Json(serde_json::json!({
         "status": "ok",
         "nodes_connected": nodes.len(),
         "nodes": nodes,
+        "running": running,
     }))
     .into_response()
 }

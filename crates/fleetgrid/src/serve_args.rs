@@ -1,0 +1,195 @@
+//! The flags of the long-running server roles: `serve` (a gateway and a cell
+//! in one process), `gateway` and `cell` (the two halves in a cluster). Each
+//! half's flags are declared once and flattened into every role that runs it,
+//! so no role accepts a flag it would ignore.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::{cloud, home, http_limits};
+
+/// What every server role needs: where it keeps its files and what it serves.
+#[derive(clap::Args, Clone)]
+pub struct CommonArgs {
+    /// Where the coordinator keeps its database [default: $FLEETGRID_HOME/coordinator].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Models to serve, by catalog name or sha256 (repeatable).
+    #[arg(long = "model", default_value = "smollm2-135m-instruct")]
+    pub models: Vec<String>,
+    /// Context window of one sequence on a node, in tokens.
+    #[arg(long, default_value_t = coordinator::limits::CONTEXT_TOKENS_DEFAULT)]
+    pub context_tokens: u32,
+    /// Exit when the parent process goes away (used by `demo` and tests).
+    #[arg(long, hide = true)]
+    pub exit_with_parent: bool,
+}
+
+/// The gateway's flags: the HTTP API, billing and the cloud tier.
+#[derive(clap::Args, Clone)]
+pub struct GatewayFlags {
+    /// Address of the OpenAI-compatible HTTP API.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub http_listen: SocketAddr,
+    /// The ledger: a SQLite file or postgres://USER@HOST/DB [default: ledger.db in the data
+    /// directory; in a cluster, the cluster's database].
+    #[arg(long, env = "FLEETGRID_LEDGER_URL")]
+    pub ledger_url: Option<String>,
+    /// The price sheet, JSON [default: the shipped sheet; see crates/ledger/prices/default.json].
+    #[arg(long)]
+    pub prices: Option<PathBuf>,
+    /// Owners' share of the token revenue, in basis points (7000 = 70 %), overriding the sheet.
+    #[arg(long)]
+    pub owner_share_bps: Option<u32>,
+    /// The cloud upstream and the router (`auto`, `cloud/<model>`).
+    #[command(flatten)]
+    pub cloud: cloud::CloudArgs,
+    /// The gateway's bounds on slow and numerous clients.
+    #[command(flatten)]
+    pub http_limits: http_limits::HttpLimitArgs,
+}
+
+/// The cell's flags: the agents' gRPC service, heartbeats and the scheduler.
+#[derive(clap::Args, Clone)]
+pub struct CellFlags {
+    /// Address agents dial (gRPC).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub grpc_listen: SocketAddr,
+    /// How often agents heartbeat, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_interval_ms: u64,
+    /// A node silent for this long is marked gone, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub heartbeat_timeout_ms: u64,
+    /// Slots a node gets before it has completed any generation, whatever it claims; it earns
+    /// one more per completed generation, up to its claim.
+    #[arg(long, default_value_t = scheduler::TrustConfig::default().unproven_slots_max)]
+    pub unproven_node_slots: u16,
+    /// A running generation is never moved for making no progress sooner than this, in
+    /// milliseconds (its bound follows its node's measured pace between floor and ceiling).
+    #[arg(long, default_value_t = scheduler::TrustConfig::default().stall_floor_ms)]
+    pub stall_floor_ms: u64,
+    /// A running generation with no token for this long is moved to another node, in
+    /// milliseconds; also the bound for a node with no measured pace and for a first token.
+    #[arg(long, default_value_t = scheduler::TrustConfig::default().stall_ceiling_ms)]
+    pub stall_ceiling_ms: u64,
+    /// Requests that may wait per tenant class before new ones get 429.
+    #[arg(long)]
+    pub queue_max_per_class: Option<u32>,
+    /// Memory for the prompt KV caches of long prompts, kept so that a generation handed over to
+    /// another node loads its prompt instead of prefilling it again, in MiB (0: always re-prefill).
+    #[arg(long, default_value_t = coordinator::limits::KV_CHECKPOINT_BYTES_BUDGET >> 20)]
+    pub kv_checkpoint_budget_mib: usize,
+}
+
+/// Where a cluster's shared parts are.
+#[derive(clap::Args, Clone)]
+pub struct ClusterArgs {
+    /// NATS servers, comma-separated (nats://HOST:PORT,...); the client fails over among them.
+    #[arg(long, env = "FLEETGRID_NATS_URL")]
+    pub nats: String,
+    /// The cluster's PostgreSQL database (postgres://USER@HOST/DB): tenants, keys, nodes,
+    /// policies, contracts, idempotency keys, billing holds and the ledger.
+    #[arg(long, env = "FLEETGRID_DATABASE_URL")]
+    pub database: String,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub gateway: GatewayFlags,
+    #[command(flatten)]
+    pub cell: CellFlags,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub gateway: GatewayFlags,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct CellArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub cell: CellFlags,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// This cell's name, unique in the cluster: gateways address it by it.
+    #[arg(long)]
+    pub cell_id: String,
+}
+
+impl CommonArgs {
+    /// The coordinator configuration with the models resolved and every
+    /// other setting at its default.
+    pub fn config(&self) -> anyhow::Result<coordinator::CoordinatorConfig> {
+        use anyhow::Context;
+        let store = home::model_store()?;
+        let mut models = Vec::new();
+        for name in &self.models {
+            let verified = store.resolve(name).with_context(|| {
+                format!("resolve model {name:?} (fetch it with 'fleetgrid models fetch {name}')")
+            })?;
+            models.push(coordinator::ModelToServe {
+                name: verified.name.clone(),
+                path: verified.path.clone(),
+                digest: verified.digest.to_string(),
+            });
+        }
+        let mut config =
+            coordinator::CoordinatorConfig::new(home::coordinator_dir(self.data_dir.clone()), models);
+        config.context_tokens = self.context_tokens;
+        Ok(config)
+    }
+}
+
+impl GatewayFlags {
+    /// Sets the gateway's part of `config`.
+    pub fn apply(&self, config: &mut coordinator::CoordinatorConfig) -> anyhow::Result<()> {
+        config.http_listen = self.http_listen;
+        config.billing = crate::ledger_cmd::billing_config(
+            self.ledger_url.clone(),
+            self.prices.as_deref(),
+            self.owner_share_bps,
+        )?;
+        config.cloud = self.cloud.config()?;
+        config.http = self.http_limits.limits()?;
+        Ok(())
+    }
+}
+
+impl CellFlags {
+    /// Sets the cell's part of `config`.
+    pub fn apply(&self, config: &mut coordinator::CoordinatorConfig) {
+        config.grpc_listen = self.grpc_listen;
+        config.heartbeat_interval = Duration::from_millis(self.heartbeat_interval_ms);
+        config.heartbeat_timeout = Duration::from_millis(self.heartbeat_timeout_ms);
+        if let Some(queue_max) = self.queue_max_per_class {
+            config.scheduler.queue_max_per_class = [queue_max; 3];
+        }
+        if let Some(trust) = config.scheduler.trust.as_mut() {
+            trust.unproven_slots_max = self.unproven_node_slots;
+            trust.stall_floor_ms = self.stall_floor_ms;
+            trust.stall_ceiling_ms = self.stall_ceiling_ms.max(self.stall_floor_ms);
+        }
+        config.kv_checkpoint_budget_bytes = self.kv_checkpoint_budget_mib.saturating_mul(1 << 20);
+    }
+}
+
+impl ClusterArgs {
+    pub fn cluster(&self) -> coordinator::Cluster {
+        coordinator::Cluster {
+            nats: self.nats.clone(),
+            database_url: self.database.clone(),
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! A NATS cluster of Debian's `nats-server` on loopback ports: one process
+//! per server, each with its own configuration file, client port, route port
+//! and monitoring port, routed to every other. `fleetgrid demo --cluster`,
+//! the cluster benchmark and the end-to-end tests start theirs here.
+//!
+//! The servers carry work between gateways and cells with plain NATS (at
+//! most once); nothing here enables JetStream, since no state that matters
+//! rides on the broker.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::probe;
+use crate::process::{LogFile, Process, Stdout};
+use crate::StackError;
+
+/// The server binary, as Debian's `nats-server` package installs it on `PATH`.
+pub const NATS_SERVER_BINARY: &str = "nats-server";
+
+/// The cluster's name in every server's configuration.
+const CLUSTER_NAME: &str = "fleetgrid";
+
+/// One server of the cluster.
+pub struct NatsServer {
+    pub name: String,
+    /// Where clients connect.
+    pub client: SocketAddr,
+    /// Where the other servers route to it.
+    pub route: SocketAddr,
+    /// Its monitoring endpoint (`/varz`, `/routez`).
+    pub monitor: SocketAddr,
+    process: Option<Process>,
+    config: PathBuf,
+    log: LogFile,
+}
+
+impl NatsServer {
+    /// `nats://HOST:PORT` of its client port.
+    pub fn url(&self) -> String {
+        format!("nats://{}", self.client)
+    }
+
+    /// Whether its process is running.
+    pub fn running(&self) -> bool {
+        self.process
+            .as_ref()
+            .is_some_and(|process| process.exit().is_none())
+    }
+
+    /// Kills it with SIGKILL, as a crashed machine would stop.
+    pub fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.kill();
+        }
+    }
+
+    fn start(&mut self) -> Result<(), StackError> {
+        let mut command = Command::new(NATS_SERVER_BINARY);
+        command.arg("--config").arg(&self.config);
+        self.process = Some(Process::spawn(
+            self.name.clone(),
+            command,
+            &self.log,
+            Stdout::Log,
+        )?);
+        Ok(())
+    }
+}
+
+/// Servers routed to each other; stopped when dropped.
+pub struct NatsCluster {
+    pub servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `size` servers whose configuration and logs live in `dir`, and
+    /// waits until each answers and holds a route to every other.
+    pub async fn start(size: usize, dir: &Path, timeout: Duration) -> Result<NatsCluster, StackError> {
+        let mut servers = Vec::with_capacity(size);
+        for index in 0..size {
+            let name = format!("nats-{}", index + 1);
+            servers.push(NatsServer {
+                client: free_port()?,
+                route: free_port()?,
+                monitor: free_port()?,
+                process: None,
+                config: dir.join(format!("{name}.conf")),
+                log: LogFile::create(dir.join(format!("{name}.log"))),
+                name,
+            });
+        }
+        let routes: Vec<String> = servers
+            .iter()
+            .map(|server| format!("nats-route://{}", server.route))
+            .collect();
+        for server in &mut servers {
+            let config = server_config(server, &routes);
+            std::fs::write(&server.config, config).map_err(|source| StackError::Log {
+                path: server.config.clone(),
+                source,
+            })?;
+            server.start()?;
+        }
+        let cluster = NatsCluster { servers };
+        cluster.wait_routed(timeout).await?;
+        Ok(cluster)
+    }
+
+    /// Every server's client URL, comma-separated, as clients take a list.
+    pub fn urls(&self) -> String {
+        self.servers
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    async fn wait_routed(&self, timeout: Duration) -> Result<(), StackError> {
+        let client = probe::client();
+        let peers = self.servers.len().saturating_sub(1) as u64;
+        for server in &self.servers {
+            let url = format!("http://{}/routez", server.monitor);
+            let members: Vec<&Process> = server.process.iter().collect();
+            let what = format!("{} routed to {peers} other servers", server.name);
+            probe::wait_until(&members, &what, timeout, || async {
+                routes(&client, &url).await >= peers
+            })
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for server in &mut self.servers {
+            if let Some(process) = server.process.take() {
+                process.terminate();
+            }
+        }
+    }
+}
+
+/// The number of routes a server's monitoring endpoint reports, 0 while it
+/// does not answer.
+async fn routes(client: &reqwest::Client, url: &str) -> u64 {
+    let Ok(response) = client.get(url).send().await else {
+        return 0;
+    };
+    let Ok(body) = response.json::<serde_json::Value>().await else {
+        return 0;
+    };
+    body["num_routes"].as_u64().unwrap_or(0)
+}
+
+fn server_config(server: &NatsServer, routes: &[String]) -> String {
+    let routes = routes
+        .iter()
+        .filter(|route| !route.ends_with(&server.route.to_string()))
+        .map(|route| format!("    {route}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    format!(
+        "server_name: {name}\nlisten: {client}\nhttp: {monitor}\n\ncluster {{\n  name: {CLUSTER_NAME}\n  listen: {route}\n  routes: [\n{routes}\n  ]\n}}\n",
+        name = server.name,
+        client = server.client,
+        monitor = server.monitor,
+        route = server.route,
+    )
+}
+
+/// A loopback port nothing listens on now.
+fn free_port() -> Result<SocketAddr, StackError> {
+    TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|listener| listener.local_addr())
+        .map_err(|source| StackError::Spawn {
+            name: "a free loopback port".to_owned(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+    #[tokio::test]
+    async fn three_servers_route_to_each_other_and_one_can_be_killed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cluster = NatsCluster::start(3, dir.path(), START_TIMEOUT)
+            .await
+            .expect("a 3-server cluster starts");
+        assert_eq!(cluster.urls().split(',').count(), 3);
+        let client = probe::client();
+        for server in &cluster.servers {
+            let url = format!("http://{}/routez", server.monitor);
+            assert_eq!(routes(&client, &url).await, 2, "{} routes", server.name);
+        }
+        cluster.servers[0].kill();
+        assert!(!cluster.servers[0].running());
+        let survivor = format!("http://{}/routez", cluster.servers[1].monitor);
+        probe::wait_until(&[], "the survivors drop the dead route", START_TIMEOUT, || async {
+            routes(&client, &survivor).await == 1
+        })
+        .await
+        .expect("the survivors keep their route to each other");
+    }
+}
