@@ -70,7 +70,11 @@ impl Fleetgrid {
 
     /// Starts an agent that dials `cells` in order: its own cell first, then
     /// those it fails over to when its session is lost.
-    pub fn cluster_agent(&self, cells: &[SocketAddr], spec: &AgentSpec) -> Result<Process, StackError> {
+    pub fn cluster_agent(
+        &self,
+        cells: &[SocketAddr],
+        spec: &AgentSpec,
+    ) -> Result<Process, StackError> {
         let cells: Vec<String> = cells.iter().map(|cell| format!("http://{cell}")).collect();
         let dial = ["--cell".to_owned(), cells.join(",")];
         Process::spawn(
@@ -114,11 +118,11 @@ impl ClusterGateway {
     ) -> Result<ClusterGateway, StackError> {
         let command = fleetgrid.gateway_command(cluster, spec);
         let (process, lines) = spawn_announcing(name, command, &spec.log)?;
-        let http = lines.first_blocking(timeout, |line| match Listening::parse_announcement(line)
-        {
-            Some(Listening::Gateway { http }) => Some(http),
-            _ => None,
-        })?;
+        let http =
+            lines.first_blocking(timeout, |line| match Listening::parse_announcement(line) {
+                Some(Listening::Gateway { http }) => Some(http),
+                _ => None,
+            })?;
         Ok(ClusterGateway { process, http })
     }
 }
@@ -142,10 +146,11 @@ impl ClusterCell {
     ) -> Result<ClusterCell, StackError> {
         let command = fleetgrid.cell_command(cluster, cell_id, spec);
         let (process, lines) = spawn_announcing(cell_id, command, &spec.log)?;
-        let grpc = lines.first_blocking(timeout, |line| match Listening::parse_announcement(line) {
-            Some(Listening::Cell { grpc, .. }) => Some(grpc),
-            _ => None,
-        })?;
+        let grpc =
+            lines.first_blocking(timeout, |line| match Listening::parse_announcement(line) {
+                Some(Listening::Cell { grpc, .. }) => Some(grpc),
+                _ => None,
+            })?;
         Ok(ClusterCell {
             process,
             grpc,

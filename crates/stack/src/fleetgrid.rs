@@ -113,7 +113,10 @@ impl Fleetgrid {
 
     /// `fleetgrid agent` as `spec` says, dialling the coordinator at `grpc`.
     pub fn agent_command(&self, grpc: SocketAddr, spec: &AgentSpec) -> Command {
-        self.agent_command_dialling(&["--coordinator".to_owned(), format!("http://{grpc}")], spec)
+        self.agent_command_dialling(
+            &["--coordinator".to_owned(), format!("http://{grpc}")],
+            spec,
+        )
     }
 
     /// `fleetgrid agent` as `spec` says, with `dial` naming where it connects.

@@ -77,7 +77,11 @@ pub struct NatsCluster {
 impl NatsCluster {
     /// Starts `size` servers whose configuration and logs live in `dir`, and
     /// waits until each answers and holds a route to every other.
-    pub async fn start(size: usize, dir: &Path, timeout: Duration) -> Result<NatsCluster, StackError> {
+    pub async fn start(
+        size: usize,
+        dir: &Path,
+        timeout: Duration,
+    ) -> Result<NatsCluster, StackError> {
         let mut servers = Vec::with_capacity(size);
         for index in 0..size {
             let name = format!("nats-{}", index + 1);
@@ -202,9 +206,12 @@ mod tests {
         cluster.servers[0].kill();
         assert!(!cluster.servers[0].running());
         let survivor = format!("http://{}/routez", cluster.servers[1].monitor);
-        probe::wait_until(&[], "the survivors drop the dead route", START_TIMEOUT, || async {
-            routes(&client, &survivor).await == 1
-        })
+        probe::wait_until(
+            &[],
+            "the survivors drop the dead route",
+            START_TIMEOUT,
+            || async { routes(&client, &survivor).await == 1 },
+        )
         .await
         .expect("the survivors keep their route to each other");
     }
