@@ -16,11 +16,11 @@ use std::sync::Arc;
 use cell_api::Cell;
 use tokio_util::sync::CancellationToken;
 
+use crate::store::Store;
 use crate::{
     billing_idempotency, bind_http, cell_config, load_models, CoordinatorConfig, CoordinatorError,
     Gateway, SHUTDOWN_GRACE,
 };
-use crate::store::Store;
 
 /// Where a cluster's shared parts are.
 #[derive(Clone, Debug)]
@@ -75,10 +75,28 @@ impl Listening {
     }
 }
 
+/// A NATS client of every server `urls` lists (comma-separated); it
+/// reconnects to another of them when its server is lost.
 async fn connect_nats(urls: &str) -> Result<async_nats::Client, CoordinatorError> {
-    bus::connect(urls)
+    let mut addresses = Vec::new();
+    for url in urls.split(',').map(str::trim).filter(|url| !url.is_empty()) {
+        let address: async_nats::ServerAddr = url
+            .parse()
+            .map_err(|error| CoordinatorError::Nats(format!("server address {url:?}: {error}")))?;
+        addresses.push(address);
+    }
+    if addresses.is_empty() {
+        return Err(CoordinatorError::Nats("no NATS server given".to_owned()));
+    }
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(addresses)
         .await
-        .map_err(|error| CoordinatorError::Nats(error.to_string()))
+        .map_err(|error| CoordinatorError::Nats(format!("connect to {urls}: {error}")))
+}
+
+fn bus_error(error: bus::BusError) -> CoordinatorError {
+    CoordinatorError::Nats(error.to_string())
 }
 
 /// Runs a gateway until `shutdown`: the HTTP API on the cluster's database,
@@ -100,12 +118,20 @@ pub async fn serve_gateway(
     let gateway = Gateway::open(&config, store, Arc::clone(&models), idempotency).await?;
     let listener = bind_http(config.http_listen).await?;
     let nats = connect_nats(&cluster.nats).await?;
-    let cells = bus::Cells::start(nats, bus::CellsConfig::default(), shutdown.clone())
-        .await
-        .map_err(|error| CoordinatorError::Nats(error.to_string()))?;
+    let cells = Arc::new(
+        bus::Cells::connect(nats, bus::CellsConfig::default())
+            .await
+            .map_err(bus_error)?,
+    );
     let http_addr = listener.local_addr().map_err(CoordinatorError::Http)?;
     let http = gateway
-        .serve(listener, cells as Arc<dyn Cell>, None, &config, shutdown.clone())
+        .serve(
+            listener,
+            cells as Arc<dyn Cell>,
+            None,
+            &config,
+            shutdown.clone(),
+        )
         .await?;
     ready(Listening::Gateway { http: http_addr });
     tracing::info!(http = %http_addr, "gateway listening");
@@ -123,18 +149,20 @@ pub async fn serve_cell(
     shutdown: CancellationToken,
     ready: impl FnOnce(Listening),
 ) -> Result<(), CoordinatorError> {
+    let cell_name = bus::CellId::new(cell_id.clone()).map_err(bus_error)?;
     let store = Store::connect(&cluster.database_url).await?;
     let models = Arc::new(load_models(&config).await?);
     let cell = cell::start(cell_config(&config), store, models, shutdown.clone()).await?;
     let nats = connect_nats(&cluster.nats).await?;
     let bus = bus::serve_cell(
         nats,
-        cell_id.clone(),
+        cell_name,
         Arc::clone(&cell.core) as Arc<dyn Cell>,
+        bus::ServeConfig::default(),
         shutdown.clone(),
     )
     .await
-    .map_err(|error| CoordinatorError::Nats(error.to_string()))?;
+    .map_err(bus_error)?;
     ready(Listening::Cell {
         grpc: cell.grpc,
         cell: cell_id.clone(),
@@ -172,6 +200,9 @@ mod tests {
             Listening::parse_announcement("fleetgrid cell listening grpc=x cell=y"),
             None
         );
-        assert_eq!(Listening::parse_announcement("fleetgrid listening http=1"), None);
+        assert_eq!(
+            Listening::parse_announcement("fleetgrid listening http=1"),
+            None
+        );
     }
 }

@@ -204,7 +204,24 @@ pub enum TenantsCommand {
     },
 }
 
+/// The variable naming a cluster's PostgreSQL store, which the operator's
+/// commands then use instead of the data directory's SQLite database (the
+/// same variable `fleetgrid gateway` and `fleetgrid cell` read `--database` from).
+pub(crate) const DATABASE_URL_ENV: &str = "FLEETGRID_DATABASE_URL";
+
+/// The coordinator's store: a cluster's database when `FLEETGRID_DATABASE_URL`
+/// names one, else the SQLite database in the data directory.
 pub(crate) async fn open_store(data_dir: Option<PathBuf>) -> anyhow::Result<Store> {
+    if let Some(url) = std::env::var(DATABASE_URL_ENV)
+        .ok()
+        .filter(|url| !url.is_empty())
+    {
+        // The URL may hold a password: name only the host part.
+        let place = url.rsplit('@').next().unwrap_or("postgresql").to_owned();
+        return Store::connect(&url).await.with_context(|| {
+            format!("open the cluster database at {place} (from ${DATABASE_URL_ENV})")
+        });
+    }
     let dir = home::coordinator_dir(data_dir);
     Store::open(&dir)
         .await

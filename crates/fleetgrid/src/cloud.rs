@@ -172,9 +172,7 @@ pub async fn run(command: CloudCommand) -> anyhow::Result<()> {
 async fn budget(command: BudgetCommand) -> anyhow::Result<()> {
     let now = coordinator::core::now_ms().0;
     let open = |dir: Option<PathBuf>| async move {
-        let store = Store::open(&home::coordinator_dir(dir))
-            .await
-            .context("open the coordinator database")?;
+        let store = crate::admin::open_store(dir).await?;
         Ok::<_, anyhow::Error>(CloudBudgets::new(store))
     };
     match command {

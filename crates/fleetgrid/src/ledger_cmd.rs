@@ -55,10 +55,7 @@ impl LedgerArgs {
     }
 
     async fn coordinator_store(&self) -> anyhow::Result<Store> {
-        let dir = home::coordinator_dir(self.data_dir.clone());
-        Store::open(&dir)
-            .await
-            .with_context(|| format!("open the coordinator database in {}", dir.display()))
+        crate::admin::open_store(self.data_dir.clone()).await
     }
 
     /// The ledger's id and class of a tenant named in the coordinator.

@@ -23,8 +23,6 @@ mod router_cmd;
 mod run;
 mod serve_args;
 
-use std::path::PathBuf;
-
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]

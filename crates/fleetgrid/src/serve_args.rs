@@ -145,8 +145,10 @@ impl CommonArgs {
                 digest: verified.digest.to_string(),
             });
         }
-        let mut config =
-            coordinator::CoordinatorConfig::new(home::coordinator_dir(self.data_dir.clone()), models);
+        let mut config = coordinator::CoordinatorConfig::new(
+            home::coordinator_dir(self.data_dir.clone()),
+            models,
+        );
         config.context_tokens = self.context_tokens;
         Ok(config)
     }

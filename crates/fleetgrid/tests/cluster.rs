@@ -11,9 +11,9 @@
 
 mod common;
 
+use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::ffi::OsString;
-use std::time::Duration;
 
 use common::{fleetgrid, parse_sse, Gateway, MODEL, WAIT};
 use futures::StreamExt;
@@ -60,9 +60,7 @@ impl Schema {
     }
 
     async fn drop_schema(self) {
-        if let Ok(mut admin) =
-            <sqlx::PgConnection as sqlx::Connection>::connect(&self.base).await
-        {
+        if let Ok(mut admin) = <sqlx::PgConnection as sqlx::Connection>::connect(&self.base).await {
             let _ = sqlx::query(&format!("DROP SCHEMA {} CASCADE", self.name))
                 .execute(&mut admin)
                 .await;
@@ -104,10 +102,14 @@ impl Cluster {
             data_dir: dir.path().to_path_buf(),
             models: vec![MODEL.to_owned()],
         };
-        let api_key = cli(&spec, &["tenants", "create", "cluster-tenant", "--class", "fleet"]);
+        let api_key = cli(
+            &spec,
+            &["tenants", "create", "cluster-tenant", "--class", "fleet"],
+        );
         let mut cells = Vec::new();
         for cell_id in ["cell-a", "cell-b"] {
-            let mut member = MemberSpec::new(LogFile::create(dir.path().join(format!("{cell_id}.log"))));
+            let mut member =
+                MemberSpec::new(LogFile::create(dir.path().join(format!("{cell_id}.log"))));
             member.args = HEARTBEATS.iter().map(OsString::from).collect();
             let (fleetgrid, spec, cell_id) = (fleetgrid(), spec.clone(), cell_id.to_owned());
             let cell = tokio::task::spawn_blocking(move || {
@@ -176,26 +178,22 @@ impl Cluster {
 
     /// The vehicle running a generation now, as the gateway sees its cells.
     async fn busy_node(&self) -> String {
-        let client = self.gateway.client();
-        let mut busy = None;
-        let found = stack::probe::wait_until(&[&self.gateway_process], "a busy vehicle", WAIT, || {
-            let client = client.clone();
-            let busy = &mut busy;
-            async move {
-                let health = self.gateway.operator_health().await;
-                let _ = client;
-                *busy = health["running"].as_object().and_then(|running| {
-                    running
-                        .iter()
-                        .find(|(_, count)| count.as_u64().unwrap_or(0) > 0)
-                        .map(|(name, _)| name.clone())
-                });
-                busy.is_some()
-            }
+        let busy = RefCell::new(None);
+        stack::probe::wait_until(&[&self.gateway_process], "a busy vehicle", WAIT, || async {
+            let health = self.gateway.operator_health().await;
+            let found = health["running"].as_object().and_then(|running| {
+                running
+                    .iter()
+                    .find(|(_, count)| count.as_u64().unwrap_or(0) > 0)
+                    .map(|(name, _)| name.clone())
+            });
+            let done = found.is_some();
+            *busy.borrow_mut() = found;
+            done
         })
-        .await;
-        found.unwrap_or_else(|error| panic!("{error}"));
-        busy.expect("a busy vehicle")
+        .await
+        .unwrap_or_else(|error| panic!("{error}"));
+        busy.into_inner().expect("a busy vehicle")
     }
 }
 
@@ -227,7 +225,10 @@ async fn a_cell_killed_mid_stream_costs_the_client_nothing() {
         .expect("content")
         .to_owned();
     assert!(
-        uninterrupted["usage"]["completion_tokens"].as_u64().unwrap_or(0) >= 40,
+        uninterrupted["usage"]["completion_tokens"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 40,
         "the reference answer is too short to interrupt: {uninterrupted}"
     );
 
@@ -265,7 +266,10 @@ async fn a_cell_killed_mid_stream_costs_the_client_nothing() {
 
     // The killed cell's vehicle is back, through the other cell.
     cluster.wait_for_nodes(&["car-a", "car-b"]).await;
-    assert!(!cluster.cells[cell].process.exit().is_none(), "{node}'s cell was killed");
+    assert!(
+        cluster.cells[cell].process.exit().is_some(),
+        "{node}'s cell was killed"
+    );
 
     // Charged once: two requests, two token charges, and the ledger verifies.
     let (_, usage) = cluster
