@@ -84,7 +84,11 @@ pub struct DemoArgs {
     #[arg(long, conflicts_with_all = ["chaos", "vehicles"])]
     pub(crate) cluster: bool,
     /// The PostgreSQL database of `--cluster`, created if the server does not have it.
-    #[arg(long, requires = "cluster", default_value = "postgres://postgres@127.0.0.1:5432/fleetgrid_demo")]
+    #[arg(
+        long,
+        requires = "cluster",
+        default_value = "postgres://postgres@127.0.0.1:5432/fleetgrid_demo"
+    )]
     pub(crate) database: String,
 }
 
@@ -324,11 +328,19 @@ pub(crate) async fn start_local_cloud(
 }
 
 /// The gateway flags and environment that point it at the local cloud.
-pub(crate) fn cloud_flags(cloud_http: SocketAddr, cloud_key: &str) -> (Vec<OsString>, (OsString, OsString)) {
+pub(crate) fn cloud_flags(
+    cloud_http: SocketAddr,
+    cloud_key: &str,
+) -> (Vec<OsString>, (OsString, OsString)) {
     let cloud_url = format!("http://{cloud_http}/v1");
-    let flags = ["--cloud-url", &cloud_url, "--cloud-key-env", DEMO_CLOUD_KEY_ENV]
-        .map(OsString::from)
-        .into();
+    let flags = [
+        "--cloud-url",
+        &cloud_url,
+        "--cloud-key-env",
+        DEMO_CLOUD_KEY_ENV,
+    ]
+    .map(OsString::from)
+    .into();
     (flags, (DEMO_CLOUD_KEY_ENV.into(), cloud_key.into()))
 }
 

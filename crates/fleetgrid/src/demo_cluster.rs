@@ -86,8 +86,7 @@ pub async fn run(args: &DemoArgs, data_dir: &Path, logs: &Path) -> anyhow::Resul
 
     eprintln!("fleetgrid demo: starting {NATS_SERVERS} NATS servers");
     let nats_dir = data_dir.join("nats");
-    std::fs::create_dir_all(&nats_dir)
-        .with_context(|| format!("create {}", nats_dir.display()))?;
+    std::fs::create_dir_all(&nats_dir).with_context(|| format!("create {}", nats_dir.display()))?;
     let nats = NatsCluster::start(NATS_SERVERS, &nats_dir, STARTUP_TIMEOUT)
         .await
         .context("start the NATS cluster")?;
@@ -186,9 +185,11 @@ async fn start_member<T: Send + 'static>(
     start: impl FnOnce(&Fleetgrid, &ClusterSpec) -> Result<T, stack::StackError> + Send + 'static,
 ) -> anyhow::Result<T> {
     let (fleetgrid, spec) = (fleetgrid.clone(), spec.clone());
-    Ok(tokio::task::spawn_blocking(move || start(&fleetgrid, &spec))
-        .await
-        .context("start task")??)
+    Ok(
+        tokio::task::spawn_blocking(move || start(&fleetgrid, &spec))
+            .await
+            .context("start task")??,
+    )
 }
 
 /// Waits for the vehicles, prints the instructions, then runs until Ctrl-C
@@ -220,7 +221,10 @@ async fn supervise(
             if stop.is_cancelled() {
                 return Ok(());
             }
-            bail!("{exited}\nstopping the demo (see the logs in {})", logs.display());
+            bail!(
+                "{exited}\nstopping the demo (see the logs in {})",
+                logs.display()
+            );
         }
         if ready {
             continue;
@@ -288,10 +292,7 @@ async fn ensure_database(url: &str) -> anyhow::Result<String> {
     let options: sqlx::postgres::PgConnectOptions = url
         .parse()
         .with_context(|| format!("--database is not a PostgreSQL URL: {url}"))?;
-    let name = options
-        .get_database()
-        .unwrap_or("postgres")
-        .to_owned();
+    let name = options.get_database().unwrap_or("postgres").to_owned();
     let mut admin = sqlx::PgConnection::connect_with(&options.clone().database("postgres"))
         .await
         .with_context(|| {
