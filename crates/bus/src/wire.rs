@@ -7,9 +7,6 @@
 //! no serde derives cross as mirrors converted field by field: the sampling
 //! settings (prost-generated), the tenant's class (by its name) and an
 //! owner's policy (its class set by names).
-//!
-//! A token batch of 8 tokens with 4-byte pieces and no top log-probabilities
-//! is about 450 bytes, the cell's metering of one attempt about 250 more.
 
 use std::str::FromStr;
 
