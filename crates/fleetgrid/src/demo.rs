@@ -370,13 +370,8 @@ async fn start_coordinator(
 // The local cloud (`cloud`) waits for its node with this.
 pub(crate) use stack::probe::nodes_connected;
 
-fn print_instructions(http: SocketAddr, keys: &Keys, logs: &Path, args: &DemoArgs) {
-    let api_key = &keys.api;
-    println!();
-    println!(
-        "fleetgrid demo is running: a coordinator and simulated vehicles serving {DEMO_MODEL}."
-    );
-    println!();
+/// The API key, and a curl and a Python line a user can paste, against the gateway at `http`.
+pub(crate) fn print_client_lines(http: SocketAddr, api_key: &str) {
     println!("API key (tenant 'demo'): {api_key}");
     println!();
     println!("curl:");
@@ -391,6 +386,16 @@ fn print_instructions(http: SocketAddr, keys: &Keys, logs: &Path, args: &DemoArg
     println!("      messages=[{{\"role\": \"user\", \"content\": \"Write a haiku about electric cars.\"}}])");
     println!("  for chunk in stream: print(chunk.choices[0].delta.content or \"\", end=\"\", flush=True)");
     println!();
+}
+
+fn print_instructions(http: SocketAddr, keys: &Keys, logs: &Path, args: &DemoArgs) {
+    let api_key = &keys.api;
+    println!();
+    println!(
+        "fleetgrid demo is running: a coordinator and simulated vehicles serving {DEMO_MODEL}."
+    );
+    println!();
+    print_client_lines(http, api_key);
     if args.no_cloud {
         println!("Models: '{DEMO_MODEL}' (the fleet; started with --no-cloud, so no 'auto' or 'cloud/...').");
     } else {

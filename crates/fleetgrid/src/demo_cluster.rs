@@ -255,20 +255,7 @@ fn print_instructions(members: &Members, api_key: &str, logs: &Path, spec: &Clus
         members.agents.len()
     );
     println!();
-    println!("API key (tenant 'demo'): {api_key}");
-    println!();
-    println!("curl:");
-    println!("  curl -s http://{http}/v1/chat/completions \\");
-    println!("    -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' \\");
-    println!("    -d '{{\"model\": \"{DEMO_MODEL}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}], \"temperature\": 0.2}}'");
-    println!();
-    println!("Python (pip install openai):");
-    println!("  from openai import OpenAI");
-    println!("  client = OpenAI(base_url=\"http://{http}/v1\", api_key=\"{api_key}\")");
-    println!("  stream = client.chat.completions.create(model=\"{DEMO_MODEL}\", stream=True, temperature=0.3,");
-    println!("      messages=[{{\"role\": \"user\", \"content\": \"Write a haiku about electric cars.\"}}])");
-    println!("  for chunk in stream: print(chunk.choices[0].delta.content or \"\", end=\"\", flush=True)");
-    println!();
+    crate::demo::print_client_lines(http, api_key);
     for gateway in &members.gateways {
         println!("Gateway: http://{}/v1", gateway.http);
     }
