@@ -255,7 +255,7 @@ fn start_chaos(seed: Option<u64>, now: Instant) -> Chaos {
 }
 
 /// The demo tenant's API key: a fresh key on every run (keys are stored hashed).
-async fn demo_key(database: &Store) -> anyhow::Result<String> {
+pub(crate) async fn demo_key(database: &Store) -> anyhow::Result<String> {
     let now = coordinator::core::now_ms().0;
     match database
         .create_tenant("demo", TenantClass::Fleet, now)
@@ -285,7 +285,7 @@ pub(crate) async fn ensure_demo_owner(database: &Store) -> anyhow::Result<()> {
 }
 
 /// The vehicle's credential, enrolled for the demo's owner (who must exist) if need be.
-async fn node_credential(database: &Store, name: &str) -> anyhow::Result<String> {
+pub(crate) async fn node_credential(database: &Store, name: &str) -> anyhow::Result<String> {
     let now = coordinator::core::now_ms().0;
     match database.add_node(name, DEMO_OWNER, now).await {
         Ok(credential) => Ok(credential),

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use coordinator::store::{Store, StoreError, TenantClass};
+use coordinator::store::Store;
 use sqlx::Connection;
 use stack::nats::NatsCluster;
 use stack::{
@@ -79,7 +79,7 @@ pub async fn run(args: &DemoArgs, data_dir: &Path, logs: &Path) -> anyhow::Resul
     let store = Store::connect(&database)
         .await
         .context("open the demo's cluster database")?;
-    let api_key = demo_key(&store).await?;
+    let api_key = crate::demo::demo_key(&store).await?;
     let stop = crate::run::shutdown_token(false)?;
     let exe = std::env::current_exe().context("find the fleetgrid executable")?;
     let fleetgrid = Fleetgrid::new(&exe);
@@ -143,11 +143,12 @@ pub async fn run(args: &DemoArgs, data_dir: &Path, logs: &Path) -> anyhow::Resul
         let cells: Vec<SocketAddr> = members.cells.iter().map(|cell| cell.grpc).collect();
         let feeds = data_dir.join("feeds");
         std::fs::create_dir_all(&feeds).with_context(|| format!("create {}", feeds.display()))?;
+        crate::demo::ensure_demo_owner(&store).await?;
         let mut names = Vec::new();
         for (cell_index, cell_id) in CELLS.iter().enumerate() {
             for vehicle in 0..VEHICLES_PER_CELL {
                 let name = format!("{cell_id}-car-{}", vehicle + 1);
-                let credential = node_credential(&store, &name).await?;
+                let credential = crate::demo::node_credential(&store, &name).await?;
                 let trace = feeds.join(format!("{name}.json"));
                 std::fs::write(&trace, stack::ALWAYS_PLUGGED_IN_TRACE)
                     .with_context(|| format!("write {}", trace.display()))?;
@@ -298,28 +299,4 @@ async fn ensure_database(url: &str) -> anyhow::Result<String> {
             .with_context(|| format!("create the database {name}"))?;
     }
     Ok(url.to_owned())
-}
-
-/// The demo tenant's API key: a fresh key on every run (keys are stored hashed).
-async fn demo_key(store: &Store) -> anyhow::Result<String> {
-    let now = coordinator::core::now_ms().0;
-    match store.create_tenant("demo", TenantClass::Fleet, now).await {
-        Ok((_, key)) => Ok(key),
-        Err(StoreError::TenantExists(_)) => Ok(store.create_api_key("demo", now).await?),
-        Err(error) => Err(error.into()),
-    }
-}
-
-/// A vehicle's credential, enrolled (without owner) if need be.
-async fn node_credential(store: &Store, name: &str) -> anyhow::Result<String> {
-    let now = coordinator::core::now_ms().0;
-    crate::demo::ensure_demo_owner(store).await?;
-    match store.add_node(name, crate::demo::DEMO_OWNER, now).await {
-        Ok(credential) => Ok(credential),
-        Err(StoreError::NodeExists(_)) => store
-            .rotate_node_credential(name)
-            .await?
-            .with_context(|| format!("node {name} vanished")),
-        Err(error) => Err(error.into()),
-    }
 }
