@@ -125,13 +125,7 @@ pub async fn serve_gateway(
     );
     let http_addr = listener.local_addr().map_err(CoordinatorError::Http)?;
     let http = gateway
-        .serve(
-            listener,
-            cells as Arc<dyn Cell>,
-            None,
-            &config,
-            shutdown.clone(),
-        )
+        .serve(listener, cells as Arc<dyn Cell>, None, shutdown.clone())
         .await?;
     ready(Listening::Gateway { http: http_addr });
     tracing::info!(http = %http_addr, "gateway listening");

@@ -199,7 +199,6 @@ pub async fn serve(
             http_listener,
             Arc::clone(&cell.core) as Arc<dyn Cell>,
             Some(Arc::new(move || cell_metrics.render())),
-            &config,
             shutdown.clone(),
         )
         .await?;
@@ -244,6 +243,7 @@ pub(crate) struct Gateway {
     idempotency: Arc<billing_idempotency::IdempotencyStore>,
     cloud: Option<Arc<cloud::CloudTier>>,
     tenant_requests: Arc<tenant_requests::TenantRequests>,
+    http: limits::HttpLimits,
 }
 
 impl Gateway {
@@ -279,6 +279,7 @@ impl Gateway {
             idempotency: Arc::new(idempotency),
             cloud,
             tenant_requests: Arc::new(tenant_requests::TenantRequests::default()),
+            http: config.http,
         })
     }
 
@@ -290,7 +291,6 @@ impl Gateway {
         listener: TcpListener,
         cell: Arc<dyn Cell>,
         cell_metrics: Option<api::MetricsSource>,
-        config: &CoordinatorConfig,
         shutdown: CancellationToken,
     ) -> Result<tokio::task::JoinHandle<()>, CoordinatorError> {
         let limits_of_tenants = Arc::clone(&self.tenant_requests);
@@ -310,7 +310,7 @@ impl Gateway {
         )
         .with_cloud(self.cloud)
         .with_tenant_requests(self.tenant_requests)
-        .with_request_timeout(config.http.request_timeout);
+        .with_request_timeout(self.http.request_timeout);
         if let Some(cell_metrics) = cell_metrics {
             state = state.with_metrics_of(cell_metrics);
         }
@@ -318,7 +318,7 @@ impl Gateway {
             listener,
             api::router(state),
             self.store,
-            config.http,
+            self.http,
             self.metrics,
             shutdown,
         );

@@ -20,6 +20,7 @@ use futures::StreamExt;
 use serde_json::json;
 use stack::nats::NatsCluster;
 use stack::{AgentSpec, ClusterCell, ClusterGateway, ClusterSpec, LogFile, MemberSpec, Process};
+use store::testing::PgSchema;
 
 /// How fast cells and agents notice each other's loss in this test.
 const HEARTBEATS: [&str; 4] = [
@@ -28,45 +29,6 @@ const HEARTBEATS: [&str; 4] = [
     "--heartbeat-timeout-ms",
     "2000",
 ];
-
-/// A throw-away PostgreSQL schema: the cluster's database, dropped at the end.
-struct Schema {
-    url: String,
-    name: String,
-    base: String,
-}
-
-impl Schema {
-    async fn create(tag: &str) -> Schema {
-        let base = std::env::var("FLEETGRID_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-        let name = format!(
-            "fleetgrid_{tag}_{}_{}",
-            std::process::id(),
-            coordinator::core::now_ms().0
-        );
-        let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&base)
-            .await
-            .unwrap_or_else(|error| panic!("this test needs PostgreSQL at {base}: {error}"));
-        sqlx::query(&format!("CREATE SCHEMA {name}"))
-            .execute(&mut admin)
-            .await
-            .expect("create schema");
-        Schema {
-            url: format!("{base}?options[search_path]={name}"),
-            name,
-            base,
-        }
-    }
-
-    async fn drop_schema(self) {
-        if let Ok(mut admin) = <sqlx::PgConnection as sqlx::Connection>::connect(&self.base).await {
-            let _ = sqlx::query(&format!("DROP SCHEMA {} CASCADE", self.name))
-                .execute(&mut admin)
-                .await;
-        }
-    }
-}
 
 /// The cluster under test: its processes are stopped when it is dropped.
 struct Cluster {
@@ -91,14 +53,14 @@ impl Drop for Cluster {
 
 impl Cluster {
     /// NATS (three servers), two cells, one gateway, and a fleet tenant.
-    async fn start(schema: &Schema) -> Cluster {
+    async fn start(schema: &PgSchema) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let nats = NatsCluster::start(3, dir.path(), WAIT)
             .await
             .expect("a NATS cluster starts");
         let spec = ClusterSpec {
             nats: nats.urls(),
-            database: schema.url.clone(),
+            database: schema.url(),
             data_dir: dir.path().to_path_buf(),
             models: vec![MODEL.to_owned()],
         };
@@ -208,7 +170,7 @@ fn cli(spec: &ClusterSpec, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cell_killed_mid_stream_costs_the_client_nothing() {
-    let schema = Schema::create("cell_kill").await;
+    let schema = PgSchema::create().await;
     let mut cluster = Cluster::start(&schema).await;
     // Each cell holds one vehicle, and each vehicle may fail over to the other cell.
     cluster.add_agent("car-a", &[0, 1]);
@@ -279,5 +241,5 @@ async fn a_cell_killed_mid_stream_costs_the_client_nothing() {
     assert_eq!(usage["requests"], 2, "usage: {usage}");
     cli(&cluster.spec, &["ledger", "verify"]);
     drop(cluster);
-    schema.drop_schema().await;
+    schema.remove().await;
 }
