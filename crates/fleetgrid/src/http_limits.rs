@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use coordinator::limits::{self, HttpLimits};
 
-fn millis(duration: Duration) -> u64 {
+/// A duration in whole milliseconds, as flags take it.
+pub(crate) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 

@@ -552,5 +552,6 @@ pub fn billing_config(
     Ok(BillingConfig {
         ledger_url,
         prices: Arc::new(config),
+        holds: Default::default(),
     })
 }

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::http_limits::millis;
 use crate::{cloud, home, http_limits};
 
 /// What every server role needs: where it keeps its files and what it serves.
@@ -42,6 +43,11 @@ pub struct GatewayFlags {
     /// Owners' share of the token revenue, in basis points (7000 = 70 %), overriding the sheet.
     #[arg(long)]
     pub owner_share_bps: Option<u32>,
+    /// How long a billing hold in a shared (PostgreSQL) ledger counts unless this gateway renews
+    /// it, in milliseconds: the holds of a gateway that dies stop counting this long after its
+    /// last renewal. At least 1000.
+    #[arg(long, default_value_t = millis(coordinator::billing_holds::HOLD_LEASE_DEFAULT))]
+    pub hold_lease_ms: u64,
     /// The cloud upstream and the router (`auto`, `cloud/<model>`).
     #[command(flatten)]
     pub cloud: cloud::CloudArgs,
@@ -163,6 +169,7 @@ impl GatewayFlags {
             self.prices.as_deref(),
             self.owner_share_bps,
         )?;
+        config.billing.holds.lease = Duration::from_millis(self.hold_lease_ms);
         config.cloud = self.cloud.config()?;
         config.http = self.http_limits.limits()?;
         Ok(())

@@ -19,10 +19,14 @@
 //! in neither. A request that fails or is abandoned releases its hold.
 //!
 //! **Leases, and what a tenant can overspend.** A shared hold counts for a
-//! lease (`HoldConfig::lease`, 30 s by default) that its gateway renews, for
-//! all its holds in one statement, three times per lease. The holds of a
-//! gateway that dies (`kill -9`) stop counting one lease after its last
-//! renewal, and other gateways admit against that money again. A gateway
+//! lease (`HoldConfig::lease`, 30 s by default, `fleetgrid gateway
+//! --hold-lease-ms`) that its gateway renews, for all its holds in one
+//! statement, three times per lease. The holds of a gateway that dies
+//! (`kill -9`) stop counting one lease after its last renewal, and other
+//! gateways admit against that money again. The answers it was serving are
+//! never settled: the tokens it delivered before it died are never charged
+//! (nor are their nodes paid), at most those requests' worst cases, which
+//! are the platform's cost; nothing is charged twice. A gateway
 //! cut off from the ledger for longer than a lease, whose requests keep
 //! running, is the one way to admit more than a tenant has: for that
 //! tenant, at most the sum of the worst cases that gateway had in flight
@@ -147,6 +151,8 @@ pub struct BillingConfig {
     /// `None` for `ledger.db` in the data directory.
     pub ledger_url: Option<String>,
     pub prices: Arc<PriceConfig>,
+    /// How holds behave in a shared (PostgreSQL) ledger: their lease.
+    pub holds: HoldConfig,
 }
 
 impl BillingConfig {
@@ -158,6 +164,7 @@ impl BillingConfig {
         BillingConfig {
             ledger_url: None,
             prices: Arc::new(prices),
+            holds: HoldConfig::default(),
         }
     }
 }
@@ -247,33 +254,13 @@ pub struct Billing {
 
 impl Billing {
     /// Opens the ledger and checks that every served model has a price for
-    /// every tenant class; shared holds get the default lease.
+    /// every tenant class; shared holds get the lease `config.holds` names.
     pub async fn open(
         config: &BillingConfig,
         data_dir: &Path,
         models: &[String],
         store: Store,
         metrics: Arc<Metrics>,
-    ) -> Result<Billing, BillingError> {
-        Billing::open_with(
-            config,
-            data_dir,
-            models,
-            store,
-            metrics,
-            &HoldConfig::default(),
-        )
-        .await
-    }
-
-    /// `open`, with the holds of a shared (PostgreSQL) ledger configured.
-    pub async fn open_with(
-        config: &BillingConfig,
-        data_dir: &Path,
-        models: &[String],
-        store: Store,
-        metrics: Arc<Metrics>,
-        holds: &HoldConfig,
     ) -> Result<Billing, BillingError> {
         for model in models {
             let id = ModelId::new(model.as_str())
@@ -294,7 +281,7 @@ impl Billing {
             .await
             .map_err(|error| BillingError::Invalid(error.to_string()))?;
         let ledger = Arc::new(ledger);
-        let (holds, renewal) = Holds::for_ledger(&ledger, holds)?;
+        let (holds, renewal) = Holds::for_ledger(&ledger, &config.holds)?;
         tracing::info!(
             backend = ledger.backend_name(),
             gateway_id = holds.gateway().map(|id| id.as_str()),

@@ -139,15 +139,15 @@ async fn gateway(ledger_url: Option<String>, holds: &HoldConfig) -> Gateway {
     store.add_node("car-1", "alice", 1).await.unwrap();
     let config = BillingConfig {
         ledger_url,
+        holds: holds.clone(),
         ..BillingConfig::embedded()
     };
-    let billing = Billing::open_with(
+    let billing = Billing::open(
         &config,
         dir.path(),
         &[MODEL.to_owned()],
         store,
         Arc::new(Metrics::default()),
-        holds,
     )
     .await
     .unwrap();
