@@ -18,6 +18,9 @@
 //!   member exits or a deadline passes — never a fixed sleep.
 //! - [`Stack`]: a coordinator, the processes beside it and its agents,
 //!   stopped together.
+//! - [`nats`] and [`postgres`]: a NATS cluster and a private PostgreSQL
+//!   server, for a cluster's members to share, which a test may stop under
+//!   them.
 //!
 //! Readiness is an event: an announcement line on stdout, an HTTP answer or a
 //! count the coordinator reports. A process that exits while it is waited for
@@ -32,6 +35,7 @@ mod error;
 mod fleetgrid;
 mod lines;
 pub mod nats;
+pub mod postgres;
 pub mod probe;
 mod process;
 mod stack;

@@ -49,6 +49,25 @@ impl NatsServer {
             .is_some_and(|process| process.exit().is_none())
     }
 
+    /// The names of the clients connected to it now (as they named their
+    /// connections), from its monitoring endpoint; empty while it does not
+    /// answer.
+    pub async fn client_names(&self) -> Vec<String> {
+        let url = format!("http://{}/connz", self.monitor);
+        let Ok(response) = probe::client().get(url).send().await else {
+            return Vec::new();
+        };
+        let Ok(body) = response.json::<serde_json::Value>().await else {
+            return Vec::new();
+        };
+        body["connections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|connection| connection["name"].as_str().map(str::to_owned))
+            .collect()
+    }
+
     /// Kills it with SIGKILL, as a crashed machine would stop.
     pub fn kill(&mut self) {
         if let Some(mut process) = self.process.take() {
@@ -121,6 +140,17 @@ impl NatsCluster {
             .join(",")
     }
 
+    /// The index of a running server that a client named `name` is
+    /// connected to, if any.
+    pub async fn server_of(&self, name: &str) -> Option<usize> {
+        for (index, server) in self.servers.iter().enumerate() {
+            if server.running() && server.client_names().await.iter().any(|n| n == name) {
+                return Some(index);
+            }
+        }
+        None
+    }
+
     async fn wait_routed(&self, timeout: Duration) -> Result<(), StackError> {
         let client = probe::client();
         let peers = self.servers.len().saturating_sub(1) as u64;
@@ -176,7 +206,7 @@ fn server_config(server: &NatsServer, routes: &[String]) -> String {
 }
 
 /// A loopback port nothing listens on now.
-fn free_port() -> Result<SocketAddr, StackError> {
+pub(crate) fn free_port() -> Result<SocketAddr, StackError> {
     TcpListener::bind(("127.0.0.1", 0))
         .and_then(|listener| listener.local_addr())
         .map_err(|source| StackError::Spawn {

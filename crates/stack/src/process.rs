@@ -242,6 +242,11 @@ impl Process {
         self.exit.get()
     }
 
+    /// Waits until it ends, at most `timeout`; `None` if it still runs.
+    pub fn exited_blocking(&self, timeout: Duration) -> Option<Exit> {
+        self.exit.wait_blocking(timeout)
+    }
+
     /// Waits until it ends.
     pub async fn exited(&self) -> Exit {
         self.exit.wait().await
