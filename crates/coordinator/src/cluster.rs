@@ -22,6 +22,12 @@ use crate::{
     Gateway, SHUTDOWN_GRACE,
 };
 
+/// The name a gateway's NATS connection carries.
+pub const NATS_GATEWAY_NAME: &str = "fleetgrid-gateway";
+
+/// A cell's NATS connection carries this and the cell's id as its name.
+pub const NATS_CELL_NAME_PREFIX: &str = "fleetgrid-cell-";
+
 /// Where a cluster's shared parts are.
 #[derive(Clone, Debug)]
 pub struct Cluster {
@@ -76,8 +82,9 @@ impl Listening {
 }
 
 /// A NATS client of every server `urls` lists (comma-separated); it
-/// reconnects to another of them when its server is lost.
-async fn connect_nats(urls: &str) -> Result<async_nats::Client, CoordinatorError> {
+/// reconnects to another of them when its server is lost. `name` is how
+/// the servers' monitoring (`/connz`) names the connection.
+async fn connect_nats(urls: &str, name: &str) -> Result<async_nats::Client, CoordinatorError> {
     let mut addresses = Vec::new();
     for url in urls.split(',').map(str::trim).filter(|url| !url.is_empty()) {
         let address: async_nats::ServerAddr = url
@@ -89,6 +96,7 @@ async fn connect_nats(urls: &str) -> Result<async_nats::Client, CoordinatorError
         return Err(CoordinatorError::Nats("no NATS server given".to_owned()));
     }
     async_nats::ConnectOptions::new()
+        .name(name)
         .retry_on_initial_connect()
         .connect(addresses)
         .await
@@ -117,7 +125,7 @@ pub async fn serve_gateway(
     }
     let gateway = Gateway::open(&config, store, Arc::clone(&models), idempotency).await?;
     let listener = bind_http(config.http_listen).await?;
-    let nats = connect_nats(&cluster.nats).await?;
+    let nats = connect_nats(&cluster.nats, NATS_GATEWAY_NAME).await?;
     let cells = Arc::new(
         bus::Cells::connect(nats, bus::CellsConfig::default())
             .await
@@ -147,7 +155,7 @@ pub async fn serve_cell(
     let store = Store::connect(&cluster.database_url).await?;
     let models = Arc::new(load_models(&config).await?);
     let cell = cell::start(cell_config(&config), store, models, shutdown.clone()).await?;
-    let nats = connect_nats(&cluster.nats).await?;
+    let nats = connect_nats(&cluster.nats, &format!("{NATS_CELL_NAME_PREFIX}{cell_id}")).await?;
     let bus = bus::serve_cell(
         nats,
         cell_name,

@@ -20,7 +20,9 @@ pub use gateway::{
 
 mod cluster;
 
-pub use cluster::{serve_cell, serve_gateway, Cluster, Listening};
+pub use cluster::{
+    serve_cell, serve_gateway, Cluster, Listening, NATS_CELL_NAME_PREFIX, NATS_GATEWAY_NAME,
+};
 
 /// Every bound, the gateway's and the cell's.
 pub mod limits {
