@@ -166,8 +166,16 @@ fn is_slow_client(error: &hyper::Error) -> bool {
 
 /// Whether the request carries a tenant or owner key the store knows. Only
 /// asked while the connection is unauthenticated, so at most once per
-/// request of such a connection.
+/// request of such a connection. A store that does not answer within
+/// `KEY_LOOKUP_TIMEOUT` leaves the connection unauthenticated; the request's
+/// own authentication then answers for it.
 async fn has_valid_key(store: &Store, headers: &HeaderMap) -> bool {
+    tokio::time::timeout(limits::KEY_LOOKUP_TIMEOUT, look_up_key(store, headers))
+        .await
+        .unwrap_or(false)
+}
+
+async fn look_up_key(store: &Store, headers: &HeaderMap) -> bool {
     let Some(key) = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())

@@ -9,6 +9,11 @@ use std::time::Duration;
 // The bounds both sides of the seam know.
 pub use cell_api::limits::*;
 
+/// The most a request waits for the store to look up its API key; a store
+/// that does not answer in time (a database restarting, unreachable) gets
+/// the client a 503 with `Retry-After` instead of a hung request.
+pub const KEY_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Largest request body the gateway reads; larger bodies are refused with 400.
 pub const REQUEST_BODY_BYTES_MAX: usize = 1024 * 1024;
 

@@ -153,19 +153,57 @@ pub(crate) fn bearer_key<'h>(
         })
 }
 
-/// The tenant behind the request's bearer token, or 401.
+/// The tenant behind the request's bearer token, or 401; 503 with
+/// `Retry-After` when the store cannot say within `KEY_LOOKUP_TIMEOUT`.
 pub(crate) async fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
 ) -> Result<TenantRecord, ApiError> {
     let key = bearer_key(headers, "an API key", "YOUR_KEY")?;
-    match state.store.tenant_for_api_key(key).await {
-        Ok(Some(tenant)) => Ok(tenant),
-        Ok(None) => Err(ApiError::unauthorized("incorrect API key provided")),
-        Err(error) => {
+    let store_away = || {
+        ApiError::unavailable(
+            "the database is unavailable for the moment; retry",
+            limits::RETRY_AFTER_DEFAULT_SECONDS,
+        )
+    };
+    let lookup = state.store.tenant_for_api_key(key);
+    match tokio::time::timeout(limits::KEY_LOOKUP_TIMEOUT, lookup).await {
+        Ok(Ok(Some(tenant))) => Ok(tenant),
+        Ok(Ok(None)) => Err(ApiError::unauthorized("incorrect API key provided")),
+        Ok(Err(error)) if store_unavailable(&error) => {
+            tracing::warn!(%error, "look up API key: the store is unavailable");
+            Err(store_away())
+        }
+        Ok(Err(error)) => {
             tracing::error!(%error, "look up API key");
             Err(ApiError::internal())
         }
+        Err(_elapsed) => {
+            tracing::warn!("look up API key: the store did not answer in time");
+            Err(store_away())
+        }
+    }
+}
+
+/// Whether a store failure is the database not being there for now
+/// (unreachable, restarting, out of connections): worth a retry.
+fn store_unavailable(error: &crate::store::StoreError) -> bool {
+    let crate::store::StoreError::Database(error) = error else {
+        return false;
+    };
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed => true,
+        // Connection exceptions, insufficient resources, operator
+        // intervention (a shutdown, a restart).
+        sqlx::Error::Database(database) => database.code().is_some_and(|code| {
+            ["08", "53", "57P"]
+                .iter()
+                .any(|class| code.starts_with(class))
+        }),
+        _ => false,
     }
 }
 
