@@ -3,9 +3,9 @@
 //! gateway` and `fleetgrid cell` processes, real agents serving the real
 //! model, a real NATS cluster and PostgreSQL.
 //!
-//! The outage test starts a private PostgreSQL server of Debian's binaries
-//! (`stack::postgres`), since the shared one must never be stopped; the
-//! other test needs PostgreSQL on 127.0.0.1:5432. Both need Debian's
+//! Each test starts a private PostgreSQL server of Debian's binaries
+//! (`stack::postgres`): a shared server must never be stopped, nor emptied
+//! of connections by four gateways. Both need those binaries and Debian's
 //! `nats-server` (`cargo xtask test` installs them); they fail, never skip,
 //! without them.
 
@@ -22,9 +22,8 @@ use common::{Gateway, Process, MODEL, WAIT};
 use ledger::core::{AccountId, MicroUsd};
 use serde_json::json;
 use stack::postgres::PostgresServer;
-use store::testing::PgSchema;
 
-/// How long the database stays away.
+/// How long the database stays away at least.
 const OUTAGE: Duration = Duration::from_secs(10);
 
 /// The longest a new request may wait for its 503 while the database is
@@ -32,7 +31,7 @@ const OUTAGE: Duration = Duration::from_secs(10);
 const REFUSAL_WAIT_MAX: Duration = Duration::from_secs(5);
 
 /// Tokens of each answer running when the database goes away.
-const ANSWER_TOKENS: u32 = 96;
+const ANSWER_TOKENS: u32 = 48;
 
 /// Retries of one request answered 503 (`Retry-After`) before the test
 /// gives up on it.
@@ -107,11 +106,8 @@ async fn a_database_outage_refuses_new_requests_and_loses_no_settlement() {
     postgres.stop().await;
     let stopped = Instant::now();
     signal(agent(&cluster, "car-a"), "CONT");
+    // The database stays away until this answer has ended, 10 s at least.
     let ended_during = ending_during.finish().await.read();
-    assert!(
-        stopped.elapsed() < OUTAGE,
-        "the first answer ended after the outage"
-    );
     // Its text was sent; its end is withheld until the ledger records it.
     assert!(
         ended_during.finish_reason.is_none(),
@@ -128,8 +124,7 @@ async fn a_database_outage_refuses_new_requests_and_loses_no_settlement() {
     );
 
     // New requests are refused at once, with Retry-After, while it is away.
-    let mut refused = 0;
-    while stopped.elapsed() < OUTAGE {
+    loop {
         let asked = Instant::now();
         let response = payer.post("/v1/chat/completions", &story(8)).await;
         let waited = asked.elapsed();
@@ -139,9 +134,10 @@ async fn a_database_outage_refuses_new_requests_and_loses_no_settlement() {
         assert_eq!(status, 503, "a new request during the outage: {text}");
         assert!(retry_after, "a 503 without Retry-After: {text}");
         assert!(waited < REFUSAL_WAIT_MAX, "a refusal took {waited:?}");
-        refused += 1;
+        if stopped.elapsed() >= OUTAGE {
+            break;
+        }
     }
-    assert!(refused > 0);
 
     postgres
         .start_again(WAIT)
@@ -210,8 +206,12 @@ async fn four_gateways_admit_no_more_than_the_balance_covers() {
     const FITS: i64 = 50;
     const TRIES: usize = 200;
     const MAX_TOKENS: u32 = 4;
-    let schema = PgSchema::create().await;
-    let mut options = ClusterOptions::new(schema.url());
+    // A server of its own: four gateways and a cell hold more connections
+    // than a shared server may spare.
+    let postgres = PostgresServer::start(WAIT)
+        .await
+        .unwrap_or_else(|error| panic!("a private PostgreSQL server: {error}"));
+    let mut options = ClusterOptions::new(postgres.url());
     options.gateways = GATEWAYS;
     options.cells = 1;
     options.test_prices = true;
@@ -227,12 +227,12 @@ async fn four_gateways_admit_no_more_than_the_balance_covers() {
     let key = cluster.funded_tenant("payer", "spot", balance);
 
     // The balance as the ledger holds it, watched throughout.
-    let ledger = ledger::store::Store::connect_postgres(&schema.url())
+    let ledger = ledger::store::Store::connect_postgres(&postgres.url())
         .await
         .expect("open the ledger");
-    let tenant = schema
-        .store()
+    let tenant = store::Store::connect(&postgres.url())
         .await
+        .expect("open the store")
         .tenant_by_name("payer")
         .await
         .expect("read the tenant")
@@ -288,6 +288,4 @@ async fn four_gateways_admit_no_more_than_the_balance_covers() {
         .await;
     assert_eq!(one_more.status(), 402);
     cluster.verify_ledger();
-    drop(cluster);
-    schema.remove().await;
 }
