@@ -18,9 +18,10 @@ pub use gateway::{
     served, store, store_contracts, store_owners, tenant_requests,
 };
 
+mod cell_metrics;
 mod cluster;
 
-pub use cluster::{serve_cell, serve_gateway, Cluster, Listening};
+pub use cluster::{serve_cell, serve_gateway, CellRole, Cluster, Listening};
 
 /// Every bound, the gateway's and the cell's.
 pub mod limits {
@@ -125,6 +126,8 @@ pub enum CoordinatorError {
     Idempotency(sqlx::Error),
     #[error("nats: {0}")]
     Nats(String),
+    #[error("advertise the cell: {0}")]
+    Advertise(String),
 }
 
 /// The addresses the coordinator actually listens on.
