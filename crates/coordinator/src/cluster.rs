@@ -195,7 +195,8 @@ pub async fn serve_cell(
         shutdown.clone(),
     )
     .await?;
-    let advertised = advertised_url(role.advertise.as_deref(), cell.grpc)?;
+    let advertised = advertised_url(role.advertise.as_deref(), cell.grpc)
+        .map_err(CoordinatorError::Advertise)?;
     let nats = connect_nats(&cluster.nats).await?;
     let bus = bus::serve_cell(
         nats,
@@ -250,12 +251,12 @@ pub async fn serve_cell(
 /// The URL agents dial for a cell listening on `grpc`: `advertise` when
 /// given, else the address it listens on, which must then be one another
 /// machine can dial.
-fn advertised_url(advertise: Option<&str>, grpc: SocketAddr) -> Result<String, CoordinatorError> {
+fn advertised_url(advertise: Option<&str>, grpc: SocketAddr) -> Result<String, String> {
     let Some(advertise) = advertise.map(str::trim) else {
         if grpc.ip().is_unspecified() {
-            return Err(CoordinatorError::Advertise(format!(
+            return Err(format!(
                 "the cell listens on {grpc}, which no agent can dial: give --advertise HOST:PORT"
-            )));
+            ));
         }
         return Ok(format!("http://{grpc}"));
     };
@@ -265,9 +266,9 @@ fn advertised_url(advertise: Option<&str>, grpc: SocketAddr) -> Result<String, C
         .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
         && !host_port.contains(['/', '@', ',', ' ']);
     if !valid {
-        return Err(CoordinatorError::Advertise(format!(
+        return Err(format!(
             "--advertise {advertise:?}: expected HOST:PORT or http://HOST:PORT"
-        )));
+        ));
     }
     Ok(format!("http://{host_port}"))
 }
