@@ -5,7 +5,9 @@
 //! [`run`] is the whole agent: start the engine once, then keep one bidirectional gRPC stream to a
 //! cell open ([`connection`]), reconnecting with jittered exponential backoff ([`backoff`]) until
 //! shut down or refused for good. The node knows a list of cells, its own first; a lost session is
-//! retried on the next one, so a vehicle whose cell went down serves from another. Assignments are
+//! retried on the next one, so a vehicle whose cell went down serves from another. In a cluster the
+//! list comes with the node's enrolment ([`enrolment`]: one token, credential and cells, as
+//! `fleetgrid nodes add` prints it). Assignments are
 //! executed by an [`Executor`] (the engine, through `runner`); vehicle state comes from an adapter
 //! in [`vehicle`].
 //!
@@ -18,6 +20,7 @@
 
 pub mod backoff;
 pub mod connection;
+pub mod enrolment;
 mod runner;
 pub mod vehicle;
 
@@ -33,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use backoff::{Backoff, BackoffConfig};
 pub use connection::{serve_cells, CellLink, Node, NodeIdentity, SessionStats};
+pub use enrolment::Enrolment;
 pub use runner::{Execution, Executor, GenerationTask, TOKENS_PER_BATCH_MAX};
 pub use vehicle::{StateOfCharge, VehicleState, VehicleStateAdapter, VehicleStateSource};
 

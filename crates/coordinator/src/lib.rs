@@ -18,10 +18,12 @@ pub use gateway::{
     served, store, store_contracts, store_owners, tenant_requests,
 };
 
+mod cell_metrics;
 mod cluster;
 
 pub use cluster::{
-    serve_cell, serve_gateway, Cluster, Listening, NATS_CELL_NAME_PREFIX, NATS_GATEWAY_NAME,
+    serve_cell, serve_gateway, CellRole, Cluster, Listening, NATS_CELL_NAME_PREFIX,
+    NATS_GATEWAY_NAME,
 };
 
 /// Every bound, the gateway's and the cell's.
@@ -127,6 +129,8 @@ pub enum CoordinatorError {
     Idempotency(sqlx::Error),
     #[error("nats: {0}")]
     Nats(String),
+    #[error("advertise the cell: {0}")]
+    Advertise(String),
 }
 
 /// The addresses the coordinator actually listens on.

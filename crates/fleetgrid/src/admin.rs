@@ -323,7 +323,9 @@ fn print_contract(change: &ContractChange) {
 
 #[derive(Subcommand)]
 pub enum NodesCommand {
-    /// Enrol a node; prints its credential (shown once) on the last line.
+    /// Enrol a node; prints its enrolment (shown once) on the last line: its credential and, in
+    /// a cluster, the cells it dials, its home cell (the live cell with the fewest vehicles)
+    /// first. Give it to the agent as `--credential`.
     Add {
         name: String,
         /// The vehicle's owner (see 'fleetgrid owners create'); none if left out.
@@ -352,9 +354,26 @@ pub async fn nodes(command: NodesCommand) -> anyhow::Result<()> {
             data_dir,
         } => {
             let store = open_store(data_dir).await?;
-            let credential = store.add_node(&name, &owner, now_ms()).await?;
-            eprintln!("enrolled node {name}; its credential, shown once:");
-            println!("{credential}");
+            let enrolment = store.enrol_node(&name, &owner, now_ms()).await?;
+            let token = agent::Enrolment {
+                credential: enrolment.credential,
+                cells: enrolment
+                    .cells
+                    .iter()
+                    .map(|cell| cell.grpc_url.clone())
+                    .collect(),
+            }
+            .token();
+            match enrolment.cells.first() {
+                Some(home) => eprintln!(
+                    "enrolled node {name} at cell {} (then {} other cells); its enrolment, \
+                     credential and cells, shown once:",
+                    home.id,
+                    enrolment.cells.len() - 1
+                ),
+                None => eprintln!("enrolled node {name}; its credential, shown once:"),
+            }
+            println!("{token}");
         }
         NodesCommand::Rotate { name, data_dir } => {
             let store = open_store(data_dir).await?;
@@ -366,12 +385,16 @@ pub async fn nodes(command: NodesCommand) -> anyhow::Result<()> {
         }
         NodesCommand::List { data_dir } => {
             let store = open_store(data_dir).await?;
-            println!("{:<24} {:<16} last seen (unix ms)", "name", "owner");
+            println!(
+                "{:<24} {:<16} {:<16} last seen (unix ms)",
+                "name", "owner", "home cell"
+            );
             for node in store.list_nodes().await? {
                 let seen = node
                     .last_seen_ms
                     .map_or_else(|| "never".to_string(), |ms| ms.to_string());
-                println!("{:<24} {:<16} {seen}", node.name, node.owner);
+                let home = store.home_cell(&node.name).await?.unwrap_or("-".into());
+                println!("{:<24} {:<16} {home:<16} {seen}", node.name, node.owner);
             }
         }
     }

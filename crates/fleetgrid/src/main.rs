@@ -88,14 +88,15 @@ pub struct AgentArgs {
     #[arg(long, conflicts_with = "cells")]
     coordinator: Option<String>,
     /// A cell's gRPC address; repeat it or separate with commas, in order of preference: the
-    /// node's own cell first, then those it fails over to when its session is lost.
-    /// [default: http://127.0.0.1:7070]
+    /// node's own cell first, then those it fails over to when its session is lost. Overrides
+    /// the cells of the enrolment. [default: the enrolment's cells, else http://127.0.0.1:7070]
     #[arg(long = "cell", value_delimiter = ',')]
     cells: Vec<String>,
     /// This node's enrolled name.
     #[arg(long)]
     node_id: String,
-    /// The node's credential from `fleetgrid nodes add`.
+    /// What `fleetgrid nodes add` printed: the node's credential, and in a cluster its cells
+    /// (CREDENTIAL@URL,URL,…, its home cell first).
     #[arg(long, env = "FLEETGRID_NODE_CREDENTIAL", hide_env_values = true)]
     credential: String,
     /// Where vehicle state comes from: sim:TRACE, linux-power[:ROOT] or file:PATH.

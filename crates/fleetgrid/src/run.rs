@@ -74,10 +74,15 @@ pub async fn cell(args: CellArgs) -> anyhow::Result<()> {
     let mut config = args.common.config()?;
     args.cell.apply(&mut config);
     let shutdown = shutdown_token(args.common.exit_with_parent)?;
+    let role = coordinator::CellRole {
+        id: args.cell_id,
+        advertise: args.advertise,
+        metrics_listen: args.metrics_listen,
+    };
     coordinator::serve_cell(
         config,
         args.cluster.cluster(),
-        args.cell_id,
+        role,
         shutdown,
         |listening| {
             // Parsed by `demo --cluster` and the tests: keep it on stdout.
@@ -91,19 +96,26 @@ pub async fn cell(args: CellArgs) -> anyhow::Result<()> {
 /// The cell an agent dials when none is given: a coordinator on this machine.
 const AGENT_CELL_DEFAULT: &str = "http://127.0.0.1:7070";
 
-/// The agent's cells in order of preference: `--coordinator` is a list of one, and without
-/// either flag the local default.
-fn agent_cells(coordinator: Option<String>, cells: Vec<String>) -> Vec<String> {
+/// The agent's cells in order of preference: `--coordinator` is a list of one; without either
+/// flag, the cells of its enrolment, and without those the local default.
+fn agent_cells(
+    coordinator: Option<String>,
+    cells: Vec<String>,
+    enrolled: Vec<String>,
+) -> Vec<String> {
     let cells: Vec<String> = coordinator
         .into_iter()
         .chain(cells)
         .map(|url| url.trim().to_owned())
         .filter(|url| !url.is_empty())
         .collect();
-    if cells.is_empty() {
-        return vec![AGENT_CELL_DEFAULT.to_owned()];
+    if !cells.is_empty() {
+        return cells;
     }
-    cells
+    if !enrolled.is_empty() {
+        return enrolled;
+    }
+    vec![AGENT_CELL_DEFAULT.to_owned()]
 }
 
 pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
@@ -118,14 +130,15 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         .vehicle_state
         .parse::<agent::VehicleStateSource>()
         .context("parse --vehicle-state")?;
+    let enrolment = agent::Enrolment::parse(&args.credential).context("read --credential")?;
     let mut config = agent::AgentConfig::new(
         String::new(),
         args.node_id,
-        args.credential,
+        enrolment.credential,
         vehicle_state,
         model,
     );
-    config.cells = agent_cells(args.coordinator, args.cells);
+    config.cells = agent_cells(args.coordinator, args.cells, enrolment.cells);
     config.engine.parallel_sequences = args.parallel;
     config.engine.context_tokens_per_sequence = args.context_tokens;
     config.engine.memory_budget_bytes = args.memory_budget_mib * 1024 * 1024;

@@ -132,6 +132,13 @@ pub struct CellArgs {
     /// This cell's name, unique in the cluster: gateways address it by it.
     #[arg(long)]
     pub cell_id: String,
+    /// The address agents dial, HOST:PORT, which `fleetgrid nodes add` hands out
+    /// [default: the --grpc-listen address].
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Serve the cell's Prometheus metrics on http://ADDR/metrics [default: not served].
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl CommonArgs {

@@ -3,40 +3,61 @@
 //! protocol; this module only keeps the rows.
 //!
 //! A finished request is kept with its response and its settlement, the
-//! ledger's `CompletedRequest` in a JSON shape of its own ([`KeptSettlement`],
-//! serde-derived): its field names are those the first rows were written
-//! with, so a row kept before an upgrade still settles again after it.
+//! ledger's `CompletedRequest` in a JSON shape of its own (`kept`).
 //!
-//! Each process has a boot id. A row another boot left `running` belongs to a
-//! process that is gone (it was killed mid-request, before it kept any
-//! response, so nothing of it was settled): the next request with that key
-//! takes it over and runs afresh.
+//! A running row belongs to one process (its boot id) under a lease: that
+//! process renews the leases of all its running rows in one statement,
+//! `IDEMPOTENCY_RENEWALS_PER_LEASE` times per lease. While the lease holds,
+//! a retry through any gateway is told the request is still running. Once it
+//! expired, the process is taken to be gone (killed mid-request, before it
+//! kept any response, so nothing of it was settled): the next request with
+//! that key takes the row over and runs afresh. Should the first process
+//! come back and finish after all, it can no longer keep its response (the
+//! row names another boot), so it settles nothing: the request is charged
+//! once, by the process that kept it. Leases are read and set by the
+//! database's clock, so the gateways' clocks need not agree.
 //!
 //! The rows live in the store's database, SQLite or PostgreSQL, through a
 //! pool of their own with durable commits (`synchronous=FULL` on SQLite,
 //! `synchronous_commit=on` on PostgreSQL, whatever the server's default):
 //! a kept response must survive a crash of the process or the machine.
 
+mod kept;
+
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ledger::core::{DurationMs, ModelId, RequestId, Segment, TenantId, TimestampMs, TokenCount};
-use ledger::metering::{Server, UsageSegment};
 use ledger::settlement::CompletedRequest;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use tokio_util::sync::CancellationToken;
 
 use crate::billing::BillingError;
 use crate::store::{on_database, Database, Store, DATABASE_FILE};
+use kept::{settlement_from_json, settlement_to_json};
 
 /// How long a key is remembered; a retry later than this runs afresh.
 pub const IDEMPOTENCY_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Longest key accepted, in bytes.
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 255;
+
+/// How long a running key stays its process's without a renewal: how long a
+/// retry of a request whose gateway died waits before it runs again.
+pub const IDEMPOTENCY_LEASE_DEFAULT: Duration = Duration::from_secs(10);
+
+/// The shortest lease accepted: renewals run several times per lease, and
+/// each may take up to `IDEMPOTENCY_RENEWAL_TIMEOUT`.
+pub const IDEMPOTENCY_LEASE_MIN: Duration = Duration::from_millis(500);
+
+/// Renewals per lease: a lease survives two renewals in a row that fail.
+pub const IDEMPOTENCY_RENEWALS_PER_LEASE: u32 = 3;
+
+/// The most one renewal waits for the database.
+const IDEMPOTENCY_RENEWAL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Connections of the idempotency pool on SQLite (one writer at a time).
 const CONNECTIONS_MAX: u32 = 2;
@@ -50,8 +71,37 @@ const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a query waits for a PostgreSQL connection.
 const POSTGRES_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The database's clock in epoch milliseconds, in each dialect.
+const SQLITE_NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
+const POSTGRES_NOW_MS: &str = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)";
+
 /// `request_hash, state, boot_id, response, settlement`.
 type KeyRow = (String, String, String, Option<String>, Option<String>);
+
+/// How the running keys' leases behave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdempotencyConfig {
+    /// How long a running key stays this process's unless it renews it.
+    pub lease: Duration,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> IdempotencyConfig {
+        IdempotencyConfig {
+            lease: IDEMPOTENCY_LEASE_DEFAULT,
+        }
+    }
+}
+
+impl IdempotencyConfig {
+    fn lease_ms(&self) -> i64 {
+        i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    fn renewal_interval(&self) -> Duration {
+        self.lease / IDEMPOTENCY_RENEWALS_PER_LEASE
+    }
+}
 
 /// What an earlier request with the same key left.
 pub enum Found {
@@ -63,15 +113,27 @@ pub enum Found {
         response: Value,
         settlement: Result<CompletedRequest, String>,
     },
-    /// Same body, still running in this process.
+    /// Same body, still running in this process or in another whose lease
+    /// holds.
     InProgress,
     /// Another body under the same key.
     Mismatch,
 }
 
 pub struct IdempotencyStore {
+    leases: Arc<Leases>,
+    /// Stops the renewals; cancelled when the store is dropped.
+    renewals: CancellationToken,
+}
+
+/// The rows' pool, this boot's id, and what the renewals need.
+struct Leases {
     database: Database,
     boot_id: String,
+    config: IdempotencyConfig,
+    /// Slots this boot holds and has neither kept nor released: renewals
+    /// write only while there are some.
+    running: AtomicUsize,
 }
 
 impl IdempotencyStore {
@@ -79,15 +141,24 @@ impl IdempotencyStore {
     /// commits: a kept response must survive a crash of the process.
     pub async fn open(data_dir: &Path) -> Result<IdempotencyStore, sqlx::Error> {
         let options = SqliteConnectOptions::new().filename(data_dir.join(DATABASE_FILE));
-        IdempotencyStore::open_sqlite(options).await
+        IdempotencyStore::open_sqlite(options, &IdempotencyConfig::default()).await
     }
 
     /// Opens its own pool, with durable commits, on the database `store`
     /// uses (SQLite or PostgreSQL), whose migrations made the table.
     pub async fn for_store(store: &Store) -> Result<IdempotencyStore, sqlx::Error> {
+        IdempotencyStore::for_store_with(store, &IdempotencyConfig::default()).await
+    }
+
+    /// `for_store`, with the leases configured. A lease shorter than
+    /// `IDEMPOTENCY_LEASE_MIN` is raised to it.
+    pub async fn for_store_with(
+        store: &Store,
+        config: &IdempotencyConfig,
+    ) -> Result<IdempotencyStore, sqlx::Error> {
         match store.database() {
             Database::Sqlite(pool) => {
-                IdempotencyStore::open_sqlite((*pool.connect_options()).clone()).await
+                IdempotencyStore::open_sqlite((*pool.connect_options()).clone(), config).await
             }
             Database::Postgres(pool) => {
                 let options = (*pool.connect_options())
@@ -98,12 +169,18 @@ impl IdempotencyStore {
                     .acquire_timeout(POSTGRES_ACQUIRE_TIMEOUT)
                     .connect_with(options)
                     .await?;
-                Ok(IdempotencyStore::with_database(Database::Postgres(pool)))
+                Ok(IdempotencyStore::with_database(
+                    Database::Postgres(pool),
+                    config,
+                ))
             }
         }
     }
 
-    async fn open_sqlite(options: SqliteConnectOptions) -> Result<IdempotencyStore, sqlx::Error> {
+    async fn open_sqlite(
+        options: SqliteConnectOptions,
+        config: &IdempotencyConfig,
+    ) -> Result<IdempotencyStore, sqlx::Error> {
         let options = options
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
@@ -112,14 +189,33 @@ impl IdempotencyStore {
             .max_connections(CONNECTIONS_MAX)
             .connect_with(options)
             .await?;
-        Ok(IdempotencyStore::with_database(Database::Sqlite(pool)))
+        Ok(IdempotencyStore::with_database(
+            Database::Sqlite(pool),
+            config,
+        ))
     }
 
-    fn with_database(database: Database) -> IdempotencyStore {
-        IdempotencyStore {
+    /// Starts the renewals, which run until the store is dropped.
+    fn with_database(database: Database, config: &IdempotencyConfig) -> IdempotencyStore {
+        let config = IdempotencyConfig {
+            lease: config.lease.max(IDEMPOTENCY_LEASE_MIN),
+        };
+        let leases = Arc::new(Leases {
             database,
             boot_id: uuid::Uuid::new_v4().simple().to_string(),
-        }
+            config,
+            running: AtomicUsize::new(0),
+        });
+        let renewals = CancellationToken::new();
+        tokio::spawn(renew_until_stopped(Arc::clone(&leases), renewals.clone()));
+        IdempotencyStore { leases, renewals }
+    }
+
+    /// Stops renewing this process's leases, as a process that hangs or
+    /// dies does: its running keys pass to the next retry one lease later.
+    /// Tests use it to stand for a gateway that died.
+    pub fn stop_renewing(&self) {
+        self.renewals.cancel();
     }
 
     /// Claims `key` for a request with `hash`, or reports what holds it.
@@ -130,12 +226,13 @@ impl IdempotencyStore {
         hash: &str,
         now_ms: i64,
     ) -> Result<Found, BillingError> {
-        self.forget_expired(now_ms).await?;
-        if self.insert_running(tenant_id, key, hash, now_ms).await? {
+        let leases = &self.leases;
+        leases.forget_expired(now_ms).await?;
+        if leases.insert_running(tenant_id, key, hash, now_ms).await? {
             return Ok(Found::Run(self.slot(tenant_id, key)));
         }
         let Some((stored_hash, state, boot_id, response, settlement)) =
-            self.row(tenant_id, key).await?
+            leases.row(tenant_id, key).await?
         else {
             // Deleted between our insert and our read (retention): the
             // caller may simply try again.
@@ -153,17 +250,43 @@ impl IdempotencyStore {
                 settlement: settlement_from_json(settlement.as_deref().unwrap_or("null")),
             });
         }
-        if boot_id == self.boot_id {
+        if boot_id == leases.boot_id {
             return Ok(Found::InProgress);
         }
-        if self.take_over(tenant_id, key, &boot_id, now_ms).await? {
+        if leases.take_over(tenant_id, key, &boot_id, now_ms).await? {
             tracing::info!(
                 tenant_id,
-                "taking over an idempotency key left running by a previous process"
+                "taking over an idempotency key whose process let its lease expire"
             );
             return Ok(Found::Run(self.slot(tenant_id, key)));
         }
         Ok(Found::InProgress)
+    }
+
+    fn slot(self: &Arc<Self>, tenant_id: i64, key: &str) -> Slot {
+        self.leases.running.fetch_add(1, Ordering::Relaxed);
+        Slot {
+            store: Arc::clone(self),
+            tenant_id,
+            key: key.to_string(),
+            done: false,
+        }
+    }
+}
+
+impl Drop for IdempotencyStore {
+    fn drop(&mut self) {
+        self.renewals.cancel();
+    }
+}
+
+impl Leases {
+    /// The database's clock, in epoch milliseconds, as SQL.
+    fn now_ms_sql(&self) -> &'static str {
+        match self.database {
+            Database::Sqlite(_) => SQLITE_NOW_MS,
+            Database::Postgres(_) => POSTGRES_NOW_MS,
+        }
     }
 
     /// Deletes the keys older than the retention bound.
@@ -180,7 +303,8 @@ impl IdempotencyStore {
         Ok(())
     }
 
-    /// Inserts `key` as running in this boot; false if it is already held.
+    /// Inserts `key` as running in this boot, under a fresh lease; false if
+    /// it is already held.
     async fn insert_running(
         &self,
         tenant_id: i64,
@@ -188,15 +312,20 @@ impl IdempotencyStore {
         hash: &str,
         now_ms: i64,
     ) -> Result<bool, BillingError> {
-        let sql = "INSERT INTO idempotency_keys (tenant_id, idempotency_key, request_hash, state, \
-                   boot_id, created_ms) VALUES ($1, $2, $3, 'running', $4, $5) \
-                   ON CONFLICT (tenant_id, idempotency_key) DO NOTHING";
-        let inserted = on_database!(&self.database, pool => sqlx::query(sql)
+        let sql = format!(
+            "INSERT INTO idempotency_keys (tenant_id, idempotency_key, request_hash, state, \
+             boot_id, created_ms, lease_expires_ms) \
+             VALUES ($1, $2, $3, 'running', $4, $5, {} + $6) \
+             ON CONFLICT (tenant_id, idempotency_key) DO NOTHING",
+            self.now_ms_sql()
+        );
+        let inserted = on_database!(&self.database, pool => sqlx::query(&sql)
             .bind(tenant_id)
             .bind(key)
             .bind(hash)
             .bind(&self.boot_id)
             .bind(now_ms)
+            .bind(self.config.lease_ms())
             .execute(pool)
             .await
             .map_err(database)?
@@ -215,8 +344,9 @@ impl IdempotencyStore {
             .map_err(database)?))
     }
 
-    /// Moves a key `boot_id` left running to this boot; false if it has
-    /// changed meanwhile (finished, released, or taken by another).
+    /// Moves a key `boot_id` left running to this boot if its lease has
+    /// expired; false if it holds or the row changed meanwhile (finished,
+    /// released, or taken by another).
     async fn take_over(
         &self,
         tenant_id: i64,
@@ -224,12 +354,17 @@ impl IdempotencyStore {
         boot_id: &str,
         now_ms: i64,
     ) -> Result<bool, BillingError> {
-        let sql = "UPDATE idempotency_keys SET boot_id = $1, created_ms = $2 \
-                   WHERE tenant_id = $3 AND idempotency_key = $4 AND state = 'running' \
-                   AND boot_id = $5";
-        let taken = on_database!(&self.database, pool => sqlx::query(sql)
+        let now = self.now_ms_sql();
+        let sql = format!(
+            "UPDATE idempotency_keys SET boot_id = $1, created_ms = $2, \
+             lease_expires_ms = {now} + $3 \
+             WHERE tenant_id = $4 AND idempotency_key = $5 AND state = 'running' \
+             AND boot_id = $6 AND lease_expires_ms < {now}"
+        );
+        let taken = on_database!(&self.database, pool => sqlx::query(&sql)
             .bind(&self.boot_id)
             .bind(now_ms)
+            .bind(self.config.lease_ms())
             .bind(tenant_id)
             .bind(key)
             .bind(boot_id)
@@ -238,6 +373,21 @@ impl IdempotencyStore {
             .map_err(database)?
             .rows_affected());
         Ok(taken == 1)
+    }
+
+    /// Extends the leases of every key this boot runs, in one statement.
+    async fn renew(&self) -> Result<u64, sqlx::Error> {
+        let sql = format!(
+            "UPDATE idempotency_keys SET lease_expires_ms = {} + $1 \
+             WHERE boot_id = $2 AND state = 'running'",
+            self.now_ms_sql()
+        );
+        Ok(on_database!(&self.database, pool => sqlx::query(&sql)
+            .bind(self.config.lease_ms())
+            .bind(&self.boot_id)
+            .execute(pool)
+            .await?
+            .rows_affected()))
     }
 
     /// Keeps a finished request's response and settlement under a key this
@@ -278,13 +428,25 @@ impl IdempotencyStore {
         });
         Ok(())
     }
+}
 
-    fn slot(self: &Arc<Self>, tenant_id: i64, key: &str) -> Slot {
-        Slot {
-            store: Arc::clone(self),
-            tenant_id,
-            key: key.to_string(),
-            done: false,
+/// Renews this boot's leases every `lease / IDEMPOTENCY_RENEWALS_PER_LEASE`
+/// while it runs any key, until `stop` is cancelled.
+async fn renew_until_stopped(leases: Arc<Leases>, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(leases.config.renewal_interval());
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if leases.running.load(Ordering::Relaxed) == 0 {
+            continue;
+        }
+        match tokio::time::timeout(IDEMPOTENCY_RENEWAL_TIMEOUT, leases.renew()).await {
+            Ok(Ok(_renewed)) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "renew idempotency key leases"),
+            Err(_) => tracing::warn!("renew idempotency key leases: the database did not answer"),
         }
     }
 }
@@ -299,7 +461,9 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// Keeps the response and the settled request for replay.
+    /// Keeps the response and the settled request for replay. Fails if the
+    /// key is no longer this process's (its lease expired and a retry took
+    /// it over): the caller then settles nothing.
     pub async fn store_done(
         &mut self,
         response: &Value,
@@ -310,18 +474,21 @@ impl Slot {
         })?;
         let kept = self
             .store
+            .leases
             .keep_done(self.tenant_id, &self.key, response.to_string(), settlement)
             .await?;
         if !kept {
             return Err(BillingError::internal(
                 "keep a response for idempotent replay",
                 &format!(
-                    "the idempotency key of tenant {} vanished while its request ran",
+                    "the idempotency key of tenant {} passed to another request while its \
+                     request ran",
                     self.tenant_id
                 ),
             ));
         }
         self.done = true;
+        self.store.leases.running.fetch_sub(1, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -331,14 +498,15 @@ impl Drop for Slot {
         if self.done {
             return;
         }
+        self.store.leases.running.fetch_sub(1, Ordering::Relaxed);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let store = Arc::clone(&self.store);
+        let leases = Arc::clone(&self.store.leases);
         let tenant_id = self.tenant_id;
         let key = std::mem::take(&mut self.key);
         runtime.spawn(async move {
-            if let Err(error) = store.release(tenant_id, &key).await {
+            if let Err(error) = leases.release(tenant_id, &key).await {
                 tracing::warn!(%error, tenant_id, "release an idempotency key");
             }
         });
@@ -349,328 +517,5 @@ fn database(error: sqlx::Error) -> BillingError {
     BillingError::internal("use the idempotency store", &error)
 }
 
-/// A settled request as kept with its response. Mirrors the ledger's
-/// `CompletedRequest`; the names are the stored format's, keep them.
-#[derive(Debug, Serialize, Deserialize)]
-struct KeptSettlement {
-    request_id: String,
-    tenant: String,
-    /// `fleet`, `reserved` or `spot`.
-    class: String,
-    admitted_at_ms: i64,
-    completed_at_ms: i64,
-    segments: Vec<KeptSegment>,
-}
-
-/// One segment of a kept settlement: `node` and `owner` are null, and the
-/// energy and tariff zero, for the cloud.
-#[derive(Debug, Serialize, Deserialize)]
-struct KeptSegment {
-    segment: u32,
-    node: Option<String>,
-    owner: Option<String>,
-    energy_uwh: u64,
-    tariff_per_kwh: i64,
-    model: String,
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    compute_ms: u64,
-    started_at_ms: i64,
-}
-
-impl From<&CompletedRequest> for KeptSettlement {
-    fn from(request: &CompletedRequest) -> KeptSettlement {
-        let segments = request
-            .segments
-            .iter()
-            .map(|segment| {
-                let (node, owner, energy_uwh, tariff_per_kwh) = segment.server.columns();
-                KeptSegment {
-                    segment: segment.segment.0,
-                    node,
-                    owner,
-                    energy_uwh,
-                    tariff_per_kwh,
-                    model: segment.model.as_str().to_string(),
-                    prompt_tokens: segment.prompt_tokens.0,
-                    completion_tokens: segment.completion_tokens.0,
-                    compute_ms: segment.compute.0,
-                    started_at_ms: segment.started_at.0,
-                }
-            })
-            .collect();
-        KeptSettlement {
-            request_id: request.request_id.as_str().to_string(),
-            tenant: request.tenant.as_str().to_string(),
-            class: request.class.as_str().to_string(),
-            admitted_at_ms: request.admitted_at.0,
-            completed_at_ms: request.completed_at.0,
-            segments,
-        }
-    }
-}
-
-impl TryFrom<KeptSettlement> for CompletedRequest {
-    type Error = String;
-
-    /// Checks every id as the ledger does; a row that does not pass is
-    /// refused, never settled as something else.
-    fn try_from(kept: KeptSettlement) -> Result<CompletedRequest, String> {
-        let request_id = RequestId::new(kept.request_id).map_err(|error| error.to_string())?;
-        let segments = kept
-            .segments
-            .into_iter()
-            .map(|segment| {
-                let server = Server::from_columns((
-                    segment.node,
-                    segment.owner,
-                    segment.energy_uwh,
-                    segment.tariff_per_kwh,
-                ))?;
-                Ok(UsageSegment {
-                    request_id: request_id.clone(),
-                    segment: Segment(segment.segment),
-                    server,
-                    model: ModelId::new(segment.model).map_err(|error| error.to_string())?,
-                    prompt_tokens: TokenCount(segment.prompt_tokens),
-                    completion_tokens: TokenCount(segment.completion_tokens),
-                    compute: DurationMs(segment.compute_ms),
-                    started_at: TimestampMs(segment.started_at_ms),
-                })
-            })
-            .collect::<Result<Vec<UsageSegment>, String>>()?;
-        Ok(CompletedRequest {
-            request_id,
-            tenant: TenantId::new(kept.tenant).map_err(|error| error.to_string())?,
-            class: kept
-                .class
-                .parse()
-                .map_err(|_| format!("unknown class {}", kept.class))?,
-            admitted_at: TimestampMs(kept.admitted_at_ms),
-            completed_at: TimestampMs(kept.completed_at_ms),
-            segments,
-        })
-    }
-}
-
-/// The JSON text a settled request is kept as.
-fn settlement_to_json(request: &CompletedRequest) -> Result<String, serde_json::Error> {
-    serde_json::to_string(&KeptSettlement::from(request))
-}
-
-/// Reads back what `settlement_to_json` wrote, or says why it cannot.
-fn settlement_from_json(text: &str) -> Result<CompletedRequest, String> {
-    let kept: KeptSettlement = serde_json::from_str(text).map_err(|error| error.to_string())?;
-    CompletedRequest::try_from(kept)
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::testing::TestStore;
-    use ledger::core::{MicroUsd, MicroWh, NodeId, OwnerId};
-    use ledger::pricing::TenantClass;
-
-    /// How long a test waits for a dropped slot's key to be released.
-    const RELEASE_DEADLINE: Duration = Duration::from_secs(30);
-
-    /// Pause between looks at whether a key was released.
-    const RELEASE_CHECK_INTERVAL: Duration = Duration::from_millis(20);
-
-    store::on_each_backend!(
-        keys_claimed_kept_replayed_and_released_across_two_gateways,
-        a_kept_response_is_committed_durably,
-    );
-
-    async fn gateway(store: &Store) -> Arc<IdempotencyStore> {
-        Arc::new(
-            IdempotencyStore::for_store(store)
-                .await
-                .expect("idempotency store"),
-        )
-    }
-
-    /// Claims `key` until it runs: a slot dropped just before is released
-    /// in a task of its own.
-    async fn claim_once_released(store: &Arc<IdempotencyStore>, key: &str) -> Slot {
-        let deadline = tokio::time::Instant::now() + RELEASE_DEADLINE;
-        loop {
-            match store.claim(1, key, "h", 20).await.expect("claim") {
-                Found::Run(slot) => return slot,
-                Found::InProgress if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(RELEASE_CHECK_INTERVAL).await;
-                }
-                Found::InProgress => panic!("the dropped slot's key was never released"),
-                _ => panic!("a released key is free"),
-            }
-        }
-    }
-
-    async fn keys_claimed_kept_replayed_and_released_across_two_gateways(test: &TestStore) {
-        let other_store = test.another_handle().await;
-        let first = gateway(&test.store).await;
-        let second = gateway(&other_store).await;
-
-        // Claimed, asked again while running, with another body, then kept
-        // and replayed by the other gateway.
-        let Found::Run(mut slot) = first.claim(1, "k1", "h", 10).await.expect("claim") else {
-            panic!("a new key runs");
-        };
-        assert!(matches!(
-            first.claim(1, "k1", "h", 11).await.expect("claim"),
-            Found::InProgress
-        ));
-        assert!(matches!(
-            second.claim(1, "k1", "other", 11).await.expect("claim"),
-            Found::Mismatch
-        ));
-        let response = serde_json::json!({"id": "chatcmpl-1", "choices": []});
-        slot.store_done(&response, &request()).await.expect("keep");
-        match second.claim(1, "k1", "h", 12).await.expect("claim") {
-            Found::Done {
-                response: kept,
-                settlement,
-            } => {
-                assert_eq!(kept, response);
-                assert_eq!(settlement, Ok(request()));
-            }
-            _ => panic!("a kept key replays"),
-        }
-        // Keys are per tenant.
-        let Found::Run(mut elsewhere) = second.claim(2, "k1", "h", 12).await.expect("claim") else {
-            panic!("another tenant's key is its own");
-        };
-        elsewhere
-            .store_done(&response, &request())
-            .await
-            .expect("keep");
-
-        // A slot dropped before it kept anything frees its key.
-        let Found::Run(dropped) = first.claim(1, "k2", "h", 13).await.expect("claim") else {
-            panic!("a new key runs");
-        };
-        drop(dropped);
-        let mut retried = claim_once_released(&first, "k2").await;
-        retried
-            .store_done(&response, &request())
-            .await
-            .expect("keep");
-
-        // A key another boot holds running is taken over (its process is
-        // taken to be gone); the first holder can no longer keep it.
-        let Found::Run(mut left) = first.claim(1, "k3", "h", 15).await.expect("claim") else {
-            panic!("a new key runs");
-        };
-        let Found::Run(mut taken) = second.claim(1, "k3", "h", 16).await.expect("claim") else {
-            panic!("a key another boot left running is taken over");
-        };
-        taken.store_done(&response, &request()).await.expect("keep");
-        assert!(left.store_done(&response, &request()).await.is_err());
-        drop(left);
-        assert!(matches!(
-            first.claim(1, "k3", "h", 17).await.expect("claim"),
-            Found::Done { .. }
-        ));
-        other_store.close().await;
-    }
-
-    /// A kept response survives a crash of the machine: its commit waits
-    /// for the disk on either backend, even where the store's own
-    /// connections do not (SQLite's `synchronous=NORMAL`, a PostgreSQL
-    /// server or URL with `synchronous_commit=off`).
-    async fn a_kept_response_is_committed_durably(test: &TestStore) {
-        let lax = match test.postgres_options() {
-            Some(options) => {
-                Store::connect_postgres_with(options.options([("synchronous_commit", "off")]))
-                    .await
-                    .expect("store")
-            }
-            None => test.store.clone(),
-        };
-        let store = gateway(&lax).await;
-        match &store.database {
-            Database::Sqlite(pool) => {
-                let (synchronous,): (i64,) = sqlx::query_as("PRAGMA synchronous")
-                    .fetch_one(pool)
-                    .await
-                    .expect("pragma");
-                assert_eq!(synchronous, 2, "synchronous=FULL");
-            }
-            Database::Postgres(pool) => {
-                let (commit,): (String,) = sqlx::query_as("SHOW synchronous_commit")
-                    .fetch_one(pool)
-                    .await
-                    .expect("show");
-                assert_eq!(commit, "on");
-            }
-        }
-    }
-
-    fn request() -> CompletedRequest {
-        let request_id = RequestId::new("chatcmpl-1").unwrap();
-        let segment = |position: u32, server: Server| UsageSegment {
-            request_id: request_id.clone(),
-            segment: Segment(position),
-            server,
-            model: ModelId::new("smollm2-135m-instruct").unwrap(),
-            prompt_tokens: TokenCount(12),
-            completion_tokens: TokenCount(7),
-            compute: DurationMs(345),
-            started_at: TimestampMs(1_700_000_000_000),
-        };
-        CompletedRequest {
-            request_id: request_id.clone(),
-            tenant: TenantId::new("acme").unwrap(),
-            class: TenantClass::Spot,
-            admitted_at: TimestampMs(1_700_000_000_000),
-            completed_at: TimestampMs(1_700_000_000_500),
-            segments: vec![
-                segment(
-                    0,
-                    Server::Node {
-                        node: NodeId::new("car-1").unwrap(),
-                        owner: OwnerId::new("alice").unwrap(),
-                        energy: MicroWh(5_750),
-                        tariff_per_kwh: MicroUsd(300_000),
-                    },
-                ),
-                segment(1, Server::Cloud),
-            ],
-        }
-    }
-
-    #[test]
-    fn a_kept_settlement_reads_back_identically() {
-        let request = request();
-        let text = settlement_to_json(&request).unwrap();
-        assert_eq!(settlement_from_json(&text), Ok(request));
-        assert!(settlement_from_json(r#"{"request_id": "x"}"#).is_err());
-        assert!(settlement_from_json("null").is_err());
-    }
-
-    /// A row kept by the hand-written codec that came before serde.
-    #[test]
-    fn a_settlement_kept_in_the_first_format_still_reads_back() {
-        let first_format = r#"{"admitted_at_ms":1700000000000,"class":"spot",
-            "completed_at_ms":1700000000500,"request_id":"chatcmpl-1","segments":[
-            {"completion_tokens":7,"compute_ms":345,"energy_uwh":5750,
-             "model":"smollm2-135m-instruct","node":"car-1","owner":"alice",
-             "prompt_tokens":12,"segment":0,"started_at_ms":1700000000000,
-             "tariff_per_kwh":300000},
-            {"completion_tokens":7,"compute_ms":345,"energy_uwh":0,
-             "model":"smollm2-135m-instruct","node":null,"owner":null,
-             "prompt_tokens":12,"segment":1,"started_at_ms":1700000000000,
-             "tariff_per_kwh":0}],"tenant":"acme"}"#;
-        assert_eq!(settlement_from_json(first_format), Ok(request()));
-    }
-
-    #[test]
-    fn a_kept_settlement_with_a_bad_id_is_refused() {
-        let mut kept = KeptSettlement::from(&request());
-        kept.segments[0].owner = None;
-        assert!(CompletedRequest::try_from(kept).is_err());
-        let mut kept = KeptSettlement::from(&request());
-        kept.tenant = String::new();
-        assert!(CompletedRequest::try_from(kept).is_err());
-    }
-}
+mod tests;

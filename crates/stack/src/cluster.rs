@@ -85,6 +85,17 @@ impl Fleetgrid {
         )
     }
 
+    /// Starts an agent that dials the cells of its enrolment: `spec`'s
+    /// credential is the token `fleetgrid nodes add` printed.
+    pub fn enrolled_agent(&self, spec: &AgentSpec) -> Result<Process, StackError> {
+        Process::spawn(
+            spec.node_id.clone(),
+            self.agent_command_dialling(&[], spec),
+            &spec.log,
+            Stdout::Null,
+        )
+    }
+
     fn member_command(&self, role: &str, cluster: &ClusterSpec) -> Command {
         let mut command = self.command();
         command
@@ -132,6 +143,8 @@ pub struct ClusterCell {
     pub process: Process,
     pub grpc: SocketAddr,
     pub cell_id: String,
+    /// Where it serves `/metrics` (`--metrics-listen`), if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl ClusterCell {
@@ -146,15 +159,16 @@ impl ClusterCell {
     ) -> Result<ClusterCell, StackError> {
         let command = fleetgrid.cell_command(cluster, cell_id, spec);
         let (process, lines) = spawn_announcing(cell_id, command, &spec.log)?;
-        let grpc =
+        let (grpc, metrics) =
             lines.first_blocking(timeout, |line| match Listening::parse_announcement(line) {
-                Some(Listening::Cell { grpc, .. }) => Some(grpc),
+                Some(Listening::Cell { grpc, metrics, .. }) => Some((grpc, metrics)),
                 _ => None,
             })?;
         Ok(ClusterCell {
             process,
             grpc,
             cell_id: cell_id.to_owned(),
+            metrics,
         })
     }
 }

@@ -34,6 +34,7 @@ use std::str::FromStr;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::sqlite::SqliteConnectOptions;
 
+pub mod cells;
 pub mod changes;
 pub mod contracts;
 mod database;

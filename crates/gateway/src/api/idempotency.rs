@@ -7,6 +7,9 @@
 //! - While the first is still running, a repeat is answered 409 with
 //!   `Retry-After` rather than held open: the client's retry loop already
 //!   knows how to wait, and a held connection would pin a gateway permit.
+//!   This holds across gateways: the one running the request keeps a lease
+//!   on its key, and only once that lease has expired (its gateway died)
+//!   does a retry, through any gateway, run afresh.
 //! - Same key, different body: 422, `idempotency_key_reused`.
 //! - A request that fails or is cancelled releases its key, so a retry runs.
 //! - Streaming: the kept response is the complete (non-streaming) body; a

@@ -48,7 +48,7 @@ fn model_path() -> PathBuf {
         })
 }
 
-fn served_models() -> ServedModels {
+pub fn served_models() -> ServedModels {
     let tokenizer = engine::Tokenizer::load(&model_path()).expect("load the tokenizer");
     let pieces = PieceTable::build(&tokenizer);
     let mut served = ServedModels::default();
