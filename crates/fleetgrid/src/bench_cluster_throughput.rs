@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use coordinator::store::TenantClass;
 use serde_json::json;
 use stack::{ClusterCell, ClusterGateway};
 
@@ -38,6 +39,10 @@ pub struct ThroughputArgs {
     /// Clients sending requests back to back.
     #[arg(long, default_value_t = 64)]
     throughput_clients: usize,
+    /// Tenants the clients are shared out among: a tenant's admissions are serialised on its
+    /// ledger account row, so one tenant measures that row, not the cluster.
+    #[arg(long, default_value_t = 16)]
+    throughput_tenants: usize,
     /// Completion tokens per request.
     #[arg(long, default_value_t = 64)]
     throughput_max_tokens: u32,
@@ -102,13 +107,23 @@ struct Members {
 }
 
 async fn level(bench: &Bench, args: &ThroughputArgs, count: usize) -> anyhow::Result<Level> {
-    if count == 0 || args.throughput_vehicles < count {
-        bail!("each cell needs at least one vehicle");
+    if count == 0 || args.throughput_vehicles < count || args.throughput_tenants == 0 {
+        bail!("each cell needs at least one vehicle, and the clients a tenant");
     }
     let shared = bench.shared(&format!("throughput-{count}")).await?;
     let members = start(bench, &shared, args, count).await?;
     let gateway = Gateway::new(members.gateway.http, &shared.api_key);
     wait_for_vehicles(&gateway, args.throughput_vehicles).await?;
+    let mut keys = vec![shared.api_key.clone()];
+    for tenant in 1..args.throughput_tenants {
+        let now = coordinator::core::now_ms().0;
+        let (_, key) = shared
+            .store
+            .create_tenant(&format!("bench-{tenant}"), TenantClass::Fleet, now)
+            .await
+            .context("create a tenant")?;
+        keys.push(key);
+    }
     let pids = Pids {
         gateway: vec![members.gateway.process.pid()],
         cells: members.cells.iter().map(|c| c.process.pid()).collect(),
@@ -121,7 +136,9 @@ async fn level(bench: &Bench, args: &ThroughputArgs, count: usize) -> anyhow::Re
     let window_end = window_start + Duration::from_secs(args.throughput_window_s);
     let mut clients = tokio::task::JoinSet::new();
     for index in 0..args.throughput_clients {
-        let (gateway, model) = (gateway.clone(), bench.model().to_owned());
+        let mut gateway = gateway.clone();
+        gateway.api_key = keys[index % keys.len()].clone();
+        let model = bench.model().to_owned();
         let max_tokens = args.throughput_max_tokens;
         clients.spawn(client_loop(gateway, model, index, max_tokens, window_end));
     }
@@ -327,10 +344,11 @@ impl fmt::Display for ThroughputReport {
         let args = &self.args;
         writeln!(
             f,
-            "== c. throughput through one gateway: {} simulated vehicles at {:.0} tokens/s each, {} clients, {} tokens per request",
+            "== c. throughput through one gateway: {} simulated vehicles at {:.0} tokens/s each, {} clients of {} tenants, {} tokens per request",
             args.throughput_vehicles,
             args.throughput_vehicle_tokens_per_second,
             args.throughput_clients,
+            args.throughput_tenants,
             args.throughput_max_tokens
         )?;
         writeln!(
