@@ -8,6 +8,8 @@ use clap::Subcommand;
 
 use crate::home;
 
+// Parsed once per run from the command line: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Our engine against llama.cpp's llama-bench: prefill 512 and decode 128 tokens.
