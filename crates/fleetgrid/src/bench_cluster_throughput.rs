@@ -391,9 +391,10 @@ impl fmt::Display for ThroughputReport {
         for (cells, error) in &self.failed {
             writeln!(f, "{cells:>5} cells: not measured: {error}")?;
         }
+        let cores = std::thread::available_parallelism().map_or(0, usize::from);
         write!(
             f,
-            "(CPU of the whole machine's 2 cores is at most 2.00 CPU-s/s)"
+            "(the machine's {cores} cores give at most {cores}.00 CPU-s/s; PostgreSQL's CPU is not counted)"
         )
     }
 }
