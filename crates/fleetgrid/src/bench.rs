@@ -8,6 +8,8 @@ use clap::Subcommand;
 
 use crate::home;
 
+// Parsed once per run from the command line: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Our engine against llama.cpp's llama-bench: prefill 512 and decode 128 tokens.
@@ -44,6 +46,9 @@ pub enum BenchCommand {
     /// Node loss to the next token at the client, with a long context: p50/p95
     /// over repeated SIGKILLs, against a fresh request's time to first token.
     Handover(crate::bench_handover::HandoverArgs),
+    /// The cluster on this machine: sessions one cell holds, NATS latency per token batch,
+    /// throughput with 1, 2 and 4 cells, cell failover, placement with prefix affinity.
+    Cluster(crate::bench_cluster::ClusterArgs),
 }
 
 fn threads_or_all(threads: Option<u32>) -> u32 {
@@ -106,6 +111,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             println!("{report}");
         }
         BenchCommand::Handover(args) => crate::bench_handover::run(args).await?,
+        BenchCommand::Cluster(args) => crate::bench_cluster::run(args).await?,
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 mod admin;
 mod admin_owners;
 mod bench;
+mod bench_cluster;
 mod bench_handover;
 mod cloud;
 mod demo;
