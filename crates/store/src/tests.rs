@@ -1,0 +1,197 @@
+//! The store's own tests: tenants, keys, nodes and the request log.
+
+use super::*;
+use crate::testing::{PgSchema, TestStore};
+
+/// Attempts at a race between two processes creating the same name.
+const RACES: usize = 20;
+
+crate::on_each_backend!(
+    tenants_keys_and_nodes_round_trip,
+    two_handles_see_each_others_writes,
+    concurrent_creates_of_one_name_have_one_winner,
+);
+
+async fn tenants_keys_and_nodes_round_trip(test: &TestStore) {
+    let store = &test.store;
+    let (tenant, key) = store
+        .create_tenant("acme", TenantClass::Spot, 1)
+        .await
+        .expect("create");
+    assert_eq!(
+        store.tenant_for_api_key(&key).await.expect("lookup"),
+        Some(tenant.clone())
+    );
+    assert_eq!(
+        store.tenant_for_api_key("fg-nope").await.expect("lookup"),
+        None
+    );
+    assert!(matches!(
+        store.create_tenant("acme", TenantClass::Fleet, 2).await,
+        Err(StoreError::TenantExists(_))
+    ));
+    let second = store.create_api_key("acme", 3).await.expect("second key");
+    assert_ne!(second, key);
+    assert_eq!(
+        store.tenant_for_api_key(&second).await.expect("lookup"),
+        Some(tenant)
+    );
+
+    store.ensure_owner("alice", 4).await.expect("owner");
+    let credential = store.add_node("car-1", "alice", 4).await.expect("add node");
+    let stored = store.node_credential_hash("car-1").await.expect("hash");
+    assert_eq!(stored, Some(secrets::hash(&credential)));
+    assert!(matches!(
+        store.add_node("car-1", "alice", 5).await,
+        Err(StoreError::NodeExists(_))
+    ));
+    let rotated = store
+        .rotate_node_credential("car-1")
+        .await
+        .expect("rotate")
+        .expect("enrolled");
+    assert_eq!(
+        store.node_credential_hash("car-1").await.expect("hash"),
+        Some(secrets::hash(&rotated))
+    );
+    assert_eq!(
+        store.rotate_node_credential("car-9").await.expect("rotate"),
+        None
+    );
+    store.touch_node("car-1", 9).await.expect("touch");
+    let nodes = store.list_nodes().await.expect("nodes");
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0].owner, "alice");
+    assert_eq!(nodes[0].last_seen_ms, Some(9));
+    assert!(nodes[0].owner_id.is_some());
+
+    let record = RequestRecord {
+        id: "chatcmpl-1".to_string(),
+        tenant_id: 1,
+        model: "m".to_string(),
+        status: "ok",
+        prompt_tokens: 3,
+        completion_tokens: u32::MAX,
+        nodes: vec!["car-1".to_string()],
+        created_ms: 1,
+        finished_ms: 2,
+        error: None,
+    };
+    store.log_request(&record).await.expect("log");
+    store.log_request(&record).await.expect("log twice");
+    assert_eq!(store.count_requests("ok").await.expect("count"), 1);
+
+    // A second open of the same database sees the same data (the CLI does this).
+    let again = test.another_handle().await;
+    assert_eq!(again.list_tenants().await.expect("list").len(), 1);
+    again.close().await;
+}
+
+/// Two handles with pools of their own, as two processes have.
+async fn two_handles_see_each_others_writes(test: &TestStore) {
+    let first = &test.store;
+    let second = test.another_handle().await;
+    let (tenant, key) = first
+        .create_tenant("acme", TenantClass::Reserved, 1)
+        .await
+        .expect("tenant");
+    assert_eq!(
+        second.tenant_for_api_key(&key).await.expect("lookup"),
+        Some(tenant)
+    );
+    let (owner, owner_key) = second.create_owner("alice", 2).await.expect("owner");
+    assert_eq!(
+        first.owner_for_key(&owner_key).await.expect("lookup"),
+        Some(owner.clone())
+    );
+    first.add_node("car-1", "alice", 3).await.expect("node");
+    assert!(second.owns(owner.id, "car-1").await.expect("owns"));
+    assert!(matches!(
+        second.add_node("car-1", "", 4).await,
+        Err(StoreError::NodeExists(_))
+    ));
+    // Ids come from the database, whichever handle asks.
+    let (other, _) = second
+        .create_tenant("globex", TenantClass::Spot, 5)
+        .await
+        .expect("tenant");
+    let ids: Vec<i64> = first
+        .list_tenants()
+        .await
+        .expect("list")
+        .iter()
+        .map(|tenant| tenant.id)
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.contains(&other.id));
+    second.close().await;
+}
+
+/// Two processes create the same tenant, owner and node at once: one
+/// wins each, the other gets the name's `…Exists` error.
+async fn concurrent_creates_of_one_name_have_one_winner(test: &TestStore) {
+    let first = &test.store;
+    let second = test.another_handle().await;
+    for race in 0..RACES {
+        let name = format!("tenant-{race}");
+        let (left, right) = tokio::join!(
+            first.create_tenant(&name, TenantClass::Spot, 1),
+            second.create_tenant(&name, TenantClass::Fleet, 1),
+        );
+        let exists = |result: &Result<_, StoreError>| matches!(result, Err(StoreError::TenantExists(taken)) if *taken == name);
+        assert!(
+            (left.is_ok() && exists(&right)) || (right.is_ok() && exists(&left)),
+            "race {race}: {:?} / {:?}",
+            left.map(|(tenant, _)| tenant),
+            right.map(|(tenant, _)| tenant)
+        );
+
+        let owner = format!("owner-{race}");
+        let (left, right) = tokio::join!(
+            first.create_owner(&owner, 1),
+            second.create_owner(&owner, 1)
+        );
+        let owner_exists = |result: &Result<_, StoreError>| matches!(result, Err(StoreError::OwnerExists(taken)) if *taken == owner);
+        assert!((left.is_ok() && owner_exists(&right)) || (right.is_ok() && owner_exists(&left)));
+
+        let node = format!("car-{race}");
+        let (left, right) = tokio::join!(
+            first.add_node(&node, &owner, 1),
+            second.add_node(&node, "", 1)
+        );
+        let node_exists = |result: &Result<_, StoreError>| matches!(result, Err(StoreError::NodeExists(taken)) if *taken == node);
+        assert!((left.is_ok() && node_exists(&right)) || (right.is_ok() && node_exists(&left)));
+    }
+    assert_eq!(first.list_tenants().await.expect("list").len(), RACES);
+    assert_eq!(second.list_owners().await.expect("list").len(), RACES);
+    assert_eq!(first.list_nodes().await.expect("list").len(), RACES);
+    second.close().await;
+}
+
+#[tokio::test]
+async fn connect_picks_the_backend_from_the_url() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let by_directory = Store::connect(&dir.path().display().to_string())
+        .await
+        .expect("directory");
+    assert_eq!(by_directory.backend_name(), "sqlite");
+    by_directory
+        .create_tenant("acme", TenantClass::Spot, 1)
+        .await
+        .expect("tenant");
+    let url = format!("sqlite://{}", dir.path().join(DATABASE_FILE).display());
+    let by_url = Store::connect(&url).await.expect("sqlite url");
+    assert_eq!(by_url.list_tenants().await.expect("list").len(), 1);
+
+    let schema = PgSchema::create().await;
+    let by_url = Store::connect(&schema.url()).await.expect("postgres url");
+    assert_eq!(by_url.backend_name(), "postgres");
+    by_url
+        .create_tenant("acme", TenantClass::Spot, 1)
+        .await
+        .expect("tenant in the schema");
+    by_url.close().await;
+    assert!(is_postgres_url("postgresql://db.example/fleet"));
+    assert!(!is_postgres_url("sqlite://fleet.db"));
+    schema.remove().await;
+}
