@@ -131,6 +131,9 @@ pub const SETTLE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a node's owner is remembered before it is looked up again.
 pub const OWNER_CACHE_TTL: Duration = Duration::from_secs(30);
 
+/// The most one look-up of a node's owner waits for the store.
+pub const OWNER_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Node owners remembered at most; beyond it the cache starts over.
 pub const OWNER_CACHE_ENTRIES_MAX: usize = 100_000;
 
@@ -519,7 +522,7 @@ impl Billing {
                 Ok(charge)
             }
             Err(SettleFailure::Unavailable) => {
-                if settle_retry::keep(self, pending, completion) {
+                if settle_retry::keep(self, pending, settle_retry::Kept::Completed(completion)) {
                     Err(BillingError::SettlementPending {
                         retry_after_seconds,
                     })
@@ -534,6 +537,26 @@ impl Billing {
             Err(SettleFailure::Refused) => Err(BillingError::LedgerUnavailable {
                 retry_after_seconds,
             }),
+        }
+    }
+
+    /// Keeps a finished request that could not be metered yet (its nodes'
+    /// owners could not be looked up: the store is away) with its hold, to
+    /// meter and settle once the store is back; what the client is told.
+    pub fn settle_later(
+        self: &Arc<Self>,
+        pending: PendingCharge,
+        metering: Metering,
+    ) -> BillingError {
+        let retry_after_seconds = crate::limits::RETRY_AFTER_DEFAULT_SECONDS;
+        if settle_retry::keep(self, pending, settle_retry::Kept::Metered(metering)) {
+            BillingError::SettlementPending {
+                retry_after_seconds,
+            }
+        } else {
+            BillingError::LedgerUnavailable {
+                retry_after_seconds,
+            }
         }
     }
 
@@ -634,37 +657,48 @@ impl Billing {
         flags
     }
 
+    /// The owner paid for `node`'s work: remembered for `OWNER_CACHE_TTL`,
+    /// then looked up again. While the store is away, a remembered owner
+    /// however old is used; with none, `LedgerUnavailable` (the request is
+    /// kept and settled once the owner can be looked up).
     async fn owner_of(&self, node: &str) -> Result<OwnerId, BillingError> {
-        {
-            let owners = self.lock_owners();
-            if let Some((owner, fetched)) = owners.get(node) {
-                if fetched.elapsed() < OWNER_CACHE_TTL {
-                    return Ok(owner.clone());
-                }
+        let cached = self.lock_owners().get(node).cloned();
+        if let Some((owner, fetched)) = &cached {
+            if fetched.elapsed() < OWNER_CACHE_TTL {
+                return Ok(owner.clone());
             }
         }
-        let nodes = self
-            .store
-            .list_nodes()
-            .await
-            .map_err(|error| BillingError::internal("look up node owners", &error))?;
+        let lookup = tokio::time::timeout(OWNER_LOOKUP_TIMEOUT, self.store.node_record(node));
+        let record = match lookup.await {
+            Ok(Ok(record)) => record,
+            Ok(Err(error)) if !error.is_unavailable() => {
+                return Err(BillingError::internal("look up a node's owner", &error));
+            }
+            away => {
+                if let Ok(Err(error)) = away {
+                    tracing::warn!(%node, %error, "look up a node's owner: the store is away");
+                }
+                return match cached {
+                    Some((owner, _)) => Ok(owner),
+                    None => Err(BillingError::LedgerUnavailable {
+                        retry_after_seconds: crate::limits::RETRY_AFTER_DEFAULT_SECONDS,
+                    }),
+                };
+            }
+        };
+        // A node that connected was enrolled; one deleted since is still
+        // paid, into the account of a node without owner.
+        let owner = match record.map(|record| crate::billing_accounts::node_owner_key(&record)) {
+            Some(Ok(owner)) => owner,
+            _ => crate::billing_accounts::ownerless_node_key(node)
+                .map_err(|error| BillingError::internal("owner of node", &error))?,
+        };
         let mut owners = self.lock_owners();
-        if owners.len() + nodes.len() > OWNER_CACHE_ENTRIES_MAX {
+        if owners.len() >= OWNER_CACHE_ENTRIES_MAX {
             owners.clear();
         }
-        let fetched = Instant::now();
-        for record in nodes {
-            if let Ok(owner) = crate::billing_accounts::node_owner_key(&record) {
-                owners.insert(record.name, (owner, fetched));
-            }
-        }
-        match owners.get(node) {
-            Some((owner, _)) => Ok(owner.clone()),
-            // A node that connected was enrolled; one deleted since is
-            // still paid, into the account of a node without owner.
-            None => crate::billing_accounts::ownerless_node_key(node)
-                .map_err(|error| BillingError::internal("owner of node", &error)),
-        }
+        owners.insert(node.to_owned(), (owner.clone(), Instant::now()));
+        Ok(owner)
     }
 
     fn lock_owners(&self) -> MutexGuard<'_, HashMap<String, (OwnerId, Instant)>> {

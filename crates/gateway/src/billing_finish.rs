@@ -114,7 +114,15 @@ async fn finish_settled(
     metering: Metering,
     body: Option<Value>,
 ) -> Result<(), BillingError> {
-    let completion = billing.complete(&pending, &metering).await?;
+    let completion = match billing.complete(&pending, &metering).await {
+        Ok(completion) => completion,
+        // Its nodes' owners could not be looked up: metered and settled
+        // once the store is back (the key, if any, is not kept).
+        Err(BillingError::LedgerUnavailable { .. }) => {
+            return Err(billing.settle_later(pending, metering));
+        }
+        Err(error) => return Err(error),
+    };
     if let Some(mut slot) = idempotency {
         let body = body.unwrap_or(Value::Null);
         slot.store_done(&body, &completion.request).await?;
@@ -159,6 +167,9 @@ impl CancelCharge {
                     if let Ok(charge) = billing.settle_charge(pending, completion).await {
                         tracing::info!(request_id = %request_id, %charge, "cancelled request settled");
                     }
+                }
+                Err(BillingError::LedgerUnavailable { .. }) => {
+                    billing.settle_later(pending, metering);
                 }
                 Err(_) => tracing::error!(request_id = %request_id, "meter a cancelled request"),
             }

@@ -170,7 +170,7 @@ pub(crate) async fn authenticate(
     match tokio::time::timeout(limits::KEY_LOOKUP_TIMEOUT, lookup).await {
         Ok(Ok(Some(tenant))) => Ok(tenant),
         Ok(Ok(None)) => Err(ApiError::unauthorized("incorrect API key provided")),
-        Ok(Err(error)) if store_unavailable(&error) => {
+        Ok(Err(error)) if error.is_unavailable() => {
             tracing::warn!(%error, "look up API key: the store is unavailable");
             Err(store_away())
         }
@@ -182,28 +182,6 @@ pub(crate) async fn authenticate(
             tracing::warn!("look up API key: the store did not answer in time");
             Err(store_away())
         }
-    }
-}
-
-/// Whether a store failure is the database not being there for now
-/// (unreachable, restarting, out of connections): worth a retry.
-fn store_unavailable(error: &crate::store::StoreError) -> bool {
-    let crate::store::StoreError::Database(error) = error else {
-        return false;
-    };
-    match error {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed => true,
-        // Connection exceptions, insufficient resources, operator
-        // intervention (a shutdown, a restart).
-        sqlx::Error::Database(database) => database.code().is_some_and(|code| {
-            ["08", "53", "57P"]
-                .iter()
-                .any(|class| code.starts_with(class))
-        }),
-        _ => false,
     }
 }
 

@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use ledger::core::MicroUsd;
 
-use super::{Billing, Completion, PendingCharge, SettleFailure};
+use super::{Billing, BillingError, Completion, PendingCharge, SettleFailure};
+use crate::billing_meter::Metering;
 
 /// The most settlements waiting for the ledger at once.
 pub const SETTLEMENT_RETRIES_MAX: usize = 10_000;
@@ -57,10 +58,17 @@ impl SettlementRetries {
     }
 }
 
+/// A kept settlement: built already, or still to be metered (its nodes'
+/// owners could not be looked up while the store was away).
+pub(super) enum Kept {
+    Completed(Completion),
+    Metered(Metering),
+}
+
 /// Keeps a settlement (and its hold) to retry in a task of its own; `false`
 /// when too many wait already or there is no runtime, and then nothing is
 /// kept: the caller's `pending` is dropped, which releases its hold.
-pub(super) fn keep(billing: &Arc<Billing>, pending: PendingCharge, completion: Completion) -> bool {
+pub(super) fn keep(billing: &Arc<Billing>, pending: PendingCharge, kept: Kept) -> bool {
     let Some(place) = billing.retries.reserve() else {
         tracing::error!(
             request_id = %pending.request_id,
@@ -73,22 +81,33 @@ pub(super) fn keep(billing: &Arc<Billing>, pending: PendingCharge, completion: C
         tracing::error!(request_id = %pending.request_id, "no runtime to retry a settlement");
         return false;
     };
-    runtime.spawn(retry(Arc::clone(billing), pending, completion, place));
+    runtime.spawn(retry(Arc::clone(billing), pending, kept, place));
     true
 }
 
 /// Tries the settlement again after a growing pause until the ledger takes
 /// or refuses it.
-async fn retry(
-    billing: Arc<Billing>,
-    pending: PendingCharge,
-    completion: Completion,
-    place: Waiting,
-) {
+async fn retry(billing: Arc<Billing>, pending: PendingCharge, mut kept: Kept, place: Waiting) {
     let mut pause = SETTLEMENT_RETRY_PAUSE_MIN;
     loop {
         tokio::time::sleep(pause).await;
-        match billing.commit_settlement(&completion).await {
+        if let Kept::Metered(metering) = &kept {
+            match billing.complete(&pending, metering).await {
+                Ok(completion) => kept = Kept::Completed(completion),
+                Err(BillingError::LedgerUnavailable { .. }) => {
+                    pause = (pause * 2).min(SETTLEMENT_RETRY_PAUSE_MAX);
+                    continue;
+                }
+                Err(error) => {
+                    tracing::error!(request_id = %pending.request_id, %error, "meter a kept request");
+                    break;
+                }
+            }
+        }
+        let Kept::Completed(completion) = &kept else {
+            continue;
+        };
+        match billing.commit_settlement(completion).await {
             Ok(charge) => {
                 settled(&pending, charge);
                 pending.hold.settled();
