@@ -17,8 +17,8 @@
 //! Bounds: per node, `HELD_SEQUENCES_PER_NODE_MAX` sequences of at most `PROMPT_HEADS_MAX`
 //! hashes; a node that never ran a prompt of a whole block costs nothing here. The holders
 //! index keeps per (model, head) at most `HOLDERS_PER_HEAD_MAX` nodes, the latest; a holder
-//! pushed out is not found by affinity, so a search touches at most
-//! `PROMPT_HEADS_MAX * HOLDERS_PER_HEAD_MAX` nodes however large the fleet is.
+//! pushed out is not found by affinity, and one placement looks at no more than
+//! `search::AFFINITY_PROBES_MAX` holders however large the fleet is.
 
 use domain::PromptHeads;
 

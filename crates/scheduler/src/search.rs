@@ -13,6 +13,11 @@ use crate::types::{Millis, NodeId, RequestId, TenantClass};
 /// can only make the choice more conservative, never unsafe.
 const COVER_PROBES_PER_BUCKET: usize = 8;
 
+/// Holders of a prompt's heads looked at, at most, for one placement by prefix affinity (a node
+/// holding several levels is met once per level). Past this, affinity settles for the best found
+/// so far, or for none: placement stays fast however popular a head is.
+const AFFINITY_PROBES_MAX: usize = 64;
+
 impl Scheduler {
     /// The best node with a free slot that may start `request` now. Preference, in order: the
     /// expected generation ends before the node must stop; the model is already loaded; fewer
@@ -55,12 +60,17 @@ impl Scheduler {
         let class_bit = 1u8 << request.class.index();
         let mut best: Option<(usize, u128)> = None;
         let hashes = request.prompt_heads.hashes();
+        let mut probes = 0;
         for (at, hash) in hashes.iter().enumerate().rev() {
             let level = at + 1;
-            if best.is_some_and(|(levels, _)| levels >= level) {
+            if best.is_some_and(|(levels, _)| levels >= level) || probes >= AFFINITY_PROBES_MAX {
                 break;
             }
             for &node in self.heads.holders(request.model, *hash) {
+                probes += 1;
+                if probes > AFFINITY_PROBES_MAX {
+                    break;
+                }
                 let Some(entry) = self.nodes.get(node) else {
                     continue;
                 };
