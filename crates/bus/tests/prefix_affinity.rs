@@ -69,7 +69,7 @@ async fn a_prompt_goes_to_the_cell_holding_its_head_while_it_has_a_free_slot() {
     run_all(&cells, &elsewhere).await;
     assert_eq!(full.submitted().len(), 0);
     assert_eq!(freest.submitted().len() + holder.submitted().len(), 12);
-    assert!(freest.submitted().len() > 0, "the freest cell took some");
+    assert!(!freest.submitted().is_empty(), "the freest cell took some");
 }
 
 #[tokio::test]

@@ -60,7 +60,10 @@ impl RecentHeads {
                     .copied()
                     .filter(|hash| scheduler.holds_prompt_head(model.id, *hash))
                     .collect();
-                (!hashes.is_empty()).then(|| ModelHeads {
+                if hashes.is_empty() {
+                    return None;
+                }
+                Some(ModelHeads {
                     model: model.name.clone(),
                     hashes,
                 })
