@@ -87,7 +87,7 @@ impl HeldHeads {
         }
         let unused = (held.len() < sequences).then_some(held.len());
         let index = match (best, unused) {
-            (Some((index, levels)), Some(unused)) if levels == 0 => index.min(unused),
+            (Some((index, 0)), Some(unused)) => index.min(unused),
             (Some((index, _)), _) => index,
             (None, Some(unused)) => unused,
             (None, None) => return,
