@@ -1,7 +1,9 @@
 //! The gateway side of the bus: [`Cells`], a `Cell` made of every cell
 //! that publishes its capacity on the bus.
 //!
-//! Each submission is placed by the power of two choices (`placement`),
+//! Each submission goes to a cell whose vehicles hold its prompt's head if
+//! one has a free slot, else is placed by the power of two choices
+//! (`placement`),
 //! and a task per admitted generation (`drive`) receives its batches,
 //! forwards each position once, and moves it to another cell when its cell
 //! goes quiet, disappears or a batch is lost. `cancel` answers from what
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 use async_nats::{Client, Subscriber};
 use cell_api::metering::{Metering, SegmentTrack};
 use cell_api::{Admitted, Capacity, Cell, NewGeneration, Rejection};
-use domain::{RequestId, TimestampMs};
+use domain::{PromptHeads, RequestId, TimestampMs};
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use rand::rngs::StdRng;
@@ -47,6 +49,9 @@ pub struct CellsConfig {
     /// Seeds placement's random choices (for tests); `None` seeds from the
     /// operating system.
     pub seed: Option<u64>,
+    /// Send a prompt to a cell whose vehicles hold its head (see
+    /// `placement`); off, every choice is the power of two choices.
+    pub prefix_affinity: bool,
 }
 
 impl Default for CellsConfig {
@@ -59,6 +64,7 @@ impl Default for CellsConfig {
             move_retry_delay: limits::MOVE_RETRY_DELAY,
             generations_max: limits::GATEWAY_GENERATIONS_MAX,
             seed: None,
+            prefix_affinity: true,
         }
     }
 }
@@ -168,7 +174,10 @@ impl Cell for Cells {
             .filter(|heard| self.shared.fresh(heard))
             .flat_map(|heard| heard.summary.capacity.nodes.iter().cloned())
             .collect();
-        Capacity { nodes }
+        Capacity {
+            nodes,
+            prompt_heads: Vec::new(),
+        }
     }
 
     /// Published to every cell; a cell that does not hold `node` ignores it.
@@ -361,8 +370,13 @@ impl Shared {
     ) -> Result<Attempt, Rejection> {
         let mut tried: Vec<CellId> = Vec::new();
         let mut refusal = None;
+        let heads = if self.config.prefix_affinity {
+            PromptHeads::of(&generation.prompt)
+        } else {
+            PromptHeads::default()
+        };
         for _ in 0..limits::PLACEMENT_TRIES_MAX {
-            let Some(cell) = self.choose(&generation.model, &tried, avoid) else {
+            let Some(cell) = self.choose(&generation.model, &heads, &tried, avoid) else {
                 break;
             };
             tried.push(cell.clone());
@@ -375,23 +389,36 @@ impl Shared {
     }
 
     /// The cell for the next try: among the fresh cells that serve `model`
-    /// and were not tried, the freer of two random ones.
-    fn choose(&self, model: &str, tried: &[CellId], avoid: Option<&CellId>) -> Option<CellId> {
+    /// and were not tried, one holding the longest of `heads` with a free
+    /// slot, else the freer of two random ones.
+    fn choose(
+        &self,
+        model: &str,
+        heads: &PromptHeads,
+        tried: &[CellId],
+        avoid: Option<&CellId>,
+    ) -> Option<CellId> {
         let directory = lock(&self.directory);
         let serving = |cell: &CellId| !tried.contains(cell);
-        let mut candidates: Vec<(CellId, u32)> = directory
+        let mut candidates: Vec<placement::Candidate<CellId>> = directory
             .iter()
             .filter(|(cell, heard)| self.fresh(heard) && serving(cell))
             .filter_map(|(cell, heard)| {
-                let free = heard.summary.model(model)?.free_slots;
-                Some((cell.clone(), free))
+                let capacity = heard.summary.model(model)?;
+                // Sorted when heard.
+                let held = |hash| capacity.prompt_heads.binary_search(&hash).is_ok();
+                Some(placement::Candidate {
+                    cell: cell.clone(),
+                    free_slots: capacity.free_slots,
+                    head_levels: heads.deepest_held(held),
+                })
             })
             .collect();
         // A map's order is arbitrary; sorted, a seeded choice replays.
         candidates.sort();
-        let others: Vec<(CellId, u32)> = candidates
+        let others: Vec<placement::Candidate<CellId>> = candidates
             .iter()
-            .filter(|(cell, _)| Some(cell) != avoid)
+            .filter(|candidate| Some(&candidate.cell) != avoid)
             .cloned()
             .collect();
         let pool = if others.is_empty() {
@@ -399,7 +426,7 @@ impl Shared {
         } else {
             others
         };
-        placement::two_choices(&pool, &mut *lock(&self.rng)).cloned()
+        placement::choose(&pool, &mut *lock(&self.rng)).cloned()
     }
 
     /// Asks `cell` to admit `generation`, its batches to a new inbox.
@@ -474,7 +501,11 @@ impl Shared {
         }
     }
 
-    fn heard(&self, summary: CapacitySummary) {
+    fn heard(&self, mut summary: CapacitySummary) {
+        for model in &mut summary.models {
+            // Looked up by `choose`; the order of recency is not needed here.
+            model.prompt_heads.sort_unstable();
+        }
         let Ok(cell) = CellId::new(summary.cell.clone()) else {
             tracing::warn!(cell = %summary.cell, "capacity summary from an unusable cell id");
             return;

@@ -228,7 +228,8 @@ pub struct CapacitySummary {
     pub cell: String,
     /// Per served model, what placement compares.
     pub models: Vec<ModelCapacity>,
-    /// The cell's vehicles, as `Cell::capacity` reports them.
+    /// The cell's vehicles, as `Cell::capacity` reports them (their prompt
+    /// heads moved to `models`).
     pub capacity: Capacity,
     /// Generations the cell streams to gateways now (running or queued).
     pub streaming: u32,
@@ -244,12 +245,17 @@ pub struct ModelCapacity {
     /// Slots not running anything (a vehicle running more than it declared
     /// counts as none free).
     pub free_slots: u32,
+    /// Hashes of prompt heads (`domain::PromptHeads`) the cell's vehicles
+    /// hold, at most `cell_api::limits::PROMPT_HEADS_PUBLISHED_MAX`, most
+    /// recent first (see `Capacity::prompt_heads`).
+    #[serde(default)]
+    pub prompt_heads: Vec<u64>,
 }
 
 impl CapacitySummary {
     /// The summary of `capacity`, per model its vehicles serve, sorted by
     /// model name.
-    pub fn of(cell: &str, capacity: Capacity, streaming: u32) -> CapacitySummary {
+    pub fn of(cell: &str, mut capacity: Capacity, streaming: u32) -> CapacitySummary {
         let mut models: Vec<ModelCapacity> = Vec::new();
         for node in &capacity.nodes {
             for model in &node.models {
@@ -262,6 +268,7 @@ impl CapacitySummary {
                             slots: 0,
                             running: 0,
                             free_slots: 0,
+                            prompt_heads: Vec::new(),
                         });
                         models.len() - 1
                     }
@@ -273,6 +280,13 @@ impl CapacitySummary {
                 entry.free_slots = entry
                     .free_slots
                     .saturating_add(node.slots.saturating_sub(node.running));
+            }
+        }
+        for heads in std::mem::take(&mut capacity.prompt_heads) {
+            if let Some(entry) = models.iter_mut().find(|entry| entry.model == heads.model) {
+                let mut hashes = heads.hashes;
+                hashes.truncate(cell_api::limits::PROMPT_HEADS_PUBLISHED_MAX);
+                entry.prompt_heads = hashes;
             }
         }
         models.sort_by(|a, b| a.model.cmp(&b.model));
@@ -385,6 +399,10 @@ mod tests {
                 node("car-1", &["b", "a"], 4, 1),
                 node("car-2", &["a"], 2, 3),
             ],
+            prompt_heads: vec![cell_api::ModelHeads {
+                model: "b".into(),
+                hashes: vec![7, 3],
+            }],
         };
         let summary = CapacitySummary::of("eu", capacity, 2);
         assert_eq!(
@@ -395,9 +413,16 @@ mod tests {
                 slots: 6,
                 running: 4,
                 free_slots: 3,
+                prompt_heads: vec![],
             })
         );
         assert_eq!(summary.model("b").map(|m| m.free_slots), Some(3));
+        // Heads travel with their model, once.
+        assert_eq!(
+            summary.model("b").map(|m| m.prompt_heads.clone()),
+            Some(vec![7, 3])
+        );
+        assert!(summary.capacity.prompt_heads.is_empty());
         assert_eq!(summary.model("c"), None);
     }
 

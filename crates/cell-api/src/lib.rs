@@ -72,6 +72,18 @@ pub trait Cell: Send + Sync {
 pub struct Capacity {
     /// Every connected vehicle, by name.
     pub nodes: Vec<NodeSummary>,
+    /// Per model, hashes of prompt heads (`domain::PromptHeads`) its vehicles
+    /// hold, at most `limits::PROMPT_HEADS_PUBLISHED_MAX`, most recent first;
+    /// a hint for placement, empty when prefix affinity is off.
+    #[serde(default)]
+    pub prompt_heads: Vec<ModelHeads>,
+}
+
+/// The prompt heads a cell's vehicles hold for one model.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelHeads {
+    pub model: String,
+    pub hashes: Vec<u64>,
 }
 
 impl Capacity {

@@ -164,9 +164,15 @@ pub async fn serve_gateway(
     let listener = bind_http(config.http_listen).await?;
     let nats = connect_nats(&cluster.nats, NATS_GATEWAY_NAME).await?;
     let cells = Arc::new(
-        bus::Cells::connect(nats, bus::CellsConfig::default())
-            .await
-            .map_err(bus_error)?,
+        bus::Cells::connect(
+            nats,
+            bus::CellsConfig {
+                prefix_affinity: config.prefix_affinity,
+                ..bus::CellsConfig::default()
+            },
+        )
+        .await
+        .map_err(bus_error)?,
     );
     let http_addr = listener.local_addr().map_err(CoordinatorError::Http)?;
     let http = gateway

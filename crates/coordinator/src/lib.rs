@@ -75,6 +75,9 @@ pub struct CoordinatorConfig {
     pub kv_checkpoint_budget_bytes: usize,
     /// The gateway's bounds on connections, header, body and request times.
     pub http: limits::HttpLimits,
+    /// Prefix affinity: a cell's scheduler prefers the vehicle holding the
+    /// longest head of a prompt, and a gateway the cell holding it.
+    pub prefix_affinity: bool,
 }
 
 impl CoordinatorConfig {
@@ -97,6 +100,7 @@ impl CoordinatorConfig {
             cloud: None,
             kv_checkpoint_budget_bytes: limits::KV_CHECKPOINT_BYTES_BUDGET,
             http: limits::HttpLimits::default(),
+            prefix_affinity: true,
         }
     }
 }
@@ -227,7 +231,10 @@ fn cell_config(config: &CoordinatorConfig) -> cell::CellConfig {
         grpc_listen: config.grpc_listen,
         heartbeat_interval: config.heartbeat_interval,
         heartbeat_timeout: config.heartbeat_timeout,
-        scheduler: config.scheduler.clone(),
+        scheduler: scheduler::SchedulerConfig {
+            prefix_affinity: config.prefix_affinity,
+            ..config.scheduler.clone()
+        },
         kv_checkpoint_budget_bytes: config.kv_checkpoint_budget_bytes,
     }
 }

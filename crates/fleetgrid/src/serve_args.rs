@@ -25,6 +25,17 @@ pub struct CommonArgs {
     /// Exit when the parent process goes away (used by `demo` and tests).
     #[arg(long, hide = true)]
     pub exit_with_parent: bool,
+    /// Prefix affinity: send a prompt to the vehicle (in a cluster, first to the cell) holding
+    /// the longest head of it in its KV cache, among those placement accepts anyway.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    pub prefix_affinity: OnOff,
+}
+
+/// A feature switch as the command line spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 /// The gateway's flags: the HTTP API, billing and the cloud tier.
@@ -163,6 +174,7 @@ impl CommonArgs {
             models,
         );
         config.context_tokens = self.context_tokens;
+        config.prefix_affinity = self.prefix_affinity == OnOff::On;
         Ok(config)
     }
 }

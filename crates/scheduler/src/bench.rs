@@ -25,6 +25,13 @@ const STATE_EVENTS: u64 = 2_000_000;
 const DEPARTURE_CHANGE_PERMILLE: u64 = 10;
 /// Models in the fleet; each node holds two of them.
 const MODELS: u16 = 4;
+/// Requests placed in the prefix-affinity phase, after the first: each prompt is one of
+/// `SYSTEM_PROMPTS` shared heads of `SYSTEM_PROMPT_TOKENS` followed by a question of its own.
+const AFFINITY_PLACEMENTS: u64 = 100_000;
+/// Distinct shared system prompts in the prefix-affinity phase.
+const SYSTEM_PROMPTS: u64 = 64;
+/// Tokens of each shared system prompt (eight head blocks).
+const SYSTEM_PROMPT_TOKENS: i32 = 512;
 
 /// What one run measured.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +46,11 @@ pub struct BenchReport {
     /// Median and 99th percentile of one arrival's handling, microseconds.
     pub placement_p50_us: f64,
     pub placement_p99_us: f64,
+    /// The same, for requests whose prompts share heads with earlier ones (prefix affinity).
+    pub affinity_placements: u64,
+    pub affinity_placements_per_second: f64,
+    pub affinity_placement_p50_us: f64,
+    pub affinity_placement_p99_us: f64,
     pub state_events: u64,
     /// Node state changes (state of charge, temperature, plug) handled per second.
     pub state_events_per_second: f64,
@@ -73,6 +85,13 @@ impl std::fmt::Display for BenchReport {
             f,
             "  placement p99       {:>12.2} us  (target <= 50)",
             self.placement_p99_us
+        )?;
+        writeln!(
+            f,
+            "  shared-head placements/s {:>7.0}  p50 {:.2} us  p99 {:.2} us",
+            self.affinity_placements_per_second,
+            self.affinity_placement_p50_us,
+            self.affinity_placement_p99_us
         )?;
         writeln!(
             f,
@@ -119,8 +138,17 @@ pub fn run(nodes: usize, seed: u64) -> BenchReport {
     }
     let registrations_per_second = nodes as f64 / started.elapsed().as_secs_f64();
 
-    let (placements_per_second, placement_p50_us, placement_p99_us) =
-        placements(&mut scheduler, &mut rng, now, &mut out);
+    let (placements_per_second, placement_p50_us, placement_p99_us) = placements(
+        &mut scheduler,
+        &mut rng,
+        now,
+        &mut out,
+        0..PLACEMENTS,
+        false,
+    );
+    let affinity_ids = PLACEMENTS..PLACEMENTS + AFFINITY_PLACEMENTS;
+    let (affinity_placements_per_second, affinity_placement_p50_us, affinity_placement_p99_us) =
+        placements(&mut scheduler, &mut rng, now, &mut out, affinity_ids, true);
     let state_events_per_second =
         state_events(&mut scheduler, &mut rng, &departures, now, &mut out);
     let bytes_per_node = scheduler.memory_estimate_bytes() / nodes.max(1) as u64;
@@ -132,6 +160,10 @@ pub fn run(nodes: usize, seed: u64) -> BenchReport {
         placements_per_second,
         placement_p50_us,
         placement_p99_us,
+        affinity_placements: AFFINITY_PLACEMENTS,
+        affinity_placements_per_second,
+        affinity_placement_p50_us,
+        affinity_placement_p99_us,
         state_events: STATE_EVENTS,
         state_events_per_second,
         bytes_per_node,
@@ -185,24 +217,45 @@ fn random_node(rng: &mut SimRng, now: Millis) -> (NodeCapacity, VehicleState) {
     (capacity, state)
 }
 
-/// Place `PLACEMENTS` requests, finishing the oldest to keep `RUNNING_WINDOW` running; returns
-/// (placements/s, p50 µs, p99 µs) over the arrivals alone.
+/// Place the requests `ids`, finishing the oldest to keep `RUNNING_WINDOW` running; returns
+/// (placements/s, p50 µs, p99 µs) over the arrivals alone. With `shared_heads`, each prompt
+/// starts with one of `SYSTEM_PROMPTS` system prompts (hashed before the clock starts).
 fn placements(
     scheduler: &mut Scheduler,
     rng: &mut SimRng,
     now: Millis,
     out: &mut Vec<Command>,
+    ids: std::ops::Range<u64>,
+    shared_heads: bool,
 ) -> (f64, f64, f64) {
-    let mut latencies_ns: Vec<u32> = Vec::with_capacity(PLACEMENTS as usize);
+    let count = ids.end - ids.start;
+    let mut latencies_ns: Vec<u32> = Vec::with_capacity(count as usize);
     let mut total_ns: u128 = 0;
-    for id in 0..PLACEMENTS {
+    let mut prompt: Vec<i32> = Vec::new();
+    for id in ids {
+        // Drawn in this order so that the first phase's workload stays what it always was.
+        let tenant = TenantId(1 + rng.below(3) as u32);
+        let model = ModelId(rng.below(u64::from(MODELS)) as u16);
+        let prompt_tokens = rng.between(10, 2_000) as u32;
+        let max_tokens = rng.between(16, 1_024) as u32;
+        let prompt_heads = if shared_heads {
+            let system = rng.below(SYSTEM_PROMPTS) as i32;
+            prompt.clear();
+            prompt.extend((0..SYSTEM_PROMPT_TOKENS).map(|at| system * 1_000_000 + at));
+            let question = prompt_tokens.saturating_sub(SYSTEM_PROMPT_TOKENS as u32);
+            prompt.extend((0..question as i32).map(|at| (id as i32) ^ (at << 20)));
+            crate::PromptHeads::of(&prompt)
+        } else {
+            crate::PromptHeads::default()
+        };
         let event = Event::RequestArrived {
             request: RequestId(id),
-            tenant: TenantId(1 + rng.below(3) as u32),
-            model: ModelId(rng.below(u64::from(MODELS)) as u16),
-            prompt_tokens: rng.between(10, 2_000) as u32,
-            max_tokens: rng.between(16, 1_024) as u32,
+            tenant,
+            model,
+            prompt_tokens,
+            max_tokens,
             deadline: None,
+            prompt_heads,
         };
         let started = Instant::now();
         scheduler.handle(now, event, out);
@@ -224,7 +277,7 @@ fn placements(
     latencies_ns.sort_unstable();
     let percentile =
         |p: usize| f64::from(latencies_ns[(latencies_ns.len() - 1) * p / 100]) / 1000.0;
-    let per_second = PLACEMENTS as f64 / (total_ns as f64 / 1e9);
+    let per_second = count as f64 / (total_ns as f64 / 1e9);
     (per_second, percentile(50), percentile(99))
 }
 

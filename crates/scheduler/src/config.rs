@@ -39,6 +39,9 @@ pub struct SchedulerConfig {
     /// How far nodes' claims are believed: slots capped by completed work, stalled generations
     /// moved (see `trust`). `None` believes every node, as the simulator's honest fleet is.
     pub trust: Option<TrustConfig>,
+    /// Prefer, among the free nodes placement accepts, the one holding the longest head of the
+    /// request's prompt (see `heads`); off, the scheduler does not track heads at all.
+    pub prefix_affinity: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -55,6 +58,7 @@ impl Default for SchedulerConfig {
             tenants_max: 100_000,
             nodes_max: 4_000_000,
             trust: None,
+            prefix_affinity: true,
         }
     }
 }

@@ -2,8 +2,8 @@
 //! drives it, the coordinator server or the fleet simulator.
 
 use crate::types::{
-    Millis, ModelId, NodeCapacity, NodeId, OwnerPolicy, RequestId, TenantConfig, TenantId,
-    VehicleState,
+    Millis, ModelId, NodeCapacity, NodeId, OwnerPolicy, PromptHeads, RequestId, TenantConfig,
+    TenantId, VehicleState,
 };
 
 /// Something that happened, applied at the time given to [`crate::Scheduler::handle`].
@@ -43,6 +43,8 @@ pub enum Event {
         max_tokens: u32,
         /// If it has not started by then, reject it with `DeadlineExpired`.
         deadline: Option<Millis>,
+        /// The hashes of its prompt's head blocks, for prefix affinity (empty: none).
+        prompt_heads: PromptHeads,
     },
     /// The request has `committed_total` tokens committed in all (counting earlier attempts);
     /// the next attempt resumes from here. Accepted while it waits too (tokens that arrived

@@ -67,7 +67,13 @@ impl FreeEntry {
         })
     }
 
-    fn key(self, loaded: bool, node: NodeId) -> u128 {
+    /// The tenant classes the node accepts (bit i = `TenantClass::ALL[i]`).
+    pub(crate) fn classes(self) -> u8 {
+        self.classes
+    }
+
+    /// The node's rank in the free index for a model: lower is preferred.
+    pub(crate) fn key(self, loaded: bool, node: NodeId) -> u128 {
         (u128::from(!loaded) << 75)
             | (u128::from(self.load_permille) << 64)
             | (u128::from(self.price) << 32)

@@ -20,6 +20,11 @@
 //!   decode at the node's speeds, times `generation_time_margin_permille`) ends before the node
 //!   must stop (`departure - departure_hard_stop_ms`), then one with the model loaded, then the
 //!   less loaded, then cheaper electricity; ties go to the lower `NodeId`.
+//! * **Prefix affinity.** Among the free nodes placement would accept (eligible, and covering
+//!   the expected generation time if any node does), a node whose free KV sequence holds the
+//!   longest head of the request's prompt (`PromptHeads`, whole blocks) goes first, ahead of the
+//!   load and price preferences; see `heads` for how the scheduler knows what nodes hold.
+//!   Affinity never preempts, never makes a node eligible and never reorders waiting work.
 //! * **Priority.** `Fleet > Reserved > Spot`. A reserved tenant below its guaranteed share
 //!   (`reserved_min_share_permille` of the slots on nodes taking work now) ranks above fleet
 //!   work, and its running work is not preempted. A request that finds no free slot takes one
@@ -47,6 +52,7 @@ pub mod bench;
 mod config;
 mod event;
 mod fxhash;
+mod heads;
 mod index;
 mod node_events;
 mod nodes;
@@ -67,6 +73,6 @@ pub use event::{Command, Event, RejectReason, StopReason};
 pub use scheduler::Scheduler;
 pub use trust::TrustConfig;
 pub use types::{
-    ClassSet, Millis, ModelId, NodeCapacity, NodeId, OwnerPolicy, RequestId, TenantClass,
-    TenantConfig, TenantId, VehicleState, ALL_HOURS,
+    ClassSet, Millis, ModelId, NodeCapacity, NodeId, OwnerPolicy, PromptHeads, RequestId,
+    TenantClass, TenantConfig, TenantId, VehicleState, ALL_HOURS,
 };

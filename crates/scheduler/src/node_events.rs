@@ -124,6 +124,7 @@ impl Scheduler {
             });
         }
         self.nodes.remove(id);
+        self.heads.forget(id);
         for request in &moving {
             self.place_or_wait(now, *request, true, out);
         }

@@ -110,8 +110,24 @@ impl Scheduler {
         let resume_from = entry.committed;
         let tenant = entry.tenant;
         let group = VictimGroup::of(entry.class, tenant);
-        self.nodes
-            .update(node, |node| node.running.push(Running { request, group }));
+        let (model, prompt_heads) = (entry.model, entry.prompt_heads);
+        let sequences = self
+            .nodes
+            .update(node, |node| {
+                node.running.push(Running { request, group });
+                node.claimed_slots
+            })
+            .unwrap_or(0);
+        if self.config.prefix_affinity {
+            // A resumed generation may load its prompt from a checkpoint, and restored cells
+            // are never kept for reuse: count on nothing kept then.
+            let heads = if resume_from == 0 {
+                prompt_heads.hashes()
+            } else {
+                &[]
+            };
+            self.heads.started(node, sequences, request, model, heads);
+        }
         if let Some(tenant) = self.tenants.get_mut(tenant) {
             tenant.running += 1;
         }
@@ -141,6 +157,7 @@ impl Scheduler {
         self.nodes.update(node, |node| {
             node.running.retain(|running| running.request != request)
         });
+        self.heads.left(node, request);
         if let Some(tenant) = self.tenants.get_mut(tenant) {
             tenant.running = tenant.running.saturating_sub(1);
         }

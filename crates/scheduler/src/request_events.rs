@@ -4,7 +4,7 @@
 use crate::event::{Command, RejectReason, StopReason};
 use crate::requests::{Placement, Request};
 use crate::scheduler::Scheduler;
-use crate::types::{Millis, ModelId, NodeId, RequestId, TenantId};
+use crate::types::{Millis, ModelId, NodeId, PromptHeads, RequestId, TenantId};
 
 /// The fields of `Event::RequestArrived`.
 #[derive(Debug, Clone, Copy)]
@@ -15,6 +15,7 @@ pub(crate) struct Arrival {
     pub(crate) prompt_tokens: u32,
     pub(crate) max_tokens: u32,
     pub(crate) deadline: Option<Millis>,
+    pub(crate) prompt_heads: PromptHeads,
 }
 
 impl Scheduler {
@@ -88,6 +89,7 @@ impl Scheduler {
             },
             progress_at: now,
             attempt_tokens: 0,
+            prompt_heads: arrival.prompt_heads,
         };
         self.requests.insert(request, entry);
         if must_wait {

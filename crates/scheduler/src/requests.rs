@@ -1,7 +1,7 @@
 //! What the scheduler remembers about each admitted request until it finishes, is cancelled or
 //! is rejected.
 
-use crate::types::{Millis, ModelId, NodeId, TenantClass, TenantId};
+use crate::types::{Millis, ModelId, NodeId, PromptHeads, TenantClass, TenantId};
 
 /// Where an admitted request is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +32,8 @@ pub(crate) struct Request {
     pub(crate) progress_at: Millis,
     /// Tokens the current attempt has delivered.
     pub(crate) attempt_tokens: u32,
+    /// Its prompt's head hashes (prefix affinity).
+    pub(crate) prompt_heads: PromptHeads,
 }
 
 impl Request {

@@ -8,7 +8,7 @@ use crate::nodes::NodeTable;
 use crate::queues::WaitQueues;
 use crate::requests::Request;
 use crate::tenants::Tenants;
-use crate::types::{Millis, NodeId, RequestId, TenantClass};
+use crate::types::{Millis, ModelId, NodeId, RequestId, TenantClass};
 
 /// Places requests on vehicles. Events in, commands out; see the crate documentation for the
 /// contract.
@@ -35,6 +35,9 @@ pub struct Scheduler {
     /// reconnections, at most one entry per node id.
     pub(crate) trust: FxHashMap<NodeId, crate::trust::NodeTrust>,
     pub(crate) scratch_stalled: Vec<(RequestId, NodeId)>,
+    /// The prompt heads nodes hold, as modelled from assignments (`heads`); empty while
+    /// `SchedulerConfig::prefix_affinity` is off.
+    pub(crate) heads: crate::heads::HeldHeads,
 }
 
 impl Scheduler {
@@ -55,6 +58,7 @@ impl Scheduler {
             guarantee_signature: 0,
             trust: FxHashMap::default(),
             scratch_stalled: Vec::new(),
+            heads: crate::heads::HeldHeads::default(),
         }
     }
 
@@ -99,6 +103,7 @@ impl Scheduler {
                 prompt_tokens,
                 max_tokens,
                 deadline,
+                prompt_heads,
             } => {
                 let arrival = crate::request_events::Arrival {
                     request,
@@ -107,6 +112,7 @@ impl Scheduler {
                     prompt_tokens,
                     max_tokens,
                     deadline,
+                    prompt_heads,
                 };
                 self.on_request_arrived(now, arrival, out)
             }
@@ -198,7 +204,13 @@ impl Scheduler {
 
     /// Estimated bytes held by the scheduler's per-node state (node table, indexes, timers).
     pub fn memory_estimate_bytes(&self) -> u64 {
-        self.nodes.memory_estimate_bytes()
+        self.nodes.memory_estimate_bytes() + self.heads.memory_estimate_bytes()
+    }
+
+    /// Whether some connected node holds the prompt head `hash` of `model`, as far as the
+    /// scheduler knows (see `heads`); always false while prefix affinity is off.
+    pub fn holds_prompt_head(&self, model: ModelId, hash: u64) -> bool {
+        !self.heads.holders(model, hash).is_empty()
     }
 
     /// Sum of slots over nodes that take work now.

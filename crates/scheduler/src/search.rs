@@ -1,7 +1,7 @@
 //! Finding a node: the best free slot for a request, or the running work to preempt for it,
 //! through the indexes in `index`.
 
-use crate::index::{node_of_key, VictimGroup, BUCKET_UNBOUNDED};
+use crate::index::{node_of_key, FreeEntry, VictimGroup, BUCKET_UNBOUNDED};
 use crate::requests::Request;
 use crate::scheduler::Scheduler;
 use crate::types::{Millis, NodeId, RequestId, TenantClass};
@@ -12,6 +12,11 @@ use crate::types::{Millis, NodeId, RequestId, TenantClass};
 /// a few hardware kinds needs a few probes. Past this, the bucket counts as not covering, which
 /// can only make the choice more conservative, never unsafe.
 const COVER_PROBES_PER_BUCKET: usize = 8;
+
+/// Holders of a prompt's heads looked at, at most, for one placement by prefix affinity (a node
+/// holding several levels is met once per level). Past this, affinity settles for the best found
+/// so far, or for none: placement stays fast however popular a head is.
+const AFFINITY_PROBES_MAX: usize = 64;
 
 impl Scheduler {
     /// The best node with a free slot that may start `request` now. Preference, in order: the
@@ -39,7 +44,59 @@ impl Scheduler {
                 }
             }
         }
+        if let Some(node) = self.affinity_node(now, request, best_covering.is_some()) {
+            return Some(node);
+        }
         best_covering.or(best_any).map(node_of_key)
+    }
+
+    /// Prefix affinity: of the free nodes placement accepts for `request` (covering its expected
+    /// generation time when some node does), the one whose free sequence holds the longest head
+    /// of its prompt, then the usual preference. `None` when no such node holds a whole block.
+    fn affinity_node(&self, now: Millis, request: &Request, must_cover: bool) -> Option<NodeId> {
+        if !self.config.prefix_affinity || request.prompt_heads.is_empty() {
+            return None;
+        }
+        let class_bit = 1u8 << request.class.index();
+        let mut best: Option<(usize, u128)> = None;
+        let hashes = request.prompt_heads.hashes();
+        let mut probes = 0;
+        for (at, hash) in hashes.iter().enumerate().rev() {
+            let level = at + 1;
+            if best.is_some_and(|(levels, _)| levels >= level) || probes >= AFFINITY_PROBES_MAX {
+                break;
+            }
+            for &node in self.heads.holders(request.model, *hash) {
+                probes += 1;
+                if probes > AFFINITY_PROBES_MAX {
+                    break;
+                }
+                let Some(entry) = self.nodes.get(node) else {
+                    continue;
+                };
+                let Some(free) = FreeEntry::of(entry) else {
+                    continue;
+                };
+                if free.classes() & class_bit == 0
+                    || !entry.capacity.models.contains(&request.model)
+                {
+                    continue;
+                }
+                let levels = self
+                    .heads
+                    .free_levels(node, request.model, &request.prompt_heads);
+                if levels == 0 || (must_cover && !self.covers(now, request, node)) {
+                    continue;
+                }
+                let key = free.key(entry.has_loaded(request.model), node);
+                let better = best
+                    .is_none_or(|(most, least)| levels > most || (levels == most && key < least));
+                if better {
+                    best = Some((levels, key));
+                }
+            }
+        }
+        best.map(|(_, key)| node_of_key(key))
     }
 
     /// Running work that `request` may take the slot of: on a node that accepts the request's

@@ -8,6 +8,9 @@ pub use domain::TimestampMs as Millis;
 /// Vehicles, requests and tenants are named by the ids in `domain`.
 pub use domain::{NodeId, RequestId, TenantId};
 
+/// The chained hashes of a prompt's head blocks (the one definition is in `domain`).
+pub use domain::PromptHeads;
+
 /// A model, as a small id the coordinator maps to a model digest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ModelId(pub u16);

@@ -36,6 +36,7 @@ fn departure_window_moves_long_work_keeps_short_work_and_stops_all_before_leavin
             prompt_tokens: 1,
             max_tokens: 60_000,
             deadline: None,
+            prompt_heads: scheduler::PromptHeads::default(),
         };
         h.send(arrival)
     };

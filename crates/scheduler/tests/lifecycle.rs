@@ -67,6 +67,7 @@ fn request_for_a_model_no_node_has_is_rejected_at_once() {
         prompt_tokens: 1,
         max_tokens: 1,
         deadline: None,
+        prompt_heads: scheduler::PromptHeads::default(),
     });
     assert!(matches!(
         out.as_slice(),

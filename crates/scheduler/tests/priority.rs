@@ -128,6 +128,7 @@ fn reserved_tenant_keeps_its_guaranteed_share() {
         prompt_tokens: 1,
         max_tokens: 1,
         deadline: None,
+        prompt_heads: scheduler::PromptHeads::default(),
     });
     assert_eq!(out, vec![]);
 }
@@ -170,6 +171,7 @@ fn tenants_of_a_class_share_by_weight() {
             prompt_tokens: 1,
             max_tokens: 10,
             deadline: None,
+            prompt_heads: scheduler::PromptHeads::default(),
         });
     }
     // Plugging in opens four slots; they go three to one by weight.

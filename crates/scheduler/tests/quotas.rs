@@ -85,6 +85,7 @@ fn waiting_request_past_its_deadline_is_rejected_on_tick() {
         prompt_tokens: 1,
         max_tokens: 1,
         deadline,
+        prompt_heads: scheduler::PromptHeads::default(),
     };
     assert_eq!(h.send(arrival), vec![]);
     assert_eq!(h.advance(4_999), vec![]);

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant, SystemTime};
 use bus::{CellId, Cells, CellsConfig, ServeConfig};
 use cell_api::metering::{Metering, NodeReport, PaidSpeed, SegmentTrack};
 use cell_api::{
-    Admitted, Capacity, Cell, CommittedToken, FinishReason, NewGeneration, NodeSummary, Rejection,
-    TenantRef, Update, Usage,
+    Admitted, Capacity, Cell, CommittedToken, FinishReason, ModelHeads, NewGeneration, NodeSummary,
+    Rejection, TenantRef, Update, Usage,
 };
 use domain::{RequestId, TenantClass, TimestampMs};
 use futures::future::BoxFuture;
@@ -291,6 +291,8 @@ pub struct TestCell {
     running: u32,
     token_every: Duration,
     refusal: Mutex<Option<Rejection>>,
+    /// The prompt-head hashes its capacity says its vehicle holds.
+    heads: Mutex<Vec<u64>>,
     state: Arc<Mutex<State>>,
 }
 
@@ -323,6 +325,7 @@ impl TestCell {
             running,
             token_every,
             refusal: Mutex::new(None),
+            heads: Mutex::new(Vec::new()),
             state: Arc::new(Mutex::new(State::default())),
         })
     }
@@ -330,6 +333,13 @@ impl TestCell {
     /// Its vehicle's name.
     pub fn node(&self) -> String {
         format!("{}-car", self.name)
+    }
+
+    /// From now on its capacity says its vehicle holds the head of `prompt`.
+    pub fn hold_prompt_head(&self, prompt: &[i32]) {
+        let heads = domain::PromptHeads::of(prompt);
+        assert!(!heads.is_empty(), "a prompt shorter than one head block");
+        lock(&self.heads).extend_from_slice(heads.hashes());
     }
 
     pub fn refuse_with(&self, rejection: Rejection) {
@@ -497,6 +507,10 @@ impl Cell for TestCell {
                 models: vec![MODEL.to_string()],
                 slots: self.slots,
                 running: self.running,
+            }],
+            prompt_heads: vec![ModelHeads {
+                model: MODEL.to_string(),
+                hashes: lock(&self.heads).clone(),
             }],
         }
     }

@@ -132,6 +132,9 @@ impl Core {
         }
         inflight.attempt += 1;
         inflight.node = Some(node);
+        state
+            .recent_heads
+            .touch(inflight.model.id, &inflight.prompt_heads);
         // A checkpoint the previous attempt did not finish sending never will.
         state.checkpoints.abandon(request);
         let restore = state.checkpoints.for_resume(request);

@@ -41,6 +41,8 @@ struct InFlight {
     tenant: TenantRef,
     model: Arc<ServedModel>,
     prompt: Arc<Vec<i32>>,
+    /// The prompt's head hashes, computed once (prefix affinity).
+    prompt_heads: scheduler::PromptHeads,
     sampling: proto::Sampling,
     max_tokens: u32,
     stop: Vec<String>,
@@ -76,6 +78,8 @@ struct CoreState {
     shares: cell_api::metering::NodeShares,
     /// Prompt KV caches kept for handovers.
     checkpoints: checkpoints::Checkpoints,
+    /// The prompt heads assigned lately, for the capacity's `prompt_heads`.
+    recent_heads: heads::RecentHeads,
 }
 
 pub struct Core {
@@ -115,6 +119,7 @@ impl Core {
                 follow_up: Vec::new(),
                 shares: cell_api::metering::NodeShares::default(),
                 checkpoints: checkpoints::Checkpoints::default(),
+                recent_heads: heads::RecentHeads::default(),
             }),
             models,
             metrics,
@@ -152,6 +157,7 @@ impl Core {
         let (sender, updates) = mpsc::channel(limits::CLIENT_UPDATES_CAPACITY);
         let prompt_tokens = u32::try_from(generation.prompt.len()).unwrap_or(u32::MAX);
         let committed_total = u32::try_from(generation.committed.len()).unwrap_or(u32::MAX);
+        let prompt_heads = scheduler::PromptHeads::of(&generation.prompt);
         state.requests.insert(
             request,
             InFlight {
@@ -159,6 +165,7 @@ impl Core {
                 tenant: generation.tenant,
                 model: Arc::clone(&model),
                 prompt: Arc::new(generation.prompt),
+                prompt_heads,
                 sampling: generation.sampling,
                 max_tokens: generation.max_tokens,
                 stop: generation.stop,
@@ -180,6 +187,7 @@ impl Core {
             prompt_tokens,
             max_tokens: generation.max_tokens,
             deadline: generation.deadline_ms.map(|ms| now.plus(ms)),
+            prompt_heads,
         };
         let mut rejection = self.handle(&mut state, now, arrived);
         if committed_total > 0 && rejection.iter().all(|(id, _)| *id != request) {
@@ -369,7 +377,11 @@ impl Core {
                 running: state.shares.running(*id),
             })
             .collect();
-        Capacity { nodes }
+        let prompt_heads = state.recent_heads.published(&state.scheduler, &self.models);
+        Capacity {
+            nodes,
+            prompt_heads,
+        }
     }
 
     /// Which node runs a request now, by name.
@@ -432,6 +444,7 @@ mod checkpoints;
 mod clock;
 mod contracts;
 mod dispatch;
+mod heads;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 

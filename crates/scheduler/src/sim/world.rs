@@ -296,6 +296,7 @@ impl Sim {
                 prompt_tokens,
                 max_tokens,
                 deadline,
+                prompt_heads: crate::PromptHeads::default(),
             })?;
         }
         Ok(())

@@ -115,6 +115,7 @@ impl Harness {
             prompt_tokens: 10,
             max_tokens,
             deadline: None,
+            prompt_heads: scheduler::PromptHeads::default(),
         })
     }
 }
