@@ -334,7 +334,8 @@ pub enum NodesCommand {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
-    /// Issue a new credential for a node (the old one stops working).
+    /// Issue a new credential for a node (the old one stops working),
+    /// printed as 'nodes add' prints one: with its cells, home first.
     Rotate {
         name: String,
         #[arg(long)]
@@ -346,6 +347,31 @@ pub enum NodesCommand {
     },
 }
 
+/// Prints what an agent is given (`agent --credential`): the credential
+/// and, in a cluster, the cells it dials, home first (see
+/// `agent::Enrolment`), after `what` and where its home is on stderr.
+fn print_enrolment(what: &str, enrolment: coordinator::store::cells::NodeEnrolment) {
+    let token = agent::Enrolment {
+        credential: enrolment.credential,
+        cells: enrolment
+            .cells
+            .iter()
+            .map(|cell| cell.grpc_url.clone())
+            .collect(),
+    }
+    .token();
+    match enrolment.cells.first() {
+        Some(home) => eprintln!(
+            "{what} at cell {} (then {} other cells); its enrolment, credential and cells, \
+             shown once:",
+            home.id,
+            enrolment.cells.len() - 1
+        ),
+        None => eprintln!("{what}; its credential, shown once:"),
+    }
+    println!("{token}");
+}
+
 pub async fn nodes(command: NodesCommand) -> anyhow::Result<()> {
     match command {
         NodesCommand::Add {
@@ -355,33 +381,18 @@ pub async fn nodes(command: NodesCommand) -> anyhow::Result<()> {
         } => {
             let store = open_store(data_dir).await?;
             let enrolment = store.enrol_node(&name, &owner, now_ms()).await?;
-            let token = agent::Enrolment {
-                credential: enrolment.credential,
-                cells: enrolment
-                    .cells
-                    .iter()
-                    .map(|cell| cell.grpc_url.clone())
-                    .collect(),
-            }
-            .token();
-            match enrolment.cells.first() {
-                Some(home) => eprintln!(
-                    "enrolled node {name} at cell {} (then {} other cells); its enrolment, \
-                     credential and cells, shown once:",
-                    home.id,
-                    enrolment.cells.len() - 1
-                ),
-                None => eprintln!("enrolled node {name}; its credential, shown once:"),
-            }
-            println!("{token}");
+            print_enrolment(&format!("enrolled node {name}"), enrolment);
         }
         NodesCommand::Rotate { name, data_dir } => {
             let store = open_store(data_dir).await?;
-            let credential = store
-                .rotate_node_credential(&name)
+            let enrolment = store
+                .rotate_node_enrolment(&name, now_ms())
                 .await?
                 .with_context(|| format!("no node named {name:?}"))?;
-            println!("{credential}");
+            print_enrolment(
+                &format!("new credential for node {name} (the old one no longer works)"),
+                enrolment,
+            );
         }
         NodesCommand::List { data_dir } => {
             let store = open_store(data_dir).await?;

@@ -60,17 +60,23 @@ impl std::fmt::Debug for NodeEnrolment {
 /// fewest vehicles, then the smallest id) first, then the others in id
 /// order from the home on, wrapping around.
 pub fn failover_order(live: &[CellRecord]) -> Vec<CellRecord> {
+    let home = live
+        .iter()
+        .min_by(|a, b| a.vehicles.cmp(&b.vehicles).then_with(|| a.id.cmp(&b.id)));
+    match home {
+        Some(home) => order_from(live, &home.id),
+        None => Vec::new(),
+    }
+}
+
+/// `live` in id order from the cell `home` on, wrapping around; in id
+/// order if `home` is not among them.
+fn order_from(live: &[CellRecord], home: &str) -> Vec<CellRecord> {
     let mut by_id = live.to_vec();
     by_id.sort_by(|a, b| a.id.cmp(&b.id));
-    let Some(home) = by_id
-        .iter()
-        .enumerate()
-        .min_by(|(_, a), (_, b)| a.vehicles.cmp(&b.vehicles).then_with(|| a.id.cmp(&b.id)))
-        .map(|(index, _)| index)
-    else {
-        return Vec::new();
-    };
-    by_id.rotate_left(home);
+    if let Some(at) = by_id.iter().position(|cell| cell.id == home) {
+        by_id.rotate_left(at);
+    }
     by_id
 }
 
@@ -158,6 +164,36 @@ impl Store {
         }
         Ok(NodeEnrolment { credential, cells })
     }
+
+    /// Gives `name` a new credential (the old one stops working) and the
+    /// cells it dials as of `now_ms`: its home first while that cell is
+    /// live, else a new home chosen as `enrol_node` chooses one; `None` if
+    /// no node has that name.
+    pub async fn rotate_node_enrolment(
+        &self,
+        name: &str,
+        now_ms: i64,
+    ) -> Result<Option<NodeEnrolment>, StoreError> {
+        let Some(credential) = self.rotate_node_credential(name).await? else {
+            return Ok(None);
+        };
+        let live = self.live_cells(now_ms, CELL_LIVE_WINDOW).await?;
+        let home = self.home_cell(name).await?;
+        let cells = match home.filter(|home| live.iter().any(|cell| &cell.id == home)) {
+            Some(home) => order_from(&live, &home),
+            None => {
+                let cells = failover_order(&live);
+                if let Some(home) = cells.first() {
+                    let sql = "UPDATE nodes SET home_cell = $1 WHERE name = $2";
+                    on_database!(&self.database, pool => {
+                        sqlx::query(sql).bind(&home.id).bind(name).execute(pool).await?;
+                    });
+                }
+                cells
+            }
+        };
+        Ok(Some(NodeEnrolment { credential, cells }))
+    }
 }
 
 #[cfg(test)]
@@ -168,6 +204,7 @@ mod tests {
     crate::on_each_backend!(
         live_cells_are_recorded_renewed_and_forgotten,
         a_vehicle_is_enrolled_at_the_live_cell_with_the_fewest_vehicles,
+        a_rotated_credential_keeps_a_live_home_and_replaces_a_lost_one,
     );
 
     const NOW: i64 = 1_700_000_000_000;
@@ -261,5 +298,52 @@ mod tests {
             store.enrol_node("car-5", "", later).await,
             Err(StoreError::NodeExists(_))
         ));
+    }
+
+    async fn a_rotated_credential_keeps_a_live_home_and_replaces_a_lost_one(test: &TestStore) {
+        let store = &test.store;
+        for id in ["a", "b"] {
+            store
+                .cell_seen(id, &format!("http://{id}:7070"), NOW)
+                .await
+                .unwrap();
+        }
+        let first = store.enrol_node("car-1", "", NOW).await.unwrap();
+        store.enrol_node("car-2", "", NOW).await.unwrap();
+        assert_eq!(ids(&first.cells), ["a", "b"]);
+
+        // b has no more vehicles than a now, but car-1 stays at home in a.
+        let rotated = store
+            .rotate_node_enrolment("car-1", NOW)
+            .await
+            .unwrap()
+            .expect("car-1 is enrolled");
+        assert_eq!(ids(&rotated.cells), ["a", "b"]);
+        assert_ne!(rotated.credential, first.credential);
+        let stored = store.node_credential_hash("car-1").await.unwrap().unwrap();
+        assert!(crate::secrets::hashes_equal(
+            &stored,
+            &crate::secrets::hash(&rotated.credential)
+        ));
+
+        // Its home gone quiet, it gets a live one.
+        let later = NOW + super::window_ms(CELL_LIVE_WINDOW) + 1;
+        store.cell_seen("b", "http://b:7070", later).await.unwrap();
+        let moved = store
+            .rotate_node_enrolment("car-1", later)
+            .await
+            .unwrap()
+            .expect("car-1 is enrolled");
+        assert_eq!(ids(&moved.cells), ["b"]);
+        assert_eq!(
+            store.home_cell("car-1").await.unwrap().as_deref(),
+            Some("b")
+        );
+
+        assert!(store
+            .rotate_node_enrolment("car-9", later)
+            .await
+            .unwrap()
+            .is_none());
     }
 }
