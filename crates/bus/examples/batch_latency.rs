@@ -80,7 +80,7 @@ impl Cell for StampingCell {
                 slots: 1,
                 running: 0,
             }],
-            prompt_heads: Vec::new(),
+            ..Capacity::default()
         }
     }
 

@@ -166,18 +166,16 @@ impl Cell for Cells {
         Some(running.metering_so_far(now_ms()))
     }
 
-    /// Every vehicle of every cell heard from recently.
+    /// The vehicles of every cell heard from recently, as each lists them.
     fn capacity(&self) -> Capacity {
         let directory = lock(&self.shared.directory);
-        let nodes = directory
-            .values()
-            .filter(|heard| self.shared.fresh(heard))
-            .flat_map(|heard| heard.summary.capacity.nodes.iter().cloned())
-            .collect();
-        Capacity {
-            nodes,
-            prompt_heads: Vec::new(),
+        let mut capacity = Capacity::default();
+        for heard in directory.values().filter(|heard| self.shared.fresh(heard)) {
+            let summary = &heard.summary.capacity;
+            capacity.nodes.extend(summary.nodes.iter().cloned());
+            capacity.unlisted = capacity.unlisted.saturating_add(summary.unlisted);
         }
+        capacity
     }
 
     /// Published to every cell; a cell that does not hold `node` ignores it.

@@ -210,7 +210,10 @@ impl Server {
 
     async fn publish_capacity(&self) {
         let streaming = u32::try_from(self.lock_streams().len()).unwrap_or(u32::MAX);
-        let summary = CapacitySummary::of(self.cell_id.as_str(), self.cell.capacity(), streaming);
+        let listing = self
+            .cell
+            .capacity_listing(cell_api::limits::NODES_PUBLISHED_MAX);
+        let summary = CapacitySummary::of(self.cell_id.as_str(), listing, streaming);
         let body = match wire::encode(&summary) {
             Ok(body) => body,
             Err(error) => {

@@ -13,8 +13,8 @@ use std::str::FromStr;
 use bytes::Bytes;
 use cell_api::metering::Metering;
 use cell_api::{
-    Capacity, CommittedToken, FinishReason, GenerationError, NewGeneration, Rejection, TenantRef,
-    Usage,
+    Capacity, CapacityListing, CommittedToken, FinishReason, GenerationError, NewGeneration,
+    Rejection, TenantRef, Usage,
 };
 use domain::TenantClass;
 use serde::de::DeserializeOwned;
@@ -228,8 +228,8 @@ pub struct CapacitySummary {
     pub cell: String,
     /// Per served model, what placement compares.
     pub models: Vec<ModelCapacity>,
-    /// The cell's vehicles, as `Cell::capacity` reports them (their prompt
-    /// heads moved to `models`).
+    /// The cell's vehicles, as `Cell::capacity_listing` names them (their
+    /// prompt heads moved to `models`).
     pub capacity: Capacity,
     /// Generations the cell streams to gateways now (running or queued).
     pub streaming: u32,
@@ -253,43 +253,36 @@ pub struct ModelCapacity {
 }
 
 impl CapacitySummary {
-    /// The summary of `capacity`, per model its vehicles serve, sorted by
-    /// model name.
-    pub fn of(cell: &str, mut capacity: Capacity, streaming: u32) -> CapacitySummary {
-        let mut models: Vec<ModelCapacity> = Vec::new();
-        for node in &capacity.nodes {
-            for model in &node.models {
-                let at = match models.iter().position(|entry| &entry.model == model) {
-                    Some(at) => at,
-                    None => {
-                        models.push(ModelCapacity {
-                            model: model.clone(),
-                            nodes: 0,
-                            slots: 0,
-                            running: 0,
-                            free_slots: 0,
-                            prompt_heads: Vec::new(),
-                        });
-                        models.len() - 1
-                    }
-                };
-                let entry = &mut models[at];
-                entry.nodes = entry.nodes.saturating_add(1);
-                entry.slots = entry.slots.saturating_add(node.slots);
-                entry.running = entry.running.saturating_add(node.running);
-                entry.free_slots = entry
-                    .free_slots
-                    .saturating_add(node.slots.saturating_sub(node.running));
-            }
-        }
-        for heads in std::mem::take(&mut capacity.prompt_heads) {
-            if let Some(entry) = models.iter_mut().find(|entry| entry.model == heads.model) {
-                let mut hashes = heads.hashes;
-                hashes.truncate(cell_api::limits::PROMPT_HEADS_PUBLISHED_MAX);
-                entry.prompt_heads = hashes;
-            }
-        }
-        models.sort_by(|a, b| a.model.cmp(&b.model));
+    /// The summary of `listing`, per model its vehicles serve, sorted by
+    /// model name, each with the prompt heads the cell holds for it.
+    pub fn of(cell: &str, listing: CapacityListing, streaming: u32) -> CapacitySummary {
+        let CapacityListing {
+            mut capacity,
+            models,
+        } = listing;
+        let mut heads = std::mem::take(&mut capacity.prompt_heads);
+        let models = models
+            .into_iter()
+            .map(|totals| {
+                let prompt_heads = heads
+                    .iter_mut()
+                    .find(|heads| heads.model == totals.model)
+                    .map(|heads| {
+                        let mut hashes = std::mem::take(&mut heads.hashes);
+                        hashes.truncate(cell_api::limits::PROMPT_HEADS_PUBLISHED_MAX);
+                        hashes
+                    })
+                    .unwrap_or_default();
+                ModelCapacity {
+                    model: totals.model,
+                    nodes: totals.nodes,
+                    slots: totals.slots,
+                    running: totals.running,
+                    free_slots: totals.free_slots,
+                    prompt_heads,
+                }
+            })
+            .collect();
         CapacitySummary {
             cell: cell.to_string(),
             models,
@@ -399,12 +392,17 @@ mod tests {
                 node("car-1", &["b", "a"], 4, 1),
                 node("car-2", &["a"], 2, 3),
             ],
+            unlisted: 0,
             prompt_heads: vec![cell_api::ModelHeads {
                 model: "b".into(),
                 hashes: vec![7, 3],
             }],
         };
-        let summary = CapacitySummary::of("eu", capacity, 2);
+        let summary = CapacitySummary::of(
+            "eu",
+            CapacityListing::of(capacity, cell_api::limits::NODES_PUBLISHED_MAX),
+            2,
+        );
         assert_eq!(
             summary.model("a"),
             Some(&ModelCapacity {
@@ -424,6 +422,66 @@ mod tests {
         );
         assert!(summary.capacity.prompt_heads.is_empty());
         assert_eq!(summary.model("c"), None);
+    }
+
+    #[test]
+    fn a_hundred_thousand_vehicle_cell_publishes_a_bounded_summary() {
+        let nodes = (0..100_000u32)
+            .map(|i| NodeSummary {
+                name: format!("car-{i:06}"),
+                models: vec!["qwen2.5-0.5b-instruct".into()],
+                slots: 2,
+                running: u32::from(i % 1_000 == 999),
+            })
+            .collect();
+        let capacity = Capacity {
+            nodes,
+            unlisted: 0,
+            prompt_heads: Vec::new(),
+        };
+        let summary = CapacitySummary::of(
+            "eu",
+            CapacityListing::of(capacity, cell_api::limits::NODES_PUBLISHED_MAX),
+            100,
+        );
+        let bytes = encode(&summary).expect("a summary within the message limit");
+        assert!(bytes.len() <= 100 * 1024, "{} bytes", bytes.len());
+        // Placement's totals count every vehicle.
+        let model = summary.model("qwen2.5-0.5b-instruct").unwrap();
+        assert_eq!(
+            (model.nodes, model.slots, model.running),
+            (100_000, 200_000, 100)
+        );
+        assert_eq!(model.free_slots, 199_900);
+        // The busy vehicles are listed, then the idle ones by name.
+        let listed = &summary.capacity.nodes;
+        assert_eq!(listed.len(), cell_api::limits::NODES_PUBLISHED_MAX);
+        assert!(listed[..100].iter().all(|node| node.running == 1));
+        assert_eq!(listed[100].name, "car-000000");
+        assert_eq!(summary.capacity.nodes_connected(), 100_000);
+        assert_eq!(summary.capacity.holds("car-000999"), Some(true));
+        assert_eq!(summary.capacity.holds("car-099998"), None);
+    }
+
+    #[test]
+    fn a_small_cell_lists_every_vehicle() {
+        let capacity = Capacity {
+            nodes: vec![NodeSummary {
+                name: "car-1".into(),
+                models: vec!["a".into()],
+                slots: 1,
+                running: 0,
+            }],
+            unlisted: 0,
+            prompt_heads: Vec::new(),
+        };
+        let summary = CapacitySummary::of(
+            "eu",
+            CapacityListing::of(capacity, cell_api::limits::NODES_PUBLISHED_MAX),
+            0,
+        );
+        assert_eq!(summary.capacity.holds("car-1"), Some(true));
+        assert_eq!(summary.capacity.holds("car-2"), Some(false));
     }
 
     #[test]

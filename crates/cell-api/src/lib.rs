@@ -61,6 +61,14 @@ pub trait Cell: Send + Sync {
     /// The vehicles this cell holds now, for placement and health.
     fn capacity(&self) -> Capacity;
 
+    /// What `capacity` says, naming at most `listed` vehicles (see
+    /// `CapacityListing::of`), with per-model totals over all of them. A
+    /// cell with many vehicles answers it without building every vehicle's
+    /// summary.
+    fn capacity_listing(&self, listed: usize) -> CapacityListing {
+        CapacityListing::of(self.capacity(), listed)
+    }
+
     /// An owner changed a vehicle's policy; it applies from the next
     /// decision. (The cell also follows stored policy changes by itself;
     /// this makes an owner API write take effect at once.)
@@ -70,8 +78,13 @@ pub trait Cell: Send + Sync {
 /// A cell's vehicles, as a gateway sees them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capacity {
-    /// Every connected vehicle, by name.
+    /// Connected vehicles, by name: every one, or, from cells over a broker,
+    /// at most `limits::NODES_PUBLISHED_MAX` of each cell, those running
+    /// something first.
     pub nodes: Vec<NodeSummary>,
+    /// Connected vehicles left out of `nodes`.
+    #[serde(default)]
+    pub unlisted: u32,
     /// Per model, hashes of prompt heads (`domain::PromptHeads`) its vehicles
     /// hold, at most `limits::PROMPT_HEADS_PUBLISHED_MAX`, most recent first;
     /// a hint for placement, empty when prefix affinity is off.
@@ -87,11 +100,112 @@ pub struct ModelHeads {
 }
 
 impl Capacity {
+    /// Connected vehicles in all, listed or not.
+    pub fn nodes_connected(&self) -> u64 {
+        self.nodes.len() as u64 + u64::from(self.unlisted)
+    }
+
+    /// Whether the vehicle `name` is connected: `None` when it is not
+    /// listed and some are not, so that the list cannot tell.
+    pub fn holds(&self, name: &str) -> Option<bool> {
+        if self.nodes.iter().any(|node| node.name == name) {
+            Some(true)
+        } else if self.unlisted == 0 {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
     /// The connected vehicles' names, sorted.
     pub fn node_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.nodes.iter().map(|node| node.name.clone()).collect();
         names.sort();
         names
+    }
+}
+
+/// A cell's capacity naming a bounded number of its vehicles, with what
+/// all of them add up to per model.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CapacityListing {
+    pub capacity: Capacity,
+    /// Per served model, totals over every connected vehicle, named or
+    /// not; sorted by model name.
+    pub models: Vec<ModelTotals>,
+}
+
+impl CapacityListing {
+    /// The totals of `capacity`'s vehicles per model, and `capacity` naming
+    /// at most `listed` of them, in `listing_order`, the rest counted in
+    /// `unlisted`.
+    pub fn of(mut capacity: Capacity, listed: usize) -> CapacityListing {
+        let mut models = Vec::new();
+        for node in &capacity.nodes {
+            for model in &node.models {
+                ModelTotals::entry(&mut models, model).add(node.slots, node.running);
+            }
+        }
+        models.sort_by(|a, b| a.model.cmp(&b.model));
+        if capacity.nodes.len() > listed {
+            capacity.nodes.select_nth_unstable_by(listed, |a, b| {
+                listing_order(a.listing_key(), b.listing_key())
+            });
+            let left_out = capacity.nodes.len() - listed;
+            capacity.nodes.truncate(listed);
+            capacity.unlisted = capacity
+                .unlisted
+                .saturating_add(u32::try_from(left_out).unwrap_or(u32::MAX));
+        }
+        capacity
+            .nodes
+            .sort_by(|a, b| listing_order(a.listing_key(), b.listing_key()));
+        CapacityListing { capacity, models }
+    }
+}
+
+/// The order a bounded listing names vehicles in: those running something
+/// first, then by name. Each side is (name, running).
+pub fn listing_order(a: (&str, u32), b: (&str, u32)) -> std::cmp::Ordering {
+    (a.1 == 0).cmp(&(b.1 == 0)).then_with(|| a.0.cmp(b.0))
+}
+
+/// A cell's vehicles that serve one model, added up.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelTotals {
+    pub model: String,
+    pub nodes: u32,
+    pub slots: u32,
+    pub running: u32,
+    /// Slots not running anything (a vehicle running more than it declared
+    /// counts as none free).
+    pub free_slots: u32,
+}
+
+impl ModelTotals {
+    /// The totals for `model` among `models`, added if missing.
+    pub fn entry<'a>(models: &'a mut Vec<ModelTotals>, model: &str) -> &'a mut ModelTotals {
+        let at = match models.iter().position(|entry| entry.model == model) {
+            Some(at) => at,
+            None => {
+                models.push(ModelTotals {
+                    model: model.to_owned(),
+                    ..ModelTotals::default()
+                });
+                models.len() - 1
+            }
+        };
+        &mut models[at]
+    }
+
+    /// Counts a vehicle with `slots` that runs `running` generations.
+    pub fn add(&mut self, slots: u32, running: u32) {
+        self.nodes = self.nodes.saturating_add(1);
+        self.slots = self.slots.saturating_add(slots);
+        self.running = self.running.saturating_add(running);
+        self.free_slots = self
+            .free_slots
+            .saturating_add(slots.saturating_sub(running));
     }
 }
 
@@ -105,4 +219,11 @@ pub struct NodeSummary {
     pub slots: u32,
     /// Generations it runs now.
     pub running: u32,
+}
+
+impl NodeSummary {
+    /// What `listing_order` compares.
+    pub fn listing_key(&self) -> (&str, u32) {
+        (&self.name, self.running)
+    }
 }

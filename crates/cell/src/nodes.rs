@@ -1,5 +1,6 @@
 //! What the coordinator keeps about each connected node.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use scheduler::{Event, Millis, NodeCapacity, NodeId, OwnerPolicy, VehicleState};
@@ -7,7 +8,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use cell_api::metering::PaidSpeed;
-use cell_api::served::ServedModels;
+use cell_api::served::{ServedModel, ServedModels};
 
 /// Identifies one connection of a node: a reconnecting vehicle gets a new
 /// session, so events from its old stream are recognised and ignored.
@@ -52,11 +53,19 @@ impl ConnectedNode {
 
     /// The served models this node holds, by name.
     pub fn served_models(&self, served: &ServedModels) -> Vec<String> {
+        self.served(served)
+            .map(|model| model.name.clone())
+            .collect()
+    }
+
+    /// The served models this node holds.
+    pub fn served<'a>(
+        &'a self,
+        served: &'a ServedModels,
+    ) -> impl Iterator<Item = &'a Arc<ServedModel>> + 'a {
         self.models
             .iter()
             .filter_map(|model| served.by_digest(&model.sha256))
-            .map(|model| model.name.clone())
-            .collect()
     }
 
     /// The generations it declared it may run at once.

@@ -114,6 +114,7 @@ impl Cell for StampingCell {
                 slots: 4_096,
                 running: 0,
             }],
+            ..Capacity::default()
         }
     }
 

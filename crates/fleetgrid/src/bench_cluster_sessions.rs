@@ -213,7 +213,7 @@ async fn summary_watch(nats: &str) -> anyhow::Result<SummaryWatch> {
             };
             // No `.await` happens under this lock.
             *writer.lock().unwrap_or_else(|p| p.into_inner()) = (
-                Some(summary.capacity.nodes.len()),
+                Some(usize::try_from(summary.capacity.nodes_connected()).unwrap_or(usize::MAX)),
                 Some(message.payload.len()),
             );
         }

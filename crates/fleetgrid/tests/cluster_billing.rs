@@ -153,17 +153,12 @@ async fn a_database_outage_refuses_new_requests_and_loses_no_settlement() {
 
     // Every answer is settled once: the one withheld during the outage too.
     let usage = std::cell::RefCell::new(serde_json::Value::Null);
-    stack::probe::wait_until(
-        &cluster.members(),
-        "both answers settled",
-        WAIT,
-        || async {
-            let (status, body) = payer.get_as(&key, "/v1/usage").await;
-            let settled = status == 200 && body["requests"] == 2;
-            *usage.borrow_mut() = body;
-            settled
-        },
-    )
+    stack::probe::wait_until(&cluster.members(), "both answers settled", WAIT, || async {
+        let (status, body) = payer.get_as(&key, "/v1/usage").await;
+        let settled = status == 200 && body["requests"] == 2;
+        *usage.borrow_mut() = body;
+        settled
+    })
     .await
     .unwrap_or_else(|error| panic!("{error}; usage: {}", usage.borrow()));
     let usage = usage.into_inner();

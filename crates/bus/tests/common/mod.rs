@@ -512,6 +512,7 @@ impl Cell for TestCell {
                 model: MODEL.to_string(),
                 hashes: lock(&self.heads).clone(),
             }],
+            unlisted: 0,
         }
     }
 

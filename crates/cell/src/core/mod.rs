@@ -26,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::nodes::{ConnectedNode, NodeSession};
 use cell_api::metering::Metering;
 use cell_api::served::{ServedModel, ServedModels};
-use cell_api::{Capacity, Cell, NodeSummary};
+use cell_api::{Capacity, CapacityListing, Cell, ModelTotals, NodeSummary};
 use store::{RequestRecord, TenantClass};
 
 // What the gateway and the core say to each other lives at the seam; the
@@ -380,7 +380,52 @@ impl Core {
         let prompt_heads = state.recent_heads.published(&state.scheduler, &self.models);
         Capacity {
             nodes,
+            unlisted: 0,
             prompt_heads,
+        }
+    }
+
+    /// `capacity` naming at most `listed` nodes, in `cell_api::listing_order`:
+    /// one pass over the nodes that builds a summary only for those named.
+    pub fn capacity_listing(&self, listed: usize) -> CapacityListing {
+        let state = self.lock();
+        let mut models: Vec<ModelTotals> = Vec::new();
+        let mut order: Vec<(&str, u32, NodeId)> = Vec::with_capacity(state.nodes.len());
+        for (id, node) in &state.nodes {
+            let running = state.shares.running(*id);
+            for model in node.served(&self.models) {
+                ModelTotals::entry(&mut models, &model.name).add(node.slots(), running);
+            }
+            order.push((node.name.as_str(), running, *id));
+        }
+        models.sort_by(|a, b| a.model.cmp(&b.model));
+        let by_listing = |a: &(&str, u32, NodeId), b: &(&str, u32, NodeId)| {
+            cell_api::listing_order((a.0, a.1), (b.0, b.1))
+        };
+        let mut unlisted = 0;
+        if order.len() > listed {
+            order.select_nth_unstable_by(listed, by_listing);
+            unlisted = u32::try_from(order.len() - listed).unwrap_or(u32::MAX);
+            order.truncate(listed);
+        }
+        order.sort_by(by_listing);
+        let nodes = order
+            .iter()
+            .map(|&(name, running, id)| NodeSummary {
+                name: name.to_owned(),
+                models: state.nodes[&id].served_models(&self.models),
+                slots: state.nodes[&id].slots(),
+                running,
+            })
+            .collect();
+        let prompt_heads = state.recent_heads.published(&state.scheduler, &self.models);
+        CapacityListing {
+            capacity: Capacity {
+                nodes,
+                unlisted,
+                prompt_heads,
+            },
+            models,
         }
     }
 
@@ -408,6 +453,10 @@ impl Cell for Core {
 
     fn capacity(&self) -> Capacity {
         Core::capacity(self)
+    }
+
+    fn capacity_listing(&self, listed: usize) -> CapacityListing {
+        Core::capacity_listing(self, listed)
     }
 
     fn owner_policy_changed(&self, node: &str, policy: scheduler::OwnerPolicy) {

@@ -87,3 +87,23 @@ fn a_heartbeat_restarts_the_timeout() {
     harness.after(Duration::from_secs(3));
     assert!(harness.core.connected_nodes().is_empty());
 }
+
+#[test]
+fn a_bounded_listing_names_what_the_full_capacity_would_and_counts_the_rest() {
+    let mut harness = Harness::new();
+    for name in ["car-5", "car-2", "car-4", "car-1", "car-3"] {
+        harness.connect(name);
+    }
+    let full = harness.core.capacity();
+    for listed in [0, 3, 5, 9] {
+        assert_eq!(
+            harness.core.capacity_listing(listed),
+            cell_api::CapacityListing::of(full.clone(), listed),
+            "naming at most {listed}"
+        );
+    }
+    let listing = harness.core.capacity_listing(3);
+    assert_eq!(listing.capacity.node_names(), ["car-1", "car-2", "car-3"]);
+    assert_eq!(listing.capacity.nodes_connected(), 5);
+    assert_eq!(listing.capacity.holds("car-5"), None);
+}

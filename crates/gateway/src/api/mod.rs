@@ -211,8 +211,10 @@ async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Respo
 
 /// Says whether the coordinator is healthy, and nothing more to anyone
 /// without a key: node names would let anyone list the enrolled vehicles.
-/// The operator's own (fleet-class) tenants also see the connected nodes; a
-/// key that is sent must be valid.
+/// The operator's own (fleet-class) tenants also see the connected nodes
+/// (a cell over a broker lists at most `cell_api::limits::NODES_PUBLISHED_MAX`
+/// of its vehicles by name, those running something first, and counts the
+/// rest in `nodes_unlisted`); a key that is sent must be valid.
 async fn health(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if !headers.contains_key(header::AUTHORIZATION) {
         return Json(serde_json::json!({ "status": "ok" })).into_response();
@@ -226,7 +228,7 @@ async fn health(State(state): State<AppState>, headers: HeaderMap) -> Response {
     }
     let capacity = state.cell.capacity();
     let nodes = capacity.node_names();
-    // What each vehicle runs now, as its cell last reported it.
+    // What each listed vehicle runs now, as its cell last reported it.
     let running: serde_json::Map<String, serde_json::Value> = capacity
         .nodes
         .iter()
@@ -234,8 +236,9 @@ async fn health(State(state): State<AppState>, headers: HeaderMap) -> Response {
         .collect();
     Json(serde_json::json!({
         "status": "ok",
-        "nodes_connected": nodes.len(),
+        "nodes_connected": capacity.nodes_connected(),
         "nodes": nodes,
+        "nodes_unlisted": capacity.unlisted,
         "running": running,
     }))
     .into_response()

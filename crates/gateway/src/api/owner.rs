@@ -112,7 +112,8 @@ async fn list_vehicles(State(state): State<AppState>, OwnerAuth(owner): OwnerAut
             return ApiError::internal().into_response();
         }
     };
-    let connected = state.cell.capacity().node_names();
+    // `null` where the vehicle's cell lists too many vehicles to tell.
+    let capacity = state.cell.capacity();
     let mut data = Vec::with_capacity(vehicles.len());
     for vehicle in vehicles {
         let policy = match stored_policy(&state, &vehicle.name).await {
@@ -122,7 +123,7 @@ async fn list_vehicles(State(state): State<AppState>, OwnerAuth(owner): OwnerAut
         data.push(serde_json::json!({
             "id": vehicle.name,
             "object": "vehicle",
-            "connected": connected.contains(&vehicle.name),
+            "connected": capacity.holds(&vehicle.name),
             "last_seen_ms": vehicle.last_seen_ms,
             "policy": PolicyView::of(&policy),
         }));
