@@ -15,6 +15,17 @@ pub const CAPACITY_STALE_AFTER: Duration = Duration::from_millis(4 * 300);
 /// lost cell.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(500);
 
+/// How often a served cell asks whether a generation's batches still have
+/// a listener (an empty request to its gateway's inbox). A gateway that
+/// died, or that dropped the generation without its cancel arriving, has
+/// no subscription there: NATS answers "no responders" at once.
+pub const LISTENER_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// "No responders" answers in a row after which a served cell stops a
+/// generation: one can be a gateway reconnecting to another NATS server,
+/// which subscribes its inboxes again.
+pub const LISTENER_PROBE_MISSES_MAX: u32 = 2;
+
 /// A gateway moves a running generation whose cell sent nothing for this
 /// long (several keepalives).
 pub const SILENCE_TIMEOUT: Duration = Duration::from_secs(3);

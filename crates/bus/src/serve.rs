@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_nats::{Client, Message, Subscriber};
+use bytes::Bytes;
 use cell_api::{Cell, NewGeneration, Rejection, Update};
 use domain::RequestId;
 use futures::StreamExt;
@@ -31,6 +32,7 @@ use crate::BusError;
 pub struct ServeConfig {
     pub capacity_interval: Duration,
     pub keepalive_interval: Duration,
+    pub listener_probe_interval: Duration,
     pub generations_max: usize,
 }
 
@@ -39,6 +41,7 @@ impl Default for ServeConfig {
         ServeConfig {
             capacity_interval: limits::CAPACITY_INTERVAL,
             keepalive_interval: limits::KEEPALIVE_INTERVAL,
+            listener_probe_interval: limits::LISTENER_PROBE_INTERVAL,
             generations_max: limits::SERVED_GENERATIONS_MAX,
         }
     }
@@ -142,6 +145,7 @@ impl Server {
             cell: Arc::clone(&self.cell),
             streams: Arc::clone(&self.streams),
             keepalive: self.config.keepalive_interval,
+            probe_interval: self.config.listener_probe_interval,
         };
         let full = self.lock_streams().len() >= self.config.generations_max;
         tasks.spawn(async move {
@@ -256,6 +260,7 @@ struct Stream {
     cell: Arc<dyn Cell>,
     streams: Streams,
     keepalive: Duration,
+    probe_interval: Duration,
 }
 
 impl Stream {
@@ -293,6 +298,9 @@ impl Stream {
         let Some(stop) = lock(&self.streams).get(&request).cloned() else {
             return;
         };
+        let watching = CancellationToken::new();
+        let _stop_watching = watching.clone().drop_guard();
+        tokio::spawn(self.watch_listener(request, batches_to.clone(), stop.clone(), watching));
         loop {
             let first = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -320,6 +328,53 @@ impl Stream {
             if ended {
                 lock(&self.streams).remove(&request);
                 return;
+            }
+        }
+    }
+
+    /// Until `watching` is cancelled, asks every `probe_interval` whether
+    /// anyone still subscribes to `batches_to`, and stops the generation
+    /// after `LISTENER_PROBE_MISSES_MAX` "no responders" in a row: a
+    /// gateway killed mid-answer, or one whose cancel was lost, would
+    /// otherwise leave its vehicle generating to `max_tokens` for nobody.
+    /// A probe that times out (a slow gateway) counts as heard.
+    fn watch_listener(
+        &self,
+        request: u64,
+        batches_to: String,
+        stop: CancellationToken,
+        watching: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let nats = self.nats.clone();
+        let cell = Arc::clone(&self.cell);
+        let streams = Arc::clone(&self.streams);
+        let interval = self.probe_interval;
+        async move {
+            let mut misses = 0;
+            loop {
+                tokio::select! {
+                    _ = watching.cancelled() => return,
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+                let probe = async_nats::Request::new()
+                    .payload(Bytes::new())
+                    .timeout(Some(interval));
+                let unheard = matches!(
+                    nats.send_request(batches_to.clone(), probe).await,
+                    Err(error) if error.kind() == async_nats::RequestErrorKind::NoResponders
+                );
+                misses = if unheard { misses + 1 } else { 0 };
+                if misses >= limits::LISTENER_PROBE_MISSES_MAX {
+                    tracing::info!(
+                        request,
+                        "nobody listens to the generation any more: stopped"
+                    );
+                    stop.cancel();
+                    lock(&streams).remove(&request);
+                    cell.cancel(RequestId(request));
+                    return;
+                }
             }
         }
     }

@@ -5,9 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use bus::wire::WireGeneration;
+use bus::wire::{self, Batch, SubmitReply, SubmitRequest, WireGeneration};
+use bus::{subjects, CellId};
 use cell_api::{Cell, FinishReason, Rejection, Update};
 use common::*;
+use futures::StreamExt;
 
 #[tokio::test]
 async fn a_generation_round_trips_with_its_tokens_usage_and_metering() {
@@ -165,6 +167,41 @@ async fn cancel_hands_back_what_was_sent_and_reaches_the_cell() {
     .await;
     assert_eq!(cells.cancel(admitted.request), None, "cancelled once");
     assert_eq!(cells.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn a_generation_nobody_listens_to_any_more_is_stopped_on_its_cell() {
+    let server = NatsServer::start();
+    let cell = TestCell::new("a", 4, 0, Duration::from_millis(20));
+    let _served = serve(connect(&[&server]).await, cell.clone()).await;
+    // A gateway by hand, so that it can vanish without a cancel, as a
+    // killed one does: its inbox goes with it.
+    let nats = connect(&[&server]).await;
+    let inbox = nats.new_inbox();
+    let mut batches = nats.subscribe(inbox.clone()).await.expect("subscribe");
+    let body = wire::encode(&SubmitRequest {
+        generation: (&generation(vec![3, 4], 1, 4_000)).into(),
+        batches_to: inbox,
+    })
+    .expect("encode");
+    let reply = nats
+        .request(subjects::submit(&CellId::new("a").unwrap()), body)
+        .await
+        .expect("the cell answers");
+    assert!(matches!(
+        wire::decode::<SubmitReply>(&reply.payload),
+        Ok(SubmitReply::Admitted { .. })
+    ));
+    let first: Batch = wire::decode(&batches.next().await.expect("a batch").payload).unwrap();
+    assert!(first.end.is_none());
+    assert_eq!(cell.live(), 1);
+
+    drop(batches);
+    // 4,000 tokens at 20 ms would run for 80 s.
+    eventually("the cell to stop the generation nobody hears", || {
+        cell.cancelled().len() == 1 && cell.live() == 0
+    })
+    .await;
 }
 
 #[tokio::test]

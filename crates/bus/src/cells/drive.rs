@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_nats::Message;
+use bytes::Bytes;
 use cell_api::{GenerationError, NewGeneration, Rejection, Update};
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -81,6 +82,16 @@ impl Shared {
         };
         loop {
             let step = match run.next_message(&self).await {
+                Ok(message) if message.payload.is_empty() => {
+                    // The cell asking whether anyone still listens
+                    // (`serve`'s listener probe); batches are never empty.
+                    if let Some(reply) = message.reply {
+                        if let Err(error) = self.nats.publish(reply, Bytes::new()).await {
+                            tracing::debug!(%error, "answer a listener probe");
+                        }
+                    }
+                    Step::Continue
+                }
                 Ok(message) => run.received(&self, &message),
                 Err(step) => step,
             };

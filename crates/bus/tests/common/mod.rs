@@ -181,6 +181,7 @@ pub fn serve_config() -> ServeConfig {
     ServeConfig {
         capacity_interval: Duration::from_millis(100),
         keepalive_interval: Duration::from_millis(100),
+        listener_probe_interval: Duration::from_millis(200),
         ..ServeConfig::default()
     }
 }
