@@ -154,9 +154,10 @@ pub async fn serve_gateway(
 ) -> Result<(), CoordinatorError> {
     let store = Store::connect(&cluster.database_url).await?;
     let models = Arc::new(load_models(&config).await?);
-    let idempotency = billing_idempotency::IdempotencyStore::for_store(&store)
-        .await
-        .map_err(CoordinatorError::Idempotency)?;
+    let idempotency =
+        billing_idempotency::IdempotencyStore::for_store_with(&store, &config.idempotency)
+            .await
+            .map_err(CoordinatorError::Idempotency)?;
     if config.billing.ledger_url.is_none() {
         config.billing.ledger_url = Some(cluster.database_url.clone());
     }

@@ -78,6 +78,8 @@ pub struct CoordinatorConfig {
     /// Prefix affinity: a cell's scheduler prefers the vehicle holding the
     /// longest head of a prompt, and a gateway the cell holding it.
     pub prefix_affinity: bool,
+    /// How the gateway holds a running Idempotency-Key.
+    pub idempotency: billing_idempotency::IdempotencyConfig,
 }
 
 impl CoordinatorConfig {
@@ -101,6 +103,7 @@ impl CoordinatorConfig {
             kv_checkpoint_budget_bytes: limits::KV_CHECKPOINT_BYTES_BUDGET,
             http: limits::HttpLimits::default(),
             prefix_affinity: true,
+            idempotency: billing_idempotency::IdempotencyConfig::default(),
         }
     }
 }
@@ -185,9 +188,10 @@ pub async fn serve(
 ) -> Result<(), CoordinatorError> {
     let store = Store::open(&config.data_dir).await?;
     let models = Arc::new(load_models(&config).await?);
-    let idempotency = billing_idempotency::IdempotencyStore::open(&config.data_dir)
-        .await
-        .map_err(CoordinatorError::Idempotency)?;
+    let idempotency =
+        billing_idempotency::IdempotencyStore::open_with(&config.data_dir, &config.idempotency)
+            .await
+            .map_err(CoordinatorError::Idempotency)?;
     let gateway = Gateway::open(&config, store.clone(), Arc::clone(&models), idempotency).await?;
     let http_listener = bind_http(config.http_listen).await?;
 

@@ -59,6 +59,11 @@ pub struct GatewayFlags {
     /// last renewal. At least 1000.
     #[arg(long, default_value_t = millis(coordinator::billing_holds::HOLD_LEASE_DEFAULT))]
     pub hold_lease_ms: u64,
+    /// How long a running request's Idempotency-Key stays this gateway's unless it renews it, in
+    /// milliseconds: a retry of it through another gateway gets 409 meanwhile, and one whose
+    /// gateway died runs again this long after its last renewal. At least 500.
+    #[arg(long, default_value_t = millis(coordinator::billing_idempotency::IDEMPOTENCY_LEASE_DEFAULT))]
+    pub idempotency_lease_ms: u64,
     /// The cloud upstream and the router (`auto`, `cloud/<model>`).
     #[command(flatten)]
     pub cloud: cloud::CloudArgs,
@@ -189,6 +194,16 @@ impl GatewayFlags {
             self.owner_share_bps,
         )?;
         config.billing.holds.lease = Duration::from_millis(self.hold_lease_ms);
+        let idempotency_lease = Duration::from_millis(self.idempotency_lease_ms);
+        let lease_min = coordinator::billing_idempotency::IDEMPOTENCY_LEASE_MIN;
+        if idempotency_lease < lease_min {
+            anyhow::bail!(
+                "--idempotency-lease-ms must be at least {}, not {}",
+                lease_min.as_millis(),
+                self.idempotency_lease_ms
+            );
+        }
+        config.idempotency.lease = idempotency_lease;
         config.cloud = self.cloud.config()?;
         config.http = self.http_limits.limits()?;
         Ok(())
@@ -219,5 +234,46 @@ impl ClusterArgs {
             nats: self.nats.clone(),
             database_url: self.database.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Gateway {
+        #[command(flatten)]
+        gateway: GatewayFlags,
+    }
+
+    fn applied(args: &[&str]) -> anyhow::Result<coordinator::CoordinatorConfig> {
+        let command =
+            Gateway::try_parse_from(std::iter::once("gateway").chain(args.iter().copied()))
+                .expect("the flags parse");
+        let mut config = coordinator::CoordinatorConfig::new(PathBuf::from("data"), Vec::new());
+        command.gateway.apply(&mut config)?;
+        Ok(config)
+    }
+
+    #[test]
+    fn the_idempotency_lease_is_the_flags_and_one_too_short_is_refused() {
+        assert_eq!(
+            applied(&[]).unwrap().idempotency.lease,
+            coordinator::billing_idempotency::IDEMPOTENCY_LEASE_DEFAULT
+        );
+        assert_eq!(
+            applied(&["--idempotency-lease-ms", "2500"])
+                .unwrap()
+                .idempotency
+                .lease,
+            Duration::from_millis(2_500)
+        );
+        let refused = applied(&["--idempotency-lease-ms", "100"]).unwrap_err();
+        assert!(
+            refused.to_string().contains("--idempotency-lease-ms"),
+            "{refused}"
+        );
     }
 }

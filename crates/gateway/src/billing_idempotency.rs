@@ -140,8 +140,16 @@ impl IdempotencyStore {
     /// Opens its own pool on the SQLite database in `data_dir`, with durable
     /// commits: a kept response must survive a crash of the process.
     pub async fn open(data_dir: &Path) -> Result<IdempotencyStore, sqlx::Error> {
+        IdempotencyStore::open_with(data_dir, &IdempotencyConfig::default()).await
+    }
+
+    /// `open`, with the leases configured (see `for_store_with`).
+    pub async fn open_with(
+        data_dir: &Path,
+        config: &IdempotencyConfig,
+    ) -> Result<IdempotencyStore, sqlx::Error> {
         let options = SqliteConnectOptions::new().filename(data_dir.join(DATABASE_FILE));
-        IdempotencyStore::open_sqlite(options, &IdempotencyConfig::default()).await
+        IdempotencyStore::open_sqlite(options, config).await
     }
 
     /// Opens its own pool, with durable commits, on the database `store`
