@@ -22,6 +22,7 @@ mod error;
 mod generation;
 pub mod sampler;
 mod slot;
+pub mod testing;
 pub mod text;
 mod tokenizer;
 mod worker;

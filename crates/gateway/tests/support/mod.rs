@@ -5,7 +5,6 @@
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -13,6 +12,7 @@ use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
 use cell_api::fake::FakeCell;
 use cell_api::served::{PieceTable, ServedModels};
+use engine::testing::{test_model_path, TEST_MODEL_NAME, TEST_MODEL_SHA256};
 use gateway::api::{self, AppState};
 use gateway::billing::{Billing, BillingConfig};
 use gateway::billing_idempotency::IdempotencyStore;
@@ -22,39 +22,15 @@ use serde_json::Value;
 use tower::ServiceExt;
 
 /// The served model's public name.
-pub const MODEL: &str = "smollm2-135m-instruct";
-
-/// sha256 of SmolLM2-135M-Instruct.Q4_1.gguf, as `cargo xtask test` fetches it.
-const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
-
-/// The test model: `FLEETGRID_TEST_MODEL`, else the model store under
-/// `$FLEETGRID_HOME`, else under `~/.local/share/fleetgrid`.
-fn model_path() -> PathBuf {
-    if let Some(path) = std::env::var_os("FLEETGRID_TEST_MODEL") {
-        return PathBuf::from(path);
-    }
-    let blob = Path::new("models/blobs/sha256").join(MODEL_SHA256);
-    let homes = [
-        std::env::var_os("FLEETGRID_HOME").map(PathBuf::from),
-        std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share/fleetgrid")),
-    ];
-    homes
-        .into_iter()
-        .flatten()
-        .map(|home| home.join(&blob))
-        .find(|path| path.is_file())
-        .unwrap_or_else(|| {
-            panic!("these tests need the SmolLM2-135M-Instruct Q4_1 model: run `cargo xtask test`")
-        })
-}
+pub const MODEL: &str = TEST_MODEL_NAME;
 
 pub fn served_models() -> ServedModels {
-    let tokenizer = engine::Tokenizer::load(&model_path()).expect("load the tokenizer");
+    let tokenizer = engine::Tokenizer::load(&test_model_path()).expect("load the tokenizer");
     let pieces = PieceTable::build(&tokenizer);
     let mut served = ServedModels::default();
     served.add(
         MODEL.to_string(),
-        MODEL_SHA256.to_string(),
+        TEST_MODEL_SHA256.to_string(),
         tokenizer,
         pieces,
         2048,
