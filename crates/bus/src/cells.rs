@@ -408,6 +408,7 @@ impl Shared {
                 Some(placement::Candidate {
                     cell: cell.clone(),
                     free_slots: capacity.free_slots,
+                    queued: capacity.queued,
                     head_levels: heads.deepest_held(held),
                 })
             })

@@ -245,6 +245,9 @@ pub struct ModelCapacity {
     /// Slots not running anything (a vehicle running more than it declared
     /// counts as none free).
     pub free_slots: u32,
+    /// Generations for the model admitted and waiting for a vehicle.
+    #[serde(default)]
+    pub queued: u32,
     /// Hashes of prompt heads (`domain::PromptHeads`) the cell's vehicles
     /// hold, at most `cell_api::limits::PROMPT_HEADS_PUBLISHED_MAX`, most
     /// recent first (see `Capacity::prompt_heads`).
@@ -279,6 +282,7 @@ impl CapacitySummary {
                     slots: totals.slots,
                     running: totals.running,
                     free_slots: totals.free_slots,
+                    queued: totals.queued,
                     prompt_heads,
                 }
             })
@@ -411,6 +415,7 @@ mod tests {
                 slots: 6,
                 running: 4,
                 free_slots: 3,
+                queued: 0,
                 prompt_heads: vec![],
             })
         );

@@ -180,6 +180,9 @@ pub struct ModelTotals {
     /// Slots not running anything (a vehicle running more than it declared
     /// counts as none free).
     pub free_slots: u32,
+    /// Generations for the model admitted and waiting for a vehicle (0
+    /// from a cell that cannot tell: `Cell::capacity_listing`'s default).
+    pub queued: u32,
 }
 
 impl ModelTotals {

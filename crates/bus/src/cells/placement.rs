@@ -2,7 +2,8 @@
 //! of the prompt (its summary's `prompt_heads`) and that has a free slot
 //! gets it, the longest head first, so the vehicle holding the head can
 //! reuse its KV cells. Otherwise the power of two choices: of two cells
-//! picked at random, the one with more free slots for the model. Close to
+//! picked at random, the one with more free slots for the model, or, as
+//! free, the shorter queue for it. Close to
 //! the best cell's load without every gateway piling onto the same "best"
 //! cell between two summaries.
 
@@ -10,12 +11,14 @@ use std::cmp::Reverse;
 
 use rand::Rng;
 
-/// A cell that may be asked: its free slots for the model and how many
-/// blocks of the prompt's head its vehicles hold (0: none, or affinity off).
+/// A cell that may be asked: its free slots and queue for the model and
+/// how many blocks of the prompt's head its vehicles hold (0: none, or
+/// affinity off).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct Candidate<C> {
     pub(super) cell: C,
     pub(super) free_slots: u32,
+    pub(super) queued: u32,
     pub(super) head_levels: usize,
 }
 
@@ -35,7 +38,12 @@ pub(super) fn choose<'a, C, R: Rng>(pool: &'a [Candidate<C>], rng: &mut R) -> Op
     if let Some(holder) = holder {
         return Some(&holder.cell);
     }
-    two_choices_by(pool, |candidate| candidate.free_slots, rng).map(|candidate| &candidate.cell)
+    two_choices_by(
+        pool,
+        |candidate| (candidate.free_slots, Reverse(candidate.queued)),
+        rng,
+    )
+    .map(|candidate| &candidate.cell)
 }
 
 /// Of `pool` (a cell and its free slots), the freer of two distinct random
@@ -47,9 +55,9 @@ fn two_choices<'a, C, R: Rng>(pool: &'a [(C, u32)], rng: &mut R) -> Option<&'a C
 
 /// Of `pool`, the entry with more `free` of two distinct random entries (the
 /// first on a tie); the only entry of a pool of one.
-fn two_choices_by<'a, T, R: Rng>(
+fn two_choices_by<'a, T, K: Ord, R: Rng>(
     pool: &'a [T],
-    free: impl Fn(&T) -> u32,
+    free: impl Fn(&T) -> K,
     rng: &mut R,
 ) -> Option<&'a T> {
     match pool.len() {
@@ -102,7 +110,30 @@ mod tests {
         Candidate {
             cell,
             free_slots,
+            queued: 0,
             head_levels,
+        }
+    }
+
+    #[test]
+    fn of_two_full_cells_the_shorter_queue_is_always_chosen() {
+        let mut rng = StdRng::seed_from_u64(13);
+        let queued = |cell, queued| Candidate {
+            queued,
+            ..candidate(cell, 0, 0)
+        };
+        let pool = [queued("a", 9), queued("b", 2)];
+        for _ in 0..100 {
+            assert_eq!(choose(&pool, &mut rng), Some(&"b"));
+        }
+        // A free slot counts before any queue.
+        let free_but_queued = Candidate {
+            queued: 5,
+            ..candidate("b", 1, 0)
+        };
+        let pool = [queued("a", 0), free_but_queued];
+        for _ in 0..100 {
+            assert_eq!(choose(&pool, &mut rng), Some(&"b"));
         }
     }
 

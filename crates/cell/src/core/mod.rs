@@ -386,7 +386,8 @@ impl Core {
     }
 
     /// `capacity` naming at most `listed` nodes, in `cell_api::listing_order`:
-    /// one pass over the nodes that builds a summary only for those named.
+    /// one pass over the nodes that builds a summary only for those named,
+    /// with each model's generations waiting for a vehicle.
     pub fn capacity_listing(&self, listed: usize) -> CapacityListing {
         let state = self.lock();
         let mut models: Vec<ModelTotals> = Vec::new();
@@ -397,6 +398,19 @@ impl Core {
                 ModelTotals::entry(&mut models, &model.name).add(node.slots(), running);
             }
             order.push((node.name.as_str(), running, *id));
+        }
+        // Waiting generations, for the models some vehicle here serves.
+        for inflight in state
+            .requests
+            .values()
+            .filter(|inflight| inflight.node.is_none())
+        {
+            if let Some(totals) = models
+                .iter_mut()
+                .find(|totals| totals.model == inflight.model.name)
+            {
+                totals.queued = totals.queued.saturating_add(1);
+            }
         }
         models.sort_by(|a, b| a.model.cmp(&b.model));
         let by_listing = |a: &(&str, u32, NodeId), b: &(&str, u32, NodeId)| {

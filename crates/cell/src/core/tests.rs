@@ -24,12 +24,33 @@ struct Harness {
 
 impl Harness {
     fn new() -> Harness {
+        Harness::serving(ServedModels::default())
+    }
+
+    /// A core serving the test model (its tokenizer is loaded; nothing runs).
+    fn serving_the_test_model() -> Harness {
+        let path = engine::testing::test_model_path();
+        let tokenizer = engine::Tokenizer::load(&path).expect("load the tokenizer");
+        let pieces = cell_api::served::PieceTable::build(&tokenizer);
+        let mut served = ServedModels::default();
+        served.add(
+            engine::testing::TEST_MODEL_NAME.to_owned(),
+            engine::testing::TEST_MODEL_SHA256.to_owned(),
+            tokenizer,
+            pieces,
+            2048,
+            0,
+        );
+        Harness::serving(served)
+    }
+
+    fn serving(served: ServedModels) -> Harness {
         let clock = Arc::new(ManualClock::new(TimestampMs(1_704_067_200_000)));
         let scheduler = scheduler::Scheduler::new(scheduler::SchedulerConfig::default());
         let (request_log, _) = mpsc::channel(16);
         let core = Core::new(
             scheduler,
-            Arc::new(ServedModels::default()),
+            Arc::new(served),
             Arc::new(Metrics::default()),
             request_log,
             Arc::clone(&clock) as Arc<dyn super::Clock>,
@@ -42,14 +63,42 @@ impl Harness {
     }
 
     fn connect(&mut self, name: &str) -> NodeSession {
+        self.connect_with(name, &proto::Hello::default())
+    }
+
+    /// Connects a plugged-in vehicle with one slot and the test model loaded.
+    fn connect_serving(&mut self, name: &str) -> NodeSession {
+        let hello = proto::Hello {
+            hardware: Some(proto::Hardware {
+                parallel_sequences: 1,
+                decode_tokens_per_second: 20.0,
+                prefill_tokens_per_second: 200.0,
+                ..proto::Hardware::default()
+            }),
+            models: vec![proto::CachedModel {
+                name: engine::testing::TEST_MODEL_NAME.to_owned(),
+                sha256: engine::testing::TEST_MODEL_SHA256.to_owned(),
+                size_bytes: 1,
+                loaded: true,
+            }],
+            state: Some(proto::VehicleState {
+                plugged_in: true,
+                charging: true,
+                state_of_charge: 0.8,
+                temperature_c: 30.0,
+                ..proto::VehicleState::default()
+            }),
+            ..proto::Hello::default()
+        };
+        self.connect_with(name, &hello)
+    }
+
+    fn connect_with(&mut self, name: &str, hello: &proto::Hello) -> NodeSession {
         let (outbound, to_node) = mpsc::channel(16);
         self._to_nodes.push(to_node);
-        let (session, _disconnect) = self.core.node_connected(
-            name,
-            &proto::Hello::default(),
-            outbound,
-            OwnerPolicy::default(),
-        );
+        let (session, _disconnect) =
+            self.core
+                .node_connected(name, hello, outbound, OwnerPolicy::default());
         session
     }
 
@@ -106,4 +155,42 @@ fn a_bounded_listing_names_what_the_full_capacity_would_and_counts_the_rest() {
     assert_eq!(listing.capacity.node_names(), ["car-1", "car-2", "car-3"]);
     assert_eq!(listing.capacity.nodes_connected(), 5);
     assert_eq!(listing.capacity.holds("car-5"), None);
+}
+
+#[test]
+fn a_listing_counts_each_models_generations_waiting_for_a_vehicle() {
+    let mut harness = Harness::serving_the_test_model();
+    harness.connect_serving("car-1");
+    let mut admitted = Vec::new();
+    for index in 0..3 {
+        let generation = cell_api::NewGeneration {
+            public_id: format!("chatcmpl-{index}"),
+            tenant: cell_api::TenantRef {
+                id: 1,
+                class: store::TenantClass::Spot,
+            },
+            model: engine::testing::TEST_MODEL_NAME.to_owned(),
+            prompt: vec![1, 2, 3, index],
+            committed: Vec::new(),
+            sampling: proto::Sampling::default(),
+            max_tokens: 8,
+            stop: Vec::new(),
+            top_logprobs: 0,
+            deadline_ms: None,
+        };
+        admitted.push(harness.core.submit(generation).expect("admitted"));
+    }
+    let listing = harness.core.capacity_listing(10);
+    let totals = &listing.models[0];
+    assert_eq!(totals.model, engine::testing::TEST_MODEL_NAME);
+    // One slot runs the first; the other two wait for it.
+    assert_eq!(
+        (
+            totals.nodes,
+            totals.running,
+            totals.free_slots,
+            totals.queued
+        ),
+        (1, 1, 0, 2)
+    );
 }
