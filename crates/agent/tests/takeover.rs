@@ -10,7 +10,6 @@
 //! half needs a server (`FLEETGRID_TEST_POSTGRES_URL`, see `store::testing`).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,6 +19,7 @@ use agent::{
 };
 use cell_api::served::{PieceTable, ServedModels};
 use cell_api::{Cell, NewGeneration, Rejection, TenantRef};
+use engine::testing::{test_model_path, TEST_MODEL_NAME, TEST_MODEL_SHA256};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use scheduler::{ClassSet, OwnerPolicy};
@@ -29,9 +29,7 @@ use store::{Store, TenantClass};
 use tokio_util::sync::CancellationToken;
 
 const NODE: &str = "car-taken-over";
-const MODEL: &str = "smollm2-135m-instruct";
-/// sha256 of SmolLM2-135M-Instruct.Q4_1.gguf, as `cargo xtask test` fetches it.
-const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+const MODEL: &str = TEST_MODEL_NAME;
 /// The fleet tenant's contract: fewer tokens a minute than one large request asks.
 const TOKENS_PER_MINUTE: u32 = 40;
 /// How long the vehicle may take to reach a cell.
@@ -49,33 +47,13 @@ impl Executor for NoModel {
     }
 }
 
-/// The test model: `FLEETGRID_TEST_MODEL`, else the model store under `$FLEETGRID_HOME`, else
-/// under `~/.local/share/fleetgrid`.
-fn model_path() -> PathBuf {
-    if let Some(path) = std::env::var_os("FLEETGRID_TEST_MODEL") {
-        return PathBuf::from(path);
-    }
-    let blob = Path::new("models/blobs/sha256").join(MODEL_SHA256);
-    [
-        std::env::var_os("FLEETGRID_HOME").map(PathBuf::from),
-        std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share/fleetgrid")),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|home| home.join(&blob))
-    .find(|path| path.is_file())
-    .unwrap_or_else(|| {
-        panic!("this test needs the SmolLM2-135M-Instruct Q4_1 model: run `cargo xtask test`")
-    })
-}
-
 fn served_models() -> Arc<ServedModels> {
-    let tokenizer = engine::Tokenizer::load(&model_path()).expect("load the tokenizer");
+    let tokenizer = engine::Tokenizer::load(&test_model_path()).expect("load the tokenizer");
     let pieces = PieceTable::build(&tokenizer);
     let mut served = ServedModels::default();
     served.add(
         MODEL.to_owned(),
-        MODEL_SHA256.to_owned(),
+        TEST_MODEL_SHA256.to_owned(),
         tokenizer,
         pieces,
         2048,
@@ -162,7 +140,7 @@ fn node(credential: &str) -> Node {
         },
         models: vec![proto::CachedModel {
             name: MODEL.to_owned(),
-            sha256: MODEL_SHA256.to_owned(),
+            sha256: TEST_MODEL_SHA256.to_owned(),
             size_bytes: 1,
             loaded: true,
         }],
