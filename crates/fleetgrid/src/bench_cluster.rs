@@ -24,7 +24,7 @@
 #[path = "bench_cluster_affinity.rs"]
 mod affinity;
 #[path = "bench_cluster_client.rs"]
-mod client;
+pub mod client;
 #[path = "bench_cluster_failover.rs"]
 mod failover;
 #[path = "bench_cluster_latency.rs"]
@@ -34,7 +34,7 @@ mod load;
 #[path = "bench_cluster_sessions.rs"]
 mod sessions;
 #[path = "bench_cluster_stats.rs"]
-mod stats;
+pub mod stats;
 #[path = "bench_cluster_throughput.rs"]
 mod throughput;
 

@@ -63,14 +63,7 @@ impl Gateway {
                 response.text().await.unwrap_or_default()
             );
         }
-        Ok(TokenStream {
-            response,
-            buffer: String::new(),
-            tokens: 0,
-            arrivals: Vec::new(),
-            prompt_tokens: 0,
-            cached_prompt_tokens: 0,
-        })
+        Ok(TokenStream::new(response))
     }
 }
 
@@ -101,6 +94,19 @@ pub struct TokenStream {
 }
 
 impl TokenStream {
+    /// Reads `response`, a successful streamed completion whose request
+    /// asked for `logprobs`.
+    pub fn new(response: reqwest::Response) -> TokenStream {
+        TokenStream {
+            response,
+            buffer: String::new(),
+            tokens: 0,
+            arrivals: Vec::new(),
+            prompt_tokens: 0,
+            cached_prompt_tokens: 0,
+        }
+    }
+
     /// Reads the next piece of the stream; false at its end.
     pub async fn read_more(&mut self) -> anyhow::Result<bool> {
         let Some(bytes) = self.response.chunk().await? else {

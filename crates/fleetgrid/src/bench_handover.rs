@@ -23,6 +23,8 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use stack::{AgentSpec, Coordinator, CoordinatorSpec, Fleetgrid, LogFile, Stack};
 
+use crate::bench_cluster::client::TokenStream;
+use crate::bench_cluster::stats::percentile;
 use crate::home;
 
 /// Completion tokens per round; enough to kill mid-stream and see it resume.
@@ -214,12 +216,7 @@ impl Bench {
                 response.text().await.unwrap_or_default()
             );
         }
-        Ok(TokenStream {
-            response,
-            buffer: String::new(),
-            tokens: 0,
-            arrivals: Vec::new(),
-        })
+        Ok(TokenStream::new(response))
     }
 
     /// One round: stream, kill the agent running it, measure, restart it.
@@ -271,47 +268,6 @@ impl Bench {
     }
 }
 
-/// A streamed response, read chunk by chunk, with the arrival time of each
-/// event and the number of tokens (logprob entries) received by then.
-struct TokenStream {
-    response: reqwest::Response,
-    buffer: String,
-    tokens: usize,
-    arrivals: Vec<(Instant, usize)>,
-}
-
-impl TokenStream {
-    /// Reads the next piece of the stream; false at its end.
-    async fn read_more(&mut self) -> anyhow::Result<bool> {
-        let Some(bytes) = self.response.chunk().await? else {
-            return Ok(false);
-        };
-        let now = Instant::now();
-        self.buffer.push_str(&String::from_utf8_lossy(&bytes));
-        while let Some(end) = self.buffer.find("\n\n") {
-            let event: String = self.buffer.drain(..end + 2).collect();
-            let Some(data) = event.trim().strip_prefix("data: ") else {
-                continue;
-            };
-            if data == "[DONE]" {
-                continue;
-            }
-            let chunk: Value = serde_json::from_str(data).context("parse an event")?;
-            if chunk.get("error").is_some() {
-                bail!("the stream failed: {chunk}");
-            }
-            let entries = chunk["choices"][0]["logprobs"]["content"]
-                .as_array()
-                .map_or(0, Vec::len);
-            if entries > 0 {
-                self.tokens += entries;
-                self.arrivals.push((now, self.tokens));
-            }
-        }
-        Ok(true)
-    }
-}
-
 /// `(node, resume_from)` of every assignment in a piece of the coordinator's log.
 fn assignments(log: &str) -> Vec<(String, usize)> {
     log.lines()
@@ -325,11 +281,6 @@ fn assignments(log: &str) -> Vec<(String, usize)> {
             Some((field("node_id=")?, field("resume_from=")?.parse().ok()?))
         })
         .collect()
-}
-
-fn percentile(sorted: &[f64], fraction: f64) -> f64 {
-    let rank = (fraction * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 fn print_report(args: &HandoverArgs, prompt_tokens: &u32, handover: &[f64], reference: &[f64]) {
