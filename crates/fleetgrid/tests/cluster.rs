@@ -11,9 +11,8 @@
 
 mod common;
 
-use common::cluster::{Cluster, ClusterOptions};
-use common::{parse_sse, MODEL};
-use futures::StreamExt;
+use common::cluster::{uninterrupted_answer, Cluster, ClusterOptions, OpenStream};
+use common::MODEL;
 use serde_json::json;
 use store::testing::PgSchema;
 
@@ -23,45 +22,23 @@ async fn a_cell_killed_mid_stream_costs_the_client_nothing() {
     let mut cluster = Cluster::start(ClusterOptions::new(schema.url())).await;
     let gateway = cluster.gateway(0);
     // Each cell holds one vehicle, and each vehicle may fail over to the other cell.
-    cluster.add_agent("car-a", &[0, 1], 1);
-    cluster.add_agent("car-b", &[1, 0], 1);
-    cluster.wait_for_nodes(&["car-a", "car-b"]).await;
+    cluster.two_vehicles_failing_over().await;
 
     let body = json!({
         "model": MODEL, "max_tokens": 120, "temperature": 0.8, "seed": 4242,
         "messages": [{"role": "user", "content": "Explain how a battery stores energy."}],
     });
-    let uninterrupted = gateway.chat(&body).await;
-    let expected = uninterrupted["choices"][0]["message"]["content"]
-        .as_str()
-        .expect("content")
-        .to_owned();
-    assert!(
-        uninterrupted["usage"]["completion_tokens"]
-            .as_u64()
-            .unwrap_or(0)
-            >= 40,
-        "the reference answer is too short to interrupt: {uninterrupted}"
-    );
+    let expected = uninterrupted_answer(&gateway, &body).await;
 
-    let mut streamed = body.clone();
-    streamed["stream"] = json!(true);
-    let response = gateway.post("/v1/chat/completions", &streamed).await;
-    assert_eq!(response.status(), 200);
-    let mut bytes = response.bytes_stream();
-    let mut raw = String::new();
-    let mut killed = None;
-    while let Some(chunk) = bytes.next().await {
-        raw.push_str(&String::from_utf8_lossy(&chunk.expect("stream chunk")));
-        if killed.is_none() && raw.matches("data: ").count() >= 10 {
-            let node = cluster.busy_node().await;
-            let cell = if node == "car-a" { 0 } else { 1 };
-            cluster.kill_cell(cell);
-            killed = Some((node, cell));
-        }
-    }
-    let (node, cell) = killed.expect("the answer ended before the kill");
-    let streamed = parse_sse(&raw);
+    let mut stream = OpenStream::open(&gateway, &body).await;
+    assert!(
+        stream.read_until(|read| read.chunks >= 10).await,
+        "the answer ended before the kill"
+    );
+    let node = cluster.busy_node().await;
+    let cell = if node == "car-a" { 0 } else { 1 };
+    cluster.kill_cell(cell);
+    let streamed = stream.finish().await.read();
     assert!(
         streamed.errors.is_empty(),
         "errors in the stream: {:?}",

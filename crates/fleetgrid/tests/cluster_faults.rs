@@ -9,7 +9,9 @@
 
 mod common;
 
-use common::cluster::{prompt_tokens, spot_worst_case, Cluster, ClusterOptions, OpenStream};
+use common::cluster::{
+    prompt_tokens, spot_worst_case, uninterrupted_answer, Cluster, ClusterOptions, OpenStream,
+};
 use common::{Gateway, MODEL, WAIT};
 use coordinator::{NATS_CELL_NAME_PREFIX, NATS_GATEWAY_NAME};
 use serde_json::json;
@@ -142,23 +144,13 @@ async fn a_nats_server_lost_mid_stream_costs_the_client_nothing() {
     let schema = PgSchema::create().await;
     let mut cluster = Cluster::start(ClusterOptions::new(schema.url())).await;
     let gateway = cluster.gateway(0);
-    cluster.add_agent("car-a", &[0, 1], 1);
-    cluster.add_agent("car-b", &[1, 0], 1);
-    cluster.wait_for_nodes(&["car-a", "car-b"]).await;
+    cluster.two_vehicles_failing_over().await;
 
     let body = json!({
         "model": MODEL, "max_tokens": 120, "temperature": 0.8, "seed": 9090,
         "messages": [{"role": "user", "content": "Explain how a wind turbine makes electricity."}],
     });
-    let uninterrupted = gateway.chat(&body).await;
-    let expected = uninterrupted["choices"][0]["message"]["content"]
-        .as_str()
-        .expect("content")
-        .to_owned();
-    assert!(
-        common::u64_of(&uninterrupted["usage"]["completion_tokens"]) >= 40,
-        "the reference answer is too short to interrupt: {uninterrupted}"
-    );
+    let expected = uninterrupted_answer(&gateway, &body).await;
 
     // The server the gateway receives its tokens through dies mid-answer.
     let mut stream = OpenStream::open(&gateway, &body).await;

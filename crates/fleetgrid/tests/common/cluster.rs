@@ -253,6 +253,15 @@ impl Cluster {
         self.gateway(index)
     }
 
+    /// Two vehicles, `car-a` at home in cell 0 and `car-b` in cell 1, each
+    /// allowed to fail over to the other cell; returns once both are
+    /// connected.
+    pub async fn two_vehicles_failing_over(&mut self) {
+        self.add_agent("car-a", &[0, 1], 1);
+        self.add_agent("car-b", &[1, 0], 1);
+        self.wait_for_nodes(&["car-a", "car-b"]).await;
+    }
+
     /// Waits until exactly the vehicles `names` are connected, as a live
     /// gateway sees the cells.
     pub async fn wait_for_nodes(&self, names: &[&str]) {
@@ -345,6 +354,20 @@ pub fn spot_worst_case(prompt_tokens: u32, max_tokens: u32) -> MicroUsd {
 
 /// How many tokens the gateway counts in `body`'s prompt (asked as the
 /// operator, whose requests are invoiced, not prepaid).
+/// The text of a whole (not streamed) answer to `body`, checked to be long
+/// enough (40 tokens or more) to be interrupted part way.
+pub async fn uninterrupted_answer(gateway: &Gateway, body: &serde_json::Value) -> String {
+    let answer = gateway.chat(body).await;
+    assert!(
+        super::u64_of(&answer["usage"]["completion_tokens"]) >= 40,
+        "the reference answer is too short to interrupt: {answer}"
+    );
+    answer["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_owned()
+}
+
 pub async fn prompt_tokens(operator: &Gateway, body: &serde_json::Value) -> u32 {
     let mut probe = body.clone();
     probe["max_tokens"] = serde_json::json!(1);
