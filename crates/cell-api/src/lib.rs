@@ -137,7 +137,7 @@ pub struct CapacityListing {
 
 impl CapacityListing {
     /// The totals of `capacity`'s vehicles per model, and `capacity` naming
-    /// at most `listed` of them, in `listing_order`, the rest counted in
+    /// at most `listed` of them (see `keep_listed`), the rest counted in
     /// `unlisted`.
     pub fn of(mut capacity: Capacity, listed: usize) -> CapacityListing {
         let mut models = Vec::new();
@@ -147,27 +147,31 @@ impl CapacityListing {
             }
         }
         models.sort_by(|a, b| a.model.cmp(&b.model));
-        if capacity.nodes.len() > listed {
-            capacity.nodes.select_nth_unstable_by(listed, |a, b| {
-                listing_order(a.listing_key(), b.listing_key())
-            });
-            let left_out = capacity.nodes.len() - listed;
-            capacity.nodes.truncate(listed);
-            capacity.unlisted = capacity
-                .unlisted
-                .saturating_add(u32::try_from(left_out).unwrap_or(u32::MAX));
-        }
-        capacity
-            .nodes
-            .sort_by(|a, b| listing_order(a.listing_key(), b.listing_key()));
+        let left_out = keep_listed(&mut capacity.nodes, listed, NodeSummary::listing_key);
+        capacity.unlisted = capacity.unlisted.saturating_add(left_out);
         CapacityListing { capacity, models }
     }
 }
 
-/// The order a bounded listing names vehicles in: those running something
-/// first, then by name. Each side is (name, running).
-pub fn listing_order(a: (&str, u32), b: (&str, u32)) -> std::cmp::Ordering {
-    (a.1 == 0).cmp(&(b.1 == 0)).then_with(|| a.0.cmp(b.0))
+/// Keeps the first `listed` of `items` in the order a bounded listing names
+/// vehicles in (those running something first, then by name; `key` gives
+/// each one's name and generations running), in that order, and says how
+/// many it left out.
+pub fn keep_listed<T>(items: &mut Vec<T>, listed: usize, key: impl Fn(&T) -> (&str, u32)) -> u32 {
+    let order = |a: &T, b: &T| {
+        let ((a_name, a_running), (b_name, b_running)) = (key(a), key(b));
+        (a_running == 0)
+            .cmp(&(b_running == 0))
+            .then_with(|| a_name.cmp(b_name))
+    };
+    let mut left_out = 0;
+    if items.len() > listed {
+        items.select_nth_unstable_by(listed, order);
+        left_out = u32::try_from(items.len() - listed).unwrap_or(u32::MAX);
+        items.truncate(listed);
+    }
+    items.sort_by(order);
+    left_out
 }
 
 /// A cell's vehicles that serve one model, added up.
@@ -225,7 +229,7 @@ pub struct NodeSummary {
 }
 
 impl NodeSummary {
-    /// What `listing_order` compares.
+    /// What `keep_listed` orders by: its name and generations running.
     pub fn listing_key(&self) -> (&str, u32) {
         (&self.name, self.running)
     }

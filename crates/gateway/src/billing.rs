@@ -522,16 +522,7 @@ impl Billing {
                 Ok(charge)
             }
             Err(SettleFailure::Unavailable) => {
-                if settle_retry::keep(self, pending, settle_retry::Kept::Completed(completion)) {
-                    Err(BillingError::SettlementPending {
-                        retry_after_seconds,
-                    })
-                } else {
-                    // Too many kept already: given up, its hold released.
-                    Err(BillingError::LedgerUnavailable {
-                        retry_after_seconds,
-                    })
-                }
+                Err(self.keep_for_later(pending, settle_retry::Kept::Completed(completion)))
             }
             // Refused: the hold goes with `pending`.
             Err(SettleFailure::Refused) => Err(BillingError::LedgerUnavailable {
@@ -548,8 +539,19 @@ impl Billing {
         pending: PendingCharge,
         metering: Metering,
     ) -> BillingError {
+        self.keep_for_later(pending, settle_retry::Kept::Metered(metering))
+    }
+
+    /// Keeps `kept` with its hold to settle once the ledger or the store is
+    /// back (`SettlementPending`); with too many kept already it is given
+    /// up and its hold released (`LedgerUnavailable`).
+    fn keep_for_later(
+        self: &Arc<Self>,
+        pending: PendingCharge,
+        kept: settle_retry::Kept,
+    ) -> BillingError {
         let retry_after_seconds = crate::limits::RETRY_AFTER_DEFAULT_SECONDS;
-        if settle_retry::keep(self, pending, settle_retry::Kept::Metered(metering)) {
+        if settle_retry::keep(self, pending, kept) {
             BillingError::SettlementPending {
                 retry_after_seconds,
             }

@@ -366,26 +366,10 @@ impl Core {
 
     /// Every connected node: what it serves, its slots and what it runs.
     pub fn capacity(&self) -> Capacity {
-        let state = self.lock();
-        let nodes = state
-            .nodes
-            .iter()
-            .map(|(id, node)| NodeSummary {
-                name: node.name.clone(),
-                models: node.served_models(&self.models),
-                slots: node.slots(),
-                running: state.shares.running(*id),
-            })
-            .collect();
-        let prompt_heads = state.recent_heads.published(&state.scheduler, &self.models);
-        Capacity {
-            nodes,
-            unlisted: 0,
-            prompt_heads,
-        }
+        self.capacity_listing(usize::MAX).capacity
     }
 
-    /// `capacity` naming at most `listed` nodes, in `cell_api::listing_order`:
+    /// `capacity` naming at most `listed` nodes (see `cell_api::keep_listed`):
     /// one pass over the nodes that builds a summary only for those named,
     /// with each model's generations waiting for a vehicle.
     pub fn capacity_listing(&self, listed: usize) -> CapacityListing {
@@ -413,16 +397,8 @@ impl Core {
             }
         }
         models.sort_by(|a, b| a.model.cmp(&b.model));
-        let by_listing = |a: &(&str, u32, NodeId), b: &(&str, u32, NodeId)| {
-            cell_api::listing_order((a.0, a.1), (b.0, b.1))
-        };
-        let mut unlisted = 0;
-        if order.len() > listed {
-            order.select_nth_unstable_by(listed, by_listing);
-            unlisted = u32::try_from(order.len() - listed).unwrap_or(u32::MAX);
-            order.truncate(listed);
-        }
-        order.sort_by(by_listing);
+        let unlisted =
+            cell_api::keep_listed(&mut order, listed, |&(name, running, _)| (name, running));
         let nodes = order
             .iter()
             .map(|&(name, running, id)| NodeSummary {
