@@ -156,13 +156,20 @@ impl Store {
     ) -> Result<NodeEnrolment, StoreError> {
         let credential = self.add_node(name, owner, now_ms).await?;
         let cells = failover_order(&self.live_cells(now_ms, CELL_LIVE_WINDOW).await?);
+        self.give_home(name, &cells).await?;
+        Ok(NodeEnrolment { credential, cells })
+    }
+
+    /// Records the first of `cells` (a failover order) as `name`'s home;
+    /// nothing if there is none.
+    async fn give_home(&self, name: &str, cells: &[CellRecord]) -> Result<(), StoreError> {
         if let Some(home) = cells.first() {
             let sql = "UPDATE nodes SET home_cell = $1 WHERE name = $2";
             on_database!(&self.database, pool => {
                 sqlx::query(sql).bind(&home.id).bind(name).execute(pool).await?;
             });
         }
-        Ok(NodeEnrolment { credential, cells })
+        Ok(())
     }
 
     /// Gives `name` a new credential (the old one stops working) and the
@@ -183,12 +190,7 @@ impl Store {
             Some(home) => order_from(&live, &home),
             None => {
                 let cells = failover_order(&live);
-                if let Some(home) = cells.first() {
-                    let sql = "UPDATE nodes SET home_cell = $1 WHERE name = $2";
-                    on_database!(&self.database, pool => {
-                        sqlx::query(sql).bind(&home.id).bind(name).execute(pool).await?;
-                    });
-                }
+                self.give_home(name, &cells).await?;
                 cells
             }
         };
