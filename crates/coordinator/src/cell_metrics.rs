@@ -48,6 +48,7 @@ pub fn serve(
         router(source),
         store,
         HttpLimits::default(),
+        crate::http_serve::Cors::Off,
         Arc::new(Metrics::default()),
         shutdown,
     ))

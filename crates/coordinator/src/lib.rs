@@ -80,6 +80,8 @@ pub struct CoordinatorConfig {
     pub prefix_affinity: bool,
     /// How the gateway holds a running Idempotency-Key.
     pub idempotency: billing_idempotency::IdempotencyConfig,
+    /// The browser origins the gateway answers cross-origin (off: none).
+    pub cors: http_serve::Cors,
 }
 
 impl CoordinatorConfig {
@@ -104,6 +106,7 @@ impl CoordinatorConfig {
             http: limits::HttpLimits::default(),
             prefix_affinity: true,
             idempotency: billing_idempotency::IdempotencyConfig::default(),
+            cors: http_serve::Cors::Off,
         }
     }
 }
@@ -261,6 +264,7 @@ pub(crate) struct Gateway {
     cloud: Option<Arc<cloud::CloudTier>>,
     tenant_requests: Arc<tenant_requests::TenantRequests>,
     http: limits::HttpLimits,
+    cors: http_serve::Cors,
 }
 
 impl Gateway {
@@ -297,6 +301,7 @@ impl Gateway {
             cloud,
             tenant_requests: Arc::new(tenant_requests::TenantRequests::default()),
             http: config.http,
+            cors: config.cors.clone(),
         })
     }
 
@@ -336,6 +341,7 @@ impl Gateway {
             api::router(state),
             self.store,
             self.http,
+            self.cors,
             self.metrics,
             shutdown,
         );

@@ -64,6 +64,10 @@ pub struct GatewayFlags {
     /// gateway died runs again this long after its last renewal. At least 500.
     #[arg(long, default_value_t = millis(coordinator::billing_idempotency::IDEMPOTENCY_LEASE_DEFAULT))]
     pub idempotency_lease_ms: u64,
+    /// A browser origin allowed to call the API cross-origin (CORS), such as
+    /// https://app.example.com; `*` allows any (repeatable) [default: none, no CORS headers].
+    #[arg(long = "cors-allow-origin", value_name = "ORIGIN")]
+    pub cors_allow_origins: Vec<String>,
     /// The cloud upstream and the router (`auto`, `cloud/<model>`).
     #[command(flatten)]
     pub cloud: cloud::CloudArgs,
@@ -187,6 +191,7 @@ impl CommonArgs {
 impl GatewayFlags {
     /// Sets the gateway's part of `config`.
     pub fn apply(&self, config: &mut coordinator::CoordinatorConfig) -> anyhow::Result<()> {
+        use anyhow::Context;
         config.http_listen = self.http_listen;
         config.billing = crate::ledger_cmd::billing_config(
             self.ledger_url.clone(),
@@ -204,6 +209,8 @@ impl GatewayFlags {
             );
         }
         config.idempotency.lease = idempotency_lease;
+        config.cors = coordinator::http_serve::Cors::allow_origins(&self.cors_allow_origins)
+            .context("--cors-allow-origin")?;
         config.cloud = self.cloud.config()?;
         config.http = self.http_limits.limits()?;
         Ok(())
@@ -274,6 +281,33 @@ mod tests {
         assert!(
             refused.to_string().contains("--idempotency-lease-ms"),
             "{refused}"
+        );
+    }
+
+    #[test]
+    fn cors_is_off_unless_origins_are_allowed_and_a_path_is_refused() {
+        use coordinator::http_serve::Cors;
+        assert_eq!(applied(&[]).unwrap().cors, Cors::Off);
+        assert_eq!(
+            applied(&["--cors-allow-origin", "*"]).unwrap().cors,
+            Cors::AnyOrigin
+        );
+        let Cors::Origins(origins) = applied(&[
+            "--cors-allow-origin",
+            "https://app.example",
+            "--cors-allow-origin",
+            "http://localhost:5173",
+        ])
+        .unwrap()
+        .cors
+        else {
+            panic!("two origins allowed");
+        };
+        assert_eq!(origins, ["https://app.example", "http://localhost:5173"]);
+        let refused = applied(&["--cors-allow-origin", "https://app.example/"]).unwrap_err();
+        assert!(
+            format!("{refused:#}").contains("--cors-allow-origin"),
+            "{refused:#}"
         );
     }
 }

@@ -38,7 +38,7 @@ fn cases() -> Vec<Case> {
         case("missing messages", json!({"model": MODEL}), Some("messages"), "missing_required_parameter"),
         case("empty messages", json!({"model": MODEL, "messages": []}), Some("messages"), "invalid_value"),
         case("unknown role", json!({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}), Some("messages[0].role"), "invalid_value"),
-        case("unknown model", json!({"model": "gpt-9", "messages": user}), Some("model"), "model_not_found"),
+        Case { name: "unknown model", body: json!({"model": "gpt-9", "messages": user}).to_string(), status: 404, param: Some("model"), code: "model_not_found" },
         case("max_tokens zero", json!({"model": MODEL, "messages": user, "max_tokens": 0}), Some("max_tokens"), "invalid_value"),
         case("max_tokens negative", json!({"model": MODEL, "messages": user, "max_tokens": -3}), Some("max_tokens"), "invalid_value"),
         case("max_tokens over limit", json!({"model": MODEL, "messages": user, "max_tokens": 1_000_000}), Some("max_tokens"), "invalid_value"),

@@ -127,9 +127,10 @@ async fn a_cloud_that_is_down_is_a_clear_502_and_auto_stays_on_the_fleet() {
         .as_str()
         .is_some_and(|text| !text.is_empty()));
 
-    // Bad requests for routed names are OpenAI-shaped 400s.
+    // Bad requests for routed names are OpenAI-shaped: an unknown model a
+    // 404, as OpenAI answers it, the rest 400s.
     let unknown = post_chat(&stack, &chat("cloud/no-such-model", "Hi", 8)).await;
-    assert_eq!(unknown.status, 400, "{}", unknown.body);
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
     assert_eq!(unknown.body["error"]["code"], "model_not_found");
     let mut with_logprobs = chat("auto", "Hi", 8);
     with_logprobs["logprobs"] = serde_json::json!(true);

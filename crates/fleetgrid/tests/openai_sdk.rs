@@ -70,5 +70,5 @@ async fn the_official_openai_sdk_completes_a_chat_plain_and_streamed() {
     let prompt_tokens = result["prompt_tokens"].as_u64().expect("prompt tokens");
     let cached = result["cached_tokens"].as_u64().expect("cached tokens");
     assert!(cached > 0 && cached <= prompt_tokens - 2, "{result}");
-    assert_eq!(result["error"], "BadRequestError");
+    assert_eq!(result["error"], "NotFoundError");
 }

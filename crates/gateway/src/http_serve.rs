@@ -46,16 +46,23 @@ use crate::secrets;
 use crate::store::Store;
 use crate::store_owners::OWNER_KEY_PREFIX;
 
-/// Serves `app` on `listener` until `shutdown`, then lets open connections
-/// finish their current response (the caller bounds how long).
+mod cors;
+
+pub use cors::{Cors, CorsError};
+
+/// Serves `app` on `listener`, answering browsers' cross-origin requests as
+/// `cors` allows, until `shutdown`; then lets open connections finish their
+/// current response (the caller bounds how long).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     store: Store,
     limits: HttpLimits,
+    cors: Cors,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
+    let app = cors.apply(app);
     let book = Arc::new(ConnectionBook::new(limits, Arc::clone(&metrics)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {

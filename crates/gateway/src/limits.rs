@@ -102,6 +102,10 @@ pub const CONNECTIONS_MAX: usize = 8192;
 /// (out of file descriptors, for instance) before it tries again.
 pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
+/// How long a browser may keep the answer to a CORS preflight before it asks
+/// again (when CORS is on).
+pub const CORS_PREFLIGHT_MAX_AGE: Duration = Duration::from_secs(600);
+
 /// The gateway's bounds on connections and request times, as configured.
 /// `Default` takes every constant above.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -172,6 +172,18 @@ fn invoices_answer_any_month() {
 }
 
 #[test]
+fn a_model_is_retrieved_or_refused_by_any_id() {
+    let gateway = Gateway::start();
+    proptest!(ProptestConfig::with_cases(CASES), |(id in value(), query in query())| {
+        let id = encode(&id);
+        for uri in [format!("/v1/models/{id}?{query}"), format!("/v1/models/cloud/{id}/{id}")] {
+            gateway.assert_well_formed(&uri, Some(&gateway.gateway.key));
+            gateway.assert_well_formed(&uri, None);
+        }
+    });
+}
+
+#[test]
 fn owner_endpoints_answer_any_vehicle_and_query() {
     let gateway = Gateway::start();
     proptest!(ProptestConfig::with_cases(CASES), |(node in value(), query in query())| {

@@ -157,16 +157,16 @@ async fn bad_requests_are_refused_before_the_cell_sees_anything() {
     let gateway = Gateway::start(TenantClass::Fleet).await;
     let user = json!([{"role": "user", "content": "hi"}]);
     let cases = [
-        ("{\"model\": ".to_string(), None, "invalid_json"),
-        (json!({"model": MODEL}).to_string(), Some("messages"), "missing_required_parameter"),
-        (json!({"model": "gpt-9", "messages": user}).to_string(), Some("model"), "model_not_found"),
-        (json!({"model": MODEL, "messages": user, "max_tokens": 0}).to_string(), Some("max_tokens"), "invalid_value"),
-        (json!({"model": MODEL, "messages": user, "temperature": 2.5}).to_string(), Some("temperature"), "invalid_value"),
-        (json!({"model": MODEL, "messages": [{"role": "user", "content": "electric ".repeat(3000)}]}).to_string(), Some("messages"), "context_length_exceeded"),
+        ("{\"model\": ".to_string(), 400, None, "invalid_json"),
+        (json!({"model": MODEL}).to_string(), 400, Some("messages"), "missing_required_parameter"),
+        (json!({"model": "gpt-9", "messages": user}).to_string(), 404, Some("model"), "model_not_found"),
+        (json!({"model": MODEL, "messages": user, "max_tokens": 0}).to_string(), 400, Some("max_tokens"), "invalid_value"),
+        (json!({"model": MODEL, "messages": user, "temperature": 2.5}).to_string(), 400, Some("temperature"), "invalid_value"),
+        (json!({"model": MODEL, "messages": [{"role": "user", "content": "electric ".repeat(3000)}]}).to_string(), 400, Some("messages"), "context_length_exceeded"),
     ];
-    for (body, param, code) in cases {
+    for (body, status, param, code) in cases {
         let answer = gateway.post("/v1/chat/completions", &body).await;
-        assert_eq!(answer.status, 400, "{body:.80}");
+        assert_eq!(answer.status, status, "{body:.80}");
         let error = &answer.json()["error"];
         assert_eq!(error["code"], code, "{body:.80}");
         assert_eq!(error["param"].as_str(), param, "{body:.80}");

@@ -108,6 +108,19 @@ impl ApiError {
         }
     }
 
+    /// 404 for a model this gateway does not serve, as OpenAI answers it;
+    /// `hint` says what is served instead.
+    pub fn model_not_found(requested: &str, hint: &str) -> Self {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("the model '{requested}' does not exist; {hint}"),
+            kind: "invalid_request_error",
+            param: Some("model".to_string()),
+            code: Some("model_not_found"),
+            retry_after_seconds: None,
+        }
+    }
+
     /// The JSON body alone, for an error sent inside an event stream.
     pub fn body_json(&self) -> String {
         serde_json::to_string(&ErrorBody {

@@ -17,6 +17,7 @@ use super::validate::{self, Endpoint, PromptSource, ValidatedRequest, WireReques
 use super::{authenticate, AppState};
 use crate::billing_finish::Finisher;
 use crate::limits;
+use crate::served::ServedModel;
 use cell_api::{NewGeneration, Rejection, TenantRef};
 
 pub async fn chat_completions(
@@ -150,7 +151,7 @@ async fn run(
 
 /// The whole request body, within `REQUEST_BODY_BYTES_MAX`; 408 when the
 /// client took longer than the body read timeout to send it.
-async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+pub(super) async fn read_body(body: Body) -> Result<Bytes, ApiError> {
     match axum::body::to_bytes(body, limits::REQUEST_BODY_BYTES_MAX + 1).await {
         Ok(bytes) if bytes.len() > limits::REQUEST_BODY_BYTES_MAX => Err(body_too_large()),
         Ok(bytes) => Ok(bytes),
@@ -185,10 +186,21 @@ fn body_too_large() -> ApiError {
 /// Renders (chat) and tokenizes the prompt off the async threads. Returns the
 /// tokens and, for `echo`, the prompt text.
 pub(super) async fn tokenize(request: &ValidatedRequest) -> Result<(Vec<i32>, String), ApiError> {
-    let model = Arc::clone(&request.model);
-    let source = request.prompt.clone();
-    let joined =
-        tokio::task::spawn_blocking(move || render_and_tokenize(&model.tokenizer, source)).await;
+    let rendering = Rendering::generation(&request.prompt);
+    tokenize_as(&request.model, request.prompt.clone(), rendering).await
+}
+
+/// `tokenize`, rendered as `rendering` says, with `model`'s tokenizer.
+pub(super) async fn tokenize_as(
+    model: &Arc<ServedModel>,
+    source: PromptSource,
+    rendering: Rendering,
+) -> Result<(Vec<i32>, String), ApiError> {
+    let model = Arc::clone(model);
+    let joined = tokio::task::spawn_blocking(move || {
+        render_and_tokenize_as(&model.tokenizer, source, rendering)
+    })
+    .await;
     match joined {
         Ok(prepared) => prepared.map_err(prompt_error),
         Err(error) => {
@@ -198,18 +210,51 @@ pub(super) async fn tokenize(request: &ValidatedRequest) -> Result<(Vec<i32>, St
     }
 }
 
-/// The prompt as `tokenizer` sees it: a chat rendered by its template with
-/// the assistant's turn open, then tokenized. Blocks: call it off the async
-/// threads.
+/// How a prompt becomes tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Rendering {
+    /// A chat ends with the assistant's turn open, so the model answers next.
+    pub add_generation_prompt: bool,
+    /// The tokenizer adds the model's BOS/EOS tokens around the text.
+    pub add_special_tokens: bool,
+}
+
+impl Rendering {
+    /// How a generation renders its prompt: a chat with the assistant's
+    /// turn open and no special tokens added to the rendered template (it
+    /// writes its own), a text prompt with the model's special tokens.
+    pub(super) fn generation(source: &PromptSource) -> Rendering {
+        Rendering {
+            add_generation_prompt: true,
+            add_special_tokens: matches!(source, PromptSource::Text(_)),
+        }
+    }
+}
+
+/// The prompt as `tokenizer` sees it when a generation runs it: a chat
+/// rendered by its template with the assistant's turn open, then tokenized.
+/// Blocks: call it off the async threads.
 pub(super) fn render_and_tokenize(
     tokenizer: &engine::Tokenizer,
     source: PromptSource,
 ) -> Result<(Vec<i32>, String), engine::EngineError> {
-    let (text, add_special) = match source {
-        PromptSource::Chat(messages) => (tokenizer.apply_chat_template(&messages, true)?, false),
-        PromptSource::Text(text) => (text, true),
+    let rendering = Rendering::generation(&source);
+    render_and_tokenize_as(tokenizer, source, rendering)
+}
+
+/// `render_and_tokenize`, rendered as `rendering` says. Blocks.
+fn render_and_tokenize_as(
+    tokenizer: &engine::Tokenizer,
+    source: PromptSource,
+    rendering: Rendering,
+) -> Result<(Vec<i32>, String), engine::EngineError> {
+    let text = match source {
+        PromptSource::Chat(messages) => {
+            tokenizer.apply_chat_template(&messages, rendering.add_generation_prompt)?
+        }
+        PromptSource::Text(text) => text,
     };
-    let tokens = tokenizer.tokenize(&text, add_special)?;
+    let tokens = tokenizer.tokenize(&text, rendering.add_special_tokens)?;
     Ok((tokens, text))
 }
 

@@ -9,11 +9,13 @@ mod error;
 mod extract;
 mod generate;
 mod idempotency;
+mod models;
 pub mod owner;
 mod owner_statement;
 mod respond;
 mod route;
 mod route_drive;
+mod tokenize;
 mod types;
 mod usage;
 mod validate;
@@ -29,6 +31,7 @@ use axum::{Json, Router};
 use tokio::sync::Semaphore;
 
 pub use error::ApiError;
+pub use idempotency::HEADER as IDEMPOTENCY_HEADER;
 
 use crate::limits;
 use crate::served::ServedModels;
@@ -114,7 +117,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(generate::chat_completions))
         .route("/v1/completions", post(generate::completions))
-        .route("/v1/models", get(list_models))
+        .route("/v1/models", get(models::list))
+        .route("/v1/models/{*id}", get(models::retrieve))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/usage", get(usage::usage))
@@ -183,30 +189,6 @@ pub(crate) async fn authenticate(
             Err(store_away())
         }
     }
-}
-
-async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(error) = authenticate(&state, &headers).await {
-        return error.into_response();
-    }
-    let data: Vec<serde_json::Value> = state
-        .models
-        .all()
-        .iter()
-        .map(|model| {
-            serde_json::json!({
-                "id": model.name,
-                "object": "model",
-                "created": model.created_unix_s,
-                "owned_by": "fleetgrid",
-                "tier": "fleet",
-                "sha256": model.digest,
-                "context_length": model.context_tokens,
-            })
-        })
-        .chain(route::model_entries(&state))
-        .collect();
-    Json(serde_json::json!({ "object": "list", "data": data })).into_response()
 }
 
 /// Says whether the coordinator is healthy, and nothing more to anyone

@@ -85,10 +85,7 @@ pub(super) async fn serve(
     wire: WireRequest,
 ) -> Result<Response, ApiError> {
     let Some(cloud) = state.cloud.clone() else {
-        return Err(model_not_found(
-            wire.model().unwrap_or_default(),
-            "this gateway has no cloud model configured",
-        ));
+        return Err(model_not_found(wire.model().unwrap_or_default(), NO_CLOUD));
     };
     // The body is checked against the edge model: the same parameters, the
     // same limits, the same errors as a fleet request.
@@ -131,6 +128,22 @@ pub(super) async fn serve(
     respond::routed(meta, receiver).await
 }
 
+/// Why `auto` and `cloud/...` do not exist on a gateway without a cloud.
+const NO_CLOUD: &str = "this gateway has no cloud model configured";
+
+/// What any model name resolves to, for an endpoint that needs only the
+/// model's tokenizer: a fleet name its model, a routed name the edge model
+/// and its target; 404 for a name not served here.
+pub(super) fn resolve(state: &AppState, requested: &str) -> Result<ModelChoice, ApiError> {
+    if !is_routed_name(requested) {
+        return validate::fleet_model(&state.models, requested);
+    }
+    let Some(cloud) = &state.cloud else {
+        return Err(model_not_found(requested, NO_CLOUD));
+    };
+    choose(state, cloud, requested)
+}
+
 /// What a routed name resolves to: its target, and the edge model that
 /// may serve it.
 fn choose(
@@ -167,10 +180,9 @@ fn target(requested: &str, cloud: &Arc<CloudTier>) -> Result<Target, ApiError> {
 }
 
 fn model_not_found(requested: &str, why: &str) -> ApiError {
-    ApiError::invalid(
-        format!("the model '{requested}' does not exist: {why}; GET /v1/models lists the models served here"),
-        Some("model"),
-        "model_not_found",
+    ApiError::model_not_found(
+        requested,
+        &format!("{why}; GET /v1/models lists the models served here"),
     )
 }
 

@@ -299,11 +299,7 @@ fn model(
 /// Resolves a fleet model's name (`fleet/<model>` or a bare name).
 pub fn fleet_model(models: &ServedModels, requested: &str) -> Result<ModelChoice, ApiError> {
     let model = models.lookup(requested).ok_or_else(|| {
-        ApiError::invalid(
-            format!("the model '{requested}' does not exist; GET /v1/models lists the models served here"),
-            Some("model"),
-            "model_not_found",
-        )
+        ApiError::model_not_found(requested, "GET /v1/models lists the models served here")
     })?;
     Ok(ModelChoice { model, route: None })
 }

@@ -48,6 +48,9 @@ pub struct Gateway {
     /// The key of `alice`, who owns `car-1`.
     pub owner_key: String,
     pub models: Arc<ServedModels>,
+    /// What `router` serves, for a test that needs a router built otherwise
+    /// (with a cloud tier, behind CORS).
+    pub state: AppState,
     router: Router,
     _dir: tempfile::TempDir,
 }
@@ -132,7 +135,8 @@ impl Gateway {
             key,
             owner_key,
             models,
-            router: api::router(state),
+            router: api::router(state.clone()),
+            state,
             _dir: dir,
         }
     }
