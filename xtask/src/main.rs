@@ -59,7 +59,7 @@ fn repo_root() -> PathBuf {
 fn demo(cluster: bool) -> Result<()> {
     let root = repo_root();
     setup::debian_packages(setup::BUILD_PACKAGES)?;
-    let python = setup::python_venv(&root)?;
+    let python = setup::python_venv(&root, setup::DEMO_PYTHON_PACKAGES)?;
     let fleetgrid = build_workspace(&root)?;
     setup::models(&fleetgrid, &python, setup::DEMO_MODELS)?;
     let mut demo = std::process::Command::new(&fleetgrid);
@@ -90,7 +90,7 @@ fn build_workspace(root: &std::path::Path) -> Result<PathBuf> {
 fn test() -> Result<()> {
     let root = repo_root();
     setup::debian_packages(setup::BUILD_PACKAGES)?;
-    let python = setup::python_venv(&root)?;
+    let python = setup::python_venv(&root, setup::TEST_PYTHON_PACKAGES)?;
     command::step("check formatting");
     command::cargo(&root, &["fmt", "--all", "--", "--check"], &[])?;
     let fleetgrid = build_workspace(&root)?;

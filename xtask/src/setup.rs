@@ -27,8 +27,16 @@ pub const DEMO_MODELS: &[&str] = &["smollm2-135m-instruct", "qwen2.5-coder-0.5b-
 /// Models the test suite uses: the edge model and the local system-2 stand-in for the router.
 pub const TEST_MODELS: &[&str] = &["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"];
 
-/// Python packages the venv needs: the OpenAI SDK for the SDK compatibility test and the demo.
-const PYTHON_PACKAGES: &[&str] = &["openai>=1"];
+/// Python packages the demo needs in the venv: the OpenAI SDK.
+pub const DEMO_PYTHON_PACKAGES: &[(&str, &str)] = &[("openai>=1", "openai")];
+
+/// Python packages the tests need in the venv: the clients of the compatibility suite
+/// (`crates/fleetgrid/tests/clients.rs`), each with the module that shows it is installed.
+pub const TEST_PYTHON_PACKAGES: &[(&str, &str)] = &[
+    ("openai>=1", "openai"),
+    ("langchain-openai", "langchain_openai"),
+    ("litellm", "litellm"),
+];
 
 /// Installs whichever of `packages` are missing with apt-get (through sudo when not root).
 pub fn debian_packages(packages: &[&str]) -> Result<()> {
@@ -87,12 +95,30 @@ pub fn privileged(program: &str) -> Result<Command> {
     Ok(command)
 }
 
-/// Makes `<root>/.venv` with the OpenAI SDK; returns the venv's Python.
-pub fn python_venv(root: &Path) -> Result<PathBuf> {
-    step("python virtual environment (.venv) with the openai package");
+/// Makes `<root>/.venv` with `packages` (pip requirement, module to import); returns the
+/// venv's Python.
+pub fn python_venv(root: &Path, packages: &[(&str, &str)]) -> Result<PathBuf> {
+    let requirements: Vec<&str> = packages
+        .iter()
+        .map(|(requirement, _)| *requirement)
+        .collect();
+    step(&format!(
+        "python virtual environment (.venv) with {}",
+        requirements.join(" ")
+    ));
     let venv = root.join(".venv");
     let python = venv.join("bin").join("python");
-    if command::succeeds(Command::new(&python).args(["-c", "import openai"])) {
+    let imports = packages
+        .iter()
+        .map(|(_, module)| format!("import {module}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut ready = Command::new(&python);
+    ready
+        .args(["-c", &imports])
+        // litellm reads its price map from the network on import unless told not to.
+        .env("LITELLM_LOCAL_MODEL_COST_MAP", "True");
+    if command::succeeds(&mut ready) {
         note("ready");
         return Ok(python);
     }
@@ -113,7 +139,7 @@ pub fn python_venv(root: &Path) -> Result<PathBuf> {
                 "--disable-pip-version-check",
                 "--quiet",
             ])
-            .args(PYTHON_PACKAGES),
+            .args(&requirements),
     )?;
     Ok(python)
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use engine::{
-    Engine, EngineError, FinishReason, Generation, GenerationEvent, GenerationStream,
+    Adjustments, Engine, EngineError, FinishReason, Generation, GenerationEvent, GenerationStream,
     SamplingParams, SequenceCheckpoint, TokenEvent,
 };
 use proto::agent_message::Kind as AgentKind;
@@ -222,7 +222,31 @@ fn check_assignment(
             retryable: false,
         });
     }
-    let sampling = assign.sampling.unwrap_or_default();
+    let sampling = assign.sampling.clone().unwrap_or_default();
+    let adjustments = Adjustments {
+        presence_penalty: sampling.presence_penalty,
+        frequency_penalty: sampling.frequency_penalty,
+        // Unset is 0 on the wire; a penalty of 1 is none.
+        repetition_penalty: if sampling.repetition_penalty == 0.0 {
+            1.0
+        } else {
+            sampling.repetition_penalty
+        },
+        logit_bias: sampling
+            .logit_bias
+            .iter()
+            .map(|entry| (entry.token, entry.bias))
+            .collect(),
+    };
+    // Checked like the tokens: a bias for a token outside the vocabulary would index past the
+    // logits, and no number here may be NaN.
+    let vocab = usize::try_from(vocab_size).unwrap_or(usize::MAX);
+    if let Some(problem) = adjustments.problem(vocab) {
+        return Err(Refusal {
+            message: format!("the assignment's sampling is invalid: {problem}"),
+            retryable: false,
+        });
+    }
     Ok(Generation {
         prompt: assign.prompt_tokens.clone(),
         committed: assign.committed_tokens.clone(),
@@ -237,11 +261,19 @@ fn check_assignment(
             },
             top_k: sampling.top_k,
             seed: sampling.seed,
+            // Anything outside (0, 1] is no cut, as for top-p.
+            min_p: if sampling.min_p > 0.0 && sampling.min_p <= 1.0 {
+                sampling.min_p
+            } else {
+                0.0
+            },
         },
         max_tokens: assign.max_tokens,
         stop: assign.stop.clone(),
         top_logprobs: assign.top_logprobs,
         ignore_eos: sampling.ignore_eos,
+        adjustments,
+        grammar: (!sampling.grammar.is_empty()).then(|| sampling.grammar.clone()),
         restore: None,
         export_checkpoint: assign.report_checkpoint,
     })

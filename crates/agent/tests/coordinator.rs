@@ -224,6 +224,7 @@ impl Harness {
                 top_k: 0,
                 seed: 7,
                 ignore_eos: false,
+                ..proto::Sampling::default()
             }),
             max_tokens,
             stop: Vec::new(),

@@ -60,19 +60,77 @@ pub struct WireGeneration {
     pub deadline_ms: Option<u64>,
 }
 
-/// `proto::Sampling`, field by field.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+/// `proto::Sampling`, field by field. The fields after `ignore_eos` came later: a message
+/// without them means none.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WireSampling {
     pub temperature: f32,
     pub top_p: f32,
     pub top_k: u32,
     pub seed: u64,
     pub ignore_eos: bool,
+    #[serde(default)]
+    pub min_p: f32,
+    #[serde(default)]
+    pub presence_penalty: f32,
+    #[serde(default)]
+    pub frequency_penalty: f32,
+    #[serde(default)]
+    pub repetition_penalty: f32,
+    /// (token, bias) pairs.
+    #[serde(default)]
+    pub logit_bias: Vec<(i32, f32)>,
+    /// Empty: none.
+    #[serde(default)]
+    pub grammar: String,
+}
+
+impl From<&proto::Sampling> for WireSampling {
+    fn from(sampling: &proto::Sampling) -> WireSampling {
+        WireSampling {
+            temperature: sampling.temperature,
+            top_p: sampling.top_p,
+            top_k: sampling.top_k,
+            seed: sampling.seed,
+            ignore_eos: sampling.ignore_eos,
+            min_p: sampling.min_p,
+            presence_penalty: sampling.presence_penalty,
+            frequency_penalty: sampling.frequency_penalty,
+            repetition_penalty: sampling.repetition_penalty,
+            logit_bias: sampling
+                .logit_bias
+                .iter()
+                .map(|entry| (entry.token, entry.bias))
+                .collect(),
+            grammar: sampling.grammar.clone(),
+        }
+    }
+}
+
+impl From<WireSampling> for proto::Sampling {
+    fn from(wire: WireSampling) -> proto::Sampling {
+        proto::Sampling {
+            temperature: wire.temperature,
+            top_p: wire.top_p,
+            top_k: wire.top_k,
+            seed: wire.seed,
+            ignore_eos: wire.ignore_eos,
+            min_p: wire.min_p,
+            presence_penalty: wire.presence_penalty,
+            frequency_penalty: wire.frequency_penalty,
+            repetition_penalty: wire.repetition_penalty,
+            logit_bias: wire
+                .logit_bias
+                .into_iter()
+                .map(|(token, bias)| proto::LogitBias { token, bias })
+                .collect(),
+            grammar: wire.grammar,
+        }
+    }
 }
 
 impl From<&NewGeneration> for WireGeneration {
     fn from(generation: &NewGeneration) -> WireGeneration {
-        let sampling = &generation.sampling;
         WireGeneration {
             public_id: generation.public_id.clone(),
             tenant_id: generation.tenant.id,
@@ -80,13 +138,7 @@ impl From<&NewGeneration> for WireGeneration {
             model: generation.model.clone(),
             prompt: generation.prompt.clone(),
             committed: generation.committed.clone(),
-            sampling: WireSampling {
-                temperature: sampling.temperature,
-                top_p: sampling.top_p,
-                top_k: sampling.top_k,
-                seed: sampling.seed,
-                ignore_eos: sampling.ignore_eos,
-            },
+            sampling: WireSampling::from(&generation.sampling),
             max_tokens: generation.max_tokens,
             stop: generation.stop.clone(),
             top_logprobs: generation.top_logprobs,
@@ -99,7 +151,6 @@ impl TryFrom<WireGeneration> for NewGeneration {
     type Error = domain::UnknownTenantClass;
 
     fn try_from(wire: WireGeneration) -> Result<NewGeneration, Self::Error> {
-        let sampling = wire.sampling;
         Ok(NewGeneration {
             public_id: wire.public_id,
             tenant: TenantRef {
@@ -109,13 +160,7 @@ impl TryFrom<WireGeneration> for NewGeneration {
             model: wire.model,
             prompt: wire.prompt,
             committed: wire.committed,
-            sampling: proto::Sampling {
-                temperature: sampling.temperature,
-                top_p: sampling.top_p,
-                top_k: sampling.top_k,
-                seed: sampling.seed,
-                ignore_eos: sampling.ignore_eos,
-            },
+            sampling: wire.sampling.into(),
             max_tokens: wire.max_tokens,
             stop: wire.stop,
             top_logprobs: wire.top_logprobs,
@@ -346,6 +391,15 @@ mod tests {
                 top_k: 40,
                 seed: u64::MAX,
                 ignore_eos: true,
+                min_p: 0.05,
+                presence_penalty: 0.5,
+                frequency_penalty: -0.25,
+                repetition_penalty: 1.1,
+                logit_bias: vec![proto::LogitBias {
+                    token: 2,
+                    bias: -100.0,
+                }],
+                grammar: r#"{"grammars":[{"json_schema":{"type":"object"}}]}"#.into(),
             },
             max_tokens: 16,
             stop: vec!["\n".into()],

@@ -5,7 +5,7 @@
 //! committed token ids into text with the same vocabulary.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use scheduler::ModelId;
 
@@ -78,6 +78,21 @@ pub struct ServedModel {
     /// Context window of one sequence on a node, in tokens.
     pub context_tokens: u32,
     pub created_unix_s: i64,
+    /// The vocabulary as grammars see it, built the first time a request
+    /// asks for structured output.
+    grammars: OnceLock<Result<engine::GrammarCompiler, String>>,
+}
+
+impl ServedModel {
+    /// Checks that `grammar` compiles for this model, as a vehicle will
+    /// compile it; the error says what is wrong or unsupported.
+    pub fn check_grammar(&self, grammar: &str) -> Result<(), String> {
+        self.grammars
+            .get_or_init(|| engine::GrammarCompiler::new(&self.tokenizer))
+            .as_ref()
+            .map_err(Clone::clone)?
+            .check(grammar)
+    }
 }
 
 #[derive(Default)]
@@ -106,6 +121,7 @@ impl ServedModels {
             pieces,
             context_tokens,
             created_unix_s,
+            grammars: OnceLock::new(),
         });
         self.by_name.insert(name, Arc::clone(&model));
         self.ordered.push(Arc::clone(&model));

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{EngineError, SamplingParams, TokenId};
+use crate::{Adjustments, EngineError, SamplingParams, TokenId};
 
 /// Bound of each generation's event channel. A consumer that lets it stay full for
 /// [`CONSUMER_STALL_TIMEOUT`] gets its sequence cancelled; until then the sequence pauses, so a
@@ -33,6 +33,12 @@ pub struct Generation {
     /// Never sample an end-of-generation token (their logits count as -inf, in the reported
     /// log-probabilities too), so that only `max_tokens`, a stop sequence or the context ends it.
     pub ignore_eos: bool,
+    /// Penalties and `logit_bias`; rebuilt from `committed` on a resumed generation.
+    pub adjustments: Adjustments,
+    /// A grammar the completion must follow (the JSON of llguidance's `TopLevelGrammar`, see
+    /// [`crate::json_schema_grammar`]); its state is rebuilt from `committed` on a resumed
+    /// generation. A grammar that does not compile fails the generation before any token.
+    pub grammar: Option<String>,
     /// The prompt's KV cache as another node computed it (a handover). It must cover exactly the
     /// prompt, and its cell metadata and sizes are checked before llama.cpp sees any of it; then
     /// all but the prompt's last [`crate::RESTORE_CHECKED_TOKENS`] cells are loaded, those last

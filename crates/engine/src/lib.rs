@@ -13,10 +13,12 @@
 //! blocks an async runtime except the documented blocking calls (`start`, `measure_speed`,
 //! `bench_prefill_decode`).
 
+mod adjust;
 mod bench;
 mod budget;
 mod checkpoint;
 mod config;
+mod constraint;
 mod engine;
 mod error;
 mod generation;
@@ -30,12 +32,14 @@ mod worker;
 /// A token id of the model's vocabulary.
 pub type TokenId = i32;
 
+pub use adjust::{Adjustments, LOGIT_BIAS_ENTRIES_MAX, LOGIT_BIAS_MAX};
 pub use budget::{estimate_memory, MemoryEstimate};
 pub use config::{
     EngineConfig, EngineInfo, SpeedReport, DEFAULT_BATCH_TOKENS,
     DEFAULT_CONTEXT_TOKENS_PER_SEQUENCE, DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_PARALLEL_SEQUENCES,
     DEFAULT_QUEUE_CAPACITY, PARALLEL_SEQUENCES_MAX,
 };
+pub use constraint::{json_schema_grammar, GrammarCompiler, GRAMMAR_BYTES_MAX};
 pub use engine::{Engine, ENGINE_VERSION};
 pub use error::EngineError;
 pub use generation::{

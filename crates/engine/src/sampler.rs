@@ -4,9 +4,9 @@
 //! sampling parameters and `(seed, p)`. There is no sequential RNG state, so a generation that is
 //! restarted on another node from its first `p` tokens draws exactly what it would have drawn.
 //!
-//! Order of operations: temperature, then top-k, then top-p (nucleus), then one uniform draw.
-//! Reported log-probabilities are the log-softmax of the *raw* logits (temperature does not
-//! change them), as the OpenAI API reports them.
+//! Order of operations: temperature, then top-k, then top-p (nucleus), then min-p, then one
+//! uniform draw. Reported log-probabilities are the log-softmax of the logits given (before
+//! temperature, which does not change them, as the OpenAI API reports them).
 
 use crate::TokenId;
 
@@ -36,6 +36,9 @@ pub struct SamplingParams {
     pub top_k: u32,
     /// Seed of the per-position draw.
     pub seed: u64,
+    /// Keep only tokens at least this share as likely as the most likely one (after temperature,
+    /// top-k and top-p, as vLLM orders it); 0 means no cut.
+    pub min_p: f32,
 }
 
 impl SamplingParams {
@@ -47,6 +50,7 @@ impl SamplingParams {
             top_p: 1.0,
             top_k: 0,
             seed: 0,
+            min_p: 0.0,
         }
     }
 
@@ -65,6 +69,7 @@ impl Default for SamplingParams {
             top_p: 1.0,
             top_k: 0,
             seed: 0,
+            min_p: 0.0,
         }
     }
 }
@@ -162,10 +167,17 @@ impl Sampler {
         let top_k = params.top_k as usize;
         let cut_by_k = top_k > 0 && top_k < vocab_size;
         let cut_by_p = params.top_p > 0.0 && params.top_p < 1.0;
+        // A term is a token's probability relative to the most likely one's.
+        let min_p = if params.min_p > 0.0 && params.min_p <= 1.0 {
+            params.min_p
+        } else {
+            0.0
+        };
         if !cut_by_k && !cut_by_p {
             // The normaliser left the terms of temperature 1 behind.
-            if inverse_temperature != 1.0 {
-                self.terms.fill(logits, max_logit, inverse_temperature);
+            if inverse_temperature != 1.0 || min_p > 0.0 {
+                self.terms
+                    .fill_above(logits, max_logit, inverse_temperature, min_p);
             }
             return self.terms.draw(uniform);
         }
@@ -177,6 +189,7 @@ impl Sampler {
             } else {
                 self.candidates.len()
             };
+            let kept = above_min_p(&self.candidates[..kept], min_p);
             return Some(draw_from_sorted_prefix(&self.candidates[..kept], uniform));
         }
         self.candidates.clear();
@@ -192,6 +205,7 @@ impl Sampler {
             sort_prefix(&mut self.candidates, limit);
             limit
         };
+        let kept = above_min_p(&self.candidates[..kept], min_p);
         Some(draw_from_sorted_prefix(&self.candidates[..kept], uniform))
     }
 }
@@ -209,12 +223,21 @@ impl ExpTerms {
     /// Computes the terms of `logits` for `scale` (the inverse temperature) and returns their sum:
     /// the chunk sums added in order. NaN and infinite logits weigh nothing.
     fn fill(&mut self, logits: &[f32], max_logit: f32, scale: f32) -> f64 {
+        self.fill_above(logits, max_logit, scale, 0.0)
+    }
+
+    /// [`ExpTerms::fill`], with every term below `floor` (min-p: the most likely token's term
+    /// is 1) counted as 0.
+    fn fill_above(&mut self, logits: &[f32], max_logit: f32, scale: f32, floor: f32) -> f64 {
         self.terms.clear();
-        self.terms.extend(
-            logits
-                .iter()
-                .map(|&logit| exp_f32((logit - max_logit) * scale)),
-        );
+        self.terms.extend(logits.iter().map(|&logit| {
+            let term = exp_f32((logit - max_logit) * scale);
+            if term >= floor {
+                term
+            } else {
+                0.0
+            }
+        }));
         self.chunk_sums.clear();
         self.chunk_sums
             .extend(self.terms.chunks(CHUNK).map(|chunk| {
@@ -464,6 +487,20 @@ fn nucleus_of_sorted(sorted: &[(f32, TokenId)], top_p: f32) -> usize {
         }
     }
     sorted.len()
+}
+
+/// The length (at least 1) of the most-likely-first prefix of `sorted` whose terms `e^scaled`
+/// (1 for the most likely token) are at least `min_p`: the same rule as
+/// [`ExpTerms::fill_above`].
+fn above_min_p(sorted: &[(f32, TokenId)], min_p: f32) -> usize {
+    if min_p <= 0.0 {
+        return sorted.len();
+    }
+    let top = sorted.first().map_or(0.0, |&(scaled, _)| scaled);
+    sorted
+        .partition_point(|&(scaled, _)| exp_f32(scaled - top) >= min_p)
+        .max(1)
+        .min(sorted.len())
 }
 
 /// Draw from a most-likely-first prefix of (scaled logit, token) pairs.

@@ -8,6 +8,7 @@ fn seeded(temperature: f32, top_p: f32, top_k: u32, seed: u64) -> SamplingParams
         top_p,
         top_k,
         seed,
+        min_p: 0.0,
     }
 }
 
@@ -393,4 +394,49 @@ fn a_chunk_whose_sum_rounds_past_the_draw_gives_its_own_last_weighted_token() {
     assert_eq!(terms.draw(uniform), Some(1));
     assert_eq!(terms.draw(0.2), Some(0));
     assert_eq!(terms.draw(0.9), Some(15));
+}
+
+#[test]
+fn min_p_never_draws_a_token_less_likely_than_that_share_of_the_most_likely_one() {
+    let logits = synthetic_logits(5_000, 11);
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sampler = Sampler::new();
+    // The whole-vocabulary path, the streamed top-k window and the selection path.
+    for (top_k, top_p) in [(0, 1.0), (200, 1.0), (1_000, 0.99)] {
+        for temperature in [0.7_f32, 1.0, 1.5] {
+            let params = SamplingParams {
+                min_p: 0.2,
+                ..seeded(temperature, top_p, top_k, 5)
+            };
+            let mut drawn = std::collections::BTreeSet::new();
+            for position in 0..400 {
+                let token = sampler.sample(&logits, &params, position, 0).token;
+                let relative = ((logits[token as usize] - max) / temperature).exp();
+                assert!(
+                    relative >= 0.199,
+                    "token {token} is {relative} of the top at T={temperature}, k={top_k}"
+                );
+                drawn.insert(token);
+            }
+            assert!(drawn.len() > 1, "min-p 0.2 still leaves a choice here");
+        }
+    }
+}
+
+#[test]
+fn min_p_of_one_keeps_only_the_most_likely_token() {
+    let logits = synthetic_logits(3_000, 12);
+    let greedy = Sampler::new()
+        .sample(&logits, &SamplingParams::greedy(), 0, 0)
+        .token;
+    let mut sampler = Sampler::new();
+    for (top_k, top_p) in [(0, 1.0), (50, 0.9), (2_000, 0.8)] {
+        let params = SamplingParams {
+            min_p: 1.0,
+            ..seeded(1.3, top_p, top_k, 21)
+        };
+        for position in 0..100 {
+            assert_eq!(sampler.sample(&logits, &params, position, 0).token, greedy);
+        }
+    }
 }

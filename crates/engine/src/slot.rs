@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::Sender;
 
+use crate::adjust::Penalised;
+use crate::constraint::Constrained;
 use crate::generation::CONSUMER_STALL_TIMEOUT;
 use crate::sampler::Sampled;
 use crate::text::TextAssembler;
@@ -68,7 +70,10 @@ pub(crate) struct Slot {
     max_tokens: u32,
     sampling: SamplingParams,
     top_logprobs: u32,
-    ignore_eos: bool,
+    /// Penalties, bias and the end-of-generation mask, with the completion so far.
+    adjust: Penalised,
+    /// The grammar the completion follows, if any.
+    grammar: Option<Constrained>,
     text: TextAssembler,
     events: Sender<GenerationEvent>,
     cancel: CancelHandle,
@@ -122,6 +127,12 @@ impl Slot {
         } else {
             None
         };
+        let adjust = Penalised::new(
+            generation.adjustments,
+            generation.ignore_eos,
+            &generation.prompt,
+            &generation.committed,
+        );
         let slot = Self {
             seq_id,
             admitted,
@@ -136,7 +147,8 @@ impl Slot {
             max_tokens: generation.max_tokens,
             sampling: generation.sampling,
             top_logprobs: generation.top_logprobs,
-            ignore_eos: generation.ignore_eos,
+            adjust,
+            grammar: None,
             text,
             events,
             cancel,
@@ -190,9 +202,47 @@ impl Slot {
         (&self.sampling, self.position, self.top_logprobs)
     }
 
-    /// Whether end-of-generation tokens are kept from being sampled.
-    pub fn ignores_eos(&self) -> bool {
-        self.ignore_eos
+    /// The logits to sample from: `raw` itself, or `raw` adjusted into `scratch` by the
+    /// generation's penalties, bias and end-of-generation mask.
+    ///
+    /// # Errors
+    ///
+    /// When the grammar cannot say which tokens may come next.
+    pub fn logits<'a>(
+        &mut self,
+        raw: &'a [f32],
+        end_of_generation: &[TokenId],
+        scratch: &'a mut Vec<f32>,
+    ) -> Result<&'a [f32], String> {
+        if self.adjust.is_identity() && self.grammar.is_none() {
+            return Ok(raw);
+        }
+        self.adjust.apply(raw, end_of_generation, scratch);
+        if let Some(grammar) = &mut self.grammar {
+            grammar.mask(scratch)?;
+        }
+        Ok(scratch)
+    }
+
+    /// Starts following `grammar`, whose state already includes the committed tokens. Returns
+    /// true when they complete it: the generation is over.
+    pub fn follow(&mut self, grammar: Constrained) -> bool {
+        let complete = grammar.is_complete();
+        self.grammar = Some(grammar);
+        complete
+    }
+
+    /// Moves the grammar past a sampled `token` (end-of-generation tokens end the answer and
+    /// are not part of it).
+    ///
+    /// # Errors
+    ///
+    /// When the grammar does not allow `token`.
+    pub fn advance_grammar(&mut self, token: TokenId, tokenizer: &Tokenizer) -> Result<(), String> {
+        match &mut self.grammar {
+            Some(grammar) if !tokenizer.is_end_of_generation(token) => grammar.accept(token),
+            _ => Ok(()),
+        }
     }
 
     /// The prompt's length in tokens.
@@ -310,6 +360,7 @@ impl Slot {
         if tokenizer.is_end_of_generation(sampled.token) {
             return Some(FinishReason::Stop);
         }
+        self.adjust.record(sampled.token);
         let piece = tokenizer.piece(sampled.token);
         self.text.push(&piece);
         let event = TokenEvent {
@@ -329,7 +380,7 @@ impl Slot {
         };
         self.send(GenerationEvent::Token(event));
         self.position += 1;
-        if self.text.stopped() {
+        if self.text.stopped() || self.grammar.as_ref().is_some_and(Constrained::is_complete) {
             return Some(FinishReason::Stop);
         }
         if self.position >= self.max_tokens {

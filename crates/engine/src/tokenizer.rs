@@ -127,6 +127,38 @@ impl Tokenizer {
         self.vocab_size
     }
 
+    /// Every token's bytes as a grammar sees them, by id, and the token that ends an answer (the
+    /// end-of-turn token where the model has one, else end-of-sequence). Control tokens (and
+    /// tokens without text) are named `0xFF` followed by their name, llguidance's mark of a
+    /// special token: a grammar never matches them as text.
+    pub(crate) fn grammar_vocabulary(&self) -> (Vec<Vec<u8>>, TokenId) {
+        let vocab = self.model.vocab();
+        let words = (0..self.vocab_size)
+            .map(|id| {
+                let token = LlamaToken(TokenId::try_from(id).unwrap_or(TokenId::MAX));
+                let piece = vocab.token_to_piece(token, false, None);
+                if vocab.is_control(token) || piece.is_empty() {
+                    let name = vocab.text(token).map_or_else(
+                        || format!("<[{id}]>").into_bytes(),
+                        |name| name.to_bytes().to_vec(),
+                    );
+                    let mut special = vec![0xFF];
+                    special.extend_from_slice(if name.is_empty() { b"<[?]>" } else { &name });
+                    special
+                } else {
+                    piece
+                }
+            })
+            .collect();
+        let end_of_turn = vocab.eot();
+        let end = if self.is_valid(end_of_turn.0) {
+            end_of_turn.0
+        } else {
+            vocab.eos().0
+        };
+        (words, end)
+    }
+
     /// Whether `token` is an id of this vocabulary. llama.cpp aborts the process on unknown ids,
     /// so every id from outside is checked with this first.
     #[must_use]

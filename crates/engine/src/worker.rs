@@ -34,6 +34,7 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 
 use crate::checkpoint::Shape;
+use crate::constraint::{Constrained, GrammarCompiler};
 use crate::sampler::Sampler;
 use crate::slot::{Admission, Slot, SlotFate};
 use crate::{EngineConfig, EngineError, FinishReason, GenerationEvent, TokenId, Tokenizer};
@@ -96,8 +97,11 @@ pub(crate) struct Worker<'model> {
     admissions: u64,
     /// The vocabulary's end-of-generation tokens, masked for generations that ignore them.
     end_of_generation: Vec<TokenId>,
-    /// Scratch copy of one position's logits with those tokens masked.
-    masked_logits: Vec<f32>,
+    /// Scratch copy of one position's logits, adjusted by its generation's penalties, bias
+    /// and end-of-generation mask.
+    adjusted_logits: Vec<f32>,
+    /// This model's vocabulary as grammars see it; built by the first generation with one.
+    grammar_compiler: Option<GrammarCompiler>,
     /// The shape of this context's sequence state, learnt from a probe at the first restore;
     /// `Some(None)` when the probe failed (this model never restores, it prefills).
     state_shape: Option<Option<Shape>>,
@@ -132,7 +136,8 @@ impl<'model> Worker<'model> {
             intake: Intake::Open,
             admissions: 0,
             end_of_generation,
-            masked_logits: Vec::new(),
+            adjusted_logits: Vec::new(),
+            grammar_compiler: None,
             state_shape: None,
         }
     }
@@ -273,8 +278,26 @@ impl<'model> Worker<'model> {
         self.cached[index].clear();
         self.admissions += 1;
         let restore = admission.generation.restore.take();
-        let (mut slot, already_over) =
+        let grammar = admission
+            .generation
+            .grammar
+            .take()
+            .map(|grammar| self.constrained(&grammar, &admission.generation.committed));
+        let (mut slot, mut already_over) =
             Slot::start(seq_id, self.admissions, admission, &self.tokenizer);
+        match grammar {
+            None => {}
+            Some(Ok(grammar)) => {
+                let complete = slot.follow(grammar);
+                already_over = already_over.or(complete.then_some(FinishReason::Stop));
+            }
+            Some(Err(error)) => {
+                release_sequence(&mut self.context, seq_id);
+                slot.fail(EngineError::InvalidGeneration(format!("grammar: {error}")));
+                self.slots[index] = Some(slot);
+                return;
+            }
+        }
         // Keep the cells of the prompt's head the previous occupant left, if that is all there
         // is to load: they are the cells prefilling would compute again.
         let keep = if already_over.is_none() && restore.is_none() {
@@ -293,6 +316,19 @@ impl<'model> Worker<'model> {
             self.restore_prompt_head(&mut slot, checkpoint);
         }
         self.slots[index] = Some(slot);
+    }
+
+    /// The state of `grammar` after `committed`, compiling for this model's vocabulary the first
+    /// time a generation asks for a grammar.
+    fn constrained(&mut self, grammar: &str, committed: &[TokenId]) -> Result<Constrained, String> {
+        if self.grammar_compiler.is_none() {
+            self.grammar_compiler = Some(GrammarCompiler::new(&self.tokenizer)?);
+        }
+        let compiler = self
+            .grammar_compiler
+            .as_ref()
+            .ok_or("no grammar compiler")?;
+        Constrained::start(compiler, grammar, committed)
     }
 
     /// One step: a prefill call for chunks of the waiting prompts, then a decode call for every
@@ -364,21 +400,23 @@ impl<'model> Worker<'model> {
             let Some(batch_index) = entry.logits_at else {
                 continue;
             };
-            let mut logits = self.context.get_logits_ith(batch_index);
-            if slot.ignores_eos() {
-                let masked = &mut self.masked_logits;
-                masked.clear();
-                masked.extend_from_slice(logits);
-                for &token in &self.end_of_generation {
-                    if let Some(logit) = usize::try_from(token).ok().and_then(|i| masked.get_mut(i))
-                    {
-                        *logit = f32::NEG_INFINITY;
-                    }
+            let raw = self.context.get_logits_ith(batch_index);
+            let logits = match slot.logits(raw, &self.end_of_generation, &mut self.adjusted_logits)
+            {
+                Ok(logits) => logits,
+                Err(error) => {
+                    slot.fail(EngineError::InvalidGeneration(format!("grammar: {error}")));
+                    release_sequence(&mut self.context, slot.seq_id);
+                    continue;
                 }
-                logits = masked;
-            }
+            };
             let (params, position, top_logprobs) = slot.sampling();
             let sampled = self.sampler.sample(logits, params, position, top_logprobs);
+            if let Err(error) = slot.advance_grammar(sampled.token, &self.tokenizer) {
+                slot.fail(EngineError::InvalidGeneration(format!("grammar: {error}")));
+                release_sequence(&mut self.context, slot.seq_id);
+                continue;
+            }
             if let Some(reason) = slot.accept(&sampled, &self.tokenizer, context_tokens) {
                 slot.finish(reason);
                 retire_sequence(&mut self.context, &mut self.cached[entry.slot], slot);

@@ -95,6 +95,8 @@ async fn generate(
             stop: Vec::new(),
             top_logprobs: 0,
             ignore_eos: false,
+            adjustments: engine::Adjustments::default(),
+            grammar: None,
             restore: None,
             export_checkpoint,
         })

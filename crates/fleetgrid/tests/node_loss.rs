@@ -156,6 +156,74 @@ async fn a_generation_survives_its_node_being_killed_mid_stream() {
     }
 }
 
+/// Penalties and a grammar depend on every token before, so the next node must
+/// rebuild them from the committed tokens: a sampled answer with all the
+/// penalties (and min-p and a bias), and one constrained by a JSON schema,
+/// killed mid-stream, still read exactly as the uninterrupted ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_penalised_or_constrained_answer_survives_its_node_being_killed_mid_stream() {
+    let mut stack = Stack::start(Default::default());
+    let plain = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Explain how a battery stores energy."}],
+        "max_tokens": 100, "temperature": 0.7, "seed": 77,
+    });
+    let mut penalised = plain.clone();
+    for (key, value) in [
+        ("presence_penalty", json!(0.8)),
+        ("frequency_penalty", json!(0.6)),
+        ("repetition_penalty", json!(1.2)),
+        ("min_p", json!(0.05)),
+        // Two tokens of the vocabulary made less likely.
+        ("logit_bias", json!({"260": -4, "30": -2})),
+    ] {
+        penalised[key] = value;
+    }
+    let content = |answer: serde_json::Value| {
+        answer["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("content")
+            .to_string()
+    };
+    let mut constrained = plain.clone();
+    constrained["max_tokens"] = json!(200);
+    constrained["response_format"] = json!({"type": "json_schema", "json_schema": {
+        "name": "facts",
+        "schema": {"type": "object", "additionalProperties": false, "required": ["facts"],
+            "properties": {"facts": {"type": "array", "minItems": 4, "maxItems": 6,
+                "items": {"type": "string", "maxLength": 60}}}},
+    }});
+    for (round, body, kill_after_chunks) in [(1, &penalised, 20), (2, &constrained, 10)] {
+        let names = [format!("a-{round}"), format!("b-{round}")];
+        for name in &names {
+            stack.add_agent(name, 1);
+        }
+        let wanted: Vec<&str> = names.iter().map(String::as_str).collect();
+        stack.wait_for_nodes(&wanted).await;
+        let expected = content(stack.chat(body).await);
+        if round == 1 {
+            assert_ne!(
+                expected,
+                content(stack.chat(&plain).await),
+                "the penalties changed nothing"
+            );
+        } else {
+            let facts: serde_json::Value = serde_json::from_str(&expected).expect("JSON");
+            let facts = facts["facts"].as_array().expect("an array of facts");
+            assert!((4..=6).contains(&facts.len()), "{facts:?}");
+        }
+        let text = stream_with_kill(&mut stack, body, kill_after_chunks).await;
+        assert_eq!(
+            text, expected,
+            "round {round}: the resumed stream differs from an uninterrupted run"
+        );
+        for agent in stack.agents.iter_mut() {
+            agent.kill();
+        }
+        stack.wait_for_nodes(&[]).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_disconnects_mid_stream_has_its_generation_cancelled_within_a_second() {
     let mut stack = Stack::start(Default::default());

@@ -29,6 +29,10 @@ pub const STOP_SEQUENCE_BYTES_MAX: usize = 256;
 /// `max_tokens` when the client gives none (further capped by the context left).
 pub const COMPLETION_TOKENS_DEFAULT: u32 = 512;
 
+/// Largest `repetition_penalty` accepted; 1 is none, and llama.cpp's and vLLM's usual values
+/// lie between 1 and 1.5.
+pub const REPETITION_PENALTY_MAX: f64 = 10.0;
+
 /// Most `top_logprobs` alternatives per token (OpenAI's limit).
 pub const TOP_LOGPROBS_MAX: u32 = 20;
 

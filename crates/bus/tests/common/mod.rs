@@ -273,6 +273,7 @@ pub fn generation(prompt: Vec<i32>, seed: u64, max_tokens: u32) -> NewGeneration
             top_k: 40,
             seed,
             ignore_eos: false,
+            ..proto::Sampling::default()
         },
         max_tokens,
         stop: vec!["\n\n".to_string()],

@@ -154,7 +154,7 @@ impl Core {
                 model_sha256: inflight.model.digest.clone(),
                 prompt_tokens: inflight.prompt.as_ref().clone(),
                 committed_tokens: inflight.committed.clone(),
-                sampling: Some(inflight.sampling),
+                sampling: Some(inflight.sampling.clone()),
                 max_tokens: inflight.max_tokens,
                 stop: inflight.stop.clone(),
                 top_logprobs: inflight.top_logprobs,

@@ -57,6 +57,8 @@ pub fn generation(prompt: Vec<TokenId>, sampling: SamplingParams, max_tokens: u3
         stop: Vec::new(),
         top_logprobs: 0,
         ignore_eos: false,
+        adjustments: engine::Adjustments::default(),
+        grammar: None,
         restore: None,
         export_checkpoint: false,
     }
@@ -68,6 +70,7 @@ pub fn sampled(temperature: f32, seed: u64) -> SamplingParams {
         top_p: 0.95,
         top_k: 40,
         seed,
+        min_p: 0.0,
     }
 }
 

@@ -116,13 +116,7 @@ async fn run(
             model: request.model.name.clone(),
             prompt,
             committed: Vec::new(),
-            sampling: proto::Sampling {
-                temperature: request.temperature,
-                top_p: request.top_p,
-                top_k: request.top_k,
-                seed,
-                ignore_eos: request.ignore_eos,
-            },
+            sampling: request.sampling(seed),
             max_tokens,
             stop: request.stop.clone(),
             top_logprobs: if request.logprobs {

@@ -7,6 +7,7 @@ mod admission;
 pub mod deadline;
 mod error;
 mod extract;
+mod fields;
 mod generate;
 mod idempotency;
 mod models;

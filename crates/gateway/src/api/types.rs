@@ -1,7 +1,9 @@
 //! The OpenAI request bodies the gateway accepts, as sent by clients.
 //!
 //! These are only what arrives on the wire; `validate` turns them into a
-//! `ValidatedRequest`, the only thing the rest of the coordinator sees.
+//! `ValidatedRequest`, the only thing the rest of the coordinator sees. Keys
+//! that none of these types hold are refused before they are parsed
+//! (`fields`), so nothing a client sends is dropped unseen.
 
 use serde::Deserialize;
 
@@ -19,6 +21,7 @@ pub struct CompletionRequest {
     pub prompt: Option<PromptField>,
     pub echo: Option<bool>,
     pub suffix: Option<String>,
+    pub best_of: Option<i64>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -31,6 +34,8 @@ pub struct SamplingFields {
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     pub top_k: Option<i64>,
+    /// llama-server's and vLLM's extension.
+    pub min_p: Option<f64>,
     pub seed: Option<i64>,
     pub stop: Option<StopField>,
     /// llama-server's and vLLM's extension: never end at an end-of-generation token.
@@ -43,10 +48,18 @@ pub struct SamplingFields {
     pub n: Option<i64>,
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
+    /// llama-server's and vLLM's extension.
+    pub repetition_penalty: Option<f64>,
+    /// Token id (as a string) to a bias in [-100, 100].
+    pub logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
+    pub response_format: Option<serde_json::Value>,
     pub tools: Option<serde_json::Value>,
+    pub tool_choice: Option<serde_json::Value>,
+    pub parallel_tool_calls: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
@@ -79,6 +92,7 @@ pub enum MessageContent {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use super::error::ApiError;
+use super::fields;
 use super::types::{
     ChatCompletionRequest, CompletionRequest, MessageContent, PromptField, SamplingFields,
     StopField,
@@ -52,9 +53,18 @@ pub enum WireRequest {
 impl WireRequest {
     /// Parses the body of `endpoint`; syntax and type errors are a 400.
     pub fn parse(body: &[u8], endpoint: Endpoint) -> Result<WireRequest, ApiError> {
+        let value: serde_json::Value = parse_json(body)?;
+        let serde_json::Value::Object(object) = &value else {
+            return Err(ApiError::invalid(
+                "the request body must be a JSON object",
+                None,
+                "invalid_json",
+            ));
+        };
+        fields::check(object, endpoint)?;
         Ok(match endpoint {
-            Endpoint::Chat => WireRequest::Chat(parse_json(body)?),
-            Endpoint::Completion => WireRequest::Completion(parse_json(body)?),
+            Endpoint::Chat => WireRequest::Chat(from_value(value)?),
+            Endpoint::Completion => WireRequest::Completion(from_value(value)?),
         })
     }
 
@@ -100,10 +110,24 @@ pub struct ValidatedRequest {
     pub temperature: f32,
     pub top_p: f32,
     pub top_k: u32,
+    /// 0 means no min-p cut.
+    pub min_p: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// 1 means none.
+    pub repetition_penalty: f32,
+    /// (token, bias), ascending by token; token ids of the served model's vocabulary (for
+    /// `cloud/<model>`, of the cloud model's, which its upstream checks).
+    pub logit_bias: Vec<(i32, f32)>,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
     /// Run to `max_tokens` (or a stop sequence) past end-of-generation tokens.
     pub ignore_eos: bool,
+    /// Structured output: the grammar a fleet answer follows (`engine::json_schema_grammar`),
+    /// already compiled once for the served model's vocabulary.
+    pub grammar: Option<String>,
+    /// The client's `response_format` when it asks for structure, as sent, for the cloud.
+    pub response_format: Option<serde_json::Value>,
     pub stream: bool,
     pub include_usage: bool,
     pub logprobs: bool,
@@ -112,8 +136,43 @@ pub struct ValidatedRequest {
     _private: (),
 }
 
+impl ValidatedRequest {
+    /// How a vehicle samples this request's answer, with `seed` (the client's, or one drawn
+    /// for it).
+    pub fn sampling(&self, seed: u64) -> proto::Sampling {
+        proto::Sampling {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed,
+            ignore_eos: self.ignore_eos,
+            min_p: self.min_p,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            repetition_penalty: self.repetition_penalty,
+            logit_bias: self
+                .logit_bias
+                .iter()
+                .map(|&(token, bias)| proto::LogitBias { token, bias })
+                .collect(),
+            grammar: self.grammar.clone().unwrap_or_default(),
+        }
+    }
+}
+
 fn invalid(message: impl Into<String>, param: &str) -> ApiError {
     ApiError::invalid(message, Some(param), "invalid_value")
+}
+
+/// Reads a checked body into its wire type, turning type errors into a 400.
+fn from_value<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    serde_json::from_value(value).map_err(|error| {
+        ApiError::invalid(
+            format!("we could not parse the JSON body of your request: {error}"),
+            None,
+            "invalid_json",
+        )
+    })
 }
 
 /// Parses a JSON body, turning syntax and type errors into a 400.
@@ -246,8 +305,27 @@ fn completion(
     if prompt.is_empty() {
         return Err(invalid("'prompt' must not be empty", "prompt"));
     }
-    if request.suffix.is_some() {
-        return Err(invalid("'suffix' is not supported", "suffix"));
+    if request
+        .suffix
+        .as_deref()
+        .is_some_and(|suffix| !suffix.is_empty())
+    {
+        return Err(unsupported(
+            "'suffix' (insertion) is not supported by the fleet's models",
+            "suffix",
+        ));
+    }
+    match request.best_of {
+        None | Some(1) => {}
+        Some(best_of) if best_of < 1 => {
+            return Err(invalid("'best_of' must be at least 1", "best_of"))
+        }
+        Some(best_of) => {
+            return Err(unsupported(
+                format!("'best_of' is {best_of}; only 1 is supported"),
+                "best_of",
+            ))
+        }
     }
     let top_logprobs = match request.sampling.logprobs.as_ref() {
         None | Some(serde_json::Value::Null) => None,
@@ -264,6 +342,13 @@ fn completion(
             }
         },
     };
+    let echo = request.echo.unwrap_or(false);
+    if echo && top_logprobs.is_some() {
+        return Err(unsupported(
+            "'echo' together with 'logprobs' (the prompt's log-probabilities) is not supported yet",
+            "echo",
+        ));
+    }
     finish(
         Endpoint::Completion,
         model,
@@ -271,7 +356,7 @@ fn completion(
         request.sampling,
         top_logprobs.is_some(),
         top_logprobs.unwrap_or(0),
-        request.echo.unwrap_or(false),
+        echo,
     )
 }
 
@@ -386,33 +471,36 @@ fn finish(
             return Err(invalid(format!("'n' is {n}; only 1 is supported"), "n"));
         }
     }
-    for (value, param) in [
-        (sampling.presence_penalty, "presence_penalty"),
-        (sampling.frequency_penalty, "frequency_penalty"),
-    ] {
-        match value {
-            Some(value) if !(-2.0..=2.0).contains(&value) => {
-                return Err(invalid(
-                    format!("'{param}' must be between -2 and 2"),
-                    param,
-                ))
-            }
-            Some(value) if value != 0.0 => {
-                return Err(invalid(
-                    format!("'{param}' is not supported (only 0)"),
-                    param,
-                ))
-            }
-            _ => {}
-        }
-    }
-    if sampling
-        .tools
-        .as_ref()
-        .is_some_and(|tools| !tools.is_null())
-    {
-        return Err(invalid("'tools' is not supported", "tools"));
-    }
+    let presence_penalty = range(
+        sampling.presence_penalty,
+        0.0,
+        -2.0,
+        2.0,
+        "presence_penalty",
+        true,
+    )?;
+    let frequency_penalty = range(
+        sampling.frequency_penalty,
+        0.0,
+        -2.0,
+        2.0,
+        "frequency_penalty",
+        true,
+    )?;
+    let repetition_penalty = range(
+        sampling.repetition_penalty,
+        1.0,
+        0.0,
+        limits::REPETITION_PENALTY_MAX,
+        "repetition_penalty",
+        false,
+    )?;
+    let min_p = range(sampling.min_p, 0.0, 0.0, 1.0, "min_p", true)?;
+    tool_fields(&sampling)?;
+    let ignore_eos = sampling.ignore_eos.unwrap_or(false);
+    let (grammar, response_format) =
+        structured_output(sampling.response_format, &model.choice, ignore_eos)?;
+    let logit_bias = logit_bias(sampling.logit_bias, &model.choice)?;
     let stop = stop_sequences(sampling.stop)?;
     let stream = sampling.stream.unwrap_or(false);
     let include_usage = sampling
@@ -436,9 +524,16 @@ fn finish(
         temperature,
         top_p,
         top_k,
+        min_p,
+        presence_penalty,
+        frequency_penalty,
+        repetition_penalty,
+        logit_bias,
         seed: sampling.seed.map(|seed| seed as u64),
         stop,
-        ignore_eos: sampling.ignore_eos.unwrap_or(false),
+        ignore_eos,
+        grammar,
+        response_format,
         stream,
         include_usage,
         logprobs,
@@ -446,6 +541,197 @@ fn finish(
         echo,
         _private: (),
     })
+}
+
+/// 400 for a field the gateway knows and does not implement (or not with this value).
+fn unsupported(message: impl Into<String>, param: &str) -> ApiError {
+    ApiError::invalid(message, Some(param), "unsupported_parameter")
+}
+
+/// `logit_bias`: token ids as strings to numbers in [-100, 100], at most
+/// [`engine::LOGIT_BIAS_ENTRIES_MAX`], for tokens of the served model's vocabulary.
+fn logit_bias(
+    bias: Option<serde_json::Map<String, serde_json::Value>>,
+    choice: &ModelChoice,
+) -> Result<Vec<(i32, f32)>, ApiError> {
+    let Some(bias) = bias.filter(|bias| !bias.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    const PARAM: &str = "logit_bias";
+    if bias.len() > engine::LOGIT_BIAS_ENTRIES_MAX {
+        return Err(invalid(
+            format!(
+                "'logit_bias' has {} entries; the limit is {}",
+                bias.len(),
+                engine::LOGIT_BIAS_ENTRIES_MAX
+            ),
+            PARAM,
+        ));
+    }
+    if choice.route == Some(RouteTarget::Auto) {
+        return Err(unsupported(
+            "'logit_bias' names token ids of one model's vocabulary, and an 'auto' answer may come from either model; name the model",
+            PARAM,
+        ));
+    }
+    // The fleet model's vocabulary; a cloud model's is its upstream's to check.
+    let vocab_size = (choice.route.is_none()).then(|| choice.model.tokenizer.vocab_size());
+    let mut entries = Vec::with_capacity(bias.len());
+    for (key, value) in bias {
+        let token = key
+            .parse::<u32>()
+            .ok()
+            .filter(|&token| vocab_size.is_none_or(|size| token < size))
+            .and_then(|token| i32::try_from(token).ok())
+            .ok_or_else(|| {
+                invalid(
+                    match vocab_size {
+                        Some(size) => format!(
+                            "'logit_bias' key '{key}' is not a token id of this model (0 to {})",
+                            size.saturating_sub(1)
+                        ),
+                        None => format!("'logit_bias' key '{key}' is not a token id"),
+                    },
+                    PARAM,
+                )
+            })?;
+        let bias = value
+            .as_f64()
+            .filter(|bias| bias.abs() <= f64::from(engine::LOGIT_BIAS_MAX))
+            .ok_or_else(|| {
+                invalid(
+                    format!("'logit_bias' for token {key} must be a number in [-100, 100]"),
+                    PARAM,
+                )
+            })?;
+        // Narrowing: the bias is within [-100, 100].
+        entries.push((token, bias as f32));
+    }
+    entries.sort_unstable_by_key(|&(token, _)| token);
+    Ok(entries)
+}
+
+/// `response_format`: plain text, or structured output. `json_object` is any JSON object;
+/// `json_schema` follows its schema. The grammar is compiled for the served model here, so
+/// that a schema the vehicles could not follow is refused before any work, naming what is
+/// wrong. Returns the grammar and, for the cloud, the format as sent.
+fn structured_output(
+    format: Option<serde_json::Value>,
+    choice: &ModelChoice,
+    ignore_eos: bool,
+) -> Result<(Option<String>, Option<serde_json::Value>), ApiError> {
+    const PARAM: &str = "response_format";
+    let Some(format) = format else {
+        return Ok((None, None));
+    };
+    let schema = match format.get("type").and_then(serde_json::Value::as_str) {
+        Some("text") => return Ok((None, None)),
+        Some("json_object") => serde_json::json!({"type": "object"}),
+        Some("json_schema") => json_schema_of(&format)?,
+        _ => {
+            return Err(invalid(
+                "'response_format' must be an object whose 'type' is 'text', 'json_object' or 'json_schema'",
+                PARAM,
+            ))
+        }
+    };
+    if let Some(extra) = format.as_object().and_then(|object| {
+        object
+            .keys()
+            .find(|key| !["type", "json_schema"].contains(&key.as_str()))
+    }) {
+        return Err(invalid(
+            format!("'response_format.{extra}' is not a field of a response format"),
+            PARAM,
+        ));
+    }
+    if ignore_eos {
+        return Err(invalid(
+            "'ignore_eos' cannot be used with structured output: the answer ends where its structure does",
+            "ignore_eos",
+        ));
+    }
+    let grammar = engine::json_schema_grammar(&schema);
+    if choice.route != Some(RouteTarget::Cloud) {
+        choice.model.check_grammar(&grammar).map_err(|error| {
+            invalid(
+                format!("the schema in 'response_format' cannot be used: {error}"),
+                PARAM,
+            )
+        })?;
+    }
+    Ok((Some(grammar), Some(format)))
+}
+
+/// The schema of a `json_schema` response format: `{"name", "schema", "strict",
+/// "description"}`, `name` required as OpenAI requires it; no schema means any JSON value.
+fn json_schema_of(format: &serde_json::Value) -> Result<serde_json::Value, ApiError> {
+    const PARAM: &str = "response_format";
+    let Some(spec) = format
+        .get("json_schema")
+        .and_then(serde_json::Value::as_object)
+    else {
+        return Err(ApiError::invalid(
+            "'response_format.json_schema' is required when its type is 'json_schema'",
+            Some(PARAM),
+            "missing_required_parameter",
+        ));
+    };
+    if let Some(extra) = spec
+        .keys()
+        .find(|key| !["name", "schema", "strict", "description"].contains(&key.as_str()))
+    {
+        return Err(invalid(
+            format!("'response_format.json_schema.{extra}' is not a field of a JSON schema format"),
+            PARAM,
+        ));
+    }
+    let named = spec
+        .get("name")
+        .and_then(serde_json::Value::as_str)
+        .is_some_and(|name| {
+            (1..=64).contains(&name.len())
+                && name
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-')
+        });
+    if !named {
+        return Err(invalid(
+            "'response_format.json_schema.name' must be 1 to 64 letters, digits, '_' or '-'",
+            PARAM,
+        ));
+    }
+    match spec.get("schema") {
+        None | Some(serde_json::Value::Null) => Ok(serde_json::json!({})),
+        Some(schema @ serde_json::Value::Object(_)) => Ok(schema.clone()),
+        Some(_) => Err(invalid(
+            "'response_format.json_schema.schema' must be a JSON schema object",
+            PARAM,
+        )),
+    }
+}
+
+/// Tool calls: refused until they are implemented; `tool_choice: "none"` is accepted.
+fn tool_fields(sampling: &SamplingFields) -> Result<(), ApiError> {
+    if sampling.tools.is_some() {
+        return Err(unsupported("'tools' is not supported yet", "tools"));
+    }
+    match sampling.tool_choice.as_ref().map(|choice| choice.as_str()) {
+        None | Some(Some("none")) => {}
+        Some(_) => {
+            return Err(unsupported(
+                "'tool_choice' other than 'none' needs 'tools', which are not supported yet",
+                "tool_choice",
+            ))
+        }
+    }
+    if sampling.parallel_tool_calls.is_some() {
+        return Err(invalid(
+            "'parallel_tool_calls' is only allowed when 'tools' are specified",
+            "parallel_tool_calls",
+        ));
+    }
+    Ok(())
 }
 
 fn range(

@@ -40,6 +40,61 @@ pub struct UpstreamRequest {
     pub top_p: f32,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
+    /// Sent only when they ask for something (OpenAI's own API refuses the
+    /// extensions `top_k`, `min_p` and `repetition_penalty`, and its refusal
+    /// reaches the client): 0 for top-k and min-p, 1 for the repetition penalty
+    /// and 0 for the others mean none.
+    pub top_k: u32,
+    pub min_p: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub repetition_penalty: f32,
+    /// (token, bias) of the cloud model's vocabulary.
+    pub logit_bias: Vec<(i32, f32)>,
+    /// Structured output, as the client asked for it.
+    pub response_format: Option<Value>,
+}
+
+impl UpstreamRequest {
+    /// Writes the sampling fields that ask for something into `body`.
+    fn write_sampling(&self, body: &mut Value) {
+        body["max_tokens"] = json!(self.max_tokens);
+        body["temperature"] = json!(self.temperature);
+        body["top_p"] = json!(self.top_p);
+        if let Some(seed) = self.seed {
+            // OpenAI takes a signed 64-bit seed.
+            body["seed"] = json!(seed as i64);
+        }
+        if !self.stop.is_empty() {
+            body["stop"] = json!(self.stop);
+        }
+        if self.top_k != 0 {
+            body["top_k"] = json!(self.top_k);
+        }
+        if self.min_p != 0.0 {
+            body["min_p"] = json!(self.min_p);
+        }
+        if self.presence_penalty != 0.0 {
+            body["presence_penalty"] = json!(self.presence_penalty);
+        }
+        if self.frequency_penalty != 0.0 {
+            body["frequency_penalty"] = json!(self.frequency_penalty);
+        }
+        if self.repetition_penalty != 1.0 {
+            body["repetition_penalty"] = json!(self.repetition_penalty);
+        }
+        if !self.logit_bias.is_empty() {
+            let bias: serde_json::Map<String, Value> = self
+                .logit_bias
+                .iter()
+                .map(|&(token, bias)| (token.to_string(), json!(bias)))
+                .collect();
+            body["logit_bias"] = Value::Object(bias);
+        }
+        if let Some(format) = &self.response_format {
+            body["response_format"] = format.clone();
+        }
+    }
 }
 
 /// Token counts as the upstream reports them (it bills by them).
@@ -154,18 +209,9 @@ impl Upstream {
             UpstreamPrompt::Text(prompt) => ("completions", json!({ "prompt": prompt })),
         };
         body["model"] = json!(self.config.model);
-        body["max_tokens"] = json!(request.max_tokens);
-        body["temperature"] = json!(request.temperature);
-        body["top_p"] = json!(request.top_p);
+        request.write_sampling(&mut body);
         body["stream"] = json!(true);
         body["stream_options"] = json!({"include_usage": true});
-        if let Some(seed) = request.seed {
-            // OpenAI takes a signed 64-bit seed.
-            body["seed"] = json!(seed as i64);
-        }
-        if !request.stop.is_empty() {
-            body["stop"] = json!(request.stop);
-        }
         let url = format!("{}/{path}", self.config.base_url.trim_end_matches('/'));
         let mut call = self.http.post(&url).json(&body);
         if let Some(key) = &self.api_key {

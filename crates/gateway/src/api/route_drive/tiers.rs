@@ -232,13 +232,7 @@ impl Routing {
                 model: self.request.model.name.clone(),
                 prompt,
                 committed: Vec::new(),
-                sampling: proto::Sampling {
-                    temperature: self.request.temperature,
-                    top_p: self.request.top_p,
-                    top_k: self.request.top_k,
-                    seed,
-                    ignore_eos: self.request.ignore_eos,
-                },
+                sampling: self.request.sampling(seed),
                 max_tokens,
                 stop: self.request.stop.clone(),
                 top_logprobs: ROUTING_TOP_LOGPROBS,
@@ -318,6 +312,13 @@ impl Routing {
             top_p: self.request.top_p,
             seed: self.request.seed,
             stop: self.request.stop.clone(),
+            top_k: self.request.top_k,
+            min_p: self.request.min_p,
+            presence_penalty: self.request.presence_penalty,
+            frequency_penalty: self.request.frequency_penalty,
+            repetition_penalty: self.request.repetition_penalty,
+            logit_bias: self.request.logit_bias.clone(),
+            response_format: self.request.response_format.clone(),
         }
     }
 
@@ -328,8 +329,13 @@ impl Routing {
         }
     }
 
-    /// Whether the cloud can continue a started answer of this request.
+    /// Whether the cloud can continue a started answer of this request. A
+    /// structured answer cannot be continued as plain text: the cloud
+    /// answers it afresh instead.
     pub(super) fn can_hand_off(&self) -> bool {
+        if self.request.grammar.is_some() {
+            return false;
+        }
         match &self.request.prompt {
             PromptSource::Chat(_) => self.prompt.cloud.is_some(),
             PromptSource::Text(_) => true,

@@ -1,0 +1,123 @@
+//! The compatibility suite: the official `openai` SDK, `langchain-openai` and
+//! `litellm`, as users run them, against a real gateway and a vehicle running
+//! the real model (`clients/compat.py`). Needs the virtual environment
+//! `cargo xtask test` prepares (`FLEETGRID_TEST_PYTHON` names its interpreter).
+
+mod common;
+
+use std::process::Command;
+
+use common::{model_path, Stack, MODEL};
+use serde_json::Value;
+
+const SCRIPT: &str = include_str!("clients/compat.py");
+
+fn text<'a>(results: &'a Value, key: &str) -> &'a str {
+    results[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("{key} is not text: {results}"))
+}
+
+fn most_repeated_word(text: &str) -> usize {
+    let mut counts = std::collections::BTreeMap::new();
+    for word in text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+    {
+        *counts.entry(word).or_insert(0) += 1;
+    }
+    counts.into_values().max().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sdk_langchain_and_litellm_get_what_they_ask_for() {
+    let python = std::env::var("FLEETGRID_TEST_PYTHON").expect(
+        "FLEETGRID_TEST_PYTHON must name the test virtual environment's Python; run `cargo xtask test`",
+    );
+    let tokenizer = engine::Tokenizer::load(&model_path()).expect("tokenizer");
+    let forced = tokenizer.tokenize(" banana", false).expect("tokenize")[0];
+    let forced_text = String::from_utf8_lossy(&tokenizer.piece(forced)).into_owned();
+    let mut stack = Stack::start(Default::default());
+    stack.add_agent("car-1", 2);
+    stack.wait_for_nodes(&["car-1"]).await;
+    let args = [
+        stack.url("/v1"),
+        stack.api_key.clone(),
+        MODEL.to_string(),
+        forced.to_string(),
+        forced_text.clone(),
+    ];
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .args(["-c", SCRIPT])
+            .args(args)
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("run python");
+    assert!(
+        output.status.success(),
+        "the client suite failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let results: Value = serde_json::from_slice(&output.stdout).expect("json from python");
+
+    // Penalties reach the sampler: the counting answer repeats itself less, and
+    // streaming gives the same text as a plain answer.
+    let plain = text(&results, "sdk_plain");
+    let penalised = text(&results, "sdk_penalised");
+    assert_ne!(plain, penalised, "{results}");
+    assert!(
+        most_repeated_word(penalised) < most_repeated_word(plain),
+        "{results}"
+    );
+    assert_eq!(text(&results, "sdk_penalised_streamed"), penalised);
+    // Extensions in `extra_body` change the answer, reproducibly, streamed or not.
+    let extended = text(&results, "sdk_extensions");
+    assert_eq!(text(&results, "sdk_extensions_again"), extended);
+    assert_eq!(text(&results, "sdk_extensions_streamed"), extended);
+    assert_ne!(text(&results, "sdk_without_extensions"), extended);
+    // A bias of 100 forces the token every time.
+    assert_eq!(text(&results, "sdk_forced"), forced_text.repeat(5));
+    assert!(!text(&results, "sdk_completion_penalised").is_empty());
+    // What is not implemented is refused by name, as a BadRequestError.
+    for (key, param) in [
+        ("refused_unknown", "guided_json"),
+        ("refused_tools", "tools"),
+        ("refused_store", "store"),
+    ] {
+        assert_eq!(results[key]["status"], 400, "{key}: {results}");
+        assert_eq!(results[key]["param"], param, "{key}: {results}");
+    }
+    assert!(results["accepted_user_metadata"].is_string(), "{results}");
+    // Structured output: the SDK's `parse`, LangChain's `with_structured_output`
+    // and litellm each get an answer that parses into the Pydantic model (the
+    // script raises otherwise), at any temperature.
+    let parsed = results["sdk_parsed"].as_array().expect("parsed answers");
+    assert_eq!(parsed.len(), 3, "{results}");
+    for person in parsed.iter().chain([
+        &results["langchain_structured"],
+        &results["litellm_structured"],
+    ]) {
+        assert!(
+            ["red", "green", "blue"].contains(&person["colour"].as_str().unwrap_or("")),
+            "{results}"
+        );
+        assert!(
+            person["age"].as_u64().is_some_and(|age| age <= 120),
+            "{results}"
+        );
+    }
+    assert!(results["sdk_json_object"].is_object(), "{results}");
+    // LangChain and litellm pass the penalties through: the same greedy text
+    // as the SDK, plain and streamed.
+    for key in [
+        "langchain_invoke",
+        "langchain_stream",
+        "litellm",
+        "litellm_stream",
+    ] {
+        assert_eq!(text(&results, key), penalised, "{key}: {results}");
+    }
+}
