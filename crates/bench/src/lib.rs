@@ -18,6 +18,7 @@ mod process;
 pub mod reference;
 mod report;
 mod serving;
+mod structured;
 
 pub use engine_bench::{engine, EngineBenchReport, EngineRound, ENGINE_BENCH_ROUNDS};
 pub use error::BenchError;
@@ -28,3 +29,4 @@ pub use serving::{
     serving, ServingBenchReport, ServingConfig, ServingRow, DEFAULT_CONCURRENCY_LEVELS,
     SERVING_ROUNDS,
 };
+pub use structured::{structured, StructuredReport, StructuredRow};

@@ -35,6 +35,8 @@ pub struct LoadSpec {
     /// Ask the server to keep going past end-of-generation (llama-server's `ignore_eos`), so that
     /// each request produces exactly `max_tokens`.
     pub ignore_eos: bool,
+    /// Structured output to ask for (`response_format`), if any.
+    pub response_format: Option<serde_json::Value>,
 }
 
 /// The outcome of one load run.
@@ -50,6 +52,20 @@ pub struct LoadResult {
 }
 
 impl LoadResult {
+    /// Completion tokens over the time spent after each request's first token: the decode
+    /// rate of one stream, when the load ran one request at a time.
+    pub fn decode_tokens_per_second(&self) -> f64 {
+        let decoding = self
+            .wall
+            .saturating_sub(self.time_to_first_token_mean * self.requests)
+            .as_secs_f64();
+        if decoding > 0.0 {
+            self.completion_tokens as f64 / decoding
+        } else {
+            0.0
+        }
+    }
+
     /// Total completion tokens over wall time: what the node delivers to all clients together.
     pub fn aggregate_tokens_per_second(&self) -> f64 {
         let seconds = self.wall.as_secs_f64();
@@ -137,6 +153,9 @@ pub(crate) fn request_body(spec: &LoadSpec, index: u32) -> serde_json::Value {
     });
     if spec.ignore_eos {
         body["ignore_eos"] = serde_json::Value::Bool(true);
+    }
+    if let Some(format) = &spec.response_format {
+        body["response_format"] = format.clone();
     }
     body
 }

@@ -8,7 +8,7 @@
 //! nothing; alternating, and swapping which side goes first every round, means a drift of the
 //! machine (another process, thermal state) hits both sides alike.
 
-mod targets;
+pub(crate) mod targets;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

@@ -35,6 +35,20 @@ pub enum BenchCommand {
         #[arg(long, value_delimiter = ',', default_values_t = bench::DEFAULT_CONCURRENCY_LEVELS)]
         streams: Vec<u32>,
     },
+    /// Structured output's cost per token: one stream's decode rate with a JSON schema against
+    /// without, on our stack and on llama-server's own grammar sampling, side by side.
+    Structured {
+        #[arg(long)]
+        threads: Option<u32>,
+        #[arg(long, default_value = "smollm2-135m-instruct")]
+        model: String,
+        /// Rounds of alternating measurements; each reports its median.
+        #[arg(long, default_value_t = bench::SERVING_ROUNDS)]
+        rounds: u32,
+        /// Tokens per answer, constrained or not.
+        #[arg(long, default_value_t = 128)]
+        max_tokens: u32,
+    },
     /// The scheduler with many registered nodes: placements/s, p99 latency,
     /// state events/s, bytes per node.
     Scheduler {
@@ -102,6 +116,30 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             .await
             .context("bench task")?
             .context("run the serving benchmark")?;
+            println!("{report}");
+        }
+        BenchCommand::Structured {
+            threads,
+            model,
+            rounds,
+            max_tokens,
+        } => {
+            let model = home::model_store()?
+                .resolve(&model)
+                .context("resolve the model")?;
+            let threads = threads_or_all(threads);
+            let exe = std::env::current_exe().context("find the fleetgrid executable")?;
+            let work_dir = home::root().join("bench-structured");
+            let report = tokio::task::spawn_blocking(move || {
+                let refs = bench::reference::ensure_built(&reference_dir())?;
+                let mut config = bench::ServingConfig::new(&model.path, threads, work_dir);
+                config.rounds = rounds;
+                config.max_tokens = max_tokens;
+                bench::structured(&exe, &refs, &config)
+            })
+            .await
+            .context("bench task")?
+            .context("run the structured output benchmark")?;
             println!("{report}");
         }
         BenchCommand::Scheduler { nodes, seed } => {

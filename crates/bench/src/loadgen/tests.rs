@@ -13,6 +13,7 @@ fn spec(ignore_eos: bool) -> LoadSpec {
         first_request: 0,
         max_tokens: 128,
         ignore_eos,
+        response_format: None,
     }
 }
 

@@ -31,8 +31,8 @@ const FLEETGRID_READY_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A started target: where to send load, and the processes behind it, stopped when this is
 /// dropped.
-pub(super) struct RunningTarget {
-    pub(super) spec: LoadSpec,
+pub(crate) struct RunningTarget {
+    pub(crate) spec: LoadSpec,
     _llama_server: Option<Process>,
     _fleetgrid: Option<Stack>,
 }
@@ -48,11 +48,12 @@ fn base_spec(target_name: &str, base_url: String, api_key: Option<String>) -> Lo
         first_request: 0,
         max_tokens: 1,
         ignore_eos: false,
+        response_format: None,
     }
 }
 
 /// `llama-server -m MODEL -t THREADS -np SLOTS -c SLOTS×2048 -cb`, ready to serve.
-pub(super) async fn start_llama_server(
+pub(crate) async fn start_llama_server(
     refs: &ReferenceBinaries,
     config: &ServingConfig,
 ) -> Result<RunningTarget, BenchError> {
@@ -91,7 +92,7 @@ pub(super) async fn start_llama_server(
 
 /// `fleetgrid serve` and one `fleetgrid agent` with `config.slots` parallel sequences, in a fresh
 /// data directory, ready once the agent is connected.
-pub(super) async fn start_fleetgrid(
+pub(crate) async fn start_fleetgrid(
     binary: &Path,
     config: &ServingConfig,
 ) -> Result<RunningTarget, BenchError> {
