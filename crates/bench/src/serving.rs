@@ -123,15 +123,30 @@ pub fn serving(
     let fleetgrid_binary = fleetgrid_binary.to_owned();
     let refs = refs.clone();
     let config = config.clone();
+    on_own_runtime("serving benchmark", move || async move {
+        serving_on_runtime(&fleetgrid_binary, &refs, &config).await
+    })
+}
+
+/// Runs the future `make` builds to its end on a thread of its own with its own runtime, so
+/// that a benchmark may be called from anywhere, including from inside another runtime.
+pub(crate) fn on_own_runtime<T, F>(
+    what: &'static str,
+    make: impl FnOnce() -> F + Send + 'static,
+) -> Result<T, BenchError>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T, BenchError>>,
+{
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| BenchError::io("start runtime for", "serving benchmark", e))?;
-        runtime.block_on(serving_on_runtime(&fleetgrid_binary, &refs, &config))
+            .map_err(|e| BenchError::io("start runtime for", what, e))?;
+        runtime.block_on(make())
     })
     .join()
-    .map_err(|_| BenchError::Panicked("serving benchmark thread"))?
+    .map_err(|_| BenchError::Panicked(what))?
 }
 
 fn validate(config: &ServingConfig) -> Result<(), BenchError> {

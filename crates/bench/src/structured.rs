@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use crate::loadgen::{run_load, LoadResult, LoadSpec};
 use crate::reference::ReferenceBinaries;
-use crate::serving::{median, median_round, targets, ServingConfig};
+use crate::serving::{median, median_round, on_own_runtime, targets, ServingConfig};
 use crate::BenchError;
 
 /// Requests per measured load; one at a time.
@@ -83,15 +83,9 @@ pub fn structured(
     let fleetgrid_binary = fleetgrid_binary.to_owned();
     let refs = refs.clone();
     let config = config.clone();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| BenchError::io("start runtime for", "structured benchmark", e))?;
-        runtime.block_on(measure(&fleetgrid_binary, &refs, &config))
+    on_own_runtime("structured benchmark", move || async move {
+        measure(&fleetgrid_binary, &refs, &config).await
     })
-    .join()
-    .map_err(|_| BenchError::Panicked("structured benchmark thread"))?
 }
 
 async fn measure(

@@ -100,21 +100,12 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             rounds,
             streams,
         } => {
-            let model = home::model_store()?
-                .resolve(&model)
-                .context("resolve the model")?;
-            let threads = threads_or_all(threads);
-            let exe = std::env::current_exe().context("find the fleetgrid executable")?;
-            let work_dir = home::root().join("bench-serving");
-            let report = tokio::task::spawn_blocking(move || {
-                let refs = bench::reference::ensure_built(&reference_dir())?;
-                let mut config = bench::ServingConfig::new(&model.path, threads, work_dir);
+            let report = against_llama_server(&model, threads, "bench-serving", move |config| {
                 config.rounds = rounds;
                 config.concurrency_levels = streams;
-                bench::serving(&exe, &refs, &config)
+                bench::serving
             })
             .await
-            .context("bench task")?
             .context("run the serving benchmark")?;
             println!("{report}");
         }
@@ -124,21 +115,12 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             rounds,
             max_tokens,
         } => {
-            let model = home::model_store()?
-                .resolve(&model)
-                .context("resolve the model")?;
-            let threads = threads_or_all(threads);
-            let exe = std::env::current_exe().context("find the fleetgrid executable")?;
-            let work_dir = home::root().join("bench-structured");
-            let report = tokio::task::spawn_blocking(move || {
-                let refs = bench::reference::ensure_built(&reference_dir())?;
-                let mut config = bench::ServingConfig::new(&model.path, threads, work_dir);
+            let report = against_llama_server(&model, threads, "bench-structured", move |config| {
                 config.rounds = rounds;
                 config.max_tokens = max_tokens;
-                bench::structured(&exe, &refs, &config)
+                bench::structured
             })
             .await
-            .context("bench task")?
             .context("run the structured output benchmark")?;
             println!("{report}");
         }
@@ -152,4 +134,36 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Cluster(args) => crate::bench_cluster::run(args).await?,
     }
     Ok(())
+}
+
+/// The serving path's benchmark function: this binary, the reference tools, the settings.
+type ServingBench<R> = fn(
+    &std::path::Path,
+    &bench::ReferenceBinaries,
+    &bench::ServingConfig,
+) -> Result<R, bench::BenchError>;
+
+/// Runs a benchmark of our stack against llama-server: resolves `model`, builds the reference
+/// tools when missing, lets `configure` set its options on the defaults and pick the benchmark.
+async fn against_llama_server<R: Send + 'static>(
+    model: &str,
+    threads: Option<u32>,
+    work_dir: &str,
+    configure: impl FnOnce(&mut bench::ServingConfig) -> ServingBench<R> + Send + 'static,
+) -> anyhow::Result<R> {
+    let model = home::model_store()?
+        .resolve(model)
+        .context("resolve the model")?;
+    let threads = threads_or_all(threads);
+    let exe = std::env::current_exe().context("find the fleetgrid executable")?;
+    let work_dir = home::root().join(work_dir);
+    let report = tokio::task::spawn_blocking(move || {
+        let refs = bench::reference::ensure_built(&reference_dir())?;
+        let mut config = bench::ServingConfig::new(&model.path, threads, work_dir);
+        let measure = configure(&mut config);
+        measure(&exe, &refs, &config)
+    })
+    .await
+    .context("bench task")??;
+    Ok(report)
 }

@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{model_path, Stack, MODEL};
+use common::{model_path, run_python, Stack, MODEL};
 use serde_json::Value;
 
 const SCRIPT: &str = include_str!("clients/compat.py");
@@ -31,37 +29,20 @@ fn most_repeated_word(text: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_sdk_langchain_and_litellm_get_what_they_ask_for() {
-    let python = std::env::var("FLEETGRID_TEST_PYTHON").expect(
-        "FLEETGRID_TEST_PYTHON must name the test virtual environment's Python; run `cargo xtask test`",
-    );
     let tokenizer = engine::Tokenizer::load(&model_path()).expect("tokenizer");
     let forced = tokenizer.tokenize(" banana", false).expect("tokenize")[0];
     let forced_text = String::from_utf8_lossy(&tokenizer.piece(forced)).into_owned();
     let mut stack = Stack::start(Default::default());
     stack.add_agent("car-1", 2);
     stack.wait_for_nodes(&["car-1"]).await;
-    let args = [
+    let args = vec![
         stack.url("/v1"),
         stack.api_key.clone(),
         MODEL.to_string(),
         forced.to_string(),
         forced_text.clone(),
     ];
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .args(["-c", SCRIPT])
-            .args(args)
-            .output()
-    })
-    .await
-    .expect("join")
-    .expect("run python");
-    assert!(
-        output.status.success(),
-        "the client suite failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let results: Value = serde_json::from_slice(&output.stdout).expect("json from python");
+    let results = run_python(SCRIPT, args).await;
 
     // Penalties reach the sampler: the counting answer repeats itself less, and
     // streaming gives the same text as a plain answer.

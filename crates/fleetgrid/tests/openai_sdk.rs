@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{Stack, MODEL};
+use common::{run_python, Stack, MODEL};
 
 const SCRIPT: &str = r#"
 import json, sys
@@ -38,29 +36,11 @@ print(json.dumps({
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_official_openai_sdk_completes_a_chat_plain_and_streamed() {
-    let python = std::env::var("FLEETGRID_TEST_PYTHON").expect(
-        "FLEETGRID_TEST_PYTHON must name a Python with the openai package; run `cargo xtask test`",
-    );
     let mut stack = Stack::start(Default::default());
     stack.add_agent("car-1", 2);
     stack.wait_for_nodes(&["car-1"]).await;
-    let base_url = stack.url("/v1");
-    let api_key = stack.api_key.clone();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .args(["-c", SCRIPT, &base_url, &api_key, MODEL])
-            .output()
-    })
-    .await
-    .expect("join")
-    .expect("run python");
-    assert!(
-        output.status.success(),
-        "python failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let result: serde_json::Value =
-        serde_json::from_slice(&output.stdout).expect("json from python");
+    let args = vec![stack.url("/v1"), stack.api_key.clone(), MODEL.to_string()];
+    let result = run_python(SCRIPT, args).await;
     let plain = result["plain"].as_str().expect("plain content");
     assert!(plain.contains("Paris"), "unexpected answer {plain:?}");
     assert_eq!(result["streamed"].as_str(), Some(plain));

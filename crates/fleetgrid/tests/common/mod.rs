@@ -357,3 +357,27 @@ impl Stack {
 pub const PLUGGED_IN_TRACE: &str = r#"{"start_soc": 0.6, "events": [
   {"at_s": 0, "plugged_in": true, "charging": true, "soc": 0.6, "departure_in_s": 36000, "temperature_c": 30.0}
 ]}"#;
+
+/// Runs a Python `script` with `args` in the test virtual environment
+/// (`FLEETGRID_TEST_PYTHON`, which `cargo xtask test` sets) and returns the
+/// JSON object it prints; panics with its stderr when it fails.
+pub async fn run_python(script: &'static str, args: Vec<String>) -> serde_json::Value {
+    let python = std::env::var("FLEETGRID_TEST_PYTHON").expect(
+        "FLEETGRID_TEST_PYTHON must name the test virtual environment's Python; run `cargo xtask test`",
+    );
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .args(["-c", script])
+            .args(args)
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("run python");
+    assert!(
+        output.status.success(),
+        "the python script failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("json from python")
+}

@@ -20,12 +20,10 @@ use serde_json::{Map, Value};
 use super::error::ApiError;
 use super::validate::Endpoint;
 
-/// Fields of `POST /v1/chat/completions` that change the answer.
-const CHAT_IMPLEMENTED: &[&str] = &[
+/// Fields of both endpoints that change the answer.
+const SHARED_IMPLEMENTED: &[&str] = &[
     "model",
-    "messages",
     "max_tokens",
-    "max_completion_tokens",
     "temperature",
     "top_p",
     "top_k",
@@ -35,43 +33,27 @@ const CHAT_IMPLEMENTED: &[&str] = &[
     "stream",
     "stream_options",
     "logprobs",
-    "top_logprobs",
     "n",
     "presence_penalty",
     "frequency_penalty",
     "repetition_penalty",
     "logit_bias",
     "ignore_eos",
+];
+
+/// Fields only `POST /v1/chat/completions` has that change the answer.
+const CHAT_IMPLEMENTED: &[&str] = &[
+    "messages",
+    "max_completion_tokens",
+    "top_logprobs",
     "response_format",
     "tools",
     "tool_choice",
     "parallel_tool_calls",
 ];
 
-/// Fields of `POST /v1/completions` that change the answer.
-const COMPLETION_IMPLEMENTED: &[&str] = &[
-    "model",
-    "prompt",
-    "suffix",
-    "echo",
-    "best_of",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "stop",
-    "stream",
-    "stream_options",
-    "logprobs",
-    "n",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "logit_bias",
-    "ignore_eos",
-];
+/// Fields only `POST /v1/completions` has that change the answer.
+const COMPLETION_IMPLEMENTED: &[&str] = &["prompt", "suffix", "echo", "best_of"];
 
 /// Accepted with any value, on both endpoints: they identify or annotate the request for the
 /// client's own use and ask nothing of the answer.
@@ -119,7 +101,11 @@ pub fn check(body: &Map<String, Value>, endpoint: Endpoint) -> Result<(), ApiErr
         Endpoint::Completion => COMPLETION_IMPLEMENTED,
     };
     for (key, value) in body {
-        if value.is_null() || implemented.contains(&key.as_str()) {
+        let key_str = key.as_str();
+        if value.is_null()
+            || SHARED_IMPLEMENTED.contains(&key_str)
+            || implemented.contains(&key_str)
+        {
             continue;
         }
         if ACCEPTED_ANY.contains(&key.as_str()) {
