@@ -87,11 +87,24 @@ impl ServedModel {
     /// Checks that `grammar` compiles for this model, as a vehicle will
     /// compile it; the error says what is wrong or unsupported.
     pub fn check_grammar(&self, grammar: &str) -> Result<(), String> {
+        self.grammar_compiler()?.check(grammar)
+    }
+
+    /// The state of `grammar` after `committed`, to check what vehicles
+    /// send against.
+    pub fn grammar_state(
+        &self,
+        grammar: &str,
+        committed: &[i32],
+    ) -> Result<engine::Constrained, String> {
+        engine::Constrained::start(self.grammar_compiler()?, grammar, committed)
+    }
+
+    fn grammar_compiler(&self) -> Result<&engine::GrammarCompiler, String> {
         self.grammars
             .get_or_init(|| engine::GrammarCompiler::new(&self.tokenizer))
             .as_ref()
-            .map_err(Clone::clone)?
-            .check(grammar)
+            .map_err(Clone::clone)
     }
 }
 

@@ -109,8 +109,10 @@ impl GrammarCompiler {
     }
 }
 
-/// One generation's grammar state: which tokens may come next.
-pub(crate) struct Constrained {
+/// One generation's grammar state: which tokens may come next. The engine masks the logits
+/// with it; a cell keeps one per structured generation to check that the tokens a vehicle
+/// sends follow the grammar ([`Constrained::follows`]).
+pub struct Constrained {
     matcher: Matcher,
 }
 
@@ -124,6 +126,10 @@ impl std::fmt::Debug for Constrained {
 
 impl Constrained {
     /// The state after the completion tokens `committed`.
+    ///
+    /// # Errors
+    ///
+    /// When the grammar does not compile, or does not allow `committed`.
     pub fn start(
         compiler: &GrammarCompiler,
         grammar: &str,
@@ -139,7 +145,7 @@ impl Constrained {
     }
 
     /// Sets every token the grammar does not allow next to `-inf` in `logits`.
-    pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
+    pub(crate) fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
         let allowed: SimpleVob = self
             .matcher
             .compute_mask_or_eos()
@@ -154,7 +160,7 @@ impl Constrained {
     }
 
     /// Moves the state past `token`.
-    pub fn accept(&mut self, token: TokenId) -> Result<(), String> {
+    pub(crate) fn accept(&mut self, token: TokenId) -> Result<(), String> {
         let token = u32::try_from(token).map_err(|error| error.to_string())?;
         self.matcher
             .consume_token(token)
@@ -162,7 +168,27 @@ impl Constrained {
     }
 
     /// Whether the grammar allows nothing more: the answer is complete.
+    #[must_use]
     pub fn is_complete(&self) -> bool {
         self.matcher.is_stopped()
+    }
+
+    /// Whether the answer may end here.
+    pub fn is_accepting(&mut self) -> bool {
+        self.matcher.is_accepting().unwrap_or(false)
+    }
+
+    /// Moves the state past `tokens` if the grammar allows every one of them in turn; else
+    /// leaves it where it was and returns false.
+    pub fn follows(&mut self, tokens: &[TokenId]) -> bool {
+        for (taken, &token) in tokens.iter().enumerate() {
+            if self.accept(token).is_err() {
+                // An error state cannot be rolled back; rebuilding is the caller's to avoid,
+                // since a refused batch ends the vehicle's session.
+                let _ = self.matcher.rollback(taken);
+                return false;
+            }
+        }
+        true
     }
 }

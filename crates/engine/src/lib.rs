@@ -39,7 +39,7 @@ pub use config::{
     DEFAULT_CONTEXT_TOKENS_PER_SEQUENCE, DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_PARALLEL_SEQUENCES,
     DEFAULT_QUEUE_CAPACITY, PARALLEL_SEQUENCES_MAX,
 };
-pub use constraint::{json_schema_grammar, GrammarCompiler, GRAMMAR_BYTES_MAX};
+pub use constraint::{json_schema_grammar, Constrained, GrammarCompiler, GRAMMAR_BYTES_MAX};
 pub use engine::{Engine, ENGINE_VERSION};
 pub use error::EngineError;
 pub use generation::{

@@ -275,6 +275,25 @@ impl Core {
             self.protocol_violation(&mut state, session, &violation.to_string());
             return;
         }
+        let follows_grammar = match state
+            .requests
+            .get_mut(&request)
+            .and_then(|inflight| inflight.grammar.as_mut())
+        {
+            None => true,
+            Some(grammar) => {
+                let ids: Vec<i32> = batch.tokens.iter().map(|token| token.token_id).collect();
+                grammar.follows(&ids)
+            }
+        };
+        if !follows_grammar {
+            tracing::warn!(
+                request_id = request.0,
+                "a node's tokens broke the answer's grammar; moving the generation"
+            );
+            self.protocol_violation(&mut state, session, "tokens outside the answer's grammar");
+            return;
+        }
         let share_us = state.shares.read(request, now.0);
         let Some(inflight) = state.requests.get_mut(&request) else {
             return;
@@ -354,6 +373,23 @@ impl Core {
                 return;
             }
         };
+        // A structured answer ends where its grammar lets it, or at a stop
+        // sequence of the client's, or at its length: a vehicle that says it
+        // stopped anywhere else cut the answer short.
+        let cut_short = finish == FinishReason::Stop
+            && inflight.stop.is_empty()
+            && inflight
+                .grammar
+                .as_mut()
+                .is_some_and(|grammar| !grammar.is_accepting());
+        if cut_short {
+            tracing::warn!(
+                request_id = request.0,
+                "a node ended a structured answer its grammar had not finished; moving the generation"
+            );
+            self.protocol_violation(&mut state, session, "an unfinished structured answer");
+            return;
+        }
         let ours = u32::try_from(inflight.committed.len()).unwrap_or(u32::MAX);
         if let Some(segment) = inflight.segments.last_mut() {
             let share_us = share_us.unwrap_or(segment.share_last_active_us);

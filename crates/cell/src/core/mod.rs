@@ -48,6 +48,10 @@ struct InFlight {
     stop: Vec<String>,
     top_logprobs: u32,
     committed: Vec<i32>,
+    /// Structured output: the grammar's state after `committed`, which every
+    /// token a vehicle sends must follow (a vehicle is not trusted to have
+    /// applied it).
+    grammar: Option<engine::Constrained>,
     node: Option<NodeId>,
     attempt: u32,
     /// One entry per attempt, in order: what billing meters.
@@ -145,6 +149,16 @@ impl Core {
                 message: format!("this cell does not serve the model `{}`", generation.model),
             });
         };
+        let grammar = match generation.sampling.grammar.as_str() {
+            "" => None,
+            grammar => Some(
+                model
+                    .grammar_state(grammar, &generation.committed)
+                    .map_err(|error| Rejection::Other {
+                        message: format!("the generation's grammar cannot be used: {error}"),
+                    })?,
+            ),
+        };
         let now = self.clock.now();
         let mut state = self.lock();
         let request = RequestId(state.next_request);
@@ -171,6 +185,7 @@ impl Core {
                 stop: generation.stop,
                 top_logprobs: generation.top_logprobs,
                 committed: generation.committed,
+                grammar,
                 node: None,
                 attempt: 0,
                 segments: Vec::new(),

@@ -194,3 +194,127 @@ fn a_listing_counts_each_models_generations_waiting_for_a_vehicle() {
         (1, 1, 0, 2)
     );
 }
+
+/// The generation id of the first `Assign` waiting on node `index`'s channel, if any.
+fn assigned(harness: &mut Harness, index: usize) -> Option<String> {
+    while let Ok(message) = harness._to_nodes[index].try_recv() {
+        if let Some(proto::coordinator_message::Kind::Assign(assign)) = message.kind {
+            return Some(assign.generation_id);
+        }
+    }
+    None
+}
+
+fn tokens(ids: &[i32], from: u32) -> Vec<proto::Token> {
+    ids.iter()
+        .zip(from..)
+        .map(|(&token_id, position)| proto::Token {
+            position,
+            token_id,
+            logprob: -0.5,
+            ..proto::Token::default()
+        })
+        .collect()
+}
+
+/// A vehicle is not trusted to have applied a structured answer's grammar:
+/// tokens it allows are committed, a token it forbids ends the vehicle's
+/// session and the generation moves on from what was committed, and a
+/// vehicle saying it stopped before the grammar let the answer end is
+/// treated the same.
+#[test]
+fn tokens_outside_a_structured_answers_grammar_move_it_to_another_vehicle() {
+    let mut harness = Harness::serving_the_test_model();
+    let cars = [
+        harness.connect_serving("car-1"),
+        harness.connect_serving("car-2"),
+        harness.connect_serving("car-3"),
+    ];
+    let tokenizer = engine::Tokenizer::load(&engine::testing::test_model_path()).unwrap();
+    let encode = |text: &str| tokenizer.tokenize(text, false).unwrap();
+    let schema = serde_json::json!({"type": "object", "properties": {"a": {"type": "integer"}},
+        "required": ["a"], "additionalProperties": false});
+    let generation = cell_api::NewGeneration {
+        public_id: "chatcmpl-structured".to_owned(),
+        tenant: cell_api::TenantRef {
+            id: 1,
+            class: store::TenantClass::Spot,
+        },
+        model: engine::testing::TEST_MODEL_NAME.to_owned(),
+        prompt: vec![1, 2, 3],
+        committed: Vec::new(),
+        sampling: proto::Sampling {
+            grammar: engine::json_schema_grammar(&schema),
+            ..proto::Sampling::default()
+        },
+        max_tokens: 32,
+        stop: Vec::new(),
+        top_logprobs: 0,
+        deadline_ms: None,
+    };
+    let mut admitted = harness.core.submit(generation).expect("admitted");
+    let placed = |harness: &mut Harness| {
+        (0..cars.len())
+            .find_map(|index| assigned(harness, index).map(|id| (index, id)))
+            .expect("an assignment")
+    };
+
+    let (first, id) = placed(&mut harness);
+    let opening = encode("{\"a\": ");
+    harness.core.node_tokens(
+        cars[first],
+        proto::TokenBatch {
+            generation_id: id.clone(),
+            tokens: tokens(&opening, 0),
+        },
+    );
+    let mut committed = 0;
+    while let Ok(cell_api::Update::Token(_)) = admitted.updates.try_recv() {
+        committed += 1;
+    }
+    assert_eq!(
+        committed,
+        opening.len(),
+        "tokens the grammar allows are committed"
+    );
+    // Letters where the grammar wants an integer.
+    harness.core.node_tokens(
+        cars[first],
+        proto::TokenBatch {
+            generation_id: id,
+            tokens: tokens(&encode("seven"), committed as u32),
+        },
+    );
+    assert!(
+        admitted.updates.try_recv().is_err(),
+        "nothing of it reaches the client"
+    );
+    let (second, id) = placed(&mut harness);
+    assert_ne!(second, first, "the generation moved to another vehicle");
+
+    // The next vehicle writes the number and claims the answer is complete
+    // without closing the object.
+    harness.core.node_tokens(
+        cars[second],
+        proto::TokenBatch {
+            generation_id: id.clone(),
+            tokens: tokens(&encode("7"), committed as u32),
+        },
+    );
+    harness.core.node_done(
+        cars[second],
+        proto::GenerationDone {
+            generation_id: id,
+            reason: proto::FinishReason::Stop as i32,
+            ..proto::GenerationDone::default()
+        },
+    );
+    let (third, _) = placed(&mut harness);
+    assert!(third != first && third != second, "moved again");
+    while let Ok(update) = admitted.updates.try_recv() {
+        assert!(
+            matches!(update, cell_api::Update::Token(_)),
+            "the answer is not over: {update:?}"
+        );
+    }
+}
