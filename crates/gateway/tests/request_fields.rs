@@ -42,6 +42,17 @@ async fn assert_refused(gateway: &Gateway, path: &str, body: &str, param: &str, 
     assert!(gateway.cell.submitted().is_empty(), "{body}");
 }
 
+/// Posts `body` and expects a 200.
+async fn assert_served(gateway: &Gateway, path: &str, body: &str) {
+    let answer = gateway.post(path, body).await;
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+}
+
 #[tokio::test]
 async fn every_field_the_gateway_does_not_implement_is_refused_by_name() {
     let gateway = Gateway::start(TenantClass::Fleet).await;
@@ -167,26 +178,20 @@ async fn sampling_fields_out_of_range_are_refused_by_name() {
 async fn penalties_min_p_and_logit_bias_reach_the_cell_as_the_client_set_them() {
     let gateway = Gateway::start(TenantClass::Fleet).await;
     gateway.cell.script([Script::answer(&["ok"])]);
-    let answer = gateway
-        .post(
-            "/v1/chat/completions",
-            &chat(json!({
-                "presence_penalty": 0.5,
-                "frequency_penalty": -0.25,
-                "repetition_penalty": 1.1,
-                "min_p": 0.05,
-                "top_k": 40,
-                "logit_bias": {"300": -100, "17": 2.5},
-                "seed": 9,
-            })),
-        )
-        .await;
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
+    assert_served(
+        &gateway,
+        "/v1/chat/completions",
+        &chat(json!({
+            "presence_penalty": 0.5,
+            "frequency_penalty": -0.25,
+            "repetition_penalty": 1.1,
+            "min_p": 0.05,
+            "top_k": 40,
+            "logit_bias": {"300": -100, "17": 2.5},
+            "seed": 9,
+        })),
+    )
+    .await;
     let submitted = gateway.cell.submitted();
     let sampling = &submitted[0].sampling;
     assert_eq!(sampling.presence_penalty, 0.5);
@@ -219,27 +224,13 @@ async fn documented_harmless_fields_and_nulls_are_accepted() {
         "response_format": {"type": "text"}, "tool_choice": "none", "tools": null,
         "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "best_of": null,
     });
-    let answer = gateway
-        .post("/v1/chat/completions", &body.to_string())
-        .await;
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
-    let answer = gateway
-        .post(
-            "/v1/completions",
-            &completion(json!({"best_of": 1, "echo": true, "user": "u"})),
-        )
-        .await;
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
+    assert_served(&gateway, "/v1/chat/completions", &body.to_string()).await;
+    assert_served(
+        &gateway,
+        "/v1/completions",
+        &completion(json!({"best_of": 1, "echo": true, "user": "u"})),
+    )
+    .await;
     assert_eq!(gateway.cell.submitted().len(), 2);
 }
 
@@ -255,18 +246,12 @@ async fn a_json_schema_reaches_the_cell_as_a_grammar_and_a_schema_the_fleet_cann
     let format = json!({"type": "json_schema",
         "json_schema": {"name": "thing", "schema": schema, "strict": true}});
     for response_format in [json!({"type": "json_object"}), format] {
-        let answer = gateway
-            .post(
-                "/v1/chat/completions",
-                &chat(json!({ "response_format": response_format })),
-            )
-            .await;
-        assert_eq!(
-            answer.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&answer.body)
-        );
+        assert_served(
+            &gateway,
+            "/v1/chat/completions",
+            &chat(json!({ "response_format": response_format })),
+        )
+        .await;
     }
     let submitted = gateway.cell.submitted();
     assert_eq!(submitted.len(), 2);
