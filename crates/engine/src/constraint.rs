@@ -181,14 +181,16 @@ impl Constrained {
     /// Moves the state past `tokens` if the grammar allows every one of them in turn; else
     /// leaves it where it was and returns false.
     pub fn follows(&mut self, tokens: &[TokenId]) -> bool {
-        for (taken, &token) in tokens.iter().enumerate() {
-            if self.accept(token).is_err() {
-                // An error state cannot be rolled back; rebuilding is the caller's to avoid,
-                // since a refused batch ends the vehicle's session.
-                let _ = self.matcher.rollback(taken);
-                return false;
-            }
-        }
-        true
+        let Ok(tokens) = tokens
+            .iter()
+            .map(|&token| u32::try_from(token))
+            .collect::<Result<Vec<u32>, _>>()
+        else {
+            return false;
+        };
+        // Checked whole first, so that a refused batch leaves no trace in the state.
+        let allowed = self.matcher.validate_tokens(&tokens);
+        allowed.is_ok_and(|allowed| allowed == tokens.len())
+            && self.matcher.consume_tokens(&tokens).is_ok()
     }
 }

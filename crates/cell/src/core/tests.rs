@@ -294,13 +294,21 @@ fn tokens_outside_a_structured_answers_grammar_move_it_to_another_vehicle() {
 
     // The next vehicle writes the number and claims the answer is complete
     // without closing the object.
+    let seven = encode("7");
     harness.core.node_tokens(
         cars[second],
         proto::TokenBatch {
             generation_id: id.clone(),
-            tokens: tokens(&encode("7"), committed as u32),
+            tokens: tokens(&seven, committed as u32),
         },
     );
+    // The refused batch left the grammar where it was: the digit is taken.
+    for _ in &seven {
+        assert!(matches!(
+            admitted.updates.try_recv(),
+            Ok(cell_api::Update::Token(_))
+        ));
+    }
     harness.core.node_done(
         cars[second],
         proto::GenerationDone {
