@@ -103,10 +103,10 @@ async fn measure(
     let reference = targets::start_llama_server(refs, config).await?;
     let ours = targets::start_fleetgrid(fleetgrid_binary, config).await?;
     let specs = [reference.spec.clone(), ours.spec.clone()];
-    let mut samples = Vec::new();
-    for spec in &specs {
-        samples.push(constrained_sample(spec).await?);
-    }
+    let [reference_sample, ours_sample] = [
+        constrained_sample(&specs[0]).await?,
+        constrained_sample(&specs[1]).await?,
+    ];
     let mut plain: [Vec<LoadResult>; 2] = Default::default();
     let mut constrained: [Vec<LoadResult>; 2] = Default::default();
     let mut first_request = 1;
@@ -123,17 +123,13 @@ async fn measure(
                 response_format,
                 ..specs[target].clone()
             };
-            let (first, second) = if round % 2 == 1 {
-                (Some(response_format()), None)
+            let (plain_load, constrained_load) = (load(None), load(Some(response_format())));
+            let (plain_result, constrained_result) = if round % 2 == 1 {
+                let constrained_result = run_load(&constrained_load).await?;
+                (run_load(&plain_load).await?, constrained_result)
             } else {
-                (None, Some(response_format()))
-            };
-            let first_result = run_load(&load(first.clone())).await?;
-            let second_result = run_load(&load(second)).await?;
-            let (plain_result, constrained_result) = if first.is_some() {
-                (second_result, first_result)
-            } else {
-                (first_result, second_result)
+                let plain_result = run_load(&plain_load).await?;
+                (plain_result, run_load(&constrained_load).await?)
             };
             plain[target].push(plain_result);
             constrained[target].push(constrained_result);
@@ -144,9 +140,6 @@ async fn measure(
     drop(reference);
     let [reference_plain, ours_plain] = plain;
     let [reference_constrained, ours_constrained] = constrained;
-    let [reference_sample, ours_sample]: [String; 2] = samples
-        .try_into()
-        .map_err(|_| BenchError::Panicked("two samples"))?;
     let row = |target: &str, plain: Vec<LoadResult>, constrained: Vec<LoadResult>, sample| {
         let round_ratios = plain
             .iter()
@@ -158,8 +151,8 @@ async fn measure(
             .collect();
         StructuredRow {
             target: target.to_owned(),
-            plain: median_by_decode(plain),
-            constrained: median_by_decode(constrained),
+            plain: median_round(plain).unwrap_or_default(),
+            constrained: median_round(constrained).unwrap_or_default(),
             round_ratios,
             sample,
         }
@@ -175,10 +168,6 @@ async fn measure(
             reference_sample,
         ),
     })
-}
-
-fn median_by_decode(rounds: Vec<LoadResult>) -> LoadResult {
-    median_round(rounds).unwrap_or_default()
 }
 
 /// One plain (not streamed) constrained answer's first 120 characters; an error when the
