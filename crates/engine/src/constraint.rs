@@ -30,17 +30,39 @@ pub const GRAMMAR_BYTES_MAX: usize = 256 * 1024;
 pub fn json_schema_grammar(schema: &serde_json::Value) -> String {
     let mut schema = schema.clone();
     if let Some(object) = schema.as_object_mut() {
-        object.insert(
-            "x-guidance".to_string(),
-            serde_json::json!({
-                "whitespace_flexible": false,
-                "item_separator": ", ",
-                "key_separator": ": ",
-            }),
-        );
+        object.insert("x-guidance".to_string(), compact_json_options());
     }
     let grammar = TopLevelGrammar::from_json_schema(schema);
     serde_json::to_string(&grammar).unwrap_or_default()
+}
+
+/// The grammar of an answer that is one to `max_calls` Hermes-style tool calls, each
+/// `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` with the JSON following
+/// `call_schema` (compact, as [`json_schema_grammar`]), one call per line.
+#[must_use]
+pub fn tool_call_grammar(call_schema: &serde_json::Value, max_calls: usize) -> String {
+    let mut schema = call_schema.clone();
+    if let Some(object) = schema.as_object_mut() {
+        object.insert("x-guidance".to_string(), compact_json_options());
+    }
+    let start = match max_calls.saturating_sub(1) {
+        0 => "start: call".to_string(),
+        more => format!("start: call (\"\\n\" call){{0,{more}}}"),
+    };
+    let lark = format!(
+        "{start}\ncall: \"<tool_call>\\n\" body \"\\n</tool_call>\"\nbody: %json {schema}\n"
+    );
+    let grammar = TopLevelGrammar::from_lark(lark);
+    serde_json::to_string(&grammar).unwrap_or_default()
+}
+
+/// llguidance's JSON options for the layout our grammars ask for.
+fn compact_json_options() -> serde_json::Value {
+    serde_json::json!({
+        "whitespace_flexible": false,
+        "item_separator": ", ",
+        "key_separator": ": ",
+    })
 }
 
 /// The vocabulary of one model as llguidance sees it, and the grammar compiler built on it.

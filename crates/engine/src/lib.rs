@@ -22,6 +22,7 @@ mod constraint;
 mod engine;
 mod error;
 mod generation;
+mod jinja;
 pub mod sampler;
 mod slot;
 pub mod testing;
@@ -39,13 +40,16 @@ pub use config::{
     DEFAULT_CONTEXT_TOKENS_PER_SEQUENCE, DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_PARALLEL_SEQUENCES,
     DEFAULT_QUEUE_CAPACITY, PARALLEL_SEQUENCES_MAX,
 };
-pub use constraint::{json_schema_grammar, Constrained, GrammarCompiler, GRAMMAR_BYTES_MAX};
+pub use constraint::{
+    json_schema_grammar, tool_call_grammar, Constrained, GrammarCompiler, GRAMMAR_BYTES_MAX,
+};
 pub use engine::{Engine, ENGINE_VERSION};
 pub use error::EngineError;
 pub use generation::{
     CancelHandle, FinishReason, Generation, GenerationDone, GenerationEvent, GenerationStream,
     SequenceCheckpoint, TokenEvent, TopLogprob, CONSUMER_STALL_TIMEOUT, EVENT_CHANNEL_CAPACITY,
 };
+pub use jinja::{json_dumps, ChatTemplate, ToolCallFormat, CHAT_TEMPLATE_BYTES_MAX};
 pub use sampler::SamplingParams;
 pub use text::TextAssembler;
 pub use tokenizer::{ChatMessage, Tokenizer, LLAMA_LOG_ENV, TOKENIZE_TEXT_BYTES_MAX};

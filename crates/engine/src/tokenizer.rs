@@ -9,6 +9,7 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 
+use crate::jinja::ChatTemplate;
 use crate::{EngineError, TokenId};
 
 /// Largest text `tokenize` accepts, in bytes; llama.cpp counts lengths in `i32`.
@@ -79,6 +80,8 @@ pub struct Tokenizer {
     context_train: u32,
     /// `None` when the GGUF has no `tokenizer.chat_template`.
     chat_template: Option<LlamaChatTemplate>,
+    /// The same template compiled as Jinja, or why it could not be.
+    jinja: Result<ChatTemplate, String>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -105,6 +108,7 @@ impl Tokenizer {
     pub(crate) fn from_model(model: Arc<LlamaModel>) -> Self {
         let vocab_size = u32::try_from(model.n_vocab()).unwrap_or(0);
         let chat_template = model.chat_template(None).ok();
+        let jinja = jinja_template(&model, chat_template.as_ref());
         // A vocabulary-only model has no hyper-parameters loaded; its metadata has the value.
         let context_train = crate::budget::architecture_value(&model, "context_length")
             .and_then(|value| u32::try_from(value).ok())
@@ -114,7 +118,17 @@ impl Tokenizer {
             vocab_size,
             context_train,
             chat_template,
+            jinja,
         }
+    }
+
+    /// The model's chat template as Jinja, for conversations with tools.
+    ///
+    /// # Errors
+    ///
+    /// Why the model has none that renders: no template, or one minijinja cannot compile.
+    pub fn jinja_template(&self) -> Result<&ChatTemplate, String> {
+        self.jinja.as_ref().map_err(Clone::clone)
     }
 
     pub(crate) fn model(&self) -> &LlamaModel {
@@ -250,4 +264,27 @@ impl Tokenizer {
     pub fn context_train(&self) -> u32 {
         self.context_train
     }
+}
+
+/// `template` compiled as Jinja, with the texts of the model's BOS and EOS tokens.
+fn jinja_template(
+    model: &LlamaModel,
+    template: Option<&LlamaChatTemplate>,
+) -> Result<ChatTemplate, String> {
+    let template = template.ok_or("the model has no chat template")?;
+    let source = template
+        .to_str()
+        .map_err(|error| format!("the chat template is not UTF-8: {error}"))?;
+    let vocab = model.vocab();
+    // llama.cpp aborts on an id outside the vocabulary (a model without BOS has -1).
+    let text = |token: LlamaToken| {
+        (0..vocab.n_tokens())
+            .contains(&token.0)
+            .then(|| vocab.text(token))
+            .flatten()
+            .map(|text| text.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    ChatTemplate::new(source, &text(vocab.bos()), &text(vocab.eos()))
+        .map_err(|error| error.to_string())
 }

@@ -16,6 +16,39 @@ fn text<'a>(results: &'a Value, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("{key} is not text: {results}"))
 }
 
+/// A call of one of the suite's two tools whose arguments follow its parameters.
+fn assert_valid_call(call: &Value, results: &Value) {
+    let arguments = &call["arguments"];
+    let short = |key: &str| {
+        arguments[key]
+            .as_str()
+            .is_some_and(|text| text.chars().count() <= 20)
+    };
+    match call["name"].as_str() {
+        Some("get_weather") => {
+            assert!(short("city"), "{results}");
+            assert!(
+                ["celsius", "fahrenheit"].contains(&arguments["unit"].as_str().unwrap_or("")),
+                "{results}"
+            );
+            assert_eq!(
+                arguments.as_object().map(|object| object.len()),
+                Some(2),
+                "{results}"
+            );
+        }
+        Some("get_time") => {
+            assert!(short("timezone"), "{results}");
+            assert_eq!(
+                arguments.as_object().map(|object| object.len()),
+                Some(1),
+                "{results}"
+            );
+        }
+        _ => panic!("a call of no tool offered: {call} in {results}"),
+    }
+}
+
 fn most_repeated_word(text: &str) -> usize {
     let mut counts = std::collections::BTreeMap::new();
     for word in text
@@ -65,7 +98,8 @@ async fn the_sdk_langchain_and_litellm_get_what_they_ask_for() {
     // What is not implemented is refused by name, as a BadRequestError.
     for (key, param) in [
         ("refused_unknown", "guided_json"),
-        ("refused_tools", "tools"),
+        ("refused_tool_schema", "tools"),
+        ("refused_tool_choice", "tool_choice"),
         ("refused_store", "store"),
     ] {
         assert_eq!(results[key]["status"], 400, "{key}: {results}");
@@ -91,6 +125,68 @@ async fn the_sdk_langchain_and_litellm_get_what_they_ask_for() {
         );
     }
     assert!(results["sdk_json_object"].is_object(), "{results}");
+    // Tool calls: `required` calls a tool whose arguments follow its parameters,
+    // streamed or not, the stream sending the arguments in pieces.
+    let required = &results["tools_required"];
+    assert_eq!(required["finish_reason"], "tool_calls", "{results}");
+    assert!(required["content"].is_null(), "{results}");
+    let calls = required["calls"].as_array().expect("calls");
+    assert!(!calls.is_empty(), "{results}");
+    for call in calls {
+        assert_valid_call(call, &results);
+    }
+    let streamed = &results["tools_required_streamed"];
+    assert_eq!(streamed["finish_reason"], "tool_calls", "{results}");
+    let streamed_calls = streamed["calls"].as_array().expect("streamed calls");
+    assert_eq!(streamed_calls.len(), calls.len(), "{results}");
+    for (streamed, whole) in streamed_calls.iter().zip(calls) {
+        assert_eq!(streamed["name"], whole["name"], "{results}");
+        assert_eq!(streamed["arguments"], whole["arguments"], "{results}");
+        assert!(streamed["pieces"].as_u64() > Some(1), "{results}");
+        assert!(streamed["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("call_")));
+    }
+    // A named function is the one called; without parallel calls there is one.
+    for call in results["tools_named"]["calls"].as_array().expect("named") {
+        assert_eq!(call["name"], "get_time", "{results}");
+        assert_valid_call(call, &results);
+    }
+    assert_eq!(
+        results["tools_single"]["calls"].as_array().map(Vec::len),
+        Some(1),
+        "{results}"
+    );
+    // `auto` either calls valid tools or answers; `none` answers.
+    let auto = &results["tools_auto"];
+    match auto["calls"].as_array().map(Vec::len) {
+        Some(0) => assert!(auto["content"].is_string(), "{results}"),
+        _ => auto["calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .for_each(|call| assert_valid_call(call, &results)),
+    }
+    assert!(
+        results["tools_none"]["calls"]
+            .as_array()
+            .is_some_and(Vec::is_empty),
+        "{results}"
+    );
+    assert!(results["tools_none"]["content"].is_string(), "{results}");
+    // LangChain's round trip: a call, its result sent back, an answer in words.
+    let langchain = &results["langchain_tools"];
+    assert_eq!(langchain["calls"][0]["name"], "get_weather", "{results}");
+    assert!(
+        langchain["calls"][0]["args"]["city"].is_string(),
+        "{results}"
+    );
+    assert!(!text(langchain, "answer").is_empty(), "{results}");
+    assert_eq!(langchain["answer_calls"], 0, "{results}");
+    assert_eq!(
+        results["litellm_tools"][0]["name"], "get_weather",
+        "{results}"
+    );
     // LangChain and litellm pass the penalties through: the same greedy text
     // as the SDK, plain and streamed.
     for key in [

@@ -69,8 +69,15 @@ text = client.completions.create(
 )
 results["sdk_completion_penalised"] = text.choices[0].text
 results["refused_unknown"] = refusal(extra_body={"guided_json": {"type": "object"}})
-results["refused_tools"] = refusal(
-    tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+results["refused_tool_schema"] = refusal(
+    tools=[{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 5, "maximum": 1}},
+        "required": ["n"]}}}],
+    tool_choice="required",
+)
+results["refused_tool_choice"] = refusal(
+    tools=[{"type": "function", "function": {"name": "f"}}],
+    tool_choice={"type": "function", "function": {"name": "g"}},
 )
 results["refused_store"] = refusal(store=True)
 results["accepted_user_metadata"] = chat(
@@ -147,5 +154,104 @@ lite = litellm.completion(
 results["litellm_structured"] = Person.model_validate_json(
     lite.choices[0].message.content
 ).model_dump()
+# Tool calls. Two tools; the arguments always follow the function's parameters.
+weather = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+clock = {"type": "function", "function": {
+    "name": "get_time", "description": "Current time in a timezone",
+    "parameters": {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 20}},
+                   "required": ["timezone"], "additionalProperties": False}}}
+ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def calls_of(message):
+    return [
+        {"id": call.id, "name": call.function.name, "arguments": json.loads(call.function.arguments)}
+        for call in message.tool_calls or []
+    ]
+
+
+def tool_answer(**fields):
+    answer = client.chat.completions.create(
+        model=model, messages=ask, tools=[weather, clock], max_tokens=400, **fields
+    )
+    choice = answer.choices[0]
+    return {"finish_reason": choice.finish_reason, "content": choice.message.content,
+            "calls": calls_of(choice.message)}
+
+
+def streamed_tool_answer(**fields):
+    calls, content, finish = {}, [], None
+    for chunk in client.chat.completions.create(
+        model=model, messages=ask, tools=[weather, clock], max_tokens=400, stream=True, **fields
+    ):
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        finish = choice.finish_reason or finish
+        if choice.delta.content:
+            content.append(choice.delta.content)
+        for part in choice.delta.tool_calls or []:
+            call = calls.setdefault(part.index, {"id": None, "name": None, "arguments": "", "pieces": 0})
+            call["id"] = part.id or call["id"]
+            if part.function and part.function.name:
+                call["name"] = part.function.name
+            if part.function and part.function.arguments:
+                call["arguments"] += part.function.arguments
+                call["pieces"] += 1
+    return {"finish_reason": finish, "content": "".join(content) or None, "calls": [
+        {"id": call["id"], "name": call["name"], "arguments": json.loads(call["arguments"]),
+         "pieces": call["pieces"]}
+        for _, call in sorted(calls.items())
+    ]}
+
+
+greedy_tools = dict(temperature=0, seed=3)
+results["tools_required"] = tool_answer(tool_choice="required", **greedy_tools)
+results["tools_required_streamed"] = streamed_tool_answer(tool_choice="required", **greedy_tools)
+results["tools_named"] = tool_answer(
+    tool_choice={"type": "function", "function": {"name": "get_time"}}, **greedy_tools
+)
+results["tools_single"] = tool_answer(
+    tool_choice="required", parallel_tool_calls=False, temperature=1.0, seed=8
+)
+results["tools_auto"] = tool_answer(tool_choice="auto", **greedy_tools)
+results["tools_none"] = tool_answer(tool_choice="none", temperature=0)
+
+# LangChain's bind_tools round trip: the model calls the tool, the tool's result
+# goes back as a ToolMessage, and the model answers.
+from langchain_core.messages import HumanMessage, ToolMessage
+from langchain_core.tools import tool
+
+
+@tool
+def get_weather(city: str, unit: Literal["celsius", "fahrenheit"]) -> str:
+    """Current weather in a city."""
+    return f"Sunny and 21 degrees {unit} in {city}."
+
+
+agent = ChatOpenAI(
+    model=model, base_url=base_url, api_key=api_key, temperature=0, max_tokens=400, max_retries=0
+)
+history = [HumanMessage("What is the weather in Paris?")]
+called = agent.bind_tools([get_weather], tool_choice="get_weather").invoke(history)
+history.append(called)
+for call in called.tool_calls:
+    history.append(ToolMessage(get_weather.invoke(call["args"]), tool_call_id=call["id"]))
+answered = agent.bind_tools([get_weather], tool_choice="none").invoke(history)
+results["langchain_tools"] = {
+    "calls": [{"name": call["name"], "args": call["args"]} for call in called.tool_calls],
+    "answer": answered.content,
+    "answer_calls": len(answered.tool_calls),
+}
+lite_tools = litellm.completion(
+    model=f"openai/{model}", api_base=base_url, api_key=api_key, messages=ask,
+    tools=[weather], tool_choice="required", max_tokens=400, temperature=0,
+)
+results["litellm_tools"] = calls_of(lite_tools.choices[0].message)
 results["forced_text"] = forced_text
 print(json.dumps(results))

@@ -246,6 +246,17 @@ fn render_and_tokenize_as(
         PromptSource::Chat(messages) => {
             tokenizer.apply_chat_template(&messages, rendering.add_generation_prompt)?
         }
+        PromptSource::Conversation { messages, tools } => {
+            let template = tokenizer
+                .jinja_template()
+                .map_err(engine::EngineError::ChatTemplate)?;
+            let (messages, tools) = super::tools::template_input(
+                &messages,
+                tools.as_deref(),
+                template.tool_call_format(),
+            );
+            template.render(&messages, tools.as_ref(), rendering.add_generation_prompt)?
+        }
         PromptSource::Text(text) => text,
     };
     let tokens = tokenizer.tokenize(&text, rendering.add_special_tokens)?;

@@ -17,6 +17,7 @@ mod respond;
 mod route;
 mod route_drive;
 mod tokenize;
+mod tools;
 mod types;
 mod usage;
 mod validate;

@@ -26,6 +26,7 @@
 
 mod body;
 mod envelope;
+mod reading;
 mod source;
 mod stream;
 #[cfg(test)]
@@ -38,6 +39,7 @@ use super::error::ApiError;
 use super::route::{RouteReason, RouteSummary, Tier};
 use crate::core::CommittedToken;
 
+pub(super) use crate::api::tools::calls::Delta;
 pub use envelope::ResponseMeta;
 pub(super) use source::{generation_error, request_timed_out, Source};
 pub use source::{CancelGuard, FleetAnswer};
@@ -60,6 +62,8 @@ pub(super) enum Event {
         text: String,
         token: Option<CommittedToken>,
     },
+    /// A part of a tool call the answer's source read itself (a routed answer's cloud call).
+    Call(crate::api::tools::calls::Delta),
     Handoff(RouteReason),
     Finished(Box<Ending>),
     Failed(ApiError),

@@ -101,6 +101,9 @@ pub(super) struct Routing {
     last_edge_refusal: Option<ApiError>,
     last_edge_error: Option<GenerationError>,
     last_cloud_error: Option<UpstreamError>,
+    /// Parts of the cloud's tool calls read with its last chunk, sent to the client once the
+    /// machine has acted on that chunk (announced the tier, released its text).
+    pending_calls: Vec<respond::Delta>,
 }
 
 impl Routing {
@@ -139,6 +142,7 @@ impl Routing {
             last_edge_refusal: None,
             last_edge_error: None,
             last_cloud_error: None,
+            pending_calls: Vec::new(),
         }
     }
 
@@ -168,6 +172,12 @@ impl Routing {
                     }
                     Err(Stop::ClientGone) => actions = machine.handle(Event::ClientGone).into(),
                     Err(Stop::Failed(error)) => return Err(error),
+                }
+            }
+            for delta in std::mem::take(&mut self.pending_calls) {
+                // A client gone is seen with the next event.
+                if self.emit(Reply::Call(delta)).await.is_err() {
+                    break;
                 }
             }
             if machine.is_done() {
@@ -229,15 +239,20 @@ impl Routing {
                 () = tokio::time::sleep_until(deadline) => return Ok(Event::Deadline),
                 next = call.stream.next() => next,
             };
+            let stem = self.public_id.rsplit('-').next().unwrap_or_default();
             return Ok(match next {
-                Ok(Some(chunk)) => Event::CloudChunk {
-                    text: chunk.text,
-                    finish_reason: chunk.finish_reason,
-                    usage: chunk.usage.map(|usage| router::CloudUsage {
-                        prompt_tokens: usage.prompt_tokens,
-                        completion_tokens: usage.completion_tokens,
-                    }),
-                },
+                Ok(Some(mut chunk)) => {
+                    let parts = std::mem::take(&mut chunk.calls);
+                    self.pending_calls.extend(call.calls.read(parts, stem));
+                    Event::CloudChunk {
+                        text: chunk.text,
+                        finish_reason: chunk.finish_reason,
+                        usage: chunk.usage.map(|usage| router::CloudUsage {
+                            prompt_tokens: usage.prompt_tokens,
+                            completion_tokens: usage.completion_tokens,
+                        }),
+                    }
+                }
                 Ok(None) => Event::CloudFinished,
                 Err(error) => self.cloud_failed(error),
             });

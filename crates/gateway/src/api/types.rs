@@ -82,6 +82,10 @@ pub enum PromptField {
 pub struct ChatMessage {
     pub role: Option<String>,
     pub content: Option<MessageContent>,
+    /// An assistant message's calls, as a previous answer gave them.
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// The call a `tool` message answers.
+    pub tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

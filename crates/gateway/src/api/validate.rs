@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use super::error::ApiError;
 use super::fields;
+use super::tools::{self, ToolMessage, Tools};
 use super::types::{
     ChatCompletionRequest, CompletionRequest, MessageContent, PromptField, SamplingFields,
     StopField,
@@ -18,7 +19,7 @@ use crate::limits;
 use crate::served::{ServedModel, ServedModels};
 
 /// Roles a chat message may have.
-const CHAT_ROLES: [&str; 4] = ["system", "developer", "user", "assistant"];
+const CHAT_ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Endpoint {
@@ -93,6 +94,11 @@ pub fn request(
 #[derive(Clone)]
 pub enum PromptSource {
     Chat(Vec<engine::ChatMessage>),
+    /// A chat with tools on offer or tool calls in it: rendered by the model's Jinja template.
+    Conversation {
+        messages: Vec<ToolMessage>,
+        tools: Option<Arc<Tools>>,
+    },
     Text(String),
 }
 
@@ -128,6 +134,8 @@ pub struct ValidatedRequest {
     pub grammar: Option<String>,
     /// The client's `response_format` when it asks for structure, as sent, for the cloud.
     pub response_format: Option<serde_json::Value>,
+    /// The tools on offer, when the request has any.
+    pub tools: Option<Arc<Tools>>,
     pub stream: bool,
     pub include_usage: bool,
     pub logprobs: bool,
@@ -194,7 +202,7 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
 }
 
 fn chat(
-    request: ChatCompletionRequest,
+    mut request: ChatCompletionRequest,
     resolve: impl FnOnce(&str) -> Result<ModelChoice, ApiError>,
 ) -> Result<ValidatedRequest, ApiError> {
     let model = model(request.model, resolve)?;
@@ -221,30 +229,36 @@ fn chat(
             "messages",
         ));
     }
-    let mut rendered = Vec::with_capacity(messages.len());
+    let mut conversation = Vec::with_capacity(messages.len());
     for (index, message) in messages.into_iter().enumerate() {
-        let param = format!("messages[{index}].role");
-        let role = message.role.ok_or_else(|| {
-            ApiError::invalid(
-                "each message needs a 'role'",
-                Some(&param),
-                "missing_required_parameter",
-            )
-        })?;
-        if !CHAT_ROLES.contains(&role.as_str()) {
-            return Err(invalid(
-                format!("'{role}' is not one of {CHAT_ROLES:?}"),
-                &param,
-            ));
-        }
-        let content = content_text(message.content, index)?;
-        let role = if role == "developer" {
-            "system".to_string()
-        } else {
-            role
-        };
-        rendered.push(engine::ChatMessage { role, content });
+        conversation.push(chat_message(message, index)?);
     }
+    let tools = tools::check(
+        request.sampling.tools.take(),
+        request.sampling.tool_choice.take(),
+        request.sampling.parallel_tool_calls.take(),
+    )?
+    .map(Arc::new);
+    let with_tools = tools.is_some()
+        || conversation
+            .iter()
+            .any(|message| !message.calls.is_empty() || message.call_id.is_some());
+    let prompt = if with_tools {
+        PromptSource::Conversation {
+            messages: conversation,
+            tools: tools.clone(),
+        }
+    } else {
+        PromptSource::Chat(
+            conversation
+                .into_iter()
+                .map(|message| engine::ChatMessage {
+                    role: message.role,
+                    content: message.content.unwrap_or_default(),
+                })
+                .collect(),
+        )
+    };
     let logprobs = match request.sampling.logprobs.as_ref() {
         None | Some(serde_json::Value::Null) => false,
         Some(serde_json::Value::Bool(flag)) => *flag,
@@ -269,15 +283,153 @@ fn chat(
         }
         Some(count) => count as u32,
     };
-    finish(
+    let mut validated = finish(
         Endpoint::Chat,
         model,
-        PromptSource::Chat(rendered),
+        prompt,
         request.sampling,
         logprobs,
         top_logprobs,
         false,
-    )
+    )?;
+    if let Some(tools) = tools {
+        tool_grammar(&mut validated, tools)?;
+    }
+    Ok(validated)
+}
+
+/// One chat message: its role, its text, and an assistant's calls or the call a `tool`
+/// message answers.
+fn chat_message(message: super::types::ChatMessage, index: usize) -> Result<ToolMessage, ApiError> {
+    let param = format!("messages[{index}].role");
+    let role = message.role.ok_or_else(|| {
+        ApiError::invalid(
+            "each message needs a 'role'",
+            Some(&param),
+            "missing_required_parameter",
+        )
+    })?;
+    if !CHAT_ROLES.contains(&role.as_str()) {
+        return Err(invalid(
+            format!("'{role}' is not one of {CHAT_ROLES:?}"),
+            &param,
+        ));
+    }
+    let calls = message.tool_calls.unwrap_or_default();
+    if !calls.is_empty() && role != "assistant" {
+        return Err(invalid(
+            "only an assistant message has 'tool_calls'",
+            &format!("messages[{index}].tool_calls"),
+        ));
+    }
+    let calls = calls
+        .iter()
+        .enumerate()
+        .map(|(call, value)| tool_call(value, index, call))
+        .collect::<Result<Vec<_>, _>>()?;
+    let call_id = match (role.as_str(), message.tool_call_id) {
+        ("tool", Some(id)) => Some(id),
+        ("tool", None) => {
+            return Err(ApiError::invalid(
+                "a 'tool' message needs the 'tool_call_id' it answers",
+                Some(&format!("messages[{index}].tool_call_id")),
+                "missing_required_parameter",
+            ))
+        }
+        (_, Some(_)) => {
+            return Err(invalid(
+                "only a 'tool' message has a 'tool_call_id'",
+                &format!("messages[{index}].tool_call_id"),
+            ))
+        }
+        (_, None) => None,
+    };
+    // An assistant message that calls tools may have no content.
+    let content = match message.content {
+        None if !calls.is_empty() => None,
+        content => Some(content_text(content, index)?),
+    };
+    let role = if role == "developer" {
+        "system".to_string()
+    } else {
+        role
+    };
+    Ok(ToolMessage {
+        role,
+        content,
+        calls,
+        call_id,
+    })
+}
+
+/// One call of an assistant message sent back: `{"id", "type": "function", "function":
+/// {"name", "arguments"}}`.
+fn tool_call(
+    value: &serde_json::Value,
+    message: usize,
+    index: usize,
+) -> Result<(String, String, String), ApiError> {
+    let param = format!("messages[{message}].tool_calls[{index}]");
+    let text = |key: &str| value.get(key).and_then(serde_json::Value::as_str);
+    let function = value.get("function");
+    let field = |key: &str| {
+        function
+            .and_then(|function| function.get(key))
+            .and_then(serde_json::Value::as_str)
+    };
+    match (text("id"), text("type"), field("name"), field("arguments")) {
+        (Some(id), Some("function"), Some(name), Some(arguments)) => {
+            Ok((id.to_string(), name.to_string(), arguments.to_string()))
+        }
+        _ => Err(invalid(
+            r#"a tool call must be {"id": ..., "type": "function", "function": {"name": ..., "arguments": "..."}}"#,
+            &param,
+        )),
+    }
+}
+
+/// A request that offers tools: the grammar its answer follows, for the fleet model's format.
+fn tool_grammar(request: &mut ValidatedRequest, tools: Arc<Tools>) -> Result<(), ApiError> {
+    if tools.callable() {
+        if request.grammar.is_some() {
+            return Err(unsupported(
+                "'response_format' together with callable 'tools' is not supported: send 'tool_choice': 'none' for a structured answer",
+                "response_format",
+            ));
+        }
+        if request.ignore_eos {
+            return Err(invalid(
+                "'ignore_eos' cannot be used with callable 'tools': a call ends where its structure does",
+                "ignore_eos",
+            ));
+        }
+    }
+    // The fleet model's grammar: a named fleet model's, or the edge model's under `auto`; a
+    // cloud model follows its tools itself.
+    if request.route != Some(RouteTarget::Cloud) {
+        let format = request
+            .model
+            .tokenizer
+            .jinja_template()
+            .map_err(|reason| {
+                unsupported(
+                    format!("this model cannot render a conversation with tools: {reason}"),
+                    "tools",
+                )
+            })?
+            .tool_call_format();
+        if let Some(grammar) = tools.grammar(format) {
+            request.model.check_grammar(&grammar).map_err(|error| {
+                invalid(
+                    format!("the tools' 'parameters' cannot be followed: {error}"),
+                    "tools",
+                )
+            })?;
+            request.grammar = Some(grammar);
+        }
+    }
+    request.tools = Some(tools);
+    Ok(())
 }
 
 fn completion(
@@ -496,7 +648,6 @@ fn finish(
         false,
     )?;
     let min_p = range(sampling.min_p, 0.0, 0.0, 1.0, "min_p", true)?;
-    tool_fields(&sampling)?;
     let ignore_eos = sampling.ignore_eos.unwrap_or(false);
     let (grammar, response_format) =
         structured_output(sampling.response_format, &model.choice, ignore_eos)?;
@@ -534,6 +685,7 @@ fn finish(
         ignore_eos,
         grammar,
         response_format,
+        tools: None,
         stream,
         include_usage,
         logprobs,
@@ -709,29 +861,6 @@ fn json_schema_of(format: &serde_json::Value) -> Result<serde_json::Value, ApiEr
             PARAM,
         )),
     }
-}
-
-/// Tool calls: refused until they are implemented; `tool_choice: "none"` is accepted.
-fn tool_fields(sampling: &SamplingFields) -> Result<(), ApiError> {
-    if sampling.tools.is_some() {
-        return Err(unsupported("'tools' is not supported yet", "tools"));
-    }
-    match sampling.tool_choice.as_ref().map(|choice| choice.as_str()) {
-        None | Some(Some("none")) => {}
-        Some(_) => {
-            return Err(unsupported(
-                "'tool_choice' other than 'none' needs 'tools', which are not supported yet",
-                "tool_choice",
-            ))
-        }
-    }
-    if sampling.parallel_tool_calls.is_some() {
-        return Err(invalid(
-            "'parallel_tool_calls' is only allowed when 'tools' are specified",
-            "parallel_tool_calls",
-        ));
-    }
-    Ok(())
 }
 
 fn range(

@@ -24,7 +24,9 @@ use std::time::Duration;
 use crate::store::Store;
 
 pub use budget::{BudgetStatus, CloudBudgets, CountError};
-pub use upstream::{Upstream, UpstreamError, UpstreamEvent, UpstreamRequest};
+pub use upstream::{
+    Upstream, UpstreamCall, UpstreamError, UpstreamEvent, UpstreamRequest, UpstreamTools,
+};
 
 /// Prefix that pins a request to the cloud tier.
 pub const CLOUD_PREFIX: &str = "cloud/";

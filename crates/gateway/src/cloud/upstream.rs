@@ -25,8 +25,8 @@ use crate::limits;
 /// What the prompt of an upstream call is.
 #[derive(Clone, Debug)]
 pub enum UpstreamPrompt {
-    /// `POST /chat/completions` with these messages.
-    Chat(Vec<engine::ChatMessage>),
+    /// `POST /chat/completions` with these messages (OpenAI's message objects).
+    Chat(Vec<Value>),
     /// `POST /completions` with this text (a rendered chat plus the answer
     /// so far, for a handoff).
     Text(String),
@@ -53,6 +53,16 @@ pub struct UpstreamRequest {
     pub logit_bias: Vec<(i32, f32)>,
     /// Structured output, as the client asked for it.
     pub response_format: Option<Value>,
+    /// `tools`, `tool_choice` and `parallel_tool_calls`, as the client asked for them.
+    pub tools: Option<UpstreamTools>,
+}
+
+/// The tools a chat offers the cloud model.
+#[derive(Clone, Debug)]
+pub struct UpstreamTools {
+    pub tools: Value,
+    pub tool_choice: Value,
+    pub parallel_tool_calls: bool,
 }
 
 impl UpstreamRequest {
@@ -94,6 +104,11 @@ impl UpstreamRequest {
         if let Some(format) = &self.response_format {
             body["response_format"] = format.clone();
         }
+        if let Some(tools) = &self.tools {
+            body["tools"] = tools.tools.clone();
+            body["tool_choice"] = tools.tool_choice.clone();
+            body["parallel_tool_calls"] = json!(tools.parallel_tool_calls);
+        }
     }
 }
 
@@ -108,8 +123,20 @@ pub struct UpstreamUsage {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UpstreamEvent {
     pub text: String,
+    /// Parts of tool calls, as OpenAI streams them.
+    pub calls: Vec<UpstreamCall>,
     pub finish_reason: Option<String>,
     pub usage: Option<UpstreamUsage>,
+}
+
+/// A part of one tool call in a streamed chunk: the first names the call, the rest carry
+/// pieces of its arguments.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UpstreamCall {
+    pub index: usize,
+    pub id: Option<String>,
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -199,13 +226,7 @@ impl Upstream {
     ) -> Result<UpstreamStream, UpstreamError> {
         let started = Instant::now();
         let (path, mut body) = match &request.prompt {
-            UpstreamPrompt::Chat(messages) => {
-                let messages: Vec<Value> = messages
-                    .iter()
-                    .map(|message| json!({"role": message.role, "content": message.content}))
-                    .collect();
-                ("chat/completions", json!({ "messages": messages }))
-            }
+            UpstreamPrompt::Chat(messages) => ("chat/completions", json!({ "messages": messages })),
             UpstreamPrompt::Text(prompt) => ("completions", json!({ "prompt": prompt })),
         };
         body["model"] = json!(self.config.model);
@@ -364,6 +385,9 @@ fn parse_event(payload: &str) -> Result<UpstreamEvent, UpstreamError> {
             .or_else(|| choice["text"].as_str())
             .unwrap_or_default();
         event.text = text.to_string();
+        if let Some(calls) = choice["delta"]["tool_calls"].as_array() {
+            event.calls = calls.iter().map(upstream_call).collect::<Result<_, _>>()?;
+        }
         event.finish_reason = choice["finish_reason"].as_str().map(str::to_string);
     }
     if let Some(usage) = value.get("usage").filter(|usage| !usage.is_null()) {
@@ -381,9 +405,47 @@ fn parse_event(payload: &str) -> Result<UpstreamEvent, UpstreamError> {
     Ok(event)
 }
 
+/// One entry of a chunk's `delta.tool_calls`.
+fn upstream_call(value: &Value) -> Result<UpstreamCall, UpstreamError> {
+    let index = value["index"]
+        .as_u64()
+        .and_then(|index| usize::try_from(index).ok())
+        .ok_or_else(|| UpstreamError::Protocol("a tool call without its index".into()))?;
+    let text = |value: &Value| value.as_str().map(str::to_string);
+    Ok(UpstreamCall {
+        index,
+        id: text(&value["id"]),
+        name: text(&value["function"]["name"]),
+        arguments: text(&value["function"]["arguments"]).unwrap_or_default(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tool_call_parts_parse() {
+        let first = parse_event(
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get_weather","arguments":""}}]}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            first.calls,
+            [UpstreamCall {
+                index: 0,
+                id: Some("call_1".into()),
+                name: Some("get_weather".into()),
+                arguments: String::new(),
+            }]
+        );
+        let more = parse_event(
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"city\""}}]}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(more.calls[0].arguments, "{\"city\"");
+        assert_eq!(more.calls[0].name, None);
+    }
 
     #[test]
     fn chat_and_completion_chunks_parse() {

@@ -11,8 +11,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::http::{HeaderName, HeaderValue};
 use serde_json::{json, Value};
 
+use super::reading::Said;
 use super::{AnswerUsage, Ending};
 use crate::api::route::{RouteReason, RouteSummary, Tier};
+use crate::api::tools::calls::{arguments_text, Delta};
 use crate::api::validate::{Endpoint, ValidatedRequest};
 use crate::core::CommittedToken;
 
@@ -64,6 +66,9 @@ pub struct ResponseMeta {
     pub(super) logprobs: bool,
     /// The prompt text, when a completion asked for `echo`.
     pub(super) echo_prompt: Option<String>,
+    /// How the answer writes tool calls, when the request lets the model call tools and the
+    /// response reads them out of its text.
+    pub(super) tool_format: Option<engine::ToolCallFormat>,
     pub(super) route: Route,
 }
 
@@ -83,12 +88,29 @@ impl ResponseMeta {
             include_usage: request.include_usage,
             logprobs: request.logprobs,
             echo_prompt: request.echo.then_some(prompt_text),
+            tool_format: request
+                .tools
+                .as_ref()
+                .filter(|tools| tools.callable())
+                .and_then(|_| request.model.tokenizer.jinja_template().ok())
+                .map(engine::ChatTemplate::tool_call_format),
             route: Route::Fleet,
         }
     }
 
+    /// What this answer's tool call ids start with: unique per response.
+    pub(super) fn call_id_stem(&self) -> String {
+        let tail = self.id.rsplit('-').next().unwrap_or(&self.id);
+        tail.chars().take(24).collect()
+    }
+
     /// A routed answer started: its first tier, why, and the model named.
+    /// A routed answer with tools is the work of one tier (it is never handed over): the fleet
+    /// model's text is read for calls in its format, the cloud's calls come read.
     pub(super) fn start_routed(&mut self, tier: Tier, reason: RouteReason, model: String) {
+        if tier == Tier::Cloud {
+            self.tool_format = None;
+        }
         self.route = Route::Routed { tier, reason };
         self.model = model;
     }
@@ -145,21 +167,44 @@ pub(super) fn body_headers(meta: &ResponseMeta, ending: &Ending) -> [(HeaderName
     }
 }
 
-/// The whole (non-streaming) body: the text, its logprobs, the usage and
-/// the `fleetgrid` field.
-pub(super) fn body(meta: &ResponseMeta, text: &str, logprobs: Value, ending: &Ending) -> Value {
+/// The whole (non-streaming) body: what the answer said, its logprobs, the usage and the
+/// `fleetgrid` field; `finish_reason` as the reading of the answer says it.
+pub(super) fn body(
+    meta: &ResponseMeta,
+    said: &Said,
+    logprobs: Value,
+    ending: &Ending,
+    finish_reason: &str,
+) -> Value {
     let choice = match meta.endpoint {
-        Endpoint::Chat => json!({
-            "index": 0,
-            "message": { "role": "assistant", "content": text },
-            "logprobs": logprobs,
-            "finish_reason": ending.finish_reason,
-        }),
+        Endpoint::Chat => {
+            let mut message = json!({ "role": "assistant", "content": said.content });
+            if !said.calls.is_empty() {
+                if said.content.is_empty() {
+                    message["content"] = Value::Null;
+                }
+                message["tool_calls"] = said
+                    .calls
+                    .iter()
+                    .map(|call| {
+                        json!({"id": call.id, "type": "function", "function": {
+                            "name": call.name, "arguments": arguments_text(&call.arguments),
+                        }})
+                    })
+                    .collect();
+            }
+            json!({
+                "index": 0,
+                "message": message,
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            })
+        }
         Endpoint::Completion => json!({
             "index": 0,
-            "text": text,
+            "text": said.content,
             "logprobs": logprobs,
-            "finish_reason": ending.finish_reason,
+            "finish_reason": finish_reason,
         }),
     };
     let mut body = meta.envelope(false, json!([choice]));
@@ -169,6 +214,28 @@ pub(super) fn body(meta: &ResponseMeta, text: &str, logprobs: Value, ending: &En
         None => meta.route.json(),
     };
     body
+}
+
+/// The chunk of a stream that carries a part of a tool call, as OpenAI streams calls: the
+/// call's id, type and name with empty arguments first, then its arguments in pieces.
+pub(super) fn call_chunk(meta: &ResponseMeta, delta: &Delta, logprobs: Value) -> Option<String> {
+    let call = match delta {
+        Delta::Call { index, id, name } => json!({
+            "index": index, "id": id, "type": "function",
+            "function": {"name": name, "arguments": ""},
+        }),
+        Delta::Arguments { index, text } => json!({
+            "index": index, "function": {"arguments": text},
+        }),
+        Delta::Content(_) => return None,
+    };
+    let choice = json!({
+        "index": 0,
+        "delta": {"tool_calls": [call]},
+        "logprobs": logprobs,
+        "finish_reason": Value::Null,
+    });
+    Some(meta.envelope(true, json!([choice])).to_string())
 }
 
 /// One chunk of a stream; `first` opens the assistant's message, `fleetgrid`
@@ -329,6 +396,7 @@ impl ResponseMeta {
             include_usage,
             logprobs,
             echo_prompt,
+            tool_format: None,
             route: Route::Fleet,
         }
     }

@@ -389,3 +389,91 @@ async fn a_routed_stream_whose_driver_vanishes_ends_with_an_error() {
     assert_eq!(chunks[2]["error"]["type"], "server_error");
     assert_eq!(chunks[3], json!("[DONE]"));
 }
+
+/// A chat answer whose model calls tools in llama-server's generic format.
+fn calling_meta(stream: bool) -> ResponseMeta {
+    let mut meta = ResponseMeta::bare(Endpoint::Chat, stream, false, false, None);
+    meta.tool_format = Some(engine::ToolCallFormat::Generic);
+    meta
+}
+
+const CALLS: [&str; 4] = [
+    r#"{"tool_calls": [{"name": "get_weather", "#,
+    r#""arguments": {"city": "Pa"#,
+    r#"ris"}}, {"name": "now", "arguments": {}}"#,
+    r#"]}"#,
+];
+
+#[tokio::test]
+async fn a_body_gives_the_calls_read_from_the_text_with_null_content() {
+    let mut sequence: Vec<Event> = CALLS.iter().map(|piece| text(piece)).collect();
+    sequence.push(fleet_end("", "stop"));
+    let response = answer_from(calling_meta(false), sequence)
+        .await
+        .expect("an answer");
+    let (_, body) = body_of(response).await;
+    let choice = &body["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert!(choice["message"]["content"].is_null());
+    assert_eq!(
+        choice["message"]["tool_calls"],
+        json!([
+            {"id": "call_test_0", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}},
+            {"id": "call_test_1", "type": "function",
+             "function": {"name": "now", "arguments": "{}"}},
+        ])
+    );
+}
+
+#[tokio::test]
+async fn a_stream_opens_each_call_then_sends_its_arguments_in_pieces() {
+    let mut sequence: Vec<Event> = CALLS.iter().map(|piece| text(piece)).collect();
+    sequence.push(fleet_end("", "stop"));
+    let response = answer_from(calling_meta(true), sequence)
+        .await
+        .expect("a stream");
+    let (_, chunks) = stream_of(response).await;
+    let deltas: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|chunk| chunk["choices"][0]["delta"]["tool_calls"].get(0))
+        .collect();
+    assert_eq!(
+        deltas[0],
+        &json!({"index": 0, "id": "call_test_0", "type": "function",
+                "function": {"name": "get_weather", "arguments": ""}})
+    );
+    let arguments = |index: u64| -> String {
+        deltas
+            .iter()
+            .filter(|delta| delta["index"] == index)
+            .filter_map(|delta| delta["function"]["arguments"].as_str())
+            .collect()
+    };
+    assert_eq!(arguments(0), r#"{"city": "Paris"}"#);
+    assert_eq!(arguments(1), "{}");
+    // The arguments arrived in more than one piece, as the model wrote them.
+    assert!(deltas.iter().filter(|delta| delta["index"] == 0).count() > 2);
+    assert_eq!(streamed_content(&chunks), "");
+    let finishing = chunks
+        .iter()
+        .find_map(|chunk| chunk["choices"][0]["finish_reason"].as_str());
+    assert_eq!(finishing, Some("tool_calls"));
+}
+
+#[tokio::test]
+async fn a_generic_answer_that_answers_is_plain_content() {
+    let sequence = vec![
+        text(r#"{"response": "It is "#),
+        text(r#"sunny \"today\""}"#),
+        fleet_end("", "stop"),
+    ];
+    let response = answer_from(calling_meta(false), sequence)
+        .await
+        .expect("an answer");
+    let (_, body) = body_of(response).await;
+    let choice = &body["choices"][0];
+    assert_eq!(choice["finish_reason"], "stop");
+    assert_eq!(choice["message"]["content"], "It is sunny \"today\"");
+    assert!(choice["message"].get("tool_calls").is_none());
+}

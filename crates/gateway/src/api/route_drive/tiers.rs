@@ -9,14 +9,17 @@ use engine::TextAssembler;
 use rand::Rng;
 use router::{CloudPrompt, EdgeEnd, Event, TokenLogprob};
 use scheduler::RequestId;
+use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::{Flow, Routing, Stop};
 use crate::api::error::ApiError;
 use crate::api::generate;
+use crate::api::tools::calls::Delta;
+use crate::api::tools::{ToolMessage, Tools};
 use crate::api::validate::{PromptSource, ValidatedRequest};
 use crate::billing_meter::Metering;
-use crate::cloud::upstream::{UpstreamPrompt, UpstreamRequest, UpstreamStream};
+use crate::cloud::upstream::{UpstreamCall, UpstreamPrompt, UpstreamRequest, UpstreamStream};
 use crate::cloud::{CloudTier, UpstreamError};
 use crate::limits;
 use cell_api::{
@@ -186,6 +189,58 @@ impl Drop for EdgeRun {
 pub(super) struct CloudCall {
     pub(super) stream: UpstreamStream,
     started_ms: i64,
+    /// The tool calls the cloud streams, as the client reads them.
+    pub(super) calls: CloudCalls,
+}
+
+/// Turns the parts of tool calls a cloud streams into the response's deltas: each call
+/// opened once its name came, numbered in the order calls open, its arguments after.
+#[derive(Default)]
+pub(super) struct CloudCalls {
+    /// The upstream's index of each call opened, in the client's order.
+    opened: Vec<usize>,
+    /// Arguments of calls not opened yet, by the upstream's index.
+    waiting: Vec<(usize, String)>,
+}
+
+impl CloudCalls {
+    /// The deltas of `parts`; `id_stem` names calls the upstream gave no id.
+    pub(super) fn read(&mut self, parts: Vec<UpstreamCall>, id_stem: &str) -> Vec<Delta> {
+        let mut deltas = Vec::new();
+        for part in parts {
+            let mut arguments = part.arguments;
+            let index = match self.opened.iter().position(|&opened| opened == part.index) {
+                Some(index) => index,
+                None => match part.name {
+                    Some(name) => {
+                        let index = self.opened.len();
+                        self.opened.push(part.index);
+                        let id = part.id.unwrap_or_else(|| format!("call_{id_stem}_{index}"));
+                        deltas.push(Delta::Call { index, id, name });
+                        if let Some(at) = self.waiting.iter().position(|(i, _)| *i == part.index) {
+                            let (_, early) = self.waiting.remove(at);
+                            arguments = early + &arguments;
+                        }
+                        index
+                    }
+                    None => {
+                        match self.waiting.iter_mut().find(|(i, _)| *i == part.index) {
+                            Some((_, early)) => early.push_str(&arguments),
+                            None => self.waiting.push((part.index, arguments)),
+                        }
+                        continue;
+                    }
+                },
+            };
+            if !arguments.is_empty() {
+                deltas.push(Delta::Arguments {
+                    index,
+                    text: arguments,
+                });
+            }
+        }
+        deltas
+    }
 }
 
 impl Routing {
@@ -274,7 +329,11 @@ impl Routing {
         let started_ms = crate::core::now_ms().0;
         match self.cloud.upstream.start(&request, permit).await {
             Ok(stream) => {
-                self.cloud_call = Some(CloudCall { stream, started_ms });
+                self.cloud_call = Some(CloudCall {
+                    stream,
+                    started_ms,
+                    calls: CloudCalls::default(),
+                });
                 Ok(Event::CloudStarted)
             }
             Err(error) => Ok(self.cloud_failed(error)),
@@ -319,12 +378,21 @@ impl Routing {
             repetition_penalty: self.request.repetition_penalty,
             logit_bias: self.request.logit_bias.clone(),
             response_format: self.request.response_format.clone(),
+            tools: self.request.tools.as_deref().map(Tools::upstream),
         }
     }
 
     pub(super) fn cloud_prompt(&self) -> UpstreamPrompt {
         match &self.request.prompt {
-            PromptSource::Chat(messages) => UpstreamPrompt::Chat(messages.clone()),
+            PromptSource::Chat(messages) => UpstreamPrompt::Chat(
+                messages
+                    .iter()
+                    .map(|message| json!({"role": message.role, "content": message.content}))
+                    .collect(),
+            ),
+            PromptSource::Conversation { messages, .. } => {
+                UpstreamPrompt::Chat(messages.iter().map(ToolMessage::openai).collect())
+            }
             PromptSource::Text(text) => UpstreamPrompt::Text(text.clone()),
         }
     }
@@ -338,6 +406,7 @@ impl Routing {
         }
         match &self.request.prompt {
             PromptSource::Chat(_) => self.prompt.cloud.is_some(),
+            PromptSource::Conversation { .. } => false,
             PromptSource::Text(_) => true,
         }
     }
@@ -348,7 +417,7 @@ impl Routing {
     fn handoff_prompt(&self, sent: &str) -> Option<UpstreamPrompt> {
         let opened = match &self.request.prompt {
             PromptSource::Text(text) => text,
-            PromptSource::Chat(_) => match &self.prompt.cloud {
+            PromptSource::Chat(_) | PromptSource::Conversation { .. } => match &self.prompt.cloud {
                 Some(rendered) => &rendered.text,
                 None => {
                     tracing::error!(request_id = %self.public_id, "a handoff without the cloud's rendering of the chat");
@@ -369,6 +438,13 @@ impl Routing {
                 .find(|message| message.role == "user")
                 .or(messages.last())
                 .map(|message| message.content.clone())
+                .unwrap_or_default(),
+            PromptSource::Conversation { messages, .. } => messages
+                .iter()
+                .rev()
+                .find(|message| message.role == "user")
+                .or(messages.last())
+                .and_then(|message| message.content.clone())
                 .unwrap_or_default(),
         }
     }
