@@ -73,7 +73,38 @@ async fn stream_with_kill(
         streamed.errors
     );
     assert!(streamed.done);
-    streamed.content
+    raw
+}
+
+/// The text of a streamed chat answer.
+fn streamed_content(raw: &str) -> String {
+    common::parse_sse(raw).content
+}
+
+/// The tool calls of a streamed chat answer put together from their deltas: (name,
+/// arguments).
+fn streamed_calls(raw: &str) -> Vec<(String, String)> {
+    let mut calls: Vec<(String, String)> = Vec::new();
+    for data in raw.lines().filter_map(|line| line.strip_prefix("data: ")) {
+        let Ok(chunk) = serde_json::from_str::<serde_json::Value>(data) else {
+            continue;
+        };
+        let parts = chunk["choices"][0]["delta"]["tool_calls"]
+            .as_array()
+            .cloned();
+        for part in parts.into_iter().flatten() {
+            let function = &part["function"];
+            if let Some(name) = function["name"].as_str() {
+                calls.push((name.to_string(), String::new()));
+            }
+            if let (Some(call), Some(arguments)) =
+                (calls.last_mut(), function["arguments"].as_str())
+            {
+                call.1.push_str(arguments);
+            }
+        }
+    }
+    calls
 }
 
 /// A question behind a long preamble: its prompt is long enough (over 256
@@ -118,7 +149,7 @@ async fn a_generation_survives_its_node_being_killed_mid_stream() {
         let refused_before = stack
             .metric("fleetgrid_kv_checkpoints_rejected_by_nodes_total")
             .await;
-        let text = stream_with_kill(&mut stack, &body, 20).await;
+        let text = streamed_content(&stream_with_kill(&mut stack, &body, 20).await);
         assert_eq!(
             text, expected,
             "temperature {temperature}: the resumed stream differs from an uninterrupted run"
@@ -161,7 +192,8 @@ async fn a_generation_survives_its_node_being_killed_mid_stream() {
 /// penalties (and min-p and a bias), and one constrained by a JSON schema,
 /// killed mid-stream, still read exactly as the uninterrupted ones.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_penalised_or_constrained_answer_survives_its_node_being_killed_mid_stream() {
+async fn penalised_constrained_and_tool_calling_answers_survive_their_node_being_killed_mid_stream()
+{
     let mut stack = Stack::start(Default::default());
     let plain = json!({
         "model": MODEL,
@@ -193,6 +225,13 @@ async fn a_penalised_or_constrained_answer_survives_its_node_being_killed_mid_st
             "properties": {"facts": {"type": "array", "minItems": 4, "maxItems": 6,
                 "items": {"type": "string", "maxLength": 60}}}},
     }});
+    let mut calling = plain.clone();
+    calling["max_tokens"] = json!(200);
+    calling["tool_choice"] = json!("required");
+    calling["tools"] = json!([{"type": "function", "function": {
+        "name": "store_fact", "description": "Store one fact about batteries",
+        "parameters": {"type": "object", "additionalProperties": false, "required": ["fact"],
+            "properties": {"fact": {"type": "string", "maxLength": 80}}}}}]);
     for (round, body, kill_after_chunks) in [(1, &penalised, 20), (2, &constrained, 10)] {
         let names = [format!("a-{round}"), format!("b-{round}")];
         for name in &names {
@@ -212,7 +251,7 @@ async fn a_penalised_or_constrained_answer_survives_its_node_being_killed_mid_st
             let facts = facts["facts"].as_array().expect("an array of facts");
             assert!((4..=6).contains(&facts.len()), "{facts:?}");
         }
-        let text = stream_with_kill(&mut stack, body, kill_after_chunks).await;
+        let text = streamed_content(&stream_with_kill(&mut stack, body, kill_after_chunks).await);
         assert_eq!(
             text, expected,
             "round {round}: the resumed stream differs from an uninterrupted run"
@@ -222,6 +261,34 @@ async fn a_penalised_or_constrained_answer_survives_its_node_being_killed_mid_st
         }
         stack.wait_for_nodes(&[]).await;
     }
+    // A tool call's arguments, streamed while its vehicle is killed, continue exactly.
+    for name in ["a-3", "b-3"] {
+        stack.add_agent(name, 1);
+    }
+    stack.wait_for_nodes(&["a-3", "b-3"]).await;
+    let whole = stack.chat(&calling).await;
+    let expected: Vec<(String, String)> = whole["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no calls: {whole}"))
+        .iter()
+        .map(|call| {
+            let function = &call["function"];
+            (
+                function["name"].as_str().expect("name").to_string(),
+                function["arguments"]
+                    .as_str()
+                    .expect("arguments")
+                    .to_string(),
+            )
+        })
+        .collect();
+    assert!(!expected.is_empty());
+    let raw = stream_with_kill(&mut stack, &calling, 10).await;
+    assert_eq!(
+        streamed_calls(&raw),
+        expected,
+        "the resumed calls differ from an uninterrupted run"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
