@@ -187,6 +187,46 @@ async fn the_sdk_langchain_and_litellm_get_what_they_ask_for() {
         results["litellm_tools"][0]["name"], "get_weather",
         "{results}"
     );
+    // n > 1: three choices, each its own generation (not all the same at this
+    // temperature), reproducible with the seed, streamed as a whole answer.
+    let choices = results["n_choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 3, "{results}");
+    assert_eq!(
+        results["n_indices"],
+        serde_json::json!([0, 1, 2]),
+        "{results}"
+    );
+    assert!(choices
+        .iter()
+        .all(|choice| choice.as_str().is_some_and(|text| !text.is_empty())));
+    assert!(
+        choices.iter().any(|choice| choice != &choices[0]),
+        "{results}"
+    );
+    assert_eq!(&results["n_again"], &results["n_choices"], "{results}");
+    assert_eq!(&results["n_streamed"], &results["n_choices"], "{results}");
+    assert_eq!(&results["langchain_n"], &results["n_choices"], "{results}");
+    // Every choice prefilled its prompt and is billed: usage counts them all.
+    let usage = &results["n_usage"];
+    assert_eq!(
+        usage["total_tokens"],
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(
+        results["n_completions"].as_array().map(Vec::len),
+        Some(2),
+        "{results}"
+    );
+    // best_of 3 gives one choice and bills three generations' tokens.
+    assert_eq!(
+        results["best_of"]["texts"].as_array().map(Vec::len),
+        Some(1),
+        "{results}"
+    );
+    assert!(
+        results["best_of"]["completion_tokens"].as_u64() > Some(12),
+        "{results}"
+    );
     // LangChain and litellm pass the penalties through: the same greedy text
     // as the SDK, plain and streamed.
     for key in [

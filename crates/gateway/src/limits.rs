@@ -36,6 +36,9 @@ pub const REPETITION_PENALTY_MAX: f64 = 10.0;
 /// Most `top_logprobs` alternatives per token (OpenAI's limit).
 pub const TOP_LOGPROBS_MAX: u32 = 20;
 
+/// Most choices (`n`) or generations (`best_of`) one request may ask for.
+pub const CHOICES_MAX: u32 = 16;
+
 /// Context window of one sequence on a node, in tokens, unless configured.
 pub const CONTEXT_TOKENS_DEFAULT: u32 = 2048;
 

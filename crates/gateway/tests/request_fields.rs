@@ -85,21 +85,53 @@ async fn every_field_the_gateway_does_not_implement_is_refused_by_name() {
             unsupported,
         ),
         (
-            chat(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})),
+            chat(
+                json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+                "type": "object", "required": ["n"],
+                "properties": {"n": {"type": "integer", "minimum": 5, "maximum": 1}}}}}],
+                "tool_choice": "required"}),
+            ),
             "tools",
+            "invalid_value",
+        ),
+        (
+            chat(json!({"tools": [{"type": "retrieval"}]})),
+            "tools[0].type",
+            "invalid_value",
+        ),
+        (
+            chat(
+                json!({"tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+            ),
+            "tool_choice",
+            "invalid_value",
+        ),
+        (
+            chat(
+                json!({"tools": [{"type": "function", "function": {"name": "f"}}],
+                "response_format": {"type": "json_object"}}),
+            ),
+            "response_format",
             unsupported,
         ),
         (
             chat(json!({"tool_choice": "required"})),
             "tool_choice",
-            unsupported,
+            "invalid_value",
+        ),
+        (
+            json!({"model": MODEL, "messages": [{"role": "tool", "content": "42"}]}).to_string(),
+            "messages[0].tool_call_id",
+            "missing_required_parameter",
         ),
         (
             chat(json!({"parallel_tool_calls": true})),
             "parallel_tool_calls",
             "invalid_value",
         ),
-        (chat(json!({"n": 2})), "n", "invalid_value"),
+        (chat(json!({"n": 17})), "n", "invalid_value"),
+        (chat(json!({"n": 0})), "n", "invalid_value"),
         (
             json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi", "name": "bob"}]})
                 .to_string(),
@@ -128,7 +160,16 @@ async fn every_field_the_gateway_does_not_implement_is_refused_by_name() {
             "max_completion_tokens",
             unknown,
         ),
-        (completion(json!({"best_of": 3})), "best_of", unsupported),
+        (
+            completion(json!({"best_of": 2, "n": 3})),
+            "best_of",
+            "invalid_value",
+        ),
+        (
+            completion(json!({"best_of": 3, "stream": true})),
+            "best_of",
+            "invalid_value",
+        ),
         (
             completion(json!({"echo": true, "logprobs": 1})),
             "echo",

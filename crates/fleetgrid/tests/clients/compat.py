@@ -253,5 +253,36 @@ lite_tools = litellm.completion(
     tools=[weather], tool_choice="required", max_tokens=400, temperature=0,
 )
 results["litellm_tools"] = calls_of(lite_tools.choices[0].message)
+# n > 1: each choice its own generation with its own seed, reproducible, the
+# same streamed; best_of keeps the best and bills all.
+several = dict(n=3, max_tokens=24, temperature=0.9, seed=21)
+answer = client.chat.completions.create(model=model, messages=story, **several)
+results["n_choices"] = [choice.message.content for choice in answer.choices]
+results["n_indices"] = [choice.index for choice in answer.choices]
+results["n_usage"] = answer.usage.model_dump()
+again = client.chat.completions.create(model=model, messages=story, **several)
+results["n_again"] = [choice.message.content for choice in again.choices]
+parts = {}
+for chunk in client.chat.completions.create(model=model, messages=story, stream=True, **several):
+    for choice in chunk.choices:
+        parts.setdefault(choice.index, []).append(choice.delta.content or "")
+results["n_streamed"] = ["".join(parts[index]) for index in sorted(parts)]
+completion_n = client.completions.create(
+    model=model, prompt="The car was", n=2, max_tokens=12, temperature=0.9, seed=4
+)
+results["n_completions"] = [choice.text for choice in completion_n.choices]
+best = client.completions.create(
+    model=model, prompt="The car was", n=1, best_of=3, max_tokens=12, temperature=0.9, seed=4
+)
+results["best_of"] = {"texts": [choice.text for choice in best.choices],
+                      "completion_tokens": best.usage.completion_tokens}
+lc_several = ChatOpenAI(
+    model=model, base_url=base_url, api_key=api_key, temperature=0.9, max_tokens=24, n=3,
+    seed=21, max_retries=0,
+)
+results["langchain_n"] = [
+    generation.text
+    for generation in lc_several.generate([[HumanMessage(story[0]["content"])]]).generations[0]
+]
 results["forced_text"] = forced_text
 print(json.dumps(results))

@@ -94,53 +94,66 @@ async fn run(
     // Without a client seed the coordinator picks one, so that a generation
     // moved to another node continues exactly as it would have.
     let seed = request.seed.unwrap_or_else(|| rand::thread_rng().gen());
-    // Refused with 402 here, before anything is queued, if the tenant
-    // cannot pay for the worst case.
-    let charge = (state.billing)
-        .admit(
-            &tenant,
-            &request.model.name,
-            prompt.len(),
-            max_tokens,
-            &public_id,
-        )
-        .await?;
-    let admitted = state
-        .cell
-        .submit(NewGeneration {
-            public_id: public_id.clone(),
-            tenant: TenantRef {
-                id: tenant.id,
-                class: tenant.class,
-            },
-            model: request.model.name.clone(),
-            prompt,
-            committed: Vec::new(),
-            sampling: request.sampling(seed),
-            max_tokens,
-            stop: request.stop.clone(),
-            top_logprobs: if request.logprobs {
-                request.top_logprobs
-            } else {
-                0
-            },
-            deadline_ms,
-        })
-        .await
-        .map_err(rejection_error)?;
-    tracing::info!(request_id = %public_id, tenant_id = tenant.id, model = %request.model.name, "admitted");
+    if request.generations > 1 && idempotency.is_some() {
+        return Err(ApiError::invalid(
+            "Idempotency-Key is not supported with 'n' or 'best_of' above 1",
+            None,
+            "unsupported_header",
+        ));
+    }
     // The whole request is bounded from here, however its tokens trickle in.
     let deadline = tokio::time::Instant::now() + state.request_timeout;
+    let permit = Arc::new(permit);
+    let mut idempotency = idempotency;
+    let mut answers = Vec::with_capacity(request.generations as usize);
+    for index in 0..request.generations {
+        // Each choice is its own generation: its own id (the first keeps the response's), its
+        // own seed, placed, moved and billed on its own.
+        let id = match index {
+            0 => public_id.clone(),
+            _ => format!("{public_id}-{index}"),
+        };
+        // Refused with 402 here, before anything is queued, if the tenant
+        // cannot pay for the worst case.
+        let charge = (state.billing)
+            .admit(&tenant, &request.model.name, prompt.len(), max_tokens, &id)
+            .await?;
+        let admitted = state
+            .cell
+            .submit(NewGeneration {
+                public_id: id.clone(),
+                tenant: TenantRef {
+                    id: tenant.id,
+                    class: tenant.class,
+                },
+                model: request.model.name.clone(),
+                prompt: prompt.clone(),
+                committed: Vec::new(),
+                sampling: request.sampling(validate::choice_seed(seed, index)),
+                max_tokens,
+                stop: request.stop.clone(),
+                top_logprobs: if request.logprobs {
+                    request.top_logprobs
+                } else {
+                    0
+                },
+                deadline_ms,
+            })
+            .await
+            .map_err(rejection_error)?;
+        tracing::info!(request_id = %id, tenant_id = tenant.id, model = %request.model.name, "admitted");
+        let guard = CancelGuard::new(
+            Arc::clone(&state.cell),
+            admitted.request,
+            admitted.updates,
+            Arc::clone(&permit),
+        );
+        let finisher = Finisher::new(Arc::clone(&state.billing), charge, idempotency.take());
+        let fleet = FleetAnswer::new(guard, finisher, request.stop.clone(), deadline);
+        answers.push(Source::Fleet(Box::new(fleet)));
+    }
     let meta = ResponseMeta::new(public_id, &request, prompt_text);
-    let guard = CancelGuard::new(
-        Arc::clone(&state.cell),
-        admitted.request,
-        admitted.updates,
-        permit,
-    );
-    let finisher = Finisher::new(Arc::clone(&state.billing), charge, idempotency);
-    let fleet = FleetAnswer::new(guard, finisher, request.stop.clone(), deadline);
-    respond::answer(meta, Source::Fleet(Box::new(fleet))).await
+    respond::answer(meta, answers).await
 }
 
 /// The whole request body, within `REQUEST_BODY_BYTES_MAX`; 408 when the

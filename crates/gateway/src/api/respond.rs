@@ -93,12 +93,27 @@ impl Ending {
 }
 
 /// The usage the client reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct AnswerUsage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     /// `prompt_tokens_details.cached_tokens`: fleet answers only.
     pub cached_prompt_tokens: Option<u32>,
+}
+
+impl AnswerUsage {
+    /// The usage of two generations of one answer (its choices), each billed: each
+    /// prefilled its prompt, so the prompt counts once per choice.
+    pub(super) fn plus(&self, other: &AnswerUsage) -> AnswerUsage {
+        AnswerUsage {
+            prompt_tokens: self.prompt_tokens + other.prompt_tokens,
+            completion_tokens: self.completion_tokens + other.completion_tokens,
+            cached_prompt_tokens: match (self.cached_prompt_tokens, other.cached_prompt_tokens) {
+                (None, None) => None,
+                (mine, theirs) => Some(mine.unwrap_or(0) + theirs.unwrap_or(0)),
+            },
+        }
+    }
 }
 
 /// The usage the tenant is charged for: the prompt once, as the tier that
@@ -127,12 +142,13 @@ fn routed_usage(summary: &RouteSummary) -> AnswerUsage {
     }
 }
 
-/// Answers from `source`: a stream or a whole body, as the request asked.
-pub(super) async fn answer(meta: ResponseMeta, source: Source) -> Result<Response, ApiError> {
+/// Answers from `sources`, one per generation (`n`, `best_of`): a stream or a whole body,
+/// as the request asked.
+pub(super) async fn answer(meta: ResponseMeta, sources: Vec<Source>) -> Result<Response, ApiError> {
     if meta.stream {
-        Ok(stream::stream(meta, source))
+        Ok(stream::stream(meta, sources))
     } else {
-        body::collect(meta, source).await
+        body::collect(meta, sources).await
     }
 }
 
@@ -158,5 +174,5 @@ pub(super) async fn routed(
             return Err(ApiError::internal());
         }
     }
-    answer(meta, Source::Routed(events)).await
+    answer(meta, vec![Source::Routed(events)]).await
 }

@@ -136,6 +136,11 @@ pub struct ValidatedRequest {
     pub response_format: Option<serde_json::Value>,
     /// The tools on offer, when the request has any.
     pub tools: Option<Arc<Tools>>,
+    /// How many choices the answer has (`n`).
+    pub choices: u32,
+    /// How many generations run for them: `best_of` (at least `n`), else `n`. Each is its own
+    /// generation with its own seed ([`choice_seed`]), placed, moved and billed on its own.
+    pub generations: u32,
     pub stream: bool,
     pub include_usage: bool,
     pub logprobs: bool,
@@ -166,6 +171,18 @@ impl ValidatedRequest {
             grammar: self.grammar.clone().unwrap_or_default(),
         }
     }
+}
+
+/// The seed of choice `index` of a request whose seed is `seed`: the request's own for the
+/// first, then a stream of seeds mixed from it (SplitMix64), the same on every gateway.
+pub fn choice_seed(seed: u64, index: u32) -> u64 {
+    if index == 0 {
+        return seed;
+    }
+    let mut mixed = seed.wrapping_add(u64::from(index).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    mixed = (mixed ^ (mixed >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    mixed = (mixed ^ (mixed >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    mixed ^ (mixed >> 31)
 }
 
 fn invalid(message: impl Into<String>, param: &str) -> ApiError {
@@ -295,6 +312,7 @@ fn chat(
     if let Some(tools) = tools {
         tool_grammar(&mut validated, tools)?;
     }
+    routed_choices(&validated)?;
     Ok(validated)
 }
 
@@ -467,18 +485,19 @@ fn completion(
             "suffix",
         ));
     }
-    match request.best_of {
-        None | Some(1) => {}
-        Some(best_of) if best_of < 1 => {
-            return Err(invalid("'best_of' must be at least 1", "best_of"))
-        }
-        Some(best_of) => {
-            return Err(unsupported(
-                format!("'best_of' is {best_of}; only 1 is supported"),
+    let best_of = match request.best_of {
+        None => None,
+        Some(best_of) if !(1..=i64::from(limits::CHOICES_MAX)).contains(&best_of) => {
+            return Err(invalid(
+                format!(
+                    "'best_of' is {best_of}; it must be between 1 and {}",
+                    limits::CHOICES_MAX
+                ),
                 "best_of",
             ))
         }
-    }
+        Some(best_of) => Some(best_of as u32),
+    };
     let top_logprobs = match request.sampling.logprobs.as_ref() {
         None | Some(serde_json::Value::Null) => None,
         Some(value) => match value.as_u64() {
@@ -501,7 +520,7 @@ fn completion(
             "echo",
         ));
     }
-    finish(
+    let mut validated = finish(
         Endpoint::Completion,
         model,
         PromptSource::Text(prompt),
@@ -509,7 +528,38 @@ fn completion(
         top_logprobs.is_some(),
         top_logprobs.unwrap_or(0),
         echo,
-    )
+    )?;
+    if let Some(best_of) = best_of {
+        if best_of < validated.choices {
+            return Err(invalid(
+                format!(
+                    "'best_of' ({best_of}) must be at least 'n' ({})",
+                    validated.choices
+                ),
+                "best_of",
+            ));
+        }
+        if best_of > validated.choices && validated.stream {
+            return Err(invalid(
+                "'best_of' above 'n' cannot be streamed: the best are known only at the end",
+                "best_of",
+            ));
+        }
+        validated.generations = best_of;
+    }
+    routed_choices(&validated)?;
+    Ok(validated)
+}
+
+/// `n` (and `best_of`) above 1 are answered by the fleet: a routed answer is one generation.
+fn routed_choices(request: &ValidatedRequest) -> Result<(), ApiError> {
+    if request.route.is_some() && request.generations > 1 {
+        return Err(unsupported(
+            "'n' and 'best_of' above 1 are served by fleet models, not by 'auto' or 'cloud/...'",
+            if request.choices > 1 { "n" } else { "best_of" },
+        ));
+    }
+    Ok(())
 }
 
 /// The named model and what it resolves to.
@@ -618,11 +668,19 @@ fn finish(
         }
         Some(value) => value as u32,
     };
-    if let Some(n) = sampling.n {
-        if n != 1 {
-            return Err(invalid(format!("'n' is {n}; only 1 is supported"), "n"));
+    let choices = match sampling.n {
+        None => 1,
+        Some(n) if !(1..=i64::from(limits::CHOICES_MAX)).contains(&n) => {
+            return Err(invalid(
+                format!(
+                    "'n' is {n}; it must be between 1 and {}",
+                    limits::CHOICES_MAX
+                ),
+                "n",
+            ))
         }
-    }
+        Some(n) => n as u32,
+    };
     let presence_penalty = range(
         sampling.presence_penalty,
         0.0,
@@ -686,6 +744,8 @@ fn finish(
         grammar,
         response_format,
         tools: None,
+        choices,
+        generations: choices,
         stream,
         include_usage,
         logprobs,

@@ -12,7 +12,7 @@ use axum::http::{HeaderName, HeaderValue};
 use serde_json::{json, Value};
 
 use super::reading::Said;
-use super::{AnswerUsage, Ending};
+use super::AnswerUsage;
 use crate::api::route::{RouteReason, RouteSummary, Tier};
 use crate::api::tools::calls::{arguments_text, Delta};
 use crate::api::validate::{Endpoint, ValidatedRequest};
@@ -69,6 +69,8 @@ pub struct ResponseMeta {
     /// How the answer writes tool calls, when the request lets the model call tools and the
     /// response reads them out of its text.
     pub(super) tool_format: Option<engine::ToolCallFormat>,
+    /// How many choices the client reads (`n`); `best_of` may run more generations.
+    pub(super) choices: usize,
     pub(super) route: Route,
 }
 
@@ -94,6 +96,7 @@ impl ResponseMeta {
                 .filter(|tools| tools.callable())
                 .and_then(|_| request.model.tokenizer.jinja_template().ok())
                 .map(engine::ChatTemplate::tool_call_format),
+            choices: request.choices as usize,
             route: Route::Fleet,
         }
     }
@@ -154,8 +157,11 @@ pub(super) fn headers(id: &str, route: &Route) -> [(HeaderName, HeaderValue); 3]
 }
 
 /// The headers of a whole body: a routed answer names the tier it ended on.
-pub(super) fn body_headers(meta: &ResponseMeta, ending: &Ending) -> [(HeaderName, HeaderValue); 3] {
-    match &ending.route {
+pub(super) fn body_headers(
+    meta: &ResponseMeta,
+    summary: Option<&RouteSummary>,
+) -> [(HeaderName, HeaderValue); 3] {
+    match summary {
         Some(summary) => headers(
             &meta.id,
             &Route::Routed {
@@ -167,16 +173,38 @@ pub(super) fn body_headers(meta: &ResponseMeta, ending: &Ending) -> [(HeaderName
     }
 }
 
-/// The whole (non-streaming) body: what the answer said, its logprobs, the usage and the
-/// `fleetgrid` field; `finish_reason` as the reading of the answer says it.
+/// One choice of a whole answer: what it said, its logprobs and why it ended.
+pub(super) struct ChoiceBody<'a> {
+    pub said: &'a Said,
+    pub logprobs: Value,
+    pub finish_reason: &'a str,
+}
+
+/// The whole (non-streaming) body: each choice, the usage of all of them, and the
+/// `fleetgrid` field (a routed answer's summary, else the route).
 pub(super) fn body(
     meta: &ResponseMeta,
-    said: &Said,
-    logprobs: Value,
-    ending: &Ending,
-    finish_reason: &str,
+    choices: Vec<ChoiceBody<'_>>,
+    usage: &AnswerUsage,
+    summary: Option<&RouteSummary>,
 ) -> Value {
-    let choice = match meta.endpoint {
+    let choices: Vec<Value> = choices
+        .into_iter()
+        .enumerate()
+        .map(|(index, choice)| choice_json(meta, index, choice))
+        .collect();
+    let mut body = meta.envelope(false, Value::Array(choices));
+    body["usage"] = usage_json(usage);
+    body["fleetgrid"] = match summary {
+        Some(summary) => summary_json(summary),
+        None => meta.route.json(),
+    };
+    body
+}
+
+fn choice_json(meta: &ResponseMeta, index: usize, choice: ChoiceBody<'_>) -> Value {
+    let said = choice.said;
+    match meta.endpoint {
         Endpoint::Chat => {
             let mut message = json!({ "role": "assistant", "content": said.content });
             if !said.calls.is_empty() {
@@ -194,31 +222,30 @@ pub(super) fn body(
                     .collect();
             }
             json!({
-                "index": 0,
+                "index": index,
                 "message": message,
-                "logprobs": logprobs,
-                "finish_reason": finish_reason,
+                "logprobs": choice.logprobs,
+                "finish_reason": choice.finish_reason,
             })
         }
         Endpoint::Completion => json!({
-            "index": 0,
+            "index": index,
             "text": said.content,
-            "logprobs": logprobs,
-            "finish_reason": finish_reason,
+            "logprobs": choice.logprobs,
+            "finish_reason": choice.finish_reason,
         }),
-    };
-    let mut body = meta.envelope(false, json!([choice]));
-    body["usage"] = usage_json(&ending.usage);
-    body["fleetgrid"] = match &ending.route {
-        Some(summary) => summary_json(summary),
-        None => meta.route.json(),
-    };
-    body
+    }
 }
 
-/// The chunk of a stream that carries a part of a tool call, as OpenAI streams calls: the
-/// call's id, type and name with empty arguments first, then its arguments in pieces.
-pub(super) fn call_chunk(meta: &ResponseMeta, delta: &Delta, logprobs: Value) -> Option<String> {
+/// The chunk of a stream that carries a part of a tool call of choice `choice`, as OpenAI
+/// streams calls: the call's id, type and name with empty arguments first, then its arguments
+/// in pieces.
+pub(super) fn call_chunk(
+    meta: &ResponseMeta,
+    choice: u32,
+    delta: &Delta,
+    logprobs: Value,
+) -> Option<String> {
     let call = match delta {
         Delta::Call { index, id, name } => json!({
             "index": index, "id": id, "type": "function",
@@ -230,7 +257,7 @@ pub(super) fn call_chunk(meta: &ResponseMeta, delta: &Delta, logprobs: Value) ->
         Delta::Content(_) => return None,
     };
     let choice = json!({
-        "index": 0,
+        "index": choice,
         "delta": {"tool_calls": [call]},
         "logprobs": logprobs,
         "finish_reason": Value::Null,
@@ -238,16 +265,29 @@ pub(super) fn call_chunk(meta: &ResponseMeta, delta: &Delta, logprobs: Value) ->
     Some(meta.envelope(true, json!([choice])).to_string())
 }
 
-/// One chunk of a stream; `first` opens the assistant's message, `fleetgrid`
-/// is the route the chunk announces, if any.
+/// What one chunk of a stream says of choice `choice`: its text, `first` to open the
+/// assistant's message, `finish` when it ends.
+pub(super) struct ChunkParts<'a> {
+    pub choice: u32,
+    pub text: &'a str,
+    pub logprobs: Value,
+    pub finish: Option<&'a str>,
+    pub first: bool,
+}
+
+/// One chunk of a stream; `fleetgrid` is the route the chunk announces, if any.
 pub(super) fn chunk(
     meta: &ResponseMeta,
-    text: &str,
-    logprobs: Value,
-    finish: Option<&str>,
-    first: bool,
+    parts: ChunkParts<'_>,
     fleetgrid: Option<Value>,
 ) -> String {
+    let ChunkParts {
+        choice: index,
+        text,
+        logprobs,
+        finish,
+        first,
+    } = parts;
     let choice = match meta.endpoint {
         Endpoint::Chat => {
             let delta = match (first, finish) {
@@ -255,10 +295,10 @@ pub(super) fn chunk(
                 (false, Some(_)) if text.is_empty() => json!({}),
                 _ => json!({"content": text}),
             };
-            json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+            json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
         }
         Endpoint::Completion => {
-            json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish})
+            json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
         }
     };
     let mut chunk = meta.envelope(true, json!([choice]));
@@ -397,6 +437,7 @@ impl ResponseMeta {
             logprobs,
             echo_prompt,
             tool_format: None,
+            choices: 1,
             route: Route::Fleet,
         }
     }

@@ -31,7 +31,8 @@ pub struct CancelGuard {
     updates: mpsc::Receiver<Update>,
     armed: bool,
     charge: Option<CancelCharge>,
-    _permit: RequestSlot,
+    /// The request's slots, shared by its choices' generations.
+    _permit: Arc<RequestSlot>,
 }
 
 impl CancelGuard {
@@ -39,7 +40,7 @@ impl CancelGuard {
         cell: Arc<dyn Cell>,
         request: RequestId,
         updates: mpsc::Receiver<Update>,
-        permit: RequestSlot,
+        permit: Arc<RequestSlot>,
     ) -> CancelGuard {
         CancelGuard {
             cell,

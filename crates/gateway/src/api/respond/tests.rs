@@ -80,7 +80,7 @@ fn events(sequence: Vec<Event>) -> mpsc::Receiver<Event> {
 }
 
 async fn answer_from(meta: ResponseMeta, sequence: Vec<Event>) -> Result<Response, ApiError> {
-    answer(meta, Source::Routed(events(sequence))).await
+    answer(meta, vec![Source::Routed(events(sequence))]).await
 }
 
 async fn body_of(response: Response) -> (HeaderMap, Value) {
@@ -476,4 +476,102 @@ async fn a_generic_answer_that_answers_is_plain_content() {
     assert_eq!(choice["finish_reason"], "stop");
     assert_eq!(choice["message"]["content"], "It is sunny \"today\"");
     assert!(choice["message"].get("tool_calls").is_none());
+}
+
+/// A finished choice whose tokens had the log-probability `logprob` each.
+fn choice_events(words: &[&str], logprob: f32) -> Vec<Event> {
+    let mut sequence: Vec<Event> = words
+        .iter()
+        .map(|word| token(word, word, logprob))
+        .collect();
+    sequence.push(fleet_end("", "stop"));
+    sequence
+}
+
+fn sources(choices: Vec<Vec<Event>>) -> Vec<Source> {
+    choices
+        .into_iter()
+        .map(|sequence| Source::Routed(events(sequence)))
+        .collect()
+}
+
+#[tokio::test]
+async fn every_choice_is_in_the_body_with_its_index_and_the_usage_of_all() {
+    let mut meta = ResponseMeta::bare(Endpoint::Chat, false, false, false, None);
+    meta.choices = 2;
+    let choices = vec![
+        choice_events(&["Red", " car"], -0.5),
+        choice_events(&["Blue", " van"], -0.1),
+    ];
+    let response = answer(meta, sources(choices)).await.expect("an answer");
+    let (_, body) = body_of(response).await;
+    let choices = body["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 2);
+    assert_eq!(choices[0]["index"], 0);
+    assert_eq!(choices[0]["message"]["content"], "Red car");
+    assert_eq!(choices[1]["index"], 1);
+    assert_eq!(choices[1]["message"]["content"], "Blue van");
+    // Each choice prefilled its prompt and was billed: the usage is the sum.
+    assert_eq!(body["usage"]["prompt_tokens"], 10);
+    assert_eq!(body["usage"]["completion_tokens"], 6);
+    assert_eq!(body["usage"]["prompt_tokens_details"]["cached_tokens"], 4);
+}
+
+#[tokio::test]
+async fn best_of_gives_the_choices_of_highest_mean_logprob_and_bills_all() {
+    let mut meta = ResponseMeta::bare(Endpoint::Completion, false, false, false, None);
+    meta.choices = 1;
+    let choices = vec![
+        choice_events(&["unsure"], -2.0),
+        choice_events(&["sure", " thing"], -0.2),
+        choice_events(&["maybe"], -1.0),
+    ];
+    let response = answer(meta, sources(choices)).await.expect("an answer");
+    let (_, body) = body_of(response).await;
+    let choices = body["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 1);
+    assert_eq!(choices[0]["index"], 0);
+    assert_eq!(choices[0]["text"], "sure thing");
+    assert_eq!(body["usage"]["completion_tokens"], 9);
+}
+
+#[tokio::test]
+async fn a_stream_of_two_choices_names_each_chunks_choice_and_ends_once() {
+    let mut meta = ResponseMeta::bare(Endpoint::Chat, true, true, false, None);
+    meta.choices = 2;
+    let choices = vec![
+        choice_events(&["Red", " car"], -0.5),
+        choice_events(&["Blue", " van"], -0.1),
+    ];
+    let response = answer(meta, sources(choices)).await.expect("a stream");
+    let (_, chunks) = stream_of(response).await;
+    assert_eq!(chunks.last(), Some(&json!("[DONE]")));
+    let text_of = |index: u64| -> String {
+        chunks
+            .iter()
+            .filter(|chunk| chunk["choices"][0]["index"] == index)
+            .filter_map(|chunk| chunk["choices"][0]["delta"]["content"].as_str())
+            .collect()
+    };
+    assert_eq!(text_of(0), "Red car");
+    assert_eq!(text_of(1), "Blue van");
+    for index in [0, 1] {
+        let openings = chunks
+            .iter()
+            .filter(|chunk| chunk["choices"][0]["index"] == index)
+            .filter(|chunk| chunk["choices"][0]["delta"]["role"] == "assistant")
+            .count();
+        let finishes = chunks
+            .iter()
+            .filter(|chunk| chunk["choices"][0]["index"] == index)
+            .filter(|chunk| chunk["choices"][0]["finish_reason"] == "stop")
+            .count();
+        assert_eq!((openings, finishes), (1, 1), "choice {index}");
+    }
+    let usage: Vec<&Value> = chunks
+        .iter()
+        .filter(|chunk| chunk.get("usage").is_some())
+        .collect();
+    assert_eq!(usage.len(), 1);
+    assert_eq!(usage[0]["usage"]["completion_tokens"], 6);
 }
