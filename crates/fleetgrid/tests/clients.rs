@@ -3,12 +3,15 @@
 //! the real model (`clients/compat.py`). Needs the virtual environment
 //! `cargo xtask test` prepares (`FLEETGRID_TEST_PYTHON` names its interpreter).
 
+mod cloud_common;
 mod common;
 
+use cloud_common::LocalCloud;
 use common::{model_path, run_python, Stack, MODEL};
 use serde_json::Value;
 
 const SCRIPT: &str = include_str!("clients/compat.py");
+const AUTO_SCRIPT: &str = include_str!("clients/compat_auto.py");
 
 fn text<'a>(results: &'a Value, key: &str) -> &'a str {
     results[key]
@@ -236,5 +239,46 @@ async fn the_sdk_langchain_and_litellm_get_what_they_ask_for() {
         "litellm_stream",
     ] {
         assert_eq!(text(&results, key), penalised, "{key}: {results}");
+    }
+}
+
+/// The same clients on `auto`, with the local cloud as the upstream: whichever
+/// tier answers, structured output parses, tool calls follow their tools, the
+/// penalties go through, and what `auto` cannot do is refused by name.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_clients_get_what_they_ask_for_on_auto() {
+    let cloud = LocalCloud::shared();
+    let stack = cloud_common::gateway(cloud.serve_args()).await;
+    let results = run_python(AUTO_SCRIPT, vec![stack.url("/v1"), stack.api_key.clone()]).await;
+    let penalised = &results["penalised"];
+    assert!(!text(penalised, "content").is_empty(), "{results}");
+    assert!(["fleet", "cloud", "fleet_then_cloud"].contains(&text(penalised, "tier")));
+    assert!(
+        !text(&results, "penalised_streamed").is_empty(),
+        "{results}"
+    );
+    for key in ["sdk_parsed", "langchain_structured", "litellm_structured"] {
+        let person = &results[key];
+        assert!(
+            ["red", "green", "blue"].contains(&person["colour"].as_str().unwrap_or("")),
+            "{key}: {results}"
+        );
+        assert!(
+            person["age"].as_u64().is_some_and(|age| age <= 120),
+            "{key}: {results}"
+        );
+    }
+    let calls = results["sdk_tools"].as_array().expect("calls");
+    assert!(!calls.is_empty(), "{results}");
+    for call in calls {
+        assert_eq!(call["name"], "get_weather", "{results}");
+        assert!(call["arguments"]["city"].is_string(), "{results}");
+    }
+    let langchain = &results["langchain_tools"];
+    assert_eq!(langchain["calls"][0]["name"], "get_weather", "{results}");
+    assert!(!text(langchain, "answer").is_empty(), "{results}");
+    for (key, param) in [("refused_logit_bias", "logit_bias"), ("refused_n", "n")] {
+        assert_eq!(results[key]["status"], 400, "{key}: {results}");
+        assert_eq!(results[key]["param"], param, "{key}: {results}");
     }
 }
