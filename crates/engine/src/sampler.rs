@@ -138,12 +138,15 @@ impl Sampler {
         let top_count = (top_logprobs as usize)
             .min(TOP_LOGPROBS_MAX)
             .min(logits.len());
+        // A token a grammar or `ignore_eos` ruled out (logit -inf) is no alternative: it had
+        // no chance of being drawn.
         let top = top_tokens(logits, top_count)
             .into_iter()
             .map(|token| Candidate {
                 token,
                 logprob: logit_at(logits, token) - log_normalizer,
             })
+            .filter(|candidate| candidate.logprob.is_finite())
             .collect();
         Sampled {
             token,

@@ -74,6 +74,30 @@ fn a_schema_constrained_answer_parses_and_follows_the_schema_at_any_temperature(
 }
 
 #[test]
+fn alternatives_a_grammar_rules_out_are_not_reported() {
+    let engine = start(1, 1024);
+    let prompt = chat_prompt(&engine, "Pick a colour.");
+    let schema = json!({"enum": ["red", "green", "blue"]});
+    let mut constrained = generation(prompt, sampled(0.0, 0), 20);
+    constrained.grammar = Some(json_schema_grammar(&schema));
+    constrained.top_logprobs = 5;
+    let outcome = run(&engine, constrained);
+    assert_finished(&outcome, engine::FinishReason::Stop);
+    // Where the grammar allows fewer than five tokens, fewer are reported: every
+    // alternative could have been drawn.
+    assert!(outcome
+        .tokens
+        .iter()
+        .any(|token| token.top_logprobs.len() < 5));
+    for token in &outcome.tokens {
+        assert!(!token.top_logprobs.is_empty());
+        for alternative in &token.top_logprobs {
+            assert!(alternative.logprob.is_finite(), "{:?}", token);
+        }
+    }
+}
+
+#[test]
 fn a_constrained_generation_resumed_elsewhere_continues_exactly() {
     let first_node = start(2, 1024);
     let prompt = chat_prompt(&first_node, "Describe a person and their pets.");

@@ -10,8 +10,14 @@ use cloud_common::LocalCloud;
 use common::{model_path, run_python, Stack, MODEL};
 use serde_json::Value;
 
-const SCRIPT: &str = include_str!("clients/compat.py");
-const AUTO_SCRIPT: &str = include_str!("clients/compat_auto.py");
+const SCRIPT: &str = concat!(
+    include_str!("clients/shared.py"),
+    include_str!("clients/compat.py")
+);
+const AUTO_SCRIPT: &str = concat!(
+    include_str!("clients/shared.py"),
+    include_str!("clients/compat_auto.py")
+);
 
 fn text<'a>(results: &'a Value, key: &str) -> &'a str {
     results[key]

@@ -16,8 +16,10 @@ fn weather() -> Value {
     json!({"type": "function", "function": {
         "name": "get_weather",
         "description": "Current weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
-                       "required": ["city"], "additionalProperties": false},
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"], "additionalProperties": false},
     }})
 }
 
@@ -27,7 +29,7 @@ fn ask(model: &str, tool_choice: Value) -> Value {
         "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
         "tools": [weather()],
         "tool_choice": tool_choice,
-        "max_tokens": 200,
+        "max_tokens": 250,
         "temperature": 0.0,
         "seed": 7,
     })
@@ -170,7 +172,13 @@ async fn the_clouds_tool_calls_reach_the_client_and_auto_calls_through_either_ti
 
     // `auto`: whichever tier answers, the calls follow the tool's parameters.
     let routed = post_chat(&stack, &ask("auto", json!("required"))).await;
-    assert_eq!(routed.status, 200, "{}", routed.body);
+    assert_eq!(
+        routed.status,
+        200,
+        "{}\n{}",
+        routed.body,
+        stack.log("coordinator")
+    );
     assert_eq!(
         routed.body["choices"][0]["finish_reason"], "tool_calls",
         "{}",

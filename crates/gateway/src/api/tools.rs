@@ -303,23 +303,20 @@ fn function(tool: Value, index: usize) -> Result<Function, ApiError> {
             )
         })?
         .to_string();
-    if function
-        .get("description")
-        .is_some_and(|description| !description.is_string() && !description.is_null())
-    {
-        return Err(invalid(
-            "a function's 'description' must be a string",
-            &format!("{param}.function.description"),
-        ));
-    }
-    if function
-        .get("strict")
-        .is_some_and(|strict| !strict.is_boolean() && !strict.is_null())
-    {
-        return Err(invalid(
-            "a function's 'strict' must be a boolean",
-            &format!("{param}.function.strict"),
-        ));
+    let typed: [(&str, fn(&Value) -> bool, &str); 2] = [
+        ("description", Value::is_string, "a string"),
+        ("strict", Value::is_boolean, "a boolean"),
+    ];
+    for (key, is_kind, kind) in typed {
+        if function
+            .get(key)
+            .is_some_and(|value| !is_kind(value) && !value.is_null())
+        {
+            return Err(invalid(
+                format!("a function's '{key}' must be {kind}"),
+                &format!("{param}.function.{key}"),
+            ));
+        }
     }
     let parameters = match function.get("parameters") {
         None | Some(Value::Null) => json!({"type": "object", "properties": {}}),

@@ -485,19 +485,7 @@ fn completion(
             "suffix",
         ));
     }
-    let best_of = match request.best_of {
-        None => None,
-        Some(best_of) if !(1..=i64::from(limits::CHOICES_MAX)).contains(&best_of) => {
-            return Err(invalid(
-                format!(
-                    "'best_of' is {best_of}; it must be between 1 and {}",
-                    limits::CHOICES_MAX
-                ),
-                "best_of",
-            ))
-        }
-        Some(best_of) => Some(best_of as u32),
-    };
+    let best_of = choice_count(request.best_of, "best_of")?;
     let top_logprobs = match request.sampling.logprobs.as_ref() {
         None | Some(serde_json::Value::Null) => None,
         Some(value) => match value.as_u64() {
@@ -549,6 +537,26 @@ fn completion(
     }
     routed_choices(&validated)?;
     Ok(validated)
+}
+
+/// `n` or `best_of`: from 1 to [`limits::CHOICES_MAX`].
+fn choice_count(value: Option<i64>, param: &str) -> Result<Option<u32>, ApiError> {
+    match value {
+        None => Ok(None),
+        Some(count) => u32::try_from(count)
+            .ok()
+            .filter(|count| (1..=limits::CHOICES_MAX).contains(count))
+            .map(Some)
+            .ok_or_else(|| {
+                invalid(
+                    format!(
+                        "'{param}' is {count}; it must be between 1 and {}",
+                        limits::CHOICES_MAX
+                    ),
+                    param,
+                )
+            }),
+    }
 }
 
 /// `n` (and `best_of`) above 1 are answered by the fleet: a routed answer is one generation.
@@ -668,19 +676,7 @@ fn finish(
         }
         Some(value) => value as u32,
     };
-    let choices = match sampling.n {
-        None => 1,
-        Some(n) if !(1..=i64::from(limits::CHOICES_MAX)).contains(&n) => {
-            return Err(invalid(
-                format!(
-                    "'n' is {n}; it must be between 1 and {}",
-                    limits::CHOICES_MAX
-                ),
-                "n",
-            ))
-        }
-        Some(n) => n as u32,
-    };
+    let choices = choice_count(sampling.n, "n")?.unwrap_or(1);
     let presence_penalty = range(
         sampling.presence_penalty,
         0.0,
