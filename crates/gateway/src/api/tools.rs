@@ -303,11 +303,14 @@ fn function(tool: Value, index: usize) -> Result<Function, ApiError> {
             )
         })?
         .to_string();
-    let typed: [(&str, fn(&Value) -> bool, &str); 2] = [
+    /// An optional field of a function: its name, whether a value has its type, and what
+    /// that type is called.
+    type Typed = (&'static str, fn(&Value) -> bool, &'static str);
+    const TYPED: [Typed; 2] = [
         ("description", Value::is_string, "a string"),
         ("strict", Value::is_boolean, "a boolean"),
     ];
-    for (key, is_kind, kind) in typed {
+    for (key, is_kind, kind) in TYPED {
         if function
             .get(key)
             .is_some_and(|value| !is_kind(value) && !value.is_null())
