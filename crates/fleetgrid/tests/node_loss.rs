@@ -329,3 +329,98 @@ async fn a_client_that_disconnects_mid_stream_has_its_generation_cancelled_withi
         1.0
     );
 }
+
+/// Each text of a streamed answer of several choices, by choice index.
+fn streamed_choices(raw: &str) -> Vec<String> {
+    let mut texts: Vec<String> = Vec::new();
+    for data in raw.lines().filter_map(|line| line.strip_prefix("data: ")) {
+        let Ok(chunk) = serde_json::from_str::<serde_json::Value>(data) else {
+            continue;
+        };
+        let Some(choice) = chunk["choices"].get(0) else {
+            continue;
+        };
+        let index = choice["index"].as_u64().expect("index") as usize;
+        if texts.len() <= index {
+            texts.resize(index + 1, String::new());
+        }
+        if let Some(text) = choice["delta"]["content"].as_str() {
+            texts[index].push_str(text);
+        }
+    }
+    texts
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_choice_of_an_answer_moves_on_its_own_when_its_vehicle_is_killed() {
+    let mut stack = Stack::start(Default::default());
+    let names = ["a", "b", "c"];
+    for name in names {
+        stack.add_agent(name, 1);
+    }
+    stack.wait_for_nodes(&names).await;
+    let body = json!({
+        "model": MODEL, "n": 2, "max_tokens": 120, "temperature": 0.8, "seed": 5,
+        "messages": [{"role": "user", "content": "Write a long story about a trip across the mountains."}],
+    });
+    let whole = stack.chat(&body).await;
+    let expected: Vec<String> = whole["choices"]
+        .as_array()
+        .expect("choices")
+        .iter()
+        .map(|choice| {
+            choice["message"]["content"]
+                .as_str()
+                .expect("content")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(expected.len(), 2);
+    assert_ne!(expected[0], expected[1], "each choice has its own seed");
+
+    // Streamed again; one of the two vehicles running it is killed mid-answer.
+    let mut streaming = body.clone();
+    streaming["stream"] = json!(true);
+    let before = stack.assignment_counts().await;
+    let response = stack.post("/v1/chat/completions", &streaming).await;
+    assert_eq!(response.status(), 200);
+    let mut bytes = response.bytes_stream();
+    let mut raw = String::new();
+    let mut killed = None;
+    while let Some(chunk) = bytes.next().await {
+        raw.push_str(&String::from_utf8_lossy(&chunk.expect("stream chunk")));
+        if killed.is_none() && raw.matches("data: ").count() >= 12 {
+            let now = stack.assignment_counts().await;
+            let running: Vec<String> = now
+                .iter()
+                .filter(|(name, count)| **count > before.get(*name).copied().unwrap_or(0.0))
+                .map(|(name, _)| name.clone())
+                .collect();
+            assert_eq!(running.len(), 2, "each choice on its own vehicle: {now:?}");
+            let victim = running[0].clone();
+            stack
+                .agents
+                .iter_mut()
+                .find(|agent| agent.name == victim)
+                .expect("agent process")
+                .kill();
+            killed = Some(victim);
+        }
+    }
+    assert!(killed.is_some(), "the answer finished before the kill");
+    // The killed vehicle's choice was assigned again, to another vehicle.
+    let after = stack.assignment_counts().await;
+    let assigned: f64 = after
+        .iter()
+        .map(|(name, count)| count - before.get(name).copied().unwrap_or(0.0))
+        .sum();
+    assert!(assigned >= 3.0, "{before:?} -> {after:?}");
+    let streamed = common::parse_sse(&raw);
+    assert!(streamed.errors.is_empty(), "{:?}", streamed.errors);
+    assert!(streamed.done);
+    assert_eq!(
+        streamed_choices(&raw),
+        expected,
+        "a moved choice differs from an uninterrupted run"
+    );
+}
