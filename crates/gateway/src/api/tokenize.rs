@@ -36,6 +36,8 @@ struct TokenizeBody {
     prompt: Option<String>,
     /// Checked exactly as a chat completion's `messages`.
     messages: Option<Value>,
+    /// A chat only: the tools on offer, rendered as a chat completion renders them.
+    tools: Option<Value>,
     /// A chat only: open the assistant's turn after the messages (default).
     add_generation_prompt: Option<bool>,
     /// Add the model's BOS/EOS tokens: by default for a text prompt, not
@@ -149,12 +151,20 @@ impl TokenizeBody {
                 "missing_required_parameter",
             )),
             (Some(prompt), None) => {
-                if self.add_generation_prompt.is_some() {
-                    return Err(ApiError::invalid(
-                        "'add_generation_prompt' applies to 'messages' only",
-                        Some("add_generation_prompt"),
-                        "invalid_value",
-                    ));
+                for (given, param) in [
+                    (
+                        self.add_generation_prompt.is_some(),
+                        "add_generation_prompt",
+                    ),
+                    (self.tools.is_some(), "tools"),
+                ] {
+                    if given {
+                        return Err(ApiError::invalid(
+                            format!("'{param}' applies to 'messages' only"),
+                            Some(param),
+                            "invalid_value",
+                        ));
+                    }
                 }
                 let wire = as_completion(
                     serde_json::json!({ "model": model, "prompt": prompt }),
@@ -174,7 +184,7 @@ impl TokenizeBody {
             }
             (None, Some(messages)) => {
                 let wire = as_completion(
-                    serde_json::json!({ "model": model, "messages": messages }),
+                    serde_json::json!({ "model": model, "messages": messages, "tools": self.tools }),
                     Endpoint::Chat,
                 )?;
                 let rendering = Rendering {
