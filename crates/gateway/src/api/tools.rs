@@ -392,14 +392,19 @@ pub struct ToolMessage {
 impl ToolMessage {
     /// The message in OpenAI's shape, as an upstream reads it.
     pub fn openai(&self) -> Value {
+        self.shaped(|arguments| Value::String(arguments.to_string()))
+    }
+
+    /// The message in OpenAI's shape, each call's arguments as `arguments` gives them.
+    fn shaped(&self, arguments: fn(&str) -> Value) -> Value {
         let mut message = json!({"role": self.role, "content": self.content});
         if !self.calls.is_empty() {
             message["tool_calls"] = self
                 .calls
                 .iter()
-                .map(|(id, name, arguments)| {
+                .map(|(id, name, sent)| {
                     json!({"id": id, "type": "function",
-                           "function": {"name": name, "arguments": arguments}})
+                           "function": {"name": name, "arguments": arguments(sent)}})
                 })
                 .collect();
         }
@@ -413,20 +418,10 @@ impl ToolMessage {
     fn rendered(&self, format: ToolCallFormat, names: &[(String, String)]) -> Value {
         match format {
             ToolCallFormat::Hermes => {
-                let mut message = json!({"role": self.role, "content": self.content});
-                if !self.calls.is_empty() {
-                    message["tool_calls"] = self
-                        .calls
-                        .iter()
-                        .map(|(id, name, arguments)| {
-                            json!({"id": id, "type": "function", "function": {
-                                "name": name, "arguments": arguments_value(arguments),
-                            }})
-                        })
-                        .collect();
-                }
+                // Arguments as JSON values, as transformers passes them; a result names its
+                // function.
+                let mut message = self.shaped(arguments_value);
                 if let Some(id) = &self.call_id {
-                    message["tool_call_id"] = json!(id);
                     if let Some((_, name)) = names.iter().find(|(known, _)| known == id) {
                         message["name"] = json!(name);
                     }

@@ -432,22 +432,31 @@ impl Routing {
     pub(super) fn router_prompt(&self) -> String {
         match &self.request.prompt {
             PromptSource::Text(text) => text.clone(),
-            PromptSource::Chat(messages) => messages
-                .iter()
-                .rev()
-                .find(|message| message.role == "user")
-                .or(messages.last())
-                .map(|message| message.content.clone())
-                .unwrap_or_default(),
-            PromptSource::Conversation { messages, .. } => messages
-                .iter()
-                .rev()
-                .find(|message| message.role == "user")
-                .or(messages.last())
-                .and_then(|message| message.content.clone())
-                .unwrap_or_default(),
+            PromptSource::Chat(messages) => last_user(
+                messages
+                    .iter()
+                    .map(|message| (message.role.as_str(), Some(message.content.as_str()))),
+            ),
+            PromptSource::Conversation { messages, .. } => last_user(
+                messages
+                    .iter()
+                    .map(|message| (message.role.as_str(), message.content.as_deref())),
+            ),
         }
     }
+}
+
+/// The text of the last user message of `(role, content)`s, else of the last message.
+fn last_user<'a>(messages: impl DoubleEndedIterator<Item = (&'a str, Option<&'a str>)>) -> String {
+    let messages: Vec<_> = messages.collect();
+    messages
+        .iter()
+        .rev()
+        .find(|(role, _)| *role == "user")
+        .or(messages.last())
+        .and_then(|(_, content)| *content)
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn token_logprob(token: &CommittedToken) -> TokenLogprob {
