@@ -19,6 +19,7 @@ pub mod cloud;
 pub mod http_serve;
 pub mod limits;
 pub mod metrics;
+pub mod sampling;
 pub mod tenant_requests;
 
 // The store and the seam's types, under the names the gateway's code uses.

@@ -129,7 +129,7 @@ async fn run(
                 model: request.model.name.clone(),
                 prompt: prompt.clone(),
                 committed: Vec::new(),
-                sampling: request.sampling(validate::choice_seed(seed, index)),
+                sampling: request.vehicle_sampling(validate::choice_seed(seed, index)),
                 max_tokens,
                 stop: request.stop.clone(),
                 top_logprobs: if request.logprobs {

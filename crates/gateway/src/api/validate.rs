@@ -16,6 +16,7 @@ use super::types::{
     StopField,
 };
 use crate::limits;
+use crate::sampling::Sampling;
 use crate::served::{ServedModel, ServedModels};
 
 /// Roles a chat message may have.
@@ -113,18 +114,9 @@ pub struct ValidatedRequest {
     pub prompt: PromptSource,
     /// `None` when the client gave none; capped later by the context left.
     pub max_tokens: Option<u32>,
-    pub temperature: f32,
-    pub top_p: f32,
-    pub top_k: u32,
-    /// 0 means no min-p cut.
-    pub min_p: f32,
-    pub presence_penalty: f32,
-    pub frequency_penalty: f32,
-    /// 1 means none.
-    pub repetition_penalty: f32,
-    /// (token, bias), ascending by token; token ids of the served model's vocabulary (for
-    /// `cloud/<model>`, of the cloud model's, which its upstream checks).
-    pub logit_bias: Vec<(i32, f32)>,
+    /// `logit_bias` holds token ids of the served model's vocabulary (for `cloud/<model>`,
+    /// of the cloud model's, which its upstream checks).
+    pub sampling: Sampling,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
     /// Run to `max_tokens` (or a stop sequence) past end-of-generation tokens.
@@ -152,18 +144,19 @@ pub struct ValidatedRequest {
 impl ValidatedRequest {
     /// How a vehicle samples this request's answer, with `seed` (the client's, or one drawn
     /// for it).
-    pub fn sampling(&self, seed: u64) -> proto::Sampling {
+    pub fn vehicle_sampling(&self, seed: u64) -> proto::Sampling {
+        let sampling = &self.sampling;
         proto::Sampling {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
+            temperature: sampling.temperature,
+            top_p: sampling.top_p,
+            top_k: sampling.top_k,
             seed,
             ignore_eos: self.ignore_eos,
-            min_p: self.min_p,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            repetition_penalty: self.repetition_penalty,
-            logit_bias: self
+            min_p: sampling.min_p,
+            presence_penalty: sampling.presence_penalty,
+            frequency_penalty: sampling.frequency_penalty,
+            repetition_penalty: sampling.repetition_penalty,
+            logit_bias: sampling
                 .logit_bias
                 .iter()
                 .map(|&(token, bias)| proto::LogitBias { token, bias })
@@ -726,14 +719,16 @@ fn finish(
         route: model.choice.route,
         prompt,
         max_tokens,
-        temperature,
-        top_p,
-        top_k,
-        min_p,
-        presence_penalty,
-        frequency_penalty,
-        repetition_penalty,
-        logit_bias,
+        sampling: Sampling {
+            temperature,
+            top_p,
+            top_k,
+            min_p,
+            presence_penalty,
+            frequency_penalty,
+            repetition_penalty,
+            logit_bias,
+        },
         seed: sampling.seed.map(|seed| seed as u64),
         stop,
         ignore_eos,

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use super::sse::SseParser;
 use super::CloudConfig;
 use crate::limits;
+use crate::sampling::Sampling;
 
 /// What the prompt of an upstream call is.
 #[derive(Clone, Debug)]
@@ -36,21 +37,12 @@ pub enum UpstreamPrompt {
 pub struct UpstreamRequest {
     pub prompt: UpstreamPrompt,
     pub max_tokens: u32,
-    pub temperature: f32,
-    pub top_p: f32,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
-    /// Sent only when they ask for something (OpenAI's own API refuses the
-    /// extensions `top_k`, `min_p` and `repetition_penalty`, and its refusal
-    /// reaches the client): 0 for top-k and min-p, 1 for the repetition penalty
-    /// and 0 for the others mean none.
-    pub top_k: u32,
-    pub min_p: f32,
-    pub presence_penalty: f32,
-    pub frequency_penalty: f32,
-    pub repetition_penalty: f32,
-    /// (token, bias) of the cloud model's vocabulary.
-    pub logit_bias: Vec<(i32, f32)>,
+    /// Sent only where they ask for something (OpenAI's own API refuses the extensions
+    /// `top_k`, `min_p` and `repetition_penalty`, and its refusal reaches the client).
+    /// Token ids in `logit_bias` are of the cloud model's vocabulary.
+    pub sampling: Sampling,
     /// Structured output, as the client asked for it.
     pub response_format: Option<Value>,
     /// `tools`, `tool_choice` and `parallel_tool_calls`, as the client asked for them.
@@ -68,9 +60,10 @@ pub struct UpstreamTools {
 impl UpstreamRequest {
     /// Writes the sampling fields that ask for something into `body`.
     fn write_sampling(&self, body: &mut Value) {
+        let sampling = &self.sampling;
         body["max_tokens"] = json!(self.max_tokens);
-        body["temperature"] = json!(self.temperature);
-        body["top_p"] = json!(self.top_p);
+        body["temperature"] = json!(sampling.temperature);
+        body["top_p"] = json!(sampling.top_p);
         if let Some(seed) = self.seed {
             // OpenAI takes a signed 64-bit seed.
             body["seed"] = json!(seed as i64);
@@ -78,23 +71,23 @@ impl UpstreamRequest {
         if !self.stop.is_empty() {
             body["stop"] = json!(self.stop);
         }
-        if self.top_k != 0 {
-            body["top_k"] = json!(self.top_k);
+        if sampling.top_k != 0 {
+            body["top_k"] = json!(sampling.top_k);
         }
-        if self.min_p != 0.0 {
-            body["min_p"] = json!(self.min_p);
+        if sampling.min_p != 0.0 {
+            body["min_p"] = json!(sampling.min_p);
         }
-        if self.presence_penalty != 0.0 {
-            body["presence_penalty"] = json!(self.presence_penalty);
+        if sampling.presence_penalty != 0.0 {
+            body["presence_penalty"] = json!(sampling.presence_penalty);
         }
-        if self.frequency_penalty != 0.0 {
-            body["frequency_penalty"] = json!(self.frequency_penalty);
+        if sampling.frequency_penalty != 0.0 {
+            body["frequency_penalty"] = json!(sampling.frequency_penalty);
         }
-        if self.repetition_penalty != 1.0 {
-            body["repetition_penalty"] = json!(self.repetition_penalty);
+        if sampling.repetition_penalty != 1.0 {
+            body["repetition_penalty"] = json!(sampling.repetition_penalty);
         }
-        if !self.logit_bias.is_empty() {
-            let bias: serde_json::Map<String, Value> = self
+        if !sampling.logit_bias.is_empty() {
+            let bias: serde_json::Map<String, Value> = sampling
                 .logit_bias
                 .iter()
                 .map(|&(token, bias)| (token.to_string(), json!(bias)))
