@@ -49,6 +49,12 @@ pub struct Generation {
     /// Report the sequence's KV cache once the prompt is in it, as a
     /// [`GenerationEvent::Checkpoint`] before the first token.
     pub export_checkpoint: bool,
+    /// Score the prompt: report the log-probability of every prompt token after the first, given
+    /// the tokens before it, with `top_logprobs` alternatives, as one
+    /// [`GenerationEvent::PromptLogprobs`] before the first token. The whole prompt is prefilled
+    /// for it (no cells kept from an earlier prompt, no `restore`), in chunks of at most
+    /// [`crate::PROMPT_SCORE_CHUNK_TOKENS`].
+    pub prompt_logprobs: bool,
 }
 
 /// A sequence's KV cache covering its first `tokens` tokens: the sequence's own stream section
@@ -127,11 +133,14 @@ pub struct GenerationDone {
     pub prompt_reused: u32,
 }
 
-/// Everything a generation reports, in order: at most one `Checkpoint` (when asked for), tokens,
-/// then exactly one `Done` or `Failed`.
+/// Everything a generation reports, in order: at most one `Checkpoint` and at most one
+/// `PromptLogprobs` (when asked for), tokens, then exactly one `Done` or `Failed`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum GenerationEvent {
     Checkpoint(SequenceCheckpoint),
+    /// The prompt's tokens from the second on, each scored given the tokens before it; a
+    /// [`TokenEvent`]'s `position` is then its index in the prompt.
+    PromptLogprobs(Vec<TokenEvent>),
     Token(TokenEvent),
     Done(GenerationDone),
     Failed(EngineError),

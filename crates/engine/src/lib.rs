@@ -53,4 +53,4 @@ pub use jinja::{json_dumps, ChatTemplate, ToolCallFormat, CHAT_TEMPLATE_BYTES_MA
 pub use sampler::SamplingParams;
 pub use text::TextAssembler;
 pub use tokenizer::{ChatMessage, Tokenizer, LLAMA_LOG_ENV, TOKENIZE_TEXT_BYTES_MAX};
-pub use worker::{CHECKPOINT_BYTES_MAX, RESTORE_CHECKED_TOKENS};
+pub use worker::{CHECKPOINT_BYTES_MAX, PROMPT_SCORE_CHUNK_TOKENS, RESTORE_CHECKED_TOKENS};

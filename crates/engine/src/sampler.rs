@@ -135,24 +135,24 @@ impl Sampler {
             self.draw(logits, max_logit, params, position)
                 .unwrap_or(argmax)
         };
-        let top_count = (top_logprobs as usize)
-            .min(TOP_LOGPROBS_MAX)
-            .min(logits.len());
-        // A token a grammar or `ignore_eos` ruled out (logit -inf) is no alternative: it had
-        // no chance of being drawn.
-        let top = top_tokens(logits, top_count)
-            .into_iter()
-            .map(|token| Candidate {
-                token,
-                logprob: logit_at(logits, token) - log_normalizer,
-            })
-            .filter(|candidate| candidate.logprob.is_finite())
-            .collect();
-        Sampled {
-            token,
-            logprob: (logit_at(logits, token) - log_normalizer).min(0.0),
-            top,
-        }
+        described(logits, log_normalizer, token, top_logprobs)
+    }
+
+    /// The log-probability of a given `token` under `logits` (one per vocabulary entry), with
+    /// `top_logprobs` alternatives: how a prompt token is scored. Nothing is drawn.
+    ///
+    /// # Panics
+    ///
+    /// If `logits` is empty (a model always has a vocabulary).
+    pub fn score(&mut self, logits: &[f32], token: TokenId, top_logprobs: u32) -> Sampled {
+        assert!(!logits.is_empty(), "scoring needs at least one logit");
+        let (max_logit, _) = max_and_argmax(logits);
+        let log_normalizer = if max_logit == f32::NEG_INFINITY {
+            f32::NEG_INFINITY
+        } else {
+            max_logit + (self.terms.fill(logits, max_logit, 1.0) as f32).ln()
+        };
+        described(logits, log_normalizer, token, top_logprobs)
     }
 
     /// The non-greedy path: temperature, top-k, top-p, then one draw keyed by `(seed, position)`.
@@ -521,6 +521,29 @@ fn draw_from_sorted_prefix(prefix: &[(f32, TokenId)], uniform: f64) -> TokenId {
         }
     }
     prefix.first().map_or(0, |&(_, token)| token)
+}
+
+/// `token` with its log-probability under `logits` (whose log-normaliser is `log_normalizer`)
+/// and the `top_logprobs` most likely tokens (capped at [`TOP_LOGPROBS_MAX`]).
+fn described(logits: &[f32], log_normalizer: f32, token: TokenId, top_logprobs: u32) -> Sampled {
+    let top_count = (top_logprobs as usize)
+        .min(TOP_LOGPROBS_MAX)
+        .min(logits.len());
+    // A token a grammar or `ignore_eos` ruled out (logit -inf) is no alternative: it had
+    // no chance of being drawn.
+    let top = top_tokens(logits, top_count)
+        .into_iter()
+        .map(|token| Candidate {
+            token,
+            logprob: logit_at(logits, token) - log_normalizer,
+        })
+        .filter(|candidate| candidate.logprob.is_finite())
+        .collect();
+    Sampled {
+        token,
+        logprob: (logit_at(logits, token) - log_normalizer).min(0.0),
+        top,
+    }
 }
 
 /// The `count` most likely tokens by raw logit, most likely first, ties by lowest id.

@@ -27,9 +27,10 @@ use crate::{
     SequenceCheckpoint, TokenEvent, TokenId, Tokenizer, TopLogprob,
 };
 
-/// Most events a slot ever holds back: a checkpoint, one token and the final event of the same
-/// step (a slot with a non-empty outbox is not decoded, so nothing more can pile up).
-const OUTBOX_CAPACITY: usize = 3;
+/// Most events a slot ever holds back: a checkpoint, the prompt's scores, one token and the final
+/// event of the same step (a slot with a non-empty outbox is not decoded, so nothing more can
+/// pile up).
+const OUTBOX_CAPACITY: usize = 4;
 
 /// A generation admitted to the engine thread, waiting for (or occupying) a slot.
 #[derive(Debug)]
@@ -98,6 +99,9 @@ pub(crate) struct Slot {
     checkpoint_rejected: bool,
     /// Leading prompt tokens found in the sequence's cells from its previous occupant.
     prompt_reused: u32,
+    /// The prompt is scored (`Generation::prompt_logprobs`): the scores so far, until they are
+    /// reported once the whole prompt is prefilled.
+    prompt_scores: Option<Vec<TokenEvent>>,
 }
 
 impl Slot {
@@ -162,6 +166,7 @@ impl Slot {
             restore_check: None,
             checkpoint_rejected: false,
             prompt_reused: 0,
+            prompt_scores: generation.prompt_logprobs.then(Vec::new),
         };
         (slot, already_over)
     }
@@ -329,6 +334,36 @@ impl Slot {
         }));
     }
 
+    /// Whether the prompt is being scored: every prompt token but the last needs its logits.
+    pub fn scores_prompt(&self) -> bool {
+        self.prompt_scores.is_some()
+    }
+
+    /// Record the score of the prompt token at `index` (from 1): `sampled` is its
+    /// log-probability and alternatives under the logits of the token before it.
+    pub fn score_prompt_token(&mut self, index: usize, sampled: &Sampled, tokenizer: &Tokenizer) {
+        let Some(scores) = self.prompt_scores.as_mut() else {
+            return;
+        };
+        debug_assert_eq!(scores.len() + 1, index, "prompt tokens are scored in order");
+        scores.push(token_event(saturating_u32(index), sampled, tokenizer));
+    }
+
+    /// The prompt token at `index`.
+    pub fn prompt_token(&self, index: usize) -> Option<TokenId> {
+        self.prompt.get(index).copied()
+    }
+
+    /// Once the whole prompt is prefilled, report its scores, ahead of the first token.
+    pub fn report_prompt_scores(&mut self) {
+        if self.prefilled < self.prompt.len() || self.finished {
+            return;
+        }
+        if let Some(scores) = self.prompt_scores.take() {
+            self.send(GenerationEvent::PromptLogprobs(scores));
+        }
+    }
+
     /// Add this sequence's share of a decode call's time.
     pub fn add_compute(&mut self, share: Duration) {
         self.compute += share;
@@ -361,23 +396,8 @@ impl Slot {
             return Some(FinishReason::Stop);
         }
         self.adjust.record(sampled.token);
-        let piece = tokenizer.piece(sampled.token);
-        self.text.push(&piece);
-        let event = TokenEvent {
-            position: self.position,
-            token: sampled.token,
-            piece,
-            logprob: sampled.logprob,
-            top_logprobs: sampled
-                .top
-                .iter()
-                .map(|candidate| TopLogprob {
-                    token: candidate.token,
-                    piece: tokenizer.piece(candidate.token),
-                    logprob: candidate.logprob,
-                })
-                .collect(),
-        };
+        let event = token_event(self.position, sampled, tokenizer);
+        self.text.push(&event.piece);
         self.send(GenerationEvent::Token(event));
         self.position += 1;
         if self.text.stopped() || self.grammar.as_ref().is_some_and(Constrained::is_complete) {
@@ -462,6 +482,25 @@ impl Slot {
             "outbox grows only while paused"
         );
         self.outbox.push_back(event);
+    }
+}
+
+/// `sampled` as the event reporting it at `position`, with its text and its alternatives'.
+fn token_event(position: u32, sampled: &Sampled, tokenizer: &Tokenizer) -> TokenEvent {
+    TokenEvent {
+        position,
+        token: sampled.token,
+        piece: tokenizer.piece(sampled.token),
+        logprob: sampled.logprob,
+        top_logprobs: sampled
+            .top
+            .iter()
+            .map(|candidate| TopLogprob {
+                token: candidate.token,
+                piece: tokenizer.piece(candidate.token),
+                logprob: candidate.logprob,
+            })
+            .collect(),
     }
 }
 

@@ -7,7 +7,8 @@
 //! Each step, like llama-server's slots: free slots admit queued generations; one `llama_decode`
 //! prefills chunks (up to `batch_tokens` in all) of the waiting prompts, and a second one feeds
 //! every decoding sequence, a prompt finished just before included, its one next token; logits
-//! are requested only where a token will be sampled. Sequence ids are the slot indices, and each
+//! are requested only where a token will be sampled, or a prompt token scored
+//! (`Generation::prompt_logprobs`). Sequence ids are the slot indices, and each
 //! has its own KV cache stream (non-unified cache), so a sequence's numbers do not depend on
 //! where its neighbours' cells are.
 //!
@@ -44,6 +45,7 @@ use sequence::{
     export_sequence, keep_sequence_head, release_sequence, retire_sequence, reusable_head,
 };
 
+pub use batch::PROMPT_SCORE_CHUNK_TOKENS;
 pub use restore::RESTORE_CHECKED_TOKENS;
 pub use sequence::CHECKPOINT_BYTES_MAX;
 
@@ -277,7 +279,13 @@ impl<'model> Worker<'model> {
         let seq_id = i32::try_from(index).unwrap_or(i32::MAX);
         self.cached[index].clear();
         self.admissions += 1;
-        let restore = admission.generation.restore.take();
+        // A scored prompt is prefilled whole: its tokens' logits are what is asked for.
+        let scores_prompt = admission.generation.prompt_logprobs;
+        let restore = admission
+            .generation
+            .restore
+            .take()
+            .filter(|_| !scores_prompt);
         let grammar = admission
             .generation
             .grammar
@@ -300,7 +308,7 @@ impl<'model> Worker<'model> {
         }
         // Keep the cells of the prompt's head the previous occupant left, if that is all there
         // is to load: they are the cells prefilling would compute again.
-        let keep = if already_over.is_none() && restore.is_none() {
+        let keep = if already_over.is_none() && restore.is_none() && !scores_prompt {
             reusable
         } else {
             0
@@ -396,6 +404,24 @@ impl<'model> Worker<'model> {
                 if let Some(data) = export_sequence(&self.context, slot.seq_id, streams) {
                     slot.report_checkpoint(data);
                 }
+            }
+            if let Some(scores) = entry.scores {
+                let top_logprobs = slot.sampling().2;
+                for offset in 0..scores.count {
+                    let index = scores.first_token + offset;
+                    let (Some(token), Ok(at)) = (
+                        slot.prompt_token(index),
+                        i32::try_from(offset).map(|offset| scores.first_logits + offset),
+                    ) else {
+                        break;
+                    };
+                    let raw = self.context.get_logits_ith(at);
+                    let scored = self.sampler.score(raw, token, top_logprobs);
+                    slot.score_prompt_token(index, &scored, &self.tokenizer);
+                }
+            }
+            if matches!(entry.kind, Fed::Prefill(_)) {
+                slot.report_prompt_scores();
             }
             let Some(batch_index) = entry.logits_at else {
                 continue;

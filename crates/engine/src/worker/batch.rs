@@ -32,6 +32,7 @@ impl Worker<'_> {
                     slot: index,
                     kind: Fed::Decode,
                     logits_at,
+                    scores: None,
                 });
             }
         }
@@ -51,11 +52,26 @@ impl Worker<'_> {
             .filter(|(_, slot)| slot.is_runnable() && !slot.prefill_remaining().is_empty())
             .collect();
         waiting.sort_by_key(|(_, slot)| slot.admitted);
+        // A prompt being scored goes alone, when its turn comes, in short chunks: each of its
+        // tokens has a vocabulary of logits in llama.cpp's output buffer.
+        let capacity = self.config.batch_tokens as usize;
+        let (capacity, alone) = match waiting.first() {
+            Some((_, oldest)) if oldest.scores_prompt() => {
+                (capacity.min(PROMPT_SCORE_CHUNK_TOKENS), true)
+            }
+            _ => {
+                waiting.retain(|(_, slot)| !slot.scores_prompt());
+                (capacity, false)
+            }
+        };
+        if alone {
+            waiting.truncate(1);
+        }
         let remaining: Vec<usize> = waiting
             .iter()
             .map(|(_, slot)| slot.prefill_remaining().len())
             .collect();
-        let (members, chunk) = plan_prefill(&remaining, self.config.batch_tokens as usize);
+        let (members, chunk) = plan_prefill(&remaining, capacity);
         let mut group: Vec<_> = members.into_iter().map(|member| waiting[member]).collect();
         // Ascending sequence ids: llama.cpp puts a run of consecutive ids in one micro-batch.
         group.sort_by_key(|(_, slot)| slot.seq_id);
@@ -64,8 +80,21 @@ impl Worker<'_> {
             let remaining = slot.prefill_remaining();
             let completes_prompt = chunk == remaining.len();
             let samples = completes_prompt && slot.samples_after_prompt();
+            // While prefilling, the cells hold the prompt's first `kv_tokens` tokens. A scored
+            // prompt needs the logits of every token but its last: each scores the next one.
+            let first_token = slot.kv_tokens as usize;
+            let scored = if slot.scores_prompt() {
+                chunk.min(slot.prompt_len().saturating_sub(first_token + 1))
+            } else {
+                0
+            };
+            let scores = (scored > 0).then(|| PromptScores {
+                first_logits: batch.n_tokens(),
+                first_token: first_token + 1,
+                count: scored,
+            });
             for (offset, &token) in remaining[..chunk].iter().enumerate() {
-                let wants_logits = samples && offset + 1 == chunk;
+                let wants_logits = (samples && offset + 1 == chunk) || offset < scored;
                 let position = slot
                     .kv_tokens
                     .saturating_add(u32::try_from(offset).unwrap_or(u32::MAX));
@@ -80,6 +109,7 @@ impl Worker<'_> {
                 slot: index,
                 kind: Fed::Prefill(chunk),
                 logits_at: samples.then(|| batch.n_tokens() - 1),
+                scores,
             });
         }
         entries
@@ -100,6 +130,22 @@ pub(super) struct BatchEntry {
     pub(super) kind: Fed,
     /// Index in the batch whose logits are this slot's next token distribution.
     pub(super) logits_at: Option<i32>,
+    /// Prompt tokens of a scored prompt whose logits this batch computes.
+    pub(super) scores: Option<PromptScores>,
+}
+
+/// Most tokens of a scored prompt (`Generation::prompt_logprobs`) one prefill call takes: each
+/// of them asks llama.cpp for a whole vocabulary of logits.
+pub const PROMPT_SCORE_CHUNK_TOKENS: usize = 64;
+
+/// Where a scored prompt's logits sit in a batch: from batch index `first_logits` on, `count`
+/// consecutive tokens, scoring prompt tokens `first_token..first_token + count` (each by the
+/// logits of the token before it).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct PromptScores {
+    pub(super) first_logits: i32,
+    pub(super) first_token: usize,
+    pub(super) count: usize,
 }
 
 /// How many of `remaining` prompt tokens to prefill now, with `capacity` room: as many as fit,

@@ -61,6 +61,7 @@ pub fn generation(prompt: Vec<TokenId>, sampling: SamplingParams, max_tokens: u3
         grammar: None,
         restore: None,
         export_checkpoint: false,
+        prompt_logprobs: false,
     }
 }
 
@@ -79,6 +80,8 @@ pub fn sampled(temperature: f32, seed: u64) -> SamplingParams {
 pub struct Outcome {
     /// The checkpoint reported ahead of the tokens, when one was asked for.
     pub checkpoint: Option<SequenceCheckpoint>,
+    /// The prompt's scores, reported ahead of the tokens, when they were asked for.
+    pub prompt_scores: Option<Vec<TokenEvent>>,
     pub tokens: Vec<TokenEvent>,
     pub done: GenerationDone,
 }
@@ -120,8 +123,14 @@ pub fn next_event(stream: &mut GenerationStream) -> Option<GenerationEvent> {
 pub fn collect(mut stream: GenerationStream) -> Outcome {
     let mut tokens = Vec::new();
     let mut checkpoint = None;
+    let mut prompt_scores = None;
     loop {
         match next_event(&mut stream) {
+            Some(GenerationEvent::PromptLogprobs(scores)) => {
+                assert!(tokens.is_empty(), "prompt scores after tokens");
+                assert!(prompt_scores.is_none(), "a second report of prompt scores");
+                prompt_scores = Some(scores);
+            }
             Some(GenerationEvent::Checkpoint(reported)) => {
                 assert!(tokens.is_empty(), "a checkpoint after tokens");
                 assert!(checkpoint.is_none(), "a second checkpoint");
@@ -132,6 +141,7 @@ pub fn collect(mut stream: GenerationStream) -> Outcome {
                 assert!(next_event(&mut stream).is_none(), "events after done");
                 return Outcome {
                     checkpoint,
+                    prompt_scores,
                     tokens,
                     done,
                 };
