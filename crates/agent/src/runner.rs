@@ -276,6 +276,7 @@ fn check_assignment(
         grammar: (!sampling.grammar.is_empty()).then(|| sampling.grammar.clone()),
         restore: None,
         export_checkpoint: assign.report_checkpoint,
+        prompt_logprobs: assign.prompt_logprobs,
     })
 }
 
@@ -332,6 +333,12 @@ impl GenerationTask {
                     }
                     continue;
                 }
+                Some(GenerationEvent::PromptLogprobs(scores)) => {
+                    if !self.send_prompt_logprobs(scores).await {
+                        return;
+                    }
+                    continue;
+                }
                 Some(GenerationEvent::Token(token)) => collect_ready(token, &mut stream),
                 Some(other) => (Vec::new(), Some(other)),
                 None => {
@@ -350,6 +357,11 @@ impl GenerationTask {
                 None | Some(GenerationEvent::Token(_)) => {}
                 Some(GenerationEvent::Checkpoint(checkpoint)) => {
                     if !self.send_checkpoint(checkpoint).await {
+                        return;
+                    }
+                }
+                Some(GenerationEvent::PromptLogprobs(scores)) => {
+                    if !self.send_prompt_logprobs(scores).await {
                         return;
                     }
                 }
@@ -440,6 +452,28 @@ impl GenerationTask {
         true
     }
 
+    /// Sends the prompt's scores in pieces of `PROMPT_LOGPROBS_PER_MESSAGE` tokens. `false` when
+    /// the session is gone.
+    async fn send_prompt_logprobs(&self, scores: Vec<TokenEvent>) -> bool {
+        let mut scores = scores.into_iter().map(wire_token).peekable();
+        while scores.peek().is_some() {
+            let tokens = scores
+                .by_ref()
+                .take(proto::PROMPT_LOGPROBS_PER_MESSAGE)
+                .collect();
+            let message = AgentMessage {
+                kind: Some(AgentKind::PromptLogprobs(proto::PromptLogprobs {
+                    generation_id: self.id.0.clone(),
+                    tokens,
+                })),
+            };
+            if !self.send(message).await {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Queues one message, waiting while the session's queue is full; `false` when the session is
     /// gone (nobody to tell any more).
     pub async fn send(&self, message: AgentMessage) -> bool {
@@ -464,25 +498,26 @@ fn collect_ready(
     (tokens, None)
 }
 
+fn wire_token(token: TokenEvent) -> proto::Token {
+    proto::Token {
+        position: token.position,
+        token_id: token.token,
+        piece: token.piece,
+        logprob: token.logprob,
+        top_logprobs: token
+            .top_logprobs
+            .into_iter()
+            .map(|top| proto::TokenLogprob {
+                token_id: top.token,
+                piece: top.piece,
+                logprob: top.logprob,
+            })
+            .collect(),
+    }
+}
+
 fn tokens_message(id: &GenerationId, tokens: Vec<TokenEvent>) -> AgentMessage {
-    let tokens = tokens
-        .into_iter()
-        .map(|token| proto::Token {
-            position: token.position,
-            token_id: token.token,
-            piece: token.piece,
-            logprob: token.logprob,
-            top_logprobs: token
-                .top_logprobs
-                .into_iter()
-                .map(|top| proto::TokenLogprob {
-                    token_id: top.token,
-                    piece: top.piece,
-                    logprob: top.logprob,
-                })
-                .collect(),
-        })
-        .collect();
+    let tokens = tokens.into_iter().map(wire_token).collect();
     AgentMessage {
         kind: Some(AgentKind::Tokens(proto::TokenBatch {
             generation_id: id.0.clone(),

@@ -118,6 +118,7 @@ impl TestCell {
             max_tokens,
             stop: Vec::new(),
             top_logprobs: 0,
+            prompt_logprobs: false,
             deadline_ms: None,
         };
         let admitted = Cell::submit(self.running.core.as_ref(), generation).await?;

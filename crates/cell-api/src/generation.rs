@@ -48,6 +48,9 @@ pub enum GenerationError {
 /// What the client's handler receives.
 #[derive(Debug)]
 pub enum Update {
+    /// The prompt's tokens from the second on, each with its log-probability given the tokens
+    /// before it (`NewGeneration::prompt_logprobs`): once, before the first token.
+    PromptLogprobs(Vec<CommittedToken>),
     Token(CommittedToken),
     Finished {
         reason: FinishReason,
@@ -100,6 +103,10 @@ pub struct NewGeneration {
     pub max_tokens: u32,
     pub stop: Vec<String>,
     pub top_logprobs: u32,
+    /// Score the prompt: send `Update::PromptLogprobs` (with `top_logprobs` alternatives per
+    /// token) before the first token. Not asked again for a generation that continues after
+    /// committed tokens whose prompt was scored already.
+    pub prompt_logprobs: bool,
     /// The generation must start within this many ms, or fail with
     /// `Rejected` (`x-fleetgrid-deadline-ms`).
     pub deadline_ms: Option<u64>,

@@ -326,6 +326,7 @@ async fn read_agent(
             Some(AgentKind::Done(done)) => core.node_done(session, done),
             Some(AgentKind::Failed(failed)) => core.node_failed(session, failed),
             Some(AgentKind::Checkpoint(piece)) => core.node_checkpoint(session, piece),
+            Some(AgentKind::PromptLogprobs(scores)) => core.node_prompt_logprobs(session, scores),
             // `check_shape` refused these.
             Some(AgentKind::Hello(_)) | None => break,
         }

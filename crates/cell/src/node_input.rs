@@ -37,6 +37,10 @@ pub enum Violation {
     NotALogprob(f32),
     #[error("{sent} alternatives when {asked} were asked")]
     TooManyAlternatives { sent: usize, asked: u32 },
+    #[error("prompt token {position} scored as {found}, which is not the prompt's")]
+    NotThePrompt { position: u32, found: i32 },
+    #[error("{0} it was not asked for")]
+    Unasked(&'static str),
 }
 
 /// What a batch of tokens must fit: the generation as the coordinator knows it.
@@ -61,6 +65,7 @@ pub fn check_shape(message: &proto::AgentMessage) -> Result<(), Violation> {
         Some(AgentKind::Done(done)) => &done.generation_id,
         Some(AgentKind::Failed(failed)) => &failed.generation_id,
         Some(AgentKind::Checkpoint(piece)) => &piece.generation_id,
+        Some(AgentKind::PromptLogprobs(scores)) => &scores.generation_id,
     };
     if generation_id.len() > limits::GENERATION_ID_BYTES_MAX {
         return Err(Violation::LongGenerationId(generation_id.len()));
@@ -108,6 +113,47 @@ pub fn check_batch(
         }
     }
     Ok(())
+}
+
+/// Checks a piece of a prompt's scores (`PromptLogprobs`) before any of it
+/// is kept: the prompt's own tokens, in order from `next_index` (the first
+/// prompt token is never scored), none past the prompt's end, and logprobs
+/// and alternatives valid as a completion token's are.
+pub fn check_prompt_scores(
+    tokens: &[proto::Token],
+    prompt: &[i32],
+    next_index: usize,
+    top_logprobs: u32,
+    pieces: &PieceTable,
+) -> Result<(), Violation> {
+    let left = prompt.len().saturating_sub(next_index);
+    if tokens.len() > left {
+        return Err(Violation::TooManyTokens {
+            sent: tokens.len(),
+            left: u32::try_from(left).unwrap_or(u32::MAX),
+        });
+    }
+    for (offset, token) in tokens.iter().enumerate() {
+        let expected = u32::try_from(next_index + offset).unwrap_or(u32::MAX);
+        if token.position != expected {
+            return Err(Violation::OutOfOrder {
+                found: token.position,
+                expected,
+            });
+        }
+        if prompt.get(next_index + offset) != Some(&token.token_id) {
+            return Err(Violation::NotThePrompt {
+                position: token.position,
+                found: token.token_id,
+            });
+        }
+    }
+    let bounds = BatchBounds {
+        next_position: u32::try_from(next_index).unwrap_or(u32::MAX),
+        tokens_left: u32::try_from(left).unwrap_or(u32::MAX),
+        top_logprobs,
+    };
+    check_batch(tokens, &bounds, pieces)
 }
 
 fn check_token(
@@ -303,5 +349,45 @@ mod tests {
         assert!(cut.len() <= limits::NODE_FAILURE_MESSAGE_BYTES_MAX);
         assert!(cut.len() >= limits::NODE_FAILURE_MESSAGE_BYTES_MAX - 1);
         assert_eq!(bounded_failure_message("short".into()), "short");
+    }
+
+    #[test]
+    fn prompt_scores_must_be_the_prompts_own_tokens_in_order() {
+        let prompt = [7, 8, 9, 10];
+        let scores = |tokens: &[proto::Token], next_index| {
+            check_prompt_scores(tokens, &prompt, next_index, 1, &pieces())
+        };
+        // The first prompt token is never scored; pieces of a scoring come in order.
+        assert_eq!(
+            scores(&[token(1, 8, -2.0, 1), token(2, 9, -0.5, 0)], 1),
+            Ok(())
+        );
+        assert_eq!(scores(&[token(3, 10, -1.0, 1)], 3), Ok(()));
+        assert_eq!(
+            scores(&[token(1, 42, -2.0, 0)], 1),
+            Err(Violation::NotThePrompt {
+                position: 1,
+                found: 42
+            })
+        );
+        assert_eq!(
+            scores(&[token(2, 9, -2.0, 0)], 1),
+            Err(Violation::OutOfOrder {
+                found: 2,
+                expected: 1
+            })
+        );
+        assert_eq!(
+            scores(&[token(3, 10, -1.0, 0), token(4, 10, -1.0, 0)], 3),
+            Err(Violation::TooManyTokens { sent: 2, left: 1 })
+        );
+        assert!(matches!(
+            scores(&[token(1, 8, f32::NAN, 0)], 1),
+            Err(Violation::NotALogprob(_))
+        ));
+        assert_eq!(
+            scores(&[token(1, 8, -2.0, 2)], 1),
+            Err(Violation::TooManyAlternatives { sent: 2, asked: 1 })
+        );
     }
 }

@@ -5,10 +5,14 @@
 #![allow(clippy::all, clippy::pedantic)]
 
 /// Bumped on every change that an older peer could misread.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest piece of a `KvCheckpoint` an agent sends.
 pub const KV_CHECKPOINT_CHUNK_BYTES_MAX: usize = 1 << 20;
+
+/// Most prompt tokens one `PromptLogprobs` message carries: with 20 alternatives each, well
+/// below [`AGENT_MESSAGE_BYTES_MAX`].
+pub const PROMPT_LOGPROBS_PER_MESSAGE: usize = 128;
 
 /// Largest message either side accepts: an `Assign` with the biggest KV checkpoint the engine
 /// exports, plus room for its prompt.

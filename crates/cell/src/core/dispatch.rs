@@ -137,7 +137,20 @@ impl Core {
             .touch(inflight.model.id, &inflight.prompt_heads);
         // A checkpoint the previous attempt did not finish sending never will.
         state.checkpoints.abandon(request);
-        let restore = state.checkpoints.for_resume(request);
+        // Neither will its part of the prompt's scores: this attempt scores
+        // the whole prompt, which it prefills for that (no checkpoint).
+        let scores_prompt = match inflight.prompt_scores.as_mut() {
+            Some(scores) => {
+                scores.clear();
+                true
+            }
+            None => false,
+        };
+        let restore = if scores_prompt {
+            None
+        } else {
+            state.checkpoints.for_resume(request)
+        };
         let report_checkpoint = restore.is_none()
             && inflight.committed.is_empty()
             && state.checkpoints.wanted(request, inflight.prompt.len());
@@ -161,6 +174,7 @@ impl Core {
                 report_checkpoint,
                 restore_tokens,
                 restore_state,
+                prompt_logprobs: scores_prompt,
             })),
         };
         let Some(target) = state.nodes.get(&node) else {
@@ -260,6 +274,10 @@ impl Core {
         let Some(inflight) = state.requests.get(&request) else {
             return;
         };
+        if inflight.prompt_scores.is_some() && !batch.tokens.is_empty() {
+            self.protocol_violation(&mut state, session, "tokens before the prompt's scores");
+            return;
+        }
         let committed = u32::try_from(inflight.committed.len()).unwrap_or(u32::MAX);
         let bounds = BatchBounds {
             next_position: committed,
@@ -315,19 +333,7 @@ impl Core {
                     .observe_time_to_first_token_ms(u64::try_from(waited).unwrap_or(u64::MAX));
             }
             self.metrics.completion_tokens.fetch_add(1, ORDER);
-            // The text is ours: the node's `piece` bytes are never used.
-            let pieces = &inflight.model.pieces;
-            let piece_of = |id: i32| pieces.piece(id).unwrap_or_default().to_vec();
-            let committed = CommittedToken {
-                token_id: token.token_id,
-                piece: piece_of(token.token_id),
-                logprob: token.logprob,
-                top_logprobs: token
-                    .top_logprobs
-                    .into_iter()
-                    .map(|top| (top.token_id, piece_of(top.token_id), top.logprob))
-                    .collect(),
-            };
+            let committed = committed_token(token, &inflight.model.pieces);
             // The channel holds a whole generation; a failed send means the
             // client is gone, which its drop guard reports separately.
             let _ = inflight.updates.try_send(Update::Token(committed));
@@ -341,6 +347,55 @@ impl Core {
                 committed_total,
             },
         );
+    }
+
+    /// A piece of a prompt's scores from a node: kept while the current
+    /// attempt sends them, sent on to the client once the last prompt token's
+    /// is in.
+    pub fn node_prompt_logprobs(&self, session: NodeSession, scores: proto::PromptLogprobs) {
+        let mut state = self.lock();
+        if let Some(node) = state.nodes.get_mut(&session.node) {
+            if node.session == session.session {
+                node.last_heard = self.clock.instant();
+            }
+        }
+        let Some(request) = self.current_attempt(&state, session, &scores.generation_id) else {
+            return;
+        };
+        let Some(inflight) = state.requests.get_mut(&request) else {
+            return;
+        };
+        let Some(kept) = inflight.prompt_scores.as_mut() else {
+            self.protocol_violation(&mut state, session, "prompt scores");
+            return;
+        };
+        let checked = node_input::check_prompt_scores(
+            &scores.tokens,
+            &inflight.prompt,
+            kept.len() + 1,
+            inflight.top_logprobs,
+            &inflight.model.pieces,
+        );
+        if let Err(violation) = checked {
+            tracing::warn!(
+                request_id = request.0,
+                "a node's prompt scores broke the protocol; moving the generation"
+            );
+            self.protocol_violation(&mut state, session, &violation.to_string());
+            return;
+        }
+        let pieces = &inflight.model.pieces;
+        kept.extend(
+            scores
+                .tokens
+                .into_iter()
+                .map(|token| committed_token(token, pieces)),
+        );
+        if kept.len() + 1 >= inflight.prompt.len() {
+            let complete = inflight.prompt_scores.take().unwrap_or_default();
+            // The channel holds a whole generation and this one update more.
+            let _ = inflight.updates.try_send(Update::PromptLogprobs(complete));
+        }
     }
 
     /// A node finished (or confirmed cancelling) a generation.
@@ -373,6 +428,10 @@ impl Core {
                 return;
             }
         };
+        if inflight.prompt_scores.is_some() {
+            self.protocol_violation(&mut state, session, "an answer without the prompt's scores");
+            return;
+        }
         // A structured answer ends where its grammar lets it, or at a stop
         // sequence of the client's, or at its length: a vehicle that says it
         // stopped anywhere else cut the answer short.
@@ -592,6 +651,22 @@ fn generation_error_of(rejection: Rejection) -> GenerationError {
             reason: message,
             retry_after_seconds: limits::RETRY_AFTER_DEFAULT_SECONDS,
         },
+    }
+}
+
+/// A token a node sent, as the client gets it: the text is ours, the node's
+/// `piece` bytes are never used.
+fn committed_token(token: proto::Token, pieces: &cell_api::served::PieceTable) -> CommittedToken {
+    let piece_of = |id: i32| pieces.piece(id).unwrap_or_default().to_vec();
+    CommittedToken {
+        token_id: token.token_id,
+        piece: piece_of(token.token_id),
+        logprob: token.logprob,
+        top_logprobs: token
+            .top_logprobs
+            .into_iter()
+            .map(|top| (top.token_id, piece_of(top.token_id), top.logprob))
+            .collect(),
     }
 }
 

@@ -47,6 +47,10 @@ struct InFlight {
     max_tokens: u32,
     stop: Vec<String>,
     top_logprobs: u32,
+    /// The prompt's scores while they are asked for and not all in
+    /// (`NewGeneration::prompt_logprobs`): the current attempt's so far.
+    /// They reach the client in one update once complete, before any token.
+    prompt_scores: Option<Vec<CommittedToken>>,
     committed: Vec<i32>,
     /// Structured output: the grammar's state after `committed`, which every
     /// token a vehicle sends must follow (a vehicle is not trusted to have
@@ -172,6 +176,15 @@ impl Core {
         let prompt_tokens = u32::try_from(generation.prompt.len()).unwrap_or(u32::MAX);
         let committed_total = u32::try_from(generation.committed.len()).unwrap_or(u32::MAX);
         let prompt_heads = scheduler::PromptHeads::of(&generation.prompt);
+        // A prompt of one token has nothing to score: its (empty) scores are complete now.
+        let prompt_scores = generation.prompt_logprobs.then(Vec::new);
+        let prompt_scores = match prompt_scores {
+            Some(scores) if generation.prompt.len() <= 1 => {
+                let _ = sender.try_send(Update::PromptLogprobs(scores));
+                None
+            }
+            scores => scores,
+        };
         state.requests.insert(
             request,
             InFlight {
@@ -184,6 +197,7 @@ impl Core {
                 max_tokens: generation.max_tokens,
                 stop: generation.stop,
                 top_logprobs: generation.top_logprobs,
+                prompt_scores,
                 committed: generation.committed,
                 grammar,
                 node: None,

@@ -176,6 +176,7 @@ fn a_listing_counts_each_models_generations_waiting_for_a_vehicle() {
             max_tokens: 8,
             stop: Vec::new(),
             top_logprobs: 0,
+            prompt_logprobs: false,
             deadline_ms: None,
         };
         admitted.push(harness.core.submit(generation).expect("admitted"));
@@ -250,6 +251,7 @@ fn tokens_outside_a_structured_answers_grammar_move_it_to_another_vehicle() {
         max_tokens: 32,
         stop: Vec::new(),
         top_logprobs: 0,
+        prompt_logprobs: false,
         deadline_ms: None,
     };
     let mut admitted = harness.core.submit(generation).expect("admitted");
