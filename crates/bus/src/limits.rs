@@ -55,6 +55,10 @@ pub const SERVED_GENERATIONS_MAX: usize = 4_096;
 /// Most tokens in one batch: tokens ready at once are coalesced up to this.
 pub const BATCH_TOKENS_MAX: usize = 64;
 
+/// Most prompt tokens' scores in one batch: with 20 alternatives each, a
+/// batch stays far below `MESSAGE_BYTES_MAX`.
+pub const PROMPT_SCORES_PER_BATCH: usize = 256;
+
 /// Largest bus message either side sends or decodes (NATS's default
 /// `max_payload`).
 pub const MESSAGE_BYTES_MAX: usize = 1024 * 1024;

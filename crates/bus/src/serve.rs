@@ -316,6 +316,16 @@ impl Stream {
                     );
                     self.batch(request, position, Vec::new(), Some(End::Failed(error)))
                 }
+                Ok(Some(Update::PromptLogprobs(scores))) => {
+                    if !self
+                        .publish_prompt_scores(request, &batches_to, position, scores)
+                        .await
+                    {
+                        self.stop(request);
+                        return;
+                    }
+                    continue;
+                }
                 Ok(Some(update)) => self.coalesce(request, position, update, &mut updates),
             };
             let ended = batch.end.is_some();
@@ -379,6 +389,39 @@ impl Stream {
         }
     }
 
+    /// Publishes a prompt's scores in pieces; false when one did not go out.
+    async fn publish_prompt_scores(
+        &self,
+        request: u64,
+        batches_to: &str,
+        position: u32,
+        scores: Vec<cell_api::CommittedToken>,
+    ) -> bool {
+        let total = u32::try_from(scores.len()).unwrap_or(u32::MAX);
+        let mut first_index = 1_u32;
+        let mut scores = scores.into_iter().peekable();
+        loop {
+            let tokens: Vec<_> = scores
+                .by_ref()
+                .take(limits::PROMPT_SCORES_PER_BATCH)
+                .collect();
+            let count = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
+            let mut batch = self.batch(request, position, Vec::new(), None);
+            batch.prompt_scores = Some(wire::PromptScoresPiece {
+                first_index,
+                total,
+                tokens,
+            });
+            if !self.publish(batches_to, &batch).await {
+                return false;
+            }
+            first_index = first_index.saturating_add(count);
+            if scores.peek().is_none() {
+                return true;
+            }
+        }
+    }
+
     /// `first` and every update ready after it, up to a batch's bound.
     fn coalesce(
         &self,
@@ -393,6 +436,8 @@ impl Stream {
         while let Some(update) = next.take() {
             match update {
                 Update::Token(token) => tokens.push(token),
+                // They come before any token, and the caller takes them.
+                Update::PromptLogprobs(_) => {}
                 Update::Finished {
                     reason,
                     usage,
@@ -427,6 +472,7 @@ impl Stream {
         Batch {
             request,
             first_position,
+            prompt_scores: None,
             tokens,
             metering,
             end,

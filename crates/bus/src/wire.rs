@@ -57,6 +57,9 @@ pub struct WireGeneration {
     pub max_tokens: u32,
     pub stop: Vec<String>,
     pub top_logprobs: u32,
+    /// Came later: a message without it asks for none.
+    #[serde(default)]
+    pub prompt_logprobs: bool,
     pub deadline_ms: Option<u64>,
 }
 
@@ -142,6 +145,7 @@ impl From<&NewGeneration> for WireGeneration {
             max_tokens: generation.max_tokens,
             stop: generation.stop.clone(),
             top_logprobs: generation.top_logprobs,
+            prompt_logprobs: generation.prompt_logprobs,
             deadline_ms: generation.deadline_ms,
         }
     }
@@ -164,6 +168,7 @@ impl TryFrom<WireGeneration> for NewGeneration {
             max_tokens: wire.max_tokens,
             stop: wire.stop,
             top_logprobs: wire.top_logprobs,
+            prompt_logprobs: wire.prompt_logprobs,
             deadline_ms: wire.deadline_ms,
         })
     }
@@ -180,11 +185,29 @@ pub struct Batch {
     /// counting the committed tokens it was submitted with: a receiver that
     /// expected a smaller position lost a batch.
     pub first_position: u32,
+    /// A piece of the prompt's scores (`Update::PromptLogprobs`), which
+    /// come before any token in batches of their own. Came later: a message
+    /// without it has none.
+    #[serde(default)]
+    pub prompt_scores: Option<PromptScoresPiece>,
     pub tokens: Vec<CommittedToken>,
     /// What the cell has metered of the generation so far, if it can tell.
     pub metering: Option<Metering>,
     /// Set on the generation's last batch.
     pub end: Option<End>,
+}
+
+/// Consecutive prompt tokens' scores, in prompt order: a prompt's scores
+/// travel in pieces of at most `limits::PROMPT_SCORES_PER_BATCH` tokens, so
+/// that a long prompt with many alternatives stays within a bus message.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PromptScoresPiece {
+    /// Index in the prompt of the first token scored here (from 1: the
+    /// prompt's first token is never scored).
+    pub first_index: u32,
+    /// Tokens scored in all: the prompt's length minus one.
+    pub total: u32,
+    pub tokens: Vec<CommittedToken>,
 }
 
 /// How a generation ended.
@@ -404,6 +427,7 @@ mod tests {
             max_tokens: 16,
             stop: vec!["\n".into()],
             top_logprobs: 2,
+            prompt_logprobs: false,
             deadline_ms: Some(1_500),
         }
     }

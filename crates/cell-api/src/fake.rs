@@ -67,6 +67,9 @@ struct Seen {
 pub struct FakeCell {
     seen: Mutex<Seen>,
     capacity: Mutex<Capacity>,
+    /// How prompt tokens are rendered when a generation asks for the
+    /// prompt's scores; without it their text is empty.
+    pieces: Mutex<Option<crate::served::PieceTable>>,
 }
 
 impl FakeCell {
@@ -91,6 +94,48 @@ impl FakeCell {
                 running: 0,
             })
             .collect();
+    }
+
+    /// Renders prompt tokens with `pieces` (the model's vocabulary) when a
+    /// generation asks for the prompt's scores.
+    pub fn render_with(&self, pieces: crate::served::PieceTable) {
+        *self.pieces.lock().unwrap_or_else(|p| p.into_inner()) = Some(pieces);
+    }
+
+    /// The scores a generation that asked for them gets: prompt token `i`
+    /// (from 1) scored -0.25·i, itself the only alternative if any are asked.
+    fn prompt_scores(&self, generation: &NewGeneration) -> Option<Update> {
+        if !generation.prompt_logprobs {
+            return None;
+        }
+        let pieces = self.pieces.lock().unwrap_or_else(|p| p.into_inner());
+        let piece_of = |id: i32| {
+            pieces
+                .as_ref()
+                .and_then(|table| table.piece(id))
+                .unwrap_or_default()
+                .to_vec()
+        };
+        let scores = generation
+            .prompt
+            .iter()
+            .zip(0_u16..)
+            .skip(1)
+            .map(|(&token_id, index)| {
+                let logprob = -0.25 * f32::from(index);
+                CommittedToken {
+                    token_id,
+                    piece: piece_of(token_id),
+                    logprob,
+                    top_logprobs: if generation.top_logprobs > 0 {
+                        vec![(token_id, piece_of(token_id), logprob)]
+                    } else {
+                        Vec::new()
+                    },
+                }
+            })
+            .collect();
+        Some(Update::PromptLogprobs(scores))
     }
 
     /// Every generation submitted so far, in order.
@@ -150,6 +195,7 @@ fn tokens(pieces: &[String]) -> impl Iterator<Item = Update> + '_ {
 impl FakeCell {
     /// Takes the next script for `generation` and carries it out at once.
     fn admit(&self, generation: NewGeneration) -> Result<Admitted, Rejection> {
+        let prompt_scores = self.prompt_scores(&generation);
         let mut seen = self.lock();
         let script =
             seen.scripts
@@ -162,6 +208,9 @@ impl FakeCell {
         let request = RequestId(seen.next);
         let prompt_tokens = u32::try_from(generation.prompt.len()).unwrap_or(u32::MAX);
         let (sender, updates) = mpsc::channel(generation.max_tokens as usize + 16);
+        if let Some(scores) = prompt_scores.filter(|_| !matches!(script, Script::Refuse(_))) {
+            let _ = sender.try_send(scores);
+        }
         match script {
             Script::Refuse(rejection) => return Err(rejection),
             Script::Answer {

@@ -239,6 +239,7 @@ async fn consume(
                 mine.push(now_us.saturating_sub(sent_us) as f64 / 1000.0);
             }
             Some(Update::Finished { .. }) => break,
+            Some(Update::PromptLogprobs(_)) => bail!("prompt scores nobody asked for"),
             Some(Update::Failed(error)) => bail!("a generation failed: {error:?}"),
             None => bail!("a generation ended without finishing"),
         }
@@ -262,6 +263,7 @@ fn generation(index: u32, max_tokens: u32) -> NewGeneration {
         max_tokens,
         stop: Vec::new(),
         top_logprobs: 0,
+        prompt_logprobs: false,
         deadline_ms: None,
     }
 }

@@ -236,6 +236,7 @@ async fn the_sdk_langchain_and_litellm_get_what_they_ask_for() {
         results["best_of"]["completion_tokens"].as_u64() > Some(12),
         "{results}"
     );
+    assert_echoed_scores(&results["echo_logprobs"]);
     // LangChain and litellm pass the penalties through: the same greedy text
     // as the SDK, plain and streamed.
     for key in [
@@ -246,6 +247,49 @@ async fn the_sdk_langchain_and_litellm_get_what_they_ask_for() {
     ] {
         assert_eq!(text(&results, key), penalised, "{key}: {results}");
     }
+}
+
+/// An evaluation harness's loglikelihood request (`echo` with `logprobs`, one token
+/// generated): the prompt's tokens come first, the first unscored, each spelling the prompt
+/// where its offset says, and the model prefers the right continuation to a silly one.
+fn assert_echoed_scores(scored: &Value) {
+    let prompt = scored["prompt"].as_str().expect("the prompt");
+    let prompt_tokens = scored["prompt_tokens"].as_u64().expect("usage") as usize;
+    let tokens: Vec<&str> = scored["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let completion_tokens = scored["completion_tokens"].as_u64().expect("usage") as usize;
+    assert_eq!(tokens.len(), prompt_tokens + completion_tokens, "{scored}");
+    assert_eq!(tokens[..prompt_tokens].concat(), prompt, "{scored}");
+    assert_eq!(scored["text"].as_str(), Some(tokens.concat().as_str()));
+    let logprobs = scored["token_logprobs"].as_array().expect("token_logprobs");
+    assert!(
+        logprobs[0].is_null() && scored["top_logprobs"][0].is_null(),
+        "{scored}"
+    );
+    for (index, logprob) in logprobs.iter().enumerate().skip(1) {
+        let logprob = logprob.as_f64().expect("a scored token");
+        assert!(logprob <= 0.0, "{index}: {scored}");
+        // With one alternative asked, the most likely token is listed, at least as likely.
+        let top = scored["top_logprobs"][index]
+            .as_object()
+            .expect("alternatives");
+        assert_eq!(top.len(), 1, "{index}: {scored}");
+        assert!(top
+            .values()
+            .all(|best| best.as_f64() >= Some(logprob - 1e-4)));
+    }
+    let offsets = scored["text_offset"].as_array().expect("text_offset");
+    let mut at = 0;
+    for (token, offset) in tokens.iter().zip(offsets) {
+        assert_eq!(offset.as_u64(), Some(at), "{scored}");
+        at += token.chars().count() as u64;
+    }
+    let (paris, banana) = (scored["paris"].as_f64(), scored["banana"].as_f64());
+    assert!(paris > banana && paris < Some(0.0), "{paris:?} {banana:?}");
 }
 
 /// The same clients on `auto`, with the local cloud as the upstream: whichever

@@ -99,6 +99,7 @@ async fn generate(
             grammar: None,
             restore: None,
             export_checkpoint,
+            prompt_logprobs: false,
         })
         .expect("submit");
     let (mut checkpoint, mut tokens, mut bytes) = (None, Vec::new(), Vec::new());

@@ -171,11 +171,6 @@ async fn every_field_the_gateway_does_not_implement_is_refused_by_name() {
             "invalid_value",
         ),
         (
-            completion(json!({"echo": true, "logprobs": 1})),
-            "echo",
-            unsupported,
-        ),
-        (
             completion(json!({"suffix": "The end."})),
             "suffix",
             unsupported,

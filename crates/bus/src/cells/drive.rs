@@ -46,6 +46,9 @@ struct Run {
     positions: Vec<i32>,
     /// Positions beyond which a cell is misbehaving.
     positions_max: usize,
+    /// The prompt's scores from the current attempt so far, while they are
+    /// asked for (`generation.prompt_logprobs`) and not yet forwarded.
+    prompt_scores: Vec<cell_api::CommittedToken>,
     /// Tokens forwarded from the current attempt.
     forwarded_here: u32,
     /// What the current attempt's cell last said it metered.
@@ -73,6 +76,7 @@ impl Shared {
             attempt,
             positions,
             positions_max,
+            prompt_scores: Vec::new(),
             forwarded_here: 0,
             metering: None,
             moves: 0,
@@ -195,10 +199,16 @@ impl Run {
         if first > next {
             return Step::Move("a batch was lost");
         }
+        if let Some(piece) = batch.prompt_scores {
+            return self.prompt_scores(piece);
+        }
         let mut generations = lock(&shared.generations);
         let Some(running) = generations.get_mut(&self.request) else {
             return Step::Cancelled;
         };
+        if self.generation.prompt_logprobs && !batch.tokens.is_empty() {
+            return Step::Move("tokens came before the prompt's scores");
+        }
         for token in batch.tokens.into_iter().skip(next - first) {
             if self.positions.len() >= self.positions_max {
                 return Step::End(Update::Failed(GenerationError::Failed(
@@ -236,6 +246,37 @@ impl Run {
         }
     }
 
+    /// Keeps a piece of the prompt's scores, and forwards them all once the
+    /// last is in; a resubmission after that does not ask for them again.
+    fn prompt_scores(&mut self, piece: wire::PromptScoresPiece) -> Step {
+        if !self.generation.prompt_logprobs {
+            return Step::Continue;
+        }
+        let next = self.prompt_scores.len() + 1;
+        let first = piece.first_index as usize;
+        if first > next {
+            return Step::Move("a batch was lost");
+        }
+        let total = (piece.total as usize).min(self.generation.prompt.len().saturating_sub(1));
+        self.prompt_scores
+            .extend(piece.tokens.into_iter().skip(next - first));
+        self.prompt_scores.truncate(total);
+        if self.prompt_scores.len() < total {
+            return Step::Continue;
+        }
+        self.generation.prompt_logprobs = false;
+        let scores = std::mem::take(&mut self.prompt_scores);
+        // The channel holds a whole generation and this one update more.
+        if self
+            .updates
+            .try_send(Update::PromptLogprobs(scores))
+            .is_err()
+        {
+            return Step::Abandoned;
+        }
+        Step::Continue
+    }
+
     /// Stops the current attempt (best effort), keeps its metering and
     /// resubmits the generation, continuing after every known position,
     /// preferably to another cell.
@@ -260,6 +301,8 @@ impl Run {
             running.current = None;
         }
         self.forwarded_here = 0;
+        // The next cell scores the prompt again, from its first token.
+        self.prompt_scores.clear();
         self.generation.committed.clone_from(&self.positions);
         let mut refusal: Option<Rejection> = None;
         loop {

@@ -278,6 +278,7 @@ pub fn generation(prompt: Vec<i32>, seed: u64, max_tokens: u32) -> NewGeneration
         max_tokens,
         stop: vec!["\n\n".to_string()],
         top_logprobs: 1,
+        prompt_logprobs: false,
         deadline_ms: Some(30_000),
     }
 }

@@ -194,5 +194,37 @@ results["langchain_n"] = [
     generation.text
     for generation in lc_several.generate([[HumanMessage(story[0]["content"])]]).generations[0]
 ]
+# An evaluation harness's loglikelihood request: the prompt echoed with its
+# tokens' log-probabilities and one token generated; the continuation's tokens
+# found by their text offsets, as harnesses do.
+def continuation_logprob(context, continuation):
+    prompt = context + continuation
+    scored = client.completions.create(
+        model=model, prompt=prompt, echo=True, logprobs=1, max_tokens=1, temperature=0
+    )
+    logprobs = scored.choices[0].logprobs
+    inside = [
+        logprob
+        for offset, logprob in zip(logprobs.text_offset, logprobs.token_logprobs)
+        if len(context) <= offset < len(prompt)
+    ]
+    return scored, sum(inside)
+
+
+scored, paris = continuation_logprob("The capital of France is", " Paris")
+_, banana = continuation_logprob("The capital of France is", " banana")
+logprobs = scored.choices[0].logprobs
+results["echo_logprobs"] = {
+    "prompt": "The capital of France is Paris",
+    "text": scored.choices[0].text,
+    "tokens": logprobs.tokens,
+    "token_logprobs": logprobs.token_logprobs,
+    "top_logprobs": logprobs.top_logprobs,
+    "text_offset": logprobs.text_offset,
+    "prompt_tokens": scored.usage.prompt_tokens,
+    "completion_tokens": scored.usage.completion_tokens,
+    "paris": paris,
+    "banana": banana,
+}
 results["forced_text"] = forced_text
 print(json.dumps(results))

@@ -137,6 +137,7 @@ async fn run(
                 } else {
                     0
                 },
+                prompt_logprobs: request.scores_prompt(),
                 deadline_ms,
             })
             .await
@@ -152,7 +153,7 @@ async fn run(
         let fleet = FleetAnswer::new(guard, finisher, request.stop.clone(), deadline);
         answers.push(Source::Fleet(Box::new(fleet)));
     }
-    let meta = ResponseMeta::new(public_id, &request, prompt_text);
+    let meta = ResponseMeta::new(public_id, &request, prompt_text, &prompt);
     respond::answer(meta, answers).await
 }
 

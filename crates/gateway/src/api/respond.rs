@@ -45,7 +45,8 @@ pub(super) use source::{generation_error, request_timed_out, Source};
 pub use source::{CancelGuard, FleetAnswer};
 
 /// What an answer says, in order: for a routed answer `Start` once (before
-/// any text); then `Text` and at most one `Handoff`; then `Finished` or
+/// any text); for a fleet answer that asked, `PromptScores` once; then `Text`
+/// and at most one `Handoff`; then `Finished` or
 /// `Failed`. A `Failed` before a routed answer's `Start` becomes the HTTP
 /// error itself.
 #[derive(Debug)]
@@ -62,6 +63,9 @@ pub(super) enum Event {
         text: String,
         token: Option<CommittedToken>,
     },
+    /// The prompt's tokens from the second on, each with its log-probability given the ones
+    /// before it (a completion asking for `echo` with `logprobs`): before any `Text`.
+    PromptScores(Vec<CommittedToken>),
     /// A part of a tool call the answer's source read itself (a routed answer's cloud call).
     Call(crate::api::tools::calls::Delta),
     Handoff(RouteReason),

@@ -115,7 +115,7 @@ pub(super) async fn serve(
         Endpoint::Completion => format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
     };
     // The model is the one the first tier names, once it starts.
-    let meta = ResponseMeta::new(public_id.clone(), &request, String::new());
+    let meta = ResponseMeta::new(public_id.clone(), &request, String::new(), &[]);
     let (sender, receiver) = mpsc::channel(limits::ROUTED_EVENTS_CAPACITY);
     tracing::info!(request_id = %public_id, tenant_id = tenant.id, model = %requested, "routing");
     let routed = RoutedRequest {

@@ -142,6 +142,12 @@ pub struct ValidatedRequest {
 }
 
 impl ValidatedRequest {
+    /// Whether the answer starts with the prompt's scores: a completion asking for `echo` and
+    /// `logprobs` (the prompt's log-probabilities, as for an evaluation's loglikelihood).
+    pub fn scores_prompt(&self) -> bool {
+        self.echo && self.logprobs
+    }
+
     /// How a vehicle samples this request's answer, with `seed` (the client's, or one drawn
     /// for it).
     pub fn vehicle_sampling(&self, seed: u64) -> proto::Sampling {
@@ -495,12 +501,6 @@ fn completion(
         },
     };
     let echo = request.echo.unwrap_or(false);
-    if echo && top_logprobs.is_some() {
-        return Err(unsupported(
-            "'echo' together with 'logprobs' (the prompt's log-probabilities) is not supported yet",
-            "echo",
-        ));
-    }
     let mut validated = finish(
         Endpoint::Completion,
         model,

@@ -26,7 +26,7 @@ async fn read_whole(meta: &ResponseMeta, mut source: Source) -> (Source, Result<
     if let Some(prompt) = &meta.echo_prompt {
         reading.text(prompt);
     }
-    let mut logprobs = LogprobEntries::default();
+    let mut logprobs = LogprobEntries::new(meta);
     let (mut sum, mut tokens) = (0.0_f64, 0_u32);
     let ending = loop {
         match source.next().await {
@@ -38,6 +38,7 @@ async fn read_whole(meta: &ResponseMeta, mut source: Source) -> (Source, Result<
                 logprobs.push(meta, token.as_ref());
                 reading.text(&text);
             }
+            Event::PromptScores(scores) => logprobs.push_prompt(meta, &scores),
             Event::Call(delta) => {
                 reading.call(delta);
             }

@@ -66,6 +66,9 @@ pub struct ResponseMeta {
     pub(super) logprobs: bool,
     /// The prompt text, when a completion asked for `echo`.
     pub(super) echo_prompt: Option<String>,
+    /// The text of the prompt's first token (which has no score), when a completion asked for
+    /// `echo` with `logprobs`: the answer starts with the prompt's scores.
+    pub(super) prompt_first_piece: Option<Vec<u8>>,
     /// How the answer writes tool calls, when the request lets the model call tools and the
     /// response reads them out of its text.
     pub(super) tool_format: Option<engine::ToolCallFormat>,
@@ -76,8 +79,14 @@ pub struct ResponseMeta {
 
 impl ResponseMeta {
     /// The metadata of an answer by the request's fleet model; `prompt_text`
-    /// is the rendered prompt, shown only when the request asked for `echo`.
-    pub fn new(id: String, request: &ValidatedRequest, prompt_text: String) -> ResponseMeta {
+    /// is the rendered prompt, shown only when the request asked for `echo`, and `prompt` its
+    /// tokens.
+    pub fn new(
+        id: String,
+        request: &ValidatedRequest,
+        prompt_text: String,
+        prompt: &[i32],
+    ) -> ResponseMeta {
         ResponseMeta {
             id,
             created: SystemTime::now()
@@ -90,6 +99,14 @@ impl ResponseMeta {
             include_usage: request.include_usage,
             logprobs: request.logprobs,
             echo_prompt: request.echo.then_some(prompt_text),
+            prompt_first_piece: request
+                .scores_prompt()
+                .then(|| {
+                    prompt
+                        .first()
+                        .map(|&token| request.model.tokenizer.piece(token))
+                })
+                .flatten(),
             tool_format: request
                 .tools
                 .as_ref()
@@ -99,6 +116,11 @@ impl ResponseMeta {
             choices: request.choices as usize,
             route: Route::Fleet,
         }
+    }
+
+    /// Whether the answer starts with the prompt's scores (`echo` with `logprobs`).
+    pub(super) fn scores_prompt(&self) -> bool {
+        self.prompt_first_piece.is_some()
     }
 
     /// What this answer's tool call ids start with: unique per response.
@@ -365,20 +387,74 @@ pub(super) fn summary_json(summary: &RouteSummary) -> Value {
 pub(super) struct LogprobEntries {
     chat: Vec<Value>,
     tokens: Vec<String>,
-    token_logprobs: Vec<f32>,
+    /// `None` for the prompt's first token, which nothing scores.
+    token_logprobs: Vec<Option<f32>>,
     top: Vec<Value>,
+    text_offset: Vec<usize>,
+    /// Where the next token's text starts in the choice's text, in characters; kept across
+    /// [`LogprobEntries::take`].
+    offset: usize,
 }
 
 impl LogprobEntries {
+    /// No entries yet: the first token's text starts after an echoed prompt, unless the prompt's
+    /// own scores come first.
+    pub(super) fn new(meta: &ResponseMeta) -> LogprobEntries {
+        let offset = match (&meta.echo_prompt, meta.scores_prompt()) {
+            (Some(prompt), false) => prompt.chars().count(),
+            _ => 0,
+        };
+        LogprobEntries {
+            offset,
+            ..LogprobEntries::default()
+        }
+    }
+
+    /// Records the prompt's entries (a completion with `echo` and `logprobs`): its first token,
+    /// unscored, then each further token's score. The completion's tokens follow the prompt.
+    pub(super) fn push_prompt(&mut self, meta: &ResponseMeta, scores: &[CommittedToken]) {
+        let Some(first) = meta.prompt_first_piece.as_ref() else {
+            return;
+        };
+        let text = String::from_utf8_lossy(first).into_owned();
+        self.text_offset.push(self.offset);
+        self.offset += text.chars().count();
+        self.tokens.push(text);
+        self.token_logprobs.push(None);
+        self.top.push(Value::Null);
+        for score in scores {
+            self.push_completion(score);
+        }
+        if let Some(prompt) = &meta.echo_prompt {
+            self.offset = prompt.chars().count();
+        }
+    }
+
+    fn push_completion(&mut self, token: &CommittedToken) {
+        let text = String::from_utf8_lossy(&token.piece).into_owned();
+        let top: serde_json::Map<String, Value> = token
+            .top_logprobs
+            .iter()
+            .map(|(_, piece, logprob)| {
+                (String::from_utf8_lossy(piece).into_owned(), json!(logprob))
+            })
+            .collect();
+        self.text_offset.push(self.offset);
+        self.offset += text.chars().count();
+        self.tokens.push(text);
+        self.token_logprobs.push(Some(token.logprob));
+        self.top.push(Value::Object(top));
+    }
+
     /// Records a token's logprobs in the endpoint's format; nothing at all
     /// when the client did not ask for logprobs, the common case.
     pub(super) fn push(&mut self, meta: &ResponseMeta, token: Option<&CommittedToken>) {
         let Some(token) = token.filter(|_| meta.logprobs) else {
             return;
         };
-        let text = String::from_utf8_lossy(&token.piece).into_owned();
         match meta.endpoint {
             Endpoint::Chat => {
+                let text = String::from_utf8_lossy(&token.piece).into_owned();
                 let top: Vec<Value> = token
                     .top_logprobs
                     .iter()
@@ -386,18 +462,7 @@ impl LogprobEntries {
                     .collect();
                 self.chat.push(json!({"token": text, "logprob": token.logprob, "bytes": token.piece, "top_logprobs": top}));
             }
-            Endpoint::Completion => {
-                let top: serde_json::Map<String, Value> = token
-                    .top_logprobs
-                    .iter()
-                    .map(|(_, piece, logprob)| {
-                        (String::from_utf8_lossy(piece).into_owned(), json!(logprob))
-                    })
-                    .collect();
-                self.tokens.push(text);
-                self.token_logprobs.push(token.logprob);
-                self.top.push(Value::Object(top));
-            }
+            Endpoint::Completion => self.push_completion(token),
         }
     }
 
@@ -405,13 +470,21 @@ impl LogprobEntries {
         if !meta.logprobs {
             return Value::Null;
         }
-        let taken = std::mem::take(self);
+        let offset = self.offset;
+        let taken = std::mem::replace(
+            self,
+            LogprobEntries {
+                offset,
+                ..LogprobEntries::default()
+            },
+        );
         match meta.endpoint {
             Endpoint::Chat => json!({ "content": taken.chat }),
             Endpoint::Completion => json!({
                 "tokens": taken.tokens,
                 "token_logprobs": taken.token_logprobs,
                 "top_logprobs": taken.top,
+                "text_offset": taken.text_offset,
             }),
         }
     }
@@ -436,6 +509,7 @@ impl ResponseMeta {
             include_usage,
             logprobs,
             echo_prompt,
+            prompt_first_piece: None,
             tool_format: None,
             choices: 1,
             route: Route::Fleet,

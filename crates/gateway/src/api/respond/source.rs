@@ -133,6 +133,7 @@ impl FleetAnswer {
             Err(_) => return self.platform_failed(request_timed_out()),
         };
         match update {
+            Update::PromptLogprobs(scores) => Event::PromptScores(scores),
             Update::Token(token) => Event::Text {
                 text: self.assembler.push(&token.piece),
                 token: Some(token),

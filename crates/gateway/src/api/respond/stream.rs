@@ -36,10 +36,11 @@ pub(super) struct StreamShape {
 impl StreamShape {
     pub(super) fn new(meta: Arc<ResponseMeta>, choice: u32) -> StreamShape {
         let reading = Reading::new(&meta);
+        let logprobs = LogprobEntries::new(&meta);
         StreamShape {
             meta,
             choice,
-            logprobs: LogprobEntries::default(),
+            logprobs,
             reading,
         }
     }
@@ -64,8 +65,12 @@ impl StreamShape {
 
     /// The first chunk: the assistant's role (chat), the echoed prompt
     /// (completions that asked for it) and the route a routed answer starts
-    /// on. A fleet completion without echo has none.
+    /// on. A fleet completion without echo has none; one whose prompt is
+    /// scored opens when the scores come ([`StreamShape::prompt_scores`]).
     pub(super) fn opening(&mut self) -> Option<String> {
+        if self.meta.scores_prompt() {
+            return None;
+        }
         let opening = match self.meta.endpoint {
             Endpoint::Chat => String::new(),
             Endpoint::Completion => self.meta.echo_prompt.clone().unwrap_or_default(),
@@ -75,6 +80,16 @@ impl StreamShape {
         let is_chat = self.meta.endpoint == Endpoint::Chat;
         (is_chat || !opening.is_empty() || route.is_some())
             .then(|| self.chunk(&opening, Value::Null, None, true, route))
+    }
+
+    /// The first chunk of a completion whose prompt is scored: the echoed prompt with its
+    /// tokens' log-probabilities.
+    pub(super) fn prompt_scores(&mut self, scores: &[CommittedToken]) -> String {
+        let prompt = self.meta.echo_prompt.clone().unwrap_or_default();
+        self.reading.text(&prompt);
+        self.logprobs.push_prompt(&self.meta, scores);
+        let logprobs = self.logprobs.take(&self.meta);
+        self.chunk(&prompt, logprobs, None, true, None)
     }
 
     /// The chunks for the text released; none while it is held back (or, with tools, while
@@ -187,6 +202,9 @@ pub(super) fn stream(meta: ResponseMeta, sources: Vec<Source>) -> Response {
                     for chunk in shape.text(&text, token.as_ref()) {
                         yield Ok(SseEvent::default().data(chunk));
                     }
+                }
+                Event::PromptScores(scores) => {
+                    yield Ok(SseEvent::default().data(shape.prompt_scores(&scores)));
                 }
                 Event::Call(delta) => {
                     for chunk in shape.call(delta) {

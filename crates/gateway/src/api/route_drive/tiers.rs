@@ -119,6 +119,8 @@ impl EdgeRun {
     /// when the core dropped it without an answer.
     pub(super) async fn next(&mut self) -> Option<Event> {
         let event = match self.updates.recv().await? {
+            // Never asked for (`prompt_logprobs: false`).
+            Update::PromptLogprobs(_) => return Box::pin(self.next()).await,
             Update::Token(token) => Event::EdgeToken {
                 id: token.token_id,
                 text: self.assembler.push(&token.piece),
@@ -291,6 +293,7 @@ impl Routing {
                 max_tokens,
                 stop: self.request.stop.clone(),
                 top_logprobs: ROUTING_TOP_LOGPROBS,
+                prompt_logprobs: false,
                 deadline_ms: None,
             })
             .await
