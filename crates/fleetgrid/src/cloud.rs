@@ -128,6 +128,10 @@ pub struct CloudServeArgs {
     /// Context window of one sequence, in tokens.
     #[arg(long, default_value_t = coordinator::limits::CONTEXT_TOKENS_DEFAULT)]
     context_tokens: u32,
+    /// The price sheet, JSON, whose `fleet` section prices the model served
+    /// [default: the shipped sheet; see crates/ledger/prices/default.json].
+    #[arg(long)]
+    prices: Option<PathBuf>,
     /// Exit when the parent process goes away (used by `demo` and tests).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -235,6 +239,7 @@ async fn serve(args: CloudServeArgs) -> anyhow::Result<()> {
     );
     config.http_listen = args.http_listen;
     config.grpc_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.billing = crate::ledger_cmd::billing_config(None, args.prices.as_deref(), None)?;
     config.context_tokens = args.context_tokens;
     let shutdown = run::shutdown_token(args.exit_with_parent)?;
     let (bound_sender, bound_receiver) = tokio::sync::oneshot::channel();
