@@ -327,7 +327,12 @@ async fn the_clients_get_what_they_ask_for_on_auto() {
     let langchain = &results["langchain_tools"];
     assert_eq!(langchain["calls"][0]["name"], "get_weather", "{results}");
     assert!(!text(langchain, "answer").is_empty(), "{results}");
-    for (key, param) in [("refused_logit_bias", "logit_bias"), ("refused_n", "n")] {
+    for (key, param) in [
+        ("refused_logit_bias", "logit_bias"),
+        ("refused_n", "n"),
+        ("refused_echo", "echo"),
+        ("refused_token_prompt", "prompt"),
+    ] {
         assert_eq!(results[key]["status"], 400, "{key}: {results}");
         assert_eq!(results[key]["param"], param, "{key}: {results}");
     }

@@ -161,3 +161,33 @@ async fn echo_without_logprobs_does_not_ask_for_the_prompts_scores() {
     assert_eq!(logprobs["text_offset"], json!([0]));
     assert!(!gateway.cell.submitted()[1].prompt_logprobs);
 }
+
+#[tokio::test]
+async fn a_prompt_of_token_ids_is_run_as_given_and_echoed_as_its_text() {
+    let gateway = scripted_gateway().await;
+    let model = gateway.models.lookup(MODEL).expect("the served model");
+    let ids = model.tokenizer.tokenize(PROMPT, false).expect("tokenize");
+    gateway
+        .cell
+        .script([Script::answer(&[" 4"]), Script::answer(&[" 4"])]);
+    for prompt in [json!(ids), json!([ids])] {
+        let body = json!({"model": MODEL, "prompt": prompt, "echo": true, "logprobs": 1,
+                          "max_tokens": 1});
+        let answer = gateway.post("/v1/completions", &body.to_string()).await;
+        let reply = answer.json();
+        assert_eq!(answer.status, 200, "{reply}");
+        assert_eq!(reply["choices"][0]["text"], format!("{PROMPT} 4"));
+        assert_prompt_then_answer(&gateway, &reply["choices"][0]["logprobs"]);
+    }
+    let submitted = gateway.cell.submitted();
+    assert!(submitted.iter().all(|generation| generation.prompt == ids));
+    // Ids outside the vocabulary, an empty list and several prompts are refused by name.
+    let vocab = i64::from(model.tokenizer.vocab_size());
+    for prompt in [json!([1, vocab]), json!([-1]), json!([]), json!([[1], [2]])] {
+        let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 1});
+        let answer = gateway.post("/v1/completions", &body.to_string()).await;
+        assert_eq!(answer.status, 400, "{prompt}: {}", answer.json());
+        assert_eq!(answer.json()["error"]["param"], "prompt", "{prompt}");
+    }
+    assert_eq!(gateway.cell.submitted().len(), 2);
+}

@@ -105,3 +105,12 @@ def refusal(client, model, **fields):
         return None
     except openai.BadRequestError as error:
         return {"status": error.status_code, "param": error.body.get("param")}
+
+
+def completion_refusal(client, model, **fields):
+    """`refusal` for a completions request."""
+    try:
+        client.completions.create(model=model, max_tokens=4, **fields)
+        return None
+    except openai.BadRequestError as error:
+        return {"status": error.status_code, "param": error.body.get("param")}

@@ -272,6 +272,10 @@ fn render_and_tokenize_as(
             template.render(&messages, tools.as_ref(), rendering.add_generation_prompt)?
         }
         PromptSource::Text(text) => text,
+        PromptSource::Tokens(tokens) => {
+            let text = tokenizer.detokenize(&tokens);
+            return Ok((tokens, text));
+        }
     };
     let tokens = tokenizer.tokenize(&text, rendering.add_special_tokens)?;
     Ok((tokens, text))

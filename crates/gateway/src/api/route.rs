@@ -105,6 +105,13 @@ pub(super) async fn serve(
             "invalid_value",
         ));
     }
+    if matches!(request.prompt, validate::PromptSource::Tokens(_)) {
+        return Err(ApiError::invalid(
+            format!("a prompt of token ids is not available with the model '{requested}', whose answer may come from another model's vocabulary"),
+            Some("prompt"),
+            "invalid_value",
+        ));
+    }
     let Some(target) = request.route else {
         tracing::error!(model = %requested, "a routed request without a routing target");
         return Err(ApiError::internal());

@@ -76,6 +76,9 @@ pub enum StopField {
 pub enum PromptField {
     One(String),
     Many(Vec<String>),
+    /// Token ids of the named model.
+    Tokens(Vec<i64>),
+    ManyTokens(Vec<Vec<i64>>),
 }
 
 #[derive(Debug, Deserialize)]

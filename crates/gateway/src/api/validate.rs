@@ -101,6 +101,9 @@ pub enum PromptSource {
         tools: Option<Arc<Tools>>,
     },
     Text(String),
+    /// A completion's prompt given as token ids of the fleet model, checked against its
+    /// vocabulary; its text (for `echo`) is their detokenization.
+    Tokens(Vec<i32>),
 }
 
 pub struct ValidatedRequest {
@@ -462,16 +465,24 @@ fn completion(
                 "missing_required_parameter",
             ))
         }
-        Some(PromptField::One(text)) => text,
-        Some(PromptField::Many(mut texts)) if texts.len() == 1 => texts.remove(0),
-        Some(PromptField::Many(_)) => {
+        Some(PromptField::One(text)) => PromptSource::Text(text),
+        Some(PromptField::Many(mut texts)) if texts.len() == 1 => {
+            PromptSource::Text(texts.remove(0))
+        }
+        Some(PromptField::Tokens(ids)) => token_prompt(&model.choice.model, &ids)?,
+        Some(PromptField::ManyTokens(lists)) if lists.len() == 1 => {
+            token_prompt(&model.choice.model, &lists[0])?
+        }
+        Some(PromptField::Many(_) | PromptField::ManyTokens(_)) => {
             return Err(invalid(
                 "only one prompt per request is supported",
                 "prompt",
             ))
         }
     };
-    if prompt.is_empty() {
+    if matches!(&prompt, PromptSource::Text(text) if text.is_empty())
+        || matches!(&prompt, PromptSource::Tokens(ids) if ids.is_empty())
+    {
         return Err(invalid("'prompt' must not be empty", "prompt"));
     }
     if request
@@ -504,7 +515,7 @@ fn completion(
     let mut validated = finish(
         Endpoint::Completion,
         model,
-        PromptSource::Text(prompt),
+        prompt,
         request.sampling,
         top_logprobs.is_some(),
         top_logprobs.unwrap_or(0),
@@ -747,6 +758,28 @@ fn finish(
 }
 
 /// 400 for a field the gateway knows and does not implement (or not with this value).
+/// A prompt of token ids, each in the vocabulary of the model that serves it.
+fn token_prompt(model: &ServedModel, ids: &[i64]) -> Result<PromptSource, ApiError> {
+    let vocab_size = model.tokenizer.vocab_size();
+    let tokens = ids
+        .iter()
+        .map(|&id| {
+            i32::try_from(id)
+                .ok()
+                .filter(|&token| u32::try_from(token).is_ok_and(|token| token < vocab_size))
+                .ok_or_else(|| {
+                    invalid(
+                        format!(
+                            "prompt token {id} is outside the model's vocabulary of {vocab_size}"
+                        ),
+                        "prompt",
+                    )
+                })
+        })
+        .collect::<Result<Vec<i32>, ApiError>>()?;
+    Ok(PromptSource::Tokens(tokens))
+}
+
 fn unsupported(message: impl Into<String>, param: &str) -> ApiError {
     ApiError::invalid(message, Some(param), "unsupported_parameter")
 }

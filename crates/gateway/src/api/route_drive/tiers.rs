@@ -390,6 +390,11 @@ impl Routing {
                 UpstreamPrompt::Chat(messages.iter().map(ToolMessage::openai).collect())
             }
             PromptSource::Text(text) => UpstreamPrompt::Text(text.clone()),
+            // Refused before routing (`route::serve`): token ids are one model's.
+            PromptSource::Tokens(_) => {
+                tracing::error!(request_id = %self.public_id, "a routed prompt of token ids");
+                UpstreamPrompt::Text(String::new())
+            }
         }
     }
 
@@ -402,7 +407,7 @@ impl Routing {
         }
         match &self.request.prompt {
             PromptSource::Chat(_) => self.prompt.cloud.is_some(),
-            PromptSource::Conversation { .. } => false,
+            PromptSource::Conversation { .. } | PromptSource::Tokens(_) => false,
             PromptSource::Text(_) => true,
         }
     }
@@ -413,6 +418,7 @@ impl Routing {
     fn handoff_prompt(&self, sent: &str) -> Option<UpstreamPrompt> {
         let opened = match &self.request.prompt {
             PromptSource::Text(text) => text,
+            PromptSource::Tokens(_) => return None,
             PromptSource::Chat(_) | PromptSource::Conversation { .. } => match &self.prompt.cloud {
                 Some(rendered) => &rendered.text,
                 None => {
@@ -428,6 +434,7 @@ impl Routing {
     pub(super) fn router_prompt(&self) -> String {
         match &self.request.prompt {
             PromptSource::Text(text) => text.clone(),
+            PromptSource::Tokens(_) => String::new(),
             PromptSource::Chat(messages) => last_user(
                 messages
                     .iter()
