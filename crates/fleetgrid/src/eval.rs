@@ -16,6 +16,8 @@
 
 // The route driver and its tiers are parts of `eval`, kept in files of their
 // own beside the others.
+#[path = "eval_likelihood.rs"]
+mod likelihood;
 #[path = "eval_route.rs"]
 mod route;
 #[path = "eval_tiers.rs"]
@@ -57,6 +59,15 @@ impl Policy {
     }
 }
 
+/// How an answer is judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scoring {
+    /// The model writes its answer, which the item's grader reads.
+    Generate,
+    /// Multiple-choice options ranked by their log-likelihood (edge or cloud policy).
+    Loglikelihood,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AutoVia {
     /// This command runs the gateway's routing machine between the two endpoints.
@@ -72,6 +83,9 @@ pub struct EvalArgs {
     dataset: PathBuf,
     #[arg(long, value_enum)]
     policy: Policy,
+    /// How answers are judged: the written answer, or multiple-choice options by likelihood.
+    #[arg(long, value_enum, default_value = "generate")]
+    scoring: Scoring,
     /// Which half: calibrate (even items), report (odd items) or all.
     #[arg(long, value_enum, default_value = "report")]
     half: Half,
@@ -152,6 +166,17 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
         args.half.describe(),
         args.policy.as_str()
     );
+    if args.scoring == Scoring::Loglikelihood {
+        if args.policy == Policy::Auto || args.replay {
+            bail!("--scoring loglikelihood ranks options on one tier: use --policy edge or cloud");
+        }
+        let (tiers, _stack) = connect(&args, router).await?;
+        let (endpoint, tier) = match args.policy {
+            Policy::Edge => (&tiers.edge, "edge"),
+            _ => (&tiers.cloud, "cloud"),
+        };
+        return likelihood::run(&dataset.name, &items, endpoint, tier, &args.out).await;
+    }
     let results = if args.replay {
         if args.policy != Policy::Auto {
             bail!("--replay computes --policy auto from records; run edge and cloud for real");

@@ -65,6 +65,19 @@ pub struct Completion {
     pub cloud_usage: Option<(u32, u32)>,
 }
 
+/// A continuation's log-likelihood after a context (`Client::loglikelihood`).
+#[derive(Debug, Clone, Copy)]
+pub struct Likelihood {
+    /// The sum of the continuation's token log-probabilities.
+    pub logprob: f64,
+    pub tokens: u32,
+    /// Every continuation token was the model's most likely one.
+    pub greedy: bool,
+    /// The whole text's tokens, as the endpoint counted them.
+    pub prompt_tokens: u64,
+    pub latency_ms: u64,
+}
+
 pub struct Client {
     http: reqwest::Client,
 }
@@ -119,12 +132,86 @@ impl Client {
         self.post(endpoint, "completions", &body).await
     }
 
+    /// The log-likelihood of `continuation` after `context` under the endpoint's model, asked as
+    /// an evaluation harness asks: the whole text echoed with each token's log-probability
+    /// (`echo`, `logprobs: 1`, one token generated), the continuation's tokens found by their
+    /// text offsets.
+    pub async fn loglikelihood(
+        &self,
+        endpoint: &Endpoint,
+        context: &str,
+        continuation: &str,
+    ) -> anyhow::Result<Likelihood> {
+        let text = format!("{context}{continuation}");
+        let body = json!({
+            "model": endpoint.model,
+            "prompt": text,
+            "echo": true,
+            "logprobs": 1,
+            "max_tokens": 1,
+            "temperature": 0,
+            "seed": 0,
+        });
+        let (value, latency_ms, _) = self.post_json(endpoint, "completions", &body).await?;
+        let logprobs = &value["choices"][0]["logprobs"];
+        let (Some(offsets), Some(scores), Some(tops)) = (
+            logprobs["text_offset"].as_array(),
+            logprobs["token_logprobs"].as_array(),
+            logprobs["top_logprobs"].as_array(),
+        ) else {
+            bail!("the echoed completion has no text_offset, token_logprobs and top_logprobs");
+        };
+        let (start, end) = (context.chars().count(), text.chars().count());
+        let mut likelihood = Likelihood {
+            logprob: 0.0,
+            tokens: 0,
+            greedy: true,
+            prompt_tokens: value["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+            latency_ms,
+        };
+        for ((offset, score), top) in offsets.iter().zip(scores).zip(tops) {
+            let offset = offset.as_u64().context("a text offset")? as usize;
+            if offset < start || offset >= end {
+                continue;
+            }
+            let score = score
+                .as_f64()
+                .context("a continuation token without its logprob")?;
+            likelihood.logprob += score;
+            likelihood.tokens += 1;
+            let best = top.as_object().and_then(|top| {
+                top.values()
+                    .filter_map(serde_json::Value::as_f64)
+                    .reduce(f64::max)
+            });
+            likelihood.greedy &= best.is_some_and(|best| score >= best - 1e-6);
+        }
+        if likelihood.tokens == 0 {
+            bail!("no token of the continuation {continuation:?} came back scored");
+        }
+        Ok(likelihood)
+    }
+
     async fn post(
         &self,
         endpoint: &Endpoint,
         path: &str,
         body: &serde_json::Value,
     ) -> anyhow::Result<Completion> {
+        let (value, latency_ms, tier) = self.post_json(endpoint, path, body).await?;
+        let mut completion = parse_completion(&value)?;
+        completion.latency_ms = latency_ms;
+        completion.tier = tier.or(completion.tier);
+        Ok(completion)
+    }
+
+    /// The JSON answer to `body`, its latency and the gateway's tier header.
+    async fn post_json(
+        &self,
+        endpoint: &Endpoint,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<(serde_json::Value, u64, Option<String>)> {
         let url = format!("{}/{path}", endpoint.base_url);
         let start = Instant::now();
         let mut attempt = 0;
@@ -170,10 +257,7 @@ impl Client {
         }
         let value: serde_json::Value =
             serde_json::from_str(&text).context("the response is not JSON")?;
-        let mut completion = parse_completion(&value)?;
-        completion.latency_ms = latency_ms;
-        completion.tier = tier.or(completion.tier);
-        Ok(completion)
+        Ok((value, latency_ms, tier))
     }
 }
 

@@ -73,6 +73,9 @@ pub struct Item {
     pub prompt: String,
     pub grader: Grader,
     pub max_tokens: u32,
+    /// The question alone, without its options, for a multiple-choice item:
+    /// what each option is scored after by likelihood (`--scoring loglikelihood`).
+    pub question: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +149,7 @@ fn parse_item(index: usize, value: &serde_json::Value) -> anyhow::Result<Item> {
             ),
             grader: Grader::FinalNumber { reference },
             max_tokens: MATH_MAX_TOKENS,
+            question: None,
         });
     }
     let generic: GenericItem = serde_json::from_value(value.clone())
@@ -156,6 +160,7 @@ fn parse_item(index: usize, value: &serde_json::Value) -> anyhow::Result<Item> {
         prompt: generic.prompt,
         grader: generic.grader,
         max_tokens: generic.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+        question: None,
     })
 }
 
@@ -194,6 +199,7 @@ fn commonsense_item(
         ),
         grader: Grader::MultipleChoice { key, choices },
         max_tokens: MULTIPLE_CHOICE_MAX_TOKENS,
+        question: Some(stem.trim().to_string()),
     })
 }
 

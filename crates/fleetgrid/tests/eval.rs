@@ -200,3 +200,60 @@ fn eval_records_both_tiers_then_calibration_keeps_identical_answers_at_the_edge(
         "{svg}"
     );
 }
+
+/// `--scoring loglikelihood`: each option of a CommonsenseQA item is scored
+/// through the gateway's echoed prompt log-probabilities; the report gives
+/// both accuracies with their intervals and every option's score.
+#[test]
+fn options_scored_by_likelihood_are_reported_with_intervals() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("out");
+    let dataset = dataset();
+    let stdout = fleetgrid(&[
+        "eval",
+        "--dataset",
+        dataset.to_str().expect("utf-8 path"),
+        "--policy",
+        "edge",
+        "--scoring",
+        "loglikelihood",
+        "--limit",
+        "3",
+        "--edge-model",
+        MODEL,
+        "--threads-per-vehicle",
+        "1",
+        "--data-dir",
+        dir.path().join("stack").to_str().expect("path"),
+        "--out",
+        out.to_str().expect("path"),
+    ]);
+    assert!(stdout.contains("scored by log-likelihood"), "{stdout}");
+    let report = read_json(&out.join("loglikelihood-edge.json"));
+    assert_eq!(report["scoring"], "loglikelihood");
+    assert_eq!(report["acc"]["items"], 3);
+    for figure in ["acc", "acc_norm"] {
+        let accuracy = report[figure]["accuracy"].as_f64().expect("accuracy");
+        let interval = report[figure]["wilson95"].as_array().expect("interval");
+        let (low, high) = (interval[0].as_f64().unwrap(), interval[1].as_f64().unwrap());
+        assert!(
+            low <= accuracy && accuracy <= high && high - low > 0.2,
+            "{report}"
+        );
+    }
+    let items = report["items"].as_array().expect("items");
+    assert_eq!(items.len(), 3);
+    for item in items {
+        let options = item["options"].as_array().expect("options");
+        assert_eq!(options.len(), 5, "{item}");
+        // Every option is a different text: scored differently, each a log-probability.
+        let scores: Vec<f64> = options
+            .iter()
+            .map(|option| option["logprob"].as_f64().expect("a score"))
+            .collect();
+        assert!(scores.iter().all(|score| *score < 0.0), "{item}");
+        assert!(scores.windows(2).any(|pair| pair[0] != pair[1]), "{item}");
+    }
+    // Nothing was written for the router's calibration: no answer was generated.
+    assert!(!out.join("records.jsonl").exists());
+}
