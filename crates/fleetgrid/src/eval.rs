@@ -107,8 +107,10 @@ pub struct EvalArgs {
     /// API key for the cloud tier [default: --api-key].
     #[arg(long, env = "FLEETGRID_CLOUD_API_KEY", hide_env_values = true)]
     cloud_api_key: Option<String>,
-    /// The cloud model's name at the cloud tier.
-    #[arg(long, default_value = "qwen2.5-coder-0.5b-instruct")]
+    /// The cloud model's name at the cloud tier: by default the 1.5B system-2 (an own stack
+    /// fetches it, 1.1 GB, the first time); the demo's faster 0.5B is
+    /// `qwen2.5-coder-0.5b-instruct`.
+    #[arg(long, default_value = "qwen2.5-coder-1.5b-instruct")]
     cloud_model: String,
     /// Where `auto` is decided.
     #[arg(long, value_enum, default_value = "client")]
