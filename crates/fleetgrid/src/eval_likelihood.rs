@@ -14,11 +14,11 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use router::grade::Grader;
+use router::wilson_interval;
 use serde_json::json;
 
 use crate::eval_client::{Client, Endpoint, Likelihood};
 use crate::eval_data::Item;
-use crate::eval_report::wilson_interval;
 
 /// One item's options, scored.
 struct Scored {

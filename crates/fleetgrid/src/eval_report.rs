@@ -133,7 +133,7 @@ pub fn finish(input: ReportInput<'_>) -> anyhow::Result<()> {
         }
     );
     println!("  items                 {items}");
-    let (low, high) = wilson_interval(correct, items);
+    let (low, high) = router::wilson_interval(correct, items);
     println!(
         "  accuracy              {:.1}% ({correct}/{items}), 95% interval {:.1}–{:.1}%",
         accuracy * 100.0,
@@ -241,20 +241,6 @@ fn main_feature(config: &RouterConfig, items: &[CalibrationItem]) -> ConfidenceF
     }
 }
 
-/// The Wilson score interval at 95% for `correct` of `items`: (low, high) as shares.
-pub fn wilson_interval(correct: u32, items: u32) -> (f64, f64) {
-    if items == 0 {
-        return (0.0, 1.0);
-    }
-    const Z: f64 = 1.959_963_984_540_054;
-    let n = f64::from(items);
-    let p = f64::from(correct) / n;
-    let z2 = Z * Z;
-    let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
-    let half = Z / (1.0 + z2 / n) * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
-    ((centre - half).max(0.0), (centre + half).min(1.0))
-}
-
 fn ratio(part: u32, whole: u32) -> f64 {
     if whole == 0 {
         return 0.0;
@@ -277,20 +263,5 @@ mod tests {
         assert_eq!(percentile(&samples, 0.95), Some(5.0));
         assert_eq!(percentile(&[7.0], 0.5), Some(7.0));
         assert_eq!(percentile(&[], 0.5), None);
-    }
-
-    #[test]
-    fn wilson_intervals_match_the_textbook_values() {
-        // 23 of 100: the interval Wilson's formula gives, to a tenth of a point.
-        let (low, high) = wilson_interval(23, 100);
-        assert!(
-            (low - 0.1584).abs() < 1e-3 && (high - 0.3215).abs() < 1e-3,
-            "{low} {high}"
-        );
-        // All right or all wrong still leaves room on one side; nothing known is everything.
-        let (low, high) = wilson_interval(10, 10);
-        assert!(low < 0.75 && high > 0.999_999, "{low} {high}");
-        assert_eq!(wilson_interval(0, 10).0, 0.0);
-        assert_eq!(wilson_interval(0, 0), (0.0, 1.0));
     }
 }

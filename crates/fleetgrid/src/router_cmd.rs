@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use router::calibrate::{calibrate, CalibrationItem};
+use router::calibrate::{calibrate, cross_validate, CalibrationItem, Evidence};
 use router::{Router, RouterConfig};
 
 use crate::eval_data::{Dataset, Half};
@@ -35,6 +35,17 @@ pub struct CalibrateArgs {
     /// A configuration to start from (its prices, limits and classes without data) [default: built-in].
     #[arg(long)]
     base: Option<PathBuf>,
+    /// Items of a class needed before any of its answers may stay at the edge; a class with
+    /// fewer goes to the cloud, one with none keeps the base configuration's policy.
+    #[arg(long, default_value_t = Evidence::DEFAULT.min_class_items)]
+    min_class_items: u32,
+    /// Credit the answers kept at the edge with their count, not with the lower bound of their
+    /// accuracy's Wilson 95% interval.
+    #[arg(long)]
+    point_estimates: bool,
+    /// Folds of the cross-validation reported beside the calibration (0: none).
+    #[arg(long, default_value_t = 5)]
+    folds: u32,
     /// Where to write the configuration.
     #[arg(long)]
     out: PathBuf,
@@ -105,8 +116,29 @@ fn run_calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
         items.extend(found);
     }
     let source = format!("{}, {}", names.join(" + "), args.half.describe());
-    let outcome =
-        calibrate(&items, args.target_quality, &config.policies, &source).context("calibrate")?;
+    let evidence = Evidence {
+        min_class_items: args.min_class_items,
+        lower_bound: !args.point_estimates,
+    };
+    let mut outcome = calibrate(
+        &items,
+        args.target_quality,
+        &config.policies,
+        &source,
+        evidence,
+    )
+    .context("calibrate")?;
+    if args.folds > 0 && items.len() >= 2 {
+        let checked = cross_validate(
+            &items,
+            args.target_quality,
+            &config.policies,
+            evidence,
+            args.folds,
+        )
+        .context("cross-validate")?;
+        outcome.summary.cross_validated = Some(checked);
+    }
     config.policies = outcome.policies;
     config.calibration = Some(outcome.summary.clone());
     if let Some(parent) = args
@@ -141,6 +173,27 @@ fn run_calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
         summary.cloud_only.correct,
         summary.routed.edge_share() * 100.0,
         summary.cost_saving_vs_cloud * 100.0
+    );
+    if let Some(checked) = &summary.cross_validated {
+        println!(
+            "  held out ({}-fold): {}/{} correct ({:.1}% of cloud-only {}), {:.1}% at the edge, cost saving vs cloud-only {:.1}%",
+            checked.folds,
+            checked.routed.correct,
+            checked.routed.items,
+            checked.quality_vs_cloud * 100.0,
+            checked.cloud_only.correct,
+            checked.routed.edge_share() * 100.0,
+            checked.cost_saving_vs_cloud * 100.0
+        );
+    }
+    println!(
+        "  evidence: {} items per class before the edge may serve it, {}",
+        evidence.min_class_items,
+        if evidence.lower_bound {
+            "edge answers credited at their accuracy's Wilson 95% lower bound"
+        } else {
+            "edge answers credited at their count"
+        }
     );
     println!("  wrote {}", args.out.display());
     Ok(())

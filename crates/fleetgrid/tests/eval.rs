@@ -138,6 +138,29 @@ fn eval_records_both_tiers_then_calibration_keeps_identical_answers_at_the_edge(
     } else {
         ClassPolicy::Cloud
     };
+    // Two items are no evidence for the edge under the default rules (20 items of a class
+    // first): the class goes to the cloud, and the summary says how it held out of sample.
+    let careful_path = dir.path().join("router-careful.json");
+    let stdout = fleetgrid(&[
+        "router",
+        "calibrate",
+        "--dataset",
+        dataset,
+        "--records",
+        records.to_str().expect("path"),
+        "--out",
+        careful_path.to_str().expect("path"),
+    ]);
+    assert!(stdout.contains("held out (2-fold)"), "{stdout}");
+    let careful = RouterConfig::from_json(&std::fs::read_to_string(&careful_path).expect("config"))
+        .expect("the calibrated configuration loads");
+    assert_eq!(careful.policies.multiple_choice, ClassPolicy::Cloud);
+    let checked = careful
+        .calibration
+        .and_then(|summary| summary.cross_validated)
+        .expect("cross-validation");
+    assert_eq!(checked.routed.items, 2);
+    // The search alone, as the rest of this test replays it.
     let config_path = dir.path().join("router.json");
     fleetgrid(&[
         "router",
@@ -148,6 +171,9 @@ fn eval_records_both_tiers_then_calibration_keeps_identical_answers_at_the_edge(
         records.to_str().expect("path"),
         "--target-quality",
         "0.95",
+        "--min-class-items",
+        "0",
+        "--point-estimates",
         "--out",
         config_path.to_str().expect("path"),
     ]);

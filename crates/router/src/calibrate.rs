@@ -19,6 +19,16 @@
 //! edge exactly the items the cloud also got wrong: free on the calibration
 //! data, and a pure loss on new data.
 //!
+//! **Evidence that generalises** ([`Evidence`]). A class may keep answers at
+//! the edge only when the calibration holds at least `min_class_items` of its
+//! items; a class with fewer goes to the cloud, and a class with none keeps
+//! the base configuration's policy (the built-in default unless `--base` names
+//! another). And the answers a candidate keeps at the edge count as correct
+//! only up to the lower bound of the Wilson 95% interval of their accuracy, so
+//! the target must be met with the sample's uncertainty counted against the
+//! edge. [`cross_validate`] measures how the chosen policies hold on items
+//! the calibration did not see.
+//!
 //! Ties go, in order, to: lower cost, more correct answers, more answers
 //! served at the edge, then the candidate listed first (Edge, cascades by
 //! feature then threshold, Cloud). The result does not depend on the order
@@ -53,6 +63,59 @@ pub enum CalibrationError {
     TooManyItems(usize),
     #[error("the target quality must be in (0, 1], got {0}")]
     Target(f64),
+}
+
+/// How much evidence a class needs before its answers may stay at the edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Evidence {
+    /// Items of a class the calibration needs before any of them may stay at the edge.
+    pub min_class_items: u32,
+    /// Credit the answers kept at the edge with the lower bound of their accuracy's Wilson 95%
+    /// interval, not with their count.
+    pub lower_bound: bool,
+}
+
+impl Evidence {
+    /// What `fleetgrid router calibrate` asks for unless told otherwise.
+    pub const DEFAULT: Evidence = Evidence {
+        min_class_items: 20,
+        lower_bound: true,
+    };
+    /// The search alone: any class may keep answers at the edge on any count, credited with
+    /// its count (how configurations were calibrated before these rules).
+    pub const NONE: Evidence = Evidence {
+        min_class_items: 0,
+        lower_bound: false,
+    };
+
+    /// The correct answers `correct` of `kept` answers kept at the edge count for.
+    fn credit(self, correct: u32, kept: u32) -> u32 {
+        if !self.lower_bound || kept == 0 {
+            return correct;
+        }
+        let (low, _) = wilson_interval(correct, kept);
+        ((low * f64::from(kept)) + 1e-9).floor() as u32
+    }
+}
+
+impl Default for Evidence {
+    fn default() -> Evidence {
+        Evidence::NONE
+    }
+}
+
+/// The Wilson score interval at 95% for `correct` of `items`, as shares: (low, high).
+pub fn wilson_interval(correct: u32, items: u32) -> (f64, f64) {
+    if items == 0 {
+        return (0.0, 1.0);
+    }
+    const Z: f64 = 1.959_963_984_540_054;
+    let n = f64::from(items);
+    let p = f64::from(correct) / n;
+    let z2 = Z * Z;
+    let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
+    let half = Z / (1.0 + z2 / n) * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+    ((centre - half).max(0.0), (centre + half).min(1.0))
 }
 
 /// Totals of a policy applied to items.
@@ -104,6 +167,29 @@ pub struct CalibrationSummary {
     pub quality_vs_cloud: f64,
     /// `1 - routed.cost / cloud_only.cost`.
     pub cost_saving_vs_cloud: f64,
+    /// The evidence rules the policies were chosen under (none in configurations calibrated
+    /// before they existed).
+    #[serde(default)]
+    pub evidence: Evidence,
+    /// The correct answers the target was met with: `routed.correct`, with the answers kept at
+    /// the edge credited as [`Evidence::lower_bound`] says.
+    #[serde(default)]
+    pub credited_correct: Option<u32>,
+    /// How the policies held on items the calibration did not see.
+    #[serde(default)]
+    pub cross_validated: Option<CrossValidation>,
+}
+
+/// `folds`-fold cross-validation of a calibration: item `i` is held out in fold `i mod folds`,
+/// and each fold's held-out items are routed by the policies calibrated on all the others.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CrossValidation {
+    pub folds: u32,
+    /// Every item routed once, by the policies of the fold that held it out.
+    pub routed: Totals,
+    pub cloud_only: Totals,
+    pub quality_vs_cloud: f64,
+    pub cost_saving_vs_cloud: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -150,18 +236,25 @@ pub fn evaluate(policies: &ClassPolicies, items: &[CalibrationItem]) -> Totals {
         .fold(Totals::default(), Totals::add)
 }
 
-/// Every candidate policy of one class with its totals, in tie-break order.
-fn candidates(items: &[&CalibrationItem]) -> Vec<(ClassPolicy, Totals)> {
+/// Every candidate policy of one class with its totals, in tie-break order. A candidate's
+/// `correct` is what it is credited with under `evidence`.
+fn candidates(items: &[&CalibrationItem], evidence: Evidence) -> Vec<(ClassPolicy, Totals)> {
     let totals_of = |policy: &ClassPolicy| {
         items
             .iter()
             .map(|item| apply(policy, item))
             .fold(Totals::default(), Totals::add)
     };
+    let cloud = (ClassPolicy::Cloud, totals_of(&ClassPolicy::Cloud));
+    if (items.len() as u32) < evidence.min_class_items {
+        return vec![cloud];
+    }
     let edge_correct_total: u32 = items.iter().map(|item| u32::from(item.edge_correct)).sum();
     let mut candidates = Vec::new();
     if edge_correct_total > 0 {
-        candidates.push((ClassPolicy::Edge, totals_of(&ClassPolicy::Edge)));
+        let mut edge = totals_of(&ClassPolicy::Edge);
+        edge.correct = evidence.credit(edge.correct, edge.items);
+        candidates.push((ClassPolicy::Edge, edge));
     }
     let edge_cost: MicroUsd = items.iter().map(|item| item.edge_cost).sum();
     for feature in ConfidenceFeature::ALL {
@@ -187,9 +280,10 @@ fn candidates(items: &[&CalibrationItem]) -> Vec<(ClassPolicy, Totals)> {
             }
             let middle = low + (high - low) / 2.0;
             let threshold = if middle > low { middle } else { high };
+            let kept = (sorted.len() - split) as u32;
             let totals = Totals {
                 items: sorted.len() as u32,
-                correct: escalated_cloud_correct + kept_edge_correct,
+                correct: escalated_cloud_correct + evidence.credit(kept_edge_correct, kept),
                 edge_served: (sorted.len() - split) as u32,
                 cost: edge_cost.saturating_add(escalated_cloud_cost),
             };
@@ -197,7 +291,7 @@ fn candidates(items: &[&CalibrationItem]) -> Vec<(ClassPolicy, Totals)> {
             candidates.push((ClassPolicy::Cascade(rule), totals));
         }
     }
-    candidates.push((ClassPolicy::Cloud, totals_of(&ClassPolicy::Cloud)));
+    candidates.push(cloud);
     candidates
 }
 
@@ -207,13 +301,15 @@ fn cheaper(a: &Totals, b: &Totals) -> bool {
 }
 
 /// Chooses per-class policies on `items` keeping at least `target_quality`
-/// of cloud-only correctness at the lowest cost. Classes without items keep
-/// their policy from `base`. `source` names the data for the summary.
+/// of cloud-only correctness at the lowest cost, with the answers kept at the
+/// edge credited as `evidence` says. Classes without items keep their policy
+/// from `base`. `source` names the data for the summary.
 pub fn calibrate(
     items: &[CalibrationItem],
     target_quality: f64,
     base: &ClassPolicies,
     source: &str,
+    evidence: Evidence,
 ) -> Result<CalibrationOutcome, CalibrationError> {
     if items.is_empty() {
         return Err(CalibrationError::NoItems);
@@ -241,7 +337,7 @@ pub fn calibrate(
             continue;
         }
         classes.push(class);
-        let options = candidates(&members);
+        let options = candidates(&members, evidence);
         let mut next: Vec<Option<(Totals, Vec<ClassPolicy>)>> = vec![None; items.len() + 1];
         for (totals, choices) in best.iter().flatten() {
             for (policy, option) in &options {
@@ -259,7 +355,7 @@ pub fn calibrate(
         }
         best = next;
     }
-    let (routed, choices) = best
+    let (credited, choices) = best
         .into_iter()
         .flatten()
         .filter(|(totals, _)| totals.correct >= required)
@@ -280,6 +376,7 @@ pub fn calibrate(
     for (class, policy) in classes.iter().zip(choices) {
         *policies.get_mut(*class) = policy;
     }
+    let routed = evaluate(&policies, items);
     let summary = CalibrationSummary {
         source: source.to_string(),
         target_quality,
@@ -288,8 +385,46 @@ pub fn calibrate(
         cloud_only,
         quality_vs_cloud: ratio(routed.correct, cloud_only.correct),
         cost_saving_vs_cloud: saving(routed.cost, cloud_only.cost),
+        evidence,
+        credited_correct: Some(credited.correct),
+        cross_validated: None,
     };
     Ok(CalibrationOutcome { policies, summary })
+}
+
+/// [`CrossValidation`] of [`calibrate`] with these arguments over `folds` folds (at least 2,
+/// at most the number of items).
+pub fn cross_validate(
+    items: &[CalibrationItem],
+    target_quality: f64,
+    base: &ClassPolicies,
+    evidence: Evidence,
+    folds: u32,
+) -> Result<CrossValidation, CalibrationError> {
+    let folds = folds.clamp(2, (items.len() as u32).max(2));
+    let (mut routed, mut cloud_only) = (Totals::default(), Totals::default());
+    for fold in 0..folds {
+        let held_out = |index: usize| index as u32 % folds == fold;
+        let (training, test): (Vec<_>, Vec<_>) = items
+            .iter()
+            .enumerate()
+            .partition(|(index, _)| !held_out(*index));
+        let training: Vec<CalibrationItem> = training.into_iter().map(|(_, item)| *item).collect();
+        let test: Vec<CalibrationItem> = test.into_iter().map(|(_, item)| *item).collect();
+        if training.is_empty() || test.is_empty() {
+            continue;
+        }
+        let outcome = calibrate(&training, target_quality, base, "fold", evidence)?;
+        routed = routed.add(evaluate(&outcome.policies, &test));
+        cloud_only = cloud_only.add(evaluate(&all(ClassPolicy::Cloud), &test));
+    }
+    Ok(CrossValidation {
+        folds,
+        routed,
+        cloud_only,
+        quality_vs_cloud: ratio(routed.correct, cloud_only.correct),
+        cost_saving_vs_cloud: saving(routed.cost, cloud_only.cost),
+    })
 }
 
 /// `1 - cost / reference`, or 0 when the reference is free.

@@ -73,7 +73,10 @@ pub mod knn;
 pub mod machine;
 mod router;
 
-pub use calibrate::{calibrate, CalibrationItem, CalibrationOutcome};
+pub use calibrate::{
+    calibrate, cross_validate, wilson_interval, CalibrationItem, CalibrationOutcome, CrossValidation,
+    Evidence,
+};
 pub use confidence::{ConfidenceFeature, ConfidenceScores, TokenLogprob};
 pub use config::{
     AcceptRule, ClassPolicies, ClassPolicy, ConfigError, IncrementalConfig, RouterConfig,

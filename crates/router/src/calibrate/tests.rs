@@ -32,7 +32,7 @@ fn confident_edge_answers_stay_and_unsure_ones_escalate() {
         item(TaskClass::Math, false, true, -1.5),
         item(TaskClass::Math, false, true, -2.0),
     ];
-    let outcome = calibrate(&items, 1.0, &base(), "test").expect("calibrate");
+    let outcome = calibrate(&items, 1.0, &base(), "test", Evidence::NONE).expect("calibrate");
     let ClassPolicy::Cascade(rule) = outcome.policies.math else {
         panic!("expected a cascade, got {:?}", outcome.policies.math);
     };
@@ -52,7 +52,7 @@ fn a_low_target_keeps_everything_at_the_edge() {
         item(TaskClass::Open, true, true, -0.1),
         item(TaskClass::Open, false, true, -3.0),
     ];
-    let outcome = calibrate(&items, 0.5, &base(), "test").expect("calibrate");
+    let outcome = calibrate(&items, 0.5, &base(), "test", Evidence::NONE).expect("calibrate");
     assert_eq!(outcome.policies.open, ClassPolicy::Edge);
     assert_eq!(outcome.summary.routed.cost, MicroUsd(2));
 }
@@ -64,7 +64,7 @@ fn an_edge_that_is_never_right_sends_the_class_to_the_cloud() {
         item(TaskClass::Math, false, true, -0.3),
         item(TaskClass::MultipleChoice, true, true, -0.1),
     ];
-    let outcome = calibrate(&items, 0.95, &base(), "test").expect("calibrate");
+    let outcome = calibrate(&items, 0.95, &base(), "test", Evidence::NONE).expect("calibrate");
     assert_eq!(outcome.policies.math, ClassPolicy::Cloud);
     assert_eq!(outcome.policies.multiple_choice, ClassPolicy::Edge);
 }
@@ -80,7 +80,7 @@ fn no_edge_answer_is_kept_without_a_correct_one_to_show_for_it() {
         item(TaskClass::Math, false, true, -1.5),
         item(TaskClass::Math, false, true, -2.0),
     ];
-    let outcome = calibrate(&items, 0.95, &all(ClassPolicy::Edge), "test").expect("calibrate");
+    let outcome = calibrate(&items, 0.95, &all(ClassPolicy::Edge), "test", Evidence::NONE).expect("calibrate");
     assert_eq!(outcome.policies.math, ClassPolicy::Cloud);
     assert_eq!(outcome.summary.routed.edge_served, 0);
 }
@@ -88,16 +88,99 @@ fn no_edge_answer_is_kept_without_a_correct_one_to_show_for_it() {
 #[test]
 fn bad_inputs_are_errors() {
     assert_eq!(
-        calibrate(&[], 0.9, &base(), "test"),
+        calibrate(&[], 0.9, &base(), "test", Evidence::NONE),
         Err(CalibrationError::NoItems)
     );
     let items = [item(TaskClass::Open, true, true, -0.1)];
     assert_eq!(
-        calibrate(&items, 0.0, &base(), "test"),
+        calibrate(&items, 0.0, &base(), "test", Evidence::NONE),
         Err(CalibrationError::Target(0.0))
     );
-    assert!(calibrate(&items, f64::NAN, &base(), "test").is_err());
-    assert!(calibrate(&items, 1.5, &base(), "test").is_err());
+    assert!(calibrate(&items, f64::NAN, &base(), "test", Evidence::NONE).is_err());
+    assert!(calibrate(&items, 1.5, &base(), "test", Evidence::NONE).is_err());
+}
+
+/// `count` items of `class`, the edge right on the first `edge_right` (confident) and wrong on
+/// the rest (unsure), the cloud always right.
+fn class_items(class: TaskClass, count: usize, edge_right: usize) -> Vec<CalibrationItem> {
+    (0..count)
+        .map(|index| {
+            let right = index < edge_right;
+            item(class, right, true, if right { -0.1 } else { -2.0 })
+        })
+        .collect()
+}
+
+#[test]
+fn a_class_with_too_few_items_goes_to_the_cloud() {
+    // Five confident, correct edge answers: the search alone keeps them at the edge, the
+    // evidence rules want twenty items of the class first.
+    let items = class_items(TaskClass::Open, 5, 5);
+    let point = calibrate(&items, 0.95, &base(), "test", Evidence::NONE).expect("calibrate");
+    assert_eq!(point.policies.open, ClassPolicy::Edge);
+    let careful = calibrate(&items, 0.95, &base(), "test", Evidence::DEFAULT).expect("calibrate");
+    assert_eq!(careful.policies.open, ClassPolicy::Cloud);
+    assert_eq!(careful.summary.routed.edge_served, 0);
+    assert_eq!(careful.summary.evidence, Evidence::DEFAULT);
+}
+
+#[test]
+fn the_lower_bound_counts_the_samples_uncertainty_against_the_edge() {
+    // Edge-only is right on 36 of 40 answers: exactly 90% of the cloud's 40, by count. The
+    // Wilson lower bound of 36/40 is 76.9%, worth 30 answers: not enough for 90%.
+    let mut items = class_items(TaskClass::Open, 40, 36);
+    for item in &mut items {
+        item.edge_confidence.mean_logprob = -0.1;
+    }
+    let point = calibrate(&items, 0.9, &base(), "test", Evidence::NONE).expect("calibrate");
+    assert_eq!(point.policies.open, ClassPolicy::Edge);
+    let careful = calibrate(&items, 0.9, &base(), "test", Evidence::DEFAULT).expect("calibrate");
+    assert_eq!(careful.policies.open, ClassPolicy::Cloud);
+    assert_eq!(careful.summary.credited_correct, Some(40));
+    // Where the edge is clearly good enough, the lower bound still lets it serve: right on all
+    // 60 confident answers (lower bound 94%, 56 credited) for a target of 90%.
+    let items = class_items(TaskClass::Open, 60, 60);
+    let careful = calibrate(&items, 0.9, &base(), "test", Evidence::DEFAULT).expect("calibrate");
+    assert_eq!(careful.policies.open, ClassPolicy::Edge);
+    assert_eq!(careful.summary.credited_correct, Some(56));
+    assert_eq!(careful.summary.routed.correct, 60);
+}
+
+#[test]
+fn cross_validation_routes_every_item_once_by_policies_that_did_not_see_it() {
+    // Confident answers right, unsure ones wrong: every fold finds a cascade that keeps the
+    // confident ones, so held out the routing keeps all of the cloud's quality for less.
+    let items: Vec<CalibrationItem> = class_items(TaskClass::Math, 50, 25);
+    let checked =
+        cross_validate(&items, 1.0, &base(), Evidence::NONE, 5).expect("cross-validate");
+    assert_eq!(checked.folds, 5);
+    assert_eq!(checked.routed.items, 50);
+    assert_eq!(checked.cloud_only.correct, 50);
+    assert_eq!(checked.routed.correct, 50);
+    assert_eq!(checked.routed.edge_served, 25);
+    assert!((checked.cost_saving_vs_cloud - 0.4).abs() < 1e-9, "{checked:?}");
+    // Held out, a policy chosen on a few lucky items shows its loss: with 2 folds of 3 items
+    // each, the edge kept on the right answers of one fold is wrong on the other's.
+    let lucky = [
+        item(TaskClass::Open, true, true, -0.1),
+        item(TaskClass::Open, false, true, -0.1),
+        item(TaskClass::Open, true, true, -0.1),
+        item(TaskClass::Open, false, true, -0.1),
+        item(TaskClass::Open, true, true, -0.1),
+        item(TaskClass::Open, false, true, -0.1),
+    ];
+    let checked = cross_validate(&lucky, 0.5, &base(), Evidence::NONE, 2).expect("cross-validate");
+    assert!(checked.quality_vs_cloud < 1.0, "{checked:?}");
+}
+
+#[test]
+fn wilson_intervals_match_the_textbook_values() {
+    let (low, high) = wilson_interval(23, 100);
+    assert!((low - 0.1584).abs() < 1e-3 && (high - 0.3215).abs() < 1e-3, "{low} {high}");
+    let (low, high) = wilson_interval(10, 10);
+    assert!(low < 0.75 && high > 0.999_999, "{low} {high}");
+    assert_eq!(wilson_interval(0, 10).0, 0.0);
+    assert_eq!(wilson_interval(0, 0), (0.0, 1.0));
 }
 
 fn arbitrary_item() -> impl Strategy<Value = CalibrationItem> {
@@ -139,7 +222,7 @@ fn brute_force_cost(items: &[CalibrationItem], required: u32) -> MicroUsd {
         let members: Vec<&CalibrationItem> =
             items.iter().filter(|item| item.class == class).collect();
         if !members.is_empty() {
-            classes.push(candidates(&members));
+            classes.push(candidates(&members, Evidence::NONE));
         }
     }
     let mut best = MicroUsd(i64::MAX);
@@ -176,7 +259,7 @@ proptest! {
         items in prop::collection::vec(arbitrary_item(), 1..40),
         target in 0.5f64..=1.0,
     ) {
-        let outcome = calibrate(&items, target, &base(), "prop").expect("calibrate");
+        let outcome = calibrate(&items, target, &base(), "prop", Evidence::NONE).expect("calibrate");
         // Re-applying the saved policies gives the totals the summary claims.
         let applied = evaluate(&outcome.policies, &items);
         prop_assert_eq!(applied, outcome.summary.routed);
@@ -186,12 +269,26 @@ proptest! {
     }
 
     #[test]
+    fn under_the_evidence_rules_the_target_is_met_by_the_credited_count(
+        items in prop::collection::vec(arbitrary_item(), 1..60),
+        target in 0.5f64..=1.0,
+    ) {
+        let outcome =
+            calibrate(&items, target, &base(), "prop", Evidence::DEFAULT).expect("calibrate");
+        let cloud = outcome.summary.cloud_only;
+        let credited = outcome.summary.credited_correct.expect("credited");
+        prop_assert!(f64::from(credited) >= target * f64::from(cloud.correct) - 1e-9);
+        prop_assert!(credited <= outcome.summary.routed.correct);
+        prop_assert_eq!(evaluate(&outcome.policies, &items), outcome.summary.routed);
+    }
+
+    #[test]
     fn the_choice_is_the_cheapest_and_does_not_depend_on_item_order(
         items in prop::collection::vec(arbitrary_item(), 1..14),
         target in 0.5f64..=1.0,
         rotation in 0usize..14,
     ) {
-        let outcome = calibrate(&items, target, &base(), "prop").expect("calibrate");
+        let outcome = calibrate(&items, target, &base(), "prop", Evidence::NONE).expect("calibrate");
         let required =
             (target * f64::from(outcome.summary.cloud_only.correct) - 1e-9).ceil() as u32;
         prop_assert_eq!(outcome.summary.routed.cost, brute_force_cost(&items, required));
@@ -200,7 +297,7 @@ proptest! {
         reordered.reverse();
         let rotation = rotation % reordered.len();
         reordered.rotate_left(rotation);
-        let again = calibrate(&reordered, target, &base(), "prop").expect("calibrate");
+        let again = calibrate(&reordered, target, &base(), "prop", Evidence::NONE).expect("calibrate");
         prop_assert_eq!(again, outcome);
     }
 }
