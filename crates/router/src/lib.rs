@@ -74,8 +74,8 @@ pub mod machine;
 mod router;
 
 pub use calibrate::{
-    calibrate, cross_validate, wilson_interval, CalibrationItem, CalibrationOutcome, CrossValidation,
-    Evidence,
+    calibrate, cross_validate, wilson_interval, CalibrationItem, CalibrationOutcome,
+    CrossValidation, Evidence,
 };
 pub use confidence::{ConfidenceFeature, ConfidenceScores, TokenLogprob};
 pub use config::{

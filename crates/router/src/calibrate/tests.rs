@@ -80,7 +80,14 @@ fn no_edge_answer_is_kept_without_a_correct_one_to_show_for_it() {
         item(TaskClass::Math, false, true, -1.5),
         item(TaskClass::Math, false, true, -2.0),
     ];
-    let outcome = calibrate(&items, 0.95, &all(ClassPolicy::Edge), "test", Evidence::NONE).expect("calibrate");
+    let outcome = calibrate(
+        &items,
+        0.95,
+        &all(ClassPolicy::Edge),
+        "test",
+        Evidence::NONE,
+    )
+    .expect("calibrate");
     assert_eq!(outcome.policies.math, ClassPolicy::Cloud);
     assert_eq!(outcome.summary.routed.edge_served, 0);
 }
@@ -128,10 +135,10 @@ fn a_class_with_too_few_items_goes_to_the_cloud() {
 fn the_lower_bound_counts_the_samples_uncertainty_against_the_edge() {
     // Edge-only is right on 36 of 40 answers: exactly 90% of the cloud's 40, by count. The
     // Wilson lower bound of 36/40 is 76.9%, worth 30 answers: not enough for 90%.
-    let mut items = class_items(TaskClass::Open, 40, 36);
-    for item in &mut items {
-        item.edge_confidence.mean_logprob = -0.1;
-    }
+    // Every answer equally confident: no cascade can tell the wrong ones apart.
+    let items: Vec<CalibrationItem> = (0..40)
+        .map(|index| item(TaskClass::Open, index < 36, true, -0.1))
+        .collect();
     let point = calibrate(&items, 0.9, &base(), "test", Evidence::NONE).expect("calibrate");
     assert_eq!(point.policies.open, ClassPolicy::Edge);
     let careful = calibrate(&items, 0.9, &base(), "test", Evidence::DEFAULT).expect("calibrate");
@@ -151,14 +158,16 @@ fn cross_validation_routes_every_item_once_by_policies_that_did_not_see_it() {
     // Confident answers right, unsure ones wrong: every fold finds a cascade that keeps the
     // confident ones, so held out the routing keeps all of the cloud's quality for less.
     let items: Vec<CalibrationItem> = class_items(TaskClass::Math, 50, 25);
-    let checked =
-        cross_validate(&items, 1.0, &base(), Evidence::NONE, 5).expect("cross-validate");
+    let checked = cross_validate(&items, 1.0, &base(), Evidence::NONE, 5).expect("cross-validate");
     assert_eq!(checked.folds, 5);
     assert_eq!(checked.routed.items, 50);
     assert_eq!(checked.cloud_only.correct, 50);
     assert_eq!(checked.routed.correct, 50);
     assert_eq!(checked.routed.edge_served, 25);
-    assert!((checked.cost_saving_vs_cloud - 0.4).abs() < 1e-9, "{checked:?}");
+    assert!(
+        (checked.cost_saving_vs_cloud - 0.4).abs() < 1e-9,
+        "{checked:?}"
+    );
     // Held out, a policy chosen on a few lucky items shows its loss: with 2 folds of 3 items
     // each, the edge kept on the right answers of one fold is wrong on the other's.
     let lucky = [
@@ -176,7 +185,10 @@ fn cross_validation_routes_every_item_once_by_policies_that_did_not_see_it() {
 #[test]
 fn wilson_intervals_match_the_textbook_values() {
     let (low, high) = wilson_interval(23, 100);
-    assert!((low - 0.1584).abs() < 1e-3 && (high - 0.3215).abs() < 1e-3, "{low} {high}");
+    assert!(
+        (low - 0.1584).abs() < 1e-3 && (high - 0.3215).abs() < 1e-3,
+        "{low} {high}"
+    );
     let (low, high) = wilson_interval(10, 10);
     assert!(low < 0.75 && high > 0.999_999, "{low} {high}");
     assert_eq!(wilson_interval(0, 10).0, 0.0);
