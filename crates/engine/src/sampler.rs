@@ -123,12 +123,7 @@ impl Sampler {
     ) -> Sampled {
         assert!(!logits.is_empty(), "sampling needs at least one logit");
         let (max_logit, argmax) = max_and_argmax(logits);
-        let log_normalizer = if max_logit == f32::NEG_INFINITY {
-            f32::NEG_INFINITY
-        } else {
-            // Narrowing: the sum of at most a vocabulary of terms <= 1 fits an f32 easily.
-            max_logit + (self.terms.fill(logits, max_logit, 1.0) as f32).ln()
-        };
+        let log_normalizer = self.log_normalizer(logits, max_logit);
         let token = if params.is_greedy() {
             argmax
         } else {
@@ -147,12 +142,18 @@ impl Sampler {
     pub fn score(&mut self, logits: &[f32], token: TokenId, top_logprobs: u32) -> Sampled {
         assert!(!logits.is_empty(), "scoring needs at least one logit");
         let (max_logit, _) = max_and_argmax(logits);
-        let log_normalizer = if max_logit == f32::NEG_INFINITY {
-            f32::NEG_INFINITY
-        } else {
-            max_logit + (self.terms.fill(logits, max_logit, 1.0) as f32).ln()
-        };
+        let log_normalizer = self.log_normalizer(logits, max_logit);
         described(logits, log_normalizer, token, top_logprobs)
+    }
+
+    /// `ln Σ e^logit` over `logits`, whose largest is `max_logit`; -inf when every logit is.
+    /// Leaves the terms of temperature 1 in `self.terms`.
+    fn log_normalizer(&mut self, logits: &[f32], max_logit: f32) -> f32 {
+        if max_logit == f32::NEG_INFINITY {
+            return f32::NEG_INFINITY;
+        }
+        // Narrowing: the sum of at most a vocabulary of terms <= 1 fits an f32 easily.
+        max_logit + (self.terms.fill(logits, max_logit, 1.0) as f32).ln()
     }
 
     /// The non-greedy path: temperature, top-k, top-p, then one draw keyed by `(seed, position)`.

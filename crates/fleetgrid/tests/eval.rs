@@ -140,17 +140,16 @@ fn eval_records_both_tiers_then_calibration_keeps_identical_answers_at_the_edge(
     };
     // Two items are no evidence for the edge under the default rules (20 items of a class
     // first): the class goes to the cloud, and the summary says how it held out of sample.
+    let records_arg = records.to_str().expect("path");
+    let calibrate = |out: &Path, rules: &[&str]| {
+        let mut args = vec!["router", "calibrate", "--dataset", dataset];
+        args.extend(["--records", records_arg, "--target-quality", "0.95"]);
+        args.extend(rules);
+        args.extend(["--out", out.to_str().expect("path")]);
+        fleetgrid(&args)
+    };
     let careful_path = dir.path().join("router-careful.json");
-    let stdout = fleetgrid(&[
-        "router",
-        "calibrate",
-        "--dataset",
-        dataset,
-        "--records",
-        records.to_str().expect("path"),
-        "--out",
-        careful_path.to_str().expect("path"),
-    ]);
+    let stdout = calibrate(&careful_path, &[]);
     assert!(stdout.contains("held out (2-fold)"), "{stdout}");
     let careful = RouterConfig::from_json(&std::fs::read_to_string(&careful_path).expect("config"))
         .expect("the calibrated configuration loads");
@@ -162,21 +161,10 @@ fn eval_records_both_tiers_then_calibration_keeps_identical_answers_at_the_edge(
     assert_eq!(checked.routed.items, 2);
     // The search alone, as the rest of this test replays it.
     let config_path = dir.path().join("router.json");
-    fleetgrid(&[
-        "router",
-        "calibrate",
-        "--dataset",
-        dataset,
-        "--records",
-        records.to_str().expect("path"),
-        "--target-quality",
-        "0.95",
-        "--min-class-items",
-        "0",
-        "--point-estimates",
-        "--out",
-        config_path.to_str().expect("path"),
-    ]);
+    calibrate(
+        &config_path,
+        &["--min-class-items", "0", "--point-estimates"],
+    );
     let calibrated =
         RouterConfig::from_json(&std::fs::read_to_string(&config_path).expect("config"))
             .expect("the calibrated configuration loads");

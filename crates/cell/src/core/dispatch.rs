@@ -261,13 +261,7 @@ impl Core {
     pub fn node_tokens(&self, session: NodeSession, batch: proto::TokenBatch) {
         let now = self.clock.now();
         let mut state = self.lock();
-        // Tokens are a sign of life too: a busy agent may skip a heartbeat
-        // while its outbound queue is full, and must not be reaped for it.
-        if let Some(node) = state.nodes.get_mut(&session.node) {
-            if node.session == session.session {
-                node.last_heard = self.clock.instant();
-            }
-        }
+        self.heard_from(&mut state, session);
         let Some(request) = self.current_attempt(&state, session, &batch.generation_id) else {
             return;
         };
@@ -349,16 +343,23 @@ impl Core {
         );
     }
 
-    /// A piece of a prompt's scores from a node: kept while the current
-    /// attempt sends them, sent on to the client once the last prompt token's
-    /// is in.
-    pub fn node_prompt_logprobs(&self, session: NodeSession, scores: proto::PromptLogprobs) {
-        let mut state = self.lock();
+    /// A node's generation message is a sign of life too: a busy agent may
+    /// skip a heartbeat while its outbound queue is full, and must not be
+    /// reaped for it.
+    fn heard_from(&self, state: &mut CoreState, session: NodeSession) {
         if let Some(node) = state.nodes.get_mut(&session.node) {
             if node.session == session.session {
                 node.last_heard = self.clock.instant();
             }
         }
+    }
+
+    /// A piece of a prompt's scores from a node: kept while the current
+    /// attempt sends them, sent on to the client once the last prompt token's
+    /// is in.
+    pub fn node_prompt_logprobs(&self, session: NodeSession, scores: proto::PromptLogprobs) {
+        let mut state = self.lock();
+        self.heard_from(&mut state, session);
         let Some(request) = self.current_attempt(&state, session, &scores.generation_id) else {
             return;
         };
