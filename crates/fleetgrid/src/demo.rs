@@ -65,6 +65,10 @@ pub struct DemoArgs {
     /// Run without the local cloud: no `auto` or `cloud/...` models, a faster start.
     #[arg(long)]
     pub(crate) no_cloud: bool,
+    /// The local cloud's model (system-2): the fast 0.5B, or `qwen2.5-coder-1.5b-instruct`,
+    /// stronger and about three times slower (fetched, 1.1 GB, the first time).
+    #[arg(long, default_value = crate::cloud::LOCAL_CLOUD_MODEL, conflicts_with = "no_cloud")]
+    pub(crate) cloud_model: String,
     /// How long a car that went away by itself (crashed, killed) stays away before it comes
     /// home, in seconds.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -113,7 +117,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     let mut wanted = vec![DEMO_MODEL];
     if !args.no_cloud {
-        wanted.push(crate::cloud::LOCAL_CLOUD_MODEL);
+        wanted.push(args.cloud_model.as_str());
     }
     for model in wanted {
         eprintln!("fleetgrid demo: fetching and verifying {model}");
@@ -309,13 +313,15 @@ pub(crate) async fn start_local_cloud(
     }
     eprintln!(
         "fleetgrid demo: starting the local cloud ({})",
-        crate::cloud::LOCAL_CLOUD_MODEL
+        args.cloud_model
     );
     let spec = CloudSpec {
         data_dir: data_dir.join("cloud"),
         http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         threads: args.threads_per_vehicle,
-        args: Vec::new(),
+        args: ["--model", args.cloud_model.as_str()]
+            .map(OsString::from)
+            .into(),
         log: LogFile::create(logs.join("cloud.log")),
     };
     let starting = fleetgrid.clone();
@@ -331,11 +337,14 @@ pub(crate) async fn start_local_cloud(
 pub(crate) fn cloud_flags(
     cloud_http: SocketAddr,
     cloud_key: &str,
+    cloud_model: &str,
 ) -> (Vec<OsString>, (OsString, OsString)) {
     let cloud_url = format!("http://{cloud_http}/v1");
     let flags = [
         "--cloud-url",
         &cloud_url,
+        "--cloud-model",
+        cloud_model,
         "--cloud-key-env",
         DEMO_CLOUD_KEY_ENV,
     ]
@@ -358,7 +367,7 @@ async fn start_coordinator(
     spec.http_listen = args.http_listen;
     spec.models = vec![DEMO_MODEL.to_string()];
     if let Some((cloud_http, cloud_key)) = cloud {
-        let (flags, env) = cloud_flags(cloud_http, &cloud_key);
+        let (flags, env) = cloud_flags(cloud_http, &cloud_key, &args.cloud_model);
         spec.args = flags;
         spec.env = vec![env];
     }
@@ -401,7 +410,7 @@ fn print_instructions(http: SocketAddr, keys: &Keys, logs: &Path, args: &DemoArg
     } else {
         println!(
             "Models: '{DEMO_MODEL}' (the fleet), 'cloud/{}' (the local cloud) or 'auto' (the router decides;",
-            crate::cloud::LOCAL_CLOUD_MODEL
+            args.cloud_model
         );
         println!("the x-fleetgrid-tier and x-fleetgrid-route-reason headers say which tier answered and why).");
     }

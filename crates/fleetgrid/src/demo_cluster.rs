@@ -106,7 +106,8 @@ pub async fn run(args: &DemoArgs, data_dir: &Path, logs: &Path) -> anyhow::Resul
         let (cloud_args, cloud_env) =
             match crate::demo::start_local_cloud(&fleetgrid, args, data_dir, logs).await? {
                 Some(cloud) => {
-                    let (flags, env) = crate::demo::cloud_flags(cloud.http, &cloud.api_key);
+                    let (flags, env) =
+                        crate::demo::cloud_flags(cloud.http, &cloud.api_key, &args.cloud_model);
                     members.beside.push(cloud.process);
                     (flags, Some(env))
                 }
