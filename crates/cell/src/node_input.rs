@@ -127,33 +127,25 @@ pub fn check_prompt_scores(
     pieces: &PieceTable,
 ) -> Result<(), Violation> {
     let left = prompt.len().saturating_sub(next_index);
-    if tokens.len() > left {
-        return Err(Violation::TooManyTokens {
-            sent: tokens.len(),
-            left: u32::try_from(left).unwrap_or(u32::MAX),
-        });
-    }
-    for (offset, token) in tokens.iter().enumerate() {
-        let expected = u32::try_from(next_index + offset).unwrap_or(u32::MAX);
-        if token.position != expected {
-            return Err(Violation::OutOfOrder {
-                found: token.position,
-                expected,
-            });
-        }
-        if prompt.get(next_index + offset) != Some(&token.token_id) {
-            return Err(Violation::NotThePrompt {
-                position: token.position,
-                found: token.token_id,
-            });
-        }
-    }
     let bounds = BatchBounds {
         next_position: u32::try_from(next_index).unwrap_or(u32::MAX),
         tokens_left: u32::try_from(left).unwrap_or(u32::MAX),
         top_logprobs,
     };
-    check_batch(tokens, &bounds, pieces)
+    check_batch(tokens, &bounds, pieces)?;
+    // In order from `next_index` and no more than are left: each is the prompt token there.
+    let own = prompt.get(next_index..).unwrap_or_default();
+    match tokens
+        .iter()
+        .zip(own)
+        .find(|(token, ours)| token.token_id != **ours)
+    {
+        Some((token, _)) => Err(Violation::NotThePrompt {
+            position: token.position,
+            found: token.token_id,
+        }),
+        None => Ok(()),
+    }
 }
 
 fn check_token(

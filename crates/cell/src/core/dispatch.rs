@@ -367,7 +367,8 @@ impl Core {
             return;
         };
         let Some(kept) = inflight.prompt_scores.as_mut() else {
-            self.protocol_violation(&mut state, session, "prompt scores");
+            let violation = node_input::Violation::Unasked("prompt scores");
+            self.protocol_violation(&mut state, session, &violation.to_string());
             return;
         };
         let checked = node_input::check_prompt_scores(
