@@ -102,6 +102,8 @@ pub(crate) struct Slot {
     /// The prompt is scored (`Generation::prompt_logprobs`): the scores so far, until they are
     /// reported once the whole prompt is prefilled.
     prompt_scores: Option<Vec<TokenEvent>>,
+    /// Whether the prompt was prefilled to be scored (its cells are not kept for reuse).
+    scored: bool,
 }
 
 impl Slot {
@@ -167,6 +169,7 @@ impl Slot {
             checkpoint_rejected: false,
             prompt_reused: 0,
             prompt_scores: generation.prompt_logprobs.then(Vec::new),
+            scored: generation.prompt_logprobs,
         };
         (slot, already_over)
     }
@@ -337,6 +340,11 @@ impl Slot {
     /// Whether the prompt is being scored: every prompt token but the last needs its logits.
     pub fn scores_prompt(&self) -> bool {
         self.prompt_scores.is_some()
+    }
+
+    /// Whether the prompt was prefilled to be scored, once scored too.
+    pub fn prompt_was_scored(&self) -> bool {
+        self.scored
     }
 
     /// Record the score of the prompt token at `index` (from 1): `sampled` is its

@@ -77,19 +77,25 @@ fn a_prompt_is_scored_as_the_model_would_have_generated_it() {
 fn a_scored_prompt_is_prefilled_whole_and_scored_the_same_every_time() {
     let engine = start(1, 512);
     let prompt = counting_prompt(&engine, 12);
-    // The first run leaves the prompt's cells in the sequence; a plain second run reuses them,
-    // a scored one must not (those cells give no logits).
+    // A scored prompt's cells are not kept for the next prompt: the plain run after it
+    // prefills the whole prompt. That plain run's cells are kept and a second plain run reuses
+    // them; a scored one must not (those cells give no logits).
     let first = run(&engine, scored(prompt.clone(), 2, 1));
-    let reused = run(
-        &engine,
-        generation(prompt.clone(), SamplingParams::greedy(), 2),
+    let plain = || generation(prompt.clone(), SamplingParams::greedy(), 2);
+    let after_scoring = run(&engine, plain());
+    assert_eq!(
+        after_scoring.done.prompt_reused, 0,
+        "{:?}",
+        after_scoring.done
     );
+    let reused = run(&engine, plain());
     assert!(reused.done.prompt_reused > 0, "{:?}", reused.done);
     let again = run(&engine, scored(prompt.clone(), 2, 1));
     assert_eq!(again.done.prompt_reused, 0);
     assert_eq!(first.prompt_scores, again.prompt_scores);
     assert_eq!(first.token_ids(), again.token_ids());
     assert_eq!(first.token_ids(), reused.token_ids());
+    assert_eq!(first.token_ids(), after_scoring.token_ids());
 }
 
 #[test]

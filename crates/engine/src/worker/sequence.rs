@@ -158,7 +158,10 @@ pub(super) fn keep_sequence_head(context: &mut LlamaContext<'_>, seq_id: i32, ke
 }
 
 /// The occupant of `slot`'s sequence is done: keep the cells of its prefilled prompt for a
-/// next prompt with the same head (remembered in `cached`), free the rest.
+/// next prompt with the same head (remembered in `cached`), free the rest. A scored prompt's
+/// cells are not kept: a prompt continued from them was seen to part from the same prompt
+/// continued from cells of a plain prefill or of decodes (a cloud checking a draft, then
+/// continuing it, would not give its own answer).
 pub(super) fn retire_sequence(
     context: &mut LlamaContext<'_>,
     cached: &mut Vec<TokenId>,
@@ -166,7 +169,10 @@ pub(super) fn retire_sequence(
 ) {
     cached.clear();
     let head = slot.prefilled_prompt();
-    if !head.is_empty() && keep_sequence_head(context, slot.seq_id, head.len()) {
+    if !head.is_empty()
+        && !slot.prompt_was_scored()
+        && keep_sequence_head(context, slot.seq_id, head.len())
+    {
         cached.extend_from_slice(head);
     } else {
         release_sequence(context, slot.seq_id);
