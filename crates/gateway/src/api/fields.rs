@@ -39,6 +39,8 @@ const SHARED_IMPLEMENTED: &[&str] = &[
     "repetition_penalty",
     "logit_bias",
     "ignore_eos",
+    "return_tokens_as_token_ids",
+    "quality",
 ];
 
 /// Fields only `POST /v1/chat/completions` has that change the answer.

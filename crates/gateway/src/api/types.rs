@@ -56,6 +56,11 @@ pub struct SamplingFields {
     pub tools: Option<serde_json::Value>,
     pub tool_choice: Option<serde_json::Value>,
     pub parallel_tool_calls: Option<serde_json::Value>,
+    /// vLLM's extension: logprobs name each token `token_id:<id>` instead of its text.
+    pub return_tokens_as_token_ids: Option<bool>,
+    /// fleetgrid's extension for `auto`: `"routed"` (the default) or `"exact"`, the
+    /// speculative cascade whose answer is the cloud model's own.
+    pub quality: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -31,6 +31,19 @@ pub enum UpstreamPrompt {
     /// `POST /completions` with this text (a rendered chat plus the answer
     /// so far, for a handoff).
     Text(String),
+    /// `POST /completions` with these token ids of the cloud model (a rendered chat plus a
+    /// draft or the answer so far, for the exact cascade).
+    Tokens(Vec<i32>),
+}
+
+/// Log-probabilities asked of the upstream, each token named by its id
+/// (`return_tokens_as_token_ids`, as vLLM and fleetgrid name them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpstreamScores {
+    /// The prompt's own tokens scored too (`echo`), before the answer's.
+    pub echo: bool,
+    /// Alternatives per token (`logprobs`).
+    pub top_logprobs: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -47,6 +60,8 @@ pub struct UpstreamRequest {
     pub response_format: Option<Value>,
     /// `tools`, `tool_choice` and `parallel_tool_calls`, as the client asked for them.
     pub tools: Option<UpstreamTools>,
+    /// Log-probabilities with token ids (`/completions` only).
+    pub scores: Option<UpstreamScores>,
 }
 
 /// The tools a chat offers the cloud model.
@@ -102,6 +117,13 @@ impl UpstreamRequest {
             body["tool_choice"] = tools.tool_choice.clone();
             body["parallel_tool_calls"] = json!(tools.parallel_tool_calls);
         }
+        if let Some(scores) = self.scores {
+            body["logprobs"] = json!(scores.top_logprobs);
+            body["return_tokens_as_token_ids"] = json!(true);
+            if scores.echo {
+                body["echo"] = json!(true);
+            }
+        }
     }
 }
 
@@ -113,13 +135,25 @@ pub struct UpstreamUsage {
 }
 
 /// One parsed chunk of the upstream's stream.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct UpstreamEvent {
     pub text: String,
     /// Parts of tool calls, as OpenAI streams them.
     pub calls: Vec<UpstreamCall>,
     pub finish_reason: Option<String>,
     pub usage: Option<UpstreamUsage>,
+    /// The chunk's tokens with their log-probabilities, when they were asked for
+    /// ([`UpstreamScores`]); an echoed prompt's first token has no logprob.
+    pub tokens: Vec<UpstreamToken>,
+}
+
+/// One token of an upstream answer (or echoed prompt), named by its id.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct UpstreamToken {
+    pub id: i32,
+    pub logprob: Option<f32>,
+    /// The most likely tokens at this position, most likely first.
+    pub top: Vec<(i32, f32)>,
 }
 
 /// A part of one tool call in a streamed chunk: the first names the call, the rest carry
@@ -221,6 +255,7 @@ impl Upstream {
         let (path, mut body) = match &request.prompt {
             UpstreamPrompt::Chat(messages) => ("chat/completions", json!({ "messages": messages })),
             UpstreamPrompt::Text(prompt) => ("completions", json!({ "prompt": prompt })),
+            UpstreamPrompt::Tokens(prompt) => ("completions", json!({ "prompt": prompt })),
         };
         body["model"] = json!(self.config.model);
         request.write_sampling(&mut body);
@@ -382,6 +417,9 @@ fn parse_event(payload: &str) -> Result<UpstreamEvent, UpstreamError> {
             event.calls = calls.iter().map(upstream_call).collect::<Result<_, _>>()?;
         }
         event.finish_reason = choice["finish_reason"].as_str().map(str::to_string);
+        if let Some(logprobs) = choice.get("logprobs").filter(|value| !value.is_null()) {
+            event.tokens = scored_tokens(logprobs)?;
+        }
     }
     if let Some(usage) = value.get("usage").filter(|usage| !usage.is_null()) {
         let count = |field: &str| {
@@ -396,6 +434,56 @@ fn parse_event(payload: &str) -> Result<UpstreamEvent, UpstreamError> {
         });
     }
     Ok(event)
+}
+
+/// A completion chunk's `logprobs` (`tokens`, `token_logprobs`, `top_logprobs`), every token
+/// named `token_id:<id>`.
+fn scored_tokens(logprobs: &Value) -> Result<Vec<UpstreamToken>, UpstreamError> {
+    let bad = |what: &str| UpstreamError::Protocol(format!("logprobs with {what}"));
+    let Some(names) = logprobs["tokens"].as_array() else {
+        return Err(bad("no 'tokens' list"));
+    };
+    let logprob_at = |index: usize| {
+        logprobs["token_logprobs"]
+            .get(index)
+            .and_then(Value::as_f64)
+    };
+    names
+        .iter()
+        .enumerate()
+        .map(|(index, name)| {
+            let id = name
+                .as_str()
+                .and_then(token_id)
+                .ok_or_else(|| bad("a token not named token_id:<id>"))?;
+            let mut top = Vec::new();
+            if let Some(entries) = logprobs["top_logprobs"]
+                .get(index)
+                .and_then(Value::as_object)
+            {
+                for (name, logprob) in entries {
+                    let id = token_id(name)
+                        .ok_or_else(|| bad("an alternative not named token_id:<id>"))?;
+                    let logprob = logprob
+                        .as_f64()
+                        .ok_or_else(|| bad("an alternative without a logprob"))?;
+                    top.push((id, logprob as f32));
+                }
+            }
+            // Most likely first, ties by the lower id, as the engine ranks them.
+            top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            Ok(UpstreamToken {
+                id,
+                logprob: logprob_at(index).map(|logprob| logprob as f32),
+                top,
+            })
+        })
+        .collect()
+}
+
+/// The id in `token_id:<id>`.
+fn token_id(name: &str) -> Option<i32> {
+    name.strip_prefix("token_id:")?.parse().ok()
 }
 
 /// One entry of a chunk's `delta.tool_calls`.
@@ -461,6 +549,37 @@ mod tests {
                 prompt_tokens: 7,
                 completion_tokens: 3
             })
+        );
+    }
+
+    #[test]
+    fn scored_tokens_are_read_by_id() {
+        let chunk = parse_event(
+            r#"{"choices":[{"text":"ab","finish_reason":null,"logprobs":{"tokens":["token_id:5","token_id:9"],"token_logprobs":[null,-0.5],"top_logprobs":[null,{"token_id:3":-1.5,"token_id:9":-0.5}],"text_offset":[0,1]}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            chunk.tokens,
+            [
+                UpstreamToken {
+                    id: 5,
+                    logprob: None,
+                    top: Vec::new()
+                },
+                UpstreamToken {
+                    id: 9,
+                    logprob: Some(-0.5),
+                    top: vec![(9, -0.5), (3, -1.5)]
+                },
+            ]
+        );
+        // Tokens named by their text cannot be checked against a draft's ids.
+        let by_text = parse_event(
+            r#"{"choices":[{"text":"a","logprobs":{"tokens":["a"],"token_logprobs":[-0.1],"top_logprobs":[{"a":-0.1}]}}]}"#,
+        );
+        assert!(
+            matches!(by_text, Err(UpstreamError::Protocol(_))),
+            "{by_text:?}"
         );
     }
 

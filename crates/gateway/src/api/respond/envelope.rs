@@ -68,7 +68,9 @@ pub struct ResponseMeta {
     pub(super) echo_prompt: Option<String>,
     /// The text of the prompt's first token (which has no score), when a completion asked for
     /// `echo` with `logprobs`: the answer starts with the prompt's scores.
-    pub(super) prompt_first_piece: Option<Vec<u8>>,
+    pub(super) prompt_first: Option<(i32, Vec<u8>)>,
+    /// vLLM's `return_tokens_as_token_ids`: logprobs name each token `token_id:<id>`.
+    pub(super) token_ids: bool,
     /// How the answer writes tool calls, when the request lets the model call tools and the
     /// response reads them out of its text.
     pub(super) tool_format: Option<engine::ToolCallFormat>,
@@ -99,14 +101,15 @@ impl ResponseMeta {
             include_usage: request.include_usage,
             logprobs: request.logprobs,
             echo_prompt: request.echo.then_some(prompt_text),
-            prompt_first_piece: request
+            prompt_first: request
                 .scores_prompt()
                 .then(|| {
                     prompt
                         .first()
-                        .map(|&token| request.model.tokenizer.piece(token))
+                        .map(|&token| (token, request.model.tokenizer.piece(token)))
                 })
                 .flatten(),
+            token_ids: request.token_ids,
             tool_format: request
                 .tools
                 .as_ref()
@@ -120,7 +123,7 @@ impl ResponseMeta {
 
     /// Whether the answer starts with the prompt's scores (`echo` with `logprobs`).
     pub(super) fn scores_prompt(&self) -> bool {
-        self.prompt_first_piece.is_some()
+        self.prompt_first.is_some()
     }
 
     /// What this answer's tool call ids start with: unique per response.
@@ -382,6 +385,15 @@ pub(super) fn summary_json(summary: &RouteSummary) -> Value {
     value
 }
 
+/// How logprobs name a token: its text, or `token_id:<id>` when the client asked for ids
+/// (vLLM's `return_tokens_as_token_ids`, which names tokens whose bytes are no whole text).
+fn token_name(meta: &ResponseMeta, id: i32, piece: &[u8]) -> String {
+    if meta.token_ids {
+        return format!("token_id:{id}");
+    }
+    String::from_utf8_lossy(piece).into_owned()
+}
+
 /// Logprob entries of the tokens committed since the last chunk.
 #[derive(Default)]
 pub(super) struct LogprobEntries {
@@ -413,35 +425,33 @@ impl LogprobEntries {
     /// Records the prompt's entries (a completion with `echo` and `logprobs`): its first token,
     /// unscored, then each further token's score. The completion's tokens follow the prompt.
     pub(super) fn push_prompt(&mut self, meta: &ResponseMeta, scores: &[CommittedToken]) {
-        let Some(first) = meta.prompt_first_piece.as_ref() else {
+        let Some((first, piece)) = meta.prompt_first.as_ref() else {
             return;
         };
-        let text = String::from_utf8_lossy(first).into_owned();
+        let text = String::from_utf8_lossy(piece).into_owned();
         self.text_offset.push(self.offset);
         self.offset += text.chars().count();
-        self.tokens.push(text);
+        self.tokens.push(token_name(meta, *first, piece));
         self.token_logprobs.push(None);
         self.top.push(Value::Null);
         for score in scores {
-            self.push_completion(score);
+            self.push_completion(meta, score);
         }
         if let Some(prompt) = &meta.echo_prompt {
             self.offset = prompt.chars().count();
         }
     }
 
-    fn push_completion(&mut self, token: &CommittedToken) {
-        let text = String::from_utf8_lossy(&token.piece).into_owned();
+    fn push_completion(&mut self, meta: &ResponseMeta, token: &CommittedToken) {
         let top: serde_json::Map<String, Value> = token
             .top_logprobs
             .iter()
-            .map(|(_, piece, logprob)| {
-                (String::from_utf8_lossy(piece).into_owned(), json!(logprob))
-            })
+            .map(|(id, piece, logprob)| (token_name(meta, *id, piece), json!(logprob)))
             .collect();
         self.text_offset.push(self.offset);
-        self.offset += text.chars().count();
-        self.tokens.push(text);
+        self.offset += String::from_utf8_lossy(&token.piece).chars().count();
+        self.tokens
+            .push(token_name(meta, token.token_id, &token.piece));
         self.token_logprobs.push(Some(token.logprob));
         self.top.push(Value::Object(top));
     }
@@ -454,15 +464,15 @@ impl LogprobEntries {
         };
         match meta.endpoint {
             Endpoint::Chat => {
-                let text = String::from_utf8_lossy(&token.piece).into_owned();
+                let text = token_name(meta, token.token_id, &token.piece);
                 let top: Vec<Value> = token
                     .top_logprobs
                     .iter()
-                    .map(|(_, piece, logprob)| json!({"token": String::from_utf8_lossy(piece), "logprob": logprob, "bytes": piece}))
+                    .map(|(id, piece, logprob)| json!({"token": token_name(meta, *id, piece), "logprob": logprob, "bytes": piece}))
                     .collect();
                 self.chat.push(json!({"token": text, "logprob": token.logprob, "bytes": token.piece, "top_logprobs": top}));
             }
-            Endpoint::Completion => self.push_completion(token),
+            Endpoint::Completion => self.push_completion(meta, token),
         }
     }
 
@@ -509,7 +519,8 @@ impl ResponseMeta {
             include_usage,
             logprobs,
             echo_prompt,
-            prompt_first_piece: None,
+            prompt_first: None,
+            token_ids: false,
             tool_format: None,
             choices: 1,
             route: Route::Fleet,
