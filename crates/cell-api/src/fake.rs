@@ -29,6 +29,9 @@ pub enum Script {
         pieces: Vec<String>,
         reason: FinishReason,
     },
+    /// Runs it on `car-1`: sends these tokens (id and piece, each with log-probability
+    /// -0.5), then stops by itself.
+    AnswerTokens(Vec<(i32, String)>),
     /// Sends these pieces, then fails it.
     FailAfter {
         pieces: Vec<String>,
@@ -182,14 +185,46 @@ fn metering(prompt_tokens: u32, node: &str, completion: u32, report: bool) -> Me
 }
 
 fn tokens(pieces: &[String]) -> impl Iterator<Item = Update> + '_ {
-    pieces.iter().zip(1..).map(|(piece, id)| {
-        Update::Token(CommittedToken {
-            token_id: id,
-            piece: piece.as_bytes().to_vec(),
-            logprob: -0.5,
-            top_logprobs: Vec::new(),
-        })
+    pieces.iter().zip(1..).map(|(piece, id)| token(id, piece))
+}
+
+fn token(id: i32, piece: &str) -> Update {
+    Update::Token(CommittedToken {
+        token_id: id,
+        piece: piece.as_bytes().to_vec(),
+        logprob: -0.5,
+        top_logprobs: Vec::new(),
     })
+}
+
+/// Sends `answer`'s tokens (cut at `max_tokens`, which makes the end `Length`) and the end.
+fn send_answer(
+    sender: &mpsc::Sender<Update>,
+    answer: &[(i32, String)],
+    node: &str,
+    reason: FinishReason,
+    generation: &NewGeneration,
+) {
+    let prompt_tokens = u32::try_from(generation.prompt.len()).unwrap_or(u32::MAX);
+    let answer = &answer[..answer.len().min(generation.max_tokens as usize)];
+    let reason = if answer.len() < generation.max_tokens as usize {
+        reason
+    } else {
+        FinishReason::Length
+    };
+    let completion = u32::try_from(answer.len()).unwrap_or(u32::MAX);
+    for (id, piece) in answer {
+        let _ = sender.try_send(token(*id, piece));
+    }
+    let _ = sender.try_send(Update::Finished {
+        reason,
+        usage: Usage {
+            prompt_tokens,
+            completion_tokens: completion,
+            cached_prompt_tokens: 0,
+        },
+        metering: metering(prompt_tokens, node, completion, true),
+    });
 }
 
 impl FakeCell {
@@ -218,25 +253,11 @@ impl FakeCell {
                 pieces,
                 reason,
             } => {
-                let pieces = &pieces[..pieces.len().min(generation.max_tokens as usize)];
-                let reason = if pieces.len() < generation.max_tokens as usize {
-                    reason
-                } else {
-                    FinishReason::Length
-                };
-                let completion = u32::try_from(pieces.len()).unwrap_or(u32::MAX);
-                for update in tokens(pieces) {
-                    let _ = sender.try_send(update);
-                }
-                let _ = sender.try_send(Update::Finished {
-                    reason,
-                    usage: Usage {
-                        prompt_tokens,
-                        completion_tokens: completion,
-                        cached_prompt_tokens: 0,
-                    },
-                    metering: metering(prompt_tokens, &node, completion, true),
-                });
+                let answer: Vec<(i32, String)> = (1..).zip(pieces).collect();
+                send_answer(&sender, &answer, &node, reason, &generation);
+            }
+            Script::AnswerTokens(answer) => {
+                send_answer(&sender, &answer, "car-1", FinishReason::Stop, &generation);
             }
             Script::FailAfter { pieces, error } => {
                 for update in tokens(&pieces) {

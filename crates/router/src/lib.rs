@@ -66,6 +66,7 @@ pub mod confidence;
 pub mod config;
 pub mod cost;
 pub mod curve;
+pub mod exact;
 pub mod features;
 pub mod grade;
 pub mod incremental;

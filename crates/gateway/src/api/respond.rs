@@ -126,6 +126,13 @@ impl AnswerUsage {
 /// `fleetgrid.usage.edge.discarded_tokens`), nor is the cloud's re-prefill
 /// after a handoff (in `fleetgrid.usage.cloud.prompt_tokens`).
 fn routed_usage(summary: &RouteSummary) -> AnswerUsage {
+    if let Some(answer) = summary.answer_tokens {
+        return AnswerUsage {
+            prompt_tokens: answer.prompt,
+            completion_tokens: answer.completion,
+            cached_prompt_tokens: None,
+        };
+    }
     let edge_counts = matches!(summary.tier, Tier::Fleet | Tier::FleetThenCloud);
     let (edge_prompt, edge_completion) = match summary.edge {
         Some(edge) if edge_counts => (edge.prompt_tokens, edge.completion_tokens),

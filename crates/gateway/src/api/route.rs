@@ -27,7 +27,7 @@ use super::admission::RequestSlot;
 use super::error::ApiError;
 use super::respond::{self, ResponseMeta};
 use super::route_drive::{RoutedPrompt, RoutedRequest, Routing};
-use super::validate::{self, Endpoint, ModelChoice, WireRequest};
+use super::validate::{self, Endpoint, ModelChoice, Quality, WireRequest};
 use super::AppState;
 use crate::cloud::{CloudTier, AUTO_MODEL, CLOUD_PREFIX};
 use crate::limits;
@@ -65,6 +65,16 @@ pub(super) struct RouteSummary {
     pub cloud: Option<CloudPart>,
     /// What the ledger charged the tenant for the whole request.
     pub charged: crate::cloud::MicroUsd,
+    /// The answer's own token counts where the parts' counts are not them: the exact
+    /// cascade, whose cloud part prefilled and generated more than the answer is.
+    pub answer_tokens: Option<AnswerTokens>,
+}
+
+/// A prompt's and an answer's token counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct AnswerTokens {
+    pub prompt: u32,
+    pub completion: u32,
 }
 
 /// Whether a model name asks for `auto` or `cloud/...`.
@@ -117,6 +127,9 @@ pub(super) async fn serve(
         return Err(ApiError::internal());
     };
     let prompt = RoutedPrompt::prepare(&request, &cloud).await?;
+    if request.quality == Quality::Exact {
+        check_exact(&request, &prompt, &cloud).await?;
+    }
     let public_id = match request.endpoint {
         Endpoint::Chat => format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         Endpoint::Completion => format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
@@ -133,6 +146,65 @@ pub(super) async fn serve(
     let routing = Routing::new(state.clone(), cloud, tenant, routed, sender, permit);
     tokio::spawn(routing.run(target));
     respond::routed(meta, receiver).await
+}
+
+/// Refuses, by the field that asks for it, what the exact cascade cannot make the cloud
+/// model's own answer: sampling (the cloud is checked against its greedy choice), a grammar
+/// or tools (the cloud's scores are unconstrained), penalties (its scores are of the raw
+/// distribution), and a pair of models that do not share a vocabulary.
+async fn check_exact(
+    request: &validate::ValidatedRequest,
+    prompt: &RoutedPrompt,
+    cloud: &Arc<CloudTier>,
+) -> Result<(), ApiError> {
+    let refuse =
+        |why: String, param: &str| Err(ApiError::invalid(why, Some(param), "invalid_value"));
+    let sampling = &request.sampling;
+    if sampling.temperature != 0.0 {
+        return refuse(
+            "'quality': \"exact\" gives the cloud model's greedy answer and needs 'temperature': 0; sampled exact cascades are not available".into(),
+            "temperature",
+        );
+    }
+    let penalties = [
+        ("presence_penalty", sampling.presence_penalty != 0.0),
+        ("frequency_penalty", sampling.frequency_penalty != 0.0),
+        ("repetition_penalty", sampling.repetition_penalty != 1.0),
+    ];
+    if let Some((param, _)) = penalties.iter().find(|(_, asked)| *asked) {
+        return refuse(
+            format!("'{param}' is not available with 'quality': \"exact\", which checks the draft against the cloud model's own scores"),
+            param,
+        );
+    }
+    if request.response_format.is_some() || request.grammar.is_some() {
+        return refuse(
+            "'response_format' is not available with 'quality': \"exact\"".into(),
+            "response_format",
+        );
+    }
+    if request.tools.is_some() {
+        return refuse(
+            "'tools' are not available with 'quality': \"exact\"".into(),
+            "tools",
+        );
+    }
+    let model = Arc::clone(&request.model);
+    let tier = Arc::clone(cloud);
+    let shared = tokio::task::spawn_blocking(move || tier.shares_vocabulary(&model.tokenizer))
+        .await
+        .unwrap_or(false);
+    if !shared || prompt.cloud_ids().is_none() {
+        return refuse(
+            format!(
+                "'quality': \"exact\" needs a cloud model that shares the fleet model's vocabulary, with its tokenizer loaded here; {} and {} do not",
+                request.model.name,
+                cloud.upstream.config().public_name()
+            ),
+            "quality",
+        );
+    }
+    Ok(())
 }
 
 /// Why `auto` and `cloud/...` do not exist on a gateway without a cloud.

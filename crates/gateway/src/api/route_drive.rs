@@ -23,6 +23,7 @@
 //! tokens, the cloud's prompt and streamed text. A failed request is not
 //! settled; dropping its booking releases the admission's hold.
 
+mod exact;
 mod money;
 mod tiers;
 
@@ -36,7 +37,7 @@ use super::admission::RequestSlot;
 use super::error::ApiError;
 use super::respond::{self, Ending, Event as Reply};
 use super::route::{RouteSummary, Target, Tier};
-use super::validate::ValidatedRequest;
+use super::validate::{Quality, ValidatedRequest};
 use super::AppState;
 use crate::billing_finish::RoutedBooking;
 use crate::billing_meter::Metering;
@@ -147,7 +148,11 @@ impl Routing {
     }
 
     pub(super) async fn run(mut self, target: Target) {
-        if let Err(error) = self.drive(target).await {
+        let driven = match self.request.quality {
+            Quality::Exact => self.drive_exact().await,
+            Quality::Routed => self.drive(target).await,
+        };
+        if let Err(error) = driven {
             // Whatever still runs is stopped before the client hears why.
             self.edge = None;
             self.cloud_call = None;
@@ -344,6 +349,7 @@ impl Routing {
             edge: outcome.edge,
             cloud,
             charged,
+            answer_tokens: None,
         };
         self.emit(Reply::Finished(Box::new(Ending::routed(summary))))
             .await

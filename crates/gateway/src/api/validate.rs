@@ -141,7 +141,21 @@ pub struct ValidatedRequest {
     pub logprobs: bool,
     pub top_logprobs: u32,
     pub echo: bool,
+    /// vLLM's `return_tokens_as_token_ids`: logprobs name tokens `token_id:<id>`.
+    pub token_ids: bool,
+    /// How `auto` answers: routed between the tiers, or the exact speculative cascade.
+    pub quality: Quality,
     _private: (),
+}
+
+/// `quality`, fleetgrid's extension for `auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quality {
+    /// The router decides which tier answers (the default).
+    Routed,
+    /// The cloud model's own answer, drafted on the fleet and checked by the cloud
+    /// (`route_exact`).
+    Exact,
 }
 
 impl ValidatedRequest {
@@ -723,6 +737,32 @@ fn finish(
             "stream_options",
         ));
     }
+    let token_ids = sampling.return_tokens_as_token_ids.unwrap_or(false);
+    if token_ids && !logprobs {
+        return Err(invalid(
+            "'return_tokens_as_token_ids' names the tokens of 'logprobs'; ask for logprobs too",
+            "return_tokens_as_token_ids",
+        ));
+    }
+    let quality = match sampling.quality.as_deref() {
+        None | Some("routed") => Quality::Routed,
+        Some("exact") if model.choice.route == Some(RouteTarget::Auto) => Quality::Exact,
+        Some("exact") => {
+            return Err(invalid(
+                format!(
+                    "'quality': \"exact\" is a mode of the model 'auto', not of '{}'",
+                    model.requested
+                ),
+                "quality",
+            ))
+        }
+        Some(other) => {
+            return Err(invalid(
+                format!("'quality' must be \"routed\" or \"exact\", got {other:?}"),
+                "quality",
+            ))
+        }
+    };
     Ok(ValidatedRequest {
         endpoint,
         requested_model: model.requested,
@@ -753,6 +793,8 @@ fn finish(
         logprobs,
         top_logprobs,
         echo,
+        token_ids,
+        quality,
         _private: (),
     })
 }

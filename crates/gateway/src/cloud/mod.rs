@@ -98,6 +98,9 @@ pub struct CloudTier {
     pub budgets: CloudBudgets,
     /// The cloud model's chat template, for handoff prompts.
     pub chat_template: Option<engine::Tokenizer>,
+    /// Whether the cloud model's tokenizer names every token as the fleet model's does, once
+    /// asked (one fleet model serves `auto`).
+    shared_vocabulary: std::sync::OnceLock<bool>,
 }
 
 impl CloudTier {
@@ -152,6 +155,30 @@ impl CloudTier {
             router,
             budgets,
             chat_template,
+            shared_vocabulary: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Whether the cloud model's tokenizer (`chat_template`) has `edge`'s vocabulary: the
+    /// same size and every token the same bytes, so that a token id means the same to both
+    /// (what the exact cascade needs). Compared once; `false` without the cloud's tokenizer.
+    pub fn shares_vocabulary(&self, edge: &engine::Tokenizer) -> bool {
+        *self.shared_vocabulary.get_or_init(|| {
+            let Some(cloud) = &self.chat_template else {
+                return false;
+            };
+            let size = cloud.vocab_size();
+            let same = size == edge.vocab_size()
+                && (0..size).all(|id| {
+                    let id = i32::try_from(id).unwrap_or(i32::MAX);
+                    cloud.piece(id) == edge.piece(id)
+                        && cloud.is_end_of_generation(id) == edge.is_end_of_generation(id)
+                });
+            tracing::info!(
+                same_vocabulary = same,
+                "compared the fleet's and the cloud's vocabularies"
+            );
+            same
         })
     }
 }

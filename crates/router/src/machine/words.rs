@@ -62,6 +62,9 @@ pub mod reason {
     pub const CLOUD_FALLBACK: &str = "cloud_fallback";
     /// `auto`: no vehicle could take the request; the cloud answered.
     pub const EDGE_UNAVAILABLE: &str = "edge_unavailable";
+    /// `auto` with `quality: "exact"`: the cloud model's own answer, the part it agreed
+    /// with drafted on the fleet.
+    pub const EXACT_CASCADE: &str = "exact_cascade";
 }
 
 /// Token counts of the fleet's part of an answer.

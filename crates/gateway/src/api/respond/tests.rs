@@ -66,6 +66,7 @@ fn handed_off_summary() -> RouteSummary {
             upstream_cost: MicroUsd(20),
         }),
         charged: MicroUsd(90),
+        answer_tokens: None,
     }
 }
 
@@ -355,6 +356,7 @@ async fn a_routed_body_names_the_tier_it_ended_on_and_the_model_that_started() {
                 upstream_cost: MicroUsd(3),
             }),
             charged: MicroUsd(4),
+            answer_tokens: None,
         }))),
     ];
     let response = routed(meta, events(sequence)).await.expect("an answer");

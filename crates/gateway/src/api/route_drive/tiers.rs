@@ -45,7 +45,8 @@ pub(in crate::api) struct RoutedPrompt {
 struct CloudRendering {
     /// A chat with the assistant's turn open, or the text prompt itself.
     text: String,
-    tokens: usize,
+    /// Its tokens, as the cloud model counts and prefills them.
+    ids: Vec<i32>,
 }
 
 impl RoutedPrompt {
@@ -65,10 +66,7 @@ impl RoutedPrompt {
             let (edge_tokens, _) = generate::render_and_tokenize(&model.tokenizer, source.clone())?;
             let cloud = cloud.chat_template.as_ref().and_then(|tokenizer| {
                 match generate::render_and_tokenize(tokenizer, source) {
-                    Ok((tokens, text)) => Some(CloudRendering {
-                        text,
-                        tokens: tokens.len(),
-                    }),
+                    Ok((ids, text)) => Some(CloudRendering { text, ids }),
                     Err(error) => {
                         tracing::warn!(%error, "render the prompt with the cloud model's template");
                         None
@@ -89,8 +87,14 @@ impl RoutedPrompt {
 
     /// The prompt tokens admitted: the larger of the two models' counts.
     pub(super) fn admitted_tokens(&self) -> usize {
-        let cloud_tokens = self.cloud.as_ref().map_or(0, |cloud| cloud.tokens);
+        let cloud_tokens = self.cloud.as_ref().map_or(0, |cloud| cloud.ids.len());
         self.edge_tokens.len().max(cloud_tokens)
+    }
+
+    /// The prompt's tokens as the cloud model's own template and tokenizer make them, where
+    /// that tokenizer is loaded.
+    pub(in crate::api) fn cloud_ids(&self) -> Option<&[i32]> {
+        self.cloud.as_ref().map(|cloud| cloud.ids.as_slice())
     }
 }
 
@@ -366,7 +370,11 @@ impl Routing {
             .unwrap_or(limits::COMPLETION_TOKENS_DEFAULT)
     }
 
-    fn upstream_request(&self, prompt: UpstreamPrompt, max_tokens: u32) -> UpstreamRequest {
+    pub(super) fn upstream_request(
+        &self,
+        prompt: UpstreamPrompt,
+        max_tokens: u32,
+    ) -> UpstreamRequest {
         UpstreamRequest {
             prompt,
             max_tokens,
@@ -375,6 +383,7 @@ impl Routing {
             sampling: self.request.sampling.clone(),
             response_format: self.request.response_format.clone(),
             tools: self.request.tools.as_deref().map(Tools::upstream),
+            scores: None,
         }
     }
 
