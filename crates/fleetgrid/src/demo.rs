@@ -62,6 +62,10 @@ pub struct DemoArgs {
     /// or $FLEETGRID_HOME/demo-cluster with --cluster].
     #[arg(long)]
     pub(crate) data_dir: Option<PathBuf>,
+    /// The cars' model: SmolLM2-135M, or `qwen2.5-coder-0.5b-instruct`, which shares the
+    /// 1.5B cloud model's vocabulary (what `auto` with `quality: "exact"` needs).
+    #[arg(long, default_value = DEMO_MODEL)]
+    pub(crate) model: String,
     /// Run without the local cloud: no `auto` or `cloud/...` models, a faster start.
     #[arg(long)]
     pub(crate) no_cloud: bool,
@@ -115,7 +119,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if args.chaos && args.vehicles < 2 {
         bail!("--chaos needs at least 2 vehicles, so that one always stays serving");
     }
-    let mut wanted = vec![DEMO_MODEL];
+    let mut wanted = vec![args.model.as_str()];
     if !args.no_cloud {
         wanted.push(args.cloud_model.as_str());
     }
@@ -159,7 +163,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let launch = Launch {
         fleetgrid,
         grpc: running.grpc(),
-        model: DEMO_MODEL,
+        model: args.model.clone(),
         parallel: args.parallel,
         threads: args.threads_per_vehicle,
         logs: logs.clone(),
@@ -365,7 +369,7 @@ async fn start_coordinator(
     let log = logs.join("coordinator.log");
     let mut spec = CoordinatorSpec::new(data_dir, LogFile::create(&log));
     spec.http_listen = args.http_listen;
-    spec.models = vec![DEMO_MODEL.to_string()];
+    spec.models = vec![args.model.clone()];
     if let Some((cloud_http, cloud_key)) = cloud {
         let (flags, env) = cloud_flags(cloud_http, &cloud_key, &args.cloud_model);
         spec.args = flags;
@@ -380,18 +384,18 @@ async fn start_coordinator(
 pub(crate) use stack::probe::nodes_connected;
 
 /// The API key, and a curl and a Python line a user can paste, against the gateway at `http`.
-pub(crate) fn print_client_lines(http: SocketAddr, api_key: &str) {
+pub(crate) fn print_client_lines(http: SocketAddr, api_key: &str, model: &str) {
     println!("API key (tenant 'demo'): {api_key}");
     println!();
     println!("curl:");
     println!("  curl -s http://{http}/v1/chat/completions \\");
     println!("    -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' \\");
-    println!("    -d '{{\"model\": \"{DEMO_MODEL}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}], \"temperature\": 0.2}}'");
+    println!("    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}], \"temperature\": 0.2}}'");
     println!();
     println!("Python (pip install openai):");
     println!("  from openai import OpenAI");
     println!("  client = OpenAI(base_url=\"http://{http}/v1\", api_key=\"{api_key}\")");
-    println!("  stream = client.chat.completions.create(model=\"{DEMO_MODEL}\", stream=True, temperature=0.3,");
+    println!("  stream = client.chat.completions.create(model=\"{model}\", stream=True, temperature=0.3,");
     println!("      messages=[{{\"role\": \"user\", \"content\": \"Write a haiku about electric cars.\"}}])");
     println!("  for chunk in stream: print(chunk.choices[0].delta.content or \"\", end=\"\", flush=True)");
     println!();
@@ -401,15 +405,19 @@ fn print_instructions(http: SocketAddr, keys: &Keys, logs: &Path, args: &DemoArg
     let api_key = &keys.api;
     println!();
     println!(
-        "fleetgrid demo is running: a coordinator and simulated vehicles serving {DEMO_MODEL}."
+        "fleetgrid demo is running: a coordinator and simulated vehicles serving {}.",
+        args.model
     );
     println!();
-    print_client_lines(http, api_key);
+    let model = &args.model;
+    print_client_lines(http, api_key, model);
     if args.no_cloud {
-        println!("Models: '{DEMO_MODEL}' (the fleet; started with --no-cloud, so no 'auto' or 'cloud/...').");
+        println!(
+            "Models: '{model}' (the fleet; started with --no-cloud, so no 'auto' or 'cloud/...')."
+        );
     } else {
         println!(
-            "Models: '{DEMO_MODEL}' (the fleet), 'cloud/{}' (the local cloud) or 'auto' (the router decides;",
+            "Models: '{model}' (the fleet), 'cloud/{}' (the local cloud) or 'auto' (the router decides;",
             args.cloud_model
         );
         println!("the x-fleetgrid-tier and x-fleetgrid-route-reason headers say which tier answered and why).");

@@ -77,7 +77,7 @@ impl Restarts {
 pub struct Launch {
     pub fleetgrid: Fleetgrid,
     pub grpc: SocketAddr,
-    pub model: &'static str,
+    pub model: String,
     pub parallel: u32,
     pub threads: u32,
     pub logs: PathBuf,

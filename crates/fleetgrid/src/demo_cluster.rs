@@ -21,7 +21,7 @@ use stack::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::demo::{DemoArgs, DEMO_MODEL};
+use crate::demo::DemoArgs;
 
 /// Servers in the demo's NATS cluster.
 const NATS_SERVERS: usize = 3;
@@ -94,7 +94,7 @@ pub async fn run(args: &DemoArgs, data_dir: &Path, logs: &Path) -> anyhow::Resul
         nats: nats.urls(),
         database: database.clone(),
         data_dir: data_dir.to_path_buf(),
-        models: vec![DEMO_MODEL.to_owned()],
+        models: vec![args.model.clone()],
     };
     let mut members = Members {
         gateways: Vec::new(),
@@ -157,7 +157,7 @@ pub async fn run(args: &DemoArgs, data_dir: &Path, logs: &Path) -> anyhow::Resul
                     node_id: name.clone(),
                     credential,
                     vehicle_state: format!("sim:{}", trace.display()),
-                    model: DEMO_MODEL.to_owned(),
+                    model: args.model.clone(),
                     parallel: args.parallel,
                     threads: args.threads_per_vehicle,
                     log: LogFile::create(logs.join(format!("{name}.log"))),
@@ -252,12 +252,14 @@ fn print_instructions(members: &Members, api_key: &str, logs: &Path, spec: &Clus
     let http = members.gateways[0].http;
     println!();
     println!(
-        "fleetgrid demo --cluster is running: {GATEWAYS} gateways and {} cells on a {NATS_SERVERS}-server NATS cluster and PostgreSQL, {} simulated vehicles serving {DEMO_MODEL}.",
+        "fleetgrid demo --cluster is running: {GATEWAYS} gateways and {} cells on a {NATS_SERVERS}-server NATS cluster and PostgreSQL, {} simulated vehicles serving {}.",
         CELLS.len(),
-        members.agents.len()
+        members.agents.len(),
+        spec.models.join(", ")
     );
     println!();
-    crate::demo::print_client_lines(http, api_key);
+    let model = spec.models.first().map_or("", String::as_str);
+    crate::demo::print_client_lines(http, api_key, model);
     for gateway in &members.gateways {
         println!("Gateway: http://{}/v1", gateway.http);
     }

@@ -16,6 +16,8 @@
 
 // The route driver and its tiers are parts of `eval`, kept in files of their
 // own beside the others.
+#[path = "eval_exact.rs"]
+mod exact;
 #[path = "eval_likelihood.rs"]
 mod likelihood;
 #[path = "eval_route.rs"]
@@ -47,6 +49,9 @@ pub enum Policy {
     Cloud,
     /// The router decides per item.
     Auto,
+    /// The exact speculative cascade (`auto` with `quality: "exact"`) against cloud-only, on
+    /// a gateway whose cloud shares the fleet model's vocabulary (`--gateway`).
+    Exact,
 }
 
 impl Policy {
@@ -55,6 +60,7 @@ impl Policy {
             Policy::Edge => "edge",
             Policy::Cloud => "cloud",
             Policy::Auto => "auto",
+            Policy::Exact => "exact",
         }
     }
 }
@@ -168,6 +174,24 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
         args.half.describe(),
         args.policy.as_str()
     );
+    if args.policy == Policy::Exact {
+        if args.gateway.is_none() || args.replay || args.scoring != Scoring::Generate {
+            bail!(
+                "--policy exact measures a gateway's exact cascade against its cloud model: give \
+                 --gateway (e.g. `fleetgrid demo --model qwen2.5-coder-0.5b-instruct \
+                 --cloud-model qwen2.5-coder-1.5b-instruct`) and no --replay or --scoring"
+            );
+        }
+        let (tiers, _stack) = connect(&args, router).await?;
+        return exact::run(
+            &dataset.name,
+            &items,
+            &tiers.edge,
+            &args.cloud_model,
+            &args.out,
+        )
+        .await;
+    }
     if args.scoring == Scoring::Loglikelihood {
         if args.policy == Policy::Auto || args.replay {
             bail!("--scoring loglikelihood ranks options on one tier: use --policy edge or cloud");
@@ -286,6 +310,7 @@ async fn evaluate(
                 run_gateway_auto(&client, item, tiers).await
             }
             Policy::Auto => run_auto(&client, dataset, item, tiers).await,
+            Policy::Exact => bail!("--policy exact runs on its own path"),
         }
         .with_context(|| format!("item {} ({})", item.index, item.id))?;
         eval_records::append(records_path, &records)?;

@@ -63,6 +63,12 @@ pub struct Completion {
     /// (`fleetgrid.usage`), discarded edge tokens included: work that was done.
     pub edge_usage: Option<(u32, u32)>,
     pub cloud_usage: Option<(u32, u32)>,
+    /// Tokens of the edge's part whose text was kept (`fleetgrid.usage.edge.completion_tokens`).
+    pub edge_kept: Option<u32>,
+    /// What the gateway charged for a routed answer (`fleetgrid.cost_micro_usd`), and what the
+    /// cloud upstream costs the platform for its part.
+    pub charged_micro_usd: Option<u64>,
+    pub upstream_micro_usd: Option<u64>,
 }
 
 /// A continuation's log-likelihood after a context (`Client::loglikelihood`).
@@ -99,6 +105,19 @@ impl Client {
         max_tokens: u32,
         logprobs: bool,
     ) -> anyhow::Result<Completion> {
+        self.complete_with(endpoint, prompt, max_tokens, logprobs, None)
+            .await
+    }
+
+    /// [`Client::complete`], with `quality` (the gateway's `auto` mode) when given.
+    pub async fn complete_with(
+        &self,
+        endpoint: &Endpoint,
+        prompt: &str,
+        max_tokens: u32,
+        logprobs: bool,
+        quality: Option<&str>,
+    ) -> anyhow::Result<Completion> {
         let mut body = json!({
             "model": endpoint.model,
             "messages": [{"role": "user", "content": prompt}],
@@ -106,6 +125,9 @@ impl Client {
             "seed": 0,
             "max_tokens": max_tokens,
         });
+        if let Some(quality) = quality {
+            body["quality"] = json!(quality);
+        }
         if logprobs {
             body["logprobs"] = json!(true);
             body["top_logprobs"] = json!(TOP_LOGPROBS);
@@ -298,6 +320,11 @@ fn parse_completion(value: &serde_json::Value) -> anyhow::Result<Completion> {
         })
     };
     Ok(Completion {
+        edge_kept: fleetgrid["usage"]["edge"]["completion_tokens"]
+            .as_u64()
+            .map(|count| count.min(u64::from(u32::MAX)) as u32),
+        charged_micro_usd: fleetgrid["cost_micro_usd"].as_u64(),
+        upstream_micro_usd: fleetgrid["usage"]["cloud"]["upstream_cost_micro_usd"].as_u64(),
         edge_usage: part_usage(&fleetgrid["usage"]["edge"]),
         cloud_usage: part_usage(&fleetgrid["usage"]["cloud"]),
         text,
