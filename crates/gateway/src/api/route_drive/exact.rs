@@ -38,6 +38,9 @@ use crate::cloud::UpstreamError;
 #[derive(Default)]
 struct Draft {
     tokens: Vec<i32>,
+    /// The generation failed part-way: what it drafted is used, but a failed generation has
+    /// no metering to book, so nothing of it is served.
+    failed: bool,
 }
 
 /// The answer as it is built and sent: its tokens, its text and the cloud's counts.
@@ -145,7 +148,7 @@ impl Routing {
         };
         let accepted = u32::try_from(verdict.accepted).unwrap_or(u32::MAX);
         // The fleet's part: the draft tokens the answer keeps are served, the rest discarded.
-        let edge_text = if accepted > 0 {
+        let edge_text = if accepted > 0 && !draft.failed {
             EdgeText::PartlyServed {
                 released_tokens: accepted,
             }
@@ -206,6 +209,7 @@ impl Routing {
                 Some(Event::EdgeFinished { .. }) => {}
                 Some(Event::EdgeFailed { detail }) => {
                     tracing::info!(request_id = %self.public_id, %detail, "an exact cascade's draft failed");
+                    draft.failed = true;
                 }
                 _ => break,
             }
