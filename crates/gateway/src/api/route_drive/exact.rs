@@ -20,8 +20,6 @@
 //! calls: its prefills are the platform's cost at the upstream's price, its generated tokens
 //! the tenant's at the cloud price.
 
-use std::sync::Arc;
-
 use engine::TextAssembler;
 use router::exact::{verify_greedy, DraftScores, Verdict};
 use router::{CloudUsage, EdgeText, Event, RouteReason, Tier};
@@ -198,7 +196,7 @@ impl Routing {
             tracing::info!(request_id = %self.public_id, %detail, "no draft for an exact cascade");
             return Ok(draft);
         }
-        let out = self.out.clone();
+        let out = &self.out;
         while let Some(edge) = self.edge.as_mut().filter(|edge| edge.is_running()) {
             let event = tokio::select! {
                 () = out.closed() => return Err(Stop::ClientGone),
@@ -293,18 +291,18 @@ impl Routing {
 
     /// Sends the text of answer tokens, up to a stop sequence or `max_tokens`.
     async fn send_tokens(&mut self, tokens: &[i32], answer: &mut Answer) -> Flow<()> {
-        let tokenizer = Arc::clone(&self.request.model);
+        let tokenizer = &self.request.model.tokenizer;
         let mut text = String::new();
         for &token in tokens {
             if answer.stopped || answer.full() {
                 break;
             }
-            if tokenizer.tokenizer.is_end_of_generation(token) {
+            if tokenizer.is_end_of_generation(token) {
                 answer.stopped = true;
                 break;
             }
             answer.tokens += 1;
-            text.push_str(&answer.assembler.push(&tokenizer.tokenizer.piece(token)));
+            text.push_str(&answer.assembler.push(&tokenizer.piece(token)));
             answer.stopped |= answer.assembler.stopped();
         }
         if text.is_empty() {
@@ -346,9 +344,8 @@ impl Routing {
         &mut self,
         stream: &mut UpstreamStream,
     ) -> Flow<Option<crate::cloud::UpstreamEvent>> {
-        let out = self.out.clone();
         let next = tokio::select! {
-            () = out.closed() => return Err(Stop::ClientGone),
+            () = self.out.closed() => return Err(Stop::ClientGone),
             next = stream.next() => next,
         };
         next.map_err(|error| Stop::Failed(upstream_error(&error)))
