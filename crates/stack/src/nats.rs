@@ -10,6 +10,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::probe;
@@ -19,8 +20,15 @@ use crate::StackError;
 /// The server binary, as Debian's `nats-server` package installs it on `PATH`.
 pub const NATS_SERVER_BINARY: &str = "nats-server";
 
-/// The cluster's name in every server's configuration.
+/// The prefix of a cluster's name in its servers' configuration; the rest
+/// tells this cluster from any other on the machine.
 const CLUSTER_NAME: &str = "fleetgrid";
+
+/// How many times [`NatsCluster::start`] tries fresh ports.
+const START_ATTEMPTS: u32 = 3;
+
+/// Clusters started by this process, for their names.
+static CLUSTERS: AtomicU64 = AtomicU64::new(0);
 
 /// One server of the cluster.
 pub struct NatsServer {
@@ -96,21 +104,45 @@ pub struct NatsCluster {
 impl NatsCluster {
     /// Starts `size` servers whose configuration and logs live in `dir`, and
     /// waits until each answers and holds a route to every other.
+    ///
+    /// The ports are chosen free but only taken when the servers start, so
+    /// another process may take one in between; a server that cannot bind
+    /// exits, and the whole cluster is then started again on fresh ports, up
+    /// to [`START_ATTEMPTS`] times.
     pub async fn start(
         size: usize,
         dir: &Path,
         timeout: Duration,
     ) -> Result<NatsCluster, StackError> {
+        let mut attempt = 1;
+        loop {
+            match NatsCluster::start_once(size, dir, timeout, attempt).await {
+                Err(StackError::Exited { .. }) if attempt < START_ATTEMPTS => attempt += 1,
+                started => return started,
+            }
+        }
+    }
+
+    async fn start_once(
+        size: usize,
+        dir: &Path,
+        timeout: Duration,
+        attempt: u32,
+    ) -> Result<NatsCluster, StackError> {
         let mut servers = Vec::with_capacity(size);
         for index in 0..size {
             let name = format!("nats-{}", index + 1);
+            let file = match attempt {
+                1 => name.clone(),
+                _ => format!("{name}.{attempt}"),
+            };
             servers.push(NatsServer {
                 client: free_port()?,
                 route: free_port()?,
                 monitor: free_port()?,
                 process: None,
-                config: dir.join(format!("{name}.conf")),
-                log: LogFile::create(dir.join(format!("{name}.log"))),
+                config: dir.join(format!("{file}.conf")),
+                log: LogFile::create(dir.join(format!("{file}.log"))),
                 name,
             });
         }
@@ -118,15 +150,26 @@ impl NatsCluster {
             .iter()
             .map(|server| format!("nats-route://{}", server.route))
             .collect();
-        for server in &mut servers {
-            let config = server_config(server, &routes);
+        // A name of its own, so that a route port some other cluster took
+        // in the meantime is refused rather than joined.
+        let cluster_name = format!(
+            "{CLUSTER_NAME}-{}-{}",
+            std::process::id(),
+            CLUSTERS.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut cluster = NatsCluster {
+            servers: Vec::new(),
+        };
+        for mut server in servers {
+            let config = server_config(&server, &cluster_name, &routes);
             std::fs::write(&server.config, config).map_err(|source| StackError::Log {
                 path: server.config.clone(),
                 source,
             })?;
             server.start()?;
+            // Kept as they start, so that a failure stops those started.
+            cluster.servers.push(server);
         }
-        let cluster = NatsCluster { servers };
         cluster.wait_routed(timeout).await?;
         Ok(cluster)
     }
@@ -154,9 +197,16 @@ impl NatsCluster {
     async fn wait_routed(&self, timeout: Duration) -> Result<(), StackError> {
         let client = probe::client();
         let peers = self.servers.len().saturating_sub(1) as u64;
+        // Every server is watched while any is waited for: one that exits
+        // (its port taken) would otherwise leave the others waiting for a
+        // route to it until the timeout.
+        let members: Vec<&Process> = self
+            .servers
+            .iter()
+            .filter_map(|server| server.process.as_ref())
+            .collect();
         for server in &self.servers {
             let url = format!("http://{}/routez", server.monitor);
-            let members: Vec<&Process> = server.process.iter().collect();
             let what = format!("{} routed to {peers} other servers", server.name);
             probe::wait_until(&members, &what, timeout, || async {
                 routes(&client, &url).await >= peers
@@ -189,7 +239,7 @@ async fn routes(client: &reqwest::Client, url: &str) -> u64 {
     body["num_routes"].as_u64().unwrap_or(0)
 }
 
-fn server_config(server: &NatsServer, routes: &[String]) -> String {
+fn server_config(server: &NatsServer, cluster_name: &str, routes: &[String]) -> String {
     let routes = routes
         .iter()
         .filter(|route| !route.ends_with(&server.route.to_string()))
@@ -197,7 +247,7 @@ fn server_config(server: &NatsServer, routes: &[String]) -> String {
         .collect::<Vec<_>>()
         .join("\n");
     format!(
-        "server_name: {name}\nlisten: {client}\nhttp: {monitor}\n\ncluster {{\n  name: {CLUSTER_NAME}\n  listen: {route}\n  routes: [\n{routes}\n  ]\n}}\n",
+        "server_name: {name}\nlisten: {client}\nhttp: {monitor}\n\ncluster {{\n  name: {cluster_name}\n  listen: {route}\n  routes: [\n{routes}\n  ]\n}}\n",
         name = server.name,
         client = server.client,
         monitor = server.monitor,

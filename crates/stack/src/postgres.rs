@@ -38,6 +38,9 @@ const CONNECTIONS_MAX: u32 = 300;
 /// How long a fast shutdown may take before the server is killed.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
 
+/// How many ports a first start tries.
+const START_ATTEMPTS: u32 = 3;
+
 /// A PostgreSQL server of its own; stopped (fast shutdown) when dropped,
 /// its directory removed.
 pub struct PostgresServer {
@@ -88,8 +91,19 @@ impl PostgresServer {
             "--no-sync",
         ]);
         run_to_end("initdb", &mut initdb)?;
-        server.start_again(timeout).await?;
-        Ok(server)
+        // The port is chosen free but taken only when the server starts:
+        // if another process took it in between, the server exits and is
+        // started again on a fresh one.
+        let mut attempt = 1;
+        loop {
+            match server.start_again(timeout).await {
+                Err(StackError::Exited { .. }) if attempt < START_ATTEMPTS => {
+                    attempt += 1;
+                    server.address = free_port()?;
+                }
+                started => return started.map(|()| server),
+            }
+        }
     }
 
     /// `postgres://postgres@127.0.0.1:PORT/postgres`: the superuser on the
