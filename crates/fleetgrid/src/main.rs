@@ -23,6 +23,7 @@ mod ledger_cmd;
 mod router_cmd;
 mod run;
 mod serve_args;
+mod sim_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -81,6 +82,9 @@ enum Command {
     /// Benchmarks against reference implementations measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Simulate a fleet's day or month with the production scheduler and settlement: delivered
+    /// tokens, latency, migrations, energy, owners' earnings and the margin.
+    Sim(sim_cmd::SimArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -161,6 +165,7 @@ fn main() -> std::process::ExitCode {
             Command::Eval(args) => eval::run(args).await,
             Command::Router(command) => router_cmd::run(command).await,
             Command::Bench(command) => bench::run(command).await,
+            Command::Sim(args) => sim_cmd::run(args).await,
         }
     });
     match result {
