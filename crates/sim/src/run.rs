@@ -830,35 +830,41 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// A vehicle serving anything, its class and how many leases it runs.
+    fn serving(&self, vehicle: u32) -> Option<(&Vehicle, &ClassModel, usize)> {
+        let car = &self.vehicles[vehicle as usize];
+        let active = car.running.len();
+        let class = &self.classes[usize::from(car.traits.class)];
+        (active > 0).then_some((car, class, active))
+    }
+
     /// Adds (`sign` 1) or removes (-1) a vehicle's current leases from the
     /// delivery and power rates.
     fn account_rates(&mut self, vehicle: u32, sign: f64) {
-        let car = &self.vehicles[vehicle as usize];
-        let active = car.running.len();
-        if active == 0 {
+        let Some((car, class, active)) = self.serving(vehicle) else {
             return;
-        }
-        let class = &self.classes[usize::from(car.traits.class)];
+        };
         let speed = class.per_stream_speed[active];
+        let (watts, tariff) = (class.watts[active], usize::from(car.traits.tariff));
+        let mut tokens_per_second = [0.0; 3];
         for lease in &car.running {
             let lease_class = usize::from(self.leases.get(*lease).expect("running").class);
             let work = &self.work[lease_class];
-            let tokens_per_reference_second =
-                f64::from(work.answer_tokens) / work.reference_seconds;
-            self.token_rate[lease_class] += sign * speed * tokens_per_reference_second;
+            tokens_per_second[lease_class] +=
+                speed * f64::from(work.answer_tokens) / work.reference_seconds;
         }
-        self.power_by_tariff[usize::from(car.traits.tariff)] += sign * class.watts[active];
+        for (rate, added) in self.token_rate.iter_mut().zip(tokens_per_second) {
+            *rate += sign * added;
+        }
+        self.power_by_tariff[tariff] += sign * watts;
     }
 
     /// Queues the vehicle's next finish and, for a capped owner, the moment
     /// its cap is reached.
     fn reschedule(&mut self, now: i64, vehicle: u32) {
-        let car = &self.vehicles[vehicle as usize];
-        let active = car.running.len();
-        if active == 0 {
+        let Some((car, class, active)) = self.serving(vehicle) else {
             return;
-        }
-        let class = &self.classes[usize::from(car.traits.class)];
+        };
         let speed = class.per_stream_speed[active];
         let nearest = car
             .running

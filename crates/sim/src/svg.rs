@@ -64,9 +64,13 @@ fn number(value: f64) -> String {
     }
 }
 
-fn frame(svg: &mut String, title: &str, top: f64) {
+/// The SVG's head, title and value grid up to a round top at or above
+/// `max`; the SVG so far and that top.
+fn frame(title: &str, max: f64) -> (String, f64) {
+    let top = axis_max(max);
+    let mut svg = String::new();
     let _ = write!(
-        svg,
+        &mut svg,
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{HEIGHT}\" viewBox=\"0 0 {WIDTH} {HEIGHT}\" font-family=\"sans-serif\" font-size=\"11\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
          <text x=\"{x}\" y=\"22\" font-size=\"14\" text-anchor=\"middle\">{title}</text>\n",
@@ -77,7 +81,7 @@ fn frame(svg: &mut String, title: &str, top: f64) {
     for tick in 0..=4 {
         let y = TOP + plot_height * (1.0 - f64::from(tick) / 4.0);
         let _ = writeln!(
-            svg,
+            &mut svg,
             "<line x1=\"{LEFT}\" y1=\"{y:.1}\" x2=\"{x2}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\n\
              <text x=\"{lx}\" y=\"{ty:.1}\" text-anchor=\"end\">{label}</text>",
             x2 = WIDTH - RIGHT,
@@ -86,6 +90,7 @@ fn frame(svg: &mut String, title: &str, top: f64) {
             label = number(top * f64::from(tick) / 4.0),
         );
     }
+    (svg, top)
 }
 
 fn legend(svg: &mut String, names: &[&str]) {
@@ -110,11 +115,8 @@ pub fn line_chart(title: &str, labels: &[String], lines: &[Line]) -> String {
         .iter()
         .flat_map(|line| line.values.iter().copied())
         .fold(0.0, f64::max);
-    let top = axis_max(max);
-    let mut svg = String::new();
-    frame(&mut svg, title, top);
-    let plot_width = WIDTH - LEFT - RIGHT;
-    let plot_height = HEIGHT - TOP - BOTTOM;
+    let (mut svg, top) = frame(title, max);
+    let (plot_width, plot_height) = (WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM);
     let count = labels.len().max(2);
     let x_of = |index: usize| LEFT + plot_width * index as f64 / (count - 1) as f64;
     for (index, label) in labels.iter().enumerate() {
@@ -159,11 +161,8 @@ pub fn bar_chart<const N: usize>(
         .iter()
         .flat_map(|(_, values)| values.iter().copied())
         .fold(0.0, f64::max);
-    let top = axis_max(max);
-    let mut svg = String::new();
-    frame(&mut svg, title, top);
-    let plot_width = WIDTH - LEFT - RIGHT;
-    let plot_height = HEIGHT - TOP - BOTTOM;
+    let (mut svg, top) = frame(title, max);
+    let (plot_width, plot_height) = (WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM);
     let group = plot_width / N as f64;
     let bar = group * 0.8 / series.len().max(1) as f64;
     for (index, label) in labels.iter().enumerate() {
