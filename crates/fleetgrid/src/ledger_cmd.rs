@@ -522,18 +522,19 @@ pub fn price_config(path: Option<&Path>) -> anyhow::Result<PriceConfig> {
     let Some(path) = path else {
         return Ok(PriceConfig::default_sheet()?);
     };
-    let size = std::fs::metadata(path)
-        .with_context(|| format!("read price file {}", path.display()))?
-        .len();
-    if size > PRICE_FILE_BYTES_MAX as u64 {
-        bail!(
-            "price file {} is larger than {PRICE_FILE_BYTES_MAX} bytes",
-            path.display()
-        );
-    }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("read price file {}", path.display()))?;
+    let text = read_at_most(path, PRICE_FILE_BYTES_MAX, "price file")?;
     PriceConfig::parse_json(&text).with_context(|| format!("price file {}", path.display()))
+}
+
+/// A configuration file's text, refused unread when it is over `max` bytes.
+pub fn read_at_most(path: &Path, max: usize, what: &str) -> anyhow::Result<String> {
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("read {what} {}", path.display()))?
+        .len();
+    if size > max as u64 {
+        bail!("{what} {} is larger than {max} bytes", path.display());
+    }
+    std::fs::read_to_string(path).with_context(|| format!("read {what} {}", path.display()))
 }
 
 /// The billing configuration `fleetgrid serve` runs with.

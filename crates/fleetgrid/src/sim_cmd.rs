@@ -68,17 +68,7 @@ fn read_scenario(path: Option<&Path>) -> anyhow::Result<Scenario> {
     let Some(path) = path else {
         return Ok(Scenario::default_scenario());
     };
-    let size = std::fs::metadata(path)
-        .with_context(|| format!("read scenario {}", path.display()))?
-        .len();
-    if size > SCENARIO_BYTES_MAX as u64 {
-        bail!(
-            "scenario {} is larger than {SCENARIO_BYTES_MAX} bytes",
-            path.display()
-        );
-    }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("read scenario {}", path.display()))?;
+    let text = crate::ledger_cmd::read_at_most(path, SCENARIO_BYTES_MAX, "scenario")?;
     Scenario::parse(&text).with_context(|| format!("scenario {}", path.display()))
 }
 

@@ -557,20 +557,8 @@ impl<'a> Run<'a> {
         let session = car.session;
         self.plugged += 1;
         self.agenda.push(unplug, Due::Unplug { vehicle, session });
-        let state = VehicleState {
-            plugged_in: true,
-            charging: true,
-            state_of_charge_permille: 600,
-            departure_at: (departure >= 0).then_some(Millis(departure)),
-            ..VehicleState::default()
-        };
-        self.feed(
-            now,
-            Event::NodeStateChanged {
-                node: NodeId(vehicle),
-                state,
-            },
-        );
+        let departure = (departure >= 0).then_some(Millis(departure));
+        self.feed(now, state_changed(vehicle, true, departure));
     }
 
     fn unplug(&mut self, now: i64, vehicle: u32, session: u32) {
@@ -581,19 +569,7 @@ impl<'a> Run<'a> {
         // The car is plugged in until the scheduler has applied what time
         // alone changed up to now, which it does before the unplug itself
         // (a drain may move work onto this car first, then off again).
-        let state = VehicleState {
-            plugged_in: false,
-            charging: false,
-            state_of_charge_permille: 600,
-            ..VehicleState::default()
-        };
-        self.feed(
-            now,
-            Event::NodeStateChanged {
-                node: NodeId(vehicle),
-                state,
-            },
-        );
+        self.feed(now, state_changed(vehicle, false, None));
         self.vehicles[vehicle as usize].plugged = false;
         self.plugged -= 1;
         // The scheduler must have moved everything off a car that left.
@@ -1091,5 +1067,20 @@ impl<'a> Run<'a> {
             counts.served += served;
             counts.unfinished += u64::from(lease.requests) - served;
         }
+    }
+}
+
+/// A vehicle's report of being plugged in (charging, with the departure its
+/// owner announced) or not.
+fn state_changed(vehicle: u32, plugged_in: bool, departure_at: Option<Millis>) -> Event {
+    Event::NodeStateChanged {
+        node: NodeId(vehicle),
+        state: VehicleState {
+            plugged_in,
+            charging: plugged_in,
+            state_of_charge_permille: 600,
+            departure_at,
+            ..VehicleState::default()
+        },
     }
 }
