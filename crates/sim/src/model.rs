@@ -10,7 +10,6 @@
 //! `gain(c)` is the reference curve's aggregate decode rate at batch `c` over
 //! its rate at batch 1 (linear between measured points, flat beyond the last).
 
-use domain::TenantClass;
 use scheduler::sim::SimRng;
 
 use crate::scenario::{ReferenceCurve, Scenario, TariffSpec};
@@ -34,7 +33,6 @@ pub struct ClassModel {
 /// What one request of a tenant class asks for.
 #[derive(Debug, Clone)]
 pub struct ClassWork {
-    pub class: TenantClass,
     pub prompt_tokens: u32,
     pub answer_tokens: u32,
     /// Reference seconds of one request alone: prefill plus decode.
@@ -48,7 +46,6 @@ pub struct ClassWork {
 /// factor for every hour of every simulated day.
 #[derive(Debug, Clone)]
 pub struct TariffModel {
-    pub name: String,
     pub per_kwh_by_hour: [f64; 24],
     daily_sd: f64,
     /// `(day, hour)` factors of the days drawn so far (1.0 for fixed ones).
@@ -107,21 +104,14 @@ impl ClassModel {
                 * class.speed_vs_reference) as f32,
         }
     }
-
-    /// Aggregate completion tokens/s at full batch for a request mix whose
-    /// answer is `answer_share` of its reference seconds.
-    pub fn full_batch_speed(&self) -> f64 {
-        self.per_stream_speed[usize::from(self.slots)] * f64::from(self.slots)
-    }
 }
 
 impl ClassWork {
-    pub fn new(scenario: &Scenario, class: TenantClass, prompt: u32, answer: u32) -> ClassWork {
+    pub fn new(scenario: &Scenario, prompt: u32, answer: u32) -> ClassWork {
         let point = scenario.reference.points[0];
         let prefill = f64::from(prompt) / point.prefill_tokens_per_second;
         let decode = f64::from(answer) / point.decode_tokens_per_second;
         ClassWork {
-            class,
             prompt_tokens: prompt,
             answer_tokens: answer,
             reference_seconds: prefill + decode,
@@ -142,7 +132,6 @@ impl TariffModel {
             *price = given.copied().unwrap_or(0.0);
         }
         TariffModel {
-            name: spec.name.clone(),
             per_kwh_by_hour,
             daily_sd: spec.daily_sd,
             factors: Vec::new(),

@@ -141,7 +141,7 @@ impl<'a> Run<'a> {
                 .iter()
                 .find(|c| c.class == class.as_str());
             let (prompt, answer) = demand.map_or((1, 1), |d| (d.prompt_tokens, d.answer_tokens));
-            ClassWork::new(scenario, class, prompt, answer)
+            ClassWork::new(scenario, prompt, answer)
         });
         let vehicles_f = f64::from(options.vehicles);
         let per_day: f64 = scenario

@@ -131,12 +131,10 @@ impl Lease {
 pub struct Leases {
     slots: Vec<Option<Lease>>,
     free: Vec<u32>,
-    pub live: usize,
 }
 
 impl Leases {
     pub fn insert(&mut self, lease: Lease) -> u32 {
-        self.live += 1;
         match self.free.pop() {
             Some(index) => {
                 self.slots[index as usize] = Some(lease);
@@ -160,7 +158,6 @@ impl Leases {
     pub fn remove(&mut self, index: u32) -> Option<Lease> {
         let lease = self.slots.get_mut(index as usize)?.take()?;
         self.free.push(index);
-        self.live -= 1;
         Some(lease)
     }
 
