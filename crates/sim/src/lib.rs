@@ -11,7 +11,9 @@
 //! - `run`: the event loop around `scheduler::Scheduler`;
 //! - `settle`: money through `ledger::settlement::settle`;
 //! - `stats`, `report`, `page`, `svg`: what is counted and how it is shown;
-//! - `sweep`: the grid of `--sweep`.
+//! - `sweep`: the grid of `--sweep`;
+//! - `validate`: the scenario, traces, requests and comparison of
+//!   `--validate`, the run through real processes.
 //!
 //! **Invariant:** the same scenario, vehicles, days and seed give the same
 //! report, byte for byte. Nothing here reads a clock or the environment;
@@ -27,10 +29,11 @@ mod settle;
 pub mod stats;
 mod svg;
 pub mod sweep;
+pub mod validate;
 pub mod world;
 
 pub use report::Report;
-pub use run::{Options, Outcome, Run, RunError};
+pub use run::{Options, Outcome, Recorded, Recording, Run, RunError, Window};
 pub use scenario::{Scenario, ScenarioError, DEFAULT_SCENARIO_JSON};
 
 /// Runs `scenario` and reports it.

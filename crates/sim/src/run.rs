@@ -33,6 +33,59 @@ pub struct Options {
     pub vehicles: u32,
     pub days: u32,
     pub seed: u64,
+    /// A window instead of whole days (the validation run's shape).
+    pub window: Option<Window>,
+}
+
+impl Options {
+    /// Whole days from midnight of the scenario's first day.
+    pub fn days(vehicles: u32, days: u32, seed: u64) -> Options {
+        Options {
+            vehicles,
+            days,
+            seed,
+            window: None,
+        }
+    }
+}
+
+/// A stretch of the first day: requests arrive from `start_minute` for
+/// `arrival_minutes`, and the run goes on `drain_minutes` more, so that the
+/// work they brought can end. What the world did (plug-ins, unplugs,
+/// arrivals) is recorded in the outcome, to be replayed by real processes.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    pub start_minute: u32,
+    pub arrival_minutes: u32,
+    pub drain_minutes: u32,
+}
+
+/// What the world did during a window, in order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Recording {
+    /// When the window started (ms of simulated time).
+    pub start_ms: i64,
+    pub events: Vec<Recorded>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Recorded {
+    /// A vehicle plugged in (or was plugged in when the window started),
+    /// with the departure its owner announced, if any.
+    PlugIn {
+        at_ms: i64,
+        vehicle: u32,
+        departure_ms: Option<i64>,
+    },
+    Unplug {
+        at_ms: i64,
+        vehicle: u32,
+    },
+    /// A request of tenant class `class` (index into `TenantClass::ALL`).
+    Arrival {
+        at_ms: i64,
+        class: u8,
+    },
 }
 
 /// Why a run could not start.
@@ -68,6 +121,8 @@ pub struct Outcome {
     pub scheduler_memory_bytes: u64,
     /// Slots of every vehicle together (for utilisation).
     pub total_slots: u64,
+    /// What the world did, for a run over a window.
+    pub recording: Option<Recording>,
 }
 
 /// The run's whole state.
@@ -89,8 +144,14 @@ pub struct Run<'a> {
     arrival_peak: [f64; 3],
     arrival_hourly: [[f64; 24]; 3],
     lease_requests: u32,
+    /// Midnight of the first day: sessions and grid events are drawn per
+    /// day from here.
+    origin: i64,
     start: i64,
+    /// No request arrives from here on.
+    arrivals_end: i64,
     end: i64,
+    recording: Option<Recording>,
     step_ms: i64,
     serial: u64,
     commands: Vec<Command>,
@@ -131,6 +192,16 @@ impl<'a> Run<'a> {
         let setup = RunError::Setup;
         if options.vehicles == 0 || options.days == 0 {
             return Err(setup("--vehicles and --days must be at least 1".into()));
+        }
+        if let Some(window) = options.window {
+            if window.arrival_minutes == 0
+                || window.start_minute + window.arrival_minutes + window.drain_minutes
+                    > (DAY_MS / 60_000) as u32
+            {
+                return Err(setup(
+                    "a window needs arrival minutes and must end within its day".into(),
+                ));
+            }
         }
         let book = PriceBook::new(prices.sheet.clone()).map_err(|e| setup(e.to_string()))?;
         let settler = Settler::new(book, &scenario.model, &scenario.cloud_model).map_err(setup)?;
@@ -185,7 +256,22 @@ impl<'a> Run<'a> {
             ..SchedulerConfig::default()
         };
         config.validate().map_err(|e| setup(e.to_string()))?;
-        let start = scenario.start_day * DAY_MS;
+        let origin = scenario.start_day * DAY_MS;
+        let (start, arrivals_end, end) = match options.window {
+            None => {
+                let end = origin + i64::from(options.days) * DAY_MS;
+                (origin, end, end)
+            }
+            Some(window) => {
+                let start = origin + i64::from(window.start_minute) * 60_000;
+                let arrivals_end = start + i64::from(window.arrival_minutes) * 60_000;
+                (
+                    start,
+                    arrivals_end,
+                    arrivals_end + i64::from(window.drain_minutes) * 60_000,
+                )
+            }
+        };
         let step_ms = i64::from(scenario.step_seconds) * 1_000;
         let classes: Vec<ClassModel> = (0..scenario.vehicle_classes.len())
             .map(|index| ClassModel::new(scenario, index))
@@ -214,8 +300,14 @@ impl<'a> Run<'a> {
             arrival_peak,
             arrival_hourly,
             lease_requests,
+            origin,
             start,
-            end: start + i64::from(options.days) * DAY_MS,
+            arrivals_end,
+            end,
+            recording: options.window.map(|_| Recording {
+                start_ms: start,
+                events: Vec::new(),
+            }),
             step_ms,
             serial: 0,
             commands: Vec::new(),
@@ -294,6 +386,7 @@ impl<'a> Run<'a> {
             first_settlement_failure: settled.first_failure,
             scheduler_memory_bytes: self.scheduler.memory_estimate_bytes(),
             total_slots,
+            recording: self.recording.take(),
         }
     }
 
@@ -383,8 +476,10 @@ impl<'a> Run<'a> {
                 }
                 self.draw_sessions(day);
                 self.draw_grid_events(day);
-                self.agenda
-                    .push(now + DAY_MS, Due::DayStart { day: day + 1 });
+                self.agenda.push(
+                    self.origin + (day + 1) * DAY_MS,
+                    Due::DayStart { day: day + 1 },
+                );
             }
             Due::PlugIn {
                 vehicle,
@@ -393,6 +488,7 @@ impl<'a> Run<'a> {
             } => self.plug_in(now, vehicle, unplug, departure),
             Due::Unplug { vehicle, session } => self.unplug(now, vehicle, session),
             Due::Arrival { class } => {
+                self.record(Recorded::Arrival { at_ms: now, class });
                 self.arrive(now, class);
                 self.next_arrival(now, class);
             }
@@ -502,8 +598,14 @@ impl<'a> Run<'a> {
         (self.leases.get(index)?.request == request.0).then_some(index)
     }
 
+    fn record(&mut self, event: Recorded) {
+        if let Some(recording) = &mut self.recording {
+            recording.events.push(event);
+        }
+    }
+
     fn draw_sessions(&mut self, day: i64) {
-        let day_start = self.start + day * DAY_MS;
+        let day_start = self.origin + day * DAY_MS;
         let mut sessions = std::mem::take(&mut self.sessions);
         for vehicle in 0..self.vehicles.len() {
             let segment = usize::from(self.vehicles[vehicle].traits.segment);
@@ -534,7 +636,7 @@ impl<'a> Run<'a> {
     }
 
     fn draw_grid_events(&mut self, day: i64) {
-        let day_start = self.start + day * DAY_MS;
+        let day_start = self.origin + day * DAY_MS;
         let mut rng = substream(self.options.seed, GRID, day as u64);
         for (index, event) in self.scenario.grid_events.iter().enumerate().take(8) {
             if unit(&mut rng) < event.probability_per_day {
@@ -558,6 +660,11 @@ impl<'a> Run<'a> {
         self.plugged += 1;
         self.agenda.push(unplug, Due::Unplug { vehicle, session });
         let departure = (departure >= 0).then_some(Millis(departure));
+        self.record(Recorded::PlugIn {
+            at_ms: now,
+            vehicle,
+            departure_ms: departure.map(|d| d.0),
+        });
         self.feed(now, state_changed(vehicle, true, departure));
     }
 
@@ -569,6 +676,10 @@ impl<'a> Run<'a> {
         // The car is plugged in until the scheduler has applied what time
         // alone changed up to now, which it does before the unplug itself
         // (a drain may move work onto this car first, then off again).
+        self.record(Recorded::Unplug {
+            at_ms: now,
+            vehicle,
+        });
         self.feed(now, state_changed(vehicle, false, None));
         self.vehicles[vehicle as usize].plugged = false;
         self.plugged -= 1;
@@ -592,11 +703,12 @@ impl<'a> Run<'a> {
         loop {
             at += -(1.0 - unit(rng)).ln() / peak * 1_000.0;
             let hour = ((at as i64).rem_euclid(DAY_MS) / HOUR_MS) as usize;
-            if unit(rng) * peak < self.arrival_hourly[index][hour] || at >= self.end as f64 {
+            if unit(rng) * peak < self.arrival_hourly[index][hour] || at >= self.arrivals_end as f64
+            {
                 break;
             }
         }
-        if (at as i64) < self.end {
+        if (at as i64) < self.arrivals_end {
             self.agenda.push(at as i64, Due::Arrival { class });
         }
     }
@@ -742,7 +854,7 @@ impl<'a> Run<'a> {
         car.progress += seconds * class.per_stream_speed[active];
         let wh = class.watts[active] * seconds / 3_600.0;
         car.energy_per_stream += wh / active as f64;
-        let day = (now - self.start).div_euclid(DAY_MS);
+        let day = (now - self.origin).div_euclid(DAY_MS);
         if day != car.energy_day {
             car.energy_day = day;
             car.energy_today = 0.0;
@@ -762,7 +874,7 @@ impl<'a> Run<'a> {
         while from < now {
             let hour_end = (from.div_euclid(HOUR_MS) + 1) * HOUR_MS;
             let to = hour_end.min(now);
-            let day = (from - self.start).div_euclid(DAY_MS).max(0) as usize;
+            let day = (from - self.origin).div_euclid(DAY_MS).max(0) as usize;
             let hour = (from.rem_euclid(DAY_MS) / HOUR_MS) as usize;
             cost += watts * (to - from) as f64 / 3_600_000.0 / 1_000.0 * tariff.price(day, hour);
             from = to;
@@ -794,7 +906,7 @@ impl<'a> Run<'a> {
         for class in 0..3 {
             self.current.tokens[class] += self.token_rate[class] * seconds;
         }
-        let day = ((now - self.start).div_euclid(DAY_MS)).max(0) as usize;
+        let day = ((now - self.origin).div_euclid(DAY_MS)).max(0) as usize;
         let hour = (((now - 1).rem_euclid(DAY_MS)) / HOUR_MS) as usize;
         for (tariff, watts) in self.power_by_tariff.iter().enumerate() {
             let wh = watts * seconds / 3_600.0;
@@ -953,7 +1065,7 @@ impl<'a> Run<'a> {
         let counts = &mut self.counts[class.index()];
         counts.fleet_prompt_tokens += prompt;
         counts.fleet_completion_tokens += completion;
-        let started_day = (started - self.start).div_euclid(DAY_MS).max(0) as usize;
+        let started_day = (started - self.origin).div_euclid(DAY_MS).max(0) as usize;
         let started_hour = (started.rem_euclid(DAY_MS) / HOUR_MS) as usize;
         let tariff = self.tariffs[tariff_index].price(started_day, started_hour);
         self.settle(Work {

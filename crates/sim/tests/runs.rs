@@ -7,11 +7,7 @@ use ledger::price_file::PriceConfig;
 use sim::{simulate, Options, Report, Scenario};
 
 fn options(vehicles: u32, seed: u64) -> Options {
-    Options {
-        vehicles,
-        days: 1,
-        seed,
-    }
+    Options::days(vehicles, 1, seed)
 }
 
 fn run(scenario: &Scenario, options: Options) -> Report {
