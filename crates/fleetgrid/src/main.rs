@@ -24,6 +24,7 @@ mod router_cmd;
 mod run;
 mod serve_args;
 mod sim_cmd;
+mod sim_validate;
 
 use clap::{Parser, Subcommand};
 

@@ -9,14 +9,20 @@ use anyhow::{bail, Context};
 use sim::scenario::SCENARIO_BYTES_MAX;
 use sim::{Options, Report, Scenario};
 
+/// Vehicles simulated unless `--vehicles` says.
+const VEHICLES_DEFAULT: u32 = 10_000;
+/// Vehicles of a validation run unless `--vehicles` says (each may start an
+/// agent on this machine).
+const VALIDATION_VEHICLES_DEFAULT: u32 = 20;
+
 #[derive(clap::Args)]
 pub struct SimArgs {
     /// The scenario (JSON) [default: the shipped one; `--show-scenario` prints it].
     #[arg(long)]
     scenario: Option<PathBuf>,
-    /// Simulated vehicles.
-    #[arg(long, default_value_t = 10_000)]
-    vehicles: u32,
+    /// Simulated vehicles [default: 10,000; 20 with --validate].
+    #[arg(long)]
+    vehicles: Option<u32>,
     /// Simulated days.
     #[arg(long, default_value_t = 1)]
     days: u32,
@@ -36,6 +42,31 @@ pub struct SimArgs {
     /// Print the shipped scenario, with the source of every default, and exit.
     #[arg(long)]
     show_scenario: bool,
+    /// Run a window of the scenario through real processes (a coordinator,
+    /// one agent per vehicle replaying its sessions, a client replaying the
+    /// requests) beside the simulator, and compare delivered tokens,
+    /// migrations and owner earnings (validation.md, validation.json).
+    #[arg(long, conflicts_with = "sweep")]
+    validate: bool,
+    /// With --validate: minutes of requests.
+    #[arg(long, requires = "validate", default_value_t = 15)]
+    minutes: u32,
+    /// With --validate: minutes after the last request for work to end.
+    #[arg(long, requires = "validate", default_value_t = 3)]
+    drain_minutes: u32,
+    /// With --validate: the window's start, as minutes after midnight of the scenario's day.
+    #[arg(long, requires = "validate", default_value_t = 19 * 60)]
+    start_minute: u32,
+    /// With --validate: generations running at once on average; demand is scaled to it, since
+    /// every agent shares this machine's cores.
+    #[arg(long, requires = "validate", default_value_t = 1.0)]
+    busy: f64,
+    /// With --validate: the model the agents serve.
+    #[arg(long, requires = "validate", default_value = "smollm2-135m-instruct")]
+    model: String,
+    /// With --validate: engine threads per agent.
+    #[arg(long, requires = "validate", default_value_t = 1)]
+    threads: u32,
 }
 
 pub async fn run(args: SimArgs) -> anyhow::Result<()> {
@@ -45,12 +76,27 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     }
     let out = args.out.clone().expect("clap requires --out");
     let scenario = read_scenario(args.scenario.as_deref())?;
+    if args.validate {
+        if args.days != 1 {
+            bail!("--validate runs a window of one day (--minutes); --days does not apply");
+        }
+        let validate = crate::sim_validate::ValidateArgs {
+            vehicles: args.vehicles.unwrap_or(VALIDATION_VEHICLES_DEFAULT),
+            seed: args.seed,
+            out,
+            model: args.model,
+            threads: args.threads,
+            start_minute: args.start_minute,
+            minutes: args.minutes,
+            drain_minutes: args.drain_minutes,
+            busy: args.busy,
+            prices: args.prices,
+        };
+        return crate::sim_validate::run(scenario, validate).await;
+    }
     let prices = crate::ledger_cmd::price_config(args.prices.as_deref())?;
-    let options = Options {
-        vehicles: args.vehicles,
-        days: args.days,
-        seed: args.seed,
-    };
+    let vehicles = args.vehicles.unwrap_or(VEHICLES_DEFAULT);
+    let options = Options::days(vehicles, args.days, args.seed);
     std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
     let sweep = args.sweep;
     tokio::task::spawn_blocking(move || {

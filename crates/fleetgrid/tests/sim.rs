@@ -132,3 +132,19 @@ fn the_sweep_runs_its_grid_and_draws_the_frontier() {
     assert!(read(&out.join("frontier.svg")).contains("datacenter baseline"));
     assert!(read(&out.join("sweep.md")).contains("| max batch |"));
 }
+
+#[test]
+fn validation_flags_are_refused_without_validate_and_a_fleet_too_large_to_start_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("out");
+    let out = out.to_string_lossy();
+    let stray = fleetgrid(&["sim", "--minutes", "5", "--out", &out]);
+    assert!(!stray.status.success());
+    assert!(String::from_utf8_lossy(&stray.stderr).contains("--validate"));
+    let large = fleetgrid(&["sim", "--validate", "--vehicles", "5000", "--out", &out]);
+    assert!(!large.status.success());
+    assert!(String::from_utf8_lossy(&large.stderr).contains("at most 100 vehicles"));
+    let days = fleetgrid(&["sim", "--validate", "--days", "2", "--out", &out]);
+    assert!(!days.status.success());
+    assert!(String::from_utf8_lossy(&days.stderr).contains("--days"));
+}
