@@ -39,6 +39,9 @@ pub struct CellConfig {
     pub scheduler: scheduler::SchedulerConfig,
     /// Bytes of prompt KV caches kept for handovers (0: re-prefill always).
     pub kv_checkpoint_budget_bytes: usize,
+    /// What each vehicle's electricity costs, which placement prefers the
+    /// cheaper of otherwise equal vehicles by.
+    pub energy_prices: nodes::EnergyPrices,
 }
 
 impl CellConfig {
@@ -54,6 +57,7 @@ impl CellConfig {
                 ..scheduler::SchedulerConfig::default()
             },
             kv_checkpoint_budget_bytes: limits::KV_CHECKPOINT_BYTES_BUDGET,
+            energy_prices: nodes::EnergyPrices::default(),
         }
     }
 }
@@ -97,6 +101,7 @@ pub async fn start(
         Arc::new(core::SystemClock),
     ));
     core.set_kv_checkpoint_budget(config.kv_checkpoint_budget_bytes);
+    core.set_energy_prices(config.energy_prices.clone());
     let listener = TcpListener::bind(config.grpc_listen)
         .await
         .map_err(|source| CellError::Bind {

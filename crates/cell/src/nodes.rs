@@ -1,5 +1,6 @@
 //! What the coordinator keeps about each connected node.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,6 +13,22 @@ use cell_api::served::{ServedModel, ServedModels};
 
 /// Identifies one connection of a node: a reconnecting vehicle gets a new
 /// session, so events from its old stream are recognised and ignored.
+/// What electricity costs each vehicle, micro-dollars per kWh, averaged
+/// over the day (the scheduler's placement prefers the cheaper of otherwise
+/// equal vehicles). Vehicles not listed cost `default`; all zero (the
+/// default) leaves placement to the node ids.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EnergyPrices {
+    pub default: u32,
+    pub by_node: HashMap<String, u32>,
+}
+
+impl EnergyPrices {
+    pub fn of(&self, node: &str) -> u32 {
+        self.by_node.get(node).copied().unwrap_or(self.default)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NodeSession {
     pub node: NodeId,
@@ -73,8 +90,15 @@ impl ConnectedNode {
         self.hardware.parallel_sequences.max(1)
     }
 
-    /// The scheduler event that registers this node under its owner's policy.
-    pub fn registration(&self, node: NodeId, served: &ServedModels, policy: OwnerPolicy) -> Event {
+    /// The scheduler event that registers this node under its owner's
+    /// policy, its electricity at `energy_price` micro-dollars per kWh.
+    pub fn registration(
+        &self,
+        node: NodeId,
+        served: &ServedModels,
+        policy: OwnerPolicy,
+        energy_price: u32,
+    ) -> Event {
         let on_disk = || {
             self.models
                 .iter()
@@ -96,7 +120,7 @@ impl ConnectedNode {
                 prefill_tokens_per_second: self.hardware.prefill_tokens_per_second as f32,
                 models: on_disk().collect(),
                 loaded,
-                energy_price_micro_usd_per_kwh: 0,
+                energy_price_micro_usd_per_kwh: energy_price,
             },
             state: self.state,
             policy,

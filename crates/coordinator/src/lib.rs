@@ -243,6 +243,21 @@ fn cell_config(config: &CoordinatorConfig) -> cell::CellConfig {
             ..config.scheduler.clone()
         },
         kv_checkpoint_budget_bytes: config.kv_checkpoint_budget_bytes,
+        energy_prices: energy_prices(&config.billing),
+    }
+}
+
+/// The price sheet's tariffs as the cell's placement sees them: each
+/// vehicle's day-mean price per kWh.
+fn energy_prices(billing: &billing::BillingConfig) -> cell::nodes::EnergyPrices {
+    let clamp = |price: i64| u32::try_from(price.max(0)).unwrap_or(u32::MAX);
+    let (default, own) = billing.prices.day_mean_prices();
+    cell::nodes::EnergyPrices {
+        default: clamp(default.0),
+        by_node: own
+            .into_iter()
+            .map(|(node, price)| (node.as_str().to_owned(), clamp(price.0)))
+            .collect(),
     }
 }
 

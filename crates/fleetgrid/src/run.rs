@@ -73,6 +73,8 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
 pub async fn cell(args: CellArgs) -> anyhow::Result<()> {
     let mut config = args.common.config()?;
     args.cell.apply(&mut config);
+    config.billing.prices =
+        std::sync::Arc::new(crate::ledger_cmd::price_config(args.prices.as_deref())?);
     let shutdown = shutdown_token(args.common.exit_with_parent)?;
     let role = coordinator::CellRole {
         id: args.cell_id,

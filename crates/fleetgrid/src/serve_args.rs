@@ -159,6 +159,10 @@ pub struct CellArgs {
     /// Serve the cell's Prometheus metrics on http://ADDR/metrics [default: not served].
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// The price sheet whose vehicles' tariffs placement prefers the cheaper electricity by,
+    /// JSON; give the cluster's gateways the same [default: the shipped sheet].
+    #[arg(long)]
+    pub prices: Option<PathBuf>,
 }
 
 impl CommonArgs {

@@ -57,6 +57,12 @@ impl TimeOfUseTariff {
         // rem_euclid(24) is in 0..24, so the index is in bounds.
         self.per_kwh_by_hour[hour as usize]
     }
+
+    /// The price per kWh averaged over the day's 24 hours.
+    pub fn day_mean_per_kwh(&self) -> MicroUsd {
+        let sum: i64 = self.per_kwh_by_hour.iter().map(|price| price.0).sum();
+        MicroUsd(sum / 24)
+    }
 }
 
 /// Where a segment ran.

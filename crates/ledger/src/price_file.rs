@@ -114,6 +114,17 @@ impl PriceConfig {
             .unwrap_or(self.default_power)
     }
 
+    /// Every vehicle with a tariff of its own and its day-mean price per
+    /// kWh; the rest pay the default tariff's, returned first.
+    pub fn day_mean_prices(&self) -> (MicroUsd, Vec<(&NodeId, MicroUsd)>) {
+        let own = self
+            .nodes
+            .iter()
+            .filter_map(|(node, energy)| Some((node, energy.tariff.as_ref()?.day_mean_per_kwh())))
+            .collect();
+        (self.default_tariff.day_mean_per_kwh(), own)
+    }
+
     pub fn tariff_of(&self, node: &NodeId) -> &TimeOfUseTariff {
         self.nodes
             .get(node)
@@ -318,6 +329,20 @@ mod tests {
         assert_eq!(
             config.tariff_of(&car).per_kwh_at(TimestampMs(0)),
             MicroUsd(100_000)
+        );
+        // Placement's view: the vehicle's own flat price, and the default
+        // time-of-use tariff's day mean (off-peak 22:00-06:00 is cheaper
+        // than the rest) for every other vehicle.
+        let (default, own) = config.day_mean_prices();
+        assert_eq!(own, vec![(&car, MicroUsd(100_000))]);
+        let day_mean = config.default_tariff.day_mean_per_kwh();
+        assert_eq!(default, day_mean);
+        assert!(day_mean > MicroUsd(150_000));
+        assert!(
+            day_mean
+                < config
+                    .default_tariff
+                    .per_kwh_at(TimestampMs(12 * TimestampMs::PER_HOUR))
         );
     }
 

@@ -88,6 +88,9 @@ struct CoreState {
     checkpoints: checkpoints::Checkpoints,
     /// The prompt heads assigned lately, for the capacity's `prompt_heads`.
     recent_heads: heads::RecentHeads,
+    /// Each vehicle's electricity price, given to the scheduler when it
+    /// connects.
+    energy_prices: crate::nodes::EnergyPrices,
 }
 
 pub struct Core {
@@ -128,12 +131,18 @@ impl Core {
                 shares: cell_api::metering::NodeShares::default(),
                 checkpoints: checkpoints::Checkpoints::default(),
                 recent_heads: heads::RecentHeads::default(),
+                energy_prices: crate::nodes::EnergyPrices::default(),
             }),
             models,
             metrics,
             request_log,
             clock,
         }
+    }
+
+    /// The vehicles' electricity prices, for those that connect from now on.
+    pub fn set_energy_prices(&self, prices: crate::nodes::EnergyPrices) {
+        self.lock().energy_prices = prices;
     }
 
     fn lock(&self) -> MutexGuard<'_, CoreState> {
@@ -290,7 +299,8 @@ impl Core {
         let mut connected = ConnectedNode::new(name, session, outbound, hello);
         connected.last_heard = self.clock.instant();
         let disconnect = connected.disconnect.clone();
-        let registered = connected.registration(node, &self.models, policy);
+        let price = state.energy_prices.of(name);
+        let registered = connected.registration(node, &self.models, policy, price);
         state.nodes.insert(node, connected);
         self.metrics.nodes_connected.fetch_add(1, ORDER);
         self.handle(&mut state, now, registered);

@@ -206,6 +206,30 @@ fn assigned(harness: &mut Harness, index: usize) -> Option<String> {
     None
 }
 
+/// A spot tenant's generation of the test model, prompt [1, 2, 3].
+fn spot_generation(
+    public_id: &str,
+    sampling: proto::Sampling,
+    max_tokens: u32,
+) -> cell_api::NewGeneration {
+    cell_api::NewGeneration {
+        public_id: public_id.to_owned(),
+        tenant: cell_api::TenantRef {
+            id: 1,
+            class: store::TenantClass::Spot,
+        },
+        model: engine::testing::TEST_MODEL_NAME.to_owned(),
+        prompt: vec![1, 2, 3],
+        committed: Vec::new(),
+        sampling,
+        max_tokens,
+        stop: Vec::new(),
+        top_logprobs: 0,
+        prompt_logprobs: false,
+        deadline_ms: None,
+    }
+}
+
 fn tokens(ids: &[i32], from: u32) -> Vec<proto::Token> {
     ids.iter()
         .zip(from..)
@@ -235,25 +259,14 @@ fn tokens_outside_a_structured_answers_grammar_move_it_to_another_vehicle() {
     let encode = |text: &str| tokenizer.tokenize(text, false).unwrap();
     let schema = serde_json::json!({"type": "object", "properties": {"a": {"type": "integer"}},
         "required": ["a"], "additionalProperties": false});
-    let generation = cell_api::NewGeneration {
-        public_id: "chatcmpl-structured".to_owned(),
-        tenant: cell_api::TenantRef {
-            id: 1,
-            class: store::TenantClass::Spot,
-        },
-        model: engine::testing::TEST_MODEL_NAME.to_owned(),
-        prompt: vec![1, 2, 3],
-        committed: Vec::new(),
-        sampling: proto::Sampling {
+    let generation = spot_generation(
+        "chatcmpl-structured",
+        proto::Sampling {
             grammar: engine::json_schema_grammar(&schema),
             ..proto::Sampling::default()
         },
-        max_tokens: 32,
-        stop: Vec::new(),
-        top_logprobs: 0,
-        prompt_logprobs: false,
-        deadline_ms: None,
-    };
+        32,
+    );
     let mut admitted = harness.core.submit(generation).expect("admitted");
     let placed = |harness: &mut Harness| {
         (0..cars.len())
@@ -327,4 +340,21 @@ fn tokens_outside_a_structured_answers_grammar_move_it_to_another_vehicle() {
             "the answer is not over: {update:?}"
         );
     }
+}
+
+/// Of two vehicles alike but for their electricity, the cheaper serves,
+/// though it connected second (a lower node id breaks only a full tie).
+#[test]
+fn of_two_equal_vehicles_the_one_with_cheaper_electricity_serves() {
+    let mut harness = Harness::serving_the_test_model();
+    harness.core.set_energy_prices(crate::nodes::EnergyPrices {
+        default: 160_000,
+        by_node: [("peak-tariff".to_owned(), 600_000)].into(),
+    });
+    harness.connect_serving("peak-tariff");
+    harness.connect_serving("flat-tariff");
+    let generation = spot_generation("chatcmpl-cheaper", proto::Sampling::default(), 8);
+    let _admitted = harness.core.submit(generation).expect("admitted");
+    assert_eq!(assigned(&mut harness, 0), None);
+    assert!(assigned(&mut harness, 1).is_some());
 }
