@@ -294,8 +294,18 @@ pub(crate) async fn ensure_demo_owner(database: &Store) -> anyhow::Result<()> {
 
 /// The vehicle's credential, enrolled for the demo's owner (who must exist) if need be.
 pub(crate) async fn node_credential(database: &Store, name: &str) -> anyhow::Result<String> {
+    enrolled_credential(database, name, DEMO_OWNER).await
+}
+
+/// A fresh credential for vehicle `name`, enrolled for `owner` (who must
+/// exist; "" for none) if it is not yet.
+pub(crate) async fn enrolled_credential(
+    database: &Store,
+    name: &str,
+    owner: &str,
+) -> anyhow::Result<String> {
     let now = coordinator::core::now_ms().0;
-    match database.add_node(name, DEMO_OWNER, now).await {
+    match database.add_node(name, owner, now).await {
         Ok(credential) => Ok(credential),
         Err(StoreError::NodeExists(_)) => database
             .rotate_node_credential(name)

@@ -113,12 +113,5 @@ async fn tenant_key(database: &Store) -> anyhow::Result<String> {
 async fn node_credential(database: &Store, name: &str) -> anyhow::Result<String> {
     let now = coordinator::core::now_ms().0;
     database.ensure_owner(EVAL_OWNER, now).await?;
-    match database.add_node(name, EVAL_OWNER, now).await {
-        Ok(credential) => Ok(credential),
-        Err(StoreError::NodeExists(_)) => database
-            .rotate_node_credential(name)
-            .await?
-            .with_context(|| format!("node {name} vanished")),
-        Err(error) => Err(error.into()),
-    }
+    crate::demo::enrolled_credential(database, name, EVAL_OWNER).await
 }

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
-use coordinator::store::{Store, StoreError, TenantClass};
+use coordinator::store::{Store, TenantClass};
 use serde_json::{json, Value};
 use sim::validate::{self, Calibration, Check, Figures};
 use sim::{Options, Scenario, Window};
@@ -38,9 +38,10 @@ use stack::{AgentSpec, Coordinator, CoordinatorSpec, Fleetgrid, LogFile, Stack};
 
 /// How long the coordinator and agents may take to start.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(300);
-/// Time between the agents' start and the window: every agent connected.
+/// Time between the agents' start and the window: every agent started and
+/// connected, one after another.
 const LEAD_BASE: Duration = Duration::from_secs(20);
-const LEAD_PER_AGENT: Duration = Duration::from_millis(700);
+const LEAD_PER_AGENT: Duration = Duration::from_secs(4);
 /// The sentence the prompts are made of.
 const FILLER: &str = "A parked car charges at night and lends its computer to the fleet. ";
 /// The most vehicles a validation run enrols (each may start an agent).
@@ -131,7 +132,8 @@ pub async fn run(base: Scenario, args: ValidateArgs) -> anyhow::Result<()> {
         for vehicle in 0..args.vehicles {
             let owner = format!("owner-{}", vehicle + 1);
             store.ensure_owner(&owner, now).await?;
-            credentials.push(node_credential(&store, &node_name(vehicle), &owner).await?);
+            credentials
+                .push(crate::demo::enrolled_credential(&store, &node_name(vehicle), &owner).await?);
         }
         credentials
     };
@@ -139,7 +141,10 @@ pub async fn run(base: Scenario, args: ValidateArgs) -> anyhow::Result<()> {
     let mut calibration_credentials = Vec::new();
     for number in 1..=calibrating {
         let name = format!("{CALIBRATION_NODE}-{number}");
-        calibration_credentials.push((name.clone(), node_credential(&store, &name, "").await?));
+        calibration_credentials.push((
+            name.clone(),
+            crate::demo::enrolled_credential(&store, &name, "").await?,
+        ));
     }
     let utc_offset_minutes = utc_offset(args.start_minute, now);
     let prices_path = out.join("prices.json");
@@ -263,6 +268,22 @@ pub async fn run(base: Scenario, args: ValidateArgs) -> anyhow::Result<()> {
             threads: args.threads,
             log: LogFile::create(logs.join(format!("{}.log", node_name(*vehicle)))),
         })?;
+        // One at a time, in the simulator's order: a cell numbers vehicles
+        // as they connect, and placement breaks a full tie by that number
+        // as the simulator does by the vehicle's.
+        let name = node_name(*vehicle);
+        let (http_address, fleet_key) = (running.http(), classes[0].clone());
+        stack::probe::wait_until(
+            &running.members(),
+            &format!("{name} connected"),
+            STARTUP_TIMEOUT,
+            || async {
+                stack::probe::connected_nodes(&client, http_address, &fleet_key)
+                    .await
+                    .is_some_and(|connected| connected.contains(&name))
+            },
+        )
+        .await?;
     }
     let names: BTreeSet<String> = used.iter().map(|v| node_name(*v)).collect();
     let (http_address, fleet_key) = (running.http(), classes[0].clone());
@@ -277,6 +298,12 @@ pub async fn run(base: Scenario, args: ValidateArgs) -> anyhow::Result<()> {
         },
     )
     .await?;
+    if SystemTime::now() > window_start {
+        bail!(
+            "the window's agents took longer than {} s to connect: their traces would start late",
+            lead.as_secs()
+        );
+    }
     let migrations_before = metric(&client, &http, "fleetgrid_reassignments_total").await?;
     eprintln!(
         "fleetgrid sim --validate: {} vehicles, {} requests over {} minutes (+{} to drain)",
@@ -377,18 +404,6 @@ async fn ensure_model(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn node_credential(store: &Store, name: &str, owner: &str) -> anyhow::Result<String> {
-    let now = coordinator::core::now_ms().0;
-    match store.add_node(name, owner, now).await {
-        Ok(credential) => Ok(credential),
-        Err(StoreError::NodeExists(_)) => store
-            .rotate_node_credential(name)
-            .await?
-            .with_context(|| format!("node {name} vanished")),
-        Err(error) => Err(error.into()),
-    }
-}
-
 /// The UTC offset, in minutes within ±12 h, that makes the real clock's
 /// local minute at `now_ms` the window's simulated `start_minute`.
 fn utc_offset(start_minute: u32, now_ms: i64) -> i32 {
@@ -464,7 +479,10 @@ async fn calibrate(
     let overhead = short.prompt_tokens as f64 - per_filler;
     let mut prompt_tokens = [0u32; 3];
     let mut class_clients = Vec::new();
-    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    // (tokens, seconds): a rate over every request together, so that the
+    // long requests, slower per token as their context grows, weigh as much
+    // as the time they take.
+    let (mut prefill, mut decode) = ((0.0, 0.0), (0.0, 0.0));
     for class in TenantClass::ALL {
         let demand = base
             .demand
@@ -476,18 +494,23 @@ async fn calibrate(
             .round()
             .max(1.0) as usize;
         let key = &keys[class.index()];
+        // Every prompt starts with its own serial, as in the window: an
+        // agent reuses no earlier prompt's prefix, which would make its
+        // prefill look faster than the window's.
         let requests = (0..at_once).map(|number| {
-            let text = prompt(1 + number as usize, fillers);
+            let serial = 1 + class.index() * at_once as usize + number as usize;
+            let text = prompt(serial, fillers);
             async move { timed(client, http, key, &args.model, &text, demand.answer_tokens).await }
         });
         for timing in futures::future::try_join_all(requests).await? {
             prompt_tokens[class.index()] = timing.prompt_tokens as u32;
-            prefill.push(timing.prompt_tokens as f64 / timing.first_token.as_secs_f64().max(1e-3));
-            let decoding = timing
+            prefill.0 += timing.prompt_tokens as f64;
+            prefill.1 += timing.first_token.as_secs_f64();
+            decode.0 += timing.completion_tokens.saturating_sub(1) as f64;
+            decode.1 += timing
                 .total
                 .saturating_sub(timing.first_token)
                 .as_secs_f64();
-            decode.push(timing.completion_tokens.saturating_sub(1) as f64 / decoding.max(1e-3));
         }
         class_clients.push(Arc::new(ClassClient {
             key: key.clone(),
@@ -496,10 +519,10 @@ async fn calibrate(
             answer_tokens: demand.answer_tokens,
         }));
     }
-    let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len() as f64;
+    let rate = |(tokens, seconds): (f64, f64)| tokens / f64::max(seconds, 1e-3);
     let calibration = Calibration {
-        decode_tokens_per_second: mean(&decode),
-        prefill_tokens_per_second: mean(&prefill),
+        decode_tokens_per_second: rate(decode),
+        prefill_tokens_per_second: rate(prefill),
         prompt_tokens,
         measured_on: format!(
             "this machine: {at_once} agents of {} with {} thread(s) each, one request of each class on every one at once, at the start of the validation run",
@@ -733,18 +756,26 @@ fn markdown(
     text += "\n| figure | simulated | real | tolerance | within |\n|---|---|---|---|---|\n";
     for check in checks {
         text += &format!(
-            "| {} | {:.4} | {:.4} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} |\n",
             check.figure,
-            check.simulated,
-            check.real,
+            shown(check.simulated),
+            shown(check.real),
             check.tolerance,
             if check.within { "yes" } else { "**no**" }
         );
     }
     text += &format!(
-        "\nServed per class (fleet / reserved / spot): simulated {:?}, real {:?}. \
-         Energy drawn for compute: simulated {:.2} Wh, real {:.2} Wh.\n",
-        simulated.served, real.served, simulated.energy_wh, real.energy_wh
+        "\nServed per class (fleet / reserved / spot): simulated {:?}, real {:?}.\n",
+        simulated.served, real.served
     );
     text
+}
+
+/// A count as a whole number, money and energy to the micro-unit.
+fn shown(value: f64) -> String {
+    if value.fract() == 0.0 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.6}")
+    }
 }

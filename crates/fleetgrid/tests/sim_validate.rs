@@ -34,7 +34,7 @@ fn a_window_through_real_processes_agrees_with_the_simulator() {
     )
     .expect("JSON");
     let checks = report["checks"].as_array().expect("checks");
-    assert_eq!(checks.len(), 6, "{report:#}");
+    assert_eq!(checks.len(), 7, "{report:#}");
     assert!(checks.iter().all(|c| c["within"] == true), "{report:#}");
     // Work was done and paid on both sides: the agreement is not two zeros.
     let served = |side: &str| -> u64 {

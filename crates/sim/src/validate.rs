@@ -178,8 +178,7 @@ pub struct Figures {
     pub completion_tokens: [u64; 3],
     /// Generations moved from one vehicle to another.
     pub migrations: u64,
-    /// Energy the vehicles drew for compute, Wh (shown, not compared: the
-    /// energy reimbursed carries it).
+    /// Energy the vehicles drew for compute, Wh.
     pub energy_wh: f64,
     /// Micro-dollars, all owners together.
     pub revenue_share: i64,
@@ -226,11 +225,16 @@ pub struct Check {
 }
 
 /// Relative tolerances. Tokens and revenue differ only by requests one
-/// side served and the other did not and by a prompt's token or two; energy
-/// follows each generation's time, which on the real side depends on how
-/// many agents share the cores at each moment.
+/// side served and the other did not and by a prompt's token or two.
 pub const TOKENS_TOLERANCE: f64 = 0.05;
 pub const REVENUE_TOLERANCE: f64 = 0.05;
+/// Energy follows each generation's time, which on the real side depends
+/// on how many agents share the machine's cores at each moment and on the
+/// calibration's own noise.
+pub const ENERGY_WH_TOLERANCE: f64 = 0.20;
+/// Energy money adds which vehicle served what: among idle vehicles the
+/// two runs break ties differently, and tariffs differ up to 3.75× between
+/// vehicles.
 pub const ENERGY_TOLERANCE: f64 = 0.35;
 pub const EARNINGS_TOLERANCE: f64 = 0.15;
 
@@ -282,6 +286,12 @@ pub fn compare(simulated: &Figures, real: &Figures) -> Vec<Check> {
             tolerance: format!("±(2 √larger + {MIGRATIONS_SLACK:.0}) = ±{allowed:.1}"),
             within: (real.migrations as f64 - simulated.migrations as f64).abs() <= allowed,
         },
+        relative(
+            "energy drawn for compute, Wh",
+            simulated.energy_wh,
+            real.energy_wh,
+            ENERGY_WH_TOLERANCE,
+        ),
         relative(
             "owners' revenue share, USD",
             dollars(simulated.revenue_share),
