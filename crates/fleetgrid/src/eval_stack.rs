@@ -38,19 +38,8 @@ impl EvalStack {
     ) -> anyhow::Result<EvalStack> {
         let logs = data_dir.join("logs");
         std::fs::create_dir_all(&logs).with_context(|| format!("create {}", logs.display()))?;
-        let store = crate::home::model_store()?;
         for name in models {
-            if store.resolve(name).is_ok() {
-                continue;
-            }
-            let entry = models::find(name)
-                .with_context(|| format!("model {name:?} is not in the catalog"))?;
-            eprintln!("fleetgrid eval: fetching {name}");
-            let store = crate::home::model_store()?;
-            tokio::task::spawn_blocking(move || store.fetch(entry))
-                .await
-                .context("fetch task")?
-                .with_context(|| format!("fetch {name}"))?;
+            crate::home::ensure_model(name, "fleetgrid eval").await?;
         }
         let database = Store::open(data_dir)
             .await

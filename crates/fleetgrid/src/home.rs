@@ -21,3 +21,21 @@ pub fn model_store() -> anyhow::Result<models::ModelStore> {
     use anyhow::Context;
     models::ModelStore::open(models::ModelStore::default_root()).context("open the model store")
 }
+
+/// Fetches model `name` from the catalog unless the store already holds it;
+/// `command` names who fetches, on stderr.
+pub async fn ensure_model(name: &str, command: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let store = model_store()?;
+    if store.resolve(name).is_ok() {
+        return Ok(());
+    }
+    let entry =
+        models::find(name).with_context(|| format!("model {name:?} is not in the catalog"))?;
+    eprintln!("{command}: fetching {name}");
+    tokio::task::spawn_blocking(move || store.fetch(entry))
+        .await
+        .context("fetch task")?
+        .with_context(|| format!("fetch {name}"))?;
+    Ok(())
+}

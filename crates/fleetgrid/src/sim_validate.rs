@@ -101,7 +101,7 @@ pub async fn run(base: Scenario, args: ValidateArgs) -> anyhow::Result<()> {
         }
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
-    ensure_model(&args.model).await?;
+    crate::home::ensure_model(&args.model, "fleetgrid sim --validate").await?;
     let prices_text = match &args.prices {
         Some(path) => crate::ledger_cmd::read_at_most(
             path,
@@ -387,21 +387,6 @@ pub async fn run(base: Scenario, args: ValidateArgs) -> anyhow::Result<()> {
 
 fn node_name(vehicle: u32) -> String {
     format!("vehicle-{}", vehicle + 1)
-}
-
-async fn ensure_model(name: &str) -> anyhow::Result<()> {
-    let store = crate::home::model_store()?;
-    if store.resolve(name).is_ok() {
-        return Ok(());
-    }
-    let entry =
-        models::find(name).with_context(|| format!("model {name:?} is not in the catalog"))?;
-    eprintln!("fleetgrid sim --validate: fetching {name}");
-    tokio::task::spawn_blocking(move || store.fetch(entry))
-        .await
-        .context("fetch task")?
-        .with_context(|| format!("fetch {name}"))?;
-    Ok(())
 }
 
 /// The UTC offset, in minutes within ±12 h, that makes the real clock's
