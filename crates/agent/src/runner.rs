@@ -277,6 +277,7 @@ fn check_assignment(
         restore: None,
         export_checkpoint: assign.report_checkpoint,
         prompt_logprobs: assign.prompt_logprobs,
+        verify: None,
     })
 }
 
@@ -368,6 +369,11 @@ impl GenerationTask {
                 Some(GenerationEvent::Done(done)) => return self.finish(done).await,
                 Some(GenerationEvent::Failed(error)) => {
                     return self.fail(error.to_string(), is_retryable(&error)).await;
+                }
+                Some(GenerationEvent::Verified(_)) => {
+                    // An assignment never asks for a verification.
+                    let message = "the engine verified instead of generating".to_owned();
+                    return self.fail(message, false).await;
                 }
             }
         }

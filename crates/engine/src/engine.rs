@@ -167,8 +167,19 @@ impl Engine {
         if generation.prompt.is_empty() {
             return Err(EngineError::InvalidGeneration("prompt is empty".to_owned()));
         }
+        if let Some(verify) = &generation.verify {
+            validate_verification(generation, verify)?;
+        }
         let tokenizer = &self.shared.tokenizer;
-        let all_tokens = generation.prompt.iter().chain(&generation.committed);
+        let verified = generation
+            .verify
+            .iter()
+            .flat_map(|verify| &verify.completion);
+        let all_tokens = generation
+            .prompt
+            .iter()
+            .chain(&generation.committed)
+            .chain(verified);
         if let Some(bad) = all_tokens
             .clone()
             .find(|&&token| !tokenizer.is_valid(token))
@@ -323,4 +334,33 @@ fn engine_info(config: &EngineConfig, tokenizer: &Tokenizer) -> EngineInfo {
         vocab_size: tokenizer.vocab_size(),
         engine_version: ENGINE_VERSION.to_owned(),
     }
+}
+
+/// A verification checks a completion as it was generated: from the prompt alone, with nothing
+/// reported back but the outcome.
+fn validate_verification(
+    generation: &Generation,
+    verify: &crate::Verify,
+) -> Result<(), EngineError> {
+    let refuse = |what: &str| {
+        Err(EngineError::InvalidGeneration(format!(
+            "a verification {what}"
+        )))
+    };
+    if !generation.committed.is_empty() {
+        return refuse("cannot resume from committed tokens");
+    }
+    if generation.restore.is_some() || generation.export_checkpoint {
+        return refuse("takes no checkpoint");
+    }
+    if generation.prompt_logprobs {
+        return refuse("does not score its prompt");
+    }
+    if generation.grammar.is_some() {
+        return refuse("of a grammar-constrained completion is not supported");
+    }
+    if verify.logprobs.len() != verify.completion.len() {
+        return refuse("needs one reported log-probability per completion token");
+    }
+    Ok(())
 }

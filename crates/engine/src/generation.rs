@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{Adjustments, EngineError, SamplingParams, TokenId};
+use crate::{Adjustments, EngineError, SamplingParams, TokenId, Verification, Verify};
 
 /// Bound of each generation's event channel. A consumer that lets it stay full for
 /// [`CONSUMER_STALL_TIMEOUT`] gets its sequence cancelled; until then the sequence pauses, so a
@@ -55,6 +55,13 @@ pub struct Generation {
     /// for it (no cells kept from an earlier prompt, no `restore`), in chunks of at most
     /// [`crate::PROMPT_SCORE_CHUNK_TOKENS`].
     pub prompt_logprobs: bool,
+    /// Check a completion another engine reported for this prompt instead of generating one:
+    /// prompt and completion are prefilled together (alone, in chunks of at most
+    /// [`crate::PROMPT_SCORE_CHUNK_TOKENS`]), every completion token is checked against the
+    /// sampler's pick from the logits before it ([`crate::verify`]), and the outcome is reported
+    /// as one [`GenerationEvent::Verified`] before `Done`. Nothing is sampled or emitted.
+    /// `committed`, `restore`, `prompt_logprobs` and `grammar` must be empty.
+    pub verify: Option<Verify>,
 }
 
 /// A sequence's KV cache covering its first `tokens` tokens: the sequence's own stream section
@@ -134,7 +141,8 @@ pub struct GenerationDone {
 }
 
 /// Everything a generation reports, in order: at most one `Checkpoint` and at most one
-/// `PromptLogprobs` (when asked for), tokens, then exactly one `Done` or `Failed`.
+/// `PromptLogprobs` (when asked for), tokens, then exactly one `Done` or `Failed`. A
+/// verification reports one `Verified` and then `Done`, and no tokens.
 #[derive(Clone, Debug, PartialEq)]
 pub enum GenerationEvent {
     Checkpoint(SequenceCheckpoint),
@@ -142,6 +150,8 @@ pub enum GenerationEvent {
     /// [`TokenEvent`]'s `position` is then its index in the prompt.
     PromptLogprobs(Vec<TokenEvent>),
     Token(TokenEvent),
+    /// What checking a reported completion found (`Generation::verify`).
+    Verified(Verification),
     Done(GenerationDone),
     Failed(EngineError),
 }

@@ -28,6 +28,7 @@ mod slot;
 pub mod testing;
 pub mod text;
 mod tokenizer;
+pub mod verify;
 mod worker;
 
 /// A token id of the model's vocabulary.
@@ -53,4 +54,5 @@ pub use jinja::{json_dumps, ChatTemplate, ToolCallFormat, CHAT_TEMPLATE_BYTES_MA
 pub use sampler::SamplingParams;
 pub use text::TextAssembler;
 pub use tokenizer::{ChatMessage, Tokenizer, LLAMA_LOG_ENV, TOKENIZE_TEXT_BYTES_MAX};
+pub use verify::{Mismatch, Tolerance, Verification, Verify, DEFAULT_TOLERANCE};
 pub use worker::{CHECKPOINT_BYTES_MAX, PROMPT_SCORE_CHUNK_TOKENS, RESTORE_CHECKED_TOKENS};

@@ -20,8 +20,9 @@ use tokio::sync::mpsc::Sender;
 use crate::adjust::Penalised;
 use crate::constraint::Constrained;
 use crate::generation::CONSUMER_STALL_TIMEOUT;
-use crate::sampler::Sampled;
+use crate::sampler::{Sampled, Sampler};
 use crate::text::TextAssembler;
+use crate::verify::{check_end, check_token, Tolerance, Verification};
 use crate::{
     CancelHandle, FinishReason, Generation, GenerationDone, GenerationEvent, SamplingParams,
     SequenceCheckpoint, TokenEvent, TokenId, Tokenizer, TopLogprob,
@@ -104,6 +105,23 @@ pub(crate) struct Slot {
     prompt_scores: Option<Vec<TokenEvent>>,
     /// Whether the prompt was prefilled to be scored (its cells are not kept for reuse).
     scored: bool,
+    /// A reported completion being checked (`Generation::verify`); its tokens follow the
+    /// prompt's in `prompt`.
+    verifying: Option<Box<Verifying>>,
+}
+
+/// The state of a verification: the completion's place in the prefilled tokens, what was
+/// reported with it, and what the checks found so far.
+#[derive(Debug)]
+struct Verifying {
+    /// Index in `Slot::prompt` of the first completion token.
+    start: usize,
+    logprobs: Vec<f32>,
+    ended_by_eos: bool,
+    tolerance: Tolerance,
+    /// Penalties and bias after the completion tokens checked so far.
+    adjust: Penalised,
+    outcome: Verification,
 }
 
 impl Slot {
@@ -121,12 +139,33 @@ impl Slot {
             events,
             cancel,
         } = admission;
+        let mut generation = generation;
         let mut text = TextAssembler::new(generation.stop);
         for &token in &generation.committed {
             text.push(&tokenizer.piece(token));
         }
         let position = saturating_u32(generation.committed.len());
-        let already_over = if text.stopped() {
+        let verifying = generation.verify.take().map(|verify| {
+            let start = generation.prompt.len();
+            let adjust = Penalised::new(
+                generation.adjustments.clone(),
+                generation.ignore_eos,
+                &generation.prompt,
+                &[],
+            );
+            generation.prompt.extend_from_slice(&verify.completion);
+            Box::new(Verifying {
+                start,
+                logprobs: verify.logprobs,
+                ended_by_eos: verify.ended_by_eos,
+                tolerance: verify.tolerance,
+                adjust,
+                outcome: Verification::default(),
+            })
+        });
+        let already_over = if verifying.is_some() {
+            None
+        } else if text.stopped() {
             Some(FinishReason::Stop)
         } else if position >= generation.max_tokens {
             Some(FinishReason::Length)
@@ -139,10 +178,14 @@ impl Slot {
             &generation.prompt,
             &generation.committed,
         );
+        let prompt_tokens = verifying
+            .as_ref()
+            .map_or(generation.prompt.len(), |verifying| verifying.start);
+        let scored = generation.prompt_logprobs || verifying.is_some();
         let slot = Self {
             seq_id,
             admitted,
-            prompt_tokens: saturating_u32(generation.prompt.len()),
+            prompt_tokens: saturating_u32(prompt_tokens),
             prompt: generation.prompt,
             prefilled: 0,
             committed: generation.committed,
@@ -169,7 +212,8 @@ impl Slot {
             checkpoint_rejected: false,
             prompt_reused: 0,
             prompt_scores: generation.prompt_logprobs.then(Vec::new),
-            scored: generation.prompt_logprobs,
+            scored,
+            verifying,
         };
         (slot, already_over)
     }
@@ -337,9 +381,86 @@ impl Slot {
         }));
     }
 
-    /// Whether the prompt is being scored: every prompt token but the last needs its logits.
+    /// Whether the prompt is being scored or a completion verified: prompt tokens from
+    /// [`Slot::scored_from`] on need the logits of the token before them.
     pub fn scores_prompt(&self) -> bool {
-        self.prompt_scores.is_some()
+        self.prompt_scores.is_some() || self.verifying.is_some()
+    }
+
+    /// The first prompt token whose logits are asked for: the second of a scored prompt, the
+    /// first completion token of a verification.
+    pub fn scored_from(&self) -> usize {
+        self.verifying
+            .as_ref()
+            .map_or(1, |verifying| verifying.start.max(1))
+    }
+
+    /// Whether this slot checks a reported completion rather than generating one.
+    pub fn verifies(&self) -> bool {
+        self.verifying.is_some()
+    }
+
+    /// Checks the completion token at `index` of the prefilled tokens against `raw`, the
+    /// logits after the token before it.
+    pub fn verify_token(
+        &mut self,
+        index: usize,
+        raw: &[f32],
+        end_of_generation: &[TokenId],
+        sampler: &mut Sampler,
+        scratch: &mut Vec<f32>,
+    ) {
+        let (Some(verifying), Some(&token)) = (self.verifying.as_mut(), self.prompt.get(index))
+        else {
+            return;
+        };
+        let Some(offset) = index.checked_sub(verifying.start) else {
+            return;
+        };
+        let logits = adjusted(&verifying.adjust, raw, end_of_generation, scratch);
+        let reported = verifying.logprobs.get(offset).copied().unwrap_or(f32::NAN);
+        let checked = check_token(
+            sampler,
+            logits,
+            &self.sampling,
+            saturating_u32(offset),
+            token,
+            reported,
+            &verifying.tolerance,
+        );
+        verifying.outcome.record(checked);
+        verifying.adjust.record(token);
+    }
+
+    /// Once prompt and completion are prefilled: checks the end against `raw`, the logits after
+    /// the last token, when the node said an end-of-generation token came there, then reports
+    /// the outcome and finishes.
+    pub fn finish_verification(
+        &mut self,
+        raw: &[f32],
+        end_of_generation: &[TokenId],
+        sampler: &mut Sampler,
+        scratch: &mut Vec<f32>,
+    ) {
+        let Some(mut verifying) = self.verifying.take() else {
+            return;
+        };
+        let position = saturating_u32(self.prompt.len() - verifying.start);
+        if verifying.ended_by_eos {
+            let logits = adjusted(&verifying.adjust, raw, end_of_generation, scratch);
+            let checked = check_end(
+                sampler,
+                logits,
+                &self.sampling,
+                position,
+                end_of_generation,
+                &verifying.tolerance,
+            );
+            verifying.outcome.record(checked);
+        }
+        self.position = position;
+        self.send(GenerationEvent::Verified(verifying.outcome));
+        self.finish(FinishReason::Length);
     }
 
     /// Whether the prompt was prefilled to be scored, once scored too.
@@ -510,6 +631,20 @@ fn token_event(position: u32, sampled: &Sampled, tokenizer: &Tokenizer) -> Token
             })
             .collect(),
     }
+}
+
+/// `raw` as `adjust` leaves it: `raw` itself, or the adjusted logits in `scratch`.
+fn adjusted<'a>(
+    adjust: &Penalised,
+    raw: &'a [f32],
+    end_of_generation: &[TokenId],
+    scratch: &'a mut Vec<f32>,
+) -> &'a [f32] {
+    if adjust.is_identity() {
+        return raw;
+    }
+    adjust.apply(raw, end_of_generation, scratch);
+    scratch
 }
 
 fn saturating_u32(value: usize) -> u32 {

@@ -280,7 +280,8 @@ impl<'model> Worker<'model> {
         self.cached[index].clear();
         self.admissions += 1;
         // A scored prompt is prefilled whole: its tokens' logits are what is asked for.
-        let scores_prompt = admission.generation.prompt_logprobs;
+        let scores_prompt =
+            admission.generation.prompt_logprobs || admission.generation.verify.is_some();
         let restore = admission
             .generation
             .restore
@@ -416,8 +417,18 @@ impl<'model> Worker<'model> {
                         break;
                     };
                     let raw = self.context.get_logits_ith(at);
-                    let scored = self.sampler.score(raw, token, top_logprobs);
-                    slot.score_prompt_token(index, &scored, &self.tokenizer);
+                    if slot.verifies() {
+                        slot.verify_token(
+                            index,
+                            raw,
+                            &self.end_of_generation,
+                            &mut self.sampler,
+                            &mut self.adjusted_logits,
+                        );
+                    } else {
+                        let scored = self.sampler.score(raw, token, top_logprobs);
+                        slot.score_prompt_token(index, &scored, &self.tokenizer);
+                    }
                 }
             }
             if matches!(entry.kind, Fed::Prefill(_)) {
@@ -427,6 +438,16 @@ impl<'model> Worker<'model> {
                 continue;
             };
             let raw = self.context.get_logits_ith(batch_index);
+            if slot.verifies() {
+                slot.finish_verification(
+                    raw,
+                    &self.end_of_generation,
+                    &mut self.sampler,
+                    &mut self.adjusted_logits,
+                );
+                retire_sequence(&mut self.context, &mut self.cached[entry.slot], slot);
+                continue;
+            }
             let logits = match slot.logits(raw, &self.end_of_generation, &mut self.adjusted_logits)
             {
                 Ok(logits) => logits,

@@ -100,6 +100,7 @@ async fn generate(
             restore: None,
             export_checkpoint,
             prompt_logprobs: false,
+            verify: None,
         })
         .expect("submit");
     let (mut checkpoint, mut tokens, mut bytes) = (None, Vec::new(), Vec::new());

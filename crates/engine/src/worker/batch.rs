@@ -81,20 +81,25 @@ impl Worker<'_> {
             let completes_prompt = chunk == remaining.len();
             let samples = completes_prompt && slot.samples_after_prompt();
             // While prefilling, the cells hold the prompt's first `kv_tokens` tokens. A scored
-            // prompt needs the logits of every token but its last: each scores the next one.
+            // prompt needs the logits of every token before a scored one: each scores the next.
             let first_token = slot.kv_tokens as usize;
-            let scored = if slot.scores_prompt() {
-                chunk.min(slot.prompt_len().saturating_sub(first_token + 1))
+            let (skipped, scored) = if slot.scores_prompt() {
+                let skipped = (slot.scored_from() - 1)
+                    .saturating_sub(first_token)
+                    .min(chunk);
+                let scored = chunk.min(slot.prompt_len().saturating_sub(first_token + 1));
+                (skipped, scored.saturating_sub(skipped))
             } else {
-                0
+                (0, 0)
             };
             let scores = (scored > 0).then(|| PromptScores {
-                first_logits: batch.n_tokens(),
-                first_token: first_token + 1,
+                first_logits: batch.n_tokens() + i32::try_from(skipped).unwrap_or(i32::MAX),
+                first_token: first_token + 1 + skipped,
                 count: scored,
             });
             for (offset, &token) in remaining[..chunk].iter().enumerate() {
-                let wants_logits = (samples && offset + 1 == chunk) || offset < scored;
+                let scores_next = offset >= skipped && offset < skipped + scored;
+                let wants_logits = (samples && offset + 1 == chunk) || scores_next;
                 let position = slot
                     .kv_tokens
                     .saturating_add(u32::try_from(offset).unwrap_or(u32::MAX));

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use engine::{
     ChatMessage, Engine, EngineConfig, FinishReason, Generation, GenerationDone, GenerationEvent,
-    GenerationStream, SamplingParams, SequenceCheckpoint, TokenEvent, TokenId,
+    GenerationStream, SamplingParams, SequenceCheckpoint, TokenEvent, TokenId, Verification,
 };
 
 pub use engine::testing::test_model_path;
@@ -62,6 +62,7 @@ pub fn generation(prompt: Vec<TokenId>, sampling: SamplingParams, max_tokens: u3
         restore: None,
         export_checkpoint: false,
         prompt_logprobs: false,
+        verify: None,
     }
 }
 
@@ -83,6 +84,8 @@ pub struct Outcome {
     /// The prompt's scores, reported ahead of the tokens, when they were asked for.
     pub prompt_scores: Option<Vec<TokenEvent>>,
     pub tokens: Vec<TokenEvent>,
+    /// What a verification found, reported before `Done`.
+    pub verification: Option<Verification>,
     pub done: GenerationDone,
 }
 
@@ -124,6 +127,7 @@ pub fn collect(mut stream: GenerationStream) -> Outcome {
     let mut tokens = Vec::new();
     let mut checkpoint = None;
     let mut prompt_scores = None;
+    let mut verification = None;
     loop {
         match next_event(&mut stream) {
             Some(GenerationEvent::PromptLogprobs(scores)) => {
@@ -137,12 +141,18 @@ pub fn collect(mut stream: GenerationStream) -> Outcome {
                 checkpoint = Some(reported);
             }
             Some(GenerationEvent::Token(event)) => tokens.push(event),
+            Some(GenerationEvent::Verified(found)) => {
+                assert!(tokens.is_empty(), "a verification emitted tokens");
+                assert!(verification.is_none(), "a second verification");
+                verification = Some(found);
+            }
             Some(GenerationEvent::Done(done)) => {
                 assert!(next_event(&mut stream).is_none(), "events after done");
                 return Outcome {
                     checkpoint,
                     prompt_scores,
                     tokens,
+                    verification,
                     done,
                 };
             }

@@ -1,0 +1,362 @@
+//! Verification by recomputation on the real model (`Generation::verify`): honest generations,
+//! however they were computed, pass; answers a cheating node could report do not.
+//!
+//! The honest set is the calibration of `engine::DEFAULT_TOLERANCE` (docs/VERIFICATION.md): 500
+//! generations from engines that differ from the verifier in threads and parallel sequences,
+//! decoded alone and in changing batches, and resumed on another engine after a handover.
+
+mod common;
+
+use common::*;
+use engine::{Engine, FinishReason, Mismatch, SamplingParams, TokenId, Verification, Verify};
+
+/// Completion tokens per generation.
+const ANSWER_TOKENS: u32 = 12;
+
+/// Honest generations checked in all; the calibration asks for at least 500.
+const HONEST_ALONE: usize = 100;
+const HONEST_BATCHED: usize = 300;
+const HONEST_RESUMED: usize = 100;
+
+/// Short openings the model continues in many ways.
+const OPENINGS: [&str; 20] = [
+    "The capital of France is",
+    "Once upon a time",
+    "To bake bread you need",
+    "The best way to learn",
+    "My favourite animal is",
+    "In the morning I",
+    "The sky is blue because",
+    "Electric cars are",
+    "A good password",
+    "The ocean",
+    "Yesterday the weather",
+    "Programming in Rust",
+    "The train left the station",
+    "Water boils at",
+    "Music makes people",
+    "The old house on the hill",
+    "Three reasons to exercise:",
+    "A recipe for soup:",
+    "The scientist opened the door and",
+    "Q: What is two plus two?\nA:",
+];
+
+/// Chat questions, whose answers the model may end with its end-of-turn token.
+const QUESTIONS: [&str; 4] = [
+    "Say hi.",
+    "Name a colour.",
+    "Reply with one word: yes or no?",
+    "What is 2+2? Answer with the number only.",
+];
+
+/// A completion as a node reports it.
+#[derive(Clone, Debug)]
+struct Reported {
+    prompt: Vec<TokenId>,
+    sampling: SamplingParams,
+    tokens: Vec<TokenId>,
+    logprobs: Vec<f32>,
+    ended_by_eos: bool,
+}
+
+/// The sampling of the `index`th honest generation: greedy, nucleus with top-k, the whole
+/// vocabulary, min-p and a cold temperature, each seeded differently.
+fn sampling(index: usize) -> SamplingParams {
+    let seed = 1_000 + index as u64;
+    let with = |temperature, top_p, top_k, min_p| SamplingParams {
+        temperature,
+        top_p,
+        top_k,
+        seed,
+        min_p,
+    };
+    match index % 5 {
+        0 => SamplingParams::greedy(),
+        1 => with(0.8, 0.95, 40, 0.0),
+        2 => with(1.0, 1.0, 0, 0.0),
+        3 => with(0.7, 1.0, 0, 0.05),
+        _ => with(0.2, 0.9, 0, 0.0),
+    }
+}
+
+/// The `index`th prompt: mostly raw openings, now and then a chat question.
+fn prompt(engine: &Engine, index: usize) -> Vec<TokenId> {
+    if index % 6 == 5 {
+        chat_prompt(engine, QUESTIONS[(index / 6) % QUESTIONS.len()])
+    } else {
+        let text = OPENINGS[index % OPENINGS.len()];
+        engine.tokenizer().tokenize(text, true).expect("tokenize")
+    }
+}
+
+fn reported(prompt: Vec<TokenId>, sampling: SamplingParams, outcome: &Outcome) -> Reported {
+    Reported {
+        prompt,
+        sampling,
+        tokens: outcome.token_ids(),
+        logprobs: outcome.tokens.iter().map(|token| token.logprob).collect(),
+        // No stop sequences here: an answer that stopped early ended by end-of-generation.
+        ended_by_eos: outcome.done.reason == FinishReason::Stop,
+    }
+}
+
+fn verify(verifier: &Engine, reported: &Reported) -> Verification {
+    let mut generation = generation(reported.prompt.clone(), reported.sampling, ANSWER_TOKENS);
+    generation.verify = Some(Verify {
+        completion: reported.tokens.clone(),
+        logprobs: reported.logprobs.clone(),
+        ended_by_eos: reported.ended_by_eos,
+        tolerance: engine::DEFAULT_TOLERANCE,
+    });
+    let outcome = run(verifier, generation);
+    assert!(outcome.tokens.is_empty(), "a verification emitted tokens");
+    outcome
+        .verification
+        .expect("a verification reports its outcome")
+}
+
+fn engine_with(threads: u32, parallel: u32) -> Engine {
+    let mut config = config(parallel, 256);
+    config.threads = threads;
+    Engine::start(config).expect("start engine")
+}
+
+/// Submits every generation at once and collects them: the engine batches them as it goes, so
+/// batch composition changes as sequences start and finish.
+fn generate_together(engine: &Engine, range: std::ops::Range<usize>) -> Vec<Reported> {
+    let submitted: Vec<_> = range
+        .map(|index| {
+            let prompt = prompt(engine, index);
+            let sampling = sampling(index);
+            let stream = engine
+                .submit(generation(prompt.clone(), sampling, ANSWER_TOKENS))
+                .expect("submit");
+            (prompt, sampling, stream)
+        })
+        .collect();
+    submitted
+        .into_iter()
+        .map(|(prompt, sampling, stream)| reported(prompt, sampling, &collect(stream)))
+        .collect()
+}
+
+/// The counts the calibration reads, per sampling kind (`index % 5`, as [`sampling`] numbers
+/// them).
+#[derive(Debug, Default)]
+struct Tally {
+    generations: usize,
+    positions: u32,
+    not_exact: u32,
+    max_logprob_difference: f32,
+    max_tolerance_used: f32,
+    per_kind: [(u32, u32, f32, f32); 5],
+    flagged: Vec<(Reported, Verification)>,
+}
+
+impl Tally {
+    fn add(&mut self, index: usize, reported: Reported, verification: Verification) {
+        self.generations += 1;
+        self.positions += verification.checked;
+        self.not_exact += verification.checked - verification.exact;
+        self.max_logprob_difference = self
+            .max_logprob_difference
+            .max(verification.max_logprob_difference);
+        self.max_tolerance_used = self.max_tolerance_used.max(verification.max_tolerance_used);
+        let kind = &mut self.per_kind[index % 5];
+        kind.0 += verification.checked;
+        kind.1 += verification.checked - verification.exact;
+        kind.2 = kind.2.max(verification.max_logprob_difference);
+        kind.3 = kind.3.max(verification.max_tolerance_used);
+        if !verification.passed() {
+            self.flagged.push((reported, verification));
+        }
+    }
+}
+
+#[test]
+fn no_honest_generation_is_flagged_whatever_engine_computed_it() {
+    let verifier = engine_with(2, 1);
+    let alone = engine_with(1, 1);
+    let batched = engine_with(2, 8);
+    let resumed_on = engine_with(1, 4);
+    let mut tally = Tally::default();
+
+    // Decoded alone, on one thread.
+    for index in 0..HONEST_ALONE {
+        let prompt = prompt(&alone, index);
+        let sampling = sampling(index);
+        let outcome = run(&alone, generation(prompt.clone(), sampling, ANSWER_TOKENS));
+        let reported = reported(prompt, sampling, &outcome);
+        let verification = verify(&verifier, &reported);
+        tally.add(index, reported, verification);
+    }
+    // Decoded in batches of up to eight, on two threads.
+    let mut next = HONEST_ALONE;
+    while next < HONEST_ALONE + HONEST_BATCHED {
+        let end = (next + 16).min(HONEST_ALONE + HONEST_BATCHED);
+        for (index, reported) in (next..end).zip(generate_together(&batched, next..end)) {
+            let verification = verify(&verifier, &reported);
+            tally.add(index, reported, verification);
+        }
+        next = end;
+    }
+    // Handed over: the first tokens from one engine, the rest resumed on another.
+    let first = HONEST_ALONE + HONEST_BATCHED;
+    for index in first..first + HONEST_RESUMED {
+        let prompt = prompt(&batched, index);
+        let sampling = sampling(index);
+        let original = run(
+            &batched,
+            generation(prompt.clone(), sampling, ANSWER_TOKENS),
+        );
+        let handed_over_after = 1 + index % 8;
+        if original.tokens.len() <= handed_over_after {
+            // Ended before the handover: the answer is checked as it is.
+            let reported = reported(prompt, sampling, &original);
+            let verification = verify(&verifier, &reported);
+            tally.add(index, reported, verification);
+            continue;
+        }
+        let mut resumed = generation(prompt.clone(), sampling, ANSWER_TOKENS);
+        resumed.committed = original.token_ids()[..handed_over_after].to_vec();
+        let continuation = run(&resumed_on, resumed);
+        let mut reported = reported(prompt, sampling, &continuation);
+        reported.tokens = original.token_ids()[..handed_over_after]
+            .iter()
+            .copied()
+            .chain(continuation.token_ids())
+            .collect();
+        reported.logprobs = original.tokens[..handed_over_after]
+            .iter()
+            .chain(&continuation.tokens)
+            .map(|token| token.logprob)
+            .collect();
+        let verification = verify(&verifier, &reported);
+        tally.add(index, reported, verification);
+    }
+
+    // Printed for the calibration (docs/VERIFICATION.md).
+    eprintln!(
+        "honest: {} generations, {} positions, {} passed only by the tolerance, largest logprob \
+         difference {:.5}, largest tolerance used {:.5}",
+        tally.generations,
+        tally.positions,
+        tally.not_exact,
+        tally.max_logprob_difference,
+        tally.max_tolerance_used
+    );
+    for (kind, (positions, not_exact, logprob, needed)) in tally.per_kind.iter().enumerate() {
+        eprintln!(
+            "  sampling {kind}: {positions} positions, {not_exact} by tolerance, logprob {logprob:.5}, \
+             tolerance used {needed:.5}"
+        );
+    }
+    assert!(tally.generations >= 500);
+    assert!(
+        tally.flagged.is_empty(),
+        "{} honest generations flagged, the first: {:?}",
+        tally.flagged.len(),
+        tally.flagged.first()
+    );
+}
+
+/// Answers a cheating node could report for the prompt and sampling of an honest one.
+fn cheats(engine: &Engine, honest: &Reported, index: usize) -> Vec<(&'static str, Reported)> {
+    let vocabulary = engine.tokenizer().vocab_size();
+    let mut cheats = Vec::new();
+    // Random tokens, with believable log-probabilities.
+    let mut random = honest.clone();
+    random.tokens = (0..ANSWER_TOKENS)
+        .map(|position| {
+            let unit = engine::sampler::uniform_for_position(index as u64, position);
+            (unit * f64::from(vocabulary)) as TokenId
+        })
+        .collect();
+    random.logprobs = vec![-2.0; random.tokens.len()];
+    random.ended_by_eos = false;
+    cheats.push(("random tokens", random));
+    // The answer drawn with another seed: the right model, not the draw that was asked for.
+    let mut reseeded = honest.sampling;
+    reseeded.seed ^= 0xDEAD_BEEF;
+    let outcome = run(
+        engine,
+        generation(honest.prompt.clone(), reseeded, ANSWER_TOKENS),
+    );
+    let mut other_seed = reported(honest.prompt.clone(), honest.sampling, &outcome);
+    other_seed.sampling = honest.sampling;
+    cheats.push(("another seed's answer", other_seed));
+    // Replayed: the answer to another prompt.
+    let other = OPENINGS[(index + 7) % OPENINGS.len()];
+    let other_prompt = engine.tokenizer().tokenize(other, true).expect("tokenize");
+    let outcome = run(
+        engine,
+        generation(other_prompt, honest.sampling, ANSWER_TOKENS),
+    );
+    cheats.push((
+        "another prompt's answer",
+        reported(honest.prompt.clone(), honest.sampling, &outcome),
+    ));
+    // Cut short: half the answer, said to end there.
+    let mut truncated = honest.clone();
+    let half = honest.tokens.len() / 2;
+    truncated.tokens.truncate(half);
+    truncated.logprobs.truncate(half);
+    truncated.ended_by_eos = true;
+    cheats.push(("a truncated answer", truncated));
+    // The right tokens with made-up log-probabilities.
+    let mut logprobs = honest.clone();
+    for logprob in &mut logprobs.logprobs {
+        *logprob = (*logprob + 2.0).min(0.0) - 0.01;
+    }
+    cheats.push(("inflated log-probabilities", logprobs));
+    cheats
+}
+
+#[test]
+fn answers_a_cheating_node_could_report_are_flagged() {
+    let verifier = engine_with(2, 1);
+    let node = engine_with(2, 4);
+    let mut caught = std::collections::BTreeMap::<&str, (u32, u32)>::new();
+    for (index, opening) in OPENINGS.iter().enumerate().take(10) {
+        // Raw text the model keeps writing (it has no reason to stop), sampled warm.
+        let prompt = node.tokenizer().tokenize(opening, true).expect("tokenize");
+        let sampling = SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            top_k: 40,
+            seed: 77 + index as u64,
+            min_p: 0.0,
+        };
+        let outcome = run(&node, generation(prompt.clone(), sampling, ANSWER_TOKENS));
+        let honest = reported(prompt, sampling, &outcome);
+        assert!(verify(&verifier, &honest).passed(), "{honest:?}");
+        for (kind, cheat) in cheats(&node, &honest, index) {
+            if cheat.tokens == honest.tokens && cheat.logprobs == honest.logprobs {
+                // This cheat happened to report the honest answer: nothing to catch.
+                continue;
+            }
+            let verification = verify(&verifier, &cheat);
+            let entry = caught.entry(kind).or_default();
+            entry.1 += 1;
+            if !verification.passed() {
+                entry.0 += 1;
+            }
+            if kind == "a truncated answer" {
+                assert!(
+                    matches!(
+                        verification.mismatches.last(),
+                        Some(Mismatch::EndedEarly { .. })
+                    ),
+                    "{verification:?}"
+                );
+            }
+        }
+    }
+    eprintln!("caught per kind (caught, tried): {caught:?}");
+    assert_eq!(caught.len(), 5, "{caught:?}");
+    for (kind, (flagged, tried)) in caught {
+        assert!(tried >= 5, "{kind}: only {tried} tried");
+        assert_eq!(flagged, tried, "{kind}: {flagged} of {tried} flagged");
+    }
+}
