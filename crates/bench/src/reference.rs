@@ -1,4 +1,4 @@
-//! The reference tools, `llama-bench` and `llama-server`, built at bench time from the llama.cpp
+//! The reference tools, `llama-bench`, `llama-server` and `llama-quantize`, built at bench time from the llama.cpp
 //! tree that the `llama-cpp-python` source distribution vendors.
 //!
 //! Our engine is llama.cpp as vendored by `llama-cpp-sys-2` (0.1.161, ggml 0.26.0). That crate
@@ -42,6 +42,8 @@ const BUILD_STAMP_FILE_NAME: &str = "fleetgrid-reference.stamp";
 pub struct ReferenceBinaries {
     pub llama_bench: PathBuf,
     pub llama_server: PathBuf,
+    /// Requantizes a model, e.g. into a coarser type for the verification benchmark's cheats.
+    pub llama_quantize: PathBuf,
     /// e.g. "llama.cpp 0c1e57098 (ggml 0.25.3) from llama-cpp-python 0.3.36".
     pub llama_cpp_version: String,
     /// The CPU-related CMake definitions the tools were built with.
@@ -67,6 +69,7 @@ pub fn ensure_built_with(
     let binaries = ReferenceBinaries {
         llama_bench: build_dir.join("bin").join("llama-bench"),
         llama_server: build_dir.join("bin").join("llama-server"),
+        llama_quantize: build_dir.join("bin").join("llama-quantize"),
         llama_cpp_version: format!(
             "llama.cpp {REFERENCE_LLAMA_CPP_COMMIT} (ggml {ggml_version}) from llama-cpp-python \
              {LLAMA_CPP_PYTHON_VERSION}"
@@ -78,7 +81,8 @@ pub fn ensure_built_with(
     let stamp = defines.join("\n");
     let already_built = std::fs::read_to_string(&stamp_path).is_ok_and(|found| found == stamp)
         && binaries.llama_bench.is_file()
-        && binaries.llama_server.is_file();
+        && binaries.llama_server.is_file()
+        && binaries.llama_quantize.is_file();
     if already_built {
         return Ok(binaries);
     }
@@ -128,6 +132,7 @@ fn build(source_dir: &Path, build_dir: &Path, defines: &[String]) -> Result<(), 
             "--target",
             "llama-bench",
             "llama-server",
+            "llama-quantize",
         ])
         .arg(format!("-j{jobs}"));
     run_logged(&mut compile, "cmake --build", &build_dir.join("build.log"))?;

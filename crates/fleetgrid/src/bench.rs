@@ -63,9 +63,12 @@ pub enum BenchCommand {
     /// The cluster on this machine: sessions one cell holds, NATS latency per token batch,
     /// throughput with 1, 2 and 4 cells, cell failover, placement with prefix affinity.
     Cluster(crate::bench_cluster::ClusterArgs),
+    /// Checking untrusted vehicles: a check's cost on the real model, and a simulated fleet
+    /// with cheaters under the verification policy (detection, false positives, overhead).
+    Verification(crate::bench_verification::VerificationArgs),
 }
 
-fn threads_or_all(threads: Option<u32>) -> u32 {
+pub(crate) fn threads_or_all(threads: Option<u32>) -> u32 {
     threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|count| u32::try_from(count.get()).unwrap_or(1))
@@ -74,7 +77,7 @@ fn threads_or_all(threads: Option<u32>) -> u32 {
 }
 
 /// Where the reference tools are built: beside the model store, shared by runs.
-fn reference_dir() -> PathBuf {
+pub(crate) fn reference_dir() -> PathBuf {
     home::root().join("reference")
 }
 
@@ -132,6 +135,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         }
         BenchCommand::Handover(args) => crate::bench_handover::run(args).await?,
         BenchCommand::Cluster(args) => crate::bench_cluster::run(args).await?,
+        BenchCommand::Verification(args) => crate::bench_verification::run(args).await?,
     }
     Ok(())
 }

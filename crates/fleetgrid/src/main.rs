@@ -6,6 +6,7 @@ mod admin_owners;
 mod bench;
 mod bench_cluster;
 mod bench_handover;
+mod bench_verification;
 mod cloud;
 mod demo;
 mod demo_cars;
