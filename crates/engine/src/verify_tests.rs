@@ -74,6 +74,20 @@ fn reported(
     (sampled.token, sampled.logprob)
 }
 
+/// [`check_token`] with the tests' tolerance.
+fn check(
+    sampler: &mut Sampler,
+    logits: &[f32],
+    params: &SamplingParams,
+    position: u32,
+    token: TokenId,
+    logprob: f32,
+) -> Checked {
+    check_token(
+        sampler, logits, params, position, token, logprob, &TOLERANCE,
+    )
+}
+
 #[test]
 fn the_verifiers_own_pick_passes_exactly() {
     let mut sampler = Sampler::new();
@@ -82,15 +96,7 @@ fn the_verifiers_own_pick_passes_exactly() {
         for params in parameter_sets(salt) {
             for position in 0..8 {
                 let (token, logprob) = reported(&mut sampler, &logits, &params, position);
-                let checked = check_token(
-                    &mut sampler,
-                    &logits,
-                    &params,
-                    position,
-                    token,
-                    logprob,
-                    &TOLERANCE,
-                );
+                let checked = check(&mut sampler, &logits, &params, position, token, logprob);
                 assert!(checked.exact, "{params:?} at {position}");
                 assert_eq!(checked.mismatch, None, "{params:?} at {position}");
             }
@@ -109,15 +115,7 @@ fn every_pick_of_logits_moved_within_the_tolerance_passes() {
         for params in parameter_sets(salt) {
             for position in 0..16 {
                 let (token, logprob) = reported(&mut sampler, &honest, &params, position);
-                let checked = check_token(
-                    &mut sampler,
-                    &verifier,
-                    &params,
-                    position,
-                    token,
-                    logprob,
-                    &TOLERANCE,
-                );
+                let checked = check(&mut sampler, &verifier, &params, position, token, logprob);
                 checked_count += 1;
                 if !checked.exact {
                     differed += 1;
@@ -152,15 +150,7 @@ fn a_token_far_from_the_pick_fails() {
         let least = TokenId::try_from(least).unwrap();
         for params in parameter_sets(salt) {
             let logprob = sampler.score(&logits, least, 0).logprob;
-            let checked = check_token(
-                &mut sampler,
-                &logits,
-                &params,
-                3,
-                least,
-                logprob,
-                &TOLERANCE,
-            );
+            let checked = check(&mut sampler, &logits, &params, 3, least, logprob);
             let failed = matches!(
                 checked.mismatch,
                 Some(Mismatch::NotPicked { token, .. }) if token == least
@@ -196,15 +186,7 @@ fn tokens_of_another_model_fail_at_most_positions() {
         for params in parameter_sets(salt) {
             for position in 0..8 {
                 let (token, logprob) = reported(&mut sampler, &other_model, &params, position);
-                let checked = check_token(
-                    &mut sampler,
-                    &verifier,
-                    &params,
-                    position,
-                    token,
-                    logprob,
-                    &TOLERANCE,
-                );
+                let checked = check(&mut sampler, &verifier, &params, position, token, logprob);
                 total += 1;
                 if checked.mismatch.is_some() {
                     failed += 1;
@@ -227,7 +209,7 @@ fn a_wrong_log_probability_fails() {
         f32::NAN,
         f32::NEG_INFINITY,
     ] {
-        let checked = check_token(&mut sampler, &logits, &params, 0, token, wrong, &TOLERANCE);
+        let checked = check(&mut sampler, &logits, &params, 0, token, wrong);
         assert!(
             matches!(checked.mismatch, Some(Mismatch::Logprob { .. })),
             "{wrong}: {checked:?}"
@@ -241,7 +223,7 @@ fn a_token_outside_the_vocabulary_fails() {
     let logits = logits(3);
     let params = SamplingParams::greedy();
     for token in [-1, VOCABULARY as TokenId, TokenId::MAX] {
-        let checked = check_token(&mut sampler, &logits, &params, 0, token, -1.0, &TOLERANCE);
+        let checked = check(&mut sampler, &logits, &params, 0, token, -1.0);
         assert!(
             matches!(checked.mismatch, Some(Mismatch::NotPicked { .. })),
             "{token}"

@@ -351,28 +351,8 @@ const OPENINGS: [&str; 8] = [
 const ANSWER_TOKENS: u32 = 128;
 
 fn measure_cost(model: PathBuf, threads: u32, answers: u32) -> anyhow::Result<CostReport> {
-    let start = |parallel: u32| -> anyhow::Result<Engine> {
-        let mut config = EngineConfig::new(&model);
-        config.parallel_sequences = parallel;
-        config.threads = threads;
-        config.context_tokens_per_sequence = 512;
-        Engine::start(config).context("start the engine")
-    };
-    let batched = start(8)?;
-    let prompts: Vec<(Vec<TokenId>, SamplingParams)> = (0..answers)
-        .map(|index| {
-            let text = OPENINGS[index as usize % OPENINGS.len()];
-            let prompt = batched.tokenizer().tokenize(text, true)?;
-            let sampling = SamplingParams {
-                temperature: 0.8,
-                top_p: 0.95,
-                top_k: 40,
-                seed: u64::from(index),
-                min_p: 0.0,
-            };
-            Ok((prompt, sampling))
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let batched = start_engine(&model, threads, 8)?;
+    let prompts = requests(&batched, answers, false)?;
     // As a vehicle serves: eight at a time, the next starting as one ends.
     let started = Instant::now();
     let mut results = Vec::with_capacity(prompts.len());
@@ -387,7 +367,7 @@ fn measure_cost(model: PathBuf, threads: u32, answers: u32) -> anyhow::Result<Co
     }
     let generated_batched = started.elapsed();
     drop(batched);
-    let alone = start(1)?;
+    let alone = start_engine(&model, threads, 1)?;
     let started = Instant::now();
     for (prompt, sampling) in &prompts {
         drain(alone.submit(generation(prompt.clone(), *sampling, None))?)?;
@@ -422,6 +402,41 @@ fn measure_cost(model: PathBuf, threads: u32, answers: u32) -> anyhow::Result<Co
         ratio_batched: verified.as_secs_f64() / generated_batched.as_secs_f64(),
         ratio_alone: verified.as_secs_f64() / generated_alone.as_secs_f64(),
     })
+}
+
+fn start_engine(model: &std::path::Path, threads: u32, parallel: u32) -> anyhow::Result<Engine> {
+    let mut config = EngineConfig::new(model);
+    config.parallel_sequences = parallel;
+    config.threads = threads;
+    config.context_tokens_per_sequence = 512;
+    Engine::start(config).context("start an engine")
+}
+
+/// `answers` prompts from [`OPENINGS`], each sampled warm with its own seed, or, with
+/// `greedy_too`, every other one greedy.
+fn requests(
+    engine: &Engine,
+    answers: u32,
+    greedy_too: bool,
+) -> anyhow::Result<Vec<(Vec<TokenId>, SamplingParams)>> {
+    (0..answers)
+        .map(|index| {
+            let text = OPENINGS[index as usize % OPENINGS.len()];
+            let prompt = engine.tokenizer().tokenize(text, true)?;
+            let sampling = if greedy_too && index % 2 == 0 {
+                SamplingParams::greedy()
+            } else {
+                SamplingParams {
+                    temperature: 0.8,
+                    top_p: 0.95,
+                    top_k: 40,
+                    seed: u64::from(index),
+                    min_p: 0.0,
+                }
+            };
+            Ok((prompt, sampling))
+        })
+        .collect()
 }
 
 fn generation(
@@ -560,15 +575,8 @@ fn measure_detection(
     answers: u32,
     tokens: u32,
 ) -> anyhow::Result<DetectionRow> {
-    let start = |path: &std::path::Path, parallel: u32| -> anyhow::Result<Engine> {
-        let mut config = EngineConfig::new(path);
-        config.parallel_sequences = parallel;
-        config.threads = threads;
-        config.context_tokens_per_sequence = 512;
-        Engine::start(config).context("start an engine")
-    };
-    let verifier = start(model, 1)?;
-    let cheater = start(cheat, 8)?;
+    let verifier = start_engine(model, threads, 1)?;
+    let cheater = start_engine(cheat, threads, 8)?;
     let probe = "Tokenizers agree: 12345, héllo, <tag>.";
     if verifier.tokenizer().vocab_size() != cheater.tokenizer().vocab_size()
         || verifier.tokenizer().tokenize(probe, true)?
@@ -580,24 +588,7 @@ fn measure_detection(
             model.display()
         );
     }
-    let requests: Vec<(Vec<TokenId>, SamplingParams)> = (0..answers)
-        .map(|index| {
-            let text = OPENINGS[index as usize % OPENINGS.len()];
-            let prompt = verifier.tokenizer().tokenize(text, true)?;
-            let sampling = if index % 2 == 0 {
-                SamplingParams::greedy()
-            } else {
-                SamplingParams {
-                    temperature: 0.8,
-                    top_p: 0.95,
-                    top_k: 40,
-                    seed: u64::from(index),
-                    min_p: 0.0,
-                }
-            };
-            Ok((prompt, sampling))
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let requests = requests(&verifier, answers, true)?;
     let mut row = DetectionRow {
         answers,
         flagged: 0,

@@ -377,11 +377,11 @@ impl<'a> Simulation<'a> {
         );
         let mut case = Case::new(node, u64::from(node.0), generation, audited);
         // One draw per answer: every honest check of it finds the same thing.
-        let fails_honest_check = if bad {
-            let kind = self.kind(node);
-            self.unit(b"caught", generation.0) < self.config.detection.of(kind)
-        } else {
-            self.unit(b"false", generation.0) < self.config.honest_failure
+        let fails_honest_check = match self.behaviour[index] {
+            Behaviour::Cheater { kind, .. } if bad => {
+                self.unit(b"caught", generation.0) < self.config.detection.of(kind)
+            }
+            _ => self.unit(b"false", generation.0) < self.config.honest_failure,
         };
         let decision = loop {
             match case.next() {
@@ -560,13 +560,6 @@ impl<'a> Simulation<'a> {
             if let Some(&moved) = self.verifiers.get(at) {
                 self.slot[moved.0 as usize] = Some(at);
             }
-        }
-    }
-
-    fn kind(&self, node: NodeId) -> CheatKind {
-        match self.behaviour[node.0 as usize] {
-            Behaviour::Cheater { kind, .. } => kind,
-            Behaviour::Honest => CheatKind::RandomTokens,
         }
     }
 
