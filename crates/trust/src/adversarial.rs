@@ -600,10 +600,7 @@ fn unit_hash(seed: u64, purpose: &[u8], value: u64) -> f64 {
     hasher.update(seed.to_le_bytes());
     hasher.update(purpose);
     hasher.update(value.to_le_bytes());
-    let digest = hasher.finalize();
-    let mut head = [0u8; 8];
-    head.copy_from_slice(&digest[..8]);
-    (u64::from_le_bytes(head) >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    draw::unit_of(&hasher.finalize())
 }
 
 fn count<T>(items: impl Iterator<Item = T>) -> u32 {

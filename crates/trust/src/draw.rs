@@ -61,7 +61,11 @@ pub fn uniform(secret: &Secret, purpose: Purpose, node: NodeId, generation: Requ
     hasher.update(purpose.tag());
     hasher.update(node.0.to_le_bytes());
     hasher.update(generation.0.to_le_bytes());
-    let digest = hasher.finalize();
+    unit_of(&hasher.finalize())
+}
+
+/// A SHA-256 digest's first eight bytes as a uniform number in [0, 1).
+pub(crate) fn unit_of(digest: &[u8]) -> f64 {
     let mut head = [0u8; 8];
     head.copy_from_slice(&digest[..8]);
     // The top 53 bits fill an f64 mantissa exactly; the result is strictly below 1.
