@@ -166,13 +166,15 @@ impl Store {
         Ok(renewed)
     }
 
-    /// Deletes the holds that expired more than `grace` ago (they count for
+    /// Deletes the holds that expired at least `grace` ago (they count for
     /// nothing; the grace lets a gateway that renews late revive its own).
+    /// A hold stops counting when the clock reaches its expiry, so with no
+    /// grace it is purgeable in that same millisecond.
     /// PostgreSQL only. Returns how many were deleted.
     pub async fn purge_expired_holds(&self, grace: DurationMs) -> Result<u64, StoreError> {
         let pool = postgres_pool(self)?;
         let grace = rows::to_sql("hold purge grace", grace.0)?;
-        let sql = format!("DELETE FROM ledger_holds WHERE expires_at_ms < {PG_NOW_MS} - $1");
+        let sql = format!("DELETE FROM ledger_holds WHERE expires_at_ms <= {PG_NOW_MS} - $1");
         let purged = sqlx::query(&sql)
             .bind(grace)
             .execute(pool)
