@@ -8,12 +8,13 @@
 //!
 //! Layout: [`core`] is the pure model (ids, units, transfers, the in-memory
 //! [`core::Ledger`] and the invariant check); [`pricing`], [`admission`],
-//! [`metering`], [`settlement`], [`payout`] and [`statement`] are the pure
-//! business rules on top of it; [`store`] persists the same operations in
+//! [`metering`], [`settlement`], [`clawback`], [`payout`] and [`statement`]
+//! are the pure business rules on top of it; [`store`] persists the same operations in
 //! SQLite or PostgreSQL; [`bench`] measures commit throughput.
 
 pub mod admission;
 pub mod bench;
+pub mod clawback;
 pub mod core;
 pub mod invoice;
 pub mod metering;

@@ -73,6 +73,12 @@ pub struct Settlement {
     /// The part of `charge` its cloud segments earned, each rounded up
     /// (what the gateway counts against the tenant's cloud budget).
     pub cloud_charge: MicroUsd,
+    /// `charge` divided among the segments, in segment order, by what each
+    /// earned: segment `i` gets the rounded-up total of segments `0..=i`
+    /// less that of `0..i`. The parts add up to `charge` exactly, so
+    /// refunding every segment of a request (`crate::clawback`) refunds
+    /// exactly what the tenant paid, never a micro-dollar more.
+    pub segment_charges: Vec<MicroUsd>,
     pub transfers: Vec<Transfer>,
 }
 
@@ -95,6 +101,7 @@ pub fn settle(request: &CompletedRequest, book: &PriceBook) -> Result<Settlement
         .collect::<Result<Vec<Rate>, SettlementError>>()?;
     let earned = earned_by_segment(request, &rates);
     let charge = round_up(earned.iter().sum());
+    let segment_charges = cumulative_parts(&earned);
     let cloud_charge = request
         .segments
         .iter()
@@ -129,8 +136,27 @@ pub fn settle(request: &CompletedRequest, book: &PriceBook) -> Result<Settlement
     Ok(Settlement {
         charge,
         cloud_charge,
+        segment_charges,
         transfers: builder.transfers,
     })
+}
+
+/// Divides the rounded-up total of exact amounts among them: each part is
+/// the rounded-up running total less the one before, so every part is
+/// non-negative and the parts add up to the rounded-up total.
+fn cumulative_parts(exact: &[i128]) -> Vec<MicroUsd> {
+    let mut running = 0_i128;
+    let mut before = MicroUsd::ZERO;
+    exact
+        .iter()
+        .map(|amount| {
+            running += amount;
+            let through = round_up(running);
+            let part = MicroUsd(through.0 - before.0);
+            before = through;
+            part
+        })
+        .collect()
 }
 
 /// Exact revenue each segment earned, in 10⁻⁶ µUSD: the prompt counts for

@@ -1,9 +1,13 @@
-//! Owner statements: what one vehicle did and earned in a period, with a CSV
-//! export.
+//! Owner statements: what one vehicle did and earned in a period, and what
+//! was clawed back from it and why, with a CSV export.
 //!
 //! A statement joins the coordinator's usage segments that ran on the vehicle
 //! with the transfers that paid for them (matched by request id, segment and
-//! kind), so every earning on it is a committed ledger transfer.
+//! kind), so every earning on it is a committed ledger transfer. Likewise
+//! each clawback line is a clawback order of the vehicle's joined with the
+//! reversals posted for it (`crate::clawback`). A clawback is shown in the
+//! period it was ordered in (its reversals carry that time), which may be
+//! later than the period of the segment it takes back.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Write};
@@ -42,6 +46,38 @@ pub struct StatementLine {
     pub energy_reimbursement: MicroUsd,
 }
 
+/// A clawback order of the vehicle's for one segment it served, as the
+/// store keeps it: which segment, whose, why and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClawbackRecord {
+    pub request_id: RequestId,
+    pub segment: Segment,
+    pub owner: OwnerId,
+    pub reason: String,
+    /// When the clawback was ordered; its reversals carry this time.
+    pub at: TimestampMs,
+}
+
+/// What was taken back for one segment the vehicle served, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClawbackLine {
+    pub request_id: RequestId,
+    pub segment: Segment,
+    pub owner: OwnerId,
+    pub at: TimestampMs,
+    pub reason: String,
+    /// The segment's revenue share, taken back.
+    pub revenue_share: MicroUsd,
+    /// The segment's energy reimbursement, taken back.
+    pub energy_reimbursement: MicroUsd,
+}
+
+impl ClawbackLine {
+    pub fn total(&self) -> MicroUsd {
+        MicroUsd(self.revenue_share.0 + self.energy_reimbursement.0)
+    }
+}
+
 /// Totals of a statement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StatementTotals {
@@ -53,7 +89,13 @@ pub struct StatementTotals {
     pub energy: MicroWh,
     pub revenue_share: MicroUsd,
     pub energy_reimbursement: MicroUsd,
+    /// What the lines earned: revenue share plus energy reimbursement,
+    /// before clawbacks.
     pub earnings: MicroUsd,
+    /// What the clawback lines took back.
+    pub clawed_back: MicroUsd,
+    /// `earnings` less `clawed_back`.
+    pub net_earnings: MicroUsd,
 }
 
 /// A vehicle's statement for a period.
@@ -63,15 +105,20 @@ pub struct Statement {
     pub period: Period,
     /// Ordered by start time, then request and segment.
     pub lines: Vec<StatementLine>,
+    /// Ordered by the time of the clawback, then request and segment.
+    pub clawbacks: Vec<ClawbackLine>,
     pub totals: StatementTotals,
 }
 
-/// Builds a statement from usage segments and transfers; both may contain
-/// records of other vehicles and periods, which are left out.
+/// Builds a statement from usage segments, clawback orders and transfers;
+/// all may contain records of other vehicles and periods, which are left
+/// out. A clawback order whose segment had nothing reversed (its amounts
+/// were zero) makes no line.
 pub fn build(
     node: &NodeId,
     period: Period,
     usage: &[UsageSegment],
+    clawbacks: &[ClawbackRecord],
     transfers: &[Transfer],
 ) -> Statement {
     let mut paid: HashMap<(&RequestId, Segment, TransferKind), MicroUsd> = HashMap::new();
@@ -81,11 +128,33 @@ pub fn build(
             transfer.amount(),
         );
     }
-    let amount = |segment: &UsageSegment, kind| {
-        paid.get(&(&segment.request_id, segment.segment, kind))
+    let amount = |request_id: &RequestId, segment: Segment, kind| {
+        paid.get(&(request_id, segment, kind))
             .copied()
             .unwrap_or(MicroUsd::ZERO)
     };
+    let lines = earning_lines(node, period, usage, &amount);
+    let clawbacks = clawback_lines(period, clawbacks, &amount);
+    let totals = totals(&lines, &clawbacks);
+    Statement {
+        node: node.clone(),
+        period,
+        lines,
+        clawbacks,
+        totals,
+    }
+}
+
+/// The amount of the transfer of a kind for a (request, segment), or zero.
+type AmountOf<'a> = dyn Fn(&RequestId, Segment, TransferKind) -> MicroUsd + 'a;
+
+fn earning_lines(
+    node: &NodeId,
+    period: Period,
+    usage: &[UsageSegment],
+    amount: &AmountOf<'_>,
+) -> Vec<StatementLine> {
+    let amount = |segment: &UsageSegment, kind| amount(&segment.request_id, segment.segment, kind);
     let mut lines: Vec<StatementLine> = usage
         .iter()
         .filter(|segment| period.contains(segment.started_at))
@@ -113,16 +182,41 @@ pub fn build(
     lines.sort_by(|a, b| {
         (a.started_at, &a.request_id, a.segment).cmp(&(b.started_at, &b.request_id, b.segment))
     });
-    let totals = totals(&lines);
-    Statement {
-        node: node.clone(),
-        period,
-        lines,
-        totals,
-    }
+    lines
 }
 
-fn totals(lines: &[StatementLine]) -> StatementTotals {
+fn clawback_lines(
+    period: Period,
+    clawbacks: &[ClawbackRecord],
+    amount: &AmountOf<'_>,
+) -> Vec<ClawbackLine> {
+    let mut lines: Vec<ClawbackLine> = clawbacks
+        .iter()
+        .filter(|record| period.contains(record.at))
+        .map(|record| ClawbackLine {
+            request_id: record.request_id.clone(),
+            segment: record.segment,
+            owner: record.owner.clone(),
+            at: record.at,
+            reason: record.reason.clone(),
+            revenue_share: amount(
+                &record.request_id,
+                record.segment,
+                TransferKind::RevenueClawback,
+            ),
+            energy_reimbursement: amount(
+                &record.request_id,
+                record.segment,
+                TransferKind::EnergyClawback,
+            ),
+        })
+        .filter(|line| line.total().is_positive())
+        .collect();
+    lines.sort_by(|a, b| (a.at, &a.request_id, a.segment).cmp(&(b.at, &b.request_id, b.segment)));
+    lines
+}
+
+fn totals(lines: &[StatementLine], clawbacks: &[ClawbackLine]) -> StatementTotals {
     let mut totals = StatementTotals::default();
     let requests: BTreeSet<&RequestId> = lines.iter().map(|line| &line.request_id).collect();
     totals.requests = requests.len() as u64;
@@ -135,6 +229,8 @@ fn totals(lines: &[StatementLine]) -> StatementTotals {
         totals.energy_reimbursement.0 += line.energy_reimbursement.0;
     }
     totals.earnings = MicroUsd(totals.revenue_share.0 + totals.energy_reimbursement.0);
+    totals.clawed_back = MicroUsd(clawbacks.iter().map(|line| line.total().0).sum());
+    totals.net_earnings = MicroUsd(totals.earnings.0 - totals.clawed_back.0);
     totals
 }
 
@@ -148,14 +244,21 @@ fn csv_field(text: &str) -> String {
 }
 
 const LINES_HEADER: &str = "request_id,segment,owner,started_at_ms,prompt_tokens,\
-completion_tokens,compute_hours,energy_kwh,revenue_share_usd,energy_reimbursement_usd,earnings_usd";
+completion_tokens,compute_hours,energy_kwh,revenue_share_usd,energy_reimbursement_usd,earnings_usd,\
+clawback_reason";
 
 const SUMMARY_HEADER: &str = "node,from_ms,until_ms,requests,prompt_tokens,completion_tokens,\
-compute_hours,energy_kwh,revenue_share_usd,energy_reimbursement_usd,earnings_usd";
+compute_hours,energy_kwh,revenue_share_usd,energy_reimbursement_usd,earnings_usd,clawed_back_usd,\
+net_earnings_usd";
 
 impl Statement {
-    /// One row per segment and a final `total` row. Ids are restricted to
-    /// characters that need no CSV quoting (see `core::ids`).
+    /// One row per segment, one row per clawback and a final `total` row.
+    /// A clawback row has the clawback's time in `started_at_ms`, no usage,
+    /// the amounts taken back as negative amounts and its reason in
+    /// `clawback_reason` (empty on other rows); the `total` row sums every
+    /// row above it, so its earnings are the net earnings. Ids are
+    /// restricted to characters that need no CSV quoting (see `core::ids`);
+    /// a reason is quoted when it needs it.
     pub fn write_csv(&self, out: &mut impl Write) -> io::Result<()> {
         self.write_csv_named(out, &|owner: &OwnerId| owner.to_string())
     }
@@ -172,7 +275,7 @@ impl Statement {
         for line in &self.lines {
             writeln!(
                 out,
-                "{},{},{},{},{},{},{},{},{},{},{}",
+                "{},{},{},{},{},{},{},{},{},{},{},",
                 line.request_id,
                 line.segment,
                 csv_field(&owner_name(&line.owner)),
@@ -186,21 +289,42 @@ impl Statement {
                 MicroUsd(line.revenue_share.0 + line.energy_reimbursement.0),
             )?;
         }
+        for line in &self.clawbacks {
+            writeln!(
+                out,
+                "{},{},{},{},,,,,{},{},{},{}",
+                line.request_id,
+                line.segment,
+                csv_field(&owner_name(&line.owner)),
+                line.at.0,
+                MicroUsd(-line.revenue_share.0),
+                MicroUsd(-line.energy_reimbursement.0),
+                MicroUsd(-line.total().0),
+                csv_field(&line.reason),
+            )?;
+        }
         let t = &self.totals;
+        let clawed_revenue: i64 = self.clawbacks.iter().map(|l| l.revenue_share.0).sum();
+        let clawed_energy: i64 = self
+            .clawbacks
+            .iter()
+            .map(|l| l.energy_reimbursement.0)
+            .sum();
         writeln!(
             out,
-            "total,,,,{},{},{},{},{},{},{}",
+            "total,,,,{},{},{},{},{},{},{},",
             t.prompt_tokens,
             t.completion_tokens,
             t.compute.hours_string(),
             t.energy.kwh_string(),
-            t.revenue_share,
-            t.energy_reimbursement,
-            t.earnings,
+            MicroUsd(t.revenue_share.0 - clawed_revenue),
+            MicroUsd(t.energy_reimbursement.0 - clawed_energy),
+            t.net_earnings,
         )
     }
 
-    /// Statements of many vehicles as one CSV, one row each.
+    /// Statements of many vehicles as one CSV, one row each: earnings before
+    /// clawbacks, what was clawed back, and the net.
     pub fn write_summary_csv<'a>(
         statements: impl IntoIterator<Item = &'a Statement>,
         out: &mut impl Write,
@@ -210,7 +334,7 @@ impl Statement {
             let t = &statement.totals;
             writeln!(
                 out,
-                "{},{},{},{},{},{},{},{},{},{},{}",
+                "{},{},{},{},{},{},{},{},{},{},{},{},{}",
                 statement.node,
                 statement.period.from.0,
                 statement.period.until.0,
@@ -222,6 +346,8 @@ impl Statement {
                 t.revenue_share,
                 t.energy_reimbursement,
                 t.earnings,
+                t.clawed_back,
+                t.net_earnings,
             )?;
         }
         Ok(())

@@ -106,3 +106,21 @@ fn a_free_class_produces_no_zero_transfers() {
     let kinds: Vec<TransferKind> = settlement.transfers.iter().map(|t| t.kind()).collect();
     assert_eq!(kinds, [TransferKind::EnergyReimbursement]);
 }
+
+#[test]
+fn the_segments_parts_of_the_charge_add_up_to_it() {
+    // Three segments whose exact earnings each end in a fraction of a
+    // micro-dollar: 1 completion token at $0.20/M is 0.2 µUSD.
+    let completed = request(vec![
+        node_segment("r", 0, "car-a", "alice", 3, 1, 1_000),
+        node_segment("r", 1, "car-b", "bob", 4, 1, 1_000),
+        cloud_segment("r", 2, 5, 1),
+    ]);
+    let settlement = settle(&completed, &common::book()).unwrap();
+    // 3 × 0.1 + 0.2 = 0.5; 0.2; 2.4: 3.1 in all, charged 4.
+    assert_eq!(settlement.charge, MicroUsd(4));
+    assert_eq!(
+        settlement.segment_charges,
+        [MicroUsd(1), MicroUsd(0), MicroUsd(3)]
+    );
+}

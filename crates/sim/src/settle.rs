@@ -207,7 +207,14 @@ impl Settler {
                     }
                 }
                 TransferKind::CloudCost => money.cloud_cost += amount,
-                TransferKind::TokenCharge | TransferKind::TopUp | TransferKind::Payout => {}
+                // A settlement posts reversals only for a clawback ordered
+                // before it; the simulation orders none.
+                TransferKind::TokenCharge
+                | TransferKind::TopUp
+                | TransferKind::Payout
+                | TransferKind::RevenueClawback
+                | TransferKind::EnergyClawback
+                | TransferKind::Refund => {}
             }
         }
     }

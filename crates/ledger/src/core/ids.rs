@@ -224,7 +224,9 @@ impl fmt::Display for Instrument {
 pub enum AccountId {
     /// A tenant's prepaid balance (positive) or credit used (negative).
     Tenant(TenantId),
-    /// What the platform owes an owner; never negative.
+    /// What the platform owes an owner. Negative only after a clawback took
+    /// back more than the balance held: then it is what the owner owes,
+    /// repaid out of later earnings (see `core::ledger`).
     Owner(OwnerId),
     /// Token revenue from tenants, less the owners' revenue share.
     PlatformRevenue,

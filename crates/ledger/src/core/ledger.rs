@@ -8,6 +8,15 @@
 //! when an account is missing, or when it would take the debited account below
 //! its floor. `plan_batch` holds these rules once; `Ledger` and the SQL stores
 //! both call it, so they cannot disagree.
+//!
+//! The one exception to floors is a clawback ([`TransferKind::is_clawback`]):
+//! it takes back what a node found cheating was paid, which its owner may have
+//! paid out already, so it is never refused for the owner's floor. The owner's
+//! balance goes below zero by what could not be taken (the plan's
+//! `shortfall`); later earnings repay it, and no payout is possible until they
+//! have, because a payout is held to the floor like any other debit.
+//!
+//! [`TransferKind::is_clawback`]: super::transfer::TransferKind::is_clawback
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -55,6 +64,16 @@ impl AccountState {
         self.floor
             .map(|floor| MicroUsd(self.balance().0.saturating_sub(floor.0)))
     }
+
+    /// How far the balance is below the floor; zero when it is not, or when
+    /// the account has none. Only a clawback takes an account there (or a
+    /// floor raised above the balance, such as a lowered credit limit).
+    pub fn below_floor(&self) -> MicroUsd {
+        match self.floor {
+            Some(floor) => MicroUsd(floor.0.saturating_sub(self.balance().0).max(0)),
+            None => MicroUsd::ZERO,
+        }
+    }
 }
 
 /// What happened to one transfer of a committed batch.
@@ -101,6 +120,10 @@ pub struct BatchPlan {
     pub created: Vec<usize>,
     /// New states of every account a created transfer touches.
     pub accounts: BTreeMap<AccountId, AccountState>,
+    /// How far the batch's clawbacks took debited accounts below their
+    /// floors, beyond where they already were: what the owners owe now that
+    /// they did not owe before. Zero for a batch without clawbacks.
+    pub shortfall: MicroUsd,
 }
 
 /// Decides a batch against committed transfers and current account states.
@@ -133,7 +156,13 @@ pub fn plan_batch(
             plan.outcomes.push(Outcome::Exists);
             continue;
         }
-        post(&mut plan.accounts, accounts, index, transfer)?;
+        let shortfall = post(&mut plan.accounts, accounts, index, transfer)?;
+        plan.shortfall =
+            plan.shortfall
+                .checked_add(shortfall)
+                .ok_or_else(|| LedgerError::Overflow {
+                    account: transfer.debit().clone(),
+                })?;
         created_in_batch.insert(transfer.id(), index);
         plan.created.push(index);
         plan.outcomes.push(Outcome::Created);
@@ -143,13 +172,15 @@ pub fn plan_batch(
 
 /// Applies one transfer to the planned account states, checking the floor of
 /// the debited account. Credits are never refused: an account under its floor
-/// (a tenant whose credit limit was lowered) may still be paid into.
+/// (a tenant whose credit limit was lowered) may still be paid into. A
+/// clawback is not refused either; returns how far it took its account below
+/// the floor beyond where the account already was (zero for other kinds).
 fn post(
     planned: &mut BTreeMap<AccountId, AccountState>,
     current: &BTreeMap<AccountId, AccountState>,
     index: usize,
     transfer: &Transfer,
-) -> Result<(), LedgerError> {
+) -> Result<MicroUsd, LedgerError> {
     let state_of = |planned: &BTreeMap<AccountId, AccountState>, account: &AccountId| {
         planned
             .get(account)
@@ -162,6 +193,7 @@ fn post(
     };
     let mut debit = state_of(planned, transfer.debit())?;
     let mut credit = state_of(planned, transfer.credit())?;
+    let below_floor_before = debit.below_floor();
     let overflow = |account: &AccountId| LedgerError::Overflow {
         account: account.clone(),
     };
@@ -173,8 +205,9 @@ fn post(
         .credits_posted
         .checked_add(transfer.amount())
         .ok_or_else(|| overflow(transfer.credit()))?;
-    if let Some(floor) = debit.floor {
-        if debit.balance() < floor {
+    let shortfall = MicroUsd(debit.below_floor().0 - below_floor_before.0);
+    match debit.floor {
+        Some(floor) if shortfall.is_positive() && !transfer.kind().is_clawback() => {
             return Err(LedgerError::InsufficientFunds {
                 index,
                 id: transfer.id(),
@@ -183,10 +216,11 @@ fn post(
                 floor,
             });
         }
+        _ => {}
     }
     planned.insert(transfer.debit().clone(), debit);
     planned.insert(transfer.credit().clone(), credit);
-    Ok(())
+    Ok(shortfall.max(MicroUsd::ZERO))
 }
 
 /// A complete ledger in memory: the reference model the SQL stores are

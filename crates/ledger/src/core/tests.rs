@@ -211,7 +211,11 @@ fn verify_accepts_a_consistent_ledger_and_reports_tampering() {
             state.credits_posted = MicroUsd(121);
         }
     }
-    let report = verifier.finish(accounts.iter().map(|(id, state)| (id, state)));
+    let no_reversals = std::collections::HashMap::new();
+    let report = verifier.finish(
+        accounts.iter().map(|(id, state)| (id, state)),
+        &no_reversals,
+    );
     assert!(report
         .problems
         .iter()
@@ -230,4 +234,187 @@ fn the_batch_size_is_bounded() {
         ledger.commit(&batch),
         Err(LedgerError::BatchTooLarge { .. })
     ));
+}
+
+fn owner_transfer(kind: TransferKind, amount: i64) -> Transfer {
+    let owner_account = AccountId::Owner(owner());
+    match kind {
+        TransferKind::RevenueShare => {
+            transfer(kind, AccountId::PlatformRevenue, owner_account, amount)
+        }
+        TransferKind::RevenueClawback => {
+            transfer(kind, owner_account, AccountId::PlatformRevenue, amount)
+        }
+        TransferKind::Payout => transfer_for(
+            "p1",
+            kind,
+            owner_account,
+            AccountId::Payouts(Instrument::Cash),
+            amount,
+        ),
+        _ => unreachable!("not an owner transfer in these tests: {kind}"),
+    }
+}
+
+#[test]
+fn a_clawback_of_what_was_paid_out_leaves_the_owner_owing() {
+    let mut ledger = ledger();
+    ledger
+        .commit(&[owner_transfer(TransferKind::RevenueShare, 40)])
+        .unwrap();
+    ledger
+        .commit(&[owner_transfer(TransferKind::Payout, 30)])
+        .unwrap();
+    let plan = plan_batch(
+        &[owner_transfer(TransferKind::RevenueClawback, 40)],
+        &std::collections::HashMap::new(),
+        &ledger
+            .accounts()
+            .map(|(id, state)| (id.clone(), *state))
+            .collect(),
+    )
+    .unwrap();
+    assert_eq!(plan.shortfall, MicroUsd(30));
+    ledger
+        .commit(&[owner_transfer(TransferKind::RevenueClawback, 40)])
+        .unwrap();
+    let owner_account = AccountId::Owner(owner());
+    assert_eq!(balance(&ledger, &owner_account), -30);
+    let report = verify_ledger(&ledger);
+    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_eq!(report.owed_by_owners, vec![(owner(), MicroUsd(30))]);
+    // Nothing more can be paid out until later earnings repay the debt.
+    let payout = transfer_for(
+        "p2",
+        TransferKind::Payout,
+        owner_account,
+        AccountId::Payouts(Instrument::Cash),
+        1,
+    );
+    assert!(matches!(
+        ledger.commit(&[payout]),
+        Err(LedgerError::InsufficientFunds { .. })
+    ));
+}
+
+#[test]
+fn verify_refuses_a_reversal_that_does_not_mirror_its_original() {
+    let mut ledger = ledger();
+    ledger
+        .commit(&[
+            top_up("t1", 100),
+            charge(50),
+            owner_transfer(TransferKind::RevenueShare, 40),
+            owner_transfer(TransferKind::RevenueClawback, 41),
+        ])
+        .unwrap();
+    let refund = |request_id: &str, amount| {
+        transfer_for(
+            request_id,
+            TransferKind::Refund,
+            AccountId::PlatformRevenue,
+            AccountId::Tenant(tenant()),
+            amount,
+        )
+    };
+    // A refund of a request that was never charged, and a clawback of one
+    // more than was paid.
+    ledger.commit(&[refund("r2", 5)]).unwrap();
+    let problems = verify_ledger(&ledger).problems;
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(problems
+        .iter()
+        .all(|problem| matches!(problem, Problem::BadReversal { .. })));
+}
+
+#[test]
+fn verify_refuses_refunds_beyond_the_charge() {
+    let mut ledger = ledger();
+    ledger.commit(&[top_up("t1", 100), charge(50)]).unwrap();
+    let refund = |segment: u32, amount| {
+        let mut spec = charge(1).spec().clone();
+        spec.kind = TransferKind::Refund;
+        (spec.debit, spec.credit) = (spec.credit, spec.debit);
+        spec.segment = Segment(segment);
+        spec.amount = MicroUsd(amount);
+        Transfer::new(spec).unwrap()
+    };
+    ledger.commit(&[refund(0, 30), refund(1, 20)]).unwrap();
+    assert!(verify_ledger(&ledger).is_ok());
+    ledger.commit(&[refund(2, 1)]).unwrap();
+    let problems = verify_ledger(&ledger).problems;
+    assert!(
+        matches!(
+            problems.as_slice(),
+            [Problem::OverRefunded {
+                charged: 50,
+                refunded: 51,
+                ..
+            }]
+        ),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn verify_refuses_an_owner_below_zero_by_more_than_clawbacks_took() {
+    // A payout beyond the balance, which a ledger would refuse, fed to the
+    // verifier directly: the clawback explains 10 of the 50 owed.
+    let share = owner_transfer(TransferKind::RevenueShare, 10);
+    let clawback = owner_transfer(TransferKind::RevenueClawback, 10);
+    let payout = owner_transfer(TransferKind::Payout, 10);
+    let mut verifier = Verifier::default();
+    for transfer in [&share, &payout, &clawback] {
+        verifier.add_transfer(transfer);
+    }
+    let owner_state = AccountState {
+        debits_posted: MicroUsd(20),
+        credits_posted: MicroUsd(10),
+        floor: Some(MicroUsd::ZERO),
+    };
+    let revenue = AccountState {
+        debits_posted: MicroUsd(10),
+        credits_posted: MicroUsd(10),
+        floor: None,
+    };
+    let cash = AccountState {
+        debits_posted: MicroUsd(0),
+        credits_posted: MicroUsd(10),
+        floor: None,
+    };
+    let accounts = [
+        (AccountId::Owner(owner()), owner_state),
+        (AccountId::PlatformRevenue, revenue),
+        (AccountId::Payouts(Instrument::Cash), cash),
+    ];
+    let originals = std::collections::HashMap::from([(share.id(), share.clone())]);
+    // Owed 10 after a clawback of 10: explained.
+    let report = verifier.finish(accounts.iter().map(|(id, state)| (id, state)), &originals);
+    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_eq!(report.owed_by_owners, vec![(owner(), MicroUsd(10))]);
+
+    // The same with the payout 10 larger: 20 below zero, 10 unexplained.
+    let mut verifier = Verifier::default();
+    let bigger = transfer_for(
+        "p1",
+        TransferKind::Payout,
+        AccountId::Owner(owner()),
+        AccountId::Payouts(Instrument::Cash),
+        20,
+    );
+    for transfer in [&share, &bigger, &clawback] {
+        verifier.add_transfer(transfer);
+    }
+    let mut accounts = accounts;
+    accounts[0].1.debits_posted = MicroUsd(30);
+    accounts[2].1.credits_posted = MicroUsd(20);
+    let report = verifier.finish(accounts.iter().map(|(id, state)| (id, state)), &originals);
+    assert!(
+        matches!(
+            report.problems.as_slice(),
+            [Problem::NegativeOwnerBalance { balance: -20, .. }]
+        ),
+        "{:?}",
+        report.problems
+    );
 }

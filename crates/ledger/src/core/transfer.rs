@@ -27,16 +27,31 @@ pub enum TransferKind {
     CloudCost,
     /// Owner → payouts: balance converted into an instrument.
     Payout,
+    /// Owner → platform revenue: a revenue share taken back because the node
+    /// that earned it was found returning bad answers (`crate::clawback`).
+    /// Reverses the `RevenueShare` of the same request and segment.
+    RevenueClawback,
+    /// Owner → energy-reimbursement expense: the energy of a segment whose
+    /// answer was bad, taken back. Reverses the `EnergyReimbursement` of the
+    /// same request and segment.
+    EnergyClawback,
+    /// Platform revenue → tenant: the part of a request's token charge that a
+    /// segment with a bad answer earned, given back. Reverses part of the
+    /// request's `TokenCharge`; its segment is the segment refunded.
+    Refund,
 }
 
 impl TransferKind {
-    pub const ALL: [TransferKind; 6] = [
+    pub const ALL: [TransferKind; 9] = [
         TransferKind::TopUp,
         TransferKind::TokenCharge,
         TransferKind::RevenueShare,
         TransferKind::EnergyReimbursement,
         TransferKind::CloudCost,
         TransferKind::Payout,
+        TransferKind::RevenueClawback,
+        TransferKind::EnergyClawback,
+        TransferKind::Refund,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -47,7 +62,38 @@ impl TransferKind {
             TransferKind::EnergyReimbursement => "energy-reimbursement",
             TransferKind::CloudCost => "cloud-cost",
             TransferKind::Payout => "payout",
+            TransferKind::RevenueClawback => "revenue-clawback",
+            TransferKind::EnergyClawback => "energy-clawback",
+            TransferKind::Refund => "refund",
         }
+    }
+
+    /// The kind this kind reverses, for the reversals a clawback posts;
+    /// `None` for every other kind. A reversal moves money back along the
+    /// original's accounts, so its shape is the original's, swapped.
+    pub fn reverses(self) -> Option<TransferKind> {
+        match self {
+            TransferKind::RevenueClawback => Some(TransferKind::RevenueShare),
+            TransferKind::EnergyClawback => Some(TransferKind::EnergyReimbursement),
+            TransferKind::Refund => Some(TransferKind::TokenCharge),
+            TransferKind::TopUp
+            | TransferKind::TokenCharge
+            | TransferKind::RevenueShare
+            | TransferKind::EnergyReimbursement
+            | TransferKind::CloudCost
+            | TransferKind::Payout => None,
+        }
+    }
+
+    /// Whether this kind takes back from an owner what a node found cheating
+    /// was paid. Only these may take a debited account below its floor (see
+    /// `core::ledger`): a clawback is not a spend the owner chose, and the
+    /// money may already have been paid out.
+    pub fn is_clawback(self) -> bool {
+        matches!(
+            self,
+            TransferKind::RevenueClawback | TransferKind::EnergyClawback
+        )
     }
 
     /// Whether `debit → credit` is the one shape this kind allows.
@@ -68,6 +114,13 @@ impl TransferKind {
                 matches!((debit, credit), (A::CloudUpstreamCost, A::CloudProvider))
             }
             TransferKind::Payout => matches!((debit, credit), (A::Owner(_), A::Payouts(_))),
+            TransferKind::RevenueClawback => {
+                matches!((debit, credit), (A::Owner(_), A::PlatformRevenue))
+            }
+            TransferKind::EnergyClawback => {
+                matches!((debit, credit), (A::Owner(_), A::EnergyReimbursement))
+            }
+            TransferKind::Refund => matches!((debit, credit), (A::PlatformRevenue, A::Tenant(_))),
         }
     }
 }
@@ -174,6 +227,19 @@ impl Transfer {
     pub fn spec(&self) -> &TransferSpec {
         &self.spec
     }
+
+    /// The id of the transfer this one reverses, if it is a reversal (see
+    /// [`TransferKind::reverses`]): the same request and segment for a
+    /// clawback; for a refund, the request's token charge, which is posted
+    /// on segment 0 (the refund's own segment names the segment refunded).
+    pub fn reversed_id(&self) -> Option<TransferId> {
+        let original = self.kind().reverses()?;
+        let segment = match original {
+            TransferKind::TokenCharge => Segment(0),
+            _ => self.segment(),
+        };
+        Some(TransferId::derive(self.request_id(), segment, original))
+    }
 }
 
 #[cfg(test)]
@@ -222,6 +288,45 @@ mod tests {
         );
         zero.amount = MicroUsd(-3);
         assert!(Transfer::new(zero).is_err());
+    }
+
+    #[test]
+    fn a_reversal_has_the_shape_of_its_original_swapped() {
+        let tenant = AccountId::Tenant(TenantId::new("t").unwrap());
+        let owner = AccountId::Owner(OwnerId::new("o").unwrap());
+        let originals = [
+            (
+                TransferKind::TokenCharge,
+                tenant,
+                AccountId::PlatformRevenue,
+            ),
+            (
+                TransferKind::RevenueShare,
+                AccountId::PlatformRevenue,
+                owner.clone(),
+            ),
+            (
+                TransferKind::EnergyReimbursement,
+                AccountId::EnergyReimbursement,
+                owner,
+            ),
+        ];
+        let reversals: Vec<TransferKind> = TransferKind::ALL
+            .into_iter()
+            .filter(|kind| kind.reverses().is_some())
+            .collect();
+        assert_eq!(reversals.len(), originals.len());
+        for reversal in reversals {
+            let (original, debit, credit) = originals
+                .iter()
+                .find(|(kind, ..)| Some(*kind) == reversal.reverses())
+                .unwrap();
+            assert!(Transfer::new(spec(*original, debit.clone(), credit.clone())).is_ok());
+            let swapped = spec(reversal, credit.clone(), debit.clone());
+            assert!(Transfer::new(swapped).is_ok(), "{reversal}");
+            let unswapped = spec(reversal, debit.clone(), credit.clone());
+            assert!(Transfer::new(unswapped).is_err(), "{reversal}");
+        }
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! in the same transaction as the transfers that change it), the immutable
 //! transfers, and the usage segments that settlements paid for (statements
 //! join the two), and each settled request's cloud spend until the gateway
-//! has counted it in its budgets (`cloud_spend`). Nothing is kept in memory between calls, so several
+//! has counted it in its budgets (`cloud_spend`), the clawback orders against
+//! nodes found cheating and the nodes whose owners' payouts are held
+//! (`clawbacks`). Nothing is kept in memory between calls, so several
 //! coordinator processes may share one PostgreSQL ledger; on PostgreSQL the
 //! worst cases of their admitted, unsettled requests are kept here too
 //! (`holds`), so that they admit against the same money.
@@ -21,23 +23,26 @@ mod postgres;
 mod rows;
 mod sqlite;
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use futures::TryStreamExt;
 use sqlx::postgres::{PgConnectOptions, PgPool};
 use sqlx::sqlite::SqlitePool;
 
+use crate::clawback::ClawbackError;
 use crate::core::{
-    AccountId, AccountState, LedgerError, MicroUsd, NodeId, Outcome, RequestId, TenantId, Transfer,
+    AccountId, AccountState, LedgerError, MicroUsd, NodeId, Outcome, OwnerId, TenantId, Transfer,
     TransferId, TransferKind, Verifier, VerifyReport,
 };
 use crate::invoice::RequestSummary;
-use crate::metering::UsageSegment;
+use crate::metering::Server;
 use crate::payout::{self, PayoutError, PayoutOrder, PayoutRates, PayoutReceipt};
 use crate::pricing::PriceBook;
-use crate::settlement::{self, CompletedRequest, SettlementError};
+use crate::settlement::{self, CompletedRequest, Settlement, SettlementError};
 use crate::statement::{self, Period, Statement};
 use rows::{AccountRow, TransferRow, UsageRow, ACCOUNT_COLUMNS, TRANSFER_COLUMNS, USAGE_COLUMNS};
+use tx::Tx;
 
 /// How often a commit is retried when a concurrent commit inserted the same
 /// transfer id between our check and our insert (PostgreSQL only; SQLite
@@ -76,6 +81,14 @@ pub enum StoreError {
     Contention(usize),
     #[error("{0}")]
     Unsupported(&'static str),
+    #[error(transparent)]
+    Clawback(#[from] ClawbackError),
+    #[error("payouts to owner {owner} are on hold for node {node}: {reason}")]
+    PayoutsHeld {
+        owner: OwnerId,
+        node: NodeId,
+        reason: String,
+    },
 }
 
 impl StoreError {
@@ -127,12 +140,35 @@ macro_rules! on_pool {
     };
 }
 
+/// Runs `$attempt`, an expression that begins, writes and commits one
+/// transaction, again when it collided with a concurrent commit of the same
+/// transfer id (PostgreSQL), at most [`COMMIT_ATTEMPTS_MAX`] times.
+macro_rules! retry_collisions {
+    ($attempt:expr) => {{
+        use $crate::store::{is_unique_violation, StoreError, COMMIT_ATTEMPTS_MAX};
+        let mut result = Err(StoreError::Contention(COMMIT_ATTEMPTS_MAX));
+        for _ in 0..COMMIT_ATTEMPTS_MAX {
+            match $attempt {
+                Err(StoreError::Database(error)) if is_unique_violation(&error) => continue,
+                other => {
+                    result = other;
+                    break;
+                }
+            }
+        }
+        result
+    }};
+}
+
 mod billing;
+mod clawbacks;
 mod cloud_spend;
 mod holds;
 mod rekey;
+mod tx;
 
 pub use billing::{MeterFlag, METER_FLAGS_LISTED_MAX, REQUEST_LINES_MAX};
+pub use clawbacks::{ClawbackReceipt, PayoutHold};
 pub use cloud_spend::{CloudSpend, UNCOUNTED_CLOUD_SPEND_LISTED_MAX};
 pub use holds::{HoldAdmission, HoldRequest};
 pub use rekey::{Rekey, RekeyOutcome};
@@ -146,8 +182,17 @@ pub struct Store {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SettleReceipt {
     pub charge: MicroUsd,
+    /// The settlement's transfers, then the reversals of the segments that
+    /// a clawback order names (`clawbacks`), if any.
     pub transfers: Vec<Transfer>,
     pub outcomes: Vec<Outcome>,
+}
+
+/// What one commit did: each transfer's outcome, and how far its clawbacks
+/// took owners below zero (see `core::ledger`).
+pub(crate) struct Committed {
+    pub outcomes: Vec<Outcome>,
+    pub shortfall: MicroUsd,
 }
 
 impl Store {
@@ -251,35 +296,18 @@ impl Store {
 
     /// Commits a batch atomically (see `core::ledger` for the rules).
     pub async fn commit(&self, batch: &[Transfer]) -> Result<Vec<Outcome>, StoreError> {
-        self.commit_with_usage(batch, &[], None, None, None).await
-    }
-
-    async fn commit_with_usage(
-        &self,
-        batch: &[Transfer],
-        usage: &[UsageSegment],
-        request: Option<&RequestSummary>,
-        cloud: Option<&CloudSpend>,
-        hold: Option<&RequestId>,
-    ) -> Result<Vec<Outcome>, StoreError> {
         if batch.len() > crate::core::ledger::BATCH_TRANSFERS_MAX {
             return Err(LedgerError::BatchTooLarge { len: batch.len() }.into());
         }
-        for _ in 0..COMMIT_ATTEMPTS_MAX {
-            let result = match &self.backend {
-                Backend::Sqlite(pool) => {
-                    sqlite::commit(pool, batch, usage, request, cloud, hold).await
-                }
-                Backend::Postgres(pool) => {
-                    postgres::commit(pool, batch, usage, request, cloud, hold).await
-                }
-            };
-            match result {
-                Err(StoreError::Database(error)) if is_unique_violation(&error) => continue,
-                other => return other,
-            }
-        }
-        Err(StoreError::Contention(COMMIT_ATTEMPTS_MAX))
+        let committed = retry_collisions!(self.commit_once(batch).await)?;
+        Ok(committed.outcomes)
+    }
+
+    async fn commit_once(&self, batch: &[Transfer]) -> Result<Committed, StoreError> {
+        let mut tx = Tx::begin(self).await?;
+        let committed = tx.commit_batch(batch, &[], None, None, None).await?;
+        tx.commit().await?;
+        Ok(committed)
     }
 
     /// Settles a completed request: its transfers, usage segments, the
@@ -288,17 +316,47 @@ impl Store {
     /// and the request's hold, if it has one (`holds`), is deleted in the
     /// same transaction. A retry returns `Exists` outcomes and changes
     /// nothing.
+    ///
+    /// If a clawback order names the request and a node that served one of
+    /// its segments (the verdict came first), the reversals of that node's
+    /// segments are posted in the same transaction (`clawbacks`).
     pub async fn settle(
         &self,
         request: &CompletedRequest,
         book: &PriceBook,
     ) -> Result<SettleReceipt, StoreError> {
         let settlement = settlement::settle(request, book)?;
-        let summary = RequestSummary::of(request, &settlement);
-        let cloud = CloudSpend::of(request, &settlement);
-        let outcomes = self
-            .commit_with_usage(
-                &settlement.transfers,
+        let (transfers, committed) =
+            retry_collisions!(self.settle_once(request, &settlement).await)?;
+        Ok(SettleReceipt {
+            charge: settlement.charge,
+            transfers,
+            outcomes: committed.outcomes,
+        })
+    }
+
+    /// One attempt at `settle`'s transaction; returns the batch it committed.
+    async fn settle_once(
+        &self,
+        request: &CompletedRequest,
+        settlement: &Settlement,
+    ) -> Result<(Vec<Transfer>, Committed), StoreError> {
+        let summary = RequestSummary::of(request, settlement);
+        let cloud = CloudSpend::of(request, settlement);
+        let mut tx = Tx::begin(self).await?;
+        let mut batch = settlement.transfers.clone();
+        let on_nodes = request
+            .segments
+            .iter()
+            .any(|segment| matches!(segment.server, Server::Node { .. }));
+        if on_nodes {
+            tx.lock_requests(std::slice::from_ref(&request.request_id))
+                .await?;
+            batch.extend(clawbacks::ordered_reversals(&mut tx, request, settlement).await?);
+        }
+        let committed = tx
+            .commit_batch(
+                &batch,
                 &request.segments,
                 summary.as_ref(),
                 cloud.as_ref(),
@@ -308,14 +366,14 @@ impl Store {
                 Some(&request.request_id),
             )
             .await?;
-        Ok(SettleReceipt {
-            charge: settlement.charge,
-            transfers: settlement.transfers,
-            outcomes,
-        })
+        tx.commit().await?;
+        Ok((batch, committed))
     }
 
-    /// Pays out an owner's balance; a retried order is paid once.
+    /// Pays out an owner's balance; a retried order is paid once. Refused
+    /// with [`StoreError::PayoutsHeld`] while a node the owner earned for
+    /// is held (`clawbacks`); a retry of an order paid before the hold still
+    /// returns its receipt.
     pub async fn pay_out(
         &self,
         order: &PayoutOrder,
@@ -324,19 +382,8 @@ impl Store {
         if let Some(existing) = self.transfer(order.transfer_id()).await? {
             return Ok(payout::receipt_for_existing(order, &existing)?);
         }
-        let owner = AccountId::Owner(order.owner.clone());
-        let balance = self
-            .account(&owner)
-            .await?
-            .ok_or(StoreError::AccountNotFound(owner))?
-            .balance();
-        let planned = payout::plan(order, balance, rates)?;
-        match self.commit(std::slice::from_ref(&planned.transfer)).await {
-            Ok(outcomes) => Ok(PayoutReceipt {
-                units: planned.units,
-                amount: planned.transfer.amount(),
-                outcome: outcomes.first().copied().unwrap_or(Outcome::Created),
-            }),
+        match retry_collisions!(self.pay_out_once(order, rates).await) {
+            Ok(receipt) => Ok(receipt),
             // The same order committed concurrently with another balance.
             Err(StoreError::Ledger(LedgerError::Conflict { .. })) => {
                 match self.transfer(order.transfer_id()).await? {
@@ -346,6 +393,38 @@ impl Store {
             }
             Err(error) => Err(error),
         }
+    }
+
+    /// One attempt at a payout: the owner's row is locked before the holds
+    /// are read, so a hold committed before the lock is seen, and a hold
+    /// being placed waits for this payout (see `clawbacks::hold`).
+    async fn pay_out_once(
+        &self,
+        order: &PayoutOrder,
+        rates: &PayoutRates,
+    ) -> Result<PayoutReceipt, StoreError> {
+        let owner = AccountId::Owner(order.owner.clone());
+        let mut tx = Tx::begin(self).await?;
+        tx.lock_accounts(std::slice::from_ref(&owner)).await?;
+        clawbacks::refuse_if_held(&mut tx, &order.owner).await?;
+        let balance = tx
+            .account(&owner)
+            .await?
+            .ok_or(StoreError::AccountNotFound(owner))?
+            .balance();
+        let planned = payout::plan(order, balance, rates)?;
+        let batch = std::slice::from_ref(&planned.transfer);
+        let committed = tx.commit_batch(batch, &[], None, None, None).await?;
+        tx.commit().await?;
+        Ok(PayoutReceipt {
+            units: planned.units,
+            amount: planned.transfer.amount(),
+            outcome: committed
+                .outcomes
+                .first()
+                .copied()
+                .unwrap_or(Outcome::Created),
+        })
     }
 
     /// What a tenant was charged for tokens in a period (for daily caps).
@@ -363,8 +442,9 @@ impl Store {
         Ok(MicroUsd(spent))
     }
 
-    /// A vehicle's statement for a period. Its earnings are found by the
-    /// ids the usage segments' transfers must have, not by a scan.
+    /// A vehicle's statement for a period, with the clawbacks ordered in
+    /// it. Its earnings and clawbacks are found by the ids their transfers
+    /// must have, not by a scan.
     pub async fn statement(&self, node: &NodeId, period: Period) -> Result<Statement, StoreError> {
         let sql = format!(
             "SELECT {USAGE_COLUMNS} FROM ledger_usage \
@@ -380,7 +460,8 @@ impl Store {
             .into_iter()
             .map(rows::usage_from_row)
             .collect::<Result<Vec<_>, _>>()?;
-        let ids: Vec<TransferId> = usage
+        let clawbacks = clawbacks::clawback_records(self, node, period).await?;
+        let mut ids: Vec<TransferId> = usage
             .iter()
             .flat_map(|segment| {
                 [
@@ -390,12 +471,23 @@ impl Store {
                 .map(|kind| TransferId::derive(&segment.request_id, segment.segment, kind))
             })
             .collect();
-        let transfers = match &self.backend {
-            Backend::Sqlite(pool) => sqlite::transfers_by_id(pool, &ids).await?,
-            Backend::Postgres(pool) => postgres::transfers_by_id(pool, &ids).await?,
-        };
+        ids.extend(clawbacks::clawback_ids(&clawbacks));
+        let transfers = self.transfers_by_id(&ids).await?;
         let transfers: Vec<Transfer> = transfers.into_values().collect();
-        Ok(statement::build(node, period, &usage, &transfers))
+        Ok(statement::build(
+            node, period, &usage, &clawbacks, &transfers,
+        ))
+    }
+
+    /// The committed transfers among `ids`.
+    async fn transfers_by_id(
+        &self,
+        ids: &[TransferId],
+    ) -> Result<HashMap<TransferId, Transfer>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(pool) => sqlite::transfers_by_id(pool, ids).await,
+            Backend::Postgres(pool) => postgres::transfers_by_id(pool, ids).await,
+        }
     }
 
     /// How many transfers the ledger holds.
@@ -421,8 +513,11 @@ fn is_unique_violation(error: &sqlx::Error) -> bool {
 
 /// Checks the ledger's invariant from scratch: debits equal credits overall,
 /// every account's posted totals equal the sum of its transfers, no owner
-/// balance is negative, and every stored transfer carries the id its fields
-/// derive. Streams the transfers, so memory grows with accounts only.
+/// balance is negative except by what clawbacks took (reported as owed),
+/// every stored transfer carries the id its fields derive, and every
+/// reversal undoes its original and belongs to a clawback order that has
+/// all its segments' earnings reversed (`clawbacks`). Streams the
+/// transfers, so memory grows with accounts (and clawed-back segments) only.
 pub async fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
     let mut verifier = Verifier::default();
     let sql = format!("SELECT {TRANSFER_COLUMNS} FROM ledger_transfers");
@@ -439,6 +534,13 @@ pub async fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
             }
         }
     });
+    let reversed: Vec<TransferId> = verifier
+        .reversals()
+        .iter()
+        .filter_map(Transfer::reversed_id)
+        .collect();
+    let originals = store.transfers_by_id(&reversed).await?;
+    clawbacks::verify_orders(store, &mut verifier).await?;
     let accounts = store.accounts().await?;
-    Ok(verifier.finish(accounts.iter().map(|(id, state)| (id, state))))
+    Ok(verifier.finish(accounts.iter().map(|(id, state)| (id, state)), &originals))
 }

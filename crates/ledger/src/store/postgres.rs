@@ -18,7 +18,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{PgConnection, Postgres, Transaction};
 
-use crate::core::{plan_batch, AccountId, AccountState, Outcome, RequestId, Transfer, TransferId};
+use crate::core::{plan_batch, AccountId, AccountState, RequestId, Transfer, TransferId};
 use crate::invoice::RequestSummary;
 use crate::metering::UsageSegment;
 
@@ -28,7 +28,7 @@ use super::rows::{
     self, AccountRow, TransferRow, ACCOUNT_COLUMNS, REQUEST_COLUMNS, TRANSFER_COLUMNS,
     USAGE_COLUMNS,
 };
-use super::StoreError;
+use super::{Committed, StoreError};
 
 /// Connections per pool.
 const CONNECTIONS_MAX: u32 = 8;
@@ -48,28 +48,29 @@ pub(super) async fn connect(options: PgConnectOptions) -> Result<PgPool, StoreEr
     Ok(pool)
 }
 
-pub(super) async fn commit(
-    pool: &PgPool,
+/// Writes a batch and what goes with it in `tx`, which the caller commits
+/// (or drops, rolling everything back, on an error).
+pub(super) async fn commit_in(
+    tx: &mut Transaction<'static, Postgres>,
     batch: &[Transfer],
     usage: &[UsageSegment],
     request: Option<&RequestSummary>,
     cloud: Option<&CloudSpend>,
     hold: Option<&RequestId>,
-) -> Result<Vec<Outcome>, StoreError> {
-    let mut tx = pool.begin().await?;
-    let accounts = lock_accounts(&mut tx, batch).await?;
+) -> Result<Committed, StoreError> {
+    let accounts = lock_accounts(tx, batch).await?;
     // Insert first and let the primary key skip what is already committed:
     // only the skipped transfers need reading back, which in the common case
     // (no retries) is none. On refusal below, the transaction is dropped and
     // rolls the inserts back.
-    let inserted = insert_new_transfers(&mut tx, batch).await?;
+    let inserted = insert_new_transfers(tx, batch).await?;
     let skipped: BTreeSet<TransferId> = batch
         .iter()
         .map(Transfer::id)
         .filter(|id| !inserted.contains(id))
         .collect();
     let skipped: Vec<TransferId> = skipped.into_iter().collect();
-    let existing = find_transfers(&mut tx, &skipped).await?;
+    let existing = find_transfers(tx, &skipped).await?;
     let plan = plan_batch(batch, &existing, &accounts)?;
     let planned: HashSet<TransferId> = plan
         .created
@@ -81,10 +82,10 @@ pub(super) async fn commit(
         // raced us in a way READ COMMITTED should exclude. Start over.
         return Err(StoreError::Contention(1));
     }
-    update_accounts(&mut tx, &plan.accounts).await?;
-    insert_usage(&mut tx, usage).await?;
+    update_accounts(tx, &plan.accounts).await?;
+    insert_usage(tx, usage).await?;
     if let Some(request) = request {
-        insert_request(&mut tx, request).await?;
+        insert_request(tx, request).await?;
     }
     if let Some(cloud) = cloud {
         sqlx::query(INSERT_CLOUD_SPEND)
@@ -92,17 +93,68 @@ pub(super) async fn commit(
             .bind(cloud.tenant.as_str())
             .bind(cloud.amount.0)
             .bind(cloud.completed_at.0)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
     }
     if let Some(hold) = hold {
         sqlx::query(DELETE_HOLD)
             .bind(hold.as_str())
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
     }
-    tx.commit().await?;
-    Ok(plan.outcomes)
+    Ok(Committed {
+        outcomes: plan.outcomes,
+        shortfall: plan.shortfall,
+    })
+}
+
+/// The first key of the advisory locks on requests: the two-key form keeps
+/// them apart from every single-key advisory lock in the database.
+const REQUEST_LOCK_SPACE: i32 = 0x4c45_4447; // "LEDG"
+
+/// Takes the advisory lock of each request until `tx` ends, so that the
+/// transactions about one request (its settlement, the clawback orders
+/// naming it) take turns and each sees what the other committed. Keys are a
+/// hash of the id: two requests that share one only wait for each other.
+/// Locks are taken in key order, so two orders cannot deadlock.
+pub(super) async fn lock_requests(
+    tx: &mut Transaction<'static, Postgres>,
+    request_ids: &[RequestId],
+) -> Result<(), StoreError> {
+    let keys: BTreeSet<i32> = request_ids.iter().map(request_lock_key).collect();
+    let keys: Vec<i32> = keys.into_iter().collect();
+    // UNNEST yields the array in order and each row's lock is taken as it
+    // is produced, so the locks are taken in key order.
+    sqlx::query("SELECT pg_advisory_xact_lock($1, k) FROM UNNEST($2::int4[]) AS u(k)")
+        .bind(REQUEST_LOCK_SPACE)
+        .bind(keys)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+fn request_lock_key(request_id: &RequestId) -> i32 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(request_id.as_str().as_bytes());
+    i32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
+}
+
+/// Locks the rows of `accounts` that exist (`FOR UPDATE`, in id order,
+/// like every commit) until `tx` ends.
+pub(super) async fn lock_account_rows(
+    tx: &mut Transaction<'static, Postgres>,
+    accounts: &[AccountId],
+) -> Result<(), StoreError> {
+    let named: BTreeSet<String> = accounts.iter().map(ToString::to_string).collect();
+    let named: Vec<String> = named.into_iter().collect();
+    sqlx::query(
+        "SELECT a.id FROM UNNEST($1::text[]) AS k(id) JOIN ledger_accounts a ON a.id = k.id \
+         ORDER BY a.id FOR UPDATE OF a",
+    )
+    .bind(named)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 async fn lock_accounts(
@@ -144,7 +196,7 @@ pub(super) async fn transfers_by_id(
     find_transfers(&mut connection, ids).await
 }
 
-async fn find_transfers(
+pub(super) async fn find_transfers(
     connection: &mut PgConnection,
     ids: &[TransferId],
 ) -> Result<HashMap<TransferId, Transfer>, StoreError> {

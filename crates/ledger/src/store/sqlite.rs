@@ -14,7 +14,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection, Transaction};
 
-use crate::core::{plan_batch, AccountId, AccountState, Outcome, RequestId, Transfer, TransferId};
+use crate::core::{plan_batch, AccountId, AccountState, RequestId, Transfer, TransferId};
 use crate::invoice::RequestSummary;
 use crate::metering::UsageSegment;
 
@@ -24,7 +24,7 @@ use super::rows::{
     self, AccountRow, TransferRow, ACCOUNT_COLUMNS, REQUEST_COLUMNS, TRANSFER_COLUMNS,
     USAGE_COLUMNS,
 };
-use super::StoreError;
+use super::{Committed, StoreError};
 
 /// Connections in the pool: one writer at a time, a few concurrent readers.
 const CONNECTIONS_MAX: u32 = 4;
@@ -53,26 +53,27 @@ pub(super) async fn open(path: &Path) -> Result<SqlitePool, StoreError> {
     Ok(pool)
 }
 
-pub(super) async fn commit(
-    pool: &SqlitePool,
+/// Writes a batch and what goes with it in `tx` (begun with `BEGIN
+/// IMMEDIATE`), which the caller commits (or drops, rolling everything back,
+/// on an error).
+pub(super) async fn commit_in(
+    tx: &mut Transaction<'static, Sqlite>,
     batch: &[Transfer],
     usage: &[UsageSegment],
     request: Option<&RequestSummary>,
     cloud: Option<&CloudSpend>,
     hold: Option<&RequestId>,
-) -> Result<Vec<Outcome>, StoreError> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+) -> Result<Committed, StoreError> {
     let ids: Vec<TransferId> = batch.iter().map(Transfer::id).collect();
-    let existing = find_transfers(&mut tx, &ids).await?;
-    let accounts = load_accounts(&mut tx, batch).await?;
-    // On refusal the transaction is dropped, which rolls it back.
+    let existing = find_transfers(tx, &ids).await?;
+    let accounts = load_accounts(tx, batch).await?;
     let plan = plan_batch(batch, &existing, &accounts)?;
     let created: Vec<&Transfer> = plan.created.iter().map(|index| &batch[*index]).collect();
-    insert_transfers(&mut tx, &created).await?;
-    update_accounts(&mut tx, &plan.accounts).await?;
-    insert_usage(&mut tx, usage).await?;
+    insert_transfers(tx, &created).await?;
+    update_accounts(tx, &plan.accounts).await?;
+    insert_usage(tx, usage).await?;
     if let Some(request) = request {
-        insert_request(&mut tx, request).await?;
+        insert_request(tx, request).await?;
     }
     if let Some(cloud) = cloud {
         sqlx::query(INSERT_CLOUD_SPEND)
@@ -80,17 +81,19 @@ pub(super) async fn commit(
             .bind(cloud.tenant.as_str())
             .bind(cloud.amount.0)
             .bind(cloud.completed_at.0)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
     }
     if let Some(hold) = hold {
         sqlx::query(DELETE_HOLD)
             .bind(hold.as_str())
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
     }
-    tx.commit().await?;
-    Ok(plan.outcomes)
+    Ok(Committed {
+        outcomes: plan.outcomes,
+        shortfall: plan.shortfall,
+    })
 }
 
 /// The committed transfers among `ids`.
@@ -102,7 +105,7 @@ pub(super) async fn transfers_by_id(
     find_transfers(&mut connection, ids).await
 }
 
-async fn find_transfers(
+pub(super) async fn find_transfers(
     connection: &mut SqliteConnection,
     ids: &[TransferId],
 ) -> Result<HashMap<TransferId, Transfer>, StoreError> {
