@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use engine::{
     Adjustments, Engine, EngineError, FinishReason, Generation, GenerationEvent, GenerationStream,
-    SamplingParams, SequenceCheckpoint, TokenEvent,
+    Mismatch, SamplingParams, SequenceCheckpoint, TokenEvent, Verification, Verify,
 };
 use proto::agent_message::Kind as AgentKind;
 use proto::AgentMessage;
@@ -211,7 +211,15 @@ fn check_assignment(
             retryable: true,
         });
     }
-    let tokens = assign.prompt_tokens.iter().chain(&assign.committed_tokens);
+    let verified = assign
+        .verify
+        .iter()
+        .flat_map(|answer| &answer.completion_tokens);
+    let tokens = assign
+        .prompt_tokens
+        .iter()
+        .chain(&assign.committed_tokens)
+        .chain(verified);
     // llama.cpp aborts the whole process on an out-of-range token, so check before submitting.
     if let Some(bad) = tokens
         .copied()
@@ -277,7 +285,13 @@ fn check_assignment(
         restore: None,
         export_checkpoint: assign.report_checkpoint,
         prompt_logprobs: assign.prompt_logprobs,
-        verify: None,
+        // The engine refuses a verification that also asks to resume, restore, export or score.
+        verify: assign.verify.as_ref().map(|answer| Verify {
+            completion: answer.completion_tokens.clone(),
+            logprobs: answer.logprobs.clone(),
+            ended_by_eos: answer.ended_by_eos,
+            tolerance: engine::DEFAULT_TOLERANCE,
+        }),
     })
 }
 
@@ -370,10 +384,10 @@ impl GenerationTask {
                 Some(GenerationEvent::Failed(error)) => {
                     return self.fail(error.to_string(), is_retryable(&error)).await;
                 }
-                Some(GenerationEvent::Verified(_)) => {
-                    // An assignment never asks for a verification.
-                    let message = "the engine verified instead of generating".to_owned();
-                    return self.fail(message, false).await;
+                Some(GenerationEvent::Verified(verification)) => {
+                    let verified = verified_message(&self.id, &verification, started.elapsed());
+                    self.send(verified).await;
+                    return;
                 }
             }
         }
@@ -528,6 +542,25 @@ fn tokens_message(id: &GenerationId, tokens: Vec<TokenEvent>) -> AgentMessage {
         kind: Some(AgentKind::Tokens(proto::TokenBatch {
             generation_id: id.0.clone(),
             tokens,
+        })),
+    }
+}
+
+/// A verification's outcome as the coordinator gets it: the counts and the first failure.
+fn verified_message(
+    id: &GenerationId,
+    verification: &Verification,
+    compute: Duration,
+) -> AgentMessage {
+    let first = verification.mismatches.first();
+    AgentMessage {
+        kind: Some(AgentKind::Verified(proto::Verified {
+            generation_id: id.0.clone(),
+            checked: verification.checked,
+            mismatches: verification.mismatch_count,
+            first_mismatch_position: first.map_or(0, Mismatch::position),
+            first_mismatch: first.map(ToString::to_string).unwrap_or_default(),
+            compute_ms: millis(compute),
         })),
     }
 }

@@ -99,6 +99,45 @@ pub enum Mismatch {
     EndedEarly { position: u32, pick: TokenId },
 }
 
+impl Mismatch {
+    /// The completion position that failed.
+    #[must_use]
+    pub fn position(&self) -> u32 {
+        match *self {
+            Mismatch::NotPicked { position, .. }
+            | Mismatch::Logprob { position, .. }
+            | Mismatch::EndedEarly { position, .. } => position,
+        }
+    }
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Mismatch::NotPicked {
+                position,
+                token,
+                pick,
+            } => write!(
+                f,
+                "token {token} at position {position} is not one the sampler could pick (it picks {pick})"
+            ),
+            Mismatch::Logprob {
+                position,
+                reported,
+                recomputed,
+            } => write!(
+                f,
+                "log-probability {reported} reported at position {position}, recomputed {recomputed}"
+            ),
+            Mismatch::EndedEarly { position, pick } => write!(
+                f,
+                "the answer ended at position {position}, where the sampler picks {pick}, not an end"
+            ),
+        }
+    }
+}
+
 /// The outcome of checking a whole completion.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Verification {

@@ -5,7 +5,7 @@
 #![allow(clippy::all, clippy::pedantic)]
 
 /// Bumped on every change that an older peer could misread.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest piece of a `KvCheckpoint` an agent sends.
 pub const KV_CHECKPOINT_CHUNK_BYTES_MAX: usize = 1 << 20;
