@@ -225,10 +225,43 @@ impl proto::coordinator_server::Coordinator for AgentService {
                 .fetch_add(1, crate::core::ORDER);
             return Ok(Response::new(refusal(code, reason)));
         }
+        // Quarantined here, or by any cell (the store): refused either way.
+        let quarantined = self
+            .store
+            .is_quarantined(&hello.node_id)
+            .await
+            .map(|in_store| self.core.quarantine_holds(&hello.node_id, in_store));
+        let refused = match quarantined {
+            Ok(false) => None,
+            Ok(true) => Some((
+                proto::RefusalCode::Quarantined,
+                "this node is quarantined: one of its answers failed verification; its owner can see why",
+            )),
+            Err(error) => {
+                tracing::error!(%error, node_id = %hello.node_id, "look up node trust");
+                Some((
+                    proto::RefusalCode::Unspecified,
+                    "coordinator storage error; retry later",
+                ))
+            }
+        };
+        if let Some((code, reason)) = refused {
+            tracing::warn!(node_id = %hello.node_id, ?code, "refusing agent");
+            self.core
+                .metrics
+                .nodes_refused
+                .fetch_add(1, crate::core::ORDER);
+            return Ok(Response::new(refusal(code, reason.into())));
+        }
         // The owner's stored policy applies from the first moment; a change
         // made while this loads reaches the scheduler through the change feed.
-        let policy = match self.store.node_policy(&hello.node_id).await {
-            Ok(policy) => policy,
+        let loaded = async {
+            let policy = self.store.node_policy(&hello.node_id).await?;
+            let record = self.store.node_record(&hello.node_id).await?;
+            Ok::<_, store::StoreError>((policy, record.map(|record| record.owner)))
+        };
+        let (policy, owner) = match loaded.await {
+            Ok(loaded) => loaded,
             Err(error) => {
                 tracing::error!(%error, node_id = %hello.node_id, "load owner policy");
                 return Ok(Response::new(refusal(
@@ -248,9 +281,13 @@ impl proto::coordinator_server::Coordinator for AgentService {
         if outbound.try_send(welcome).is_err() {
             return Err(Status::internal("could not queue welcome"));
         }
-        let (session, disconnect) =
-            self.core
-                .node_connected(&hello.node_id, &hello, outbound, policy);
+        let (session, disconnect) = self.core.node_connected(
+            &hello.node_id,
+            owner.as_deref().unwrap_or(""),
+            &hello,
+            outbound,
+            policy,
+        );
         tracing::info!(node_id = %hello.node_id, models = hello.models.len(), "node connected");
         let store = self.store.clone();
         let name = hello.node_id.clone();
@@ -327,6 +364,7 @@ async fn read_agent(
             Some(AgentKind::Failed(failed)) => core.node_failed(session, failed),
             Some(AgentKind::Checkpoint(piece)) => core.node_checkpoint(session, piece),
             Some(AgentKind::PromptLogprobs(scores)) => core.node_prompt_logprobs(session, scores),
+            Some(AgentKind::Verified(verified)) => core.node_verified(session, &verified),
             // `check_shape` refused these.
             Some(AgentKind::Hello(_)) | None => break,
         }

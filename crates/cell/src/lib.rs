@@ -42,6 +42,9 @@ pub struct CellConfig {
     /// What each vehicle's electricity costs, which placement prefers the
     /// cheaper of otherwise equal vehicles by.
     pub energy_prices: nodes::EnergyPrices,
+    /// Answers of a new vehicle verified before its rate starts to fall
+    /// (`trust::VerificationPolicy::probation`).
+    pub verification_probation: u32,
 }
 
 impl CellConfig {
@@ -58,6 +61,7 @@ impl CellConfig {
             },
             kv_checkpoint_budget_bytes: limits::KV_CHECKPOINT_BYTES_BUDGET,
             energy_prices: nodes::EnergyPrices::default(),
+            verification_probation: trust::VerificationPolicy::default().probation,
         }
     }
 }
@@ -102,6 +106,7 @@ pub async fn start(
     ));
     core.set_kv_checkpoint_budget(config.kv_checkpoint_budget_bytes);
     core.set_energy_prices(config.energy_prices.clone());
+    core.set_verification_probation(config.verification_probation);
     let listener = TcpListener::bind(config.grpc_listen)
         .await
         .map_err(|source| CellError::Bind {
@@ -127,6 +132,11 @@ pub async fn start(
     )
     .await?;
     tokio::spawn(write_request_log(store.clone(), log_receiver));
+    tokio::spawn(write_trust(
+        Arc::clone(&core),
+        store.clone(),
+        shutdown.clone(),
+    ));
     tokio::spawn(tick(
         Arc::clone(&core),
         config.heartbeat_timeout,
@@ -174,6 +184,60 @@ async fn write_request_log(store: Store, mut records: mpsc::Receiver<RequestReco
         if let Err(error) = store.log_request(&record).await {
             tracing::warn!(%error, request_id = %record.id, "write request log");
         }
+    }
+}
+
+/// Records the nodes' trust and their quarantines in the store as they
+/// change, where the owner API, the books and every cell read them.
+async fn write_trust(core: Arc<Core>, store: Store, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(limits::TRUST_WRITE_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = shutdown.cancelled() => true,
+            _ = interval.tick() => false,
+        };
+        let now = core::now_ms().0;
+        for trust in core.take_trust_changes() {
+            let record = store::trust::TrustRecord {
+                node: trust.node.clone(),
+                state: trust_state_name(&trust.state).to_owned(),
+                verified: i64::try_from(trust.verified).unwrap_or(i64::MAX),
+                passed: i64::try_from(trust.passed).unwrap_or(i64::MAX),
+                reason: None,
+                quarantined_ms: None,
+                updated_ms: now,
+            };
+            if let Err(error) = store.record_trust(&record).await {
+                tracing::warn!(%error, node_id = %trust.node, "record node trust");
+            }
+        }
+        for notice in core.take_quarantines() {
+            let recorded = store
+                .quarantine_node(&notice.node, &notice.reason, &notice.suspects, notice.at_ms)
+                .await;
+            match recorded {
+                Ok(()) => core.quarantine_recorded(&notice.node),
+                Err(error) => {
+                    // Kept in the cell: it still refuses the node, and the
+                    // quarantine is recorded on the next try.
+                    tracing::error!(%error, node_id = %notice.node, "record quarantine");
+                    core.requeue_quarantine(notice);
+                }
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// The name the store and the owner API give a trust state.
+pub fn trust_state_name(state: &trust::TrustState) -> &'static str {
+    match state {
+        trust::TrustState::Probation { .. } => "probation",
+        trust::TrustState::Trusted { .. } => "trusted",
+        trust::TrustState::Quarantined { .. } => "quarantined",
     }
 }
 

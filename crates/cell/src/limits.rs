@@ -103,3 +103,15 @@ pub const NODE_FAILURE_MESSAGE_BYTES_MAX: usize = 512;
 /// How far above zero a node's logprob may lie (float rounding in a
 /// log-softmax) before it is a protocol violation.
 pub const LOGPROB_ABOVE_ZERO_TOLERANCE: f32 = 1e-3;
+
+/// How often a cell records its nodes' changed trust and new quarantines in
+/// the store.
+pub const TRUST_WRITE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Most compute a node may report for an attempt that ran `wall_ms` from its
+/// assignment to its end: the wall time, half as much again and two seconds
+/// for clocks and transport. More is a lie about what it is paid for, and
+/// quarantines it (`Core::misreported`).
+pub fn compute_report_max_ms(wall_ms: u64) -> u64 {
+    wall_ms.saturating_add(wall_ms / 2).saturating_add(2_000)
+}

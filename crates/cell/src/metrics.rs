@@ -43,6 +43,19 @@ pub struct Metrics {
     /// Generations moved off a node that sent no token within its stall bound.
     pub generations_stalled: AtomicU64,
     pub request_log_dropped: AtomicU64,
+    /// Delivered answers drawn for verification.
+    pub verifications_opened: AtomicU64,
+    /// Answers sent to a verifier (a check may go to several).
+    pub verifications_sent: AtomicU64,
+    /// Verifiers' verdicts: passed, failed.
+    pub verifications_passed: AtomicU64,
+    pub verifications_failed: AtomicU64,
+    /// Checks given up for want of a verifier (counted unverified).
+    pub verifications_undecided: AtomicU64,
+    pub nodes_quarantined: AtomicU64,
+    /// Compute time nodes reported for verifying, and for generating.
+    pub verification_compute_ms: AtomicU64,
+    pub generation_compute_ms: AtomicU64,
     /// Generations assigned to each node (first attempts and handovers alike).
     pub node_assignments: LabelledCounter,
     /// Vehicle states received from each node that differ from the one before.
@@ -80,7 +93,7 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64); 22] = [
+        let counters: [(&str, &str, &AtomicU64); 30] = [
             (
                 "fleetgrid_requests_accepted_total",
                 "Requests admitted by the gateway.",
@@ -191,6 +204,46 @@ impl Metrics {
                 "Request-log records dropped because the writer was behind.",
                 &self.request_log_dropped,
             ),
+            (
+                "fleetgrid_verifications_opened_total",
+                "Delivered answers drawn for verification by recomputation.",
+                &self.verifications_opened,
+            ),
+            (
+                "fleetgrid_verifications_sent_total",
+                "Answers sent to a verifier node (a failure or an audit sends one again).",
+                &self.verifications_sent,
+            ),
+            (
+                "fleetgrid_verifications_passed_total",
+                "Verifiers' verdicts that an answer was the sampler's.",
+                &self.verifications_passed,
+            ),
+            (
+                "fleetgrid_verifications_failed_total",
+                "Verifiers' verdicts that an answer was not the sampler's.",
+                &self.verifications_failed,
+            ),
+            (
+                "fleetgrid_verifications_undecided_total",
+                "Drawn answers left unverified: no verifier could be found in time.",
+                &self.verifications_undecided,
+            ),
+            (
+                "fleetgrid_nodes_quarantined_total",
+                "Nodes quarantined: a failed answer, or a verdict the decision contradicted.",
+                &self.nodes_quarantined,
+            ),
+            (
+                "fleetgrid_verification_compute_ms_total",
+                "Compute time nodes reported for verifying others' answers, paid by the platform.",
+                &self.verification_compute_ms,
+            ),
+            (
+                "fleetgrid_generation_compute_ms_total",
+                "Compute time nodes reported for the generations they finished.",
+                &self.generation_compute_ms,
+            ),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
@@ -212,6 +265,18 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
             let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
         }
+        let verifying = self.verification_compute_ms.load(Ordering::Relaxed) as f64;
+        let generating = self.generation_compute_ms.load(Ordering::Relaxed) as f64;
+        let share = if verifying + generating > 0.0 {
+            verifying / (verifying + generating)
+        } else {
+            0.0
+        };
+        let name = "fleetgrid_verification_compute_share";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Share of the fleet's compute spent verifying answers.\n# TYPE {name} gauge\n{name} {share}"
+        );
         self.render_ttft(&mut out);
         self.node_assignments.render(
             &mut out,

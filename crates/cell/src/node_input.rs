@@ -66,6 +66,7 @@ pub fn check_shape(message: &proto::AgentMessage) -> Result<(), Violation> {
         Some(AgentKind::Failed(failed)) => &failed.generation_id,
         Some(AgentKind::Checkpoint(piece)) => &piece.generation_id,
         Some(AgentKind::PromptLogprobs(scores)) => &scores.generation_id,
+        Some(AgentKind::Verified(verified)) => &verified.generation_id,
     };
     if generation_id.len() > limits::GENERATION_ID_BYTES_MAX {
         return Err(Violation::LongGenerationId(generation_id.len()));

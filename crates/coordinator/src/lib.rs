@@ -73,6 +73,8 @@ pub struct CoordinatorConfig {
     pub cloud: Option<cloud::CloudConfig>,
     /// Bytes of prompt KV caches kept for handovers (0: re-prefill always).
     pub kv_checkpoint_budget_bytes: usize,
+    /// Answers of a new vehicle verified before its rate starts to fall.
+    pub verification_probation: u32,
     /// The gateway's bounds on connections, header, body and request times.
     pub http: limits::HttpLimits,
     /// Prefix affinity: a cell's scheduler prefers the vehicle holding the
@@ -103,6 +105,8 @@ impl CoordinatorConfig {
             billing: billing::BillingConfig::embedded(),
             cloud: None,
             kv_checkpoint_budget_bytes: limits::KV_CHECKPOINT_BYTES_BUDGET,
+            verification_probation: cell::CellConfig::new(([127, 0, 0, 1], 0).into())
+                .verification_probation,
             http: limits::HttpLimits::default(),
             prefix_affinity: true,
             idempotency: billing_idempotency::IdempotencyConfig::default(),
@@ -244,6 +248,7 @@ fn cell_config(config: &CoordinatorConfig) -> cell::CellConfig {
         },
         kv_checkpoint_budget_bytes: config.kv_checkpoint_budget_bytes,
         energy_prices: energy_prices(&config.billing),
+        verification_probation: config.verification_probation,
     }
 }
 

@@ -43,6 +43,7 @@ pub mod owners;
 pub mod secrets;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod trust;
 
 pub use database::{Database, CHANGES_CHANNEL};
 

@@ -10,7 +10,74 @@ crate::on_each_backend!(
     tenants_keys_and_nodes_round_trip,
     two_handles_see_each_others_writes,
     concurrent_creates_of_one_name_have_one_winner,
+    a_quarantine_holds_until_released_and_its_clawbacks_until_applied,
 );
+
+/// A cell records a vehicle's trust as it changes; a quarantine outlasts
+/// later trust records until the operator releases it, and its clawbacks
+/// wait for the books, once each.
+async fn a_quarantine_holds_until_released_and_its_clawbacks_until_applied(test: &TestStore) {
+    use crate::trust::TrustRecord;
+    let store = &test.store;
+    assert_eq!(store.node_trust("car-1").await.unwrap(), None);
+    let record = |state: &str, verified, passed, updated_ms| TrustRecord {
+        node: "car-1".into(),
+        state: state.into(),
+        verified,
+        passed,
+        reason: None,
+        quarantined_ms: None,
+        updated_ms,
+    };
+    store
+        .record_trust(&record("probation", 3, 3, 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.node_trust("car-1").await.unwrap(),
+        Some(record("probation", 3, 3, 10))
+    );
+    assert!(!store.is_quarantined("car-1").await.unwrap());
+
+    let suspects = ["chatcmpl-a".to_owned(), "chatcmpl-b".to_owned()];
+    for _ in 0..2 {
+        store
+            .quarantine_node("car-1", "generation 7 failed verification", &suspects, 20)
+            .await
+            .unwrap();
+    }
+    // A cell's later record of its counts does not lift the quarantine.
+    store
+        .record_trust(&record("probation", 4, 3, 30))
+        .await
+        .unwrap();
+    let trust = store.node_trust("car-1").await.unwrap().unwrap();
+    assert_eq!(trust.state, "quarantined");
+    assert_eq!(
+        trust.reason.as_deref(),
+        Some("generation 7 failed verification")
+    );
+    assert_eq!((trust.verified, trust.passed), (4, 3));
+    assert!(store.is_quarantined("car-1").await.unwrap());
+
+    let pending = store.pending_clawbacks(10).await.unwrap();
+    let ids: Vec<&str> = pending.iter().map(|p| p.request_id.as_str()).collect();
+    assert_eq!(ids, ["chatcmpl-a", "chatcmpl-b"], "each once");
+    store
+        .clawback_applied("car-1", "chatcmpl-a", 40)
+        .await
+        .unwrap();
+    let pending = store.pending_clawbacks(10).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].request_id, "chatcmpl-b");
+
+    assert!(store.release_node("car-1", 50).await.unwrap());
+    assert!(!store.is_quarantined("car-1").await.unwrap());
+    assert!(
+        !store.release_node("car-1", 60).await.unwrap(),
+        "not quarantined now"
+    );
+}
 
 async fn tenants_keys_and_nodes_round_trip(test: &TestStore) {
     let store = &test.store;

@@ -4,8 +4,8 @@
 use scheduler::{Command, Event, Millis, NodeId, RejectReason, RequestId};
 
 use super::{
-    CommittedToken, Core, CoreState, FinishReason, GenerationError, InFlight, Rejection, Update,
-    Usage, ORDER,
+    verification, CommittedToken, Core, CoreState, FinishReason, GenerationError, InFlight,
+    Rejection, Update, Usage, ORDER,
 };
 use crate::limits;
 use crate::node_input::{self, BatchBounds};
@@ -175,6 +175,7 @@ impl Core {
                 restore_tokens,
                 restore_state,
                 prompt_logprobs: scores_prompt,
+                verify: None,
             })),
         };
         let Some(target) = state.nodes.get(&node) else {
@@ -312,6 +313,7 @@ impl Core {
         };
         for token in batch.tokens {
             inflight.committed.push(token.token_id);
+            inflight.logprobs.push(token.logprob);
             if let Some(segment) = inflight.segments.last_mut() {
                 segment.completion_tokens += 1;
                 let share_us = share_us.unwrap_or(segment.share_last_active_us);
@@ -346,7 +348,7 @@ impl Core {
     /// A node's generation message is a sign of life too: a busy agent may
     /// skip a heartbeat while its outbound queue is full, and must not be
     /// reaped for it.
-    fn heard_from(&self, state: &mut CoreState, session: NodeSession) {
+    pub(super) fn heard_from(&self, state: &mut CoreState, session: NodeSession) {
         if let Some(node) = state.nodes.get_mut(&session.node) {
             if node.session == session.session {
                 node.last_heard = self.clock.instant();
@@ -452,9 +454,18 @@ impl Core {
             return;
         }
         let ours = u32::try_from(inflight.committed.len()).unwrap_or(u32::MAX);
+        let mut misreported = None;
         if let Some(segment) = inflight.segments.last_mut() {
             let share_us = share_us.unwrap_or(segment.share_last_active_us);
             segment.active(now.0, share_us);
+            let bound = limits::compute_report_max_ms(segment.wall_ms());
+            if done.compute_ms > bound {
+                misreported = Some(format!(
+                    "it reported {} ms of compute for an attempt that ran {} ms",
+                    done.compute_ms,
+                    segment.wall_ms()
+                ));
+            }
         }
         // The node's own counts go to billing, which checks them against
         // ours and flags the node; settlement always uses our counts.
@@ -479,17 +490,33 @@ impl Core {
             usage,
             metering,
         });
+        self.metrics
+            .generation_compute_ms
+            .fetch_add(done.compute_ms, ORDER);
         self.record(&mut state, request, "completed", None);
-        state.remove_request(request, now);
+        let finished = state.remove_request(request, now);
         self.metrics.requests_completed.fetch_add(1, ORDER);
         self.metrics.generations_active.fetch_sub(1, ORDER);
         self.handle(&mut state, now, Event::RequestFinished { request });
+        if let Some(delivered) =
+            finished.and_then(|inflight| delivered(&state, request, inflight, finish))
+        {
+            self.verify_delivered(&mut state, now, delivered);
+        }
+        if let Some(what) = misreported {
+            // The answer stands (the tenant's counts are ours); the node
+            // that lied about its time does not.
+            self.misreported(&mut state, now, session.node, request, &what);
+        }
     }
 
     /// A node could not run (or finish) a generation.
     pub fn node_failed(&self, session: NodeSession, failed: proto::GenerationFailed) {
         let now = self.clock.now();
         let mut state = self.lock();
+        if let Some(check) = verification::parse_check_id(&failed.generation_id) {
+            return self.check_refused(&mut state, session, check);
+        }
         let Some(request) = self.current_attempt(&state, session, &failed.generation_id) else {
             return;
         };
@@ -582,6 +609,43 @@ impl CoreState {
         self.shares.stop(request, now.0);
         self.requests.remove(&request)
     }
+}
+
+/// A finished generation as verification takes it, or `None` for one that
+/// cannot be verified: grammar-constrained (the engine refuses those), or
+/// resumed from tokens committed on another cell (their producer is unknown
+/// here).
+fn delivered(
+    state: &CoreState,
+    request: RequestId,
+    inflight: InFlight,
+    finish: FinishReason,
+) -> Option<verification::Delivered> {
+    if inflight.grammar.is_some() || inflight.inherited > 0 {
+        return None;
+    }
+    let segments = inflight
+        .segments
+        .iter()
+        .map(|segment| {
+            let node = state.node_ids_by_name.get(&segment.node).copied();
+            node.map(|node| (node, segment.completion_tokens))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(verification::Delivered {
+        generation: request,
+        public_id: inflight.public_id,
+        model: inflight.model,
+        prompt: inflight.prompt,
+        sampling: inflight.sampling,
+        max_tokens: inflight.max_tokens,
+        completion: inflight.committed,
+        logprobs: inflight.logprobs,
+        // With stop sequences an answer may have ended at one of them, which
+        // only the text shows: the end is then not checked.
+        ended_by_eos: finish == FinishReason::Stop && inflight.stop.is_empty(),
+        segments,
+    })
 }
 
 fn generation_id(request: RequestId, attempt: u32) -> String {

@@ -52,6 +52,11 @@ struct InFlight {
     /// They reach the client in one update once complete, before any token.
     prompt_scores: Option<Vec<CommittedToken>>,
     committed: Vec<i32>,
+    /// The log-probability each committed token came with, from the first
+    /// token committed here: what a verifier checks.
+    logprobs: Vec<f32>,
+    /// Tokens committed on another cell before this one took the generation.
+    inherited: usize,
     /// Structured output: the grammar's state after `committed`, which every
     /// token a vehicle sends must follow (a vehicle is not trusted to have
     /// applied it).
@@ -91,6 +96,8 @@ struct CoreState {
     /// Each vehicle's electricity price, given to the scheduler when it
     /// connects.
     energy_prices: crate::nodes::EnergyPrices,
+    /// Which answers are verified, by whom, and the nodes' trust.
+    verifications: verification::Verifications,
 }
 
 pub struct Core {
@@ -132,6 +139,10 @@ impl Core {
                 checkpoints: checkpoints::Checkpoints::default(),
                 recent_heads: heads::RecentHeads::default(),
                 energy_prices: crate::nodes::EnergyPrices::default(),
+                verifications: verification::Verifications::new(
+                    trust::VerificationPolicy::default(),
+                    random_secret(),
+                ),
             }),
             models,
             metrics,
@@ -143,6 +154,13 @@ impl Core {
     /// The vehicles' electricity prices, for those that connect from now on.
     pub fn set_energy_prices(&self, prices: crate::nodes::EnergyPrices) {
         self.lock().energy_prices = prices;
+    }
+
+    /// The verification policy and the secret its draws are keyed with, for
+    /// the nodes that connect from now on (a test fixes the secret; a cell
+    /// draws a random one when it starts).
+    pub fn set_verification(&self, policy: trust::VerificationPolicy, secret: trust::Secret) {
+        self.lock().verifications = verification::Verifications::new(policy, secret);
     }
 
     fn lock(&self) -> MutexGuard<'_, CoreState> {
@@ -207,7 +225,9 @@ impl Core {
                 stop: generation.stop,
                 top_logprobs: generation.top_logprobs,
                 prompt_scores,
+                inherited: generation.committed.len(),
                 committed: generation.committed,
+                logprobs: Vec::new(),
                 grammar,
                 node: None,
                 attempt: 0,
@@ -274,10 +294,13 @@ impl Core {
 
     /// A node passed the handshake. Returns its session, whose receiver feeds
     /// the node's outbound stream, and the token cancelled when the core
-    /// drops the session (the read loop stops on it).
+    /// drops the session (the read loop stops on it). `owner` is its owner's
+    /// name, which decides who may verify its answers; "" for none: the
+    /// platform's own node, whose answers are not verified.
     pub fn node_connected(
         &self,
         name: &str,
+        owner: &str,
         hello: &proto::Hello,
         outbound: mpsc::Sender<proto::CoordinatorMessage>,
         policy: scheduler::OwnerPolicy,
@@ -294,6 +317,7 @@ impl Core {
             // noticed dead: the old session's work moves first.
             self.drop_node(&mut state, now, node);
         }
+        state.verifications.connected(node, owner);
         let session = state.next_session;
         state.next_session += 1;
         let mut connected = ConnectedNode::new(name, session, outbound, hello);
@@ -350,6 +374,7 @@ impl Core {
             self.metrics.nodes_connected.fetch_sub(1, ORDER);
             self.metrics.nodes_lost.fetch_add(1, ORDER);
             self.handle(state, now, Event::NodeLost { node });
+            self.verifier_lost(state, node);
         }
     }
 
@@ -395,6 +420,7 @@ impl Core {
             self.drop_node(&mut state, now, node);
         }
         self.handle(&mut state, now, Event::Tick);
+        self.tick_checks(&mut state, now);
         state.drop_finished_checkpoints();
     }
 
@@ -493,6 +519,15 @@ impl Cell for Core {
     }
 }
 
+/// A secret for the verification draws from the operating system's
+/// generator: nobody outside this process can predict them.
+fn random_secret() -> trust::Secret {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    trust::Secret::new(bytes)
+}
+
 /// What was metered of `request` by `now`, as a cancel hands it back, or
 /// `None` if it is not in flight.
 fn metered_so_far(state: &CoreState, request: RequestId, now: Millis) -> Option<Metering> {
@@ -523,8 +558,10 @@ mod clock;
 mod contracts;
 mod dispatch;
 mod heads;
+mod verification;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use verification::{NodeTrust, QuarantineNotice};
 
 #[cfg(test)]
 mod tests;

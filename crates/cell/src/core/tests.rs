@@ -15,6 +15,32 @@ use cell_api::served::ServedModels;
 
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A plugged-in vehicle with one slot and the test model loaded.
+fn serving_hello() -> proto::Hello {
+    proto::Hello {
+        hardware: Some(proto::Hardware {
+            parallel_sequences: 1,
+            decode_tokens_per_second: 20.0,
+            prefill_tokens_per_second: 200.0,
+            ..proto::Hardware::default()
+        }),
+        models: vec![proto::CachedModel {
+            name: engine::testing::TEST_MODEL_NAME.to_owned(),
+            sha256: engine::testing::TEST_MODEL_SHA256.to_owned(),
+            size_bytes: 1,
+            loaded: true,
+        }],
+        state: Some(proto::VehicleState {
+            plugged_in: true,
+            charging: true,
+            state_of_charge: 0.8,
+            temperature_c: 30.0,
+            ..proto::VehicleState::default()
+        }),
+        ..proto::Hello::default()
+    }
+}
+
 struct Harness {
     clock: Arc<ManualClock>,
     core: Core,
@@ -68,37 +94,20 @@ impl Harness {
 
     /// Connects a plugged-in vehicle with one slot and the test model loaded.
     fn connect_serving(&mut self, name: &str) -> NodeSession {
-        let hello = proto::Hello {
-            hardware: Some(proto::Hardware {
-                parallel_sequences: 1,
-                decode_tokens_per_second: 20.0,
-                prefill_tokens_per_second: 200.0,
-                ..proto::Hardware::default()
-            }),
-            models: vec![proto::CachedModel {
-                name: engine::testing::TEST_MODEL_NAME.to_owned(),
-                sha256: engine::testing::TEST_MODEL_SHA256.to_owned(),
-                size_bytes: 1,
-                loaded: true,
-            }],
-            state: Some(proto::VehicleState {
-                plugged_in: true,
-                charging: true,
-                state_of_charge: 0.8,
-                temperature_c: 30.0,
-                ..proto::VehicleState::default()
-            }),
-            ..proto::Hello::default()
-        };
-        self.connect_with(name, &hello)
+        self.connect_with(name, &serving_hello())
     }
 
     fn connect_with(&mut self, name: &str, hello: &proto::Hello) -> NodeSession {
+        self.connect_owned(name, "", hello)
+    }
+
+    /// Connects a node of `owner` ("" for the platform's own).
+    fn connect_owned(&mut self, name: &str, owner: &str, hello: &proto::Hello) -> NodeSession {
         let (outbound, to_node) = mpsc::channel(16);
         self._to_nodes.push(to_node);
         let (session, _disconnect) =
             self.core
-                .node_connected(name, hello, outbound, OwnerPolicy::default());
+                .node_connected(name, owner, hello, outbound, OwnerPolicy::default());
         session
     }
 
@@ -357,4 +366,358 @@ fn of_two_equal_vehicles_the_one_with_cheaper_electricity_serves() {
     let _admitted = harness.core.submit(generation).expect("admitted");
     assert_eq!(assigned(&mut harness, 0), None);
     assert!(assigned(&mut harness, 1).is_some());
+}
+
+/// The first `Assign` waiting on node `index`'s channel, if any.
+fn assignment(harness: &mut Harness, index: usize) -> Option<proto::Assign> {
+    while let Ok(message) = harness._to_nodes[index].try_recv() {
+        if let Some(proto::coordinator_message::Kind::Assign(assign)) = message.kind {
+            return Some(assign);
+        }
+    }
+    None
+}
+
+/// A core whose draws are fixed and whose vehicles' passes are never
+/// audited, with `count` vehicles of different owners serving the test model.
+fn verifying_fleet(count: usize) -> (Harness, Vec<crate::nodes::NodeSession>) {
+    let mut harness = Harness::serving_the_test_model();
+    let policy = trust::VerificationPolicy {
+        audit: 0.0,
+        ..trust::VerificationPolicy::default()
+    };
+    harness
+        .core
+        .set_verification(policy, trust::Secret::from_seed(7));
+    let cars = (0..count)
+        .map(|index| {
+            let (name, owner) = (format!("car-{index}"), format!("owner-{index}"));
+            harness.connect_owned(&name, &owner, &serving_hello())
+        })
+        .collect();
+    (harness, cars)
+}
+
+/// Submits a generation, lets the vehicle it lands on answer `answer` and
+/// finish; returns that vehicle's index.
+fn serve(
+    harness: &mut Harness,
+    cars: &[crate::nodes::NodeSession],
+    public_id: &str,
+    answer: &[i32],
+) -> usize {
+    let mut generation = spot_generation(public_id, proto::Sampling::default(), 8);
+    generation.prompt = vec![1, 2, 3, 4];
+    let admitted = harness.core.submit(generation).expect("admitted");
+    let (producer, id) = (0..cars.len())
+        .find_map(|index| assigned(harness, index).map(|id| (index, id)))
+        .expect("an assignment");
+    harness.core.node_tokens(
+        cars[producer],
+        proto::TokenBatch {
+            generation_id: id.clone(),
+            tokens: tokens(answer, 0),
+        },
+    );
+    harness.core.node_done(
+        cars[producer],
+        proto::GenerationDone {
+            generation_id: id,
+            reason: proto::FinishReason::Stop as i32,
+            compute_ms: 100,
+            ..proto::GenerationDone::default()
+        },
+    );
+    drop(admitted);
+    producer
+}
+
+/// The vehicle a check was sent to, and the check.
+fn check_sent(harness: &mut Harness, count: usize) -> Option<(usize, proto::Assign)> {
+    (0..count).find_map(|index| {
+        assignment(harness, index)
+            .filter(|assign| assign.verify.is_some())
+            .map(|assign| (index, assign))
+    })
+}
+
+fn verdict(generation_id: &str, failed_at: Option<u32>) -> proto::Verified {
+    proto::Verified {
+        generation_id: generation_id.to_owned(),
+        checked: 3,
+        mismatches: u32::from(failed_at.is_some()),
+        first_mismatch_position: failed_at.unwrap_or(0),
+        first_mismatch: failed_at
+            .map(|_| "not the sampler's pick".to_owned())
+            .unwrap_or_default(),
+        compute_ms: 20,
+    }
+}
+
+/// A new vehicle's answer goes, once delivered, to a vehicle of another
+/// owner with the same prompt, sampling and tokens; its pass counts towards
+/// the producer's probation, and the verifier's time is the platform's share.
+#[test]
+fn a_delivered_answer_is_checked_by_another_owners_vehicle_and_its_pass_counts() {
+    let (mut harness, cars) = verifying_fleet(2);
+    let producer = serve(&mut harness, &cars, "chatcmpl-1", &[5, 6, 7]);
+    let (verifier, check) = check_sent(&mut harness, 2).expect("a check was sent");
+    assert_ne!(verifier, producer);
+    let answer = check.verify.expect("an answer to verify");
+    assert_eq!(answer.completion_tokens, [5, 6, 7]);
+    assert_eq!(answer.logprobs, [-0.5, -0.5, -0.5]);
+    assert!(
+        answer.ended_by_eos,
+        "it said it stopped, with no stop sequences"
+    );
+    assert_eq!(check.prompt_tokens, [1, 2, 3, 4]);
+    assert!(check.committed_tokens.is_empty());
+
+    harness
+        .core
+        .node_verified(cars[verifier], &verdict(&check.generation_id, None));
+    let producer_name = format!("car-{producer}");
+    let trust = harness.core.trust();
+    let record = trust.iter().find(|t| t.node == producer_name).unwrap();
+    assert_eq!(
+        record.state,
+        trust::TrustState::Probation { passed: 1, of: 10 }
+    );
+    assert_eq!((record.verified, record.passed), (1, 1));
+    assert!(harness.core.take_quarantines().is_empty());
+    let metrics = harness.core.metrics.render();
+    assert!(
+        metrics.contains("fleetgrid_verification_compute_share 0.1666"),
+        "20 ms of 120: {metrics}"
+    );
+    // The same verdict again is stale: nothing changes.
+    harness
+        .core
+        .node_verified(cars[verifier], &verdict(&check.generation_id, Some(0)));
+    assert_eq!(harness.core.trust(), trust);
+}
+
+/// A vehicle's failure is confirmed by a vehicle of a third owner; then the
+/// producer is disconnected, refused from now on, and its suspect answers
+/// go to the books.
+#[test]
+fn a_confirmed_failure_quarantines_the_producer_and_names_its_answers_for_clawback() {
+    let (mut harness, cars) = verifying_fleet(3);
+    let producer = serve(&mut harness, &cars, "chatcmpl-bad", &[5, 6, 7]);
+    let (first, check) = check_sent(&mut harness, 3).expect("a first check");
+    harness
+        .core
+        .node_verified(cars[first], &verdict(&check.generation_id, Some(1)));
+    assert!(
+        harness.core.take_quarantines().is_empty(),
+        "not on one vehicle's word"
+    );
+    let (second, again) = check_sent(&mut harness, 3).expect("a second check");
+    assert!(second != first && second != producer);
+    assert_eq!(again.verify, check.verify);
+    harness
+        .core
+        .node_verified(cars[second], &verdict(&again.generation_id, Some(1)));
+
+    let producer_name = format!("car-{producer}");
+    let notices = harness.core.take_quarantines();
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert_eq!(notices[0].node, producer_name);
+    assert_eq!(notices[0].suspects, ["chatcmpl-bad"]);
+    assert!(
+        notices[0].reason.contains("not the sampler's pick"),
+        "{}",
+        notices[0].reason
+    );
+    assert!(harness.core.is_quarantined(&producer_name));
+    assert!(!harness.core.connected_nodes().contains(&producer_name));
+    assert_eq!(harness.core.metrics.nodes_quarantined.load(ORDER), 1);
+}
+
+/// With no second verifier, one vehicle's failure quarantines no one: once
+/// the check has waited its longest, the answer counts as unverified.
+#[test]
+fn one_vehicles_failure_alone_quarantines_no_one() {
+    let (mut harness, cars) = verifying_fleet(2);
+    let producer = serve(&mut harness, &cars, "chatcmpl-1", &[5, 6, 7]);
+    let (verifier, check) = check_sent(&mut harness, 2).expect("a check");
+    harness
+        .core
+        .node_verified(cars[verifier], &verdict(&check.generation_id, Some(0)));
+    for car in &cars {
+        harness.core.heartbeat(*car, &proto::Heartbeat::default());
+    }
+    harness.clock.advance(super::verification::CHECK_WAIT_MAX);
+    for car in &cars {
+        harness.core.heartbeat(*car, &proto::Heartbeat::default());
+    }
+    harness.after(Duration::from_millis(1));
+    assert!(harness.core.take_quarantines().is_empty());
+    assert!(!harness.core.is_quarantined(&format!("car-{producer}")));
+    assert_eq!(harness.core.metrics.verifications_undecided.load(ORDER), 1);
+    assert_eq!(harness.core.connected_nodes().len(), 2);
+}
+
+/// A vehicle that fails an honest answer is outvoted by two that pass it,
+/// and quarantined for its false verdict; the producer is not.
+#[test]
+fn a_verifier_outvoted_on_its_failure_is_quarantined_for_a_false_verdict() {
+    let (mut harness, cars) = verifying_fleet(4);
+    let producer = serve(&mut harness, &cars, "chatcmpl-1", &[5, 6, 7]);
+    let (liar, check) = check_sent(&mut harness, 4).expect("a check");
+    harness
+        .core
+        .node_verified(cars[liar], &verdict(&check.generation_id, Some(0)));
+    let (second, check) = check_sent(&mut harness, 4).expect("a second check");
+    harness
+        .core
+        .node_verified(cars[second], &verdict(&check.generation_id, None));
+    let (third, check) = check_sent(&mut harness, 4).expect("a third check");
+    assert!(![producer, liar, second].contains(&third));
+    harness
+        .core
+        .node_verified(cars[third], &verdict(&check.generation_id, None));
+
+    let notices = harness.core.take_quarantines();
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert_eq!(notices[0].node, format!("car-{liar}"));
+    assert!(
+        notices[0].reason.contains("contradicted"),
+        "{}",
+        notices[0].reason
+    );
+    assert!(!harness.core.is_quarantined(&format!("car-{producer}")));
+}
+
+/// A vehicle that reports more compute than its attempt could have taken is
+/// quarantined at once; the answer itself reaches the client.
+#[test]
+fn a_vehicle_that_inflates_its_compute_is_quarantined() {
+    let (mut harness, cars) = verifying_fleet(2);
+    let mut generation = spot_generation("chatcmpl-inflated", proto::Sampling::default(), 8);
+    generation.prompt = vec![1, 2, 3, 4];
+    let mut admitted = harness.core.submit(generation).expect("admitted");
+    let (producer, id) = (0..cars.len())
+        .find_map(|index| assigned(&mut harness, index).map(|id| (index, id)))
+        .expect("an assignment");
+    harness.clock.advance(Duration::from_secs(1));
+    harness.core.node_tokens(
+        cars[producer],
+        proto::TokenBatch {
+            generation_id: id.clone(),
+            tokens: tokens(&[5, 6], 0),
+        },
+    );
+    let bound = crate::limits::compute_report_max_ms(1_000);
+    harness.core.node_done(
+        cars[producer],
+        proto::GenerationDone {
+            generation_id: id,
+            reason: proto::FinishReason::Stop as i32,
+            compute_ms: bound + 1,
+            ..proto::GenerationDone::default()
+        },
+    );
+    let mut finished = false;
+    while let Ok(update) = admitted.updates.try_recv() {
+        finished |= matches!(update, cell_api::Update::Finished { .. });
+    }
+    assert!(finished, "the answer was delivered");
+    let notices = harness.core.take_quarantines();
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert_eq!(notices[0].node, format!("car-{producer}"));
+    assert_eq!(notices[0].suspects, ["chatcmpl-inflated"]);
+    assert!(
+        notices[0].reason.contains("ms of compute"),
+        "{}",
+        notices[0].reason
+    );
+    assert!(harness.core.is_quarantined(&format!("car-{producer}")));
+}
+
+/// The platform's own nodes (enrolled without an owner) are not verified,
+/// and a confirmation goes to one of them, whose verdict decides.
+#[test]
+fn a_platform_node_confirms_a_failure_and_its_verdict_decides() {
+    let (mut harness, mut cars) = verifying_fleet(2);
+    let producer = serve(&mut harness, &cars, "chatcmpl-1", &[5, 6, 7]);
+    let (first, check) = check_sent(&mut harness, 2).expect("a check");
+    cars.push(harness.connect_with("datacenter-1", &serving_hello()));
+    harness
+        .core
+        .node_verified(cars[first], &verdict(&check.generation_id, Some(2)));
+    let (second, again) = check_sent(&mut harness, 3).expect("a confirmation");
+    assert_eq!(second, 2, "the platform's node confirms");
+    harness
+        .core
+        .node_verified(cars[second], &verdict(&again.generation_id, Some(2)));
+    let notices = harness.core.take_quarantines();
+    assert_eq!(notices.len(), 1);
+    assert_eq!(notices[0].node, format!("car-{producer}"));
+    assert!(harness
+        .core
+        .trust()
+        .iter()
+        .all(|t| t.node != "datacenter-1"));
+}
+
+#[test]
+fn the_platforms_own_nodes_answers_are_not_verified() {
+    let mut harness = Harness::serving_the_test_model();
+    let cars = [
+        harness.connect_serving("datacenter-1"),
+        harness.connect_serving("datacenter-2"),
+    ];
+    serve(&mut harness, &cars, "chatcmpl-1", &[5, 6, 7]);
+    assert!(check_sent(&mut harness, 2).is_none());
+    assert_eq!(harness.core.metrics.verifications_opened.load(ORDER), 0);
+}
+
+/// The owner first: a car that is unplugged verifies nothing; the check
+/// waits and goes to it once it is back.
+#[test]
+fn an_unplugged_car_is_given_no_check_until_it_is_back() {
+    let (mut harness, cars) = verifying_fleet(2);
+    let mut generation = spot_generation("chatcmpl-1", proto::Sampling::default(), 8);
+    generation.prompt = vec![1, 2, 3, 4];
+    let _admitted = harness.core.submit(generation).expect("admitted");
+    let (producer, id) = (0..cars.len())
+        .find_map(|index| assigned(&mut harness, index).map(|id| (index, id)))
+        .expect("an assignment");
+    let other = 1 - producer;
+    let plugged = |plugged_in: bool| proto::Heartbeat {
+        state: Some(proto::VehicleState {
+            plugged_in,
+            charging: plugged_in,
+            state_of_charge: 0.8,
+            temperature_c: 30.0,
+            ..proto::VehicleState::default()
+        }),
+        ..proto::Heartbeat::default()
+    };
+    harness.core.heartbeat(cars[other], &plugged(false));
+    harness.core.node_tokens(
+        cars[producer],
+        proto::TokenBatch {
+            generation_id: id.clone(),
+            tokens: tokens(&[5, 6], 0),
+        },
+    );
+    harness.core.node_done(
+        cars[producer],
+        proto::GenerationDone {
+            generation_id: id,
+            reason: proto::FinishReason::Stop as i32,
+            ..proto::GenerationDone::default()
+        },
+    );
+    assert!(
+        check_sent(&mut harness, 2).is_none(),
+        "sent to an unplugged car"
+    );
+
+    harness.core.heartbeat(cars[other], &plugged(true));
+    harness.after(Duration::from_millis(1));
+    let (verifier, _) = check_sent(&mut harness, 2).expect("the check, once it is back");
+    assert_eq!(verifier, other);
 }
