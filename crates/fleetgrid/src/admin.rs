@@ -345,6 +345,14 @@ pub enum NodesCommand {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Lift a node's quarantine (its answers failed verification): it may
+    /// connect again and starts probation, every answer verified. What was
+    /// clawed back stays clawed back.
+    Release {
+        name: String,
+        #[command(flatten)]
+        ledger: crate::ledger_cmd::LedgerArgs,
+    },
 }
 
 /// Prints what an agent is given (`agent --credential`): the credential
@@ -397,16 +405,39 @@ pub async fn nodes(command: NodesCommand) -> anyhow::Result<()> {
         NodesCommand::List { data_dir } => {
             let store = open_store(data_dir).await?;
             println!(
-                "{:<24} {:<16} {:<16} last seen (unix ms)",
-                "name", "owner", "home cell"
+                "{:<24} {:<16} {:<16} {:<12} last seen (unix ms)",
+                "name", "owner", "home cell", "trust"
             );
             for node in store.list_nodes().await? {
                 let seen = node
                     .last_seen_ms
                     .map_or_else(|| "never".to_string(), |ms| ms.to_string());
                 let home = store.home_cell(&node.name).await?.unwrap_or("-".into());
-                println!("{:<24} {:<16} {home:<16} {seen}", node.name, node.owner);
+                let trust = store
+                    .node_trust(&node.name)
+                    .await?
+                    .map_or_else(|| "probation".to_owned(), |trust| trust.state);
+                println!(
+                    "{:<24} {:<16} {home:<16} {trust:<12} {seen}",
+                    node.name, node.owner
+                );
             }
+        }
+        NodesCommand::Release { name, ledger } => {
+            let store = ledger.coordinator_store().await?;
+            if !store.release_node(&name, now_ms()).await? {
+                anyhow::bail!("node {name:?} is not quarantined");
+            }
+            let node = ::ledger::core::NodeId::new(name.as_str())?;
+            let released = ledger.open().await?.release_payouts(&node).await?;
+            eprintln!(
+                "released node {name}: it may connect again, in probation{}",
+                if released {
+                    "; its payouts are no longer held"
+                } else {
+                    ""
+                }
+            );
         }
     }
     Ok(())

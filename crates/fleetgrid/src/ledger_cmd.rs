@@ -40,7 +40,7 @@ pub struct LedgerArgs {
 impl LedgerArgs {
     /// Opens the ledger, first moving a ledger keyed by names to id keys
     /// (once; see `billing_accounts`).
-    async fn open(&self) -> anyhow::Result<Ledger> {
+    pub(crate) async fn open(&self) -> anyhow::Result<Ledger> {
         let dir = home::coordinator_dir(self.data_dir.clone());
         let ledger = billing::open_ledger(self.ledger_url.as_deref(), &dir).await?;
         let store = self.coordinator_store().await?;
@@ -54,7 +54,7 @@ impl LedgerArgs {
         Ok(AccountNames::load(&store).await?)
     }
 
-    async fn coordinator_store(&self) -> anyhow::Result<Store> {
+    pub(crate) async fn coordinator_store(&self) -> anyhow::Result<Store> {
         crate::admin::open_store(self.data_dir.clone()).await
     }
 
@@ -310,6 +310,9 @@ pub async fn ledger(command: LedgerCommand) -> anyhow::Result<()> {
                 report.transfers,
                 volume(report.volume_micro_usd)
             );
+            for (owner, owed) in &report.owed_by_owners {
+                println!("owed by owner {owner}: ${owed} (clawed back after a payout)");
+            }
             if !report.is_ok() {
                 bail!(
                     "the ledger failed verification with {} problem(s)",

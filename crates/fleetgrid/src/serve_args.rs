@@ -88,6 +88,10 @@ pub struct CellFlags {
     /// A node silent for this long is marked gone, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     pub heartbeat_timeout_ms: u64,
+    /// Answers of a new owned vehicle verified by recomputation before its rate starts to fall
+    /// (then max(3 %, 1/n) after n passes in a row); a large value verifies every answer.
+    #[arg(long, default_value_t = trust::VerificationPolicy::default().probation)]
+    pub verification_probation: u32,
     /// Slots a node gets before it has completed any generation, whatever it claims; it earns
     /// one more per completed generation, up to its claim.
     #[arg(long, default_value_t = scheduler::TrustConfig::default().unproven_slots_max)]
@@ -236,6 +240,7 @@ impl CellFlags {
             trust.stall_ceiling_ms = self.stall_ceiling_ms.max(self.stall_floor_ms);
         }
         config.kv_checkpoint_budget_bytes = self.kv_checkpoint_budget_mib.saturating_mul(1 << 20);
+        config.verification_probation = self.verification_probation;
     }
 }
 

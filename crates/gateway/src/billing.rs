@@ -247,6 +247,8 @@ pub struct Billing {
     holds: Holds,
     /// Stops the renewal of shared holds' leases when billing is dropped.
     _renewal: Option<DropGuard>,
+    /// Stops applying quarantined vehicles' clawbacks when billing is dropped.
+    _clawbacks: DropGuard,
     retries: Arc<settle_retry::SettlementRetries>,
     owners: Mutex<HashMap<String, (OwnerId, Instant)>>,
     /// Owners whose ledger account is known to exist.
@@ -290,12 +292,19 @@ impl Billing {
             gateway_id = holds.gateway().map(|id| id.as_str()),
             "ledger open"
         );
+        let clawbacks = crate::billing_clawbacks::Clawbacks {
+            ledger: Arc::clone(&ledger),
+            book: book.clone(),
+            store: store.clone(),
+        }
+        .spawn();
         Ok(Billing {
             ledger,
             book,
             prices: Arc::clone(&config.prices),
             holds,
             _renewal: renewal,
+            _clawbacks: clawbacks,
             retries: Arc::default(),
             owners: Mutex::new(HashMap::new()),
             opened_owners: Mutex::new(HashSet::new()),

@@ -120,15 +120,40 @@ async fn list_vehicles(State(state): State<AppState>, OwnerAuth(owner): OwnerAut
             Ok(policy) => policy,
             Err(error) => return error.into_response(),
         };
+        let trust = match state.store.node_trust(&vehicle.name).await {
+            Ok(trust) => trust,
+            Err(error) => {
+                tracing::error!(%error, node_id = %vehicle.name, "read vehicle trust");
+                return ApiError::internal().into_response();
+            }
+        };
         data.push(serde_json::json!({
             "id": vehicle.name,
             "object": "vehicle",
             "connected": capacity.holds(&vehicle.name),
             "last_seen_ms": vehicle.last_seen_ms,
             "policy": PolicyView::of(&policy),
+            "trust": trust_view(trust.as_ref()),
         }));
     }
     Json(serde_json::json!({ "object": "list", "owner": owner.name, "data": data })).into_response()
+}
+
+/// A vehicle's trust as its owner sees it: `probation` until its first
+/// answers are verified, `trusted`, or `quarantined` with the reason (no new
+/// work, its suspect earnings taken back). A vehicle no cell has recorded
+/// yet is in probation.
+fn trust_view(trust: Option<&store::trust::TrustRecord>) -> serde_json::Value {
+    match trust {
+        None => serde_json::json!({ "state": "probation", "verified": 0, "passed": 0 }),
+        Some(trust) => serde_json::json!({
+            "state": trust.state,
+            "verified": trust.verified,
+            "passed": trust.passed,
+            "reason": trust.reason,
+            "quarantined_ms": trust.quarantined_ms,
+        }),
+    }
 }
 
 async fn stored_policy(state: &AppState, node: &str) -> Result<scheduler::OwnerPolicy, ApiError> {

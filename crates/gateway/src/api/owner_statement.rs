@@ -153,6 +153,22 @@ fn statement_json(statement: &Statement) -> Value {
             })
         })
         .collect();
+    let clawbacks: Vec<Value> = statement
+        .clawbacks
+        .iter()
+        .take(STATEMENT_LINES_LISTED_MAX)
+        .map(|clawback| {
+            json!({
+                "request_id": clawback.request_id.as_str(),
+                "segment": clawback.segment.0,
+                "at_ms": clawback.at.0,
+                "reason": clawback.reason,
+                "revenue_share_usd": clawback.revenue_share.to_string(),
+                "energy_reimbursement_usd": clawback.energy_reimbursement.to_string(),
+                "total_usd": clawback.total().to_string(),
+            })
+        })
+        .collect();
     json!({
         "object": "vehicle.statement",
         "vehicle": statement.node.as_str(),
@@ -167,7 +183,13 @@ fn statement_json(statement: &Statement) -> Value {
         "energy_reimbursement_usd": totals.energy_reimbursement.to_string(),
         "earnings_usd": totals.earnings.to_string(),
         "earnings_micro_usd": totals.earnings.0,
+        // What verification took back of those earnings, and what is left.
+        "clawed_back_usd": totals.clawed_back.to_string(),
+        "net_earnings_usd": totals.net_earnings.to_string(),
+        "net_earnings_micro_usd": totals.net_earnings.0,
         "lines": lines,
+        "clawbacks": clawbacks,
+        "clawbacks_truncated": statement.clawbacks.len() > STATEMENT_LINES_LISTED_MAX,
         "lines_truncated": statement.lines.len() > STATEMENT_LINES_LISTED_MAX,
     })
 }
