@@ -1,0 +1,305 @@
+//! Untrusted vehicles end to end (issue 14): real agents on the real model
+//! verify each other's answers; two vehicles cheat, and each is quarantined,
+//! refused, and has its earnings clawed back on its owner's statement and in
+//! the ledger, while the honest ones are never flagged.
+//!
+//! The cheats live here, not in the product: a cheating vehicle is a real
+//! `fleetgrid agent` whose stream to the cell runs through a tampering proxy
+//! in this test, which rewrites what it sends — random tokens in place of
+//! its answer's, or ten times the compute it used. No build of the agent can
+//! cheat.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use common::{billed_options, Stack, WAIT};
+use futures::{Stream, StreamExt};
+use proto::agent_message::Kind as AgentKind;
+use serde_json::{json, Value};
+use stack::{AgentSpec, LogFile};
+use tonic::{Request, Response, Status, Streaming};
+
+/// Honest answers that must be verified, and pass, before the test ends.
+const HONEST_VERIFIED_MIN: i64 = 200;
+
+/// What a tampering proxy does to the agent's messages.
+#[derive(Clone, Copy, Debug)]
+enum Cheat {
+    /// Every token of its answers replaced by another of the vocabulary.
+    RandomTokens,
+    /// Ten times the compute it used, and a minute more.
+    InflatedCompute,
+}
+
+fn tamper(mut message: proto::AgentMessage, cheat: Cheat) -> proto::AgentMessage {
+    match (&mut message.kind, cheat) {
+        (Some(AgentKind::Tokens(batch)), Cheat::RandomTokens) => {
+            for token in &mut batch.tokens {
+                let mixed = u64::from(token.position) * 104_729 + token.token_id as u64 * 7_919;
+                token.token_id = ((mixed + 13) % 49_152) as i32;
+                // The text would give the forgery away before verification.
+                token.piece.clear();
+            }
+        }
+        (Some(AgentKind::Done(done)), Cheat::InflatedCompute) => {
+            done.compute_ms = done.compute_ms * 10 + 60_000;
+        }
+        _ => {}
+    }
+    message
+}
+
+/// A gRPC server that passes an agent's session through to the cell,
+/// tampering with what the agent sends.
+struct TamperingProxy {
+    cell: SocketAddr,
+    cheat: Cheat,
+}
+
+type Outbound = Pin<Box<dyn Stream<Item = Result<proto::CoordinatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl proto::coordinator_server::Coordinator for TamperingProxy {
+    type SessionStream = Outbound;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<proto::AgentMessage>>,
+    ) -> Result<Response<Outbound>, Status> {
+        let cheat = self.cheat;
+        let upstream = request
+            .into_inner()
+            .take_while(|message| futures::future::ready(message.is_ok()))
+            .filter_map(|message| futures::future::ready(message.ok()))
+            .map(move |message| tamper(message, cheat));
+        let mut client =
+            proto::coordinator_client::CoordinatorClient::connect(format!("http://{}", self.cell))
+                .await
+                .map_err(|error| Status::unavailable(error.to_string()))?
+                .max_decoding_message_size(proto::MESSAGE_BYTES_MAX);
+        let downstream = client.session(upstream).await?.into_inner();
+        Ok(Response::new(Box::pin(downstream)))
+    }
+}
+
+/// Starts a tampering proxy in front of `cell`; returns where agents dial it.
+async fn tampering_proxy(cell: SocketAddr, cheat: Cheat) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the proxy");
+    let address = listener.local_addr().expect("proxy address");
+    let service = proto::coordinator_server::CoordinatorServer::new(TamperingProxy { cell, cheat })
+        .max_decoding_message_size(proto::MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(proto::MESSAGE_BYTES_MAX);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    address
+}
+
+/// Enrols `name` under its own owner and starts its agent dialling `dial`;
+/// returns the owner's API key.
+fn vehicle(stack: &mut Stack, name: &str, dial: SocketAddr, parallel: u32, threads: u32) -> String {
+    let owner = format!("owner-of-{name}");
+    let key = stack.cli(&["owners", "create", &owner]);
+    let credential = stack.cli(&["nodes", "add", name, "--owner", &owner]);
+    let trace = stack.dir.path().join(format!("{name}.json"));
+    std::fs::write(&trace, common::PLUGGED_IN_TRACE).expect("write trace");
+    let spec = AgentSpec {
+        node_id: name.to_owned(),
+        credential,
+        vehicle_state: format!("sim:{}", trace.display()),
+        model: common::MODEL.to_owned(),
+        parallel,
+        threads,
+        log: LogFile::create(stack.dir.path().join(format!("{name}.log"))),
+    };
+    let agent = common::fleetgrid()
+        .agent(dial, &spec)
+        .unwrap_or_else(|error| panic!("{error}"));
+    stack.agents.push(agent);
+    key
+}
+
+/// The vehicle's trust as its owner sees it.
+async fn trust(stack: &Stack, owner_key: &str, name: &str) -> Value {
+    let (status, body) = stack.get_as(owner_key, "/owner/v1/vehicles").await;
+    assert_eq!(status, 200, "{body}");
+    body["data"]
+        .as_array()
+        .expect("vehicles")
+        .iter()
+        .find(|vehicle| vehicle["id"] == name)
+        .map(|vehicle| vehicle["trust"].clone())
+        .unwrap_or_else(|| panic!("{name} not listed: {body}"))
+}
+
+/// A short answer drawn at temperature 0.8 with its own seed.
+fn drawn_chat(seed: u64) -> Value {
+    json!({
+        "model": common::MODEL,
+        "messages": [{"role": "user", "content": format!("Name a colour and a fruit, #{seed}.")}],
+        "max_tokens": 12,
+        "temperature": 0.8,
+        "seed": seed,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cheating_vehicles_are_quarantined_and_clawed_back_and_honest_ones_never_flagged() {
+    // Every answer of an owned vehicle is verified: its probation never ends.
+    let (options, _prices) = billed_options(&["--verification-probation", "1000000"]);
+    let mut stack = Stack::start(options);
+    stack.unlimited_credit("test-tenant");
+    let cell = stack.grpc;
+    let mut owners = std::collections::BTreeMap::new();
+    // Honest vehicles that differ in threads and parallel sequences.
+    owners.insert("honest-a", vehicle(&mut stack, "honest-a", cell, 1, 1));
+    owners.insert("honest-b", vehicle(&mut stack, "honest-b", cell, 4, 2));
+    owners.insert("honest-c", vehicle(&mut stack, "honest-c", cell, 2, 1));
+    let random = tampering_proxy(cell, Cheat::RandomTokens).await;
+    owners.insert(
+        "cheat-random",
+        vehicle(&mut stack, "cheat-random", random, 2, 1),
+    );
+    let inflated = tampering_proxy(cell, Cheat::InflatedCompute).await;
+    owners.insert(
+        "cheat-compute",
+        vehicle(&mut stack, "cheat-compute", inflated, 2, 1),
+    );
+    stack
+        .wait_for_nodes(&[
+            "cheat-compute",
+            "cheat-random",
+            "honest-a",
+            "honest-b",
+            "honest-c",
+        ])
+        .await;
+
+    // Rounds of answers, enough at once for every vehicle to serve some,
+    // until both cheaters are out.
+    let deadline = tokio::time::Instant::now() + WAIT * 4;
+    let mut seed = 0;
+    let mut answered = 0;
+    loop {
+        let round: Vec<Value> = (0..10)
+            .map(|_| {
+                seed += 1;
+                drawn_chat(seed)
+            })
+            .collect();
+        let answers = futures::future::join_all(round.iter().map(|body| stack.chat(body))).await;
+        answered += answers.len();
+        let random_out = trust(&stack, &owners["cheat-random"], "cheat-random").await;
+        let compute_out = trust(&stack, &owners["cheat-compute"], "cheat-compute").await;
+        if random_out["state"] == "quarantined" && compute_out["state"] == "quarantined" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after {answered} answers: cheat-random {random_out}, cheat-compute {compute_out}; \
+             coordinator log:\n{}",
+            stack.log("coordinator")
+        );
+    }
+
+    let random_out = trust(&stack, &owners["cheat-random"], "cheat-random").await;
+    let reason = random_out["reason"].as_str().expect("a reason");
+    assert!(reason.contains("failed verification"), "{random_out}");
+    let compute_out = trust(&stack, &owners["cheat-compute"], "cheat-compute").await;
+    let reason = compute_out["reason"].as_str().expect("a reason");
+    assert!(reason.contains("ms of compute"), "{compute_out}");
+
+    // Neither serves again: later answers all come from honest vehicles.
+    for _ in 0..6 {
+        seed += 1;
+        let answer = stack.chat(&drawn_chat(seed)).await;
+        assert!(
+            answer["choices"][0]["finish_reason"].is_string(),
+            "{answer}"
+        );
+    }
+    let nodes = stack::probe::connected_nodes(&stack.client(), stack.http, &stack.api_key).await;
+    let nodes = nodes.expect("connected nodes");
+    assert!(
+        nodes.iter().all(|name| name.starts_with("honest-")),
+        "{nodes:?}"
+    );
+
+    // The owners' statements show what was taken back, and why.
+    for cheater in ["cheat-random", "cheat-compute"] {
+        let path = format!("/owner/v1/vehicles/{cheater}/statement");
+        let statement = wait_for_clawback(&stack, &owners[cheater], &path).await;
+        let clawbacks = statement["clawbacks"].as_array().expect("clawbacks");
+        assert!(!clawbacks.is_empty(), "{statement}");
+        assert!(
+            clawbacks
+                .iter()
+                .all(|line| line["reason"].as_str().is_some_and(|r| !r.is_empty())),
+            "{statement}"
+        );
+        let earned = statement["earnings_micro_usd"].as_i64().expect("earnings");
+        let net = statement["net_earnings_micro_usd"].as_i64().expect("net");
+        assert!(net < earned, "nothing taken back: {statement}");
+    }
+    stack.cli(&["ledger", "verify"]);
+
+    // The honest vehicles, with their different threads and parallel
+    // sequences, serve on until 200 of their answers are verified: every one
+    // passed.
+    let deadline = tokio::time::Instant::now() + WAIT * 6;
+    let verified = loop {
+        let mut verified = 0;
+        for honest in ["honest-a", "honest-b", "honest-c"] {
+            let record = trust(&stack, &owners[honest], honest).await;
+            assert_ne!(record["state"], "quarantined", "{honest}: {record}");
+            assert_eq!(record["verified"], record["passed"], "{honest}: {record}");
+            verified += record["verified"].as_i64().expect("a count");
+        }
+        if verified >= HONEST_VERIFIED_MIN {
+            break verified;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {verified} honest answers verified"
+        );
+        let round: Vec<Value> = (0..9)
+            .map(|_| {
+                seed += 1;
+                drawn_chat(seed)
+            })
+            .collect();
+        futures::future::join_all(round.iter().map(|body| stack.chat(body))).await;
+    };
+    eprintln!("honest answers verified, all passed: {verified}");
+    let share = stack.metric("fleetgrid_verification_compute_share").await;
+    assert!(share > 0.0 && share < 1.0, "verification share {share}");
+    eprintln!("answers before both cheaters were out: {answered}");
+}
+
+/// The statement at `path` once it shows a clawback (the books apply them
+/// a pass at a time).
+async fn wait_for_clawback(stack: &Stack, owner_key: &str, path: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, statement) = stack.get_as(owner_key, path).await;
+        assert_eq!(status, 200, "{statement}");
+        if statement["clawbacks"]
+            .as_array()
+            .is_some_and(|lines| !lines.is_empty())
+        {
+            return statement;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no clawback on {path}: {statement}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
