@@ -13,14 +13,13 @@
 #[macro_use]
 mod common;
 
-use common::{cloud_segment, node_segment};
+use common::{balance, cloud_segment, migrated_request, node_segment, open_parties, owner, tenant};
 use ledger::clawback::{ClawbackError, ClawbackOrder};
 use ledger::core::{
-    AccountId, Instrument, MicroUsd, NodeId, OwnerId, RequestId, Segment, TenantId, TimestampMs,
-    Transfer, TransferKind, TransferSpec,
+    AccountId, Instrument, MicroUsd, NodeId, RequestId, Segment, TimestampMs, TransferKind,
 };
 use ledger::payout::{PayoutAmount, PayoutError, PayoutOrder, PayoutRates};
-use ledger::pricing::{PriceBook, TenantClass};
+use ledger::pricing::PriceBook;
 use ledger::settlement::CompletedRequest;
 use ledger::statement::Period;
 use ledger::store::{verify, Store, StoreError};
@@ -37,20 +36,8 @@ const SEGMENT_1_CHARGE: i64 = 140;
 /// What bob earns for a request served by car-b alone.
 const SOLO_EARNED: i64 = ALICE_EARNED;
 
-fn tenant() -> TenantId {
-    TenantId::new("acme").unwrap()
-}
-
-fn owner(name: &str) -> OwnerId {
-    OwnerId::new(name).unwrap()
-}
-
 fn node(name: &str) -> NodeId {
     NodeId::new(name).unwrap()
-}
-
-async fn balance(store: &Store, account: AccountId) -> i64 {
-    store.account(&account).await.unwrap().unwrap().balance().0
 }
 
 async fn tenant_balance(store: &Store) -> i64 {
@@ -59,46 +46,6 @@ async fn tenant_balance(store: &Store) -> i64 {
 
 async fn owner_balance(store: &Store, name: &str) -> i64 {
     balance(store, AccountId::Owner(owner(name))).await
-}
-
-async fn open_parties(store: &Store) {
-    store
-        .open_account(&AccountId::Tenant(tenant()))
-        .await
-        .unwrap();
-    for name in ["alice", "bob"] {
-        store
-            .open_account(&AccountId::Owner(owner(name)))
-            .await
-            .unwrap();
-    }
-    let top_up = Transfer::new(TransferSpec {
-        kind: TransferKind::TopUp,
-        debit: AccountId::TenantDeposits,
-        credit: AccountId::Tenant(tenant()),
-        amount: MicroUsd(TOP_UP),
-        request_id: RequestId::new("topup-1").unwrap(),
-        segment: Segment(0),
-        quantity: 0,
-        at: TimestampMs(0),
-    })
-    .unwrap();
-    store.commit(&[top_up]).await.unwrap();
-}
-
-/// car-a then car-b, completed at `completed_ms`.
-fn migrated_request(id: &str, completed_ms: i64) -> CompletedRequest {
-    CompletedRequest {
-        request_id: RequestId::new(id).unwrap(),
-        tenant: tenant(),
-        class: TenantClass::Spot,
-        admitted_at: TimestampMs(completed_ms - 5_000),
-        completed_at: TimestampMs(completed_ms),
-        segments: vec![
-            node_segment(id, 0, "car-a", "alice", 1_000, 300, completed_ms - 5_000),
-            node_segment(id, 1, "car-b", "bob", 1_300, 700, completed_ms - 2_000),
-        ],
-    }
 }
 
 /// car-b alone, completed at `completed_ms`: bob earns what alice earns for
@@ -177,7 +124,7 @@ async fn reversals_of(store: &Store, request: &str) -> Vec<(TransferKind, Segmen
 /// segment and refunds that segment's part of the charge; car-a's segment
 /// of the same request is left alone.
 async fn clawback_after_settlement_reverses_only_the_cheating_node(store: &Store) {
-    open_parties(store).await;
+    open_parties(store, TOP_UP).await;
     let request = migrated_request("r1", 100_000);
     store.settle(&request, &common::book()).await.unwrap();
     assert_eq!(owner_balance(store, "bob").await, BOB_EARNED);
@@ -223,7 +170,7 @@ async fn clawback_after_settlement_reverses_only_the_cheating_node(store: &Store
 /// A cloud segment of a clawed-back request keeps its upstream cost, and
 /// the tenant gets back exactly the node's part of the charge.
 async fn an_escalated_tail_is_left_alone(store: &Store) {
-    open_parties(store).await;
+    open_parties(store, TOP_UP).await;
     let request = CompletedRequest {
         segments: vec![
             node_segment("r1", 0, "car-a", "alice", 1_000, 100, 95_000),
@@ -264,7 +211,7 @@ async fn an_escalated_tail_is_left_alone(store: &Store) {
 /// the settlement then posts the reversals itself, and both orders of
 /// events end with the same transfers and balances.
 async fn clawback_before_settlement_is_posted_when_the_request_settles(store: &Store) {
-    open_parties(store).await;
+    open_parties(store, TOP_UP).await;
     // r1: the verdict first.
     let early = store
         .claw_back(&order("car-b", &["r1"], 200_000), &common::book())
@@ -320,7 +267,7 @@ async fn clawback_before_settlement_is_posted_when_the_request_settles(store: &S
 /// The same order twice is the same as once, even with a later time or
 /// another reason: the first order's time and reason stay.
 async fn a_repeated_order_changes_nothing(store: &Store) {
-    open_parties(store).await;
+    open_parties(store, TOP_UP).await;
     store
         .settle(&migrated_request("r1", 100_000), &common::book())
         .await
@@ -375,7 +322,7 @@ async fn a_repeated_order_changes_nothing(store: &Store) {
 /// A clawback holds the node's payouts until the operator releases it;
 /// other owners are paid as usual, and so is a node held without an order.
 async fn payouts_are_refused_while_the_node_is_held(store: &Store) {
-    open_parties(store).await;
+    open_parties(store, TOP_UP).await;
     store
         .settle(&migrated_request("r1", 100_000), &common::book())
         .await
@@ -454,7 +401,7 @@ async fn payouts_are_refused_while_the_node_is_held(store: &Store) {
 /// The owner's statement lists what was taken back and why, and its CSV
 /// nets it in the total.
 async fn the_statement_shows_the_clawback_and_its_reason(store: &Store) {
-    open_parties(store).await;
+    open_parties(store, TOP_UP).await;
     store
         .settle(&migrated_request("r1", 100_000), &common::book())
         .await
@@ -514,7 +461,7 @@ async fn the_statement_shows_the_clawback_and_its_reason(store: &Store) {
 /// whole amount, the balance goes below zero by what was not there, verify
 /// reports it as owed, and the owner's next earnings repay it first.
 async fn a_clawback_of_paid_out_earnings_leaves_a_shortfall_owed(store: &Store) {
-    open_parties(store).await;
+    open_parties(store, TOP_UP).await;
     store
         .settle(&migrated_request("r1", 100_000), &common::book())
         .await
@@ -572,7 +519,7 @@ async fn a_clawback_of_paid_out_earnings_leaves_a_shortfall_owed(store: &Store) 
 /// reverse other amounts than were paid: the order is refused whole, and
 /// nothing is recorded.
 async fn another_price_book_is_refused(store: &Store) {
-    open_parties(store).await;
+    open_parties(store, TOP_UP).await;
     store
         .settle(&migrated_request("r1", 100_000), &common::book())
         .await
@@ -617,7 +564,7 @@ on_both_backends!(
 async fn a_verdict_racing_the_settlement_is_posted_once_on_postgres() {
     let ledger = common::postgres_store().await;
     let other = ledger.connect_again().await;
-    open_parties(&ledger.store).await;
+    open_parties(&ledger.store, TOP_UP).await;
     for round in 0..8 {
         let id = format!("race-{round}");
         let request = migrated_request(&id, 100_000);
@@ -643,7 +590,7 @@ async fn a_verdict_racing_the_settlement_is_posted_once_on_postgres() {
 async fn verify_detects_an_unreversed_order_on_sqlite() {
     use sqlx::Connection;
     let (store, dir) = common::sqlite_store().await;
-    open_parties(&store).await;
+    open_parties(&store, TOP_UP).await;
     store
         .settle(&migrated_request("r1", 100_000), &common::book())
         .await

@@ -4,69 +4,19 @@
 #[macro_use]
 mod common;
 
-use common::{cloud_segment, node_segment, CLOUD_MODEL, FLEET_MODEL};
+use common::{
+    balance, cloud_segment, migrated_request, open_parties, owner, tenant, CLOUD_MODEL, FLEET_MODEL,
+};
 use ledger::admission::{self, AdmissionRequest, PaymentRequired};
 use ledger::core::{
-    AccountId, Instrument, LedgerError, MicroUsd, NodeId, Outcome, OwnerId, Problem, RequestId,
-    Segment, TenantId, TimestampMs, TokenCount, Transfer, TransferKind, TransferSpec,
+    AccountId, Instrument, LedgerError, MicroUsd, NodeId, Outcome, Problem, RequestId, Segment,
+    TimestampMs, TokenCount, Transfer, TransferKind, TransferSpec,
 };
 use ledger::payout::{PayoutAmount, PayoutError, PayoutOrder, PayoutRates};
 use ledger::pricing::{PriceBook, TenantClass};
 use ledger::settlement::CompletedRequest;
 use ledger::statement::Period;
 use ledger::store::{verify, Store, StoreError};
-
-fn tenant() -> TenantId {
-    TenantId::new("acme").unwrap()
-}
-
-fn owner(name: &str) -> OwnerId {
-    OwnerId::new(name).unwrap()
-}
-
-async fn balance(store: &Store, account: AccountId) -> i64 {
-    store.account(&account).await.unwrap().unwrap().balance().0
-}
-
-async fn open_parties(store: &Store, top_up: i64) {
-    store
-        .open_account(&AccountId::Tenant(tenant()))
-        .await
-        .unwrap();
-    for name in ["alice", "bob"] {
-        store
-            .open_account(&AccountId::Owner(owner(name)))
-            .await
-            .unwrap();
-    }
-    let top_up = Transfer::new(TransferSpec {
-        kind: TransferKind::TopUp,
-        debit: AccountId::TenantDeposits,
-        credit: AccountId::Tenant(tenant()),
-        amount: MicroUsd(top_up),
-        request_id: RequestId::new("topup-1").unwrap(),
-        segment: Segment(0),
-        quantity: 0,
-        at: TimestampMs(0),
-    })
-    .unwrap();
-    store.commit(&[top_up]).await.unwrap();
-}
-
-fn migrated_request(id: &str, completed_ms: i64) -> CompletedRequest {
-    CompletedRequest {
-        request_id: RequestId::new(id).unwrap(),
-        tenant: tenant(),
-        class: TenantClass::Spot,
-        admitted_at: TimestampMs(completed_ms - 5_000),
-        completed_at: TimestampMs(completed_ms),
-        segments: vec![
-            node_segment(id, 0, "car-a", "alice", 1_000, 300, completed_ms - 5_000),
-            // Re-prefill of 1,300 tokens on car-b, then 700 more tokens.
-            node_segment(id, 1, "car-b", "bob", 1_300, 700, completed_ms - 2_000),
-        ],
-    }
-}
 
 async fn assert_verified(store: &Store) {
     let report = verify(store).await.unwrap();

@@ -11,13 +11,14 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use ledger::core::{
-    BasisPoints, DurationMs, MicroUsd, ModelId, NodeId, OwnerId, RequestId, Segment, TimestampMs,
-    TokenCount,
+    AccountId, BasisPoints, DurationMs, MicroUsd, ModelId, NodeId, OwnerId, RequestId, Segment,
+    TenantId, TimestampMs, TokenCount, Transfer, TransferKind, TransferSpec,
 };
 use ledger::metering::{
     meter_node_segment, NodeObservation, PowerProfile, Server, TimeOfUseTariff, UsageSegment,
 };
 use ledger::pricing::{Price, PriceBook, PriceSheet, TenantClass};
+use ledger::settlement::CompletedRequest;
 use ledger::store::Store;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::Connection;
@@ -225,4 +226,61 @@ macro_rules! on_both_backends {
             )*
         }
     };
+}
+
+/// The tenant of the two-owner fixture.
+pub fn tenant() -> TenantId {
+    TenantId::new("acme").unwrap()
+}
+
+pub fn owner(name: &str) -> OwnerId {
+    OwnerId::new(name).unwrap()
+}
+
+pub async fn balance(store: &Store, account: AccountId) -> i64 {
+    store.account(&account).await.unwrap().unwrap().balance().0
+}
+
+/// Opens the tenant's account, topped up with `top_up`, and those of the
+/// owners alice (car-a) and bob (car-b).
+pub async fn open_parties(store: &Store, top_up: i64) {
+    store
+        .open_account(&AccountId::Tenant(tenant()))
+        .await
+        .unwrap();
+    for name in ["alice", "bob"] {
+        store
+            .open_account(&AccountId::Owner(owner(name)))
+            .await
+            .unwrap();
+    }
+    let top_up = Transfer::new(TransferSpec {
+        kind: TransferKind::TopUp,
+        debit: AccountId::TenantDeposits,
+        credit: AccountId::Tenant(tenant()),
+        amount: MicroUsd(top_up),
+        request_id: RequestId::new("topup-1").unwrap(),
+        segment: Segment(0),
+        quantity: 0,
+        at: TimestampMs(0),
+    })
+    .unwrap();
+    store.commit(&[top_up]).await.unwrap();
+}
+
+/// A request of the tenant that ran on car-a, then moved to car-b (a
+/// re-prefill of 1,300 tokens there, then 700 more tokens), completed at
+/// `completed_ms`.
+pub fn migrated_request(id: &str, completed_ms: i64) -> CompletedRequest {
+    CompletedRequest {
+        request_id: RequestId::new(id).unwrap(),
+        tenant: tenant(),
+        class: TenantClass::Spot,
+        admitted_at: TimestampMs(completed_ms - 5_000),
+        completed_at: TimestampMs(completed_ms),
+        segments: vec![
+            node_segment(id, 0, "car-a", "alice", 1_000, 300, completed_ms - 5_000),
+            node_segment(id, 1, "car-b", "bob", 1_300, 700, completed_ms - 2_000),
+        ],
+    }
 }
