@@ -78,6 +78,16 @@ fn order(node_name: &str, requests: &[&str], at_ms: i64) -> ClawbackOrder {
 }
 
 /// One micro-dollar per unit, so any balance can be paid out exactly.
+/// Settles `request` on the test book.
+async fn settle(store: &Store, request: &CompletedRequest) -> ledger::store::SettleReceipt {
+    store.settle(request, &common::book()).await.unwrap()
+}
+
+/// Records `order` on the test book.
+async fn claw_back(store: &Store, order: &ClawbackOrder) -> ledger::store::ClawbackReceipt {
+    store.claw_back(order, &common::book()).await.unwrap()
+}
+
 fn rates() -> PayoutRates {
     PayoutRates::new([(Instrument::Cash, MicroUsd(1))]).unwrap()
 }
@@ -129,10 +139,7 @@ async fn clawback_after_settlement_reverses_only_the_cheating_node(store: &Store
     store.settle(&request, &common::book()).await.unwrap();
     assert_eq!(owner_balance(store, "bob").await, BOB_EARNED);
 
-    let receipt = store
-        .claw_back(&order("car-b", &["r1"], 200_000), &common::book())
-        .await
-        .unwrap();
+    let receipt = claw_back(store, &order("car-b", &["r1"], 200_000)).await;
     assert_eq!(receipt.requests_recorded, 1);
     assert_eq!(receipt.revenue_clawed_back, MicroUsd(BOB_SHARE));
     assert_eq!(receipt.energy_clawed_back, MicroUsd(BOB_ENERGY));
@@ -181,10 +188,7 @@ async fn an_escalated_tail_is_left_alone(store: &Store) {
     let settled = store.settle(&request, &common::book()).await.unwrap();
     // Prompt 100 + 100 tokens at $0.20/M = 20: segment 0 earned 120 of 1,080.
     assert_eq!(settled.charge, MicroUsd(1_080));
-    let receipt = store
-        .claw_back(&order("car-a", &["r1"], 200_000), &common::book())
-        .await
-        .unwrap();
+    let receipt = claw_back(store, &order("car-a", &["r1"], 200_000)).await;
     assert_eq!(receipt.refunded, MicroUsd(120));
     assert_eq!(owner_balance(store, "alice").await, 0);
     assert_eq!(tenant_balance(store).await, TOP_UP - 1_080 + 120);
@@ -213,17 +217,11 @@ async fn an_escalated_tail_is_left_alone(store: &Store) {
 async fn clawback_before_settlement_is_posted_when_the_request_settles(store: &Store) {
     open_parties(store, TOP_UP).await;
     // r1: the verdict first.
-    let early = store
-        .claw_back(&order("car-b", &["r1"], 200_000), &common::book())
-        .await
-        .unwrap();
+    let early = claw_back(store, &order("car-b", &["r1"], 200_000)).await;
     assert_eq!(early.requests_recorded, 1);
     assert!(early.transfers.is_empty());
     assert_eq!(early.refunded, MicroUsd(0));
-    let settled = store
-        .settle(&migrated_request("r1", 100_000), &common::book())
-        .await
-        .unwrap();
+    let settled = settle(store, &migrated_request("r1", 100_000)).await;
     assert!(settled
         .transfers
         .iter()
@@ -236,14 +234,8 @@ async fn clawback_before_settlement_is_posted_when_the_request_settles(store: &S
     );
 
     // r2: the settlement first, the same verdict after.
-    store
-        .settle(&migrated_request("r2", 100_000), &common::book())
-        .await
-        .unwrap();
-    store
-        .claw_back(&order("car-b", &["r2"], 200_000), &common::book())
-        .await
-        .unwrap();
+    settle(store, &migrated_request("r2", 100_000)).await;
+    claw_back(store, &order("car-b", &["r2"], 200_000)).await;
     assert_eq!(
         reversals_of(store, "r1").await,
         reversals_of(store, "r2").await
@@ -256,10 +248,7 @@ async fn clawback_before_settlement_is_posted_when_the_request_settles(store: &S
     );
     // A retried settlement of r1 finds everything posted.
     let count = store.transfer_count().await.unwrap();
-    store
-        .settle(&migrated_request("r1", 100_000), &common::book())
-        .await
-        .unwrap();
+    settle(store, &migrated_request("r1", 100_000)).await;
     assert_eq!(store.transfer_count().await.unwrap(), count);
     assert_verified(store).await;
 }
@@ -268,14 +257,8 @@ async fn clawback_before_settlement_is_posted_when_the_request_settles(store: &S
 /// another reason: the first order's time and reason stay.
 async fn a_repeated_order_changes_nothing(store: &Store) {
     open_parties(store, TOP_UP).await;
-    store
-        .settle(&migrated_request("r1", 100_000), &common::book())
-        .await
-        .unwrap();
-    let first = store
-        .claw_back(&order("car-b", &["r1", "r2"], 200_000), &common::book())
-        .await
-        .unwrap();
+    settle(store, &migrated_request("r1", 100_000)).await;
+    let first = claw_back(store, &order("car-b", &["r1", "r2"], 200_000)).await;
     assert_eq!(first.requests_recorded, 2);
     let count = store.transfer_count().await.unwrap();
     let balances = (
@@ -305,10 +288,7 @@ async fn a_repeated_order_changes_nothing(store: &Store) {
         balances
     );
     // r2 settles later with the first order's time.
-    store
-        .settle(&migrated_request("r2", 150_000), &common::book())
-        .await
-        .unwrap();
+    settle(store, &migrated_request("r2", 150_000)).await;
     assert!(reversals_of(store, "r2")
         .await
         .iter()
@@ -323,19 +303,10 @@ async fn a_repeated_order_changes_nothing(store: &Store) {
 /// other owners are paid as usual, and so is a node held without an order.
 async fn payouts_are_refused_while_the_node_is_held(store: &Store) {
     open_parties(store, TOP_UP).await;
-    store
-        .settle(&migrated_request("r1", 100_000), &common::book())
-        .await
-        .unwrap();
-    store
-        .claw_back(&order("car-b", &["r1"], 200_000), &common::book())
-        .await
-        .unwrap();
+    settle(store, &migrated_request("r1", 100_000)).await;
+    claw_back(store, &order("car-b", &["r1"], 200_000)).await;
     // Bob earns again on car-b, outside the suspect window.
-    store
-        .settle(&request_on_car_b("r2", 250_000), &common::book())
-        .await
-        .unwrap();
+    settle(store, &request_on_car_b("r2", 250_000)).await;
     assert_eq!(owner_balance(store, "bob").await, SOLO_EARNED);
 
     let error = store
@@ -373,10 +344,7 @@ async fn payouts_are_refused_while_the_node_is_held(store: &Store) {
     assert_eq!(owner_balance(store, "bob").await, 0);
 
     // A hold without a clawback (a quarantine for another reason).
-    store
-        .settle(&migrated_request("r3", 300_000), &common::book())
-        .await
-        .unwrap();
+    settle(store, &migrated_request("r3", 300_000)).await;
     let held = store
         .hold_payouts(&node("car-a"), "quarantined: false verdict", TimestampMs(1))
         .await
@@ -402,14 +370,8 @@ async fn payouts_are_refused_while_the_node_is_held(store: &Store) {
 /// nets it in the total.
 async fn the_statement_shows_the_clawback_and_its_reason(store: &Store) {
     open_parties(store, TOP_UP).await;
-    store
-        .settle(&migrated_request("r1", 100_000), &common::book())
-        .await
-        .unwrap();
-    store
-        .claw_back(&order("car-b", &["r1"], 200_000), &common::book())
-        .await
-        .unwrap();
+    settle(store, &migrated_request("r1", 100_000)).await;
+    claw_back(store, &order("car-b", &["r1"], 200_000)).await;
     let period = Period {
         from: TimestampMs(0),
         until: TimestampMs(1_000_000),
@@ -462,10 +424,7 @@ async fn the_statement_shows_the_clawback_and_its_reason(store: &Store) {
 /// reports it as owed, and the owner's next earnings repay it first.
 async fn a_clawback_of_paid_out_earnings_leaves_a_shortfall_owed(store: &Store) {
     open_parties(store, TOP_UP).await;
-    store
-        .settle(&migrated_request("r1", 100_000), &common::book())
-        .await
-        .unwrap();
+    settle(store, &migrated_request("r1", 100_000)).await;
     store
         .pay_out(
             &payout("p1", "bob", PayoutAmount::UpTo(MicroUsd(300))),
@@ -473,10 +432,7 @@ async fn a_clawback_of_paid_out_earnings_leaves_a_shortfall_owed(store: &Store) 
         )
         .await
         .unwrap();
-    let receipt = store
-        .claw_back(&order("car-b", &["r1"], 200_000), &common::book())
-        .await
-        .unwrap();
+    let receipt = claw_back(store, &order("car-b", &["r1"], 200_000)).await;
     assert_eq!(
         receipt.revenue_clawed_back.0 + receipt.energy_clawed_back.0,
         BOB_EARNED
@@ -501,10 +457,7 @@ async fn a_clawback_of_paid_out_earnings_leaves_a_shortfall_owed(store: &Store) 
     );
     // His next earnings repay the debt; only the rest can be paid out.
     for id in ["r2", "r3"] {
-        store
-            .settle(&request_on_car_b(id, 300_000), &common::book())
-            .await
-            .unwrap();
+        settle(store, &request_on_car_b(id, 300_000)).await;
     }
     let paid = store
         .pay_out(&payout("p2", "bob", PayoutAmount::All), &rates())
@@ -520,10 +473,7 @@ async fn a_clawback_of_paid_out_earnings_leaves_a_shortfall_owed(store: &Store) 
 /// nothing is recorded.
 async fn another_price_book_is_refused(store: &Store) {
     open_parties(store, TOP_UP).await;
-    store
-        .settle(&migrated_request("r1", 100_000), &common::book())
-        .await
-        .unwrap();
+    settle(store, &migrated_request("r1", 100_000)).await;
     let other = PriceBook::new(common::sheet(5_000, 2_000)).unwrap();
     let error = store
         .claw_back(&order("car-b", &["r1"], 200_000), &other)
@@ -538,10 +488,7 @@ async fn another_price_book_is_refused(store: &Store) {
     );
     assert_eq!(owner_balance(store, "bob").await, BOB_EARNED);
     assert!(store.payout_holds(&owner("bob")).await.unwrap().is_empty());
-    let receipt = store
-        .claw_back(&order("car-b", &["r1"], 200_000), &common::book())
-        .await
-        .unwrap();
+    let receipt = claw_back(store, &order("car-b", &["r1"], 200_000)).await;
     assert_eq!(receipt.requests_recorded, 1);
     assert_verified(store).await;
 }
@@ -591,10 +538,7 @@ async fn verify_detects_an_unreversed_order_on_sqlite() {
     use sqlx::Connection;
     let (store, dir) = common::sqlite_store().await;
     open_parties(&store, TOP_UP).await;
-    store
-        .settle(&migrated_request("r1", 100_000), &common::book())
-        .await
-        .unwrap();
+    settle(&store, &migrated_request("r1", 100_000)).await;
     let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
     let mut raw = sqlx::SqliteConnection::connect(&url).await.unwrap();
     sqlx::query(
