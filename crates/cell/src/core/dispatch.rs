@@ -506,7 +506,7 @@ impl Core {
         if let Some(what) = misreported {
             // The answer stands (the tenant's counts are ours); the node
             // that lied about its time does not.
-            self.misreported(&mut state, now, session.node, request, &what);
+            self.broke_the_rules(&mut state, now, session.node, Some(request), &what);
         }
     }
 

@@ -347,8 +347,9 @@ impl Core {
     /// A node broke the protocol (`node_input::Violation`, a bad KV
     /// checkpoint): it is counted, logged and disconnected — marked lost, so
     /// that its generations continue elsewhere from their committed tokens,
-    /// and its read loop stops reading. A session that is no longer current
-    /// was already dropped and is left alone.
+    /// and its read loop stops reading. An owned node is quarantined for it
+    /// too (no honest agent breaks the protocol). A session that is no
+    /// longer current was already dropped and is left alone.
     fn protocol_violation(&self, state: &mut CoreState, session: NodeSession, what: &str) {
         let Some(node) = state.nodes.get(&session.node) else {
             return;
@@ -358,7 +359,10 @@ impl Core {
         }
         self.metrics.node_protocol_violations.fetch_add(1, ORDER);
         tracing::warn!(node_id = %node.name, violation = %what, "node broke the protocol; disconnecting it");
-        self.drop_node(state, self.clock.now(), session.node);
+        let now = self.clock.now();
+        if !self.broke_the_rules(state, now, session.node, None, what) {
+            self.drop_node(state, now, session.node);
+        }
     }
 
     /// `protocol_violation` for a caller that does not hold the lock.

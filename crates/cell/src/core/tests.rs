@@ -721,3 +721,31 @@ fn an_unplugged_car_is_given_no_check_until_it_is_back() {
     let (verifier, _) = check_sent(&mut harness, 2).expect("the check, once it is back");
     assert_eq!(verifier, other);
 }
+
+/// An owned vehicle that breaks the protocol is quarantined, with its
+/// unverified answers; the platform's own node is only disconnected.
+#[test]
+fn an_owned_vehicle_that_breaks_the_protocol_is_quarantined() {
+    let (mut harness, mut cars) = verifying_fleet(1);
+    cars.push(harness.connect_with("datacenter-1", &serving_hello()));
+    let second_hello = proto::AgentMessage {
+        kind: Some(proto::agent_message::Kind::Hello(proto::Hello::default())),
+    };
+    let violation = crate::node_input::check_shape(&second_hello).unwrap_err();
+    for car in &cars {
+        harness
+            .core
+            .node_protocol_violation(*car, &violation.to_string());
+    }
+    let notices = harness.core.take_quarantines();
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert_eq!(notices[0].node, "car-0");
+    assert!(
+        notices[0].reason.contains("a second Hello"),
+        "{}",
+        notices[0].reason
+    );
+    assert!(harness.core.is_quarantined("car-0"));
+    assert!(!harness.core.is_quarantined("datacenter-1"));
+    assert!(harness.core.connected_nodes().is_empty());
+}

@@ -739,30 +739,37 @@ impl Core {
         }
     }
 
-    /// A node misreported what it is paid for (its compute time): it is
-    /// quarantined, with the generation it lied about among its suspects.
-    pub(super) fn misreported(
+    /// An owned node broke the rules: it sent what the protocol forbids, or
+    /// misreported what it is paid for (its compute time). No honest agent
+    /// does either, so it is quarantined, with `generation` (the one it lied
+    /// about, if any) among its suspects. Returns whether it was (the
+    /// platform's own nodes have no record and are only disconnected by the
+    /// caller).
+    pub(super) fn broke_the_rules(
         &self,
         state: &mut CoreState,
         now: Millis,
         node: NodeId,
-        generation: RequestId,
+        generation: Option<RequestId>,
         what: &str,
-    ) {
+    ) -> bool {
         let verifications = &mut state.verifications;
         let Some(record) = verifications.records.get_mut(&node) else {
-            return;
+            return false;
         };
         if record.is_quarantined() {
-            return;
+            return false;
         }
         let mut quarantine =
             record.quarantine(&verifications.policy, QuarantineReason::ProtocolViolation);
-        if !quarantine.suspects.contains(&generation) {
-            quarantine.suspects.push(generation);
+        if let Some(generation) = generation {
+            if !quarantine.suspects.contains(&generation) {
+                quarantine.suspects.push(generation);
+            }
         }
         verifications.changed.insert(node);
         self.quarantine(state, now, node, &quarantine, Some(what));
+        true
     }
 
     /// Quarantines a node: it is disconnected (its generations continue
