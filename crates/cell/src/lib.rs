@@ -199,6 +199,11 @@ async fn write_trust(core: Arc<Core>, store: Store, shutdown: CancellationToken)
         };
         let now = core::now_ms().0;
         for trust in core.take_trust_changes() {
+            // A quarantine is recorded with its reason below, and lifted only
+            // by the operator: a later count must not record it again.
+            if matches!(trust.state, trust::TrustState::Quarantined { .. }) {
+                continue;
+            }
             let record = store::trust::TrustRecord {
                 node: trust.node.clone(),
                 state: trust_state_name(&trust.state).to_owned(),
