@@ -218,6 +218,13 @@ async fn write_trust(core: Arc<Core>, store: Store, shutdown: CancellationToken)
             }
         }
         for notice in core.take_quarantines() {
+            if notice.forgotten > 0 {
+                tracing::warn!(
+                    node_id = %notice.node,
+                    forgotten = notice.forgotten,
+                    "suspect generations too old to name are not clawed back"
+                );
+            }
             let recorded = store
                 .quarantine_node(&notice.node, &notice.reason, &notice.suspects, notice.at_ms)
                 .await;
