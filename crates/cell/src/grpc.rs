@@ -353,23 +353,37 @@ async fn read_agent(
                 break;
             }
         };
-        if let Err(violation) = node_input::check_shape(&message) {
-            core.node_protocol_violation(session, &violation.to_string());
+        if !handle_agent_message(&core, session, message) {
             break;
-        }
-        match message.kind {
-            Some(AgentKind::Heartbeat(heartbeat)) => core.heartbeat(session, &heartbeat),
-            Some(AgentKind::Tokens(batch)) => core.node_tokens(session, batch),
-            Some(AgentKind::Done(done)) => core.node_done(session, done),
-            Some(AgentKind::Failed(failed)) => core.node_failed(session, failed),
-            Some(AgentKind::Checkpoint(piece)) => core.node_checkpoint(session, piece),
-            Some(AgentKind::PromptLogprobs(scores)) => core.node_prompt_logprobs(session, scores),
-            Some(AgentKind::Verified(verified)) => core.node_verified(session, &verified),
-            // `check_shape` refused these.
-            Some(AgentKind::Hello(_)) | None => break,
         }
     }
     core.node_lost(session);
+}
+
+/// Hands one message of an authenticated agent's session to the core, after
+/// checking its shape; `false` when the session must end (a message that
+/// breaks the protocol, which the core has dealt with).
+pub fn handle_agent_message(
+    core: &Core,
+    session: NodeSession,
+    message: proto::AgentMessage,
+) -> bool {
+    if let Err(violation) = node_input::check_shape(&message) {
+        core.node_protocol_violation(session, &violation.to_string());
+        return false;
+    }
+    match message.kind {
+        Some(AgentKind::Heartbeat(heartbeat)) => core.heartbeat(session, &heartbeat),
+        Some(AgentKind::Tokens(batch)) => core.node_tokens(session, batch),
+        Some(AgentKind::Done(done)) => core.node_done(session, done),
+        Some(AgentKind::Failed(failed)) => core.node_failed(session, failed),
+        Some(AgentKind::Checkpoint(piece)) => core.node_checkpoint(session, piece),
+        Some(AgentKind::PromptLogprobs(scores)) => core.node_prompt_logprobs(session, scores),
+        Some(AgentKind::Verified(verified)) => core.node_verified(session, &verified),
+        // `check_shape` refused these.
+        Some(AgentKind::Hello(_)) | None => return false,
+    }
+    true
 }
 
 /// Wraps the agent service so that the first message of every stream — the

@@ -477,4 +477,124 @@ mod tests {
         let nan = Section::parse(&theirs, 4, None).unwrap();
         assert!(parsed.tail_distance(&nan, 2).is_infinite());
     }
+
+    /// The committed corpus of checkpoint sections the fuzzer starts from
+    /// (`tests/corpus/kv_checkpoint`; `FLEETGRID_WRITE_CORPUS=1` rewrites the
+    /// seeds below).
+    fn corpus() -> Vec<(String, Vec<u8>)> {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/kv_checkpoint");
+        if std::env::var_os("FLEETGRID_WRITE_CORPUS").is_some() {
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut seeds = vec![
+                ("valid-1", section(1, &[0])),
+                ("valid-4", section(4, &[0, 1, 2, 3])),
+                ("positions-out-of-order", section(3, &[0, 2, 1])),
+                ("position-max", section(2, &[0, i32::MAX])),
+                ("position-negative", section(2, &[0, -1])),
+            ];
+            let mut huge = section(2, &[0, 1]);
+            huge[..4].copy_from_slice(&u32::MAX.to_ne_bytes());
+            seeds.push(("cell-count-huge", huge));
+            let valid = section(4, &[0, 1, 2, 3]);
+            seeds.push(("truncated", valid[..valid.len() - 3].to_vec()));
+            let mut layers = valid.clone();
+            let at = 4 + 4 * CELL_META_BYTES + 4;
+            layers[at..at + 4].copy_from_slice(&u32::MAX.to_ne_bytes());
+            seeds.push(("layers-huge", layers));
+            for (name, bytes) in seeds {
+                std::fs::write(dir.join(format!("{name}.bin")), bytes).unwrap();
+            }
+        }
+        let mut corpus: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+            .expect("the committed corpus")
+            .map(|entry| {
+                let path = entry.unwrap().path();
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                (name, std::fs::read(&path).unwrap())
+            })
+            .collect();
+        corpus.sort();
+        assert!(
+            corpus.len() >= 8,
+            "the corpus is missing: {}",
+            dir.display()
+        );
+        corpus
+    }
+
+    /// Whatever a node sends as a checkpoint, parsing never panics, and what
+    /// it accepts is a section of exactly the tokens asked, of this engine's
+    /// shape, whose head re-parses.
+    fn parse_is_total(bytes: &[u8], tokens: usize, shape: &Shape) {
+        let Ok(parsed) = Section::parse(bytes, tokens, Some(shape)) else {
+            return;
+        };
+        assert_eq!(parsed.cells, tokens);
+        assert_eq!(&parsed.shape(), shape);
+        for head in [1, tokens] {
+            let cut = parsed.head(head);
+            let again = Section::parse(&cut, head, Some(shape)).expect("a head parses");
+            assert_eq!(again.cells, head);
+        }
+    }
+
+    #[test]
+    fn the_corpus_parses_as_it_should() {
+        let shape = Section::parse(&section(4, &[0, 1, 2, 3]), 4, None)
+            .unwrap()
+            .shape();
+        for (name, bytes) in corpus() {
+            let accepted =
+                (1..=4).any(|tokens| Section::parse(&bytes, tokens, Some(&shape)).is_ok());
+            assert_eq!(accepted, name.starts_with("valid"), "{name}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 20_000,
+            failure_persistence: None,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// Mutations of the corpus: bytes overwritten, words overwritten with
+        /// extreme values, cuts and repeats.
+        #[test]
+        fn a_mutated_checkpoint_never_panics_the_parser(
+            seed in 0_usize..64,
+            writes in proptest::collection::vec((0_usize..4096, proptest::prelude::any::<u8>()), 0..8),
+            words in proptest::collection::vec((0_usize..1024, proptest::sample::select(vec![0_u32, 1, 2, u32::MAX, i32::MAX as u32, 0x8000_0000])), 0..4),
+            cut in proptest::option::of(0_usize..4096),
+            repeat in proptest::option::of((0_usize..256, 0_usize..256)),
+            tokens in 1_usize..6,
+        ) {
+            static CORPUS: std::sync::OnceLock<Vec<(String, Vec<u8>)>> = std::sync::OnceLock::new();
+            let corpus = CORPUS.get_or_init(corpus);
+            let shape = Section::parse(&section(4, &[0, 1, 2, 3]), 4, None).unwrap().shape();
+            let mut bytes = corpus[seed % corpus.len()].1.clone();
+            for (at, byte) in writes {
+                if !bytes.is_empty() {
+                    let at = at % bytes.len();
+                    bytes[at] = byte;
+                }
+            }
+            for (word, value) in words {
+                let at = word * 4;
+                if at + 4 <= bytes.len() {
+                    bytes[at..at + 4].copy_from_slice(&value.to_ne_bytes());
+                }
+            }
+            if let Some((from, length)) = repeat {
+                if from + length <= bytes.len() {
+                    let piece = bytes[from..from + length].to_vec();
+                    bytes.splice(from..from, piece);
+                }
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut);
+            }
+            parse_is_total(&bytes, tokens, &shape);
+        }
+    }
 }
