@@ -13,6 +13,7 @@ pub mod limits;
 pub mod metrics;
 pub mod node_input;
 pub mod nodes;
+pub mod testing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use cell::core::{Core, ManualClock};
 use cell::metrics::Metrics;
 use cell::nodes::NodeSession;
-use cell_api::served::{PieceTable, ServedModels};
+use cell_api::served::ServedModels;
 use domain::TimestampMs;
 use proptest::prelude::*;
 use prost::Message;
@@ -24,45 +24,11 @@ const MAX_TOKENS: u32 = 6;
 
 fn served() -> Arc<ServedModels> {
     static SERVED: std::sync::OnceLock<Arc<ServedModels>> = std::sync::OnceLock::new();
-    Arc::clone(SERVED.get_or_init(|| {
-        let tokenizer = engine::Tokenizer::load(&engine::testing::test_model_path()).unwrap();
-        let pieces = PieceTable::build(&tokenizer);
-        let mut served = ServedModels::default();
-        served.add(
-            engine::testing::TEST_MODEL_NAME.to_owned(),
-            engine::testing::TEST_MODEL_SHA256.to_owned(),
-            tokenizer,
-            pieces,
-            2048,
-            0,
-        );
-        Arc::new(served)
-    }))
+    Arc::clone(SERVED.get_or_init(|| Arc::new(cell::testing::served_test_model())))
 }
 
 fn hello() -> proto::Hello {
-    proto::Hello {
-        hardware: Some(proto::Hardware {
-            parallel_sequences: 2,
-            decode_tokens_per_second: 20.0,
-            prefill_tokens_per_second: 200.0,
-            ..proto::Hardware::default()
-        }),
-        models: vec![proto::CachedModel {
-            name: engine::testing::TEST_MODEL_NAME.to_owned(),
-            sha256: engine::testing::TEST_MODEL_SHA256.to_owned(),
-            size_bytes: 1,
-            loaded: true,
-        }],
-        state: Some(proto::VehicleState {
-            plugged_in: true,
-            charging: true,
-            state_of_charge: 0.8,
-            temperature_c: 30.0,
-            ..proto::VehicleState::default()
-        }),
-        ..proto::Hello::default()
-    }
+    cell::testing::serving_hello(2)
 }
 
 /// A cell with an owned vehicle and the platform's own node, and two

@@ -17,28 +17,7 @@ const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A plugged-in vehicle with one slot and the test model loaded.
 fn serving_hello() -> proto::Hello {
-    proto::Hello {
-        hardware: Some(proto::Hardware {
-            parallel_sequences: 1,
-            decode_tokens_per_second: 20.0,
-            prefill_tokens_per_second: 200.0,
-            ..proto::Hardware::default()
-        }),
-        models: vec![proto::CachedModel {
-            name: engine::testing::TEST_MODEL_NAME.to_owned(),
-            sha256: engine::testing::TEST_MODEL_SHA256.to_owned(),
-            size_bytes: 1,
-            loaded: true,
-        }],
-        state: Some(proto::VehicleState {
-            plugged_in: true,
-            charging: true,
-            state_of_charge: 0.8,
-            temperature_c: 30.0,
-            ..proto::VehicleState::default()
-        }),
-        ..proto::Hello::default()
-    }
+    crate::testing::serving_hello(1)
 }
 
 struct Harness {
@@ -55,19 +34,7 @@ impl Harness {
 
     /// A core serving the test model (its tokenizer is loaded; nothing runs).
     fn serving_the_test_model() -> Harness {
-        let path = engine::testing::test_model_path();
-        let tokenizer = engine::Tokenizer::load(&path).expect("load the tokenizer");
-        let pieces = cell_api::served::PieceTable::build(&tokenizer);
-        let mut served = ServedModels::default();
-        served.add(
-            engine::testing::TEST_MODEL_NAME.to_owned(),
-            engine::testing::TEST_MODEL_SHA256.to_owned(),
-            tokenizer,
-            pieces,
-            2048,
-            0,
-        );
-        Harness::serving(served)
+        Harness::serving(crate::testing::served_test_model())
     }
 
     fn serving(served: ServedModels) -> Harness {
