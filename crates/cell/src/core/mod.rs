@@ -317,7 +317,7 @@ impl Core {
             // noticed dead: the old session's work moves first.
             self.drop_node(&mut state, now, node);
         }
-        state.verifications.connected(node, owner);
+        state.verifications.connected(node, name, owner);
         let session = state.next_session;
         state.next_session += 1;
         let mut connected = ConnectedNode::new(name, session, outbound, hello);

@@ -90,7 +90,8 @@ pub(super) struct Verifications {
     records: HashMap<NodeId, NodeRecord>,
     /// Owner names interned as the numbers `trust::Case` compares.
     owner_numbers: HashMap<String, u64>,
-    /// Each node's owner, by node.
+    /// Each node's name and owner, by node.
+    names: HashMap<NodeId, String>,
     owners: HashMap<NodeId, (String, u64)>,
     /// Nodes enrolled without an owner: the operator's own (datacenter
     /// nodes, test vehicles). Nobody is paid for their answers, which are
@@ -162,6 +163,7 @@ impl Verifications {
             secret,
             records: HashMap::new(),
             owner_numbers: HashMap::new(),
+            names: HashMap::new(),
             owners: HashMap::new(),
             platform: BTreeSet::new(),
             checks: HashMap::new(),
@@ -174,8 +176,9 @@ impl Verifications {
         }
     }
 
-    /// A node connected under `owner` ("" for none: the platform's own).
-    pub(super) fn connected(&mut self, node: NodeId, owner: &str) {
+    /// Node `name` connected under `owner` ("" for none: the platform's own).
+    pub(super) fn connected(&mut self, node: NodeId, name: &str, owner: &str) {
+        self.names.entry(node).or_insert_with(|| name.to_owned());
         if owner.is_empty() {
             self.platform.insert(node);
             self.owners.remove(&node);
@@ -398,18 +401,14 @@ impl Core {
     /// The trust of every node whose record changed since the last call.
     pub fn take_trust_changes(&self) -> Vec<NodeTrust> {
         let mut state = self.lock();
-        let changed = std::mem::take(&mut state.verifications.changed);
-        let names: HashMap<NodeId, &String> = state
-            .node_ids_by_name
-            .iter()
-            .map(|(name, node)| (*node, name))
-            .collect();
+        let verifications = &mut state.verifications;
+        let changed = std::mem::take(&mut verifications.changed);
         changed
             .into_iter()
             .filter_map(|node| {
-                let (trust, verified, passed) = state.verifications.trust_of(node)?;
+                let (trust, verified, passed) = verifications.trust_of(node)?;
                 Some(NodeTrust {
-                    node: (*names.get(&node)?).clone(),
+                    node: verifications.names.get(&node)?.clone(),
                     state: trust,
                     verified,
                     passed,
@@ -783,13 +782,8 @@ impl Core {
         quarantine: &Quarantine,
         what: Option<&str>,
     ) {
-        let name = state
-            .node_ids_by_name
-            .iter()
-            .find(|(_, id)| **id == node)
-            .map(|(name, _)| name.clone())
-            .unwrap_or_default();
         let verifications = &mut state.verifications;
+        let name = verifications.names.get(&node).cloned().unwrap_or_default();
         let owner = verifications
             .owners
             .get(&node)
