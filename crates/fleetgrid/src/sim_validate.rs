@@ -12,7 +12,11 @@
 //!    this machine's cores).
 //! 3. The simulator runs the window with the scenario made runnable here
 //!    (`sim::validate::scenario`) and records what its world did: every
-//!    plug-in, announced departure, unplug and request arrival.
+//!    plug-in, announced departure, unplug and request arrival. When fewer
+//!    vehicles than the calibration's agents are plugged in during the
+//!    window, no more generations than vehicles ever run at once there: the
+//!    calibration is run again at that many, and the window simulated again
+//!    with it.
 //! 4. One agent per vehicle that was plugged in during the window replays
 //!    its recorded sessions as a `sim:` trace; a client replays every
 //!    recorded request at its time, with its tenant class's key, prompt and
@@ -177,75 +181,39 @@ pub async fn run(base: Scenario, args: ValidateArgs) -> anyhow::Result<()> {
     let mut running = Stack::new(fleetgrid, coordinator);
     let http = format!("http://{}", running.http());
     let client = reqwest::Client::new();
-
-    // Calibration, on agents that are not members of the stack: they leave
-    // before the window.
-    eprintln!("fleetgrid sim --validate: calibrating {calibrating} agents at once");
-    let always = traces.join("calibration.json");
-    std::fs::write(&always, stack::ALWAYS_PLUGGED_IN_TRACE)?;
-    let mut calibration_agents = Vec::new();
-    for (name, credential) in calibration_credentials {
-        calibration_agents.push(running.fleetgrid().agent(
-            running.grpc(),
-            &AgentSpec {
-                node_id: name.clone(),
-                credential,
-                vehicle_state: format!("sim:{}", always.display()),
-                model: args.model.clone(),
-                parallel: 1,
-                threads: args.threads,
-                log: LogFile::create(logs.join(format!("{name}.log"))),
-            },
-        )?);
-    }
-    running
-        .wait_for_vehicles(u64::from(calibrating), STARTUP_TIMEOUT)
-        .await?;
-    let (calibration, class_clients) =
-        calibrate(&client, &http, &args, &base, &classes, calibrating).await?;
-    stack::stop_all(calibration_agents.iter_mut()).await;
-    let prompt_tokens = calibration.prompt_tokens;
-
-    // The simulator's run of the window.
-    let validation = validate::scenario(
-        &base,
-        &args.model,
-        &calibration,
-        args.vehicles,
-        args.start_minute,
-        args.busy,
-    );
     let prices = ledger::price_file::PriceConfig::parse_json(&price_sheet.to_string())
         .context("the validation's price sheet")?;
-    let options = Options {
-        window: Some(Window {
-            start_minute: args.start_minute,
-            arrival_minutes: args.minutes,
-            drain_minutes: args.drain_minutes,
-        }),
-        ..Options::days(args.vehicles, 1, args.seed)
+    let calibrating_on = Calibrating {
+        running: &running,
+        client: &client,
+        http: &http,
+        args: &args,
+        base: &base,
+        keys: &classes,
+        credentials: &calibration_credentials,
+        trace: traces.join("calibration.json"),
+        logs: &logs,
     };
-    let outcome = sim::Run::new(&validation.scenario, &prices, options)?.run();
-    if !outcome.anomalies.is_empty() || outcome.settlement_failures > 0 {
-        bail!(
-            "the simulator saw anomalies {:?} and {} settlement failures",
-            outcome.anomalies,
-            outcome.settlement_failures
-        );
+
+    // Calibration at `busy + 1` generations at once, then the simulator's
+    // run of the window. A window whose vehicles are fewer than that never
+    // runs as many at once (each serves one at a time): it is calibrated
+    // again at as many generations as it has vehicles, and simulated again.
+    let (mut calibration, mut class_clients) = calibrating_on.run(calibrating, 0).await?;
+    let mut simulation = simulate(&base, &args, &calibration, &prices)?;
+    let plugged = simulation.used.len() as u32;
+    if (1..calibrating).contains(&plugged) {
+        (calibration, class_clients) = calibrating_on.run(plugged, 3 * calibrating + 1).await?;
+        simulation = simulate(&base, &args, &calibration, &prices)?;
     }
-    let simulated = Figures::of_outcome(&outcome);
-    let recording = outcome.recording.clone().expect("a window run records");
-    let arrivals = validate::arrivals(&recording);
-    let mut used: Vec<u32> = recording
-        .events
-        .iter()
-        .filter_map(|event| match event {
-            sim::Recorded::PlugIn { vehicle, .. } => Some(*vehicle),
-            _ => None,
-        })
-        .collect();
-    used.sort_unstable();
-    used.dedup();
+    let prompt_tokens = calibration.prompt_tokens;
+    let Simulation {
+        validation,
+        simulated,
+        recording,
+        arrivals,
+        used,
+    } = simulation;
 
     // The real run of the same window.
     let lead = LEAD_BASE + LEAD_PER_AGENT * used.len() as u32;
@@ -429,6 +397,129 @@ fn price_sheet(
     Ok(sheet)
 }
 
+/// The simulator's run of the window, and what the real run replays of it.
+struct Simulation {
+    validation: validate::ValidationScenario,
+    simulated: Figures,
+    recording: sim::Recording,
+    arrivals: Vec<(u64, TenantClass)>,
+    /// The vehicles plugged in during the window, in order.
+    used: Vec<u32>,
+}
+
+fn simulate(
+    base: &Scenario,
+    args: &ValidateArgs,
+    calibration: &Calibration,
+    prices: &ledger::price_file::PriceConfig,
+) -> anyhow::Result<Simulation> {
+    let validation = validate::scenario(
+        base,
+        &args.model,
+        calibration,
+        args.vehicles,
+        args.start_minute,
+        args.busy,
+    );
+    let options = Options {
+        window: Some(Window {
+            start_minute: args.start_minute,
+            arrival_minutes: args.minutes,
+            drain_minutes: args.drain_minutes,
+        }),
+        ..Options::days(args.vehicles, 1, args.seed)
+    };
+    let outcome = sim::Run::new(&validation.scenario, prices, options)?.run();
+    if !outcome.anomalies.is_empty() || outcome.settlement_failures > 0 {
+        bail!(
+            "the simulator saw anomalies {:?} and {} settlement failures",
+            outcome.anomalies,
+            outcome.settlement_failures
+        );
+    }
+    let simulated = Figures::of_outcome(&outcome);
+    let recording = outcome.recording.clone().expect("a window run records");
+    let arrivals = validate::arrivals(&recording);
+    let mut used: Vec<u32> = recording
+        .events
+        .iter()
+        .filter_map(|event| match event {
+            sim::Recorded::PlugIn { vehicle, .. } => Some(*vehicle),
+            _ => None,
+        })
+        .collect();
+    used.sort_unstable();
+    used.dedup();
+    Ok(Simulation {
+        validation,
+        simulated,
+        recording,
+        arrivals,
+        used,
+    })
+}
+
+/// What a calibration runs on: the stack, and the calibration cars' names
+/// and credentials.
+struct Calibrating<'a> {
+    running: &'a Stack,
+    client: &'a reqwest::Client,
+    http: &'a str,
+    args: &'a ValidateArgs,
+    base: &'a Scenario,
+    keys: &'a [String],
+    credentials: &'a [(String, String)],
+    trace: PathBuf,
+    logs: &'a Path,
+}
+
+impl Calibrating<'_> {
+    /// Starts `at_once` calibration agents, calibrates on them and stops
+    /// them. Prompts are numbered from `serial_base`, so that no agent meets
+    /// a prompt head an earlier calibration left.
+    async fn run(
+        &self,
+        at_once: u32,
+        serial_base: u32,
+    ) -> anyhow::Result<(Calibration, Vec<Arc<ClassClient>>)> {
+        eprintln!("fleetgrid sim --validate: calibrating {at_once} agents at once");
+        std::fs::write(&self.trace, stack::ALWAYS_PLUGGED_IN_TRACE)?;
+        let mut agents = Vec::new();
+        for (name, credential) in self.credentials.iter().take(at_once as usize) {
+            agents.push(self.running.fleetgrid().agent(
+                self.running.grpc(),
+                &AgentSpec {
+                    node_id: name.clone(),
+                    credential: credential.clone(),
+                    vehicle_state: format!("sim:{}", self.trace.display()),
+                    model: self.args.model.clone(),
+                    parallel: 1,
+                    threads: self.args.threads,
+                    log: LogFile::create(self.logs.join(format!("{name}-{serial_base}.log"))),
+                },
+            )?);
+        }
+        let calibrated = async {
+            self.running
+                .wait_for_vehicles(u64::from(at_once), STARTUP_TIMEOUT)
+                .await?;
+            calibrate(
+                self.client,
+                self.http,
+                self.args,
+                self.base,
+                self.keys,
+                at_once,
+                serial_base as usize,
+            )
+            .await
+        }
+        .await;
+        stack::stop_all(agents.iter_mut()).await;
+        calibrated
+    }
+}
+
 /// Request `serial`'s prompt: `fillers` sentences after its number, which
 /// makes it differ from every other from its first tokens (no node answers
 /// it from a kept prompt head).
@@ -445,17 +536,26 @@ async fn calibrate(
     base: &Scenario,
     keys: &[String],
     at_once: u32,
+    serial_base: usize,
 ) -> anyhow::Result<(Calibration, Vec<Arc<ClassClient>>)> {
     // Tokens per filler sentence: two prompts' usage apart (the chat
     // template's own tokens cancel).
     const LONGER_BY: usize = 20;
-    let short = timed(client, http, &keys[0], &args.model, &prompt(0, 1), 1).await?;
+    let short = timed(
+        client,
+        http,
+        &keys[0],
+        &args.model,
+        &prompt(serial_base, 1),
+        1,
+    )
+    .await?;
     let long = timed(
         client,
         http,
         &keys[0],
         &args.model,
-        &prompt(0, 1 + LONGER_BY),
+        &prompt(serial_base, 1 + LONGER_BY),
         1,
     )
     .await?;
@@ -483,7 +583,7 @@ async fn calibrate(
         // agent reuses no earlier prompt's prefix, which would make its
         // prefill look faster than the window's.
         let requests = (0..at_once).map(|number| {
-            let serial = 1 + class.index() * at_once as usize + number as usize;
+            let serial = serial_base + 1 + class.index() * at_once as usize + number as usize;
             let text = prompt(serial, fillers);
             async move { timed(client, http, key, &args.model, &text, demand.answer_tokens).await }
         });
