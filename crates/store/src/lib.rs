@@ -35,6 +35,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::sqlite::SqliteConnectOptions;
 
 pub mod cells;
+pub mod certificates;
 pub mod changes;
 pub mod contracts;
 mod database;
