@@ -44,6 +44,9 @@ pub struct AgentService {
     /// The cell's shutdown: it ends every agent session, so that vehicles fail over to another
     /// cell at once instead of holding streams that graceful shutdown would wait for.
     pub shutdown: CancellationToken,
+    /// Agents over mTLS: a node authenticates by its certificate, bound to its node id, instead of
+    /// its credential (`crate::tls`).
+    pub tls: Option<Arc<crate::tls::CellTls>>,
 }
 
 /// Places for agent streams that have not yet authenticated:
@@ -136,8 +139,13 @@ fn refusal(code: proto::RefusalCode, reason: String) -> OutboundStream {
 }
 
 impl AgentService {
-    /// Checks a `Hello`; `Err` carries the refusal to send back.
-    async fn check_hello(&self, hello: &proto::Hello) -> Result<(), (proto::RefusalCode, String)> {
+    /// Checks a `Hello`, and over mTLS the certificate the stream presented; `Err` carries the
+    /// refusal to send back.
+    async fn check_hello(
+        &self,
+        hello: &proto::Hello,
+        presented: Option<&Result<pki::Presented, pki::PkiError>>,
+    ) -> Result<(), (proto::RefusalCode, String)> {
         if hello.protocol_version != proto::PROTOCOL_VERSION {
             return Err((
                 proto::RefusalCode::ProtocolVersion,
@@ -147,6 +155,35 @@ impl AgentService {
                     proto::PROTOCOL_VERSION
                 ),
             ));
+        }
+        if self.tls.is_some() {
+            let presented =
+                match presented {
+                    Some(Ok(presented)) => presented,
+                    Some(Err(error)) => {
+                        return Err((
+                            proto::RefusalCode::BadCredential,
+                            format!("unusable client certificate: {error}"),
+                        ))
+                    }
+                    None => return Err((
+                        proto::RefusalCode::BadCredential,
+                        "this cell takes agents over mTLS only: enrol the agent with the token \
+                         'fleetgrid nodes add' printed to get its certificate"
+                            .into(),
+                    )),
+                };
+            return match crate::tls::check_certificate(&self.store, presented, &hello.node_id).await
+            {
+                Ok(()) => Ok(()),
+                Err(crate::tls::CertificateRefusal::Refused(reason)) => {
+                    Err((proto::RefusalCode::BadCredential, reason))
+                }
+                Err(crate::tls::CertificateRefusal::Storage) => Err((
+                    proto::RefusalCode::Unspecified,
+                    "coordinator storage error; retry later".into(),
+                )),
+            };
         }
         let stored = match self.store.node_credential_hash(&hello.node_id).await {
             Ok(stored) => stored,
@@ -187,6 +224,7 @@ impl proto::coordinator_server::Coordinator for AgentService {
         // Nothing of a stream is read before it holds one of the few places
         // for streams that have not yet authenticated.
         let address = request.remote_addr().map(|address| address.ip());
+        let presented = crate::tls::presented(&request);
         let Some(unauthenticated) = self.handshakes.try_take(address) else {
             self.core
                 .metrics
@@ -215,7 +253,7 @@ impl proto::coordinator_server::Coordinator for AgentService {
             Ok(Err(status)) => return Err(status),
             Err(_) => return Err(Status::deadline_exceeded("no Hello within the time limit")),
         };
-        let checked = self.check_hello(&hello).await;
+        let checked = self.check_hello(&hello, presented.as_ref()).await;
         drop(unauthenticated);
         if let Err((code, reason)) = checked {
             tracing::warn!(node_id = %hello.node_id, ?code, %reason, "refusing agent");
@@ -296,14 +334,31 @@ impl proto::coordinator_server::Coordinator for AgentService {
                 tracing::warn!(%error, node_id = %name, "record node last seen");
             }
         });
-        tokio::spawn(read_agent(
+        // Over mTLS the session is bound to its certificate: revoking it closes the session.
+        let close = CancellationToken::new();
+        let binding = match (&self.tls, &presented) {
+            (Some(tls), Some(Ok(presented))) => Some((
+                Arc::clone(&tls.sessions),
+                tls.sessions.bind(&hello.node_id, presented, close.clone()),
+            )),
+            _ => None,
+        };
+        let reading = read_agent(
             Arc::clone(&self.core),
             session,
             disconnect,
+            close,
             self.shutdown.clone(),
             inbound,
-            hello.node_id,
-        ));
+            hello.node_id.clone(),
+        );
+        let name = hello.node_id;
+        tokio::spawn(async move {
+            reading.await;
+            if let Some((sessions, id)) = binding {
+                sessions.unbind(&name, id);
+            }
+        });
         let stream = ReceiverStream::new(receiver).map(Ok);
         Ok(Response::new(Box::pin(stream)))
     }
@@ -321,6 +376,7 @@ async fn read_agent(
     core: Arc<Core>,
     session: NodeSession,
     disconnect: CancellationToken,
+    revoked: CancellationToken,
     shutdown: CancellationToken,
     mut inbound: Streaming<proto::AgentMessage>,
     name: String,
@@ -329,6 +385,10 @@ async fn read_agent(
         let received = tokio::select! {
             _ = disconnect.cancelled() => {
                 tracing::info!(node_id = %name, "stopped reading a dropped session");
+                break;
+            }
+            _ = revoked.cancelled() => {
+                tracing::warn!(node_id = %name, "ending the session: its certificate was revoked or expired");
                 break;
             }
             _ = shutdown.cancelled() => {

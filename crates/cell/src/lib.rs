@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod node_input;
 pub mod nodes;
 pub mod testing;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,6 +47,10 @@ pub struct CellConfig {
     /// Answers of a new vehicle verified before its rate starts to fall
     /// (`trust::VerificationPolicy::probation`).
     pub verification_probation: u32,
+    /// Agents over mTLS, with certificates from the deployment's node
+    /// authority (`tls`); `None`: plain gRPC, each node's credential in its
+    /// `Hello`, for one machine's loopback.
+    pub agent_tls: Option<tls::AgentTlsConfig>,
 }
 
 impl CellConfig {
@@ -63,6 +68,7 @@ impl CellConfig {
             kv_checkpoint_budget_bytes: limits::KV_CHECKPOINT_BYTES_BUDGET,
             energy_prices: nodes::EnergyPrices::default(),
             verification_probation: trust::VerificationPolicy::default().probation,
+            agent_tls: None,
         }
     }
 }
@@ -76,6 +82,10 @@ pub enum CellError {
     },
     #[error("read policy and contract changes: {0}")]
     Store(#[from] store::StoreError),
+    #[error("agents' TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("agents' TLS configuration: {0}")]
+    TlsConfig(#[from] tonic::transport::Error),
 }
 
 /// A running cell.
@@ -144,6 +154,28 @@ pub async fn start(
         shutdown.clone(),
     ));
 
+    let agent_tls = match &config.agent_tls {
+        Some(tls_config) => Some(Arc::new(tls::CellTls::prepare(&store, tls_config).await?)),
+        None => None,
+    };
+    if let Some(agent_tls) = &agent_tls {
+        tokio::spawn(tls::watch_revocations(
+            store.clone(),
+            Arc::clone(&agent_tls.sessions),
+            shutdown.clone(),
+        ));
+    }
+    let enrolment = agent_tls.as_ref().map(|agent_tls| {
+        proto::enrolment_server::EnrolmentServer::new(tls::EnrolmentService {
+            store: store.clone(),
+            tls: Arc::clone(agent_tls),
+        })
+        .max_decoding_message_size(limits::ENROLMENT_MESSAGE_BYTES_MAX)
+    });
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(agent_tls) = &agent_tls {
+        builder = builder.tls_config(agent_tls.server.clone())?;
+    }
     let service = grpc::AgentService {
         core: Arc::clone(&core),
         store,
@@ -151,8 +183,9 @@ pub async fn start(
         heartbeat_timeout: config.heartbeat_timeout,
         handshakes: Arc::default(),
         shutdown: shutdown.clone(),
+        tls: agent_tls,
     };
-    let server = tonic::transport::Server::builder()
+    let server = builder
         .http2_keepalive_interval(Some(config.heartbeat_interval))
         .max_concurrent_streams(Some(limits::AGENT_STREAMS_PER_CONNECTION_MAX))
         .initial_stream_window_size(Some(limits::AGENT_STREAM_WINDOW_BYTES))
@@ -164,6 +197,7 @@ pub async fn start(
                 .max_encoding_message_size(proto::MESSAGE_BYTES_MAX),
             metrics: Arc::clone(&metrics),
         })
+        .add_optional_service(enrolment)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.cancelled().await
         });

@@ -72,6 +72,10 @@ pub const REQUEST_LOG_CAPACITY: usize = 4096;
 /// few hundred bytes per cached model.
 pub const HELLO_BYTES_MAX: usize = 16 * 1024;
 
+/// Largest `Enrol` or `Renew` call: a node's certificate request is well
+/// under a kilobyte.
+pub const ENROLMENT_MESSAGE_BYTES_MAX: usize = 16 * 1024;
+
 /// Agent streams that have not yet passed the handshake, at once; more are
 /// refused with `RESOURCE_EXHAUSTED` before anything of theirs is read.
 pub const UNAUTHENTICATED_SESSIONS_MAX: usize = 64;

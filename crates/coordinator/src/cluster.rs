@@ -210,8 +210,12 @@ pub async fn serve_cell(
         shutdown.clone(),
     )
     .await?;
-    let advertised = advertised_url(role.advertise.as_deref(), cell.grpc)
-        .map_err(CoordinatorError::Advertise)?;
+    let advertised = advertised_url(
+        role.advertise.as_deref(),
+        cell.grpc,
+        config.agent_tls.is_some(),
+    )
+    .map_err(CoordinatorError::Advertise)?;
     let nats = connect_nats(
         &cluster.nats,
         &format!("{NATS_CELL_NAME_PREFIX}{}", role.id),
@@ -269,27 +273,32 @@ pub async fn serve_cell(
 
 /// The URL agents dial for a cell listening on `grpc`: `advertise` when
 /// given, else the address it listens on, which must then be one another
-/// machine can dial.
-fn advertised_url(advertise: Option<&str>, grpc: SocketAddr) -> Result<String, String> {
+/// machine can dial; `https://` when agents come over mTLS (`secure`).
+fn advertised_url(
+    advertise: Option<&str>,
+    grpc: SocketAddr,
+    secure: bool,
+) -> Result<String, String> {
+    let scheme = if secure { "https://" } else { "http://" };
     let Some(advertise) = advertise.map(str::trim) else {
         if grpc.ip().is_unspecified() {
             return Err(format!(
                 "the cell listens on {grpc}, which no agent can dial: give --advertise HOST:PORT"
             ));
         }
-        return Ok(format!("http://{grpc}"));
+        return Ok(format!("{scheme}{grpc}"));
     };
-    let host_port = advertise.strip_prefix("http://").unwrap_or(advertise);
+    let host_port = advertise.strip_prefix(scheme).unwrap_or(advertise);
     let valid = host_port
         .rsplit_once(':')
         .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
-        && !host_port.contains(['/', '@', ',', ' ']);
+        && !host_port.contains(['/', '@', ',', ' ', '#']);
     if !valid {
         return Err(format!(
-            "--advertise {advertise:?}: expected HOST:PORT or http://HOST:PORT"
+            "--advertise {advertise:?}: expected HOST:PORT or {scheme}HOST:PORT"
         ));
     }
-    Ok(format!("http://{host_port}"))
+    Ok(format!("{scheme}{host_port}"))
 }
 
 /// Renews the cell's record every `CELL_SEEN_INTERVAL` until `shutdown`,
@@ -356,7 +365,7 @@ mod tests {
     fn a_cell_advertises_what_agents_can_dial() {
         let loopback = "127.0.0.1:7070".parse().expect("addr");
         let anywhere = "0.0.0.0:7070".parse().expect("addr");
-        let url = |advertise: Option<&str>, grpc| advertised_url(advertise, grpc).ok();
+        let url = |advertise: Option<&str>, grpc| advertised_url(advertise, grpc, false).ok();
         assert_eq!(
             url(None, loopback).as_deref(),
             Some("http://127.0.0.1:7070")
@@ -379,5 +388,12 @@ mod tests {
         ] {
             assert_eq!(url(Some(bad), loopback), None, "{bad}");
         }
+        let secure = |advertise: Option<&str>| advertised_url(advertise, loopback, true).ok();
+        assert_eq!(secure(None).as_deref(), Some("https://127.0.0.1:7070"));
+        assert_eq!(
+            secure(Some("https://10.0.0.7:7070")).as_deref(),
+            Some("https://10.0.0.7:7070")
+        );
+        assert_eq!(secure(Some("http://10.0.0.7:7070")), None);
     }
 }

@@ -75,6 +75,8 @@ pub struct CoordinatorConfig {
     pub kv_checkpoint_budget_bytes: usize,
     /// Answers of a new vehicle verified before its rate starts to fall.
     pub verification_probation: u32,
+    /// Agents over mTLS (`cell::tls`); `None`: plain gRPC with credentials.
+    pub agent_tls: Option<cell::tls::AgentTlsConfig>,
     /// The gateway's bounds on connections, header, body and request times.
     pub http: limits::HttpLimits,
     /// Prefix affinity: a cell's scheduler prefers the vehicle holding the
@@ -107,6 +109,7 @@ impl CoordinatorConfig {
             kv_checkpoint_budget_bytes: limits::KV_CHECKPOINT_BYTES_BUDGET,
             verification_probation: cell::CellConfig::new(([127, 0, 0, 1], 0).into())
                 .verification_probation,
+            agent_tls: None,
             http: limits::HttpLimits::default(),
             prefix_affinity: true,
             idempotency: billing_idempotency::IdempotencyConfig::default(),
@@ -249,6 +252,7 @@ fn cell_config(config: &CoordinatorConfig) -> cell::CellConfig {
         kv_checkpoint_budget_bytes: config.kv_checkpoint_budget_bytes,
         energy_prices: energy_prices(&config.billing),
         verification_probation: config.verification_probation,
+        agent_tls: config.agent_tls.clone(),
     }
 }
 
