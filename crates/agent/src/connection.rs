@@ -25,6 +25,7 @@ use tonic::Streaming;
 
 use crate::backoff::{Backoff, BackoffConfig};
 use crate::runner::{EngineExecutor, Executor, Runner};
+use crate::tls::NodeTls;
 use crate::vehicle::{VehicleReader, VehicleStateAdapter};
 use crate::{AgentConfig, AgentError};
 
@@ -136,6 +137,7 @@ impl Node {
         engine: Engine,
         speed: &SpeedReport,
         vehicle: Box<dyn VehicleStateAdapter>,
+        over_tls: bool,
     ) -> Node {
         let info = engine.info();
         let hardware = proto::Hardware {
@@ -155,7 +157,12 @@ impl Node {
         }];
         let identity = NodeIdentity {
             node_id: config.node_id.clone(),
-            credential: config.credential.clone(),
+            // Over mTLS the certificate authenticates the node; the token was spent enrolling it.
+            credential: if over_tls {
+                String::new()
+            } else {
+                config.credential.clone()
+            },
             hardware,
             models,
         };
@@ -196,9 +203,9 @@ pub fn endpoint(url: &str) -> Result<Endpoint, AgentError> {
         url: url.to_owned(),
         reason,
     };
-    if !url.starts_with("http://") {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(invalid(
-            "expected http://HOST:PORT (this build has no TLS support)".to_owned(),
+            "expected https://HOST:PORT (mTLS) or http://HOST:PORT".to_owned(),
         ));
     }
     let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| invalid(e.to_string()))?;
@@ -220,19 +227,39 @@ pub struct CellLink {
 
 #[derive(Clone, Debug)]
 enum Link {
-    /// A new HTTP/2 connection for every session: a vehicle's own link.
-    Dial(Box<Endpoint>),
+    /// A new HTTP/2 connection for every session: a vehicle's own link; over mTLS with the node's
+    /// current certificate when it has one.
+    Dial(Box<Endpoint>, Option<Arc<NodeTls>>),
     /// Sessions share one HTTP/2 connection (which reconnects by itself): many simulated vehicles
     /// in one load-generator process.
     Shared(Channel),
 }
 
 impl CellLink {
-    /// A cell dialled afresh for every session.
+    /// A cell dialled afresh for every session, in plain gRPC.
     pub fn dial(url: &str) -> Result<CellLink, AgentError> {
+        CellLink::dial_with(url, None)
+    }
+
+    /// A cell dialled afresh for every session, over mTLS with `tls` when given: an `https://`
+    /// URL needs it, an `http://` one must not have it.
+    pub fn dial_with(url: &str, tls: Option<Arc<NodeTls>>) -> Result<CellLink, AgentError> {
+        let secure = url.starts_with("https://");
+        if secure != tls.is_some() {
+            return Err(AgentError::InvalidCoordinatorUrl {
+                url: url.to_owned(),
+                reason: if secure {
+                    "an https:// cell needs the node's certificate: give the enrolment token \
+                     that carries the authority's pin (#sha256:...)"
+                        .to_owned()
+                } else {
+                    "a node enrolled for mTLS dials https:// cells".to_owned()
+                },
+            });
+        }
         Ok(CellLink {
             url: url.to_owned(),
-            link: Link::Dial(Box::new(endpoint(url)?)),
+            link: Link::Dial(Box::new(endpoint(url)?), tls),
         })
     }
 
@@ -251,7 +278,14 @@ impl CellLink {
 
     async fn connect(&self) -> Result<Channel, String> {
         match &self.link {
-            Link::Dial(endpoint) => endpoint
+            Link::Dial(endpoint, None) => endpoint
+                .connect()
+                .await
+                .map_err(|error| format!("connect: {}", error_chain(&error))),
+            Link::Dial(endpoint, Some(tls)) => (**endpoint)
+                .clone()
+                .tls_config(tls.client_config())
+                .map_err(|error| format!("tls: {}", error_chain(&error)))?
                 .connect()
                 .await
                 .map_err(|error| format!("connect: {}", error_chain(&error))),

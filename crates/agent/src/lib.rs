@@ -22,10 +22,12 @@ pub mod backoff;
 pub mod connection;
 pub mod enrolment;
 mod runner;
+pub mod tls;
 pub mod vehicle;
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use engine::{Engine, EngineConfig, EngineError, SpeedReport};
@@ -50,8 +52,14 @@ pub struct AgentConfig {
     /// order of preference: its own cell first, then those it fails over to. Never empty.
     pub cells: Vec<String>,
     pub node_id: String,
-    /// The node's secret, as issued by `fleetgrid nodes add`; never logged.
+    /// The node's secret, as issued by `fleetgrid nodes add`; never logged. Over mTLS, the
+    /// one-time token the node's first certificate is enrolled with.
     pub credential: String,
+    /// The SHA-256 pin of the deployment's node authority (`sha256:HEX`, from the enrolment
+    /// token): needed for `https://` cells.
+    pub authority_pin: Option<String>,
+    /// Where the node keeps its key and certificate for `https://` cells.
+    pub identity_dir: Option<PathBuf>,
     pub vehicle_state: VehicleStateSource,
     /// The one model this node serves.
     pub model: VerifiedModel,
@@ -76,6 +84,8 @@ impl AgentConfig {
             cells: vec![cell_url.into()],
             node_id: node_id.into(),
             credential: credential.into(),
+            authority_pin: None,
+            identity_dir: None,
             vehicle_state,
             engine: EngineConfig::new(model.path.clone()),
             model,
@@ -92,6 +102,8 @@ impl fmt::Debug for AgentConfig {
             .field("cells", &self.cells)
             .field("node_id", &self.node_id)
             .field("credential", &"<redacted>")
+            .field("authority_pin", &self.authority_pin)
+            .field("identity_dir", &self.identity_dir)
             .field("vehicle_state", &self.vehicle_state)
             .field("model", &self.model.name)
             .field("model_digest", &self.model.digest.to_string())
@@ -128,6 +140,8 @@ pub enum AgentError {
     Engine(#[from] EngineError),
     #[error("the engine's start-up thread failed: {0}")]
     EngineThread(String),
+    #[error("the node's certificate: {0}")]
+    Tls(String),
 }
 
 /// Runs the agent until `shutdown` is cancelled (then `Ok`) or a cell refuses the node for good
@@ -136,13 +150,25 @@ pub enum AgentError {
 /// Connection failures and broken streams are not errors: the agent reconnects with backoff, to
 /// the next of its cells.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let node_tls = match node_tls(&config, &shutdown).await? {
+        Tls::Plain => None,
+        Tls::Secure(node_tls) => Some(node_tls),
+        Tls::ShutDown => return Ok(()),
+    };
     let cells = config
         .cells
         .iter()
-        .map(|url| CellLink::dial(url))
+        .map(|url| CellLink::dial_with(url, node_tls.clone()))
         .collect::<Result<Vec<_>, _>>()?;
     if cells.is_empty() {
         return Err(AgentError::NoCells);
+    }
+    if let Some(node_tls) = &node_tls {
+        tokio::spawn(tls::keep_renewed(
+            Arc::clone(node_tls),
+            config.cells.clone(),
+            shutdown.clone(),
+        ));
     }
     let vehicle = config.vehicle_state.open(SystemTime::now())?;
     let engine_config = EngineConfig {
@@ -164,9 +190,37 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         decode_tokens_per_second = speed.decode_tokens_per_second,
         "engine ready"
     );
-    let node = Node::on_engine(&config, engine, &speed, vehicle);
+    let node = Node::on_engine(&config, engine, &speed, vehicle, node_tls.is_some());
     let mut rng = StdRng::from_entropy();
     serve_cells(&node, &cells, config.reconnect.clone(), &mut rng, &shutdown).await
+}
+
+enum Tls {
+    Plain,
+    Secure(Arc<tls::NodeTls>),
+    ShutDown,
+}
+
+/// The node's certificate when its cells are `https://` (enrolling it if it has none yet).
+async fn node_tls(config: &AgentConfig, shutdown: &CancellationToken) -> Result<Tls, AgentError> {
+    if !config.cells.iter().any(|url| url.starts_with("https://")) {
+        return Ok(Tls::Plain);
+    }
+    let (Some(pin), Some(dir)) = (&config.authority_pin, &config.identity_dir) else {
+        return Err(AgentError::Tls(
+            "https:// cells need the enrolment token with the authority's pin (#sha256:...) and an identity directory".into(),
+        ));
+    };
+    let obtained = tls::NodeTls::obtain(
+        dir,
+        &config.node_id,
+        &config.credential,
+        pin,
+        &config.cells,
+        shutdown,
+    )
+    .await?;
+    Ok(obtained.map_or(Tls::ShutDown, Tls::Secure))
 }
 
 /// Loads the model and measures its speed on a blocking thread; `None` when shut down meanwhile.
