@@ -345,6 +345,14 @@ pub enum NodesCommand {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Revoke every certificate of a node and its enrolment token: a cell taking agents over
+    /// mTLS closes its live session within a second and refuses it from then on. It connects
+    /// again only with a new token from 'nodes rotate'.
+    Revoke {
+        name: String,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Lift a node's quarantine (its answers failed verification): it may
     /// connect again and starts probation, every answer verified. What was
     /// clawed back stays clawed back.
@@ -358,7 +366,11 @@ pub enum NodesCommand {
 /// Prints what an agent is given (`agent --credential`): the credential
 /// and, in a cluster, the cells it dials, home first (see
 /// `agent::Enrolment`), after `what` and where its home is on stderr.
-fn print_enrolment(what: &str, enrolment: coordinator::store::cells::NodeEnrolment) {
+fn print_enrolment(
+    what: &str,
+    enrolment: coordinator::store::cells::NodeEnrolment,
+    authority: &pki::Authority,
+) {
     let token = agent::Enrolment {
         credential: enrolment.credential,
         cells: enrolment
@@ -366,6 +378,7 @@ fn print_enrolment(what: &str, enrolment: coordinator::store::cells::NodeEnrolme
             .iter()
             .map(|cell| cell.grpc_url.clone())
             .collect(),
+        authority_pin: Some(authority.pin()),
     }
     .token();
     match enrolment.cells.first() {
@@ -388,11 +401,13 @@ pub async fn nodes(command: NodesCommand) -> anyhow::Result<()> {
             data_dir,
         } => {
             let store = open_store(data_dir).await?;
+            let authority = cell::tls::authority(&store, now_ms()).await?;
             let enrolment = store.enrol_node(&name, &owner, now_ms()).await?;
-            print_enrolment(&format!("enrolled node {name}"), enrolment);
+            print_enrolment(&format!("enrolled node {name}"), enrolment, &authority);
         }
         NodesCommand::Rotate { name, data_dir } => {
             let store = open_store(data_dir).await?;
+            let authority = cell::tls::authority(&store, now_ms()).await?;
             let enrolment = store
                 .rotate_node_enrolment(&name, now_ms())
                 .await?
@@ -400,6 +415,7 @@ pub async fn nodes(command: NodesCommand) -> anyhow::Result<()> {
             print_enrolment(
                 &format!("new credential for node {name} (the old one no longer works)"),
                 enrolment,
+                &authority,
             );
         }
         NodesCommand::List { data_dir } => {
@@ -422,6 +438,17 @@ pub async fn nodes(command: NodesCommand) -> anyhow::Result<()> {
                     node.name, node.owner
                 );
             }
+        }
+        NodesCommand::Revoke { name, data_dir } => {
+            let store = open_store(data_dir).await?;
+            if store.node_record(&name).await?.is_none() {
+                bail!("no node named {name:?}");
+            }
+            let revoked = store
+                .revoke_node(&name, "revoked by the operator", now_ms())
+                .await?;
+            eprintln!("'fleetgrid nodes rotate {name}' issues a new enrolment token");
+            println!("revoked node {name}: {revoked} certificate(s) and its enrolment token");
         }
         NodesCommand::Release { name, ledger } => {
             let store = ledger.coordinator_store().await?;

@@ -124,6 +124,10 @@ pub struct AgentArgs {
     /// Memory the engine may use, in MiB (weights plus KV cache).
     #[arg(long, default_value_t = 8192)]
     memory_budget_mib: u64,
+    /// Where the node keeps its key and certificate for https:// cells (mTLS).
+    /// [default: identity/PIN/NODE under fleetgrid's home]
+    #[arg(long)]
+    identity_dir: Option<std::path::PathBuf>,
     /// Exit when the parent process goes away (used by `demo` and tests).
     #[arg(long, hide = true)]
     exit_with_parent: bool,

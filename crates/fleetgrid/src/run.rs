@@ -120,6 +120,14 @@ fn agent_cells(
     vec![AGENT_CELL_DEFAULT.to_owned()]
 }
 
+/// The identity folder of one deployment's authority: its pin's first hex digits.
+fn pin_folder(pin: Option<&str>) -> String {
+    let hex = pin
+        .and_then(|pin| pin.strip_prefix("sha256:"))
+        .unwrap_or("none");
+    hex.chars().take(16).collect()
+}
+
 pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let store = home::model_store()?;
     let model = store.resolve(&args.model).with_context(|| {
@@ -141,6 +149,13 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         model,
     );
     config.cells = agent_cells(args.coordinator, args.cells, enrolment.cells);
+    config.identity_dir = Some(args.identity_dir.unwrap_or_else(|| {
+        home::root()
+            .join("identity")
+            .join(pin_folder(enrolment.authority_pin.as_deref()))
+            .join(&config.node_id)
+    }));
+    config.authority_pin = enrolment.authority_pin;
     config.engine.parallel_sequences = args.parallel;
     config.engine.context_tokens_per_sequence = args.context_tokens;
     config.engine.memory_budget_bytes = args.memory_budget_mib * 1024 * 1024;

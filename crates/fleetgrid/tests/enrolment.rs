@@ -108,6 +108,10 @@ async fn an_agent_given_only_its_enrolment_serves_from_its_home_cell_then_fails_
     let first = cli(&spec, &["nodes", "add", "car-1"]);
     let second = cli(&spec, &["nodes", "add", "car-2"]);
     let cells_of = |token: &str| -> Vec<String> {
+        let (token, pin) = token
+            .rsplit_once('#')
+            .expect("a token with the authority's pin");
+        assert!(pin.starts_with("sha256:"), "{pin}");
         let (credential, cells) = token.split_once('@').expect("a token with cells");
         assert!(credential.starts_with("fgn-"), "{token}");
         cells.split(',').map(str::to_owned).collect()

@@ -69,12 +69,16 @@ pub fn plugged_in_state() -> proto::VehicleState {
     }
 }
 
-/// A `Hello` an honest agent with `hardware` would send.
-pub fn hello(node_id: &str, credential: &str, hardware: proto::Hardware) -> proto::Hello {
+/// A `Hello` an honest agent with `hardware` would send, given the token
+/// `nodes add` printed (or a bare credential).
+pub fn hello(node_id: &str, token: &str, hardware: proto::Hardware) -> proto::Hello {
+    let credential = agent::Enrolment::parse(token)
+        .map(|enrolment| enrolment.credential)
+        .unwrap_or_else(|_| token.to_owned());
     proto::Hello {
         protocol_version: proto::PROTOCOL_VERSION,
         node_id: node_id.to_string(),
-        credential: credential.to_string(),
+        credential,
         hardware: Some(hardware),
         models: vec![smollm2_model()],
         state: Some(plugged_in_state()),
