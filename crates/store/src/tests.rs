@@ -11,7 +11,91 @@ crate::on_each_backend!(
     two_handles_see_each_others_writes,
     concurrent_creates_of_one_name_have_one_winner,
     a_quarantine_holds_until_released_and_its_clawbacks_until_applied,
+    an_enrolment_token_is_spent_once_and_revoking_a_node_revokes_its_certificates,
 );
+
+/// The node authority is kept once; an enrolment token buys one
+/// certificate, however many try it; revoking a node revokes its
+/// certificates and its token, and only unexpired revocations are listed.
+async fn an_enrolment_token_is_spent_once_and_revoking_a_node_revokes_its_certificates(
+    test: &TestStore,
+) {
+    let store = &test.store;
+    assert_eq!(store.node_authority().await.unwrap(), None);
+    let kept = store
+        .keep_node_authority("cert-a", "key-a", 1)
+        .await
+        .unwrap();
+    assert_eq!(kept, ("cert-a".to_owned(), "key-a".to_owned()));
+    // A second process's authority loses to the one kept first.
+    let kept = store
+        .keep_node_authority("cert-b", "key-b", 2)
+        .await
+        .unwrap();
+    assert_eq!(kept, ("cert-a".to_owned(), "key-a".to_owned()));
+
+    let token = store.add_node("car-1", "", 1).await.unwrap();
+    assert!(!store.consume_enrolment("car-1", "fgn-wrong").await.unwrap());
+    assert!(!store.consume_enrolment("car-2", &token).await.unwrap());
+    let mut racing = tokio::task::JoinSet::new();
+    for _ in 0..RACES {
+        let (store, token) = (store.clone(), token.clone());
+        racing.spawn(async move { store.consume_enrolment("car-1", &token).await.unwrap() });
+    }
+    let winners = racing
+        .join_all()
+        .await
+        .into_iter()
+        .filter(|spent| *spent)
+        .count();
+    assert_eq!(winners, 1, "the token bought more than one certificate");
+    assert!(!store.consume_enrolment("car-1", &token).await.unwrap());
+
+    store
+        .record_certificate("01", "car-1", 10, 1_000)
+        .await
+        .unwrap();
+    store
+        .record_certificate("02", "car-1", 20, 2_000)
+        .await
+        .unwrap();
+    store
+        .revoke_certificate("01", certificates::ROTATED, 30)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.revoked_certificates(500).await.unwrap(),
+        vec![("01".to_owned(), certificates::ROTATED.to_owned())]
+    );
+    // Expired, it is no longer anything to refuse.
+    assert_eq!(store.revoked_certificates(1_000).await.unwrap(), vec![]);
+
+    let token = store
+        .rotate_node_credential("car-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(store.revoke_node("car-1", "stolen", 40).await.unwrap(), 1);
+    let all = store.node_certificates("car-1").await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(
+        all[0].revoked_reason.as_deref(),
+        Some(certificates::ROTATED)
+    );
+    assert_eq!(all[1].revoked_reason.as_deref(), Some("stolen"));
+    assert_eq!(all[1].revoked_ms, Some(40));
+    assert!(
+        !store.consume_enrolment("car-1", &token).await.unwrap(),
+        "a revoked node's token still enrols"
+    );
+    // A new token after the revocation enrols again.
+    let token = store
+        .rotate_node_credential("car-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(store.consume_enrolment("car-1", &token).await.unwrap());
+}
 
 /// A cell records a vehicle's trust as it changes; a quarantine outlasts
 /// later trust records until the operator releases it, and its clawbacks
