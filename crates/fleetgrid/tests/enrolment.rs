@@ -1,8 +1,10 @@
-//! Enrolment in a cluster end to end: two `fleetgrid cell` processes record
-//! themselves in a real PostgreSQL; `fleetgrid nodes add` prints one token
-//! (the credential and the cells, home first, the emptiest cell the home);
-//! an agent given nothing but that token dials its home cell and, when that
-//! cell is killed, the next one. Each cell's own `/metrics`
+//! Enrolment in a cluster end to end: two `fleetgrid cell --agent-tls`
+//! processes record themselves in a real PostgreSQL; `fleetgrid nodes add`
+//! prints one token (the credential, the cells' `https://` URLs, home first,
+//! the emptiest cell the home, and the node authority's pin); an agent given
+//! nothing but that token enrols for its certificate, dials its home cell
+//! and, when that cell is killed, the next one, which knows its certificate
+//! from the database they share. Each cell's own `/metrics`
 //! (`--metrics-listen`) shows where the vehicle is.
 //!
 //! Needs PostgreSQL on 127.0.0.1:5432 and Debian's `nats-server` (`cargo
@@ -19,8 +21,10 @@ use stack::nats::NatsCluster;
 use stack::{AgentSpec, ClusterCell, ClusterSpec, LogFile, MemberSpec};
 use store::testing::PgSchema;
 
-/// How fast cells and agents notice each other's loss in this test.
-const CELL_ARGS: [&str; 6] = [
+/// How fast cells and agents notice each other's loss in this test; agents
+/// over mTLS.
+const CELL_ARGS: [&str; 7] = [
+    "--agent-tls",
     "--heartbeat-interval-ms",
     "500",
     "--heartbeat-timeout-ms",
@@ -101,7 +105,7 @@ async fn an_agent_given_only_its_enrolment_serves_from_its_home_cell_then_fails_
     };
     let mut cell_a = start_cell(&spec, dir.path(), "cell-a").await;
     let cell_b = start_cell(&spec, dir.path(), "cell-b").await;
-    let url = |cell: &ClusterCell| format!("http://{}", cell.grpc);
+    let url = |cell: &ClusterCell| format!("https://{}", cell.grpc);
 
     // The first vehicle goes home to cell-a (both empty: the smaller id), the
     // second to cell-b, now the emptier; each may fail over to the other.
