@@ -433,6 +433,9 @@ async fn session(node: &Node, cell: &CellLink, shutdown: &CancellationToken) -> 
         heartbeat_interval_ms = u64::try_from(heartbeat_interval.as_millis()).unwrap_or(u64::MAX),
         "welcomed by the cell"
     );
+    if let Link::Dial(_, Some(tls)) = &cell.link {
+        tls.welcomed_by(&cell.url);
+    }
     node.stats.welcomes.fetch_add(1, STATS_ORDER);
     node.stats.sessions_open.fetch_add(1, STATS_ORDER);
     let reason = serve(node, heartbeat_interval, inbound, outbound, shutdown).await;

@@ -8,8 +8,9 @@
 //!   key readable by its user only) with the hash of the token they were enrolled with: a restart
 //!   reuses them, a new token (`nodes rotate`) enrols afresh.
 //! - **Renewed.** After two thirds of its lifetime the agent asks its cell for a new certificate
-//!   with a new key (`Enrolment.Renew`, over mTLS with the current one). The live session goes on;
-//!   the cell moves it to the new certificate, and the next connection presents the new one.
+//!   with a new key (`Enrolment.Renew`, over mTLS with the current one), at the cell of its latest
+//!   session first. The live session goes on; that cell moves it to the new certificate, and the
+//!   next connection presents the new one.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -47,6 +48,9 @@ pub struct NodeTls {
     node_id: String,
     dir: PathBuf,
     held: RwLock<Held>,
+    /// The cell of the node's latest session: renewal asks it first, so that it moves that
+    /// session to the new certificate.
+    session_cell: std::sync::Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for NodeTls {
@@ -99,6 +103,7 @@ impl NodeTls {
                 node_id: node_id.to_owned(),
                 dir: dir.to_owned(),
                 held: RwLock::new(held),
+                session_cell: std::sync::Mutex::default(),
             })));
         }
         let key = pki::NodeKey::generate().map_err(tls_error)?;
@@ -121,6 +126,7 @@ impl NodeTls {
                             node_id: node_id.to_owned(),
                             dir: dir.to_owned(),
                             held: RwLock::new(held),
+                            session_cell: std::sync::Mutex::default(),
                         })));
                     }
                     Err(Attempt::Refused(reason)) => {
@@ -148,6 +154,28 @@ impl NodeTls {
         let held = self.read();
         client_tls(&held.authority_pem)
             .identity(Identity::from_pem(&held.certificate_pem, &held.key_pem))
+    }
+
+    /// Records the cell that welcomed the node's latest session.
+    pub fn welcomed_by(&self, url: &str) {
+        *self
+            .session_cell
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(url.to_owned());
+    }
+
+    /// `cells` in the order renewal tries them: the latest session's cell first.
+    fn renewal_order(&self, cells: &[String]) -> Vec<String> {
+        let first = self
+            .session_cell
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        let rest = cells
+            .iter()
+            .filter(|url| Some(*url) != first.as_ref())
+            .cloned();
+        first.clone().into_iter().chain(rest).collect()
     }
 
     /// When the current certificate is due for renewal: two thirds of its lifetime.
@@ -211,7 +239,7 @@ pub async fn keep_renewed(tls: Arc<NodeTls>, cells: Vec<String>, shutdown: Cance
             () = tokio::time::sleep(Duration::from_millis(due_in)) => {}
         }
         let mut renewed = false;
-        for url in &cells {
+        for url in &tls.renewal_order(&cells) {
             match tls.renew(url).await {
                 Ok(()) => {
                     tracing::info!(node_id = %tls.node_id, url = %url, serial = %tls.serial(), "renewed the node's certificate");
@@ -366,4 +394,35 @@ fn save(dir: &Path, held: &Held, token: Option<&str>) -> Result<(), AgentError> 
     }
     // Last: its modification time is when the certificate was obtained.
     write(CERTIFICATE_FILE, &held.certificate_pem, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_asks_the_cell_of_the_latest_session_first() {
+        let tls = NodeTls {
+            node_id: "car-1".into(),
+            dir: PathBuf::from("unused"),
+            held: RwLock::new(Held {
+                key_pem: String::new(),
+                certificate_pem: String::new(),
+                authority_pem: String::new(),
+                obtained_ms: 0,
+                not_after_ms: 3_000,
+            }),
+            session_cell: std::sync::Mutex::default(),
+        };
+        let cells: Vec<String> = ["https://a:1", "https://b:1", "https://c:1"]
+            .map(str::to_owned)
+            .to_vec();
+        assert_eq!(tls.renewal_order(&cells), cells);
+        tls.welcomed_by("https://b:1");
+        assert_eq!(
+            tls.renewal_order(&cells),
+            ["https://b:1", "https://a:1", "https://c:1"]
+        );
+        assert_eq!(tls.renew_at_ms(), 2_000);
+    }
 }

@@ -166,10 +166,10 @@ pub async fn start(
         ));
     }
     let enrolment = agent_tls.as_ref().map(|agent_tls| {
-        proto::enrolment_server::EnrolmentServer::new(tls::EnrolmentService {
-            store: store.clone(),
-            tls: Arc::clone(agent_tls),
-        })
+        proto::enrolment_server::EnrolmentServer::new(tls::EnrolmentService::new(
+            store.clone(),
+            Arc::clone(agent_tls),
+        ))
         .max_decoding_message_size(limits::ENROLMENT_MESSAGE_BYTES_MAX)
     });
     let mut builder = tonic::transport::Server::builder();

@@ -76,6 +76,11 @@ pub const HELLO_BYTES_MAX: usize = 16 * 1024;
 /// under a kilobyte.
 pub const ENROLMENT_MESSAGE_BYTES_MAX: usize = 16 * 1024;
 
+/// `Enrol` and `Renew` calls a cell serves at once (each reads the store and
+/// signs); more are refused with `RESOURCE_EXHAUSTED`, so that a flood of
+/// them cannot crowd out the store.
+pub const ENROLMENTS_AT_ONCE_MAX: usize = 64;
+
 /// Agent streams that have not yet passed the handshake, at once; more are
 /// refused with `RESOURCE_EXHAUSTED` before anything of theirs is read.
 pub const UNAUTHENTICATED_SESSIONS_MAX: usize = 64;

@@ -309,6 +309,26 @@ pub async fn watch_revocations(
 pub struct EnrolmentService {
     pub store: Store,
     pub tls: Arc<CellTls>,
+    /// Places for calls being served (`limits::ENROLMENTS_AT_ONCE_MAX`).
+    pub at_once: Arc<tokio::sync::Semaphore>,
+}
+
+impl EnrolmentService {
+    pub fn new(store: Store, tls: Arc<CellTls>) -> EnrolmentService {
+        EnrolmentService {
+            store,
+            tls,
+            at_once: Arc::new(tokio::sync::Semaphore::new(
+                crate::limits::ENROLMENTS_AT_ONCE_MAX,
+            )),
+        }
+    }
+
+    fn place(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        Arc::clone(&self.at_once)
+            .try_acquire_owned()
+            .map_err(|_| Status::resource_exhausted("too many enrolments at once; retry later"))
+    }
 }
 
 #[tonic::async_trait]
@@ -317,6 +337,7 @@ impl proto::enrolment_server::Enrolment for EnrolmentService {
         &self,
         request: Request<proto::EnrolRequest>,
     ) -> Result<Response<proto::NodeCertificate>, Status> {
+        let _place = self.place()?;
         let request = request.into_inner();
         let spent = self
             .store
@@ -337,6 +358,7 @@ impl proto::enrolment_server::Enrolment for EnrolmentService {
         &self,
         request: Request<proto::RenewRequest>,
     ) -> Result<Response<proto::NodeCertificate>, Status> {
+        let _place = self.place()?;
         let Some(Ok(current)) = presented(&request) else {
             return Err(Status::unauthenticated(
                 "renewal needs the node's current certificate",
