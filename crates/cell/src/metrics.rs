@@ -35,6 +35,10 @@ pub struct Metrics {
     pub nodes_connected: AtomicI64,
     pub nodes_lost: AtomicU64,
     pub nodes_refused: AtomicU64,
+    /// Node certificates issued by `Enrol` and `Renew`.
+    pub node_certificates_issued: AtomicU64,
+    /// Sessions closed because their certificate was revoked or expired.
+    pub node_sessions_closed_by_certificate: AtomicU64,
     pub node_protocol_violations: AtomicU64,
     /// Agent streams whose first message was longer than `HELLO_BYTES_MAX`.
     pub node_hellos_oversized: AtomicU64,
@@ -93,7 +97,7 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64); 30] = [
+        let counters: [(&str, &str, &AtomicU64); 32] = [
             (
                 "fleetgrid_requests_accepted_total",
                 "Requests admitted by the gateway.",
@@ -178,6 +182,16 @@ impl Metrics {
                 "fleetgrid_nodes_refused_total",
                 "Agent connections refused.",
                 &self.nodes_refused,
+            ),
+            (
+                "fleetgrid_node_certificates_issued_total",
+                "Node certificates issued, at enrolment and at renewal (mTLS).",
+                &self.node_certificates_issued,
+            ),
+            (
+                "fleetgrid_node_sessions_closed_by_certificate_total",
+                "Node sessions closed because their certificate was revoked or expired (mTLS).",
+                &self.node_sessions_closed_by_certificate,
             ),
             (
                 "fleetgrid_node_protocol_violations_total",

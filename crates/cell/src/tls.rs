@@ -71,6 +71,8 @@ pub struct CellTls {
     pub server: ServerTlsConfig,
     pub sessions: Arc<BoundSessions>,
     pub node_certificate_lifetime: Duration,
+    /// Counts certificates issued; the cell's own once it starts.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl CellTls {
@@ -93,6 +95,7 @@ impl CellTls {
             node_certificate_lifetime: config
                 .node_certificate_lifetime
                 .max(NODE_CERTIFICATE_LIFETIME_MIN),
+            metrics: Arc::default(),
         })
     }
 
@@ -112,6 +115,9 @@ impl CellTls {
             .record_certificate(&issued.serial, node, now, issued.not_after_ms)
             .await
             .map_err(storage_error)?;
+        self.metrics
+            .node_certificates_issued
+            .fetch_add(1, Ordering::Relaxed);
         tracing::info!(node_id = %node, serial = %issued.serial, not_after_ms = issued.not_after_ms, "issued a node certificate");
         Ok(proto::NodeCertificate {
             certificate_pem: issued.cert_pem,
@@ -276,6 +282,7 @@ impl BoundSessions {
 pub async fn watch_revocations(
     store: Store,
     sessions: Arc<BoundSessions>,
+    metrics: Arc<crate::metrics::Metrics>,
     shutdown: CancellationToken,
 ) {
     let mut interval = tokio::time::interval(REVOCATION_POLL_INTERVAL);
@@ -297,6 +304,9 @@ pub async fn watch_revocations(
                     .map(|(serial, _)| serial)
                     .collect();
                 for node in sessions.close_revoked(&revoked, now) {
+                    metrics
+                        .node_sessions_closed_by_certificate
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(node_id = %node, "closed a session: its certificate was revoked or expired");
                 }
             }

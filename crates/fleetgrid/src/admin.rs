@@ -393,6 +393,20 @@ fn print_enrolment(
     println!("{token}");
 }
 
+/// A node's latest certificate, in a word: `none` (never enrolled over
+/// mTLS), `valid`, `revoked` or `expired`.
+fn certificate_state(
+    latest: Option<&coordinator::store::certificates::CertificateRecord>,
+    now_ms: i64,
+) -> &'static str {
+    match latest {
+        None => "none",
+        Some(certificate) if certificate.revoked_ms.is_some() => "revoked",
+        Some(certificate) if certificate.not_after_ms <= now_ms => "expired",
+        Some(_) => "valid",
+    }
+}
+
 pub async fn nodes(command: NodesCommand) -> anyhow::Result<()> {
     match command {
         NodesCommand::Add {
@@ -421,9 +435,10 @@ pub async fn nodes(command: NodesCommand) -> anyhow::Result<()> {
         NodesCommand::List { data_dir } => {
             let store = open_store(data_dir).await?;
             println!(
-                "{:<24} {:<16} {:<16} {:<12} last seen (unix ms)",
-                "name", "owner", "home cell", "trust"
+                "{:<24} {:<16} {:<16} {:<12} {:<12} last seen (unix ms)",
+                "name", "owner", "home cell", "trust", "certificate"
             );
+            let now = now_ms();
             for node in store.list_nodes().await? {
                 let seen = node
                     .last_seen_ms
@@ -433,8 +448,10 @@ pub async fn nodes(command: NodesCommand) -> anyhow::Result<()> {
                     .node_trust(&node.name)
                     .await?
                     .map_or_else(|| "probation".to_owned(), |trust| trust.state);
+                let certificate =
+                    certificate_state(store.node_certificates(&node.name).await?.last(), now);
                 println!(
-                    "{:<24} {:<16} {home:<16} {trust:<12} {seen}",
+                    "{:<24} {:<16} {home:<16} {trust:<12} {certificate:<12} {seen}",
                     node.name, node.owner
                 );
             }
