@@ -155,18 +155,15 @@ pub async fn start(
     ));
 
     let agent_tls = match &config.agent_tls {
-        Some(tls_config) => {
-            let mut prepared = tls::CellTls::prepare(&store, tls_config).await?;
-            prepared.metrics = Arc::clone(&metrics);
-            Some(Arc::new(prepared))
-        }
+        Some(tls_config) => Some(Arc::new(
+            tls::CellTls::prepare(&store, tls_config, Arc::clone(&metrics)).await?,
+        )),
         None => None,
     };
     if let Some(agent_tls) = &agent_tls {
         tokio::spawn(tls::watch_revocations(
             store.clone(),
-            Arc::clone(&agent_tls.sessions),
-            Arc::clone(&metrics),
+            Arc::clone(agent_tls),
             shutdown.clone(),
         ));
     }

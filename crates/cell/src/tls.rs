@@ -71,14 +71,18 @@ pub struct CellTls {
     pub server: ServerTlsConfig,
     pub sessions: Arc<BoundSessions>,
     pub node_certificate_lifetime: Duration,
-    /// Counts certificates issued; the cell's own once it starts.
+    /// The cell's metrics: certificates issued, sessions closed by one.
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl CellTls {
     /// Loads the deployment's node authority (making it if this is the first
     /// process to need it) and issues this cell's server certificate.
-    pub async fn prepare(store: &Store, config: &AgentTlsConfig) -> Result<CellTls, TlsError> {
+    pub async fn prepare(
+        store: &Store,
+        config: &AgentTlsConfig,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<CellTls, TlsError> {
         let now = crate::core::now_ms().0;
         let authority = authority(store, now).await?;
         let identity = authority.issue_cell(now, CELL_CERTIFICATE_LIFETIME)?;
@@ -95,7 +99,7 @@ impl CellTls {
             node_certificate_lifetime: config
                 .node_certificate_lifetime
                 .max(NODE_CERTIFICATE_LIFETIME_MIN),
-            metrics: Arc::default(),
+            metrics,
         })
     }
 
@@ -223,7 +227,9 @@ impl BoundSessions {
     /// end it. Returns the binding's id, for `unbind`.
     pub fn bind(&self, node: &str, presented: &pki::Presented, close: CancellationToken) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let replaced = self.lock().insert(
+        // A binding of an earlier session of the node goes: the core has
+        // replaced that session already.
+        self.lock().insert(
             node.to_owned(),
             Bound {
                 id,
@@ -232,8 +238,6 @@ impl BoundSessions {
                 close,
             },
         );
-        // The core has replaced that session already; its binding goes too.
-        drop(replaced);
         id
     }
 
@@ -279,12 +283,7 @@ impl BoundSessions {
 
 /// Closes sessions whose certificate was revoked or expired, until
 /// `shutdown`.
-pub async fn watch_revocations(
-    store: Store,
-    sessions: Arc<BoundSessions>,
-    metrics: Arc<crate::metrics::Metrics>,
-    shutdown: CancellationToken,
-) {
+pub async fn watch_revocations(store: Store, tls: Arc<CellTls>, shutdown: CancellationToken) {
     let mut interval = tokio::time::interval(REVOCATION_POLL_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -303,8 +302,8 @@ pub async fn watch_revocations(
                     .filter(|(_, reason)| reason != store::certificates::ROTATED)
                     .map(|(serial, _)| serial)
                     .collect();
-                for node in sessions.close_revoked(&revoked, now) {
-                    metrics
+                for node in tls.sessions.close_revoked(&revoked, now) {
+                    tls.metrics
                         .node_sessions_closed_by_certificate
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(node_id = %node, "closed a session: its certificate was revoked or expired");

@@ -27,7 +27,7 @@ async fn a_token_buys_one_certificate_for_its_node_and_calls_at_once_are_bounded
     let store = test.store.clone();
     let token = store.add_node("car-1", "", 1).await.expect("enrol car-1");
     store.add_node("car-2", "", 1).await.expect("enrol car-2");
-    let tls = CellTls::prepare(&store, &AgentTlsConfig::default())
+    let tls = CellTls::prepare(&store, &AgentTlsConfig::default(), Arc::default())
         .await
         .expect("the cell's TLS");
     let service = EnrolmentService::new(store.clone(), Arc::new(tls));
