@@ -8,7 +8,7 @@
 //!
 //! Layout: [`core`] is the pure model (ids, units, transfers, the in-memory
 //! [`core::Ledger`] and the invariant check); [`pricing`], [`admission`],
-//! [`metering`], [`settlement`], [`clawback`], [`payout`] and [`statement`]
+//! [`metering`], [`settlement`], [`clawback`], [`verification`], [`payout`] and [`statement`]
 //! are the pure business rules on top of it; [`store`] persists the same operations in
 //! SQLite or PostgreSQL; [`bench`] measures commit throughput.
 
@@ -24,3 +24,4 @@ pub mod pricing;
 pub mod settlement;
 pub mod statement;
 pub mod store;
+pub mod verification;

@@ -7,7 +7,9 @@
 //! each clawback line is a clawback order of the vehicle's joined with the
 //! reversals posted for it (`crate::clawback`). A clawback is shown in the
 //! period it was ordered in (its reversals carry that time), which may be
-//! later than the period of the segment it takes back.
+//! later than the period of the segment it takes back. A check the vehicle
+//! carried out on another's answer is a line of its own, joined with the
+//! transfers the platform paid it with (`crate::verification`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Write};
@@ -17,6 +19,7 @@ use crate::core::{
     Transfer, TransferKind,
 };
 use crate::metering::{Server, UsageSegment};
+use crate::verification::CheckWork;
 
 /// A half-open period `[from, until)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +81,27 @@ impl ClawbackLine {
     }
 }
 
+/// A check the vehicle carried out on another vehicle's answer, and what
+/// the platform paid its owner for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerificationLine {
+    pub check: RequestId,
+    pub owner: OwnerId,
+    pub at: TimestampMs,
+    /// Tokens prefilled: the prompt and the answer checked.
+    pub tokens: TokenCount,
+    pub compute: DurationMs,
+    pub energy: MicroWh,
+    pub pay: MicroUsd,
+    pub energy_reimbursement: MicroUsd,
+}
+
+impl VerificationLine {
+    pub fn total(&self) -> MicroUsd {
+        MicroUsd(self.pay.0 + self.energy_reimbursement.0)
+    }
+}
+
 /// Totals of a statement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StatementTotals {
@@ -89,8 +113,16 @@ pub struct StatementTotals {
     pub energy: MicroWh,
     pub revenue_share: MicroUsd,
     pub energy_reimbursement: MicroUsd,
-    /// What the lines earned: revenue share plus energy reimbursement,
-    /// before clawbacks.
+    /// Checks carried out on others' answers, and their usage and pay (the
+    /// usage totals above are the generations' only).
+    pub checks: u64,
+    pub check_tokens: TokenCount,
+    pub check_compute: DurationMs,
+    pub check_energy: MicroWh,
+    pub verification_pay: MicroUsd,
+    pub verification_energy: MicroUsd,
+    /// What the lines earned: revenue share plus energy reimbursement, and
+    /// what checks earned, before clawbacks.
     pub earnings: MicroUsd,
     /// What the clawback lines took back.
     pub clawed_back: MicroUsd,
@@ -107,18 +139,21 @@ pub struct Statement {
     pub lines: Vec<StatementLine>,
     /// Ordered by the time of the clawback, then request and segment.
     pub clawbacks: Vec<ClawbackLine>,
+    /// Ordered by time, then check.
+    pub verifications: Vec<VerificationLine>,
     pub totals: StatementTotals,
 }
 
-/// Builds a statement from usage segments, clawback orders and transfers;
-/// all may contain records of other vehicles and periods, which are left
-/// out. A clawback order whose segment had nothing reversed (its amounts
-/// were zero) makes no line.
+/// Builds a statement from usage segments, clawback orders, checks paid and
+/// transfers; all may contain records of other vehicles and periods, which
+/// are left out. A clawback order whose segment had nothing reversed (its
+/// amounts were zero) makes no line.
 pub fn build(
     node: &NodeId,
     period: Period,
     usage: &[UsageSegment],
     clawbacks: &[ClawbackRecord],
+    checks: &[CheckWork],
     transfers: &[Transfer],
 ) -> Statement {
     let mut paid: HashMap<(&RequestId, Segment, TransferKind), MicroUsd> = HashMap::new();
@@ -135,12 +170,14 @@ pub fn build(
     };
     let lines = earning_lines(node, period, usage, &amount);
     let clawbacks = clawback_lines(period, clawbacks, &amount);
-    let totals = totals(&lines, &clawbacks);
+    let verifications = verification_lines(node, period, checks, &amount);
+    let totals = totals(&lines, &clawbacks, &verifications);
     Statement {
         node: node.clone(),
         period,
         lines,
         clawbacks,
+        verifications,
         totals,
     }
 }
@@ -216,7 +253,39 @@ fn clawback_lines(
     lines
 }
 
-fn totals(lines: &[StatementLine], clawbacks: &[ClawbackLine]) -> StatementTotals {
+fn verification_lines(
+    node: &NodeId,
+    period: Period,
+    checks: &[CheckWork],
+    amount: &AmountOf<'_>,
+) -> Vec<VerificationLine> {
+    let mut lines: Vec<VerificationLine> = checks
+        .iter()
+        .filter(|check| &check.node == node && period.contains(check.at))
+        .map(|check| VerificationLine {
+            check: check.check.clone(),
+            owner: check.owner.clone(),
+            at: check.at,
+            tokens: check.tokens,
+            compute: check.compute,
+            energy: check.energy,
+            pay: amount(&check.check, Segment(0), TransferKind::VerificationPay),
+            energy_reimbursement: amount(
+                &check.check,
+                Segment(0),
+                TransferKind::VerificationEnergy,
+            ),
+        })
+        .collect();
+    lines.sort_by(|a, b| (a.at, &a.check).cmp(&(b.at, &b.check)));
+    lines
+}
+
+fn totals(
+    lines: &[StatementLine],
+    clawbacks: &[ClawbackLine],
+    verifications: &[VerificationLine],
+) -> StatementTotals {
     let mut totals = StatementTotals::default();
     let requests: BTreeSet<&RequestId> = lines.iter().map(|line| &line.request_id).collect();
     totals.requests = requests.len() as u64;
@@ -228,7 +297,20 @@ fn totals(lines: &[StatementLine], clawbacks: &[ClawbackLine]) -> StatementTotal
         totals.revenue_share.0 += line.revenue_share.0;
         totals.energy_reimbursement.0 += line.energy_reimbursement.0;
     }
-    totals.earnings = MicroUsd(totals.revenue_share.0 + totals.energy_reimbursement.0);
+    totals.checks = verifications.len() as u64;
+    for line in verifications {
+        totals.check_tokens.0 += line.tokens.0;
+        totals.check_compute.0 += line.compute.0;
+        totals.check_energy.0 += line.energy.0;
+        totals.verification_pay.0 += line.pay.0;
+        totals.verification_energy.0 += line.energy_reimbursement.0;
+    }
+    totals.earnings = MicroUsd(
+        totals.revenue_share.0
+            + totals.energy_reimbursement.0
+            + totals.verification_pay.0
+            + totals.verification_energy.0,
+    );
     totals.clawed_back = MicroUsd(clawbacks.iter().map(|line| line.total().0).sum());
     totals.net_earnings = MicroUsd(totals.earnings.0 - totals.clawed_back.0);
     totals
@@ -248,11 +330,14 @@ completion_tokens,compute_hours,energy_kwh,revenue_share_usd,energy_reimbursemen
 clawback_reason";
 
 const SUMMARY_HEADER: &str = "node,from_ms,until_ms,requests,prompt_tokens,completion_tokens,\
-compute_hours,energy_kwh,revenue_share_usd,energy_reimbursement_usd,earnings_usd,clawed_back_usd,\
-net_earnings_usd";
+compute_hours,energy_kwh,revenue_share_usd,energy_reimbursement_usd,checks,verification_usd,\
+earnings_usd,clawed_back_usd,net_earnings_usd";
 
 impl Statement {
-    /// One row per segment, one row per clawback and a final `total` row.
+    /// One row per segment, one row per clawback, one per check and a final
+    /// `total` row. A check row has the check's name in `request_id`, its
+    /// time in `started_at_ms`, the tokens it prefilled as prompt tokens,
+    /// its pay as revenue share and its energy's reimbursement as such.
     /// A clawback row has the clawback's time in `started_at_ms`, no usage,
     /// the amounts taken back as negative amounts and its reason in
     /// `clawback_reason` (empty on other rows); the `total` row sums every
@@ -303,6 +388,21 @@ impl Statement {
                 csv_field(&line.reason),
             )?;
         }
+        for line in &self.verifications {
+            writeln!(
+                out,
+                "{},0,{},{},{},0,{},{},{},{},{},",
+                line.check,
+                csv_field(&owner_name(&line.owner)),
+                line.at.0,
+                line.tokens,
+                line.compute.hours_string(),
+                line.energy.kwh_string(),
+                line.pay,
+                line.energy_reimbursement,
+                line.total(),
+            )?;
+        }
         let t = &self.totals;
         let clawed_revenue: i64 = self.clawbacks.iter().map(|l| l.revenue_share.0).sum();
         let clawed_energy: i64 = self
@@ -313,18 +413,19 @@ impl Statement {
         writeln!(
             out,
             "total,,,,{},{},{},{},{},{},{},",
-            t.prompt_tokens,
+            TokenCount(t.prompt_tokens.0 + t.check_tokens.0),
             t.completion_tokens,
-            t.compute.hours_string(),
-            t.energy.kwh_string(),
-            MicroUsd(t.revenue_share.0 - clawed_revenue),
-            MicroUsd(t.energy_reimbursement.0 - clawed_energy),
+            DurationMs(t.compute.0 + t.check_compute.0).hours_string(),
+            MicroWh(t.energy.0 + t.check_energy.0).kwh_string(),
+            MicroUsd(t.revenue_share.0 + t.verification_pay.0 - clawed_revenue),
+            MicroUsd(t.energy_reimbursement.0 + t.verification_energy.0 - clawed_energy),
             t.net_earnings,
         )
     }
 
     /// Statements of many vehicles as one CSV, one row each: earnings before
-    /// clawbacks, what was clawed back, and the net.
+    /// clawbacks (what checks earned among them), what was clawed back, and
+    /// the net.
     pub fn write_summary_csv<'a>(
         statements: impl IntoIterator<Item = &'a Statement>,
         out: &mut impl Write,
@@ -334,7 +435,7 @@ impl Statement {
             let t = &statement.totals;
             writeln!(
                 out,
-                "{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
                 statement.node,
                 statement.period.from.0,
                 statement.period.until.0,
@@ -345,6 +446,8 @@ impl Statement {
                 t.energy.kwh_string(),
                 t.revenue_share,
                 t.energy_reimbursement,
+                t.checks,
+                MicroUsd(t.verification_pay.0 + t.verification_energy.0),
                 t.earnings,
                 t.clawed_back,
                 t.net_earnings,

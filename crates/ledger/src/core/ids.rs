@@ -234,6 +234,9 @@ pub enum AccountId {
     EnergyReimbursement,
     /// Expense account: what cloud escalations cost upstream.
     CloudUpstreamCost,
+    /// Expense account: what checking vehicles' answers costs the platform,
+    /// paid to the verifiers' owners (its balance is minus the total).
+    Verification,
     /// Owed to the cloud upstream provider for escalated requests.
     CloudProvider,
     /// Money tenants paid in; the counterpart of every top-up.
@@ -249,6 +252,7 @@ impl AccountId {
             AccountId::PlatformRevenue,
             AccountId::EnergyReimbursement,
             AccountId::CloudUpstreamCost,
+            AccountId::Verification,
             AccountId::CloudProvider,
             AccountId::TenantDeposits,
         ];
@@ -265,6 +269,7 @@ impl fmt::Display for AccountId {
             AccountId::PlatformRevenue => f.write_str("platform:revenue"),
             AccountId::EnergyReimbursement => f.write_str("platform:energy-reimbursement"),
             AccountId::CloudUpstreamCost => f.write_str("platform:cloud-upstream-cost"),
+            AccountId::Verification => f.write_str("platform:verification"),
             AccountId::CloudProvider => f.write_str("external:cloud-provider"),
             AccountId::TenantDeposits => f.write_str("external:tenant-deposits"),
             AccountId::Payouts(instrument) => write!(f, "payouts:{instrument}"),
@@ -284,6 +289,7 @@ impl FromStr for AccountId {
             ("platform", "revenue") => Ok(AccountId::PlatformRevenue),
             ("platform", "energy-reimbursement") => Ok(AccountId::EnergyReimbursement),
             ("platform", "cloud-upstream-cost") => Ok(AccountId::CloudUpstreamCost),
+            ("platform", "verification") => Ok(AccountId::Verification),
             ("external", "cloud-provider") => Ok(AccountId::CloudProvider),
             ("external", "tenant-deposits") => Ok(AccountId::TenantDeposits),
             _ => Err(unknown()),

@@ -39,10 +39,17 @@ pub enum TransferKind {
     /// segment with a bad answer earned, given back. Reverses part of the
     /// request's `TokenCharge`; its segment is the segment refunded.
     Refund,
+    /// Verification → owner: what checking another vehicle's answer earned
+    /// the verifier's owner, for the tokens it prefilled
+    /// (`crate::verification`). Its request id names the check.
+    VerificationPay,
+    /// Verification → owner: the kWh a verifier used for a check, at the
+    /// owner's tariff.
+    VerificationEnergy,
 }
 
 impl TransferKind {
-    pub const ALL: [TransferKind; 9] = [
+    pub const ALL: [TransferKind; 11] = [
         TransferKind::TopUp,
         TransferKind::TokenCharge,
         TransferKind::RevenueShare,
@@ -52,6 +59,8 @@ impl TransferKind {
         TransferKind::RevenueClawback,
         TransferKind::EnergyClawback,
         TransferKind::Refund,
+        TransferKind::VerificationPay,
+        TransferKind::VerificationEnergy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -65,6 +74,8 @@ impl TransferKind {
             TransferKind::RevenueClawback => "revenue-clawback",
             TransferKind::EnergyClawback => "energy-clawback",
             TransferKind::Refund => "refund",
+            TransferKind::VerificationPay => "verification-pay",
+            TransferKind::VerificationEnergy => "verification-energy",
         }
     }
 
@@ -81,7 +92,9 @@ impl TransferKind {
             | TransferKind::RevenueShare
             | TransferKind::EnergyReimbursement
             | TransferKind::CloudCost
-            | TransferKind::Payout => None,
+            | TransferKind::Payout
+            | TransferKind::VerificationPay
+            | TransferKind::VerificationEnergy => None,
         }
     }
 
@@ -121,6 +134,9 @@ impl TransferKind {
                 matches!((debit, credit), (A::Owner(_), A::EnergyReimbursement))
             }
             TransferKind::Refund => matches!((debit, credit), (A::PlatformRevenue, A::Tenant(_))),
+            TransferKind::VerificationPay | TransferKind::VerificationEnergy => {
+                matches!((debit, credit), (A::Verification, A::Owner(_)))
+            }
         }
     }
 }

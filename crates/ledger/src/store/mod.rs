@@ -83,6 +83,8 @@ pub enum StoreError {
     Unsupported(&'static str),
     #[error(transparent)]
     Clawback(#[from] ClawbackError),
+    #[error(transparent)]
+    Verification(#[from] crate::verification::VerificationPayError),
     #[error("payouts to owner {owner} are on hold for node {node}: {reason}")]
     PayoutsHeld {
         owner: OwnerId,
@@ -166,12 +168,14 @@ mod cloud_spend;
 mod holds;
 mod rekey;
 mod tx;
+mod verifications;
 
 pub use billing::{MeterFlag, METER_FLAGS_LISTED_MAX, REQUEST_LINES_MAX};
 pub use clawbacks::{ClawbackReceipt, PayoutHold};
 pub use cloud_spend::{CloudSpend, UNCOUNTED_CLOUD_SPEND_LISTED_MAX};
 pub use holds::{HoldAdmission, HoldRequest};
 pub use rekey::{Rekey, RekeyOutcome};
+pub use verifications::CheckReceipt;
 
 /// A ledger in SQLite or PostgreSQL.
 pub struct Store {
@@ -443,8 +447,8 @@ impl Store {
     }
 
     /// A vehicle's statement for a period, with the clawbacks ordered in
-    /// it. Its earnings and clawbacks are found by the ids their transfers
-    /// must have, not by a scan.
+    /// it and the checks it was paid for. Its earnings, clawbacks and checks'
+    /// pay are found by the ids their transfers must have, not by a scan.
     pub async fn statement(&self, node: &NodeId, period: Period) -> Result<Statement, StoreError> {
         let sql = format!(
             "SELECT {USAGE_COLUMNS} FROM ledger_usage \
@@ -472,10 +476,12 @@ impl Store {
             })
             .collect();
         ids.extend(clawbacks::clawback_ids(&clawbacks));
+        let checks = verifications::checks_of(self, node, period).await?;
+        ids.extend(verifications::check_transfer_ids(&checks));
         let transfers = self.transfers_by_id(&ids).await?;
         let transfers: Vec<Transfer> = transfers.into_values().collect();
         Ok(statement::build(
-            node, period, &usage, &clawbacks, &transfers,
+            node, period, &usage, &clawbacks, &checks, &transfers,
         ))
     }
 

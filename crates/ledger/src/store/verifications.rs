@@ -1,0 +1,146 @@
+//! Checks paid (`crate::verification`): the check's record and the transfers
+//! that pay it commit in one transaction, so a check on a statement is a
+//! check paid, and a check booked again pays nothing twice.
+
+use crate::core::{
+    AccountId, DurationMs, MicroUsd, MicroWh, ModelId, NodeId, OwnerId, RequestId, TimestampMs,
+    TokenCount, TransferId, TransferKind,
+};
+use crate::pricing::PriceBook;
+use crate::statement::Period;
+use crate::verification::{self, CheckWork};
+
+use super::tx::{on_tx, Tx};
+use super::{Backend, Store, StoreError};
+
+/// What booking a check did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckReceipt {
+    /// False when the check was booked before: nothing was posted now.
+    pub newly_paid: bool,
+    pub pay: MicroUsd,
+    pub energy: MicroUsd,
+}
+
+const COLUMNS: &str =
+    "check_id, node_id, owner_id, model, tokens, compute_ms, energy_uwh, tariff_per_kwh, at_ms";
+
+type CheckRow = (String, String, String, String, i64, i64, i64, i64, i64);
+
+impl Store {
+    /// Pays the verifier's owner for a check, from the platform's
+    /// verification account. A check booked before keeps what it was booked
+    /// with: the amounts are recomputed from the stored record, found
+    /// existing, and reported with `newly_paid` false.
+    pub async fn pay_check(
+        &self,
+        work: &CheckWork,
+        book: &PriceBook,
+    ) -> Result<CheckReceipt, StoreError> {
+        self.open_account(&AccountId::Owner(work.owner.clone()))
+            .await?;
+        retry_collisions!(self.pay_check_once(work, book).await)
+    }
+
+    async fn pay_check_once(
+        &self,
+        work: &CheckWork,
+        book: &PriceBook,
+    ) -> Result<CheckReceipt, StoreError> {
+        let mut tx = Tx::begin(self).await?;
+        let insert = format!(
+            "INSERT INTO ledger_verifications ({COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (check_id) DO NOTHING"
+        );
+        let inserted = on_tx!(&mut tx, tx => sqlx::query(&insert)
+            .bind(work.check.as_str())
+            .bind(work.node.as_str())
+            .bind(work.owner.as_str())
+            .bind(work.model.as_str())
+            .bind(column("tokens", work.tokens.0)?)
+            .bind(column("compute_ms", work.compute.0)?)
+            .bind(column("energy_uwh", work.energy.0)?)
+            .bind(work.tariff_per_kwh.0)
+            .bind(work.at.0)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected());
+        let booked = if inserted > 0 {
+            work.clone()
+        } else {
+            let select = format!("SELECT {COLUMNS} FROM ledger_verifications WHERE check_id = $1");
+            let row: CheckRow = on_tx!(&mut tx, tx => sqlx::query_as(&select)
+                .bind(work.check.as_str())
+                .fetch_one(&mut **tx)
+                .await?);
+            check_from_row(row)?
+        };
+        let paid = verification::pay(&booked, book)?;
+        tx.commit_batch(&paid.transfers, &[], None, None, None)
+            .await?;
+        tx.commit().await?;
+        Ok(CheckReceipt {
+            newly_paid: inserted > 0,
+            pay: paid.pay,
+            energy: paid.energy,
+        })
+    }
+}
+
+/// A node's checks in a period.
+pub(super) async fn checks_of(
+    store: &Store,
+    node: &NodeId,
+    period: Period,
+) -> Result<Vec<CheckWork>, StoreError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM ledger_verifications \
+         WHERE node_id = $1 AND at_ms >= $2 AND at_ms < $3"
+    );
+    let rows: Vec<CheckRow> = on_pool!(store, pool => sqlx::query_as(&sql)
+        .bind(node.as_str())
+        .bind(period.from.0)
+        .bind(period.until.0)
+        .fetch_all(pool)
+        .await?);
+    rows.into_iter().map(check_from_row).collect()
+}
+
+/// The ids of the transfers that paid `checks`.
+pub(super) fn check_transfer_ids(checks: &[CheckWork]) -> Vec<TransferId> {
+    checks
+        .iter()
+        .flat_map(|check| {
+            [
+                TransferKind::VerificationPay,
+                TransferKind::VerificationEnergy,
+            ]
+            .map(|kind| TransferId::derive(&check.check, crate::core::Segment(0), kind))
+        })
+        .collect()
+}
+
+fn column(what: &'static str, value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| StoreError::OutOfRange { what, value })
+}
+
+fn check_from_row(row: CheckRow) -> Result<CheckWork, StoreError> {
+    let (check, node, owner, model, tokens, compute_ms, energy_uwh, tariff, at_ms) = row;
+    let unsigned = |what: &'static str, value: i64| {
+        u64::try_from(value).map_err(|_| StoreError::Corrupt {
+            what,
+            reason: format!("negative {value}"),
+        })
+    };
+    Ok(CheckWork {
+        check: RequestId::new(check)?,
+        node: NodeId::new(node)?,
+        owner: OwnerId::new(owner)?,
+        model: ModelId::new(model)?,
+        tokens: TokenCount(unsigned("check tokens", tokens)?),
+        compute: DurationMs(unsigned("check compute", compute_ms)?),
+        energy: MicroWh(unsigned("check energy", energy_uwh)?),
+        tariff_per_kwh: MicroUsd(tariff),
+        at: TimestampMs(at_ms),
+    })
+}
