@@ -224,8 +224,9 @@ async fn write_request_log(store: Store, mut records: mpsc::Receiver<RequestReco
     }
 }
 
-/// Records the nodes' trust and their quarantines in the store as they
-/// change, where the owner API, the books and every cell read them.
+/// Records the nodes' trust, their quarantines and the checks they answered
+/// in the store as they change, where the owner API, the books and every
+/// cell read them.
 async fn write_trust(core: Arc<Core>, store: Store, shutdown: CancellationToken) {
     let mut interval = tokio::time::interval(limits::TRUST_WRITE_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -252,6 +253,15 @@ async fn write_trust(core: Arc<Core>, store: Store, shutdown: CancellationToken)
             };
             if let Err(error) = store.record_trust(&record).await {
                 tracing::warn!(%error, node_id = %trust.node, "record node trust");
+            }
+        }
+        let checks = core.take_checks();
+        if !checks.is_empty() {
+            if let Err(error) = store.record_checks(&checks).await {
+                // Kept in the cell, to be recorded on the next try: the
+                // verifiers are paid once the books read them.
+                tracing::warn!(%error, checks = checks.len(), "record answered checks");
+                core.requeue_checks(checks);
             }
         }
         for notice in core.take_quarantines() {

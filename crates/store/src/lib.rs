@@ -37,6 +37,7 @@ use sqlx::sqlite::SqliteConnectOptions;
 pub mod cells;
 pub mod certificates;
 pub mod changes;
+pub mod checks;
 pub mod contracts;
 mod database;
 pub mod owner_policy;

@@ -11,6 +11,7 @@ crate::on_each_backend!(
     two_handles_see_each_others_writes,
     concurrent_creates_of_one_name_have_one_winner,
     a_quarantine_holds_until_released_and_its_clawbacks_until_applied,
+    answered_checks_wait_for_the_books_once_each,
     an_enrolment_token_is_spent_once_and_revoking_a_node_revokes_its_certificates,
 );
 
@@ -161,6 +162,45 @@ async fn a_quarantine_holds_until_released_and_its_clawbacks_until_applied(test:
         !store.release_node("car-1", 60).await.unwrap(),
         "not quarantined now"
     );
+}
+
+/// A cell records the checks its vehicles answered; each waits for the
+/// books until paid, and recording one again changes nothing.
+async fn answered_checks_wait_for_the_books_once_each(test: &TestStore) {
+    use crate::checks::CheckRecord;
+    let store = &test.store;
+    let check = |name: &str, at_ms| CheckRecord {
+        check: name.into(),
+        node: "car-2".into(),
+        model: "smollm2-135m-instruct".into(),
+        tokens: 120,
+        compute_ms: 800,
+        started_ms: at_ms - 900,
+        at_ms,
+    };
+    store
+        .record_checks(&[
+            check("check:chatcmpl-b:1", 20),
+            check("check:chatcmpl-a:1", 10),
+        ])
+        .await
+        .unwrap();
+    let mut again = check("check:chatcmpl-a:1", 10);
+    again.tokens = 999;
+    store.record_checks(&[again]).await.unwrap();
+    let unpaid = store.unpaid_checks(10).await.unwrap();
+    assert_eq!(
+        unpaid,
+        [
+            check("check:chatcmpl-a:1", 10),
+            check("check:chatcmpl-b:1", 20)
+        ],
+        "oldest first, each as first recorded"
+    );
+    store.check_paid("check:chatcmpl-a:1", 30).await.unwrap();
+    let unpaid = store.unpaid_checks(10).await.unwrap();
+    assert_eq!(unpaid, [check("check:chatcmpl-b:1", 20)]);
+    assert_eq!(store.unpaid_checks(0).await.unwrap(), []);
 }
 
 async fn tenants_keys_and_nodes_round_trip(test: &TestStore) {

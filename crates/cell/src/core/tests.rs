@@ -440,9 +440,18 @@ fn a_delivered_answer_is_checked_by_another_owners_vehicle_and_its_pass_counts()
     assert_eq!(check.prompt_tokens, [1, 2, 3, 4]);
     assert!(check.committed_tokens.is_empty());
 
+    harness.clock.advance(Duration::from_millis(50));
     harness
         .core
         .node_verified(cars[verifier], &verdict(&check.generation_id, None));
+    // The books pay the verifier's owner for the 7 tokens it prefilled.
+    let checks = harness.core.take_checks();
+    assert_eq!(checks.len(), 1, "{checks:?}");
+    assert_eq!(checks[0].check, "check:chatcmpl-1:1");
+    assert_eq!(checks[0].node, format!("car-{verifier}"));
+    assert_eq!((checks[0].tokens, checks[0].compute_ms), (7, 20));
+    assert_eq!(checks[0].at_ms - checks[0].started_ms, 50);
+    assert!(harness.core.take_checks().is_empty());
     let producer_name = format!("car-{producer}");
     let trust = harness.core.trust();
     let record = trust.iter().find(|t| t.node == producer_name).unwrap();
@@ -462,6 +471,25 @@ fn a_delivered_answer_is_checked_by_another_owners_vehicle_and_its_pass_counts()
         .core
         .node_verified(cars[verifier], &verdict(&check.generation_id, Some(0)));
     assert_eq!(harness.core.trust(), trust);
+}
+
+/// A verifier that says it took longer than the check was out with it is
+/// counted, and paid, for the time it was out.
+#[test]
+fn a_verifier_is_paid_for_no_more_time_than_its_check_was_out() {
+    let (mut harness, cars) = verifying_fleet(2);
+    serve(&mut harness, &cars, "chatcmpl-1", &[5, 6, 7]);
+    let (verifier, check) = check_sent(&mut harness, 2).expect("a check was sent");
+    harness.clock.advance(Duration::from_millis(30));
+    let inflated = proto::Verified {
+        compute_ms: 3_600_000,
+        ..verdict(&check.generation_id, None)
+    };
+    harness.core.node_verified(cars[verifier], &inflated);
+    let checks = harness.core.take_checks();
+    assert_eq!(checks.len(), 1);
+    assert_eq!(checks[0].compute_ms, 30);
+    assert_eq!(harness.core.metrics.verification_compute_ms.load(ORDER), 30);
 }
 
 /// A vehicle's failure is confirmed by a vehicle of a third owner; then the

@@ -56,6 +56,10 @@ pub const CHECKS_OPEN_MAX: usize = 4096;
 /// Most waiting checks offered to a verifier per tick.
 pub const CHECKS_DISPATCHED_PER_TICK: usize = 64;
 
+/// Most answered checks kept for the books while the store is away; past
+/// it the oldest is dropped (logged), its verifier unpaid.
+pub const CHECKS_UNRECORDED_MAX: usize = 1 << 16;
+
 /// Most generations whose public id is kept for a clawback (the suspect
 /// windows of every node together); the oldest are forgotten first.
 pub const PUBLIC_IDS_KEPT: usize = 1 << 18;
@@ -103,6 +107,8 @@ pub(super) struct Verifications {
     public_ids: BTreeMap<u64, String>,
     /// Decided quarantines the books have not taken yet.
     notices: VecDeque<QuarantineNotice>,
+    /// Checks vehicles answered, for the books to pay (`take_checks`).
+    answered: VecDeque<store::checks::CheckRecord>,
     /// Nodes whose record changed since the store last took them.
     changed: BTreeSet<NodeId>,
     /// Quarantined nodes whose quarantine the store has not recorded yet.
@@ -115,6 +121,8 @@ pub(super) struct Verifications {
 struct Check {
     case: Case,
     generation: RequestId,
+    /// The answer's public id, which names the check in the books.
+    public_id: String,
     model: Arc<ServedModel>,
     prompt: Arc<Vec<i32>>,
     sampling: proto::Sampling,
@@ -170,6 +178,7 @@ impl Verifications {
             next_check: 1,
             public_ids: BTreeMap::new(),
             notices: VecDeque::new(),
+            answered: VecDeque::new(),
             changed: BTreeSet::new(),
             unrecorded: BTreeSet::new(),
             noticed: BTreeSet::new(),
@@ -191,6 +200,21 @@ impl Verifications {
         self.records
             .entry(node)
             .or_insert_with(|| NodeRecord::new(node));
+    }
+
+    /// Keeps a check `node` answered for the books, named by the node's
+    /// name; past [`CHECKS_UNRECORDED_MAX`] the oldest goes unpaid.
+    fn answered_by(&mut self, node: NodeId, mut record: store::checks::CheckRecord) {
+        let Some(name) = self.names.get(&node) else {
+            return;
+        };
+        record.node = name.clone();
+        self.answered.push_back(record);
+        while self.answered.len() > CHECKS_UNRECORDED_MAX {
+            if let Some(dropped) = self.answered.pop_front() {
+                tracing::error!(check = %dropped.check, "too many checks unrecorded: one goes unpaid");
+            }
+        }
     }
 
     pub(super) fn is_quarantined(&self, node: NodeId) -> bool {
@@ -235,6 +259,7 @@ impl Verifications {
         if producers.is_empty() {
             return None;
         }
+        let public_id = delivered.public_id.clone();
         self.remember_public_id(delivered.generation, delivered.public_id);
         let mut seen: Vec<NodeId> = Vec::new();
         for producer in &mut producers {
@@ -280,6 +305,7 @@ impl Verifications {
             Check {
                 case,
                 generation: delivered.generation,
+                public_id,
                 model: delivered.model,
                 prompt: delivered.prompt,
                 sampling: delivered.sampling,
@@ -391,6 +417,26 @@ impl Core {
     /// books and the store.
     pub fn take_quarantines(&self) -> Vec<QuarantineNotice> {
         self.lock().verifications.notices.drain(..).collect()
+    }
+
+    /// Checks vehicles answered since the last call, for the books to pay
+    /// their owners.
+    pub fn take_checks(&self) -> Vec<store::checks::CheckRecord> {
+        self.lock().verifications.answered.drain(..).collect()
+    }
+
+    /// Checks the store could not record yet, back at the front.
+    pub fn requeue_checks(&self, checks: Vec<store::checks::CheckRecord>) {
+        let mut state = self.lock();
+        let answered = &mut state.verifications.answered;
+        for check in checks.into_iter().rev() {
+            answered.push_front(check);
+        }
+        while answered.len() > CHECKS_UNRECORDED_MAX {
+            if let Some(dropped) = answered.pop_front() {
+                tracing::error!(check = %dropped.check, "too many checks unrecorded: one goes unpaid");
+            }
+        }
     }
 
     /// A quarantine the store could not record yet, back at the front.
@@ -568,16 +614,46 @@ impl Core {
         let Some(check) = state.verifications.checks.get_mut(&id) else {
             return;
         };
-        let Some((with, verifier, _)) = check.with else {
+        let Some((with, verifier, deadline)) = check.with else {
             return;
         };
         if with != session {
             return;
         }
         check.with = None;
+        // What the node says it spent, but never more than the check was
+        // out with it: a verifier cannot inflate its pay.
+        let sent = deadline
+            .checked_sub(CHECK_ANSWER_TIMEOUT)
+            .unwrap_or(deadline);
+        let out_with_it = self.clock.instant().saturating_duration_since(sent);
+        let compute_ms = verified
+            .compute_ms
+            .min(u64::try_from(out_with_it.as_millis()).unwrap_or(u64::MAX));
         self.metrics
             .verification_compute_ms
-            .fetch_add(verified.compute_ms, ORDER);
+            .fetch_add(compute_ms, ORDER);
+        // A vehicle's check is paid by the books; a platform node's is not.
+        let answered = match verifier {
+            Verifier::Vehicle { node, .. } => Some((
+                node,
+                store::checks::CheckRecord {
+                    check: format!("check:{}:{}", check.public_id, check.dispatches),
+                    node: String::new(),
+                    model: check.model.name.clone(),
+                    tokens: i64::try_from(
+                        check.prompt.len() + check.answer.completion_tokens.len(),
+                    )
+                    .unwrap_or(i64::MAX),
+                    compute_ms: i64::try_from(compute_ms).unwrap_or(i64::MAX),
+                    started_ms: now
+                        .0
+                        .saturating_sub(i64::try_from(out_with_it.as_millis()).unwrap_or(0)),
+                    at_ms: now.0,
+                },
+            )),
+            Verifier::Datacenter => None,
+        };
         let verdict = if verified.mismatches == 0 && verified.checked > 0 {
             self.metrics.verifications_passed.fetch_add(1, ORDER);
             Verdict::Passed
@@ -596,6 +672,9 @@ impl Core {
         };
         check.case.record(verifier, verdict);
         check.waiting_since = self.clock.instant();
+        if let Some((node, record)) = answered {
+            state.verifications.answered_by(node, record);
+        }
         self.dispatch_check(&mut state, now, id);
     }
 
