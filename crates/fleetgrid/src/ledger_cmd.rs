@@ -365,7 +365,14 @@ pub async fn ledger(command: LedgerCommand) -> anyhow::Result<()> {
                 println!("energy kwh            {}", t.energy.kwh_string());
                 println!("revenue share         ${}", t.revenue_share);
                 println!("energy reimbursement  ${}", t.energy_reimbursement);
+                println!("checks of others      {}", t.checks);
+                println!(
+                    "verification pay      ${}",
+                    ledger::core::MicroUsd(t.verification_pay.0 + t.verification_energy.0)
+                );
                 println!("earnings              ${}", t.earnings);
+                println!("clawed back           ${}", t.clawed_back);
+                println!("net earnings          ${}", t.net_earnings);
             }
         }
         LedgerCommand::Payout {

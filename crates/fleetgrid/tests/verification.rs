@@ -235,7 +235,7 @@ async fn cheating_vehicles_are_quarantined_and_clawed_back_and_honest_ones_never
     // The owners' statements show what was taken back, and why.
     for cheater in ["cheat-random", "cheat-compute"] {
         let path = format!("/owner/v1/vehicles/{cheater}/statement");
-        let statement = wait_for_clawback(&stack, &owners[cheater], &path).await;
+        let statement = wait_for_lines(&stack, &owners[cheater], &path, "clawbacks").await;
         let clawbacks = statement["clawbacks"].as_array().expect("clawbacks");
         assert!(!clawbacks.is_empty(), "{statement}");
         assert!(
@@ -280,17 +280,44 @@ async fn cheating_vehicles_are_quarantined_and_clawed_back_and_honest_ones_never
     eprintln!("honest answers verified, all passed: {verified}");
     let share = stack.metric("fleetgrid_verification_compute_share").await;
     assert!(share > 0.0 && share < 1.0, "verification share {share}");
+
+    // The platform paid the honest vehicles' owners for their checks: each
+    // shows on the vehicle's statement with the tokens it prefilled and
+    // what it earned, part of the vehicle's earnings.
+    let mut checks = 0;
+    for honest in ["honest-a", "honest-b", "honest-c"] {
+        let path = format!("/owner/v1/vehicles/{honest}/statement");
+        let statement = wait_for_lines(&stack, &owners[honest], &path, "check_lines").await;
+        let lines = statement["check_lines"].as_array().expect("check lines");
+        for line in lines {
+            assert!(
+                line["check"]
+                    .as_str()
+                    .is_some_and(|name| name.starts_with("check:")),
+                "{line}"
+            );
+            assert!(
+                line["tokens"].as_u64().is_some_and(|tokens| tokens > 0),
+                "{line}"
+            );
+            assert_ne!(line["total_usd"], "0.000000", "{line}");
+        }
+        assert_ne!(statement["verification_usd"], "0.000000", "{statement}");
+        checks += lines.len();
+    }
+    eprintln!("checks paid to honest vehicles' owners: {checks}");
+    stack.cli(&["ledger", "verify"]);
     eprintln!("answers before both cheaters were out: {answered}");
 }
 
-/// The statement at `path` once it shows a clawback (the books apply them
-/// a pass at a time).
-async fn wait_for_clawback(stack: &Stack, owner_key: &str, path: &str) -> Value {
+/// The statement at `path` once it lists something in `field` (the books
+/// apply clawbacks and pay checks a pass at a time).
+async fn wait_for_lines(stack: &Stack, owner_key: &str, path: &str, field: &str) -> Value {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let (status, statement) = stack.get_as(owner_key, path).await;
         assert_eq!(status, 200, "{statement}");
-        if statement["clawbacks"]
+        if statement[field]
             .as_array()
             .is_some_and(|lines| !lines.is_empty())
         {
@@ -298,7 +325,7 @@ async fn wait_for_clawback(stack: &Stack, owner_key: &str, path: &str) -> Value 
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "no clawback on {path}: {statement}"
+            "nothing in {field} on {path}: {statement}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -249,6 +249,9 @@ pub struct Billing {
     _renewal: Option<DropGuard>,
     /// Stops applying quarantined vehicles' clawbacks when billing is dropped.
     _clawbacks: DropGuard,
+    /// Stops paying the owners of vehicles that verified when billing is
+    /// dropped.
+    _check_payments: DropGuard,
     retries: Arc<settle_retry::SettlementRetries>,
     owners: Mutex<HashMap<String, (OwnerId, Instant)>>,
     /// Owners whose ledger account is known to exist.
@@ -298,6 +301,13 @@ impl Billing {
             store: store.clone(),
         }
         .spawn();
+        let check_payments = crate::billing_checks::CheckPayments {
+            ledger: Arc::clone(&ledger),
+            book: book.clone(),
+            prices: Arc::clone(&config.prices),
+            store: store.clone(),
+        }
+        .spawn();
         Ok(Billing {
             ledger,
             book,
@@ -305,6 +315,7 @@ impl Billing {
             holds,
             _renewal: renewal,
             _clawbacks: clawbacks,
+            _check_payments: check_payments,
             retries: Arc::default(),
             owners: Mutex::new(HashMap::new()),
             opened_owners: Mutex::new(HashSet::new()),

@@ -97,24 +97,38 @@ impl Clawbacks {
     /// Applies pending clawbacks every [`CLAWBACK_INTERVAL`] until the guard
     /// is dropped.
     pub fn spawn(self) -> DropGuard {
-        let stop = CancellationToken::new();
-        let stopped = stop.clone();
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(CLAWBACK_INTERVAL);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    () = stopped.cancelled() => return,
-                    _ = ticks.tick() => {}
-                }
-                let now = crate::core::now_ms().0;
-                if let Err(error) = self.apply_pending(now).await {
+        every(CLAWBACK_INTERVAL, move |now| {
+            let clawbacks = self.clone();
+            async move {
+                if let Err(error) = clawbacks.apply_pending(now).await {
                     tracing::warn!(%error, "read pending clawbacks");
                 }
             }
-        });
-        stop.drop_guard()
+        })
     }
+}
+
+/// Runs one of the books' passes every `period`, with the time it starts,
+/// until the guard is dropped.
+pub(crate) fn every<F, Fut>(period: Duration, mut pass: F) -> DropGuard
+where
+    F: FnMut(i64) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stopped.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            pass(crate::core::now_ms().0).await;
+        }
+    });
+    stop.drop_guard()
 }
 
 /// Pending clawbacks grouped into orders: by vehicle and reason, each

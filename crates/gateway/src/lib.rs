@@ -11,6 +11,7 @@
 pub mod api;
 pub mod billing;
 pub mod billing_accounts;
+pub mod billing_checks;
 pub mod billing_clawbacks;
 pub mod billing_finish;
 pub mod billing_flags;

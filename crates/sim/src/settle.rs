@@ -208,13 +208,16 @@ impl Settler {
                 }
                 TransferKind::CloudCost => money.cloud_cost += amount,
                 // A settlement posts reversals only for a clawback ordered
-                // before it; the simulation orders none.
+                // before it; the simulation orders none, and verification is
+                // paid outside settlement.
                 TransferKind::TokenCharge
                 | TransferKind::TopUp
                 | TransferKind::Payout
                 | TransferKind::RevenueClawback
                 | TransferKind::EnergyClawback
-                | TransferKind::Refund => {}
+                | TransferKind::Refund
+                | TransferKind::VerificationPay
+                | TransferKind::VerificationEnergy => {}
             }
         }
     }

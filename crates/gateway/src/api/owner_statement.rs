@@ -14,7 +14,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use ledger::core::{NodeId, TimestampMs};
+use ledger::core::{MicroUsd, NodeId, TimestampMs};
 use ledger::invoice;
 use ledger::statement::{Period, Statement};
 use serde_json::{json, Value};
@@ -169,6 +169,23 @@ fn statement_json(statement: &Statement) -> Value {
             })
         })
         .collect();
+    let checks: Vec<Value> = statement
+        .verifications
+        .iter()
+        .take(STATEMENT_LINES_LISTED_MAX)
+        .map(|check| {
+            json!({
+                "check": check.check.as_str(),
+                "at_ms": check.at.0,
+                "tokens": check.tokens.0,
+                "compute_hours": check.compute.hours_string(),
+                "energy_kwh": check.energy.kwh_string(),
+                "verification_pay_usd": check.pay.to_string(),
+                "energy_reimbursement_usd": check.energy_reimbursement.to_string(),
+                "total_usd": check.total().to_string(),
+            })
+        })
+        .collect();
     json!({
         "object": "vehicle.statement",
         "vehicle": statement.node.as_str(),
@@ -181,6 +198,10 @@ fn statement_json(statement: &Statement) -> Value {
         "energy_kwh": totals.energy.kwh_string(),
         "revenue_share_usd": totals.revenue_share.to_string(),
         "energy_reimbursement_usd": totals.energy_reimbursement.to_string(),
+        // Checks of other vehicles' answers, paid by the platform; part of
+        // the earnings below.
+        "checks": totals.checks,
+        "verification_usd": MicroUsd(totals.verification_pay.0 + totals.verification_energy.0).to_string(),
         "earnings_usd": totals.earnings.to_string(),
         "earnings_micro_usd": totals.earnings.0,
         // What verification took back of those earnings, and what is left.
@@ -190,6 +211,8 @@ fn statement_json(statement: &Statement) -> Value {
         "lines": lines,
         "clawbacks": clawbacks,
         "clawbacks_truncated": statement.clawbacks.len() > STATEMENT_LINES_LISTED_MAX,
+        "check_lines": checks,
+        "check_lines_truncated": statement.verifications.len() > STATEMENT_LINES_LISTED_MAX,
         "lines_truncated": statement.lines.len() > STATEMENT_LINES_LISTED_MAX,
     })
 }
