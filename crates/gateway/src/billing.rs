@@ -708,13 +708,8 @@ impl Billing {
                 };
             }
         };
-        // A node that connected was enrolled; one deleted since is still
-        // paid, into the account of a node without owner.
-        let owner = match record.map(|record| crate::billing_accounts::node_owner_key(&record)) {
-            Some(Ok(owner)) => owner,
-            _ => crate::billing_accounts::ownerless_node_key(node)
-                .map_err(|error| BillingError::internal("owner of node", &error))?,
-        };
+        let owner = crate::billing_accounts::earnings_account(node, record.as_ref())
+            .map_err(|error| BillingError::internal("owner of node", &error))?;
         let mut owners = self.lock_owners();
         if owners.len() >= OWNER_CACHE_ENTRIES_MAX {
             owners.clear();

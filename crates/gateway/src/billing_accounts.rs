@@ -63,6 +63,16 @@ pub fn node_owner_key(node: &NodeRecord) -> Result<OwnerId, IdError> {
     }
 }
 
+/// The account the earnings of node `node` go to, given its record if the
+/// store still has one: a node deleted since it worked is still paid, into
+/// the account of a node without owner.
+pub fn earnings_account(node: &str, record: Option<&NodeRecord>) -> Result<OwnerId, IdError> {
+    match record.map(node_owner_key) {
+        Some(Ok(owner)) => Ok(owner),
+        _ => ownerless_node_key(node),
+    }
+}
+
 /// Human names of the accounts, as the store has them now.
 #[derive(Debug, Default)]
 pub struct AccountNames {

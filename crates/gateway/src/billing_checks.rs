@@ -98,11 +98,8 @@ impl CheckPayments {
             .node_record(node)
             .await
             .map_err(|error| error.to_string())?;
-        match record {
-            Some(record) => crate::billing_accounts::node_owner_key(&record),
-            None => crate::billing_accounts::ownerless_node_key(node),
-        }
-        .map_err(|error| error.to_string())
+        crate::billing_accounts::earnings_account(node, record.as_ref())
+            .map_err(|error| error.to_string())
     }
 
     /// Pays answered checks every [`CHECK_PAY_INTERVAL`] until the guard is

@@ -210,6 +210,11 @@ impl Verifications {
         };
         record.node = name.clone();
         self.answered.push_back(record);
+        self.forget_oldest_answered();
+    }
+
+    /// Drops the oldest answered checks past [`CHECKS_UNRECORDED_MAX`].
+    fn forget_oldest_answered(&mut self) {
         while self.answered.len() > CHECKS_UNRECORDED_MAX {
             if let Some(dropped) = self.answered.pop_front() {
                 tracing::error!(check = %dropped.check, "too many checks unrecorded: one goes unpaid");
@@ -428,15 +433,11 @@ impl Core {
     /// Checks the store could not record yet, back at the front.
     pub fn requeue_checks(&self, checks: Vec<store::checks::CheckRecord>) {
         let mut state = self.lock();
-        let answered = &mut state.verifications.answered;
+        let verifications = &mut state.verifications;
         for check in checks.into_iter().rev() {
-            answered.push_front(check);
+            verifications.answered.push_front(check);
         }
-        while answered.len() > CHECKS_UNRECORDED_MAX {
-            if let Some(dropped) = answered.pop_front() {
-                tracing::error!(check = %dropped.check, "too many checks unrecorded: one goes unpaid");
-            }
-        }
+        verifications.forget_oldest_answered();
     }
 
     /// A quarantine the store could not record yet, back at the front.
