@@ -27,6 +27,11 @@ pub enum Event {
     NodePolicyChanged { node: NodeId, policy: OwnerPolicy },
     /// The node used `wh` more watt-hours for compute (counts toward the owner's daily cap).
     NodeEnergyUsed { node: NodeId, wh: u32 },
+    /// The driver gave the node work of its own that takes one of its slots (a verification
+    /// check): the slot is not free until `NodeSlotReleased`. Held slots are never preempted.
+    NodeSlotHeld { node: NodeId },
+    /// The work of a `NodeSlotHeld` ended; its slot is free again.
+    NodeSlotReleased { node: NodeId },
     /// The node's stream closed or its heartbeat timed out; its work moves at once.
     NodeLost { node: NodeId },
     /// A tenant was created or its contract changed (affects requests arriving from now on).

@@ -42,6 +42,7 @@ impl Scheduler {
         }
         let node = Node {
             running: Vec::with_capacity(usize::from(capacity.slots)),
+            held: 0,
             claimed_slots,
             capacity,
             state,
@@ -105,6 +106,29 @@ impl Scheduler {
             return;
         }
         self.reevaluate(now, id, out);
+    }
+
+    /// The driver took one of the node's slots for work of its own (`held`), or gave one back.
+    pub(crate) fn on_node_slot(
+        &mut self,
+        now: Millis,
+        id: NodeId,
+        held: bool,
+        out: &mut Vec<Command>,
+    ) {
+        let mut applied = true;
+        let known = self.reevaluate_with(now, id, out, |node| {
+            if held {
+                node.held = node.held.saturating_add(1);
+            } else if let Some(left) = node.held.checked_sub(1) {
+                node.held = left;
+            } else {
+                applied = false;
+            }
+        });
+        if !known || !applied {
+            self.stale_events += 1;
+        }
     }
 
     pub(crate) fn on_node_lost(&mut self, now: Millis, id: NodeId, out: &mut Vec<Command>) {

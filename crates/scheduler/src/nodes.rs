@@ -31,6 +31,9 @@ pub(crate) struct Node {
     pub(crate) energy: EnergyToday,
     /// Requests running here, at most `capacity.slots`.
     pub(crate) running: Vec<Running>,
+    /// Slots taken by work the driver runs here outside the scheduler (a verification check):
+    /// not free, and never preempted.
+    pub(crate) held: u16,
     /// Why the node takes no new work, as of the last evaluation.
     pub(crate) blocker: Option<Blocker>,
     /// When the node is next re-evaluated because of time alone.
@@ -55,6 +58,7 @@ impl Node {
         self.capacity
             .slots
             .saturating_sub(self.running.len() as u16)
+            .saturating_sub(self.held)
     }
 }
 

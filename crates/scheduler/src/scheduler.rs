@@ -86,6 +86,8 @@ impl Scheduler {
                 self.on_node_policy(now, node, policy, out)
             }
             Event::NodeEnergyUsed { node, wh } => self.on_node_energy(now, node, wh, out),
+            Event::NodeSlotHeld { node } => self.on_node_slot(now, node, true, out),
+            Event::NodeSlotReleased { node } => self.on_node_slot(now, node, false, out),
             Event::NodeLost { node } => self.on_node_lost(now, node, out),
             Event::TenantConfigured { tenant, config } => {
                 if !self

@@ -107,3 +107,25 @@ fn node_lacking_the_model_or_excluding_the_class_gets_nothing() {
     });
     assert_eq!(out, vec![assign(3, 2, 0)]);
 }
+
+/// A slot the driver holds for work of its own (a verification check) is not free: a one-slot
+/// node holding it takes no request until it is released, then takes the one that waited. A
+/// release with nothing held is stale.
+#[test]
+fn a_held_slot_takes_no_request_until_it_is_released() {
+    let mut h = Harness::new();
+    h.plain_node(0, 1);
+    assert!(h.send(Event::NodeSlotHeld { node: NodeId(0) }).is_empty());
+    assert!(h.request(1, SPOT, 10).is_empty(), "the request waits");
+    assert!(
+        h.request(2, FLEET, 10).is_empty(),
+        "a held slot is not preempted, even for the fleet"
+    );
+    assert_eq!(
+        h.send(Event::NodeSlotReleased { node: NodeId(0) }),
+        vec![assign(2, 0, 0)]
+    );
+    let stale = h.scheduler.stale_events();
+    h.send(Event::NodeSlotReleased { node: NodeId(0) });
+    assert_eq!(h.scheduler.stale_events(), stale + 1, "only one was held");
+}
