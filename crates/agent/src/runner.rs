@@ -290,6 +290,7 @@ fn check_assignment(
             completion: answer.completion_tokens.clone(),
             logprobs: answer.logprobs.clone(),
             ended_by_eos: answer.ended_by_eos,
+            given: answer.given_tokens,
             tolerance: engine::DEFAULT_TOLERANCE,
         }),
     })

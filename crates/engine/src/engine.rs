@@ -356,11 +356,12 @@ fn validate_verification(
     if generation.prompt_logprobs {
         return refuse("does not score its prompt");
     }
-    if generation.grammar.is_some() {
-        return refuse("of a grammar-constrained completion is not supported");
+    let given = usize::try_from(verify.given).unwrap_or(usize::MAX);
+    if given > verify.completion.len() {
+        return refuse("cannot take more tokens as given than the completion has");
     }
-    if verify.logprobs.len() != verify.completion.len() {
-        return refuse("needs one reported log-probability per completion token");
+    if verify.logprobs.len() != verify.completion.len() - given {
+        return refuse("needs one reported log-probability per checked completion token");
     }
     Ok(())
 }

@@ -116,6 +116,9 @@ pub(crate) struct Slot {
 struct Verifying {
     /// Index in `Slot::prompt` of the first completion token.
     start: usize,
+    /// Leading completion tokens taken as given: replayed, not checked.
+    given: usize,
+    /// The reported log-probability of each checked completion token.
     logprobs: Vec<f32>,
     ended_by_eos: bool,
     tolerance: Tolerance,
@@ -156,6 +159,7 @@ impl Slot {
             generation.prompt.extend_from_slice(&verify.completion);
             Box::new(Verifying {
                 start,
+                given: usize::try_from(verify.given).unwrap_or(usize::MAX),
                 logprobs: verify.logprobs,
                 ended_by_eos: verify.ended_by_eos,
                 tolerance: verify.tolerance,
@@ -401,7 +405,8 @@ impl Slot {
     }
 
     /// Checks the completion token at `index` of the prefilled tokens against `raw`, the
-    /// logits after the token before it.
+    /// logits after the token before it, masked by the answer's grammar when it has one. A given
+    /// token is only replayed.
     pub fn verify_token(
         &mut self,
         index: usize,
@@ -417,19 +422,34 @@ impl Slot {
         let Some(offset) = index.checked_sub(verifying.start) else {
             return;
         };
-        let logits = adjusted(&verifying.adjust, raw, end_of_generation, scratch);
-        let reported = verifying.logprobs.get(offset).copied().unwrap_or(f32::NAN);
-        let checked = check_token(
-            sampler,
-            logits,
-            &self.sampling,
-            saturating_u32(offset),
-            token,
-            reported,
-            &verifying.tolerance,
-        );
-        verifying.outcome.record(checked);
+        if let Some(checked) = offset.checked_sub(verifying.given) {
+            let logits = masked(
+                &verifying.adjust,
+                self.grammar.as_mut(),
+                raw,
+                end_of_generation,
+                scratch,
+            );
+            let reported = verifying.logprobs.get(checked).copied().unwrap_or(f32::NAN);
+            let outcome = check_token(
+                sampler,
+                logits,
+                &self.sampling,
+                saturating_u32(offset),
+                token,
+                reported,
+                &verifying.tolerance,
+            );
+            verifying.outcome.record(outcome);
+        }
         verifying.adjust.record(token);
+        // A token the grammar does not allow failed its check (its logit was masked); past it the
+        // grammar says nothing, and the rest is checked unmasked.
+        if let Some(grammar) = &mut self.grammar {
+            if grammar.accept(token).is_err() {
+                self.grammar = None;
+            }
+        }
     }
 
     /// Once prompt and completion are prefilled: checks the end against `raw`, the logits after
@@ -447,7 +467,13 @@ impl Slot {
         };
         let position = saturating_u32(self.prompt.len() - verifying.start);
         if verifying.ended_by_eos {
-            let logits = adjusted(&verifying.adjust, raw, end_of_generation, scratch);
+            let logits = masked(
+                &verifying.adjust,
+                self.grammar.as_mut(),
+                raw,
+                end_of_generation,
+                scratch,
+            );
             let checked = check_end(
                 sampler,
                 logits,
@@ -644,6 +670,26 @@ fn adjusted<'a>(
         return raw;
     }
     adjust.apply(raw, end_of_generation, scratch);
+    scratch
+}
+
+/// [`adjusted`], then every token `grammar` does not allow next set to `-inf`: the logits the
+/// generating engine sampled from. A grammar that cannot say what comes next allows nothing, as
+/// the generating engine would have failed there.
+fn masked<'a>(
+    adjust: &Penalised,
+    grammar: Option<&mut Constrained>,
+    raw: &'a [f32],
+    end_of_generation: &[TokenId],
+    scratch: &'a mut Vec<f32>,
+) -> &'a [f32] {
+    let Some(grammar) = grammar else {
+        return adjusted(adjust, raw, end_of_generation, scratch);
+    };
+    adjust.apply(raw, end_of_generation, scratch);
+    if grammar.mask(scratch).is_err() {
+        scratch.fill(f32::NEG_INFINITY);
+    }
     scratch
 }
 

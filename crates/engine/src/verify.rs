@@ -72,7 +72,11 @@ pub const MISMATCHES_KEPT: usize = 8;
 pub struct Verify {
     /// The completion's tokens, end-of-generation token excluded.
     pub completion: Vec<TokenId>,
-    /// The log-probability reported with each completion token.
+    /// How many of the completion's first tokens are given, not checked: committed before the
+    /// nodes being checked took the answer. They are replayed into penalties and the grammar
+    /// like the others.
+    pub given: u32,
+    /// The log-probability reported with each checked completion token (those after `given`).
     pub logprobs: Vec<f32>,
     /// The node reported that the answer ended with an end-of-generation token after the last
     /// completion token.

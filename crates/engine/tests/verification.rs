@@ -102,10 +102,24 @@ fn reported(prompt: Vec<TokenId>, sampling: SamplingParams, outcome: &Outcome) -
 }
 
 fn verify(verifier: &Engine, reported: &Reported) -> Verification {
-    let mut generation = generation(reported.prompt.clone(), reported.sampling, ANSWER_TOKENS);
+    verify_as(verifier, reported, None, 0, ANSWER_TOKENS)
+}
+
+/// Verifies `reported` as an answer constrained by `grammar`, its first `given` tokens taken as
+/// committed elsewhere (not checked).
+fn verify_as(
+    verifier: &Engine,
+    reported: &Reported,
+    grammar: Option<&str>,
+    given: u32,
+    max_tokens: u32,
+) -> Verification {
+    let mut generation = generation(reported.prompt.clone(), reported.sampling, max_tokens);
+    generation.grammar = grammar.map(str::to_owned);
     generation.verify = Some(Verify {
         completion: reported.tokens.clone(),
-        logprobs: reported.logprobs.clone(),
+        given,
+        logprobs: reported.logprobs[given as usize..].to_vec(),
         ended_by_eos: reported.ended_by_eos,
         tolerance: engine::DEFAULT_TOLERANCE,
     });
@@ -358,5 +372,105 @@ fn answers_a_cheating_node_could_report_are_flagged() {
     for (kind, (flagged, tried)) in caught {
         assert!(tried >= 5, "{kind}: only {tried} tried");
         assert_eq!(flagged, tried, "{kind}: {flagged} of {tried} flagged");
+    }
+}
+
+/// A structured answer is verified with its grammar replayed: honest answers drawn under a JSON
+/// schema pass at any temperature, ending where the grammar completes them; the same prompt's
+/// unconstrained answer reported as the structured one fails.
+#[test]
+fn a_grammar_constrained_answer_is_verified_with_its_grammar() {
+    const STRUCTURED_TOKENS: u32 = 40;
+    let verifier = engine_with(2, 1);
+    let node = engine_with(1, 2);
+    let grammar = engine::json_schema_grammar(&serde_json::json!({
+        "type": "object",
+        "properties": {
+            "colour": {"enum": ["red", "green", "blue"]},
+            "why": {"type": "string", "maxLength": 24},
+        },
+        "required": ["colour", "why"],
+        "additionalProperties": false,
+    }));
+    let prompt = chat_prompt(&node, "Pick a colour and say why, as JSON.");
+    let (mut ended_by_the_grammar, mut forgeries) = (0, 0);
+    for (index, temperature) in [0.0, 0.7, 1.0, 1.3].into_iter().enumerate() {
+        let sampling = SamplingParams {
+            temperature,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 500 + index as u64,
+            min_p: 0.0,
+        };
+        let mut constrained = generation(prompt.clone(), sampling, STRUCTURED_TOKENS);
+        constrained.grammar = Some(grammar.clone());
+        let outcome = run(&node, constrained);
+        let honest = reported(prompt.clone(), sampling, &outcome);
+        if honest.ended_by_eos {
+            ended_by_the_grammar += 1;
+            serde_json::from_str::<serde_json::Value>(&outcome.text())
+                .unwrap_or_else(|error| panic!("T={temperature}: {error}"));
+        }
+        let verification = verify_as(&verifier, &honest, Some(&grammar), 0, STRUCTURED_TOKENS);
+        assert!(
+            verification.passed(),
+            "T={temperature}: {verification:?} {honest:?}"
+        );
+
+        let free = run(
+            &node,
+            generation(prompt.clone(), sampling, STRUCTURED_TOKENS),
+        );
+        let forged = reported(prompt.clone(), sampling, &free);
+        if forged.tokens == honest.tokens {
+            // The model wrote the structured answer unasked: nothing to catch.
+            continue;
+        }
+        let verification = verify_as(&verifier, &forged, Some(&grammar), 0, STRUCTURED_TOKENS);
+        assert!(
+            !verification.passed(),
+            "T={temperature}: an unconstrained answer passed as structured: {:?}",
+            free.text()
+        );
+        forgeries += 1;
+    }
+    assert!(ended_by_the_grammar > 0, "no answer finished its JSON");
+    assert!(
+        forgeries >= 2,
+        "only {forgeries} unconstrained answers differed"
+    );
+}
+
+/// An answer resumed from tokens committed elsewhere is checked from the first token after
+/// them: those are replayed as context, not checked, and the rest is checked as ever.
+#[test]
+fn a_resumed_answers_own_tokens_are_checked_after_the_given_ones() {
+    let verifier = engine_with(2, 1);
+    let node = engine_with(1, 2);
+    for index in 0..10 {
+        let prompt = prompt(&node, index);
+        let sampling = sampling(index);
+        let outcome = run(&node, generation(prompt.clone(), sampling, ANSWER_TOKENS));
+        let honest = reported(prompt, sampling, &outcome);
+        let length = honest.tokens.len() as u32;
+        let given = (1 + index as u32 % 6).min(length);
+        let verification = verify_as(&verifier, &honest, None, given, ANSWER_TOKENS);
+        assert!(verification.passed(), "{verification:?} {honest:?}");
+        let end = u32::from(honest.ended_by_eos);
+        assert_eq!(verification.checked, length - given + end, "{honest:?}");
+
+        // A forged token after the given ones fails where it is.
+        if given < length {
+            let mut forged = honest.clone();
+            let at = (given + (length - given) / 2) as usize;
+            forged.tokens[at] = (forged.tokens[at] + 1_009) % 40_000;
+            let verification = verify_as(&verifier, &forged, None, given, ANSWER_TOKENS);
+            assert!(!verification.passed(), "{forged:?}");
+            assert_eq!(
+                verification.mismatches[0].position(),
+                at as u32,
+                "{verification:?}"
+            );
+        }
     }
 }

@@ -378,6 +378,7 @@ fn measure_cost(model: PathBuf, threads: u32, answers: u32) -> anyhow::Result<Co
     for ((prompt, sampling), answer) in prompts.iter().zip(&results) {
         let verify = Verify {
             completion: answer.tokens.clone(),
+            given: 0,
             logprobs: answer.logprobs.clone(),
             ended_by_eos: answer.ended_by_eos,
             tolerance: engine::DEFAULT_TOLERANCE,
@@ -611,6 +612,7 @@ fn measure_detection(
             let answer = drain(stream)?;
             let verify = Verify {
                 completion: answer.tokens,
+                given: 0,
                 logprobs: answer.logprobs,
                 ended_by_eos: answer.ended_by_eos,
                 tolerance: engine::DEFAULT_TOLERANCE,
