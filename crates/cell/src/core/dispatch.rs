@@ -11,6 +11,7 @@ use crate::limits;
 use crate::node_input::{self, BatchBounds};
 use crate::nodes::NodeSession;
 use cell_api::metering::{Metering, NodeReport, SegmentTrack};
+use cell_api::served::ServedModel;
 use store::RequestRecord;
 
 impl Core {
@@ -611,19 +612,16 @@ impl CoreState {
     }
 }
 
-/// A finished generation as verification takes it, or `None` for one that
-/// cannot be verified: grammar-constrained (the engine refuses those), or
-/// resumed from tokens committed on another cell (their producer is unknown
-/// here).
+/// A finished generation as verification takes it, or `None` when a node
+/// that produced part of it is no longer known here. Tokens committed on
+/// another cell before this one took the generation are given to the
+/// verifier as context, not checked: their producer is unknown here.
 fn delivered(
     state: &CoreState,
     request: RequestId,
     inflight: InFlight,
     finish: FinishReason,
 ) -> Option<verification::Delivered> {
-    if inflight.grammar.is_some() || inflight.inherited > 0 {
-        return None;
-    }
     let segments = inflight
         .segments
         .iter()
@@ -632,8 +630,14 @@ fn delivered(
             node.map(|node| (node, segment.completion_tokens))
         })
         .collect::<Option<Vec<_>>>()?;
+    // An answer that stopped ended by end-of-generation, which the verifier
+    // checks, or at one of the client's stop sequences, which its text shows
+    // (the token that completes one is the answer's last).
+    let ended_by_eos = finish == FinishReason::Stop
+        && !reaches_stop_sequence(&inflight.model, &inflight.committed, &inflight.stop);
     Some(verification::Delivered {
         generation: request,
+        given: u32::try_from(inflight.inherited).unwrap_or(u32::MAX),
         public_id: inflight.public_id,
         model: inflight.model,
         prompt: inflight.prompt,
@@ -641,11 +645,26 @@ fn delivered(
         max_tokens: inflight.max_tokens,
         completion: inflight.committed,
         logprobs: inflight.logprobs,
-        // With stop sequences an answer may have ended at one of them, which
-        // only the text shows: the end is then not checked.
-        ended_by_eos: finish == FinishReason::Stop && inflight.stop.is_empty(),
+        ended_by_eos,
         segments,
     })
+}
+
+/// Whether the text of `tokens` holds one of the `stop` sequences.
+fn reaches_stop_sequence(model: &ServedModel, tokens: &[i32], stop: &[String]) -> bool {
+    if stop.iter().all(String::is_empty) {
+        return false;
+    }
+    let text: Vec<u8> = tokens
+        .iter()
+        .filter_map(|&token| model.pieces.piece(token))
+        .flatten()
+        .copied()
+        .collect();
+    stop.iter()
+        .map(String::as_bytes)
+        .filter(|stop| !stop.is_empty())
+        .any(|stop| text.windows(stop.len()).any(|window| window == stop))
 }
 
 fn generation_id(request: RequestId, attempt: u32) -> String {

@@ -375,6 +375,19 @@ fn serve(
 ) -> usize {
     let mut generation = spot_generation(public_id, proto::Sampling::default(), 8);
     generation.prompt = vec![1, 2, 3, 4];
+    serve_generation(harness, cars, generation, answer)
+}
+
+/// Submits `generation`, lets the vehicle it lands on answer `answer` after
+/// the generation's committed tokens and finish; returns that vehicle's
+/// index.
+fn serve_generation(
+    harness: &mut Harness,
+    cars: &[crate::nodes::NodeSession],
+    generation: cell_api::NewGeneration,
+    answer: &[i32],
+) -> usize {
+    let from = u32::try_from(generation.committed.len()).expect("a short answer");
     let admitted = harness.core.submit(generation).expect("admitted");
     let (producer, id) = (0..cars.len())
         .find_map(|index| assigned(harness, index).map(|id| (index, id)))
@@ -383,7 +396,7 @@ fn serve(
         cars[producer],
         proto::TokenBatch {
             generation_id: id.clone(),
-            tokens: tokens(answer, 0),
+            tokens: tokens(answer, from),
         },
     );
     harness.core.node_done(
@@ -471,6 +484,85 @@ fn a_delivered_answer_is_checked_by_another_owners_vehicle_and_its_pass_counts()
         .core
         .node_verified(cars[verifier], &verdict(&check.generation_id, Some(0)));
     assert_eq!(harness.core.trust(), trust);
+}
+
+/// Of an answer this cell took over from another, mid-answer, the tokens
+/// committed before are given to the verifier as context, not checked, and
+/// the verdict on the rest is the vehicle's that produced it.
+#[test]
+fn a_resumed_answer_is_checked_from_the_tokens_produced_here() {
+    let (mut harness, cars) = verifying_fleet(2);
+    let mut generation = spot_generation("chatcmpl-r", proto::Sampling::default(), 8);
+    generation.committed = vec![9, 10];
+    let producer = serve_generation(&mut harness, &cars, generation, &[5, 6, 7]);
+    let (verifier, check) = check_sent(&mut harness, 2).expect("a check was sent");
+    assert_ne!(verifier, producer);
+    let answer = check.verify.expect("an answer to verify");
+    assert_eq!(answer.completion_tokens, [9, 10, 5, 6, 7]);
+    assert_eq!(answer.given_tokens, 2);
+    assert_eq!(answer.logprobs, [-0.5, -0.5, -0.5], "the producer's own");
+    assert!(check.committed_tokens.is_empty());
+
+    // Its pass is the producer's.
+    harness
+        .core
+        .node_verified(cars[verifier], &verdict(&check.generation_id, None));
+    let trust = harness.core.trust();
+    let record = trust
+        .iter()
+        .find(|t| t.node == format!("car-{producer}"))
+        .expect("the producer's record");
+    assert_eq!((record.verified, record.passed), (1, 1), "{record:?}");
+}
+
+/// An answer that stopped is checked for its end by end-of-generation unless
+/// its text holds one of the client's stop sequences, where it ended.
+#[test]
+fn an_answer_ended_at_a_stop_sequence_is_not_checked_for_an_end_token() {
+    let tokenizer = engine::Tokenizer::load(&engine::testing::test_model_path())
+        .expect("the test model's tokenizer");
+    let answer = tokenizer
+        .tokenize(" one two three", false)
+        .expect("tokenize");
+    for (stop, ended_by_eos) in [("three", false), ("four", true), ("", true)] {
+        let (mut harness, cars) = verifying_fleet(2);
+        let mut generation = spot_generation("chatcmpl-s", proto::Sampling::default(), 8);
+        generation.stop = vec![stop.to_owned()];
+        serve_generation(&mut harness, &cars, generation, &answer);
+        let (_, check) = check_sent(&mut harness, 2).expect("a check was sent");
+        let verify = check.verify.expect("an answer to verify");
+        assert_eq!(verify.ended_by_eos, ended_by_eos, "stop {stop:?}");
+    }
+}
+
+/// A check takes one of its verifier's slots until it is answered: a
+/// one-slot vehicle verifying is given no tenant's work meanwhile.
+#[test]
+fn a_vehicle_verifying_is_given_no_work_in_the_checks_slot() {
+    let (mut harness, cars) = verifying_fleet(2);
+    let producer = serve(&mut harness, &cars, "chatcmpl-1", &[5, 6, 7]);
+    let (verifier, check) = check_sent(&mut harness, 2).expect("a check was sent");
+    let _second = harness
+        .core
+        .submit(spot_generation("chatcmpl-2", proto::Sampling::default(), 8))
+        .expect("admitted");
+    let _third = harness
+        .core
+        .submit(spot_generation("chatcmpl-3", proto::Sampling::default(), 8))
+        .expect("admitted");
+    assert!(assigned(&mut harness, producer).is_some());
+    assert!(
+        assigned(&mut harness, verifier).is_none(),
+        "the verifier's one slot is the check's"
+    );
+
+    harness
+        .core
+        .node_verified(cars[verifier], &verdict(&check.generation_id, None));
+    assert!(
+        assigned(&mut harness, verifier).is_some(),
+        "answered, its slot takes the request that waited"
+    );
 }
 
 /// A verifier that says it took longer than the check was out with it is
@@ -582,6 +674,17 @@ fn a_verifier_outvoted_on_its_failure_is_quarantined_for_a_false_verdict() {
         notices[0].reason
     );
     assert!(!harness.core.is_quarantined(&format!("car-{producer}")));
+    // The two whose verdicts stood are paid for their checks; the liar is not.
+    let mut paid: Vec<String> = harness
+        .core
+        .take_checks()
+        .into_iter()
+        .map(|check| check.node)
+        .collect();
+    paid.sort();
+    let mut honest = vec![format!("car-{second}"), format!("car-{third}")];
+    honest.sort();
+    assert_eq!(paid, honest);
 }
 
 /// A vehicle that reports more compute than its attempt could have taken is

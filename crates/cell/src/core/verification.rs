@@ -20,9 +20,10 @@
 //! answer is delivered, and what it decides reaches only the node's record
 //! and the owner's earnings.
 //!
-//! What is not verified: a grammar-constrained answer (the engine refuses to
-//! verify one), and an answer resumed from tokens committed on another cell
-//! (its first tokens' producer is unknown here).
+//! A grammar-constrained answer is verified with its grammar replayed. Of an
+//! answer resumed from tokens committed on another cell, the tokens produced
+//! here are verified; the earlier ones are given to the verifier as context
+//! (their producer is unknown here).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Range;
@@ -135,6 +136,10 @@ struct Check {
     dispatches: u32,
     /// The first failed position any verifier reported, and what failed.
     first_failure: Option<(u32, String)>,
+    /// The vehicles that answered the check, with what each is paid once the
+    /// case is decided: only a verifier the decision does not contradict,
+    /// and that is not quarantined by then.
+    answered: Vec<(NodeId, store::checks::CheckRecord)>,
     waiting_since: Instant,
 }
 
@@ -152,15 +157,20 @@ struct Producer {
 /// What the core hands over about a delivered answer.
 pub(super) struct Delivered {
     pub generation: RequestId,
+    /// Leading completion tokens committed on another cell: context for the
+    /// verifier, not checked, produced by nobody here.
+    pub given: u32,
     pub public_id: String,
     pub model: Arc<ServedModel>,
     pub prompt: Arc<Vec<i32>>,
     pub sampling: proto::Sampling,
     pub max_tokens: u32,
     pub completion: Vec<i32>,
+    /// The log-probability of each completion token after the given ones.
     pub logprobs: Vec<f32>,
     pub ended_by_eos: bool,
-    /// Each attempt's node and its completion tokens, in order.
+    /// Each attempt's node and its completion tokens, in order, after the
+    /// given ones.
     pub segments: Vec<(NodeId, u32)>,
 }
 
@@ -200,6 +210,24 @@ impl Verifications {
         self.records
             .entry(node)
             .or_insert_with(|| NodeRecord::new(node));
+    }
+
+    /// Once a check's case is decided, keeps for the books the checks its
+    /// verifiers answered, but for those of a verifier the decision
+    /// `contradicted` or one quarantined by then: a verifier caught lying is
+    /// not paid for its lie, nor for any check still open when it was caught.
+    fn pay_verifiers(
+        &mut self,
+        answered: Vec<(NodeId, store::checks::CheckRecord)>,
+        contradicted: &[NodeId],
+    ) {
+        for (node, record) in answered {
+            if contradicted.contains(&node) || self.is_quarantined(node) {
+                tracing::warn!(check = %record.check, "a check of a verifier caught lying goes unpaid");
+                continue;
+            }
+            self.answered_by(node, record);
+        }
     }
 
     /// Keeps a check `node` answered for the books, named by the node's
@@ -246,7 +274,7 @@ impl Verifications {
     /// check's id.
     pub(super) fn delivered(&mut self, delivered: Delivered, now: Instant) -> Option<u64> {
         let mut producers: Vec<Producer> = Vec::new();
-        let mut position = 0u32;
+        let mut position = delivered.given;
         for &(node, tokens) in &delivered.segments {
             let positions = position..position.saturating_add(tokens);
             position = positions.end;
@@ -319,11 +347,13 @@ impl Verifications {
                     completion_tokens: delivered.completion,
                     logprobs: delivered.logprobs,
                     ended_by_eos: delivered.ended_by_eos,
+                    given_tokens: delivered.given,
                 },
                 producers,
                 with: None,
                 dispatches: 0,
                 first_failure: None,
+                answered: Vec::new(),
                 waiting_since: now,
             },
         );
@@ -529,6 +559,30 @@ impl Core {
         check.with = Some((session, as_verifier, deadline));
         self.metrics.verifications_sent.fetch_add(1, ORDER);
         tracing::info!(check = id, node_id = %node.name, round, "answer sent for verification");
+        // The check takes one of the verifier's slots until it is answered:
+        // the scheduler places no tenant's work in it meanwhile.
+        self.handle(
+            state,
+            now,
+            scheduler::Event::NodeSlotHeld { node: verifier },
+        );
+    }
+
+    /// The check `with` had is back (answered, refused or timed out): its
+    /// slot is free again, unless the session it went to has ended (a node
+    /// that connects again starts with every slot free).
+    fn release_verifier(&self, state: &mut CoreState, now: Millis, with: NodeSession) {
+        let same_session = state
+            .nodes
+            .get(&with.node)
+            .is_some_and(|node| node.session == with.session);
+        if same_session {
+            self.handle(
+                state,
+                now,
+                scheduler::Event::NodeSlotReleased { node: with.node },
+            );
+        }
     }
 
     /// A connected node that may verify the check in `round`: it serves the
@@ -673,19 +727,21 @@ impl Core {
         };
         check.case.record(verifier, verdict);
         check.waiting_since = self.clock.instant();
-        if let Some((node, record)) = answered {
-            state.verifications.answered_by(node, record);
-        }
+        check.answered.extend(answered);
+        self.release_verifier(&mut state, now, session);
         self.dispatch_check(&mut state, now, id);
     }
 
     /// A verifier could not take a check (busy, or it does not hold the
     /// model after all): the check waits for another dispatch.
     pub(super) fn check_refused(&self, state: &mut CoreState, session: NodeSession, id: u64) {
-        if let Some(check) = state.verifications.checks.get_mut(&id) {
-            if check.with.is_some_and(|(with, _, _)| with == session) {
-                check.with = None;
-            }
+        let Some(check) = state.verifications.checks.get_mut(&id) else {
+            return;
+        };
+        if check.with.is_some_and(|(with, _, _)| with == session) {
+            check.with = None;
+            let now = self.clock.now();
+            self.release_verifier(state, now, session);
         }
     }
 
@@ -705,12 +761,13 @@ impl Core {
         let instant = self.clock.instant();
         let mut waiting: Vec<u64> = Vec::new();
         let mut given_up: Vec<u64> = Vec::new();
+        let mut timed_out: Vec<NodeSession> = Vec::new();
         for (id, check) in &mut state.verifications.checks {
-            if check
-                .with
-                .is_some_and(|(_, _, deadline)| instant > deadline)
-            {
-                check.with = None;
+            if let Some((with, _, deadline)) = check.with {
+                if instant > deadline {
+                    check.with = None;
+                    timed_out.push(with);
+                }
             }
             if check.with.is_none() {
                 if instant.saturating_duration_since(check.waiting_since) > CHECK_WAIT_MAX {
@@ -719,6 +776,9 @@ impl Core {
                     waiting.push(*id);
                 }
             }
+        }
+        for with in timed_out {
+            self.release_verifier(state, now, with);
         }
         // Oldest first, and a bounded number per tick: each looks through
         // the connected nodes under the core's lock.
@@ -752,6 +812,8 @@ impl Core {
                         record.undecided(&verifications.policy, check.generation);
                     }
                 }
+                // Nothing was decided against its verifiers: they are paid.
+                verifications.pay_verifiers(check.answered, &[]);
             }
         }
     }
@@ -816,6 +878,9 @@ impl Core {
         for (node, quarantine) in quarantines {
             self.quarantine(state, now, node, &quarantine, what.as_deref());
         }
+        state
+            .verifications
+            .pay_verifiers(check.answered, &decision.contradicted);
     }
 
     /// An owned node broke the rules: it sent what the protocol forbids, or
