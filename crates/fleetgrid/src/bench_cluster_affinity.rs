@@ -150,8 +150,7 @@ async fn side(
     let mut names = Vec::new();
     for index in 0..CELLS * AGENTS_PER_CELL {
         let name = format!("car-{}", index + 1);
-        let now = coordinator::core::now_ms().0;
-        let credential = shared.store.add_node(&name, "", now).await?;
+        let credential = crate::demo::enrolled_credential(&shared.store, &name, "").await?;
         let spec = AgentSpec {
             node_id: name.clone(),
             credential,

@@ -103,6 +103,8 @@ async fn start(bench: &Bench, args: &FailoverArgs) -> anyhow::Result<Cluster> {
         let cell_id = cell_id(index);
         let mut member = shared.member(&cell_id);
         member.args = vec![
+            // The load generator's simulated vehicles share connections.
+            "--agent-plaintext".into(),
             "--heartbeat-interval-ms".into(),
             HEARTBEAT_INTERVAL_MS.to_string().into(),
             "--heartbeat-timeout-ms".into(),

@@ -71,6 +71,8 @@ pub async fn run(bench: &Bench, args: &SessionsArgs) -> anyhow::Result<SessionsR
     enrol(&shared.store, "load", args.sessions, &credentials).await?;
     let mut member = shared.member("cell-1");
     member.args = vec![
+        // The load generator's simulated vehicles share connections.
+        "--agent-plaintext".into(),
         "--heartbeat-interval-ms".into(),
         HEARTBEAT_INTERVAL.as_millis().to_string().into(),
         "--heartbeat-timeout-ms".into(),

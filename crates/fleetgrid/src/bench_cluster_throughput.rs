@@ -238,6 +238,8 @@ async fn start(
         let cell_id = format!("cell-{}", index + 1);
         let mut member = shared.member(&cell_id);
         member.args = vec![
+            // The load generator's simulated vehicles share connections.
+            "--agent-plaintext".into(),
             "--heartbeat-interval-ms".into(),
             HEARTBEAT_INTERVAL_MS.to_string().into(),
             "--heartbeat-timeout-ms".into(),

@@ -103,7 +103,9 @@ pub struct DemoArgs {
 /// What the demo hands out to its user.
 struct Keys {
     api: String,
-    owner: String,
+    /// Each owner of the demo's cars with a fresh owner key and the cars, in
+    /// the order of [`DEMO_OWNERS`].
+    owners: Vec<(String, String, Vec<String>)>,
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -139,10 +141,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let database = Store::open(&data_dir)
         .await
         .context("open the demo database")?;
-    let keys = Keys {
-        api: demo_key(&database).await?,
-        owner: owner_key(&database).await?,
-    };
+    let api = demo_key(&database).await?;
     let stop = crate::run::shutdown_token(false)?;
     let exe = std::env::current_exe().context("find the fleetgrid executable")?;
     let fleetgrid = Fleetgrid::new(&exe);
@@ -170,6 +169,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         feeds,
     };
     let mut fleet = Fleet::new(launch, Duration::from_secs(args.come_home_secs));
+    ensure_demo_owner(&database).await?;
+    let mut names = Vec::new();
     for index in 0..args.vehicles as usize {
         let (trace_name, trace) = TRACES[index % TRACES.len()];
         let name = if index < TRACES.len() {
@@ -177,9 +178,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         } else {
             format!("car-{}", index + 1)
         };
-        let credential = node_credential(&database, &name).await?;
+        let credential = node_credential(&database, &name, index).await?;
+        names.push(name.clone());
         fleet.add(name, trace, credential)?;
     }
+    let keys = Keys {
+        api,
+        owners: owner_keys(&database, names).await?,
+    };
     let result = supervise(&args, &keys, &logs, &running, &mut fleet, &stop).await;
     stack::stop_all(fleet.processes_mut().chain(running.members_mut())).await;
     eprintln!("fleetgrid demo: stopped");
@@ -275,44 +281,79 @@ pub(crate) async fn demo_key(database: &Store) -> anyhow::Result<String> {
     }
 }
 
-/// The owner of the demo's simulated vehicles.
-pub(crate) const DEMO_OWNER: &str = "demo-owner";
+/// The owners of the demo's simulated vehicles, which take turns: car-a is the first's, car-b the
+/// second's, car-c the first's. Each owner's cars verify the other's answers (a car never checks
+/// its own owner's), so the demo shows verification and the cars' trust.
+pub(crate) const DEMO_OWNERS: [&str; 2] = ["demo-owner", "demo-neighbour"];
 
-/// A fresh owner key for the owner of the demo's vehicles, who is created if need be.
-async fn owner_key(database: &Store) -> anyhow::Result<String> {
-    ensure_demo_owner(database).await?;
-    let now = coordinator::core::now_ms().0;
-    Ok(database.create_owner_key(DEMO_OWNER, now).await?)
+/// For each owner of the demo's cars (by their records, so that a data directory an older demo
+/// enrolled shows its own), a fresh owner key and their cars among `cars`.
+async fn owner_keys(
+    database: &Store,
+    cars: Vec<String>,
+) -> anyhow::Result<Vec<(String, String, Vec<String>)>> {
+    let mut owners: Vec<(String, String, Vec<String>)> = Vec::new();
+    for car in cars {
+        let record = database
+            .node_record(&car)
+            .await?
+            .with_context(|| format!("node {car} vanished"))?;
+        if let Some(entry) = owners.iter_mut().find(|(owner, ..)| *owner == record.owner) {
+            entry.2.push(car);
+            continue;
+        }
+        let now = coordinator::core::now_ms().0;
+        let key = database.create_owner_key(&record.owner, now).await?;
+        owners.push((record.owner, key, vec![car]));
+    }
+    owners.sort_by_key(|(owner, ..)| DEMO_OWNERS.iter().position(|demo| demo == owner));
+    Ok(owners)
 }
 
-/// Creates the owner of the demo's vehicles if need be.
+/// Creates the owners of the demo's vehicles if need be.
 pub(crate) async fn ensure_demo_owner(database: &Store) -> anyhow::Result<()> {
     let now = coordinator::core::now_ms().0;
-    database.ensure_owner(DEMO_OWNER, now).await?;
+    for owner in DEMO_OWNERS {
+        database.ensure_owner(owner, now).await?;
+    }
     Ok(())
 }
 
-/// The vehicle's credential, enrolled for the demo's owner (who must exist) if need be.
-pub(crate) async fn node_credential(database: &Store, name: &str) -> anyhow::Result<String> {
-    enrolled_credential(database, name, DEMO_OWNER).await
+/// The enrolment token of the demo's `index`th vehicle, enrolled for its owner (the owners take
+/// turns; they must exist) if need be.
+pub(crate) async fn node_credential(
+    database: &Store,
+    name: &str,
+    index: usize,
+) -> anyhow::Result<String> {
+    let owner = DEMO_OWNERS[index % DEMO_OWNERS.len()];
+    enrolled_credential(database, name, owner).await
 }
 
-/// A fresh credential for vehicle `name`, enrolled for `owner` (who must
-/// exist; "" for none) if it is not yet.
+/// A fresh enrolment token for vehicle `name`, enrolled for `owner` (who must exist; "" for
+/// none) if it is not yet: its credential and the node authority's pin, as `nodes add` prints
+/// it, so that its agent enrols over mTLS.
 pub(crate) async fn enrolled_credential(
     database: &Store,
     name: &str,
     owner: &str,
 ) -> anyhow::Result<String> {
     let now = coordinator::core::now_ms().0;
-    match database.add_node(name, owner, now).await {
-        Ok(credential) => Ok(credential),
+    let credential = match database.add_node(name, owner, now).await {
+        Ok(credential) => credential,
         Err(StoreError::NodeExists(_)) => database
             .rotate_node_credential(name)
             .await?
-            .with_context(|| format!("node {name} vanished")),
-        Err(error) => Err(error.into()),
+            .with_context(|| format!("node {name} vanished"))?,
+        Err(error) => return Err(error.into()),
+    };
+    let authority = cell::tls::authority(database, now).await?;
+    Ok(agent::Enrolment {
+        credential,
+        cells: Vec::new(),
+        authority_pin: Some(authority.pin()),
     }
+    .token())
 }
 
 /// Starts the local cloud (system-2) the gateway escalates to over HTTP, unless `--no-cloud`.
@@ -433,14 +474,18 @@ fn print_instructions(http: SocketAddr, keys: &Keys, logs: &Path, args: &DemoArg
         println!("the x-fleetgrid-tier and x-fleetgrid-route-reason headers say which tier answered and why).");
     }
     println!();
-    println!(
-        "Owner key (owner '{DEMO_OWNER}', whose cars these are): {}",
-        keys.owner
-    );
-    println!(
-        "  curl -s http://{http}/owner/v1/vehicles -H 'Authorization: Bearer {}'",
-        keys.owner
-    );
+    for (owner, key, cars) in &keys.owners {
+        println!(
+            "Owner key (owner '{owner}', whose cars are {}): {key}",
+            cars.join(", ")
+        );
+    }
+    if let Some((_, key, _)) = keys.owners.first() {
+        println!("  curl -s http://{http}/owner/v1/vehicles -H 'Authorization: Bearer {key}'");
+    }
+    if keys.owners.len() > 1 {
+        println!("Each owner's cars verify the other's answers: their trust is in that listing.");
+    }
     println!();
     println!(
         "A car that goes away (try kill -9 on one of the agents) hands its work to the others and comes home after {} s.",

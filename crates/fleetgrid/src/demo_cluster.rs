@@ -149,7 +149,8 @@ pub async fn run(args: &DemoArgs, data_dir: &Path, logs: &Path) -> anyhow::Resul
         for (cell_index, cell_id) in CELLS.iter().enumerate() {
             for vehicle in 0..VEHICLES_PER_CELL {
                 let name = format!("{cell_id}-car-{}", vehicle + 1);
-                let credential = crate::demo::node_credential(&store, &name).await?;
+                let index = names.len();
+                let credential = crate::demo::node_credential(&store, &name, index).await?;
                 let trace = feeds.join(format!("{name}.json"));
                 std::fs::write(&trace, stack::ALWAYS_PLUGGED_IN_TRACE)
                     .with_context(|| format!("write {}", trace.display()))?;
@@ -265,7 +266,7 @@ fn print_instructions(members: &Members, api_key: &str, logs: &Path, spec: &Clus
     }
     for cell in &members.cells {
         println!(
-            "Cell {}: agents dial http://{} (pid {}; kill -9 it and its vehicles move to the other cell)",
+            "Cell {}: agents dial https://{} over mTLS (pid {}; kill -9 it and its vehicles move to the other cell)",
             cell.cell_id,
             cell.grpc,
             cell.process.pid()

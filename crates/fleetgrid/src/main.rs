@@ -96,7 +96,8 @@ pub struct AgentArgs {
     coordinator: Option<String>,
     /// A cell's gRPC address; repeat it or separate with commas, in order of preference: the
     /// node's own cell first, then those it fails over to when its session is lost. Overrides
-    /// the cells of the enrolment. [default: the enrolment's cells, else http://127.0.0.1:7070]
+    /// the cells of the enrolment. [default: the enrolment's cells, else https://127.0.0.1:7070,
+    /// or http:// for a token without the authority's pin]
     #[arg(long = "cell", value_delimiter = ',')]
     cells: Vec<String>,
     /// This node's enrolled name.

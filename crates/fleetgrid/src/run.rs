@@ -95,15 +95,21 @@ pub async fn cell(args: CellArgs) -> anyhow::Result<()> {
     .context("run the cell")
 }
 
-/// The cell an agent dials when none is given: a coordinator on this machine.
-const AGENT_CELL_DEFAULT: &str = "http://127.0.0.1:7070";
+/// The cell an agent dials when none is given: a coordinator on this machine, over mTLS when the
+/// agent's token carries the node authority's pin (as every token of a TLS deployment does).
+const AGENT_CELL_DEFAULT: &str = "https://127.0.0.1:7070";
+
+/// [`AGENT_CELL_DEFAULT`] for a token without the authority's pin: a cell taking plain gRPC.
+const AGENT_CELL_DEFAULT_PLAINTEXT: &str = "http://127.0.0.1:7070";
 
 /// The agent's cells in order of preference: `--coordinator` is a list of one; without either
-/// flag, the cells of its enrolment, and without those the local default.
+/// flag, the cells of its enrolment, and without those the local default (`https://` when the
+/// token has a pin).
 fn agent_cells(
     coordinator: Option<String>,
     cells: Vec<String>,
     enrolled: Vec<String>,
+    pinned: bool,
 ) -> Vec<String> {
     let cells: Vec<String> = coordinator
         .into_iter()
@@ -117,7 +123,12 @@ fn agent_cells(
     if !enrolled.is_empty() {
         return enrolled;
     }
-    vec![AGENT_CELL_DEFAULT.to_owned()]
+    let default = if pinned {
+        AGENT_CELL_DEFAULT
+    } else {
+        AGENT_CELL_DEFAULT_PLAINTEXT
+    };
+    vec![default.to_owned()]
 }
 
 /// The identity folder of one deployment's authority: its pin's first hex digits.
@@ -148,7 +159,12 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         vehicle_state,
         model,
     );
-    config.cells = agent_cells(args.coordinator, args.cells, enrolment.cells);
+    config.cells = agent_cells(
+        args.coordinator,
+        args.cells,
+        enrolment.cells,
+        enrolment.authority_pin.is_some(),
+    );
     config.identity_dir = Some(args.identity_dir.unwrap_or_else(|| {
         home::root()
             .join("identity")

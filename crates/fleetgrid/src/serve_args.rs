@@ -111,14 +111,16 @@ pub struct CellFlags {
     /// another node loads its prompt instead of prefilling it again, in MiB (0: always re-prefill).
     #[arg(long, default_value_t = coordinator::limits::KV_CHECKPOINT_BYTES_BUDGET >> 20)]
     pub kv_checkpoint_budget_mib: usize,
-    /// Take agents over mTLS only: each node enrols once with the token 'nodes add' prints
-    /// (which then carries the node authority's pin) for a certificate bound to its node id, and
-    /// dials https:// [default: plain gRPC with each node's credential, for one machine].
+    /// Take agents in plain gRPC, each presenting its credential in its `Hello`, instead of
+    /// over mTLS. Insecure: whoever reaches the port can read sessions and replay a credential.
+    /// For load generators, whose simulated vehicles share connections [default: mTLS only:
+    /// each node enrols once with the token 'nodes add' prints, which carries the node
+    /// authority's pin, for a certificate bound to its node id, and dials https://].
     #[arg(long)]
-    pub agent_tls: bool,
+    pub agent_plaintext: bool,
     /// How long a node certificate is valid, in seconds (at least 10); agents renew theirs after
     /// two thirds of it.
-    #[arg(long, default_value_t = cell::tls::NODE_CERTIFICATE_LIFETIME_DEFAULT.as_secs(), requires = "agent_tls")]
+    #[arg(long, default_value_t = cell::tls::NODE_CERTIFICATE_LIFETIME_DEFAULT.as_secs(), conflicts_with = "agent_plaintext")]
     pub node_certificate_lifetime_s: u64,
 }
 
@@ -250,7 +252,7 @@ impl CellFlags {
         }
         config.kv_checkpoint_budget_bytes = self.kv_checkpoint_budget_mib.saturating_mul(1 << 20);
         config.verification_probation = self.verification_probation;
-        config.agent_tls = self.agent_tls.then(|| cell::tls::AgentTlsConfig {
+        config.agent_tls = (!self.agent_plaintext).then(|| cell::tls::AgentTlsConfig {
             node_certificate_lifetime: Duration::from_secs(self.node_certificate_lifetime_s),
         });
     }

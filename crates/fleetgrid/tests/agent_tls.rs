@@ -1,4 +1,4 @@
-//! Agents over mTLS end to end: `fleetgrid serve --agent-tls`, real agent
+//! Agents over mTLS end to end: `fleetgrid serve` (mTLS by default), real agent
 //! processes given only the token `nodes add` printed (with the cell's
 //! `https://` URL), and a test client speaking the agents' own gRPC with the
 //! certificates an agent keeps.
@@ -32,7 +32,6 @@ const CERTIFICATE_LIFETIME_S: u64 = 30;
 fn tls_stack() -> Stack {
     Stack::start(StackOptions {
         extra_serve_args: vec![
-            "--agent-tls".into(),
             "--node-certificate-lifetime-s".into(),
             CERTIFICATE_LIFETIME_S.to_string(),
         ],
@@ -77,16 +76,10 @@ fn start_agent(stack: &Stack, name: &str, token: &str, log: &str) -> Process {
         .unwrap_or_else(|error| panic!("{error}"))
 }
 
-/// Where an agent keeps its identity by default (`fleetgrid agent
-/// --identity-dir`): under fleetgrid's home, by the authority's pin.
-fn identity_dir(pin: &str, node: &str) -> PathBuf {
-    let hex: String = pin.trim_start_matches("sha256:").chars().take(16).collect();
-    models::ModelStore::default_root()
-        .parent()
-        .expect("the home above the model store")
-        .join("identity")
-        .join(hex)
-        .join(node)
+/// Where a stack's agent keeps its identity (`fleetgrid agent
+/// --identity-dir`): beside its log.
+fn identity_dir(stack: &Stack, node: &str) -> PathBuf {
+    stack.dir.path().join("identity").join(node)
 }
 
 async fn store_of(stack: &Stack) -> store::Store {
@@ -217,7 +210,7 @@ async fn a_certificate_is_bound_to_its_node_and_revoking_it_closes_the_stream() 
 
     // car-1's certificate, as its agent keeps it, opens nothing for car-2;
     // no certificate, or no TLS, opens nothing at all.
-    let car1_identity = identity_dir(&car1.pin, "car-1");
+    let car1_identity = identity_dir(&stack, "car-1");
     let refusal = refusal_of(
         hello(
             channel(&stack, &authority_pem, Some(&car1_identity)).await,
@@ -373,7 +366,7 @@ async fn a_certificate_renewed_while_answers_stream_loses_nothing() {
 
     // The renewed certificate is the one kept: a restarted agent connects
     // with it (the token is spent and the old certificate revoked).
-    let identity = identity_dir(&car.pin, "car-1");
+    let identity = identity_dir(&stack, "car-1");
     let (kept_certificate, _) = kept(&identity);
     let kept_serial = pki::presented_pem(&kept_certificate).expect("kept").serial;
     assert_eq!(kept_serial, current.serial);

@@ -1,11 +1,12 @@
 //! `fleetgrid demo` survives what the product exists for: the car serving a
 //! streamed answer is killed with SIGKILL mid-stream, the client's text is
 //! the same as an uninterrupted run, the demo keeps serving, the killed car
-//! comes home, and Ctrl-C leaves no process behind.
+//! comes home, and Ctrl-C leaves no process behind. Its two cars have
+//! different owners, and each checks the other's answers.
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
@@ -23,7 +24,8 @@ struct Demo {
     process: stack::Process,
     dir: tempfile::TempDir,
     gateway: Gateway,
-    owner_key: String,
+    /// Each car's owner key, as the demo printed them.
+    owner_keys: BTreeMap<String, String>,
 }
 
 /// The rest of `line` after `prefix`, when it starts with it.
@@ -53,7 +55,8 @@ impl Demo {
             stack::Process::spawn("demo", command, &log, Stdout::Lines).expect("start the demo");
         let mut lines = process.lines().expect("the demo's output");
         let deadline = Instant::now() + WAIT;
-        let (mut api_key, mut owner_key, mut http) = (None, None, None);
+        let (mut api_key, mut http) = (None, None);
+        let mut owner_keys = BTreeMap::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match lines.next_blocking(left) {
@@ -66,8 +69,15 @@ impl Demo {
             if let Some(key) = after(&line, "API key (tenant 'demo'):") {
                 api_key = Some(key.to_string());
             }
-            if let Some(rest) = after(&line, "Owner key (owner 'demo-owner'") {
-                owner_key = rest.rsplit(' ').next().map(str::to_string);
+            // "Owner key (owner 'NAME', whose cars are car-a, car-c): KEY"
+            if let Some(rest) = after(&line, "Owner key (owner '") {
+                let (cars, key) = rest
+                    .split_once("whose cars are ")
+                    .and_then(|(_, rest)| rest.split_once("): "))
+                    .unwrap_or_else(|| panic!("an owner key line: {line}"));
+                for car in cars.split(", ") {
+                    owner_keys.insert(car.to_owned(), key.trim().to_owned());
+                }
             }
             if let Some(rest) = after(&line, "Health: http://") {
                 http = rest.split('/').next().and_then(|addr| addr.parse().ok());
@@ -83,7 +93,7 @@ impl Demo {
                 http: http.expect("the demo's address"),
                 api_key: api_key.expect("the demo's API key"),
             },
-            owner_key: owner_key.expect("the demo's owner key"),
+            owner_keys,
         }
     }
 
@@ -96,12 +106,32 @@ impl Demo {
                 self.gateway
                     .url(&format!("/owner/v1/vehicles/{car}/policy")),
             )
-            .bearer_auth(&self.owner_key)
+            .bearer_auth(self.owner_key(car))
             .json(&json!({ "allowed_classes": classes }))
             .send()
             .await
             .expect("send policy");
         assert_eq!(response.status(), 200, "{:?}", response.text().await);
+    }
+
+    fn owner_key(&self, car: &str) -> &str {
+        self.owner_keys
+            .get(car)
+            .unwrap_or_else(|| panic!("no owner key for {car}: {:?}", self.owner_keys))
+    }
+
+    /// `car`'s trust as its owner sees it.
+    async fn trust(&self, car: &str) -> serde_json::Value {
+        let (status, body) = self
+            .gateway
+            .get_as(self.owner_key(car), "/owner/v1/vehicles")
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["data"]
+            .as_array()
+            .and_then(|cars| cars.iter().find(|listed| listed["id"] == car))
+            .map(|listed| listed["trust"].clone())
+            .unwrap_or_else(|| panic!("{car} not listed: {body}"))
     }
 
     /// The process id of `car`'s agent, a child of the demo, if it runs.
@@ -246,6 +276,20 @@ async fn the_demo_hands_over_a_killed_cars_stream_brings_the_car_home_and_stops_
     .await;
     let both: BTreeSet<String> = ["car-a", "car-b"].map(String::from).into();
     assert_eq!(demo.gateway.connected().await, both);
+
+    // The cars are two owners': each car's answers are checked by the
+    // other's, and every one checked passed.
+    assert_ne!(demo.owner_key("car-a"), demo.owner_key("car-b"));
+    wait_until("an answer verified", &demo, || async {
+        let mut verified = 0;
+        for car in ["car-a", "car-b"] {
+            let trust = demo.trust(car).await;
+            assert_eq!(trust["verified"], trust["passed"], "{car}: {trust}");
+            verified += trust["verified"].as_u64().unwrap_or(0);
+        }
+        verified > 0
+    })
+    .await;
 
     // Ctrl-C stops everything: the demo exits cleanly and leaves no process behind.
     demo.process.interrupt();

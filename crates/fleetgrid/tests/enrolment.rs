@@ -21,10 +21,9 @@ use stack::nats::NatsCluster;
 use stack::{AgentSpec, ClusterCell, ClusterSpec, LogFile, MemberSpec};
 use store::testing::PgSchema;
 
-/// How fast cells and agents notice each other's loss in this test; agents
-/// over mTLS.
-const CELL_ARGS: [&str; 7] = [
-    "--agent-tls",
+/// How fast cells and agents notice each other's loss in this test (agents
+/// come over mTLS, as cells take them by default).
+const CELL_ARGS: [&str; 6] = [
     "--heartbeat-interval-ms",
     "500",
     "--heartbeat-timeout-ms",

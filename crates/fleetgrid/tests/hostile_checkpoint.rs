@@ -255,7 +255,7 @@ async fn forged_handover(
 /// whole prompt (no cached tokens) and gets the honest answer.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_forged_checkpoint_never_reaches_another_answer() {
-    let mut stack = Stack::start(Default::default());
+    let mut stack = Stack::start(StackOptions::plaintext());
     let engine = honest_engine();
     let other_keys = [
         stack.cli(&["tenants", "create", "other-1", "--class", "fleet"]),
@@ -330,7 +330,7 @@ async fn a_forged_checkpoint_never_reaches_another_answer() {
 /// Sends a checkpoint on the hostile agent's first assignment and checks it
 /// is a protocol violation that keeps nothing.
 async fn refused_checkpoint(question: &str, total_bytes: impl Fn(&proto::Assign) -> usize) {
-    let stack = Stack::start(Default::default());
+    let stack = Stack::start(StackOptions::plaintext());
     let mut forged = hostile_agent(&stack, "forged").await;
     let alive = forged.keep_alive(Duration::from_millis(250));
     stack.wait_for_nodes(&["forged"]).await;

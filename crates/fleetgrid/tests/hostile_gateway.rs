@@ -22,10 +22,13 @@ use tokio::net::TcpStream;
 /// of a second or two.
 const PROMPT_WAIT: Duration = Duration::from_secs(20);
 
+/// A coordinator with `args` that takes the hostile agents' plain gRPC.
 fn options(args: &[&str]) -> StackOptions {
-    StackOptions {
-        extra_serve_args: args.iter().map(|arg| arg.to_string()).collect(),
-    }
+    let mut options = StackOptions::plaintext();
+    options
+        .extra_serve_args
+        .extend(args.iter().map(|arg| arg.to_string()));
+    options
 }
 
 /// Reads one response with a `Content-Length` body, leaving the connection
@@ -248,7 +251,7 @@ fn create_tenant(stack: &Stack, name: &str, class: &str) -> String {
 
 #[tokio::test]
 async fn one_tenant_cannot_take_the_gateway() {
-    let mut stack = Stack::start(StackOptions::default());
+    let mut stack = Stack::start(StackOptions::plaintext());
     let greedy = create_tenant(&stack, "greedy", "fleet");
     let capped = create_tenant(&stack, "capped", "fleet");
     stack.cli(&[
@@ -260,7 +263,7 @@ async fn one_tenant_cannot_take_the_gateway() {
         "2",
     ]);
     // Contracts are read when the coordinator starts.
-    stack.restart_coordinator(&StackOptions::default());
+    stack.restart_coordinator(&StackOptions::plaintext());
     let (mut agent, heartbeats) = hostile_node(&stack, "evil", 4).await;
 
     let body = json!({
@@ -501,6 +504,7 @@ async fn a_routed_request_is_bounded_as_a_whole_too() {
     let router_config = edge_only_router_config(config_dir.path());
     let stack = Stack::start(StackOptions {
         extra_serve_args: vec![
+            "--agent-plaintext".into(),
             "--cloud-url".into(),
             format!("http://127.0.0.1:{closed_port}/v1"),
             "--cloud-model".into(),

@@ -35,9 +35,13 @@ fn priced_stack() -> (Stack, tempfile::TempDir) {
     priced_stack_with(&[])
 }
 
-/// A stack on the test price sheet with more `serve` flags.
+/// A stack on the test price sheet with more `serve` flags, taking the
+/// hostile agents' plain gRPC.
 fn priced_stack_with(args: &[&str]) -> (Stack, tempfile::TempDir) {
-    let (options, prices) = common::billed_options(args);
+    let args: Vec<&str> = std::iter::once("--agent-plaintext")
+        .chain(args.iter().copied())
+        .collect();
+    let (options, prices) = common::billed_options(&args);
     (Stack::start(options), prices)
 }
 

@@ -132,7 +132,7 @@ fn forgeries() -> Vec<(&'static str, Vec<proto::Token>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_or_oversized_tokens_never_reach_the_client_and_disconnect_the_node() {
-    let mut stack = Stack::start(StackOptions::default());
+    let mut stack = Stack::start(StackOptions::plaintext());
     // The hostile node connects first, so it has the lower node id and wins placement ties
     // against the honest car whenever both are idle.
     let credential = stack.cli(&["nodes", "add", "evil"]);
@@ -186,7 +186,7 @@ async fn forged_or_oversized_tokens_never_reach_the_client_and_disconnect_the_no
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_hello_is_refused_from_its_length_prefix() {
-    let stack = Stack::start(StackOptions::default());
+    let stack = Stack::start(StackOptions::plaintext());
     let credential = stack.cli(&["nodes", "add", "car-x"]);
     let mut hello = hostile::hello("car-x", &credential, hostile::modest_hardware());
     // Honest fields, then padding: without a limit this Hello would be welcomed.
@@ -227,7 +227,7 @@ fn streams_without_hello(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_waiting_to_authenticate_are_bounded() {
-    let stack = Stack::start(StackOptions::default());
+    let stack = Stack::start(StackOptions::plaintext());
     // Streams that never send their Hello hold a place until the Hello timeout.
     let mut opening = streams_without_hello(stack.grpc, 80);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -246,7 +246,7 @@ async fn streams_waiting_to_authenticate_are_bounded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_waiting_to_authenticate_does_not_keep_other_cars_out() {
-    let stack = Stack::start(StackOptions::default());
+    let stack = Stack::start(StackOptions::plaintext());
     let credential = stack.cli(&["nodes", "add", "car-y"]);
     // 80 streams from one address never send their Hello; each holds its
     // place until the Hello timeout, or is refused at once.
@@ -282,7 +282,7 @@ async fn one_address_waiting_to_authenticate_does_not_keep_other_cars_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_nodes_and_wrong_credentials_get_the_same_refusal() {
-    let stack = Stack::start(StackOptions::default());
+    let stack = Stack::start(StackOptions::plaintext());
     stack.cli(&["nodes", "add", "car-x"]);
     let wrong = "fgn-000000000000000000000000000000000000000000000000";
     let enrolled = hostile::connect(
@@ -303,7 +303,7 @@ async fn unknown_nodes_and_wrong_credentials_get_the_same_refusal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_without_a_key_names_no_node() {
-    let stack = Stack::start(StackOptions::default());
+    let stack = Stack::start(StackOptions::plaintext());
     let _evil = hostile_node(&stack, "evil-car", hostile::modest_hardware()).await;
     stack.wait_for_nodes(&["evil-car"]).await;
     let response = reqwest::get(stack.url("/health")).await.expect("health");
@@ -331,6 +331,7 @@ const UNPROVEN_SLOTS: usize = 2;
 async fn a_node_that_claims_much_and_delivers_nothing_gets_little_and_loses_it() {
     let mut stack = Stack::start(StackOptions {
         extra_serve_args: vec![
+            "--agent-plaintext".into(),
             "--stall-floor-ms".into(),
             "500".into(),
             "--stall-ceiling-ms".into(),

@@ -6,13 +6,16 @@
 //! The cheats live here, not in the product: a cheating vehicle is a real
 //! `fleetgrid agent` whose stream to the cell runs through a tampering proxy
 //! in this test, which rewrites what it sends — random tokens in place of
-//! its answer's, or ten times the compute it used. No build of the agent can
-//! cheat.
+//! its answer's, or ten times the compute it used. The proxy holds the
+//! vehicle's own certificate, enrolled with its token, and speaks mTLS to the
+//! cell as the vehicle would: an owner controls the key on their car. No
+//! build of the agent can cheat.
 
 mod common;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{billed_options, Stack, WAIT};
@@ -52,10 +55,12 @@ fn tamper(mut message: proto::AgentMessage, cheat: Cheat) -> proto::AgentMessage
     message
 }
 
-/// A gRPC server that passes an agent's session through to the cell,
-/// tampering with what the agent sends.
+/// A gRPC server that passes an agent's session through to the cell over
+/// mTLS with the vehicle's certificate, tampering with what the agent sends.
 struct TamperingProxy {
-    cell: SocketAddr,
+    /// The cell's `https://` URL.
+    cell: String,
+    tls: Arc<agent::tls::NodeTls>,
     cheat: Cheat,
 }
 
@@ -75,25 +80,47 @@ impl proto::coordinator_server::Coordinator for TamperingProxy {
             .take_while(|message| futures::future::ready(message.is_ok()))
             .filter_map(|message| futures::future::ready(message.ok()))
             .map(move |message| tamper(message, cheat));
-        let mut client =
-            proto::coordinator_client::CoordinatorClient::connect(format!("http://{}", self.cell))
-                .await
-                .map_err(|error| Status::unavailable(error.to_string()))?
-                .max_decoding_message_size(proto::MESSAGE_BYTES_MAX);
+        let unavailable = |error: tonic::transport::Error| Status::unavailable(error.to_string());
+        let channel = tonic::transport::Endpoint::from_shared(self.cell.clone())
+            .map_err(unavailable)?
+            .tls_config(self.tls.client_config())
+            .map_err(unavailable)?
+            .connect()
+            .await
+            .map_err(unavailable)?;
+        let mut client = proto::coordinator_client::CoordinatorClient::new(channel)
+            .max_decoding_message_size(proto::MESSAGE_BYTES_MAX);
         let downstream = client.session(upstream).await?.into_inner();
         Ok(Response::new(Box::pin(downstream)))
     }
 }
 
-/// Starts a tampering proxy in front of `cell`; returns where agents dial it.
-async fn tampering_proxy(cell: SocketAddr, cheat: Cheat) -> SocketAddr {
+/// Enrols `name` with `token` (what `nodes add` printed) as its cheating
+/// owner would, and starts a tampering proxy in front of the stack's cell
+/// with the certificate; returns where the vehicle's agent dials it.
+async fn tampering_proxy(stack: &Stack, name: &str, token: &str, cheat: Cheat) -> SocketAddr {
+    let enrolment = agent::Enrolment::parse(token).expect("a token");
+    let pin = enrolment.authority_pin.expect("the authority's pin");
+    let cell = stack.agent_url.clone();
+    let tls = agent::tls::NodeTls::obtain(
+        &stack.dir.path().join("proxy-identity").join(name),
+        name,
+        &enrolment.credential,
+        &pin,
+        std::slice::from_ref(&cell),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect("enrol the cheating vehicle")
+    .expect("enrolled before any shutdown");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind the proxy");
     let address = listener.local_addr().expect("proxy address");
-    let service = proto::coordinator_server::CoordinatorServer::new(TamperingProxy { cell, cheat })
-        .max_decoding_message_size(proto::MESSAGE_BYTES_MAX)
-        .max_encoding_message_size(proto::MESSAGE_BYTES_MAX);
+    let service =
+        proto::coordinator_server::CoordinatorServer::new(TamperingProxy { cell, tls, cheat })
+            .max_decoding_message_size(proto::MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(proto::MESSAGE_BYTES_MAX);
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service)
@@ -102,12 +129,26 @@ async fn tampering_proxy(cell: SocketAddr, cheat: Cheat) -> SocketAddr {
     address
 }
 
-/// Enrols `name` under its own owner and starts its agent dialling `dial`;
-/// returns the owner's API key.
-fn vehicle(stack: &mut Stack, name: &str, dial: SocketAddr, parallel: u32, threads: u32) -> String {
+/// Enrols `name` under its own owner and starts its agent: on the cell over
+/// mTLS, or with `cheat` through a tampering proxy (on the owner's machine,
+/// so the agent speaks plain gRPC to it); returns the owner's API key.
+async fn vehicle(
+    stack: &mut Stack,
+    name: &str,
+    cheat: Option<Cheat>,
+    parallel: u32,
+    threads: u32,
+) -> String {
     let owner = format!("owner-of-{name}");
     let key = stack.cli(&["owners", "create", &owner]);
     let credential = stack.cli(&["nodes", "add", name, "--owner", &owner]);
+    let dial = match cheat {
+        None => stack.agent_url.clone(),
+        Some(cheat) => format!(
+            "http://{}",
+            tampering_proxy(stack, name, &credential, cheat).await
+        ),
+    };
     let trace = stack.dir.path().join(format!("{name}.json"));
     std::fs::write(&trace, common::PLUGGED_IN_TRACE).expect("write trace");
     let spec = AgentSpec {
@@ -120,7 +161,7 @@ fn vehicle(stack: &mut Stack, name: &str, dial: SocketAddr, parallel: u32, threa
         log: LogFile::create(stack.dir.path().join(format!("{name}.log"))),
     };
     let agent = common::fleetgrid()
-        .agent(dial, &spec)
+        .agent_at(&dial, &spec)
         .unwrap_or_else(|error| panic!("{error}"));
     stack.agents.push(agent);
     key
@@ -156,22 +197,20 @@ async fn cheating_vehicles_are_quarantined_and_clawed_back_and_honest_ones_never
     let (options, _prices) = billed_options(&["--verification-probation", "1000000"]);
     let mut stack = Stack::start(options);
     stack.unlimited_credit("test-tenant");
-    let cell = stack.grpc;
     let mut owners = std::collections::BTreeMap::new();
     // Honest vehicles that differ in threads and parallel sequences.
-    owners.insert("honest-a", vehicle(&mut stack, "honest-a", cell, 1, 1));
-    owners.insert("honest-b", vehicle(&mut stack, "honest-b", cell, 4, 2));
-    owners.insert("honest-c", vehicle(&mut stack, "honest-c", cell, 2, 1));
-    let random = tampering_proxy(cell, Cheat::RandomTokens).await;
-    owners.insert(
-        "cheat-random",
-        vehicle(&mut stack, "cheat-random", random, 2, 1),
-    );
-    let inflated = tampering_proxy(cell, Cheat::InflatedCompute).await;
-    owners.insert(
-        "cheat-compute",
-        vehicle(&mut stack, "cheat-compute", inflated, 2, 1),
-    );
+    for (name, parallel, threads) in [("honest-a", 1, 1), ("honest-b", 4, 2), ("honest-c", 2, 1)] {
+        owners.insert(
+            name,
+            vehicle(&mut stack, name, None, parallel, threads).await,
+        );
+    }
+    for (name, cheat) in [
+        ("cheat-random", Cheat::RandomTokens),
+        ("cheat-compute", Cheat::InflatedCompute),
+    ] {
+        owners.insert(name, vehicle(&mut stack, name, Some(cheat), 2, 1).await);
+    }
     stack
         .wait_for_nodes(&[
             "cheat-compute",

@@ -75,7 +75,7 @@ impl Fleetgrid {
         cells: &[SocketAddr],
         spec: &AgentSpec,
     ) -> Result<Process, StackError> {
-        let cells: Vec<String> = cells.iter().map(|cell| format!("http://{cell}")).collect();
+        let cells: Vec<String> = cells.iter().map(|cell| crate::agent_url(*cell)).collect();
         let dial = ["--cell".to_owned(), cells.join(",")];
         Process::spawn(
             spec.node_id.clone(),

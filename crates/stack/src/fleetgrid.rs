@@ -111,20 +111,21 @@ impl Fleetgrid {
         command
     }
 
-    /// `fleetgrid agent` as `spec` says, dialling the coordinator at `grpc`.
+    /// `fleetgrid agent` as `spec` says, dialling the coordinator at `grpc` over mTLS (it enrols
+    /// with `spec`'s token the first time).
     pub fn agent_command(&self, grpc: SocketAddr, spec: &AgentSpec) -> Command {
-        self.agent_command_dialling(
-            &["--coordinator".to_owned(), format!("http://{grpc}")],
-            spec,
-        )
+        self.agent_command_dialling(&["--coordinator".to_owned(), agent_url(grpc)], spec)
     }
 
-    /// `fleetgrid agent` as `spec` says, with `dial` naming where it connects.
+    /// `fleetgrid agent` as `spec` says, with `dial` naming where it connects. It keeps its key and
+    /// certificate beside its log, in `identity/NODE`, so that a restart reuses them.
     pub(crate) fn agent_command_dialling(&self, dial: &[String], spec: &AgentSpec) -> Command {
         let mut command = self.command();
         command
             .arg("agent")
             .args(dial)
+            .arg("--identity-dir")
+            .arg(spec.identity_dir())
             .args(["--node-id", &spec.node_id])
             .args(["--vehicle-state", &spec.vehicle_state])
             .args(["--model", &spec.model])
@@ -135,12 +136,18 @@ impl Fleetgrid {
         command
     }
 
-    /// Starts an agent; it is ready once the coordinator reports it connected
-    /// ([`crate::probe`]).
+    /// Starts an agent dialling `grpc` over mTLS; it is ready once the coordinator reports it
+    /// connected ([`crate::probe`]).
     pub fn agent(&self, grpc: SocketAddr, spec: &AgentSpec) -> Result<Process, StackError> {
+        self.agent_at(&agent_url(grpc), spec)
+    }
+
+    /// Starts an agent dialling the cell at `url` (`https://` for mTLS, `http://` for a cell
+    /// started with `--agent-plaintext`).
+    pub fn agent_at(&self, url: &str, spec: &AgentSpec) -> Result<Process, StackError> {
         Process::spawn(
             spec.node_id.clone(),
-            self.agent_command(grpc, spec),
+            self.agent_command_dialling(&["--coordinator".to_owned(), url.to_owned()], spec),
             &spec.log,
             Stdout::Null,
         )
@@ -176,6 +183,12 @@ pub(crate) fn spawn_announcing(
         name: name.to_owned(),
     })?;
     Ok((process, lines))
+}
+
+/// The URL an agent dials for a cell listening on `grpc`: mTLS, as cells take agents unless
+/// started with `--agent-plaintext`.
+pub fn agent_url(grpc: SocketAddr) -> String {
+    format!("https://{grpc}")
 }
 
 /// The last non-empty line of a command's output.
@@ -266,6 +279,14 @@ pub struct AgentSpec {
     /// Engine threads.
     pub threads: u32,
     pub log: LogFile,
+}
+
+impl AgentSpec {
+    /// Where the agent keeps its key and certificate: beside its log.
+    pub fn identity_dir(&self) -> PathBuf {
+        let beside = self.log.path().parent().unwrap_or(Path::new("."));
+        beside.join("identity").join(&self.node_id)
+    }
 }
 
 /// What `fleetgrid cloud serve` is started with.
@@ -365,7 +386,7 @@ mod tests {
         let command = fleetgrid.agent_command(SocketAddr::from(([127, 0, 0, 1], 7000)), &spec);
         let joined = args(&command);
         for expected in [
-            "agent --coordinator http://127.0.0.1:7000",
+            "agent --coordinator https://127.0.0.1:7000 --identity-dir identity/bench-node-1",
             "--node-id bench-node-1",
             "--vehicle-state sim:trace.json",
             "--model smollm2-135m-instruct --parallel 8 --threads 2 --exit-with-parent",

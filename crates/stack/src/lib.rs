@@ -43,7 +43,7 @@ mod stack;
 pub use cluster::{ClusterCell, ClusterGateway, ClusterSpec, MemberSpec};
 pub use error::StackError;
 pub use fleetgrid::{
-    AgentSpec, CloudSpec, Coordinator, CoordinatorSpec, Fleetgrid, LocalCloud,
+    agent_url, AgentSpec, CloudSpec, Coordinator, CoordinatorSpec, Fleetgrid, LocalCloud,
     ALWAYS_PLUGGED_IN_TRACE, NODE_CREDENTIAL_ENV,
 };
 pub use lines::Lines;

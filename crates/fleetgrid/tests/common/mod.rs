@@ -71,6 +71,9 @@ pub struct Stack {
     pub dir: tempfile::TempDir,
     pub gateway: Gateway,
     pub grpc: SocketAddr,
+    /// Where agents dial: `https://` (mTLS), or `http://` for a coordinator
+    /// started with `--agent-plaintext`.
+    pub agent_url: String,
     pub coordinator: Process,
     pub agents: Vec<Process>,
 }
@@ -94,6 +97,29 @@ impl Drop for Stack {
 #[derive(Clone, Default)]
 pub struct StackOptions {
     pub extra_serve_args: Vec<String>,
+}
+
+impl StackOptions {
+    /// The coordinator takes plain gRPC (`--agent-plaintext`): for hostile
+    /// sessions that present a credential in their `Hello`, without mTLS.
+    pub fn plaintext() -> StackOptions {
+        StackOptions {
+            extra_serve_args: vec!["--agent-plaintext".into()],
+        }
+    }
+
+    /// The URL agents dial for a coordinator listening on `grpc`.
+    pub fn agent_url(&self, grpc: SocketAddr) -> String {
+        if self
+            .extra_serve_args
+            .iter()
+            .any(|arg| arg == "--agent-plaintext")
+        {
+            format!("http://{grpc}")
+        } else {
+            stack::agent_url(grpc)
+        }
+    }
 }
 
 pub fn run_cli(args: &[&str], data_dir: &Path) -> String {
@@ -147,6 +173,7 @@ impl Stack {
             dir,
             gateway: Gateway { http, api_key },
             grpc,
+            agent_url: options.agent_url(grpc),
             coordinator,
             agents: Vec::new(),
         }
@@ -197,7 +224,7 @@ impl Stack {
             log: LogFile::create(self.dir.path().join(format!("{name}.log"))),
         };
         let agent = fleetgrid()
-            .agent(self.grpc, &spec)
+            .agent_at(&self.agent_url, &spec)
             .unwrap_or_else(|error| panic!("{error}"));
         self.agents.push(agent);
         self.agents.len() - 1
