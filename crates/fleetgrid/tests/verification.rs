@@ -191,6 +191,30 @@ fn drawn_chat(seed: u64) -> Value {
     })
 }
 
+/// [`drawn_chat`], but one in three ends at a stop sequence where it writes
+/// one, and one in three is structured by a JSON schema: both are verified
+/// as any other answer.
+fn varied_chat(seed: u64) -> Value {
+    let mut body = drawn_chat(seed);
+    match seed % 3 {
+        1 => body["stop"] = json!([",", " and"]),
+        2 => {
+            body["max_tokens"] = json!(24);
+            body["response_format"] = json!({
+                "type": "json_schema",
+                "json_schema": {"name": "pick", "schema": {
+                    "type": "object",
+                    "properties": {"colour": {"type": "string", "maxLength": 12}},
+                    "required": ["colour"],
+                    "additionalProperties": false,
+                }},
+            });
+        }
+        _ => {}
+    }
+    body
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cheating_vehicles_are_quarantined_and_clawed_back_and_honest_ones_never_flagged() {
     // Every answer of an owned vehicle is verified: its probation never ends.
@@ -290,8 +314,8 @@ async fn cheating_vehicles_are_quarantined_and_clawed_back_and_honest_ones_never
     stack.cli(&["ledger", "verify"]);
 
     // The honest vehicles, with their different threads and parallel
-    // sequences, serve on until 200 of their answers are verified: every one
-    // passed.
+    // sequences, serve on until 200 of their answers are verified, some
+    // ended at stop sequences and some structured: every one passed.
     let deadline = tokio::time::Instant::now() + WAIT * 6;
     let verified = loop {
         let mut verified = 0;
@@ -311,7 +335,7 @@ async fn cheating_vehicles_are_quarantined_and_clawed_back_and_honest_ones_never
         let round: Vec<Value> = (0..9)
             .map(|_| {
                 seed += 1;
-                drawn_chat(seed)
+                varied_chat(seed)
             })
             .collect();
         futures::future::join_all(round.iter().map(|body| stack.chat(body))).await;

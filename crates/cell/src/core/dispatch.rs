@@ -11,7 +11,6 @@ use crate::limits;
 use crate::node_input::{self, BatchBounds};
 use crate::nodes::NodeSession;
 use cell_api::metering::{Metering, NodeReport, SegmentTrack};
-use cell_api::served::ServedModel;
 use store::RequestRecord;
 
 impl Core {
@@ -307,6 +306,32 @@ impl Core {
             );
             self.protocol_violation(&mut state, session, "tokens outside the answer's grammar");
             return;
+        }
+        let Some(inflight) = state.requests.get_mut(&request) else {
+            return;
+        };
+        if let Some(text) = &mut inflight.stop_text {
+            let mut after = text.clone();
+            let mut past_the_end = false;
+            for token in &batch.tokens {
+                past_the_end |= after.stopped();
+                after.push(
+                    inflight
+                        .model
+                        .pieces
+                        .piece(token.token_id)
+                        .unwrap_or_default(),
+                );
+            }
+            if past_the_end {
+                tracing::warn!(
+                    request_id = request.0,
+                    "a node sent tokens after the answer's stop sequence; moving the generation"
+                );
+                self.protocol_violation(&mut state, session, "tokens after a stop sequence");
+                return;
+            }
+            *text = after;
         }
         let share_us = state.shares.read(request, now.0);
         let Some(inflight) = state.requests.get_mut(&request) else {
@@ -634,7 +659,10 @@ fn delivered(
     // checks, or at one of the client's stop sequences, which its text shows
     // (the token that completes one is the answer's last).
     let ended_by_eos = finish == FinishReason::Stop
-        && !reaches_stop_sequence(&inflight.model, &inflight.committed, &inflight.stop);
+        && !inflight
+            .stop_text
+            .as_ref()
+            .is_some_and(engine::TextAssembler::stopped);
     Some(verification::Delivered {
         generation: request,
         given: u32::try_from(inflight.inherited).unwrap_or(u32::MAX),
@@ -648,23 +676,6 @@ fn delivered(
         ended_by_eos,
         segments,
     })
-}
-
-/// Whether the text of `tokens` holds one of the `stop` sequences.
-fn reaches_stop_sequence(model: &ServedModel, tokens: &[i32], stop: &[String]) -> bool {
-    if stop.iter().all(String::is_empty) {
-        return false;
-    }
-    let text: Vec<u8> = tokens
-        .iter()
-        .filter_map(|&token| model.pieces.piece(token))
-        .flatten()
-        .copied()
-        .collect();
-    stop.iter()
-        .map(String::as_bytes)
-        .filter(|stop| !stop.is_empty())
-        .any(|stop| text.windows(stop.len()).any(|window| window == stop))
 }
 
 fn generation_id(request: RequestId, attempt: u32) -> String {

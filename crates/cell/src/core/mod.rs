@@ -46,6 +46,12 @@ struct InFlight {
     sampling: proto::Sampling,
     max_tokens: u32,
     stop: Vec<String>,
+    /// The answer's text as its stop sequences see it (`None` without any),
+    /// fed with every committed token as a vehicle's engine is: an answer
+    /// ends with the token that completes a stop sequence, and a vehicle
+    /// that sends one after it breaks the protocol (the client never sees
+    /// such tokens, but would pay for them).
+    stop_text: Option<engine::TextAssembler>,
     top_logprobs: u32,
     /// The prompt's scores while they are asked for and not all in
     /// (`NewGeneration::prompt_logprobs`): the current attempt's so far.
@@ -212,6 +218,17 @@ impl Core {
             }
             scores => scores,
         };
+        let stop_text = generation
+            .stop
+            .iter()
+            .any(|stop| !stop.is_empty())
+            .then(|| {
+                let mut text = engine::TextAssembler::new(generation.stop.clone());
+                for &token in &generation.committed {
+                    text.push(model.pieces.piece(token).unwrap_or_default());
+                }
+                text
+            });
         state.requests.insert(
             request,
             InFlight {
@@ -223,6 +240,7 @@ impl Core {
                 sampling: generation.sampling,
                 max_tokens: generation.max_tokens,
                 stop: generation.stop,
+                stop_text,
                 top_logprobs: generation.top_logprobs,
                 prompt_scores,
                 inherited: generation.committed.len(),

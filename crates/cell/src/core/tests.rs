@@ -535,6 +535,30 @@ fn an_answer_ended_at_a_stop_sequence_is_not_checked_for_an_end_token() {
     }
 }
 
+/// An answer ends with the token that completes one of its stop sequences,
+/// as a vehicle's engine ends it: a vehicle that sends tokens after it (the
+/// client would never see them, but pay for them) broke the protocol.
+#[test]
+fn tokens_after_a_stop_sequence_are_a_protocol_violation() {
+    let tokenizer = engine::Tokenizer::load(&engine::testing::test_model_path())
+        .expect("the test model's tokenizer");
+    let answer = tokenizer
+        .tokenize(" one two three four", false)
+        .expect("tokenize");
+    let (mut harness, cars) = verifying_fleet(2);
+    let mut generation = spot_generation("chatcmpl-past", proto::Sampling::default(), 8);
+    generation.stop = vec!["two".to_owned()];
+    let producer = serve_generation(&mut harness, &cars, generation, &answer);
+    let notices = harness.core.take_quarantines();
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert_eq!(notices[0].node, format!("car-{producer}"));
+    assert!(
+        notices[0].reason.contains("after a stop sequence"),
+        "{}",
+        notices[0].reason
+    );
+}
+
 /// A check takes one of its verifier's slots until it is answered: a
 /// one-slot vehicle verifying is given no tenant's work meanwhile.
 #[test]
