@@ -3,7 +3,8 @@
 //!
 //! A cell records every check a vehicle answered in the store
 //! (`store::checks`). Every gateway pays the unpaid ones, a pass every
-//! [`CHECK_PAY_INTERVAL`]: the verifier's energy from its power profile and
+//! [`CHECK_PAY_INTERVAL`], each claiming those it pays for
+//! [`CHECK_CLAIM_LEASE`] so that gateways share them: the verifier's energy from its power profile and
 //! the owner's tariff, as for a generation, then the ledger's `pay_check`,
 //! which posts the pay from the platform's verification account
 //! (`ledger::verification`), and marks the check paid. The ledger pays a
@@ -26,8 +27,13 @@ use tokio_util::sync::DropGuard;
 /// How often a gateway pays answered checks.
 pub const CHECK_PAY_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Most unpaid checks read in one pass; the rest wait for the next.
+/// Most unpaid checks claimed in one pass; the rest wait for the next.
 const CHECKS_PER_PASS: u32 = 1_024;
+
+/// How long a gateway's claim on the checks of its pass lasts: past it, a
+/// check it did not get to (it died, or the ledger refused it) is another
+/// gateway's to pay. A pass of [`CHECKS_PER_PASS`] takes a few seconds.
+pub const CHECK_CLAIM_LEASE: Duration = Duration::from_secs(60);
 
 /// What paying checks needs: the store they wait in, the ledger, the price
 /// book and the vehicles' power profiles and tariffs.
@@ -42,7 +48,12 @@ pub struct CheckPayments {
 impl CheckPayments {
     /// Pays the checks unpaid now; returns how many were paid.
     pub async fn pay_pending(&self, now_ms: i64) -> Result<usize, store::StoreError> {
-        let unpaid = self.store.unpaid_checks(CHECKS_PER_PASS).await?;
+        let lease_ms = i64::try_from(CHECK_CLAIM_LEASE.as_millis()).unwrap_or(i64::MAX);
+        let mut unpaid = self
+            .store
+            .claim_unpaid_checks(CHECKS_PER_PASS, now_ms, lease_ms)
+            .await?;
+        unpaid.sort_by(|a, b| (a.at_ms, &a.check).cmp(&(b.at_ms, &b.check)));
         let mut paid = 0;
         for record in unpaid {
             match self.pay(&record).await {

@@ -3,9 +3,12 @@
 //!
 //! A cell records each check a vehicle answered; the books (`fleetgrid`
 //! billing) pay the pending ones from the platform's verification account
-//! and mark them paid. The ledger pays a check once whatever happens, so
-//! one paid twice after a crash between the ledger's commit and the mark
-//! costs nothing twice.
+//! and mark them paid. A gateway claims the checks it pays for a lease, so
+//! gateways paying at once share the work instead of each paying the same
+//! ones; a gateway that dies leaves its claims to lapse. The ledger pays a
+//! check once whatever happens, so one paid twice after a crash between the
+//! ledger's commit and the mark, or after a lease lapsed, costs nothing
+//! twice.
 
 use crate::{on_database, Store, StoreError};
 
@@ -53,12 +56,27 @@ impl Store {
         Ok(())
     }
 
-    /// Up to `limit` checks the books have not paid yet, oldest first.
-    pub async fn unpaid_checks(&self, limit: u32) -> Result<Vec<CheckRecord>, StoreError> {
-        let sql = "SELECT check_id, node_name, model, tokens, compute_ms, started_ms, at_ms \
-                   FROM node_checks WHERE paid_ms IS NULL ORDER BY at_ms, check_id LIMIT $1";
+    /// Claims, until `now_ms + lease_ms`, up to `limit` checks the books have
+    /// not paid yet and nobody else holds a claim on at `now_ms`, oldest
+    /// first, and returns them (in no set order). The claim's condition is
+    /// checked again on each row as it is updated, so two gateways claiming
+    /// at once never both get a check.
+    pub async fn claim_unpaid_checks(
+        &self,
+        limit: u32,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<Vec<CheckRecord>, StoreError> {
+        let sql = "UPDATE node_checks SET claimed_until_ms = $2 + $3 \
+                   WHERE paid_ms IS NULL AND (claimed_until_ms IS NULL OR claimed_until_ms <= $2) \
+                   AND check_id IN (SELECT check_id FROM node_checks WHERE paid_ms IS NULL \
+                   AND (claimed_until_ms IS NULL OR claimed_until_ms <= $2) \
+                   ORDER BY at_ms, check_id LIMIT $1) \
+                   RETURNING check_id, node_name, model, tokens, compute_ms, started_ms, at_ms";
         let rows: Vec<CheckRow> = on_database!(&self.database, pool => sqlx::query_as(sql)
             .bind(i64::from(limit))
+            .bind(now_ms)
+            .bind(lease_ms)
             .fetch_all(pool)
             .await?);
         Ok(rows

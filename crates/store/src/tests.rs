@@ -188,19 +188,46 @@ async fn answered_checks_wait_for_the_books_once_each(test: &TestStore) {
     let mut again = check("check:chatcmpl-a:1", 10);
     again.tokens = 999;
     store.record_checks(&[again]).await.unwrap();
-    let unpaid = store.unpaid_checks(10).await.unwrap();
+    // A gateway claims the oldest for a lease; another claiming at the same
+    // time gets the rest, and nothing while both leases run.
+    let first = store.claim_unpaid_checks(1, 100, 50).await.unwrap();
     assert_eq!(
-        unpaid,
-        [
-            check("check:chatcmpl-a:1", 10),
-            check("check:chatcmpl-b:1", 20)
-        ],
-        "oldest first, each as first recorded"
+        first,
+        [check("check:chatcmpl-a:1", 10)],
+        "the oldest, as first recorded"
     );
-    store.check_paid("check:chatcmpl-a:1", 30).await.unwrap();
-    let unpaid = store.unpaid_checks(10).await.unwrap();
-    assert_eq!(unpaid, [check("check:chatcmpl-b:1", 20)]);
-    assert_eq!(store.unpaid_checks(0).await.unwrap(), []);
+    let second = store.claim_unpaid_checks(10, 100, 50).await.unwrap();
+    assert_eq!(second, [check("check:chatcmpl-b:1", 20)]);
+    assert_eq!(store.claim_unpaid_checks(10, 149, 50).await.unwrap(), []);
+    // Once paid, a check is nobody's to claim; an unpaid one is claimed
+    // again when its lease has lapsed.
+    store.check_paid("check:chatcmpl-a:1", 120).await.unwrap();
+    let lapsed = store.claim_unpaid_checks(10, 150, 50).await.unwrap();
+    assert_eq!(lapsed, [check("check:chatcmpl-b:1", 20)]);
+    assert_eq!(store.claim_unpaid_checks(0, 500, 50).await.unwrap(), []);
+
+    // Gateways claiming at once never get the same check.
+    let many: Vec<CheckRecord> = (0..40)
+        .map(|index| check(&format!("check:chatcmpl-r{index}:1"), 1_000 + index))
+        .collect();
+    store.record_checks(&many).await.unwrap();
+    let mut racing = tokio::task::JoinSet::new();
+    for _ in 0..RACES {
+        let store = store.clone();
+        racing.spawn(async move { store.claim_unpaid_checks(10, 2_000, 50).await.unwrap() });
+    }
+    let mut claimed: Vec<String> = racing
+        .join_all()
+        .await
+        .into_iter()
+        .flatten()
+        .map(|record| record.check)
+        .collect();
+    let count = claimed.len();
+    claimed.sort();
+    claimed.dedup();
+    assert_eq!(claimed.len(), count, "a check was claimed twice");
+    assert_eq!(count, 41, "the 40 and the unpaid one whose lease lapsed");
 }
 
 async fn tenants_keys_and_nodes_round_trip(test: &TestStore) {
