@@ -181,3 +181,32 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_token(args.exit_with_parent)?;
     agent::run(config, shutdown).await.context("run the agent")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_dials_its_flags_then_its_enrolment_then_the_local_cell_over_mtls_if_pinned() {
+        let given = |coordinator: Option<&str>, cells: &[&str], enrolled: &[&str], pinned| {
+            agent_cells(
+                coordinator.map(str::to_owned),
+                cells.iter().map(|cell| (*cell).to_owned()).collect(),
+                enrolled.iter().map(|cell| (*cell).to_owned()).collect(),
+                pinned,
+            )
+        };
+        let enrolled = ["https://cell-a:7070", "https://cell-b:7070"];
+        assert_eq!(
+            given(Some("https://here:7070"), &[], &enrolled, true),
+            ["https://here:7070"]
+        );
+        assert_eq!(
+            given(None, &["http://x:1", " "], &enrolled, true),
+            ["http://x:1"]
+        );
+        assert_eq!(given(None, &[], &enrolled, true), enrolled);
+        assert_eq!(given(None, &[], &[], true), ["https://127.0.0.1:7070"]);
+        assert_eq!(given(None, &[], &[], false), ["http://127.0.0.1:7070"]);
+    }
+}
