@@ -288,50 +288,42 @@ impl Core {
             self.protocol_violation(&mut state, session, &violation.to_string());
             return;
         }
-        let follows_grammar = match state
-            .requests
-            .get_mut(&request)
-            .and_then(|inflight| inflight.grammar.as_mut())
-        {
-            None => true,
-            Some(grammar) => {
-                let ids: Vec<i32> = batch.tokens.iter().map(|token| token.token_id).collect();
-                grammar.follows(&ids)
-            }
-        };
-        if !follows_grammar {
-            tracing::warn!(
-                request_id = request.0,
-                "a node's tokens broke the answer's grammar; moving the generation"
-            );
-            self.protocol_violation(&mut state, session, "tokens outside the answer's grammar");
-            return;
-        }
+        // Both checks before either state moves: a refused batch leaves
+        // neither the grammar nor the stop text past the committed tokens,
+        // which the next vehicle resumes from.
+        let ids: Vec<i32> = batch.tokens.iter().map(|token| token.token_id).collect();
         let Some(inflight) = state.requests.get_mut(&request) else {
             return;
         };
-        if let Some(text) = &mut inflight.stop_text {
-            let mut after = text.clone();
-            let mut past_the_end = false;
-            for token in &batch.tokens {
-                past_the_end |= after.stopped();
-                after.push(
-                    inflight
-                        .model
-                        .pieces
-                        .piece(token.token_id)
-                        .unwrap_or_default(),
-                );
+        let stop_text = inflight
+            .stop_text
+            .as_ref()
+            .map(|text| text_after(text, &inflight.model.pieces, &batch.tokens));
+        let broken = match stop_text {
+            Some(None) => Some("tokens after a stop sequence"),
+            after => {
+                if inflight
+                    .grammar
+                    .as_mut()
+                    .is_some_and(|grammar| !grammar.follows(&ids))
+                {
+                    Some("tokens outside the answer's grammar")
+                } else {
+                    if let Some(Some(after)) = after {
+                        inflight.stop_text = Some(after);
+                    }
+                    None
+                }
             }
-            if past_the_end {
-                tracing::warn!(
-                    request_id = request.0,
-                    "a node sent tokens after the answer's stop sequence; moving the generation"
-                );
-                self.protocol_violation(&mut state, session, "tokens after a stop sequence");
-                return;
-            }
-            *text = after;
+        };
+        if let Some(what) = broken {
+            tracing::warn!(
+                request_id = request.0,
+                violation = what,
+                "a node's tokens broke the answer's end or grammar; moving the generation"
+            );
+            self.protocol_violation(&mut state, session, what);
+            return;
         }
         let share_us = state.shares.read(request, now.0);
         let Some(inflight) = state.requests.get_mut(&request) else {
@@ -676,6 +668,23 @@ fn delivered(
         ended_by_eos,
         segments,
     })
+}
+
+/// `text` after `tokens`, or `None` when one of them comes after the token
+/// that completed a stop sequence (the answer had ended there).
+fn text_after(
+    text: &engine::TextAssembler,
+    pieces: &cell_api::served::PieceTable,
+    tokens: &[proto::Token],
+) -> Option<engine::TextAssembler> {
+    let mut after = text.clone();
+    for token in tokens {
+        if after.stopped() {
+            return None;
+        }
+        after.push(pieces.piece(token.token_id).unwrap_or_default());
+    }
+    Some(after)
 }
 
 fn generation_id(request: RequestId, attempt: u32) -> String {

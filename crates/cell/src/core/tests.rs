@@ -559,6 +559,73 @@ fn tokens_after_a_stop_sequence_are_a_protocol_violation() {
     );
 }
 
+/// A batch refused for going past a stop sequence leaves a structured
+/// answer's grammar where the committed tokens left it: the next vehicle,
+/// resuming from them, is held to the grammar from there.
+#[test]
+fn a_batch_past_a_stop_sequence_leaves_the_grammar_at_the_committed_tokens() {
+    let mut harness = Harness::serving_the_test_model();
+    let cars = [
+        harness.connect_serving("car-1"),
+        harness.connect_serving("car-2"),
+    ];
+    let tokenizer = engine::Tokenizer::load(&engine::testing::test_model_path()).unwrap();
+    let encode = |text: &str| tokenizer.tokenize(text, false).unwrap();
+    let schema = serde_json::json!({"type": "object", "properties": {"a": {"type": "string"}},
+        "required": ["a"], "additionalProperties": false});
+    let mut generation = spot_generation(
+        "chatcmpl-structured-stop",
+        proto::Sampling {
+            grammar: engine::json_schema_grammar(&schema),
+            ..proto::Sampling::default()
+        },
+        32,
+    );
+    generation.stop = vec!["two".to_owned()];
+    let mut admitted = harness.core.submit(generation).expect("admitted");
+    let placed = |harness: &mut Harness| {
+        (0..cars.len())
+            .find_map(|index| assigned(harness, index).map(|id| (index, id)))
+            .expect("an assignment")
+    };
+
+    let (first, id) = placed(&mut harness);
+    harness.core.node_tokens(
+        cars[first],
+        proto::TokenBatch {
+            generation_id: id,
+            tokens: tokens(&encode("{\"a\": \"one two three\"}"), 0),
+        },
+    );
+    assert!(
+        admitted.updates.try_recv().is_err(),
+        "nothing was committed"
+    );
+    let (second, id) = placed(&mut harness);
+    assert_ne!(second, first, "the generation moved to another vehicle");
+
+    // The next vehicle writes the answer up to the stop sequence: every token
+    // is taken, as the grammar allows it from the start.
+    let honest = encode("{\"a\": \"one two");
+    harness.core.node_tokens(
+        cars[second],
+        proto::TokenBatch {
+            generation_id: id,
+            tokens: tokens(&honest, 0),
+        },
+    );
+    for _ in &honest {
+        assert!(matches!(
+            admitted.updates.try_recv(),
+            Ok(cell_api::Update::Token(_))
+        ));
+    }
+    assert_eq!(
+        harness.core.connected_nodes(),
+        [format!("car-{}", second + 1)]
+    );
+}
+
 /// A check takes one of its verifier's slots until it is answered: a
 /// one-slot vehicle verifying is given no tenant's work meanwhile.
 #[test]

@@ -223,7 +223,7 @@ impl Verifications {
     ) {
         for (node, record) in answered {
             if contradicted.contains(&node) || self.is_quarantined(node) {
-                tracing::warn!(check = %record.check, "a check of a verifier caught lying goes unpaid");
+                tracing::warn!(check = %record.check, "a check of a contradicted or quarantined verifier goes unpaid");
                 continue;
             }
             self.answered_by(node, record);
