@@ -458,7 +458,7 @@ impl Core {
         // sequence of the client's, or at its length: a vehicle that says it
         // stopped anywhere else cut the answer short.
         let cut_short = finish == FinishReason::Stop
-            && inflight.stop.is_empty()
+            && !inflight.reached_a_stop_sequence()
             && inflight
                 .grammar
                 .as_mut()
@@ -650,11 +650,7 @@ fn delivered(
     // An answer that stopped ended by end-of-generation, which the verifier
     // checks, or at one of the client's stop sequences, which its text shows
     // (the token that completes one is the answer's last).
-    let ended_by_eos = finish == FinishReason::Stop
-        && !inflight
-            .stop_text
-            .as_ref()
-            .is_some_and(engine::TextAssembler::stopped);
+    let ended_by_eos = finish == FinishReason::Stop && !inflight.reached_a_stop_sequence();
     Some(verification::Delivered {
         generation: request,
         given: u32::try_from(inflight.inherited).unwrap_or(u32::MAX),

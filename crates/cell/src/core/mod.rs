@@ -77,6 +77,16 @@ struct InFlight {
     created_ms: i64,
 }
 
+impl InFlight {
+    /// Whether the committed text holds one of the answer's stop sequences:
+    /// the answer ended there.
+    fn reached_a_stop_sequence(&self) -> bool {
+        self.stop_text
+            .as_ref()
+            .is_some_and(engine::TextAssembler::stopped)
+    }
+}
+
 struct CoreState {
     scheduler: Scheduler,
     nodes: HashMap<NodeId, ConnectedNode>,

@@ -626,6 +626,58 @@ fn a_batch_past_a_stop_sequence_leaves_the_grammar_at_the_committed_tokens() {
     );
 }
 
+/// With stop sequences, a structured answer still ends where its grammar
+/// lets it or at one of them: a vehicle that says it stopped before either
+/// cut the answer short.
+#[test]
+fn a_structured_answer_with_stop_sequences_is_not_cut_short_before_either() {
+    let mut harness = Harness::serving_the_test_model();
+    let cars = [
+        harness.connect_serving("car-1"),
+        harness.connect_serving("car-2"),
+    ];
+    let tokenizer = engine::Tokenizer::load(&engine::testing::test_model_path()).unwrap();
+    let schema = serde_json::json!({"type": "object", "properties": {"a": {"type": "string"}},
+        "required": ["a"], "additionalProperties": false});
+    let mut generation = spot_generation(
+        "chatcmpl-structured-cut",
+        proto::Sampling {
+            grammar: engine::json_schema_grammar(&schema),
+            ..proto::Sampling::default()
+        },
+        32,
+    );
+    generation.stop = vec!["zzz".to_owned()];
+    let _admitted = harness.core.submit(generation).expect("admitted");
+    let (first, id) = (0..cars.len())
+        .find_map(|index| assigned(&mut harness, index).map(|id| (index, id)))
+        .expect("an assignment");
+    let opening = tokenizer.tokenize("{\"a\": \"one", false).unwrap();
+    harness.core.node_tokens(
+        cars[first],
+        proto::TokenBatch {
+            generation_id: id.clone(),
+            tokens: tokens(&opening, 0),
+        },
+    );
+    harness.core.node_done(
+        cars[first],
+        proto::GenerationDone {
+            generation_id: id,
+            reason: proto::FinishReason::Stop as i32,
+            ..proto::GenerationDone::default()
+        },
+    );
+    assert!(
+        assigned(&mut harness, 1 - first).is_some(),
+        "the generation moved to the other vehicle"
+    );
+    assert_eq!(
+        harness.core.connected_nodes(),
+        [format!("car-{}", 2 - first)]
+    );
+}
+
 /// A check takes one of its verifier's slots until it is answered: a
 /// one-slot vehicle verifying is given no tenant's work meanwhile.
 #[test]
