@@ -43,6 +43,7 @@ mod database;
 pub mod owner_policy;
 pub mod owners;
 pub mod secrets;
+pub mod stored_completions;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod trust;
@@ -87,6 +88,8 @@ pub enum StoreError {
     NoSuchNode(String),
     #[error("invalid tenant contract: {0}")]
     BadContract(String),
+    #[error("the database holds what this version cannot read: {0}")]
+    Corrupt(String),
 }
 
 impl StoreError {
@@ -284,6 +287,15 @@ impl Store {
         let sql = "SELECT id, name, class FROM tenants WHERE name = $1";
         let row: Option<TenantRow> = on_database!(&self.database, pool => sqlx::query_as(sql)
             .bind(name)
+            .fetch_optional(pool)
+            .await?);
+        row.map(tenant_from_row).transpose()
+    }
+
+    pub async fn tenant_by_id(&self, id: i64) -> Result<Option<TenantRecord>, StoreError> {
+        let sql = "SELECT id, name, class FROM tenants WHERE id = $1";
+        let row: Option<TenantRow> = on_database!(&self.database, pool => sqlx::query_as(sql)
+            .bind(id)
             .fetch_optional(pool)
             .await?);
         row.map(tenant_from_row).transpose()

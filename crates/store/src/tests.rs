@@ -13,6 +13,7 @@ crate::on_each_backend!(
     a_quarantine_holds_until_released_and_its_clawbacks_until_applied,
     answered_checks_wait_for_the_books_once_each,
     an_enrolment_token_is_spent_once_and_revoking_a_node_revokes_its_certificates,
+    kept_completions_are_the_tenants_own_and_rerun_once_clawed_back,
 );
 
 /// The node authority is kept once; an enrolment token buys one
@@ -412,4 +413,199 @@ async fn connect_picks_the_backend_from_the_url() {
     assert!(is_postgres_url("postgresql://db.example/fleet"));
     assert!(!is_postgres_url("sqlite://fleet.db"));
     schema.remove().await;
+}
+
+/// A kept completion is its tenant's alone (read, listed in pages, updated,
+/// deleted); one that asked for a re-run is claimed once the books clawed
+/// its answer back, by one gateway at a time, and its answer is replaced
+/// only while the clawed-back one is still current.
+async fn kept_completions_are_the_tenants_own_and_rerun_once_clawed_back(test: &TestStore) {
+    use crate::stored_completions::{NewStoredCompletion, OnClawback, StoredQuery};
+    let store = &test.store;
+    let kept = |id: &str, tenant_id, created_ms, on_clawback| NewStoredCompletion {
+        id: id.into(),
+        tenant_id,
+        model: if created_ms % 2 == 0 { "a" } else { "b" }.into(),
+        created_ms,
+        metadata: "{}".into(),
+        request: format!("{{\"seed\":{created_ms}}}"),
+        response: format!("{{\"id\":\"{id}\"}}"),
+        on_clawback,
+    };
+    for (id, tenant, at, on) in [
+        ("chatcmpl-1", 1, 10, OnClawback::Rerun),
+        ("chatcmpl-2", 1, 11, OnClawback::Refund),
+        ("chatcmpl-3", 2, 12, OnClawback::Rerun),
+        ("chatcmpl-4", 1, 13, OnClawback::Refund),
+    ] {
+        store
+            .keep_completion(&kept(id, tenant, at, on))
+            .await
+            .unwrap();
+    }
+    assert!(
+        store
+            .keep_completion(&kept("chatcmpl-1", 1, 10, OnClawback::Refund))
+            .await
+            .is_err(),
+        "an id is kept once"
+    );
+    assert_eq!(
+        store.stored_completion(2, "chatcmpl-1").await.unwrap(),
+        None
+    );
+    let first = store
+        .stored_completion(1, "chatcmpl-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            first.answered_by.as_str(),
+            first.reruns,
+            first.clawed_back.as_deref()
+        ),
+        ("chatcmpl-1", 0, None)
+    );
+    let ids = |list: Vec<crate::stored_completions::StoredCompletion>| {
+        list.into_iter().map(|kept| kept.id).collect::<Vec<_>>()
+    };
+    let page = |after: Option<&str>, limit, descending, model: Option<&str>| StoredQuery {
+        after: after.map(str::to_owned),
+        limit,
+        descending,
+        model: model.map(str::to_owned),
+    };
+    let list = |query| async move { ids(store.list_stored_completions(1, &query).await.unwrap()) };
+    assert_eq!(
+        list(page(None, 2, false, None)).await,
+        ["chatcmpl-1", "chatcmpl-2"]
+    );
+    assert_eq!(
+        list(page(Some("chatcmpl-2"), 2, false, None)).await,
+        ["chatcmpl-4"]
+    );
+    assert_eq!(
+        list(page(None, 10, true, None)).await,
+        ["chatcmpl-4", "chatcmpl-2", "chatcmpl-1"]
+    );
+    assert_eq!(
+        list(page(Some("chatcmpl-4"), 1, true, None)).await,
+        ["chatcmpl-2"]
+    );
+    assert_eq!(list(page(None, 10, false, Some("a"))).await, ["chatcmpl-1"]);
+    assert_eq!(
+        list(page(Some("chatcmpl-3"), 10, false, None)).await,
+        Vec::<String>::new(),
+        "another tenant's cursor"
+    );
+
+    assert!(store
+        .update_stored_metadata(1, "chatcmpl-2", r#"{"k":"v"}"#)
+        .await
+        .unwrap());
+    assert!(!store
+        .update_stored_metadata(2, "chatcmpl-2", "{}")
+        .await
+        .unwrap());
+    assert_eq!(
+        store
+            .stored_completion(1, "chatcmpl-2")
+            .await
+            .unwrap()
+            .unwrap()
+            .metadata,
+        r#"{"k":"v"}"#
+    );
+    assert!(!store
+        .delete_stored_completion(2, "chatcmpl-2")
+        .await
+        .unwrap());
+    assert!(store
+        .delete_stored_completion(1, "chatcmpl-2")
+        .await
+        .unwrap());
+    assert_eq!(
+        store.stored_completion(1, "chatcmpl-2").await.unwrap(),
+        None
+    );
+
+    // Nothing to re-run until the books applied a clawback of a current
+    // answer that asked for one.
+    let suspects = [
+        "chatcmpl-1".to_owned(),
+        "chatcmpl-3".to_owned(),
+        "chatcmpl-4".to_owned(),
+    ];
+    store
+        .quarantine_node("car-9", "random tokens", &suspects, 20)
+        .await
+        .unwrap();
+    assert_eq!(store.claim_reruns(10, 100, 50).await.unwrap(), []);
+    let shown = store
+        .stored_completion(1, "chatcmpl-4")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(shown.clawed_back.as_deref(), Some("random tokens"));
+    for id in &suspects {
+        store.clawback_applied("car-9", id, 30).await.unwrap();
+    }
+    let claims = store.claim_reruns(10, 100, 50).await.unwrap();
+    let claimed: Vec<&str> = claims.iter().map(|claim| claim.id.as_str()).collect();
+    assert_eq!(
+        claimed,
+        ["chatcmpl-1", "chatcmpl-3"],
+        "those that asked, of every tenant"
+    );
+    assert_eq!(claims[0].reason, "random tokens");
+    assert_eq!(claims[0].request, r#"{"seed":10}"#);
+    assert_eq!(
+        store.claim_reruns(10, 149, 50).await.unwrap(),
+        [],
+        "claimed"
+    );
+    assert!(store
+        .rerun_done(&claims[0], "chatcmpl-1r", r#"{"id":"new"}"#)
+        .await
+        .unwrap());
+    assert!(
+        !store
+            .rerun_done(&claims[0], "chatcmpl-1s", "{}")
+            .await
+            .unwrap(),
+        "a second finisher of the same claim replaces nothing"
+    );
+    let rerun = store
+        .stored_completion(1, "chatcmpl-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            rerun.answered_by.as_str(),
+            rerun.reruns,
+            rerun.response.as_str()
+        ),
+        ("chatcmpl-1r", 1, r#"{"id":"new"}"#)
+    );
+    assert_eq!(
+        (rerun.rerun_reason.as_deref(), rerun.clawed_back),
+        (Some("random tokens"), None)
+    );
+    // The unfinished one is claimed again once its lease lapsed, until its
+    // attempts are spent.
+    let mut attempts = 1;
+    while !store
+        .claim_reruns(10, 150 + attempts * 100, 50)
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        attempts += 1;
+    }
+    assert_eq!(attempts, crate::stored_completions::RERUN_ATTEMPTS_MAX);
+
+    assert_eq!(store.forget_stored_before(13).await.unwrap(), 2);
+    assert_eq!(list(page(None, 10, false, None)).await, ["chatcmpl-4"]);
 }
