@@ -360,6 +360,9 @@ impl Gateway {
         if let Some(cell_metrics) = cell_metrics {
             state = state.with_metrics_of(cell_metrics);
         }
+        // Clawed-back stored completions whose tenants asked are re-run by
+        // every gateway, for as long as it serves.
+        let reruns = api::rerun::Reruns::new(state.clone()).spawn();
         let http = http_serve::serve(
             listener,
             api::router(state),
@@ -369,7 +372,10 @@ impl Gateway {
             self.metrics,
             shutdown,
         );
-        Ok(tokio::spawn(http))
+        Ok(tokio::spawn(async move {
+            let _reruns = reruns;
+            http.await
+        }))
     }
 }
 

@@ -8,7 +8,7 @@ mod common;
 
 use cloud_common::LocalCloud;
 use common::{model_path, run_python, Stack, MODEL};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const SCRIPT: &str = concat!(
     include_str!("clients/shared.py"),
@@ -109,11 +109,42 @@ async fn the_sdk_langchain_and_litellm_get_what_they_ask_for() {
         ("refused_unknown", "guided_json"),
         ("refused_tool_schema", "tools"),
         ("refused_tool_choice", "tool_choice"),
-        ("refused_store", "store"),
+        ("refused_store_n", "store"),
     ] {
         assert_eq!(results[key]["status"], 400, "{key}: {results}");
         assert_eq!(results[key]["param"], param, "{key}: {results}");
     }
+    // A stored completion is read back, listed once (the SDK pages one at a
+    // time), its messages given, its metadata replaced, and deleted.
+    let stored = &results["stored"];
+    assert!(
+        stored["content"]
+            .as_str()
+            .is_some_and(|text| !text.is_empty()),
+        "{stored}"
+    );
+    assert_eq!(stored["retrieved_content"], stored["content"], "{stored}");
+    assert_eq!(
+        stored["retrieved_metadata"],
+        json!({"suite": "compat"}),
+        "{stored}"
+    );
+    assert_eq!(stored["listed"], 1, "{stored}");
+    assert_eq!(
+        stored["messages"],
+        json!(["Write a short story about a parked car."]),
+        "{stored}"
+    );
+    assert_eq!(
+        stored["updated_metadata"],
+        json!({"suite": "updated"}),
+        "{stored}"
+    );
+    assert_eq!(
+        (&stored["deleted"], &stored["after_delete"]),
+        (&json!(true), &json!(404)),
+        "{stored}"
+    );
     assert!(results["accepted_user_metadata"].is_string(), "{results}");
     // Structured output: the SDK's `parse`, LangChain's `with_structured_output`
     // and litellm each get an answer that parses into the Pydantic model (the

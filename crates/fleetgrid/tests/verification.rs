@@ -246,7 +246,8 @@ async fn cheating_vehicles_are_quarantined_and_clawed_back_and_honest_ones_never
         .await;
 
     // Rounds of answers, enough at once for every vehicle to serve some,
-    // until both cheaters are out.
+    // until both cheaters are out. They are stored, and asked to be re-run
+    // should they be clawed back.
     let deadline = tokio::time::Instant::now() + WAIT * 4;
     let mut seed = 0;
     let mut answered = 0;
@@ -254,7 +255,10 @@ async fn cheating_vehicles_are_quarantined_and_clawed_back_and_honest_ones_never
         let round: Vec<Value> = (0..10)
             .map(|_| {
                 seed += 1;
-                drawn_chat(seed)
+                let mut body = drawn_chat(seed);
+                body["store"] = json!(true);
+                body["on_clawback"] = json!("rerun");
+                body
             })
             .collect();
         let answers = futures::future::join_all(round.iter().map(|body| stack.chat(body))).await;
@@ -312,6 +316,11 @@ async fn cheating_vehicles_are_quarantined_and_clawed_back_and_honest_ones_never
         assert!(net < earned, "nothing taken back: {statement}");
     }
     stack.cli(&["ledger", "verify"]);
+
+    // Every stored answer that was clawed back is run again, and the new
+    // answer replaces it under its first id.
+    let reruns = wait_for_reruns(&stack, answered).await;
+    eprintln!("stored answers clawed back and re-run: {reruns}");
 
     // The honest vehicles, with their different threads and parallel
     // sequences, serve on until 200 of their answers are verified, some
@@ -371,6 +380,67 @@ async fn cheating_vehicles_are_quarantined_and_clawed_back_and_honest_ones_never
     eprintln!("checks paid to honest vehicles' owners: {checks}");
     stack.cli(&["ledger", "verify"]);
     eprintln!("answers before both cheaters were out: {answered}");
+}
+
+/// The tenant's `expected` stored completions, once none shows a clawed-back
+/// answer any more; returns how many were re-run. Each re-run names the
+/// clawback's reason and has an answer of its own.
+async fn wait_for_reruns(stack: &Stack, expected: usize) -> usize {
+    let deadline = tokio::time::Instant::now() + WAIT * 2;
+    loop {
+        let mut kept = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let path = match &after {
+                Some(id) => format!("/v1/chat/completions?limit=100&after={id}"),
+                None => "/v1/chat/completions?limit=100".to_owned(),
+            };
+            let (status, page) = stack.get_as(&stack.api_key, &path).await;
+            assert_eq!(status, 200, "{page}");
+            kept.extend(page["data"].as_array().expect("data").iter().cloned());
+            if page["has_more"] != json!(true) {
+                break;
+            }
+            after = page["last_id"].as_str().map(str::to_owned);
+        }
+        assert_eq!(
+            kept.len(),
+            expected,
+            "every answer of the first rounds is stored"
+        );
+        let waiting = kept
+            .iter()
+            .filter(|completion| completion["fleetgrid"].get("clawed_back").is_some())
+            .count();
+        let rerun: Vec<&Value> = kept
+            .iter()
+            .filter(|completion| completion["fleetgrid"].get("rerun").is_some())
+            .collect();
+        if waiting == 0 && !rerun.is_empty() {
+            for completion in &rerun {
+                let record = &completion["fleetgrid"]["rerun"];
+                assert!(
+                    record["reason"]
+                        .as_str()
+                        .is_some_and(|reason| !reason.is_empty()),
+                    "{completion}"
+                );
+                assert_ne!(record["request_id"], completion["id"], "{completion}");
+                assert!(
+                    completion["choices"][0]["message"]["content"].is_string(),
+                    "{completion}"
+                );
+            }
+            return rerun.len();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{waiting} clawed-back answers not re-run, {} re-run; coordinator log:\n{}",
+            rerun.len(),
+            stack.log("coordinator")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// The statement at `path` once it lists something in `field` (the books

@@ -324,6 +324,16 @@ impl Billing {
         })
     }
 
+    /// What applies quarantined vehicles' clawbacks to this ledger (a
+    /// pass runs every `CLAWBACK_INTERVAL` on its own).
+    pub fn clawbacks(&self) -> crate::billing_clawbacks::Clawbacks {
+        crate::billing_clawbacks::Clawbacks {
+            ledger: Arc::clone(&self.ledger),
+            book: self.book.clone(),
+            store: self.store.clone(),
+        }
+    }
+
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
     }

@@ -52,6 +52,14 @@ pub struct Finisher {
     billing: Arc<Billing>,
     pending: SharedCharge,
     idempotency: Option<Slot>,
+    kept: Option<KeptCompletion>,
+}
+
+/// A completion the client asked to keep (`store: true`): where, and the
+/// record, whose response is the finished body.
+pub struct KeptCompletion {
+    pub store: store::Store,
+    pub record: store::stored_completions::NewStoredCompletion,
 }
 
 impl Finisher {
@@ -60,7 +68,14 @@ impl Finisher {
             billing,
             pending: Arc::new(Mutex::new(Some(pending))),
             idempotency,
+            kept: None,
         }
+    }
+
+    /// Keeps the finished body as a stored completion too, before settling.
+    pub fn keeping(mut self, kept: Option<KeptCompletion>) -> Self {
+        self.kept = kept;
+        self
     }
 
     /// What settles the request if the client cancels it before `finish`.
@@ -71,9 +86,10 @@ impl Finisher {
         }
     }
 
-    /// Whether `finish` needs the response body (to keep it for replay).
+    /// Whether `finish` needs the response body (to keep it for replay or
+    /// retrieval).
     pub fn wants_body(&self) -> bool {
-        self.idempotency.is_some()
+        self.idempotency.is_some() || self.kept.is_some()
     }
 
     /// Records the finished request; on error the client must get the error
@@ -97,6 +113,7 @@ impl Finisher {
             Arc::clone(&self.billing),
             pending,
             self.idempotency.take(),
+            self.kept.take(),
             metering.clone(),
             body.cloned(),
         ));
@@ -106,11 +123,14 @@ impl Finisher {
     }
 }
 
-/// Meters, keeps (for idempotent replay) and settles a finished request.
+/// Meters, keeps (for idempotent replay, for retrieval) and settles a
+/// finished request. A completion that cannot be kept as asked is not
+/// settled: the client gets the error and is not charged.
 async fn finish_settled(
     billing: Arc<Billing>,
     pending: PendingCharge,
     idempotency: Option<Slot>,
+    kept: Option<KeptCompletion>,
     metering: Metering,
     body: Option<Value>,
 ) -> Result<(), BillingError> {
@@ -123,6 +143,17 @@ async fn finish_settled(
         }
         Err(error) => return Err(error),
     };
+    if let Some(KeptCompletion { store, mut record }) = kept {
+        record.response = body.as_ref().unwrap_or(&Value::Null).to_string();
+        if let Err(error) = store.keep_completion(&record).await {
+            return Err(match error.is_unavailable() {
+                true => BillingError::LedgerUnavailable {
+                    retry_after_seconds: crate::limits::RETRY_AFTER_DEFAULT_SECONDS,
+                },
+                false => BillingError::internal("keep a stored completion", &error),
+            });
+        }
+    }
     if let Some(mut slot) = idempotency {
         let body = body.unwrap_or(Value::Null);
         slot.store_done(&body, &completion.request).await?;

@@ -73,7 +73,7 @@ async fn every_field_the_gateway_does_not_implement_is_refused_by_name() {
             unknown,
         ),
         (chat(json!({"audio": {"voice": "alloy"}})), "audio", unknown),
-        (chat(json!({"store": true})), "store", unsupported),
+        (chat(json!({"store": true, "n": 2})), "store", unsupported),
         (
             chat(json!({"service_tier": "priority"})),
             "service_tier",
@@ -170,6 +170,7 @@ async fn every_field_the_gateway_does_not_implement_is_refused_by_name() {
             "best_of",
             "invalid_value",
         ),
+        (completion(json!({"store": true})), "store", unknown),
         (
             completion(json!({"suffix": "The end."})),
             "suffix",

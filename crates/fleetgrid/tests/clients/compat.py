@@ -56,7 +56,29 @@ results["refused_tool_choice"] = refusal(client, model,
     tools=[{"type": "function", "function": {"name": "f"}}],
     tool_choice={"type": "function", "function": {"name": "g"}},
 )
-results["refused_store"] = refusal(client, model, store=True)
+results["refused_store_n"] = refusal(client, model, store=True, n=2)
+# A stored completion through the SDK's own endpoints: retrieve, list (which
+# pages with `after`), messages, update and delete.
+kept = client.chat.completions.create(
+    model=model, messages=story, max_tokens=6, temperature=0, store=True, metadata={"suite": "compat"}
+)
+retrieved = client.chat.completions.retrieve(kept.id)
+updated = client.chat.completions.update(kept.id, metadata={"suite": "updated"})
+stored = {
+    "content": kept.choices[0].message.content,
+    "retrieved_content": retrieved.choices[0].message.content,
+    "retrieved_metadata": getattr(retrieved, "metadata", None),
+    "listed": [item.id for item in client.chat.completions.list(limit=1)].count(kept.id),
+    "messages": [message.content for message in client.chat.completions.messages.list(kept.id)],
+    "updated_metadata": getattr(updated, "metadata", None),
+    "deleted": client.chat.completions.delete(kept.id).deleted,
+}
+try:
+    client.chat.completions.retrieve(kept.id)
+    stored["after_delete"] = 200
+except openai.NotFoundError as error:
+    stored["after_delete"] = error.status_code
+results["stored"] = stored
 results["accepted_user_metadata"] = chat(
     story, user="end-user-1", metadata={"suite": "compat"}, store=False, max_tokens=4
 )

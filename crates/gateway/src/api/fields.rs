@@ -4,9 +4,9 @@
 //! - **implemented**: it changes the answer as OpenAI (or, for an extension, llama-server and
 //!   vLLM) define it; `validate` checks its value;
 //! - **accepted**: on the documented list of fields that ask for nothing a client could miss
-//!   (an end-user id, metadata for the client's own bookkeeping), or accepted only with the
-//!   value that asks for what the gateway does anyway (`store: false`,
-//!   `modalities: ["text"]`); any other value is refused;
+//!   (an end-user id, metadata for the client's own bookkeeping, kept with a stored
+//!   completion), or accepted only with the value that asks for what the gateway does anyway
+//!   (`modalities: ["text"]`); any other value is refused;
 //! - anything else is refused with a 400 naming it, as OpenAI refuses an argument it does not
 //!   recognise.
 //!
@@ -52,6 +52,8 @@ const CHAT_IMPLEMENTED: &[&str] = &[
     "tools",
     "tool_choice",
     "parallel_tool_calls",
+    "store",
+    "on_clawback",
 ];
 
 /// Fields only `POST /v1/completions` has that change the answer.
@@ -66,11 +68,6 @@ type AcceptedIf = (&'static str, fn(&Value) -> bool, &'static str);
 
 /// Accepted on chat only with the one value that asks for what the gateway does anyway.
 const CHAT_ACCEPTED_IF: &[AcceptedIf] = &[
-    (
-        "store",
-        |value| value == &Value::Bool(false),
-        "'store' is not supported: answers are never stored for later retrieval; send false or omit it",
-    ),
     (
         "service_tier",
         |value| matches!(value.as_str(), Some("auto" | "default")),
@@ -203,7 +200,6 @@ mod tests {
     #[test]
     fn fields_accepted_only_with_one_value_refuse_any_other() {
         for (key, good, bad) in [
-            ("store", json!(false), json!(true)),
             ("service_tier", json!("auto"), json!("priority")),
             ("modalities", json!(["text"]), json!(["text", "audio"])),
         ] {

@@ -15,10 +15,12 @@ use super::idempotency;
 use super::respond::{self, CancelGuard, FleetAnswer, ResponseMeta, Source};
 use super::validate::{self, Endpoint, PromptSource, ValidatedRequest, WireRequest};
 use super::{authenticate, AppState};
-use crate::billing_finish::Finisher;
+use crate::billing_finish::{Finisher, KeptCompletion};
 use crate::limits;
 use crate::served::ServedModel;
+use crate::store::TenantRecord;
 use cell_api::{NewGeneration, Rejection, TenantRef};
+use store::stored_completions::NewStoredCompletion;
 
 pub async fn chat_completions(
     State(state): State<AppState>,
@@ -47,15 +49,33 @@ async fn run(
     endpoint: Endpoint,
 ) -> Result<Response, ApiError> {
     let tenant = authenticate(state, headers).await?;
-    let deadline_ms = super::deadline::from_headers(headers)?;
     let permit = super::admission::admit(state, &tenant)?;
     // The body is read only once the caller is known and has a slot.
     let body = read_body(body).await?;
+    run_as(state, tenant, permit, headers, body, endpoint).await
+}
+
+/// Runs a request `tenant` sent (or a re-run made for it), admitted under
+/// `permit`.
+pub(super) async fn run_as(
+    state: &AppState,
+    tenant: TenantRecord,
+    permit: super::admission::RequestSlot,
+    headers: &HeaderMap,
+    body: Bytes,
+    endpoint: Endpoint,
+) -> Result<Response, ApiError> {
+    let deadline_ms = super::deadline::from_headers(headers)?;
     // The body is parsed once. `auto` and `cloud/...` are routed between
     // the fleet and the cloud; a body that does not parse is not routed:
     // the fleet path answers it with its own 400, after the idempotency
     // check as for any fleet request.
-    let wire = match WireRequest::parse(&body, endpoint) {
+    let wire = WireRequest::parse(&body, endpoint);
+    let keep = match &wire {
+        Ok(_) => super::stored::asked(&body, endpoint)?,
+        Err(_) => None,
+    };
+    let wire = match wire {
         Ok(wire) if super::route::is_routed(&wire) => {
             // A routed request is not kept for replay and has no start
             // deadline: refuse the headers rather than silently ignore what
@@ -72,6 +92,13 @@ async fn run(
                     "x-fleetgrid-deadline-ms is supported for fleet models only, not for `auto` or `cloud/...`",
                     None,
                     "unsupported_header",
+                ));
+            }
+            if keep.is_some() {
+                return Err(ApiError::invalid(
+                    "'store' is supported for fleet models only, not for `auto` or `cloud/...`",
+                    Some("store"),
+                    "unsupported_parameter",
                 ));
             }
             return super::route::serve(state, tenant, permit, wire).await;
@@ -101,6 +128,15 @@ async fn run(
             "unsupported_header",
         ));
     }
+    if request.generations > 1 && keep.is_some() {
+        return Err(ApiError::invalid(
+            "'store' is supported with 'n' = 1 only",
+            Some("store"),
+            "unsupported_parameter",
+        ));
+    }
+    let mut kept =
+        keep.map(|keep| kept_completion(state, &tenant, &public_id, &body, seed, keep, &request));
     // The whole request is bounded from here, however its tokens trickle in.
     let deadline = tokio::time::Instant::now() + state.request_timeout;
     let permit = Arc::new(permit);
@@ -149,12 +185,44 @@ async fn run(
             admitted.updates,
             Arc::clone(&permit),
         );
-        let finisher = Finisher::new(Arc::clone(&state.billing), charge, idempotency.take());
+        let finisher = Finisher::new(Arc::clone(&state.billing), charge, idempotency.take())
+            .keeping(kept.take());
         let fleet = FleetAnswer::new(guard, finisher, request.stop.clone(), deadline);
         answers.push(Source::Fleet(Box::new(fleet)));
     }
     let meta = ResponseMeta::new(public_id, &request, prompt_text, &prompt);
     respond::answer(meta, answers).await
+}
+
+/// What a request with `store: true` keeps: the request as it ran (with the
+/// seed it ran with, so that a re-run samples the same way), its metadata
+/// and what to do on a clawback; the response is added when it finished.
+fn kept_completion(
+    state: &AppState,
+    tenant: &TenantRecord,
+    public_id: &str,
+    body: &[u8],
+    seed: u64,
+    keep: super::stored::Keep,
+    request: &ValidatedRequest,
+) -> KeptCompletion {
+    let mut ran: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    if let serde_json::Value::Object(fields) = &mut ran {
+        fields.insert("seed".into(), seed.into());
+    }
+    KeptCompletion {
+        store: state.store.clone(),
+        record: NewStoredCompletion {
+            id: public_id.to_owned(),
+            tenant_id: tenant.id,
+            model: request.requested_model.clone(),
+            created_ms: crate::core::now_ms().0,
+            metadata: serde_json::Value::Object(keep.metadata).to_string(),
+            request: ran.to_string(),
+            response: String::new(),
+            on_clawback: keep.on_clawback,
+        },
+    }
 }
 
 /// The whole request body, within `REQUEST_BODY_BYTES_MAX`; 408 when the

@@ -13,9 +13,11 @@ mod idempotency;
 mod models;
 pub mod owner;
 mod owner_statement;
+pub mod rerun;
 mod respond;
 mod route;
 mod route_drive;
+mod stored;
 mod tokenize;
 mod tools;
 mod types;
@@ -117,7 +119,10 @@ impl AppState {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(generate::chat_completions))
+        .route(
+            "/v1/chat/completions",
+            post(generate::chat_completions).get(stored::list),
+        )
         .route("/v1/completions", post(generate::completions))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{*id}", get(models::retrieve))
@@ -129,6 +134,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/invoices/{month}", get(usage::invoice))
         .merge(owner::routes())
         .merge(owner_statement::routes())
+        .merge(stored::routes())
         .fallback(not_found)
         // One byte more than the limit so that an over-limit body is seen
         // as such by our own check and answered with an OpenAI-shaped 400.
