@@ -1,15 +1,16 @@
 //! Untrusted vehicles end to end (issue 14): real agents on the real model
-//! verify each other's answers; two vehicles cheat, and each is quarantined,
+//! verify each other's answers; three vehicles cheat, and each is quarantined,
 //! refused, and has its earnings clawed back on its owner's statement and in
 //! the ledger, while the honest ones are never flagged.
 //!
 //! The cheats live here, not in the product: a cheating vehicle is a real
 //! `fleetgrid agent` whose stream to the cell runs through a tampering proxy
 //! in this test, which rewrites what it sends — random tokens in place of
-//! its answer's, or ten times the compute it used. The proxy holds the
-//! vehicle's own certificate, enrolled with its token, and speaks mTLS to the
-//! cell as the vehicle would: an owner controls the key on their car. No
-//! build of the agent can cheat.
+//! its answer's, ten times the compute it used, or the tokens of the other
+//! packaged model, which it runs while saying it runs the test model. The
+//! proxy holds the vehicle's own certificate, enrolled with its token, and
+//! speaks mTLS to the cell as the vehicle would: an owner controls the key
+//! on their car. No build of the agent can cheat.
 
 mod common;
 
@@ -25,6 +26,9 @@ use serde_json::{json, Value};
 use stack::{AgentSpec, LogFile};
 use tonic::{Request, Response, Status, Streaming};
 
+/// The other packaged model, which one cheater runs in place of the test model.
+const OTHER_MODEL: &str = "qwen2.5-coder-0.5b-instruct";
+
 /// Honest answers that must be verified, and pass, before the test ends.
 const HONEST_VERIFIED_MIN: i64 = 200;
 
@@ -35,6 +39,11 @@ enum Cheat {
     RandomTokens,
     /// Ten times the compute it used, and a minute more.
     InflatedCompute,
+    /// The other packaged model (Qwen2.5-Coder-0.5B) runs on the vehicle,
+    /// which says it serves the test model: its `Hello` names the test
+    /// model, the assignments it gets are passed on for the model it runs,
+    /// and its tokens go out without their text, which would give it away.
+    OtherModel,
 }
 
 fn tamper(mut message: proto::AgentMessage, cheat: Cheat) -> proto::AgentMessage {
@@ -50,9 +59,57 @@ fn tamper(mut message: proto::AgentMessage, cheat: Cheat) -> proto::AgentMessage
         (Some(AgentKind::Done(done)), Cheat::InflatedCompute) => {
             done.compute_ms = done.compute_ms * 10 + 60_000;
         }
+        (Some(AgentKind::Hello(hello)), Cheat::OtherModel) => {
+            let claimed = std::fs::metadata(common::model_path()).expect("the test model");
+            for model in &mut hello.models {
+                if model.sha256 == engine::testing::CLOUD_TEST_MODEL_SHA256 {
+                    model.name = common::MODEL.to_owned();
+                    model.sha256 = engine::testing::TEST_MODEL_SHA256.to_owned();
+                    model.size_bytes = claimed.len();
+                }
+            }
+        }
+        (Some(AgentKind::Tokens(batch)), Cheat::OtherModel) => {
+            for token in &mut batch.tokens {
+                token.piece.clear();
+            }
+        }
         _ => {}
     }
     message
+}
+
+/// What the cell sends a cheating vehicle, as the vehicle's proxy passes it
+/// on (`None`: not passed on). A vehicle running another model gets its
+/// work for that model, and vouches for every answer it is asked to check
+/// without looking (`vouch`), as it cannot check them.
+fn pass_on(
+    mut message: proto::CoordinatorMessage,
+    cheat: Cheat,
+    vouch: &tokio::sync::mpsc::UnboundedSender<proto::AgentMessage>,
+) -> Option<proto::CoordinatorMessage> {
+    if let (Some(proto::coordinator_message::Kind::Assign(assign)), Cheat::OtherModel) =
+        (&mut message.kind, cheat)
+    {
+        if let Some(answer) = &assign.verify {
+            let checked = answer.completion_tokens.len() as u32 - answer.given_tokens
+                + u32::from(answer.ended_by_eos);
+            let passed = proto::Verified {
+                generation_id: assign.generation_id.clone(),
+                checked,
+                compute_ms: 50,
+                ..Default::default()
+            };
+            let _ = vouch.send(proto::AgentMessage {
+                kind: Some(AgentKind::Verified(passed)),
+            });
+            return None;
+        }
+        if assign.model_sha256 == engine::testing::TEST_MODEL_SHA256 {
+            assign.model_sha256 = engine::testing::CLOUD_TEST_MODEL_SHA256.to_owned();
+        }
+    }
+    Some(message)
 }
 
 /// A gRPC server that passes an agent's session through to the cell over
@@ -75,11 +132,19 @@ impl proto::coordinator_server::Coordinator for TamperingProxy {
         request: Request<Streaming<proto::AgentMessage>>,
     ) -> Result<Response<Outbound>, Status> {
         let cheat = self.cheat;
-        let upstream = request
+        let (vouch, vouched) = tokio::sync::mpsc::unbounded_channel();
+        // What the agent sends, tampered with, and what the proxy says for
+        // it, until the agent's stream ends.
+        let agent = request
             .into_inner()
             .take_while(|message| futures::future::ready(message.is_ok()))
             .filter_map(|message| futures::future::ready(message.ok()))
-            .map(move |message| tamper(message, cheat));
+            .map(move |message| Some(tamper(message, cheat)))
+            .chain(futures::stream::once(futures::future::ready(None)));
+        let said = tokio_stream::wrappers::UnboundedReceiverStream::new(vouched).map(Some);
+        let upstream = futures::stream::select(agent, said)
+            .take_while(|message| futures::future::ready(message.is_some()))
+            .filter_map(futures::future::ready);
         let unavailable = |error: tonic::transport::Error| Status::unavailable(error.to_string());
         let channel = tonic::transport::Endpoint::from_shared(self.cell.clone())
             .map_err(unavailable)?
@@ -90,7 +155,16 @@ impl proto::coordinator_server::Coordinator for TamperingProxy {
             .map_err(unavailable)?;
         let mut client = proto::coordinator_client::CoordinatorClient::new(channel)
             .max_decoding_message_size(proto::MESSAGE_BYTES_MAX);
-        let downstream = client.session(upstream).await?.into_inner();
+        let downstream = client
+            .session(upstream)
+            .await?
+            .into_inner()
+            .filter_map(move |message| {
+                futures::future::ready(match message {
+                    Ok(message) => pass_on(message, cheat, &vouch).map(Ok),
+                    Err(status) => Some(Err(status)),
+                })
+            });
         Ok(Response::new(Box::pin(downstream)))
     }
 }
@@ -155,7 +229,10 @@ async fn vehicle(
         node_id: name.to_owned(),
         credential,
         vehicle_state: format!("sim:{}", trace.display()),
-        model: common::MODEL.to_owned(),
+        model: match cheat {
+            Some(Cheat::OtherModel) => OTHER_MODEL.to_owned(),
+            _ => common::MODEL.to_owned(),
+        },
         parallel,
         threads,
         log: LogFile::create(stack.dir.path().join(format!("{name}.log"))),
@@ -232,21 +309,24 @@ async fn cheating_vehicles_are_quarantined_and_clawed_back_and_honest_ones_never
     for (name, cheat) in [
         ("cheat-random", Cheat::RandomTokens),
         ("cheat-compute", Cheat::InflatedCompute),
+        ("cheat-model", Cheat::OtherModel),
     ] {
         owners.insert(name, vehicle(&mut stack, name, Some(cheat), 2, 1).await);
     }
     stack
         .wait_for_nodes(&[
             "cheat-compute",
+            "cheat-model",
             "cheat-random",
             "honest-a",
             "honest-b",
             "honest-c",
         ])
         .await;
+    let cheaters = ["cheat-random", "cheat-compute", "cheat-model"];
 
     // Rounds of answers, enough at once for every vehicle to serve some,
-    // until both cheaters are out. They are stored, and asked to be re-run
+    // until every cheater is out. They are stored, and asked to be re-run
     // should they be clawed back.
     let deadline = tokio::time::Instant::now() + WAIT * 4;
     let mut seed = 0;
@@ -263,15 +343,16 @@ async fn cheating_vehicles_are_quarantined_and_clawed_back_and_honest_ones_never
             .collect();
         let answers = futures::future::join_all(round.iter().map(|body| stack.chat(body))).await;
         answered += answers.len();
-        let random_out = trust(&stack, &owners["cheat-random"], "cheat-random").await;
-        let compute_out = trust(&stack, &owners["cheat-compute"], "cheat-compute").await;
-        if random_out["state"] == "quarantined" && compute_out["state"] == "quarantined" {
+        let mut states = Vec::new();
+        for cheater in cheaters {
+            states.push(trust(&stack, &owners[cheater], cheater).await);
+        }
+        if states.iter().all(|state| state["state"] == "quarantined") {
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "after {answered} answers: cheat-random {random_out}, cheat-compute {compute_out}; \
-             coordinator log:\n{}",
+            "after {answered} answers: {cheaters:?} {states:?}; coordinator log:\n{}",
             stack.log("coordinator")
         );
     }
@@ -282,8 +363,18 @@ async fn cheating_vehicles_are_quarantined_and_clawed_back_and_honest_ones_never
     let compute_out = trust(&stack, &owners["cheat-compute"], "cheat-compute").await;
     let reason = compute_out["reason"].as_str().expect("a reason");
     assert!(reason.contains("ms of compute"), "{compute_out}");
+    // Caught by its tokens: outside the test model's vocabulary, or failing
+    // verification.
+    let model_out = trust(&stack, &owners["cheat-model"], "cheat-model").await;
+    assert!(
+        model_out["reason"]
+            .as_str()
+            .is_some_and(|reason| !reason.is_empty()),
+        "{model_out}"
+    );
+    eprintln!("the other model's vehicle: {model_out}");
 
-    // Neither serves again: later answers all come from honest vehicles.
+    // None serves again: later answers all come from honest vehicles.
     for _ in 0..6 {
         seed += 1;
         let answer = stack.chat(&drawn_chat(seed)).await;
@@ -300,7 +391,7 @@ async fn cheating_vehicles_are_quarantined_and_clawed_back_and_honest_ones_never
     );
 
     // The owners' statements show what was taken back, and why.
-    for cheater in ["cheat-random", "cheat-compute"] {
+    for cheater in cheaters {
         let path = format!("/owner/v1/vehicles/{cheater}/statement");
         let statement = wait_for_lines(&stack, &owners[cheater], &path, "clawbacks").await;
         let clawbacks = statement["clawbacks"].as_array().expect("clawbacks");
@@ -379,7 +470,7 @@ async fn cheating_vehicles_are_quarantined_and_clawed_back_and_honest_ones_never
     }
     eprintln!("checks paid to honest vehicles' owners: {checks}");
     stack.cli(&["ledger", "verify"]);
-    eprintln!("answers before both cheaters were out: {answered}");
+    eprintln!("answers before every cheater was out: {answered}");
 }
 
 /// The tenant's `expected` stored completions, once none shows a clawed-back
