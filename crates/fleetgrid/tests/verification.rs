@@ -406,6 +406,25 @@ async fn cheating_vehicles_are_quarantined_and_clawed_back_and_honest_ones_never
         let net = statement["net_earnings_micro_usd"].as_i64().expect("net");
         assert!(net < earned, "nothing taken back: {statement}");
     }
+    // The vehicle that vouched for every answer it was asked to check, and
+    // was paid for it as long as the answers were good, gives that pay back
+    // with its own answers' earnings: it keeps nothing.
+    let path = "/owner/v1/vehicles/cheat-model/statement";
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, statement) = stack.get_as(&owners["cheat-model"], path).await;
+        assert_eq!(status, 200, "{statement}");
+        let net = statement["net_earnings_micro_usd"].as_i64().expect("net");
+        if net <= 0 {
+            eprintln!("the other model's vehicle's statement: {statement}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "it kept {net} µUSD: {statement}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     stack.cli(&["ledger", "verify"]);
 
     // Every stored answer that was clawed back is run again, and the new

@@ -334,6 +334,17 @@ impl Billing {
         }
     }
 
+    /// What pays answered checks to this ledger (a pass runs every
+    /// `CHECK_PAY_INTERVAL` on its own).
+    pub fn check_payments(&self) -> crate::billing_checks::CheckPayments {
+        crate::billing_checks::CheckPayments {
+            ledger: Arc::clone(&self.ledger),
+            book: self.book.clone(),
+            prices: Arc::clone(&self.prices),
+            store: self.store.clone(),
+        }
+    }
+
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
     }

@@ -10,7 +10,8 @@
 //! (`ledger::verification`), and marks the check paid. The ledger pays a
 //! check once, so gateways racing, or a crash between the ledger's commit
 //! and the mark, pay nothing twice. A check the ledger refuses stays unpaid
-//! and is logged.
+//! and is logged. A check of a vehicle quarantined by the time it would be
+//! paid is not paid (and leaves the queue).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,7 +56,22 @@ impl CheckPayments {
             .await?;
         unpaid.sort_by(|a, b| (a.at_ms, &a.check).cmp(&(b.at_ms, &b.check)));
         let mut paid = 0;
+        let mut quarantined = std::collections::HashMap::new();
         for record in unpaid {
+            // A vehicle quarantined since gets nothing for its verdicts.
+            let withheld = match quarantined.get(&record.node) {
+                Some(&withheld) => withheld,
+                None => {
+                    let withheld = self.store.is_quarantined(&record.node).await?;
+                    quarantined.insert(record.node.clone(), withheld);
+                    withheld
+                }
+            };
+            if withheld {
+                tracing::info!(check = %record.check, node_id = %record.node, "a quarantined vehicle's check is not paid");
+                self.store.check_paid(&record.check, now_ms).await?;
+                continue;
+            }
             match self.pay(&record).await {
                 Ok(receipt) => {
                     if receipt.newly_paid {

@@ -10,6 +10,12 @@
 //! gateways racing, or a crash between the ledger's commit and the mark,
 //! take nothing twice; a request that settles after its order is reversed
 //! when it settles. The order also holds the vehicle's payouts.
+//!
+//! A quarantined vehicle also gives back the pay of its last
+//! [`CHECK_SUSPECT_WINDOW`] checks (`ledger::store::Store::claw_back_checks`,
+//! once per quarantine, marked in the store): once it has cheated, none of
+//! its verdicts can be relied on. Its checks not paid by then are never paid
+//! (`billing_checks`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,7 +25,7 @@ use ledger::clawback::{ClawbackOrder, ORDER_REQUESTS_MAX};
 use ledger::core::{NodeId, RequestId, TimestampMs};
 use ledger::pricing::PriceBook;
 use ledger::store::Store as Ledger;
-use store::trust::PendingClawback;
+use store::trust::{PendingCheckClawback, PendingClawback};
 use store::Store;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -28,6 +34,11 @@ pub const CLAWBACK_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Most pending clawbacks read in one pass; the rest wait for the next.
 const CLAWBACKS_PER_PASS: u32 = 4_096;
+
+/// How many of a quarantined vehicle's last checks give back their pay: as
+/// many as the generations of the verification policy's default suspect
+/// window (`trust::VerificationPolicy::suspect_window`).
+pub const CHECK_SUSPECT_WINDOW: u32 = 200;
 
 /// What applying clawbacks needs: the store they wait in, the ledger and the
 /// price book the requests were settled with.
@@ -54,7 +65,54 @@ impl Clawbacks {
                 }
             }
         }
+        for pending in self
+            .store
+            .pending_check_clawbacks(CLAWBACKS_PER_PASS)
+            .await?
+        {
+            if self.apply_checks(&pending).await {
+                self.store
+                    .check_clawback_applied(&pending.node, pending.quarantined_ms, now_ms)
+                    .await?;
+            }
+        }
         Ok(applied)
+    }
+
+    /// Takes back the pay of a quarantined vehicle's last checks; whether
+    /// the ledger committed.
+    async fn apply_checks(&self, pending: &PendingCheckClawback) -> bool {
+        let Ok(node) = NodeId::new(pending.node.as_str()) else {
+            tracing::error!(node_id = %pending.node, "a quarantined node has an id the ledger cannot hold");
+            return false;
+        };
+        let reason = match pending.reason.is_empty() {
+            true => "quarantined",
+            false => pending.reason.as_str(),
+        };
+        let at = TimestampMs(pending.quarantined_ms);
+        match self
+            .ledger
+            .claw_back_checks(&node, reason, at, CHECK_SUSPECT_WINDOW)
+            .await
+        {
+            Ok(receipt) => {
+                if receipt.checks > 0 {
+                    tracing::warn!(
+                        node_id = %pending.node,
+                        checks = receipt.checks,
+                        clawed_back = receipt.clawed_back.0,
+                        shortfall = receipt.shortfall.0,
+                        "took back a quarantined vehicle's pay for its checks"
+                    );
+                }
+                true
+            }
+            Err(error) => {
+                tracing::error!(%error, node_id = %pending.node, "take back a quarantined vehicle's checks");
+                false
+            }
+        }
     }
 
     /// One order to the ledger; whether it committed.

@@ -231,7 +231,7 @@ pub fn reversals(
 }
 
 /// The clawback that reverses an owner's earning of this kind, if any.
-fn clawback_of(kind: TransferKind) -> Option<TransferKind> {
+pub(crate) fn clawback_of(kind: TransferKind) -> Option<TransferKind> {
     TransferKind::ALL
         .into_iter()
         .find(|clawback| clawback.is_clawback() && clawback.reverses() == Some(kind))

@@ -49,29 +49,49 @@ pub struct StatementLine {
     pub energy_reimbursement: MicroUsd,
 }
 
-/// A clawback order of the vehicle's for one segment it served, as the
-/// store keeps it: which segment, whose, why and when.
+/// A clawback order of the vehicle's for one segment it served, or for one
+/// check it made, as the store keeps it: which segment or check, whose, why
+/// and when.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClawbackRecord {
+    /// The request, or for a check the check's id (segment 0).
     pub request_id: RequestId,
     pub segment: Segment,
     pub owner: OwnerId,
     pub reason: String,
     /// When the clawback was ordered; its reversals carry this time.
     pub at: TimestampMs,
+    /// Whether it takes back a check's pay and energy (else a segment's
+    /// revenue share and energy reimbursement).
+    pub of_check: bool,
 }
 
-/// What was taken back for one segment the vehicle served, and why.
+impl ClawbackRecord {
+    /// The kinds of its two reversals: of the pay, of the energy.
+    pub fn reversal_kinds(&self) -> [TransferKind; 2] {
+        match self.of_check {
+            true => [
+                TransferKind::VerificationPayClawback,
+                TransferKind::VerificationEnergyClawback,
+            ],
+            false => [TransferKind::RevenueClawback, TransferKind::EnergyClawback],
+        }
+    }
+}
+
+/// What was taken back for one segment the vehicle served, or one check it
+/// made, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClawbackLine {
+    /// The request, or the check.
     pub request_id: RequestId,
     pub segment: Segment,
     pub owner: OwnerId,
     pub at: TimestampMs,
     pub reason: String,
-    /// The segment's revenue share, taken back.
+    /// The segment's revenue share (a check's pay), taken back.
     pub revenue_share: MicroUsd,
-    /// The segment's energy reimbursement, taken back.
+    /// The segment's (the check's) energy reimbursement, taken back.
     pub energy_reimbursement: MicroUsd,
 }
 
@@ -230,22 +250,17 @@ fn clawback_lines(
     let mut lines: Vec<ClawbackLine> = clawbacks
         .iter()
         .filter(|record| period.contains(record.at))
-        .map(|record| ClawbackLine {
-            request_id: record.request_id.clone(),
-            segment: record.segment,
-            owner: record.owner.clone(),
-            at: record.at,
-            reason: record.reason.clone(),
-            revenue_share: amount(
-                &record.request_id,
-                record.segment,
-                TransferKind::RevenueClawback,
-            ),
-            energy_reimbursement: amount(
-                &record.request_id,
-                record.segment,
-                TransferKind::EnergyClawback,
-            ),
+        .map(|record| {
+            let [pay, energy] = record.reversal_kinds();
+            ClawbackLine {
+                request_id: record.request_id.clone(),
+                segment: record.segment,
+                owner: record.owner.clone(),
+                at: record.at,
+                reason: record.reason.clone(),
+                revenue_share: amount(&record.request_id, record.segment, pay),
+                energy_reimbursement: amount(&record.request_id, record.segment, energy),
+            }
         })
         .filter(|line| line.total().is_positive())
         .collect();

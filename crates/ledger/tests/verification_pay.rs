@@ -135,7 +135,73 @@ async fn the_statement_shows_the_checks_the_vehicle_was_paid_for(store: &Store) 
     assert!(other.verifications.is_empty());
 }
 
+/// A verifier found cheating gives back the pay of its last checks, once
+/// however often it is asked; its statement shows each as a
+/// clawback with the reason, and `verify` finds every reversal ordered and
+/// every check of the window reversed.
+async fn a_cheating_verifiers_last_checks_are_taken_back_once(store: &Store) {
+    open_parties(store, 1).await;
+    let book = common::book();
+    for (name, at) in [
+        ("check:chatcmpl-1:1", 10_000),
+        ("check:chatcmpl-2:1", 20_000),
+        ("check:chatcmpl-3:1", 30_000),
+        ("check:chatcmpl-4:1", 90_000),
+    ] {
+        store.pay_check(&check(name, at), &book).await.unwrap();
+    }
+    let node = NodeId::new("car-b").unwrap();
+    let reason = "its verdict on generation 4 was contradicted";
+    // The last two checks made by the quarantine, not the one after it.
+    let first = store
+        .claw_back_checks(&node, reason, TimestampMs(40_000), 2)
+        .await
+        .unwrap();
+    assert_eq!(first.checks, 2);
+    assert_eq!(first.clawed_back, MicroUsd(2 * (PAY + ENERGY)));
+    let again = store
+        .claw_back_checks(&node, reason, TimestampMs(40_000), 2)
+        .await
+        .unwrap();
+    assert_eq!((again.checks, again.clawed_back), (0, MicroUsd(0)));
+    assert_eq!(
+        balance(store, AccountId::Owner(owner("bob"))).await,
+        2 * (PAY + ENERGY)
+    );
+    assert_eq!(
+        balance(store, AccountId::Verification).await,
+        -2 * (PAY + ENERGY)
+    );
+    let statement = store
+        .statement(
+            &node,
+            Period {
+                from: TimestampMs(0),
+                until: TimestampMs(100_000),
+            },
+        )
+        .await
+        .unwrap();
+    let taken: Vec<(&str, &str)> = statement
+        .clawbacks
+        .iter()
+        .map(|line| (line.request_id.as_str(), line.reason.as_str()))
+        .collect();
+    assert_eq!(
+        taken,
+        [
+            ("check:chatcmpl-2:1", reason),
+            ("check:chatcmpl-3:1", reason)
+        ]
+    );
+    assert_eq!(statement.totals.earnings, MicroUsd(4 * (PAY + ENERGY)));
+    assert_eq!(statement.totals.net_earnings, MicroUsd(2 * (PAY + ENERGY)));
+    let report = verify(store).await.unwrap();
+    assert!(report.is_ok(), "{report:?}");
+}
+
 on_both_backends!(
     a_check_is_paid_once_by_the_platform,
     the_statement_shows_the_checks_the_vehicle_was_paid_for,
+    a_cheating_verifiers_last_checks_are_taken_back_once,
 );

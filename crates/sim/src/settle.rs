@@ -217,7 +217,9 @@ impl Settler {
                 | TransferKind::EnergyClawback
                 | TransferKind::Refund
                 | TransferKind::VerificationPay
-                | TransferKind::VerificationEnergy => {}
+                | TransferKind::VerificationEnergy
+                | TransferKind::VerificationPayClawback
+                | TransferKind::VerificationEnergyClawback => {}
             }
         }
     }

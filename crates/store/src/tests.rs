@@ -157,8 +157,35 @@ async fn a_quarantine_holds_until_released_and_its_clawbacks_until_applied(test:
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].request_id, "chatcmpl-b");
 
+    // Its checks' pay waits to be taken back once per quarantine.
+    let checks = store.pending_check_clawbacks(10).await.unwrap();
+    assert_eq!(
+        checks
+            .iter()
+            .map(|pending| (pending.node.as_str(), pending.quarantined_ms))
+            .collect::<Vec<_>>(),
+        [("car-1", 20)]
+    );
+    store.check_clawback_applied("car-1", 20, 45).await.unwrap();
+    assert_eq!(store.pending_check_clawbacks(10).await.unwrap(), []);
+
     assert!(store.release_node("car-1", 50).await.unwrap());
     assert!(!store.is_quarantined("car-1").await.unwrap());
+    assert_eq!(
+        store.pending_check_clawbacks(10).await.unwrap(),
+        [],
+        "released"
+    );
+    store
+        .quarantine_node("car-1", "again", &[], 55)
+        .await
+        .unwrap();
+    let again = store.pending_check_clawbacks(10).await.unwrap();
+    assert_eq!(
+        (again[0].reason.as_str(), again[0].quarantined_ms),
+        ("again", 55)
+    );
+    assert!(store.release_node("car-1", 58).await.unwrap());
     assert!(
         !store.release_node("car-1", 60).await.unwrap(),
         "not quarantined now"

@@ -36,6 +36,14 @@ pub struct PendingClawback {
 
 type TrustRow = (String, String, i64, i64, Option<String>, Option<i64>, i64);
 
+/// A quarantined vehicle whose checks' pay waits to be taken back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingCheckClawback {
+    pub node: String,
+    pub reason: String,
+    pub quarantined_ms: i64,
+}
+
 impl Store {
     /// Records a vehicle's trust (not a quarantine: see `quarantine_node`).
     /// A quarantine recorded here is kept: only `release_node` lifts it.
@@ -112,7 +120,7 @@ impl Store {
     /// was quarantined.
     pub async fn release_node(&self, node: &str, now_ms: i64) -> Result<bool, StoreError> {
         let sql = "UPDATE node_trust SET state = 'probation', reason = NULL, \
-                   quarantined_ms = NULL, updated_ms = $2 \
+                   quarantined_ms = NULL, checks_clawed_back_ms = NULL, updated_ms = $2 \
                    WHERE node_name = $1 AND state = 'quarantined'";
         let released = on_database!(&self.database, pool => sqlx::query(sql)
             .bind(node)
@@ -151,6 +159,50 @@ impl Store {
                 at_ms,
             })
             .collect())
+    }
+
+    /// Up to `limit` quarantined vehicles whose checks' pay the books have
+    /// not taken back yet, with their reason and quarantine time.
+    pub async fn pending_check_clawbacks(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<PendingCheckClawback>, StoreError> {
+        let sql = "SELECT node_name, reason, quarantined_ms FROM node_trust \
+                   WHERE state = 'quarantined' AND checks_clawed_back_ms IS NULL \
+                   AND quarantined_ms IS NOT NULL ORDER BY quarantined_ms, node_name LIMIT $1";
+        let rows: Vec<(String, Option<String>, i64)> = on_database!(&self.database, pool => sqlx::query_as(sql)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?);
+        Ok(rows
+            .into_iter()
+            .map(|(node, reason, quarantined_ms)| PendingCheckClawback {
+                node,
+                reason: reason.unwrap_or_default(),
+                quarantined_ms,
+            })
+            .collect())
+    }
+
+    /// Marks the checks of `node`, quarantined at `quarantined_ms`, taken
+    /// back by the books.
+    pub async fn check_clawback_applied(
+        &self,
+        node: &str,
+        quarantined_ms: i64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let sql = "UPDATE node_trust SET checks_clawed_back_ms = $3 \
+                   WHERE node_name = $1 AND quarantined_ms = $2 AND checks_clawed_back_ms IS NULL";
+        on_database!(&self.database, pool => {
+            sqlx::query(sql)
+                .bind(node)
+                .bind(quarantined_ms)
+                .bind(now_ms)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
     }
 
     /// Marks the clawback of `request_id` from `node` applied by the books.

@@ -46,10 +46,17 @@ pub enum TransferKind {
     /// Verification → owner: the kWh a verifier used for a check, at the
     /// owner's tariff.
     VerificationEnergy,
+    /// Owner → verification: a check's pay taken back because the verifier
+    /// was found cheating (`Store::claw_back_checks`). Reverses the
+    /// `VerificationPay` of the same check.
+    VerificationPayClawback,
+    /// Owner → verification: a check's energy taken back with its pay.
+    /// Reverses the `VerificationEnergy` of the same check.
+    VerificationEnergyClawback,
 }
 
 impl TransferKind {
-    pub const ALL: [TransferKind; 11] = [
+    pub const ALL: [TransferKind; 13] = [
         TransferKind::TopUp,
         TransferKind::TokenCharge,
         TransferKind::RevenueShare,
@@ -61,6 +68,8 @@ impl TransferKind {
         TransferKind::Refund,
         TransferKind::VerificationPay,
         TransferKind::VerificationEnergy,
+        TransferKind::VerificationPayClawback,
+        TransferKind::VerificationEnergyClawback,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -76,6 +85,8 @@ impl TransferKind {
             TransferKind::Refund => "refund",
             TransferKind::VerificationPay => "verification-pay",
             TransferKind::VerificationEnergy => "verification-energy",
+            TransferKind::VerificationPayClawback => "verification-pay-clawback",
+            TransferKind::VerificationEnergyClawback => "verification-energy-clawback",
         }
     }
 
@@ -87,6 +98,8 @@ impl TransferKind {
             TransferKind::RevenueClawback => Some(TransferKind::RevenueShare),
             TransferKind::EnergyClawback => Some(TransferKind::EnergyReimbursement),
             TransferKind::Refund => Some(TransferKind::TokenCharge),
+            TransferKind::VerificationPayClawback => Some(TransferKind::VerificationPay),
+            TransferKind::VerificationEnergyClawback => Some(TransferKind::VerificationEnergy),
             TransferKind::TopUp
             | TransferKind::TokenCharge
             | TransferKind::RevenueShare
@@ -105,7 +118,10 @@ impl TransferKind {
     pub fn is_clawback(self) -> bool {
         matches!(
             self,
-            TransferKind::RevenueClawback | TransferKind::EnergyClawback
+            TransferKind::RevenueClawback
+                | TransferKind::EnergyClawback
+                | TransferKind::VerificationPayClawback
+                | TransferKind::VerificationEnergyClawback
         )
     }
 
@@ -136,6 +152,9 @@ impl TransferKind {
             TransferKind::Refund => matches!((debit, credit), (A::PlatformRevenue, A::Tenant(_))),
             TransferKind::VerificationPay | TransferKind::VerificationEnergy => {
                 matches!((debit, credit), (A::Verification, A::Owner(_)))
+            }
+            TransferKind::VerificationPayClawback | TransferKind::VerificationEnergyClawback => {
+                matches!((debit, credit), (A::Owner(_), A::Verification))
             }
         }
     }
@@ -324,6 +343,16 @@ mod tests {
             (
                 TransferKind::EnergyReimbursement,
                 AccountId::EnergyReimbursement,
+                owner.clone(),
+            ),
+            (
+                TransferKind::VerificationPay,
+                AccountId::Verification,
+                owner.clone(),
+            ),
+            (
+                TransferKind::VerificationEnergy,
+                AccountId::Verification,
                 owner,
             ),
         ];

@@ -235,7 +235,7 @@ async fn record_order(tx: &mut Tx, order: &ClawbackOrder) -> Result<u64, StoreEr
 /// Holds `node`'s payouts unless it is held already, then waits for the
 /// payouts in progress to its owners (their account rows' locks), so that
 /// none commits after the hold does. Returns whether it was newly held.
-async fn hold(
+pub(super) async fn hold(
     tx: &mut Tx,
     node: &NodeId,
     reason: &str,
@@ -413,6 +413,7 @@ pub(super) async fn clawback_records(
                 owner: OwnerId::new(owner).map_err(|error| corrupt("clawback owner", error))?,
                 reason,
                 at: TimestampMs(at),
+                of_check: false,
             })
         })
         .collect()
@@ -423,7 +424,8 @@ pub(super) fn clawback_ids(records: &[ClawbackRecord]) -> Vec<TransferId> {
     records
         .iter()
         .flat_map(|record| {
-            [TransferKind::RevenueClawback, TransferKind::EnergyClawback]
+            record
+                .reversal_kinds()
                 .map(|kind| TransferId::derive(&record.request_id, record.segment, kind))
         })
         .collect()
@@ -451,6 +453,15 @@ pub(super) async fn verify_orders(
         let segment = u32::try_from(segment).map_err(|_| corrupt("clawback segment", segment))?;
         ordered.insert((request_id, Segment(segment)));
     }
+    let checks = "SELECT check_id FROM ledger_check_clawbacks";
+    let found: Vec<(String,)> =
+        on_pool!(store, pool => sqlx::query_as(checks).fetch_all(pool).await?);
+    let mut checks = BTreeSet::new();
+    for (check,) in found {
+        let check = RequestId::new(check).map_err(|error| corrupt("clawback check id", error))?;
+        ordered.insert((check.clone(), Segment(0)));
+        checks.insert((check, Segment(0)));
+    }
     let unordered: Vec<Problem> = verifier
         .reversals()
         .iter()
@@ -462,24 +473,44 @@ pub(super) async fn verify_orders(
     for problem in unordered {
         verifier.add_problem(problem);
     }
-    for problem in missing_reversals(store, &ordered).await? {
+    let segments: BTreeSet<(RequestId, Segment)> = ordered.difference(&checks).cloned().collect();
+    for problem in missing_reversals(store, &segments, &SEGMENT_EARNINGS).await? {
+        verifier.add_problem(problem);
+    }
+    for problem in missing_reversals(store, &checks, &CHECK_EARNINGS).await? {
         verifier.add_problem(problem);
     }
     Ok(())
 }
 
-/// The earnings of ordered segments that have no reversal.
+/// A segment's earnings and the clawbacks that reverse them.
+const SEGMENT_EARNINGS: [(TransferKind, TransferKind); 2] = [
+    (TransferKind::RevenueShare, TransferKind::RevenueClawback),
+    (
+        TransferKind::EnergyReimbursement,
+        TransferKind::EnergyClawback,
+    ),
+];
+
+/// A check's earnings and the clawbacks that reverse them.
+const CHECK_EARNINGS: [(TransferKind, TransferKind); 2] = [
+    (
+        TransferKind::VerificationPay,
+        TransferKind::VerificationPayClawback,
+    ),
+    (
+        TransferKind::VerificationEnergy,
+        TransferKind::VerificationEnergyClawback,
+    ),
+];
+
+/// The earnings (of the kinds `pairs` name, each with its clawback) of
+/// ordered segments or checks that have no reversal.
 async fn missing_reversals(
     store: &Store,
     ordered: &BTreeSet<(RequestId, Segment)>,
+    pairs: &[(TransferKind, TransferKind); 2],
 ) -> Result<Vec<Problem>, StoreError> {
-    let pairs = [
-        (TransferKind::RevenueShare, TransferKind::RevenueClawback),
-        (
-            TransferKind::EnergyReimbursement,
-            TransferKind::EnergyClawback,
-        ),
-    ];
     let ids: Vec<TransferId> = ordered
         .iter()
         .flat_map(|(request_id, segment)| {
@@ -491,7 +522,7 @@ async fn missing_reversals(
     let found = store.transfers_by_id(&ids).await?;
     let mut problems = Vec::new();
     for (request_id, segment) in ordered {
-        for (earning, clawback) in pairs {
+        for &(earning, clawback) in pairs {
             let paid = TransferId::derive(request_id, *segment, earning);
             let reversed = TransferId::derive(request_id, *segment, clawback);
             if found.contains_key(&paid) && !found.contains_key(&reversed) {

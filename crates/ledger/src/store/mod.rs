@@ -175,7 +175,7 @@ pub use clawbacks::{ClawbackReceipt, PayoutHold};
 pub use cloud_spend::{CloudSpend, UNCOUNTED_CLOUD_SPEND_LISTED_MAX};
 pub use holds::{HoldAdmission, HoldRequest};
 pub use rekey::{Rekey, RekeyOutcome};
-pub use verifications::CheckReceipt;
+pub use verifications::{CheckClawbackReceipt, CheckReceipt};
 
 /// A ledger in SQLite or PostgreSQL.
 pub struct Store {
@@ -464,7 +464,8 @@ impl Store {
             .into_iter()
             .map(rows::usage_from_row)
             .collect::<Result<Vec<_>, _>>()?;
-        let clawbacks = clawbacks::clawback_records(self, node, period).await?;
+        let mut clawbacks = clawbacks::clawback_records(self, node, period).await?;
+        clawbacks.extend(verifications::check_clawback_records(self, node, period).await?);
         let mut ids: Vec<TransferId> = usage
             .iter()
             .flat_map(|segment| {

@@ -4,10 +4,10 @@
 
 use crate::core::{
     AccountId, DurationMs, MicroUsd, MicroWh, ModelId, NodeId, OwnerId, RequestId, TimestampMs,
-    TokenCount, TransferId, TransferKind,
+    TokenCount, Transfer, TransferId, TransferKind, TransferSpec,
 };
 use crate::pricing::PriceBook;
-use crate::statement::Period;
+use crate::statement::{ClawbackRecord, Period};
 use crate::verification::{self, CheckWork};
 
 use super::tx::{on_tx, Tx};
@@ -85,6 +85,153 @@ impl Store {
             energy: paid.energy,
         })
     }
+}
+
+/// What taking back a verifier's checks did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckClawbackReceipt {
+    /// Checks whose pay this call took back; a check taken back before is
+    /// not counted again.
+    pub checks: u64,
+    /// Pay and energy taken back from owners by this call.
+    pub clawed_back: MicroUsd,
+    /// The part of it that owners' balances did not hold (they owe it).
+    pub shortfall: MicroUsd,
+}
+
+impl Store {
+    /// Takes back the pay and energy of `node`'s last `window` checks made
+    /// at or before `at`, because the node was found cheating: once it has
+    /// cheated, none of its verdicts can be relied on, and a vehicle that
+    /// vouches for answers without checking them looks like an honest
+    /// verifier whenever the answers were good. Each reversal mirrors the
+    /// transfer that paid the check and carries `at`; the checks are
+    /// recorded (`ledger_check_clawbacks`) with `reason` in the same
+    /// transaction, so a check is taken back once however often this runs,
+    /// and shown on the node's statement as a clawback. Holds the node's
+    /// payouts as a clawback order does.
+    pub async fn claw_back_checks(
+        &self,
+        node: &NodeId,
+        reason: &str,
+        at: TimestampMs,
+        window: u32,
+    ) -> Result<CheckClawbackReceipt, StoreError> {
+        crate::clawback::check_reason(reason)?;
+        retry_collisions!(self.claw_back_checks_once(node, reason, at, window).await)
+    }
+
+    async fn claw_back_checks_once(
+        &self,
+        node: &NodeId,
+        reason: &str,
+        at: TimestampMs,
+        window: u32,
+    ) -> Result<CheckClawbackReceipt, StoreError> {
+        let mut tx = Tx::begin(self).await?;
+        let select = "SELECT check_id, owner_id FROM ledger_verifications \
+                      WHERE node_id = $1 AND at_ms <= $2 \
+                      ORDER BY at_ms DESC, check_id DESC LIMIT $3";
+        let window_checks: Vec<(String, String)> = on_tx!(&mut tx, tx => sqlx::query_as(select)
+            .bind(node.as_str())
+            .bind(at.0)
+            .bind(i64::from(window))
+            .fetch_all(&mut **tx)
+            .await?);
+        let insert = "INSERT INTO ledger_check_clawbacks (check_id, node_id, owner_id, reason, \
+                      at_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (check_id) DO NOTHING";
+        let mut checks = 0;
+        let mut batch = Vec::new();
+        for (check, owner) in window_checks {
+            let recorded = on_tx!(&mut tx, tx => sqlx::query(insert)
+                .bind(&check)
+                .bind(node.as_str())
+                .bind(&owner)
+                .bind(reason)
+                .bind(at.0)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected());
+            if recorded == 0 {
+                continue;
+            }
+            checks += 1;
+            let check = RequestId::new(check)?;
+            let ids = [
+                TransferKind::VerificationPay,
+                TransferKind::VerificationEnergy,
+            ]
+            .map(|kind| TransferId::derive(&check, crate::core::Segment(0), kind));
+            let paid = tx.transfers(&ids).await?;
+            for original in ids.iter().filter_map(|id| paid.get(id)) {
+                batch.push(reversal(original, at)?);
+            }
+        }
+        if checks > 0 {
+            super::clawbacks::hold(&mut tx, node, reason, at).await?;
+        }
+        if batch.len() > crate::core::BATCH_TRANSFERS_MAX {
+            return Err(crate::core::LedgerError::BatchTooLarge { len: batch.len() }.into());
+        }
+        let committed = tx.commit_batch(&batch, &[], None, None, None).await?;
+        tx.commit().await?;
+        let clawed_back = batch
+            .iter()
+            .zip(&committed.outcomes)
+            .filter(|(_, outcome)| **outcome == crate::core::Outcome::Created)
+            .map(|(transfer, _)| transfer.amount().0)
+            .sum();
+        Ok(CheckClawbackReceipt {
+            checks,
+            clawed_back: MicroUsd(clawed_back),
+            shortfall: committed.shortfall,
+        })
+    }
+}
+
+/// The clawback of a check's pay or energy: the original's accounts
+/// swapped, at `at`.
+fn reversal(original: &Transfer, at: TimestampMs) -> Result<Transfer, StoreError> {
+    let kind =
+        crate::clawback::clawback_of(original.kind()).ok_or_else(|| StoreError::Corrupt {
+            what: "check transfer",
+            reason: format!("{} has no clawback", original.kind()),
+        })?;
+    Ok(Transfer::new(TransferSpec {
+        kind,
+        debit: original.credit().clone(),
+        credit: original.debit().clone(),
+        at,
+        ..original.spec().clone()
+    })?)
+}
+
+/// A node's check clawbacks in a period (by the clawback's time).
+pub(super) async fn check_clawback_records(
+    store: &Store,
+    node: &NodeId,
+    period: Period,
+) -> Result<Vec<ClawbackRecord>, StoreError> {
+    let sql = "SELECT check_id, owner_id, reason, at_ms FROM ledger_check_clawbacks \
+               WHERE node_id = $1 AND at_ms >= $2 AND at_ms < $3";
+    let rows: Vec<(String, String, String, i64)> = on_pool!(store, pool => sqlx::query_as(sql)
+        .bind(node.as_str())
+        .bind(period.from.0)
+        .bind(period.until.0)
+        .fetch_all(pool)
+        .await?);
+    rows.into_iter()
+        .map(|(check, owner, reason, at)| {
+            Ok(ClawbackRecord {
+                request_id: RequestId::new(check)?,
+                segment: crate::core::Segment(0),
+                owner: OwnerId::new(owner)?,
+                reason,
+                at: TimestampMs(at),
+                of_check: true,
+            })
+        })
+        .collect()
 }
 
 /// A node's checks in a period.
