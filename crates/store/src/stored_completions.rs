@@ -42,6 +42,14 @@ impl OnClawback {
     }
 }
 
+impl TryFrom<String> for OnClawback {
+    type Error = StoreError;
+
+    fn try_from(name: String) -> Result<OnClawback, StoreError> {
+        OnClawback::parse(&name).ok_or_else(|| StoreError::Corrupt(format!("on_clawback {name:?}")))
+    }
+}
+
 /// A completion to keep, as the gateway finished it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewStoredCompletion {
@@ -59,7 +67,7 @@ pub struct NewStoredCompletion {
 }
 
 /// A kept completion as read back.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct StoredCompletion {
     pub id: String,
     pub tenant_id: i64,
@@ -68,6 +76,7 @@ pub struct StoredCompletion {
     pub metadata: String,
     pub request: String,
     pub response: String,
+    #[sqlx(try_from = "String")]
     pub on_clawback: OnClawback,
     /// The request id whose answer `response` is.
     pub answered_by: String,
@@ -109,60 +118,6 @@ const COLUMNS: &str = "s.id, s.tenant_id, s.model, s.created_ms, s.metadata, s.r
                        (SELECT MIN(c.reason) FROM node_clawbacks c \
                         WHERE c.request_id = s.answered_by) AS clawed_back";
 
-type StoredRow = (
-    String,
-    i64,
-    String,
-    i64,
-    String,
-    String,
-    String,
-    String,
-    String,
-    i64,
-    i64,
-    Option<String>,
-    Option<String>,
-);
-
-fn stored_from_row(row: StoredRow) -> Result<StoredCompletion, StoreError> {
-    let (
-        id,
-        tenant_id,
-        model,
-        created_ms,
-        metadata,
-        request,
-        response,
-        on_clawback,
-        answered_by,
-        reruns,
-        rerun_attempts,
-        rerun_reason,
-        clawed_back,
-    ) = row;
-    let on_clawback = OnClawback::parse(&on_clawback).ok_or_else(|| {
-        StoreError::Corrupt(format!(
-            "stored completion {id}: on_clawback {on_clawback:?}"
-        ))
-    })?;
-    Ok(StoredCompletion {
-        id,
-        tenant_id,
-        model,
-        created_ms,
-        metadata,
-        request,
-        response,
-        on_clawback,
-        answered_by,
-        reruns,
-        rerun_attempts,
-        rerun_reason,
-        clawed_back,
-    })
-}
-
 impl Store {
     /// Keeps a finished completion. Its id is new: keeping one twice is an
     /// error.
@@ -195,12 +150,11 @@ impl Store {
         let sql = format!(
             "SELECT {COLUMNS} FROM stored_completions s WHERE s.tenant_id = $1 AND s.id = $2"
         );
-        let row: Option<StoredRow> = on_database!(&self.database, pool => sqlx::query_as(&sql)
+        Ok(on_database!(&self.database, pool => sqlx::query_as(&sql)
             .bind(tenant_id)
             .bind(id)
             .fetch_optional(pool)
-            .await?);
-        row.map(stored_from_row).transpose()
+            .await?))
     }
 
     /// The tenant's kept completions in order of creation (then id), from
@@ -222,14 +176,13 @@ impl Store {
              FROM stored_completions a WHERE a.tenant_id = $1 AND a.id = $3)) \
              ORDER BY s.created_ms {order}, s.id {order} LIMIT $2"
         );
-        let rows: Vec<StoredRow> = on_database!(&self.database, pool => sqlx::query_as(&sql)
+        Ok(on_database!(&self.database, pool => sqlx::query_as(&sql)
             .bind(tenant_id)
             .bind(i64::from(query.limit))
             .bind(query.after.as_deref().unwrap_or(""))
             .bind(query.model.as_deref())
             .fetch_all(pool)
-            .await?);
-        rows.into_iter().map(stored_from_row).collect()
+            .await?))
     }
 
     /// Replaces the metadata of the tenant's kept completion `id`; whether
