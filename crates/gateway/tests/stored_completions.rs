@@ -319,17 +319,7 @@ async fn a_clawed_back_answer_asked_to_be_rerun_is_replaced_and_paid_for_once() 
         shown["fleetgrid"]["clawed_back"]["reason"],
         "generation failed verification"
     );
-    assert_eq!(
-        reruns.pass(now_ms()).await.expect("pass"),
-        0,
-        "not before the books refunded it"
-    );
-    gateway
-        .billing
-        .clawbacks()
-        .apply_pending(now_ms())
-        .await
-        .expect("clawbacks");
+    support::apply_clawbacks(&gateway).await;
     assert_eq!(
         gateway.balance().await,
         before,

@@ -24,3 +24,6 @@ CREATE TABLE stored_completions (
 CREATE INDEX stored_completions_tenant ON stored_completions (tenant_id, created_ms, id);
 CREATE INDEX stored_completions_answered_by ON stored_completions (answered_by);
 CREATE INDEX stored_completions_created ON stored_completions (created_ms);
+
+-- Whether a kept answer was clawed back is looked up by its request id.
+CREATE INDEX node_clawbacks_request ON node_clawbacks (request_id);

@@ -243,18 +243,25 @@ impl Store {
         now_ms: i64,
         lease_ms: i64,
     ) -> Result<Vec<RerunClaim>, StoreError> {
+        // Driven from the applied clawbacks (few: only cheaters' answers),
+        // each joined to the kept completion it answered, if any; checked
+        // again on the row as it is updated, since another gateway may have
+        // replaced its answer since.
         let due = |table: &str| {
             format!(
                 "{table}.on_clawback = 'rerun' AND {table}.rerun_attempts < $4 \
-                 AND ({table}.claimed_until_ms IS NULL OR {table}.claimed_until_ms <= $2) \
-                 AND EXISTS (SELECT 1 FROM node_clawbacks c \
-                 WHERE c.request_id = {table}.answered_by AND c.applied_ms IS NOT NULL)"
+                 AND ({table}.claimed_until_ms IS NULL OR {table}.claimed_until_ms <= $2)"
             )
         };
         let sql = format!(
             "UPDATE stored_completions SET claimed_until_ms = $2 + $3, \
              rerun_attempts = rerun_attempts + 1 \
-             WHERE {} AND id IN (SELECT s.id FROM stored_completions s WHERE {} \
+             WHERE {} AND EXISTS (SELECT 1 FROM node_clawbacks applied \
+             WHERE applied.request_id = stored_completions.answered_by \
+             AND applied.applied_ms IS NOT NULL) \
+             AND id IN (SELECT s.id FROM node_clawbacks c \
+             JOIN stored_completions s ON s.answered_by = c.request_id \
+             WHERE c.applied_ms IS NOT NULL AND {} \
              ORDER BY s.created_ms, s.id LIMIT $1) \
              RETURNING id, tenant_id, request, answered_by",
             due("stored_completions"),

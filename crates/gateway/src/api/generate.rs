@@ -208,7 +208,9 @@ fn kept_completion(
 ) -> KeptCompletion {
     let mut ran: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     if let serde_json::Value::Object(fields) = &mut ran {
-        fields.insert("seed".into(), seed.into());
+        // As a client sends it: a request's seed is a signed 64-bit integer,
+        // read back as these same 64 bits.
+        fields.insert("seed".into(), (seed as i64).into());
     }
     KeptCompletion {
         store: state.store.clone(),

@@ -208,6 +208,30 @@ impl Gateway {
     }
 }
 
+/// Applies the clawbacks pending in the store until none is: the
+/// gateway's own pass runs beside this one, and an order it has committed
+/// to the ledger but not yet marked applied is applied again here (the
+/// ledger takes nothing twice).
+pub async fn apply_clawbacks(gateway: &Gateway) {
+    let clawbacks = gateway.billing.clawbacks();
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as i64;
+        clawbacks.apply_pending(now).await.expect("apply clawbacks");
+        let requests = gateway.store.pending_clawbacks(1).await.expect("pending");
+        let checks = gateway
+            .store
+            .pending_check_clawbacks(1)
+            .await
+            .expect("pending");
+        if requests.is_empty() && checks.is_empty() {
+            return;
+        }
+    }
+}
+
 /// Runs one request through `router` in-process and reads its answer whole.
 pub async fn send(router: &Router, request: Request<Body>) -> Answer {
     let response = router.clone().oneshot(request).await.expect("infallible");
