@@ -206,6 +206,14 @@ fn spot_generation(
     }
 }
 
+/// A batch of `ids` for generation `id`, the first at position `from`.
+fn batch(id: impl Into<String>, ids: &[i32], from: u32) -> proto::TokenBatch {
+    proto::TokenBatch {
+        generation_id: id.into(),
+        tokens: tokens(ids, from),
+    }
+}
+
 fn tokens(ids: &[i32], from: u32) -> Vec<proto::Token> {
     ids.iter()
         .zip(from..)
@@ -252,13 +260,9 @@ fn tokens_outside_a_structured_answers_grammar_move_it_to_another_vehicle() {
 
     let (first, id) = placed(&mut harness);
     let opening = encode("{\"a\": ");
-    harness.core.node_tokens(
-        cars[first],
-        proto::TokenBatch {
-            generation_id: id.clone(),
-            tokens: tokens(&opening, 0),
-        },
-    );
+    harness
+        .core
+        .node_tokens(cars[first], batch(&id, &opening, 0));
     let mut committed = 0;
     while let Ok(cell_api::Update::Token(_)) = admitted.updates.try_recv() {
         committed += 1;
@@ -269,13 +273,9 @@ fn tokens_outside_a_structured_answers_grammar_move_it_to_another_vehicle() {
         "tokens the grammar allows are committed"
     );
     // Letters where the grammar wants an integer.
-    harness.core.node_tokens(
-        cars[first],
-        proto::TokenBatch {
-            generation_id: id,
-            tokens: tokens(&encode("seven"), committed as u32),
-        },
-    );
+    harness
+        .core
+        .node_tokens(cars[first], batch(id, &encode("seven"), committed as u32));
     assert!(
         admitted.updates.try_recv().is_err(),
         "nothing of it reaches the client"
@@ -286,13 +286,9 @@ fn tokens_outside_a_structured_answers_grammar_move_it_to_another_vehicle() {
     // The next vehicle writes the number and claims the answer is complete
     // without closing the object.
     let seven = encode("7");
-    harness.core.node_tokens(
-        cars[second],
-        proto::TokenBatch {
-            generation_id: id.clone(),
-            tokens: tokens(&seven, committed as u32),
-        },
-    );
+    harness
+        .core
+        .node_tokens(cars[second], batch(&id, &seven, committed as u32));
     // The refused batch left the grammar where it was: the digit is taken.
     for _ in &seven {
         assert!(matches!(
@@ -392,13 +388,9 @@ fn serve_generation(
     let (producer, id) = (0..cars.len())
         .find_map(|index| assigned(harness, index).map(|id| (index, id)))
         .expect("an assignment");
-    harness.core.node_tokens(
-        cars[producer],
-        proto::TokenBatch {
-            generation_id: id.clone(),
-            tokens: tokens(answer, from),
-        },
-    );
+    harness
+        .core
+        .node_tokens(cars[producer], batch(&id, answer, from));
     harness.core.node_done(
         cars[producer],
         proto::GenerationDone {
@@ -592,10 +584,7 @@ fn a_batch_past_a_stop_sequence_leaves_the_grammar_at_the_committed_tokens() {
     let (first, id) = placed(&mut harness);
     harness.core.node_tokens(
         cars[first],
-        proto::TokenBatch {
-            generation_id: id,
-            tokens: tokens(&encode("{\"a\": \"one two three\"}"), 0),
-        },
+        batch(id, &encode("{\"a\": \"one two three\"}"), 0),
     );
     assert!(
         admitted.updates.try_recv().is_err(),
@@ -607,13 +596,9 @@ fn a_batch_past_a_stop_sequence_leaves_the_grammar_at_the_committed_tokens() {
     // The next vehicle writes the answer up to the stop sequence: every token
     // is taken, as the grammar allows it from the start.
     let honest = encode("{\"a\": \"one two");
-    harness.core.node_tokens(
-        cars[second],
-        proto::TokenBatch {
-            generation_id: id,
-            tokens: tokens(&honest, 0),
-        },
-    );
+    harness
+        .core
+        .node_tokens(cars[second], batch(id, &honest, 0));
     for _ in &honest {
         assert!(matches!(
             admitted.updates.try_recv(),
@@ -653,13 +638,9 @@ fn a_structured_answer_with_stop_sequences_is_not_cut_short_before_either() {
         .find_map(|index| assigned(&mut harness, index).map(|id| (index, id)))
         .expect("an assignment");
     let opening = tokenizer.tokenize("{\"a\": \"one", false).unwrap();
-    harness.core.node_tokens(
-        cars[first],
-        proto::TokenBatch {
-            generation_id: id.clone(),
-            tokens: tokens(&opening, 0),
-        },
-    );
+    harness
+        .core
+        .node_tokens(cars[first], batch(&id, &opening, 0));
     harness.core.node_done(
         cars[first],
         proto::GenerationDone {
@@ -842,13 +823,9 @@ fn a_vehicle_that_inflates_its_compute_is_quarantined() {
         .find_map(|index| assigned(&mut harness, index).map(|id| (index, id)))
         .expect("an assignment");
     harness.clock.advance(Duration::from_secs(1));
-    harness.core.node_tokens(
-        cars[producer],
-        proto::TokenBatch {
-            generation_id: id.clone(),
-            tokens: tokens(&[5, 6], 0),
-        },
-    );
+    harness
+        .core
+        .node_tokens(cars[producer], batch(&id, &[5, 6], 0));
     let bound = crate::limits::compute_report_max_ms(1_000);
     harness.core.node_done(
         cars[producer],
@@ -937,13 +914,9 @@ fn an_unplugged_car_is_given_no_check_until_it_is_back() {
         ..proto::Heartbeat::default()
     };
     harness.core.heartbeat(cars[other], &plugged(false));
-    harness.core.node_tokens(
-        cars[producer],
-        proto::TokenBatch {
-            generation_id: id.clone(),
-            tokens: tokens(&[5, 6], 0),
-        },
-    );
+    harness
+        .core
+        .node_tokens(cars[producer], batch(&id, &[5, 6], 0));
     harness.core.node_done(
         cars[producer],
         proto::GenerationDone {

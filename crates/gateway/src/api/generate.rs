@@ -72,7 +72,7 @@ pub(super) async fn run_as(
     // check as for any fleet request.
     let wire = WireRequest::parse(&body, endpoint);
     let keep = match &wire {
-        Ok(_) => super::stored::asked(&body, endpoint)?,
+        Ok(wire) => super::stored::asked(wire)?,
         Err(_) => None,
     };
     let wire = match wire {

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use super::error::ApiError;
 use super::extract::{ApiPath, ApiQuery};
-use super::validate::Endpoint;
+use super::validate::WireRequest;
 use super::{authenticate, AppState};
 use crate::store::TenantRecord;
 use store::stored_completions::{OnClawback, StoredCompletion, StoredQuery};
@@ -64,21 +64,18 @@ pub(super) struct Keep {
     pub on_clawback: OnClawback,
 }
 
-/// Reads `store`, `metadata` and `on_clawback` from a request body (parsed
-/// and checked field by field already): `None` when it keeps nothing.
-pub(super) fn asked(body: &[u8], endpoint: Endpoint) -> Result<Option<Keep>, ApiError> {
-    if endpoint != Endpoint::Chat {
-        return Ok(None);
-    }
-    let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(body) else {
+/// Reads `store`, `metadata` and `on_clawback` from a parsed request
+/// (checked field by field already): `None` when it keeps nothing.
+pub(super) fn asked(wire: &WireRequest) -> Result<Option<Keep>, ApiError> {
+    let WireRequest::Chat(body) = wire else {
         return Ok(None);
     };
-    let store = match body.get("store") {
+    let store = match &body.store {
         None | Some(Value::Null) => false,
         Some(Value::Bool(store)) => *store,
         Some(_) => return Err(invalid("'store' must be a boolean", "store")),
     };
-    let on_clawback = match body.get("on_clawback") {
+    let on_clawback = match &body.on_clawback {
         None | Some(Value::Null) => OnClawback::Refund,
         Some(Value::String(name)) => OnClawback::parse(name)
             .ok_or_else(|| invalid("'on_clawback' must be 'refund' or 'rerun'", "on_clawback"))?,
@@ -98,7 +95,7 @@ pub(super) fn asked(body: &[u8], endpoint: Endpoint) -> Result<Option<Keep>, Api
         }
         return Ok(None);
     }
-    let metadata = match body.get("metadata") {
+    let metadata = match &body.metadata {
         None | Some(Value::Null) => Map::new(),
         Some(value) => metadata(value)?,
     };
@@ -207,15 +204,17 @@ pub(super) async fn list(
 ) -> Result<Json<Value>, ApiError> {
     let tenant = authenticate(&state, &headers).await?;
     let page = page(&query, true)?;
-    let mut query = page.query.clone();
-    query.limit = page.query.limit + 1;
+    let query = StoredQuery {
+        limit: page.limit + 1,
+        ..page.clone()
+    };
     let mut kept = state
         .store
         .list_stored_completions(tenant.id, &query)
         .await
         .map_err(store_error)?;
-    let has_more = kept.len() > page.query.limit as usize;
-    kept.truncate(page.query.limit as usize);
+    let has_more = kept.len() > page.limit as usize;
+    kept.truncate(page.limit as usize);
     Ok(Json(list_of(kept.iter().map(shown).collect(), has_more)))
 }
 
@@ -232,11 +231,7 @@ fn list_of(data: Vec<Value>, has_more: bool) -> Value {
 
 /// A list's query string: `limit`, `after`, `order` and (for completions)
 /// `model`; anything else is refused by name.
-struct Page {
-    query: StoredQuery,
-}
-
-fn page(pairs: &[(String, String)], with_model: bool) -> Result<Page, ApiError> {
+fn page(pairs: &[(String, String)], with_model: bool) -> Result<StoredQuery, ApiError> {
     let mut query = StoredQuery {
         limit: LIST_LIMIT_DEFAULT,
         ..StoredQuery::default()
@@ -275,7 +270,7 @@ fn page(pairs: &[(String, String)], with_model: bool) -> Result<Page, ApiError> 
             }
         }
     }
-    Ok(Page { query })
+    Ok(query)
 }
 
 async fn find(
@@ -380,7 +375,7 @@ async fn messages(
     ApiQuery(query): ApiQuery<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
     let tenant = authenticate(&state, &headers).await?;
-    let page = page(&query, false)?.query;
+    let page = page(&query, false)?;
     let kept = find(&state, &tenant, &id).await?;
     let request: Value = serde_json::from_str(&kept.request).unwrap_or(Value::Null);
     let mut all: Vec<Value> = request

@@ -11,6 +11,12 @@ use serde::Deserialize;
 pub struct ChatCompletionRequest {
     pub model: Option<String>,
     pub messages: Option<Vec<ChatMessage>>,
+    /// Keep the answer for retrieval (`stored`); checked there, as are the
+    /// two below.
+    pub store: Option<serde_json::Value>,
+    pub metadata: Option<serde_json::Value>,
+    /// fleetgrid's extension: what a stored answer gets if clawed back.
+    pub on_clawback: Option<serde_json::Value>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }

@@ -478,7 +478,9 @@ impl Store {
             .collect();
         ids.extend(clawbacks::clawback_ids(&clawbacks));
         let checks = verifications::checks_of(self, node, period).await?;
-        ids.extend(verifications::check_transfer_ids(&checks));
+        ids.extend(verifications::check_transfer_ids(
+            checks.iter().map(|check| &check.check),
+        ));
         let transfers = self.transfers_by_id(&ids).await?;
         let transfers: Vec<Transfer> = transfers.into_values().collect();
         Ok(statement::build(

@@ -140,8 +140,7 @@ impl Store {
             .await?);
         let insert = "INSERT INTO ledger_check_clawbacks (check_id, node_id, owner_id, reason, \
                       at_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (check_id) DO NOTHING";
-        let mut checks = 0;
-        let mut batch = Vec::new();
+        let mut recorded_checks = Vec::new();
         for (check, owner) in window_checks {
             let recorded = on_tx!(&mut tx, tx => sqlx::query(insert)
                 .bind(&check)
@@ -152,21 +151,19 @@ impl Store {
                 .execute(&mut **tx)
                 .await?
                 .rows_affected());
-            if recorded == 0 {
-                continue;
-            }
-            checks += 1;
-            let check = RequestId::new(check)?;
-            let ids = [
-                TransferKind::VerificationPay,
-                TransferKind::VerificationEnergy,
-            ]
-            .map(|kind| TransferId::derive(&check, crate::core::Segment(0), kind));
-            let paid = tx.transfers(&ids).await?;
-            for original in ids.iter().filter_map(|id| paid.get(id)) {
-                batch.push(reversal(original, at)?);
+            if recorded > 0 {
+                recorded_checks.push(RequestId::new(check)?);
             }
         }
+        let checks = recorded_checks.len() as u64;
+        // What paid the newly recorded checks, read in one query.
+        let ids = check_transfer_ids(&recorded_checks);
+        let paid = tx.transfers(&ids).await?;
+        let batch = ids
+            .iter()
+            .filter_map(|id| paid.get(id))
+            .map(|original| reversal(original, at))
+            .collect::<Result<Vec<_>, _>>()?;
         if checks > 0 {
             super::clawbacks::hold(&mut tx, node, reason, at).await?;
         }
@@ -253,16 +250,18 @@ pub(super) async fn checks_of(
     rows.into_iter().map(check_from_row).collect()
 }
 
-/// The ids of the transfers that paid `checks`.
-pub(super) fn check_transfer_ids(checks: &[CheckWork]) -> Vec<TransferId> {
+/// The ids of the transfers that paid the checks named `checks`.
+pub(super) fn check_transfer_ids<'a>(
+    checks: impl IntoIterator<Item = &'a RequestId>,
+) -> Vec<TransferId> {
     checks
-        .iter()
+        .into_iter()
         .flat_map(|check| {
             [
                 TransferKind::VerificationPay,
                 TransferKind::VerificationEnergy,
             ]
-            .map(|kind| TransferId::derive(&check.check, crate::core::Segment(0), kind))
+            .map(|kind| TransferId::derive(check, crate::core::Segment(0), kind))
         })
         .collect()
 }
