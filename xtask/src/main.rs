@@ -6,6 +6,7 @@
 //! `apt-get`, `python3`, `cargo` and the `fleetgrid` binary.
 
 mod command;
+mod cross;
 mod services;
 mod setup;
 
@@ -22,7 +23,8 @@ commands:
           the same, and PostgreSQL and nats-server: `fleetgrid demo --cluster` (gateways and
           cells on a NATS cluster and PostgreSQL)
   test    install what is missing, fetch the models, start PostgreSQL and NATS, then run
-          cargo fmt --check, cargo clippy -D warnings and the whole test suite";
+          cargo fmt --check, cargo clippy -D warnings and the whole test suite, then check
+          that the agent builds for aarch64 (the vehicles) with Debian's cross compiler";
 
 fn main() -> ExitCode {
     match run() {
@@ -119,6 +121,7 @@ fn test() -> Result<()> {
         command::step("run the tests (cargo-nextest not installed)");
         command::cargo(&root, &["test", "--workspace"], &python_env)?;
     }
+    cross::check_agent_for_aarch64(&root)?;
     command::step("all checks passed");
     Ok(())
 }

@@ -1,0 +1,60 @@
+//! The vehicles' computers are ARM: the agent, with the llama.cpp it links, must build for
+//! aarch64. On another host this is checked with Debian's cross compiler and the Rust target's
+//! standard library, both installed here when missing.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Result};
+
+use crate::command::{self, note, step};
+use crate::setup;
+
+/// The vehicles' target.
+pub const AARCH64: &str = "aarch64-unknown-linux-gnu";
+
+/// Debian's cross compiler and C library for it.
+const CROSS_PACKAGES: &[&str] = &["g++-aarch64-linux-gnu", "libc6-dev-arm64-cross"];
+
+/// `cargo check` of the agent for aarch64. Its build script compiles the whole of llama.cpp with
+/// the cross compiler (ggml's NEON kernels, `armv8-a`, the baseline `llama-cpp-sys-2` builds for
+/// when the target CPU is not named); the Rust code is type-checked for the target.
+pub fn check_agent_for_aarch64(root: &Path) -> Result<()> {
+    if cfg!(target_arch = "aarch64") {
+        note("this machine is aarch64: the agent was built for it with the workspace");
+        return Ok(());
+    }
+    setup::debian_packages(CROSS_PACKAGES)?;
+    rust_target(AARCH64)?;
+    step("check that the agent builds for aarch64, the vehicles' architecture");
+    let cross_gcc = OsStr::new("aarch64-linux-gnu-gcc");
+    let env = [
+        ("CC_aarch64_unknown_linux_gnu", cross_gcc),
+        (
+            "CXX_aarch64_unknown_linux_gnu",
+            OsStr::new("aarch64-linux-gnu-g++"),
+        ),
+        ("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER", cross_gcc),
+    ];
+    command::cargo(root, &["check", "-p", "agent", "--target", AARCH64], &env)
+}
+
+/// Adds the standard library of `target` with rustup when it is missing.
+fn rust_target(target: &str) -> Result<()> {
+    step(&format!("rust target {target}"));
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output();
+    let Ok(installed) = installed else {
+        bail!("rustup is not installed: add the Rust target {target} by other means");
+    };
+    if String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|line| line.trim() == target)
+    {
+        note("installed");
+        return Ok(());
+    }
+    command::run(Command::new("rustup").args(["target", "add", target]))
+}
