@@ -167,9 +167,9 @@ fn check_token(
     Ok(())
 }
 
-/// Cuts a node's failure message to `NODE_FAILURE_MESSAGE_BYTES_MAX`, at a
-/// character boundary.
-pub fn bounded_failure_message(mut message: String) -> String {
+/// Cuts text a node sent (a failure message, its engine's description) to
+/// `NODE_FAILURE_MESSAGE_BYTES_MAX`, at a character boundary.
+pub fn bounded_node_text(mut message: String) -> String {
     if message.len() > limits::NODE_FAILURE_MESSAGE_BYTES_MAX {
         let mut end = limits::NODE_FAILURE_MESSAGE_BYTES_MAX;
         while !message.is_char_boundary(end) {
@@ -338,10 +338,10 @@ mod tests {
     #[test]
     fn failure_messages_are_cut_at_a_character() {
         let long = "é".repeat(limits::NODE_FAILURE_MESSAGE_BYTES_MAX);
-        let cut = bounded_failure_message(long);
+        let cut = bounded_node_text(long);
         assert!(cut.len() <= limits::NODE_FAILURE_MESSAGE_BYTES_MAX);
         assert!(cut.len() >= limits::NODE_FAILURE_MESSAGE_BYTES_MAX - 1);
-        assert_eq!(bounded_failure_message("short".into()), "short");
+        assert_eq!(bounded_node_text("short".into()), "short");
     }
 
     #[test]

@@ -538,7 +538,7 @@ impl Core {
         let Some(request) = self.current_attempt(&state, session, &failed.generation_id) else {
             return;
         };
-        let message = node_input::bounded_failure_message(failed.message);
+        let message = node_input::bounded_node_text(failed.message);
         tracing::warn!(request_id = request.0, %message, retryable = failed.retryable, "node failed a generation");
         if failed.retryable {
             self.retry_elsewhere(&mut state, now, request, session.node);

@@ -715,7 +715,7 @@ impl Core {
         } else {
             self.metrics.verifications_failed.fetch_add(1, ORDER);
             let position = verified.first_mismatch_position;
-            let what = crate::node_input::bounded_failure_message(verified.first_mismatch.clone());
+            let what = crate::node_input::bounded_node_text(verified.first_mismatch.clone());
             if check
                 .first_failure
                 .as_ref()
@@ -725,6 +725,7 @@ impl Core {
             }
             Verdict::Failed
         };
+        tracing::info!(check = id, verdict = ?verdict, checked = verified.checked, mismatches = verified.mismatches, "verifier answered");
         check.case.record(verifier, verdict);
         check.waiting_since = self.clock.instant();
         check.answered.extend(answered);
@@ -827,6 +828,7 @@ impl Core {
             return;
         };
         let generation = check.generation;
+        tracing::info!(check = id, verdict = ?decision.verdict, "check decided");
         let mut quarantines: Vec<(NodeId, Quarantine)> = Vec::new();
         let verifications = &mut state.verifications;
         let policy = verifications.policy.clone();
