@@ -147,6 +147,7 @@ impl Node {
             prefill_tokens_per_second: speed.prefill_tokens_per_second,
             parallel_sequences: info.parallel_sequences,
             engine_version: info.engine_version.clone(),
+            cpu_kernels: info.cpu_kernels.clone(),
         };
         let model_digest = config.model.digest.to_string();
         let models = vec![proto::CachedModel {

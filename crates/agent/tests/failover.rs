@@ -98,6 +98,7 @@ fn node(credential: &str) -> Node {
             prefill_tokens_per_second: 100.0,
             parallel_sequences: 1,
             engine_version: "none".to_owned(),
+            cpu_kernels: String::new(),
         },
         models: Vec::new(),
     };

@@ -326,7 +326,14 @@ impl proto::coordinator_server::Coordinator for AgentService {
             outbound,
             policy,
         );
-        tracing::info!(node_id = %hello.node_id, models = hello.models.len(), "node connected");
+        let hardware = hello.hardware.clone().unwrap_or_default();
+        tracing::info!(
+            node_id = %hello.node_id,
+            models = hello.models.len(),
+            engine = ?crate::node_input::bounded_node_text(hardware.engine_version),
+            cpu_kernels = ?crate::node_input::bounded_node_text(hardware.cpu_kernels),
+            "node connected"
+        );
         let store = self.store.clone();
         let name = hello.node_id.clone();
         tokio::spawn(async move {

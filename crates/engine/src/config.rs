@@ -98,6 +98,8 @@ pub struct EngineInfo {
     pub vocab_size: u32,
     /// The inference library, e.g. "llama.cpp (ggml) via llama-cpp-2 0.1.160".
     pub engine_version: String,
+    /// The CPU kernels it runs ([`crate::cpu_kernels`]).
+    pub cpu_kernels: String,
 }
 
 /// A quick self-measurement of the engine's speed, in tokens per second.

@@ -290,6 +290,7 @@ fn load_checked(config: &EngineConfig) -> Result<llama_cpp_2::model::LlamaModel,
     let metadata_only = Tokenizer::load(&config.model_path)?;
     let estimate = estimate_with_model(config, metadata_only.model())?;
     tracing::info!(
+        cpu_kernels = crate::cpu_kernels(),
         weights_bytes = estimate.weights_bytes,
         kv_cache_bytes = estimate.kv_cache_bytes,
         compute_bytes = estimate.compute_bytes,
@@ -333,6 +334,7 @@ fn engine_info(config: &EngineConfig, tokenizer: &Tokenizer) -> EngineInfo {
         kv_cache_bytes,
         vocab_size: tokenizer.vocab_size(),
         engine_version: ENGINE_VERSION.to_owned(),
+        cpu_kernels: crate::cpu_kernels().to_owned(),
     }
 }
 

@@ -19,6 +19,7 @@ mod budget;
 mod checkpoint;
 mod config;
 mod constraint;
+mod cpu;
 mod engine;
 mod error;
 mod generation;
@@ -44,6 +45,7 @@ pub use config::{
 pub use constraint::{
     json_schema_grammar, tool_call_grammar, Constrained, GrammarCompiler, GRAMMAR_BYTES_MAX,
 };
+pub use cpu::cpu_kernels;
 pub use engine::{Engine, ENGINE_VERSION};
 pub use error::EngineError;
 pub use generation::{

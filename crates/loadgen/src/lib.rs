@@ -273,6 +273,7 @@ fn simulated_vehicle(
             prefill_tokens_per_second: config.tokens.tokens_per_second * 10.0,
             parallel_sequences: 1,
             engine_version: format!("loadgen {}", env!("CARGO_PKG_VERSION")),
+            cpu_kernels: String::new(),
         },
         models: vec![proto::CachedModel {
             name: config.tokens.model_name.clone(),

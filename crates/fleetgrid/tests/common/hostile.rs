@@ -50,6 +50,7 @@ pub fn modest_hardware() -> proto::Hardware {
         prefill_tokens_per_second: 200.0,
         parallel_sequences: 1,
         engine_version: "hostile".into(),
+        cpu_kernels: String::new(),
     }
 }
 
