@@ -11,7 +11,9 @@
 //! check once, so gateways racing, or a crash between the ledger's commit
 //! and the mark, pay nothing twice. A check the ledger refuses stays unpaid
 //! and is logged. A check of a vehicle quarantined by the time it would be
-//! paid is not paid (and leaves the queue).
+//! paid is not paid (and leaves the queue), nor one the ledger withholds
+//! because the vehicle's checks were taken back after it was made (a
+//! quarantine recorded between this pass's look and its payment).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,6 +75,13 @@ impl CheckPayments {
                 continue;
             }
             match self.pay(&record).await {
+                Ok(CheckReceipt {
+                    withheld: Some(reason),
+                    ..
+                }) => {
+                    tracing::info!(check = %record.check, node_id = %record.node, %reason, "a check made before its vehicle's checks were taken back is not paid");
+                    self.store.check_paid(&record.check, now_ms).await?;
+                }
                 Ok(receipt) => {
                     if receipt.newly_paid {
                         tracing::debug!(

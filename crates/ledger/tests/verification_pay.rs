@@ -200,8 +200,73 @@ async fn a_cheating_verifiers_last_checks_are_taken_back_once(store: &Store) {
     assert!(report.is_ok(), "{report:?}");
 }
 
+/// A check the verifier made before its checks were taken back, but that
+/// reaches the books only after (a gateway's pass that looked before the
+/// quarantine was recorded), is not paid; a check booked before keeps its
+/// booking, and one made after the clawback is paid.
+async fn a_check_booked_after_its_verifiers_checks_were_taken_back_is_not_paid(store: &Store) {
+    open_parties(store, 1).await;
+    let book = common::book();
+    store
+        .pay_check(&check("check:chatcmpl-1:1", 10_000), &book)
+        .await
+        .unwrap();
+    let node = NodeId::new("car-b").unwrap();
+    let reason = "generation 7 failed verification";
+    let taken = store
+        .claw_back_checks(&node, reason, TimestampMs(40_000), 200)
+        .await
+        .unwrap();
+    assert_eq!(taken.checks, 1);
+
+    let late = store
+        .pay_check(&check("check:chatcmpl-2:1", 30_000), &book)
+        .await
+        .unwrap();
+    assert_eq!(late.withheld.as_deref(), Some(reason));
+    assert!(!late.newly_paid);
+    let replayed = store
+        .pay_check(&check("check:chatcmpl-1:1", 10_000), &book)
+        .await
+        .unwrap();
+    assert_eq!(
+        (replayed.withheld, replayed.pay),
+        (None, MicroUsd(PAY)),
+        "a booked check keeps its booking"
+    );
+    assert_eq!(balance(store, AccountId::Owner(owner("bob"))).await, 0);
+    let after = store
+        .pay_check(&check("check:chatcmpl-3:1", 50_000), &book)
+        .await
+        .unwrap();
+    assert!(after.newly_paid && after.withheld.is_none());
+    assert_eq!(
+        balance(store, AccountId::Owner(owner("bob"))).await,
+        PAY + ENERGY
+    );
+    let statement = store
+        .statement(
+            &node,
+            Period {
+                from: TimestampMs(0),
+                until: TimestampMs(100_000),
+            },
+        )
+        .await
+        .unwrap();
+    let checks: Vec<&str> = statement
+        .verifications
+        .iter()
+        .map(|line| line.check.as_str())
+        .collect();
+    assert_eq!(checks, ["check:chatcmpl-1:1", "check:chatcmpl-3:1"]);
+    let report = verify(store).await.unwrap();
+    assert!(report.is_ok(), "{report:?}");
+}
+
 on_both_backends!(
     a_check_is_paid_once_by_the_platform,
     the_statement_shows_the_checks_the_vehicle_was_paid_for,
     a_cheating_verifiers_last_checks_are_taken_back_once,
+    a_check_booked_after_its_verifiers_checks_were_taken_back_is_not_paid,
 );

@@ -1,6 +1,10 @@
 //! Checks paid (`crate::verification`): the check's record and the transfers
 //! that pay it commit in one transaction, so a check on a statement is a
 //! check paid, and a check booked again pays nothing twice.
+//!
+//! Paying a node's check and taking back its checks take turns (the node's
+//! lock, [`node_lock`]); once a node's checks were taken back at a time, a
+//! check of its made by then is not paid, whenever it comes to be booked.
 
 use crate::core::{
     AccountId, DurationMs, MicroUsd, MicroWh, ModelId, NodeId, OwnerId, RequestId, TimestampMs,
@@ -14,12 +18,16 @@ use super::tx::{on_tx, Tx};
 use super::{Backend, Store, StoreError};
 
 /// What booking a check did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckReceipt {
-    /// False when the check was booked before: nothing was posted now.
+    /// False when the check was booked before, or withheld: nothing was
+    /// posted now.
     pub newly_paid: bool,
     pub pay: MicroUsd,
     pub energy: MicroUsd,
+    /// Why the check is not paid: its node's checks were taken back, with
+    /// this reason, at or after the time it was made. Nothing is booked.
+    pub withheld: Option<String>,
 }
 
 const COLUMNS: &str =
@@ -48,6 +56,18 @@ impl Store {
         book: &PriceBook,
     ) -> Result<CheckReceipt, StoreError> {
         let mut tx = Tx::begin(self).await?;
+        tx.lock_requests(&[node_lock(&work.node)?]).await?;
+        if !is_booked(&mut tx, &work.check).await? {
+            if let Some(reason) = taken_back_since(&mut tx, &work.node, work.at).await? {
+                tx.commit().await?;
+                return Ok(CheckReceipt {
+                    newly_paid: false,
+                    pay: MicroUsd(0),
+                    energy: MicroUsd(0),
+                    withheld: Some(reason),
+                });
+            }
+        }
         let insert = format!(
             "INSERT INTO ledger_verifications ({COLUMNS}) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (check_id) DO NOTHING"
@@ -83,8 +103,39 @@ impl Store {
             newly_paid: inserted > 0,
             pay: paid.pay,
             energy: paid.energy,
+            withheld: None,
         })
     }
+}
+
+/// The lock that makes paying a node's checks and taking them back take
+/// turns: on PostgreSQL the advisory lock of a name no request has.
+fn node_lock(node: &NodeId) -> Result<RequestId, StoreError> {
+    Ok(RequestId::new(format!("checks-of:{}", node.as_str()))?)
+}
+
+async fn is_booked(tx: &mut Tx, check: &RequestId) -> Result<bool, StoreError> {
+    let select = "SELECT COUNT(*) FROM ledger_verifications WHERE check_id = $1";
+    let count: i64 = on_tx!(tx, tx => sqlx::query_scalar(select)
+        .bind(check.as_str())
+        .fetch_one(&mut **tx)
+        .await?);
+    Ok(count > 0)
+}
+
+/// The reason `node`'s checks were taken back, if they were at or after `at`.
+async fn taken_back_since(
+    tx: &mut Tx,
+    node: &NodeId,
+    at: TimestampMs,
+) -> Result<Option<String>, StoreError> {
+    let select =
+        "SELECT reason FROM ledger_check_clawback_nodes WHERE node_id = $1 AND at_ms >= $2";
+    Ok(on_tx!(tx, tx => sqlx::query_scalar(select)
+        .bind(node.as_str())
+        .bind(at.0)
+        .fetch_optional(&mut **tx)
+        .await?))
 }
 
 /// What taking back a verifier's checks did.
@@ -108,8 +159,9 @@ impl Store {
     /// transfer that paid the check and carries `at`; the checks are
     /// recorded (`ledger_check_clawbacks`) with `reason` in the same
     /// transaction, so a check is taken back once however often this runs,
-    /// and shown on the node's statement as a clawback. Holds the node's
-    /// payouts as a clawback order does.
+    /// and shown on the node's statement as a clawback. A check of the node
+    /// made by `at` and not booked yet is never paid (`pay_check` withholds
+    /// it). Holds the node's payouts as a clawback order does.
     pub async fn claw_back_checks(
         &self,
         node: &NodeId,
@@ -129,6 +181,19 @@ impl Store {
         window: u32,
     ) -> Result<CheckClawbackReceipt, StoreError> {
         let mut tx = Tx::begin(self).await?;
+        tx.lock_requests(&[node_lock(node)?]).await?;
+        // From now on a check of the node made by `at` is not paid.
+        let taken_back = "INSERT INTO ledger_check_clawback_nodes (node_id, reason, at_ms) \
+                          VALUES ($1, $2, $3) ON CONFLICT (node_id) DO UPDATE \
+                          SET reason = excluded.reason, at_ms = excluded.at_ms \
+                          WHERE excluded.at_ms > ledger_check_clawback_nodes.at_ms";
+        on_tx!(&mut tx, tx => sqlx::query(taken_back)
+            .bind(node.as_str())
+            .bind(reason)
+            .bind(at.0)
+            .execute(&mut **tx)
+            .await
+            .map(|_| ())?);
         let select = "SELECT check_id, owner_id FROM ledger_verifications \
                       WHERE node_id = $1 AND at_ms <= $2 \
                       ORDER BY at_ms DESC, check_id DESC LIMIT $3";
