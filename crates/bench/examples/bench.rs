@@ -35,7 +35,8 @@ fn run(args: &[String]) -> Result<String, String> {
     let cache_dir = PathBuf::from(cache_dir);
     let refs = bench::ensure_built(&cache_dir).map_err(|e| e.to_string())?;
     match (kind.as_str(), rest) {
-        ("engine", []) => bench::engine(&model, threads, &refs)
+        ("engine", []) => bench::reference::ensure_same_version_built(&cache_dir)
+            .and_then(|same| bench::engine(&model, threads, &same, &refs))
             .map(|report| report.to_string())
             .map_err(|e| e.to_string()),
         ("serving", [fleetgrid]) => {

@@ -1,5 +1,7 @@
 //! The engine benchmark: our engine's prefill and decode speed against `llama-bench` on the same
-//! model file and thread count, in one run.
+//! model file and thread count, in one run, twice over: `llama-bench` built on the engine's own
+//! llama.cpp library (the same version: a gap is our code), and `llama-cpp-python`'s (an outside
+//! anchor: a gap there is also the llama.cpp version).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,18 +22,27 @@ pub const DECODE_TOKENS: u32 = 128;
 /// rounds. A small shared machine drifts by more than the difference being measured, so a single
 /// run of each side, minutes apart, decides nothing.
 pub const ENGINE_BENCH_ROUNDS: u32 = 5;
-/// Our decode speed must reach this fraction of llama-bench's.
-pub const DECODE_TARGET_RATIO: f64 = 0.95;
-/// Our prefill speed must reach this fraction of llama-bench's.
-pub const PREFILL_TARGET_RATIO: f64 = 0.90;
+/// Our decode speed must reach this fraction of the same-version llama-bench's: the same
+/// library, so nothing of ours may cost time.
+pub const DECODE_TARGET_RATIO: f64 = 1.0;
+/// Our prefill speed must reach this fraction of the same-version llama-bench's.
+pub const PREFILL_TARGET_RATIO: f64 = 0.95;
+/// Against `llama-cpp-python`'s llama-bench (another llama.cpp version) decode must reach this.
+pub const ANCHOR_DECODE_TARGET_RATIO: f64 = 0.95;
+/// Against `llama-cpp-python`'s llama-bench prefill must reach this.
+pub const ANCHOR_PREFILL_TARGET_RATIO: f64 = 0.90;
 
 /// One round: (prefill, decode) tokens/s of each side.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EngineRound {
     pub ours: (f64, f64),
-    /// llama-bench with flash attention set as our engine runs it (off).
+    /// The same-version llama-bench with flash attention set as our engine runs it (off).
+    pub same_version: (f64, f64),
+    /// The same-version llama-bench with flash attention on, for information.
+    pub same_version_flash_attention: (f64, f64),
+    /// `llama-cpp-python`'s llama-bench with flash attention off.
     pub reference: (f64, f64),
-    /// llama-bench with flash attention on, for information.
+    /// `llama-cpp-python`'s llama-bench with flash attention on, for information.
     pub reference_flash_attention: (f64, f64),
 }
 
@@ -42,17 +53,24 @@ pub struct EngineBenchReport {
     pub threads: u32,
     /// What our engine reports about itself.
     pub engine_version: String,
-    /// What the reference tools were built from.
+    /// What each reference llama-bench was built from.
+    pub same_version: String,
     pub reference_version: String,
     /// The CPU flags both llama.cpp builds were configured with.
     pub cpu_flags: String,
-    /// Medians over the rounds, flash attention off on both sides (our engine's setting).
+    /// Medians over the rounds against the same-version llama-bench, flash attention off on both
+    /// sides (our engine's setting): the targets.
     pub prefill: Comparison,
     pub decode: Comparison,
-    /// Medians against llama-bench with flash attention on (not a target: our engine keeps it
-    /// off so that a moved generation resumes bit-exactly).
+    /// Medians against the same-version llama-bench with flash attention on (not a target: our
+    /// engine keeps it off so that a moved generation resumes bit-exactly).
     pub prefill_vs_flash_attention: Comparison,
     pub decode_vs_flash_attention: Comparison,
+    /// Medians against `llama-cpp-python`'s llama-bench, flash attention off, then on.
+    pub prefill_vs_anchor: Comparison,
+    pub decode_vs_anchor: Comparison,
+    pub prefill_vs_anchor_flash_attention: Comparison,
+    pub decode_vs_anchor_flash_attention: Comparison,
     pub rounds: Vec<EngineRound>,
 }
 
@@ -61,43 +79,68 @@ impl std::fmt::Display for EngineBenchReport {
         writeln!(formatter, "model:     {}", self.model_path.display())?;
         writeln!(formatter, "threads:   {}", self.threads)?;
         writeln!(formatter, "ours:      {}", self.engine_version)?;
+        writeln!(formatter, "same:      llama-bench, {}", self.same_version)?;
         writeln!(
             formatter,
-            "reference: llama-bench, {}",
+            "anchor:    llama-bench, {}",
             self.reference_version
         )?;
         writeln!(formatter, "cpu flags: {}", self.cpu_flags)?;
         writeln!(
             formatter,
-            "rounds:    {} (each: llama-bench, then ours; medians below)",
+            "rounds:    {} (each: same-version llama-bench, anchor llama-bench, then ours; medians below)",
             self.rounds.len()
         )?;
-        writeln!(formatter)?;
-        writeln!(formatter, "flash attention off on both sides (the target):")?;
-        let rows = [self.prefill.clone(), self.decode.clone()];
-        formatter.write_str(&comparison_table("llama-bench", &rows))?;
-        writeln!(formatter)?;
-        writeln!(
-            formatter,
-            "against llama-bench with flash attention on (information only):"
-        )?;
-        let rows = [
-            self.prefill_vs_flash_attention.clone(),
-            self.decode_vs_flash_attention.clone(),
+        let tables = [
+            (
+                "same llama.cpp, flash attention off on both sides (the target):",
+                "llama-bench",
+                [&self.prefill, &self.decode],
+            ),
+            (
+                "same llama.cpp, llama-bench with flash attention on (information only):",
+                "llama-bench -fa 1",
+                [
+                    &self.prefill_vs_flash_attention,
+                    &self.decode_vs_flash_attention,
+                ],
+            ),
+            (
+                "llama-cpp-python's llama.cpp, flash attention off:",
+                "anchor",
+                [&self.prefill_vs_anchor, &self.decode_vs_anchor],
+            ),
+            (
+                "llama-cpp-python's llama.cpp with flash attention on (information only):",
+                "anchor -fa 1",
+                [
+                    &self.prefill_vs_anchor_flash_attention,
+                    &self.decode_vs_anchor_flash_attention,
+                ],
+            ),
         ];
-        formatter.write_str(&comparison_table("llama-bench -fa 1", &rows))?;
+        for (title, reference, rows) in tables {
+            writeln!(formatter)?;
+            writeln!(formatter, "{title}")?;
+            let rows = rows.map(Clone::clone);
+            formatter.write_str(&comparison_table(reference, &rows))?;
+        }
         writeln!(formatter)?;
         writeln!(
             formatter,
-            "round  ours pp  ours tg  ref pp  ref tg  ref-fa pp  ref-fa tg"
+            "round  ours pp  ours tg  same pp  same tg  same-fa pp  same-fa tg  anchor pp  anchor tg  anchor-fa pp  anchor-fa tg"
         )?;
         for (index, round) in self.rounds.iter().enumerate() {
             writeln!(
                 formatter,
-                "{:>5}  {:>7.1}  {:>7.1}  {:>6.1}  {:>6.1}  {:>9.1}  {:>9.1}",
+                "{:>5}  {:>7.1}  {:>7.1}  {:>7.1}  {:>7.1}  {:>10.1}  {:>10.1}  {:>9.1}  {:>9.1}  {:>12.1}  {:>12.1}",
                 index + 1,
                 round.ours.0,
                 round.ours.1,
+                round.same_version.0,
+                round.same_version.1,
+                round.same_version_flash_attention.0,
+                round.same_version_flash_attention.1,
                 round.reference.0,
                 round.reference.1,
                 round.reference_flash_attention.0,
@@ -124,10 +167,11 @@ pub(crate) fn median(values: impl IntoIterator<Item = f64>) -> f64 {
 }
 
 /// Measures prefill (512 tokens) and decode (128 tokens) in [`ENGINE_BENCH_ROUNDS`] interleaved
-/// rounds of llama-bench and our engine, and compares the medians.
+/// rounds of both llama-benches and our engine, and compares the medians.
 pub fn engine(
     model_path: &Path,
     threads: u32,
+    same: &ReferenceBinaries,
     refs: &ReferenceBinaries,
 ) -> Result<EngineBenchReport, BenchError> {
     if threads == 0 {
@@ -136,7 +180,7 @@ pub fn engine(
         ));
     }
     let model = model_path.to_owned();
-    let thread_refs = refs.clone();
+    let thread_refs = [same.clone(), refs.clone()];
     // The engine's blocking calls run on a thread of their own, so that this may be called from
     // inside an async runtime too.
     let (engine_version, rounds) =
@@ -158,42 +202,67 @@ pub fn engine(
         model_path: model_path.to_owned(),
         threads,
         engine_version: format!("{engine_version} [{ENGINE_LLAMA_CPP_DESCRIPTION}]"),
+        same_version: same.llama_cpp_version.clone(),
         reference_version: refs.llama_cpp_version.clone(),
         cpu_flags: refs.cpu_flags.to_string(),
         prefill: comparison(
             prefill_metric.clone(),
             |round| round.ours.0,
-            |round| round.reference.0,
+            |round| round.same_version.0,
             PREFILL_TARGET_RATIO,
         ),
         decode: comparison(
             decode_metric.clone(),
             |round| round.ours.1,
-            |round| round.reference.1,
+            |round| round.same_version.1,
             DECODE_TARGET_RATIO,
         ),
         prefill_vs_flash_attention: comparison(
-            prefill_metric,
+            prefill_metric.clone(),
             |round| round.ours.0,
-            |round| round.reference_flash_attention.0,
+            |round| round.same_version_flash_attention.0,
             PREFILL_TARGET_RATIO,
         ),
         decode_vs_flash_attention: comparison(
+            decode_metric.clone(),
+            |round| round.ours.1,
+            |round| round.same_version_flash_attention.1,
+            DECODE_TARGET_RATIO,
+        ),
+        prefill_vs_anchor: comparison(
+            prefill_metric.clone(),
+            |round| round.ours.0,
+            |round| round.reference.0,
+            ANCHOR_PREFILL_TARGET_RATIO,
+        ),
+        decode_vs_anchor: comparison(
+            decode_metric.clone(),
+            |round| round.ours.1,
+            |round| round.reference.1,
+            ANCHOR_DECODE_TARGET_RATIO,
+        ),
+        prefill_vs_anchor_flash_attention: comparison(
+            prefill_metric,
+            |round| round.ours.0,
+            |round| round.reference_flash_attention.0,
+            ANCHOR_PREFILL_TARGET_RATIO,
+        ),
+        decode_vs_anchor_flash_attention: comparison(
             decode_metric,
             |round| round.ours.1,
             |round| round.reference_flash_attention.1,
-            DECODE_TARGET_RATIO,
+            ANCHOR_DECODE_TARGET_RATIO,
         ),
         rounds,
     })
 }
 
-/// Starts our engine with one sequence, as llama-bench runs one, and alternates: llama-bench,
-/// then one measured run of ours, [`ENGINE_BENCH_ROUNDS`] times.
+/// Starts our engine with one sequence, as llama-bench runs one, and alternates: the same-version
+/// llama-bench, the anchor's, then one measured run of ours, [`ENGINE_BENCH_ROUNDS`] times.
 fn measure_rounds(
     model_path: &Path,
     threads: u32,
-    refs: &ReferenceBinaries,
+    [same, anchor]: &[ReferenceBinaries; 2],
 ) -> Result<(String, Vec<EngineRound>), BenchError> {
     let config = EngineConfig {
         threads,
@@ -206,10 +275,11 @@ fn measure_rounds(
     engine.bench_prefill_decode(PREFILL_TOKENS, DECODE_TOKENS)?;
     let mut rounds = Vec::new();
     for _ in 0..ENGINE_BENCH_ROUNDS {
-        let reference = run_llama_bench(model_path, threads, refs)?;
+        let same = run_llama_bench(model_path, threads, same)?;
+        let reference = run_llama_bench(model_path, threads, anchor)?;
         let ours = engine.bench_prefill_decode(PREFILL_TOKENS, DECODE_TOKENS)?;
-        let pick = |on: bool| {
-            reference
+        let pick = |results: &[LlamaBenchResult], on: bool| {
+            results
                 .iter()
                 .find(|result| result.flash_attention == on)
                 .map(|result| {
@@ -225,8 +295,10 @@ fn measure_rounds(
         };
         rounds.push(EngineRound {
             ours,
-            reference: pick(flash_attention)?,
-            reference_flash_attention: pick(true)?,
+            same_version: pick(&same, flash_attention)?,
+            same_version_flash_attention: pick(&same, true)?,
+            reference: pick(&reference, flash_attention)?,
+            reference_flash_attention: pick(&reference, true)?,
         });
     }
     Ok((engine.info().engine_version.clone(), rounds))

@@ -1,5 +1,6 @@
 //! The reference tools, `llama-bench`, `llama-server` and `llama-quantize`, built at bench time from the llama.cpp
-//! tree that the `llama-cpp-python` source distribution vendors.
+//! tree that the `llama-cpp-python` source distribution vendors, and again on the llama.cpp library
+//! the engine links ([`same_version`]).
 //!
 //! Our engine is llama.cpp as vendored by `llama-cpp-sys-2` (0.1.161, ggml 0.26.0). That crate
 //! ships only the library, not the tools; `llama-cpp-python` 0.3.36, the newest release, vendors
@@ -13,6 +14,7 @@
 
 mod cpu_flags;
 mod fetch;
+pub mod same_version;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -65,15 +67,39 @@ pub fn ensure_built_with(
     std::fs::create_dir_all(cache_dir).map_err(|e| BenchError::io("create", cache_dir, e))?;
     let source_dir = fetch::ensure_source(cache_dir)?;
     let ggml_version = read_ggml_version(&source_dir)?;
+    let version = format!(
+        "llama.cpp {REFERENCE_LLAMA_CPP_COMMIT} (ggml {ggml_version}) from llama-cpp-python \
+         {LLAMA_CPP_PYTHON_VERSION}"
+    );
     let build_dir = cache_dir.join(format!("build-{}", cpu_flags.short_name()));
+    build_tools(&source_dir, &build_dir, version, cpu_flags)
+}
+
+/// The reference tools built on the llama.cpp library the engine links (see
+/// [`same_version`]), with the same CPU flags as the engine, or the ones built before.
+pub fn ensure_same_version_built(cache_dir: &Path) -> Result<ReferenceBinaries, BenchError> {
+    std::fs::create_dir_all(cache_dir).map_err(|e| BenchError::io("create", cache_dir, e))?;
+    let cpu_flags = CpuFlags::matching_engine();
+    let (tree, version) = same_version::ensure_tree(cache_dir)?;
+    let build_dir = cache_dir
+        .join("same-version")
+        .join(format!("build-{}", cpu_flags.short_name()));
+    build_tools(&tree, &build_dir, version, &cpu_flags)
+}
+
+/// Builds the tools of `source_dir` into `build_dir`, unless a build with the same definitions
+/// is already there.
+fn build_tools(
+    source_dir: &Path,
+    build_dir: &Path,
+    llama_cpp_version: String,
+    cpu_flags: &CpuFlags,
+) -> Result<ReferenceBinaries, BenchError> {
     let binaries = ReferenceBinaries {
         llama_bench: build_dir.join("bin").join("llama-bench"),
         llama_server: build_dir.join("bin").join("llama-server"),
         llama_quantize: build_dir.join("bin").join("llama-quantize"),
-        llama_cpp_version: format!(
-            "llama.cpp {REFERENCE_LLAMA_CPP_COMMIT} (ggml {ggml_version}) from llama-cpp-python \
-             {LLAMA_CPP_PYTHON_VERSION}"
-        ),
+        llama_cpp_version,
         cpu_flags: cpu_flags.clone(),
     };
     let defines = cmake_defines(cpu_flags);
@@ -86,7 +112,7 @@ pub fn ensure_built_with(
     if already_built {
         return Ok(binaries);
     }
-    build(&source_dir, &build_dir, &defines)?;
+    build(source_dir, build_dir, &defines)?;
     std::fs::write(&stamp_path, stamp).map_err(|e| BenchError::io("write", &stamp_path, e))?;
     Ok(binaries)
 }

@@ -89,8 +89,9 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
                 .context("resolve the model")?;
             let threads = threads_or_all(threads);
             let report = tokio::task::spawn_blocking(move || {
+                let same = bench::reference::ensure_same_version_built(&reference_dir())?;
                 let refs = bench::reference::ensure_built(&reference_dir())?;
-                bench::engine(&model.path, threads, &refs)
+                bench::engine(&model.path, threads, &same, &refs)
             })
             .await
             .context("bench task")?
