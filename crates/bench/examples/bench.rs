@@ -36,7 +36,9 @@ fn run(args: &[String]) -> Result<String, String> {
     let refs = bench::ensure_built(&cache_dir).map_err(|e| e.to_string())?;
     match (kind.as_str(), rest) {
         ("engine", []) => bench::reference::ensure_same_version_built(&cache_dir)
-            .and_then(|same| bench::engine(&model, threads, &same, &refs))
+            .and_then(|same| {
+                bench::engine(&model, threads, bench::ENGINE_BENCH_ROUNDS, &same, &refs)
+            })
             .map(|report| report.to_string())
             .map_err(|e| e.to_string()),
         ("serving", [fleetgrid]) => {

@@ -17,7 +17,7 @@ use crate::BenchError;
 pub const PREFILL_TOKENS: u32 = 512;
 /// Generated tokens of the decode test (llama-bench's `tg128`).
 pub const DECODE_TOKENS: u32 = 128;
-/// Rounds of the comparison. Each round runs llama-bench once and our engine once, one right
+/// Rounds of the comparison unless told otherwise. Each round runs llama-bench once and our engine once, one right
 /// after the other, so that both sides see the same machine; the report takes the median over
 /// rounds. A small shared machine drifts by more than the difference being measured, so a single
 /// run of each side, minutes apart, decides nothing.
@@ -166,17 +166,18 @@ pub(crate) fn median(values: impl IntoIterator<Item = f64>) -> f64 {
     }
 }
 
-/// Measures prefill (512 tokens) and decode (128 tokens) in [`ENGINE_BENCH_ROUNDS`] interleaved
-/// rounds of both llama-benches and our engine, and compares the medians.
+/// Measures prefill (512 tokens) and decode (128 tokens) in `rounds` interleaved rounds of both
+/// llama-benches and our engine, and compares the medians.
 pub fn engine(
     model_path: &Path,
     threads: u32,
+    rounds: u32,
     same: &ReferenceBinaries,
     refs: &ReferenceBinaries,
 ) -> Result<EngineBenchReport, BenchError> {
-    if threads == 0 {
+    if threads == 0 || rounds == 0 {
         return Err(BenchError::InvalidSetting(
-            "threads must be at least 1".to_owned(),
+            "threads and rounds must be at least 1".to_owned(),
         ));
     }
     let model = model_path.to_owned();
@@ -184,7 +185,7 @@ pub fn engine(
     // The engine's blocking calls run on a thread of their own, so that this may be called from
     // inside an async runtime too.
     let (engine_version, rounds) =
-        std::thread::spawn(move || measure_rounds(&model, threads, &thread_refs))
+        std::thread::spawn(move || measure_rounds(&model, threads, rounds, &thread_refs))
             .join()
             .map_err(|_| BenchError::Panicked("engine benchmark thread"))??;
     let comparison = |metric: String,
@@ -258,10 +259,11 @@ pub fn engine(
 }
 
 /// Starts our engine with one sequence, as llama-bench runs one, and alternates: the same-version
-/// llama-bench, the anchor's, then one measured run of ours, [`ENGINE_BENCH_ROUNDS`] times.
+/// llama-bench, the anchor's, then one measured run of ours, `rounds` times.
 fn measure_rounds(
     model_path: &Path,
     threads: u32,
+    rounds: u32,
     [same, anchor]: &[ReferenceBinaries; 2],
 ) -> Result<(String, Vec<EngineRound>), BenchError> {
     let config = EngineConfig {
@@ -273,8 +275,8 @@ fn measure_rounds(
     let engine = Engine::start(config)?;
     // Untimed warm-up, as llama-bench does: it faults in the mapped weights and sizes buffers.
     engine.bench_prefill_decode(PREFILL_TOKENS, DECODE_TOKENS)?;
-    let mut rounds = Vec::new();
-    for _ in 0..ENGINE_BENCH_ROUNDS {
+    let mut measured = Vec::new();
+    for _ in 0..rounds {
         let same = run_llama_bench(model_path, threads, same)?;
         let reference = run_llama_bench(model_path, threads, anchor)?;
         let ours = engine.bench_prefill_decode(PREFILL_TOKENS, DECODE_TOKENS)?;
@@ -293,7 +295,7 @@ fn measure_rounds(
                     reason: format!("no results with flash attention {on}"),
                 })
         };
-        rounds.push(EngineRound {
+        measured.push(EngineRound {
             ours,
             same_version: pick(&same, flash_attention)?,
             same_version_flash_attention: pick(&same, true)?,
@@ -301,7 +303,7 @@ fn measure_rounds(
             reference_flash_attention: pick(&reference, true)?,
         });
     }
-    Ok((engine.info().engine_version.clone(), rounds))
+    Ok((engine.info().engine_version.clone(), measured))
 }
 
 /// The reference's speeds for one flash-attention setting, from llama-bench's JSON output.

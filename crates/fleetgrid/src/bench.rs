@@ -19,6 +19,9 @@ pub enum BenchCommand {
         threads: Option<u32>,
         #[arg(long, default_value = "smollm2-135m-instruct")]
         model: String,
+        /// Paired rounds (each: both llama-benches, then ours); medians are reported.
+        #[arg(long, default_value_t = bench::ENGINE_BENCH_ROUNDS)]
+        rounds: u32,
     },
     /// One node's aggregate tokens/s at 1, 4 and 8 streams, gateway to agent,
     /// against llama-server with 8 slots.
@@ -83,7 +86,11 @@ pub(crate) fn reference_dir() -> PathBuf {
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
-        BenchCommand::Engine { threads, model } => {
+        BenchCommand::Engine {
+            threads,
+            model,
+            rounds,
+        } => {
             let model = home::model_store()?
                 .resolve(&model)
                 .context("resolve the model")?;
@@ -91,7 +98,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             let report = tokio::task::spawn_blocking(move || {
                 let same = bench::reference::ensure_same_version_built(&reference_dir())?;
                 let refs = bench::reference::ensure_built(&reference_dir())?;
-                bench::engine(&model.path, threads, &same, &refs)
+                bench::engine(&model.path, threads, rounds, &same, &refs)
             })
             .await
             .context("bench task")?
