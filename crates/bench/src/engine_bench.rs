@@ -188,17 +188,29 @@ pub fn engine(
         std::thread::spawn(move || measure_rounds(&model, threads, rounds, &thread_refs))
             .join()
             .map_err(|_| BenchError::Panicked("engine benchmark thread"))??;
-    let comparison = |metric: String,
-                      ours: fn(&EngineRound) -> f64,
-                      reference: fn(&EngineRound) -> f64,
-                      target_ratio: f64| Comparison {
-        metric,
-        ours: median(rounds.iter().map(ours)),
-        reference: median(rounds.iter().map(reference)),
-        target_ratio,
-    };
     let prefill_metric = format!("prefill pp{PREFILL_TOKENS} (tokens/s)");
     let decode_metric = format!("decode tg{DECODE_TOKENS} (tokens/s)");
+    // Prefill and decode against one reference's (prefill, decode) of each round.
+    let against = |reference: fn(&EngineRound) -> (f64, f64), (prefill, decode): (f64, f64)| {
+        let compare = |metric: &str, pick: fn((f64, f64)) -> f64, target_ratio: f64| Comparison {
+            metric: metric.to_owned(),
+            ours: median(rounds.iter().map(|round| pick(round.ours))),
+            reference: median(rounds.iter().map(|round| pick(reference(round)))),
+            target_ratio,
+        };
+        (
+            compare(&prefill_metric, |pair| pair.0, prefill),
+            compare(&decode_metric, |pair| pair.1, decode),
+        )
+    };
+    let targets = (PREFILL_TARGET_RATIO, DECODE_TARGET_RATIO);
+    let anchor_targets = (ANCHOR_PREFILL_TARGET_RATIO, ANCHOR_DECODE_TARGET_RATIO);
+    let (prefill, decode) = against(|round| round.same_version, targets);
+    let (prefill_vs_flash_attention, decode_vs_flash_attention) =
+        against(|round| round.same_version_flash_attention, targets);
+    let (prefill_vs_anchor, decode_vs_anchor) = against(|round| round.reference, anchor_targets);
+    let (prefill_vs_anchor_flash_attention, decode_vs_anchor_flash_attention) =
+        against(|round| round.reference_flash_attention, anchor_targets);
     Ok(EngineBenchReport {
         model_path: model_path.to_owned(),
         threads,
@@ -206,54 +218,14 @@ pub fn engine(
         same_version: same.llama_cpp_version.clone(),
         reference_version: refs.llama_cpp_version.clone(),
         cpu_flags: refs.cpu_flags.to_string(),
-        prefill: comparison(
-            prefill_metric.clone(),
-            |round| round.ours.0,
-            |round| round.same_version.0,
-            PREFILL_TARGET_RATIO,
-        ),
-        decode: comparison(
-            decode_metric.clone(),
-            |round| round.ours.1,
-            |round| round.same_version.1,
-            DECODE_TARGET_RATIO,
-        ),
-        prefill_vs_flash_attention: comparison(
-            prefill_metric.clone(),
-            |round| round.ours.0,
-            |round| round.same_version_flash_attention.0,
-            PREFILL_TARGET_RATIO,
-        ),
-        decode_vs_flash_attention: comparison(
-            decode_metric.clone(),
-            |round| round.ours.1,
-            |round| round.same_version_flash_attention.1,
-            DECODE_TARGET_RATIO,
-        ),
-        prefill_vs_anchor: comparison(
-            prefill_metric.clone(),
-            |round| round.ours.0,
-            |round| round.reference.0,
-            ANCHOR_PREFILL_TARGET_RATIO,
-        ),
-        decode_vs_anchor: comparison(
-            decode_metric.clone(),
-            |round| round.ours.1,
-            |round| round.reference.1,
-            ANCHOR_DECODE_TARGET_RATIO,
-        ),
-        prefill_vs_anchor_flash_attention: comparison(
-            prefill_metric,
-            |round| round.ours.0,
-            |round| round.reference_flash_attention.0,
-            ANCHOR_PREFILL_TARGET_RATIO,
-        ),
-        decode_vs_anchor_flash_attention: comparison(
-            decode_metric,
-            |round| round.ours.1,
-            |round| round.reference_flash_attention.1,
-            ANCHOR_DECODE_TARGET_RATIO,
-        ),
+        prefill,
+        decode,
+        prefill_vs_flash_attention,
+        decode_vs_flash_attention,
+        prefill_vs_anchor,
+        decode_vs_anchor,
+        prefill_vs_anchor_flash_attention,
+        decode_vs_anchor_flash_attention,
         rounds,
     })
 }

@@ -96,6 +96,31 @@ fn start(flash_attention: bool, change: impl FnOnce(&mut EngineConfig)) -> Engin
     Engine::start(config).expect("start engine")
 }
 
+/// `asked` run on `engine` with three other requests: submitted once its first token is out
+/// (`joining`: they share its decode batches), or right with it (prefilled together).
+fn in_company(engine: &Engine, asked: &Generation, joining: bool) -> Outcome {
+    let mut stream = engine.submit(asked.clone()).expect("submit");
+    let head = joining.then(|| first_token(&mut stream));
+    let others: Vec<_> = QUESTIONS
+        .iter()
+        .zip(100_u64..)
+        .take(3)
+        .map(|(question, seed)| {
+            engine
+                .submit(request(engine, question, seed))
+                .expect("submit")
+        })
+        .collect();
+    let mut outcome = collect(stream);
+    if let Some(head) = head {
+        outcome.tokens.insert(0, head);
+    }
+    for other in others {
+        collect(other);
+    }
+    outcome
+}
+
 /// The request run on `engine` on its own.
 fn alone(engine: &Engine) -> impl Fn(&Generation, &Outcome) -> (Outcome, usize) + '_ {
     move |asked, _| (run(engine, asked.clone()), 0)
@@ -223,24 +248,7 @@ fn table() {
             "decoded beside 3 other sequences",
             condition(
                 &references,
-                |asked: &Generation, _: &Outcome| {
-                    let mut stream = wide.submit(asked.clone()).expect("submit");
-                    let head = first_token(&mut stream);
-                    let others: Vec<_> = QUESTIONS
-                        .iter()
-                        .zip(100_u64..)
-                        .take(3)
-                        .map(|(question, seed)| {
-                            wide.submit(request(&wide, question, seed)).expect("submit")
-                        })
-                        .collect();
-                    let mut outcome = collect(stream);
-                    outcome.tokens.insert(0, head);
-                    for other in others {
-                        collect(other);
-                    }
-                    (outcome, 0)
-                },
+                |asked: &Generation, _: &Outcome| (in_company(&wide, asked, true), 0),
                 &reference_engine,
             ),
         );
@@ -248,22 +256,7 @@ fn table() {
             "prefilled together with 3 other prompts",
             condition(
                 &references,
-                |asked: &Generation, _: &Outcome| {
-                    let stream = wide.submit(asked.clone()).expect("submit");
-                    let others: Vec<_> = QUESTIONS
-                        .iter()
-                        .zip(200_u64..)
-                        .take(3)
-                        .map(|(question, seed)| {
-                            wide.submit(request(&wide, question, seed)).expect("submit")
-                        })
-                        .collect();
-                    let outcome = collect(stream);
-                    for other in others {
-                        collect(other);
-                    }
-                    (outcome, 0)
-                },
+                |asked: &Generation, _: &Outcome| (in_company(&wide, asked, false), 0),
                 &reference_engine,
             ),
         );

@@ -135,6 +135,15 @@ async fn the_statement_shows_the_checks_the_vehicle_was_paid_for(store: &Store) 
     assert!(other.verifications.is_empty());
 }
 
+/// `node`'s statement for the first 100 seconds, where these checks are.
+async fn first_100_seconds(store: &Store, node: &NodeId) -> ledger::statement::Statement {
+    let period = Period {
+        from: TimestampMs(0),
+        until: TimestampMs(100_000),
+    };
+    store.statement(node, period).await.unwrap()
+}
+
 /// A verifier found cheating gives back the pay of its last checks, once
 /// however often it is asked; its statement shows each as a
 /// clawback with the reason, and `verify` finds every reversal ordered and
@@ -172,16 +181,7 @@ async fn a_cheating_verifiers_last_checks_are_taken_back_once(store: &Store) {
         balance(store, AccountId::Verification).await,
         -2 * (PAY + ENERGY)
     );
-    let statement = store
-        .statement(
-            &node,
-            Period {
-                from: TimestampMs(0),
-                until: TimestampMs(100_000),
-            },
-        )
-        .await
-        .unwrap();
+    let statement = first_100_seconds(store, &node).await;
     let taken: Vec<(&str, &str)> = statement
         .clawbacks
         .iter()
@@ -244,16 +244,7 @@ async fn a_check_booked_after_its_verifiers_checks_were_taken_back_is_not_paid(s
         balance(store, AccountId::Owner(owner("bob"))).await,
         PAY + ENERGY
     );
-    let statement = store
-        .statement(
-            &node,
-            Period {
-                from: TimestampMs(0),
-                until: TimestampMs(100_000),
-            },
-        )
-        .await
-        .unwrap();
+    let statement = first_100_seconds(store, &node).await;
     let checks: Vec<&str> = statement
         .verifications
         .iter()
