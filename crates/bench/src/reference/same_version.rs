@@ -67,11 +67,25 @@ pub(super) fn ensure_tree(cache_dir: &Path) -> Result<(PathBuf, String), BenchEr
         let ggml_version = super::read_ggml_version(&tree)?;
         return Ok((tree, describe(&ggml_version)));
     }
-    remove_dir_if_present(&tree)?;
-    let parent = tree.parent().unwrap_or(cache_dir);
-    std::fs::create_dir_all(parent).map_err(|e| BenchError::io("create", parent, e))?;
-    let log = cache_dir.join("same-version-copy.log");
-    copy_tree(&engine_tree, &tree, &log)?;
+    merge(
+        &engine_tree,
+        &drivers,
+        &tree,
+        &cache_dir.join("same-version-copy.log"),
+    )?;
+    std::fs::write(&stamp_path, stamp).map_err(|e| BenchError::io("write", &stamp_path, e))?;
+    let ggml_version = super::read_ggml_version(&tree)?;
+    Ok((tree, describe(&ggml_version)))
+}
+
+/// Makes `tree` afresh: a copy of `library` with [`DRIVER_PATHS`] taken from `drivers`, and a
+/// tools list of only the tools built here.
+fn merge(library: &Path, drivers: &Path, tree: &Path, log: &Path) -> Result<(), BenchError> {
+    remove_dir_if_present(tree)?;
+    if let Some(parent) = tree.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| BenchError::io("create", parent, e))?;
+    }
+    copy_tree(library, tree, log)?;
     for path in DRIVER_PATHS {
         let target = tree.join(path);
         if target.is_dir() {
@@ -80,13 +94,10 @@ pub(super) fn ensure_tree(cache_dir: &Path) -> Result<(PathBuf, String), BenchEr
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent).map_err(|e| BenchError::io("create", parent, e))?;
         }
-        copy_tree(&drivers.join(path), &target, &log)?;
+        copy_tree(&drivers.join(path), &target, log)?;
     }
     let tools = tree.join("tools").join("CMakeLists.txt");
-    std::fs::write(&tools, TOOLS_CMAKE_LISTS).map_err(|e| BenchError::io("write", &tools, e))?;
-    std::fs::write(&stamp_path, stamp).map_err(|e| BenchError::io("write", &stamp_path, e))?;
-    let ggml_version = super::read_ggml_version(&tree)?;
-    Ok((tree, describe(&ggml_version)))
+    std::fs::write(&tools, TOOLS_CMAKE_LISTS).map_err(|e| BenchError::io("write", &tools, e))
 }
 
 /// The engine's llama.cpp tree, as this build recorded it.
@@ -106,4 +117,64 @@ fn copy_tree(from: &Path, to: &Path, log: &Path) -> Result<(), BenchError> {
     let mut copy = Command::new("cp");
     copy.arg("-a").arg(from).arg(to);
     run_logged(&mut copy, "cp", log).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    fn read(path: &Path) -> String {
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    #[test]
+    fn the_merged_tree_is_the_library_with_the_other_trees_drivers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (library, drivers) = (dir.path().join("library"), dir.path().join("drivers"));
+        write(&library.join("ggml/src/kernel.c"), "the engine's kernel");
+        write(&library.join("src/llama.cpp"), "the engine's graph");
+        write(&library.join("common/common.cpp"), "newer common");
+        write(&library.join("common/only-newer.h"), "gone after the merge");
+        write(
+            &library.join("tools/llama-bench/README.md"),
+            "a readme only",
+        );
+        write(&library.join("tools/CMakeLists.txt"), "every tool");
+        write(&drivers.join("ggml/src/kernel.c"), "the older kernel");
+        for path in DRIVER_PATHS {
+            let file = if path.ends_with(".cmake") {
+                drivers.join(path)
+            } else {
+                drivers.join(path).join("driver.cpp")
+            };
+            write(&file, &format!("older {path}"));
+        }
+        let tree = dir.path().join("merged").join("llama.cpp");
+        merge(&library, &drivers, &tree, &dir.path().join("copy.log")).unwrap();
+
+        assert_eq!(read(&tree.join("ggml/src/kernel.c")), "the engine's kernel");
+        assert_eq!(read(&tree.join("src/llama.cpp")), "the engine's graph");
+        assert_eq!(read(&tree.join("common/driver.cpp")), "older common");
+        assert!(!tree.join("common/only-newer.h").exists());
+        assert!(!tree.join("tools/llama-bench/README.md").exists());
+        assert_eq!(
+            read(&tree.join("tools/llama-bench/driver.cpp")),
+            "older tools/llama-bench"
+        );
+        assert_eq!(
+            read(&tree.join("scripts/ui-assets.cmake")),
+            "older scripts/ui-assets.cmake"
+        );
+        assert_eq!(read(&tree.join("tools/CMakeLists.txt")), TOOLS_CMAKE_LISTS);
+
+        // Merged again (another library), nothing of the first merge is left behind.
+        std::fs::remove_file(library.join("src/llama.cpp")).unwrap();
+        merge(&library, &drivers, &tree, &dir.path().join("copy.log")).unwrap();
+        assert!(!tree.join("src/llama.cpp").exists());
+    }
 }
