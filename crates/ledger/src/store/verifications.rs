@@ -57,8 +57,10 @@ impl Store {
     ) -> Result<CheckReceipt, StoreError> {
         let mut tx = Tx::begin(self).await?;
         tx.lock_requests(&[node_lock(&work.node)?]).await?;
-        if !is_booked(&mut tx, &work.check).await? {
-            if let Some(reason) = taken_back_since(&mut tx, &work.node, work.at).await? {
+        // A check booked before the clawback keeps its booking (the clawback
+        // reversed it); only the node of a clawback pays the second query.
+        if let Some(reason) = taken_back_since(&mut tx, &work.node, work.at).await? {
+            if !is_booked(&mut tx, &work.check).await? {
                 tx.commit().await?;
                 return Ok(CheckReceipt {
                     newly_paid: false,
