@@ -151,21 +151,15 @@ impl Demo {
 
     /// The demo's own log, then its coordinator's lines about verification.
     fn log(&self) -> String {
-        let read = |path: &[&str]| {
-            std::fs::read_to_string(
-                path.iter()
-                    .fold(self.dir.path().to_owned(), |p, c| p.join(c)),
-            )
-            .unwrap_or_default()
-        };
-        let checks: Vec<String> = read(&["logs", "coordinator.log"])
+        let read = |path: std::path::PathBuf| std::fs::read_to_string(path).unwrap_or_default();
+        let checks: Vec<String> = read(self.dir.path().join("logs").join("coordinator.log"))
             .lines()
             .filter(|line| line.contains("check") || line.contains("verif"))
             .map(str::to_owned)
             .collect();
         format!(
             "{}\nthe coordinator's lines about verification:\n{}",
-            read(&["demo.log"]),
+            read(self.dir.path().join("demo.log")),
             checks.join("\n")
         )
     }
