@@ -163,7 +163,9 @@ impl NodeTable {
         let free_before = FreeEntry::of(node);
         let victim_classes_before = victim_classes(node);
         let classes_before = node.policy.allowed_classes;
-        groups_of(node, groups_before);
+        // Groups matter only to a node filed in the victim index; most changes are to nodes
+        // that run nothing.
+        groups_if_filed(node, victim_classes_before, groups_before);
 
         let result = change(node);
 
@@ -193,7 +195,7 @@ impl NodeTable {
             }
         }
         let victim_classes_after = victim_classes(node);
-        groups_of(node, groups_after);
+        groups_if_filed(node, victim_classes_after, groups_after);
         if victim_classes_before != victim_classes_after || groups_before != groups_after {
             if let Some(classes) = victim_classes_before {
                 victims.apply(id, node, classes, groups_before, false);
@@ -224,11 +226,10 @@ impl NodeTable {
 
     /// A node whose timer is due at `now`, with its timer cleared.
     pub(crate) fn pop_due_timer(&mut self, now: Millis) -> Option<NodeId> {
-        let (at, id) = *self.timers.first()?;
-        if at > now {
+        if self.timers.first()?.0 > now {
             return None;
         }
-        self.timers.remove(&(at, id));
+        let (_, id) = self.timers.pop_first()?;
         // The timer is not part of any index or count, so no full update is needed.
         if let Some(node) = self.nodes.get_mut(id.0 as usize).and_then(Option::as_mut) {
             node.timer = None;
@@ -303,6 +304,15 @@ fn count_servable(
 fn victim_classes(node: &Node) -> Option<u8> {
     let classes = node.policy.allowed_classes.bits();
     (node.blocker.is_none() && classes != 0 && !node.running.is_empty()).then_some(classes)
+}
+
+/// The node's victim groups if it is filed in the victim index under `classes`, else none.
+fn groups_if_filed(node: &Node, classes: Option<u8>, groups: &mut Vec<VictimGroup>) {
+    if classes.is_some() {
+        groups_of(node, groups);
+    } else {
+        groups.clear();
+    }
 }
 
 /// The distinct victim groups of a node's running work, sorted.

@@ -11,7 +11,7 @@
 //! request it was serving, which is prefilled again on the next vehicle.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 
 use crate::fleet::Traits;
 
@@ -38,6 +38,11 @@ pub struct Vehicle {
     pub last: i64,
     /// Leases running here.
     pub running: Vec<u32>,
+    /// Each running lease's `Lease::target`, in the same order: fixed while it runs, and
+    /// read at every finish and reschedule.
+    pub targets: Vec<f64>,
+    /// How many of them are of each tenant class.
+    pub running_by_class: [u16; 3],
     /// Compute energy of the owner's current local day, Wh, and that day.
     pub energy_today: f64,
     pub energy_day: i64,
@@ -57,6 +62,8 @@ impl Vehicle {
             energy_per_stream: 0.0,
             last: 0,
             running: Vec::new(),
+            targets: Vec::new(),
+            running_by_class: [0; 3],
             energy_today: 0.0,
             energy_day: 0,
             energy_unreported: 0.0,
@@ -227,18 +234,26 @@ pub enum Due {
 ///
 /// A calendar: events of later minutes wait unsorted in their minute's
 /// bucket, and only the current minute's are kept in a heap, so a million
-/// vehicles' queued events cost a push onto a vector each.
+/// vehicles' queued events cost a push onto a vector each. The buckets of
+/// the next `HORIZON_MINUTES` are a ring indexed by minute; later ones (rare)
+/// wait in a sorted map.
 #[derive(Debug, Default)]
 pub struct Agenda {
     current: BinaryHeap<Entry>,
     /// The minute `current` holds; earlier events go there too.
     current_minute: i64,
-    future: BTreeMap<i64, Vec<Entry>>,
+    /// `soon[i]` holds minute `current_minute + 1 + i`.
+    soon: VecDeque<Vec<Entry>>,
+    later: BTreeMap<i64, Vec<Entry>>,
+    /// Emptied buckets, kept for their allocations.
+    spare: Vec<Vec<Entry>>,
     sequence: u64,
     len: usize,
 }
 
 const BUCKET_MS: i64 = 60_000;
+/// Minutes ahead kept in the ring (about 45 days).
+const HORIZON_MINUTES: i64 = 1 << 16;
 
 /// `(due at, queued as, what)`, smallest first.
 type Entry = Reverse<(i64, u64, Due)>;
@@ -249,19 +264,27 @@ impl Agenda {
         self.len += 1;
         let entry = Reverse((at, self.sequence, due));
         let minute = at.div_euclid(BUCKET_MS);
-        if minute <= self.current_minute {
+        let ahead = minute - self.current_minute;
+        if ahead <= 0 {
             self.current.push(entry);
+        } else if ahead <= HORIZON_MINUTES {
+            let index = (ahead - 1) as usize;
+            while self.soon.len() <= index {
+                let bucket = self.spare.pop().unwrap_or_default();
+                self.soon.push_back(bucket);
+            }
+            self.soon[index].push(entry);
         } else {
-            self.future.entry(minute).or_default().push(entry);
+            self.later.entry(minute).or_default().push(entry);
         }
     }
 
     /// The next event before `end`.
     pub fn pop_before(&mut self, end: i64) -> Option<(i64, Due)> {
-        if self.current.is_empty() {
-            let (minute, bucket) = self.future.pop_first()?;
-            self.current_minute = minute;
-            self.current = BinaryHeap::from(bucket);
+        while self.current.is_empty() {
+            if !self.next_minute() {
+                return None;
+            }
         }
         let Reverse((at, _, _)) = self.current.peek()?;
         if *at >= end {
@@ -269,6 +292,38 @@ impl Agenda {
         }
         self.len -= 1;
         self.current.pop().map(|Reverse((at, _, due))| (at, due))
+    }
+
+    /// Moves the next minute's bucket into the (empty) heap; false when
+    /// nothing is queued.
+    fn next_minute(&mut self) -> bool {
+        let bucket = if let Some(bucket) = self.soon.pop_front() {
+            self.current_minute += 1;
+            bucket
+        } else if let Some((minute, bucket)) = self.later.pop_first() {
+            self.current_minute = minute;
+            bucket
+        } else {
+            return false;
+        };
+        // Minutes the ring has not reached yet join it as they come within
+        // its horizon.
+        while let Some(entry) = self.later.first_entry() {
+            if *entry.key() - self.current_minute > HORIZON_MINUTES {
+                break;
+            }
+            let (minute, entries) = entry.remove_entry();
+            let index = (minute - self.current_minute - 1) as usize;
+            while self.soon.len() <= index {
+                let spare = self.spare.pop().unwrap_or_default();
+                self.soon.push_back(spare);
+            }
+            self.soon[index].extend(entries);
+        }
+        let mut emptied = std::mem::replace(&mut self.current, BinaryHeap::from(bucket)).into_vec();
+        emptied.clear();
+        self.spare.push(emptied);
+        true
     }
 
     pub fn len(&self) -> usize {
@@ -301,6 +356,30 @@ mod tests {
         assert_eq!(order, vec![5, 7, 61_000]);
         assert_eq!(agenda.len(), 1);
         assert_eq!(agenda.pop_before(i64::MAX), Some((190_000, Due::Tick)));
+        assert!(agenda.is_empty());
+    }
+
+    #[test]
+    fn events_beyond_the_rings_horizon_come_in_order_with_the_rest() {
+        let mut agenda = Agenda::default();
+        let far = (HORIZON_MINUTES + 5) * BUCKET_MS;
+        agenda.push(far + 1, Due::Arrival { class: 0 });
+        agenda.push(2 * far, Due::Arrival { class: 1 });
+        agenda.push(far, Due::Arrival { class: 2 });
+        agenda.push(30_000, Due::Tick);
+        assert_eq!(agenda.pop_before(i64::MAX), Some((30_000, Due::Tick)));
+        // Queued once the ring has moved: before the far ones, and between them.
+        agenda.push(far - BUCKET_MS, Due::GridStart { programme: 0 });
+        assert_eq!(
+            agenda.pop_before(far),
+            Some((far - BUCKET_MS, Due::GridStart { programme: 0 }))
+        );
+        assert_eq!(agenda.pop_before(far), None);
+        agenda.push(far + 2 * BUCKET_MS, Due::GridEnd { programme: 0 });
+        let order: Vec<i64> = std::iter::from_fn(|| agenda.pop_before(i64::MAX))
+            .map(|(at, _)| at)
+            .collect();
+        assert_eq!(order, vec![far, far + 1, far + 2 * BUCKET_MS, 2 * far]);
         assert!(agenda.is_empty());
     }
 }
