@@ -19,4 +19,4 @@ pub use ids::{NodeId, RequestId, TenantId};
 pub use money::MicroUsd;
 pub use prompt_heads::{PromptHeads, PROMPT_HEADS_MAX, PROMPT_HEAD_BLOCK_TOKENS};
 pub use tenant_class::{TenantClass, UnknownTenantClass};
-pub use time::TimestampMs;
+pub use time::{ceil_ms, TimestampMs};

@@ -166,18 +166,7 @@ pub(crate) fn expected_generation_ms(
     let seconds = f64::from(prompt_tokens) / prefill + f64::from(remaining_tokens) / decode;
     let ms = seconds * 1000.0 * f64::from(margin_permille) / 1000.0;
     // A float-to-int cast saturates, so an absurd estimate becomes "forever", not garbage.
-    ceil_u64(ms)
-}
-
-/// `x.ceil() as u64`, without the library call `ceil` is on x86-64 CPUs before SSE4.1 (placement
-/// asks this for every node it probes).
-fn ceil_u64(x: f64) -> u64 {
-    let whole = x as u64;
-    if (whole as f64) < x {
-        whole.saturating_add(1)
-    } else {
-        whole
-    }
+    u64::try_from(domain::ceil_ms(ms)).unwrap_or(0)
 }
 
 fn local_ms(now: Millis, policy: &OwnerPolicy) -> i64 {
@@ -208,32 +197,6 @@ fn next_local_boundary(now: Millis, policy: &OwnerPolicy, period_ms: i64) -> Mil
 mod tests {
     use super::*;
     use crate::types::{ClassSet, TenantClass};
-
-    #[test]
-    fn the_ceiling_without_the_library_call_is_the_librarys() {
-        let values = [
-            0.0,
-            -0.0,
-            0.2,
-            0.5,
-            1.0,
-            1.000_000_1,
-            41.999_999,
-            1e15 + 0.5,
-            4.5e15,
-            -0.5,
-            -3.0,
-            1.8e19,
-            1e300,
-            f64::INFINITY,
-            f64::NEG_INFINITY,
-            f64::NAN,
-            f64::MIN_POSITIVE,
-        ];
-        for x in values {
-            assert_eq!(ceil_u64(x), x.ceil() as u64, "{x}");
-        }
-    }
 
     /// 2024-01-01T10:30:00Z.
     const NOW: Millis = Millis(1_704_105_000_000);

@@ -961,12 +961,12 @@ impl<'a> Run<'a> {
         let speed = class.per_stream_speed[active];
         let nearest = car.targets.iter().copied().fold(f64::INFINITY, f64::min);
         let seconds = ((nearest - car.progress) / speed).max(0.0);
-        let finish = now + ceil_i64(seconds * 1_000.0);
+        let finish = now + domain::ceil_ms(seconds * 1_000.0);
         let cap = self.policies[usize::from(car.traits.policy)]
             .max_energy_per_day_wh
             .map(|cap| {
                 let left = (f64::from(cap) - car.energy_today).max(0.0) + 1.0;
-                now + ceil_i64(left / class.watts[active] * 3_600_000.0)
+                now + domain::ceil_ms(left / class.watts[active] * 3_600_000.0)
             });
         let car = &mut self.vehicles[vehicle as usize];
         if finish < car.due_finish {
@@ -1196,17 +1196,6 @@ impl<'a> Run<'a> {
     }
 }
 
-/// `x.ceil() as i64`, without the library call `ceil` is on x86-64 CPUs before SSE4.1 (every
-/// finish is queued through it).
-fn ceil_i64(x: f64) -> i64 {
-    let whole = x as i64;
-    if (whole as f64) < x {
-        whole.saturating_add(1)
-    } else {
-        whole
-    }
-}
-
 /// A vehicle's report of being plugged in (charging, with the departure its
 /// owner announced) or not.
 fn state_changed(vehicle: u32, plugged_in: bool, departure_at: Option<Millis>) -> Event {
@@ -1219,37 +1208,5 @@ fn state_changed(vehicle: u32, plugged_in: bool, departure_at: Option<Millis>) -
             departure_at,
             ..VehicleState::default()
         },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_ceiling_without_the_library_call_is_the_librarys() {
-        let values = [
-            0.0,
-            -0.0,
-            0.2,
-            0.5,
-            1.0,
-            1.000_000_1,
-            41.999_999,
-            1e15 + 0.5,
-            4.5e15,
-            -0.5,
-            -3.7,
-            -1e300,
-            9.3e18,
-            1e300,
-            f64::INFINITY,
-            f64::NEG_INFINITY,
-            f64::NAN,
-            f64::MIN_POSITIVE,
-        ];
-        for x in values {
-            assert_eq!(ceil_i64(x), x.ceil() as i64, "{x}");
-        }
     }
 }
