@@ -245,8 +245,6 @@ pub struct Agenda {
     /// `soon[i]` holds minute `current_minute + 1 + i`.
     soon: VecDeque<Vec<Entry>>,
     later: BTreeMap<i64, Vec<Entry>>,
-    /// Emptied buckets, kept for their allocations.
-    spare: Vec<Vec<Entry>>,
     sequence: u64,
     len: usize,
 }
@@ -269,9 +267,8 @@ impl Agenda {
             self.current.push(entry);
         } else if ahead <= HORIZON_MINUTES {
             let index = (ahead - 1) as usize;
-            while self.soon.len() <= index {
-                let bucket = self.spare.pop().unwrap_or_default();
-                self.soon.push_back(bucket);
+            if self.soon.len() <= index {
+                self.soon.resize_with(index + 1, Vec::new);
             }
             self.soon[index].push(entry);
         } else {
@@ -314,15 +311,13 @@ impl Agenda {
             }
             let (minute, entries) = entry.remove_entry();
             let index = (minute - self.current_minute - 1) as usize;
-            while self.soon.len() <= index {
-                let spare = self.spare.pop().unwrap_or_default();
-                self.soon.push_back(spare);
+            if self.soon.len() <= index {
+                self.soon.resize_with(index + 1, Vec::new);
             }
             self.soon[index].extend(entries);
         }
-        let mut emptied = std::mem::replace(&mut self.current, BinaryHeap::from(bucket)).into_vec();
-        emptied.clear();
-        self.spare.push(emptied);
+        // The emptied heap's allocation is freed: a busy minute's would otherwise be kept.
+        self.current = BinaryHeap::from(bucket);
         true
     }
 
