@@ -1037,9 +1037,9 @@ impl<'a> Run<'a> {
         if let Some(at) = car.running.iter().position(|lease| *lease == index) {
             car.running.remove(at);
             car.targets.remove(at);
+            let class = self.leases.get(index).expect("running lease").class;
+            car.running_by_class[usize::from(class)] -= 1;
         }
-        car.running_by_class[usize::from(self.leases.get(index).expect("running lease").class)] -=
-            1;
         let (progress, energy_clock) = (car.progress, car.energy_per_stream);
         let tariff_index = usize::from(car.traits.tariff);
         self.busy -= 1;
