@@ -63,17 +63,15 @@ pub(super) fn ensure_tree(cache_dir: &Path) -> Result<(PathBuf, String), BenchEr
         )
     };
     let stamp_path = tree.join(TREE_STAMP_FILE_NAME);
-    if std::fs::read_to_string(&stamp_path).is_ok_and(|found| found == stamp) {
-        let ggml_version = super::read_ggml_version(&tree)?;
-        return Ok((tree, describe(&ggml_version)));
+    if !std::fs::read_to_string(&stamp_path).is_ok_and(|found| found == stamp) {
+        merge(
+            &engine_tree,
+            &drivers,
+            &tree,
+            &cache_dir.join("same-version-copy.log"),
+        )?;
+        std::fs::write(&stamp_path, stamp).map_err(|e| BenchError::io("write", &stamp_path, e))?;
     }
-    merge(
-        &engine_tree,
-        &drivers,
-        &tree,
-        &cache_dir.join("same-version-copy.log"),
-    )?;
-    std::fs::write(&stamp_path, stamp).map_err(|e| BenchError::io("write", &stamp_path, e))?;
     let ggml_version = super::read_ggml_version(&tree)?;
     Ok((tree, describe(&ggml_version)))
 }
