@@ -38,6 +38,7 @@ impl TimestampMs {
     }
 
     /// `self + ms`, saturating at the end of time rather than wrapping.
+    #[inline]
     pub fn plus(self, ms: u64) -> TimestampMs {
         match i64::try_from(ms) {
             Ok(ms) => TimestampMs(self.0.saturating_add(ms)),
@@ -46,6 +47,7 @@ impl TimestampMs {
     }
 
     /// `self - ms`, saturating at the start of time rather than wrapping.
+    #[inline]
     pub fn minus(self, ms: u64) -> TimestampMs {
         match i64::try_from(ms) {
             Ok(ms) => TimestampMs(self.0.saturating_sub(ms)),
@@ -69,6 +71,7 @@ impl TimestampMs {
 /// `x.ceil() as i64`, for a duration in milliseconds computed in floating point: saturating as
 /// the cast does (NaN is 0). Written out because on x86-64 CPUs before SSE4.1 `f64::ceil` is a
 /// library call, and the scheduler and the simulator ask this for every placement and finish.
+#[inline]
 pub fn ceil_ms(x: f64) -> i64 {
     let whole = x as i64;
     if (whole as f64) < x {

@@ -110,7 +110,7 @@ impl Scheduler {
         let resume_from = entry.committed;
         let tenant = entry.tenant;
         let group = VictimGroup::of(entry.class, tenant);
-        let (model, prompt_heads) = (entry.model, entry.prompt_heads);
+        let model = entry.model;
         let sequences = self
             .nodes
             .update(node, |node| {
@@ -122,7 +122,7 @@ impl Scheduler {
             // A resumed generation may load its prompt from a checkpoint, and restored cells
             // are never kept for reuse: count on nothing kept then.
             let heads = if resume_from == 0 {
-                prompt_heads.hashes()
+                entry.prompt_heads.hashes()
             } else {
                 &[]
             };

@@ -2,7 +2,7 @@
 //! deadline sweep on `Tick`.
 
 use crate::event::{Command, RejectReason, StopReason};
-use crate::requests::{Placement, Request};
+use crate::requests::{Heads, Placement, Request};
 use crate::scheduler::Scheduler;
 use crate::types::{Millis, ModelId, NodeId, PromptHeads, RequestId, TenantId};
 
@@ -89,7 +89,7 @@ impl Scheduler {
             },
             progress_at: now,
             attempt_tokens: 0,
-            prompt_heads: arrival.prompt_heads,
+            prompt_heads: Heads::new(arrival.prompt_heads),
         };
         self.requests.insert(request, entry);
         if must_wait {

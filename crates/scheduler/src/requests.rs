@@ -33,7 +33,7 @@ pub(crate) struct Request {
     /// Tokens the current attempt has delivered.
     pub(crate) attempt_tokens: u32,
     /// Its prompt's head hashes (prefix affinity).
-    pub(crate) prompt_heads: PromptHeads,
+    pub(crate) prompt_heads: Heads,
 }
 
 impl Request {
@@ -48,5 +48,43 @@ impl Request {
             Placement::Running { node } => Some(node),
             Placement::Waiting { .. } => None,
         }
+    }
+}
+
+/// A request's prompt heads, boxed where it has any: they are most of a request's size, and the
+/// scheduler moves its requests in and out of its table on every arrival and end.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Heads(Option<Box<PromptHeads>>);
+
+impl Heads {
+    pub(crate) fn new(heads: PromptHeads) -> Heads {
+        Heads((!heads.is_empty()).then(|| Box::new(heads)))
+    }
+
+    pub(crate) fn get(&self) -> Option<&PromptHeads> {
+        self.0.as_deref()
+    }
+
+    /// `PromptHeads::hashes`; none without heads.
+    pub(crate) fn hashes(&self) -> &[u64] {
+        self.get().map_or(&[], PromptHeads::hashes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_are_boxed_only_where_a_prompt_has_some_and_keep_every_hash() {
+        let short = PromptHeads::of(&[7; 63]);
+        assert!(Heads::new(short).get().is_none());
+        assert!(Heads::new(short).hashes().is_empty());
+
+        let long = PromptHeads::of(&(0..200).collect::<Vec<i32>>());
+        let kept = Heads::new(long);
+        assert_eq!(kept.get(), Some(&long));
+        assert_eq!(kept.hashes(), long.hashes());
+        assert_eq!(kept.hashes().len(), 3);
     }
 }

@@ -54,12 +54,13 @@ impl Scheduler {
     /// generation time when some node does), the one whose free sequence holds the longest head
     /// of its prompt, then the usual preference. `None` when no such node holds a whole block.
     fn affinity_node(&self, now: Millis, request: &Request, must_cover: bool) -> Option<NodeId> {
-        if !self.config.prefix_affinity || request.prompt_heads.is_empty() {
+        if !self.config.prefix_affinity {
             return None;
         }
+        let heads = request.prompt_heads.get()?;
         let class_bit = 1u8 << request.class.index();
         let mut best: Option<(usize, u128)> = None;
-        let hashes = request.prompt_heads.hashes();
+        let hashes = heads.hashes();
         let mut probes = 0;
         for (at, hash) in hashes.iter().enumerate().rev() {
             let level = at + 1;
@@ -82,9 +83,7 @@ impl Scheduler {
                 {
                     continue;
                 }
-                let levels = self
-                    .heads
-                    .free_levels(node, request.model, &request.prompt_heads);
+                let levels = self.heads.free_levels(node, request.model, heads);
                 if levels == 0 || (must_cover && !self.covers(now, request, node)) {
                     continue;
                 }
