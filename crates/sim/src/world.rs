@@ -257,6 +257,14 @@ const HORIZON_MINUTES: i64 = 1 << 16;
 type Entry = Reverse<(i64, u64, Due)>;
 
 impl Agenda {
+    /// The bucket of minute `current_minute + 1 + index`, made (with those before it) if missing.
+    fn soon_bucket(&mut self, index: usize) -> &mut Vec<Entry> {
+        if self.soon.len() <= index {
+            self.soon.resize_with(index + 1, Vec::new);
+        }
+        &mut self.soon[index]
+    }
+
     pub fn push(&mut self, at: i64, due: Due) {
         self.sequence += 1;
         self.len += 1;
@@ -266,11 +274,7 @@ impl Agenda {
         if ahead <= 0 {
             self.current.push(entry);
         } else if ahead <= HORIZON_MINUTES {
-            let index = (ahead - 1) as usize;
-            if self.soon.len() <= index {
-                self.soon.resize_with(index + 1, Vec::new);
-            }
-            self.soon[index].push(entry);
+            self.soon_bucket((ahead - 1) as usize).push(entry);
         } else {
             self.later.entry(minute).or_default().push(entry);
         }
@@ -311,10 +315,7 @@ impl Agenda {
             }
             let (minute, entries) = entry.remove_entry();
             let index = (minute - self.current_minute - 1) as usize;
-            if self.soon.len() <= index {
-                self.soon.resize_with(index + 1, Vec::new);
-            }
-            self.soon[index].extend(entries);
+            self.soon_bucket(index).extend(entries);
         }
         // The emptied heap's allocation is freed: a busy minute's would otherwise be kept.
         self.current = BinaryHeap::from(bucket);
