@@ -34,4 +34,12 @@ mod tests {
         #[cfg(target_arch = "aarch64")]
         assert!(kernels.contains("NEON = 1"), "{kernels}");
     }
+
+    /// Repacked weights would make a token's numbers depend on its batch (`crate::worker`);
+    /// `.cargo/config.toml` builds llama.cpp without them.
+    #[test]
+    fn this_build_keeps_weights_in_their_own_layout() {
+        let kernels = cpu_kernels();
+        assert!(!kernels.contains("REPACK = 1"), "{kernels}");
+    }
 }

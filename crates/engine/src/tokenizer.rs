@@ -20,6 +20,11 @@ pub const TOKENIZE_TEXT_BYTES_MAX: usize = 256 << 20;
 /// info level on every model load.
 pub const LLAMA_LOG_ENV: &str = "FLEETGRID_LLAMA_LOG";
 
+/// llama.cpp's switch for its tiled K-quant matrix multiplication, which it takes for batches of
+/// eight rows or more and the row-by-row dot product below that: a row's numbers would depend on
+/// how many rows were computed with it. The engine switches it off (see `crate::worker`).
+const TILED_MATMUL_ENV: &str = "GGML_CPU_TILED_MM";
+
 /// One chat message, as rendered by the model's chat template.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChatMessage {
@@ -46,6 +51,9 @@ pub(crate) fn backend() -> Result<&'static LlamaBackend, EngineError> {
             llama_cpp_2::send_logs_to_tracing(
                 llama_cpp_2::LogOptions::default().with_logs_enabled(enabled),
             );
+            // Read once, at llama.cpp's first matrix multiplication, which cannot have run
+            // before its backend is initialised here.
+            std::env::set_var(TILED_MATMUL_ENV, "0");
             LlamaBackend::init().map_err(|error| error.to_string())
         })
         .as_ref()

@@ -18,6 +18,15 @@
 //! of queries. Keeping prompts in chunks of two or more and completion tokens alone makes every
 //! token's numbers independent of what else runs (see `slot.rs`).
 //!
+//! That also needs every weight multiplication to compute a row the same way however many rows
+//! share it. Two of llama.cpp's CPU kernels do not: the repacked weight layouts (one kernel
+//! under four rows, another from four; llama.cpp is built without them, `.cargo/config.toml`)
+//! and the tiled K-quant multiplication (from eight rows; switched off when the backend starts,
+//! `tokenizer::backend`). What is left gives a row the bits of its own dot products: llamafile's
+//! `sgemm` (two rows or more) and the dot product (one row) agree for weights, as the K-quant
+//! tests on Qwen2.5-Coder-0.5B check (`tests/k_quants.rs`). They differ for attention over the
+//! KV cache, hence the rule above.
+//!
 //! This module holds the thread's loop: admission, the step, sampling and the bench. Building
 //! the step's two batches is in [`batch`], a sequence's KV cells in [`sequence`], and restoring a
 //! prompt's head from a checkpoint in [`restore`].

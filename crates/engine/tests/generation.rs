@@ -383,20 +383,3 @@ fn flash_attention_can_be_switched_on() {
     let outcome = run(&engine, generation(prompt, SamplingParams::greedy(), 24));
     assert!(outcome.text().contains("Paris"), "{:?}", outcome.text());
 }
-
-/// The same tokens with the same log-probabilities, bit for bit.
-fn assert_bit_identical(got: &Outcome, expected: &Outcome) {
-    assert_eq!(
-        got.token_ids(),
-        expected.token_ids(),
-        "{:?}",
-        expected.text()
-    );
-    for (got, expected) in got.tokens.iter().zip(&expected.tokens) {
-        assert_eq!(
-            got.logprob.to_bits(),
-            expected.logprob.to_bits(),
-            "{got:?} vs {expected:?}"
-        );
-    }
-}

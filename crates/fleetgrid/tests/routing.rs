@@ -279,7 +279,10 @@ async fn a_collapse_mid_answer_hands_off_to_the_cloud_in_one_stream_metered_in_t
         .filter_map(|entry| entry["token"].as_str())
         .collect();
 
-    let streamed = stream_chat(&stack, &chat("auto", question, 24)).await;
+    // As a user asks for a repeatable answer: temperature 0 and a seed.
+    let mut auto = chat("auto", question, 24);
+    auto["seed"] = json!(7);
+    let streamed = stream_chat(&stack, &auto).await;
     assert_eq!(streamed.tier, "fleet");
     let text = &streamed.streamed.content;
     assert!(streamed.streamed.done && streamed.streamed.errors.is_empty());
@@ -314,12 +317,21 @@ async fn a_collapse_mid_answer_hands_off_to_the_cloud_in_one_stream_metered_in_t
     );
 
     // The same without streaming: one answer, the same split.
-    let whole = post_chat(&stack, &chat("auto", question, 24)).await;
+    let whole = post_chat(&stack, &auto).await;
     assert_eq!(
         (whole.tier.as_str(), whole.reason.as_str()),
         ("fleet+cloud", "handoff")
     );
     assert_eq!(whole.content(), text.as_str());
+    // And streamed again. Both models now start from cells their earlier answers left, so they
+    // prefill a few tokens where they first prefilled the whole prompt; the handoff comes at the
+    // same token and the cloud continues the same way.
+    let again = stream_chat(&stack, &auto).await;
+    assert_eq!(again.streamed.content, *text);
+    assert_eq!(
+        again.route_fields.last().expect("final route field")["usage"]["edge"]["completion_tokens"],
+        5
+    );
 
     // Charged once for both parts: the prompt and the five sent tokens at
     // the fleet price, the cloud's tokens at the cloud price; the cloud's

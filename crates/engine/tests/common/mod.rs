@@ -177,3 +177,20 @@ pub fn first_token(stream: &mut GenerationStream) -> TokenEvent {
 pub fn assert_finished(outcome: &Outcome, reason: FinishReason) {
     assert_eq!(outcome.done.reason, reason, "{outcome:?}");
 }
+
+/// The same tokens with the same log-probabilities, bit for bit.
+pub fn assert_bit_identical(got: &Outcome, expected: &Outcome) {
+    assert_eq!(
+        got.token_ids(),
+        expected.token_ids(),
+        "{:?}",
+        expected.text()
+    );
+    for (got, expected) in got.tokens.iter().zip(&expected.tokens) {
+        assert_eq!(
+            got.logprob.to_bits(),
+            expected.logprob.to_bits(),
+            "{got:?} vs {expected:?}"
+        );
+    }
+}
