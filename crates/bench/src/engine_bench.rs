@@ -299,6 +299,8 @@ fn run_llama_bench(
         .join("llama-bench.log");
     let mut command = Command::new(&refs.llama_bench);
     command
+        // The reference runs with llama.cpp's own defaults, not the switch our engine set.
+        .env_remove(engine::TILED_MATMUL_ENV)
         .arg("-m")
         .arg(model_path)
         .args(["-t", &threads.to_string()])

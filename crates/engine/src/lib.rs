@@ -55,6 +55,8 @@ pub use generation::{
 pub use jinja::{json_dumps, ChatTemplate, ToolCallFormat, CHAT_TEMPLATE_BYTES_MAX};
 pub use sampler::SamplingParams;
 pub use text::TextAssembler;
-pub use tokenizer::{ChatMessage, Tokenizer, LLAMA_LOG_ENV, TOKENIZE_TEXT_BYTES_MAX};
+pub use tokenizer::{
+    ChatMessage, Tokenizer, LLAMA_LOG_ENV, TILED_MATMUL_ENV, TOKENIZE_TEXT_BYTES_MAX,
+};
 pub use verify::{Mismatch, Tolerance, Verification, Verify, DEFAULT_TOLERANCE};
 pub use worker::{CHECKPOINT_BYTES_MAX, PROMPT_SCORE_CHUNK_TOKENS, RESTORE_CHECKED_TOKENS};

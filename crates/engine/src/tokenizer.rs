@@ -22,8 +22,9 @@ pub const LLAMA_LOG_ENV: &str = "FLEETGRID_LLAMA_LOG";
 
 /// llama.cpp's switch for its tiled K-quant matrix multiplication, which it takes for batches of
 /// eight rows or more and the row-by-row dot product below that: a row's numbers would depend on
-/// how many rows were computed with it. The engine switches it off (see `crate::worker`).
-const TILED_MATMUL_ENV: &str = "GGML_CPU_TILED_MM";
+/// how many rows were computed with it. The engine switches it off in its process (see
+/// `crate::worker`); a reference llama.cpp run beside it should not inherit that.
+pub const TILED_MATMUL_ENV: &str = "GGML_CPU_TILED_MM";
 
 /// One chat message, as rendered by the model's chat template.
 #[derive(Clone, Debug, PartialEq, Eq)]

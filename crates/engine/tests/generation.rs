@@ -85,19 +85,8 @@ fn prompts_arriving_together_are_answered_as_each_would_be_alone() {
             generation
         })
         .collect();
-    let alone: Vec<_> = generations
-        .iter()
-        .map(|generation| run(&engine, generation.clone()))
-        .collect();
-    let streams: Vec<_> = generations
-        .iter()
-        .map(|generation| engine.submit(generation.clone()).unwrap())
-        .collect();
-    let together: Vec<_> = streams.into_iter().map(collect).collect();
     // Bit for bit: each sequence's rows are computed as when it is alone.
-    for (together, alone) in together.iter().zip(&alone) {
-        assert_bit_identical(together, alone);
-    }
+    assert_together_as_alone(&engine, &generations);
 }
 
 /// A sequence keeps the prompt cells its last occupant prefilled; a next prompt with the same

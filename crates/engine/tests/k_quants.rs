@@ -49,17 +49,7 @@ fn a_k_quant_models_answers_do_not_depend_on_their_neighbours_in_the_batch() {
         .zip(11_u64..)
         .map(|(question, seed)| asked(&engine, question, seed))
         .collect();
-    let alone: Vec<_> = generations
-        .iter()
-        .map(|generation| run(&engine, generation.clone()))
-        .collect();
-    let streams: Vec<_> = generations
-        .iter()
-        .map(|generation| engine.submit(generation.clone()).unwrap())
-        .collect();
-    for (together, alone) in streams.into_iter().map(collect).zip(&alone) {
-        assert_bit_identical(&together, alone);
-    }
+    assert_together_as_alone(&engine, &generations);
 }
 
 /// A prompt cut into chunks of 5 tokens (each under the kernels' thresholds), the same prompt

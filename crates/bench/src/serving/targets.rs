@@ -61,6 +61,8 @@ pub(crate) async fn start_llama_server(
     let context_tokens = config.slots.saturating_mul(CONTEXT_TOKENS_PER_SLOT);
     let mut command = Command::new(&refs.llama_server);
     command
+        // The reference runs with llama.cpp's own defaults, not the switch our engine set.
+        .env_remove(engine::TILED_MATMUL_ENV)
         .arg("-m")
         .arg(&config.model_path)
         .args(["-t", &config.threads.to_string()])

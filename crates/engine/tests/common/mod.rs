@@ -194,3 +194,19 @@ pub fn assert_bit_identical(got: &Outcome, expected: &Outcome) {
         );
     }
 }
+
+/// Runs each generation alone, then all of them submitted at once (prefilled together, decoded
+/// side by side): each answer together is bit for bit its answer alone.
+pub fn assert_together_as_alone(engine: &Engine, generations: &[Generation]) {
+    let alone: Vec<_> = generations
+        .iter()
+        .map(|generation| run(engine, generation.clone()))
+        .collect();
+    let streams: Vec<_> = generations
+        .iter()
+        .map(|generation| engine.submit(generation.clone()).unwrap())
+        .collect();
+    for (together, alone) in streams.into_iter().map(collect).zip(&alone) {
+        assert_bit_identical(&together, alone);
+    }
+}
