@@ -1,4 +1,5 @@
-//! What a generation's numbers depend on, with llama.cpp's flash attention off and on.
+//! What a generation's numbers depend on, with llama.cpp's flash attention off and on, with
+//! its default kernels and with ggml's reference kernels (`EngineConfig::reference_kernels`).
 //!
 //! A generation moved to another vehicle continues from its committed tokens; fleetgrid promises
 //! the continuation is the one the first vehicle would have produced, token for token and
@@ -9,7 +10,7 @@
 //!
 //! This runs one seeded generation per prompt as the reference (alone, 2 threads, prompt in one
 //! chunk, 512 tokens of context, decoded uninterrupted) and again under each changed condition,
-//! with flash attention off and on, and prints how many answers kept every token and every
+//! in four columns (flash attention off and on, each with both kinds of kernels), and prints how many answers kept every token and every
 //! log-probability bit, and the largest log-probability difference seen.
 //!
 //! ```sh
@@ -88,10 +89,37 @@ impl Tally {
     }
 }
 
-fn start(flash_attention: bool, change: impl FnOnce(&mut EngineConfig)) -> Engine {
+/// One column: flash attention, and whether ggml's reference kernels compute.
+#[derive(Clone, Copy)]
+struct Kernels {
+    flash_attention: bool,
+    reference: bool,
+}
+
+const COLUMNS: [Kernels; 4] = [
+    Kernels {
+        flash_attention: false,
+        reference: false,
+    },
+    Kernels {
+        flash_attention: true,
+        reference: false,
+    },
+    Kernels {
+        flash_attention: false,
+        reference: true,
+    },
+    Kernels {
+        flash_attention: true,
+        reference: true,
+    },
+];
+
+fn start(kernels: Kernels, change: impl FnOnce(&mut EngineConfig)) -> Engine {
     let mut config = config(1, 512);
     config.threads = 2;
-    config.flash_attention = flash_attention;
+    config.flash_attention = kernels.flash_attention;
+    config.reference_kernels = kernels.reference;
     change(&mut config);
     Engine::start(config).expect("start engine")
 }
@@ -167,7 +195,7 @@ fn main() {
     println!("{}", engine::cpu_kernels());
     for long in [false, true] {
         LONG.store(long, std::sync::atomic::Ordering::Relaxed);
-        let probe = start(false, |_| {});
+        let probe = start(COLUMNS[0], |_| {});
         let prompt_tokens = request(&probe, QUESTIONS[0], 1).prompt.len();
         drop(probe);
         println!();
@@ -183,11 +211,15 @@ fn main() {
 }
 
 fn table() {
-    println!("| condition | flash attention off | flash attention on |");
-    println!("|---|---|---|");
-    let mut rows: Vec<(String, [String; 2])> = Vec::new();
-    for (column, flash_attention) in [false, true].into_iter().enumerate() {
-        let reference_engine = start(flash_attention, |_| {});
+    println!(
+        "| condition | flash attention off | flash attention on | reference kernels, flash \
+         attention off | reference kernels, flash attention on |"
+    );
+    println!("|---|---|---|---|---|");
+    let mut rows: Vec<(String, [String; 4])> = Vec::new();
+    for (column, kernels) in COLUMNS.into_iter().enumerate() {
+        let flash_attention = kernels.flash_attention;
+        let reference_engine = start(kernels, |_| {});
         let references: Vec<Outcome> = QUESTIONS
             .iter()
             .zip(1_u64..)
@@ -202,44 +234,61 @@ fn table() {
             if let Some(row) = rows.iter_mut().find(|(row, _)| row == name) {
                 row.1[column] = tally.cell();
             } else {
-                let mut cells = [String::new(), String::new()];
+                let mut cells: [String; 4] = Default::default();
                 cells[column] = tally.cell();
                 rows.push((name.to_owned(), cells));
             }
         };
 
         if flash_attention {
-            let off = start(false, |_| {});
+            let off = start(
+                Kernels {
+                    flash_attention: false,
+                    ..kernels
+                },
+                |_| {},
+            );
             record(
                 "flash attention on against off",
                 condition(&references, alone(&off), &reference_engine),
+            );
+        }
+        if kernels.reference {
+            let default = start(
+                Kernels {
+                    reference: false,
+                    ..kernels
+                },
+                |_| {},
+            );
+            record(
+                "reference kernels against the default ones",
+                condition(&references, alone(&default), &reference_engine),
             );
         }
         record(
             "again on the same engine (its prompt's cells reused)",
             condition(&references, alone(&reference_engine), &reference_engine),
         );
-        let threads = start(flash_attention, |config| config.threads = 1);
+        let threads = start(kernels, |config| config.threads = 1);
         record(
             "1 thread instead of 2",
             condition(&references, alone(&threads), &reference_engine),
         );
         drop(threads);
-        let chunks = start(flash_attention, |config| config.batch_tokens = 16);
+        let chunks = start(kernels, |config| config.batch_tokens = 16);
         record(
             "prompt prefilled in 16-token chunks",
             condition(&references, alone(&chunks), &reference_engine),
         );
         drop(chunks);
-        let context = start(flash_attention, |config| {
-            config.context_tokens_per_sequence = 2048
-        });
+        let context = start(kernels, |config| config.context_tokens_per_sequence = 2048);
         record(
             "2048 tokens of context instead of 512",
             condition(&references, alone(&context), &reference_engine),
         );
         drop(context);
-        let wide = start(flash_attention, |config| config.parallel_sequences = 4);
+        let wide = start(kernels, |config| config.parallel_sequences = 4);
         record(
             "alone in a 4-sequence engine",
             condition(&references, alone(&wide), &reference_engine),
@@ -261,7 +310,7 @@ fn table() {
             ),
         );
         drop(wide);
-        let other_node = start(flash_attention, |_| {});
+        let other_node = start(kernels, |_| {});
         record(
             &format!("resumed on another engine after {RESUMED_AFTER} tokens (a handover)"),
             condition(
@@ -275,7 +324,7 @@ fn table() {
             ),
         );
     }
-    for (name, [off, on]) in rows {
-        println!("| {name} | {off} | {on} |");
+    for (name, cells) in rows {
+        println!("| {name} | {} |", cells.join(" | "));
     }
 }

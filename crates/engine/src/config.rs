@@ -34,8 +34,14 @@ pub struct EngineConfig {
     pub queue_capacity: usize,
     /// Use llama.cpp's flash attention (off by default). It prefills faster on CPU, but it
     /// computes a query with kernels chosen by batch shape, context length and thread count, so
-    /// a generation resumed on a node with other threads would no longer continue bit for bit.
+    /// a generation resumed on a node with other threads would no longer continue bit for bit;
+    /// with `reference_kernels` as well it takes one kernel for every query, and does.
     pub flash_attention: bool,
+    /// Compute with ggml's reference kernels (off by default): no llamafile `sgemm`, no fused
+    /// operations, one row at a time. A chunk of queries then gets the numbers each query gets
+    /// alone, attention included, so a draft checked in one prefill scores as its decode did
+    /// (the exact cascade's cloud). It costs prefill speed where llamafile would have run.
+    pub reference_kernels: bool,
 }
 
 impl EngineConfig {
@@ -52,6 +58,7 @@ impl EngineConfig {
             memory_budget_bytes: DEFAULT_MEMORY_BUDGET_BYTES,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             flash_attention: false,
+            reference_kernels: false,
         }
     }
 

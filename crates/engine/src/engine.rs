@@ -268,9 +268,11 @@ fn engine_thread(
     };
     let tokenizer = Tokenizer::from_model(Arc::clone(&model));
     let context = match backend().and_then(|backend| {
-        model
-            .new_context(backend, context_params(&config))
-            .map_err(|error| EngineError::ModelLoad(format!("create llama context: {error}")))
+        crate::cpu::with_reference_kernels(config.reference_kernels, || {
+            model.new_context(backend, context_params(&config))
+        })
+        .map_err(EngineError::ModelLoad)?
+        .map_err(|error| EngineError::ModelLoad(format!("create llama context: {error}")))
     }) {
         Ok(context) => context,
         Err(error) => {
@@ -334,7 +336,11 @@ fn engine_info(config: &EngineConfig, tokenizer: &Tokenizer) -> EngineInfo {
         kv_cache_bytes,
         vocab_size: tokenizer.vocab_size(),
         engine_version: ENGINE_VERSION.to_owned(),
-        cpu_kernels: crate::cpu_kernels().to_owned(),
+        cpu_kernels: if config.reference_kernels {
+            format!("{} REFERENCE = 1 |", crate::cpu_kernels())
+        } else {
+            crate::cpu_kernels().to_owned()
+        },
     }
 }
 

@@ -55,7 +55,12 @@ pub(crate) fn backend() -> Result<&'static LlamaBackend, EngineError> {
             // Read once, at llama.cpp's first matrix multiplication, which cannot have run
             // before its backend is initialised here.
             std::env::set_var(TILED_MATMUL_ENV, "0");
-            LlamaBackend::init().map_err(|error| error.to_string())
+            let backend = LlamaBackend::init().map_err(|error| error.to_string())?;
+            // Before any context exists; only engines asking for the reference kernels need it.
+            if let Err(reason) = crate::cpu::install_reference_switch() {
+                tracing::warn!(%reason, "ggml's reference kernels are unavailable");
+            }
+            Ok(backend)
         })
         .as_ref()
         .map_err(|reason| EngineError::ModelLoad(format!("initialise llama.cpp backend: {reason}")))

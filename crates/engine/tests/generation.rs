@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use engine::{FinishReason, SamplingParams};
+use engine::{FinishReason, Generation, SamplingParams};
 
 #[test]
 fn greedy_chat_answer_is_sensible_and_identical_across_runs() {
@@ -371,4 +371,43 @@ fn flash_attention_can_be_switched_on() {
     let prompt = chat_prompt(&engine, "What is the capital of France?");
     let outcome = run(&engine, generation(prompt, SamplingParams::greedy(), 24));
     assert!(outcome.text().contains("Paris"), "{:?}", outcome.text());
+}
+
+/// Flash attention on ggml's reference kernels takes its one-row kernel for every query: a
+/// long prompt's answer is bit for bit the same prefilled whole or in 16-token chunks, decoded
+/// beside other sequences, and on one thread instead of two. (On the default kernels the
+/// chunked and the accompanied answers part within a few tokens: a prompt of 64 rows or more
+/// goes through the tiled kernel, a KV view of 512 cells through the split-KV merge.)
+#[test]
+fn flash_attention_on_the_reference_kernels_does_not_depend_on_the_batch() {
+    let start = |change: &dyn Fn(&mut engine::EngineConfig)| {
+        let mut config = config(4, 512);
+        config.threads = 2;
+        config.flash_attention = true;
+        config.reference_kernels = true;
+        change(&mut config);
+        engine::Engine::start(config).expect("start with flash attention on reference kernels")
+    };
+    let whole = start(&|_| {});
+    // About 330 tokens: one 64-row tile and more, and a KV view of 512 cells while decoding.
+    let asked = generation(counting_prompt(&whole, 100), sampled(0.8, 7), 24);
+    let alone = run(&whole, asked.clone());
+    assert_eq!(alone.tokens.len(), 24);
+
+    let chunked = start(&|config| config.batch_tokens = 16);
+    assert_bit_identical(&run(&chunked, asked.clone()), &alone);
+    drop(chunked);
+    let one_thread = start(&|config| config.threads = 1);
+    assert_bit_identical(&run(&one_thread, asked.clone()), &alone);
+    drop(one_thread);
+    let others: Vec<Generation> = (1..4)
+        .map(|up_to| {
+            generation(
+                counting_prompt(&whole, 20 * up_to),
+                sampled(0.8, up_to.into()),
+                24,
+            )
+        })
+        .collect();
+    assert_together_as_alone(&whole, &[vec![asked], others].concat());
 }

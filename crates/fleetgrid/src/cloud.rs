@@ -258,6 +258,9 @@ async fn serve(args: CloudServeArgs) -> anyhow::Result<()> {
         agent::VehicleStateSource::Datacenter,
         model,
     );
+    // The exact cascade checks a draft in one prefill and must score it as this engine would
+    // decode it; only ggml's reference kernels compute a chunk of queries as each alone.
+    node.engine.reference_kernels = true;
     node.engine.parallel_sequences = args.parallel;
     node.engine.context_tokens_per_sequence = args.context_tokens;
     if let Some(threads) = args.threads {
