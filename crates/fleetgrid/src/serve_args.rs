@@ -101,9 +101,14 @@ pub struct CellFlags {
     #[arg(long, default_value_t = scheduler::TrustConfig::default().stall_floor_ms)]
     pub stall_floor_ms: u64,
     /// A running generation with no token for this long is moved to another node, in
-    /// milliseconds; also the bound for a node with no measured pace and for a first token.
+    /// milliseconds; also the bound for a node with no measured pace, and, with its prefill
+    /// added, for a first token.
     #[arg(long, default_value_t = scheduler::TrustConfig::default().stall_ceiling_ms)]
     pub stall_ceiling_ms: u64,
+    /// The slowest prefill not taken for a stall: an attempt's first token may take the ceiling
+    /// plus its prompt and committed tokens at this many per second.
+    #[arg(long, default_value_t = scheduler::TrustConfig::default().stall_prefill_tokens_per_second)]
+    pub stall_prefill_tokens_per_second: u32,
     /// Requests that may wait per tenant class before new ones get 429.
     #[arg(long)]
     pub queue_max_per_class: Option<u32>,
@@ -249,6 +254,7 @@ impl CellFlags {
             trust.unproven_slots_max = self.unproven_node_slots;
             trust.stall_floor_ms = self.stall_floor_ms;
             trust.stall_ceiling_ms = self.stall_ceiling_ms.max(self.stall_floor_ms);
+            trust.stall_prefill_tokens_per_second = self.stall_prefill_tokens_per_second.max(1);
         }
         config.kv_checkpoint_budget_bytes = self.kv_checkpoint_budget_mib.saturating_mul(1 << 20);
         config.verification_probation = self.verification_probation;

@@ -336,6 +336,8 @@ async fn a_node_that_claims_much_and_delivers_nothing_gets_little_and_loses_it()
             "500".into(),
             "--stall-ceiling-ms".into(),
             STALL_CEILING_MS.to_string(),
+            "--stall-prefill-tokens-per-second".into(),
+            "1000".into(),
             "--unproven-node-slots".into(),
             UNPROVEN_SLOTS.to_string(),
         ],

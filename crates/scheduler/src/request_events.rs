@@ -247,7 +247,8 @@ impl Scheduler {
                 continue;
             };
             let trust = self.trust.get(&node).copied().unwrap_or_default();
-            let first_token = entry.attempt_tokens == 0;
+            let first_token = (entry.attempt_tokens == 0)
+                .then(|| entry.prompt_tokens.saturating_add(entry.committed));
             if config.has_stalled(now, entry.progress_at, &trust, first_token) {
                 stalled.push((*id, node));
             }

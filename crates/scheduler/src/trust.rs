@@ -26,9 +26,13 @@ pub struct TrustConfig {
     /// A generation is never declared stalled sooner than this after its last progress. An honest
     /// node's decode may wait behind another prompt's prefill chunk for seconds on a slow CPU.
     pub stall_floor_ms: u64,
-    /// Nor later than this; also the bound for a node with no measured pace, and for an
-    /// attempt's first token (its prefill is not measured).
+    /// Nor later than this; also the bound for a node with no measured pace, and, with its
+    /// prefill added, for an attempt's first token.
     pub stall_ceiling_ms: u64,
+    /// An attempt's first token may take the ceiling plus its prefill (prompt and committed
+    /// tokens) at this pace: a long prompt on a slow node is not a stall. A node that prefills
+    /// slower than this is treated as stalled.
+    pub stall_prefill_tokens_per_second: u32,
     /// Between tokens, a generation stalls after this many times the node's measured interval
     /// between tokens (then clamped to floor and ceiling).
     pub stall_interval_multiple: u32,
@@ -45,6 +49,7 @@ impl Default for TrustConfig {
             stalls_max: 3,
             stall_floor_ms: 10_000,
             stall_ceiling_ms: 30_000,
+            stall_prefill_tokens_per_second: 10,
             stall_interval_multiple: 20,
             unproven_decode_tokens_per_second: 20,
         }
@@ -112,17 +117,22 @@ impl TrustConfig {
         claimed.min(shown)
     }
 
-    /// How long a generation on a node may go without progress; `first_token` when the current
-    /// attempt has delivered none yet.
-    pub(crate) fn stall_after_ms(&self, trust: &NodeTrust, first_token: bool) -> u64 {
-        match trust.token_interval_ms {
-            Some(interval) if !first_token => interval
+    /// How long a generation on a node may go without progress. `first_token` is `Some` with
+    /// the tokens its prefill computes (prompt and committed ones) while the current attempt has
+    /// delivered none yet.
+    pub(crate) fn stall_after_ms(&self, trust: &NodeTrust, first_token: Option<u32>) -> u64 {
+        match (first_token, trust.token_interval_ms) {
+            (Some(prefill_tokens), _) => self.stall_ceiling_ms.saturating_add(
+                u64::from(prefill_tokens).saturating_mul(1000)
+                    / u64::from(self.stall_prefill_tokens_per_second.max(1)),
+            ),
+            (None, Some(interval)) => interval
                 .saturating_mul(u64::from(self.stall_interval_multiple))
                 .clamp(
                     self.stall_floor_ms,
                     self.stall_ceiling_ms.max(self.stall_floor_ms),
                 ),
-            _ => self.stall_ceiling_ms,
+            (None, None) => self.stall_ceiling_ms,
         }
     }
 
@@ -132,7 +142,7 @@ impl TrustConfig {
         now: Millis,
         progress_at: Millis,
         trust: &NodeTrust,
-        first_token: bool,
+        first_token: Option<u32>,
     ) -> bool {
         now.since(progress_at) > self.stall_after_ms(trust, first_token)
     }
@@ -149,6 +159,7 @@ mod tests {
             stalls_max: 2,
             stall_floor_ms: 1_000,
             stall_ceiling_ms: 10_000,
+            stall_prefill_tokens_per_second: 100,
             stall_interval_multiple: 10,
             unproven_decode_tokens_per_second: 20,
         }
@@ -201,19 +212,25 @@ mod tests {
         let config = config();
         let mut trust = NodeTrust::default();
         // No history: the conservative bound.
-        assert_eq!(config.stall_after_ms(&trust, false), 10_000);
+        assert_eq!(config.stall_after_ms(&trust, None), 10_000);
         trust.observe_tokens(10, 500);
         assert_eq!(trust.token_interval_ms, Some(50));
-        assert_eq!(config.stall_after_ms(&trust, false), 1_000, "floor");
+        assert_eq!(config.stall_after_ms(&trust, None), 1_000, "floor");
         trust.observe_tokens(1, 450);
         assert_eq!(trust.token_interval_ms, Some(150));
-        assert_eq!(config.stall_after_ms(&trust, false), 1_500);
-        // An attempt's first token includes its prefill, which is not measured.
-        assert_eq!(config.stall_after_ms(&trust, true), 10_000);
+        assert_eq!(config.stall_after_ms(&trust, None), 1_500);
+        // An attempt's first token waits for its prefill: the ceiling, plus its tokens at the
+        // prefill pace (100 tokens/s here), whatever pace its decode showed.
+        assert_eq!(config.stall_after_ms(&trust, Some(0)), 10_000);
+        assert_eq!(config.stall_after_ms(&trust, Some(370)), 13_700);
+        assert_eq!(
+            config.stall_after_ms(&trust, Some(u32::MAX)),
+            42_949_682_950
+        );
         for _ in 0..20 {
             trust.observe_tokens(1, 60_000);
         }
-        assert_eq!(config.stall_after_ms(&trust, false), 10_000, "ceiling");
+        assert_eq!(config.stall_after_ms(&trust, None), 10_000, "ceiling");
     }
 
     #[test]
@@ -221,7 +238,7 @@ mod tests {
         let config = config();
         let trust = NodeTrust::default();
         let start = Millis(1_000);
-        assert!(!config.has_stalled(start.plus(10_000), start, &trust, true));
-        assert!(config.has_stalled(start.plus(10_001), start, &trust, true));
+        assert!(!config.has_stalled(start.plus(10_000), start, &trust, Some(0)));
+        assert!(config.has_stalled(start.plus(10_001), start, &trust, Some(0)));
     }
 }

@@ -12,6 +12,10 @@ use scheduler::{
 
 const FLOOR_MS: u64 = 1_000;
 const CEILING_MS: u64 = 5_000;
+const PREFILL_TOKENS_PER_SECOND: u32 = 10;
+/// The bound of an attempt's first token: the ceiling, plus the harness's 10-token prompt at the
+/// prefill pace.
+const FIRST_TOKEN_MS: u64 = CEILING_MS + 10 * 1000 / PREFILL_TOKENS_PER_SECOND as u64;
 
 fn trusting_little() -> Harness {
     Harness::with_config(SchedulerConfig {
@@ -21,6 +25,7 @@ fn trusting_little() -> Harness {
             stalls_max: 2,
             stall_floor_ms: FLOOR_MS,
             stall_ceiling_ms: CEILING_MS,
+            stall_prefill_tokens_per_second: PREFILL_TOKENS_PER_SECOND,
             stall_interval_multiple: 10,
             unproven_decode_tokens_per_second: 20,
         }),
@@ -93,8 +98,8 @@ fn a_generation_without_tokens_moves_after_the_conservative_bound() {
     h.plain_node(0, 4);
     assert_eq!(h.request(1, FLEET, 100), vec![assign(1, 0, 0)]);
     h.plain_node(1, 1);
-    // The first token of an attempt may take the ceiling (its prefill is not measured).
-    assert_eq!(h.advance(CEILING_MS), vec![]);
+    // The first token of an attempt may take the ceiling and its prompt's prefill.
+    assert_eq!(h.advance(FIRST_TOKEN_MS), vec![]);
     assert_eq!(
         h.advance(1),
         vec![stop(1, 0, StopReason::Stalled), assign(1, 1, 0)]
@@ -131,7 +136,7 @@ fn a_stall_counts_against_the_node_and_repeated_stalls_take_it_out_of_placement(
     h.plain_node(1, 1);
     // Both stall at once: two stalls, the node's limit. One moves to the free node, the other
     // waits rather than going back to the node that stalled it.
-    let moved = h.advance(CEILING_MS + 1);
+    let moved = h.advance(FIRST_TOKEN_MS + 1);
     assert_eq!(
         moved,
         vec![
@@ -157,7 +162,7 @@ fn a_stall_record_survives_reconnecting() {
     h.plain_node(0, 4);
     h.request(1, FLEET, 100);
     h.request(2, FLEET, 100);
-    h.advance(CEILING_MS + 1);
+    h.advance(FIRST_TOKEN_MS + 1);
     h.send(Event::NodeLost { node: NodeId(0) });
     h.plain_node(0, 4);
     assert_eq!(h.scheduler.placement_of(RequestId(1)), None);
