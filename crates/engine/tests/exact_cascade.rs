@@ -58,6 +58,35 @@ fn greedy(prompt: Vec<TokenId>, max_tokens: u32) -> Generation {
     generation(prompt, SamplingParams::greedy(), max_tokens)
 }
 
+/// The first `count` questions as chat prompts.
+fn prompts(engine: &Engine, count: usize) -> Vec<Vec<TokenId>> {
+    questions()
+        .iter()
+        .take(count)
+        .map(|question| chat_prompt(engine, question))
+        .collect()
+}
+
+/// The cloud's own greedy answers.
+fn cloud_alone(cloud: &Engine, prompts: &[Vec<TokenId>]) -> Vec<Outcome> {
+    run_all(
+        cloud,
+        prompts
+            .iter()
+            .map(|prompt| greedy(prompt.clone(), ANSWER_TOKENS))
+            .collect(),
+    )
+}
+
+/// The cloud's check of `answer` after `prompt`: both scored in one prefill with the most
+/// likely token at each position, then the one token it generates after them.
+fn check(prompt: &[TokenId], answer: &[TokenId]) -> Generation {
+    let mut check = greedy([prompt, answer].concat(), 1);
+    check.prompt_logprobs = true;
+    check.top_logprobs = 1;
+    check
+}
+
 /// What the cascade keeps of `draft` after the cloud scored prompt and draft (`scored`: the
 /// prompt's log-probabilities with one alternative, then the one token generated after it).
 fn verdict_tokens(
@@ -97,18 +126,8 @@ fn verdict_tokens(
 fn the_cascade_answers_what_the_cloud_alone_answers() {
     let cloud = qwen(true);
     let car = qwen(false);
-    let prompts: Vec<Vec<TokenId>> = questions()
-        .iter()
-        .map(|question| chat_prompt(&cloud, question))
-        .collect();
-
-    let alone = run_all(
-        &cloud,
-        prompts
-            .iter()
-            .map(|prompt| greedy(prompt.clone(), ANSWER_TOKENS))
-            .collect(),
-    );
+    let prompts = prompts(&cloud, PROMPTS);
+    let alone = cloud_alone(&cloud, &prompts);
     let drafts = run_all(
         &car,
         prompts
@@ -122,12 +141,7 @@ fn the_cascade_answers_what_the_cloud_alone_answers() {
         prompts
             .iter()
             .zip(&drafts)
-            .map(|(prompt, draft)| {
-                let mut check = greedy([prompt.clone(), draft.token_ids()].concat(), 1);
-                check.prompt_logprobs = true;
-                check.top_logprobs = 1;
-                check
-            })
+            .map(|(prompt, draft)| check(prompt, &draft.token_ids()))
             .collect(),
     );
     let verdicts: Vec<_> = prompts
@@ -187,23 +201,10 @@ fn the_cascade_answers_what_the_cloud_alone_answers() {
 #[test]
 fn a_decoded_answer_scored_in_one_prefill_gets_its_decode_numbers() {
     let cloud = qwen(true);
-    let prompts: Vec<Vec<TokenId>> = questions()
-        .iter()
-        .take(4)
-        .map(|question| chat_prompt(&cloud, question))
-        .collect();
-    let alone = run_all(
-        &cloud,
-        prompts
-            .iter()
-            .map(|prompt| greedy(prompt.clone(), ANSWER_TOKENS))
-            .collect(),
-    );
+    let prompts = prompts(&cloud, 4);
+    let alone = cloud_alone(&cloud, &prompts);
     for (prompt, alone) in prompts.iter().zip(&alone) {
-        let mut check = greedy([prompt.clone(), alone.token_ids()].concat(), 1);
-        check.prompt_logprobs = true;
-        check.top_logprobs = 1;
-        let scored = run(&cloud, check);
+        let scored = run(&cloud, check(prompt, &alone.token_ids()));
         let scores = scored.prompt_scores.expect("the prompt's scores");
         for (decoded, scored) in alone.tokens.iter().zip(&scores[prompt.len() - 1..]) {
             assert_eq!(scored.token, decoded.token);
