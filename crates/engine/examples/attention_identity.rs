@@ -10,8 +10,9 @@
 //!
 //! This runs one seeded generation per prompt as the reference (alone, 2 threads, prompt in one
 //! chunk, 512 tokens of context, decoded uninterrupted) and again under each changed condition,
-//! in four columns (flash attention off and on, each with both kinds of kernels), and prints how many answers kept every token and every
-//! log-probability bit, and the largest log-probability difference seen.
+//! in four columns (flash attention off and on, each with both kinds of kernels), and prints
+//! how many answers kept every token and every log-probability bit, and the largest
+//! log-probability difference seen.
 //!
 //! ```sh
 //! cargo run --release -p engine --example attention_identity [-- MODEL.gguf]

@@ -45,15 +45,6 @@ fn questions() -> Vec<String> {
         .collect()
 }
 
-/// Every generation submitted at once, then each drained: the engine batches them.
-fn run_all(engine: &Engine, generations: Vec<Generation>) -> Vec<Outcome> {
-    let streams: Vec<_> = generations
-        .into_iter()
-        .map(|generation| engine.submit(generation).expect("submit"))
-        .collect();
-    streams.into_iter().map(collect).collect()
-}
-
 fn greedy(prompt: Vec<TokenId>, max_tokens: u32) -> Generation {
     generation(prompt, SamplingParams::greedy(), max_tokens)
 }

@@ -254,7 +254,7 @@ impl CellFlags {
             trust.unproven_slots_max = self.unproven_node_slots;
             trust.stall_floor_ms = self.stall_floor_ms;
             trust.stall_ceiling_ms = self.stall_ceiling_ms.max(self.stall_floor_ms);
-            trust.stall_prefill_tokens_per_second = self.stall_prefill_tokens_per_second.max(1);
+            trust.stall_prefill_tokens_per_second = self.stall_prefill_tokens_per_second;
         }
         config.kv_checkpoint_budget_bytes = self.kv_checkpoint_budget_mib.saturating_mul(1 << 20);
         config.verification_probation = self.verification_probation;

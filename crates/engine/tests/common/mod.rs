@@ -195,6 +195,15 @@ pub fn assert_bit_identical(got: &Outcome, expected: &Outcome) {
     }
 }
 
+/// Every generation submitted at once, then each drained: the engine batches them.
+pub fn run_all(engine: &Engine, generations: Vec<Generation>) -> Vec<Outcome> {
+    let streams: Vec<_> = generations
+        .into_iter()
+        .map(|generation| engine.submit(generation).expect("submit"))
+        .collect();
+    streams.into_iter().map(collect).collect()
+}
+
 /// Runs each generation alone, then all of them submitted at once (prefilled together, decoded
 /// side by side): each answer together is bit for bit its answer alone.
 pub fn assert_together_as_alone(engine: &Engine, generations: &[Generation]) {
@@ -202,11 +211,7 @@ pub fn assert_together_as_alone(engine: &Engine, generations: &[Generation]) {
         .iter()
         .map(|generation| run(engine, generation.clone()))
         .collect();
-    let streams: Vec<_> = generations
-        .iter()
-        .map(|generation| engine.submit(generation.clone()).unwrap())
-        .collect();
-    for (together, alone) in streams.into_iter().map(collect).zip(&alone) {
-        assert_bit_identical(&together, alone);
+    for (together, alone) in run_all(engine, generations.to_vec()).iter().zip(&alone) {
+        assert_bit_identical(together, alone);
     }
 }
