@@ -241,6 +241,10 @@ async fn serve(args: CloudServeArgs) -> anyhow::Result<()> {
     config.grpc_listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.billing = crate::ledger_cmd::billing_config(None, args.prices.as_deref(), None)?;
     config.context_tokens = args.context_tokens;
+    // The one node is the operator's own engine in this process: the rules that keep untrusted
+    // vehicles honest (slots earned by finished work, work moved and the node taken out of
+    // placement after stalls) would only take the cloud from its tenants when it is slow.
+    config.scheduler.trust = None;
     let shutdown = run::shutdown_token(args.exit_with_parent)?;
     let (bound_sender, bound_receiver) = tokio::sync::oneshot::channel();
     let mut coordinator = tokio::spawn(coordinator::serve(config, shutdown.clone(), |bound| {

@@ -71,8 +71,10 @@ pub(crate) struct NodeTable {
     /// Sum of `slots` over nodes without a blocker: the fleet's capacity right now, which the
     /// reserved minimum shares are fractions of.
     available_slots: u64,
-    /// Per model, per class: connected nodes that have the model and whose owner accepts the
-    /// class, whatever their state. Zero means nothing could serve such a request.
+    /// Per model, per class: connected nodes that have the model, whose owner accepts the class
+    /// and that are allowed a slot, whatever their state. Zero means nothing could serve such a
+    /// request: a node whose record took all its slots (`TrustConfig::slots_allowed`) is out of
+    /// placement until it earns one back, and waiting for it would strand the request.
     servable: FxHashMap<ModelId, [u32; 3]>,
     pub(crate) free: FreeIndex,
     pub(crate) victims: VictimIndex,
@@ -162,7 +164,7 @@ impl NodeTable {
         let timer_before = node.timer;
         let free_before = FreeEntry::of(node);
         let victim_classes_before = victim_classes(node);
-        let classes_before = node.policy.allowed_classes;
+        let classes_before = servable_classes(node);
         // Groups matter only to a node filed in the victim index; most changes are to nodes
         // that run nothing.
         groups_if_filed(node, victim_classes_before, groups_before);
@@ -175,14 +177,10 @@ impl NodeTable {
         if node.blocker.is_none() {
             *available_slots += u64::from(node.capacity.slots);
         }
-        if node.policy.allowed_classes != classes_before {
+        let classes_after = servable_classes(node);
+        if classes_after != classes_before {
             count_servable(servable, &node.capacity.models, classes_before, -1);
-            count_servable(
-                servable,
-                &node.capacity.models,
-                node.policy.allowed_classes,
-                1,
-            );
+            count_servable(servable, &node.capacity.models, classes_after, 1);
         }
         set_timer_entry(timers, id, timer_before, node.timer);
         let free_after = FreeEntry::of(node);
@@ -252,13 +250,13 @@ impl NodeTable {
         }
     }
 
-    /// Count a node's (model, class) pairs in or out of `servable`; only registration, loss and
-    /// policy changes alter them.
+    /// Count a node's (model, class) pairs in or out of `servable`; only registration, loss,
+    /// policy changes and a change between no slot and some alter them.
     fn account_servable(&mut self, node: &Node, sign: i64) {
         count_servable(
             &mut self.servable,
             &node.capacity.models,
-            node.policy.allowed_classes,
+            servable_classes(node),
             sign,
         );
     }
@@ -278,6 +276,16 @@ fn set_timer_entry(
     }
     if let Some(at) = after {
         timers.insert((at, id));
+    }
+}
+
+/// The classes a node counts as able to serve in `servable`: its owner's, or none while it is
+/// allowed no slot.
+fn servable_classes(node: &Node) -> ClassSet {
+    if node.capacity.slots == 0 {
+        ClassSet::NONE
+    } else {
+        node.policy.allowed_classes
     }
 }
 

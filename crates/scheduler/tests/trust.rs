@@ -6,8 +6,8 @@ mod common;
 
 use common::*;
 use scheduler::{
-    Command, Event, NodeId, OwnerPolicy, RequestId, SchedulerConfig, StopReason, TenantClass,
-    TrustConfig, VehicleState,
+    Command, Event, NodeId, OwnerPolicy, RejectReason, RequestId, SchedulerConfig, StopReason,
+    TenantClass, TrustConfig, VehicleState,
 };
 
 const FLOOR_MS: u64 = 1_000;
@@ -166,7 +166,47 @@ fn a_stall_record_survives_reconnecting() {
     h.send(Event::NodeLost { node: NodeId(0) });
     h.plain_node(0, 4);
     assert_eq!(h.scheduler.placement_of(RequestId(1)), None);
-    assert_eq!(h.request(3, FLEET, 100), vec![]);
+    // Back with its record, it still may not serve: nothing can, so a new request is refused.
+    assert!(refused_for_want_of_a_node(&h.request(3, FLEET, 100), 3));
+}
+
+#[test]
+fn work_only_a_node_out_of_placement_could_serve_is_refused_not_left_waiting() {
+    let mut h = trusting_little();
+    h.plain_node(0, 4);
+    h.request(1, FLEET, 100);
+    h.request(2, FLEET, 100);
+    // Both stall: the node's limit. It stays connected, but no other node can take its work.
+    assert_eq!(
+        h.advance(FIRST_TOKEN_MS + 1),
+        vec![
+            stop(1, 0, StopReason::Stalled),
+            stop(2, 0, StopReason::Stalled),
+        ]
+    );
+    assert!(refused_for_want_of_a_node(&h.request(3, FLEET, 100), 3));
+    // The moved work waits the grace a node gets to appear, then is refused with a retry time.
+    let grace = SchedulerConfig::default().no_node_grace_ms;
+    assert_eq!(h.advance(1), vec![]);
+    assert_eq!(h.advance(grace - 1), vec![]);
+    let refused = h.advance(1);
+    assert_eq!(refused.len(), 2);
+    assert!(refused_for_want_of_a_node(&refused[..1], 1));
+    assert!(refused_for_want_of_a_node(&refused[1..], 2));
+    assert_eq!(h.scheduler.queued(TenantClass::Fleet), 0);
+}
+
+/// Whether `commands` is one refusal of `request` because no node could serve it, with a time to
+/// retry.
+fn refused_for_want_of_a_node(commands: &[Command], request: u64) -> bool {
+    matches!(
+        commands,
+        [Command::Reject {
+            request: refused,
+            reason: RejectReason::NoEligibleNode,
+            retry_after_ms: Some(_),
+        }] if *refused == RequestId(request)
+    )
 }
 
 #[test]
