@@ -421,14 +421,21 @@ impl SharedHolds {
 }
 
 /// Renews this gateway's leases every `lease / HOLD_RENEWALS_PER_LEASE`
-/// until `stop` is cancelled (its `Billing` was dropped).
+/// until `stop` is cancelled (its `Billing` was dropped). A renewal under
+/// way is abandoned then too: one still waiting for the ledger could
+/// otherwise land a whole lease later and revive holds that other gateways
+/// have already seen expire.
 async fn renew_until_stopped(holds: Arc<SharedHolds>, stop: CancellationToken) {
     let mut ticks = tokio::time::interval(holds.config.renewal_interval());
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            _ = ticks.tick() => holds.renew().await,
+            _ = ticks.tick() => {}
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = holds.renew() => {}
         }
     }
 }
