@@ -148,3 +148,18 @@ fn a_lease_of_many_requests_keeps_the_totals_of_single_requests() {
     assert!((arrived(&leased) / arrived(&single) - 1.0).abs() < 0.1);
     assert!((tokens(&leased) / tokens(&single) - 1.0).abs() < 0.15);
 }
+
+#[test]
+fn the_world_reports_nothing_about_work_the_scheduler_has_ended() {
+    // Long leases and short deadlines: a lease moved off a departing car is often past its
+    // deadline by then, and refused in the step that stopped it. What the stopped attempt had
+    // done must not then reach the scheduler as news of a request it no longer knows.
+    let mut scenario = Scenario::default_scenario();
+    scenario.demand.lease_requests = 200;
+    for class in &mut scenario.demand.classes {
+        class.deadline_seconds = 120;
+    }
+    let report = run(&scenario, options(500, 3));
+    assert!(report.migrations.departed > 0, "{:?}", report.migrations);
+    assert_eq!(report.checks.stale_events, 0, "{:?}", report.checks);
+}
