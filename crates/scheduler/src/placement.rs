@@ -107,6 +107,9 @@ impl Scheduler {
         entry.placement = Placement::Running { node };
         entry.progress_at = now;
         entry.attempt_tokens = 0;
+        // A deadline is the time to start by: met now. Work moved later (a departure, a
+        // preemption, a stall) waits for a node without one, as work that has begun.
+        entry.deadline = None;
         let resume_from = entry.committed;
         let tenant = entry.tenant;
         let group = VictimGroup::of(entry.class, tenant);

@@ -22,6 +22,7 @@ pub(crate) struct Request {
     pub(crate) model: ModelId,
     pub(crate) prompt_tokens: u32,
     pub(crate) max_tokens: u32,
+    /// When it must have started by; `None` once it has (or if it never had one).
     pub(crate) deadline: Option<Millis>,
     /// Tokens committed so far, over all attempts; the next attempt resumes from here.
     pub(crate) committed: u32,

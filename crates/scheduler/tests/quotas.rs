@@ -124,3 +124,46 @@ fn waiting_for_a_model_whose_last_node_was_lost_ends_after_the_grace_period() {
         }
     )));
 }
+
+#[test]
+fn work_that_started_by_its_deadline_is_not_refused_for_it_when_moved() {
+    let mut h = Harness::new();
+    h.plain_node(0, 1);
+    let arrival = Event::RequestArrived {
+        request: RequestId(1),
+        tenant: SPOT,
+        model: MODEL,
+        prompt_tokens: 1,
+        max_tokens: 10,
+        deadline: Some(h.now.plus(5_000)),
+        prompt_heads: scheduler::PromptHeads::default(),
+    };
+    assert_eq!(h.send(arrival), vec![assign(1, 0, 0)]);
+    h.plain_node(1, 1);
+    assert_eq!(h.request(2, FLEET, 10), vec![assign(2, 1, 0)]);
+    h.advance(10_000);
+    h.send(Event::TokensCommitted {
+        request: RequestId(1),
+        committed_total: 3,
+    });
+    // Its car is lost past the deadline: the answer it began waits for a slot, and is not
+    // refused for a deadline it met.
+    assert_eq!(
+        h.send(Event::NodeLost {
+            node: scheduler::NodeId(0)
+        }),
+        vec![Command::Stop {
+            request: RequestId(1),
+            node: scheduler::NodeId(0),
+            reason: scheduler::StopReason::NodeLost,
+        }]
+    );
+    assert_eq!(h.advance(1_000), vec![]);
+    assert_eq!(h.scheduler.queued(TenantClass::Spot), 1);
+    assert_eq!(
+        h.send(Event::RequestFinished {
+            request: RequestId(2)
+        }),
+        vec![assign(1, 1, 3)]
+    );
+}

@@ -833,11 +833,6 @@ impl<'a> Run<'a> {
                 return;
             }
         }
-        // A request stopped and refused in one step (moved past its deadline) is gone: the
-        // progress its stopped attempt reports would reach the scheduler as a stale event.
-        self.follow_ups.retain(|event| {
-            !matches!(event, Event::TokensCommitted { request: stopped, .. } if *stopped == request)
-        });
         let lease = self.leases.remove(index).expect("known lease");
         let served = (lease.fraction_done() * f64::from(lease.requests)).floor() as u64;
         self.counts[class].served += served;

@@ -151,9 +151,9 @@ fn a_lease_of_many_requests_keeps_the_totals_of_single_requests() {
 
 #[test]
 fn the_world_reports_nothing_about_work_the_scheduler_has_ended() {
-    // Long leases and short deadlines: a lease moved off a departing car is often past its
-    // deadline by then, and refused in the step that stopped it. What the stopped attempt had
-    // done must not then reach the scheduler as news of a request it no longer knows.
+    // Long leases and short deadlines: leases are moved off departing cars long after their
+    // deadline to start. They started, so they go on elsewhere, and everything the world
+    // reports of their stopped attempts reaches a scheduler that still knows them.
     let mut scenario = Scenario::default_scenario();
     scenario.demand.lease_requests = 200;
     for class in &mut scenario.demand.classes {
