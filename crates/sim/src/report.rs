@@ -66,6 +66,8 @@ pub struct ClassFigures {
     pub escalated: u64,
     pub served: u64,
     pub refused: u64,
+    /// `refused`, by the scheduler's reason (`queue_full`, `no_eligible_node`, …).
+    pub refused_by_reason: std::collections::BTreeMap<String, u64>,
     pub deadline_missed: u64,
     pub unfinished: u64,
     pub fleet_completion_tokens: u64,
@@ -256,6 +258,11 @@ impl Report {
                     escalated: counts.escalated,
                     served: counts.served,
                     refused: counts.refused,
+                    refused_by_reason: counts
+                        .refused_by_reason
+                        .iter()
+                        .map(|(reason, count)| ((*reason).to_owned(), *count))
+                        .collect(),
                     deadline_missed: counts.deadline_missed,
                     unfinished: counts.unfinished,
                     fleet_completion_tokens: counts.fleet_completion_tokens,

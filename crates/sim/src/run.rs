@@ -839,7 +839,14 @@ impl<'a> Run<'a> {
         let lost = u64::from(lease.requests) - served;
         match reason {
             RejectReason::DeadlineExpired => self.counts[class].deadline_missed += lost,
-            _ => self.counts[class].refused += lost,
+            _ => {
+                let counts = &mut self.counts[class];
+                counts.refused += lost;
+                *counts
+                    .refused_by_reason
+                    .entry(reason_name(reason))
+                    .or_default() += lost;
+            }
         }
     }
 
@@ -1193,6 +1200,19 @@ impl<'a> Run<'a> {
             counts.served += served;
             counts.unfinished += u64::from(lease.requests) - served;
         }
+    }
+}
+
+/// The name a refusal's reason has in the report.
+fn reason_name(reason: RejectReason) -> &'static str {
+    match reason {
+        RejectReason::NoEligibleNode => "no_eligible_node",
+        RejectReason::QueueFull => "queue_full",
+        RejectReason::OverConcurrency => "over_concurrency",
+        RejectReason::OverTokensPerMinute => "over_tokens_per_minute",
+        RejectReason::DeadlineExpired => "deadline_expired",
+        RejectReason::UnknownTenant => "unknown_tenant",
+        RejectReason::AttemptsExhausted => "attempts_exhausted",
     }
 }
 

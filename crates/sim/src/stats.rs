@@ -87,8 +87,11 @@ pub struct ClassCounts {
     pub escalated: u64,
     /// Served to the end by the fleet.
     pub served: u64,
-    /// Refused at admission (queue full) and not retried in time.
+    /// Refused by the scheduler for another reason than a missed deadline, and not retried in
+    /// time.
     pub refused: u64,
+    /// `refused`, by the scheduler's reason (`reason_name`).
+    pub refused_by_reason: std::collections::BTreeMap<&'static str, u64>,
     /// Not started before their deadline.
     pub deadline_missed: u64,
     /// Admitted and not finished when the run ended.

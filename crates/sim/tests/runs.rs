@@ -54,9 +54,22 @@ fn every_request_is_accounted_for_and_the_money_balances() {
             "{} requests unaccounted for: {class:?}",
             class.class
         );
+        assert_eq!(
+            class.refused,
+            class.refused_by_reason.values().sum::<u64>(),
+            "{} refusals not split by reason: {class:?}",
+            class.class
+        );
         served += class.served;
     }
     assert!(served > 0);
+    // The small fleet is short of slots at its peak: some work is refused, so the split by
+    // reason above had something to split.
+    assert!(
+        report.classes.iter().any(|class| class.refused > 0),
+        "{:?}",
+        report.classes
+    );
     let money = &report.money;
     assert!(money.charged_total > 0.0);
     let margin = money.charged_total
