@@ -81,6 +81,22 @@ pub fn markdown(report: &Report) -> String {
             q.p99
         );
     }
+    let refusals: Vec<String> = report
+        .classes
+        .iter()
+        .filter(|class| class.refused > 0)
+        .map(|class| {
+            let reasons: Vec<String> = class
+                .refused_by_reason
+                .iter()
+                .map(|(reason, count)| format!("{reason} {count}"))
+                .collect();
+            format!("{}: {}", class.class, reasons.join(", "))
+        })
+        .collect();
+    if !refusals.is_empty() {
+        let _ = writeln!(page, "\nRefused, by reason: {}.", refusals.join("; "));
+    }
     let d = &report.delivered_tokens_per_day;
     let _ = writeln!(
         page,

@@ -70,6 +70,15 @@ fn every_request_is_accounted_for_and_the_money_balances() {
         "{:?}",
         report.classes
     );
+    // The page says why: each refusing class with its reasons and counts.
+    let page = report.markdown();
+    for class in report.classes.iter().filter(|class| class.refused > 0) {
+        let (reason, count) = class.refused_by_reason.iter().next().expect("split");
+        assert!(
+            page.contains(&format!("{}: {reason} {count}", class.class)),
+            "{page}"
+        );
+    }
     let money = &report.money;
     assert!(money.charged_total > 0.0);
     let margin = money.charged_total
