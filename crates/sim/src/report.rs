@@ -67,7 +67,7 @@ pub struct ClassFigures {
     pub served: u64,
     pub refused: u64,
     /// `refused`, by the scheduler's reason (`queue_full`, `no_eligible_node`, …).
-    pub refused_by_reason: std::collections::BTreeMap<String, u64>,
+    pub refused_by_reason: std::collections::BTreeMap<&'static str, u64>,
     pub deadline_missed: u64,
     pub unfinished: u64,
     pub fleet_completion_tokens: u64,
@@ -257,12 +257,8 @@ impl Report {
                     arrived: counts.arrived,
                     escalated: counts.escalated,
                     served: counts.served,
-                    refused: counts.refused,
-                    refused_by_reason: counts
-                        .refused_by_reason
-                        .iter()
-                        .map(|(reason, count)| ((*reason).to_owned(), *count))
-                        .collect(),
+                    refused: counts.refused_by_reason.values().sum(),
+                    refused_by_reason: counts.refused_by_reason.clone(),
                     deadline_missed: counts.deadline_missed,
                     unfinished: counts.unfinished,
                     fleet_completion_tokens: counts.fleet_completion_tokens,

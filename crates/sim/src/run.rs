@@ -840,9 +840,7 @@ impl<'a> Run<'a> {
         match reason {
             RejectReason::DeadlineExpired => self.counts[class].deadline_missed += lost,
             _ => {
-                let counts = &mut self.counts[class];
-                counts.refused += lost;
-                *counts
+                *self.counts[class]
                     .refused_by_reason
                     .entry(reason_name(reason))
                     .or_default() += lost;

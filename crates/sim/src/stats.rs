@@ -88,9 +88,7 @@ pub struct ClassCounts {
     /// Served to the end by the fleet.
     pub served: u64,
     /// Refused by the scheduler for another reason than a missed deadline, and not retried in
-    /// time.
-    pub refused: u64,
-    /// `refused`, by the scheduler's reason (`reason_name`).
+    /// time, by the scheduler's reason (`reason_name`).
     pub refused_by_reason: std::collections::BTreeMap<&'static str, u64>,
     /// Not started before their deadline.
     pub deadline_missed: u64,
