@@ -293,6 +293,8 @@ fn check_assignment(
             given: answer.given_tokens,
             tolerance: engine::DEFAULT_TOLERANCE,
         }),
+        // An engine on the default kernels, or resuming, does not use it (`Generation::draft`).
+        draft: assign.draft_tokens.clone(),
     })
 }
 

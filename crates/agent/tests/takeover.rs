@@ -119,6 +119,7 @@ impl TestCell {
             stop: Vec::new(),
             top_logprobs: 0,
             prompt_logprobs: false,
+            draft: Vec::new(),
             deadline_ms: None,
         };
         let admitted = Cell::submit(self.running.core.as_ref(), generation).await?;

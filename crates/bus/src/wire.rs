@@ -60,6 +60,9 @@ pub struct WireGeneration {
     /// Came later: a message without it asks for none.
     #[serde(default)]
     pub prompt_logprobs: bool,
+    /// Came later: a message without it has no prediction.
+    #[serde(default)]
+    pub draft: Vec<i32>,
     pub deadline_ms: Option<u64>,
 }
 
@@ -146,6 +149,7 @@ impl From<&NewGeneration> for WireGeneration {
             stop: generation.stop.clone(),
             top_logprobs: generation.top_logprobs,
             prompt_logprobs: generation.prompt_logprobs,
+            draft: generation.draft.clone(),
             deadline_ms: generation.deadline_ms,
         }
     }
@@ -169,6 +173,7 @@ impl TryFrom<WireGeneration> for NewGeneration {
             stop: wire.stop,
             top_logprobs: wire.top_logprobs,
             prompt_logprobs: wire.prompt_logprobs,
+            draft: wire.draft,
             deadline_ms: wire.deadline_ms,
         })
     }
@@ -428,6 +433,7 @@ mod tests {
             stop: vec!["\n".into()],
             top_logprobs: 2,
             prompt_logprobs: false,
+            draft: vec![4, 5],
             deadline_ms: Some(1_500),
         }
     }

@@ -107,6 +107,12 @@ pub struct NewGeneration {
     /// token) before the first token. Not asked again for a generation that continues after
     /// committed tokens whose prompt was scored already.
     pub prompt_logprobs: bool,
+    /// A prediction of the answer (OpenAI's predicted outputs, the exact cascade's draft): a
+    /// node whose engine computes prefilled tokens as decoded ones prefills it after the
+    /// prompt and takes its tokens while each is the sampler's own pick (`engine::Generation::
+    /// draft`). The answer is the one without it; only its speed differs. Not sent to an
+    /// attempt that resumes after committed tokens.
+    pub draft: Vec<i32>,
     /// The generation must start within this many ms, or fail with
     /// `Rejected` (`x-fleetgrid-deadline-ms`).
     pub deadline_ms: Option<u64>,

@@ -81,6 +81,7 @@ fn cell() -> Cell {
                 stop: Vec::new(),
                 top_logprobs: if index == 0 { 2 } else { 0 },
                 prompt_logprobs: index == 1,
+                draft: Vec::new(),
                 deadline_ms: None,
             };
             core.submit(generation).expect("admitted").updates

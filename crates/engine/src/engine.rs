@@ -170,6 +170,13 @@ impl Engine {
         if let Some(verify) = &generation.verify {
             validate_verification(generation, verify)?;
         }
+        if !generation.draft.is_empty()
+            && (generation.prompt_logprobs || generation.verify.is_some())
+        {
+            return Err(EngineError::InvalidGeneration(
+                "a draft cannot be combined with prompt scores or a verification".to_owned(),
+            ));
+        }
         let tokenizer = &self.shared.tokenizer;
         let verified = generation
             .verify
@@ -180,6 +187,16 @@ impl Engine {
             .iter()
             .chain(&generation.committed)
             .chain(verified);
+        if let Some(bad) = generation
+            .draft
+            .iter()
+            .find(|&&token| !tokenizer.is_valid(token))
+        {
+            return Err(EngineError::InvalidGeneration(format!(
+                "draft token id {bad} is outside the vocabulary of {} tokens",
+                tokenizer.vocab_size()
+            )));
+        }
         if let Some(bad) = all_tokens
             .clone()
             .find(|&&token| !tokenizer.is_valid(token))

@@ -62,6 +62,21 @@ pub struct Generation {
     /// as one [`GenerationEvent::Verified`] before `Done`. Nothing is sampled or emitted.
     /// `committed`, `restore`, `prompt_logprobs` and `grammar` must be empty.
     pub verify: Option<Verify>,
+    /// A prediction of the completion (OpenAI's predicted outputs; the exact cascade's draft).
+    /// On an engine with [`crate::EngineConfig::reference_kernels`], prompt and draft are
+    /// prefilled together (alone, in chunks of at most [`crate::PROMPT_SCORE_CHUNK_TOKENS`]);
+    /// at each draft position the sampler picks from the logits before it, as decoding would,
+    /// and the completion takes the draft's token while it is that pick. At the first position
+    /// where the pick differs the completion takes the pick, the draft's cells from there are
+    /// dropped, and decoding goes on. The reference kernels compute a chunk of queries as each
+    /// alone, so the answer is token for token the one without a draft: a draft changes how
+    /// fast, never what.
+    ///
+    /// On the default kernels a prefilled token's numbers differ from a decoded one's, so the
+    /// draft is not used there (the same answer, decoded), nor on a generation resumed after
+    /// `committed` tokens. It is cut to `max_tokens` and to the context, takes no checkpoint,
+    /// and cannot be combined with `prompt_logprobs` or `verify`.
+    pub draft: Vec<TokenId>,
 }
 
 /// A sequence's KV cache covering its first `tokens` tokens: the sequence's own stream section
@@ -138,6 +153,9 @@ pub struct GenerationDone {
     /// Leading prompt tokens whose KV cells were still in the sequence from its previous
     /// occupant's identical prompt head, and so were not prefilled again.
     pub prompt_reused: u32,
+    /// Completion tokens taken from the draft (`Generation::draft`) as they were prefilled,
+    /// instead of decoded one by one.
+    pub draft_taken: u32,
 }
 
 /// Everything a generation reports, in order: at most one `Checkpoint` and at most one

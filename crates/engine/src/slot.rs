@@ -28,10 +28,11 @@ use crate::{
     SequenceCheckpoint, TokenEvent, TokenId, Tokenizer, TopLogprob,
 };
 
-/// Most events a slot ever holds back: a checkpoint, the prompt's scores, one token and the final
-/// event of the same step (a slot with a non-empty outbox is not decoded, so nothing more can
-/// pile up).
-const OUTBOX_CAPACITY: usize = 4;
+/// Most events a slot ever holds back: a checkpoint, the prompt's scores, the tokens and the final
+/// event of the same step (a slot with a non-empty outbox is not decoded or prefilled, so nothing
+/// more can pile up). A step gives one token, or, following a draft, one per draft token of a
+/// prefill chunk and then the one after it.
+const OUTBOX_CAPACITY: usize = 4 + crate::PROMPT_SCORE_CHUNK_TOKENS;
 
 /// A generation admitted to the engine thread, waiting for (or occupying) a slot.
 #[derive(Debug)]
@@ -108,6 +109,11 @@ pub(crate) struct Slot {
     /// A reported completion being checked (`Generation::verify`); its tokens follow the
     /// prompt's in `prompt`.
     verifying: Option<Box<Verifying>>,
+    /// While a draft is followed (`Generation::draft`): the index in `prompt` of its first
+    /// token, the draft's tokens following the prompt's there.
+    drafting: Option<usize>,
+    /// Draft tokens the completion took as they were prefilled.
+    draft_taken: u32,
 }
 
 /// The state of a verification: the completion's place in the prefilled tokens, what was
@@ -185,7 +191,16 @@ impl Slot {
         let prompt_tokens = verifying
             .as_ref()
             .map_or(generation.prompt.len(), |verifying| verifying.start);
-        let scored = generation.prompt_logprobs || verifying.is_some();
+        // The draft follows the prompt in the prefill; the penalties above saw the prompt alone.
+        let drafting = (verifying.is_none() && !generation.draft.is_empty()).then(|| {
+            generation.prompt.extend_from_slice(&generation.draft);
+            prompt_tokens
+        });
+        if drafting.is_some() {
+            // A checkpoint covers a prompt, and the cells hold the draft's tokens after it.
+            generation.export_checkpoint = false;
+        }
+        let scored = generation.prompt_logprobs || verifying.is_some() || drafting.is_some();
         let slot = Self {
             seq_id,
             admitted,
@@ -218,6 +233,8 @@ impl Slot {
             prompt_scores: generation.prompt_logprobs.then(Vec::new),
             scored,
             verifying,
+            drafting,
+            draft_taken: 0,
         };
         (slot, already_over)
     }
@@ -388,15 +405,63 @@ impl Slot {
     /// Whether the prompt is being scored or a completion verified: prompt tokens from
     /// [`Slot::scored_from`] on need the logits of the token before them.
     pub fn scores_prompt(&self) -> bool {
-        self.prompt_scores.is_some() || self.verifying.is_some()
+        self.prompt_scores.is_some() || self.verifying.is_some() || self.drafting.is_some()
     }
 
     /// The first prompt token whose logits are asked for: the second of a scored prompt, the
-    /// first completion token of a verification.
+    /// first completion token of a verification or of a draft.
     pub fn scored_from(&self) -> usize {
         self.verifying
             .as_ref()
-            .map_or(1, |verifying| verifying.start.max(1))
+            .map(|verifying| verifying.start)
+            .or(self.drafting)
+            .map_or(1, |start| start.max(1))
+    }
+
+    /// Whether this slot follows a draft: the logits before each draft token give the
+    /// completion's next token ([`Slot::follow_draft`]).
+    pub fn drafts(&self) -> bool {
+        self.drafting.is_some()
+    }
+
+    /// The completion took `token` from the logits before the draft token at `index` of the
+    /// prefilled tokens. True when it is that draft token: it is in the cells already, and the
+    /// draft goes on. False when the answer parts from the draft there: the draft's tokens from
+    /// `index` on are dropped (the caller drops their cells), and `token` is fed next, as a
+    /// decoded token is.
+    pub fn follow_draft(&mut self, index: usize, token: TokenId) -> bool {
+        if self.prompt.get(index) == Some(&token) {
+            self.pending_token = None;
+            self.draft_taken += 1;
+            return true;
+        }
+        self.prompt.truncate(index);
+        self.prefilled = index;
+        self.kv_tokens = saturating_u32(index);
+        self.drafting = None;
+        false
+    }
+
+    /// Samples the next token from `raw`, the logits after the last token fed: adjusted,
+    /// masked by the grammar, picked at the slot's position, and then taken
+    /// ([`Slot::accept`]). Returns the token and the finish reason if the generation ends.
+    ///
+    /// # Errors
+    ///
+    /// When the grammar cannot say which tokens may come next, or does not allow the pick.
+    pub fn sample_next(
+        &mut self,
+        raw: &[f32],
+        tools: &mut SamplingTools<'_>,
+    ) -> Result<(TokenId, Option<FinishReason>), String> {
+        let logits = self.logits(raw, tools.end_of_generation, tools.scratch)?;
+        let sampled =
+            tools
+                .sampler
+                .sample(logits, &self.sampling, self.position, self.top_logprobs);
+        self.advance_grammar(sampled.token, tools.tokenizer)?;
+        let finish = self.accept(&sampled, tools.tokenizer, tools.context_tokens);
+        Ok((sampled.token, finish))
     }
 
     /// Whether this slot checks a reported completion rather than generating one.
@@ -584,6 +649,7 @@ impl Slot {
             prompt_restored: self.prompt_restored,
             checkpoint_rejected: self.checkpoint_rejected,
             prompt_reused: self.prompt_reused,
+            draft_taken: self.draft_taken,
         };
         self.send(GenerationEvent::Done(done));
     }
@@ -638,6 +704,16 @@ impl Slot {
         );
         self.outbox.push_back(event);
     }
+}
+
+/// What sampling a slot's next token needs besides the slot: the worker's sampler and scratch
+/// space, the model's vocabulary, and the context each sequence has.
+pub(crate) struct SamplingTools<'a> {
+    pub end_of_generation: &'a [TokenId],
+    pub sampler: &'a mut Sampler,
+    pub scratch: &'a mut Vec<f32>,
+    pub tokenizer: &'a Tokenizer,
+    pub context_tokens: u32,
 }
 
 /// `sampled` as the event reporting it at `position`, with its text and its alternatives'.

@@ -46,8 +46,10 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use crate::checkpoint::Shape;
 use crate::constraint::{Constrained, GrammarCompiler};
 use crate::sampler::Sampler;
-use crate::slot::{Admission, Slot, SlotFate};
-use crate::{EngineConfig, EngineError, FinishReason, GenerationEvent, TokenId, Tokenizer};
+use crate::slot::{Admission, SamplingTools, Slot, SlotFate};
+use crate::{
+    EngineConfig, EngineError, FinishReason, Generation, GenerationEvent, TokenId, Tokenizer,
+};
 
 use batch::{BatchEntry, Fed};
 use sequence::{
@@ -282,15 +284,19 @@ impl<'model> Worker<'model> {
                     prompt_restored: false,
                     checkpoint_rejected: false,
                     prompt_reused: 0,
+                    draft_taken: 0,
                 }));
             return;
         }
         let seq_id = i32::try_from(index).unwrap_or(i32::MAX);
         self.cached[index].clear();
         self.admissions += 1;
-        // A scored prompt is prefilled whole: its tokens' logits are what is asked for.
-        let scores_prompt =
-            admission.generation.prompt_logprobs || admission.generation.verify.is_some();
+        self.fit_draft(&mut admission.generation);
+        // A scored prompt is prefilled whole: its tokens' logits are what is asked for. So is a
+        // prompt followed by a draft.
+        let scores_prompt = admission.generation.prompt_logprobs
+            || admission.generation.verify.is_some()
+            || !admission.generation.draft.is_empty();
         let restore = admission
             .generation
             .restore
@@ -334,6 +340,20 @@ impl<'model> Worker<'model> {
             self.restore_prompt_head(&mut slot, checkpoint);
         }
         self.slots[index] = Some(slot);
+    }
+
+    /// Keeps of `generation`'s draft what this engine can follow: nothing on the default kernels
+    /// (a prefilled token's numbers are not a decoded one's there) or after committed tokens,
+    /// else what fits `max_tokens` and the context after the prompt and the token after it.
+    fn fit_draft(&self, generation: &mut Generation) {
+        if !self.config.reference_kernels || !generation.committed.is_empty() {
+            generation.draft.clear();
+            return;
+        }
+        let context = self.config.context_tokens_per_sequence as usize;
+        let room = context.saturating_sub(generation.prompt.len() + 1);
+        let fits = room.min(generation.max_tokens as usize);
+        generation.draft.truncate(fits);
     }
 
     /// The state of `grammar` after `committed`, compiling for this model's vocabulary the first
@@ -426,6 +446,45 @@ impl<'model> Worker<'model> {
                         break;
                     };
                     let raw = self.context.get_logits_ith(at);
+                    if slot.drafts() {
+                        let mut tools = SamplingTools {
+                            end_of_generation: &self.end_of_generation,
+                            sampler: &mut self.sampler,
+                            scratch: &mut self.adjusted_logits,
+                            tokenizer: &self.tokenizer,
+                            context_tokens,
+                        };
+                        match slot.sample_next(raw, &mut tools) {
+                            Ok((token, finish)) => {
+                                let followed = slot.follow_draft(index, token);
+                                if let Some(reason) = finish {
+                                    slot.finish(reason);
+                                    retire_sequence(
+                                        &mut self.context,
+                                        &mut self.cached[entry.slot],
+                                        slot,
+                                    );
+                                } else if followed {
+                                    continue;
+                                } else if !keep_sequence_head(&mut self.context, slot.seq_id, index)
+                                {
+                                    slot.fail(EngineError::Decode(
+                                        "could not drop a draft's cells".to_owned(),
+                                    ));
+                                    release_sequence(&mut self.context, slot.seq_id);
+                                }
+                            }
+                            Err(error) => {
+                                slot.fail(EngineError::InvalidGeneration(format!(
+                                    "grammar: {error}"
+                                )));
+                                release_sequence(&mut self.context, slot.seq_id);
+                            }
+                        }
+                        // The answer ended or parted from the draft: the rest of the chunk's
+                        // logits, the token after it included, are not its.
+                        break;
+                    }
                     if slot.verifies() {
                         slot.verify_token(
                             index,
@@ -446,6 +505,11 @@ impl<'model> Worker<'model> {
             let Some(batch_index) = entry.logits_at else {
                 continue;
             };
+            if slot.is_finished() || slot.decode_token().is_some() {
+                // A draft ended the answer or parted from it inside this chunk: the chunk's last
+                // logits follow a draft token the answer does not have.
+                continue;
+            }
             let raw = self.context.get_logits_ith(batch_index);
             if slot.verifies() {
                 slot.finish_verification(
@@ -457,25 +521,23 @@ impl<'model> Worker<'model> {
                 retire_sequence(&mut self.context, &mut self.cached[entry.slot], slot);
                 continue;
             }
-            let logits = match slot.logits(raw, &self.end_of_generation, &mut self.adjusted_logits)
-            {
-                Ok(logits) => logits,
+            let mut tools = SamplingTools {
+                end_of_generation: &self.end_of_generation,
+                sampler: &mut self.sampler,
+                scratch: &mut self.adjusted_logits,
+                tokenizer: &self.tokenizer,
+                context_tokens,
+            };
+            match slot.sample_next(raw, &mut tools) {
+                Ok((_, None)) => {}
+                Ok((_, Some(reason))) => {
+                    slot.finish(reason);
+                    retire_sequence(&mut self.context, &mut self.cached[entry.slot], slot);
+                }
                 Err(error) => {
                     slot.fail(EngineError::InvalidGeneration(format!("grammar: {error}")));
                     release_sequence(&mut self.context, slot.seq_id);
-                    continue;
                 }
-            };
-            let (params, position, top_logprobs) = slot.sampling();
-            let sampled = self.sampler.sample(logits, params, position, top_logprobs);
-            if let Err(error) = slot.advance_grammar(sampled.token, &self.tokenizer) {
-                slot.fail(EngineError::InvalidGeneration(format!("grammar: {error}")));
-                release_sequence(&mut self.context, slot.seq_id);
-                continue;
-            }
-            if let Some(reason) = slot.accept(&sampled, &self.tokenizer, context_tokens) {
-                slot.finish(reason);
-                retire_sequence(&mut self.context, &mut self.cached[entry.slot], slot);
             }
         }
     }

@@ -208,3 +208,124 @@ fn a_decoded_answer_scored_in_one_prefill_gets_its_decode_numbers() {
         }
     }
 }
+
+/// The sampled cascade's promise (`Generation::draft`): the cloud given a car's draft as its
+/// prediction answers, token for token and log-probability for log-probability, what it
+/// answers alone. 50 prompts, every other one greedy, the rest sampled at 0.7 with the car
+/// drafting under the same seed (as the gateway asks it to).
+#[test]
+fn a_draft_changes_how_fast_the_cloud_answers_never_what() {
+    let cloud = qwen(true);
+    let car = qwen(false);
+    let prompts = prompts(&cloud, PROMPTS);
+    let sampling = |index: usize| {
+        if index.is_multiple_of(2) {
+            SamplingParams::greedy()
+        } else {
+            sampled(0.7, index as u64)
+        }
+    };
+    let asked = |index: usize, prompt: &Vec<TokenId>| {
+        let mut asked = generation(prompt.clone(), sampling(index), ANSWER_TOKENS);
+        asked.top_logprobs = 2;
+        asked
+    };
+    let alone = run_all(
+        &cloud,
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(index, prompt)| asked(index, prompt))
+            .collect(),
+    );
+    let drafts = run_all(
+        &car,
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(index, prompt)| generation(prompt.clone(), sampling(index), ANSWER_TOKENS))
+            .collect(),
+    );
+    let predicted = run_all(
+        &cloud,
+        prompts
+            .iter()
+            .enumerate()
+            .zip(&drafts)
+            .map(|((index, prompt), draft)| {
+                let mut asked = asked(index, prompt);
+                asked.draft = draft.token_ids();
+                asked
+            })
+            .collect(),
+    );
+    let (mut taken_whole, mut parted, mut taken_tokens) = (0, 0, 0);
+    for (index, ((alone, draft), predicted)) in
+        alone.iter().zip(&drafts).zip(&predicted).enumerate()
+    {
+        assert_eq!(
+            predicted.tokens,
+            alone.tokens,
+            "prompt {index}: with the draft {:?} the cloud said {:?}; alone {:?}",
+            draft.text(),
+            predicted.text(),
+            alone.text()
+        );
+        assert_eq!(predicted.done.reason, alone.done.reason, "prompt {index}");
+        let draft = draft.token_ids();
+        let taken = draft
+            .iter()
+            .zip(alone.token_ids())
+            .take_while(|(drafted, said)| **drafted == *said)
+            .count();
+        // The engine took exactly those from the prefill; it decoded the rest.
+        assert_eq!(predicted.done.draft_taken as usize, taken, "prompt {index}");
+        taken_tokens += taken;
+        if taken == draft.len() {
+            taken_whole += 1;
+        } else {
+            parted += 1;
+        }
+    }
+    // Both halves are exercised: drafts taken whole, and drafts parted from, with tokens taken.
+    assert!(
+        taken_whole > 0 && parted > 0 && taken_tokens > 0,
+        "{taken_whole} drafts taken whole, {parted} parted from, {taken_tokens} tokens taken"
+    );
+}
+
+/// On the default kernels a prefilled token's numbers are not a decoded one's: a car's engine
+/// does not use a draft, and answers as it does without one, decoding every token.
+#[test]
+fn an_engine_on_the_default_kernels_answers_as_without_a_draft() {
+    let car = qwen(false);
+    let prompts = prompts(&car, 4);
+    let alone: Vec<Outcome> = run_all(
+        &car,
+        prompts
+            .iter()
+            .map(|prompt| greedy(prompt.clone(), ANSWER_TOKENS))
+            .collect(),
+    );
+    let with_draft = run_all(
+        &car,
+        prompts
+            .iter()
+            .zip(&alone)
+            .map(|(prompt, alone)| {
+                let mut asked = greedy(prompt.clone(), ANSWER_TOKENS);
+                let mut draft = alone.token_ids();
+                // A wrong token in the middle, so that a followed draft would be cut there.
+                if let Some(token) = draft.get_mut(3) {
+                    *token = (*token + 1) % 1000;
+                }
+                asked.draft = draft;
+                asked
+            })
+            .collect(),
+    );
+    for (alone, with_draft) in alone.iter().zip(&with_draft) {
+        assert_eq!(with_draft.tokens, alone.tokens);
+        assert_eq!(with_draft.done.draft_taken, 0, "every token decoded");
+    }
+}

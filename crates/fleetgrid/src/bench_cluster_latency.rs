@@ -264,6 +264,7 @@ fn generation(index: u32, max_tokens: u32) -> NewGeneration {
         stop: Vec::new(),
         top_logprobs: 0,
         prompt_logprobs: false,
+        draft: Vec::new(),
         deadline_ms: None,
     }
 }

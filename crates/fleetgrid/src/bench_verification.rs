@@ -459,6 +459,7 @@ fn generation(
         restore: None,
         export_checkpoint: false,
         prompt_logprobs: false,
+        draft: Vec::new(),
         verify,
     }
 }

@@ -101,6 +101,7 @@ async fn generate(
             export_checkpoint,
             prompt_logprobs: false,
             verify: None,
+            draft: Vec::new(),
         })
         .expect("submit");
     let (mut checkpoint, mut tokens, mut bytes) = (None, Vec::new(), Vec::new());

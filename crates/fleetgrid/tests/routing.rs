@@ -496,3 +496,73 @@ async fn a_spent_cloud_budget_keeps_auto_on_the_fleet_and_refuses_cloud_with_402
         ("cloud", "pre_route_cloud")
     );
 }
+
+/// Asks the local cloud itself for a completion of `prompt`, sampled at 0.8 with seed 3, its
+/// tokens named by id; `prediction` as token ids when given.
+async fn cloud_completion(cloud: &LocalCloud, prompt: &str, prediction: Option<&[i64]>) -> Value {
+    let mut body = json!({
+        "model": CLOUD_MODEL,
+        "prompt": prompt,
+        "max_tokens": 24,
+        "temperature": 0.8,
+        "seed": 3,
+        "logprobs": 1,
+        "return_tokens_as_token_ids": true,
+    });
+    if let Some(prediction) = prediction {
+        body["prediction"] = json!({"type": "content", "content": prediction});
+    }
+    let key = std::env::var(cloud_common::CLOUD_KEY_ENV).expect("the cloud's key");
+    let response = reqwest::Client::new()
+        .post(format!("{}/completions", cloud.base_url()))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .expect("the cloud answers");
+    assert_eq!(response.status(), 200);
+    response.json().await.expect("a JSON body")
+}
+
+/// The ids of a completion's tokens (`token_id:<id>`).
+fn token_ids(body: &Value) -> Vec<i64> {
+    body["choices"][0]["logprobs"]["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .map(|token| {
+            let named = token.as_str().expect("a token name");
+            named["token_id:".len()..].parse().expect("an id")
+        })
+        .collect()
+}
+
+/// The whole chain of a prediction, on real processes: the local cloud's gateway takes it as
+/// token ids, its cell hands it to its node, whose engine (on the reference kernels) prefills
+/// it and keeps what it would have drawn. A sampled answer with a prediction is the answer
+/// without, token for token and log-probability for log-probability, and the usage counts
+/// what it took of the prediction.
+#[tokio::test]
+async fn the_local_cloud_follows_a_prediction_without_changing_its_answer() {
+    let cloud = LocalCloud::shared();
+    let prompt = "The three primary colours are";
+    let alone = cloud_completion(cloud, prompt, None).await;
+    let said = token_ids(&alone);
+    assert!(said.len() > 8, "{alone}");
+    let mut wrong = said.clone();
+    wrong[5] = if wrong[5] == 11 { 12 } else { 11 };
+    for (prediction, accepted) in [(said.clone(), said.len()), (wrong, 5)] {
+        let predicted = cloud_completion(cloud, prompt, Some(&prediction)).await;
+        assert_eq!(
+            predicted["choices"][0]["logprobs"], alone["choices"][0]["logprobs"],
+            "the same tokens and log-probabilities"
+        );
+        assert_eq!(predicted["choices"][0]["text"], alone["choices"][0]["text"]);
+        assert_eq!(
+            predicted["usage"]["completion_tokens_details"],
+            json!({"accepted_prediction_tokens": accepted,
+                   "rejected_prediction_tokens": prediction.len() - accepted}),
+            "{predicted}"
+        );
+    }
+}

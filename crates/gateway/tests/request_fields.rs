@@ -338,3 +338,82 @@ async fn a_json_schema_reaches_the_cell_as_a_grammar_and_a_schema_the_fleet_cann
         assert_refused(&refused, path, &chat(extra_fields), param, code).await;
     }
 }
+
+/// OpenAI's predicted outputs: the prediction reaches the cell as the answer's tokens would be,
+/// and the usage says how much of it the answer took from its start and how much it did not.
+#[tokio::test]
+async fn a_prediction_reaches_the_cell_as_tokens_and_the_usage_counts_what_the_answer_took() {
+    let gateway = Gateway::start(TenantClass::Fleet).await;
+    let tokenizer = &gateway.models.all()[0].tokenizer;
+    let predicted = " Paris is the capital of France";
+    let tokens = tokenizer.tokenize(predicted, false).expect("tokenize");
+    assert!(tokens.len() > 3, "{tokens:?}");
+    let piece = |id: i32| String::from_utf8_lossy(&tokenizer.piece(id)).into_owned();
+    // The answer takes the prediction's first two tokens, then parts from it.
+    let answer: Vec<(i32, String)> = tokens[..2]
+        .iter()
+        .chain(&[tokens[3]])
+        .map(|&id| (id, piece(id)))
+        .collect();
+    gateway.cell.script([Script::AnswerTokens(answer.clone())]);
+    let text_prediction = json!({"prediction": {"type": "content", "content": predicted}});
+    let answer_body = gateway
+        .post("/v1/chat/completions", &chat(text_prediction))
+        .await;
+    assert_eq!(answer_body.status, 200);
+    let submitted = gateway.cell.submitted();
+    assert_eq!(submitted[0].draft, tokens);
+    assert_eq!(
+        answer_body.json()["usage"]["completion_tokens_details"],
+        json!({"accepted_prediction_tokens": 2, "rejected_prediction_tokens": tokens.len() - 2})
+    );
+
+    // Text parts, and on completions token ids, as its prompt may be; cut to `max_tokens`.
+    gateway.cell.script([Script::AnswerTokens(answer.clone())]);
+    let parts = json!({"prediction": {"type": "content", "content": [
+        {"type": "text", "text": " Paris is"}, {"type": "text", "text": " the capital of France"}]}});
+    assert_served(&gateway, "/v1/chat/completions", &chat(parts)).await;
+    gateway.cell.script([Script::AnswerTokens(answer)]);
+    let ids = json!({"prediction": {"type": "content", "content": tokens}, "max_tokens": 3});
+    assert_served(&gateway, "/v1/completions", &completion(ids)).await;
+    let submitted = gateway.cell.submitted();
+    assert_eq!(submitted[1].draft, tokens);
+    assert_eq!(submitted[2].draft, tokens[..3]);
+}
+
+#[tokio::test]
+async fn a_prediction_the_gateway_cannot_follow_is_refused_by_name() {
+    let gateway = Gateway::start(TenantClass::Fleet).await;
+    let invalid = "invalid_value";
+    let cases = [
+        (
+            "/v1/chat/completions",
+            chat(json!({"prediction": {"type": "content", "content": [1, 2]}})),
+            invalid,
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"prediction": {"type": "text", "content": "Hi"}})),
+            invalid,
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"prediction": "Hi"})),
+            invalid,
+        ),
+        (
+            "/v1/completions",
+            completion(json!({"prediction": {"type": "content", "content": [1, -4]}})),
+            invalid,
+        ),
+        (
+            "/v1/completions",
+            completion(json!({"prediction": {"type": "content", "content": "a"},
+                "echo": true, "logprobs": 1})),
+            "unsupported_parameter",
+        ),
+    ];
+    for (path, body, code) in cases {
+        assert_refused(&gateway, path, &body, "prediction", code).await;
+    }
+}

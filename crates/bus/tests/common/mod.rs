@@ -279,6 +279,7 @@ pub fn generation(prompt: Vec<i32>, seed: u64, max_tokens: u32) -> NewGeneration
         stop: vec!["\n\n".to_string()],
         top_logprobs: 1,
         prompt_logprobs: false,
+        draft: Vec::new(),
         deadline_ms: Some(30_000),
     }
 }

@@ -176,6 +176,12 @@ impl Core {
                 restore_state,
                 prompt_logprobs: scores_prompt,
                 verify: None,
+                // A draft follows the prompt; an attempt after committed tokens goes without.
+                draft_tokens: if inflight.committed.is_empty() && !scores_prompt {
+                    inflight.draft.clone()
+                } else {
+                    Vec::new()
+                },
             })),
         };
         let Some(target) = state.nodes.get(&node) else {

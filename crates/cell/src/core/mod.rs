@@ -57,6 +57,9 @@ struct InFlight {
     /// (`NewGeneration::prompt_logprobs`): the current attempt's so far.
     /// They reach the client in one update once complete, before any token.
     prompt_scores: Option<Vec<CommittedToken>>,
+    /// The tenant's prediction of the answer (`NewGeneration::draft`), offered to an attempt
+    /// that starts from the prompt alone.
+    draft: Vec<i32>,
     committed: Vec<i32>,
     /// The log-probability each committed token came with, from the first
     /// token committed here: what a verifier checks.
@@ -253,6 +256,7 @@ impl Core {
                 stop_text,
                 top_logprobs: generation.top_logprobs,
                 prompt_scores,
+                draft: generation.draft,
                 inherited: generation.committed.len(),
                 committed: generation.committed,
                 logprobs: Vec::new(),

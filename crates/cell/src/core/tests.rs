@@ -153,6 +153,7 @@ fn a_listing_counts_each_models_generations_waiting_for_a_vehicle() {
             stop: Vec::new(),
             top_logprobs: 0,
             prompt_logprobs: false,
+            draft: Vec::new(),
             deadline_ms: None,
         };
         admitted.push(harness.core.submit(generation).expect("admitted"));
@@ -202,6 +203,7 @@ fn spot_generation(
         stop: Vec::new(),
         top_logprobs: 0,
         prompt_logprobs: false,
+        draft: Vec::new(),
         deadline_ms: None,
     }
 }

@@ -63,6 +63,7 @@ pub fn generation(prompt: Vec<TokenId>, sampling: SamplingParams, max_tokens: u3
         export_checkpoint: false,
         prompt_logprobs: false,
         verify: None,
+        draft: Vec::new(),
     }
 }
 

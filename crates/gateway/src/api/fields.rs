@@ -41,6 +41,7 @@ const SHARED_IMPLEMENTED: &[&str] = &[
     "ignore_eos",
     "return_tokens_as_token_ids",
     "quality",
+    "prediction",
 ];
 
 /// Fields only `POST /v1/chat/completions` has that change the answer.

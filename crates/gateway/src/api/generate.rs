@@ -114,6 +114,7 @@ pub(super) async fn run_as(
     })?;
     let (prompt, prompt_text) = tokenize(&request).await?;
     let max_tokens = completion_budget(&request, prompt.len())?;
+    let draft = draft(&request, max_tokens).await?;
     let public_id = match endpoint {
         Endpoint::Chat => format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         Endpoint::Completion => format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
@@ -174,6 +175,7 @@ pub(super) async fn run_as(
                     0
                 },
                 prompt_logprobs: request.scores_prompt(),
+                draft: draft.clone(),
                 deadline_ms,
             })
             .await
@@ -187,7 +189,8 @@ pub(super) async fn run_as(
         );
         let finisher = Finisher::new(Arc::clone(&state.billing), charge, idempotency.take())
             .keeping(kept.take());
-        let fleet = FleetAnswer::new(guard, finisher, request.stop.clone(), deadline);
+        let fleet = FleetAnswer::new(guard, finisher, request.stop.clone(), deadline)
+            .predicted(request.prediction.is_some().then(|| draft.clone()));
         answers.push(Source::Fleet(Box::new(fleet)));
     }
     let meta = ResponseMeta::new(public_id, &request, prompt_text, &prompt);
@@ -266,6 +269,37 @@ fn body_too_large() -> ApiError {
 pub(super) async fn tokenize(request: &ValidatedRequest) -> Result<(Vec<i32>, String), ApiError> {
     let rendering = Rendering::generation(&request.prompt);
     tokenize_as(&request.model, request.prompt.clone(), rendering).await
+}
+
+/// The request's `prediction` as the answer's tokens would be (text without special tokens),
+/// cut to `max_tokens`: no more of it could be taken. Empty without one.
+async fn draft(request: &ValidatedRequest, max_tokens: u32) -> Result<Vec<i32>, ApiError> {
+    let mut tokens = match &request.prediction {
+        None => return Ok(Vec::new()),
+        Some(validate::Prediction::Tokens(tokens)) => tokens.clone(),
+        Some(validate::Prediction::Text(text)) => {
+            let model = Arc::clone(&request.model);
+            let text = text.clone();
+            let joined =
+                tokio::task::spawn_blocking(move || model.tokenizer.tokenize(&text, false)).await;
+            match joined {
+                Ok(Ok(tokens)) => tokens,
+                Ok(Err(error)) => {
+                    return Err(ApiError::invalid(
+                        format!("'prediction' cannot be tokenized: {error}"),
+                        Some("prediction"),
+                        "invalid_value",
+                    ))
+                }
+                Err(error) => {
+                    tracing::error!(%error, "tokenizer task");
+                    return Err(ApiError::internal());
+                }
+            }
+        }
+    };
+    tokens.truncate(max_tokens as usize);
+    Ok(tokens)
 }
 
 /// `tokenize`, rendered as `rendering` says, with `model`'s tokenizer.

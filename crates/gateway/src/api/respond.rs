@@ -103,6 +103,17 @@ pub(super) struct AnswerUsage {
     pub completion_tokens: u32,
     /// `prompt_tokens_details.cached_tokens`: fleet answers only.
     pub cached_prompt_tokens: Option<u32>,
+    /// `completion_tokens_details`' prediction counts: answers to a request with `prediction`.
+    pub prediction: Option<PredictionUsage>,
+}
+
+/// How an answer followed the request's `prediction`: `accepted`, the prediction's tokens it
+/// took as they stood, from its first token to where it parted from them; `rejected`, the rest
+/// of the prediction. Counted on the answer's tokens, whichever engine made them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct PredictionUsage {
+    pub accepted: u32,
+    pub rejected: u32,
 }
 
 impl AnswerUsage {
@@ -115,6 +126,16 @@ impl AnswerUsage {
             cached_prompt_tokens: match (self.cached_prompt_tokens, other.cached_prompt_tokens) {
                 (None, None) => None,
                 (mine, theirs) => Some(mine.unwrap_or(0) + theirs.unwrap_or(0)),
+            },
+            prediction: match (self.prediction, other.prediction) {
+                (None, None) => None,
+                (mine, theirs) => {
+                    let (mine, theirs) = (mine.unwrap_or_default(), theirs.unwrap_or_default());
+                    Some(PredictionUsage {
+                        accepted: mine.accepted + theirs.accepted,
+                        rejected: mine.rejected + theirs.rejected,
+                    })
+                }
             },
         }
     }
@@ -131,6 +152,7 @@ fn routed_usage(summary: &RouteSummary) -> AnswerUsage {
             prompt_tokens: answer.prompt,
             completion_tokens: answer.completion,
             cached_prompt_tokens: None,
+            prediction: None,
         };
     }
     let edge_counts = matches!(summary.tier, Tier::Fleet | Tier::FleetThenCloud);
@@ -150,6 +172,7 @@ fn routed_usage(summary: &RouteSummary) -> AnswerUsage {
         prompt_tokens,
         completion_tokens: edge_completion + cloud_completion,
         cached_prompt_tokens: None,
+        prediction: None,
     }
 }
 

@@ -67,6 +67,8 @@ pub struct SamplingFields {
     /// fleetgrid's extension for `auto`: `"routed"` (the default) or `"exact"`, the
     /// speculative cascade whose answer is the cloud model's own.
     pub quality: Option<String>,
+    /// OpenAI's predicted outputs: `{"type": "content", "content": ...}`.
+    pub prediction: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]

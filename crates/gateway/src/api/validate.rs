@@ -145,7 +145,20 @@ pub struct ValidatedRequest {
     pub token_ids: bool,
     /// How `auto` answers: routed between the tiers, or the exact speculative cascade.
     pub quality: Quality,
+    /// OpenAI's predicted outputs: what the client expects most of the answer to be. A fleet
+    /// answer's engine may check it in one prefill instead of decoding it; the answer is the
+    /// one without it (`engine::Generation::draft`).
+    pub prediction: Option<Prediction>,
     _private: (),
+}
+
+/// `prediction`'s content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Prediction {
+    /// Text, tokenized as the answer's text is (no special tokens).
+    Text(String),
+    /// Token ids of the served model's vocabulary (`/v1/completions` only, as its `prompt`).
+    Tokens(Vec<i32>),
 }
 
 /// `quality`, fleetgrid's extension for `auto`.
@@ -744,6 +757,13 @@ fn finish(
             "return_tokens_as_token_ids",
         ));
     }
+    let prediction = prediction(sampling.prediction, endpoint, &model.choice)?;
+    if prediction.is_some() && echo && logprobs {
+        return Err(unsupported(
+            "'prediction' cannot be combined with 'echo' and 'logprobs': the prompt's scores and the prediction's check are both one prefill",
+            "prediction",
+        ));
+    }
     let quality = match sampling.quality.as_deref() {
         None | Some("routed") => Quality::Routed,
         Some("exact") if model.choice.route == Some(RouteTarget::Auto) => Quality::Exact,
@@ -795,16 +815,81 @@ fn finish(
         echo,
         token_ids,
         quality,
+        prediction,
         _private: (),
     })
+}
+
+/// `prediction`: `{"type": "content", "content": ...}` with text, an array of text parts, or
+/// (on `/v1/completions`, as its `prompt`) token ids; for the fleet's models only.
+fn prediction(
+    value: Option<serde_json::Value>,
+    endpoint: Endpoint,
+    model: &ModelChoice,
+) -> Result<Option<Prediction>, ApiError> {
+    let Some(value) = value.filter(|value| !value.is_null()) else {
+        return Ok(None);
+    };
+    if model.route.is_some() {
+        return Err(unsupported(
+            "'prediction' is available with the fleet's models, not with 'auto' or 'cloud/...'",
+            "prediction",
+        ));
+    }
+    let shape = || {
+        invalid(
+            "'prediction' must be {\"type\": \"content\", \"content\": ...} with text, text parts or (completions) token ids",
+            "prediction",
+        )
+    };
+    let serde_json::Value::Object(fields) = value else {
+        return Err(shape());
+    };
+    if fields.get("type").and_then(serde_json::Value::as_str) != Some("content")
+        || fields.keys().any(|key| key != "type" && key != "content")
+    {
+        return Err(shape());
+    }
+    match fields.get("content") {
+        Some(serde_json::Value::String(text)) => Ok(Some(Prediction::Text(text.clone()))),
+        Some(serde_json::Value::Array(items)) if items.iter().all(serde_json::Value::is_object) => {
+            let mut text = String::new();
+            for part in items {
+                match (
+                    part.get("type").and_then(serde_json::Value::as_str),
+                    part.get("text"),
+                ) {
+                    (Some("text"), Some(serde_json::Value::String(piece))) => text.push_str(piece),
+                    _ => return Err(shape()),
+                }
+            }
+            Ok(Some(Prediction::Text(text)))
+        }
+        Some(serde_json::Value::Array(items)) if endpoint == Endpoint::Completion => {
+            let ids = items
+                .iter()
+                .map(|item| item.as_i64().ok_or_else(shape))
+                .collect::<Result<Vec<i64>, ApiError>>()?;
+            Ok(Some(Prediction::Tokens(token_ids(
+                &model.model,
+                &ids,
+                "prediction",
+            )?)))
+        }
+        _ => Err(shape()),
+    }
 }
 
 /// 400 for a field the gateway knows and does not implement (or not with this value).
 /// A prompt of token ids, each in the vocabulary of the model that serves it.
 fn token_prompt(model: &ServedModel, ids: &[i64]) -> Result<PromptSource, ApiError> {
+    Ok(PromptSource::Tokens(token_ids(model, ids, "prompt")?))
+}
+
+/// `ids` as tokens of `model`'s vocabulary; 400 naming `param` for one outside it.
+fn token_ids(model: &ServedModel, ids: &[i64], param: &str) -> Result<Vec<i32>, ApiError> {
     let vocab_size = model.tokenizer.vocab_size();
-    let tokens = ids
-        .iter()
+    ids.iter()
         .map(|&id| {
             i32::try_from(id)
                 .ok()
@@ -812,14 +897,13 @@ fn token_prompt(model: &ServedModel, ids: &[i64]) -> Result<PromptSource, ApiErr
                 .ok_or_else(|| {
                     invalid(
                         format!(
-                            "prompt token {id} is outside the model's vocabulary of {vocab_size}"
+                            "{param} token {id} is outside the model's vocabulary of {vocab_size}"
                         ),
-                        "prompt",
+                        param,
                     )
                 })
         })
-        .collect::<Result<Vec<i32>, ApiError>>()?;
-    Ok(PromptSource::Tokens(tokens))
+        .collect()
 }
 
 fn unsupported(message: impl Into<String>, param: &str) -> ApiError {

@@ -62,6 +62,10 @@ pub struct UpstreamRequest {
     pub tools: Option<UpstreamTools>,
     /// Log-probabilities with token ids (`/completions` only).
     pub scores: Option<UpstreamScores>,
+    /// Predicted output as token ids of the cloud model (`/completions` with a prompt of token
+    /// ids only; an extension of OpenAI's `prediction` that `fleetgrid cloud serve` takes);
+    /// empty for none.
+    pub prediction: Vec<i32>,
 }
 
 /// The tools a chat offers the cloud model.
@@ -116,6 +120,9 @@ impl UpstreamRequest {
             body["tools"] = tools.tools.clone();
             body["tool_choice"] = tools.tool_choice.clone();
             body["parallel_tool_calls"] = json!(tools.parallel_tool_calls);
+        }
+        if !self.prediction.is_empty() {
+            body["prediction"] = json!({"type": "content", "content": self.prediction});
         }
         if let Some(scores) = self.scores {
             body["logprobs"] = json!(scores.top_logprobs);

@@ -357,6 +357,12 @@ fn usage_json(usage: &AnswerUsage) -> Value {
     if let Some(cached) = usage.cached_prompt_tokens {
         value["prompt_tokens_details"] = json!({ "cached_tokens": cached });
     }
+    if let Some(prediction) = usage.prediction {
+        value["completion_tokens_details"] = json!({
+            "accepted_prediction_tokens": prediction.accepted,
+            "rejected_prediction_tokens": prediction.rejected,
+        });
+    }
     value
 }
 

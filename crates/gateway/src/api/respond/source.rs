@@ -12,7 +12,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{AnswerUsage, Ending, Event};
+use super::{AnswerUsage, Ending, Event, PredictionUsage};
 use crate::api::admission::RequestSlot;
 use crate::api::error::ApiError;
 use crate::billing_finish::{CancelCharge, Finisher};
@@ -102,6 +102,34 @@ pub struct FleetAnswer {
     deadline: Instant,
     /// What the core metered, once the generation finished.
     metering: Option<Metering>,
+    /// The request's `prediction` as tokens, and how the answer has followed it so far.
+    prediction: Option<Followed>,
+}
+
+/// How far an answer follows a prediction: the prediction's tokens it took as they stood, from
+/// its first token up to where it parted from them.
+struct Followed {
+    tokens: Vec<i32>,
+    taken: usize,
+    parted: bool,
+}
+
+impl Followed {
+    fn push(&mut self, token: i32) {
+        if !self.parted && self.tokens.get(self.taken) == Some(&token) {
+            self.taken += 1;
+        } else {
+            self.parted = true;
+        }
+    }
+
+    fn usage(&self) -> PredictionUsage {
+        let count = |tokens: usize| u32::try_from(tokens).unwrap_or(u32::MAX);
+        PredictionUsage {
+            accepted: count(self.taken),
+            rejected: count(self.tokens.len() - self.taken),
+        }
+    }
 }
 
 impl FleetAnswer {
@@ -120,7 +148,19 @@ impl FleetAnswer {
             assembler: TextAssembler::new(stop),
             deadline,
             metering: None,
+            prediction: None,
         }
+    }
+
+    /// The answer's usage reports how it followed `prediction` (the request's, as tokens).
+    #[must_use]
+    pub fn predicted(mut self, prediction: Option<Vec<i32>>) -> FleetAnswer {
+        self.prediction = prediction.map(|tokens| Followed {
+            tokens,
+            taken: 0,
+            parted: false,
+        });
+        self
     }
 
     async fn next(&mut self) -> Event {
@@ -134,10 +174,15 @@ impl FleetAnswer {
         };
         match update {
             Update::PromptLogprobs(scores) => Event::PromptScores(scores),
-            Update::Token(token) => Event::Text {
-                text: self.assembler.push(&token.piece),
-                token: Some(token),
-            },
+            Update::Token(token) => {
+                if let Some(prediction) = &mut self.prediction {
+                    prediction.push(token.token_id);
+                }
+                Event::Text {
+                    text: self.assembler.push(&token.piece),
+                    token: Some(token),
+                }
+            }
             Update::Finished {
                 reason,
                 usage,
@@ -153,6 +198,7 @@ impl FleetAnswer {
                         prompt_tokens: usage.prompt_tokens,
                         completion_tokens: usage.completion_tokens,
                         cached_prompt_tokens: Some(usage.cached_prompt_tokens),
+                        prediction: self.prediction.as_ref().map(Followed::usage),
                     },
                     route: None,
                 }))

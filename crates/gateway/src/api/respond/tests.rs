@@ -39,6 +39,7 @@ fn fleet_end(rest: &str, finish_reason: &'static str) -> Event {
             prompt_tokens: 5,
             completion_tokens: 3,
             cached_prompt_tokens: Some(2),
+            prediction: None,
         },
         route: None,
     }))

@@ -298,6 +298,7 @@ impl Routing {
                 stop: self.request.stop.clone(),
                 top_logprobs: ROUTING_TOP_LOGPROBS,
                 prompt_logprobs: false,
+                draft: Vec::new(),
                 deadline_ms: None,
             })
             .await
@@ -384,6 +385,7 @@ impl Routing {
             response_format: self.request.response_format.clone(),
             tools: self.request.tools.as_deref().map(Tools::upstream),
             scores: None,
+            prediction: Vec::new(),
         }
     }
 
