@@ -139,6 +139,10 @@ pub struct EvalArgs {
     /// Engine threads per vehicle of an own stack.
     #[arg(long, default_value_t = 2)]
     threads_per_vehicle: u32,
+    /// `--policy exact` only: sample both answers of an item at this temperature, with the
+    /// item's index as the seed (the sampled cascade) [default: 0, greedy].
+    #[arg(long)]
+    temperature: Option<f32>,
 }
 
 /// Both tiers' endpoints, and the router.
@@ -188,9 +192,13 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
             &items,
             &tiers.edge,
             &args.cloud_model,
+            args.temperature.unwrap_or(0.0),
             &args.out,
         )
         .await;
+    }
+    if args.temperature.is_some() {
+        bail!("--temperature is for --policy exact; the other policies answer at temperature 0");
     }
     if args.scoring == Scoring::Loglikelihood {
         if args.policy == Policy::Auto || args.replay {

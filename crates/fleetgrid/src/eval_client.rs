@@ -118,20 +118,24 @@ impl Client {
         logprobs: bool,
         quality: Option<&str>,
     ) -> anyhow::Result<Completion> {
-        let mut body = json!({
-            "model": endpoint.model,
-            "messages": [{"role": "user", "content": prompt}],
-            "temperature": 0,
-            "seed": 0,
-            "max_tokens": max_tokens,
-        });
-        if let Some(quality) = quality {
-            body["quality"] = json!(quality);
-        }
+        let mut body = chat_body(endpoint, prompt, max_tokens, quality, Sampling::GREEDY);
         if logprobs {
             body["logprobs"] = json!(true);
             body["top_logprobs"] = json!(TOP_LOGPROBS);
         }
+        self.post(endpoint, "chat/completions", &body).await
+    }
+
+    /// [`Client::complete_with`] without log-probabilities, sampled as `sampling` says.
+    pub async fn complete_sampled(
+        &self,
+        endpoint: &Endpoint,
+        prompt: &str,
+        max_tokens: u32,
+        quality: Option<&str>,
+        sampling: Sampling,
+    ) -> anyhow::Result<Completion> {
+        let body = chat_body(endpoint, prompt, max_tokens, quality, sampling);
         self.post(endpoint, "chat/completions", &body).await
     }
 
@@ -386,6 +390,42 @@ fn token_of(entry: &serde_json::Value) -> TokenLogprob {
         })
         .unwrap_or_default();
     TokenLogprob::from_top(token, logprob, top)
+}
+
+/// How an eval request samples: its temperature and seed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampling {
+    pub temperature: f32,
+    pub seed: u64,
+}
+
+impl Sampling {
+    /// Temperature 0, seed 0: what every policy but a sampled `--policy exact` asks.
+    pub const GREEDY: Sampling = Sampling {
+        temperature: 0.0,
+        seed: 0,
+    };
+}
+
+/// A one-message chat request for `endpoint`'s model.
+fn chat_body(
+    endpoint: &Endpoint,
+    prompt: &str,
+    max_tokens: u32,
+    quality: Option<&str>,
+    sampling: Sampling,
+) -> serde_json::Value {
+    let mut body = json!({
+        "model": endpoint.model,
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": sampling.temperature,
+        "seed": sampling.seed,
+        "max_tokens": max_tokens,
+    });
+    if let Some(quality) = quality {
+        body["quality"] = json!(quality);
+    }
+    body
 }
 
 #[cfg(test)]

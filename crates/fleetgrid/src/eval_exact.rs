@@ -13,7 +13,7 @@ use anyhow::Context;
 use router::wilson_interval;
 use serde_json::json;
 
-use crate::eval_client::{Client, Completion, Endpoint};
+use crate::eval_client::{Client, Completion, Endpoint, Sampling};
 use crate::eval_data::Item;
 
 /// One item, both ways.
@@ -26,12 +26,14 @@ struct Pair {
 }
 
 /// Runs every item as cloud-only and as the exact cascade on `gateway` (whose cloud model is
-/// `cloud_model`, named `cloud/<model>`), and writes the report to `out/exact.json`.
+/// `cloud_model`, named `cloud/<model>`), both at `temperature` with the item's index as the
+/// seed, and writes the report to `out/exact.json`.
 pub async fn run(
     dataset: &str,
     items: &[Item],
     gateway: &Endpoint,
     cloud_model: &str,
+    temperature: f32,
     out: &Path,
 ) -> anyhow::Result<()> {
     let client = Client::new()?;
@@ -50,9 +52,21 @@ pub async fn run(
     };
     let mut pairs = Vec::with_capacity(items.len());
     for (number, item) in items.iter().enumerate() {
-        let ask_cloud = || client.complete_with(&cloud, &item.prompt, item.max_tokens, false, None);
-        let ask_exact =
-            || client.complete_with(&auto, &item.prompt, item.max_tokens, false, Some("exact"));
+        let sampling = Sampling {
+            temperature,
+            seed: item.index as u64,
+        };
+        let ask_cloud =
+            || client.complete_sampled(&cloud, &item.prompt, item.max_tokens, None, sampling);
+        let ask_exact = || {
+            client.complete_sampled(
+                &auto,
+                &item.prompt,
+                item.max_tokens,
+                Some("exact"),
+                sampling,
+            )
+        };
         let (cloud_answer, exact_answer) = if number % 2 == 0 {
             let cloud_answer = ask_cloud().await;
             (cloud_answer, ask_exact().await)
@@ -90,7 +104,7 @@ pub async fn run(
         );
         pairs.push(pair);
     }
-    let report = summarise(dataset, &cloud_name, &pairs);
+    let report = summarise(dataset, &cloud_name, temperature, &pairs);
     std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
     let path = out.join("exact.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
@@ -100,7 +114,12 @@ pub async fn run(
     Ok(())
 }
 
-fn summarise(dataset: &str, cloud_model: &str, pairs: &[Pair]) -> serde_json::Value {
+fn summarise(
+    dataset: &str,
+    cloud_model: &str,
+    temperature: f32,
+    pairs: &[Pair],
+) -> serde_json::Value {
     let n = pairs.len() as u64;
     let count =
         |test: &dyn Fn(&Pair) -> bool| pairs.iter().filter(|pair| test(pair)).count() as u64;
@@ -148,7 +167,11 @@ fn summarise(dataset: &str, cloud_model: &str, pairs: &[Pair]) -> serde_json::Va
     json!({
         "dataset": dataset,
         "cloud_model": cloud_model,
-        "scoring": "generate (temperature 0, the item's own max_tokens)",
+        "scoring": if temperature == 0.0 {
+            "generate (temperature 0, the item's own max_tokens)".to_string()
+        } else {
+            format!("generate (temperature {temperature}, seeded by the item's index, the item's own max_tokens)")
+        },
         "summary": {
             "items": n,
             "identical_answers": rate(identical),

@@ -240,37 +240,16 @@ async fn the_answer_is_the_clouds_own_with_the_agreed_draft_billed_to_the_fleet(
 
     // In the ledger: the vehicle's segment delivered the two kept tokens (its owner earns
     // them), the cloud's segment the rest, with both of its prefills.
-    let request = ledger::core::RequestId::new(body["id"].as_str().expect("id")).expect("id");
-    let segments = setup
-        .gateway
-        .billing
-        .ledger()
-        .request_usage(&request)
-        .await
-        .expect("usage");
-    let served: Vec<(bool, u64, u64)> = segments
-        .iter()
-        .filter(|segment| segment.completion_tokens.0 > 0)
-        .map(|segment| {
-            let on_node = matches!(segment.server, ledger::metering::Server::Node { .. });
-            (
-                on_node,
-                segment.prompt_tokens.0,
-                segment.completion_tokens.0,
-            )
-        })
-        .collect();
     let prompt = setup.prompt.len() as u64;
     let answer_len = setup.answer.len() as u64;
     assert_eq!(
-        served,
+        served(&setup, &body).await,
         [
             (true, prompt, 2),
             // Prompt and draft, then prompt and the three agreed tokens; it generated what
             // followed them.
             (false, prompt + 4 + prompt + 3, answer_len - 3),
-        ],
-        "{segments:?}"
+        ]
     );
 
     // The draft was asked for greedily, the whole answer long.
@@ -281,7 +260,6 @@ async fn the_answer_is_the_clouds_own_with_the_agreed_draft_billed_to_the_fleet(
     // tokens and its own third.
     let calls = setup.cloud.calls.lock().unwrap().clone();
     assert_eq!(calls.len(), 2, "{calls:?}");
-    let ids = |tokens: &[(i32, String)]| tokens.iter().map(|(id, _)| *id).collect::<Vec<_>>();
     let mut scored = setup.prompt.clone();
     scored.extend(ids(&draft));
     assert_eq!(calls[0]["prompt"], json!(scored));
@@ -321,6 +299,108 @@ async fn the_answer_is_the_clouds_own_with_the_agreed_draft_billed_to_the_fleet(
         })
         .collect();
     assert_eq!(content, cloud_text);
+}
+
+/// The (id, piece) tokens' ids.
+fn ids(tokens: &[(i32, String)]) -> Vec<i32> {
+    tokens.iter().map(|(id, _)| *id).collect()
+}
+
+/// The ledger's served segments of an answer: (on a node, prompt tokens, completion tokens).
+async fn served(setup: &Setup, body: &Value) -> Vec<(bool, u64, u64)> {
+    let request = ledger::core::RequestId::new(body["id"].as_str().expect("id")).expect("id");
+    let segments = setup
+        .gateway
+        .billing
+        .ledger()
+        .request_usage(&request)
+        .await
+        .expect("usage");
+    segments
+        .iter()
+        .filter(|segment| segment.completion_tokens.0 > 0)
+        .map(|segment| {
+            let on_node = matches!(segment.server, ledger::metering::Server::Node { .. });
+            (
+                on_node,
+                segment.prompt_tokens.0,
+                segment.completion_tokens.0,
+            )
+        })
+        .collect()
+}
+
+/// Sampled: one cloud call with the draft as its prediction; the answer is the cloud's own
+/// (the scripted cloud's answer does not depend on the prediction, as a real cloud's must
+/// not), and the draft's share is what the answer took of it from the start.
+#[tokio::test]
+async fn sampled_the_answer_is_the_clouds_own_draw_and_the_draft_its_prediction() {
+    let setup = setup(true).await;
+    let cloud_text = text(&setup.answer);
+    let mut draft = setup.answer[..2].to_vec();
+    draft.extend([(11, "x".to_string()), (12, "y".to_string())]);
+    let mut sampled = exact(32);
+    sampled["temperature"] = json!(0.7);
+    sampled["seed"] = json!(5);
+    setup
+        .gateway
+        .cell
+        .script([Script::AnswerTokens(draft.clone())]);
+    let (answer, body) = answered(&setup, &sampled).await;
+    assert_eq!(content(&body), cloud_text);
+    assert_eq!(answer.header("x-fleetgrid-tier"), Some("cloud"));
+    assert_eq!(body["usage"]["completion_tokens"], setup.answer.len());
+    let edge = &body["fleetgrid"]["usage"]["edge"];
+    assert_eq!(edge["completion_tokens"], 2, "{body}");
+    assert_eq!(edge["discarded_tokens"], 2, "{body}");
+    // The vehicle earns the two kept tokens; the cloud prefilled prompt and draft and
+    // generated the rest.
+    let prompt = setup.prompt.len() as u64;
+    let answer_len = setup.answer.len() as u64;
+    assert_eq!(
+        served(&setup, &body).await,
+        [(true, prompt, 2), (false, prompt + 4, answer_len - 2)]
+    );
+    // The draft was sampled as the cloud samples, with the same seed.
+    let submitted = setup.gateway.cell.submitted();
+    assert_eq!(submitted.len(), 1);
+    assert!((submitted[0].sampling.temperature - 0.7).abs() < 1e-6);
+    let calls = setup.cloud.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0]["prompt"], json!(setup.prompt));
+    assert_eq!(
+        calls[0]["prediction"],
+        json!({"type": "content", "content": ids(&draft)})
+    );
+    // The temperature as the engines read it (an f32).
+    assert_eq!(
+        calls[0]["temperature"].as_f64().map(|t| t as f32),
+        Some(0.7)
+    );
+    assert_eq!(calls[0]["seed"], 5);
+    assert_eq!(calls[0]["max_tokens"], 32);
+    assert_eq!(calls[0].get("echo"), None);
+
+    // Streamed, the same text.
+    setup
+        .gateway
+        .cell
+        .script([Script::AnswerTokens(draft.clone())]);
+    sampled["stream"] = json!(true);
+    let answer = post(&setup, &sampled).await;
+    assert_eq!(answer.status, 200);
+    let streamed: String = answer
+        .events()
+        .iter()
+        .filter(|event| *event != "[DONE]")
+        .filter_map(|event| {
+            let chunk: Value = serde_json::from_str(event).ok()?;
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(streamed, cloud_text);
 }
 
 #[tokio::test]
@@ -379,12 +459,12 @@ async fn what_the_cascade_cannot_make_exact_is_refused_by_name() {
             assert_eq!(answer.json()["error"]["param"], param);
         }
     };
-    let mut sampled = exact(8);
-    sampled["temperature"] = json!(0.7);
-    refused(sampled, "temperature").await;
     let mut penalised = exact(8);
     penalised["presence_penalty"] = json!(0.5);
     refused(penalised, "presence_penalty").await;
+    let mut predicted = exact(8);
+    predicted["prediction"] = json!({"type": "content", "content": "Paris"});
+    refused(predicted, "prediction").await;
     let mut structured = exact(8);
     structured["response_format"] = json!({"type": "json_object"});
     refused(structured, "response_format").await;

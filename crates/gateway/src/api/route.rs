@@ -149,9 +149,9 @@ pub(super) async fn serve(
 }
 
 /// Refuses, by the field that asks for it, what the exact cascade cannot make the cloud
-/// model's own answer: sampling (the cloud is checked against its greedy choice), a grammar
-/// or tools (the cloud's scores are unconstrained), penalties (its scores are of the raw
-/// distribution), and a pair of models that do not share a vocabulary.
+/// model's own answer: a grammar or tools (the cloud's greedy scores are unconstrained),
+/// penalties (they are of the raw distribution), and a pair of models that do not share a
+/// vocabulary.
 async fn check_exact(
     request: &validate::ValidatedRequest,
     prompt: &RoutedPrompt,
@@ -160,12 +160,6 @@ async fn check_exact(
     let refuse =
         |why: String, param: &str| Err(ApiError::invalid(why, Some(param), "invalid_value"));
     let sampling = &request.sampling;
-    if sampling.temperature != 0.0 {
-        return refuse(
-            "'quality': \"exact\" gives the cloud model's greedy answer and needs 'temperature': 0; sampled exact cascades are not available".into(),
-            "temperature",
-        );
-    }
     let penalties = [
         ("presence_penalty", sampling.presence_penalty != 0.0),
         ("frequency_penalty", sampling.frequency_penalty != 0.0),

@@ -6,6 +6,16 @@
 //! the cloud model's own answer: at temperature 0 token for token what `cloud/<model>` gives,
 //! the cloud prefilling where it would have decoded.
 //!
+//! **Sampled** (temperature above 0), the cloud's answer is a function of its seed: sampling is
+//! keyed by (seed, position), so at each position there is one token the cloud draws. The
+//! cloud is called once, with the draft as its `prediction` (token ids): its engine prefills
+//! prompt and draft, takes each draft token while it is its own draw there, then its own draw
+//! and decodes on (`engine::Generation::draft`). The client gets exactly what `cloud/<model>`
+//! gives with the same seed, so the cloud's own distribution; the draft decides only how much
+//! the cloud decodes. The draft is sampled on the vehicle with the same seed, so where the two
+//! models' distributions are close, their keyed draws agree. This needs an upstream that
+//! follows a prediction of token ids exactly, as `fleetgrid cloud serve` does.
+//!
 //! Only a same-vocabulary pair can do this (the cloud checks the fleet's token ids), so the
 //! request is refused before it gets here unless the cloud model's tokenizer is loaded and
 //! names every token as the fleet model's does (`CloudTier::shares_vocabulary`).
@@ -18,7 +28,8 @@
 //! tokens the answer kept (the vehicle's owner earns their share; the rest of the draft is
 //! reimbursed as discarded work), then the cloud's part with the upstream's counts of both
 //! calls: its prefills are the platform's cost at the upstream's price, its generated tokens
-//! the tenant's at the cloud price.
+//! the tenant's at the cloud price. Sampled, the one call's kept draft tokens count as
+//! prefilled (with the rest of the draft), not generated.
 
 use engine::TextAssembler;
 use router::exact::{verify_greedy, DraftScores, Verdict};
@@ -135,6 +146,9 @@ impl Routing {
         };
         let draft = self.draft(answer.max_tokens).await?;
         answer.cloud_started_ms = crate::core::now_ms().0;
+        if self.request.sampling.temperature != 0.0 {
+            return self.exact_sampled(prompt, &draft, answer).await;
+        }
         let verdict = if draft.tokens.is_empty() {
             Verdict {
                 accepted: 0,
@@ -145,7 +159,30 @@ impl Routing {
             self.verify(&prompt, &draft, answer).await?
         };
         let accepted = u32::try_from(verdict.accepted).unwrap_or(u32::MAX);
-        // The fleet's part: the draft tokens the answer keeps are served, the rest discarded.
+        let reason = self.start_exact(accepted, &draft).await?;
+        let kept = verdict.tokens(&draft.tokens);
+        self.send_tokens(&kept, answer).await?;
+        answer.stopped |= verdict.ends;
+        if !answer.stopped && !answer.full() {
+            let mut continued = prompt;
+            continued.extend_from_slice(&kept);
+            self.continue_in_cloud(continued, answer).await?;
+        }
+        let rest = answer.assembler.finish();
+        if !rest.is_empty() {
+            self.emit(Reply::Text {
+                text: rest,
+                token: None,
+            })
+            .await?;
+        }
+        self.finish_exact(answer, accepted, len_u32(&draft.tokens), reason)
+            .await
+    }
+
+    /// Books the fleet's part (the draft tokens the answer keeps are served, the rest
+    /// discarded) and starts the answer.
+    async fn start_exact(&mut self, accepted: u32, draft: &Draft) -> Flow<RouteReason> {
         let edge_text = if accepted > 0 && !draft.failed {
             EdgeText::PartlyServed {
                 released_tokens: accepted,
@@ -168,14 +205,76 @@ impl Routing {
             model,
         })
         .await?;
-        let kept = verdict.tokens(&draft.tokens);
-        self.send_tokens(&kept, answer).await?;
-        answer.stopped |= verdict.ends;
-        if !answer.stopped && !answer.full() {
-            let mut continued = prompt;
-            continued.extend_from_slice(&kept);
-            self.continue_in_cloud(continued, answer).await?;
+        Ok(reason)
+    }
+
+    /// The sampled cascade: one cloud call with the draft as its prediction. Its tokens are
+    /// the answer; they are held back until the answer parts from the draft, passes its end or
+    /// ends, when the draft's kept share is known, then sent as they come. The cloud's part is
+    /// booked as what it did: it prefilled the prompt and the whole draft, and decoded the
+    /// answer's tokens after the kept ones.
+    async fn exact_sampled(
+        &mut self,
+        prompt: Vec<i32>,
+        draft: &Draft,
+        answer: &mut Answer,
+    ) -> Flow<()> {
+        let scores = UpstreamScores {
+            echo: false,
+            top_logprobs: 0,
+        };
+        let mut stream = self
+            .exact_call(
+                prompt,
+                answer.max_tokens,
+                scores,
+                draft.tokens.clone(),
+                answer,
+            )
+            .await?;
+        let mut kept = 0_usize;
+        let mut parted = false;
+        let mut held: Option<Vec<i32>> = Some(Vec::new());
+        let mut reason = None;
+        while let Some(event) = self.next_exact(&mut stream).await? {
+            let ids: Vec<i32> = event.tokens.iter().map(|token| token.id).collect();
+            if let Some(running) = answer.running.as_mut() {
+                running.completion_tokens += len_u32(&ids);
+            }
+            answer.count(event.usage);
+            for &id in &ids {
+                if !parted && draft.tokens.get(kept) == Some(&id) {
+                    kept += 1;
+                } else {
+                    parted = true;
+                }
+            }
+            match held.as_mut() {
+                Some(held) => held.extend_from_slice(&ids),
+                None => self.send_tokens(&ids, answer).await?,
+            }
+            if held.is_some() && (parted || kept == draft.tokens.len()) {
+                reason = Some(
+                    self.start_exact(len_u32(&draft.tokens[..kept]), draft)
+                        .await?,
+                );
+                let tokens = held.take().unwrap_or_default();
+                self.send_tokens(&tokens, answer).await?;
+            }
+            if answer.stopped || answer.full() {
+                // Dropping the stream stops the cloud's generation.
+                break;
+            }
         }
+        let accepted = len_u32(&draft.tokens[..kept]);
+        let reason = match (reason, held) {
+            (Some(reason), _) => reason,
+            (None, held) => {
+                let reason = self.start_exact(accepted, draft).await?;
+                self.send_tokens(&held.unwrap_or_default(), answer).await?;
+                reason
+            }
+        };
         let rest = answer.assembler.finish();
         if !rest.is_empty() {
             self.emit(Reply::Text {
@@ -184,6 +283,14 @@ impl Routing {
             })
             .await?;
         }
+        // The kept draft tokens were prefilled, not generated: the cloud's prompt has the whole
+        // draft, its generated tokens are the answer's after the kept ones.
+        let cloud = answer.cloud_so_far();
+        answer.cloud = CloudUsage {
+            prompt_tokens: cloud.prompt_tokens + len_u32(&draft.tokens),
+            completion_tokens: cloud.completion_tokens.saturating_sub(accepted),
+        };
+        answer.running = None;
         self.finish_exact(answer, accepted, len_u32(&draft.tokens), reason)
             .await
     }
@@ -228,7 +335,9 @@ impl Routing {
             echo: true,
             top_logprobs: 1,
         };
-        let mut stream = self.exact_call(scored, 1, scores, answer).await?;
+        let mut stream = self
+            .exact_call(scored, 1, scores, Vec::new(), answer)
+            .await?;
         let mut tokens: Vec<UpstreamToken> = Vec::new();
         let mut finish_reason = None;
         while let Some(event) = self.next_exact(&mut stream).await? {
@@ -273,7 +382,9 @@ impl Routing {
             echo: false,
             top_logprobs: 0,
         };
-        let mut stream = self.exact_call(prompt, left, scores, answer).await?;
+        let mut stream = self
+            .exact_call(prompt, left, scores, Vec::new(), answer)
+            .await?;
         while let Some(event) = self.next_exact(&mut stream).await? {
             let ids: Vec<i32> = event.tokens.iter().map(|token| token.id).collect();
             if let Some(running) = answer.running.as_mut() {
@@ -311,12 +422,14 @@ impl Routing {
         self.emit(Reply::Text { text, token: None }).await
     }
 
-    /// One upstream call of the cascade, with a slot of its own.
+    /// One upstream call of the cascade, with a slot of its own; `prediction` is the draft the
+    /// sampled cascade offers the cloud (empty for none).
     async fn exact_call(
         &mut self,
         prompt: Vec<i32>,
         max_tokens: u32,
         scores: UpstreamScores,
+        prediction: Vec<i32>,
         answer: &mut Answer,
     ) -> Flow<UpstreamStream> {
         answer.running = Some(CloudUsage {
@@ -333,6 +446,7 @@ impl Routing {
         // The prompt and draft are the cloud's tokens: stop sequences are cut here, across both.
         request.stop = Vec::new();
         request.scores = Some(scores);
+        request.prediction = prediction;
         self.cloud
             .upstream
             .start(&request, permit)
