@@ -400,7 +400,13 @@ impl<'model> Worker<'model> {
             return;
         }
         self.share_compute(decode_started.elapsed());
-        let context_tokens = self.config.context_tokens_per_sequence;
+        let mut tools = SamplingTools {
+            end_of_generation: &self.end_of_generation,
+            sampler: &mut self.sampler,
+            scratch: &mut self.adjusted_logits,
+            tokenizer: &self.tokenizer,
+            context_tokens: self.config.context_tokens_per_sequence,
+        };
         for entry in entries {
             let Some(slot) = self.slots[entry.slot].as_mut() else {
                 continue;
@@ -447,13 +453,6 @@ impl<'model> Worker<'model> {
                     };
                     let raw = self.context.get_logits_ith(at);
                     if slot.drafts() {
-                        let mut tools = SamplingTools {
-                            end_of_generation: &self.end_of_generation,
-                            sampler: &mut self.sampler,
-                            scratch: &mut self.adjusted_logits,
-                            tokenizer: &self.tokenizer,
-                            context_tokens,
-                        };
                         match slot.sample_next(raw, &mut tools) {
                             Ok((token, finish)) => {
                                 let followed = slot.follow_draft(index, token);
@@ -489,13 +488,13 @@ impl<'model> Worker<'model> {
                         slot.verify_token(
                             index,
                             raw,
-                            &self.end_of_generation,
-                            &mut self.sampler,
-                            &mut self.adjusted_logits,
+                            tools.end_of_generation,
+                            tools.sampler,
+                            tools.scratch,
                         );
                     } else {
-                        let scored = self.sampler.score(raw, token, top_logprobs);
-                        slot.score_prompt_token(index, &scored, &self.tokenizer);
+                        let scored = tools.sampler.score(raw, token, top_logprobs);
+                        slot.score_prompt_token(index, &scored, tools.tokenizer);
                     }
                 }
             }
@@ -514,20 +513,13 @@ impl<'model> Worker<'model> {
             if slot.verifies() {
                 slot.finish_verification(
                     raw,
-                    &self.end_of_generation,
-                    &mut self.sampler,
-                    &mut self.adjusted_logits,
+                    tools.end_of_generation,
+                    tools.sampler,
+                    tools.scratch,
                 );
                 retire_sequence(&mut self.context, &mut self.cached[entry.slot], slot);
                 continue;
             }
-            let mut tools = SamplingTools {
-                end_of_generation: &self.end_of_generation,
-                sampler: &mut self.sampler,
-                scratch: &mut self.adjusted_logits,
-                tokenizer: &self.tokenizer,
-                context_tokens,
-            };
             match slot.sample_next(raw, &mut tools) {
                 Ok((_, None)) => {}
                 Ok((_, Some(reason))) => {

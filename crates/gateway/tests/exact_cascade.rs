@@ -207,6 +207,21 @@ fn content(body: &Value) -> &str {
         .unwrap_or_default()
 }
 
+/// The whole content of a streamed chat answer.
+fn streamed_content(answer: &support::Answer) -> String {
+    answer
+        .events()
+        .iter()
+        .filter(|event| *event != "[DONE]")
+        .filter_map(|event| {
+            let chunk: Value = serde_json::from_str(event).ok()?;
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
+}
+
 fn text(tokens: &[(i32, String)]) -> String {
     tokens.iter().map(|(_, piece)| piece.as_str()).collect()
 }
@@ -287,18 +302,7 @@ async fn the_answer_is_the_clouds_own_with_the_agreed_draft_billed_to_the_fleet(
         "{}",
         String::from_utf8_lossy(&answer.body)
     );
-    let content: String = answer
-        .events()
-        .iter()
-        .filter(|event| *event != "[DONE]")
-        .filter_map(|event| {
-            let chunk: Value = serde_json::from_str(event).ok()?;
-            chunk["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect();
-    assert_eq!(content, cloud_text);
+    assert_eq!(streamed_content(&answer), cloud_text);
 }
 
 /// The (id, piece) tokens' ids.
@@ -389,18 +393,7 @@ async fn sampled_the_answer_is_the_clouds_own_draw_and_the_draft_its_prediction(
     sampled["stream"] = json!(true);
     let answer = post(&setup, &sampled).await;
     assert_eq!(answer.status, 200);
-    let streamed: String = answer
-        .events()
-        .iter()
-        .filter(|event| *event != "[DONE]")
-        .filter_map(|event| {
-            let chunk: Value = serde_json::from_str(event).ok()?;
-            chunk["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect();
-    assert_eq!(streamed, cloud_text);
+    assert_eq!(streamed_content(&answer), cloud_text);
 }
 
 #[tokio::test]

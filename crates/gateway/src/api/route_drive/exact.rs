@@ -168,14 +168,6 @@ impl Routing {
             continued.extend_from_slice(&kept);
             self.continue_in_cloud(continued, answer).await?;
         }
-        let rest = answer.assembler.finish();
-        if !rest.is_empty() {
-            self.emit(Reply::Text {
-                text: rest,
-                token: None,
-            })
-            .await?;
-        }
         self.finish_exact(answer, accepted, len_u32(&draft.tokens), reason)
             .await
     }
@@ -275,14 +267,6 @@ impl Routing {
                 reason
             }
         };
-        let rest = answer.assembler.finish();
-        if !rest.is_empty() {
-            self.emit(Reply::Text {
-                text: rest,
-                token: None,
-            })
-            .await?;
-        }
         // The kept draft tokens were prefilled, not generated: the cloud's prompt has the whole
         // draft, its generated tokens are the answer's after the kept ones.
         let cloud = answer.cloud_so_far();
@@ -465,14 +449,23 @@ impl Routing {
         next.map_err(|error| Stop::Failed(upstream_error(&error)))
     }
 
-    /// Books the cloud's part, settles and sends the end.
+    /// Sends the text held back at the end (a stop sequence's possible start), books the
+    /// cloud's part, settles and sends the end.
     async fn finish_exact(
         &mut self,
-        answer: &Answer,
+        answer: &mut Answer,
         accepted: u32,
         drafted: u32,
         reason: RouteReason,
     ) -> Flow<()> {
+        let rest = answer.assembler.finish();
+        if !rest.is_empty() {
+            self.emit(Reply::Text {
+                text: rest,
+                token: None,
+            })
+            .await?;
+        }
         let cloud = self.book_cloud(answer.cloud_so_far(), answer.cloud_started_ms)?;
         let charged = self.settle().await?;
         self.record_cloud(cloud).await;
