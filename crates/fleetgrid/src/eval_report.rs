@@ -75,6 +75,49 @@ pub fn percentile(samples: &[f64], share: f64) -> Option<f64> {
     Some(sorted[rank - 1])
 }
 
+/// Resamples of [`bootstrap95`]: enough for the 2.5th and 97.5th percentiles to settle to
+/// well within a reported figure's precision.
+const BOOTSTRAP_RESAMPLES: usize = 2_000;
+
+/// The fixed seed of [`bootstrap95`]: the same items give the same interval.
+const BOOTSTRAP_SEED: u64 = 0x5eed_b007;
+
+/// A percentile-bootstrap 95% interval of `statistic` over `samples`: the statistic of
+/// [`BOOTSTRAP_RESAMPLES`] resamples (drawn with replacement, as many as the samples, from a
+/// fixed seed), their 2.5th and 97.5th percentiles. `None` without samples.
+pub fn bootstrap95(samples: &[f64], statistic: impl Fn(&[f64]) -> f64) -> Option<(f64, f64)> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut state = BOOTSTRAP_SEED;
+    let mut next = || {
+        // splitmix64
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let count = samples.len() as u64;
+    let mut resample = vec![0.0; samples.len()];
+    let statistics: Vec<f64> = (0..BOOTSTRAP_RESAMPLES)
+        .map(|_| {
+            for slot in &mut resample {
+                *slot = samples[(next() % count) as usize];
+            }
+            statistic(&resample)
+        })
+        .collect();
+    Some((
+        percentile(&statistics, 0.025)?,
+        percentile(&statistics, 0.975)?,
+    ))
+}
+
+fn mean(samples: &[f64]) -> f64 {
+    samples.iter().sum::<f64>() / samples.len().max(1) as f64
+}
+
 /// Where the figures were measured, for every title and file name.
 fn scope(input: &ReportInput<'_>) -> String {
     let mut scope = format!("{}, {}", input.dataset, input.half.describe());
@@ -93,6 +136,8 @@ pub fn finish(input: ReportInput<'_>) -> anyhow::Result<()> {
         .filter(|result| result.served == Served::Edge)
         .count() as u32;
     let cost: MicroUsd = results.iter().map(|result| result.cost).sum();
+    let costs: Vec<f64> = results.iter().map(|result| result.cost.0 as f64).collect();
+    let cost_per_item = bootstrap95(&costs, mean);
     let latencies: Vec<f64> = results
         .iter()
         .map(|result| result.latency_ms as f64)
@@ -140,17 +185,40 @@ pub fn finish(input: ReportInput<'_>) -> anyhow::Result<()> {
         low * 100.0,
         high * 100.0
     );
+    let edge_interval = router::wilson_interval(at_edge, items);
     println!(
-        "  served at the edge    {:.1}% ({at_edge}/{items})",
-        ratio(at_edge, items) * 100.0
+        "  served at the edge    {:.1}% ({at_edge}/{items}), 95% interval {:.1}–{:.1}%",
+        ratio(at_edge, items) * 100.0,
+        edge_interval.0 * 100.0,
+        edge_interval.1 * 100.0
     );
     println!(
         "  cost                  {} µUSD (${:.6})",
         cost.0,
         cost.as_usd()
     );
-    if let (Some(p50), Some(p95)) = (percentile(&latencies, 0.5), percentile(&latencies, 0.95)) {
-        println!("  latency               p50 {p50:.0} ms, p95 {p95:.0} ms");
+    if let Some((low, high)) = cost_per_item {
+        println!(
+            "  cost per item         {:.1} µUSD, bootstrap 95% interval {low:.1}–{high:.1}",
+            mean(&costs)
+        );
+    }
+    let p50_interval = bootstrap95(&latencies, |samples| {
+        percentile(samples, 0.5).unwrap_or(f64::NAN)
+    });
+    let p95_interval = bootstrap95(&latencies, |samples| {
+        percentile(samples, 0.95).unwrap_or(f64::NAN)
+    });
+    if let (Some(p50), Some(p95), Some(p50_in), Some(p95_in)) = (
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.95),
+        p50_interval,
+        p95_interval,
+    ) {
+        println!(
+            "  latency               p50 {p50:.0} ms ({:.0}–{:.0}), p95 {p95:.0} ms ({:.0}–{:.0}), bootstrap 95% intervals",
+            p50_in.0, p50_in.1, p95_in.0, p95_in.1
+        );
     }
     if let (Some(p50), Some(p95)) = (percentile(&router_us, 0.5), percentile(&router_us, 0.95)) {
         println!("  router's own time     p50 {p50:.1} µs, p95 {p95:.1} µs");
@@ -196,8 +264,12 @@ pub fn finish(input: ReportInput<'_>) -> anyhow::Result<()> {
         "items": items, "correct": correct, "accuracy": accuracy,
         "accuracy_wilson95": [low, high],
         "served_at_edge": at_edge, "edge_share": ratio(at_edge, items),
+        "edge_share_wilson95": [edge_interval.0, edge_interval.1],
         "cost_micro_usd": cost.0,
-        "latency_ms": {"p50": percentile(&latencies, 0.5), "p95": percentile(&latencies, 0.95)},
+        "cost_per_item_micro_usd": {"mean": (!costs.is_empty()).then(|| mean(&costs)),
+                                    "bootstrap95": cost_per_item},
+        "latency_ms": {"p50": percentile(&latencies, 0.5), "p95": percentile(&latencies, 0.95),
+                       "p50_bootstrap95": p50_interval, "p95_bootstrap95": p95_interval},
         "router_us": {"p50": percentile(&router_us, 0.5), "p95": percentile(&router_us, 0.95)},
         "comparison": comparison,
         "results": results,
@@ -263,5 +335,32 @@ mod tests {
         assert_eq!(percentile(&samples, 0.95), Some(5.0));
         assert_eq!(percentile(&[7.0], 0.5), Some(7.0));
         assert_eq!(percentile(&[], 0.5), None);
+    }
+
+    #[test]
+    fn a_bootstrap_interval_holds_the_estimate_narrows_with_more_items_and_repeats() {
+        // Latencies of a skewed service: most fast, some slow.
+        let latencies = |count: usize| -> Vec<f64> {
+            (0..count)
+                .map(|index| {
+                    if index % 5 == 0 {
+                        900.0
+                    } else {
+                        100.0 + index as f64 % 7.0
+                    }
+                })
+                .collect()
+        };
+        let few = latencies(20);
+        let many = latencies(400);
+        let (low, high) = bootstrap95(&few, mean).expect("an interval");
+        assert!(low <= mean(&few) && mean(&few) <= high, "{low}–{high}");
+        assert!(low < high, "resampling a varied sample varies its mean");
+        let (many_low, many_high) = bootstrap95(&many, mean).expect("an interval");
+        assert!(many_high - many_low < (high - low) / 2.0);
+        // The same items give the same interval; one value has no spread.
+        assert_eq!(bootstrap95(&few, mean), Some((low, high)));
+        assert_eq!(bootstrap95(&[3.0; 10], mean), Some((3.0, 3.0)));
+        assert_eq!(bootstrap95(&[], mean), None);
     }
 }
