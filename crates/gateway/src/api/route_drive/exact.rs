@@ -159,6 +159,7 @@ impl Routing {
             self.verify(&prompt, &draft, answer).await?
         };
         let accepted = u32::try_from(verdict.accepted).unwrap_or(u32::MAX);
+        self.book_draft(accepted, &draft).await?;
         let reason = self.start_exact(accepted, &draft).await?;
         let kept = verdict.tokens(&draft.tokens);
         self.send_tokens(&kept, answer).await?;
@@ -172,9 +173,9 @@ impl Routing {
             .await
     }
 
-    /// Books the fleet's part (the draft tokens the answer keeps are served, the rest
-    /// discarded) and starts the answer.
-    async fn start_exact(&mut self, accepted: u32, draft: &Draft) -> Flow<RouteReason> {
+    /// Books the fleet's part: the draft tokens the answer keeps are served, the rest
+    /// discarded.
+    async fn book_draft(&mut self, accepted: u32, draft: &Draft) -> Flow<()> {
         let edge_text = if accepted > 0 && !draft.failed {
             EdgeText::PartlyServed {
                 released_tokens: accepted,
@@ -182,7 +183,11 @@ impl Routing {
         } else {
             EdgeText::Discarded
         };
-        self.stop_edge(edge_text).await?;
+        self.stop_edge(edge_text).await
+    }
+
+    /// Starts the answer, saying how much of the draft it keeps.
+    async fn start_exact(&mut self, accepted: u32, draft: &Draft) -> Flow<RouteReason> {
         let reason = RouteReason::new(
             router::machine::reason::EXACT_CASCADE,
             format!(
@@ -202,9 +207,10 @@ impl Routing {
 
     /// The sampled cascade: one cloud call with the draft as its prediction. Its tokens are
     /// the answer; they are held back until the answer parts from the draft, passes its end or
-    /// ends, when the draft's kept share is known, then sent as they come. The cloud's part is
-    /// booked as what it did: it prefilled the prompt and the whole draft, and decoded the
-    /// answer's tokens after the kept ones.
+    /// ends, when the draft's kept share is known, then sent as they come. At the end the
+    /// fleet is booked for the kept tokens the answer holds (a stop sequence may end it inside
+    /// them), and the cloud for what it did: it prefilled the prompt and the whole draft, and
+    /// decoded the answer's tokens after the kept ones.
     async fn exact_sampled(
         &mut self,
         prompt: Vec<i32>,
@@ -258,15 +264,18 @@ impl Routing {
                 break;
             }
         }
-        let accepted = len_u32(&draft.tokens[..kept]);
         let reason = match (reason, held) {
             (Some(reason), _) => reason,
             (None, held) => {
-                let reason = self.start_exact(accepted, draft).await?;
+                let reason = self
+                    .start_exact(len_u32(&draft.tokens[..kept]), draft)
+                    .await?;
                 self.send_tokens(&held.unwrap_or_default(), answer).await?;
                 reason
             }
         };
+        let accepted = len_u32(&draft.tokens[..kept]).min(answer.tokens);
+        self.book_draft(accepted, draft).await?;
         // The kept draft tokens were prefilled, not generated: the cloud's prompt has the whole
         // draft, its generated tokens are the answer's after the kept ones.
         let cloud = answer.cloud_so_far();
