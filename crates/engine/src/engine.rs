@@ -187,18 +187,10 @@ impl Engine {
             .iter()
             .chain(&generation.committed)
             .chain(verified);
-        if let Some(bad) = generation
-            .draft
-            .iter()
-            .find(|&&token| !tokenizer.is_valid(token))
-        {
-            return Err(EngineError::InvalidGeneration(format!(
-                "draft token id {bad} is outside the vocabulary of {} tokens",
-                tokenizer.vocab_size()
-            )));
-        }
+        // The draft is cut to the context, so it is checked but not counted against it.
         if let Some(bad) = all_tokens
             .clone()
+            .chain(&generation.draft)
             .find(|&&token| !tokenizer.is_valid(token))
         {
             return Err(EngineError::InvalidGeneration(format!(

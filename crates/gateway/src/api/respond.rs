@@ -116,6 +116,51 @@ pub(super) struct PredictionUsage {
     pub rejected: u32,
 }
 
+/// How far an answer follows a prediction (a request's `prediction`, the exact cascade's
+/// draft): the prediction's tokens it took as they stood, from its first token up to where it
+/// parted from them.
+pub(in crate::api) struct Followed {
+    tokens: Vec<i32>,
+    taken: usize,
+    parted: bool,
+}
+
+impl Followed {
+    pub(in crate::api) fn new(tokens: Vec<i32>) -> Followed {
+        Followed {
+            tokens,
+            taken: 0,
+            parted: false,
+        }
+    }
+
+    /// The answer's next token.
+    pub(in crate::api) fn push(&mut self, token: i32) {
+        if !self.parted && self.tokens.get(self.taken) == Some(&token) {
+            self.taken += 1;
+        } else {
+            self.parted = true;
+        }
+    }
+
+    /// The prediction's tokens taken so far.
+    pub(in crate::api) fn taken(&self) -> u32 {
+        u32::try_from(self.taken).unwrap_or(u32::MAX)
+    }
+
+    /// Whether the count is final: the answer parted from the prediction or took all of it.
+    pub(in crate::api) fn settled(&self) -> bool {
+        self.parted || self.taken == self.tokens.len()
+    }
+
+    fn usage(&self) -> PredictionUsage {
+        PredictionUsage {
+            accepted: self.taken(),
+            rejected: u32::try_from(self.tokens.len() - self.taken).unwrap_or(u32::MAX),
+        }
+    }
+}
+
 impl AnswerUsage {
     /// The usage of two generations of one answer (its choices), each billed: each
     /// prefilled its prompt, so the prompt counts once per choice.

@@ -12,7 +12,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{AnswerUsage, Ending, Event, PredictionUsage};
+use super::{AnswerUsage, Ending, Event, Followed};
 use crate::api::admission::RequestSlot;
 use crate::api::error::ApiError;
 use crate::billing_finish::{CancelCharge, Finisher};
@@ -106,32 +106,6 @@ pub struct FleetAnswer {
     prediction: Option<Followed>,
 }
 
-/// How far an answer follows a prediction: the prediction's tokens it took as they stood, from
-/// its first token up to where it parted from them.
-struct Followed {
-    tokens: Vec<i32>,
-    taken: usize,
-    parted: bool,
-}
-
-impl Followed {
-    fn push(&mut self, token: i32) {
-        if !self.parted && self.tokens.get(self.taken) == Some(&token) {
-            self.taken += 1;
-        } else {
-            self.parted = true;
-        }
-    }
-
-    fn usage(&self) -> PredictionUsage {
-        let count = |tokens: usize| u32::try_from(tokens).unwrap_or(u32::MAX);
-        PredictionUsage {
-            accepted: count(self.taken),
-            rejected: count(self.tokens.len() - self.taken),
-        }
-    }
-}
-
 impl FleetAnswer {
     /// `stop` are the request's stop sequences; `deadline` bounds the whole
     /// request.
@@ -155,11 +129,7 @@ impl FleetAnswer {
     /// The answer's usage reports how it followed `prediction` (the request's, as tokens).
     #[must_use]
     pub fn predicted(mut self, prediction: Option<Vec<i32>>) -> FleetAnswer {
-        self.prediction = prediction.map(|tokens| Followed {
-            tokens,
-            taken: 0,
-            parted: false,
-        });
+        self.prediction = prediction.map(Followed::new);
         self
     }
 

@@ -38,7 +38,7 @@ use router::{CloudUsage, EdgeText, Event, RouteReason, Tier};
 use super::money::{budget_spent, upstream_error};
 use super::{len_u32, Flow, Routing, Stop};
 use crate::api::error::ApiError;
-use crate::api::respond::{self, Ending, Event as Reply};
+use crate::api::respond::{self, Ending, Event as Reply, Followed};
 use crate::api::route::{AnswerTokens, RouteSummary, Target};
 use crate::cloud::upstream::{UpstreamPrompt, UpstreamScores, UpstreamStream, UpstreamToken};
 use crate::cloud::UpstreamError;
@@ -230,8 +230,7 @@ impl Routing {
                 answer,
             )
             .await?;
-        let mut kept = 0_usize;
-        let mut parted = false;
+        let mut followed = Followed::new(draft.tokens.clone());
         let mut held: Option<Vec<i32>> = Some(Vec::new());
         let mut reason = None;
         while let Some(event) = self.next_exact(&mut stream).await? {
@@ -241,21 +240,14 @@ impl Routing {
             }
             answer.count(event.usage);
             for &id in &ids {
-                if !parted && draft.tokens.get(kept) == Some(&id) {
-                    kept += 1;
-                } else {
-                    parted = true;
-                }
+                followed.push(id);
             }
             match held.as_mut() {
                 Some(held) => held.extend_from_slice(&ids),
                 None => self.send_tokens(&ids, answer).await?,
             }
-            if held.is_some() && (parted || kept == draft.tokens.len()) {
-                reason = Some(
-                    self.start_exact(len_u32(&draft.tokens[..kept]), draft)
-                        .await?,
-                );
+            if held.is_some() && followed.settled() {
+                reason = Some(self.start_exact(followed.taken(), draft).await?);
                 let tokens = held.take().unwrap_or_default();
                 self.send_tokens(&tokens, answer).await?;
             }
@@ -267,14 +259,12 @@ impl Routing {
         let reason = match (reason, held) {
             (Some(reason), _) => reason,
             (None, held) => {
-                let reason = self
-                    .start_exact(len_u32(&draft.tokens[..kept]), draft)
-                    .await?;
+                let reason = self.start_exact(followed.taken(), draft).await?;
                 self.send_tokens(&held.unwrap_or_default(), answer).await?;
                 reason
             }
         };
-        let accepted = len_u32(&draft.tokens[..kept]).min(answer.tokens);
+        let accepted = followed.taken().min(answer.tokens);
         self.book_draft(accepted, draft).await?;
         // The kept draft tokens were prefilled, not generated: the cloud's prompt has the whole
         // draft, its generated tokens are the answer's after the kept ones.
