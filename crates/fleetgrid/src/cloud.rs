@@ -64,6 +64,11 @@ pub struct CloudArgs {
     /// The router's configuration (thresholds) as written by `fleetgrid router calibrate`.
     #[arg(long)]
     router_config: Option<PathBuf>,
+    /// The upstream follows a `prediction` of token ids exactly, as `fleetgrid cloud serve`
+    /// does: the exact cascade then checks a greedy draft in the call that answers, instead of
+    /// scoring it (`echo`) and continuing in a second call.
+    #[arg(long)]
+    cloud_follows_predictions: bool,
 }
 
 impl CloudArgs {
@@ -81,6 +86,7 @@ impl CloudArgs {
             _ => Fallback::Error,
         };
         config.router_config_file = self.router_config.clone();
+        config.follows_predictions = self.cloud_follows_predictions;
         let store = home::model_store()?;
         config.chat_template_model = match &self.cloud_chat_template {
             Some(name) => Some(

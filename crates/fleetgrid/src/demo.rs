@@ -388,7 +388,8 @@ pub(crate) async fn start_local_cloud(
     Ok(Some(started))
 }
 
-/// The gateway flags and environment that point it at the local cloud.
+/// The gateway flags and environment that point it at the local cloud (which follows
+/// predictions: the exact cascade asks it once).
 pub(crate) fn cloud_flags(
     cloud_http: SocketAddr,
     cloud_key: &str,
@@ -402,6 +403,7 @@ pub(crate) fn cloud_flags(
         cloud_model,
         "--cloud-key-env",
         DEMO_CLOUD_KEY_ENV,
+        "--cloud-follows-predictions",
     ]
     .map(OsString::from)
     .into();

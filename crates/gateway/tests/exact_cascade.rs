@@ -127,6 +127,11 @@ struct Setup {
 /// A gateway whose cloud shares the test model's vocabulary (its tokenizer is the test
 /// model's own) and answers " Paris is the capital." to any prompt.
 async fn setup(shared_vocabulary: bool) -> Setup {
+    setup_with(shared_vocabulary, false).await
+}
+
+/// As `setup`, the gateway told whether its cloud follows predictions.
+async fn setup_with(shared_vocabulary: bool, follows_predictions: bool) -> Setup {
     let gateway = Gateway::start(TenantClass::Fleet).await;
     let model = gateway.models.all()[0].clone();
     let tokenizer = &model.tokenizer;
@@ -153,6 +158,7 @@ async fn setup(shared_vocabulary: bool) -> Setup {
     };
     let mut config = CloudConfig::new(serve(cloud.clone()).await, CLOUD_MODEL);
     config.chat_template_model = shared_vocabulary.then(test_model_path);
+    config.follows_predictions = follows_predictions;
     let tier = CloudTier::load(config, gateway.store.clone(), &gateway.billing)
         .await
         .expect("cloud tier");
@@ -392,6 +398,59 @@ async fn sampled_the_answer_is_the_clouds_own_draw_and_the_draft_its_prediction(
         .script([Script::AnswerTokens(draft.clone())]);
     sampled["stream"] = json!(true);
     let answer = post(&setup, &sampled).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(streamed_content(&answer), cloud_text);
+}
+
+/// Greedy, against a cloud that follows predictions: the draft is checked in the call that
+/// answers, as when sampling; the answer and the shares are those of the two-call way.
+#[tokio::test]
+async fn greedy_against_a_cloud_that_follows_predictions_one_call_checks_and_answers() {
+    let setup = setup_with(true, true).await;
+    let cloud_text = text(&setup.answer);
+    let mut draft = setup.answer[..2].to_vec();
+    draft.extend([(11, "x".to_string()), (12, "y".to_string())]);
+    setup
+        .gateway
+        .cell
+        .script([Script::AnswerTokens(draft.clone())]);
+    let (answer, body) = answered(&setup, &exact(32)).await;
+    assert_eq!(content(&body), cloud_text);
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        answer.header("x-fleetgrid-route-reason"),
+        Some("exact_cascade")
+    );
+    let edge = &body["fleetgrid"]["usage"]["edge"];
+    assert_eq!(edge["completion_tokens"], 2, "{body}");
+    assert_eq!(edge["discarded_tokens"], 2, "{body}");
+    // The vehicle earns the two kept tokens; the cloud prefilled prompt and draft once and
+    // generated the rest.
+    let prompt = setup.prompt.len() as u64;
+    let answer_len = setup.answer.len() as u64;
+    assert_eq!(
+        served(&setup, &body).await,
+        [(true, prompt, 2), (false, prompt + 4, answer_len - 2)]
+    );
+    let calls = setup.cloud.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0]["prompt"], json!(setup.prompt));
+    assert_eq!(
+        calls[0]["prediction"],
+        json!({"type": "content", "content": ids(&draft)})
+    );
+    assert_eq!(calls[0]["temperature"], 0.0);
+    assert_eq!(calls[0]["max_tokens"], 32);
+    assert_eq!(calls[0].get("echo"), None);
+
+    // Streamed, the same text.
+    setup
+        .gateway
+        .cell
+        .script([Script::AnswerTokens(draft.clone())]);
+    let mut streamed = exact(32);
+    streamed["stream"] = json!(true);
+    let answer = post(&setup, &streamed).await;
     assert_eq!(answer.status, 200);
     assert_eq!(streamed_content(&answer), cloud_text);
 }

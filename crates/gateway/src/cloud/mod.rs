@@ -68,6 +68,12 @@ pub struct CloudConfig {
     /// The router's configuration file (thresholds; `fleetgrid router
     /// calibrate` writes it); the router's defaults without one.
     pub router_config_file: Option<PathBuf>,
+    /// The upstream follows a `prediction` of token ids exactly, as `fleetgrid cloud serve`
+    /// does: its answer is the one it gives without, and it prefills the predicted tokens it
+    /// keeps instead of decoding them. The exact cascade then checks a greedy draft in the
+    /// call that answers (one call); otherwise it scores the draft with `echo` and continues in
+    /// a second call, which any upstream with `echo` and token-id `logprobs` can do.
+    pub follows_predictions: bool,
 }
 
 impl CloudConfig {
@@ -81,6 +87,7 @@ impl CloudConfig {
             fallback: Fallback::Error,
             chat_template_model: None,
             router_config_file: None,
+            follows_predictions: false,
         }
     }
 

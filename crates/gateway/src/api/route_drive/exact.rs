@@ -1,20 +1,22 @@
 //! `auto` with `quality: "exact"`: speculative decoding with the draft model on a vehicle and
-//! the target in the cloud. The fleet drafts the whole answer; the cloud scores prompt and
-//! draft in one prefill (`/completions` with the prompt as token ids, `echo`, `logprobs: 1`,
-//! tokens named by id) and `router::exact` keeps the longest prefix it agrees with and the
-//! cloud's own token where they part; the cloud then continues from there. The client gets
-//! the cloud model's own answer: at temperature 0 token for token what `cloud/<model>` gives,
-//! the cloud prefilling where it would have decoded.
+//! the target in the cloud. The fleet drafts the whole answer, then the cloud checks it and
+//! the client gets the cloud model's own answer: at temperature 0 token for token what
+//! `cloud/<model>` gives; sampled, what it gives with the same seed, so the cloud's own
+//! distribution. The draft decides only how much the cloud decodes. There are two ways to ask
+//! the cloud:
 //!
-//! **Sampled** (temperature above 0), the cloud's answer is a function of its seed: sampling is
-//! keyed by (seed, position), so at each position there is one token the cloud draws. The
-//! cloud is called once, with the draft as its `prediction` (token ids): its engine prefills
-//! prompt and draft, takes each draft token while it is its own draw there, then its own draw
-//! and decodes on (`engine::Generation::draft`). The client gets exactly what `cloud/<model>`
-//! gives with the same seed, so the cloud's own distribution; the draft decides only how much
-//! the cloud decodes. The draft is sampled on the vehicle with the same seed, so where the two
-//! models' distributions are close, their keyed draws agree. This needs an upstream that
-//! follows a prediction of token ids exactly, as `fleetgrid cloud serve` does.
+//! - **One call, the draft as the `prediction`** (token ids): for an upstream that follows a
+//!   prediction exactly (`CloudConfig::follows_predictions`, as `fleetgrid cloud serve` does),
+//!   and for every sampled request. The cloud's engine prefills prompt and draft, takes each
+//!   draft token while it is its own pick there (greedy: the top token; sampled: its draw,
+//!   keyed by seed and position), then its own pick, and decodes on
+//!   (`engine::Generation::draft`). The draft is sampled on the vehicle with the same seed, so
+//!   where the two models' distributions are close, their keyed draws agree. An upstream that
+//!   ignores the prediction still gives the same answer, only without the saving.
+//! - **Check, then continue** (greedy, any upstream with `echo` and token-id `logprobs`): the
+//!   cloud scores prompt and draft in one prefill (`/completions` with the prompt as token
+//!   ids, `echo`, `logprobs: 1`), `router::exact` keeps the longest prefix it agrees with and
+//!   the cloud's own token where they part, and a second call continues from there.
 //!
 //! Only a same-vocabulary pair can do this (the cloud checks the fleet's token ids), so the
 //! request is refused before it gets here unless the cloud model's tokenizer is loaded and
@@ -28,8 +30,8 @@
 //! tokens the answer kept (the vehicle's owner earns their share; the rest of the draft is
 //! reimbursed as discarded work), then the cloud's part with the upstream's counts of both
 //! calls: its prefills are the platform's cost at the upstream's price, its generated tokens
-//! the tenant's at the cloud price. Sampled, the one call's kept draft tokens count as
-//! prefilled (with the rest of the draft), not generated.
+//! the tenant's at the cloud price. In the one call, the kept draft tokens count as prefilled
+//! (with the rest of the draft), not generated.
 
 use engine::TextAssembler;
 use router::exact::{verify_greedy, DraftScores, Verdict};
@@ -146,8 +148,10 @@ impl Routing {
         };
         let draft = self.draft(answer.max_tokens).await?;
         answer.cloud_started_ms = crate::core::now_ms().0;
-        if self.request.sampling.temperature != 0.0 {
-            return self.exact_sampled(prompt, &draft, answer).await;
+        if self.request.sampling.temperature != 0.0
+            || self.cloud.upstream.config().follows_predictions
+        {
+            return self.exact_predicted(prompt, &draft, answer).await;
         }
         let verdict = if draft.tokens.is_empty() {
             Verdict {
@@ -205,13 +209,13 @@ impl Routing {
         Ok(reason)
     }
 
-    /// The sampled cascade: one cloud call with the draft as its prediction. Its tokens are
+    /// The cascade in one cloud call, the draft as its prediction. Its tokens are
     /// the answer; they are held back until the answer parts from the draft, passes its end or
     /// ends, when the draft's kept share is known, then sent as they come. At the end the
     /// fleet is booked for the kept tokens the answer holds (a stop sequence may end it inside
     /// them), and the cloud for what it did: it prefilled the prompt and the whole draft, and
     /// decoded the answer's tokens after the kept ones.
-    async fn exact_sampled(
+    async fn exact_predicted(
         &mut self,
         prompt: Vec<i32>,
         draft: &Draft,
@@ -405,8 +409,8 @@ impl Routing {
         self.emit(Reply::Text { text, token: None }).await
     }
 
-    /// One upstream call of the cascade, with a slot of its own; `prediction` is the draft the
-    /// sampled cascade offers the cloud (empty for none).
+    /// One upstream call of the cascade, with a slot of its own; `prediction` is the draft
+    /// offered to the cloud in the one-call cascade (empty for none).
     async fn exact_call(
         &mut self,
         prompt: Vec<i32>,
