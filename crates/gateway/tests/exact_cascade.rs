@@ -237,8 +237,7 @@ async fn the_answer_is_the_clouds_own_with_the_agreed_draft_billed_to_the_fleet(
     let setup = setup(true).await;
     let cloud_text = text(&setup.answer);
     // The draft agrees on two tokens, then parts from the cloud.
-    let mut draft = setup.answer[..2].to_vec();
-    draft.extend([(11, "x".to_string()), (12, "y".to_string())]);
+    let draft = parting_draft(&setup);
     setup
         .gateway
         .cell
@@ -340,119 +339,90 @@ async fn served(setup: &Setup, body: &Value) -> Vec<(bool, u64, u64)> {
         .collect()
 }
 
+/// A draft that agrees with the cloud's answer on two tokens, then parts from it.
+fn parting_draft(setup: &Setup) -> Vec<(i32, String)> {
+    let mut draft = setup.answer[..2].to_vec();
+    draft.extend([(11, "x".to_string()), (12, "y".to_string())]);
+    draft
+}
+
+/// The cascade in one call, with a parting draft: `body` asked plain and streamed gets the
+/// cloud's text; the vehicle is booked for the two kept tokens, the cloud for prompt and
+/// draft prefilled once and the rest generated; the one call offers the draft as its
+/// prediction. Returns the plain answer's call to the cloud.
+async fn answered_in_one_call(setup: &Setup, mut body: Value) -> Value {
+    let cloud_text = text(&setup.answer);
+    let draft = parting_draft(setup);
+    setup
+        .gateway
+        .cell
+        .script([Script::AnswerTokens(draft.clone())]);
+    let (answer, json) = answered(setup, &body).await;
+    assert_eq!(content(&json), cloud_text);
+    assert_eq!(json["choices"][0]["finish_reason"], "stop");
+    assert_eq!(answer.header("x-fleetgrid-tier"), Some("cloud"));
+    assert_eq!(
+        answer.header("x-fleetgrid-route-reason"),
+        Some("exact_cascade")
+    );
+    assert_eq!(json["usage"]["completion_tokens"], setup.answer.len());
+    let edge = &json["fleetgrid"]["usage"]["edge"];
+    assert_eq!(edge["completion_tokens"], 2, "{json}");
+    assert_eq!(edge["discarded_tokens"], 2, "{json}");
+    let prompt = setup.prompt.len() as u64;
+    let answer_len = setup.answer.len() as u64;
+    assert_eq!(
+        served(setup, &json).await,
+        [(true, prompt, 2), (false, prompt + 4, answer_len - 2)]
+    );
+    let calls = setup.cloud.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    let call = calls[0].clone();
+    assert_eq!(call["prompt"], json!(setup.prompt));
+    assert_eq!(
+        call["prediction"],
+        json!({"type": "content", "content": ids(&draft)})
+    );
+    assert_eq!(call["max_tokens"], body["max_tokens"]);
+    assert_eq!(call.get("echo"), None);
+
+    // Streamed, the same text.
+    setup.gateway.cell.script([Script::AnswerTokens(draft)]);
+    body["stream"] = json!(true);
+    let answer = post(setup, &body).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(streamed_content(&answer), cloud_text);
+    call
+}
+
 /// Sampled: one cloud call with the draft as its prediction; the answer is the cloud's own
 /// (the scripted cloud's answer does not depend on the prediction, as a real cloud's must
 /// not), and the draft's share is what the answer took of it from the start.
 #[tokio::test]
 async fn sampled_the_answer_is_the_clouds_own_draw_and_the_draft_its_prediction() {
     let setup = setup(true).await;
-    let cloud_text = text(&setup.answer);
-    let mut draft = setup.answer[..2].to_vec();
-    draft.extend([(11, "x".to_string()), (12, "y".to_string())]);
     let mut sampled = exact(32);
     sampled["temperature"] = json!(0.7);
     sampled["seed"] = json!(5);
-    setup
-        .gateway
-        .cell
-        .script([Script::AnswerTokens(draft.clone())]);
-    let (answer, body) = answered(&setup, &sampled).await;
-    assert_eq!(content(&body), cloud_text);
-    assert_eq!(answer.header("x-fleetgrid-tier"), Some("cloud"));
-    assert_eq!(body["usage"]["completion_tokens"], setup.answer.len());
-    let edge = &body["fleetgrid"]["usage"]["edge"];
-    assert_eq!(edge["completion_tokens"], 2, "{body}");
-    assert_eq!(edge["discarded_tokens"], 2, "{body}");
-    // The vehicle earns the two kept tokens; the cloud prefilled prompt and draft and
-    // generated the rest.
-    let prompt = setup.prompt.len() as u64;
-    let answer_len = setup.answer.len() as u64;
-    assert_eq!(
-        served(&setup, &body).await,
-        [(true, prompt, 2), (false, prompt + 4, answer_len - 2)]
-    );
-    // The draft was sampled as the cloud samples, with the same seed.
+    let call = answered_in_one_call(&setup, sampled).await;
+    // The drafts (plain and streamed) were sampled as the cloud samples, with the same seed.
     let submitted = setup.gateway.cell.submitted();
-    assert_eq!(submitted.len(), 1);
-    assert!((submitted[0].sampling.temperature - 0.7).abs() < 1e-6);
-    let calls = setup.cloud.calls.lock().unwrap().clone();
-    assert_eq!(calls.len(), 1, "{calls:?}");
-    assert_eq!(calls[0]["prompt"], json!(setup.prompt));
-    assert_eq!(
-        calls[0]["prediction"],
-        json!({"type": "content", "content": ids(&draft)})
-    );
+    assert_eq!(submitted.len(), 2);
+    assert!(submitted
+        .iter()
+        .all(|generation| (generation.sampling.temperature - 0.7).abs() < 1e-6));
     // The temperature as the engines read it (an f32).
-    assert_eq!(
-        calls[0]["temperature"].as_f64().map(|t| t as f32),
-        Some(0.7)
-    );
-    assert_eq!(calls[0]["seed"], 5);
-    assert_eq!(calls[0]["max_tokens"], 32);
-    assert_eq!(calls[0].get("echo"), None);
-
-    // Streamed, the same text.
-    setup
-        .gateway
-        .cell
-        .script([Script::AnswerTokens(draft.clone())]);
-    sampled["stream"] = json!(true);
-    let answer = post(&setup, &sampled).await;
-    assert_eq!(answer.status, 200);
-    assert_eq!(streamed_content(&answer), cloud_text);
+    assert_eq!(call["temperature"].as_f64().map(|t| t as f32), Some(0.7));
+    assert_eq!(call["seed"], 5);
 }
 
 /// Greedy, against a cloud that follows predictions: the draft is checked in the call that
-/// answers, as when sampling; the answer and the shares are those of the two-call way.
+/// answers, as when sampling, instead of a scoring call and a continuation.
 #[tokio::test]
 async fn greedy_against_a_cloud_that_follows_predictions_one_call_checks_and_answers() {
     let setup = setup_with(true, true).await;
-    let cloud_text = text(&setup.answer);
-    let mut draft = setup.answer[..2].to_vec();
-    draft.extend([(11, "x".to_string()), (12, "y".to_string())]);
-    setup
-        .gateway
-        .cell
-        .script([Script::AnswerTokens(draft.clone())]);
-    let (answer, body) = answered(&setup, &exact(32)).await;
-    assert_eq!(content(&body), cloud_text);
-    assert_eq!(body["choices"][0]["finish_reason"], "stop");
-    assert_eq!(
-        answer.header("x-fleetgrid-route-reason"),
-        Some("exact_cascade")
-    );
-    let edge = &body["fleetgrid"]["usage"]["edge"];
-    assert_eq!(edge["completion_tokens"], 2, "{body}");
-    assert_eq!(edge["discarded_tokens"], 2, "{body}");
-    // The vehicle earns the two kept tokens; the cloud prefilled prompt and draft once and
-    // generated the rest.
-    let prompt = setup.prompt.len() as u64;
-    let answer_len = setup.answer.len() as u64;
-    assert_eq!(
-        served(&setup, &body).await,
-        [(true, prompt, 2), (false, prompt + 4, answer_len - 2)]
-    );
-    let calls = setup.cloud.calls.lock().unwrap().clone();
-    assert_eq!(calls.len(), 1, "{calls:?}");
-    assert_eq!(calls[0]["prompt"], json!(setup.prompt));
-    assert_eq!(
-        calls[0]["prediction"],
-        json!({"type": "content", "content": ids(&draft)})
-    );
-    assert_eq!(calls[0]["temperature"], 0.0);
-    assert_eq!(calls[0]["max_tokens"], 32);
-    assert_eq!(calls[0].get("echo"), None);
-
-    // Streamed, the same text.
-    setup
-        .gateway
-        .cell
-        .script([Script::AnswerTokens(draft.clone())]);
-    let mut streamed = exact(32);
-    streamed["stream"] = json!(true);
-    let answer = post(&setup, &streamed).await;
-    assert_eq!(answer.status, 200);
-    assert_eq!(streamed_content(&answer), cloud_text);
+    let call = answered_in_one_call(&setup, exact(32)).await;
+    assert_eq!(call["temperature"], 0.0);
 }
 
 #[tokio::test]
