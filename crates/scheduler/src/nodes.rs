@@ -324,11 +324,21 @@ fn groups_if_filed(node: &Node, classes: Option<u8>, groups: &mut Vec<VictimGrou
 }
 
 /// The distinct victim groups of a node's running work, sorted.
+///
+/// A node runs a few groups (fleet, spot, a reserved tenant or two) over many slots, so each
+/// group is found in or put into the short sorted list, rather than every slot's group sorted
+/// and deduplicated; this runs twice for every change to a busy node.
 fn groups_of(node: &Node, groups: &mut Vec<VictimGroup>) {
     groups.clear();
-    groups.extend(node.running.iter().map(|running| running.group));
-    groups.sort_unstable();
-    groups.dedup();
+    for running in &node.running {
+        let group = running.group;
+        if groups.last() == Some(&group) {
+            continue;
+        }
+        if let Err(at) = groups.binary_search(&group) {
+            groups.insert(at, group);
+        }
+    }
 }
 
 /// Bytes a B-tree set spends per entry beyond the key: std's B-tree nodes hold up to 11 keys

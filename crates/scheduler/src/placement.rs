@@ -61,7 +61,8 @@ impl Scheduler {
     }
 
     /// Start `request` on the best free node, else on a slot taken from lower-ranked work.
-    /// The request must not be running or waiting.
+    /// The request must not be running; a waiting one stays in its queue, for the caller to take
+    /// out once it has started.
     pub(crate) fn try_start(
         &mut self,
         now: Millis,
@@ -185,18 +186,20 @@ impl Scheduler {
     }
 
     /// Start waiting requests for `model` while they fit, highest class first.
+    ///
+    /// A head is tried where it waits and taken out of its queue only once it has started:
+    /// placement does not look at the queues, and a head that fits nowhere, the usual case
+    /// when a slot frees in a busy fleet, then costs no queue changes at all.
     pub(crate) fn dispatch_model(&mut self, now: Millis, model: ModelId, out: &mut Vec<Command>) {
         for class in TenantClass::ALL {
             while let Some(request) = self.head_of(class, model) {
                 let Some(waiter) = self.waiter_of(request) else {
                     break;
                 };
-                self.waiting.remove(&waiter);
                 if !self.try_start(now, request, 0, out) {
-                    // Back where it was: re-pushing would lose its place in line.
-                    self.requeue(waiter);
                     break;
                 }
+                self.waiting.remove(&waiter);
             }
         }
     }
@@ -246,10 +249,6 @@ impl Scheduler {
             seq,
             deadline: entry.deadline,
         })
-    }
-
-    fn requeue(&mut self, waiter: Waiter) {
-        self.waiting.push_at(waiter);
     }
 
     /// Preference rank of a request asking for a slot: 0 = reserved tenant below its guaranteed

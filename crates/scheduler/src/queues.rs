@@ -44,7 +44,21 @@ impl WaitQueues {
     pub(crate) fn push(&mut self, mut waiter: Waiter) -> u64 {
         self.next_seq += 1;
         waiter.seq = self.next_seq;
-        self.push_at(waiter);
+        let queue = self.queues.entry((waiter.class, waiter.model)).or_default();
+        if waiter.parked {
+            queue.parked.insert(waiter.seq, waiter.request);
+            self.parked[waiter.class.index()] += 1;
+        } else {
+            queue
+                .by_tenant
+                .entry(waiter.tenant)
+                .or_default()
+                .insert(waiter.seq, waiter.request);
+            self.queued[waiter.class.index()] += 1;
+        }
+        if let Some(deadline) = waiter.deadline {
+            self.deadlines.insert((deadline, waiter.request));
+        }
         waiter.seq
     }
 
@@ -127,26 +141,5 @@ impl WaitQueues {
     /// Every (class, model) with waiters, for sweeps.
     pub(crate) fn keys(&self) -> impl Iterator<Item = (TenantClass, ModelId)> + '_ {
         self.queues.keys().copied()
-    }
-}
-
-impl WaitQueues {
-    /// Put back a waiter that was removed, at its old place in line.
-    pub(crate) fn push_at(&mut self, waiter: Waiter) {
-        let queue = self.queues.entry((waiter.class, waiter.model)).or_default();
-        if waiter.parked {
-            queue.parked.insert(waiter.seq, waiter.request);
-            self.parked[waiter.class.index()] += 1;
-        } else {
-            queue
-                .by_tenant
-                .entry(waiter.tenant)
-                .or_default()
-                .insert(waiter.seq, waiter.request);
-            self.queued[waiter.class.index()] += 1;
-        }
-        if let Some(deadline) = waiter.deadline {
-            self.deadlines.insert((deadline, waiter.request));
-        }
     }
 }

@@ -233,14 +233,18 @@ pub enum Due {
 /// Events in time order; equal times in the order they were queued.
 ///
 /// A calendar: events of later minutes wait unsorted in their minute's
-/// bucket, and only the current minute's are kept in a heap, so a million
-/// vehicles' queued events cost a push onto a vector each. The buckets of
-/// the next `HORIZON_MINUTES` are a ring indexed by minute; later ones (rare)
-/// wait in a sorted map.
+/// bucket, so a million vehicles' queued events cost a push onto a vector
+/// each. A minute's bucket is sorted once when its turn comes; events queued
+/// for that minute while it runs go into a small heap, and the two are drained
+/// together. The buckets of the next `HORIZON_MINUTES` are a ring indexed by
+/// minute; later ones (rare) wait in a sorted map.
 #[derive(Debug, Default)]
 pub struct Agenda {
+    /// The current minute's events queued before it began, the next one last.
+    sorted: Vec<Entry>,
+    /// The current minute's events queued while it runs.
     current: BinaryHeap<Entry>,
-    /// The minute `current` holds; earlier events go there too.
+    /// The minute `sorted` and `current` hold; earlier events go to `current` too.
     current_minute: i64,
     /// `soon[i]` holds minute `current_minute + 1 + i`.
     soon: VecDeque<Vec<Entry>>,
@@ -282,21 +286,36 @@ impl Agenda {
 
     /// The next event before `end`.
     pub fn pop_before(&mut self, end: i64) -> Option<(i64, Due)> {
-        while self.current.is_empty() {
+        while self.sorted.is_empty() && self.current.is_empty() {
             if !self.next_minute() {
                 return None;
             }
         }
-        let Reverse((at, _, _)) = self.current.peek()?;
+        // `Reverse`: the greater entry is the earlier event.
+        let from_sorted = match (self.sorted.last(), self.current.peek()) {
+            (Some(sorted), Some(queued)) => sorted > queued,
+            (sorted, _) => sorted.is_some(),
+        };
+        let next = if from_sorted {
+            self.sorted.last()
+        } else {
+            self.current.peek()
+        };
+        let Reverse((at, _, _)) = next?;
         if *at >= end {
             return None;
         }
         self.len -= 1;
-        self.current.pop().map(|Reverse((at, _, due))| (at, due))
+        let entry = if from_sorted {
+            self.sorted.pop()
+        } else {
+            self.current.pop()
+        };
+        entry.map(|Reverse((at, _, due))| (at, due))
     }
 
-    /// Moves the next minute's bucket into the (empty) heap; false when
-    /// nothing is queued.
+    /// Makes the next minute's bucket the current one (the current is
+    /// drained); false when nothing is queued.
     fn next_minute(&mut self) -> bool {
         let bucket = if let Some(bucket) = self.soon.pop_front() {
             self.current_minute += 1;
@@ -317,8 +336,11 @@ impl Agenda {
             let index = (minute - self.current_minute - 1) as usize;
             self.soon_bucket(index).extend(entries);
         }
-        // The emptied heap's allocation is freed: a busy minute's would otherwise be kept.
-        self.current = BinaryHeap::from(bucket);
+        // The emptied vector's allocation is freed with it: a busy minute's would otherwise be
+        // kept. Entries differ in their queue number, so the order is total and the same as a
+        // heap's.
+        self.sorted = bucket;
+        self.sorted.sort_unstable();
         true
     }
 
@@ -352,6 +374,35 @@ mod tests {
         assert_eq!(order, vec![5, 7, 61_000]);
         assert_eq!(agenda.len(), 1);
         assert_eq!(agenda.pop_before(i64::MAX), Some((190_000, Due::Tick)));
+        assert!(agenda.is_empty());
+    }
+
+    #[test]
+    fn events_queued_into_the_running_minute_interleave_with_those_queued_before_it() {
+        let mut agenda = Agenda::default();
+        agenda.push(40_000, Due::Arrival { class: 0 });
+        agenda.push(5, Due::Arrival { class: 1 });
+        agenda.push(20_000, Due::Arrival { class: 2 });
+        assert_eq!(
+            agenda.pop_before(i64::MAX),
+            Some((5, Due::Arrival { class: 1 }))
+        );
+        // Queued while its minute runs: before, between and (at an equal time) after the
+        // minute's earlier entries.
+        agenda.push(40_000, Due::GridEnd { programme: 1 });
+        agenda.push(7, Due::GridStart { programme: 0 });
+        agenda.push(30_000, Due::GridEnd { programme: 0 });
+        let order: Vec<(i64, Due)> = std::iter::from_fn(|| agenda.pop_before(i64::MAX)).collect();
+        assert_eq!(
+            order,
+            vec![
+                (7, Due::GridStart { programme: 0 }),
+                (20_000, Due::Arrival { class: 2 }),
+                (30_000, Due::GridEnd { programme: 0 }),
+                (40_000, Due::Arrival { class: 0 }),
+                (40_000, Due::GridEnd { programme: 1 }),
+            ]
+        );
         assert!(agenda.is_empty());
     }
 
