@@ -20,7 +20,7 @@ use crate::model::{substream, unit, ClassModel, ClassWork, TariffModel};
 use crate::scenario::Scenario;
 use crate::settle::{SettlementThread, Settler, Work};
 use crate::stats::{ClassCounts, Earnings, Migrations, Money, StepPoint};
-use crate::world::{lease_of, request_id, Agenda, Due, Lease, Leases, Vehicle, NONE};
+use crate::world::{lease_of, request_id, Agenda, Due, Lease, Leases, Running, Vehicle, NONE};
 
 /// Streams of randomness of the run itself.
 const ARRIVALS: u64 = 10;
@@ -155,7 +155,9 @@ pub struct Run<'a> {
     step_ms: i64,
     serial: u64,
     commands: Vec<Command>,
-    follow_ups: Vec<Event>,
+    /// Stopped requests whose committed tokens are still to be told to the
+    /// scheduler, the last stopped first: `(request, committed_total)`.
+    committed: Vec<(RequestId, u32)>,
     /// Reused by `finish_due` for the leases that end.
     scratch_done: Vec<u32>,
     sessions: Vec<Session>,
@@ -313,7 +315,7 @@ impl<'a> Run<'a> {
             step_ms,
             serial: 0,
             commands: Vec::new(),
-            follow_ups: Vec::new(),
+            committed: Vec::new(),
             scratch_done: Vec::new(),
             sessions: Vec::new(),
             counts: Default::default(),
@@ -520,17 +522,27 @@ impl<'a> Run<'a> {
     /// Applies one event to the scheduler and carries out its commands, and
     /// the events those commands lead to.
     fn feed(&mut self, now: i64, event: Event) {
-        self.follow_ups.push(event);
-        while let Some(event) = self.follow_ups.pop() {
-            self.scheduler_events += 1;
-            let mut commands = std::mem::take(&mut self.commands);
-            commands.clear();
-            self.scheduler.handle(Millis(now), event, &mut commands);
-            for command in &commands {
-                self.apply(now, *command);
-            }
-            self.commands = commands;
+        self.feed_one(now, event);
+        while let Some((request, committed_total)) = self.committed.pop() {
+            let event = Event::TokensCommitted {
+                request,
+                committed_total,
+            };
+            self.feed_one(now, event);
         }
+    }
+
+    /// Applies one event to the scheduler and carries out its commands.
+    #[inline]
+    fn feed_one(&mut self, now: i64, event: Event) {
+        self.scheduler_events += 1;
+        let mut commands = std::mem::take(&mut self.commands);
+        commands.clear();
+        self.scheduler.handle(Millis(now), event, &mut commands);
+        for command in &commands {
+            self.apply(now, *command);
+        }
+        self.commands = commands;
     }
 
     fn apply(&mut self, now: i64, command: Command) {
@@ -563,10 +575,7 @@ impl<'a> Run<'a> {
                     * f64::from(lease.requests)
                     * f64::from(self.work[usize::from(lease.class)].answer_tokens))
                     as u32;
-                self.follow_ups.push(Event::TokensCommitted {
-                    request,
-                    committed_total: committed,
-                });
+                self.committed.push((request, committed));
             }
             Command::Cancel { .. } => self.anomaly("cancel"),
             Command::Reject {
@@ -687,7 +696,11 @@ impl<'a> Run<'a> {
         self.vehicles[vehicle as usize].plugged = false;
         self.plugged -= 1;
         // The scheduler must have moved everything off a car that left.
-        let left_running = self.vehicles[vehicle as usize].running.clone();
+        let left_running: Vec<u32> = self.vehicles[vehicle as usize]
+            .running
+            .iter()
+            .map(|running| running.lease)
+            .collect();
         for lease in left_running {
             self.anomaly("left_running");
             self.stop_lease(now, lease, true);
@@ -964,7 +977,11 @@ impl<'a> Run<'a> {
             return;
         };
         let speed = class.per_stream_speed[active];
-        let nearest = car.targets.iter().copied().fold(f64::INFINITY, f64::min);
+        let nearest = car
+            .running
+            .iter()
+            .map(|running| running.target)
+            .fold(f64::INFINITY, f64::min);
         let seconds = ((nearest - car.progress) / speed).max(0.0);
         let finish = now + domain::ceil_ms(seconds * 1_000.0);
         let cap = self.policies[usize::from(car.traits.policy)]
@@ -1023,8 +1040,10 @@ impl<'a> Run<'a> {
         }
         let target = lease.target();
         let car = &mut self.vehicles[vehicle as usize];
-        car.running.push(index);
-        car.targets.push(target);
+        car.running.push(Running {
+            lease: index,
+            target,
+        });
         car.running_by_class[usize::from(lease_class)] += 1;
         self.busy += 1;
         self.account_rates(vehicle, 1.0);
@@ -1039,9 +1058,8 @@ impl<'a> Run<'a> {
         self.advance(now, vehicle);
         self.account_rates(vehicle, -1.0);
         let car = &mut self.vehicles[vehicle as usize];
-        if let Some(at) = car.running.iter().position(|lease| *lease == index) {
+        if let Some(at) = car.running.iter().position(|r| r.lease == index) {
             car.running.remove(at);
-            car.targets.remove(at);
             let class = self.leases.get(index).expect("running lease").class;
             car.running_by_class[usize::from(class)] -= 1;
         }
@@ -1110,9 +1128,8 @@ impl<'a> Run<'a> {
         done.extend(
             car.running
                 .iter()
-                .zip(&car.targets)
-                .filter(|(_, target)| *target - car.progress <= slack)
-                .map(|(lease, _)| *lease),
+                .filter(|running| running.target - car.progress <= slack)
+                .map(|running| running.lease),
         );
         if done.is_empty() {
             self.scratch_done = done;

@@ -36,11 +36,8 @@ pub struct Vehicle {
     pub energy_per_stream: f64,
     /// When the clocks were last brought up to date.
     pub last: i64,
-    /// Leases running here.
-    pub running: Vec<u32>,
-    /// Each running lease's `Lease::target`, in the same order: fixed while it runs, and
-    /// read at every finish and reschedule.
-    pub targets: Vec<f64>,
+    /// Leases running here, in the order they started.
+    pub running: Vec<Running>,
     /// How many of them are of each tenant class.
     pub running_by_class: [u16; 3],
     /// Compute energy of the owner's current local day, Wh, and that day.
@@ -62,7 +59,6 @@ impl Vehicle {
             energy_per_stream: 0.0,
             last: 0,
             running: Vec::new(),
-            targets: Vec::new(),
             running_by_class: [0; 3],
             energy_today: 0.0,
             energy_day: 0,
@@ -73,6 +69,15 @@ impl Vehicle {
     pub fn active(&self) -> usize {
         self.running.len()
     }
+}
+
+/// A lease running on a vehicle.
+#[derive(Debug, Clone, Copy)]
+pub struct Running {
+    pub lease: u32,
+    /// Its `Lease::target`: fixed while it runs, and read at every finish
+    /// and reschedule (kept beside the index, so that one cache line holds both).
+    pub target: f64,
 }
 
 /// One lease.
