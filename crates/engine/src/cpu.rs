@@ -14,17 +14,133 @@ use std::sync::OnceLock;
 use llama_cpp_sys_2 as sys;
 
 /// llama.cpp's system information, e.g. `CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 |
-/// FMA = 1 | OPENMP = 1 | REPACK = 1 |`, trimmed. Read once per process: llama.cpp builds it in
-/// a static buffer that a second caller would overwrite.
+/// FMA = 1 | OPENMP = 1 | REPACK = 1 |`, trimmed. In a build that chooses its kernels at run
+/// time (feature `cpu-dispatch`) it ends with the variant chosen, e.g. `VARIANT = haswell |`.
+/// Read once per process, after llama.cpp's backend is initialised (so that the chosen
+/// variant is loaded): llama.cpp builds it in a static buffer that a second caller would
+/// overwrite.
 pub fn cpu_kernels() -> &'static str {
     static KERNELS: OnceLock<String> = OnceLock::new();
     KERNELS.get_or_init(|| {
+        if let Err(error) = crate::tokenizer::backend() {
+            return format!("unknown ({error})");
+        }
         // SAFETY: `llama_print_system_info` takes no arguments and returns a pointer to a
         // NUL-terminated string in a static buffer of llama.cpp's; the OnceLock makes this the
         // only call in the process, and the text is copied before anything else runs.
         let text = unsafe { CStr::from_ptr(sys::llama_print_system_info()) };
-        text.to_string_lossy().trim().to_owned()
+        let text = text.to_string_lossy().trim().to_owned();
+        match dispatch::loaded_variant() {
+            Some(variant) => format!("{text} VARIANT = {variant} |"),
+            None => text,
+        }
     })
+}
+
+/// Choosing the CPU kernels at run time: llama.cpp built with `GGML_BACKEND_DL` and
+/// `GGML_CPU_ALL_VARIANTS` has no CPU backend linked in; it carries one loadable module per
+/// instruction-set level (`libggml-cpu-haswell.so`, `…-skylakex.so`, `…-icelake.so`, `…-zen4.so`
+/// …; on aarch64 `…-armv8.2_1.so` … `…-armv9.2_2.so`). Each module scores itself against the
+/// running CPU and ggml loads the best.
+#[cfg(feature = "cpu-dispatch")]
+pub mod dispatch {
+    use std::ffi::CString;
+    use std::path::{Path, PathBuf};
+
+    use llama_cpp_sys_2 as sys;
+
+    /// A directory of CPU kernel modules to load instead of the ones this binary would find.
+    pub const BACKENDS_ENV: &str = "FLEETGRID_CPU_BACKENDS";
+
+    /// The module file names: `libggml-cpu-<variant>.so`.
+    const PREFIX: &str = "libggml-cpu-";
+    const SUFFIX: &str = ".so";
+
+    /// Where the modules are: `$FLEETGRID_CPU_BACKENDS` when set; else the binary's own
+    /// directory when it holds them (a binary shipped with its modules beside it); else where
+    /// this build put them. Never the working directory, which ggml's own default searches.
+    pub fn backends_dir() -> Result<PathBuf, String> {
+        if let Some(dir) = std::env::var_os(BACKENDS_ENV) {
+            return Ok(PathBuf::from(dir));
+        }
+        let beside = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(Path::to_path_buf));
+        let built = sys::BACKENDS_DIR.map(PathBuf::from);
+        beside
+            .into_iter()
+            .chain(built)
+            .find(|dir| !variants_in(dir).is_empty())
+            .ok_or_else(|| {
+                format!(
+                    "no CPU kernel modules ({PREFIX}*{SUFFIX}) beside this binary or in {}; \
+                     set {BACKENDS_ENV} to their directory",
+                    sys::BACKENDS_DIR.unwrap_or("this build's backends directory")
+                )
+            })
+    }
+
+    /// The variants whose modules `dir` holds, sorted.
+    pub fn variants_in(dir: &Path) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut variants: Vec<String> = entries
+            .filter_map(|entry| {
+                let name = entry.ok()?.file_name().into_string().ok()?;
+                Some(name.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?.to_owned())
+            })
+            .collect();
+        variants.sort();
+        variants
+    }
+
+    /// Loads the best CPU kernels of this machine from [`backends_dir`]. Called once, before
+    /// llama.cpp's backend is initialised; fails when no module runs here.
+    pub(crate) fn load() -> Result<String, String> {
+        let dir = backends_dir()?;
+        let text = dir
+            .to_str()
+            .and_then(|dir| CString::new(dir).ok())
+            .ok_or_else(|| format!("{} is not a usable path", dir.display()))?;
+        // SAFETY: a NUL-terminated path that outlives the call; ggml copies what it keeps.
+        unsafe { sys::ggml_backend_load_all_from_path(text.as_ptr()) };
+        // SAFETY: the registry's CPU device, if a module registered one.
+        let device = unsafe { sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU) };
+        if device.is_null() {
+            let carried = variants_in(&dir);
+            return Err(if carried.is_empty() {
+                format!(
+                    "{} holds no CPU kernel modules ({PREFIX}*{SUFFIX})",
+                    dir.display()
+                )
+            } else {
+                format!(
+                    "none of the CPU kernel modules in {} ({}) runs on this machine",
+                    dir.display(),
+                    carried.join(", ")
+                )
+            });
+        }
+        loaded_variant().ok_or_else(|| "a CPU backend was loaded from no known module".to_owned())
+    }
+
+    /// The variant whose module this process has loaded, read from its memory map.
+    pub fn loaded_variant() -> Option<String> {
+        let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+        maps.lines().find_map(|line| {
+            let name = line.rsplit('/').next()?;
+            Some(name.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?.to_owned())
+        })
+    }
+}
+
+/// Without `cpu-dispatch` the CPU kernels are linked in and there is nothing to choose.
+#[cfg(not(feature = "cpu-dispatch"))]
+mod dispatch {
+    pub fn loaded_variant() -> Option<String> {
+        None
+    }
 }
 
 /// ggml's device interface (`struct ggml_backend_device_i` in `ggml-backend-impl.h`, ggml
@@ -45,8 +161,14 @@ struct DeviceInterfaceHead {
 type InitBackend =
     unsafe extern "C" fn(sys::ggml_backend_dev_t, *const c_char) -> sys::ggml_backend_t;
 
+type SetUseRef = unsafe extern "C" fn(sys::ggml_backend_t, bool);
+
 /// ggml's own `init_backend` of the CPU device, kept when the switch is installed.
 static CPU_INIT_BACKEND: OnceLock<InitBackend> = OnceLock::new();
+
+/// ggml's `ggml_backend_cpu_set_use_ref`, found through the CPU backend's registry, since in a
+/// build with `cpu-dispatch` it is a function of the loaded module, not of this binary.
+static CPU_SET_USE_REF: OnceLock<SetUseRef> = OnceLock::new();
 
 thread_local! {
     /// Whether CPU backends created on this thread now take the reference kernels.
@@ -66,14 +188,26 @@ unsafe extern "C" fn init_backend(
     };
     // SAFETY: ggml's own function, called with the arguments ggml passed.
     let backend = unsafe { original(device, params) };
+    let Some(set_use_ref) = CPU_SET_USE_REF.get() else {
+        return backend;
+    };
     // SAFETY: `backend` is null or a live backend just created.
-    if REFERENCE_WANTED.get() && !backend.is_null() && unsafe { sys::ggml_backend_is_cpu(backend) }
-    {
+    if REFERENCE_WANTED.get() && !backend.is_null() && unsafe { is_cpu(backend) } {
         // SAFETY: a live CPU backend, not yet shared with anything.
-        unsafe { sys::ggml_backend_cpu_set_use_ref(backend, true) };
+        unsafe { set_use_ref(backend, true) };
         REFERENCE_BACKENDS.set(REFERENCE_BACKENDS.get() + 1);
     }
     backend
+}
+
+/// Whether `backend` (live) runs on the CPU device; ggml's `ggml_backend_is_cpu` is a function
+/// of the CPU module, which a build with `cpu-dispatch` does not link.
+unsafe fn is_cpu(backend: sys::ggml_backend_t) -> bool {
+    // SAFETY: the caller's live backend; its device is a static of ggml's.
+    unsafe {
+        let device = sys::ggml_backend_get_device(backend);
+        !device.is_null() && sys::ggml_backend_dev_type(device) == sys::GGML_BACKEND_DEVICE_TYPE_CPU
+    }
 }
 
 fn c_text(text: *const c_char) -> Option<String> {
@@ -138,10 +272,22 @@ pub(crate) fn install_reference_switch() -> Result<(), String> {
             return mismatch("init_backend");
         };
         let probe = original(device, std::ptr::null());
-        if probe.is_null() || !sys::ggml_backend_is_cpu(probe) {
+        if probe.is_null() || !is_cpu(probe) {
             return mismatch("init_backend");
         }
         sys::ggml_backend_free(probe);
+        let registry = sys::ggml_backend_dev_backend_reg(device);
+        let address = sys::ggml_backend_reg_get_proc_address(
+            registry,
+            c"ggml_backend_cpu_set_use_ref".as_ptr(),
+        );
+        if address.is_null() {
+            return Err("ggml's CPU backend does not offer its reference kernels".to_owned());
+        }
+        // SAFETY: ggml's CPU registry hands out `ggml_backend_cpu_set_use_ref` under its own
+        // name (`ggml-cpu.cpp`, `ggml_backend_cpu_get_proc_address`), with this signature.
+        let set_use_ref = std::mem::transmute::<*mut std::ffi::c_void, SetUseRef>(address);
+        let _ = CPU_SET_USE_REF.set(set_use_ref);
         let _ = CPU_INIT_BACKEND.set(original);
         // No other thread touches llama.cpp yet (see `tokenizer::backend`).
         std::ptr::addr_of_mut!((*head).init_backend).write(Some(init_backend));
@@ -212,6 +358,102 @@ mod tests {
         with_reference_kernels(true, create).expect("reference kernels");
         assert_eq!(REFERENCE_BACKENDS.get(), before + 1);
         with_reference_kernels(true, || ()).expect_err("no backend was created");
+    }
+
+    /// A build that chooses its kernels at run time loads, of the variants it carries, the one
+    /// with the most instruction-set extensions this CPU has: ggml's own score
+    /// (`ggml-cpu/arch/x86/cpu-feats.cpp`), recomputed here from the kernel's view of the CPU
+    /// with the variants' extensions as `ggml/src/CMakeLists.txt` lists them.
+    #[cfg(all(feature = "cpu-dispatch", target_arch = "x86_64", target_os = "linux"))]
+    #[test]
+    fn the_best_variant_this_cpu_runs_is_chosen() {
+        let kernels = cpu_kernels();
+        let chosen = dispatch::loaded_variant().expect("a CPU kernel module is loaded");
+        assert!(
+            kernels.ends_with(&format!("VARIANT = {chosen} |")),
+            "{kernels}"
+        );
+        let dir = dispatch::backends_dir().expect("the modules are found");
+        let carried = dispatch::variants_in(&dir);
+        assert!(carried.len() >= 10, "{carried:?}");
+        // Each extension's place in ggml's score, and the CPU flags it needs.
+        const SCORE: &[(&str, u32, &[&str])] = &[
+            ("FMA", 0, &["fma"]),
+            ("F16C", 1, &["f16c"]),
+            ("SSE42", 2, &["sse4_2"]),
+            ("BMI2", 3, &["bmi2"]),
+            ("AVX", 4, &["avx"]),
+            ("AVX2", 5, &["avx2"]),
+            ("AVX_VNNI", 6, &["avx_vnni"]),
+            (
+                "AVX512",
+                7,
+                &["avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"],
+            ),
+            ("AVX512_VBMI", 8, &["avx512_vbmi"]),
+            ("AVX512_BF16", 9, &["avx512_bf16"]),
+            ("AVX512_VNNI", 10, &["avx512_vnni"]),
+            ("AMX_INT8", 11, &["amx_int8"]),
+        ];
+        const VARIANTS: &[(&str, &str)] = &[
+            ("x64", ""),
+            ("sse42", "SSE42"),
+            ("sandybridge", "SSE42 AVX"),
+            ("ivybridge", "SSE42 AVX F16C"),
+            ("piledriver", "SSE42 AVX F16C FMA"),
+            ("haswell", "SSE42 AVX F16C FMA AVX2 BMI2"),
+            ("skylakex", "SSE42 AVX F16C FMA AVX2 BMI2 AVX512"),
+            (
+                "cannonlake",
+                "SSE42 AVX F16C FMA AVX2 BMI2 AVX512 AVX512_VBMI",
+            ),
+            (
+                "cascadelake",
+                "SSE42 AVX F16C FMA AVX2 BMI2 AVX512 AVX512_VNNI",
+            ),
+            (
+                "icelake",
+                "SSE42 AVX F16C FMA AVX2 BMI2 AVX512 AVX512_VBMI AVX512_VNNI",
+            ),
+            (
+                "cooperlake",
+                "SSE42 AVX F16C FMA AVX2 BMI2 AVX512 AVX512_VNNI AVX512_BF16",
+            ),
+            (
+                "zen4",
+                "SSE42 AVX F16C FMA AVX2 BMI2 AVX512 AVX512_VBMI AVX512_VNNI AVX512_BF16",
+            ),
+            ("alderlake", "SSE42 AVX F16C FMA AVX2 BMI2 AVX_VNNI"),
+            (
+                "sapphirerapids",
+                "SSE42 AVX F16C FMA AVX2 BMI2 AVX512 AVX512_VBMI AVX512_VNNI AVX512_BF16 AMX_INT8",
+            ),
+        ];
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").expect("read /proc/cpuinfo");
+        let flags: Vec<&str> = cpuinfo
+            .lines()
+            .find_map(|line| line.strip_prefix("flags"))
+            .and_then(|line| line.split_once(':'))
+            .map(|(_, flags)| flags.split_whitespace().collect())
+            .expect("the CPU's flags");
+        let score = |extensions: &str| -> Option<u32> {
+            extensions
+                .split_whitespace()
+                .try_fold(1, |score, extension| {
+                    let (_, bit, needs) = SCORE.iter().find(|(name, ..)| *name == extension)?;
+                    needs
+                        .iter()
+                        .all(|flag| flags.contains(flag))
+                        .then_some(score + (1 << bit))
+                })
+        };
+        let best = VARIANTS
+            .iter()
+            .filter(|(name, _)| carried.iter().any(|c| c == name))
+            .filter_map(|(name, extensions)| Some((score(extensions)?, *name)))
+            .max()
+            .expect("some variant runs here");
+        assert_eq!(chosen, best.1, "flags {flags:?}");
     }
 
     /// Repacked weights would make a token's numbers depend on its batch (`crate::worker`);

@@ -46,6 +46,8 @@ pub use constraint::{
     json_schema_grammar, tool_call_grammar, Constrained, GrammarCompiler, GRAMMAR_BYTES_MAX,
 };
 pub use cpu::cpu_kernels;
+#[cfg(feature = "cpu-dispatch")]
+pub use cpu::dispatch;
 pub use engine::{Engine, ENGINE_VERSION};
 pub use error::EngineError;
 pub use generation::{

@@ -55,6 +55,12 @@ pub(crate) fn backend() -> Result<&'static LlamaBackend, EngineError> {
             // Read once, at llama.cpp's first matrix multiplication, which cannot have run
             // before its backend is initialised here.
             std::env::set_var(TILED_MATMUL_ENV, "0");
+            // A build without its CPU kernels linked in loads the best for this machine.
+            #[cfg(feature = "cpu-dispatch")]
+            {
+                let variant = crate::cpu::dispatch::load()?;
+                tracing::info!(%variant, "llama.cpp's CPU kernels chosen for this machine");
+            }
             let backend = LlamaBackend::init().map_err(|error| error.to_string())?;
             // Before any context exists; only engines asking for the reference kernels need it.
             if let Err(reason) = crate::cpu::install_reference_switch() {
