@@ -24,7 +24,8 @@ commands:
           cells on a NATS cluster and PostgreSQL)
   test    install what is missing, fetch the models, start PostgreSQL and NATS, then run
           cargo fmt --check, cargo clippy -D warnings and the whole test suite, then check
-          that the agent builds for aarch64 (the vehicles) with Debian's cross compiler";
+          that the agent builds for aarch64 (the vehicles), with the CPU kernels of every ARM
+          level, with Debian's clang and aarch64 libraries";
 
 fn main() -> ExitCode {
     match run() {
