@@ -52,6 +52,10 @@ pub mod dispatch {
     /// A directory of CPU kernel modules to load instead of the ones this binary would find.
     pub const BACKENDS_ENV: &str = "FLEETGRID_CPU_BACKENDS";
 
+    /// A variant to load instead of the best (e.g. `haswell` where the AVX-512 kernels are the
+    /// slower, as they are for some models on some CPUs): refused when it does not run here.
+    pub const VARIANT_ENV: &str = "FLEETGRID_CPU_VARIANT";
+
     /// The module file names: `libggml-cpu-<variant>.so`.
     const PREFIX: &str = "libggml-cpu-";
     const SUFFIX: &str = ".so";
@@ -95,16 +99,40 @@ pub mod dispatch {
         variants
     }
 
-    /// Loads the best CPU kernels of this machine from [`backends_dir`]. Called once, before
-    /// llama.cpp's backend is initialised; fails when no module runs here.
+    /// Loads the best CPU kernels of this machine from [`backends_dir`], or the variant
+    /// [`VARIANT_ENV`] names. Called once, before llama.cpp's backend is initialised; fails when
+    /// no module runs here, or the named one does not.
     pub(crate) fn load() -> Result<String, String> {
         let dir = backends_dir()?;
-        let text = dir
-            .to_str()
-            .and_then(|dir| CString::new(dir).ok())
-            .ok_or_else(|| format!("{} is not a usable path", dir.display()))?;
-        // SAFETY: a NUL-terminated path that outlives the call; ggml copies what it keeps.
-        unsafe { sys::ggml_backend_load_all_from_path(text.as_ptr()) };
+        let c_path = |path: &Path| {
+            path.to_str()
+                .and_then(|path| CString::new(path).ok())
+                .ok_or_else(|| format!("{} is not a usable path", path.display()))
+        };
+        if let Some(variant) = std::env::var_os(VARIANT_ENV) {
+            let variant = variant.to_string_lossy();
+            let module = dir.join(format!("{PREFIX}{variant}{SUFFIX}"));
+            if !module.is_file() {
+                return Err(format!(
+                    "{VARIANT_ENV}={variant}: no such CPU kernel module in {} (it holds {})",
+                    dir.display(),
+                    variants_in(&dir).join(", ")
+                ));
+            }
+            let text = c_path(&module)?;
+            // SAFETY: a NUL-terminated path that outlives the call. ggml loads the module only
+            // when its own score says it runs on this CPU.
+            let registry = unsafe { sys::ggml_backend_load(text.as_ptr()) };
+            if registry.is_null() {
+                return Err(format!(
+                    "{VARIANT_ENV}={variant}: the module does not run on this machine"
+                ));
+            }
+        } else {
+            let text = c_path(&dir)?;
+            // SAFETY: a NUL-terminated path that outlives the call; ggml copies what it keeps.
+            unsafe { sys::ggml_backend_load_all_from_path(text.as_ptr()) };
+        }
         // SAFETY: the registry's CPU device, if a module registered one.
         let device = unsafe { sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU) };
         if device.is_null() {
