@@ -1,7 +1,8 @@
 //! With `cpu-dispatch`, llama.cpp's CPU kernels are loadable modules, one per instruction-set
-//! level (`libggml-cpu-<variant>.so`). They are put beside the binaries of this build, where
-//! `llama-cpp-sys-2` puts llama.cpp's shared libraries, so that a binary's directory holds all
-//! it loads and can be shipped as it is.
+//! level (`libggml-cpu-<variant>.so`), and llama.cpp and ggml are shared libraries. Both are put
+//! beside the binaries of this build, the libraries under the names binaries ask for
+//! (`libllama.so.0`: `llama-cpp-sys-2` itself places only the unversioned links, which point
+//! nowhere there), so that a binary's directory holds all it loads and can be shipped as it is.
 
 use std::path::{Path, PathBuf};
 
@@ -17,12 +18,48 @@ fn main() {
     let Some(binaries) = out_dir.ancestors().nth(3) else {
         return;
     };
-    if let Err(error) = place_beside(&modules, binaries) {
-        println!(
-            "cargo:warning=CPU kernel modules not placed in {}: {error}",
-            binaries.display()
-        );
+    // `llama-cpp-sys-2` installs the libraries in `lib/` beside `backends/`.
+    let libraries = modules.with_file_name("lib");
+    for placed in [
+        place_beside(&modules, binaries),
+        place_libraries(&libraries, binaries),
+    ] {
+        if let Err(error) = placed {
+            println!(
+                "cargo:warning=llama.cpp's libraries not placed in {}: {error}",
+                binaries.display()
+            );
+        }
     }
+    // An example run from its own directory finds them one level up.
+    println!("cargo:rustc-link-arg-examples=-Wl,-rpath,$ORIGIN/..");
+}
+
+/// Each shared library under its soname (`libggml-base.so.0`, a link in `lib/` to the versioned
+/// file), as the file itself.
+fn place_libraries(libraries: &Path, binaries: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(libraries)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|name| name.to_str()) else {
+            continue;
+        };
+        let soname = name
+            .strip_prefix("lib")
+            .and_then(|rest| rest.split_once(".so."))
+            .is_some_and(|(_, version)| version.chars().all(|c| c.is_ascii_digit()));
+        if soname {
+            link_or_copy(&std::fs::canonicalize(&path)?, &binaries.join(name))?;
+        }
+    }
+    Ok(())
+}
+
+fn link_or_copy(from: &Path, to: &Path) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(to);
+    if std::fs::hard_link(from, to).is_err() {
+        std::fs::copy(from, to)?;
+    }
+    Ok(())
 }
 
 fn place_beside(modules: &Path, binaries: &Path) -> std::io::Result<()> {
@@ -34,11 +71,7 @@ fn place_beside(modules: &Path, binaries: &Path) -> std::io::Result<()> {
         if !(name.starts_with("libggml-cpu-") && name.ends_with(".so")) {
             continue;
         }
-        let placed = binaries.join(name);
-        let _ = std::fs::remove_file(&placed);
-        if std::fs::hard_link(&path, &placed).is_err() {
-            std::fs::copy(&path, &placed)?;
-        }
+        link_or_copy(&path, &binaries.join(name))?;
     }
     Ok(())
 }
