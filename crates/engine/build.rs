@@ -20,9 +20,13 @@ fn main() {
     };
     // `llama-cpp-sys-2` installs the libraries in `lib/` beside `backends/`.
     let libraries = modules.with_file_name("lib");
+    // Tests and examples run from `deps/` and `examples/`, where `llama-cpp-sys-2` puts its
+    // unversioned links too; once they point somewhere its next build no longer fails on them.
     for placed in [
         place_beside(&modules, binaries),
         place_libraries(&libraries, binaries),
+        place_libraries(&libraries, &binaries.join("deps")),
+        place_libraries(&libraries, &binaries.join("examples")),
     ] {
         if let Err(error) = placed {
             println!(
@@ -38,6 +42,9 @@ fn main() {
 /// Each shared library under its soname (`libggml-base.so.0`, a link in `lib/` to the versioned
 /// file), as the file itself.
 fn place_libraries(libraries: &Path, binaries: &Path) -> std::io::Result<()> {
+    if !binaries.is_dir() {
+        return Ok(());
+    }
     for entry in std::fs::read_dir(libraries)? {
         let path = entry?.path();
         let Some(name) = path.file_name().and_then(|name| name.to_str()) else {
