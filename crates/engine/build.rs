@@ -22,16 +22,21 @@ fn main() {
     let libraries = modules.with_file_name("lib");
     // Tests and examples run from `deps/` and `examples/`, where `llama-cpp-sys-2` puts its
     // unversioned links too; once they point somewhere its next build no longer fails on them.
-    for placed in [
-        place_beside(&modules, binaries),
-        place_libraries(&libraries, binaries),
-        place_libraries(&libraries, &binaries.join("deps")),
-        place_libraries(&libraries, &binaries.join("examples")),
-    ] {
-        if let Err(error) = placed {
+    let placements = [
+        (
+            &modules,
+            binaries.to_path_buf(),
+            is_module as fn(&str) -> bool,
+        ),
+        (&libraries, binaries.to_path_buf(), is_soname),
+        (&libraries, binaries.join("deps"), is_soname),
+        (&libraries, binaries.join("examples"), is_soname),
+    ];
+    for (from, to, wanted) in placements {
+        if let Err(error) = place(from, &to, wanted) {
             println!(
                 "cargo:warning=llama.cpp's libraries not placed in {}: {error}",
-                binaries.display()
+                to.display()
             );
         }
     }
@@ -39,46 +44,37 @@ fn main() {
     println!("cargo:rustc-link-arg-examples=-Wl,-rpath,$ORIGIN/..");
 }
 
-/// Each shared library under its soname (`libggml-base.so.0`, a link in `lib/` to the versioned
-/// file), as the file itself.
-fn place_libraries(libraries: &Path, binaries: &Path) -> std::io::Result<()> {
-    if !binaries.is_dir() {
+/// A CPU kernel module: `libggml-cpu-<variant>.so`.
+fn is_module(name: &str) -> bool {
+    name.starts_with("libggml-cpu-") && name.ends_with(".so")
+}
+
+/// A shared library's soname (`libggml-base.so.0`, a link in `lib/` to the versioned file).
+fn is_soname(name: &str) -> bool {
+    name.strip_prefix("lib")
+        .and_then(|rest| rest.split_once(".so."))
+        .is_some_and(|(_, version)| version.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// Each file of `from` that is `wanted`, as the file itself (links resolved) under its own name
+/// in `to`, when `to` exists.
+fn place(from: &Path, to: &Path, wanted: fn(&str) -> bool) -> std::io::Result<()> {
+    if !to.is_dir() {
         return Ok(());
     }
-    for entry in std::fs::read_dir(libraries)? {
+    for entry in std::fs::read_dir(from)? {
         let path = entry?.path();
         let Some(name) = path.file_name().and_then(|name| name.to_str()) else {
             continue;
         };
-        let soname = name
-            .strip_prefix("lib")
-            .and_then(|rest| rest.split_once(".so."))
-            .is_some_and(|(_, version)| version.chars().all(|c| c.is_ascii_digit()));
-        if soname {
-            link_or_copy(&std::fs::canonicalize(&path)?, &binaries.join(name))?;
-        }
-    }
-    Ok(())
-}
-
-fn link_or_copy(from: &Path, to: &Path) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(to);
-    if std::fs::hard_link(from, to).is_err() {
-        std::fs::copy(from, to)?;
-    }
-    Ok(())
-}
-
-fn place_beside(modules: &Path, binaries: &Path) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(modules)? {
-        let path = entry?.path();
-        let Some(name) = path.file_name().and_then(|name| name.to_str()) else {
-            continue;
-        };
-        if !(name.starts_with("libggml-cpu-") && name.ends_with(".so")) {
+        if !wanted(name) {
             continue;
         }
-        link_or_copy(&path, &binaries.join(name))?;
+        let (file, placed) = (std::fs::canonicalize(&path)?, to.join(name));
+        let _ = std::fs::remove_file(&placed);
+        if std::fs::hard_link(&file, &placed).is_err() {
+            std::fs::copy(&file, &placed)?;
+        }
     }
     Ok(())
 }
