@@ -3,12 +3,36 @@
 use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-/// Prints a step heading so a long run reads as a list of what happened.
+/// When the current step began, and when the first did.
+static STEPS: Mutex<Option<(Instant, Instant)>> = Mutex::new(None);
+
+/// Prints a step heading so a long run reads as a list of what happened, each heading after the
+/// first with the minutes the step before it took and the minutes since the first began: where a
+/// run's time goes.
 pub fn step(description: &str) {
+    let now = Instant::now();
+    let mut steps = STEPS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((began, first)) = *steps {
+        println!(
+            "    (that step: {:.1} min; {:.1} min in all)",
+            minutes(now - began),
+            minutes(now - first)
+        );
+    }
+    let first = steps.map_or(now, |(_, first)| first);
+    *steps = Some((now, first));
     println!("\n==> {description}");
+}
+
+fn minutes(elapsed: Duration) -> f64 {
+    elapsed.as_secs_f64() / 60.0
 }
 
 /// Prints a note under the current step.
