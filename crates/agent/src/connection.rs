@@ -148,6 +148,7 @@ impl Node {
             parallel_sequences: info.parallel_sequences,
             engine_version: info.engine_version.clone(),
             cpu_kernels: info.cpu_kernels.clone(),
+            attention: crate::runner::attention_on_the_wire(info.flash_attention) as i32,
         };
         let model_digest = config.model.digest.to_string();
         let models = vec![proto::CachedModel {

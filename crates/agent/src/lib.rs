@@ -179,6 +179,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         node_id = %config.node_id,
         model = %config.model.name,
         path = %config.model.path.display(),
+        flash_attention = %engine::FlashAttention::of(&engine_config),
         "starting the engine"
     );
     let Some((engine, speed)) = start_engine(engine_config, &shutdown).await? else {

@@ -15,8 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use engine::{
-    Adjustments, Engine, EngineError, FinishReason, Generation, GenerationEvent, GenerationStream,
-    Mismatch, SamplingParams, SequenceCheckpoint, TokenEvent, Verification, Verify,
+    Adjustments, Engine, EngineError, FinishReason, FlashAttention, Generation, GenerationEvent,
+    GenerationStream, Mismatch, SamplingParams, SequenceCheckpoint, TokenEvent, Verification,
+    Verify,
 };
 use proto::agent_message::Kind as AgentKind;
 use proto::AgentMessage;
@@ -167,24 +168,48 @@ impl Executor for EngineExecutor {
     fn execute(&self, mut assign: proto::Assign, task: GenerationTask) -> Execution {
         let engine = self.engine.clone();
         let restore_state = std::mem::take(&mut assign.restore_state);
-        let checked = check_assignment(&assign, &self.model_digest, engine.info().vocab_size).map(
-            |mut generation| {
-                // The engine checks that it fits the prompt and loads; otherwise it prefills.
-                generation.restore = (!restore_state.is_empty()).then(|| {
-                    Arc::new(SequenceCheckpoint {
-                        tokens: assign.restore_tokens,
-                        data: restore_state.to_vec(),
-                    })
-                });
-                generation
-            },
-        );
+        let info = engine.info();
+        let checked = check_assignment(
+            &assign,
+            &self.model_digest,
+            info.vocab_size,
+            info.flash_attention,
+        )
+        .map(|mut generation| {
+            // The engine checks that it fits the prompt and loads; otherwise it prefills.
+            generation.restore = (!restore_state.is_empty()).then(|| {
+                Arc::new(SequenceCheckpoint {
+                    tokens: assign.restore_tokens,
+                    data: restore_state.to_vec(),
+                })
+            });
+            generation
+        });
         Box::pin(async move {
             match checked {
                 Ok(request) => task.run(&engine, request).await,
                 Err(refusal) => task.fail(refusal.message, refusal.retryable).await,
             }
         })
+    }
+}
+
+/// An engine's attention setting as a registration carries it.
+pub(crate) fn attention_on_the_wire(setting: FlashAttention) -> proto::Attention {
+    match setting {
+        FlashAttention::Off => proto::Attention::Off,
+        FlashAttention::Exact => proto::Attention::Exact,
+        FlashAttention::Fast => proto::Attention::Fast,
+    }
+}
+
+/// The setting an answer's producers shared; `None` when they ran different ones.
+fn attention_off_the_wire(attention: proto::Attention) -> Option<FlashAttention> {
+    match attention {
+        proto::Attention::Off => Some(FlashAttention::Off),
+        proto::Attention::Exact => Some(FlashAttention::Exact),
+        proto::Attention::Fast => Some(FlashAttention::Fast),
+        proto::Attention::Mixed => None,
     }
 }
 
@@ -196,10 +221,13 @@ struct Refusal {
 }
 
 /// Turns an assignment into an engine request, refusing one this node cannot or must not run.
+/// `attention`: this node's engine's setting, which with the answer's decides a verification's
+/// tolerance.
 fn check_assignment(
     assign: &proto::Assign,
     model_digest: &str,
     vocab_size: u32,
+    attention: FlashAttention,
 ) -> Result<Generation, Refusal> {
     if !assign.model_sha256.eq_ignore_ascii_case(model_digest) {
         // Retryable: another node may hold the model; this one never will during this session.
@@ -291,7 +319,7 @@ fn check_assignment(
             logprobs: answer.logprobs.clone(),
             ended_by_eos: answer.ended_by_eos,
             given: answer.given_tokens,
-            tolerance: engine::DEFAULT_TOLERANCE,
+            tolerance: engine::tolerance(attention, attention_off_the_wire(answer.attention())),
         }),
         // An engine on the default kernels, or resuming, does not use it (`Generation::draft`).
         draft: assign.draft_tokens.clone(),
@@ -620,7 +648,8 @@ mod tests {
             model_sha256: DIGEST.to_uppercase(),
             ..assign()
         };
-        let generation = check_assignment(&upper, DIGEST, 1000).expect("accepted");
+        let generation =
+            check_assignment(&upper, DIGEST, 1000, FlashAttention::Off).expect("accepted");
         assert_eq!(generation.prompt, [1, 2, 3]);
         assert_eq!(generation.committed, [4]);
         assert_eq!(generation.max_tokens, 16);
@@ -632,13 +661,55 @@ mod tests {
         assert_eq!(generation.sampling.top_p, 1.0, "unset top_p is no cut");
     }
 
+    /// A verification keeps the calibrated default tolerance when this node runs the attention
+    /// setting the answer was computed with, and takes the wider one across settings or when the
+    /// answer's producers ran different ones.
+    #[test]
+    fn a_verification_widens_its_tolerance_across_attention_settings() {
+        use proto::Attention;
+        let (same, across) = (engine::DEFAULT_TOLERANCE, engine::FLASH_ATTENTION_TOLERANCE);
+        for (verifier, producers, expected) in [
+            (FlashAttention::Off, Attention::Off, same),
+            (FlashAttention::Exact, Attention::Exact, same),
+            (FlashAttention::Fast, Attention::Fast, same),
+            (FlashAttention::Off, Attention::Fast, across),
+            (FlashAttention::Fast, Attention::Off, across),
+            (FlashAttention::Exact, Attention::Fast, across),
+            (FlashAttention::Off, Attention::Mixed, across),
+        ] {
+            let verifying = proto::Assign {
+                committed_tokens: Vec::new(),
+                verify: Some(proto::VerifyAnswer {
+                    completion_tokens: vec![5, 6],
+                    logprobs: vec![-0.5, -0.25],
+                    attention: producers as i32,
+                    ..proto::VerifyAnswer::default()
+                }),
+                ..assign()
+            };
+            let generation =
+                check_assignment(&verifying, DIGEST, 1000, verifier).expect("accepted");
+            let verify = generation.verify.expect("a verification");
+            assert_eq!(
+                verify.tolerance, expected,
+                "{verifier} verifying {producers:?}"
+            );
+        }
+        assert_ne!(same, across);
+        for setting in FlashAttention::ALL {
+            let wire = attention_on_the_wire(setting);
+            assert_eq!(attention_off_the_wire(wire), Some(setting));
+        }
+    }
+
     #[test]
     fn refuses_another_model_as_retryable_elsewhere() {
         let other = proto::Assign {
             model_sha256: "00".repeat(32),
             ..assign()
         };
-        let refusal = check_assignment(&other, DIGEST, 1000).expect_err("refused");
+        let refusal =
+            check_assignment(&other, DIGEST, 1000, FlashAttention::Off).expect_err("refused");
         assert!(refusal.retryable);
         assert!(
             refusal.message.contains("another node"),
@@ -654,7 +725,8 @@ mod tests {
                 committed_tokens: vec![bad],
                 ..assign()
             };
-            let refusal = check_assignment(&bad_prompt, DIGEST, 1000).expect_err("refused");
+            let refusal = check_assignment(&bad_prompt, DIGEST, 1000, FlashAttention::Off)
+                .expect_err("refused");
             assert!(!refusal.retryable);
             assert!(refusal.message.contains(&bad.to_string()));
         }

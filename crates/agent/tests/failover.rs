@@ -99,6 +99,7 @@ fn node(credential: &str) -> Node {
             parallel_sequences: 1,
             engine_version: "none".to_owned(),
             cpu_kernels: String::new(),
+            attention: proto::Attention::Off as i32,
         },
         models: Vec::new(),
     };

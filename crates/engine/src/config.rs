@@ -44,6 +44,87 @@ pub struct EngineConfig {
     pub reference_kernels: bool,
 }
 
+/// How attention is computed, and so what a generation handed over between nodes of this
+/// setting keeps (`fleetgrid agent --flash-attention`). Sets [`EngineConfig::flash_attention`]
+/// and [`EngineConfig::reference_kernels`] together; `docs/BENCHMARKS.md` holds the measurements
+/// behind each guarantee and each cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FlashAttention {
+    /// Flash attention off, default kernels (the default). A token's numbers depend on its own
+    /// sequence alone: not on the batch, the thread count, the prompt's chunking or a handover.
+    /// A generation resumed on another node of this setting continues bit for bit.
+    #[default]
+    Off,
+    /// Flash attention on ggml's reference kernels: one kernel for every query, one reduction
+    /// order, so the same independence as `Off` holds among nodes of this setting (they compute
+    /// other numbers than `Off` nodes). It decodes faster than `Off`; it prefills about as fast
+    /// where the model's weights never reach llamafile's `sgemm` (SmolLM2's Q4_1), and a third
+    /// slower where they do (Qwen2.5-Coder-0.5B's Q5_0 and Q8_0).
+    Exact,
+    /// Flash attention on the default kernels: the fastest, with a weaker guarantee. Its kernel
+    /// depends on the micro-batch's row count and, past 512 cached cells, on the thread count,
+    /// so a generation handed over continues from its committed tokens with no gap and no
+    /// duplicate, but its later tokens may differ from the uninterrupted run's. Verification
+    /// tolerates it (`docs/VERIFICATION.md`).
+    Fast,
+}
+
+impl FlashAttention {
+    /// Every setting, in the order of the option's help.
+    pub const ALL: [FlashAttention; 3] = [
+        FlashAttention::Off,
+        FlashAttention::Exact,
+        FlashAttention::Fast,
+    ];
+
+    /// The option's value: `off`, `exact` or `fast`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlashAttention::Off => "off",
+            FlashAttention::Exact => "exact",
+            FlashAttention::Fast => "fast",
+        }
+    }
+
+    /// Whether a generation resumed between two nodes of this setting continues bit for bit.
+    pub fn resumes_exactly(self) -> bool {
+        self != FlashAttention::Fast
+    }
+
+    /// The setting `config` runs: flash attention with reference kernels is `Exact`; reference
+    /// kernels alone (the exact cascade's cloud) count as `Off`, whose guarantee they keep.
+    pub fn of(config: &EngineConfig) -> FlashAttention {
+        match (config.flash_attention, config.reference_kernels) {
+            (false, _) => FlashAttention::Off,
+            (true, true) => FlashAttention::Exact,
+            (true, false) => FlashAttention::Fast,
+        }
+    }
+
+    /// Sets `config`'s attention and kernels to this setting.
+    pub fn apply(self, config: &mut EngineConfig) {
+        config.flash_attention = self != FlashAttention::Off;
+        config.reference_kernels = self == FlashAttention::Exact;
+    }
+}
+
+impl std::fmt::Display for FlashAttention {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for FlashAttention {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        FlashAttention::ALL
+            .into_iter()
+            .find(|setting| setting.as_str() == value)
+            .ok_or_else(|| format!("unknown flash attention setting {value:?}: off, exact or fast"))
+    }
+}
+
 impl EngineConfig {
     /// A configuration with the defaults above and all available CPU threads.
     pub fn new(model_path: impl Into<PathBuf>) -> Self {
@@ -107,6 +188,9 @@ pub struct EngineInfo {
     pub engine_version: String,
     /// The CPU kernels it runs ([`crate::cpu_kernels`]).
     pub cpu_kernels: String,
+    /// Its attention setting: against an answer's, it decides the tolerance of a verification
+    /// ([`crate::tolerance`]).
+    pub flash_attention: FlashAttention,
 }
 
 /// A quick self-measurement of the engine's speed, in tokens per second.

@@ -345,12 +345,22 @@ fn engine_info(config: &EngineConfig, tokenizer: &Tokenizer) -> EngineInfo {
         kv_cache_bytes,
         vocab_size: tokenizer.vocab_size(),
         engine_version: ENGINE_VERSION.to_owned(),
-        cpu_kernels: if config.reference_kernels {
-            format!("{} REFERENCE = 1 |", crate::cpu_kernels())
-        } else {
-            crate::cpu_kernels().to_owned()
-        },
+        cpu_kernels: kernels_report(config),
+        flash_attention: crate::FlashAttention::of(config),
     }
+}
+
+/// ggml's CPU features report, then what this engine's settings add to it: the reference
+/// kernels and flash attention, both of which change its numbers.
+fn kernels_report(config: &EngineConfig) -> String {
+    let mut report = crate::cpu_kernels().to_owned();
+    if config.reference_kernels {
+        report.push_str(" REFERENCE = 1 |");
+    }
+    if config.flash_attention {
+        report.push_str(" FLASH_ATTN = 1 |");
+    }
+    report
 }
 
 /// A verification checks a completion as it was generated: from the prompt alone, with nothing

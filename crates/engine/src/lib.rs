@@ -38,7 +38,7 @@ pub type TokenId = i32;
 pub use adjust::{Adjustments, LOGIT_BIAS_ENTRIES_MAX, LOGIT_BIAS_MAX};
 pub use budget::{estimate_memory, MemoryEstimate};
 pub use config::{
-    EngineConfig, EngineInfo, SpeedReport, DEFAULT_BATCH_TOKENS,
+    EngineConfig, EngineInfo, FlashAttention, SpeedReport, DEFAULT_BATCH_TOKENS,
     DEFAULT_CONTEXT_TOKENS_PER_SEQUENCE, DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_PARALLEL_SEQUENCES,
     DEFAULT_QUEUE_CAPACITY, PARALLEL_SEQUENCES_MAX,
 };
@@ -60,5 +60,8 @@ pub use text::TextAssembler;
 pub use tokenizer::{
     ChatMessage, Tokenizer, LLAMA_LOG_ENV, TILED_MATMUL_ENV, TOKENIZE_TEXT_BYTES_MAX,
 };
-pub use verify::{Mismatch, Tolerance, Verification, Verify, DEFAULT_TOLERANCE};
+pub use verify::{
+    tolerance, Mismatch, Tolerance, Verification, Verify, DEFAULT_TOLERANCE,
+    FLASH_ATTENTION_TOLERANCE,
+};
 pub use worker::{CHECKPOINT_BYTES_MAX, PROMPT_SCORE_CHUNK_TOKENS, RESTORE_CHECKED_TOKENS};

@@ -53,6 +53,32 @@ pub const DEFAULT_TOLERANCE: Tolerance = Tolerance {
     logprob: 0.75,
 };
 
+/// The calibrated tolerance where the verifier's attention setting (`FlashAttention`) is not
+/// the one the answer was computed with (`docs/VERIFICATION.md`): about twice the largest
+/// difference seen between honest engines of different settings, batched and handed over, on
+/// prompts long enough for flash attention's batch- and thread-dependent kernels. Flash
+/// attention sums a query's cells in another order than the dot product does, so its logits move
+/// further from a verifier's without it than [`DEFAULT_TOLERANCE`] allows. Engines of the same
+/// setting stay within the default, which catches more: see [`tolerance`].
+pub const FLASH_ATTENTION_TOLERANCE: Tolerance = Tolerance {
+    logit: 0.4,
+    logprob: 1.0,
+};
+
+/// The tolerance of a verification by an engine of setting `verifier` of an answer whose
+/// producers all ran `producers` (`None`: they ran different settings):
+/// [`DEFAULT_TOLERANCE`] when the settings are the same, else [`FLASH_ATTENTION_TOLERANCE`].
+pub fn tolerance(
+    verifier: crate::FlashAttention,
+    producers: Option<crate::FlashAttention>,
+) -> Tolerance {
+    if producers == Some(verifier) {
+        DEFAULT_TOLERANCE
+    } else {
+        FLASH_ATTENTION_TOLERANCE
+    }
+}
+
 /// Below this scaled logit (relative to the most likely token) the sampler's weight of a token
 /// is 0: it is never drawn.
 const WEIGHTLESS_BELOW: f64 = -87.0;

@@ -363,11 +363,28 @@ fn speed_measurements_are_positive() {
     assert_eq!(outcome.tokens.len(), 5);
 }
 
+/// Each `FlashAttention` setting starts, and the kernels report an agent registers with says
+/// which one runs (the coordinator learns a node's numerics from it).
 #[test]
 fn flash_attention_can_be_switched_on() {
+    for (setting, flash, reference) in [
+        (engine::FlashAttention::Exact, true, true),
+        (engine::FlashAttention::Off, false, false),
+    ] {
+        let mut config = config(1, 64);
+        setting.apply(&mut config);
+        assert_eq!(engine::FlashAttention::of(&config), setting);
+        let engine = engine::Engine::start(config).expect("start");
+        let kernels = &engine.info().cpu_kernels;
+        assert_eq!(kernels.contains("FLASH_ATTN = 1 |"), flash, "{kernels}");
+        assert_eq!(kernels.contains("REFERENCE = 1 |"), reference, "{kernels}");
+    }
     let mut config = config(1, 512);
-    config.flash_attention = true;
+    engine::FlashAttention::Fast.apply(&mut config);
     let engine = engine::Engine::start(config).expect("start with flash attention");
+    let kernels = &engine.info().cpu_kernels;
+    assert!(kernels.contains("FLASH_ATTN = 1 |"), "{kernels}");
+    assert!(!kernels.contains("REFERENCE"), "{kernels}");
     let prompt = chat_prompt(&engine, "What is the capital of France?");
     let outcome = run(&engine, generation(prompt, SamplingParams::greedy(), 24));
     assert!(outcome.text().contains("Paris"), "{:?}", outcome.text());

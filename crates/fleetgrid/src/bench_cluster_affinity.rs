@@ -158,6 +158,7 @@ async fn side(
             model: bench.model().to_owned(),
             parallel: args.affinity_parallel,
             threads: args.affinity_threads,
+            args: Vec::new(),
             log: LogFile::create(shared.dir.join(format!("{name}.log"))),
         };
         let mut dial = addresses.clone();

@@ -108,6 +108,7 @@ impl Bench {
                 model: args.model.clone(),
                 parallel: 1,
                 threads: args.threads,
+                args: Vec::new(),
                 // Appended: every restart of the agent keeps one log.
                 log: LogFile::append(root.join(format!("{name}.log"))),
             });

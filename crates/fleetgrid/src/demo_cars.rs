@@ -269,6 +269,7 @@ impl Car {
             model: launch.model.to_string(),
             parallel: launch.parallel,
             threads: launch.threads,
+            args: Vec::new(),
             log,
         };
         // In its own process group: a Ctrl-C in the terminal reaches the demo, which stops

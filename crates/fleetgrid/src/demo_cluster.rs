@@ -161,6 +161,7 @@ pub async fn run(args: &DemoArgs, data_dir: &Path, logs: &Path) -> anyhow::Resul
                     model: args.model.clone(),
                     parallel: args.parallel,
                     threads: args.threads_per_vehicle,
+                    args: Vec::new(),
                     log: LogFile::create(logs.join(format!("{name}.log"))),
                 };
                 // Its own cell first, then the other.

@@ -67,6 +67,7 @@ impl EvalStack {
                 model: model.clone(),
                 parallel: 2,
                 threads: threads_per_vehicle,
+                args: Vec::new(),
                 log: LogFile::create(logs.join(format!("{node}.log"))),
             };
             running

@@ -125,6 +125,19 @@ pub struct AgentArgs {
     /// Memory the engine may use, in MiB (weights plus KV cache).
     #[arg(long, default_value_t = 8192)]
     memory_budget_mib: u64,
+    /// Flash attention. `off`: a generation handed over to another `off` node continues bit
+    /// for bit. `exact`: on, with ggml's reference kernels; bit for bit among `exact` nodes,
+    /// faster to decode than `off`, slower to prefill models with Q5_0 or Q8_0 weights.
+    /// `fast`: on, with the default kernels, the fastest; a handover continues from the
+    /// committed tokens with no gap or duplicate, but later tokens may differ from an
+    /// uninterrupted run. Reported in the node's registration (FLASH_ATTN, REFERENCE).
+    #[arg(
+        long,
+        env = "FLEETGRID_FLASH_ATTENTION",
+        default_value = "off",
+        value_parser = ["off", "exact", "fast"]
+    )]
+    flash_attention: String,
     /// Where the node keeps its key and certificate for https:// cells (mTLS).
     /// [default: identity/PIN/NODE under fleetgrid's home]
     #[arg(long)]

@@ -178,6 +178,11 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     if let Some(threads) = args.threads {
         config.engine.threads = threads;
     }
+    args.flash_attention
+        .parse::<engine::FlashAttention>()
+        .map_err(anyhow::Error::msg)
+        .context("read --flash-attention")?
+        .apply(&mut config.engine);
     let shutdown = shutdown_token(args.exit_with_parent)?;
     agent::run(config, shutdown).await.context("run the agent")
 }

@@ -234,6 +234,7 @@ pub async fn run(base: Scenario, args: ValidateArgs) -> anyhow::Result<()> {
             model: args.model.clone(),
             parallel: 1,
             threads: args.threads,
+            args: Vec::new(),
             log: LogFile::create(logs.join(format!("{}.log", node_name(*vehicle)))),
         })?;
         // One at a time, in the simulator's order: a cell numbers vehicles
@@ -495,6 +496,7 @@ impl Calibrating<'_> {
                     model: self.args.model.clone(),
                     parallel: 1,
                     threads: self.args.threads,
+                    args: Vec::new(),
                     log: LogFile::create(self.logs.join(format!("{name}-{serial_base}.log"))),
                 },
             )?);

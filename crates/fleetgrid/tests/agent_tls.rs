@@ -69,6 +69,7 @@ fn start_agent(stack: &Stack, name: &str, token: &str, log: &str) -> Process {
         model: MODEL.to_owned(),
         parallel: 2,
         threads: 1,
+        args: Vec::new(),
         log: LogFile::create(stack.dir.path().join(format!("{log}.log"))),
     };
     fleetgrid()

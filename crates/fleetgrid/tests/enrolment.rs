@@ -131,6 +131,7 @@ async fn an_agent_given_only_its_enrolment_serves_from_its_home_cell_then_fails_
         model: MODEL.to_owned(),
         parallel: 1,
         threads: 1,
+        args: Vec::new(),
         log: LogFile::create(dir.path().join("car-2.log")),
     };
     let mut agent = fleetgrid()

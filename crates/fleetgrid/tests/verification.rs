@@ -235,6 +235,7 @@ async fn vehicle(
         },
         parallel,
         threads,
+        args: Vec::new(),
         log: LogFile::create(stack.dir.path().join(format!("{name}.log"))),
     };
     let agent = common::fleetgrid()

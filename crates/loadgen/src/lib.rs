@@ -274,6 +274,7 @@ fn simulated_vehicle(
             parallel_sequences: 1,
             engine_version: format!("loadgen {}", env!("CARGO_PKG_VERSION")),
             cpu_kernels: String::new(),
+            attention: proto::Attention::Off as i32,
         },
         models: vec![proto::CachedModel {
             name: config.tokens.model_name.clone(),

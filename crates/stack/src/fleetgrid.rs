@@ -131,6 +131,7 @@ impl Fleetgrid {
             .args(["--model", &spec.model])
             .args(["--parallel", &spec.parallel.to_string()])
             .args(["--threads", &spec.threads.to_string()])
+            .args(&spec.args)
             .arg("--exit-with-parent")
             .env(NODE_CREDENTIAL_ENV, &spec.credential);
         command
@@ -278,6 +279,8 @@ pub struct AgentSpec {
     pub parallel: u32,
     /// Engine threads.
     pub threads: u32,
+    /// Further `agent` flags.
+    pub args: Vec<OsString>,
     pub log: LogFile,
 }
 
@@ -381,6 +384,7 @@ mod tests {
             model: "smollm2-135m-instruct".into(),
             parallel: 8,
             threads: 2,
+            args: Vec::new(),
             log: LogFile::create("agent.log"),
         };
         let command = fleetgrid.agent_command(SocketAddr::from(([127, 0, 0, 1], 7000)), &spec);

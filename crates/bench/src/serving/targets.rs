@@ -126,6 +126,7 @@ pub(crate) async fn start_fleetgrid(
         model: MODEL_NAME.to_owned(),
         parallel: config.slots,
         threads: config.threads,
+        args: Vec::new(),
         log: LogFile::create(root.join("agent.log")),
     })?;
     running

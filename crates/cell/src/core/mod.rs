@@ -349,7 +349,12 @@ impl Core {
             // noticed dead: the old session's work moves first.
             self.drop_node(&mut state, now, node);
         }
-        state.verifications.connected(node, name, owner);
+        // Of a registration only: no node runs "mixed".
+        let attention = match hello.hardware.as_ref().map(proto::Hardware::attention) {
+            Some(proto::Attention::Mixed) | None => proto::Attention::Off,
+            Some(attention) => attention,
+        };
+        state.verifications.connected(node, name, owner, attention);
         let session = state.next_session;
         state.next_session += 1;
         let mut connected = ConnectedNode::new(name, session, outbound, hello);

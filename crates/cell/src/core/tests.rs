@@ -428,6 +428,36 @@ fn verdict(generation_id: &str, failed_at: Option<u32>) -> proto::Verified {
     }
 }
 
+/// The check of an answer tells its verifier the attention setting the
+/// vehicle that produced it registered with, so that a verifier of another
+/// setting takes the wider tolerance.
+#[test]
+fn a_check_says_which_attention_setting_its_answer_was_computed_with() {
+    for attention in [proto::Attention::Fast, proto::Attention::Off] {
+        let mut harness = Harness::serving_the_test_model();
+        harness.core.set_verification(
+            trust::VerificationPolicy {
+                audit: 0.0,
+                ..trust::VerificationPolicy::default()
+            },
+            trust::Secret::from_seed(7),
+        );
+        let mut producing = serving_hello();
+        if let Some(hardware) = producing.hardware.as_mut() {
+            hardware.attention = attention as i32;
+        }
+        let cars = [
+            harness.connect_owned("car-0", "owner-0", &producing),
+            harness.connect_owned("car-1", "owner-1", &producing),
+        ];
+        let producer = serve(&mut harness, &cars, "chatcmpl-1", &[5, 6, 7]);
+        let (verifier, check) = check_sent(&mut harness, 2).expect("a check was sent");
+        assert_ne!(verifier, producer);
+        let answer = check.verify.expect("an answer to verify");
+        assert_eq!(answer.attention(), attention);
+    }
+}
+
 /// A new vehicle's answer goes, once delivered, to a vehicle of another
 /// owner with the same prompt, sampling and tokens; its pass counts towards
 /// the producer's probation, and the verifier's time is the platform's share.

@@ -102,6 +102,9 @@ pub(super) struct Verifications {
     /// nodes, test vehicles). Nobody is paid for their answers, which are
     /// not verified, and their verdicts decide as a datacenter node's.
     platform: BTreeSet<NodeId>,
+    /// The attention setting each node last registered with: a verifier of
+    /// another setting than an answer's takes the wider tolerance.
+    attention: HashMap<NodeId, proto::Attention>,
     checks: HashMap<u64, Check>,
     next_check: u64,
     /// Public ids of delivered generations, by the id their draws used.
@@ -184,6 +187,7 @@ impl Verifications {
             names: HashMap::new(),
             owners: HashMap::new(),
             platform: BTreeSet::new(),
+            attention: HashMap::new(),
             checks: HashMap::new(),
             next_check: 1,
             public_ids: BTreeMap::new(),
@@ -195,9 +199,17 @@ impl Verifications {
         }
     }
 
-    /// Node `name` connected under `owner` ("" for none: the platform's own).
-    pub(super) fn connected(&mut self, node: NodeId, name: &str, owner: &str) {
+    /// Node `name` connected under `owner` ("" for none: the platform's own),
+    /// running `attention`.
+    pub(super) fn connected(
+        &mut self,
+        node: NodeId,
+        name: &str,
+        owner: &str,
+        attention: proto::Attention,
+    ) {
         self.names.entry(node).or_insert_with(|| name.to_owned());
+        self.attention.insert(node, attention);
         if owner.is_empty() {
             self.platform.insert(node);
             self.owners.remove(&node);
@@ -323,6 +335,7 @@ impl Verifications {
             return None;
         }
         let first = producers.iter().find(|producer| producer.drawn)?;
+        let attention = self.attention_of(&producers);
         let audited = trust::draw::below(
             &self.secret,
             trust::draw::Purpose::Audit,
@@ -348,6 +361,7 @@ impl Verifications {
                     logprobs: delivered.logprobs,
                     ended_by_eos: delivered.ended_by_eos,
                     given_tokens: delivered.given,
+                    attention: attention as i32,
                 },
                 producers,
                 with: None,
@@ -358,6 +372,24 @@ impl Verifications {
             },
         );
         Some(id)
+    }
+
+    /// The attention setting an answer's producers share, as they last
+    /// registered (a node that changed it has reconnected since, its work
+    /// moved); `Mixed` when they differ.
+    fn attention_of(&self, producers: &[Producer]) -> proto::Attention {
+        let mut settings = producers.iter().map(|producer| {
+            self.attention
+                .get(&producer.node)
+                .copied()
+                .unwrap_or(proto::Attention::Off)
+        });
+        let first = settings.next().unwrap_or(proto::Attention::Off);
+        if settings.all(|setting| setting == first) {
+            first
+        } else {
+            proto::Attention::Mixed
+        }
     }
 
     /// Owners none of whose vehicles may verify the check now.

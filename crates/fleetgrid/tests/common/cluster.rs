@@ -209,6 +209,7 @@ impl Cluster {
             model: MODEL.to_owned(),
             parallel,
             threads: 1,
+            args: Vec::new(),
             log: log(&self.dir, name),
         };
         let endpoints: Vec<_> = cells.iter().map(|index| self.cells[*index].grpc).collect();

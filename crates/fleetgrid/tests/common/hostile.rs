@@ -51,6 +51,7 @@ pub fn modest_hardware() -> proto::Hardware {
         parallel_sequences: 1,
         engine_version: "hostile".into(),
         cpu_kernels: String::new(),
+        attention: proto::Attention::Off as i32,
     }
 }
 

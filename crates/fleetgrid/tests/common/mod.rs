@@ -196,14 +196,20 @@ impl Stack {
 
     /// Enrols and starts an agent with a plugged-in simulated vehicle.
     pub fn add_agent(&mut self, name: &str, parallel: u32) -> usize {
+        self.add_agent_with(name, parallel, &[])
+    }
+
+    /// [`Stack::add_agent`] with further `agent` flags.
+    pub fn add_agent_with(&mut self, name: &str, parallel: u32, args: &[&str]) -> usize {
         let credential = run_cli(&["nodes", "add", name], self.dir.path());
         let trace = self.dir.path().join(format!("{name}.json"));
         std::fs::write(&trace, PLUGGED_IN_TRACE).expect("write trace");
-        self.spawn_agent(
+        self.spawn_agent_with(
             name,
             &credential,
             &format!("sim:{}", trace.display()),
             parallel,
+            args,
         )
     }
 
@@ -214,6 +220,17 @@ impl Stack {
         vehicle_state: &str,
         parallel: u32,
     ) -> usize {
+        self.spawn_agent_with(name, credential, vehicle_state, parallel, &[])
+    }
+
+    fn spawn_agent_with(
+        &mut self,
+        name: &str,
+        credential: &str,
+        vehicle_state: &str,
+        parallel: u32,
+        args: &[&str],
+    ) -> usize {
         let spec = AgentSpec {
             node_id: name.to_string(),
             credential: credential.to_string(),
@@ -221,6 +238,7 @@ impl Stack {
             model: MODEL.to_string(),
             parallel,
             threads: 1,
+            args: args.iter().map(OsString::from).collect(),
             log: LogFile::create(self.dir.path().join(format!("{name}.log"))),
         };
         let agent = fleetgrid()
