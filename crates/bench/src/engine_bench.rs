@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use engine::{Engine, EngineConfig};
+use engine::{Engine, EngineConfig, FlashAttention};
 
 use crate::process::run_logged;
 use crate::reference::{ReferenceBinaries, ENGINE_LLAMA_CPP_DESCRIPTION};
@@ -31,11 +31,18 @@ pub const PREFILL_TARGET_RATIO: f64 = 0.95;
 pub const ANCHOR_DECODE_TARGET_RATIO: f64 = 0.95;
 /// Against `llama-cpp-python`'s llama-bench prefill must reach this.
 pub const ANCHOR_PREFILL_TARGET_RATIO: f64 = 0.90;
+/// With flash attention where identity allows it (`FlashAttention::Exact`), prefill and decode
+/// must reach this against `llama-cpp-python`'s llama-bench with flash attention off.
+pub const EXACT_FLASH_ANCHOR_TARGET_RATIO: f64 = 1.2;
 
 /// One round: (prefill, decode) tokens/s of each side.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EngineRound {
     pub ours: (f64, f64),
+    /// Ours with `--flash-attention exact`: flash attention on ggml's reference kernels.
+    pub ours_exact_flash: (f64, f64),
+    /// Ours with `--flash-attention fast`: flash attention on the default kernels.
+    pub ours_fast_flash: (f64, f64),
     /// The same-version llama-bench with flash attention set as our engine runs it (off).
     pub same_version: (f64, f64),
     /// The same-version llama-bench with flash attention on, for information.
@@ -71,6 +78,11 @@ pub struct EngineBenchReport {
     pub decode_vs_anchor: Comparison,
     pub prefill_vs_anchor_flash_attention: Comparison,
     pub decode_vs_anchor_flash_attention: Comparison,
+    /// Ours with `--flash-attention exact`, then `fast`, against `llama-cpp-python`'s
+    /// llama-bench with flash attention off: the first is a target
+    /// ([`EXACT_FLASH_ANCHOR_TARGET_RATIO`]), the second information (it gives up identity).
+    pub exact_flash_vs_anchor: [Comparison; 2],
+    pub fast_flash_vs_anchor: [Comparison; 2],
     pub rounds: Vec<EngineRound>,
 }
 
@@ -118,6 +130,16 @@ impl std::fmt::Display for EngineBenchReport {
                     &self.decode_vs_anchor_flash_attention,
                 ],
             ),
+            (
+                "ours with --flash-attention exact (identity kept) against llama-cpp-python's, flash attention off:",
+                "anchor",
+                [&self.exact_flash_vs_anchor[0], &self.exact_flash_vs_anchor[1]],
+            ),
+            (
+                "ours with --flash-attention fast (identity not kept; information only) against llama-cpp-python's, flash attention off:",
+                "anchor",
+                [&self.fast_flash_vs_anchor[0], &self.fast_flash_vs_anchor[1]],
+            ),
         ];
         for (title, reference, rows) in tables {
             writeln!(formatter)?;
@@ -128,15 +150,19 @@ impl std::fmt::Display for EngineBenchReport {
         writeln!(formatter)?;
         writeln!(
             formatter,
-            "round  ours pp  ours tg  same pp  same tg  same-fa pp  same-fa tg  anchor pp  anchor tg  anchor-fa pp  anchor-fa tg"
+            "round  ours pp  ours tg  exact pp  exact tg  fast pp  fast tg  same pp  same tg  same-fa pp  same-fa tg  anchor pp  anchor tg  anchor-fa pp  anchor-fa tg"
         )?;
         for (index, round) in self.rounds.iter().enumerate() {
             writeln!(
                 formatter,
-                "{:>5}  {:>7.1}  {:>7.1}  {:>7.1}  {:>7.1}  {:>10.1}  {:>10.1}  {:>9.1}  {:>9.1}  {:>12.1}  {:>12.1}",
+                "{:>5}  {:>7.1}  {:>7.1}  {:>8.1}  {:>8.1}  {:>7.1}  {:>7.1}  {:>7.1}  {:>7.1}  {:>10.1}  {:>10.1}  {:>9.1}  {:>9.1}  {:>12.1}  {:>12.1}",
                 index + 1,
                 round.ours.0,
                 round.ours.1,
+                round.ours_exact_flash.0,
+                round.ours_exact_flash.1,
+                round.ours_fast_flash.0,
+                round.ours_fast_flash.1,
                 round.same_version.0,
                 round.same_version.1,
                 round.same_version_flash_attention.0,
@@ -190,11 +216,12 @@ pub fn engine(
             .map_err(|_| BenchError::Panicked("engine benchmark thread"))??;
     let prefill_metric = format!("prefill pp{PREFILL_TOKENS} (tokens/s)");
     let decode_metric = format!("decode tg{DECODE_TOKENS} (tokens/s)");
-    // Prefill and decode against one reference's (prefill, decode) of each round.
-    let against = |reference: fn(&EngineRound) -> (f64, f64), (prefill, decode): (f64, f64)| {
+    // One of our settings' prefill and decode against one reference's, each round's.
+    type Pick = fn(&EngineRound) -> (f64, f64);
+    let settings_against = |ours: Pick, reference: Pick, (prefill, decode): (f64, f64)| {
         let compare = |metric: &str, pick: fn((f64, f64)) -> f64, target_ratio: f64| Comparison {
             metric: metric.to_owned(),
-            ours: median(rounds.iter().map(|round| pick(round.ours))),
+            ours: median(rounds.iter().map(|round| pick(ours(round)))),
             reference: median(rounds.iter().map(|round| pick(reference(round)))),
             target_ratio,
         };
@@ -203,6 +230,23 @@ pub fn engine(
             compare(&decode_metric, |pair| pair.1, decode),
         )
     };
+    let against = |reference: Pick, targets: (f64, f64)| {
+        settings_against(|round| round.ours, reference, targets)
+    };
+    let flash_targets = (
+        EXACT_FLASH_ANCHOR_TARGET_RATIO,
+        EXACT_FLASH_ANCHOR_TARGET_RATIO,
+    );
+    let exact_flash_vs_anchor = settings_against(
+        |round| round.ours_exact_flash,
+        |round| round.reference,
+        flash_targets,
+    );
+    let fast_flash_vs_anchor = settings_against(
+        |round| round.ours_fast_flash,
+        |round| round.reference,
+        flash_targets,
+    );
     let targets = (PREFILL_TARGET_RATIO, DECODE_TARGET_RATIO);
     let anchor_targets = (ANCHOR_PREFILL_TARGET_RATIO, ANCHOR_DECODE_TARGET_RATIO);
     let (prefill, decode) = against(|round| round.same_version, targets);
@@ -226,32 +270,50 @@ pub fn engine(
         decode_vs_anchor,
         prefill_vs_anchor_flash_attention,
         decode_vs_anchor_flash_attention,
+        exact_flash_vs_anchor: exact_flash_vs_anchor.into(),
+        fast_flash_vs_anchor: fast_flash_vs_anchor.into(),
         rounds,
     })
 }
 
-/// Starts our engine with one sequence, as llama-bench runs one, and alternates: the same-version
-/// llama-bench, the anchor's, then one measured run of ours, `rounds` times.
+/// Alternates, `rounds` times: the same-version llama-bench, the anchor's, then one measured run
+/// of our engine in each flash-attention setting, with one sequence as llama-bench runs one.
+///
+/// Each setting's engine is started for its run and dropped after it: one engine in the process
+/// at a time, as in an agent. llama.cpp's OpenMP threads spin briefly between graphs only while
+/// the process has no more of them than cores; three engines' threads in one process halved
+/// decode here (63 against 110 tokens/s).
 fn measure_rounds(
     model_path: &Path,
     threads: u32,
     rounds: u32,
     [same, anchor]: &[ReferenceBinaries; 2],
 ) -> Result<(String, Vec<EngineRound>), BenchError> {
-    let config = EngineConfig {
-        threads,
-        parallel_sequences: 1,
-        ..EngineConfig::new(model_path)
+    let measure = |setting: FlashAttention| {
+        let mut config = EngineConfig {
+            threads,
+            parallel_sequences: 1,
+            ..EngineConfig::new(model_path)
+        };
+        setting.apply(&mut config);
+        let engine = Engine::start(config)?;
+        // Untimed warm-up, as llama-bench does: it faults in the mapped weights and sizes
+        // buffers.
+        engine.bench_prefill_decode(PREFILL_TOKENS, DECODE_TOKENS)?;
+        let speeds = engine.bench_prefill_decode(PREFILL_TOKENS, DECODE_TOKENS)?;
+        Ok::<_, BenchError>((engine.info().engine_version.clone(), speeds))
     };
-    let flash_attention = config.flash_attention;
-    let engine = Engine::start(config)?;
-    // Untimed warm-up, as llama-bench does: it faults in the mapped weights and sizes buffers.
-    engine.bench_prefill_decode(PREFILL_TOKENS, DECODE_TOKENS)?;
+    // llama-bench's setting our first engine runs (`FlashAttention::Off`).
+    let flash_attention = false;
+    let mut engine_version = String::new();
     let mut measured = Vec::new();
     for _ in 0..rounds {
         let same = run_llama_bench(model_path, threads, same)?;
         let reference = run_llama_bench(model_path, threads, anchor)?;
-        let ours = engine.bench_prefill_decode(PREFILL_TOKENS, DECODE_TOKENS)?;
+        let (version, ours) = measure(FlashAttention::Off)?;
+        engine_version = version;
+        let (_, ours_exact_flash) = measure(FlashAttention::Exact)?;
+        let (_, ours_fast_flash) = measure(FlashAttention::Fast)?;
         let pick = |results: &[LlamaBenchResult], on: bool| {
             results
                 .iter()
@@ -269,13 +331,15 @@ fn measure_rounds(
         };
         measured.push(EngineRound {
             ours,
+            ours_exact_flash,
+            ours_fast_flash,
             same_version: pick(&same, flash_attention)?,
             same_version_flash_attention: pick(&same, true)?,
             reference: pick(&reference, flash_attention)?,
             reference_flash_attention: pick(&reference, true)?,
         });
     }
-    Ok((engine.info().engine_version.clone(), measured))
+    Ok((engine_version, measured))
 }
 
 /// The reference's speeds for one flash-attention setting, from llama-bench's JSON output.
