@@ -82,6 +82,27 @@ async fn stream_with_kill(
     (before_kill, raw)
 }
 
+/// The text of a chat answer.
+fn answer_content(answer: &serde_json::Value) -> String {
+    answer["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_string()
+}
+
+/// KV checkpoints handed over with a moved generation so far, and those refused by the node
+/// they were handed to.
+async fn checkpoint_handovers(stack: &Stack) -> (f64, f64) {
+    (
+        stack
+            .metric("fleetgrid_kv_checkpoint_handovers_total")
+            .await,
+        stack
+            .metric("fleetgrid_kv_checkpoints_rejected_by_nodes_total")
+            .await,
+    )
+}
+
 /// The text of a streamed chat answer.
 fn streamed_content(raw: &str) -> String {
     common::parse_sse(raw).content
@@ -143,18 +164,9 @@ async fn a_generation_survives_its_node_being_killed_mid_stream() {
             "messages": [{"role": "user", "content": question}],
             "max_tokens": 120, "temperature": temperature, "seed": seed,
         });
-        let uninterrupted = stack.chat(&body).await;
-        let expected = uninterrupted["choices"][0]["message"]["content"]
-            .as_str()
-            .expect("content")
-            .to_string();
+        let expected = answer_content(&stack.chat(&body).await);
         let reassigned_before = stack.metric("fleetgrid_reassignments_total").await;
-        let handovers_before = stack
-            .metric("fleetgrid_kv_checkpoint_handovers_total")
-            .await;
-        let refused_before = stack
-            .metric("fleetgrid_kv_checkpoints_rejected_by_nodes_total")
-            .await;
+        let (handovers_before, refused_before) = checkpoint_handovers(&stack).await;
         let text = streamed_content(&stream_with_kill(&mut stack, &body, 20).await.1);
         assert_eq!(
             text, expected,
@@ -164,16 +176,10 @@ async fn a_generation_survives_its_node_being_killed_mid_stream() {
             stack.metric("fleetgrid_reassignments_total").await,
             reassigned_before + 1.0
         );
-        let handovers = stack
-            .metric("fleetgrid_kv_checkpoint_handovers_total")
-            .await
-            - handovers_before;
         // A node handed a checkpoint either loads it or says it refused it
         // (and prefilled instead).
-        let refused = stack
-            .metric("fleetgrid_kv_checkpoints_rejected_by_nodes_total")
-            .await
-            - refused_before;
+        let (handovers, refused) = checkpoint_handovers(&stack).await;
+        let (handovers, refused) = (handovers - handovers_before, refused - refused_before);
         let restored = handovers == 1.0 && refused == 0.0;
         if with_checkpoint {
             assert_eq!(handovers, 1.0, "handed over without the KV checkpoint");
@@ -211,23 +217,14 @@ async fn a_fast_flash_attention_answer_continues_from_its_committed_tokens_after
         "messages": [{"role": "user", "content": long_question()}],
         "max_tokens": 120, "temperature": 0.8, "seed": 77,
     });
-    let uninterrupted = stack.chat(&body).await;
-    let expected = uninterrupted["choices"][0]["message"]["content"]
-        .as_str()
-        .expect("content")
-        .to_string();
+    let expected = answer_content(&stack.chat(&body).await);
     stack.agents[0].kill();
     stack.wait_for_nodes(&[]).await;
     for name in ["fast-a", "fast-b"] {
         stack.add_agent_with(name, 1, &fast);
     }
     stack.wait_for_nodes(&["fast-a", "fast-b"]).await;
-    let handovers_before = stack
-        .metric("fleetgrid_kv_checkpoint_handovers_total")
-        .await;
-    let refused_before = stack
-        .metric("fleetgrid_kv_checkpoints_rejected_by_nodes_total")
-        .await;
+    let before = checkpoint_handovers(&stack).await;
     let (before_kill, raw) = stream_with_kill(&mut stack, &body, 20).await;
     let (before_kill, text) = (streamed_content(&before_kill), streamed_content(&raw));
     assert!(
@@ -242,19 +239,14 @@ async fn a_fast_flash_attention_answer_continues_from_its_committed_tokens_after
         text.len() > before_kill.len(),
         "nothing after the kill: {text:?}"
     );
+    let after = checkpoint_handovers(&stack).await;
     assert_eq!(
-        stack
-            .metric("fleetgrid_kv_checkpoint_handovers_total")
-            .await
-            - handovers_before,
+        after.0 - before.0,
         1.0,
         "handed over without the KV checkpoint"
     );
     assert_eq!(
-        stack
-            .metric("fleetgrid_kv_checkpoints_rejected_by_nodes_total")
-            .await
-            - refused_before,
+        after.1 - before.1,
         0.0,
         "a fast car refused another fast car's checkpoint"
     );
