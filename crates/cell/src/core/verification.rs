@@ -1028,4 +1028,35 @@ mod tests {
         assert_eq!(parse_check_id("12.3"), None);
         assert_eq!(parse_check_id("v12"), None);
     }
+
+    /// An answer's setting is its producers' when they share one, `Mixed`
+    /// when a handover crossed settings, and `Off` for a node that never
+    /// said (an older agent); a node's latest registration counts.
+    #[test]
+    fn an_answer_takes_the_attention_setting_its_producers_share() {
+        let mut verifications =
+            Verifications::new(VerificationPolicy::default(), Secret::from_seed(7));
+        let (fast, off, silent) = (NodeId(1), NodeId(2), NodeId(3));
+        verifications.connected(fast, "car-1", "owner-1", proto::Attention::Exact);
+        verifications.connected(fast, "car-1", "owner-1", proto::Attention::Fast);
+        verifications.connected(off, "car-2", "owner-2", proto::Attention::Off);
+        let producers = |nodes: &[NodeId]| -> Vec<Producer> {
+            nodes
+                .iter()
+                .map(|&node| Producer {
+                    node,
+                    owner: 0,
+                    positions: 0..1,
+                    drawn: false,
+                    platform: false,
+                })
+                .collect()
+        };
+        let of = |nodes: &[NodeId]| verifications.attention_of(&producers(nodes));
+        assert_eq!(of(&[fast]), proto::Attention::Fast);
+        assert_eq!(of(&[fast, fast]), proto::Attention::Fast);
+        assert_eq!(of(&[fast, off]), proto::Attention::Mixed);
+        assert_eq!(of(&[off, silent]), proto::Attention::Off);
+        assert_eq!(of(&[silent, fast]), proto::Attention::Mixed);
+    }
 }
