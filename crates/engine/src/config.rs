@@ -86,11 +86,6 @@ impl FlashAttention {
         }
     }
 
-    /// Whether a generation resumed between two nodes of this setting continues bit for bit.
-    pub fn resumes_exactly(self) -> bool {
-        self != FlashAttention::Fast
-    }
-
     /// The setting `config` runs: flash attention with reference kernels is `Exact`; reference
     /// kernels alone (the exact cascade's cloud) count as `Off`, whose guarantee they keep.
     pub fn of(config: &EngineConfig) -> FlashAttention {

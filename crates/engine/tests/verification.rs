@@ -14,6 +14,9 @@ use engine::{
     Verification, Verify,
 };
 
+/// The calibrated tolerance between engines of one attention setting.
+const DEFAULT: Tolerance = engine::DEFAULT_TOLERANCE;
+
 /// Completion tokens per generation.
 const ANSWER_TOKENS: u32 = 12;
 
@@ -106,29 +109,22 @@ fn reported(prompt: Vec<TokenId>, sampling: SamplingParams, outcome: &Outcome) -
 }
 
 fn verify(verifier: &Engine, reported: &Reported) -> Verification {
-    verify_within(verifier, reported, engine::DEFAULT_TOLERANCE)
+    verify_within(verifier, reported, DEFAULT)
 }
 
 fn verify_within(verifier: &Engine, reported: &Reported, tolerance: Tolerance) -> Verification {
-    let mut generation = generation(reported.prompt.clone(), reported.sampling, ANSWER_TOKENS);
-    generation.verify = Some(Verify {
-        completion: reported.tokens.clone(),
-        given: 0,
-        logprobs: reported.logprobs.clone(),
-        ended_by_eos: reported.ended_by_eos,
-        tolerance,
-    });
-    verification_of(verifier, generation)
+    verify_as(verifier, reported, None, 0, ANSWER_TOKENS, tolerance)
 }
 
 /// Verifies `reported` as an answer constrained by `grammar`, its first `given` tokens taken as
-/// committed elsewhere (not checked).
+/// committed elsewhere (not checked), within `tolerance`.
 fn verify_as(
     verifier: &Engine,
     reported: &Reported,
     grammar: Option<&str>,
     given: u32,
     max_tokens: u32,
+    tolerance: Tolerance,
 ) -> Verification {
     let mut generation = generation(reported.prompt.clone(), reported.sampling, max_tokens);
     generation.grammar = grammar.map(str::to_owned);
@@ -137,12 +133,8 @@ fn verify_as(
         given,
         logprobs: reported.logprobs[given as usize..].to_vec(),
         ended_by_eos: reported.ended_by_eos,
-        tolerance: engine::DEFAULT_TOLERANCE,
+        tolerance,
     });
-    verification_of(verifier, generation)
-}
-
-fn verification_of(verifier: &Engine, generation: engine::Generation) -> Verification {
     let outcome = run(verifier, generation);
     assert!(outcome.tokens.is_empty(), "a verification emitted tokens");
     outcome
@@ -605,7 +597,14 @@ fn a_grammar_constrained_answer_is_verified_with_its_grammar() {
             serde_json::from_str::<serde_json::Value>(&outcome.text())
                 .unwrap_or_else(|error| panic!("T={temperature}: {error}"));
         }
-        let verification = verify_as(&verifier, &honest, Some(&grammar), 0, STRUCTURED_TOKENS);
+        let verification = verify_as(
+            &verifier,
+            &honest,
+            Some(&grammar),
+            0,
+            STRUCTURED_TOKENS,
+            DEFAULT,
+        );
         assert!(
             verification.passed(),
             "T={temperature}: {verification:?} {honest:?}"
@@ -620,7 +619,14 @@ fn a_grammar_constrained_answer_is_verified_with_its_grammar() {
             // The model wrote the structured answer unasked: nothing to catch.
             continue;
         }
-        let verification = verify_as(&verifier, &forged, Some(&grammar), 0, STRUCTURED_TOKENS);
+        let verification = verify_as(
+            &verifier,
+            &forged,
+            Some(&grammar),
+            0,
+            STRUCTURED_TOKENS,
+            DEFAULT,
+        );
         assert!(
             !verification.passed(),
             "T={temperature}: an unconstrained answer passed as structured: {:?}",
@@ -648,7 +654,7 @@ fn a_resumed_answers_own_tokens_are_checked_after_the_given_ones() {
         let honest = reported(prompt, sampling, &outcome);
         let length = honest.tokens.len() as u32;
         let given = (1 + index as u32 % 6).min(length);
-        let verification = verify_as(&verifier, &honest, None, given, ANSWER_TOKENS);
+        let verification = verify_as(&verifier, &honest, None, given, ANSWER_TOKENS, DEFAULT);
         assert!(verification.passed(), "{verification:?} {honest:?}");
         let end = u32::from(honest.ended_by_eos);
         assert_eq!(verification.checked, length - given + end, "{honest:?}");
@@ -658,7 +664,7 @@ fn a_resumed_answers_own_tokens_are_checked_after_the_given_ones() {
             let mut forged = honest.clone();
             let at = (given + (length - given) / 2) as usize;
             forged.tokens[at] = (forged.tokens[at] + 1_009) % 40_000;
-            let verification = verify_as(&verifier, &forged, None, given, ANSWER_TOKENS);
+            let verification = verify_as(&verifier, &forged, None, given, ANSWER_TOKENS, DEFAULT);
             assert!(!verification.passed(), "{forged:?}");
             assert_eq!(
                 verification.mismatches[0].position(),
