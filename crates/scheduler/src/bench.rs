@@ -205,6 +205,7 @@ fn random_node(rng: &mut SimRng, now: Millis) -> (NodeCapacity, VehicleState) {
         models: vec![ModelId(first), ModelId(second)],
         loaded: vec![ModelId(first)],
         energy_price_micro_usd_per_kwh: rng.between(50_000, 400_000) as u32,
+        numerics: 0,
     };
     // A third of the cars have a departure scheduled within the next day.
     let departure_at = rng

@@ -2,8 +2,9 @@
 //! handful of nodes however large the fleet is.
 //!
 //! * The **free index** holds every node that may start new work and has a free slot, once per
-//!   model on its disk, in a set per (model, accepted classes, availability bucket), ordered by
-//!   the placement preference (model loaded, load, electricity price, node id). Availability is
+//!   model on its disk, in a set per (model, accepted classes, availability bucket, numerics),
+//!   ordered by the placement preference (model loaded, load, electricity price, node id).
+//!   Availability is
 //!   bucketed by powers of two of the time left before the node must stop work, so a search
 //!   looks at the best few nodes of each bucket rather than at every node.
 //! * The **victim index** holds every node that takes work and runs something, once per model on
@@ -50,6 +51,7 @@ pub(crate) struct FreeEntry {
     bucket: u8,
     load_permille: u32,
     price: u32,
+    numerics: u32,
 }
 
 impl FreeEntry {
@@ -64,6 +66,7 @@ impl FreeEntry {
             bucket: node.availability_bucket,
             load_permille: load_permille(node.running.len(), node.capacity.slots),
             price: node.capacity.energy_price_micro_usd_per_kwh,
+            numerics: node.capacity.numerics,
         })
     }
 
@@ -86,8 +89,8 @@ pub(crate) fn node_of_key(key: u128) -> NodeId {
     NodeId((key & u128::from(u32::MAX)) as u32)
 }
 
-/// Sets keyed by (accepted classes, availability bucket).
-type FreeSets = BTreeMap<(u8, u8), BTreeSet<u128>>;
+/// Sets keyed by (accepted classes, availability bucket, numerics).
+type FreeSets = BTreeMap<(u8, u8, u32), BTreeSet<u128>>;
 
 /// Nodes with a free slot, per model.
 #[derive(Debug, Default)]
@@ -104,7 +107,7 @@ impl FreeIndex {
             }
             let key = entry.key(node.has_loaded(*model), id);
             self.by_model[index]
-                .entry((entry.classes, entry.bucket))
+                .entry((entry.classes, entry.bucket, entry.numerics))
                 .or_default()
                 .insert(key);
         }
@@ -115,7 +118,7 @@ impl FreeIndex {
             let Some(sets) = self.by_model.get_mut(usize::from(model.0)) else {
                 continue;
             };
-            let set_key = (entry.classes, entry.bucket);
+            let set_key = (entry.classes, entry.bucket, entry.numerics);
             if let Some(set) = sets.get_mut(&set_key) {
                 set.remove(&entry.key(node.has_loaded(*model), id));
                 if set.is_empty() {
@@ -125,19 +128,19 @@ impl FreeIndex {
         }
     }
 
-    /// The sets that may hold nodes for (model, class): (bucket, set), best bucket first.
+    /// The sets that may hold nodes for (model, class): (bucket, numerics, set).
     pub(crate) fn sets(
         &self,
         model: ModelId,
         class: TenantClass,
-    ) -> impl Iterator<Item = (u8, &BTreeSet<u128>)> + '_ {
+    ) -> impl Iterator<Item = (u8, u32, &BTreeSet<u128>)> + '_ {
         let class_bit = 1u8 << class.index();
         self.by_model
             .get(usize::from(model.0))
             .into_iter()
             .flat_map(|sets| sets.iter())
-            .filter(move |((classes, _), _)| classes & class_bit != 0)
-            .map(|((_, bucket), set)| (*bucket, set))
+            .filter(move |((classes, _, _), _)| classes & class_bit != 0)
+            .map(|((_, bucket, numerics), set)| (*bucket, *numerics, set))
     }
 
     /// Entries held, over all models (for the memory estimate).

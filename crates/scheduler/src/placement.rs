@@ -115,13 +115,18 @@ impl Scheduler {
         let tenant = entry.tenant;
         let group = VictimGroup::of(entry.class, tenant);
         let model = entry.model;
-        let sequences = self
+        let (sequences, numerics) = self
             .nodes
             .update(node, |node| {
                 node.running.push(Running { request, group });
-                node.claimed_slots
+                (node.claimed_slots, node.capacity.numerics)
             })
-            .unwrap_or(0);
+            .unwrap_or_default();
+        if resume_from == 0 {
+            // Nothing committed yet: it starts afresh here, and what it commits continues
+            // exactly on nodes like this one.
+            entry.numerics = numerics;
+        }
         if self.config.prefix_affinity {
             // A resumed generation may load its prompt from a checkpoint, and restored cells
             // are never kept for reuse: count on nothing kept then.

@@ -90,6 +90,7 @@ impl Scheduler {
             progress_at: now,
             attempt_tokens: 0,
             prompt_heads: Heads::new(arrival.prompt_heads),
+            numerics: 0,
         };
         self.requests.insert(request, entry);
         if must_wait {

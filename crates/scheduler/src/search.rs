@@ -20,34 +20,52 @@ const AFFINITY_PROBES_MAX: usize = 64;
 
 impl Scheduler {
     /// The best node with a free slot that may start `request` now. Preference, in order: the
-    /// expected generation ends before the node must stop; the model is already loaded; fewer
-    /// slots in use (as a fraction); cheaper electricity; lower node id.
+    /// expected generation ends before the node must stop; for a generation that has committed
+    /// tokens, a node of the numerics it started on, where it continues bit for bit (elsewhere
+    /// it continues from its committed tokens, but later tokens may differ from an
+    /// uninterrupted run's); the model is already loaded; fewer slots in use (as a fraction);
+    /// cheaper electricity; lower node id.
     pub(crate) fn best_free_node(&self, now: Millis, request: &Request) -> Option<NodeId> {
-        let mut best_covering: Option<u128> = None;
-        let mut best_any: Option<u128> = None;
-        for (bucket, set) in self.nodes.free.sets(request.model, request.class) {
+        let continues_on = request.continues_on();
+        // Over every free node, and over those of the numerics the request continues on.
+        let mut all = Best::default();
+        let mut alike = Best::default();
+        for (bucket, numerics, set) in self.nodes.free.sets(request.model, request.class) {
             let Some(first) = set.first().copied() else {
                 continue;
             };
-            best_any = Some(best_any.map_or(first, |best| best.min(first)));
-            if bucket == BUCKET_UNBOUNDED {
-                best_covering = Some(best_covering.map_or(first, |best| best.min(first)));
-                continue;
-            }
-            for key in set.iter().take(COVER_PROBES_PER_BUCKET).copied() {
-                if best_covering.is_some_and(|best| best <= key) {
-                    break;
-                }
-                if self.covers(now, request, node_of_key(key)) {
-                    best_covering = Some(key);
-                    break;
-                }
+            let is_alike = continues_on == Some(numerics);
+            let bound = if is_alike {
+                alike.covering
+            } else {
+                all.covering
+            };
+            let covering = if bucket == BUCKET_UNBOUNDED {
+                Some(first)
+            } else {
+                set.iter()
+                    .take(COVER_PROBES_PER_BUCKET)
+                    .copied()
+                    .take_while(|key| bound.is_none_or(|best| *key < best))
+                    .find(|key| self.covers(now, request, node_of_key(*key)))
+            };
+            all.add(first, covering);
+            if is_alike {
+                alike.add(first, covering);
             }
         }
-        if let Some(node) = self.affinity_node(now, request, best_covering.is_some()) {
-            return Some(node);
+        if let Some(node) = self.affinity_node(now, request, all.covering.is_some()) {
+            let alike = |entry: &crate::nodes::Node| Some(entry.capacity.numerics) == continues_on;
+            if continues_on.is_none() || self.nodes.get(node).is_some_and(alike) {
+                return Some(node);
+            }
         }
-        best_covering.or(best_any).map(node_of_key)
+        alike
+            .covering
+            .or(all.covering)
+            .or(alike.any)
+            .or(all.any)
+            .map(node_of_key)
     }
 
     /// Prefix affinity: of the free nodes placement accepts for `request` (covering its expected
@@ -151,6 +169,23 @@ impl Scheduler {
             entry.config.class == TenantClass::Reserved
                 && u64::from(entry.running) <= entry.guaranteed_slots(self.nodes.available_slots())
         })
+    }
+}
+
+/// The best free-index keys found so far: of any node, and of a node whose expected generation
+/// ends before it must stop.
+#[derive(Debug, Default, Clone, Copy)]
+struct Best {
+    any: Option<u128>,
+    covering: Option<u128>,
+}
+
+impl Best {
+    fn add(&mut self, first: u128, covering: Option<u128>) {
+        self.any = Some(self.any.map_or(first, |best| best.min(first)));
+        if let Some(key) = covering {
+            self.covering = Some(self.covering.map_or(key, |best| best.min(key)));
+        }
     }
 }
 

@@ -149,6 +149,12 @@ pub struct NodeCapacity {
     pub loaded: Vec<ModelId>,
     /// The owner's electricity tariff, micro-USD per kWh.
     pub energy_price_micro_usd_per_kwh: u32,
+    /// Which numbers the node computes: nodes of equal `numerics` compute the same numbers for
+    /// the same sequence (the same engine, CPU kernels and attention setting), so a generation
+    /// moved between them continues bit for bit. A moved generation is placed on a node of the
+    /// numerics it started on where one is free (see `Scheduler::best_free_node`). A fleet that
+    /// is all alike gives every node the same value.
+    pub numerics: u32,
 }
 
 /// A tenant's contract.

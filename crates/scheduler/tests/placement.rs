@@ -129,3 +129,103 @@ fn a_held_slot_takes_no_request_until_it_is_released() {
     h.send(Event::NodeSlotReleased { node: NodeId(0) });
     assert_eq!(h.scheduler.stale_events(), stale + 1, "only one was held");
 }
+
+/// Unplugs `node`; returns the scheduler's commands.
+fn unplug(h: &mut Harness, node: u32) -> Vec<Command> {
+    h.send(Event::NodeStateChanged {
+        node: NodeId(node),
+        state: VehicleState {
+            plugged_in: false,
+            ..Default::default()
+        },
+    })
+}
+
+/// Where an assign command sends its request, and from which token.
+fn assigned(out: &[Command], request: u64) -> Option<(NodeId, u32)> {
+    out.iter().find_map(|command| match command {
+        Command::Assign {
+            request: id,
+            node,
+            resume_from,
+        } if *id == RequestId(request) => Some((*node, *resume_from)),
+        _ => None,
+    })
+}
+
+#[test]
+fn moved_work_goes_to_a_node_of_the_numerics_it_started_on_and_new_work_anywhere() {
+    let mut h = Harness::new();
+    // Nodes 0 and 2 run one engine build, node 1 another; node 1 is the cheaper of the two that
+    // are left once node 0 has gone.
+    let prices = [100_000, 200_000, 300_000];
+    let numerics = [7, 9, 7];
+    for (id, (price, numerics)) in prices.into_iter().zip(numerics).enumerate() {
+        node_with(&mut h, id as u32, |cap, _| {
+            cap.energy_price_micro_usd_per_kwh = price;
+            cap.numerics = numerics;
+        });
+    }
+    assert_eq!(h.request(1, FLEET, 100), vec![assign(1, 0, 0)]);
+    h.send(Event::TokensCommitted {
+        request: RequestId(1),
+        committed_total: 40,
+    });
+    let out = unplug(&mut h, 0);
+    assert_eq!(
+        assigned(&out, 1),
+        Some((NodeId(2), 40)),
+        "its committed tokens continue on the dearer node of its own numerics: {out:?}"
+    );
+    assert_eq!(
+        h.request(2, FLEET, 100),
+        vec![assign(2, 1, 0)],
+        "a new request takes the cheapest node, whatever its numerics"
+    );
+}
+
+#[test]
+fn moved_work_continues_on_other_numerics_rather_than_wait() {
+    let mut h = Harness::new();
+    for (id, numerics) in [(0, 7), (1, 9)] {
+        node_with(&mut h, id, |cap, _| {
+            cap.numerics = numerics;
+            cap.slots = 1;
+        });
+    }
+    assert_eq!(h.request(1, FLEET, 100), vec![assign(1, 0, 0)]);
+    h.send(Event::TokensCommitted {
+        request: RequestId(1),
+        committed_total: 40,
+    });
+    let out = unplug(&mut h, 0);
+    assert_eq!(
+        assigned(&out, 1),
+        Some((NodeId(1), 40)),
+        "no node of its numerics is left: it continues on the other build: {out:?}"
+    );
+}
+
+#[test]
+fn work_moved_before_its_first_token_starts_afresh_anywhere_and_is_held_to_its_new_node() {
+    let mut h = Harness::new();
+    let prices = [100_000, 200_000, 300_000, 400_000];
+    let numerics = [7, 9, 7, 9];
+    for (id, (price, numerics)) in prices.into_iter().zip(numerics).enumerate() {
+        node_with(&mut h, id as u32, |cap, _| {
+            cap.energy_price_micro_usd_per_kwh = price;
+            cap.numerics = numerics;
+        });
+    }
+    assert_eq!(h.request(1, FLEET, 100), vec![assign(1, 0, 0)]);
+    // Nothing committed on node 0: it starts again on the cheapest node, of the other build.
+    let out = unplug(&mut h, 0);
+    assert_eq!(assigned(&out, 1), Some((NodeId(1), 0)), "{out:?}");
+    h.send(Event::TokensCommitted {
+        request: RequestId(1),
+        committed_total: 3,
+    });
+    // Now it has tokens from node 1's build: node 3 continues them, not the cheaper node 2.
+    let out = unplug(&mut h, 1);
+    assert_eq!(assigned(&out, 1), Some((NodeId(3), 3)), "{out:?}");
+}

@@ -424,6 +424,8 @@ impl<'a> Run<'a> {
                 models: vec![ModelId(0)],
                 loaded: vec![ModelId(0)],
                 energy_price_micro_usd_per_kwh: (tariff.mean_price() * 1e6) as u32,
+                // Every simulated vehicle runs one engine build and attention setting.
+                numerics: 0,
             };
             let state = VehicleState {
                 plugged_in: false,

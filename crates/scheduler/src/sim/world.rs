@@ -137,6 +137,8 @@ impl Sim {
             models,
             loaded,
             energy_price_micro_usd_per_kwh: self.rng.between(50_000, 400_000) as u32,
+            // A fleet of two engine builds, so that moved work meets nodes of both.
+            numerics: index as u32 % 2,
         };
         let state = VehicleState {
             plugged_in: self.rng.chance(900),

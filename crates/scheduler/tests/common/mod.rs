@@ -36,6 +36,7 @@ pub fn capacity(slots: u16) -> NodeCapacity {
         models: vec![MODEL],
         loaded: vec![MODEL],
         energy_price_micro_usd_per_kwh: 200_000,
+        numerics: 0,
     }
 }
 
