@@ -11,8 +11,6 @@ use tokio_util::sync::CancellationToken;
 use cell_api::metering::PaidSpeed;
 use cell_api::served::{ServedModel, ServedModels};
 
-/// Identifies one connection of a node: a reconnecting vehicle gets a new
-/// session, so events from its old stream are recognised and ignored.
 /// What electricity costs each vehicle, micro-dollars per kWh, averaged
 /// over the day (the scheduler's placement prefers the cheaper of otherwise
 /// equal vehicles). Vehicles not listed cost `default`; all zero (the
@@ -29,6 +27,44 @@ impl EnergyPrices {
     }
 }
 
+/// Distinct numerics a cell tells apart; nodes registering further ones
+/// share `NUMERICS_OTHER`. Registrations are untrusted, so the table is
+/// bounded.
+pub const NUMERICS_MAX: usize = 256;
+/// The numerics of nodes past `NUMERICS_MAX`.
+pub const NUMERICS_OTHER: u32 = u32::MAX;
+
+/// Small ids for the numbers nodes compute (`scheduler::NodeCapacity::numerics`):
+/// nodes registering the same engine version, CPU kernels (the instruction-set
+/// variant included) and attention setting get the same id, and a generation
+/// moved between two of them continues bit for bit.
+#[derive(Debug, Default)]
+pub struct Numerics {
+    ids: HashMap<(String, String, i32), u32>,
+}
+
+impl Numerics {
+    /// The id of what a node registering `hardware` (none: an engine that
+    /// says nothing) with `attention` computes.
+    pub fn of(&mut self, hardware: Option<&proto::Hardware>, attention: proto::Attention) -> u32 {
+        let (version, kernels) = hardware.map_or(("", ""), |h| {
+            (h.engine_version.as_str(), h.cpu_kernels.as_str())
+        });
+        let key = (version.to_owned(), kernels.to_owned(), attention as i32);
+        if let Some(id) = self.ids.get(&key) {
+            return *id;
+        }
+        if self.ids.len() >= NUMERICS_MAX {
+            return NUMERICS_OTHER;
+        }
+        let id = self.ids.len() as u32;
+        self.ids.insert(key, id);
+        id
+    }
+}
+
+/// Identifies one connection of a node: a reconnecting vehicle gets a new
+/// session, so events from its old stream are recognised and ignored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NodeSession {
     pub node: NodeId,
@@ -91,13 +127,15 @@ impl ConnectedNode {
     }
 
     /// The scheduler event that registers this node under its owner's
-    /// policy, its electricity at `energy_price` micro-dollars per kWh.
+    /// policy, its electricity at `energy_price` micro-dollars per kWh,
+    /// computing `numerics` (`Numerics::of`).
     pub fn registration(
         &self,
         node: NodeId,
         served: &ServedModels,
         policy: OwnerPolicy,
         energy_price: u32,
+        numerics: u32,
     ) -> Event {
         let on_disk = || {
             self.models
@@ -121,6 +159,7 @@ impl ConnectedNode {
                 models: on_disk().collect(),
                 loaded,
                 energy_price_micro_usd_per_kwh: energy_price,
+                numerics,
             },
             state: self.state,
             policy,
@@ -175,5 +214,68 @@ pub fn vehicle_state(state: Option<&proto::VehicleState>) -> VehicleState {
             .filter(|ms| *ms > 0)
             .and_then(Millis::from_u64),
         chip_temperature_decicelsius: temperature,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hardware(version: &str, kernels: &str) -> proto::Hardware {
+        proto::Hardware {
+            engine_version: version.into(),
+            cpu_kernels: kernels.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn nodes_share_numerics_only_with_the_same_engine_kernels_and_attention() {
+        use proto::Attention::{Exact, Fast, Off};
+        let mut numerics = Numerics::default();
+        let avx2 = hardware("b1", "CPU : AVX2 = 1 | VARIANT = haswell |");
+        let avx512 = hardware("b1", "CPU : AVX512 = 1 | VARIANT = zen4 |");
+        let newer = hardware("b2", "CPU : AVX2 = 1 | VARIANT = haswell |");
+        let first = numerics.of(Some(&avx2), Off);
+        assert_eq!(numerics.of(Some(&avx2.clone()), Off), first);
+        let others = [
+            numerics.of(Some(&avx2), Exact),
+            numerics.of(Some(&avx2), Fast),
+            numerics.of(Some(&avx512), Off),
+            numerics.of(Some(&newer), Off),
+            numerics.of(None, Off),
+        ];
+        let mut all = vec![first];
+        all.extend(others);
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 6, "each differs from the others: {all:?}");
+        assert_eq!(numerics.of(None, Off), others[4]);
+    }
+
+    #[test]
+    fn a_flood_of_made_up_kernels_shares_one_id_past_the_bound() {
+        let mut numerics = Numerics::default();
+        let honest = numerics.of(
+            Some(&hardware("b1", "CPU : AVX2 = 1 |")),
+            proto::Attention::Off,
+        );
+        for n in 0..NUMERICS_MAX + 10 {
+            let id = numerics.of(
+                Some(&hardware("b1", &format!("made up {n}"))),
+                proto::Attention::Off,
+            );
+            assert_eq!(
+                id == NUMERICS_OTHER,
+                n + 1 >= NUMERICS_MAX,
+                "registration {n}"
+            );
+        }
+        assert_eq!(numerics.ids.len(), NUMERICS_MAX);
+        let again = numerics.of(
+            Some(&hardware("b1", "CPU : AVX2 = 1 |")),
+            proto::Attention::Off,
+        );
+        assert_eq!(again, honest, "a known build keeps its id");
     }
 }

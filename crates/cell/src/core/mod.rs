@@ -115,6 +115,8 @@ struct CoreState {
     /// Each vehicle's electricity price, given to the scheduler when it
     /// connects.
     energy_prices: crate::nodes::EnergyPrices,
+    /// Which nodes compute the same numbers, for the scheduler.
+    numerics: crate::nodes::Numerics,
     /// Which answers are verified, by whom, and the nodes' trust.
     verifications: verification::Verifications,
 }
@@ -158,6 +160,7 @@ impl Core {
                 checkpoints: checkpoints::Checkpoints::default(),
                 recent_heads: heads::RecentHeads::default(),
                 energy_prices: crate::nodes::EnergyPrices::default(),
+                numerics: crate::nodes::Numerics::default(),
                 verifications: verification::Verifications::new(
                     trust::VerificationPolicy::default(),
                     random_secret(),
@@ -361,7 +364,8 @@ impl Core {
         connected.last_heard = self.clock.instant();
         let disconnect = connected.disconnect.clone();
         let price = state.energy_prices.of(name);
-        let registered = connected.registration(node, &self.models, policy, price);
+        let numerics = state.numerics.of(hello.hardware.as_ref(), attention);
+        let registered = connected.registration(node, &self.models, policy, price, numerics);
         state.nodes.insert(node, connected);
         self.metrics.nodes_connected.fetch_add(1, ORDER);
         self.handle(&mut state, now, registered);

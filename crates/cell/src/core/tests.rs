@@ -333,6 +333,31 @@ fn of_two_equal_vehicles_the_one_with_cheaper_electricity_serves() {
     assert!(assigned(&mut harness, 1).is_some());
 }
 
+/// A generation moved off a lost vehicle continues on a vehicle of the same
+/// attention setting, where it continues bit for bit, though a vehicle of
+/// another setting connected earlier (a lower node id) and is as free.
+#[test]
+fn a_moved_generation_continues_on_a_vehicle_of_its_attention_setting() {
+    let mut harness = Harness::serving_the_test_model();
+    let mut fast = serving_hello();
+    if let Some(hardware) = fast.hardware.as_mut() {
+        hardware.attention = proto::Attention::Fast as i32;
+    }
+    let cars = [
+        harness.connect_serving("off-1"),
+        harness.connect_with("fast", &fast),
+        harness.connect_serving("off-2"),
+    ];
+    let generation = spot_generation("chatcmpl-moved", proto::Sampling::default(), 16);
+    let _admitted = harness.core.submit(generation).expect("admitted");
+    let id = assigned(&mut harness, 0).expect("the first vehicle serves");
+    harness.core.node_tokens(cars[0], batch(&id, &[5, 6, 7], 0));
+    harness.core.node_lost(cars[0]);
+    assert_eq!(assignment(&mut harness, 1), None, "not the fast vehicle");
+    let moved = assignment(&mut harness, 2).expect("the other vehicle without flash attention");
+    assert_eq!(moved.committed_tokens, vec![5, 6, 7]);
+}
+
 /// The first `Assign` waiting on node `index`'s channel, if any.
 fn assignment(harness: &mut Harness, index: usize) -> Option<proto::Assign> {
     while let Ok(message) = harness._to_nodes[index].try_recv() {
