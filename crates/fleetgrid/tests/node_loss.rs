@@ -252,6 +252,44 @@ async fn a_fast_flash_attention_answer_continues_from_its_committed_tokens_after
     );
 }
 
+/// In a fleet of mixed attention settings, a generation killed mid-answer on a car without
+/// flash attention continues on the other such car, not on the `fast` car that connected
+/// before it (the lower node id, which a new request would prefer at equal load): its KV
+/// checkpoint loads there, and the client reads exactly the uninterrupted answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_answer_continues_exactly_on_a_car_of_its_attention_setting_in_a_mixed_fleet() {
+    let mut stack = Stack::start(Default::default());
+    // One at a time, so that node ids follow this order.
+    let cars: [(&str, &[&str]); 3] = [
+        ("off-a", &[]),
+        ("fast", &["--flash-attention", "fast"]),
+        ("off-b", &[]),
+    ];
+    let mut connected = Vec::new();
+    for (name, args) in cars {
+        stack.add_agent_with(name, 1, args);
+        connected.push(name);
+        stack.wait_for_nodes(&connected).await;
+    }
+    let body = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": long_question()}],
+        "max_tokens": 120, "temperature": 0.8, "seed": 78,
+    });
+    let assigned_before = stack.assignment_counts().await;
+    let expected = answer_content(&stack.chat(&body).await);
+    assert_eq!(stack.assigned_since(&assigned_before).await, "off-a");
+    let before = checkpoint_handovers(&stack).await;
+    let (_, raw) = stream_with_kill(&mut stack, &body, 20).await;
+    assert_eq!(streamed_content(&raw), expected);
+    let after = checkpoint_handovers(&stack).await;
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (1.0, 0.0),
+        "handed over with its KV checkpoint, which the receiving car loaded"
+    );
+}
+
 /// Penalties and a grammar depend on every token before, so the next node must
 /// rebuild them from the committed tokens: a sampled answer with all the
 /// penalties (and min-p and a bias), and one constrained by a JSON schema,
