@@ -28,6 +28,8 @@ pub struct Metrics {
     pub completion_tokens: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub reassignments: AtomicU64,
+    /// Generations moved with committed tokens to a vehicle of other numerics.
+    pub moves_across_numerics: AtomicU64,
     pub kv_checkpoints_kept: AtomicU64,
     pub kv_checkpoints_refused: AtomicU64,
     pub kv_checkpoint_handovers: AtomicU64,
@@ -97,7 +99,7 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64); 32] = [
+        let counters: [(&str, &str, &AtomicU64); 33] = [
             (
                 "fleetgrid_requests_accepted_total",
                 "Requests admitted by the gateway.",
@@ -152,6 +154,11 @@ impl Metrics {
                 "fleetgrid_reassignments_total",
                 "Generations moved to another node.",
                 &self.reassignments,
+            ),
+            (
+                "fleetgrid_moves_across_numerics_total",
+                "Generations moved with committed tokens to a vehicle computing other numbers (engine build, CPU kernels or attention setting), none like the last being free: they continue from their committed tokens, not bit for bit.",
+                &self.moves_across_numerics,
             ),
             (
                 "fleetgrid_kv_checkpoints_kept_total",

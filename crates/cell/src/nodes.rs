@@ -80,6 +80,8 @@ pub struct ConnectedNode {
     /// disconnected for a protocol violation): its gRPC read loop stops
     /// reading at once.
     pub disconnect: CancellationToken,
+    /// Which numbers it computes (`Numerics::of`), set by the core.
+    pub numerics: u32,
     state: VehicleState,
     hardware: proto::Hardware,
     models: Vec<proto::CachedModel>,
@@ -101,6 +103,7 @@ impl ConnectedNode {
             state: vehicle_state(hello.state.as_ref()),
             hardware: hello.hardware.clone().unwrap_or_default(),
             models: hello.models.clone(),
+            numerics: 0,
         }
     }
 
@@ -127,15 +130,13 @@ impl ConnectedNode {
     }
 
     /// The scheduler event that registers this node under its owner's
-    /// policy, its electricity at `energy_price` micro-dollars per kWh,
-    /// computing `numerics` (`Numerics::of`).
+    /// policy, its electricity at `energy_price` micro-dollars per kWh.
     pub fn registration(
         &self,
         node: NodeId,
         served: &ServedModels,
         policy: OwnerPolicy,
         energy_price: u32,
-        numerics: u32,
     ) -> Event {
         let on_disk = || {
             self.models
@@ -159,7 +160,7 @@ impl ConnectedNode {
                 models: on_disk().collect(),
                 loaded,
                 energy_price_micro_usd_per_kwh: energy_price,
-                numerics,
+                numerics: self.numerics,
             },
             state: self.state,
             policy,

@@ -288,6 +288,8 @@ async fn a_killed_answer_continues_exactly_on_a_car_of_its_attention_setting_in_
         (1.0, 0.0),
         "handed over with its KV checkpoint, which the receiving car loaded"
     );
+    let across = stack.metric("fleetgrid_moves_across_numerics_total").await;
+    assert_eq!(across, 0.0, "no move to other numerics");
 }
 
 /// Penalties and a grammar depend on every token before, so the next node must

@@ -122,11 +122,9 @@ impl Scheduler {
                 (node.claimed_slots, node.capacity.numerics)
             })
             .unwrap_or_default();
-        if resume_from == 0 {
-            // Nothing committed yet: it starts afresh here, and what it commits continues
-            // exactly on nodes like this one.
-            entry.numerics = numerics;
-        }
+        // What it commits here continues exactly on nodes like this one, and so does its KV
+        // checkpoint; a generation that already crossed to other numerics follows its latest.
+        entry.numerics = numerics;
         if self.config.prefix_affinity {
             // A resumed generation may load its prompt from a checkpoint, and restored cells
             // are never kept for reuse: count on nothing kept then.

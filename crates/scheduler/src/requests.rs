@@ -35,8 +35,8 @@ pub(crate) struct Request {
     pub(crate) attempt_tokens: u32,
     /// Its prompt's head hashes (prefix affinity).
     pub(crate) prompt_heads: Heads,
-    /// The numerics (`NodeCapacity::numerics`) of the node it last started afresh on (with
-    /// nothing committed): its committed tokens continue bit for bit only on a node of the same.
+    /// The numerics (`NodeCapacity::numerics`) of the node it was last assigned to: its
+    /// committed tokens continue bit for bit only on a node of the same.
     pub(crate) numerics: u32,
 }
 
@@ -46,8 +46,8 @@ impl Request {
         self.max_tokens.saturating_sub(self.committed)
     }
 
-    /// The numerics a node must have for its generation to continue bit for bit: those it
-    /// started on, once it has committed tokens (a request is assigned before it commits any).
+    /// The numerics a node must have for its generation to continue bit for bit: those it last
+    /// ran on, once it has committed tokens (a request is assigned before it commits any).
     pub(crate) fn continues_on(&self) -> Option<u32> {
         (self.committed > 0).then_some(self.numerics)
     }

@@ -21,7 +21,7 @@ const AFFINITY_PROBES_MAX: usize = 64;
 impl Scheduler {
     /// The best node with a free slot that may start `request` now. Preference, in order: the
     /// expected generation ends before the node must stop; for a generation that has committed
-    /// tokens, a node of the numerics it started on, where it continues bit for bit (elsewhere
+    /// tokens, a node of the numerics it last ran on, where it continues bit for bit (elsewhere
     /// it continues from its committed tokens, but later tokens may differ from an
     /// uninterrupted run's); the model is already loaded; fewer slots in use (as a fraction);
     /// cheaper electricity; lower node id.

@@ -152,7 +152,7 @@ pub struct NodeCapacity {
     /// Which numbers the node computes: nodes of equal `numerics` compute the same numbers for
     /// the same sequence (the same engine, CPU kernels and attention setting), so a generation
     /// moved between them continues bit for bit. A moved generation is placed on a node of the
-    /// numerics it started on where one is free (see `Scheduler::best_free_node`). A fleet that
+    /// numerics it last ran on where one is free (see `Scheduler::best_free_node`). A fleet that
     /// is all alike gives every node the same value.
     pub numerics: u32,
 }

@@ -185,14 +185,16 @@ fn moved_work_goes_to_a_node_of_the_numerics_it_started_on_and_new_work_anywhere
 }
 
 #[test]
-fn moved_work_continues_on_other_numerics_rather_than_wait() {
+fn moved_work_continues_on_other_numerics_rather_than_wait_and_then_follows_them() {
     let mut h = Harness::new();
-    for (id, numerics) in [(0, 7), (1, 9)] {
-        node_with(&mut h, id, |cap, _| {
+    let node = |h: &mut Harness, id: u32, numerics: u32| {
+        node_with(h, id, |cap, _| {
             cap.numerics = numerics;
             cap.slots = 1;
-        });
-    }
+        })
+    };
+    node(&mut h, 0, 7);
+    node(&mut h, 1, 9);
     assert_eq!(h.request(1, FLEET, 100), vec![assign(1, 0, 0)]);
     h.send(Event::TokensCommitted {
         request: RequestId(1),
@@ -204,6 +206,16 @@ fn moved_work_continues_on_other_numerics_rather_than_wait() {
         Some((NodeId(1), 40)),
         "no node of its numerics is left: it continues on the other build: {out:?}"
     );
+    // Its tokens now come from node 1's build, and so would its KV checkpoint: the next move
+    // follows that build, not the one it began on.
+    node(&mut h, 2, 7);
+    node(&mut h, 3, 9);
+    h.send(Event::TokensCommitted {
+        request: RequestId(1),
+        committed_total: 60,
+    });
+    let out = unplug(&mut h, 1);
+    assert_eq!(assigned(&out, 1), Some((NodeId(3), 60)), "{out:?}");
 }
 
 #[test]

@@ -130,6 +130,14 @@ impl Core {
         if inflight.attempt > 0 {
             self.metrics.reassignments.fetch_add(1, ORDER);
         }
+        let numerics = state.nodes.get(&node).map(|connected| connected.numerics);
+        if !inflight.committed.is_empty()
+            && inflight.numerics.is_some()
+            && numerics != inflight.numerics
+        {
+            self.metrics.moves_across_numerics.fetch_add(1, ORDER);
+        }
+        inflight.numerics = numerics;
         inflight.attempt += 1;
         inflight.node = Some(node);
         state

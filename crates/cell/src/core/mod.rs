@@ -71,6 +71,8 @@ struct InFlight {
     /// applied it).
     grammar: Option<engine::Constrained>,
     node: Option<NodeId>,
+    /// The numerics (`nodes::Numerics`) of the vehicle it last ran on.
+    numerics: Option<u32>,
     attempt: u32,
     /// One entry per attempt, in order: what billing meters.
     segments: Vec<cell_api::metering::SegmentTrack>,
@@ -265,6 +267,7 @@ impl Core {
                 logprobs: Vec::new(),
                 grammar,
                 node: None,
+                numerics: None,
                 attempt: 0,
                 segments: Vec::new(),
                 updates: sender,
@@ -358,14 +361,15 @@ impl Core {
             Some(attention) => attention,
         };
         state.verifications.connected(node, name, owner, attention);
+        let numerics = state.numerics.of(hello.hardware.as_ref(), attention);
         let session = state.next_session;
         state.next_session += 1;
         let mut connected = ConnectedNode::new(name, session, outbound, hello);
         connected.last_heard = self.clock.instant();
+        connected.numerics = numerics;
         let disconnect = connected.disconnect.clone();
         let price = state.energy_prices.of(name);
-        let numerics = state.numerics.of(hello.hardware.as_ref(), attention);
-        let registered = connected.registration(node, &self.models, policy, price, numerics);
+        let registered = connected.registration(node, &self.models, policy, price);
         state.nodes.insert(node, connected);
         self.metrics.nodes_connected.fetch_add(1, ORDER);
         self.handle(&mut state, now, registered);

@@ -335,7 +335,8 @@ fn of_two_equal_vehicles_the_one_with_cheaper_electricity_serves() {
 
 /// A generation moved off a lost vehicle continues on a vehicle of the same
 /// attention setting, where it continues bit for bit, though a vehicle of
-/// another setting connected earlier (a lower node id) and is as free.
+/// another setting connected earlier (a lower node id) and is as free; moved
+/// again with only that one left, it continues there and is counted.
 #[test]
 fn a_moved_generation_continues_on_a_vehicle_of_its_attention_setting() {
     let mut harness = Harness::serving_the_test_model();
@@ -356,6 +357,17 @@ fn a_moved_generation_continues_on_a_vehicle_of_its_attention_setting() {
     assert_eq!(assignment(&mut harness, 1), None, "not the fast vehicle");
     let moved = assignment(&mut harness, 2).expect("the other vehicle without flash attention");
     assert_eq!(moved.committed_tokens, vec![5, 6, 7]);
+    let across = |harness: &Harness| harness.core.metrics.moves_across_numerics.load(ORDER);
+    assert_eq!(across(&harness), 0);
+
+    // Lost again with only the fast vehicle left: it continues there, and is counted.
+    harness
+        .core
+        .node_tokens(cars[2], batch(&moved.generation_id, &[8], 3));
+    harness.core.node_lost(cars[2]);
+    let last = assignment(&mut harness, 1).expect("the fast vehicle, rather than waiting");
+    assert_eq!(last.committed_tokens, vec![5, 6, 7, 8]);
+    assert_eq!(across(&harness), 1);
 }
 
 /// The first `Assign` waiting on node `index`'s channel, if any.
