@@ -141,6 +141,26 @@ fn unplug(h: &mut Harness, node: u32) -> Vec<Command> {
     })
 }
 
+/// Request `request` has committed `committed` tokens when `node` is unplugged; returns the
+/// scheduler's commands.
+fn commit_then_unplug(h: &mut Harness, request: u64, committed: u32, node: u32) -> Vec<Command> {
+    h.send(Event::TokensCommitted {
+        request: RequestId(request),
+        committed_total: committed,
+    });
+    unplug(h, node)
+}
+
+/// Nodes 0, 1, … with 4 slots, each at its (electricity price, numerics).
+fn nodes_of_numerics(h: &mut Harness, nodes: &[(u32, u32)]) {
+    for (id, &(price, numerics)) in nodes.iter().enumerate() {
+        node_with(h, id as u32, |cap, _| {
+            cap.energy_price_micro_usd_per_kwh = price;
+            cap.numerics = numerics;
+        });
+    }
+}
+
 /// Where an assign command sends its request, and from which token.
 fn assigned(out: &[Command], request: u64) -> Option<(NodeId, u32)> {
     out.iter().find_map(|command| match command {
@@ -158,20 +178,9 @@ fn moved_work_goes_to_a_node_of_the_numerics_it_started_on_and_new_work_anywhere
     let mut h = Harness::new();
     // Nodes 0 and 2 run one engine build, node 1 another; node 1 is the cheaper of the two that
     // are left once node 0 has gone.
-    let prices = [100_000, 200_000, 300_000];
-    let numerics = [7, 9, 7];
-    for (id, (price, numerics)) in prices.into_iter().zip(numerics).enumerate() {
-        node_with(&mut h, id as u32, |cap, _| {
-            cap.energy_price_micro_usd_per_kwh = price;
-            cap.numerics = numerics;
-        });
-    }
+    nodes_of_numerics(&mut h, &[(100_000, 7), (200_000, 9), (300_000, 7)]);
     assert_eq!(h.request(1, FLEET, 100), vec![assign(1, 0, 0)]);
-    h.send(Event::TokensCommitted {
-        request: RequestId(1),
-        committed_total: 40,
-    });
-    let out = unplug(&mut h, 0);
+    let out = commit_then_unplug(&mut h, 1, 40, 0);
     assert_eq!(
         assigned(&out, 1),
         Some((NodeId(2), 40)),
@@ -196,11 +205,7 @@ fn moved_work_continues_on_other_numerics_rather_than_wait_and_then_follows_them
     node(&mut h, 0, 7);
     node(&mut h, 1, 9);
     assert_eq!(h.request(1, FLEET, 100), vec![assign(1, 0, 0)]);
-    h.send(Event::TokensCommitted {
-        request: RequestId(1),
-        committed_total: 40,
-    });
-    let out = unplug(&mut h, 0);
+    let out = commit_then_unplug(&mut h, 1, 40, 0);
     assert_eq!(
         assigned(&out, 1),
         Some((NodeId(1), 40)),
@@ -210,34 +215,22 @@ fn moved_work_continues_on_other_numerics_rather_than_wait_and_then_follows_them
     // follows that build, not the one it began on.
     node(&mut h, 2, 7);
     node(&mut h, 3, 9);
-    h.send(Event::TokensCommitted {
-        request: RequestId(1),
-        committed_total: 60,
-    });
-    let out = unplug(&mut h, 1);
+    let out = commit_then_unplug(&mut h, 1, 60, 1);
     assert_eq!(assigned(&out, 1), Some((NodeId(3), 60)), "{out:?}");
 }
 
 #[test]
 fn work_moved_before_its_first_token_starts_afresh_anywhere_and_is_held_to_its_new_node() {
     let mut h = Harness::new();
-    let prices = [100_000, 200_000, 300_000, 400_000];
-    let numerics = [7, 9, 7, 9];
-    for (id, (price, numerics)) in prices.into_iter().zip(numerics).enumerate() {
-        node_with(&mut h, id as u32, |cap, _| {
-            cap.energy_price_micro_usd_per_kwh = price;
-            cap.numerics = numerics;
-        });
-    }
+    nodes_of_numerics(
+        &mut h,
+        &[(100_000, 7), (200_000, 9), (300_000, 7), (400_000, 9)],
+    );
     assert_eq!(h.request(1, FLEET, 100), vec![assign(1, 0, 0)]);
     // Nothing committed on node 0: it starts again on the cheapest node, of the other build.
     let out = unplug(&mut h, 0);
     assert_eq!(assigned(&out, 1), Some((NodeId(1), 0)), "{out:?}");
-    h.send(Event::TokensCommitted {
-        request: RequestId(1),
-        committed_total: 3,
-    });
     // Now it has tokens from node 1's build: node 3 continues them, not the cheaper node 2.
-    let out = unplug(&mut h, 1);
+    let out = commit_then_unplug(&mut h, 1, 3, 1);
     assert_eq!(assigned(&out, 1), Some((NodeId(3), 3)), "{out:?}");
 }
