@@ -29,7 +29,7 @@ impl EnergyPrices {
 
 /// Distinct numerics a cell tells apart; nodes registering further ones
 /// share `NUMERICS_OTHER`. Registrations are untrusted, so the table is
-/// bounded.
+/// bounded: its keys come from hellos of at most `limits::HELLO_BYTES_MAX`.
 pub const NUMERICS_MAX: usize = 256;
 /// The numerics of nodes past `NUMERICS_MAX`.
 pub const NUMERICS_OTHER: u32 = u32::MAX;
