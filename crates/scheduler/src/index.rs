@@ -51,7 +51,6 @@ pub(crate) struct FreeEntry {
     bucket: u8,
     load_permille: u32,
     price: u32,
-    numerics: u32,
 }
 
 impl FreeEntry {
@@ -66,7 +65,6 @@ impl FreeEntry {
             bucket: node.availability_bucket,
             load_permille: load_permille(node.running.len(), node.capacity.slots),
             price: node.capacity.energy_price_micro_usd_per_kwh,
-            numerics: node.capacity.numerics,
         })
     }
 
@@ -107,7 +105,7 @@ impl FreeIndex {
             }
             let key = entry.key(node.has_loaded(*model), id);
             self.by_model[index]
-                .entry((entry.classes, entry.bucket, entry.numerics))
+                .entry((entry.classes, entry.bucket, node.capacity.numerics))
                 .or_default()
                 .insert(key);
         }
@@ -118,7 +116,7 @@ impl FreeIndex {
             let Some(sets) = self.by_model.get_mut(usize::from(model.0)) else {
                 continue;
             };
-            let set_key = (entry.classes, entry.bucket, entry.numerics);
+            let set_key = (entry.classes, entry.bucket, node.capacity.numerics);
             if let Some(set) = sets.get_mut(&set_key) {
                 set.remove(&entry.key(node.has_loaded(*model), id));
                 if set.is_empty() {
