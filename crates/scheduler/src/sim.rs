@@ -202,6 +202,8 @@ struct SimRequest {
     /// Tokens the coordinator has committed (and reported).
     committed: u32,
     node: Option<NodeId>,
+    /// The numerics of the node it was last assigned to.
+    numerics: Option<u32>,
     /// Finished, cancelled or rejected.
     ended: bool,
     /// Cancelled by the client while running: a `Cancel` must follow.

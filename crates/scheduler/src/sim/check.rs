@@ -150,14 +150,51 @@ impl Sim {
         if vehicle.running.len() >= usize::from(vehicle.capacity.slots) {
             return Err(format!("{request:?} assigned to full {node:?}"));
         }
+        let numerics = vehicle.capacity.numerics;
+        let continues_on = entry.numerics.filter(|_| resume_from > 0);
+        if let Some(alike) = continues_on.filter(|alike| *alike != numerics) {
+            if let Some(free) = self.free_without_departure(class, model, alike) {
+                return Err(format!(
+                    "{request:?} with {resume_from} tokens of numerics {alike} moved to {node:?} \
+                     of numerics {numerics}, while {free:?} of its own was free"
+                ));
+            }
+        }
         if let Some(entry) = self.requests.get_mut(&request) {
             entry.node = Some(node);
+            entry.numerics = Some(numerics);
         }
         if let Some(vehicle) = self.vehicle_mut(node) {
             vehicle.running.push(request);
         }
         self.report.assigns += 1;
         Ok(())
+    }
+
+    /// A node of `numerics` that may start work of `class` on `model` now, has a free slot and
+    /// no departure (so any generation ends on it in time), if any. A node re-registering is not
+    /// one yet: the scheduler places its old work before it registers the new connection.
+    fn free_without_departure(
+        &self,
+        class: TenantClass,
+        model: crate::types::ModelId,
+        numerics: u32,
+    ) -> Option<NodeId> {
+        self.vehicles
+            .iter()
+            .enumerate()
+            .find_map(|(index, vehicle)| {
+                let vehicle = vehicle.as_ref()?;
+                let node = NodeId(index as u32);
+                let free = self.reconnecting != Some(node)
+                    && vehicle.capacity.numerics == numerics
+                    && vehicle.state.departure_at.is_none()
+                    && vehicle.policy.allowed_classes.contains(class)
+                    && vehicle.capacity.models.contains(&model)
+                    && vehicle.running.len() < usize::from(vehicle.capacity.slots)
+                    && self.blocked(node, true).is_none();
+                free.then_some(node)
+            })
     }
 
     /// After an arrival: if admitted, the tenant's quotas must hold.

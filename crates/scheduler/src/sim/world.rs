@@ -286,6 +286,7 @@ impl Sim {
                 max_tokens,
                 committed: 0,
                 node: None,
+                numerics: None,
                 ended: false,
                 cancel_pending: false,
             };
