@@ -80,7 +80,7 @@ pub struct ConnectedNode {
     /// disconnected for a protocol violation): its gRPC read loop stops
     /// reading at once.
     pub disconnect: CancellationToken,
-    /// Which numbers it computes (`Numerics::of`), set by the core.
+    /// Which numbers it computes (`Numerics::of`).
     pub numerics: u32,
     state: VehicleState,
     hardware: proto::Hardware,
@@ -88,11 +88,13 @@ pub struct ConnectedNode {
 }
 
 impl ConnectedNode {
+    /// A node that said `hello`, computing `numerics` (`Numerics::of`).
     pub fn new(
         name: &str,
         session: u64,
         outbound: mpsc::Sender<proto::CoordinatorMessage>,
         hello: &proto::Hello,
+        numerics: u32,
     ) -> ConnectedNode {
         ConnectedNode {
             name: name.to_string(),
@@ -103,7 +105,7 @@ impl ConnectedNode {
             state: vehicle_state(hello.state.as_ref()),
             hardware: hello.hardware.clone().unwrap_or_default(),
             models: hello.models.clone(),
-            numerics: 0,
+            numerics,
         }
     }
 

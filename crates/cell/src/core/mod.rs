@@ -364,9 +364,8 @@ impl Core {
         let numerics = state.numerics.of(hello.hardware.as_ref(), attention);
         let session = state.next_session;
         state.next_session += 1;
-        let mut connected = ConnectedNode::new(name, session, outbound, hello);
+        let mut connected = ConnectedNode::new(name, session, outbound, hello, numerics);
         connected.last_heard = self.clock.instant();
-        connected.numerics = numerics;
         let disconnect = connected.disconnect.clone();
         let price = state.energy_prices.of(name);
         let registered = connected.registration(node, &self.models, policy, price);
