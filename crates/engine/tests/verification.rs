@@ -674,3 +674,213 @@ fn a_resumed_answers_own_tokens_are_checked_after_the_given_ones() {
         }
     }
 }
+
+/// Makes [`answers_of_other_cpu_variants_pass_the_best_ones_check`] compute its answers and
+/// print them, one per line, instead of checking: its child processes, and a build for another
+/// machine (an aarch64 build under emulation) whose answers are to be checked here.
+#[cfg(feature = "cpu-dispatch")]
+const ANSWERS_CHILD_ENV: &str = "FLEETGRID_TEST_PRINT_ANSWERS";
+
+/// Files of answers printed so elsewhere, checked as well: `NAME=PATH,NAME=PATH`.
+#[cfg(feature = "cpu-dispatch")]
+const FOREIGN_ANSWERS_ENV: &str = "FLEETGRID_TEST_FOREIGN_ANSWERS";
+
+/// Answers computed by each producer: short prompts alone, short prompts batched, long prompts
+/// batched.
+#[cfg(feature = "cpu-dispatch")]
+const PRODUCER_ANSWERS: [usize; 3] = [10, 30, 16];
+
+/// Producers whose answers must pass the best variant's check at the default tolerance: the
+/// default build's kernels. Others (SSE4.2 alone, ARM's) must pass the wider
+/// `engine::FLASH_ATTENTION_TOLERANCE`; docs/VERIFICATION.md has what each needed.
+#[cfg(feature = "cpu-dispatch")]
+const AT_DEFAULT_TOLERANCE: [&str; 1] = ["haswell"];
+
+/// The answers of [`PRODUCER_ANSWERS`], computed with the CPU kernels this process loaded.
+#[cfg(feature = "cpu-dispatch")]
+fn produce_answers() -> Vec<(usize, Reported)> {
+    let [alone, batched, long] = PRODUCER_ANSWERS;
+    let node = engine_with(1, 1);
+    let mut answers: Vec<(usize, Reported)> = (0..alone)
+        .map(|index| {
+            let (prompt, sampling) = (prompt(&node, index), sampling(index));
+            let outcome = run(&node, generation(prompt.clone(), sampling, ANSWER_TOKENS));
+            (index, reported(prompt, sampling, &outcome))
+        })
+        .collect();
+    let node = engine_with(2, 8);
+    let range = alone..alone + batched;
+    answers.extend(range.clone().zip(generate_together(&node, range)));
+    let node = long_engine(2, FLASH_PARALLEL, FlashAttention::Off);
+    let range = alone + batched..alone + batched + long;
+    answers.extend(
+        range
+            .clone()
+            .zip(generate_together_from(&node, range, long_prompt)),
+    );
+    answers
+}
+
+/// One answer as a line: `answer INDEX ENDED_BY_EOS TOKENS LOGPROB_BITS`, lists comma-separated.
+#[cfg(feature = "cpu-dispatch")]
+fn answer_line(index: usize, answer: &Reported) -> String {
+    let join = |values: Vec<String>| values.join(",");
+    format!(
+        "answer {index} {} {} {}",
+        answer.ended_by_eos,
+        join(answer.tokens.iter().map(ToString::to_string).collect()),
+        join(
+            answer
+                .logprobs
+                .iter()
+                .map(|p| p.to_bits().to_string())
+                .collect()
+        ),
+    )
+}
+
+/// The answers in `text`'s answer lines, their prompts and samplings rebuilt from their indexes
+/// with `engine`'s tokenizer.
+#[cfg(feature = "cpu-dispatch")]
+fn parse_answers(engine: &Engine, text: &str) -> Vec<(usize, Reported)> {
+    fn numbers<T: std::str::FromStr>(text: &str) -> Vec<T>
+    where
+        T::Err: std::fmt::Debug,
+    {
+        let parse = |n: &str| n.parse().expect("a number");
+        text.split(',')
+            .filter(|n| !n.is_empty())
+            .map(parse)
+            .collect()
+    }
+    let [alone, batched, _] = PRODUCER_ANSWERS;
+    let mut answers = Vec::new();
+    for line in text.lines().filter_map(|line| line.strip_prefix("answer ")) {
+        let [index, eos, tokens, logprobs] = line.split(' ').collect::<Vec<_>>()[..] else {
+            panic!("a malformed answer line {line:?}");
+        };
+        let index: usize = index.parse().expect("an index");
+        let prompt = if index < alone + batched {
+            prompt(engine, index)
+        } else {
+            long_prompt(engine, index)
+        };
+        let answer = Reported {
+            prompt,
+            sampling: sampling(index),
+            tokens: numbers::<TokenId>(tokens),
+            logprobs: numbers::<u32>(logprobs)
+                .into_iter()
+                .map(f32::from_bits)
+                .collect(),
+            ended_by_eos: eos == "true",
+        };
+        answers.push((index, answer));
+    }
+    answers
+}
+
+/// A fleet mixes CPUs, and a build that chooses its kernels at run time (`cpu-dispatch`)
+/// computes with other instructions on each: the datacenter's verifier may run AVX-512 kernels
+/// where the vehicle ran AVX2, or ARM's. Answers computed with other x86-64 variants than the
+/// best this machine runs (each in its own process, since a process loads one), and any
+/// computed elsewhere ([`FOREIGN_ANSWERS_ENV`]), are checked by the best one: at the default
+/// tolerance for the default build's kernels, at the wider one for the rest
+/// ([`AT_DEFAULT_TOLERANCE`]). Printed for docs/VERIFICATION.md; where the best variant is a
+/// child's, that child is skipped.
+#[cfg(feature = "cpu-dispatch")]
+#[test]
+fn answers_of_other_cpu_variants_pass_the_best_ones_check() {
+    const NAME: &str = "answers_of_other_cpu_variants_pass_the_best_ones_check";
+    if std::env::var_os(ANSWERS_CHILD_ENV).is_some() {
+        // After the test runner's "test NAME ... ", which ends no line.
+        println!();
+        for (index, answer) in produce_answers() {
+            println!("{}", answer_line(index, &answer));
+        }
+        return;
+    }
+    let verifier = long_engine(2, 1, FlashAttention::Off);
+    let best = engine::dispatch::loaded_variant().expect("a CPU kernel module is loaded");
+    let mut producers: Vec<(String, String)> = Vec::new();
+    let children: &[&str] = if cfg!(target_arch = "x86_64") {
+        &["haswell", "sse42"]
+    } else {
+        &[]
+    };
+    for variant in children.iter().filter(|variant| **variant != best) {
+        let child = std::process::Command::new(std::env::current_exe().expect("this test"))
+            .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+            .env(ANSWERS_CHILD_ENV, "1")
+            .env(engine::dispatch::VARIANT_ENV, variant)
+            .output()
+            .expect("run the child");
+        assert!(
+            child.status.success(),
+            "{variant}: {}",
+            String::from_utf8_lossy(&child.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&child.stdout).into_owned();
+        producers.push((variant.to_string(), stdout));
+    }
+    for named in std::env::var(FOREIGN_ANSWERS_ENV)
+        .unwrap_or_default()
+        .split(',')
+    {
+        let Some((name, path)) = named.split_once('=') else {
+            continue;
+        };
+        let text = std::fs::read_to_string(path).expect("read the foreign answers");
+        producers.push((name.to_owned(), text));
+    }
+    let mut flagged = Vec::new();
+    for (producer, text) in producers {
+        let answers = parse_answers(&verifier, &text);
+        assert_eq!(
+            answers.len(),
+            PRODUCER_ANSWERS.iter().sum::<usize>(),
+            "{producer}: {text}"
+        );
+        let mut tally = Tally::default();
+        for (index, answer) in answers {
+            let verification = verify(&verifier, &answer);
+            tally.add(index, answer, verification);
+        }
+        // What the wider tolerance (the one across attention settings) makes of those the
+        // default flags.
+        let still_flagged: Vec<_> = tally
+            .flagged
+            .iter()
+            .filter(|(answer, _)| {
+                !verify_within(&verifier, answer, engine::FLASH_ATTENTION_TOLERANCE).passed()
+            })
+            .cloned()
+            .collect();
+        eprintln!(
+            "{producer} answers, verified by {best}: {} generations, {} positions, {} passed \
+             only by the tolerance, largest logprob difference {:.5}, largest tolerance used \
+             {:.5}; flagged at the default tolerance {}, at the wider one {}",
+            tally.generations,
+            tally.positions,
+            tally.not_exact,
+            tally.max_logprob_difference,
+            tally.max_tolerance_used,
+            tally.flagged.len(),
+            still_flagged.len(),
+        );
+        // The default build's kernels (AVX2) must pass at the default tolerance; every
+        // producer's must at the wider one.
+        let must_pass = if AT_DEFAULT_TOLERANCE.contains(&producer.as_str()) {
+            tally.flagged
+        } else {
+            still_flagged
+        };
+        flagged.extend(must_pass.into_iter().map(|flag| (producer.clone(), flag)));
+    }
+    assert!(
+        flagged.is_empty(),
+        "{} honest generations flagged, the first: {:?}",
+        flagged.len(),
+        flagged.first()
+    );
+}

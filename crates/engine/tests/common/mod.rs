@@ -105,18 +105,25 @@ impl Outcome {
     }
 }
 
-/// The next event, waiting at most [`EVENT_TIMEOUT`].
+/// [`EVENT_TIMEOUT`], or the seconds `FLEETGRID_TEST_EVENT_TIMEOUT_S` says: an engine built for
+/// another architecture and run under emulation is tens of times slower.
+pub fn event_timeout() -> Duration {
+    std::env::var("FLEETGRID_TEST_EVENT_TIMEOUT_S")
+        .ok()
+        .and_then(|seconds| seconds.parse().ok())
+        .map_or(EVENT_TIMEOUT, Duration::from_secs)
+}
+
+/// The next event, waiting at most [`event_timeout`].
 pub fn next_event(stream: &mut GenerationStream) -> Option<GenerationEvent> {
-    let deadline = Instant::now() + EVENT_TIMEOUT;
+    let timeout = event_timeout();
+    let deadline = Instant::now() + timeout;
     loop {
         match stream.events.try_recv() {
             Ok(event) => return Some(event),
             Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => return None,
             Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "no event within {EVENT_TIMEOUT:?}"
-                );
+                assert!(Instant::now() < deadline, "no event within {timeout:?}");
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
