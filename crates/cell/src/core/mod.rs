@@ -360,8 +360,10 @@ impl Core {
             Some(proto::Attention::Mixed) | None => proto::Attention::Off,
             Some(attention) => attention,
         };
-        state.verifications.connected(node, name, owner, attention);
         let numerics = state.numerics.of(hello.hardware.as_ref(), attention);
+        state
+            .verifications
+            .connected(node, name, owner, (attention, numerics));
         let session = state.next_session;
         state.next_session += 1;
         let mut connected = ConnectedNode::new(name, session, outbound, hello, numerics);

@@ -105,6 +105,9 @@ pub(super) struct Verifications {
     /// The attention setting each node last registered with: a verifier of
     /// another setting than an answer's takes the wider tolerance.
     attention: HashMap<NodeId, proto::Attention>,
+    /// The numerics (`nodes::Numerics`: engine version, CPU kernels and attention setting) each
+    /// node last registered with: the default tolerance is calibrated between engines of one.
+    numerics: HashMap<NodeId, u32>,
     checks: HashMap<u64, Check>,
     next_check: u64,
     /// Public ids of delivered generations, by the id their draws used.
@@ -188,6 +191,7 @@ impl Verifications {
             owners: HashMap::new(),
             platform: BTreeSet::new(),
             attention: HashMap::new(),
+            numerics: HashMap::new(),
             checks: HashMap::new(),
             next_check: 1,
             public_ids: BTreeMap::new(),
@@ -200,16 +204,17 @@ impl Verifications {
     }
 
     /// Node `name` connected under `owner` ("" for none: the platform's own),
-    /// running `attention`.
+    /// running `attention`, computing with `numerics`.
     pub(super) fn connected(
         &mut self,
         node: NodeId,
         name: &str,
         owner: &str,
-        attention: proto::Attention,
+        (attention, numerics): (proto::Attention, u32),
     ) {
         self.names.entry(node).or_insert_with(|| name.to_owned());
         self.attention.insert(node, attention);
+        self.numerics.insert(node, numerics);
         if owner.is_empty() {
             self.platform.insert(node);
             self.owners.remove(&node);
@@ -392,6 +397,24 @@ impl Verifications {
         }
     }
 
+    /// The setting `verifier` is told an answer was computed with: its producers' shared one
+    /// when every producer computed with the verifier's own numerics, else `Mixed`, which takes
+    /// the wider tolerance. Other CPU kernels (SSE4.2 against AVX-512, ARM's) or another engine
+    /// version move logits past the default tolerance now and then (docs/VERIFICATION.md,
+    /// "Across CPU kernels"), as another attention setting does.
+    fn attention_for(&self, producers: &[Producer], verifier: NodeId) -> proto::Attention {
+        let own = self.numerics.get(&verifier);
+        let alike = own.is_some()
+            && producers
+                .iter()
+                .all(|producer| self.numerics.get(&producer.node) == own);
+        if alike {
+            self.attention_of(producers)
+        } else {
+            proto::Attention::Mixed
+        }
+    }
+
     /// Owners none of whose vehicles may verify the check now.
     fn excluded_owners(check: &Check) -> Vec<u64> {
         let mut owners = check.case.excluded_owners();
@@ -560,7 +583,13 @@ impl Core {
         let Some((verifier, as_verifier)) = picked else {
             return;
         };
-        let Some(check) = state.verifications.checks.get_mut(&id) else {
+        let verifications = &mut state.verifications;
+        let Some(check) = verifications.checks.get(&id) else {
+            return;
+        };
+        let mut answer = check.answer.clone();
+        answer.attention = verifications.attention_for(&check.producers, verifier) as i32;
+        let Some(check) = verifications.checks.get_mut(&id) else {
             return;
         };
         check.dispatches += 1;
@@ -571,7 +600,7 @@ impl Core {
                 prompt_tokens: check.prompt.as_ref().clone(),
                 sampling: Some(check.sampling.clone()),
                 max_tokens: check.max_tokens,
-                verify: Some(check.answer.clone()),
+                verify: Some(answer),
                 ..proto::Assign::default()
             })),
         };
@@ -1037,9 +1066,9 @@ mod tests {
         let mut verifications =
             Verifications::new(VerificationPolicy::default(), Secret::from_seed(7));
         let (fast, off, silent) = (NodeId(1), NodeId(2), NodeId(3));
-        verifications.connected(fast, "car-1", "owner-1", proto::Attention::Exact);
-        verifications.connected(fast, "car-1", "owner-1", proto::Attention::Fast);
-        verifications.connected(off, "car-2", "owner-2", proto::Attention::Off);
+        verifications.connected(fast, "car-1", "owner-1", (proto::Attention::Exact, 0));
+        verifications.connected(fast, "car-1", "owner-1", (proto::Attention::Fast, 1));
+        verifications.connected(off, "car-2", "owner-2", (proto::Attention::Off, 2));
         let producers = |nodes: &[NodeId]| -> Vec<Producer> {
             nodes
                 .iter()
@@ -1058,5 +1087,42 @@ mod tests {
         assert_eq!(of(&[fast, off]), proto::Attention::Mixed);
         assert_eq!(of(&[off, silent]), proto::Attention::Off);
         assert_eq!(of(&[silent, fast]), proto::Attention::Mixed);
+    }
+
+    /// A verifier is told the producers' setting only when every producer computed with its own
+    /// numerics (engine version, CPU kernels, setting); otherwise `Mixed`, the wider tolerance.
+    #[test]
+    fn a_verifier_of_other_numerics_takes_the_answer_as_mixed() {
+        let mut verifications =
+            Verifications::new(VerificationPolicy::default(), Secret::from_seed(7));
+        let (avx2, avx2_too, avx512, sse42) = (NodeId(1), NodeId(2), NodeId(3), NodeId(4));
+        verifications.connected(avx2, "car-1", "owner-1", (proto::Attention::Off, 0));
+        verifications.connected(avx2_too, "car-2", "owner-2", (proto::Attention::Off, 0));
+        verifications.connected(avx512, "dc-1", "", (proto::Attention::Off, 1));
+        verifications.connected(sse42, "car-3", "owner-3", (proto::Attention::Off, 2));
+        let producers = |nodes: &[NodeId]| -> Vec<Producer> {
+            nodes
+                .iter()
+                .map(|&node| Producer {
+                    node,
+                    owner: 0,
+                    positions: 0..1,
+                    drawn: false,
+                    platform: false,
+                })
+                .collect()
+        };
+        let told =
+            |nodes: &[NodeId], verifier| verifications.attention_for(&producers(nodes), verifier);
+        assert_eq!(told(&[avx2], avx2_too), proto::Attention::Off);
+        assert_eq!(told(&[avx2, avx2_too], avx2), proto::Attention::Off);
+        assert_eq!(told(&[avx2], avx512), proto::Attention::Mixed);
+        assert_eq!(told(&[sse42], avx512), proto::Attention::Mixed);
+        assert_eq!(told(&[avx2, sse42], avx2_too), proto::Attention::Mixed);
+        assert_eq!(
+            told(&[avx2], NodeId(9)),
+            proto::Attention::Mixed,
+            "unknown verifier"
+        );
     }
 }
