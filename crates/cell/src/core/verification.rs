@@ -1058,6 +1058,20 @@ mod tests {
         assert_eq!(parse_check_id("v12"), None);
     }
 
+    /// Producers of one position each, none drawn for a check.
+    fn producers(nodes: &[NodeId]) -> Vec<Producer> {
+        nodes
+            .iter()
+            .map(|&node| Producer {
+                node,
+                owner: 0,
+                positions: 0..1,
+                drawn: false,
+                platform: false,
+            })
+            .collect()
+    }
+
     /// An answer's setting is its producers' when they share one, `Mixed`
     /// when a handover crossed settings, and `Off` for a node that never
     /// said (an older agent); a node's latest registration counts.
@@ -1069,18 +1083,6 @@ mod tests {
         verifications.connected(fast, "car-1", "owner-1", (proto::Attention::Exact, 0));
         verifications.connected(fast, "car-1", "owner-1", (proto::Attention::Fast, 1));
         verifications.connected(off, "car-2", "owner-2", (proto::Attention::Off, 2));
-        let producers = |nodes: &[NodeId]| -> Vec<Producer> {
-            nodes
-                .iter()
-                .map(|&node| Producer {
-                    node,
-                    owner: 0,
-                    positions: 0..1,
-                    drawn: false,
-                    platform: false,
-                })
-                .collect()
-        };
         let of = |nodes: &[NodeId]| verifications.attention_of(&producers(nodes));
         assert_eq!(of(&[fast]), proto::Attention::Fast);
         assert_eq!(of(&[fast, fast]), proto::Attention::Fast);
@@ -1100,18 +1102,6 @@ mod tests {
         verifications.connected(avx2_too, "car-2", "owner-2", (proto::Attention::Off, 0));
         verifications.connected(avx512, "dc-1", "", (proto::Attention::Off, 1));
         verifications.connected(sse42, "car-3", "owner-3", (proto::Attention::Off, 2));
-        let producers = |nodes: &[NodeId]| -> Vec<Producer> {
-            nodes
-                .iter()
-                .map(|&node| Producer {
-                    node,
-                    owner: 0,
-                    positions: 0..1,
-                    drawn: false,
-                    platform: false,
-                })
-                .collect()
-        };
         let told =
             |nodes: &[NodeId], verifier| verifications.attention_for(&producers(nodes), verifier);
         assert_eq!(told(&[avx2], avx2_too), proto::Attention::Off);
