@@ -31,8 +31,11 @@ impl EnergyPrices {
 /// share `NUMERICS_OTHER`. Registrations are untrusted, so the table is
 /// bounded: its keys come from hellos of at most `limits::HELLO_BYTES_MAX`.
 pub const NUMERICS_MAX: usize = 256;
-/// The numerics of nodes past `NUMERICS_MAX`.
-pub const NUMERICS_OTHER: u32 = u32::MAX;
+/// The numerics of nodes past `NUMERICS_MAX`: alike to no node, each other
+/// included, so that a flood of made-up kernels can only cost later builds
+/// their bit-for-bit moves and the default tolerance (they are verified at
+/// the wider one), never make unlike nodes count as alike.
+pub const NUMERICS_OTHER: u32 = scheduler::NUMERICS_UNKNOWN;
 
 /// Small ids for the numbers nodes compute (`scheduler::NodeCapacity::numerics`):
 /// nodes registering the same engine version, CPU kernels (the instruction-set

@@ -74,5 +74,5 @@ pub use scheduler::Scheduler;
 pub use trust::TrustConfig;
 pub use types::{
     ClassSet, Millis, ModelId, NodeCapacity, NodeId, OwnerPolicy, PromptHeads, RequestId,
-    TenantClass, TenantConfig, TenantId, VehicleState, ALL_HOURS,
+    TenantClass, TenantConfig, TenantId, VehicleState, ALL_HOURS, NUMERICS_UNKNOWN,
 };

@@ -1,7 +1,7 @@
 //! What the scheduler remembers about each admitted request until it finishes, is cancelled or
 //! is rejected.
 
-use crate::types::{Millis, ModelId, NodeId, PromptHeads, TenantClass, TenantId};
+use crate::types::{Millis, ModelId, NodeId, PromptHeads, TenantClass, TenantId, NUMERICS_UNKNOWN};
 
 /// Where an admitted request is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,8 +48,10 @@ impl Request {
 
     /// The numerics a node must have for its generation to continue bit for bit: those it last
     /// ran on, once it has committed tokens (a request is assigned before it commits any).
+    /// None for a generation last run on a node of unknown numerics: no node is known to be
+    /// alike.
     pub(crate) fn continues_on(&self) -> Option<u32> {
-        (self.committed > 0).then_some(self.numerics)
+        (self.committed > 0 && self.numerics != NUMERICS_UNKNOWN).then_some(self.numerics)
     }
 
     /// The node it runs on, if running.

@@ -153,9 +153,15 @@ pub struct NodeCapacity {
     /// the same sequence (the same engine, CPU kernels and attention setting), so a generation
     /// moved between them continues bit for bit. A moved generation is placed on a node of the
     /// numerics it last ran on where one is free (see `Scheduler::best_free_node`). A fleet that
-    /// is all alike gives every node the same value.
+    /// is all alike gives every node the same value. [`NUMERICS_UNKNOWN`] is alike to no node,
+    /// itself included.
     pub numerics: u32,
 }
+
+/// The numerics of a node whose numbers cannot be told apart from others' (a driver that ran
+/// out of distinct ids): no generation counts on continuing bit for bit on such a node, or from
+/// one.
+pub const NUMERICS_UNKNOWN: u32 = u32::MAX;
 
 /// A tenant's contract.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use scheduler::{
     Command, Event, NodeCapacity, NodeId, OwnerPolicy, RejectReason, RequestId, VehicleState,
+    NUMERICS_UNKNOWN,
 };
 
 fn node_with(h: &mut Harness, id: u32, change: impl FnOnce(&mut NodeCapacity, &mut VehicleState)) {
@@ -233,4 +234,27 @@ fn work_moved_before_its_first_token_starts_afresh_anywhere_and_is_held_to_its_n
     // Now it has tokens from node 1's build: node 3 continues them, not the cheaper node 2.
     let out = commit_then_unplug(&mut h, 1, 3, 1);
     assert_eq!(assigned(&out, 1), Some((NodeId(3), 3)), "{out:?}");
+}
+
+#[test]
+fn nodes_of_unknown_numerics_are_alike_to_none_not_to_each_other() {
+    let mut h = Harness::new();
+    // Nodes 0 and 2 share the driver's overflow id; node 1 is of known numerics and cheaper
+    // than node 2.
+    nodes_of_numerics(
+        &mut h,
+        &[
+            (100_000, NUMERICS_UNKNOWN),
+            (200_000, 9),
+            (300_000, NUMERICS_UNKNOWN),
+        ],
+    );
+    assert_eq!(h.request(1, FLEET, 100), vec![assign(1, 0, 0)]);
+    let out = commit_then_unplug(&mut h, 1, 40, 0);
+    assert_eq!(
+        assigned(&out, 1),
+        Some((NodeId(1), 40)),
+        "a shared unknown id promises no bit-for-bit continuation: the usual preference, \
+         the cheaper node: {out:?}"
+    );
 }

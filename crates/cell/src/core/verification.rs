@@ -402,9 +402,10 @@ impl Verifications {
     /// the wider tolerance. Other CPU kernels (SSE4.2 against AVX-512, ARM's) or another engine
     /// version move logits past the default tolerance now and then (docs/VERIFICATION.md,
     /// "Across CPU kernels"), as another attention setting does.
+    /// Nodes past the cell's distinct numerics (`nodes::NUMERICS_OTHER`) are alike to none.
     fn attention_for(&self, producers: &[Producer], verifier: NodeId) -> proto::Attention {
         let own = self.numerics.get(&verifier);
-        let alike = own.is_some()
+        let alike = own.is_some_and(|own| *own != crate::nodes::NUMERICS_OTHER)
             && producers
                 .iter()
                 .all(|producer| self.numerics.get(&producer.node) == own);
@@ -1114,5 +1115,23 @@ mod tests {
             proto::Attention::Mixed,
             "unknown verifier"
         );
+    }
+
+    /// Nodes registered after the cell ran out of distinct numerics share one id, which says
+    /// nothing about what they compute: such an answer is always taken as mixed.
+    #[test]
+    fn nodes_past_the_cells_distinct_numerics_are_alike_to_none() {
+        let mut verifications =
+            Verifications::new(VerificationPolicy::default(), Secret::from_seed(7));
+        let other = crate::nodes::NUMERICS_OTHER;
+        let (late, late_too, known) = (NodeId(1), NodeId(2), NodeId(3));
+        verifications.connected(late, "car-1", "owner-1", (proto::Attention::Off, other));
+        verifications.connected(late_too, "car-2", "owner-2", (proto::Attention::Off, other));
+        verifications.connected(known, "car-3", "owner-3", (proto::Attention::Off, 0));
+        let told =
+            |nodes: &[NodeId], verifier| verifications.attention_for(&producers(nodes), verifier);
+        assert_eq!(told(&[late], late_too), proto::Attention::Mixed);
+        assert_eq!(told(&[late], known), proto::Attention::Mixed);
+        assert_eq!(told(&[known], late), proto::Attention::Mixed);
     }
 }
