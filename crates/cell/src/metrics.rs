@@ -30,6 +30,8 @@ pub struct Metrics {
     pub reassignments: AtomicU64,
     /// Generations moved with committed tokens to a vehicle of other numerics.
     pub moves_across_numerics: AtomicU64,
+    /// Registrations past the cell's distinct numerics (`nodes::NUMERICS_MAX`).
+    pub registrations_of_unknown_numerics: AtomicU64,
     pub kv_checkpoints_kept: AtomicU64,
     pub kv_checkpoints_refused: AtomicU64,
     pub kv_checkpoint_handovers: AtomicU64,
@@ -99,7 +101,7 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64); 33] = [
+        let counters: [(&str, &str, &AtomicU64); 34] = [
             (
                 "fleetgrid_requests_accepted_total",
                 "Requests admitted by the gateway.",
@@ -159,6 +161,11 @@ impl Metrics {
                 "fleetgrid_moves_across_numerics_total",
                 "Generations moved with committed tokens to a vehicle computing other numbers (engine build, CPU kernels or attention setting), none like the last being free: they continue from their committed tokens, not bit for bit.",
                 &self.moves_across_numerics,
+            ),
+            (
+                "fleetgrid_registrations_of_unknown_numerics_total",
+                "Node registrations past the 256 engine builds, CPU kernels and attention settings a cell tells apart: their answers are verified at the wider tolerance and their generations move without the bit-for-bit preference. A rise means the table is full, possibly of made-up kernels reports.",
+                &self.registrations_of_unknown_numerics,
             ),
             (
                 "fleetgrid_kv_checkpoints_kept_total",

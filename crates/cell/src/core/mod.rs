@@ -361,6 +361,15 @@ impl Core {
             Some(attention) => attention,
         };
         let numerics = state.numerics.of(hello.hardware.as_ref(), attention);
+        if numerics == crate::nodes::NUMERICS_OTHER {
+            self.metrics
+                .registrations_of_unknown_numerics
+                .fetch_add(1, ORDER);
+            tracing::warn!(
+                node_id = %name,
+                "the cell tells no more numerics apart; this node's answers get the wider tolerance"
+            );
+        }
         state
             .verifications
             .connected(node, name, owner, (attention, numerics));

@@ -370,6 +370,56 @@ fn a_moved_generation_continues_on_a_vehicle_of_its_attention_setting() {
     assert_eq!(across(&harness), 1);
 }
 
+/// Once made-up kernels reports have filled the cell's numerics table, two
+/// vehicles of a later build share an id that promises nothing: work moved
+/// between them is counted as moved across numerics, and operators see the
+/// registrations counted.
+#[test]
+fn vehicles_registered_past_a_flood_of_made_up_kernels_are_counted_and_not_alike() {
+    let mut harness = Harness::serving_the_test_model();
+    let kernels = |hello: &mut proto::Hello, report: &str| {
+        if let Some(hardware) = hello.hardware.as_mut() {
+            hardware.cpu_kernels = report.to_owned();
+        }
+    };
+    for n in 0..crate::nodes::NUMERICS_MAX {
+        let mut hello = proto::Hello {
+            hardware: Some(proto::Hardware::default()),
+            ..proto::Hello::default()
+        };
+        kernels(&mut hello, &format!("made up {n}"));
+        harness.connect_with(&format!("flood-{n}"), &hello);
+    }
+    let unknown = |harness: &Harness| {
+        harness
+            .core
+            .metrics
+            .registrations_of_unknown_numerics
+            .load(ORDER)
+    };
+    assert_eq!(unknown(&harness), 0, "the flood filled the table exactly");
+    let mut late = serving_hello();
+    kernels(&mut late, "CPU : AVX2 = 1 | a later build |");
+    let cars = [
+        harness.connect_with("late-1", &late),
+        harness.connect_with("late-2", &late),
+    ];
+    assert_eq!(unknown(&harness), 2);
+    let first = crate::nodes::NUMERICS_MAX;
+    let generation = spot_generation("chatcmpl-late", proto::Sampling::default(), 16);
+    let _admitted = harness.core.submit(generation).expect("admitted");
+    let id = assigned(&mut harness, first).expect("the first late vehicle serves");
+    harness.core.node_tokens(cars[0], batch(&id, &[5, 6, 7], 0));
+    harness.core.node_lost(cars[0]);
+    let moved = assignment(&mut harness, first + 1).expect("the other late vehicle");
+    assert_eq!(moved.committed_tokens, vec![5, 6, 7]);
+    assert_eq!(
+        harness.core.metrics.moves_across_numerics.load(ORDER),
+        1,
+        "the same build string past the table's bound promises no bit-for-bit continuation"
+    );
+}
+
 /// The first `Assign` waiting on node `index`'s channel, if any.
 fn assignment(harness: &mut Harness, index: usize) -> Option<proto::Assign> {
     while let Ok(message) = harness._to_nodes[index].try_recv() {
