@@ -96,6 +96,19 @@ pub(crate) struct FreeIndex {
     by_model: Vec<FreeSets>,
 }
 
+/// Equal when the same nodes are filed alike: a model no node has any more may keep an empty
+/// place in one.
+impl PartialEq for FreeIndex {
+    fn eq(&self, other: &FreeIndex) -> bool {
+        let models = self.by_model.len().max(other.by_model.len());
+        let empty = FreeSets::new();
+        (0..models).all(|model| {
+            self.by_model.get(model).unwrap_or(&empty)
+                == other.by_model.get(model).unwrap_or(&empty)
+        })
+    }
+}
+
 impl FreeIndex {
     pub(crate) fn insert(&mut self, id: NodeId, node: &Node, entry: FreeEntry) {
         for model in &node.capacity.models {
@@ -155,7 +168,7 @@ impl FreeIndex {
 }
 
 /// Nodes running work of a group, per (model, group, accepted classes).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub(crate) struct VictimIndex {
     sets: BTreeMap<(ModelId, VictimGroup, u8), BTreeSet<NodeId>>,
 }

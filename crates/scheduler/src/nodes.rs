@@ -205,6 +205,78 @@ impl NodeTable {
         Some(result)
     }
 
+    /// Change which work runs on a node, where `change` adds or removes only generations of
+    /// `group`: what assignment and detaching do, most of the scheduler's changes to a node.
+    ///
+    /// It does what [`NodeTable::update`] would, touching less: nothing but the running list
+    /// changes, so the counts, the timer and the node's other victim groups stay as they are;
+    /// only its free entry (its load) and its victim entry for `group` can move.
+    pub(crate) fn change_running<R>(
+        &mut self,
+        id: NodeId,
+        group: VictimGroup,
+        change: impl FnOnce(&mut Vec<Running>) -> R,
+    ) -> Option<(R, &Node)> {
+        let NodeTable {
+            nodes,
+            free,
+            victims,
+            ..
+        } = self;
+        let node = nodes.get_mut(id.0 as usize)?.as_mut()?;
+        let free_before = FreeEntry::of(node);
+        let classes_before = victim_classes(node);
+        let had_group = node.running.iter().any(|running| running.group == group);
+
+        let result = change(&mut node.running);
+
+        let free_after = FreeEntry::of(node);
+        if free_before != free_after {
+            if let Some(entry) = free_before {
+                free.remove(id, node, entry);
+            }
+            if let Some(entry) = free_after {
+                free.insert(id, node, entry);
+            }
+        }
+        let classes_after = victim_classes(node);
+        let has_group = node.running.iter().any(|running| running.group == group);
+        // The accepted classes do not change here; a node is filed or not by whether it runs
+        // anything, and when that flips, `group` was or is all it runs.
+        if classes_before != classes_after || had_group != has_group {
+            if let Some(classes) = classes_before.filter(|_| had_group) {
+                victims.apply(id, node, classes, &[group], false);
+            }
+            if let Some(classes) = classes_after.filter(|_| has_group) {
+                victims.apply(id, node, classes, &[group], true);
+            }
+        }
+        Some((result, node))
+    }
+
+    /// Which derived state, if any, differs from what rebuilding it from the nodes gives: the
+    /// indexes and counts are kept by changes, and a change that forgot one would place work
+    /// wrongly without failing. For checks (the `sim` harness runs it after every event).
+    pub(crate) fn index_drift(&self) -> Option<&'static str> {
+        let mut rebuilt = NodeTable::default();
+        for (id, node) in self.iter() {
+            rebuilt.insert(id, node.clone());
+        }
+        if rebuilt.free != self.free {
+            Some("free index")
+        } else if rebuilt.victims != self.victims {
+            Some("victim index")
+        } else if rebuilt.timers != self.timers {
+            Some("timers")
+        } else if rebuilt.available_slots != self.available_slots {
+            Some("available slots")
+        } else if counted(&rebuilt.servable) != counted(&self.servable) {
+            Some("servable counts")
+        } else {
+            None
+        }
+    }
+
     /// Add (`insert == true`) or remove all of a node's index entries.
     fn index(&mut self, id: NodeId, node: &Node, insert: bool) {
         if let Some(entry) = FreeEntry::of(node) {
@@ -277,6 +349,17 @@ fn set_timer_entry(
     if let Some(at) = after {
         timers.insert((at, id));
     }
+}
+
+/// `servable`'s counts other than none (a model no node serves any more keeps its zeros).
+fn counted(
+    servable: &FxHashMap<ModelId, [u32; 3]>,
+) -> std::collections::BTreeMap<ModelId, [u32; 3]> {
+    servable
+        .iter()
+        .filter(|(_, counts)| **counts != [0; 3])
+        .map(|(model, counts)| (*model, *counts))
+        .collect()
 }
 
 /// The classes a node counts as able to serve in `servable`: its owner's, or none while it is

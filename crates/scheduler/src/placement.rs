@@ -117,10 +117,10 @@ impl Scheduler {
         let model = entry.model;
         let (sequences, numerics) = self
             .nodes
-            .update(node, |node| {
-                node.running.push(Running { request, group });
-                (node.claimed_slots, node.capacity.numerics)
+            .change_running(node, group, |running| {
+                running.push(Running { request, group })
             })
+            .map(|((), node)| (node.claimed_slots, node.capacity.numerics))
             .unwrap_or_default();
         // What it commits here continues exactly on nodes like this one, and so does its KV
         // checkpoint; a generation that already crossed to other numerics follows its latest.
@@ -161,8 +161,9 @@ impl Scheduler {
             seq: 0,
         };
         let tenant = entry.tenant;
-        self.nodes.update(node, |node| {
-            node.running.retain(|running| running.request != request)
+        let group = VictimGroup::of(entry.class, tenant);
+        self.nodes.change_running(node, group, |running| {
+            running.retain(|running| running.request != request)
         });
         self.heads.left(node, request);
         if let Some(tenant) = self.tenants.get_mut(tenant) {
@@ -182,8 +183,16 @@ impl Scheduler {
         if entry.blocker.is_some() {
             return;
         }
-        let models = entry.capacity.models.clone();
-        for model in models {
+        // By position rather than a copy of the list: this runs on every end of work, and
+        // starting work changes no node's models.
+        for index in 0..entry.capacity.models.len() {
+            let Some(model) = self
+                .nodes
+                .get(node)
+                .and_then(|entry| entry.capacity.models.get(index).copied())
+            else {
+                break;
+            };
             self.dispatch_model(now, model, out);
         }
     }

@@ -339,6 +339,11 @@ impl Sim {
                 ));
             }
         }
+        if let Some(differs) = self.scheduler.nodes.index_drift() {
+            return Err(format!(
+                "the node indexes differ from ones rebuilt from the nodes: {differs}"
+            ));
+        }
         self.check_priority()
     }
 
