@@ -139,6 +139,21 @@ impl FreeIndex {
         }
     }
 
+    /// Move a changed node's entries from `before` (its entry before the change) to what it
+    /// is now, if they differ.
+    pub(crate) fn refile(&mut self, id: NodeId, node: &Node, before: Option<FreeEntry>) {
+        let after = FreeEntry::of(node);
+        if before == after {
+            return;
+        }
+        if let Some(entry) = before {
+            self.remove(id, node, entry);
+        }
+        if let Some(entry) = after {
+            self.insert(id, node, entry);
+        }
+    }
+
     /// The sets that may hold nodes for (model, class): (bucket, numerics, set).
     pub(crate) fn sets(
         &self,

@@ -183,15 +183,7 @@ impl NodeTable {
             count_servable(servable, &node.capacity.models, classes_after, 1);
         }
         set_timer_entry(timers, id, timer_before, node.timer);
-        let free_after = FreeEntry::of(node);
-        if free_before != free_after {
-            if let Some(entry) = free_before {
-                free.remove(id, node, entry);
-            }
-            if let Some(entry) = free_after {
-                free.insert(id, node, entry);
-            }
-        }
+        free.refile(id, node, free_before);
         let victim_classes_after = victim_classes(node);
         groups_if_filed(node, victim_classes_after, groups_after);
         if victim_classes_before != victim_classes_after || groups_before != groups_after {
@@ -230,15 +222,7 @@ impl NodeTable {
 
         let result = change(&mut node.running);
 
-        let free_after = FreeEntry::of(node);
-        if free_before != free_after {
-            if let Some(entry) = free_before {
-                free.remove(id, node, entry);
-            }
-            if let Some(entry) = free_after {
-                free.insert(id, node, entry);
-            }
-        }
+        free.refile(id, node, free_before);
         let classes_after = victim_classes(node);
         let has_group = node.running.iter().any(|running| running.group == group);
         // The accepted classes do not change here; a node is filed or not by whether it runs
