@@ -37,6 +37,12 @@ pub const NUMERICS_MAX: usize = 256;
 /// the wider one), never make unlike nodes count as alike.
 pub const NUMERICS_OTHER: u32 = scheduler::NUMERICS_UNKNOWN;
 
+/// Whether two nodes' numerics (none: not known here) compute the same numbers: the same id,
+/// and not `NUMERICS_OTHER`.
+pub fn numerics_alike(a: Option<u32>, b: Option<u32>) -> bool {
+    a == b && a.is_some_and(|id| id != NUMERICS_OTHER)
+}
+
 /// Small ids for the numbers nodes compute (`scheduler::NodeCapacity::numerics`):
 /// nodes registering the same engine version, CPU kernels (the instruction-set
 /// variant included) and attention setting get the same id, and a generation

@@ -131,10 +131,9 @@ impl Core {
             self.metrics.reassignments.fetch_add(1, ORDER);
         }
         let numerics = state.nodes.get(&node).map(|connected| connected.numerics);
-        let unknown = Some(crate::nodes::NUMERICS_OTHER);
         if !inflight.committed.is_empty()
             && inflight.numerics.is_some()
-            && (numerics != inflight.numerics || numerics == unknown)
+            && !crate::nodes::numerics_alike(numerics, inflight.numerics)
         {
             self.metrics.moves_across_numerics.fetch_add(1, ORDER);
         }

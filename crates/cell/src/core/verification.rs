@@ -401,14 +401,13 @@ impl Verifications {
     /// when every producer computed with the verifier's own numerics, else `Mixed`, which takes
     /// the wider tolerance. Other CPU kernels (SSE4.2 against AVX-512, ARM's) or another engine
     /// version move logits past the default tolerance now and then (docs/VERIFICATION.md,
-    /// "Across CPU kernels"), as another attention setting does.
-    /// Nodes past the cell's distinct numerics (`nodes::NUMERICS_OTHER`) are alike to none.
+    /// "Across CPU kernels"), as another attention setting does (`nodes::numerics_alike`).
     fn attention_for(&self, producers: &[Producer], verifier: NodeId) -> proto::Attention {
-        let own = self.numerics.get(&verifier);
-        let alike = own.is_some_and(|own| *own != crate::nodes::NUMERICS_OTHER)
-            && producers
-                .iter()
-                .all(|producer| self.numerics.get(&producer.node) == own);
+        let own = self.numerics.get(&verifier).copied();
+        let alike = own.is_some()
+            && producers.iter().all(|producer| {
+                crate::nodes::numerics_alike(self.numerics.get(&producer.node).copied(), own)
+            });
         if alike {
             self.attention_of(producers)
         } else {
