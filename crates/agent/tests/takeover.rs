@@ -114,6 +114,7 @@ impl TestCell {
             model: MODEL.to_owned(),
             prompt: vec![1, 2, 3, 4],
             committed: Vec::new(),
+            numerics: None,
             sampling: proto::Sampling::default(),
             max_tokens,
             stop: Vec::new(),

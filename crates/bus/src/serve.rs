@@ -301,6 +301,8 @@ impl Stream {
         let watching = CancellationToken::new();
         let _stop_watching = watching.clone().drop_guard();
         tokio::spawn(self.watch_listener(request, batches_to.clone(), stop.clone(), watching));
+        // The numbers last named to the gateway (`Batch::numerics`).
+        let mut numerics_sent = None;
         loop {
             let first = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -328,6 +330,12 @@ impl Stream {
                 }
                 Ok(Some(update)) => self.coalesce(request, position, update, &mut updates),
             };
+            let mut batch = batch;
+            let numerics = self.cell.numerics(RequestId(request));
+            if numerics.is_some() && numerics != numerics_sent {
+                batch.numerics.clone_from(&numerics);
+                numerics_sent = numerics;
+            }
             let ended = batch.end.is_some();
             position = position.saturating_add(u32::try_from(batch.tokens.len()).unwrap_or(0));
             if !self.publish(&batches_to, &batch).await {
@@ -476,6 +484,7 @@ impl Stream {
             tokens,
             metering,
             end,
+            numerics: None,
         }
     }
 

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use cell_api::metering::Metering;
 use cell_api::{
     Capacity, CapacityListing, CommittedToken, FinishReason, GenerationError, NewGeneration,
-    Rejection, TenantRef, Usage,
+    Numerics, Rejection, TenantRef, Usage,
 };
 use domain::TenantClass;
 use serde::de::DeserializeOwned;
@@ -64,6 +64,9 @@ pub struct WireGeneration {
     #[serde(default)]
     pub draft: Vec<i32>,
     pub deadline_ms: Option<u64>,
+    /// Came later: a message without it says nothing of the numbers `committed` came from.
+    #[serde(default)]
+    pub numerics: Option<Numerics>,
 }
 
 /// `proto::Sampling`, field by field. The fields after `ignore_eos` came later: a message
@@ -151,6 +154,7 @@ impl From<&NewGeneration> for WireGeneration {
             prompt_logprobs: generation.prompt_logprobs,
             draft: generation.draft.clone(),
             deadline_ms: generation.deadline_ms,
+            numerics: generation.numerics.clone(),
         }
     }
 }
@@ -175,6 +179,7 @@ impl TryFrom<WireGeneration> for NewGeneration {
             prompt_logprobs: wire.prompt_logprobs,
             draft: wire.draft,
             deadline_ms: wire.deadline_ms,
+            numerics: wire.numerics,
         })
     }
 }
@@ -200,6 +205,11 @@ pub struct Batch {
     pub metering: Option<Metering>,
     /// Set on the generation's last batch.
     pub end: Option<End>,
+    /// The numbers this batch's tokens were computed with (`Update::Numerics`), on the first
+    /// batch after a node took the generation. Came later: a message without it changes
+    /// nothing.
+    #[serde(default)]
+    pub numerics: Option<Numerics>,
 }
 
 /// Consecutive prompt tokens' scores, in prompt order: a prompt's scores
@@ -413,6 +423,11 @@ mod tests {
             model: "tiny".into(),
             prompt: vec![1, 2, 3],
             committed: vec![9],
+            numerics: Some(Numerics {
+                engine_version: "0.1.0".into(),
+                cpu_kernels: "x86-avx2".into(),
+                attention: 2,
+            }),
             sampling: proto::Sampling {
                 temperature: 0.7,
                 top_p: 0.9,

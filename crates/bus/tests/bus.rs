@@ -119,6 +119,11 @@ async fn a_generation_whose_cell_dies_continues_on_another_without_gap_or_repeat
         .map(|token| token.token_id)
         .collect();
     assert_eq!(resumed[0].committed, expected_ids);
+    assert_eq!(
+        resumed[0].numerics,
+        Some(first.numerics()),
+        "the next cell is told what numbers the tokens came from"
+    );
 
     let Some(Update::Finished {
         usage, metering, ..

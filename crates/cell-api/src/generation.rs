@@ -45,6 +45,19 @@ pub enum GenerationError {
     TooManyAttempts,
 }
 
+/// Which numbers a node computes: nodes alike in all three continue each other's
+/// generations bit for bit. A node's own claim (its registration), so a hint for placement,
+/// never a proof.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Numerics {
+    /// The engine's version (`proto::Hardware::engine_version`).
+    pub engine_version: String,
+    /// The CPU kernels it runs, instruction-set variant included (`proto::Hardware::cpu_kernels`).
+    pub cpu_kernels: String,
+    /// Its attention setting (`proto::Attention` as a number).
+    pub attention: i32,
+}
+
 /// What the client's handler receives.
 #[derive(Debug)]
 pub enum Update {
@@ -99,6 +112,10 @@ pub struct NewGeneration {
     /// (seed, position) makes the continuation the one the first cell would
     /// have made. Their text is not sent again; usage counts them.
     pub committed: Vec<i32>,
+    /// The numbers the node that committed the last of `committed` computes
+    /// (`Cell::numerics`), if known: the cell places the continuation on a
+    /// node computing the same where one is free, so that it goes on bit for bit.
+    pub numerics: Option<Numerics>,
     pub sampling: proto::Sampling,
     pub max_tokens: u32,
     pub stop: Vec<String>,

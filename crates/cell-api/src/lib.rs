@@ -28,8 +28,8 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 pub use generation::{
-    Admitted, CommittedToken, FinishReason, GenerationError, NewGeneration, Rejection, TenantRef,
-    Update, Usage,
+    Admitted, CommittedToken, FinishReason, GenerationError, NewGeneration, Numerics, Rejection,
+    TenantRef, Update, Usage,
 };
 
 use crate::metering::Metering;
@@ -55,6 +55,15 @@ pub trait Cell: Send + Sync {
     /// so that the far side can answer a `cancel` (called from drop guards,
     /// so never waiting on the network) from the latest one it holds.
     fn metered(&self, _request: RequestId) -> Option<Metering> {
+        None
+    }
+
+    /// The numbers the node running a generation computes, so that a gateway
+    /// moving it to another cell can ask for a node that continues it bit for
+    /// bit (`NewGeneration::numerics`); `None` when it runs nowhere or the
+    /// cell cannot tell. A cell served over a broker sends it with the tokens
+    /// when it changes.
+    fn numerics(&self, _request: RequestId) -> Option<Numerics> {
         None
     }
 

@@ -49,17 +49,41 @@ pub fn numerics_alike(a: Option<u32>, b: Option<u32>) -> bool {
 /// moved between two of them continues bit for bit.
 #[derive(Debug, Default)]
 pub struct Numerics {
-    ids: HashMap<(String, String, i32), u32>,
+    ids: HashMap<cell_api::Numerics, u32>,
+}
+
+/// What a node registering `hardware` (none: an engine that says nothing)
+/// with `attention` computes, as cells and gateways name it.
+pub fn numerics_key(
+    hardware: Option<&proto::Hardware>,
+    attention: proto::Attention,
+) -> cell_api::Numerics {
+    let (version, kernels) = hardware.map_or(("", ""), |h| {
+        (h.engine_version.as_str(), h.cpu_kernels.as_str())
+    });
+    cell_api::Numerics {
+        engine_version: version.to_owned(),
+        cpu_kernels: kernels.to_owned(),
+        attention: attention as i32,
+    }
 }
 
 impl Numerics {
     /// The id of what a node registering `hardware` (none: an engine that
     /// says nothing) with `attention` computes.
     pub fn of(&mut self, hardware: Option<&proto::Hardware>, attention: proto::Attention) -> u32 {
-        let (version, kernels) = hardware.map_or(("", ""), |h| {
-            (h.engine_version.as_str(), h.cpu_kernels.as_str())
-        });
-        let key = (version.to_owned(), kernels.to_owned(), attention as i32);
+        self.id_of(numerics_key(hardware, attention))
+    }
+
+    /// The id of `key` if a node here registered it, else `NUMERICS_OTHER`:
+    /// a look-up only, so a key from elsewhere (a generation moved from
+    /// another cell) never takes a place in the table.
+    pub fn find(&self, key: &cell_api::Numerics) -> u32 {
+        self.ids.get(key).copied().unwrap_or(NUMERICS_OTHER)
+    }
+
+    /// The id of `key`, given one if there is room.
+    pub fn id_of(&mut self, key: cell_api::Numerics) -> u32 {
         if let Some(id) = self.ids.get(&key) {
             return *id;
         }
@@ -89,21 +113,24 @@ pub struct ConnectedNode {
     /// disconnected for a protocol violation): its gRPC read loop stops
     /// reading at once.
     pub disconnect: CancellationToken,
-    /// Which numbers it computes (`Numerics::of`).
+    /// Which numbers it computes (`Numerics::of`), and what they are called
+    /// beyond this cell.
     pub numerics: u32,
+    pub numerics_key: cell_api::Numerics,
     state: VehicleState,
     hardware: proto::Hardware,
     models: Vec<proto::CachedModel>,
 }
 
 impl ConnectedNode {
-    /// A node that said `hello`, computing `numerics` (`Numerics::of`).
+    /// A node that said `hello`, computing `numerics` (`Numerics::of` of
+    /// `numerics_key`).
     pub fn new(
         name: &str,
         session: u64,
         outbound: mpsc::Sender<proto::CoordinatorMessage>,
         hello: &proto::Hello,
-        numerics: u32,
+        (numerics, numerics_key): (u32, cell_api::Numerics),
     ) -> ConnectedNode {
         ConnectedNode {
             name: name.to_string(),
@@ -115,6 +142,7 @@ impl ConnectedNode {
             hardware: hello.hardware.clone().unwrap_or_default(),
             models: hello.models.clone(),
             numerics,
+            numerics_key,
         }
     }
 

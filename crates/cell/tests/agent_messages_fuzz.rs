@@ -76,6 +76,7 @@ fn cell() -> Cell {
                 model: engine::testing::TEST_MODEL_NAME.to_owned(),
                 prompt: vec![1, 2, 3, 4],
                 committed: Vec::new(),
+                numerics: None,
                 sampling: proto::Sampling::default(),
                 max_tokens: MAX_TOKENS,
                 stop: Vec::new(),

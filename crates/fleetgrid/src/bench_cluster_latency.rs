@@ -259,6 +259,7 @@ fn generation(index: u32, max_tokens: u32) -> NewGeneration {
         model: MODEL.to_owned(),
         prompt: vec![1],
         committed: Vec::new(),
+        numerics: None,
         sampling: proto::Sampling::default(),
         max_tokens,
         stop: Vec::new(),

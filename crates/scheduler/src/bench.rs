@@ -257,6 +257,7 @@ fn placements(
             max_tokens,
             deadline: None,
             prompt_heads,
+            resumes: None,
         };
         let started = Instant::now();
         scheduler.handle(now, event, out);

@@ -2,8 +2,8 @@
 //! drives it, the coordinator server or the fleet simulator.
 
 use crate::types::{
-    Millis, ModelId, NodeCapacity, NodeId, OwnerPolicy, PromptHeads, RequestId, TenantConfig,
-    TenantId, VehicleState,
+    Millis, ModelId, NodeCapacity, NodeId, OwnerPolicy, PromptHeads, RequestId, Resume,
+    TenantConfig, TenantId, VehicleState,
 };
 
 /// Something that happened, applied at the time given to [`crate::Scheduler::handle`].
@@ -50,6 +50,9 @@ pub enum Event {
         deadline: Option<Millis>,
         /// The hashes of its prompt's head blocks, for prefix affinity (empty: none).
         prompt_heads: PromptHeads,
+        /// Tokens it already has from elsewhere, and the numerics they came from; None: a
+        /// new generation.
+        resumes: Option<Resume>,
     },
     /// The request has `committed_total` tokens committed in all (counting earlier attempts);
     /// the next attempt resumes from here. Accepted while it waits too (tokens that arrived

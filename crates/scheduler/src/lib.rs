@@ -73,6 +73,6 @@ pub use event::{Command, Event, RejectReason, StopReason};
 pub use scheduler::Scheduler;
 pub use trust::TrustConfig;
 pub use types::{
-    ClassSet, Millis, ModelId, NodeCapacity, NodeId, OwnerPolicy, PromptHeads, RequestId,
+    ClassSet, Millis, ModelId, NodeCapacity, NodeId, OwnerPolicy, PromptHeads, RequestId, Resume,
     TenantClass, TenantConfig, TenantId, VehicleState, ALL_HOURS, NUMERICS_UNKNOWN,
 };

@@ -4,7 +4,7 @@
 use crate::event::{Command, RejectReason, StopReason};
 use crate::requests::{Heads, Placement, Request};
 use crate::scheduler::Scheduler;
-use crate::types::{Millis, ModelId, NodeId, PromptHeads, RequestId, TenantId};
+use crate::types::{Millis, ModelId, NodeId, PromptHeads, RequestId, Resume, TenantId};
 
 /// The fields of `Event::RequestArrived`.
 #[derive(Debug, Clone, Copy)]
@@ -16,6 +16,7 @@ pub(crate) struct Arrival {
     pub(crate) max_tokens: u32,
     pub(crate) deadline: Option<Millis>,
     pub(crate) prompt_heads: PromptHeads,
+    pub(crate) resumes: Option<Resume>,
 }
 
 impl Scheduler {
@@ -81,7 +82,7 @@ impl Scheduler {
             prompt_tokens: arrival.prompt_tokens,
             max_tokens: arrival.max_tokens,
             deadline: arrival.deadline,
-            committed: 0,
+            committed: arrival.resumes.map_or(0, |resume| resume.committed),
             attempts_failed: 0,
             placement: Placement::Waiting {
                 parked: false,
@@ -90,7 +91,7 @@ impl Scheduler {
             progress_at: now,
             attempt_tokens: 0,
             prompt_heads: Heads::new(arrival.prompt_heads),
-            numerics: 0,
+            numerics: arrival.resumes.map_or(0, |resume| resume.numerics),
         };
         self.requests.insert(request, entry);
         if must_wait {

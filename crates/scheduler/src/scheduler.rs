@@ -106,6 +106,7 @@ impl Scheduler {
                 max_tokens,
                 deadline,
                 prompt_heads,
+                resumes,
             } => {
                 let arrival = crate::request_events::Arrival {
                     request,
@@ -115,6 +116,7 @@ impl Scheduler {
                     max_tokens,
                     deadline,
                     prompt_heads,
+                    resumes,
                 };
                 self.on_request_arrived(now, arrival, out)
             }

@@ -163,6 +163,17 @@ pub struct NodeCapacity {
 /// one.
 pub const NUMERICS_UNKNOWN: u32 = u32::MAX;
 
+/// A generation that arrives with tokens committed elsewhere (a cell that was lost): placed
+/// from the start as a move, on a node that continues it bit for bit where one is free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resume {
+    /// Tokens committed before it arrived here.
+    pub committed: u32,
+    /// The numerics (`NodeCapacity::numerics`, in this scheduler's ids) of the node that
+    /// committed the last of them; [`NUMERICS_UNKNOWN`] when no node here computes the same.
+    pub numerics: u32,
+}
+
 /// A tenant's contract.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TenantConfig {

@@ -36,6 +36,7 @@ fn ask(
         max_tokens,
         deadline: None,
         prompt_heads: PromptHeads::of(prompt),
+        resumes: None,
     })
 }
 

@@ -37,6 +37,7 @@ fn departure_window_moves_long_work_keeps_short_work_and_stops_all_before_leavin
             max_tokens: 60_000,
             deadline: None,
             prompt_heads: scheduler::PromptHeads::default(),
+            resumes: None,
         };
         h.send(arrival)
     };

@@ -68,6 +68,7 @@ fn request_for_a_model_no_node_has_is_rejected_at_once() {
         max_tokens: 1,
         deadline: None,
         prompt_heads: scheduler::PromptHeads::default(),
+        resumes: None,
     });
     assert!(matches!(
         out.as_slice(),

@@ -5,8 +5,8 @@ mod common;
 
 use common::*;
 use scheduler::{
-    Command, Event, NodeCapacity, NodeId, OwnerPolicy, RejectReason, RequestId, VehicleState,
-    NUMERICS_UNKNOWN,
+    Command, Event, NodeCapacity, NodeId, OwnerPolicy, RejectReason, RequestId, Resume,
+    VehicleState, NUMERICS_UNKNOWN,
 };
 
 fn node_with(h: &mut Harness, id: u32, change: impl FnOnce(&mut NodeCapacity, &mut VehicleState)) {
@@ -234,6 +234,39 @@ fn work_moved_before_its_first_token_starts_afresh_anywhere_and_is_held_to_its_n
     // Now it has tokens from node 1's build: node 3 continues them, not the cheaper node 2.
     let out = commit_then_unplug(&mut h, 1, 3, 1);
     assert_eq!(assigned(&out, 1), Some((NodeId(3), 3)), "{out:?}");
+}
+
+/// Request `id` arriving with `committed` tokens from a lost cell's node of `numerics`.
+fn arrives_resuming(h: &mut Harness, id: u64, committed: u32, numerics: u32) -> Vec<Command> {
+    h.send(Event::RequestArrived {
+        request: RequestId(id),
+        tenant: FLEET,
+        model: MODEL,
+        prompt_tokens: 10,
+        max_tokens: 100,
+        deadline: None,
+        prompt_heads: scheduler::PromptHeads::default(),
+        resumes: Some(Resume {
+            committed,
+            numerics,
+        }),
+    })
+}
+
+#[test]
+fn work_moved_from_another_cell_is_first_placed_on_a_node_of_its_numerics() {
+    let mut h = Harness::new();
+    nodes_of_numerics(&mut h, &[(100_000, 7), (200_000, 9)]);
+    assert_eq!(
+        arrives_resuming(&mut h, 1, 40, 9),
+        vec![assign(1, 1, 40)],
+        "its tokens came from a node of numerics 9: the dearer node continues them bit for bit"
+    );
+    assert_eq!(
+        arrives_resuming(&mut h, 2, 40, NUMERICS_UNKNOWN),
+        vec![assign(2, 0, 40)],
+        "from numerics no node here has: the usual preference, the cheaper node"
+    );
 }
 
 #[test]

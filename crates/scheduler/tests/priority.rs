@@ -129,6 +129,7 @@ fn reserved_tenant_keeps_its_guaranteed_share() {
         max_tokens: 1,
         deadline: None,
         prompt_heads: scheduler::PromptHeads::default(),
+        resumes: None,
     });
     assert_eq!(out, vec![]);
 }
@@ -172,6 +173,7 @@ fn tenants_of_a_class_share_by_weight() {
             max_tokens: 10,
             deadline: None,
             prompt_heads: scheduler::PromptHeads::default(),
+            resumes: None,
         });
     }
     // Plugging in opens four slots; they go three to one by weight.

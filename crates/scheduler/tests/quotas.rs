@@ -86,6 +86,7 @@ fn waiting_request_past_its_deadline_is_rejected_on_tick() {
         max_tokens: 1,
         deadline,
         prompt_heads: scheduler::PromptHeads::default(),
+        resumes: None,
     };
     assert_eq!(h.send(arrival), vec![]);
     assert_eq!(h.advance(4_999), vec![]);
@@ -137,6 +138,7 @@ fn work_that_started_by_its_deadline_is_not_refused_for_it_when_moved() {
         max_tokens: 10,
         deadline: Some(h.now.plus(5_000)),
         prompt_heads: scheduler::PromptHeads::default(),
+        resumes: None,
     };
     assert_eq!(h.send(arrival), vec![assign(1, 0, 0)]);
     h.plain_node(1, 1);

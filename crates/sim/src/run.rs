@@ -816,6 +816,7 @@ impl<'a> Run<'a> {
             max_tokens: lease.requests.saturating_mul(work.answer_tokens),
             deadline: Some(Millis(lease.deadline)),
             prompt_heads: Default::default(),
+            resumes: None,
         };
         self.feed(now, event);
     }

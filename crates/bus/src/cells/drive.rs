@@ -209,6 +209,10 @@ impl Run {
         if self.generation.prompt_logprobs && !batch.tokens.is_empty() {
             return Step::Move("tokens came before the prompt's scores");
         }
+        if batch.numerics.is_some() {
+            // A move to another cell asks it to continue on nodes alike to this one.
+            self.generation.numerics = batch.numerics;
+        }
         for token in batch.tokens.into_iter().skip(next - first) {
             if self.positions.len() >= self.positions_max {
                 return Step::End(Update::Failed(GenerationError::Failed(

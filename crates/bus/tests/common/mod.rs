@@ -16,7 +16,7 @@ use bus::{CellId, Cells, CellsConfig, ServeConfig};
 use cell_api::metering::{Metering, NodeReport, PaidSpeed, SegmentTrack};
 use cell_api::{
     Admitted, Capacity, Cell, CommittedToken, FinishReason, ModelHeads, NewGeneration, NodeSummary,
-    Rejection, TenantRef, Update, Usage,
+    Numerics, Rejection, TenantRef, Update, Usage,
 };
 use domain::{RequestId, TenantClass, TimestampMs};
 use futures::future::BoxFuture;
@@ -267,6 +267,7 @@ pub fn generation(prompt: Vec<i32>, seed: u64, max_tokens: u32) -> NewGeneration
         model: MODEL.to_string(),
         prompt,
         committed: Vec::new(),
+        numerics: None,
         sampling: proto::Sampling {
             temperature: 0.8,
             top_p: 0.95,
@@ -337,6 +338,14 @@ impl TestCell {
     /// Its vehicle's name.
     pub fn node(&self) -> String {
         format!("{}-car", self.name)
+    }
+
+    /// The numbers its vehicle computes (each test cell's are its own).
+    pub fn numerics(&self) -> Numerics {
+        Numerics {
+            cpu_kernels: format!("{} kernels", self.name),
+            ..Numerics::default()
+        }
     }
 
     /// From now on its capacity says its vehicle holds the head of `prompt`.
@@ -502,6 +511,11 @@ impl Cell for TestCell {
             .live
             .get(&request.0)
             .map(|(_, metering)| metering.clone())
+    }
+
+    fn numerics(&self, request: RequestId) -> Option<Numerics> {
+        let live = lock(&self.state).live.contains_key(&request.0);
+        live.then(|| TestCell::numerics(self))
     }
 
     fn capacity(&self) -> Capacity {

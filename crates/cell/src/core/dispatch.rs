@@ -118,10 +118,7 @@ impl Core {
             );
             return;
         };
-        // The scheduler may lag behind: a generation submitted with tokens
-        // committed on another cell is placed on arrival, before it is told
-        // their count. The core's own committed tokens are what the node
-        // continues after.
+        // The core's own committed tokens are what the node continues after.
         debug_assert!(resume_from as usize <= inflight.committed.len());
         if inflight.attempt >= limits::ATTEMPTS_PER_REQUEST_MAX {
             self.fail(state, now, request, GenerationError::TooManyAttempts);

@@ -227,6 +227,18 @@ impl Core {
         let prompt_tokens = u32::try_from(generation.prompt.len()).unwrap_or(u32::MAX);
         let committed_total = u32::try_from(generation.committed.len()).unwrap_or(u32::MAX);
         let prompt_heads = scheduler::PromptHeads::of(&generation.prompt);
+        // Tokens committed on a cell that was lost: the scheduler places the generation as a
+        // move, on a node computing what the last of them was computed with where one is free.
+        // A key no node here registered is alike to none (`NUMERICS_OTHER`); without a key
+        // nothing is known of where the tokens came from.
+        let moved_from = (committed_total > 0)
+            .then_some(generation.numerics.as_ref())
+            .flatten()
+            .map(|key| state.numerics.find(key));
+        let resumes = (committed_total > 0).then(|| scheduler::Resume {
+            committed: committed_total,
+            numerics: moved_from.unwrap_or(crate::nodes::NUMERICS_OTHER),
+        });
         // A prompt of one token has nothing to score: its (empty) scores are complete now.
         let prompt_scores = generation.prompt_logprobs.then(Vec::new);
         let prompt_scores = match prompt_scores {
@@ -267,7 +279,7 @@ impl Core {
                 logprobs: Vec::new(),
                 grammar,
                 node: None,
-                numerics: None,
+                numerics: moved_from,
                 attempt: 0,
                 segments: Vec::new(),
                 updates: sender,
@@ -284,17 +296,9 @@ impl Core {
             max_tokens: generation.max_tokens,
             deadline: generation.deadline_ms.map(|ms| now.plus(ms)),
             prompt_heads,
+            resumes,
         };
-        let mut rejection = self.handle(&mut state, now, arrived);
-        if committed_total > 0 && rejection.iter().all(|(id, _)| *id != request) {
-            // Tokens committed on a cell that was lost: the scheduler counts
-            // them from now on, like tokens committed here.
-            let progress = Event::TokensCommitted {
-                request,
-                committed_total,
-            };
-            rejection.extend(self.handle(&mut state, now, progress));
-        }
+        let rejection = self.handle(&mut state, now, arrived);
         match rejection.into_iter().find(|(id, _)| *id == request) {
             Some((_, rejection)) => {
                 state.remove_request(request, now);
@@ -360,7 +364,8 @@ impl Core {
             Some(proto::Attention::Mixed) | None => proto::Attention::Off,
             Some(attention) => attention,
         };
-        let numerics = state.numerics.of(hello.hardware.as_ref(), attention);
+        let numerics_key = crate::nodes::numerics_key(hello.hardware.as_ref(), attention);
+        let numerics = state.numerics.id_of(numerics_key.clone());
         if numerics == crate::nodes::NUMERICS_OTHER {
             self.metrics
                 .registrations_of_unknown_numerics
@@ -375,7 +380,8 @@ impl Core {
             .connected(node, name, owner, (attention, numerics));
         let session = state.next_session;
         state.next_session += 1;
-        let mut connected = ConnectedNode::new(name, session, outbound, hello, numerics);
+        let mut connected =
+            ConnectedNode::new(name, session, outbound, hello, (numerics, numerics_key));
         connected.last_heard = self.clock.instant();
         let disconnect = connected.disconnect.clone();
         let price = state.energy_prices.of(name);
@@ -563,6 +569,12 @@ impl Cell for Core {
     fn metered(&self, request: RequestId) -> Option<Metering> {
         let now = self.clock.now();
         metered_so_far(&self.lock(), request, now)
+    }
+
+    fn numerics(&self, request: RequestId) -> Option<cell_api::Numerics> {
+        let state = self.lock();
+        let node = state.requests.get(&request)?.node?;
+        Some(state.nodes.get(&node)?.numerics_key.clone())
     }
 
     fn capacity(&self) -> Capacity {

@@ -148,6 +148,7 @@ fn a_listing_counts_each_models_generations_waiting_for_a_vehicle() {
             model: engine::testing::TEST_MODEL_NAME.to_owned(),
             prompt: vec![1, 2, 3, index],
             committed: Vec::new(),
+            numerics: None,
             sampling: proto::Sampling::default(),
             max_tokens: 8,
             stop: Vec::new(),
@@ -198,6 +199,7 @@ fn spot_generation(
         model: engine::testing::TEST_MODEL_NAME.to_owned(),
         prompt: vec![1, 2, 3],
         committed: Vec::new(),
+        numerics: None,
         sampling,
         max_tokens,
         stop: Vec::new(),
@@ -418,6 +420,54 @@ fn vehicles_registered_past_a_flood_of_made_up_kernels_are_counted_and_not_alike
         1,
         "the same build string past the table's bound promises no bit-for-bit continuation"
     );
+}
+
+/// A generation moved here from a lost cell names the numbers its tokens came
+/// from: the cell places it at once on a vehicle computing the same, not on
+/// the one a new generation would take, and names that vehicle's numbers on.
+#[test]
+fn a_generation_moved_from_another_cell_continues_on_a_vehicle_of_its_numerics() {
+    let mut harness = Harness::serving_the_test_model();
+    let built = |report: &str| {
+        let mut hello = serving_hello();
+        if let Some(hardware) = hello.hardware.as_mut() {
+            hardware.cpu_kernels = report.to_owned();
+        }
+        hello
+    };
+    let (other, alike) = (built("CPU : AVX2 = 1 |"), built("CPU : AVX512 = 1 |"));
+    harness.connect_with("car-1", &other);
+    harness.connect_with("car-2", &alike);
+    let key = crate::nodes::numerics_key(alike.hardware.as_ref(), proto::Attention::Off);
+    let mut generation = spot_generation("chatcmpl-moved", proto::Sampling::default(), 16);
+    generation.committed = vec![5, 6, 7];
+    generation.numerics = Some(key.clone());
+    let admitted = harness.core.submit(generation).expect("admitted");
+    assert_eq!(assignment(&mut harness, 0), None, "not the first vehicle");
+    let placed = assignment(&mut harness, 1).expect("the vehicle of its numerics");
+    assert_eq!(placed.committed_tokens, vec![5, 6, 7]);
+    assert_eq!(
+        harness.core.metrics.moves_across_numerics.load(ORDER),
+        0,
+        "it continues bit for bit"
+    );
+    assert_eq!(
+        cell_api::Cell::numerics(&harness.core, admitted.request),
+        Some(key),
+        "a later move to another cell names the numbers it runs on now"
+    );
+
+    // Numbers no vehicle here computes: the usual first choice, counted as a
+    // move across numerics.
+    let mut generation = spot_generation("chatcmpl-elsewhere", proto::Sampling::default(), 16);
+    generation.committed = vec![5, 6, 7];
+    generation.numerics = Some(cell_api::Numerics {
+        cpu_kernels: "CPU : NEON = 1 |".to_owned(),
+        ..cell_api::Numerics::default()
+    });
+    let _admitted = harness.core.submit(generation).expect("admitted");
+    assert!(assignment(&mut harness, 0).is_some(), "the first vehicle");
+    assert_eq!(harness.core.metrics.moves_across_numerics.load(ORDER), 1);
 }
 
 /// The first `Assign` waiting on node `index`'s channel, if any.

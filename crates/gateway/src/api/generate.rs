@@ -166,6 +166,7 @@ pub(super) async fn run_as(
                 model: request.model.name.clone(),
                 prompt: prompt.clone(),
                 committed: Vec::new(),
+                numerics: None,
                 sampling: request.vehicle_sampling(validate::choice_seed(seed, index)),
                 max_tokens,
                 stop: request.stop.clone(),

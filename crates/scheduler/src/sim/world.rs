@@ -300,6 +300,7 @@ impl Sim {
                 max_tokens,
                 deadline,
                 prompt_heads: crate::PromptHeads::default(),
+                resumes: None,
             })?;
         }
         Ok(())

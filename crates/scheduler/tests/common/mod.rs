@@ -117,6 +117,7 @@ impl Harness {
             max_tokens,
             deadline: None,
             prompt_heads: scheduler::PromptHeads::default(),
+            resumes: None,
         })
     }
 }

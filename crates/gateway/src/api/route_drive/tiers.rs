@@ -293,6 +293,7 @@ impl Routing {
                 model: self.request.model.name.clone(),
                 prompt,
                 committed: Vec::new(),
+                numerics: None,
                 sampling: self.request.vehicle_sampling(seed),
                 max_tokens,
                 stop: self.request.stop.clone(),
