@@ -64,3 +64,50 @@ async fn a_cell_killed_mid_stream_costs_the_client_nothing() {
     drop(cluster);
     schema.remove().await;
 }
+
+/// In a fleet of mixed attention settings, a generation whose cell is killed
+/// mid-answer continues on the other cell's car of its own setting, not on
+/// the `fast` car that connected there first (the lower node id, which new
+/// work would take at equal load): the next cell is told what numbers the
+/// committed tokens came from, and the client reads exactly the
+/// uninterrupted answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_generation_moved_to_another_cell_continues_on_a_car_of_its_numerics() {
+    let schema = PgSchema::create().await;
+    let mut cluster = Cluster::start(ClusterOptions::new(schema.url())).await;
+    let gateway = cluster.gateway(0);
+    // Cell 0 has the most free slots, so the gateway places the answer there.
+    cluster.add_agent("off-a", &[0], 4);
+    cluster.wait_for_nodes(&["off-a"]).await;
+    // One at a time, so that node ids in cell 1 follow this order.
+    cluster.add_agent_with("fast", &[1], 1, &["--flash-attention", "fast"]);
+    cluster.wait_for_nodes(&["off-a", "fast"]).await;
+    cluster.add_agent("off-b", &[1], 1);
+    cluster.wait_for_nodes(&["off-a", "fast", "off-b"]).await;
+
+    let body = json!({
+        "model": MODEL, "max_tokens": 120, "temperature": 0.8, "seed": 78,
+        "messages": [{"role": "user", "content": "Explain how a battery stores energy."}],
+    });
+    let expected = uninterrupted_answer(&gateway, &body).await;
+    let mut stream = OpenStream::open(&gateway, &body).await;
+    assert!(
+        stream.read_until(|read| read.chunks >= 10).await,
+        "the answer ended before the kill"
+    );
+    assert_eq!(cluster.busy_node().await, "off-a");
+    cluster.kill_cell(0);
+    let streamed = stream.finish().await.read();
+    assert!(
+        streamed.errors.is_empty(),
+        "errors in the stream: {:?}",
+        streamed.errors
+    );
+    assert!(streamed.done);
+    assert_eq!(
+        streamed.content, expected,
+        "the answer moved to the other cell differs from an uninterrupted run"
+    );
+    drop(cluster);
+    schema.remove().await;
+}

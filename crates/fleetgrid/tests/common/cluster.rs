@@ -199,6 +199,11 @@ impl Cluster {
     /// `self.cells`, its own cell first, then where it may fail over to),
     /// decoding `parallel` sequences at once.
     pub fn add_agent(&mut self, name: &str, cells: &[usize], parallel: u32) {
+        self.add_agent_with(name, cells, parallel, &[]);
+    }
+
+    /// `add_agent`, with more arguments for `fleetgrid agent`.
+    pub fn add_agent_with(&mut self, name: &str, cells: &[usize], parallel: u32, args: &[&str]) {
         let credential = self.cli(&["nodes", "add", name]);
         let trace = self.dir.path().join(format!("{name}.json"));
         std::fs::write(&trace, stack::ALWAYS_PLUGGED_IN_TRACE).expect("write trace");
@@ -209,7 +214,7 @@ impl Cluster {
             model: MODEL.to_owned(),
             parallel,
             threads: 1,
-            args: Vec::new(),
+            args: args.iter().map(std::ffi::OsString::from).collect(),
             log: log(&self.dir, name),
         };
         let endpoints: Vec<_> = cells.iter().map(|index| self.cells[*index].grpc).collect();
