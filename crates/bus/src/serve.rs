@@ -308,7 +308,7 @@ impl Stream {
                 _ = stop.cancelled() => return,
                 first = tokio::time::timeout(self.keepalive, updates.recv()) => first,
             };
-            let batch = match first {
+            let mut batch = match first {
                 Err(_quiet) => self.batch(request, position, Vec::new(), None),
                 Ok(None) => {
                     // The cell dropped the generation without an end (it
@@ -330,7 +330,6 @@ impl Stream {
                 }
                 Ok(Some(update)) => self.coalesce(request, position, update, &mut updates),
             };
-            let mut batch = batch;
             let numerics = self.cell.numerics(RequestId(request));
             if numerics.is_some() && numerics != numerics_sent {
                 batch.numerics.clone_from(&numerics);
