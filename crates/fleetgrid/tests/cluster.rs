@@ -30,23 +30,12 @@ async fn a_cell_killed_mid_stream_costs_the_client_nothing() {
     });
     let expected = uninterrupted_answer(&gateway, &body).await;
 
-    let mut stream = OpenStream::open(&gateway, &body).await;
-    assert!(
-        stream.read_until(|read| read.chunks >= 10).await,
-        "the answer ended before the kill"
-    );
-    let node = cluster.busy_node().await;
-    let cell = if node == "car-a" { 0 } else { 1 };
-    cluster.kill_cell(cell);
-    let streamed = stream.finish().await.read();
-    assert!(
-        streamed.errors.is_empty(),
-        "errors in the stream: {:?}",
-        streamed.errors
-    );
-    assert!(streamed.done);
+    // Car a connects to cell 0 first, car b to cell 1.
+    let cell_of = |node: &str| usize::from(node != "car-a");
+    let (node, content) = read_through_a_cell_kill(&mut cluster, &body, cell_of).await;
+    let cell = cell_of(&node);
     assert_eq!(
-        streamed.content, expected,
+        content, expected,
         "the answer moved off the killed cell differs from an uninterrupted run"
     );
 
@@ -90,13 +79,31 @@ async fn a_generation_moved_to_another_cell_continues_on_a_car_of_its_numerics()
         "messages": [{"role": "user", "content": "Explain how a battery stores energy."}],
     });
     let expected = uninterrupted_answer(&gateway, &body).await;
-    let mut stream = OpenStream::open(&gateway, &body).await;
+    let (node, content) = read_through_a_cell_kill(&mut cluster, &body, |_| 0).await;
+    assert_eq!(node, "off-a");
+    assert_eq!(
+        content, expected,
+        "the answer moved to the other cell differs from an uninterrupted run"
+    );
+    drop(cluster);
+    schema.remove().await;
+}
+
+/// Streams `body` through gateway 0 and, once 10 chunks are read, kills the
+/// cell `which` picks from the name of the vehicle serving it; the stream
+/// must then end without error. Returns that vehicle and the content read.
+async fn read_through_a_cell_kill(
+    cluster: &mut Cluster,
+    body: &serde_json::Value,
+    which: impl FnOnce(&str) -> usize,
+) -> (String, String) {
+    let mut stream = OpenStream::open(&cluster.gateway(0), body).await;
     assert!(
         stream.read_until(|read| read.chunks >= 10).await,
         "the answer ended before the kill"
     );
-    assert_eq!(cluster.busy_node().await, "off-a");
-    cluster.kill_cell(0);
+    let node = cluster.busy_node().await;
+    cluster.kill_cell(which(&node));
     let streamed = stream.finish().await.read();
     assert!(
         streamed.errors.is_empty(),
@@ -104,10 +111,5 @@ async fn a_generation_moved_to_another_cell_continues_on_a_car_of_its_numerics()
         streamed.errors
     );
     assert!(streamed.done);
-    assert_eq!(
-        streamed.content, expected,
-        "the answer moved to the other cell differs from an uninterrupted run"
-    );
-    drop(cluster);
-    schema.remove().await;
+    (node, streamed.content)
 }
