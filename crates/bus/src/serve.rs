@@ -301,8 +301,11 @@ impl Stream {
         let watching = CancellationToken::new();
         let _stop_watching = watching.clone().drop_guard();
         tokio::spawn(self.watch_listener(request, batches_to.clone(), stop.clone(), watching));
-        // The numbers last named to the gateway (`Batch::numerics`).
+        // The numbers last named to the gateway (`Batch::numerics`), and the metered segments
+        // when they were asked for: a node taking the generation opens a segment, so they are
+        // asked again only then (or every batch from a cell that meters nothing).
         let mut numerics_sent = None;
+        let mut segments_asked = None;
         loop {
             let first = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -330,10 +333,17 @@ impl Stream {
                 }
                 Ok(Some(update)) => self.coalesce(request, position, update, &mut updates),
             };
-            let numerics = self.cell.numerics(RequestId(request));
-            if numerics.is_some() && numerics != numerics_sent {
-                batch.numerics.clone_from(&numerics);
-                numerics_sent = numerics;
+            let segments = batch
+                .metering
+                .as_ref()
+                .map(|metering| metering.segments.len());
+            if segments.is_none() || segments != segments_asked {
+                segments_asked = segments;
+                let numerics = self.cell.numerics(RequestId(request));
+                if numerics.is_some() && numerics != numerics_sent {
+                    batch.numerics.clone_from(&numerics);
+                    numerics_sent = numerics;
+                }
             }
             let ended = batch.end.is_some();
             position = position.saturating_add(u32::try_from(batch.tokens.len()).unwrap_or(0));

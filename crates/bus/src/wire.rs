@@ -205,7 +205,7 @@ pub struct Batch {
     pub metering: Option<Metering>,
     /// Set on the generation's last batch.
     pub end: Option<End>,
-    /// The numbers this batch's tokens were computed with (`Update::Numerics`), on the first
+    /// The numbers this batch's tokens were computed with (`Cell::numerics`), on the first
     /// batch after a node took the generation. Came later: a message without it changes
     /// nothing.
     #[serde(default)]

@@ -70,7 +70,9 @@ pub fn numerics_key(
 
 impl Numerics {
     /// The id of what a node registering `hardware` (none: an engine that
-    /// says nothing) with `attention` computes.
+    /// says nothing) with `attention` computes (the tests' shorthand; a
+    /// registration keeps the key too, `numerics_key` then `id_of`).
+    #[cfg(test)]
     pub fn of(&mut self, hardware: Option<&proto::Hardware>, attention: proto::Attention) -> u32 {
         self.id_of(numerics_key(hardware, attention))
     }
@@ -113,8 +115,8 @@ pub struct ConnectedNode {
     /// disconnected for a protocol violation): its gRPC read loop stops
     /// reading at once.
     pub disconnect: CancellationToken,
-    /// Which numbers it computes (`Numerics::of`), and what they are called
-    /// beyond this cell.
+    /// Which numbers it computes (`Numerics::id_of`), and what they are
+    /// called beyond this cell.
     pub numerics: u32,
     pub numerics_key: cell_api::Numerics,
     state: VehicleState,
@@ -123,7 +125,7 @@ pub struct ConnectedNode {
 }
 
 impl ConnectedNode {
-    /// A node that said `hello`, computing `numerics` (`Numerics::of` of
+    /// A node that said `hello`, computing `numerics` (`Numerics::id_of` of
     /// `numerics_key`).
     pub fn new(
         name: &str,

@@ -231,9 +231,10 @@ impl Core {
         // move, on a node computing what the last of them was computed with where one is free.
         // A key no node here registered is alike to none (`NUMERICS_OTHER`); without a key
         // nothing is known of where the tokens came from.
-        let moved_from = (committed_total > 0)
-            .then_some(generation.numerics.as_ref())
-            .flatten()
+        let moved_from = generation
+            .numerics
+            .as_ref()
+            .filter(|_| committed_total > 0)
             .map(|key| state.numerics.find(key));
         let resumes = (committed_total > 0).then(|| scheduler::Resume {
             committed: committed_total,
