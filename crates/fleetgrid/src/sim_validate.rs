@@ -22,11 +22,16 @@
 //!    recorded request at its time, with its tenant class's key, prompt and
 //!    answer length, retrying a 429/503 after `Retry-After` as the OpenAI
 //!    SDK does.
-//! 5. Delivered tokens (from the answers' usage), migrations (the
+//! 5. The window's agents stop and the calibration runs again at as many
+//!    generations at once: a shared machine's speed drifts, and the real
+//!    generations ran at the speed of their moment.
+//! 6. Delivered tokens (from the answers' usage), migrations (the
 //!    coordinator's `fleetgrid_reassignments_total`) and owner earnings (each
 //!    vehicle's ledger statement) are compared with the simulator's within
-//!    the tolerances of `sim::validate` and written to validation.md and
-//!    validation.json; the command fails when one is outside.
+//!    the tolerances of `sim::validate` (energy, and the money that follows
+//!    it, with the band between the simulated figure at the speeds before
+//!    and after) and written to validation.md and validation.json; the
+//!    command fails when one is outside.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -184,7 +189,6 @@ pub async fn run(base: Scenario, args: ValidateArgs) -> anyhow::Result<()> {
     let prices = ledger::price_file::PriceConfig::parse_json(&price_sheet.to_string())
         .context("the validation's price sheet")?;
     let calibrating_on = Calibrating {
-        running: &running,
         client: &client,
         http: &http,
         args: &args,
@@ -199,11 +203,17 @@ pub async fn run(base: Scenario, args: ValidateArgs) -> anyhow::Result<()> {
     // run of the window. A window whose vehicles are fewer than that never
     // runs as many at once (each serves one at a time): it is calibrated
     // again at as many generations as it has vehicles, and simulated again.
-    let (mut calibration, mut class_clients) = calibrating_on.run(calibrating, 0).await?;
+    let (mut calibration, mut class_clients) = calibrating_on
+        .run(&running, calibrating, 0, "before")
+        .await?;
     let mut simulation = simulate(&base, &args, &calibration, &prices)?;
     let plugged = simulation.used.len() as u32;
+    let mut at_once = calibrating;
     if (1..calibrating).contains(&plugged) {
-        (calibration, class_clients) = calibrating_on.run(plugged, 3 * calibrating + 1).await?;
+        at_once = plugged;
+        (calibration, class_clients) = calibrating_on
+            .run(&running, at_once, 3 * calibrating + 1, "before")
+            .await?;
         simulation = simulate(&base, &args, &calibration, &prices)?;
     }
     let prompt_tokens = calibration.prompt_tokens;
@@ -293,6 +303,14 @@ pub async fn run(base: Scenario, args: ValidateArgs) -> anyhow::Result<()> {
     .await;
     let migrations =
         metric(&client, &http, "fleetgrid_reassignments_total").await? - migrations_before;
+    // The machine's speeds again, at as many generations at once: the real
+    // generations ran at the speed of their moment, and a shared machine's
+    // speed drifts. Energy is compared with the band between the simulated
+    // energy at the speeds before and after.
+    running.stop_agents().await;
+    let (speeds_after, _) = calibrating_on
+        .run(&running, at_once, 3 * (calibrating + at_once) + 2, "after")
+        .await?;
     running.stop().await;
 
     let mut real = Figures {
@@ -309,7 +327,8 @@ pub async fn run(base: Scenario, args: ValidateArgs) -> anyhow::Result<()> {
         }
     }
     ledger_earnings(&data, args.vehicles, &mut real).await?;
-    let checks = validate::compare(&simulated, &real);
+    let speed_ratio = validate::service_time_ratio(&simulated, &calibration, &speeds_after);
+    let checks = validate::compare(&simulated, speed_ratio, &real);
     let report = json!({
         "vehicles": args.vehicles,
         "vehicles_plugged_in": used.len(),
@@ -318,6 +337,7 @@ pub async fn run(base: Scenario, args: ValidateArgs) -> anyhow::Result<()> {
         "model": args.model,
         "window": {"start_minute": args.start_minute, "minutes": args.minutes, "drain_minutes": args.drain_minutes},
         "calibration": calibration,
+        "calibration_after": speeds_after,
         "prompt_tokens": prompt_tokens,
         "changes_to_the_scenario": validation.changes,
         "demand_factor": validation.demand_factor,
@@ -330,7 +350,7 @@ pub async fn run(base: Scenario, args: ValidateArgs) -> anyhow::Result<()> {
     let markdown = markdown(
         &args,
         &validation.changes,
-        &calibration,
+        [&calibration, &speeds_after],
         used.len(),
         arrivals.len(),
         &simulated,
@@ -460,10 +480,9 @@ fn simulate(
     })
 }
 
-/// What a calibration runs on: the stack, and the calibration cars' names
-/// and credentials.
+/// What a calibration needs beside the stack it runs on: the clients, the
+/// calibration cars' names and credentials.
 struct Calibrating<'a> {
-    running: &'a Stack,
     client: &'a reqwest::Client,
     http: &'a str,
     args: &'a ValidateArgs,
@@ -480,15 +499,19 @@ impl Calibrating<'_> {
     /// a prompt head an earlier calibration left.
     async fn run(
         &self,
+        running: &Stack,
         at_once: u32,
         serial_base: u32,
+        when: &str,
     ) -> anyhow::Result<(Calibration, Vec<Arc<ClassClient>>)> {
-        eprintln!("fleetgrid sim --validate: calibrating {at_once} agents at once");
+        eprintln!(
+            "fleetgrid sim --validate: calibrating {at_once} agents at once, {when} the window"
+        );
         std::fs::write(&self.trace, stack::ALWAYS_PLUGGED_IN_TRACE)?;
         let mut agents = Vec::new();
         for (name, credential) in self.credentials.iter().take(at_once as usize) {
-            agents.push(self.running.fleetgrid().agent(
-                self.running.grpc(),
+            agents.push(running.fleetgrid().agent(
+                running.grpc(),
                 &AgentSpec {
                     node_id: name.clone(),
                     credential: credential.clone(),
@@ -502,19 +525,10 @@ impl Calibrating<'_> {
             )?);
         }
         let calibrated = async {
-            self.running
+            running
                 .wait_for_vehicles(u64::from(at_once), STARTUP_TIMEOUT)
                 .await?;
-            calibrate(
-                self.client,
-                self.http,
-                self.args,
-                self.base,
-                self.keys,
-                at_once,
-                serial_base as usize,
-            )
-            .await
+            calibrate(self, at_once, serial_base as usize, when).await
         }
         .await;
         stack::stop_all(agents.iter_mut()).await;
@@ -532,14 +546,19 @@ fn prompt(serial: usize, fillers: usize) -> String {
 /// The prompts' token counts, then `at_once` requests of each class
 /// together on as many calibration agents: their speeds.
 async fn calibrate(
-    client: &reqwest::Client,
-    http: &str,
-    args: &ValidateArgs,
-    base: &Scenario,
-    keys: &[String],
+    on: &Calibrating<'_>,
     at_once: u32,
     serial_base: usize,
+    when: &str,
 ) -> anyhow::Result<(Calibration, Vec<Arc<ClassClient>>)> {
+    let &Calibrating {
+        client,
+        http,
+        args,
+        base,
+        keys,
+        ..
+    } = on;
     // Tokens per filler sentence: two prompts' usage apart (the chat
     // template's own tokens cancel).
     const LONGER_BY: usize = 20;
@@ -612,7 +631,7 @@ async fn calibrate(
         prefill_tokens_per_second: rate(prefill),
         prompt_tokens,
         measured_on: format!(
-            "this machine: {at_once} agents of {} with {} thread(s) each, one request of each class on every one at once, at the start of the validation run",
+            "this machine: {at_once} agents of {} with {} thread(s) each, one request of each class on every one at once, {when} the validation's window",
             args.model, args.threads
         ),
     };
@@ -815,7 +834,7 @@ async fn ledger_earnings(data: &Path, vehicles: u32, real: &mut Figures) -> anyh
 fn markdown(
     args: &ValidateArgs,
     changes: &[String],
-    calibration: &Calibration,
+    [calibration, after]: [&Calibration; 2],
     plugged: usize,
     requests: usize,
     simulated: &Figures,
@@ -826,7 +845,8 @@ fn markdown(
         "# Validation: the simulator against real processes\n\n\
          {} vehicles ({plugged} plugged in during the window), {} minutes from minute {} of the day \
          plus {} to drain, seed {}; {requests} requests.\n\n\
-         Calibration: {:.1} decode / {:.0} prefill tokens/s; {}.\n\n\
+         Calibration: {:.1} decode / {:.0} prefill tokens/s; {}. \
+         Again after the window: {:.1} decode / {:.0} prefill tokens/s.\n\n\
          Changes to the scenario for one machine:\n\n",
         args.vehicles,
         args.minutes,
@@ -836,16 +856,26 @@ fn markdown(
         calibration.decode_tokens_per_second,
         calibration.prefill_tokens_per_second,
         calibration.measured_on,
+        after.decode_tokens_per_second,
+        after.prefill_tokens_per_second,
     );
     for change in changes {
         text += &format!("- {change}\n");
     }
     text += "\n| figure | simulated | real | tolerance | within |\n|---|---|---|---|---|\n";
     for check in checks {
+        let simulated = match check.simulated_at_speeds_after {
+            Some(after) => format!(
+                "{} (at the speeds after: {})",
+                shown(check.simulated),
+                shown(after)
+            ),
+            None => shown(check.simulated),
+        };
         text += &format!(
             "| {} | {} | {} | {} | {} |\n",
             check.figure,
-            shown(check.simulated),
+            simulated,
             shown(check.real),
             check.tolerance,
             if check.within { "yes" } else { "**no**" }

@@ -2,7 +2,9 @@
 //! scenario through a real coordinator, one real agent per vehicle replaying
 //! its recorded sessions and a client replaying the recorded requests, with
 //! the simulator's delivered tokens, migrations and owner earnings within
-//! the documented tolerances of the real ones (the command fails otherwise).
+//! the documented tolerances of the real ones (the command fails otherwise),
+//! energy against the simulator's at the machine's speeds before and after
+//! the window.
 //!
 //! It runs alone (`.config/nextest.toml`): the agents share the machine's
 //! cores, and what they are calibrated at must be what they run at.
@@ -52,4 +54,18 @@ fn a_window_through_real_processes_agrees_with_the_simulator() {
     );
     assert!(report["real"]["revenue_share"].as_i64().expect("money") > 0);
     assert!(report["real"]["energy_reimbursed"].as_i64().expect("money") > 0);
+    // The machine's speeds were measured again after the window, and energy
+    // is compared with the band between them.
+    let speed = |calibration: &str| {
+        report[calibration]["decode_tokens_per_second"]
+            .as_f64()
+            .expect("speed")
+    };
+    assert!(speed("calibration") > 0.0 && speed("calibration_after") > 0.0);
+    assert!(
+        checks[3]["simulated_at_speeds_after"]
+            .as_f64()
+            .expect("band")
+            > 0.0
+    );
 }

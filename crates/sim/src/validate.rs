@@ -219,6 +219,11 @@ impl Figures {
 pub struct Check {
     pub figure: &'static str,
     pub simulated: f64,
+    /// For a figure that follows the generations' time: the simulated figure
+    /// at the speeds the machine had after the window. The real figure is
+    /// within when it is within the tolerance of either end or between them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub simulated_at_speeds_after: Option<f64>,
     pub real: f64,
     pub tolerance: String,
     pub within: bool,
@@ -250,20 +255,58 @@ fn within_share(simulated: f64, real: f64, tolerance: f64) -> bool {
     (real - simulated).abs() <= tolerance * simulated.abs()
 }
 
+/// Within the tolerance of either end of `[one, other]`, or between them.
+fn within_band(one: f64, other: f64, real: f64, tolerance: f64) -> bool {
+    let between = one.min(other) <= real && real <= one.max(other);
+    between || within_share(one, real, tolerance) || within_share(other, real, tolerance)
+}
+
 /// The migrations' band: `2 √max + MIGRATIONS_SLACK`.
 pub fn migrations_allowed(simulated: u64, real: u64) -> f64 {
     2.0 * (simulated.max(real) as f64).sqrt() + MIGRATIONS_SLACK
 }
 
-/// The simulator's figures against the real processes'.
-pub fn compare(simulated: &Figures, real: &Figures) -> Vec<Check> {
+/// How much longer (above 1) or shorter the simulated window's work takes
+/// at the speeds `after` gives than at those `before` gives: its prompt
+/// tokens at the prefill rate plus its completion tokens at the decode rate.
+/// A shared machine's speed drifts while a validation runs (other work on the
+/// host); the real generations run at the speed of their moment, not the
+/// calibration's. Re-prefills after migrations are left out: they are rare,
+/// and priced alike at both speeds.
+pub fn service_time_ratio(simulated: &Figures, before: &Calibration, after: &Calibration) -> f64 {
+    let prompt = simulated.prompt_tokens.iter().sum::<u64>() as f64;
+    let completion = simulated.completion_tokens.iter().sum::<u64>() as f64;
+    let seconds = |speeds: &Calibration| {
+        prompt / speeds.prefill_tokens_per_second.max(f64::MIN_POSITIVE)
+            + completion / speeds.decode_tokens_per_second.max(f64::MIN_POSITIVE)
+    };
+    let at_before = seconds(before);
+    if at_before > 0.0 {
+        seconds(after) / at_before
+    } else {
+        1.0
+    }
+}
+
+/// The simulator's figures against the real processes'. `speeds_after` is
+/// `service_time_ratio` of the machine's speeds after the window to those the
+/// simulator was given: energy and the money that follows it are compared
+/// with the band between the two.
+pub fn compare(simulated: &Figures, speeds_after: f64, real: &Figures) -> Vec<Check> {
     let relative = |figure, sim: f64, real: f64, tolerance: f64| Check {
         figure,
         simulated: sim,
+        simulated_at_speeds_after: None,
         real,
         tolerance: format!("±{:.0} %", tolerance * 100.0),
         within: within_share(sim, real, tolerance),
     };
+    let banded = |figure, sim: f64, after: f64, real: f64, tolerance: f64| Check {
+        simulated_at_speeds_after: Some(after),
+        within: within_band(sim, after, real, tolerance),
+        ..relative(figure, sim, real, tolerance)
+    };
+    let reimbursed_after = simulated.energy_reimbursed as f64 * speeds_after;
     let sum = |values: &[u64; 3]| values.iter().sum::<u64>() as f64;
     let allowed = migrations_allowed(simulated.migrations, real.migrations);
     vec![
@@ -282,13 +325,15 @@ pub fn compare(simulated: &Figures, real: &Figures) -> Vec<Check> {
         Check {
             figure: "migrations",
             simulated: simulated.migrations as f64,
+            simulated_at_speeds_after: None,
             real: real.migrations as f64,
             tolerance: format!("±(2 √larger + {MIGRATIONS_SLACK:.0}) = ±{allowed:.1}"),
             within: (real.migrations as f64 - simulated.migrations as f64).abs() <= allowed,
         },
-        relative(
+        banded(
             "energy drawn for compute, Wh",
             simulated.energy_wh,
+            simulated.energy_wh * speeds_after,
             real.energy_wh,
             ENERGY_WH_TOLERANCE,
         ),
@@ -298,15 +343,17 @@ pub fn compare(simulated: &Figures, real: &Figures) -> Vec<Check> {
             dollars(real.revenue_share),
             REVENUE_TOLERANCE,
         ),
-        relative(
+        banded(
             "owners' energy reimbursed, USD",
             dollars(simulated.energy_reimbursed),
+            reimbursed_after / 1e6,
             dollars(real.energy_reimbursed),
             ENERGY_TOLERANCE,
         ),
-        relative(
+        banded(
             "owners' earnings, USD",
             dollars(simulated.earnings()),
+            (simulated.revenue_share as f64 + reimbursed_after) / 1e6,
             dollars(real.earnings()),
             EARNINGS_TOLERANCE,
         ),
@@ -388,13 +435,60 @@ mod tests {
         agent_trace_is_valid(&text);
         // The simulator's figures agree with themselves and disagree with
         // a run that lost work.
-        assert!(compare(&figures, &figures).iter().all(|c| c.within));
+        assert!(compare(&figures, 1.0, &figures).iter().all(|c| c.within));
         let mut lost = figures.clone();
         lost.completion_tokens[0] /= 2;
         lost.migrations = figures.migrations * 4 + 10;
-        let checks = compare(&figures, &lost);
+        let checks = compare(&figures, 1.0, &lost);
         assert!(!checks[0].within);
         assert!(!checks[2].within);
+    }
+
+    /// A machine faster after the calibration than during it: the real
+    /// energy follows the later speed, and is compared with the band between
+    /// the simulated energy at both; what is outside both stays outside, and
+    /// the money not drawn from energy is not widened.
+    #[test]
+    fn energy_is_compared_with_the_band_between_the_speeds_before_and_after_the_window() {
+        let simulated = Figures {
+            served: [1, 1, 0],
+            prompt_tokens: [400, 800, 0],
+            completion_tokens: [200, 200, 0],
+            energy_wh: 0.5,
+            revenue_share: 100,
+            energy_reimbursed: 80,
+            owner_earnings: vec![180],
+            ..Figures::default()
+        };
+        let before = calibration();
+        let after = Calibration {
+            decode_tokens_per_second: 2.0 * before.decode_tokens_per_second,
+            prefill_tokens_per_second: 2.0 * before.prefill_tokens_per_second,
+            ..calibration()
+        };
+        assert_eq!(service_time_ratio(&simulated, &before, &after), 0.5);
+        assert_eq!(service_time_ratio(&simulated, &before, &before), 1.0);
+        let ratio = service_time_ratio(&simulated, &before, &after);
+        let energy = |checks: &[Check]| checks[3].within;
+        let real = |wh: f64, reimbursed: i64, revenue: i64| Figures {
+            energy_wh: wh,
+            energy_reimbursed: reimbursed,
+            revenue_share: revenue,
+            ..simulated.clone()
+        };
+        // 0.29 Wh: 42 % under the calibration's figure, 16 % over the later one.
+        let faster = real(0.29, 48, 100);
+        assert!(!energy(&compare(&simulated, 1.0, &faster)));
+        let checks = compare(&simulated, ratio, &faster);
+        assert!(checks.iter().all(|c| c.within), "{checks:#?}");
+        assert_eq!(checks[3].simulated_at_speeds_after, Some(0.25));
+        assert_eq!(checks[4].simulated_at_speeds_after, None);
+        // Between the two ends, and beyond either end's tolerance.
+        assert!(energy(&compare(&simulated, ratio, &real(0.4, 60, 100))));
+        assert!(!energy(&compare(&simulated, ratio, &real(0.19, 38, 100))));
+        assert!(!energy(&compare(&simulated, ratio, &real(0.61, 80, 100))));
+        // The revenue share follows tokens, whatever the speeds.
+        assert!(!compare(&simulated, ratio, &real(0.29, 48, 80))[4].within);
     }
 
     /// The trace format's own rules, as the agent checks them: sorted times

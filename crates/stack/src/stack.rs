@@ -109,6 +109,13 @@ impl Stack {
         .await
     }
 
+    /// Stops every agent as `stop` does and drops them from the stack; the
+    /// coordinator and what runs beside it go on.
+    pub async fn stop_agents(&mut self) {
+        let mut agents = std::mem::take(&mut self.agents);
+        stop_all(agents.iter_mut()).await;
+    }
+
     /// Stops every member: SIGTERM to all, the grace, then SIGKILL.
     pub async fn stop(&mut self) {
         stop_all(self.members_mut()).await;
