@@ -13,10 +13,11 @@
 //! 3. The simulator runs the window with the scenario made runnable here
 //!    (`sim::validate::scenario`) and records what its world did: every
 //!    plug-in, announced departure, unplug and request arrival. When fewer
-//!    vehicles than the calibration's agents are plugged in during the
-//!    window, no more generations than vehicles ever run at once there: the
-//!    calibration is run again at that many, and the window simulated again
-//!    with it.
+//!    vehicles than `busy + 1` are plugged in during the window, no more
+//!    generations than vehicles ever run at once there, and the calibration
+//!    runs at that many: which vehicles plug in does not depend on the
+//!    speeds, so a run at the scenario's reference speeds, before the
+//!    calibration, tells how many.
 //! 4. One agent per vehicle that was plugged in during the window replays
 //!    its recorded sessions as a `sim:` trace; a client replays every
 //!    recorded request at its time, with its tenant class's key, prompt and
@@ -201,16 +202,19 @@ pub async fn run(base: Scenario, args: ValidateArgs) -> anyhow::Result<()> {
 
     // Calibration at `busy + 1` generations at once, then the simulator's
     // run of the window. A window whose vehicles are fewer than that never
-    // runs as many at once (each serves one at a time): it is calibrated
-    // again at as many generations as it has vehicles, and simulated again.
-    let (mut calibration, mut class_clients) = calibrating_on
-        .run(&running, calibrating, 0, "before")
-        .await?;
+    // runs as many at once (each serves one at a time): it is calibrated at
+    // as many generations as it has vehicles. Which vehicles plug in follows
+    // the owners' sessions, not the speeds, so a run at the scenario's
+    // reference speeds tells how many; should the calibrated run differ, it
+    // is calibrated again and simulated again.
+    let at_once_for = |plugged: usize| calibrating.min(plugged.max(1) as u32);
+    let nominal = simulate(&base, &args, &reference_speeds(&base), &prices)?;
+    let mut at_once = at_once_for(nominal.used.len());
+    let (mut calibration, mut class_clients) =
+        calibrating_on.run(&running, at_once, 0, "before").await?;
     let mut simulation = simulate(&base, &args, &calibration, &prices)?;
-    let plugged = simulation.used.len() as u32;
-    let mut at_once = calibrating;
-    if (1..calibrating).contains(&plugged) {
-        at_once = plugged;
+    if at_once_for(simulation.used.len()) != at_once {
+        at_once = at_once_for(simulation.used.len());
         (calibration, class_clients) = calibrating_on
             .run(&running, at_once, 3 * calibrating + 1, "before")
             .await?;
@@ -416,6 +420,24 @@ fn price_sheet(
     }
     sheet["nodes"] = Value::Object(nodes);
     Ok(sheet)
+}
+
+/// The scenario's own reference speeds and prompt lengths, as a calibration:
+/// what the simulator is given before this machine is measured.
+fn reference_speeds(base: &Scenario) -> Calibration {
+    let point = &base.reference.points[0];
+    Calibration {
+        decode_tokens_per_second: point.decode_tokens_per_second,
+        prefill_tokens_per_second: point.prefill_tokens_per_second,
+        prompt_tokens: TenantClass::ALL.map(|class| {
+            base.demand
+                .classes
+                .iter()
+                .find(|d| d.class == class.as_str())
+                .map_or(1, |d| d.prompt_tokens)
+        }),
+        measured_on: base.reference.measured_on.clone(),
+    }
 }
 
 /// The simulator's run of the window, and what the real run replays of it.
