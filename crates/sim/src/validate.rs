@@ -271,8 +271,7 @@ pub fn migrations_allowed(simulated: u64, real: u64) -> f64 {
 /// tokens at the prefill rate plus its completion tokens at the decode rate.
 /// A shared machine's speed drifts while a validation runs (other work on the
 /// host); the real generations run at the speed of their moment, not the
-/// calibration's. Re-prefills after migrations are left out: they are rare,
-/// and priced alike at both speeds.
+/// calibration's. Re-prefills after migrations are left out: they are rare.
 pub fn service_time_ratio(simulated: &Figures, before: &Calibration, after: &Calibration) -> f64 {
     let prompt = simulated.prompt_tokens.iter().sum::<u64>() as f64;
     let completion = simulated.completion_tokens.iter().sum::<u64>() as f64;
@@ -288,11 +287,11 @@ pub fn service_time_ratio(simulated: &Figures, before: &Calibration, after: &Cal
     }
 }
 
-/// The simulator's figures against the real processes'. `speeds_after` is
+/// The simulator's figures against the real processes'. `time_after` is the
 /// `service_time_ratio` of the machine's speeds after the window to those the
 /// simulator was given: energy and the money that follows it are compared
-/// with the band between the two.
-pub fn compare(simulated: &Figures, speeds_after: f64, real: &Figures) -> Vec<Check> {
+/// with the band between the simulated figure and that figure scaled by it.
+pub fn compare(simulated: &Figures, time_after: f64, real: &Figures) -> Vec<Check> {
     let relative = |figure, sim: f64, real: f64, tolerance: f64| Check {
         figure,
         simulated: sim,
@@ -306,7 +305,7 @@ pub fn compare(simulated: &Figures, speeds_after: f64, real: &Figures) -> Vec<Ch
         within: within_band(sim, after, real, tolerance),
         ..relative(figure, sim, real, tolerance)
     };
-    let reimbursed_after = simulated.energy_reimbursed as f64 * speeds_after;
+    let reimbursed_after = simulated.energy_reimbursed as f64 * time_after;
     let sum = |values: &[u64; 3]| values.iter().sum::<u64>() as f64;
     let allowed = migrations_allowed(simulated.migrations, real.migrations);
     vec![
@@ -333,7 +332,7 @@ pub fn compare(simulated: &Figures, speeds_after: f64, real: &Figures) -> Vec<Ch
         banded(
             "energy drawn for compute, Wh",
             simulated.energy_wh,
-            simulated.energy_wh * speeds_after,
+            simulated.energy_wh * time_after,
             real.energy_wh,
             ENERGY_WH_TOLERANCE,
         ),
