@@ -205,20 +205,13 @@ pub async fn run(base: Scenario, args: ValidateArgs) -> anyhow::Result<()> {
     // runs as many at once (each serves one at a time): it is calibrated at
     // as many generations as it has vehicles. Which vehicles plug in follows
     // the owners' sessions, not the speeds, so a run at the scenario's
-    // reference speeds tells how many; should the calibrated run differ, it
-    // is calibrated again and simulated again.
-    let at_once_for = |plugged: usize| calibrating.min(plugged.max(1) as u32);
-    let nominal = simulate(&base, &args, &reference_speeds(&base), &prices)?;
-    let mut at_once = at_once_for(nominal.used.len());
-    let (mut calibration, mut class_clients) =
-        calibrating_on.run(&running, at_once, 0, "before").await?;
-    let mut simulation = simulate(&base, &args, &calibration, &prices)?;
-    if at_once_for(simulation.used.len()) != at_once {
-        at_once = at_once_for(simulation.used.len());
-        (calibration, class_clients) = calibrating_on
-            .run(&running, at_once, 3 * calibrating + 1, "before")
-            .await?;
-        simulation = simulate(&base, &args, &calibration, &prices)?;
+    // reference speeds tells which.
+    let plugged_in = simulate(&base, &args, &reference_speeds(&base), &prices)?.used;
+    let at_once = calibrating.min(plugged_in.len().max(1) as u32);
+    let (calibration, class_clients) = calibrating_on.run(&running, at_once, 0, "before").await?;
+    let simulation = simulate(&base, &args, &calibration, &prices)?;
+    if simulation.used != plugged_in {
+        bail!("the simulator plugged in other vehicles at the calibrated speeds than at the reference speeds");
     }
     let prompt_tokens = calibration.prompt_tokens;
     let Simulation {
@@ -313,7 +306,7 @@ pub async fn run(base: Scenario, args: ValidateArgs) -> anyhow::Result<()> {
     // energy at the speeds before and after.
     running.stop_agents().await;
     let (speeds_after, _) = calibrating_on
-        .run(&running, at_once, 3 * (calibrating + at_once) + 2, "after")
+        .run(&running, at_once, 3 * at_once + 1, "after")
         .await?;
     running.stop().await;
 
